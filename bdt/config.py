@@ -1,0 +1,152 @@
+"""One typed configuration tree per job: dataclass defaults -> YAML file(s) -> `key=value`.
+
+Every entry point (training, tokenizer training, extraction, data generation) declares its
+config as a dataclass tree and calls `load`. omegaconf does the merging and type checking; this
+module turns its exceptions into one line that names the offending key and where it came from
+(which YAML file, or the command line), and writes the resolved config beside outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import is_dataclass
+from typing import Any, Sequence, TypeVar
+
+import fsspec
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+RESOLVED_CONFIG_NAME = "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line naming the key and its source."""
+
+
+def _describe(exc: OmegaConfBaseException, source: str) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    # omegaconf messages carry a multi-line "full_key: ... object_type=..." trailer; keep line 1.
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if key:
+        return f"{source}: key '{key}': {msg}"
+    return f"{source}: {msg}"
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def _read_yaml(path: str) -> DictConfig:
+    try:
+        with fsspec.open(path, "r") as f:
+            loaded = OmegaConf.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: cannot parse YAML{where}: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: cannot parse YAML: {exc}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got a list")
+    return loaded
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"command line: '{item}' is not a key=value override")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc, "command line")) from None
+
+
+def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[str] = ()) -> T:
+    """Build `schema` (a dataclass type) from its defaults, then each YAML, then overrides.
+
+    Returns a typed, read-only omegaconf object that behaves like the dataclass. Unknown keys,
+    wrong types and values left missing (`???`) raise ConfigError naming the key and source.
+    """
+    if not is_dataclass(schema):
+        raise TypeError(f"config schema must be a dataclass, got {schema!r}")
+    cfg = OmegaConf.structured(schema)
+    for path in yaml_paths:
+        cfg = _merge(cfg, _read_yaml(path), path)
+    if overrides:
+        cfg = _merge(cfg, _parse_overrides(overrides), "command line")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        sources = ", ".join(list(yaml_paths) + (["command line"] if overrides else [])) or "defaults"
+        raise ConfigError(f"missing required value for key '{missing[0]}'"
+                          + (f" (and {len(missing) - 1} more: {', '.join(missing[1:])})" if len(missing) > 1 else "")
+                          + f"; set it in the YAML or as {missing[0]}=... (read: {sources})")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc, "interpolation")) from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg  # type: ignore[return-value]
+
+
+def split_launcher_args(argv: Sequence[str]) -> tuple[list[str], int | None]:
+    """Remove `--local_rank=N` / `--local_rank N` (added by the deepspeed launcher).
+
+    Returns the remaining arguments and the rank it carried (also exported as LOCAL_RANK when
+    the launcher did not set it), so a strict config never sees the launcher's argument.
+    """
+    rest: list[str] = []
+    local_rank: int | None = None
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        for flag in ("--local_rank", "--local-rank"):
+            if arg == flag and i + 1 < len(args):
+                local_rank = int(args[i + 1])
+                i += 1
+                break
+            if arg.startswith(flag + "="):
+                local_rank = int(arg.split("=", 1)[1])
+                break
+        else:
+            rest.append(arg)
+        i += 1
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    return rest, local_rank
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def save_resolved(cfg: Any, out_dir: str, name: str = RESOLVED_CONFIG_NAME) -> str:
+    """Write the resolved config as YAML into `out_dir` (local path or fsspec URL).
+
+    Local writes go to a temporary name first and are renamed, so a reader never sees half a
+    file; object stores only show an object once its upload completes.
+    """
+    from bdt.storage import write_bytes_atomic  # local import: storage depends on nothing here
+
+    url = out_dir.rstrip("/") + "/" + name
+    write_bytes_atomic(url, to_yaml(cfg).encode())
+    return url
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one error line to stderr and exit (used by entry points for ConfigError & co)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)

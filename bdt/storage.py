@@ -1,0 +1,97 @@
+"""Local paths and fsspec URLs (s3://, gs://, ...) behind one small set of helpers.
+
+Write discipline used everywhere in bdt: a file is either complete or absent. Local files are
+written under a temporary name in the same directory and renamed into place (rename is atomic
+on POSIX); object stores only make an object visible once its upload has completed, so remote
+files are written directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from typing import IO, Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for part in parts:
+        out = out + "/" + part.strip("/")
+    return out
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) for a URL. Call inside each worker process: s3fs is not fork-safe."""
+    return url_to_fs(url)
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    fs, path = filesystem(url)
+    if not is_remote(url):
+        fs.makedirs(path, exist_ok=True)
+    # Object stores have no directories; the bucket must exist and is checked by the first write.
+
+
+@contextlib.contextmanager
+def open_atomic(url: str) -> Iterator[IO[bytes]]:
+    """Open `url` for binary writing so that it appears only once fully written.
+
+    On an exception inside the block, the partial local temp file is removed and nothing appears.
+    """
+    if is_remote(url):
+        with fsspec.open(url, "wb") as f:
+            yield f
+        return
+    path = url[len("file://"):] if url.startswith("file://") else url
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    with open_atomic(url) as f:
+        f.write(data)
+
+
+def read_bytes(url: str) -> bytes:
+    with fsspec.open(url, "rb") as f:
+        return f.read()
+
+
+def check_writable(url: str) -> None:
+    """Fail early, before any work, when `url` cannot be written (a probe file is written and removed).
+
+    Raises OSError with a message naming the destination.
+    """
+    probe = join(url, f".bdt-write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        makedirs(url)
+        write_bytes_atomic(probe, b"")
+        fs, path = filesystem(probe)
+        fs.rm(path)
+    except Exception as exc:  # permission, missing bucket, read-only fs, bad credentials...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"cannot write to {url}: {reason}") from None

@@ -1,0 +1,58 @@
+"""Shared fixtures: a real S3 API server (moto) on 127.0.0.1, started once per test session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """Start a moto S3 server on loopback; yields its endpoint URL and stops it afterwards.
+
+    Credentials and region go in the environment (passing a region in client_kwargs breaks
+    bucket creation in this moto/botocore pair). AWS_ENDPOINT_URL_S3 (read by botocore at client
+    creation) and fsspec's s3 defaults point s3fs at it, so plain `s3://bucket/key` URLs work in
+    the code under test, in this process and in child processes.
+    """
+    import fsspec.config
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in (
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL_S3=endpoint)
+    fsspec.config.conf["s3"] = {"endpoint_url": endpoint}
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        fsspec.config.conf.pop("s3", None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh, empty bucket on the loopback S3 server; yields its `s3://name` URL."""
+    import s3fs
+
+    name = f"bdt-test-{uuid.uuid4().hex[:10]}"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
+    fs.mkdir(name)
+    yield f"s3://{name}"
+    fs.rm(name, recursive=True)

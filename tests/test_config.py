@@ -1,0 +1,124 @@
+"""The typed config loader: precedence, strictness, error messages, launcher arguments."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from bdt import config as C
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 100
+
+
+@dataclass
+class Job:
+    name: str = "run"
+    data_path: str = "???"  # required
+    steps: int = 10
+    bf16: bool = False
+    optim: OptimSection = field(default_factory=OptimSection)
+
+
+def _write(tmp_path, name, obj) -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(obj) if not isinstance(obj, str) else obj)
+    return str(path)
+
+
+def test_precedence_defaults_then_yamls_then_command_line(tmp_path):
+    a = _write(tmp_path, "a.yaml", {"data_path": "/d", "steps": 20, "optim": {"lr": 0.5}})
+    b = _write(tmp_path, "b.yaml", {"steps": 30})
+    cfg = C.load(Job, [a, b], ["optim.lr=0.25", "bf16=true"])
+    assert cfg.steps == 30  # later YAML wins over earlier
+    assert cfg.optim.lr == 0.25  # command line wins over YAML
+    assert cfg.bf16 is True
+    assert cfg.optim.warmup_steps == 100  # untouched default survives
+    assert cfg.name == "run"
+    assert cfg.data_path == "/d"
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    bad = _write(tmp_path, "bad.yaml", {"data_path": "/d", "optim": {"learning_rate": 1.0}})
+    with pytest.raises(C.ConfigError) as err:
+        C.load(Job, [bad])
+    msg = str(err.value)
+    assert "optim.learning_rate" in msg and "bad.yaml" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_key_on_command_line():
+    with pytest.raises(C.ConfigError) as err:
+        C.load(Job, [], ["data_path=/d", "stepz=3"])
+    assert "stepz" in str(err.value) and "command line" in str(err.value)
+
+
+def test_wrong_type_names_key(tmp_path):
+    bad = _write(tmp_path, "types.yaml", {"data_path": "/d", "steps": "many"})
+    with pytest.raises(C.ConfigError) as err:
+        C.load(Job, [bad])
+    assert "'steps'" in str(err.value) and "types.yaml" in str(err.value)
+    with pytest.raises(C.ConfigError, match="optim.lr"):
+        C.load(Job, [], ["data_path=/d", "optim.lr=fast"])
+
+
+def test_missing_required_value_names_key():
+    with pytest.raises(C.ConfigError, match="'data_path'"):
+        C.load(Job)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(C.ConfigError, match="not found"):
+        C.load(Job, [str(tmp_path / "nope.yaml")])
+    broken = _write(tmp_path, "broken.yaml", "steps: [1, 2\n")
+    with pytest.raises(C.ConfigError, match="broken.yaml"):
+        C.load(Job, [broken])
+    listy = _write(tmp_path, "list.yaml", "- 1\n- 2\n")
+    with pytest.raises(C.ConfigError, match="mapping"):
+        C.load(Job, [listy])
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(C.ConfigError, match="key=value"):
+        C.load(Job, [], ["data_path"])
+
+
+def test_loaded_config_is_read_only():
+    cfg = C.load(Job, [], ["data_path=/d"])
+    with pytest.raises(Exception):
+        cfg.steps = 5
+
+
+@pytest.mark.parametrize("argv,expected_rank", [
+    (["--local_rank=3", "--config", "x.yaml", "steps=2"], 3),
+    (["--config", "x.yaml", "--local_rank", "1", "steps=2"], 1),
+    (["--config", "x.yaml", "--local-rank=0", "steps=2"], 0),
+    (["--config", "x.yaml", "steps=2"], None),
+])
+def test_launcher_local_rank_is_stripped(argv, expected_rank, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    rest, rank = C.split_launcher_args(argv)
+    assert rest == ["--config", "x.yaml", "steps=2"]
+    assert rank == expected_rank
+    assert os.environ.get("LOCAL_RANK") == (None if expected_rank is None else str(expected_rank))
+
+
+def test_save_resolved_round_trips(tmp_path):
+    cfg = C.load(Job, [], ["data_path=/d", "steps=7"])
+    url = C.save_resolved(cfg, str(tmp_path / "out"))
+    again = C.load(Job, [url])
+    assert C.to_dict(again) == C.to_dict(cfg)
+    assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".")]  # no temp left
+
+
+def test_save_resolved_to_s3(s3_bucket):
+    cfg = C.load(Job, [], ["data_path=s3://x/y"])
+    url = C.save_resolved(cfg, s3_bucket + "/run1")
+    assert C.to_dict(C.load(Job, [url])) == C.to_dict(cfg)
