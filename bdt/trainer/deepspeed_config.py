@@ -1,0 +1,103 @@
+"""Typed optimisation settings -> a DeepSpeed config dict, and engine construction.
+
+Users set ZeRO stage, precision, batch, accumulation and AdamW hyper-parameters in the YAML; the
+DeepSpeed JSON is derived here so the common cases never need a hand-written DS file. Keys in
+`deepspeed.extra` are merged last (deeply) for anything not covered.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bdt.trainer.distributed import disable_deepspeed_shm_op
+from bdt.trainer.schedule import WarmupSchedule, lambda_lr
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95  # SPEC 1.5: AdamW (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables clipping
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # constant | cosine
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16
+    micro_batch_size: int = 8  # per rank
+    grad_accum: int = 1
+    # Extra DeepSpeed keys merged over the generated dict (e.g. {"zero_optimization":
+    # {"overlap_comm": true}}).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, world_size: int) -> dict:
+    """The DeepSpeed config for one engine (validated with errors naming the key)."""
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_stage: expected 0, 1, 2 or 3, got {ds.zero_stage}")
+    if ds.precision not in PRECISIONS:
+        raise ValueError(f"deepspeed.precision: expected one of {PRECISIONS}, got '{ds.precision}'")
+    if ds.micro_batch_size < 1 or ds.grad_accum < 1:
+        raise ValueError(f"deepspeed: micro_batch_size and grad_accum must be >= 1, got "
+                         f"{ds.micro_batch_size} and {ds.grad_accum}")
+    adam: dict[str, Any] = {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,
+                            "weight_decay": optim.weight_decay}
+    if not torch.cuda.is_available():
+        # Without torch_adam DeepSpeed JIT-compiles its fused CPU Adam (~45 s, ENVIRONMENT.md).
+        adam["torch_adam"] = True
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": ds.micro_batch_size,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "train_batch_size": ds.micro_batch_size * ds.grad_accum * world_size,
+        "optimizer": {"type": "AdamW", "params": adam},
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "steps_per_print": 10**9,  # our metrics logger reports; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    if optim.grad_clip > 0:
+        cfg["gradient_clipping"] = optim.grad_clip
+    return _deep_merge(cfg, dict(ds.extra))
+
+
+def make_schedule(optim: OptimConfig, total_steps: int) -> WarmupSchedule:
+    return WarmupSchedule(warmup_steps=optim.warmup_steps, total_steps=total_steps,
+                          kind=optim.schedule, min_ratio=optim.min_lr_ratio)
+
+
+def initialize_engine(model: torch.nn.Module, ds_config: dict, schedule: WarmupSchedule):
+    """`deepspeed.initialize` with our LambdaLR schedule; returns the engine.
+
+    The scheduler is passed as a callable so it wraps the optimizer DeepSpeed builds from the
+    config; the engine steps it once per optimizer step and checkpoints its state.
+    """
+    disable_deepspeed_shm_op()
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, config=ds_config,
+        lr_scheduler=lambda opt: lambda_lr(opt, schedule))
+    return engine

@@ -1,0 +1,121 @@
+"""Process-group setup for a plain process, `torchrun` and the `deepspeed` launcher.
+
+All three launchers describe the job with the same environment variables (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a plain `python script.py` has none of them and runs as a
+world of one. DeepSpeed's communication layer is initialised on top of the torch process group so
+that both agree on the backend (gloo on CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+
+def disable_deepspeed_shm_op() -> None:
+    """Skip the shared-memory comm op DeepSpeed JIT-builds at init (ENVIRONMENT.md).
+
+    Building it costs ~30 s and leaves a 66 MB file per rank in /dev/shm; training never uses it.
+    Patched through sys.modules: `import deepspeed.comm.torch` binds the *torch* package instead.
+    """
+    import deepspeed.comm  # noqa: F401  (imports deepspeed.comm.torch as a side effect)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(use_deepspeed: bool = True) -> DistInfo:
+    """Initialise the process group from the launcher's environment (or a world of one)."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world_size))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world_size > 1:
+            raise ValueError("WORLD_SIZE > 1 but MASTER_PORT is not set: start the job with "
+                             "torchrun or deepspeed, or set MASTER_ADDR/MASTER_PORT")
+        os.environ["MASTER_PORT"] = str(free_port())
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if use_deepspeed:
+        disable_deepspeed_shm_op()
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    elif not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Barrier + destroy: ending without it occasionally aborted a rank at exit (ENVIRONMENT.md)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar metrics over ranks (one collective for the whole dict)."""
+    if not values or not (dist.is_available() and dist.is_initialized()):
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a small python object (e.g. a checkpoint tag) from `src` to all ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
