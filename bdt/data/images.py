@@ -1,0 +1,136 @@
+"""Image bytes -> RGB pixels of a bucket size, for tokenizer input (reusable by any reader).
+
+Every failure is an `ImageRejected` carrying a short machine-readable reason (written to the
+rejects file of the pre-extraction job) plus a detail string; callers never see PIL's own
+exception zoo. Pixel policy: EXIF orientation applied; grayscale, palette, CMYK and 16-bit
+images converted to 8-bit RGB; transparency composited on white (a transparent background is
+almost always meant as "paper", and black would invent dark borders the caption doesn't name).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Reasons recorded in rejects files.
+EMPTY = "empty_image"
+CORRUPT = "corrupt_image"
+TOO_SMALL = "too_small"
+TOO_LARGE = "too_large"
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # these swap width and height
+
+
+class ImageRejected(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def open_image(data: bytes, *, max_pixels: int, min_side: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Open (lazily: header only) and check size limits before any pixel is decoded.
+
+    Returns the image and its size *after* EXIF orientation. The pixel limit guards against
+    decompression bombs: a few KB of PNG can claim 100k x 100k pixels.
+    """
+    if not data:
+        raise ImageRejected(EMPTY, "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        w, h = img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(TOO_LARGE, str(exc).splitlines()[0]) from None
+    except Exception as exc:  # PIL raises many types for unreadable headers
+        raise ImageRejected(CORRUPT, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
+    if w * h > max_pixels:
+        raise ImageRejected(TOO_LARGE, f"{w}x{h} exceeds max_pixels {max_pixels}")
+    if min(w, h) < max(1, min_side):
+        raise ImageRejected(TOO_SMALL, f"{w}x{h} is below min_side {min_side}")
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block is not worth rejecting the picture for
+        orientation = 1
+    if orientation in _TRANSPOSED_ORIENTATIONS:
+        w, h = h, w
+    return img, (w, h)
+
+
+def cover_scale(size: tuple[int, int], target: tuple[int, int]) -> float:
+    """Scale factor making `size` cover `target` (the resize before a center crop)."""
+    return max(target[0] / size[0], target[1] / size[1])
+
+
+def decode_rgb(img: Image.Image, oriented_size: tuple[int, int], needed: tuple[int, int] | None = None) -> Image.Image:
+    """Decode pixels to 8-bit RGB with orientation and alpha handled.
+
+    `needed` (oriented W, H): the smallest size the caller will resize from. JPEGs then decode
+    at a reduced DCT scale (draft mode) that is still at least that large: much faster for
+    big photos going to small buckets, and no loss since we downsample anyway.
+    """
+    try:
+        if needed is not None and img.format == "JPEG":
+            nw, nh = needed
+            if oriented_size != img.size:  # draft works in stored (pre-rotation) coordinates
+                nw, nh = nh, nw
+            img.draft("RGB", (nw, nh))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except ImageRejected:
+        raise
+    except Exception as exc:  # truncated data, bad huffman tables, ...
+        raise ImageRejected(CORRUPT, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: PIL's convert clips instead of rescaling; map the range to 8 bits.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode != "RGB":  # L, 1, CMYK, YCbCr, LAB, HSV, F
+        img = img.convert("RGB")
+    return img
+
+
+def resize_center_crop(img: Image.Image, bucket: tuple[int, int]) -> np.ndarray:
+    """Resize so the image covers the bucket, center-crop to it; uint8 [H, W, 3].
+
+    The crop box is computed in source pixels and handed to PIL's resize, which resamples
+    from exactly that region in one pass (no second interpolation).
+    """
+    bw, bh = bucket
+    w, h = img.size
+    scale = cover_scale((w, h), bucket)
+    cw, ch = bw / scale, bh / scale  # crop size in source pixels
+    left, top = (w - cw) / 2, (h - ch) / 2
+    out = img.resize((bw, bh), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch),
+                     reducing_gap=None if scale >= 1 else 3.0)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def needed_size(oriented_size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """Smallest oriented source size from which every bucket can still be cut without upsampling."""
+    w, h = oriented_size
+    s = min(1.0, max(cover_scale((w, h), b) for b in buckets))
+    return math.ceil(w * s), math.ceil(h * s)
+
+
+def to_unit_range(pixels_BHWC: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1], the tokenizer's input convention."""
+    x = pixels_BHWC.astype(np.float32) / 127.5 - 1.0
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

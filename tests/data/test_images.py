@@ -1,0 +1,113 @@
+"""Image decoding + bucket preprocessing: modes, EXIF orientation, alpha, limits, crop geometry."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bdt.data import images as im
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _load(data: bytes, min_side: int = 1, max_pixels: int = 10**8, needed=None) -> Image.Image:
+    img, size = im.open_image(data, max_pixels=max_pixels, min_side=min_side)
+    out = im.decode_rgb(img, size, needed)
+    assert out.size == size and out.mode == "RGB"
+    return out
+
+
+def test_modes_become_rgb_and_alpha_goes_on_white():
+    rgba = Image.new("RGBA", (8, 6), (255, 0, 0, 0))  # fully transparent red
+    rgba.putpixel((0, 0), (0, 0, 255, 255))  # one opaque blue pixel
+    arr = np.asarray(_load(_encode(rgba, "PNG")))
+    assert tuple(arr[1, 1]) == (255, 255, 255) and tuple(arr[0, 0]) == (0, 0, 255)
+
+    gray = np.asarray(_load(_encode(Image.new("L", (5, 5), 77), "PNG")))
+    assert (gray == 77).all()
+
+    cmyk = np.asarray(_load(_encode(Image.new("CMYK", (5, 5), (0, 255, 255, 0)), "JPEG", quality=100)))
+    assert cmyk[..., 0].min() > 200 and cmyk[..., 1:].max() < 60  # cyan-free, magenta+yellow = red
+
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([10, 20, 30] + [0, 0, 0] * 255)
+    pal.info["transparency"] = 1  # index 1 unused: image stays opaque via palette index 0
+    assert tuple(np.asarray(_load(_encode(pal, "PNG")))[0, 0]) == (10, 20, 30)
+
+    deep = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert (np.asarray(_load(_encode(deep, "PNG"))) == 255).all()  # 16-bit rescaled, not clipped wrongly
+
+    la = Image.new("LA", (3, 3), (0, 0))  # black, fully transparent -> white
+    assert (np.asarray(_load(_encode(la, "PNG"))) == 255).all()
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    data = _encode(img, "JPEG", exif=exif.tobytes(), quality=95)
+    out = _load(data)
+    assert out.size == (20, 40)
+    arr = np.asarray(out).astype(int)
+    assert arr[:20].mean() > 200 and arr[20:].mean() < 50  # former left half is now on top
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", im.EMPTY),
+    (b"not an image at all", im.CORRUPT),
+])
+def test_unreadable_bytes_are_rejected(data, reason):
+    with pytest.raises(im.ImageRejected) as info:
+        _load(data)
+    assert info.value.reason == reason
+
+
+def test_truncated_image_is_rejected():
+    rng = np.random.default_rng(0)
+    data = _encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "PNG")
+    with pytest.raises(im.ImageRejected) as info:
+        _load(data[: len(data) // 2])
+    assert info.value.reason == im.CORRUPT
+
+
+def test_size_limits():
+    data = _encode(Image.new("RGB", (100, 50)), "PNG")
+    with pytest.raises(im.ImageRejected) as info:
+        _load(data, min_side=64)
+    assert info.value.reason == im.TOO_SMALL and "100x50" in info.value.detail
+    with pytest.raises(im.ImageRejected) as info:
+        _load(data, max_pixels=4999)
+    assert info.value.reason == im.TOO_LARGE
+    _load(data, min_side=50, max_pixels=5000)  # exactly at the limits is fine
+
+
+def test_resize_center_crop_geometry():
+    # A wide image with a 3-band pattern: the center crop to a square keeps only the middle band.
+    arr = np.zeros((60, 180, 3), dtype=np.uint8)
+    arr[:, :60] = (255, 0, 0)
+    arr[:, 60:120] = (0, 255, 0)
+    arr[:, 120:] = (0, 0, 255)
+    out = im.resize_center_crop(Image.fromarray(arr), (32, 32))
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert out[:, 4:28, 1].min() > 200 and out[:, 4:28, [0, 2]].max() < 60
+    tall = im.resize_center_crop(Image.fromarray(arr), (16, 48))
+    assert tall.shape == (48, 16, 3)
+
+
+def test_jpeg_draft_decodes_no_smaller_than_needed():
+    rng = np.random.default_rng(1)
+    big = Image.fromarray(rng.integers(0, 255, (800, 1200, 3), dtype=np.uint8))
+    data = _encode(big, "JPEG", quality=80)
+    img, size = im.open_image(data, max_pixels=10**8, min_side=1)
+    needed = im.needed_size(size, [(64, 64), (128, 64)])
+    out = im.decode_rgb(img, size, needed)
+    assert out.size[0] >= needed[0] and out.size[1] >= needed[1]
+    assert out.size[0] < 1200  # the draft actually reduced the decode
+    x = im.to_unit_range(im.resize_center_crop(out, (64, 64))[None])
+    assert x.shape == (1, 3, 64, 64) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
