@@ -1,0 +1,189 @@
+"""Text tokenizer side of the AR model: BitDance's added special tokens, the chat-template pieces,
+and a SentencePiece tokenizer trained on captions for the embedded default (SPEC 1.2, 2.1).
+
+Token-id rules (reference/bitdance/sequence_tiny.json "special_tokens"): missing chat/vision
+tokens are appended first, then ``<|res_1|>..<|res_{num_res}|>`` (``<|res_k|>`` = k latent tokens
+along an axis, i.e. k*16 px with a 16x tokenizer), then ``<|query_1|>..<|query_{P-1}|>``. On the
+real Qwen3 tokenizer (151669 tokens, chat and vision tokens present) this gives res_k = 151668 + k
+and query_j = 151924 + j, the ids of the released checkpoints.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # transformers is slow to import; data-side users only need the dataclasses.
+    from transformers import PreTrainedTokenizerBase
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+# SPEC 1.2 / fixture "prompt_template": conditional and unconditional (CFG) prefixes.
+CONDITIONAL_TEMPLATE = IM_START + "user\n{prompt}" + IM_END + "\n" + IM_START + "assistant\n"
+UNCONDITIONAL_PROMPT = IM_START + "assistant\n"
+# Chat template stored in the tiny tokenizer directory so `apply_chat_template` produces the
+# same conditional prefix (single user turn + generation prompt).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DEFAULT_NUM_RES = 256  # 4096 px / 16 (BitDance: 4096 // vit_patch_size)
+
+
+def res_token(k: int) -> str:
+    return f"<|res_{k}|>"
+
+
+def query_token(j: int) -> str:
+    return f"<|query_{j}|>"
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the tokens the image part of a sequence uses (after `add_special_tokens`)."""
+
+    im_start: int
+    im_end: int
+    vision_start: int
+    vision_end: int
+    res_ids: tuple[int, ...]  # res_ids[k-1] = id of <|res_k|>, k = latent tokens along one axis
+    query_ids: tuple[int, ...]  # query_ids[j-1] = id of <|query_j|>; P-1 of them
+    vocab_size: int  # len(tokenizer) after the additions = rows of embed_tokens / lm_head
+
+    def res(self, k: int) -> int:
+        if not 1 <= k <= len(self.res_ids):
+            raise ValueError(
+                f"no <|res_{k}|> token: a latent side of {k} tokens is outside 1..{len(self.res_ids)}"
+            )
+        return self.res_ids[k - 1]
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    """Token ids of the fixed chat-template pieces; a caption's own ids go between head and tail.
+
+    Pieces are tokenized separately so that a caption given as ids and the same caption given as
+    text produce identical sequences (with Qwen's BPE this equals tokenizing the whole string).
+    """
+
+    cond_head: tuple[int, ...]  # "<|im_start|>user\n"
+    cond_tail: tuple[int, ...]  # "<|im_end|>\n<|im_start|>assistant\n"
+    uncond: tuple[int, ...]  # "<|im_start|>assistant\n"
+
+    def build(self, caption_ids: Sequence[int] | None) -> list[int]:
+        """Conditional prefix for ``caption_ids``; the unconditional one for None."""
+        if caption_ids is None:
+            return list(self.uncond)
+        return [*self.cond_head, *caption_ids, *self.cond_tail]
+
+
+def encode(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
+    """Plain ids of ``text``: no BOS/EOS (Qwen has none; the template supplies the structure)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(tokenizer: "PreTrainedTokenizerBase") -> PromptIds:
+    head, tail = CONDITIONAL_TEMPLATE.split("{prompt}")
+    return PromptIds(
+        cond_head=tuple(encode(tokenizer, head)),
+        cond_tail=tuple(encode(tokenizer, tail)),
+        uncond=tuple(encode(tokenizer, UNCONDITIONAL_PROMPT)),
+    )
+
+
+def add_special_tokens(
+    tokenizer: "PreTrainedTokenizerBase", parallel_num: int, num_res: int = DEFAULT_NUM_RES
+) -> SpecialTokens:
+    """Add the chat/vision tokens (when missing), res tokens and P-1 query tokens, in that order.
+
+    Idempotent: tokens already in the vocabulary (e.g. a released BitDance tokenizer) keep their ids.
+    The caller resizes the LM's embeddings to ``SpecialTokens.vocab_size``.
+    """
+    if parallel_num < 1:
+        raise ValueError(f"parallel_num (P) must be >= 1, got {parallel_num}")
+    wanted = [IM_START, IM_END, VISION_START, VISION_END]
+    wanted += [res_token(k) for k in range(1, num_res + 1)]
+    wanted += [query_token(j) for j in range(1, parallel_num)]
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in wanted if t not in vocab]
+    if missing:
+        # Registered as special tokens so they are never split and decode can skip them.
+        tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                     replace_extra_special_tokens=False)
+    ids = tokenizer.convert_tokens_to_ids(wanted)
+    return SpecialTokens(
+        im_start=ids[0],
+        im_end=ids[1],
+        vision_start=ids[2],
+        vision_end=ids[3],
+        res_ids=tuple(ids[4 : 4 + num_res]),
+        query_ids=tuple(ids[4 + num_res :]),
+        vocab_size=len(tokenizer),
+    )
+
+
+def load_text_tokenizer(path: str) -> "PreTrainedTokenizerBase":
+    """The tokenizer stored beside an LLM (local dir or hub id), SentencePiece-based ones included.
+
+    transformers 5 trap (ENVIRONMENT.md): constructing ``LlamaTokenizer(vocab_file=...)`` silently
+    yields empty ids; a directory holding ``tokenizer.model`` loaded by ``from_pretrained`` works.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot load a text tokenizer from {path!r}: {e}") from e
+
+
+def train_sentencepiece(captions: Sequence[str], vocab_size: int = 320) -> bytes:
+    """Serialized SentencePiece BPE model trained on ``captions`` (tiny corpora welcome).
+
+    Identity normalisation and no dummy prefix keep "\\n" and spacing verbatim (the chat template
+    relies on "\\n"); byte fallback means no caption ever maps to <unk>; ``hard_vocab_limit=False``
+    lets a small corpus end below ``vocab_size`` (which must exceed 256 bytes + alphabet).
+    """
+    import sentencepiece as spm
+
+    if not captions:
+        raise ValueError("train_sentencepiece needs at least one caption")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(captions) + ["user", "assistant"]),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        user_defined_symbols=["\n", "user", "assistant"],
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+def make_text_tokenizer(out_dir: str, captions: Sequence[str], vocab_size: int = 320) -> "PreTrainedTokenizerBase":
+    """Train a SentencePiece model on ``captions`` and save it as a HF tokenizer directory.
+
+    The directory holds ``tokenizer.model`` (the SentencePiece file) plus what ``save_pretrained``
+    writes (tokenizer.json with the chat tokens as special tokens and a Qwen-style chat template).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+        f.write(train_sentencepiece(captions, vocab_size))
+    tokenizer = load_text_tokenizer(out_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    return load_text_tokenizer(out_dir)
