@@ -1,0 +1,224 @@
+"""The BitDance AR model (SPEC 1.2-1.4): an HF causal LM + bits connector + 2D pos-emb + head.
+
+Training forward on a `PackedSequence` (one packed row of S samples):
+    inputs_embeds = embed_tokens(ids) at text positions,
+                    connector(flipped bits) + pos2d(row, col) at image positions     (SPEC 1.2)
+    hidden        = LLM decoder under the block-causal, document-separated mask      (SPEC 1.4)
+    text CE       = LM head on the text-target positions only (a full [L, V] logits tensor
+                    would be 151940 x L floats for Qwen3), weight 0.01
+    head cond     = hidden at the predicting position + pos2d of the predicted token (SPEC 1.3)
+    vision loss   = flow loss per token, mean, weight 1.0
+
+Parameter names: `llm.*` (the HF model's own keys), `connector.*`, `head.*`; see
+`bdt.model.keymap` for the mapping to BitDance's `MLLModel`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bdt.model.attention import (
+    BlockCausalLayout,
+    attention_kwargs,
+    hf_attn_implementation,
+    resolve_backend,
+)
+from bdt.model.config import ModelConfig
+from bdt.model.embed import BitsConnector, PosEmbed2D, flip_bits
+from bdt.model.flow import binarize, flow_loss
+from bdt.model.head import DiffusionHead
+from bdt.model.sequence import PackedSequence
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from bdt.model.text_tokenizer import PromptIds, SpecialTokens
+
+LLM_DIR = "llm"  # HF model + tokenizer directory inside a saved BitDanceModel
+WEIGHTS_NAME = "bitdance_extra.safetensors"  # connector + head (the LLM's weights live in LLM_DIR)
+CONFIG_NAME = "model_config.yaml"
+
+
+class BitDanceModel(nn.Module):
+    """Backbone LLM + bits connector + 2D position embedding + diffusion head.
+
+    `special`/`prompt`/`tokenizer` (from `bdt.model.backbone.load_backbone`) are the text side the
+    sampler needs; a model built for key checks or from token ids alone may leave them None.
+    """
+
+    def __init__(self, cfg: ModelConfig, llm: PreTrainedModel,
+                 special: SpecialTokens | None = None, prompt: PromptIds | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.llm = llm
+        self.special, self.prompt, self.tokenizer = special, prompt, tokenizer
+        hidden = llm.config.hidden_size
+        self.connector = BitsConnector(cfg.head.bits, hidden)
+        self.pos_embed = PosEmbed2D(hidden, cfg.pos_max_len)
+        head_cfg = replace(cfg.head, tokens=cfg.parallel_num, cond_dim=hidden)
+        self.head = DiffusionHead(head_cfg, activation_checkpointing=cfg.activation_checkpointing)
+        self.backend = resolve_backend(cfg.attn_backend, "cuda" if torch.cuda.is_available()
+                                       else "cpu")
+        if cfg.activation_checkpointing:
+            # Non-reentrant: works with DeepSpeed ZeRO-3 (ENVIRONMENT.md); HF only checkpoints
+            # in train mode, like the head.
+            llm.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> BitDanceModel:
+        """Load (or build from scratch) the backbone named by cfg.backbone, add BitDance's tokens,
+        and attach freshly initialised connector + head."""
+        from bdt.model.backbone import load_backbone
+
+        cfg.validate()
+        backend = resolve_backend(cfg.attn_backend, "cuda" if torch.cuda.is_available() else "cpu")
+        backbone_cfg = replace(cfg.backbone, attn_implementation=hf_attn_implementation(backend))
+        bb = load_backbone(backbone_cfg, cfg.parallel_num)
+        return cls(cfg, bb.model, bb.special, bb.prompt, bb.tokenizer)
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """`out_dir/llm/` (HF model + tokenizer), connector + head safetensors, the config YAML."""
+        from safetensors.torch import save_file
+
+        from bdt.config import to_yaml
+
+        os.makedirs(out_dir, exist_ok=True)
+        self.llm.save_pretrained(os.path.join(out_dir, LLM_DIR))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(os.path.join(out_dir, LLM_DIR))
+        extra = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if not k.startswith("llm.")}
+        tmp = os.path.join(out_dir, WEIGHTS_NAME + ".tmp")
+        save_file(extra, tmp)
+        os.replace(tmp, os.path.join(out_dir, WEIGHTS_NAME))
+        with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+            f.write(to_yaml(self.cfg))
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, **overrides) -> BitDanceModel:
+        """Inverse of `save_pretrained`; `overrides` replace top-level ModelConfig fields
+        (e.g. attn_backend="flex")."""
+        from omegaconf import OmegaConf
+        from safetensors.torch import load_file
+
+        cfg_path = os.path.join(model_dir, CONFIG_NAME)
+        if not os.path.isfile(cfg_path):
+            raise OSError(f"{model_dir!r} is not a saved BitDanceModel: no {CONFIG_NAME}")
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                                  OmegaConf.load(cfg_path)))
+        cfg = replace(cfg, **overrides)
+        cfg.backbone = replace(cfg.backbone, path=os.path.join(model_dir, LLM_DIR),
+                               from_scratch=False)
+        model = cls.from_config(cfg)
+        extra = load_file(os.path.join(model_dir, WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(extra, strict=False)
+        missing = [k for k in missing if not k.startswith("llm.")]
+        if missing or unexpected:
+            raise ValueError(f"{model_dir}/{WEIGHTS_NAME}: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
+        return model
+
+    # --- building blocks shared by training and sampling --------------------------------------
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The LLM without its LM head (returns last hidden states, final norm applied)."""
+        return self.llm.base_model
+
+    def embed_text(self, ids: Tensor) -> Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def embed_image(self, bits_NC: Tensor, rc_N2: Tensor) -> Tensor:
+        """LLM inputs of image tokens: connector(+-1 bits) + pos2d(row, col) (SPEC 1.2)."""
+        dtype = self.connector.fc1.weight.dtype
+        return self.connector(bits_NC.to(dtype)) + self.pos_embed(rc_N2).to(dtype)
+
+    def head_condition(self, hidden_ND: Tensor, rc_N2: Tensor) -> Tensor:
+        """Head condition of the tokens at (row, col): predicting hidden + their pos2d (SPEC 1.3)."""
+        return hidden_ND + self.pos_embed(rc_N2).to(hidden_ND.dtype)
+
+    def mask_kwargs(self, layout: BlockCausalLayout) -> dict:
+        """attention_mask + position_ids for the decoder call, in the model's backend."""
+        eager = getattr(self.llm.config, "_attn_implementation", "") == "eager"
+        dtype = self.llm.get_input_embeddings().weight.dtype if eager else None
+        return attention_kwargs(layout.to(self.llm.device), self.backend, dtype)
+
+    # --- training -----------------------------------------------------------------------------
+
+    def input_embeddings(self, packed: PackedSequence, bits_NC: Tensor) -> Tensor:
+        """[L, D] inputs: text embeddings, image tokens embedded from `bits_NC` (sequence order)."""
+        device = self.llm.device
+        image_mask_L = packed.image_mask_L.to(device)
+        embeds_LD = self.embed_text(packed.input_ids_L.to(device))
+        image_LD = self.embed_image(bits_NC.to(device), packed.image_rc_N2.to(device))
+        return embeds_LD.masked_scatter(image_mask_L[:, None], image_LD.to(embeds_LD.dtype))
+
+    def hidden_states(self, packed: PackedSequence, inputs_embeds_LD: Tensor) -> Tensor:
+        """[L, D] last hidden states of the packed row (no attention across samples)."""
+        layout = BlockCausalLayout.from_packed(packed.cu_seqlens_S1, packed.causal_len_S,
+                                               packed.block_size_S)
+        if not torch.equal(layout.position_ids_BL[0], packed.position_ids_L.cpu()):
+            raise ValueError("packed position_ids do not restart at each sample's start")
+        # use_cache=False: with a cache HF may ignore the packing (ENVIRONMENT.md).
+        out = self.decoder(inputs_embeds=inputs_embeds_LD[None], use_cache=False,
+                           **self.mask_kwargs(layout))
+        return out.last_hidden_state[0]
+
+    def forward(self, packed: PackedSequence,
+                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Losses of one packed row: total, text_ce, vision, bit_accuracy (all scalars).
+
+        Random draws, in order (the release's): the exposure-bias flips (r1, r2 over all image
+        bits), then the head's t and noise (see `flow_loss`), all from `generator`.
+        """
+        cfg, device = self.cfg, self.llm.device
+        P = cfg.parallel_num
+        if packed.image_bits_NC.shape[0] % P:
+            raise ValueError(f"{packed.image_bits_NC.shape[0]} image tokens is not a multiple "
+                             f"of P = {P}")
+        bits_NC = packed.image_bits_NC.to(device)
+        flipped_NC = flip_bits(bits_NC, cfg.flip_prob, generator) if self.training else bits_NC
+        hidden_LD = self.hidden_states(packed, self.input_embeddings(packed, flipped_NC))
+
+        text_idx = packed.text_loss_index_T.to(device)
+        logits_TV = self.llm.get_output_embeddings()(hidden_LD[text_idx])
+        text_ce = F.cross_entropy(logits_TV.float(), packed.text_target_T.to(device))
+
+        rc_N2 = packed.image_rc_N2.to(device)
+        cond_ND = self.head_condition(hidden_LD[packed.vision_loss_index_N.to(device)], rc_N2)
+        D, C = cond_ND.shape[-1], bits_NC.shape[-1]
+        x_GPC = bits_NC.view(-1, P, C)
+        captured: list[Tensor] = []
+        hook = self.head.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
+        try:
+            vision_GP = flow_loss(self.head, x_GPC, cond_ND.view(-1, P, D), generator)
+        finally:
+            hook.remove()
+        vision = vision_GP.mean()
+        # Per-bit accuracy of the head's x-prediction (diagnostic, SPEC/issue 4 part 6).
+        x_pred = captured[0]
+        target = x_GPC.repeat(x_pred.shape[0] // x_GPC.shape[0], 1, 1)
+        bit_accuracy = (binarize(x_pred.float()) == target.float()).float().mean()
+        total = cfg.text_loss_weight * text_ce + cfg.vision_loss_weight * vision
+        return {"total": total, "text_ce": text_ce.detach(), "vision": vision.detach(),
+                "bit_accuracy": bit_accuracy}
+
+    def text_logits(self, input_ids_BL: Tensor) -> Tensor:
+        """Plain causal LM logits [B, L, V] of text-only rows, through this model's embedding
+        and decoder path (the LLM-init check: the wrapper must not change the LLM)."""
+        B, L = input_ids_BL.shape
+        layout = BlockCausalLayout.stack([BlockCausalLayout.from_packed([0, L], [L], 1)] * B)
+        out = self.decoder(inputs_embeds=self.embed_text(input_ids_BL.to(self.llm.device)),
+                           use_cache=False, **self.mask_kwargs(layout))
+        return self.llm.get_output_embeddings()(out.last_hidden_state)

@@ -1,0 +1,64 @@
+"""The whole AR model's configuration: backbone + bits connector + 2D pos-emb + diffusion head.
+
+One dataclass tree (omegaconf structured, see `bdt.config.load`) so a training YAML can say
+`model.parallel_num: 4` or `model.head.width: 768`. Defaults follow SPEC 1.2-1.5 (BitDance T2I):
+text CE weight 0.01, vision flow loss weight 1.0, exposure-bias p = 0.1, caption dropout 0.1.
+
+`parallel_num` (P) is the one authority on tokens per AR step: the model builds its head with
+`head.tokens = parallel_num` and `head.cond_dim = ` the LLM's hidden size, whatever those two
+head keys say (they exist for standalone heads).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from bdt.model.attention import BACKENDS
+from bdt.model.backbone import BackboneConfig
+from bdt.model.head import HeadConfig
+from bdt.model.sequence import patch_side
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    # Tokens per AR step, P = ps * ps (SPEC 1.4: 1, 4, 16, 64).
+    parallel_num: int = 16
+    # Rows of the 1D sin-cos table per axis: 2048 px / 16 px per token = 128 (SPEC 1.2).
+    pos_max_len: int = 128
+    text_loss_weight: float = 0.01
+    vision_loss_weight: float = 1.0
+    # Exposure bias (SPEC 1.2): an input bit flips with probability p*u, u ~ U(0,1).
+    flip_prob: float = 0.1
+    # Caption dropout for CFG (SPEC 1.2): the packer applies it; kept with the model's recipe.
+    caption_dropout: float = 0.1
+    # auto | sdpa | flex | flash (bdt.model.attention); auto = flash/flex on CUDA, sdpa on CPU.
+    attn_backend: str = "auto"
+    # Activation checkpointing of the decoder layers and the head blocks (SPEC 1.5).
+    activation_checkpointing: bool = False
+
+    @property
+    def patch_size(self) -> int:
+        return patch_side(self.parallel_num)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad key."""
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"model.attn_backend: unknown attention backend "
+                             f"{self.attn_backend!r}; expected one of {', '.join(BACKENDS)}")
+        try:
+            patch_side(self.parallel_num)
+        except ValueError as e:
+            raise ValueError(f"model.parallel_num: {e}") from None
+        if self.pos_max_len < 1:
+            raise ValueError(f"model.pos_max_len must be >= 1, got {self.pos_max_len}")
+        for key in ("flip_prob", "caption_dropout"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"model.{key} must be in [0, 1], got {value}")
+        for key in ("text_loss_weight", "vision_loss_weight"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"model.{key} must be a finite number >= 0, got {value}")
