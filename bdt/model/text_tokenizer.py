@@ -11,6 +11,7 @@ and query_j = 151924 + j, the ids of the released checkpoints.
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,18 +129,26 @@ def add_special_tokens(
 def load_text_tokenizer(path: str) -> "PreTrainedTokenizerBase":
     """The tokenizer stored beside an LLM (local dir or hub id), SentencePiece-based ones included.
 
-    transformers 5 trap (ENVIRONMENT.md): constructing ``LlamaTokenizer(vocab_file=...)`` silently
-    yields empty ids; a directory holding ``tokenizer.model`` loaded by ``from_pretrained`` works.
+    transformers 5 traps: constructing ``LlamaTokenizer(vocab_file=...)`` silently yields empty ids
+    (ENVIRONMENT.md), so a directory holding ``tokenizer.model`` goes through ``from_pretrained``;
+    and AutoTokenizer replaces a declared generic ``TokenizersBackend`` by the model type's class
+    for some types (qwen2 -> Qwen2Tokenizer, which mis-reads a SentencePiece tokenizer.json), so a
+    local directory declaring ``TokenizersBackend`` is loaded with exactly that class.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, TokenizersBackend
 
+    tok_cfg = os.path.join(path, "tokenizer_config.json")
     try:
+        if os.path.isfile(tok_cfg):
+            with open(tok_cfg) as f:
+                if json.load(f).get("tokenizer_class") == "TokenizersBackend":
+                    return TokenizersBackend.from_pretrained(path)
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise OSError(f"cannot load a text tokenizer from {path!r}: {e}") from e
 
 
-def train_sentencepiece(captions: Sequence[str], vocab_size: int = 320) -> bytes:
+def train_sentencepiece(captions: Sequence[str], vocab_size: int = 384) -> bytes:
     """Serialized SentencePiece BPE model trained on ``captions`` (tiny corpora welcome).
 
     Identity normalisation and no dummy prefix keep "\\n" and spacing verbatim (the chat template
@@ -173,7 +182,7 @@ def train_sentencepiece(captions: Sequence[str], vocab_size: int = 320) -> bytes
     return buf.getvalue()
 
 
-def make_text_tokenizer(out_dir: str, captions: Sequence[str], vocab_size: int = 320) -> "PreTrainedTokenizerBase":
+def make_text_tokenizer(out_dir: str, captions: Sequence[str], vocab_size: int = 384) -> "PreTrainedTokenizerBase":
     """Train a SentencePiece model on ``captions`` and save it as a HF tokenizer directory.
 
     The directory holds ``tokenizer.model`` (the SentencePiece file) plus what ``save_pretrained``

@@ -1,0 +1,183 @@
+"""The LLM backbone: any Hugging Face causal LM (Qwen3 default; Qwen2, Llama, ...) plus its text
+tokenizer, extended with BitDance's special tokens (SPEC 1.2), and the tiny LLM of the embedded
+default (SPEC 2.1).
+
+A real checkpoint and the tiny default take the same path: a directory (or hub id) holding
+``config.json`` + weights + tokenizer files, read with ``from_pretrained``.
+
+Checkpoint key mapping: BitDance ``MLLModel`` keys ``llm_model.<k>`` are the HF causal LM's own
+state-dict keys ``<k>`` (model.embed_tokens.weight, model.layers.N..., model.norm.weight,
+lm_head.weight); see `backbone_key_map`. Vocab rows must equal ``len(tokenizer)`` after the
+additions (16x: 151940, 64x: 151988), which `load_backbone` guarantees.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bdt.model.text_tokenizer import (
+    DEFAULT_NUM_RES,
+    IM_END,
+    PromptIds,
+    SpecialTokens,
+    add_special_tokens,
+    load_text_tokenizer,
+    make_text_tokenizer,
+    prompt_ids,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BITDANCE_LLM_PREFIX = "llm_model."
+
+
+@dataclass
+class BackboneConfig:
+    """Where the LLM comes from and how it runs."""
+
+    path: str = ""  # local dir or hub id: HF causal LM (config.json [+ weights]) and its tokenizer
+    from_scratch: bool = False  # random init from path's config.json (weights, if any, unread)
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to change
+    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False  # activation checkpointing on the decoder layers
+
+
+@dataclass
+class Backbone:
+    """What `load_backbone` returns: the resized LM and the matching text side."""
+
+    model: "PreTrainedModel"  # AutoModelForCausalLM with embed_tokens/lm_head of special.vocab_size rows
+    tokenizer: "PreTrainedTokenizerBase"
+    special: SpecialTokens
+    prompt: PromptIds
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"backbone dtype {name!r} is not a torch floating dtype (float32, bfloat16, ...)")
+    return dtype
+
+
+def _check_source(path: str) -> None:
+    if not path:
+        raise ValueError("backbone path is empty: give a local model directory or a hub id")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise OSError(f"backbone path {path!r} has no config.json (not a Hugging Face model directory)")
+    elif os.path.isabs(path) or path.startswith("."):
+        raise OSError(f"backbone path {path!r} does not exist")
+    # Anything else is a hub id, resolved by from_pretrained (offline: only from the HF cache).
+
+
+def load_causal_lm(cfg: BackboneConfig) -> "PreTrainedModel":
+    """The causal LM named by ``cfg``: pretrained weights, or a random init from its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_source(cfg.path)
+    dtype = _torch_dtype(cfg.dtype)
+    kwargs = dict(attn_implementation=cfg.attn_implementation, dtype=dtype)
+    try:
+        if cfg.from_scratch:
+            hf_config = AutoConfig.from_pretrained(cfg.path, **dict(cfg.config_overrides))
+            model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs, **dict(cfg.config_overrides))
+    except (OSError, ValueError, ImportError) as e:
+        raise type(e)(f"cannot build the backbone from {cfg.path!r}: {e}") from e
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs and DeepSpeed ZeRO (SPEC 1.5: decoder layers).
+        # (transformers 5 name; gradient_checkpointing_enable is deprecated.)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@torch.no_grad()
+def resize_embeddings(model: "PreTrainedModel", num_rows: int) -> None:
+    """Resize embed_tokens and lm_head to ``num_rows``; rows beyond the old size get the mean of
+    the old rows (BitDance's mean resizing, without HF's random jitter).
+
+    Rows may also shrink (Qwen3 pads to 151936 rows but BitDance at P=4 uses 151928), so the
+    shapes always equal ``len(tokenizer)`` like the released checkpoints.
+    """
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(num_rows, mean_resizing=False)
+    if num_rows <= old:
+        return
+    for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if emb is not None:
+            emb.weight[old:] = emb.weight[:old].mean(dim=0)
+
+
+def load_backbone(cfg: BackboneConfig, parallel_num: int, num_res: int = DEFAULT_NUM_RES) -> Backbone:
+    """LM + tokenizer from ``cfg.path``, with BitDance's tokens added and embeddings resized."""
+    _check_source(cfg.path)
+    tokenizer = load_text_tokenizer(cfg.path)
+    special = add_special_tokens(tokenizer, parallel_num, num_res)
+    model = load_causal_lm(cfg)
+    resize_embeddings(model, special.vocab_size)
+    return Backbone(model=model, tokenizer=tokenizer, special=special, prompt=prompt_ids(tokenizer))
+
+
+def backbone_key_map(model: "PreTrainedModel", prefix: str = "") -> dict[str, str]:
+    """BitDance key -> our key for every backbone parameter (ours mounted under ``prefix``)."""
+    return {BITDANCE_LLM_PREFIX + k: prefix + k for k in model.state_dict()}
+
+
+_TINY_ARCHS = ("qwen3", "qwen2", "llama")
+
+
+def make_tiny_llm(
+    out_dir: str,
+    captions: Sequence[str],
+    arch: str = "qwen3",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab_size: int = 384,
+    max_position_embeddings: int = 8192,
+    seed: int = 0,
+) -> str:
+    """Create the embedded default's "pretrained" LLM in ``out_dir`` and return ``out_dir``.
+
+    A SentencePiece tokenizer trained on ``captions`` (HF directory, chat tokens, chat template)
+    and a randomly initialised small causal LM of family ``arch``, both ``save_pretrained`` into
+    one directory, so `load_backbone` reads it exactly like a downloaded checkpoint. BitDance's
+    own tokens are not added here: like a real base LLM, the directory holds a plain model.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+    if arch not in _TINY_ARCHS:
+        raise ValueError(f"make_tiny_llm arch {arch!r} is not one of {_TINY_ARCHS}")
+    tokenizer = make_text_tokenizer(out_dir, captions, vocab_size)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
+    )
+    if arch == "qwen3":
+        config = Qwen3Config(head_dim=hidden // heads, **common)
+    elif arch == "qwen2":
+        config = Qwen2Config(**common)
+    else:
+        config = LlamaConfig(**common)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model.save_pretrained(out_dir)
+    return out_dir

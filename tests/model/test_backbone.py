@@ -1,0 +1,173 @@
+"""Backbone loading, special tokens, embedding resize and the tiny LLM of the embedded default."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, Qwen3Config
+
+from bdt.model.backbone import (
+    BackboneConfig,
+    backbone_key_map,
+    load_backbone,
+    load_causal_lm,
+    make_tiny_llm,
+    resize_embeddings,
+)
+from bdt.model.text_tokenizer import (
+    CONDITIONAL_TEMPLATE,
+    IM_START,
+    VISION_END,
+    VISION_START,
+    add_special_tokens,
+    encode,
+    load_text_tokenizer,
+    make_text_tokenizer,
+    prompt_ids,
+    train_sentencepiece,
+)
+
+REF = Path("/work/shared/reference/bitdance")
+SEQ = json.loads((REF / "sequence_tiny.json").read_text())
+CAPTIONS = [
+    f"a {c} {s} on the {p}"
+    for c in ("red", "blue", "green", "yellow")
+    for s in ("circle", "square", "triangle")
+    for p in ("left", "right", "top", "bottom")
+]
+
+
+@pytest.fixture(scope="module")
+def llm_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm")
+    return {a: make_tiny_llm(str(root / a), CAPTIONS, arch=a, hidden=32, heads=4, kv_heads=2,
+                             intermediate=64) for a in ("qwen3", "qwen2", "llama")}
+
+
+def test_sentencepiece_tokenizer_roundtrip(tmp_path):
+    tok = make_text_tokenizer(str(tmp_path / "tok"), CAPTIONS)
+    assert os.path.isfile(tmp_path / "tok" / "tokenizer.model")
+    text = CONDITIONAL_TEMPLATE.format(prompt="a green triangle on the top")
+    ids = encode(tok, text)
+    assert tok.decode(ids) == text
+    assert ids[0] == tok.convert_tokens_to_ids(IM_START)  # chat tokens are single special tokens
+    unk = tok.convert_tokens_to_ids("<unk>")
+    assert unk not in encode(tok, "a purple hexagon, 42%!")  # byte fallback: nothing is <unk>
+    chat = tok.apply_chat_template([{"role": "user", "content": "a red circle on the left"}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert chat == CONDITIONAL_TEMPLATE.format(prompt="a red circle on the left")
+    # Caption ids spliced between the template pieces equal tokenizing the whole prompt.
+    assert prompt_ids(tok).build(encode(tok, "a red circle on the left")) == encode(
+        tok, CONDITIONAL_TEMPLATE.format(prompt="a red circle on the left"))
+
+
+def test_bare_sentencepiece_dir_loads(tmp_path):
+    """A directory holding only tokenizer.model (how SentencePiece LLMs ship) loads and encodes."""
+    (tmp_path / "tokenizer.model").write_bytes(train_sentencepiece(CAPTIONS))
+    tok = load_text_tokenizer(str(tmp_path))
+    ids = encode(tok, "a blue square on the right")
+    assert len(ids) > 0 and tok.decode(ids) == "a blue square on the right"
+
+
+def test_special_token_id_rules(tmp_path):
+    tok = make_text_tokenizer(str(tmp_path / "tok"), CAPTIONS)
+    # Make it Qwen-like: chat and vision tokens already present; then the rules are base + k.
+    tok.add_special_tokens({"additional_special_tokens": [VISION_START, VISION_END]},
+                           replace_extra_special_tokens=False)
+    base = len(tok)
+    sp = add_special_tokens(tok, parallel_num=16)
+    assert sp.vision_start == tok.convert_tokens_to_ids(VISION_START) < base
+    assert sp.res_ids == tuple(range(base, base + 256))
+    assert sp.query_ids == tuple(range(base + 256, base + 256 + 15))
+    assert sp.vocab_size == len(tok) == base + 256 + 15
+    assert encode(tok, "<|res_64|><|query_3|>") == [sp.res(64), sp.query_ids[2]]
+    assert add_special_tokens(tok, parallel_num=16) == sp  # idempotent
+    with pytest.raises(ValueError, match=r"<\|res_257\|>"):
+        sp.res(257)
+    # The same rule with the real Qwen3 base length reproduces the fixture's recorded ids.
+    table = SEQ["special_tokens"][next(k for k in SEQ["special_tokens"] if k.startswith("token_ids_by"))]
+    for P in (4, 16, 64):
+        entry = table[f"parallel_num_{P}"]
+        qbase = entry["base_qwen3_tokenizer_len"]
+        ids = entry["ids"]
+        assert ids["<|res_1|>"] == qbase and ids["<|res_256|>"] == qbase + 255
+        assert ids["<|query_1|>"] == qbase + 256 and ids[f"<|query_{P - 1}|>"] == qbase + 256 + P - 2
+        assert entry["len_after_additions (= resized vocab rows of embed_tokens and lm_head)"] == qbase + 256 + P - 1
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+def test_backbone_adds_tokens_without_changing_text_logits(llm_dirs, arch):
+    path = llm_dirs[arch]
+    original = AutoModelForCausalLM.from_pretrained(path).eval()
+    n_old = original.get_input_embeddings().weight.shape[0]
+    bb = load_backbone(BackboneConfig(path=path), parallel_num=4)
+    model = bb.model.eval()
+    assert type(model).__name__.lower().startswith(arch)
+    assert model.get_input_embeddings().weight.shape[0] == bb.special.vocab_size == n_old + 2 + 256 + 3
+    assert model.get_output_embeddings().weight.shape[0] == bb.special.vocab_size
+    # New rows are the mean of the old rows, in both embeddings (untied).
+    for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+        torch.testing.assert_close(emb.weight[n_old:], emb.weight[:n_old].mean(0).expand(bb.special.vocab_size - n_old, -1))
+    ids = torch.tensor([bb.prompt.build(encode(bb.tokenizer, "a red circle on the left"))])
+    with torch.no_grad():
+        want = original(input_ids=ids, use_cache=False).logits
+        got = model(input_ids=ids, use_cache=False).logits
+    assert got.shape[-1] == bb.special.vocab_size
+    torch.testing.assert_close(got[..., :n_old], want, atol=1e-6, rtol=1e-6)
+
+
+def test_tiny_llm_is_seeded_and_roundtrips(llm_dirs, tmp_path):
+    again = make_tiny_llm(str(tmp_path / "again"), CAPTIONS, hidden=32, heads=4, kv_heads=2, intermediate=64)
+    a = load_file(os.path.join(llm_dirs["qwen3"], "model.safetensors"))
+    b = load_file(os.path.join(again, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    loaded = load_causal_lm(BackboneConfig(path=again)).state_dict()
+    assert all(torch.equal(loaded[k], a[k]) for k in a)
+
+
+def test_from_scratch_dtype_and_checkpointing(llm_dirs):
+    path = llm_dirs["qwen3"]
+    cfg = BackboneConfig(path=path, from_scratch=True, config_overrides={"num_hidden_layers": 1},
+                         dtype="bfloat16", gradient_checkpointing=True)
+    model = load_causal_lm(cfg)
+    assert model.config.num_hidden_layers == 1
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.is_activation_checkpointing
+    saved = load_file(os.path.join(path, "model.safetensors"))
+    w = model.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(w.float(), saved["model.layers.0.mlp.up_proj.weight"].float())
+    model.train()
+    loss = model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]]), use_cache=False).loss
+    loss.backward()
+    assert model.get_input_embeddings().weight.grad is not None
+
+
+def test_backbone_errors(tmp_path, llm_dirs):
+    with pytest.raises(OSError, match="does not exist"):
+        load_causal_lm(BackboneConfig(path=str(tmp_path / "nope")))
+    with pytest.raises(OSError, match="has no config.json"):
+        load_backbone(BackboneConfig(path=str(tmp_path)), parallel_num=4)
+    with pytest.raises(ValueError, match="'int8' is not a torch floating dtype"):
+        load_causal_lm(BackboneConfig(path=llm_dirs["qwen3"], dtype="int8"))
+    with pytest.raises(ValueError, match="cannot build the backbone .*nonsense"):
+        load_causal_lm(BackboneConfig(path=llm_dirs["qwen3"], attn_implementation="nonsense"))
+    with pytest.raises(ValueError, match="empty"):
+        load_causal_lm(BackboneConfig())
+
+
+def test_key_map_matches_mllm_tiny_llm_keys():
+    """Our backbone built with the fixture's tiny Qwen3 config has exactly BitDance's llm keys/shapes."""
+    meta = json.loads((REF / "mllm_tiny.json").read_text())
+    hf = Qwen3Config(**meta["tiny_qwen3_config (after resize; vocab_size = resized rows)"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    resize_embeddings(model, hf.vocab_size)
+    ref = {k[len("param."):]: v.shape for k, v in load_file(str(REF / "mllm_tiny.safetensors")).items()
+           if k.startswith("param.llm_model.")}
+    mapping = backbone_key_map(model, prefix="llm.")
+    assert mapping.keys() == ref.keys()
+    ours = model.state_dict()
+    assert all(ours[v[len("llm."):]].shape == ref[k] for k, v in mapping.items())
