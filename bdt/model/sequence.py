@@ -17,6 +17,7 @@ from <|res_w|> on; samples packed into one sequence never see each other.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -175,6 +176,7 @@ class SequencePacker:
         return [sp.vision_start, sp.res(h), sp.res(w), *sp.query_ids]
 
     def sample_len(self, n_prompt: int, h: int, w: int) -> int:
+        """Tokens of one packed sample with a prompt of ``n_prompt`` ids (for token budgets)."""
         return n_prompt + 2 + self.parallel_num + h * w
 
     def _checked_prompt(self, caption: str | Sequence[int] | None, h: int, w: int, i: int) -> list[int]:
@@ -208,6 +210,8 @@ class SequencePacker:
             if c != n_bits:
                 raise ValueError(f"sample {i}: {c} bits per token, sample 0 has {n_bits}")
             _check_grid(h, w, self.ps)
+            if not bool((bits_HWC.abs() == 1).all()):
+                raise ValueError(f"sample {i}: image bits must be +-1 floats")
             caption = None if drop_S[i] else s.caption
             prompt = self._checked_prompt(caption, h, w, i)
             head = prompt + self.image_prefix_ids(h, w)
@@ -232,17 +236,13 @@ class SequencePacker:
             uncond.append(caption is None)
             offset += L
 
-        input_ids_L = torch.cat(ids)
-        image_bits_NC = torch.cat(bits)
-        if image_bits_NC.numel() and not bool((image_bits_NC.abs() == 1).all()):
-            raise ValueError("image bits must be +-1 floats")
         return PackedSequence(
-            input_ids_L=input_ids_L,
+            input_ids_L=torch.cat(ids),
             image_mask_L=torch.cat(img_mask),
-            image_bits_NC=image_bits_NC,
+            image_bits_NC=torch.cat(bits),
             image_rc_N2=torch.cat(rcs),
             position_ids_L=torch.cat(pos),
-            cu_seqlens_S1=torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32),
+            cu_seqlens_S1=torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32),
             causal_len_S=torch.tensor(causal),
             block_size_S=torch.full((len(samples),), P),
             text_loss_index_T=torch.cat(txt_idx),

@@ -202,9 +202,31 @@ def test_pack_errors_name_the_numbers():
         packer.pack([ImageSample([7], torch.ones(3, 8, 16))])
     with pytest.raises(ValueError, match=r"sample 1: 8 bits per token, sample 0 has 16"):
         packer.pack([ok, ImageSample([7], torch.ones(2, 2, 8))])
-    with pytest.raises(ValueError, match=r"\+-1"):
+    with pytest.raises(ValueError, match=r"sample 0: image bits must be \+-1"):
         packer.pack([ImageSample([7], torch.zeros(2, 2, 16))])
     with pytest.raises(ValueError, match="query tokens"):
         SequencePacker(packer.special, packer.prompt, 16, 100)
     with pytest.raises(ValueError, match=r"<\|res_1026\|>"):
         packer.image_prefix_ids(1026, 2)
+
+
+@pytest.mark.parametrize("P", [1, 16])
+def test_layout_for_other_patch_sizes(P):
+    base = _fixture_packer()[0].special
+    special = SpecialTokens(base.im_start, base.im_end, base.vision_start, base.vision_end,
+                            base.res_ids, tuple(range(2000, 2000 + P - 1)), 3000)
+    packer = SequencePacker(special, PromptIds((1,), (2,), (3,)), P, 4096)
+    packed = packer.pack([ImageSample([9, 9], torch.ones(4, 8, 5)), ImageSample(None, -torch.ones(4, 4, 5))])
+    prefix0 = [1, 9, 9, 2, base.vision_start, base.res(4), base.res(8), *special.query_ids]
+    assert packed.input_ids_L[: len(prefix0)].tolist() == prefix0
+    res_w = [4 + 2, packed.cu_seqlens_S1[1].item() + 1 + 2]  # prompt + vision_start + res_h
+    img = packed.image_mask_L.nonzero().squeeze(1)
+    assert packed.vision_loss_index_N.tolist() == (img - P).tolist()
+    assert packed.vision_loss_index_N[[0, 32]].tolist() == res_w
+    assert packed.unconditional_S.tolist() == [False, True]
+    mask = _dense_mask(packed)
+    if P == 1:  # degenerates to plain causal attention inside each sample
+        assert torch.equal(mask[:39, :39], torch.ones(39, 39).tril().bool())
+    else:  # the 16 tokens from <|res_w|> on see each other
+        assert mask[res_w[0], res_w[0] : res_w[0] + 16].all()
+        assert not mask[res_w[0], res_w[0] + 16]
