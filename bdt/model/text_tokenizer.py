@@ -161,7 +161,7 @@ def train_sentencepiece(captions: Sequence[str], vocab_size: int = 384) -> bytes
         raise ValueError("train_sentencepiece needs at least one caption")
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(captions) + ["user", "assistant"]),
+        sentence_iterator=iter(captions),
         model_writer=buf,
         vocab_size=vocab_size,
         hard_vocab_limit=False,
@@ -171,7 +171,7 @@ def train_sentencepiece(captions: Sequence[str], vocab_size: int = 384) -> bytes
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         add_dummy_prefix=False,
-        user_defined_symbols=["\n", "user", "assistant"],
+        user_defined_symbols=["\n", "user", "assistant"],  # the chat-template words, whole
         unk_id=0,
         bos_id=-1,
         eos_id=-1,
