@@ -66,6 +66,13 @@ def _torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
+def _plain_dict(d: Any) -> dict[str, Any]:
+    """``config_overrides`` as a plain dict (it may arrive as a read-only omegaconf DictConfig)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(d, resolve=True) if isinstance(d, DictConfig) else dict(d)
+
+
 def _check_source(path: str) -> None:
     if not path:
         raise ValueError("backbone path is empty: give a local model directory or a hub id")
@@ -86,10 +93,10 @@ def load_causal_lm(cfg: BackboneConfig) -> "PreTrainedModel":
     kwargs = dict(attn_implementation=cfg.attn_implementation, dtype=dtype)
     try:
         if cfg.from_scratch:
-            hf_config = AutoConfig.from_pretrained(cfg.path, **dict(cfg.config_overrides))
+            hf_config = AutoConfig.from_pretrained(cfg.path, **_plain_dict(cfg.config_overrides))
             model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs, **dict(cfg.config_overrides))
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs, **_plain_dict(cfg.config_overrides))
     except (OSError, ValueError, ImportError) as e:
         raise type(e)(f"cannot build the backbone from {cfg.path!r}: {e}") from e
     if cfg.gradient_checkpointing:

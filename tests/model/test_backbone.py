@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen3Config
 
@@ -130,8 +131,10 @@ def test_tiny_llm_is_seeded_and_roundtrips(llm_dirs, tmp_path):
 
 def test_from_scratch_dtype_and_checkpointing(llm_dirs):
     path = llm_dirs["qwen3"]
-    cfg = BackboneConfig(path=path, from_scratch=True, config_overrides={"num_hidden_layers": 1},
-                         dtype="bfloat16", gradient_checkpointing=True)
+    # As the typed config tree hands it over: a read-only omegaconf object.
+    cfg = OmegaConf.structured(BackboneConfig(path=path, from_scratch=True, config_overrides={"num_hidden_layers": 1},
+                                              dtype="bfloat16", gradient_checkpointing=True))
+    OmegaConf.set_readonly(cfg, True)
     model = load_causal_lm(cfg)
     assert model.config.num_hidden_layers == 1
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
