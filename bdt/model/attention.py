@@ -1,0 +1,282 @@
+"""The attention facade: one description of a packed sequence's mask, realised by three backends.
+
+A packed row of L tokens holds several samples ("documents"). Each token carries a document id and
+a block id, non-decreasing along the row; key j is visible to query i iff both are in the same
+document and block[j] <= block[i]. Text tokens are blocks of one (causal); image tokens come in
+blocks of P (full inside a block, causal across blocks): the block-causal mask of SPEC 1.4.
+Callers describe a row as cumulative sample lengths + per sample (causal_len, P)
+(`BlockCausalLayout.from_packed`) and get the Hugging Face model kwargs from `attention_kwargs`.
+
+Backends (`resolve_backend`; the model must be loaded with `hf_attn_implementation(backend)`):
+- `sdpa`: a dense [B,1,L,L] mask (bool; additive float for models running `eager`, which reads a
+  bool mask wrongly). The CPU default; O(L^2) memory per row (64 MiB at L = 8192).
+- `flex`: torch flex_attention with a BlockMask built from the same rule (`mask_mod`): sparse, the
+  fast path on GPU. No backward on CPU, and it compiles (ENVIRONMENT.md).
+- `flash`: flash-attn's `flash_attn_varlen_func`, CUDA only. Its varlen kernel knows only
+  causal-per-sequence masks, exact for rows whose blocks all have size 1 (text-only, P = 1).
+  A block-causal row could be built from two flash passes merged by their log-sum-exps, but
+  flash-attn's autograd drops the LSE gradient, so training through the merge would get wrong
+  gradients without its private, version-specific backward. So the flash backend runs flash where
+  it is exact and routes block-causal rows to flex_attention (exact, with backward on GPU),
+  inside the same registered HF attention function.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "sdpa", "flex", "flash")
+# The `attn_implementation` a Hugging Face model must be loaded with for each backend. Ours must
+# not contain "flash": transformers then looks for its own flash kernels under that name.
+_HF_IMPLEMENTATION = {"sdpa": "sdpa", "flex": "flex_attention", "flash": "bdt_varlen"}
+
+
+def flash_available() -> bool:
+    """flash-attn importable and a CUDA device present."""
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """`auto|sdpa|flex|flash` -> the backend to use on `device`; clear errors otherwise."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of "
+                         f"{', '.join(BACKENDS)}")
+    device_type = torch.device(device).type
+    if name == "auto":
+        if device_type != "cuda":
+            return "sdpa"
+        return "flash" if flash_available() else "flex"
+    if name == "flash" and (device_type != "cuda" or not flash_available()):
+        found = "found" if importlib.util.find_spec("flash_attn") else "not installed"
+        raise ValueError(f"attention backend 'flash' needs flash-attn installed and a CUDA device "
+                         f"(device {device_type}, flash_attn {found}); use 'auto', 'flex' or "
+                         "'sdpa'")
+    return name
+
+
+def hf_attn_implementation(backend: str) -> str:
+    """The HF `attn_implementation` for a resolved backend (registers ours for `flash`)."""
+    if backend not in _HF_IMPLEMENTATION:
+        raise ValueError(f"attention backend {backend!r} is not resolved; expected one of "
+                         f"{', '.join(_HF_IMPLEMENTATION)} (see resolve_backend)")
+    if backend == "flash":
+        register_flash_attention()
+    return _HF_IMPLEMENTATION[backend]
+
+
+@dataclass(frozen=True)
+class BlockCausalLayout:
+    """Rows of packed tokens: document id, block id and restarting RoPE position per token."""
+
+    doc_ids_BL: Tensor  # int64; ids never repeat across documents within a row
+    block_ids_BL: Tensor  # int64, non-decreasing along each row; a block never spans documents
+    position_ids_BL: Tensor  # int64, 0 at each document's first token
+
+    @classmethod
+    def from_packed(cls, cu_seqlens: Sequence[int] | Tensor, causal_lens: Sequence[int] | Tensor,
+                    block_sizes: Sequence[int] | Tensor | int,
+                    total_len: int | None = None) -> BlockCausalLayout:
+        """One row from cumulative sample lengths [S+1] and per sample (causal_len, block size P).
+
+        Sample s is causal over its first causal_len[s] tokens, then blocks of P (a shorter last
+        block if its length doesn't divide). total_len > cu_seqlens[-1] pads the row with one
+        causal padding document (attends only to itself, so no row is fully masked).
+        """
+        cu = [int(c) for c in torch.as_tensor(cu_seqlens).tolist()]
+        causal = [int(c) for c in torch.as_tensor(causal_lens).reshape(-1).tolist()]
+        S = len(cu) - 1
+        sizes = ([int(block_sizes)] * S if isinstance(block_sizes, int)
+                 else [int(p) for p in torch.as_tensor(block_sizes).reshape(-1).tolist()])
+        if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu}")
+        if len(causal) != S or len(sizes) != S:
+            raise ValueError(f"{S} samples in cu_seqlens but {len(causal)} causal_lens and "
+                             f"{len(sizes)} block sizes")
+        L = cu[-1] if total_len is None else total_len
+        if L < cu[-1]:
+            raise ValueError(f"total_len {L} is shorter than the packed samples ({cu[-1]})")
+        doc, block, pos = [], [], []
+        next_block = 0  # block ids keep increasing across documents
+        for s in range(S):
+            n, c, P = cu[s + 1] - cu[s], causal[s], sizes[s]
+            if not 0 <= c <= n or P < 1:
+                raise ValueError(f"sample {s}: causal_len {c} must be in [0, {n}] and block "
+                                 f"size {P} >= 1")
+            local = torch.arange(n)
+            ids = next_block + torch.where(local < c, local, c + (local - c) // P)
+            next_block = int(ids[-1]) + 1 if n else next_block
+            doc.append(torch.full((n,), s))
+            block.append(ids)
+            pos.append(local)
+        if L > cu[-1]:  # one causal padding document
+            pad = torch.arange(L - cu[-1])
+            doc.append(torch.full_like(pad, S))
+            block.append(next_block + pad)
+            pos.append(pad)
+        return cls(torch.cat(doc)[None], torch.cat(block)[None], torch.cat(pos)[None])
+
+    @classmethod
+    def stack(cls, rows: Sequence[BlockCausalLayout]) -> BlockCausalLayout:
+        """Several single-row layouts of equal length as one batch."""
+        if len({r.doc_ids_BL.shape[1] for r in rows}) != 1:
+            raise ValueError("rows must have the same length (pad with from_packed(total_len=))")
+        return cls(*(torch.cat([getattr(r, f) for r in rows])
+                     for f in ("doc_ids_BL", "block_ids_BL", "position_ids_BL")))
+
+    @property
+    def is_causal(self) -> bool:
+        """True when every block has one token: plain causal attention inside each document."""
+        return bool((self.block_ids_BL.diff(dim=1) != 0).all())
+
+    def visible(self) -> Tensor:
+        """bool [B, L, L]: [b, i, j] = key j visible to query i."""
+        d, k = self.doc_ids_BL, self.block_ids_BL
+        return (d[:, :, None] == d[:, None, :]) & (k[:, None, :] <= k[:, :, None])
+
+    def dense_mask(self, float_dtype: torch.dtype | None = None) -> Tensor:
+        """[B, 1, L, L]: bool (True = attend), or additive float of float_dtype (for eager)."""
+        mask = self.visible()[:, None]
+        return mask if float_dtype is None else to_additive(mask, float_dtype)
+
+    def mask_mod(self):
+        """flex_attention mask_mod implementing `visible` (no tensors materialised)."""
+        doc, block = self.doc_ids_BL, self.block_ids_BL
+
+        def visible(b, h, q_idx, kv_idx):
+            return (doc[b, q_idx] == doc[b, kv_idx]) & (block[b, kv_idx] <= block[b, q_idx])
+        return visible
+
+    def block_mask(self, device: torch.device | str | None = None):
+        """A flex_attention BlockMask [B, 1, L, L] of the same mask."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        B, L = self.doc_ids_BL.shape
+        device = device or self.doc_ids_BL.device
+        layout = self.to(device)
+        return create_block_mask(layout.mask_mod(), B, None, L, L, device=device)
+
+    def cu_seqlens(self) -> tuple[Tensor, int]:
+        """Document boundaries over the flattened rows (int32 [n_docs+1]) and the longest doc."""
+        d = self.doc_ids_BL
+        starts = torch.ones_like(d, dtype=torch.bool)
+        starts[:, 1:] = d[:, 1:] != d[:, :-1]
+        idx = torch.nonzero(starts.reshape(-1)).reshape(-1)
+        cu = torch.cat([idx, torch.tensor([d.numel()], device=d.device)]).to(torch.int32)
+        return cu, int(cu.diff().max())
+
+    def to(self, device: torch.device | str) -> BlockCausalLayout:
+        return BlockCausalLayout(self.doc_ids_BL.to(device), self.block_ids_BL.to(device),
+                                 self.position_ids_BL.to(device))
+
+
+def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """bool mask (True = attend) -> 0 / most-negative float, the form eager attention adds."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, torch.finfo(dtype).min)
+
+
+@dataclass(frozen=True)
+class FlashPlan:
+    """What the registered `bdt_varlen` attention function needs for one packed batch."""
+
+    cu_seqlens: Tensor  # int32 [n_docs+1] over the flattened B*L tokens
+    max_seqlen: int
+    block_mask: object | None  # flex BlockMask when the rows are block-causal (routed to flex)
+
+
+def attention_kwargs(layout: BlockCausalLayout, backend: str,
+                     float_dtype: torch.dtype | None = None) -> dict:
+    """kwargs for the HF model call (`model(inputs_embeds=..., use_cache=False, **kwargs)`).
+
+    `backend` is a resolved one (sdpa|flex|flash). For a model running `eager` pass its dtype as
+    float_dtype to get the additive mask it needs.
+    """
+    if backend == "sdpa":
+        mask = layout.dense_mask(float_dtype)
+    elif backend == "flex":
+        mask = layout.block_mask()
+    elif backend == "flash":
+        cu, max_len = layout.cu_seqlens()
+        plan = FlashPlan(cu, max_len, None if layout.is_causal else layout.block_mask())
+        return {"attention_mask": None, "position_ids": layout.position_ids_BL,
+                "bdt_flash_plan": plan}
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of "
+                         f"{', '.join(_HF_IMPLEMENTATION)} (resolve 'auto' with resolve_backend)")
+    return {"attention_mask": mask, "position_ids": layout.position_ids_BL}
+
+
+def _flash_attention_forward(module, query, key, value, attention_mask, scaling=None,
+                             dropout=0.0, bdt_flash_plan: FlashPlan | None = None, **kwargs):
+    """HF attention function (`attn_implementation="bdt_varlen"`): q/k/v [B, H, L, d]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if bdt_flash_plan is None:
+        # KV-cached decoding passes an explicit 4D mask (decode_attention_mask) and no plan.
+        if attention_mask is None:
+            raise ValueError("bdt_varlen attention needs attention_kwargs(layout, 'flash') or an "
+                             "explicit 4D attention_mask")
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    if bdt_flash_plan.block_mask is not None:
+        from transformers.integrations.flex_attention import flex_attention_forward
+
+        return flex_attention_forward(module, query, key, value, bdt_flash_plan.block_mask,
+                                      scaling=scaling, **kwargs)
+    from flash_attn import flash_attn_varlen_func
+
+    B, H, L, d = query.shape
+    flat = lambda x: x.transpose(1, 2).reshape(B * L, x.shape[1], d)  # noqa: E731
+    out = flash_attn_varlen_func(
+        flat(query), flat(key), flat(value),
+        cu_seqlens_q=bdt_flash_plan.cu_seqlens, cu_seqlens_k=bdt_flash_plan.cu_seqlens,
+        max_seqlen_q=bdt_flash_plan.max_seqlen, max_seqlen_k=bdt_flash_plan.max_seqlen,
+        dropout_p=dropout, softmax_scale=scaling, causal=True)
+    return out.view(B, L, H, d), None
+
+
+def register_flash_attention() -> None:
+    """Register `bdt_varlen` with transformers' AttentionInterface (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("bdt_varlen", _flash_attention_forward)
+
+
+# --- KV-cached decoding (SPEC 1.4: each AR step feeds P tokens against the cache) ---
+
+def decode_attention_mask(key_valid_BK: Tensor, num_new: int,
+                          float_dtype: torch.dtype | None = None) -> Tensor:
+    """[B, 1, num_new, K + num_new]: the new block sees every valid cached key and itself whole.
+
+    key_valid_BK marks the cached keys that are real (False at left padding); with
+    attention_mask=None HF would make the new block causal inside itself, which is wrong here.
+    """
+    B = key_valid_BK.shape[0]
+    new = torch.ones(B, num_new, dtype=torch.bool, device=key_valid_BK.device)
+    mask = torch.cat([key_valid_BK.bool(), new], dim=1)[:, None, None, :]
+    mask = mask.expand(B, 1, num_new, mask.shape[-1])
+    return mask if float_dtype is None else to_additive(mask, float_dtype)
+
+
+def left_padded_layout(lengths_B: Sequence[int] | Tensor, total_len: int,
+                       last_block: int = 1) -> BlockCausalLayout:
+    """Prefill rows of the given lengths, left-padded to total_len (e.g. the CFG streams' two
+    prompt lengths in one batch): causal, except that each row's last `last_block` tokens form
+    one block (the [res_w, queries] block). Each padding token is its own document (it sees only
+    itself, so no row is fully masked); real tokens' positions start at 0. The real keys, for
+    `decode_attention_mask`, are `layout.doc_ids_BL >= 0`."""
+    lengths_B1 = torch.as_tensor(lengths_B).reshape(-1, 1)
+    if ((lengths_B1 < last_block) | (lengths_B1 > total_len)).any() or last_block < 1:
+        raise ValueError(f"prompt lengths {lengths_B1.reshape(-1).tolist()} must be in "
+                         f"[last_block={last_block}, total_len={total_len}]")
+    idx_L = torch.arange(total_len)
+    pad_B1 = total_len - lengths_B1
+    real_BL = idx_L >= pad_B1
+    doc_BL = torch.where(real_BL, 0, -1 - idx_L)
+    block_BL = idx_L.clamp_max(total_len - last_block).expand_as(doc_BL).clone()
+    return BlockCausalLayout(doc_BL, block_BL, (idx_L - pad_B1).clamp_min(0))
