@@ -12,9 +12,12 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from bdt.data.buckets import nearest_bucket
 
 # Reasons recorded in rejects files.
 EMPTY = "empty_image"
@@ -134,3 +137,16 @@ def to_unit_range(pixels_BHWC: np.ndarray) -> np.ndarray:
     """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1], the tokenizer's input convention."""
     x = pixels_BHWC.astype(np.float32) / 127.5 - 1.0
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def load_for_buckets(data: bytes, bucket_lists: Sequence[Sequence[tuple[int, int]]], *, max_pixels: int,
+                     min_side: int) -> list[tuple[tuple[int, int], np.ndarray]]:
+    """Decode once; per bucket list, the nearest bucket and the uint8 [H, W, 3] crop to it.
+
+    The decode size depends on all lists together (JPEG draft), so a given list always gets
+    the same pixels for the same bytes and lists. Raises ImageRejected.
+    """
+    img, size = open_image(data, max_pixels=max_pixels, min_side=min_side)
+    chosen = [nearest_bucket(size[0], size[1], buckets) for buckets in bucket_lists]
+    rgb = decode_rgb(img, size, needed_size(size, chosen))
+    return [(b, resize_center_crop(rgb, b)) for b in chosen]

@@ -1,0 +1,116 @@
+"""The token-shard format: what pre-extraction writes and training reads (schema version 1).
+
+A token shard is a plain webdataset tar; one sample = the members sharing a key:
+
+  KEY.bits.npy  uint8 [h, w, C/8]: the token grid of one image, bits packed LSB first
+                (bdt.tokenizer.bits.pack_bits); h x w = bucket (W/f, H/f) with f the
+                tokenizer's downsample factor. Saved with np.save; load with allow_pickle=False.
+  KEY.txt       the caption, UTF-8.
+  KEY.json      {"schema": 1, "h", "w", "bits_per_token", "bucket": [W, H], "stage",
+                 "source_key", "source_shard"}: the grid, the pixel bucket it came from, and
+                 where the image was read (traceability to the raw data).
+  KEY.ids.npy   optional int32 [L]: caption token ids from the configured text tokenizer.
+
+Keys are the source keys with anything outside [A-Za-z0-9_-] replaced by "_" (webdataset
+splits a member name at its first dot). A family of shards for one stage resolution lives in
+its own directory next to a manifest (bdt/extract/manifest.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import fsspec
+import numpy as np
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+SCHEMA_VERSION = 1
+BITS_EXT = "bits.npy"
+IDS_EXT = "ids.npy"
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass
+class TokenSample:
+    key: str
+    bits_hwB: np.ndarray  # uint8 [h, w, C/8], packed
+    bits_per_token: int
+    bucket: tuple[int, int]  # (W, H) pixels
+    caption: str
+    source_key: str
+    source_shard: str
+    stage: str
+    caption_ids: np.ndarray | None = None  # int32 [L]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) tokens."""
+        return int(self.bits_hwB.shape[0]), int(self.bits_hwB.shape[1])
+
+
+def sample_key(source_key: str) -> str:
+    return _UNSAFE_KEY_CHARS.sub("_", source_key) or "_"
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npy_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_sample(s: TokenSample) -> dict[str, Any]:
+    """TokenSample -> the webdataset dict (bytes values) that TarWriter(encoder=False) writes."""
+    if s.bits_hwB.dtype != np.uint8 or s.bits_hwB.ndim != 3 or s.bits_hwB.shape[-1] * 8 != s.bits_per_token:
+        raise ValueError(f"sample {s.key}: bits must be uint8 [h, w, {s.bits_per_token // 8}], "
+                         f"got {s.bits_hwB.dtype} {list(s.bits_hwB.shape)}")
+    h, w = s.grid
+    meta = {"schema": SCHEMA_VERSION, "h": h, "w": w, "bits_per_token": s.bits_per_token,
+            "bucket": list(s.bucket), "stage": s.stage, "source_key": s.source_key,
+            "source_shard": s.source_shard}
+    out = {"__key__": s.key, BITS_EXT: _npy_bytes(s.bits_hwB), "txt": s.caption.encode("utf-8"),
+           "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+    if s.caption_ids is not None:
+        out[IDS_EXT] = _npy_bytes(np.asarray(s.caption_ids, dtype=np.int32))
+    return out
+
+
+def decode_sample(raw: Mapping[str, Any]) -> TokenSample:
+    """A webdataset dict (member extension -> bytes) -> TokenSample, with the schema checked.
+
+    Raises ValueError naming the key and the problem (missing member, wrong schema, a grid
+    that disagrees with the metadata).
+    """
+    key = raw.get("__key__", "?")
+    url = raw.get("__url__", "")
+    where = f"sample {key}" + (f" in {url}" if url else "")
+    for ext in (BITS_EXT, "json", "txt"):
+        if ext not in raw:
+            raise ValueError(f"{where}: missing member '{ext}' (has {sorted(k for k in raw if not k.startswith('__'))})")
+    meta = json.loads(raw["json"])
+    if meta.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"{where}: token-shard schema {meta.get('schema')!r}, this reader knows {SCHEMA_VERSION}")
+    bits = _npy_load(raw[BITS_EXT])
+    expected = (meta["h"], meta["w"], meta["bits_per_token"] // 8)
+    if bits.dtype != np.uint8 or tuple(bits.shape) != expected:
+        raise ValueError(f"{where}: bits are {bits.dtype} {list(bits.shape)}, metadata says uint8 {list(expected)}")
+    ids = _npy_load(raw[IDS_EXT]) if IDS_EXT in raw else None
+    return TokenSample(key=key, bits_hwB=bits, bits_per_token=int(meta["bits_per_token"]),
+                       bucket=(int(meta["bucket"][0]), int(meta["bucket"][1])),
+                       caption=raw["txt"].decode("utf-8"), source_key=meta["source_key"],
+                       source_shard=meta["source_shard"], stage=str(meta["stage"]), caption_ids=ids)
+
+
+def iter_token_shard(url: str) -> Iterator[TokenSample]:
+    """Decoded samples of one token shard (local path or fsspec URL), in stored order."""
+    with fsspec.open(url, "rb") as f:
+        members = (dict(m, __url__=url) for m in tar_file_iterator(f))
+        for raw in group_by_keys(members):
+            yield decode_sample(raw)

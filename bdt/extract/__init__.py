@@ -1,0 +1,6 @@
+"""Ray pre-extraction: raw image-caption data -> binary-token webdataset shards + manifest (SPEC 2).
+
+config.py (ExtractConfig), inputs.py (listing + robust reading, rejects), worker.py (the Ray
+actor holding the tokenizer), manifest.py (layout, markers, index.json), run.py (the driver).
+Entry point: pipelines/extract_tokens.py.
+"""

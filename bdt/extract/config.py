@@ -1,0 +1,50 @@
+"""Typed configuration of the pre-extraction job (loaded with bdt.config.load)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StageConfig:
+    """One output family: images bucketed around `resolution`^2 pixels (SPEC 1.5 stages)."""
+
+    resolution: int = 256
+    name: str = ""  # directory of the family under `output`; "" -> str(resolution)
+    # Explicit [[W, H], ...] buckets; empty -> the preset (`bucket_preset`, "" -> by resolution,
+    # see bdt/data/buckets.py). Sides must be multiples of downsample factor x patch_size.
+    buckets: list[list[int]] = field(default_factory=list)
+    bucket_preset: str = ""
+
+
+@dataclass
+class ExtractConfig:
+    # Input: tar shards (brace pattern, glob or comma list) or image folders with same-named .txt
+    # captions; local paths or fsspec URLs (s3://...).
+    inputs: str = "???"
+    input_format: str = "auto"  # auto | tar | folder (auto: a pattern ending in .tar/.tgz/.tar.gz is tar)
+    folder_shard_size: int = 1000  # folder mode: images per input unit (= per output shard)
+    output: str = "???"  # root of the token shards + manifest; local path or fsspec URL
+    tokenizer: str = "???"  # tokenizer directory (config.json + model.safetensors)
+    caption_tokenizer: str = ""  # optional Hugging Face tokenizer dir: stores caption ids too
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(resolution=256)])
+    patch_size: int = 1  # ps of the AR model (SPEC 1.4): bucket sides are multiples of f * ps
+    # Input hygiene (anything failing goes to the rejects file, never crashes the job).
+    image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    min_side: int = 32  # shorter image side in pixels below which an image is rejected
+    max_pixels: int = 64_000_000  # decompression-bomb guard (w x h from the header)
+    max_image_bytes: int = 64 * 1024 * 1024
+    max_caption_bytes: int = 64 * 1024
+    # Encoding.
+    batch_size: int = 16  # images per tokenizer call; a batch holds one bucket only
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    # Ray.
+    num_actors: int = 0  # 0: as many as the cluster's CPUs (or GPUs) allow
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # > 0 on GPU clusters: each actor holds the tokenizer on a GPU
+    max_retries: int = 3  # restarts of a dead actor, and retries of the shard it was writing
+    progress_interval_s: float = 10.0
+
+
+def stage_name(stage: StageConfig) -> str:
+    return stage.name or str(stage.resolution)

@@ -1,0 +1,261 @@
+"""Raw inputs: list them as input units, and read one unit robustly.
+
+An input unit is what one output shard per stage is made from (the shard plan, plan.py):
+one tar shard (img2dataset layout: KEY.jpg|png|webp + KEY.txt + optional KEY.json), or a
+fixed-size chunk of a folder's sorted image files (captions in same-named .txt files).
+
+Reading never raises for bad data: every problem becomes a `Reject` (key, source, reason) so the
+job can account for every input (inputs = written + rejected). A truncated or unreadable tar
+yields one `truncated_tar` / `unreadable_shard` reject for whatever could not be read.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import fsspec
+from braceexpand import braceexpand
+from webdataset.tariterators import base_plus_ext
+
+from bdt import storage
+
+# Reject reasons produced here (images.py and the worker add their own).
+UNSAFE_PATH = "unsafe_path"
+NOT_A_FILE = "not_a_file"
+UNKNOWN_EXTENSION = "unknown_extension"
+MISSING_IMAGE = "missing_image"
+DUPLICATE_KEY = "duplicate_key"
+TRUNCATED_TAR = "truncated_tar"
+UNREADABLE_SHARD = "unreadable_shard"
+MISSING_CAPTION = "missing_caption"
+EMPTY_CAPTION = "empty_caption"
+CAPTION_NOT_UTF8 = "caption_not_utf8"
+CAPTION_TOO_LONG = "caption_too_long"
+
+_TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
+_SIDE_EXTS = ("txt", "json")  # members that belong to a sample without being its image
+
+
+@dataclass
+class InputUnit:
+    index: int
+    kind: str  # "tar" | "folder"
+    source: str  # tar URL, or folder root URL
+    files: list[str] = field(default_factory=list)  # folder: image paths relative to `source`
+    report_strays: bool = False  # folder: this unit also rejects the folder's non-image files
+
+    @property
+    def name(self) -> str:
+        """Source label recorded per sample and per reject."""
+        if self.kind == "tar":
+            return self.source
+        return f"{self.source}#{self.index:06d}"
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "kind": self.kind, "source": self.source, "files": list(self.files),
+                "report_strays": self.report_strays}
+
+
+@dataclass
+class RawSample:
+    key: str
+    image: bytes
+    image_ext: str
+    caption: bytes | None  # None: no caption member
+
+
+@dataclass
+class Reject:
+    key: str
+    source: str
+    reason: str
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "source": self.source, "reason": self.reason, "detail": self.detail}
+
+
+def _glob(pattern: str) -> list[str]:
+    if storage.is_remote(pattern):
+        fs, path = storage.filesystem(pattern)
+        proto = pattern.split("://", 1)[0]
+        return [f"{proto}://{p}" for p in sorted(fs.glob(path))]
+    return sorted(globlib.glob(pattern))
+
+
+def expand(spec: str) -> list[str]:
+    """URLs named by a comma list of brace patterns / globs, in the order given (globs sorted)."""
+    urls: list[str] = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        for pattern in braceexpand(part):
+            urls.extend(_glob(pattern) if any(c in pattern for c in "*?[") else [pattern])
+    seen: set[str] = set()
+    return [u for u in urls if not (u in seen or seen.add(u))]
+
+
+def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts: list[str]) -> list[InputUnit]:
+    """The ordered input units; raises ValueError naming the pattern when nothing is found."""
+    urls = expand(spec)
+    if not urls:
+        raise ValueError(f"inputs: nothing matches '{spec}'")
+    units: list[InputUnit] = []
+    for url in urls:
+        fmt = input_format
+        if fmt == "auto":
+            fmt = "tar" if url.endswith(_TAR_SUFFIXES) else "folder"
+        if fmt not in ("tar", "folder"):
+            raise ValueError(f"input_format: expected auto, tar or folder, got '{input_format}'")
+        fs, path = storage.filesystem(url)
+        if fmt == "tar":
+            if not fs.isfile(path):
+                raise ValueError(f"inputs: tar shard not found: {url}")
+            units.append(InputUnit(len(units), "tar", url))
+            continue
+        if not fs.isdir(path):
+            raise ValueError(f"inputs: folder not found: {url} (a tar shard must end in .tar/.tgz/.tar.gz)")
+        images = _folder_images(fs, path, image_exts)
+        if not images:
+            raise ValueError(f"inputs: folder {url} holds no images with extensions {image_exts}")
+        for start in range(0, len(images), folder_shard_size):
+            units.append(InputUnit(len(units), "folder", url, images[start:start + folder_shard_size],
+                                   report_strays=start == 0))
+    return units
+
+
+def _folder_images(fs: fsspec.AbstractFileSystem, root: str, image_exts: list[str]) -> list[str]:
+    """Relative paths of image files under root, sorted."""
+    out = []
+    for path in fs.find(root):
+        rel = posixpath.relpath(path, root.rstrip("/"))
+        if rel.rsplit(".", 1)[-1].lower() in image_exts:
+            out.append(rel)
+    return sorted(out)
+
+
+def _folder_strays(fs: fsspec.AbstractFileSystem, root: str, image_exts: list[str]) -> list[str]:
+    """Files in a folder that are neither an image nor the caption/metadata of one."""
+    rels = [posixpath.relpath(p, root.rstrip("/")) for p in fs.find(root)]
+    stems = {r.rsplit(".", 1)[0] for r in rels if r.rsplit(".", 1)[-1].lower() in image_exts}
+    return sorted(r for r in rels if r.rsplit(".", 1)[-1].lower() not in image_exts
+                  and not (r.rsplit(".", 1)[-1].lower() in _SIDE_EXTS and r.rsplit(".", 1)[0] in stems))
+
+
+def iter_unit(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -> Iterator[RawSample | Reject]:
+    if unit.kind == "tar":
+        yield from _iter_tar(unit, image_exts, max_image_bytes)
+    else:
+        yield from _iter_folder(unit, image_exts, max_image_bytes)
+
+
+def _iter_folder(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -> Iterator[RawSample | Reject]:
+    fs, root = storage.filesystem(unit.source)
+    if unit.report_strays:  # once per folder, so orphan captions and unknown files are accounted
+        for rel in _folder_strays(fs, root, image_exts):
+            ext = rel.rsplit(".", 1)[-1].lower() if "." in rel else ""
+            reason = MISSING_IMAGE if ext in _SIDE_EXTS else UNKNOWN_EXTENSION
+            yield Reject(rel, unit.name, reason, f"extension '{ext}'" if reason == UNKNOWN_EXTENSION else "")
+    for rel in unit.files:
+        stem, ext = rel.rsplit(".", 1)
+        try:
+            if fs.size(posixpath.join(root, rel)) > max_image_bytes:
+                yield Reject(stem, unit.name, "too_large", f"file exceeds max_image_bytes {max_image_bytes}")
+                continue
+            image = fs.cat_file(posixpath.join(root, rel))
+        except OSError as exc:
+            yield Reject(stem, unit.name, UNREADABLE_SHARD, str(exc)[:200])
+            continue
+        cap_path = posixpath.join(root, stem + ".txt")
+        caption = fs.cat_file(cap_path) if fs.exists(cap_path) else None
+        yield RawSample(stem, image, ext.lower(), caption)
+
+
+def _unsafe(name: str) -> bool:
+    return name.startswith("/") or ".." in name.split("/") or "\\" in name
+
+
+def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -> Iterator[RawSample | Reject]:
+    """Group consecutive members by key (webdataset's rule: the name up to the first dot)."""
+    src = unit.name
+    seen: set[str] = set()
+    group_key: str | None = None
+    group: dict[str, bytes] = {}
+    oversized: set[str] = set()
+
+    def finish() -> Iterator[RawSample | Reject]:
+        if group_key is None:
+            return
+        if group_key in seen:
+            yield Reject(group_key, src, DUPLICATE_KEY, "key appears in two separate places in the shard")
+            return
+        seen.add(group_key)
+        image_ext = next((e for e in image_exts if e in group), None)
+        if image_ext is None:
+            big = sorted(e for e in oversized if e in image_exts)
+            if big:
+                yield Reject(group_key, src, "too_large", f"{big[0]} member exceeds max_image_bytes {max_image_bytes}")
+                return
+            unknown = sorted(e for e in group if e not in _SIDE_EXTS)
+            if unknown:
+                yield Reject(group_key, src, UNKNOWN_EXTENSION, f"members {unknown}, expected one of {image_exts}")
+            else:
+                yield Reject(group_key, src, MISSING_IMAGE, f"only {sorted(group)}")
+            return
+        yield RawSample(group_key, group[image_ext], image_ext, group.get("txt"))
+
+    try:
+        f = fsspec.open(unit.source, "rb").open()
+    except Exception as exc:
+        yield Reject("", src, UNREADABLE_SHARD, f"{type(exc).__name__}: {exc}"[:200])
+        return
+    try:
+        stream = tarfile.open(fileobj=f, mode="r|*")
+        for info in stream:
+            name = info.name
+            if _unsafe(name):
+                yield Reject(name, src, UNSAFE_PATH, "absolute or '..' member path ignored")
+                continue
+            if info.isdir():
+                continue
+            if not info.isfile():
+                yield Reject(name, src, NOT_A_FILE, "links and devices are ignored")
+                continue
+            key, ext = base_plus_ext(name)
+            if key is None:
+                yield Reject(name, src, UNKNOWN_EXTENSION, "member name has no extension")
+                continue
+            ext = ext.lower()
+            if key != group_key:
+                yield from finish()
+                group_key, group, oversized = key, {}, set()
+            if info.size > max_image_bytes:
+                oversized.add(ext)  # not read: the stream skips it
+                continue
+            group[ext] = stream.extractfile(info).read()
+        yield from finish()
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        detail = f"{type(exc).__name__}: {exc}"[:200]
+        if group_key is not None and group_key not in seen:
+            yield Reject(group_key, src, TRUNCATED_TAR, detail)  # its members may be incomplete
+        else:
+            yield Reject("", src, TRUNCATED_TAR, detail)
+    finally:
+        f.close()
+
+
+def check_caption(raw: bytes | None, max_bytes: int) -> tuple[str | None, str, str]:
+    """(caption or None, reject reason, detail)."""
+    if raw is None:
+        return None, MISSING_CAPTION, "no .txt member"
+    if len(raw) > max_bytes:
+        return None, CAPTION_TOO_LONG, f"{len(raw)} bytes > max_caption_bytes {max_bytes}"
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        return None, CAPTION_NOT_UTF8, str(exc)[:200]
+    if not text:
+        return None, EMPTY_CAPTION, ""
+    return text, "", ""

@@ -1,0 +1,142 @@
+"""Output layout, done-markers, rejects files and the manifest (index.json) of an extraction run.
+
+  OUTPUT/plan.json                  the shard plan: input unit i -> output shard i of each stage
+  OUTPUT/<stage>/<i:06d>.tar        token shard (bdt/data/token_shards.py)
+  OUTPUT/<stage>/<i:06d>.done.json  marker, written LAST: counts, bytes, sha256 of the shard
+  OUTPUT/rejects/<i:06d>.jsonl      rejected inputs of unit i (key, source, reason, detail)
+  OUTPUT/rejects.jsonl              all rejects, merged at the end of a run
+  OUTPUT/index.json                 manifest: tokenizer identity, config, per-shard entries, totals
+  OUTPUT/config.yaml                the resolved config
+
+A shard counts as done only when its marker parses, was made with the same fingerprint
+(tokenizer + preprocessing settings) and the shard's size and sha256 match the marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from bdt import storage
+from bdt.data.token_shards import SCHEMA_VERSION as TOKEN_SHARD_SCHEMA
+
+MARKER_SCHEMA = 1
+INDEX_NAME = "index.json"
+PLAN_NAME = "plan.json"
+REJECTS_NAME = "rejects.jsonl"
+_CHUNK = 1 << 20
+
+
+def shard_url(root: str, stage: str, index: int) -> str:
+    return storage.join(root, stage, f"{index:06d}.tar")
+
+
+def marker_url(root: str, stage: str, index: int) -> str:
+    return storage.join(root, stage, f"{index:06d}.done.json")
+
+
+def rejects_url(root: str, index: int) -> str:
+    return storage.join(root, "rejects", f"{index:06d}.jsonl")
+
+
+def sha256_url(url: str) -> tuple[str, int]:
+    """(hex sha256, size in bytes) of a file, streamed."""
+    h = hashlib.sha256()
+    size = 0
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def read_json(url: str) -> Any | None:
+    """Parsed JSON, or None when the file is absent or unreadable (a partial write)."""
+    try:
+        return json.loads(storage.read_bytes(url))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def tokenizer_identity(path: str) -> dict[str, Any]:
+    """The tokenizer's config and a sha256 per file of its directory (weights included)."""
+    fs, root = storage.filesystem(path)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"tokenizer: not a directory: {path}")
+    files = {}
+    for p in sorted(fs.find(root)):
+        rel = p[len(root.rstrip("/")) + 1:]
+        files[rel] = sha256_url(path.rstrip("/") + "/" + rel)[0]
+    config = read_json(storage.join(path, "config.json"))
+    return {"path": path, "config": config, "sha256": files}
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    """Stable hash of everything that changes what a shard contains."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def valid_marker(root: str, stage: str, index: int, source: str, fp: str) -> dict | None:
+    """The marker if the shard it describes is complete and was made with fingerprint `fp`.
+
+    Raises ValueError when a valid-looking marker belongs to another configuration or source:
+    mixing two tokenizers in one output family must never happen silently.
+    """
+    marker = read_json(marker_url(root, stage, index))
+    if not isinstance(marker, dict) or marker.get("schema") != MARKER_SCHEMA:
+        return None
+    if marker.get("fingerprint") != fp or marker.get("source") != source:
+        raise ValueError(
+            f"{marker_url(root, stage, index)} was written from source {marker.get('source')} with "
+            f"fingerprint {marker.get('fingerprint')}, this run has {source} / {fp} (tokenizer, buckets "
+            f"or preprocessing changed): write to a new output directory")
+    try:
+        sha, size = sha256_url(shard_url(root, stage, index))
+        if marker.get("rejected"):
+            rsha, _ = sha256_url(rejects_url(root, index))
+            if rsha != marker.get("rejects_sha256"):
+                return None
+    except FileNotFoundError:
+        return None
+    if sha != marker.get("sha256") or size != marker.get("bytes"):
+        return None
+    return marker
+
+
+def check_plan(root: str, units: list[dict]) -> None:
+    """Write plan.json on the first run; later runs must keep unit i's source (appending is fine)."""
+    url = storage.join(root, PLAN_NAME)
+    old = read_json(url)
+    if old is not None:
+        for unit, prev in zip(units, old.get("units", [])):
+            if unit != prev:
+                raise ValueError(f"{url}: input unit {unit['index']} was {prev['source']} "
+                                 f"({len(prev['files'])} files) and is now {unit['source']} "
+                                 f"({len(unit['files'])} files): the inputs changed; write to a new output")
+        if len(units) < len(old.get("units", [])):
+            raise ValueError(f"{url}: the plan had {len(old['units'])} input units, the inputs now give "
+                             f"{len(units)}: write to a new output")
+        if len(units) == len(old.get("units", [])):
+            return
+    storage.write_bytes_atomic(url, json_bytes({"units": units}))
+
+
+def build_index(root: str, identity: dict, config: dict, stages: dict[str, dict],
+                markers: dict[str, list[dict]]) -> dict:
+    """The manifest: per stage its buckets, shards (name, samples, bytes, sha256) and totals."""
+    out_stages = {}
+    for name, info in stages.items():
+        shards = [{"shard": f"{name}/{m['index']:06d}.tar", "source": m["source"], "samples": m["samples"],
+                   "inputs": m["inputs"], "rejected": m["rejected"], "bytes": m["bytes"],
+                   "sha256": m["sha256"]} for m in sorted(markers[name], key=lambda m: m["index"])]
+        totals = {k: sum(s[k] for s in shards) for k in ("samples", "inputs", "rejected", "bytes")}
+        out_stages[name] = dict(info, shards=shards, totals=totals)
+    return {"schema": MARKER_SCHEMA, "token_shard_schema": TOKEN_SHARD_SCHEMA, "tokenizer": identity,
+            "config": config, "stages": out_stages}
+

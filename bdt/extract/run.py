@@ -1,0 +1,177 @@
+"""Driver of the extraction job: plan, fan units out to the actor pool, account, write the manifest.
+
+Call `run(cfg)` with Ray already initialised (pipelines/extract_tokens.py does that). The plan is
+deterministic: input unit i (tar shard i of the expanded input list, or the i-th chunk of a
+folder) becomes shard i of every stage family, recorded in plan.json and checked on reruns.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+from bdt import storage
+from bdt.config import save_resolved, to_dict
+from bdt.data.buckets import check_buckets, make_buckets
+from bdt.extract import inputs as inp
+from bdt.extract import manifest as mf
+from bdt.extract.config import ExtractConfig, stage_name
+
+_IN_FLIGHT_PER_ACTOR = 2  # one running + one queued, so an actor never idles between units
+
+
+def resolve_stages(cfg: ExtractConfig, downsample_factor: int) -> dict[str, list[list[int]]]:
+    """{stage name: [[W, H], ...]}: explicit bucket lists checked, presets generated."""
+    multiple = downsample_factor * cfg.patch_size
+    out: dict[str, list[list[int]]] = {}
+    for i, stage in enumerate(cfg.stages):
+        name = stage_name(stage)
+        if name in out or not name or "/" in name:
+            raise ValueError(f"stages[{i}]: name '{name}' must be unique and contain no '/'")
+        try:
+            buckets = (check_buckets(stage.buckets, multiple) if stage.buckets
+                       else make_buckets(stage.resolution, multiple, stage.bucket_preset or None))
+        except ValueError as exc:
+            raise ValueError(f"stages[{i}] ({name}): {exc}") from None
+        out[name] = [list(b) for b in buckets]
+    if not out:
+        raise ValueError("stages: at least one stage resolution is needed")
+    return out
+
+
+def _downsample_factor(tokenizer: str) -> int:
+    from bdt.tokenizer.config import TokenizerConfig
+
+    config = mf.read_json(storage.join(tokenizer, "config.json"))
+    if config is None:
+        raise FileNotFoundError(f"tokenizer: no readable config.json in {tokenizer}")
+    return TokenizerConfig.from_dict(config).downsample_factor
+
+
+def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[int]]], dict, str]:
+    """(units, stage buckets, tokenizer identity, fingerprint); writes plan.json + config.yaml."""
+    stages = resolve_stages(cfg, _downsample_factor(cfg.tokenizer))
+    units = inp.list_units(cfg.inputs, cfg.input_format, cfg.folder_shard_size,
+                           [e.lower() for e in cfg.image_extensions])
+    storage.check_writable(cfg.output)
+    identity = mf.tokenizer_identity(cfg.tokenizer)
+    # Everything that changes a shard's content; not the Ray sizing or the paths.
+    fp = mf.fingerprint({"tokenizer": identity["sha256"], "stages": stages, "patch_size": cfg.patch_size,
+                         "dtype": cfg.dtype, "batch_size": cfg.batch_size,
+                         "filters": [cfg.min_side, cfg.max_pixels, cfg.max_image_bytes, cfg.max_caption_bytes,
+                                     list(cfg.image_extensions)],
+                         "caption_tokenizer": cfg.caption_tokenizer})
+    mf.check_plan(cfg.output, [u.to_dict() for u in units])
+    save_resolved(cfg, cfg.output)
+    return units, stages, identity, fp
+
+
+def _make_actors(cfg: ExtractConfig, fp: str, stages: dict[str, list[list[int]]]) -> list[Any]:
+    import ray
+
+    from bdt.extract.worker import ShardEncoder
+
+    resources = ray.cluster_resources()
+    if cfg.num_actors > 0:
+        n = cfg.num_actors
+    elif cfg.gpus_per_actor > 0:
+        n = int(resources.get("GPU", 0) // cfg.gpus_per_actor)
+    else:
+        n = int(resources.get("CPU", 1) // cfg.cpus_per_actor)
+    if n < 1:
+        raise ValueError(f"the Ray cluster ({resources.get('CPU', 0)} CPUs, {resources.get('GPU', 0)} GPUs) "
+                         f"cannot host one actor with cpus_per_actor={cfg.cpus_per_actor}, "
+                         f"gpus_per_actor={cfg.gpus_per_actor}")
+    remote_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
+                            max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries)(ShardEncoder)
+    cfg_dict = to_dict(cfg)
+    return [remote_cls.remote(cfg_dict, fp, stages) for _ in range(n)]
+
+
+def run(cfg: ExtractConfig) -> dict[str, Any]:
+    """Extract every unit not already done; returns the summary (also in index.json)."""
+    import ray
+    from tqdm import tqdm
+
+    t0 = time.time()
+    units, stages, identity, fp = plan(cfg)
+    actors = _make_actors(cfg, fp, stages)
+    todo = list(units)
+    in_flight: dict[Any, tuple[inp.InputUnit, Any]] = {}
+    results: dict[int, dict] = {}
+    failed: dict[int, str] = {}
+    written = rejected = 0
+    bar = tqdm(total=len(units), unit="shard", desc="extract", mininterval=cfg.progress_interval_s,
+               file=sys.stderr)
+    while todo or in_flight:
+        for actor in actors:
+            while todo and sum(a is actor for _, a in in_flight.values()) < _IN_FLIGHT_PER_ACTOR:
+                unit = todo.pop(0)
+                in_flight[actor.process.remote(unit.to_dict())] = (unit, actor)
+        if not in_flight:  # every actor is gone
+            failed.update({u.index: "no live actor left" for u in todo})
+            break
+        [ref], _ = ray.wait(list(in_flight), num_returns=1)
+        unit, actor = in_flight.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            failed[unit.index] = f"actor died after {cfg.max_retries} restarts: {str(exc).splitlines()[0]}"
+            actors = [a for a in actors if a is not actor]
+        except ray.exceptions.RayTaskError as exc:
+            failed[unit.index] = str(exc).strip().splitlines()[-1][:300]
+        else:
+            results[unit.index] = result
+            first = next(iter(result["stages"].values()))
+            if not result["skipped"]:
+                written += first["samples"]
+            rejected += first["rejected"]
+        bar.update(1)
+        elapsed = max(time.time() - t0, 1e-9)
+        bar.set_postfix(samples_per_s=f"{written / elapsed:.1f}", rejects=rejected, failed=len(failed))
+    bar.close()
+    for actor in actors:
+        ray.kill(actor)
+    return _finish(cfg, units, stages, identity, results, failed, time.time() - t0, written)
+
+
+def _finish(cfg: ExtractConfig, units: list[inp.InputUnit], stages: dict[str, list[list[int]]],
+            identity: dict, results: dict[int, dict], failed: dict[int, str], seconds: float,
+            new_samples: int) -> dict[str, Any]:
+    root = cfg.output
+    markers = {s: [r["stages"][s] for r in results.values()] for s in stages}
+    # Merge the per-unit rejects (also those of units skipped as done) into one file.
+    lines: list[str] = []
+    for index in sorted(results):
+        if next(iter(results[index]["stages"].values()))["rejected"]:
+            lines.extend(storage.read_bytes(mf.rejects_url(root, index)).decode("utf-8").splitlines())
+    storage.write_bytes_atomic(storage.join(root, mf.REJECTS_NAME), "".join(line + "\n" for line in lines).encode())
+    reasons = Counter(json.loads(line)["reason"] for line in lines)
+    stage_info = {s: {"buckets": b} for s, b in stages.items()}
+    index = mf.build_index(root, identity, to_dict(cfg), stage_info, markers)
+    summary = {
+        "units": len(units), "done_units": len(results), "failed_units": {str(k): v for k, v in sorted(failed.items())},
+        "skipped_units": sum(r["skipped"] for r in results.values()),
+        "stages": {s: index["stages"][s]["totals"] for s in stages},
+        "rejects_by_reason": dict(sorted(reasons.items())), "seconds": round(seconds, 3),
+        "new_samples_per_s": round(new_samples / max(seconds, 1e-9), 2),
+    }
+    index["summary"] = summary
+    storage.write_bytes_atomic(storage.join(root, mf.INDEX_NAME), mf.json_bytes(index))
+    _print_summary(summary)
+    return summary
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    print(f"extract: {s['done_units']}/{s['units']} units done ({s['skipped_units']} already done, "
+          f"{len(s['failed_units'])} failed) in {s['seconds']:.1f}s, {s['new_samples_per_s']} new samples/s")
+    for name, t in s["stages"].items():
+        ok = "ok" if t["inputs"] == t["samples"] + t["rejected"] else "MISMATCH"
+        print(f"  stage {name}: inputs {t['inputs']} = written {t['samples']} + rejected {t['rejected']} [{ok}]")
+    if s["rejects_by_reason"]:
+        print("  rejects: " + ", ".join(f"{k} {v}" for k, v in s["rejects_by_reason"].items()))
+    for index, why in s["failed_units"].items():
+        print(f"  FAILED unit {index}: {why} (rerun to retry)")

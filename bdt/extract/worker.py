@@ -1,0 +1,209 @@
+"""The Ray actor of the extraction job: holds the tokenizer, turns one input unit into shards.
+
+`ShardEncoder` is plain Python here; run.py wraps it with `ray.remote` (resources, restarts).
+It lives in the installed package because Ray workers import it by name (ENVIRONMENT.md).
+
+Per unit: stages whose done-marker is valid are skipped; the others are rebuilt from scratch.
+Samples stream through: read -> validate caption -> decode once -> resize + center-crop per
+stage -> batch per (stage, bucket) -> encode -> pack -> append to that stage's tar. Outputs
+become visible only when complete: the tars first, then the unit's rejects file, then the
+markers LAST, so a kill at any point leaves either a done shard or one that the next run redoes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import tempfile
+import time
+from typing import IO, Any, Iterator
+
+import numpy as np
+import webdataset as wds
+
+from bdt import storage
+from bdt.data.images import ImageRejected, load_for_buckets, to_unit_range
+from bdt.data.token_shards import TokenSample, encode_sample, sample_key
+from bdt.extract import inputs as inp
+from bdt.extract import manifest as mf
+
+# Fixed tar member mtime: re-extracting the same input gives byte-identical shards.
+_TAR_MTIME = 0.0
+
+
+class _HashingFile:
+    """Write-through wrapper counting bytes and hashing them (the marker's size + sha256)."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+@contextlib.contextmanager
+def _open_output(url: str) -> Iterator[IO[bytes]]:
+    """Local: temp + rename (storage.open_atomic). Remote: spool to a local temp file and upload
+    once complete, so a failed write never leaves a partial object behind."""
+    if not storage.is_remote(url):
+        with storage.open_atomic(url) as f:
+            yield f
+        return
+    with tempfile.NamedTemporaryFile(prefix="bdt-shard-", suffix=".part") as tmp:
+        yield tmp
+        tmp.flush()
+        fs, path = storage.filesystem(url)
+        fs.put_file(tmp.name, path)
+
+
+def _remove_stale_temps(url: str) -> None:
+    """Drop temp files a killed writer of this shard left (open_atomic's `.NAME.tmp-*`)."""
+    if storage.is_remote(url):
+        return  # remote shards are spooled locally and uploaded whole: nothing partial remains
+    directory, name = os.path.split(url)
+    for path in glob.glob(os.path.join(directory, f".{glob.escape(name)}.tmp-*")):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+class ShardEncoder:
+    def __init__(self, cfg: dict[str, Any], fingerprint: str, stage_buckets: dict[str, list[list[int]]]):
+        import torch
+        from omegaconf import OmegaConf
+
+        from bdt.extract.config import ExtractConfig
+        from bdt.tokenizer import load_tokenizer
+
+        self.cfg = OmegaConf.merge(OmegaConf.structured(ExtractConfig), cfg)
+        self.fingerprint = fingerprint
+        self.stage_buckets = {k: [tuple(b) for b in v] for k, v in stage_buckets.items()}
+        torch.set_num_threads(max(1, int(self.cfg.cpus_per_actor)))
+        use_gpu = self.cfg.gpus_per_actor > 0 and torch.cuda.is_available()
+        self.device = "cuda" if use_gpu else "cpu"
+        dtype = {"auto": torch.bfloat16 if use_gpu else torch.float32, "float32": torch.float32,
+                 "bfloat16": torch.bfloat16}[self.cfg.dtype]
+        self.model = load_tokenizer(self.cfg.tokenizer, dtype=dtype, device=self.device)
+        self.caption_tokenizer = None
+        if self.cfg.caption_tokenizer:
+            from transformers import AutoTokenizer
+            self.caption_tokenizer = AutoTokenizer.from_pretrained(self.cfg.caption_tokenizer)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def encode(self, pixels_BHWC: np.ndarray) -> np.ndarray:
+        """uint8 [B, H, W, 3] -> packed bits uint8 [B, h, w, C/8]."""
+        import torch
+
+        from bdt.tokenizer.bits import pack_bits
+
+        x = torch.from_numpy(to_unit_range(pixels_BHWC)).to(self.device)
+        with torch.inference_mode():
+            bits_BhwC = self.model.encode(x)
+        return pack_bits(bits_BhwC.cpu().numpy())
+
+    def process(self, unit_dict: dict[str, Any]) -> dict[str, Any]:
+        """Make every missing shard of one unit; returns {"index", "stages": {name: marker}, ...}."""
+        t0 = time.time()
+        unit = inp.InputUnit(**unit_dict)
+        root = self.cfg.output
+        markers: dict[str, dict] = {}
+        for stage in self.stage_buckets:
+            marker = mf.valid_marker(root, stage, unit.index, unit.name, self.fingerprint)
+            if marker is not None:
+                markers[stage] = marker
+        todo = [s for s in self.stage_buckets if s not in markers]
+        if todo:
+            markers.update(self._extract(unit, todo))
+        return {"index": unit.index, "skipped": not todo, "stages": markers, "seconds": time.time() - t0}
+
+    def _extract(self, unit: inp.InputUnit, stages: list[str]) -> dict[str, dict]:
+        cfg, root = self.cfg, self.cfg.output
+        rejects: list[inp.Reject] = []
+        counts = dict.fromkeys(stages, 0)
+        inputs = 0
+        with contextlib.ExitStack() as stack:
+            outs, tars = {}, {}
+            for stage in stages:
+                _remove_stale_temps(mf.shard_url(root, stage, unit.index))
+                outs[stage] = _HashingFile(stack.enter_context(_open_output(mf.shard_url(root, stage, unit.index))))
+                tars[stage] = stack.enter_context(wds.TarWriter(outs[stage], encoder=False, mtime=_TAR_MTIME))
+            pending: dict[tuple[str, tuple[int, int]], list[tuple[str, str, np.ndarray, str, Any]]] = {}
+
+            def flush(group: tuple[str, tuple[int, int]]) -> None:
+                batch = pending.pop(group)
+                packed = self.encode(np.stack([b[2] for b in batch]))
+                for (key, src_key, _, caption, ids), bits in zip(batch, packed):
+                    tars[group[0]].write(encode_sample(TokenSample(
+                        key=key, bits_hwB=bits, bits_per_token=self.model.bits_per_token, bucket=group[1],
+                        caption=caption, source_key=src_key, source_shard=unit.name, stage=group[0],
+                        caption_ids=ids)))
+                    counts[group[0]] += 1
+
+            keys: set[str] = set()
+            for item in inp.iter_unit(unit, list(cfg.image_extensions), cfg.max_image_bytes):
+                inputs += 1
+                if isinstance(item, inp.Reject):
+                    rejects.append(item)
+                    continue
+                prepared = self._prepare(item, unit, stages, keys)
+                if isinstance(prepared, inp.Reject):
+                    rejects.append(prepared)
+                    continue
+                key, caption, ids, per_stage = prepared
+                for stage, (bucket, pixels) in per_stage.items():
+                    group = (stage, bucket)
+                    pending.setdefault(group, []).append((key, item.key, pixels, caption, ids))
+                    if len(pending[group]) >= cfg.batch_size:
+                        flush(group)
+            for group in sorted(pending):  # the partial batches, in a fixed order
+                flush(group)
+            for stage in stages:
+                if inputs != counts[stage] + len(rejects):
+                    raise RuntimeError(f"unit {unit.name} stage {stage}: {inputs} inputs != "
+                                       f"{counts[stage]} written + {len(rejects)} rejected")
+        # All tars are complete and visible now; the rejects file next, markers last.
+        rejects_sha = ""
+        if rejects:
+            data = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rejects).encode("utf-8")
+            storage.write_bytes_atomic(mf.rejects_url(root, unit.index), data)
+            rejects_sha = hashlib.sha256(data).hexdigest()
+        markers = {}
+        for stage in stages:
+            markers[stage] = {"schema": mf.MARKER_SCHEMA, "index": unit.index, "source": unit.name,
+                              "fingerprint": self.fingerprint, "samples": counts[stage], "inputs": inputs,
+                              "rejected": len(rejects), "rejects_sha256": rejects_sha,
+                              "bytes": outs[stage].size, "sha256": outs[stage].sha.hexdigest()}
+            storage.write_bytes_atomic(mf.marker_url(root, stage, unit.index), mf.json_bytes(markers[stage]))
+        return markers
+
+    def _prepare(self, item: inp.RawSample, unit: inp.InputUnit, stages: list[str], keys: set[str]):
+        """Validate + decode one sample: (key, caption, ids, {stage: (bucket, uint8 HWC)}) or a Reject."""
+        cfg = self.cfg
+        caption, reason, detail = inp.check_caption(item.caption, cfg.max_caption_bytes)
+        if caption is None:
+            return inp.Reject(item.key, unit.name, reason, detail)
+        key = sample_key(item.key)
+        if key in keys:
+            return inp.Reject(item.key, unit.name, inp.DUPLICATE_KEY, f"output key '{key}' already used in this shard")
+        try:
+            # Decoded for all configured stages even when only some are redone: the pixels of a
+            # stage must not depend on which other stages happen to be missing.
+            crops = load_for_buckets(item.image, list(self.stage_buckets.values()), max_pixels=cfg.max_pixels,
+                                     min_side=cfg.min_side)
+            per_stage = {s: c for s, c in zip(self.stage_buckets, crops) if s in stages}
+        except ImageRejected as exc:
+            return inp.Reject(item.key, unit.name, exc.reason, exc.detail)
+        keys.add(key)
+        ids = None
+        if self.caption_tokenizer is not None:
+            ids = np.asarray(self.caption_tokenizer(caption)["input_ids"], dtype=np.int32)
+        return key, caption, ids, per_stage

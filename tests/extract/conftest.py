@@ -1,0 +1,32 @@
+"""Fixtures for the extraction tests: a tiny random tokenizer, raw-data writers, a local Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> str:
+    """A randomly initialised 4x-down, 16-bit tokenizer saved the way real ones are."""
+    import torch
+
+    from bdt.tokenizer import BinaryAutoencoder, TokenizerConfig, save_tokenizer
+
+    torch.manual_seed(0)
+    model = BinaryAutoencoder(TokenizerConfig(ch=32, ch_mult=[1, 1, 1], num_res_blocks=1, z_channels=16))
+    path = str(tmp_path_factory.mktemp("tokenizer"))
+    save_tokenizer(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_endpoint):
+    """One local Ray per test module. Started after the S3 server so that its workers inherit
+    AWS_ENDPOINT_URL_S3 and the test credentials from this process's environment."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

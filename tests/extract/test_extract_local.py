@@ -1,0 +1,216 @@
+"""Pre-extraction on a local Ray: outputs, manifest, rejects, rerun, partial rerun, folders, S3.
+
+The tests in this module share one Ray instance and run in file order: the rerun tests reuse
+the output of the first run on purpose (that is what a rerun is).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from extract_rawdata import (BAD_REASONS, MAX_PIXELS, MIN_SIDE, bad_samples, good_samples, image_bytes,
+                             truncate, write_tar)
+
+from bdt.config import load
+from bdt.data.images import load_for_buckets
+from bdt.data.token_shards import decode_sample, iter_token_shard
+from bdt.extract.config import ExtractConfig
+from bdt.extract.run import run
+from bdt.tokenizer import load_tokenizer, pack_bits
+
+STAGES = "[{resolution: 32}, {resolution: 64, name: hi}]"
+
+
+def make_cfg(inputs: str, output: str, tokenizer: str, *extra: str) -> ExtractConfig:
+    return load(ExtractConfig, [], [f"inputs={inputs}", f"output={output}", f"tokenizer={tokenizer}",
+                                    f"stages={STAGES}", f"min_side={MIN_SIDE}", f"max_pixels={MAX_PIXELS}",
+                                    "batch_size=4", "progress_interval_s=0.5", "num_actors=1", *extra])
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    """3 tar shards: 9 good; 4 good + every bad kind; 6 good then truncated mid-member."""
+    root = tmp_path_factory.mktemp("raw")
+    samples = {0: good_samples("a", 9, 0), 1: good_samples("b", 4, 100) + bad_samples(),
+               2: good_samples("c", 6, 200)}
+    for i, s in samples.items():
+        write_tar(str(root / f"in-{i:06d}.tar"), s)
+    truncate(str(root / "in-000002.tar"), 0.6)
+    originals = {}
+    for i, s in samples.items():
+        for sample in s:
+            image = next((v for k, v in sample.items() if k in ("png", "jpg", "webp")), None)
+            originals[(str(root / f"in-{i:06d}.tar"), sample["__key__"])] = image
+    return str(root / "in-{000000..000002}.tar"), originals
+
+
+@pytest.fixture(scope="module")
+def first_run(raw, tiny_tokenizer, ray_local, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("out"))
+    cfg = make_cfg(raw[0], out, tiny_tokenizer, "num_actors=2")  # the pool proper; 1 elsewhere (faster)
+    return cfg, run(cfg)
+
+
+def _index(out: str) -> dict:
+    with open(os.path.join(out, "index.json")) as f:
+        return json.load(f)
+
+
+def _rejects(out: str) -> list[dict]:
+    with open(os.path.join(out, "rejects.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _keys_per_shard(out: str) -> dict[str, list[str]]:
+    return {os.path.relpath(p, out): [s["__key__"] for s in wds.WebDataset(p, shardshuffle=False)]
+            for p in sorted(glob.glob(os.path.join(out, "*", "*.tar")))}
+
+
+def _file_state(out: str) -> dict[str, tuple[float, str]]:
+    state = {}
+    for p in sorted(glob.glob(os.path.join(out, "**", "*"), recursive=True)):
+        if os.path.isfile(p):
+            state[os.path.relpath(p, out)] = (os.stat(p).st_mtime_ns, hashlib.sha256(open(p, "rb").read()).hexdigest())
+    return state
+
+
+def test_shards_hold_direct_encodings_and_manifest_checks_out(first_run, raw, tiny_tokenizer):
+    cfg, summary = first_run
+    out, originals = cfg.output, raw[1]
+    assert summary["done_units"] == 3 and not summary["failed_units"]
+    index = _index(out)
+    assert index["tokenizer"]["sha256"]["model.safetensors"] == hashlib.sha256(
+        open(os.path.join(tiny_tokenizer, "model.safetensors"), "rb").read()).hexdigest()
+    model = load_tokenizer(tiny_tokenizer)
+    bucket_lists = [[tuple(b) for b in index["stages"][s]["buckets"]] for s in ("32", "hi")]
+    for stage_i, stage in enumerate(("32", "hi")):
+        info = index["stages"][stage]
+        assert [s["shard"] for s in info["shards"]] == [f"{stage}/{i:06d}.tar" for i in range(3)]
+        written = 0
+        for entry in info["shards"]:
+            path = os.path.join(out, entry["shard"])
+            data = open(path, "rb").read()
+            assert len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
+            raw_samples = list(wds.WebDataset(path, shardshuffle=False))  # plain webdataset reads it
+            assert len(raw_samples) == entry["samples"] == entry["inputs"] - entry["rejected"]
+            assert len({s["__key__"] for s in raw_samples}) == len(raw_samples)
+            for rs in raw_samples:
+                s = decode_sample(rs)
+                image = originals[(s.source_shard, s.source_key)]
+                bucket, pixels = load_for_buckets(image, bucket_lists, max_pixels=MAX_PIXELS,
+                                                  min_side=MIN_SIDE)[stage_i]
+                assert s.bucket == bucket and s.grid == (bucket[1] // 4, bucket[0] // 4)
+                x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+                np.testing.assert_array_equal(s.bits_hwB, pack_bits(model.encode(x).numpy())[0])
+                assert s.caption == f"sample {s.source_key[0]} {int(s.source_key[1:])}"
+            written += len(raw_samples)
+        assert written == info["totals"]["samples"] == summary["stages"][stage]["samples"]
+        t = summary["stages"][stage]
+        assert t["inputs"] == t["samples"] + t["rejected"]
+    # Every good sample of the two intact shards is written; the truncated shard lost some.
+    keys = {s.key for s in iter_token_shard(os.path.join(out, "hi", "000000.tar"))}
+    keys |= {s.key for s in iter_token_shard(os.path.join(out, "hi", "000001.tar"))}
+    assert keys == {f"a{i:04d}" for i in range(9)} | {f"b{i:04d}" for i in range(4)}
+    assert 0 < index["stages"]["hi"]["shards"][2]["samples"] < 6
+
+
+def test_every_bad_input_kind_is_rejected_with_its_reason(first_run):
+    cfg, summary = first_run
+    rejects = _rejects(cfg.output)
+    got = {(r["key"], r["reason"]) for r in rejects if r["source"].endswith("in-000001.tar")}
+    assert got == set(BAD_REASONS.items())
+    truncated = [r for r in rejects if r["source"].endswith("in-000002.tar")]
+    assert truncated and all(r["reason"] == "truncated_tar" for r in truncated)
+    assert len(rejects) == summary["stages"]["32"]["rejected"] == summary["stages"]["hi"]["rejected"]
+    assert sum(summary["rejects_by_reason"].values()) == len(rejects)
+
+
+def test_rerun_is_a_noop(first_run):
+    cfg, _ = first_run
+    before = _file_state(cfg.output)
+    summary = run(cfg)
+    assert summary["skipped_units"] == 3 and summary["done_units"] == 3
+    after = _file_state(cfg.output)
+    shard_files = [k for k in before if k.endswith((".tar", ".done.json")) or k.startswith("rejects/")]
+    assert shard_files and all(after[k] == before[k] for k in shard_files)  # same mtime and sha256
+    assert _index(cfg.output)["stages"]["hi"]["totals"] == json.loads(
+        json.dumps(summary["stages"]["hi"]))
+
+
+def test_partial_output_is_completed_with_the_same_keys(first_run):
+    cfg, _ = first_run
+    out = cfg.output
+    keys_before = _keys_per_shard(out)
+    state_before = _file_state(out)
+    os.remove(os.path.join(out, "hi", "000001.done.json"))  # marker lost: shard redone
+    truncate(os.path.join(out, "32", "000002.tar"), 0.5)  # marker present, sha mismatch: redone
+    os.remove(os.path.join(out, "32", "000000.done.json"))
+    stale = os.path.join(out, "32", ".000000.tar.tmp-deadbeef")  # a killed writer's temp file
+    open(stale, "wb").write(b"partial")
+    os.remove(os.path.join(out, "index.json"))
+    summary = run(cfg)
+    assert summary["done_units"] == 3 and summary["skipped_units"] == 0 and not summary["failed_units"]
+    assert not os.path.exists(stale)
+    keys_after = _keys_per_shard(out)
+    assert keys_after == keys_before
+    assert all(len(set(k)) == len(k) for k in keys_after.values())
+    state_after = _file_state(out)
+    for name in ("hi/000000.tar", "32/000001.tar", "hi/000002.tar"):  # valid: untouched
+        assert state_after[name] == state_before[name]
+    for name in ("hi/000001.tar", "32/000002.tar", "32/000000.tar"):  # rebuilt byte-identical
+        assert state_after[name][1] == state_before[name][1]
+    assert os.path.exists(os.path.join(out, "index.json"))
+
+
+def test_folder_input(tmp_path, tiny_tokenizer, ray_local):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(5):
+        (folder / ("sub" if i % 2 else "") / f"img.{i}.png").write_bytes(image_bytes(40, 32, seed=i))
+        (folder / ("sub" if i % 2 else "") / f"img.{i}.txt").write_text(f"caption {i}")
+    (folder / "nocap.jpg").write_bytes(image_bytes(40, 40, fmt="JPEG"))
+    (folder / "orphan.txt").write_text("no image")
+    (folder / "notes.md").write_text("?")
+    out = str(tmp_path / "out")
+    summary = run(make_cfg(str(folder), out, tiny_tokenizer, "folder_shard_size=4"))
+    assert summary["units"] == 2 and not summary["failed_units"]
+    assert summary["stages"]["32"] == {**summary["stages"]["32"], "inputs": 8, "samples": 5, "rejected": 3}
+    reasons = {r["key"]: r["reason"] for r in _rejects(out)}
+    assert reasons == {"nocap": "missing_caption", "orphan.txt": "missing_image", "notes.md": "unknown_extension"}
+    keys = {s.key: s for p in sorted(glob.glob(f"{out}/hi/*.tar")) for s in iter_token_shard(p)}
+    assert sorted(keys) == sorted(["img_0", "sub_img_1", "img_2", "sub_img_3", "img_4"])
+    assert keys["sub_img_3"].source_key == "sub/img.3" and keys["sub_img_3"].caption == "caption 3"
+
+
+def test_s3_inputs_and_outputs(first_run, raw, tiny_tokenizer, s3_bucket):
+    local_cfg, _ = first_run
+    fs = fsspec.filesystem("s3")
+    for path in sorted(glob.glob(raw[0].replace("{000000..000002}", "*"))):
+        fs.put_file(path, f"{s3_bucket[5:]}/raw/{os.path.basename(path)}")
+    out = f"{s3_bucket}/tokens"
+    cfg = make_cfg(f"{s3_bucket}/raw/in-*.tar", out, tiny_tokenizer)
+    summary = run(cfg)
+    assert summary["done_units"] == 3 and not summary["failed_units"]
+    with fsspec.open(f"{out}/index.json") as f:
+        index = json.load(f)
+    local_index = _index(local_cfg.output)
+    for stage in ("32", "hi"):
+        assert index["stages"][stage]["totals"] == local_index["stages"][stage]["totals"]
+        for entry in index["stages"][stage]["shards"]:
+            samples = list(iter_token_shard(f"{out}/{entry['shard']}"))
+            assert len(samples) == entry["samples"]
+            assert all(s.source_shard.startswith(f"{s3_bucket}/raw/") for s in samples)
+            # Same tokens as the local run: the content does not depend on where data is stored.
+            local = {s.key: s.bits_hwB for s in iter_token_shard(os.path.join(local_cfg.output, entry["shard"]))}
+            assert sorted(local) == sorted(s.key for s in samples)
+            assert all(np.array_equal(local[s.key], s.bits_hwB) for s in samples)
+    assert not [p for p in fs.find(s3_bucket[5:]) if ".tmp-" in p or p.endswith(".part")]
+    assert run(cfg)["skipped_units"] == 3
