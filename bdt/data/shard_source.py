@@ -1,0 +1,127 @@
+"""Where a training stage's token shards are, and reading one shard from a byte offset.
+
+A stage names its data as one of:
+  * an extraction output root holding `index.json` (bdt/extract/manifest.py) + a family name:
+    the shard list and the image tokenizer's identity come from the manifest;
+  * a directory of `*.tar` token shards, a glob (`.../*.tar`), or a single `.tar` file.
+Local paths and fsspec URLs (s3://...) alike.
+
+Reading: `iter_shard(url, offset)` walks the tar with the standard `tarfile` stream reader and
+reports each sample's byte offset, so a resumed stream seeks straight to its next unread sample
+instead of re-reading the consumed ones (webdataset's tar iterator does not expose offsets).
+Member grouping follows webdataset: key = path up to the first dot of the basename.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from bdt import storage
+
+INDEX_NAME = "index.json"  # bdt/extract/manifest.py writes the manifest under this name
+
+
+@dataclass
+class ShardList:
+    urls: list[str]
+    manifest: dict | None  # the extraction manifest when the data came from one
+    source: str
+
+
+def _glob(url: str) -> list[str]:
+    fs, path = storage.filesystem(url)
+    fs.invalidate_cache()
+    found = sorted(fs.glob(path))
+    if storage.is_remote(url):
+        proto = url.split("://", 1)[0]
+        return [f"{proto}://{p}" for p in found]
+    return found
+
+
+def list_shards(source: str, family: str = "") -> ShardList:
+    """Shard URLs of one stage; ValueError naming the source when nothing usable is there."""
+    source = source.rstrip("/")
+    if not source:
+        raise ValueError("data source is empty: set the stage's `shards` to a token-shard "
+                         "directory, glob, .tar file or extraction output")
+    if any(c in source for c in "*?["):
+        urls = _glob(source)
+        if not urls:
+            raise ValueError(f"shards: the pattern {source!r} matches no file")
+        return ShardList(urls, None, source)
+    if not storage.exists(source):
+        raise ValueError(f"shards: {source!r} does not exist")
+    if source.endswith(".tar"):
+        return ShardList([source], None, source)
+    index_url = storage.join(source, INDEX_NAME)
+    if storage.exists(index_url):
+        manifest = json.loads(storage.read_bytes(index_url))
+        stages = manifest.get("stages", {})
+        if not family:
+            if len(stages) != 1:
+                raise ValueError(f"{index_url} holds the families {sorted(stages)}: name one with "
+                                 f"the stage's `family`")
+            family = next(iter(stages))
+        if family not in stages:
+            raise ValueError(f"{index_url} has no family {family!r} (it has {sorted(stages)})")
+        urls = [storage.join(source, s["shard"]) for s in stages[family]["shards"]]
+        if not urls:
+            raise ValueError(f"{index_url}: family {family!r} lists no shards")
+        return ShardList(urls, manifest, source)
+    urls = _glob(storage.join(source, "*.tar"))
+    if not urls:
+        raise ValueError(f"shards: {source!r} holds no .tar files and no {INDEX_NAME}")
+    return ShardList(urls, None, source)
+
+
+def tokenizer_sha(manifest: dict | None) -> dict[str, str] | None:
+    """The per-file sha256 of the image tokenizer that wrote a manifest's shards."""
+    if manifest is None:
+        return None
+    return (manifest.get("tokenizer") or {}).get("sha256")
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """(key, extension) webdataset-style, or None for names we must not use."""
+    if name.startswith("/") or ".." in name.split("/"):
+        return None  # never trust absolute or parent paths from a data file
+    dirname, base = posixpath.split(name)
+    if "." not in base:
+        return None
+    key, ext = base.split(".", 1)
+    return posixpath.join(dirname, key), ext
+
+
+def iter_shard(url: str, offset: int = 0) -> Iterator[tuple[dict[str, Any], int, int | None]]:
+    """(raw sample, its byte offset, the next sample's byte offset or None at the end).
+
+    raw is the webdataset-style dict (extension -> bytes, __key__, __url__). A damaged tar
+    raises tarfile.ReadError (or OSError) from the point where it breaks.
+    """
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f:
+        if offset:
+            f.seek(offset)
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            group: dict[str, Any] | None = None
+            start = offset
+            for member in tar:
+                if not member.isfile():
+                    continue
+                split = _split_name(member.name)
+                if split is None:
+                    continue
+                key, ext = split
+                here = offset + member.offset
+                if group is not None and key != group["__key__"]:
+                    yield group, start, here
+                    group = None
+                if group is None:
+                    group, start = {"__key__": key, "__url__": url}, here
+                group[ext] = tar.extractfile(member).read()
+            if group is not None:
+                yield group, start, None
