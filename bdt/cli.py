@@ -15,6 +15,7 @@ from bdt.config import ConfigError
 
 COMMAND_MODULES = [
     "bdt.data.commands",
+    "bdt.tokenizer.commands",
 ]
 
 

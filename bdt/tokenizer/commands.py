@@ -1,0 +1,109 @@
+"""`bdt tokenizer encode|decode`: images <-> bit arrays with a saved tokenizer.
+
+encode: PNG/JPEG files (all the same size, a multiple of the downsample factor) -> .npy array
+        N x h x w x C uint8 with 0/1 (1 = +1); pixels scaled as x / 127.5 - 1.
+decode: that array -> OUTDIR/000000.png, 000001.png, ...
+Paths may be local or fsspec URLs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("tokenizer", help="encode images to binary tokens and decode them back")
+    sub = parser.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+
+    enc = sub.add_parser("encode", help="images -> bits .npy (N x h x w x C, 0/1)")
+    enc.add_argument("--tokenizer", required=True, help="tokenizer directory (config.json + weights)")
+    enc.add_argument("--images", required=True, nargs="+", help="image files of one common size")
+    enc.add_argument("--out", required=True, help="output .npy path")
+    enc.add_argument("--batch-size", type=int, default=8)
+    enc.set_defaults(func=_encode)
+
+    dec = sub.add_parser("decode", help="bits .npy -> PNG files")
+    dec.add_argument("--tokenizer", required=True, help="tokenizer directory (config.json + weights)")
+    dec.add_argument("--bits", required=True, help=".npy of N x h x w x C with 0/1 values")
+    dec.add_argument("--out", required=True, help="output directory for PNGs")
+    dec.add_argument("--batch-size", type=int, default=8)
+    dec.add_argument("--seed", type=int, default=0, help="noise seed for a generative decoder")
+    dec.set_defaults(func=_decode)
+
+
+def _read_image(url: str):
+    import numpy as np
+    from PIL import Image
+
+    from bdt.storage import read_bytes
+
+    try:
+        with Image.open(io.BytesIO(read_bytes(url))) as img:
+            return np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {url}") from None
+    except OSError as exc:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot read image {url}: {exc}") from None
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from bdt.storage import open_atomic
+    from bdt.tokenizer.io import load_tokenizer
+
+    model = load_tokenizer(args.tokenizer)
+    arrays = [_read_image(url) for url in args.images]
+    first = arrays[0].shape[:2]
+    for url, arr in zip(args.images, arrays):
+        if arr.shape[:2] != first:
+            raise ValueError(f"all images must share one size: {args.images[0]} is {first[0]}x{first[1]}, "
+                             f"{url} is {arr.shape[0]}x{arr.shape[1]} (HxW)")
+    chunks = []
+    for start in range(0, len(arrays), args.batch_size):
+        batch = np.stack(arrays[start:start + args.batch_size])
+        images_BCHW = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1
+        try:
+            chunks.append(model.encode(images_BCHW).numpy().astype(np.uint8))
+        except ValueError as exc:
+            raise ValueError(f"{args.images[start]}: {exc}") from None
+    bits = np.concatenate(chunks)
+    with open_atomic(args.out) as f:
+        np.save(f, bits, allow_pickle=False)
+    print(f"encoded {len(arrays)} image(s) -> {args.out}: {list(bits.shape)} (N x h x w x bits)")
+    return 0
+
+
+def _decode(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from bdt.storage import join, makedirs, open_atomic, read_bytes
+    from bdt.tokenizer.io import load_tokenizer
+
+    model = load_tokenizer(args.tokenizer)
+    try:
+        bits = np.load(io.BytesIO(read_bytes(args.bits)), allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"{args.bits}: not a plain .npy array: {exc}") from None
+    c = model.bits_per_token
+    if bits.ndim != 4 or bits.shape[-1] != c:
+        raise ValueError(f"{args.bits}: expected N x h x w x {c} bits, got shape {list(bits.shape)}")
+    if bits.dtype != bool and not np.isin(bits, (0, 1)).all():
+        raise ValueError(f"{args.bits}: values must be 0/1, got {np.unique(bits)[:8].tolist()}")
+    makedirs(args.out)
+    generator = torch.Generator().manual_seed(args.seed)
+    written = 0
+    for start in range(0, len(bits), args.batch_size):
+        batch = torch.from_numpy(bits[start:start + args.batch_size].astype(bool))
+        images = model.decode(batch, generator=generator).float().clamp(-1, 1)
+        pixels = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for arr in pixels:
+            with open_atomic(join(args.out, f"{written:06d}.png")) as f:
+                Image.fromarray(arr).save(f, format="PNG")
+            written += 1
+    print(f"decoded {written} image(s) -> {args.out}")
+    return 0

@@ -1,0 +1,104 @@
+"""Architecture + quantizer settings of a binary image tokenizer (SPEC 1.1).
+
+On disk (a tokenizer directory's `config.json`, or the `model:` block of a `tokenizers/*.yaml`)
+the config is the flat field set of `TokenizerConfig`. `TokenizerConfig.from_dict` also takes the
+released BitDance constructor form as it is, `{"ddconfig": {...}, "gan_decoder": ...}`, so a
+config file shipped with the official weights loads without conversion. Keys starting with `_`
+(metadata such as diffusers' `_class_name`) are ignored; any other unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# GroupNorm(32) runs on every feature map of the released architecture.
+NORM_GROUPS = 32
+
+
+@dataclass
+class TokenizerConfig:
+    """Defaults are the released `ae_d16c32` (16x down, 32 bits/token), used by every BitDance model."""
+
+    # Architecture: the names of the released `ddconfig` and VQModel(gan_decoder=...).
+    ch: int = 256
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 4
+    z_channels: int = 32  # bits per token
+    in_channels: int = 3
+    out_ch: int = 3
+    double_z: bool = False  # accepted for compatibility; a binary tokenizer has no variance channels
+    gan_decoder: bool = False  # generative decoder: N(0,1) noise concatenated to the bits
+    # Quantizer losses (group-wise lookup-free entropy, BitDance GFQ defaults; commitment per SPEC 1.1).
+    entropy_group_size: int = 8  # bits per group: 2**8 implicit codes
+    entropy_temperature: float = 0.01
+    sample_entropy_weight: float = 1.0  # per-sample entropy is minimised
+    codebook_entropy_weight: float = 1.0  # batch code entropy is maximised
+    commitment_weight: float = 0.25
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def bits_per_token(self) -> int:
+        return self.z_channels
+
+    def validate(self) -> "TokenizerConfig":
+        """Raise ValueError naming the field when the values cannot build a model."""
+        if not self.ch_mult:
+            raise ValueError("tokenizer config: ch_mult must list at least one level, got []")
+        widths = [self.ch * m for m in self.ch_mult]
+        bad = [w for w in widths if w <= 0 or w % NORM_GROUPS]
+        if bad:
+            raise ValueError(f"tokenizer config: every level width ch*ch_mult must be a positive multiple "
+                             f"of {NORM_GROUPS} (GroupNorm groups); ch={self.ch}, ch_mult={list(self.ch_mult)} "
+                             f"gives {widths}")
+        if self.num_res_blocks < 1:
+            raise ValueError(f"tokenizer config: num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        if self.double_z:
+            raise ValueError("tokenizer config: double_z=true is not supported: a binary tokenizer "
+                             "has one channel per bit (the released tokenizers use double_z=false)")
+        if self.z_channels < 1 or self.entropy_group_size < 1 or self.z_channels % self.entropy_group_size:
+            raise ValueError(f"tokenizer config: z_channels ({self.z_channels}) must be a positive multiple "
+                             f"of entropy_group_size ({self.entropy_group_size})")
+        if self.entropy_group_size > 16:
+            raise ValueError(f"tokenizer config: entropy_group_size {self.entropy_group_size} would score "
+                             f"2**{self.entropy_group_size} codes per group; use <= 16 (BitDance uses 8)")
+        if self.entropy_temperature <= 0:
+            raise ValueError(f"tokenizer config: entropy_temperature must be > 0, got {self.entropy_temperature}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat on-disk form (all fields)."""
+        out = dataclasses.asdict(self)
+        out["ch_mult"] = list(out["ch_mult"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TokenizerConfig":
+        """Accept our flat form, the released nested `ddconfig` form, or an omegaconf node."""
+        if not isinstance(data, dict):
+            try:  # an omegaconf DictConfig (the trainer's `model:` block)
+                from omegaconf import OmegaConf
+                data = OmegaConf.to_container(data, resolve=True)  # type: ignore[assignment]
+            except ValueError:
+                data = dict(data)
+        flat = {k: v for k, v in data.items() if not str(k).startswith("_") and k != "ddconfig"}
+        nested = data.get("ddconfig")
+        if nested is not None:
+            if not isinstance(nested, Mapping):
+                raise ValueError(f"tokenizer config: 'ddconfig' must be a mapping, got {type(nested).__name__}")
+            clash = sorted(set(nested) & set(flat))
+            if clash:
+                raise ValueError(f"tokenizer config: {clash} given both inside 'ddconfig' and at the top level")
+            flat.update(nested)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(flat) - names)
+        if unknown:
+            raise ValueError(f"tokenizer config: unknown key(s) {unknown}; known keys: {sorted(names)} "
+                             f"(or the released form with 'ddconfig' + 'gan_decoder')")
+        if "ch_mult" in flat:
+            flat["ch_mult"] = [int(m) for m in flat["ch_mult"]]
+        return cls(**flat).validate()

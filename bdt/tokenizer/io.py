@@ -1,0 +1,163 @@
+"""Load and save tokenizers: local paths or fsspec URLs (s3://...).
+
+A tokenizer directory holds `config.json` (see bdt/tokenizer/config.py: our flat form or the
+released `ddconfig` form) and `model.safetensors` (keys = `BinaryAutoencoder.state_dict()`, which
+are the released BitDance VQModel keys). For official downloads, the directory may instead hold
+one `*.safetensors` file of any name, or one torch file (`.pt/.pth/.bin/.ckpt`, read with
+`torch.load(weights_only=True)`, never unpickling code), and the config may be one `*config.json`.
+A weights file path can also be given directly with `config=` (a TokenizerConfig, dict or path).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from bdt import storage
+from bdt.tokenizer.autoencoder import BinaryAutoencoder
+from bdt.tokenizer.config import TokenizerConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_MAX_LISTED = 6
+
+
+def save_tokenizer(model: BinaryAutoencoder, path: str) -> None:
+    """Write `config.json` + `model.safetensors` into directory `path` (created if needed)."""
+    storage.makedirs(path)
+    config = json.dumps(model.config.to_dict(), indent=1) + "\n"
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # Weights first, config last: a directory with a config.json is a complete one.
+    storage.write_bytes_atomic(storage.join(path, WEIGHTS_NAME), save_safetensors(state))
+    storage.write_bytes_atomic(storage.join(path, CONFIG_NAME), config.encode())
+
+
+def load_tokenizer(path: str, config: TokenizerConfig | Mapping[str, Any] | str | None = None,
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   ) -> BinaryAutoencoder:
+    """Build the model from the config and load the weights (strict: every key, every shape).
+
+    Raises ValueError naming missing/unexpected keys and shape mismatches (expected vs got),
+    FileNotFoundError when the directory lacks a config or weights file.
+    """
+    weights_url, config_url = _resolve(path, config is None)
+    cfg = _read_config(config if config is not None else config_url)
+    state = _read_state_dict(weights_url)
+    # Build on meta (no random init of ~460M params), then adopt the loaded tensors.
+    with torch.device("meta"):
+        model = BinaryAutoencoder(cfg)
+    check_state_dict(model, state, source=weights_url)
+    model.load_state_dict(state, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Compare a checkpoint with the model's expected keys and shapes; one clear error if they differ."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [f"{k}: expected {list(expected[k])} got {list(got[k])}"
+              for k in expected if k in got and expected[k] != got[k]]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) {_listing(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) {_listing(unexpected)}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es) {_listing(shapes)}")
+    cfg = getattr(model, "config", None)
+    arch = (f" (config: ch={cfg.ch}, ch_mult={list(cfg.ch_mult)}, num_res_blocks={cfg.num_res_blocks}, "
+            f"z_channels={cfg.z_channels}, gan_decoder={cfg.gan_decoder})") if cfg is not None else ""
+    raise ValueError(f"checkpoint {source} does not fit the tokenizer{arch}: " + "; ".join(parts))
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = f", ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return f"[{shown}{more}]"
+
+
+def _resolve(path: str, need_config: bool) -> tuple[str, str | None]:
+    """(weights URL, config URL or None) for a directory or a weights-file path."""
+    fs, fs_path = storage.filesystem(path)
+    if not fs.exists(fs_path):
+        raise FileNotFoundError(f"tokenizer not found: {path}")
+    if not fs.isdir(fs_path):
+        sibling = storage.join(posixpath.dirname(path.rstrip("/")) or ".", CONFIG_NAME)
+        if need_config and not storage.exists(sibling):
+            raise FileNotFoundError(f"no config for weights file {path}: pass config=... or put "
+                                    f"{CONFIG_NAME} beside it")
+        return path, sibling if need_config else None
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(fs_path, detail=False))
+    weights = _pick(names, [WEIGHTS_NAME], lambda n: n.endswith(".safetensors"),
+                    lambda n: n.endswith(_TORCH_SUFFIXES), what="weights", path=path)
+    config = None
+    if need_config:
+        config = _pick(names, [CONFIG_NAME], lambda n: n.endswith("config.json"), what="config",
+                       path=path)
+    return storage.join(path, weights), (storage.join(path, config) if config else None)
+
+
+def _pick(names: list[str], preferred: list[str], *matchers, what: str, path: str) -> str:
+    """The preferred name, else the single file matching the first matcher that matches any."""
+    for name in preferred:
+        if name in names:
+            return name
+    for match in matchers:
+        found = [n for n in names if match(n)]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ValueError(f"tokenizer directory {path} has several candidate {what} files {found}; "
+                             f"keep one or name it {preferred[0]}")
+    raise FileNotFoundError(f"tokenizer directory {path} has no {what} file (expected {preferred[0]}); "
+                            f"it holds {names}")
+
+
+def _read_config(config: TokenizerConfig | Mapping[str, Any] | str | None) -> TokenizerConfig:
+    if isinstance(config, TokenizerConfig):
+        return config.validate()
+    if isinstance(config, str):
+        try:
+            data = json.loads(storage.read_bytes(config))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{config}: not valid JSON: {exc}") from None
+        try:
+            return TokenizerConfig.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{config}: {exc}") from None
+    if config is None:
+        raise FileNotFoundError("no tokenizer config given")
+    return TokenizerConfig.from_dict(config)
+
+
+def _read_state_dict(url: str) -> dict[str, torch.Tensor]:
+    data = storage.read_bytes(url)
+    if url.endswith(".safetensors"):
+        try:
+            return load_safetensors(data)
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"{url}: not a readable safetensors file: {exc}") from None
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses pickled code: report, never retry unsafely
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{url}: cannot read as a weights-only torch file: {first}") from None
+    # Training checkpoints often nest the weights one level down.
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{url}: expected a mapping of parameter names to tensors")
+    return dict(obj)

@@ -1,0 +1,184 @@
+"""The binary autoencoder against the released BitDance layouts and seeded tiny forward passes."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from skimage import data as skdata
+from skimage.transform import resize
+
+from bdt.tokenizer import BinaryAutoencoder, TokenizerConfig
+from bdt.tokenizer.autoencoder import depth_to_space
+
+REF = Path("/work/shared/reference/bitdance")
+TINY = dict(ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, z_channels=16)
+
+
+def _fixture(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    meta = json.loads((REF / f"{name}.json").read_text())
+    return meta, load_file(REF / f"{name}.safetensors")
+
+
+def _fixture_model(meta: dict, tensors: dict[str, torch.Tensor]) -> BinaryAutoencoder:
+    model = BinaryAutoencoder(TokenizerConfig.from_dict(meta["constructor_args"])).eval()
+    params = {k[len("param."):]: v.float() for k, v in tensors.items() if k.startswith("param.")}
+    model.load_state_dict(params, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("name", ["ae_d16c32", "ae_d32c128", "ae_d32c256"])
+def test_released_state_dict_layout(name):
+    ref = json.loads((REF / f"tokenizer_keys_{name}.json").read_text())
+    with torch.device("meta"):
+        model = BinaryAutoencoder(TokenizerConfig.from_dict(ref["config"]))
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert got == ref["state_dict"]
+    assert list(got) == list(ref["state_dict"])  # same order, so saved files list keys alike
+    assert sum(p.numel() for p in model.encoder.parameters()) == ref["num_params_encoder"]
+    assert sum(p.numel() for p in model.decoder.parameters()) == ref["num_params_decoder"]
+    assert model.downsample_factor == ref["derived"]["downsample_factor"]
+    assert model.bits_per_token == ref["derived"]["bits_per_token"]
+
+
+@pytest.mark.parametrize("name", ["tokenizer_tiny", "tokenizer_tiny_gan"])
+def test_tiny_fixture_forward(name):
+    meta, t = _fixture(name)
+    model = _fixture_model(meta, t)
+    x = t["io.input"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder(x), t["io.pre_quant"], atol=1e-5, rtol=1e-5)
+    bits = model.encode(x)
+    assert bits.dtype == torch.bool and bits.shape == (2, 8, 8, 16)
+    assert torch.equal(bits, (t["io.bits"] > 0).permute(0, 2, 3, 1))
+    torch.manual_seed(77)  # the generative decoder's noise is decode's first and only draw
+    torch.testing.assert_close(model.decode(bits), t["io.recon"], atol=1e-5, rtol=1e-5)
+    # ±1 float input decodes like bool input.
+    torch.manual_seed(77)
+    torch.testing.assert_close(model.decode(t["io.bits"].permute(0, 2, 3, 1)), t["io.recon"],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_generative_decoder_noise_is_explicit_or_seeded():
+    meta, t = _fixture("tokenizer_tiny_gan")
+    model = _fixture_model(meta, t)
+    bits = model.encode(t["io.input"])
+    noise_BhwC = t["io.decoder_noise"].permute(0, 2, 3, 1)
+    torch.testing.assert_close(model.decode(bits, noise_BhwC=noise_BhwC), t["io.recon"], atol=1e-5, rtol=1e-5)
+    a = model.decode(bits, generator=torch.Generator().manual_seed(3))
+    b = model.decode(bits, generator=torch.Generator().manual_seed(3))
+    c = model.decode(bits, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_depth_to_space_dcr_order():
+    c, h, w = 3, 2, 5
+    x = torch.randn(1, 4 * c, h, w)
+    y = depth_to_space(x, 2)
+    for i in range(2):
+        for j in range(2):
+            assert torch.equal(y[0, :, i::2, j::2], x[0, (2 * i + j) * c:(2 * i + j + 1) * c])
+
+
+@functools.lru_cache(maxsize=None)
+def _photos_64() -> tuple[np.ndarray, ...]:
+    return tuple(resize(img, (64, 64), anti_aliasing=True) for img in
+                 (skdata.astronaut(), skdata.coffee(), skdata.chelsea()))
+
+
+def _photos(h: int, w: int) -> torch.Tensor:
+    """Real photos (astronaut, coffee, chelsea) resized to h x w, in [-1, 1], B x 3 x h x w."""
+    imgs = [resize(img, (h, w), anti_aliasing=True) for img in _photos_64()]
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() * 2 - 1
+
+
+@pytest.mark.parametrize("gan", [False, True])
+@pytest.mark.parametrize("size", [(32, 32), (32, 64), (48, 16)])
+def test_real_photos_shapes_and_dtypes(size, gan):
+    torch.manual_seed(0)
+    model = BinaryAutoencoder(TokenizerConfig(**TINY, gan_decoder=gan)).eval()
+    images = _photos(*size)
+    bits = model.encode(images)
+    h, w = size[0] // 4, size[1] // 4
+    assert bits.shape == (3, h, w, 16) and bits.dtype == torch.bool
+    rate = bits.float().mean().item()
+    assert 0.0 < rate < 1.0  # real pixels give both signs
+    recon = model.decode(bits)
+    assert recon.shape == images.shape and recon.dtype == torch.float32
+    assert torch.isfinite(recon).all()
+
+
+def test_bf16_module_and_autocast():
+    torch.manual_seed(0)
+    model = BinaryAutoencoder(TokenizerConfig(**TINY)).eval()
+    images = _photos(32, 48)
+    ref_bits = model.encode(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bits_ac = model.encode(images)
+        recon_ac = model.decode(bits_ac)
+    bf16 = BinaryAutoencoder(TokenizerConfig(**TINY)).eval()
+    bf16.load_state_dict(model.state_dict())
+    bf16.to(torch.bfloat16)
+    bits_bf = bf16.encode(images)  # fp32 images are cast to the module dtype
+    recon_bf = bf16.decode(bits_bf)
+    assert recon_bf.dtype == torch.bfloat16 and recon_bf.shape == images.shape
+    assert torch.isfinite(recon_ac).all() and torch.isfinite(recon_bf.float()).all()
+    # bf16 rounding may flip bits whose pre-activation is near 0, but not many.
+    assert (bits_ac != ref_bits).float().mean() < 0.05
+    assert (bits_bf != ref_bits).float().mean() < 0.05
+    torch.testing.assert_close(recon_bf.float(), model.decode(bits_bf), atol=0.1, rtol=0.05)
+
+
+def test_training_forward_gradients_pass_the_quantizer():
+    torch.manual_seed(0)
+    model = BinaryAutoencoder(TokenizerConfig(**TINY))
+    images = _photos(32, 32)
+    recon, q = model(images)
+    assert recon.shape == images.shape
+    assert torch.equal(q.quantized.detach(), torch.where(q.z > 0, 1.0, -1.0))
+    assert torch.equal(q.quantized.permute(0, 2, 3, 1) > 0, model.encode(images))
+    # Reconstruction loss alone must reach the encoder through the straight-through estimator.
+    (recon - images).abs().mean().backward()
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert q.bit_rates.shape == (16,) and q.group_code_entropy.shape == (2,)
+
+
+def test_single_token_map_has_finite_output():
+    model = BinaryAutoencoder(TokenizerConfig(**TINY)).eval()
+    bits = model.encode(_photos(4, 4))  # one token per image: the unbiased variance is undefined
+    assert bits.shape == (3, 1, 1, 16)
+    assert torch.isfinite(model.decode(bits)).all()
+
+
+def test_bad_sizes_and_shapes_are_named():
+    model = BinaryAutoencoder(TokenizerConfig(**TINY)).eval()
+    with pytest.raises(ValueError, match=r"image size 30x32 .* downsample factor 4"):
+        model.encode(torch.zeros(1, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"image size 32x18"):
+        model(torch.zeros(1, 3, 32, 18))
+    with pytest.raises(ValueError, match=r"B x 3 x H x W, got shape \[1, 1, 32, 32\]"):
+        model.encode(torch.zeros(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"B x h x w x 16 .* got shape \[1, 4, 4, 32\]"):
+        model.decode(torch.zeros(1, 4, 4, 32, dtype=torch.bool))
+
+
+def test_config_forms_and_errors():
+    released = {"ddconfig": {"double_z": False, "z_channels": 16, "in_channels": 3, "out_ch": 3,
+                             "ch": 32, "ch_mult": [1, 1, 2], "num_res_blocks": 1},
+                "gan_decoder": True, "_class_name": "ignored metadata"}
+    cfg = TokenizerConfig.from_dict(released)
+    assert cfg == TokenizerConfig(**TINY, gan_decoder=True)
+    assert TokenizerConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown key.*'chmult'"):
+        TokenizerConfig.from_dict({"chmult": [1, 2]})
+    with pytest.raises(ValueError, match="multiple of entropy_group_size"):
+        TokenizerConfig(**{**TINY, "z_channels": 12}).validate()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        TokenizerConfig(ch=48, ch_mult=[1, 2]).validate()
+    with pytest.raises(ValueError, match="double_z"):
+        TokenizerConfig.from_dict({**released, "ddconfig": {**released["ddconfig"], "double_z": True}})
