@@ -156,9 +156,12 @@ class BlockCausalLayout:
         from torch.nn.attention.flex_attention import create_block_mask
 
         B, L = self.doc_ids_BL.shape
-        device = device or self.doc_ids_BL.device
+        device = torch.device(device or self.doc_ids_BL.device)
         layout = self.to(device)
-        return create_block_mask(layout.mask_mod(), B, None, L, L, device=device)
+        # Uncompiled, create_block_mask evaluates mask_mod on all L x L pairs at once (1 GB at
+        # L = 32K); compiled it works tile by tile. On CPU the compile costs more than it saves.
+        return create_block_mask(layout.mask_mod(), B, None, L, L, device=device,
+                                 _compile=device.type == "cuda")
 
     def cu_seqlens(self) -> tuple[Tensor, int]:
         """Document boundaries over the flattened rows (int32 [n_docs+1]) and the longest doc."""

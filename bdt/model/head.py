@@ -39,7 +39,7 @@ class HeadConfig:
     mlp_ratio: float = 1.5  # SwiGLU hidden = int(mlp_ratio * W)
     bits: int = 32  # C, bits per image token (ae_d16c32)
     cond_dim: int = 5120  # D, the condition width (the LLM hidden size)
-    tokens: int = 16  # P, tokens per patch (= per AR step)
+    tokens: int = 16  # P, tokens per patch (= per AR step); the network itself takes any P
     time_freq_dim: int = 256  # sinusoidal timestep features fed to the time MLP
     # Training-time flow time t = sigmoid(N(p_mean, p_std^2)), then shifted (SPEC 1.3).
     p_mean: float = -0.8
