@@ -27,10 +27,12 @@ class MetricsLogger:
             self._tb = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
 
     def log(self, step: int, values: dict[str, Any], prefix: str = "") -> None:
+        """Scalars to all sinks; keys containing '/' (per-bit, per-group series) skip stdout."""
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
-        print(f"step {step} " + " ".join(f"{prefix}{k}={_fmt(v)}" for k, v in scalars.items()), flush=True)
+        print(f"step {step} " + " ".join(f"{prefix}{k}={_fmt(v)}" for k, v in scalars.items()
+                                         if "/" not in k), flush=True)
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"step": step, "time": time.time(),
                                           **{prefix + k: v for k, v in scalars.items()}}) + "\n")

@@ -1,0 +1,330 @@
+"""Tokenizer training: `deepspeed tokenizers/train.py --config tokenizers/<name>.yaml [key=value]`.
+
+Also runs under torchrun and as one plain process. Losses (SPEC 1.1): pixel L1/L2, optional
+LPIPS, the quantizer's commitment + group-wise entropy terms, and an optional patch discriminator
+(hinge, adaptive weight, start step, optional LeCam). EMA weights are checkpointed and exported.
+
+Optimisers: ONE DeepSpeed engine for the autoencoder, and a plain torch AdamW for the
+discriminator whose gradients are all-reduced by hand. The discriminator is small and replicated
+(ZeRO buys nothing there); a second engine would add a second ZeRO state and checkpoint tree, and
+the generator step backpropagates through the discriminator (whose grads must not be applied), a
+pattern engines with gradient hooks handle poorly. Its state goes into the checkpoint's shared file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from PIL import Image
+
+from bdt.config import ConfigError, fail, load, save_resolved, split_launcher_args
+from bdt.data.raw import RawDataConfig, expand_shards, make_loader
+from bdt.tokenizer.autoencoder import BinaryAutoencoder
+from bdt.tokenizer.config import TokenizerConfig
+from bdt.tokenizer.discriminator import LeCam, PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from bdt.tokenizer.image_metrics import psnr, ssim, to_unit
+from bdt.tokenizer.lpips import LPIPS
+from bdt.trainer.checkpoint import CheckpointManager
+from bdt.trainer.deepspeed_config import (DeepSpeedConfig, OptimConfig, build_ds_config,
+                                          initialize_engine, make_schedule)
+from bdt.trainer.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
+from bdt.trainer.ema import EMA
+from bdt.trainer.metrics import MetricsLogger, Throughput, Timer
+from bdt.trainer.schedule import lambda_lr
+from bdt.trainer.signals import StopFlag
+
+
+@dataclass
+class LossConfig:
+    pixel: str = "l1"  # l1 | l2
+    pixel_weight: float = 1.0
+    quantizer_weight: float = 1.0  # x QuantizerOutput.loss (its commitment/entropy weights: model:)
+    lpips_weight: float = 0.0
+    lpips_backbone: str = ""  # local torchvision vgg16 state dict
+    lpips_head: str = ""  # local LPIPS vgg.pth (lin0..lin4)
+    disc_weight: float = 0.0  # 0 disables the discriminator (SPEC 1.1: ~0.1)
+    disc_start: int = 0  # optimizer step at which the adversarial terms start
+    disc_adaptive: bool = True  # VQGAN adaptive weight from the decoder's last-layer gradients
+    disc_lr: float = 1e-4
+    disc_width: int = 64
+    disc_layers: int = 3
+    lecam_weight: float = 0.0  # SPEC 1.1: 0.05
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # default <out_dir>/checkpoints; local or s3://
+    every: int = 500  # optimizer steps
+    keep_last: int = 3
+    resume: bool = True
+    staging_dir: str = ""  # local staging for remote dirs (default under /tmp)
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    image_every: int = 200  # reconstruction grid PNG, 0 = never
+    num_images: int = 8
+    tensorboard: bool = True
+
+
+@dataclass
+class TokenizerTrainConfig:
+    out_dir: str = "???"  # local run directory: logs, images, export/, config.yaml
+    steps: int = 1000  # optimizer steps
+    seed: int = 0
+    ema_decay: float = 0.999
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: RawDataConfig = field(default_factory=RawDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+class Discriminator:
+    """Plain-torch discriminator, its optimizer/schedule and LeCam state, replicated on all ranks."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, in_channels: int):
+        torch.manual_seed(cfg.seed + 1)  # identical init on every rank
+        self.net = PatchDiscriminator(in_channels, cfg.loss.disc_width, cfg.loss.disc_layers)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
+        self.sched = lambda_lr(self.opt, make_schedule(cfg.optim, cfg.steps))
+        self.lecam = LeCam()
+
+    def step(self, real: torch.Tensor, fake: torch.Tensor, lecam_weight: float, scale: float) -> dict:
+        real_logits, fake_logits = self.net(real), self.net(fake)
+        loss = hinge_d_loss(real_logits, fake_logits)
+        if lecam_weight > 0:
+            loss = loss + lecam_weight * self.lecam(real_logits, fake_logits)
+        (loss * scale).backward()
+        return {"d_loss": loss.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
+
+    def apply(self, world_size: int, clip: float) -> None:
+        if world_size > 1:  # average gradients by hand (no engine here, see the module docstring)
+            for p in self.net.parameters():
+                if p.grad is not None:
+                    tdist.all_reduce(p.grad)
+                    p.grad /= world_size
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "lecam": self.lecam.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.lecam.load_state_dict(state["lecam"])
+
+
+def _pixel_loss(kind: str, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.l1_loss(recon, target) if kind == "l1" else F.mse_loss(recon, target)
+
+
+def save_grid(path: str, images: torch.Tensor, recon: torch.Tensor) -> None:
+    """Originals on the top row, reconstructions below, as one PNG."""
+    rows = torch.cat([torch.cat(list(to_unit(images)), dim=2), torch.cat(list(to_unit(recon)), dim=2)], dim=1)
+    arr = (rows.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def export(model_cfg: TokenizerConfig, ema_state: dict, out_dir: str) -> str:
+    """Write the EMA weights as a tokenizer directory (config.json + model.safetensors)."""
+    model = BinaryAutoencoder(model_cfg)
+    live = model.state_dict()
+    live.update(ema_state["shadow"])
+    model.load_state_dict(live)
+    path = os.path.join(out_dir, "export")
+    model.save_pretrained(path)
+    return path
+
+
+def _quant_metrics(q) -> dict[str, float]:
+    rates, ent = q.bit_rates.float(), q.group_code_entropy.float()
+    out = {"commit": q.commitment_loss.item(), "entropy": q.entropy_loss.item(),
+           "bits_rate_min": rates.min().item(), "bits_rate_max": rates.max().item(),
+           "bits_outside_5_95": ((rates < 0.05) | (rates > 0.95)).float().sum().item(),
+           "group_entropy_min": ent.min().item(), "group_entropy_mean": ent.mean().item()}
+    out.update({f"bit_rate/{i:03d}": r for i, r in enumerate(rates.tolist())})
+    out.update({f"group_entropy/{i:02d}": e for i, e in enumerate(ent.tolist())})
+    return out
+
+
+def validate(cfg: TokenizerTrainConfig) -> TokenizerConfig:
+    """Check the config before any process group or model exists; returns the model config."""
+    if cfg.deepspeed.zero_stage == 3:
+        raise ValueError("deepspeed.zero_stage: tokenizer training supports 0-2 (EMA and the adaptive "
+                         "GAN weight need full parameters on every rank)")
+    if cfg.loss.pixel not in ("l1", "l2"):
+        raise ValueError(f"loss.pixel: expected 'l1' or 'l2', got '{cfg.loss.pixel}'")
+    if cfg.steps < 1 or cfg.ckpt.every < 1 or cfg.log.every < 1:
+        raise ValueError(f"steps, ckpt.every and log.every must be >= 1, got {cfg.steps}, "
+                         f"{cfg.ckpt.every}, {cfg.log.every}")
+    if cfg.loss.lpips_weight > 0:
+        LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)
+    expand_shards(cfg.data.shards)
+    model_cfg = TokenizerConfig.from_dict(cfg.model)
+    if cfg.data.size % model_cfg.downsample_factor:
+        raise ValueError(f"data.size {cfg.data.size} is not divisible by the model's downsample factor "
+                         f"{model_cfg.downsample_factor}")
+    return model_cfg
+
+
+def train(cfg: TokenizerTrainConfig) -> dict:
+    """Run (or resume) training until cfg.steps; returns the last logged metrics."""
+    model_cfg = validate(cfg)
+    dist: DistInfo = init_distributed()
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = BinaryAutoencoder(model_cfg)
+    engine = initialize_engine(model, build_ds_config(cfg.deepspeed, cfg.optim, dist.world_size),
+                               make_schedule(cfg.optim, cfg.steps))
+    ema = EMA(engine.module, cfg.ema_decay)
+    disc = Discriminator(cfg, model_cfg.out_ch) if cfg.loss.disc_weight > 0 else None
+    lpips = (LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)
+             if cfg.loss.lpips_weight > 0 else None)
+    torch.manual_seed(cfg.seed * 1000 + dist.rank)  # per-rank stream for any sampling in the step
+    ckpt = CheckpointManager(cfg.ckpt.dir or os.path.join(cfg.out_dir, "checkpoints"), dist,
+                             cfg.ckpt.keep_last, cfg.ckpt.staging_dir or None)
+    step, stream_state = 0, None
+    tag = ckpt.resume_tag() if cfg.ckpt.resume else None
+    if tag is not None:
+        meta, _, shared = ckpt.load(tag, {"autoencoder": engine})
+        step, stream_state = meta["step"], meta["stream"]
+        ema.load_state_dict(shared["ema"])
+        if disc is not None and "disc" in shared:
+            disc.load_state_dict(shared["disc"])
+    if dist.is_main:
+        save_resolved(cfg, cfg.out_dir)
+        print(f"tokenizer training: world {dist.world_size}, start step {step}"
+              + (f" (resumed from {tag})" if tag else ""), flush=True)
+    loader, stream = make_loader(cfg.data, cfg.deepspeed.micro_batch_size, dist.rank,
+                                 dist.world_size, stream_state)
+    logger = MetricsLogger(cfg.out_dir, dist.is_main, cfg.log.tensorboard)
+    stop = StopFlag()
+    meter = Throughput()
+    batches = iter(loader)
+    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    last_layer = engine.module.decoder.conv_out
+    last_input: dict[str, torch.Tensor] = {}  # conv_out's input in the current forward
+    last_layer.register_forward_hook(lambda m, inp, out: last_input.update(x=inp[0]))
+    accum = cfg.deepspeed.grad_accum
+    last: dict = {}
+
+    def save() -> None:
+        shared = {"ema": ema.state_dict()}
+        if disc is not None:
+            shared["disc"] = disc.state_dict()
+        ckpt.save(step, {"autoencoder": engine}, {"step": step, "stream": stream.to_dict()},
+                  shared=shared)
+
+    try:
+        while step < cfg.steps:
+            gan_on = disc is not None and step >= cfg.loss.disc_start
+            for _ in range(accum):
+                with Timer() as wait:
+                    batch = next(batches)
+                meter.add_data_wait(wait.seconds)
+                stream.update(batch)
+                images = batch["images"].to(dist.device)
+                recon_raw, q = engine(images.to(dtype))
+                # A copy node after the engine's output: the adaptive GAN weight differentiates
+                # w.r.t. `recon` without reaching the output tensor, on which DeepSpeed hangs its
+                # backward hooks (reaching it would run DeepSpeed's gradient epilogue early).
+                recon = recon_raw.to(torch.float32, copy=True)
+                rec = cfg.loss.pixel_weight * _pixel_loss(cfg.loss.pixel, recon, images)
+                if lpips is not None:
+                    rec = rec + cfg.loss.lpips_weight * lpips(recon, images).mean()
+                loss = rec + cfg.loss.quantizer_weight * q.loss
+                terms = {"rec_loss": rec.item()}
+                if gan_on:
+                    disc.net.requires_grad_(False)
+                    g_loss = hinge_g_loss(disc.net(recon))
+                    disc.net.requires_grad_(True)
+                    w = (adaptive_weight(rec, g_loss, last_layer, last_input["x"], recon)
+                         if cfg.loss.disc_adaptive else 1.0)
+                    loss = loss + cfg.loss.disc_weight * w * g_loss
+                    terms.update(g_loss=g_loss.item(), d_weight=float(w))
+                engine.backward(loss)
+                engine.step()
+                if gan_on:
+                    terms.update(disc.step(images, recon.detach(), cfg.loss.lecam_weight, 1.0 / accum))
+            if gan_on:
+                disc.apply(dist.world_size, cfg.optim.grad_clip)
+            ema.update(engine.module)
+            step += 1
+            meter.add_step(images.shape[0] * accum)
+            if step % cfg.log.every == 0 or step == cfg.steps:
+                with torch.no_grad():
+                    values = {"loss": loss.item(), **terms, **_quant_metrics(q),
+                              "psnr": psnr(recon, images).mean().item(),
+                              "ssim": ssim(recon, images).mean().item()}
+                values = all_reduce_mean(values, dist.device)
+                values.update(lr=engine.get_lr()[0], corrupt=stream.corrupt, **meter.report(dist.world_size))
+                norm = engine.get_global_grad_norm()
+                if norm is not None:
+                    values["grad_norm"] = float(norm)
+                logger.log(step, values)
+                last = values
+            if dist.is_main and cfg.log.image_every and step % cfg.log.image_every == 0:
+                n = cfg.log.num_images
+                save_grid(os.path.join(cfg.out_dir, "images", f"step_{step:09d}.png"),
+                          images[:n], recon[:n].detach())
+            stopping = stop.should_stop(dist.device)
+            if stopping or step % cfg.ckpt.every == 0 or step == cfg.steps:
+                save()
+            if stopping:
+                if dist.is_main:
+                    print(f"stop signal: saved step {step}, exiting", flush=True)
+                break
+        if dist.is_main and step >= cfg.steps:
+            print(f"exported EMA tokenizer to {export(model_cfg, ema.state_dict(), cfg.out_dir)}", flush=True)
+    finally:
+        logger.close()
+        stop.restore()
+    cleanup()
+    return last
+
+
+def export_latest(cfg: TokenizerTrainConfig) -> str:
+    """Export the EMA weights of the newest complete checkpoint (no training, no DeepSpeed)."""
+    ckpt = CheckpointManager(cfg.ckpt.dir or os.path.join(cfg.out_dir, "checkpoints"),
+                             DistInfo(0, 1, 0, torch.device("cpu")), staging_dir=cfg.ckpt.staging_dir or None)
+    tag = ckpt.latest_complete()
+    if tag is None:
+        raise ValueError(f"no complete checkpoint under {ckpt.root} to export")
+    _, _, shared = ckpt.load(tag, engines={})
+    return export(TokenizerConfig.from_dict(cfg.model), shared["ema"], cfg.out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = split_launcher_args(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="tokenizers/train.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
+    parser.add_argument("--export-only", action="store_true",
+                        help="export the newest checkpoint's EMA weights to <out_dir>/export and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value")
+    ns = parser.parse_args(args)
+    try:
+        cfg = load(TokenizerTrainConfig, ns.config, ns.overrides)
+        if ns.export_only:
+            print(export_latest(cfg))
+        else:
+            train(cfg)
+    except (ConfigError, ValueError, OSError) as exc:
+        fail(str(exc))
+    return 0

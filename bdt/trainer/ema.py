@@ -1,0 +1,46 @@
+"""Exponential moving average of a module's parameters, kept in fp32 on every rank.
+
+Needs full parameters on each rank (ZeRO 0-2). The decay ramps up as (1 + t) / (10 + t) until it
+reaches `decay`, so short runs are not dominated by the random initialisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {name: p.detach().float().clone() for name, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, p in module.named_parameters():
+            self.shadow[name].lerp_(p.detach().float(), 1 - d)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = sorted(set(self.shadow) - set(state["shadow"]))
+        if missing:
+            raise ValueError(f"EMA state is missing parameters, e.g. '{missing[0]}' (checkpoint from "
+                             f"a different model?)")
+        for name, t in state["shadow"].items():
+            if name in self.shadow:
+                if t.shape != self.shadow[name].shape:
+                    raise ValueError(f"EMA state '{name}': expected shape {list(self.shadow[name].shape)}, "
+                                     f"got {list(t.shape)}")
+                self.shadow[name].copy_(t)
+        self.updates = int(state["updates"])
+
+    def module_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """`module.state_dict()` with the averaged parameters in place of the live ones."""
+        out = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+        out.update({k: v.clone() for k, v in self.shadow.items()})
+        return out

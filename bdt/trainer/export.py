@@ -1,0 +1,54 @@
+"""Export of a trained model for sampling: the consolidated weights (HF safetensors for the LLM +
+connector/head safetensors + model config, `BitDanceModel.save_pretrained`), the text tokenizer,
+the image tokenizer's files and the resolved training config.
+
+Under ZeRO-3 the parameters are partitioned: they are gathered on every rank for the duration of
+the save (collective), and rank 0 writes. This needs the full model in one rank's memory once;
+for models beyond that, consolidate a checkpoint offline with
+`deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+
+from omegaconf import OmegaConf
+
+from bdt import storage
+from bdt.config import save_resolved
+from bdt.trainer.distributed import DistInfo, barrier
+
+IMAGE_TOKENIZER_DIR = "image_tokenizer"
+
+
+def export_model(engine, model, cfg, out_dir: str, dist: DistInfo) -> str:
+    """Collective. Writes `out_dir` (local) on rank 0; returns it."""
+    gather = contextlib.nullcontext()
+    if cfg.deepspeed.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
+                                                   modifier_rank=None)
+    with gather:
+        if dist.is_main:
+            tmp = out_dir + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            engine.module.save_pretrained(tmp)
+            if cfg.data.tokenizer:
+                _copy_tree(cfg.data.tokenizer, os.path.join(tmp, IMAGE_TOKENIZER_DIR))
+            save_resolved(OmegaConf.structured(cfg), tmp, name="train_config.yaml")
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.replace(tmp, out_dir)  # a reader never sees half an export
+    barrier()
+    return out_dir
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    fs, root = storage.filesystem(src)
+    root = root.rstrip("/")
+    for path in fs.find(root):
+        target = os.path.join(dst, *path[len(root) + 1:].split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.get_file(path, target)

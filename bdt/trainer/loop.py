@@ -1,0 +1,221 @@
+"""The AR training loop: DeepSpeed engine, progressive stages, exact resume, preemption, logging.
+
+One step = `grad_accum` packed micro-batches per rank (TokenStream), each `engine(packed)` ->
+`engine.backward` -> `engine.step` (DeepSpeed applies the optimizer at the accumulation
+boundary). Stages run back to back in one process (StagePlan); the data stream is rebuilt at a
+stage switch. A checkpoint holds the engine (DeepSpeed) + per-rank state: step, stage, tokens
+and images seen, the stream's exact position and buffer, RNG states (CheckpointManager). Resume
+picks the newest complete checkpoint, lands in its stage with its stream state, and repeats the
+uninterrupted run bitwise (same world size and thread count; ENVIRONMENT.md).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bdt import storage
+from bdt.config import save_resolved
+from bdt.trainer import setup
+from bdt.trainer.checkpoint import CheckpointManager
+from bdt.trainer.deepspeed_config import build_ds_config, initialize_engine
+from bdt.trainer.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
+from bdt.trainer.export import export_model
+from bdt.trainer.flops import FlopModel, measure_peak_flops
+from bdt.trainer.metrics import MetricsLogger, Throughput, Timer
+from bdt.trainer.signals import StopFlag
+from bdt.trainer.stages import StagedLR, StagePlan
+from bdt.trainer.train_config import TrainConfig, validate
+
+
+@dataclass
+class _Window:
+    """Per-rank sums between two log steps."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    micro: int = 0
+    steps: int = 0
+    flops: float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, values: dict[str, float]) -> None:
+        self.micro += 1
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+
+def run(cfg: TrainConfig | DictConfig) -> dict:
+    """Train as configured (every rank calls it); returns a summary of the last step."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+    validate(cfg)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    dist = init_distributed()
+    try:
+        summary = _train(cfg, dist)
+    except BaseException:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise
+    cleanup()
+    return summary
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _KillAfterSave:
+    """Fault injection: the engine's files get written, then this process dies (no marker)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def save_checkpoint(self, *args, **kwargs):
+        self.engine.save_checkpoint(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _train(cfg: TrainConfig, dist: DistInfo) -> dict:
+    sources = setup.check_data(cfg)  # bad shard paths / tokenizer mismatch: fail before the model
+    ds_config = build_ds_config(replace(cfg.deepspeed, micro_batch_size=1),
+                                replace(cfg.optim, lr=1.0), dist.world_size)
+    plan = StagePlan.build(cfg.stages, cfg.deepspeed.grad_accum, dist.world_size)
+    _seed_all(cfg.seed)  # identical initialisation on every rank
+    model, hf_ds = setup.build_model(cfg, ds_config)
+    ckpt = CheckpointManager(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"), dist,
+                             keep_last=cfg.checkpoint.keep_last)
+    setup.check_model_signature(ckpt.root, setup.model_signature(model), dist)
+    flop_model = FlopModel.from_model(model.llm.config, sum(setup.numel(p) for p in
+                                      model.head.parameters()), cfg.model.head.repeat)
+    engine = initialize_engine(model, ds_config, StagedLR(cfg.stages, plan))
+    del hf_ds  # HF only needs it while building under ZeRO-3
+
+    logger = MetricsLogger(cfg.run_dir, dist.is_main, tensorboard=cfg.logging.tensorboard)
+    if dist.is_main:
+        save_resolved(OmegaConf.structured(cfg), cfg.run_dir)
+    step, saved_step, stage_idx, stream, packer = 0, -1, -1, None, None
+    seen = {"tokens": 0, "images": 0}
+    resume = ckpt.resume_tag() if cfg.checkpoint.resume else None
+    stream_state = None
+    if resume is not None:
+        meta, tensors, _ = ckpt.load(resume, {"model": engine})
+        step = saved_step = int(meta["step"])
+        seen = dict(meta["seen"])
+        stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
+        logger.log(step, {"resumed_from_step": step})
+        if dist.is_main:
+            print(f"resumed from {ckpt.root}/{resume} (stage {cfg.stages[meta['stage']].name})",
+                  flush=True)
+    else:
+        _seed_all(cfg.seed * 1000 + 1 + dist.rank)  # per-rank noise, flips, caption dropout
+
+    peak = cfg.logging.peak_tflops * 1e12 or measure_peak_flops(
+        torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32)
+    stop = StopFlag()
+    window, meter = _Window(), Throughput()
+    stopped = False
+    try:
+        while step < plan.total_steps:
+            si = plan.stage_of(step)
+            if si != stage_idx:
+                stage_idx = si
+                stream, packer = setup.make_stream(cfg, si, sources[si], model, dist)
+                if stream_state is not None and stream_state[0] == si:
+                    stream.load_state_dict(stream_state[1], stream_state[2])
+                stream_state = None
+                logger.log(step, {"stage": si})
+            with Timer() as t_step:
+                data_wait = 0.0
+                for _ in range(cfg.deepspeed.grad_accum):
+                    with Timer() as t_data:
+                        batch = stream.next_batch()
+                        packed = packer.pack(setup.image_samples(batch, cfg.model.head.bits))
+                    data_wait += t_data.seconds
+                    losses = engine(packed)
+                    engine.backward(losses["total"])
+                    engine.step()
+                    n_img = packed.num_samples
+                    lens = (packed.cu_seqlens_S1[1:] - packed.cu_seqlens_S1[:-1]).tolist()
+                    window.flops += flop_model.train_flops(lens, packed.text_target_T.numel(),
+                                                           packed.image_bits_NC.shape[0])
+                    window.add({"loss": float(losses["total"]), "text_ce": float(losses["text_ce"]),
+                                "vision": float(losses["vision"]),
+                                "bit_accuracy": float(losses["bit_accuracy"])})
+                    seen["tokens"] += batch.tokens
+                    seen["images"] += n_img
+                    meter.add_step(n_img, batch.tokens)
+            meter.add_data_wait(data_wait)
+            window.steps += 1
+            step += 1
+            if cfg.fault.sigterm_at_step == step and dist.is_main:
+                os.kill(os.getpid(), signal.SIGTERM)
+            stopped = stop.should_stop(dist.device)
+            if step % cfg.logging.every == 0 or stopped or step == plan.total_steps:
+                _log(logger, step, engine, window, meter, stream, seen, peak, dist, t_step.seconds)
+                window = _Window()
+            if (stopped or step == plan.total_steps
+                    or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
+                _save(ckpt, engine, step, stage_idx, stream, seen, cfg)
+                saved_step = step
+            if stopped:
+                break
+    finally:
+        stop.restore()
+        logger.close()
+    if not stopped and cfg.export:
+        export_model(engine, model, cfg, os.path.join(cfg.run_dir, "export"), dist)
+    return {"step": step, "stopped": stopped, "saved_step": saved_step, "seen": seen,
+            "stream": vars(stream.counters) if stream else {}}
+
+
+def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, stream, seen: dict,
+          cfg: TrainConfig) -> None:
+    stream_meta, stream_tensors = stream.state_dict()
+    meta = {"stage": stage_idx, "stage_name": cfg.stages[stage_idx].name, "seen": seen,
+            "stream": stream_meta}
+    tensors = {f"stream.{k}": v for k, v in stream_tensors.items()}
+    engines = {"model": _KillAfterSave(engine) if cfg.fault.kill_during_checkpoint == step
+               else engine}
+    ckpt.save(step, engines, meta, tensors)
+    if cfg.fault.kill_after_checkpoint == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _log(logger: MetricsLogger, step: int, engine, window: _Window, meter: Throughput, stream,
+         seen: dict, peak: float, dist: DistInfo, last_step_s: float) -> None:
+    """Window means of the losses (over micro-batches and ranks), rates, MFU, data stats."""
+    n = max(window.micro, 1)
+    elapsed = max(time.perf_counter() - window.t0, 1e-9)
+    rates = meter.report(1)
+    local = {k: v / n for k, v in window.sums.items()}
+    local.update(mfu=window.flops / elapsed / peak, tokens_per_s=rates.get("tokens_per_s_rank", 0.0),
+                 images_per_s=rates["items_per_s_rank"], tokens_seen=seen["tokens"],
+                 images_seen=seen["images"], data_wait_frac=rates["data_wait_frac"],
+                 pack_efficiency=stream.counters.efficiency,
+                 samples_read=stream.counters.samples_read, corrupt=stream.counters.corrupt,
+                 oversize=stream.counters.oversize)
+    mean = all_reduce_mean(local, dist.device)
+    W = dist.world_size
+    out = {k: mean[k] for k in ("loss", "text_ce", "vision", "bit_accuracy", "mfu",
+                                "data_wait_frac", "pack_efficiency")}
+    norm = engine.get_global_grad_norm()
+    out.update(lr=engine.get_lr()[0], grad_norm=float(norm) if norm is not None else 0.0,
+               step_time_s=elapsed / max(window.steps, 1), last_step_s=last_step_s,
+               tokens_per_s=mean["tokens_per_s"] * W, images_per_s=mean["images_per_s"] * W,
+               tokens_per_s_rank=local["tokens_per_s"], images_per_s_rank=local["images_per_s"],
+               tokens_seen=mean["tokens_seen"] * W, images_seen=mean["images_seen"] * W)
+    out.update({"data/samples_read": mean["samples_read"] * W, "data/corrupt": mean["corrupt"] * W,
+                "data/oversize": mean["oversize"] * W})
+    logger.log(step, out)
+

@@ -1,0 +1,117 @@
+"""Tokenizer training end to end on tiny shapes shards: 2-rank DeepSpeed ZeRO-2 on CPU with
+checkpoint + resume (compared with an uninterrupted run), and a single plain process with export."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from bdt.config import load
+from bdt.data.shapes import ShapesConfig
+from bdt.data.shards import generate
+from bdt.tokenizer.autoencoder import BinaryAutoencoder
+from bdt.tokenizer.train import TokenizerTrainConfig, main, train
+from bdt.trainer.checkpoint import MARKER, tag_for
+from bdt.trainer.distributed import free_port
+
+TINY = ["model.ch=32", "model.ch_mult=[1,1]", "model.num_res_blocks=1", "model.z_channels=8",
+        "data.size=16", "data.num_workers=0", "deepspeed.micro_batch_size=2",
+        "optim.lr=1e-3", "optim.warmup_steps=1", "optim.schedule=constant", "log.every=1",
+        "log.image_every=2", "log.tensorboard=false", "loss.disc_weight=0.1", "loss.disc_start=1",
+        "loss.lecam_weight=0.05", "loss.disc_layers=1", "loss.disc_width=16"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    generate(ShapesConfig(out=str(out), num=24, sizes=["32"], per_shard=6, format="png"))
+    return str(out / "shapes-{000000..000003}.tar")
+
+
+def _rank(rank, world, port, overrides):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    train(load(TokenizerTrainConfig, [], overrides))
+
+
+def _run2(overrides):
+    mp.spawn(_rank, args=(2, free_port(), overrides), nprocs=2)
+
+
+def _log(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _ema(out_dir, step):
+    shared = torch.load(os.path.join(out_dir, "checkpoints", tag_for(step), "shared.pt"), weights_only=True)
+    return shared
+
+
+def test_two_rank_zero2_checkpoint_resume_continues_exactly(shards, tmp_path):
+    base = TINY + [f"data.shards={shards}", "deepspeed.zero_stage=2", "ckpt.every=2", "ckpt.keep_last=2"]
+    resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
+    _run2(base + [f"out_dir={resumed}", "steps=3"])
+    assert os.path.exists(os.path.join(resumed, "checkpoints", tag_for(3), MARKER))
+    _run2(base + [f"out_dir={resumed}", "steps=4"])  # resumes from step 3
+    _run2(base + [f"out_dir={straight}", "steps=4"])
+    log_r, log_s = _log(resumed), _log(straight)
+    assert [r["step"] for r in log_r] == [1, 2, 3, 4]  # the step counter continues
+    # Same losses after the resume as without interruption: weights, Adam, LR, EMA, the
+    # discriminator, the data position and RNG all came back from the checkpoint.
+    for a, b in zip(log_r[3:], log_s[3:]):
+        assert a["loss"] == b["loss"] and a["d_loss"] == b["d_loss"]
+    a, b = _ema(resumed, 4), _ema(straight, 4)
+    assert all(torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]) for k in a["ema"]["shadow"])
+    assert torch.equal(a["disc"]["net"]["net.0.weight"], b["disc"]["net"]["net.0.weight"])
+    ranks = [json.load(open(os.path.join(resumed, "checkpoints", tag_for(4), f"rank_0000{r}.json")))
+             for r in range(2)]
+    assert [r["state"]["step"] for r in ranks] == [4, 4]
+    # 24 samples in 4 shards, 2 ranks: each rank read its own 2 shards, 4 x 2 images so far.
+    assert all(r["state"]["stream"]["0"]["offset"] == 2 and r["state"]["stream"]["0"]["shard"] == 1
+               for r in ranks)
+    # keep_last=2: step 2 pruned once 3 and 4 were saved.
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == [tag_for(3), tag_for(4)]
+    assert os.path.exists(os.path.join(resumed, "images", f"step_{4:09d}.png"))
+    assert log_r[-1]["bits_outside_5_95"] >= 0 and 0 <= log_r[-1]["bit_rate/000"] <= 1
+
+
+def test_single_process_trains_and_exports(shards, tmp_path):
+    from bdt.tokenizer.io import load_tokenizer
+
+    out = str(tmp_path / "run")
+    args = TINY + [f"data.shards={shards}", f"out_dir={out}", "steps=3", "ckpt.every=10",
+                   "loss.disc_weight=0", "optim.lr=3e-3"]
+    os.environ.pop("WORLD_SIZE", None), os.environ.pop("RANK", None), os.environ.pop("MASTER_PORT", None)
+    train(load(TokenizerTrainConfig, [], args))
+    log = _log(out)
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    assert os.path.exists(os.path.join(out, "config.yaml"))
+    tok = load_tokenizer(os.path.join(out, "export"))
+    bits = tok.encode(torch.zeros(1, 3, 16, 16))
+    assert bits.shape == (1, 8, 8, 8) and bits.dtype == torch.bool
+    # The export holds the EMA weights of the last checkpoint.
+    ema = _ema(out, 3)["ema"]["shadow"]
+    assert torch.equal(tok.state_dict()["decoder.conv_out.weight"], ema["decoder.conv_out.weight"])
+    torch.manual_seed(0)  # the trainer's init seed: the export must differ from the initial weights
+    init = BinaryAutoencoder(tok.config).state_dict()
+    assert not torch.equal(init["decoder.conv_out.weight"], ema["decoder.conv_out.weight"])
+
+
+def test_bad_config_is_a_clear_error(shards, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([f"out_dir={tmp_path}", "data.shards=/nonexistent/x-{0..3}.tar", "steps=1"])
+    assert "data.shards" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([f"out_dir={tmp_path}", f"data.shards={shards}", "loss.pixel=l3"])
+    assert "loss.pixel" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([f"out_dir={tmp_path}", f"data.shards={shards}", "loss.lpips_weight=1"])
+    assert "loss.lpips_backbone" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([f"out_dir={tmp_path}", "data.shards=x.tar", "model.bogus=1"])
+    assert "model.bogus" in capsys.readouterr().err
