@@ -148,11 +148,15 @@ class BitDanceModel(nn.Module):
         """Head condition of the tokens at (row, col): predicting hidden + their pos2d (SPEC 1.3)."""
         return hidden_ND + self.pos_embed(rc_N2).to(hidden_ND.dtype)
 
+    def float_mask_dtype(self) -> torch.dtype | None:
+        """Eager attention reads only additive float masks (ENVIRONMENT.md); others take bool."""
+        if getattr(self.llm.config, "_attn_implementation", "") == "eager":
+            return self.llm.get_input_embeddings().weight.dtype
+        return None
+
     def mask_kwargs(self, layout: BlockCausalLayout) -> dict:
         """attention_mask + position_ids for the decoder call, in the model's backend."""
-        eager = getattr(self.llm.config, "_attn_implementation", "") == "eager"
-        dtype = self.llm.get_input_embeddings().weight.dtype if eager else None
-        return attention_kwargs(layout.to(self.llm.device), self.backend, dtype)
+        return attention_kwargs(layout.to(self.llm.device), self.backend, self.float_mask_dtype())
 
     # --- training -----------------------------------------------------------------------------
 

@@ -1,0 +1,145 @@
+"""Text-to-bits generation with next-patch diffusion (SPEC 1.3-1.4, issue 4 part 7).
+
+For a batch of prompts and one bucket (h x w latent tokens, both divisible by ps):
+1. Prefill every prompt's prefix, chat template + <|vision_start|> <|res_h|> <|res_w|> + P-1
+   query tokens, causal except the last P tokens ([res_w, queries]), which form one block.
+   With CFG the unconditional prefixes (<|im_start|>assistant\\n + the same image part) ride in
+   the same batch: rows are left-padded to one length, padding is masked out and each row's
+   RoPE positions start at its first real token (exact, ENVIRONMENT.md).
+2. The last block's P hidden states + the 2D pos-emb of patch k's tokens condition the head,
+   which samples patch k for all rows at once (Euler-Maruyama, CFG on the velocity, a constant
+   or linearly ramped scale over the AR steps); bits = x >= 0.
+3. Patch k's bits are embedded (connector + pos2d) and fed to both streams as the next block of
+   P tokens against the KV cache, with an explicit [R,1,P,past+P] mask so the block sees itself
+   whole (HF's default would make it causal). Repeat for h*w/P steps.
+
+`use_cache=False` recomputes the whole sequence at every step under the block-causal mask: the
+reference that proves the cache (same seed => same bits). All randomness is in the head sampler,
+drawn from one seeded generator in a fixed order, so the result is reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bdt.model.ar import BitDanceModel
+from bdt.model.attention import BlockCausalLayout, decode_attention_mask
+from bdt.model.flow import binarize, cfg_schedule, sample
+from bdt.model.sequence import SequencePacker, from_sequence_order, grid_coords
+from bdt.model.text_tokenizer import encode
+
+
+@dataclass
+class SamplingConfig:
+    cfg_scale: float = 7.5  # SPEC 1.3: T2I 7.5 (13 for GenEval); 1.0 = no unconditional stream
+    cfg_schedule: str = "constant"  # constant | linear (ramped from 1 to cfg_scale over AR steps)
+    num_steps: int = 50  # Euler-Maruyama steps of the head per AR step (25 is faster)
+    time_shift: float | None = None  # None: the head's own
+    seed: int = 0
+    use_cache: bool = True  # False: full recomputation per step (slow; the cache's reference)
+
+
+def _prefixes(model: BitDanceModel, prompts: Sequence[str | Sequence[int]], h: int, w: int,
+              guided: bool) -> list[list[int]]:
+    """Prefix ids per row: the B conditional rows, then (guided) B unconditional ones."""
+    if model.special is None or model.prompt is None:
+        raise ValueError("generation needs the model's special tokens and prompt pieces "
+                         "(build it with BitDanceModel.from_config / from_pretrained)")
+    if not prompts:
+        raise ValueError("generate() needs at least one prompt")
+    context = model.llm.config.max_position_embeddings
+    encode_text = None if model.tokenizer is None else (lambda s: encode(model.tokenizer, s))
+    packer = SequencePacker(model.special, model.prompt, model.cfg.parallel_num,
+                            max_len=context, encode_text=encode_text)
+    image_part = packer.image_prefix_ids(h, w)  # checks h, w against the patch side
+    if max(h, w) > model.pos_embed.max_grid:
+        raise ValueError(f"bucket {h}x{w} tokens exceeds the 2D position table "
+                         f"({model.pos_embed.max_grid} tokens per side)")
+    captions = list(prompts) + ([None] * len(prompts) if guided else [])
+    rows = []
+    for i, caption in enumerate(captions):
+        ids = packer.prompt_ids(caption)
+        total = packer.sample_len(len(ids), h, w)
+        if total > context:
+            raise ValueError(f"prompt {i % len(prompts)}: {len(ids)} prompt tokens + "
+                             f"{total - len(ids)} image-part tokens ({h}x{w} bucket) = {total} "
+                             f"> the model's context of {context} positions")
+        rows.append(ids + image_part)
+    return rows
+
+
+def _layout(lengths: Sequence[int], total: int, prefix_total: int, P: int) -> BlockCausalLayout:
+    """Rows right-aligned at `prefix_total` (left padding), then (total - prefix_total) image
+    tokens: each row causal over its prefix minus the last P tokens, then blocks of P. The padding
+    is its own document, invisible to the real tokens, whose positions start at 0."""
+    rows = []
+    for n in lengths:
+        pad = prefix_total - n
+        rows.append(BlockCausalLayout.from_packed([0, pad, total], [pad, n - P], [1, P]))
+    return BlockCausalLayout.stack(rows)
+
+
+@torch.no_grad()
+def generate(model: BitDanceModel, prompts: Sequence[str | Sequence[int]], h: int, w: int,
+             cfg: SamplingConfig | None = None) -> Tensor:
+    """Sample one h x w bit grid per prompt (text, or caption token ids): bool [B, h, w, C]."""
+    cfg = cfg or SamplingConfig()
+    P, ps = model.cfg.parallel_num, model.cfg.patch_size
+    n_steps = (h * w) // P if h > 0 and w > 0 else 0
+    scales = cfg_schedule(cfg.cfg_scale, max(n_steps, 1), cfg.cfg_schedule)
+    guided = any(s != 1.0 for s in scales)
+    rows = _prefixes(model, prompts, h, w, guided)
+    B, R = len(prompts), len(rows)
+    device = model.llm.device
+    lengths = [len(r) for r in rows]
+    L0 = max(lengths)
+    ids_RL = torch.tensor([[0] * (L0 - len(r)) + r for r in rows], device=device)
+    rc_N2 = grid_coords(h, w, ps).to(device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    model.eval()
+
+    embeds_RLD = model.embed_text(ids_RL)  # grows by P image tokens per step (uncached mode)
+    key_valid_RK = (torch.arange(L0, device=device) >= L0 - torch.tensor(lengths, device=device)[:, None])
+    next_pos_R = torch.tensor(lengths, device=device)
+    cache = None
+    if cfg.use_cache:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.llm.config)
+    new_RPD = embeds_RLD
+    tokens = []
+    for k in range(n_steps):
+        if cache is None or k == 0:
+            # Step 0 is the prefill (both modes); uncached steps re-run the whole sequence.
+            total = embeds_RLD.shape[1]
+            kwargs = model.mask_kwargs(_layout(lengths, total, L0, P))
+            hidden = model.decoder(inputs_embeds=embeds_RLD, past_key_values=cache,
+                                   use_cache=cache is not None, **kwargs).last_hidden_state
+        else:
+            mask = decode_attention_mask(key_valid_RK, P, model.float_mask_dtype())
+            positions_RP = next_pos_R[:, None] + torch.arange(P, device=device)
+            hidden = model.decoder(inputs_embeds=new_RPD, past_key_values=cache, use_cache=True,
+                                   attention_mask=mask, position_ids=positions_RP
+                                   ).last_hidden_state
+            key_valid_RK = torch.cat([key_valid_RK, torch.ones_like(key_valid_RK[:, :P])], 1)
+            next_pos_R = next_pos_R + P
+        rc_P2 = rc_N2[k * P:(k + 1) * P]
+        cond_RPD = model.head_condition(hidden[:, -P:], rc_P2)  # pos [P, D] over rows
+        x_BPC = sample(model.head, cond_RPD[:B], cond_RPD[B:] if guided else None,
+                       cfg_scale=scales[k], num_steps=cfg.num_steps, time_shift=cfg.time_shift,
+                       generator=generator)
+        bits_BPC = binarize(x_BPC)
+        tokens.append(bits_BPC)
+        if k + 1 < n_steps:
+            bits_RPC = bits_BPC.repeat(R // B, 1, 1)  # both streams get the sampled patch
+            new_RPD = model.embed_image(bits_RPC.reshape(R * P, -1), rc_P2.repeat(R, 1)
+                                        ).view(R, P, -1).to(embeds_RLD.dtype)
+            if cache is None:
+                embeds_RLD = torch.cat([embeds_RLD, new_RPD], dim=1)
+    bits_BNC = torch.cat(tokens, dim=1)
+    return torch.stack([from_sequence_order(b, h, w, ps) for b in bits_BNC]) > 0
+

@@ -1,0 +1,102 @@
+"""Generation loop: KV cache == full recomputation, memorization round trip, bad input."""
+
+import pytest
+import torch
+
+from bdt.model.ar import BitDanceModel
+from bdt.model.backbone import BackboneConfig, make_tiny_llm
+from bdt.model.config import ModelConfig
+from bdt.model.head import HeadConfig
+from bdt.model.sequence import ImageSample, SequencePacker
+from bdt.model.text_tokenizer import encode
+from bdt.sampling import SamplingConfig, generate
+
+CAPTIONS = ["a red circle", "a blue square on the left", "two green stars", "a yellow cat"]
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    return make_tiny_llm(str(tmp_path_factory.mktemp("tiny_llm")), CAPTIONS, hidden=64,
+                         layers=2, heads=4, kv_heads=2, intermediate=128)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls: one thread is faster than two fighting over a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(llm_dir: str, parallel_num: int, seed: int = 0) -> BitDanceModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(backbone=BackboneConfig(path=llm_dir),
+                      head=HeadConfig(width=64, depth=2, num_adaln_sets=1, head_dim=32, bits=8),
+                      parallel_num=parallel_num, flip_prob=0.0, caption_dropout=0.0,
+                      attn_backend="sdpa")
+    return BitDanceModel.from_config(cfg)
+
+
+@pytest.mark.parametrize("parallel_num", [1, 4])
+def test_kv_cache_equals_full_recomputation(llm_dir, parallel_num):
+    model = tiny_model(llm_dir, parallel_num)
+    with torch.no_grad():  # an untrained head ignores its condition (zero-init output layer)
+        for p in [*model.head.parameters(), *model.connector.parameters()]:
+            p.normal_(0.0, 0.3)
+    # Prompts of different lengths (left padding) with CFG on a ramped scale (two streams).
+    prompts = [CAPTIONS[1], CAPTIONS[0]]
+    kw = dict(cfg_scale=3.0, cfg_schedule="linear", num_steps=3, seed=5)
+    cached = generate(model, prompts, 4, 8, SamplingConfig(use_cache=True, **kw))
+    full = generate(model, prompts, 4, 8, SamplingConfig(use_cache=False, **kw))
+    assert cached.shape == (2, 4, 8, 8) and cached.dtype == torch.bool
+    assert torch.equal(cached, full)
+    # Not vacuous: the bits depend on the prompt and the seed.
+    swapped = generate(model, prompts[::-1], 4, 8, SamplingConfig(**kw))
+    assert not torch.equal(swapped[0], cached[1])
+    reseeded = generate(model, prompts, 4, 8, SamplingConfig(**{**kw, "seed": 6}))
+    assert not torch.equal(reseeded, cached)
+    assert torch.equal(generate(model, prompts, 4, 8, SamplingConfig(**kw)), cached)
+
+
+@pytest.mark.parametrize("parallel_num", [1, 4])
+def test_memorization_round_trip(llm_dir, parallel_num):
+    """Train on 4 caption/bit-grid pairs, then sample from the captions: the grids come back.
+
+    Agreement needs the training loss, masks, token order, position embeddings and the
+    sampler's cache/conditioning to be consistent with one another.
+    """
+    model = tiny_model(llm_dir, parallel_num)
+    g = torch.Generator().manual_seed(1)
+    grids = [torch.where(torch.rand(4, 4, 8, generator=g) > 0.5, 1.0, -1.0) for _ in CAPTIONS]
+    packer = SequencePacker(model.special, model.prompt, parallel_num, max_len=4096,
+                            encode_text=lambda s: encode(model.tokenizer, s))
+    packed = packer.pack([ImageSample(c, b) for c, b in zip(CAPTIONS, grids)])
+    steps = 150
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0,
+                            foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
+    model.train()
+    noise = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        loss = model(packed, generator=noise)["total"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    bits = generate(model, CAPTIONS, 4, 4, SamplingConfig(cfg_scale=1.0, num_steps=10, seed=0))
+    accuracy = (bits == (torch.stack(grids) > 0)).float().mean().item()
+    assert accuracy >= 0.99, f"memorized {accuracy:.4f} of the bits (P = {parallel_num})"
+
+
+def test_bad_generation_inputs(llm_dir):
+    model = tiny_model(llm_dir, 4)
+    context = model.llm.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"> the model's context of {context} positions"):
+        generate(model, [[5] * context], 4, 4, SamplingConfig(num_steps=1))
+    with pytest.raises(ValueError, match="3x4 is not divisible by the patch side 2"):
+        generate(model, ["a red circle"], 3, 4, SamplingConfig(num_steps=1))
+    with pytest.raises(ValueError, match="exceeds the 2D position table"):
+        generate(model, ["a red circle"], 130, 4, SamplingConfig(num_steps=1))
+    with pytest.raises(ValueError, match="unknown CFG schedule 'cosine'"):
+        generate(model, ["a red circle"], 4, 4, SamplingConfig(cfg_schedule="cosine"))
