@@ -85,7 +85,7 @@ class BlockCausalLayout:
 
         Sample s is causal over its first causal_len[s] tokens, then blocks of P (a shorter last
         block if its length doesn't divide). total_len > cu_seqlens[-1] pads the row with one
-        causal padding document (attends only to itself, so no row is fully masked).
+        causal padding document (it sees only itself, so no query row is fully masked).
         """
         cu = [int(c) for c in torch.as_tensor(cu_seqlens).tolist()]
         causal = [int(c) for c in torch.as_tensor(causal_lens).reshape(-1).tolist()]
