@@ -6,10 +6,13 @@ the output of the first run on purpose (that is what a rerun is).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
+import threading
+import time
 
 import fsspec
 import numpy as np
@@ -214,3 +217,34 @@ def test_s3_inputs_and_outputs(first_run, raw, tiny_tokenizer, s3_bucket):
             assert all(np.array_equal(local[s.key], s.bits_hwB) for s in samples)
     assert not [p for p in fs.find(s3_bucket[5:]) if ".tmp-" in p or p.endswith(".part")]
     assert run(cfg)["skipped_units"] == 3
+
+
+def test_worker_killed_mid_shard_is_retried(tmp_path, tiny_tokenizer, ray_local):
+    import psutil
+
+    for i in range(2):
+        write_tar(str(tmp_path / f"in-{i}.tar"), good_samples(f"k{i}", 30, 300 + 50 * i))
+    out = str(tmp_path / "out")
+    cfg = make_cfg(str(tmp_path / "in-*.tar"), out, tiny_tokenizer, "batch_size=1", "max_retries=2")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(summary=run(cfg)))
+    thread.start()
+    victim = None
+    deadline = time.time() + 120
+    while victim is None and time.time() < deadline and thread.is_alive():
+        if glob.glob(f"{out}/*/.*.tar.tmp-*"):  # a shard is half written right now
+            for proc in psutil.Process().children(recursive=True):  # only processes this test started
+                with contextlib.suppress(psutil.Error):
+                    if "ShardEncoder" in " ".join(proc.cmdline()):
+                        victim = proc
+                        proc.kill()
+                        break
+        time.sleep(0.005)
+    thread.join(timeout=300)
+    assert victim is not None, "the shard finished before a worker could be killed"
+    assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
+    summary = result["summary"]
+    assert not summary["failed_units"] and summary["done_units"] == 2
+    keys = [k for p in sorted(glob.glob(f"{out}/32/*.tar")) for k in _keys_per_shard(out)[os.path.relpath(p, out)]]
+    assert sorted(keys) == sorted(f"k{i}{j:04d}" for i in range(2) for j in range(30))  # all, once
+    assert not glob.glob(f"{out}/*/.*.tmp-*")
