@@ -5,7 +5,8 @@ released `ddconfig` form) and `model.safetensors` (keys = `BinaryAutoencoder.sta
 are the released BitDance VQModel keys). For official downloads, the directory may instead hold
 one `*.safetensors` file of any name, or one torch file (`.pt/.pth/.bin/.ckpt`, read with
 `torch.load(weights_only=True)`, never unpickling code), and the config may be one `*config.json`.
-A weights file path can also be given directly with `config=` (a TokenizerConfig, dict or path).
+A weights file path can also be given directly: its config is `config=` (a TokenizerConfig, dict
+or path), else `<stem>_config.json` beside it (the release's naming), else `config.json`.
 """
 
 from __future__ import annotations
@@ -93,11 +94,17 @@ def _resolve(path: str, need_config: bool) -> tuple[str, str | None]:
     if not fs.exists(fs_path):
         raise FileNotFoundError(f"tokenizer not found: {path}")
     if not fs.isdir(fs_path):
-        sibling = storage.join(posixpath.dirname(path.rstrip("/")) or ".", CONFIG_NAME)
-        if need_config and not storage.exists(sibling):
-            raise FileNotFoundError(f"no config for weights file {path}: pass config=... or put "
-                                    f"{CONFIG_NAME} beside it")
-        return path, sibling if need_config else None
+        if not need_config:
+            return path, None
+        # Beside `ae_d32c128.safetensors` the release names its config `ae_d32c128_config.json`.
+        folder, name = posixpath.split(path.rstrip("/"))
+        stem = name.rsplit(".", 1)[0]
+        siblings = [storage.join(folder or ".", n) for n in (f"{stem}_config.json", CONFIG_NAME)]
+        for sibling in siblings:
+            if storage.exists(sibling):
+                return path, sibling
+        raise FileNotFoundError(f"no config for weights file {path}: pass config=... or put "
+                                f"{stem}_config.json or {CONFIG_NAME} beside it")
     names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(fs_path, detail=False))
     weights = _pick(names, [WEIGHTS_NAME], lambda n: n.endswith(".safetensors"),
                     lambda n: n.endswith(_TORCH_SUFFIXES), what="weights", path=path)

@@ -123,9 +123,16 @@ def test_released_layout_directory_and_torch_file(tmp_path):
         assert torch.equal(model.encode(t["io.input"]), (t["io.bits"] > 0).permute(0, 2, 3, 1))
         torch.testing.assert_close(model.decode(model.encode(t["io.input"])), t["io.recon"],
                                    atol=1e-5, rtol=1e-5)
-    # A bare weights file with the config given explicitly.
+    # A bare weights file: config given explicitly, or found by the release's `<stem>_config.json`.
     model = load_tokenizer(str(tmp_path / "ae_tiny_pt" / "ae_tiny.pt"), config=meta["constructor_args"])
     assert model.bits_per_token == 16
+    model = load_tokenizer(str(tmp_path / "ae_tiny_safetensors" / "ae_tiny.safetensors"))
+    assert torch.equal(model.encode(t["io.input"]), (t["io.bits"] > 0).permute(0, 2, 3, 1))
+    # Two weights files and no model.safetensors: ambiguous, say so.
+    save_file(state, str(tmp_path / "ae_tiny_safetensors" / "other.safetensors"))
+    with pytest.raises(ValueError, match=r"several candidate weights files \['ae_tiny.safetensors', "
+                                         r"'other.safetensors'\]"):
+        load_tokenizer(str(tmp_path / "ae_tiny_safetensors"))
 
 
 def test_torch_file_with_code_is_refused(tmp_path, tiny_model):
