@@ -94,3 +94,94 @@ def test_losses_match_fixture(model_and_packed):
     torch.testing.assert_close(out["vision"], ref_vision, rtol=1e-4, atol=0)
     torch.testing.assert_close(out["total"], 0.01 * ref_text + ref_vision, rtol=1e-4, atol=0)
     assert 0.0 <= float(out["bit_accuracy"]) <= 1.0
+
+
+# --- a tiny Qwen3 through the real from_pretrained path ----------------------------------------
+
+CAPTIONS = ["a red circle", "a blue square on the left", "two green stars"]
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    from bdt.model.backbone import make_tiny_llm
+
+    return make_tiny_llm(str(tmp_path_factory.mktemp("tiny_llm")), CAPTIONS)
+
+
+def tiny_config(llm_dir, **overrides) -> ModelConfig:
+    from bdt.model.backbone import BackboneConfig
+
+    kwargs = {"parallel_num": 4, "attn_backend": "sdpa", **overrides}
+    return ModelConfig(backbone=BackboneConfig(path=llm_dir),
+                       head=HeadConfig(width=32, depth=2, num_adaln_sets=2, head_dim=16, bits=8),
+                       **kwargs)
+
+
+def tiny_packed(model: BitDanceModel, seed: int = 0):
+    from bdt.model.text_tokenizer import encode
+
+    g = torch.Generator().manual_seed(seed)
+    packer = SequencePacker(model.special, model.prompt, 4, max_len=4096,
+                            encode_text=lambda s: encode(model.tokenizer, s))
+    return packer.pack([ImageSample(c, torch.where(torch.rand(4, 2 + 2 * i, 8, generator=g) > 0.5,
+                                                   1.0, -1.0)) for i, c in enumerate(CAPTIONS)])
+
+
+def test_llm_init_keeps_the_llm(llm_dir):
+    """Text-only rows through the wrapper give the original LLM's logits (vocab rows it had)."""
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(llm_dir, attn_implementation="sdpa").eval()
+    model = BitDanceModel.from_config(tiny_config(llm_dir)).eval()
+    vocab = original.config.vocab_size
+    assert model.llm.config.vocab_size > vocab  # res/query tokens were added
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.text_logits(ids)
+        theirs = original(input_ids=ids).logits
+    assert ours.shape[-1] == model.llm.config.vocab_size
+    torch.testing.assert_close(ours[..., :vocab], theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_load_roundtrip(llm_dir, tmp_path):
+    model = BitDanceModel.from_config(tiny_config(llm_dir, text_loss_weight=0.5)).eval()
+    with torch.no_grad():  # make the head's zero-initialised layers non-trivial
+        for p in model.head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(tmp_path / "export"))
+    loaded = BitDanceModel.from_pretrained(str(tmp_path / "export")).eval()
+    assert loaded.cfg.text_loss_weight == 0.5 and loaded.special == model.special
+    mine, theirs = model.state_dict(), loaded.state_dict()
+    assert sorted(mine) == sorted(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    packed = tiny_packed(model)
+    with torch.no_grad():
+        a = model(packed, generator=torch.Generator().manual_seed(3))
+        b = loaded(packed, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a["total"], b["total"])
+    with pytest.raises(OSError, match="not a saved BitDanceModel"):
+        BitDanceModel.from_pretrained(str(tmp_path))
+
+
+def test_activation_checkpointing_gives_the_same_gradients(llm_dir):
+    plain = BitDanceModel.from_config(tiny_config(llm_dir)).train()
+    ckpt = BitDanceModel.from_config(tiny_config(llm_dir, activation_checkpointing=True)).train()
+    ckpt.load_state_dict(plain.state_dict())
+    packed = tiny_packed(plain)
+    grads = []
+    for model in (plain, ckpt):
+        out = model(packed, generator=torch.Generator().manual_seed(4))
+        out["total"].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert sorted(grads[0]) == sorted(grads[1]) and len(grads[0]) > 0
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bad_model_config(llm_dir):
+    with pytest.raises(ValueError, match="model.attn_backend: unknown attention backend 'xformers'"):
+        BitDanceModel.from_config(tiny_config(llm_dir, attn_backend="xformers"))
+    with pytest.raises(ValueError, match="model.parallel_num"):
+        tiny_config(llm_dir, parallel_num=8).validate()
+    with pytest.raises(ValueError, match="model.flip_prob"):
+        tiny_config(llm_dir, flip_prob=1.5).validate()
