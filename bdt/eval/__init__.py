@@ -1,0 +1,1 @@
+"""Evaluation: the shapes judge (`judge`) and the fixed prompt suite (`suite`)."""

@@ -1,0 +1,177 @@
+"""The shapes judge and the shipped evaluation suite."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bdt.data import shapes
+from bdt.eval import judge as judge_mod
+from bdt.eval.judge import Judgement, judge_image, score
+from bdt.eval.suite import build_suite, load_suite, to_jsonl
+
+SIZES = [(64, 64), (96, 64), (64, 128), (128, 128), (200, 120), (256, 256), (384, 256),
+         (160, 512)]
+CONDITIONS = ("png", "jpg95", "jpg85", "jpg75")  # jpg85/75: PIL defaults, 4:2:0 chroma
+OPPOSITE = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
+PERPENDICULAR = {"left_of": "above", "right_of": "below", "above": "left_of", "below": "right_of"}
+
+
+def _compress(image: Image.Image, condition: str) -> Image.Image:
+    if condition == "png":
+        return image
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=int(condition[3:]))
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _wrong(rng: np.random.Generator, spec: dict) -> dict:
+    """A spec that really means something else: another colour, shape, count or relation."""
+    spec = copy.deepcopy(spec)
+    groups = spec["groups"]
+    kinds = ["shape", "count"] + (["color"] if any(g["color"] for g in groups) else [])
+    kinds += ["relation"] * 2 if spec["relation"] else []
+    kind = kinds[int(rng.integers(len(kinds)))]
+    g = groups[int(rng.integers(len(groups)))]
+    if kind == "shape":  # a shape no group has, so the multiset really changes
+        g["shape"] = str(rng.choice([s for s in shapes.SHAPES
+                                     if s not in {x["shape"] for x in groups}]))
+    elif kind == "count":
+        g["count"] += 1 if g["count"] == 1 or rng.random() < 0.5 else -1
+    elif kind == "color":
+        g = next(x for x in groups if x["color"])
+        g["color"] = str(rng.choice([c for c in shapes.COLORS
+                                     if c not in {x["color"] for x in groups}]))
+    else:
+        table = OPPOSITE if rng.random() < 0.5 else PERPENDICULAR
+        spec["relation"]["type"] = table[spec["relation"]["type"]]
+    return spec
+
+
+@pytest.fixture(scope="module")
+def renders():
+    """240 ground-truth samples over square and non-square sizes and four compressions."""
+    out = []
+    for i in range(240):
+        image, _, meta = shapes.make_sample(11, i, SIZES)
+        out.append((_compress(image, CONDITIONS[i % 4]), meta["spec"]))
+    return out
+
+
+def test_ground_truth_renders_pass(renders):
+    results = [judge_image(image, spec) for image, spec in renders]
+    rate = np.mean([r.passed for r in results])
+    print(f"\nground truth pass rate: {rate:.4f} over {len(results)} renders")
+    failures = [(i, r.reason) for i, r in enumerate(results) if not r.passed]
+    assert rate >= 0.99, failures
+
+
+def test_wrong_prompts_fail(renders):
+    rng = np.random.default_rng(0)
+    wrong = [(image, _wrong(rng, spec)) for image, spec in renders]
+    assert all(w != s for (_, w), (_, s) in zip(wrong, renders))
+    passed = [i for i, (image, spec) in enumerate(wrong) if judge_image(image, spec).passed]
+    rate = len(passed) / len(wrong)
+    print(f"\nwrong-prompt pass rate: {rate:.4f} over {len(wrong)} renders")
+    assert rate <= 0.05, passed
+
+
+def test_large_and_extreme_aspect_images():
+    for i, size in enumerate([(1024, 1024), (1024, 64), (64, 1024), (1024, 576)]):
+        image, _, meta = shapes.make_sample(2, i, [size])
+        result = judge_image(_compress(image, "jpg85"), meta["spec"])
+        assert result.passed, (size, result.reason)
+
+
+def test_detections_carry_shape_colour_and_position():
+    spec = {"category": "position", "groups": [
+        {"shape": "star", "color": "red", "count": 1},
+        {"shape": "square", "color": "blue", "count": 1}],
+        "relation": {"type": "left_of", "a": 0, "b": 1}}
+    objects = [
+        {"shape": "star", "color": "red", "group": 0, "size": 40.0, "center": (50.0, 60.0),
+         "bbox": (30.0, 40.0, 70.0, 80.0)},
+        {"shape": "square", "color": "blue", "group": 1, "size": 30.0, "center": (150.0, 70.0),
+         "bbox": (135.0, 55.0, 165.0, 85.0)}]
+    image, _ = shapes.render(np.random.default_rng(0), objects, 200, 120)
+    result = judge_image(np.asarray(image), spec)  # numpy input works too
+    assert result.passed and result.reason == ""
+    star = next(d for d in result.detected if d.shape == "star")
+    assert star.color == "red" and abs(star.center[0] - 50) < 3 and abs(star.center[1] - 60) < 4
+    flipped = copy.deepcopy(spec)
+    flipped["relation"]["type"] = "right_of"
+    failed = judge_image(image, flipped)
+    assert not failed.passed and "relation" in failed.reason
+    recoloured = copy.deepcopy(spec)
+    recoloured["groups"][0]["color"] = "green"
+    assert "expected green star" in judge_image(image, recoloured).reason
+
+
+def test_blank_and_float_images():
+    spec = {"category": "single_object", "relation": None,
+            "groups": [{"shape": "circle", "color": None, "count": 1}]}
+    blank = judge_image(np.full((64, 96, 3), 0.8, np.float32), spec)
+    assert not blank.passed and "found 0" in blank.reason
+    noise = np.random.default_rng(0).normal(128, 6, (80, 80, 3)).clip(0, 255).astype(np.uint8)
+    assert judge_image(noise, spec).detected == []  # gray noise is background, not objects
+
+
+def test_components_match_a_flood_fill():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = rng.random((23, 31)) < 0.45
+        got = sorted(sorted(c.tolist()) for c in judge_mod._components(mask))
+        assert got == _flood_fill(mask)
+
+
+def _flood_fill(mask: np.ndarray) -> list[list[int]]:
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    comps = []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        stack, comp = [start], []
+        seen[start] = True
+        while stack:
+            y, x = stack.pop()
+            comp.append(int(y * w + x))
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        comps.append(sorted(comp))
+    return sorted(comps)
+
+
+def test_score_is_mean_over_categories():
+    results = [Judgement(True), Judgement(False), Judgement(True), Judgement(True)]
+    cats = ["counting", "counting", "position", "position"]
+    scores = score(results, cats)
+    assert scores["per_category"] == {"counting": 0.5, "position": 1.0}
+    assert scores["overall"] == 0.75 and scores["counts"] == {"counting": 2, "position": 2}
+    with pytest.raises(ValueError):
+        score(results, cats[:3])
+
+
+def test_shipped_suite_equals_regeneration():
+    suite = load_suite()
+    assert to_jsonl(suite) == to_jsonl(build_suite())
+    assert len(suite) >= 200 and len({item["id"] for item in suite}) == len(suite)
+    counts = {c: sum(item["category"] == c for item in suite) for c in shapes.CATEGORIES}
+    assert min(counts.values()) >= 30, counts
+
+
+def test_suite_prompts_are_satisfiable():
+    """Each suite spec, rendered by the dataset's layout, is judged a pass (every 6th item)."""
+    suite = load_suite()[::6]
+    for k, item in enumerate(suite):
+        rng = np.random.default_rng(k)
+        objects = shapes.layout(rng, item["spec"], 128, 128)
+        image, _ = shapes.render(rng, objects, 128, 128)
+        result = judge_image(image, item["spec"])
+        assert result.passed, (item["prompt"], result.reason)
