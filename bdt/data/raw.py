@@ -33,8 +33,10 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 @dataclass
 class RawDataConfig:
     shards: str = "???"  # brace pattern, glob or comma list; local or fsspec URL
-    size: int = 128  # training resolution: shorter side resized to it, then centre-cropped
-    seed: int = 0  # shard order per epoch
+    size: int = 128  # training resolution (square crops of this size)
+    resize: int = 0  # shorter side is resized to this first (0 = size); > size allows crops
+    random_crop: bool = False  # crop position random per sample (seeded, resume-exact), else centre
+    seed: int = 0  # shard order per epoch and crop positions
     num_workers: int = 1  # DataLoader worker processes per rank (0 = read in the main process)
 
 
@@ -67,14 +69,22 @@ def _exists(url: str) -> bool:
     return storage.exists(url) if storage.is_remote(url) else os.path.isfile(url)
 
 
-def decode_image(data: bytes, size: int, max_pixels: int = 100_000_000) -> torch.Tensor:
-    """Bytes -> [3, size, size] float in [-1, 1]: shorter side to `size`, centre crop.
+def decode_image(data: bytes, size: int, resize: int = 0, rng: np.random.Generator | None = None,
+                 max_pixels: int = 100_000_000) -> torch.Tensor:
+    """Bytes -> [3, size, size] float in [-1, 1] (x / 127.5 - 1).
 
-    Decoding policy (EXIF, alpha, 16-bit, size guards) is bdt.data.images'; raises ImageRejected.
+    The shorter side goes to `resize` (default `size`) with a centre crop to a square, then a
+    `size` crop is cut: at a position drawn from `rng` when given, else centred. Decoding policy
+    (EXIF, alpha, 16-bit, size guards) is bdt.data.images'; raises ImageRejected.
     """
+    resize = max(resize, size)
     img, oriented = open_image(data, max_pixels=max_pixels, min_side=1)
-    rgb = decode_rgb(img, oriented, needed_size(oriented, [(size, size)]))
-    pixels_HWC = resize_center_crop(rgb, (size, size))
+    rgb = decode_rgb(img, oriented, needed_size(oriented, [(resize, resize)]))
+    pixels_HWC = resize_center_crop(rgb, (resize, resize))
+    if resize > size:
+        top, left = (rng.integers(0, resize - size + 1, 2) if rng is not None
+                     else ((resize - size) // 2, (resize - size) // 2))
+        pixels_HWC = pixels_HWC[top:top + size, left:left + size]
     return torch.from_numpy(to_unit_range(pixels_HWC[None])[0])
 
 
@@ -93,12 +103,16 @@ def iter_shard(url: str) -> Iterator[dict[str, Any]]:
 
 
 class RawImageStream(IterableDataset):
-    """Endless stream of batches {"images" [B,3,S,S], "captions", "worker", "position", "corrupt"}."""
+    """Endless stream of batches {"images" [B,3,S,S], "captions", "keys", "worker", "position",
+    "corrupt"}."""
 
     def __init__(self, urls: list[str], size: int, batch_size: int, rank: int, world_size: int,
-                 seed: int = 0, positions: dict[int, dict] | None = None):
+                 seed: int = 0, positions: dict[int, dict] | None = None, resize: int = 0,
+                 random_crop: bool = False):
         self.urls = list(urls)
         self.size = size
+        self.resize = resize
+        self.random_crop = random_crop
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -118,7 +132,7 @@ class RawImageStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         g, total = self.rank * workers + worker, self.world_size * workers
         pos = dict(self.positions.get(worker, {"epoch": 0, "shard": 0, "offset": 0, "corrupt": 0}))
-        images, captions = [], []
+        images, captions, keys = [], [], []
         while True:
             shards, stride = self._plan(pos["epoch"], g, total)
             while pos["shard"] < len(shards):
@@ -129,27 +143,31 @@ class RawImageStream(IterableDataset):
                     pos["offset"] = j + 1
                     if j % stride != (g if stride > 1 else 0):
                         continue
-                    image = self._decode(sample)
+                    # Crop RNG from the sample's place in the stream: reproducible after a resume.
+                    rng = (np.random.default_rng([self.seed, pos["epoch"], g, pos["shard"], j])
+                           if self.random_crop else None)
+                    image = self._decode(sample, rng)
                     if image is None:
                         pos["corrupt"] += 1
                         continue
                     images.append(image)
                     captions.append(sample.get("txt", b"").decode("utf-8", "replace"))
+                    keys.append(sample["__key__"])
                     if len(images) == self.batch_size:
-                        yield {"images": torch.stack(images), "captions": captions,
+                        yield {"images": torch.stack(images), "captions": captions, "keys": keys,
                                "worker": worker, "position": dict(pos), "corrupt": pos["corrupt"]}
-                        images, captions = [], []
+                        images, captions, keys = [], [], []
                 pos["shard"] += 1
                 pos["offset"] = 0
             pos["epoch"] += 1
             pos["shard"] = 0
 
-    def _decode(self, sample: dict[str, Any]) -> torch.Tensor | None:
+    def _decode(self, sample: dict[str, Any], rng: np.random.Generator | None) -> torch.Tensor | None:
         data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
         if data is None:
             return None
         try:
-            return decode_image(data, self.size)
+            return decode_image(data, self.size, self.resize, rng)
         except Exception:  # ImageRejected (corrupt, too large, ...): skip and count
             return None
 
@@ -180,7 +198,7 @@ def make_loader(cfg: RawDataConfig, batch_size: int, rank: int, world_size: int,
         raise ValueError(f"data.num_workers: the checkpoint's stream state has {len(positions)} "
                          f"worker(s), this run has {workers}; resume with the same number")
     stream = RawImageStream(expand_shards(cfg.shards), cfg.size, batch_size, rank, world_size,
-                            cfg.seed, positions)
+                            cfg.seed, positions, cfg.resize, cfg.random_crop)
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                         prefetch_factor=2 if cfg.num_workers > 0 else None,
                         persistent_workers=False)

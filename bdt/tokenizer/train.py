@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,6 +80,7 @@ class LogConfig:
 class TokenizerTrainConfig:
     out_dir: str = "???"  # local run directory: logs, images, export/, config.yaml
     steps: int = 1000  # optimizer steps
+    time_limit_min: float = 0.0  # > 0: stop (save + export) after this many minutes of training
     seed: int = 0
     ema_decay: float = 0.999
     model: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -224,6 +226,8 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     last_layer.register_forward_hook(lambda m, inp, out: last_input.update(x=inp[0]))
     accum = cfg.deepspeed.grad_accum
     last: dict = {}
+    started = time.monotonic()
+    timed_out = False
 
     def save() -> None:
         shared = {"ema": ema.state_dict()}
@@ -284,14 +288,17 @@ def train(cfg: TokenizerTrainConfig) -> dict:
                 n = cfg.log.num_images
                 save_grid(os.path.join(cfg.out_dir, "images", f"step_{step:09d}.png"),
                           images[:n], recon[:n].detach())
-            stopping = stop.should_stop(dist.device)
+            over_time = cfg.time_limit_min > 0 and time.monotonic() - started > cfg.time_limit_min * 60
+            # One collective for both reasons: every rank stops at the same step.
+            stopping = stop.should_stop(dist.device, local=over_time)
             if stopping or step % cfg.ckpt.every == 0 or step == cfg.steps:
                 save()
             if stopping:
+                timed_out = over_time and not stop.requested
                 if dist.is_main:
-                    print(f"stop signal: saved step {step}, exiting", flush=True)
+                    print(f"{'time limit' if timed_out else 'stop signal'}: saved step {step}", flush=True)
                 break
-        if dist.is_main and step >= cfg.steps:
+        if dist.is_main and (step >= cfg.steps or timed_out):
             print(f"exported EMA tokenizer to {export(model_cfg, ema.state_dict(), cfg.out_dir)}", flush=True)
     finally:
         logger.close()

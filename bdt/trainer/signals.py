@@ -27,9 +27,10 @@ class StopFlag:
         self.requested = True
         self.signum = signum
 
-    def should_stop(self, device: torch.device) -> bool:
-        """Collective (call on every rank each step): True if any rank got a stop signal."""
-        return all_reduce_max(1.0 if self.requested else 0.0, device) > 0
+    def should_stop(self, device: torch.device, local: bool = False) -> bool:
+        """Collective (call on every rank each step): True if any rank got a stop signal or
+        passed `local=True` (another reason to stop, e.g. a time limit)."""
+        return all_reduce_max(1.0 if (self.requested or local) else 0.0, device) > 0
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -1,0 +1,115 @@
+"""Raw image-caption shard reader: patterns, decoding, corrupt samples, rank/worker split, resume, s3."""
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from bdt import storage
+from bdt.data.raw import RawDataConfig, RawImageStream, StreamState, decode_image, expand_shards, make_loader
+
+
+def _img(w, h, fmt, value):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _write_shards(root, num_shards=4, per_shard=5):
+    """Shards of valid samples (mixed formats and sizes), plus one corrupt and one image-less."""
+    urls = []
+    for s in range(num_shards):
+        url = storage.join(root, f"raw-{s:03d}.tar")
+        with storage.open_atomic(url) as f:
+            writer = wds.TarWriter(f)
+            for i in range(per_shard):
+                key = f"{s:03d}_{i:03d}"
+                fmt, ext = [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")][i % 3]
+                writer.write({"__key__": key, ext: _img(40 + 8 * i, 32, fmt, 10 * i + s),
+                              "txt": f"caption {key}".encode(), "json": b"{}"})
+            if s == 0:
+                writer.write({"__key__": "bad_jpeg", "jpg": b"\xff\xd8 not a jpeg", "txt": b"x"})
+                writer.write({"__key__": "no_image", "txt": b"caption only"})
+            writer.close()
+        urls.append(url)
+    return urls
+
+
+def test_expand_patterns_and_missing(tmp_path):
+    _write_shards(str(tmp_path))
+    brace = expand_shards(str(tmp_path / "raw-{000..003}.tar"))
+    assert brace == sorted(expand_shards(str(tmp_path / "raw-*.tar")))
+    assert len(brace) == 4
+    assert expand_shards(f"{brace[0]},{brace[2]}") == [brace[0], brace[2]]
+    with pytest.raises(ValueError, match=r"data.shards: 1 shard\(s\) do not exist.*raw-004.tar"):
+        expand_shards(str(tmp_path / "raw-{000..004}.tar"))
+    with pytest.raises(ValueError, match="no shard found"):
+        expand_shards(str(tmp_path / "nothing-*.tar"))
+
+
+def test_decode_resize_crop_range():
+    x = decode_image(_img(64, 32, "PNG", 255), 16)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert torch.allclose(x, torch.ones_like(x))
+    assert decode_image(_img(32, 32, "PNG", 0), 16).min().item() == -1.0
+    # Random crops of a resized image: inside the image, different positions for different draws.
+    ramp = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(32, dtype=np.uint8)[None, :, None] * 8, (32, 1, 3))).save(ramp, "PNG")
+    crops = [decode_image(ramp.getvalue(), 8, resize=32, rng=np.random.default_rng(i)) for i in range(6)]
+    assert all(c.shape == (3, 8, 8) for c in crops)
+    assert len({round(c[0, 0, 0].item(), 4) for c in crops}) > 1
+    centre = decode_image(ramp.getvalue(), 8, resize=32)
+    assert centre[0, 0, 0].item() == pytest.approx(12 * 8 / 127.5 - 1)
+
+
+def _keys(stream, batches):
+    out = []
+    for batch in itertools.islice(iter(stream), batches):
+        out += batch["keys"]
+    return out
+
+
+def test_rank_split_corrupt_counted_and_resume(tmp_path):
+    urls = _write_shards(str(tmp_path))
+    valid = {f"{s:03d}_{i:03d}" for s in range(4) for i in range(5)}
+    # One epoch: 2 ranks x 2 shards x 5 valid samples = 5 batches of 2 per rank.
+    per_rank = [_keys(RawImageStream(urls, 16, 2, rank, 2, seed=1), 5) for rank in range(2)]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert set(per_rank[0]) | set(per_rank[1]) == valid
+    # Rank 0 or 1 owns shard 0 with its two bad samples: counted, not yielded.
+    corrupt = [list(itertools.islice(iter(RawImageStream(urls, 16, 2, r, 2, seed=1)), 5))[-1]["corrupt"]
+               for r in range(2)]
+    assert sorted(corrupt) == [0, 2]
+    # Resume: the position after batch 3 continues exactly where the stream would have.
+    stream = iter(RawImageStream(urls, 16, 2, 0, 2, seed=1))
+    state = StreamState()
+    for _ in range(3):
+        state.update(next(stream))
+    expected = [k for _ in range(4) for k in next(stream)["keys"]]  # crosses into epoch 2
+    resumed = RawImageStream(urls, 16, 2, 0, 2, seed=1, positions={0: state.positions[0]})
+    assert _keys(resumed, 4) == expected
+
+
+def test_fewer_shards_than_workers_split_by_sample(tmp_path):
+    urls = _write_shards(str(tmp_path), num_shards=1, per_shard=6)
+    keys = [_keys(RawImageStream(urls, 16, 3, r, 2), 1) for r in range(2)]
+    assert keys == [["000_000", "000_002", "000_004"], ["000_001", "000_003", "000_005"]]
+
+
+def test_s3_shards_with_dataloader_workers(s3_bucket):
+    _write_shards(storage.join(s3_bucket, "raw"), num_shards=4, per_shard=4)
+    cfg = RawDataConfig(shards=storage.join(s3_bucket, "raw", "raw-*.tar"), size=16, num_workers=2)
+    loader, state = make_loader(cfg, batch_size=2, rank=0, world_size=1)
+    seen = []
+    for batch in itertools.islice(loader, 8):  # one epoch: 16 valid samples
+        state.update(batch)
+        seen += batch["keys"]
+        assert batch["images"].shape == (2, 3, 16, 16)
+    assert sorted(seen) == sorted(f"{s:03d}_{i:03d}" for s in range(4) for i in range(4))
+    assert state.corrupt == 2 and set(state.to_dict()) == {"0", "1"}
+    with pytest.raises(ValueError, match="data.num_workers"):
+        make_loader(RawDataConfig(shards=cfg.shards, num_workers=3), 2, 0, 1, state.to_dict())

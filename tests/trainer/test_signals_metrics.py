@@ -1,0 +1,58 @@
+import json
+import os
+import signal
+
+import torch
+
+from bdt.trainer.ema import EMA
+from bdt.trainer.metrics import MetricsLogger, Throughput
+from bdt.trainer.signals import StopFlag
+
+
+def test_sigterm_and_sigusr1_set_the_stop_flag():
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        flag = StopFlag()
+        try:
+            assert not flag.should_stop(torch.device("cpu"))
+            os.kill(os.getpid(), sig)
+            assert flag.should_stop(torch.device("cpu")) and flag.signum == sig
+        finally:
+            flag.restore()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_metrics_logger_jsonl_tensorboard_and_stdout(tmp_path, capsys):
+    log = MetricsLogger(str(tmp_path), enabled=True, tensorboard=True)
+    log.log(3, {"loss": 0.5, "bit_rate/000": 0.25, "name": "ignored"})
+    log.close()
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert rec["step"] == 3 and rec["loss"] == 0.5 and rec["bit_rate/000"] == 0.25 and "name" not in rec
+    out = capsys.readouterr().out
+    assert "loss=0.5" in out and "bit_rate" not in out
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+    MetricsLogger(str(tmp_path / "off"), enabled=False).log(1, {"loss": 1.0})
+    assert not os.path.exists(tmp_path / "off")
+
+
+def test_throughput_rates():
+    t = Throughput()
+    t.add_step(items=8, tokens=512)
+    t.add_step(items=8, tokens=512)
+    r = t.report(world_size=2)
+    assert r["items_per_s"] == 2 * r["items_per_s_rank"] > 0
+    assert r["tokens_per_s_rank"] == 64 * r["items_per_s_rank"]
+    assert t.steps == 0  # reset after a report
+
+
+def test_ema_tracks_and_round_trips():
+    m = torch.nn.Linear(2, 2)
+    ema = EMA(m, decay=0.5)
+    start = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(m)  # ramp: decay min(0.5, 2/11)
+    d = 2 / 11
+    assert torch.allclose(ema.shadow["weight"], start * d + (start + 1) * (1 - d))
+    other = EMA(torch.nn.Linear(2, 2), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.shadow["weight"], ema.shadow["weight"]) and other.updates == 1
