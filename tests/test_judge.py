@@ -33,8 +33,9 @@ def _wrong(rng: np.random.Generator, spec: dict) -> dict:
     """A spec that really means something else: another colour, shape, count or relation."""
     spec = copy.deepcopy(spec)
     groups = spec["groups"]
-    kinds = ["shape", "count"] + (["color"] if any(g["color"] for g in groups) else [])
-    kinds += ["relation"] * 2 if spec["relation"] else []
+    kinds = ["shape"] + (["color"] if any(g["color"] for g in groups) else [])
+    # Relations join single objects, so counts change only where there is no relation.
+    kinds += ["relation"] * 2 if spec["relation"] else ["count"]
     kind = kinds[int(rng.integers(len(kinds)))]
     g = groups[int(rng.integers(len(groups)))]
     if kind == "shape":  # a shape no group has, so the multiset really changes
@@ -175,3 +176,24 @@ def test_suite_prompts_are_satisfiable():
         image, _ = shapes.render(rng, objects, 128, 128)
         result = judge_image(image, item["spec"])
         assert result.passed, (item["prompt"], result.reason)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["groups"][0].update(shape="hexagon"), "shape 'hexagon'"),
+    (lambda s: s["groups"][1].update(color="teal"), "color 'teal'"),
+    (lambda s: s["groups"][0].update(count=0), "count must be a positive integer"),
+    (lambda s: s["relation"].update(type="near"), "relation 'near'"),
+    (lambda s: s["relation"].update(a=0), "two different single-object groups"),
+    (lambda s: s["groups"][0].pop("color"), "malformed spec"),
+])
+def test_malformed_specs_are_named(change, message):
+    spec = {"category": "position", "groups": [
+        {"shape": "star", "color": None, "count": 1},
+        {"shape": "square", "color": "blue", "count": 1}],
+        "relation": {"type": "above", "a": 1, "b": 0}}
+    image, _ = shapes.render(np.random.default_rng(0),
+                             shapes.layout(np.random.default_rng(0), spec, 96, 96), 96, 96)
+    assert judge_image(image, spec).passed  # relation between groups given in either order
+    change(spec)
+    with pytest.raises(ValueError, match=message):
+        judge_image(image, spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -63,7 +64,8 @@ def test_captions_and_layout_follow_the_spec():
         spec = meta["spec"]
         seen.add(spec["category"])
         assert image.size == (meta["width"], meta["height"]) and text == meta["caption"]
-        expected = sorted((g["shape"], g["color"]) for g in spec["groups"] for _ in range(g["count"]))
+        expected = sorted((g["shape"], g["color"])
+                          for g in spec["groups"] for _ in range(g["count"]))
         drawn = sorted((o["shape"], spec["groups"][o["group"]]["color"]) for o in meta["objects"])
         assert drawn == expected
         for g in spec["groups"]:
@@ -98,7 +100,10 @@ def test_local_shards_round_trip_and_are_byte_identical(tmp_path):
         assert text == meta["caption"] and meta["index"] == int(key) and meta["seed"] == 7
     names = sorted(os.listdir(cfg.out))
     assert names == ["config.yaml", "manifest.json"] + [f"shapes-00000{i}.tar" for i in range(3)]
-    assert json.load(open(tmp_path / "a" / "manifest.json"))["num_samples"] == 12
+    saved = json.load(open(tmp_path / "a" / "manifest.json"))
+    assert saved["num_samples"] == 12
+    assert saved["shards"][1]["sha256"] == hashlib.sha256(
+        (tmp_path / "a" / "shapes-000001.tar").read_bytes()).hexdigest()
 
     # Same seed, written by 2 worker processes: the same bytes. Another seed: different.
     same = ShapesConfig(**{**vars(cfg), "out": str(tmp_path / "b"), "workers": 2})
@@ -166,6 +171,9 @@ def test_unwritable_destination_fails_before_rendering(tmp_path, capsys, monkeyp
 
 
 def test_failure_midway_leaves_no_partial_shard_and_no_manifest(tmp_path, capsys, monkeypatch):
+    # A finished dataset is there first: a failed rewrite must not leave it looking complete.
+    shards.generate(ShapesConfig(out=str(tmp_path), num=2, sizes=["64"], seed=5))
+    assert (tmp_path / "manifest.json").exists()
     real = shards.encode_sample
 
     def failing(cfg, index, sizes):
@@ -178,7 +186,8 @@ def test_failure_midway_leaves_no_partial_shard_and_no_manifest(tmp_path, capsys
     assert cli.main(argv) == 2
     assert "No space left on device" in capsys.readouterr().err
     # Shard 0 is complete; shard 1 (which failed) left nothing, not even its temp file.
-    assert sorted(os.listdir(tmp_path)) == ["shapes-000000.tar"]
+    assert sorted(os.listdir(tmp_path)) == ["config.yaml", "shapes-000000.tar"]
+    assert len(_read_local(str(tmp_path), "jpg")) == 4  # the new shard 0, whole
 
 
 @pytest.mark.skipif(not os.path.exists(BDT_SCRIPT), reason="bdt console script not installed")

@@ -3,7 +3,8 @@
 A sample is drawn from its own RNG `default_rng([seed, index])`, so any sample can be made alone,
 in any process, and is the same bytes every time. A *spec* describes the whole image the way the
 caption states it (GenEval-style categories); the judge (`bdt.eval.judge`) checks images against
-the same spec, and renders its shape templates with `shape_coverage` from here, so the two never drift.
+the same spec, and renders its shape templates with `shape_coverage` from here, so the two
+never drift.
 
 Spec format:
     {"category": str, "groups": [{"shape": str, "color": str | None, "count": int}, ...],
@@ -127,7 +128,7 @@ def shape_coverage(shape: str, size: int) -> np.ndarray:
 # Specs and captions
 
 def sample_spec(rng: np.random.Generator, category: str) -> dict:
-    """A random spec of `category`. Shapes within one spec are distinct so captions are unambiguous."""
+    """A random spec of `category` (distinct shapes, so its caption is unambiguous)."""
     color_names = list(COLORS)
     shapes = [str(s) for s in rng.permutation(SHAPES)[:2]]
     colors = [str(c) for c in rng.permutation(color_names)[:2]]
@@ -151,6 +152,35 @@ def sample_spec(rng: np.random.Generator, category: str) -> dict:
     else:
         raise ValueError(f"unknown category '{category}' (expected one of {', '.join(CATEGORIES)})")
     return {"category": category, "groups": groups, "relation": relation}
+
+
+def check_spec(spec: dict) -> None:
+    """Raise ValueError naming the first problem of a spec (the format in the module docstring)."""
+    try:
+        groups, relation = spec["groups"], spec.get("relation")
+        if spec["category"] not in CATEGORIES:
+            raise ValueError(f"category '{spec['category']}' is not one of {', '.join(CATEGORIES)}")
+        if not groups:
+            raise ValueError("no groups")
+        for g in groups:
+            if g["shape"] not in SHAPES:
+                raise ValueError(f"shape '{g['shape']}' is not one of {', '.join(SHAPES)}")
+            if g["color"] is not None and g["color"] not in COLORS:
+                raise ValueError(f"color '{g['color']}' is not one of {', '.join(COLORS)}")
+            if not isinstance(g["count"], int) or g["count"] < 1:
+                raise ValueError(f"count must be a positive integer, got {g['count']!r}")
+        if relation is not None:
+            if relation["type"] not in RELATIONS:
+                raise ValueError(
+                    f"relation '{relation['type']}' is not one of {', '.join(RELATIONS)}")
+            ends = [relation["a"], relation["b"]]
+            if (ends[0] == ends[1]
+                    or not all(isinstance(e, int) and 0 <= e < len(groups) for e in ends)
+                    or any(groups[e]["count"] != 1 for e in ends)):
+                raise ValueError(
+                    f"relation must join two different single-object groups, got {ends}")
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"malformed spec {spec!r}: missing or wrong {exc}") from None
 
 
 def _with_article(phrase: str) -> str:
@@ -210,6 +240,7 @@ def relation_holds(kind: str, a: tuple[float, float], b: tuple[float, float],
 
 def layout(rng: np.random.Generator, spec: dict, width: int, height: int) -> list[dict]:
     """Place every object of `spec` without overlap (bounding boxes kept a gap apart)."""
+    check_spec(spec)
     wanted = []  # (group index, shape, colour or None)
     for gi, g in enumerate(spec["groups"]):
         wanted += [(gi, g["shape"], g["color"])] * g["count"]
@@ -232,9 +263,11 @@ def layout(rng: np.random.Generator, spec: dict, width: int, height: int) -> lis
                        box[1] < o["bbox"][3] + gap and o["bbox"][1] < box[3] + gap
                        for o in objects):
                     continue
-                if relation and len(objects) == 1 and not relation_holds(
-                        relation["type"], objects[0]["center"], (cx, cy), DOMINANCE):
-                    continue
+                if relation and gi in (relation["a"], relation["b"]):
+                    where = {o["group"]: o["center"] for o in objects} | {gi: (cx, cy)}
+                    a, b = where.get(relation["a"]), where.get(relation["b"])
+                    if a and b and not relation_holds(relation["type"], a, b, DOMINANCE):
+                        continue
                 break
             else:
                 break

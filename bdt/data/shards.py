@@ -8,6 +8,7 @@ finished dataset and one without is not.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import multiprocessing
@@ -60,19 +61,32 @@ def shard_range(cfg: ShapesConfig, shard: int) -> range:
     return range(shard * cfg.per_shard, min(cfg.num, (shard + 1) * cfg.per_shard))
 
 
+class _Sha256Writer:
+    """A write-only stream that hashes what passes through (tar streams only call write)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+
 def write_shard(cfg: ShapesConfig, shard: int, progress: tqdm | None = None) -> dict:
     """Render and write shard number `shard`; returns its manifest entry."""
     sizes = validate(cfg)
     name = SHARD_PATTERN.format(shard)
     count = 0
     with storage.open_atomic(storage.join(cfg.out, name)) as f:
-        with wds.TarWriter(f, encoder=False, mtime=_TAR_MTIME, user="bdt", group="bdt") as tar:
+        out = _Sha256Writer(f)
+        with wds.TarWriter(out, encoder=False, mtime=_TAR_MTIME, user="bdt", group="bdt") as tar:
             for index in shard_range(cfg, shard):
                 tar.write(encode_sample(cfg, index, sizes))
                 count += 1
                 if progress is not None:
                     progress.update(1)
-    return {"name": name, "count": count, "first_index": shard_range(cfg, shard).start}
+    return {"name": name, "count": count, "first_index": shard_range(cfg, shard).start,
+            "sha256": out.sha.hexdigest()}
 
 
 def _write_shard_in_worker(cfg_dict: dict, shard: int) -> dict:
@@ -84,6 +98,10 @@ def generate(cfg: ShapesConfig) -> dict:
     """Write the whole dataset described by `cfg`; returns the manifest."""
     validate(cfg)
     storage.check_writable(cfg.out)  # fail before rendering anything
+    manifest_url = storage.join(cfg.out, MANIFEST_NAME)
+    if storage.exists(manifest_url):  # rewriting a finished dataset: unfinished until the end
+        fs, path = storage.filesystem(manifest_url)
+        fs.rm(path)
     num_shards = -(-cfg.num // cfg.per_shard)
     entries: list[dict] = [{}] * num_shards
     with tqdm(total=cfg.num, desc=f"shapes -> {cfg.out}", unit="img") as progress:
@@ -101,6 +119,5 @@ def generate(cfg: ShapesConfig) -> dict:
     save_resolved(cfg, cfg.out)
     manifest = {"dataset": "shapes", "num_samples": cfg.num, "seed": cfg.seed,
                 "format": cfg.format, "sizes": list(cfg.sizes), "shards": entries}
-    storage.write_bytes_atomic(storage.join(cfg.out, MANIFEST_NAME),
-                               json.dumps(manifest, indent=1, sort_keys=True).encode())
+    storage.write_bytes_atomic(manifest_url, json.dumps(manifest, indent=1, sort_keys=True).encode())
     return manifest

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from bdt.data.shapes import COLORS, SHAPES, relation_holds, shape_coverage
+from bdt.data.shapes import COLORS, SHAPES, check_spec, relation_holds, shape_coverage
 
 WORK_SHORT = 128       # analyse at 128 px on the short side: objects (>= 22% of it) get >= 28 px
 CHROMA_MIN = 0.06      # OKLab chroma distance from the background that counts as object pixel
@@ -62,7 +62,7 @@ def _oklab(rgb_HW3: np.ndarray) -> np.ndarray:
 _COLOR_NAMES = list(COLORS)
 _PALETTE_HUE = np.array([np.arctan2(lab[2], lab[1]) for lab in
                          _oklab(np.array([list(COLORS.values())], np.uint8))[0]])
-# Nearest palette colour for each of 720 hue bins over [-pi, pi): a lookup, not a distance per pixel.
+# Nearest palette colour for 720 hue bins over [-pi, pi): a lookup, not a distance per pixel.
 _BIN_HUE = -np.pi + (np.arange(720) + 0.5) * (2 * np.pi / 720)
 _HUE_TO_COLOR = np.abs(np.angle(np.exp(1j * (_BIN_HUE[:, None] - _PALETTE_HUE)))).argmin(1)
 
@@ -135,7 +135,7 @@ def _to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
 
 
 def _box_sum(x_HWC: np.ndarray, r: int) -> np.ndarray:
-    """Sum over the (2r+1) x (2r+1) window around each pixel (zero outside), via an integral image."""
+    """Sum over the (2r+1) x (2r+1) window around each pixel (zero outside); integral image."""
     h, w = x_HWC.shape[:2]
     ii = np.zeros((h + 1, w + 1) + x_HWC.shape[2:], np.float32)
     ii[1:, 1:] = x_HWC.cumsum(0).cumsum(1)
@@ -258,6 +258,7 @@ def _describe(objs: list) -> str:
 def judge_image(image: Image.Image | np.ndarray, spec: dict) -> Judgement:
     """Pass iff the detected objects equal the spec's objects exactly (shape always, colour where
     the spec names one, counts exact) and the spec's relation holds on its dominant axis."""
+    check_spec(spec)
     found = detect(image)
     slots = [(g["shape"], g["color"], gi) for gi, g in enumerate(spec["groups"])
              for _ in range(g["count"])]
