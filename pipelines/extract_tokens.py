@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(ExtractConfig, ns.config, ns.overrides)
     except ConfigError as exc:
         fail(str(exc))
+    # Loopback only for a private Ray (without this Ray 2.60 binds the external interface).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if os.environ.get("RAY_ADDRESS"):

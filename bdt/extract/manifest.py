@@ -109,6 +109,21 @@ def valid_marker(root: str, stage: str, index: int, source: str, fp: str) -> dic
     return marker
 
 
+def check_fingerprint(root: str, stages: list[str], fp: str) -> None:
+    """Fail before any work when the output already holds shards of another configuration.
+
+    One marker per stage is enough: a run only ever writes markers with its own fingerprint.
+    """
+    for stage in stages:
+        fs, path = storage.filesystem(storage.join(root, stage))
+        found = sorted(fs.glob(path + "/*.done.json")) if fs.exists(path) else []
+        marker = read_json(storage.join(root, stage, found[0].rsplit("/", 1)[-1])) if found else None
+        if isinstance(marker, dict) and marker.get("fingerprint") not in (None, fp):
+            raise ValueError(f"{storage.join(root, stage)} holds shards made with fingerprint "
+                             f"{marker.get('fingerprint')}, this run's is {fp} (tokenizer, buckets or "
+                             f"preprocessing changed): write to a new output directory")
+
+
 def check_plan(root: str, units: list[dict]) -> None:
     """Write plan.json on the first run; later runs must keep unit i's source (appending is fine)."""
     url = storage.join(root, PLAN_NAME)

@@ -64,6 +64,7 @@ def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[i
                          "filters": [cfg.min_side, cfg.max_pixels, cfg.max_image_bytes, cfg.max_caption_bytes,
                                      list(cfg.image_extensions)],
                          "caption_tokenizer": cfg.caption_tokenizer})
+    mf.check_fingerprint(cfg.output, list(stages), fp)
     mf.check_plan(cfg.output, [u.to_dict() for u in units])
     save_resolved(cfg, cfg.output)
     return units, stages, identity, fp

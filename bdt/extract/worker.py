@@ -96,9 +96,6 @@ class ShardEncoder:
             from transformers import AutoTokenizer
             self.caption_tokenizer = AutoTokenizer.from_pretrained(self.cfg.caption_tokenizer)
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def encode(self, pixels_BHWC: np.ndarray) -> np.ndarray:
         """uint8 [B, H, W, 3] -> packed bits uint8 [B, h, w, C/8]."""
         import torch

@@ -148,6 +148,18 @@ def test_rerun_is_a_noop(first_run):
         json.dumps(summary["stages"]["hi"]))
 
 
+def test_changed_settings_or_inputs_refuse_to_mix_into_an_output(first_run, raw, tiny_tokenizer, tmp_path):
+    cfg, _ = first_run
+    before = _file_state(cfg.output)
+    with pytest.raises(ValueError, match="fingerprint"):
+        run(make_cfg(raw[0], cfg.output, tiny_tokenizer, "min_side=20"))
+    other = tmp_path / "other.tar"
+    write_tar(str(other), good_samples("z", 2, 7))
+    with pytest.raises(ValueError, match="input unit 0 was .*in-000000.tar"):
+        run(make_cfg(f"{other},{raw[0]}", cfg.output, tiny_tokenizer))
+    assert _file_state(cfg.output) == before
+
+
 def test_partial_output_is_completed_with_the_same_keys(first_run):
     cfg, _ = first_run
     out = cfg.output
@@ -173,7 +185,18 @@ def test_partial_output_is_completed_with_the_same_keys(first_run):
     assert os.path.exists(os.path.join(out, "index.json"))
 
 
-def test_folder_input(tmp_path, tiny_tokenizer, ray_local):
+def _word_tokenizer(path: str) -> None:
+    """A tiny Hugging Face fast tokenizer (word level) saved the way real ones are."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "caption": 1, **{str(i): 2 + i for i in range(5)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+
+
+def test_folder_input_with_caption_ids(tmp_path, tiny_tokenizer, ray_local):
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
     for i in range(5):
@@ -183,7 +206,9 @@ def test_folder_input(tmp_path, tiny_tokenizer, ray_local):
     (folder / "orphan.txt").write_text("no image")
     (folder / "notes.md").write_text("?")
     out = str(tmp_path / "out")
-    summary = run(make_cfg(str(folder), out, tiny_tokenizer, "folder_shard_size=4"))
+    _word_tokenizer(str(tmp_path / "text_tok"))
+    summary = run(make_cfg(str(folder), out, tiny_tokenizer, "folder_shard_size=4",
+                           f"caption_tokenizer={tmp_path / 'text_tok'}"))
     assert summary["units"] == 2 and not summary["failed_units"]
     assert summary["stages"]["32"] == {**summary["stages"]["32"], "inputs": 8, "samples": 5, "rejected": 3}
     reasons = {r["key"]: r["reason"] for r in _rejects(out)}
@@ -191,6 +216,7 @@ def test_folder_input(tmp_path, tiny_tokenizer, ray_local):
     keys = {s.key: s for p in sorted(glob.glob(f"{out}/hi/*.tar")) for s in iter_token_shard(p)}
     assert sorted(keys) == sorted(["img_0", "sub_img_1", "img_2", "sub_img_3", "img_4"])
     assert keys["sub_img_3"].source_key == "sub/img.3" and keys["sub_img_3"].caption == "caption 3"
+    assert keys["sub_img_3"].caption_ids.tolist() == [1, 5]  # "caption" "3"
 
 
 def test_s3_inputs_and_outputs(first_run, raw, tiny_tokenizer, s3_bucket):

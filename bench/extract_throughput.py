@@ -1,0 +1,179 @@
+"""Pre-extraction throughput and memory: the Ray pipeline vs a bare single-process encode loop.
+
+    .venv/bin/python bench/extract_throughput.py [--sizes 200 800] [--cpus 2]
+
+Data: the embedded shapes dataset (`bdt data shapes`, 128 px at three aspect ratios). Tokenizer:
+tokenizers/shapes_small.yaml, randomly initialised (speed does not depend on the weights).
+Both sides use the same cores, the same reader and preprocessing (bdt.extract.inputs,
+bdt.data.images) and the same batch size; the bare loop skips Ray, writing and accounting.
+  ratio = pipeline images/s / bare images/s (goal >= 0.85: pipeline overhead <= 15%)
+Pipeline time is the wall time of `run()` on a started Ray, so it includes actor start-up,
+planning, writing, markers and the manifest. Memory: the peak summed RSS of every process this
+script started (driver, raylet, workers), sampled every 0.1 s; streaming means it stays flat as
+the input grows. Writes bench/results/extract_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bdt.config import load  # noqa: E402
+from bdt.data.buckets import make_buckets  # noqa: E402
+from bdt.data.images import ImageRejected, load_for_buckets, to_unit_range  # noqa: E402
+from bdt.extract import inputs as inp  # noqa: E402
+from bdt.extract.config import ExtractConfig  # noqa: E402
+from bdt.tokenizer import BinaryAutoencoder, TokenizerConfig, pack_bits, save_tokenizer  # noqa: E402
+
+RESOLUTION = 128
+BATCH = 32
+PER_SHARD = 50
+
+
+def make_tokenizer(path: str) -> None:
+    with open(os.path.join(REPO, "tokenizers", "shapes_small.yaml")) as f:
+        model_cfg = yaml.safe_load(f)["model"]
+    torch.manual_seed(0)
+    save_tokenizer(BinaryAutoencoder(TokenizerConfig.from_dict(model_cfg)), path)
+
+
+def make_data(out: str, num: int) -> str:
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "bdt"), "data", "shapes", "--out", out,
+                    "--num", str(num), "--per-shard", str(PER_SHARD), "--size", "128", "64x128", "128x64",
+                    "--seed", "0"], check=True, capture_output=True)
+    return os.path.join(out, "shapes-*.tar")
+
+
+def bare_loop(pattern: str, tokenizer: str, threads: int) -> dict:
+    """Read, decode, bucket, encode and pack in one process: the work without the pipeline."""
+    from bdt.tokenizer import load_tokenizer
+
+    torch.set_num_threads(threads)
+    model = load_tokenizer(tokenizer)
+    buckets = make_buckets(RESOLUTION, model.downsample_factor)
+    exts = ["jpg", "jpeg", "png", "webp"]
+    t0 = time.time()
+    n = 0
+    pending: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def flush(bucket):
+        nonlocal n
+        x = torch.from_numpy(to_unit_range(np.stack(pending.pop(bucket))))
+        with torch.inference_mode():
+            pack_bits(model.encode(x).numpy())
+        n += x.shape[0]
+
+    for unit in inp.list_units(pattern, "tar", 1000, exts):
+        for item in inp.iter_unit(unit, exts, 1 << 26):
+            if isinstance(item, inp.Reject) or inp.check_caption(item.caption, 1 << 16)[0] is None:
+                continue
+            try:
+                (bucket, pixels), = load_for_buckets(item.image, [buckets], max_pixels=1 << 26, min_side=32)
+            except ImageRejected:
+                continue
+            pending.setdefault(bucket, []).append(pixels)
+            if len(pending[bucket]) >= BATCH:
+                flush(bucket)
+    for bucket in sorted(pending):
+        flush(bucket)
+    seconds = time.time() - t0
+    return {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 2)}
+
+
+class PeakRSS:
+    """Peak of the summed RSS of this process and all its descendants (sampled)."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me] + me.children(recursive=True):
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def pipeline(pattern: str, tokenizer: str, out: str, cpus: int) -> dict:
+    from bdt.extract.run import run
+
+    cfg = load(ExtractConfig, [], [f"inputs={pattern}", f"output={out}", f"tokenizer={tokenizer}",
+                                   f"stages=[{{resolution: {RESOLUTION}}}]", f"batch_size={BATCH}",
+                                   f"num_actors={cpus}", "cpus_per_actor=1", "progress_interval_s=30"])
+    with PeakRSS() as mem:
+        t0 = time.time()
+        summary = run(cfg)
+        seconds = time.time() - t0
+    n = summary["stages"][str(RESOLUTION)]["samples"]
+    return {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 2),
+            "peak_rss_mb": round(mem.peak / 2**20, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200, 800])
+    parser.add_argument("--cpus", type=int, default=2)
+    args = parser.parse_args()
+    import ray
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = os.path.join(tmp, "tokenizer")
+        make_tokenizer(tok)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False,
+                 object_store_memory=200 * 1024**2)
+        try:
+            for num in args.sizes:
+                pattern = make_data(os.path.join(tmp, f"raw{num}"), num)
+                bare = bare_loop(pattern, tok, args.cpus)
+                pipe = pipeline(pattern, tok, os.path.join(tmp, f"out{num}"), args.cpus)
+                rows.append({"input_images": num, "bare": bare, "pipeline": pipe,
+                             "ratio": round(pipe["images_per_s"] / bare["images_per_s"], 3)})
+        finally:
+            ray.shutdown()
+    print(f"{'images':>7} {'bare img/s':>11} {'pipeline img/s':>15} {'ratio':>6} {'peak RSS MB':>12}")
+    for r in rows:
+        print(f"{r['input_images']:>7} {r['bare']['images_per_s']:>11} {r['pipeline']['images_per_s']:>15} "
+              f"{r['ratio']:>6} {r['pipeline']['peak_rss_mb']:>12}")
+    result = {"bench": "extract_throughput", "resolution": RESOLUTION, "batch_size": BATCH,
+              "cpus": args.cpus, "tokenizer": "tokenizers/shapes_small.yaml (random init)",
+              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                          "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
+              "rows": rows}
+    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
+    with open(os.path.join(REPO, "bench", "results", "extract_throughput.json"), "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
