@@ -1,0 +1,54 @@
+"""The token-shard format (schema 1): round trip through a real tar, and clear errors on bad samples."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from bdt.data.token_shards import TokenSample, decode_sample, encode_sample, iter_token_shard, sample_key
+
+
+def _sample(key="k1", ids=True) -> TokenSample:
+    rng = np.random.default_rng(0)
+    return TokenSample(key=key, bits_hwB=rng.integers(0, 256, (3, 5, 4), dtype=np.uint8), bits_per_token=32,
+                       bucket=(80, 48), caption="a red circle ✓", source_key="dir/k.1", source_shard="s3://b/x.tar",
+                       stage="256", caption_ids=np.array([5, 7, 11], dtype=np.int32) if ids else None)
+
+
+def test_round_trip_through_a_tar(tmp_path):
+    path = str(tmp_path / "t.tar")
+    with wds.TarWriter(path, encoder=False) as w:
+        w.write(encode_sample(_sample("a")))
+        w.write(encode_sample(_sample("b", ids=False)))
+    got = list(iter_token_shard(path))
+    assert [s.key for s in got] == ["a", "b"]
+    want = _sample("a")
+    np.testing.assert_array_equal(got[0].bits_hwB, want.bits_hwB)
+    assert got[0].grid == (3, 5) and got[0].bucket == (80, 48) and got[0].caption == want.caption
+    assert got[0].source_key == "dir/k.1" and got[0].source_shard == "s3://b/x.tar" and got[0].stage == "256"
+    assert got[0].caption_ids.tolist() == [5, 7, 11] and got[1].caption_ids is None
+    plain = next(iter(wds.WebDataset(path, shardshuffle=False)))  # readable without bdt
+    assert json.loads(plain["json"])["schema"] == 1 and plain["txt"].decode() == want.caption
+
+
+def test_bad_samples_name_the_problem():
+    raw = encode_sample(_sample())
+    with pytest.raises(ValueError, match="missing member 'bits.npy'"):
+        decode_sample({k: v for k, v in raw.items() if k != "bits.npy"})
+    meta = json.loads(raw["json"])
+    with pytest.raises(ValueError, match="schema 99"):
+        decode_sample(dict(raw, json=json.dumps(dict(meta, schema=99)).encode()))
+    with pytest.raises(ValueError, match=r"metadata says uint8 \[4, 5, 4\]"):
+        decode_sample(dict(raw, json=json.dumps(dict(meta, h=4)).encode()))
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickle"):  # object arrays are never unpickled
+        decode_sample(dict(raw, **{"bits.npy": buf.getvalue()}))
+    with pytest.raises(ValueError, match="uint8"):
+        encode_sample(TokenSample("k", np.zeros((2, 2, 4), np.int32), 32, (32, 32), "c", "k", "s", "1"))
+
+
+def test_sample_keys_are_webdataset_safe():
+    assert sample_key("a/b.c d") == "a_b_c_d" and sample_key("000123") == "000123"
