@@ -88,58 +88,68 @@ def generate(model: BitDanceModel, prompts: Sequence[str | Sequence[int]], h: in
              cfg: SamplingConfig | None = None) -> Tensor:
     """Sample one h x w bit grid per prompt (text, or caption token ids): bool [B, h, w, C]."""
     cfg = cfg or SamplingConfig()
+    guided = cfg.cfg_scale != 1.0
+    rows = _prefixes(model, prompts, h, w, guided)  # validates prompts, bucket and context
     P, ps = model.cfg.parallel_num, model.cfg.patch_size
-    n_steps = (h * w) // P if h > 0 and w > 0 else 0
-    scales = cfg_schedule(cfg.cfg_scale, max(n_steps, 1), cfg.cfg_schedule)
-    guided = any(s != 1.0 for s in scales)
-    rows = _prefixes(model, prompts, h, w, guided)
-    B, R = len(prompts), len(rows)
-    device = model.llm.device
+    n_steps = h * w // P
+    scales = cfg_schedule(cfg.cfg_scale, n_steps, cfg.cfg_schedule)
+    was_training = model.training
+    model.eval()
+    try:
+        bits_BNC = _decode(model, rows, len(prompts), h, w, scales, cfg)
+    finally:
+        model.train(was_training)
+    return torch.stack([from_sequence_order(b, h, w, ps) for b in bits_BNC]) > 0
+
+
+def _decode(model: BitDanceModel, rows: list[list[int]], B: int, h: int, w: int,
+            scales: list[float], cfg: SamplingConfig) -> Tensor:
+    """The AR loop over h*w/P steps; rows = B conditional (+ B unconditional) prefixes.
+    Returns the sampled +-1 tokens in sequence order, [B, h*w, C]."""
+    P, R, device = model.cfg.parallel_num, len(rows), model.llm.device
     lengths = [len(r) for r in rows]
     L0 = max(lengths)
-    ids_RL = torch.tensor([[0] * (L0 - len(r)) + r for r in rows], device=device)
-    rc_N2 = grid_coords(h, w, ps).to(device)
+    ids_RL = torch.tensor([[0] * (L0 - n) + r for n, r in zip(lengths, rows)], device=device)
+    lengths_R1 = torch.tensor(lengths, device=device)[:, None]
+    key_valid_RK = torch.arange(L0, device=device) >= L0 - lengths_R1  # False at left padding
+    next_pos_R1 = lengths_R1
+    rc_N2 = grid_coords(h, w, model.cfg.patch_size).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    model.eval()
-
-    embeds_RLD = model.embed_text(ids_RL)  # grows by P image tokens per step (uncached mode)
-    key_valid_RK = (torch.arange(L0, device=device) >= L0 - torch.tensor(lengths, device=device)[:, None])
-    next_pos_R = torch.tensor(lengths, device=device)
     cache = None
     if cfg.use_cache:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.llm.config)
+
+    embeds_RLD = model.embed_text(ids_RL)  # the whole sequence so far (uncached mode)
     new_RPD = embeds_RLD
     tokens = []
-    for k in range(n_steps):
+    for k in range(len(scales)):
         if cache is None or k == 0:
             # Step 0 is the prefill (both modes); uncached steps re-run the whole sequence.
-            total = embeds_RLD.shape[1]
-            kwargs = model.mask_kwargs(_layout(lengths, total, L0, P))
+            layout = _layout(lengths, embeds_RLD.shape[1], L0, P)
             hidden = model.decoder(inputs_embeds=embeds_RLD, past_key_values=cache,
-                                   use_cache=cache is not None, **kwargs).last_hidden_state
+                                   use_cache=cache is not None, **model.mask_kwargs(layout)
+                                   ).last_hidden_state
         else:
             mask = decode_attention_mask(key_valid_RK, P, model.float_mask_dtype())
-            positions_RP = next_pos_R[:, None] + torch.arange(P, device=device)
             hidden = model.decoder(inputs_embeds=new_RPD, past_key_values=cache, use_cache=True,
-                                   attention_mask=mask, position_ids=positions_RP
+                                   attention_mask=mask,
+                                   position_ids=next_pos_R1 + torch.arange(P, device=device)
                                    ).last_hidden_state
             key_valid_RK = torch.cat([key_valid_RK, torch.ones_like(key_valid_RK[:, :P])], 1)
-            next_pos_R = next_pos_R + P
+            next_pos_R1 = next_pos_R1 + P
         rc_P2 = rc_N2[k * P:(k + 1) * P]
         cond_RPD = model.head_condition(hidden[:, -P:], rc_P2)  # pos [P, D] over rows
-        x_BPC = sample(model.head, cond_RPD[:B], cond_RPD[B:] if guided else None,
+        x_BPC = sample(model.head, cond_RPD[:B], cond_RPD[B:] if R > B else None,
                        cfg_scale=scales[k], num_steps=cfg.num_steps, time_shift=cfg.time_shift,
                        generator=generator)
         bits_BPC = binarize(x_BPC)
         tokens.append(bits_BPC)
-        if k + 1 < n_steps:
+        if k + 1 < len(scales):
             bits_RPC = bits_BPC.repeat(R // B, 1, 1)  # both streams get the sampled patch
             new_RPD = model.embed_image(bits_RPC.reshape(R * P, -1), rc_P2.repeat(R, 1)
                                         ).view(R, P, -1).to(embeds_RLD.dtype)
             if cache is None:
                 embeds_RLD = torch.cat([embeds_RLD, new_RPD], dim=1)
-    bits_BNC = torch.cat(tokens, dim=1)
-    return torch.stack([from_sequence_order(b, h, w, ps) for b in bits_BNC]) > 0
-
+    return torch.cat(tokens, dim=1)

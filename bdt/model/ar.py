@@ -145,12 +145,15 @@ class BitDanceModel(nn.Module):
         return self.connector(bits_NC.to(dtype)) + self.pos_embed(rc_N2).to(dtype)
 
     def head_condition(self, hidden_ND: Tensor, rc_N2: Tensor) -> Tensor:
-        """Head condition of the tokens at (row, col): predicting hidden + their pos2d (SPEC 1.3)."""
-        return hidden_ND + self.pos_embed(rc_N2).to(hidden_ND.dtype)
+        """Head condition of the tokens at (row, col): predicting hidden + their pos2d (SPEC 1.3),
+        in the head's dtype (the backbone may run in another)."""
+        cond_ND = hidden_ND + self.pos_embed(rc_N2).to(hidden_ND.dtype)
+        return cond_ND.to(self.head.input_proj.weight.dtype)
 
     def float_mask_dtype(self) -> torch.dtype | None:
-        """Eager attention reads only additive float masks (ENVIRONMENT.md); others take bool."""
-        if getattr(self.llm.config, "_attn_implementation", "") == "eager":
+        """The dtype a dense mask must be additive in, or None for bool: eager attention reads
+        a bool mask wrongly (ENVIRONMENT.md) and HF's flex path adds a dense mask to scores."""
+        if getattr(self.llm.config, "_attn_implementation", "") in ("eager", "flex_attention"):
             return self.llm.get_input_embeddings().weight.dtype
         return None
 
