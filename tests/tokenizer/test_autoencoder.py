@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from omegaconf import OmegaConf
 from skimage import data as skdata
 from skimage.transform import resize
 
+from bdt.config import load as load_config
 from bdt.tokenizer import BinaryAutoencoder, TokenizerConfig
 from bdt.tokenizer.autoencoder import depth_to_space
 
@@ -182,3 +185,24 @@ def test_config_forms_and_errors():
         TokenizerConfig(ch=48, ch_mult=[1, 2]).validate()
     with pytest.raises(ValueError, match="double_z"):
         TokenizerConfig.from_dict({**released, "ddconfig": {**released["ddconfig"], "double_z": True}})
+
+
+@dataclass
+class _YamlSchema:
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@pytest.mark.parametrize("name", ["ae_d16c32", "ae_d32c128", "ae_d32c256", "shapes_small"])
+def test_tokenizers_yaml_configs(name):
+    """tokenizers/*.yaml hold only a `model:` block that the typed config loader accepts."""
+    path = Path(__file__).resolve().parents[2] / "tokenizers" / f"{name}.yaml"
+    loaded = load_config(_YamlSchema, [str(path)])
+    assert set(OmegaConf.to_container(loaded)) == {"model"}
+    with torch.device("meta"):
+        model = BinaryAutoencoder(loaded.model)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    if name.startswith("ae_"):
+        assert shapes == json.loads((REF / f"tokenizer_keys_{name}.json").read_text())["state_dict"]
+    else:  # the embedded default: 16x down, 32 bits, small enough to train on a 2-core CPU
+        assert (model.downsample_factor, model.bits_per_token) == (16, 32)
+        assert 1e6 < sum(p.numel() for p in model.parameters()) < 3e6
