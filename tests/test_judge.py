@@ -197,3 +197,12 @@ def test_malformed_specs_are_named(change, message):
     change(spec)
     with pytest.raises(ValueError, match=message):
         judge_image(image, spec)
+
+
+def test_object_multiset_matching():
+    same = judge_mod._same_objects
+    wanted = [("star", "red"), ("star", None), ("circle", None)]
+    assert same([("circle", "blue"), ("star", "blue"), ("star", "red")], wanted)
+    assert not same([("circle", "blue"), ("star", "blue"), ("star", "blue")], wanted)  # no red
+    assert not same([("square", "red"), ("star", "blue"), ("star", "red")], wanted)  # shape
+    assert not same([("circle", "red"), ("star", "red")], wanted)  # count

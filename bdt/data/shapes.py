@@ -90,7 +90,8 @@ def _unit_polygon(shape: str) -> np.ndarray:
         pts = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float)
     elif shape == "triangle":  # equilateral, apex up (image y grows downwards)
         pts = np.array([[0, -1], [math.sqrt(3) / 2, 0.5], [-math.sqrt(3) / 2, 0.5]])
-    elif shape == "star":  # 5 points, apex up; a fat inner radius keeps arms readable at 12 px
+    elif shape == "star":  # 5 points, apex up; inner radius 0.47 (not the classic 0.38) keeps
+        # the arms readable at the minimum size
         t = -np.pi / 2 + np.arange(10) * np.pi / 5
         r = np.where(np.arange(10) % 2 == 0, 1.0, 0.47)
         pts = np.stack([r * np.cos(t), r * np.sin(t)], 1)
@@ -230,7 +231,7 @@ def caption(rng: np.random.Generator, spec: dict) -> str:
 # Layout and rendering
 
 def relation_holds(kind: str, a: tuple[float, float], b: tuple[float, float],
-                    dominance: float) -> bool:
+                   dominance: float) -> bool:
     """Does object at `a` stand in relation `kind` to `b`, its axis dominating by `dominance`?"""
     dx, dy = b[0] - a[0], b[1] - a[1]  # image y grows downwards
     main, other = {"left_of": (dx, dy), "right_of": (-dx, dy),
@@ -333,7 +334,7 @@ def make_sample(seed: int, index: int, sizes: list[tuple[int, int]]
         "spec": spec, "caption": text, "width": width, "height": height,
         "background": background, "seed": seed, "index": index,
         "objects": [{"shape": o["shape"], "color": o["color"], "group": o["group"],
-                     "bbox": [round(v, 2) for v in o["bbox"]],
-                     "center": [round(v, 2) for v in o["center"]]} for o in objects],
+                     "bbox": [round(float(v), 2) for v in o["bbox"]],
+                     "center": [round(float(v), 2) for v in o["center"]]} for o in objects],
     }
     return image, text, meta
