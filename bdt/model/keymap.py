@@ -143,8 +143,9 @@ def meta_model_14b(parallel_num: int = 16) -> BitDanceModel:
     llm_config = Qwen3Config(
         vocab_size=151669 + 256 + parallel_num - 1, hidden_size=5120, intermediate_size=17408,
         num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, max_position_embeddings=40960, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, attention_bias=False)
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        attention_bias=False)
     cfg = ModelConfig(head=HeadConfig(width=5120, depth=6, num_adaln_sets=2, bits=32),
                       parallel_num=parallel_num, attn_backend="sdpa")
     with torch.device("meta"):

@@ -179,7 +179,7 @@ def test_activation_checkpointing_gives_the_same_gradients(llm_dir):
 
 
 def test_bad_model_config(llm_dir):
-    with pytest.raises(ValueError, match="model.attn_backend: unknown attention backend 'xformers'"):
+    with pytest.raises(ValueError, match="attn_backend: unknown attention backend 'xformers'"):
         BitDanceModel.from_config(tiny_config(llm_dir, attn_backend="xformers"))
     with pytest.raises(ValueError, match="model.parallel_num"):
         tiny_config(llm_dir, parallel_num=8).validate()
