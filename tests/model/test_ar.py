@@ -79,7 +79,12 @@ def test_hidden_state_matches_fixture(model_and_packed):
         embeds = model.input_embeddings(packed, TENSORS["mid.vision_latents_flipped"])
         torch.testing.assert_close(embeds, TENSORS["mid.llm_inputs_embeds"], atol=1e-6, rtol=1e-6)
         hidden = model.hidden_states(packed, embeds)
+        cond = model.head_condition(hidden[packed.vision_loss_index_N], packed.image_rc_N2)
+        # The head on the fixture's own t and z (injected, independent of any RNG stream).
+        x_pred = model.head(TENSORS["mid.head_z"], TENSORS["mid.head_t"], cond.view(-1, 4, 64))
     torch.testing.assert_close(hidden, TENSORS["out.last_hidden_state"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cond.view(-1, 4, 64), TENSORS["mid.head_cond"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x_pred, TENSORS["mid.head_x_pred"], atol=1e-4, rtol=1e-4)
 
 
 def test_losses_match_fixture(model_and_packed):
