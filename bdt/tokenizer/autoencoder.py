@@ -198,8 +198,8 @@ class BinaryAutoencoder(nn.Module):
     def bits_per_token(self) -> int:
         return self.config.bits_per_token
 
-    def _param_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+    def _param(self) -> torch.Tensor:
+        return next(self.parameters())
 
     def _check_images(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         if images_BCHW.dim() != 4 or images_BCHW.shape[1] != self.config.in_channels:
@@ -213,7 +213,8 @@ class BinaryAutoencoder(nn.Module):
             raise ValueError(f"image size {h}x{w} (HxW) is not divisible by the tokenizer's "
                              f"downsample factor {f}; crop or resize to multiples of {f}")
         # Under autocast the convs cast for themselves; otherwise match the module's dtype.
-        return images_BCHW.to(self._param_dtype())
+        param = self._param()
+        return images_BCHW.to(device=param.device, dtype=param.dtype)
 
     @torch.no_grad()
     def encode(self, images_BCHW: torch.Tensor) -> torch.Tensor:
@@ -232,11 +233,10 @@ class BinaryAutoencoder(nn.Module):
         if bits_BhwC.dim() != 4 or bits_BhwC.shape[-1] != self.bits_per_token:
             raise ValueError(f"bits must be B x h x w x {self.bits_per_token} (bits per token), got shape "
                              f"{list(bits_BhwC.shape)}")
-        dtype = self._param_dtype()
+        param = self._param()
         if bits_BhwC.dtype == torch.bool:
-            pm1 = torch.where(bits_BhwC, 1.0, -1.0).to(dtype)
-        else:
-            pm1 = bits_BhwC.to(dtype)
+            bits_BhwC = torch.where(bits_BhwC, 1.0, -1.0)
+        pm1 = bits_BhwC.to(device=param.device, dtype=param.dtype)
         noise = None if noise_BhwC is None else noise_BhwC.permute(0, 3, 1, 2)
         return self.decoder(pm1.permute(0, 3, 1, 2), noise, generator)
 
