@@ -272,7 +272,10 @@ def train(cfg: TokenizerTrainConfig) -> dict:
             ema.update(engine.module)
             step += 1
             meter.add_step(images.shape[0] * accum)
-            if step % cfg.log.every == 0 or step == cfg.steps:
+            over_time = cfg.time_limit_min > 0 and time.monotonic() - started > cfg.time_limit_min * 60
+            # One collective for both reasons: every rank stops at the same step.
+            stopping = stop.should_stop(dist.device, local=over_time)
+            if step % cfg.log.every == 0 or step == cfg.steps or stopping:
                 with torch.no_grad():
                     values = {"loss": loss.item(), **terms, **_quant_metrics(q),
                               "psnr": psnr(recon, images).mean().item(),
@@ -288,9 +291,6 @@ def train(cfg: TokenizerTrainConfig) -> dict:
                 n = cfg.log.num_images
                 save_grid(os.path.join(cfg.out_dir, "images", f"step_{step:09d}.png"),
                           images[:n], recon[:n].detach())
-            over_time = cfg.time_limit_min > 0 and time.monotonic() - started > cfg.time_limit_min * 60
-            # One collective for both reasons: every rank stops at the same step.
-            stopping = stop.should_stop(dist.device, local=over_time)
             if stopping or step % cfg.ckpt.every == 0 or step == cfg.steps:
                 save()
             if stopping:

@@ -100,6 +100,12 @@ def test_single_process_trains_and_exports(shards, tmp_path):
     torch.manual_seed(0)  # the trainer's init seed: the export must differ from the initial weights
     init = BinaryAutoencoder(tok.config).state_dict()
     assert not torch.equal(init["decoder.conv_out.weight"], ema["decoder.conv_out.weight"])
+    # Export on request from the newest complete checkpoint, without training.
+    import shutil
+    shutil.rmtree(os.path.join(out, "export"))
+    assert main(["--export-only"] + args) == 0
+    again = load_tokenizer(os.path.join(out, "export")).state_dict()
+    assert torch.equal(again["decoder.conv_out.weight"], ema["decoder.conv_out.weight"])
 
 
 def test_bad_config_is_a_clear_error(shards, tmp_path, capsys):
