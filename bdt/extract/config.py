@@ -37,6 +37,7 @@ class ExtractConfig:
     max_caption_bytes: int = 64 * 1024
     # Encoding.
     batch_size: int = 16  # images per tokenizer call; a batch holds one bucket only
+    decode_threads: int = 0  # per actor, decoding ahead of the encoder (use on GPU actors; 0 = inline)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     # Ray.
     num_actors: int = 0  # 0: as many as the cluster's CPUs (or GPUs) allow

@@ -42,22 +42,24 @@ def resolve_stages(cfg: ExtractConfig, downsample_factor: int) -> dict[str, list
     return out
 
 
-def _downsample_factor(tokenizer: str) -> int:
+def _token_geometry(tokenizer: str) -> dict[str, int]:
     from bdt.tokenizer.config import TokenizerConfig
 
     config = mf.read_json(storage.join(tokenizer, "config.json"))
     if config is None:
         raise FileNotFoundError(f"tokenizer: no readable config.json in {tokenizer}")
-    return TokenizerConfig.from_dict(config).downsample_factor
+    tc = TokenizerConfig.from_dict(config)
+    return {"downsample_factor": tc.downsample_factor, "bits_per_token": tc.bits_per_token}
 
 
 def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[int]]], dict, str]:
     """(units, stage buckets, tokenizer identity, fingerprint); writes plan.json + config.yaml."""
-    stages = resolve_stages(cfg, _downsample_factor(cfg.tokenizer))
+    geometry = _token_geometry(cfg.tokenizer)
+    stages = resolve_stages(cfg, geometry["downsample_factor"])
     units = inp.list_units(cfg.inputs, cfg.input_format, cfg.folder_shard_size,
                            [e.lower() for e in cfg.image_extensions])
     storage.check_writable(cfg.output)
-    identity = mf.tokenizer_identity(cfg.tokenizer)
+    identity = dict(mf.tokenizer_identity(cfg.tokenizer), **geometry)
     # Everything that changes a shard's content; not the Ray sizing or the paths.
     fp = mf.fingerprint({"tokenizer": identity["sha256"], "stages": stages, "patch_size": cfg.patch_size,
                          "dtype": cfg.dtype, "batch_size": cfg.batch_size,
@@ -151,7 +153,8 @@ def _finish(cfg: ExtractConfig, units: list[inp.InputUnit], stages: dict[str, li
             lines.extend(storage.read_bytes(mf.rejects_url(root, index)).decode("utf-8").splitlines())
     storage.write_bytes_atomic(storage.join(root, mf.REJECTS_NAME), "".join(line + "\n" for line in lines).encode())
     reasons = Counter(json.loads(line)["reason"] for line in lines)
-    stage_info = {s: {"buckets": b} for s, b in stages.items()}
+    stage_info = {stage_name(s): {"resolution": s.resolution, "patch_size": cfg.patch_size,
+                                  "buckets": stages[stage_name(s)]} for s in cfg.stages}
     index = mf.build_index(root, identity, to_dict(cfg), stage_info, markers)
     summary = {
         "units": len(units), "done_units": len(results), "failed_units": {str(k): v for k, v in sorted(failed.items())},

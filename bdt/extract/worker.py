@@ -19,7 +19,9 @@ import json
 import os
 import tempfile
 import time
-from typing import IO, Any, Iterator
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO, Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import webdataset as wds
@@ -29,6 +31,9 @@ from bdt.data.images import ImageRejected, load_for_buckets, to_unit_range
 from bdt.data.token_shards import TokenSample, encode_sample, sample_key
 from bdt.extract import inputs as inp
 from bdt.extract import manifest as mf
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # Fixed tar member mtime: re-extracting the same input gives byte-identical shards.
 _TAR_MTIME = 0.0
@@ -129,8 +134,10 @@ class ShardEncoder:
         inputs = 0
         with contextlib.ExitStack() as stack:
             outs, tars = {}, {}
+            _remove_stale_temps(mf.rejects_url(root, unit.index))
             for stage in stages:
                 _remove_stale_temps(mf.shard_url(root, stage, unit.index))
+                _remove_stale_temps(mf.marker_url(root, stage, unit.index))
                 outs[stage] = _HashingFile(stack.enter_context(_open_output(mf.shard_url(root, stage, unit.index))))
                 tars[stage] = stack.enter_context(wds.TarWriter(outs[stage], encoder=False, mtime=_TAR_MTIME))
             pending: dict[tuple[str, tuple[int, int]], list[tuple[str, str, np.ndarray, str, Any]]] = {}
@@ -146,16 +153,23 @@ class ShardEncoder:
                     counts[group[0]] += 1
 
             keys: set[str] = set()
-            for item in inp.iter_unit(unit, list(cfg.image_extensions), cfg.max_image_bytes):
+            items = inp.iter_unit(unit, list(cfg.image_extensions), cfg.max_image_bytes)
+            for item, prepared in _ahead(lambda it: (it, self._prepare(it, unit, stages)), items,
+                                         cfg.decode_threads):
                 inputs += 1
-                if isinstance(item, inp.Reject):
-                    rejects.append(item)
-                    continue
-                prepared = self._prepare(item, unit, stages, keys)
                 if isinstance(prepared, inp.Reject):
                     rejects.append(prepared)
                     continue
-                key, caption, ids, per_stage = prepared
+                caption, per_stage = prepared
+                key = sample_key(item.key)
+                if key in keys:  # checked here, in order: the decode threads finish out of order
+                    rejects.append(inp.Reject(item.key, unit.name, inp.DUPLICATE_KEY,
+                                              f"output key '{key}' already used in this shard"))
+                    continue
+                keys.add(key)
+                ids = None
+                if self.caption_tokenizer is not None:  # not in the threads: HF tokenizers are not re-entrant
+                    ids = np.asarray(self.caption_tokenizer(caption)["input_ids"], dtype=np.int32)
                 for stage, (bucket, pixels) in per_stage.items():
                     group = (stage, bucket)
                     pending.setdefault(group, []).append((key, item.key, pixels, caption, ids))
@@ -182,25 +196,38 @@ class ShardEncoder:
             storage.write_bytes_atomic(mf.marker_url(root, stage, unit.index), mf.json_bytes(markers[stage]))
         return markers
 
-    def _prepare(self, item: inp.RawSample, unit: inp.InputUnit, stages: list[str], keys: set[str]):
-        """Validate + decode one sample: (key, caption, ids, {stage: (bucket, uint8 HWC)}) or a Reject."""
+    def _prepare(self, item: inp.RawSample | inp.Reject, unit: inp.InputUnit, stages: list[str]):
+        """Validate + decode one sample: (caption, {stage: (bucket, uint8 HWC)}) or a Reject."""
+        if isinstance(item, inp.Reject):
+            return item
         cfg = self.cfg
         caption, reason, detail = inp.check_caption(item.caption, cfg.max_caption_bytes)
         if caption is None:
             return inp.Reject(item.key, unit.name, reason, detail)
-        key = sample_key(item.key)
-        if key in keys:
-            return inp.Reject(item.key, unit.name, inp.DUPLICATE_KEY, f"output key '{key}' already used in this shard")
         try:
             # Decoded for all configured stages even when only some are redone: the pixels of a
             # stage must not depend on which other stages happen to be missing.
             crops = load_for_buckets(item.image, list(self.stage_buckets.values()), max_pixels=cfg.max_pixels,
                                      min_side=cfg.min_side)
-            per_stage = {s: c for s, c in zip(self.stage_buckets, crops) if s in stages}
         except ImageRejected as exc:
             return inp.Reject(item.key, unit.name, exc.reason, exc.detail)
-        keys.add(key)
-        ids = None
-        if self.caption_tokenizer is not None:
-            ids = np.asarray(self.caption_tokenizer(caption)["input_ids"], dtype=np.int32)
-        return key, caption, ids, per_stage
+        return caption, {s: c for s, c in zip(self.stage_buckets, crops) if s in stages}
+
+
+def _ahead(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
+    """fn over items, in order, with up to 2 x `threads` calls running ahead in a thread pool.
+
+    PIL releases the GIL while decoding and resizing, so on GPU actors the next images decode
+    while the current batch encodes. Bounded: a shard is never read into memory whole.
+    """
+    if threads <= 0:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        window: deque = deque()
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) > 2 * threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
