@@ -8,9 +8,9 @@ Both sides use the same cores, the same reader and preprocessing (bdt.extract.in
 bdt.data.images) and the same batch size; the bare loop skips Ray, writing and accounting.
   ratio = pipeline images/s / bare images/s (goal >= 0.85: pipeline overhead <= 15%)
 Pipeline time is the wall time of `run()` on a started Ray, so it includes actor start-up,
-planning, writing, markers and the manifest. Memory: the peak summed RSS of every process this
-script started (driver, raylet, workers), sampled every 0.1 s; streaming means it stays flat as
-the input grows. Writes bench/results/extract_throughput.json.
+planning, writing, markers and the manifest. Memory: peak RSS sampled every 0.1 s, for one actor,
+all actors, and every process this script started (driver, raylet, idle Ray workers); streaming
+means the actor figures stay flat as the input grows. Writes bench/results/extract_throughput.json.
 """
 
 from __future__ import annotations
@@ -96,22 +96,32 @@ def bare_loop(pattern: str, tokenizer: str, threads: int) -> dict:
 
 
 class PeakRSS:
-    """Peak of the summed RSS of this process and all its descendants (sampled)."""
+    """Peak RSS of the tokenizer actors (the processes that stream the data), sampled.
+
+    Peak of one actor and of all actors together; also the peak over every process this script
+    started (driver, raylet, idle Ray workers), which includes fixed Ray overheads.
+    """
 
     def __init__(self, interval: float = 0.1):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.interval, self._stop = interval, threading.Event()
+        self.actor_max = self.actors_sum = self.tree = 0
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self):
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            actors, tree = [], 0
             for p in [me] + me.children(recursive=True):
                 try:
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
+                    if "ShardEncoder" in " ".join(p.cmdline()):
+                        actors.append(rss)
+                    tree += rss
                 except psutil.Error:
                     pass
-            self.peak = max(self.peak, total)
+            self.actor_max = max(self.actor_max, max(actors, default=0))
+            self.actors_sum = max(self.actors_sum, sum(actors))
+            self.tree = max(self.tree, tree)
             time.sleep(self.interval)
 
     def __enter__(self):
@@ -134,8 +144,10 @@ def pipeline(pattern: str, tokenizer: str, out: str, cpus: int) -> dict:
         summary = run(cfg)
         seconds = time.time() - t0
     n = summary["stages"][str(RESOLUTION)]["samples"]
+    mb = 2**20
     return {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 2),
-            "peak_rss_mb": round(mem.peak / 2**20, 1)}
+            "peak_rss_mb": {"one_actor": round(mem.actor_max / mb, 1), "all_actors": round(mem.actors_sum / mb, 1),
+                            "all_processes": round(mem.tree / mb, 1)}}
 
 
 def main() -> None:
@@ -160,10 +172,12 @@ def main() -> None:
                              "ratio": round(pipe["images_per_s"] / bare["images_per_s"], 3)})
         finally:
             ray.shutdown()
-    print(f"{'images':>7} {'bare img/s':>11} {'pipeline img/s':>15} {'ratio':>6} {'peak RSS MB':>12}")
+    print(f"{'images':>7} {'bare img/s':>11} {'pipeline img/s':>15} {'ratio':>6} "
+          f"{'actor MB':>9} {'actors MB':>10} {'all MB':>8}")
     for r in rows:
+        mem = r["pipeline"]["peak_rss_mb"]
         print(f"{r['input_images']:>7} {r['bare']['images_per_s']:>11} {r['pipeline']['images_per_s']:>15} "
-              f"{r['ratio']:>6} {r['pipeline']['peak_rss_mb']:>12}")
+              f"{r['ratio']:>6} {mem['one_actor']:>9} {mem['all_actors']:>10} {mem['all_processes']:>8}")
     result = {"bench": "extract_throughput", "resolution": RESOLUTION, "batch_size": BATCH,
               "cpus": args.cpus, "tokenizer": "tokenizers/shapes_small.yaml (random init)",
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),

@@ -72,7 +72,7 @@ def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[i
     return units, stages, identity, fp
 
 
-def _make_actors(cfg: ExtractConfig, fp: str, stages: dict[str, list[list[int]]]) -> list[Any]:
+def _make_actors(cfg: ExtractConfig, fp: str, stages: dict[str, list[list[int]]], num_units: int) -> list[Any]:
     import ray
 
     from bdt.extract.worker import ShardEncoder
@@ -88,6 +88,7 @@ def _make_actors(cfg: ExtractConfig, fp: str, stages: dict[str, list[list[int]]]
         raise ValueError(f"the Ray cluster ({resources.get('CPU', 0)} CPUs, {resources.get('GPU', 0)} GPUs) "
                          f"cannot host one actor with cpus_per_actor={cfg.cpus_per_actor}, "
                          f"gpus_per_actor={cfg.gpus_per_actor}")
+    n = min(n, num_units)  # an actor without a unit would only load the tokenizer
     remote_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
                             max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries)(ShardEncoder)
     cfg_dict = to_dict(cfg)
@@ -101,7 +102,7 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
 
     t0 = time.time()
     units, stages, identity, fp = plan(cfg)
-    actors = _make_actors(cfg, fp, stages)
+    actors = _make_actors(cfg, fp, stages, len(units))
     todo = list(units)
     in_flight: dict[Any, tuple[inp.InputUnit, Any]] = {}
     results: dict[int, dict] = {}
