@@ -204,8 +204,12 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -> I
             else:
                 yield Reject(group_key, src, MISSING_IMAGE, f"only {sorted(group)}")
             return
+        if "txt" in oversized:
+            yield Reject(group_key, src, CAPTION_TOO_LONG, f"txt member exceeds {max_image_bytes} bytes")
+            return
         yield RawSample(group_key, group[image_ext], image_ext, group.get("txt"))
 
+    members = 0
     try:
         f = fsspec.open(unit.source, "rb").open()
     except Exception as exc:
@@ -214,6 +218,7 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -> I
     try:
         stream = tarfile.open(fileobj=f, mode="r|*")
         for info in stream:
+            members += 1
             name = info.name
             if _unsafe(name):
                 yield Reject(name, src, UNSAFE_PATH, "absolute or '..' member path ignored")
@@ -238,7 +243,9 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -> I
         yield from finish()
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         detail = f"{type(exc).__name__}: {exc}"[:200]
-        if group_key is not None and group_key not in seen:
+        if not members:
+            yield Reject("", src, UNREADABLE_SHARD, detail)  # not a tar at all
+        elif group_key is not None and group_key not in seen:
             yield Reject(group_key, src, TRUNCATED_TAR, detail)  # its members may be incomplete
         else:
             yield Reject("", src, TRUNCATED_TAR, detail)

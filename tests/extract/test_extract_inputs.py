@@ -1,0 +1,77 @@
+"""Reading raw inputs without Ray: listing, grouping, and every problem turned into a Reject."""
+
+from __future__ import annotations
+
+import pytest
+from extract_rawdata import good_samples, image_bytes, truncate, write_tar
+
+from bdt.extract import inputs as inp
+
+EXTS = ["jpg", "jpeg", "png", "webp"]
+
+
+def _read(path: str, max_bytes: int = 1 << 20) -> list:
+    unit = inp.list_units(path, "auto", 10, EXTS)[0]
+    return list(inp.iter_unit(unit, EXTS, max_bytes))
+
+
+def _rejects(items) -> list[tuple[str, str]]:
+    return [(r.key, r.reason) for r in items if isinstance(r, inp.Reject)]
+
+
+def test_listing_by_brace_glob_and_comma(tmp_path):
+    for i in range(3):
+        write_tar(str(tmp_path / f"s-{i}.tar"), good_samples("a", 1, i))
+    brace = inp.list_units(str(tmp_path / "s-{0..2}.tar"), "auto", 10, EXTS)
+    glob = inp.list_units(str(tmp_path / "s-*.tar"), "auto", 10, EXTS)
+    assert [u.source for u in brace] == [u.source for u in glob] == [str(tmp_path / f"s-{i}.tar") for i in range(3)]
+    assert [u.index for u in brace] == [0, 1, 2]
+    both = inp.list_units(f"{tmp_path}/s-2.tar,{tmp_path}/s-*.tar", "auto", 10, EXTS)
+    assert [u.source[-7:] for u in both] == ["s-2.tar", "s-0.tar", "s-1.tar"]  # order kept, no repeats
+    with pytest.raises(ValueError, match="nothing matches"):
+        inp.list_units(str(tmp_path / "nope-*.tar"), "auto", 10, EXTS)
+    with pytest.raises(ValueError, match="tar shard not found"):
+        inp.list_units(str(tmp_path / "s-{0..3}.tar"), "auto", 10, EXTS)
+
+
+def test_not_a_tar_is_one_unreadable_reject(tmp_path):
+    path = tmp_path / "junk.tar"
+    path.write_bytes(b"this is not a tar archive" * 40)
+    assert _rejects(_read(str(path))) == [("", "unreadable_shard")]
+
+
+def test_truncated_tar_keeps_what_was_read_and_rejects_the_rest(tmp_path):
+    path = str(tmp_path / "t.tar")
+    write_tar(path, good_samples("t", 6, 0))
+    truncate(path, 0.6)
+    items = _read(path)
+    good = [i.key for i in items if isinstance(i, inp.RawSample)]
+    assert good and good == [f"t{i:04d}" for i in range(len(good))] and len(good) < 6
+    assert len(_rejects(items)) == 1 and _rejects(items)[0][1] == "truncated_tar"
+
+
+def test_duplicates_oversize_and_groups(tmp_path):
+    path = str(tmp_path / "d.tar")
+    png = image_bytes(40, 40)
+    write_tar(path, [
+        {"__key__": "x", "png": png, "txt": b"one"},
+        {"__key__": "y", "png": png, "txt": b"two"},
+        {"__key__": "x", "png": png, "txt": b"again"},  # same key, not adjacent
+        {"__key__": "big", "png": png, "txt": b"c" * 7000},
+        {"__key__": "bigimg", "png": png + b"\0" * 7000, "txt": b"c"},
+        {"__key__": "z", "jpg": png, "png": png, "txt": b"first listed extension wins", "json": b"{}"},
+    ])
+    items = _read(path, max_bytes=6000)
+    assert _rejects(items) == [("x", "duplicate_key"), ("big", "caption_too_long"), ("bigimg", "too_large")]
+    samples = {i.key: i for i in items if isinstance(i, inp.RawSample)}
+    assert sorted(samples) == ["x", "y", "z"] and samples["x"].caption == b"one"
+    assert samples["z"].image_ext == "jpg"
+
+
+@pytest.mark.parametrize("raw,reason", [
+    (None, "missing_caption"), (b" \t\n", "empty_caption"), (b"\xff\xfe", "caption_not_utf8"),
+    (b"x" * 11, "caption_too_long"),
+])
+def test_caption_checks(raw, reason):
+    assert inp.check_caption(raw, 10)[:2] == (None, reason)
+    assert inp.check_caption(b"  a caption\n", 20) == ("a caption", "", "")
