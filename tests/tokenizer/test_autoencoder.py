@@ -137,6 +137,21 @@ def test_bf16_module_and_autocast():
     torch.testing.assert_close(recon_bf.float(), model.decode(bits_bf), atol=0.1, rtol=0.05)
 
 
+def test_channels_last_gives_the_same_outputs():
+    """channels_last (about 1.5x faster convs on CPU) must not change the numbers."""
+    torch.manual_seed(0)
+    model = BinaryAutoencoder(TokenizerConfig(**TINY, gan_decoder=True)).eval()
+    fast = BinaryAutoencoder(model.config).eval()
+    fast.load_state_dict(model.state_dict())
+    fast.to(memory_format=torch.channels_last)
+    images = _photos(32, 48)
+    bits = model.encode(images)
+    assert torch.equal(fast.encode(images.contiguous(memory_format=torch.channels_last)), bits)
+    noise = torch.randn(bits.shape)
+    torch.testing.assert_close(fast.decode(bits, noise_BhwC=noise), model.decode(bits, noise_BhwC=noise),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_training_forward_gradients_pass_the_quantizer():
     torch.manual_seed(0)
     model = BinaryAutoencoder(TokenizerConfig(**TINY))
