@@ -13,6 +13,7 @@ import io
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
 
 import webdataset as wds
 from tqdm import tqdm
@@ -111,13 +112,18 @@ def generate(cfg: ShapesConfig) -> dict:
         else:
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(min(cfg.workers, num_shards), mp_context=ctx) as pool:
-                jobs = {pool.submit(_write_shard_in_worker, vars(cfg).copy(), shard): shard
+                jobs = {pool.submit(_write_shard_in_worker, asdict(cfg), shard): shard
                         for shard in range(num_shards)}
-                for job in as_completed(jobs):
-                    entries[jobs[job]] = job.result()
-                    progress.update(entries[jobs[job]]["count"])
+                try:
+                    for job in as_completed(jobs):
+                        entries[jobs[job]] = job.result()
+                        progress.update(entries[jobs[job]]["count"])
+                except BaseException:  # one shard failed: don't start the others
+                    pool.shutdown(cancel_futures=True)
+                    raise
     save_resolved(cfg, cfg.out)
     manifest = {"dataset": "shapes", "num_samples": cfg.num, "seed": cfg.seed,
                 "format": cfg.format, "sizes": list(cfg.sizes), "shards": entries}
-    storage.write_bytes_atomic(manifest_url, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    storage.write_bytes_atomic(manifest_url,
+                               json.dumps(manifest, indent=1, sort_keys=True).encode())
     return manifest
