@@ -256,20 +256,21 @@ def test_worker_killed_mid_shard_is_retried(tmp_path, tiny_tokenizer, ray_local)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(summary=run(cfg)))
     thread.start()
-    victim = None
+    actor, victim = None, None
     deadline = time.time() + 120
     while victim is None and time.time() < deadline and thread.is_alive():
-        if glob.glob(f"{out}/*/.*.tar.tmp-*"):  # a shard is half written right now
-            for proc in psutil.Process().children(recursive=True):  # only processes this test started
+        if actor is None:  # only processes this test started; found first so the kill is immediate
+            for proc in psutil.Process().children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     if "ShardEncoder" in " ".join(proc.cmdline()):
-                        victim = proc
-                        proc.kill()
-                        break
-        time.sleep(0.005)
+                        actor = proc
+        elif glob.glob(f"{out}/*/.*.tar.tmp-*"):  # a shard is half written right now
+            actor.kill()
+            victim = actor
+        time.sleep(0.002)
     thread.join(timeout=300)
     assert victim is not None, "the shard finished before a worker could be killed"
-    assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
+    assert not psutil.wait_procs([victim], timeout=10)[1]  # it really died; Ray made a new actor
     summary = result["summary"]
     assert not summary["failed_units"] and summary["done_units"] == 2
     keys = [k for p in sorted(glob.glob(f"{out}/32/*.tar")) for k in _keys_per_shard(out)[os.path.relpath(p, out)]]
