@@ -165,6 +165,7 @@ def _finish(cfg: ExtractConfig, units: list[inp.InputUnit], stages: dict[str, li
         "new_samples_per_s": round(new_samples / max(seconds, 1e-9), 2),
     }
     index["summary"] = summary
+    index["complete"] = len(results) == len(units)  # readers: False means rerun before training on it
     storage.write_bytes_atomic(storage.join(root, mf.INDEX_NAME), mf.json_bytes(index))
     _print_summary(summary)
     return summary

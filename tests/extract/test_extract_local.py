@@ -90,6 +90,7 @@ def test_shards_hold_direct_encodings_and_manifest_checks_out(first_run, raw, ti
     out, originals = cfg.output, raw[1]
     assert summary["done_units"] == 3 and not summary["failed_units"]
     index = _index(out)
+    assert index["complete"] and index["tokenizer"]["bits_per_token"] == 16
     assert index["tokenizer"]["sha256"]["model.safetensors"] == hashlib.sha256(
         open(os.path.join(tiny_tokenizer, "model.safetensors"), "rb").read()).hexdigest()
     model = load_tokenizer(tiny_tokenizer)
