@@ -49,3 +49,21 @@ class ExtractConfig:
 
 def stage_name(stage: StageConfig) -> str:
     return stage.name or str(stage.resolution)
+
+
+_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def validate(cfg: ExtractConfig) -> None:
+    """Raise ValueError naming the key for values the types alone don't rule out."""
+    if cfg.dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected one of {list(_DTYPES)}, got '{cfg.dtype}'")
+    for key in ("batch_size", "folder_shard_size", "patch_size", "min_side", "max_pixels",
+                "max_image_bytes", "max_caption_bytes"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
+    for key in ("decode_threads", "max_retries", "num_actors", "gpus_per_actor"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key}: must be >= 0, got {getattr(cfg, key)}")
+    if cfg.cpus_per_actor <= 0:
+        raise ValueError(f"cpus_per_actor: must be > 0, got {cfg.cpus_per_actor}")

@@ -18,7 +18,7 @@ from bdt.config import save_resolved, to_dict
 from bdt.data.buckets import check_buckets, make_buckets
 from bdt.extract import inputs as inp
 from bdt.extract import manifest as mf
-from bdt.extract.config import ExtractConfig, stage_name
+from bdt.extract.config import ExtractConfig, stage_name, validate
 
 _IN_FLIGHT_PER_ACTOR = 2  # one running + one queued, so an actor never idles between units
 
@@ -54,6 +54,7 @@ def _token_geometry(tokenizer: str) -> dict[str, int]:
 
 def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[int]]], dict, str]:
     """(units, stage buckets, tokenizer identity, fingerprint); writes plan.json + config.yaml."""
+    validate(cfg)
     geometry = _token_geometry(cfg.tokenizer)
     stages = resolve_stages(cfg, geometry["downsample_factor"])
     units = inp.list_units(cfg.inputs, cfg.input_format, cfg.folder_shard_size,

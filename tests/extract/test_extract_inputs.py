@@ -75,3 +75,21 @@ def test_duplicates_oversize_and_groups(tmp_path):
 def test_caption_checks(raw, reason):
     assert inp.check_caption(raw, 10)[:2] == (None, reason)
     assert inp.check_caption(b"  a caption\n", 20) == ("a caption", "", "")
+
+
+def test_config_values_are_checked_before_any_work(tmp_path, tiny_tokenizer):
+    from bdt.config import load
+    from bdt.extract.config import ExtractConfig
+    from bdt.extract.run import plan
+
+    base = [f"inputs={tmp_path}/x.tar", f"output={tmp_path}/out", f"tokenizer={tiny_tokenizer}"]
+    write_tar(str(tmp_path / "x.tar"), good_samples("a", 1, 0))
+    for override, message in [("dtype=fp8", "dtype: expected one of"), ("batch_size=0", "batch_size: must be >= 1"),
+                              ("stages=[{resolution: 30}]", r"stages\[0\] \(30\): .*not a multiple of 4"),
+                              ("stages=[{resolution: 32, buckets: [[32, 30]]}]", "multiples of 4")]:
+        with pytest.raises(ValueError, match=message):
+            plan(load(ExtractConfig, [], base + [override]))
+    assert not (tmp_path / "out").exists()
+    units, stages, identity, fp = plan(load(ExtractConfig, [], base + ["stages=[{resolution: 32}]", "patch_size=2"]))
+    assert len(units) == 1 and all(w % 8 == 0 and h % 8 == 0 for w, h in stages["32"])
+    assert identity["downsample_factor"] == 4 and len(fp) == 16
