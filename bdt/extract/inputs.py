@@ -22,6 +22,7 @@ from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
 from bdt import storage
+from bdt.data.images import TOO_LARGE
 
 # Reject reasons produced here (images.py and the worker add their own).
 UNSAFE_PATH = "unsafe_path"
@@ -162,7 +163,7 @@ def _iter_folder(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -
         stem, ext = rel.rsplit(".", 1)
         try:
             if fs.size(posixpath.join(root, rel)) > max_image_bytes:
-                yield Reject(stem, unit.name, "too_large", f"file exceeds max_image_bytes {max_image_bytes}")
+                yield Reject(stem, unit.name, TOO_LARGE, f"file exceeds max_image_bytes {max_image_bytes}")
                 continue
             image = fs.cat_file(posixpath.join(root, rel))
         except OSError as exc:
@@ -196,7 +197,7 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -> I
         if image_ext is None:
             big = sorted(e for e in oversized if e in image_exts)
             if big:
-                yield Reject(group_key, src, "too_large", f"{big[0]} member exceeds max_image_bytes {max_image_bytes}")
+                yield Reject(group_key, src, TOO_LARGE, f"{big[0]} member exceeds max_image_bytes {max_image_bytes}")
                 return
             unknown = sorted(e for e in group if e not in _SIDE_EXTS)
             if unknown:
