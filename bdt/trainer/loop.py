@@ -11,6 +11,7 @@ uninterrupted run bitwise (same world size and thread count; ENVIRONMENT.md).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bdt import storage
 from bdt.config import save_resolved
-from bdt.trainer import setup
+from bdt.trainer import preview, setup
 from bdt.trainer.checkpoint import CheckpointManager
 from bdt.trainer.deepspeed_config import build_ds_config, initialize_engine
 from bdt.trainer.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
@@ -92,14 +93,13 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict:
                                 replace(cfg.optim, lr=1.0), dist.world_size)
     plan = StagePlan.build(cfg.stages, cfg.deepspeed.grad_accum, dist.world_size)
     _seed_all(cfg.seed)  # identical initialisation on every rank
-    model, hf_ds = setup.build_model(cfg, ds_config)
+    model = setup.build_model(cfg)
     ckpt = CheckpointManager(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"), dist,
                              keep_last=cfg.checkpoint.keep_last)
     setup.check_model_signature(ckpt.root, setup.model_signature(model), dist)
     flop_model = FlopModel.from_model(model.llm.config, sum(setup.numel(p) for p in
                                       model.head.parameters()), cfg.model.head.repeat)
     engine = initialize_engine(model, ds_config, StagedLR(cfg.stages, plan))
-    del hf_ds  # HF only needs it while building under ZeRO-3
 
     logger = MetricsLogger(cfg.run_dir, dist.is_main, tensorboard=cfg.logging.tensorboard)
     if dist.is_main:
@@ -122,6 +122,10 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict:
 
     peak = cfg.logging.peak_tflops * 1e12 or measure_peak_flops(
         torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32)
+    zero3 = cfg.deepspeed.zero_stage == 3
+    # ZeRO-3 needs every rank in the forward passes of generation; otherwise rank 0 alone.
+    previewing = cfg.logging.sample_every > 0 and (dist.is_main or zero3)
+    decoder = preview.load_decoder(cfg.data.tokenizer) if previewing else None
     stop = StopFlag()
     window, meter = _Window(), Throughput()
     stopped = False
@@ -149,7 +153,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict:
                     lens = (packed.cu_seqlens_S1[1:] - packed.cu_seqlens_S1[:-1]).tolist()
                     window.flops += flop_model.train_flops(lens, packed.text_target_T.numel(),
                                                            packed.image_bits_NC.shape[0])
-                    window.add({"loss": float(losses["total"]), "text_ce": float(losses["text_ce"]),
+                    window.add({"loss": losses["total"].item(), "text_ce": float(losses["text_ce"]),
                                 "vision": float(losses["vision"]),
                                 "bit_accuracy": float(losses["bit_accuracy"])})
                     seen["tokens"] += batch.tokens
@@ -164,6 +168,12 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict:
             if step % cfg.logging.every == 0 or stopped or step == plan.total_steps:
                 _log(logger, step, engine, window, meter, stream, seen, peak, dist, t_step.seconds)
                 window = _Window()
+            if previewing and step % cfg.logging.sample_every == 0:
+                image = preview.sample_grid(engine.module, decoder, list(cfg.logging.sample_prompts),
+                                            tuple(cfg.logging.sample_hw), cfg.logging.sample_steps,
+                                            cfg.seed)
+                if dist.is_main:
+                    preview.save_grid(image, cfg.run_dir, step)
             if (stopped or step == plan.total_steps
                     or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
                 _save(ckpt, engine, step, stage_idx, stream, seen, cfg)
@@ -173,16 +183,22 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict:
     finally:
         stop.restore()
         logger.close()
-    if not stopped and cfg.export:
-        export_model(engine, model, cfg, os.path.join(cfg.run_dir, "export"), dist)
-    return {"step": step, "stopped": stopped, "saved_step": saved_step, "seen": seen,
-            "stream": vars(stream.counters) if stream else {}}
+    summary = {"step": step, "stopped": stopped, "saved_step": saved_step, "seen": seen,
+               "stream": vars(stream.counters) if stream else {}}
+    if not stopped:
+        summary["param_digests"] = setup.param_digests(engine.module, zero3)
+        if cfg.export:
+            export_model(engine, model, cfg, os.path.join(cfg.run_dir, "export"), dist)
+    if dist.is_main:
+        storage.write_bytes_atomic(os.path.join(cfg.run_dir, "summary.json"),
+                                   json.dumps(summary, indent=1).encode())
+    return summary
 
 
 def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, stream, seen: dict,
           cfg: TrainConfig) -> None:
     stream_meta, stream_tensors = stream.state_dict()
-    meta = {"stage": stage_idx, "stage_name": cfg.stages[stage_idx].name, "seen": seen,
+    meta = {"step": step, "stage": stage_idx, "stage_name": cfg.stages[stage_idx].name, "seen": seen,
             "stream": stream_meta}
     tensors = {f"stream.{k}": v for k, v in stream_tensors.items()}
     engines = {"model": _KillAfterSave(engine) if cfg.fault.kill_during_checkpoint == step

@@ -61,15 +61,14 @@ def _first_sample(url: str) -> TokenSample | None:
         return None  # an empty or damaged first shard is the stream's business (skip and count)
 
 
-def build_model(cfg: TrainConfig, ds_config: dict):
-    """The model, with ZeRO-3 partitioning the LLM as it loads (HfDeepSpeedConfig must be alive
-    while it is built; ENVIRONMENT.md). Returns (model, the HfDeepSpeedConfig or None)."""
-    hf_ds = None
-    if ds_config["zero_optimization"]["stage"] == 3:
-        from transformers.integrations import HfDeepSpeedConfig
+def build_model(cfg: TrainConfig) -> BitDanceModel:
+    """The model, built whole on every rank; `deepspeed.initialize` partitions it under ZeRO-3.
 
-        hf_ds = HfDeepSpeedConfig(ds_config)
-    return BitDanceModel.from_config(cfg.model), hf_ds
+    Partitioning at load (a live HfDeepSpeedConfig while the LLM is built, ENVIRONMENT.md) is
+    not used yet: `bdt.model.backbone.resize_embeddings` reads the embedding's row count from
+    `weight.shape`, which is 0 for a ZeRO-3 partitioned parameter, and fills every row with NaN.
+    """
+    return BitDanceModel.from_config(cfg.model)
 
 
 def numel(p: torch.nn.Parameter) -> int:
@@ -87,7 +86,7 @@ def check_model_signature(root: str, signature: dict[str, list[int]], dist: Dist
     url = storage.join(root, SIGNATURE_NAME)
     if storage.exists(url):
         saved = json.loads(storage.read_bytes(url))
-        for name in sorted(set(saved) | set(signature)):
+        for name in list(signature) + [n for n in saved if n not in signature]:
             if saved.get(name) != signature.get(name):
                 raise ValueError(f"checkpoints in {root} are from a different model shape: parameter "
                                  f"'{name}' is {saved.get(name)} there and {signature.get(name)} in "
@@ -124,3 +123,27 @@ def image_samples(batch: MicroBatch, bits: int) -> list[ImageSample]:
                         bits_HWC=to_pm1(torch.from_numpy(unpack_bits(s.bits_hwB, bits))))
             for s in batch.samples]
 
+
+
+def param_digests(module: torch.nn.Module, zero3: bool) -> list[str]:
+    """sha256 of this rank's full parameters, gathered from every rank (collective): replicas
+    that drifted apart (a missed all-reduce, a rank-dependent update) show up as different."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        if zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                t = p.detach().float().cpu().contiguous()
+        else:
+            t = p.detach().float().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.numpy().tobytes())
+    digest = h.hexdigest()
+    if not torch.distributed.is_initialized():
+        return [digest]
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, digest)
+    return out

@@ -59,8 +59,11 @@ class LoggingConfig:
     every: int = 10
     tensorboard: bool = True
     peak_tflops: float = 0.0  # per rank, for MFU; 0 = measure a matmul at start (same run)
-    sample_every: int = 0  # steps between in-loop sample grids (0 = off)
-    sample_prompts: list[str] = field(default_factory=list)
+    # In-loop sample grid PNG every K steps (0 = off); needs data.tokenizer to decode the bits.
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "two blue squares"])
+    sample_hw: list[int] = field(default_factory=lambda: [16, 16])  # latent tokens (h, w)
+    sample_steps: int = 25  # head sampler steps per AR step
 
 
 @dataclass
@@ -118,6 +121,9 @@ def validate(cfg: TrainConfig) -> None:
             # a stage switch.
             raise ValueError(f"{where}.parallel_num = {s.parallel_num} differs from "
                              f"model.parallel_num = {cfg.model.parallel_num}: one run trains one P")
+    if cfg.logging.sample_every > 0 and not (cfg.data.tokenizer and cfg.logging.sample_prompts):
+        raise ValueError("logging.sample_every needs data.tokenizer (to decode the bits) and "
+                         "logging.sample_prompts")
     if cfg.checkpoint.every < 0 or cfg.logging.every < 1:
         raise ValueError(f"checkpoint.every must be >= 0 and logging.every >= 1, got "
                          f"{cfg.checkpoint.every} and {cfg.logging.every}")

@@ -32,3 +32,87 @@ def write_shards(out_dir: str, grids: list[tuple[int, int]], num_shards: int, pe
                     stage=stage)))
         urls.append(url)
     return urls
+
+
+def tiny_llm(out_dir: str) -> str:
+    from bdt.model.backbone import make_tiny_llm
+
+    return make_tiny_llm(out_dir, CAPTIONS * 20, hidden=32, layers=2, heads=2, kv_heads=1,
+                         intermediate=64, vocab_size=384, max_position_embeddings=1024)
+
+
+def train_overrides(run_dir: str, llm: str, shards: str | list[str], steps: int | list[int] = 6,
+                    zero: int = 2, precision: str = "fp32", every: int = 2, extra=()) -> list[str]:
+    """key=value overrides of a tiny 2-stage (or 1-stage) run; the YAML is bdt/configs/tiny.yaml."""
+    shards = [shards] if isinstance(shards, str) else shards
+    steps = [steps] * len(shards) if isinstance(steps, int) else steps
+    out = [f"run_dir={run_dir}", f"model.backbone.path={llm}", f"deepspeed.zero_stage={zero}",
+           f"deepspeed.precision={precision}", f"checkpoint.every={every}"]
+    stages = ",".join(f"{{name: s{i}, shards: '{s}', steps: {n}, token_budget: 160, lr: 3e-3, "
+                      f"warmup_steps: 2, schedule: cosine}}" for i, (s, n) in enumerate(zip(shards, steps)))
+    out.append(f"stages=[{stages}]")
+    return out + list(extra)
+
+
+def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
+    """One rank of a spawned job: the launcher's environment, one thread, then bdt/train.py."""
+    import torch
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from bdt.train import main
+
+    main(argv)
+
+
+def spawn_train(argv: list[str], world: int = 2) -> int:
+    """Run bdt/train.py on `world` CPU ranks (gloo); returns 0 or the failing rank's exit code
+    (-9 when it was SIGKILLed)."""
+    import torch.multiprocessing as mp
+
+    from bdt.trainer.distributed import free_port
+
+    try:
+        mp.spawn(_rank_main, args=(world, free_port(), argv), nprocs=world, join=True)
+    except mp.ProcessExitedException as e:
+        return e.exit_code
+    return 0
+
+
+def read_metrics(run_dir: str) -> dict[int, dict]:
+    """step -> the last metrics record logged for it (a resumed run re-logs steps after the
+    checkpoint it resumed from)."""
+    import json
+
+    out: dict[int, dict] = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec:
+                out[rec["step"]] = rec
+    return out
+
+
+def export_tensors(run_dir: str) -> dict:
+    from safetensors.torch import load_file
+
+    d = os.path.join(run_dir, "export")
+    return {**load_file(os.path.join(d, "llm", "model.safetensors")),
+            **load_file(os.path.join(d, "bitdance_extra.safetensors"))}
+
+
+def tiny_image_tokenizer(out_dir: str, bits: int = 16) -> str:
+    """A randomly initialised 2x-downsampling binary autoencoder saved as a tokenizer directory."""
+    import torch
+
+    from bdt.tokenizer.autoencoder import BinaryAutoencoder
+    from bdt.tokenizer.config import TokenizerConfig
+    from bdt.tokenizer.io import save_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BinaryAutoencoder(TokenizerConfig(ch=32, ch_mult=[1, 1], num_res_blocks=1,
+                                                  z_channels=bits))
+    save_tokenizer(model, out_dir)
+    return out_dir

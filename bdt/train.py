@@ -1,0 +1,34 @@
+"""Train the AR model: `deepspeed bdt/train.py --config X.yaml [key=value ...]`.
+
+Also runs under `torchrun --nproc_per_node N bdt/train.py ...` and as a plain
+`python bdt/train.py ...` (a world of one). Several --config files merge left to right;
+key=value overrides come last (bdt.config.load). See bdt/trainer/train_config.py for the keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bdt.config import ConfigError, fail, load, split_launcher_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = split_launcher_args(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="bdt/train.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    ns = parser.parse_args(args)
+    from bdt.trainer.loop import run
+    from bdt.trainer.train_config import TrainConfig
+
+    try:
+        cfg = load(TrainConfig, ns.config, ns.overrides)
+        run(cfg)
+    except (ConfigError, ValueError, OSError) as e:
+        fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

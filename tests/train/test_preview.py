@@ -1,0 +1,29 @@
+"""The in-loop sample grid: real generation + decode, and no draw from the global RNG."""
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from bdt.config import load
+from bdt.model.ar import BitDanceModel
+from bdt.trainer.preview import load_decoder, sample_grid, save_grid
+from bdt.trainer.train_config import TrainConfig
+from test_train_inputs import CONFIG
+from trainutil import tiny_image_tokenizer, tiny_llm
+
+
+def test_sample_grid_png_leaves_training_rng_alone(tmp_path):
+    cfg = OmegaConf.to_object(load(TrainConfig, [CONFIG], [
+        f"model.backbone.path={tiny_llm(str(tmp_path / 'llm'))}", "stages=[{name: a, shards: x, steps: 1}]"]))
+    model = BitDanceModel.from_config(cfg.model)
+    decoder = load_decoder(tiny_image_tokenizer(str(tmp_path / "tok")))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    image = sample_grid(model, decoder, ["a red circle", "one cyan star"], (4, 6), num_steps=2, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert image.size == (2 * 6 * 2, 4 * 2)  # two images side by side, 2x decoder upsampling
+    again = sample_grid(model, decoder, ["a red circle", "one cyan star"], (4, 6), num_steps=2, seed=7)
+    assert np.array_equal(np.asarray(again), np.asarray(image))
+    path = save_grid(image, str(tmp_path / "run"), 12)
+    assert path.endswith("samples/step_000000012.png") and Image.open(path).size == image.size

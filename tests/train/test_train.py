@@ -1,0 +1,116 @@
+"""Training on 2 CPU ranks (gloo) with a tiny model: ZeRO-2/3, exact resume after SIGKILL, a kill
+during checkpoint writing, SIGTERM, a stage transition, S3 checkpoints.
+
+Each launch costs mostly imports (transformers, DeepSpeed): the interruptions share one chain
+of restarts so the file stays within its time budget."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from trainutil import export_tensors, read_metrics, spawn_train, tiny_llm, train_overrides, write_shards
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "bdt", "configs", "tiny.yaml")
+STEPS = [4, 4]  # two stages; the transition is at step 4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    llm = tiny_llm(str(root / "llm"))
+    s0 = write_shards(str(root / "s0"), [(4, 4), (4, 8), (8, 4)], num_shards=2, per_shard=10)
+    s1 = write_shards(str(root / "s1"), [(8, 8), (4, 8)], num_shards=2, per_shard=8, seed=1)
+    return {"root": root, "llm": llm, "shards": [os.path.dirname(s0[0]), os.path.dirname(s1[0])]}
+
+
+def argv(data, run_dir, *extra, zero=2, precision="fp32", steps=STEPS, shards=None):
+    return ["--config", CONFIG, *train_overrides(str(run_dir), data["llm"], shards or data["shards"],
+                                                 steps=steps, zero=zero, precision=precision,
+                                                 every=2, extra=extra)]
+
+
+@pytest.fixture(scope="module")
+def ref(data):
+    run_dir = data["root"] / "ref"
+    assert spawn_train(argv(data, run_dir)) == 0
+    return {"dir": run_dir, "metrics": read_metrics(str(run_dir)),
+            "summary": json.loads((run_dir / "summary.json").read_text()),
+            "params": export_tensors(str(run_dir))}
+
+
+def assert_same_as_ref(ref, run_dir, from_step):
+    got = read_metrics(str(run_dir))
+    total = sum(STEPS)
+    assert sorted(got)[-1] == total
+    for step in range(from_step + 1, total + 1):
+        for key in ("loss", "text_ce", "vision", "bit_accuracy", "grad_norm", "lr"):
+            assert got[step][key] == ref["metrics"][step][key], (step, key)
+    # the stream neither skipped nor re-read samples across the restart
+    assert got[total]["data/samples_read"] == ref["metrics"][total]["data/samples_read"]
+    params = export_tensors(str(run_dir))
+    assert params.keys() == ref["params"].keys()
+    for k, v in params.items():
+        assert torch.equal(v, ref["params"][k]), k
+
+
+def test_zero2_two_ranks_learn_and_agree(ref):
+    m, s = ref["metrics"], ref["summary"]
+    first, last = [m[i]["loss"] for i in (1, 2)], [m[i]["loss"] for i in (3, 4)]
+    assert sum(last) < sum(first)
+    assert m[4]["text_ce"] < m[1]["text_ce"]
+    assert len(s["param_digests"]) == 2 and len(set(s["param_digests"])) == 1
+    assert s["step"] == sum(STEPS) and not s["stopped"]
+    complete = sorted(p.name for p in (ref["dir"] / "checkpoints").iterdir()
+                      if (p / "COMPLETE").exists())
+    assert complete == ["step_000000006", "step_000000008"]  # keep_last = 2
+
+
+def test_crash_chain_resumes_exactly(data, ref, tmp_path):
+    """One run interrupted three ways, each restart resuming from the newest complete checkpoint;
+    the end result must be the uninterrupted run's, bitwise."""
+    ck = tmp_path / "checkpoints"
+    # 1. SIGKILL right after the complete checkpoint of step 2 (stage 0)
+    assert spawn_train(argv(data, tmp_path, "fault.kill_after_checkpoint=2")) == -9
+    assert not (tmp_path / "summary.json").exists()
+    # 2. resumes at 2, crosses the stage transition at 4 itself; only rank 0 gets SIGTERM after
+    #    step 5: the all-reduced flag stops both ranks there, they save, and exit 0
+    assert spawn_train(argv(data, tmp_path, "fault.sigterm_at_step=5")) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped"] and summary["step"] == 5 and summary["saved_step"] == 5
+    assert (ck / "step_000000005" / "COMPLETE").exists()
+    # 3. resumes at 5 inside stage 1 (its stream state restored); SIGKILL while writing step 6
+    assert spawn_train(argv(data, tmp_path, "fault.kill_during_checkpoint=6")) == -9
+    assert (ck / "step_000000006").is_dir() and not (ck / "step_000000006" / "COMPLETE").exists()
+    # 4. the incomplete step 6 is ignored: resume from 5 and finish
+    assert spawn_train(argv(data, tmp_path)) == 0
+    resumed = [json.loads(line)["resumed_from_step"] for line in open(tmp_path / "metrics.jsonl")
+               if "resumed_from_step" in line]
+    assert resumed == [2, 5, 5]
+    assert_same_as_ref(ref, tmp_path, from_step=2)
+
+
+def test_s3_checkpoints_resume(data, ref, tmp_path, s3_bucket):
+    import fsspec
+
+    ck = f"{s3_bucket}/run/ck"
+    assert spawn_train(argv(data, tmp_path, f"checkpoint.dir={ck}",
+                            "fault.kill_after_checkpoint=6")) == -9
+    fs = fsspec.filesystem("s3")
+    assert fs.exists(f"{ck}/step_000000006/COMPLETE")
+    assert not (tmp_path / "checkpoints").exists()  # nothing went to the local run dir
+    assert spawn_train(argv(data, tmp_path, f"checkpoint.dir={ck}")) == 0
+    fs.invalidate_cache()
+    assert fs.exists(f"{ck}/step_000000008/COMPLETE")
+    assert_same_as_ref(ref, tmp_path, from_step=6)
+
+
+def test_zero3_bf16_two_ranks(data, tmp_path):
+    assert spawn_train(argv(data, tmp_path, zero=3, precision="bf16", steps=[6],
+                            shards=[data["shards"][0]])) == 0
+    m = read_metrics(str(tmp_path))
+    assert m[5]["loss"] + m[6]["loss"] < m[1]["loss"] + m[2]["loss"]
+    digests = json.loads((tmp_path / "summary.json").read_text())["param_digests"]
+    assert len(digests) == 2 and len(set(digests)) == 1
+    assert export_tensors(str(tmp_path))["lm_head.weight"].dtype == torch.bfloat16

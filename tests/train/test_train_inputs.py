@@ -1,0 +1,97 @@
+"""bdt/train.py front door: the real `deepspeed` launcher, and bad input failing at start with
+one clear line (missing shards, another image tokenizer's shards, wrong bits, another model's
+checkpoints)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bdt.config import load
+from bdt.trainer.distributed import DistInfo, free_port
+from bdt.trainer.setup import check_data, check_model_signature, model_signature
+from bdt.trainer.train_config import TrainConfig
+from trainutil import tiny_llm, train_overrides, write_shards
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+CONFIG = os.path.join(ROOT, "bdt", "configs", "tiny.yaml")
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def config(tmp_path, shards, *extra):
+    return OmegaConf.to_object(load(TrainConfig, [CONFIG], train_overrides(
+        str(tmp_path / "run"), "unused", shards, extra=extra)))
+
+
+def test_deepspeed_launcher_runs_two_ranks(tmp_path):
+    llm = tiny_llm(str(tmp_path / "llm"))
+    write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=2, per_shard=6)
+    run_dir = tmp_path / "run"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
+           "--master_port", str(free_port()), os.path.join(ROOT, "bdt", "train.py"),
+           "--config", CONFIG, *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=3,
+                                                 every=0, extra=["export=false"])]
+    proc = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 3 and len(summary["param_digests"]) == 2
+    assert len(set(summary["param_digests"])) == 1
+    assert (run_dir / "checkpoints" / "step_000000003" / "COMPLETE").exists()
+
+
+def test_missing_shards_fail_at_start_with_one_line(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "bdt", "train.py"), "--config", CONFIG,
+           *train_overrides(str(tmp_path / "run"), "unused", str(tmp_path / "nowhere"))]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stages[0] (s0): shards:") and "nowhere" in last
+    assert "does not exist" in last
+
+
+def _manifest(root, sha):
+    """An extraction output: one family 's' of real shards + index.json naming the tokenizer."""
+    write_shards(str(root / "s"), [(4, 4)], num_shards=1, per_shard=2)
+    index = {"schema": 1, "tokenizer": {"path": "tok", "sha256": sha},
+             "stages": {"s": {"shards": [{"shard": "s/000000.tar"}]}}}
+    (root / "index.json").write_text(json.dumps(index))
+    return str(root)
+
+
+def test_shards_of_another_image_tokenizer_are_refused(tmp_path):
+    from bdt.extract.manifest import tokenizer_identity
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "config.json").write_text('{"bits": 16}')
+    good = tokenizer_identity(str(tok))["sha256"]
+    ok = _manifest(tmp_path / "a", good)
+    other = _manifest(tmp_path / "b", {"config.json": "0" * 64})
+    assert check_data(config(tmp_path, ok, f"data.tokenizer={tok}"))[0].urls
+    with pytest.raises(ValueError, match=r"stages\[0\] \(s0\).*different image tokenizer"):
+        check_data(config(tmp_path, other, f"data.tokenizer={tok}"))
+    # without data.tokenizer, two stages must still agree with each other
+    with pytest.raises(ValueError, match=r"stages\[1\] \(s1\).*different image tokenizer"):
+        check_data(config(tmp_path, [ok, other]))
+
+
+def test_bits_per_token_mismatch_is_refused(tmp_path):
+    write_shards(str(tmp_path / "s"), [(4, 4)], num_shards=1, per_shard=2, bits=32)
+    with pytest.raises(ValueError, match="32-bit tokens, model.head.bits is 16"):
+        check_data(config(tmp_path, str(tmp_path / "s")))
+
+
+def test_checkpoints_of_another_model_shape_are_refused(tmp_path):
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    root = str(tmp_path / "ck")
+    small = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    check_model_signature(root, model_signature(small), dist)  # first start records it
+    check_model_signature(root, model_signature(small), dist)  # same shape: fine
+    wide = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2))
+    with pytest.raises(ValueError, match=r"different model shape: parameter '0.weight' is \[8, 4\] "
+                                         r"there and \[16, 4\]"):
+        check_model_signature(root, model_signature(wide), dist)
