@@ -59,9 +59,11 @@ def run(cfg: TrainConfig | DictConfig) -> dict:
     validate(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    sources = setup.check_data(cfg)  # bad shard paths / tokenizer mismatch: fail before anything
+    setup.skip_deepspeed_muon()
     dist = init_distributed()
     try:
-        summary = _train(cfg, dist)
+        summary = _train(cfg, dist, sources)
     except BaseException:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -87,8 +89,7 @@ class _KillAfterSave:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _train(cfg: TrainConfig, dist: DistInfo) -> dict:
-    sources = setup.check_data(cfg)  # bad shard paths / tokenizer mismatch: fail before the model
+def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     ds_config = build_ds_config(replace(cfg.deepspeed, micro_batch_size=1),
                                 replace(cfg.optim, lr=1.0), dist.world_size)
     plan = StagePlan.build(cfg.stages, cfg.deepspeed.grad_accum, dist.world_size)

@@ -4,6 +4,8 @@ error: shard sources, image-tokenizer identity, bits per token, model shape vs. 
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import numpy as np
 import torch
@@ -59,6 +61,18 @@ def _first_sample(url: str) -> TokenSample | None:
         return decode_sample(raw)
     except (StopIteration, ValueError, OSError):
         return None  # an empty or damaged first shard is the stream's business (skip and count)
+
+
+def skip_deepspeed_muon() -> None:
+    """DeepSpeed's ZeRO code imports its Muon optimizer module (to recognise that optimizer), and
+    that module torch.compiles kernels at import: ~3 s of CPU per rank per start, measured here,
+    for an optimizer we never build. A stand-in module whose class nothing is an instance of keeps
+    every `from ... import MuonWithAuxAdam` + isinstance check working."""
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name not in sys.modules:
+        stub = types.ModuleType(name, "stand-in: bdt never uses DeepSpeed's Muon optimizer")
+        stub.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+        sys.modules[name] = stub
 
 
 def build_model(cfg: TrainConfig) -> BitDanceModel:

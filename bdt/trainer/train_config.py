@@ -43,6 +43,9 @@ class DataConfig:
     # Image tokenizer directory whose codes the shards hold: checked against each manifest's
     # tokenizer sha256 and copied into the export. "" = no identity check.
     tokenizer: str = ""
+    # Convenience for YAMLs: stages may say `shards: ${data.root}`, so one command-line override
+    # (data.root=s3://...) moves every stage (list items cannot be overridden by key=value).
+    root: str = ""
     buffer_size: int = 256  # shuffle/packing buffer per rank, in samples
 
 
