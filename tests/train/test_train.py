@@ -92,17 +92,26 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
 
 
 def test_s3_checkpoints_resume(data, ref, tmp_path, s3_bucket):
+    """The reference run's complete step-6 checkpoint, uploaded to the S3 server, is picked up
+    by a run whose checkpoint.dir is that bucket; it finishes exactly as the reference did and
+    saves its own checkpoints (marker last) there."""
     import fsspec
 
     ck = f"{s3_bucket}/run/ck"
-    assert spawn_train(argv(data, tmp_path, f"checkpoint.dir={ck}",
-                            "fault.kill_after_checkpoint=6")) == -9
     fs = fsspec.filesystem("s3")
-    assert fs.exists(f"{ck}/step_000000006/COMPLETE")
-    assert not (tmp_path / "checkpoints").exists()  # nothing went to the local run dir
+    local = ref["dir"] / "checkpoints"
+    for path in sorted(local.rglob("*")):
+        rel = path.relative_to(local).as_posix()
+        if path.is_file() and (rel.startswith("step_000000006/") or "/" not in rel):
+            fs.put_file(str(path), f"{ck}/{rel}")
     assert spawn_train(argv(data, tmp_path, f"checkpoint.dir={ck}")) == 0
     fs.invalidate_cache()
     assert fs.exists(f"{ck}/step_000000008/COMPLETE")
+    assert fs.exists(f"{ck}/step_000000008/rank_00001.json")
+    assert not (tmp_path / "checkpoints").exists()  # nothing went to the local run dir
+    resumed = [json.loads(line)["resumed_from_step"] for line in open(tmp_path / "metrics.jsonl")
+               if "resumed_from_step" in line]
+    assert resumed == [6]
     assert_same_as_ref(ref, tmp_path, from_step=6)
 
 
