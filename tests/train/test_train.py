@@ -123,4 +123,13 @@ def test_zero3_bf16_two_ranks(data, tmp_path):
     assert m[5]["loss"] + m[6]["loss"] < m[1]["loss"] + m[2]["loss"]
     digests = json.loads((tmp_path / "summary.json").read_text())["param_digests"]
     assert len(digests) == 2 and len(set(digests)) == 1
-    assert export_tensors(str(tmp_path))["lm_head.weight"].dtype == torch.bfloat16
+    # the export is a loadable model for sampling, holding the consolidated ZeRO-3 weights
+    from bdt.model.ar import BitDanceModel
+
+    exported = export_tensors(str(tmp_path))
+    assert exported["lm_head.weight"].dtype == torch.bfloat16
+    model = BitDanceModel.from_pretrained(str(tmp_path / "export"))
+    state = model.state_dict()
+    for key in ("lm_head.weight", "model.layers.1.mlp.down_proj.weight", "head.final_proj.weight"):
+        ours = state[key if key.startswith("head.") else "llm." + key]
+        assert ours.abs().sum() > 0 and torch.equal(ours, exported[key].float())
