@@ -12,7 +12,8 @@ A token shard is a plain webdataset tar; one sample = the members sharing a key:
   KEY.ids.npy   optional int32 [L]: caption token ids from the configured text tokenizer.
 
 Keys are the source keys with anything outside [A-Za-z0-9_-] replaced by "_" (webdataset
-splits a member name at its first dot). A family of shards for one stage resolution lives in
+splits a member name at its first dot); they are unique within a shard, and (shard, key) is
+unique within a family (two raw shards may reuse a key). A family of shards for one stage resolution lives in
 its own directory next to a manifest (bdt/extract/manifest.py).
 """
 
