@@ -10,12 +10,13 @@ import sys
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from bdt.config import load
 from bdt.trainer.distributed import DistInfo, free_port
 from bdt.trainer.setup import check_data, check_model_signature, model_signature
 from bdt.trainer.train_config import TrainConfig
-from trainutil import tiny_llm, train_overrides, write_shards
+from trainutil import tiny_image_tokenizer, tiny_llm, train_overrides, write_shards
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CONFIG = os.path.join(ROOT, "bdt", "configs", "tiny.yaml")
@@ -28,19 +29,28 @@ def config(tmp_path, shards, *extra):
 
 
 def test_deepspeed_launcher_runs_two_ranks(tmp_path):
+    """The real launcher, with the in-loop sample grid and the export (image tokenizer inside)."""
     llm = tiny_llm(str(tmp_path / "llm"))
+    tok = tiny_image_tokenizer(str(tmp_path / "tok"))
     write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=2, per_shard=6)
     run_dir = tmp_path / "run"
+    extra = [f"data.tokenizer={tok}", "logging.sample_every=3", "logging.sample_hw=[4,4]",
+             "logging.sample_steps=2"]
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
            "--master_port", str(free_port()), os.path.join(ROOT, "bdt", "train.py"),
            "--config", CONFIG, *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=3,
-                                                 every=0, extra=["export=false"])]
+                                                 every=0, extra=extra)]
     proc = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 3 and len(summary["param_digests"]) == 2
     assert len(set(summary["param_digests"])) == 1
     assert (run_dir / "checkpoints" / "step_000000003" / "COMPLETE").exists()
+    assert Image.open(run_dir / "samples" / "step_000000003.png").size == (2 * 4 * 2, 4 * 2)
+    export = run_dir / "export"
+    assert (export / "image_tokenizer" / "model.safetensors").read_bytes() == \
+        (tmp_path / "tok" / "model.safetensors").read_bytes()
+    assert (export / "llm" / "tokenizer.json").exists() and (export / "train_config.yaml").exists()
 
 
 def test_missing_shards_fail_at_start_with_one_line(tmp_path):
