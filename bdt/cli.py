@@ -16,6 +16,9 @@ from bdt.config import ConfigError
 COMMAND_MODULES = [
     "bdt.data.commands",
     "bdt.tokenizer.commands",
+    "bdt.sampling_commands",
+    "bdt.eval.commands",
+    "bdt.model_commands",
 ]
 
 

@@ -1,0 +1,61 @@
+"""`bdt eval`: generate the shapes suite (or a subset) with a trained model and judge it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from bdt.sampling_commands import add_sampling_args
+
+    p = subparsers.add_parser(
+        "eval", help="score a trained model on the shapes evaluation suite",
+        description="Generate one image per suite prompt, judge each against its spec, and write "
+                    "eval.json, eval.md (table), grid.png (green/red = pass/fail) and images/.")
+    p.add_argument("--suite", help="JSONL of suite items (id, category, prompt, spec); default: "
+                                   "the shipped bdt/eval/suite.jsonl (240 prompts)")
+    p.add_argument("--categories", nargs="+", default=[], help="only these categories")
+    p.add_argument("--per-category", type=int, default=0,
+                   help="first N prompts of each category (0 = all)")
+    add_sampling_args(p, batch=16)
+    p.set_defaults(func=_eval)
+
+
+def _read_suite(path: str) -> list[dict]:
+    from bdt.data.shapes import check_spec
+
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                missing = [k for k in ("id", "category", "prompt", "spec") if k not in item]
+                if missing:
+                    raise ValueError(f"missing keys {missing}")
+                check_spec(item["spec"])
+            except (ValueError, TypeError, KeyError) as e:
+                raise ValueError(f"{path}:{n}: not a suite item ({e})") from None
+            items.append(item)
+    if not items:
+        raise ValueError(f"suite file {path!r} holds no item")
+    return items
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from bdt.eval.run import evaluate, markdown_table, select
+    from bdt.eval.suite import load_suite
+    from bdt.sampling_commands import load_for_args
+
+    if args.per_category < 0:
+        raise ValueError(f"--per-category must be >= 0, got {args.per_category}")
+    suite = _read_suite(args.suite) if args.suite else load_suite()
+    items = select(suite, args.categories, args.per_category)
+    trained, (width, height), sampling = load_for_args(args)
+    result = evaluate(trained, None, items, width, height, sampling, batch=args.batch,
+                      out_dir=args.out, progress=True, any_bucket=args.any_bucket)
+    print(markdown_table(result), end="")
+    print(f"wrote eval.json, eval.md, grid.png and {len(items)} images to {args.out}")
+    return 0

@@ -1,0 +1,200 @@
+"""A trained model ready to turn prompts into images: what `bdt sample` and `bdt eval` load.
+
+`load_trained(path)` accepts
+  * an export (`<run_dir>/export`, written by the trainer, bdt/trainer/export.py): the model
+    (`BitDanceModel.save_pretrained` layout), `image_tokenizer/` and `train_config.yaml`;
+  * a training run dir: its `export/` if present, else its newest complete checkpoint
+    (ZeRO-0/1/2 only: their model-states file holds the whole module; ZeRO-3 partitions it);
+and checks that every file is there before building anything, so a half-copied export fails
+with the list of what is missing rather than deep inside from_pretrained.
+
+Buckets: a side must be a multiple of the tokenizer's downsample factor x the model's patch side
+(SPEC 1.4: whole ps x ps patches of tokens). When the training shards' manifests are reachable,
+the buckets they hold are the ones the model was trained for, and others are refused unless
+`any_bucket` (2D positions outside the trained grids are extrapolation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from PIL import Image
+
+from bdt.grid import to_pil
+from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel
+from bdt.sampling import SamplingConfig, generate
+
+IMAGE_TOKENIZER_DIR = "image_tokenizer"  # = bdt.trainer.export.IMAGE_TOKENIZER_DIR
+TRAIN_CONFIG_NAME = "train_config.yaml"  # the export's copy of the resolved training config
+EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, f"{LLM_DIR}/config.json",
+                f"{IMAGE_TOKENIZER_DIR}/config.json", f"{IMAGE_TOKENIZER_DIR}/model.safetensors")
+
+
+def parse_bucket(text: str) -> tuple[int, int]:
+    """'128' -> (128, 128); '96x64' -> (W=96, H=64), in pixels."""
+    parts = text.lower().split("x")
+    try:
+        w, h = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except ValueError:
+        raise ValueError(f"bucket {text!r}: expected S or WxH in pixels, e.g. 128 or 96x64") from None
+    if len(parts) > 2 or w <= 0 or h <= 0:
+        raise ValueError(f"bucket {text!r}: expected S or WxH with positive sides, e.g. 96x64")
+    return w, h
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass
+class TrainedModel:
+    model: BitDanceModel
+    decoder: torch.nn.Module  # the image tokenizer (BinaryAutoencoder); only decode is used
+    source: str = ""
+    buckets: list[tuple[int, int]] | None = None  # (W, H) px trained on; None = unknown
+
+    @property
+    def unit(self) -> int:
+        """Bucket sides must be multiples of this many pixels."""
+        return self.decoder.downsample_factor * self.model.cfg.patch_size
+
+    def token_grid(self, width: int, height: int, any_bucket: bool = False) -> tuple[int, int]:
+        """(h, w) latent tokens of a width x height px bucket; ValueError if unusable."""
+        f, ps = self.decoder.downsample_factor, self.model.cfg.patch_size
+        if width % self.unit or height % self.unit:
+            raise ValueError(f"bucket {width}x{height}: sides must be multiples of {self.unit} px "
+                             f"(tokenizer downsample {f} x patch side {ps} of P="
+                             f"{self.model.cfg.parallel_num})")
+        if not any_bucket and self.buckets is not None and (width, height) not in self.buckets:
+            known = ", ".join(f"{w}x{h}" for w, h in self.buckets)
+            raise ValueError(f"bucket {width}x{height} was not trained (the training shards hold "
+                             f"{known}); pass --any-bucket to sample it anyway")
+        return height // f, width // f
+
+    @torch.no_grad()
+    def images(self, prompts: Sequence[str], width: int, height: int,
+               sampling: SamplingConfig, batch: int = 8, any_bucket: bool = False,
+               progress: bool = True, desc: str = "sampling") -> list[Image.Image]:
+        """One image per prompt. Batch k (of `batch` prompts) samples with seed sampling.seed + k
+        and decodes with a generator of that seed: reproducible for a given batch size."""
+        from tqdm import tqdm
+
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        h, w = self.token_grid(width, height, any_bucket)
+        device = next(self.model.parameters()).device
+        # bf16 autocast on GPU (the released models run in bf16); CPU stays fp32, where bf16
+        # is slower at these widths (tokenizers/README.md).
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else contextlib.nullcontext())
+        out: list[Image.Image] = []
+        with tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress) as bar:
+            for k, start in enumerate(range(0, len(prompts), batch)):
+                chunk = list(prompts[start:start + batch])
+                seed = sampling.seed + k
+                with autocast:
+                    bits_BhwC = generate(self.model, chunk, h, w, replace(sampling, seed=seed))
+                    gen = torch.Generator(device=device).manual_seed(seed)
+                    out += to_pil(self.decoder.decode(bits_BhwC, generator=gen))
+                bar.update(len(chunk))
+        return out
+
+
+def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
+    """Resolve `path` (export, or run dir: export or newest checkpoint) and load it on `device`."""
+    from bdt.tokenizer.io import load_tokenizer
+
+    if not os.path.exists(path):
+        raise OSError(f"model path {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise OSError(f"model path {path!r} is not a directory (give a training export or run dir)")
+    if not os.path.exists(os.path.join(path, CONFIG_NAME)):
+        if os.path.isfile(os.path.join(path, "export", CONFIG_NAME)):
+            path = os.path.join(path, "export")
+        elif os.path.isfile(os.path.join(path, "config.yaml")):
+            return _from_run_checkpoint(path, device)
+    missing = [f for f in EXPORT_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise OSError(f"{path!r} is not a complete model export: missing {', '.join(missing)} "
+                      f"(expected the <run_dir>/export that bdt/train.py writes)")
+    model = BitDanceModel.from_pretrained(path).to(device).eval()
+    decoder = load_tokenizer(os.path.join(path, IMAGE_TOKENIZER_DIR), device=device)
+    train_cfg = os.path.join(path, TRAIN_CONFIG_NAME)
+    buckets = _trained_buckets(train_cfg) if os.path.isfile(train_cfg) else None
+    return TrainedModel(model, decoder, path, buckets)
+
+
+def _load_train_config(path: str):
+    from omegaconf import OmegaConf
+
+    from bdt.config import load
+    from bdt.trainer.train_config import TrainConfig
+
+    return OmegaConf.to_object(load(TrainConfig, [path], []))
+
+
+def _trained_buckets(train_config_path: str) -> list[tuple[int, int]] | None:
+    """Union of the buckets in the training stages' extraction manifests; None when any stage's
+    manifest is unreachable (plain shard dirs, moved data): then only the divisibility check."""
+    from bdt.data.shard_source import list_shards
+
+    cfg = _load_train_config(train_config_path)
+    found: list[tuple[int, int]] = []
+    for stage in cfg.stages:
+        try:
+            shards = list_shards(stage.shards, stage.family)
+        except (ValueError, OSError):
+            return None
+        if shards.manifest is None:
+            return None
+        families = shards.manifest.get("stages", {})
+        family = stage.family or next(iter(families), "")
+        for w, h in families.get(family, {}).get("buckets", []):
+            if (w, h) not in found:
+                found.append((int(w), int(h)))
+    return found or None
+
+
+def _from_run_checkpoint(run_dir: str, device: str | torch.device) -> TrainedModel:
+    """A run without an export yet: rebuild the model from its config.yaml and load the newest
+    complete checkpoint's module weights (torch.load with weights_only=True: no unpickling)."""
+    from bdt.tokenizer.io import load_tokenizer
+    from bdt.trainer.checkpoint import MARKER
+
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    cfg = _load_train_config(cfg_path)
+    root = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
+    if "://" in root:
+        raise OSError(f"{run_dir!r} has no export and its checkpoints are remote ({root}); "
+                      f"sample from an export")
+    tags = sorted(t for t in (os.listdir(root) if os.path.isdir(root) else [])
+                  if t.startswith("step_") and os.path.isfile(os.path.join(root, t, MARKER)))
+    if not tags:
+        raise OSError(f"{run_dir!r} is a training run with neither an export/ nor a complete "
+                      f"checkpoint in {root}")
+    if cfg.deepspeed.zero_stage == 3:
+        raise OSError(f"{run_dir!r}: ZeRO-3 checkpoints hold partitioned weights; let the run "
+                      f"finish (it writes export/) or consolidate with DeepSpeed's zero_to_fp32")
+    if not cfg.data.tokenizer:
+        raise OSError(f"{cfg_path}: data.tokenizer is empty, so the run names no image tokenizer "
+                      f"to decode with")
+    states = os.path.join(root, tags[-1], "model", "mp_rank_00_model_states.pt")
+    if not os.path.isfile(states):
+        raise OSError(f"checkpoint {os.path.join(root, tags[-1])} has no {states}")
+    try:
+        module = torch.load(states, map_location="cpu", weights_only=True)["module"]
+    except Exception as e:  # noqa: BLE001 - any unpickling refusal is a user-facing file problem
+        raise OSError(f"{states}: cannot read the module weights safely ({e})") from None
+    model = BitDanceModel.from_config(cfg.model)
+    model.load_state_dict(module)
+    decoder = load_tokenizer(cfg.data.tokenizer, device=device)
+    return TrainedModel(model.to(device).eval(), decoder, os.path.join(root, tags[-1]),
+                        _trained_buckets(cfg_path))

@@ -1,0 +1,66 @@
+"""`bdt model init-tiny`: the embedded default's small "pretrained" LLM (SPEC 2.1), made from a
+config and a SentencePiece tokenizer trained on the dataset's captions
+(`bdt.model.backbone.make_tiny_llm`). Training then loads it like any downloaded LLM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    model = subparsers.add_parser("model", help="make model files")
+    sub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
+    p = sub.add_parser(
+        "init-tiny", help="write a small randomly initialised LLM + caption tokenizer",
+        description="Train a SentencePiece tokenizer on the captions (KEY.txt members) of the "
+                    "webdataset tars in --captions-from and save it with a random small causal "
+                    "LM as a Hugging Face model directory.")
+    p.add_argument("--captions-from", required=True,
+                   help="directory of raw webdataset tars (e.g. `bdt data shapes --out` output)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--arch", default="qwen3", choices=["qwen3", "qwen2", "llama"])
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=384)
+    p.add_argument("--max-positions", type=int, default=1024)
+    p.add_argument("--max-captions", type=int, default=20000, help="captions read at most")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_init_tiny)
+
+
+def read_captions(root: str, limit: int) -> list[str]:
+    """The `.txt` captions of the tars under `root`, in shard order, at most `limit`."""
+    import glob
+
+    import webdataset as wds
+
+    urls = sorted(glob.glob(os.path.join(root, "*.tar")))
+    if not urls:
+        raise OSError(f"--captions-from {root!r} holds no .tar shards")
+    captions: list[str] = []
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        text = sample.get("txt")
+        if text:
+            captions.append(text.decode("utf-8").strip())
+        if len(captions) >= limit:
+            break
+    if not captions:
+        raise ValueError(f"the tars in {root!r} hold no .txt captions")
+    return captions
+
+
+def _init_tiny(args: argparse.Namespace) -> int:
+    from bdt.model.backbone import make_tiny_llm
+
+    captions = read_captions(args.captions_from, args.max_captions)
+    make_tiny_llm(args.out, captions, arch=args.arch, hidden=args.hidden, layers=args.layers,
+                  heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate,
+                  vocab_size=args.vocab_size, max_position_embeddings=args.max_positions,
+                  seed=args.seed)
+    print(f"wrote a {args.arch} LLM ({args.layers} layers, hidden {args.hidden}) and a "
+          f"{args.vocab_size}-piece caption tokenizer from {len(captions)} captions to {args.out}")
+    return 0

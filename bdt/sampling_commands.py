@@ -1,0 +1,92 @@
+"""`bdt sample`: prompts -> PNG files + a grid, from a training export or run dir."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def add_sampling_args(p: argparse.ArgumentParser, batch: int) -> None:
+    """Options shared by `bdt sample` and `bdt eval`."""
+    p.add_argument("--model", required=True,
+                   help="training export (<run_dir>/export) or run dir (its export, else its "
+                        "newest complete checkpoint)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--size", type=int, help="square side in px (default 128)")
+    size.add_argument("--bucket", metavar="WxH", help="width x height in px, e.g. 96x64")
+    p.add_argument("--any-bucket", action="store_true",
+                   help="allow a bucket the training shards did not hold")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance (4.0)")
+    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant")
+    p.add_argument("--steps", type=int, default=25, help="head sampler steps per AR step (25)")
+    p.add_argument("--parallel", type=int, default=0, metavar="P",
+                   help="tokens per AR step; fixed by the trained model (0 = the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=batch, help=f"prompts per forward ({batch})")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto)")
+    p.add_argument("--out", required=True, help="output directory")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sample", help="generate images from prompts with a trained model",
+        description="Generate one PNG per prompt (out/NNNN.png), a grid (out/grid.png) and "
+                    "out/samples.json (prompt -> file and the settings).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--prompts-file", help="text file, one prompt per line")
+    add_sampling_args(p, batch=8)
+    p.add_argument("--cols", type=int, default=8, help="grid columns (8)")
+    p.set_defaults(func=_sample)
+
+
+def read_prompts(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path!r} holds no prompt (one per line)")
+    return prompts
+
+
+def load_for_args(args: argparse.Namespace):
+    """(TrainedModel, (W, H), SamplingConfig) from the shared options; user errors raise."""
+    from bdt.inference import load_trained, parse_bucket, pick_device
+    from bdt.sampling import SamplingConfig
+
+    if args.steps < 1 or args.batch < 1:
+        raise ValueError(f"--steps and --batch must be >= 1, got {args.steps} and {args.batch}")
+    size = parse_bucket(args.bucket) if args.bucket else parse_bucket(str(args.size or 128))
+    trained = load_trained(args.model, pick_device(args.device))
+    P = trained.model.cfg.parallel_num
+    if args.parallel not in (0, P):
+        raise ValueError(f"--parallel {args.parallel}: the model was trained with P = {P} tokens "
+                         f"per step (P is fixed by the trained head)")
+    trained.token_grid(*size, any_bucket=args.any_bucket)  # fail before the slow part
+    sampling = SamplingConfig(cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule,
+                              num_steps=args.steps, seed=args.seed)
+    return trained, size, sampling
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from bdt.grid import make_grid
+
+    prompts = args.prompt if args.prompt else read_prompts(args.prompts_file)
+    trained, (width, height), sampling = load_for_args(args)
+    images = trained.images(prompts, width, height, sampling, batch=args.batch,
+                            any_bucket=args.any_bucket)
+    os.makedirs(args.out, exist_ok=True)
+    files = []
+    for i, image in enumerate(images):
+        name = f"{i:04d}.png"
+        image.save(os.path.join(args.out, name))
+        files.append({"file": name, "prompt": prompts[i]})
+    make_grid(images, cols=args.cols).save(os.path.join(args.out, "grid.png"))
+    meta = {"model": trained.source, "width": width, "height": height,
+            "parallel_num": trained.model.cfg.parallel_num, "cfg_scale": sampling.cfg_scale,
+            "cfg_schedule": sampling.cfg_schedule, "steps": sampling.num_steps,
+            "seed": sampling.seed, "batch": args.batch, "images": files}
+    with open(os.path.join(args.out, "samples.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"wrote {len(images)} image(s) of {width}x{height} and grid.png to {args.out}")
+    return 0

@@ -1,0 +1,97 @@
+"""`bdt sample` on a tiny trained run: files, sizes, grid, reproducibility, the run-dir
+(checkpoint) path, and bad input failing with exit 2 and one clear line."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bdt.cli import main
+from evalutil import BUCKET, run_bdt
+
+PROMPTS = ["a red circle", "two blue squares", "one green star"]
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _sample(model: str, out, *extra: str) -> int:
+    return main(["sample", "--model", model, "--size", str(BUCKET[0]), "--steps", "2",
+                 "--batch", "2", "--out", str(out), *extra])
+
+
+def test_sample_writes_one_png_per_prompt_and_a_grid(trained_run, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n\n")  # blank lines are not prompts
+    out = tmp_path / "out"
+    # The installed entry point in a child process, end to end.
+    proc = run_bdt("sample", "--model", os.path.join(trained_run, "export"), "--prompts-file",
+                   str(prompts_file), "--size", str(BUCKET[0]), "--steps", "2", "--batch", "2",
+                   "--seed", "3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pngs = sorted(p.name for p in out.glob("[0-9]*.png"))
+    assert pngs == ["0000.png", "0001.png", "0002.png"]
+    for name in pngs:
+        assert Image.open(out / name).size == BUCKET
+    meta = json.loads((out / "samples.json").read_text())
+    assert [m["prompt"] for m in meta["images"]] == PROMPTS
+    assert (meta["width"], meta["height"], meta["parallel_num"], meta["seed"]) == (*BUCKET, 4, 3)
+    # Grid: 3 cells of 16 px with 4 px padding, one row.
+    assert Image.open(out / "grid.png").size == (3 * (16 + 4) + 4, 16 + 8)
+    # Reproducible in-process with the same seed and batch; another seed changes the images.
+    assert _sample(os.path.join(trained_run, "export"), tmp_path / "again", "--seed", "3",
+                   *sum((["--prompt", p] for p in PROMPTS), [])) == 0
+    same = [np.array_equal(_pixels(out / n), _pixels(tmp_path / "again" / n)) for n in pngs]
+    assert all(same)
+    assert _sample(os.path.join(trained_run, "export"), tmp_path / "other", "--seed", "4",
+                   *sum((["--prompt", p] for p in PROMPTS), [])) == 0
+    assert not all(np.array_equal(_pixels(out / n), _pixels(tmp_path / "other" / n))
+                   for n in pngs)
+
+
+def test_run_dir_without_export_samples_from_its_checkpoint(trained_run, tmp_path):
+    """A run dir without export/ loads the newest complete checkpoint: the same weights as the
+    export written at the end, so the same images."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("export"))
+    assert _sample(str(run), tmp_path / "ckpt", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1]) == 0
+    assert _sample(os.path.join(trained_run, "export"), tmp_path / "exp", "--prompt", PROMPTS[0],
+                   "--prompt", PROMPTS[1]) == 0
+    for name in ("0000.png", "0001.png"):
+        assert np.array_equal(_pixels(tmp_path / "ckpt" / name), _pixels(tmp_path / "exp" / name))
+
+
+def _incomplete_export(trained_run, tmp_path) -> str:
+    broken = tmp_path / "broken"
+    shutil.copytree(os.path.join(trained_run, "export"), broken)
+    os.remove(broken / "bitdance_extra.safetensors")
+    return str(broken)
+
+
+@pytest.mark.parametrize("case, args, expected", [
+    ("missing", ["--size", "16"], "does not exist"),
+    ("incomplete", ["--size", "16"], "missing bitdance_extra.safetensors"),
+    ("export", ["--size", "32"], "bucket 32x32 was not trained"),
+    ("export", ["--bucket", "18x16"], "sides must be multiples of 4 px"),
+    ("export", ["--bucket", "16by16"], "expected S or WxH"),
+    ("export", ["--size", "16", "--parallel", "16"], "trained with P = 4"),
+    ("empty_file", ["--size", "16"], "holds no prompt"),
+])
+def test_bad_input_exits_2_with_one_line(trained_run, tmp_path, capsys, case, args, expected):
+    model = {"missing": str(tmp_path / "nope"), "incomplete": None}.get(case)
+    if case == "incomplete":
+        model = _incomplete_export(trained_run, tmp_path)
+    model = model or os.path.join(trained_run, "export")
+    source = ["--prompt", "a red circle"]
+    if case == "empty_file":
+        (tmp_path / "empty.txt").write_text("\n  \n")
+        source = ["--prompts-file", str(tmp_path / "empty.txt")]
+    code = main(["sample", "--model", model, *source, *args, "--out", str(tmp_path / "o")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert last.startswith("bdt sample: error: ") and expected in last, last
+    assert not (tmp_path / "o").exists()  # failed before writing anything
