@@ -100,11 +100,28 @@ def test_missing_source_is_clear(tmp_path):
         list_shards(str(tmp_path))
 
 
-def test_packing_efficiency_mixed_aspect(tmp_path):
-    # shapes-like data: short captions, the aspect buckets of 256 px and 128 px images at 16x
-    grids = [(16, 16), (12, 20), (20, 12), (14, 18), (18, 14), (8, 8), (6, 10), (10, 6)]
-    urls = write_shards(str(tmp_path), grids, num_shards=2, per_shard=100)
-    s = make(urls, budget=4096, buffer=64)
-    for _ in range(30):
-        s.next_batch()
+def test_packing_efficiency_on_shapes_data(tmp_path):
+    """Shapes captions through the real text tokenizer and packer lengths, at the 256 px aspect
+    buckets of a 16x tokenizer (7 grids from 32x8 to 8x32 tokens), 4096-token micro-batches."""
+    from bdt.data.buckets import make_buckets
+    from bdt.data.shapes import CATEGORIES, caption, sample_spec
+    from bdt.model.sequence import SequencePacker
+    from bdt.model.text_tokenizer import add_special_tokens, encode, make_text_tokenizer, prompt_ids
+
+    rng = np.random.default_rng(0)
+    captions = [caption(rng, sample_spec(rng, CATEGORIES[i % len(CATEGORIES)])) for i in range(200)]
+    tok = make_text_tokenizer(str(tmp_path / "tok"), captions, 384)
+    packer = SequencePacker(add_special_tokens(tok, 4), prompt_ids(tok), 4, max_len=4096)
+
+    def real_len(sample):
+        h, w = sample.grid
+        return packer.sample_len(len(packer.prompt_ids(encode(tok, sample.caption))), h, w)
+
+    grids = [(h // 16, w // 16) for w, h in make_buckets(256, 16)]
+    urls = write_shards(str(tmp_path / "s"), grids, num_shards=2, per_shard=100, captions=captions)
+    s = TokenStream(urls, 0, 1, 4096, real_len, buffer_size=64, seed=0, bits_per_token=16)
+    for _ in range(10):
+        b = s.next_batch()
+        assert b.tokens == sum(real_len(x) for x in b.samples) <= 4096
+    print(f"packing efficiency {s.counters.efficiency:.4f}")
     assert s.counters.efficiency >= 0.95, s.counters

@@ -14,8 +14,10 @@ CAPTIONS = ["a red circle", "two blue squares", "a green star left of a yellow c
 
 
 def write_shards(out_dir: str, grids: list[tuple[int, int]], num_shards: int, per_shard: int,
-                 bits: int = 16, seed: int = 0, stage: str = "s") -> list[str]:
-    """Token shards of random bits; sample i of shard k has grid grids[(k * per_shard + i) % len]."""
+                 bits: int = 16, seed: int = 0, stage: str = "s",
+                 captions: list[str] = CAPTIONS) -> list[str]:
+    """Token shards of random bits; sample n = k * per_shard + i (shard k) has grid
+    grids[n % len(grids)] and caption captions[n % len(captions)]."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     urls = []
@@ -28,7 +30,7 @@ def write_shards(out_dir: str, grids: list[tuple[int, int]], num_shards: int, pe
                 packed = rng.integers(0, 256, size=(h, w, bits // 8), dtype=np.uint8)
                 sink.write(encode_sample(TokenSample(
                     key=f"s{n:06d}", bits_hwB=packed, bits_per_token=bits, bucket=(w * 16, h * 16),
-                    caption=CAPTIONS[n % len(CAPTIONS)], source_key=f"src{n}", source_shard="raw.tar",
+                    caption=captions[n % len(captions)], source_key=f"src{n}", source_shard="raw.tar",
                     stage=stage)))
         urls.append(url)
     return urls
