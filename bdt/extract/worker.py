@@ -28,7 +28,7 @@ import numpy as np
 import webdataset as wds
 
 from bdt import storage
-from bdt.data.images import ImageRejected, load_for_buckets, to_unit_range
+from bdt.data.images import ImageRejected, load_for_buckets
 from bdt.data.token_shards import TokenSample, encode_sample, sample_key
 from bdt.extract import inputs as inp
 from bdt.extract import manifest as mf
@@ -121,9 +121,11 @@ class ShardEncoder:
 
         from bdt.tokenizer.bits import pack_bits
 
-        x = torch.from_numpy(to_unit_range(pixels_BHWC)).to(self.device)
+        # uint8 crosses to the device (4x less than float32), then [0, 255] -> [-1, 1] there.
+        x_BHWC = torch.from_numpy(pixels_BHWC).to(self.device)
+        x_BCHW = x_BHWC.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         with torch.inference_mode():
-            bits_BhwC = self.model.encode(x)
+            bits_BhwC = self.model.encode(x_BCHW)
         return pack_bits(bits_BhwC.cpu().numpy())
 
     def process(self, unit_dict: dict[str, Any]) -> dict[str, Any]:
