@@ -45,6 +45,7 @@ class _Window:
     steps: int = 0
     flops: float = 0.0
     t0: float = field(default_factory=time.perf_counter)
+    grad_norm: float | None = None  # only set where DeepSpeed does not report it
 
     def add(self, values: dict[str, float]) -> None:
         self.micro += 1
@@ -124,6 +125,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     peak = cfg.logging.peak_tflops * 1e12 or measure_peak_flops(
         torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32)
     zero3 = cfg.deepspeed.zero_stage == 3
+    # DeepSpeed reports the global grad norm from its ZeRO/bf16 optimizers only; with plain fp32
+    # gradients (ZeRO-0) we read it off the averaged gradients before the step.
+    plain_grads = cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"
     # ZeRO-3 needs every rank in the forward passes of generation; otherwise rank 0 alone.
     previewing = cfg.logging.sample_every > 0 and (dist.is_main or zero3)
     decoder = preview.load_decoder(cfg.data.tokenizer) if previewing else None
@@ -149,6 +153,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                     data_wait += t_data.seconds
                     losses = engine(packed)
                     engine.backward(losses["total"])
+                    if plain_grads and engine.is_gradient_accumulation_boundary():
+                        window.grad_norm = _grad_norm(engine.module)
                     engine.step()
                     n_img = packed.num_samples
                     lens = (packed.cu_seqlens_S1[1:] - packed.cu_seqlens_S1[:-1]).tolist()
@@ -196,6 +202,11 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     return summary
 
 
+def _grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
 def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, stream, seen: dict,
           cfg: TrainConfig) -> None:
     stream_meta, stream_tensors = stream.state_dict()
@@ -227,7 +238,8 @@ def _log(logger: MetricsLogger, step: int, engine, window: _Window, meter: Throu
     out = {k: mean[k] for k in ("loss", "text_ce", "vision", "bit_accuracy", "mfu",
                                 "data_wait_frac", "pack_efficiency")}
     norm = engine.get_global_grad_norm()
-    out.update(lr=engine.get_lr()[0], grad_norm=float(norm) if norm is not None else 0.0,
+    norm = window.grad_norm if norm is None else float(norm)
+    out.update(lr=engine.get_lr()[0], grad_norm=norm if norm is not None else float("nan"),
                step_time_s=elapsed / max(window.steps, 1), last_step_s=last_step_s,
                tokens_per_s=mean["tokens_per_s"] * W, images_per_s=mean["images_per_s"] * W,
                tokens_per_s_rank=local["tokens_per_s"], images_per_s_rank=local["images_per_s"],

@@ -53,6 +53,23 @@ def test_deepspeed_launcher_runs_two_ranks(tmp_path):
     assert (export / "llm" / "tokenizer.json").exists() and (export / "train_config.yaml").exists()
 
 
+def test_plain_python_single_process_zero0(tmp_path):
+    """`python bdt/train.py` with no launcher: a world of one, ZeRO-0, fp32 (grad norm read by us)."""
+    llm = tiny_llm(str(tmp_path / "llm"))
+    write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=1, per_shard=8)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "bdt", "train.py"), "--config", CONFIG,
+           *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=2, zero=0, every=0,
+                            extra=["export=false"])]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 2 and len(summary["param_digests"]) == 1
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    norms = [r["grad_norm"] for r in records if "grad_norm" in r]
+    assert len(norms) == 2 and all(0 < n < float("inf") for n in norms)
+
+
 def test_missing_shards_fail_at_start_with_one_line(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "bdt", "train.py"), "--config", CONFIG,
            *train_overrides(str(tmp_path / "run"), "unused", str(tmp_path / "nowhere"))]
