@@ -277,3 +277,19 @@ def test_worker_killed_mid_shard_is_retried(tmp_path, tiny_tokenizer, ray_local)
     keys = [k for p in sorted(glob.glob(f"{out}/32/*.tar")) for k in _keys_per_shard(out)[os.path.relpath(p, out)]]
     assert sorted(keys) == sorted(f"k{i}{j:04d}" for i in range(2) for j in range(30))  # all, once
     assert not glob.glob(f"{out}/*/.*.tmp-*")
+
+
+def test_a_failing_unit_is_reported_and_the_others_finish(first_run):
+    """Runs last: it leaves the first run's output incomplete on purpose."""
+    cfg, _ = first_run
+    marker = os.path.join(cfg.output, "hi", "000001.done.json")
+    with open(marker) as f:
+        data = json.load(f)
+    with open(marker, "w") as f:  # unit 1 now claims another configuration: its task raises
+        json.dump(dict(data, fingerprint="0" * 16), f)
+    summary = run(cfg)
+    assert list(summary["failed_units"]) == ["1"] and "fingerprint" in summary["failed_units"]["1"]
+    assert summary["done_units"] == 2 and summary["skipped_units"] == 2
+    index = _index(cfg.output)
+    assert index["complete"] is False
+    assert [s["shard"] for s in index["stages"]["32"]["shards"]] == ["32/000000.tar", "32/000002.tar"]
