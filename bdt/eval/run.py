@@ -85,10 +85,11 @@ def write_report(result: dict, images: Sequence[Image.Image], out_dir: str, cols
         image.save(os.path.join(out_dir, item["file"]))
     make_grid(images, cols=cols, marks=[item["passed"] for item in result["items"]]
               ).save(os.path.join(out_dir, "grid.png"))
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
     with open(os.path.join(out_dir, "eval.md"), "w") as f:
         f.write(markdown_table(result))
+    # eval.json last: its presence means the report is complete (scripts/demo.sh skips on it).
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
 
 
 def markdown_table(result: dict) -> str:

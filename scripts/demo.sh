@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# The whole bdt job on one CPU machine (2 cores, no GPU), with the commands a cluster user runs:
+#
+#   1. bdt data shapes            procedural captioned images (webdataset tars)
+#   2. tokenizers/train.py        a small binary image tokenizer (DeepSpeed, 2 CPU ranks)
+#   3. ray job submit ...         pre-extraction: images -> token shards, 64 and 128 px families
+#   4. bdt model init-tiny        a small Qwen3 + SentencePiece tokenizer trained on the captions
+#   5. bdt/train.py               AR training, stage "64" then stage "128" (DeepSpeed, 2 CPU ranks)
+#   6. bdt sample                 a grid of images for a few prompts
+#   7. bdt eval                   the shapes suite, judged: scores per category and overall
+#
+# Run it as `make demo` or `bash scripts/demo.sh`. Everything goes to $DEMO_DIR (default demo/).
+# Re-running resumes: a step whose output is complete is skipped, and the tokenizer and AR
+# trainers continue from their newest complete checkpoint. `rm -rf demo` starts over.
+#
+# Knobs (environment): DEMO_DIR, DEMO_NUM (images, 2000), DEMO_EVAL_PER_CATEGORY (0 = all 40),
+# DEMO_SAMPLE_STEPS (head sampler steps, 25), DEMO_CFG (guidance, 4.0), and extra key=value
+# overrides for the trainers: DEMO_TOKENIZER_ARGS, DEMO_TRAIN_ARGS (e.g. "steps=20").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+
+# No accelerator, no hub, Ray on loopback only (shared/ENVIRONMENT.md); the Makefile sets them too.
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:-0}
+export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}  # Ray 2.60 heads want a token; the CLI sends it
+export TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # 2 ranks x 1 thread on 2 cores
+if [[ -x .venv/bin/python ]]; then export PATH="$REPO/.venv/bin:$PATH"; fi
+
+D=$(python -c 'import os, sys; print(os.path.abspath(sys.argv[1]))' "${DEMO_DIR:-demo}")
+NUM=${DEMO_NUM:-2000}
+EVAL_PER_CATEGORY=${DEMO_EVAL_PER_CATEGORY:-0}
+SAMPLE_STEPS=${DEMO_SAMPLE_STEPS:-25}
+CFG=${DEMO_CFG:-4.0}
+read -r -a TOKENIZER_ARGS <<< "${DEMO_TOKENIZER_ARGS:-}"
+read -r -a TRAIN_ARGS <<< "${DEMO_TRAIN_ARGS:-}"
+mkdir -p "$D"
+START=$SECONDS
+
+log() { printf '\n== demo [%dm%02ds] %s\n' $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)) "$*"; }
+free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# --- 1. data --------------------------------------------------------------------------------
+if [[ -f $D/data/manifest.json ]]; then
+  log "1/7 data: $D/data is complete, skipping"
+else
+  log "1/7 data: $NUM shapes images (128 px) -> $D/data"
+  bdt data shapes --out "$D/data" --num "$NUM" --per-shard 250 --size 128 --seed 0 --workers 2
+fi
+
+# --- 2. image tokenizer -----------------------------------------------------------------------
+if [[ -f $D/tokenizer/export/config.json ]]; then
+  log "2/7 tokenizer: $D/tokenizer/export is complete, skipping"
+else
+  log "2/7 tokenizer: training tokenizers/shapes_small.yaml on 2 CPU ranks -> $D/tokenizer"
+  deepspeed --num_gpus 2 --master_port "$(free_port)" tokenizers/train.py \
+    --config tokenizers/shapes_small.yaml --config scripts/demo_tokenizer.yaml \
+    out_dir="$D/tokenizer" "data.shards=$D/data/shapes-*.tar" "${TOKENIZER_ARGS[@]}"
+fi
+
+# --- 3. pre-extraction on a Ray head on 127.0.0.1 ------------------------------------------------
+extraction_complete() {
+  python -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("complete") else 1)' \
+    "$D/tokens/index.json" 2>/dev/null
+}
+head_answers() {  # any HTTP answer counts (401 under token auth): the dashboard is up
+  python - "$1" <<'PY' 2>/dev/null
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=2)
+except urllib.error.HTTPError:
+    pass
+PY
+}
+RAY_PID=""
+stop_ray() {
+  # Stop only the head this script started (its own session), not other Ray instances.
+  if [[ -n $RAY_PID ]] && kill -0 "$RAY_PID" 2>/dev/null; then
+    kill -TERM "$RAY_PID" 2>/dev/null || true
+    for _ in $(seq 60); do kill -0 "$RAY_PID" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-$RAY_PID" 2>/dev/null || true
+  fi
+  RAY_PID=""
+}
+trap stop_ray EXIT
+trap 'stop_ray; exit 130' INT TERM
+if extraction_complete; then
+  log "3/7 pre-extraction: $D/tokens is complete, skipping"
+else
+  DASH=$(free_port)
+  log "3/7 pre-extraction: Ray head on 127.0.0.1 (dashboard :$DASH, log $D/ray-head.log)"
+  # --block keeps the head in this process (its own session), so the trap can stop exactly it.
+  setsid ray start --head --block --num-cpus 2 --node-ip-address 127.0.0.1 \
+    --port "$(free_port)" --dashboard-host 127.0.0.1 --dashboard-port "$DASH" \
+    --dashboard-agent-listen-port "$(free_port)" --ray-client-server-port "$(free_port)" \
+    --disable-usage-stats > "$D/ray-head.log" 2>&1 &
+  RAY_PID=$!
+  for _ in $(seq 120); do
+    head_answers "http://127.0.0.1:$DASH/api/version" && break
+    kill -0 "$RAY_PID" 2>/dev/null || { tail -20 "$D/ray-head.log"; exit 1; }
+    sleep 1
+  done
+  ray job submit --address "http://127.0.0.1:$DASH" --working-dir . -- \
+    python pipelines/extract_tokens.py --config pipelines/configs/demo.yaml \
+    "inputs=$D/data/shapes-*.tar" "output=$D/tokens" "tokenizer=$D/tokenizer/export"
+  stop_ray
+fi
+
+# --- 4. the small LLM -------------------------------------------------------------------------
+if [[ -f $D/llm/model.safetensors ]]; then
+  log "4/7 LLM: $D/llm is complete, skipping"
+else
+  log "4/7 LLM: small Qwen3 + SentencePiece tokenizer on the captions -> $D/llm"
+  bdt model init-tiny --captions-from "$D/data" --out "$D/llm"
+fi
+
+# --- 5. AR training, two resolution stages ------------------------------------------------------
+if [[ -f $D/run/export/model_config.yaml ]]; then
+  log "5/7 training: $D/run/export is complete, skipping"
+else
+  log "5/7 training: bdt/configs/demo.yaml, stages 64 -> 128 px, on 2 CPU ranks -> $D/run"
+  deepspeed --num_gpus 2 --master_port "$(free_port)" bdt/train.py --config bdt/configs/demo.yaml \
+    run_dir="$D/run" model.backbone.path="$D/llm" data.tokenizer="$D/tokenizer/export" \
+    data.root="$D/tokens" "${TRAIN_ARGS[@]}"
+fi
+
+# --- 6. samples ---------------------------------------------------------------------------------
+if [[ -f $D/samples/samples.json ]]; then
+  log "6/7 samples: $D/samples is complete, skipping"
+else
+  log "6/7 samples: 16 prompts at 128 px -> $D/samples"
+  bdt sample --model "$D/run/export" --size 128 --steps "$SAMPLE_STEPS" --cfg-scale "$CFG" \
+    --out "$D/samples" --cols 8 \
+    --prompt "a red circle" --prompt "a blue square" --prompt "a green triangle" \
+    --prompt "a yellow star" --prompt "an orange cross" --prompt "a purple circle" \
+    --prompt "two circles" --prompt "three squares" --prompt "four stars" \
+    --prompt "a red circle and a blue square" --prompt "a green star and a yellow triangle" \
+    --prompt "a blue circle left of a red square" --prompt "a yellow star above a green cross" \
+    --prompt "a purple triangle below an orange circle" --prompt "two red squares" \
+    --prompt "a cross"
+fi
+
+# --- 7. evaluation --------------------------------------------------------------------------------
+if [[ -f $D/eval/eval.json ]]; then
+  log "7/7 eval: $D/eval is complete, skipping"
+else
+  log "7/7 eval: the shapes suite at 128 px, judged -> $D/eval"
+  bdt eval --model "$D/run/export" --size 128 --steps "$SAMPLE_STEPS" --cfg-scale "$CFG" \
+    --per-category "$EVAL_PER_CATEGORY" --out "$D/eval"
+fi
+
+log "done in $(((SECONDS - START) / 60)) min $(((SECONDS - START) % 60)) s. Scores:"
+cat "$D/eval/eval.md"
+cat <<EOF
+
+Pictures and outputs:
+  samples grid        $D/samples/grid.png (one PNG per prompt beside it)
+  eval grid           $D/eval/grid.png (green frame = the judge passed the image, red = failed)
+  eval scores         $D/eval/eval.json, $D/eval/eval.md
+  tokenizer recon.    $D/tokenizer/images/
+  AR model (export)   $D/run/export   (sample more: bdt sample --model $D/run/export --prompt "...")
+  training logs       $D/run/metrics.jsonl, $D/tokenizer/metrics.jsonl
+EOF
