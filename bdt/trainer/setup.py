@@ -113,15 +113,16 @@ def check_model_signature(root: str, signature: dict[str, list[int]], dist: Dist
 
 def make_stream(cfg: TrainConfig, stage_idx: int, shards: ShardList, model: BitDanceModel,
                 dist: DistInfo) -> tuple[TokenStream, SequencePacker]:
-    """The stage's data stream and packer (caption ids encoded once, as the stream measures)."""
+    """The stage's data stream and packer (captions encoded once, when the stream measures)."""
     stage = cfg.stages[stage_idx]
     tok = model.tokenizer
     packer = SequencePacker(model.special, model.prompt, cfg.model.parallel_num,
                             max_len=stage.token_budget, caption_dropout=cfg.model.caption_dropout)
 
     def measure(sample: TokenSample) -> int:
-        if sample.caption_ids is None:
-            sample.caption_ids = np.asarray(encode(tok, sample.caption), dtype=np.int32)
+        # Always this model's tokenizer: ids stored in a shard may come from another tokenizer
+        # or carry its BOS (extraction's caption_tokenizer is independent of the model).
+        sample.caption_ids = np.asarray(encode(tok, sample.caption), dtype=np.int32)
         h, w = sample.grid
         return packer.sample_len(len(packer.prompt_ids(sample.caption_ids.tolist())), h, w)
 
