@@ -125,3 +125,16 @@ def test_packing_efficiency_on_shapes_data(tmp_path):
         assert b.tokens == sum(real_len(x) for x in b.samples) <= 4096
     print(f"packing efficiency {s.counters.efficiency:.4f}")
     assert s.counters.efficiency >= 0.95, s.counters
+
+
+def test_truncated_shard_skips_its_tail(tmp_path):
+    urls = write_shards(str(tmp_path), GRIDS, num_shards=2, per_shard=6)
+    data = open(urls[0], "rb").read()
+    with open(urls[0], "wb") as f:
+        f.write(data[: len(data) // 2 + 100])  # cut inside a member: a damaged copy
+    s = make(urls, buffer=4)
+    got = {k for _ in range(8) for k in keys(s.next_batch())}
+    assert s.counters.corrupt >= 1  # the cut sample, once per epoch
+    assert {f"s{n:06d}" for n in range(6, 12)} <= got  # the intact shard is all there
+    damaged = {k for k in got if k < "s000006"}
+    assert damaged and damaged < {f"s{n:06d}" for n in range(6)}  # its head only, not the cut tail
