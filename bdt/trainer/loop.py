@@ -116,6 +116,11 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
         seen = dict(meta["seen"])
         stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
         logger.log(step, {"resumed_from_step": step})
+        if meta.get("threads") != torch.get_num_threads():
+            # ENVIRONMENT.md: a different intra-op thread count changes float reduction order.
+            print(f"warning: rank {dist.rank}: checkpoint written with {meta.get('threads')} torch "
+                  f"threads, this run has {torch.get_num_threads()}: training continues, but not "
+                  f"bitwise as the uninterrupted run would (set `threads`)", flush=True)
         if dist.is_main:
             print(f"resumed from {ckpt.root}/{resume} (stage {cfg.stages[meta['stage']].name})",
                   flush=True)
@@ -210,7 +215,7 @@ def _grad_norm(module: torch.nn.Module) -> float:
 def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, stream, seen: dict,
           cfg: TrainConfig) -> None:
     stream_meta, stream_tensors = stream.state_dict()
-    meta = {"step": step, "stage": stage_idx, "stage_name": cfg.stages[stage_idx].name, "seen": seen,
+    meta = {"step": step, "threads": torch.get_num_threads(), "stage": stage_idx, "stage_name": cfg.stages[stage_idx].name, "seen": seen,
             "stream": stream_meta}
     tensors = {f"stream.{k}": v for k, v in stream_tensors.items()}
     engines = {"model": _KillAfterSave(engine) if cfg.fault.kill_during_checkpoint == step
