@@ -3,8 +3,10 @@
 `load_trained(path)` accepts
   * an export (`<run_dir>/export`, written by the trainer, bdt/trainer/export.py): the model
     (`BitDanceModel.save_pretrained` layout), `image_tokenizer/` and `train_config.yaml`;
-  * a training run dir: its `export/` if present, else its newest complete checkpoint
-    (ZeRO-0/1/2 only: their model-states file holds the whole module; ZeRO-3 partitions it);
+  * a training run dir: its `export/` if present, else its newest complete checkpoint;
+  * a checkpoint dir `<run_dir>/checkpoints/step_N` (complete, i.e. with its marker);
+    checkpoints of ZeRO-0/1/2 only: their model-states file holds the whole module (ZeRO-3
+    partitions it);
 and checks that every file is there before building anything, so a half-copied export fails
 with the list of what is missing rather than deep inside from_pretrained.
 
@@ -40,7 +42,8 @@ def parse_bucket(text: str) -> tuple[int, int]:
     try:
         w, h = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
     except ValueError:
-        raise ValueError(f"bucket {text!r}: expected S or WxH in pixels, e.g. 128 or 96x64") from None
+        raise ValueError(f"bucket {text!r}: expected S or WxH in pixels, e.g. 128 or 96x64"
+                         ) from None
     if len(parts) > 2 or w <= 0 or h <= 0:
         raise ValueError(f"bucket {text!r}: expected S or WxH with positive sides, e.g. 96x64")
     return w, h
@@ -111,6 +114,7 @@ class TrainedModel:
 def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
     """Resolve `path` (export, or run dir: export or newest checkpoint) and load it on `device`."""
     from bdt.tokenizer.io import load_tokenizer
+    from bdt.trainer.checkpoint import MARKER
 
     if not os.path.exists(path):
         raise OSError(f"model path {path!r} does not exist")
@@ -121,6 +125,10 @@ def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
             path = os.path.join(path, "export")
         elif os.path.isfile(os.path.join(path, "config.yaml")):
             return _from_run_checkpoint(path, device)
+        elif os.path.isfile(os.path.join(path, MARKER)):  # <run_dir>/checkpoints/step_N
+            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+            if os.path.isfile(os.path.join(run_dir, "config.yaml")):
+                return _from_run_checkpoint(run_dir, device, os.path.abspath(path))
     missing = [f for f in EXPORT_FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise OSError(f"{path!r} is not a complete model export: missing {', '.join(missing)} "
@@ -151,7 +159,7 @@ def _trained_buckets(train_config_path: str) -> list[tuple[int, int]] | None:
     for stage in cfg.stages:
         try:
             shards = list_shards(stage.shards, stage.family)
-        except (ValueError, OSError):
+        except Exception:  # noqa: BLE001 - best effort (moved data, no credentials): then unknown
             return None
         if shards.manifest is None:
             return None
@@ -163,9 +171,11 @@ def _trained_buckets(train_config_path: str) -> list[tuple[int, int]] | None:
     return found or None
 
 
-def _from_run_checkpoint(run_dir: str, device: str | torch.device) -> TrainedModel:
-    """A run without an export yet: rebuild the model from its config.yaml and load the newest
-    complete checkpoint's module weights (torch.load with weights_only=True: no unpickling)."""
+def _from_run_checkpoint(run_dir: str, device: str | torch.device,
+                         checkpoint: str | None = None) -> TrainedModel:
+    """A run without an export yet: rebuild the model from its config.yaml and load the module
+    weights of `checkpoint` (default: the newest complete one) with torch.load(weights_only=True),
+    which unpickles no code."""
     from bdt.tokenizer.io import load_tokenizer
     from bdt.trainer.checkpoint import MARKER
 
@@ -177,7 +187,7 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device) -> TrainedMod
                       f"sample from an export")
     tags = sorted(t for t in (os.listdir(root) if os.path.isdir(root) else [])
                   if t.startswith("step_") and os.path.isfile(os.path.join(root, t, MARKER)))
-    if not tags:
+    if not tags and checkpoint is None:
         raise OSError(f"{run_dir!r} is a training run with neither an export/ nor a complete "
                       f"checkpoint in {root}")
     if cfg.deepspeed.zero_stage == 3:
@@ -186,9 +196,10 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device) -> TrainedMod
     if not cfg.data.tokenizer:
         raise OSError(f"{cfg_path}: data.tokenizer is empty, so the run names no image tokenizer "
                       f"to decode with")
-    states = os.path.join(root, tags[-1], "model", "mp_rank_00_model_states.pt")
+    checkpoint = checkpoint or os.path.join(root, tags[-1])
+    states = os.path.join(checkpoint, "model", "mp_rank_00_model_states.pt")
     if not os.path.isfile(states):
-        raise OSError(f"checkpoint {os.path.join(root, tags[-1])} has no {states}")
+        raise OSError(f"checkpoint {checkpoint} has no model/mp_rank_00_model_states.pt")
     try:
         module = torch.load(states, map_location="cpu", weights_only=True)["module"]
     except Exception as e:  # noqa: BLE001 - any unpickling refusal is a user-facing file problem
@@ -196,5 +207,4 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device) -> TrainedMod
     model = BitDanceModel.from_config(cfg.model)
     model.load_state_dict(module)
     decoder = load_tokenizer(cfg.data.tokenizer, device=device)
-    return TrainedModel(model.to(device).eval(), decoder, os.path.join(root, tags[-1]),
-                        _trained_buckets(cfg_path))
+    return TrainedModel(model.to(device).eval(), decoder, checkpoint, _trained_buckets(cfg_path))

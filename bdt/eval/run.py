@@ -33,7 +33,8 @@ def select(suite: list[dict], categories: Sequence[str] = (), per_category: int 
     out = []
     for item in suite:
         c = item["category"]
-        if (categories and c not in categories) or (per_category and taken.get(c, 0) >= per_category):
+        full = per_category and taken.get(c, 0) >= per_category
+        if (categories and c not in categories) or full:
             continue
         taken[c] = taken.get(c, 0) + 1
         out.append(item)

@@ -54,15 +54,20 @@ def test_sample_writes_one_png_per_prompt_and_a_grid(trained_run, tmp_path):
 
 
 def test_run_dir_without_export_samples_from_its_checkpoint(trained_run, tmp_path):
-    """A run dir without export/ loads the newest complete checkpoint: the same weights as the
-    export written at the end, so the same images."""
+    """A run dir without export/ loads the newest complete checkpoint (or a named checkpoint
+    dir): the same weights as the export written at the end, so the same images."""
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("export"))
     assert _sample(str(run), tmp_path / "ckpt", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1]) == 0
     assert _sample(os.path.join(trained_run, "export"), tmp_path / "exp", "--prompt", PROMPTS[0],
                    "--prompt", PROMPTS[1]) == 0
+    # The checkpoint directory itself works too.
+    step_dir = next((run / "checkpoints").glob("step_*"))
+    assert _sample(str(step_dir), tmp_path / "step", "--prompt", PROMPTS[0], "--prompt",
+                   PROMPTS[1]) == 0
     for name in ("0000.png", "0001.png"):
         assert np.array_equal(_pixels(tmp_path / "ckpt" / name), _pixels(tmp_path / "exp" / name))
+        assert np.array_equal(_pixels(tmp_path / "step" / name), _pixels(tmp_path / "exp" / name))
 
 
 def _incomplete_export(trained_run, tmp_path) -> str:
