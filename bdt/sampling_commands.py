@@ -10,8 +10,9 @@ import os
 def add_sampling_args(p: argparse.ArgumentParser, batch: int) -> None:
     """Options shared by `bdt sample` and `bdt eval`."""
     p.add_argument("--model", required=True,
-                   help="training export (<run_dir>/export) or run dir (its export, else its "
-                        "newest complete checkpoint)")
+                   help="training export (<run_dir>/export), run dir (its export, else its "
+                        "newest complete checkpoint) or checkpoint dir (<run_dir>/checkpoints/"
+                        "step_N)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--size", type=int, help="square side in px (default 128)")
     size.add_argument("--bucket", metavar="WxH", help="width x height in px, e.g. 96x64")
