@@ -60,14 +60,27 @@ def _read_yaml(path: str) -> DictConfig:
     return loaded
 
 
-def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Apply `key=value` items one by one; dotted keys may index lists (`stages.0.steps=5`).
+
+    Values are parsed the way omegaconf parses YAML scalars and flow collections.
+    """
     for item in overrides:
-        if "=" not in item or item.startswith("="):
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
             raise ConfigError(f"command line: '{item}' is not a key=value override")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(_describe(exc, "command line")) from None
+        try:
+            value = OmegaConf.from_dotlist([f"value={raw}"])["value"]
+        except (yaml.YAMLError, OmegaConfBaseException) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"command line: key '{key}': cannot parse value '{raw}': {first}") from None
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_describe(exc, "command line")) from None
+        except (IndexError, KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"command line: key '{key}': {exc}") from None
+    return cfg
 
 
 def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[str] = ()) -> T:
@@ -81,8 +94,7 @@ def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[st
     cfg = OmegaConf.structured(schema)
     for path in yaml_paths:
         cfg = _merge(cfg, _read_yaml(path), path)
-    if overrides:
-        cfg = _merge(cfg, _parse_overrides(overrides), "command line")
+    cfg = _apply_overrides(cfg, overrides)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         sources = ", ".join(list(yaml_paths) + (["command line"] if overrides else [])) or "defaults"

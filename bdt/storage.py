@@ -52,8 +52,22 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
     On an exception inside the block, the partial local temp file is removed and nothing appears.
     """
     if is_remote(url):
-        with fsspec.open(url, "wb") as f:
+        f = fsspec.open(url, "wb").open()
+        try:
             yield f
+        except BaseException:
+            # Closing would complete the upload of a partial object; discard aborts it instead.
+            discard = getattr(f, "discard", None)
+            if discard is None:
+                f.close()
+                fs, path = filesystem(url)
+                with contextlib.suppress(Exception):
+                    fs.rm(path)
+            else:
+                discard()
+                f.closed = True  # discarded: nothing left to flush when the object is collected
+            raise
+        f.close()
         return
     path = url[len("file://"):] if url.startswith("file://") else url
     directory = os.path.dirname(os.path.abspath(path))

@@ -122,3 +122,27 @@ def test_save_resolved_to_s3(s3_bucket):
     cfg = C.load(Job, [], ["data_path=s3://x/y"])
     url = C.save_resolved(cfg, s3_bucket + "/run1")
     assert C.to_dict(C.load(Job, [url])) == C.to_dict(cfg)
+
+
+@dataclass
+class Stage:
+    steps: int = 1
+
+
+@dataclass
+class Staged:
+    stages: list[Stage] = field(default_factory=lambda: [Stage(), Stage()])
+
+
+def test_override_indexes_into_lists():
+    cfg = C.load(Staged, [], ["stages.1.steps=5"])
+    assert [s.steps for s in cfg.stages] == [1, 5]
+    with pytest.raises(C.ConfigError, match=r"stages\[0\].stepz"):
+        C.load(Staged, [], ["stages.0.stepz=2"])
+
+
+def test_unparseable_override_value_is_one_line():
+    with pytest.raises(C.ConfigError) as err:
+        C.load(Staged, [], ["stages=[1, 2"])
+    assert "'stages'" in str(err.value) and "\n" not in str(err.value)
+
