@@ -10,6 +10,9 @@ from bdt.trainer.signals import StopFlag
 
 
 def test_sigterm_and_sigusr1_set_the_stop_flag():
+    # Whatever handler was installed before (SIG_DFL, or one from ray.init earlier in this
+    # pytest process) must be back afterwards.
+    before = signal.getsignal(signal.SIGTERM)
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         flag = StopFlag()
         try:
@@ -18,7 +21,7 @@ def test_sigterm_and_sigusr1_set_the_stop_flag():
             assert flag.should_stop(torch.device("cpu")) and flag.signum == sig
         finally:
             flag.restore()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_metrics_logger_jsonl_tensorboard_and_stdout(tmp_path, capsys):
