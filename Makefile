@@ -27,12 +27,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The end-to-end job grows with the project; today it makes the embedded "shapes" dataset
-# and checks it with the judge. Training, sampling and evaluation join it as they land.
+# The main job end to end on the embedded default (SPEC 2.1): data -> tokenizer -> Ray
+# pre-extraction -> DeepSpeed training over two stages -> samples -> evaluation. Resumable.
 demo: $(STAMP)
-	$(BIN)/bdt data shapes --out $(DEMO_DIR)/data --num 2000 --per-shard 500 --size 128 64x128 128x64 --seed 0
-	@echo "demo: made the shapes dataset in $(DEMO_DIR)/data (tokenizer, pre-extraction, training and"
-	@echo "demo: evaluation are not wired into the demo yet; see README 'Status')."
+	DEMO_DIR=$(DEMO_DIR) bash scripts/demo.sh
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -9,11 +9,13 @@ files are written directly.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import uuid
 from typing import IO, Iterator
 
 import fsspec
+from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
 
@@ -31,6 +33,28 @@ def join(base: str, *parts: str) -> str:
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) for a URL. Call inside each worker process: s3fs is not fork-safe."""
     return url_to_fs(url)
+
+
+def _glob(pattern: str) -> list[str]:
+    if is_remote(pattern):
+        fs, path = filesystem(pattern)
+        proto = pattern.split("://", 1)[0]
+        return [f"{proto}://{p}" for p in sorted(fs.glob(path))]
+    return sorted(glob.glob(pattern))
+
+
+def expand_urls(spec: str) -> list[str]:
+    """URLs named by a comma list of brace patterns and globs (`a-{000..009}.tar,b/*.tar`).
+
+    In the order given, globs sorted, duplicates dropped. Plain names are returned as they are
+    (existence is the caller's check); a glob that matches nothing contributes nothing.
+    """
+    urls: list[str] = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        for pattern in braceexpand(part):
+            urls.extend(_glob(pattern) if any(c in pattern for c in "*?[") else [pattern])
+    seen: set[str] = set()
+    return [u for u in urls if not (u in seen or seen.add(u))]
 
 
 def exists(url: str) -> bool:

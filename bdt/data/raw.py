@@ -15,14 +15,12 @@ ones. Corrupt samples (undecodable image, missing image) are skipped and counted
 
 from __future__ import annotations
 
-import glob as globlib
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bdt.data.images import decode_rgb, needed_size, open_image, resize_center_crop, to_unit_range
@@ -44,18 +42,7 @@ def expand_shards(spec: str) -> list[str]:
     """All shard URLs named by `spec`; raises ValueError naming the pattern when none exist."""
     from bdt import storage
 
-    urls: list[str] = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        for pattern in braceexpand(part):
-            if any(c in pattern for c in "*?["):
-                if storage.is_remote(pattern):
-                    fs, path = storage.filesystem(pattern)
-                    proto = pattern.split("://", 1)[0]
-                    urls.extend(f"{proto}://{p}" for p in sorted(fs.glob(path)))
-                else:
-                    urls.extend(sorted(globlib.glob(pattern)))
-            else:
-                urls.append(pattern)
+    urls = storage.expand_urls(spec)
     missing = [u for u in urls if not _exists(u)]
     if not urls or missing:
         raise ValueError(f"data.shards: no shard found for '{spec}'" if not urls else

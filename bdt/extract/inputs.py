@@ -11,14 +11,12 @@ yields one `truncated_tar` / `unreadable_shard` reject for whatever could not be
 
 from __future__ import annotations
 
-import glob as globlib
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import fsspec
-from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
 from bdt import storage
@@ -80,27 +78,9 @@ class Reject:
         return {"key": self.key, "source": self.source, "reason": self.reason, "detail": self.detail}
 
 
-def _glob(pattern: str) -> list[str]:
-    if storage.is_remote(pattern):
-        fs, path = storage.filesystem(pattern)
-        proto = pattern.split("://", 1)[0]
-        return [f"{proto}://{p}" for p in sorted(fs.glob(path))]
-    return sorted(globlib.glob(pattern))
-
-
-def expand(spec: str) -> list[str]:
-    """URLs named by a comma list of brace patterns / globs, in the order given (globs sorted)."""
-    urls: list[str] = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        for pattern in braceexpand(part):
-            urls.extend(_glob(pattern) if any(c in pattern for c in "*?[") else [pattern])
-    seen: set[str] = set()
-    return [u for u in urls if not (u in seen or seen.add(u))]
-
-
 def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts: list[str]) -> list[InputUnit]:
     """The ordered input units; raises ValueError naming the pattern when nothing is found."""
-    urls = expand(spec)
+    urls = storage.expand_urls(spec)
     if not urls:
         raise ValueError(f"inputs: nothing matches '{spec}'")
     units: list[InputUnit] = []
