@@ -1,0 +1,1 @@
+"""bdt: train BitDance-style binary-token autoregressive text-to-image models."""
