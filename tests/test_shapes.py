@@ -12,7 +12,6 @@ import fsspec
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
 
 from bdt import cli
 from bdt.data import shapes, shards

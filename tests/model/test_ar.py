@@ -1,7 +1,6 @@
 """BitDanceModel against the mllm_tiny fixture (reference/bitdance), LLM init, losses, config."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from bdt.model.keymap import state_dict_from_bitdance
 from bdt.model.sequence import ImageSample, SequencePacker, from_sequence_order
 from bdt.model.text_tokenizer import PromptIds, SpecialTokens
 
-REF = Path("/work/shared/reference/bitdance")
+from reference import REF
 MLLM = json.loads((REF / "mllm_tiny.json").read_text())
 TENSORS = load_file(REF / "mllm_tiny.safetensors")
 

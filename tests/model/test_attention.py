@@ -13,7 +13,7 @@ from transformers import DynamicCache, Qwen3Config, Qwen3Model
 from bdt.model.attention import (BlockCausalLayout, attention_kwargs, decode_attention_mask,
                                  hf_attn_implementation, left_padded_layout, resolve_backend)
 
-from test_head import REF, needs_ref
+from reference import REF
 
 # Uncompiled flex is intended here (see eager_flex); torch warns about it once.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -45,7 +45,6 @@ def eager_flex(monkeypatch):
                         lambda q, k, v, training=False, **kw: flex_attention(q, k, v, **kw))
 
 
-@needs_ref
 def test_masks_equal_sequence_tiny_fixture():
     examples = json.loads((REF / "sequence_tiny.json").read_text())["attention_mask"]["examples"]
     # causal_len = text + <|vision_start|> + <|res_h|>; then blocks of P from <|res_w|> on.

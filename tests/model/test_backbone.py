@@ -2,7 +2,6 @@
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ from bdt.model.text_tokenizer import (
     train_sentencepiece,
 )
 
-REF = Path("/work/shared/reference/bitdance")
+from reference import REF
 SEQ = json.loads((REF / "sequence_tiny.json").read_text())
 CAPTIONS = [
     f"a {c} {s} on the {p}"

@@ -1,7 +1,6 @@
 """Connector, 2D sin-cos position embedding and bit flipping against the BitDance fixtures."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from safetensors.torch import load_file
 
 from bdt.model.embed import CONNECTOR_KEY_MAP, BitsConnector, PosEmbed2D, flip_bits, sincos_table_1d
 
-REF = Path("/work/shared/reference/bitdance")
+from reference import REF
 SEQ = json.loads((REF / "sequence_tiny.json").read_text())
 MLLM = json.loads((REF / "mllm_tiny.json").read_text())
 

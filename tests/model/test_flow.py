@@ -9,10 +9,10 @@ from bdt.model.flow import (binarize, bit_accuracy, cfg_schedule, flow_loss, sam
                             time_grid)
 from bdt.model.head import DiffusionHead, HeadConfig
 
-from test_head import REF, load_fixture_head, needs_ref
+from reference import REF
+from test_head import load_fixture_head
 
 
-@needs_ref
 def test_seeded_loss_matches_fixture():
     head, data = load_fixture_head()
     torch.manual_seed(79)  # the fixture's seed; t is drawn first, then the noise
@@ -22,7 +22,6 @@ def test_seeded_loss_matches_fixture():
     assert head.final_proj.weight.grad.abs().sum() > 0
 
 
-@needs_ref
 def test_sampler_matches_fixture_without_and_with_cfg():
     head, data = load_fixture_head()
     torch.manual_seed(80)
@@ -40,7 +39,6 @@ def test_sampler_matches_fixture_without_and_with_cfg():
     torch.testing.assert_close(x2, x, atol=0, rtol=0)
 
 
-@needs_ref
 @pytest.mark.parametrize("shift", ["0.5", "1.0", "3.0"])
 def test_time_grid_matches_fixture_bit_for_bit(shift):
     grids = json.loads((REF / "head_tiny.json").read_text())["sampler"]["time_grid_N10_by_shift"]

@@ -1,8 +1,6 @@
 """Diffusion head vs the BitDance fixture (reference/bitdance/head_tiny), shapes, init, mapping."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +9,7 @@ from safetensors.torch import load_file
 from bdt.model.head import (DiffusionHead, HeadConfig, head_key_from_bitdance,
                             head_state_dict_from_bitdance, timestep_embedding)
 
-REF = Path(os.environ.get("BDT_REFERENCE_DIR",
-                          Path(__file__).resolve().parents[3] / "shared/reference/bitdance"))
-needs_ref = pytest.mark.skipif(not (REF / "head_tiny.safetensors").exists(),
-                               reason=f"BitDance fixtures not found in {REF}")
+from reference import REF
 TINY_HEAD = dict(width=256, depth=2, num_adaln_sets=2, bits=8, cond_dim=64, tokens=4)
 
 
@@ -27,7 +22,6 @@ def load_fixture_head() -> tuple[DiffusionHead, dict[str, torch.Tensor]]:
     return head.eval(), data
 
 
-@needs_ref
 def test_x_prediction_matches_fixture():
     head, data = load_fixture_head()
     with torch.no_grad():
@@ -35,14 +29,12 @@ def test_x_prediction_matches_fixture():
     torch.testing.assert_close(x_pred, data["io.x_pred"], atol=1e-5, rtol=1e-5)
 
 
-@needs_ref
 def test_timestep_embedding_matches_fixture():
     data = load_file(REF / "head_tiny.safetensors")
     torch.testing.assert_close(timestep_embedding(data["io.t"], 256),
                                data["io.t_freq_embedding"], atol=1e-5, rtol=1e-5)
 
 
-@needs_ref
 def test_key_mapping_covers_the_14b_head_one_to_one():
     keys = json.loads((REF / "mllm_keys_14b.json").read_text())["state_dict_16x"]
     prefix = "vision_diffusion_head.net."

@@ -1,7 +1,6 @@
 """BitDance-14B checkpoint compatibility, checked on the meta device (issue 4 part 8)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,9 @@ from bdt.model.keymap import (
     state_dict_to_bitdance,
 )
 
-REF = json.loads(Path("/work/shared/reference/bitdance/mllm_keys_14b.json").read_text())
+from reference import REF as REF_DIR
+
+REF = json.loads((REF_DIR / "mllm_keys_14b.json").read_text())
 
 
 @pytest.mark.parametrize("parallel_num", [16, 64])

@@ -1,7 +1,6 @@
 """Sequence layout and packing against reference/bitdance/{sequence_tiny,mllm_tiny}.json."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from bdt.model.text_tokenizer import (
     SpecialTokens,
 )
 
-REF = Path("/work/shared/reference/bitdance")
+from reference import REF
 SEQ = json.loads((REF / "sequence_tiny.json").read_text())
 MLLM = json.loads((REF / "mllm_tiny.json").read_text())
 

@@ -19,7 +19,7 @@ from bdt.config import load as load_config
 from bdt.tokenizer import BinaryAutoencoder, TokenizerConfig
 from bdt.tokenizer.autoencoder import depth_to_space
 
-REF = Path("/work/shared/reference/bitdance")
+from reference import REF
 TINY = dict(ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, z_channels=16)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from bdt.tokenizer import (BinaryAutoencoder, TokenizerConfig, load_tokenizer, m
                            save_tokenizer, tokens_to_map, unpack_bits)
 from bdt.tokenizer.quantizer import group_indices
 
-REF = Path("/work/shared/reference/bitdance")
+from reference import REF
 TINY = dict(ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, z_channels=16)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 from bdt.tokenizer import SignQuantizer, TokenizerConfig
 from bdt.tokenizer.quantizer import code_table, group_indices
 
-REF = Path("/work/shared/reference/bitdance")
+from reference import REF
 META = json.loads((REF / "quantizer_tiny.json").read_text())
 TENSORS = load_file(REF / "quantizer_tiny.safetensors")
 
