@@ -14,22 +14,10 @@ import pytest
 import torch
 
 from evalutil import BUCKET
+from testkit import save_tiny_image_tokenizer
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BITS = 16
-
-
-def _tiny_tokenizer(out_dir: str):
-    from bdt.tokenizer.autoencoder import BinaryAutoencoder
-    from bdt.tokenizer.config import TokenizerConfig
-    from bdt.tokenizer.io import save_tokenizer
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = BinaryAutoencoder(TokenizerConfig(ch=32, ch_mult=[1, 1], num_res_blocks=1,
-                                                  z_channels=BITS))
-    save_tokenizer(model, out_dir)
-    return model
 
 
 def _token_shards(out_dir: str, tokenizer, n: int = 24) -> None:
@@ -66,7 +54,7 @@ def trained_run(tmp_path_factory) -> str:
     captions = [item["prompt"] for item in load_suite()]
     llm = make_tiny_llm(str(base / "llm"), captions, hidden=32, layers=1, heads=2, kv_heads=1,
                         intermediate=64, vocab_size=384, max_position_embeddings=512)
-    tokenizer = _tiny_tokenizer(str(base / "tok"))
+    tokenizer = save_tiny_image_tokenizer(str(base / "tok"), BITS)
     _token_shards(str(base / "tokens"), tokenizer)
     run_dir = base / "run"
     cmd = [sys.executable, os.path.join(ROOT, "bdt", "train.py"),

@@ -8,6 +8,7 @@ import numpy as np
 import webdataset as wds
 
 from bdt.data.token_shards import TokenSample, encode_sample
+from testkit import save_tiny_image_tokenizer
 
 CAPTIONS = ["a red circle", "two blue squares", "a green star left of a yellow cross",
             "three purple triangles", "a pink square above an orange circle", "one cyan star"]
@@ -105,16 +106,6 @@ def export_tensors(run_dir: str) -> dict:
 
 
 def tiny_image_tokenizer(out_dir: str, bits: int = 16) -> str:
-    """A randomly initialised 2x-downsampling binary autoencoder saved as a tokenizer directory."""
-    import torch
-
-    from bdt.tokenizer.autoencoder import BinaryAutoencoder
-    from bdt.tokenizer.config import TokenizerConfig
-    from bdt.tokenizer.io import save_tokenizer
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = BinaryAutoencoder(TokenizerConfig(ch=32, ch_mult=[1, 1], num_res_blocks=1,
-                                                  z_channels=bits))
-    save_tokenizer(model, out_dir)
+    """A tiny random image tokenizer directory (testkit.save_tiny_image_tokenizer); returns its path."""
+    save_tiny_image_tokenizer(out_dir, bits)
     return out_dir
