@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdt.tokenizer.config import NORM_GROUPS, TokenizerConfig
+from bdt.tokenizer.config import TokenizerConfig
 from bdt.tokenizer.quantizer import QuantizerOutput, SignQuantizer
 
 _NORM_EPS = 1e-6
 _STYLE_EPS = 1e-6  # added to the variance of the bits before the square root (adaptive norm)
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(NORM_GROUPS, channels, eps=_NORM_EPS)
+def _group_norm(groups: int, channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=_NORM_EPS)
 
 
 def depth_to_space(x_BCHW: torch.Tensor, factor: int = 2) -> torch.Tensor:
@@ -37,11 +37,11 @@ def depth_to_space(x_BCHW: torch.Tensor, factor: int = 2) -> torch.Tensor:
 class ResBlock(nn.Module):
     """norm -> swish -> conv3x3 (no bias), twice, plus a 1x1 shortcut when the width changes."""
 
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, groups: int):
         super().__init__()
         # Attribute order = the released state-dict order (norms first).
-        self.norm1 = _group_norm(in_ch)
-        self.norm2 = _group_norm(out_ch)
+        self.norm1 = _group_norm(groups, in_ch)
+        self.norm2 = _group_norm(groups, out_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1, bias=False) if in_ch != out_ch else None
@@ -72,9 +72,9 @@ class AdaptiveGroupNorm(nn.Module):
     (h*w == 1), where that is undefined, the population variance (0) is used instead.
     """
 
-    def __init__(self, z_channels: int, channels: int):
+    def __init__(self, z_channels: int, channels: int, groups: int):
         super().__init__()
-        self.norm = nn.GroupNorm(NORM_GROUPS, channels, eps=_NORM_EPS, affine=False)
+        self.norm = nn.GroupNorm(groups, channels, eps=_NORM_EPS, affine=False)
         self.gamma = nn.Linear(z_channels, channels)
         self.beta = nn.Linear(z_channels, channels)
 
@@ -89,10 +89,10 @@ class AdaptiveGroupNorm(nn.Module):
 class _Level(nn.Module):
     """One resolution level: `block` (ResBlocks) plus an optional resampler (key names as released)."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_blocks: int):
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, groups: int):
         super().__init__()
         self.block = nn.ModuleList(
-            [ResBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(num_blocks)])
+            [ResBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(num_blocks)])
 
 
 class Encoder(nn.Module):
@@ -105,13 +105,14 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         in_ch = cfg.ch
         for i, width in enumerate(widths):
-            level = _Level(in_ch, width, cfg.num_res_blocks)
+            level = _Level(in_ch, width, cfg.num_res_blocks, cfg.norm_groups)
             if i < len(widths) - 1:
                 level.downsample = nn.Conv2d(width, width, 3, stride=2, padding=1)
             self.down.append(level)
             in_ch = width
-        self.mid_block = nn.ModuleList([ResBlock(in_ch, in_ch) for _ in range(cfg.num_res_blocks)])
-        self.norm_out = _group_norm(in_ch)
+        self.mid_block = nn.ModuleList([ResBlock(in_ch, in_ch, cfg.norm_groups)
+                                        for _ in range(cfg.num_res_blocks)])
+        self.norm_out = _group_norm(cfg.norm_groups, in_ch)
         self.conv_out = nn.Conv2d(in_ch, cfg.z_channels, 1)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -140,20 +141,21 @@ class Decoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         in_ch = widths[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels * (2 if self.generative else 1), in_ch, 3, padding=1)
-        self.mid_block = nn.ModuleList([ResBlock(in_ch, in_ch) for _ in range(cfg.num_res_blocks)])
+        self.mid_block = nn.ModuleList([ResBlock(in_ch, in_ch, cfg.norm_groups)
+                                        for _ in range(cfg.num_res_blocks)])
         # Built deepest first; stored so that up[i] / adaptive[i] belong to resolution level i.
         up: list[nn.Module] = []
         adaptive: list[nn.Module] = []
         for i in reversed(range(len(widths))):
-            adaptive.append(AdaptiveGroupNorm(cfg.z_channels, in_ch))
-            level = _Level(in_ch, widths[i], cfg.num_res_blocks)
+            adaptive.append(AdaptiveGroupNorm(cfg.z_channels, in_ch, cfg.norm_groups))
+            level = _Level(in_ch, widths[i], cfg.num_res_blocks, cfg.norm_groups)
             if i > 0:
                 level.upsample = Upsample(widths[i])
             up.append(level)
             in_ch = widths[i]
         self.up = nn.ModuleList(up[::-1])
         self.adaptive = nn.ModuleList(adaptive[::-1])
-        self.norm_out = _group_norm(in_ch)
+        self.norm_out = _group_norm(cfg.norm_groups, in_ch)
         self.conv_out = nn.Conv2d(in_ch, cfg.out_ch, 3, padding=1)
 
     def forward(self, bits_BZhw: torch.Tensor, noise_BZhw: torch.Tensor | None = None,

@@ -13,10 +13,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-# GroupNorm(32) runs on every feature map of the released architecture.
-NORM_GROUPS = 32
-
-
 @dataclass
 class TokenizerConfig:
     """Defaults are the released `ae_d16c32` (16x down, 32 bits/token), used by every BitDance model."""
@@ -30,6 +26,9 @@ class TokenizerConfig:
     out_ch: int = 3
     double_z: bool = False  # accepted for compatibility; a binary tokenizer has no variance channels
     gan_decoder: bool = False  # generative decoder: N(0,1) noise concatenated to the bits
+    # GroupNorm groups on every feature map (32 in the release; no weights depend on it). Narrow
+    # models want fewer: at width 32, 32 groups is instance norm, which erases flat backgrounds.
+    norm_groups: int = 32
     # Quantizer losses (group-wise lookup-free entropy, BitDance GFQ defaults; commitment per SPEC 1.1).
     entropy_group_size: int = 8  # bits per group: 2**8 implicit codes
     entropy_temperature: float = 0.01
@@ -50,10 +49,12 @@ class TokenizerConfig:
         if not self.ch_mult:
             raise ValueError("tokenizer config: ch_mult must list at least one level, got []")
         widths = [self.ch * m for m in self.ch_mult]
-        bad = [w for w in widths if w <= 0 or w % NORM_GROUPS]
+        if self.norm_groups < 1:
+            raise ValueError(f"tokenizer config: norm_groups must be >= 1, got {self.norm_groups}")
+        bad = [w for w in widths if w <= 0 or w % self.norm_groups]
         if bad:
             raise ValueError(f"tokenizer config: every level width ch*ch_mult must be a positive multiple "
-                             f"of {NORM_GROUPS} (GroupNorm groups); ch={self.ch}, ch_mult={list(self.ch_mult)} "
+                             f"of norm_groups={self.norm_groups}; ch={self.ch}, ch_mult={list(self.ch_mult)} "
                              f"gives {widths}")
         if self.num_res_blocks < 1:
             raise ValueError(f"tokenizer config: num_res_blocks must be >= 1, got {self.num_res_blocks}")

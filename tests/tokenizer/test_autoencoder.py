@@ -185,6 +185,21 @@ def test_bad_sizes_and_shapes_are_named():
         model.decode(torch.zeros(1, 4, 4, 32, dtype=torch.bool))
 
 
+def test_norm_groups_reach_every_norm_and_keep_the_layout():
+    """norm_groups (for narrow models) changes every GroupNorm, no parameter shape or key."""
+    default = BinaryAutoencoder(TokenizerConfig(**TINY))
+    narrow = BinaryAutoencoder(TokenizerConfig(**TINY, norm_groups=8))
+    groups = {m.num_groups for m in narrow.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {8}
+    assert ({k: v.shape for k, v in narrow.state_dict().items()}
+            == {k: v.shape for k, v in default.state_dict().items()})
+    narrow.load_state_dict(default.state_dict())
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert not torch.allclose(narrow.encoder(x), default.encoder(x))
+    assert TokenizerConfig.from_dict(narrow.config.to_dict()).norm_groups == 8
+
+
 def test_config_forms_and_errors():
     released = {"ddconfig": {"double_z": False, "z_channels": 16, "in_channels": 3, "out_ch": 3,
                              "ch": 32, "ch_mult": [1, 1, 2], "num_res_blocks": 1},
@@ -196,8 +211,11 @@ def test_config_forms_and_errors():
         TokenizerConfig.from_dict({"chmult": [1, 2]})
     with pytest.raises(ValueError, match="multiple of entropy_group_size"):
         TokenizerConfig(**{**TINY, "z_channels": 12}).validate()
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="multiple of norm_groups=32"):
         TokenizerConfig(ch=48, ch_mult=[1, 2]).validate()
+    TokenizerConfig(ch=48, ch_mult=[1, 2], norm_groups=8).validate()
+    with pytest.raises(ValueError, match="norm_groups must be >= 1, got 0"):
+        TokenizerConfig(ch=48, ch_mult=[1, 2], norm_groups=0).validate()
     with pytest.raises(ValueError, match="double_z"):
         TokenizerConfig.from_dict({**released, "ddconfig": {**released["ddconfig"], "double_z": True}})
 
