@@ -158,7 +158,7 @@ def _trained_buckets(train_config_path: str) -> list[tuple[int, int]] | None:
     found: list[tuple[int, int]] = []
     for stage in cfg.stages:
         try:
-            shards = list_shards(stage.shards, stage.family)
+            shards = list_shards(stage.shards, stage.family, allow_incomplete=True)  # buckets only
         except Exception:  # noqa: BLE001 - best effort (moved data, no credentials): then unknown
             return None
         if shards.manifest is None:

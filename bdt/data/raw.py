@@ -15,7 +15,6 @@ ones. Corrupt samples (undecodable image, missing image) are skipped and counted
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -43,17 +42,11 @@ def expand_shards(spec: str) -> list[str]:
     from bdt import storage
 
     urls = storage.expand_urls(spec)
-    missing = [u for u in urls if not _exists(u)]
+    missing = storage.missing_files(urls)
     if not urls or missing:
         raise ValueError(f"data.shards: no shard found for '{spec}'" if not urls else
                          f"data.shards: {len(missing)} shard(s) do not exist, e.g. {missing[0]}")
     return urls
-
-
-def _exists(url: str) -> bool:
-    from bdt import storage
-
-    return storage.exists(url) if storage.is_remote(url) else os.path.isfile(url)
 
 
 def decode_image(data: bytes, size: int, resize: int = 0, rng: np.random.Generator | None = None,

@@ -2,7 +2,11 @@
 
 A stage names its data as one of:
   * an extraction output root holding `index.json` (bdt/extract/manifest.py) + a family name:
-    the shard list and the image tokenizer's identity come from the manifest;
+    the shard list and the image tokenizer's identity come from the manifest. A manifest with
+    `complete: false` (some input units failed) or a root with `plan.json` but no manifest yet
+    (an extraction still running or killed) is refused unless `allow_incomplete` is set: training
+    on part of a dataset by accident skews it silently, while a user who knows that a few units
+    can never be made (lost raw objects) can still train on every shard that is complete;
   * a directory of `*.tar` token shards, a glob (`.../*.tar`), or a single `.tar` file.
 Local paths and fsspec URLs (s3://...) alike.
 
@@ -23,6 +27,7 @@ from typing import Any, Iterator
 from bdt import storage
 
 INDEX_NAME = "index.json"  # bdt/extract/manifest.py writes the manifest under this name
+PLAN_NAME = "plan.json"  # written by an extraction before any shard
 
 
 @dataclass
@@ -42,8 +47,9 @@ def _glob(url: str) -> list[str]:
     return found
 
 
-def list_shards(source: str, family: str = "") -> ShardList:
-    """Shard URLs of one stage; ValueError naming the source when nothing usable is there."""
+def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -> ShardList:
+    """Shard URLs of one stage; ValueError naming the source when nothing usable is there (or an
+    unfinished extraction, unless `allow_incomplete`)."""
     source = source.rstrip("/")
     if not source:
         raise ValueError("data source is empty: set the stage's `shards` to a token-shard "
@@ -60,6 +66,11 @@ def list_shards(source: str, family: str = "") -> ShardList:
     index_url = storage.join(source, INDEX_NAME)
     if storage.exists(index_url):
         manifest = json.loads(storage.read_bytes(index_url))
+        if manifest.get("complete") is False and not allow_incomplete:
+            failed = sorted((manifest.get("summary") or {}).get("failed_units", {}))
+            raise ValueError(f"{index_url} says the extraction is incomplete (complete: false; failed "
+                             f"input units {failed[:5]}): rerun the extraction to finish it, or set the "
+                             f"stage's allow_incomplete: true to train on its complete shards only")
         stages = manifest.get("stages", {})
         if not family:
             if len(stages) != 1:
@@ -72,6 +83,9 @@ def list_shards(source: str, family: str = "") -> ShardList:
         if not urls:
             raise ValueError(f"{index_url}: family {family!r} lists no shards")
         return ShardList(urls, manifest, source)
+    if storage.exists(storage.join(source, PLAN_NAME)):
+        raise ValueError(f"{source} is an extraction output without {INDEX_NAME}: the extraction is "
+                         f"still running or was stopped; rerun it to completion")
     urls = _glob(storage.join(source, "*.tar"))
     if not urls:
         raise ValueError(f"shards: {source!r} holds no .tar files and no {INDEX_NAME}")

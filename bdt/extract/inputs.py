@@ -83,19 +83,19 @@ def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts:
     urls = storage.expand_urls(spec)
     if not urls:
         raise ValueError(f"inputs: nothing matches '{spec}'")
+    if input_format not in ("auto", "tar", "folder"):
+        raise ValueError(f"input_format: expected auto, tar or folder, got '{input_format}'")
+    formats = [input_format if input_format != "auto" else "tar" if url.endswith(_TAR_SUFFIXES) else "folder"
+               for url in urls]
+    missing = storage.missing_files([u for u, fmt in zip(urls, formats) if fmt == "tar"])
+    if missing:
+        raise ValueError(f"inputs: {len(missing)} tar shard(s) not found, e.g. {missing[0]}")
     units: list[InputUnit] = []
-    for url in urls:
-        fmt = input_format
-        if fmt == "auto":
-            fmt = "tar" if url.endswith(_TAR_SUFFIXES) else "folder"
-        if fmt not in ("tar", "folder"):
-            raise ValueError(f"input_format: expected auto, tar or folder, got '{input_format}'")
-        fs, path = storage.filesystem(url)
+    for url, fmt in zip(urls, formats):
         if fmt == "tar":
-            if not fs.isfile(path):
-                raise ValueError(f"inputs: tar shard not found: {url}")
             units.append(InputUnit(len(units), "tar", url))
             continue
+        fs, path = storage.filesystem(url)
         if not fs.isdir(path):
             raise ValueError(f"inputs: folder not found: {url} (a tar shard must end in .tar/.tgz/.tar.gz)")
         images = _folder_images(fs, path, image_exts)

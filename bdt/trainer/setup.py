@@ -35,7 +35,7 @@ def check_data(cfg: TrainConfig) -> list[ShardList]:
     for i, stage in enumerate(cfg.stages):
         where = f"stages[{i}] ({stage.name})"
         try:
-            shards = list_shards(stage.shards, stage.family)
+            shards = list_shards(stage.shards, stage.family, stage.allow_incomplete)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         sha = tokenizer_sha(shards.manifest)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import logging
+from collections import Counter
+
 import pytest
+import webdataset as wds
 from extract_rawdata import good_samples, image_bytes, truncate, write_tar
 
 from bdt.extract import inputs as inp
@@ -30,8 +35,31 @@ def test_listing_by_brace_glob_and_comma(tmp_path):
     assert [u.source[-7:] for u in both] == ["s-2.tar", "s-0.tar", "s-1.tar"]  # order kept, no repeats
     with pytest.raises(ValueError, match="nothing matches"):
         inp.list_units(str(tmp_path / "nope-*.tar"), "auto", 10, EXTS)
-    with pytest.raises(ValueError, match="tar shard not found"):
+    with pytest.raises(ValueError, match=r"1 tar shard\(s\) not found, e.g. .*s-3.tar"):
         inp.list_units(str(tmp_path / "s-{0..3}.tar"), "auto", 10, EXTS)
+
+
+def test_s3_inputs_are_checked_with_one_listing_per_prefix(s3_bucket, caplog):
+    """Not one HEAD per shard: a brace pattern over many objects must cost one list call per
+    prefix (counted from s3fs's own request log, against the moto server)."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, encoder=False) as w:
+        w.write(good_samples("a", 1, 0)[0])
+    for prefix in ("p", "q"):
+        for i in range(6):
+            fs.pipe_file(f"{s3_bucket[5:]}/{prefix}/s-{i}.tar", buf.getvalue())
+    caplog.set_level(logging.DEBUG, logger="s3fs")
+    caplog.clear()
+    units = inp.list_units(f"{s3_bucket}/p/s-{{0..5}}.tar,{s3_bucket}/q/s-{{0..5}}.tar", "auto", 10, EXTS)
+    calls = Counter(r.getMessage().split(" - ")[0][len("CALL: "):] for r in caplog.records
+                    if r.name == "s3fs" and r.getMessage().startswith("CALL: "))
+    assert [u.source for u in units][:2] == [f"{s3_bucket}/p/s-0.tar", f"{s3_bucket}/p/s-1.tar"]
+    assert len(units) == 12 and calls == Counter({"list_objects_v2": 2})
+    with pytest.raises(ValueError, match=r"2 tar shard\(s\) not found, e.g. s3://.*/p/s-6.tar"):
+        inp.list_units(f"{s3_bucket}/p/s-{{0..7}}.tar", "auto", 10, EXTS)
 
 
 def test_not_a_tar_is_one_unreadable_reject(tmp_path):

@@ -24,6 +24,7 @@ from extract_rawdata import (BAD_REASONS, MAX_PIXELS, MIN_SIDE, bad_samples, goo
 
 from bdt.config import load
 from bdt.data.images import load_for_buckets
+from bdt.data.shard_source import list_shards
 from bdt.data.token_shards import decode_sample, iter_token_shard
 from bdt.extract.config import ExtractConfig
 from bdt.extract.run import run
@@ -172,6 +173,8 @@ def test_partial_output_is_completed_with_the_same_keys(first_run, raw, tiny_tok
     stale = os.path.join(out, "32", ".000000.tar.tmp-deadbeef")  # a killed writer's temp file
     open(stale, "wb").write(b"partial")
     os.remove(os.path.join(out, "index.json"))
+    with pytest.raises(ValueError, match="extraction output without index.json"):  # a killed run's output
+        list_shards(out, "hi")
     # Decoding ahead in threads must not change a byte (order and content are kept).
     summary = run(make_cfg(raw[0], out, tiny_tokenizer, "decode_threads=2"))
     assert summary["done_units"] == 3 and summary["skipped_units"] == 0 and not summary["failed_units"]
@@ -293,3 +296,7 @@ def test_a_failing_unit_is_reported_and_the_others_finish(first_run):
     index = _index(cfg.output)
     assert index["complete"] is False
     assert [s["shard"] for s in index["stages"]["32"]["shards"]] == ["32/000000.tar", "32/000002.tar"]
+    with pytest.raises(ValueError, match=r"index.json says the extraction is incomplete .*\['1'\]"):
+        list_shards(cfg.output, "32")  # training refuses it by default
+    listed = list_shards(cfg.output, "32", allow_incomplete=True)
+    assert listed.urls == [os.path.join(cfg.output, "32", f"{i:06d}.tar") for i in (0, 2)]
