@@ -18,8 +18,29 @@ keeps a micro-batch's samples alike (and their attention cost predictable); larg
 the gap, which is what keeps real tokens / budget high at mixed aspect ratios.
 
 State (`state_dict`): epoch, shard cursor, byte offset + sample index inside the shard, the
-numpy RNG state, counters, and the buffered samples themselves (metadata in the JSON, packed bits
-in one uint8 tensor), so nothing is ever read twice.
+numpy RNG state, counters, the buffered samples themselves (metadata in the JSON, packed bits
+in one uint8 tensor) and any pending ranges (below), so nothing is ever read twice.
+
+World-size change (`resplit`): the saved states of all W old ranks become states for W' new
+ranks, exactly: every sample of each old rank's current epoch is consumed once, before or after
+the change, never twice and never not at all. A rank's unconsumed work is
+  * its buffered samples (read, not yet batched), and
+  * its unread ranges: the rest of the shard it is in (from the saved byte offset) and the
+    shards after it in its epoch order, each with the old rank's sample filter (stride, phase:
+    keep the samples whose index in the shard % stride == phase), plus ranges still pending from
+    an earlier re-split. An epoch the rank has not started (cursor at its first byte) is no work.
+The union over old ranks is dealt deterministically: buffered samples round-robin over the new
+ranks (old rank 0's first), ranges round-robin (first the ranges each old rank was inside, so
+the partly read shards spread out); with fewer ranges than new ranks, each range is first cut
+into k sample-interleaved ones (stride * k, phases phase + j * stride), so every new rank gets
+work. A new rank reads its pending ranges before anything else, then starts its own epochs of
+the new split (epoch numbers above every old rank's). Counters are summed into new rank 0 so
+totals over ranks stay true; each new rank's shuffle RNG is seeded from (seed, rank, new world
+size, epoch). Only whole samples move: ranges are read by the same
+tar reader from the same offsets, so the re-split needs no index of the shards. Ranks finish
+their pending work at different times (ranges differ in length) and then start their new
+epochs independently, as ranks with shards of different sizes always do. A same-world resume
+does not come here: it loads its own state and continues bitwise.
 """
 
 from __future__ import annotations
@@ -76,6 +97,18 @@ class _Cursor:
 
 
 @dataclass
+class _Range:
+    """Unread work handed over by a re-split: `shard` from byte `offset` (sample `index`),
+    keeping the samples whose index % stride == phase."""
+
+    shard: str
+    offset: int = 0
+    index: int = 0
+    stride: int = 1
+    phase: int = 0
+
+
+@dataclass
 class _Buffered:
     sample: TokenSample
     length: int
@@ -100,26 +133,39 @@ class TokenStream:
                              f"and {buffer_size}")
         self.all_shards = list(shards)
         self.rank, self.world_size = rank, world_size
-        if len(shards) >= world_size:
-            self.shards, self.sample_stride = self.all_shards[rank::world_size], 1
-        else:
-            self.shards, self.sample_stride = list(self.all_shards), world_size
+        self.shards, self.sample_stride = _rank_split(self.all_shards, rank, world_size)
         self.token_budget, self.buffer_size, self.seed = token_budget, buffer_size, seed
         self.measure, self.bits_per_token = measure, bits_per_token
         self.rng = np.random.default_rng([seed, rank, 0x5EED])
         self.cursor = _Cursor()
         self.buffer: list[_Buffered] = []
+        self.pending: list[_Range] = []  # read first: work handed over by a re-split
         self.counters = StreamCounters()
         self._reader = None
         self._epoch_had_samples = False
 
     # ---- reading ---------------------------------------------------------------------------
     def _order(self, epoch: int) -> list[str]:
-        perm = np.random.default_rng([self.seed, self.rank, epoch]).permutation(len(self.shards))
-        return [self.shards[i] for i in perm]
+        return _epoch_order(self.shards, self.seed, self.rank, epoch)
+
+    def _position(self) -> tuple[str, int, int, int, int]:
+        """(shard, byte offset, sample index, stride, phase) of the next read."""
+        if self.pending:
+            r = self.pending[0]
+            return r.shard, r.offset, r.index, r.stride, r.phase
+        c = self.cursor
+        return (self._order(c.epoch)[c.shard_pos], c.offset, c.index, self.sample_stride,
+                self.rank % self.sample_stride)
+
+    def _advance(self, offset: int, index: int) -> None:
+        where = self.pending[0] if self.pending else self.cursor
+        where.offset, where.index = offset, index
 
     def _next_shard(self) -> None:
         self._reader = None
+        if self.pending:
+            self.pending.pop(0)
+            return
         c = self.cursor
         c.shard_pos, c.offset, c.index = c.shard_pos + 1, 0, 0
         if c.shard_pos >= len(self.shards):
@@ -131,27 +177,26 @@ class TokenStream:
 
     def _read_one(self) -> _Buffered | None:
         """The next usable sample of this rank, or None when the current shard ended."""
-        c = self.cursor
-        url = self._order(c.epoch)[c.shard_pos]
+        url, offset, index, stride, phase = self._position()
+        regular = not self.pending
         if self._reader is None:
-            self._reader = iter_shard(url, c.offset)
+            self._reader = iter_shard(url, offset)
         try:
             raw, _, next_offset = next(self._reader)
         except StopIteration:
             self._next_shard()
             return None
         except (tarfile.TarError, OSError, EOFError) as e:
-            print(f"warning: {url}: unreadable from byte {c.offset} ({e}); skipping the rest "
+            print(f"warning: {url}: unreadable from byte {offset} ({e}); skipping the rest "
                   f"of the shard", flush=True)
             self.counters.corrupt += 1
             self._next_shard()
             return None
-        index = c.index
         if next_offset is None:
             self._next_shard()
         else:
-            c.offset, c.index = next_offset, c.index + 1
-        if index % self.sample_stride != self.rank % self.sample_stride:
+            self._advance(next_offset, index + 1)
+        if index % stride != phase:
             return None
         self.counters.samples_read += 1
         try:
@@ -167,7 +212,8 @@ class TokenStream:
         if length > self.token_budget:
             self.counters.oversize += 1
             return None
-        self._epoch_had_samples = True
+        # Pending ranges belong to old epochs: they say nothing about this split's epoch.
+        self._epoch_had_samples = self._epoch_had_samples or regular
         return _Buffered(sample, length, url, index)
 
     def _fill(self) -> None:
@@ -209,8 +255,7 @@ class TokenStream:
 
     # ---- state -----------------------------------------------------------------------------
     def _fingerprint(self) -> str:
-        cfg = [self.all_shards, self.rank, self.world_size, self.seed]
-        return hashlib.sha256(json.dumps(cfg).encode()).hexdigest()[:16]
+        return _fingerprint(self.all_shards, self.rank, self.world_size, self.seed)
 
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON-able state, tensors): everything needed to continue with the next sample."""
@@ -228,14 +273,11 @@ class TokenStream:
         meta = {"version": STATE_VERSION, "fingerprint": self._fingerprint(),
                 "cursor": asdict(self.cursor), "epoch_had_samples": self._epoch_had_samples,
                 "rng": self.rng.bit_generator.state, "counters": asdict(self.counters),
-                "buffer": entries}
-        flat = torch.cat(bits) if bits else torch.zeros(0, dtype=torch.uint8)
-        return meta, {"buffer_bits": flat}
+                "buffer": entries, "pending": [asdict(r) for r in self.pending]}
+        return meta, {"buffer_bits": _cat_bits(bits)}
 
     def load_state_dict(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-        if meta.get("version") != STATE_VERSION:
-            raise ValueError(f"data stream state version {meta.get('version')!r}, expected "
-                             f"{STATE_VERSION}")
+        _check_version(meta)
         if meta["fingerprint"] != self._fingerprint():
             raise ValueError("the checkpoint's data stream was built over different shards, rank "
                              "layout or seed than this run's config: resume with the same data "
@@ -244,15 +286,104 @@ class TokenStream:
         self._epoch_had_samples = bool(meta["epoch_had_samples"])
         self.rng.bit_generator.state = meta["rng"]
         self.counters = StreamCounters(**meta["counters"])
-        flat = tensors["buffer_bits"].numpy()
-        self.buffer, pos = [], 0
-        for e in meta["buffer"]:
-            n = int(np.prod(e["shape"]))
+        self.buffer = []
+        for e, bits in _buffer_items(meta, tensors):
             ids = None if e["caption_ids"] is None else np.asarray(e["caption_ids"], dtype=np.int32)
-            sample = TokenSample(key=e["key"], bits_hwB=flat[pos:pos + n].reshape(e["shape"]).copy(),
+            sample = TokenSample(key=e["key"], bits_hwB=bits.numpy().reshape(e["shape"]).copy(),
                                  bits_per_token=e["bits_per_token"], bucket=tuple(e["bucket"]),
                                  caption=e["caption"], source_key=e["source_key"],
                                  source_shard=e["source_shard"], stage=e["stage"], caption_ids=ids)
             self.buffer.append(_Buffered(sample, e["length"], e["shard"], e["index"]))
-            pos += n
+        self.pending = [_Range(**r) for r in meta.get("pending", [])]
         self._reader = None
+
+
+# ---- split, layout and state helpers (shared by the stream and the re-split) -------------------
+def _rank_split(all_shards: list[str], rank: int, world: int) -> tuple[list[str], int]:
+    """(this rank's shards, sample stride): whole shards when there are enough, else samples."""
+    if len(all_shards) >= world:
+        return all_shards[rank::world], 1
+    return list(all_shards), world
+
+
+def _epoch_order(shards: list[str], seed: int, rank: int, epoch: int) -> list[str]:
+    perm = np.random.default_rng([seed, rank, epoch]).permutation(len(shards))
+    return [shards[i] for i in perm]
+
+
+def _fingerprint(all_shards: list[str], rank: int, world: int, seed: int) -> str:
+    return hashlib.sha256(json.dumps([all_shards, rank, world, seed]).encode()).hexdigest()[:16]
+
+
+def _check_version(meta: dict) -> None:
+    if meta.get("version") != STATE_VERSION:
+        raise ValueError(f"data stream state version {meta.get('version')!r}, expected "
+                         f"{STATE_VERSION}")
+
+
+def _cat_bits(bits: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(bits) if bits else torch.zeros(0, dtype=torch.uint8)
+
+
+def _buffer_items(meta: dict, tensors: dict[str, torch.Tensor]) -> list[tuple[dict, torch.Tensor]]:
+    """(entry, its packed bits, flat) of every buffered sample of a saved state."""
+    flat, out, pos = tensors["buffer_bits"], [], 0
+    for e in meta["buffer"]:
+        n = int(np.prod(e["shape"]))
+        out.append((e, flat[pos:pos + n]))
+        pos += n
+    return out
+
+
+def unread_ranges(meta: dict, all_shards: list[str], rank: int, world: int,
+                  seed: int) -> list[_Range]:
+    """The ranges a saved rank state has not read yet in its current epoch (module doc)."""
+    shards, stride = _rank_split(list(all_shards), rank, world)
+    c = _Cursor(**meta["cursor"])
+    out = [_Range(**r) for r in meta.get("pending", [])]
+    if (c.shard_pos, c.offset) != (0, 0):  # an epoch not begun is no unconsumed work
+        order = _epoch_order(shards, seed, rank, c.epoch)
+        out.append(_Range(order[c.shard_pos], c.offset, c.index, stride, rank % stride))
+        out += [_Range(url, 0, 0, stride, rank % stride) for url in order[c.shard_pos + 1:]]
+    return out
+
+
+def resplit(states: list[tuple[dict, dict[str, torch.Tensor]]], all_shards: list[str], seed: int,
+            new_world: int) -> list[tuple[dict, dict[str, torch.Tensor]]]:
+    """The saved stream states of ranks 0..W-1 -> states for `new_world` ranks (module doc)."""
+    old_world = len(states)
+    all_shards = list(all_shards)
+    for rank, (meta, _) in enumerate(states):
+        _check_version(meta)
+        if meta["fingerprint"] != _fingerprint(all_shards, rank, old_world, seed):
+            raise ValueError(f"data stream state of old rank {rank} (of {old_world}) was built "
+                             f"over different shards or seed than this run's config: re-split "
+                             f"needs the same data config")
+    per_rank = [unread_ranges(m, all_shards, r, old_world, seed) for r, (m, _) in enumerate(states)]
+    ranges = [rs[i] for i in range(max(map(len, per_rank), default=0)) for rs in per_rank
+              if i < len(rs)]
+    if ranges and len(ranges) < new_world:
+        # Too few ranges for every new rank: split each by sample (index % (stride * k)) so
+        # all ranks get some; each sub-range reads the range's bytes, which only happens here.
+        k = -(-new_world // len(ranges))
+        ranges = [_Range(r.shard, r.offset, r.index, r.stride * k, r.phase + j * r.stride)
+                  for r in ranges for j in range(k)]
+    buffered = [item for meta, tensors in states for item in _buffer_items(meta, tensors)]
+    epoch = max(m["cursor"]["epoch"] for m, _ in states) + 1
+    totals = StreamCounters()
+    for meta, _ in states:
+        for k, v in meta["counters"].items():
+            setattr(totals, k, getattr(totals, k) + v)
+    out = []
+    for rank in range(new_world):
+        mine = buffered[rank::new_world]
+        rng = np.random.default_rng([seed, rank, 0x5EED, new_world, epoch])
+        meta = {"version": STATE_VERSION,
+                "fingerprint": _fingerprint(all_shards, rank, new_world, seed),
+                "cursor": asdict(_Cursor(epoch=epoch)), "epoch_had_samples": False,
+                "rng": rng.bit_generator.state,
+                "counters": asdict(totals if rank == 0 else StreamCounters()),
+                "buffer": [e for e, _ in mine],
+                "pending": [asdict(r) for r in ranges[rank::new_world]]}
+        out.append((meta, {"buffer_bits": _cat_bits([b for _, b in mine])}))
+    return out

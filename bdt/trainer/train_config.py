@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from bdt.model.config import ModelConfig
@@ -29,11 +30,9 @@ class StageConfig:
     # listed); off, such a manifest is refused so that a partial dataset is never used by accident.
     allow_incomplete: bool = False
     steps: int = 0  # optimizer steps of this stage; or:
-    tokens: int = 0  # real tokens (all ranks, no padding): the stage ends once it has seen them
+    tokens: int = 0  # budgeted tokens (token_budget x grad_accum x ranks per step), when steps = 0
     token_budget: int = 4096  # packed tokens per micro-batch per rank (whole samples only)
-    # P trained in this stage; 0 = model.parallel_num. A smaller P may come first (SPEC 1.4: a
-    # P = 64 model starts from P = 16 training): see `validate`.
-    parallel_num: int = 0
+    parallel_num: int = 0  # P of this stage; 0 = model.parallel_num (it must match the model)
     # LR schedule of the stage: linear warmup, then constant or cosine down to min_lr_ratio * lr
     # at the stage's end (SPEC 1.5: AdamW, warmup then constant lr late in training).
     lr: float = 1e-4
@@ -100,31 +99,12 @@ class TrainConfig:
     fault: FaultConfig = field(default_factory=FaultConfig)
 
 
-def stage_p(cfg: TrainConfig, i: int) -> int:
-    return cfg.stages[i].parallel_num or cfg.model.parallel_num
-
-
-def _check_stage_p(cfg: TrainConfig, i: int) -> None:
-    """A stage's P works with the model's parameters as they are: the head denoises any number
-    of tokens, the block-causal layout takes any block size, and the query tokens of a smaller
-    P are a prefix of the model's (<|query_j|> has the same id whatever P). A larger P would
-    need query-token embeddings the model does not have, and the exported model samples at
-    model.parallel_num, so the last stage must train that one."""
-    from bdt.model.sequence import patch_side
-
-    where, p, model_p = f"stages[{i}] ({cfg.stages[i].name}).parallel_num", stage_p(cfg, i), \
-        cfg.model.parallel_num
-    try:
-        patch_side(p)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    if p > model_p:
-        raise ValueError(f"{where} = {p} exceeds model.parallel_num = {model_p}: the model has "
-                         f"query tokens for P <= {model_p} only; set model.parallel_num to the "
-                         f"largest P of the run")
-    if i == len(cfg.stages) - 1 and p != model_p:
-        raise ValueError(f"{where} = {p}: the last stage must train model.parallel_num = "
-                         f"{model_p}, the P the exported model samples with")
+def stage_steps(stage: StageConfig, grad_accum: int, world_size: int) -> int:
+    """Optimizer steps of a stage; a token length is converted at the full budget per step."""
+    if stage.steps > 0:
+        return stage.steps
+    per_step = stage.token_budget * grad_accum * world_size
+    return max(1, math.ceil(stage.tokens / per_step))
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -142,7 +122,11 @@ def validate(cfg: TrainConfig) -> None:
                              f"tokens={s.tokens})")
         if s.token_budget < 1:
             raise ValueError(f"{where}.token_budget must be >= 1, got {s.token_budget}")
-        _check_stage_p(cfg, i)
+        if s.parallel_num not in (0, cfg.model.parallel_num):
+            # P is the head's token count; changing it mid-run is distillation (SPEC 1.4), not
+            # a stage switch.
+            raise ValueError(f"{where}.parallel_num = {s.parallel_num} differs from "
+                             f"model.parallel_num = {cfg.model.parallel_num}: one run trains one P")
     if cfg.logging.sample_every > 0 and not (cfg.data.tokenizer and cfg.logging.sample_prompts):
         raise ValueError("logging.sample_every needs data.tokenizer (to decode the bits) and "
                          "logging.sample_prompts")

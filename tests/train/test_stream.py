@@ -138,3 +138,67 @@ def test_truncated_shard_skips_its_tail(tmp_path):
     assert {f"s{n:06d}" for n in range(6, 12)} <= got  # the intact shard is all there
     damaged = {k for k in got if k < "s000006"}
     assert damaged and damaged < {f"s{n:06d}" for n in range(6)}  # its head only, not the cut tail
+
+
+def unconsumed_keys(meta, urls, rank, world, seed=3):
+    """Keys a saved rank state still owes in its current epoch: buffered + unread ranges."""
+    from bdt.data.shard_source import iter_shard
+    from bdt.data.token_stream import unread_ranges
+
+    out = [e["key"] for e in meta["buffer"]]
+    for r in unread_ranges(meta, urls, rank, world, seed):
+        for index, (raw, _, _) in enumerate(iter_shard(r.shard, r.offset), start=r.index):
+            if index % r.stride == r.phase:
+                out.append(raw["__key__"])
+    return out
+
+
+def run_and_save(streams, batches):
+    """Each stream takes its number of batches; returns (consumed keys, JSON-roundtripped states)."""
+    consumed = []
+    for s, n in zip(streams, batches):
+        for _ in range(n):
+            consumed += keys(s.next_batch())
+    states = []
+    for s in streams:
+        meta, tensors = s.state_dict()
+        states.append((json.loads(json.dumps(meta)), tensors))
+    return consumed, states
+
+
+@pytest.mark.parametrize("num_shards,worlds", [(4, [2, 1, 3]), (5, [1, 2]), (1, [2, 3, 1])])
+def test_resplit_neither_repeats_nor_skips(tmp_path, num_shards, worlds):
+    """Consume on W ranks, re-split the saved states to the next world size, consume more, ...:
+    everything consumed plus everything still owed is the epoch, each sample exactly once."""
+    from bdt.data.token_stream import resplit
+
+    urls = write_shards(str(tmp_path), GRIDS, num_shards=num_shards, per_shard=80 // num_shards * 2)
+    everything = sorted(f"s{n:06d}" for n in range(num_shards * (80 // num_shards * 2)))
+    streams = [make(urls, r, worlds[0], buffer=6) for r in range(worlds[0])]
+    consumed, states = run_and_save(streams, [2 + r for r in range(worlds[0])])
+    for world in worlds[1:]:
+        new_states = resplit(states, urls, 3, world)
+        streams = []
+        for rank, (meta, tensors) in enumerate(new_states):
+            s = make(urls, rank, world, buffer=6)
+            s.load_state_dict(json.loads(json.dumps(meta)), tensors)
+            streams.append(s)
+        before = sum(m["counters"]["samples_read"] for m, _ in states)
+        assert sum(s.counters.samples_read for s in streams) == before  # totals carried over
+        more, states = run_and_save(streams, [2] * world)
+        assert all(s.pending for s in streams), "test sizing: a rank left the old epoch"
+        consumed += more
+    owed = [k for r, (m, _) in enumerate(states) for k in unconsumed_keys(m, urls, r, worlds[-1])]
+    assert len(consumed) == len(set(consumed))  # nothing consumed twice
+    assert sorted(consumed + owed) == everything  # nothing skipped, nothing owed twice
+
+
+def test_resplit_rejects_other_data(tmp_path):
+    from bdt.data.token_stream import resplit
+
+    urls = write_shards(str(tmp_path), GRIDS, num_shards=2, per_shard=4)
+    _, states = run_and_save([make(urls, r, 2, buffer=2) for r in range(2)], [1, 1])
+    with pytest.raises(ValueError, match="old rank 0"):
+        resplit(states, urls[:1], 3, 1)
+    with pytest.raises(ValueError, match="old rank 0"):
+        resplit(states, urls, 4, 1)
