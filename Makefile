@@ -14,7 +14,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,19 @@ test: $(STAMP)
 # pre-extraction -> DeepSpeed training over two stages -> samples -> evaluation. Resumable.
 demo: $(STAMP)
 	DEMO_DIR=$(DEMO_DIR) bash scripts/demo.sh
+
+# Issue 8's benchmarks (not part of `make test`): each prints a table and writes
+# bench/results/<name>.json; bench/summary.py collects their goals into bench/results/README.md.
+# About 15 min on an idle 2-core machine; niced, as the machine is shared.
+BENCH := nice -n 10 $(BIN)/python bench
+bench: $(STAMP)
+	$(BENCH)/decode_speed.py
+	$(BENCH)/train_throughput.py
+	$(BENCH)/data_path.py
+	$(BENCH)/zero_memory.py
+	$(BENCH)/resume_cost.py
+	$(BENCH)/extract_throughput.py
+	$(BENCH)/summary.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,136 @@
+"""Helpers every benchmark shares: environment facts for the JSON, the table printer, the atomic
+result writer, and the two model sizes the benchmarks use.
+
+The machine is shared: every result records the load average before and after the run, and the
+compared variants of a benchmark always run interleaved in one process, so the ratios (not the
+absolute times) are what a reader should trust.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "bench", "results")
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+# Caption styles of the shapes data: the text side of every benchmark sample.
+CAPTIONS = ["a red circle", "two blue squares", "a green star left of a yellow cross",
+            "three purple triangles", "a pink square above an orange circle"]
+
+# The ~100M-parameter training configuration (issue 8 items 3, 4, 7): a Qwen3 of hidden 768,
+# 12 layers, 12 heads (4 KV), SwiGLU 2048 (~85M in the decoder, vocabulary ~1k) + a 3-block head
+# of width 384 (~8M); 16-bit tokens, P = 4.
+LLM_100M = dict(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048)
+HEAD_100M = {"width": 384, "depth": 3, "num_adaln_sets": 1, "head_dim": 64, "bits": 16}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> dict[str, bool]:
+    """The ISA extensions that decide the training dtype (bf16 only pays with AMX)."""
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        flags = []
+    return {k: k in flags for k in ("amx_bf16", "avx512_bf16", "avx512f", "avx2")}
+
+
+def machine() -> dict:
+    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "flags": cpu_flags(),
+            "python": platform.python_version()}
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+class Run:
+    """One benchmark invocation: `with Run("name") as run: ...; run.write(results)`."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self) -> Run:
+        self.t0 = time.time()
+        self.load_before = load()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def write(self, results: dict, goals: list[dict]) -> str:
+        """results: anything JSON; goals: [{goal, value, target, met, limit}] for the summary."""
+        out = {"bench": self.name,
+               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "wall_s": round(time.time() - self.t0, 1), "machine": machine(),
+               "load_before": self.load_before, "load_after": load(),
+               "goals": goals, "results": results}
+        os.makedirs(RESULTS, exist_ok=True)
+        path = os.path.join(RESULTS, f"{self.name}.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, path)
+        return path
+
+
+def goal(name: str, value: str, target: str, met: bool | None, limit: str = "") -> dict:
+    return {"goal": name, "value": value, "target": target, "met": met, "limit": limit}
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence], title: str = "") -> str:
+    """A plain-text table (right-aligned numbers), printed and returned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    lines = ([title] if title else []) + ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def bench_env() -> dict:
+    """Environment for child processes (trainer runs): CPU DeepSpeed, no hub, quiet tokenizers."""
+    return dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
+                TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0",
+                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def write_token_shard(path: str, samples, stage: str = "bench") -> None:
+    """One token shard (the extraction format) of (bits_hwB uint8 [h, w, C/8], (W, H) px,
+    caption) triples, keyed s000000, s000001, ..."""
+    import webdataset as wds
+
+    from bdt.data.token_shards import TokenSample, encode_sample
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with wds.TarWriter(path, encoder=False) as sink:
+        for i, (bits_hwB, bucket, caption) in enumerate(samples):
+            sink.write(encode_sample(TokenSample(
+                key=f"s{i:06d}", bits_hwB=bits_hwB, bits_per_token=8 * bits_hwB.shape[-1],
+                bucket=bucket, caption=caption, source_key=str(i), source_shard="bench",
+                stage=stage)))
