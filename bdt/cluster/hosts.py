@@ -1,0 +1,156 @@
+"""Node lists and DeepSpeed hostfiles for multi-node launches.
+
+    python -m bdt.cluster.hosts slurm --hostfile RUN/hostfile    # inside an allocation: prints
+        MASTER_ADDR=... MASTER_PORT=... NNODES=... SLOTS=...     # shell assignments to `eval`
+    python -m bdt.cluster.hosts master --hostfile HOSTFILE       # first host of a hostfile
+    python -m bdt.cluster.hosts ds-env --out RUN/.deepspeed_env  # forwardable variables
+
+A SLURM node list (`gpu[001-004,009],io7`) is expanded by `scontrol show hostnames` when SLURM's
+tools are on PATH (SLURM's own reading of its syntax), else by python-hostlist. Hostfiles are read
+back with DeepSpeed's own parser, so a file we accept is one the `deepspeed` launcher accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+from bdt import storage
+
+# Variables worth forwarding to every node through .deepspeed_env: S3 endpoint/region/profile,
+# NCCL and libfabric tuning, offline switches. Credentials are deliberately not in the list: the
+# file is plain text and DeepSpeed puts its values on the ssh command line (visible in `ps`);
+# nodes get credentials from an instance role or a shared ~/.aws instead.
+FORWARD_PREFIXES = ("AWS_", "NCCL_", "FI_", "HF_", "TORCH_NCCL_", "CUDA_DEVICE_MAX_CONNECTIONS",
+                    "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "DS_ACCELERATOR")
+SECRET_NAMES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+def expand_nodelist(nodelist: str, use_scontrol: bool | None = None) -> list[str]:
+    """Host names of a SLURM node list, in SLURM's order; ValueError on an empty or bad list."""
+    if not nodelist.strip():
+        raise ValueError("SLURM node list is empty (is SLURM_JOB_NODELIST set? run inside an "
+                         "allocation: sbatch / salloc)")
+    if use_scontrol is None:
+        use_scontrol = shutil.which("scontrol") is not None
+    if use_scontrol:
+        done = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            raise ValueError(f"scontrol cannot expand node list '{nodelist}': "
+                             f"{done.stderr.strip()}")
+        hosts = done.stdout.split()
+    else:
+        import hostlist
+
+        try:
+            hosts = hostlist.expand_hostlist(nodelist)
+        except hostlist.BadHostlist as exc:
+            raise ValueError(f"bad SLURM node list '{nodelist}': {exc}") from None
+    if len(set(hosts)) != len(hosts):
+        raise ValueError(f"SLURM node list '{nodelist}' names a host twice")
+    return hosts
+
+
+def slots_per_node(env: Mapping[str, str]) -> int:
+    """Processes per node from the allocation: GPUs on the node, else tasks per node."""
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        raw = env.get(name, "").strip()
+        if raw:
+            # SLURM_GPUS_PER_NODE may carry a type ("a100:8"); tasks per node may be "8(x2)".
+            match = re.search(r"(\d+)(?:\(x\d+\))?$", raw)
+            if not match or int(match.group(1)) < 1:
+                raise ValueError(f"{name}='{raw}': cannot read a process count per node from it")
+            return int(match.group(1))
+    raise ValueError("cannot tell processes per node: none of SLURM_GPUS_ON_NODE, "
+                     "SLURM_GPUS_PER_NODE, SLURM_NTASKS_PER_NODE is set (ask for --gpus-per-node, "
+                     "or pass --slots)")
+
+
+def master_port(job_id: str | int, low: int = 20000, span: int = 20000) -> int:
+    """A port every node derives alike from the job id; two jobs sharing a node rarely clash."""
+    return low + int(job_id) % span
+
+
+def hostfile_text(hosts: Sequence[str], slots: int) -> str:
+    if not hosts:
+        raise ValueError("no hosts for the hostfile")
+    if slots < 1:
+        raise ValueError(f"slots per host must be >= 1, got {slots}")
+    return "".join(f"{host} slots={slots}\n" for host in hosts)
+
+
+def write_hostfile(path: str, hosts: Sequence[str], slots: int) -> None:
+    storage.write_bytes_atomic(path, hostfile_text(hosts, slots).encode())
+
+
+def read_hostfile(path: str) -> dict[str, int]:
+    """host -> slots, parsed by DeepSpeed's launcher code (the same rules `deepspeed` applies)."""
+    from deepspeed.launcher.runner import _parse_hostfile
+
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        raise ValueError(f"hostfile not found: {path}") from None
+    try:
+        return dict(_parse_hostfile(lines))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables of `env` that .deepspeed_env should carry to the other nodes."""
+    return {k: v for k, v in sorted(env.items())
+            if k.startswith(FORWARD_PREFIXES) and k not in SECRET_NAMES and "\n" not in v}
+
+
+def slurm_launch_env(env: Mapping[str, str], hostfile: str, slots: int | None = None,
+                     use_scontrol: bool | None = None) -> dict[str, str]:
+    """Write the allocation's hostfile; return the launch variables for the batch script."""
+    hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")),
+                            use_scontrol)
+    slots = slots or slots_per_node(env)
+    job_id = env.get("SLURM_JOB_ID")
+    if not job_id:
+        raise ValueError("SLURM_JOB_ID is not set: run inside an allocation (sbatch / salloc)")
+    write_hostfile(hostfile, hosts, slots)
+    return {"MASTER_ADDR": hosts[0], "MASTER_PORT": str(master_port(job_id)),
+            "NNODES": str(len(hosts)), "SLOTS": str(slots), "WORLD": str(len(hosts) * slots)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bdt.cluster.hosts",
+                                     description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("slurm", help="hostfile from the allocation; prints launch variables")
+    p.add_argument("--hostfile", required=True, help="where to write the hostfile")
+    p.add_argument("--slots", type=int, default=0, help="processes per node (default: GPUs)")
+    p = sub.add_parser("master", help="print the first host of a hostfile")
+    p.add_argument("--hostfile", required=True)
+    p = sub.add_parser("ds-env", help="write the forwardable variables as a .deepspeed_env file")
+    p.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "slurm":
+            values = slurm_launch_env(os.environ, args.hostfile, args.slots or None)
+            print("\n".join(f"{k}={shlex.quote(v)}" for k, v in values.items()))
+        elif args.command == "master":
+            print(next(iter(read_hostfile(args.hostfile))))
+        else:
+            lines = "".join(f"{k}={v}\n" for k, v in forwarded_env(os.environ).items())
+            storage.write_bytes_atomic(args.out, lines.encode())
+    except (ValueError, OSError) as exc:
+        print(f"bdt.cluster.hosts {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""SLURM node lists and DeepSpeed hostfiles (bdt.cluster.hosts)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bdt.cluster import hosts
+
+
+@pytest.mark.parametrize("nodelist, expected", [
+    ("gpu001", ["gpu001"]),
+    ("gpu[001-003]", ["gpu001", "gpu002", "gpu003"]),
+    ("gpu[001-002,010],io7", ["gpu001", "gpu002", "gpu010", "io7"]),
+    ("rack[1-2]-n[08-09]", ["rack1-n08", "rack1-n09", "rack2-n08", "rack2-n09"]),
+    ("a[9-11]", ["a9", "a10", "a11"]),
+])
+def test_nodelist_expansion_without_scontrol(nodelist, expected):
+    assert hosts.expand_nodelist(nodelist, use_scontrol=False) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "gpu[001-", "gpu[3-1]", "gpu[1-2]]"])
+def test_bad_nodelist_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="node list"):
+        hosts.expand_nodelist(bad, use_scontrol=False)
+
+
+@pytest.mark.parametrize("env, slots", [
+    ({"SLURM_GPUS_ON_NODE": "8"}, 8),
+    ({"SLURM_GPUS_PER_NODE": "a100:4"}, 4),
+    ({"SLURM_NTASKS_PER_NODE": "2(x3)"}, 2),
+    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_NTASKS_PER_NODE": "1"}, 4),
+])
+def test_slots_per_node(env, slots):
+    assert hosts.slots_per_node(env) == slots
+
+
+def test_slots_per_node_errors_name_the_variable():
+    with pytest.raises(ValueError, match="SLURM_GPUS_PER_NODE='gpu:'"):
+        hosts.slots_per_node({"SLURM_GPUS_PER_NODE": "gpu:"})
+    with pytest.raises(ValueError, match="--gpus-per-node"):
+        hosts.slots_per_node({})
+
+
+def test_slurm_allocation_to_hostfile_read_back_by_deepspeed(tmp_path):
+    env = {"SLURM_JOB_NODELIST": "node[07-08]", "SLURM_JOB_ID": "123456", "SLURM_GPUS_ON_NODE": "8"}
+    path = str(tmp_path / "hostfile")
+    values = hosts.slurm_launch_env(env, path, use_scontrol=False)
+    assert values == {"MASTER_ADDR": "node07", "MASTER_PORT": str(20000 + 123456 % 20000),
+                      "NNODES": "2", "SLOTS": "8", "WORLD": "16"}
+    # DeepSpeed's own hostfile parser reads what we wrote, in order
+    assert list(hosts.read_hostfile(path).items()) == [("node07", 8), ("node08", 8)]
+    with pytest.raises(ValueError, match="SLURM_JOB_ID"):
+        hosts.slurm_launch_env({**env, "SLURM_JOB_ID": ""}, path, use_scontrol=False)
+
+
+def test_bad_hostfiles_name_the_file(tmp_path):
+    dup = tmp_path / "dup"
+    dup.write_text("a slots=2\na slots=2\n")
+    with pytest.raises(ValueError, match=f"{dup}.*multiple entries for a"):
+        hosts.read_hostfile(str(dup))
+    bad = tmp_path / "bad"
+    bad.write_text("# comment\nnode1 gpus=8\n")
+    with pytest.raises(ValueError, match="bad entry: node1 gpus=8"):
+        hosts.read_hostfile(str(bad))
+    with pytest.raises(ValueError, match="not found"):
+        hosts.read_hostfile(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="slots"):
+        hosts.hostfile_text(["a"], 0)
+
+
+def test_forwarded_env_keeps_settings_drops_secrets():
+    env = {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9",
+           "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "t", "NCCL_IB_HCA": "mlx5",
+           "HOME": "/root", "PATH": "/bin", "NCCL_MULTI": "a\nb"}
+    assert hosts.forwarded_env(env) == {"AWS_DEFAULT_REGION": "us-east-1",
+                                        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9",
+                                        "NCCL_IB_HCA": "mlx5"}
+
+
+def test_cli_prints_shell_assignments_the_batch_script_evals(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_NODELIST="n[1-2]", SLURM_JOB_ID="7", SLURM_GPUS_ON_NODE="4",
+               AWS_DEFAULT_REGION="eu-west-1", AWS_SECRET_ACCESS_KEY="x")
+    hostfile, ds_env = tmp_path / "hostfile", tmp_path / ".deepspeed_env"
+    script = (f"eval \"$({sys.executable} -m bdt.cluster.hosts slurm --hostfile {hostfile})\"; "
+              f"echo $MASTER_ADDR:$MASTER_PORT $NNODES $WORLD; "
+              f"{sys.executable} -m bdt.cluster.hosts ds-env --out {ds_env}")
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["n1:20007", "2", "8"]
+    assert hostfile.read_text() == "n1 slots=4\nn2 slots=4\n"
+    lines = ds_env.read_text().splitlines()
+    assert "AWS_DEFAULT_REGION=eu-west-1" in lines and not any("SECRET" in x for x in lines)
+    failed = subprocess.run([sys.executable, "-m", "bdt.cluster.hosts", "slurm", "--hostfile",
+                             str(hostfile)], env={**env, "SLURM_JOB_NODELIST": "n[1-"},
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and "bad SLURM node list 'n[1-'" in failed.stderr
