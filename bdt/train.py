@@ -13,17 +13,23 @@ import sys
 from bdt.config import ConfigError, fail, load, split_launcher_args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, _ = split_launcher_args(sys.argv[1:] if argv is None else argv)
+def load_config(argv: list[str]):
+    """The TrainConfig this script's arguments describe (also used by bdt.cluster.resume)."""
+    args, _ = split_launcher_args(argv)
     parser = argparse.ArgumentParser(prog="bdt/train.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     ns = parser.parse_args(args)
-    from bdt.trainer.loop import run
     from bdt.trainer.train_config import TrainConfig
 
+    return load(TrainConfig, ns.config, ns.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = load(TrainConfig, ns.config, ns.overrides)
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        from bdt.trainer.loop import run
+
         run(cfg)
     except (ConfigError, ValueError, OSError) as e:
         fail(str(e))

@@ -1,0 +1,281 @@
+"""Re-launch a training command until it finishes: `python -m bdt.cluster.resume [opts] -- CMD`.
+
+    python -m bdt.cluster.resume --max-restarts 3 -- \\
+        torchrun --nproc-per-node 8 bdt/train.py --config X.yaml run_dir=/runs/a checkpoint.dir=s3://b/a
+
+The trainer resumes by itself from the newest complete checkpoint under checkpoint.dir (local or
+s3://); this wrapper supplies the restarts around it and says what happened:
+  - the command crashed (a rank was killed, a node died, any non-zero exit): wait (exponential
+    backoff) and launch it again. At most --max-restarts restarts in a row without progress; a
+    new complete checkpoint since the previous launch resets the count, so a long run survives
+    many crashes while a job that cannot get past one point still gives up;
+  - the wrapper got SIGTERM / SIGUSR1 / SIGINT (preemption, SLURM's time-limit warning): the
+    signal goes to the training ranks, they finish the step, save and exit; the wrapper exits
+    STOPPED so the scheduler requeues the job (cluster/slurm/train.sbatch does);
+  - the run finished: exit DONE.
+The run dir and checkpoint dir come from the training command's own config (`bdt/train.py
+--config ... key=value`, read with the trainer's loader), or from --run-dir/--checkpoint-dir when
+the command hides them (e.g. inside `srun bash -c '...'`). Events go to stderr and, for a local
+run dir, to <run_dir>/resume.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from bdt import storage
+
+DONE, USAGE, GAVE_UP, STOPPED = 0, 2, 3, 75  # 75 = EX_TEMPFAIL: "try again later"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+TRAIN_SCRIPT = "bdt/train.py"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    run_dir: str
+    checkpoint_dir: str
+
+
+def paths_from_command(cmd: list[str]) -> RunPaths | None:
+    """run_dir and checkpoint root of a `... bdt/train.py ARGS` / `... -m bdt.train ARGS` command,
+    loaded and validated with the trainer's own config code; None if no such script is in it."""
+    for i, arg in enumerate(cmd):
+        if arg.endswith(TRAIN_SCRIPT) or (arg == "bdt.train" and i > 0 and cmd[i - 1] == "-m"):
+            from omegaconf import OmegaConf
+
+            from bdt.train import load_config
+            from bdt.trainer.train_config import validate
+
+            cfg = OmegaConf.to_object(load_config(cmd[i + 1:]))
+            validate(cfg)
+            return RunPaths(cfg.run_dir, cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"))
+    return None
+
+
+def newest_complete_step(checkpoint_dir: str) -> int | None:
+    """Step of the newest checkpoint with its COMPLETE marker (the one the trainer resumes from)."""
+    import torch
+
+    from bdt.trainer.checkpoint import CheckpointManager
+    from bdt.trainer.distributed import DistInfo
+
+    reader = CheckpointManager(checkpoint_dir, DistInfo(0, 1, 0, torch.device("cpu")))
+    steps = [step for step, _, complete in reader.list_tags() if complete]
+    return steps[-1] if steps else None
+
+
+def _rank_processes(root_pid: int) -> list:
+    """Training ranks started on this machine under `root_pid` (launchers set RANK for them)."""
+    import psutil
+
+    ranks = []
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    for proc in children:
+        try:
+            if "RANK" in proc.environ() and "LOCAL_RANK" in proc.environ():
+                ranks.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return ranks
+
+
+class Resumer:
+    def __init__(self, cmd: list[str], paths: RunPaths, max_restarts: int, backoff: float,
+                 max_backoff: float, grace: float):
+        self.cmd, self.paths = cmd, paths
+        self.max_restarts, self.backoff, self.max_backoff, self.grace = (
+            max_restarts, backoff, max_backoff, grace)
+        self.child: subprocess.Popen | None = None
+        self.stop_signal: int | None = None
+        self.stop_time = 0.0
+        local = not storage.is_remote(paths.run_dir)
+        self.events = os.path.join(paths.run_dir, "resume.jsonl") if local else None
+
+    # ---- logging -----------------------------------------------------------------------------
+    def log(self, event: str, message: str, **fields) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        print(f"[bdt.resume {stamp}] {message}", file=sys.stderr, flush=True)
+        if self.events:
+            os.makedirs(os.path.dirname(self.events), exist_ok=True)
+            with open(self.events, "a") as f:  # append-only log; one line per event
+                f.write(json.dumps({"time": time.time(), "event": event, **fields}) + "\n")
+
+    def checkpoint_step(self) -> int | None:
+        try:
+            return newest_complete_step(self.paths.checkpoint_dir)
+        except Exception as exc:  # a flaky listing must not kill the supervisor of a long run
+            self.log("warning", f"cannot list checkpoints in {self.paths.checkpoint_dir}: {exc}")
+            return None
+
+    # ---- signals -----------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.stop_signal is not None and self.child is not None:
+            # A second signal: the user means it. Kill the whole launch without waiting.
+            self._signal_group(signal.SIGKILL)
+            return
+        self.stop_signal, self.stop_time = signum, time.monotonic()
+        self._forward_stop()
+
+    def _forward_stop(self) -> None:
+        """SIGTERM to the local training ranks, so each saves and exits 0 and the launcher sees
+        clean exits (signalling torchrun or the deepspeed launcher instead makes it kill the
+        ranks after its own short timeout). Ranks that are not local (srun, pdsh) are reached
+        by signalling the launcher's process group: srun forwards SIGTERM to every task."""
+        if self.child is None or self.child.poll() is not None:
+            return
+        ranks = _rank_processes(self.child.pid)
+        for proc in ranks:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except Exception:  # noqa: BLE001 (psutil.NoSuchProcess: it already exited)
+                pass
+        if not ranks:
+            self._signal_group(signal.SIGTERM)
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.child.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # ---- one launch ----------------------------------------------------------------------------
+    def _launch(self) -> int:
+        # Its own session: a terminal's Ctrl-C reaches only this wrapper, which decides.
+        self.child = subprocess.Popen(self.cmd, start_new_session=True)
+        while True:
+            try:
+                rc = self.child.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if self.stop_signal is not None and time.monotonic() - self.stop_time > self.grace:
+                    self.log("kill", f"ranks did not exit within --grace {self.grace:.0f}s of the "
+                             f"stop signal: killing the launch")
+                    self._signal_group(signal.SIGKILL)
+        self._signal_group(signal.SIGKILL)  # leftovers of the launch (orphaned ranks)
+        self.child = None
+        return rc
+
+    def _finished(self, rc: int, started: float) -> tuple[bool, str]:
+        """(done, why not). Exit 0 is also what a rank stopped by a signal returns after saving:
+        rank 0's summary.json says which (stopped: true/false)."""
+        if rc != 0:
+            return False, f"exit code {rc}"
+        summary = os.path.join(self.paths.run_dir, "summary.json")
+        try:
+            if storage.is_remote(summary) or os.path.getmtime(summary) < started:
+                raise FileNotFoundError(summary)
+            with open(summary) as f:
+                stopped = bool(json.load(f).get("stopped"))
+        except (FileNotFoundError, ValueError):
+            self.log("note", f"exit 0 and no fresh {summary} (rank 0 runs on another node?): "
+                     f"taking exit 0 as finished")
+            return True, ""
+        return (False, "the ranks were stopped by a signal and saved") if stopped else (True, "")
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while self.stop_signal is None and time.monotonic() < end:
+            time.sleep(min(0.5, end - time.monotonic()))
+
+    def run(self) -> int:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        try:
+            return self._loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _loop(self) -> int:
+        failures, attempt = 0, 0
+        while self.stop_signal is None:
+            attempt += 1
+            before = self.checkpoint_step()
+            self.log("launch", f"attempt {attempt}: launching; the trainer resumes from "
+                     f"{'step ' + str(before) if before is not None else 'scratch (no complete checkpoint)'}"
+                     f" in {self.paths.checkpoint_dir}", attempt=attempt, checkpoint_step=before,
+                     cmd=self.cmd)
+            started = time.time()
+            rc = self._launch()
+            after = self.checkpoint_step()
+            done, why = self._finished(rc, started)
+            fields = dict(attempt=attempt, exit_code=rc, checkpoint_step=after)
+            if done:
+                self.log("done", f"attempt {attempt}: training finished (newest checkpoint: step "
+                         f"{after})", **fields)
+                return DONE
+            if self.stop_signal is not None:
+                name = signal.Signals(self.stop_signal).name
+                self.log("stopped", f"attempt {attempt}: stopped on {name} ({why}); newest complete "
+                         f"checkpoint: step {after}; rerun (or requeue) to continue",
+                         signal=name, **fields)
+                return STOPPED
+            progressed = after is not None and (before is None or after > before)
+            failures = 1 if progressed else failures + 1
+            if failures > self.max_restarts:
+                self.log("gave_up", f"attempt {attempt} ended ({why}); {failures - 1} restarts in a "
+                         f"row made no new checkpoint (newest: step {after}): giving up "
+                         f"(--max-restarts {self.max_restarts})", **fields)
+                return GAVE_UP
+            delay = min(self.backoff * 2 ** (failures - 1), self.max_backoff)
+            self.log("restart", f"attempt {attempt} ended ({why}); newest complete checkpoint: step "
+                     f"{after}{' (new)' if progressed else ' (no progress)'}; restart {failures}/"
+                     f"{self.max_restarts} in {delay:.0f}s", delay_s=delay, **fields)
+            self._sleep(delay)
+            if self.stop_signal is not None:
+                break
+        self.log("stopped", "stop signal before a launch; nothing is running", attempt=attempt)
+        return STOPPED
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, cmd = _parser().parse_args(argv[:split]), argv[split + 1:]
+    try:
+        if not cmd:
+            raise ValueError("no command: put it after `--`")
+        if args.max_restarts < 0 or args.backoff < 0:
+            raise ValueError("--max-restarts and --backoff must be >= 0")
+        found = paths_from_command(cmd)  # also fails early on a bad training config
+        if args.run_dir:
+            paths = RunPaths(args.run_dir, args.checkpoint_dir
+                             or os.path.join(args.run_dir, "checkpoints"))
+        elif found:
+            paths = RunPaths(found.run_dir, args.checkpoint_dir or found.checkpoint_dir)
+        else:
+            raise ValueError(f"the command runs no {TRAIN_SCRIPT} this wrapper can read: pass "
+                             f"--run-dir (and --checkpoint-dir unless it is <run_dir>/checkpoints)")
+    except (ValueError, OSError) as exc:
+        print(f"bdt.cluster.resume: error: {exc}", file=sys.stderr)
+        return USAGE
+    return Resumer(cmd, paths, args.max_restarts, args.backoff, args.max_backoff, args.grace).run()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bdt.cluster.resume", description=__doc__.split("\n")[0],
+                                epilog=f"exit codes: {DONE} done, {STOPPED} stopped by a signal "
+                                f"(checkpoint saved; requeue), {GAVE_UP} gave up, {USAGE} bad usage")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="restarts in a row without a new complete checkpoint (default 3)")
+    p.add_argument("--backoff", type=float, default=30.0, help="first wait before a restart, s")
+    p.add_argument("--max-backoff", type=float, default=600.0, help="longest wait, s")
+    p.add_argument("--grace", type=float, default=600.0,
+                   help="after a stop signal, seconds the ranks get to save before a SIGKILL")
+    p.add_argument("--run-dir", default="", help="the run's run_dir (default: from the command)")
+    p.add_argument("--checkpoint-dir", default="",
+                   help="the run's checkpoint.dir (default: from the command / <run_dir>/checkpoints)")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

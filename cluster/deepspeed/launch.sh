@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Start a DeepSpeed job from a hostfile:  bash cluster/deepspeed/launch.sh SCRIPT.py [ARGS ...]
+#
+#   BDT_LAUNCHER=node (default): run this on EVERY node (srun, a K8s pod per node, a loop of ssh);
+#       it starts this node's ranks only: `deepspeed --no_ssh --node_rank N`. No ssh between nodes.
+#   BDT_LAUNCHER=pdsh: run this ONCE, on the first host; DeepSpeed reaches the other hosts over
+#       passwordless ssh (pdsh) and forwards the variables of $DS_ENV_FILE (.deepspeed_env).
+#
+# Environment: HOSTFILE (lines "host slots=N"; python -m bdt.cluster.hosts writes one from a
+# SLURM allocation), MASTER_ADDR (default: the hostfile's first host), MASTER_PORT (29500),
+# NODE_RANK (default: $SLURM_NODEID), DS_ENV_FILE (optional KEY=VALUE lines; applied on every
+# node in both modes). Wrap it in `python -m bdt.cluster.resume --` to restart on crashes.
+set -euo pipefail
+[[ $# -ge 1 ]] || { echo "usage: $0 SCRIPT.py [ARGS ...]" >&2; exit 2; }
+: "${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile (host slots=N per line)}"
+MASTER_ADDR=${MASTER_ADDR:-$(python -m bdt.cluster.hosts master --hostfile "$HOSTFILE")}
+MASTER_PORT=${MASTER_PORT:-29500}
+if [[ -n ${DS_ENV_FILE:-} && -f $DS_ENV_FILE ]]; then
+  while IFS='=' read -r key value; do
+    [[ -z $key || $key == \#* ]] || export "$key=$value"
+  done < "$DS_ENV_FILE"
+  export DS_ENV_FILE  # pdsh mode: DeepSpeed's runner reads it and exports it on every host
+fi
+case ${BDT_LAUNCHER:-node} in
+  node)
+    NODE_RANK=${NODE_RANK:-${SLURM_NODEID:?set NODE_RANK (0 .. nodes-1) or run under srun}}
+    exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
+      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@" ;;
+  pdsh)
+    exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@" ;;
+  *) echo "BDT_LAUNCHER must be node or pdsh, got '$BDT_LAUNCHER'" >&2; exit 2 ;;
+esac
