@@ -1,0 +1,131 @@
+"""The resume-on-restart wrapper (python -m bdt.cluster.resume): a SIGKILLed rank of a real 2-rank
+training is relaunched and the run resumes and finishes; bounded restarts; stop signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from bdt.cluster.resume import DONE, GAVE_UP, STOPPED, USAGE
+from train.trainutil import read_metrics, tiny_llm, write_shards
+
+REPO = Path(__file__).resolve().parents[2]
+WRAPPER = [sys.executable, "-m", "bdt.cluster.resume"]
+
+
+def events(run_dir) -> list[dict]:
+    path = Path(run_dir) / "resume.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(predicate, timeout: float, what: str, proc=None):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        assert proc is None or proc.poll() is None, f"wrapper exited ({proc.returncode}) before {what}"
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def training_ranks(root: int) -> list[psutil.Process]:
+    out = []
+    for proc in psutil.Process(root).children(recursive=True):
+        try:
+            if "RANK" in proc.environ() and "train.py" in " ".join(proc.cmdline()):
+                out.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_sigkilled_rank_is_relaunched_and_the_run_resumes(tmp_path):
+    shards = os.path.dirname(write_shards(str(tmp_path / "shards"), [(4, 4), (4, 8), (8, 4)],
+                                          num_shards=2, per_shard=10)[0])
+    llm = tiny_llm(str(tmp_path / "llm"))
+    run = tmp_path / "run"
+    train = ["torchrun", "--standalone", "--nproc-per-node", "2", "bdt/train.py",
+             "--config", "bdt/configs/tiny.yaml", f"run_dir={run}", f"model.backbone.path={llm}",
+             f"data.root={shards}", "stages.0.steps=10", "checkpoint.every=2", "export=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    wrapper = subprocess.Popen([*WRAPPER, "--backoff", "0.5", "--max-restarts", "2", "--", *train],
+                               cwd=REPO, env=env)
+    try:
+        marker = run / "checkpoints" / "step_000000002" / "COMPLETE"
+        wait_for(marker.exists, 300, "the first complete checkpoint", wrapper)
+        victim = wait_for(lambda: training_ranks(wrapper.pid)[-1:], 30, "a rank process")[0]
+        victim.send_signal(signal.SIGKILL)  # one rank dies, as on a crashed GPU
+        assert wrapper.wait(timeout=400) == DONE
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+    log = events(run)
+    assert [e["event"] for e in log] == ["launch", "restart", "launch", "done"]
+    crash, relaunch = log[1], log[2]
+    assert crash["exit_code"] != 0 and crash["checkpoint_step"] >= 2
+    assert relaunch["attempt"] == 2 and relaunch["checkpoint_step"] == crash["checkpoint_step"]
+    resumed = [json.loads(line)["resumed_from_step"] for line in open(run / "metrics.jsonl")
+               if "resumed_from_step" in line]
+    assert resumed == [crash["checkpoint_step"]]  # the relaunch continued, it did not restart
+    assert max(read_metrics(str(run))) == 10
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 10 and not summary["stopped"]
+    assert not training_ranks(os.getpid())  # nothing left running
+
+
+def test_restarts_are_bounded_and_progress_resets_the_count(tmp_path):
+    failing = [sys.executable, "-c", "import sys; sys.exit(7)"]
+    rc = subprocess.run([*WRAPPER, "--run-dir", str(tmp_path / "a"), "--max-restarts", "2",
+                         "--backoff", "0", "--", *failing]).returncode
+    assert rc == GAVE_UP
+    log = events(tmp_path / "a")
+    assert [e["event"] for e in log] == ["launch", "restart", "launch", "restart", "launch", "gave_up"]
+    assert {e["exit_code"] for e in log if "exit_code" in e} == {7}
+
+    # Each launch completes one more checkpoint, then fails; the third one finishes. With one
+    # restart allowed in a row without progress, only the progress keeps it going.
+    ck = tmp_path / "b" / "checkpoints"
+    script = (f"import json, os, pathlib, sys; ck = pathlib.Path({str(ck)!r}); "
+              f"n = len(list(ck.glob('step_*'))) + 1; d = ck / f'step_{{n:09d}}'; "
+              f"d.mkdir(parents=True); (d / 'COMPLETE').write_text('{{}}'); "
+              f"n < 3 and sys.exit(1); "
+              f"pathlib.Path({str(tmp_path / 'b' / 'summary.json')!r}).write_text("
+              f"json.dumps({{'stopped': False}}))")
+    rc = subprocess.run([*WRAPPER, "--run-dir", str(tmp_path / "b"), "--max-restarts", "1",
+                         "--backoff", "0", "--", sys.executable, "-c", script]).returncode
+    assert rc == DONE
+    assert [e.get("checkpoint_step") for e in events(tmp_path / "b")] == [None, 1, 1, 2, 2, 3]
+
+
+def test_stop_signal_ends_the_launch_and_exits_stopped(tmp_path):
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    wrapper = subprocess.Popen([*WRAPPER, "--run-dir", str(tmp_path), "--backoff", "0", "--",
+                                *sleeper])
+    try:
+        wait_for(lambda: events(tmp_path), 60, "the launch", wrapper)
+        child = wait_for(lambda: psutil.Process(wrapper.pid).children(), 30, "the child", wrapper)[0]
+        wrapper.send_signal(signal.SIGUSR1)  # SLURM's time-limit warning
+        assert wrapper.wait(timeout=60) == STOPPED
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+    assert not psutil.pid_exists(child.pid) or child.status() == psutil.STATUS_ZOMBIE
+    last = events(tmp_path)[-1]
+    assert last["event"] == "stopped" and last["signal"] == "SIGUSR1"
+
+
+def test_bad_training_config_fails_before_launching(tmp_path):
+    out = subprocess.run([*WRAPPER, "--", "torchrun", "bdt/train.py", "--config",
+                          "bdt/configs/tiny.yaml", "model.backbone.path=x", "data.root=y",
+                          "stages.0.stepz=3"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == USAGE and "stepz" in out.stderr
+    out = subprocess.run([*WRAPPER, "--", "srun", "bash", "-c", "python x.py"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == USAGE and "--run-dir" in out.stderr
