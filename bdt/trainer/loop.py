@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bdt import storage
 from bdt.config import save_resolved
-from bdt.trainer import preview, setup
+from bdt.trainer import preview, reshard, setup
 from bdt.trainer.checkpoint import CheckpointManager
 from bdt.trainer.deepspeed_config import build_ds_config, initialize_engine
 from bdt.trainer.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
@@ -111,11 +111,14 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     resume = ckpt.resume_tag() if cfg.checkpoint.resume else None
     stream_state = None
     if resume is not None:
-        meta, tensors, _ = ckpt.load(resume, {"model": engine})
+        meta, tensors, _ = ckpt.load(resume, {"model": engine}, reshard=reshard.resplit_train_states(
+            lambda si: sources[si].urls, lambda si: setup.stream_seed(cfg, si)))
         step = saved_step = int(meta["step"])
         seen = dict(meta["seen"])
         stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
-        logger.log(step, {"resumed_from_step": step})
+        logger.log(step, {"resumed_from_step": step,
+                          "resumed_from_world_size": meta.get("resplit_from_world_size",
+                                                              dist.world_size)})
         if meta.get("threads") != torch.get_num_threads():
             # ENVIRONMENT.md: a different intra-op thread count changes float reduction order.
             print(f"warning: rank {dist.rank}: checkpoint written with {meta.get('threads')} torch "
@@ -136,6 +139,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     # ZeRO-3 needs every rank in the forward passes of generation; otherwise rank 0 alone.
     previewing = cfg.logging.sample_every > 0 and (dist.is_main or zero3)
     decoder = preview.load_decoder(cfg.data.tokenizer) if previewing else None
+    keylog = reshard.SampleKeyLog(cfg.run_dir, dist.rank, dist.world_size) \
+        if cfg.logging.sample_keys else None
     stop = StopFlag()
     window, meter = _Window(), Throughput()
     stopped = False
@@ -154,6 +159,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                 for _ in range(cfg.deepspeed.grad_accum):
                     with Timer() as t_data:
                         batch = stream.next_batch()
+                        if keylog:
+                            keylog.add(step + 1, [s.key for s in batch.samples])
                         packed = packer.pack(setup.image_samples(batch, cfg.model.head.bits))
                     data_wait += t_data.seconds
                     losses = engine(packed)
@@ -195,6 +202,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     finally:
         stop.restore()
         logger.close()
+        if keylog:
+            keylog.close()
     summary = {"step": step, "stopped": stopped, "saved_step": saved_step, "seen": seen,
                "stream": vars(stream.counters) if stream else {}}
     if not stopped:

@@ -127,9 +127,14 @@ def make_stream(cfg: TrainConfig, stage_idx: int, shards: ShardList, model: BitD
         return packer.sample_len(len(packer.prompt_ids(sample.caption_ids.tolist())), h, w)
 
     stream = TokenStream(shards.urls, dist.rank, dist.world_size, stage.token_budget, measure,
-                         buffer_size=cfg.data.buffer_size, seed=cfg.seed * 1000 + stage_idx,
+                         buffer_size=cfg.data.buffer_size, seed=stream_seed(cfg, stage_idx),
                          bits_per_token=cfg.model.head.bits)
     return stream, packer
+
+
+def stream_seed(cfg: TrainConfig, stage_idx: int) -> int:
+    """The data stream seed of a stage (its shuffle and shard orders; fixed for a run)."""
+    return cfg.seed * 1000 + stage_idx
 
 
 def image_samples(batch: MicroBatch, bits: int) -> list[ImageSample]:

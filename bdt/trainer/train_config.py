@@ -70,6 +70,9 @@ class LoggingConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "two blue squares"])
     sample_hw: list[int] = field(default_factory=lambda: [16, 16])  # latent tokens (h, w)
     sample_steps: int = 25  # head sampler steps per AR step
+    # Debug: every consumed sample key per rank and step to <run_dir>/sample_keys/ (checks that
+    # restarts, also on another number of ranks, neither repeat nor skip data).
+    sample_keys: bool = False
 
 
 @dataclass

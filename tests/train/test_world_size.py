@@ -1,0 +1,179 @@
+"""Resuming on another number of ranks: a 2-rank run resumed on 1 rank, that one resumed on 2
+ranks from S3; the loss continues, the LR schedule is the uninterrupted run's, and the sample
+keys consumed over the three launches plus those the last checkpoint still owes are the epoch,
+each exactly once (ZeRO-2: DeepSpeed universal checkpoint conversion, automatic)."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from test_stream import unconsumed_keys
+from trainutil import read_metrics, spawn_train, tiny_llm, train_overrides, write_shards
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "bdt", "configs", "tiny.yaml")
+STEPS, NUM_SHARDS, PER_SHARD = 8, 6, 40
+GRIDS = [(4, 4), (4, 8), (8, 4)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ws")
+    urls = write_shards(str(root / "s0"), GRIDS, num_shards=NUM_SHARDS, per_shard=PER_SHARD)
+    return {"root": root, "llm": tiny_llm(str(root / "llm")), "urls": urls}
+
+
+def argv(data, run_dir, *extra):
+    return ["--config", CONFIG, *train_overrides(
+        str(run_dir), data["llm"], os.path.dirname(data["urls"][0]), steps=STEPS, every=3,
+        extra=("checkpoint.keep_last=0", "logging.sample_keys=true", "export=false", *extra))]
+
+
+def consumed(run_dir, steps):
+    """Sample keys the run's ranks logged for `steps` (every micro-batch, all ranks)."""
+    out = []
+    for name in sorted(os.listdir(run_dir / "sample_keys")):
+        for line in open(run_dir / "sample_keys" / name):
+            rec = json.loads(line)
+            if rec["step"] in steps:
+                out += rec["keys"]
+    return out
+
+
+def copy_checkpoint(src_run, tag, dst):
+    os.makedirs(dst, exist_ok=True)
+    shutil.copytree(src_run / "checkpoints" / tag, os.path.join(dst, tag))
+    shutil.copy(src_run / "checkpoints" / "model_shapes.json", dst)
+
+
+def assert_continues(ref, got, steps):
+    """LR exactly the uninterrupted run's; the loss over the resumed steps within that run's
+    step-to-step noise of its loss there (other ranks see other samples: not bitwise)."""
+    losses = [ref[s]["loss"] for s in sorted(ref)]
+    noise = max(abs(a - b) for a, b in zip(losses, losses[1:]))
+    for s in steps:
+        assert got[s]["lr"] == ref[s]["lr"], s
+        assert min(losses) - noise <= got[s]["loss"] <= max(losses) + noise, (s, got[s], noise)
+    mean = sum(got[s]["loss"] - ref[s]["loss"] for s in steps) / len(steps)
+    assert abs(mean) <= noise, (mean, noise)
+
+
+def test_two_to_one_to_two_ranks(data, s3_bucket):
+    import fsspec
+
+    root = data["root"]
+    assert spawn_train(argv(data, root / "ref")) == 0  # uninterrupted, 2 ranks
+    ref = read_metrics(str(root / "ref"))
+    assert ref[1]["loss"] > ref[STEPS]["loss"]
+
+    # 2 -> 1: the 2-rank checkpoint of step 3; the 1-rank run stops (SIGTERM) after step 6
+    copy_checkpoint(root / "ref", "step_000000003", root / "one" / "checkpoints")
+    assert spawn_train(argv(data, root / "one", "fault.sigterm_at_step=6"), world=1) == 0
+    one = read_metrics(str(root / "one"))
+    assert_continues(ref, one, range(4, 7))
+    assert (root / "one" / "checkpoints" / "step_000000003.w00001" / "model" / "zero").is_dir()
+    resumed = [json.loads(line) for line in open(root / "one" / "metrics.jsonl")
+               if "resumed_from_step" in line]
+    assert [(r["resumed_from_step"], r["resumed_from_world_size"]) for r in resumed] == [(3, 2)]
+
+    # 1 -> 2 with the checkpoints on S3: the conversion is made and read there
+    ck = f"{s3_bucket}/run/ck"
+    fs = fsspec.filesystem("s3")
+    local = root / "one" / "checkpoints"
+    for path in sorted(local.rglob("*")):
+        rel = path.relative_to(local).as_posix()
+        if path.is_file() and (rel.startswith("step_000000006/") or "/" not in rel):
+            fs.put_file(str(path), f"{ck}/{rel}")
+    assert spawn_train(argv(data, root / "two", f"checkpoint.dir={ck}")) == 0
+    two = read_metrics(str(root / "two"))
+    assert_continues(ref, two, range(7, STEPS + 1))
+    fs.invalidate_cache()
+    assert fs.exists(f"{ck}/step_000000006.w00002/COMPLETE")
+    assert fs.exists(f"{ck}/step_{STEPS:09d}/rank_00001.json")
+
+    # every sample once: consumed in the three launches, or still owed by the last checkpoint
+    eaten = (consumed(root / "ref", range(1, 4)) + consumed(root / "one", range(4, 7))
+             + consumed(root / "two", range(7, STEPS + 1)))
+    owed = []
+    for rank in range(2):
+        meta = json.loads(fs.cat(f"{ck}/step_{STEPS:09d}/rank_{rank:05d}.json"))["state"]["stream"]
+        assert meta["pending"], "test sizing: a rank finished the old epoch"
+        owed += unconsumed_keys(meta, data["urls"], rank, 2, seed=0)
+    assert len(eaten) == len(set(eaten)) > 0
+    assert sorted(eaten + owed) == sorted(f"s{n:06d}" for n in range(NUM_SHARDS * PER_SHARD))
+
+
+# ---- the engine alone, every ZeRO stage: weights and Adam moments survive the change ----------
+
+ZEROS = (0, 1, 3)
+
+
+def _engine_worker(rank, world, port, out):
+    import torch
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import deepspeed
+
+    from bdt.trainer.checkpoint import CheckpointManager, tag_for
+    from bdt.trainer.deepspeed_config import (DeepSpeedConfig, OptimConfig, build_ds_config,
+                                              initialize_engine, make_schedule)
+    from bdt.trainer.distributed import cleanup, init_distributed
+
+    dist = init_distributed()
+    optim = OptimConfig(lr=1e-2, warmup_steps=2)
+    x_all = torch.randn(8, 8, generator=torch.Generator().manual_seed(7))  # the step after the save
+    result = {}
+    for zero in ZEROS:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        ds = build_ds_config(DeepSpeedConfig(zero_stage=zero, micro_batch_size=8 // world), optim,
+                             world)
+        engine = initialize_engine(model, ds, make_schedule(optim, total_steps=10))
+
+        def step(x):
+            loss = (engine(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            engine.backward(loss)
+            engine.step()
+
+        mgr = CheckpointManager(os.path.join(out, f"ck{zero}"), dist)
+        if world == 2:  # train 3 steps, save, then take the reference step
+            torch.manual_seed(100 + rank)
+            for _ in range(3):
+                step(torch.randn(4, 8))
+            mgr.save(3, {"model": engine}, rank_meta={"seen": 12})
+            step(x_all[rank * 4:(rank + 1) * 4])
+        else:  # load on 1 rank, take the same step over the whole batch
+            merged = lambda old, new_world: [({"seen": sum(s["seen"] for s, _ in old)}, {})]
+            meta, _, _ = mgr.load(tag_for(3), {"model": engine}, reshard=merged)
+            result[f"seen{zero}"] = meta["seen"]
+            step(x_all)
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=zero == 3):
+            result[f"params{zero}"] = [p.detach().clone() for p in params]
+        result[f"lr{zero}"] = engine.get_lr()[0]
+    if rank == 0:
+        torch.save(result, os.path.join(out, f"world{world}.pt"))
+    cleanup()
+
+
+def test_engine_state_survives_world_size_change(tmp_path):
+    """Saved on 2 ranks at ZeRO-0/1/3, loaded on 1: the next step over the same global batch
+    gives the 2-rank run's weights (to float reduction order). Lost Adam moments or LR would
+    change the update (Adam's first step moves every weight by ~lr)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from bdt.trainer.distributed import free_port
+
+    for world in (2, 1):
+        mp.spawn(_engine_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
+    two, one = (torch.load(tmp_path / f"world{w}.pt", weights_only=True) for w in (2, 1))
+    for zero in ZEROS:
+        assert one[f"seen{zero}"] == 24 and one[f"lr{zero}"] == two[f"lr{zero}"]
+        for a, b in zip(one[f"params{zero}"], two[f"params{zero}"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert (tmp_path / "ck1" / "step_000000003.w00001" / "model" / "zero").is_dir()
+    assert not (tmp_path / "ck0" / "step_000000003.w00001" / "model").exists()  # ZeRO-0: as is
