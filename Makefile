@@ -14,7 +14,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench rehearsal clean
 
 install: $(STAMP)
 
@@ -44,6 +44,12 @@ bench: $(STAMP)
 	$(BENCH)/resume_cost.py
 	$(BENCH)/extract_throughput.py
 	$(BENCH)/summary.py
+
+# The multi-node flow of cluster/README.md on this machine: S3 server (moto) on 127.0.0.1, Ray
+# pre-extraction to s3, 2-rank training from s3 through the resume wrapper, a rank SIGKILLed
+# mid-run, resumed, finished (scripts/cluster_rehearsal.sh). Not part of `make test` (minutes).
+rehearsal: $(STAMP)
+	bash scripts/cluster_rehearsal.sh
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

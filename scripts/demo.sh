@@ -45,7 +45,7 @@ mkdir -p "$D"
 START=$SECONDS
 
 log() { printf '\n== demo [%dm%02ds] %s\n' $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)) "$*"; }
-free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+source scripts/local_ray.sh  # free_port, start_ray_head / stop_ray (the rehearsal uses them too)
 
 # --- 1. data --------------------------------------------------------------------------------
 if [[ -f $D/data/manifest.json ]]; then
@@ -70,44 +70,14 @@ extraction_complete() {
   python -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("complete") else 1)' \
     "$D/tokens/index.json" 2>/dev/null
 }
-head_answers() {  # any HTTP answer counts (401 under token auth): the dashboard is up
-  python - "$1" <<'PY' 2>/dev/null
-import sys, urllib.error, urllib.request
-try:
-    urllib.request.urlopen(sys.argv[1], timeout=2)
-except urllib.error.HTTPError:
-    pass
-PY
-}
-RAY_PID=""
-stop_ray() {
-  # Stop only the head this script started (its own session), not other Ray instances.
-  if [[ -n $RAY_PID ]] && kill -0 "$RAY_PID" 2>/dev/null; then
-    kill -TERM "$RAY_PID" 2>/dev/null || true
-    for _ in $(seq 60); do kill -0 "$RAY_PID" 2>/dev/null || break; sleep 1; done
-    kill -KILL -- "-$RAY_PID" 2>/dev/null || true
-  fi
-  RAY_PID=""
-}
 trap stop_ray EXIT
 trap 'stop_ray; exit 130' INT TERM
 if extraction_complete; then
   log "3/7 pre-extraction: $D/tokens is complete, skipping"
 else
-  DASH=$(free_port)
-  log "3/7 pre-extraction: Ray head on 127.0.0.1 (dashboard :$DASH, log $D/ray-head.log)"
-  # --block keeps the head in this process (its own session), so the trap can stop exactly it.
-  setsid ray start --head --block --num-cpus 2 --node-ip-address 127.0.0.1 \
-    --port "$(free_port)" --dashboard-host 127.0.0.1 --dashboard-port "$DASH" \
-    --dashboard-agent-listen-port "$(free_port)" --ray-client-server-port "$(free_port)" \
-    --disable-usage-stats > "$D/ray-head.log" 2>&1 &
-  RAY_PID=$!
-  for _ in $(seq 120); do
-    head_answers "http://127.0.0.1:$DASH/api/version" && break
-    kill -0 "$RAY_PID" 2>/dev/null || { tail -20 "$D/ray-head.log"; exit 1; }
-    sleep 1
-  done
-  ray job submit --address "http://127.0.0.1:$DASH" --working-dir . -- \
+  log "3/7 pre-extraction: Ray head on 127.0.0.1 (log $D/ray-head.log)"
+  start_ray_head "$D/ray-head.log"
+  ray job submit --address "$RAY_DASHBOARD" --working-dir . -- \
     python pipelines/extract_tokens.py --config pipelines/configs/demo.yaml \
     "inputs=$D/data/shapes-*.tar" "output=$D/tokens" "tokenizer=$D/tokenizer/export"
   stop_ray

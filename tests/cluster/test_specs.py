@@ -33,7 +33,8 @@ def test_every_spec_parses():
 
 
 def test_shell_scripts_are_valid_bash():
-    scripts = [*CLUSTER.rglob("*.sh"), *CLUSTER.rglob("*.sbatch"), REPO / "scripts/cluster_rehearsal.sh"]
+    scripts = [*CLUSTER.rglob("*.sh"), *CLUSTER.rglob("*.sbatch"), REPO / "scripts/cluster_rehearsal.sh",
+               REPO / "scripts/local_ray.sh", REPO / "scripts/demo.sh"]
     for path in scripts:
         subprocess.run(["bash", "-n", str(path)], check=True)
 
