@@ -1,7 +1,8 @@
 """Re-launch a training command until it finishes: `python -m bdt.cluster.resume [opts] -- CMD`.
 
     python -m bdt.cluster.resume --max-restarts 3 -- \\
-        torchrun --nproc-per-node 8 bdt/train.py --config X.yaml run_dir=/runs/a checkpoint.dir=s3://b/a
+        torchrun --nproc-per-node 8 bdt/train.py --config X.yaml run_dir=/runs/a \\
+        checkpoint.dir=s3://b/a/checkpoints
 
 The trainer resumes by itself from the newest complete checkpoint under checkpoint.dir (local or
 s3://); this wrapper supplies the restarts around it and says what happened:
@@ -55,7 +56,8 @@ def paths_from_command(cmd: list[str]) -> RunPaths | None:
 
             cfg = OmegaConf.to_object(load_config(cmd[i + 1:]))
             validate(cfg)
-            return RunPaths(cfg.run_dir, cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"))
+            default = os.path.join(cfg.run_dir, "checkpoints")
+            return RunPaths(cfg.run_dir, cfg.checkpoint.dir or default)
     return None
 
 
@@ -200,9 +202,10 @@ class Resumer:
         while self.stop_signal is None:
             attempt += 1
             before = self.checkpoint_step()
-            self.log("launch", f"attempt {attempt}: launching; the trainer resumes from "
-                     f"{'step ' + str(before) if before is not None else 'scratch (no complete checkpoint)'}"
-                     f" in {self.paths.checkpoint_dir}", attempt=attempt, checkpoint_step=before,
+            origin = (f"step {before}" if before is not None
+                      else "scratch (no complete checkpoint)")
+            self.log("launch", f"attempt {attempt}: launching; the trainer resumes from {origin} "
+                     f"in {self.paths.checkpoint_dir}", attempt=attempt, checkpoint_step=before,
                      cmd=self.cmd)
             started = time.time()
             rc = self._launch()
@@ -215,21 +218,22 @@ class Resumer:
                 return DONE
             if self.stop_signal is not None:
                 name = signal.Signals(self.stop_signal).name
-                self.log("stopped", f"attempt {attempt}: stopped on {name} ({why}); newest complete "
-                         f"checkpoint: step {after}; rerun (or requeue) to continue",
+                self.log("stopped", f"attempt {attempt}: stopped on {name} ({why}); newest "
+                         f"complete checkpoint: step {after}; rerun (or requeue) to continue",
                          signal=name, **fields)
                 return STOPPED
             progressed = after is not None and (before is None or after > before)
             failures = 1 if progressed else failures + 1
             if failures > self.max_restarts:
-                self.log("gave_up", f"attempt {attempt} ended ({why}); {failures - 1} restarts in a "
-                         f"row made no new checkpoint (newest: step {after}): giving up "
+                self.log("gave_up", f"attempt {attempt} ended ({why}); {failures - 1} restarts "
+                         f"in a row made no new checkpoint (newest: step {after}): giving up "
                          f"(--max-restarts {self.max_restarts})", **fields)
                 return GAVE_UP
             delay = min(self.backoff * 2 ** (failures - 1), self.max_backoff)
-            self.log("restart", f"attempt {attempt} ended ({why}); newest complete checkpoint: step "
-                     f"{after}{' (new)' if progressed else ' (no progress)'}; restart {failures}/"
-                     f"{self.max_restarts} in {delay:.0f}s", delay_s=delay, **fields)
+            news = "new" if progressed else "no progress"
+            self.log("restart", f"attempt {attempt} ended ({why}); newest complete checkpoint: "
+                     f"step {after} ({news}); restart {failures}/{self.max_restarts} in "
+                     f"{delay:.0f}s", delay_s=delay, **fields)
             self._sleep(delay)
             if self.stop_signal is not None:
                 break
@@ -262,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bdt.cluster.resume", description=__doc__.split("\n")[0],
-                                epilog=f"exit codes: {DONE} done, {STOPPED} stopped by a signal "
-                                f"(checkpoint saved; requeue), {GAVE_UP} gave up, {USAGE} bad usage")
+    p = argparse.ArgumentParser(
+        prog="python -m bdt.cluster.resume", description=__doc__.split("\n")[0],
+        epilog=f"exit codes: {DONE} done, {STOPPED} stopped by a signal (checkpoint saved; "
+               f"requeue), {GAVE_UP} gave up, {USAGE} bad usage")
     p.add_argument("--max-restarts", type=int, default=3,
                    help="restarts in a row without a new complete checkpoint (default 3)")
     p.add_argument("--backoff", type=float, default=30.0, help="first wait before a restart, s")
@@ -273,7 +278,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="after a stop signal, seconds the ranks get to save before a SIGKILL")
     p.add_argument("--run-dir", default="", help="the run's run_dir (default: from the command)")
     p.add_argument("--checkpoint-dir", default="",
-                   help="the run's checkpoint.dir (default: from the command / <run_dir>/checkpoints)")
+                   help="the run's checkpoint.dir (default: from the command, or "
+                        "<run_dir>/checkpoints)")
     return p
 
 

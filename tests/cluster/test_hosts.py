@@ -87,7 +87,8 @@ def test_cli_prints_shell_assignments_the_batch_script_evals(tmp_path):
     script = (f"eval \"$({sys.executable} -m bdt.cluster.hosts slurm --hostfile {hostfile})\"; "
               f"echo $MASTER_ADDR:$MASTER_PORT $NNODES $WORLD; "
               f"{sys.executable} -m bdt.cluster.hosts ds-env --out {ds_env}")
-    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                         check=True)
     assert out.stdout.split() == ["n1:20007", "2", "8"]
     assert hostfile.read_text() == "n1 slots=4\nn2 slots=4\n"
     lines = ds_env.read_text().splitlines()

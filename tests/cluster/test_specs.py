@@ -33,8 +33,9 @@ def test_every_spec_parses():
 
 
 def test_shell_scripts_are_valid_bash():
-    scripts = [*CLUSTER.rglob("*.sh"), *CLUSTER.rglob("*.sbatch"), REPO / "scripts/cluster_rehearsal.sh",
-               REPO / "scripts/local_ray.sh", REPO / "scripts/demo.sh"]
+    scripts = [*CLUSTER.rglob("*.sh"), *CLUSTER.rglob("*.sbatch"),
+               *(REPO / "scripts" / name for name in ("cluster_rehearsal.sh", "local_ray.sh",
+                                                       "demo.sh"))]
     for path in scripts:
         subprocess.run(["bash", "-n", str(path)], check=True)
 
@@ -71,7 +72,8 @@ def test_presets_grow_with_model_size():
     assert list(cfgs) == ["zero_14b", "zero_1b", "zero_8b"]
     assert cfgs["zero_14b"].deepspeed.zero_stage == 3
     assert not cfgs["zero_1b"].model.activation_checkpointing
-    assert cfgs["zero_8b"].model.activation_checkpointing and cfgs["zero_14b"].model.activation_checkpointing
+    assert cfgs["zero_8b"].model.activation_checkpointing
+    assert cfgs["zero_14b"].model.activation_checkpointing
     widths = [cfgs[k].model.head.width for k in ("zero_1b", "zero_8b", "zero_14b")]
     assert widths == sorted(widths) and len(set(widths)) == 3
 
@@ -173,7 +175,8 @@ def test_sbatch_script_requeues_and_launches_the_trainer():
     assert "cluster/deepspeed/launch.sh) ;;" in text and (CLUSTER / "deepspeed/launch.sh").is_file()
     assert "bdt/train.py" in text and (REPO / "bdt/train.py").is_file()
     # the usage example in its header is a loadable training command
-    example = re.search(r"sbatch --nodes 2 cluster/slurm/train.sbatch \\\n(.*?)\n#\n", text, re.S).group(1)
+    usage = r"sbatch --nodes 2 cluster/slurm/train.sbatch \\\n(.*?)\n#\n"
+    example = re.search(usage, text, re.S).group(1)
     argv = shlex.split(example.replace("\\\n", " ").replace("#", " "))
     paths = paths_from_command(["bdt/train.py", *argv])
     assert paths.checkpoint_dir.startswith("s3://")
