@@ -190,10 +190,11 @@ class BitDanceModel(nn.Module):
         bits), then the head's t and noise (see `flow_loss`), all from `generator`.
         """
         cfg, device = self.cfg, self.llm.device
-        P = cfg.parallel_num
-        if packed.image_bits_NC.shape[0] % P:
-            raise ValueError(f"{packed.image_bits_NC.shape[0]} image tokens is not a multiple "
-                             f"of P = {P}")
+        P = int(packed.block_size_S[0])  # a training stage may use a smaller P than the model's
+        if not bool((packed.block_size_S == P).all()) or packed.image_bits_NC.shape[0] % P:
+            raise ValueError(f"a packed row needs one P for all samples and a multiple of it in "
+                             f"image tokens, got P = {packed.block_size_S.tolist()} and "
+                             f"{packed.image_bits_NC.shape[0]} tokens")
         bits_NC = packed.image_bits_NC.to(device)
         flipped_NC = flip_bits(bits_NC, cfg.flip_prob, generator) if self.training else bits_NC
         hidden_LD = self.hidden_states(packed, self.input_embeddings(packed, flipped_NC))
@@ -206,17 +207,12 @@ class BitDanceModel(nn.Module):
         cond_ND = self.head_condition(hidden_LD[packed.vision_loss_index_N.to(device)], rc_N2)
         D, C = cond_ND.shape[-1], bits_NC.shape[-1]
         x_GPC = bits_NC.view(-1, P, C)
-        captured: list[Tensor] = []
-        hook = self.head.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
-        try:
-            vision_GP = flow_loss(self.head, x_GPC, cond_ND.view(-1, P, D), generator)
-        finally:
-            hook.remove()
+        vision_GP, x_pred = flow_loss(self.head, x_GPC, cond_ND.view(-1, P, D), generator,
+                                      return_x_pred=True)
         vision = vision_GP.mean()
         # Per-bit accuracy of the head's x-prediction (diagnostic, SPEC/issue 4 part 6).
-        x_pred = captured[0]
         target = x_GPC.repeat(x_pred.shape[0] // x_GPC.shape[0], 1, 1)
-        bit_accuracy = (binarize(x_pred.float()) == target.float()).float().mean()
+        bit_accuracy = (binarize(x_pred.detach().float()) == target.float()).float().mean()
         total = cfg.text_loss_weight * text_ce + cfg.vision_loss_weight * vision
         return {"total": total, "text_ce": text_ce.detach(), "vision": vision.detach(),
                 "bit_accuracy": bit_accuracy}

@@ -13,6 +13,7 @@ additions (16x: 151940, 64x: 151988), which `load_backbone` guarantees.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ class BackboneConfig:
     config_overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to change
     attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float16
-    gradient_checkpointing: bool = False  # activation checkpointing on the decoder layers
+    # (Activation checkpointing is ModelConfig.activation_checkpointing: decoder layers + head.)
 
 
 @dataclass
@@ -99,11 +100,24 @@ def load_causal_lm(cfg: BackboneConfig) -> "PreTrainedModel":
             model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs, **_plain_dict(cfg.config_overrides))
     except (OSError, ValueError, ImportError) as e:
         raise type(e)(f"cannot build the backbone from {cfg.path!r}: {e}") from e
-    if cfg.gradient_checkpointing:
-        # Non-reentrant: works with frozen inputs and DeepSpeed ZeRO (SPEC 1.5: decoder layers).
-        # (transformers 5 name; gradient_checkpointing_enable is deprecated.)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _rows(weight: torch.Tensor) -> int:
+    """Row count of an embedding weight; a ZeRO-3 partitioned one reports its full shape in
+    ds_shape (its local `shape` is empty)."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def _editable(weight: torch.Tensor):
+    """Context in which `weight` holds its full value and rank 0's edits persist: a no-op for an
+    ordinary tensor; for a ZeRO-3 partitioned one (it has a ds_id) a gather whose result rank 0
+    writes back to every partition."""
+    if not hasattr(weight, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed  # only reachable when DeepSpeed built the parameter
+
+    return deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
 
 
 @torch.no_grad()
@@ -112,15 +126,18 @@ def resize_embeddings(model: "PreTrainedModel", num_rows: int) -> None:
     the old rows (BitDance's mean resizing, without HF's random jitter).
 
     Rows may also shrink (Qwen3 pads to 151936 rows but BitDance at P=4 uses 151928), so the
-    shapes always equal ``len(tokenizer)`` like the released checkpoints.
+    shapes always equal ``len(tokenizer)`` like the released checkpoints. Works on a model
+    partitioned at load by ZeRO-3 too.
     """
-    old = model.get_input_embeddings().weight.shape[0]
+    old = _rows(model.get_input_embeddings().weight)
     model.resize_token_embeddings(num_rows, mean_resizing=False)
     if num_rows <= old:
         return
     for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
         if emb is not None:
-            emb.weight[old:] = emb.weight[:old].mean(dim=0)
+            with _editable(emb.weight):
+                # fp32 mean: the weights may already be bf16 (ZeRO-3 casts while loading)
+                emb.weight[old:] = emb.weight[:old].float().mean(dim=0)
 
 
 def load_backbone(cfg: BackboneConfig, parallel_num: int, num_res: int = DEFAULT_NUM_RES) -> Backbone:

@@ -50,12 +50,14 @@ def sample_train_time(n: int, head: DiffusionHead, device: torch.device,
 
 
 def flow_loss(head: DiffusionHead, x_BPC: Tensor, cond_BPD: Tensor,
-              generator: torch.Generator | None = None) -> Tensor:
+              generator: torch.Generator | None = None,
+              return_x_pred: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Velocity-space MSE, mean over bits, unreduced per token: [B, P].
 
     One t per patch row. With head.cfg.repeat = r > 1 every patch is scored r times with fresh
     (t, noise) and the r losses are averaged (more head work per backbone pass). RNG order: all
-    B*r normals for t first, then all B*r*P*C noise normals.
+    B*r normals for t first, then all B*r*P*C noise normals. With `return_x_pred`, also the
+    head's x-prediction [r*B, P, C] (the r repeats stacked along B), for diagnostics.
     """
     r = head.cfg.repeat
     B = x_BPC.shape[0]
@@ -72,7 +74,8 @@ def flow_loss(head: DiffusionHead, x_BPC: Tensor, cond_BPD: Tensor,
     x_pred_BPC = head(z_BPC.to(cond_BPD.dtype), t_B, cond_BPD)
     # The loss in fp32 whatever the autocast dtype of the head.
     loss_BP = (v_BPC - velocity(x_pred_BPC.float(), z_BPC, t_B11)).square().mean(dim=-1)
-    return loss_BP.view(r, B, -1).mean(dim=0) if r > 1 else loss_BP
+    loss_BP = loss_BP.view(r, B, -1).mean(dim=0) if r > 1 else loss_BP
+    return (loss_BP, x_pred_BPC) if return_x_pred else loss_BP
 
 
 def bit_accuracy(x_pred: Tensor, x: Tensor) -> Tensor:

@@ -101,6 +101,15 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def all_reduce_sum(value: int, device: torch.device) -> int:
+    """Sum of an integer count over ranks (exact: int64)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average scalar metrics over ranks (one collective for the whole dict)."""
     if not values or not (dist.is_available() and dist.is_initialized()):
@@ -110,6 +119,15 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def all_gather_int(value: int) -> list[int]:
+    """Every rank's `value`, in rank order (a world of one: [value])."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, int(value))
+    return out
 
 
 def broadcast_object(obj, src: int = 0):

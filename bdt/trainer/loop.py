@@ -2,7 +2,7 @@
 
 One step = `grad_accum` packed micro-batches per rank (TokenStream), each `engine(packed)` ->
 `engine.backward` -> `engine.step` (DeepSpeed applies the optimizer at the accumulation
-boundary). Stages run back to back in one process (StagePlan); the data stream is rebuilt at a
+boundary). Stages run back to back in one process (StageClock); the data stream is rebuilt at a
 stage switch. A checkpoint holds the engine (DeepSpeed) + per-rank state: step, stage, tokens
 and images seen, the stream's exact position and buffer, RNG states (CheckpointManager). Resume
 picks the newest complete checkpoint, lands in its stage with its stream state, and repeats the
@@ -27,12 +27,14 @@ from bdt.config import save_resolved
 from bdt.trainer import preview, reshard, setup
 from bdt.trainer.checkpoint import CheckpointManager
 from bdt.trainer.deepspeed_config import build_ds_config, initialize_engine
-from bdt.trainer.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
+from bdt.trainer.distributed import (DistInfo, all_gather_int, all_reduce_mean, all_reduce_sum,
+                                     cleanup, init_distributed)
+from bdt.trainer.evaluation import InLoopEval
 from bdt.trainer.export import export_model
 from bdt.trainer.flops import FlopModel, measure_peak_flops
 from bdt.trainer.metrics import MetricsLogger, Throughput, Timer
 from bdt.trainer.signals import StopFlag
-from bdt.trainer.stages import StagedLR, StagePlan
+from bdt.trainer.stages import StageClock
 from bdt.trainer.train_config import TrainConfig, validate
 
 
@@ -93,17 +95,21 @@ class _KillAfterSave:
 def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     ds_config = build_ds_config(replace(cfg.deepspeed, micro_batch_size=1),
                                 replace(cfg.optim, lr=1.0), dist.world_size)
-    plan = StagePlan.build(cfg.stages, cfg.deepspeed.grad_accum, dist.world_size)
+    clock = StageClock(cfg.stages, cfg.deepspeed.grad_accum, dist.world_size)
     _seed_all(cfg.seed)  # identical initialisation on every rank
-    model = setup.build_model(cfg)
+    model, hf_ds_config = setup.build_model(cfg, ds_config)  # noqa: F841 (kept alive: weak ref)
+    # What each rank holds right after the build: under ZeRO-3 its partitions only.
+    params_local = all_gather_int(setup.local_numel(model))
     ckpt = CheckpointManager(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"), dist,
                              keep_last=cfg.checkpoint.keep_last)
     setup.check_model_signature(ckpt.root, setup.model_signature(model), dist)
     flop_model = FlopModel.from_model(model.llm.config, sum(setup.numel(p) for p in
                                       model.head.parameters()), cfg.model.head.repeat)
-    engine = initialize_engine(model, ds_config, StagedLR(cfg.stages, plan))
+    engine = initialize_engine(model, ds_config, clock)
 
     logger = MetricsLogger(cfg.run_dir, dist.is_main, tensorboard=cfg.logging.tensorboard)
+    logger.log(0, {"params": sum(setup.numel(p) for p in model.parameters()),
+                   **{f"params_local/rank{r}": n for r, n in enumerate(params_local)}})
     if dist.is_main:
         save_resolved(OmegaConf.structured(cfg), cfg.run_dir)
     step, saved_step, stage_idx, stream, packer = 0, -1, -1, None, None
@@ -115,6 +121,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
             lambda si: sources[si].urls, lambda si: setup.stream_seed(cfg, si)))
         step = saved_step = int(meta["step"])
         seen = dict(meta["seen"])
+        clock.load_state_dict(meta["clock"])  # also in the LR scheduler's state; this one rules
         stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
         logger.log(step, {"resumed_from_step": step,
                           "resumed_from_world_size": meta.get("resplit_from_world_size",
@@ -125,8 +132,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                   f"threads, this run has {torch.get_num_threads()}: training continues, but not "
                   f"bitwise as the uninterrupted run would (set `threads`)", flush=True)
         if dist.is_main:
-            print(f"resumed from {ckpt.root}/{resume} (stage {cfg.stages[meta['stage']].name})",
-                  flush=True)
+            print(f"resumed from {ckpt.root}/{resume} (stage "
+                  f"{clock.names[min(clock.stage, len(clock.names) - 1)]})", flush=True)
     else:
         _seed_all(cfg.seed * 1000 + 1 + dist.rank)  # per-rank noise, flips, caption dropout
 
@@ -139,14 +146,16 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     # ZeRO-3 needs every rank in the forward passes of generation; otherwise rank 0 alone.
     previewing = cfg.logging.sample_every > 0 and (dist.is_main or zero3)
     decoder = preview.load_decoder(cfg.data.tokenizer) if previewing else None
+    evaluator = InLoopEval(cfg.eval, cfg.data.tokenizer, cfg.run_dir, cfg.seed,
+                           takes_part=dist.is_main or zero3, writes=dist.is_main)
     keylog = reshard.SampleKeyLog(cfg.run_dir, dist.rank, dist.world_size) \
         if cfg.logging.sample_keys else None
     stop = StopFlag()
     window, meter = _Window(), Throughput()
     stopped = False
     try:
-        while step < plan.total_steps:
-            si = plan.stage_of(step)
+        while not clock.finished:
+            si = clock.stage
             if si != stage_idx:
                 stage_idx = si
                 stream, packer = setup.make_stream(cfg, si, sources[si], model, dist)
@@ -156,6 +165,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                 logger.log(step, {"stage": si})
             with Timer() as t_step:
                 data_wait = 0.0
+                step_tokens = 0
                 for _ in range(cfg.deepspeed.grad_accum):
                     with Timer() as t_data:
                         batch = stream.next_batch()
@@ -163,10 +173,17 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                             keylog.add(step + 1, [s.key for s in batch.samples])
                         packed = packer.pack(setup.image_samples(batch, cfg.model.head.bits))
                     data_wait += t_data.seconds
+                    step_tokens += batch.tokens
                     losses = engine(packed)
                     engine.backward(losses["total"])
-                    if plain_grads and engine.is_gradient_accumulation_boundary():
-                        window.grad_norm = _grad_norm(engine.module)
+                    if engine.is_gradient_accumulation_boundary():
+                        if plain_grads:
+                            window.grad_norm = _grad_norm(engine.module)
+                        # Before engine.step, which has the clock compute the next step's LR:
+                        # a stage that ends with this step hands that LR to the next stage.
+                        clock.add_tokens(all_reduce_sum(step_tokens, dist.device))
+                        if clock.stage_done(step + 1):
+                            clock.advance(step + 1)
                     engine.step()
                     n_img = packed.num_samples
                     lens = (packed.cu_seqlens_S1[1:] - packed.cu_seqlens_S1[:-1]).tolist()
@@ -184,7 +201,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
             if cfg.fault.sigterm_at_step == step and dist.is_main:
                 os.kill(os.getpid(), signal.SIGTERM)
             stopped = stop.should_stop(dist.device)
-            if step % cfg.logging.every == 0 or stopped or step == plan.total_steps:
+            if step % cfg.logging.every == 0 or stopped or clock.finished:
                 _log(logger, step, engine, window, meter, stream, seen, peak, dist, t_step.seconds)
                 window = _Window()
             if previewing and step % cfg.logging.sample_every == 0:
@@ -193,9 +210,11 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                                             cfg.seed)
                 if dist.is_main:
                     preview.save_grid(image, cfg.run_dir, step)
-            if (stopped or step == plan.total_steps
+            if evaluator.due(step):
+                logger.log(step, evaluator.run(step, engine.module))
+            if (stopped or clock.finished
                     or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
-                _save(ckpt, engine, step, stage_idx, stream, seen, cfg)
+                _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg)
                 saved_step = step
             if stopped:
                 break
@@ -221,10 +240,13 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, stream, seen: dict,
-          cfg: TrainConfig) -> None:
+def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, clock: StageClock, stream,
+          seen: dict, cfg: TrainConfig) -> None:
     stream_meta, stream_tensors = stream.state_dict()
-    meta = {"step": step, "threads": torch.get_num_threads(), "stage": stage_idx, "stage_name": cfg.stages[stage_idx].name, "seen": seen,
+    # "stage" is the stage whose stream this is; after a stage's last step the clock is
+    # already in the next one (whose stream starts fresh on resume).
+    meta = {"step": step, "threads": torch.get_num_threads(), "stage": stage_idx,
+            "stage_name": cfg.stages[stage_idx].name, "clock": clock.state_dict(), "seen": seen,
             "stream": stream_meta}
     tensors = {f"stream.{k}": v for k, v in stream_tensors.items()}
     engines = {"model": _KillAfterSave(engine) if cfg.fault.kill_during_checkpoint == step

@@ -3,6 +3,7 @@ error: shard sources, image-tokenizer identity, bits per token, model shape vs. 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import types
@@ -15,11 +16,11 @@ from bdt.data.shard_source import ShardList, iter_shard, list_shards, tokenizer_
 from bdt.data.token_shards import TokenSample, decode_sample
 from bdt.data.token_stream import MicroBatch, TokenStream
 from bdt.model.ar import BitDanceModel
-from bdt.model.sequence import ImageSample, SequencePacker
+from bdt.model.sequence import ImageSample, SequencePacker, patch_side
 from bdt.model.text_tokenizer import encode
 from bdt.tokenizer.bits import to_pm1, unpack_bits
 from bdt.trainer.distributed import DistInfo, barrier
-from bdt.trainer.train_config import TrainConfig
+from bdt.trainer.train_config import TrainConfig, stage_p
 
 SIGNATURE_NAME = "model_shapes.json"
 
@@ -51,6 +52,11 @@ def check_data(cfg: TrainConfig) -> list[ShardList]:
         if first is not None and first.bits_per_token != cfg.model.head.bits:
             raise ValueError(f"{where}: {shards.urls[0]} holds {first.bits_per_token}-bit tokens, "
                              f"model.head.bits is {cfg.model.head.bits}")
+        side = patch_side(stage_p(cfg, i))
+        if first is not None and any(n % side for n in first.grid):
+            raise ValueError(f"{where}: {shards.urls[0]} holds {first.grid[0]}x{first.grid[1]} "
+                             f"token grids, not divisible into the {side}x{side} patches of "
+                             f"P = {stage_p(cfg, i)}")
         out.append(shards)
     return out
 
@@ -75,14 +81,37 @@ def skip_deepspeed_muon() -> None:
         sys.modules[name] = stub
 
 
-def build_model(cfg: TrainConfig) -> BitDanceModel:
-    """The model, built whole on every rank; `deepspeed.initialize` partitions it under ZeRO-3.
+def build_model(cfg: TrainConfig, ds_config: dict) -> tuple[BitDanceModel, object | None]:
+    """The model, and (under ZeRO-3) the live HfDeepSpeedConfig the caller must keep referenced.
 
-    Partitioning at load (a live HfDeepSpeedConfig while the LLM is built, ENVIRONMENT.md) is
-    not used yet: `bdt.model.backbone.resize_embeddings` reads the embedding's row count from
-    `weight.shape`, which is 0 for a ZeRO-3 partitioned parameter, and fills every row with NaN.
+    ZeRO 0-2: built whole on every rank. ZeRO-3: no rank ever holds the whole LLM. A live
+    `HfDeepSpeedConfig` makes transformers build and load the LLM inside `deepspeed.zero.Init`,
+    straight into each rank's partition (transformers keeps only a weak reference to it: drop
+    it and later HF calls stop treating the model as ZeRO-3). The resized embeddings (HF makes
+    them whole), connector and head are then partitioned in place with rank 0's values
+    (`zero.Init(module=...)`); they are small next to the decoder layers.
     """
-    return BitDanceModel.from_config(cfg.model)
+    if cfg.deepspeed.zero_stage != 3:
+        return BitDanceModel.from_config(cfg.model), None
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds = HfDeepSpeedConfig(ds_config)
+    model = BitDanceModel.from_config(cfg.model)
+    if cfg.deepspeed.precision == "bf16":
+        # The engine casts nothing of a model partitioned at init (zero.Init already gave the
+        # LLM the configured dtype): our own modules must arrive in it. pos_embed holds only
+        # a buffer, which stays fp32 as under ZeRO-0-2 (the engine casts parameters only).
+        for module in (model.connector, model.pos_embed, model.head):
+            module.to(torch.bfloat16)
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)  # skips partitioned params
+    return model, hf_ds
+
+
+def local_numel(module: torch.nn.Module) -> int:
+    """Parameter elements this rank holds: its ZeRO-3 partitions, or everything."""
+    return sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
+               for p in module.parameters())
 
 
 def numel(p: torch.nn.Parameter) -> int:
@@ -111,13 +140,23 @@ def check_model_signature(root: str, signature: dict[str, list[int]], dist: Dist
     barrier()
 
 
+def stage_packer(model: BitDanceModel, parallel_num: int, token_budget: int,
+                 caption_dropout: float) -> SequencePacker:
+    """The packer of a stage training P = parallel_num <= the model's P: the image prefix holds
+    the first P-1 of the model's query tokens (<|query_j|> has one id whatever P)."""
+    P = parallel_num
+    special = dataclasses.replace(model.special, query_ids=model.special.query_ids[:P - 1])
+    return SequencePacker(special, model.prompt, P, max_len=token_budget,
+                          caption_dropout=caption_dropout)
+
+
 def make_stream(cfg: TrainConfig, stage_idx: int, shards: ShardList, model: BitDanceModel,
                 dist: DistInfo) -> tuple[TokenStream, SequencePacker]:
     """The stage's data stream and packer (captions encoded once, when the stream measures)."""
     stage = cfg.stages[stage_idx]
     tok = model.tokenizer
-    packer = SequencePacker(model.special, model.prompt, cfg.model.parallel_num,
-                            max_len=stage.token_budget, caption_dropout=cfg.model.caption_dropout)
+    packer = stage_packer(model, stage_p(cfg, stage_idx), stage.token_budget,
+                          cfg.model.caption_dropout)
 
     def measure(sample: TokenSample) -> int:
         # Always this model's tokenizer: ids stored in a shard may come from another tokenizer

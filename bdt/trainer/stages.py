@@ -1,57 +1,82 @@
-"""Progressive stages as one run: which stage a global step is in, and one LR schedule for all.
+"""Progressive stages as one run: where the run is in its stage list, and one LR schedule for all.
 
-Stage i owns global optimizer steps [start_i, end_i). The LR is one LambdaLR over the whole run
-whose optimizer base LR is 1.0 and whose multiplier is the absolute LR of the stage's own
-warmup + constant/cosine schedule at the step's offset inside the stage: a stage switch needs no
-new scheduler, and DeepSpeed's checkpoint of the LambdaLR restores the position on resume.
+A stage lasts `steps` optimizer steps, or until the real tokens it consumed (summed over ranks,
+padding excluded) reach its `tokens`: a packed micro-batch holds fewer real tokens than its
+budget, so a token stage's step count is only known as it runs. `StageClock` therefore tracks
+the position (stage, the step it began at, its real tokens so far) instead of a fixed plan; the
+trainer feeds it each step's global token count and asks it whether the stage is done.
+
+The clock is also the LambdaLR multiplier: the optimizer's base LR is 1.0 and the multiplier is
+the absolute LR of the current stage's warmup + constant/cosine schedule. A step stage runs that
+schedule over its steps; a token stage over its tokens, in units of one full budget per step
+(token_budget x grad_accum x ranks), so `warmup_steps` of a token stage means that many budgets
+of tokens. A stage switch needs no new scheduler. Only plain data lives in the clock's __dict__:
+LambdaLR checkpoints that dict (DeepSpeed's torch.save), and the per-rank state holds
+`state_dict()` too, which is what a resume restores.
 """
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass
+import math
 
 from bdt.trainer.schedule import WarmupSchedule
-from bdt.trainer.train_config import StageConfig, stage_steps
+from bdt.trainer.train_config import StageConfig
 
 
-@dataclass
-class StagePlan:
-    names: list[str]
-    starts: list[int]  # first global step of each stage
-    ends: list[int]  # one past its last step
-
-    @classmethod
-    def build(cls, stages: list[StageConfig], grad_accum: int, world_size: int) -> StagePlan:
-        starts, ends, at = [], [], 0
-        for s in stages:
-            starts.append(at)
-            at += stage_steps(s, grad_accum, world_size)
-            ends.append(at)
-        return cls([s.name for s in stages], starts, ends)
-
-    @property
-    def total_steps(self) -> int:
-        return self.ends[-1]
-
-    def stage_of(self, step: int) -> int:
-        """Index of the stage that runs global step `step` (0-based, < total_steps)."""
-        return min(bisect.bisect_right(self.starts, step) - 1, len(self.starts) - 1)
-
-
-class StagedLR:
-    """LambdaLR multiplier = absolute LR at a global step. Plain data only in its __dict__ (LambdaLR
-    checkpoints that dict with DeepSpeed's torch.save)."""
-
-    def __init__(self, stages: list[StageConfig], plan: StagePlan):
-        self.starts = list(plan.starts)
-        self.specs = [[float(s.lr), int(s.warmup_steps), plan.ends[i] - plan.starts[i],
-                       str(s.schedule), float(s.min_lr_ratio)]
-                      for i, s in enumerate(stages)]
+class StageClock:
+    def __init__(self, stages: list[StageConfig], grad_accum: int, world_size: int):
+        self.names = [s.name for s in stages]
+        self.step_limits = [int(s.steps) for s in stages]  # 0 = a token stage
+        self.token_limits = [int(s.tokens) for s in stages]
+        # Tokens of one step at the full budget: the unit of a token stage's schedule.
+        self.budget_per_step = [int(s.token_budget) * grad_accum * world_size for s in stages]
+        self.specs = [[float(s.lr), int(s.warmup_steps), self._schedule_length(i),
+                       str(s.schedule), float(s.min_lr_ratio)] for i, s in enumerate(stages)]
         for spec in self.specs:  # validate once, with the schedule's own error messages
             WarmupSchedule(spec[1], spec[2], spec[3], spec[4])
+        self.stage, self.start_step, self.stage_tokens = 0, 0, 0
+
+    def _schedule_length(self, i: int) -> int:
+        if self.step_limits[i] > 0:
+            return self.step_limits[i]
+        return max(1, math.ceil(self.token_limits[i] / self.budget_per_step[i]))
+
+    @property
+    def finished(self) -> bool:
+        return self.stage >= len(self.names)
+
+    def add_tokens(self, tokens: int) -> None:
+        """Real tokens (all ranks) of the step that is about to be applied."""
+        self.stage_tokens += int(tokens)
+
+    def stage_done(self, steps_done: int) -> bool:
+        """Whether the current stage is complete once `steps_done` global steps have run."""
+        i = self.stage
+        if self.step_limits[i] > 0:
+            return steps_done - self.start_step >= self.step_limits[i]
+        return self.stage_tokens >= self.token_limits[i]
+
+    def advance(self, next_step: int) -> None:
+        """The next stage begins at global step `next_step` (past the last one: finished)."""
+        self.stage, self.start_step, self.stage_tokens = self.stage + 1, next_step, 0
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "start_step": self.start_step,
+                "stage_tokens": self.stage_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not 0 <= state["stage"] <= len(self.names):
+            raise ValueError(f"checkpoint is in stage {state['stage']}, the config has only "
+                             f"{len(self.names)} stages ({self.names})")
+        self.stage, self.start_step = int(state["stage"]), int(state["start_step"])
+        self.stage_tokens = int(state["stage_tokens"])
 
     def __call__(self, step: int) -> float:
-        i = max(0, min(bisect.bisect_right(self.starts, step) - 1, len(self.starts) - 1))
-        lr, warmup, total, kind, floor = self.specs[i]
-        return lr * WarmupSchedule(warmup, total, kind, floor)(step - self.starts[i])
+        """Absolute LR of global step `step` (LambdaLR calls it after the previous step)."""
+        i = min(self.stage, len(self.names) - 1)
+        lr, warmup, length, kind, floor = self.specs[i]
+        if self.step_limits[i] > 0:
+            position: float = step - self.start_step
+        else:
+            position = self.stage_tokens / self.budget_per_step[i]
+        return lr * WarmupSchedule(warmup, length, kind, floor)(position)

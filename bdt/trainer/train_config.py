@@ -3,22 +3,24 @@
     model:       ModelConfig (backbone, head, P, loss weights, activation checkpointing)
     data:        image-tokenizer directory (identity check against shard manifests), buffer
     stages:      progressive stages run as ONE job (SPEC 1.5 / 2: 256 -> 512 -> 1024); each has its
-                 shards, length (steps or tokens), LR schedule and micro-batch token budget
+                 shards, length (steps, or real tokens), LR schedule, micro-batch token budget
+                 and P
     optim:       AdamW (0.9, 0.95), weight decay, gradient clipping (the LR is per stage)
     deepspeed:   ZeRO stage, precision, gradient accumulation; `micro_batch_size` is ignored:
                  a micro-batch is one packed row sized by the stage's token_budget
     checkpoint:  local dir or s3://, every N steps, keep last N (auto-resume from the newest)
     logging:     every N steps to stdout + JSONL + TensorBoard, MFU peak, sample-grid cadence
+    eval:        every K steps: generate + judge a subset of the shapes suite, scores logged
     fault:       crash injection for recovery tests; leave at 0 in real runs
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from bdt.model.config import ModelConfig
 from bdt.trainer.deepspeed_config import DeepSpeedConfig, OptimConfig
+from bdt.trainer.evaluation import EvalConfig
 
 
 @dataclass
@@ -30,9 +32,11 @@ class StageConfig:
     # listed); off, such a manifest is refused so that a partial dataset is never used by accident.
     allow_incomplete: bool = False
     steps: int = 0  # optimizer steps of this stage; or:
-    tokens: int = 0  # budgeted tokens (token_budget x grad_accum x ranks per step), when steps = 0
+    tokens: int = 0  # real tokens (all ranks, no padding): the stage ends once it has seen them
     token_budget: int = 4096  # packed tokens per micro-batch per rank (whole samples only)
-    parallel_num: int = 0  # P of this stage; 0 = model.parallel_num (it must match the model)
+    # P trained in this stage; 0 = model.parallel_num. A smaller P may come first (SPEC 1.4: a
+    # P = 64 model starts from P = 16 training): see `validate`.
+    parallel_num: int = 0
     # LR schedule of the stage: linear warmup, then constant or cosine down to min_lr_ratio * lr
     # at the stage's end (SPEC 1.5: AdamW, warmup then constant lr late in training).
     lr: float = 1e-4
@@ -98,16 +102,36 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # in-loop shapes-suite evaluation
     export: bool = True  # write <run_dir>/export (model + tokenizer files) at the end
     fault: FaultConfig = field(default_factory=FaultConfig)
 
 
-def stage_steps(stage: StageConfig, grad_accum: int, world_size: int) -> int:
-    """Optimizer steps of a stage; a token length is converted at the full budget per step."""
-    if stage.steps > 0:
-        return stage.steps
-    per_step = stage.token_budget * grad_accum * world_size
-    return max(1, math.ceil(stage.tokens / per_step))
+def stage_p(cfg: TrainConfig, i: int) -> int:
+    return cfg.stages[i].parallel_num or cfg.model.parallel_num
+
+
+def _check_stage_p(cfg: TrainConfig, i: int) -> None:
+    """A stage's P works with the model's parameters as they are: the head denoises any number
+    of tokens, the block-causal layout takes any block size, and the query tokens of a smaller
+    P are a prefix of the model's (<|query_j|> has the same id whatever P). A larger P would
+    need query-token embeddings the model does not have, and the exported model samples at
+    model.parallel_num, so the last stage must train that one."""
+    from bdt.model.sequence import patch_side
+
+    where, p, model_p = f"stages[{i}] ({cfg.stages[i].name}).parallel_num", stage_p(cfg, i), \
+        cfg.model.parallel_num
+    try:
+        patch_side(p)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if p > model_p:
+        raise ValueError(f"{where} = {p} exceeds model.parallel_num = {model_p}: the model has "
+                         f"query tokens for P <= {model_p} only; set model.parallel_num to the "
+                         f"largest P of the run")
+    if i == len(cfg.stages) - 1 and p != model_p:
+        raise ValueError(f"{where} = {p}: the last stage must train model.parallel_num = "
+                         f"{model_p}, the P the exported model samples with")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -125,14 +149,19 @@ def validate(cfg: TrainConfig) -> None:
                              f"tokens={s.tokens})")
         if s.token_budget < 1:
             raise ValueError(f"{where}.token_budget must be >= 1, got {s.token_budget}")
-        if s.parallel_num not in (0, cfg.model.parallel_num):
-            # P is the head's token count; changing it mid-run is distillation (SPEC 1.4), not
-            # a stage switch.
-            raise ValueError(f"{where}.parallel_num = {s.parallel_num} differs from "
-                             f"model.parallel_num = {cfg.model.parallel_num}: one run trains one P")
+        _check_stage_p(cfg, i)
     if cfg.logging.sample_every > 0 and not (cfg.data.tokenizer and cfg.logging.sample_prompts):
         raise ValueError("logging.sample_every needs data.tokenizer (to decode the bits) and "
                          "logging.sample_prompts")
+    if cfg.eval.every > 0:
+        from bdt.data.shapes import CATEGORIES
+
+        if not cfg.data.tokenizer:
+            raise ValueError("eval.every needs data.tokenizer (to decode the generated bits)")
+        unknown = [c for c in cfg.eval.categories if c not in CATEGORIES]
+        if unknown or cfg.eval.per_category < 0:
+            raise ValueError(f"eval.categories: unknown {unknown} (known: {list(CATEGORIES)}); "
+                             f"eval.per_category must be >= 0, got {cfg.eval.per_category}")
     if cfg.checkpoint.every < 0 or cfg.logging.every < 1:
         raise ValueError(f"checkpoint.every must be >= 0 and logging.every >= 1, got "
                          f"{cfg.checkpoint.every} and {cfg.logging.every}")

@@ -171,6 +171,7 @@ def test_activation_checkpointing_gives_the_same_gradients(llm_dir):
     plain = BitDanceModel.from_config(tiny_config(llm_dir)).train()
     ckpt = BitDanceModel.from_config(tiny_config(llm_dir, activation_checkpointing=True)).train()
     ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.llm.is_activation_checkpointing and ckpt.head.activation_checkpointing  # one switch
     packed = tiny_packed(plain)
     grads = []
     for model in (plain, ckpt):

@@ -128,16 +128,15 @@ def test_tiny_llm_is_seeded_and_roundtrips(llm_dirs, tmp_path):
     assert all(torch.equal(loaded[k], a[k]) for k in a)
 
 
-def test_from_scratch_dtype_and_checkpointing(llm_dirs):
+def test_from_scratch_and_dtype(llm_dirs):
     path = llm_dirs["qwen3"]
     # As the typed config tree hands it over: a read-only omegaconf object.
     cfg = OmegaConf.structured(BackboneConfig(path=path, from_scratch=True, config_overrides={"num_hidden_layers": 1},
-                                              dtype="bfloat16", gradient_checkpointing=True))
+                                              dtype="bfloat16"))
     OmegaConf.set_readonly(cfg, True)
     model = load_causal_lm(cfg)
     assert model.config.num_hidden_layers == 1
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert model.is_activation_checkpointing
     saved = load_file(os.path.join(path, "model.safetensors"))
     w = model.state_dict()["model.layers.0.mlp.up_proj.weight"]
     assert not torch.equal(w.float(), saved["model.layers.0.mlp.up_proj.weight"].float())

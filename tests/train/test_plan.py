@@ -1,33 +1,68 @@
-"""Stage plan + one LR schedule over stages; the FLOP model behind the MFU estimate."""
+"""Stage clock (step and token stages, resumable) + one LR schedule over stages; the FLOP model behind the MFU estimate."""
 
 import pytest
 
 from bdt.trainer.flops import FlopModel
-from bdt.trainer.stages import StagedLR, StagePlan
+from bdt.trainer.stages import StageClock
 from bdt.trainer.train_config import StageConfig
+
+BUDGET_STEP = 4096 * 2 * 2  # token_budget x grad_accum x ranks
 
 
 def stages():
     return [StageConfig(name="256", shards="x", steps=10, lr=1e-3, warmup_steps=4, schedule="constant"),
-            StageConfig(name="512", shards="x", tokens=4096 * 2 * 2 * 5 + 1, token_budget=4096,
+            StageConfig(name="512", shards="x", tokens=BUDGET_STEP * 5 + 1, token_budget=4096,
                         lr=2e-4, warmup_steps=2, schedule="cosine", min_lr_ratio=0.5)]
 
 
-def test_plan_boundaries_and_token_length():
-    plan = StagePlan.build(stages(), grad_accum=2, world_size=2)
-    # 5 steps of 2 x 2 x 4096 budgeted tokens fall 1 token short: 6 steps
-    assert plan.starts == [0, 10] and plan.ends == [10, 16] and plan.total_steps == 16
-    assert [plan.stage_of(s) for s in (0, 9, 10, 15)] == [0, 0, 1, 1]
+def run_clock(clock, step_tokens, first_step=0):
+    """Drive the clock as the loop does from global step `first_step`: per step, add its
+    tokens, then maybe advance. Returns the stage of every step that ran."""
+    ran, step = [], first_step
+    for tokens in step_tokens[first_step:]:
+        if clock.finished:
+            break
+        ran.append(clock.stage)
+        clock.add_tokens(tokens)
+        if clock.stage_done(step + 1):
+            clock.advance(step + 1)
+        step += 1
+    return ran
 
 
-def test_lr_warms_up_again_in_each_stage():
-    plan = StagePlan.build(stages(), grad_accum=2, world_size=2)
-    lr = StagedLR(stages(), plan)
-    assert [lr(s) for s in (0, 3, 9)] == pytest.approx([2.5e-4, 1e-3, 1e-3])
-    assert lr(10) == pytest.approx(1e-4)  # stage 2, warmup step 1 of 2
-    assert lr(11) == pytest.approx(2e-4)
-    assert lr(15) < lr(12) and lr(15) >= 2e-4 * 0.5  # cosine to its floor
-    assert all(isinstance(v, (int, float, str)) for spec in lr.specs for v in spec)  # checkpointable
+def test_step_stage_then_token_stage_ends_on_real_tokens():
+    clock = StageClock(stages(), grad_accum=2, world_size=2)
+    # 80% real tokens per step: the token stage needs 6 steps at the full budget, 7 here
+    ran = run_clock(clock, [int(BUDGET_STEP * 0.8)] * 30)
+    assert ran == [0] * 10 + [1] * 7 and clock.finished and clock.start_step == 17
+
+
+def test_clock_state_resumes_mid_token_stage():
+    tokens = [BUDGET_STEP // 2 + 7 * i for i in range(40)]
+    whole = run_clock(StageClock(stages(), grad_accum=2, world_size=2), tokens)
+    first = StageClock(stages(), grad_accum=2, world_size=2)
+    ran = run_clock(first, tokens[:13])
+    assert first.stage == 1 and 0 < first.stage_tokens  # interrupted inside the token stage
+    resumed = StageClock(stages(), grad_accum=2, world_size=2)
+    resumed.load_state_dict(first.state_dict())
+    assert ran + run_clock(resumed, tokens, first_step=13) == whole
+    with pytest.raises(ValueError, match="stage 5, the config has only 2"):
+        resumed.load_state_dict({"stage": 5, "start_step": 0, "stage_tokens": 0})
+
+
+def test_lr_warms_up_again_in_each_stage_token_stage_in_budgets():
+    clock = StageClock(stages(), grad_accum=2, world_size=2)
+    assert [clock(s) for s in (0, 3, 9)] == pytest.approx([2.5e-4, 1e-3, 1e-3])
+    run_clock(clock, [BUDGET_STEP] * 10)  # into the token stage, nothing consumed yet
+    assert clock.stage == 1 and clock(10) == pytest.approx(1e-4)  # warmup budget 1 of 2
+    clock.add_tokens(BUDGET_STEP)
+    assert clock(11) == pytest.approx(2e-4)
+    clock.add_tokens(3 * BUDGET_STEP)
+    late = clock(14)
+    assert 2e-4 * 0.5 <= late < 2e-4  # cosine over the stage's tokens, toward its floor
+    clock.add_tokens(BUDGET_STEP // 2)  # the position is tokens, not steps: same step, lower LR
+    assert clock(14) < late
+    assert all(isinstance(v, (int, float, str, list)) for v in vars(clock).values())  # plain
 
 
 def test_flops_match_parameter_count_and_packed_attention():

@@ -115,6 +115,24 @@ def test_s3_checkpoints_resume(data, ref, tmp_path, s3_bucket):
     assert_same_as_ref(ref, tmp_path, from_step=6)
 
 
+def test_zero3_partitioned_at_load_matches_zero2(data, ref, tmp_path):
+    """The reference run under ZeRO-3: each rank holds half the model from the build on, and
+    training follows the ZeRO-2 run (same seed) up to float reduction order."""
+    assert spawn_train(argv(data, tmp_path, zero=3)) == 0
+    start = next(json.loads(line) for line in open(tmp_path / "metrics.jsonl")
+                 if "params" in line)
+    held = [start["params_local/rank0"], start["params_local/rank1"]]
+    num_tensors = len(ref["params"])
+    assert all(start["params"] / 2 <= n <= start["params"] / 2 + num_tensors for n in held)
+    m = read_metrics(str(tmp_path))
+    for step in range(1, sum(STEPS) + 1):
+        assert m[step]["loss"] == pytest.approx(ref["metrics"][step]["loss"], rel=1e-5), step
+    exported = export_tensors(str(tmp_path))
+    assert exported.keys() == ref["params"].keys()
+    for k, v in exported.items():
+        torch.testing.assert_close(v, ref["params"][k], rtol=0, atol=1e-4)
+
+
 def test_zero3_bf16_two_ranks(data, tmp_path):
     # with activation checkpointing of the decoder layers and the head (non-reentrant)
     assert spawn_train(argv(data, tmp_path, "model.activation_checkpointing=true", zero=3,
@@ -133,3 +151,25 @@ def test_zero3_bf16_two_ranks(data, tmp_path):
     for key in ("lm_head.weight", "model.layers.1.mlp.down_proj.weight", "head.final_proj.weight"):
         ours = state[key if key.startswith("head.") else "llm." + key]
         assert ours.abs().sum() > 0 and torch.equal(ours, exported[key].float())
+
+
+def test_token_stage_at_smaller_p_ends_on_real_tokens_across_a_resume(data, tmp_path):
+    """Stage 0 trains P = 1 (the model's is 4) until 1500 real tokens (all ranks) are seen;
+    stage 1 trains P = 4 for 2 steps. A SIGTERM inside stage 0 and the resume keep its count."""
+    budget = 1500
+    stages = (f"stages=[{{name: p1, shards: '{data['shards'][0]}', tokens: {budget}, "
+              f"parallel_num: 1, token_budget: 160, lr: 3e-3, warmup_steps: 1}}, "
+              f"{{name: p4, shards: '{data['shards'][1]}', steps: 2, token_budget: 160, "
+              f"lr: 1e-3, warmup_steps: 1}}]")
+    assert spawn_train(argv(data, tmp_path, stages, "fault.sigterm_at_step=2")) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["saved_step"] == 2
+    assert spawn_train(argv(data, tmp_path, stages)) == 0
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["resumed_from_step"] for r in records if "resumed_from_step" in r] == [2]
+    switch = [r["step"] for r in records if r.get("stage") == 1]
+    m = read_metrics(str(tmp_path))
+    assert len(switch) == 1 and switch[0] > 2  # the run was stopped inside the token stage
+    k = switch[0]
+    # tokens_seen is the global count: stage 0 ended with the first step that reached the budget
+    assert m[k - 1]["tokens_seen"] < budget <= m[k]["tokens_seen"]
+    assert sorted(m)[-1] == k + 2 and all(m[s]["loss"] < 10 for s in m)

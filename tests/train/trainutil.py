@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -57,13 +58,18 @@ def train_overrides(run_dir: str, llm: str, shards: str | list[str], steps: int 
     return out + list(extra)
 
 
-def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
-    """One rank of a spawned job: the launcher's environment, one thread, then bdt/train.py."""
+def _rank_env(rank: int, world: int, port: int) -> None:
+    """The launcher's environment for one rank, and one thread (bitwise-repeatable runs)."""
     import torch
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+
+
+def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
+    """One rank of a spawned job: the launcher's environment, one thread, then bdt/train.py."""
+    _rank_env(rank, world, port)
     from bdt.train import main
 
     main(argv)
@@ -86,8 +92,6 @@ def spawn_train(argv: list[str], world: int = 2) -> int:
 def read_metrics(run_dir: str) -> dict[int, dict]:
     """step -> the last metrics record logged for it (a resumed run re-logs steps after the
     checkpoint it resumed from)."""
-    import json
-
     out: dict[int, dict] = {}
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
@@ -109,3 +113,46 @@ def tiny_image_tokenizer(out_dir: str, bits: int = 16) -> str:
     """A tiny random image tokenizer directory (testkit.save_tiny_image_tokenizer); returns its path."""
     save_tiny_image_tokenizer(out_dir, bits)
     return out_dir
+
+
+def _build_rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str) -> None:
+    """One rank: `setup.build_model` under the config of `argv`; writes what this rank holds
+    (local numel per parameter, full values gathered from the partitions) to out_dir."""
+    _rank_env(rank, world, port)
+    import deepspeed
+    import torch
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from bdt.config import load
+    from bdt.trainer import setup
+    from bdt.trainer.deepspeed_config import build_ds_config
+    from bdt.trainer.distributed import init_distributed
+    from bdt.trainer.train_config import TrainConfig
+
+    cfg = OmegaConf.to_object(load(TrainConfig, [argv[1]], argv[2:]))
+    init_distributed()
+    torch.manual_seed(cfg.seed)
+    model, hf_ds = setup.build_model(cfg, build_ds_config(cfg.deepspeed, cfg.optim, world))
+    local = {n: int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
+             for n, p in model.named_parameters()}
+    full = {}
+    for n, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            full[n] = p.detach().clone().contiguous()
+    if rank == 0:
+        save_file(full, os.path.join(out_dir, "full.safetensors"))
+    with open(os.path.join(out_dir, f"local_{rank}.json"), "w") as f:
+        json.dump({"local": local, "shape_now": {n: list(p.shape) for n, p in
+                                                 model.named_parameters()},
+                   "zero3_enabled": hf_ds is not None and hf_ds.is_zero3()}, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def spawn_build(argv: list[str], out_dir: str, world: int = 2) -> None:
+    import torch.multiprocessing as mp
+
+    from bdt.trainer.distributed import free_port
+
+    mp.spawn(_build_rank_main, args=(world, free_port(), argv, out_dir), nprocs=world, join=True)

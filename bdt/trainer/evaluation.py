@@ -1,0 +1,69 @@
+"""In-loop evaluation (SPEC 2.2: loss is a poor proxy): every `eval.every` steps the model being
+trained generates the shapes suite (a few prompts per category), the pixel judge scores the
+images, and the scores go to the metrics (stdout, JSONL, TensorBoard) with the full report
+(`bdt.eval.run.write_report`) under <run_dir>/eval/step_N/.
+
+Generation is deterministic from `seed` (sampler and decoder generators; no global RNG draw)
+and runs without gradients in eval mode, so an evaluation does not change the training run it
+observes. Under ZeRO-3 every rank joins the forward passes (their parameters are gathered
+collectively) and all ranks produce the same images; otherwise rank 0 alone evaluates and the
+others wait at the next collective.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from bdt.sampling import SamplingConfig
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations; 0 = off (needs data.tokenizer to decode)
+    per_category: int = 2  # suite prompts per category (0 = all 40)
+    categories: list[str] = field(default_factory=list)  # [] = every category
+    width: int = 128  # px
+    height: int = 128
+    steps: int = 25  # head sampler steps per AR step
+    cfg_scale: float = 7.5
+    batch: int = 8
+
+
+class InLoopEval:
+    def __init__(self, cfg: EvalConfig, tokenizer_dir: str, run_dir: str, seed: int,
+                 takes_part: bool, writes: bool):
+        self.cfg, self.run_dir, self.seed, self.writes = cfg, run_dir, seed, writes
+        self.active = cfg.every > 0 and takes_part
+        if not self.active:
+            return
+        from bdt.eval.run import select
+        from bdt.eval.suite import load_suite
+        from bdt.trainer.preview import load_decoder
+
+        self.items = select(load_suite(), list(cfg.categories), cfg.per_category)
+        self.decoder = load_decoder(tokenizer_dir)
+
+    def due(self, step: int) -> bool:
+        return self.active and step % self.cfg.every == 0
+
+    def run(self, step: int, module: torch.nn.Module) -> dict[str, float]:
+        """Scores of the suite subset at this step (metrics keys) and, on the writing rank, the
+        report files."""
+        from bdt.eval.run import evaluate
+
+        c = self.cfg
+        out_dir = os.path.join(self.run_dir, "eval", f"step_{step:09d}") if self.writes else None
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                result = evaluate(module, self.decoder, self.items, c.width, c.height,
+                                  SamplingConfig(cfg_scale=c.cfg_scale, num_steps=c.steps,
+                                                 seed=self.seed), batch=c.batch, out_dir=out_dir)
+        finally:
+            module.train(was_training)
+        return {"eval_overall": result["overall"], "eval_images_per_s": result["images_per_s"],
+                **{f"eval/{k}": v for k, v in result["per_category"].items()}}

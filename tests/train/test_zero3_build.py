@@ -1,0 +1,48 @@
+"""ZeRO-3 partitions the model while it is built: no rank holds a whole copy of any parameter,
+and the partitions hold exactly the weights a plain build has (the LLM read from its files,
+the mean-initialised new embedding rows, our freshly initialised modules), in bf16."""
+
+import json
+import math
+import os
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from bdt.config import load
+from bdt.trainer import setup
+from bdt.trainer.train_config import TrainConfig
+from trainutil import spawn_build, tiny_llm, train_overrides
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "bdt", "configs", "tiny.yaml")
+
+
+def test_zero3_build_partitions_every_parameter_with_the_plain_values(tmp_path):
+    llm = tiny_llm(str(tmp_path / "llm"))
+    overrides = train_overrides(str(tmp_path / "run"), llm, "unused", zero=3, precision="bf16")
+    spawn_build(["--config", CONFIG, *overrides], str(tmp_path))
+    ranks = [json.loads((tmp_path / f"local_{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["zero3_enabled"] for r in ranks)
+    gathered = load_file(str(tmp_path / "full.safetensors"))
+
+    cfg = OmegaConf.to_object(load(TrainConfig, [CONFIG], overrides + ["deepspeed.zero_stage=0"]))
+    torch.manual_seed(cfg.seed)
+    plain, _ = setup.build_model(cfg, {})
+    expected = dict(plain.named_parameters())
+    assert gathered.keys() == expected.keys()
+    for name, full in gathered.items():
+        held = [r["local"][name] for r in ranks]
+        # half each (DeepSpeed pads the last partition), nothing left whole on either rank
+        assert held == [math.ceil(full.numel() / 2)] * 2, name
+        assert all(r["shape_now"][name] == [0] for r in ranks), name
+        assert full.dtype == torch.bfloat16, name
+        want = expected[name].detach().to(torch.bfloat16)
+        if name in ("llm.model.embed_tokens.weight", "llm.lm_head.weight"):
+            # rows added for BitDance's tokens: the mean of the old rows, here taken over
+            # bf16 rows (ZeRO-3 casts while loading), there over fp32 ones
+            old = json.loads((tmp_path / "llm" / "config.json").read_text())["vocab_size"]
+            assert torch.equal(full[:old], want[:old]) and torch.equal(full[-1], full[old]), name
+            torch.testing.assert_close(full[old:], want[old:], rtol=0, atol=2e-3)
+        else:
+            assert torch.equal(full, want), name
