@@ -1,22 +1,28 @@
 """Pre-extraction throughput and memory: the Ray pipeline vs a bare single-process encode loop.
 
-    .venv/bin/python bench/extract_throughput.py [--sizes 200 800] [--cpus 2]
+    nice -n 10 .venv/bin/python bench/extract_throughput.py [--sizes 250 750 1500 3000] [--bare-max 750]
 
 Data: the embedded shapes dataset (`bdt data shapes`, 128 px at three aspect ratios). Tokenizer:
 tokenizers/shapes_small.yaml, randomly initialised (speed does not depend on the weights).
-Both sides use the same cores, the same reader and preprocessing (bdt.extract.inputs,
-bdt.data.images) and the same batch size; the bare loop skips Ray, writing and accounting.
+Throughput: both sides use the same cores, the same reader and preprocessing (bdt.extract.inputs,
+bdt.data.images) and the same batch size; the bare loop (in its own process, run just before the
+pipeline on the same data) skips Ray, writing and accounting. It runs for sizes <= --bare-max.
   ratio = pipeline images/s / bare images/s (goal >= 0.85: pipeline overhead <= 15%)
 Pipeline time is the wall time of `run()` on a started Ray, so it includes actor start-up,
-planning, writing, markers and the manifest. Memory: peak RSS sampled every 0.1 s, for one actor,
-all actors, and every process this script started (driver, raylet, idle Ray workers); streaming
-means the actor figures stay flat as the input grows. Writes bench/results/extract_throughput.json.
+planning, writing, markers and the manifest.
+Memory (streaming, not materialising the dataset, means these stay flat as the input grows):
+RSS sampled every 0.1 s: peak of one tokenizer actor, of all actors together, of the driver
+(this process: planning, accounting, the manifest) and of every process this script started
+(driver, raylet, GCS, idle Ray workers); also each actor's last RSS before the run ended
+(what it keeps between shards). Each is fitted against the input size by least squares and
+reported as MB per 1000 input images. Writes bench/results/extract_throughput.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -24,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import psutil
@@ -96,31 +103,30 @@ def bare_loop(pattern: str, tokenizer: str, threads: int) -> dict:
 
 
 class PeakRSS:
-    """Peak RSS of the tokenizer actors (the processes that stream the data), sampled.
-
-    Peak of one actor and of all actors together; also the peak over every process this script
-    started (driver, raylet, idle Ray workers), which includes fixed Ray overheads.
-    """
+    """Peak RSS of this process's tree while a pipeline runs, sampled (see the module doc)."""
 
     def __init__(self, interval: float = 0.1):
         self.interval, self._stop = interval, threading.Event()
-        self.actor_max = self.actors_sum = self.tree = 0
+        self.actor_max = self.actors_sum = self.driver = self.tree = 0
+        self.actor_last: dict[int, int] = {}  # pid -> latest RSS
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self):
         me = psutil.Process()
         while not self._stop.is_set():
-            actors, tree = [], 0
+            actors, tree = {}, 0
             for p in [me] + me.children(recursive=True):
                 try:
                     rss = p.memory_info().rss
                     if "ShardEncoder" in " ".join(p.cmdline()):
-                        actors.append(rss)
+                        actors[p.pid] = rss
                     tree += rss
                 except psutil.Error:
                     pass
-            self.actor_max = max(self.actor_max, max(actors, default=0))
-            self.actors_sum = max(self.actors_sum, sum(actors))
+            self.actor_last.update(actors)
+            self.actor_max = max(self.actor_max, max(actors.values(), default=0))
+            self.actors_sum = max(self.actors_sum, sum(actors.values()))
+            self.driver = max(self.driver, me.memory_info().rss)
             self.tree = max(self.tree, tree)
             time.sleep(self.interval)
 
@@ -147,17 +153,27 @@ def pipeline(pattern: str, tokenizer: str, out: str, cpus: int) -> dict:
     mb = 2**20
     return {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 2),
             "peak_rss_mb": {"one_actor": round(mem.actor_max / mb, 1), "all_actors": round(mem.actors_sum / mb, 1),
-                            "all_processes": round(mem.tree / mb, 1)}}
+                            "driver": round(mem.driver / mb, 1), "all_processes": round(mem.tree / mb, 1)},
+            "actor_last_rss_mb": round(max(mem.actor_last.values(), default=0) / mb, 1)}
+
+
+def slope_per_1000(xs: list[int], ys: list[float]) -> float:
+    """Least-squares slope of ys against xs, in y units per 1000 x."""
+    if len(xs) < 2:
+        return float("nan")
+    return round(float(np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)[0]) * 1000, 2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[200, 800])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[250, 750, 1500, 3000])
+    parser.add_argument("--bare-max", type=int, default=750, help="run the bare loop for sizes up to this")
     parser.add_argument("--cpus", type=int, default=2)
     args = parser.parse_args()
     import ray
 
     rows = []
+    load_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory() as tmp:
         tok = os.path.join(tmp, "tokenizer")
         make_tokenizer(tok)
@@ -166,23 +182,36 @@ def main() -> None:
         try:
             for num in args.sizes:
                 pattern = make_data(os.path.join(tmp, f"raw{num}"), num)
-                bare = bare_loop(pattern, tok, args.cpus)
-                pipe = pipeline(pattern, tok, os.path.join(tmp, f"out{num}"), args.cpus)
-                rows.append({"input_images": num, "bare": bare, "pipeline": pipe,
-                             "ratio": round(pipe["images_per_s"] / bare["images_per_s"], 3)})
+                row = {"input_images": num}
+                if num <= args.bare_max:  # own process: its memory never shows in the driver's
+                    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                        row["bare"] = pool.submit(bare_loop, pattern, tok, args.cpus).result()
+                row["pipeline"] = pipeline(pattern, tok, os.path.join(tmp, f"out{num}"), args.cpus)
+                if "bare" in row:
+                    row["ratio"] = round(row["pipeline"]["images_per_s"] / row["bare"]["images_per_s"], 3)
+                rows.append(row)
         finally:
             ray.shutdown()
-    print(f"{'images':>7} {'bare img/s':>11} {'pipeline img/s':>15} {'ratio':>6} "
-          f"{'actor MB':>9} {'actors MB':>10} {'all MB':>8}")
+    print(f"{'images':>7} {'bare img/s':>11} {'pipeline img/s':>15} {'ratio':>6} {'actor MB':>9} "
+          f"{'actors MB':>10} {'driver MB':>10} {'all MB':>8} {'actor end MB':>13}")
     for r in rows:
         mem = r["pipeline"]["peak_rss_mb"]
-        print(f"{r['input_images']:>7} {r['bare']['images_per_s']:>11} {r['pipeline']['images_per_s']:>15} "
-              f"{r['ratio']:>6} {mem['one_actor']:>9} {mem['all_actors']:>10} {mem['all_processes']:>8}")
+        print(f"{r['input_images']:>7} {r.get('bare', {}).get('images_per_s', '-'):>11} "
+              f"{r['pipeline']['images_per_s']:>15} {r.get('ratio', '-'):>6} {mem['one_actor']:>9} "
+              f"{mem['all_actors']:>10} {mem['driver']:>10} {mem['all_processes']:>8} "
+              f"{r['pipeline']['actor_last_rss_mb']:>13}")
+    sizes = [r["input_images"] for r in rows]
+    slopes = {key: slope_per_1000(sizes, [r["pipeline"]["peak_rss_mb"][key] for r in rows])
+              for key in ("one_actor", "all_actors", "driver", "all_processes")}
+    slopes["actor_last"] = slope_per_1000(sizes, [r["pipeline"]["actor_last_rss_mb"] for r in rows])
+    print("MB per 1000 input images (least-squares slope): "
+          + ", ".join(f"{k} {v:+.1f}" for k, v in slopes.items()))
     result = {"bench": "extract_throughput", "resolution": RESOLUTION, "batch_size": BATCH,
-              "cpus": args.cpus, "tokenizer": "tokenizers/shapes_small.yaml (random init)",
+              "images_per_input_shard": PER_SHARD, "cpus": args.cpus,
+              "tokenizer": "tokenizers/shapes_small.yaml (random init)",
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                          "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
-              "rows": rows}
+                          "load_avg_1m_at_start": load_start, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
+              "rows": rows, "rss_slope_mb_per_1000_images": slopes}
     os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
     with open(os.path.join(REPO, "bench", "results", "extract_throughput.json"), "w") as f:
         json.dump(result, f, indent=1)

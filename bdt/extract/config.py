@@ -26,7 +26,6 @@ class ExtractConfig:
     folder_shard_size: int = 1000  # folder mode: images per input unit (= per output shard)
     output: str = "???"  # root of the token shards + manifest; local path or fsspec URL
     tokenizer: str = "???"  # tokenizer directory (config.json + model.safetensors)
-    caption_tokenizer: str = ""  # optional Hugging Face tokenizer dir: stores caption ids too
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(resolution=256)])
     patch_size: int = 1  # ps of the AR model (SPEC 1.4): bucket sides are multiples of f * ps
     # Input hygiene (anything failing goes to the rejects file, never crashes the job).

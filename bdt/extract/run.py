@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 from bdt import storage
@@ -65,8 +65,7 @@ def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[i
     fp = mf.fingerprint({"tokenizer": identity["sha256"], "stages": stages, "patch_size": cfg.patch_size,
                          "dtype": cfg.dtype, "batch_size": cfg.batch_size,
                          "filters": [cfg.min_side, cfg.max_pixels, cfg.max_image_bytes, cfg.max_caption_bytes,
-                                     list(cfg.image_extensions)],
-                         "caption_tokenizer": cfg.caption_tokenizer})
+                                     list(cfg.image_extensions)]})
     mf.check_fingerprint(cfg.output, list(stages), fp)
     mf.check_plan(cfg.output, [u.to_dict() for u in units])
     save_resolved(cfg, cfg.output)
@@ -91,56 +90,109 @@ def _make_actors(cfg: ExtractConfig, fp: str, stages: dict[str, list[list[int]]]
                          f"gpus_per_actor={cfg.gpus_per_actor}")
     n = min(n, num_units)  # an actor without a unit would only load the tokenizer
     remote_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
-                            max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries)(ShardEncoder)
+                            max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries,
+                            concurrency_groups={"progress": 1})(ShardEncoder)
     cfg_dict = to_dict(cfg)
     return [remote_cls.remote(cfg_dict, fp, stages) for _ in range(n)]
+
+
+class _Progress:
+    """One tqdm bar over shards, its postfix counting inside the shards being written too.
+
+    Actors answer `progress()` in their own concurrency group (a second thread), so a poll never
+    waits for a shard to finish. Finished units count from their markers; live ones from the
+    latest poll (an actor restarted mid-shard starts its count again, nothing is counted twice).
+    """
+
+    _POLL_TIMEOUT_S = 5.0  # a busy or restarting actor is left out of this poll, not waited for
+
+    def __init__(self, total: int, interval_s: float):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="shard", desc="extract", mininterval=interval_s, file=sys.stderr)
+        self.t0 = time.time()
+        self.written = self.rejected = self.failed = 0  # finished units: new samples, all rejects
+        self.live: dict[int, tuple[int, int]] = {}  # unit index -> (inputs, rejected) so far
+
+    def unit_done(self, index: int, result: dict | None) -> None:
+        self.live.pop(index, None)
+        if result is None:
+            self.failed += 1
+        else:
+            first = next(iter(result["stages"].values()))
+            self.written += 0 if result["skipped"] else first["samples"]
+            self.rejected += first["rejected"]
+        self.bar.update(1)
+        self._show()
+
+    def poll(self, actors: list[Any]) -> None:
+        import ray
+
+        refs = [a.progress.options(concurrency_group="progress").remote() for a in actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._POLL_TIMEOUT_S)
+        live = {}
+        for ref in ready:
+            try:
+                state = ray.get(ref)
+            except ray.exceptions.RayError:  # died meanwhile: the unit's result will say so
+                continue
+            if state is not None:
+                live[state[0]] = (state[1], state[2])
+        self.live = live
+        self._show()
+
+    def _show(self) -> None:
+        images = self.written + sum(n - r for n, r in self.live.values())
+        elapsed = max(time.time() - self.t0, 1e-9)
+        self.bar.set_postfix(images=images, img_per_s=f"{images / elapsed:.1f}",
+                             rejects=self.rejected + sum(r for _, r in self.live.values()), failed=self.failed)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def run(cfg: ExtractConfig) -> dict[str, Any]:
     """Extract every unit not already done; returns the summary (also in index.json)."""
     import ray
-    from tqdm import tqdm
 
     t0 = time.time()
     units, stages, identity, fp = plan(cfg)
     actors = _make_actors(cfg, fp, stages, len(units))
-    todo = list(units)
+    todo = deque(units)
     in_flight: dict[Any, tuple[inp.InputUnit, Any]] = {}
+    # Per unit only its stages' markers (what index.json lists); rejects stay in their files.
     results: dict[int, dict] = {}
     failed: dict[int, str] = {}
-    written = rejected = 0
-    bar = tqdm(total=len(units), unit="shard", desc="extract", mininterval=cfg.progress_interval_s,
-               file=sys.stderr)
+    progress = _Progress(len(units), cfg.progress_interval_s)
     while todo or in_flight:
         for actor in actors:
             while todo and sum(a is actor for _, a in in_flight.values()) < _IN_FLIGHT_PER_ACTOR:
-                unit = todo.pop(0)
+                unit = todo.popleft()
                 in_flight[actor.process.remote(unit.to_dict())] = (unit, actor)
         if not in_flight:  # every actor is gone
             failed.update({u.index: "no live actor left" for u in todo})
             break
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        unit, actor = in_flight.pop(ref)
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=cfg.progress_interval_s)
+        if not ready:
+            progress.poll(actors)
+            continue
+        unit, actor = in_flight.pop(ready[0])
         try:
-            result = ray.get(ref)
+            result = ray.get(ready[0])
         except ray.exceptions.RayActorError as exc:
             failed[unit.index] = f"actor died after {cfg.max_retries} restarts: {str(exc).splitlines()[0]}"
             actors = [a for a in actors if a is not actor]
+            result = None
         except ray.exceptions.RayTaskError as exc:
             failed[unit.index] = str(exc).strip().splitlines()[-1][:300]
+            result = None
         else:
-            results[unit.index] = result
-            first = next(iter(result["stages"].values()))
-            if not result["skipped"]:
-                written += first["samples"]
-            rejected += first["rejected"]
-        bar.update(1)
-        elapsed = max(time.time() - t0, 1e-9)
-        bar.set_postfix(samples_per_s=f"{written / elapsed:.1f}", rejects=rejected, failed=len(failed))
-    bar.close()
+            results[unit.index] = {"skipped": result["skipped"], "stages": result["stages"]}
+        progress.unit_done(unit.index, result)
+    progress.close()
     for actor in actors:
         ray.kill(actor)
-    return _finish(cfg, units, stages, identity, results, failed, time.time() - t0, written)
+    return _finish(cfg, units, stages, identity, results, failed, time.time() - t0, progress.written)
 
 
 def _finish(cfg: ExtractConfig, units: list[inp.InputUnit], stages: dict[str, list[list[int]]],
@@ -148,13 +200,15 @@ def _finish(cfg: ExtractConfig, units: list[inp.InputUnit], stages: dict[str, li
             new_samples: int) -> dict[str, Any]:
     root = cfg.output
     markers = {s: [r["stages"][s] for r in results.values()] for s in stages}
-    # Merge the per-unit rejects (also those of units skipped as done) into one file.
-    lines: list[str] = []
-    for index in sorted(results):
-        if next(iter(results[index]["stages"].values()))["rejected"]:
-            lines.extend(storage.read_bytes(mf.rejects_url(root, index)).decode("utf-8").splitlines())
-    storage.write_bytes_atomic(storage.join(root, mf.REJECTS_NAME), "".join(line + "\n" for line in lines).encode())
-    reasons = Counter(json.loads(line)["reason"] for line in lines)
+    # Merge the per-unit rejects (also those of units skipped as done) into one file, one unit
+    # at a time: the driver never holds all rejects of a large job.
+    reasons: Counter = Counter()
+    with storage.open_atomic(storage.join(root, mf.REJECTS_NAME)) as merged:
+        for index in sorted(results):
+            if next(iter(results[index]["stages"].values()))["rejected"]:
+                data = storage.read_bytes(mf.rejects_url(root, index))
+                reasons.update(json.loads(line)["reason"] for line in data.decode("utf-8").splitlines())
+                merged.write(data)
     stage_info = {stage_name(s): {"resolution": s.resolution, "patch_size": cfg.patch_size,
                                   "buckets": stages[stage_name(s)]} for s in cfg.stages}
     index = mf.build_index(root, identity, to_dict(cfg), stage_info, markers)

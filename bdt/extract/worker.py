@@ -110,10 +110,9 @@ class ShardEncoder:
         dtype = {"auto": torch.bfloat16 if use_gpu else torch.float32, "float32": torch.float32,
                  "bfloat16": torch.bfloat16}[self.cfg.dtype]
         self.model = load_tokenizer(self.cfg.tokenizer, dtype=dtype, device=self.device)
-        self.caption_tokenizer = None
-        if self.cfg.caption_tokenizer:
-            from transformers import AutoTokenizer
-            self.caption_tokenizer = AutoTokenizer.from_pretrained(self.cfg.caption_tokenizer)
+        # (unit index, inputs read, rejected) of the shard being written, None between shards:
+        # read by `progress()` from another thread; one tuple assignment keeps it consistent.
+        self._live: tuple[int, int, int] | None = None
 
     def encode(self, pixels_BHWC: np.ndarray) -> np.ndarray:
         """uint8 [B, H, W, 3] -> packed bits uint8 [B, h, w, C/8]."""
@@ -128,6 +127,11 @@ class ShardEncoder:
             bits_BhwC = self.model.encode(x_BCHW)
         return pack_bits(bits_BhwC.cpu().numpy())
 
+    def progress(self) -> tuple[int, int, int] | None:
+        """Counts inside the current shard. run.py calls this in its own concurrency group, so
+        the answer comes while `process` is still running."""
+        return self._live
+
     def process(self, unit_dict: dict[str, Any]) -> dict[str, Any]:
         """Make every missing shard of one unit; returns {"index", "stages": {name: marker}, ...}."""
         t0 = time.time()
@@ -140,7 +144,10 @@ class ShardEncoder:
                 markers[stage] = marker
         todo = [s for s in self.stage_buckets if s not in markers]
         if todo:
-            markers.update(self._extract(unit, todo))
+            try:
+                markers.update(self._extract(unit, todo))
+            finally:
+                self._live = None
             _return_freed_memory()
         return {"index": unit.index, "skipped": not todo, "stages": markers, "seconds": time.time() - t0}
 
@@ -157,22 +164,22 @@ class ShardEncoder:
                 _remove_stale_temps(mf.marker_url(root, stage, unit.index))
                 outs[stage] = _HashingFile(stack.enter_context(_open_output(mf.shard_url(root, stage, unit.index))))
                 tars[stage] = stack.enter_context(wds.TarWriter(outs[stage], encoder=False, mtime=_TAR_MTIME))
-            pending: dict[tuple[str, tuple[int, int]], list[tuple[str, str, np.ndarray, str, Any]]] = {}
+            pending: dict[tuple[str, tuple[int, int]], list[tuple[str, str, np.ndarray, str]]] = {}
 
             def flush(group: tuple[str, tuple[int, int]]) -> None:
                 batch = pending.pop(group)
                 packed = self.encode(np.stack([b[2] for b in batch]))
-                for (key, src_key, _, caption, ids), bits in zip(batch, packed):
+                for (key, src_key, _, caption), bits in zip(batch, packed):
                     tars[group[0]].write(encode_sample(TokenSample(
                         key=key, bits_hwB=bits, bits_per_token=self.model.bits_per_token, bucket=group[1],
-                        caption=caption, source_key=src_key, source_shard=unit.name, stage=group[0],
-                        caption_ids=ids)))
+                        caption=caption, source_key=src_key, source_shard=unit.name, stage=group[0])))
                     counts[group[0]] += 1
 
             keys: set[str] = set()
             items = inp.iter_unit(unit, list(cfg.image_extensions), cfg.max_image_bytes)
             for item, prepared in _ahead(lambda it: (it, self._prepare(it, unit, stages)), items,
                                          cfg.decode_threads):
+                self._live = (unit.index, inputs, len(rejects))  # before this item: lags by one
                 inputs += 1
                 if isinstance(prepared, inp.Reject):
                     rejects.append(prepared)
@@ -184,12 +191,9 @@ class ShardEncoder:
                                               f"output key '{key}' already used in this shard"))
                     continue
                 keys.add(key)
-                ids = None
-                if self.caption_tokenizer is not None:  # not in the threads: HF tokenizers are not re-entrant
-                    ids = np.asarray(self.caption_tokenizer(caption)["input_ids"], dtype=np.int32)
                 for stage, (bucket, pixels) in per_stage.items():
                     group = (stage, bucket)
-                    pending.setdefault(group, []).append((key, item.key, pixels, caption, ids))
+                    pending.setdefault(group, []).append((key, item.key, pixels, caption))
                     if len(pending[group]) >= cfg.batch_size:
                         flush(group)
             for group in sorted(pending):  # the partial batches, in a fixed order
