@@ -2,6 +2,8 @@
 
 Each bdt benchmark writes `goals` ([{goal, value, target, met, limit}]) into its JSON; the
 extraction benchmark (bench/extract_throughput.py) writes its own layout, read here as it is.
+The same table replaces the part of the top-level README.md between the two BENCH_MARKERS, so
+the README always quotes the latest run (with its date and machine).
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 
-from common import RESULTS, machine
+from common import REPO, RESULTS, machine
+
+BENCH_MARKERS = ("<!-- bench:begin (bench/summary.py writes this part) -->", "<!-- bench:end -->")
 
 ORDER = ["decode_speed", "train_throughput", "data_path", "extract_throughput", "zero_memory",
          "resume_cost"]
@@ -59,11 +63,26 @@ def main() -> None:
     text = (f"# Benchmark results\n\nMachine: {m['cpu']}, {m['cpus']} cores ({isa}), shared with "
             f"other jobs (load = 1-minute load average). Regenerate with `make bench`; each "
             f"script's table and JSON are in this directory.\n\n" + "\n".join(lines) + "\n")
-    path = os.path.join(RESULTS, "README.md")
+    write_atomic(os.path.join(RESULTS, "README.md"), text)
+    quote_in_readme(text.split("\n", 2)[2])  # without the heading
+    print(text)
+
+
+def write_atomic(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
-    print(text)
+
+
+def quote_in_readme(text: str) -> None:
+    path = os.path.join(REPO, "README.md")
+    readme = open(path).read()
+    begin, end = BENCH_MARKERS
+    if begin not in readme or end not in readme:
+        print(f"README.md has no {begin} ... {end} part: not quoted there")
+        return
+    head, rest = readme.split(begin, 1)
+    write_atomic(path, head + begin + "\n" + text.strip() + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":
