@@ -121,6 +121,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
             lambda si: sources[si].urls, lambda si: setup.stream_seed(cfg, si)))
         step = saved_step = int(meta["step"])
         seen = dict(meta["seen"])
+        if "clock" not in meta:
+            raise ValueError(f"checkpoint {ckpt.root}/{resume} has no stage clock (written before "
+                             f"stages could end on real tokens): start a new checkpoint.dir")
         clock.load_state_dict(meta["clock"])  # also in the LR scheduler's state; this one rules
         stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
         logger.log(step, {"resumed_from_step": step,

@@ -87,9 +87,11 @@ def build_model(cfg: TrainConfig, ds_config: dict) -> tuple[BitDanceModel, objec
     ZeRO 0-2: built whole on every rank. ZeRO-3: no rank ever holds the whole LLM. A live
     `HfDeepSpeedConfig` makes transformers build and load the LLM inside `deepspeed.zero.Init`,
     straight into each rank's partition (transformers keeps only a weak reference to it: drop
-    it and later HF calls stop treating the model as ZeRO-3). The resized embeddings (HF makes
-    them whole), connector and head are then partitioned in place with rank 0's values
-    (`zero.Init(module=...)`); they are small next to the decoder layers.
+    it and later HF calls stop treating the model as ZeRO-3). The resized embeddings (HF's resize
+    makes them whole), connector and head are then partitioned in place with rank 0's values
+    (`zero.Init(module=...)`). Those are whole on every rank for that moment: at BitDance-14B
+    sizes about 1.6B embedding + 1.8B head parameters next to the 14B that never are (building
+    the head inside zero.Init would need its DiT init re-run under a gather: not done).
     """
     if cfg.deepspeed.zero_stage != 3:
         return BitDanceModel.from_config(cfg.model), None
@@ -159,7 +161,8 @@ def make_stream(cfg: TrainConfig, stage_idx: int, shards: ShardList, model: BitD
                           cfg.model.caption_dropout)
 
     def measure(sample: TokenSample) -> int:
-        # This model's tokenizer, here: token shards store caption text only (token_shards.py).
+        # Always this model's tokenizer: ids stored in a shard may come from another tokenizer
+        # or carry its BOS (extraction's caption_tokenizer is independent of the model).
         sample.caption_ids = np.asarray(encode(tok, sample.caption), dtype=np.int32)
         h, w = sample.grid
         return packer.sample_len(len(packer.prompt_ids(sample.caption_ids.tolist())), h, w)

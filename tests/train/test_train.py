@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from trainutil import export_tensors, read_metrics, spawn_train, tiny_llm, train_overrides, write_shards
+from trainutil import (export_tensors, read_metrics, spawn_train, tiny_image_tokenizer, tiny_llm,
+                       train_overrides, write_shards)
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "bdt", "configs", "tiny.yaml")
 STEPS = [4, 4]  # two stages; the transition is at step 4
@@ -134,9 +135,17 @@ def test_zero3_partitioned_at_load_matches_zero2(data, ref, tmp_path):
 
 
 def test_zero3_bf16_two_ranks(data, tmp_path):
-    # with activation checkpointing of the decoder layers and the head (non-reentrant)
-    assert spawn_train(argv(data, tmp_path, "model.activation_checkpointing=true", zero=3,
+    # with activation checkpointing of the decoder layers and the head (non-reentrant), and an
+    # in-loop evaluation, whose generation needs both ranks under ZeRO-3
+    tok = tiny_image_tokenizer(str(tmp_path / "tok"))
+    assert spawn_train(argv(data, tmp_path, "model.activation_checkpointing=true",
+                            f"data.tokenizer={tok}", "eval.every=6", "eval.per_category=1",
+                            "eval.width=8", "eval.height=8", "eval.steps=2", zero=3,
                             precision="bf16", steps=[6], shards=[data["shards"][0]])) == 0
+    report = json.loads((tmp_path / "eval" / "step_000000006" / "eval.json").read_text())
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "eval_overall" in line]
+    assert len(logged) == 1 and logged[0]["eval_overall"] == report["overall"]
+    assert report["num_images"] == len(report["per_category"])
     m = read_metrics(str(tmp_path))
     assert m[5]["loss"] + m[6]["loss"] < m[1]["loss"] + m[2]["loss"]
     digests = json.loads((tmp_path / "summary.json").read_text())["param_digests"]

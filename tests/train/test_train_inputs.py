@@ -122,3 +122,32 @@ def test_checkpoints_of_another_model_shape_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"different model shape: parameter '0.weight' is \[8, 4\] "
                                          r"there and \[16, 4\]"):
         check_model_signature(root, model_signature(wide), dist)
+
+
+def test_stage_p_and_eval_keys_are_checked_at_start(tmp_path):
+    from bdt.trainer.train_config import validate
+
+    write_shards(str(tmp_path / "s"), [(4, 4)], num_shards=1, per_shard=2)
+    s = str(tmp_path / "s")
+
+    def stages(*ps):
+        return "stages=[" + ",".join(f"{{name: p{i}, shards: '{s}', steps: 1, parallel_num: {p}}}"
+                                     for i, p in enumerate(ps)) + "]"
+
+    validate(config(tmp_path, s, stages(1, 4)))  # a smaller P first, the model's (4) last
+    with pytest.raises(ValueError, match=r"stages\[0\] \(p0\).parallel_num = 16 exceeds "
+                                         r"model.parallel_num = 4"):
+        validate(config(tmp_path, s, stages(16, 4)))
+    with pytest.raises(ValueError, match=r"stages\[1\] \(p1\).parallel_num = 1: the last stage "
+                                         r"must train model.parallel_num = 4"):
+        validate(config(tmp_path, s, stages(4, 1)))
+    with pytest.raises(ValueError, match=r"stages\[0\] \(p0\).parallel_num: .*perfect square"):
+        validate(config(tmp_path, s, stages(2, 4)))
+    write_shards(str(tmp_path / "odd"), [(2, 6)], num_shards=1, per_shard=2)
+    with pytest.raises(ValueError, match=r"2x6 token grids, not divisible into the 4x4 patches "
+                                         r"of P = 16"):
+        check_data(config(tmp_path, str(tmp_path / "odd"), "model.parallel_num=16"))
+    with pytest.raises(ValueError, match="eval.every needs data.tokenizer"):
+        validate(config(tmp_path, s, "eval.every=5"))
+    with pytest.raises(ValueError, match=r"eval.categories: unknown \['colour'\]"):
+        validate(config(tmp_path, s, "eval.every=5", "data.tokenizer=tok", "eval.categories=[colour]"))
