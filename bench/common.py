@@ -26,8 +26,8 @@ CAPTIONS = ["a red circle", "two blue squares", "a green star left of a yellow c
             "three purple triangles", "a pink square above an orange circle"]
 
 # The ~100M-parameter training configuration (issue 8 items 3, 4, 7): a Qwen3 of hidden 768,
-# 12 layers, 12 heads (4 KV), SwiGLU 2048 (~85M in the decoder, vocabulary ~1k) + a 3-block head
-# of width 384 (~8M); 16-bit tokens, P = 4.
+# 12 layers, 12 heads (4 KV), SwiGLU 2048 (vocabulary ~1k) + a 3-block head of width 384:
+# 83M parameters in all; P = 4.
 LLM_100M = dict(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048)
 HEAD_100M = {"width": 384, "depth": 3, "num_adaln_sets": 1, "head_dim": 64, "bits": 16}
 

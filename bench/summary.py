@@ -21,7 +21,7 @@ ORDER = ["decode_speed", "train_throughput", "data_path", "extract_throughput", 
 
 def extraction_goals(d: dict) -> list[dict]:
     """bench/extract_throughput.py's rows: pipeline / bare images/s per input size."""
-    rows = d.get("rows", [])
+    rows = [r for r in d.get("rows", []) if "ratio" in r]  # other rows: other measurements
     if not rows:
         return []
     ratios = ", ".join(f"{r['input_images']} img: {r['ratio']:.2f}" for r in rows)
@@ -62,7 +62,7 @@ def main() -> None:
     isa = ", ".join(k for k, v in m["flags"].items() if v) or "none of amx/avx512"
     text = (f"# Benchmark results\n\nMachine: {m['cpu']}, {m['cpus']} cores ({isa}), shared with "
             f"other jobs (load = 1-minute load average). Regenerate with `make bench`; each "
-            f"script's table and JSON are in this directory.\n\n" + "\n".join(lines) + "\n")
+            f"script's table and JSON are in `bench/results/`.\n\n" + "\n".join(lines) + "\n")
     write_atomic(os.path.join(RESULTS, "README.md"), text)
     quote_in_readme(text.split("\n", 2)[2])  # without the heading
     print(text)
