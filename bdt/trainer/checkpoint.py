@@ -201,7 +201,8 @@ class CheckpointManager:
 
     # ---- load ------------------------------------------------------------------------------
     def load(self, tag: str, engines: dict[str, Any], load_optimizer: bool = True,
-             reshard: Callable[[list[tuple[dict, dict]], int], list[tuple[dict, dict]]] | None = None
+             reshard: Callable[[list[tuple[dict, dict]], int], list[tuple[dict, dict]]]
+             | None = None
              ) -> tuple[dict, dict[str, torch.Tensor], dict[str, Any] | None]:
         """Collective: restore engines, this rank's RNG; return (rank_meta, rank_tensors, shared).
 
@@ -229,7 +230,8 @@ class CheckpointManager:
         for name, engine in engines.items():
             src = fetched[conv] if name in universal else fetched[tag]
             with _universal_load(engine, name in universal):
-                path, _ = engine.load_checkpoint(src, tag=name, load_optimizer_states=load_optimizer,
+                path, _ = engine.load_checkpoint(src, tag=name,
+                                                 load_optimizer_states=load_optimizer,
                                                  load_lr_scheduler_states=load_optimizer)
             if path is None:
                 raise ValueError(f"checkpoint {storage.join(self.root, tag)}: engine '{name}' "
@@ -273,8 +275,8 @@ class CheckpointManager:
                 out = os.path.join(self.staging, conv + ".partial")
                 shutil.rmtree(out, ignore_errors=True)
                 os.makedirs(out)
-                universal = sorted(name for name in engines
-                                   if to_universal(os.path.join(src, name), os.path.join(out, name)))
+                universal = sorted(n for n in engines
+                                   if to_universal(os.path.join(src, n), os.path.join(out, n)))
                 old = [_read_rank_files(src, r) for r in range(saved_world)]
                 step = int(old[0][0]["step"])
                 states = reshard([(m["state"], _user(t)) for m, t in old], self.dist.world_size)
@@ -291,8 +293,8 @@ class CheckpointManager:
                 error = f"{type(e).__name__}: {e}"
         error = broadcast_object(error)
         if error:
-            raise ValueError(f"converting checkpoint {storage.join(self.root, tag)} from world size "
-                             f"{saved_world} to {self.dist.world_size} failed: {error}")
+            raise ValueError(f"converting checkpoint {storage.join(self.root, tag)} from world "
+                             f"size {saved_world} to {self.dist.world_size} failed: {error}")
         return conv
 
     def _fetch_here(self, tag: str) -> str:

@@ -154,7 +154,7 @@ def unconsumed_keys(meta, urls, rank, world, seed=3):
 
 
 def run_and_save(streams, batches):
-    """Each stream takes its number of batches; returns (consumed keys, JSON-roundtripped states)."""
+    """Each stream takes its number of batches; returns (consumed keys, states via JSON)."""
     consumed = []
     for s, n in zip(streams, batches):
         for _ in range(n):

@@ -1,5 +1,5 @@
-"""Checkpoint manager semantics (marker, keep-last-N, newest complete, per-rank state, s3) and a
-2-rank DeepSpeed ZeRO-2 save/load that continues bitwise."""
+"""Checkpoint manager semantics (marker, keep-last-N, newest complete, per-rank state, s3), a
+2-rank DeepSpeed ZeRO-2 save/load that continues bitwise, and a 2 -> 1 rank load at ZeRO-0/1/3."""
 
 import json
 import os
@@ -63,6 +63,36 @@ def test_world_size_mismatch_is_a_clear_error(tmp_path):
         other.load(tag_for(3), engines={})  # no reshard function: this state cannot be re-split
 
 
+def test_world_change_converts_once_beside_the_checkpoint(tmp_path):
+    """Saved by 2 ranks (no engines), loaded by 1: the reshard function sees both ranks' states
+    in rank order, its result is written once to <tag>.w00001 (marker last) and reused; new
+    ranks get seeded RNGs; pruning the checkpoint removes its conversion."""
+    root = str(tmp_path / "ck")
+    for rank in (0, 1):  # no process group: the two ranks' saves run one after the other
+        CheckpointManager(root, DistInfo(rank, 2, rank, torch.device("cpu"))).save(
+            4, {}, {"seen": rank + 1}, {"buf": torch.full((2,), float(rank))})
+    calls = []
+
+    def reshard(old, world):
+        calls.append([state for state, _ in old])
+        return [({"seen": sum(s["seen"] for s, _ in old)},
+                 {"buf": torch.cat([t["buf"] for _, t in old])})] * world
+
+    draws = []
+    for _ in range(2):
+        meta, tensors, _ = CheckpointManager(root, SOLO).load(tag_for(4), {}, reshard=reshard)
+        assert meta == {"seen": 3} and torch.equal(tensors["buf"], torch.tensor([0., 0., 1., 1.]))
+        draws.append(torch.rand(3))
+    assert calls == [[{"seen": 1}, {"seen": 2}]]  # converted once, then read back
+    assert torch.equal(draws[0], draws[1])
+    conv = tmp_path / "ck" / f"{tag_for(4)}.w00001"
+    marker = json.loads((conv / MARKER).read_text())
+    assert (marker["world_size"], marker["from_world_size"], marker["universal"]) == (1, 2, [])
+    mgr = CheckpointManager(root, SOLO, keep_last=1)
+    _save(mgr, 5)
+    assert sorted(os.listdir(tmp_path / "ck")) == [tag_for(5)]
+
+
 def test_s3_checkpoint_marker_last_and_resume(s3_bucket, tmp_path):
     root = storage.join(s3_bucket, "run", "ck")
     mgr = CheckpointManager(root, SOLO, keep_last=1, staging_dir=str(tmp_path / "stage"))
@@ -82,43 +112,53 @@ def test_s3_checkpoint_marker_last_and_resume(s3_bucket, tmp_path):
     assert meta["step"] == 6 and torch.equal(tensors["buf"], torch.full((3,), 3.0))
 
 
-# ---- 2 ranks, real DeepSpeed ZeRO-2 -----------------------------------------------------------
+# ---- real DeepSpeed engines on spawned CPU ranks -----------------------------------------------
 
-def _worker(rank, world, port, root, out):
+def _join(rank, world, port):
+    """One spawned rank: the launcher's environment, one thread, the process group."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    from bdt.trainer.distributed import init_distributed
+
+    return init_distributed()
+
+
+def _tiny_engine(zero, world, micro_batch):
     from bdt.trainer.deepspeed_config import (DeepSpeedConfig, OptimConfig, build_ds_config,
                                               initialize_engine, make_schedule)
-    from bdt.trainer.distributed import cleanup, init_distributed
 
-    dist = init_distributed()
     optim = OptimConfig(lr=1e-2, warmup_steps=2)
-    ds = build_ds_config(DeepSpeedConfig(zero_stage=2, micro_batch_size=4), optim, world)
+    ds = build_ds_config(DeepSpeedConfig(zero_stage=zero, micro_batch_size=micro_batch), optim,
+                         world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    return initialize_engine(model, ds, make_schedule(optim, total_steps=10))
 
-    def build():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-        return initialize_engine(model, ds, make_schedule(optim, total_steps=10))
+
+def _step(engine, x):
+    loss = (engine(x) - x.sum(1, keepdim=True)).pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+    return loss.item()
+
+
+def _worker(rank, world, port, root, out):
+    from bdt.trainer.distributed import cleanup
+
+    dist = _join(rank, world, port)
 
     def train(engine, steps):
-        losses = []
-        for _ in range(steps):
-            x = torch.randn(4, 8)
-            loss = (engine(x) - x.sum(1, keepdim=True)).pow(2).mean()
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-        return losses
+        return [_step(engine, torch.randn(4, 8)) for _ in range(steps)]
 
     torch.manual_seed(100 + rank)
-    engine = build()
+    engine = _tiny_engine(2, world, 4)
     train(engine, 3)
     mgr = CheckpointManager(root, dist, keep_last=2)
     mgr.save(3, {"model": engine}, rank_meta={"seen": 3 * 4})
     tail = train(engine, 3)
     params = [p.detach().clone() for p in engine.module.parameters()]
-    engine2 = build()
+    engine2 = _tiny_engine(2, world, 4)
     meta, _, _ = mgr.load(mgr.resume_tag(), {"model": engine2})
     resumed = train(engine2, 3)
     params2 = [p.detach().clone() for p in engine2.module.parameters()]
@@ -137,3 +177,52 @@ def test_deepspeed_zero2_two_rank_save_resume_is_exact(tmp_path):
         assert r["same"]
     assert os.path.exists(tmp_path / "ck" / tag_for(3) / MARKER)
     assert os.path.exists(tmp_path / "ck" / tag_for(3) / "rank_00001.json")
+
+
+ZEROS = (0, 1, 3)  # ZeRO-2 goes through the training test (tests/train/test_world_size.py)
+
+
+def _world_change_worker(rank, world, port, out):
+    import deepspeed
+
+    from bdt.trainer.distributed import cleanup
+
+    dist = _join(rank, world, port)
+    x_all = torch.randn(8, 8, generator=torch.Generator().manual_seed(7))  # the step after the save
+    result = {}
+    for zero in ZEROS:
+        engine = _tiny_engine(zero, world, 8 // world)
+        mgr = CheckpointManager(os.path.join(out, f"ck{zero}"), dist)
+        if world == 2:  # train 3 steps, save, then take the reference step
+            torch.manual_seed(100 + rank)
+            for _ in range(3):
+                _step(engine, torch.randn(4, 8))
+            mgr.save(3, {"model": engine}, rank_meta={"seen": 12})
+            _step(engine, x_all[rank * 4:(rank + 1) * 4])
+        else:  # load on 1 rank, take the same step over the whole batch
+            merged = lambda old, new_world: [({"seen": sum(s["seen"] for s, _ in old)}, {})]
+            meta, _, _ = mgr.load(tag_for(3), {"model": engine}, reshard=merged)
+            result[f"seen{zero}"] = meta["seen"]
+            _step(engine, x_all)
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=zero == 3):
+            result[f"params{zero}"] = [p.detach().clone() for p in params]
+        result[f"lr{zero}"] = engine.get_lr()[0]
+    if rank == 0:
+        torch.save(result, os.path.join(out, f"world{world}.pt"))
+    cleanup()
+
+
+def test_engine_state_survives_world_size_change(tmp_path):
+    """Saved on 2 ranks at ZeRO-0/1/3, loaded on 1 (converted automatically): the next step over
+    the same global batch gives the 2-rank run's weights (to float reduction order). Lost Adam
+    moments or LR would change the update (Adam's first step moves every weight by ~lr)."""
+    for world in (2, 1):
+        mp.spawn(_world_change_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
+    two, one = (torch.load(tmp_path / f"world{w}.pt", weights_only=True) for w in (2, 1))
+    for zero in ZEROS:
+        assert one[f"seen{zero}"] == 24 and one[f"lr{zero}"] == two[f"lr{zero}"]
+        for a, b in zip(one[f"params{zero}"], two[f"params{zero}"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert (tmp_path / "ck1" / "step_000000003.w00001" / "model" / "zero").is_dir()
+    assert not (tmp_path / "ck0" / "step_000000003.w00001" / "model").exists()  # ZeRO-0: as is
