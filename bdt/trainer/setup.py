@@ -161,8 +161,7 @@ def make_stream(cfg: TrainConfig, stage_idx: int, shards: ShardList, model: BitD
                           cfg.model.caption_dropout)
 
     def measure(sample: TokenSample) -> int:
-        # Always this model's tokenizer: ids stored in a shard may come from another tokenizer
-        # or carry its BOS (extraction's caption_tokenizer is independent of the model).
+        # This model's tokenizer, here: token shards store caption text only (token_shards.py).
         sample.caption_ids = np.asarray(encode(tok, sample.caption), dtype=np.int32)
         h, w = sample.grid
         return packer.sample_len(len(packer.prompt_ids(sample.caption_ids.tolist())), h, w)
