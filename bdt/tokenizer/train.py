@@ -80,9 +80,12 @@ class LogConfig:
 class TokenizerTrainConfig:
     out_dir: str = "???"  # local run directory: logs, images, export/, config.yaml
     steps: int = 1000  # optimizer steps
+    # Horizon of the LR schedule (0 = steps). Lets a run stop early at `steps` and resume later
+    # on the same cosine curve (bench/tokenizer_quality.py scores a fixed step count that way).
+    schedule_steps: int = 0
     time_limit_min: float = 0.0  # > 0: stop (save + export) after this many minutes of training
     seed: int = 0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # 0 = export the live weights
     model: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: RawDataConfig = field(default_factory=RawDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -99,7 +102,7 @@ class Discriminator:
         torch.manual_seed(cfg.seed + 1)  # identical init on every rank
         self.net = PatchDiscriminator(in_channels, cfg.loss.disc_width, cfg.loss.disc_layers)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
-        self.sched = lambda_lr(self.opt, make_schedule(cfg.optim, cfg.steps))
+        self.sched = lambda_lr(self.opt, make_schedule(cfg.optim, cfg.schedule_steps or cfg.steps))
         self.lecam = LeCam()
 
     def step(self, real: torch.Tensor, fake: torch.Tensor, lecam_weight: float, scale: float) -> dict:
@@ -174,6 +177,8 @@ def validate(cfg: TokenizerTrainConfig) -> TokenizerConfig:
                          "GAN weight need full parameters on every rank)")
     if cfg.loss.pixel not in ("l1", "l2"):
         raise ValueError(f"loss.pixel: expected 'l1' or 'l2', got '{cfg.loss.pixel}'")
+    if cfg.schedule_steps < 0:
+        raise ValueError(f"schedule_steps must be >= 0 (0 = steps), got {cfg.schedule_steps}")
     if cfg.steps < 1 or cfg.ckpt.every < 1 or cfg.log.every < 1:
         raise ValueError(f"steps, ckpt.every and log.every must be >= 1, got {cfg.steps}, "
                          f"{cfg.ckpt.every}, {cfg.log.every}")
@@ -194,7 +199,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = BinaryAutoencoder(model_cfg)
     engine = initialize_engine(model, build_ds_config(cfg.deepspeed, cfg.optim, dist.world_size),
-                               make_schedule(cfg.optim, cfg.steps))
+                               make_schedule(cfg.optim, cfg.schedule_steps or cfg.steps))
     ema = EMA(engine.module, cfg.ema_decay)
     disc = Discriminator(cfg, model_cfg.out_ch) if cfg.loss.disc_weight > 0 else None
     lpips = (LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)

@@ -238,4 +238,4 @@ def test_tokenizers_yaml_configs(name):
         assert shapes == json.loads((REF / f"tokenizer_keys_{name}.json").read_text())["state_dict"]
     else:  # the embedded default: 16x down, 32 bits, small enough to train on a 2-core CPU
         assert (model.downsample_factor, model.bits_per_token) == (16, 32)
-        assert 1e6 < sum(p.numel() for p in model.parameters()) < 3e6
+        assert 2e5 < sum(p.numel() for p in model.parameters()) < 3e6

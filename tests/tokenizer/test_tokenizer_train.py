@@ -108,6 +108,30 @@ def test_single_process_trains_and_exports(shards, tmp_path):
     assert torch.equal(again["decoder.conv_out.weight"], ema["decoder.conv_out.weight"])
 
 
+def test_schedule_steps_lets_a_stopped_run_resume_on_the_same_lr_curve(shards, tmp_path):
+    """steps=2 with schedule_steps=5, resumed to steps=5, is the uninterrupted 5-step run
+    (what bench/tokenizer_quality.py does to score a fixed step count); without
+    schedule_steps the 2-step run would have decayed its LR to the floor already."""
+    base = TINY + [f"data.shards={shards}", "optim.schedule=cosine", "loss.disc_weight=0",
+                   "ckpt.every=10"]
+    stopped, straight, short = (str(tmp_path / n) for n in ("stopped", "straight", "short"))
+
+    def run1(overrides):  # a fresh process per run: DeepSpeed keeps process-group state
+        mp.spawn(_rank, args=(1, free_port(), base + overrides), nprocs=1)
+
+    run1([f"out_dir={stopped}", "steps=2", "schedule_steps=5"])
+    run1([f"out_dir={stopped}", "steps=5"])
+    run1([f"out_dir={straight}", "steps=5"])
+    run1([f"out_dir={short}", "steps=2"])
+    log_a, log_b = _log(stopped), _log(straight)
+    assert [r["step"] for r in log_a] == [1, 2, 3, 4, 5]
+    assert [r["lr"] for r in log_a] == [r["lr"] for r in log_b]
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+    assert _log(short)[1]["lr"] < log_a[1]["lr"]
+    with pytest.raises(SystemExit):
+        main([f"out_dir={tmp_path}", f"data.shards={shards}", "schedule_steps=-1"])
+
+
 def test_bad_config_is_a_clear_error(shards, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([f"out_dir={tmp_path}", "data.shards=/nonexistent/x-{0..3}.tar", "steps=1"])
