@@ -31,8 +31,12 @@ def test_x_prediction_matches_fixture():
 
 def test_timestep_embedding_matches_fixture():
     data = load_file(REF / "head_tiny.safetensors")
+    # The arguments 1000*t*freq reach 950, where one float32 ulp is 6.1e-5: sin/cos kernels of
+    # different CPUs (SLEEF avx2 vs avx512) differ by up to that, so 1e-5 is below what float32
+    # can promise here (measured 3.0e-5 on 2 of 768 values on an AMD EPYC). A wrong order (sin
+    # first) or wrong frequencies miss by O(1).
     torch.testing.assert_close(timestep_embedding(data["io.t"], 256),
-                               data["io.t_freq_embedding"], atol=1e-5, rtol=1e-5)
+                               data["io.t_freq_embedding"], atol=1e-4, rtol=0)
 
 
 def test_key_mapping_covers_the_14b_head_one_to_one():
