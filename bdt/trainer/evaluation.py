@@ -33,18 +33,19 @@ class EvalConfig:
 
 
 class InLoopEval:
-    def __init__(self, cfg: EvalConfig, tokenizer_dir: str, run_dir: str, seed: int,
-                 takes_part: bool, writes: bool):
+    def __init__(self, cfg: EvalConfig, decoder, run_dir: str, seed: int, takes_part: bool,
+                 writes: bool):
+        """`decoder`: the image tokenizer (the loop loads it once for previews and evaluation);
+        unused when this rank does not take part."""
         self.cfg, self.run_dir, self.seed, self.writes = cfg, run_dir, seed, writes
         self.active = cfg.every > 0 and takes_part
         if not self.active:
             return
         from bdt.eval.run import select
         from bdt.eval.suite import load_suite
-        from bdt.trainer.preview import load_decoder
 
         self.items = select(load_suite(), list(cfg.categories), cfg.per_category)
-        self.decoder = load_decoder(tokenizer_dir)
+        self.decoder = decoder
 
     def due(self, step: int) -> bool:
         return self.active and step % self.cfg.every == 0

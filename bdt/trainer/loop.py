@@ -148,8 +148,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     plain_grads = cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"
     # ZeRO-3 needs every rank in the forward passes of generation; otherwise rank 0 alone.
     previewing = cfg.logging.sample_every > 0 and (dist.is_main or zero3)
-    decoder = preview.load_decoder(cfg.data.tokenizer) if previewing else None
-    evaluator = InLoopEval(cfg.eval, cfg.data.tokenizer, cfg.run_dir, cfg.seed,
+    evaluating = cfg.eval.every > 0 and (dist.is_main or zero3)
+    decoder = preview.load_decoder(cfg.data.tokenizer) if previewing or evaluating else None
+    evaluator = InLoopEval(cfg.eval, decoder, cfg.run_dir, cfg.seed,
                            takes_part=dist.is_main or zero3, writes=dist.is_main)
     keylog = reshard.SampleKeyLog(cfg.run_dir, dist.rank, dist.world_size) \
         if cfg.logging.sample_keys else None
