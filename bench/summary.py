@@ -49,23 +49,36 @@ def load_all() -> list[tuple[str, dict]]:
 def main() -> None:
     lines = ["| goal | measured | target | met | what limits it | run (UTC), load before/after |",
              "|---|---|---|---|---|---|"]
+    machines: list[str] = []  # distinct machine descriptions, in row order
+    rows = []
     for name, d in load_all():
         goals = d.get("goals") or (extraction_goals(d) if name == "extract_throughput" else [])
         when = d.get("date", "")
         load = d.get("load_before"), d.get("load_after")
         stamp = f"{when}, {load[0][0]:.1f}/{load[1][0]:.1f}" if all(load) else when
-        for g in goals:
-            met = {True: "yes", False: "**no**", None: "-"}[g["met"]]
-            lines.append(f"| {g['goal']} | {g['value']} | {g['target']} | {met} | "
-                         f"{g['limit'] or ''} | {stamp or name} |")
-    m = machine()
-    isa = ", ".join(k for k, v in m["flags"].items() if v) or "none of amx/avx512"
-    text = (f"# Benchmark results\n\nMachine: {m['cpu']}, {m['cpus']} cores ({isa}), shared with "
-            f"other jobs (load = 1-minute load average). Regenerate with `make bench`; each "
-            f"script's table and JSON are in `bench/results/`.\n\n" + "\n".join(lines) + "\n")
+        where = describe(d["machine"]) if "flags" in d.get("machine", {}) else None
+        if where is not None and where not in machines:
+            machines.append(where)
+        rows += [(g, stamp or name, where) for g in goals]
+    for g, stamp, where in rows:  # runs of one session can land on machines of different ISAs
+        mark = f" (machine {machines.index(where) + 1})" if len(machines) > 1 and where else ""
+        met = {True: "yes", False: "**no**", None: "-"}[g["met"]]
+        lines.append(f"| {g['goal']} | {g['value']} | {g['target']} | {met} | "
+                     f"{g['limit'] or ''} | {stamp}{mark} |")
+    where = describe(machine()) if not machines else machines[0] if len(machines) == 1 else "; ".join(
+        f"machine {i + 1}: {m}" for i, m in enumerate(machines))
+    label = "Machine" if len(machines) <= 1 else "Machines"
+    text = (f"# Benchmark results\n\n{label}: {where}; shared with other jobs (load = 1-minute "
+            f"load average). Regenerate with `make bench`; each script's table and JSON are in "
+            f"`bench/results/`.\n\n" + "\n".join(lines) + "\n")
     write_atomic(os.path.join(RESULTS, "README.md"), text)
     quote_in_readme(text.split("\n", 2)[2])  # without the heading
     print(text)
+
+
+def describe(m: dict) -> str:
+    isa = ", ".join(k for k, v in m["flags"].items() if v) or "none of amx/avx512"
+    return f"{m['cpu']}, {m['cpus']} cores ({isa})"
 
 
 def write_atomic(path: str, text: str) -> None:
