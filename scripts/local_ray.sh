@@ -26,9 +26,20 @@ wait_http() {  # URL PID LOGFILE: until URL answers; fails (showing the log) if 
   return 1
 }
 
+# Ray 2.60 in token mode (RAY_AUTH_MODE=token): `ray start --head` refuses to start without a
+# token (only ray.init() makes one), and the CLI and jobs must send the same one. A fresh machine
+# has none: give this run its own in the environment (nothing written to ~/.ray).
+ensure_ray_token() {
+  [[ ${RAY_AUTH_MODE:-} == token ]] || return 0
+  [[ -n ${RAY_AUTH_TOKEN:-} || -s ${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token} ]] && return 0
+  RAY_AUTH_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(32))')
+  export RAY_AUTH_TOKEN
+}
+
 RAY_PID="" RAY_DASHBOARD=""
 start_ray_head() {
   local dash
+  ensure_ray_token
   dash=$(free_port)
   # --block keeps the head in this process (its own session), so stop_ray can stop exactly it.
   setsid ray start --head --block --num-cpus 2 --node-ip-address 127.0.0.1 \

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -35,9 +36,12 @@ def _free_port() -> int:
 def ray_head(tmp_path):
     env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-               # Ray 2.60 heads require a token; the CLI only sends ~/.ray/auth_token in token mode.
-               RAY_AUTH_MODE="token")
+               # Ray 2.60 heads require a token; the CLI only sends one in token mode. `ray start`
+               # never creates it (only ray.init() does), so the test brings its own: a fresh
+               # machine has no ~/.ray/auth_token.
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     dash = _free_port()
     cmd = [os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", "--num-cpus", "2",
            "--node-ip-address", "127.0.0.1", "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
