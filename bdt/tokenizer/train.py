@@ -299,7 +299,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
             if stopping or step % cfg.ckpt.every == 0 or step == cfg.steps:
                 save()
             if stopping:
-                timed_out = over_time and not stop.requested
+                timed_out = stopping == 1  # collective: the same on every rank
                 if dist.is_main:
                     print(f"{'time limit' if timed_out else 'stop signal'}: saved step {step}", flush=True)
                 break

@@ -156,7 +156,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
         if cfg.logging.sample_keys else None
     stop = StopFlag()
     window, meter = _Window(), Throughput()
-    stopped = False
+    stopped = timed_out = False
+    started = time.monotonic()
     try:
         while not clock.finished:
             si = clock.stage
@@ -204,8 +205,11 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
             step += 1
             if cfg.fault.sigterm_at_step == step and dist.is_main:
                 os.kill(os.getpid(), signal.SIGTERM)
-            stopped = stop.should_stop(dist.device)
-            if step % cfg.logging.every == 0 or stopped or clock.finished:
+            over_time = cfg.time_limit_min > 0 and time.monotonic() - started > \
+                cfg.time_limit_min * 60
+            why = stop.should_stop(dist.device, local=over_time)
+            stopped, timed_out = why == 2, why == 1
+            if step % cfg.logging.every == 0 or why or clock.finished:
                 _log(logger, step, engine, window, meter, stream, seen, peak, dist, t_step.seconds)
                 window = _Window()
             if previewing and step % cfg.logging.sample_every == 0:
@@ -216,18 +220,22 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                     preview.save_grid(image, cfg.run_dir, step)
             if evaluator.due(step):
                 logger.log(step, evaluator.run(step, engine.module))
-            if (stopped or clock.finished
+            if (why or clock.finished
                     or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
                 _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg)
                 saved_step = step
-            if stopped:
+            if why:
+                if dist.is_main:
+                    print(f"{'stop signal' if stopped else 'time limit'}: saved step {step}"
+                          f"{'' if stopped else ' (finishing early: export follows)'}", flush=True)
                 break
     finally:
         stop.restore()
         logger.close()
         if keylog:
             keylog.close()
-    summary = {"step": step, "stopped": stopped, "saved_step": saved_step, "seen": seen,
+    summary = {"step": step, "stopped": stopped, "timed_out": timed_out, "saved_step": saved_step,
+               "seen": seen,
                "stream": vars(stream.counters) if stream else {}}
     if not stopped:
         summary["param_digests"] = setup.param_digests(engine.module, zero3)

@@ -27,10 +27,12 @@ class StopFlag:
         self.requested = True
         self.signum = signum
 
-    def should_stop(self, device: torch.device, local: bool = False) -> bool:
-        """Collective (call on every rank each step): True if any rank got a stop signal or
-        passed `local=True` (another reason to stop, e.g. a time limit)."""
-        return all_reduce_max(1.0 if (self.requested or local) else 0.0, device) > 0
+    def should_stop(self, device: torch.device, local: bool = False) -> int:
+        """Collective (call on every rank each step): why the ranks stop, the same on every rank.
+        0 = go on; 1 = some rank passed `local=True` (another reason, e.g. a time limit) and no
+        rank got a signal; 2 = some rank got a stop signal (preemption: save, exit, resume later).
+        One all-reduce (MAX) serves both reasons."""
+        return int(all_reduce_max(2.0 if self.requested else 1.0 if local else 0.0, device))
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -104,6 +104,10 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # in-loop shapes-suite evaluation
     export: bool = True  # write <run_dir>/export (model + tokenizer files) at the end
+    # > 0: after this many minutes of training in this process, finish as if the last stage
+    # had ended (save, export, exit 0): a wall-clock cap, e.g. for the CPU demo's 30-minute
+    # budget. Running the same command again resumes from that checkpoint with a fresh budget.
+    time_limit_min: float = 0.0
     fault: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -162,6 +166,8 @@ def validate(cfg: TrainConfig) -> None:
         if unknown or cfg.eval.per_category < 0:
             raise ValueError(f"eval.categories: unknown {unknown} (known: {list(CATEGORIES)}); "
                              f"eval.per_category must be >= 0, got {cfg.eval.per_category}")
+    if not cfg.time_limit_min >= 0:  # also refuses NaN
+        raise ValueError(f"time_limit_min must be >= 0 (0 = no limit), got {cfg.time_limit_min}")
     if cfg.checkpoint.every < 0 or cfg.logging.every < 1:
         raise ValueError(f"checkpoint.every must be >= 0 and logging.every >= 1, got "
                          f"{cfg.checkpoint.every} and {cfg.logging.every}")

@@ -69,8 +69,9 @@ def test_zero2_two_ranks_learn_and_agree(ref):
 
 
 def test_crash_chain_resumes_exactly(data, ref, tmp_path):
-    """One run interrupted twice, each restart resuming from the newest complete checkpoint;
-    the end result must be the uninterrupted run's, bitwise."""
+    """One run interrupted three times (a kill, a signal, a time limit), each restart resuming
+    from the newest complete checkpoint; the end result must be the uninterrupted run's,
+    bitwise."""
     ck = tmp_path / "checkpoints"
     # 1. SIGKILL while writing the checkpoint of step 4 (engine files written, no marker yet)
     assert spawn_train(argv(data, tmp_path, "fault.kill_during_checkpoint=4")) == -9
@@ -84,11 +85,19 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped"] and summary["step"] == 5 and summary["saved_step"] == 5
     assert (ck / "step_000000005" / "COMPLETE").exists()
-    # 3. resume at 5, inside stage 1 with its stream state, and finish
+    assert not (tmp_path / "export").exists()  # preempted: no export
+    # 3. resume at 5 with a time limit already spent after one step: both ranks finish early
+    #    at step 6 (one collective decides), save and export
+    assert spawn_train(argv(data, tmp_path, "time_limit_min=1e-6")) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["timed_out"] and not summary["stopped"] and summary["saved_step"] == 6
+    assert (ck / "step_000000006" / "COMPLETE").exists()
+    assert (tmp_path / "export" / "model_config.yaml").exists()
+    # 4. resume at 6, inside stage 1 with its stream state, and finish
     assert spawn_train(argv(data, tmp_path)) == 0
     resumed = [json.loads(line)["resumed_from_step"] for line in open(tmp_path / "metrics.jsonl")
                if "resumed_from_step" in line]
-    assert resumed == [2, 5]
+    assert resumed == [2, 5, 6]
     assert_same_as_ref(ref, tmp_path, from_step=2)
 
 
