@@ -115,17 +115,30 @@ class ShardEncoder:
         self._live: tuple[int, int, int] | None = None
 
     def encode(self, pixels_BHWC: np.ndarray) -> np.ndarray:
-        """uint8 [B, H, W, 3] -> packed bits uint8 [B, h, w, C/8]."""
+        """uint8 [B, H, W, 3] -> packed bits uint8 [B, h, w, C/8].
+
+        A short batch (a bucket's last one in a shard) is padded with black images to the next
+        power of two, at most `batch_size`: every new input shape makes oneDNN (CPU) or cuDNN
+        (GPU) build and cache new convolution kernels, and with batches of any size 1..batch_size
+        per bucket that cache grows with every shard for a long time (measured: about half of
+        an actor's memory creep). Powers of two bound it to log2(batch_size) + 1 shapes per
+        bucket and waste at most half of one short batch. The tokenizer treats the images of a
+        batch independently (GroupNorm is per image), so padding changes no bit."""
         import torch
 
         from bdt.tokenizer.bits import pack_bits
 
+        n = len(pixels_BHWC)
+        padded = min(1 << max(n - 1, 0).bit_length(), max(n, int(self.cfg.batch_size)))
+        if padded > n:
+            pad = np.zeros((padded - n, *pixels_BHWC.shape[1:]), pixels_BHWC.dtype)
+            pixels_BHWC = np.concatenate([pixels_BHWC, pad])
         # uint8 crosses to the device (4x less than float32), then [0, 255] -> [-1, 1] there.
         x_BHWC = torch.from_numpy(pixels_BHWC).to(self.device)
         x_BCHW = x_BHWC.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         with torch.inference_mode():
             bits_BhwC = self.model.encode(x_BCHW)
-        return pack_bits(bits_BhwC.cpu().numpy())
+        return pack_bits(bits_BhwC[:n].cpu().numpy())
 
     def progress(self) -> tuple[int, int, int] | None:
         """Counts inside the current shard. run.py calls this in its own concurrency group, so
