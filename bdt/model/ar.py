@@ -27,6 +27,7 @@ from bdt.model.attention import (
     BlockCausalLayout,
     attention_kwargs,
     hf_attn_implementation,
+    per_document_rows,
     resolve_backend,
 )
 from bdt.model.config import ModelConfig
@@ -67,6 +68,7 @@ class BitDanceModel(nn.Module):
         self.head = DiffusionHead(head_cfg, activation_checkpointing=cfg.activation_checkpointing)
         self.backend = resolve_backend(cfg.attn_backend, "cuda" if torch.cuda.is_available()
                                        else "cpu")
+        self._layer_costs = _layer_costs(llm.config)
         if cfg.activation_checkpointing:
             # Non-reentrant: works with DeepSpeed ZeRO-3 (ENVIRONMENT.md); HF only checkpoints
             # in train mode, like the head.
@@ -177,10 +179,21 @@ class BitDanceModel(nn.Module):
                                                packed.block_size_S)
         if not torch.equal(layout.position_ids_BL[0], packed.position_ids_L.cpu()):
             raise ValueError("packed position_ids do not restart at each sample's start")
+        # Dense masks (sdpa) waste the pairs between samples: one row per sample when cheaper.
+        split = per_document_rows(packed.cu_seqlens_S1, packed.causal_len_S, packed.block_size_S,
+                                  *self._layer_costs) if self.backend == "sdpa" else None
+        if split is not None:
+            layout, index_L = split
+            S, Lmax = layout.doc_ids_BL.shape
+            index_L = index_L.to(inputs_embeds_LD.device)
+            rows_SLD = inputs_embeds_LD.new_zeros(S * Lmax, inputs_embeds_LD.shape[-1]).index_copy(
+                0, index_L, inputs_embeds_LD).view(S, Lmax, -1)
+        else:
+            rows_SLD = inputs_embeds_LD[None]
         # use_cache=False: with a cache HF may ignore the packing (ENVIRONMENT.md).
-        out = self.decoder(inputs_embeds=inputs_embeds_LD[None], use_cache=False,
-                           **self.mask_kwargs(layout))
-        return out.last_hidden_state[0]
+        out = self.decoder(inputs_embeds=rows_SLD, use_cache=False, **self.mask_kwargs(layout))
+        hidden = out.last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1])[index_L] if split is not None else hidden[0]
 
     def forward(self, packed: PackedSequence,
                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -225,3 +238,15 @@ class BitDanceModel(nn.Module):
         out = self.decoder(inputs_embeds=self.embed_text(input_ids_BL.to(self.llm.device)),
                            use_cache=False, **self.mask_kwargs(layout))
         return self.llm.get_output_embeddings()(out.last_hidden_state)
+
+
+def _layer_costs(config) -> tuple[float, float]:
+    """(MACs per token, MACs per query-key pair) of one decoder layer of an HF causal LM config:
+    the weights of q, k, v, o and a gated MLP; QK^T + AV over every head."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    inter = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_token = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 3 * hidden * inter
+    return float(per_token), float(2 * heads * head_dim)

@@ -183,6 +183,42 @@ def test_activation_checkpointing_gives_the_same_gradients(llm_dir):
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_one_row_per_sample_equals_the_packed_row(llm_dir):
+    """sdpa: the packed row re-laid as one padded row per sample (cheaper when the dense mask
+    would mostly compute pairs across samples) gives the packed row's losses and gradients."""
+    from bdt.model.attention import per_document_rows
+
+    model = BitDanceModel.from_config(tiny_config(llm_dir)).train()
+    torch.manual_seed(0)
+    with torch.no_grad():  # as if trained: the zero-initialised head ignores its condition
+        for p in model.head.parameters():
+            p.normal_(0.0, 0.1)
+    packed = tiny_packed(model)
+    lengths = packed.cu_seqlens_S1.diff()
+    assert len(set(lengths.tolist())) > 1  # unequal samples: the rows carry padding
+    rows, index = per_document_rows(packed.cu_seqlens_S1, packed.causal_len_S,
+                                    packed.block_size_S, token_cost=0.0, pair_cost=1.0)
+    assert rows.doc_ids_BL.shape == (len(lengths), int(lengths.max()))
+    assert len(set(index.tolist())) == int(lengths.sum())
+    # a row whose samples fill it nearly alone stays packed: padding would cost more
+    assert per_document_rows(packed.cu_seqlens_S1, packed.causal_len_S, packed.block_size_S,
+                             token_cost=1.0, pair_cost=0.0) is None
+    results = []
+    for costs in ((0.0, 1.0), (1.0, 0.0)):  # split, then packed
+        model.zero_grad()
+        model._layer_costs = costs
+        out = model(packed, generator=torch.Generator().manual_seed(4))
+        out["total"].backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()
+                              if p.grad is not None}))
+    (split, g_split), (whole, g_whole) = results
+    for key in ("total", "text_ce", "vision"):
+        torch.testing.assert_close(split[key], whole[key], atol=1e-5, rtol=1e-5, msg=key)
+    assert sorted(g_split) == sorted(g_whole) and len(g_split) > 0
+    for name, g in g_whole.items():
+        torch.testing.assert_close(g_split[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_bad_model_config(llm_dir):
     with pytest.raises(ValueError, match="attn_backend: unknown attention backend 'xformers'"):
         BitDanceModel.from_config(tiny_config(llm_dir, attn_backend="xformers"))
