@@ -34,7 +34,7 @@ demo: $(STAMP)
 
 # Issue 8's benchmarks (not part of `make test`): each prints a table and writes
 # bench/results/<name>.json; bench/summary.py collects their goals into bench/results/README.md.
-# About 15 min on an idle 2-core machine; niced, as the machine is shared.
+# About 10 min on an idle 2-core machine; niced, as the machine is shared.
 BENCH := nice -n 10 $(BIN)/python bench
 bench: $(STAMP)
 	$(BENCH)/decode_speed.py

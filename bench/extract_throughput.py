@@ -1,6 +1,6 @@
 """Pre-extraction throughput and memory: the Ray pipeline vs a bare single-process encode loop.
 
-    nice -n 10 .venv/bin/python bench/extract_throughput.py [--sizes 250 750 1500 3000] [--bare-max 750]
+    nice -n 10 .venv/bin/python bench/extract_throughput.py [--sizes 250 750 3000 6000 12000] [--bare-max 750]
 
 Data: the embedded shapes dataset (`bdt data shapes`, 128 px at three aspect ratios). Tokenizer:
 tokenizers/shapes_small.yaml, randomly initialised (speed does not depend on the weights).
@@ -166,7 +166,7 @@ def slope_per_1000(xs: list[int], ys: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[250, 750, 1500, 3000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[250, 750, 3000, 6000, 12000])
     parser.add_argument("--bare-max", type=int, default=750, help="run the bare loop for sizes up to this")
     parser.add_argument("--cpus", type=int, default=2)
     args = parser.parse_args()

@@ -29,6 +29,17 @@ def extraction_goals(d: dict) -> list[dict]:
     out = [{"goal": "6. extraction pipeline / bare encode loop", "value": ratios,
             "target": ">= 0.85 (overhead <= 15%)", "met": last >= 0.85,
             "limit": "Ray start-up and planning at small inputs"}]
+    mem = [(r["input_images"], r["pipeline"]["peak_rss_mb"]["one_actor"]) for r in d["rows"]
+           if "pipeline" in r]
+    if len(mem) >= 3:
+        # Flat = no growth once warm: the slope from the middle size to the largest.
+        (n0, m0), (n1, m1) = mem[len(mem) // 2], mem[-1]
+        slope = (m1 - m0) / max((n1 - n0) / 1000, 1e-9)
+        out.append({"goal": "6. extraction: one actor's peak RSS as the input grows",
+                    "value": ", ".join(f"{n} img: {m:.0f} MB" for n, m in mem)
+                    + f" ({slope:+.1f} MB per 1000 images from {n0} on)",
+                    "target": "flat (<= 2 MB per 1000 images)", "met": slope <= 2.0,
+                    "limit": "" if slope <= 2.0 else "actor memory grows with the input"})
     workers = d.get("workers")
     if isinstance(workers, dict) and workers:
         out.append({"goal": "6. extraction 1 vs 2 workers", "value": json.dumps(workers),

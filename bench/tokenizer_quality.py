@@ -1,10 +1,14 @@
 """Tokenizer quality on the embedded shapes data (issue 3 acceptance).
 
-Trains `tokenizers/shapes_small.yaml` with the demo's recipe (`scripts/demo_tokenizer.yaml`)
+Trains the demo's tokenizer (`tokenizers/shapes_d8.yaml` with `scripts/demo_tokenizer.yaml`)
 through the real entry point (`tokenizers/train.py` under the deepspeed launcher, 2 CPU ranks x
-1 thread, as `make demo` runs it) for at most --minutes of training, then scores the exported tokenizer on held-out shapes images (a different seed) at
-128 px and 64 px: PSNR, SSIM and per-bit firing rates. Goal: PSNR >= 28 dB at 128 px and every
-bit +1 on 5-95% of tokens. Prints a table, writes JSON and a reconstruction grid PNG.
+1 thread, as `make demo` runs it) for at most --minutes of training, then scores the exported
+tokenizer on held-out shapes images (a different seed) at 128 px and 64 px: PSNR, SSIM and
+per-bit firing rates (goal: PSNR >= 28 dB at 128 px, every bit +1 on 5-95% of tokens), and the
+shapes judge on reconstructions of --judge-num fresh samples at 64 px (the demo's size): the
+share that still passes its own caption's checks, per category. The demo's AR model generates
+tokens for this decoder, so that share bounds its score. Prints a table, writes JSON and
+reconstruction grid PNGs.
 
 The machine is shared, so the steps reached in the time budget depend on the load. The run is
 therefore made in two launches on the same run directory: first exactly --fixed-steps steps
@@ -72,6 +76,34 @@ def evaluate(export_dir: str, shards: str, num: int, size: int, grid_png: str = 
             "bit_rates": [round(r, 4) for r in rates.tolist()]}
 
 
+def judge_reconstructions(export_dir: str, num: int, size: int) -> dict:
+    """The shapes judge on `num` fresh samples (seed 4242, all categories) resized to `size`
+    px, and on their reconstructions: scores per category and overall (mean of categories)."""
+    import numpy as np
+    from PIL import Image
+
+    from bdt.data.shapes import make_sample
+    from bdt.eval.judge import judge_image, score
+    from bdt.tokenizer.io import load_tokenizer
+
+    model = load_tokenizer(export_dir).eval()
+    originals, recons, categories = [], [], []
+    with torch.no_grad():
+        for i in range(num):
+            image, _, meta = make_sample(4242, i, [(128, 128)])
+            image = image.resize((size, size), Image.BICUBIC)
+            x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+            y = model.decode(model.encode(x)).clamp(-1, 1)[0].permute(1, 2, 0)
+            recon = Image.fromarray(((y.numpy() + 1) * 127.5).round().astype(np.uint8))
+            originals.append(judge_image(image, meta["spec"]))
+            recons.append(judge_image(recon, meta["spec"]))
+            categories.append(meta["spec"]["category"])
+    keep = ("overall", "per_category")
+    return {"images": num, "size_px": size,
+            "originals": {k: v for k, v in score(originals, categories).items() if k in keep},
+            "reconstructions": {k: v for k, v in score(recons, categories).items() if k in keep}}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,14 +139,16 @@ def main() -> int:
     parser.add_argument("--fixed-steps", type=int, default=400, help="first launch: exactly this many steps")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--config", action="append", help="repeatable; default: "
-                        "tokenizers/shapes_small.yaml + scripts/demo_tokenizer.yaml")
+                        "tokenizers/shapes_d8.yaml + scripts/demo_tokenizer.yaml")
+    parser.add_argument("--judge-num", type=int, default=240)
+    parser.add_argument("--judge-px", type=int, default=64)
     parser.add_argument("--work", default="/tmp/bdt-bench-tokenizer")
     parser.add_argument("--train-num", type=int, default=4000)
     parser.add_argument("--eval-num", type=int, default=128)
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "tokenizer_quality.json"))
     parser.add_argument("overrides", nargs="*", help="key=value for the trainer (after the config)")
     args = parser.parse_args()
-    args.config = args.config or [os.path.join(REPO, "tokenizers", "shapes_small.yaml"),
+    args.config = args.config or [os.path.join(REPO, "tokenizers", "shapes_d8.yaml"),
                                   os.path.join(REPO, "scripts", "demo_tokenizer.yaml")]
     from bdt.config import load
     from bdt.tokenizer.train import TokenizerTrainConfig
@@ -141,7 +175,9 @@ def main() -> int:
              "eval_128px": evaluate(os.path.join(run, "export"), eval_shards, args.eval_num, 128,
                                     base + "_128px.png"),
              "eval_64px": evaluate(os.path.join(run, "export"), eval_shards, args.eval_num, 64,
-                                   base + "_64px.png")}
+                                   base + "_64px.png"),
+             "judge": judge_reconstructions(os.path.join(run, "export"), args.judge_num,
+                                            args.judge_px)}
     ev = final["eval_128px"]
     result = {"configs": [os.path.relpath(c, REPO) for c in args.config], "overrides": args.overrides,
               "ranks": args.ranks, "threads_per_rank": max(1, 2 // args.ranks),
@@ -161,6 +197,11 @@ def main() -> int:
                  (f"{e['size_px']} px: SSIM", f"{e['ssim']:.4f}"),
                  (f"{e['size_px']} px: bit rate min / max, outside 5-95%",
                   f"{e['bit_rate_min']:.3f} / {e['bit_rate_max']:.3f}, {e['bits_outside_5_95']}")]
+    j = final["judge"]
+    rows.append((f"judge passes at {j['size_px']} px, originals / reconstructions",
+                 f"{j['originals']['overall']:.3f} / {j['reconstructions']['overall']:.3f} ("
+                 + ", ".join(f"{c} {v:.2f}" for c, v in
+                             j["reconstructions"]["per_category"].items()) + ")"))
     rows.append(("goal met (128 px PSNR >= 28, all bits 5-95%)", result["goal_met"]))
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

@@ -3,9 +3,9 @@
 #
 #   1. bdt data shapes            procedural captioned images (webdataset tars)
 #   2. tokenizers/train.py        a small binary image tokenizer (DeepSpeed, 2 CPU ranks)
-#   3. ray job submit ...         pre-extraction: images -> token shards, 64 and 128 px families
+#   3. ray job submit ...         pre-extraction: images -> token shards, 32 and 64 px families
 #   4. bdt model init-tiny        a small Qwen3 + SentencePiece tokenizer trained on the captions
-#   5. bdt/train.py               AR training, stage "64" then stage "128" (DeepSpeed, 2 CPU ranks)
+#   5. bdt/train.py               AR training, stage "32" then stage "64" (DeepSpeed, 2 CPU ranks)
 #   6. bdt sample                 a grid of images for a few prompts
 #   7. bdt eval                   the shapes suite, judged: scores per category and overall
 #
@@ -13,14 +13,15 @@
 # Re-running resumes: a step whose output is complete is skipped, and the tokenizer and AR
 # trainers continue from their newest complete checkpoint. `rm -rf demo` starts over.
 #
-# Knobs (environment): DEMO_DIR, DEMO_NUM (images, 2000), DEMO_EVAL_PER_CATEGORY (20; 0 = all 40),
-# DEMO_SAMPLE_STEPS (head sampler steps, 12), DEMO_CFG (guidance, 4.0), and extra key=value
+# Knobs (environment): DEMO_DIR, DEMO_NUM (images, 6000), DEMO_EVAL_PER_CATEGORY (0 = all 40),
+# DEMO_SAMPLE_STEPS (head sampler steps, 12), DEMO_CFG (guidance, 2.0), and extra key=value
 # overrides for the trainers: DEMO_TOKENIZER_ARGS, DEMO_TRAIN_ARGS (e.g. "steps=20").
 #
-# Wall time on a 2-core machine, measured 2026-12-01 (the full test suite ran beside it): 17 min
-# 37 s after the install: data 15 s, tokenizer 8 min 21 s (capped by time_limit_min in
-# scripts/demo_tokenizer.yaml), Ray extraction 1 min, LLM 12 s, AR training 7 min 15 s,
-# samples 11 s, eval 20 s. The quality is not tuned yet (scores 0.00; README Status).
+# Wall time on an idle 2-core machine, measured 2026-12-02: 20 min 41 s after a 2 min 22 s
+# install: data 14 s, tokenizer 5 min 1 s (capped at 8 min by time_limit_min in
+# scripts/demo_tokenizer.yaml), Ray extraction 32 s, LLM 8 s, AR training 14 min 15 s (capped at
+# 14 min by time_limit_min in bdt/configs/demo.yaml: 3596 of 3600 steps), samples 9 s, eval
+# 22 s. Scores and what limits them: README ("The demo's quality").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -36,10 +37,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # 2 ranks x 1 thread on 2 cores
 if [[ -x .venv/bin/python ]]; then export PATH="$REPO/.venv/bin:$PATH"; fi
 
 D=$(python -c 'import os, sys; print(os.path.abspath(sys.argv[1]))' "${DEMO_DIR:-demo}")
-NUM=${DEMO_NUM:-2000}
-EVAL_PER_CATEGORY=${DEMO_EVAL_PER_CATEGORY:-20}
+NUM=${DEMO_NUM:-6000}
+EVAL_PER_CATEGORY=${DEMO_EVAL_PER_CATEGORY:-0}
 SAMPLE_STEPS=${DEMO_SAMPLE_STEPS:-12}
-CFG=${DEMO_CFG:-4.0}
+CFG=${DEMO_CFG:-2.0}
 read -r -a TOKENIZER_ARGS <<< "${DEMO_TOKENIZER_ARGS:-}"
 read -r -a TRAIN_ARGS <<< "${DEMO_TRAIN_ARGS:-}"
 mkdir -p "$D"
@@ -53,16 +54,16 @@ if [[ -f $D/data/manifest.json ]]; then
   log "1/7 data: $D/data is complete, skipping"
 else
   log "1/7 data: $NUM shapes images (128 px) -> $D/data"
-  bdt data shapes --out "$D/data" --num "$NUM" --per-shard 250 --size 128 --seed 0 --workers 2
+  bdt data shapes --out "$D/data" --num "$NUM" --per-shard 500 --size 128 --seed 0 --workers 2
 fi
 
 # --- 2. image tokenizer -----------------------------------------------------------------------
 if [[ -f $D/tokenizer/export/config.json ]]; then
   log "2/7 tokenizer: $D/tokenizer/export is complete, skipping"
 else
-  log "2/7 tokenizer: training tokenizers/shapes_small.yaml on 2 CPU ranks -> $D/tokenizer"
+  log "2/7 tokenizer: training tokenizers/shapes_d8.yaml on 2 CPU ranks -> $D/tokenizer"
   deepspeed --num_gpus 2 --master_port "$(free_port)" tokenizers/train.py \
-    --config tokenizers/shapes_small.yaml --config scripts/demo_tokenizer.yaml \
+    --config tokenizers/shapes_d8.yaml --config scripts/demo_tokenizer.yaml \
     out_dir="$D/tokenizer" "data.shards=$D/data/shapes-*.tar" "${TOKENIZER_ARGS[@]}"
 fi
 
@@ -96,7 +97,7 @@ fi
 if [[ -f $D/run/export/model_config.yaml ]]; then
   log "5/7 training: $D/run/export is complete, skipping"
 else
-  log "5/7 training: bdt/configs/demo.yaml, stages 64 -> 128 px, on 2 CPU ranks -> $D/run"
+  log "5/7 training: bdt/configs/demo.yaml, stages 32 -> 64 px, on 2 CPU ranks -> $D/run"
   deepspeed --num_gpus 2 --master_port "$(free_port)" bdt/train.py --config bdt/configs/demo.yaml \
     run_dir="$D/run" model.backbone.path="$D/llm" data.tokenizer="$D/tokenizer/export" \
     data.root="$D/tokens" "${TRAIN_ARGS[@]}"
@@ -106,8 +107,8 @@ fi
 if [[ -f $D/samples/samples.json ]]; then
   log "6/7 samples: $D/samples is complete, skipping"
 else
-  log "6/7 samples: 16 prompts at 128 px -> $D/samples"
-  bdt sample --model "$D/run/export" --size 128 --steps "$SAMPLE_STEPS" --cfg-scale "$CFG" \
+  log "6/7 samples: 16 prompts at 64 px -> $D/samples"
+  bdt sample --model "$D/run/export" --size 64 --steps "$SAMPLE_STEPS" --cfg-scale "$CFG" \
     --out "$D/samples" --cols 8 \
     --prompt "a red circle" --prompt "a blue square" --prompt "a green triangle" \
     --prompt "a yellow star" --prompt "an orange cross" --prompt "a purple circle" \
@@ -122,8 +123,8 @@ fi
 if [[ -f $D/eval/eval.json ]]; then
   log "7/7 eval: $D/eval is complete, skipping"
 else
-  log "7/7 eval: the shapes suite at 128 px, judged -> $D/eval"
-  bdt eval --model "$D/run/export" --size 128 --steps "$SAMPLE_STEPS" --cfg-scale "$CFG" \
+  log "7/7 eval: the shapes suite at 64 px, judged -> $D/eval"
+  bdt eval --model "$D/run/export" --size 64 --steps "$SAMPLE_STEPS" --cfg-scale "$CFG" \
     --per-category "$EVAL_PER_CATEGORY" --out "$D/eval"
 fi
 

@@ -118,18 +118,19 @@ class ShardEncoder:
         """uint8 [B, H, W, 3] -> packed bits uint8 [B, h, w, C/8].
 
         A short batch (a bucket's last one in a shard) is padded with black images to the next
-        power of two, at most `batch_size`: every new input shape makes oneDNN (CPU) or cuDNN
-        (GPU) build and cache new convolution kernels, and with batches of any size 1..batch_size
-        per bucket that cache grows with every shard for a long time (measured: about half of
-        an actor's memory creep). Powers of two bound it to log2(batch_size) + 1 shapes per
-        bucket and waste at most half of one short batch. The tokenizer treats the images of a
-        batch independently (GroupNorm is per image), so padding changes no bit."""
+        multiple of a quarter batch: every new input shape makes oneDNN (CPU) or cuDNN (GPU)
+        build and cache new convolution kernels, and with batches of any size 1..batch_size per
+        bucket that cache grows with every shard for a long time (measured: about half of an
+        actor's memory creep). Quarters bound it to 4 shapes per bucket, for at most a quarter
+        batch of padding per bucket and shard. The tokenizer treats the images of a batch
+        independently (GroupNorm is per image), so padding changes no bit."""
         import torch
 
         from bdt.tokenizer.bits import pack_bits
 
         n = len(pixels_BHWC)
-        padded = min(1 << max(n - 1, 0).bit_length(), max(n, int(self.cfg.batch_size)))
+        quarter = max(1, -(-int(self.cfg.batch_size) // 4))
+        padded = max(n, min(-(-n // quarter) * quarter, int(self.cfg.batch_size)))
         if padded > n:
             pad = np.zeros((padded - n, *pixels_BHWC.shape[1:]), pixels_BHWC.dtype)
             pixels_BHWC = np.concatenate([pixels_BHWC, pad])

@@ -225,7 +225,8 @@ class _YamlSchema:
     model: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 
-@pytest.mark.parametrize("name", ["ae_d16c32", "ae_d32c128", "ae_d32c256", "shapes_small"])
+@pytest.mark.parametrize("name", ["ae_d16c32", "ae_d32c128", "ae_d32c256", "shapes_small",
+                                  "shapes_d8"])
 def test_tokenizers_yaml_configs(name):
     """tokenizers/*.yaml hold only a `model:` block that the typed config loader accepts."""
     path = Path(__file__).resolve().parents[2] / "tokenizers" / f"{name}.yaml"
@@ -236,6 +237,7 @@ def test_tokenizers_yaml_configs(name):
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     if name.startswith("ae_"):
         assert shapes == json.loads((REF / f"tokenizer_keys_{name}.json").read_text())["state_dict"]
-    else:  # the embedded default: 16x down, 32 bits, small enough to train on a 2-core CPU
-        assert (model.downsample_factor, model.bits_per_token) == (16, 32)
+    else:  # the embedded defaults: 16x / 8x down, 32 bits, small enough to train on a 2-core CPU
+        assert (model.downsample_factor, model.bits_per_token) == \
+            ({"shapes_small": 16, "shapes_d8": 8}[name], 32)
         assert 2e5 < sum(p.numel() for p in model.parameters()) < 3e6
