@@ -58,9 +58,11 @@ def assert_same_as_ref(ref, run_dir, from_step):
 
 def test_zero2_two_ranks_learn_and_agree(ref):
     m, s = ref["metrics"], ref["summary"]
-    first, last = [m[i]["loss"] for i in (1, 2)], [m[i]["loss"] for i in (3, 4)]
-    assert sum(last) < sum(first)
-    assert m[4]["text_ce"] < m[1]["text_ce"]
+    # The shards' image bits are random: the vision loss has nothing to learn and swings with
+    # each micro-batch's flow times (2.4-3.5 over these steps); the captions repeat, so the
+    # text loss must fall.
+    text = [m[i]["text_ce"] for i in sorted(m)]
+    assert text[-1] < text[0] and sum(text[-2:]) < sum(text[:2])
     assert len(s["param_digests"]) == 2 and len(set(s["param_digests"])) == 1
     assert s["step"] == sum(STEPS) and not s["stopped"]
     complete = sorted(p.name for p in (ref["dir"] / "checkpoints").iterdir()
@@ -156,7 +158,7 @@ def test_zero3_bf16_two_ranks(data, tmp_path):
     assert len(logged) == 1 and logged[0]["eval_overall"] == report["overall"]
     assert report["num_images"] == len(report["per_category"])
     m = read_metrics(str(tmp_path))
-    assert m[5]["loss"] + m[6]["loss"] < m[1]["loss"] + m[2]["loss"]
+    assert m[5]["text_ce"] + m[6]["text_ce"] < m[1]["text_ce"] + m[2]["text_ce"]  # see above
     digests = json.loads((tmp_path / "summary.json").read_text())["param_digests"]
     assert len(digests) == 2 and len(set(digests)) == 1
     # the export is a loadable model for sampling, holding the consolidated ZeRO-3 weights
