@@ -76,10 +76,11 @@ def main() -> None:
         met = {True: "yes", False: "**no**", None: "-"}[g["met"]]
         lines.append(f"| {g['goal']} | {g['value']} | {g['target']} | {met} | "
                      f"{g['limit'] or ''} | {stamp}{mark} |")
-    where = describe(machine()) if not machines else machines[0] if len(machines) == 1 else "; ".join(
-        f"machine {i + 1}: {m}" for i, m in enumerate(machines))
-    label = "Machine" if len(machines) <= 1 else "Machines"
-    text = (f"# Benchmark results\n\n{label}: {where}; shared with other jobs (load = 1-minute "
+    if len(machines) > 1:
+        where = "Machines: " + "; ".join(f"machine {i + 1}: {m}" for i, m in enumerate(machines))
+    else:
+        where = "Machine: " + (machines[0] if machines else describe(machine()))
+    text = (f"# Benchmark results\n\n{where}; shared with other jobs (load = 1-minute "
             f"load average). Regenerate with `make bench`; each script's table and JSON are in "
             f"`bench/results/`.\n\n" + "\n".join(lines) + "\n")
     write_atomic(os.path.join(RESULTS, "README.md"), text)

@@ -270,26 +270,21 @@ class TokenStream:
         Mutates `chosen` in place; returns the new token count."""
         taken = set(chosen)
         free = sorted((self.buffer[i].length, i) for i in range(len(self.buffer))
-                      if i not in taken)
-        free_lengths = [length for length, _ in free]
+                      if i not in taken)  # (length, buffer index), ascending
         for _ in range(len(chosen)):
             gap = self.token_budget - used
             best = None  # (gain, position in chosen, position in free)
             for pos, i in enumerate(chosen):
                 have = self.buffer[i].length
-                k = bisect.bisect_right(free_lengths, have + gap) - 1
-                if k >= 0 and free_lengths[k] > have and (
-                        best is None or free_lengths[k] - have > best[0]):
-                    best = (free_lengths[k] - have, pos, k)
+                k = bisect.bisect_right(free, have + gap, key=lambda e: e[0]) - 1
+                if k >= 0 and free[k][0] > have and (best is None or free[k][0] - have > best[0]):
+                    best = (free[k][0] - have, pos, k)
             if best is None:
                 break
             gain, pos, k = best
             out, (_, into) = chosen[pos], free.pop(k)
-            free_lengths.pop(k)
             chosen[pos] = into
-            k = bisect.bisect_left(free, (self.buffer[out].length, out))
-            free.insert(k, (self.buffer[out].length, out))
-            free_lengths.insert(k, self.buffer[out].length)
+            bisect.insort(free, (self.buffer[out].length, out))
             used += gain
         return used
 

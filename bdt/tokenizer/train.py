@@ -39,7 +39,7 @@ from bdt.trainer.distributed import DistInfo, all_reduce_mean, cleanup, init_dis
 from bdt.trainer.ema import EMA
 from bdt.trainer.metrics import MetricsLogger, Throughput, Timer
 from bdt.trainer.schedule import lambda_lr
-from bdt.trainer.signals import StopFlag
+from bdt.trainer.signals import LOCAL_REASON, StopFlag
 
 
 @dataclass
@@ -299,7 +299,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
             if stopping or step % cfg.ckpt.every == 0 or step == cfg.steps:
                 save()
             if stopping:
-                timed_out = stopping == 1  # collective: the same on every rank
+                timed_out = stopping == LOCAL_REASON  # collective: the same on every rank
                 if dist.is_main:
                     print(f"{'time limit' if timed_out else 'stop signal'}: saved step {step}", flush=True)
                 break

@@ -33,7 +33,7 @@ from bdt.trainer.evaluation import InLoopEval
 from bdt.trainer.export import export_model
 from bdt.trainer.flops import FlopModel, measure_peak_flops
 from bdt.trainer.metrics import MetricsLogger, Throughput, Timer
-from bdt.trainer.signals import StopFlag
+from bdt.trainer.signals import LOCAL_REASON, STOP_SIGNAL, StopFlag
 from bdt.trainer.stages import StageClock
 from bdt.trainer.train_config import TrainConfig, validate
 
@@ -208,7 +208,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
             over_time = cfg.time_limit_min > 0 and time.monotonic() - started > \
                 cfg.time_limit_min * 60
             why = stop.should_stop(dist.device, local=over_time)
-            stopped, timed_out = why == 2, why == 1
+            stopped, timed_out = why == STOP_SIGNAL, why == LOCAL_REASON
             if step % cfg.logging.every == 0 or why or clock.finished:
                 _log(logger, step, engine, window, meter, stream, seen, peak, dist, t_step.seconds)
                 window = _Window()

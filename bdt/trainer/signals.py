@@ -15,6 +15,10 @@ import torch
 from bdt.trainer.distributed import all_reduce_max
 
 
+# Why the ranks stop (`StopFlag.should_stop`), ordered so that the all-reduced MAX wins.
+GO_ON, LOCAL_REASON, STOP_SIGNAL = 0, 1, 2
+
+
 class StopFlag:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
         self.requested = False
@@ -29,10 +33,11 @@ class StopFlag:
 
     def should_stop(self, device: torch.device, local: bool = False) -> int:
         """Collective (call on every rank each step): why the ranks stop, the same on every rank.
-        0 = go on; 1 = some rank passed `local=True` (another reason, e.g. a time limit) and no
-        rank got a signal; 2 = some rank got a stop signal (preemption: save, exit, resume later).
-        One all-reduce (MAX) serves both reasons."""
-        return int(all_reduce_max(2.0 if self.requested else 1.0 if local else 0.0, device))
+        GO_ON; LOCAL_REASON = some rank passed `local=True` (another reason, e.g. a time limit)
+        and no rank got a signal; STOP_SIGNAL = some rank got a stop signal (preemption: save,
+        exit, resume later). One all-reduce (MAX) serves both reasons."""
+        mine = STOP_SIGNAL if self.requested else LOCAL_REASON if local else GO_ON
+        return int(all_reduce_max(float(mine), device))
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
