@@ -76,9 +76,11 @@ def evaluate(export_dir: str, shards: str, num: int, size: int, grid_png: str = 
             "bit_rates": [round(r, 4) for r in rates.tolist()]}
 
 
-def judge_reconstructions(export_dir: str, num: int, size: int) -> dict:
+def judge_reconstructions(export_dir: str, num: int, size: int, flip_rate: float = 0.0) -> dict:
     """The shapes judge on `num` fresh samples (seed 4242, all categories) resized to `size`
-    px, and on their reconstructions: scores per category and overall (mean of categories)."""
+    px, and on their reconstructions: scores per category and overall (mean of categories).
+    With `flip_rate`, that share of the token bits (drawn at random, seed 0) is flipped before
+    decoding: how much bit noise the decoder's pictures survive (bench/token_noise.py)."""
     import numpy as np
     from PIL import Image
 
@@ -88,12 +90,15 @@ def judge_reconstructions(export_dir: str, num: int, size: int) -> dict:
 
     model = load_tokenizer(export_dir).eval()
     originals, recons, categories = [], [], []
+    flips = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for i in range(num):
             image, _, meta = make_sample(4242, i, [(128, 128)])
             image = image.resize((size, size), Image.BICUBIC)
             x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
-            y = model.decode(model.encode(x)).clamp(-1, 1)[0].permute(1, 2, 0)
+            bits = model.encode(x)  # bool [1, h, w, C]
+            bits = bits ^ (torch.rand(bits.shape, generator=flips) < flip_rate)
+            y = model.decode(bits).clamp(-1, 1)[0].permute(1, 2, 0)
             recon = Image.fromarray(((y.numpy() + 1) * 127.5).round().astype(np.uint8))
             originals.append(judge_image(image, meta["spec"]))
             recons.append(judge_image(recon, meta["spec"]))

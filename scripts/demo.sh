@@ -17,11 +17,12 @@
 # DEMO_SAMPLE_STEPS (head sampler steps, 12), DEMO_CFG (guidance, 2.0), and extra key=value
 # overrides for the trainers: DEMO_TOKENIZER_ARGS, DEMO_TRAIN_ARGS (e.g. "steps=20").
 #
-# Wall time on an idle 2-core machine, measured 2026-12-02: 20 min 41 s after a 2 min 22 s
-# install: data 14 s, tokenizer 5 min 1 s (capped at 8 min by time_limit_min in
-# scripts/demo_tokenizer.yaml), Ray extraction 32 s, LLM 8 s, AR training 14 min 15 s (capped at
-# 14 min by time_limit_min in bdt/configs/demo.yaml: 3596 of 3600 steps), samples 9 s, eval
-# 22 s. Scores and what limits them: README ("The demo's quality").
+# Wall time in a fresh checkout on an idle 2-core machine (Intel Xeon), measured 2026-12-02:
+# 14 min 14 s after a 1 min 32 s install: data 8 s, tokenizer 3 min 26 s (capped at 8 min by
+# time_limit_min in scripts/demo_tokenizer.yaml), Ray extraction 25 s, LLM 6 s, AR training
+# 9 min 49 s (all 3600 steps; capped at 14 min by time_limit_min in bdt/configs/demo.yaml), samples
+# 5 s, eval 15 s. A slower machine of the same kind took 23 min 21 s, install included (AR time
+# cap at step 3446). Scores and what limits them: README ("The demo's quality").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
