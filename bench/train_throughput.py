@@ -4,8 +4,9 @@
 
 One process, world of one, DeepSpeed ZeRO-0, fp32, 2 threads: the step is the trainer's
 (bdt/trainer/loop.py: TokenStream -> SequencePacker -> engine(packed) -> engine.backward ->
-engine.step), timed phase by phase. fp32 because this CPU has neither AMX nor avx512_bf16, so
-bf16 matmuls run slower than fp32 (both peaks are measured and reported).
+engine.step), timed phase by phase. fp32 because it is never slow on these machines: bf16
+matmuls are far slower than fp32 on avx2-only CPUs and faster only with avx512_bf16 or AMX (both
+peaks are measured and reported; with AMX, bf16 steps of this config ran 1.8x faster, README).
 
 Model: common.LLM_100M (a Qwen3, ~88M) + common.HEAD_100M (~5M), P = 4, 32-bit tokens.
 Data: shapes images (`bdt.data.shapes`) at --size px, encoded once by the image tokenizer into
