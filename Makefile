@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.bdt-installed
 DEMO_DIR ?= demo
 
-# No accelerator, no hub, Ray on loopback only (shared/ENVIRONMENT.md).
+# No accelerator, no hub, Ray on loopback only (docs/environment.md).
 export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The main job end to end on the embedded default (SPEC 2.1): data -> tokenizer -> Ray
+# The main job end to end on the embedded default (system §4): data -> tokenizer -> Ray
 # pre-extraction -> DeepSpeed training over two stages -> samples -> evaluation. Resumable.
 demo: $(STAMP)
 	DEMO_DIR=$(DEMO_DIR) bash scripts/demo.sh

@@ -11,7 +11,7 @@ and checks that every file is there before building anything, so a half-copied e
 with the list of what is missing rather than deep inside from_pretrained.
 
 Buckets: a side must be a multiple of the tokenizer's downsample factor x the model's patch side
-(SPEC 1.4: whole ps x ps patches of tokens). When the training shards' manifests are reachable,
+(method §4: whole ps x ps patches of tokens). When the training shards' manifests are reachable,
 the buckets they hold are the ones the model was trained for, and others are refused unless
 `any_bucket` (2D positions outside the trained grids are extrapolation).
 """

@@ -1,4 +1,4 @@
-"""`bdt model init-tiny`: the embedded default's small "pretrained" LLM (SPEC 2.1), made from a
+"""`bdt model init-tiny`: the embedded default's small "pretrained" LLM (system §4), made from a
 config and a SentencePiece tokenizer trained on the dataset's captions
 (`bdt.model.backbone.make_tiny_llm`). Training then loads it like any downloaded LLM."""
 

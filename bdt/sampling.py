@@ -1,11 +1,11 @@
-"""Text-to-bits generation with next-patch diffusion (SPEC 1.3-1.4, issue 4 part 7).
+"""Text-to-bits generation with next-patch diffusion (method §3-4, issue 4 part 7).
 
 For a batch of prompts and one bucket (h x w latent tokens, both divisible by ps):
 1. Prefill every prompt's prefix, chat template + <|vision_start|> <|res_h|> <|res_w|> + P-1
    query tokens, causal except the last P tokens ([res_w, queries]), which form one block.
    With CFG the unconditional prefixes (<|im_start|>assistant\\n + the same image part) ride in
    the same batch: rows are left-padded to one length, padding is masked out and each row's
-   RoPE positions start at its first real token (exact, ENVIRONMENT.md).
+   RoPE positions start at its first real token (exact, environment.md).
 2. The last block's P hidden states + the 2D pos-emb of patch k's tokens condition the head,
    which samples patch k for all rows at once (Euler-Maruyama, CFG on the velocity, a constant
    or linearly ramped scale over the AR steps); bits = x >= 0.
@@ -35,7 +35,7 @@ from bdt.model.text_tokenizer import encode
 
 @dataclass
 class SamplingConfig:
-    cfg_scale: float = 7.5  # SPEC 1.3: T2I 7.5 (13 for GenEval); 1.0 = no unconditional stream
+    cfg_scale: float = 7.5  # method §3: T2I 7.5 (13 for GenEval); 1.0 = no unconditional stream
     cfg_schedule: str = "constant"  # constant | linear (ramped from 1 to cfg_scale over AR steps)
     num_steps: int = 50  # Euler-Maruyama steps of the head per AR step (25 is faster)
     time_shift: float | None = None  # None: the head's own

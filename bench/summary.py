@@ -2,8 +2,8 @@
 
 Each bdt benchmark writes `goals` ([{goal, value, target, met, limit}]) into its JSON; the
 extraction benchmark (bench/extract_throughput.py) writes its own layout, read here as it is.
-The same table replaces the part of the top-level README.md between the two BENCH_MARKERS, so
-the README always quotes the latest run (with its date and machine).
+The same table replaces the part of docs/results.md between the two BENCH_MARKERS, so the
+results page always quotes the latest run (with its date and machine).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main() -> None:
             f"load average). Regenerate with `make bench`; each script's table and JSON are in "
             f"`bench/results/`.\n\n" + "\n".join(lines) + "\n")
     write_atomic(os.path.join(RESULTS, "README.md"), text)
-    quote_in_readme(text.split("\n", 2)[2])  # without the heading
+    quote_in_results_doc(text.split("\n", 2)[2])  # without the heading
     print(text)
 
 
@@ -99,14 +99,14 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def quote_in_readme(text: str) -> None:
-    path = os.path.join(REPO, "README.md")
-    readme = open(path).read()
+def quote_in_results_doc(text: str) -> None:
+    path = os.path.join(REPO, "docs", "results.md")
+    doc = open(path).read()
     begin, end = BENCH_MARKERS
-    if begin not in readme or end not in readme:
-        print(f"README.md has no {begin} ... {end} part: not quoted there")
+    if begin not in doc or end not in doc:
+        print(f"docs/results.md has no {begin} ... {end} part: not quoted there")
         return
-    head, rest = readme.split(begin, 1)
+    head, rest = doc.split(begin, 1)
     write_atomic(path, head + begin + "\n" + text.strip() + "\n" + end + rest.split(end, 1)[1])
 
 

@@ -1,4 +1,4 @@
-"""Pre-extract binary image tokens with Ray (SPEC 2; the library is bdt/extract/).
+"""Pre-extract binary image tokens with Ray (system §1; the library is bdt/extract/).
 
     ray job submit --working-dir . -- python pipelines/extract_tokens.py --config pipelines/configs/shapes.yaml
     python pipelines/extract_tokens.py --config pipelines/configs/shapes.yaml output=/tmp/tok  # local Ray

@@ -27,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-# No accelerator, no hub, Ray on loopback only (shared/ENVIRONMENT.md); the Makefile sets them too.
+# No accelerator, no hub, Ray on loopback only (docs/environment.md); the Makefile sets them too.
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:-0}

@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets: the fixed output sizes images are resized + center-cropped to (SPEC 1.5).
+"""Aspect-ratio buckets: the fixed output sizes images are resized + center-cropped to (method §5).
 
 BitDance trains at native aspect ratio on a small set of output sizes: 11 buckets near 1 MP
 (2048x512 .. 1024x1024 .. 512x2048) and 7 near 0.25 MP (1024x256 .. 512x512 .. 256x1024). The
@@ -8,7 +8,7 @@ widths step down from 4:1 to 1:1 and each height is the multiple nearest the tar
 Shapes are written in sixteenths of the base side ("units"): at base 1024 one unit is 64 px,
 so (32, 8) is 2048x512. That generalises both lists to any base resolution. Every bucket side
 must be a multiple of `multiple` = tokenizer downsample factor x patch side, so that the token
-grid (W/f) x (H/f) cuts into whole ps x ps patches (SPEC 1.4).
+grid (W/f) x (H/f) cuts into whole ps x ps patches (method §4).
 """
 
 from __future__ import annotations

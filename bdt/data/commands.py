@@ -1,4 +1,4 @@
-"""`bdt data ...` commands: `bdt data shapes` writes the embedded captioned dataset (SPEC 2.1)."""
+"""`bdt data ...` commands: `bdt data shapes` writes the embedded captioned dataset (system §4)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 A sample is KEY.jpg|jpeg|png|webp + optional KEY.txt (caption) + optional KEY.json. Shards are
 given as a brace pattern (`data/shapes-{000000..000009}.tar`), a glob, or a comma-separated list,
 on a local path or any fsspec URL; they are opened through fsspec inside the worker process
-(webdataset 1.0.2 has no s3 opener and s3fs is not fork-safe; ENVIRONMENT.md).
+(webdataset 1.0.2 has no s3 opener and s3fs is not fork-safe; environment.md).
 
 Split: global worker g = rank * workers + worker_id out of G. With at least G shards each worker
 reads its own shards (every epoch in a seeded order); with fewer, every worker reads all shards

@@ -1,4 +1,4 @@
-"""The embedded "shapes" dataset: scene specs, captions and deterministic renders (SPEC 2.1).
+"""The embedded "shapes" dataset: scene specs, captions and deterministic renders (system §4).
 
 A sample is drawn from its own RNG `default_rng([seed, index])`, so any sample can be made alone,
 in any process, and is the same bytes every time. A *spec* describes the whole image the way the

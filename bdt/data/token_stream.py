@@ -11,7 +11,7 @@ per epoch from (seed, rank, epoch). The stream is endless (epochs roll over on t
 step always takes `grad_accum` micro-batches on every rank, so all ranks take the same number
 of steps whatever their shard sizes: training length is counted in steps, never in epochs.
 
-Packing (SPEC 1.5: batches of whole images at native aspect, packed into a token budget): a
+Packing (method §5: batches of whole images at native aspect, packed into a token budget): a
 random buffered sample seeds the micro-batch; samples of the same grid (bucket) are added in
 random order while they fit, then the largest remaining ones that still fit, then swaps of
 chosen samples for slightly longer buffered ones close what gap is left (`_close_gap`).

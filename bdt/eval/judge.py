@@ -1,7 +1,7 @@
 """The shapes judge: does an image match the spec of its prompt? Decided from pixels alone.
 
 GenEval (Ghosh et al. 2023) checks generated images with an object detector; in the embedded
-shapes world (SPEC 2.1) objects are flat coloured shapes on a neutral background, so a cheap
+shapes world (system §4) objects are flat coloured shapes on a neutral background, so a cheap
 exact detector suffices. At a fixed working scale:
 1. pixels far in OKLab chroma from the background (the border's median) are foreground;
 2. each takes the palette colour of nearest hue (hue survives anti-aliasing, JPEG and blending

@@ -1,4 +1,4 @@
-"""Ray pre-extraction: raw image-caption data -> binary-token webdataset shards + manifest (SPEC 2).
+"""Ray pre-extraction: raw image-caption data -> binary-token webdataset shards + manifest (system §1).
 
 config.py (ExtractConfig), inputs.py (listing + robust reading, rejects), worker.py (the Ray
 actor holding the tokenizer), manifest.py (layout, markers, index.json), run.py (the driver).

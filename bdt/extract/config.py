@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class StageConfig:
-    """One output family: images bucketed around `resolution`^2 pixels (SPEC 1.5 stages)."""
+    """One output family: images bucketed around `resolution`^2 pixels (method §5 stages)."""
 
     resolution: int = 256
     name: str = ""  # directory of the family under `output`; "" -> str(resolution)
@@ -27,7 +27,7 @@ class ExtractConfig:
     output: str = "???"  # root of the token shards + manifest; local path or fsspec URL
     tokenizer: str = "???"  # tokenizer directory (config.json + model.safetensors)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(resolution=256)])
-    patch_size: int = 1  # ps of the AR model (SPEC 1.4): bucket sides are multiples of f * ps
+    patch_size: int = 1  # ps of the AR model (method §4): bucket sides are multiples of f * ps
     # Input hygiene (anything failing goes to the rejects file, never crashes the job).
     image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
     min_side: int = 32  # shorter image side in pixels below which an image is rejected

@@ -1,7 +1,7 @@
 """The Ray actor of the extraction job: holds the tokenizer, turns one input unit into shards.
 
 `ShardEncoder` is plain Python here; run.py wraps it with `ray.remote` (resources, restarts).
-It lives in the installed package because Ray workers import it by name (ENVIRONMENT.md).
+It lives in the installed package because Ray workers import it by name (environment.md).
 
 Per unit: stages whose done-marker is valid are skipped; the others are rebuilt from scratch.
 Samples stream through: read -> validate caption -> decode once -> resize + center-crop per

@@ -1,12 +1,12 @@
-"""The BitDance AR model (SPEC 1.2-1.4): an HF causal LM + bits connector + 2D pos-emb + head.
+"""The BitDance AR model (method §2-4): an HF causal LM + bits connector + 2D pos-emb + head.
 
 Training forward on a `PackedSequence` (one packed row of S samples):
     inputs_embeds = embed_tokens(ids) at text positions,
-                    connector(flipped bits) + pos2d(row, col) at image positions     (SPEC 1.2)
-    hidden        = LLM decoder under the block-causal, document-separated mask      (SPEC 1.4)
+                    connector(flipped bits) + pos2d(row, col) at image positions     (method §2)
+    hidden        = LLM decoder under the block-causal, document-separated mask      (method §4)
     text CE       = LM head on the text-target positions only (a full [L, V] logits tensor
                     would be 151940 x L floats for Qwen3), weight 0.01
-    head cond     = hidden at the predicting position + pos2d of the predicted token (SPEC 1.3)
+    head cond     = hidden at the predicting position + pos2d of the predicted token (method §3)
     vision loss   = flow loss per token, mean, weight 1.0
 
 Parameter names: `llm.*` (the HF model's own keys), `connector.*`, `head.*`; see
@@ -70,7 +70,7 @@ class BitDanceModel(nn.Module):
                                        else "cpu")
         self._layer_costs = _layer_costs(llm.config)
         if cfg.activation_checkpointing:
-            # Non-reentrant: works with DeepSpeed ZeRO-3 (ENVIRONMENT.md); HF only checkpoints
+            # Non-reentrant: works with DeepSpeed ZeRO-3 (environment.md); HF only checkpoints
             # in train mode, like the head.
             llm.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False})
@@ -142,19 +142,19 @@ class BitDanceModel(nn.Module):
         return self.llm.get_input_embeddings()(ids)
 
     def embed_image(self, bits_NC: Tensor, rc_N2: Tensor) -> Tensor:
-        """LLM inputs of image tokens: connector(+-1 bits) + pos2d(row, col) (SPEC 1.2)."""
+        """LLM inputs of image tokens: connector(+-1 bits) + pos2d(row, col) (method §2)."""
         dtype = self.connector.fc1.weight.dtype
         return self.connector(bits_NC.to(dtype)) + self.pos_embed(rc_N2).to(dtype)
 
     def head_condition(self, hidden_ND: Tensor, rc_N2: Tensor) -> Tensor:
-        """Head condition of the tokens at (row, col): predicting hidden + their pos2d (SPEC 1.3),
+        """Head condition of the tokens at (row, col): predicting hidden + their pos2d (method §3),
         in the head's dtype (the backbone may run in another)."""
         cond_ND = hidden_ND + self.pos_embed(rc_N2).to(hidden_ND.dtype)
         return cond_ND.to(self.head.input_proj.weight.dtype)
 
     def float_mask_dtype(self) -> torch.dtype | None:
         """The dtype a dense mask must be additive in, or None for bool: eager attention reads
-        a bool mask wrongly (ENVIRONMENT.md) and HF's flex path adds a dense mask to scores."""
+        a bool mask wrongly (environment.md) and HF's flex path adds a dense mask to scores."""
         if getattr(self.llm.config, "_attn_implementation", "") in ("eager", "flex_attention"):
             return self.llm.get_input_embeddings().weight.dtype
         return None
@@ -190,7 +190,7 @@ class BitDanceModel(nn.Module):
                 0, index_L, inputs_embeds_LD).view(S, Lmax, -1)
         else:
             rows_SLD = inputs_embeds_LD[None]
-        # use_cache=False: with a cache HF may ignore the packing (ENVIRONMENT.md).
+        # use_cache=False: with a cache HF may ignore the packing (environment.md).
         out = self.decoder(inputs_embeds=rows_SLD, use_cache=False, **self.mask_kwargs(layout))
         hidden = out.last_hidden_state
         return hidden.reshape(-1, hidden.shape[-1])[index_L] if split is not None else hidden[0]
@@ -223,7 +223,7 @@ class BitDanceModel(nn.Module):
         vision_GP, x_pred = flow_loss(self.head, x_GPC, cond_ND.view(-1, P, D), generator,
                                       return_x_pred=True)
         vision = vision_GP.mean()
-        # Per-bit accuracy of the head's x-prediction (diagnostic, SPEC/issue 4 part 6).
+        # Per-bit accuracy of the head's x-prediction (diagnostic, issue 4 part 6).
         target = x_GPC.repeat(x_pred.shape[0] // x_GPC.shape[0], 1, 1)
         bit_accuracy = (binarize(x_pred.detach().float()) == target.float()).float().mean()
         total = cfg.text_loss_weight * text_ce + cfg.vision_loss_weight * vision

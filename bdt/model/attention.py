@@ -3,7 +3,7 @@
 A packed row of L tokens holds several samples ("documents"). Each token carries a document id and
 a block id, non-decreasing along the row; key j is visible to query i iff both are in the same
 document and block[j] <= block[i]. Text tokens are blocks of one (causal); image tokens come in
-blocks of P (full inside a block, causal across blocks): the block-causal mask of SPEC 1.4.
+blocks of P (full inside a block, causal across blocks): the block-causal mask of method §4.
 Callers describe a row as cumulative sample lengths + per sample (causal_len, P)
 (`BlockCausalLayout.from_packed`) and get the Hugging Face model kwargs from `attention_kwargs`.
 
@@ -11,7 +11,7 @@ Backends (`resolve_backend`; the model must be loaded with `hf_attn_implementati
 - `sdpa`: a dense [B,1,L,L] mask (bool; additive float for models running `eager`, which reads a
   bool mask wrongly). The CPU default; O(L^2) memory per row (64 MiB at L = 8192).
 - `flex`: torch flex_attention with a BlockMask built from the same rule (`mask_mod`): sparse, the
-  fast path on GPU. No backward on CPU, and it compiles (ENVIRONMENT.md).
+  fast path on GPU. No backward on CPU, and it compiles (environment.md).
 - `flash`: flash-attn's `flash_attn_varlen_func`, CUDA only. Its varlen kernel knows only
   causal-per-sequence masks, exact for rows whose blocks all have size 1 (text-only, P = 1).
   A block-causal row could be built from two flash passes merged by their log-sum-exps, but
@@ -286,7 +286,7 @@ def register_flash_attention() -> None:
     AttentionInterface.register("bdt_varlen", _flash_attention_forward)
 
 
-# --- KV-cached decoding (SPEC 1.4: each AR step feeds P tokens against the cache) ---
+# --- KV-cached decoding (method §4: each AR step feeds P tokens against the cache) ---
 
 def decode_attention_mask(key_valid_BK: Tensor, num_new: int,
                           float_dtype: torch.dtype | None = None) -> Tensor:

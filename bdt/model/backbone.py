@@ -1,6 +1,6 @@
 """The LLM backbone: any Hugging Face causal LM (Qwen3 default; Qwen2, Llama, ...) plus its text
-tokenizer, extended with BitDance's special tokens (SPEC 1.2), and the tiny LLM of the embedded
-default (SPEC 2.1).
+tokenizer, extended with BitDance's special tokens (method §2), and the tiny LLM of the embedded
+default (system §4).
 
 A real checkpoint and the tiny default take the same path: a directory (or hub id) holding
 ``config.json`` + weights + tokenizer files, read with ``from_pretrained``.

@@ -1,7 +1,7 @@
 """The whole AR model's configuration: backbone + bits connector + 2D pos-emb + diffusion head.
 
 One dataclass tree (omegaconf structured, see `bdt.config.load`) so a training YAML can say
-`model.parallel_num: 4` or `model.head.width: 768`. Defaults follow SPEC 1.2-1.5 (BitDance T2I):
+`model.parallel_num: 4` or `model.head.width: 768`. Defaults follow method §2-5 (BitDance T2I):
 text CE weight 0.01, vision flow loss weight 1.0, exposure-bias p = 0.1, caption dropout 0.1.
 
 `parallel_num` (P) is the one authority on tokens per AR step: the model builds its head with
@@ -24,19 +24,19 @@ from bdt.model.sequence import patch_side
 class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    # Tokens per AR step, P = ps * ps (SPEC 1.4: 1, 4, 16, 64).
+    # Tokens per AR step, P = ps * ps (method §4: 1, 4, 16, 64).
     parallel_num: int = 16
-    # Rows of the 1D sin-cos table per axis: 2048 px / 16 px per token = 128 (SPEC 1.2).
+    # Rows of the 1D sin-cos table per axis: 2048 px / 16 px per token = 128 (method §2).
     pos_max_len: int = 128
     text_loss_weight: float = 0.01
     vision_loss_weight: float = 1.0
-    # Exposure bias (SPEC 1.2): an input bit flips with probability p*u, u ~ U(0,1).
+    # Exposure bias (method §2): an input bit flips with probability p*u, u ~ U(0,1).
     flip_prob: float = 0.1
-    # Caption dropout for CFG (SPEC 1.2): the packer applies it; kept with the model's recipe.
+    # Caption dropout for CFG (method §2): the packer applies it; kept with the model's recipe.
     caption_dropout: float = 0.1
     # auto | sdpa | flex | flash (bdt.model.attention); auto = flash/flex on CUDA, sdpa on CPU.
     attn_backend: str = "auto"
-    # Activation checkpointing of the decoder layers and the head blocks (SPEC 1.5).
+    # Activation checkpointing of the decoder layers and the head blocks (method §5).
     activation_checkpointing: bool = False
 
     @property

@@ -1,9 +1,9 @@
-"""Image-token inputs of the AR model (SPEC 1.2): bits connector, 2D sin-cos position embedding,
+"""Image-token inputs of the AR model (method §2): bits connector, 2D sin-cos position embedding,
 exposure-bias bit flipping.
 
 An image token's LLM input is ``connector(bits) + pos2d(row, col)``; the diffusion head's
 condition reuses the same 2D embedding for the token it predicts. Layouts follow the reference
-fixtures (``reference/bitdance/README.md``, "2D position embedding" and quirk 5).
+fixtures (``tests/fixtures/bitdance/README.md``, conventions: 2D position embedding, training bit flips).
 
 Checkpoint key mapping (BitDance ``MLLModel`` -> ours, relative to where the AR model mounts
 these modules): ``embed_vision_mlp.fc1.{weight,bias}`` -> ``<connector>.fc1.{weight,bias}``,
@@ -88,7 +88,7 @@ class PosEmbed2D(nn.Module):
 def flip_bits(
     bits: torch.Tensor, p_max: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Exposure-bias noise (SPEC 1.2): flip each +-1 bit with probability p_max * u, u ~ U(0, 1).
+    """Exposure-bias noise (method §2): flip each +-1 bit with probability p_max * u, u ~ U(0, 1).
 
     Draw order matches BitDance (fixture quirk 5): r1 then r2, both shaped like ``bits``; a bit
     flips where r1 < p_max * r2, so the mean flip rate is p_max / 2. Apply to inputs only; the

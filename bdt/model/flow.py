@@ -1,11 +1,11 @@
-"""Rectified flow for the binary diffusion head (SPEC 1.3): training loss and the sampler.
+"""Rectified flow for the binary diffusion head (method §3): training loss and the sampler.
 
 Convention: t = 1 at data, z_t = (1 - t) * eps + t * x, with x the clean +-1 bits. The head predicts
 x; both the loss and the sampler work with the velocity v = (x - z_t) / max(1 - t, 0.05), the clamp
 keeping the velocity finite near t = 1.
 
 Reproducibility: with the same seed, `flow_loss` and `sample` draw their random numbers in the
-release's order (documented in reference/bitdance/head_tiny.json), so the fixtures' seeded loss
+release's order (documented in tests/fixtures/bitdance/head_tiny.json), so the fixtures' seeded loss
 and sampler outputs are reproduced exactly (torch CPU RNG).
 
 Binarisation is the caller's: `bits = binarize(x)`. The release applies `torch.sign` to the

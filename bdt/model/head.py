@@ -1,4 +1,4 @@
-"""The binary diffusion head (SPEC 1.3): denoises the P tokens of one patch jointly.
+"""The binary diffusion head (method §3): denoises the P tokens of one patch jointly.
 
 Per patch row b the head gets the noisy bits x_t [P, C], the flow time t (one per patch) and one
 condition vector per token (LLM hidden state + 2D position embedding, [P, D]). It is a small
@@ -12,7 +12,7 @@ using set i // (depth / num_adaln_sets) (BitDance shares them between consecutiv
 parameters; with W = 5120 one set is 157M parameters).
 
 Parameter names are ours; `head_key_from_bitdance` / `head_state_dict_from_bitdance` map the
-released checkpoint's `DiffHead` keys (`net.*`, see reference/bitdance/head_tiny.json and the
+released checkpoint's `DiffHead` keys (`net.*`, see tests/fixtures/bitdance/head_tiny.json and the
 `vision_diffusion_head.net.*` keys of mllm_keys_14b.json) onto them, shapes unchanged.
 """
 
@@ -41,7 +41,7 @@ class HeadConfig:
     cond_dim: int = 5120  # D, the condition width (the LLM hidden size)
     tokens: int = 16  # P, tokens per patch (= per AR step); the network itself takes any P
     time_freq_dim: int = 256  # sinusoidal timestep features fed to the time MLP
-    # Training-time flow time t = sigmoid(N(p_mean, p_std^2)), then shifted (SPEC 1.3).
+    # Training-time flow time t = sigmoid(N(p_mean, p_std^2)), then shifted (method §3).
     p_mean: float = -0.8
     p_std: float = 0.8
     time_shift: float = 1.0
@@ -101,7 +101,7 @@ class HeadBlock(nn.Module):
         h = _modulate(self.attn_norm(x_BPW), scale1, shift1)
         q, k, v = (t.view(B, P, W // self.head_dim, self.head_dim).transpose(1, 2)
                    for t in self.qkv(h).chunk(3, dim=-1))
-        # No mask: all P tokens of a patch see each other (joint denoising, SPEC 1.3).
+        # No mask: all P tokens of a patch see each other (joint denoising, method §3).
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, P, W)
         x_BPW = x_BPW + gate1 * self.attn_out(h)
         gate, up = self.mlp_in(_modulate(self.mlp_norm(x_BPW), scale2, shift2)).chunk(2, dim=-1)

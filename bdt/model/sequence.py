@@ -1,6 +1,6 @@
-"""Sequence layout of the AR model and the training packer (SPEC 1.2, 1.4).
+"""Sequence layout of the AR model and the training packer (method §2, §4).
 
-One sample (reference/bitdance/mllm_tiny.json "batch_layout", which wins over SPEC where they
+One sample (tests/fixtures/bitdance/mllm_tiny.json "batch_layout", which wins over method.md where they
 differ) is::
 
     prompt ids            <|im_start|>user\\n{caption}<|im_end|>\\n<|im_start|>assistant\\n
@@ -50,7 +50,7 @@ def _check_grid(h: int, w: int, ps: int) -> None:
 def patch_raster_perm(h: int, w: int, ps: int) -> torch.Tensor:
     """perm[i] = row-major index (r*w + c) of the i-th token in sequence order.
 
-    Patches of ps x ps go in raster order, tokens inside a patch in raster order too (SPEC 1.4;
+    Patches of ps x ps go in raster order, tokens inside a patch in raster order too (method §4;
     BitDance's rearrange 'c (h p1) (w p2) -> (h w p1 p2) c').
     """
     _check_grid(h, w, ps)
@@ -123,7 +123,7 @@ class PackedSequence:
         """HF-style causal-LM labels (unshifted): -100 except the text-CE targets.
 
         labels[i+1] = target of position i, so each sample's first label is -100 and the HF
-        shift never scores a prediction across a sample boundary (ENVIRONMENT.md).
+        shift never scores a prediction across a sample boundary (environment.md).
         """
         labels_L = torch.full_like(self.input_ids_L, IGNORE_INDEX)
         labels_L[self.text_loss_index_T + 1] = self.text_target_T

@@ -1,7 +1,7 @@
 """Text tokenizer side of the AR model: BitDance's added special tokens, the chat-template pieces,
-and a SentencePiece tokenizer trained on captions for the embedded default (SPEC 1.2, 2.1).
+and a SentencePiece tokenizer trained on captions for the embedded default (method §2, system §4).
 
-Token-id rules (reference/bitdance/sequence_tiny.json "special_tokens"): missing chat/vision
+Token-id rules (tests/fixtures/bitdance/sequence_tiny.json "special_tokens"): missing chat/vision
 tokens are appended first, then ``<|res_1|>..<|res_{num_res}|>`` (``<|res_k|>`` = k latent tokens
 along an axis, i.e. k*16 px with a 16x tokenizer), then ``<|query_1|>..<|query_{P-1}|>``. On the
 real Qwen3 tokenizer (151669 tokens, chat and vision tokens present) this gives res_k = 151668 + k
@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # transformers is slow to import; data-side users only need t
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-# SPEC 1.2 / fixture "prompt_template": conditional and unconditional (CFG) prefixes.
+# method §2 / fixture "prompt_template": conditional and unconditional (CFG) prefixes.
 CONDITIONAL_TEMPLATE = IM_START + "user\n{prompt}" + IM_END + "\n" + IM_START + "assistant\n"
 UNCONDITIONAL_PROMPT = IM_START + "assistant\n"
 # Chat template stored in the tiny tokenizer directory so `apply_chat_template` produces the
@@ -130,7 +130,7 @@ def load_text_tokenizer(path: str) -> "PreTrainedTokenizerBase":
     """The tokenizer stored beside an LLM (local dir or hub id), SentencePiece-based ones included.
 
     transformers 5 traps: constructing ``LlamaTokenizer(vocab_file=...)`` silently yields empty ids
-    (ENVIRONMENT.md), so a directory holding ``tokenizer.model`` goes through ``from_pretrained``;
+    (environment.md), so a directory holding ``tokenizer.model`` goes through ``from_pretrained``;
     and AutoTokenizer replaces a declared generic ``TokenizersBackend`` by the model type's class
     for some types (qwen2 -> Qwen2Tokenizer, which mis-reads a SentencePiece tokenizer.json), so a
     local directory declaring ``TokenizersBackend`` is loaded with exactly that class.

@@ -1,4 +1,4 @@
-"""Binary image tokenizer (SPEC 1.1): BitDance-compatible autoencoder, sign quantizer, bit packing.
+"""Binary image tokenizer (method §1): BitDance-compatible autoencoder, sign quantizer, bit packing.
 
     model = load_tokenizer("path/or/s3://url")       # config.json + model.safetensors
     bits = model.encode(images_BCHW)                  # bool B x h x w x C, images in [-1, 1]

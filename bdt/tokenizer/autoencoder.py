@@ -1,6 +1,6 @@
-"""The convolutional binary autoencoder of BitDance (SPEC 1.1), state-dict compatible with the
+"""The convolutional binary autoencoder of BitDance (method §1), state-dict compatible with the
 released `ae_d16c32` / `ae_d32c128` / `ae_d32c256` tokenizers (module names and shapes follow
-the released key lists in reference/bitdance/tokenizer_keys_*.json).
+the released key lists in tests/fixtures/bitdance/tokenizer_keys_*.json).
 
 Layouts: images are BCHW in [-1, 1]; the encoder output / decoder input is BChw (one channel per
 bit); the public bit layout is B x h x w x C bool (True = +1), see `encode`/`decode`.

@@ -1,4 +1,4 @@
-"""Architecture + quantizer settings of a binary image tokenizer (SPEC 1.1).
+"""Architecture + quantizer settings of a binary image tokenizer (method §1).
 
 On disk (a tokenizer directory's `config.json`, or the `model:` block of a `tokenizers/*.yaml`)
 the config is the flat field set of `TokenizerConfig`. `TokenizerConfig.from_dict` also takes the
@@ -29,7 +29,7 @@ class TokenizerConfig:
     # GroupNorm groups on every feature map (32 in the release; no weights depend on it). Narrow
     # models want fewer: at width 32, 32 groups is instance norm, which erases flat backgrounds.
     norm_groups: int = 32
-    # Quantizer losses (group-wise lookup-free entropy, BitDance GFQ defaults; commitment per SPEC 1.1).
+    # Quantizer losses (group-wise lookup-free entropy, BitDance GFQ defaults; commitment per method §1).
     entropy_group_size: int = 8  # bits per group: 2**8 implicit codes
     entropy_temperature: float = 0.01
     sample_entropy_weight: float = 1.0  # per-sample entropy is minimised

@@ -1,4 +1,4 @@
-"""Patch discriminator and GAN losses for tokenizer training (SPEC 1.1: the WeTok lineage uses a
+"""Patch discriminator and GAN losses for tokenizer training (method §1: the WeTok lineage uses a
 patch discriminator with adversarial weight ~0.1 and LeCam regularisation 0.05).
 
 A PatchGAN-style stack of 4x4 convolutions (stride 2, then 1) with GroupNorm instead of

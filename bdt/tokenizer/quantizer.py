@@ -1,4 +1,4 @@
-"""Sign quantizer with straight-through gradients and its training losses (SPEC 1.1).
+"""Sign quantizer with straight-through gradients and its training losses (method §1).
 
 Each encoder channel becomes one bit: +1 where z > 0, else -1 (strict, so an exact 0 is -1, as in
 the release). There is no codebook lookup; for the entropy loss the C bits are split into
@@ -7,7 +7,7 @@ contiguous groups of `g` channels, and every group is scored against its 2**g im
 the channel offset inside the group (LSB first); code row j has entries ((j >> k) & 1) * 2 - 1.
 
 Losses (the intended formulas; the released GFQ averages its commitment term over a subset of
-batch rows by accident, see reference/bitdance/README.md):
+batch rows by accident, see tests/fixtures/bitdance/README.md):
   commitment = mean((z - stopgrad(sign(z)))**2) over all elements
   p = softmax(2 <z_group, code> / T) per token and group, over the 2**g codes
   per_sample_entropy = mean over tokens and groups of H(p)                  (minimised)
@@ -70,7 +70,7 @@ class QuantizerOutput:
 
 
 class SignQuantizer(nn.Module):
-    """Binarise z_BChw to ±1 with a straight-through estimator and compute the SPEC 1.1 losses.
+    """Binarise z_BChw to ±1 with a straight-through estimator and compute the method §1 losses.
 
     No parameters or buffers: the code table is rebuilt per call (2**g x g, negligible), so a
     model built on the meta device loads real weights with nothing left to materialise.

@@ -1,6 +1,6 @@
 """Tokenizer training: `deepspeed tokenizers/train.py --config tokenizers/<name>.yaml [key=value]`.
 
-Also runs under torchrun and as one plain process. Losses (SPEC 1.1): pixel L1/L2, optional
+Also runs under torchrun and as one plain process. Losses (method §1): pixel L1/L2, optional
 LPIPS, the quantizer's commitment + group-wise entropy terms, and an optional patch discriminator
 (hinge, adaptive weight, start step, optional LeCam). EMA weights are checkpointed and exported.
 
@@ -50,13 +50,13 @@ class LossConfig:
     lpips_weight: float = 0.0
     lpips_backbone: str = ""  # local torchvision vgg16 state dict
     lpips_head: str = ""  # local LPIPS vgg.pth (lin0..lin4)
-    disc_weight: float = 0.0  # 0 disables the discriminator (SPEC 1.1: ~0.1)
+    disc_weight: float = 0.0  # 0 disables the discriminator (method §1: ~0.1)
     disc_start: int = 0  # optimizer step at which the adversarial terms start
     disc_adaptive: bool = True  # VQGAN adaptive weight from the decoder's last-layer gradients
     disc_lr: float = 1e-4
     disc_width: int = 64
     disc_layers: int = 3
-    lecam_weight: float = 0.0  # SPEC 1.1: 0.05
+    lecam_weight: float = 0.0  # method §1: 0.05
 
 
 @dataclass

@@ -4,7 +4,7 @@ Layout of one checkpoint (`<root>/step_000001234/`):
   <engine name>/...            DeepSpeed `save_checkpoint` output (all ranks call it)
   rank_00000.json|.safetensors per-rank state: step, counters, data-stream position, RNG states
                                (DeepSpeed writes `client_state` only on data-parallel rank 0 under
-                               ZeRO-1/2, so each rank needs its own file; ENVIRONMENT.md)
+                               ZeRO-1/2, so each rank needs its own file; environment.md)
   shared.pt                    replicated non-engine state (EMA weights, a plain torch optimizer),
                                written by rank 0, read back with torch.load(weights_only=True)
   COMPLETE                     written by rank 0 after a barrier, i.e. after every other file.
@@ -376,7 +376,7 @@ def _rank_seed(old_rank0_torch_rng: torch.Tensor, step: int, rank: int) -> int:
 class _universal_load:
     """DeepSpeed's `checkpoint.load_universal` switched on around one `load_checkpoint` call:
     DeepSpeed 0.19.8 reads the flag only there, so this equals starting the engine with it and
-    switching it off again for later resumes (ENVIRONMENT.md)."""
+    switching it off again for later resumes (environment.md)."""
 
     def __init__(self, engine, on: bool):
         self.config, self.on = getattr(engine, "_config", None), on

@@ -23,7 +23,7 @@ PRECISIONS = ("fp32", "bf16")
 class OptimConfig:
     lr: float = 1e-4
     beta1: float = 0.9
-    beta2: float = 0.95  # SPEC 1.5: AdamW (0.9, 0.95)
+    beta2: float = 0.95  # method §5: AdamW (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
@@ -65,7 +65,7 @@ def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, world_size: int) ->
     adam: dict[str, Any] = {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,
                             "weight_decay": optim.weight_decay}
     if not torch.cuda.is_available():
-        # Without torch_adam DeepSpeed JIT-compiles its fused CPU Adam (~45 s, ENVIRONMENT.md).
+        # Without torch_adam DeepSpeed JIT-compiles its fused CPU Adam (~45 s, environment.md).
         adam["torch_adam"] = True
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,

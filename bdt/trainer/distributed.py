@@ -34,7 +34,7 @@ class DistInfo:
 
 
 def disable_deepspeed_shm_op() -> None:
-    """Skip the shared-memory comm op DeepSpeed JIT-builds at init (ENVIRONMENT.md).
+    """Skip the shared-memory comm op DeepSpeed JIT-builds at init (environment.md).
 
     Building it costs ~30 s and leaves a 66 MB file per rank in /dev/shm; training never uses it.
     Patched through sys.modules: `import deepspeed.comm.torch` binds the *torch* package instead.
@@ -87,7 +87,7 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Barrier + destroy: ending without it occasionally aborted a rank at exit (ENVIRONMENT.md)."""
+    """Barrier + destroy: ending without it occasionally aborted a rank at exit (environment.md)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""In-loop evaluation (SPEC 2.2: loss is a poor proxy): every `eval.every` steps the model being
+"""In-loop evaluation (system §5: loss is a poor proxy): every `eval.every` steps the model being
 trained generates the shapes suite (a few prompts per category), the pixel judge scores the
 images, and the scores go to the metrics (stdout, JSONL, TensorBoard) with the full report
 (`bdt.eval.run.write_report`) under <run_dir>/eval/step_N/.

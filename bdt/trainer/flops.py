@@ -8,7 +8,7 @@ Training FLOPs = 3 x forward (backward ~ 2 x forward). Forward, per packed row:
   LM head           2 x hidden x vocab per text-loss position (only those are projected)
   diffusion head    2 x head params per image token and per repeat
 MFU = achieved model FLOP/s / peak FLOP/s; the peak is configured or measured in this run
-(ENVIRONMENT.md: measure it in the same run as any MFU figure).
+(environment.md: measure it in the same run as any MFU figure).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ boundary). Stages run back to back in one process (StageClock); the data stream 
 stage switch. A checkpoint holds the engine (DeepSpeed) + per-rank state: step, stage, tokens
 and images seen, the stream's exact position and buffer, RNG states (CheckpointManager). Resume
 picks the newest complete checkpoint, lands in its stage with its stream state, and repeats the
-uninterrupted run bitwise (same world size and thread count; ENVIRONMENT.md).
+uninterrupted run bitwise (same world size and thread count; environment.md).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                           "resumed_from_world_size": meta.get("resplit_from_world_size",
                                                               dist.world_size)})
         if meta.get("threads") != torch.get_num_threads():
-            # ENVIRONMENT.md: a different intra-op thread count changes float reduction order.
+            # environment.md: a different intra-op thread count changes float reduction order.
             print(f"warning: rank {dist.rank}: checkpoint written with {meta.get('threads')} torch "
                   f"threads, this run has {torch.get_num_threads()}: training continues, but not "
                   f"bitwise as the uninterrupted run would (set `threads`)", flush=True)

@@ -4,7 +4,7 @@ A checkpoint holds one DeepSpeed engine and one state file per rank (checkpoint.
 run restarts with W' != W ranks, rank 0 converts it once (CheckpointManager.load(..., reshard=)):
   * the engine: `python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state` turns
     partitioned ZeRO-1/2/3 optimizer state into DeepSpeed's universal checkpoint, which loads
-    at any data-parallel size with weights and Adam moments bitwise (ENVIRONMENT.md). A ZeRO-0
+    at any data-parallel size with weights and Adam moments bitwise (environment.md). A ZeRO-0
     checkpoint keeps the whole optimizer in one file and loads as it is;
   * the per-rank training state (`resplit_train_states`): the step, stage and LR position are
     the same on every rank; the tokens/images counters are summed into new rank 0 (the logs

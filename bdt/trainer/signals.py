@@ -1,6 +1,6 @@
 """Preemption: SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits 0.
 
-Under the `deepspeed` launcher signals reach ranks one at a time, ~30 s apart (ENVIRONMENT.md), so
+Under the `deepspeed` launcher signals reach ranks one at a time, ~30 s apart (environment.md), so
 a rank must not act on its own flag: `should_stop` all-reduces the flag (MAX) every step and every
 rank stops at the same step, which the collective checkpoint save requires.
 """

@@ -2,7 +2,7 @@
 
     model:       ModelConfig (backbone, head, P, loss weights, activation checkpointing)
     data:        image-tokenizer directory (identity check against shard manifests), buffer
-    stages:      progressive stages run as ONE job (SPEC 1.5 / 2: 256 -> 512 -> 1024); each has its
+    stages:      progressive stages run as ONE job (method §5, system §2: 256 -> 512 -> 1024); each has its
                  shards, length (steps, or real tokens), LR schedule, micro-batch token budget
                  and P
     optim:       AdamW (0.9, 0.95), weight decay, gradient clipping (the LR is per stage)
@@ -34,11 +34,11 @@ class StageConfig:
     steps: int = 0  # optimizer steps of this stage; or:
     tokens: int = 0  # real tokens (all ranks, no padding): the stage ends once it has seen them
     token_budget: int = 4096  # packed tokens per micro-batch per rank (whole samples only)
-    # P trained in this stage; 0 = model.parallel_num. A smaller P may come first (SPEC 1.4: a
+    # P trained in this stage; 0 = model.parallel_num. A smaller P may come first (method §4: a
     # P = 64 model starts from P = 16 training): see `validate`.
     parallel_num: int = 0
     # LR schedule of the stage: linear warmup, then constant or cosine down to min_lr_ratio * lr
-    # at the stage's end (SPEC 1.5: AdamW, warmup then constant lr late in training).
+    # at the stage's end (method §5: AdamW, warmup then constant lr late in training).
     lr: float = 1e-4
     warmup_steps: int = 100
     schedule: str = "cosine"  # constant | cosine

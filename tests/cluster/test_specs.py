@@ -154,7 +154,7 @@ def test_k8s_torchrun_job_command_loads():
     assert argv[:4] == ["exec", "python", "-m", "bdt.cluster.resume"]
     assert "torchrun" in argv and "bdt/train.py" in argv
     paths = paths_from_command(argv)  # the trainer's loader reads the same arguments
-    assert paths.run_dir.startswith("/shared/") and paths.checkpoint_dir.startswith("s3://")
+    assert paths.run_dir.startswith("/nfs/") and paths.checkpoint_dir.startswith("s3://")
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["NNODES"] == str(job["spec"]["completions"]) == str(job["spec"]["parallelism"])
     exit_codes = {code for rule in job["spec"]["podFailurePolicy"]["rules"]

@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets (SPEC 1.5): the BitDance lists, generalisation to other bases, nearest choice."""
+"""Aspect-ratio buckets (method §5): the BitDance lists, generalisation to other bases, nearest choice."""
 
 import math
 

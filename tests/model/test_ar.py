@@ -1,4 +1,4 @@
-"""BitDanceModel against the mllm_tiny fixture (reference/bitdance), LLM init, losses, config."""
+"""BitDanceModel against the mllm_tiny fixture (tests/fixtures/bitdance), LLM init, losses, config."""
 
 import json
 

@@ -38,7 +38,7 @@ def run(model, x, backend, layout, **extra):
 @pytest.fixture
 def eager_flex(monkeypatch):
     """HF's flex path with flex_attention uncompiled: the compile costs 50-80 s on this CPU
-    (ENVIRONMENT.md); the kernel semantics and our BlockMask are the same."""
+    (environment.md); the kernel semantics and our BlockMask are the same."""
     import transformers.integrations.flex_attention as hf_flex
 
     monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",

@@ -1,4 +1,4 @@
-"""Diffusion head vs the BitDance fixture (reference/bitdance/head_tiny), shapes, init, mapping."""
+"""Diffusion head vs the BitDance fixture (tests/fixtures/bitdance/head_tiny), shapes, init, mapping."""
 
 import json
 

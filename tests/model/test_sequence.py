@@ -1,4 +1,4 @@
-"""Sequence layout and packing against reference/bitdance/{sequence_tiny,mllm_tiny}.json."""
+"""Sequence layout and packing against tests/fixtures/bitdance/{sequence_tiny,mllm_tiny}.json."""
 
 import json
 

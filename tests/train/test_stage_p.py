@@ -1,4 +1,4 @@
-"""A stage may train a smaller P than the model's (SPEC 1.4: P = 64 grows out of P = 16): the
+"""A stage may train a smaller P than the model's (method §4: P = 64 grows out of P = 16): the
 model needs no other parameters for it, and training at that P is training a model of that P."""
 
 from dataclasses import replace

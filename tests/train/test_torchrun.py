@@ -4,7 +4,7 @@ finish their step, checkpoint it and end their loop cleanly.
 
 torchrun's own exit status after a SIGTERM is 1 whatever its workers do (its agent re-raises
 the signal as a SignalException once the workers are down): a requeue wrapper judges the save
-by the checkpoint's completion marker, not by the launcher's status (ENVIRONMENT.md)."""
+by the checkpoint's completion marker, not by the launcher's status (environment.md)."""
 
 import json
 import os
