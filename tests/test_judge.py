@@ -11,7 +11,7 @@ from PIL import Image
 
 from bdt.data import shapes
 from bdt.eval import judge as judge_mod
-from bdt.eval.judge import Judgement, judge_image, score
+from bdt.eval.judge import Detection, Judgement, judge_attributes, judge_image, score
 from bdt.eval.suite import build_suite, load_suite, to_jsonl
 
 SIZES = [(64, 64), (96, 64), (64, 128), (128, 128), (200, 120), (256, 256), (384, 256),
@@ -69,6 +69,9 @@ def test_ground_truth_renders_pass(renders):
     print(f"\nground truth pass rate: {rate:.4f} over {len(results)} renders")
     failures = [(i, r.reason) for i, r in enumerate(results) if not r.passed]
     assert rate >= 0.99, failures
+    # A whole-prompt pass implies every attribute judged alone passes.
+    assert all(all(r.attributes.values()) for r in results if r.passed)
+    assert {a for r in results for a in r.attributes} == {"count", "color", "shape", "position"}
 
 
 def test_wrong_prompts_fail(renders):
@@ -206,3 +209,33 @@ def test_object_multiset_matching():
     assert not same([("circle", "blue"), ("star", "blue"), ("star", "blue")], wanted)  # no red
     assert not same([("square", "red"), ("star", "blue"), ("star", "red")], wanted)  # shape
     assert not same([("circle", "red"), ("star", "red")], wanted)  # count
+
+
+def test_attributes_are_judged_alone():
+    spec = {"category": "position", "groups": [
+        {"shape": "star", "color": "red", "count": 1},
+        {"shape": "square", "color": "blue", "count": 1}],
+        "relation": {"type": "left_of", "a": 0, "b": 1}}
+
+    def det(shape, color, x):
+        return Detection(shape, color, (x - 5, 5, x + 5, 15), (x, 10.0), 0.9)
+
+    right = judge_attributes([det("star", "red", 10), det("square", "blue", 50)], spec)
+    assert right == {"count": True, "shape": True, "color": True, "position": True}
+    # Right colours in the right places but circles for shapes: only the shape fails.
+    blobs = judge_attributes([det("circle", "red", 10), det("circle", "blue", 50)], spec)
+    assert blobs == {"count": True, "shape": False, "color": True, "position": True}
+    # Swapped sides, an extra object: position and count fail, colour and shape still hold.
+    swapped = judge_attributes([det("square", "blue", 10), det("star", "red", 50),
+                                det("cross", "green", 30)], spec)
+    assert swapped == {"count": False, "shape": True, "color": True, "position": False}
+    single = {"category": "single_object", "relation": None,
+              "groups": [{"shape": "circle", "color": None, "count": 1}]}
+    assert judge_attributes([], single) == {"count": False, "shape": False}  # no colour named
+
+    scores = score([Judgement(False, attributes=blobs), Judgement(True, attributes=right),
+                    Judgement(False, attributes={"count": False, "shape": False})],
+                   ["position", "position", "single_object"])
+    assert scores["per_attribute"] == {"count": 2 / 3, "color": 1.0, "shape": 1 / 3,
+                                       "position": 1.0}
+    assert scores["attribute_counts"] == {"count": 3, "color": 2, "shape": 3, "position": 2}

@@ -9,7 +9,9 @@ exact detector suffices. At a fixed working scale:
 3. connected components per colour are objects (small same-blob fragments merge in);
 4. an object's shape is the template, rendered by the dataset's own renderer, with the highest
    soft IoU against its coverage map cropped to its box.
-A spec passes when the detected objects equal its objects exactly and its relation holds."""
+A spec passes when the detected objects equal its objects exactly and its relation holds.
+Each attribute (count, colour, shape, position) is also judged on its own, so a learning curve
+shows progress before whole prompts pass."""
 
 from __future__ import annotations
 
@@ -41,11 +43,16 @@ class Detection:
     iou: float        # IoU with the best shape template
 
 
+ATTRIBUTES = ("count", "color", "shape", "position")
+
+
 @dataclass
 class Judgement:
     passed: bool
     reason: str = ""  # why it failed; empty when passed
     detected: list[Detection] = field(default_factory=list)
+    # Each attribute judged alone; an attribute the spec does not constrain is absent.
+    attributes: dict[str, bool] = field(default_factory=dict)
 
 
 def _oklab(rgb_HW3: np.ndarray) -> np.ndarray:
@@ -265,16 +272,54 @@ def _same_objects(found: list[tuple[str, str]], wanted: list[tuple[str, str | No
     """
     if sorted(s for s, _ in found) != sorted(s for s, _ in wanted):
         return False
-    have, need = Counter(found), Counter(w for w in wanted if w[1] is not None)
-    return all(have[w] >= n for w, n in need.items())
+    return _covers(Counter(found), Counter(w for w in wanted if w[1] is not None))
+
+
+def judge_attributes(found: list[Detection], spec: dict) -> dict[str, bool]:
+    """Each attribute of `spec` judged alone on the detections:
+    count     as many objects as asked;
+    color     every named colour at least as often as asked (extra objects allowed);
+    shape     every asked shape at least as often as asked (extra objects allowed);
+    position  (specs with a relation) two distinct detections stand for the related groups, each
+              matched on its colour when the group names one, else on its shape, and the
+              relation holds between them.
+    """
+    wanted = [(g["shape"], g["color"]) for g in spec["groups"] for _ in range(g["count"])]
+    out = {"count": len(found) == len(wanted),
+           "shape": _covers(Counter(d.shape for d in found), Counter(s for s, _ in wanted))}
+    named = Counter(c for _, c in wanted if c is not None)
+    if named:
+        out["color"] = _covers(Counter(d.color for d in found), named)
+    relation = spec.get("relation")
+    if relation is not None:
+        ga, gb = (spec["groups"][relation[k]] for k in ("a", "b"))
+
+        def stands_for(d: Detection, g: dict) -> bool:
+            return d.color == g["color"] if g["color"] is not None else d.shape == g["shape"]
+
+        out["position"] = any(
+            stands_for(a, ga) and stands_for(b, gb)
+            and relation_holds(relation["type"], a.center, b.center, 1.0)
+            for a, b in itertools.permutations(found, 2))
+    return out
+
+
+def _covers(have: Counter, need: Counter) -> bool:
+    return all(have[k] >= n for k, n in need.items())
 
 
 def judge_image(image: Image.Image | np.ndarray, spec: dict) -> Judgement:
     """Does `image` show exactly the objects of `spec` (shapes and counts always, colours where
     the spec names them) in its relation (on the dominant axis)? Arrays are HxWx3 uint8, or
-    float in [0, 1]."""
+    float in [0, 1]. The verdict carries each attribute judged alone (`judge_attributes`)."""
     check_spec(spec)
     found = detect(image)
+    verdict = _judge_objects(found, spec)
+    verdict.attributes = judge_attributes(found, spec)
+    return verdict
+
+
+def _judge_objects(found: list[Detection], spec: dict) -> Judgement:
     got = [(d.shape, d.color) for d in found]
     wanted = [(g["shape"], g["color"]) for g in spec["groups"] for _ in range(g["count"])]
     if len(got) != len(wanted):
@@ -302,12 +347,17 @@ def judge_image(image: Image.Image | np.ndarray, spec: dict) -> Judgement:
 
 
 def score(judgements: list[Judgement], categories: list[str]) -> dict:
-    """GenEval-style scores: accuracy per category and overall = mean over the categories."""
+    """GenEval-style scores: accuracy per category and overall = mean over the categories; and
+    per attribute, the accuracy over the judgements that constrain it (`attribute_counts`)."""
     if len(judgements) != len(categories):
         raise ValueError(f"{len(judgements)} judgements but {len(categories)} categories")
     per: dict[str, list[bool]] = {}
     for j, c in zip(judgements, categories):
         per.setdefault(c, []).append(j.passed)
     accuracy = {c: float(np.mean(v)) for c, v in sorted(per.items())}
+    by_attribute = {a: [j.attributes[a] for j in judgements if a in j.attributes]
+                    for a in ATTRIBUTES}
     return {"overall": float(np.mean(list(accuracy.values()))) if accuracy else 0.0,
-            "per_category": accuracy, "counts": {c: len(v) for c, v in sorted(per.items())}}
+            "per_category": accuracy, "counts": {c: len(v) for c, v in sorted(per.items())},
+            "per_attribute": {a: float(np.mean(v)) for a, v in by_attribute.items() if v},
+            "attribute_counts": {a: len(v) for a, v in by_attribute.items() if v}}

@@ -50,7 +50,7 @@ def judge_items(items: Sequence[dict], images: Sequence[Image.Image]) -> dict:
     judgements = [judge_image(im, item["spec"]) for item, im in zip(items, images)]
     result = score(judgements, [item["category"] for item in items])
     result["items"] = [{"id": item["id"], "category": item["category"], "prompt": item["prompt"],
-                        "passed": j.passed, "reason": j.reason}
+                        "passed": j.passed, "reason": j.reason, "attributes": j.attributes}
                        for item, j in zip(items, judgements)]
     return result
 
@@ -101,6 +101,12 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {c} | {round(acc * n)} | {n} | {acc:.3f} |")
     lines.append(f"| **overall** (mean of categories) | | {sum(result['counts'].values())} | "
                  f"**{result['overall']:.3f}** |")
+    if result.get("per_attribute"):
+        lines += ["", "| attribute (judged alone) | passed | images | accuracy |",
+                  "|---|---:|---:|---:|"]
+        for a, acc in result["per_attribute"].items():
+            n = result["attribute_counts"][a]
+            lines.append(f"| {a} | {round(acc * n)} | {n} | {acc:.3f} |")
     settings = ", ".join(f"{k} {result[k]}" for k in ("width", "height", "parallel_num",
                                                       "cfg_scale", "steps", "seed")
                          if k in result)

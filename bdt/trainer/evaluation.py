@@ -67,4 +67,5 @@ class InLoopEval:
         finally:
             module.train(was_training)
         return {"eval_overall": result["overall"], "eval_images_per_s": result["images_per_s"],
-                **{f"eval/{k}": v for k, v in result["per_category"].items()}}
+                **{f"eval/{k}": v for k, v in result["per_category"].items()},
+                **{f"eval_attr/{k}": v for k, v in result["per_attribute"].items()}}
