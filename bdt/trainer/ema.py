@@ -6,6 +6,8 @@ reaches `decay`, so short runs are not dominated by the random initialisation.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -22,6 +24,22 @@ class EMA:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for name, p in module.named_parameters():
             self.shadow[name].lerp_(p.detach().float(), 1 - d)
+
+    @contextlib.contextmanager
+    def swapped_in(self, module: nn.Module):
+        """The averaged weights in `module` for the duration (sampling, export), then the live
+        ones back, bit for bit."""
+        live = {}
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                live[name] = p.detach().clone()
+                p.copy_(self.shadow[name])
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for name, p in module.named_parameters():
+                    p.copy_(live[name])
 
     def state_dict(self) -> dict:
         return {"updates": self.updates, "shadow": self.shadow}

@@ -11,6 +11,7 @@ uninterrupted run bitwise (same world size and thread count; environment.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -29,6 +30,7 @@ from bdt.trainer.checkpoint import CheckpointManager
 from bdt.trainer.deepspeed_config import build_ds_config, initialize_engine
 from bdt.trainer.distributed import (DistInfo, all_gather_int, all_reduce_mean, all_reduce_sum,
                                      cleanup, init_distributed)
+from bdt.trainer.ema import EMA
 from bdt.trainer.evaluation import InLoopEval
 from bdt.trainer.export import export_model
 from bdt.trainer.flops import FlopModel, measure_peak_flops
@@ -106,6 +108,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     flop_model = FlopModel.from_model(model.llm.config, sum(setup.numel(p) for p in
                                       model.head.parameters()), cfg.model.head.repeat)
     engine = initialize_engine(model, ds_config, clock)
+    ema = EMA(engine.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     logger = MetricsLogger(cfg.run_dir, dist.is_main, tensorboard=cfg.logging.tensorboard)
     logger.log(0, {"params": sum(setup.numel(p) for p in model.parameters()),
@@ -117,7 +120,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     resume = ckpt.resume_tag() if cfg.checkpoint.resume else None
     stream_state = None
     if resume is not None:
-        meta, tensors, _ = ckpt.load(resume, {"model": engine}, reshard=reshard.resplit_train_states(
+        meta, tensors, shared = ckpt.load(resume, {"model": engine}, reshard=reshard.resplit_train_states(
             lambda si: sources[si].urls, lambda si: setup.stream_seed(cfg, si)))
         step = saved_step = int(meta["step"])
         seen = dict(meta["seen"])
@@ -125,6 +128,11 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
             raise ValueError(f"checkpoint {ckpt.root}/{resume} has no stage clock (written before "
                              f"stages could end on real tokens): start a new checkpoint.dir")
         clock.load_state_dict(meta["clock"])  # also in the LR scheduler's state; this one rules
+        if ema is not None:
+            if not shared or "ema" not in shared:
+                raise ValueError(f"checkpoint {ckpt.root}/{resume} holds no EMA weights but "
+                                 f"ema_decay={cfg.ema_decay}: resume with ema_decay=0")
+            ema.load_state_dict(shared["ema"])
         stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
         logger.log(step, {"resumed_from_step": step,
                           "resumed_from_world_size": meta.get("resplit_from_world_size",
@@ -201,6 +209,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                     seen["images"] += n_img
                     meter.add_step(n_img, batch.tokens)
             meter.add_data_wait(data_wait)
+            if ema is not None:
+                ema.update(engine.module)
             window.steps += 1
             step += 1
             if cfg.fault.sigterm_at_step == step and dist.is_main:
@@ -213,16 +223,18 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                 _log(logger, step, engine, window, meter, stream, seen, peak, dist, t_step.seconds)
                 window = _Window()
             if previewing and step % cfg.logging.sample_every == 0:
-                image = preview.sample_grid(engine.module, decoder, list(cfg.logging.sample_prompts),
-                                            tuple(cfg.logging.sample_hw), cfg.logging.sample_steps,
-                                            cfg.seed)
+                with _sampling_weights(ema, engine.module) as module:
+                    image = preview.sample_grid(module, decoder, list(cfg.logging.sample_prompts),
+                                                tuple(cfg.logging.sample_hw),
+                                                cfg.logging.sample_steps, cfg.seed)
                 if dist.is_main:
                     preview.save_grid(image, cfg.run_dir, step)
             if evaluator.due(step):
-                logger.log(step, evaluator.run(step, engine.module))
+                with _sampling_weights(ema, engine.module) as module:
+                    logger.log(step, evaluator.run(step, module))
             if (why or clock.finished
                     or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
-                _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg)
+                _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg, ema)
                 saved_step = step
             if why:
                 if dist.is_main:
@@ -240,7 +252,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     if not stopped:
         summary["param_digests"] = setup.param_digests(engine.module, zero3)
         if cfg.export:
-            export_model(engine, model, cfg, os.path.join(cfg.run_dir, "export"), dist)
+            with _sampling_weights(ema, engine.module):
+                export_model(engine, model, cfg, os.path.join(cfg.run_dir, "export"), dist)
     if dist.is_main:
         storage.write_bytes_atomic(os.path.join(cfg.run_dir, "summary.json"),
                                    json.dumps(summary, indent=1).encode())
@@ -252,8 +265,13 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
+def _sampling_weights(ema: EMA | None, module: torch.nn.Module):
+    """The weights to sample and export with: the EMA's when there is one."""
+    return ema.swapped_in(module) if ema is not None else contextlib.nullcontext(module)
+
+
 def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, clock: StageClock, stream,
-          seen: dict, cfg: TrainConfig) -> None:
+          seen: dict, cfg: TrainConfig, ema: EMA | None) -> None:
     stream_meta, stream_tensors = stream.state_dict()
     # "stage" is the stage whose stream this is; after a stage's last step the clock is
     # already in the next one (whose stream starts fresh on resume).
@@ -263,7 +281,8 @@ def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, clock: Sta
     tensors = {f"stream.{k}": v for k, v in stream_tensors.items()}
     engines = {"model": _KillAfterSave(engine) if cfg.fault.kill_during_checkpoint == step
                else engine}
-    ckpt.save(step, engines, meta, tensors)
+    ckpt.save(step, engines, meta, tensors,
+              shared={"ema": ema.state_dict()} if ema is not None else None)
     if cfg.fault.kill_after_checkpoint == step:
         os.kill(os.getpid(), signal.SIGKILL)
 

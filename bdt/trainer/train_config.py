@@ -104,6 +104,10 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # in-loop shapes-suite evaluation
     export: bool = True  # write <run_dir>/export (model + tokenizer files) at the end
+    # > 0: keep an exponential moving average of the weights (fp32, on every rank, in each
+    # checkpoint); previews, in-loop evaluation and the export then use the averaged weights.
+    # Needs whole parameters on each rank (ZeRO 0-2).
+    ema_decay: float = 0.0
     # > 0: after this many minutes of training in this process, finish as if the last stage
     # had ended (save, export, exit 0): a wall-clock cap, e.g. for the CPU demo's 30-minute
     # budget. Running the same command again resumes from that checkpoint with a fresh budget.
@@ -166,6 +170,11 @@ def validate(cfg: TrainConfig) -> None:
         if unknown or cfg.eval.per_category < 0:
             raise ValueError(f"eval.categories: unknown {unknown} (known: {list(CATEGORIES)}); "
                              f"eval.per_category must be >= 0, got {cfg.eval.per_category}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {cfg.ema_decay}")
+    if cfg.ema_decay > 0 and cfg.deepspeed.zero_stage == 3:
+        raise ValueError("ema_decay needs whole parameters on each rank: use deepspeed.zero_stage "
+                         "0-2, or ema_decay=0 with ZeRO-3")
     if not cfg.time_limit_min >= 0:  # also refuses NaN
         raise ValueError(f"time_limit_min must be >= 0 (0 = no limit), got {cfg.time_limit_min}")
     if cfg.checkpoint.every < 0 or cfg.logging.every < 1:

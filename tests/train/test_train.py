@@ -193,3 +193,20 @@ def test_token_stage_at_smaller_p_ends_on_real_tokens_across_a_resume(data, tmp_
     # tokens_seen is the global count: stage 0 ended with the first step that reached the budget
     assert m[k - 1]["tokens_seen"] < budget <= m[k]["tokens_seen"]
     assert sorted(m)[-1] == k + 2 and all(m[s]["loss"] < 10 for s in m)
+
+
+def test_ema_leaves_training_alone_resumes_and_is_exported(data, ref, tmp_path):
+    """With ema_decay the run trains exactly as without (same losses), a resume after SIGKILL
+    restores the average too (the export equals an uninterrupted EMA run's), and the export
+    holds the averaged weights, not the live ones."""
+    once, chain = tmp_path / "once", tmp_path / "chain"
+    assert spawn_train(argv(data, once, "ema_decay=0.9")) == 0
+    got = read_metrics(str(once))
+    assert all(got[s]["loss"] == ref["metrics"][s]["loss"] for s in ref["metrics"])
+    averaged = export_tensors(str(once))
+    changed = [k for k, v in averaged.items() if not torch.equal(v, ref["params"][k])]
+    assert len(changed) > len(averaged) // 2, "the export should hold the EMA weights"
+    assert spawn_train(argv(data, chain, "ema_decay=0.9", "fault.kill_after_checkpoint=4")) == -9
+    assert spawn_train(argv(data, chain, "ema_decay=0.9")) == 0
+    resumed = export_tensors(str(chain))
+    assert all(torch.equal(resumed[k], v) for k, v in averaged.items())
