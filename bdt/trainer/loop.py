@@ -116,14 +116,14 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     if dist.is_main:
         save_resolved(OmegaConf.structured(cfg), cfg.run_dir)
     step, saved_step, stage_idx, stream, packer = 0, -1, -1, None, None
-    seen = {"tokens": 0, "images": 0}
+    seen = {"tokens": 0, "images": 0, "flops": 0.0}  # this rank's
     resume = ckpt.resume_tag() if cfg.checkpoint.resume else None
     stream_state = None
     if resume is not None:
         meta, tensors, shared = ckpt.load(resume, {"model": engine}, reshard=reshard.resplit_train_states(
             lambda si: sources[si].urls, lambda si: setup.stream_seed(cfg, si)))
         step = saved_step = int(meta["step"])
-        seen = dict(meta["seen"])
+        seen = {"flops": 0.0, **meta["seen"]}  # checkpoints before flops were counted lack it
         if "clock" not in meta:
             raise ValueError(f"checkpoint {ckpt.root}/{resume} has no stage clock (written before "
                              f"stages could end on real tokens): start a new checkpoint.dir")
@@ -200,8 +200,10 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                     engine.step()
                     n_img = packed.num_samples
                     lens = (packed.cu_seqlens_S1[1:] - packed.cu_seqlens_S1[:-1]).tolist()
-                    window.flops += flop_model.train_flops(lens, packed.text_target_T.numel(),
-                                                           packed.image_bits_NC.shape[0])
+                    flops = flop_model.train_flops(lens, packed.text_target_T.numel(),
+                                                   packed.image_bits_NC.shape[0])
+                    window.flops += flops
+                    seen["flops"] += flops
                     window.add({"loss": losses["total"].item(), "text_ce": float(losses["text_ce"]),
                                 "vision": float(losses["vision"]),
                                 "bit_accuracy": float(losses["bit_accuracy"])})
@@ -296,7 +298,7 @@ def _log(logger: MetricsLogger, step: int, engine, window: _Window, meter: Throu
     local = {k: v / n for k, v in window.sums.items()}
     local.update(mfu=window.flops / elapsed / peak, tokens_per_s=rates.get("tokens_per_s_rank", 0.0),
                  images_per_s=rates["items_per_s_rank"], tokens_seen=seen["tokens"],
-                 images_seen=seen["images"], data_wait_frac=rates["data_wait_frac"],
+                 images_seen=seen["images"], flops_seen=seen["flops"], data_wait_frac=rates["data_wait_frac"],
                  pack_efficiency=stream.counters.efficiency,
                  samples_read=stream.counters.samples_read, corrupt=stream.counters.corrupt,
                  oversize=stream.counters.oversize)
@@ -310,7 +312,8 @@ def _log(logger: MetricsLogger, step: int, engine, window: _Window, meter: Throu
                step_time_s=elapsed / max(window.steps, 1), last_step_s=last_step_s,
                tokens_per_s=mean["tokens_per_s"] * W, images_per_s=mean["images_per_s"] * W,
                tokens_per_s_rank=local["tokens_per_s"], images_per_s_rank=local["images_per_s"],
-               tokens_seen=mean["tokens_seen"] * W, images_seen=mean["images_seen"] * W)
+               tokens_seen=mean["tokens_seen"] * W, images_seen=mean["images_seen"] * W,
+               flops_seen=mean["flops_seen"] * W)
     out.update({"data/samples_read": mean["samples_read"] * W, "data/corrupt": mean["corrupt"] * W,
                 "data/oversize": mean["oversize"] * W})
     logger.log(step, out)
