@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from bdt.model.attention import (
     BlockCausalLayout,
     attention_kwargs,
+    flex_row_len,
     hf_attn_implementation,
     per_document_rows,
     resolve_backend,
@@ -159,6 +160,12 @@ class BitDanceModel(nn.Module):
             return self.llm.get_input_embeddings().weight.dtype
         return None
 
+    def set_attn_backend(self, name: str) -> None:
+        """Switch the attention backend in place (`auto|sdpa|flex|varlen|flash`), e.g. to compare
+        backends on one model."""
+        self.backend = resolve_backend(name, "cuda" if torch.cuda.is_available() else "cpu")
+        self.llm.set_attn_implementation(hf_attn_implementation(self.backend))
+
     def mask_kwargs(self, layout: BlockCausalLayout) -> dict:
         """attention_mask + position_ids for the decoder call, in the model's backend."""
         return attention_kwargs(layout.to(self.llm.device), self.backend, self.float_mask_dtype())
@@ -173,11 +180,17 @@ class BitDanceModel(nn.Module):
         image_LD = self.embed_image(bits_NC.to(device), packed.image_rc_N2.to(device))
         return embeds_LD.masked_scatter(image_mask_L[:, None], image_LD.to(embeds_LD.dtype))
 
-    def hidden_states(self, packed: PackedSequence, inputs_embeds_LD: Tensor) -> Tensor:
-        """[L, D] last hidden states of the packed row (no attention across samples)."""
+    def hidden_states(self, packed: PackedSequence, inputs_embeds_LD: Tensor,
+                      row_len: int | None = None) -> Tensor:
+        """[L, D] last hidden states of the packed row (no attention across samples).
+
+        row_len: the length the flex kernels see the row padded to (`flex_row_len`; the trainer
+        passes the stage's token budget, so a stage compiles flex once). sdpa ignores it."""
+        L = inputs_embeds_LD.shape[0]
+        total_len = None if self.backend == "sdpa" else flex_row_len(L, row_len)
         layout = BlockCausalLayout.from_packed(packed.cu_seqlens_S1, packed.causal_len_S,
-                                               packed.block_size_S)
-        if not torch.equal(layout.position_ids_BL[0], packed.position_ids_L.cpu()):
+                                               packed.block_size_S, total_len=total_len)
+        if not torch.equal(layout.position_ids_BL[0, :L], packed.position_ids_L.cpu()):
             raise ValueError("packed position_ids do not restart at each sample's start")
         # Dense masks (sdpa) waste the pairs between samples: one row per sample when cheaper.
         split = per_document_rows(packed.cu_seqlens_S1, packed.causal_len_S, packed.block_size_S,
@@ -188,16 +201,17 @@ class BitDanceModel(nn.Module):
             index_L = index_L.to(inputs_embeds_LD.device)
             rows_SLD = inputs_embeds_LD.new_zeros(S * Lmax, inputs_embeds_LD.shape[-1]).index_copy(
                 0, index_L, inputs_embeds_LD).view(S, Lmax, -1)
-        else:
-            rows_SLD = inputs_embeds_LD[None]
+        else:  # one row, zero-padded to the layout's length (its own padding document)
+            rows_SLD = F.pad(inputs_embeds_LD, (0, 0, 0, layout.doc_ids_BL.shape[1] - L))[None]
         # use_cache=False: with a cache HF may ignore the packing (environment.md).
         out = self.decoder(inputs_embeds=rows_SLD, use_cache=False, **self.mask_kwargs(layout))
         hidden = out.last_hidden_state
-        return hidden.reshape(-1, hidden.shape[-1])[index_L] if split is not None else hidden[0]
+        return hidden.reshape(-1, hidden.shape[-1])[index_L] if split is not None else hidden[0, :L]
 
-    def forward(self, packed: PackedSequence,
-                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def forward(self, packed: PackedSequence, generator: torch.Generator | None = None,
+                row_len: int | None = None) -> dict[str, Tensor]:
         """Losses of one packed row: total, text_ce, vision, bit_accuracy (all scalars).
+        row_len: see `hidden_states`.
 
         Random draws, in order (the release's): the exposure-bias flips (r1, r2 over all image
         bits), then the head's t and noise (see `flow_loss`), all from `generator`.
@@ -210,7 +224,8 @@ class BitDanceModel(nn.Module):
                              f"{packed.image_bits_NC.shape[0]} tokens")
         bits_NC = packed.image_bits_NC.to(device)
         flipped_NC = flip_bits(bits_NC, cfg.flip_prob, generator) if self.training else bits_NC
-        hidden_LD = self.hidden_states(packed, self.input_embeddings(packed, flipped_NC))
+        hidden_LD = self.hidden_states(packed, self.input_embeddings(packed, flipped_NC),
+                                       row_len)
 
         text_idx = packed.text_loss_index_T.to(device)
         logits_TV = self.llm.get_output_embeddings()(hidden_LD[text_idx])

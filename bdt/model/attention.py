@@ -1,4 +1,4 @@
-"""The attention facade: one description of a packed sequence's mask, realised by three backends.
+"""The attention facade: one description of a packed sequence's mask, realised by several backends.
 
 A packed row of L tokens holds several samples ("documents"). Each token carries a document id and
 a block id, non-decreasing along the row; key j is visible to query i iff both are in the same
@@ -9,16 +9,21 @@ Callers describe a row as cumulative sample lengths + per sample (causal_len, P)
 
 Backends (`resolve_backend`; the model must be loaded with `hf_attn_implementation(backend)`):
 - `sdpa`: a dense [B,1,L,L] mask (bool; additive float for models running `eager`, which reads a
-  bool mask wrongly). The CPU default; O(L^2) memory per row (64 MiB at L = 8192).
-- `flex`: torch flex_attention with a BlockMask built from the same rule (`mask_mod`): sparse, the
-  fast path on GPU. No backward on CPU, and it compiles (environment.md).
-- `flash`: flash-attn's `flash_attn_varlen_func`, CUDA only. Its varlen kernel knows only
-  causal-per-sequence masks, exact for rows whose blocks all have size 1 (text-only, P = 1).
-  A block-causal row could be built from two flash passes merged by their log-sum-exps, but
-  flash-attn's autograd drops the LSE gradient, so training through the merge would get wrong
-  gradients without its private, version-specific backward. So the flash backend runs flash where
-  it is exact and routes block-causal rows to flex_attention (exact, with backward on GPU),
-  inside the same registered HF attention function.
+  bool mask wrongly). O(L^2) memory per row (64 MiB at L = 8192); the model lays a packed row out
+  as one row per sample when that is cheaper (`per_document_rows`). `auto` picks it everywhere:
+  the only backend seen training on a GPU so far (README, "On a GPU").
+- `flex`: torch flex_attention with a BlockMask built from the same rule, block-sparse. Needs a
+  row length that is a multiple of FLEX_BLOCK and compiles once per row length (training pads
+  every row of a stage to one length: `flex_row_len`); no backward on CPU (environment.md).
+- `varlen` / `flash`: the causal-per-document kernels of torch (`torch.nn.attention.varlen`,
+  CUDA, no extra build) / of flash-attn (`flash_attn_varlen_func`). They know only causal or full
+  attention per document, exact for rows whose blocks all have size 1 (text, P = 1). A
+  block-causal row is neither: it would need two passes merged by their log-sum-exps, and both
+  kernels' autograd ignores the LSE's gradient, so training through the merge would be wrong.
+  These backends run their kernel where it is exact and flex for block-causal rows.
+Rows whose length is not a multiple of FLEX_BLOCK (prefill prompts, KV-cached decoding) take the
+dense mask through sdpa in every backend: one compile per prompt length would cost more than it
+saves. The kernels themselves live in `bdt.model.attention_kernels`.
 """
 
 from __future__ import annotations
@@ -30,10 +35,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-BACKENDS = ("auto", "sdpa", "flex", "flash")
-# The `attn_implementation` a Hugging Face model must be loaded with for each backend. Ours must
-# not contain "flash": transformers then looks for its own flash kernels under that name.
-_HF_IMPLEMENTATION = {"sdpa": "sdpa", "flex": "flex_attention", "flash": "bdt_varlen"}
+BACKENDS = ("auto", "sdpa", "flex", "varlen", "flash")
+# The `attn_implementation` a Hugging Face model must be loaded with for each backend: ours is
+# registered by `attention_kernels.register` (its name must not contain "flash": transformers
+# then looks for its own flash kernels under that name).
+_HF_IMPLEMENTATION = {"sdpa": "sdpa", "flex": "bdt_attention", "varlen": "bdt_attention",
+                      "flash": "bdt_attention"}
+FLEX_BLOCK = 128  # flex_attention's sparse block size (_DEFAULT_SPARSE_BLOCK_SIZE)
+_MASK_CHUNK_PAIRS = 1 << 24  # query-key pairs evaluated at once while building a BlockMask
 
 
 def flash_available() -> bool:
@@ -41,16 +50,34 @@ def flash_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
+def varlen_available() -> bool:
+    """torch's own varlen attention (torch >= 2.10) and a CUDA device present."""
+    return (torch.cuda.is_available()
+            and importlib.util.find_spec("torch.nn.attention.varlen") is not None)
+
+
+def flex_row_len(n_tokens: int, row_len: int | None = None) -> int:
+    """The length a packed row of n_tokens is padded to for the flex kernels: row_len (a stage's
+    token budget: one compiled shape per stage), else the next power of two (a handful of shapes,
+    under dynamo's recompile limit of 8), rounded up to a multiple of FLEX_BLOCK."""
+    if row_len is not None and row_len < n_tokens:
+        raise ValueError(f"row_len {row_len} is shorter than the packed row ({n_tokens} tokens)")
+    target = row_len if row_len is not None else 1 << max(n_tokens - 1, 1).bit_length()
+    return -(-target // FLEX_BLOCK) * FLEX_BLOCK
+
+
 def resolve_backend(name: str, device: torch.device | str) -> str:
-    """`auto|sdpa|flex|flash` -> the backend to use on `device`; clear errors otherwise."""
+    """`auto|sdpa|flex|varlen|flash` -> the backend to use on `device`; clear errors otherwise."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected one of "
                          f"{', '.join(BACKENDS)}")
     device_type = torch.device(device).type
     if name == "auto":
-        if device_type != "cuda":
-            return "sdpa"
-        return "flash" if flash_available() else "flex"
+        return "sdpa"
+    if name == "varlen" and (device_type != "cuda" or not varlen_available()):
+        raise ValueError(f"attention backend 'varlen' needs torch.nn.attention.varlen (torch >= "
+                         f"2.10, this is {torch.__version__}) and a CUDA device (device "
+                         f"{device_type}); use 'auto', 'flex' or 'sdpa'")
     if name == "flash" and (device_type != "cuda" or not flash_available()):
         found = "found" if importlib.util.find_spec("flash_attn") else "not installed"
         raise ValueError(f"attention backend 'flash' needs flash-attn installed and a CUDA device "
@@ -60,12 +87,14 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 
 
 def hf_attn_implementation(backend: str) -> str:
-    """The HF `attn_implementation` for a resolved backend (registers ours for `flash`)."""
+    """The HF `attn_implementation` for a resolved backend (registers ours where needed)."""
     if backend not in _HF_IMPLEMENTATION:
         raise ValueError(f"attention backend {backend!r} is not resolved; expected one of "
                          f"{', '.join(_HF_IMPLEMENTATION)} (see resolve_backend)")
-    if backend == "flash":
-        register_flash_attention()
+    if _HF_IMPLEMENTATION[backend] == "bdt_attention":
+        from bdt.model.attention_kernels import register
+
+        register()
     return _HF_IMPLEMENTATION[backend]
 
 
@@ -133,10 +162,11 @@ class BlockCausalLayout:
         """True when every block has one token: plain causal attention inside each document."""
         return bool((self.block_ids_BL.diff(dim=1) != 0).all())
 
-    def visible(self) -> Tensor:
-        """bool [B, L, L]: [b, i, j] = key j visible to query i."""
+    def visible(self, queries: slice = slice(None)) -> Tensor:
+        """bool [B, Q, L]: [b, i, j] = key j visible to query i (all queries, or a slice)."""
         d, k = self.doc_ids_BL, self.block_ids_BL
-        return (d[:, :, None] == d[:, None, :]) & (k[:, None, :] <= k[:, :, None])
+        dq, kq = d[:, queries], k[:, queries]
+        return (dq[:, :, None] == d[:, None, :]) & (k[:, None, :] <= kq[:, :, None])
 
     def dense_mask(self, float_dtype: torch.dtype | None = None) -> Tensor:
         """[B, 1, L, L]: bool (True = attend), or additive float of float_dtype (for eager)."""
@@ -152,16 +182,32 @@ class BlockCausalLayout:
         return visible
 
     def block_mask(self, device: torch.device | str | None = None):
-        """A flex_attention BlockMask [B, 1, L, L] of the same mask."""
-        from torch.nn.attention.flex_attention import create_block_mask
+        """A flex_attention BlockMask [B, 1, L, L] of the same mask; L a multiple of FLEX_BLOCK.
+
+        Built here, not by create_block_mask: uncompiled, that evaluates mask_mod on all L x L
+        pairs at once (4 GB of index gathers at L = 16K); compiled, it is one more graph that
+        recompiles as rows change. Here `visible` runs on a few query tiles at a time
+        (_MASK_CHUNK_PAIRS), reduced to which FLEX_BLOCK tiles are partly or fully visible.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
 
         B, L = self.doc_ids_BL.shape
-        device = torch.device(device or self.doc_ids_BL.device)
-        layout = self.to(device)
-        # Uncompiled, create_block_mask evaluates mask_mod on all L x L pairs at once (1 GB at
-        # L = 32K); compiled it works tile by tile. On CPU the compile costs more than it saves.
-        return create_block_mask(layout.mask_mod(), B, None, L, L, device=device,
-                                 _compile=device.type == "cuda")
+        if L % FLEX_BLOCK:
+            raise ValueError(f"a flex BlockMask needs a row length that is a multiple of "
+                             f"{FLEX_BLOCK}, got {L}: pad the row (flex_row_len)")
+        layout = self.to(device or self.doc_ids_BL.device)
+        n = L // FLEX_BLOCK
+        step = max(1, _MASK_CHUNK_PAIRS // (FLEX_BLOCK * L)) * FLEX_BLOCK
+        some, full = [], []
+        for q0 in range(0, L, step):
+            tiles = layout.visible(slice(q0, q0 + step)).view(B, -1, FLEX_BLOCK, n, FLEX_BLOCK)
+            some.append(tiles.any(dim=4).any(dim=2))
+            full.append(tiles.all(dim=4).all(dim=2))
+        full_BQK = torch.cat(full, dim=1)
+        partial_BQK = torch.cat(some, dim=1) & ~full_BQK
+        return BlockMask.from_kv_blocks(*_ordered_blocks(partial_BQK), *_ordered_blocks(full_BQK),
+                                        BLOCK_SIZE=FLEX_BLOCK, mask_mod=layout.mask_mod(),
+                                        seq_lengths=(L, L))
 
     def cu_seqlens(self) -> tuple[Tensor, int]:
         """Document boundaries over the flattened rows (int32 [n_docs+1]) and the longest doc."""
@@ -213,6 +259,14 @@ def per_document_rows(cu_seqlens: Sequence[int] | Tensor, causal_lens: Sequence[
     return rows, index_L
 
 
+def _ordered_blocks(tiles_BQK: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, Q, K] bool tiles -> (count [B, 1, Q], key-tile indices [B, 1, Q, K], visible ones
+    first, in key order): the kv_num_blocks / kv_indices form of a BlockMask."""
+    count = tiles_BQK.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort(tiles_BQK.to(torch.int8), dim=-1, descending=True, stable=True)
+    return count[:, None], order.to(torch.int32)[:, None]
+
+
 def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """bool mask (True = attend) -> 0 / most-negative float, the form eager attention adds."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
@@ -220,70 +274,34 @@ def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @dataclass(frozen=True)
-class FlashPlan:
-    """What the registered `bdt_varlen` attention function needs for one packed batch."""
+class VarlenPlan:
+    """What the registered `bdt_attention` function needs to run a causal-per-document kernel."""
 
+    kernel: str  # "varlen" (torch.nn.attention.varlen) | "flash" (flash-attn)
     cu_seqlens: Tensor  # int32 [n_docs+1] over the flattened B*L tokens
     max_seqlen: int
-    block_mask: object | None  # flex BlockMask when the rows are block-causal (routed to flex)
 
 
 def attention_kwargs(layout: BlockCausalLayout, backend: str,
                      float_dtype: torch.dtype | None = None) -> dict:
     """kwargs for the HF model call (`model(inputs_embeds=..., use_cache=False, **kwargs)`).
 
-    `backend` is a resolved one (sdpa|flex|flash). For a model running `eager` pass its dtype as
-    float_dtype to get the additive mask it needs.
+    `backend` is a resolved one (sdpa|flex|varlen|flash). For a model running `eager` pass its
+    dtype as float_dtype to get the additive mask it needs.
     """
-    if backend == "sdpa":
-        mask = layout.dense_mask(float_dtype)
-    elif backend == "flex":
-        mask = layout.block_mask()
-    elif backend == "flash":
-        cu, max_len = layout.cu_seqlens()
-        plan = FlashPlan(cu, max_len, None if layout.is_causal else layout.block_mask())
-        return {"attention_mask": None, "position_ids": layout.position_ids_BL,
-                "bdt_flash_plan": plan}
-    else:
+    if backend not in _HF_IMPLEMENTATION:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of "
                          f"{', '.join(_HF_IMPLEMENTATION)} (resolve 'auto' with resolve_backend)")
-    return {"attention_mask": mask, "position_ids": layout.position_ids_BL}
-
-
-def _flash_attention_forward(module, query, key, value, attention_mask, scaling=None,
-                             dropout=0.0, bdt_flash_plan: FlashPlan | None = None, **kwargs):
-    """HF attention function (`attn_implementation="bdt_varlen"`): q/k/v [B, H, L, d]."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if bdt_flash_plan is None:
-        # KV-cached decoding passes an explicit 4D mask (decode_attention_mask) and no plan.
-        if attention_mask is None:
-            raise ValueError("bdt_varlen attention needs attention_kwargs(layout, 'flash') or an "
-                             "explicit 4D attention_mask")
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      dropout=dropout, scaling=scaling, **kwargs)
-    if bdt_flash_plan.block_mask is not None:
-        from transformers.integrations.flex_attention import flex_attention_forward
-
-        return flex_attention_forward(module, query, key, value, bdt_flash_plan.block_mask,
-                                      scaling=scaling, **kwargs)
-    from flash_attn import flash_attn_varlen_func
-
-    B, H, L, d = query.shape
-    flat = lambda x: x.transpose(1, 2).reshape(B * L, x.shape[1], d)  # noqa: E731
-    out = flash_attn_varlen_func(
-        flat(query), flat(key), flat(value),
-        cu_seqlens_q=bdt_flash_plan.cu_seqlens, cu_seqlens_k=bdt_flash_plan.cu_seqlens,
-        max_seqlen_q=bdt_flash_plan.max_seqlen, max_seqlen_k=bdt_flash_plan.max_seqlen,
-        dropout_p=dropout, softmax_scale=scaling, causal=True)
-    return out.view(B, L, H, d), None
-
-
-def register_flash_attention() -> None:
-    """Register `bdt_varlen` with transformers' AttentionInterface (idempotent)."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register("bdt_varlen", _flash_attention_forward)
+    kwargs = {"position_ids": layout.position_ids_BL}
+    L = layout.doc_ids_BL.shape[1]
+    if backend in ("varlen", "flash") and layout.is_causal:
+        cu, max_len = layout.cu_seqlens()
+        kwargs.update(attention_mask=None, bdt_varlen_plan=VarlenPlan(backend, cu, max_len))
+    elif backend != "sdpa" and L % FLEX_BLOCK == 0:
+        kwargs["attention_mask"] = layout.block_mask()
+    else:
+        kwargs["attention_mask"] = layout.dense_mask(float_dtype)
+    return kwargs
 
 
 # --- KV-cached decoding (method §4: each AR step feeds P tokens against the cache) ---

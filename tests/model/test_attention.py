@@ -1,4 +1,5 @@
-"""Attention facade: fixture masks, backends agree inside a tiny Qwen3, packing, KV decoding."""
+"""Attention facade: fixture masks, backends agree inside a tiny Qwen3, packing, KV decoding,
+flex compiling once per stage. The tests marked `cuda` run the real kernels (scripts/gpu_check.sh)."""
 
 import json
 import sys
@@ -7,17 +8,27 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
-from transformers import DynamicCache, Qwen3Config, Qwen3Model
+from torch._dynamo.testing import CompileCounter
+from torch._dynamo.utils import counters
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
-from bdt.model.attention import (BlockCausalLayout, attention_kwargs, decode_attention_mask,
-                                 hf_attn_implementation, left_padded_layout, resolve_backend)
+import bdt.model.attention_kernels as kernels
+from bdt.model.ar import BitDanceModel
+from bdt.model.attention import (FLEX_BLOCK, BlockCausalLayout, attention_kwargs,
+                                 decode_attention_mask, flex_row_len, hf_attn_implementation,
+                                 left_padded_layout, resolve_backend)
+from bdt.model.config import ModelConfig
+from bdt.model.head import HeadConfig
+from bdt.model.sequence import ImageSample, SequencePacker
+from bdt.model.text_tokenizer import PromptIds, SpecialTokens
 
 from reference import REF
 
-# Uncompiled flex is intended here (see eager_flex); torch warns about it once.
+# Uncompiled flex is intended in the raw-kernel check; torch warns about it once.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 PACKED = dict(cu_seqlens=[0, 17, 29], causal_lens=[5, 4], block_sizes=[4, 4])
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +47,27 @@ def run(model, x, backend, layout, **extra):
 
 
 @pytest.fixture
-def eager_flex(monkeypatch):
-    """HF's flex path with flex_attention uncompiled: the compile costs 50-80 s on this CPU
-    (environment.md); the kernel semantics and our BlockMask are the same."""
-    import transformers.integrations.flex_attention as hf_flex
-
-    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",
-                        lambda q, k, v, training=False, **kw: flex_attention(q, k, v, **kw))
+def flex_compiles(monkeypatch):
+    """Our flex path traced by dynamo as in training, but lowered by a counting backend that runs
+    the graph as traced: an Inductor build costs 10-80 s on this CPU (environment.md), and the
+    graphs dynamo makes (what recompiles) are the same. Yields the counter."""
+    torch._dynamo.reset()  # no cache entries (or recompile counts) left from other tests
+    counter = CompileCounter()
+    monkeypatch.setattr(kernels, "FLEX_COMPILE_BACKEND", counter)
+    yield counter
+    torch._dynamo.reset()
 
 
 def test_masks_equal_sequence_tiny_fixture():
     examples = json.loads((REF / "sequence_tiny.json").read_text())["attention_mask"]["examples"]
-    # causal_len = text + <|vision_start|> + <|res_h|>; then blocks of P from <|res_w|> on.
-    one = BlockCausalLayout.from_packed([0, 26], [4 + 2], 4)
-    assert one.visible()[0].long().tolist() == examples[0]["mask"]
-    two = BlockCausalLayout.from_packed(**PACKED)
-    assert two.visible()[0].long().tolist() == examples[1]["mask"]
-    assert two.position_ids_BL[0].tolist() == list(range(17)) + list(range(12))
+    for ex in examples:
+        # causal_len = text + <|vision_start|> + <|res_h|>; then blocks of P from <|res_w|> on.
+        lens = ex["sample_lens (document_lens)"]
+        layout = BlockCausalLayout.from_packed([sum(lens[:i]) for i in range(len(lens) + 1)],
+                                               [n + 2 for n in ex["split_lens"][0::2]],
+                                               ex["parallel_num"])
+        assert layout.visible()[0].long().tolist() == ex["mask"]
+        assert layout.position_ids_BL[0].tolist() == [i for n in lens for i in range(n)]
 
 
 def test_layout_details():
@@ -73,30 +88,109 @@ def test_layout_details():
 
 
 def test_backend_names():
-    with pytest.raises(ValueError, match="'sdpa2'.*auto, sdpa, flex, flash"):
+    with pytest.raises(ValueError, match="'sdpa2'.*auto, sdpa, flex, varlen, flash"):
         resolve_backend("sdpa2", "cpu")
-    assert resolve_backend("auto", "cpu") == "sdpa"
+    assert resolve_backend("auto", "cpu") == "sdpa" and resolve_backend("auto", "cuda") == "sdpa"
     assert resolve_backend("flex", "cpu") == "flex"
     with pytest.raises(ValueError, match="'flash' needs flash-attn installed and a CUDA device"):
         resolve_backend("flash", "cpu")
+    with pytest.raises(ValueError, match="'varlen' needs torch.nn.attention.varlen"):
+        resolve_backend("varlen", "cpu")
     with pytest.raises(ValueError, match="'auto'"):
         attention_kwargs(BlockCausalLayout.from_packed([0, 3], [3], 1), "auto")
 
 
-def test_flex_block_mask_equals_dense_mask_on_raw_attention():
-    layout = BlockCausalLayout.stack([BlockCausalLayout.from_packed(**PACKED, total_len=40),
-                                      BlockCausalLayout.from_packed([0, 40], [7], 16)])
-    q, k, v = torch.randn(3, 2, 4, 40, 8).unbind(0)
+def test_flex_block_mask_equals_create_block_mask_and_dense_mask():
+    L = 3 * FLEX_BLOCK
+    layout = BlockCausalLayout.stack([
+        BlockCausalLayout.from_packed([0, 17, 29, 300], [5, 4, 40], [4, 4, 16], total_len=L),
+        BlockCausalLayout.from_packed([0, L], [7], 16)])
+    ours = layout.block_mask()
+    theirs = create_block_mask(layout.mask_mod(), 2, None, L, L, device="cpu")
+    assert torch.equal(ours.to_dense(), theirs.to_dense())  # partial + full tiles
+    assert torch.equal(ours.full_kv_num_blocks, theirs.full_kv_num_blocks)
+    assert int(ours.full_kv_num_blocks.sum()) > 0  # full tiles exist: the split is exercised
+    q, k, v = torch.randn(3, 2, 4, L, 8).unbind(0)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask())
-    out = flex_attention(q, k, v, block_mask=layout.block_mask())
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=ours), ref, atol=1e-6,
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 128, got 29: pad the row"):
+        BlockCausalLayout.from_packed(**PACKED).block_mask()
 
 
-def test_flex_and_sdpa_agree_in_qwen3(qwen3, eager_flex):
-    layout = BlockCausalLayout.from_packed(**PACKED, total_len=32)
-    x = torch.randn(1, 32, 64)
+def test_flex_row_len():
+    assert flex_row_len(29) == 128 and flex_row_len(200) == 256 and flex_row_len(1000) == 1024
+    assert flex_row_len(29, row_len=1000) == 1024  # the stage's budget, rounded up to a tile
+    with pytest.raises(ValueError, match="row_len 20 is shorter than the packed row"):
+        flex_row_len(29, row_len=20)
+
+
+def test_flex_and_sdpa_agree_in_qwen3(qwen3, flex_compiles):
+    layout = BlockCausalLayout.from_packed(**PACKED, total_len=FLEX_BLOCK)
+    x = torch.randn(1, FLEX_BLOCK, 64)
     torch.testing.assert_close(run(qwen3, x, "flex", layout), run(qwen3, x, "sdpa", layout),
                                atol=1e-5, rtol=1e-5)
+    assert flex_compiles.frame_count == 1
+    # Rows of another length (a prompt prefill) take the dense mask through sdpa: no compile.
+    odd = BlockCausalLayout.from_packed(**PACKED)
+    torch.testing.assert_close(run(qwen3, x[:, :29], "flex", odd),
+                               run(qwen3, x[:, :29], "sdpa", odd), atol=1e-5, rtol=1e-5)
+    assert flex_compiles.frame_count == 1
+
+
+def tiny_bitdance(device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A random tiny BitDanceModel (Qwen3 hidden 64) and a packer for it, P = 4."""
+    torch.manual_seed(0)
+    llm = Qwen3ForCausalLM(Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       vocab_size=64, attn_implementation="sdpa"))
+    cfg = ModelConfig(head=HeadConfig(width=32, depth=2, num_adaln_sets=2, head_dim=16, bits=8),
+                      parallel_num=4, attn_backend="sdpa", pos_max_len=16)
+    model = BitDanceModel(cfg, llm).to(device, dtype)
+    special = SpecialTokens(im_start=1, im_end=2, vision_start=3, vision_end=4,
+                            res_ids=tuple(range(10, 26)), query_ids=(26, 27, 28), vocab_size=64)
+    packer = SequencePacker(special, PromptIds((1, 5), (2, 1, 6), (1, 6)), 4, max_len=256)
+    return model, packer
+
+
+def packed_rows(packer, seed: int = 0):
+    """Three rows of different packings and lengths (2, 3, 4 samples; 43 to 180 tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for sides in [(2, 4), (4, 2, 6), (8, 2, 4, 6)]:
+        rows.append(packer.pack([ImageSample(
+            list(torch.randint(30, 64, (3 + i,), generator=g).tolist()),
+            torch.where(torch.rand(s, 2 * (i % 2 + 1), 8, generator=g) > 0.5, 1.0, -1.0))
+            for i, s in enumerate(sides)]))
+    return rows
+
+
+def losses_of(model, rows, row_len, seed=0):
+    return [model(p, generator=torch.Generator(model.llm.device).manual_seed(seed),
+                  row_len=row_len) for p in rows]
+
+
+def test_flex_training_rows_compile_once_and_match_sdpa(flex_compiles):
+    """The hang on the first GPU run: rows of a new length every step. Three rows of different
+    packings and lengths, padded to the stage's row length, compile flex once; the BlockMask is
+    built without dynamo; the losses are sdpa's. (Transformers' own flex path, which bdt used
+    before, compiles these three rows twice: static, then again for symbolic lengths.)"""
+    model, packer = tiny_bitdance()
+    model.eval()  # flex has no backward on CPU; the graphs dynamo traces are the forward's
+    rows = packed_rows(packer)
+    assert len({int(p.cu_seqlens_S1[-1]) for p in rows}) == 3
+    with torch.no_grad():
+        sdpa = losses_of(model, rows, row_len=250)
+        model.set_attn_backend("flex")
+        frames = counters["frames"]["total"]
+        masks = [BlockCausalLayout.from_packed(p.cu_seqlens_S1, p.causal_len_S, p.block_size_S,
+                                               total_len=256).block_mask() for p in rows]
+        assert counters["frames"]["total"] == frames and len(masks) == 3
+        flex = losses_of(model, rows, row_len=250)
+    assert flex_compiles.frame_count == 1
+    for a, b in zip(flex, sdpa):
+        for key in ("total", "text_ce", "vision"):
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_equals_unpacked_and_eager_float_mask(qwen3):
@@ -133,23 +227,43 @@ def reference_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return out
 
 
-def test_flash_path_exact_for_causal_rows_and_routes_block_rows(qwen3, eager_flex,
-                                                                monkeypatch):
+def reference_torch_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1),
+                           scale=None, enable_gqa=False, **_):
+    """Stand-in for torch.nn.attention.varlen.varlen_attn (its documented semantics; the kernel
+    is CUDA-only): window (-1, 0) is causal per sequence."""
+    assert window_size in ((-1, 0), (-1, -1)) and enable_gqa
+    return reference_flash_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, softmax_scale=scale,
+                                  causal=window_size == (-1, 0))
+
+
+@pytest.mark.parametrize("backend", ["flash", "varlen"])
+def test_varlen_paths_exact_for_causal_rows_and_route_block_rows(qwen3, flex_compiles,
+                                                                 monkeypatch, backend):
     calls = []
-    fake = types.ModuleType("flash_attn")
-    fake.flash_attn_varlen_func = lambda *a, **kw: calls.append(kw) or reference_flash_varlen(
-        *a, **kw)
-    monkeypatch.setitem(sys.modules, "flash_attn", fake)
-    x = torch.randn(1, 32, 64)
+    if backend == "flash":
+        fake = types.ModuleType("flash_attn")
+        fake.flash_attn_varlen_func = lambda *a, **kw: calls.append(kw) or \
+            reference_flash_varlen(*a, **kw)
+        monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    else:
+        import functools
+
+        import torch.nn.attention.varlen as varlen
+
+        stand_in = functools.wraps(varlen.varlen_attn)(  # keeps the signature our code reads
+            lambda *a, **kw: calls.append(kw) or reference_torch_varlen(*a, **kw))
+        monkeypatch.setattr(varlen, "varlen_attn", stand_in)
+    x = torch.randn(1, FLEX_BLOCK, 64)
     causal = BlockCausalLayout.from_packed([0, 20, 29], [20, 9], 1, total_len=32)
-    torch.testing.assert_close(run(qwen3, x, "flash", causal), run(qwen3, x, "sdpa", causal),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(qwen3, x[:, :32], backend, causal),
+                               run(qwen3, x[:, :32], "sdpa", causal), atol=1e-5, rtol=1e-5)
     assert len(calls) == 2  # one kernel call per layer
-    assert calls[0]["cu_seqlens_q"].tolist() == [0, 20, 29, 32] and calls[0]["causal"]
-    block = BlockCausalLayout.from_packed(**PACKED, total_len=32)
-    torch.testing.assert_close(run(qwen3, x, "flash", block), run(qwen3, x, "sdpa", block),
+    if backend == "flash":
+        assert calls[0]["cu_seqlens_q"].tolist() == [0, 20, 29, 32] and calls[0]["causal"]
+    block = BlockCausalLayout.from_packed(**PACKED, total_len=FLEX_BLOCK)
+    torch.testing.assert_close(run(qwen3, x, backend, block), run(qwen3, x, "sdpa", block),
                                atol=1e-5, rtol=1e-5)
-    assert len(calls) == 2  # block-causal rows were routed to flex, not the causal kernel
+    assert len(calls) == 2 and flex_compiles.frame_count == 1  # block rows went to flex
 
 
 def test_kv_decoding_with_left_padding_matches_full_forward(qwen3):
@@ -177,3 +291,55 @@ def test_kv_decoding_with_left_padding_matches_full_forward(qwen3):
     for i, n in enumerate(lengths):
         torch.testing.assert_close(pre[i, L - n:], full[i][0, :n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(step[i], full[i][0, n:], atol=1e-5, rtol=1e-5)
+
+
+def _grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.float().reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+@cuda
+def test_cuda_flex_trains_compiled_once_and_matches_sdpa():
+    """The first GPU run's hang, on CUDA: three training rows (forward + backward, Inductor,
+    bf16) of different packings compile flex once; losses and gradients are sdpa's."""
+    torch._dynamo.reset()
+    model, packer = tiny_bitdance("cuda", torch.bfloat16)
+    model.train()
+    rows = packed_rows(packer)
+    results = {}
+    for backend in ("sdpa", "flex"):
+        model.set_attn_backend(backend)
+        model.zero_grad()
+        graphs = counters["stats"]["unique_graphs"]
+        losses = losses_of(model, rows, row_len=250)
+        sum(out["total"] for out in losses).backward()
+        results[backend] = (torch.stack([out["total"] for out in losses]).float(), _grads(model),
+                            counters["stats"]["unique_graphs"] - graphs)
+    assert results["flex"][2] == 1 and results["sdpa"][2] == 0
+    torch.testing.assert_close(results["flex"][0], results["sdpa"][0], atol=2e-2, rtol=2e-2)
+    g_flex, g_sdpa = results["flex"][1], results["sdpa"][1]
+    assert (g_flex - g_sdpa).norm() <= 0.05 * g_sdpa.norm()
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["varlen", "flash"])
+def test_cuda_varlen_kernels_match_sdpa(backend):
+    """The real causal-per-document kernels (bf16) against sdpa on causal rows, with gradients."""
+    try:
+        resolve_backend(backend, "cuda")
+    except ValueError as e:
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    model = Qwen3Model(Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                   vocab_size=64)).to("cuda", torch.bfloat16)
+    layout = BlockCausalLayout.from_packed([0, 100, 290], [100, 190], 1, total_len=300).to("cuda")
+    x = torch.randn(1, 300, 256, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    for name in ("sdpa", backend):
+        model.set_attn_implementation(hf_attn_implementation(name))
+        x_ = x.clone().requires_grad_()
+        y = model(inputs_embeds=x_, use_cache=False, **attention_kwargs(layout, name))
+        y.last_hidden_state.float().square().mean().backward()
+        outs[name] = (y.last_hidden_state.float(), x_.grad.float())
+    for a, b in zip(outs[backend], outs["sdpa"]):
+        assert (a - b).norm() <= 0.02 * b.norm()
