@@ -187,7 +187,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                         packed = packer.pack(setup.image_samples(batch, cfg.model.head.bits))
                     data_wait += t_data.seconds
                     step_tokens += batch.tokens
-                    losses = engine(packed)
+                    # One row length per stage: flex compiles once (bdt.model.attention).
+                    losses = engine(packed, row_len=cfg.stages[stage_idx].token_budget)
                     engine.backward(losses["total"])
                     if engine.is_gradient_accumulation_boundary():
                         if plain_grads:
