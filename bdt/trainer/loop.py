@@ -105,8 +105,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     ckpt = CheckpointManager(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"), dist,
                              keep_last=cfg.checkpoint.keep_last)
     setup.check_model_signature(ckpt.root, setup.model_signature(model), dist)
-    flop_model = FlopModel.from_model(model.llm.config, sum(setup.numel(p) for p in
-                                      model.head.parameters()), cfg.model.head.repeat)
+    flop_model = FlopModel.for_model(model)
     engine = initialize_engine(model, ds_config, clock)
     ema = EMA(engine.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
@@ -200,9 +199,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                             clock.advance(step + 1)
                     engine.step()
                     n_img = packed.num_samples
-                    lens = (packed.cu_seqlens_S1[1:] - packed.cu_seqlens_S1[:-1]).tolist()
-                    flops = flop_model.train_flops(lens, packed.text_target_T.numel(),
-                                                   packed.image_bits_NC.shape[0])
+                    flops = flop_model.packed_flops(packed)
                     window.flops += flops
                     seen["flops"] += flops
                     window.add({"loss": losses["total"].item(), "text_ce": float(losses["text_ce"]),
