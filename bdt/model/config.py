@@ -1,8 +1,9 @@
 """The whole AR model's configuration: backbone + bits connector + 2D pos-emb + diffusion head.
 
 One dataclass tree (omegaconf structured, see `bdt.config.load`) so a training YAML can say
-`model.parallel_num: 4` or `model.head.width: 768`. Defaults follow method §2-5 (BitDance T2I):
-text CE weight 0.01, vision flow loss weight 1.0, exposure-bias p = 0.1, caption dropout 0.1.
+`model.parallel_num: 4`, `model.head.width: 768` or `model.head.mlp: plain`. Defaults follow
+method §2-5 (BitDance T2I): text CE weight 0.01, vision flow loss weight 1.0, exposure-bias
+p = 0.1, caption dropout 0.1.
 
 `parallel_num` (P) is the one authority on tokens per AR step: the model builds its head with
 `head.tokens = parallel_num` and `head.cond_dim = ` the LLM's hidden size, whatever those two
@@ -62,3 +63,4 @@ class ModelConfig:
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0.0):
                 raise ValueError(f"model.{key} must be a finite number >= 0, got {value}")
+        self.head.validate()

@@ -42,9 +42,13 @@ def velocity(x_pred: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
 
 def sample_train_time(n: int, head: DiffusionHead, device: torch.device,
                       generator: torch.Generator | None = None) -> Tensor:
-    """Logit-normal flow times t = sigmoid(N(p_mean, p_std^2)), shifted; one per patch, [n]."""
+    """Flow times, one per patch [n]: logit-normal sigmoid(N(p_mean, p_std^2)) or uniform
+    U[0, 1) (head.cfg.time_schedule), then shifted."""
     cfg = head.cfg
-    t = (torch.randn(n, device=device, generator=generator) * cfg.p_std + cfg.p_mean).sigmoid()
+    if cfg.time_schedule == "uniform":
+        t = torch.rand(n, device=device, generator=generator)
+    else:
+        t = (torch.randn(n, device=device, generator=generator) * cfg.p_std + cfg.p_mean).sigmoid()
     # The release skips the shift at s = 1 (an identity up to rounding); so do we, bit for bit.
     return shift_time(t, cfg.time_shift) if cfg.time_shift != 1.0 else t
 

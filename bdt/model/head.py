@@ -3,9 +3,11 @@
 Per patch row b the head gets the noisy bits x_t [P, C], the flow time t (one per patch) and one
 condition vector per token (LLM hidden state + 2D position embedding, [P, D]). It is a small
 transformer over the P tokens: pre-LayerNorm blocks modulated by adaLN (scale, shift, gate)
-computed from SiLU(time_emb + cond_emb), bidirectional attention among the P tokens, a SwiGLU MLP
-of hidden 1.5*W, and a zero-initialised final adaLN + Linear(W -> C). The output is an
-x-prediction squashed to (-1, 1) by 2*sigmoid - 1 (the data are +-1 bits).
+computed from SiLU(time_emb + cond_emb), bidirectional attention among the P tokens, an MLP of
+hidden H = int(1.5*W) (`mlp`: "swiglu" = Linear(W -> 2H) [gate | up] -> SiLU(gate)*up ->
+Linear(H -> W), or "plain" = Linear(W -> H) -> SiLU -> Linear(H -> W), all with biases), and a
+zero-initialised final adaLN + Linear(W -> C). The output is an x-prediction squashed to (-1, 1)
+by 2*sigmoid - 1 (the data are +-1 bits).
 
 The adaLN projections are shared: `num_adaln_sets` Linear(W -> 6W) for `depth` blocks, block i
 using set i // (depth / num_adaln_sets) (BitDance shares them between consecutive blocks to save
@@ -13,19 +15,29 @@ parameters; with W = 5120 one set is 157M parameters).
 
 Parameter names are ours; `head_key_from_bitdance` / `head_state_dict_from_bitdance` map the
 released checkpoint's `DiffHead` keys (`net.*`, see tests/fixtures/bitdance/head_tiny.json and the
-`vision_diffusion_head.net.*` keys of mllm_keys_14b.json) onto them, shapes unchanged.
+`vision_diffusion_head.net.*` keys of mllm_keys_14b.json) onto them, shapes unchanged, and
+`head_config_from_bitdance` reads a released `DiffHead`'s constructor arguments
+(vision_head_config.json).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+
+# The MLP of a block, and the released state-dict names of its two Linears (`use_swiglu`
+# True / False); the SiLU between the plain Linears is the Sequential's index 1.
+MLP_KINDS: dict[str, tuple[str, str]] = {"swiglu": ("w1", "w2"), "plain": ("mlp.0", "mlp.2")}
+TIME_SCHEDULES = ("logit_normal", "uniform")
 
 
 @dataclass
@@ -36,12 +48,18 @@ class HeadConfig:
     depth: int = 6  # transformer blocks
     num_adaln_sets: int = 2  # shared adaLN projections; depth must be a multiple
     head_dim: int = 128  # attention head size (BitDance: n_heads = W // 128)
-    mlp_ratio: float = 1.5  # SwiGLU hidden = int(mlp_ratio * W)
+    mlp_ratio: float = 1.5  # MLP hidden H = int(mlp_ratio * W)
+    # swiglu | plain (module docstring). The released DiffHead defaults to plain, but every
+    # released checkpoint (BitDance-14B 16x and 64x) is SwiGLU, and so is every bdt config and
+    # checkpoint written before this key existed: a plain default would break loading them.
+    mlp: str = "swiglu"
     bits: int = 32  # C, bits per image token (ae_d16c32)
     cond_dim: int = 5120  # D, the condition width (the LLM hidden size)
     tokens: int = 16  # P, tokens per patch (= per AR step); the network itself takes any P
     time_freq_dim: int = 256  # sinusoidal timestep features fed to the time MLP
-    # Training-time flow time t = sigmoid(N(p_mean, p_std^2)), then shifted (method §3).
+    # Training-time flow time (method §3): logit_normal t = sigmoid(N(p_mean, p_std^2)), or
+    # uniform t = U[0, 1); then shifted.
+    time_schedule: str = "logit_normal"
     p_mean: float = -0.8
     p_std: float = 0.8
     time_shift: float = 1.0
@@ -57,9 +75,15 @@ class HeadConfig:
         if self.width % self.head_dim:
             raise ValueError(f"model.head.width ({self.width}) must be a multiple of "
                              f"model.head.head_dim ({self.head_dim})")
-        if self.depth % self.num_adaln_sets:
+        # As in the release: fewer blocks than sets is allowed (set i serves block i, the rest
+        # stay unused); more must split evenly.
+        if self.depth > self.num_adaln_sets and self.depth % self.num_adaln_sets:
             raise ValueError(f"model.head.depth ({self.depth}) must be a multiple of "
-                             f"model.head.num_adaln_sets ({self.num_adaln_sets})")
+                             f"model.head.num_adaln_sets ({self.num_adaln_sets}) or at most it")
+        for key, allowed in (("mlp", tuple(MLP_KINDS)), ("time_schedule", TIME_SCHEDULES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.head.{key} must be one of {', '.join(allowed)}, got "
+                                 f"{getattr(self, key)!r}")
         if self.time_freq_dim % 2:
             raise ValueError(f"model.head.time_freq_dim must be even, got {self.time_freq_dim}")
         if self.p_std <= 0 or self.time_shift <= 0 or self.mlp_ratio <= 0:
@@ -83,14 +107,16 @@ def _modulate(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 class HeadBlock(nn.Module):
     """Pre-LN transformer block over the P tokens of a patch, modulated by adaLN."""
 
-    def __init__(self, width: int, head_dim: int, mlp_hidden: int):
+    def __init__(self, width: int, head_dim: int, mlp_hidden: int, mlp: str = "swiglu"):
         super().__init__()
         self.head_dim = head_dim
+        self.gated = mlp == "swiglu"
         self.attn_norm = nn.LayerNorm(width, eps=1e-6)
         self.qkv = nn.Linear(width, 3 * width)
         self.attn_out = nn.Linear(width, width)
         self.mlp_norm = nn.LayerNorm(width, eps=1e-6)
-        self.mlp_in = nn.Linear(width, 2 * mlp_hidden)  # [gate | up], gate first
+        # SwiGLU: one Linear gives [gate | up], gate first; plain: the hidden layer itself.
+        self.mlp_in = nn.Linear(width, (2 if self.gated else 1) * mlp_hidden)
         self.mlp_out = nn.Linear(mlp_hidden, width)
 
     def forward(self, x_BPW: Tensor, mod_BP6W: Tensor) -> Tensor:
@@ -104,8 +130,13 @@ class HeadBlock(nn.Module):
         # No mask: all P tokens of a patch see each other (joint denoising, method §3).
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, P, W)
         x_BPW = x_BPW + gate1 * self.attn_out(h)
-        gate, up = self.mlp_in(_modulate(self.mlp_norm(x_BPW), scale2, shift2)).chunk(2, dim=-1)
-        return x_BPW + gate2 * self.mlp_out(F.silu(gate) * up)
+        h = self.mlp_in(_modulate(self.mlp_norm(x_BPW), scale2, shift2))
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.silu(h)
+        return x_BPW + gate2 * self.mlp_out(h)
 
 
 class DiffusionHead(nn.Module):
@@ -122,7 +153,7 @@ class DiffusionHead(nn.Module):
         self.cond_proj = nn.Linear(cfg.cond_dim, W)
         self.input_proj = nn.Linear(cfg.bits, W)
         self.blocks = nn.ModuleList(
-            HeadBlock(W, cfg.head_dim, int(cfg.mlp_ratio * W)) for _ in range(cfg.depth))
+            HeadBlock(W, cfg.head_dim, int(cfg.mlp_ratio * W), cfg.mlp) for _ in range(cfg.depth))
         self.adaln_sets = nn.ModuleList(nn.Linear(W, 6 * W) for _ in range(cfg.num_adaln_sets))
         self.final_norm = nn.LayerNorm(W, eps=1e-6, elementwise_affine=False)
         self.final_adaln = nn.Linear(W, 2 * W)  # rows: scale, shift
@@ -159,7 +190,7 @@ class DiffusionHead(nn.Module):
         # One adaLN input per token: the time is per patch, the condition per token.
         y_BPW = F.silu(t_emb_B1W + self.cond_proj(cond_BPD))
         x_BPW = self.input_proj(x_t_BPC)
-        blocks_per_set = cfg.depth // cfg.num_adaln_sets
+        blocks_per_set = max(1, cfg.depth // cfg.num_adaln_sets)
         for i, block in enumerate(self.blocks):
             if i % blocks_per_set == 0:
                 mod_BP6W = self.adaln_sets[i // blocks_per_set](y_BPW)
@@ -172,7 +203,8 @@ class DiffusionHead(nn.Module):
         return 2 * torch.sigmoid(out_BPC) - 1
 
 
-# Released `DiffHead` state-dict keys (relative to its `net.` module) -> ours. Shapes are equal.
+# Released `DiffHead` state-dict keys (relative to its `net.` module) -> ours. Shapes are equal;
+# both MLP kinds land on mlp_in / mlp_out, whose shapes follow model.head.mlp.
 HEAD_KEY_MAP: tuple[tuple[str, str], ...] = (
     (r"time_embed\.mlp\.0\.(weight|bias)", r"time_mlp_in.\1"),
     (r"time_embed\.mlp\.2\.(weight|bias)", r"time_mlp_out.\1"),
@@ -182,28 +214,74 @@ HEAD_KEY_MAP: tuple[tuple[str, str], ...] = (
     (r"res_blocks\.(\d+)\.attn\.wqkv\.(weight|bias)", r"blocks.\1.qkv.\2"),
     (r"res_blocks\.(\d+)\.attn\.wo\.(weight|bias)", r"blocks.\1.attn_out.\2"),
     (r"res_blocks\.(\d+)\.norm2\.(weight|bias)", r"blocks.\1.mlp_norm.\2"),
-    (r"res_blocks\.(\d+)\.w1\.(weight|bias)", r"blocks.\1.mlp_in.\2"),
-    (r"res_blocks\.(\d+)\.w2\.(weight|bias)", r"blocks.\1.mlp_out.\2"),
+    (r"res_blocks\.(\d+)\.(?:w1|mlp\.0)\.(weight|bias)", r"blocks.\1.mlp_in.\2"),
+    (r"res_blocks\.(\d+)\.(?:w2|mlp\.2)\.(weight|bias)", r"blocks.\1.mlp_out.\2"),
     (r"ada_ln_blocks\.(\d+)\.(weight|bias)", r"adaln_sets.\1.\2"),
     (r"final_layer\.ada_ln_modulation\.(weight|bias)", r"final_adaln.\1"),
     (r"final_layer\.linear\.(weight|bias)", r"final_proj.\1"),
 )
 
 
-def head_key_from_bitdance(key: str) -> str:
-    """Map one released head key (without the `net.` prefix) to ours; ValueError if unknown."""
+def _mlp_kind(key: str) -> str | None:
+    """The MLP kind a released block key belongs to; None for keys outside the MLP."""
+    m = re.fullmatch(r"res_blocks\.\d+\.(.+)\.(?:weight|bias)", key)
+    return next((kind for kind, names in MLP_KINDS.items() if m and m.group(1) in names), None)
+
+
+def head_key_from_bitdance(key: str, mlp: str | None = None) -> str:
+    """Map one released head key (without the `net.` prefix) to ours; ValueError if unknown or,
+    given our `mlp` kind, if the key belongs to the other kind's MLP."""
+    kind = _mlp_kind(key)
+    if mlp is not None and kind is not None and kind != mlp:
+        raise ValueError(f"BitDance head key {key!r} belongs to a {kind} MLP (use_swiglu="
+                         f"{kind == 'swiglu'}), but model.head.mlp is {mlp!r}")
     for pattern, repl in HEAD_KEY_MAP:
         if re.fullmatch(pattern, key):
             return re.sub(pattern, repl, key)
     raise ValueError(f"unknown BitDance diffusion-head key {key!r}")
 
 
-def head_state_dict_from_bitdance(state_dict: dict[str, Tensor],
-                                  prefix: str = "net.") -> dict[str, Tensor]:
+def head_state_dict_from_bitdance(state_dict: dict[str, Tensor], prefix: str = "net.",
+                                  mlp: str | None = None) -> dict[str, Tensor]:
     """Rename a released head state dict (keys `<prefix><key>`) to `DiffusionHead` keys.
 
     Keys without the prefix are ignored, so a whole MLLModel state dict can be passed with
-    prefix "vision_diffusion_head.net.".
+    prefix "vision_diffusion_head.net.". `mlp` (our head's kind) refuses the other kind's keys.
     """
-    return {head_key_from_bitdance(k[len(prefix):]): v
+    return {head_key_from_bitdance(k[len(prefix):], mlp): v
             for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+# DiffHead's constructor defaults (flow_head_parallel_x.py), for arguments a config leaves out.
+_DIFFHEAD_DEFAULTS = dict(grad_checkpointing=False, time_shift=1.0, time_schedule="logit_normal",
+                          P_mean=0.0, P_std=1.0, parallel_num=4, diff_batch_mul=1,
+                          use_swiglu=False)
+_DIFFHEAD_REQUIRED = ("ch_target", "ch_cond", "ch_latent", "depth_latent", "depth_adanln")
+
+
+def head_config_from_bitdance(kwargs: Mapping[str, Any]) -> HeadConfig:
+    """Our config for a released `DiffHead(**kwargs)` (its vision_head_config.json).
+
+    The release fixes what we configure: n_heads = W // 128 (head_dim = W // n_heads), MLP
+    hidden int(1.5 W), 256 timestep features. `diff_batch_mul` becomes `repeat`, which the
+    release applies in MLLModel before the head (DiffHead.forward itself scores each row once).
+    """
+    missing = [k for k in _DIFFHEAD_REQUIRED if k not in kwargs]
+    unknown = sorted(set(kwargs) - set(_DIFFHEAD_REQUIRED) - set(_DIFFHEAD_DEFAULTS))
+    if missing or unknown:
+        raise ValueError(f"DiffHead arguments: missing {missing}, unknown {unknown}")
+    a = {**_DIFFHEAD_DEFAULTS, **kwargs}
+    width = int(a["ch_latent"])
+    n_heads = width // 128
+    if n_heads < 1 or width % n_heads:
+        raise ValueError(f"DiffHead ch_latent {width}: the release splits it into ch_latent // 128 "
+                         f"= {n_heads} attention heads, which needs >= 1 head dividing it")
+    cfg = HeadConfig(
+        width=width, depth=int(a["depth_latent"]), num_adaln_sets=int(a["depth_adanln"]),
+        head_dim=width // n_heads, mlp_ratio=1.5, mlp="swiglu" if a["use_swiglu"] else "plain",
+        bits=int(a["ch_target"]), cond_dim=int(a["ch_cond"]), tokens=int(a["parallel_num"]),
+        time_freq_dim=256, time_schedule=a["time_schedule"], p_mean=float(a["P_mean"]),
+        p_std=float(a["P_std"]), time_shift=float(a["time_shift"]),
+        repeat=int(a["diff_batch_mul"]))
+    cfg.validate()
+    return cfg

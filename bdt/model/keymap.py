@@ -8,6 +8,7 @@ The mapping, by component (BitDance key -> ours; shapes are always equal):
     embed_vision_mlp.fc{1,2}.<w|b>     -> connector.fc{1,2}.<w|b>     (bdt.model.embed)
     vision_diffusion_head.net.<k>      -> head.<HEAD_KEY_MAP(k)>      (bdt.model.head: e.g.
                                           res_blocks.N.attn.wqkv -> blocks.N.qkv,
+                                          res_blocks.N.{w1|mlp.0} -> blocks.N.mlp_in,
                                           ada_ln_blocks.J -> adaln_sets.J)
     vision_encoder.<k>                 -> not part of the AR model: the binary image tokenizer
                                           (VQModel) is a separate component in bdt, loaded from
@@ -19,15 +20,19 @@ Non-persistent buffers on both sides (BitDance's pos_embed_1d, our 2D table and 
 inv_freq) are not in any state dict. The released BitDance-14B is not one MLLModel file but
 per-component files (see mllm_keys_14b.json "released_checkpoint_layout"); their keys are the
 same keys without the component prefix, so prefixing them gives this mapping's input.
+`model_config_from_bitdance` reads an MLLModel config (the training yaml's `model:` block).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from bdt.model.head import HeadConfig, head_key_from_bitdance
+from bdt.model.config import ModelConfig
+from bdt.model.head import (MLP_KINDS, HeadConfig, head_config_from_bitdance,
+                            head_key_from_bitdance)
 
 if TYPE_CHECKING:
     from bdt.model.ar import BitDanceModel
@@ -39,25 +44,26 @@ OURS_LLM, OURS_CONNECTOR, OURS_HEAD = "llm.", "connector.", "head."
 _PREFIX_SWAPS = ((BD_LLM, OURS_LLM), (BD_CONNECTOR, OURS_CONNECTOR))
 
 
-def key_from_bitdance(key: str) -> str | None:
-    """Our key for one `MLLModel` key; None for tokenizer keys; ValueError when unknown."""
+def key_from_bitdance(key: str, head_mlp: str | None = None) -> str | None:
+    """Our key for one `MLLModel` key; None for tokenizer keys; ValueError when unknown (or,
+    given our head's `head_mlp` kind, a head MLP key of the other kind)."""
     if key.startswith(BD_TOKENIZER):
         return None
     for theirs, ours in _PREFIX_SWAPS:
         if key.startswith(theirs):
             return ours + key[len(theirs):]
     if key.startswith(BD_HEAD):
-        return OURS_HEAD + head_key_from_bitdance(key[len(BD_HEAD):])
+        return OURS_HEAD + head_key_from_bitdance(key[len(BD_HEAD):], head_mlp)
     raise ValueError(f"BitDance key {key!r} belongs to no known component (expected a prefix "
                      f"among {BD_LLM}, {BD_CONNECTOR}, {BD_HEAD}, {BD_TOKENIZER})")
 
 
-def split_bitdance_state_dict(state_dict: dict[str, Tensor]
+def split_bitdance_state_dict(state_dict: dict[str, Tensor], head_mlp: str | None = None
                               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(AR-model state dict in our names, image-tokenizer state dict in VQModel's own names)."""
     ours, tokenizer = {}, {}
     for key, value in state_dict.items():
-        mapped = key_from_bitdance(key)
+        mapped = key_from_bitdance(key, head_mlp)
         if mapped is None:
             tokenizer[key[len(BD_TOKENIZER):]] = value
         else:
@@ -65,9 +71,11 @@ def split_bitdance_state_dict(state_dict: dict[str, Tensor]
     return ours, tokenizer
 
 
-def state_dict_from_bitdance(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """An `MLLModel` state dict renamed for `BitDanceModel.load_state_dict`."""
-    return split_bitdance_state_dict(state_dict)[0]
+def state_dict_from_bitdance(state_dict: dict[str, Tensor], head_mlp: str | None = None
+                             ) -> dict[str, Tensor]:
+    """An `MLLModel` state dict renamed for `BitDanceModel.load_state_dict` (pass the model's
+    `cfg.head.mlp` as `head_mlp` to have a checkpoint of the other MLP kind named as such)."""
+    return split_bitdance_state_dict(state_dict, head_mlp)[0]
 
 
 def bitdance_head_keys(cfg: HeadConfig) -> list[str]:
@@ -75,9 +83,9 @@ def bitdance_head_keys(cfg: HeadConfig) -> list[str]:
     wb = ("weight", "bias")
     keys = [f"{m}.{p}" for m in ("time_embed.mlp.0", "time_embed.mlp.2", "cond_embed",
                                   "input_proj") for p in wb]
+    block = ("norm1", "attn.wqkv", "attn.wo", "norm2", *MLP_KINDS[cfg.mlp])
     for i in range(cfg.depth):
-        keys += [f"res_blocks.{i}.{m}.{p}" for m in ("norm1", "attn.wqkv", "attn.wo", "norm2",
-                                                       "w1", "w2") for p in wb]
+        keys += [f"res_blocks.{i}.{m}.{p}" for m in block for p in wb]
     keys += [f"ada_ln_blocks.{j}.{p}" for j in range(cfg.num_adaln_sets) for p in wb]
     keys += [f"final_layer.{m}.{p}" for m in ("ada_ln_modulation", "linear") for p in wb]
     return keys
@@ -112,7 +120,7 @@ def compare_with_reference(model: BitDanceModel,
     problems, seen = [], {}
     for theirs, shape in reference_shapes.items():
         try:
-            key = key_from_bitdance(theirs)
+            key = key_from_bitdance(theirs, model.head.cfg.mlp)
         except ValueError as e:
             problems.append(str(e))
             continue
@@ -129,24 +137,44 @@ def compare_with_reference(model: BitDanceModel,
     return problems
 
 
+# MLLModel's defaults (modeling/mllm.py) for keys an MLLModel config leaves out.
+_VISION_PRED_DEFAULTS = dict(model_dim=1024, num_blocks=3, num_adaln=1, time_shift=1.0,
+                             time_schedule="logit_normal", P_mean=0.0, P_std=1.0,
+                             parallel_num=1, diff_batch_mul=1, use_swiglu=False)
 
-def meta_model_14b(parallel_num: int = 16) -> BitDanceModel:
-    """Our model under the BitDance-14B configuration (Qwen3-14B + 6x5120 head, P = 16 or 64),
-    on the meta device: shapes without memory. Vocab = 151669 Qwen3 tokens + 256 res tokens +
-    P-1 query tokens (151940 at P = 16, 151988 at P = 64), as the release resizes it."""
+
+def model_config_from_bitdance(config: Mapping[str, Any], llm_hidden: int) -> ModelConfig:
+    """Our model config for a released `MLLModel(config)` (the yaml's `model:` block) whose LLM
+    has hidden size `llm_hidden`: head, P, 2D position table and exposure-bias rate."""
+    head = config["head"]
+    vp = {**_VISION_PRED_DEFAULTS, **head["vision_pred"]}
+    if vp.get("type") != "diffusion_parallel_x":
+        raise ValueError(f"BitDance config: head.vision_pred.type {vp.get('type')!r} is not "
+                         "supported (bdt models the 'diffusion_parallel_x' head)")
+    head_cfg = head_config_from_bitdance(dict(
+        ch_target=config["encoder"]["params"]["ddconfig"]["z_channels"], ch_cond=llm_hidden,
+        ch_latent=vp["model_dim"], depth_latent=vp["num_blocks"], depth_adanln=vp["num_adaln"],
+        time_shift=vp["time_shift"], time_schedule=vp["time_schedule"], P_mean=vp["P_mean"],
+        P_std=vp["P_std"], parallel_num=vp["parallel_num"], diff_batch_mul=vp["diff_batch_mul"],
+        use_swiglu=vp["use_swiglu"]))
+    cfg = ModelConfig(head=head_cfg, parallel_num=int(vp["parallel_num"]),
+                      pos_max_len=int(head.get("pe_max_len", 4096)) // int(config["vit_patch_size"]),
+                      flip_prob=float(head.get("vision_perturb", 0.0)))
+    cfg.validate()
+    return cfg
+
+
+def meta_model_from_bitdance(config: Mapping[str, Any], qwen3_config: Mapping[str, Any]
+                             ) -> BitDanceModel:
+    """Our model for a released `MLLModel(config)` with this Qwen3 config (vocab_size = the
+    resized vocabulary, as in a released model folder), on the meta device: shapes without
+    memory, e.g. BitDance-14B (tests/fixtures/bitdance/mllm_keys_14b.json)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from bdt.model.ar import BitDanceModel
-    from bdt.model.config import ModelConfig
 
-    llm_config = Qwen3Config(
-        vocab_size=151669 + 256 + parallel_num - 1, hidden_size=5120, intermediate_size=17408,
-        num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-        max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        attention_bias=False)
-    cfg = ModelConfig(head=HeadConfig(width=5120, depth=6, num_adaln_sets=2, bits=32),
-                      parallel_num=parallel_num, attn_backend="sdpa")
+    cfg = model_config_from_bitdance(config, int(qwen3_config["hidden_size"]))
+    cfg.attn_backend = "sdpa"
     with torch.device("meta"):
-        return BitDanceModel(cfg, Qwen3ForCausalLM(llm_config))
+        return BitDanceModel(cfg, Qwen3ForCausalLM(Qwen3Config(**qwen3_config)))

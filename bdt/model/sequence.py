@@ -39,10 +39,17 @@ def patch_side(parallel_num: int) -> int:
     return ps
 
 
-def _check_grid(h: int, w: int, ps: int) -> None:
+def check_grid(h: int, w: int, ps: int, source: str = "latent grid") -> None:
+    """ValueError unless an h x w token grid cuts into whole ps x ps patches.
+
+    The release refuses other grids too: its patch-wise rearrange '(h p1) (w p2)' raises, and
+    its sampler offers only sizes whose grids divide at P = 64. Padding or partial patches would
+    change the sequence layout and the 2D positions of a released model. `source` names where
+    the grid came from (a config key, a sample), so callers can refuse it before any packing.
+    """
     if h < 1 or w < 1 or h % ps or w % ps:
         raise ValueError(
-            f"latent grid {h}x{w} is not divisible by the patch side {ps} (P = {ps * ps}); "
+            f"{source} {h}x{w} is not divisible by the patch side {ps} (P = {ps * ps}); "
             f"image sides must be multiples of {ps} latent tokens"
         )
 
@@ -53,7 +60,7 @@ def patch_raster_perm(h: int, w: int, ps: int) -> torch.Tensor:
     Patches of ps x ps go in raster order, tokens inside a patch in raster order too (method §4;
     BitDance's rearrange 'c (h p1) (w p2) -> (h w p1 p2) c').
     """
-    _check_grid(h, w, ps)
+    check_grid(h, w, ps)
     idx_HW = torch.arange(h * w).view(h // ps, ps, w // ps, ps)
     return idx_HW.permute(0, 2, 1, 3).reshape(-1)
 
@@ -171,7 +178,7 @@ class SequencePacker:
 
     def image_prefix_ids(self, h: int, w: int) -> list[int]:
         """[<|vision_start|>, <|res_h|>, <|res_w|>, <|query_1|> .. <|query_{P-1|>] for an h x w grid."""
-        _check_grid(h, w, self.ps)
+        check_grid(h, w, self.ps)
         sp = self.special
         return [sp.vision_start, sp.res(h), sp.res(w), *sp.query_ids]
 
@@ -209,7 +216,7 @@ class SequencePacker:
             n_bits = c if n_bits is None else n_bits
             if c != n_bits:
                 raise ValueError(f"sample {i}: {c} bits per token, sample 0 has {n_bits}")
-            _check_grid(h, w, self.ps)
+            check_grid(h, w, self.ps, f"sample {i}: latent grid")
             if not bool((bits_HWC.abs() == 1).all()):
                 raise ValueError(f"sample {i}: image bits must be +-1 floats")
             caption = None if drop_S[i] else s.caption

@@ -32,7 +32,7 @@ def check_data(cfg: TrainConfig) -> list[ShardList]:
 
     want = tokenizer_identity(cfg.data.tokenizer)["sha256"] if cfg.data.tokenizer else None
     want_from = cfg.data.tokenizer
-    out = []
+    out, factor = [], None
     for i, stage in enumerate(cfg.stages):
         where = f"stages[{i}] ({stage.name})"
         try:
@@ -53,12 +53,39 @@ def check_data(cfg: TrainConfig) -> list[ShardList]:
             raise ValueError(f"{where}: {shards.urls[0]} holds {first.bits_per_token}-bit tokens, "
                              f"model.head.bits is {cfg.model.head.bits}")
         side = patch_side(stage_p(cfg, i))
-        if first is not None and any(n % side for n in first.grid):
-            raise ValueError(f"{where}: {shards.urls[0]} holds {first.grid[0]}x{first.grid[1]} "
-                             f"token grids, not divisible into the {side}x{side} patches of "
-                             f"P = {stage_p(cfg, i)}")
+        if first is not None:
+            factor = first.bucket[0] // first.grid[1]  # the image tokenizer's downsample factor
+            for h, w in _stage_grids(shards, stage.family, first.grid, factor):
+                if h % side or w % side:
+                    raise ValueError(f"{where}: {stage.shards} holds {h}x{w} token grids, not "
+                                     f"divisible into the {side}x{side} patches of "
+                                     f"P = {stage_p(cfg, i)}")
         out.append(shards)
+    _check_eval_size(cfg, factor)
     return out
+
+
+def _stage_grids(shards: ShardList, family: str, first_grid: tuple[int, int], factor: int
+                 ) -> list[tuple[int, int]]:
+    """The token grids a stage will pack: the first sample's and every bucket its extraction
+    manifest lists for the family, so a later bucket cannot fail deep in packing."""
+    stages = (shards.manifest or {}).get("stages", {})
+    buckets = stages.get(family or next(iter(stages), ""), {}).get("buckets", [])
+    return sorted({first_grid} | {(H // factor, W // factor) for W, H in buckets})
+
+
+def _check_eval_size(cfg: TrainConfig, factor: int | None) -> None:
+    """In-loop evaluation samples eval.width x eval.height px at model.parallel_num: a size
+    that is not whole patches is refused at start, not at the first evaluation."""
+    if cfg.eval.every <= 0 or factor is None:
+        return
+    unit = factor * patch_side(cfg.model.parallel_num)
+    for key in ("width", "height"):
+        px = getattr(cfg.eval, key)
+        if px % unit:
+            raise ValueError(f"eval.{key} = {px} px is not a multiple of {unit} (tokenizer "
+                             f"downsample {factor} x the patch side of model.parallel_num = "
+                             f"{cfg.model.parallel_num})")
 
 
 def _first_sample(url: str) -> TokenSample | None:

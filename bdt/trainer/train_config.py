@@ -161,6 +161,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.logging.sample_every > 0 and not (cfg.data.tokenizer and cfg.logging.sample_prompts):
         raise ValueError("logging.sample_every needs data.tokenizer (to decode the bits) and "
                          "logging.sample_prompts")
+    if cfg.logging.sample_every > 0:  # previews sample at model.parallel_num
+        from bdt.model.sequence import check_grid, patch_side
+
+        if len(cfg.logging.sample_hw) != 2:
+            raise ValueError(f"logging.sample_hw must be [h, w] latent tokens, got "
+                             f"{list(cfg.logging.sample_hw)}")
+        check_grid(*cfg.logging.sample_hw, patch_side(cfg.model.parallel_num), "logging.sample_hw")
     if cfg.eval.every > 0:
         from bdt.data.shapes import CATEGORIES
 

@@ -4,21 +4,16 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from bdt.model.embed import CONNECTOR_KEY_MAP, BitsConnector, PosEmbed2D, flip_bits, sincos_table_1d
 
-from reference import REF
+import mllm_tiny
+from reference import REF, call_value, seed_of
+
 SEQ = json.loads((REF / "sequence_tiny.json").read_text())
-MLLM = json.loads((REF / "mllm_tiny.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_file(str(REF / "mllm_tiny.safetensors"))
-
-
-@pytest.mark.parametrize("name", ["hidden16_4x4_ps1", "hidden16_4x4_ps2", "hidden16_2x4_ps1"])
+@pytest.mark.parametrize("name", sorted(SEQ["pos_embed_2d"]["examples"]))
 def test_pos_embed_2d_matches_fixture(name):
     ex = SEQ["pos_embed_2d"]["examples"][name]
     D, (h, w), ps = ex["hidden_size"], ex["grid_hw"], ex["ps"]
@@ -41,15 +36,16 @@ def test_pos_embed_table_is_not_in_state_dict_and_bounds_checked():
 
 def test_bit_flip_worked_example():
     ex = SEQ["bit_flip_perturbation"]["example"]
+    seed, p_max = seed_of(ex["call"]), call_value(ex["call"], "p_max")
     x = torch.tensor(ex["x"])
-    torch.manual_seed(6)
-    y = flip_bits(x, p_max=0.5)
+    torch.manual_seed(seed)
+    y = flip_bits(x, p_max=p_max)
     assert torch.equal(y, torch.tensor(ex["y"]))
     # The same with an explicit generator: r1 then r2, flip where r1 < p*r2.
-    g = torch.Generator().manual_seed(6)
-    assert torch.equal(flip_bits(x, 0.5, generator=g), torch.tensor(ex["y"]))
+    g = torch.Generator().manual_seed(seed)
+    assert torch.equal(flip_bits(x, p_max, generator=g), torch.tensor(ex["y"]))
     r1, r2 = torch.tensor(ex["r1"]), torch.tensor(ex["r2"])
-    assert torch.equal(y != x, r1 < 0.5 * r2)
+    assert torch.equal(y != x, r1 < p_max * r2)
     assert flip_bits(x, 0.0) is x
 
 
@@ -59,17 +55,18 @@ def test_bit_flip_mean_rate_is_half_p():
     assert abs(rate - 0.05) < 0.002
 
 
-def test_mllm_tiny_image_inputs(tiny):
-    """Flip (seed 104, the first draws of the forward), connector and pos-embed reproduce the
+def test_mllm_tiny_image_inputs():
+    """Flip (the forward's seed: its first draws), connector and pos-embed reproduce the
     reference's LLM inputs at the image positions."""
-    hidden = MLLM["tiny_qwen3_config (after resize; vocab_size = resized rows)"]["hidden_size"]
+    tiny, cfg = mllm_tiny.TENSORS, mllm_tiny.model_config()
+    hidden = mllm_tiny.QWEN3["hidden_size"]
     bits = tiny["mid.vision_latents"]
-    torch.manual_seed(104)
-    flipped = flip_bits(bits, MLLM["model_config (OmegaConf passed as MLLModel(config))"]["head"]["vision_perturb"])
+    torch.manual_seed(mllm_tiny.FORWARD_SEED)
+    flipped = flip_bits(bits, cfg.flip_prob)
     assert torch.equal(flipped, tiny["mid.vision_latents_flipped"])
 
-    pe = PosEmbed2D(hidden, max_grid=2048 // 4)
-    pos = torch.cat([pe.grid(8, 8, 2), pe.grid(4, 8, 2)])
+    pe = PosEmbed2D(hidden, max_grid=cfg.pos_max_len)
+    pos = torch.cat([pe.grid(h, w, cfg.patch_size) for h, w in mllm_tiny.LAYOUT["gen_vit_latent_shapes"]])
     torch.testing.assert_close(pos, tiny["mid.pos_embed_image_tokens"], atol=1e-6, rtol=1e-6)
 
     conn = BitsConnector(bits.shape[1], hidden)

@@ -1,50 +1,73 @@
-"""Flow loss, time grid and Euler-Maruyama sampler vs the BitDance fixture (head_tiny)."""
+"""Flow loss, time grid and Euler-Maruyama sampler vs the BitDance fixture (head_tiny); seeds,
+guidance scales and step counts come from the fixture's description of each call."""
 
-import json
+import re
+from dataclasses import replace
 
 import pytest
 import torch
 
 from bdt.model.flow import (binarize, bit_accuracy, cfg_schedule, flow_loss, sample,
-                            time_grid)
+                            shift_time, time_grid, velocity)
 from bdt.model.head import DiffusionHead, HeadConfig
 
-from reference import REF
-from test_head import load_fixture_head
+from reference import call_value, seed_of
+from test_head import META, load_fixture_head
+
+SAMPLER = META["sampler"]
+GRIDS_KEY = next(k for k in SAMPLER if k.startswith("time_grid_N"))
+GRID_STEPS = int(re.match(r"time_grid_N(\d+)", GRIDS_KEY).group(1))
 
 
 def test_seeded_loss_matches_fixture():
     head, data = load_fixture_head()
-    torch.manual_seed(79)  # the fixture's seed; t is drawn first, then the noise
+    torch.manual_seed(seed_of(META["loss"]["call"]))  # t is drawn first, then the noise
     loss_BP = flow_loss(head, data["loss.x0_bits"], data["loss.cond"])
     torch.testing.assert_close(loss_BP, data["loss.loss"], atol=1e-5, rtol=1e-5)
     loss_BP.mean().backward()
     assert head.final_proj.weight.grad.abs().sum() > 0
 
 
+def test_uniform_time_schedule_draws_like_the_release():
+    """time_schedule 'uniform' (the release's other schedule): t = U[0,1) is the first draw,
+    then shifted, then the noise; the loss is the fixture's formula on those draws."""
+    head, data = load_fixture_head()
+    head.cfg = replace(head.cfg, time_schedule="uniform", time_shift=3.0)
+    x, cond = data["loss.x0_bits"], data["loss.cond"]
+    loss_BP = flow_loss(head, x, cond, torch.Generator().manual_seed(9))
+    gen = torch.Generator().manual_seed(9)
+    t = shift_time(torch.rand(x.shape[0], generator=gen), 3.0)[:, None, None]
+    z = (1 - t) * torch.randn(x.shape, generator=gen) + t * x
+    with torch.no_grad():
+        want = (velocity(x, z, t) - velocity(head(z, t.view(-1), cond), z, t)).square().mean(-1)
+    torch.testing.assert_close(loss_BP.detach(), want, atol=1e-6, rtol=1e-6)
+
+
 def test_sampler_matches_fixture_without_and_with_cfg():
     head, data = load_fixture_head()
-    torch.manual_seed(80)
-    x = sample(head, data["sample.cond_cfg1"], None, cfg_scale=1.0, num_steps=10)
+    plain, guided = SAMPLER["sample.out_cfg1"], SAMPLER["sample.out_cfgN"]
+    torch.manual_seed(seed_of(plain))
+    x = sample(head, data["sample.cond_cfg1"], None, cfg_scale=call_value(plain, "cfg"),
+               num_steps=int(call_value(plain, "num_sampling_steps")))
     torch.testing.assert_close(x, data["sample.out_cfg1"], atol=1e-4, rtol=0)
     cond = data["sample.cond_cfgN"]  # [cond rows; uncond rows]
     B = cond.shape[0] // 2
-    gen = torch.Generator().manual_seed(81)  # a generator draws like the seeded global RNG
-    x = sample(head, cond[:B], cond[B:], cfg_scale=4.0, num_steps=10, generator=gen)
+    scale, steps = call_value(guided, "cfg"), int(call_value(guided, "num_sampling_steps"))
+    gen = torch.Generator().manual_seed(seed_of(guided))  # draws like the seeded global RNG
+    x = sample(head, cond[:B], cond[B:], cfg_scale=scale, num_steps=steps, generator=gen)
     torch.testing.assert_close(x, data["sample.out_cfgN"][:B], atol=1e-4, rtol=0)
     # A per-call schedule of the same constant is the same sampler.
-    gen = torch.Generator().manual_seed(81)
-    x2 = sample(head, cond[:B], cond[B:], cfg_scale=cfg_schedule(4.0, 11), num_steps=10,
-                generator=gen)
+    gen = torch.Generator().manual_seed(seed_of(guided))
+    x2 = sample(head, cond[:B], cond[B:], cfg_scale=cfg_schedule(scale, steps + 1),
+                num_steps=steps, generator=gen)
     torch.testing.assert_close(x2, x, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("shift", ["0.5", "1.0", "3.0"])
+@pytest.mark.parametrize("shift", sorted(SAMPLER[GRIDS_KEY]))
 def test_time_grid_matches_fixture_bit_for_bit(shift):
-    grids = json.loads((REF / "head_tiny.json").read_text())["sampler"]["time_grid_N10_by_shift"]
-    ref = grids[shift]
+    ref = SAMPLER[GRIDS_KEY][shift]
     t_used = next(v for k, v in ref.items() if k.startswith("t_used_at_step_i"))
-    t, dt = time_grid(10, float(shift))
+    t, dt = time_grid(GRID_STEPS, float(shift))
     assert t.tolist() == torch.tensor(t_used).tolist()
     assert dt.tolist() == torch.tensor(ref["dt"]).tolist()
 

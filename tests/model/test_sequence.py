@@ -1,14 +1,16 @@
 """Sequence layout and packing against tests/fixtures/bitdance/{sequence_tiny,mllm_tiny}.json."""
 
+import dataclasses
+import itertools
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from bdt.model.sequence import (
     IGNORE_INDEX,
     ImageSample,
+    check_grid,
     SequencePacker,
     from_sequence_order,
     grid_coords,
@@ -21,24 +23,28 @@ from bdt.model.text_tokenizer import (
     CONDITIONAL_TEMPLATE,
     UNCONDITIONAL_PROMPT,
     PromptIds,
-    SpecialTokens,
 )
 
+import mllm_tiny
+from mllm_tiny import LAYOUT, TENSORS
 from reference import REF
+
 SEQ = json.loads((REF / "sequence_tiny.json").read_text())
-MLLM = json.loads((REF / "mllm_tiny.json").read_text())
 
 
 def test_prompt_templates_match_fixture():
     tpl = SEQ["prompt_template"]
     assert CONDITIONAL_TEMPLATE == tpl["conditional"].replace("\\n", "\n")
     assert UNCONDITIONAL_PROMPT == tpl["unconditional_pipeline (modeling/t2i_pipeline.py)"].replace("\\n", "\n")
-    ex = SEQ["special_tokens"]["token_ids_by_parallel_num (computed by running the repo's add_* functions on the plain Qwen3 tokenizer, len 151669)"]["parallel_num_16"]["example"]
-    assert CONDITIONAL_TEMPLATE.format(prompt=ex["prompt"]) == ex["cond_text"]
-    assert UNCONDITIONAL_PROMPT == ex["uncond_text_pipeline"]
+    tables = SEQ["special_tokens"][next(k for k in SEQ["special_tokens"]
+                                        if k.startswith("token_ids_by_parallel_num"))]
+    for table in tables.values():
+        ex = table["example"]
+        assert CONDITIONAL_TEMPLATE.format(prompt=ex["prompt"]) == ex["cond_text"]
+        assert UNCONDITIONAL_PROMPT == ex["uncond_text_pipeline"]
 
 
-@pytest.mark.parametrize("name", ["8x8_ps2", "8x8_ps4", "4x8_ps2"])
+@pytest.mark.parametrize("name", sorted(SEQ["patch_raster_order"]["examples"]))
 def test_patch_raster_perm_matches_fixture(name):
     ex = SEQ["patch_raster_order"]["examples"][name]
     h, w = ex["grid_hw"]
@@ -63,33 +69,16 @@ def test_bad_patch_and_grid_errors():
         patch_raster_perm(6, 8, 4)
 
 
-# --- the mllm_tiny fixture's packed batch ---------------------------------------------------
+# --- the mllm_tiny fixture's packed batch (tests/model/mllm_tiny.py reads it) -----------------
 
-def _fixture_packer(max_len=4096, dropout=0.0):
-    ids = MLLM["token_ids"]
-    P = MLLM["model_config (OmegaConf passed as MLLModel(config))"]["head"]["vision_pred"]["parallel_num"]
-    num_res = ids["query_1"] - ids["res_1"]  # 1024 = 4096 / vit_patch_size 4
-    special = SpecialTokens(
-        im_start=ids["im_start"], im_end=ids["im_end"], vision_start=ids["vision_start"],
-        vision_end=ids["vision_end"], res_ids=tuple(range(ids["res_1"], ids["res_1"] + num_res)),
-        query_ids=tuple(range(ids["query_1"], ids["query_1"] + P - 1)), vocab_size=1063,
-    )
-    # The template pieces, read off sample 0's ids: "<|im_start|>user\n" and the tail.
-    t0 = MLLM["batch_layout"]["samples"][0]["text_ids"]
-    prompt = PromptIds(cond_head=tuple(t0[:3]), cond_tail=tuple(t0[-5:]), uncond=tuple(t0[-3:]))
-    return SequencePacker(special, prompt, P, max_len, dropout), P
-
-
-def _fixture_samples():
-    t = load_file(str(REF / "mllm_tiny.safetensors"))
-    latents_NC = t["mid.vision_latents"]
-    samples, start = [], 0
-    for s in MLLM["batch_layout"]["samples"]:
-        h, w = s["latent_hw"]
-        grid = from_sequence_order(latents_NC[start : start + h * w], h, w, 2)
-        samples.append(ImageSample(caption=s["text_ids"][3:-5], bits_HWC=grid))
-        start += h * w
-    return samples, t
+def _packer_with_p(P: int, prompt: PromptIds = PromptIds((1,), (2,), (3,)), max_len: int = 4096
+                   ) -> SequencePacker:
+    """A packer for any P: the fixture's special tokens with P - 1 stand-in query ids (ids
+    matter to no mask or layout rule)."""
+    base = mllm_tiny.special_tokens()
+    special = dataclasses.replace(base, query_ids=tuple(range(base.vocab_size,
+                                                                base.vocab_size + P - 1)))
+    return SequencePacker(special, prompt, P, max_len)
 
 
 def _dense_mask(packed):
@@ -108,10 +97,8 @@ def _dense_mask(packed):
 
 
 def test_pack_reproduces_mllm_tiny_batch_layout():
-    packer, P = _fixture_packer()
-    samples, t = _fixture_samples()
-    layout = MLLM["batch_layout"]
-    packed = packer.pack(samples)
+    P, t, layout = mllm_tiny.P, TENSORS, LAYOUT
+    packed = mllm_tiny.packer().pack(mllm_tiny.samples())
 
     lens = (packed.cu_seqlens_S1[1:] - packed.cu_seqlens_S1[:-1]).tolist()
     assert lens == layout["sample_lens"] == t["in.sample_lens"].tolist()
@@ -119,7 +106,7 @@ def test_pack_reproduces_mllm_tiny_batch_layout():
     # split_lens alternate [prompt (causal), image part (parallel)]; the mask keeps
     # <|vision_start|>, <|res_h|> causal, hence causal_len = prompt + 2.
     assert packed.causal_len_S.tolist() == [n + 2 for n in layout["split_lens"][0::2]]
-    assert packed.block_size_S.tolist() == [P, P]
+    assert packed.block_size_S.tolist() == [P] * len(layout["samples"])
     assert torch.equal(packed.position_ids_L, t["in.packed_position_ids"])
     text_pos = t["in.packed_text_indexes"]
     assert torch.equal(packed.input_ids_L[text_pos], t["in.packed_text_ids"])
@@ -140,22 +127,23 @@ def test_pack_reproduces_mllm_tiny_batch_layout():
 
 
 def test_pos_coords_follow_sequence_order():
-    packer, _ = _fixture_packer()
-    samples, _ = _fixture_samples()
-    packed = packer.pack(samples)
-    assert torch.equal(packed.image_rc_N2[:64], grid_coords(8, 8, 2))
-    assert torch.equal(packed.image_rc_N2[64:], grid_coords(4, 8, 2))
+    packed = mllm_tiny.packer().pack(mllm_tiny.samples())
+    grids = LAYOUT["gen_vit_latent_shapes"]
+    starts = [0, *itertools.accumulate(h * w for h, w in grids)]
+    for (h, w), a, b in zip(grids, starts, starts[1:]):
+        assert torch.equal(packed.image_rc_N2[a:b], grid_coords(h, w, mllm_tiny.PS))
 
 
 def test_sequence_matches_fixture_mask_examples():
-    """The sequence_tiny mask examples: one sample and two packed samples (P = 4)."""
-    packer, _ = _fixture_packer()
-    # Empty template pieces, so a caption of n ids gives a prompt of exactly n tokens.
-    bare = SequencePacker(packer.special, PromptIds((), (), ()), 4, 4096)
+    """The sequence_tiny mask examples (one sample, several packed samples)."""
     for ex in SEQ["attention_mask"]["examples"]:
-        splits = ex["split_lens"]
-        # Image part = vision_start, res_h, res_w, 3 queries, then n_img tokens as a 2 x n/2 grid.
-        samples = [ImageSample([7] * n_text, torch.ones(2, (n_part - 6) // 2, 3))
+        P, splits = ex["parallel_num"], ex["split_lens"]
+        ps = patch_side(P)
+        # Empty template pieces, so a caption of n ids gives a prompt of exactly n tokens. The
+        # image part is vision_start, res_h, then res_w + P - 1 queries, then its n_img tokens,
+        # laid out as a ps x (n_img / ps) grid (the mask depends on n_img only).
+        bare = _packer_with_p(P, PromptIds((), (), ()))
+        samples = [ImageSample([7] * n_text, torch.ones(ps, (n_part - 2 - P) // ps, 3))
                    for n_text, n_part in zip(splits[0::2], splits[1::2])]
         packed = bare.pack(samples)
         assert (packed.cu_seqlens_S1[1:] - packed.cu_seqlens_S1[:-1]).tolist() == ex["sample_lens (document_lens)"]
@@ -163,9 +151,8 @@ def test_sequence_matches_fixture_mask_examples():
 
 
 def test_caption_dropout_is_seeded_and_uses_uncond_prefix():
-    packer, _ = _fixture_packer(dropout=0.5)
-    samples, _ = _fixture_samples()
-    samples = samples * 4
+    packer = mllm_tiny.packer(caption_dropout=0.5)
+    samples = mllm_tiny.samples() * 4
     a = packer.pack(samples, torch.Generator().manual_seed(3))
     b = packer.pack(samples, torch.Generator().manual_seed(3))
     assert torch.equal(a.input_ids_L, b.input_ids_L)
@@ -175,29 +162,31 @@ def test_caption_dropout_is_seeded_and_uses_uncond_prefix():
     for s in range(len(samples)):
         uncond = list(packer.prompt.uncond) + packer.image_prefix_ids(*a.grid_hw_S2[s].tolist())
         head = a.input_ids_L[cu[s] : cu[s] + len(uncond)].tolist()
-        assert (head == uncond) == bool(a.unconditional_S[s])
+        assert (head == uncond) == bool(a.unconditional_S[s] or samples[s].caption is None)
     # Vision indices still point one block before each image token after dropout.
     img_pos = a.image_mask_L.nonzero().squeeze(1)
-    assert torch.equal(a.vision_loss_index_N, img_pos - 4)
-    never = _fixture_packer(dropout=0.0)[0].pack(samples, torch.Generator().manual_seed(3))
-    assert not never.unconditional_S.any()
+    assert torch.equal(a.vision_loss_index_N, img_pos - mllm_tiny.P)
+    never = mllm_tiny.packer().pack(samples, torch.Generator().manual_seed(3))
+    assert never.unconditional_S.tolist() == [s.caption is None for s in samples]
 
 
 def test_text_caption_needs_encoder_and_is_encoded():
-    packer, _ = _fixture_packer()
+    packer = mllm_tiny.packer()
     with pytest.raises(ValueError, match="encode_text"):
         packer.prompt_ids("a cat")
     packer.encode_text = lambda s: [len(w) for w in s.split()]
-    assert packer.prompt_ids("a cat") == [31, 5, 1, 1, 3, 32, 1, 31, 6, 1]
+    pieces = mllm_tiny.prompt_pieces()
+    assert packer.prompt_ids("a cat") == [*pieces.cond_head, 1, 3, *pieces.cond_tail]
 
 
 def test_pack_errors_name_the_numbers():
-    packer, _ = _fixture_packer(max_len=60)
+    packer = _packer_with_p(4, max_len=60)  # prompts are caption + 2 template ids
     ok = ImageSample([7] * 3, torch.ones(4, 8, 16))
-    with pytest.raises(ValueError, match=r"sample 1: prompt of 14 tokens .* = 52 > max_len 40"):
-        SequencePacker(packer.special, packer.prompt, 4, 40).pack([ImageSample([7], torch.ones(2, 2, 16)),
-                                                                   ImageSample([7] * 6, torch.ones(4, 8, 16))])
-    with pytest.raises(ValueError, match=r"latent grid 3x8 is not divisible by the patch side 2"):
+    with pytest.raises(ValueError, match=r"sample 1: prompt of 8 tokens .* = 46 > max_len 40"):
+        _packer_with_p(4, max_len=40).pack([ImageSample([7], torch.ones(2, 2, 16)),
+                                            ImageSample([7] * 6, torch.ones(4, 8, 16))])
+    with pytest.raises(ValueError, match=r"sample 0: latent grid 3x8 is not divisible by the "
+                                         r"patch side 2"):
         packer.pack([ImageSample([7], torch.ones(3, 8, 16))])
     with pytest.raises(ValueError, match=r"sample 1: 8 bits per token, sample 0 has 16"):
         packer.pack([ok, ImageSample([7], torch.ones(2, 2, 8))])
@@ -205,18 +194,28 @@ def test_pack_errors_name_the_numbers():
         packer.pack([ImageSample([7], torch.zeros(2, 2, 16))])
     with pytest.raises(ValueError, match="query tokens"):
         SequencePacker(packer.special, packer.prompt, 16, 100)
-    with pytest.raises(ValueError, match=r"<\|res_1026\|>"):
-        packer.image_prefix_ids(1026, 2)
+    too_big = len(packer.special.res_ids) + 2
+    with pytest.raises(ValueError, match=rf"<\|res_{too_big}\|>"):
+        packer.image_prefix_ids(too_big, 2)
+
+
+def test_grid_of_a_patch_size_it_does_not_divide_is_refused_naming_its_source():
+    """P = 9 (ps 3) with a 32x120 grid: refused like the release, naming the grid's source."""
+    packer = _packer_with_p(9)
+    with pytest.raises(ValueError, match=r"latent grid 32x120 is not divisible by the patch side "
+                                         r"3 \(P = 9\)"):
+        packer.image_prefix_ids(32, 120)
+    with pytest.raises(ValueError, match=r"logging.sample_hw 32x120 is not divisible"):
+        check_grid(32, 120, 3, "logging.sample_hw")
+    assert len(packer.image_prefix_ids(33, 120)) == 2 + 9
 
 
 @pytest.mark.parametrize("P", [1, 16])
 def test_layout_for_other_patch_sizes(P):
-    base = _fixture_packer()[0].special
-    special = SpecialTokens(base.im_start, base.im_end, base.vision_start, base.vision_end,
-                            base.res_ids, tuple(range(2000, 2000 + P - 1)), 3000)
-    packer = SequencePacker(special, PromptIds((1,), (2,), (3,)), P, 4096)
+    packer = _packer_with_p(P)
+    special = packer.special
     packed = packer.pack([ImageSample([9, 9], torch.ones(4, 8, 5)), ImageSample(None, -torch.ones(4, 4, 5))])
-    prefix0 = [1, 9, 9, 2, base.vision_start, base.res(4), base.res(8), *special.query_ids]
+    prefix0 = [1, 9, 9, 2, special.vision_start, special.res(4), special.res(8), *special.query_ids]
     assert packed.input_ids_L[: len(prefix0)].tolist() == prefix0
     res_w = [4 + 2, packed.cu_seqlens_S1[1].item() + 1 + 2]  # prompt + vision_start + res_h
     img = packed.image_mask_L.nonzero().squeeze(1)

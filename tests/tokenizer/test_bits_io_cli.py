@@ -16,7 +16,7 @@ from bdt.tokenizer import (BinaryAutoencoder, TokenizerConfig, load_tokenizer, m
                            save_tokenizer, tokens_to_map, unpack_bits)
 from bdt.tokenizer.quantizer import group_indices
 
-from reference import REF
+from reference import REF, fixture_params, load_fixture, seed_decoder_noise
 TINY = dict(ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, z_channels=16)
 
 
@@ -62,16 +62,20 @@ def test_pack_errors_name_the_problem():
         unpack_bits(np.zeros((1, 4), dtype=np.int64), 32)
 
 
-@pytest.mark.parametrize("ps", [1, 2])
+TINY_TENSORS = load_file(REF / "tokenizer_tiny.safetensors")
+
+
+@pytest.mark.parametrize("ps", sorted(int(k[len("io.tokens_ps"):]) for k in TINY_TENSORS
+                                      if k.startswith("io.tokens_ps")))
 def test_token_order_matches_released_vt_forward(ps):
-    t = load_file(REF / "tokenizer_tiny.safetensors")
-    bits_BhwC = t["io.bits"].permute(0, 2, 3, 1)
+    bits_BhwC = TINY_TENSORS["io.bits"].permute(0, 2, 3, 1)
+    _, h, w, C = bits_BhwC.shape
     tokens = map_to_tokens(bits_BhwC, ps)
-    assert torch.equal(tokens.reshape(-1, 16), t[f"io.tokens_ps{ps}"])
-    assert torch.equal(tokens_to_map(tokens, 8, 8, ps), bits_BhwC)
+    assert torch.equal(tokens.reshape(-1, C), TINY_TENSORS[f"io.tokens_ps{ps}"])
+    assert torch.equal(tokens_to_map(tokens, h, w, ps), bits_BhwC)
     as_np = map_to_tokens(bits_BhwC.numpy(), ps)
     assert np.array_equal(as_np, tokens.numpy())
-    assert np.array_equal(tokens_to_map(as_np, 8, 8, ps), bits_BhwC.numpy())
+    assert np.array_equal(tokens_to_map(as_np, h, w, ps), bits_BhwC.numpy())
 
 
 def test_non_square_token_layout_round_trip():
@@ -109,9 +113,8 @@ def test_save_load_round_trip_s3(s3_bucket, tiny_model):
 
 def test_released_layout_directory_and_torch_file(tmp_path):
     """A directory as the official release ships it: nested ddconfig + weights of another name."""
-    meta = json.loads((REF / "tokenizer_tiny.json").read_text())
-    t = load_file(REF / "tokenizer_tiny.safetensors")
-    state = {k[len("param."):]: v.float() for k, v in t.items() if k.startswith("param.")}
+    meta, t = load_fixture("tokenizer_tiny")
+    state = fixture_params(t)
     for weights_name, write in [("ae_tiny.safetensors", save_file),
                                 ("ae_tiny.pt", lambda sd, p: torch.save({"state_dict": sd}, p))]:
         folder = tmp_path / weights_name.replace(".", "_")
@@ -120,11 +123,12 @@ def test_released_layout_directory_and_torch_file(tmp_path):
         write(state, str(folder / weights_name))
         model = load_tokenizer(str(folder))
         assert torch.equal(model.encode(t["io.input"]), (t["io.bits"] > 0).permute(0, 2, 3, 1))
+        seed_decoder_noise(meta)
         torch.testing.assert_close(model.decode(model.encode(t["io.input"])), t["io.recon"],
                                    atol=1e-5, rtol=1e-5)
     # A bare weights file: config given explicitly, or found by the release's `<stem>_config.json`.
     model = load_tokenizer(str(tmp_path / "ae_tiny_pt" / "ae_tiny.pt"), config=meta["constructor_args"])
-    assert model.bits_per_token == 16
+    assert model.bits_per_token == meta["constructor_args"]["ddconfig"]["z_channels"]
     model = load_tokenizer(str(tmp_path / "ae_tiny_safetensors" / "ae_tiny.safetensors"))
     assert torch.equal(model.encode(t["io.input"]), (t["io.bits"] > 0).permute(0, 2, 3, 1))
     # Two weights files and no model.safetensors: ambiguous, say so.

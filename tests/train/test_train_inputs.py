@@ -151,3 +151,18 @@ def test_stage_p_and_eval_keys_are_checked_at_start(tmp_path):
         validate(config(tmp_path, s, "eval.every=5"))
     with pytest.raises(ValueError, match=r"eval.categories: unknown \['colour'\]"):
         validate(config(tmp_path, s, "eval.every=5", "data.tokenizer=tok", "eval.categories=[colour]"))
+    # Every grid is checked at start: a manifest's later bucket (96x32 px = 2x6 tokens), the
+    # preview size and the in-loop evaluation size, not only the first sample's grid.
+    man = tmp_path / "man"
+    write_shards(str(man / "s"), [(4, 4)], num_shards=1, per_shard=2)
+    (man / "index.json").write_text(json.dumps({"schema": 1, "stages": {"s": {
+        "buckets": [[64, 64], [96, 32]], "shards": [{"shard": "s/000000.tar"}]}}}))
+    with pytest.raises(ValueError, match=r"holds 2x6 token grids, not divisible into the 4x4 "
+                                         r"patches of P = 16"):
+        check_data(config(tmp_path, str(man), "model.parallel_num=16"))
+    with pytest.raises(ValueError, match=r"logging.sample_hw 4x6 is not divisible by the patch "
+                                         r"side 4 \(P = 16\)"):
+        validate(config(tmp_path, s, "model.parallel_num=16", "data.tokenizer=tok",
+                        "logging.sample_every=5", "logging.sample_hw=[4,6]"))
+    with pytest.raises(ValueError, match=r"eval.width = 96 px is not a multiple of 64"):
+        check_data(config(tmp_path, s, "model.parallel_num=16", "eval.every=5", "eval.width=96"))
