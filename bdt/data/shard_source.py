@@ -10,8 +10,9 @@ A stage names its data as one of:
   * a directory of `*.tar` token shards, a glob (`.../*.tar`), or a single `.tar` file.
 Local paths and fsspec URLs (s3://...) alike.
 
-Reading: `iter_shard(url, offset)` walks the tar with the standard `tarfile` stream reader and
-reports each sample's byte offset, so a resumed stream seeks straight to its next unread sample
+Reading: `iter_shard(url, offset)` walks the tar (bdt/data/tar_members.py: a header reader several
+times faster than `tarfile`'s, which was most of the token stream's cost) and reports each sample's
+byte offset, so a resumed stream seeks straight to its next unread sample
 instead of re-reading the consumed ones (webdataset's tar iterator does not expose offsets).
 Member grouping follows webdataset: key = path up to the first dot of the basename.
 """
@@ -20,11 +21,11 @@ from __future__ import annotations
 
 import json
 import posixpath
-import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from bdt import storage
+from bdt.data.tar_members import iter_members
 
 INDEX_NAME = "index.json"  # bdt/extract/manifest.py writes the manifest under this name
 PLAN_NAME = "plan.json"  # written by an extraction before any shard
@@ -120,22 +121,18 @@ def iter_shard(url: str, offset: int = 0) -> Iterator[tuple[dict[str, Any], int,
     with fs.open(path, "rb") as f:
         if offset:
             f.seek(offset)
-        with tarfile.open(fileobj=f, mode="r|") as tar:
-            group: dict[str, Any] | None = None
-            start = offset
-            for member in tar:
-                if not member.isfile():
-                    continue
-                split = _split_name(member.name)
-                if split is None:
-                    continue
-                key, ext = split
-                here = offset + member.offset
-                if group is not None and key != group["__key__"]:
-                    yield group, start, here
-                    group = None
-                if group is None:
-                    group, start = {"__key__": key, "__url__": url}, here
-                group[ext] = tar.extractfile(member).read()
-            if group is not None:
-                yield group, start, None
+        group: dict[str, Any] | None = None
+        start = offset
+        for name, data, here in iter_members(f, offset):
+            split = _split_name(name)
+            if split is None:
+                continue
+            key, ext = split
+            if group is not None and key != group["__key__"]:
+                yield group, start, here
+                group = None
+            if group is None:
+                group, start = {"__key__": key, "__url__": url}, here
+            group[ext] = data
+        if group is not None:
+            yield group, start, None

@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bdt.model.text_tokenizer import PromptIds, SpecialTokens
@@ -205,9 +206,10 @@ class SequencePacker:
             raise ValueError("pack() needs at least one sample")
         P = self.parallel_num
         drop_S = torch.rand(len(samples), generator=generator) < self.caption_dropout
-        ids, img_mask, bits, rcs, vis_idx, txt_idx, txt_tgt = [], [], [], [], [], [], []
-        pos, lens, causal, grids, uncond = [], [], [], [], []
-        offset, n_bits = 0, None
+        # Python per sample only for the ids; every tensor is built for the whole row at once
+        # (a 16k-token row holds ~190 images at 64 px: per-sample tensor ops took ~25 ms).
+        heads, prompt_lens, grids, uncond, bit_grids = [], [], [], [], []
+        n_bits = None
         for i, s in enumerate(samples):
             bits_HWC = torch.as_tensor(s.bits_HWC)
             if bits_HWC.dim() != 3:
@@ -217,44 +219,74 @@ class SequencePacker:
             if c != n_bits:
                 raise ValueError(f"sample {i}: {c} bits per token, sample 0 has {n_bits}")
             check_grid(h, w, self.ps, f"sample {i}: latent grid")
-            if not bool((bits_HWC.abs() == 1).all()):
-                raise ValueError(f"sample {i}: image bits must be +-1 floats")
             caption = None if drop_S[i] else s.caption
             prompt = self._checked_prompt(caption, h, w, i)
-            head = prompt + self.image_prefix_ids(h, w)
-            T, n_img = len(prompt), h * w
-            L = len(head) + n_img
-            img_start = offset + len(head)
-
-            ids.append(torch.tensor(head + [IMAGE_PLACEHOLDER_ID] * n_img))
-            img_mask.append(torch.arange(L) >= len(head))
-            bits.append(to_sequence_order(bits_HWC.float(), self.ps))
-            rcs.append(grid_coords(h, w, self.ps))
-            # Image token n sits at img_start + n; it is predicted one block (P tokens) earlier,
-            # which for n < P is the [res_w, queries] block right before the image.
-            vis_idx.append(img_start + torch.arange(n_img) - P)
-            # Every prompt token predicts its successor; the last one predicts <|vision_start|>.
-            txt_idx.append(offset + torch.arange(T))
-            txt_tgt.append(torch.tensor(head[1 : T + 1]))
-            pos.append(torch.arange(L))
-            lens.append(L)
-            causal.append(T + 2)
+            heads.append(prompt + self.image_prefix_ids(h, w))
+            prompt_lens.append(len(prompt))
             grids.append((h, w))
             uncond.append(caption is None)
-            offset += L
+            bit_grids.append(bits_HWC)
 
+        head_len_S = np.array([len(h) for h in heads])
+        T_S = np.array(prompt_lens)
+        n_img_S = np.array([h * w for h, w in grids])
+        len_S = head_len_S + n_img_S
+        offset_S = np.cumsum(len_S) - len_S  # each sample's first position in the row
+        img_start_S = offset_S + head_len_S
+        L, N = int(len_S.sum()), int(n_img_S.sum())
+        img_first_S = np.cumsum(n_img_S) - n_img_S  # each sample's first image token (of N)
+
+        head_pos = _ranges(offset_S, head_len_S)
+        input_ids_L = np.full(L, IMAGE_PLACEHOLDER_ID, dtype=np.int64)
+        input_ids_L[head_pos] = list(itertools.chain.from_iterable(heads))
+        image_mask_L = np.ones(L, dtype=bool)
+        image_mask_L[head_pos] = False
+        bits_NC = torch.empty(N, n_bits)
+        rc_N2 = torch.empty(N, 2, dtype=torch.int64)
+        for (h, w), members in _group_by(grids).items():  # tokens in patch-raster order
+            dest = torch.from_numpy(_ranges(img_first_S[members], n_img_S[members]))
+            grid_kHWC = torch.stack([bit_grids[i] for i in members]).float()
+            bits_NC[dest] = grid_kHWC.reshape(len(members), h * w, n_bits)[
+                :, patch_raster_perm(h, w, self.ps)].reshape(-1, n_bits)
+            rc_N2[dest] = grid_coords(h, w, self.ps).repeat(len(members), 1)
+        if not bool((bits_NC.abs() == 1).all()):
+            first = int((bits_NC.abs() != 1).any(dim=1).nonzero()[0])
+            i = int(np.searchsorted(img_first_S, first, side="right")) - 1
+            raise ValueError(f"sample {i}: image bits must be +-1 floats")
+        # Every prompt token predicts its successor; the last one predicts <|vision_start|>.
+        text_target_T = list(itertools.chain.from_iterable(h[1:T + 1]
+                                                           for h, T in zip(heads, prompt_lens)))
         return PackedSequence(
-            input_ids_L=torch.cat(ids),
-            image_mask_L=torch.cat(img_mask),
-            image_bits_NC=torch.cat(bits),
-            image_rc_N2=torch.cat(rcs),
-            position_ids_L=torch.cat(pos),
-            cu_seqlens_S1=torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32),
-            causal_len_S=torch.tensor(causal),
+            input_ids_L=torch.from_numpy(input_ids_L),
+            image_mask_L=torch.from_numpy(image_mask_L),
+            image_bits_NC=bits_NC,
+            image_rc_N2=rc_N2,
+            position_ids_L=torch.from_numpy(np.arange(L) - np.repeat(offset_S, len_S)),
+            cu_seqlens_S1=torch.tensor([0, *itertools.accumulate(len_S.tolist())],
+                                       dtype=torch.int32),
+            causal_len_S=torch.from_numpy(T_S + 2),
             block_size_S=torch.full((len(samples),), P),
-            text_loss_index_T=torch.cat(txt_idx),
-            text_target_T=torch.cat(txt_tgt),
-            vision_loss_index_N=torch.cat(vis_idx),
+            text_loss_index_T=torch.from_numpy(_ranges(offset_S, T_S)),
+            text_target_T=torch.tensor(text_target_T, dtype=torch.int64),
+            # Image token n sits at img_start + n; it is predicted one block (P tokens) earlier,
+            # which for n < P is the [res_w, queries] block right before the image.
+            vision_loss_index_N=torch.from_numpy(_ranges(img_start_S - P, n_img_S)),
             grid_hw_S2=torch.tensor(grids),
             unconditional_S=torch.tensor(uncond),
         )
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """concat(arange(s, s + n) for s, n in zip(starts, lengths)), int64, without a Python loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    firsts = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(
+        np.asarray(starts, dtype=np.int64) - firsts, lengths)
+
+
+def _group_by(keys: list) -> dict:
+    """key -> indices (an int64 array) of the positions holding it, keys in first-seen order."""
+    out: dict = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return {k: np.array(v, dtype=np.int64) for k, v in out.items()}
