@@ -53,8 +53,15 @@ def cpu_flags() -> dict[str, bool]:
 
 
 def machine() -> dict:
-    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "flags": cpu_flags(),
-            "python": platform.python_version()}
+    """This machine; with its GPU (name, count, torch/CUDA versions) when torch sees one."""
+    import torch
+
+    out = {"cpu": cpu_model(), "cpus": os.cpu_count(), "flags": cpu_flags(),
+           "python": platform.python_version()}
+    if torch.cuda.is_available():
+        out.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(),
+                   torch=torch.__version__, cuda=torch.version.cuda)
+    return out
 
 
 def load() -> list[float]:

@@ -16,7 +16,7 @@ from common import REPO, RESULTS, machine
 BENCH_MARKERS = ("<!-- bench:begin (bench/summary.py writes this part) -->", "<!-- bench:end -->")
 
 ORDER = ["decode_speed", "train_throughput", "data_path", "extract_throughput", "zero_memory",
-         "resume_cost"]
+         "resume_cost", "gpu_throughput", "gpu_check"]
 
 
 def extraction_goals(d: dict) -> list[dict]:
@@ -90,7 +90,8 @@ def main() -> None:
 
 def describe(m: dict) -> str:
     isa = ", ".join(k for k, v in m["flags"].items() if v) or "none of amx/avx512"
-    return f"{m['cpu']}, {m['cpus']} cores ({isa})"
+    cpu = f"{m['cpu']}, {m['cpus']} cores ({isa})"
+    return f"{m['gpu']} (torch {m.get('torch', '?')}) with {cpu}" if m.get("gpu") else cpu
 
 
 def write_atomic(path: str, text: str) -> None:

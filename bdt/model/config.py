@@ -35,7 +35,7 @@ class ModelConfig:
     flip_prob: float = 0.1
     # Caption dropout for CFG (method §2): the packer applies it; kept with the model's recipe.
     caption_dropout: float = 0.1
-    # auto | sdpa | flex | flash (bdt.model.attention); auto = flash/flex on CUDA, sdpa on CPU.
+    # auto | sdpa | flex | varlen | flash (bdt.model.attention); auto = sdpa everywhere for now.
     attn_backend: str = "auto"
     # Activation checkpointing of the decoder layers and the head blocks (method §5).
     activation_checkpointing: bool = False

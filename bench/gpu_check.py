@@ -1,0 +1,157 @@
+"""The Python side of scripts/gpu_check.sh: what the machine has, and the check's result file.
+
+    python bench/gpu_check.py env --out OUT [--rehearsal]
+        imports every package the check needs and says which are missing (exit 1 if a needed
+        one is, or if there is no CUDA device outside a rehearsal); writes OUT/env.json
+    python bench/gpu_check.py report --out OUT --work WORK [--name gpu_check]
+        reads the stage table (OUT/stages.tsv), the 1.2B trainer run's metrics, the extraction
+        and evaluation outputs; writes bench/results/<name>.json (bench/summary.py's rows)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+
+from common import Run, goal
+
+NEEDED = ["torch", "transformers", "tokenizers", "safetensors", "sentencepiece", "webdataset",
+          "braceexpand", "omegaconf", "yaml", "numpy", "PIL", "fsspec", "psutil", "tqdm",
+          "pytest", "deepspeed", "pydantic", "hjson"]
+OPTIONAL = {"triton": "flex on CUDA (torch.compile lowers flex_attention to Triton)",
+            "torch.nn.attention.varlen": "the varlen backend (torch >= 2.10)",
+            "flash_attn": "the flash backend",
+            "ray": "not needed here: the extraction worker is called directly",
+            "tensorboard": "not needed here (logging.tensorboard: false)"}
+
+
+def _version(name: str) -> str:
+    module = importlib.import_module(name)
+    return str(getattr(module, "__version__", "present"))
+
+
+def env(out: str, rehearsal: bool) -> int:
+    found, missing = {}, {}
+    for name in NEEDED + list(OPTIONAL):
+        try:
+            found[name] = _version(name)
+        except Exception as e:  # ImportError, or a broken install raising anything at import
+            missing[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    import torch
+
+    cuda = torch.cuda.is_available()
+    info = {"python": sys.version.split()[0], "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda, "cuda_available": cuda, "found": found,
+            "missing": missing, "rehearsal": rehearsal}
+    if cuda:
+        p = torch.cuda.get_device_properties(0)
+        info.update(device=p.name, capability=f"{p.major}.{p.minor}",
+                    memory_gib=round(p.total_memory / 2 ** 30, 1),
+                    device_count=torch.cuda.device_count())
+    with open(os.path.join(out, "env.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    print(f"python {info['python']}, torch {info['torch']} (CUDA {info['torch_cuda']}), device: "
+          f"{info.get('device', 'none')}")
+    for name in NEEDED:
+        print(f"  {'ok ' if name in found else 'MISSING'} {name} {found.get(name, missing.get(name))}")
+    for name, why in OPTIONAL.items():
+        state = found.get(name) or "absent"
+        print(f"  opt {name} {state}: {why}")
+    lacking = [n for n in NEEDED if n in missing]
+    if lacking:
+        print(f"gpu_check: missing packages: {', '.join(lacking)}. Install them (docs/"
+              f"environment.md, 'A bare CUDA machine': wheels with --no-deps into a --target "
+              f"directory on PYTHONPATH), then rerun.")
+        return 1
+    if not cuda and not rehearsal:
+        print("gpu_check: no CUDA device visible to torch (a CPU-only torch build, or no "
+              "driver); on a CPU machine run the rehearsal: scripts/gpu_check.sh --cpu-rehearsal")
+        return 1
+    return 0
+
+
+def _metrics(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def trainer_run(run_dir: str) -> dict:
+    """The logged windows of a trainer run: the first (compile, warm-up) apart from the rest."""
+    windows = [m for m in _metrics(os.path.join(run_dir, "metrics.jsonl")) if "mfu" in m]
+    out = {"logged_steps": [m["step"] for m in windows]}
+    steady = windows[1:] or windows
+    for key in ("mfu", "data_wait_frac", "tokens_per_s", "step_time_s", "loss"):
+        values = [m[key] for m in steady if key in m]
+        if values:
+            out[key] = statistics.median(values)
+    if windows:
+        out["first_window_step_time_s"] = windows[0].get("step_time_s")
+    return out
+
+
+def report(out: str, work: str, name: str) -> None:
+    stages = []
+    with open(os.path.join(out, "stages.tsv")) as f:
+        for line in f:
+            stage, rc, seconds = line.split()
+            stages.append({"stage": stage, "rc": int(rc), "seconds": int(seconds)})
+    env_info = json.load(open(os.path.join(out, "env.json")))
+    results = {"env": env_info, "stages": stages,
+               "train_1b": trainer_run(os.path.join(work, "run_1b")),
+               "train_shapes": trainer_run(os.path.join(work, "run_shapes"))}
+    for key, path in (("extraction", os.path.join(work, "data", "data.json")),
+                      ("eval", os.path.join(out, "eval", "eval.json"))):
+        if os.path.isfile(path):
+            results[key] = json.load(open(path))
+    t = results["train_1b"]
+    ok = {s["stage"]: s["rc"] == 0 for s in stages}
+    stage_line = ", ".join(f"{s['stage']} {'ok' if s['rc'] == 0 else 'rc ' + str(s['rc'])} "
+                           f"{s['seconds']} s" for s in stages)
+    logged = bool(t["logged_steps"])
+    steps = t["logged_steps"]
+    goals = [goal("16.4 scripts/gpu_check.sh stages", stage_line, "all ok, <= 8 min in all",
+                  all(ok.values()) and sum(s["seconds"] for s in stages) <= 480, ""),
+             goal("16.1 flex trains in the trainer (1.2B)",
+                  f"{len(steps)} log windows, steps {steps[0]}-{steps[-1]}" if logged
+                  else "no step logged", "steps", logged, ""),
+             goal("16.2 data_wait_frac (trainer, 1.2B)", f"{t.get('data_wait_frac', float('nan')):.3f}",
+                  "<= 0.01", t.get("data_wait_frac", 1.0) <= 0.01, ""),
+             goal("16.3 training MFU (trainer, 1.2B)", f"{t.get('mfu', float('nan')):.1%} of the "
+                  "matmul peak measured at the run's start", ">= 40%", t.get("mfu", 0.0) >= 0.40,
+                  "bench/results/gpu_throughput.json: profile")]
+    if "extraction" in results:
+        x = results["extraction"]
+        goals.append(goal("16.4 extraction encoder on the device",
+                          f"{x['images_per_s']:.0f} images/s ({x['device']}, {x['dtype']})", "",
+                          None, "random-weight demo tokenizer; Ray not used"))
+    if env_info.get("rehearsal"):
+        for g in goals:  # a CPU rehearsal proves the plumbing, not the GPU goals
+            g["met"], g["limit"] = None, "CPU rehearsal (tiny sizes, sdpa): not a GPU result"
+    with Run(name) as run:
+        run.write(results, goals)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("env")
+    e.add_argument("--out", required=True)
+    e.add_argument("--rehearsal", action="store_true")
+    r = sub.add_parser("report")
+    r.add_argument("--out", required=True)
+    r.add_argument("--work", required=True)
+    r.add_argument("--name", default="gpu_check")
+    args = ap.parse_args()
+    if args.cmd == "env":
+        sys.exit(env(args.out, args.rehearsal))
+    report(args.out, args.work, args.name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""Training throughput and MFU of the 1.2B configuration per attention backend, a profile of the
+best one's step, and the attention kernels alone (issue 16 parts 1 and 3; scripts/gpu_check.sh).
+
+    python bench/gpu_throughput.py --llm DIR [--backends sdpa,flex,varlen,flash] [--steps 6]
+        [--budget 16384] [--hidden 2048 --layers 24 --heads 16 --kv-heads 8 --intermediate 5632]
+        [--head-width 1024 --head-depth 4] [--seconds 150] [--name gpu_throughput]
+
+One process (world of one), DeepSpeed ZeRO-2, bf16, P = 4: the first GPU run's setup. The
+backbone is a Qwen3 of the given shape built from scratch around --llm's tokenizer (random
+weights and random image bits: a step's cost depends on neither). Rows are shapes-like samples
+(a 4-12 token caption + 8x8 tokens of 32 bits, ~85 tokens each) packed to the budget by the
+trainer's packer; building them is the `data` phase here. The real token stream's share of a
+step (`data_wait_frac`) is measured by the trainer run that scripts/gpu_check.sh makes.
+
+Per backend, on the same engine: 2 warm-up steps (the first compiles flex), then --steps timed
+steps (one device sync per step): tokens/s and MFU = model FLOPs (bdt.trainer.flops, as the
+trainer counts them) / step time / the bf16 matmul peak measured in this process before and
+after. varlen and flash run every block-causal row (all of them at P = 4) through flex.
+Profile of the fastest backend: --profile-steps steps with a device sync between phases (data,
+forward, backward, optimizer; the diffusion head's forward and backward inside them, timed by
+module hooks), and torch.profiler's device time by kernel kind (matmul, attention, elementwise,
+optimizer, communication, copies).
+Attention alone: forward + backward at the budget on causal rows of ~85-token documents (P = 1,
+where varlen and flash are exact): sdpa on one row per document (what the model does), flex,
+varlen, flash where present.
+Writes bench/results/<name>.json after each part, so a part that hangs keeps the earlier ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import time
+
+import torch
+
+from common import Run, goal, table
+
+KINDS = [("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|broadcast"),
+         ("attention", r"flex|flash|fmha|attention|attn|softmax"),
+         ("optimizer", r"adam|multi_tensor|foreach"),
+         ("matmul", r"gemm|matmul|\bmm\b|addmm|bmm|cutlass|cublas|xmma|linear"),
+         ("copies", r"memcpy|memset|copy_|to_copy|contiguous"),
+         ("elementwise", r".")]
+
+
+def build(args, device: torch.device):
+    """The model + DeepSpeed engine (ZeRO-2, bf16 where the device has it)."""
+    from bdt.model.ar import BitDanceModel
+    from bdt.model.backbone import BackboneConfig
+    from bdt.model.config import ModelConfig
+    from bdt.model.head import HeadConfig
+    from bdt.trainer.deepspeed_config import (DeepSpeedConfig, OptimConfig, build_ds_config,
+                                              initialize_engine)
+    from bdt.trainer.schedule import WarmupSchedule
+
+    shape = dict(hidden_size=args.hidden, num_hidden_layers=args.layers,
+                 num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                 head_dim=args.hidden // args.heads, intermediate_size=args.intermediate,
+                 max_position_embeddings=max(8192, args.budget))
+    cfg = ModelConfig(backbone=BackboneConfig(path=args.llm, from_scratch=True,
+                                              config_overrides=shape),
+                      head=HeadConfig(width=args.head_width, depth=args.head_depth,
+                                      num_adaln_sets=2, head_dim=64, bits=32),
+                      parallel_num=4, pos_max_len=64, attn_backend="sdpa")
+    torch.manual_seed(0)
+    model = BitDanceModel.from_config(cfg)
+    ds = build_ds_config(DeepSpeedConfig(zero_stage=2, precision=args.precision,
+                                         micro_batch_size=1,
+                                         extra={"optimizer": {"params": {"torch_adam": True}}}),
+                         OptimConfig(lr=1e-4), 1)
+    return model, initialize_engine(model, ds, WarmupSchedule(0, 10 ** 6, "constant"))
+
+
+class Rows:
+    """Shapes-like packed rows of about `budget` tokens (random caption ids and bits)."""
+
+    def __init__(self, model, budget: int, seed: int = 0):
+        from bdt.model.sequence import SequencePacker
+
+        self.packer = SequencePacker(model.special, model.prompt, 4, max_len=budget)
+        self.budget, self.g = budget, torch.Generator().manual_seed(seed)
+        self.vocab = model.special.vocab_size
+
+    def next(self):
+        from bdt.model.sequence import ImageSample
+
+        samples, used = [], 0
+        while True:
+            n = int(torch.randint(4, 13, (), generator=self.g))
+            length = self.packer.sample_len(len(self.packer.prompt_ids([0] * n)), 8, 8)
+            if used + length > self.budget:
+                return self.packer.pack(samples, self.g)
+            ids = torch.randint(self.vocab, (n,), generator=self.g).tolist()
+            bits = torch.where(torch.rand(8, 8, 32, generator=self.g) > 0.5, 1.0, -1.0)
+            samples.append(ImageSample(ids, bits))
+            used += length
+
+
+class Clock:
+    """Elapsed seconds between marks, on the device's timeline (CUDA events) or the host's."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def timed_steps(engine, rows: Rows, budget: int, n: int, flops, clock: Clock) -> list[dict]:
+    out = []
+    for _ in range(n):
+        clock.sync()
+        t0 = time.perf_counter()
+        packed = rows.next()
+        losses = engine(packed, row_len=budget)
+        engine.backward(losses["total"])
+        engine.step()
+        clock.sync()
+        out.append({"s": time.perf_counter() - t0, "tokens": int(packed.cu_seqlens_S1[-1]),
+                    "images": packed.num_samples, "flops": flops.packed_flops(packed)})
+    return out
+
+
+def summarize(recs: list[dict], peak: float) -> dict:
+    s = sum(r["s"] for r in recs)
+    return {"steps": len(recs), "step_s": statistics.median(r["s"] for r in recs),
+            "tokens_per_s": sum(r["tokens"] for r in recs) / s,
+            "images_per_s": sum(r["images"] for r in recs) / s,
+            "mfu": sum(r["flops"] for r in recs) / s / peak}
+
+
+def head_hooks(head, clock: Clock) -> tuple[dict[str, list], list]:
+    """Marks around the diffusion head's forward and backward passes, and the hook handles."""
+    marks = {"head_forward": [], "head_backward": []}
+    handles = [
+        head.register_forward_pre_hook(lambda m, a: marks["head_forward"].append([clock.mark()])),
+        head.register_forward_hook(lambda m, a, o: marks["head_forward"][-1].append(clock.mark())),
+        head.register_full_backward_pre_hook(
+            lambda m, g: marks["head_backward"].append([clock.mark()])),
+        head.register_full_backward_hook(
+            lambda m, gi, go: marks["head_backward"][-1].append(clock.mark()))]
+    return marks, handles
+
+
+def kernel_kinds(prof, cuda: bool) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """Seconds per kernel kind and the 10 longest kernels. On CPU: the aten ops' self time."""
+    from torch.autograd import DeviceType
+
+    per_name: dict[str, float] = {}
+    if cuda:
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                per_name[e.name] = per_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e6
+    else:
+        for e in prof.key_averages():
+            if e.key.startswith("aten::"):
+                per_name[e.key] = per_name.get(e.key, 0.0) + e.self_cpu_time_total / 1e6
+    kinds = dict.fromkeys((k for k, _ in KINDS), 0.0)
+    for name, s in per_name.items():
+        kind = next(k for k, pattern in KINDS if re.search(pattern, name, re.IGNORECASE))
+        kinds[kind] += s
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:10]
+    return kinds, [(name[:90], s) for name, s in top]
+
+
+def profile(engine, model, rows: Rows, budget: int, n: int, clock: Clock) -> dict:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    marks, handles = head_hooks(model.head, clock)
+    phases = {k: 0.0 for k in ("data", "forward", "backward", "optimizer")}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if clock.cuda else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(n):
+            clock.sync()
+            t = [time.perf_counter()]
+            packed = rows.next()
+            t.append(time.perf_counter())
+            losses = engine(packed, row_len=budget)
+            clock.sync()
+            t.append(time.perf_counter())
+            engine.backward(losses["total"])
+            clock.sync()
+            t.append(time.perf_counter())
+            engine.step()
+            clock.sync()
+            t.append(time.perf_counter())
+            for k, a, b in zip(phases, t, t[1:]):
+                phases[k] += (b - a) / n
+    for handle in handles:
+        handle.remove()
+    for k, pairs in marks.items():  # inside forward / backward; the head's share of them
+        phases[k] = sum(clock.seconds(*pair) for pair in pairs if len(pair) == 2) / n
+    kinds, top = kernel_kinds(prof, clock.cuda)
+    return {"steps": n, "phases_s": phases,
+            "kernel_kinds_s": {k: v / n for k, v in kinds.items()},
+            "top_kernels_s": [(name, s / n) for name, s in top]}
+
+
+def attention_alone(args, device: torch.device, seconds_left) -> dict:
+    """Forward + backward of each kernel on causal rows of ~85-token documents at the budget."""
+    import torch.nn.functional as F
+
+    from bdt.model import attention_kernels as kernels
+    from bdt.model.attention import (BlockCausalLayout, VarlenPlan, flash_available,
+                                     per_document_rows, varlen_available)
+
+    L, H, Hkv, d = args.budget, args.heads, args.kv_heads, args.hidden // args.heads
+    lens = [85] * (L // 85)
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(1, h, cu[-1], d, generator=g).to(device, dtype) for h in (H, Hkv, Hkv)]
+    layout = BlockCausalLayout.from_packed(cu, lens, 1, total_len=L).to(device)
+    split, _ = per_document_rows(cu, lens, [1] * len(lens), 1.0, 1.0) or (None, None)
+    kinds = {"sdpa (one row per document)": None, "flex": device.type == "cuda",
+             "varlen": varlen_available(), "flash": flash_available()}
+    out = {}
+    for name, available in kinds.items():
+        if available is False:
+            out[name] = "not available here"
+            continue
+        if seconds_left() < 20:
+            out[name] = "skipped: out of time"
+            continue
+        q, k, v = (x.detach().clone().requires_grad_() for x in qkv)
+        if name.startswith("sdpa"):
+            rows = split.to(device)
+            S, Lmax = rows.doc_ids_BL.shape
+            mask = rows.dense_mask()
+
+            def run():
+                def per_doc(x):
+                    return x[0].transpose(0, 1).reshape(S, Lmax, x.shape[1], d).transpose(1, 2)
+                return F.scaled_dot_product_attention(per_doc(q), per_doc(k), per_doc(v),
+                                                      attn_mask=mask, enable_gqa=True)
+            q, k, v = (torch.nn.functional.pad(x.detach(), (0, 0, 0, S * Lmax - x.shape[2]))
+                       .requires_grad_() for x in (q, k, v))
+        elif name == "flex":
+            block_mask = layout.block_mask()
+            q, k, v = (torch.nn.functional.pad(x.detach(), (0, 0, 0, L - x.shape[2]))
+                       .requires_grad_() for x in (q, k, v))
+
+            def run():
+                return kernels.flex(q, k, v, block_mask, None)
+        else:
+            plan = VarlenPlan(name, torch.tensor(cu, dtype=torch.int32, device=device), 85)
+            fn = kernels.torch_varlen if name == "varlen" else kernels.flash_varlen
+
+            def run():
+                flat = [x[0].transpose(0, 1).contiguous() for x in (q, k, v)]
+                return fn(*flat, plan, None)
+        try:
+            times = []
+            for i in range(4):  # the first compiles / picks kernels
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                run().float().square().mean().backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            out[name] = {"first_s": times[0], "fwd_bwd_ms": 1e3 * statistics.median(times[1:])}
+        except Exception as e:  # a kernel that fails here is a result to record, not a crash
+            out[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return out
+
+
+def flex_line(results: dict) -> str:
+    r = results["backends"].get("flex", {"skipped": "not run"})
+    if "mfu" not in r:
+        return next(iter(r.values()))
+    return (f"{r['tokens_per_s']:.0f} tokens/s, MFU {r['mfu']:.1%}, first step (compile) "
+            f"{r['first_step_s']:.0f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--llm", required=True, help="a tiny LLM dir (its tokenizer is used)")
+    ap.add_argument("--backends", default="sdpa,flex,varlen,flash")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--budget", type=int, default=16384)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--head-width", type=int, default=1024)
+    ap.add_argument("--head-depth", type=int, default=4)
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--seconds", type=float, default=150.0,
+                    help="start no new part after this many seconds (the caller's timeout is "
+                         "the hard bound)")
+    ap.add_argument("--name", default="gpu_throughput")
+    args = ap.parse_args()
+    from bdt.trainer.distributed import cleanup, init_distributed
+    from bdt.trainer.flops import FlopModel, measure_peak_flops
+
+    started = time.monotonic()
+    seconds_left = lambda: args.seconds - (time.monotonic() - started)  # noqa: E731
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    with Run(args.name) as run:
+        dist = init_distributed()
+        clock = Clock(dist.device)
+        peaks = [measure_peak_flops(dtype, device=dist.device)]
+        model, engine = build(args, dist.device)
+        flops, rows = FlopModel.for_model(model), Rows(model, args.budget)
+        params = sum(p.numel() for p in model.parameters())
+        results = {"params": params, "budget": args.budget, "precision": args.precision,
+                   "device": torch.cuda.get_device_name(0) if clock.cuda else "cpu",
+                   "torch": torch.__version__, "backends": {}}
+
+        def write():
+            peak = statistics.mean(peaks)
+            measured = {b: r for b, r in results["backends"].items() if "mfu" in r}
+            best = max(measured, key=lambda b: measured[b]["tokens_per_s"], default=None)
+            results.update(peak_tflops=[p / 1e12 for p in peaks], best_backend=best)
+            value = (f"{best}: {measured[best]['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s "
+                     f"({params / 1e9:.2f}B params, budget {args.budget})" if best else "none ran")
+            run.write(results, [goal("16.3 training MFU on one GPU (best backend)", value,
+                                     ">= 40%", measured[best]["mfu"] >= 0.40 if best else False,
+                                     "see the profile: phases and kernel kinds"),
+                                goal("16.1 flex trains (1.2B, one GPU)", flex_line(results),
+                                     "steps", "mfu" in results["backends"].get("flex", {}))])
+
+        for backend in args.backends.split(","):
+            if seconds_left() < 30:
+                results["backends"][backend] = {"skipped": "out of time"}
+                continue
+            try:
+                model.set_attn_backend(backend)
+            except ValueError as e:
+                results["backends"][backend] = {"skipped": str(e)}
+                continue
+            print(f"== {backend}: warm-up", flush=True)
+            t0 = time.perf_counter()
+            try:
+                warm = timed_steps(engine, rows, args.budget, args.warmup, flops, clock)
+                recs = timed_steps(engine, rows, args.budget, args.steps, flops, clock)
+            except Exception as e:  # a backend that fails is a result; the others still run
+                results["backends"][backend] = {
+                    "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                write()
+                continue
+            r = summarize(recs, statistics.mean(peaks))
+            r.update(first_step_s=warm[0]["s"] if warm else None,
+                     warmup_s=time.perf_counter() - t0 - sum(x["s"] for x in recs))
+            results["backends"][backend] = r
+            print(f"   {backend}: {r['step_s']:.3f} s/step, {r['tokens_per_s']:.0f} tokens/s, "
+                  f"MFU {r['mfu']:.1%} (first step {r['first_step_s']:.1f} s)", flush=True)
+            write()
+        peaks.append(measure_peak_flops(dtype, device=dist.device))
+        write()
+        best = results["best_backend"]
+        if best and args.profile_steps and seconds_left() > 20:
+            model.set_attn_backend(best)
+            results["profile"] = dict(backend=best, **profile(
+                engine, model, rows, args.budget, args.profile_steps, clock))
+            write()
+        if seconds_left() > 20:
+            results["attention_alone"] = attention_alone(args, dist.device, seconds_left)
+            write()
+        cleanup()
+
+    measured = {b: r for b, r in results["backends"].items() if "mfu" in r}
+    table(["backend", "s/step", "tokens/s", "images/s", "MFU", "first step s"],
+          [[b, r["step_s"], r["tokens_per_s"], r["images_per_s"], r["mfu"], r["first_step_s"]]
+           for b, r in measured.items()],
+          f"{params / 1e9:.2f}B params, {args.precision}, ZeRO-2, budget {args.budget}, "
+          f"{results['device']}; peak {[round(p, 1) for p in results['peak_tflops']]} TFLOP/s")
+    for b, r in results["backends"].items():
+        if "mfu" not in r:
+            print(f"{b}: {r}")
+    if "profile" in results:
+        p = results["profile"]
+        table(["phase", "s"], list(p["phases_s"].items()), f"profile of {p['backend']} per step")
+        table(["kernel kind", "s"], list(p["kernel_kinds_s"].items()))
+        table(["kernel", "s"], p["top_kernels_s"])
+    if "attention_alone" in results:
+        print("attention alone (fwd+bwd):", results["attention_alone"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# bdt on a new CUDA machine, in one command and at most 8 minutes (issue 16 part 4):
+#
+#   scripts/gpu_check.sh [OUT]            OUT: the folder for logs and results (default $OUT,
+#                                         else gpu_check/<date>); data and runs go to a scratch
+#                                         folder ($GPU_CHECK_WORK, else a temp dir), removed at
+#                                         the end unless GPU_CHECK_KEEP=1
+#   scripts/gpu_check.sh --cpu-rehearsal [OUT]   the same stages at tiny sizes on CPU, the
+#                                         CUDA-only ones skipped (flex and the GPU kernels)
+#
+# Needs only the repo and a Python with torch and bdt's dependencies (no install step: the repo
+# is put on PYTHONPATH; a missing package is named before anything runs). Ray is not needed.
+# Stages, each bounded by `timeout -k 10 -s ABRT` (the trainer checkpoints on SIGTERM at the next
+# step boundary, so a stuck step would outlive a plain TERM; ABRT makes `python -X faulthandler`
+# print every thread's stack into the stage's log), each logging into OUT/<stage>.log as it runs:
+#   env         packages, CUDA device (OUT/env.json)
+#   tests       tests/model/test_attention.py on CUDA (its `cuda` tests: real flex compile with
+#               backward, real varlen/flash kernels)
+#   images      shapes images (bdt data shapes)
+#   tokens      random-weight demo tokenizer -> token shards by the extraction worker's encoder
+#               on the GPU (bench/gpu_data.py) + the tiny LLM
+#   throughput  the 1.2B configuration per attention backend, the best one profiled, the
+#               attention kernels alone (bench/gpu_throughput.py -> bench/results/gpu_throughput.json)
+#   train_1b    the real trainer on the 1.2B configuration with flex
+#               (cluster/configs/gpu_1b_mfu.yaml): steps, MFU, data_wait_frac
+#   shapes_*    a short shapes training (cluster/configs/gpu_shapes_quality.yaml), bdt eval
+#   report      bench/results/gpu_check.json (bench/summary.py shows it beside the CPU rows)
+# The results are copied into OUT/results/ as well. Exit status: 0 if every stage passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+
+REHEARSAL=0
+if [[ ${1:-} == --cpu-rehearsal ]]; then REHEARSAL=1; shift; fi
+OUT=${1:-${OUT:-gpu_check/$(date -u +%Y%m%d-%H%M%S)}}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=${GPU_CHECK_WORK:-$(mktemp -d -t bdt-gpu-check-XXXXXX)}
+mkdir -p "$WORK"
+PY=${PYTHON:-python}
+if [[ -x .venv/bin/python && -z ${PYTHON:-} ]]; then PY=$REPO/.venv/bin/python; fi
+
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export RAY_USAGE_STATS_ENABLED=0
+if ((REHEARSAL)); then export DS_ACCELERATOR=cpu; fi
+START=$SECONDS
+# The limits below are for a GPU machine; a CPU rehearsal is slower and not held to 8 minutes.
+LIMIT_SCALE=${GPU_CHECK_LIMIT_SCALE:-$((REHEARSAL ? 6 : 1))}
+: > "$OUT/stages.tsv"
+
+# stage NAME LIMIT_S COMMAND...: run it bounded, log it as it goes, record (name, rc, seconds).
+stage() {
+  local name=$1 limit=$(($2 * LIMIT_SCALE))
+  shift 2
+  local t0=$SECONDS
+  printf '== [%3ds] %s (limit %ss) -> %s\n' $((SECONDS - START)) "$name" "$limit" "$OUT/$name.log"
+  timeout -k 10 -s ABRT "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  printf '%s\t%s\t%s\n' "$name" "$rc" $((SECONDS - t0)) >> "$OUT/stages.tsv"
+  ((rc == 0)) || echo "== $name FAILED (rc $rc; 134 = timed out, stacks above)"
+  return "$rc"
+}
+skip() { printf '== %s: skipped (%s)\n' "$1" "$2" | tee "$OUT/$1.log"; }
+PYF=("$PY" -X faulthandler)  # ABRT -> every thread's stack in the log
+collect() { mkdir -p "$OUT/results" && cp -f bench/results/gpu_*.json "$OUT/results/" 2>/dev/null; }
+
+if ((REHEARSAL)); then  # tiny sizes: the plumbing, on CPU
+  NUM=400 BACKENDS=sdpa DEVICE=cpu REPORT_NAME=gpu_check_rehearsal
+  BENCH=(--budget 1024 --hidden 64 --layers 2 --heads 4 --kv-heads 2 --intermediate 128
+         --head-width 64 --head-depth 2 --precision fp32 --steps 2 --warmup 1 --profile-steps 1
+         --name gpu_throughput_rehearsal)
+  SMALL=(threads=2 model.attn_backend=sdpa deepspeed.precision=fp32 stages.0.token_budget=1024
+         model.backbone.config_overrides.hidden_size=64
+         model.backbone.config_overrides.num_hidden_layers=2
+         model.backbone.config_overrides.num_attention_heads=4
+         model.backbone.config_overrides.num_key_value_heads=2
+         model.backbone.config_overrides.head_dim=16
+         model.backbone.config_overrides.intermediate_size=128 model.head.width=64)
+  TRAIN_1B=("${SMALL[@]}" stages.0.steps=4 logging.every=2)
+  SHAPES=("${SMALL[@]}" stages.1.token_budget=1024 stages.0.steps=3 stages.1.steps=3
+          logging.every=1)
+  EVAL=(--per-category 1 --steps 2 --device cpu)
+else
+  NUM=3000 BACKENDS=sdpa,flex,varlen,flash DEVICE=cuda REPORT_NAME=gpu_check
+  BENCH=(--seconds 100)
+  TRAIN_1B=(model.attn_backend=flex stages.0.steps=60 time_limit_min=1)
+  SHAPES=(stages.0.steps=60 stages.1.steps=60 time_limit_min=0.5 logging.every=20)
+  EVAL=(--per-category 2 --steps 8 --device cuda)
+fi
+CKPT=$WORK
+if [[ -d /dev/shm && -w /dev/shm ]]; then CKPT=$(mktemp -d -p /dev/shm bdt-gpu-check-XXXXXX); fi
+DATA=(model.backbone.path="$WORK/data/llm" data.tokenizer="$WORK/data/tokenizer"
+      data.root="$WORK/data/tokens")
+
+# Limits: 20 + 60 + 20 + 30 + 130 + 120 + 50 + 30 + 15 = 475 s (8 min is 480).
+stage env 20 "${PYF[@]}" bench/gpu_check.py env --out "$OUT" $( ((REHEARSAL)) && echo --rehearsal ) || {
+  echo "gpu_check: the environment lacks what the check needs (above)"; exit 1; }
+stage tests 60 "${PYF[@]}" -m pytest -q -p no:cacheprovider tests/model/test_attention.py
+stage images 20 "${PYF[@]}" -m bdt.cli data shapes --out "$WORK/raw" --num "$NUM" \
+  --per-shard $((NUM / 6)) --size 128 --seed 0 --workers 4
+stage tokens 30 "${PYF[@]}" bench/gpu_data.py --raw "$WORK/raw" --out "$WORK/data" --device "$DEVICE"
+stage throughput 130 "${PYF[@]}" bench/gpu_throughput.py --llm "$WORK/data/llm" --backends "$BACKENDS" \
+  "${BENCH[@]}"
+collect
+# The checkpoint the trainer writes at its end (~14 GB of ZeRO-2 state at 1.2B) goes to memory
+# when it can, and is deleted: only the metrics matter here.
+stage train_1b 120 "${PYF[@]}" bdt/train.py --config bdt/configs/demo.yaml \
+  --config cluster/configs/gpu_1b_mfu.yaml "${DATA[@]}" "run_dir=$WORK/run_1b" \
+  "checkpoint.dir=$CKPT/run_1b" "stages.0.shards=$WORK/data/tokens/64/*.tar" "${TRAIN_1B[@]}"
+rm -rf "$CKPT/run_1b"
+stage shapes_train 50 "${PYF[@]}" bdt/train.py --config bdt/configs/demo.yaml \
+  --config cluster/configs/gpu_shapes_quality.yaml "${DATA[@]}" "run_dir=$WORK/run_shapes" \
+  "checkpoint.dir=$CKPT/run_shapes" "stages.0.shards=$WORK/data/tokens/32/*.tar" \
+  "stages.1.shards=$WORK/data/tokens/64/*.tar" "${SHAPES[@]}"
+stage shapes_eval 30 "${PYF[@]}" -m bdt.cli eval --model "$WORK/run_shapes/export" --size 64 \
+  "${EVAL[@]}" --out "$OUT/eval"
+stage report 15 "${PYF[@]}" bench/gpu_check.py report --out "$OUT" --work "$WORK" --name "$REPORT_NAME"
+collect
+for run in "$WORK"/run_*; do
+  [[ -f $run/metrics.jsonl ]] && cp "$run/metrics.jsonl" "$OUT/$(basename "$run").metrics.jsonl"
+done
+[[ $CKPT == "$WORK" ]] || rm -rf "$CKPT"
+[[ ${GPU_CHECK_KEEP:-0} == 1 ]] || rm -rf "$WORK"
+
+FAILED=$(awk '$2 != 0 {print $1}' "$OUT/stages.tsv" | tr '\n' ' ')
+printf '== gpu_check done in %d s; logs and results in %s%s\n' $((SECONDS - START)) "$OUT" \
+  "${FAILED:+; failed: $FAILED}"
+[[ -z $FAILED ]]

@@ -1,0 +1,40 @@
+"""scripts/gpu_check.sh's inputs: the GPU overlays load over the demo config, and the environment
+stage names what is missing. The whole check runs as a CPU rehearsal in ~3 min, too long for the
+suite: `scripts/gpu_check.sh --cpu-rehearsal /tmp/gpu_check` (README, "On a GPU")."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from bdt.config import load
+from bdt.trainer.train_config import TrainConfig, validate
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import gpu_check  # noqa: E402  (bench/ is not a package)
+
+
+@pytest.mark.parametrize("overlay, hidden, stages", [("gpu_1b_mfu.yaml", 2048, 1),
+                                                     ("gpu_shapes_quality.yaml", 512, 2)])
+def test_gpu_overlays_load_over_the_demo(overlay, hidden, stages):
+    cfg = load(TrainConfig, [str(REPO / "bdt/configs/demo.yaml"),
+                             str(REPO / "cluster/configs" / overlay)],
+               ["run_dir=/tmp/r", "stages.0.shards=/tmp/t/64/*.tar"])
+    validate(OmegaConf.to_object(cfg))
+    assert cfg.model.backbone.from_scratch and len(cfg.stages) == stages
+    assert cfg.model.backbone.config_overrides["hidden_size"] == hidden
+    assert cfg.deepspeed.precision == "bf16" and cfg.logging.peak_tflops == 0.0
+    assert all(s.token_budget == 16384 for s in cfg.stages)
+
+
+def test_env_stage_names_missing_packages(tmp_path, monkeypatch, capsys):
+    assert gpu_check.env(str(tmp_path), rehearsal=True) == 0
+    assert json.loads((tmp_path / "env.json").read_text())["missing"].keys() <= set(
+        gpu_check.OPTIONAL)
+    monkeypatch.setattr(gpu_check, "NEEDED", gpu_check.NEEDED + ["no_such_package_bdt"])
+    assert gpu_check.env(str(tmp_path), rehearsal=True) == 1
+    assert "missing packages: no_such_package_bdt" in capsys.readouterr().out
