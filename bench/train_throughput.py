@@ -134,6 +134,7 @@ def main() -> None:
     from bdt.trainer.checkpoint import CheckpointManager
     from bdt.trainer.distributed import cleanup, init_distributed
     from bdt.trainer.flops import FlopModel, measure_peak_flops
+    from bdt.trainer.stage_rows import image_samples
 
     with Run("train_throughput") as run, tempfile.TemporaryDirectory() as tmp:
         dist = init_distributed()
@@ -154,7 +155,7 @@ def main() -> None:
             t0 = time.perf_counter()
             batch = stream.next_batch()
             t["data"] = time.perf_counter() - t0
-            samples = setup.image_samples(batch, 32)
+            samples = image_samples(batch, 32)
             t0 = time.perf_counter()
             if variant != "pre-extracted":  # replace the stored bits by a fresh encode
                 bits = encoders[variant].encode(to_images([jpegs[s.key] for s in batch.samples]))
@@ -184,7 +185,7 @@ def main() -> None:
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds:
                 batch = probe.next_batch()
-                packer.pack(setup.image_samples(batch, 32))
+                packer.pack(image_samples(batch, 32))
                 n += len(batch.samples)
             return n, time.perf_counter() - t0
 

@@ -1,9 +1,10 @@
 """The training data stream: token shards -> seeded shuffle buffer -> token-budget micro-batches.
 
-One iterator per rank, in the training process (no DataLoader workers): the stream's whole
-position is then a handful of numbers this process owns, so a checkpoint records it exactly and
-a resume continues with the very next sample. Decoding token shards is cheap next to a training
-step (no image decode), so workers would buy little here.
+One iterator per rank, driven by that rank's prefetch worker (bdt/data/prefetch.py: a thread or
+a process, no DataLoader): the stream's whole position is a handful of numbers plus its buffer,
+so a checkpoint records it exactly and a resume continues with the very next sample. The worker
+runs ahead of the step; `mark()` keeps the position after each micro-batch cheaply, so what is
+saved is the state after the last micro-batch the trainer TOOK (`state_dict(mark)`).
 
 Split: with at least as many shards as ranks, rank r reads shards r, r+W, ...; with fewer, every
 rank reads every shard and keeps samples i with i % W == r. Each rank's shard order is reshuffled
@@ -52,7 +53,7 @@ import hashlib
 import json
 import tarfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -119,6 +120,18 @@ class _Buffered:
     index: int
 
 
+@dataclass(frozen=True)
+class StreamMark:
+    """A TokenStream's position at one moment (TokenStream.mark)."""
+
+    cursor: _Cursor
+    epoch_had_samples: bool
+    rng: dict
+    counters: StreamCounters
+    buffer: list[_Buffered]
+    pending: list[_Range]
+
+
 class TokenStream:
     """Endless per-rank micro-batch stream over `shards` (see module doc).
 
@@ -145,11 +158,15 @@ class TokenStream:
         self.pending: list[_Range] = []  # read first: work handed over by a re-split
         self.counters = StreamCounters()
         self._reader = None
+        self._order_of: tuple[int, list[str]] = (-1, [])
         self._epoch_had_samples = False
 
     # ---- reading ---------------------------------------------------------------------------
     def _order(self, epoch: int) -> list[str]:
-        return _epoch_order(self.shards, self.seed, self.rank, epoch)
+        # Asked before every read: computing the permutation each time cost ~5% of the stream.
+        if self._order_of[0] != epoch:
+            self._order_of = (epoch, _epoch_order(self.shards, self.seed, self.rank, epoch))
+        return self._order_of[1]
 
     def _position(self) -> tuple[str, int, int, int, int]:
         """(shard, byte offset, sample index, stride, phase) of the next read."""
@@ -292,10 +309,20 @@ class TokenStream:
     def _fingerprint(self) -> str:
         return _fingerprint(self.all_shards, self.rank, self.world_size, self.seed)
 
-    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """(JSON-able state, tensors): everything needed to continue with the next sample."""
+    def mark(self) -> StreamMark:
+        """The stream's position now, kept cheaply (the buffer is copied as references: buffered
+        samples are never changed), so a prefetching worker can run ahead and the state of the
+        last batch the trainer CONSUMED can still be saved (`state_dict(mark)`)."""
+        return StreamMark(replace(self.cursor), self._epoch_had_samples,
+                          self.rng.bit_generator.state, replace(self.counters), list(self.buffer),
+                          [replace(r) for r in self.pending])
+
+    def state_dict(self, mark: StreamMark | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(JSON-able state, tensors): everything needed to continue with the next sample after
+        `mark` (default: now). Reads only the mark, so another thread may go on reading."""
+        m = self.mark() if mark is None else mark
         entries, bits = [], []
-        for b in self.buffer:
+        for b in m.buffer:
             s = b.sample
             entries.append({"key": s.key, "shard": b.shard, "index": b.index, "length": b.length,
                             "shape": list(s.bits_hwB.shape), "bits_per_token": s.bits_per_token,
@@ -306,9 +333,9 @@ class TokenStream:
                             "stage": s.stage})
             bits.append(torch.from_numpy(np.ascontiguousarray(s.bits_hwB).reshape(-1)))
         meta = {"version": STATE_VERSION, "fingerprint": self._fingerprint(),
-                "cursor": asdict(self.cursor), "epoch_had_samples": self._epoch_had_samples,
-                "rng": self.rng.bit_generator.state, "counters": asdict(self.counters),
-                "buffer": entries, "pending": [asdict(r) for r in self.pending]}
+                "cursor": asdict(m.cursor), "epoch_had_samples": m.epoch_had_samples,
+                "rng": m.rng, "counters": asdict(m.counters),
+                "buffer": entries, "pending": [asdict(r) for r in m.pending]}
         return meta, {"buffer_bits": _cat_bits(bits)}
 
     def load_state_dict(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,6 +1,7 @@
 """The AR training loop: DeepSpeed engine, progressive stages, exact resume, preemption, logging.
 
-One step = `grad_accum` packed micro-batches per rank (TokenStream), each `engine(packed)` ->
+One step = `grad_accum` packed micro-batches per rank (TokenStream; built ahead by a prefetch
+worker, bdt/trainer/stage_rows.py), each `engine(packed)` ->
 `engine.backward` -> `engine.step` (DeepSpeed applies the optimizer at the accumulation
 boundary). Stages run back to back in one process (StageClock); the data stream is rebuilt at a
 stage switch. A checkpoint holds the engine (DeepSpeed) + per-rank state: step, stage, tokens
@@ -36,6 +37,7 @@ from bdt.trainer.export import export_model
 from bdt.trainer.flops import FlopModel, measure_peak_flops
 from bdt.trainer.metrics import MetricsLogger, Throughput, Timer
 from bdt.trainer.signals import LOCAL_REASON, STOP_SIGNAL, StopFlag
+from bdt.trainer.stage_rows import StageData
 from bdt.trainer.stages import StageClock
 from bdt.trainer.train_config import TrainConfig, validate
 
@@ -114,7 +116,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                    **{f"params_local/rank{r}": n for r, n in enumerate(params_local)}})
     if dist.is_main:
         save_resolved(OmegaConf.structured(cfg), cfg.run_dir)
-    step, saved_step, stage_idx, stream, packer = 0, -1, -1, None, None
+    step, saved_step, stage_idx, stream = 0, -1, -1, None
     seen = {"tokens": 0, "images": 0, "flops": 0.0}  # this rank's
     resume = ckpt.resume_tag() if cfg.checkpoint.resume else None
     stream_state = None
@@ -170,9 +172,11 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
             si = clock.stage
             if si != stage_idx:
                 stage_idx = si
-                stream, packer = setup.make_stream(cfg, si, sources[si], model, dist)
-                if stream_state is not None and stream_state[0] == si:
-                    stream.load_state_dict(stream_state[1], stream_state[2])
+                if stream is not None:
+                    stream.close()  # stops its prefetch worker
+                state = stream_state[1:] if stream_state and stream_state[0] == si else None
+                stream = StageData(setup.stage_rows(cfg, si, sources[si], model, dist, state),
+                                   cfg.data.prefetch, cfg.data.prefetch_worker, dist.device)
                 stream_state = None
                 logger.log(step, {"stage": si})
             with Timer() as t_step:
@@ -180,12 +184,12 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                 step_tokens = 0
                 for _ in range(cfg.deepspeed.grad_accum):
                     with Timer() as t_data:
-                        batch = stream.next_batch()
+                        row = stream.next()  # built ahead by the prefetch worker
                         if keylog:
-                            keylog.add(step + 1, [s.key for s in batch.samples])
-                        packed = packer.pack(setup.image_samples(batch, cfg.model.head.bits))
+                            keylog.add(step + 1, row.keys)
+                    packed = row.packed
                     data_wait += t_data.seconds
-                    step_tokens += batch.tokens
+                    step_tokens += row.tokens
                     # One row length per stage: flex compiles once (bdt.model.attention).
                     losses = engine(packed, row_len=cfg.stages[stage_idx].token_budget)
                     engine.backward(losses["total"])
@@ -205,9 +209,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                     window.add({"loss": losses["total"].item(), "text_ce": float(losses["text_ce"]),
                                 "vision": float(losses["vision"]),
                                 "bit_accuracy": float(losses["bit_accuracy"])})
-                    seen["tokens"] += batch.tokens
+                    seen["tokens"] += row.tokens
                     seen["images"] += n_img
-                    meter.add_step(n_img, batch.tokens)
+                    meter.add_step(n_img, row.tokens)
             meter.add_data_wait(data_wait)
             if ema is not None:
                 ema.update(engine.module)
@@ -242,6 +246,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                           f"{'' if stopped else ' (finishing early: export follows)'}", flush=True)
                 break
     finally:
+        if stream is not None:
+            stream.close()
         stop.restore()
         logger.close()
         if keylog:

@@ -8,18 +8,16 @@ import json
 import sys
 import types
 
-import numpy as np
 import torch
 
 from bdt import storage
 from bdt.data.shard_source import ShardList, iter_shard, list_shards, tokenizer_sha
 from bdt.data.token_shards import TokenSample, decode_sample
-from bdt.data.token_stream import MicroBatch, TokenStream
+from bdt.data.token_stream import TokenStream
 from bdt.model.ar import BitDanceModel
-from bdt.model.sequence import ImageSample, SequencePacker, patch_side
-from bdt.model.text_tokenizer import encode
-from bdt.tokenizer.bits import to_pm1, unpack_bits
+from bdt.model.sequence import SequencePacker, patch_side
 from bdt.trainer.distributed import DistInfo, barrier
+from bdt.trainer.stage_rows import CaptionMeasure, StageRows
 from bdt.trainer.train_config import TrainConfig, stage_p
 
 SIGNATURE_NAME = "model_shapes.json"
@@ -179,37 +177,28 @@ def stage_packer(model: BitDanceModel, parallel_num: int, token_budget: int,
                           caption_dropout=caption_dropout)
 
 
-def make_stream(cfg: TrainConfig, stage_idx: int, shards: ShardList, model: BitDanceModel,
-                dist: DistInfo) -> tuple[TokenStream, SequencePacker]:
-    """The stage's data stream and packer (captions encoded once, when the stream measures)."""
+def stage_rows(cfg: TrainConfig, stage_idx: int, shards: ShardList, model: BitDanceModel,
+               dist: DistInfo, state: tuple[dict, dict] | None = None) -> StageRows:
+    """The recipe of the stage's rows (stream + packer; captions encoded once, when the stream
+    measures), continuing from a checkpoint's stream `state` when given."""
     stage = cfg.stages[stage_idx]
-    tok = model.tokenizer
     packer = stage_packer(model, stage_p(cfg, stage_idx), stage.token_budget,
                           cfg.model.caption_dropout)
+    return StageRows(shards.urls, dist.rank, dist.world_size, stage.token_budget,
+                     cfg.data.buffer_size, stream_seed(cfg, stage_idx), cfg.model.head.bits,
+                     CaptionMeasure(model.tokenizer, packer), state)
 
-    def measure(sample: TokenSample) -> int:
-        # This model's tokenizer, here: token shards store caption text only (token_shards.py).
-        sample.caption_ids = np.asarray(encode(tok, sample.caption), dtype=np.int32)
-        h, w = sample.grid
-        return packer.sample_len(len(packer.prompt_ids(sample.caption_ids.tolist())), h, w)
 
-    stream = TokenStream(shards.urls, dist.rank, dist.world_size, stage.token_budget, measure,
-                         buffer_size=cfg.data.buffer_size, seed=stream_seed(cfg, stage_idx),
-                         bits_per_token=cfg.model.head.bits)
-    return stream, packer
+def make_stream(cfg: TrainConfig, stage_idx: int, shards: ShardList, model: BitDanceModel,
+                dist: DistInfo) -> tuple[TokenStream, SequencePacker]:
+    """The stage's data stream and packer, in this thread (benchmarks of the parts)."""
+    rows = stage_rows(cfg, stage_idx, shards, model, dist)
+    return rows.stream(), rows.measure.packer
 
 
 def stream_seed(cfg: TrainConfig, stage_idx: int) -> int:
     """The data stream seed of a stage (its shuffle and shard orders; fixed for a run)."""
     return cfg.seed * 1000 + stage_idx
-
-
-def image_samples(batch: MicroBatch, bits: int) -> list[ImageSample]:
-    """Token samples -> packer inputs: caption ids and the +-1 bit grid [h, w, C]."""
-    return [ImageSample(caption=s.caption_ids.tolist(),
-                        bits_HWC=to_pm1(torch.from_numpy(unpack_bits(s.bits_hwB, bits))))
-            for s in batch.samples]
-
 
 
 def param_digests(module: torch.nn.Module, zero3: bool) -> list[str]:

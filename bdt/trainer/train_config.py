@@ -1,7 +1,8 @@
 """The AR training job's configuration tree (`deepspeed bdt/train.py --config X.yaml k=v`).
 
     model:       ModelConfig (backbone, head, P, loss weights, activation checkpointing)
-    data:        image-tokenizer directory (identity check against shard manifests), buffer
+    data:        image-tokenizer directory (identity check against shard manifests), buffer,
+                 prefetch depth and worker
     stages:      progressive stages run as ONE job (method §5, system §2: 256 -> 512 -> 1024); each has its
                  shards, length (steps, or real tokens), LR schedule, micro-batch token budget
                  and P
@@ -54,6 +55,13 @@ class DataConfig:
     # (data.root=s3://...) moves every stage (list items cannot be overridden by key=value).
     root: str = ""
     buffer_size: int = 256  # shuffle/packing buffer per rank, in samples
+    # Micro-batches (packed rows) a background worker builds ahead of the step, so the step
+    # does not wait for reading and packing (bdt/data/prefetch.py; checkpoints still hold the
+    # stream state after the last row the step TOOK). 0 = build each row when the step asks.
+    prefetch: int = 2
+    # The worker: "process" (a spawned process per rank: shares no GIL with the training loop,
+    # costs a process start per stage), "thread", or "auto" = process on CUDA, thread on CPU.
+    prefetch_worker: str = "auto"
 
 
 @dataclass
@@ -182,6 +190,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.ema_decay > 0 and cfg.deepspeed.zero_stage == 3:
         raise ValueError("ema_decay needs whole parameters on each rank: use deepspeed.zero_stage "
                          "0-2, or ema_decay=0 with ZeRO-3")
+    if cfg.data.prefetch < 0 or cfg.data.prefetch_worker not in ("auto", "thread", "process"):
+        raise ValueError(f"data.prefetch must be >= 0 (0 = off) and data.prefetch_worker one of "
+                         f"auto, thread, process; got {cfg.data.prefetch} and "
+                         f"{cfg.data.prefetch_worker!r}")
     if not cfg.time_limit_min >= 0:  # also refuses NaN
         raise ValueError(f"time_limit_min must be >= 0 (0 = no limit), got {cfg.time_limit_min}")
     if cfg.checkpoint.every < 0 or cfg.logging.every < 1:

@@ -1,9 +1,12 @@
-"""TokenStream: rank split, token-budget packing, exact resume without re-reads, corrupt samples."""
+"""TokenStream: rank split, token-budget packing, exact resume without re-reads (also with rows
+prefetched by a worker), corrupt samples."""
 
 import json
+import time
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from bdt.data.shard_source import list_shards
@@ -219,3 +222,71 @@ def test_resplit_rejects_other_data(tmp_path):
         resplit(states, urls[:1], 3, 1)
     with pytest.raises(ValueError, match="old rank 0"):
         resplit(states, urls, 4, 1)
+
+
+def stage_rows(tmp_path, urls, state=None):
+    """The trainer's row recipe over `urls`: real text tokenizer and packer, caption dropout 0.5
+    (its draws must come from the stream's state too)."""
+    from bdt.model.sequence import SequencePacker
+    from bdt.model.text_tokenizer import add_special_tokens, make_text_tokenizer, prompt_ids
+    from bdt.trainer.stage_rows import CaptionMeasure, StageRows
+    from trainutil import CAPTIONS
+
+    tok = make_text_tokenizer(str(tmp_path / "tok"), CAPTIONS * 20, 384)
+    packer = SequencePacker(add_special_tokens(tok, 4), prompt_ids(tok), 4, max_len=160,
+                            caption_dropout=0.5)
+    return StageRows(urls, 0, 1, 160, 8, 3, 16, CaptionMeasure(tok, packer), state)
+
+
+def assert_same_rows(a, b):
+    assert [r.keys for r in a] == [r.keys for r in b]
+    for x, y in zip(a, b):
+        for name, t in vars(x.packed).items():
+            assert torch.equal(t, getattr(y.packed, name)), name
+
+
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_prefetched_rows_resume_exactly(tmp_path, worker):
+    """A worker 2 rows ahead builds the rows built inline; the state saved after 4 rows TAKEN,
+    while the worker's stream is 6 rows in, resumes with row 5 (the prefetched, never consumed
+    rows 5-6 are built again, identically) and reads every sample once."""
+    from dataclasses import replace
+
+    from bdt.trainer.stage_rows import StageData
+
+    urls = write_shards(str(tmp_path / "s"), GRIDS, num_shards=3, per_shard=9)
+    rows = stage_rows(tmp_path, urls)
+    cpu = torch.device("cpu")
+    inline = StageData(rows, 0, worker, cpu)
+    want = [inline.next() for _ in range(10)]  # crosses an epoch (27 samples)
+    live = StageData(rows, 2, worker, cpu)
+    got = [live.next() for _ in range(4)]
+    deadline = time.monotonic() + 60
+    while live.ready < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    meta, tensors = live.state_dict()
+    meta = json.loads(json.dumps(meta))
+    assert meta["counters"]["batches"] == 4
+    assert meta["counters"]["samples_out"] == sum(len(r.keys) for r in got)
+    got += [live.next() for _ in range(6)]
+    live.close()
+    assert_same_rows(got, want)
+    resumed = StageData(replace(rows, state=(meta, tensors)), 2, worker, cpu)
+    assert_same_rows([resumed.next() for _ in range(6)], want[4:])
+    assert resumed.counters.samples_read == inline.counters.samples_read  # nothing read twice
+    resumed.close()
+    assert {r.packed.unconditional_S.any().item() for r in want} == {True, False}  # dropout on
+
+
+def test_caption_ids_are_the_tokenizers(tmp_path):
+    """CaptionMeasure's fast path (the tokenizers backend) gives the model tokenizer's ids."""
+    from bdt.model.text_tokenizer import encode, make_text_tokenizer
+    from bdt.trainer.stage_rows import CaptionMeasure
+    from trainutil import CAPTIONS
+
+    tok = make_text_tokenizer(str(tmp_path / "tok"), CAPTIONS * 20, 384)
+    fast = CaptionMeasure(tok, None)
+    assert fast.backend is not None
+    for text in CAPTIONS + ["an unseen caption, with punctuation!", ""]:
+        assert fast.ids(text) == encode(tok, text)

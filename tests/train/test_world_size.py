@@ -1,7 +1,8 @@
 """Resuming on another number of ranks: a 2-rank run resumed on 1 rank, that one resumed on 2
 ranks from S3; the loss continues, the LR schedule is the uninterrupted run's, and the sample
 keys consumed over the three launches plus those the last checkpoint still owes are the epoch,
-each exactly once (ZeRO-2: DeepSpeed universal checkpoint conversion, automatic)."""
+each exactly once (ZeRO-2: DeepSpeed universal checkpoint conversion, automatic; rows prefetched
+by a worker process, 3 ahead)."""
 
 import json
 import os
@@ -27,7 +28,10 @@ def data(tmp_path_factory):
 def argv(data, run_dir, *extra):
     return ["--config", CONFIG, *train_overrides(
         str(run_dir), data["llm"], os.path.dirname(data["urls"][0]), steps=STEPS, every=3,
-        extra=("checkpoint.keep_last=0", "logging.sample_keys=true", "export=false", *extra))]
+        extra=("checkpoint.keep_last=0", "logging.sample_keys=true", "export=false",
+               # rows built ahead by a worker process: the checkpoints must still owe exactly
+               # the samples not consumed (those prefetched and never taken included)
+               "data.prefetch=3", "data.prefetch_worker=process", *extra))]
 
 
 def consumed(run_dir, steps):

@@ -1,0 +1,291 @@
+"""Rows built ahead of the trainer by a background worker, with exact stream state.
+
+The trainer's data path (read token shards, pack a micro-batch, lay it out as tensors) runs in a
+worker -- a thread, or a spawned process (`worker`) -- that keeps up to `depth` rows ready, so a
+step only waits for data when the worker falls behind. A row's tensors travel as ONE uint8
+buffer (`_Flat`): one shared-memory handle between processes, one pinned host buffer and one
+non-blocking host-to-device copy on CUDA, instead of one of each per tensor.
+
+Exact resume: the worker's source is always ahead of the trainer by the rows in flight, so its
+state now is NOT the state to save. After building a row the worker takes a cheap `mark()` of
+its source (e.g. TokenStream.mark: the position, RNG and the buffer as references); the trainer
+acknowledges each row it takes, and `state_dict()` asks for the state at the mark of the last
+row taken. A resume from that state builds the rows that were prefetched but never consumed
+again, identically. Marks of acknowledged rows are dropped, so at most depth + 1 are held.
+
+The worker is stopped (and joined) by `close()`, at a stage switch, at the end of training and
+on every error path; an exception in the worker is raised in the trainer as it was (type and
+message), caused by a WorkerTraceback that holds the worker's traceback. A worker process
+ignores SIGINT/SIGTERM (the trainer handles those and stops it) and exits by itself when the
+trainer process is gone.
+
+depth = 0 builds each row in the caller's thread when asked (no worker): the same rows and
+states, which is what the tests compare against.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import pickle
+import queue
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.multiprocessing as torch_mp  # its pickler shares tensors' memory
+
+Tensors = dict[str, torch.Tensor]
+_POLL_S = 0.2  # how often a waiting side checks that the other one is still alive
+_ALIGN = 64  # byte alignment of each tensor inside a row's buffer
+
+
+class WorkerTraceback(Exception):
+    """The cause attached to an error re-raised from the worker: its traceback there, as text."""
+
+
+class RowSource(Protocol):
+    """What the worker drives; built by the (picklable) factory inside the worker."""
+
+    def next_row(self) -> tuple[Tensors, Any]:
+        """The next row: its tensors and any small picklable extra (keys, counts)."""
+
+    def mark(self) -> Any:
+        """The source's position right after the last row (cheap; held until acknowledged)."""
+
+    def state_at(self, mark: Any) -> tuple[dict, Tensors]:
+        """The checkpointable state at a mark: (JSON-able dict, tensors)."""
+
+
+@dataclass
+class _Flat:
+    """A row's tensors in one uint8 buffer: (name, dtype, shape, byte offset) per tensor."""
+
+    data: torch.Tensor
+    layout: list[tuple[str, torch.dtype, tuple[int, ...], int]]
+
+    @staticmethod
+    def of(tensors: Tensors, pin: bool) -> _Flat:
+        layout, size = [], 0
+        for name, t in tensors.items():
+            layout.append((name, t.dtype, tuple(t.shape), size))
+            size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        data = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+        for (_, _, _, offset), t in zip(layout, tensors.values()):
+            flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            data[offset:offset + flat.numel()].copy_(flat)
+        return _Flat(data, layout)
+
+    def tensors(self, device: torch.device, host_keys: frozenset[str]) -> Tensors:
+        """Views of the buffer, those not in `host_keys` of its one copy on `device`."""
+        moved = self.data.to(device, non_blocking=True)
+        out = {}
+        for name, dtype, shape, offset in self.layout:
+            n = torch.Size(shape).numel() * dtype.itemsize
+            data = self.data if name in host_keys else moved
+            out[name] = data[offset:offset + n].view(dtype).view(shape)
+        return out
+
+
+class Prefetcher:
+    """Rows of `factory()`'s RowSource, built ahead by a `worker` ("thread" or "process"), their
+    tensors on `device` except those named in `host_keys` (read on the host by the consumer)."""
+
+    def __init__(self, factory: Callable[[], RowSource], depth: int, worker: str = "thread",
+                 device: torch.device | str = "cpu", host_keys: frozenset[str] = frozenset()):
+        if depth < 0 or worker not in ("thread", "process"):
+            raise ValueError(f"prefetch depth must be >= 0 and the worker 'thread' or 'process', "
+                             f"got {depth} and {worker!r}")
+        self.depth, self.device, self.host_keys = depth, torch.device(device), host_keys
+        self._taken = 0  # rows handed out
+        self._closed = False
+        self._early: collections.deque = collections.deque()  # rows that came with a reply
+        if depth == 0:
+            self._source = factory()
+            self._mark = self._source.mark()
+            return
+        pin = self.device.type == "cuda"
+        self._out: queue.Queue = queue.Queue()  # rows, state replies, errors, in order
+        if worker == "thread":
+            self._inbox = queue.Queue()
+            main = threading.main_thread()
+            self._thread = threading.Thread(
+                target=_serve, args=(factory, depth, self._inbox, self._out, pin, main.is_alive),
+                name="bdt-prefetch", daemon=True)
+            self._proc = None
+        else:
+            ctx = torch_mp.get_context("spawn")  # no fork of a process with threads/CUDA
+            self._inbox = ctx.Queue()
+            outbox = ctx.Queue()
+            self._proc = ctx.Process(target=_serve_process, name="bdt-prefetch", daemon=True,
+                                     args=(factory, depth, self._inbox, outbox))
+            self._proc.start()
+            self._thread = threading.Thread(target=_relay, name="bdt-prefetch-relay", daemon=True,
+                                            args=(outbox, self._out, self._proc, pin))
+        self._thread.start()
+
+    # ---- the trainer's side ----------------------------------------------------------------
+    def next(self) -> tuple[Tensors, Any]:
+        """The next row (tensors on `device`, copies issued non-blocking) and its extra."""
+        self._check_open()
+        if self.depth == 0:
+            tensors, extra = self._source.next_row()
+            self._mark = self._source.mark()
+            return {k: v if k in self.host_keys else v.to(self.device)
+                    for k, v in tensors.items()}, extra
+        flat, extra = self._early.popleft() if self._early else self._receive("row")
+        self._taken += 1
+        self._inbox.put(("ack", self._taken))
+        return flat.tensors(self.device, self.host_keys), extra
+
+    @property
+    def ready(self) -> int:
+        """Rows built and arrived here, not yet taken (how far ahead the worker is now)."""
+        return 0 if self.depth == 0 else self._out.qsize() + len(self._early)
+
+    def state_dict(self) -> tuple[dict, Tensors]:
+        """The source's state right after the last row `next()` returned."""
+        self._check_open()
+        if self.depth == 0:
+            return self._source.state_at(self._mark)
+        self._inbox.put(("state", self._taken))
+        return self._receive("state")
+
+    def close(self) -> None:
+        """Stop the worker and wait for it (idempotent); rows still in flight are dropped."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.depth == 0:
+            return
+        self._inbox.put(("stop", None))
+        if self._proc is not None:
+            self._proc.join(timeout=30)
+            if self._proc.is_alive():  # stuck in a read: it holds nothing worth waiting for
+                self._proc.kill()
+                self._proc.join()
+            self._inbox.close()  # ends the queue's feeder thread (a few small messages left)
+            self._inbox.join_thread()
+        self._thread.join(timeout=30)
+        if self._thread.is_alive():  # a daemon: it cannot keep the process from exiting
+            print(f"warning: the prefetch thread {self._thread.name} did not stop within 30 s "
+                  f"(stuck in a read?)", flush=True)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the prefetcher is closed")
+
+    def _receive(self, want: str) -> Any:
+        while True:
+            try:
+                kind, payload = self._out.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self._thread.is_alive():
+                    continue
+                self.close()
+                raise RuntimeError("the prefetch worker stopped without an answer") from None
+            if kind == "error":
+                error, worker_traceback = payload
+                self.close()
+                raise error from WorkerTraceback(worker_traceback)
+            if kind == want:
+                return payload
+            self._early.append(payload)  # a row that was on its way before a state reply
+
+
+# ---- the worker's side --------------------------------------------------------------------
+def _serve(factory: Callable[[], RowSource], depth: int, inbox, out, pin: bool,
+           alive: Callable[[], bool]) -> None:
+    """Run the worker until "stop" or until `alive()` fails. After an error it only waits for
+    that: rows it sent before may still be on their way, and a process's shared buffers die
+    with it."""
+    try:
+        _produce(factory, depth, inbox, out, pin, alive)
+    except BaseException as e:  # noqa: BLE001 -- every failure must reach the trainer
+        out.put(("error", (_picklable(e), traceback.format_exc())))
+        while alive():
+            try:
+                if inbox.get(timeout=_POLL_S)[0] == "stop":
+                    return
+            except queue.Empty:
+                pass
+
+
+def _produce(factory: Callable[[], RowSource], depth: int, inbox, out, pin: bool,
+             alive: Callable[[], bool]) -> None:
+    """Build rows while credits allow (depth minus unacknowledged rows); answer state
+    requests with the state at the asked row's mark."""
+    source = factory()
+    marks = {0: source.mark()}  # row number -> mark; 0 = before the first row
+    built = 0
+    while True:
+        waiting = built - min(marks)  # rows built and not yet acknowledged
+        try:
+            kind, arg = inbox.get(timeout=_POLL_S) if waiting >= depth else inbox.get_nowait()
+        except queue.Empty:
+            if waiting >= depth:
+                if not alive():
+                    return
+                continue
+            tensors, extra = source.next_row()
+            built += 1
+            marks[built] = source.mark()
+            out.put(("row", (_Flat.of(tensors, pin), extra)))
+            continue
+        if kind == "stop":
+            return
+        if kind == "ack":
+            for n in [n for n in marks if n < arg]:
+                del marks[n]
+        elif kind == "state":
+            out.put(("state", source.state_at(marks[arg])))
+
+
+def _picklable(e: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def _serve_process(factory: Callable[[], RowSource], depth: int, inbox, outbox) -> None:
+    """A worker process: the trainer handles SIGINT/SIGTERM and stops it; one torch thread
+    (the producer is Python-bound, and its cores belong to training)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    _serve(factory, depth, inbox, outbox, False, multiprocessing.parent_process().is_alive)
+
+
+def _relay(outbox, out: queue.Queue, proc, pin: bool) -> None:
+    """Trainer-side thread of a worker process: receives its messages (a row's buffer arrives
+    as one shared-memory handle), pins rows on CUDA, and reports a worker that died silently."""
+    while True:
+        try:
+            kind, payload = outbox.get(timeout=_POLL_S)
+        except queue.Empty:
+            if proc.is_alive():
+                continue
+            if proc.exitcode not in (0, None):
+                out.put(("error", (RuntimeError(f"the prefetch worker process died (exit code "
+                                                f"{proc.exitcode})"), "")))
+            return
+        except (EOFError, OSError) as e:  # the worker went away mid-message
+            out.put(("error", (RuntimeError(f"lost the prefetch worker process: {e!r}"),
+                               traceback.format_exc())))
+            return
+        if kind == "row" and pin:
+            flat, extra = payload
+            payload = (_Flat(flat.data.pin_memory(), flat.layout), extra)
+        out.put((kind, payload))

@@ -1,0 +1,158 @@
+"""The prefetch worker (thread and process): the rows and states of building inline, the state
+of the last row TAKEN while the worker is ahead, errors raised in the caller with their message,
+and no thread or process left behind (close, SIGTERM, a trainer that dies)."""
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from bdt.data.prefetch import Prefetcher, WorkerTraceback
+
+WORKERS = ["thread", "process"]
+
+
+class Counting:
+    """A RowSource whose row n holds tensors of three dtypes made from n; its state is n."""
+
+    def __init__(self, start: int, fail_at: int | None):
+        if start < 0:
+            raise ValueError(f"cannot start at row {start} (test)")
+        self.n, self.fail_at = start, fail_at
+
+    def next_row(self):
+        if self.n == self.fail_at:
+            raise ValueError(f"row {self.n} is corrupt (test)")
+        self.n += 1
+        n = self.n
+        return {"ids": torch.arange(n, n + 3), "mask": torch.tensor([n % 2 == 0, True]),
+                "bits": torch.full((2, n), float(n)), "empty": torch.zeros(0, 4)}, {"n": n}
+
+    def mark(self):
+        return self.n
+
+    def state_at(self, mark):
+        return {"n": mark}, {"n": torch.tensor([mark])}
+
+
+@dataclass
+class CountingRows:
+    """Picklable factory (a worker process builds the source from it)."""
+
+    start: int = 0
+    fail_at: int | None = None
+
+    def __call__(self) -> Counting:
+        return Counting(self.start, self.fail_at)
+
+
+def no_workers_left():
+    names = [t.name for t in threading.enumerate() if t.name.startswith("bdt-prefetch")]
+    return not names and not multiprocessing.active_children()
+
+
+def wait_ready(p: Prefetcher, n: int) -> None:
+    deadline = time.monotonic() + 60
+    while p.ready < n:
+        assert time.monotonic() < deadline, "the worker built nothing ahead"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_rows_and_state_of_the_last_row_taken(worker):
+    with Prefetcher(CountingRows(), 0) as inline:
+        want = [inline.next() for _ in range(8)]
+        assert inline.state_dict()[0] == {"n": 8}
+    with Prefetcher(CountingRows(), 3, worker) as p:
+        got = [p.next() for _ in range(2)]
+        wait_ready(p, 3)  # the worker's source is at row 5 now
+        meta, tensors = p.state_dict()
+        assert meta == {"n": 2} and tensors["n"].tolist() == [2]
+        assert p.ready == 3  # rows that came in while the state was asked are kept, in order
+        got += [p.next() for _ in range(6)]
+        assert p.state_dict()[0] == {"n": 8}
+    for (a, extra_a), (b, extra_b) in zip(want, got):
+        assert extra_a == extra_b and a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert no_workers_left()
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_worker_errors_surface_with_their_message(worker):
+    p = Prefetcher(CountingRows(fail_at=2), 2, worker)
+    assert [p.next()[1]["n"] for _ in range(2)] == [1, 2]
+    with pytest.raises(ValueError, match=r"row 2 is corrupt \(test\)") as info:
+        p.next()
+    assert isinstance(info.value.__cause__, WorkerTraceback)
+    assert "next_row" in str(info.value.__cause__)  # where it happened, in the worker
+    p.close()
+    with Prefetcher(CountingRows(start=-1), 2, worker) as p:  # failing to open the source
+        with pytest.raises(ValueError, match="cannot start at row -1"):
+            p.next()
+    assert no_workers_left()
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_close_with_rows_in_flight(worker):
+    p = Prefetcher(CountingRows(), 4, worker)
+    p.next()
+    wait_ready(p, 2)
+    p.close()
+    p.close()
+    assert no_workers_left()
+    with pytest.raises(RuntimeError, match="closed"):
+        p.next()
+
+
+def test_worker_process_ignores_sigterm():
+    """A launcher's SIGTERM reaches the whole process group; the trainer catches it and saves at
+    the next step boundary, which needs the worker's state: the worker must live on."""
+    with Prefetcher(CountingRows(), 2, "process") as p:
+        p.next()
+        os.kill(p._proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert [p.next()[1]["n"] for _ in range(3)] == [2, 3, 4]
+        assert p.state_dict()[0] == {"n": 4}
+    assert no_workers_left()
+
+
+TRAINER = """
+import os, sys, time
+sys.path[:0] = {path!r}
+from bdt.data.prefetch import Prefetcher
+from test_prefetch import CountingRows
+if __name__ == "__main__":
+    p = Prefetcher(CountingRows(), 2, "process")
+    p.next()
+    print(p._proc.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_worker_process_exits_when_the_trainer_is_killed(tmp_path):
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER.format(path=[os.path.dirname(__file__), os.getcwd()]))
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pid = int(trainer.stdout.readline())
+    trainer.kill()
+    trainer.wait()
+    deadline = time.monotonic() + 30
+    while _running(pid):
+        assert time.monotonic() < deadline, f"worker {pid} outlived its trainer"
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line for line in f)
+    except FileNotFoundError:
+        return False
