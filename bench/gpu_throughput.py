@@ -332,8 +332,8 @@ def main() -> None:
             measured = {b: r for b, r in results["backends"].items() if "mfu" in r}
             best = max(measured, key=lambda b: measured[b]["tokens_per_s"], default=None)
             results.update(peak_tflops=[p / 1e12 for p in peaks], best_backend=best)
-            value = (f"{best}: {measured[best]['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s "
-                     f"({params / 1e9:.2f}B params, budget {args.budget})" if best else "none ran")
+            value = (f"{best}: {measured[best]['mfu']:.1%} of {peak / 1e12:.3g} TFLOP/s "
+                     f"({params / 1e6:.0f}M params, budget {args.budget})" if best else "none ran")
             run.write(results, [goal("16.3 training MFU on one GPU (best backend)", value,
                                      ">= 40%", measured[best]["mfu"] >= 0.40 if best else False,
                                      "see the profile: phases and kernel kinds"),
@@ -383,8 +383,9 @@ def main() -> None:
     table(["backend", "s/step", "tokens/s", "images/s", "MFU", "first step s"],
           [[b, r["step_s"], r["tokens_per_s"], r["images_per_s"], r["mfu"], r["first_step_s"]]
            for b, r in measured.items()],
-          f"{params / 1e9:.2f}B params, {args.precision}, ZeRO-2, budget {args.budget}, "
-          f"{results['device']}; peak {[round(p, 1) for p in results['peak_tflops']]} TFLOP/s")
+          f"{params / 1e6:.1f}M params, {args.precision}, ZeRO-2, budget {args.budget}, "
+          f"{results['device']}; peak {' / '.join(f'{p:.3g}' for p in results['peak_tflops'])} "
+          "TFLOP/s (before / after)")
     for b, r in results["backends"].items():
         if "mfu" not in r:
             print(f"{b}: {r}")

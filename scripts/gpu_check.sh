@@ -93,11 +93,11 @@ if [[ -d /dev/shm && -w /dev/shm ]]; then CKPT=$(mktemp -d -p /dev/shm bdt-gpu-c
 DATA=(model.backbone.path="$WORK/data/llm" data.tokenizer="$WORK/data/tokenizer"
       data.root="$WORK/data/tokens")
 
-# Limits: 20 + 60 + 20 + 30 + 130 + 120 + 50 + 30 + 15 = 475 s (8 min is 480).
+# Limits: 20 + 75 + 15 + 30 + 130 + 120 + 45 + 30 + 10 = 475 s (8 min is 480).
 stage env 20 "${PYF[@]}" bench/gpu_check.py env --out "$OUT" $( ((REHEARSAL)) && echo --rehearsal ) || {
   echo "gpu_check: the environment lacks what the check needs (above)"; exit 1; }
-stage tests 60 "${PYF[@]}" -m pytest -q -p no:cacheprovider tests/model/test_attention.py
-stage images 20 "${PYF[@]}" -m bdt.cli data shapes --out "$WORK/raw" --num "$NUM" \
+stage tests 75 "${PYF[@]}" -m pytest -q -p no:cacheprovider tests/model/test_attention.py
+stage images 15 "${PYF[@]}" -m bdt.cli data shapes --out "$WORK/raw" --num "$NUM" \
   --per-shard $((NUM / 6)) --size 128 --seed 0 --workers 4
 stage tokens 30 "${PYF[@]}" bench/gpu_data.py --raw "$WORK/raw" --out "$WORK/data" --device "$DEVICE"
 stage throughput 130 "${PYF[@]}" bench/gpu_throughput.py --llm "$WORK/data/llm" --backends "$BACKENDS" \
@@ -109,13 +109,13 @@ stage train_1b 120 "${PYF[@]}" bdt/train.py --config bdt/configs/demo.yaml \
   --config cluster/configs/gpu_1b_mfu.yaml "${DATA[@]}" "run_dir=$WORK/run_1b" \
   "checkpoint.dir=$CKPT/run_1b" "stages.0.shards=$WORK/data/tokens/64/*.tar" "${TRAIN_1B[@]}"
 rm -rf "$CKPT/run_1b"
-stage shapes_train 50 "${PYF[@]}" bdt/train.py --config bdt/configs/demo.yaml \
+stage shapes_train 45 "${PYF[@]}" bdt/train.py --config bdt/configs/demo.yaml \
   --config cluster/configs/gpu_shapes_quality.yaml "${DATA[@]}" "run_dir=$WORK/run_shapes" \
   "checkpoint.dir=$CKPT/run_shapes" "stages.0.shards=$WORK/data/tokens/32/*.tar" \
   "stages.1.shards=$WORK/data/tokens/64/*.tar" "${SHAPES[@]}"
 stage shapes_eval 30 "${PYF[@]}" -m bdt.cli eval --model "$WORK/run_shapes/export" --size 64 \
   "${EVAL[@]}" --out "$OUT/eval"
-stage report 15 "${PYF[@]}" bench/gpu_check.py report --out "$OUT" --work "$WORK" --name "$REPORT_NAME"
+stage report 10 "${PYF[@]}" bench/gpu_check.py report --out "$OUT" --work "$WORK" --name "$REPORT_NAME"
 collect
 for run in "$WORK"/run_*; do
   [[ -f $run/metrics.jsonl ]] && cp "$run/metrics.jsonl" "$OUT/$(basename "$run").metrics.jsonl"
