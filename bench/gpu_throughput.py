@@ -20,7 +20,7 @@ Profile of the fastest backend: --profile-steps steps with a device sync between
 forward, backward, optimizer; the diffusion head's forward and backward inside them, timed by
 module hooks), and torch.profiler's device time by kernel kind (matmul, attention, elementwise,
 optimizer, communication, copies).
-Attention alone: forward + backward at the budget on causal rows of ~85-token documents (P = 1,
+Attention alone: forward + backward at the budget on causal rows of 85-token documents (P = 1,
 where varlen and flash are exact): sdpa on one row per document (what the model does), flex,
 varlen, flash where present.
 Writes bench/results/<name>.json after each part, so a part that hangs keeps the earlier ones.
@@ -29,7 +29,6 @@ Writes bench/results/<name>.json after each part, so a part that hangs keeps the
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import time
@@ -210,70 +209,63 @@ def profile(engine, model, rows: Rows, budget: int, n: int, clock: Clock) -> dic
             "top_kernels_s": [(name, s / n) for name, s in top]}
 
 
-def attention_alone(args, device: torch.device, seconds_left) -> dict:
-    """Forward + backward of each kernel on causal rows of ~85-token documents at the budget."""
+def attention_call(name: str, qkv: list[torch.Tensor], cu: list[int], L: int, device):
+    """A no-argument forward of kernel `name` on q, k, v [1, heads, T, d] (T = cu[-1] tokens,
+    causal documents), and the leaf tensors its backward fills."""
     import torch.nn.functional as F
 
     from bdt.model import attention_kernels as kernels
-    from bdt.model.attention import (BlockCausalLayout, VarlenPlan, flash_available,
-                                     per_document_rows, varlen_available)
+    from bdt.model.attention import BlockCausalLayout, VarlenPlan, per_document_rows
 
-    L, H, Hkv, d = args.budget, args.heads, args.kv_heads, args.hidden // args.heads
-    lens = [85] * (L // 85)
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    d = qkv[0].shape[-1]
+    if name == "sdpa":  # what the model does with sdpa: one padded row per document
+        rows, index = per_document_rows(cu, lens, [1] * len(lens), 1.0, 1.0)
+        S, Lmax = rows.doc_ids_BL.shape
+        mask, index = rows.to(device).dense_mask(), index.to(device)
+        leaves = [x.detach().clone().requires_grad_() for x in qkv]
+
+        def per_doc(x):  # [1, h, T, d] -> [S, h, Lmax, d]
+            flat = x[0].transpose(0, 1)
+            rows_ = flat.new_zeros(S * Lmax, *flat.shape[1:]).index_copy(0, index, flat)
+            return rows_.view(S, Lmax, -1, d).transpose(1, 2)
+        return (lambda: F.scaled_dot_product_attention(
+            *(per_doc(x) for x in leaves), attn_mask=mask, enable_gqa=True)), leaves
+    if name == "flex":
+        block_mask = BlockCausalLayout.from_packed(cu, lens, 1, total_len=L).to(device).block_mask()
+        leaves = [F.pad(x.detach(), (0, 0, 0, L - x.shape[2])).requires_grad_() for x in qkv]
+        return (lambda: kernels.flex(*leaves, block_mask, None)), leaves
+    plan = VarlenPlan(name, torch.tensor(cu, dtype=torch.int32, device=device), max(lens))
+    fn = kernels.torch_varlen if name == "varlen" else kernels.flash_varlen
+    leaves = [x[0].transpose(0, 1).contiguous().requires_grad_() for x in qkv]
+    return (lambda: fn(*leaves, plan, None)), leaves
+
+
+def attention_alone(args, device: torch.device, clock: Clock, seconds_left) -> dict:
+    """Forward + backward of each kernel on causal rows of 85-token documents at the budget."""
+    from bdt.model.attention import flash_available, varlen_available
+
+    cu = list(range(0, args.budget - 84, 85))
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     g = torch.Generator().manual_seed(0)
-    qkv = [torch.randn(1, h, cu[-1], d, generator=g).to(device, dtype) for h in (H, Hkv, Hkv)]
-    layout = BlockCausalLayout.from_packed(cu, lens, 1, total_len=L).to(device)
-    split, _ = per_document_rows(cu, lens, [1] * len(lens), 1.0, 1.0) or (None, None)
-    kinds = {"sdpa (one row per document)": None, "flex": device.type == "cuda",
-             "varlen": varlen_available(), "flash": flash_available()}
+    d = args.hidden // args.heads
+    qkv = [torch.randn(1, h, cu[-1], d, generator=g).to(device, dtype)
+           for h in (args.heads, args.kv_heads, args.kv_heads)]
+    available = {"sdpa": True, "flex": clock.cuda, "varlen": varlen_available(),
+                 "flash": flash_available()}
     out = {}
-    for name, available in kinds.items():
-        if available is False:
-            out[name] = "not available here"
+    for name, ok in available.items():
+        if not ok or seconds_left() < 20:
+            out[name] = "not available here" if not ok else "skipped: out of time"
             continue
-        if seconds_left() < 20:
-            out[name] = "skipped: out of time"
-            continue
-        q, k, v = (x.detach().clone().requires_grad_() for x in qkv)
-        if name.startswith("sdpa"):
-            rows = split.to(device)
-            S, Lmax = rows.doc_ids_BL.shape
-            mask = rows.dense_mask()
-
-            def run():
-                def per_doc(x):
-                    return x[0].transpose(0, 1).reshape(S, Lmax, x.shape[1], d).transpose(1, 2)
-                return F.scaled_dot_product_attention(per_doc(q), per_doc(k), per_doc(v),
-                                                      attn_mask=mask, enable_gqa=True)
-            q, k, v = (torch.nn.functional.pad(x.detach(), (0, 0, 0, S * Lmax - x.shape[2]))
-                       .requires_grad_() for x in (q, k, v))
-        elif name == "flex":
-            block_mask = layout.block_mask()
-            q, k, v = (torch.nn.functional.pad(x.detach(), (0, 0, 0, L - x.shape[2]))
-                       .requires_grad_() for x in (q, k, v))
-
-            def run():
-                return kernels.flex(q, k, v, block_mask, None)
-        else:
-            plan = VarlenPlan(name, torch.tensor(cu, dtype=torch.int32, device=device), 85)
-            fn = kernels.torch_varlen if name == "varlen" else kernels.flash_varlen
-
-            def run():
-                flat = [x[0].transpose(0, 1).contiguous() for x in (q, k, v)]
-                return fn(*flat, plan, None)
         try:
+            run, _ = attention_call(name, qkv, cu, args.budget, device)
             times = []
-            for i in range(4):  # the first compiles / picks kernels
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+            for _ in range(4):  # the first compiles / picks kernels
+                clock.sync()
                 t0 = time.perf_counter()
                 run().float().square().mean().backward()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                clock.sync()
                 times.append(time.perf_counter() - t0)
             out[name] = {"first_s": times[0], "fwd_bwd_ms": 1e3 * statistics.median(times[1:])}
         except Exception as e:  # a kernel that fails here is a result to record, not a crash
@@ -375,7 +367,8 @@ def main() -> None:
                 engine, model, rows, args.budget, args.profile_steps, clock))
             write()
         if seconds_left() > 20:
-            results["attention_alone"] = attention_alone(args, dist.device, seconds_left)
+            results["attention_alone"] = attention_alone(args, dist.device, clock,
+                                                           seconds_left)
             write()
         cleanup()
 
