@@ -27,18 +27,41 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-# No accelerator, no hub, Ray on loopback only (docs/environment.md); the Makefile sets them too.
-export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+if [[ -x .venv/bin/python ]]; then export PATH="$REPO/.venv/bin:$PATH"; fi
+# On a machine where torch sees CUDA GPUs the same steps use them, with a bigger AR model
+# (bdt/configs/demo_gpu.yaml; unproven: never run on a GPU yet). DEMO_DEVICE=cpu forces the CPU.
+GPUS=0
+if [[ ${DEMO_DEVICE:-auto} != cpu ]]; then
+  GPUS=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+fi
+# No accelerator on CPU, no hub, Ray on loopback only (docs/environment.md); the Makefile sets
+# them too.
+if ((GPUS > 0)); then
+  [[ ${DS_ACCELERATOR:-} == cpu ]] && unset DS_ACCELERATOR
+else
+  export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+fi
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:-0}
 export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}  # Ray 2.60 heads want a token; the CLI sends it
 export TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # 2 ranks x 1 thread on 2 cores
-if [[ -x .venv/bin/python ]]; then export PATH="$REPO/.venv/bin:$PATH"; fi
 
 D=$(python -c 'import os, sys; print(os.path.abspath(sys.argv[1]))' "${DEMO_DIR:-demo}")
-NUM=${DEMO_NUM:-6000}
+if ((GPUS > 0)); then
+  RANKS=$GPUS
+  NUM=${DEMO_NUM:-30000}  # the bigger model sees each image ~80 times in its budget even so
+  LLM_ARGS=(--hidden 512 --layers 8 --heads 8 --kv-heads 4 --intermediate 1536)
+  TRAIN_CONFIGS=(--config bdt/configs/demo.yaml --config bdt/configs/demo_gpu.yaml)
+  EXTRACT_ARGS=(gpus_per_actor=1 "num_actors=$GPUS")
+else
+  RANKS=2  # 2 CPU ranks x 1 thread on 2 cores
+  NUM=${DEMO_NUM:-6000}
+  LLM_ARGS=()
+  TRAIN_CONFIGS=(--config bdt/configs/demo.yaml)
+  EXTRACT_ARGS=()
+fi
 EVAL_PER_CATEGORY=${DEMO_EVAL_PER_CATEGORY:-0}
 SAMPLE_STEPS=${DEMO_SAMPLE_STEPS:-12}
 CFG=${DEMO_CFG:-2.0}
@@ -62,8 +85,8 @@ fi
 if [[ -f $D/tokenizer/export/config.json ]]; then
   log "2/7 tokenizer: $D/tokenizer/export is complete, skipping"
 else
-  log "2/7 tokenizer: training tokenizers/shapes_d8.yaml on 2 CPU ranks -> $D/tokenizer"
-  deepspeed --num_gpus 2 --master_port "$(free_port)" tokenizers/train.py \
+  log "2/7 tokenizer: training tokenizers/shapes_d8.yaml on $RANKS ranks -> $D/tokenizer"
+  deepspeed --num_gpus "$RANKS" --master_port "$(free_port)" tokenizers/train.py \
     --config tokenizers/shapes_d8.yaml --config scripts/demo_tokenizer.yaml \
     out_dir="$D/tokenizer" "data.shards=$D/data/shapes-*.tar" "${TOKENIZER_ARGS[@]}"
 fi
@@ -82,7 +105,8 @@ else
   start_ray_head "$D/ray-head.log"
   ray job submit --address "$RAY_DASHBOARD" --working-dir . -- \
     python pipelines/extract_tokens.py --config pipelines/configs/demo.yaml \
-    "inputs=$D/data/shapes-*.tar" "output=$D/tokens" "tokenizer=$D/tokenizer/export"
+    "inputs=$D/data/shapes-*.tar" "output=$D/tokens" "tokenizer=$D/tokenizer/export" \
+    "${EXTRACT_ARGS[@]}"
   stop_ray
 fi
 
@@ -91,15 +115,15 @@ if [[ -f $D/llm/model.safetensors ]]; then
   log "4/7 LLM: $D/llm is complete, skipping"
 else
   log "4/7 LLM: small Qwen3 + SentencePiece tokenizer on the captions -> $D/llm"
-  bdt model init-tiny --captions-from "$D/data" --out "$D/llm"
+  bdt model init-tiny --captions-from "$D/data" --out "$D/llm" "${LLM_ARGS[@]}"
 fi
 
 # --- 5. AR training, two resolution stages ------------------------------------------------------
 if [[ -f $D/run/export/model_config.yaml ]]; then
   log "5/7 training: $D/run/export is complete, skipping"
 else
-  log "5/7 training: bdt/configs/demo.yaml, stages 32 -> 64 px, on 2 CPU ranks -> $D/run"
-  deepspeed --num_gpus 2 --master_port "$(free_port)" bdt/train.py --config bdt/configs/demo.yaml \
+  log "5/7 training: ${TRAIN_CONFIGS[*]}, stages 32 -> 64 px, on $RANKS ranks -> $D/run"
+  deepspeed --num_gpus "$RANKS" --master_port "$(free_port)" bdt/train.py "${TRAIN_CONFIGS[@]}" \
     run_dir="$D/run" model.backbone.path="$D/llm" data.tokenizer="$D/tokenizer/export" \
     data.root="$D/tokens" "${TRAIN_ARGS[@]}"
 fi

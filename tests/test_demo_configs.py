@@ -1,0 +1,29 @@
+"""The demo's training configs: the CPU one and the GPU overlay scripts/demo.sh layers on it when
+torch sees a GPU load, validate, and keep the stage layout the token shards are extracted for."""
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from bdt.config import load
+from bdt.trainer.train_config import TrainConfig, validate
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "bdt/configs/demo.yaml")
+
+
+def _load(*overlays: str) -> TrainConfig:
+    cfg = OmegaConf.to_object(load(TrainConfig, [DEMO, *overlays],
+                                   ["run_dir=/tmp/r", "data.root=/tmp/tokens"]))
+    validate(cfg)
+    return cfg
+
+
+def test_gpu_overlay_keeps_the_demo_stages_and_scales_the_rest():
+    cpu, gpu = _load(), _load(str(REPO / "bdt/configs/demo_gpu.yaml"))
+    assert [(s.name, s.family) for s in gpu.stages] == [(s.name, s.family) for s in cpu.stages]
+    assert all(s.shards == "/tmp/tokens" for s in gpu.stages)
+    assert gpu.model.parallel_num == cpu.model.parallel_num  # the shards' buckets fit P
+    assert gpu.deepspeed.precision == "bf16" and cpu.deepspeed.precision == "fp32"
+    assert min(s.token_budget for s in gpu.stages) > 8 * max(s.token_budget for s in cpu.stages)
+    assert gpu.model.head.width > cpu.model.head.width
