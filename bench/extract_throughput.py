@@ -86,7 +86,7 @@ def bare_loop(pattern: str, tokenizer: str, threads: int) -> dict:
         n += x.shape[0]
 
     for unit in inp.list_units(pattern, "tar", 1000, exts):
-        for item in inp.iter_unit(unit, exts, 1 << 26):
+        for item in inp.iter_unit(unit, exts, 1 << 26, max_caption_bytes=1 << 16):
             if isinstance(item, inp.Reject) or inp.check_caption(item.caption, 1 << 16)[0] is None:
                 continue
             try:

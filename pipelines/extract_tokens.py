@@ -4,8 +4,9 @@
     python pipelines/extract_tokens.py --config pipelines/configs/shapes.yaml output=/tmp/tok  # local Ray
 
 Under `ray job submit` (or with RAY_ADDRESS set) it joins that cluster; otherwise it starts a
-private local Ray bound to 127.0.0.1. Exit code 0 when every input unit is done, 1 when some
-failed (rerun the same command to retry them), 2 on a configuration error.
+private local Ray bound to 127.0.0.1 and stops it however the job ends (bdt/extract/ray_session.py).
+The inputs are listed and checked before Ray starts. Exit code 0 when every input unit is done,
+1 when some failed (rerun the same command to retry them), 2 on a configuration error.
 """
 
 from __future__ import annotations
@@ -29,26 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(args)
 
     from bdt.extract.config import ExtractConfig
-    from bdt.extract.run import run
+    from bdt.extract.ray_session import ray_session
+    from bdt.extract.run import plan, run
 
     try:
         cfg = load(ExtractConfig, ns.config, ns.overrides)
-    except ConfigError as exc:
+        planned = plan(cfg)  # inputs, tokenizer and output are checked before Ray starts
+    except (ConfigError, ValueError, OSError) as exc:
         fail(str(exc))
-    # Loopback only for a private Ray (without this Ray 2.60 binds the external interface).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # the cluster of `ray job submit` / RAY_ADDRESS
-    else:
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
-    try:
-        summary = run(cfg)
-    except (ValueError, OSError) as exc:
-        fail(str(exc))
-    finally:
-        ray.shutdown()
+    with ray_session():  # a private Ray is stopped on every way out this process controls
+        try:
+            summary = run(cfg, planned)
+        except (ValueError, OSError) as exc:
+            fail(str(exc))
     return 1 if summary["failed_units"] else 0
 
 

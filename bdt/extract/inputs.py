@@ -5,14 +5,17 @@ one tar shard (img2dataset layout: KEY.jpg|png|webp + KEY.txt + optional KEY.jso
 fixed-size chunk of a folder's sorted image files (captions in same-named .txt files).
 
 Reading never raises for bad data: every problem becomes a `Reject` (key, source, reason) so the
-job can account for every input (inputs = written + rejected). A truncated or unreadable tar
-yields one `truncated_tar` / `unreadable_shard` reject for whatever could not be read.
+job can account for every input (inputs = written + rejected), with one verdict per sample: the
+members of a tar sample (same key) are judged together, so a sample with two bad members is one
+reject. A truncated or unreadable tar yields one `truncated_tar` / `unreadable_shard` reject for
+whatever could not be read.
 """
 
 from __future__ import annotations
 
 import posixpath
 import tarfile
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -34,6 +37,9 @@ MISSING_CAPTION = "missing_caption"
 EMPTY_CAPTION = "empty_caption"
 CAPTION_NOT_UTF8 = "caption_not_utf8"
 CAPTION_TOO_LONG = "caption_too_long"
+CAPTION_CONTROL_CHAR = "caption_control_char"
+
+_CAPTION_WHITESPACE = "\t\n\r"  # control characters a caption may hold (as spacing)
 
 _TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 _SIDE_EXTS = ("txt", "json")  # members that belong to a sample without being its image
@@ -125,9 +131,10 @@ def _folder_strays(fs: fsspec.AbstractFileSystem, root: str, image_exts: list[st
                   and not (r.rsplit(".", 1)[-1].lower() in _SIDE_EXTS and r.rsplit(".", 1)[0] in stems))
 
 
-def iter_unit(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -> Iterator[RawSample | Reject]:
+def iter_unit(unit: InputUnit, image_exts: list[str], max_image_bytes: int, *,
+              max_caption_bytes: int) -> Iterator[RawSample | Reject]:
     if unit.kind == "tar":
-        yield from _iter_tar(unit, image_exts, max_image_bytes)
+        yield from _iter_tar(unit, image_exts, max_image_bytes, max_caption_bytes)
     else:
         yield from _iter_folder(unit, image_exts, max_image_bytes)
 
@@ -158,13 +165,17 @@ def _unsafe(name: str) -> bool:
     return name.startswith("/") or ".." in name.split("/") or "\\" in name
 
 
-def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -> Iterator[RawSample | Reject]:
-    """Group consecutive members by key (webdataset's rule: the name up to the first dot)."""
+def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
+              max_caption_bytes: int) -> Iterator[RawSample | Reject]:
+    """Group consecutive members by key (webdataset's rule: the name up to the first dot); one
+    verdict per group. Members are not read when their path is unsafe, they are not regular
+    files, or they exceed their limit (max_caption_bytes for the caption, else max_image_bytes)."""
     src = unit.name
     seen: set[str] = set()
     group_key: str | None = None
     group: dict[str, bytes] = {}
-    oversized: set[str] = set()
+    oversized: dict[str, int] = {}  # extension -> size of a member that was not read
+    problem: tuple[str, str] | None = None  # (reason, detail) of the group's first bad member
 
     def finish() -> Iterator[RawSample | Reject]:
         if group_key is None:
@@ -173,20 +184,25 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -> I
             yield Reject(group_key, src, DUPLICATE_KEY, "key appears in two separate places in the shard")
             return
         seen.add(group_key)
+        if problem is not None:
+            yield Reject(group_key, src, *problem)
+            return
         image_ext = next((e for e in image_exts if e in group), None)
         if image_ext is None:
             big = sorted(e for e in oversized if e in image_exts)
             if big:
-                yield Reject(group_key, src, TOO_LARGE, f"{big[0]} member exceeds max_image_bytes {max_image_bytes}")
+                yield Reject(group_key, src, TOO_LARGE, f"{big[0]} member of {oversized[big[0]]} bytes "
+                             f"exceeds max_image_bytes {max_image_bytes}")
                 return
-            unknown = sorted(e for e in group if e not in _SIDE_EXTS)
+            unknown = sorted(e for e in {**group, **oversized} if e not in _SIDE_EXTS)
             if unknown:
                 yield Reject(group_key, src, UNKNOWN_EXTENSION, f"members {unknown}, expected one of {image_exts}")
             else:
                 yield Reject(group_key, src, MISSING_IMAGE, f"only {sorted(group)}")
             return
         if "txt" in oversized:
-            yield Reject(group_key, src, CAPTION_TOO_LONG, f"txt member exceeds {max_image_bytes} bytes")
+            yield Reject(group_key, src, CAPTION_TOO_LONG, f"txt member of {oversized['txt']} bytes "
+                         f"exceeds max_caption_bytes {max_caption_bytes}")
             return
         yield RawSample(group_key, group[image_ext], image_ext, group.get("txt"))
 
@@ -200,27 +216,27 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -> I
         stream = tarfile.open(fileobj=f, mode="r|*")
         for info in stream:
             members += 1
-            name = info.name
-            if _unsafe(name):
-                yield Reject(name, src, UNSAFE_PATH, "absolute or '..' member path ignored")
-                continue
             if info.isdir():
                 continue
-            if not info.isfile():
-                yield Reject(name, src, NOT_A_FILE, "links and devices are ignored")
-                continue
-            key, ext = base_plus_ext(name)
-            if key is None:
-                yield Reject(name, src, UNKNOWN_EXTENSION, "member name has no extension")
+            key, ext = base_plus_ext(info.name)
+            if key is None:  # no extension: a sample of its own
+                reason = UNSAFE_PATH if _unsafe(info.name) else UNKNOWN_EXTENSION
+                yield Reject(info.name, src, reason, "member name has no extension")
                 continue
             ext = ext.lower()
             if key != group_key:
                 yield from finish()
-                group_key, group, oversized = key, {}, set()
-            if info.size > max_image_bytes:
-                oversized.add(ext)  # not read: the stream skips it
+                group_key, group, oversized, problem = key, {}, {}, None
+            if problem is not None:
                 continue
-            group[ext] = stream.extractfile(info).read()
+            if _unsafe(info.name):
+                problem = (UNSAFE_PATH, f"absolute or '..' member path {info.name!r} ignored")
+            elif not info.isfile():
+                problem = (NOT_A_FILE, f"member {info.name!r} is a link or device")
+            elif info.size > (max_caption_bytes if ext == "txt" else max_image_bytes):
+                oversized[ext] = info.size  # not read: the stream skips it
+            else:
+                group[ext] = stream.extractfile(info).read()
         yield from finish()
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         detail = f"{type(exc).__name__}: {exc}"[:200]
@@ -246,4 +262,8 @@ def check_caption(raw: bytes | None, max_bytes: int) -> tuple[str | None, str, s
         return None, CAPTION_NOT_UTF8, str(exc)[:200]
     if not text:
         return None, EMPTY_CAPTION, ""
+    bad = next((i for i, c in enumerate(text)
+                if unicodedata.category(c) == "Cc" and c not in _CAPTION_WHITESPACE), None)
+    if bad is not None:
+        return None, CAPTION_CONTROL_CHAR, f"U+{ord(text[bad]):04X} at character {bad}"
     return text, "", ""

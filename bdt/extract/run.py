@@ -151,12 +151,13 @@ class _Progress:
         self.bar.close()
 
 
-def run(cfg: ExtractConfig) -> dict[str, Any]:
-    """Extract every unit not already done; returns the summary (also in index.json)."""
+def run(cfg: ExtractConfig, planned: tuple | None = None) -> dict[str, Any]:
+    """Extract every unit not already done; returns the summary (also in index.json). `planned`:
+    what `plan(cfg)` returned, for a caller that checked the inputs before starting Ray."""
     import ray
 
     t0 = time.time()
-    units, stages, identity, fp = plan(cfg)
+    units, stages, identity, fp = planned or plan(cfg)
     actors = _make_actors(cfg, fp, stages, len(units))
     todo = deque(units)
     in_flight: dict[Any, tuple[inp.InputUnit, Any]] = {}

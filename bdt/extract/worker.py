@@ -190,7 +190,8 @@ class ShardEncoder:
                     counts[group[0]] += 1
 
             keys: set[str] = set()
-            items = inp.iter_unit(unit, list(cfg.image_extensions), cfg.max_image_bytes)
+            items = inp.iter_unit(unit, list(cfg.image_extensions), cfg.max_image_bytes,
+                                  max_caption_bytes=cfg.max_caption_bytes)
             for item, prepared in _ahead(lambda it: (it, self._prepare(it, unit, stages)), items,
                                          cfg.decode_threads):
                 self._live = (unit.index, inputs, len(rejects))  # before this item: lags by one

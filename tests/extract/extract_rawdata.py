@@ -51,9 +51,10 @@ BAD_REASONS = {
     "bad_corrupt": "corrupt_image", "bad_truncimg": "corrupt_image", "bad_nocap": "missing_caption",
     "bad_emptycap": "empty_caption", "bad_utf8": "caption_not_utf8", "bad_zero": "empty_image",
     "bad_small": "too_small", "bad_huge": "too_large", "bad_ext": "unknown_extension",
-    "bad_noimg": "missing_image", "/abs/evil.png": "unsafe_path", "/abs/evil.txt": "unsafe_path",
-    "../up/evil.png": "unsafe_path", "../up/evil.txt": "unsafe_path",
+    "bad_noimg": "missing_image", "/abs/evil": "unsafe_path", "../up/evil": "unsafe_path",
+    "bad_nul": "caption_control_char", "bad_longcap": "caption_too_long",
 }
+MAX_CAPTION_BYTES = 200  # bad_longcap's caption is longer
 
 
 def bad_samples() -> list[dict]:
@@ -72,6 +73,8 @@ def bad_samples() -> list[dict]:
         {"__key__": "bad_noimg", "txt": cap, "json": b"{}"},
         {"__key__": "/abs/evil", "png": png, "txt": cap},
         {"__key__": "../up/evil", "png": png, "txt": cap},
+        {"__key__": "bad_nul", "png": png, "txt": b"a red\x00circle"},
+        {"__key__": "bad_longcap", "png": png, "txt": b"a caption " * 30},
     ]
 
 

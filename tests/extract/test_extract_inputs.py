@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections import Counter
 
 import pytest
@@ -15,9 +16,9 @@ from bdt.extract import inputs as inp
 EXTS = ["jpg", "jpeg", "png", "webp"]
 
 
-def _read(path: str, max_bytes: int = 1 << 20) -> list:
+def _read(path: str, max_bytes: int = 1 << 20, max_caption: int = 1 << 20) -> list:
     unit = inp.list_units(path, "auto", 10, EXTS)[0]
-    return list(inp.iter_unit(unit, EXTS, max_bytes))
+    return list(inp.iter_unit(unit, EXTS, max_bytes, max_caption_bytes=max_caption))
 
 
 def _rejects(items) -> list[tuple[str, str]]:
@@ -89,8 +90,11 @@ def test_duplicates_oversize_and_groups(tmp_path):
         {"__key__": "bigimg", "png": png + b"\0" * 7000, "txt": b"c"},
         {"__key__": "z", "jpg": png, "png": png, "txt": b"first listed extension wins", "json": b"{}"},
     ])
-    items = _read(path, max_bytes=6000)
+    items = _read(path, max_bytes=6000, max_caption=100)
     assert _rejects(items) == [("x", "duplicate_key"), ("big", "caption_too_long"), ("bigimg", "too_large")]
+    details = {r.key: r.detail for r in items if isinstance(r, inp.Reject)}
+    assert details["big"] == "txt member of 7000 bytes exceeds max_caption_bytes 100"  # its own limit
+    assert details["bigimg"].endswith("exceeds max_image_bytes 6000")
     samples = {i.key: i for i in items if isinstance(i, inp.RawSample)}
     assert sorted(samples) == ["x", "y", "z"] and samples["x"].caption == b"one"
     assert samples["z"].image_ext == "jpg"
@@ -98,11 +102,58 @@ def test_duplicates_oversize_and_groups(tmp_path):
 
 @pytest.mark.parametrize("raw,reason", [
     (None, "missing_caption"), (b" \t\n", "empty_caption"), (b"\xff\xfe", "caption_not_utf8"),
-    (b"x" * 11, "caption_too_long"),
+    (b"x" * 11, "caption_too_long"), (b"a\x00b", "caption_control_char"),
+    (b"red \x1b[31m", "caption_control_char"), ("a\u0085b".encode(), "caption_control_char"),
 ])
 def test_caption_checks(raw, reason):
     assert inp.check_caption(raw, 10)[:2] == (None, reason)
     assert inp.check_caption(b"  a caption\n", 20) == ("a caption", "", "")
+    assert inp.check_caption(b"two\tlines\r\nok", 20) == ("two\tlines\r\nok", "", "")
+
+
+def test_one_verdict_per_sample(tmp_path):
+    """A sample whose members are all bad is one reject, not one per member; a bad member
+    (a link standing in for the image) rejects its whole sample."""
+    import tarfile
+
+    path = tmp_path / "v.tar"
+    png = image_bytes(40, 40)
+    with tarfile.open(path, "w") as tar:
+        def add(name, data=b"", kind=tarfile.REGTYPE):
+            info = tarfile.TarInfo(name)
+            info.type, info.size = kind, len(data)
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "/etc/passwd"
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+        for name, data in (("/abs/evil.png", png), ("/abs/evil.txt", b"cap"), ("/abs/evil.json", b"{}")):
+            add(name, data)
+        add("lnk.png", kind=tarfile.SYMTYPE)
+        add("lnk.txt", b"a caption")
+        add("ok.png", png)
+        add("ok.txt", b"a caption")
+        add("noext")
+    items = _read(str(path))
+    assert [(i.key, getattr(i, "reason", "sample")) for i in items] == [
+        ("/abs/evil", "unsafe_path"), ("lnk", "not_a_file"), ("noext", "unknown_extension"),
+        ("ok", "sample")]
+
+
+def test_inputs_are_checked_before_ray_starts(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+    """A glob matching nothing fails the pipeline with exit code 2 before any Ray exists."""
+    import importlib.util
+
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the inputs were checked"))
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "pipelines", "extract_tokens.py")
+    spec = importlib.util.spec_from_file_location("extract_tokens_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([f"inputs={tmp_path}/nothing-*.tar", f"output={tmp_path}/out",
+                     f"tokenizer={tiny_tokenizer}"])
+    assert exit_info.value.code == 2
+    assert f"nothing matches '{tmp_path}/nothing-*.tar'" in capsys.readouterr().err
 
 
 def test_config_values_are_checked_before_any_work(tmp_path, tiny_tokenizer):

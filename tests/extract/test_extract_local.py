@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from extract_rawdata import (BAD_REASONS, MAX_PIXELS, MIN_SIDE, bad_samples, good_samples, image_bytes,
-                             truncate, write_tar)
+from extract_rawdata import (BAD_REASONS, MAX_CAPTION_BYTES, MAX_PIXELS, MIN_SIDE, bad_samples,
+                             good_samples, image_bytes, truncate, write_tar)
 
 from bdt.config import load
 from bdt.data.images import load_for_buckets
@@ -36,6 +36,7 @@ STAGES = "[{resolution: 32}, {resolution: 64, name: hi}]"
 def make_cfg(inputs: str, output: str, tokenizer: str, *extra: str) -> ExtractConfig:
     return load(ExtractConfig, [], [f"inputs={inputs}", f"output={output}", f"tokenizer={tokenizer}",
                                     f"stages={STAGES}", f"min_side={MIN_SIDE}", f"max_pixels={MAX_PIXELS}",
+                                    f"max_caption_bytes={MAX_CAPTION_BYTES}",
                                     "batch_size=4", "progress_interval_s=0.5", "num_actors=1", *extra])
 
 
@@ -130,8 +131,13 @@ def test_shards_hold_direct_encodings_and_manifest_checks_out(first_run, raw, ti
 def test_every_bad_input_kind_is_rejected_with_its_reason(first_run):
     cfg, summary = first_run
     rejects = _rejects(cfg.output)
-    got = {(r["key"], r["reason"]) for r in rejects if r["source"].endswith("in-000001.tar")}
-    assert got == set(BAD_REASONS.items())
+    mine = [r for r in rejects if r["source"].endswith("in-000001.tar")]
+    assert sorted((r["key"], r["reason"]) for r in mine) == sorted(BAD_REASONS.items())  # one each
+    details = {r["key"]: r["detail"] for r in mine}
+    assert f"max_caption_bytes {MAX_CAPTION_BYTES}" in details["bad_longcap"]
+    assert details["bad_nul"] == "U+0000 at character 5"
+    unit1 = next(s for s in _index(cfg.output)["stages"]["32"]["shards"] if s["source"].endswith("in-000001.tar"))
+    assert unit1["inputs"] == 4 + len(bad_samples())  # one verdict per sample, not per tar member
     truncated = [r for r in rejects if r["source"].endswith("in-000002.tar")]
     assert truncated and all(r["reason"] == "truncated_tar" for r in truncated)
     assert len(rejects) == summary["stages"]["32"]["rejected"] == summary["stages"]["hi"]["rejected"]

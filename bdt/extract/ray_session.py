@@ -1,0 +1,87 @@
+"""Ray for the extraction driver, and nothing of it left behind when the driver ends.
+
+Under `ray job submit` (or with RAY_ADDRESS set) the driver joins that cluster and only
+disconnects at the end. Otherwise it starts a private local Ray on 127.0.0.1 and owns it: Ray's
+processes (GCS, raylet, its agents, the workers) are stopped on every way out the driver
+controls: a normal end, an exception, SIGTERM, SIGINT, SIGHUP (turned into SystemExit, so the
+shutdown runs). A SIGKILL the driver cannot catch, and Ray's dashboard and runtime-env agents
+then outlive it for about a minute (they hang reporting the raylet's death to the dead GCS;
+measured with Ray 2.60): a reaper process, in its own session, remembers the driver's
+descendants and kills the survivors once the driver is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import psutil
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def ray_session() -> Iterator[None]:
+    # Loopback only for a private Ray (without this Ray 2.60 binds the external interface).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # the cluster of `ray job submit` / RAY_ADDRESS: not ours to stop
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    previous = {}
+    try:
+        _start_reaper()
+        previous = {sig: signal.signal(sig, _exit_on_signal) for sig in STOP_SIGNALS}
+        yield
+    finally:
+        ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _start_reaper() -> None:
+    subprocess.Popen([sys.executable, "-m", "bdt.extract.ray_session", str(os.getpid())],
+                     start_new_session=True, stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def reap(driver_pid: int, poll_s: float = 1.0) -> None:
+    """While the driver runs, remember its descendants; once it is gone (or a zombie), kill
+    those still running (same pid and start time: a reused pid is left alone)."""
+    driver = psutil.Process(driver_pid)
+    known: dict[int, float] = {}
+    while True:
+        try:
+            if driver.status() == psutil.STATUS_ZOMBIE:
+                break
+            for child in driver.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    known.setdefault(child.pid, child.create_time())
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(poll_s)
+    known.pop(os.getpid(), None)
+    for pid, started in known.items():
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if proc.create_time() == started:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    reap(int(sys.argv[1]))

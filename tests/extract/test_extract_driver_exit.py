@@ -1,0 +1,69 @@
+"""The extraction driver's private Ray does not outlive it, even when the driver is SIGKILLed
+(without bdt/extract/ray_session.py's reaper, Ray 2.60's dashboard and runtime-env agents hang
+on for about a minute, reparented to init)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+from extract_rawdata import good_samples, write_tar
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_sigkilled_driver_leaves_no_ray_process(tmp_path, tiny_tokenizer):
+    for i in range(2):
+        write_tar(str(tmp_path / f"raw-{i}.tar"), good_samples(f"d{i}", 40, 10 * i))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "pipelines/extract_tokens.py", "--config", "pipelines/configs/shapes.yaml",
+           f"inputs={tmp_path}/raw-*.tar", f"output={tmp_path}/out", f"tokenizer={tiny_tokenizer}",
+           "min_side=16", "stages=[{resolution: 32}]", "batch_size=1", "num_actors=1"]
+    driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "driver.log", "wb"))
+    started: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and driver.poll() is None:
+            for proc in psutil.Process(driver.pid).children(recursive=True):
+                started.setdefault(proc.pid, proc)
+            names = " ".join(_name(p) for p in started.values())
+            if "ShardEncoder" in names and "DashboardAgent" in names and "RuntimeEnvAgent" in names:
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-2000:]
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        alive = _alive(started.values())
+        deadline = time.monotonic() + 20  # the agents alone would stay ~60 s
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.5)
+            alive = _alive(alive)
+        assert not alive, [_name(p) for p in alive]
+    finally:
+        for proc in [*_alive(started.values())]:
+            proc.kill()
+        if driver.poll() is None:
+            driver.kill()
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())[:80]
+    except psutil.Error:
+        return ""
+
+
+def _alive(procs) -> list[psutil.Process]:
+    out = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.Error:
+            pass
+    return out
