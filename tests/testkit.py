@@ -16,3 +16,27 @@ def save_tiny_image_tokenizer(out_dir: str, bits: int = 16):
                                                   z_channels=bits))
     save_tokenizer(model, out_dir)
     return model
+
+
+class PlantedPickle:
+    """Unpickling this runs open(target, "w"), creating the file: what an attacker who can
+    write a checkpoint directory could plant. Nothing may unpickle it."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def flip_bytes(path, n: int = 256) -> None:
+    """Invert n bytes in the middle of a file: the same size, different content."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def cut_file(path) -> None:
+    """Truncate a file to two thirds of its size."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])

@@ -8,12 +8,15 @@ The trainer resumes by itself from the newest complete checkpoint under checkpoi
 s3://); this wrapper supplies the restarts around it and says what happened:
   - the command crashed (a rank was killed, a node died, any non-zero exit): wait (exponential
     backoff) and launch it again. At most --max-restarts restarts in a row without progress; a
-    new complete checkpoint since the previous launch resets the count, so a long run survives
-    many crashes while a job that cannot get past one point still gives up;
+    complete checkpoint written since the previous launch resets the count (also one older than
+    a damaged newest checkpoint the trainer passed over), so a long run survives many crashes
+    while a job that cannot get past one point still gives up;
   - the wrapper got SIGTERM / SIGUSR1 / SIGINT (preemption, SLURM's time-limit warning): the
     signal goes to the training ranks, they finish the step, save and exit; the wrapper exits
     STOPPED so the scheduler requeues the job (cluster/slurm/train.sbatch does);
   - the run finished: exit DONE.
+The launch gets SIGTERM when this wrapper dies (PR_SET_PDEATHSIG), which makes its ranks save and
+stop, so that a requeued job never meets the old one's ranks.
 The run dir and checkpoint dir come from the training command's own config (`bdt/train.py
 --config ... key=value`, read with the trainer's loader), or from --run-dir/--checkpoint-dir when
 the command hides them (e.g. inside `srun bash -c '...'`). Events go to stderr and, for a local
@@ -61,16 +64,29 @@ def paths_from_command(cmd: list[str]) -> RunPaths | None:
     return None
 
 
-def newest_complete_step(checkpoint_dir: str) -> int | None:
-    """Step of the newest checkpoint with its COMPLETE marker (the one the trainer resumes from)."""
+def complete_checkpoints(checkpoint_dir: str) -> dict[str, tuple[int, object]]:
+    """tag -> (step, the marker's write time) of every checkpoint with its COMPLETE marker. The
+    time tells a checkpoint written again (after the trainer passed over a damaged one) from
+    the old one."""
     import torch
 
-    from bdt.trainer.checkpoint import CheckpointManager
+    from bdt.trainer.checkpoint import CheckpointManager, CheckpointUnusable
     from bdt.trainer.distributed import DistInfo
 
     reader = CheckpointManager(checkpoint_dir, DistInfo(0, 1, 0, torch.device("cpu")))
-    steps = [step for step, _, complete in reader.list_tags() if complete]
-    return steps[-1] if steps else None
+    out = {}
+    for step, tag, complete in reader.list_tags():
+        if complete:
+            try:
+                written = reader.read_marker(tag).get("time")
+            except CheckpointUnusable:
+                written = None
+            out[tag] = (step, written)
+    return out
+
+
+def newest_step(checkpoints: dict[str, tuple[int, object]]) -> int | None:
+    return max((step for step, _ in checkpoints.values()), default=None)
 
 
 def _rank_processes(root_pid: int) -> list:
@@ -112,12 +128,12 @@ class Resumer:
             with open(self.events, "a") as f:  # append-only log; one line per event
                 f.write(json.dumps({"time": time.time(), "event": event, **fields}) + "\n")
 
-    def checkpoint_step(self) -> int | None:
+    def checkpoints(self) -> dict[str, tuple[int, object]]:
         try:
-            return newest_complete_step(self.paths.checkpoint_dir)
+            return complete_checkpoints(self.paths.checkpoint_dir)
         except Exception as exc:  # a flaky listing must not kill the supervisor of a long run
             self.log("warning", f"cannot list checkpoints in {self.paths.checkpoint_dir}: {exc}")
-            return None
+            return {}
 
     # ---- signals -----------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame) -> None:
@@ -153,7 +169,10 @@ class Resumer:
     # ---- one launch ----------------------------------------------------------------------------
     def _launch(self) -> int:
         # Its own session: a terminal's Ctrl-C reaches only this wrapper, which decides.
-        self.child = subprocess.Popen(self.cmd, start_new_session=True)
+        self.child = subprocess.Popen(self.cmd, start_new_session=True,
+                                      preexec_fn=_term_when_parent_dies)
+        if self.stop_signal is not None:  # it came while the launch was starting
+            self._forward_stop()
         while True:
             try:
                 rc = self.child.wait(timeout=1.0)
@@ -201,15 +220,17 @@ class Resumer:
         failures, attempt = 0, 0
         while self.stop_signal is None:
             attempt += 1
-            before = self.checkpoint_step()
-            origin = (f"step {before}" if before is not None
-                      else "scratch (no complete checkpoint)")
+            known = self.checkpoints()
+            before = newest_step(known)
+            origin = (f"step {before} (or an older one if that fails verification)"
+                      if before is not None else "scratch (no complete checkpoint)")
             self.log("launch", f"attempt {attempt}: launching; the trainer resumes from {origin} "
                      f"in {self.paths.checkpoint_dir}", attempt=attempt, checkpoint_step=before,
                      cmd=self.cmd)
             started = time.time()
             rc = self._launch()
-            after = self.checkpoint_step()
+            now = self.checkpoints()
+            after = newest_step(now)
             done, why = self._finished(rc, started)
             fields = dict(attempt=attempt, exit_code=rc, checkpoint_step=after)
             if done:
@@ -222,7 +243,7 @@ class Resumer:
                          f"complete checkpoint: step {after}; rerun (or requeue) to continue",
                          signal=name, **fields)
                 return STOPPED
-            progressed = after is not None and (before is None or after > before)
+            progressed = any(known.get(tag) != seen for tag, seen in now.items())
             failures = 1 if progressed else failures + 1
             if failures > self.max_restarts:
                 self.log("gave_up", f"attempt {attempt} ended ({why}); {failures - 1} restarts "
@@ -239,6 +260,15 @@ class Resumer:
                 break
         self.log("stopped", "stop signal before a launch; nothing is running", attempt=attempt)
         return STOPPED
+
+
+def _term_when_parent_dies() -> None:
+    """In the launch's process, before exec: SIGTERM when this wrapper dies (Linux only)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from bdt.trainer.deepspeed_config import (DeepSpeedConfig, OptimConfig, build_ds
 from bdt.trainer.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
 from bdt.trainer.ema import EMA
 from bdt.trainer.metrics import MetricsLogger, Throughput, Timer
+from bdt.trainer.run_lock import hold_run_lock
 from bdt.trainer.schedule import lambda_lr
 from bdt.trainer.signals import LOCAL_REASON, StopFlag
 
@@ -196,6 +197,15 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     """Run (or resume) training until cfg.steps; returns the last logged metrics."""
     model_cfg = validate(cfg)
     dist: DistInfo = init_distributed()
+    lock = hold_run_lock(cfg.out_dir, dist)  # one job per out_dir: a second one stops here
+    try:
+        return _train(cfg, model_cfg, dist)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo) -> dict:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = BinaryAutoencoder(model_cfg)
     engine = initialize_engine(model, build_ds_config(cfg.deepspeed, cfg.optim, dist.world_size),
@@ -207,10 +217,11 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     torch.manual_seed(cfg.seed * 1000 + dist.rank)  # per-rank stream for any sampling in the step
     ckpt = CheckpointManager(cfg.ckpt.dir or os.path.join(cfg.out_dir, "checkpoints"), dist,
                              cfg.ckpt.keep_last, cfg.ckpt.staging_dir or None)
-    step, stream_state = 0, None
-    tag = ckpt.resume_tag() if cfg.ckpt.resume else None
-    if tag is not None:
-        meta, _, shared = ckpt.load(tag, {"autoencoder": engine})
+    step, stream_state, tag = 0, None, None
+    # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
+    resumed = ckpt.resume({"autoencoder": engine}) if cfg.ckpt.resume else None
+    if resumed is not None:
+        tag, meta, shared = resumed.tag, resumed.meta, resumed.shared
         step, stream_state = meta["step"], meta["stream"]
         ema.load_state_dict(shared["ema"])
         if disc is not None and "disc" in shared:
@@ -269,6 +280,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
                     loss = loss + cfg.loss.disc_weight * w * g_loss
                     terms.update(g_loss=g_loss.item(), d_weight=float(w))
                 engine.backward(loss)
+                step_lr = engine.get_lr()[0]  # this step's LR: engine.step moves it on
                 engine.step()
                 if gan_on:
                     terms.update(disc.step(images, recon.detach(), cfg.loss.lecam_weight, 1.0 / accum))
@@ -286,7 +298,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
                               "psnr": psnr(recon, images).mean().item(),
                               "ssim": ssim(recon, images).mean().item()}
                 values = all_reduce_mean(values, dist.device)
-                values.update(lr=engine.get_lr()[0], corrupt=stream.corrupt, **meter.report(dist.world_size))
+                values.update(lr=step_lr, corrupt=stream.corrupt, **meter.report(dist.world_size))
                 norm = engine.get_global_grad_norm()
                 if norm is not None:
                     values["grad_norm"] = float(norm)
@@ -316,11 +328,10 @@ def export_latest(cfg: TokenizerTrainConfig) -> str:
     """Export the EMA weights of the newest complete checkpoint (no training, no DeepSpeed)."""
     ckpt = CheckpointManager(cfg.ckpt.dir or os.path.join(cfg.out_dir, "checkpoints"),
                              DistInfo(0, 1, 0, torch.device("cpu")), staging_dir=cfg.ckpt.staging_dir or None)
-    tag = ckpt.latest_complete()
-    if tag is None:
+    resumed = ckpt.resume(engines={})  # the newest one that verifies (no engine is loaded)
+    if resumed is None:
         raise ValueError(f"no complete checkpoint under {ckpt.root} to export")
-    _, _, shared = ckpt.load(tag, engines={})
-    return export(TokenizerConfig.from_dict(cfg.model), shared["ema"], cfg.out_dir)
+    return export(TokenizerConfig.from_dict(cfg.model), resumed.shared["ema"], cfg.out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

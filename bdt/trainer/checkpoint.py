@@ -7,9 +7,17 @@ Layout of one checkpoint (`<root>/step_000001234/`):
                                ZeRO-1/2, so each rank needs its own file; environment.md)
   shared.pt                    replicated non-engine state (EMA weights, a plain torch optimizer),
                                written by rank 0, read back with torch.load(weights_only=True)
-  COMPLETE                     written by rank 0 after a barrier, i.e. after every other file.
+  COMPLETE                     written by rank 0 after every other file: step, world size and
+                               each file's size and sha256 (integrity.py), hashed by its writer.
 A checkpoint without COMPLETE (a crash or kill mid-save) is ignored by resume and pruned later.
-Nothing here is unpickled except through `weights_only=True`; per-rank state is JSON + safetensors.
+
+Resume (`resume`) tries the complete checkpoints newest first. Each is verified before anything
+is loaded (every rank checks a share of the files against the marker, and the pickles for
+globals a weights-only load refuses), then loaded with DeepSpeed's files read weights-only
+(safe_load.py). One that fails is reported with its path and reason and the next older one is
+tried; none usable is an error naming each. Nothing is deleted for failing: pruning only looks
+at checkpoints up to the step just saved, and a save whose step already holds a complete
+checkpoint (one resume passed over) first moves that one to `<root>/unusable/`.
 
 Resuming on another number of ranks (`load(..., reshard=fn)`): global rank 0 converts the
 checkpoint once, beside it, and every rank then loads the conversion (bdt/trainer/reshard.py):
@@ -17,7 +25,7 @@ checkpoint once, beside it, and every rank then loads the conversion (bdt/traine
                                 whose optimizer state is partitioned (ZeRO-1/2/3); a ZeRO-0
                                 engine loads its unpartitioned original as it is
   <tag>.w00004/rank_00000.*     per-rank state for 4 ranks: `fn(old states, 4)`, fresh RNGs
-  <tag>.w00004/COMPLETE         last (local: built as <tag>.w00004.partial, then renamed)
+  <tag>.w00004/COMPLETE         last, with its files' hashes (local: built as .partial, renamed)
 The universal checkpoint is loaded with DeepSpeed's `load_universal` switched on for that one
 load only; the LR scheduler state comes back with it (the first step runs at the saved LR).
 
@@ -27,82 +35,55 @@ uploads what the node wrote, and the marker is uploaded after a barrier, so it i
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
-import random
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from bdt import storage
-from bdt.trainer.distributed import DistInfo, barrier, broadcast_object
+from bdt.trainer import integrity
+from bdt.trainer.checkpoint_convert import convert, universal_load
+from bdt.trainer.distributed import DistInfo, all_gather_object, barrier, broadcast_object
+from bdt.trainer.rank_state import (capture_rng, read_rank_files, restore_rng, user_tensors,
+                                    write_rank_files)
 
 MARKER = "COMPLETE"
 SHARED_FILE = "shared.pt"
+UNUSABLE_DIR = "unusable"
 _TAG_RE = re.compile(r"^step_(\d{9})$")
+
+Reshard = Callable[[list[tuple[dict, dict]], int], list[tuple[dict, dict]]]
+
+
+class CheckpointUnusable(ValueError):
+    """A checkpoint failed verification or loading; the message (the same on every rank) names
+    its path and the reason."""
+
+
+@dataclass
+class Resumed:
+    tag: str
+    meta: dict  # this rank's saved state
+    tensors: dict[str, torch.Tensor]
+    shared: dict[str, Any] | None
+    skipped: list[str]  # newer complete checkpoints passed over: "<path>: <reason>"
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:09d}"
 
 
-def _rank_file(rank: int, ext: str) -> str:
-    return f"rank_{rank:05d}.{ext}"
-
-
-def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
-    """torch / numpy / python RNG states as (JSON-able dict, tensors); no pickle involved."""
-    meta, tensors = _rng_record(np.random.get_state(), random.getstate(), torch.get_rng_state())
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    return meta, tensors
-
-
-def seeded_rng(seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A fresh RNG record (capture_rng's format) seeded with `seed`, for a rank that has none."""
-    meta, tensors = _rng_record(np.random.RandomState(seed % 2**32).get_state(),
-                                random.Random(seed).getstate(),
-                                torch.Generator().manual_seed(seed).get_state())
-    meta["cuda_seed"] = seed
-    return meta, tensors
-
-
-def _rng_record(np_state: tuple, py_state: tuple, torch_state: torch.Tensor
-                ) -> tuple[dict, dict[str, torch.Tensor]]:
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np_state
-    py_version, py_internal, py_gauss = py_state
-    meta = {"numpy": {"kind": np_kind, "pos": int(np_pos), "has_gauss": int(np_has_gauss),
-                      "cached_gaussian": float(np_gauss)},
-            "python": {"version": py_version, "state": list(py_internal), "gauss_next": py_gauss}}
-    return meta, {"rng.torch": torch_state,
-                  "rng.numpy_keys": torch.from_numpy(np_keys.astype(np.int64))}
-
-
-def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available() and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    elif torch.cuda.is_available() and "cuda_seed" in meta:
-        torch.cuda.manual_seed(meta["cuda_seed"])
-    n = meta["numpy"]
-    np.random.set_state((n["kind"], tensors["rng.numpy_keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
-    p = meta["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
-
-
 class CheckpointManager:
-    """Save / find / load checkpoints under `root` (local path or fsspec URL)."""
+    """Save / find / verify / load checkpoints under `root` (local path or fsspec URL)."""
 
     def __init__(self, root: str, dist: DistInfo, keep_last: int = 3, staging_dir: str | None = None):
         self.root = root.rstrip("/")
@@ -114,6 +95,7 @@ class CheckpointManager:
             self.staging = staging_dir or os.path.join(tempfile.gettempdir(), "bdt-ckpt-staging", name)
         else:
             self.staging = self.root
+        self._share: tuple[int, int] | None = None  # (index, count) of this rank's file checks
 
     # ---- discovery -------------------------------------------------------------------------
     def _fs(self):
@@ -141,10 +123,17 @@ class CheckpointManager:
     # ---- save ------------------------------------------------------------------------------
     def save(self, step: int, engines: dict[str, Any], rank_meta: dict,
              rank_tensors: dict[str, torch.Tensor] | None = None,
-             shared: dict[str, Any] | None = None) -> str:
-        """Collective: every rank calls it with its own per-rank state. Returns the tag."""
+             shared: dict[str, Any] | None = None,
+             before_marker: Callable[[], None] | None = None) -> str:
+        """Collective: every rank calls it with its own per-rank state. Returns the tag.
+        `before_marker` runs on every rank once its files are written (fault injection)."""
+        from bdt.trainer.safe_load import recording_engine
+
         tag = tag_for(step)
         local_dir = os.path.join(self.staging, tag)
+        if self.dist.is_main:
+            self._set_aside(tag)
+        barrier()
         if self.dist.is_local_main and os.path.exists(local_dir):
             shutil.rmtree(local_dir)  # leftovers of an interrupted save of the same step
         if self.dist.is_main and self.remote:
@@ -152,28 +141,53 @@ class CheckpointManager:
             if fs.exists(f"{path}/{tag}"):
                 fs.rm(f"{path}/{tag}", recursive=True)
         barrier()
+        written: dict[str, dict] = {}
         for name, engine in engines.items():
+            recorder = recording_engine(engine)
+            recorder.saved.clear()
             engine.save_checkpoint(local_dir, tag=name, save_latest=False)
-        _write_rank_files(local_dir, self.dist.rank, self.dist.world_size, step, capture_rng(),
-                          rank_meta, rank_tensors or {})
+            written.update({_rel(local_dir, p): integrity.digest(p) for p in recorder.saved})
+        written.update(write_rank_files(local_dir, self.dist.rank, self.dist.world_size, step,
+                                        capture_rng(), rank_meta, rank_tensors or {}))
         if self.dist.is_main and shared is not None:
             buf = io.BytesIO()
             torch.save(shared, buf)
             storage.write_bytes_atomic(os.path.join(local_dir, SHARED_FILE), buf.getvalue())
-        barrier()
+            written[SHARED_FILE] = integrity.digest_bytes(buf.getvalue())
+        if before_marker is not None:
+            before_marker()
+        files = {rel: entry for part in all_gather_object(written) for rel, entry in part.items()}
+        if self.dist.is_main:  # files no engine recorded: DeepSpeed's recovery scripts (rank 0)
+            files.update(_digest_all(local_dir, skip=set(files)))
         if self.remote:
             if self.dist.is_local_main:
                 self._upload(local_dir, storage.join(self.root, tag))
             barrier()
         if self.dist.is_main:
             marker = {"step": step, "world_size": self.dist.world_size, "engines": sorted(engines),
-                      "time": time.time()}
+                      "time": time.time(), "files": dict(sorted(files.items()))}
             storage.write_bytes_atomic(storage.join(self.root, tag, MARKER), json.dumps(marker).encode())
-            self.prune()
+            self.prune(upto_step=step)
         if self.remote and self.dist.is_local_main:
             shutil.rmtree(local_dir, ignore_errors=True)
         barrier()
         return tag
+
+    def _set_aside(self, tag: str) -> None:
+        """A complete checkpoint where `tag` is about to be written (passed over by resume, or
+        left by a run started with resume off) is moved, with its conversions, to unusable/."""
+        fs, path = self._fs()
+        if not fs.exists(f"{path}/{tag}/{MARKER}"):
+            return
+        dest = f"{path}/{UNUSABLE_DIR}/{time.strftime('%Y%m%dT%H%M%S')}-{tag}"
+        fs.makedirs(dest, exist_ok=True)
+        for entry in fs.ls(path, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name == tag or name.startswith(tag + "."):
+                fs.mv(f"{path}/{name}", f"{dest}/{name}", recursive=True)
+        print(f"checkpoint {storage.join(self.root, tag)} was complete but is being written "
+              f"again (resume passed over it, or resume is off): moved to "
+              f"{storage.join(self.root, dest[len(path) + 1:])}, not deleted", flush=True)
 
     def _upload(self, local_dir: str, remote_dir: str) -> None:
         fs, _ = storage.filesystem(remote_dir)
@@ -183,11 +197,14 @@ class CheckpointManager:
                 rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
                 fs.put_file(src, storage.filesystem(storage.join(remote_dir, rel))[1])
 
-    def prune(self) -> None:
-        """Delete incomplete checkpoints and all but the newest `keep_last` complete ones."""
+    def prune(self, upto_step: int | None = None) -> None:
+        """Delete incomplete checkpoints and, among the complete ones up to `upto_step` (default
+        all), all but the newest `keep_last`. Complete ones after it are left alone: after a
+        fallback they are the ones resume passed over, kept for inspection."""
         fs, path = self._fs()
         tags = self.list_tags()
-        complete = [tag for _, tag, done in tags if done]
+        complete = [tag for step, tag, done in tags
+                    if done and (upto_step is None or step <= upto_step)]
         doomed = [tag for _, tag, done in tags if not done]
         if self.keep_last > 0:
             doomed += complete[:-self.keep_last]
@@ -199,17 +216,38 @@ class CheckpointManager:
                 if "." in name and name.split(".", 1)[0] in doomed:
                     fs.rm(f"{path}/{name}", recursive=True)
 
-    # ---- load ------------------------------------------------------------------------------
-    def load(self, tag: str, engines: dict[str, Any], load_optimizer: bool = True,
-             reshard: Callable[[list[tuple[dict, dict]], int], list[tuple[dict, dict]]]
-             | None = None
-             ) -> tuple[dict, dict[str, torch.Tensor], dict[str, Any] | None]:
-        """Collective: restore engines, this rank's RNG; return (rank_meta, rank_tensors, shared).
+    # ---- resume ----------------------------------------------------------------------------
+    def resume(self, engines: dict[str, Any], load_optimizer: bool = True,
+               reshard: Reshard | None = None) -> Resumed | None:
+        """Collective: load the newest complete checkpoint that passes verification and loads,
+        reporting each newer one passed over (rank 0 prints path and reason). None when there
+        is no complete checkpoint; ValueError naming each when none is usable."""
+        tags = broadcast_object([t for _, t, done in self.list_tags() if done]
+                                if self.dist.is_main else None)
+        skipped: list[str] = []
+        for tag in reversed(tags):
+            try:
+                meta, tensors, shared = self.load(tag, engines, load_optimizer, reshard)
+            except CheckpointUnusable as e:
+                skipped.append(str(e))
+                if self.dist.is_main:
+                    print(f"checkpoint skipped: {e}", flush=True)
+                continue
+            return Resumed(tag, meta, tensors, shared, skipped)
+        if not tags:
+            return None
+        raise ValueError(f"no usable checkpoint under {self.root} ({len(tags)} complete, all "
+                         f"failed; none was deleted): " + " | ".join(skipped))
 
-        A checkpoint of another world size needs `reshard(old per-rank (state, tensors), new
-        world size) -> new per-rank (state, tensors)`; it is converted first (module doc)."""
-        # A marker without it (hand-made) counts as this world size; the rank files still check.
-        saved_world = self._marker(tag).get("world_size", self.dist.world_size)
+    def load(self, tag: str, engines: dict[str, Any], load_optimizer: bool = True,
+             reshard: Reshard | None = None
+             ) -> tuple[dict, dict[str, torch.Tensor], dict[str, Any] | None]:
+        """Collective: verify `tag`, restore engines and this rank's RNG; return (rank_meta,
+        rank_tensors, shared). CheckpointUnusable (on every rank) when it fails verification or
+        loading. A checkpoint of another world size needs `reshard(old per-rank (state,
+        tensors), new world size) -> new per-rank (state, tensors)`; it is converted first."""
+        marker = self._shared_marker(tag)
+        saved_world = marker.get("world_size", self.dist.world_size)
         conv = None
         if saved_world != self.dist.world_size:
             if reshard is None:
@@ -217,39 +255,108 @@ class CheckpointManager:
                                  f"size {saved_world}, this run has {self.dist.world_size}, and "
                                  f"its state cannot be re-split here: resume with the original "
                                  f"world size")
-            conv = self._convert(tag, saved_world, engines, reshard)
-        universal = set(self._marker(conv)["universal"]) if conv else set()
+            conv = convert(self, tag, marker, engines, reshard)
+        conv_marker = self._shared_marker(conv) if conv else {}
+        universal = set(conv_marker.get("universal", []))
         fetched = {tag: self._fetch(tag, skip=universal)}
         if conv:
             fetched[conv] = self._fetch(conv)
-        state_dir = fetched[conv or tag]
-        meta, tensors = _read_rank_files(state_dir, self.dist.rank)
+        try:
+            self._verify(tag, marker, fetched[tag], skip=universal)
+            if conv:
+                self._verify(conv, conv_marker, fetched[conv])
+            error, result = None, None
+            try:
+                result = self._load_verified(tag, conv, universal, fetched, engines, load_optimizer)
+            except Exception as e:  # noqa: BLE001 (gathered: every rank raises the same below)
+                error = f"rank {self.dist.rank}: {type(e).__name__}: {e}"
+            errors = [e for e in all_gather_object(error) if e]
+            if errors:
+                raise CheckpointUnusable(f"{storage.join(self.root, tag)}: loading failed: "
+                                         + "; ".join(errors))
+        finally:
+            barrier()
+            if self.remote and self.dist.is_local_main:
+                for local_dir in fetched.values():
+                    shutil.rmtree(local_dir, ignore_errors=True)
+        return result
+
+    def _load_verified(self, tag: str, conv: str | None, universal: set[str],
+                       fetched: dict[str, str], engines: dict[str, Any], load_optimizer: bool):
+        from bdt.trainer.safe_load import recording_engine, weights_only_loads
+
+        meta, tensors = read_rank_files(fetched[conv or tag], self.dist.rank)
         if meta["world_size"] != self.dist.world_size:
-            raise ValueError(f"checkpoint {tag} was saved with world size {meta['world_size']}, "
-                             f"this run has {self.dist.world_size}")
+            raise ValueError(f"its rank files are for world size {meta['world_size']}, this run "
+                             f"has {self.dist.world_size}")
         for name, engine in engines.items():
             src = fetched[conv] if name in universal else fetched[tag]
-            with _universal_load(engine, name in universal):
+            recording_engine(engine)
+            with weights_only_loads(), universal_load(engine, name in universal):
                 path, _ = engine.load_checkpoint(src, tag=name,
                                                  load_optimizer_states=load_optimizer,
                                                  load_lr_scheduler_states=load_optimizer)
             if path is None:
-                raise ValueError(f"checkpoint {storage.join(self.root, tag)}: engine '{name}' "
-                                 f"could not be loaded")
+                raise ValueError(f"DeepSpeed could not load engine '{name}'")
         shared = None
         shared_path = os.path.join(fetched[tag], SHARED_FILE)
         if os.path.exists(shared_path):
             shared = torch.load(shared_path, map_location="cpu", weights_only=True)
         restore_rng(meta["rng"], tensors)
-        user = _user(tensors)
-        barrier()
-        if self.remote and self.dist.is_local_main:
-            for local_dir in fetched.values():
-                shutil.rmtree(local_dir, ignore_errors=True)
-        return meta["state"], user, shared
+        return meta["state"], user_tensors(tensors), shared
 
-    def _marker(self, tag: str) -> dict:
-        return json.loads(storage.read_bytes(storage.join(self.root, tag, MARKER)))
+    def _shared_marker(self, tag: str) -> dict:
+        """Collective: `tag`'s marker, or the same CheckpointUnusable on every rank."""
+        marker, error = None, None
+        try:
+            marker = self.read_marker(tag)
+        except CheckpointUnusable as e:
+            error = str(e)
+        errors = [e for e in all_gather_object(error) if e]
+        if errors:
+            raise CheckpointUnusable(errors[0])
+        return marker
+
+    def read_marker(self, tag: str) -> dict:
+        url = storage.join(self.root, tag, MARKER)
+        try:
+            marker = json.loads(storage.read_bytes(url))
+        except (OSError, ValueError) as e:
+            raise CheckpointUnusable(f"{storage.join(self.root, tag)}: its {MARKER} marker cannot "
+                                     f"be read ({type(e).__name__}: {e})") from None
+        if not isinstance(marker, dict):
+            raise CheckpointUnusable(f"{storage.join(self.root, tag)}: its {MARKER} marker is not "
+                                     f"a JSON object")
+        return marker
+
+    def _verify(self, tag: str, marker: dict, local_dir: str, skip: set[str] = frozenset()) -> None:
+        """Collective: every file the marker lists (outside the engine directories in `skip`)
+        is checked by one rank; CheckpointUnusable on every rank if any fails."""
+        files = marker.get("files")
+        if not isinstance(files, dict) or not files:
+            raise CheckpointUnusable(f"{storage.join(self.root, tag)}: its marker lists no files "
+                                     f"(written before bdt recorded checksums?), so it cannot be "
+                                     f"verified")
+        index, count = self._check_share()
+        names = sorted(r for r in files if r.split("/", 1)[0] not in skip)
+        mine = [integrity.problem(local_dir, rel, files[rel]) for rel in names[index::count]]
+        problems = [p for part in all_gather_object([p for p in mine if p]) for p in part]
+        if problems:
+            more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+            raise CheckpointUnusable(f"{storage.join(self.root, tag)}: "
+                                     + "; ".join(problems[:4]) + more)
+
+    def _check_share(self) -> tuple[int, int]:
+        """(index, count) splitting the file checks: over all ranks for a local root (one shared
+        directory); over each node's ranks for a remote one (every node checks its own copy)."""
+        if self._share is None:
+            hosts = all_gather_object(socket.gethostname())
+            if self.remote:
+                peers = [r for r, h in enumerate(hosts) if h == hosts[self.dist.rank]]
+                self._share = (peers.index(self.dist.rank), len(peers))
+            else:
+                self._share = (self.dist.rank, self.dist.world_size)
+        return self._share
 
     def _fetch(self, tag: str, skip: set[str] = frozenset()) -> str:
         """Collective: the local directory of `tag` (downloaded per node for a remote root,
@@ -262,42 +369,7 @@ class CheckpointManager:
             barrier()
         return local_dir
 
-    def _convert(self, tag: str, saved_world: int, engines: dict[str, Any], reshard) -> str:
-        """Collective: the tag of `tag` converted for this world size, made by rank 0 unless a
-        complete conversion is already there; a failure on rank 0 raises on every rank."""
-        from bdt.trainer.reshard import to_universal
-
-        conv = f"{tag}.w{self.dist.world_size:05d}"
-        error = None
-        if self.dist.is_main and not storage.exists(storage.join(self.root, conv, MARKER)):
-            try:
-                src = self._fetch_here(tag)
-                out = os.path.join(self.staging, conv + ".partial")
-                shutil.rmtree(out, ignore_errors=True)
-                os.makedirs(out)
-                universal = sorted(n for n in engines
-                                   if to_universal(os.path.join(src, n), os.path.join(out, n)))
-                old = [_read_rank_files(src, r) for r in range(saved_world)]
-                step = int(old[0][0]["step"])
-                states = reshard([(m["state"], _user(t)) for m, t in old], self.dist.world_size)
-                for rank, (state, tensors) in enumerate(states):
-                    _write_rank_files(out, rank, self.dist.world_size, step,
-                                      seeded_rng(_rank_seed(old[0][1]["rng.torch"], step, rank)),
-                                      state, tensors)
-                marker = {"step": step, "world_size": self.dist.world_size,
-                          "from_world_size": saved_world, "universal": universal}
-                self._publish(out, conv, marker)
-                if self.remote:
-                    shutil.rmtree(src, ignore_errors=True)
-            except Exception as e:  # noqa: BLE001 (re-raised on every rank below)
-                error = f"{type(e).__name__}: {e}"
-        error = broadcast_object(error)
-        if error:
-            raise ValueError(f"converting checkpoint {storage.join(self.root, tag)} from world "
-                             f"size {saved_world} to {self.dist.world_size} failed: {error}")
-        return conv
-
-    def _fetch_here(self, tag: str) -> str:
+    def fetch_here(self, tag: str) -> str:
         """This process alone: the local directory of `tag` (downloaded for a remote root)."""
         if not self.remote:
             return os.path.join(self.root, tag)
@@ -306,13 +378,15 @@ class CheckpointManager:
         self._download(storage.join(self.root, tag), local_dir)
         return local_dir
 
-    def _publish(self, built: str, tag: str, marker: dict) -> None:
-        """Make a locally built checkpoint directory `tag`, its marker last."""
-        marker_bytes = json.dumps({**marker, "time": time.time()}).encode()
+    def publish(self, built: str, tag: str, marker: dict) -> None:
+        """Make a locally built checkpoint directory `tag`, its marker (with every file's size
+        and hash) last."""
+        marker = {**marker, "time": time.time(), "files": _digest_all(built, skip=set())}
+        marker_bytes = json.dumps(marker).encode()
         if not self.remote:
             storage.write_bytes_atomic(os.path.join(built, MARKER), marker_bytes)
             final = os.path.join(self.root, tag)
-            shutil.rmtree(final, ignore_errors=True)  # an incomplete earlier attempt
+            shutil.rmtree(final, ignore_errors=True)  # an earlier attempt (incomplete or bad)
             os.rename(built, final)
             return
         fs, path = self._fs()
@@ -333,59 +407,17 @@ class CheckpointManager:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             fs.get_file(src, dst)
 
-    def resume_tag(self) -> str | None:
-        """The newest complete tag, chosen by rank 0 and shared so all ranks agree."""
-        tag = self.latest_complete() if self.dist.is_main else None
-        return broadcast_object(tag)
+
+def _rel(local_dir: str, path: str) -> str:
+    return os.path.relpath(path, local_dir).replace(os.sep, "/")
 
 
-def _write_rank_files(local_dir: str, rank: int, world_size: int, step: int,
-                      rng: tuple[dict, dict[str, torch.Tensor]], state: dict,
-                      tensors: dict[str, torch.Tensor]) -> None:
-    rng_meta, rng_tensors = rng
-    meta = {"step": step, "rank": rank, "world_size": world_size, "rng": rng_meta, "state": state}
-    flat = {**rng_tensors, **{f"user.{k}": v.contiguous() for k, v in tensors.items()}}
-    storage.write_bytes_atomic(os.path.join(local_dir, _rank_file(rank, "json")),
-                               json.dumps(meta).encode())
-    storage.write_bytes_atomic(os.path.join(local_dir, _rank_file(rank, "safetensors")),
-                               st_save(flat))
-
-
-def _read_rank_files(local_dir: str, rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    json_path = os.path.join(local_dir, _rank_file(rank, "json"))
-    if not os.path.exists(json_path):
-        raise ValueError(f"checkpoint {local_dir} has no state for rank {rank} "
-                         f"({_rank_file(rank, 'json')} is missing): an incomplete copy?")
-    with open(json_path, "rb") as f:
-        meta = json.loads(f.read())
-    with open(os.path.join(local_dir, _rank_file(rank, "safetensors")), "rb") as f:
-        return meta, st_load(f.read())
-
-
-def _user(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("user."):]: v for k, v in tensors.items() if k.startswith("user.")}
-
-
-def _rank_seed(old_rank0_torch_rng: torch.Tensor, step: int, rank: int) -> int:
-    """A new rank's RNG seed: fixed by the run (its saved RNG), the step and the rank."""
-    h = hashlib.sha256(old_rank0_torch_rng.numpy().tobytes())
-    h.update(f"{step}/{rank}".encode())
-    return int.from_bytes(h.digest()[:8], "little") >> 1
-
-
-class _universal_load:
-    """DeepSpeed's `checkpoint.load_universal` switched on around one `load_checkpoint` call:
-    DeepSpeed 0.19.8 reads the flag only there, so this equals starting the engine with it and
-    switching it off again for later resumes (environment.md)."""
-
-    def __init__(self, engine, on: bool):
-        self.config, self.on = getattr(engine, "_config", None), on
-
-    def __enter__(self):
-        if self.on:
-            self.before = self.config.load_universal_checkpoint
-            self.config.load_universal_checkpoint = True
-
-    def __exit__(self, *exc):
-        if self.on:
-            self.config.load_universal_checkpoint = self.before
+def _digest_all(local_dir: str, skip: set[str]) -> dict[str, dict]:
+    """Size and hash of every file under local_dir (relative names) not in `skip`."""
+    out = {}
+    for dirpath, _, names in os.walk(local_dir):
+        for name in names:
+            rel = _rel(local_dir, os.path.join(dirpath, name))
+            if rel not in skip and rel != MARKER:
+                out[rel] = integrity.digest(os.path.join(dirpath, name))
+    return out

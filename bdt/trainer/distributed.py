@@ -50,8 +50,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_watching: list = []  # the launcher watch of this process, started once
+
+
 def init_distributed(use_deepspeed: bool = True) -> DistInfo:
-    """Initialise the process group from the launcher's environment (or a world of one)."""
+    """Initialise the process group from the launcher's environment (or a world of one). A rank
+    started by a launcher stops when the launcher dies (signals.watch_launcher)."""
+    if "RANK" in os.environ and not _watching:
+        from bdt.trainer.signals import watch_launcher
+
+        _watching.append(watch_launcher())
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -123,10 +131,15 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
 
 def all_gather_int(value: int) -> list[int]:
     """Every rank's `value`, in rank order (a world of one: [value])."""
+    return all_gather_object(int(value))
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's small python object `obj`, in rank order (a world of one: [obj])."""
     if not (dist.is_available() and dist.is_initialized()):
-        return [value]
+        return [obj]
     out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, int(value))
+    dist.all_gather_object(out, obj)
     return out
 
 

@@ -36,6 +36,7 @@ from bdt.trainer.evaluation import InLoopEval
 from bdt.trainer.export import export_model
 from bdt.trainer.flops import FlopModel, measure_peak_flops
 from bdt.trainer.metrics import MetricsLogger, Throughput, Timer
+from bdt.trainer.run_lock import hold_run_lock
 from bdt.trainer.signals import LOCAL_REASON, STOP_SIGNAL, StopFlag
 from bdt.trainer.stage_rows import StageData
 from bdt.trainer.stages import StageClock
@@ -52,6 +53,7 @@ class _Window:
     flops: float = 0.0
     t0: float = field(default_factory=time.perf_counter)
     grad_norm: float | None = None  # only set where DeepSpeed does not report it
+    lr: float = 0.0  # the LR the window's last optimizer step applied
 
     def add(self, values: dict[str, float]) -> None:
         self.micro += 1
@@ -69,13 +71,20 @@ def run(cfg: TrainConfig | DictConfig) -> dict:
     sources = setup.check_data(cfg)  # bad shard paths / tokenizer mismatch: fail before anything
     setup.skip_deepspeed_muon()
     dist = init_distributed()
+    lock = None
     try:
+        # One job per run directory: a second one stops here, naming the holder (run_lock.py).
+        lock = hold_run_lock(cfg.run_dir, dist)
         summary = _train(cfg, dist, sources)
     except BaseException:
+        if lock is not None:
+            lock.release()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         raise
     cleanup()
+    if lock is not None:
+        lock.release()
     return summary
 
 
@@ -83,17 +92,6 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class _KillAfterSave:
-    """Fault injection: the engine's files get written, then this process dies (no marker)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def save_checkpoint(self, *args, **kwargs):
-        self.engine.save_checkpoint(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
@@ -118,11 +116,13 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
         save_resolved(OmegaConf.structured(cfg), cfg.run_dir)
     step, saved_step, stage_idx, stream = 0, -1, -1, None
     seen = {"tokens": 0, "images": 0, "flops": 0.0}  # this rank's
-    resume = ckpt.resume_tag() if cfg.checkpoint.resume else None
+    # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
+    resumed = ckpt.resume({"model": engine}, reshard=reshard.resplit_train_states(
+        lambda si: sources[si].urls, lambda si: setup.stream_seed(cfg, si))) \
+        if cfg.checkpoint.resume else None
     stream_state = None
-    if resume is not None:
-        meta, tensors, shared = ckpt.load(resume, {"model": engine}, reshard=reshard.resplit_train_states(
-            lambda si: sources[si].urls, lambda si: setup.stream_seed(cfg, si)))
+    if resumed is not None:
+        resume, meta, tensors, shared = resumed.tag, resumed.meta, resumed.tensors, resumed.shared
         step = saved_step = int(meta["step"])
         seen = {"flops": 0.0, **meta["seen"]}  # checkpoints before flops were counted lack it
         if "clock" not in meta:
@@ -135,7 +135,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                                  f"ema_decay={cfg.ema_decay}: resume with ema_decay=0")
             ema.load_state_dict(shared["ema"])
         stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
-        logger.log(step, {"resumed_from_step": step,
+        logger.log(step, {"resumed_from_step": step, "checkpoints_skipped": len(resumed.skipped),
                           "resumed_from_world_size": meta.get("resplit_from_world_size",
                                                               dist.world_size)})
         if meta.get("threads") != torch.get_num_threads():
@@ -201,6 +201,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
                         clock.add_tokens(all_reduce_sum(step_tokens, dist.device))
                         if clock.stage_done(step + 1):
                             clock.advance(step + 1)
+                    window.lr = engine.get_lr()[0]  # this step's LR: engine.step moves it on
                     engine.step()
                     n_img = packed.num_samples
                     flops = flop_model.packed_flops(packed)
@@ -285,10 +286,11 @@ def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, clock: Sta
             "stage_name": cfg.stages[stage_idx].name, "clock": clock.state_dict(), "seen": seen,
             "stream": stream_meta}
     tensors = {f"stream.{k}": v for k, v in stream_tensors.items()}
-    engines = {"model": _KillAfterSave(engine) if cfg.fault.kill_during_checkpoint == step
-               else engine}
-    ckpt.save(step, engines, meta, tensors,
-              shared={"ema": ema.state_dict()} if ema is not None else None)
+    # fault.kill_during_checkpoint: every file is written, then the ranks die before the marker.
+    die = (lambda: os.kill(os.getpid(), signal.SIGKILL)) \
+        if cfg.fault.kill_during_checkpoint == step else None
+    ckpt.save(step, {"model": engine}, meta, tensors,
+              shared={"ema": ema.state_dict()} if ema is not None else None, before_marker=die)
     if cfg.fault.kill_after_checkpoint == step:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -312,7 +314,7 @@ def _log(logger: MetricsLogger, step: int, engine, window: _Window, meter: Throu
                                 "data_wait_frac", "pack_efficiency")}
     norm = engine.get_global_grad_norm()
     norm = window.grad_norm if norm is None else float(norm)
-    out.update(lr=engine.get_lr()[0], grad_norm=norm if norm is not None else float("nan"),
+    out.update(lr=window.lr, grad_norm=norm if norm is not None else float("nan"),
                step_time_s=elapsed / max(window.steps, 1), last_step_s=last_step_s,
                tokens_per_s=mean["tokens_per_s"] * W, images_per_s=mean["images_per_s"] * W,
                tokens_per_s_rank=local["tokens_per_s"], images_per_s_rank=local["images_per_s"],

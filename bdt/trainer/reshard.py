@@ -2,10 +2,11 @@
 
 A checkpoint holds one DeepSpeed engine and one state file per rank (checkpoint.py). When the
 run restarts with W' != W ranks, rank 0 converts it once (CheckpointManager.load(..., reshard=)):
-  * the engine: `python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state` turns
-    partitioned ZeRO-1/2/3 optimizer state into DeepSpeed's universal checkpoint, which loads
-    at any data-parallel size with weights and Adam moments bitwise (environment.md). A ZeRO-0
-    checkpoint keeps the whole optimizer in one file and loads as it is;
+  * the engine: DeepSpeed's `ds_to_universal --inject_missing_state` (run weights-only through
+    `python -m bdt.trainer.safe_load`) turns partitioned ZeRO-1/2/3 optimizer state into
+    DeepSpeed's universal checkpoint, which loads at any data-parallel size with weights and Adam
+    moments bitwise (environment.md). A ZeRO-0 checkpoint keeps the whole optimizer in one file
+    and loads as it is;
   * the per-rank training state (`resplit_train_states`): the step, stage and LR position are
     the same on every rank; the tokens/images counters are summed into new rank 0 (the logs
     report sums over ranks); the data stream of the checkpoint's stage is re-split exactly
@@ -39,7 +40,8 @@ def to_universal(engine_dir: str, out_dir: str) -> bool:
     if not glob.glob(os.path.join(engine_dir, "*optim_states.pt")):
         return False
     workers = str(max(1, min(4, (os.cpu_count() or 1) // 2)))
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+    # DeepSpeed's converter unpickles with weights_only=False; run it weights-only (safe_load).
+    cmd = [sys.executable, "-m", "bdt.trainer.safe_load", "--input_folder",
            engine_dir, "--output_folder", out_dir, "--inject_missing_state",
            "--num_extract_workers", workers, "--num_merge_workers", workers]
     done = subprocess.run(cmd, capture_output=True, text=True)

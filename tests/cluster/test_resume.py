@@ -105,6 +105,44 @@ def test_restarts_are_bounded_and_progress_resets_the_count(tmp_path):
     assert [e.get("checkpoint_step") for e in events(tmp_path / "b")] == [None, 1, 1, 2, 2, 3]
 
 
+def test_progress_counts_checkpoints_older_than_a_damaged_newest_one(tmp_path):
+    """The trainer passed over a damaged step 10 and resumed further back: the checkpoints it
+    then completes are progress although step 10 stays the newest."""
+    ck = tmp_path / "checkpoints"
+    (ck / "step_000000010").mkdir(parents=True)
+    (ck / "step_000000010" / "COMPLETE").write_text("damaged")
+    script = (f"import json, pathlib, sys; ck = pathlib.Path({str(ck)!r}); "
+              f"n = len(list(ck.glob('step_*'))); d = ck / f'step_{{n:09d}}'; "
+              f"d.mkdir(); (d / 'COMPLETE').write_text(json.dumps({{'step': n}})); "
+              f"n < 3 and sys.exit(1); "
+              f"pathlib.Path({str(tmp_path / 'summary.json')!r}).write_text("
+              f"json.dumps({{'stopped': False}}))")
+    rc = subprocess.run([*WRAPPER, "--run-dir", str(tmp_path), "--max-restarts", "1",
+                         "--backoff", "0", "--", sys.executable, "-c", script]).returncode
+    assert rc == DONE
+    assert [e["event"] for e in events(tmp_path)] == ["launch", "restart"] * 2 + ["launch", "done"]
+
+
+def test_a_killed_wrapper_stops_its_launch(tmp_path):
+    """SIGKILL of the wrapper (a scheduler tearing the job down) reaches the launch as SIGTERM,
+    so a requeued job never meets the old one's ranks."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    wrapper = subprocess.Popen([*WRAPPER, "--run-dir", str(tmp_path), "--backoff", "0", "--",
+                                *sleeper])
+    child = None
+    try:
+        wait_for(lambda: events(tmp_path), 60, "the launch", wrapper)
+        child = wait_for(psutil.Process(wrapper.pid).children, 30, "the child", wrapper)[0]
+        wrapper.kill()
+        wrapper.wait()
+        assert not psutil.wait_procs([child], timeout=30)[1]
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+        if child is not None and child.is_running():
+            child.kill()
+
+
 def test_stop_signal_ends_the_launch_and_exits_stopped(tmp_path):
     sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
     wrapper = subprocess.Popen([*WRAPPER, "--run-dir", str(tmp_path), "--backoff", "0", "--",

@@ -15,6 +15,7 @@ from bdt.data.shards import generate
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.tokenizer.train import TokenizerTrainConfig, main, train
 from bdt.trainer.checkpoint import MARKER, tag_for
+from bdt.trainer.schedule import WarmupSchedule
 from bdt.trainer.distributed import free_port
 
 TINY = ["model.ch=32", "model.ch_mult=[1,1]", "model.num_res_blocks=1", "model.z_channels=8",
@@ -111,7 +112,7 @@ def test_single_process_trains_and_exports(shards, tmp_path):
 def test_schedule_steps_lets_a_stopped_run_resume_on_the_same_lr_curve(shards, tmp_path):
     """steps=2 with schedule_steps=5, resumed to steps=5, is the uninterrupted 5-step run
     (what bench/tokenizer_quality.py does to score a fixed step count); without
-    schedule_steps the 2-step run would have decayed its LR to the floor already."""
+    schedule_steps a 3-step run trains its third step at the LR floor already."""
     base = TINY + [f"data.shards={shards}", "optim.schedule=cosine", "loss.disc_weight=0",
                    "ckpt.every=10"]
     stopped, straight, short = (str(tmp_path / n) for n in ("stopped", "straight", "short"))
@@ -122,12 +123,17 @@ def test_schedule_steps_lets_a_stopped_run_resume_on_the_same_lr_curve(shards, t
     run1([f"out_dir={stopped}", "steps=2", "schedule_steps=5"])
     run1([f"out_dir={stopped}", "steps=5"])
     run1([f"out_dir={straight}", "steps=5"])
-    run1([f"out_dir={short}", "steps=2"])
+    run1([f"out_dir={short}", "steps=3"])
     log_a, log_b = _log(stopped), _log(straight)
     assert [r["step"] for r in log_a] == [1, 2, 3, 4, 5]
     assert [r["lr"] for r in log_a] == [r["lr"] for r in log_b]
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
-    assert _log(short)[1]["lr"] < log_a[1]["lr"]
+    # the LR each step applied (TINY: optim.lr 1e-3, 1 warmup step; the default floor 0.1)
+    assert [r["lr"] for r in log_a] == [1e-3 * WarmupSchedule(1, 5, "cosine", 0.1)(i)
+                                        for i in range(5)]
+    assert [r["lr"] for r in _log(short)] == [1e-3 * WarmupSchedule(1, 3, "cosine", 0.1)(i)
+                                              for i in range(3)]
+    assert _log(short)[2]["lr"] < log_a[2]["lr"]
     with pytest.raises(SystemExit):
         main([f"out_dir={tmp_path}", f"data.shards={shards}", "schedule_steps=-1"])
 

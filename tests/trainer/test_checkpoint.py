@@ -1,9 +1,12 @@
 """Checkpoint manager semantics (marker, keep-last-N, newest complete, per-rank state, s3), a
 2-rank DeepSpeed ZeRO-2 save/load that continues bitwise, and a 2 -> 1 rank load at ZeRO-0/1/3."""
 
+import hashlib
 import json
 import os
+import pickle
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ import torch.multiprocessing as mp
 from bdt import storage
 from bdt.trainer.checkpoint import MARKER, CheckpointManager, tag_for
 from bdt.trainer.distributed import DistInfo, free_port
+from testkit import PlantedPickle, cut_file, flip_bytes
 
 SOLO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -104,12 +108,97 @@ def test_s3_checkpoint_marker_last_and_resume(s3_bucket, tmp_path):
     assert fs.exists(f"{path}/{tag_for(6)}/{MARKER}")
     assert not os.path.exists(tmp_path / "stage" / tag_for(6))  # staging cleaned after upload
     # Remove the marker: the checkpoint no longer counts.
+    marker = fs.cat_file(f"{path}/{tag_for(6)}/{MARKER}")
     fs.rm(f"{path}/{tag_for(6)}/{MARKER}")
     assert mgr.latest_complete() is None
-    storage.write_bytes_atomic(storage.join(root, tag_for(6), MARKER), b"{}")
+    storage.write_bytes_atomic(storage.join(root, tag_for(6), MARKER), marker)
     fresh = CheckpointManager(root, SOLO, staging_dir=str(tmp_path / "stage2"))
-    meta, tensors, shared = fresh.load(fresh.latest_complete(), engines={})
-    assert meta["step"] == 6 and torch.equal(tensors["buf"], torch.full((3,), 3.0))
+    resumed = fresh.resume(engines={})
+    assert resumed.meta["step"] == 6 and torch.equal(resumed.tensors["buf"], torch.full((3,), 3.0))
+    assert not resumed.skipped
+
+
+def test_marker_lists_every_file_and_resume_falls_back_past_damage(tmp_path, capsys):
+    root = tmp_path / "ck"
+    mgr = CheckpointManager(str(root), SOLO, keep_last=0)
+    for step in (1, 2, 3, 4):
+        _save(mgr, step, value=float(step))
+    ck4 = root / tag_for(4)
+    marker = json.loads((ck4 / MARKER).read_text())
+    on_disk = sorted(p.relative_to(ck4).as_posix() for p in ck4.rglob("*")
+                     if p.is_file() and p.name != MARKER)
+    assert sorted(marker["files"]) == on_disk == ["rank_00000.json", "rank_00000.safetensors",
+                                                   "shared.pt"]
+    for rel, entry in marker["files"].items():
+        data = (ck4 / rel).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    flip_bytes(ck4 / "rank_00000.safetensors")
+    cut_file(root / tag_for(3) / "shared.pt")
+    flip_bytes(root / tag_for(2) / "rank_00000.json", n=1)
+    resumed = mgr.resume(engines={})
+    assert resumed.tag == tag_for(1) and torch.equal(resumed.tensors["buf"], torch.full((3,), 1.0))
+    assert [r.split(": ", 2)[:2] for r in resumed.skipped] == [
+        [str(ck4), "rank_00000.safetensors"], [str(root / tag_for(3)), "shared.pt"],
+        [str(root / tag_for(2)), "rank_00000.json"]]
+    assert "sha256 differs" in resumed.skipped[0] and "truncated" in resumed.skipped[1]
+    assert capsys.readouterr().out.count("checkpoint skipped: ") == 3
+    # Nothing is deleted: saving step 2 again moves the damaged step 2 aside, and pruning
+    # (keep_last 1) looks only at steps up to 2, so the damaged 3 and 4 stay for inspection.
+    mgr.keep_last = 1
+    _save(mgr, 2, value=9.0)
+    assert sorted(p.name for p in root.iterdir()) == [tag_for(2), tag_for(3), tag_for(4), "unusable"]
+    moved = list((root / "unusable").glob(f"*/{tag_for(2)}/rank_00000.json"))
+    assert len(moved) == 1 and "moved to" in capsys.readouterr().out
+    assert mgr.resume(engines={}).tag == tag_for(2)
+
+
+def test_no_usable_checkpoint_is_an_error_naming_each(tmp_path):
+    root = tmp_path / "ck"
+    mgr = CheckpointManager(str(root), SOLO, keep_last=0)
+    for step in (1, 2):
+        _save(mgr, step)
+    (root / tag_for(2) / "rank_00000.json").unlink()
+    (root / tag_for(1) / MARKER).write_text('{"step": 1, "files": {"x')  # a damaged marker
+    with pytest.raises(ValueError, match="no usable checkpoint") as err:
+        mgr.resume(engines={})
+    assert f"{root / tag_for(2)}: rank_00000.json: missing" in str(err.value)
+    assert f"{root / tag_for(1)}: its COMPLETE marker cannot be read" in str(err.value)
+    assert sorted(p.name for p in root.iterdir()) == [tag_for(1), tag_for(2)]
+
+
+def test_a_planted_pickle_is_refused_not_run(tmp_path):
+    """An attacker who can write the checkpoint directory replaces shared.pt and fixes the
+    marker's hash: the pickle scan refuses it and resume falls back; DeepSpeed's own loader
+    and its universal converter refuse such a file too (weights-only), creating nothing."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from bdt.trainer.reshard import to_universal
+    from bdt.trainer.safe_load import weights_only_loads
+
+    target = tmp_path / "pwned"
+    root = tmp_path / "ck"
+    mgr = CheckpointManager(str(root), SOLO, keep_last=0)
+    for step in (1, 2):
+        _save(mgr, step, value=float(step))
+    evil = root / tag_for(2) / "shared.pt"
+    torch.save({"ema": PlantedPickle(str(target))}, evil)
+    marker = json.loads((root / tag_for(2) / MARKER).read_text())
+    marker["files"]["shared.pt"] = {"bytes": evil.stat().st_size,
+                                    "sha256": hashlib.sha256(evil.read_bytes()).hexdigest()}
+    (root / tag_for(2) / MARKER).write_text(json.dumps(marker))
+    resumed = mgr.resume(engines={})
+    assert resumed.tag == tag_for(1) and "io.open" in resumed.skipped[0]
+    with weights_only_loads(), pytest.raises(pickle.UnpicklingError, match="io.open"):
+        TorchCheckpointEngine().load(str(evil))  # DeepSpeed's: torch.load(weights_only=False)
+    engine_dir = tmp_path / "engine"
+    engine_dir.mkdir()
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        shutil.copy(evil, engine_dir / name)
+    with pytest.raises(RuntimeError, match="Weights only load failed"):
+        to_universal(str(engine_dir), str(tmp_path / "universal"))
+    assert not target.exists()
+    torch.load(evil, weights_only=False)  # the control: an unsafe load does run it
+    assert target.exists()
 
 
 # ---- real DeepSpeed engines on spawned CPU ranks -----------------------------------------------
@@ -159,7 +248,7 @@ def _worker(rank, world, port, root, out):
     tail = train(engine, 3)
     params = [p.detach().clone() for p in engine.module.parameters()]
     engine2 = _tiny_engine(2, world, 4)
-    meta, _, _ = mgr.load(mgr.resume_tag(), {"model": engine2})
+    meta = mgr.resume({"model": engine2}).meta
     resumed = train(engine2, 3)
     params2 = [p.detach().clone() for p in engine2.module.parameters()]
     torch.save({"tail": tail, "resumed": resumed, "meta": meta, "lr": engine2.get_lr(),

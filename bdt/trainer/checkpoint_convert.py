@@ -1,0 +1,117 @@
+"""A checkpoint converted for another number of ranks, beside the original (system §2).
+
+`<tag>.wNNNNN` is made once, by global rank 0, from the verified original: DeepSpeed universal
+checkpoints of the engines with partitioned optimizer state (reshard.to_universal, which reads
+the original's files weights-only), per-rank state re-split by the trainer's `reshard` function,
+fresh per-rank RNGs, and its own marker with every file's size and sha256. A conversion that no
+longer verifies is derived data: it is rebuilt from the original.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bdt import storage
+from bdt.trainer import integrity
+from bdt.trainer.distributed import broadcast_object
+from bdt.trainer.rank_state import read_rank_files, seeded_rng, user_tensors, write_rank_files
+
+if TYPE_CHECKING:
+    from bdt.trainer.checkpoint import CheckpointManager, Reshard
+
+
+def conversion_tag(tag: str, world_size: int) -> str:
+    return f"{tag}.w{world_size:05d}"
+
+
+def convert(mgr: CheckpointManager, tag: str, marker: dict, engines: dict[str, Any],
+            reshard: Reshard) -> str:
+    """Collective: the tag of `tag` converted for this world size, made by rank 0 (after
+    verifying the original) unless a verified conversion is already there; a failure on rank 0
+    raises CheckpointUnusable on every rank."""
+    from bdt.trainer.checkpoint import CheckpointUnusable
+    from bdt.trainer.reshard import to_universal
+
+    saved_world, world = marker["world_size"], mgr.dist.world_size
+    conv = conversion_tag(tag, world)
+    error = None
+    if mgr.dist.is_main and not _verifies_here(mgr, conv):
+        src = None
+        try:
+            src = mgr.fetch_here(tag)
+            problems = [p for rel, entry in sorted((marker.get("files") or {}).items())
+                        if (p := integrity.problem(src, rel, entry))]
+            if not marker.get("files") or problems:
+                raise CheckpointUnusable("; ".join(problems[:4]) or "its marker lists no files")
+            out = os.path.join(mgr.staging, conv + ".partial")
+            shutil.rmtree(out, ignore_errors=True)
+            os.makedirs(out)
+            universal = sorted(n for n in engines
+                               if to_universal(os.path.join(src, n), os.path.join(out, n)))
+            old = [read_rank_files(src, r) for r in range(saved_world)]
+            step = int(old[0][0]["step"])
+            states = reshard([(m["state"], user_tensors(t)) for m, t in old], world)
+            for rank, (state, tensors) in enumerate(states):
+                write_rank_files(out, rank, world, step,
+                                 seeded_rng(_rank_seed(old[0][1]["rng.torch"], step, rank)),
+                                 state, tensors)
+            mgr.publish(out, conv, {"step": step, "world_size": world,
+                                    "from_world_size": saved_world, "universal": universal})
+        except Exception as e:  # noqa: BLE001 (re-raised on every rank below)
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            if mgr.remote and src:
+                shutil.rmtree(src, ignore_errors=True)
+    error = broadcast_object(error)
+    if error:
+        raise CheckpointUnusable(f"{storage.join(mgr.root, tag)}: converting it from world size "
+                                 f"{saved_world} to {world} failed: {error}")
+    return conv
+
+
+def _verifies_here(mgr: CheckpointManager, conv: str) -> bool:
+    """This process alone: whether a complete conversion `conv` exists and verifies."""
+    from bdt.trainer.checkpoint import MARKER, CheckpointUnusable
+
+    if not storage.exists(storage.join(mgr.root, conv, MARKER)):
+        return False
+    local_dir = mgr.fetch_here(conv)
+    try:
+        files = mgr.read_marker(conv).get("files") or {}
+        return bool(files) and not any(integrity.problem(local_dir, rel, entry)
+                                       for rel, entry in files.items())
+    except CheckpointUnusable:
+        return False
+    finally:
+        if mgr.remote:
+            shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def _rank_seed(old_rank0_torch_rng: torch.Tensor, step: int, rank: int) -> int:
+    """A new rank's RNG seed: fixed by the run (its saved RNG), the step and the rank."""
+    h = hashlib.sha256(old_rank0_torch_rng.numpy().tobytes())
+    h.update(f"{step}/{rank}".encode())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+class universal_load:
+    """DeepSpeed's `checkpoint.load_universal` switched on around one `load_checkpoint` call:
+    DeepSpeed 0.19.8 reads the flag only there, so this equals starting the engine with it and
+    switching it off again for later resumes (environment.md)."""
+
+    def __init__(self, engine, on: bool):
+        self.config, self.on = getattr(engine, "_config", None), on
+
+    def __enter__(self):
+        if self.on:
+            self.before = self.config.load_universal_checkpoint
+            self.config.load_universal_checkpoint = True
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.config.load_universal_checkpoint = self.before

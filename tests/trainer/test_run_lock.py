@@ -1,0 +1,121 @@
+"""The run-directory lock (bdt/trainer/run_lock.py) and the launcher watch of a rank
+(bdt/trainer/signals.py): a held lock names its holder, stale locks are taken over, a newer lock
+is never stolen, a job that lost its lock stops; a rank whose launcher dies is stopped."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from bdt.trainer.run_lock import LOCK_NAME, LOST_LOCK_EXIT, RunDirInUse, RunLock
+
+
+def _plant(run_dir, **record):
+    """A lock file as another holder left it; returns its path."""
+    path = run_dir / LOCK_NAME
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "pid_start": 0.0,
+                                "token": "other", "started": "earlier", "command": "x", **record}))
+    return path
+
+
+def test_held_lock_names_its_holder_and_is_released(tmp_path):
+    first = RunLock(str(tmp_path), heartbeat_s=0.05)
+    first.acquire()
+    with pytest.raises(RunDirInUse, match=f"in use by pid {os.getpid()} on {socket.gethostname()}"):
+        RunLock(str(tmp_path)).acquire()
+    path = tmp_path / LOCK_NAME
+    os.utime(path, (0, 0))
+    time.sleep(0.3)
+    assert time.time() - path.stat().st_mtime < 1  # the heartbeat keeps it fresh
+    first.release()
+    assert not path.exists()
+    second = RunLock(str(tmp_path))
+    second.acquire()
+    second.release()
+
+
+def test_stale_locks_are_taken_over(tmp_path, capsys):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(gone.pid).create_time()
+    gone.wait()
+    _plant(tmp_path, pid=gone.pid, pid_start=started)  # this host, process gone
+    lock = RunLock(str(tmp_path))
+    lock.acquire()
+    assert f"its process {gone.pid} is gone" in capsys.readouterr().err
+    lock.release()
+    # a reused pid (alive, started at another time) does not keep a lock
+    _plant(tmp_path, pid=os.getpid(), pid_start=psutil.Process().create_time() - 100)
+    lock = RunLock(str(tmp_path))
+    lock.acquire()
+    lock.release()
+    # another host: only its heartbeat tells, fresh it holds, expired it does not
+    _plant(tmp_path, host="elsewhere", pid=os.getpid())
+    with pytest.raises(RunDirInUse, match="in use by pid .* on elsewhere"):
+        RunLock(str(tmp_path), stale_s=60).acquire()
+    os.utime(tmp_path / LOCK_NAME, (time.time() - 120, time.time() - 120))
+    lock = RunLock(str(tmp_path), stale_s=60)
+    lock.acquire()
+    lock.release()
+    assert "no heartbeat for 120 s" in capsys.readouterr().err
+
+
+def test_a_takeover_never_steals_a_newer_lock(tmp_path):
+    """Two jobs judge the same stale lock; one takes it over first. The other one's rename then
+    moves that fresh lock: it must notice, put the lock back and fail."""
+    stale = json.loads(_plant(tmp_path, host="elsewhere").read_text())
+    winner = RunLock(str(tmp_path))
+    os.utime(tmp_path / LOCK_NAME, (0, 0))
+    winner.acquire()
+    loser = RunLock(str(tmp_path))
+    with pytest.raises(RunDirInUse, match=f"in use by pid {os.getpid()}"):
+        loser._take_over(stale, "no heartbeat")
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == winner.record["token"]
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK_NAME]
+    winner.release()
+
+
+def test_a_job_that_lost_its_lock_stops(tmp_path):
+    code = (f"import time; from bdt.trainer.run_lock import RunLock; "
+            f"RunLock({str(tmp_path)!r}, heartbeat_s=0.1).acquire(); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    try:
+        while not (tmp_path / LOCK_NAME).exists():
+            assert holder.poll() is None, holder.stderr.read()
+            time.sleep(0.05)
+        _plant(tmp_path, host="elsewhere")  # someone took it over (it had stalled)
+        assert holder.wait(timeout=30) == LOST_LOCK_EXIT
+        assert "lost its run lock" in holder.stderr.read()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
+def test_a_rank_whose_launcher_dies_is_stopped(tmp_path):
+    """Once its launcher is gone the rank's stop flag says stop (the loop would save and exit);
+    a rank that still runs when the grace time is over is killed."""
+    rank = (f"import time, pathlib, torch; from bdt.trainer import signals; "
+            f"flag = signals.StopFlag(); signals.watch_launcher(grace_s=2, poll_s=0.1); "
+            f"pathlib.Path({str(tmp_path / 'ready')!r}).write_text('x')\n"
+            f"while flag.should_stop(torch.device('cpu')) != signals.STOP_SIGNAL: time.sleep(0.05)\n"
+            f"pathlib.Path({str(tmp_path / 'stop')!r}).write_text('x'); time.sleep(120)")
+    launcher = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+                f"{rank!r}]); print(p.pid, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(parent.stdout.readline()))
+    try:
+        while not (tmp_path / "ready").exists():
+            assert child.is_running()
+            time.sleep(0.05)
+        assert not (tmp_path / "stop").exists()
+        parent.kill()
+        parent.wait()
+        assert not psutil.wait_procs([child], timeout=60)[1]
+        assert (tmp_path / "stop").exists()
+    finally:
+        if child.is_running():
+            child.kill()
