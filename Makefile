@@ -34,12 +34,13 @@ demo: $(STAMP)
 
 # Issue 8's benchmarks (not part of `make test`): each prints a table and writes
 # bench/results/<name>.json; bench/summary.py collects their goals into bench/results/README.md.
-# About 10 min on an idle 2-core machine; niced, as the machine is shared.
+# About 14 min on an idle 2-core machine (data_prefetch.py: ~4); niced, as the machine is shared.
 BENCH := nice -n 10 $(BIN)/python bench
 bench: $(STAMP)
 	$(BENCH)/decode_speed.py
 	$(BENCH)/train_throughput.py
 	$(BENCH)/data_path.py
+	$(BENCH)/data_prefetch.py
 	$(BENCH)/zero_memory.py
 	$(BENCH)/resume_cost.py
 	$(BENCH)/extract_throughput.py

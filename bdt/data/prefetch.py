@@ -80,15 +80,11 @@ class _Flat:
             data[offset:offset + flat.numel()].copy_(flat)
         return _Flat(data, layout)
 
-    def tensors(self, device: torch.device, host_keys: frozenset[str]) -> Tensors:
-        """Views of the buffer, those not in `host_keys` of its one copy on `device`."""
-        moved = self.data.to(device, non_blocking=True)
-        out = {}
-        for name, dtype, shape, offset in self.layout:
-            n = torch.Size(shape).numel() * dtype.itemsize
-            data = self.data if name in host_keys else moved
-            out[name] = data[offset:offset + n].view(dtype).view(shape)
-        return out
+    def views(self, data: torch.Tensor | None = None) -> Tensors:
+        """The row's tensors as views of `data` (the buffer, or a copy of it elsewhere)."""
+        data = self.data if data is None else data
+        return {name: data[offset:offset + torch.Size(shape).numel() * dtype.itemsize]
+                .view(dtype).view(shape) for name, dtype, shape, offset in self.layout}
 
 
 class Prefetcher:
@@ -114,18 +110,25 @@ class Prefetcher:
             self._inbox = queue.Queue()
             main = threading.main_thread()
             self._thread = threading.Thread(
-                target=_serve, args=(factory, depth, self._inbox, self._out, pin, main.is_alive),
+                target=_serve, args=(factory, depth, self._inbox, self._out, pin, True,
+                                     main.is_alive),
                 name="bdt-prefetch", daemon=True)
             self._proc = None
         else:
             ctx = torch_mp.get_context("spawn")  # no fork of a process with threads/CUDA
-            self._inbox = ctx.Queue()
-            outbox = ctx.Queue()
+            # Pipes, not multiprocessing queues: a queue's put wakes a feeder thread in the
+            # sender, which here is the training loop's process.
+            cmd_recv, cmd_send = ctx.Pipe(duplex=False)
+            out_recv, out_send = ctx.Pipe(duplex=False)
+            self._inbox = _PipeEnd(cmd_send)
             self._proc = ctx.Process(target=_serve_process, name="bdt-prefetch", daemon=True,
-                                     args=(factory, depth, self._inbox, outbox))
+                                     args=(factory, depth, _PipeEnd(cmd_recv),
+                                           _PipeEnd(out_send)))
             self._proc.start()
+            cmd_recv.close()  # the worker's ends: only the worker holds them now
+            out_send.close()
             self._thread = threading.Thread(target=_relay, name="bdt-prefetch-relay", daemon=True,
-                                            args=(outbox, self._out, self._proc, pin))
+                                            args=(_PipeEnd(out_recv), self._out, self._proc, pin))
         self._thread.start()
 
     # ---- the trainer's side ----------------------------------------------------------------
@@ -137,10 +140,14 @@ class Prefetcher:
             self._mark = self._source.mark()
             return {k: v if k in self.host_keys else v.to(self.device)
                     for k, v in tensors.items()}, extra
-        flat, extra = self._early.popleft() if self._early else self._receive("row")
+        # The host views were made on the worker's side (thread or relay), off this thread.
+        flat, host, extra = self._early.popleft() if self._early else self._receive("row")
         self._taken += 1
         self._inbox.put(("ack", self._taken))
-        return flat.tensors(self.device, self.host_keys), extra
+        if self.device.type == "cpu":
+            return host, extra
+        moved = flat.views(flat.data.to(self.device, non_blocking=True))  # one copy
+        return {k: v if k in self.host_keys else moved[k] for k, v in host.items()}, extra
 
     @property
     def ready(self) -> int:
@@ -162,14 +169,16 @@ class Prefetcher:
         self._closed = True
         if self.depth == 0:
             return
-        self._inbox.put(("stop", None))
+        try:
+            self._inbox.put(("stop", None))
+        except OSError:  # a worker process that is already gone
+            pass
         if self._proc is not None:
             self._proc.join(timeout=30)
             if self._proc.is_alive():  # stuck in a read: it holds nothing worth waiting for
                 self._proc.kill()
                 self._proc.join()
-            self._inbox.close()  # ends the queue's feeder thread (a few small messages left)
-            self._inbox.join_thread()
+            self._inbox.conn.close()
         self._thread.join(timeout=30)
         if self._thread.is_alive():  # a daemon: it cannot keep the process from exiting
             print(f"warning: the prefetch thread {self._thread.name} did not stop within 30 s "
@@ -204,13 +213,13 @@ class Prefetcher:
 
 
 # ---- the worker's side --------------------------------------------------------------------
-def _serve(factory: Callable[[], RowSource], depth: int, inbox, out, pin: bool,
+def _serve(factory: Callable[[], RowSource], depth: int, inbox, out, pin: bool, views: bool,
            alive: Callable[[], bool]) -> None:
     """Run the worker until "stop" or until `alive()` fails. After an error it only waits for
     that: rows it sent before may still be on their way, and a process's shared buffers die
     with it."""
     try:
-        _produce(factory, depth, inbox, out, pin, alive)
+        _produce(factory, depth, inbox, out, pin, views, alive)
     except BaseException as e:  # noqa: BLE001 -- every failure must reach the trainer
         out.put(("error", (_picklable(e), traceback.format_exc())))
         while alive():
@@ -221,7 +230,7 @@ def _serve(factory: Callable[[], RowSource], depth: int, inbox, out, pin: bool,
                 pass
 
 
-def _produce(factory: Callable[[], RowSource], depth: int, inbox, out, pin: bool,
+def _produce(factory: Callable[[], RowSource], depth: int, inbox, out, pin: bool, views: bool,
              alive: Callable[[], bool]) -> None:
     """Build rows while credits allow (depth minus unacknowledged rows); answer state
     requests with the state at the asked row's mark."""
@@ -240,7 +249,9 @@ def _produce(factory: Callable[[], RowSource], depth: int, inbox, out, pin: bool
             tensors, extra = source.next_row()
             built += 1
             marks[built] = source.mark()
-            out.put(("row", (_Flat.of(tensors, pin), extra)))
+            flat = _Flat.of(tensors, pin)
+            # In a process the views wait for the relay: sent, each would be a handle of its own.
+            out.put(("row", (flat, flat.views() if views else None, extra)))
             continue
         if kind == "stop":
             return
@@ -259,16 +270,39 @@ def _picklable(e: BaseException) -> BaseException:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
-def _serve_process(factory: Callable[[], RowSource], depth: int, inbox, outbox) -> None:
+class _PipeEnd:
+    """queue.Queue's get/put over one end of a multiprocessing pipe."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def put(self, message) -> None:
+        self.conn.send(message)
+
+    def get(self, timeout: float | None = None):
+        if not self.conn.poll(timeout):
+            raise queue.Empty
+        return self.conn.recv()
+
+    def get_nowait(self):
+        return self.get(0)
+
+
+def _serve_process(factory: Callable[[], RowSource], depth: int, inbox: _PipeEnd,
+                   outbox: _PipeEnd) -> None:
     """A worker process: the trainer handles SIGINT/SIGTERM and stops it; one torch thread
     (the producer is Python-bound, and its cores belong to training)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
-    _serve(factory, depth, inbox, outbox, False, multiprocessing.parent_process().is_alive)
+    try:
+        _serve(factory, depth, inbox, outbox, False, False,
+               multiprocessing.parent_process().is_alive)
+    except (EOFError, OSError):  # the trainer's ends of the pipes are gone: so is the trainer
+        pass
 
 
-def _relay(outbox, out: queue.Queue, proc, pin: bool) -> None:
+def _relay(outbox: _PipeEnd, out: queue.Queue, proc, pin: bool) -> None:
     """Trainer-side thread of a worker process: receives its messages (a row's buffer arrives
     as one shared-memory handle), pins rows on CUDA, and reports a worker that died silently."""
     while True:
@@ -277,15 +311,17 @@ def _relay(outbox, out: queue.Queue, proc, pin: bool) -> None:
         except queue.Empty:
             if proc.is_alive():
                 continue
-            if proc.exitcode not in (0, None):
+            kind = None
+        except (EOFError, OSError):  # its end of the pipe closed: it exited
+            kind = None
+        if kind is None:
+            proc.join(timeout=10)
+            if proc.exitcode != 0:  # a clean exit is a stop the trainer asked for
                 out.put(("error", (RuntimeError(f"the prefetch worker process died (exit code "
                                                 f"{proc.exitcode})"), "")))
             return
-        except (EOFError, OSError) as e:  # the worker went away mid-message
-            out.put(("error", (RuntimeError(f"lost the prefetch worker process: {e!r}"),
-                               traceback.format_exc())))
-            return
-        if kind == "row" and pin:
-            flat, extra = payload
-            payload = (_Flat(flat.data.pin_memory(), flat.layout), extra)
+        if kind == "row":
+            flat, _, extra = payload
+            flat = _Flat(flat.data.pin_memory(), flat.layout) if pin else flat
+            payload = (flat, flat.views(), extra)
         out.put((kind, payload))

@@ -58,7 +58,8 @@ class DataConfig:
     # Micro-batches (packed rows) a background worker builds ahead of the step, so the step
     # does not wait for reading and packing (bdt/data/prefetch.py; checkpoints still hold the
     # stream state after the last row the step TOOK). 0 = build each row when the step asks.
-    prefetch: int = 2
+    # 4 rows (~3 MB each at a 16k budget) ride out a slow shard open or a descheduled worker.
+    prefetch: int = 4
     # The worker: "process" (a spawned process per rank: shares no GIL with the training loop,
     # costs a process start per stage), "thread", or "auto" = process on CUDA, thread on CPU.
     prefetch_worker: str = "auto"

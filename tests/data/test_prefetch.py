@@ -156,3 +156,19 @@ def _running(pid: int) -> bool:
             return not any(line.startswith("State:") and "Z" in line for line in f)
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("worker", WORKERS)
+def test_rows_on_cuda_from_pinned_memory(worker):
+    """On CUDA a row arrives pinned and is copied to the device in one non-blocking copy; the
+    host_keys tensors stay in the pinned host buffer."""
+    with Prefetcher(CountingRows(), 0) as inline:
+        want = [inline.next()[0] for _ in range(3)]
+    with Prefetcher(CountingRows(), 2, worker, "cuda", host_keys=frozenset({"mask"})) as p:
+        got = [p.next()[0] for _ in range(3)]
+    for a, b in zip(want, got):
+        assert b["ids"].is_cuda and b["bits"].is_cuda
+        assert not b["mask"].is_cuda and b["mask"].is_pinned()
+        for k in a:
+            assert torch.equal(a[k], b[k].cpu()), k

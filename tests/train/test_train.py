@@ -175,15 +175,16 @@ def test_zero3_bf16_two_ranks(data, tmp_path):
 
 def test_token_stage_at_smaller_p_ends_on_real_tokens_across_a_resume(data, tmp_path):
     """Stage 0 trains P = 1 (the model's is 4) until 1500 real tokens (all ranks) are seen;
-    stage 1 trains P = 4 for 2 steps. A SIGTERM inside stage 0 and the resume keep its count."""
+    stage 1 trains P = 4 for 2 steps. A SIGTERM inside stage 0 and the resume keep its count.
+    Rows come from a prefetch worker process: stopped at the SIGTERM and at the stage switch."""
     budget = 1500
-    stages = (f"stages=[{{name: p1, shards: '{data['shards'][0]}', tokens: {budget}, "
-              f"parallel_num: 1, token_budget: 160, lr: 3e-3, warmup_steps: 1}}, "
-              f"{{name: p4, shards: '{data['shards'][1]}', steps: 2, token_budget: 160, "
-              f"lr: 1e-3, warmup_steps: 1}}]")
-    assert spawn_train(argv(data, tmp_path, stages, "fault.sigterm_at_step=2")) == 0
+    overrides = (f"stages=[{{name: p1, shards: '{data['shards'][0]}', tokens: {budget}, "
+                 f"parallel_num: 1, token_budget: 160, lr: 3e-3, warmup_steps: 1}}, "
+                 f"{{name: p4, shards: '{data['shards'][1]}', steps: 2, token_budget: 160, "
+                 f"lr: 1e-3, warmup_steps: 1}}]", "data.prefetch_worker=process")
+    assert spawn_train(argv(data, tmp_path, *overrides, "fault.sigterm_at_step=2")) == 0
     assert json.loads((tmp_path / "summary.json").read_text())["saved_step"] == 2
-    assert spawn_train(argv(data, tmp_path, stages)) == 0
+    assert spawn_train(argv(data, tmp_path, *overrides)) == 0
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["resumed_from_step"] for r in records if "resumed_from_step" in r] == [2]
     switch = [r["step"] for r in records if r.get("stage") == 1]
