@@ -180,11 +180,16 @@ class CheckpointManager:
         if not fs.exists(f"{path}/{tag}/{MARKER}"):
             return
         dest = f"{path}/{UNUSABLE_DIR}/{time.strftime('%Y%m%dT%H%M%S')}-{tag}"
-        fs.makedirs(dest, exist_ok=True)
         for entry in fs.ls(path, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             if name == tag or name.startswith(tag + "."):
-                fs.mv(f"{path}/{name}", f"{dest}/{name}", recursive=True)
+                if self.remote:  # object stores: a server-side copy of each object, then delete
+                    for obj in fs.find(f"{path}/{name}"):
+                        fs.copy(obj, f"{dest}/{name}{obj[len(path) + 1 + len(name):]}")
+                    fs.rm(f"{path}/{name}", recursive=True)
+                else:
+                    os.makedirs(dest, exist_ok=True)
+                    os.rename(f"{path}/{name}", f"{dest}/{name}")
         print(f"checkpoint {storage.join(self.root, tag)} was complete but is being written "
               f"again (resume passed over it, or resume is off): moved to "
               f"{storage.join(self.root, dest[len(path) + 1:])}, not deleted", flush=True)

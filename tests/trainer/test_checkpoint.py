@@ -201,6 +201,27 @@ def test_a_planted_pickle_is_refused_not_run(tmp_path):
     assert target.exists()
 
 
+def test_s3_damage_falls_back_and_is_set_aside(s3_bucket, tmp_path):
+    root = storage.join(s3_bucket, "run", "ck")
+    mgr = CheckpointManager(root, SOLO, keep_last=2, staging_dir=str(tmp_path / "stage"))
+    for step in (1, 2, 3):
+        _save(mgr, step, value=float(step))
+    fs, path = storage.filesystem(root)
+    fs.invalidate_cache()
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(path)] == [tag_for(2), tag_for(3)]
+    victim = f"{path}/{tag_for(3)}/rank_00000.safetensors"
+    fs.pipe_file(victim, fs.cat_file(victim)[:-10])  # truncated on the object store
+    resumed = mgr.resume(engines={})
+    assert resumed.tag == tag_for(2) and torch.equal(resumed.tensors["buf"], torch.full((3,), 2.0))
+    assert resumed.skipped == [f"{root}/{tag_for(3)}: rank_00000.safetensors: "
+                               f"{fs.size(victim)} bytes, the marker says {fs.size(victim) + 10} "
+                               f"(truncated or replaced)"]
+    _save(mgr, 3, value=4.0)  # the damaged step 3 is moved aside, not overwritten
+    fs.invalidate_cache()
+    assert len(fs.glob(f"{path}/unusable/*/{tag_for(3)}/rank_00000.safetensors")) == 1
+    assert mgr.resume(engines={}).tag == tag_for(3)
+
+
 # ---- real DeepSpeed engines on spawned CPU ranks -----------------------------------------------
 
 def _join(rank, world, port):
