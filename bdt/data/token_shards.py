@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
@@ -76,7 +77,7 @@ def _npy_load(data: bytes) -> np.ndarray:
     size = 10 + int.from_bytes(data[8:10], "little") if data[6:7] == b"\x01" else \
         12 + int.from_bytes(data[8:12], "little")
     shape, fortran, dtype = _npy_header(bytes(data[:size]))
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     if len(data) - size < count * dtype.itemsize:
         raise ValueError(f"npy data holds {len(data) - size} bytes, its header says {shape} "
                          f"{dtype}")
