@@ -1,0 +1,150 @@
+"""Learning curve: shapes-suite scores against AR training FLOPs (issue 17 part 1).
+
+Points come from two places:
+- in-loop evaluations of a run (`eval.every` with `eval.per_category=0`: the whole suite), read
+  from its metrics.jsonl with the FLOPs trained so far (`flops_seen`, logged on the same step);
+- `bdt eval` reports of a run's export (one directory per sampling seed), placed at the run's
+  final `flops_seen` and averaged over the seeds.
+
+    python bench/learning_curve.py --series "demo recipe, 4x steps" RUN_DIR \
+        --final "demo recipe (1x)" RUN_DIR EVAL_SEED0 EVAL_SEED1 ... \
+        --unit-flops RUN_DIR --out docs/learning_curve
+
+writes <out>.json (every point with its per-category and per-attribute accuracies) and
+<out>.png (overall and single-object accuracy, and each attribute judged alone, against FLOPs
+in units of the 1x demo run's). Prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+CATEGORIES = ("single_object", "colors", "counting", "two_objects", "position", "color_attr")
+ATTRIBUTES = ("count", "color", "shape", "position")
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def final_flops(run_dir: str) -> float:
+    flops = [r["flops_seen"] for r in read_metrics(run_dir) if "flops_seen" in r]
+    if not flops:
+        raise ValueError(f"{run_dir}/metrics.jsonl logs no flops_seen (a run from before it was "
+                         f"logged?)")
+    return flops[-1]
+
+
+def in_loop_points(run_dir: str) -> list[dict]:
+    """One point per in-loop evaluation of the whole suite (per_category=0 runs)."""
+    records = read_metrics(run_dir)
+    flops_at = {r["step"]: r["flops_seen"] for r in records if "flops_seen" in r}
+    points = []
+    for r in records:
+        if "eval_overall" not in r:
+            continue
+        if r["step"] not in flops_at:
+            raise ValueError(f"{run_dir}: evaluation at step {r['step']} but no flops_seen logged "
+                             f"there: make eval.every a multiple of logging.every")
+        points.append({"step": r["step"], "flops": flops_at[r["step"]], "seeds": 1,
+                       "source": "in-loop", "overall": r["eval_overall"],
+                       "per_category": {c: r[f"eval/{c}"] for c in CATEGORIES if f"eval/{c}" in r},
+                       "per_attribute": {a: r[f"eval_attr/{a}"] for a in ATTRIBUTES
+                                         if f"eval_attr/{a}" in r}})
+    return points
+
+
+def final_point(run_dir: str, eval_dirs: list[str]) -> dict:
+    """The run's end, scored by `bdt eval` once per sampling seed: the mean over seeds."""
+    reports = []
+    for d in eval_dirs:
+        with open(os.path.join(d, "eval.json")) as f:
+            reports.append(json.load(f))
+
+    def mean(key: str, names) -> dict:
+        return {n: statistics.fmean(r[key][n] for r in reports) for n in names
+                if all(n in r.get(key, {}) for r in reports)}
+
+    step = max(r["step"] for r in read_metrics(run_dir) if "flops_seen" in r)
+    return {"step": step, "flops": final_flops(run_dir), "seeds": len(reports), "source": "final",
+            "overall": statistics.fmean(r["overall"] for r in reports),
+            "overall_per_seed": [r["overall"] for r in reports],
+            "per_category": mean("per_category", CATEGORIES),
+            "per_attribute": mean("per_attribute", ATTRIBUTES)}
+
+
+def plot(series: list[dict], unit: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for s in series:
+        pts = sorted(s["points"], key=lambda p: p["flops"])
+        x = [p["flops"] / unit for p in pts]
+        marker = "o" if s["kind"] == "final" else "."
+        line = left.plot(x, [p["overall"] for p in pts], marker=marker, label=f"{s['name']}: overall")
+        left.plot(x, [p["per_category"].get("single_object", float("nan")) for p in pts],
+                  marker=marker, linestyle="--", color=line[0].get_color(),
+                  label=f"{s['name']}: single objects")
+        for a, style in zip(ATTRIBUTES, ("-", "--", ":", "-.")):
+            right.plot(x, [p["per_attribute"].get(a, float("nan")) for p in pts], marker=marker,
+                       linestyle=style, color=line[0].get_color(), label=f"{s['name']}: {a}")
+    left.axhline(0.80, color="grey", linewidth=0.8, linestyle=":")
+    left.axhline(0.50, color="grey", linewidth=0.8, linestyle=":")
+    for ax, title in ((left, "whole prompts (goal: 0.80 single, 0.50 overall)"),
+                      (right, "each attribute judged alone")):
+        ax.set_xscale("log")
+        ax.set_xlabel("AR training FLOPs (x the CPU demo's)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--series", nargs=2, action="append", default=[], metavar=("NAME", "RUN_DIR"),
+                   help="a run's in-loop evaluations")
+    p.add_argument("--final", nargs="+", action="append", default=[],
+                   metavar="NAME RUN_DIR EVAL_DIR", help="a run's end scored by bdt eval, one "
+                   "EVAL_DIR per sampling seed")
+    p.add_argument("--unit-flops", required=True, metavar="RUN_DIR",
+                   help="the run whose final FLOPs are 1x (the CPU demo)")
+    p.add_argument("--out", default="docs/learning_curve")
+    args = p.parse_args(argv)
+    unit = final_flops(args.unit_flops)
+    series = [{"name": name, "kind": "in-loop", "run_dir": run, "points": in_loop_points(run)}
+              for name, run in args.series]
+    finals: dict[str, dict] = {}
+    for name, run, *evals in args.final:
+        if not evals:
+            raise ValueError(f"--final {name}: give the run dir and at least one eval dir")
+        finals.setdefault(name, {"name": name, "kind": "final", "run_dir": run, "points": []})
+        finals[name]["points"].append(final_point(run, evals))
+    series += list(finals.values())
+    with open(args.out + ".json", "w") as f:
+        json.dump({"unit_flops": unit, "series": series}, f, indent=1)
+    plot(series, unit, args.out + ".png")
+    print(f"| series | step | FLOPs (x demo) | seeds | overall | single | "
+          f"{' | '.join(ATTRIBUTES)} |")
+    print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(ATTRIBUTES))
+    for s in series:
+        for pt in sorted(s["points"], key=lambda q: q["flops"]):
+            attrs = " | ".join(f"{pt['per_attribute'].get(a, float('nan')):.3f}" for a in ATTRIBUTES)
+            print(f"| {s['name']} | {pt['step']} | {pt['flops'] / unit:.2f} | {pt['seeds']} | "
+                  f"{pt['overall']:.3f} | {pt['per_category'].get('single_object', float('nan')):.3f}"
+                  f" | {attrs} |")
+    print(f"wrote {args.out}.json and {args.out}.png")
+
+
+if __name__ == "__main__":
+    main()
