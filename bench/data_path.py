@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/data_path.py [--batches 600]
 
-The stages of bdt/configs/ar_progressive.yaml (256 / 512 / 1024 px, token budgets 16384 /
+The stages of configs/train/ar_progressive.yaml (256 / 512 / 1024 px, token budgets 16384 /
 16384 / 32768, P = 16, shuffle buffer 512) over shapes data: captions and bucket choice as
 `bdt data shapes` makes them (uniform over the stage's buckets, BitDance's 7 / 11 aspect
 presets), a 16x tokenizer (random bits: packing only sees lengths). Each stage's TokenStream
@@ -55,7 +55,7 @@ def main() -> None:
     from bdt.model.sequence import SequencePacker
     from bdt.model.text_tokenizer import add_special_tokens, encode, make_text_tokenizer, prompt_ids
 
-    plan = yaml.safe_load(open(os.path.join(REPO, "bdt", "configs", "ar_progressive.yaml")))
+    plan = yaml.safe_load(open(os.path.join(REPO, "configs", "train", "ar_progressive.yaml")))
     buffer = plan["data"]["buffer_size"]
     with Run("data_path") as run, tempfile.TemporaryDirectory() as tmp:
         captions = [make_sample(0, i, [(64, 64)])[1] for i in range(300)]

@@ -3,7 +3,7 @@
     nice -n 10 .venv/bin/python bench/extract_throughput.py [--sizes 250 750 3000 6000 12000] [--bare-max 750]
 
 Data: the embedded shapes dataset (`bdt data shapes`, 128 px at three aspect ratios). Tokenizer:
-tokenizers/shapes_small.yaml, randomly initialised (speed does not depend on the weights).
+configs/tokenizer/shapes_small.yaml, randomly initialised (speed does not depend on the weights).
 Throughput: both sides use the same cores, the same reader and preprocessing (bdt.extract.inputs,
 bdt.data.images) and the same batch size; the bare loop (in its own process, run just before the
 pipeline on the same data) skips Ray, writing and accounting. It runs for sizes <= --bare-max.
@@ -53,7 +53,7 @@ PER_SHARD = 50
 
 
 def make_tokenizer(path: str) -> None:
-    with open(os.path.join(REPO, "tokenizers", "shapes_small.yaml")) as f:
+    with open(os.path.join(REPO, "configs", "tokenizer", "shapes_small.yaml")) as f:
         model_cfg = yaml.safe_load(f)["model"]
     torch.manual_seed(0)
     save_tokenizer(BinaryAutoencoder(TokenizerConfig.from_dict(model_cfg)), path)
@@ -208,7 +208,7 @@ def main() -> None:
           + ", ".join(f"{k} {v:+.1f}" for k, v in slopes.items()))
     result = {"bench": "extract_throughput", "resolution": RESOLUTION, "batch_size": BATCH,
               "images_per_input_shard": PER_SHARD, "cpus": args.cpus,
-              "tokenizer": "tokenizers/shapes_small.yaml (random init)",
+              "tokenizer": "configs/tokenizer/shapes_small.yaml (random init)",
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "load_avg_1m_at_start": load_start, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
               "rows": rows, "rss_slope_mb_per_1000_images": slopes}

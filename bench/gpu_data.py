@@ -5,7 +5,7 @@ worker's encoder timed on the device (issue 16 part 4).
 
 RAW: shapes images (`bdt data shapes --size 128`). Writes into OUT:
   tokenizer/  a randomly initialised image tokenizer of the demo's geometry
-              (tokenizers/shapes_d8.yaml: 8x down, 32 bits): its bits carry no picture, but every
+              (configs/tokenizer/shapes_d8.yaml: 8x down, 32 bits): its bits carry no picture, but every
               shape, dtype and code path is the trained one's
   tokens/     token shards of families "32" and "64" (4x4 and 8x8 tokens), written by
               bdt.extract.worker.ShardEncoder called directly (the Ray actor's class, no Ray)
@@ -33,7 +33,7 @@ def random_tokenizer(out: str, seed: int = 0) -> str:
     from bdt.tokenizer.config import TokenizerConfig
     from bdt.tokenizer.io import save_tokenizer
 
-    geometry = yaml.safe_load(open(os.path.join(REPO, "tokenizers", "shapes_d8.yaml")))["model"]
+    geometry = yaml.safe_load(open(os.path.join(REPO, "configs", "tokenizer", "shapes_d8.yaml")))["model"]
     torch.manual_seed(seed)
     save_tokenizer(BinaryAutoencoder(TokenizerConfig(**geometry)), out)
     return out
@@ -46,7 +46,7 @@ def extract(raw: str, out: str, tokenizer: str, device: str, batch: int) -> dict
     from bdt.extract.run import plan
     from bdt.extract.worker import ShardEncoder
 
-    cfg = load(ExtractConfig, [os.path.join(REPO, "pipelines", "configs", "demo.yaml")],
+    cfg = load(ExtractConfig, [os.path.join(REPO, "configs", "extract", "demo.yaml")],
                [f"inputs={raw}/*.tar", f"output={out}", f"tokenizer={tokenizer}",
                 f"batch_size={batch}", f"gpus_per_actor={1 if device == 'cuda' else 0}",
                 "decode_threads=4"])

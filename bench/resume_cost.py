@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/resume_cost.py [--steps 6]
 
-Three launches of `python bdt/train.py --config bdt/configs/tiny.yaml` (one process, the tiny
+Three launches of `python bdt/train.py --config configs/train/tiny.yaml` (one process, the tiny
 config, random 16-bit token shards), one after another:
   fresh        the whole run (`--steps` steps, a checkpoint at the midpoint) uninterrupted
   killed       the same run SIGKILLed right after the midpoint checkpoint (fault injection)
@@ -41,7 +41,7 @@ def make_shards(out: str, n: int = 200, per_shard: int = 50) -> None:
 
 def launch(run_dir: str, llm: str, shards: str, steps: int, extra: list[str]) -> dict:
     cmd = [sys.executable, os.path.join(REPO, "bdt", "train.py"), "--config",
-           os.path.join(REPO, "bdt", "configs", "tiny.yaml"), f"run_dir={run_dir}",
+           os.path.join(REPO, "configs", "train", "tiny.yaml"), f"run_dir={run_dir}",
            f"model.backbone.path={llm}", f"data.root={shards}", f"checkpoint.every={steps // 2}",
            "export=false", "threads=1",
            f"stages=[{{name: '128', shards: '{shards}', steps: {steps}, token_budget: 256, "

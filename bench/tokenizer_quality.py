@@ -1,6 +1,6 @@
 """Tokenizer quality on the embedded shapes data (issue 3 acceptance).
 
-Trains the demo's tokenizer (`tokenizers/shapes_d8.yaml` with `scripts/demo_tokenizer.yaml`)
+Trains the demo's tokenizer (`configs/tokenizer/shapes_d8.yaml` with `configs/tokenizer/demo.yaml`)
 through the real entry point (`tokenizers/train.py` under the deepspeed launcher, 2 CPU ranks x
 1 thread, as `make demo` runs it) for at most --minutes of training, then scores the exported
 tokenizer on held-out shapes images (a different seed) at 128 px and 64 px: PSNR, SSIM and
@@ -144,7 +144,7 @@ def main() -> int:
     parser.add_argument("--fixed-steps", type=int, default=400, help="first launch: exactly this many steps")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--config", action="append", help="repeatable; default: "
-                        "tokenizers/shapes_d8.yaml + scripts/demo_tokenizer.yaml")
+                        "configs/tokenizer/shapes_d8.yaml + configs/tokenizer/demo.yaml")
     parser.add_argument("--judge-num", type=int, default=240)
     parser.add_argument("--judge-px", type=int, default=64)
     parser.add_argument("--work", default="/tmp/bdt-bench-tokenizer")
@@ -153,8 +153,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "tokenizer_quality.json"))
     parser.add_argument("overrides", nargs="*", help="key=value for the trainer (after the config)")
     args = parser.parse_args()
-    args.config = args.config or [os.path.join(REPO, "tokenizers", "shapes_d8.yaml"),
-                                  os.path.join(REPO, "scripts", "demo_tokenizer.yaml")]
+    args.config = args.config or [os.path.join(REPO, "configs", "tokenizer", "shapes_d8.yaml"),
+                                  os.path.join(REPO, "configs", "tokenizer", "demo.yaml")]
     from bdt.config import load
     from bdt.tokenizer.train import TokenizerTrainConfig
     recipe = load(TokenizerTrainConfig, args.config, [*args.overrides, "out_dir=unused", "data.shards=unused"])

@@ -61,7 +61,7 @@ def build_tokenizers() -> dict:
             p.data.normal_(0.0, 0.02)
         return model.eval()
 
-    small = yaml.safe_load(open(os.path.join(REPO, "tokenizers", "shapes_small.yaml")))["model"]
+    small = yaml.safe_load(open(os.path.join(REPO, "configs", "tokenizer", "shapes_small.yaml")))["model"]
     torch.manual_seed(0)
     return {"on-the-fly small": encoder_only(TokenizerConfig(**small)),
             "on-the-fly ae_d16c32": encoder_only(TokenizerConfig())}

@@ -1,7 +1,8 @@
 """Pre-extract binary image tokens with Ray (system §1; the library is bdt/extract/).
 
-    ray job submit --working-dir . -- python pipelines/extract_tokens.py --config pipelines/configs/shapes.yaml
-    python pipelines/extract_tokens.py --config pipelines/configs/shapes.yaml output=/tmp/tok  # local Ray
+    ray job submit --working-dir . -- \
+        python pipelines/extract_tokens.py --config configs/extract/shapes.yaml
+    python pipelines/extract_tokens.py --config configs/extract/shapes.yaml output=/tmp/tok  # local Ray
 
 Under `ray job submit` (or with RAY_ADDRESS set) it joins that cluster; otherwise it starts a
 private local Ray bound to 127.0.0.1 and stops it however the job ends (bdt/extract/ray_session.py).

@@ -90,7 +90,7 @@ yaml.safe_dump(env, open(sys.argv[2], "w"))
 PY
 start_ray_head "$W/ray-head.log"
 ray job submit --address "$RAY_DASHBOARD" --runtime-env "$W/runtime_env.yaml" -- \
-  python pipelines/extract_tokens.py --config pipelines/configs/demo.yaml \
+  python pipelines/extract_tokens.py --config configs/extract/demo.yaml \
   "inputs=$BUCKET/raw/shapes/shapes-*.tar" "output=$BUCKET/tokens" \
   "tokenizer=$BUCKET/models/tokenizer" "stages=[{resolution: 64, buckets: [[64, 64]]}]" min_side=32
 stop_ray
@@ -105,7 +105,7 @@ export DS_ENV_FILE=$W/.deepspeed_env
 echo "hostfile: $(cat "$HOSTFILE"); $NNODES node x $SLOTS ranks; .deepspeed_env: $(wc -l < "$DS_ENV_FILE") variables"
 STEPS=12
 python -m bdt.cluster.resume --max-restarts 2 --backoff 2 -- \
-  bash cluster/deepspeed/launch.sh bdt/train.py --config bdt/configs/tiny.yaml \
+  bash cluster/deepspeed/launch.sh bdt/train.py --config configs/train/tiny.yaml \
   run_dir="$W/run" checkpoint.dir="$RUN/checkpoints" model.backbone.path="$W/llm" \
   data.root="$BUCKET/tokens" data.tokenizer="$BUCKET/models/tokenizer" \
   stages.0.steps=$STEPS checkpoint.every=3 > "$W/train.log" 2>&1 &

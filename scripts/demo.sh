@@ -19,8 +19,8 @@
 #
 # Wall time in a fresh checkout on an idle 2-core machine (Intel Xeon), measured 2026-12-02:
 # 14 min 14 s after a 1 min 32 s install: data 8 s, tokenizer 3 min 26 s (capped at 8 min by
-# time_limit_min in scripts/demo_tokenizer.yaml), Ray extraction 25 s, LLM 6 s, AR training
-# 9 min 49 s (all 3600 steps; capped at 14 min by time_limit_min in bdt/configs/demo.yaml), samples
+# time_limit_min in configs/tokenizer/demo.yaml), Ray extraction 25 s, LLM 6 s, AR training
+# 9 min 49 s (all 3600 steps; capped at 14 min by time_limit_min in configs/train/demo.yaml), samples
 # 5 s, eval 15 s. A slower machine of the same kind took 23 min 21 s, install included (AR time
 # cap at step 3446). Scores and what limits them: README ("The demo's quality").
 set -euo pipefail
@@ -29,7 +29,7 @@ REPO=$PWD
 
 if [[ -x .venv/bin/python ]]; then export PATH="$REPO/.venv/bin:$PATH"; fi
 # On a machine where torch sees CUDA GPUs the same steps use them, with a bigger AR model
-# (bdt/configs/demo_gpu.yaml; unproven: never run on a GPU yet). DEMO_DEVICE=cpu forces the CPU.
+# (configs/train/demo_gpu.yaml; unproven: never run on a GPU yet). DEMO_DEVICE=cpu forces the CPU.
 GPUS=0
 if [[ ${DEMO_DEVICE:-auto} != cpu ]]; then
   GPUS=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
@@ -53,13 +53,13 @@ if ((GPUS > 0)); then
   RANKS=$GPUS
   NUM=${DEMO_NUM:-30000}  # the bigger model sees each image ~80 times in its budget even so
   LLM_ARGS=(--hidden 512 --layers 8 --heads 8 --kv-heads 4 --intermediate 1536)
-  TRAIN_CONFIGS=(--config bdt/configs/demo.yaml --config bdt/configs/demo_gpu.yaml)
+  TRAIN_CONFIGS=(--config configs/train/demo.yaml --config configs/train/demo_gpu.yaml)
   EXTRACT_ARGS=(gpus_per_actor=1 "num_actors=$GPUS")
 else
   RANKS=2  # 2 CPU ranks x 1 thread on 2 cores
   NUM=${DEMO_NUM:-6000}
   LLM_ARGS=()
-  TRAIN_CONFIGS=(--config bdt/configs/demo.yaml)
+  TRAIN_CONFIGS=(--config configs/train/demo.yaml)
   EXTRACT_ARGS=()
 fi
 EVAL_PER_CATEGORY=${DEMO_EVAL_PER_CATEGORY:-0}
@@ -85,9 +85,9 @@ fi
 if [[ -f $D/tokenizer/export/config.json ]]; then
   log "2/7 tokenizer: $D/tokenizer/export is complete, skipping"
 else
-  log "2/7 tokenizer: training tokenizers/shapes_d8.yaml on $RANKS ranks -> $D/tokenizer"
+  log "2/7 tokenizer: training configs/tokenizer/shapes_d8.yaml on $RANKS ranks -> $D/tokenizer"
   deepspeed --num_gpus "$RANKS" --master_port "$(free_port)" tokenizers/train.py \
-    --config tokenizers/shapes_d8.yaml --config scripts/demo_tokenizer.yaml \
+    --config configs/tokenizer/shapes_d8.yaml --config configs/tokenizer/demo.yaml \
     out_dir="$D/tokenizer" "data.shards=$D/data/shapes-*.tar" "${TOKENIZER_ARGS[@]}"
 fi
 
@@ -104,7 +104,7 @@ else
   log "3/7 pre-extraction: Ray head on 127.0.0.1 (log $D/ray-head.log)"
   start_ray_head "$D/ray-head.log"
   ray job submit --address "$RAY_DASHBOARD" --working-dir . -- \
-    python pipelines/extract_tokens.py --config pipelines/configs/demo.yaml \
+    python pipelines/extract_tokens.py --config configs/extract/demo.yaml \
     "inputs=$D/data/shapes-*.tar" "output=$D/tokens" "tokenizer=$D/tokenizer/export" \
     "${EXTRACT_ARGS[@]}"
   stop_ray

@@ -22,8 +22,8 @@
 #   throughput  the 1.2B configuration per attention backend, the best one profiled, the
 #               attention kernels alone (bench/gpu_throughput.py -> bench/results/gpu_throughput.json)
 #   train_1b    the real trainer on the 1.2B configuration with flex
-#               (cluster/configs/gpu_1b_mfu.yaml): steps, MFU, data_wait_frac
-#   shapes_*    a short shapes training (cluster/configs/gpu_shapes_quality.yaml), bdt eval
+#               (configs/cluster/gpu_1b_mfu.yaml): steps, MFU, data_wait_frac
+#   shapes_*    a short shapes training (configs/cluster/gpu_shapes_quality.yaml), bdt eval
 #   report      bench/results/gpu_check.json (bench/summary.py shows it beside the CPU rows)
 # The results are copied into OUT/results/ as well. Exit status: 0 if every stage passed.
 set -uo pipefail
@@ -105,12 +105,12 @@ stage throughput 130 "${PYF[@]}" bench/gpu_throughput.py --llm "$WORK/data/llm" 
 collect
 # The checkpoint the trainer writes at its end (~14 GB of ZeRO-2 state at 1.2B) goes to memory
 # when it can, and is deleted: only the metrics matter here.
-stage train_1b 120 "${PYF[@]}" bdt/train.py --config bdt/configs/demo.yaml \
-  --config cluster/configs/gpu_1b_mfu.yaml "${DATA[@]}" "run_dir=$WORK/run_1b" \
+stage train_1b 120 "${PYF[@]}" bdt/train.py --config configs/train/demo.yaml \
+  --config configs/cluster/gpu_1b_mfu.yaml "${DATA[@]}" "run_dir=$WORK/run_1b" \
   "checkpoint.dir=$CKPT/run_1b" "stages.0.shards=$WORK/data/tokens/64/*.tar" "${TRAIN_1B[@]}"
 rm -rf "$CKPT/run_1b"
-stage shapes_train 45 "${PYF[@]}" bdt/train.py --config bdt/configs/demo.yaml \
-  --config cluster/configs/gpu_shapes_quality.yaml "${DATA[@]}" "run_dir=$WORK/run_shapes" \
+stage shapes_train 45 "${PYF[@]}" bdt/train.py --config configs/train/demo.yaml \
+  --config configs/cluster/gpu_shapes_quality.yaml "${DATA[@]}" "run_dir=$WORK/run_shapes" \
   "checkpoint.dir=$CKPT/run_shapes" "stages.0.shards=$WORK/data/tokens/32/*.tar" \
   "stages.1.shards=$WORK/data/tokens/64/*.tar" "${SHAPES[@]}"
 stage shapes_eval 30 "${PYF[@]}" -m bdt.cli eval --model "$WORK/run_shapes/export" --size 64 \

@@ -9,7 +9,7 @@ from bdt.config import load
 from bdt.trainer.train_config import TrainConfig, validate
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "bdt/configs/demo.yaml")
+DEMO = str(REPO / "configs/train/demo.yaml")
 
 
 def _load(*overlays: str) -> TrainConfig:
@@ -20,7 +20,7 @@ def _load(*overlays: str) -> TrainConfig:
 
 
 def test_gpu_overlay_keeps_the_demo_stages_and_scales_the_rest():
-    cpu, gpu = _load(), _load(str(REPO / "bdt/configs/demo_gpu.yaml"))
+    cpu, gpu = _load(), _load(str(REPO / "configs/train/demo_gpu.yaml"))
     assert [(s.name, s.family) for s in gpu.stages] == [(s.name, s.family) for s in cpu.stages]
     assert all(s.shards == "/tmp/tokens" for s in gpu.stages)
     assert gpu.model.parallel_num == cpu.model.parallel_num  # the shards' buckets fit P

@@ -21,8 +21,8 @@ import gpu_check  # noqa: E402  (bench/ is not a package)
 @pytest.mark.parametrize("overlay, hidden, stages", [("gpu_1b_mfu.yaml", 2048, 1),
                                                      ("gpu_shapes_quality.yaml", 512, 2)])
 def test_gpu_overlays_load_over_the_demo(overlay, hidden, stages):
-    cfg = load(TrainConfig, [str(REPO / "bdt/configs/demo.yaml"),
-                             str(REPO / "cluster/configs" / overlay)],
+    cfg = load(TrainConfig, [str(REPO / "configs/train/demo.yaml"),
+                             str(REPO / "configs/cluster" / overlay)],
                ["run_dir=/tmp/r", "stages.0.shards=/tmp/t/64/*.tar"])
     validate(OmegaConf.to_object(cfg))
     assert cfg.model.backbone.from_scratch and len(cfg.stages) == stages

@@ -1,6 +1,11 @@
 """Small builders shared by tests in several folders (tests/ is on sys.path via tests/conftest.py)."""
 
+from pathlib import Path
+
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(REPO / "configs" / "train" / "tiny.yaml")  # the tiny AR model of CPU tests
 
 
 def save_tiny_image_tokenizer(out_dir: str, bits: int = 16):

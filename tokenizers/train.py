@@ -1,6 +1,7 @@
-"""Train a binary image tokenizer: `deepspeed tokenizers/train.py --config tokenizers/<name>.yaml
-[key=value ...]` (also `torchrun ...` or plain `python ...`). All logic is in bdt.tokenizer.train;
-this directory is not a package (it would shadow Hugging Face's `tokenizers`)."""
+"""Train a binary image tokenizer: `deepspeed tokenizers/train.py --config
+configs/tokenizer/<name>.yaml [key=value ...]` (also `torchrun ...` or plain `python ...`). All
+logic is in bdt.tokenizer.train; this directory is not a package (it would shadow Hugging Face's
+`tokenizers`)."""
 
 import sys
 

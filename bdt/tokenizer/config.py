@@ -1,6 +1,6 @@
 """Architecture + quantizer settings of a binary image tokenizer (method §1).
 
-On disk (a tokenizer directory's `config.json`, or the `model:` block of a `tokenizers/*.yaml`)
+On disk (a tokenizer directory's `config.json`, or the `model:` block of a `configs/tokenizer/*.yaml`)
 the config is the flat field set of `TokenizerConfig`. `TokenizerConfig.from_dict` also takes the
 released BitDance constructor form as it is, `{"ddconfig": {...}, "gan_decoder": ...}`, so a
 config file shipped with the official weights loads without conversion. Keys starting with `_`

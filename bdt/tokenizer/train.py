@@ -1,4 +1,4 @@
-"""Tokenizer training: `deepspeed tokenizers/train.py --config tokenizers/<name>.yaml [key=value]`.
+"""Tokenizer training: `deepspeed tokenizers/train.py --config configs/tokenizer/<name>.yaml [key=value]`.
 
 Also runs under torchrun and as one plain process. Losses (method §1): pixel L1/L2, optional
 LPIPS, the quantizer's commitment + group-wise entropy terms, and an optional patch discriminator

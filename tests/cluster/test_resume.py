@@ -52,7 +52,7 @@ def test_sigkilled_rank_is_relaunched_and_the_run_resumes(tmp_path):
     llm = tiny_llm(str(tmp_path / "llm"))
     run = tmp_path / "run"
     train = ["torchrun", "--standalone", "--nproc-per-node", "2", "bdt/train.py",
-             "--config", "bdt/configs/tiny.yaml", f"run_dir={run}", f"model.backbone.path={llm}",
+             "--config", "configs/train/tiny.yaml", f"run_dir={run}", f"model.backbone.path={llm}",
              f"data.root={shards}", "stages.0.steps=10", "checkpoint.every=2", "export=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -163,7 +163,7 @@ def test_stop_signal_ends_the_launch_and_exits_stopped(tmp_path):
 
 def test_bad_training_config_fails_before_launching(tmp_path):
     out = subprocess.run([*WRAPPER, "--", "torchrun", "bdt/train.py", "--config",
-                          "bdt/configs/tiny.yaml", "model.backbone.path=x", "data.root=y",
+                          "configs/train/tiny.yaml", "model.backbone.path=x", "data.root=y",
                           "stages.0.stepz=3"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == USAGE and "stepz" in out.stderr
     out = subprocess.run([*WRAPPER, "--", "srun", "bash", "-c", "python x.py"], cwd=REPO,

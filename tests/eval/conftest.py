@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from evalutil import BUCKET
-from testkit import save_tiny_image_tokenizer
+from testkit import TINY_CONFIG, save_tiny_image_tokenizer
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BITS = 16
@@ -58,7 +58,7 @@ def trained_run(tmp_path_factory) -> str:
     _token_shards(str(base / "tokens"), tokenizer)
     run_dir = base / "run"
     cmd = [sys.executable, os.path.join(ROOT, "bdt", "train.py"),
-           "--config", os.path.join(ROOT, "bdt", "configs", "tiny.yaml"),
+           "--config", TINY_CONFIG,
            f"run_dir={run_dir}", f"model.backbone.path={llm}", f"data.root={base / 'tokens'}",
            f"data.tokenizer={base / 'tok'}", "deepspeed.zero_stage=1", "deepspeed.grad_accum=1",
            "stages=[{name: s16, shards: '${data.root}', family: '16', steps: 3, "

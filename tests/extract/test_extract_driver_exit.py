@@ -20,7 +20,7 @@ def test_sigkilled_driver_leaves_no_ray_process(tmp_path, tiny_tokenizer):
     for i in range(2):
         write_tar(str(tmp_path / f"raw-{i}.tar"), good_samples(f"d{i}", 40, 10 * i))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "pipelines/extract_tokens.py", "--config", "pipelines/configs/shapes.yaml",
+    cmd = [sys.executable, "pipelines/extract_tokens.py", "--config", "configs/extract/shapes.yaml",
            f"inputs={tmp_path}/raw-*.tar", f"output={tmp_path}/out", f"tokenizer={tiny_tokenizer}",
            "min_side=16", "stages=[{resolution: 32}]", "batch_size=1", "num_actors=1"]
     driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,

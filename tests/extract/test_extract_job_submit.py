@@ -81,7 +81,7 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path, tiny_tokenizer, ray_head):
         write_tar(str(tmp_path / f"raw-{i}.tar"), good_samples(f"j{i}", 5, 10 * i))
     out = tmp_path / "tokens"
     cmd = [os.path.join(VENV_BIN, "ray"), "job", "submit", "--address", url, "--working-dir", ".", "--",
-           "python", "pipelines/extract_tokens.py", "--config", "pipelines/configs/shapes.yaml",
+           "python", "pipelines/extract_tokens.py", "--config", "configs/extract/shapes.yaml",
            f"inputs={tmp_path}/raw-*.tar", f"output={out}", f"tokenizer={tiny_tokenizer}", "min_side=16",
            "stages=[{resolution: 32}]", "batch_size=4"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

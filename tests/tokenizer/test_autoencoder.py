@@ -223,8 +223,8 @@ class _YamlSchema:
 @pytest.mark.parametrize("name", ["ae_d16c32", "ae_d32c128", "ae_d32c256", "shapes_small",
                                   "shapes_d8"])
 def test_tokenizers_yaml_configs(name):
-    """tokenizers/*.yaml hold only a `model:` block that the typed config loader accepts."""
-    path = Path(__file__).resolve().parents[2] / "tokenizers" / f"{name}.yaml"
+    """configs/tokenizer/*.yaml hold only a `model:` block that the typed config loader accepts."""
+    path = Path(__file__).resolve().parents[2] / "configs" / "tokenizer" / f"{name}.yaml"
     loaded = load_config(_YamlSchema, [str(path)])
     assert set(OmegaConf.to_container(loaded)) == {"model"}
     with torch.device("meta"):

@@ -18,12 +18,11 @@ import torch
 
 from bdt.trainer.distributed import free_port
 from bdt.trainer.schedule import WarmupSchedule
-from testkit import PlantedPickle, cut_file, flip_bytes
+from testkit import TINY_CONFIG, PlantedPickle, cut_file, flip_bytes
 from trainutil import (export_tensors, read_metrics, spawn_train, tiny_llm, train_overrides,
                        write_shards)
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-CONFIG = os.path.join(ROOT, "bdt", "configs", "tiny.yaml")
 STEPS = 13
 LR, WARMUP = 3e-3, 2  # trainutil.train_overrides' stage
 MODEL, OPTIM = "model/mp_rank_00_model_states.pt", "model/zero_pp_rank_{}_mp_rank_00_optim_states.pt"
@@ -50,7 +49,7 @@ def test_damaged_checkpoints_are_passed_over_and_the_run_ends_as_uninterrupted(t
     shards = os.path.dirname(write_shards(str(tmp_path / "s"), [(4, 4), (4, 8), (8, 4)],
                                           num_shards=2, per_shard=10)[0])
     run = tmp_path / "run"
-    argv = ["--config", CONFIG, *train_overrides(str(run), llm, shards, steps=STEPS, every=1,
+    argv = ["--config", TINY_CONFIG, *train_overrides(str(run), llm, shards, steps=STEPS, every=1,
                                                   extra=["checkpoint.keep_last=0", "ema_decay=0.9"])]
     assert spawn_train(argv) == 0  # uninterrupted, a checkpoint after every step
     reference, params = read_metrics(str(run)), export_tensors(str(run))
@@ -103,7 +102,7 @@ def test_second_launcher_fails_fast_and_a_killed_launcher_leaves_no_rank(tmp_pat
     shards = os.path.dirname(write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=2,
                                           per_shard=6)[0])
     run = tmp_path / "run"
-    args = ["--config", CONFIG, *train_overrides(str(run), llm, shards, steps=100000, every=0,
+    args = ["--config", TINY_CONFIG, *train_overrides(str(run), llm, shards, steps=100000, every=0,
                                                   extra=["export=false"])]
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{os.path.dirname(sys.executable)}:"
                                                       f"{os.environ['PATH']}")

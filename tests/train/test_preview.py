@@ -9,12 +9,12 @@ from bdt.config import load
 from bdt.model.ar import BitDanceModel
 from bdt.trainer.preview import load_decoder, sample_grid, save_grid
 from bdt.trainer.train_config import TrainConfig
-from test_train_inputs import CONFIG
+from testkit import TINY_CONFIG
 from trainutil import tiny_image_tokenizer, tiny_llm
 
 
 def test_sample_grid_png_leaves_training_rng_alone(tmp_path):
-    cfg = OmegaConf.to_object(load(TrainConfig, [CONFIG], [
+    cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], [
         f"model.backbone.path={tiny_llm(str(tmp_path / 'llm'))}", "stages=[{name: a, shards: x, steps: 1}]"]))
     model = BitDanceModel.from_config(cfg.model)
     decoder = load_decoder(tiny_image_tokenizer(str(tmp_path / "tok")))

@@ -14,10 +14,10 @@ import sys
 import time
 
 from bdt.trainer.distributed import free_port
+from testkit import TINY_CONFIG
 from trainutil import tiny_image_tokenizer, tiny_llm, train_overrides, write_shards
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-CONFIG = os.path.join(ROOT, "bdt", "configs", "tiny.yaml")
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
@@ -45,7 +45,7 @@ def test_torchrun_trains_evaluates_and_sigterm_checkpoints(tmp_path):
     # far more steps than the test waits for: only the signal ends this run
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           os.path.join(ROOT, "bdt", "train.py"), "--config", CONFIG,
+           os.path.join(ROOT, "bdt", "train.py"), "--config", TINY_CONFIG,
            *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=100000, every=0,
                             extra=extra)]
     log = str(tmp_path / "torchrun.log")

@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
+from testkit import TINY_CONFIG
 from trainutil import (export_tensors, read_metrics, spawn_train, tiny_image_tokenizer, tiny_llm,
                        train_overrides, write_shards)
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "bdt", "configs", "tiny.yaml")
 STEPS = [4, 4]  # two stages; the transition is at step 4
 
 
@@ -27,7 +27,7 @@ def data(tmp_path_factory):
 
 
 def argv(data, run_dir, *extra, zero=2, precision="fp32", steps=STEPS, shards=None):
-    return ["--config", CONFIG, *train_overrides(str(run_dir), data["llm"], shards or data["shards"],
+    return ["--config", TINY_CONFIG, *train_overrides(str(run_dir), data["llm"], shards or data["shards"],
                                                  steps=steps, zero=zero, precision=precision,
                                                  every=2, extra=extra)]
 

@@ -16,15 +16,15 @@ from bdt.config import load
 from bdt.trainer.distributed import DistInfo, free_port
 from bdt.trainer.setup import check_data, check_model_signature, model_signature
 from bdt.trainer.train_config import TrainConfig
+from testkit import TINY_CONFIG
 from trainutil import tiny_image_tokenizer, tiny_llm, train_overrides, write_shards
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-CONFIG = os.path.join(ROOT, "bdt", "configs", "tiny.yaml")
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
 def config(tmp_path, shards, *extra):
-    return OmegaConf.to_object(load(TrainConfig, [CONFIG], train_overrides(
+    return OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], train_overrides(
         str(tmp_path / "run"), "unused", shards, extra=extra)))
 
 
@@ -38,7 +38,7 @@ def test_deepspeed_launcher_runs_two_ranks(tmp_path):
              "logging.sample_steps=2"]
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
            "--master_port", str(free_port()), os.path.join(ROOT, "bdt", "train.py"),
-           "--config", CONFIG, *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=3,
+           "--config", TINY_CONFIG, *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=3,
                                                  every=0, extra=extra)]
     proc = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -58,7 +58,7 @@ def test_plain_python_single_process_zero0(tmp_path):
     llm = tiny_llm(str(tmp_path / "llm"))
     write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=1, per_shard=8)
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(ROOT, "bdt", "train.py"), "--config", CONFIG,
+    cmd = [sys.executable, os.path.join(ROOT, "bdt", "train.py"), "--config", TINY_CONFIG,
            *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=2, zero=0, every=0,
                             extra=["export=false"])]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
@@ -71,7 +71,7 @@ def test_plain_python_single_process_zero0(tmp_path):
 
 
 def test_missing_shards_fail_at_start_with_one_line(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "bdt", "train.py"), "--config", CONFIG,
+    cmd = [sys.executable, os.path.join(ROOT, "bdt", "train.py"), "--config", TINY_CONFIG,
            *train_overrides(str(tmp_path / "run"), "unused", str(tmp_path / "nowhere"))]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2

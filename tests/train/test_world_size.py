@@ -11,9 +11,9 @@ import shutil
 import pytest
 
 from test_stream import unconsumed_keys
+from testkit import TINY_CONFIG
 from trainutil import read_metrics, spawn_train, tiny_llm, train_overrides, write_shards
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "bdt", "configs", "tiny.yaml")
 STEPS, NUM_SHARDS, PER_SHARD = 8, 6, 40
 GRIDS = [(4, 4), (4, 8), (8, 4)]
 
@@ -26,7 +26,7 @@ def data(tmp_path_factory):
 
 
 def argv(data, run_dir, *extra):
-    return ["--config", CONFIG, *train_overrides(
+    return ["--config", TINY_CONFIG, *train_overrides(
         str(run_dir), data["llm"], os.path.dirname(data["urls"][0]), steps=STEPS, every=3,
         extra=("checkpoint.keep_last=0", "logging.sample_keys=true", "export=false",
                # rows built ahead by a worker process: the checkpoints must still owe exactly

@@ -4,7 +4,6 @@ the mean-initialised new embedding rows, our freshly initialised modules), in bf
 
 import json
 import math
-import os
 
 import torch
 from omegaconf import OmegaConf
@@ -13,20 +12,19 @@ from safetensors.torch import load_file
 from bdt.config import load
 from bdt.trainer import setup
 from bdt.trainer.train_config import TrainConfig
+from testkit import TINY_CONFIG
 from trainutil import spawn_build, tiny_llm, train_overrides
-
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "bdt", "configs", "tiny.yaml")
 
 
 def test_zero3_build_partitions_every_parameter_with_the_plain_values(tmp_path):
     llm = tiny_llm(str(tmp_path / "llm"))
     overrides = train_overrides(str(tmp_path / "run"), llm, "unused", zero=3, precision="bf16")
-    spawn_build(["--config", CONFIG, *overrides], str(tmp_path))
+    spawn_build(["--config", TINY_CONFIG, *overrides], str(tmp_path))
     ranks = [json.loads((tmp_path / f"local_{r}.json").read_text()) for r in (0, 1)]
     assert all(r["zero3_enabled"] for r in ranks)
     gathered = load_file(str(tmp_path / "full.safetensors"))
 
-    cfg = OmegaConf.to_object(load(TrainConfig, [CONFIG], overrides + ["deepspeed.zero_stage=0"]))
+    cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], overrides + ["deepspeed.zero_stage=0"]))
     torch.manual_seed(cfg.seed)
     plain, _ = setup.build_model(cfg, {})
     expected = dict(plain.named_parameters())

@@ -47,7 +47,7 @@ def tiny_llm(out_dir: str) -> str:
 
 def train_overrides(run_dir: str, llm: str, shards: str | list[str], steps: int | list[int] = 6,
                     zero: int = 2, precision: str = "fp32", every: int = 2, extra=()) -> list[str]:
-    """key=value overrides of a tiny 2-stage (or 1-stage) run; the YAML is bdt/configs/tiny.yaml."""
+    """key=value overrides of a tiny 2-stage (or 1-stage) run; the YAML is configs/train/tiny.yaml."""
     shards = [shards] if isinstance(shards, str) else shards
     steps = [steps] * len(shards) if isinstance(steps, int) else steps
     out = [f"run_dir={run_dir}", f"model.backbone.path={llm}", f"deepspeed.zero_stage={zero}",
