@@ -14,7 +14,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench rehearsal clean
+.PHONY: install test test-fast demo bench rehearsal clean
 
 install: $(STAMP)
 
@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	@touch $@
 
+# Everything (CI). test-fast leaves out the tests marked slow (they start DeepSpeed, Ray or an S3
+# server, or spawn ranks).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The main job end to end on the embedded default (system §4): data -> tokenizer -> Ray
 # pre-extraction -> DeepSpeed training over two stages -> samples -> evaluation. Resumable.
@@ -47,10 +52,11 @@ bench: $(STAMP)
 	$(BENCH)/summary.py
 
 # The multi-node flow of cluster/README.md on this machine: S3 server (moto) on 127.0.0.1, Ray
-# pre-extraction to s3, 2-rank training from s3 through the resume wrapper, a rank SIGKILLed
-# mid-run, resumed, finished (scripts/cluster_rehearsal.sh). Not part of `make test` (minutes).
+# pre-extraction to s3, 2-rank training from s3 through the resume wrapper
+# (scripts/cluster_rehearsal.sh), a rank SIGKILLed mid-run, resumed, finished
+# (tests/cluster/test_rehearsal.py, also part of `make test`).
 rehearsal: $(STAMP)
-	bash scripts/cluster_rehearsal.sh
+	$(BIN)/python -m pytest -q tests/cluster/test_rehearsal.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
