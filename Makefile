@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	@touch $@
 
-# Everything (CI). test-fast leaves out the tests marked slow (they start DeepSpeed, Ray or an S3
-# server, or spawn ranks).
+# Everything (CI). test-fast leaves out the tests marked slow (they start DeepSpeed, Ray, an S3
+# server or other processes): under a minute on 2 cores.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 

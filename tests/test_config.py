@@ -118,6 +118,7 @@ def test_save_resolved_round_trips(tmp_path):
     assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".")]  # no temp left
 
 
+@pytest.mark.slow
 def test_save_resolved_to_s3(s3_bucket):
     cfg = C.load(Job, [], ["data_path=s3://x/y"])
     url = C.save_resolved(cfg, s3_bucket + "/run1")

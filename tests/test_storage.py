@@ -9,6 +9,7 @@ import pytest
 from bdt import storage
 
 
+@pytest.mark.slow
 def test_failed_remote_write_leaves_no_object(s3_bucket):
     url = s3_bucket + "/partial.bin"
     with pytest.raises(RuntimeError):

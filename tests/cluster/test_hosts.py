@@ -79,6 +79,7 @@ def test_forwarded_env_keeps_settings_drops_secrets():
                                         "NCCL_IB_HCA": "mlx5"}
 
 
+@pytest.mark.slow
 def test_cli_prints_shell_assignments_the_batch_script_evals(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(SLURM_JOB_NODELIST="n[1-2]", SLURM_JOB_ID="7", SLURM_GPUS_ON_NODE="4",

@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from bdt.cluster.resume import DONE, GAVE_UP, STOPPED, USAGE
-from train.trainutil import read_metrics, tiny_llm, write_shards
+from trainutil import read_metrics, tiny_llm, write_shards
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 WRAPPER = [sys.executable, "-m", "bdt.cluster.resume"]

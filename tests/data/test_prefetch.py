@@ -16,7 +16,7 @@ import torch
 
 from bdt.data.prefetch import Prefetcher, WorkerTraceback
 
-WORKERS = ["thread", "process"]
+WORKERS = ["thread", pytest.param("process", marks=pytest.mark.slow)]
 
 
 class Counting:
@@ -112,6 +112,7 @@ def test_close_with_rows_in_flight(worker):
         p.next()
 
 
+@pytest.mark.slow
 def test_worker_process_ignores_sigterm():
     """A launcher's SIGTERM reaches the whole process group; the trainer catches it and saves at
     the next step boundary, which needs the worker's state: the worker must live on."""
@@ -137,6 +138,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_worker_process_exits_when_the_trainer_is_killed(tmp_path):
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER.format(path=[os.path.dirname(__file__), os.getcwd()]))

@@ -100,6 +100,7 @@ def test_fewer_shards_than_workers_split_by_sample(tmp_path):
     assert keys == [["000_000", "000_002", "000_004"], ["000_001", "000_003", "000_005"]]
 
 
+@pytest.mark.slow
 def test_s3_shards_with_dataloader_workers(s3_bucket):
     _write_shards(storage.join(s3_bucket, "raw"), num_shards=4, per_shard=4)
     cfg = RawDataConfig(shards=storage.join(s3_bucket, "raw", "raw-*.tar"), size=16, num_workers=2)

@@ -28,6 +28,8 @@ from bdt.extract.run import run
 from bdt.tokenizer import BinaryAutoencoder, TokenizerConfig, save_tokenizer, unpack_bits
 from bdt.tokenizer.image_metrics import psnr
 
+pytestmark = pytest.mark.slow
+
 BUCKETS = [(32, 32), (48, 24), (24, 48)]
 STEPS = 300
 

@@ -11,7 +11,10 @@ import sys
 import time
 
 import psutil
+import pytest
 from extract_rawdata import good_samples, write_tar
+
+pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -40,6 +40,7 @@ def test_listing_by_brace_glob_and_comma(tmp_path):
         inp.list_units(str(tmp_path / "s-{0..3}.tar"), "auto", 10, EXTS)
 
 
+@pytest.mark.slow
 def test_s3_inputs_are_checked_with_one_listing_per_prefix(s3_bucket, caplog):
     """Not one HEAD per shard: a brace pattern over many objects must cost one list call per
     prefix (counted from s3fs's own request log, against the moto server)."""

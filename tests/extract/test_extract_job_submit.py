@@ -22,6 +22,8 @@ import urllib.request
 import pytest
 from extract_rawdata import good_samples, write_tar
 
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV_BIN = os.path.dirname(sys.executable)
 

@@ -1,7 +1,8 @@
 """Pre-extraction on a local Ray: outputs, manifest, rejects, rerun, partial rerun, folders, S3.
 
-The tests in this module share one Ray instance and run in file order: the rerun tests reuse
-the output of the first run on purpose (that is what a rerun is).
+The tests in this module share one Ray instance and one first run. A test that reruns or damages
+an output works on its own copy of the first run's output (`own_output`), so the tests pass in
+any order and alone.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 
@@ -29,6 +31,8 @@ from bdt.data.token_shards import decode_sample, iter_token_shard
 from bdt.extract.config import ExtractConfig
 from bdt.extract.run import run
 from bdt.tokenizer import load_tokenizer, pack_bits
+
+pytestmark = pytest.mark.slow
 
 STAGES = "[{resolution: 32}, {resolution: 64, name: hi}]"
 
@@ -62,6 +66,14 @@ def first_run(raw, tiny_tokenizer, ray_local, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("out"))
     cfg = make_cfg(raw[0], out, tiny_tokenizer, "num_actors=2")  # the pool proper; 1 elsewhere (faster)
     return cfg, run(cfg)
+
+
+@pytest.fixture
+def own_output(first_run, raw, tiny_tokenizer, tmp_path) -> ExtractConfig:
+    """The first run's config with its output copied to this test's directory (mtimes kept)."""
+    out = str(tmp_path / "own")
+    shutil.copytree(first_run[0].output, out)
+    return make_cfg(raw[0], out, tiny_tokenizer, "num_actors=2")
 
 
 def _index(out: str) -> dict:
@@ -144,8 +156,8 @@ def test_every_bad_input_kind_is_rejected_with_its_reason(first_run):
     assert sum(summary["rejects_by_reason"].values()) == len(rejects)
 
 
-def test_rerun_is_a_noop(first_run):
-    cfg, _ = first_run
+def test_rerun_is_a_noop(own_output):
+    cfg = own_output
     before = _file_state(cfg.output)
     summary = run(cfg)
     assert summary["skipped_units"] == 3 and summary["done_units"] == 3
@@ -156,8 +168,8 @@ def test_rerun_is_a_noop(first_run):
         json.dumps(summary["stages"]["hi"]))
 
 
-def test_changed_settings_or_inputs_refuse_to_mix_into_an_output(first_run, raw, tiny_tokenizer, tmp_path):
-    cfg, _ = first_run
+def test_changed_settings_or_inputs_refuse_to_mix_into_an_output(own_output, raw, tiny_tokenizer, tmp_path):
+    cfg = own_output
     before = _file_state(cfg.output)
     with pytest.raises(ValueError, match="fingerprint"):
         run(make_cfg(raw[0], cfg.output, tiny_tokenizer, "min_side=20"))
@@ -168,9 +180,8 @@ def test_changed_settings_or_inputs_refuse_to_mix_into_an_output(first_run, raw,
     assert _file_state(cfg.output) == before
 
 
-def test_partial_output_is_completed_with_the_same_keys(first_run, raw, tiny_tokenizer):
-    cfg, _ = first_run
-    out = cfg.output
+def test_partial_output_is_completed_with_the_same_keys(own_output, raw, tiny_tokenizer):
+    out = own_output.output
     keys_before = _keys_per_shard(out)
     state_before = _file_state(out)
     os.remove(os.path.join(out, "hi", "000001.done.json"))  # marker lost: shard redone
@@ -289,9 +300,8 @@ def test_progress_counts_inside_a_shard(tmp_path, tiny_tokenizer, ray_local, cap
     assert "images=40" in final and "rejects=2" in final and summary["stages"]["32"]["rejected"] == 2
 
 
-def test_a_failing_unit_is_reported_and_the_others_finish(first_run):
-    """Runs last: it leaves the first run's output incomplete on purpose."""
-    cfg, _ = first_run
+def test_a_failing_unit_is_reported_and_the_others_finish(own_output):
+    cfg = own_output
     marker = os.path.join(cfg.output, "hi", "000001.done.json")
     with open(marker) as f:
         data = json.load(f)

@@ -105,6 +105,7 @@ def test_save_load_round_trip_local(tmp_path, tiny_model):
     assert next(as_bf16.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_s3(s3_bucket, tiny_model):
     url = f"{s3_bucket}/tokenizers/tiny"
     tiny_model.save_pretrained(url)

@@ -14,6 +14,8 @@ from testkit import TINY_CONFIG
 from trainutil import (export_tensors, read_metrics, spawn_train, tiny_image_tokenizer, tiny_llm,
                        train_overrides, write_shards)
 
+pytestmark = pytest.mark.slow
+
 STEPS = [4, 4]  # two stages; the transition is at step 4
 
 

@@ -4,15 +4,14 @@ suite: `scripts/gpu_check.sh --cpu-rehearsal /tmp/gpu_check` (README, "On a GPU"
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from bdt.config import load
 from bdt.trainer.train_config import TrainConfig, validate
+from testkit import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_check  # noqa: E402  (bench/ is not a package)

@@ -18,6 +18,7 @@ from bdt.sampling import SamplingConfig
 from evalutil import BUCKET
 
 
+@pytest.mark.slow
 def test_eval_subset_writes_report_that_rejudges_the_same(trained_run, tmp_path, capsys):
     out = tmp_path / "eval"
     export = os.path.join(trained_run, "export")
@@ -91,6 +92,7 @@ def test_scoring_passes_ground_truth_and_fails_wrong_prompts(tmp_path):
     (["--suite", "EMPTY"], "holds no item"),
     (["--suite", "BAD"], ":1: not a suite item"),
 ])
+@pytest.mark.slow
 def test_bad_eval_input_exits_2(trained_run, tmp_path, capsys, args, expected):
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "x", "prompt": "a circle"}) + "\n")

@@ -53,6 +53,7 @@ def _ema(out_dir, step):
     return shared
 
 
+@pytest.mark.slow
 def test_two_rank_zero2_checkpoint_resume_continues_exactly(shards, tmp_path):
     base = TINY + [f"data.shards={shards}", "deepspeed.zero_stage=2", "ckpt.every=2", "ckpt.keep_last=2"]
     resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
@@ -81,6 +82,7 @@ def test_two_rank_zero2_checkpoint_resume_continues_exactly(shards, tmp_path):
     assert log_r[-1]["bits_outside_5_95"] >= 0 and 0 <= log_r[-1]["bit_rate/000"] <= 1
 
 
+@pytest.mark.slow
 def test_single_process_trains_and_exports(shards, tmp_path):
     from bdt.tokenizer.io import load_tokenizer
 
@@ -109,6 +111,7 @@ def test_single_process_trains_and_exports(shards, tmp_path):
     assert torch.equal(again["decoder.conv_out.weight"], ema["decoder.conv_out.weight"])
 
 
+@pytest.mark.slow
 def test_schedule_steps_lets_a_stopped_run_resume_on_the_same_lr_curve(shards, tmp_path):
     """steps=2 with schedule_steps=5, resumed to steps=5, is the uninterrupted 5-step run
     (what bench/tokenizer_quality.py does to score a fixed step count); without

@@ -88,6 +88,7 @@ def _read_local(out: str, ext: str) -> list[dict]:
         "__key__", ext, "txt", "json"))
 
 
+@pytest.mark.slow
 def test_local_shards_round_trip_and_are_byte_identical(tmp_path):
     cfg = ShapesConfig(out=str(tmp_path / "a"), num=12, sizes=["64", "96x64"], per_shard=5, seed=7)
     manifest = shards.generate(cfg)
@@ -123,6 +124,7 @@ def test_png_format(tmp_path):
     assert np.array_equal(np.asarray(rows[2][1].convert("RGB")), np.asarray(direct))  # lossless
 
 
+@pytest.mark.slow
 def test_s3_shards_round_trip(s3_bucket, tmp_path, monkeypatch):
     out = s3_bucket + "/shapes"
     cfg = ShapesConfig(out=out, num=6, sizes=["64"], per_shard=4, seed=1)
@@ -189,6 +191,7 @@ def test_failure_midway_leaves_no_partial_shard_and_no_manifest(tmp_path, capsys
     assert len(_read_local(str(tmp_path), "jpg")) == 4  # the new shard 0, whole
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(BDT_SCRIPT), reason="bdt console script not installed")
 def test_console_script_reports_bad_size(tmp_path):
     proc = subprocess.run([BDT_SCRIPT, "data", "shapes", "--out", str(tmp_path / "o"),

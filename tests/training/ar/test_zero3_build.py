@@ -5,6 +5,7 @@ the mean-initialised new embedding rows, our freshly initialised modules), in bf
 import json
 import math
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -14,6 +15,8 @@ from bdt.trainer import setup
 from bdt.trainer.train_config import TrainConfig
 from testkit import TINY_CONFIG
 from trainutil import spawn_build, tiny_llm, train_overrides
+
+pytestmark = pytest.mark.slow
 
 
 def test_zero3_build_partitions_every_parameter_with_the_plain_values(tmp_path):

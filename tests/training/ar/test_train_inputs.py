@@ -16,10 +16,9 @@ from bdt.config import load
 from bdt.trainer.distributed import DistInfo, free_port
 from bdt.trainer.setup import check_data, check_model_signature, model_signature
 from bdt.trainer.train_config import TrainConfig
-from testkit import TINY_CONFIG
+from testkit import REPO, TINY_CONFIG
 from trainutil import tiny_image_tokenizer, tiny_llm, train_overrides, write_shards
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
@@ -28,6 +27,7 @@ def config(tmp_path, shards, *extra):
         str(tmp_path / "run"), "unused", shards, extra=extra)))
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_runs_two_ranks(tmp_path):
     """The real launcher, with the in-loop sample grid and the export (image tokenizer inside)."""
     llm = tiny_llm(str(tmp_path / "llm"))
@@ -37,7 +37,7 @@ def test_deepspeed_launcher_runs_two_ranks(tmp_path):
     extra = [f"data.tokenizer={tok}", "logging.sample_every=3", "logging.sample_hw=[4,4]",
              "logging.sample_steps=2"]
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
-           "--master_port", str(free_port()), os.path.join(ROOT, "bdt", "train.py"),
+           "--master_port", str(free_port()), os.path.join(REPO, "bdt", "train.py"),
            "--config", TINY_CONFIG, *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=3,
                                                  every=0, extra=extra)]
     proc = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -53,12 +53,13 @@ def test_deepspeed_launcher_runs_two_ranks(tmp_path):
     assert (export / "llm" / "tokenizer.json").exists() and (export / "train_config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_plain_python_single_process_zero0(tmp_path):
     """`python bdt/train.py` with no launcher: a world of one, ZeRO-0, fp32 (grad norm read by us)."""
     llm = tiny_llm(str(tmp_path / "llm"))
     write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=1, per_shard=8)
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(ROOT, "bdt", "train.py"), "--config", TINY_CONFIG,
+    cmd = [sys.executable, os.path.join(REPO, "bdt", "train.py"), "--config", TINY_CONFIG,
            *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=2, zero=0, every=0,
                             extra=["export=false"])]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
@@ -70,8 +71,9 @@ def test_plain_python_single_process_zero0(tmp_path):
     assert len(norms) == 2 and all(0 < n < float("inf") for n in norms)
 
 
+@pytest.mark.slow
 def test_missing_shards_fail_at_start_with_one_line(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "bdt", "train.py"), "--config", TINY_CONFIG,
+    cmd = [sys.executable, os.path.join(REPO, "bdt", "train.py"), "--config", TINY_CONFIG,
            *train_overrides(str(tmp_path / "run"), "unused", str(tmp_path / "nowhere"))]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2

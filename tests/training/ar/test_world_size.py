@@ -10,9 +10,11 @@ import shutil
 
 import pytest
 
-from test_stream import unconsumed_keys
 from testkit import TINY_CONFIG
-from trainutil import read_metrics, spawn_train, tiny_llm, train_overrides, write_shards
+from trainutil import (read_metrics, spawn_train, tiny_llm, train_overrides, unconsumed_keys,
+                       write_shards)
+
+pytestmark = pytest.mark.slow
 
 STEPS, NUM_SHARDS, PER_SHARD = 8, 6, 40
 GRIDS = [(4, 4), (4, 8), (8, 4)]

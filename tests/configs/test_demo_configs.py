@@ -1,14 +1,13 @@
 """The demo's training configs: the CPU one and the GPU overlay scripts/demo.sh layers on it when
 torch sees a GPU load, validate, and keep the stage layout the token shards are extracted for."""
 
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from bdt.config import load
 from bdt.trainer.train_config import TrainConfig, validate
+from testkit import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs/train/demo.yaml")
 
 

@@ -11,7 +11,7 @@ import webdataset as wds
 
 from bdt.data.shard_source import list_shards
 from bdt.data.token_stream import TokenStream
-from trainutil import write_shards
+from trainutil import unconsumed_keys, write_shards
 
 GRIDS = [(4, 4), (4, 8), (8, 4), (8, 8)]
 
@@ -160,19 +160,6 @@ def test_truncated_shard_skips_its_tail(tmp_path):
     assert damaged and damaged < {f"s{n:06d}" for n in range(6)}  # its head only, not the cut tail
 
 
-def unconsumed_keys(meta, urls, rank, world, seed=3):
-    """Keys a saved rank state still owes in its current epoch: buffered + unread ranges."""
-    from bdt.data.shard_source import iter_shard
-    from bdt.data.token_stream import unread_ranges
-
-    out = [e["key"] for e in meta["buffer"]]
-    for r in unread_ranges(meta, urls, rank, world, seed):
-        for index, (raw, _, _) in enumerate(iter_shard(r.shard, r.offset), start=r.index):
-            if index % r.stride == r.phase:
-                out.append(raw["__key__"])
-    return out
-
-
 def run_and_save(streams, batches):
     """Each stream takes its number of batches; returns (consumed keys, states via JSON)."""
     consumed = []
@@ -245,7 +232,7 @@ def assert_same_rows(a, b):
             assert torch.equal(t, getattr(y.packed, name)), name
 
 
-@pytest.mark.parametrize("worker", ["thread", "process"])
+@pytest.mark.parametrize("worker", ["thread", pytest.param("process", marks=pytest.mark.slow)])
 def test_prefetched_rows_resume_exactly(tmp_path, worker):
     """A worker 2 rows ahead builds the rows built inline; the state saved after 4 rows TAKEN,
     while the worker's stream is 6 rows in, resumes with row 5 (the prefetched, never consumed

@@ -79,6 +79,7 @@ def test_a_takeover_never_steals_a_newer_lock(tmp_path):
     winner.release()
 
 
+@pytest.mark.slow
 def test_a_job_that_lost_its_lock_stops(tmp_path):
     code = (f"import time; from bdt.trainer.run_lock import RunLock; "
             f"RunLock({str(tmp_path)!r}, heartbeat_s=0.1).acquire(); time.sleep(60)")
@@ -95,6 +96,7 @@ def test_a_job_that_lost_its_lock_stops(tmp_path):
             holder.kill()
 
 
+@pytest.mark.slow
 def test_a_rank_whose_launcher_dies_is_stopped(tmp_path):
     """Once its launcher is gone the rank's stop flag says stop (the loop would save and exit);
     a rank that still runs when the grace time is over is killed."""

@@ -12,6 +12,8 @@ from PIL import Image
 from bdt.cli import main
 from evalutil import BUCKET, run_bdt
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["a red circle", "two blue squares", "one green star"]
 
 

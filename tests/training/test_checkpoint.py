@@ -97,6 +97,7 @@ def test_world_change_converts_once_beside_the_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path / "ck")) == [tag_for(5)]
 
 
+@pytest.mark.slow
 def test_s3_checkpoint_marker_last_and_resume(s3_bucket, tmp_path):
     root = storage.join(s3_bucket, "run", "ck")
     mgr = CheckpointManager(root, SOLO, keep_last=1, staging_dir=str(tmp_path / "stage"))
@@ -201,6 +202,7 @@ def test_a_planted_pickle_is_refused_not_run(tmp_path):
     assert target.exists()
 
 
+@pytest.mark.slow
 def test_s3_damage_falls_back_and_is_set_aside(s3_bucket, tmp_path):
     root = storage.join(s3_bucket, "run", "ck")
     mgr = CheckpointManager(root, SOLO, keep_last=2, staging_dir=str(tmp_path / "stage"))
@@ -278,6 +280,7 @@ def _worker(rank, world, port, root, out):
     cleanup()
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_two_rank_save_resume_is_exact(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "ck"), str(tmp_path)), nprocs=2)
     for rank in range(2):
@@ -323,6 +326,7 @@ def _world_change_worker(rank, world, port, out):
     cleanup()
 
 
+@pytest.mark.slow
 def test_engine_state_survives_world_size_change(tmp_path):
     """Saved on 2 ranks at ZeRO-0/1/3, loaded on 1 (converted automatically): the next step over
     the same global batch gives the 2-rank run's weights (to float reduction order). Lost Adam

@@ -14,15 +14,17 @@ import sys
 import time
 
 import psutil
+import pytest
 import torch
 
 from bdt.trainer.distributed import free_port
 from bdt.trainer.schedule import WarmupSchedule
-from testkit import TINY_CONFIG, PlantedPickle, cut_file, flip_bytes
+from testkit import REPO, TINY_CONFIG, PlantedPickle, cut_file, flip_bytes
 from trainutil import (export_tensors, read_metrics, spawn_train, tiny_llm, train_overrides,
                        write_shards)
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+pytestmark = pytest.mark.slow
+
 STEPS = 13
 LR, WARMUP = 3e-3, 2  # trainutil.train_overrides' stage
 MODEL, OPTIM = "model/mp_rank_00_model_states.pt", "model/zero_pp_rank_{}_mp_rank_00_optim_states.pt"
@@ -108,7 +110,7 @@ def test_second_launcher_fails_fast_and_a_killed_launcher_leaves_no_rank(tmp_pat
                                                       f"{os.environ['PATH']}")
     log = open(tmp_path / "deepspeed.log", "wb")
     launcher = subprocess.Popen(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-                                 os.path.join(ROOT, "bdt", "train.py"), *args], cwd=tmp_path,
+                                 os.path.join(REPO, "bdt", "train.py"), *args], cwd=tmp_path,
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
     ranks, node_launcher = [], []
     try:
@@ -122,7 +124,7 @@ def test_second_launcher_fails_fast_and_a_killed_launcher_leaves_no_rank(tmp_pat
         rank0 = next(p for p in ranks if p.environ()["RANK"] == "0")
         assert len(ranks) == 2 and len(node_launcher) == 1
         # A second job on the same run directory (a plain process here) fails at once.
-        second = subprocess.run([sys.executable, os.path.join(ROOT, "bdt", "train.py"), *args],
+        second = subprocess.run([sys.executable, os.path.join(REPO, "bdt", "train.py"), *args],
                                 env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"is in use by pid {rank0.pid} on " in second.stderr

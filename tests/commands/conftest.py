@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from evalutil import BUCKET
-from testkit import TINY_CONFIG, save_tiny_image_tokenizer
+from testkit import REPO, TINY_CONFIG, save_tiny_image_tokenizer
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BITS = 16
 
 
@@ -57,7 +56,7 @@ def trained_run(tmp_path_factory) -> str:
     tokenizer = save_tiny_image_tokenizer(str(base / "tok"), BITS)
     _token_shards(str(base / "tokens"), tokenizer)
     run_dir = base / "run"
-    cmd = [sys.executable, os.path.join(ROOT, "bdt", "train.py"),
+    cmd = [sys.executable, os.path.join(REPO, "bdt", "train.py"),
            "--config", TINY_CONFIG,
            f"run_dir={run_dir}", f"model.backbone.path={llm}", f"data.root={base / 'tokens'}",
            f"data.tokenizer={base / 'tok'}", "deepspeed.zero_stage=1", "deepspeed.grad_accum=1",

@@ -156,3 +156,16 @@ def spawn_build(argv: list[str], out_dir: str, world: int = 2) -> None:
     from bdt.trainer.distributed import free_port
 
     mp.spawn(_build_rank_main, args=(world, free_port(), argv, out_dir), nprocs=world, join=True)
+
+
+def unconsumed_keys(meta, urls, rank, world, seed=3):
+    """Keys a saved rank state still owes in its current epoch: buffered + unread ranges."""
+    from bdt.data.shard_source import iter_shard
+    from bdt.data.token_stream import unread_ranges
+
+    out = [e["key"] for e in meta["buffer"]]
+    for r in unread_ranges(meta, urls, rank, world, seed):
+        for index, (raw, _, _) in enumerate(iter_shard(r.shard, r.offset), start=r.index):
+            if index % r.stride == r.phase:
+                out.append(raw["__key__"])
+    return out

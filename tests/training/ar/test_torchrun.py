@@ -13,11 +13,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from bdt.trainer.distributed import free_port
-from testkit import TINY_CONFIG
+from testkit import REPO, TINY_CONFIG
 from trainutil import tiny_image_tokenizer, tiny_llm, train_overrides, write_shards
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+pytestmark = pytest.mark.slow
+
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
@@ -45,7 +48,7 @@ def test_torchrun_trains_evaluates_and_sigterm_checkpoints(tmp_path):
     # far more steps than the test waits for: only the signal ends this run
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           os.path.join(ROOT, "bdt", "train.py"), "--config", TINY_CONFIG,
+           os.path.join(REPO, "bdt", "train.py"), "--config", TINY_CONFIG,
            *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=100000, every=0,
                             extra=extra)]
     log = str(tmp_path / "torchrun.log")
