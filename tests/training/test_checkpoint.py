@@ -292,7 +292,7 @@ def test_deepspeed_zero2_two_rank_save_resume_is_exact(tmp_path):
     assert os.path.exists(tmp_path / "ck" / tag_for(3) / "rank_00001.json")
 
 
-ZEROS = (0, 1, 3)  # ZeRO-2 goes through the training test (tests/train/test_world_size.py)
+ZEROS = (0, 1, 3)  # ZeRO-2 goes through the training test (tests/training/ar/test_world_size.py)
 
 
 def _world_change_worker(rank, world, port, out):
