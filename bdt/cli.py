@@ -1,8 +1,6 @@
-"""The `bdt` command: one subcommand group per subsystem.
-
-Each subsystem keeps its commands in its own `commands.py` with `register(subparsers)`, so this
-file only lists them. Command modules import heavy libraries (torch, ray) inside their handlers,
-so `bdt --help` stays fast.
+"""The `bdt` command: one subcommand group per module of bdt/commands/, each with
+`register(subparsers)`, so this file only lists them. Command modules import heavy libraries
+(torch, ray) inside their handlers, so `bdt --help` stays fast.
 """
 
 from __future__ import annotations
@@ -14,11 +12,11 @@ import sys
 from bdt.config import ConfigError
 
 COMMAND_MODULES = [
-    "bdt.data.commands",
-    "bdt.tokenizer.commands",
-    "bdt.sampling_commands",
-    "bdt.eval.commands",
-    "bdt.model_commands",
+    "bdt.commands.data",
+    "bdt.commands.tokenizer",
+    "bdt.commands.sample",
+    "bdt.commands.eval",
+    "bdt.commands.model",
 ]
 
 

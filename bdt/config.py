@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import is_dataclass
-from typing import Any, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import fsspec
 import yaml
@@ -43,7 +43,7 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(_describe(exc, source)) from None
 
 
-def _read_yaml(path: str) -> DictConfig:
+def read_yaml(path: str) -> DictConfig:
     try:
         with fsspec.open(path, "r") as f:
             loaded = OmegaConf.load(f)
@@ -83,17 +83,29 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
-def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[str] = ()) -> T:
+def _refuse_renamed(keys: Sequence[str], renamed: Mapping[str, str], source: str) -> None:
+    for key in keys:
+        if key in renamed:
+            raise ConfigError(f"{source}: key '{key}' was renamed to '{renamed[key]}'")
+
+
+def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[str] = (),
+         renamed: Mapping[str, str] | None = None) -> T:
     """Build `schema` (a dataclass type) from its defaults, then each YAML, then overrides.
 
     Returns a typed, read-only omegaconf object that behaves like the dataclass. Unknown keys,
-    wrong types and values left missing (`???`) raise ConfigError naming the key and source.
+    wrong types and values left missing (`???`) raise ConfigError naming the key and source;
+    a top-level key in `renamed` (old -> new) names its new name.
     """
     if not is_dataclass(schema):
         raise TypeError(f"config schema must be a dataclass, got {schema!r}")
+    renamed = renamed or {}
     cfg = OmegaConf.structured(schema)
     for path in yaml_paths:
-        cfg = _merge(cfg, _read_yaml(path), path)
+        loaded = read_yaml(path)
+        _refuse_renamed(list(loaded.keys()), renamed, path)
+        cfg = _merge(cfg, loaded, path)
+    _refuse_renamed([o.partition("=")[0].split(".")[0] for o in overrides], renamed, "command line")
     cfg = _apply_overrides(cfg, overrides)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:

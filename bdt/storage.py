@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import uuid
 from typing import IO, Iterator
@@ -142,6 +143,18 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
 def read_bytes(url: str) -> bytes:
     with fsspec.open(url, "rb") as f:
         return f.read()
+
+
+def sha256(url: str) -> tuple[str, int]:
+    """(hex sha256, size in bytes) of a file, streamed."""
+    h = hashlib.sha256()
+    size = 0
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
 
 
 def check_writable(url: str) -> None:

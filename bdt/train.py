@@ -2,7 +2,10 @@
 
 Also runs under `torchrun --nproc_per_node N bdt/train.py ...` and as a plain
 `python bdt/train.py ...` (a world of one). Several --config files merge left to right;
-key=value overrides come last (bdt.config.load). See bdt/trainer/train_config.py for the keys.
+key=value overrides come last (bdt.config.load). See bdt/training/ar/config.py for the keys.
+
+This script wires the layers together: the loop (bdt.training.ar) runs the previews
+(bdt.generation) and evaluations (bdt.eval) built here, which it does not import itself.
 """
 
 from __future__ import annotations
@@ -20,17 +23,36 @@ def load_config(argv: list[str]):
     parser.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     ns = parser.parse_args(args)
-    from bdt.trainer.train_config import TrainConfig
+    from bdt.training.ar.config import TrainConfig
 
     return load(TrainConfig, ns.config, ns.overrides)
 
 
+def in_loop_tasks(cfg, dist) -> list:
+    """This rank's sample-grid previews and shapes-suite evaluations. Under ZeRO-3 every rank
+    takes part in the forward passes of generation; otherwise rank 0 alone. The image tokenizer
+    that decodes for both is loaded once."""
+    from bdt.eval.in_loop import InLoopEval
+    from bdt.generation.preview import Preview
+    from bdt.tokenizer.io import load_tokenizer
+
+    takes_part = dist.is_main or cfg.deepspeed.zero_stage == 3
+    wanted = cfg.logging.sample_every > 0 or cfg.eval.every > 0
+    decoder = load_tokenizer(cfg.data.tokenizer) if wanted and takes_part else None
+    return [Preview(cfg.logging, decoder, cfg.run_dir, cfg.seed, takes_part, dist.is_main),
+            InLoopEval(cfg.eval, decoder, cfg.run_dir, cfg.seed, takes_part, dist.is_main)]
+
+
+def train(cfg) -> dict:
+    """Run the AR training job of `cfg` (a TrainConfig) with its in-loop tasks."""
+    from bdt.training.ar.loop import run
+
+    return run(cfg, in_loop_tasks)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
-        from bdt.trainer.loop import run
-
-        run(cfg)
+        train(load_config(sys.argv[1:] if argv is None else argv))
     except (ConfigError, ValueError, OSError) as e:
         fail(str(e))
     return 0

@@ -43,10 +43,10 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
-    from bdt.trainer.checkpoint import CheckpointManager
-    from bdt.trainer.deepspeed_config import (DeepSpeedConfig, OptimConfig, build_ds_config,
+    from bdt.training.checkpoint import CheckpointManager
+    from bdt.training.deepspeed_config import (DeepSpeedConfig, OptimConfig, build_ds_config,
                                               initialize_engine, make_schedule)
-    from bdt.trainer.distributed import init_distributed
+    from bdt.training.distributed import init_distributed
 
     dist = init_distributed()
     optim = OptimConfig(lr=1e-3, warmup_steps=1)

@@ -3,7 +3,7 @@ without the prefetch worker, against a fake consumer at ten times the H200 rate.
 
     .venv/bin/python bench/data_prefetch.py [--rows 150] [--rate 200000]
 
-The trainer's own data path (bdt/trainer/stage_rows.py: token shards -> TokenStream ->
+The trainer's own data path (bdt/training/ar/stage_rows.py: token shards -> TokenStream ->
 caption ids -> packer -> one packed row of tensors, through bdt/data/prefetch.py) feeds a fake
 consumer that takes each row for `tokens / rate` seconds: `--rate` 200k tokens/s per rank,
 ten times the 20-23k tokens/s the first H200 run trained at, when a fifth of each step
@@ -53,7 +53,7 @@ def make_rows(tmp: str, shape: str, captions: list[str]):
     from bdt.data.buckets import make_buckets
     from bdt.model.sequence import SequencePacker
     from bdt.model.text_tokenizer import add_special_tokens, make_text_tokenizer, prompt_ids
-    from bdt.trainer.stage_rows import CaptionMeasure, StageRows
+    from bdt.training.ar.stage_rows import CaptionMeasure, StageRows
 
     down, P, buffer, n = SHAPES[shape]
     base = int(shape)
@@ -91,7 +91,7 @@ def consume(rows, depth: int, worker: str, n_rows: int, rate: float, launch_frac
             ops_per_s: float) -> dict:
     """Take n_rows rows (after WARMUP_ROWS) as steps of tokens / rate seconds each: a fixed
     number of launch() ops worth `launch_frac` of the step alone, then a sleep for the rest."""
-    from bdt.trainer.stage_rows import StageData
+    from bdt.training.ar.stage_rows import StageData
 
     step = nominal = 0.0
     waits, tokens = [], 0
@@ -118,7 +118,7 @@ def consume(rows, depth: int, worker: str, n_rows: int, rate: float, launch_frac
 
 def producer_rate(rows, n_rows: int) -> dict:
     """Rows built back to back in this thread (depth 0, no consumer)."""
-    from bdt.trainer.stage_rows import StageData
+    from bdt.training.ar.stage_rows import StageData
 
     data = StageData(rows, 0, "thread", torch.device("cpu"))
     for _ in range(WARMUP_ROWS):
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=200_000, help="consumer tokens/s per rank")
     args = ap.parse_args()
     from bdt.data.shapes import make_sample
-    from bdt.trainer.train_config import DataConfig
+    from bdt.training.ar.config import DataConfig
 
     depth = DataConfig().prefetch  # the trainer's default
     variants = [("none", 0, "thread"), ("thread", depth, "thread"), ("process", depth, "process")]

@@ -50,7 +50,7 @@ def build(llm_dir: str, parallel_num: int):
 
 
 def time_generate(model, side: int, head_steps: int, use_cache: bool = True) -> float:
-    from bdt.sampling import SamplingConfig, generate
+    from bdt.generation.sampling import SamplingConfig, generate
 
     cfg = SamplingConfig(cfg_scale=7.5, num_steps=head_steps, seed=0, use_cache=use_cache)
     t0 = time.perf_counter()
@@ -105,7 +105,7 @@ def main() -> None:
         table(["tokens", "cached s", "uncached s", "uncached/cached"], cache_rows,
               "KV cache, P=4, CFG 7.5, backbone hidden 256 x 4 layers")
 
-        from bdt.sampling import SamplingConfig
+        from bdt.generation.sampling import SamplingConfig
 
         default_cached = SamplingConfig().use_cache
         faster = all(v["speedup"] > 1.0 for n, v in cache.items() if n >= 64)

@@ -70,10 +70,10 @@ def main() -> int:
     from bdt.eval.judge import judge_image
     from bdt.eval.run import select
     from bdt.eval.suite import load_suite
-    from bdt.inference import load_trained
+    from bdt.generation.trained import load_trained
     from bdt.model.sequence import to_sequence_order
-    from bdt.sampling import SamplingConfig, generate
-    from bdt.grid import to_pil
+    from bdt.generation.sampling import SamplingConfig, generate
+    from bdt.generation.grid import to_pil
 
     known = training_tokens(args.tokens, args.family)
     trained = load_trained(args.model)

@@ -13,7 +13,7 @@ trainer's packer; building them is the `data` phase here. The real token stream'
 step (`data_wait_frac`) is measured by the trainer run that scripts/gpu_check.sh makes.
 
 Per backend, on the same engine: 2 warm-up steps (the first compiles flex), then --steps timed
-steps (one device sync per step): tokens/s and MFU = model FLOPs (bdt.trainer.flops, as the
+steps (one device sync per step): tokens/s and MFU = model FLOPs (bdt.training.ar.flops, as the
 trainer counts them) / step time / the bf16 matmul peak measured in this process before and
 after. varlen and flash run every block-causal row (all of them at P = 4) through flex.
 Profile of the fastest backend: --profile-steps steps with a device sync between phases (data,
@@ -51,9 +51,9 @@ def build(args, device: torch.device):
     from bdt.model.backbone import BackboneConfig
     from bdt.model.config import ModelConfig
     from bdt.model.head import HeadConfig
-    from bdt.trainer.deepspeed_config import (DeepSpeedConfig, OptimConfig, build_ds_config,
+    from bdt.training.deepspeed_config import (DeepSpeedConfig, OptimConfig, build_ds_config,
                                               initialize_engine)
-    from bdt.trainer.schedule import WarmupSchedule
+    from bdt.training.schedule import WarmupSchedule
 
     shape = dict(hidden_size=args.hidden, num_hidden_layers=args.layers,
                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -302,8 +302,8 @@ def main() -> None:
                          "the hard bound)")
     ap.add_argument("--name", default="gpu_throughput")
     args = ap.parse_args()
-    from bdt.trainer.distributed import cleanup, init_distributed
-    from bdt.trainer.flops import FlopModel, measure_peak_flops
+    from bdt.training.distributed import cleanup, init_distributed
+    from bdt.training.ar.flops import FlopModel, measure_peak_flops
 
     started = time.monotonic()
     seconds_left = lambda: args.seconds - (time.monotonic() - started)  # noqa: E731

@@ -52,7 +52,7 @@ def evaluate(export_dir: str, shards: str, num: int, size: int, grid_png: str = 
     from bdt.data.raw import RawImageStream, expand_shards
     from bdt.tokenizer.image_metrics import psnr, ssim
     from bdt.tokenizer.io import load_tokenizer
-    from bdt.tokenizer.train import save_grid
+    from bdt.training.tokenizer.loop import save_grid
 
     model = load_tokenizer(export_dir).eval()
     stream = iter(RawImageStream(expand_shards(shards), size, _EVAL_BATCH, 0, 1))
@@ -118,7 +118,7 @@ def _free_port() -> int:
 def train(args, run: str, shards: str, extra: list[str]) -> float:
     """One launch of the trainer on `run` (resumes from its newest checkpoint); returns wall minutes."""
     configs = [arg for path in args.config for arg in ("--config", path)]
-    entry = [os.path.join(REPO, "tokenizers", "train.py"), *configs, f"out_dir={run}", f"data.shards={shards}", *args.overrides, *extra]
+    entry = [os.path.join(REPO, "tokenizers", "train.py"), *configs, f"run_dir={run}", f"data.shards={shards}", *args.overrides, *extra]
     if args.ranks > 1:
         launcher = [os.path.join(os.path.dirname(sys.executable), "deepspeed"),
                     "--num_gpus", str(args.ranks), "--master_port", str(_free_port())]
@@ -156,8 +156,8 @@ def main() -> int:
     args.config = args.config or [os.path.join(REPO, "configs", "tokenizer", "shapes_d8.yaml"),
                                   os.path.join(REPO, "configs", "tokenizer", "demo.yaml")]
     from bdt.config import load
-    from bdt.tokenizer.train import TokenizerTrainConfig
-    recipe = load(TokenizerTrainConfig, args.config, [*args.overrides, "out_dir=unused", "data.shards=unused"])
+    from bdt.training.tokenizer.config import TokenizerTrainConfig
+    recipe = load(TokenizerTrainConfig, args.config, [*args.overrides, "run_dir=unused", "data.shards=unused"])
     torch.set_num_threads(2)
     train_shards = make_data(os.path.join(args.work, "train"), args.train_num, seed=0)
     eval_shards = make_data(os.path.join(args.work, "eval"), args.eval_num, seed=987654)

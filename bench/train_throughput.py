@@ -3,7 +3,7 @@
     .venv/bin/python bench/train_throughput.py [--steps 2] [--budget 1024] [--size 256]
 
 One process, world of one, DeepSpeed ZeRO-0, fp32, 2 threads: the step is the trainer's
-(bdt/trainer/loop.py: TokenStream -> SequencePacker -> engine(packed) -> engine.backward ->
+(bdt/training/ar/loop.py: TokenStream -> SequencePacker -> engine(packed) -> engine.backward ->
 engine.step), timed phase by phase. fp32 because it is never slow on these machines: bf16
 matmuls are far slower than fp32 on avx2-only CPUs and faster only with avx512_bf16 or AMX (both
 peaks are measured and reported; with AMX, bf16 steps of this config ran 1.8x faster, README).
@@ -18,7 +18,7 @@ Variants, run interleaved step by step on the same engine and the same micro-bat
                   the step (what BitDance and Infinity do), for two encoders: tokenizers/
                   shapes_small.yaml (2.6M) and the released ae_d16c32 geometry (random weights;
                   speed does not depend on them)
-MFU: model FLOPs (bdt.trainer.flops) per second over the fp32 matmul peak of this process,
+MFU: model FLOPs (bdt.training.ar.flops) per second over the fp32 matmul peak of this process,
 measured before and after the steps (2048^2 matmuls, 2 threads); the mean is the denominator.
 Checkpoint: one save of the engine + stream state (CheckpointManager), timed, and its share of a
 step at the configured cadence (checkpoint.every = 1000 in ar_progressive.yaml).
@@ -92,15 +92,15 @@ def make_data(out: str, tokenizer, n: int, size: int) -> dict[str, bytes]:
 
 def build_job(tmp: str, budget: int):
     from bdt.model.backbone import make_tiny_llm
-    from bdt.trainer import setup
-    from bdt.trainer.schedule import WarmupSchedule
-    from bdt.trainer.deepspeed_config import (
+    from bdt.training.ar import setup
+    from bdt.training.schedule import WarmupSchedule
+    from bdt.training.deepspeed_config import (
         DeepSpeedConfig,
         OptimConfig,
         build_ds_config,
         initialize_engine,
     )
-    from bdt.trainer.train_config import StageConfig, TrainConfig
+    from bdt.training.ar.config import StageConfig, TrainConfig
 
     llm = make_tiny_llm(os.path.join(tmp, "llm"), CAPTIONS * 20, max_position_embeddings=4096,
                         **LLM_100M)
@@ -130,11 +130,11 @@ def main() -> None:
     from bdt.data.shard_source import list_shards
     from bdt.model.sequence import ImageSample
     from bdt.tokenizer.bits import to_pm1
-    from bdt.trainer import setup
-    from bdt.trainer.checkpoint import CheckpointManager
-    from bdt.trainer.distributed import cleanup, init_distributed
-    from bdt.trainer.flops import FlopModel, measure_peak_flops
-    from bdt.trainer.stage_rows import image_samples
+    from bdt.training.ar import setup
+    from bdt.training.checkpoint import CheckpointManager
+    from bdt.training.distributed import cleanup, init_distributed
+    from bdt.training.ar.flops import FlopModel, measure_peak_flops
+    from bdt.training.ar.stage_rows import image_samples
 
     with Run("train_throughput") as run, tempfile.TemporaryDirectory() as tmp:
         dist = init_distributed()

@@ -3,7 +3,7 @@
     .venv/bin/python bench/zero_memory.py [--stages 0 1 2 3]
 
 For each stage, two fresh rank processes (torch.multiprocessing, gloo, 1 thread each) build the
-model the way the trainer does (bdt.trainer.setup.build_model + initialize_engine, fp32, AdamW),
+model the way the trainer does (bdt.training.ar.setup.build_model + initialize_engine, fp32, AdamW),
 run one training step on the same packed micro-batch, and report:
   params      bytes of the parameter storage this rank holds (ZeRO-3: its partition)
   optimizer   bytes of the fp32 master copies and Adam moments this rank holds (storages shared
@@ -63,16 +63,16 @@ def worker(rank: int, world: int, port: int, stage: int, llm: str, out: str) -> 
     torch.set_num_threads(1)
     from bdt.model.sequence import ImageSample, SequencePacker
     from bdt.model.text_tokenizer import encode
-    from bdt.trainer import setup
-    from bdt.trainer.deepspeed_config import (
+    from bdt.training.ar import setup
+    from bdt.training.deepspeed_config import (
         DeepSpeedConfig,
         OptimConfig,
         build_ds_config,
         initialize_engine,
     )
-    from bdt.trainer.distributed import cleanup, init_distributed
-    from bdt.trainer.schedule import WarmupSchedule
-    from bdt.trainer.train_config import TrainConfig
+    from bdt.training.distributed import cleanup, init_distributed
+    from bdt.training.schedule import WarmupSchedule
+    from bdt.training.ar.config import TrainConfig
 
     setup.skip_deepspeed_muon()
     init_distributed()
@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 3, 1, 2])
     args = ap.parse_args()
     from bdt.model.backbone import make_tiny_llm
-    from bdt.trainer.distributed import free_port
+    from bdt.training.distributed import free_port
 
     with Run("zero_memory") as run, tempfile.TemporaryDirectory() as tmp:
         llm = make_tiny_llm(os.path.join(tmp, "llm"), CAPTIONS * 20, max_position_embeddings=4096,

@@ -88,7 +88,7 @@ else
   log "2/7 tokenizer: training configs/tokenizer/shapes_d8.yaml on $RANKS ranks -> $D/tokenizer"
   deepspeed --num_gpus "$RANKS" --master_port "$(free_port)" tokenizers/train.py \
     --config configs/tokenizer/shapes_d8.yaml --config configs/tokenizer/demo.yaml \
-    out_dir="$D/tokenizer" "data.shards=$D/data/shapes-*.tar" "${TOKENIZER_ARGS[@]}"
+    run_dir="$D/tokenizer" "data.shards=$D/data/shapes-*.tar" "${TOKENIZER_ARGS[@]}"
 fi
 
 # --- 3. pre-extraction on a Ray head on 127.0.0.1 ------------------------------------------------

@@ -19,7 +19,8 @@ def write_shards(out_dir: str, grids: list[tuple[int, int]], num_shards: int, pe
                  bits: int = 16, seed: int = 0, stage: str = "s",
                  captions: list[str] = CAPTIONS) -> list[str]:
     """Token shards of random bits; sample n = k * per_shard + i (shard k) has grid
-    grids[n % len(grids)] and caption captions[n % len(captions)]."""
+    grids[n % len(grids)] and caption captions[n % len(captions)]. Buckets say 2x: the
+    downsample factor of tiny_image_tokenizer, which the in-loop evaluation decodes with."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     urls = []
@@ -31,7 +32,7 @@ def write_shards(out_dir: str, grids: list[tuple[int, int]], num_shards: int, pe
                 h, w = grids[n % len(grids)]
                 packed = rng.integers(0, 256, size=(h, w, bits // 8), dtype=np.uint8)
                 sink.write(encode_sample(TokenSample(
-                    key=f"s{n:06d}", bits_hwB=packed, bits_per_token=bits, bucket=(w * 16, h * 16),
+                    key=f"s{n:06d}", bits_hwB=packed, bits_per_token=bits, bucket=(w * 2, h * 2),
                     caption=captions[n % len(captions)], source_key=f"src{n}", source_shard="raw.tar",
                     stage=stage)))
         urls.append(url)
@@ -80,7 +81,7 @@ def spawn_train(argv: list[str], world: int = 2) -> int:
     (-9 when it was SIGKILLed)."""
     import torch.multiprocessing as mp
 
-    from bdt.trainer.distributed import free_port
+    from bdt.training.distributed import free_port
 
     try:
         mp.spawn(_rank_main, args=(world, free_port(), argv), nprocs=world, join=True)
@@ -125,10 +126,10 @@ def _build_rank_main(rank: int, world: int, port: int, argv: list[str], out_dir:
     from safetensors.torch import save_file
 
     from bdt.config import load
-    from bdt.trainer import setup
-    from bdt.trainer.deepspeed_config import build_ds_config
-    from bdt.trainer.distributed import init_distributed
-    from bdt.trainer.train_config import TrainConfig
+    from bdt.training.ar import setup
+    from bdt.training.deepspeed_config import build_ds_config
+    from bdt.training.distributed import init_distributed
+    from bdt.training.ar.config import TrainConfig
 
     cfg = OmegaConf.to_object(load(TrainConfig, [argv[1]], argv[2:]))
     init_distributed()
@@ -153,7 +154,7 @@ def _build_rank_main(rank: int, world: int, port: int, argv: list[str], out_dir:
 def spawn_build(argv: list[str], out_dir: str, world: int = 2) -> None:
     import torch.multiprocessing as mp
 
-    from bdt.trainer.distributed import free_port
+    from bdt.training.distributed import free_port
 
     mp.spawn(_build_rank_main, args=(world, free_port(), argv, out_dir), nprocs=world, join=True)
 

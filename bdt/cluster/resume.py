@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 
 from bdt import storage
+from bdt.training.run_dir import checkpoint_root
 
 DONE, USAGE, GAVE_UP, STOPPED = 0, 2, 3, 75  # 75 = EX_TEMPFAIL: "try again later"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -55,12 +56,11 @@ def paths_from_command(cmd: list[str]) -> RunPaths | None:
             from omegaconf import OmegaConf
 
             from bdt.train import load_config
-            from bdt.trainer.train_config import validate
+            from bdt.training.ar.config import validate
 
             cfg = OmegaConf.to_object(load_config(cmd[i + 1:]))
             validate(cfg)
-            default = os.path.join(cfg.run_dir, "checkpoints")
-            return RunPaths(cfg.run_dir, cfg.checkpoint.dir or default)
+            return RunPaths(cfg.run_dir, checkpoint_root(cfg.run_dir, cfg.checkpoint.dir))
     return None
 
 
@@ -70,8 +70,8 @@ def complete_checkpoints(checkpoint_dir: str) -> dict[str, tuple[int, object]]:
     the old one."""
     import torch
 
-    from bdt.trainer.checkpoint import CheckpointManager, CheckpointUnusable
-    from bdt.trainer.distributed import DistInfo
+    from bdt.training.checkpoint import CheckpointManager, CheckpointUnusable
+    from bdt.training.distributed import DistInfo
 
     reader = CheckpointManager(checkpoint_dir, DistInfo(0, 1, 0, torch.device("cpu")))
     out = {}
@@ -282,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--max-restarts and --backoff must be >= 0")
         found = paths_from_command(cmd)  # also fails early on a bad training config
         if args.run_dir:
-            paths = RunPaths(args.run_dir, args.checkpoint_dir
-                             or os.path.join(args.run_dir, "checkpoints"))
+            paths = RunPaths(args.run_dir, checkpoint_root(args.run_dir, args.checkpoint_dir or ""))
         elif found:
             paths = RunPaths(found.run_dir, args.checkpoint_dir or found.checkpoint_dir)
         else:

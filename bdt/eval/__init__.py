@@ -1,1 +1,2 @@
-"""Evaluation: the shapes judge (`judge`) and the fixed prompt suite (`suite`)."""
+"""Evaluation on the shapes suite: the pixel judge (`judge`), the fixed prompt suite (`suite`),
+generate + judge + report (`run`), and the same every K training steps (`in_loop`)."""

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from PIL import Image
 
 from bdt.eval.judge import judge_image, score
-from bdt.grid import make_grid
-from bdt.sampling import SamplingConfig
+from bdt.generation.grid import make_grid
+from bdt.generation.sampling import SamplingConfig
 
 
 def select(suite: list[dict], categories: Sequence[str] = (), per_category: int = 0) -> list[dict]:
@@ -60,7 +60,7 @@ def evaluate(model, decoder, items: Sequence[dict], width: int = 128, height: in
              progress: bool = False, any_bucket: bool = True, cols: int = 8) -> dict:
     """Generate one image per suite item, judge it, and (with `out_dir`) write the report.
     Returns the scores: overall, per_category, counts, images_per_s, items."""
-    from bdt.inference import TrainedModel
+    from bdt.generation.trained import TrainedModel
 
     trained = model if isinstance(model, TrainedModel) else TrainedModel(model, decoder)
     sampling = sampling or SamplingConfig()

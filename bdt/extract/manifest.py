@@ -25,7 +25,6 @@ MARKER_SCHEMA = 1
 INDEX_NAME = "index.json"
 PLAN_NAME = "plan.json"
 REJECTS_NAME = "rejects.jsonl"
-_CHUNK = 1 << 20
 
 
 def shard_url(root: str, stage: str, index: int) -> str:
@@ -40,18 +39,6 @@ def rejects_url(root: str, index: int) -> str:
     return storage.join(root, "rejects", f"{index:06d}.jsonl")
 
 
-def sha256_url(url: str) -> tuple[str, int]:
-    """(hex sha256, size in bytes) of a file, streamed."""
-    h = hashlib.sha256()
-    size = 0
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
 def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -62,19 +49,6 @@ def read_json(url: str) -> Any | None:
         return json.loads(storage.read_bytes(url))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-
-
-def tokenizer_identity(path: str) -> dict[str, Any]:
-    """The tokenizer's config and a sha256 per file of its directory (weights included)."""
-    fs, root = storage.filesystem(path)
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"tokenizer: not a directory: {path}")
-    files = {}
-    for p in sorted(fs.find(root)):
-        rel = p[len(root.rstrip("/")) + 1:]
-        files[rel] = sha256_url(path.rstrip("/") + "/" + rel)[0]
-    config = read_json(storage.join(path, "config.json"))
-    return {"path": path, "config": config, "sha256": files}
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
@@ -97,9 +71,9 @@ def valid_marker(root: str, stage: str, index: int, source: str, fp: str) -> dic
             f"fingerprint {marker.get('fingerprint')}, this run has {source} / {fp} (tokenizer, buckets "
             f"or preprocessing changed): write to a new output directory")
     try:
-        sha, size = sha256_url(shard_url(root, stage, index))
+        sha, size = storage.sha256(shard_url(root, stage, index))
         if marker.get("rejected"):
-            rsha, _ = sha256_url(rejects_url(root, index))
+            rsha, _ = storage.sha256(rejects_url(root, index))
             if rsha != marker.get("rejects_sha256"):
                 return None
     except FileNotFoundError:

@@ -54,13 +54,15 @@ def _token_geometry(tokenizer: str) -> dict[str, int]:
 
 def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[int]]], dict, str]:
     """(units, stage buckets, tokenizer identity, fingerprint); writes plan.json + config.yaml."""
+    from bdt.tokenizer.io import tokenizer_identity
+
     validate(cfg)
     geometry = _token_geometry(cfg.tokenizer)
     stages = resolve_stages(cfg, geometry["downsample_factor"])
     units = inp.list_units(cfg.inputs, cfg.input_format, cfg.folder_shard_size,
                            [e.lower() for e in cfg.image_extensions])
     storage.check_writable(cfg.output)
-    identity = dict(mf.tokenizer_identity(cfg.tokenizer), **geometry)
+    identity = dict(tokenizer_identity(cfg.tokenizer), **geometry)
     # Everything that changes a shard's content; not the Ray sizing or the paths.
     fp = mf.fingerprint({"tokenizer": identity["sha256"], "stages": stages, "patch_size": cfg.patch_size,
                          "dtype": cfg.dtype, "batch_size": cfg.batch_size,

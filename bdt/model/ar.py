@@ -27,10 +27,10 @@ from bdt.model.attention import (
     BlockCausalLayout,
     attention_kwargs,
     flex_row_len,
-    hf_attn_implementation,
     per_document_rows,
     resolve_backend,
 )
+from bdt.model.attention_kernels import hf_attn_implementation
 from bdt.model.config import ModelConfig
 from bdt.model.embed import BitsConnector, PosEmbed2D, flip_bits
 from bdt.model.flow import binarize, flow_loss

@@ -7,7 +7,8 @@ blocks of P (full inside a block, causal across blocks): the block-causal mask o
 Callers describe a row as cumulative sample lengths + per sample (causal_len, P)
 (`BlockCausalLayout.from_packed`) and get the Hugging Face model kwargs from `attention_kwargs`.
 
-Backends (`resolve_backend`; the model must be loaded with `hf_attn_implementation(backend)`):
+Backends (`resolve_backend`; the model must be loaded with
+`attention_kernels.hf_attn_implementation(backend)`):
 - `sdpa`: a dense [B,1,L,L] mask (bool; additive float for models running `eager`, which reads a
   bool mask wrongly). O(L^2) memory per row (64 MiB at L = 8192); the model lays a packed row out
   as one row per sample when that is cheaper (`per_document_rows`). `auto` picks it everywhere:
@@ -39,7 +40,7 @@ BACKENDS = ("auto", "sdpa", "flex", "varlen", "flash")
 # The `attn_implementation` a Hugging Face model must be loaded with for each backend: ours is
 # registered by `attention_kernels.register` (its name must not contain "flash": transformers
 # then looks for its own flash kernels under that name).
-_HF_IMPLEMENTATION = {"sdpa": "sdpa", "flex": "bdt_attention", "varlen": "bdt_attention",
+HF_IMPLEMENTATION = {"sdpa": "sdpa", "flex": "bdt_attention", "varlen": "bdt_attention",
                       "flash": "bdt_attention"}
 FLEX_BLOCK = 128  # flex_attention's sparse block size (_DEFAULT_SPARSE_BLOCK_SIZE)
 _MASK_CHUNK_PAIRS = 1 << 24  # query-key pairs evaluated at once while building a BlockMask
@@ -84,18 +85,6 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
                          f"(device {device_type}, flash_attn {found}); use 'auto', 'flex' or "
                          "'sdpa'")
     return name
-
-
-def hf_attn_implementation(backend: str) -> str:
-    """The HF `attn_implementation` for a resolved backend (registers ours where needed)."""
-    if backend not in _HF_IMPLEMENTATION:
-        raise ValueError(f"attention backend {backend!r} is not resolved; expected one of "
-                         f"{', '.join(_HF_IMPLEMENTATION)} (see resolve_backend)")
-    if _HF_IMPLEMENTATION[backend] == "bdt_attention":
-        from bdt.model.attention_kernels import register
-
-        register()
-    return _HF_IMPLEMENTATION[backend]
 
 
 @dataclass(frozen=True)
@@ -289,9 +278,9 @@ def attention_kwargs(layout: BlockCausalLayout, backend: str,
     `backend` is a resolved one (sdpa|flex|varlen|flash). For a model running `eager` pass its
     dtype as float_dtype to get the additive mask it needs.
     """
-    if backend not in _HF_IMPLEMENTATION:
+    if backend not in HF_IMPLEMENTATION:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of "
-                         f"{', '.join(_HF_IMPLEMENTATION)} (resolve 'auto' with resolve_backend)")
+                         f"{', '.join(HF_IMPLEMENTATION)} (resolve 'auto' with resolve_backend)")
     kwargs = {"position_ids": layout.position_ids_BL}
     L = layout.doc_ids_BL.shape[1]
     if backend in ("varlen", "flash") and layout.is_causal:

@@ -23,7 +23,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from bdt.model.attention import VarlenPlan
+from bdt.model.attention import HF_IMPLEMENTATION, VarlenPlan
 
 # What torch.compile lowers flex with; tests swap in a counting backend (no Inductor build).
 FLEX_COMPILE_BACKEND: object = "inductor"
@@ -113,3 +113,13 @@ def register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register("bdt_attention", bdt_attention)
+
+
+def hf_attn_implementation(backend: str) -> str:
+    """The HF `attn_implementation` for a resolved backend (registers ours where needed)."""
+    if backend not in HF_IMPLEMENTATION:
+        raise ValueError(f"attention backend {backend!r} is not resolved; expected one of "
+                         f"{', '.join(HF_IMPLEMENTATION)} (see resolve_backend)")
+    if HF_IMPLEMENTATION[backend] == "bdt_attention":
+        register()
+    return HF_IMPLEMENTATION[backend]

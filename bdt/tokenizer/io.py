@@ -59,6 +59,23 @@ def load_tokenizer(path: str, config: TokenizerConfig | Mapping[str, Any] | str 
     return model.to(device=device, dtype=dtype).eval()
 
 
+def tokenizer_identity(path: str) -> dict[str, Any]:
+    """The tokenizer's config and a sha256 per file of its directory (weights included): what an
+    extraction manifest records and training checks its shards against."""
+    fs, root = storage.filesystem(path)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"tokenizer: not a directory: {path}")
+    files = {}
+    for p in sorted(fs.find(root)):
+        rel = p[len(root.rstrip("/")) + 1:]
+        files[rel] = storage.sha256(path.rstrip("/") + "/" + rel)[0]
+    try:
+        config = json.loads(storage.read_bytes(storage.join(path, CONFIG_NAME)))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        config = None
+    return {"path": path, "config": config, "sha256": files}
+
+
 def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Compare a checkpoint with the model's expected keys and shapes; one clear error if they differ."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

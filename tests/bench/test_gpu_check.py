@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from bdt.config import load
-from bdt.trainer.train_config import TrainConfig, validate
+from bdt.training.ar.config import TrainConfig, validate
 from testkit import REPO
 
 sys.path.insert(0, str(REPO / "bench"))

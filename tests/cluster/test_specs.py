@@ -47,7 +47,7 @@ def _ds_config(cfg):
     classes (unknown ZeRO keys are errors there)."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from bdt.trainer.deepspeed_config import build_ds_config
+    from bdt.training.deepspeed_config import build_ds_config
 
     ds = build_ds_config(cfg.deepspeed, cfg.optim, world_size=1)
     return ds, DeepSpeedConfig(ds)
@@ -55,7 +55,7 @@ def _ds_config(cfg):
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_training_presets_load_with_the_trainers_loader(preset):
-    from bdt.trainer.train_config import TrainConfig, validate
+    from bdt.training.ar.config import TrainConfig, validate
 
     cfg = OmegaConf.to_object(load(TrainConfig, [str(REPO / RECIPE), str(preset)], REQUIRED))
     validate(cfg)
@@ -68,7 +68,7 @@ def test_training_presets_load_with_the_trainers_loader(preset):
 
 
 def test_presets_grow_with_model_size():
-    from bdt.trainer.train_config import TrainConfig
+    from bdt.training.ar.config import TrainConfig
 
     cfgs = {p.stem: load(TrainConfig, [str(REPO / RECIPE), str(p)], REQUIRED) for p in PRESETS}
     assert list(cfgs) == ["zero_14b", "zero_1b", "zero_8b"]
@@ -81,7 +81,7 @@ def test_presets_grow_with_model_size():
 
 
 def test_offload_overlay_reaches_deepspeed():
-    from bdt.trainer.train_config import TrainConfig
+    from bdt.training.ar.config import TrainConfig
 
     files = [str(REPO / RECIPE), str(REPO / "configs/cluster/zero_14b.yaml"),
              str(REPO / "configs/cluster/offload_cpu.yaml")]

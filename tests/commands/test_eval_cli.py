@@ -13,8 +13,8 @@ from bdt.data.shapes import layout, render
 from bdt.eval.judge import judge_image
 from bdt.eval.run import evaluate, judge_items, select, write_report
 from bdt.eval.suite import load_suite
-from bdt.grid import FAIL_RGB, PASS_RGB
-from bdt.sampling import SamplingConfig
+from bdt.generation.grid import FAIL_RGB, PASS_RGB
+from bdt.generation.sampling import SamplingConfig
 from evalutil import BUCKET
 
 

@@ -5,7 +5,7 @@ torch sees a GPU load, validate, and keep the stage layout the token shards are 
 from omegaconf import OmegaConf
 
 from bdt.config import load
-from bdt.trainer.train_config import TrainConfig, validate
+from bdt.training.ar.config import TrainConfig, validate
 from testkit import REPO
 
 DEMO = str(REPO / "configs/train/demo.yaml")

@@ -216,7 +216,7 @@ def stage_rows(tmp_path, urls, state=None):
     (its draws must come from the stream's state too)."""
     from bdt.model.sequence import SequencePacker
     from bdt.model.text_tokenizer import add_special_tokens, make_text_tokenizer, prompt_ids
-    from bdt.trainer.stage_rows import CaptionMeasure, StageRows
+    from bdt.training.ar.stage_rows import CaptionMeasure, StageRows
     from trainutil import CAPTIONS
 
     tok = make_text_tokenizer(str(tmp_path / "tok"), CAPTIONS * 20, 384)
@@ -239,7 +239,7 @@ def test_prefetched_rows_resume_exactly(tmp_path, worker):
     rows 5-6 are built again, identically) and reads every sample once."""
     from dataclasses import replace
 
-    from bdt.trainer.stage_rows import StageData
+    from bdt.training.ar.stage_rows import StageData
 
     urls = write_shards(str(tmp_path / "s"), GRIDS, num_shards=3, per_shard=9)
     rows = stage_rows(tmp_path, urls)
@@ -269,7 +269,7 @@ def test_prefetched_rows_resume_exactly(tmp_path, worker):
 def test_caption_ids_are_the_tokenizers(tmp_path):
     """CaptionMeasure's fast path (the tokenizers backend) gives the model tokenizer's ids."""
     from bdt.model.text_tokenizer import encode, make_text_tokenizer
-    from bdt.trainer.stage_rows import CaptionMeasure
+    from bdt.training.ar.stage_rows import CaptionMeasure
     from trainutil import CAPTIONS
 
     tok = make_text_tokenizer(str(tmp_path / "tok"), CAPTIONS * 20, 384)

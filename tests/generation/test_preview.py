@@ -6,9 +6,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from bdt.config import load
+from bdt.generation.preview import sample_grid, save_grid
 from bdt.model.ar import BitDanceModel
-from bdt.trainer.preview import load_decoder, sample_grid, save_grid
-from bdt.trainer.train_config import TrainConfig
+from bdt.tokenizer.io import load_tokenizer
+from bdt.training.ar.config import TrainConfig
 from testkit import TINY_CONFIG
 from trainutil import tiny_image_tokenizer, tiny_llm
 
@@ -17,7 +18,7 @@ def test_sample_grid_png_leaves_training_rng_alone(tmp_path):
     cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], [
         f"model.backbone.path={tiny_llm(str(tmp_path / 'llm'))}", "stages=[{name: a, shards: x, steps: 1}]"]))
     model = BitDanceModel.from_config(cfg.model)
-    decoder = load_decoder(tiny_image_tokenizer(str(tmp_path / "tok")))
+    decoder = load_tokenizer(tiny_image_tokenizer(str(tmp_path / "tok")))
     torch.manual_seed(123)
     before = torch.get_rng_state()
     image = sample_grid(model, decoder, ["a red circle", "one cyan star"], (4, 6), num_steps=2, seed=7)

@@ -9,7 +9,7 @@ from bdt.model.config import ModelConfig
 from bdt.model.head import HeadConfig
 from bdt.model.sequence import ImageSample, SequencePacker
 from bdt.model.text_tokenizer import encode
-from bdt.sampling import SamplingConfig, generate
+from bdt.generation.sampling import SamplingConfig, generate
 
 CAPTIONS = ["a red circle", "a blue square on the left", "two green stars", "a yellow cat"]
 

@@ -16,8 +16,9 @@ from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 import bdt.model.attention_kernels as kernels
 from bdt.model.ar import BitDanceModel
 from bdt.model.attention import (FLEX_BLOCK, BlockCausalLayout, attention_kwargs,
-                                 decode_attention_mask, flex_row_len, hf_attn_implementation,
-                                 left_padded_layout, resolve_backend)
+                                 decode_attention_mask, flex_row_len, left_padded_layout,
+                                 resolve_backend)
+from bdt.model.attention_kernels import hf_attn_implementation
 from bdt.model.config import ModelConfig
 from bdt.model.head import HeadConfig
 from bdt.model.sequence import ImageSample, SequencePacker

@@ -178,7 +178,7 @@ def test_missing_files_are_named(tmp_path):
 
 
 def test_cli_encode_decode_end_to_end(tmp_path, tiny_model, capsys):
-    assert "bdt.tokenizer.commands" in cli.COMMAND_MODULES
+    assert "bdt.commands.tokenizer" in cli.COMMAND_MODULES
     tok = str(tmp_path / "tok")
     save_tokenizer(tiny_model, tok)
     images = _photos(32, 48)

@@ -14,8 +14,8 @@ import torch
 import torch.multiprocessing as mp
 
 from bdt import storage
-from bdt.trainer.checkpoint import MARKER, CheckpointManager, tag_for
-from bdt.trainer.distributed import DistInfo, free_port
+from bdt.training.checkpoint import MARKER, CheckpointManager, tag_for
+from bdt.training.distributed import DistInfo, free_port
 from testkit import PlantedPickle, cut_file, flip_bytes
 
 SOLO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -173,8 +173,8 @@ def test_a_planted_pickle_is_refused_not_run(tmp_path):
     and its universal converter refuse such a file too (weights-only), creating nothing."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from bdt.trainer.reshard import to_universal
-    from bdt.trainer.safe_load import weights_only_loads
+    from bdt.training.checkpoint_convert import to_universal
+    from bdt.training.safe_load import weights_only_loads
 
     target = tmp_path / "pwned"
     root = tmp_path / "ck"
@@ -231,13 +231,13 @@ def _join(rank, world, port):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from bdt.trainer.distributed import init_distributed
+    from bdt.training.distributed import init_distributed
 
     return init_distributed()
 
 
 def _tiny_engine(zero, world, micro_batch):
-    from bdt.trainer.deepspeed_config import (DeepSpeedConfig, OptimConfig, build_ds_config,
+    from bdt.training.deepspeed_config import (DeepSpeedConfig, OptimConfig, build_ds_config,
                                               initialize_engine, make_schedule)
 
     optim = OptimConfig(lr=1e-2, warmup_steps=2)
@@ -256,7 +256,7 @@ def _step(engine, x):
 
 
 def _worker(rank, world, port, root, out):
-    from bdt.trainer.distributed import cleanup
+    from bdt.training.distributed import cleanup
 
     dist = _join(rank, world, port)
 
@@ -298,7 +298,7 @@ ZEROS = (0, 1, 3)  # ZeRO-2 goes through the training test (tests/training/ar/te
 def _world_change_worker(rank, world, port, out):
     import deepspeed
 
-    from bdt.trainer.distributed import cleanup
+    from bdt.training.distributed import cleanup
 
     dist = _join(rank, world, port)
     x_all = torch.randn(8, 8, generator=torch.Generator().manual_seed(7))  # the step after the save

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from bdt.trainer.ema import EMA
+from bdt.training.ema import EMA
 
 
 def test_average_follows_the_warmed_up_decay_and_swaps_back_exactly():

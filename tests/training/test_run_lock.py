@@ -1,5 +1,5 @@
-"""The run-directory lock (bdt/trainer/run_lock.py) and the launcher watch of a rank
-(bdt/trainer/signals.py): a held lock names its holder, stale locks are taken over, a newer lock
+"""The run-directory lock (bdt/training/run_lock.py) and the launcher watch of a rank
+(bdt/training/signals.py): a held lock names its holder, stale locks are taken over, a newer lock
 is never stolen, a job that lost its lock stops; a rank whose launcher dies is stopped."""
 
 import json
@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from bdt.trainer.run_lock import LOCK_NAME, LOST_LOCK_EXIT, RunDirInUse, RunLock
+from bdt.training.run_lock import LOCK_NAME, LOST_LOCK_EXIT, RunDirInUse, RunLock
 
 
 def _plant(run_dir, **record):
@@ -81,7 +81,7 @@ def test_a_takeover_never_steals_a_newer_lock(tmp_path):
 
 @pytest.mark.slow
 def test_a_job_that_lost_its_lock_stops(tmp_path):
-    code = (f"import time; from bdt.trainer.run_lock import RunLock; "
+    code = (f"import time; from bdt.training.run_lock import RunLock; "
             f"RunLock({str(tmp_path)!r}, heartbeat_s=0.1).acquire(); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     try:
@@ -100,8 +100,8 @@ def test_a_job_that_lost_its_lock_stops(tmp_path):
 def test_a_rank_whose_launcher_dies_is_stopped(tmp_path):
     """Once its launcher is gone the rank's stop flag says stop (the loop would save and exit);
     a rank that still runs when the grace time is over is killed."""
-    rank = (f"import time, pathlib, torch; from bdt.trainer import signals; "
-            f"flag = signals.StopFlag(); signals.watch_launcher(grace_s=2, poll_s=0.1); "
+    rank = (f"import time, pathlib, torch; from bdt.training import distributed, signals; "
+            f"flag = signals.StopFlag(); distributed.watch_launcher(grace_s=2, poll_s=0.1); "
             f"pathlib.Path({str(tmp_path / 'ready')!r}).write_text('x')\n"
             f"while flag.should_stop(torch.device('cpu')) != signals.STOP_SIGNAL: time.sleep(0.05)\n"
             f"pathlib.Path({str(tmp_path / 'stop')!r}).write_text('x'); time.sleep(120)")

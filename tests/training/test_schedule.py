@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from bdt.trainer.deepspeed_config import DeepSpeedConfig, OptimConfig, build_ds_config
-from bdt.trainer.schedule import WarmupSchedule, lambda_lr
+from bdt.training.deepspeed_config import DeepSpeedConfig, OptimConfig, build_ds_config
+from bdt.training.schedule import WarmupSchedule, lambda_lr
 
 
 def test_warmup_then_cosine_reaches_floor():

@@ -4,9 +4,9 @@ import signal
 
 import torch
 
-from bdt.trainer.ema import EMA
-from bdt.trainer.metrics import MetricsLogger, Throughput
-from bdt.trainer.signals import StopFlag
+from bdt.training.ema import EMA
+from bdt.training.metrics import MetricsLogger, Throughput
+from bdt.training.signals import StopFlag
 
 
 def test_sigterm_and_sigusr1_set_the_stop_flag():

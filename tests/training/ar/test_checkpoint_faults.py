@@ -17,8 +17,8 @@ import psutil
 import pytest
 import torch
 
-from bdt.trainer.distributed import free_port
-from bdt.trainer.schedule import WarmupSchedule
+from bdt.training.distributed import free_port
+from bdt.training.schedule import WarmupSchedule
 from testkit import REPO, TINY_CONFIG, PlantedPickle, cut_file, flip_bytes
 from trainutil import (export_tensors, read_metrics, spawn_train, tiny_llm, train_overrides,
                        write_shards)

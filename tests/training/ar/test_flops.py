@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bdt.model.attention import BlockCausalLayout
 from bdt.model.head import HeadConfig
-from bdt.trainer.flops import FlopModel, visible_pairs
+from bdt.training.ar.flops import FlopModel, visible_pairs
 
 
 @pytest.mark.parametrize("n, causal, P", [(29, 5, 4), (64, 64, 1), (300, 40, 16), (10, 3, 3),

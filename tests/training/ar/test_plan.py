@@ -2,9 +2,9 @@
 
 import pytest
 
-from bdt.trainer.flops import FlopModel
-from bdt.trainer.stages import StageClock
-from bdt.trainer.train_config import StageConfig
+from bdt.training.ar.flops import FlopModel
+from bdt.training.ar.stages import StageClock
+from bdt.training.ar.config import StageConfig
 
 BUDGET_STEP = 4096 * 2 * 2  # token_budget x grad_accum x ranks
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from bdt.trainer.distributed import free_port
+from bdt.training.distributed import free_port
 from testkit import REPO, TINY_CONFIG
 from trainutil import tiny_image_tokenizer, tiny_llm, train_overrides, write_shards
 

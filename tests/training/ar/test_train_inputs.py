@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from bdt.config import load
-from bdt.trainer.distributed import DistInfo, free_port
-from bdt.trainer.setup import check_data, check_model_signature, model_signature
-from bdt.trainer.train_config import TrainConfig
+from bdt.training.distributed import DistInfo, free_port
+from bdt.training.ar.setup import check_data, check_model_signature, model_signature
+from bdt.training.ar.config import TrainConfig
 from testkit import REPO, TINY_CONFIG
 from trainutil import tiny_image_tokenizer, tiny_llm, train_overrides, write_shards
 
@@ -92,7 +92,7 @@ def _manifest(root, sha):
 
 
 def test_shards_of_another_image_tokenizer_are_refused(tmp_path):
-    from bdt.extract.manifest import tokenizer_identity
+    from bdt.tokenizer.io import tokenizer_identity
 
     tok = tmp_path / "tok"
     tok.mkdir()
@@ -127,7 +127,7 @@ def test_checkpoints_of_another_model_shape_are_refused(tmp_path):
 
 
 def test_stage_p_and_eval_keys_are_checked_at_start(tmp_path):
-    from bdt.trainer.train_config import validate
+    from bdt.training.ar.config import validate
 
     write_shards(str(tmp_path / "s"), [(4, 4)], num_shards=1, per_shard=2)
     s = str(tmp_path / "s")

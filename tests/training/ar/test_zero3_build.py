@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from bdt.config import load
-from bdt.trainer import setup
-from bdt.trainer.train_config import TrainConfig
+from bdt.training.ar import setup
+from bdt.training.ar.config import TrainConfig
 from testkit import TINY_CONFIG
 from trainutil import spawn_build, tiny_llm, train_overrides
 

@@ -13,15 +13,16 @@ from bdt.config import load
 from bdt.data.shapes import ShapesConfig
 from bdt.data.shards import generate
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
-from bdt.tokenizer.train import TokenizerTrainConfig, main, train
-from bdt.trainer.checkpoint import MARKER, tag_for
-from bdt.trainer.schedule import WarmupSchedule
-from bdt.trainer.distributed import free_port
+from bdt.training.checkpoint import MARKER, tag_for
+from bdt.training.distributed import free_port
+from bdt.training.schedule import WarmupSchedule
+from bdt.training.tokenizer.config import TokenizerTrainConfig
+from bdt.training.tokenizer.loop import main, train
 
 TINY = ["model.ch=32", "model.ch_mult=[1,1]", "model.num_res_blocks=1", "model.z_channels=8",
         "data.size=16", "data.num_workers=0", "deepspeed.micro_batch_size=2",
-        "optim.lr=1e-3", "optim.warmup_steps=1", "optim.schedule=constant", "log.every=1",
-        "log.image_every=2", "log.tensorboard=false", "loss.disc_weight=0.1", "loss.disc_start=1",
+        "optim.lr=1e-3", "optim.warmup_steps=1", "optim.schedule=constant", "logging.every=1",
+        "logging.image_every=2", "logging.tensorboard=false", "loss.disc_weight=0.1", "loss.disc_start=1",
         "loss.lecam_weight=0.05", "loss.disc_layers=1", "loss.disc_width=16"]
 
 
@@ -55,12 +56,12 @@ def _ema(out_dir, step):
 
 @pytest.mark.slow
 def test_two_rank_zero2_checkpoint_resume_continues_exactly(shards, tmp_path):
-    base = TINY + [f"data.shards={shards}", "deepspeed.zero_stage=2", "ckpt.every=2", "ckpt.keep_last=2"]
+    base = TINY + [f"data.shards={shards}", "deepspeed.zero_stage=2", "checkpoint.every=2", "checkpoint.keep_last=2"]
     resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
-    _run2(base + [f"out_dir={resumed}", "steps=3"])
+    _run2(base + [f"run_dir={resumed}", "steps=3"])
     assert os.path.exists(os.path.join(resumed, "checkpoints", tag_for(3), MARKER))
-    _run2(base + [f"out_dir={resumed}", "steps=4"])  # resumes from step 3
-    _run2(base + [f"out_dir={straight}", "steps=4"])
+    _run2(base + [f"run_dir={resumed}", "steps=4"])  # resumes from step 3
+    _run2(base + [f"run_dir={straight}", "steps=4"])
     log_r, log_s = _log(resumed), _log(straight)
     assert [r["step"] for r in log_r] == [1, 2, 3, 4]  # the step counter continues
     # Same losses after the resume as without interruption: weights, Adam, LR, EMA, the
@@ -87,7 +88,7 @@ def test_single_process_trains_and_exports(shards, tmp_path):
     from bdt.tokenizer.io import load_tokenizer
 
     out = str(tmp_path / "run")
-    args = TINY + [f"data.shards={shards}", f"out_dir={out}", "steps=3", "ckpt.every=10",
+    args = TINY + [f"data.shards={shards}", f"run_dir={out}", "steps=3", "checkpoint.every=10",
                    "loss.disc_weight=0", "optim.lr=3e-3"]
     os.environ.pop("WORLD_SIZE", None), os.environ.pop("RANK", None), os.environ.pop("MASTER_PORT", None)
     train(load(TokenizerTrainConfig, [], args))
@@ -117,16 +118,16 @@ def test_schedule_steps_lets_a_stopped_run_resume_on_the_same_lr_curve(shards, t
     (what bench/tokenizer_quality.py does to score a fixed step count); without
     schedule_steps a 3-step run trains its third step at the LR floor already."""
     base = TINY + [f"data.shards={shards}", "optim.schedule=cosine", "loss.disc_weight=0",
-                   "ckpt.every=10"]
+                   "checkpoint.every=10"]
     stopped, straight, short = (str(tmp_path / n) for n in ("stopped", "straight", "short"))
 
     def run1(overrides):  # a fresh process per run: DeepSpeed keeps process-group state
         mp.spawn(_rank, args=(1, free_port(), base + overrides), nprocs=1)
 
-    run1([f"out_dir={stopped}", "steps=2", "schedule_steps=5"])
-    run1([f"out_dir={stopped}", "steps=5"])
-    run1([f"out_dir={straight}", "steps=5"])
-    run1([f"out_dir={short}", "steps=3"])
+    run1([f"run_dir={stopped}", "steps=2", "schedule_steps=5"])
+    run1([f"run_dir={stopped}", "steps=5"])
+    run1([f"run_dir={straight}", "steps=5"])
+    run1([f"run_dir={short}", "steps=3"])
     log_a, log_b = _log(stopped), _log(straight)
     assert [r["step"] for r in log_a] == [1, 2, 3, 4, 5]
     assert [r["lr"] for r in log_a] == [r["lr"] for r in log_b]
@@ -138,19 +139,22 @@ def test_schedule_steps_lets_a_stopped_run_resume_on_the_same_lr_curve(shards, t
                                               for i in range(3)]
     assert _log(short)[2]["lr"] < log_a[2]["lr"]
     with pytest.raises(SystemExit):
-        main([f"out_dir={tmp_path}", f"data.shards={shards}", "schedule_steps=-1"])
+        main([f"run_dir={tmp_path}", f"data.shards={shards}", "schedule_steps=-1"])
 
 
 def test_bad_config_is_a_clear_error(shards, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main([f"out_dir={tmp_path}", "data.shards=/nonexistent/x-{0..3}.tar", "steps=1"])
+        main([f"run_dir={tmp_path}", "data.shards=/nonexistent/x-{0..3}.tar", "steps=1"])
     assert "data.shards" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main([f"out_dir={tmp_path}", f"data.shards={shards}", "loss.pixel=l3"])
+        main([f"run_dir={tmp_path}", f"data.shards={shards}", "loss.pixel=l3"])
     assert "loss.pixel" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main([f"out_dir={tmp_path}", f"data.shards={shards}", "loss.lpips_weight=1"])
+        main([f"run_dir={tmp_path}", f"data.shards={shards}", "loss.lpips_weight=1"])
     assert "loss.lpips_backbone" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main([f"out_dir={tmp_path}", "data.shards=x.tar", "model.bogus=1"])
+        main([f"run_dir={tmp_path}", "data.shards=x.tar", "model.bogus=1"])
     assert "model.bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the keys before both trainers shared one vocabulary
+        main([f"out_dir={tmp_path}", f"data.shards={shards}"])
+    assert "key 'out_dir' was renamed to 'run_dir'" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Image grids for `bdt sample` and `bdt eval`: tensors in [-1, 1] -> PIL images, tiled with
+"""Image grids for `bdt sample`, `bdt eval` and previews: tensors in [-1, 1] -> PIL images, tiled with
 optional pass/fail frames (green = the judge passed the image, red = failed)."""
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ from PIL import Image, ImageDraw
 PASS_RGB, FAIL_RGB = (40, 180, 60), (220, 40, 40)
 
 
-def to_pil(images_BCHW: torch.Tensor) -> list[Image.Image]:
-    """Decoder outputs in [-1, 1] (any float dtype) -> RGB PIL images, rounded to uint8."""
+def to_uint8(images_BCHW: torch.Tensor) -> torch.Tensor:
+    """Decoder outputs in [-1, 1] (any float dtype) -> uint8 pixels [B, H, W, C] on the CPU."""
     pixels = ((images_BCHW.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(np.ascontiguousarray(p.permute(1, 2, 0).cpu().numpy()), "RGB")
-            for p in pixels]
+    return pixels.permute(0, 2, 3, 1).cpu()
+
+
+def to_pil(images_BCHW: torch.Tensor) -> list[Image.Image]:
+    """Decoder outputs in [-1, 1] -> RGB PIL images, rounded to uint8."""
+    return [Image.fromarray(np.ascontiguousarray(p.numpy()), "RGB") for p in to_uint8(images_BCHW)]
 
 
 def make_grid(images: Sequence[Image.Image], cols: int = 8, pad: int = 4,

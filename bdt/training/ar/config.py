@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bdt.model.config import ModelConfig
-from bdt.trainer.deepspeed_config import DeepSpeedConfig, OptimConfig
-from bdt.trainer.evaluation import EvalConfig
+from bdt.training.config import CheckpointConfig, LoggingConfig
+from bdt.training.deepspeed_config import DeepSpeedConfig, OptimConfig
 
 
 @dataclass
@@ -66,17 +66,7 @@ class DataConfig:
 
 
 @dataclass
-class CheckpointConfig:
-    dir: str = ""  # local dir or s3://...; "" = <run_dir>/checkpoints
-    every: int = 1000  # steps; 0 = only at the end and on preemption
-    keep_last: int = 3
-    resume: bool = True  # auto-resume from the newest complete checkpoint
-
-
-@dataclass
-class LoggingConfig:
-    every: int = 10
-    tensorboard: bool = True
+class ARLoggingConfig(LoggingConfig):
     peak_tflops: float = 0.0  # per rank, for MFU; 0 = measure a matmul at start (same run)
     # In-loop sample grid PNG every K steps (0 = off); needs data.tokenizer to decode the bits.
     sample_every: int = 0
@@ -86,6 +76,20 @@ class LoggingConfig:
     # Debug: every consumed sample key per rank and step to <run_dir>/sample_keys/ (checks that
     # restarts, also on another number of ranks, neither repeat nor skip data).
     sample_keys: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """In-loop evaluation (bdt/eval/in_loop.py): the shapes suite generated and judged."""
+
+    every: int = 0  # steps between evaluations; 0 = off (needs data.tokenizer to decode)
+    per_category: int = 2  # suite prompts per category (0 = all 40)
+    categories: list[str] = field(default_factory=list)  # [] = every category
+    width: int = 128  # px
+    height: int = 128
+    steps: int = 25  # head sampler steps per AR step
+    cfg_scale: float = 7.5
+    batch: int = 8
 
 
 @dataclass
@@ -110,7 +114,7 @@ class TrainConfig:
     # (each stage has its own).
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    logging: ARLoggingConfig = field(default_factory=ARLoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # in-loop shapes-suite evaluation
     export: bool = True  # write <run_dir>/export (model + tokenizer files) at the end
     # > 0: keep an exponential moving average of the weights (fp32, on every rank, in each

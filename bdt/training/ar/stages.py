@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 
-from bdt.trainer.schedule import WarmupSchedule
-from bdt.trainer.train_config import StageConfig
+from bdt.training.schedule import WarmupSchedule
+from bdt.training.ar.config import StageConfig
 
 
 class StageClock:

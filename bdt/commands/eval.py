@@ -7,7 +7,7 @@ import json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from bdt.sampling_commands import add_sampling_args
+    from bdt.commands.sample import add_sampling_args
 
     p = subparsers.add_parser(
         "eval", help="score a trained model on the shapes evaluation suite",
@@ -45,9 +45,9 @@ def _read_suite(path: str) -> list[dict]:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from bdt.commands.sample import load_for_args
     from bdt.eval.run import evaluate, markdown_table, select
     from bdt.eval.suite import load_suite
-    from bdt.sampling_commands import load_for_args
 
     if args.per_category < 0:
         raise ValueError(f"--per-category must be >= 0, got {args.per_category}")

@@ -20,7 +20,7 @@ at checkpoints up to the step just saved, and a save whose step already holds a 
 checkpoint (one resume passed over) first moves that one to `<root>/unusable/`.
 
 Resuming on another number of ranks (`load(..., reshard=fn)`): global rank 0 converts the
-checkpoint once, beside it, and every rank then loads the conversion (bdt/trainer/reshard.py):
+checkpoint once, beside it, and every rank then loads the conversion (checkpoint_convert.py):
   <tag>.w00004/<engine name>/   DeepSpeed universal checkpoint (ds_to_universal) of an engine
                                 whose optimizer state is partitioned (ZeRO-1/2/3); a ZeRO-0
                                 engine loads its unpartitioned original as it is
@@ -50,23 +50,17 @@ from typing import Any
 import torch
 
 from bdt import storage
-from bdt.trainer import integrity
-from bdt.trainer.checkpoint_convert import convert, universal_load
-from bdt.trainer.distributed import DistInfo, all_gather_object, barrier, broadcast_object
-from bdt.trainer.rank_state import (capture_rng, read_rank_files, restore_rng, user_tensors,
+from bdt.training import integrity
+from bdt.training.checkpoint_convert import convert, universal_load
+from bdt.training.distributed import DistInfo, all_gather_object, barrier, broadcast_object
+from bdt.training.integrity import MARKER, CheckpointUnusable
+from bdt.training.rank_state import (capture_rng, read_rank_files, restore_rng, user_tensors,
                                     write_rank_files)
-
-MARKER = "COMPLETE"
 SHARED_FILE = "shared.pt"
 UNUSABLE_DIR = "unusable"
 _TAG_RE = re.compile(r"^step_(\d{9})$")
 
 Reshard = Callable[[list[tuple[dict, dict]], int], list[tuple[dict, dict]]]
-
-
-class CheckpointUnusable(ValueError):
-    """A checkpoint failed verification or loading; the message (the same on every rank) names
-    its path and the reason."""
 
 
 @dataclass
@@ -80,6 +74,21 @@ class Resumed:
 
 def tag_for(step: int) -> str:
     return f"step_{step:09d}"
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str, bool]]:
+    """(step, tag, complete) for every checkpoint directory under `root`, oldest first."""
+    fs, path = storage.filesystem(root.rstrip("/"))
+    fs.invalidate_cache()  # listings are cached by s3fs; other ranks/processes write here
+    if not fs.exists(path):
+        return []
+    out = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        match = _TAG_RE.match(name)
+        if match:
+            out.append((int(match.group(1)), name, fs.exists(f"{path}/{name}/{MARKER}")))
+    return sorted(out)
 
 
 class CheckpointManager:
@@ -105,16 +114,7 @@ class CheckpointManager:
 
     def list_tags(self) -> list[tuple[int, str, bool]]:
         """(step, tag, complete) for every checkpoint directory under root, oldest first."""
-        fs, path = self._fs()
-        if not fs.exists(path):
-            return []
-        out = []
-        for entry in fs.ls(path, detail=False):
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
-            match = _TAG_RE.match(name)
-            if match:
-                out.append((int(match.group(1)), name, fs.exists(f"{path}/{name}/{MARKER}")))
-        return sorted(out)
+        return list_checkpoints(self.root)
 
     def latest_complete(self) -> str | None:
         complete = [tag for _, tag, done in self.list_tags() if done]
@@ -127,7 +127,7 @@ class CheckpointManager:
              before_marker: Callable[[], None] | None = None) -> str:
         """Collective: every rank calls it with its own per-rank state. Returns the tag.
         `before_marker` runs on every rank once its files are written (fault injection)."""
-        from bdt.trainer.safe_load import recording_engine
+        from bdt.training.safe_load import recording_engine
 
         tag = tag_for(step)
         local_dir = os.path.join(self.staging, tag)
@@ -288,7 +288,7 @@ class CheckpointManager:
 
     def _load_verified(self, tag: str, conv: str | None, universal: set[str],
                        fetched: dict[str, str], engines: dict[str, Any], load_optimizer: bool):
-        from bdt.trainer.safe_load import recording_engine, weights_only_loads
+        from bdt.training.safe_load import recording_engine, weights_only_loads
 
         meta, tensors = read_rank_files(fetched[conv or tag], self.dist.rank)
         if meta["world_size"] != self.dist.world_size:

@@ -15,7 +15,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from bdt import storage
-from bdt.trainer import integrity
+from bdt.training import integrity
 
 
 def rank_file(rank: int, ext: str) -> str:

@@ -13,37 +13,26 @@ others wait at the next collective.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 import torch
 
-from bdt.sampling import SamplingConfig
-
-
-@dataclass
-class EvalConfig:
-    every: int = 0  # steps between evaluations; 0 = off (needs data.tokenizer to decode)
-    per_category: int = 2  # suite prompts per category (0 = all 40)
-    categories: list[str] = field(default_factory=list)  # [] = every category
-    width: int = 128  # px
-    height: int = 128
-    steps: int = 25  # head sampler steps per AR step
-    cfg_scale: float = 7.5
-    batch: int = 8
+from bdt.eval.run import evaluate, select
+from bdt.eval.suite import load_suite
+from bdt.generation.sampling import SamplingConfig
+from bdt.training.ar.config import EvalConfig
 
 
 class InLoopEval:
+    """An in-loop task of the AR loop (bdt.training.ar.loop.InLoopTask)."""
+
     def __init__(self, cfg: EvalConfig, decoder, run_dir: str, seed: int, takes_part: bool,
                  writes: bool):
-        """`decoder`: the image tokenizer (the loop loads it once for previews and evaluation);
-        unused when this rank does not take part."""
+        """`decoder`: the image tokenizer (loaded once for previews and evaluation); unused when
+        this rank does not take part."""
         self.cfg, self.run_dir, self.seed, self.writes = cfg, run_dir, seed, writes
         self.active = cfg.every > 0 and takes_part
         if not self.active:
             return
-        from bdt.eval.run import select
-        from bdt.eval.suite import load_suite
-
         self.items = select(load_suite(), list(cfg.categories), cfg.per_category)
         self.decoder = decoder
 
@@ -53,8 +42,6 @@ class InLoopEval:
     def run(self, step: int, module: torch.nn.Module) -> dict[str, float]:
         """Scores of the suite subset at this step (metrics keys) and, on the writing rank, the
         report files."""
-        from bdt.eval.run import evaluate
-
         c = self.cfg
         out_dir = os.path.join(self.run_dir, "eval", f"step_{step:09d}") if self.writes else None
         was_training = module.training

@@ -1,7 +1,7 @@
 """A trained model ready to turn prompts into images: what `bdt sample` and `bdt eval` load.
 
 `load_trained(path)` accepts
-  * an export (`<run_dir>/export`, written by the trainer, bdt/trainer/export.py): the model
+  * an export (`<run_dir>/export`, written by the trainer, bdt/training/ar/export.py): the model
     (`BitDanceModel.save_pretrained` layout), `image_tokenizer/` and `train_config.yaml`;
   * a training run dir: its `export/` if present, else its newest complete checkpoint;
   * a checkpoint dir `<run_dir>/checkpoints/step_N` (complete, i.e. with its marker);
@@ -26,14 +26,14 @@ from dataclasses import dataclass, replace
 import torch
 from PIL import Image
 
-from bdt.grid import to_pil
+from bdt.generation.grid import to_pil
+from bdt.generation.sampling import SamplingConfig, generate
 from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel
-from bdt.sampling import SamplingConfig, generate
+from bdt.training import run_dir as layout
 
-IMAGE_TOKENIZER_DIR = "image_tokenizer"  # = bdt.trainer.export.IMAGE_TOKENIZER_DIR
-TRAIN_CONFIG_NAME = "train_config.yaml"  # the export's copy of the resolved training config
 EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, f"{LLM_DIR}/config.json",
-                f"{IMAGE_TOKENIZER_DIR}/config.json", f"{IMAGE_TOKENIZER_DIR}/model.safetensors")
+                f"{layout.EXPORT_IMAGE_TOKENIZER_DIR}/config.json",
+                f"{layout.EXPORT_IMAGE_TOKENIZER_DIR}/model.safetensors")
 
 
 def parse_bucket(text: str) -> tuple[int, int]:
@@ -114,39 +114,30 @@ class TrainedModel:
 def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
     """Resolve `path` (export, or run dir: export or newest checkpoint) and load it on `device`."""
     from bdt.tokenizer.io import load_tokenizer
-    from bdt.trainer.checkpoint import MARKER
+    from bdt.training.checkpoint import MARKER
 
     if not os.path.exists(path):
         raise OSError(f"model path {path!r} does not exist")
     if not os.path.isdir(path):
         raise OSError(f"model path {path!r} is not a directory (give a training export or run dir)")
     if not os.path.exists(os.path.join(path, CONFIG_NAME)):
-        if os.path.isfile(os.path.join(path, "export", CONFIG_NAME)):
-            path = os.path.join(path, "export")
-        elif os.path.isfile(os.path.join(path, "config.yaml")):
+        if os.path.isfile(os.path.join(layout.export_dir(path), CONFIG_NAME)):
+            path = layout.export_dir(path)
+        elif os.path.isfile(os.path.join(path, layout.CONFIG_NAME)):
             return _from_run_checkpoint(path, device)
         elif os.path.isfile(os.path.join(path, MARKER)):  # <run_dir>/checkpoints/step_N
             run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-            if os.path.isfile(os.path.join(run_dir, "config.yaml")):
+            if os.path.isfile(os.path.join(run_dir, layout.CONFIG_NAME)):
                 return _from_run_checkpoint(run_dir, device, os.path.abspath(path))
     missing = [f for f in EXPORT_FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise OSError(f"{path!r} is not a complete model export: missing {', '.join(missing)} "
                       f"(expected the <run_dir>/export that bdt/train.py writes)")
     model = BitDanceModel.from_pretrained(path).to(device).eval()
-    decoder = load_tokenizer(os.path.join(path, IMAGE_TOKENIZER_DIR), device=device)
-    train_cfg = os.path.join(path, TRAIN_CONFIG_NAME)
+    decoder = load_tokenizer(os.path.join(path, layout.EXPORT_IMAGE_TOKENIZER_DIR), device=device)
+    train_cfg = os.path.join(path, layout.EXPORT_TRAIN_CONFIG_NAME)
     buckets = _trained_buckets(train_cfg) if os.path.isfile(train_cfg) else None
     return TrainedModel(model, decoder, path, buckets)
-
-
-def _load_train_config(path: str):
-    from omegaconf import OmegaConf
-
-    from bdt.config import load
-    from bdt.trainer.train_config import TrainConfig
-
-    return OmegaConf.to_object(load(TrainConfig, [path], []))
 
 
 def _trained_buckets(train_config_path: str) -> list[tuple[int, int]] | None:
@@ -154,17 +145,18 @@ def _trained_buckets(train_config_path: str) -> list[tuple[int, int]] | None:
     manifest is unreachable (plain shard dirs, moved data): then only the divisibility check."""
     from bdt.data.shard_source import list_shards
 
-    cfg = _load_train_config(train_config_path)
+    cfg = layout.read_config(train_config_path)
     found: list[tuple[int, int]] = []
-    for stage in cfg.stages:
+    for stage in cfg.get("stages", []):
         try:
-            shards = list_shards(stage.shards, stage.family, allow_incomplete=True)  # buckets only
+            shards = list_shards(stage.shards, stage.get("family", ""),
+                                 allow_incomplete=True)  # buckets only
         except Exception:  # noqa: BLE001 - best effort (moved data, no credentials): then unknown
             return None
         if shards.manifest is None:
             return None
         families = shards.manifest.get("stages", {})
-        family = stage.family or next(iter(families), "")
+        family = stage.get("family", "") or next(iter(families), "")
         for w, h in families.get(family, {}).get("buckets", []):
             if (w, h) not in found:
                 found.append((int(w), int(h)))
@@ -176,17 +168,19 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     """A run without an export yet: rebuild the model from its config.yaml and load the module
     weights of `checkpoint` (default: the newest complete one) with torch.load(weights_only=True),
     which unpickles no code."""
-    from bdt.tokenizer.io import load_tokenizer
-    from bdt.trainer.checkpoint import MARKER
+    from omegaconf import OmegaConf
 
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    cfg = _load_train_config(cfg_path)
-    root = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
+    from bdt.model.config import ModelConfig
+    from bdt.tokenizer.io import load_tokenizer
+    from bdt.training.checkpoint import list_checkpoints
+
+    cfg_path = os.path.join(run_dir, layout.CONFIG_NAME)
+    cfg = layout.read_config(cfg_path)
+    root = layout.checkpoint_root(run_dir, cfg.checkpoint.dir)
     if "://" in root:
         raise OSError(f"{run_dir!r} has no export and its checkpoints are remote ({root}); "
                       f"sample from an export")
-    tags = sorted(t for t in (os.listdir(root) if os.path.isdir(root) else [])
-                  if t.startswith("step_") and os.path.isfile(os.path.join(root, t, MARKER)))
+    tags = [tag for _, tag, complete in list_checkpoints(root) if complete]
     if not tags and checkpoint is None:
         raise OSError(f"{run_dir!r} is a training run with neither an export/ nor a complete "
                       f"checkpoint in {root}")
@@ -204,7 +198,8 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
         module = torch.load(states, map_location="cpu", weights_only=True)["module"]
     except Exception as e:  # noqa: BLE001 - any unpickling refusal is a user-facing file problem
         raise OSError(f"{states}: cannot read the module weights safely ({e})") from None
-    model = BitDanceModel.from_config(cfg.model)
+    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model))
+    model = BitDanceModel.from_config(model_cfg)
     model.load_state_dict(module)
     decoder = load_tokenizer(cfg.data.tokenizer, device=device)
     return TrainedModel(model.to(device).eval(), decoder, checkpoint, _trained_buckets(cfg_path))

@@ -10,7 +10,7 @@ the three DeepSpeed classes its files hold (measured on ZeRO 0-3, fp32 and bf16,
 
 `unsafe_globals` reads a file's pickle without running it, so that every rank can refuse a bad
 file while the checkpoint is verified, before any rank enters DeepSpeed's collective load.
-`python -m bdt.trainer.safe_load ARGS` runs DeepSpeed's `ds_to_universal ARGS` the same way.
+`python -m bdt.training.safe_load ARGS` runs DeepSpeed's `ds_to_universal ARGS` the same way.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Tokenizer training: `deepspeed tokenizers/train.py --config configs/tokenizer/<name>.yaml [key=value]`.
+"""The tokenizer training loop: `deepspeed tokenizers/train.py --config
+configs/tokenizer/<name>.yaml [key=value]` (keys: config.py).
 
 Also runs under torchrun and as one plain process. Losses (method §1): pixel L1/L2, optional
 LPIPS, the quantizer's commitment + group-wise entropy terms, and an optional patch discriminator
@@ -17,7 +18,6 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,74 +26,22 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bdt.config import ConfigError, fail, load, save_resolved, split_launcher_args
-from bdt.data.raw import RawDataConfig, expand_shards, make_loader
+from bdt.data.raw import make_loader
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.tokenizer.config import TokenizerConfig
 from bdt.tokenizer.discriminator import LeCam, PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from bdt.tokenizer.image_metrics import psnr, ssim, to_unit
 from bdt.tokenizer.lpips import LPIPS
-from bdt.trainer.checkpoint import CheckpointManager
-from bdt.trainer.deepspeed_config import (DeepSpeedConfig, OptimConfig, build_ds_config,
-                                          initialize_engine, make_schedule)
-from bdt.trainer.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
-from bdt.trainer.ema import EMA
-from bdt.trainer.metrics import MetricsLogger, Throughput, Timer
-from bdt.trainer.run_lock import hold_run_lock
-from bdt.trainer.schedule import lambda_lr
-from bdt.trainer.signals import LOCAL_REASON, StopFlag
-
-
-@dataclass
-class LossConfig:
-    pixel: str = "l1"  # l1 | l2
-    pixel_weight: float = 1.0
-    quantizer_weight: float = 1.0  # x QuantizerOutput.loss (its commitment/entropy weights: model:)
-    lpips_weight: float = 0.0
-    lpips_backbone: str = ""  # local torchvision vgg16 state dict
-    lpips_head: str = ""  # local LPIPS vgg.pth (lin0..lin4)
-    disc_weight: float = 0.0  # 0 disables the discriminator (method §1: ~0.1)
-    disc_start: int = 0  # optimizer step at which the adversarial terms start
-    disc_adaptive: bool = True  # VQGAN adaptive weight from the decoder's last-layer gradients
-    disc_lr: float = 1e-4
-    disc_width: int = 64
-    disc_layers: int = 3
-    lecam_weight: float = 0.0  # method §1: 0.05
-
-
-@dataclass
-class CheckpointConfig:
-    dir: str = ""  # default <out_dir>/checkpoints; local or s3://
-    every: int = 500  # optimizer steps
-    keep_last: int = 3
-    resume: bool = True
-    staging_dir: str = ""  # local staging for remote dirs (default under /tmp)
-
-
-@dataclass
-class LogConfig:
-    every: int = 10
-    image_every: int = 200  # reconstruction grid PNG, 0 = never
-    num_images: int = 8
-    tensorboard: bool = True
-
-
-@dataclass
-class TokenizerTrainConfig:
-    out_dir: str = "???"  # local run directory: logs, images, export/, config.yaml
-    steps: int = 1000  # optimizer steps
-    # Horizon of the LR schedule (0 = steps). Lets a run stop early at `steps` and resume later
-    # on the same cosine curve (bench/tokenizer_quality.py scores a fixed step count that way).
-    schedule_steps: int = 0
-    time_limit_min: float = 0.0  # > 0: stop (save + export) after this many minutes of training
-    seed: int = 0
-    ema_decay: float = 0.999  # 0 = export the live weights
-    model: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: RawDataConfig = field(default_factory=RawDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+from bdt.training.checkpoint import CheckpointManager
+from bdt.training.deepspeed_config import build_ds_config, initialize_engine, make_schedule
+from bdt.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
+from bdt.training.ema import EMA
+from bdt.training.metrics import MetricsLogger, Throughput, Timer
+from bdt.training.run_dir import checkpoint_root, export_dir
+from bdt.training.run_lock import hold_run_lock
+from bdt.training.schedule import lambda_lr
+from bdt.training.signals import LOCAL_REASON, StopFlag
+from bdt.training.tokenizer.config import RENAMED_KEYS, TokenizerTrainConfig, validate
 
 
 class Discriminator:
@@ -149,13 +97,13 @@ def save_grid(path: str, images: torch.Tensor, recon: torch.Tensor) -> None:
     Image.fromarray(arr).save(path)
 
 
-def export(model_cfg: TokenizerConfig, ema_state: dict, out_dir: str) -> str:
+def export(model_cfg: TokenizerConfig, ema_state: dict, run_dir: str) -> str:
     """Write the EMA weights as a tokenizer directory (config.json + model.safetensors)."""
     model = BinaryAutoencoder(model_cfg)
     live = model.state_dict()
     live.update(ema_state["shadow"])
     model.load_state_dict(live)
-    path = os.path.join(out_dir, "export")
+    path = export_dir(run_dir)
     model.save_pretrained(path)
     return path
 
@@ -171,33 +119,11 @@ def _quant_metrics(q) -> dict[str, float]:
     return out
 
 
-def validate(cfg: TokenizerTrainConfig) -> TokenizerConfig:
-    """Check the config before any process group or model exists; returns the model config."""
-    if cfg.deepspeed.zero_stage == 3:
-        raise ValueError("deepspeed.zero_stage: tokenizer training supports 0-2 (EMA and the adaptive "
-                         "GAN weight need full parameters on every rank)")
-    if cfg.loss.pixel not in ("l1", "l2"):
-        raise ValueError(f"loss.pixel: expected 'l1' or 'l2', got '{cfg.loss.pixel}'")
-    if cfg.schedule_steps < 0:
-        raise ValueError(f"schedule_steps must be >= 0 (0 = steps), got {cfg.schedule_steps}")
-    if cfg.steps < 1 or cfg.ckpt.every < 1 or cfg.log.every < 1:
-        raise ValueError(f"steps, ckpt.every and log.every must be >= 1, got {cfg.steps}, "
-                         f"{cfg.ckpt.every}, {cfg.log.every}")
-    if cfg.loss.lpips_weight > 0:
-        LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)
-    expand_shards(cfg.data.shards)
-    model_cfg = TokenizerConfig.from_dict(cfg.model)
-    if cfg.data.size % model_cfg.downsample_factor:
-        raise ValueError(f"data.size {cfg.data.size} is not divisible by the model's downsample factor "
-                         f"{model_cfg.downsample_factor}")
-    return model_cfg
-
-
 def train(cfg: TokenizerTrainConfig) -> dict:
     """Run (or resume) training until cfg.steps; returns the last logged metrics."""
     model_cfg = validate(cfg)
     dist: DistInfo = init_distributed()
-    lock = hold_run_lock(cfg.out_dir, dist)  # one job per out_dir: a second one stops here
+    lock = hold_run_lock(cfg.run_dir, dist)  # one job per run_dir: a second one stops here
     try:
         return _train(cfg, model_cfg, dist)
     finally:
@@ -215,11 +141,11 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     lpips = (LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)
              if cfg.loss.lpips_weight > 0 else None)
     torch.manual_seed(cfg.seed * 1000 + dist.rank)  # per-rank stream for any sampling in the step
-    ckpt = CheckpointManager(cfg.ckpt.dir or os.path.join(cfg.out_dir, "checkpoints"), dist,
-                             cfg.ckpt.keep_last, cfg.ckpt.staging_dir or None)
+    ckpt = CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir), dist,
+                             cfg.checkpoint.keep_last, cfg.checkpoint.staging_dir or None)
     step, stream_state, tag = 0, None, None
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
-    resumed = ckpt.resume({"autoencoder": engine}) if cfg.ckpt.resume else None
+    resumed = ckpt.resume({"autoencoder": engine}) if cfg.checkpoint.resume else None
     if resumed is not None:
         tag, meta, shared = resumed.tag, resumed.meta, resumed.shared
         step, stream_state = meta["step"], meta["stream"]
@@ -227,12 +153,12 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
         if disc is not None and "disc" in shared:
             disc.load_state_dict(shared["disc"])
     if dist.is_main:
-        save_resolved(cfg, cfg.out_dir)
+        save_resolved(cfg, cfg.run_dir)
         print(f"tokenizer training: world {dist.world_size}, start step {step}"
               + (f" (resumed from {tag})" if tag else ""), flush=True)
     loader, stream = make_loader(cfg.data, cfg.deepspeed.micro_batch_size, dist.rank,
                                  dist.world_size, stream_state)
-    logger = MetricsLogger(cfg.out_dir, dist.is_main, cfg.log.tensorboard)
+    logger = MetricsLogger(cfg.run_dir, dist.is_main, cfg.logging.tensorboard)
     stop = StopFlag()
     meter = Throughput()
     batches = iter(loader)
@@ -292,7 +218,7 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
             over_time = cfg.time_limit_min > 0 and time.monotonic() - started > cfg.time_limit_min * 60
             # One collective for both reasons: every rank stops at the same step.
             stopping = stop.should_stop(dist.device, local=over_time)
-            if step % cfg.log.every == 0 or step == cfg.steps or stopping:
+            if step % cfg.logging.every == 0 or step == cfg.steps or stopping:
                 with torch.no_grad():
                     values = {"loss": loss.item(), **terms, **_quant_metrics(q),
                               "psnr": psnr(recon, images).mean().item(),
@@ -304,11 +230,12 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
                     values["grad_norm"] = float(norm)
                 logger.log(step, values)
                 last = values
-            if dist.is_main and cfg.log.image_every and step % cfg.log.image_every == 0:
-                n = cfg.log.num_images
-                save_grid(os.path.join(cfg.out_dir, "images", f"step_{step:09d}.png"),
+            if dist.is_main and cfg.logging.image_every and step % cfg.logging.image_every == 0:
+                n = cfg.logging.num_images
+                save_grid(os.path.join(cfg.run_dir, "images", f"step_{step:09d}.png"),
                           images[:n], recon[:n].detach())
-            if stopping or step % cfg.ckpt.every == 0 or step == cfg.steps:
+            if (stopping or step == cfg.steps
+                    or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
                 save()
             if stopping:
                 timed_out = stopping == LOCAL_REASON  # collective: the same on every rank
@@ -316,7 +243,7 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
                     print(f"{'time limit' if timed_out else 'stop signal'}: saved step {step}", flush=True)
                 break
         if dist.is_main and (step >= cfg.steps or timed_out):
-            print(f"exported EMA tokenizer to {export(model_cfg, ema.state_dict(), cfg.out_dir)}", flush=True)
+            print(f"exported EMA tokenizer to {export(model_cfg, ema.state_dict(), cfg.run_dir)}", flush=True)
     finally:
         logger.close()
         stop.restore()
@@ -326,12 +253,12 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
 
 def export_latest(cfg: TokenizerTrainConfig) -> str:
     """Export the EMA weights of the newest complete checkpoint (no training, no DeepSpeed)."""
-    ckpt = CheckpointManager(cfg.ckpt.dir or os.path.join(cfg.out_dir, "checkpoints"),
-                             DistInfo(0, 1, 0, torch.device("cpu")), staging_dir=cfg.ckpt.staging_dir or None)
+    ckpt = CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir),
+                             DistInfo(0, 1, 0, torch.device("cpu")), staging_dir=cfg.checkpoint.staging_dir or None)
     resumed = ckpt.resume(engines={})  # the newest one that verifies (no engine is loaded)
     if resumed is None:
         raise ValueError(f"no complete checkpoint under {ckpt.root} to export")
-    return export(TokenizerConfig.from_dict(cfg.model), resumed.shared["ema"], cfg.out_dir)
+    return export(TokenizerConfig.from_dict(cfg.model), resumed.shared["ema"], cfg.run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,11 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenizers/train.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
     parser.add_argument("--export-only", action="store_true",
-                        help="export the newest checkpoint's EMA weights to <out_dir>/export and exit")
+                        help="export the newest checkpoint's EMA weights to <run_dir>/export and exit")
     parser.add_argument("overrides", nargs="*", help="key=value")
     ns = parser.parse_args(args)
     try:
-        cfg = load(TokenizerTrainConfig, ns.config, ns.overrides)
+        cfg = load(TokenizerTrainConfig, ns.config, ns.overrides, renamed=RENAMED_KEYS)
         if ns.export_only:
             print(export_latest(cfg))
         else:

@@ -52,8 +52,8 @@ def read_prompts(path: str) -> list[str]:
 
 def load_for_args(args: argparse.Namespace):
     """(TrainedModel, (W, H), SamplingConfig) from the shared options; user errors raise."""
-    from bdt.inference import load_trained, parse_bucket, pick_device
-    from bdt.sampling import SamplingConfig
+    from bdt.generation.sampling import SamplingConfig
+    from bdt.generation.trained import load_trained, parse_bucket, pick_device
 
     if args.steps < 1 or args.batch < 1:
         raise ValueError(f"--steps and --batch must be >= 1, got {args.steps} and {args.batch}")
@@ -70,7 +70,7 @@ def load_for_args(args: argparse.Namespace):
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from bdt.grid import make_grid
+    from bdt.generation.grid import make_grid
 
     prompts = args.prompt if args.prompt else read_prompts(args.prompts_file)
     trained, (width, height), sampling = load_for_args(args)

@@ -3,18 +3,28 @@
 All three launchers describe the job with the same environment variables (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a plain `python script.py` has none of them and runs as a
 world of one. DeepSpeed's communication layer is initialised on top of the torch process group so
-that both agree on the backend (gloo on CPU, nccl on CUDA).
+that both agree on the backend (gloo on CPU, nccl on CUDA). A rank started by a launcher
+watches it (`watch_launcher`) and stops when it dies. The collectives below are no-ops in a world
+of one.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
+import psutil
 import torch
 import torch.distributed as dist
+
+DEEPSPEED_NODE_LAUNCHER = "deepspeed.launcher.launch"
+LAUNCHER_GRACE_S = 300.0
+launcher_gone = threading.Event()  # set by watch_launcher; signals.StopFlag reads it
 
 
 @dataclass(frozen=True)
@@ -55,10 +65,8 @@ _watching: list = []  # the launcher watch of this process, started once
 
 def init_distributed(use_deepspeed: bool = True) -> DistInfo:
     """Initialise the process group from the launcher's environment (or a world of one). A rank
-    started by a launcher stops when the launcher dies (signals.watch_launcher)."""
+    started by a launcher stops when the launcher dies (watch_launcher)."""
     if "RANK" in os.environ and not _watching:
-        from bdt.trainer.signals import watch_launcher
-
         _watching.append(watch_launcher())
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -87,6 +95,48 @@ def init_distributed(use_deepspeed: bool = True) -> DistInfo:
     elif not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def watch_launcher(grace_s: float = LAUNCHER_GRACE_S, poll_s: float = 1.0
+                   ) -> threading.Thread | None:
+    """Stop this rank when its launcher dies: from then on `StopFlag.should_stop` answers
+    STOP_SIGNAL (the loop saves at the next step boundary and exits, as on SIGTERM; a signal
+    could land outside the loop and kill it mid-export), and a rank still running `grace_s`
+    later (hung in a collective, say) is killed. The launcher is the
+    parent process (torchrun, mp.spawn's parent, slurmstepd); under the `deepspeed` command it is
+    also the parent's parent, since the per-node `deepspeed.launcher.launch` that starts the
+    ranks outlives the command. A death shows as reparenting (zombies keep their pid), checked
+    by a thread every `poll_s`, which also works where PR_SET_PDEATHSIG does not (a parent whose
+    forking thread ends, another OS)."""
+    parent = psutil.Process().parent()
+    if parent is None or parent.pid == 1:
+        return None  # no launcher (anymore) to watch
+    checks = [(os.getppid, parent.pid)]
+    try:
+        if DEEPSPEED_NODE_LAUNCHER in " ".join(parent.cmdline()):
+            checks.append((parent.ppid, parent.ppid()))
+    except psutil.Error:
+        pass
+
+    def launcher_alive() -> bool:
+        try:
+            return all(current() == expected for current, expected in checks)
+        except psutil.Error:  # the parent itself is gone
+            return False
+
+    def watch() -> None:
+        while launcher_alive():
+            time.sleep(poll_s)
+        print(f"rank {os.environ.get('RANK', '?')} (pid {os.getpid()}): its launcher is gone: "
+              f"stopping (a checkpoint at the next step, exit within {grace_s:.0f} s)",
+              file=sys.stderr, flush=True)
+        launcher_gone.set()
+        time.sleep(grace_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="bdt-launcher-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def barrier() -> None:

@@ -1,28 +1,35 @@
 """A checkpoint converted for another number of ranks, beside the original (system §2).
 
 `<tag>.wNNNNN` is made once, by global rank 0, from the verified original: DeepSpeed universal
-checkpoints of the engines with partitioned optimizer state (reshard.to_universal, which reads
-the original's files weights-only), per-rank state re-split by the trainer's `reshard` function,
+checkpoints of the engines with partitioned optimizer state (`to_universal`: DeepSpeed's
+`ds_to_universal --inject_missing_state`, run weights-only through `python -m
+bdt.training.safe_load`, loads at any data-parallel size with weights and Adam moments bitwise,
+environment.md; a ZeRO-0 checkpoint keeps the whole optimizer in one file and loads as it is),
+per-rank state re-split by the trainer's `reshard` function,
 fresh per-rank RNGs, and its own marker with every file's size and sha256. A conversion that no
 longer verifies is derived data: it is rebuilt from the original.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bdt import storage
-from bdt.trainer import integrity
-from bdt.trainer.distributed import broadcast_object
-from bdt.trainer.rank_state import read_rank_files, seeded_rng, user_tensors, write_rank_files
+from bdt.training import integrity
+from bdt.training.distributed import broadcast_object
+from bdt.training.integrity import MARKER, CheckpointUnusable
+from bdt.training.rank_state import read_rank_files, seeded_rng, user_tensors, write_rank_files
 
 if TYPE_CHECKING:
-    from bdt.trainer.checkpoint import CheckpointManager, Reshard
+    from bdt.training.checkpoint import CheckpointManager, Reshard
 
 
 def conversion_tag(tag: str, world_size: int) -> str:
@@ -34,8 +41,6 @@ def convert(mgr: CheckpointManager, tag: str, marker: dict, engines: dict[str, A
     """Collective: the tag of `tag` converted for this world size, made by rank 0 (after
     verifying the original) unless a verified conversion is already there; a failure on rank 0
     raises CheckpointUnusable on every rank."""
-    from bdt.trainer.checkpoint import CheckpointUnusable
-    from bdt.trainer.reshard import to_universal
 
     saved_world, world = marker["world_size"], mgr.dist.world_size
     conv = conversion_tag(tag, world)
@@ -74,10 +79,25 @@ def convert(mgr: CheckpointManager, tag: str, marker: dict, engines: dict[str, A
     return conv
 
 
+def to_universal(engine_dir: str, out_dir: str) -> bool:
+    """Convert one engine's DeepSpeed checkpoint directory to a universal one in `out_dir`;
+    False (nothing written) when its optimizer state is not partitioned (ZeRO-0)."""
+    if not glob.glob(os.path.join(engine_dir, "*optim_states.pt")):
+        return False
+    workers = str(max(1, min(4, (os.cpu_count() or 1) // 2)))
+    # DeepSpeed's converter unpickles with weights_only=False; run it weights-only (safe_load).
+    cmd = [sys.executable, "-m", "bdt.training.safe_load", "--input_folder",
+           engine_dir, "--output_folder", out_dir, "--inject_missing_state",
+           "--num_extract_workers", workers, "--num_merge_workers", workers]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {done.returncode}: "
+                           f"{(done.stderr or done.stdout)[-2000:]}")
+    return True
+
+
 def _verifies_here(mgr: CheckpointManager, conv: str) -> bool:
     """This process alone: whether a complete conversion `conv` exists and verifies."""
-    from bdt.trainer.checkpoint import MARKER, CheckpointUnusable
-
     if not storage.exists(storage.join(mgr.root, conv, MARKER)):
         return False
     local_dir = mgr.fetch_here(conv)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from bdt.trainer.distributed import disable_deepspeed_shm_op
-from bdt.trainer.schedule import WarmupSchedule, lambda_lr
+from bdt.training.distributed import disable_deepspeed_shm_op
+from bdt.training.schedule import WarmupSchedule, lambda_lr
 
 PRECISIONS = ("fp32", "bf16")
 

@@ -26,7 +26,7 @@ import uuid
 
 import psutil
 
-from bdt.trainer.distributed import DistInfo, broadcast_object
+from bdt.training.distributed import DistInfo, broadcast_object
 
 LOCK_NAME = "RUN_LOCK"
 HEARTBEAT_S = 10.0

@@ -16,9 +16,9 @@ from bdt.data.token_shards import TokenSample, decode_sample
 from bdt.data.token_stream import TokenStream
 from bdt.model.ar import BitDanceModel
 from bdt.model.sequence import SequencePacker, patch_side
-from bdt.trainer.distributed import DistInfo, barrier
-from bdt.trainer.stage_rows import CaptionMeasure, StageRows
-from bdt.trainer.train_config import TrainConfig, stage_p
+from bdt.training.distributed import DistInfo, barrier
+from bdt.training.ar.stage_rows import CaptionMeasure, StageRows
+from bdt.training.ar.config import TrainConfig, stage_p
 
 SIGNATURE_NAME = "model_shapes.json"
 
@@ -26,7 +26,7 @@ SIGNATURE_NAME = "model_shapes.json"
 def check_data(cfg: TrainConfig) -> list[ShardList]:
     """Every stage's shard list; ValueError on a missing source, shards written by another image
     tokenizer than `data.tokenizer` (or than another stage's), or bits per token != the model's."""
-    from bdt.extract.manifest import tokenizer_identity
+    from bdt.tokenizer.io import tokenizer_identity
 
     want = tokenizer_identity(cfg.data.tokenizer)["sha256"] if cfg.data.tokenizer else None
     want_from = cfg.data.tokenizer

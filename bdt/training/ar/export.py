@@ -18,9 +18,8 @@ from omegaconf import OmegaConf
 
 from bdt import storage
 from bdt.config import save_resolved
-from bdt.trainer.distributed import DistInfo, barrier
-
-IMAGE_TOKENIZER_DIR = "image_tokenizer"
+from bdt.training.distributed import DistInfo, barrier
+from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR, EXPORT_TRAIN_CONFIG_NAME
 
 
 def export_model(engine, model, cfg, out_dir: str, dist: DistInfo) -> str:
@@ -37,8 +36,8 @@ def export_model(engine, model, cfg, out_dir: str, dist: DistInfo) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
             engine.module.save_pretrained(tmp)
             if cfg.data.tokenizer:
-                _copy_tree(cfg.data.tokenizer, os.path.join(tmp, IMAGE_TOKENIZER_DIR))
-            save_resolved(OmegaConf.structured(cfg), tmp, name="train_config.yaml")
+                _copy_tree(cfg.data.tokenizer, os.path.join(tmp, EXPORT_IMAGE_TOKENIZER_DIR))
+            save_resolved(OmegaConf.structured(cfg), tmp, name=EXPORT_TRAIN_CONFIG_NAME)
             shutil.rmtree(out_dir, ignore_errors=True)
             os.replace(tmp, out_dir)  # a reader never sees half an export
     barrier()

@@ -13,6 +13,12 @@ import hashlib
 import os
 
 HASH = "sha256"
+MARKER = "COMPLETE"  # a checkpoint directory's completion marker, written last
+
+
+class CheckpointUnusable(ValueError):
+    """A checkpoint failed verification or loading; the message (the same on every rank) names
+    its path and the reason."""
 
 
 def digest(path: str) -> dict[str, int | str]:
@@ -37,7 +43,7 @@ def problem(local_dir: str, rel: str, entry: dict) -> str | None:
     if digest(path)[HASH] != entry.get(HASH):
         return f"{rel}: {HASH} differs from the marker's (damaged or replaced)"
     if rel.endswith(".pt"):
-        from bdt.trainer.safe_load import unsafe_globals
+        from bdt.training.safe_load import unsafe_globals
 
         try:
             refused = unsafe_globals(path)

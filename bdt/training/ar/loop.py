@@ -1,7 +1,7 @@
 """The AR training loop: DeepSpeed engine, progressive stages, exact resume, preemption, logging.
 
 One step = `grad_accum` packed micro-batches per rank (TokenStream; built ahead by a prefetch
-worker, bdt/trainer/stage_rows.py), each `engine(packed)` ->
+worker, stage_rows.py), each `engine(packed)` ->
 `engine.backward` -> `engine.step` (DeepSpeed applies the optimizer at the accumulation
 boundary). Stages run back to back in one process (StageClock); the data stream is rebuilt at a
 stage switch. A checkpoint holds the engine (DeepSpeed) + per-rank state: step, stage, tokens
@@ -18,7 +18,9 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,22 +28,36 @@ from omegaconf import DictConfig, OmegaConf
 
 from bdt import storage
 from bdt.config import save_resolved
-from bdt.trainer import preview, reshard, setup
-from bdt.trainer.checkpoint import CheckpointManager
-from bdt.trainer.deepspeed_config import build_ds_config, initialize_engine
-from bdt.trainer.distributed import (DistInfo, all_gather_int, all_reduce_mean, all_reduce_sum,
-                                     cleanup, init_distributed)
-from bdt.trainer.ema import EMA
-from bdt.trainer.evaluation import InLoopEval
-from bdt.trainer.export import export_model
-from bdt.trainer.flops import FlopModel, measure_peak_flops
-from bdt.trainer.metrics import MetricsLogger, Throughput, Timer
-from bdt.trainer.run_lock import hold_run_lock
-from bdt.trainer.signals import LOCAL_REASON, STOP_SIGNAL, StopFlag
-from bdt.trainer.stage_rows import StageData
-from bdt.trainer.stages import StageClock
-from bdt.trainer.train_config import TrainConfig, validate
+from bdt.training.ar import reshard, setup
+from bdt.training.ar.config import TrainConfig, validate
+from bdt.training.ar.export import export_model
+from bdt.training.ar.flops import FlopModel, measure_peak_flops
+from bdt.training.ar.stage_rows import StageData
+from bdt.training.ar.stages import StageClock
+from bdt.training.checkpoint import CheckpointManager
+from bdt.training.deepspeed_config import build_ds_config, initialize_engine
+from bdt.training.distributed import (DistInfo, all_gather_int, all_reduce_mean, all_reduce_sum,
+                                      cleanup, init_distributed)
+from bdt.training.ema import EMA
+from bdt.training.metrics import MetricsLogger, Throughput, Timer
+from bdt.training.run_dir import checkpoint_root, export_dir
+from bdt.training.run_lock import hold_run_lock
+from bdt.training.signals import LOCAL_REASON, STOP_SIGNAL, StopFlag
 
+
+class InLoopTask(Protocol):
+    """Work on the weights being trained every few steps (sample grids, evaluation). The loop
+    does not know how: generation sits a layer above it, so the caller builds the tasks
+    (bdt/train.py) and the loop runs the due ones with the EMA weights swapped in."""
+
+    def due(self, step: int) -> bool: ...
+
+    def run(self, step: int, module: torch.nn.Module) -> dict[str, float]:
+        """Metrics to log at `step` ({} for none)."""
+
+
+# The ranks' tasks, built once the process group exists (which ranks generate depends on it).
+InLoopTasks = Callable[[TrainConfig, DistInfo], list[InLoopTask]]
 
 @dataclass
 class _Window:
@@ -61,8 +77,9 @@ class _Window:
             self.sums[k] = self.sums.get(k, 0.0) + v
 
 
-def run(cfg: TrainConfig | DictConfig) -> dict:
-    """Train as configured (every rank calls it); returns a summary of the last step."""
+def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
+    """Train as configured (every rank calls it); returns a summary of the last step.
+    `in_loop(cfg, dist)`: this rank's previews and evaluations (bdt/train.py builds them)."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
     validate(cfg)
@@ -75,7 +92,7 @@ def run(cfg: TrainConfig | DictConfig) -> dict:
     try:
         # One job per run directory: a second one stops here, naming the holder (run_lock.py).
         lock = hold_run_lock(cfg.run_dir, dist)
-        summary = _train(cfg, dist, sources)
+        summary = _train(cfg, dist, sources, in_loop)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -94,7 +111,7 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
+def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks) -> dict:
     ds_config = build_ds_config(replace(cfg.deepspeed, micro_batch_size=1),
                                 replace(cfg.optim, lr=1.0), dist.world_size)
     clock = StageClock(cfg.stages, cfg.deepspeed.grad_accum, dist.world_size)
@@ -102,8 +119,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     model, hf_ds_config = setup.build_model(cfg, ds_config)  # noqa: F841 (kept alive: weak ref)
     # What each rank holds right after the build: under ZeRO-3 its partitions only.
     params_local = all_gather_int(setup.local_numel(model))
-    ckpt = CheckpointManager(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"), dist,
-                             keep_last=cfg.checkpoint.keep_last)
+    ckpt = CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir), dist,
+                             cfg.checkpoint.keep_last, cfg.checkpoint.staging_dir or None)
     setup.check_model_signature(ckpt.root, setup.model_signature(model), dist)
     flop_model = FlopModel.for_model(model)
     engine = initialize_engine(model, ds_config, clock)
@@ -155,12 +172,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
     # DeepSpeed reports the global grad norm from its ZeRO/bf16 optimizers only; with plain fp32
     # gradients (ZeRO-0) we read it off the averaged gradients before the step.
     plain_grads = cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"
-    # ZeRO-3 needs every rank in the forward passes of generation; otherwise rank 0 alone.
-    previewing = cfg.logging.sample_every > 0 and (dist.is_main or zero3)
-    evaluating = cfg.eval.every > 0 and (dist.is_main or zero3)
-    decoder = preview.load_decoder(cfg.data.tokenizer) if previewing or evaluating else None
-    evaluator = InLoopEval(cfg.eval, decoder, cfg.run_dir, cfg.seed,
-                           takes_part=dist.is_main or zero3, writes=dist.is_main)
+    tasks = in_loop(cfg, dist)
     keylog = reshard.SampleKeyLog(cfg.run_dir, dist.rank, dist.world_size) \
         if cfg.logging.sample_keys else None
     stop = StopFlag()
@@ -227,16 +239,12 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
             if step % cfg.logging.every == 0 or why or clock.finished:
                 _log(logger, step, engine, window, meter, stream, seen, peak, dist, t_step.seconds)
                 window = _Window()
-            if previewing and step % cfg.logging.sample_every == 0:
-                with _sampling_weights(ema, engine.module) as module:
-                    image = preview.sample_grid(module, decoder, list(cfg.logging.sample_prompts),
-                                                tuple(cfg.logging.sample_hw),
-                                                cfg.logging.sample_steps, cfg.seed)
-                if dist.is_main:
-                    preview.save_grid(image, cfg.run_dir, step)
-            if evaluator.due(step):
-                with _sampling_weights(ema, engine.module) as module:
-                    logger.log(step, evaluator.run(step, module))
+            for task in tasks:
+                if task.due(step):
+                    with _sampling_weights(ema, engine.module) as module:
+                        metrics = task.run(step, module)
+                    if metrics:
+                        logger.log(step, metrics)
             if (why or clock.finished
                     or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
                 _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg, ema)
@@ -260,7 +268,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list) -> dict:
         summary["param_digests"] = setup.param_digests(engine.module, zero3)
         if cfg.export:
             with _sampling_weights(ema, engine.module):
-                export_model(engine, model, cfg, os.path.join(cfg.run_dir, "export"), dist)
+                export_model(engine, model, cfg, export_dir(cfg.run_dir), dist)
     if dist.is_main:
         storage.write_bytes_atomic(os.path.join(cfg.run_dir, "summary.json"),
                                    json.dumps(summary, indent=1).encode())

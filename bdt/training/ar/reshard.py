@@ -1,12 +1,10 @@
-"""Resuming a training run on another number of ranks, and the consumed-sample log that checks it.
+"""Resuming an AR training run on another number of ranks, and the consumed-sample log that
+checks it.
 
-A checkpoint holds one DeepSpeed engine and one state file per rank (checkpoint.py). When the
-run restarts with W' != W ranks, rank 0 converts it once (CheckpointManager.load(..., reshard=)):
-  * the engine: DeepSpeed's `ds_to_universal --inject_missing_state` (run weights-only through
-    `python -m bdt.trainer.safe_load`) turns partitioned ZeRO-1/2/3 optimizer state into
-    DeepSpeed's universal checkpoint, which loads at any data-parallel size with weights and Adam
-    moments bitwise (environment.md). A ZeRO-0 checkpoint keeps the whole optimizer in one file
-    and loads as it is;
+A checkpoint holds one DeepSpeed engine and one state file per rank (bdt/training/checkpoint.py).
+When the run restarts with W' != W ranks, rank 0 converts it once (CheckpointManager.load(...,
+reshard=)): the engine becomes a DeepSpeed universal checkpoint
+(bdt/training/checkpoint_convert.py), and
   * the per-rank training state (`resplit_train_states`): the step, stage and LR position are
     the same on every rank; the tokens/images counters are summed into new rank 0 (the logs
     report sums over ranks); the data stream of the checkpoint's stage is re-split exactly
@@ -20,11 +18,8 @@ so a test (or a suspicious user) can check the union over ranks and restarts aga
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 
 import torch
@@ -32,23 +27,6 @@ import torch
 from bdt.data.token_stream import resplit
 
 STREAM_PREFIX = "stream."  # the loop saves the stream's tensors under this prefix
-
-
-def to_universal(engine_dir: str, out_dir: str) -> bool:
-    """Convert one engine's DeepSpeed checkpoint directory to a universal one in `out_dir`;
-    False (nothing written) when its optimizer state is not partitioned (ZeRO-0)."""
-    if not glob.glob(os.path.join(engine_dir, "*optim_states.pt")):
-        return False
-    workers = str(max(1, min(4, (os.cpu_count() or 1) // 2)))
-    # DeepSpeed's converter unpickles with weights_only=False; run it weights-only (safe_load).
-    cmd = [sys.executable, "-m", "bdt.trainer.safe_load", "--input_folder",
-           engine_dir, "--output_folder", out_dir, "--inject_missing_state",
-           "--num_extract_workers", workers, "--num_merge_workers", workers]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited with {done.returncode}: "
-                           f"{(done.stderr or done.stdout)[-2000:]}")
-    return True
 
 
 def resplit_train_states(shards_of_stage: Callable[[int], list[str]],

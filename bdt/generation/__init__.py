@@ -1,0 +1,3 @@
+"""Generation: prompts -> binary token grids (sampling.py: next-patch diffusion with a KV cache),
+-> pixels through the image tokenizer's decoder, as files and grids (grid.py); a trained model
+loaded from an export, run dir or checkpoint (trained.py); the in-loop sample grid (preview.py)."""

@@ -1,0 +1,22 @@
+"""Config sections both trainers share, so that both speak one vocabulary: `run_dir`,
+`checkpoint:` and `logging:` mean the same thing in an AR and a tokenizer training config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # local dir or s3://...; "" = <run_dir>/checkpoints
+    every: int = 1000  # optimizer steps; 0 = only at the end and on preemption
+    keep_last: int = 3
+    resume: bool = True  # auto-resume from the newest complete checkpoint that verifies
+    staging_dir: str = ""  # local staging for a remote dir ("" = under the system temp dir)
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # steps between metric records (stdout, JSONL, TensorBoard)
+    tensorboard: bool = True
+

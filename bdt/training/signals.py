@@ -1,0 +1,48 @@
+"""Preemption: SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits 0.
+
+Under the `deepspeed` launcher signals reach ranks one at a time, ~30 s apart (environment.md), so
+a rank must not act on its own flag: `should_stop` all-reduces the flag (MAX) every step and every
+rank stops at the same step, which the collective checkpoint save requires.
+
+A rank whose launcher dies stops the same way (distributed.watch_launcher makes `should_stop`
+answer STOP_SIGNAL): nothing else would end it, and a relaunch would meet it still writing (system §2).
+"""
+
+from __future__ import annotations
+
+import signal
+import types
+
+import torch
+
+from bdt.training.distributed import all_reduce_max, launcher_gone
+
+# Why the ranks stop (`StopFlag.should_stop`), ordered so that the all-reduced MAX wins.
+GO_ON, LOCAL_REASON, STOP_SIGNAL = 0, 1, 2
+
+
+class StopFlag:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
+        self.requested = False
+        self.signum: int | None = None
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        self.requested = True
+        self.signum = signum
+
+    def should_stop(self, device: torch.device, local: bool = False) -> int:
+        """Collective (call on every rank each step): why the ranks stop, the same on every rank.
+        GO_ON; LOCAL_REASON = some rank passed `local=True` (another reason, e.g. a time limit)
+        and no rank got a signal; STOP_SIGNAL = some rank got a stop signal (preemption: save,
+        exit, resume later). One all-reduce (MAX) serves both reasons."""
+        stop = self.requested or launcher_gone.is_set()
+        mine = STOP_SIGNAL if stop else LOCAL_REASON if local else GO_ON
+        return int(all_reduce_max(float(mine), device))
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

@@ -1,0 +1,87 @@
+"""The tokenizer training job's configuration tree (`deepspeed tokenizers/train.py --config
+configs/tokenizer/<name>.yaml [key=value]`).
+
+    run_dir:     local run directory: metrics, reconstruction grids, export/, config.yaml
+    model:       the tokenizer (TokenizerConfig's flat form or the released `ddconfig` form)
+    data:        raw image-caption shards, crop size, workers (bdt/data/raw.py)
+    optim, deepspeed, checkpoint, logging: as in the AR trainer (bdt/training/)
+    loss:        pixel, LPIPS, quantizer and discriminator terms (method §1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bdt.data.raw import RawDataConfig, expand_shards
+from bdt.tokenizer.config import TokenizerConfig
+from bdt.tokenizer.lpips import LPIPS
+from bdt.training.config import CheckpointConfig, LoggingConfig
+from bdt.training.deepspeed_config import DeepSpeedConfig, OptimConfig
+
+# Keys of this config before both trainers shared one vocabulary (bdt.config.load names the new
+# key when a YAML or the command line still uses an old one).
+RENAMED_KEYS = {"out_dir": "run_dir", "ckpt": "checkpoint", "log": "logging"}
+
+
+@dataclass
+class LossConfig:
+    pixel: str = "l1"  # l1 | l2
+    pixel_weight: float = 1.0
+    quantizer_weight: float = 1.0  # x QuantizerOutput.loss (its commitment/entropy weights: model:)
+    lpips_weight: float = 0.0
+    lpips_backbone: str = ""  # local torchvision vgg16 state dict
+    lpips_head: str = ""  # local LPIPS vgg.pth (lin0..lin4)
+    disc_weight: float = 0.0  # 0 disables the discriminator (method §1: ~0.1)
+    disc_start: int = 0  # optimizer step at which the adversarial terms start
+    disc_adaptive: bool = True  # VQGAN adaptive weight from the decoder's last-layer gradients
+    disc_lr: float = 1e-4
+    disc_width: int = 64
+    disc_layers: int = 3
+    lecam_weight: float = 0.0  # method §1: 0.05
+
+
+@dataclass
+class TokenizerLoggingConfig(LoggingConfig):
+    image_every: int = 200  # reconstruction grid PNG, 0 = never
+    num_images: int = 8
+
+
+@dataclass
+class TokenizerTrainConfig:
+    run_dir: str = "???"  # local run directory: logs, images, export/, config.yaml
+    steps: int = 1000  # optimizer steps
+    # Horizon of the LR schedule (0 = steps). Lets a run stop early at `steps` and resume later
+    # on the same cosine curve (bench/tokenizer_quality.py scores a fixed step count that way).
+    schedule_steps: int = 0
+    time_limit_min: float = 0.0  # > 0: stop (save + export) after this many minutes of training
+    seed: int = 0
+    ema_decay: float = 0.999  # 0 = export the live weights
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: RawDataConfig = field(default_factory=RawDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=500))
+    logging: TokenizerLoggingConfig = field(default_factory=TokenizerLoggingConfig)
+
+
+def validate(cfg: TokenizerTrainConfig) -> TokenizerConfig:
+    """Check the config before any process group or model exists; returns the model config."""
+    if cfg.deepspeed.zero_stage == 3:
+        raise ValueError("deepspeed.zero_stage: tokenizer training supports 0-2 (EMA and the adaptive "
+                         "GAN weight need full parameters on every rank)")
+    if cfg.loss.pixel not in ("l1", "l2"):
+        raise ValueError(f"loss.pixel: expected 'l1' or 'l2', got '{cfg.loss.pixel}'")
+    if cfg.schedule_steps < 0:
+        raise ValueError(f"schedule_steps must be >= 0 (0 = steps), got {cfg.schedule_steps}")
+    if cfg.steps < 1 or cfg.checkpoint.every < 0 or cfg.logging.every < 1:
+        raise ValueError(f"steps and logging.every must be >= 1 and checkpoint.every >= 0, got "
+                         f"{cfg.steps}, {cfg.logging.every} and {cfg.checkpoint.every}")
+    if cfg.loss.lpips_weight > 0:
+        LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)
+    expand_shards(cfg.data.shards)
+    model_cfg = TokenizerConfig.from_dict(cfg.model)
+    if cfg.data.size % model_cfg.downsample_factor:
+        raise ValueError(f"data.size {cfg.data.size} is not divisible by the model's downsample factor "
+                         f"{model_cfg.downsample_factor}")
+    return model_cfg
