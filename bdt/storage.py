@@ -135,6 +135,18 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
         raise
 
 
+def remove_stale_temps(url: str) -> None:
+    """Drop the temp files that killed writers of `url` left (open_atomic's `.NAME.tmp-*`);
+    nothing to do for a remote URL, where nothing partial is ever visible."""
+    if is_remote(url):
+        return
+    path = url[len("file://"):] if url.startswith("file://") else url
+    directory, name = os.path.split(path)
+    for stale in glob.glob(os.path.join(directory, f".{glob.escape(name)}.tmp-*")):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     with open_atomic(url) as f:
         f.write(data)

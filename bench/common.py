@@ -130,12 +130,10 @@ def bench_env() -> dict:
 def write_token_shard(path: str, samples, stage: str = "bench") -> None:
     """One token shard (the extraction format) of (bits_hwB uint8 [h, w, C/8], (W, H) px,
     caption) triples, keyed s000000, s000001, ..."""
-    import webdataset as wds
-
+    from bdt.data.tars import ShardWriter
     from bdt.data.token_shards import TokenSample, encode_sample
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with wds.TarWriter(path, encoder=False) as sink:
+    with ShardWriter(path) as sink:
         for i, (bits_hwB, bucket, caption) in enumerate(samples):
             sink.write(encode_sample(TokenSample(
                 key=f"s{i:06d}", bits_hwB=bits_hwB, bits_per_token=8 * bits_hwB.shape[-1],

@@ -70,17 +70,6 @@ def extract(raw: str, out: str, tokenizer: str, device: str, batch: int) -> dict
             "families": {s: len(glob.glob(os.path.join(out, s, "*.tar"))) for s in stages}}
 
 
-def captions(raw: str, limit: int = 2000) -> list[str]:
-    import webdataset as wds
-
-    out = []
-    for sample in wds.WebDataset(sorted(glob.glob(os.path.join(raw, "*.tar"))), shardshuffle=False):
-        out.append(sample["txt"].decode())
-        if len(out) >= limit:
-            break
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--raw", required=True, help="shapes image shards (bdt data shapes)")
@@ -88,12 +77,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=64, help="images per encoder call")
     args = ap.parse_args()
+    from bdt.commands.model import read_captions
     from bdt.model.backbone import make_tiny_llm
 
     tokenizer = random_tokenizer(os.path.join(args.out, "tokenizer"))
     stats = extract(args.raw, os.path.join(args.out, "tokens"), tokenizer, args.device,
                     args.batch)
-    make_tiny_llm(os.path.join(args.out, "llm"), captions(args.raw))
+    make_tiny_llm(os.path.join(args.out, "llm"), read_captions(args.raw, 2000))
     stats["machine"] = machine()
     with open(os.path.join(args.out, "data.json"), "w") as f:
         json.dump(stats, f, indent=1)

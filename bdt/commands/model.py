@@ -36,18 +36,19 @@ def read_captions(root: str, limit: int) -> list[str]:
     """The `.txt` captions of the tars under `root`, in shard order, at most `limit`."""
     import glob
 
-    import webdataset as wds
+    from bdt.data.tars import iter_shard
 
     urls = sorted(glob.glob(os.path.join(root, "*.tar")))
     if not urls:
         raise OSError(f"--captions-from {root!r} holds no .tar shards")
     captions: list[str] = []
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        text = sample.get("txt")
-        if text:
-            captions.append(text.decode("utf-8").strip())
-        if len(captions) >= limit:
-            break
+    for url in urls:
+        for sample, _, _ in iter_shard(url):
+            text = sample.get("txt")
+            if text:
+                captions.append(text.decode("utf-8").strip())
+            if len(captions) >= limit:
+                return captions
     if not captions:
         raise ValueError(f"the tars in {root!r} hold no .txt captions")
     return captions

@@ -2,8 +2,8 @@
 
 A sample is KEY.jpg|jpeg|png|webp + optional KEY.txt (caption) + optional KEY.json. Shards are
 given as a brace pattern (`data/shapes-{000000..000009}.tar`), a glob, or a comma-separated list,
-on a local path or any fsspec URL; they are opened through fsspec inside the worker process
-(webdataset 1.0.2 has no s3 opener and s3fs is not fork-safe; environment.md).
+on a local path or any fsspec URL; they are read with bdt's tar reader (bdt/data/tars.py) inside
+the worker process (s3fs is not fork-safe; environment.md).
 
 Split: global worker g = rank * workers + worker_id out of G. With at least G shards each worker
 reads its own shards (every epoch in a seeded order); with fewer, every worker reads all shards
@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bdt.data.images import decode_rgb, needed_size, open_image, resize_center_crop, to_unit_range
+from bdt.data.tars import iter_shard
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -68,20 +69,6 @@ def decode_image(data: bytes, size: int, resize: int = 0, rng: np.random.Generat
     return torch.from_numpy(to_unit_range(pixels_HWC[None])[0])
 
 
-def _safe_member(name: str) -> bool:
-    return not (name.startswith("/") or ".." in name.split("/"))
-
-
-def iter_shard(url: str) -> Iterator[dict[str, Any]]:
-    """Samples of one tar (dicts keyed by extension + `__key__`), via webdataset's tar reader."""
-    import fsspec
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    with fsspec.open(url, "rb") as stream:
-        files = tar_file_expander([{"url": url, "stream": stream}], select_files=_safe_member)
-        yield from group_by_keys(files)
-
-
 class RawImageStream(IterableDataset):
     """Endless stream of batches {"images" [B,3,S,S], "captions", "keys", "worker", "position",
     "corrupt"}."""
@@ -117,7 +104,7 @@ class RawImageStream(IterableDataset):
             shards, stride = self._plan(pos["epoch"], g, total)
             while pos["shard"] < len(shards):
                 url = shards[pos["shard"]]
-                for j, sample in enumerate(iter_shard(url)):
+                for j, (sample, _, _) in enumerate(iter_shard(url)):
                     if j < pos["offset"]:
                         continue  # consumed before the restart: skipped without decoding
                     pos["offset"] = j + 1

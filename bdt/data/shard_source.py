@@ -10,22 +10,15 @@ A stage names its data as one of:
   * a directory of `*.tar` token shards, a glob (`.../*.tar`), or a single `.tar` file.
 Local paths and fsspec URLs (s3://...) alike.
 
-Reading: `iter_shard(url, offset)` walks the tar (bdt/data/tar_members.py: a header reader several
-times faster than `tarfile`'s, which was most of the token stream's cost) and reports each sample's
-byte offset, so a resumed stream seeks straight to its next unread sample
-instead of re-reading the consumed ones (webdataset's tar iterator does not expose offsets).
-Member grouping follows webdataset: key = path up to the first dot of the basename.
+Reading one shard is bdt.data.tars.iter_shard (with byte offsets for an exact resume).
 """
 
 from __future__ import annotations
 
 import json
-import posixpath
 from dataclasses import dataclass
-from typing import Any, Iterator
 
 from bdt import storage
-from bdt.data.tar_members import iter_members
 
 INDEX_NAME = "index.json"  # bdt/extract/manifest.py writes the manifest under this name
 PLAN_NAME = "plan.json"  # written by an extraction before any shard
@@ -98,41 +91,3 @@ def tokenizer_sha(manifest: dict | None) -> dict[str, str] | None:
     if manifest is None:
         return None
     return (manifest.get("tokenizer") or {}).get("sha256")
-
-
-def _split_name(name: str) -> tuple[str, str] | None:
-    """(key, extension) webdataset-style, or None for names we must not use."""
-    if name.startswith("/") or ".." in name.split("/"):
-        return None  # never trust absolute or parent paths from a data file
-    dirname, base = posixpath.split(name)
-    if "." not in base:
-        return None
-    key, ext = base.split(".", 1)
-    return posixpath.join(dirname, key), ext
-
-
-def iter_shard(url: str, offset: int = 0) -> Iterator[tuple[dict[str, Any], int, int | None]]:
-    """(raw sample, its byte offset, the next sample's byte offset or None at the end).
-
-    raw is the webdataset-style dict (extension -> bytes, __key__, __url__). A damaged tar
-    raises tarfile.ReadError (or OSError) from the point where it breaks.
-    """
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
-        if offset:
-            f.seek(offset)
-        group: dict[str, Any] | None = None
-        start = offset
-        for name, data, here in iter_members(f, offset):
-            split = _split_name(name)
-            if split is None:
-                continue
-            key, ext = split
-            if group is not None and key != group["__key__"]:
-                yield group, start, here
-                group = None
-            if group is None:
-                group, start = {"__key__": key, "__url__": url}, here
-            group[ext] = data
-        if group is not None:
-            yield group, start, None

@@ -2,30 +2,27 @@
 
 Layout of `out`: shapes-000000.tar, shapes-000001.tar, ... (each `KEY.jpg|png`, `KEY.txt`,
 `KEY.json`), then config.yaml, then manifest.json. A shard appears only once complete
-(`storage.open_atomic`) and the manifest is written last, so a directory with a manifest is a
+(bdt.data.tars.ShardWriter) and the manifest is written last, so a directory with a manifest is a
 finished dataset and one without is not.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 
-import webdataset as wds
 from tqdm import tqdm
 
 from bdt import storage
 from bdt.config import save_resolved
 from bdt.data.shapes import ShapesConfig, make_sample, parse_size
+from bdt.data.tars import ShardWriter
 
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shapes-{:06d}.tar"
-# Fixed tar member metadata (mtime, owner) so the same seed and options give identical bytes.
-_TAR_MTIME = 0.0
 
 
 def validate(cfg: ShapesConfig) -> list[tuple[int, int]]:
@@ -62,32 +59,17 @@ def shard_range(cfg: ShapesConfig, shard: int) -> range:
     return range(shard * cfg.per_shard, min(cfg.num, (shard + 1) * cfg.per_shard))
 
 
-class _Sha256Writer:
-    """A write-only stream that hashes what passes through (tar streams only call write)."""
-
-    def __init__(self, f):
-        self.f, self.sha = f, hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        return self.f.write(data)
-
-
 def write_shard(cfg: ShapesConfig, shard: int, progress: tqdm | None = None) -> dict:
     """Render and write shard number `shard`; returns its manifest entry."""
     sizes = validate(cfg)
     name = SHARD_PATTERN.format(shard)
-    count = 0
-    with storage.open_atomic(storage.join(cfg.out, name)) as f:
-        out = _Sha256Writer(f)
-        with wds.TarWriter(out, encoder=False, mtime=_TAR_MTIME, user="bdt", group="bdt") as tar:
-            for index in shard_range(cfg, shard):
-                tar.write(encode_sample(cfg, index, sizes))
-                count += 1
-                if progress is not None:
-                    progress.update(1)
-    return {"name": name, "count": count, "first_index": shard_range(cfg, shard).start,
-            "sha256": out.sha.hexdigest()}
+    with ShardWriter(storage.join(cfg.out, name)) as tar:
+        for index in shard_range(cfg, shard):
+            tar.write(encode_sample(cfg, index, sizes))
+            if progress is not None:
+                progress.update(1)
+    return {"name": name, "count": tar.count, "first_index": shard_range(cfg, shard).start,
+            "sha256": tar.sha256}
 
 
 def _write_shard_in_worker(cfg_dict: dict, shard: int) -> dict:

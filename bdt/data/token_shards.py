@@ -33,9 +33,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
-import fsspec
 import numpy as np
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from bdt.data.tars import iter_shard
 
 SCHEMA_VERSION = 1
 BITS_EXT = "bits.npy"
@@ -138,7 +138,5 @@ def decode_sample(raw: Mapping[str, Any]) -> TokenSample:
 
 def iter_token_shard(url: str) -> Iterator[TokenSample]:
     """Decoded samples of one token shard (local path or fsspec URL), in stored order."""
-    with fsspec.open(url, "rb") as f:
-        members = (dict(m, __url__=url) for m in tar_file_iterator(f))
-        for raw in group_by_keys(members):
-            yield decode_sample(raw)
+    for raw, _, _ in iter_shard(url):
+        yield decode_sample(raw)

@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from bdt.data.shard_source import iter_shard
+from bdt.data.tars import iter_shard
 from bdt.data.token_shards import TokenSample, decode_sample
 
 STATE_VERSION = 1

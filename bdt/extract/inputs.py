@@ -8,21 +8,22 @@ Reading never raises for bad data: every problem becomes a `Reject` (key, source
 job can account for every input (inputs = written + rejected), with one verdict per sample: the
 members of a tar sample (same key) are judged together, so a sample with two bad members is one
 reject. A truncated or unreadable tar yields one `truncated_tar` / `unreadable_shard` reject for
-whatever could not be read.
+whatever could not be read. Tars are read by bdt.data.tars, bdt's one tar reader (gzip, bz2
+and xz archives too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
-import tarfile
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import fsspec
-from webdataset.tariterators import base_plus_ext
 
 from bdt import storage
+from bdt.data import tars
 from bdt.data.images import TOO_LARGE
 
 # Reject reasons produced here (images.py and the worker add their own).
@@ -161,93 +162,64 @@ def _iter_folder(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -
         yield RawSample(stem, image, ext.lower(), caption)
 
 
-def _unsafe(name: str) -> bool:
-    return name.startswith("/") or ".." in name.split("/") or "\\" in name
-
-
 def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
               max_caption_bytes: int) -> Iterator[RawSample | Reject]:
-    """Group consecutive members by key (webdataset's rule: the name up to the first dot); one
-    verdict per group. Members are not read when their path is unsafe, they are not regular
-    files, or they exceed their limit (max_caption_bytes for the caption, else max_image_bytes)."""
+    """One verdict per sample of the tar (bdt.data.tars groups members by key). Members are not
+    read when their path is unsafe, they are not regular files, or they exceed their limit
+    (max_caption_bytes for the caption, else max_image_bytes)."""
     src = unit.name
     seen: set[str] = set()
-    group_key: str | None = None
-    group: dict[str, bytes] = {}
-    oversized: dict[str, int] = {}  # extension -> size of a member that was not read
-    problem: tuple[str, str] | None = None  # (reason, detail) of the group's first bad member
 
-    def finish() -> Iterator[RawSample | Reject]:
-        if group_key is None:
-            return
-        if group_key in seen:
-            yield Reject(group_key, src, DUPLICATE_KEY, "key appears in two separate places in the shard")
-            return
-        seen.add(group_key)
-        if problem is not None:
-            yield Reject(group_key, src, *problem)
-            return
-        image_ext = next((e for e in image_exts if e in group), None)
+    def limit(ext: str) -> int:
+        return max_caption_bytes if ext == "txt" else max_image_bytes
+
+    def verdict(s: tars.TarSample) -> RawSample | Reject:
+        if not s.members and s.refused and s.refused[0][1] == tars.NO_EXTENSION:
+            reason = UNSAFE_PATH if tars.unsafe_path(s.key) else UNKNOWN_EXTENSION
+            return Reject(s.key, src, reason, "member name has no extension")
+        if s.key in seen:
+            return Reject(s.key, src, DUPLICATE_KEY, "key appears in two separate places in the shard")
+        seen.add(s.key)
+        oversized = {}  # extension -> size of a member that was not read
+        for name, why, size in s.refused:
+            if why == tars.UNSAFE_PATH:
+                return Reject(s.key, src, UNSAFE_PATH, f"absolute or '..' member path {name!r} ignored")
+            if why == tars.NOT_A_FILE:
+                return Reject(s.key, src, NOT_A_FILE, f"member {name!r} is a link or device")
+            oversized[tars.split_name(name)[1]] = size
+        image_ext = next((e for e in image_exts if e in s.members), None)
         if image_ext is None:
             big = sorted(e for e in oversized if e in image_exts)
             if big:
-                yield Reject(group_key, src, TOO_LARGE, f"{big[0]} member of {oversized[big[0]]} bytes "
-                             f"exceeds max_image_bytes {max_image_bytes}")
-                return
-            unknown = sorted(e for e in {**group, **oversized} if e not in _SIDE_EXTS)
+                return Reject(s.key, src, TOO_LARGE, f"{big[0]} member of {oversized[big[0]]} bytes "
+                              f"exceeds max_image_bytes {max_image_bytes}")
+            unknown = sorted(e for e in {**s.members, **oversized} if e not in _SIDE_EXTS)
             if unknown:
-                yield Reject(group_key, src, UNKNOWN_EXTENSION, f"members {unknown}, expected one of {image_exts}")
-            else:
-                yield Reject(group_key, src, MISSING_IMAGE, f"only {sorted(group)}")
-            return
+                return Reject(s.key, src, UNKNOWN_EXTENSION, f"members {unknown}, expected one of {image_exts}")
+            return Reject(s.key, src, MISSING_IMAGE, f"only {sorted(s.members)}")
         if "txt" in oversized:
-            yield Reject(group_key, src, CAPTION_TOO_LONG, f"txt member of {oversized['txt']} bytes "
-                         f"exceeds max_caption_bytes {max_caption_bytes}")
-            return
-        yield RawSample(group_key, group[image_ext], image_ext, group.get("txt"))
+            return Reject(s.key, src, CAPTION_TOO_LONG, f"txt member of {oversized['txt']} bytes "
+                          f"exceeds max_caption_bytes {max_caption_bytes}")
+        return RawSample(s.key, s.members[image_ext], image_ext, s.members.get("txt"))
 
-    members = 0
+    stack = contextlib.ExitStack()
     try:
-        f = fsspec.open(unit.source, "rb").open()
-    except Exception as exc:
+        f = stack.enter_context(tars.open_tar(unit.source))
+    except Exception as exc:  # noqa: BLE001 - whatever stops the opening is the unit's verdict
         yield Reject("", src, UNREADABLE_SHARD, f"{type(exc).__name__}: {exc}"[:200])
         return
-    try:
-        stream = tarfile.open(fileobj=f, mode="r|*")
-        for info in stream:
-            members += 1
-            if info.isdir():
-                continue
-            key, ext = base_plus_ext(info.name)
-            if key is None:  # no extension: a sample of its own
-                reason = UNSAFE_PATH if _unsafe(info.name) else UNKNOWN_EXTENSION
-                yield Reject(info.name, src, reason, "member name has no extension")
-                continue
-            ext = ext.lower()
-            if key != group_key:
-                yield from finish()
-                group_key, group, oversized, problem = key, {}, {}, None
-            if problem is not None:
-                continue
-            if _unsafe(info.name):
-                problem = (UNSAFE_PATH, f"absolute or '..' member path {info.name!r} ignored")
-            elif not info.isfile():
-                problem = (NOT_A_FILE, f"member {info.name!r} is a link or device")
-            elif info.size > (max_caption_bytes if ext == "txt" else max_image_bytes):
-                oversized[ext] = info.size  # not read: the stream skips it
+    with stack:
+        try:
+            for sample in tars.iter_samples(f, max_bytes=limit):
+                yield verdict(sample)
+        except tars.TarDamaged as exc:
+            detail = str(exc)[:200]
+            if not exc.members:
+                yield Reject("", src, UNREADABLE_SHARD, detail)  # not a tar at all
+            elif exc.pending is not None and exc.pending not in seen:
+                yield Reject(exc.pending, src, TRUNCATED_TAR, detail)  # may be incomplete
             else:
-                group[ext] = stream.extractfile(info).read()
-        yield from finish()
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        detail = f"{type(exc).__name__}: {exc}"[:200]
-        if not members:
-            yield Reject("", src, UNREADABLE_SHARD, detail)  # not a tar at all
-        elif group_key is not None and group_key not in seen:
-            yield Reject(group_key, src, TRUNCATED_TAR, detail)  # its members may be incomplete
-        else:
-            yield Reject("", src, TRUNCATED_TAR, detail)
-    finally:
-        f.close()
+                yield Reject("", src, TRUNCATED_TAR, detail)
 
 
 def check_caption(raw: bytes | None, max_bytes: int) -> tuple[str | None, str, str]:

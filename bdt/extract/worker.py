@@ -14,71 +14,24 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import glob
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
-import webdataset as wds
 
 from bdt import storage
 from bdt.data.images import ImageRejected, load_for_buckets
+from bdt.data.tars import ShardWriter
 from bdt.data.token_shards import TokenSample, encode_sample, sample_key
 from bdt.extract import inputs as inp
 from bdt.extract import manifest as mf
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-# Fixed tar member mtime: re-extracting the same input gives byte-identical shards.
-_TAR_MTIME = 0.0
-
-
-class _HashingFile:
-    """Write-through wrapper counting bytes and hashing them (the marker's size + sha256)."""
-
-    def __init__(self, f: IO[bytes]):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-@contextlib.contextmanager
-def _open_output(url: str) -> Iterator[IO[bytes]]:
-    """Local: temp + rename (storage.open_atomic). Remote: spool to a local temp file and upload
-    once complete, so a failed write never leaves a partial object behind."""
-    if not storage.is_remote(url):
-        with storage.open_atomic(url) as f:
-            yield f
-        return
-    with tempfile.NamedTemporaryFile(prefix="bdt-shard-", suffix=".part") as tmp:
-        yield tmp
-        tmp.flush()
-        fs, path = storage.filesystem(url)
-        fs.put_file(tmp.name, path)
-
-
-def _remove_stale_temps(url: str) -> None:
-    """Drop temp files a killed writer of this shard left (open_atomic's `.NAME.tmp-*`)."""
-    if storage.is_remote(url):
-        return  # remote shards are spooled locally and uploaded whole: nothing partial remains
-    directory, name = os.path.split(url)
-    for path in glob.glob(os.path.join(directory, f".{glob.escape(name)}.tmp-*")):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-
 
 def _return_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc only; elsewhere a no-op).
@@ -168,26 +121,22 @@ class ShardEncoder:
     def _extract(self, unit: inp.InputUnit, stages: list[str]) -> dict[str, dict]:
         cfg, root = self.cfg, self.cfg.output
         rejects: list[inp.Reject] = []
-        counts = dict.fromkeys(stages, 0)
         inputs = 0
         with contextlib.ExitStack() as stack:
-            outs, tars = {}, {}
-            _remove_stale_temps(mf.rejects_url(root, unit.index))
+            storage.remove_stale_temps(mf.rejects_url(root, unit.index))
+            shards: dict[str, ShardWriter] = {}
             for stage in stages:
-                _remove_stale_temps(mf.shard_url(root, stage, unit.index))
-                _remove_stale_temps(mf.marker_url(root, stage, unit.index))
-                outs[stage] = _HashingFile(stack.enter_context(_open_output(mf.shard_url(root, stage, unit.index))))
-                tars[stage] = stack.enter_context(wds.TarWriter(outs[stage], encoder=False, mtime=_TAR_MTIME))
+                storage.remove_stale_temps(mf.marker_url(root, stage, unit.index))
+                shards[stage] = stack.enter_context(ShardWriter(mf.shard_url(root, stage, unit.index)))
             pending: dict[tuple[str, tuple[int, int]], list[tuple[str, str, np.ndarray, str]]] = {}
 
             def flush(group: tuple[str, tuple[int, int]]) -> None:
                 batch = pending.pop(group)
                 packed = self.encode(np.stack([b[2] for b in batch]))
                 for (key, src_key, _, caption), bits in zip(batch, packed):
-                    tars[group[0]].write(encode_sample(TokenSample(
+                    shards[group[0]].write(encode_sample(TokenSample(
                         key=key, bits_hwB=bits, bits_per_token=self.model.bits_per_token, bucket=group[1],
                         caption=caption, source_key=src_key, source_shard=unit.name, stage=group[0])))
-                    counts[group[0]] += 1
 
             keys: set[str] = set()
             items = inp.iter_unit(unit, list(cfg.image_extensions), cfg.max_image_bytes,
@@ -213,10 +162,10 @@ class ShardEncoder:
                         flush(group)
             for group in sorted(pending):  # the partial batches, in a fixed order
                 flush(group)
-            for stage in stages:
-                if inputs != counts[stage] + len(rejects):
+            for stage, shard in shards.items():
+                if inputs != shard.count + len(rejects):
                     raise RuntimeError(f"unit {unit.name} stage {stage}: {inputs} inputs != "
-                                       f"{counts[stage]} written + {len(rejects)} rejected")
+                                       f"{shard.count} written + {len(rejects)} rejected")
         # All tars are complete and visible now; the rejects file next, markers last.
         rejects_sha = ""
         if rejects:
@@ -226,9 +175,9 @@ class ShardEncoder:
         markers = {}
         for stage in stages:
             markers[stage] = {"schema": mf.MARKER_SCHEMA, "index": unit.index, "source": unit.name,
-                              "fingerprint": self.fingerprint, "samples": counts[stage], "inputs": inputs,
-                              "rejected": len(rejects), "rejects_sha256": rejects_sha,
-                              "bytes": outs[stage].size, "sha256": outs[stage].sha.hexdigest()}
+                              "fingerprint": self.fingerprint, "samples": shards[stage].count,
+                              "inputs": inputs, "rejected": len(rejects), "rejects_sha256": rejects_sha,
+                              "bytes": shards[stage].size, "sha256": shards[stage].sha256}
             storage.write_bytes_atomic(mf.marker_url(root, stage, unit.index), mf.json_bytes(markers[stage]))
         return markers
 

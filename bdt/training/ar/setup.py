@@ -11,7 +11,8 @@ import types
 import torch
 
 from bdt import storage
-from bdt.data.shard_source import ShardList, iter_shard, list_shards, tokenizer_sha
+from bdt.data.shard_source import ShardList, list_shards, tokenizer_sha
+from bdt.data.tars import iter_shard
 from bdt.data.token_shards import TokenSample, decode_sample
 from bdt.data.token_stream import TokenStream
 from bdt.model.ar import BitDanceModel

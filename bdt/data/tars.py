@@ -1,0 +1,334 @@
+"""Webdataset tars: the one reader (raw image-caption shards and token shards alike) and the one
+shard writer of bdt.
+
+Reading. A sample is a run of consecutive members sharing a key, webdataset's rule: the key is
+the member path up to the first dot of its base name, the rest is the extension (lowercased).
+Members whose path is absolute or climbs out with `..` are never read (a data file must not
+name places outside itself), nor are links, devices and members over the caller's size limit:
+they are listed in `TarSample.refused`, for callers that account for every input (extraction)
+while the training readers just use what was read. A member without an extension is a sample
+of its own (key = its path, nothing read).
+
+The header reader does only what webdataset tars need, in a few bytes operations per header:
+POSIX ustar names with prefix, pax `path`/`size` records, GNU long names; directories and global
+headers are stepped over. The token stream reads ~2,500 samples/s per rank, each of three small
+members behind its own pax header: the standard `tarfile` reader spent ~200-370 us per sample
+there (profiled: 70 ms of a 110 ms row build at 64 px), this one a fraction of that. Every sample
+carries the byte offset of its first header, so a resumed stream seeks straight to its next
+unread sample. gzip, bz2 and xz archives are read through the matching decompressor (without
+offsets). A bad checksum, a size field it cannot read or data ending inside a member raise
+`TarDamaged` (a `tarfile.ReadError`), naming the sample that was being read.
+
+Writing: `ShardWriter` writes a tar (webdataset's TarWriter, members as given) that appears only
+once complete, hashing it on the way; member metadata is fixed (mtime 0, owner bdt), so the same
+samples give the same bytes.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import gzip
+import hashlib
+import lzma
+import posixpath
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, BinaryIO
+
+from bdt import storage
+
+BLOCK = 512
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular, old-style regular, contiguous
+_SKIPPED_TYPES = (b"5", b"g")  # directories, pax global headers: nothing of a sample
+_CHECKSUM_SPACES = 8 * ord(" ")  # the checksum field counts as spaces
+_SKIP_CHUNK = 1 << 20
+_COMPRESSED = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f)), (b"BZh", bz2.BZ2File),
+               (b"\xfd7zXZ\x00", lzma.LZMAFile))
+
+UNSAFE_PATH = "absolute or '..' path"
+NOT_A_FILE = "link or device"
+TOO_LARGE = "over the size limit"
+NO_EXTENSION = "no extension"
+
+
+class TarDamaged(tarfile.ReadError):
+    """A tar that breaks off or is damaged. `pending`: the key of the sample being read when it
+    broke (None between samples); `members`: how many members were read before."""
+
+    def __init__(self, message: str, pending: str | None, members: int):
+        super().__init__(message)
+        self.pending, self.members = pending, members
+
+
+@dataclass
+class TarSample:
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)  # extension -> data, as read
+    refused: list[tuple[str, str, int]] = field(default_factory=list)  # (member, why, size)
+    offset: int = 0  # byte offset of the sample's first header (uncompressed tars)
+    next_offset: int | None = None  # the next sample's, None at the end
+
+    def as_dict(self, url: str = "") -> dict[str, Any]:
+        """The webdataset form: extension -> bytes, plus __key__ and __url__."""
+        return {"__key__": self.key, "__url__": url, **self.members}
+
+
+def unsafe_path(name: str) -> bool:
+    return name.startswith("/") or ".." in name.split("/") or "\\" in name
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    """(key, extension) by webdataset's rule, or None for a name without an extension."""
+    directory, base = posixpath.split(name)
+    dot = base.find(".")
+    if dot <= 0:
+        return None
+    return posixpath.join(directory, base[:dot]), base[dot + 1:].lower()
+
+
+def _octal(raw: bytes, what: str, offset: int) -> int:
+    if raw[:1] and raw[0] & 0x80:  # GNU base-256 (sizes >= 8 GiB)
+        return int.from_bytes(raw[1:], "big")
+    digits = raw.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise tarfile.ReadError(f"bad {what} field {raw!r} in the header at byte {offset}") \
+            from None
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """'LEN key=value\\n' records of a pax extended header."""
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        end = pos + int(data[pos:space])
+        key, _, value = data[space + 1:end - 1].partition(b"=")
+        out[key] = value
+        pos = end
+    return out
+
+
+def _read(f: BinaryIO, n: int, offset: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise tarfile.ReadError(f"unexpected end of data at byte {offset + len(data)}")
+    return data
+
+
+def _skip(f: BinaryIO, n: int, offset: int) -> None:
+    """Step over n bytes without holding them (a truncated member still raises)."""
+    while n > 0:
+        n -= len(_read(f, min(n, _SKIP_CHUNK), offset))
+
+
+@dataclass
+class Member:
+    name: str
+    offset: int  # of its first header (pax and GNU long-name headers included)
+    size: int
+    regular: bool  # a regular file (else a link, device or fifo: never read)
+    data: bytes | None  # None when not read
+
+
+def iter_members(f: BinaryIO, offset: int = 0,
+                 limit: Callable[[str, int], bool] | None = None) -> Iterator[Member]:
+    """Every member of the tar read from `f` (positioned at byte `offset` of the archive, a
+    header boundary) but directories and global headers. A regular file's data is read unless
+    its path is unsafe or `limit(name, size)` says no. A ReadError raised inside a member's data
+    names that member in its `member` attribute and where its headers start in `member_offset`
+    (None when a header broke)."""
+    pos, start, long_name, pax = offset, None, None, {}
+    while True:
+        header = f.read(BLOCK)
+        if len(header) < BLOCK or not header.strip(b"\0"):
+            if header.strip(b"\0"):
+                raise tarfile.ReadError(f"unexpected end of data at byte {pos + len(header)}")
+            return  # end-of-archive block (or a tar without one)
+        start = pos if start is None else start
+        stored = _octal(header[148:156], "checksum", pos)
+        if sum(header) - sum(header[148:156]) + _CHECKSUM_SPACES != stored:
+            raise tarfile.ReadError(f"bad checksum in the header at byte {pos}")
+        size = int(pax[b"size"]) if b"size" in pax else _octal(header[124:136], "size", pos)
+        padded = size + -size % BLOCK
+        kind = header[156:157]
+        if kind in (b"x", b"L", b"K"):  # metadata of the next header
+            data = _read(f, padded, pos + BLOCK)[:size]
+            pos += BLOCK + padded
+            if kind == b"x":
+                pax = _pax_records(data)
+            elif kind == b"L":
+                long_name = data.split(b"\0", 1)[0]
+            continue
+        raw = pax.get(b"path") or long_name
+        if raw is None:
+            raw = header[:100].split(b"\0", 1)[0]
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if prefix and header[257:265] == b"ustar\x0000":  # POSIX, not GNU, layout
+                raw = prefix + b"/" + raw
+        name = raw.decode("utf-8", "surrogateescape")
+        regular = kind in _FILE_TYPES and not name.endswith("/")
+        skipped = kind in _SKIPPED_TYPES or (kind == b"\0" and name.endswith("/"))
+        data = None
+        try:
+            if regular and not unsafe_path(name) and (limit is None or limit(name, size)):
+                data = _read(f, padded, pos + BLOCK)[:size]
+            else:
+                _skip(f, padded, pos + BLOCK)
+        except tarfile.ReadError as e:
+            e.member, e.member_offset = (None, None) if skipped else (name, start)
+            raise
+        pos += BLOCK + padded
+        if not skipped:
+            yield Member(name, start, size, regular, data)
+        start, long_name, pax = None, None, {}
+
+
+def _refusal(m: Member) -> str:
+    return UNSAFE_PATH if unsafe_path(m.name) else NOT_A_FILE if not m.regular else TOO_LARGE
+
+
+def iter_samples(f: BinaryIO, offset: int = 0,
+                 max_bytes: Callable[[str], int] | None = None) -> Iterator[TarSample]:
+    """The samples of the tar read from `f` (see the module docstring). `max_bytes(extension)`:
+    members above it are refused unread. Damage raises TarDamaged, after yielding the sample
+    before the member it broke in when that member began a new one."""
+    limit = None if max_bytes is None else \
+        (lambda name, size: size <= max_bytes((split_name(name) or ("", ""))[1]))
+    sample: TarSample | None = None
+    members = 0
+    try:
+        for m in iter_members(f, offset, limit):
+            members += 1
+            split = split_name(m.name)
+            if split is None:  # a sample of its own; the current one goes on
+                yield TarSample(m.name, refused=[(m.name, NO_EXTENSION, m.size)],
+                                offset=m.offset, next_offset=m.offset)
+                continue
+            key, ext = split
+            if sample is not None and key != sample.key:
+                sample.next_offset = m.offset
+                yield sample
+                sample = None
+            if sample is None:
+                sample = TarSample(key, offset=m.offset)
+            if m.data is not None:
+                sample.members[ext] = m.data
+            else:
+                sample.refused.append((m.name, _refusal(m), m.size))
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        cut = split_name(getattr(e, "member", None) or "")
+        if cut is not None:  # it broke inside a member's data: its header was read
+            members += 1
+            if sample is not None and cut[0] != sample.key:  # complete: yield it
+                sample.next_offset = e.member_offset
+                yield sample
+                sample = None
+            if sample is None:
+                sample = TarSample(cut[0])
+        pending = sample.key if sample is not None else None
+        raise TarDamaged(f"{type(e).__name__}: {e}", pending, members) from e
+    if sample is not None:
+        yield sample
+
+
+@contextlib.contextmanager
+def open_tar(url: str, offset: int = 0) -> Iterator[BinaryIO]:
+    """The tar at `url` (local or fsspec URL) positioned at `offset`; a gzip, bz2 or xz archive
+    is decompressed on the fly (offset 0 only)."""
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as raw:
+        if offset:
+            raw.seek(offset)
+            yield raw
+            return
+        magic = raw.read(6)
+        raw.seek(0)
+        opener = next((o for m, o in _COMPRESSED if magic.startswith(m)), None)
+        if opener is None:
+            yield raw
+            return
+        with opener(raw) as f:
+            yield f
+
+
+def read_samples(url: str, offset: int = 0, max_bytes: Callable[[str], int] | None = None
+                 ) -> Iterator[TarSample]:
+    """The samples of the tar at `url` from byte `offset`, in stored order (iter_samples)."""
+    with open_tar(url, offset) as f:
+        yield from iter_samples(f, offset, max_bytes)
+
+
+def iter_shard(url: str, offset: int = 0) -> Iterator[tuple[dict[str, Any], int, int | None]]:
+    """(sample, its byte offset, the next sample's byte offset or None at the end) of each
+    sample of which something was read, the sample in webdataset's form (as_dict): what the
+    training readers use (a resumed token stream seeks to the next offset)."""
+    for sample in read_samples(url, offset):
+        if sample.members:
+            yield sample.as_dict(url), sample.offset, sample.next_offset
+
+
+class _HashingFile:
+    """Write-through wrapper counting and hashing the bytes (tar streams only write)."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+@contextlib.contextmanager
+def _open_output(url: str) -> Iterator[IO[bytes]]:
+    """Local: temp + rename (storage.open_atomic). Remote: spooled to a local temp file and
+    uploaded once complete, so a failed write never leaves a partial object behind."""
+    if not storage.is_remote(url):
+        storage.remove_stale_temps(url)
+        with storage.open_atomic(url) as f:
+            yield f
+        return
+    with tempfile.NamedTemporaryFile(prefix="bdt-shard-", suffix=".part") as tmp:
+        yield tmp
+        tmp.flush()
+        fs, path = storage.filesystem(url)
+        fs.put_file(tmp.name, path)
+
+
+class ShardWriter:
+    """`with ShardWriter(url) as w: w.write(sample)`: a webdataset tar of samples (dicts of
+    extension -> bytes plus __key__, written as given), visible at `url` only once closed
+    without error; `count`, `size` and `sha256` describe it then."""
+
+    def __init__(self, url: str):
+        self.url, self.count, self.size, self.sha256 = url, 0, 0, ""
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> ShardWriter:
+        import webdataset as wds
+
+        with self._stack as stack:
+            self._out = _HashingFile(stack.enter_context(_open_output(self.url)))
+            # Fixed member metadata (mtime, owner): the same samples give byte-identical tars,
+            # so a rerun (re-extracting an input, regenerating a dataset) reproduces its files.
+            self._tar = stack.enter_context(wds.TarWriter(self._out, encoder=False, mtime=0.0,
+                                                          user="bdt", group="bdt"))
+            self._stack = stack.pop_all()
+        return self
+
+    def write(self, sample: dict[str, Any]) -> None:
+        self._tar.write(sample)
+        self.count += 1
+
+    def __exit__(self, *exc) -> None:
+        self._stack.__exit__(*exc)
+        self.size, self.sha256 = self._out.size, self._out.sha.hexdigest()

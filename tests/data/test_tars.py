@@ -1,0 +1,131 @@
+"""bdt's one tar reader and writer (bdt/data/tars.py): members as the standard tarfile reader
+sees them in every format it writes, webdataset's sample grouping, the safety rule, compressed
+archives, damage, and the writer's atomic, hashed, reproducible output."""
+
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+
+import pytest
+import webdataset as wds
+
+from bdt.data.tars import (NO_EXTENSION, NOT_A_FILE, TOO_LARGE, UNSAFE_PATH, ShardWriter,
+                           TarDamaged, iter_members, iter_samples, read_samples)
+
+LONG = "d" * 90 + "/" + "n" * 80 + ".bits.npy"  # > 100 chars: prefix, pax path or GNU long name
+
+
+def tar_bytes(entries, fmt=tarfile.PAX_FORMAT) -> bytes:
+    """entries: (name, data) for regular files, (name, None, tarfile type) for others."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data, *kind in entries:
+            info = tarfile.TarInfo(name)
+            if data is not None:
+                info.size, info.mtime = len(data), 1.5  # float mtime: a pax header
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                info.type, info.linkname = kind[0], "/etc/passwd"
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def make_tar(fmt: int) -> bytes:
+    return tar_bytes([("a.txt", b"caption"), ("dir", None, tarfile.DIRTYPE),
+                      ("a.bits.npy", bytes(range(256)) * 3), (LONG, b"x" * 513), ("b.json", b"")],
+                     fmt)
+
+
+def expected(data: bytes) -> list[tuple[str, bytes, int]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        return [(m.name, tar.extractfile(m).read(), m.offset) for m in tar if m.isfile()]
+
+
+def members(f, offset=0):
+    return [(m.name, m.data, m.offset) for m in iter_members(f, offset)]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_same_members_as_tarfile(fmt):
+    data = make_tar(fmt)
+    want = expected(data)
+    assert [n for n, _, _ in want] == ["a.txt", "a.bits.npy", LONG, "b.json"]
+    assert members(io.BytesIO(data)) == want
+    # resuming at a member's first header gives the rest, with absolute offsets
+    f = io.BytesIO(data)
+    f.seek(want[2][2])
+    assert members(f, want[2][2]) == want[2:]
+
+
+def test_samples_grouped_as_webdataset_groups_them(tmp_path):
+    path = str(tmp_path / "s.tar")
+    with wds.TarWriter(path, encoder=False) as w:
+        for i in range(3):
+            w.write({"__key__": f"dir/k{i}", "jpg": b"img%d" % i, "txt": b"cap%d" % i,
+                     "meta.json": b"{}"})
+    ours = [s.as_dict(path) for s in read_samples(path)]
+    plain = [{k: v for k, v in s.items() if k != "__local_path__"}
+             for s in wds.WebDataset(path, shardshuffle=False)]
+    assert ours == plain and [s["__key__"] for s in ours] == ["dir/k0", "dir/k1", "dir/k2"]
+    got = list(read_samples(path))
+    assert [s.next_offset for s in got] == [got[1].offset, got[2].offset, None]
+
+
+def test_unsafe_links_oversize_and_extensionless_members_are_not_read():
+    data = tar_bytes([("/abs/evil.png", b"x" * 10), ("../up.txt", b"y"), ("ok.png", b"p" * 10),
+                      ("ok.txt", b"c" * 100), ("lnk.png", None, tarfile.SYMTYPE), ("noext", b"z"),
+                      ("b.PNG", b"q")])
+    got = list(iter_samples(io.BytesIO(data), max_bytes=lambda ext: 50 if ext == "txt" else 99))
+    assert [(s.key, s.members, [why for _, why, _ in s.refused]) for s in got] == [
+        ("/abs/evil", {}, [UNSAFE_PATH]), ("../up", {}, [UNSAFE_PATH]),
+        ("ok", {"png": b"p" * 10}, [TOO_LARGE]),
+        ("noext", {}, [NO_EXTENSION]),  # a sample of its own, while "lnk" is still being read
+        ("lnk", {}, [NOT_A_FILE]), ("b", {"png": b"q"}, [])]  # extensions lowercased
+    assert got[2].refused == [("ok.txt", TOO_LARGE, 100)]
+
+
+def test_compressed_archives_are_read(tmp_path):
+    data = make_tar(tarfile.PAX_FORMAT)
+    path = tmp_path / "s.tar.gz"
+    path.write_bytes(gzip.compress(data))
+    assert [s.key for s in read_samples(str(path))] == ["a", LONG.split(".")[0], "b"]
+
+
+def test_damage_names_the_sample_it_broke_in():
+    data = make_tar(tarfile.PAX_FORMAT)
+    *_, (_, _, last) = expected(data)
+    cut = io.BytesIO(data[:last - 600])  # inside the data of the long-named member
+    got = []
+    with pytest.raises(TarDamaged, match="unexpected end") as e:
+        for s in iter_samples(cut):
+            got.append(s.key)
+    assert got == ["a"]  # complete before the break: yielded
+    assert e.value.pending == LONG.split(".")[0] and e.value.members == 3  # no directory
+    assert isinstance(e.value, tarfile.ReadError)
+    bad = bytearray(data)
+    bad[10] ^= 0xFF  # the first header's name: its checksum no longer matches
+    with pytest.raises(TarDamaged, match="checksum") as e:
+        next(iter_samples(io.BytesIO(bytes(bad))))
+    assert e.value.pending is None and e.value.members == 0
+
+
+def test_shard_writer_is_atomic_hashed_and_reproducible(tmp_path):
+    samples = [{"__key__": f"k{i}", "txt": b"cap", "bin": bytes([i]) * 9} for i in range(3)]
+    digests = []
+    for name in ("a.tar", "b.tar"):
+        with ShardWriter(str(tmp_path / name)) as w:
+            for s in samples:
+                w.write(s)
+        data = (tmp_path / name).read_bytes()
+        assert w.count == 3 and w.size == len(data)
+        assert w.sha256 == hashlib.sha256(data).hexdigest()
+        digests.append(w.sha256)
+    assert digests[0] == digests[1]  # same samples, same bytes
+    assert [s.as_dict() | {"__url__": ""} for s in read_samples(str(tmp_path / "a.tar"))] == \
+        [s | {"__url__": ""} for s in samples]
+    with pytest.raises(RuntimeError), ShardWriter(str(tmp_path / "c.tar")) as w:
+        w.write(samples[0])
+        raise RuntimeError("killed mid-shard")
+    assert sorted(os.listdir(tmp_path)) == ["a.tar", "b.tar"]  # nothing partial left
