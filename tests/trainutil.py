@@ -17,10 +17,11 @@ CAPTIONS = ["a red circle", "two blue squares", "a green star left of a yellow c
 
 def write_shards(out_dir: str, grids: list[tuple[int, int]], num_shards: int, per_shard: int,
                  bits: int = 16, seed: int = 0, stage: str = "s",
-                 captions: list[str] = CAPTIONS) -> list[str]:
+                 captions: list[str] = CAPTIONS, factor: int = 16) -> list[str]:
     """Token shards of random bits; sample n = k * per_shard + i (shard k) has grid
-    grids[n % len(grids)] and caption captions[n % len(captions)]. Buckets say 2x: the
-    downsample factor of tiny_image_tokenizer, which the in-loop evaluation decodes with."""
+    grids[n % len(grids)] and caption captions[n % len(captions)]. Buckets are grid x `factor`
+    px (the image tokenizer's downsample factor: 2 for tiny_image_tokenizer, which in-loop
+    evaluation decodes with, checked at start)."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     urls = []
@@ -32,7 +33,7 @@ def write_shards(out_dir: str, grids: list[tuple[int, int]], num_shards: int, pe
                 h, w = grids[n % len(grids)]
                 packed = rng.integers(0, 256, size=(h, w, bits // 8), dtype=np.uint8)
                 sink.write(encode_sample(TokenSample(
-                    key=f"s{n:06d}", bits_hwB=packed, bits_per_token=bits, bucket=(w * 2, h * 2),
+                    key=f"s{n:06d}", bits_hwB=packed, bits_per_token=bits, bucket=(w * factor, h * factor),
                     caption=captions[n % len(captions)], source_key=f"src{n}", source_shard="raw.tar",
                     stage=stage)))
         urls.append(url)
@@ -161,7 +162,7 @@ def spawn_build(argv: list[str], out_dir: str, world: int = 2) -> None:
 
 def unconsumed_keys(meta, urls, rank, world, seed=3):
     """Keys a saved rank state still owes in its current epoch: buffered + unread ranges."""
-    from bdt.data.shard_source import iter_shard
+    from bdt.data.tars import iter_shard
     from bdt.data.token_stream import unread_ranges
 
     out = [e["key"] for e in meta["buffer"]]

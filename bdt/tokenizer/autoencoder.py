@@ -247,12 +247,3 @@ class BinaryAutoencoder(nn.Module):
         z_BChw = self.encoder(self._check_images(images_BCHW))
         quant = self.quantizer(z_BChw)
         return self.decoder(quant.quantized), quant
-
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> "BinaryAutoencoder":
-        from bdt.tokenizer.io import load_tokenizer
-        return load_tokenizer(path, **kwargs)
-
-    def save_pretrained(self, path: str) -> None:
-        from bdt.tokenizer.io import save_tokenizer
-        save_tokenizer(self, path)

@@ -31,6 +31,7 @@ from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.tokenizer.config import TokenizerConfig
 from bdt.tokenizer.discriminator import LeCam, PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from bdt.tokenizer.image_metrics import psnr, ssim, to_unit
+from bdt.tokenizer.io import save_tokenizer
 from bdt.tokenizer.lpips import LPIPS
 from bdt.training.checkpoint import CheckpointManager
 from bdt.training.deepspeed_config import build_ds_config, initialize_engine, make_schedule
@@ -104,7 +105,7 @@ def export(model_cfg: TokenizerConfig, ema_state: dict, run_dir: str) -> str:
     live.update(ema_state["shadow"])
     model.load_state_dict(live)
     path = export_dir(run_dir)
-    model.save_pretrained(path)
+    save_tokenizer(model, path)
     return path
 
 

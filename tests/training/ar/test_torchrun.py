@@ -41,7 +41,7 @@ def wait_for_record(path, key, proc, log):
 def test_torchrun_trains_evaluates_and_sigterm_checkpoints(tmp_path):
     llm = tiny_llm(str(tmp_path / "llm"))
     tok = tiny_image_tokenizer(str(tmp_path / "tok"))
-    write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=2, per_shard=6)
+    write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=2, per_shard=6, factor=2)
     run_dir = tmp_path / "run"
     extra = [f"data.tokenizer={tok}", "eval.every=2", "eval.per_category=1", "eval.width=8",
              "eval.height=8", "eval.steps=2", "export=false"]

@@ -23,8 +23,9 @@ STEPS = [4, 4]  # two stages; the transition is at step 4
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     llm = tiny_llm(str(root / "llm"))
-    s0 = write_shards(str(root / "s0"), [(4, 4), (4, 8), (8, 4)], num_shards=2, per_shard=10)
-    s1 = write_shards(str(root / "s1"), [(8, 8), (4, 8)], num_shards=2, per_shard=8, seed=1)
+    s0 = write_shards(str(root / "s0"), [(4, 4), (4, 8), (8, 4)], num_shards=2, per_shard=10,
+                      factor=2)
+    s1 = write_shards(str(root / "s1"), [(8, 8), (4, 8)], num_shards=2, per_shard=8, seed=1, factor=2)
     return {"root": root, "llm": llm, "shards": [os.path.dirname(s0[0]), os.path.dirname(s1[0])]}
 
 
