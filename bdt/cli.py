@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from bdt.config import ConfigError
+from bdt.config import ConfigError, setup_logging
 
 COMMAND_MODULES = [
     "bdt.commands.data",
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
     try:
         return int(args.func(args) or 0)
     except (ConfigError, OSError, ValueError) as exc:

@@ -3,11 +3,13 @@
 Every entry point (training, tokenizer training, extraction, data generation) declares its
 config as a dataclass tree and calls `load`. omegaconf does the merging and type checking; this
 module turns its exceptions into one line that names the offending key and where it came from
-(which YAML file, or the command line), and writes the resolved config beside outputs.
+(which YAML file, or the command line), and writes the resolved config beside outputs. The
+entry points also configure logging here (`setup_logging`), once, in one format.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import is_dataclass
@@ -168,6 +170,45 @@ def save_resolved(cfg: Any, out_dir: str, name: str = RESOLVED_CONFIG_NAME) -> s
     url = out_dir.rstrip("/") + "/" + name
     write_bytes_atomic(url, to_yaml(cfg).encode())
     return url
+
+
+LOG_FORMAT = "%(asctime)s rank %(rank)s %(levelname)s %(name)s: %(message)s"
+
+
+class _RankFilter(logging.Filter):
+    """Adds the rank the launcher gave this process (RANK; 0 in a plain process)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = os.environ.get("RANK", "0")
+        return True
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record (pytest and redirections replace it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _) -> None:
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Send the `bdt.*` loggers' messages to stderr, one format with the rank in every line;
+    called once by each entry point (idempotent). A command's own output (tables, written
+    paths) goes to stdout with print instead."""
+    logger = logging.getLogger("bdt")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.addFilter(_RankFilter())
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bdt.config import ConfigError, fail, load, split_launcher_args
+from bdt.config import ConfigError, fail, load, setup_logging, split_launcher_args
 
 
 def load_config(argv: list[str]):
@@ -51,6 +51,7 @@ def train(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     try:
         train(load_config(sys.argv[1:] if argv is None else argv))
     except (ConfigError, ValueError, OSError) as e:

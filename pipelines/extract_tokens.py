@@ -20,7 +20,7 @@ import sys
 # that copy's `bdt` (the workers get the same directory on their path from Ray's runtime_env).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bdt.config import ConfigError, fail, load, split_launcher_args  # noqa: E402
+from bdt.config import ConfigError, fail, load, setup_logging, split_launcher_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", default=[], help="YAML file(s), merged in order")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     ns = parser.parse_args(args)
+    setup_logging()
 
     from bdt.extract.config import ExtractConfig
     from bdt.extract.ray_session import ray_session

@@ -26,6 +26,7 @@ states, which is what the tests compare against.
 from __future__ import annotations
 
 import collections
+import logging
 import multiprocessing
 import pickle
 import queue
@@ -38,6 +39,8 @@ from typing import Any, Protocol
 
 import torch
 import torch.multiprocessing as torch_mp  # its pickler shares tensors' memory
+
+log = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
 _POLL_S = 0.2  # how often a waiting side checks that the other one is still alive
@@ -182,8 +185,8 @@ class Prefetcher:
             self._inbox.conn.close()
         self._thread.join(timeout=30)
         if self._thread.is_alive():  # a daemon: it cannot keep the process from exiting
-            print(f"warning: the prefetch thread {self._thread.name} did not stop within 30 s "
-                  f"(stuck in a read?)", flush=True)
+            log.warning("the prefetch thread %s did not stop within 30 s (stuck in a read?)",
+                        self._thread.name)
 
     def __enter__(self) -> Prefetcher:
         return self

@@ -51,6 +51,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 import tarfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -60,6 +61,8 @@ import torch
 
 from bdt.data.tars import iter_shard
 from bdt.data.token_shards import TokenSample, decode_sample
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
@@ -207,8 +210,8 @@ class TokenStream:
             self._next_shard()
             return None
         except (tarfile.TarError, OSError, EOFError) as e:
-            print(f"warning: {url}: unreadable from byte {offset} ({e}); skipping the rest "
-                  f"of the shard", flush=True)
+            log.warning("%s: unreadable from byte %d (%s); skipping the rest of the shard", url,
+                        offset, e)
             self.counters.corrupt += 1
             self._next_shard()
             return None
@@ -222,7 +225,7 @@ class TokenStream:
         try:
             sample = decode_sample(raw)
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-            print(f"warning: skipping corrupt sample: {e}", flush=True)
+            log.warning("skipping corrupt sample: %s", e)
             self.counters.corrupt += 1
             return None
         if self.bits_per_token is not None and sample.bits_per_token != self.bits_per_token:

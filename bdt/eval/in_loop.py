@@ -1,6 +1,6 @@
 """In-loop evaluation (system §5: loss is a poor proxy): every `eval.every` steps the model being
 trained generates the shapes suite (a few prompts per category), the pixel judge scores the
-images, and the scores go to the metrics (stdout, JSONL, TensorBoard) with the full report
+images, and the scores go to the metrics (log, JSONL, TensorBoard) with the full report
 (`bdt.eval.run.write_report`) under <run_dir>/eval/step_N/.
 
 Generation is deterministic from `seed` (sampler and decoder generators; no global RNG draw)

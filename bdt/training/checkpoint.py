@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -56,6 +57,8 @@ from bdt.training.distributed import DistInfo, all_gather_object, barrier, broad
 from bdt.training.integrity import MARKER, CheckpointUnusable
 from bdt.training.rank_state import (capture_rng, read_rank_files, restore_rng, user_tensors,
                                     write_rank_files)
+
+log = logging.getLogger(__name__)
 SHARED_FILE = "shared.pt"
 UNUSABLE_DIR = "unusable"
 _TAG_RE = re.compile(r"^step_(\d{9})$")
@@ -190,9 +193,9 @@ class CheckpointManager:
                 else:
                     os.makedirs(dest, exist_ok=True)
                     os.rename(f"{path}/{name}", f"{dest}/{name}")
-        print(f"checkpoint {storage.join(self.root, tag)} was complete but is being written "
-              f"again (resume passed over it, or resume is off): moved to "
-              f"{storage.join(self.root, dest[len(path) + 1:])}, not deleted", flush=True)
+        log.warning("checkpoint %s was complete but is being written again (resume passed over "
+                    "it, or resume is off): moved to %s, not deleted", storage.join(self.root, tag),
+                    storage.join(self.root, dest[len(path) + 1:]))
 
     def _upload(self, local_dir: str, remote_dir: str) -> None:
         fs, _ = storage.filesystem(remote_dir)
@@ -225,7 +228,7 @@ class CheckpointManager:
     def resume(self, engines: dict[str, Any], load_optimizer: bool = True,
                reshard: Reshard | None = None) -> Resumed | None:
         """Collective: load the newest complete checkpoint that passes verification and loads,
-        reporting each newer one passed over (rank 0 prints path and reason). None when there
+        reporting each newer one passed over (rank 0 logs path and reason). None when there
         is no complete checkpoint; ValueError naming each when none is usable."""
         tags = broadcast_object([t for _, t, done in self.list_tags() if done]
                                 if self.dist.is_main else None)
@@ -236,7 +239,7 @@ class CheckpointManager:
             except CheckpointUnusable as e:
                 skipped.append(str(e))
                 if self.dist.is_main:
-                    print(f"checkpoint skipped: {e}", flush=True)
+                    log.warning("checkpoint skipped: %s", e)
                 continue
             return Resumed(tag, meta, tensors, shared, skipped)
         if not tags:

@@ -17,6 +17,6 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    every: int = 10  # steps between metric records (stdout, JSONL, TensorBoard)
+    every: int = 10  # steps between metric records (the log, JSONL, TensorBoard)
     tensorboard: bool = True
 

@@ -10,6 +10,7 @@ of one.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ import torch.distributed as dist
 DEEPSPEED_NODE_LAUNCHER = "deepspeed.launcher.launch"
 LAUNCHER_GRACE_S = 300.0
 launcher_gone = threading.Event()  # set by watch_launcher; signals.StopFlag reads it
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,8 @@ def watch_launcher(grace_s: float = LAUNCHER_GRACE_S, poll_s: float = 1.0
     def watch() -> None:
         while launcher_alive():
             time.sleep(poll_s)
-        print(f"rank {os.environ.get('RANK', '?')} (pid {os.getpid()}): its launcher is gone: "
-              f"stopping (a checkpoint at the next step, exit within {grace_s:.0f} s)",
-              file=sys.stderr, flush=True)
+        log.warning("pid %d: its launcher is gone: stopping (a checkpoint at the next step, "
+                    "exit within %.0f s)", os.getpid(), grace_s)
         launcher_gone.set()
         time.sleep(grace_s)
         os.kill(os.getpid(), signal.SIGKILL)

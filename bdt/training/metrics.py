@@ -1,12 +1,15 @@
-"""Metrics: one stdout line, a JSONL record and TensorBoard scalars per log step (rank 0 only),
+"""Metrics: one log line, a JSONL record and TensorBoard scalars per log step (rank 0 only),
 plus timers for step time, data-wait time and throughput."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
@@ -27,12 +30,12 @@ class MetricsLogger:
             self._tb = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
 
     def log(self, step: int, values: dict[str, Any], prefix: str = "") -> None:
-        """Scalars to all sinks; keys containing '/' (per-bit, per-group series) skip stdout."""
+        """Scalars to all sinks; keys containing '/' (per-bit, per-group series) skip the log."""
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
-        print(f"step {step} " + " ".join(f"{prefix}{k}={_fmt(v)}" for k, v in scalars.items()
-                                         if "/" not in k), flush=True)
+        log.info("step %d %s", step, " ".join(f"{prefix}{k}={_fmt(v)}"
+                                              for k, v in scalars.items() if "/" not in k))
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"step": step, "time": time.time(),
                                           **{prefix + k: v for k, v in scalars.items()}}) + "\n")

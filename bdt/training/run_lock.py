@@ -17,6 +17,7 @@ while it stalled stops instead of writing beside the new holder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -27,6 +28,8 @@ import uuid
 import psutil
 
 from bdt.training.distributed import DistInfo, broadcast_object
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = "RUN_LOCK"
 HEARTBEAT_S = 10.0
@@ -112,8 +115,8 @@ class RunLock:
                 os.unlink(moved)
             raise RunDirInUse(self._in_use(got, 0.0))
         os.unlink(moved)
-        print(f"run lock {self.path}: took over the stale lock of {_describe(holder)} ({why})",
-              file=sys.stderr, flush=True)
+        log.warning("run lock %s: took over the stale lock of %s (%s)", self.path,
+                    _describe(holder), why)
 
     def _in_use(self, holder: dict, age: float) -> str:
         return (f"run directory {self.run_dir} is in use by {_describe(holder)}, heartbeat "
@@ -126,9 +129,8 @@ class RunLock:
             holder, _ = self._read()
             if holder is None or holder.get("token") != self.record["token"]:
                 who = "nobody (the lock file was removed)" if holder is None else _describe(holder)
-                print(f"error: this job lost its run lock {self.path}, now held by {who}: "
-                      f"stopping so that two jobs never write into one run", file=sys.stderr,
-                      flush=True)
+                log.error("this job lost its run lock %s, now held by %s: stopping so that two "
+                          "jobs never write into one run", self.path, who)
                 os._exit(LOST_LOCK_EXIT)
             os.utime(self.path)
 

@@ -119,7 +119,7 @@ def test_s3_checkpoint_marker_last_and_resume(s3_bucket, tmp_path):
     assert not resumed.skipped
 
 
-def test_marker_lists_every_file_and_resume_falls_back_past_damage(tmp_path, capsys):
+def test_marker_lists_every_file_and_resume_falls_back_past_damage(tmp_path, caplog):
     root = tmp_path / "ck"
     mgr = CheckpointManager(str(root), SOLO, keep_last=0)
     for step in (1, 2, 3, 4):
@@ -142,14 +142,15 @@ def test_marker_lists_every_file_and_resume_falls_back_past_damage(tmp_path, cap
         [str(ck4), "rank_00000.safetensors"], [str(root / tag_for(3)), "shared.pt"],
         [str(root / tag_for(2)), "rank_00000.json"]]
     assert "sha256 differs" in resumed.skipped[0] and "truncated" in resumed.skipped[1]
-    assert capsys.readouterr().out.count("checkpoint skipped: ") == 3
+    assert caplog.text.count("checkpoint skipped: ") == 3
+    caplog.clear()
     # Nothing is deleted: saving step 2 again moves the damaged step 2 aside, and pruning
     # (keep_last 1) looks only at steps up to 2, so the damaged 3 and 4 stay for inspection.
     mgr.keep_last = 1
     _save(mgr, 2, value=9.0)
     assert sorted(p.name for p in root.iterdir()) == [tag_for(2), tag_for(3), tag_for(4), "unusable"]
     moved = list((root / "unusable").glob(f"*/{tag_for(2)}/rank_00000.json"))
-    assert len(moved) == 1 and "moved to" in capsys.readouterr().out
+    assert len(moved) == 1 and "moved to" in caplog.text
     assert mgr.resume(engines={}).tag == tag_for(2)
 
 

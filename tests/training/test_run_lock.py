@@ -39,14 +39,14 @@ def test_held_lock_names_its_holder_and_is_released(tmp_path):
     second.release()
 
 
-def test_stale_locks_are_taken_over(tmp_path, capsys):
+def test_stale_locks_are_taken_over(tmp_path, caplog):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     started = psutil.Process(gone.pid).create_time()
     gone.wait()
     _plant(tmp_path, pid=gone.pid, pid_start=started)  # this host, process gone
     lock = RunLock(str(tmp_path))
     lock.acquire()
-    assert f"its process {gone.pid} is gone" in capsys.readouterr().err
+    assert f"its process {gone.pid} is gone" in caplog.text
     lock.release()
     # a reused pid (alive, started at another time) does not keep a lock
     _plant(tmp_path, pid=os.getpid(), pid_start=psutil.Process().create_time() - 100)
@@ -61,7 +61,7 @@ def test_stale_locks_are_taken_over(tmp_path, capsys):
     lock = RunLock(str(tmp_path), stale_s=60)
     lock.acquire()
     lock.release()
-    assert "no heartbeat for 120 s" in capsys.readouterr().err
+    assert "no heartbeat for 120 s" in caplog.text
 
 
 def test_a_takeover_never_steals_a_newer_lock(tmp_path):

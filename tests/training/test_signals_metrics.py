@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import signal
 
@@ -24,14 +25,14 @@ def test_sigterm_and_sigusr1_set_the_stop_flag():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_metrics_logger_jsonl_tensorboard_and_stdout(tmp_path, capsys):
+def test_metrics_logger_jsonl_tensorboard_and_log(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bdt")
     log = MetricsLogger(str(tmp_path), enabled=True, tensorboard=True)
     log.log(3, {"loss": 0.5, "bit_rate/000": 0.25, "name": "ignored"})
     log.close()
     rec = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert rec["step"] == 3 and rec["loss"] == 0.5 and rec["bit_rate/000"] == 0.25 and "name" not in rec
-    out = capsys.readouterr().out
-    assert "loss=0.5" in out and "bit_rate" not in out
+    assert "step 3 loss=0.5" in caplog.text and "bit_rate" not in caplog.text
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
     MetricsLogger(str(tmp_path / "off"), enabled=False).log(1, {"loss": 1.0})
     assert not os.path.exists(tmp_path / "off")

@@ -10,7 +10,7 @@
     deepspeed:   ZeRO stage, precision, gradient accumulation; `micro_batch_size` is ignored:
                  a micro-batch is one packed row sized by the stage's token_budget
     checkpoint:  local dir or s3://, every N steps, keep last N (auto-resume from the newest)
-    logging:     every N steps to stdout + JSONL + TensorBoard, MFU peak, sample-grid cadence
+    logging:     every N steps to the log + JSONL + TensorBoard, MFU peak, sample-grid cadence
     eval:        every K steps: generate + judge a subset of the shapes suite, scores logged
     fault:       crash injection for recovery tests; leave at 0 in real runs
 """

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -55,6 +56,8 @@ class InLoopTask(Protocol):
     def run(self, step: int, module: torch.nn.Module) -> dict[str, float]:
         """Metrics to log at `step` ({} for none)."""
 
+
+log = logging.getLogger(__name__)
 
 # The ranks' tasks, built once the process group exists (which ranks generate depends on it).
 InLoopTasks = Callable[[TrainConfig, DistInfo], list[InLoopTask]]
@@ -157,12 +160,12 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                                                               dist.world_size)})
         if meta.get("threads") != torch.get_num_threads():
             # environment.md: a different intra-op thread count changes float reduction order.
-            print(f"warning: rank {dist.rank}: checkpoint written with {meta.get('threads')} torch "
-                  f"threads, this run has {torch.get_num_threads()}: training continues, but not "
-                  f"bitwise as the uninterrupted run would (set `threads`)", flush=True)
+            log.warning("checkpoint written with %s torch threads, this run has %d: training "
+                        "continues, but not bitwise as the uninterrupted run would (set "
+                        "`threads`)", meta.get("threads"), torch.get_num_threads())
         if dist.is_main:
-            print(f"resumed from {ckpt.root}/{resume} (stage "
-                  f"{clock.names[min(clock.stage, len(clock.names) - 1)]})", flush=True)
+            log.info("resumed from %s/%s (stage %s)", ckpt.root, resume,
+                     clock.names[min(clock.stage, len(clock.names) - 1)])
     else:
         _seed_all(cfg.seed * 1000 + 1 + dist.rank)  # per-rank noise, flips, caption dropout
 
@@ -251,8 +254,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                 saved_step = step
             if why:
                 if dist.is_main:
-                    print(f"{'stop signal' if stopped else 'time limit'}: saved step {step}"
-                          f"{'' if stopped else ' (finishing early: export follows)'}", flush=True)
+                    log.info("%s: saved step %d%s", "stop signal" if stopped else "time limit",
+                             step, "" if stopped else " (finishing early: export follows)")
                 break
     finally:
         if stream is not None:

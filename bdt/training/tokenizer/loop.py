@@ -15,6 +15,7 @@ pattern engines with gradient hooks handle poorly. Its state goes into the check
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from PIL import Image
 
-from bdt.config import ConfigError, fail, load, save_resolved, split_launcher_args
+from bdt.config import ConfigError, fail, load, save_resolved, setup_logging, split_launcher_args
 from bdt.data.raw import make_loader
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.tokenizer.config import TokenizerConfig
@@ -43,6 +44,8 @@ from bdt.training.run_lock import hold_run_lock
 from bdt.training.schedule import lambda_lr
 from bdt.training.signals import LOCAL_REASON, StopFlag
 from bdt.training.tokenizer.config import RENAMED_KEYS, TokenizerTrainConfig, validate
+
+log = logging.getLogger(__name__)
 
 
 class Discriminator:
@@ -155,8 +158,8 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
             disc.load_state_dict(shared["disc"])
     if dist.is_main:
         save_resolved(cfg, cfg.run_dir)
-        print(f"tokenizer training: world {dist.world_size}, start step {step}"
-              + (f" (resumed from {tag})" if tag else ""), flush=True)
+        log.info("tokenizer training: world %d, start step %d%s", dist.world_size, step,
+                 f" (resumed from {tag})" if tag else "")
     loader, stream = make_loader(cfg.data, cfg.deepspeed.micro_batch_size, dist.rank,
                                  dist.world_size, stream_state)
     logger = MetricsLogger(cfg.run_dir, dist.is_main, cfg.logging.tensorboard)
@@ -241,10 +244,10 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
             if stopping:
                 timed_out = stopping == LOCAL_REASON  # collective: the same on every rank
                 if dist.is_main:
-                    print(f"{'time limit' if timed_out else 'stop signal'}: saved step {step}", flush=True)
+                    log.info("%s: saved step %d", "time limit" if timed_out else "stop signal", step)
                 break
         if dist.is_main and (step >= cfg.steps or timed_out):
-            print(f"exported EMA tokenizer to {export(model_cfg, ema.state_dict(), cfg.run_dir)}", flush=True)
+            log.info("exported EMA tokenizer to %s", export(model_cfg, ema.state_dict(), cfg.run_dir))
     finally:
         logger.close()
         stop.restore()
@@ -270,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="export the newest checkpoint's EMA weights to <run_dir>/export and exit")
     parser.add_argument("overrides", nargs="*", help="key=value")
     ns = parser.parse_args(args)
+    setup_logging()
     try:
         cfg = load(TokenizerTrainConfig, ns.config, ns.overrides, renamed=RENAMED_KEYS)
         if ns.export_only:
