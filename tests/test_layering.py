@@ -1,4 +1,4 @@
-"""bdt's imports run one way (docs/system.md, "Layout"): read every module's imports (ast, also
+"""bdt's imports run one way (system §7): read every module's imports (ast, also
 those inside functions; not those under `if TYPE_CHECKING:`) and fail on an import of a higher
 layer, an import between two packages of one layer, a module no layer names, or a cycle."""
 

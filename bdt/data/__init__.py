@@ -1,2 +1,3 @@
-"""Data: the embedded "shapes" dataset (shapes.py, shards.py), raw image sources, aspect buckets,
-token shards and the training stream."""
+"""Data: the embedded "shapes" dataset (shapes.py, shards.py), raw image sources (raw.py,
+images.py), aspect buckets, webdataset tars (tars.py: the one reader and shard writer), token
+shards and the training stream with its prefetch worker."""

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class StageConfig:
-    """One output family: images bucketed around `resolution`^2 pixels (method §5 stages)."""
+class FamilyConfig:
+    """One output family of token shards: the images bucketed around `resolution`^2 pixels, for
+    the training stage of that resolution (method §5). The AR trainer's stages
+    (bdt.training.ar.config.StageConfig) name a family to read; several may read one."""
 
     resolution: int = 256
     name: str = ""  # directory of the family under `output`; "" -> str(resolution)
@@ -26,7 +28,7 @@ class ExtractConfig:
     folder_shard_size: int = 1000  # folder mode: images per input unit (= per output shard)
     output: str = "???"  # root of the token shards + manifest; local path or fsspec URL
     tokenizer: str = "???"  # tokenizer directory (config.json + model.safetensors)
-    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(resolution=256)])
+    stages: list[FamilyConfig] = field(default_factory=lambda: [FamilyConfig(resolution=256)])
     patch_size: int = 1  # ps of the AR model (method §4): bucket sides are multiples of f * ps
     # Input hygiene (anything failing goes to the rejects file, never crashes the job).
     image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
@@ -46,7 +48,7 @@ class ExtractConfig:
     progress_interval_s: float = 10.0
 
 
-def stage_name(stage: StageConfig) -> str:
+def stage_name(stage: FamilyConfig) -> str:
     return stage.name or str(stage.resolution)
 
 
