@@ -60,6 +60,16 @@ def test_unknown_key_on_command_line():
     assert "stepz" in str(err.value) and "command line" in str(err.value)
 
 
+def test_renamed_key_names_its_new_name(tmp_path):
+    old = _write(tmp_path, "old.yaml", {"data_path": "/d", "optimizer": {"lr": 1.0}})
+    renamed = {"optimizer": "optim"}
+    with pytest.raises(C.ConfigError, match=r"old.yaml: key 'optimizer' was renamed to 'optim'"):
+        C.load(Job, [old], renamed=renamed)
+    with pytest.raises(C.ConfigError, match=r"command line: key 'optimizer' was renamed to"):
+        C.load(Job, [], ["data_path=/d", "optimizer.lr=1.0"], renamed=renamed)
+    assert C.load(Job, [], ["data_path=/d", "optim.lr=1.0"], renamed=renamed).optim.lr == 1.0
+
+
 def test_wrong_type_names_key(tmp_path):
     bad = _write(tmp_path, "types.yaml", {"data_path": "/d", "steps": "many"})
     with pytest.raises(C.ConfigError) as err:
