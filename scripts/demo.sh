@@ -20,7 +20,7 @@
 # Wall time in a fresh checkout on an idle 2-core machine (Intel Xeon), measured 2026-12-02:
 # 14 min 14 s after a 1 min 32 s install: data 8 s, tokenizer 3 min 26 s (capped at 8 min by
 # time_limit_min in configs/tokenizer/demo.yaml), Ray extraction 25 s, LLM 6 s, AR training
-# 9 min 49 s (all 3600 steps; capped at 14 min by time_limit_min in configs/train/demo.yaml), samples
+# 9 min 49 s (all 3600 steps of the recipe then; capped at 14 min by time_limit_min in configs/train/demo.yaml), samples
 # 5 s, eval 15 s. A slower machine of the same kind took 23 min 21 s, install included (AR time
 # cap at step 3446). Scores and what limits them: README ("The demo's quality").
 set -euo pipefail
