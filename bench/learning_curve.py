@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 
@@ -82,31 +83,45 @@ def plot(series: list[dict], unit: float, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), sharex=True)
+    colors = {}
     for s in series:
         pts = sorted(s["points"], key=lambda p: p["flops"])
         x = [p["flops"] / unit for p in pts]
-        marker = "o" if s["kind"] == "final" else "."
-        line = left.plot(x, [p["overall"] for p in pts], marker=marker, label=f"{s['name']}: overall")
+        marker, size = ("o", 7) if s["kind"] == "final" else (".", 6)
+        colors[s["name"]] = color = left.plot(
+            x, [p["overall"] for p in pts], marker=marker, markersize=size)[0].get_color()
         left.plot(x, [p["per_category"].get("single_object", float("nan")) for p in pts],
-                  marker=marker, linestyle="--", color=line[0].get_color(),
-                  label=f"{s['name']}: single objects")
+                  marker=marker, markersize=size, linestyle="--", color=color)
         for a, style in zip(ATTRIBUTES, ("-", "--", ":", "-.")):
             right.plot(x, [p["per_attribute"].get(a, float("nan")) for p in pts], marker=marker,
-                       linestyle=style, color=line[0].get_color(), label=f"{s['name']}: {a}")
-    left.axhline(0.80, color="grey", linewidth=0.8, linestyle=":")
-    left.axhline(0.50, color="grey", linewidth=0.8, linestyle=":")
-    for ax, title in ((left, "whole prompts (goal: 0.80 single, 0.50 overall)"),
+                       markersize=size, linestyle=style, color=color)
+    for goal in (0.80, 0.50):
+        left.axhline(goal, color="grey", linewidth=0.8, linestyle=":")
+    # Powers of two on a log axis: "x the demo's compute" reads directly off the ticks.
+    xs = [p["flops"] / unit for s in series for p in s["points"]]
+    lo, hi = math.floor(math.log2(min(xs))), math.ceil(math.log2(max(xs)))
+    for ax, title in ((left, "whole prompts (goals: single objects 0.80, overall 0.50)"),
                       (right, "each attribute judged alone")):
         ax.set_xscale("log")
-        ax.set_xlabel("AR training FLOPs (x the CPU demo's)")
+        ax.xaxis.set_major_locator(FixedLocator([2.0 ** e for e in range(lo, hi + 1)]))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.set_xlabel("AR training FLOPs (x the 1x CPU demo recipe's)")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    left.legend([Line2D([], [], color="k"), Line2D([], [], color="k", linestyle="--")],
+                ["overall", "single objects"], fontsize=8, loc="upper left")
+    right.legend([Line2D([], [], color="k", linestyle=st) for st in ("-", "--", ":", "-.")],
+                 list(ATTRIBUTES), fontsize=8, loc="upper left", ncol=2)
+    fig.legend([Line2D([], [], color=c, marker="o") for c in colors.values()], list(colors),
+               loc="lower center", ncol=min(3, len(colors)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(colors) / 3), 1, 1))
     fig.savefig(path, dpi=110)
 
 

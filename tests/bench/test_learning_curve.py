@@ -1,0 +1,62 @@
+"""bench/learning_curve.py: in-loop points carry the FLOPs logged on their step, final points
+average the eval reports of their seeds, and the x axis is in units of the 1x run's FLOPs."""
+
+import json
+import sys
+
+import pytest
+
+from testkit import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+
+import learning_curve  # noqa: E402  (bench/ is not a package)
+
+
+def write_run(path, records):
+    path.mkdir()
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def write_eval(path, overall, single, color):
+    path.mkdir()
+    (path / "eval.json").write_text(json.dumps({
+        "overall": overall, "per_category": {"single_object": single, "colors": 0.1},
+        "per_attribute": {"color": color, "count": 0.5}}))
+    return str(path)
+
+
+def test_points_table_and_picture(tmp_path, capsys):
+    unit = write_run(tmp_path / "unit", [{"step": 10, "loss": 1.0, "flops_seen": 1e9},
+                                         {"step": 20, "loss": 0.9, "flops_seen": 2e9}])
+    curve = write_run(tmp_path / "curve", [
+        {"step": 10, "loss": 1.0, "flops_seen": 1e9},
+        {"step": 10, "eval_overall": 0.1, "eval/single_object": 0.3, "eval_attr/shape": 0.2},
+        {"step": 30, "loss": 0.8, "flops_seen": 6e9},
+        {"step": 30, "eval_overall": 0.4, "eval/single_object": 0.7, "eval_attr/shape": 0.6}])
+    evals = [write_eval(tmp_path / "s0", 0.2, 0.4, 0.3), write_eval(tmp_path / "s1", 0.4, 0.6, 0.5)]
+    out = str(tmp_path / "lc")
+    learning_curve.main(["--series", "curve", curve, "--final", "unit run", unit, *evals,
+                         "--unit-flops", unit, "--out", out])
+    data = json.loads((tmp_path / "lc.json").read_text())
+    assert data["unit_flops"] == 2e9
+    in_loop, final = data["series"]
+    assert [(p["step"], p["flops"], p["overall"]) for p in in_loop["points"]] == [
+        (10, 1e9, 0.1), (30, 6e9, 0.4)]
+    assert in_loop["points"][1]["per_attribute"] == {"shape": 0.6}
+    [end] = final["points"]
+    assert (end["step"], end["flops"], end["seeds"]) == (20, 2e9, 2)
+    assert end["overall"] == pytest.approx(0.3) and end["overall_per_seed"] == [0.2, 0.4]
+    assert end["per_category"]["single_object"] == pytest.approx(0.5)
+    assert end["per_attribute"]["color"] == pytest.approx(0.4)
+    table = capsys.readouterr().out
+    assert "| curve | 30 | 3.00 | 1 | 0.400 | 0.700 |" in table
+    assert (tmp_path / "lc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_on_a_step_without_flops_is_refused(tmp_path):
+    run = write_run(tmp_path / "run", [{"step": 10, "loss": 1.0, "flops_seen": 1e9},
+                                       {"step": 15, "eval_overall": 0.1}])
+    with pytest.raises(ValueError, match="evaluation at step 15 but no flops_seen"):
+        learning_curve.in_loop_points(run)
