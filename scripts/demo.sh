@@ -17,12 +17,12 @@
 # DEMO_SAMPLE_STEPS (head sampler steps, 12), DEMO_CFG (guidance, 2.0), and extra key=value
 # overrides for the trainers: DEMO_TOKENIZER_ARGS, DEMO_TRAIN_ARGS (e.g. "steps=20").
 #
-# Wall time in a fresh checkout on an idle 2-core machine (Intel Xeon), measured 2026-12-02:
-# 14 min 14 s after a 1 min 32 s install: data 8 s, tokenizer 3 min 26 s (capped at 8 min by
-# time_limit_min in configs/tokenizer/demo.yaml), Ray extraction 25 s, LLM 6 s, AR training
-# 9 min 49 s (all 3600 steps of the recipe then; capped at 14 min by time_limit_min in configs/train/demo.yaml), samples
-# 5 s, eval 15 s. A slower machine of the same kind took 23 min 21 s, install included (AR time
-# cap at step 3446). Scores and what limits them: README ("The demo's quality").
+# Wall time in a fresh checkout, measured 2026-12-05 on a 2-core AMD EPYC (avx512_bf16): 26 min
+# 16 s, of which install 1 min 54 s, data 8 s, tokenizer 3 min 57 s (capped at 7 min by
+# time_limit_min in configs/tokenizer/demo.yaml), Ray extraction 28 s, LLM 7 s, AR training 19 min
+# 13 s (its 19-min cap in configs/train/demo.yaml stopped it at step 4848 of 7200; an idle Intel
+# Xeon ran 3600 steps in 9 min 49 s on 2026-12-02), samples 8 s, eval 21 s. Scores and what limits
+# them: README ("The demo's quality").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD

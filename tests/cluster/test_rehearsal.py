@@ -29,13 +29,27 @@ def _wait_for_complete_checkpoint(fs, root: str, script: subprocess.Popen, log) 
     return complete
 
 
+def _training_ranks(script: subprocess.Popen) -> dict[int, psutil.Process]:
+    """RANK -> process of the script's train.py ranks; short-lived helpers (the launcher's
+    probes) may exit while they are read, and are skipped."""
+    ranks = {}
+    for proc in psutil.Process(script.pid).children(recursive=True):
+        try:
+            if "train.py" in " ".join(proc.cmdline()) and "RANK" in (env := proc.environ()):
+                ranks[int(env["RANK"])] = proc
+        except psutil.Error:
+            pass
+    return ranks
+
+
 def _kill_highest_rank(script: subprocess.Popen) -> int:
-    ranks = [p for p in psutil.Process(script.pid).children(recursive=True)
-             if "RANK" in p.environ() and "train.py" in " ".join(p.cmdline())]
-    assert len(ranks) == 2, [p.cmdline() for p in ranks]
-    victim = max(ranks, key=lambda p: int(p.environ()["RANK"]))
-    victim.send_signal(signal.SIGKILL)
-    return int(victim.environ()["RANK"])
+    deadline = time.monotonic() + 60
+    while len(ranks := _training_ranks(script)) != 2:
+        assert time.monotonic() < deadline, [p.pid for p in ranks.values()]
+        time.sleep(0.2)
+    victim = max(ranks)
+    ranks[victim].send_signal(signal.SIGKILL)
+    return victim
 
 
 def test_rehearsal_survives_a_killed_rank(s3_endpoint, s3_bucket, tmp_path):
