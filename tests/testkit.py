@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import psutil
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,3 +46,16 @@ def flip_bytes(path, n: int = 256) -> None:
 def cut_file(path) -> None:
     """Truncate a file to two thirds of its size."""
     path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+
+
+def training_ranks(root_pid: int) -> dict[int, psutil.Process]:
+    """RANK -> process of the train.py ranks below root_pid; processes that exit while they are
+    read (launcher probes, finished ranks) are skipped."""
+    ranks = {}
+    for proc in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if "train.py" in " ".join(proc.cmdline()) and "RANK" in (env := proc.environ()):
+                ranks[int(env["RANK"])] = proc
+        except psutil.Error:
+            pass
+    return ranks

@@ -9,12 +9,11 @@ import signal
 import subprocess
 import time
 
-import psutil
 import pytest
 import s3fs
 import yaml
 
-from testkit import REPO
+from testkit import REPO, training_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -29,22 +28,9 @@ def _wait_for_complete_checkpoint(fs, root: str, script: subprocess.Popen, log) 
     return complete
 
 
-def _training_ranks(script: subprocess.Popen) -> dict[int, psutil.Process]:
-    """RANK -> process of the script's train.py ranks; short-lived helpers (the launcher's
-    probes) may exit while they are read, and are skipped."""
-    ranks = {}
-    for proc in psutil.Process(script.pid).children(recursive=True):
-        try:
-            if "train.py" in " ".join(proc.cmdline()) and "RANK" in (env := proc.environ()):
-                ranks[int(env["RANK"])] = proc
-        except psutil.Error:
-            pass
-    return ranks
-
-
 def _kill_highest_rank(script: subprocess.Popen) -> int:
     deadline = time.monotonic() + 60
-    while len(ranks := _training_ranks(script)) != 2:
+    while len(ranks := training_ranks(script.pid)) != 2:
         assert time.monotonic() < deadline, [p.pid for p in ranks.values()]
         time.sleep(0.2)
     victim = max(ranks)

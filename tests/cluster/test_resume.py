@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from bdt.cluster.resume import DONE, GAVE_UP, STOPPED, USAGE
+from testkit import training_ranks
 from trainutil import read_metrics, tiny_llm, write_shards
 
 pytestmark = pytest.mark.slow
@@ -38,17 +39,6 @@ def wait_for(predicate, timeout: float, what: str, proc=None):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def training_ranks(root: int) -> list[psutil.Process]:
-    out = []
-    for proc in psutil.Process(root).children(recursive=True):
-        try:
-            if "RANK" in proc.environ() and "train.py" in " ".join(proc.cmdline()):
-                out.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def test_sigkilled_rank_is_relaunched_and_the_run_resumes(tmp_path):
     shards = os.path.dirname(write_shards(str(tmp_path / "shards"), [(4, 4), (4, 8), (8, 4)],
                                           num_shards=2, per_shard=10)[0])
@@ -64,7 +54,8 @@ def test_sigkilled_rank_is_relaunched_and_the_run_resumes(tmp_path):
     try:
         marker = run / "checkpoints" / "step_000000002" / "COMPLETE"
         wait_for(marker.exists, 300, "the first complete checkpoint", wrapper)
-        victim = wait_for(lambda: training_ranks(wrapper.pid)[-1:], 30, "a rank process")[0]
+        victim = wait_for(lambda: list(training_ranks(wrapper.pid).values())[-1:], 30,
+                          "a rank process")[0]
         victim.send_signal(signal.SIGKILL)  # one rank dies, as on a crashed GPU
         assert wrapper.wait(timeout=400) == DONE
     finally:
