@@ -125,6 +125,11 @@ class TrainConfig:
     # had ended (save, export, exit 0): a wall-clock cap, e.g. for the CPU demo's 30-minute
     # budget. Running the same command again resumes from that checkpoint with a fresh budget.
     time_limit_min: float = 0.0
+    # In (0, 1] with time_limit_min: once the last stage has run 60 steps in this process, shorten
+    # it so that its schedule (cosine decay included) ends after this fraction of the time left
+    # at the measured step rate, instead of the limit cutting it mid-decay (time_fit.py). Never
+    # lengthens a stage; the decision is kept in checkpoints. 0 = off.
+    time_limit_fit: float = 0.0
     fault: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -201,6 +206,9 @@ def validate(cfg: TrainConfig) -> None:
                          f"{cfg.data.prefetch_worker!r}")
     if not cfg.time_limit_min >= 0:  # also refuses NaN
         raise ValueError(f"time_limit_min must be >= 0 (0 = no limit), got {cfg.time_limit_min}")
+    if not 0 <= cfg.time_limit_fit <= 1 or (cfg.time_limit_fit > 0 and cfg.time_limit_min == 0):
+        raise ValueError(f"time_limit_fit must be in [0, 1] (0 = off) and needs time_limit_min > 0; "
+                         f"got {cfg.time_limit_fit} with time_limit_min={cfg.time_limit_min}")
     if cfg.checkpoint.every < 0 or cfg.logging.every < 1:
         raise ValueError(f"checkpoint.every must be >= 0 and logging.every >= 1, got "
                          f"{cfg.checkpoint.every} and {cfg.logging.every}")

@@ -35,6 +35,7 @@ from bdt.training.ar.export import export_model
 from bdt.training.ar.flops import FlopModel, measure_peak_flops
 from bdt.training.ar.stage_rows import StageData
 from bdt.training.ar.stages import StageClock
+from bdt.training.ar.time_fit import TimeFit
 from bdt.training.checkpoint import CheckpointManager
 from bdt.training.deepspeed_config import build_ds_config, initialize_engine
 from bdt.training.distributed import (DistInfo, all_gather_int, all_reduce_mean, all_reduce_sum,
@@ -182,6 +183,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     window, meter = _Window(), Throughput()
     stopped = timed_out = False
     started = time.monotonic()
+    time_fit = TimeFit(cfg.time_limit_fit, cfg.time_limit_min, started, clock)
     try:
         while not clock.finished:
             si = clock.stage
@@ -235,6 +237,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
             step += 1
             if cfg.fault.sigterm_at_step == step and dist.is_main:
                 os.kill(os.getpid(), signal.SIGTERM)
+            fitted = time_fit.after_step(clock, step, dist.device)
+            if fitted:
+                logger.log(step, fitted)
             over_time = cfg.time_limit_min > 0 and time.monotonic() - started > \
                 cfg.time_limit_min * 60
             why = stop.should_stop(dist.device, local=over_time)

@@ -13,6 +13,9 @@ schedule over its steps; a token stage over its tokens, in units of one full bud
 of tokens. A stage switch needs no new scheduler. Only plain data lives in the clock's __dict__:
 LambdaLR checkpoints that dict (DeepSpeed's torch.save), and the per-rank state holds
 `state_dict()` too, which is what a resume restores.
+
+`fit` shortens the current stage once (the time-limit fit, time_fit.py); the new limit is part
+of the state, so a resumed run keeps the schedule the interrupted one chose.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class StageClock:
         for spec in self.specs:  # validate once, with the schedule's own error messages
             WarmupSchedule(spec[1], spec[2], spec[3], spec[4])
         self.stage, self.start_step, self.stage_tokens = 0, 0, 0
+        self.fitted: dict | None = None  # {"stage", "steps", "tokens"}: a shortened stage's limits
 
     def _schedule_length(self, i: int) -> int:
         if self.step_limits[i] > 0:
@@ -60,9 +64,33 @@ class StageClock:
         """The next stage begins at global step `next_step` (past the last one: finished)."""
         self.stage, self.start_step, self.stage_tokens = self.stage + 1, next_step, 0
 
+    def fit(self, steps_done: int, steps_left: int) -> bool:
+        """Shorten the current stage so that it ends `steps_left` (>= 1) steps after global step
+        `steps_done`; its LR schedule then ends there, decay included. A token stage keeps its
+        real tokens per step so far. Never lengthens a stage; returns whether it changed."""
+        i, steps_left = self.stage, max(1, int(steps_left))
+        ran = steps_done - self.start_step
+        steps = ran + steps_left if self.step_limits[i] > 0 else 0
+        tokens = 0 if steps else \
+            self.stage_tokens + math.ceil(steps_left * self.stage_tokens / max(1, ran))
+        if steps >= self.step_limits[i] and tokens >= self.token_limits[i]:
+            return False
+        self._apply_fit({"stage": i, "steps": steps, "tokens": tokens})
+        return True
+
+    def _apply_fit(self, fitted: dict) -> None:
+        # A config resumed with a shorter stage than the fit keeps its own limit.
+        i, steps, tokens = int(fitted["stage"]), int(fitted["steps"]), int(fitted["tokens"])
+        if self.step_limits[i] > 0 and steps > 0:
+            self.step_limits[i] = min(self.step_limits[i], steps)
+        elif self.token_limits[i] > 0 and tokens > 0:
+            self.token_limits[i] = min(self.token_limits[i], tokens)
+        self.specs[i][2] = self._schedule_length(i)
+        self.fitted = {"stage": i, "steps": self.step_limits[i], "tokens": self.token_limits[i]}
+
     def state_dict(self) -> dict:
         return {"stage": self.stage, "start_step": self.start_step,
-                "stage_tokens": self.stage_tokens}
+                "stage_tokens": self.stage_tokens, "fitted": self.fitted}
 
     def load_state_dict(self, state: dict) -> None:
         if not 0 <= state["stage"] <= len(self.names):
@@ -70,6 +98,11 @@ class StageClock:
                              f"{len(self.names)} stages ({self.names})")
         self.stage, self.start_step = int(state["stage"]), int(state["start_step"])
         self.stage_tokens = int(state["stage_tokens"])
+        if state.get("fitted"):  # checkpoints from before the time fit have no such key
+            if not 0 <= int(state["fitted"]["stage"]) < len(self.names):
+                raise ValueError(f"checkpoint fitted stage {state['fitted']['stage']}, the config "
+                                 f"has only {len(self.names)} stages ({self.names})")
+            self._apply_fit(state["fitted"])
 
     def __call__(self, step: int) -> float:
         """Absolute LR of global step `step` (LambdaLR calls it after the previous step)."""

@@ -1,6 +1,7 @@
 """Stage clock (step and token stages, resumable) + one LR schedule over stages; the FLOP model behind the MFU estimate."""
 
 import pytest
+import torch
 
 from bdt.training.ar.flops import FlopModel
 from bdt.training.ar.stages import StageClock
@@ -62,7 +63,80 @@ def test_lr_warms_up_again_in_each_stage_token_stage_in_budgets():
     assert 2e-4 * 0.5 <= late < 2e-4  # cosine over the stage's tokens, toward its floor
     clock.add_tokens(BUDGET_STEP // 2)  # the position is tokens, not steps: same step, lower LR
     assert clock(14) < late
-    assert all(isinstance(v, (int, float, str, list)) for v in vars(clock).values())  # plain
+    plain = (int, float, str, list, dict, type(None))
+    assert all(isinstance(v, plain) for v in vars(clock).values())
+
+
+def cosine_stages():
+    return [StageConfig(name="a", shards="x", steps=4, lr=1e-3, warmup_steps=1, schedule="constant"),
+            StageConfig(name="b", shards="x", steps=1000, lr=1e-3, warmup_steps=2,
+                        schedule="cosine", min_lr_ratio=0.1)]
+
+
+def test_fit_shortens_the_stage_and_its_decay_and_survives_resume():
+    clock = StageClock(cosine_stages(), grad_accum=1, world_size=1)
+    run_clock(clock, [1] * 24)  # stage "b" has run 20 steps
+    assert clock.stage == 1 and clock(24) > 0.99e-3
+    assert not clock.fit(24, 980) and not clock.fit(24, 5000)  # never lengthens
+    assert clock.fitted is None
+    assert clock.fit(24, 30)  # 50 steps in all
+    saved = clock.state_dict()
+    resumed = StageClock(cosine_stages(), grad_accum=1, world_size=1)
+    resumed.load_state_dict(saved)
+    for c in (clock, resumed):
+        lrs = [c(s) for s in range(24, 54)]
+        assert run_clock(c, [1] * 54, first_step=24) == [1] * 30 and c.finished
+        assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(1e-4, rel=0.01)
+    # a config resumed with a shorter stage than the fit keeps its own length
+    short = cosine_stages()
+    short[1].steps = 40
+    shorter = StageClock(short, grad_accum=1, world_size=1)
+    shorter.load_state_dict(saved)
+    assert shorter.fitted["steps"] == 40
+    with pytest.raises(ValueError, match="fitted stage 7"):
+        shorter.load_state_dict({**saved, "fitted": {**saved["fitted"], "stage": 7}})
+
+
+def test_fit_of_a_token_stage_keeps_its_tokens_per_step():
+    clock = StageClock(stages(), grad_accum=2, world_size=2)
+    run_clock(clock, [BUDGET_STEP // 2] * 12)  # 2 steps into the token stage, half budgets
+    assert clock.fit(12, 3)  # 3 more steps at half a budget each: 2.5 budgets in all
+    assert clock.token_limits[1] == BUDGET_STEP // 2 * 5 and clock.specs[1][2] == 3
+    assert run_clock(clock, [BUDGET_STEP // 2] * 20, first_step=12) == [1] * 3 and clock.finished
+
+
+def test_time_fit_measures_once_and_leaves_the_limit_room():
+    from bdt.training.ar.time_fit import CALIBRATION_STEPS, WARMUP_STEPS, TimeFit
+
+    t = [0.0]
+    clock = StageClock(cosine_stages(), grad_accum=1, world_size=1)
+    fit = TimeFit(0.5, limit_min=1.0, started=0.0, clock=clock, now=lambda: t[0])
+    decided, step = [], 0
+    while not clock.finished:  # 0.2 s per step
+        run_clock(clock, [1] * (step + 1), first_step=step)
+        step += 1
+        t[0] += 0.2
+        out = fit.after_step(clock, step, torch.device("cpu"))
+        if out:
+            decided.append((step, out))
+    [(at, out)] = decided
+    assert at == 4 + WARMUP_STEPS + CALIBRATION_STEPS  # counted in the last stage only
+    assert out["time_fit/step_s"] == pytest.approx(0.2)
+    assert out["time_fit/left_s"] == pytest.approx(60 - 0.2 * at)
+    assert out["time_fit/steps_left"] == int(0.5 * (60 - 0.2 * at) / 0.2)
+    assert step == at + out["time_fit/steps_left"]  # ended where the fit said
+    assert t[0] < 60 * 0.8
+    # a run that fits as configured is measured and left alone; without a fit, nothing runs
+    for fraction, limit, measured in ((1.0, 1000.0, 1), (0.0, 1.0, 0)):
+        clock = StageClock(cosine_stages(), grad_accum=1, world_size=1)
+        fit = TimeFit(fraction, limit_min=limit, started=0.0, clock=clock, now=lambda: t[0])
+        outs = []
+        for step in range(1, 200):
+            run_clock(clock, [1] * step, first_step=step - 1)
+            t[0] += 0.2
+            outs += [o for o in [fit.after_step(clock, step, torch.device("cpu"))] if o]
+        assert len(outs) == measured and clock.fitted is None
+        assert all(o["time_fit/shortened"] == 0.0 for o in outs)
 
 
 def test_flops_match_parameter_count_and_packed_attention():

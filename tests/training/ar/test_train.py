@@ -214,3 +214,27 @@ def test_ema_leaves_training_alone_resumes_and_is_exported(data, ref, tmp_path):
     assert spawn_train(argv(data, chain, "ema_decay=0.9")) == 0
     resumed = export_tensors(str(chain))
     assert all(torch.equal(resumed[k], v) for k, v in averaged.items())
+
+
+def test_time_limit_fit_ends_the_decay_in_time_and_survives_a_resume(data, tmp_path):
+    """A stage far too long for a 30 s limit: after 60 steps of it the run shortens it to what
+    0.3 of the time left allows, so its cosine reaches the floor at the end instead of being cut
+    by the limit. A SIGTERM after the decision and the resume keep it (no second measurement)."""
+    from bdt.training.ar.time_fit import CALIBRATION_STEPS, WARMUP_STEPS
+
+    fit_at = STEPS[0] + WARMUP_STEPS + CALIBRATION_STEPS
+    overrides = train_overrides(str(tmp_path), data["llm"], data["shards"], steps=[STEPS[0], 100000],
+                                every=100000, extra=["time_limit_min=0.5", "time_limit_fit=0.3"])
+    argv_fit = ["--config", TINY_CONFIG, *overrides]
+    assert spawn_train(argv_fit + [f"fault.sigterm_at_step={fit_at + 2}"]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["saved_step"] == fit_at + 2
+    assert spawn_train(argv_fit) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    [fit] = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "time_fit/step_s" in line]
+    assert fit["step"] == fit_at and fit["time_fit/shortened"] == 1.0
+    end = fit_at + fit["time_fit/steps_left"]
+    assert fit["time_fit/stage_steps"] == end - STEPS[0] < 100000
+    assert summary["step"] == end and not summary["timed_out"] and not summary["stopped"]
+    m = read_metrics(str(tmp_path))
+    assert m[end]["lr"] == pytest.approx(3e-3 * 0.1, rel=0.02)  # the cosine's floor: decay done
+    assert m[fit_at]["lr"] > 0.9 * 3e-3

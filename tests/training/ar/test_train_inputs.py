@@ -168,3 +168,15 @@ def test_stage_p_and_eval_keys_are_checked_at_start(tmp_path):
                         "logging.sample_every=5", "logging.sample_hw=[4,6]"))
     with pytest.raises(ValueError, match=r"eval.width = 96 px is not a multiple of 64"):
         check_data(config(tmp_path, s, "model.parallel_num=16", "eval.every=5", "eval.width=96"))
+
+
+def test_time_limit_fit_needs_a_limit_and_a_fraction(tmp_path):
+    from bdt.training.ar.config import validate
+
+    write_shards(str(tmp_path / "s"), [(4, 4)], num_shards=1, per_shard=2)
+    s = str(tmp_path / "s")
+    validate(config(tmp_path, s, "time_limit_min=5", "time_limit_fit=0.9"))
+    for bad in (["time_limit_fit=0.9"], ["time_limit_min=5", "time_limit_fit=1.5"],
+                ["time_limit_min=5", "time_limit_fit=-0.1"]):
+        with pytest.raises(ValueError, match="time_limit_fit must be in"):
+            validate(config(tmp_path, s, *bad))
