@@ -1,10 +1,10 @@
 """Fit the last stage to the wall-clock budget (`time_limit_min` with `time_limit_fit`).
 
-A time limit alone stops a run wherever it is. On a machine slower than the config was written
-for that is mid-cosine, far above the schedule's floor: the CPU demo on a 2-core EPYC stopped at
-step 4848 of 7200 with lr 3.7e-4 of its 1e-3 peak, and never had the low-LR tail where a
-diffusion loss drops most. With a fit, the run measures its step rate once in the last stage and
-shortens that stage so that its whole schedule, decay included, ends within the remaining time.
+A time limit alone stops a run wherever it is: on a machine slower than the config was written
+for, mid-decay, at a learning rate far above the schedule's floor. With a fit, the run measures
+its step rate once in the last stage and shortens that stage so that its whole schedule, decay
+included, ends within the remaining time: the fixed-budget run that ends annealed. (The CPU demo
+does not use it: at its compute more steps beat a finished decay; docs/results.md.)
 
 The decision is made once per run, at a fixed step of the last stage, from the slowest rank's
 rate, and lives in the stage clock: every checkpoint after it carries it, and a resumed run keeps
