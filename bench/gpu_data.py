@@ -1,12 +1,13 @@
 """The small dataset scripts/gpu_check.sh trains on, made from the repo alone, and the extraction
 worker's encoder timed on the device (issue 16 part 4).
 
-    python bench/gpu_data.py --raw RAW --out OUT [--device cuda] [--batch 64]
+    python bench/gpu_data.py --raw RAW --out OUT [--tokenizer DIR] [--device cuda] [--batch 64]
 
 RAW: shapes images (`bdt data shapes --size 128`). Writes into OUT:
-  tokenizer/  a randomly initialised image tokenizer of the demo's geometry
+  tokenizer/  without --tokenizer, a randomly initialised image tokenizer of the demo's geometry
               (configs/tokenizer/shapes_d8.yaml: 8x down, 32 bits): its bits carry no picture, but every
-              shape, dtype and code path is the trained one's
+              shape, dtype and code path is the trained one's (gpu_check.sh); --tokenizer DIR
+              (a trained one, e.g. demo/tokenizer/export) is used in place (gpu_quality.sh)
   tokens/     token shards of families "32" and "64" (4x4 and 8x8 tokens), written by
               bdt.extract.worker.ShardEncoder called directly (the Ray actor's class, no Ray)
               on --device
@@ -74,13 +75,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--raw", required=True, help="shapes image shards (bdt data shapes)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--tokenizer", default="",
+                    help="a trained image tokenizer (export dir); default: a random-weight one")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=64, help="images per encoder call")
     args = ap.parse_args()
     from bdt.commands.model import read_captions
     from bdt.model.backbone import make_tiny_llm
 
-    tokenizer = random_tokenizer(os.path.join(args.out, "tokenizer"))
+    tokenizer = args.tokenizer or random_tokenizer(os.path.join(args.out, "tokenizer"))
     stats = extract(args.raw, os.path.join(args.out, "tokens"), tokenizer, args.device,
                     args.batch)
     make_tiny_llm(os.path.join(args.out, "llm"), read_captions(args.raw, 2000))

@@ -9,6 +9,8 @@ Points come from two places:
     python bench/learning_curve.py --series "demo recipe, 4x steps" RUN_DIR \
         --final "demo recipe (1x)" RUN_DIR EVAL_SEED0 EVAL_SEED1 ... \
         --unit-flops RUN_DIR --out docs/learning_curve
+    python bench/learning_curve.py --add-to docs/learning_curve.json --final "GPU ..." RUN_DIR \
+        EVAL_SEED0 EVAL_SEED1 --out docs/learning_curve    (new points beside the stored ones)
 
 writes <out>.json (every point with its per-category and per-attribute accuracies) and
 <out>.png (overall and single-object accuracy, and each attribute judged alone, against FLOPs
@@ -132,11 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--final", nargs="+", action="append", default=[],
                    metavar="NAME RUN_DIR EVAL_DIR", help="a run's end scored by bdt eval, one "
                    "EVAL_DIR per sampling seed")
-    p.add_argument("--unit-flops", required=True, metavar="RUN_DIR",
+    p.add_argument("--unit-flops", metavar="RUN_DIR",
                    help="the run whose final FLOPs are 1x (the CPU demo)")
+    p.add_argument("--add-to", metavar="JSON", help="a curve written before: keep its unit and "
+                   "series (a series given again by name is replaced), add the ones given here")
     p.add_argument("--out", default="docs/learning_curve")
     args = p.parse_args(argv)
-    unit = final_flops(args.unit_flops)
+    if (args.unit_flops is None) == (args.add_to is None):
+        p.error("give exactly one of --unit-flops and --add-to")
     series = [{"name": name, "kind": "in-loop", "run_dir": run, "points": in_loop_points(run)}
               for name, run in args.series]
     finals: dict[str, dict] = {}
@@ -146,6 +151,13 @@ def main(argv: list[str] | None = None) -> None:
         finals.setdefault(name, {"name": name, "kind": "final", "run_dir": run, "points": []})
         finals[name]["points"].append(final_point(run, evals))
     series += list(finals.values())
+    if args.add_to:
+        with open(args.add_to) as f:
+            prior = json.load(f)
+        unit = prior["unit_flops"]
+        series = [s for s in prior["series"] if s["name"] not in {n["name"] for n in series}] + series
+    else:
+        unit = final_flops(args.unit_flops)
     with open(args.out + ".json", "w") as f:
         json.dump({"unit_flops": unit, "series": series}, f, indent=1)
     plot(series, unit, args.out + ".png")

@@ -134,14 +134,7 @@ if [[ -f $D/samples/samples.json ]]; then
 else
   log "6/7 samples: 16 prompts at 64 px -> $D/samples"
   bdt sample --model "$D/run/export" --size 64 --steps "$SAMPLE_STEPS" --cfg-scale "$CFG" \
-    --out "$D/samples" --cols 8 \
-    --prompt "a red circle" --prompt "a blue square" --prompt "a green triangle" \
-    --prompt "a yellow star" --prompt "an orange cross" --prompt "a purple circle" \
-    --prompt "two circles" --prompt "three squares" --prompt "four stars" \
-    --prompt "a red circle and a blue square" --prompt "a green star and a yellow triangle" \
-    --prompt "a blue circle left of a red square" --prompt "a yellow star above a green cross" \
-    --prompt "a purple triangle below an orange circle" --prompt "two red squares" \
-    --prompt "a cross"
+    --out "$D/samples" --cols 8 --prompts-file scripts/demo_prompts.txt
 fi
 
 # --- 7. evaluation --------------------------------------------------------------------------------

@@ -10,9 +10,8 @@
 #
 # Needs only the repo and a Python with torch and bdt's dependencies (no install step: the repo
 # is put on PYTHONPATH; a missing package is named before anything runs). Ray is not needed.
-# Stages, each bounded by `timeout -k 10 -s ABRT` (the trainer checkpoints on SIGTERM at the next
-# step boundary, so a stuck step would outlive a plain TERM; ABRT makes `python -X faulthandler`
-# print every thread's stack into the stage's log), each logging into OUT/<stage>.log as it runs:
+# Stages, each bounded by `timeout -k 10 -s ABRT` and logging into OUT/<stage>.log as it runs
+# (scripts/bounded_stages.sh: why ABRT and not TERM):
 #   env         packages, CUDA device (OUT/env.json)
 #   tests       tests/model/test_attention.py on CUDA (its `cuda` tests: real flex compile with
 #               backward, real varlen/flash kernels)
@@ -49,19 +48,7 @@ START=$SECONDS
 LIMIT_SCALE=${GPU_CHECK_LIMIT_SCALE:-$((REHEARSAL ? 6 : 1))}
 : > "$OUT/stages.tsv"
 
-# stage NAME LIMIT_S COMMAND...: run it bounded, log it as it goes, record (name, rc, seconds).
-stage() {
-  local name=$1 limit=$(($2 * LIMIT_SCALE))
-  shift 2
-  local t0=$SECONDS
-  printf '== [%3ds] %s (limit %ss) -> %s\n' $((SECONDS - START)) "$name" "$limit" "$OUT/$name.log"
-  timeout -k 10 -s ABRT "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  printf '%s\t%s\t%s\n' "$name" "$rc" $((SECONDS - t0)) >> "$OUT/stages.tsv"
-  ((rc == 0)) || echo "== $name FAILED (rc $rc; 134 = timed out, stacks above)"
-  return "$rc"
-}
-skip() { printf '== %s: skipped (%s)\n' "$1" "$2" | tee "$OUT/$1.log"; }
+source scripts/bounded_stages.sh  # stage, failed_stages
 PYF=("$PY" -X faulthandler)  # ABRT -> every thread's stack in the log
 collect() { mkdir -p "$OUT/results" && cp -f bench/results/gpu_*.json "$OUT/results/" 2>/dev/null; }
 
@@ -123,7 +110,7 @@ done
 [[ $CKPT == "$WORK" ]] || rm -rf "$CKPT"
 [[ ${GPU_CHECK_KEEP:-0} == 1 ]] || rm -rf "$WORK"
 
-FAILED=$(awk '$2 != 0 {print $1}' "$OUT/stages.tsv" | tr '\n' ' ')
+FAILED=$(failed_stages)
 printf '== gpu_check done in %d s; logs and results in %s%s\n' $((SECONDS - START)) "$OUT" \
   "${FAILED:+; failed: $FAILED}"
 [[ -z $FAILED ]]

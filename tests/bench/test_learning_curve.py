@@ -53,6 +53,17 @@ def test_points_table_and_picture(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| curve | 30 | 3.00 | 1 | 0.400 | 0.700 |" in table
     assert (tmp_path / "lc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # later points join the stored curve in its unit; a series named again is replaced
+    gpu = write_run(tmp_path / "gpu", [{"step": 5, "loss": 0.5, "flops_seen": 4e10}])
+    learning_curve.main(["--add-to", out + ".json", "--final", "gpu", gpu, evals[0],
+                         "--series", "curve", unit, "--out", out + "2"])
+    merged = json.loads((tmp_path / "lc2.json").read_text())
+    assert merged["unit_flops"] == 2e9
+    assert [(s["name"], len(s["points"])) for s in merged["series"]] == [
+        ("unit run", 1), ("curve", 0), ("gpu", 1)]
+    assert "| gpu | 5 | 20.00 | 1 | 0.200 | 0.400 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        learning_curve.main(["--final", "gpu", gpu, evals[0], "--out", out + "3"])
 
 
 def test_eval_on_a_step_without_flops_is_refused(tmp_path):
