@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BENCH)/data_prefetch.py
 	$(BENCH)/zero_memory.py
 	$(BENCH)/resume_cost.py
+	$(BENCH)/checkpoint_hash.py
 	$(BENCH)/extract_throughput.py
 	$(BENCH)/summary.py
 

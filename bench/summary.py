@@ -16,7 +16,7 @@ from common import REPO, RESULTS, machine
 BENCH_MARKERS = ("<!-- bench:begin (bench/summary.py writes this part) -->", "<!-- bench:end -->")
 
 ORDER = ["decode_speed", "train_throughput", "data_path", "data_prefetch", "extract_throughput",
-         "zero_memory", "resume_cost", "gpu_throughput", "gpu_check"]
+         "zero_memory", "resume_cost", "checkpoint_hash", "gpu_throughput", "gpu_check"]
 
 
 def extraction_goals(d: dict) -> list[dict]:
