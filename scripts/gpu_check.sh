@@ -27,28 +27,12 @@
 # The results are copied into OUT/results/ as well. Exit status: 0 if every stage passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-REPO=$PWD
 
 REHEARSAL=0
 if [[ ${1:-} == --cpu-rehearsal ]]; then REHEARSAL=1; shift; fi
-OUT=${1:-${OUT:-gpu_check/$(date -u +%Y%m%d-%H%M%S)}}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-WORK=${GPU_CHECK_WORK:-$(mktemp -d -t bdt-gpu-check-XXXXXX)}
-mkdir -p "$WORK"
-PY=${PYTHON:-python}
-if [[ -x .venv/bin/python && -z ${PYTHON:-} ]]; then PY=$REPO/.venv/bin/python; fi
-
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export RAY_USAGE_STATS_ENABLED=0
-if ((REHEARSAL)); then export DS_ACCELERATOR=cpu; fi
-START=$SECONDS
+source scripts/bounded_stages.sh  # begin_stages, stage, failed_stages
 # The limits below are for a GPU machine; a CPU rehearsal is slower and not held to 8 minutes.
-LIMIT_SCALE=${GPU_CHECK_LIMIT_SCALE:-$((REHEARSAL ? 6 : 1))}
-: > "$OUT/stages.tsv"
-
-source scripts/bounded_stages.sh  # stage, failed_stages
+begin_stages gpu_check 6 "${1:-}"
 PYF=("$PY" -X faulthandler)  # ABRT -> every thread's stack in the log
 collect() { mkdir -p "$OUT/results" && cp -f bench/results/gpu_*.json "$OUT/results/" 2>/dev/null; }
 

@@ -28,7 +28,6 @@
 # Exit status: 0 if every stage passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-REPO=$PWD
 
 REHEARSAL=0
 if [[ ${1:-} == --cpu-rehearsal ]]; then REHEARSAL=1; shift; fi
@@ -36,21 +35,8 @@ if [[ ${1:-} == --cpu-rehearsal ]]; then REHEARSAL=1; shift; fi
 TOKENIZER=$(cd "$2" && pwd) || exit 2
 [[ -f $TOKENIZER/config.json ]] || { echo "$TOKENIZER: no image tokenizer here (config.json)"; exit 2; }
 shift 2
-OUT=${1:-${OUT:-gpu_quality/$(date -u +%Y%m%d-%H%M%S)}}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-WORK=${GPU_QUALITY_WORK:-$(mktemp -d -t bdt-gpu-quality-XXXXXX)}
-mkdir -p "$WORK"
-PY=${PYTHON:-python}
-if [[ -x .venv/bin/python && -z ${PYTHON:-} ]]; then PY=$REPO/.venv/bin/python; fi
-
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if ((REHEARSAL)); then export DS_ACCELERATOR=cpu; fi
-START=$SECONDS
-LIMIT_SCALE=${GPU_QUALITY_LIMIT_SCALE:-$((REHEARSAL ? 4 : 1))}
-: > "$OUT/stages.tsv"
-source scripts/bounded_stages.sh  # stage, failed_stages
+source scripts/bounded_stages.sh  # begin_stages, stage, failed_stages
+begin_stages gpu_quality 4 "${1:-}"
 PYF=("$PY" -X faulthandler)  # ABRT -> every thread's stack in the log
 
 MIN=${GPU_QUALITY_MIN:-6}
