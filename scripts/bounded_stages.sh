@@ -1,6 +1,6 @@
 # Shell helpers for the GPU scripts (gpu_check.sh, gpu_quality.sh): stages bounded in time whose
 # logs are written into one folder as they run. Source it from the repository root. It defines
-# functions only.
+# functions and one array.
 #   begin_stages NAME REHEARSAL_SCALE [OUT]
 #                                   sets OUT (the log folder: the argument, else $OUT, else
 #                                   NAME/<date>), WORK (scratch: $<NAME>_WORK, else a temp dir),
@@ -16,6 +16,14 @@
 #                                   tee it into OUT/NAME.log, append (name, rc, seconds) to
 #                                   OUT/stages.tsv; returns COMMAND's status
 #   failed_stages                   the names of the stages that failed, space-separated
+# and REHEARSAL_MODEL: the trainer overrides of a CPU rehearsal's tiny model (hidden 64, 2 layers,
+# a 64-wide head, sdpa, fp32) over configs/cluster/gpu_*.yaml.
+
+REHEARSAL_MODEL=(threads=2 model.attn_backend=sdpa deepspeed.precision=fp32
+  model.backbone.config_overrides.hidden_size=64 model.backbone.config_overrides.num_hidden_layers=2
+  model.backbone.config_overrides.num_attention_heads=4
+  model.backbone.config_overrides.num_key_value_heads=2 model.backbone.config_overrides.head_dim=16
+  model.backbone.config_overrides.intermediate_size=128 model.head.width=64)
 
 begin_stages() {
   local name=$1 scale=$2 upper

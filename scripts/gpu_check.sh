@@ -41,13 +41,7 @@ if ((REHEARSAL)); then  # tiny sizes: the plumbing, on CPU
   BENCH=(--budget 1024 --hidden 64 --layers 2 --heads 4 --kv-heads 2 --intermediate 128
          --head-width 64 --head-depth 2 --precision fp32 --steps 2 --warmup 1 --profile-steps 1
          --name gpu_throughput_rehearsal)
-  SMALL=(threads=2 model.attn_backend=sdpa deepspeed.precision=fp32 stages.0.token_budget=1024
-         model.backbone.config_overrides.hidden_size=64
-         model.backbone.config_overrides.num_hidden_layers=2
-         model.backbone.config_overrides.num_attention_heads=4
-         model.backbone.config_overrides.num_key_value_heads=2
-         model.backbone.config_overrides.head_dim=16
-         model.backbone.config_overrides.intermediate_size=128 model.head.width=64)
+  SMALL=("${REHEARSAL_MODEL[@]}" stages.0.token_budget=1024)
   TRAIN_1B=("${SMALL[@]}" stages.0.steps=4 logging.every=2)
   SHAPES=("${SMALL[@]}" stages.1.token_budget=1024 stages.0.steps=3 stages.1.steps=3
           logging.every=1)

@@ -44,15 +44,8 @@ EVAL_EVERY=${GPU_QUALITY_EVAL_EVERY:-1000}
 if ((REHEARSAL)); then  # tiny sizes: the plumbing, on CPU
   NUM=${GPU_QUALITY_NUM:-300} MIN=${GPU_QUALITY_MIN:-0.75} EVAL_EVERY=${GPU_QUALITY_EVAL_EVERY:-40}
   DEVICE=cpu
-  SMALL=(threads=2 model.attn_backend=sdpa deepspeed.precision=fp32
-         stages.0.token_budget=1024 stages.1.token_budget=1024 stages.0.steps=20
-         model.backbone.config_overrides.hidden_size=64
-         model.backbone.config_overrides.num_hidden_layers=2
-         model.backbone.config_overrides.num_attention_heads=4
-         model.backbone.config_overrides.num_key_value_heads=2
-         model.backbone.config_overrides.head_dim=16
-         model.backbone.config_overrides.intermediate_size=128 model.head.width=64
-         logging.every=20 eval.per_category=1 eval.steps=2)
+  SMALL=("${REHEARSAL_MODEL[@]}" stages.0.token_budget=1024 stages.1.token_budget=1024
+         stages.0.steps=20 logging.every=20 eval.per_category=1 eval.steps=2)
   SAMPLING=(--steps 2 --device cpu)
   EVAL_ARGS=(--per-category 1)
 else
