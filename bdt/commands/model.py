@@ -1,6 +1,9 @@
 """`bdt model init-tiny`: the embedded default's small "pretrained" LLM (system §4), made from a
 config and a SentencePiece tokenizer trained on the dataset's captions
-(`bdt.model.backbone.make_tiny_llm`). Training then loads it like any downloaded LLM."""
+(`bdt.model.backbone.make_tiny_llm`). Training then loads it like any downloaded LLM.
+
+`bdt model import-bitdance`: a released BitDance model folder as a bdt export
+(`bdt.generation.bitdance_release`), for `bdt sample`, `bdt eval` and fine-tuning (`init_from`)."""
 
 from __future__ import annotations
 
@@ -30,6 +33,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-captions", type=int, default=20000, help="captions read at most")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_init_tiny)
+    p = sub.add_parser(
+        "import-bitdance", help="convert a released BitDance model folder into a bdt export",
+        description="Read a released BitDance text-to-image folder (Hugging Face LLM files + "
+                    "ae_config.json, ae.safetensors, vision_head_config.json, "
+                    "vision_head.safetensors, projector.safetensors), check every weight against "
+                    "the configs, and write the export layout bdt/train.py writes: `bdt sample "
+                    "--model OUT` samples it, and a training run fine-tunes it with init_from=OUT. "
+                    "The LLM's files are hard-linked where possible, else copied.")
+    p.add_argument("--src", required=True, help="the released folder (local or fsspec URL)")
+    p.add_argument("--out", required=True, help="output export directory (must not exist)")
+    p.set_defaults(func=_import_bitdance)
 
 
 def read_captions(root: str, limit: int) -> list[str]:
@@ -64,4 +78,13 @@ def _init_tiny(args: argparse.Namespace) -> int:
                   seed=args.seed)
     print(f"wrote a {args.arch} LLM ({args.layers} layers, hidden {args.hidden}) and a "
           f"{args.vocab_size}-piece caption tokenizer from {len(captions)} captions to {args.out}")
+    return 0
+
+
+def _import_bitdance(args: argparse.Namespace) -> int:
+    from bdt.generation.bitdance_release import import_release
+
+    cfg = import_release(args.src, args.out)
+    print(f"wrote {args.out}: P = {cfg.parallel_num}, head {cfg.head.width} wide x "
+          f"{cfg.head.depth} blocks, {cfg.head.bits}-bit tokens, LLM in {cfg.backbone.dtype}")
     return 0

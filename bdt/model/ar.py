@@ -16,6 +16,7 @@ Parameter names: `llm.*` (the HF model's own keys), `connector.*`, `head.*`; see
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -112,25 +113,36 @@ class BitDanceModel(nn.Module):
     def from_pretrained(cls, model_dir: str, **overrides) -> BitDanceModel:
         """Inverse of `save_pretrained`; `overrides` replace top-level ModelConfig fields
         (e.g. attn_backend="flex")."""
-        from omegaconf import OmegaConf
         from safetensors.torch import load_file
 
-        cfg_path = os.path.join(model_dir, CONFIG_NAME)
-        if not os.path.isfile(cfg_path):
-            raise OSError(f"{model_dir!r} is not a saved BitDanceModel: no {CONFIG_NAME}")
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                                  OmegaConf.load(cfg_path)))
-        cfg = replace(cfg, **overrides)
+        cfg = replace(read_model_config(model_dir), **overrides)
         cfg.backbone = replace(cfg.backbone, path=os.path.join(model_dir, LLM_DIR),
                                from_scratch=False)
         model = cls.from_config(cfg)
-        extra = load_file(os.path.join(model_dir, WEIGHTS_NAME))
-        missing, unexpected = model.load_state_dict(extra, strict=False)
-        missing = [k for k in missing if not k.startswith("llm.")]
-        if missing or unexpected:
-            raise ValueError(f"{model_dir}/{WEIGHTS_NAME}: missing keys {missing}, "
-                             f"unexpected keys {unexpected}")
+        model.load_extra(load_file(os.path.join(model_dir, WEIGHTS_NAME)),
+                         os.path.join(model_dir, WEIGHTS_NAME))
         return model
+
+    def load_extra(self, state: Mapping[str, Tensor], source: str) -> None:
+        """Load the connector + head weights (our names; the LLM's come with the backbone), all
+        of them: ValueError naming `source`'s missing, unexpected and mis-shaped keys. Checks
+        shapes only on a model built on the meta device (nothing to load into)."""
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()
+                    if not k.startswith("llm.")}
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        shapes = [f"{k}: expected {list(expected[k])}, got {list(state[k].shape)}"
+                  for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+        if missing or unexpected or shapes:
+            found = [f"{what} {items[:6]}{' ...' if len(items) > 6 else ''}" for what, items in
+                     (("missing keys", missing), ("unexpected keys", unexpected),
+                      ("shape mismatches", shapes)) if items]
+            raise ValueError(f"{source} does not fit this model (head width "
+                             f"{self.cfg.head.width}, depth {self.cfg.head.depth}, P = "
+                             f"{self.cfg.parallel_num}, {self.cfg.head.bits} bits): "
+                             + "; ".join(found))
+        if not any(p.is_meta for p in self.parameters()):
+            self.load_state_dict(state, strict=False)
 
     # --- building blocks shared by training and sampling --------------------------------------
 
@@ -253,6 +265,19 @@ class BitDanceModel(nn.Module):
         out = self.decoder(inputs_embeds=self.embed_text(input_ids_BL.to(self.llm.device)),
                            use_cache=False, **self.mask_kwargs(layout))
         return self.llm.get_output_embeddings()(out.last_hidden_state)
+
+
+def read_model_config(model_dir: str) -> ModelConfig:
+    """The ModelConfig a saved BitDanceModel (local or fsspec URL) was written with."""
+    from omegaconf import OmegaConf
+
+    from bdt import storage
+
+    url = storage.join(model_dir, CONFIG_NAME)
+    if not storage.exists(url):
+        raise OSError(f"{model_dir!r} is not a saved BitDanceModel: no {CONFIG_NAME}")
+    saved = OmegaConf.create(storage.read_bytes(url).decode())
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved))
 
 
 def _layer_costs(config) -> tuple[float, float]:

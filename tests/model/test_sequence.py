@@ -69,7 +69,7 @@ def test_bad_patch_and_grid_errors():
         patch_raster_perm(6, 8, 4)
 
 
-# --- the mllm_tiny fixture's packed batch (tests/model/mllm_tiny.py reads it) -----------------
+# --- the mllm_tiny fixture's packed batch (tests/mllm_tiny.py reads it) -----------------
 
 def _packer_with_p(P: int, prompt: PromptIds = PromptIds((1,), (2,), (3,)), max_len: int = 4096
                    ) -> SequencePacker:

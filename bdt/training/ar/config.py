@@ -130,6 +130,12 @@ class TrainConfig:
     # at the measured step rate, instead of the limit cutting it mid-decay (time_fit.py). Never
     # lengthens a stage; the decision is kept in checkpoints. 0 = off.
     time_limit_fit: float = 0.0
+    # A model export whose weights start the run (fine-tuning): an earlier run's export/ or what
+    # `bdt model import-bitdance` wrote from a released BitDance model. Its llm/ is the backbone
+    # (leave model.backbone.path empty), its connector and head are loaded (model.head and
+    # model.parallel_num must give their shapes), and data.tokenizer defaults to its
+    # image_tokenizer/. Optimizer state starts fresh; a resume loads its checkpoint as always.
+    init_from: str = ""
     fault: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -163,6 +169,9 @@ def _check_stage_p(cfg: TrainConfig, i: int) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Raise ValueError naming the first bad key (shards are checked when the job starts)."""
     cfg.model.validate()
+    if not cfg.model.backbone.path:
+        raise ValueError("model.backbone.path: name the LLM (a Hugging Face directory or hub id), "
+                         "or start from a model export with init_from")
     if not cfg.stages:
         raise ValueError("stages: the config lists no training stage")
     names = [s.name for s in cfg.stages]

@@ -86,6 +86,7 @@ def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
     `in_loop(cfg, dist)`: this rank's previews and evaluations (bdt/train.py builds them)."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
+    setup.resolve_init_from(cfg)
     validate(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import types
 
@@ -15,13 +16,46 @@ from bdt.data.shard_source import ShardList, list_shards, tokenizer_sha
 from bdt.data.tars import iter_shard
 from bdt.data.token_shards import TokenSample, decode_sample
 from bdt.data.token_stream import TokenStream
-from bdt.model.ar import BitDanceModel
+from bdt.model.ar import LLM_DIR, WEIGHTS_NAME, BitDanceModel, read_model_config
 from bdt.model.sequence import SequencePacker, patch_side
 from bdt.training.distributed import DistInfo, barrier
 from bdt.training.ar.stage_rows import CaptionMeasure, StageRows
 from bdt.training.ar.config import TrainConfig, stage_p
+from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR
 
 SIGNATURE_NAME = "model_shapes.json"
+log = logging.getLogger(__name__)
+
+
+def resolve_init_from(cfg: TrainConfig) -> None:
+    """`init_from` (an export) supplies the backbone and, unless given, the image tokenizer;
+    ValueError / FileNotFoundError when the config contradicts it or it is not an export."""
+    if not cfg.init_from:
+        return
+    backbone, llm = cfg.model.backbone, storage.join(cfg.init_from, LLM_DIR)
+    if backbone.path not in ("", llm) or backbone.from_scratch:  # (a resolved config has llm)
+        raise ValueError(f"init_from={cfg.init_from} gives the backbone (its {LLM_DIR}/): leave "
+                         f"model.backbone.path empty (it is {backbone.path!r}) and "
+                         f"model.backbone.from_scratch false")
+    missing = [n for n in (WEIGHTS_NAME, f"{LLM_DIR}/config.json")
+               if not storage.exists(storage.join(cfg.init_from, n))]
+    if missing:
+        released = storage.exists(storage.join(cfg.init_from, "vision_head_config.json"))
+        raise FileNotFoundError(
+            f"init_from={cfg.init_from} is not a bdt model export (no {', '.join(missing)}): "
+            + ("it is a released BitDance folder; convert it once with `bdt model "
+               "import-bitdance --src ... --out DIR` and set init_from=DIR" if released else
+               "give a run's export/ or the output of `bdt model import-bitdance`"))
+    backbone.path = llm
+    if not cfg.data.tokenizer:
+        cfg.data.tokenizer = storage.join(cfg.init_from, EXPORT_IMAGE_TOKENIZER_DIR)
+    # The architecture is the export's: its weights have no other shape.
+    saved = read_model_config(cfg.init_from)
+    for key in ("head", "parallel_num", "pos_max_len"):
+        if getattr(cfg.model, key) != getattr(saved, key):
+            log.info("init_from: model.%s is the export's, %s (the config said %s)", key,
+                     getattr(saved, key), getattr(cfg.model, key))
+            setattr(cfg.model, key, getattr(saved, key))
 
 
 def check_data(cfg: TrainConfig) -> list[ShardList]:
@@ -120,12 +154,12 @@ def build_model(cfg: TrainConfig, ds_config: dict) -> tuple[BitDanceModel, objec
     the head inside zero.Init would need its DiT init re-run under a gather: not done).
     """
     if cfg.deepspeed.zero_stage != 3:
-        return BitDanceModel.from_config(cfg.model), None
+        return _initialised(BitDanceModel.from_config(cfg.model), cfg.init_from), None
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds = HfDeepSpeedConfig(ds_config)
-    model = BitDanceModel.from_config(cfg.model)
+    model = _initialised(BitDanceModel.from_config(cfg.model), cfg.init_from)
     if cfg.deepspeed.precision == "bf16":
         # The engine casts nothing of a model partitioned at init (zero.Init already gave the
         # LLM the configured dtype): our own modules must arrive in it. pos_embed holds only
@@ -134,6 +168,17 @@ def build_model(cfg: TrainConfig, ds_config: dict) -> tuple[BitDanceModel, objec
             module.to(torch.bfloat16)
     deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)  # skips partitioned params
     return model, hf_ds
+
+
+def _initialised(model: BitDanceModel, init_from: str) -> BitDanceModel:
+    """The connector and head weights of the export `init_from` loaded (the LLM's came from its
+    llm/ as the backbone); the model as built when there is none."""
+    if init_from:
+        from safetensors.torch import load as load_safetensors
+
+        url = storage.join(init_from, WEIGHTS_NAME)
+        model.load_extra(load_safetensors(storage.read_bytes(url)), url)
+    return model
 
 
 def local_numel(module: torch.nn.Module) -> int:

@@ -1,0 +1,168 @@
+"""A released BitDance text-to-image model folder -> a bdt export (`bdt model import-bitdance`).
+
+The release is one Hugging Face causal-LM directory (config.json, the LLM's weights, and the text
+tokenizer with BitDance's tokens already added) that also holds BitDance's own components:
+
+    ae_config.json + ae.safetensors                    the binary image tokenizer (VQModel kwargs)
+    vision_head_config.json + vision_head.safetensors  the diffusion head (DiffHead kwargs; net.*)
+    projector.safetensors                              the bits connector (fc1, fc2)
+
+The export has the layout the trainer writes at the end of a run (bdt/training/run_dir.py):
+`llm/` (the LLM's files, hard-linked where the file system allows, else copied), the connector and
+head under our names, the model config, and `image_tokenizer/`. `bdt sample`, `bdt eval` and a
+fine-tuning run (`init_from=`) then take it like any model bdt trained. Every weight is checked
+against the configs (keys and shapes) before anything is written, and the export appears whole
+or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+
+from bdt import storage
+from bdt.config import to_yaml
+from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel
+from bdt.model.config import ModelConfig
+from bdt.model.head import head_config_from_bitdance
+from bdt.model.keymap import BD_CONNECTOR, BD_HEAD, state_dict_from_bitdance
+from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR
+
+AE_CONFIG, AE_WEIGHTS = "ae_config.json", "ae.safetensors"
+HEAD_CONFIG, HEAD_WEIGHTS = "vision_head_config.json", "vision_head.safetensors"
+PROJECTOR_WEIGHTS = "projector.safetensors"
+RELEASE_FILES = (AE_CONFIG, AE_WEIGHTS, HEAD_CONFIG, HEAD_WEIGHTS, PROJECTOR_WEIGHTS)
+# The release's 2D position table covers 4096 px per side (t2i_pipeline: 4096 // downsample rows).
+MAX_SIDE_PX = 4096
+BD_HEAD_COMPONENT = BD_HEAD.removesuffix("net.")  # vision_head.safetensors keys are net.*
+
+
+def is_release(path: str) -> bool:
+    """Does `path` look like a released BitDance model folder (its head config is there)?"""
+    return storage.exists(storage.join(path, HEAD_CONFIG))
+
+
+def _read_json(url: str) -> dict:
+    try:
+        data = json.loads(storage.read_bytes(url))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{url}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{url}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_weights(url: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_safetensors(storage.read_bytes(url))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types for bad headers
+        raise ValueError(f"{url}: not a readable safetensors file ({e})") from None
+
+
+def release_model_config(src: str, downsample: int) -> ModelConfig:
+    """Our model config for the release in `src` whose image tokenizer downsamples `downsample`x."""
+    url = storage.join(src, HEAD_CONFIG)
+    head_kwargs = _read_json(url)
+    llm_config = _read_json(storage.join(src, "config.json"))
+    try:
+        head = head_config_from_bitdance(head_kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{url}: {e}") from None
+    hidden = llm_config.get("hidden_size")
+    if head.cond_dim != hidden:
+        raise ValueError(f"{url}: ch_cond {head.cond_dim} differs from the LLM's hidden_size "
+                         f"{hidden} (config.json)")
+    # The exported model loads the LLM in the dtype the release stores it in (bf16 for 14B).
+    dtype = str(llm_config.get("torch_dtype") or llm_config.get("dtype") or "float32")
+    cfg = ModelConfig(head=head, parallel_num=head.tokens, pos_max_len=MAX_SIDE_PX // downsample)
+    cfg.backbone.path = LLM_DIR
+    cfg.backbone.dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+    cfg.validate()
+    return cfg
+
+
+def release_extra_weights(src: str, head_mlp: str) -> dict[str, torch.Tensor]:
+    """The release's connector and head weights under our names (bdt.model.keymap: the files'
+    keys are MLLModel's without the component prefix)."""
+    bitdance = {}
+    for name, prefix in ((PROJECTOR_WEIGHTS, BD_CONNECTOR), (HEAD_WEIGHTS, BD_HEAD_COMPONENT)):
+        bitdance.update({prefix + k: v for k, v in _read_weights(storage.join(src, name)).items()})
+    try:
+        return state_dict_from_bitdance(bitdance, head_mlp)
+    except ValueError as e:
+        raise ValueError(f"{src} ({PROJECTOR_WEIGHTS}, {HEAD_WEIGHTS}): {e}") from None
+
+
+def _llm_files(src: str) -> list[str]:
+    """The LLM's own top-level files of the release (everything but BitDance's components)."""
+    fs, root = storage.filesystem(src)
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isfile(p)]
+    return sorted(n for n in names if n not in RELEASE_FILES and not n.startswith("."))
+
+
+def _place(src_url: str, dst: str) -> None:
+    """Hard-link a local file (a 14B LLM is ~30 GB), else copy it."""
+    if not storage.is_remote(src_url):
+        try:
+            os.link(src_url, dst)
+            return
+        except OSError:
+            pass
+    fs, path = storage.filesystem(src_url)
+    fs.get_file(path, dst)
+
+
+def import_release(src: str, out: str) -> ModelConfig:
+    """Write the bdt export of the release in `src` (local dir or fsspec URL) to `out` (local,
+    must not exist yet); returns the model config it holds."""
+    from bdt.tokenizer.io import load_tokenizer, save_tokenizer
+
+    if not storage.exists(src):
+        raise FileNotFoundError(f"BitDance release folder not found: {src}")
+    missing = [n for n in (*RELEASE_FILES, "config.json")
+               if not storage.exists(storage.join(src, n))]
+    if missing:
+        raise FileNotFoundError(f"{src} is not a released BitDance model folder: missing "
+                                f"{', '.join(missing)}")
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} exists: give a new output directory")
+    # Everything is read and checked before anything is written.
+    decoder = load_tokenizer(storage.join(src, AE_WEIGHTS))  # config: ae_config.json beside it
+    cfg = release_model_config(src, decoder.downsample_factor)
+    extra = release_extra_weights(src, cfg.head.mlp)
+    _meta_model(src, cfg).load_extra(extra, f"{src} ({PROJECTOR_WEIGHTS}, {HEAD_WEIGHTS})")
+    if decoder.config.z_channels != cfg.head.bits:
+        raise ValueError(f"{src}: the image tokenizer makes {decoder.config.z_channels}-bit "
+                         f"tokens, the head ({HEAD_CONFIG}) predicts {cfg.head.bits}")
+
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, LLM_DIR))
+    for name in _llm_files(src):
+        _place(storage.join(src, name), os.path.join(tmp, LLM_DIR, name))
+    save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, WEIGHTS_NAME))
+    with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+        f.write(to_yaml(cfg))
+    save_tokenizer(decoder, os.path.join(tmp, EXPORT_IMAGE_TOKENIZER_DIR))
+    os.replace(tmp, out)  # a reader never sees half an export
+    return cfg
+
+
+def _meta_model(src: str, cfg: ModelConfig) -> BitDanceModel:
+    """The model the release describes, on the meta device (shapes only, no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    url = storage.join(src, "config.json")
+    llm_config = _read_json(url)
+    try:
+        hf_config = AutoConfig.for_model(llm_config.pop("model_type", ""), **llm_config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{url}: not a Hugging Face causal-LM config ({e})") from None
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(hf_config)
+    return BitDanceModel(cfg, llm)

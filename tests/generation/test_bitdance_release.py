@@ -1,0 +1,127 @@
+"""A released BitDance model folder -> a bdt export (`bdt model import-bitdance`): built here from
+the mllm_tiny fixture's released weights in the release's file layout; the imported model must
+reproduce the fixture's losses, sample through `bdt sample`, and bad folders fail with one clear
+error that names the file, leaving nothing behind."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from bdt.cli import main
+from bdt.generation.bitdance_release import HEAD_CONFIG, HEAD_WEIGHTS, PROJECTOR_WEIGHTS, import_release
+from bdt.generation.trained import load_trained
+from bdt.model.keymap import split_bitdance_state_dict
+
+import mllm_tiny
+from mllm_tiny import QWEN3, RELEASED, TENSORS, write_release
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bitdance_release")
+    write_release(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(release, tmp_path_factory):
+    out = tmp_path_factory.mktemp("imported") / "export"
+    import_release(str(release), str(out))
+    return out
+
+
+def test_imported_model_reproduces_the_release(exported):
+    trained = load_trained(str(exported))
+    model, cfg = trained.model, mllm_tiny.model_config()
+    assert (model.cfg.head, model.cfg.parallel_num) == (cfg.head, cfg.parallel_num)
+    ours, vq = split_bitdance_state_dict(RELEASED, cfg.head.mlp)
+    state = model.state_dict()
+    for key, value in ours.items():
+        torch.testing.assert_close(state[key], value, atol=0, rtol=0, msg=key)
+    decoder_state = trained.decoder.state_dict()
+    assert decoder_state.keys() == vq.keys()
+    for key, value in vq.items():
+        torch.testing.assert_close(decoder_state[key], value, atol=0, rtol=0, msg=key)
+    # The fixture's forward pass, through the imported model: its losses.
+    model.train()
+    with torch.no_grad():
+        out = model(mllm_tiny.packer().pack(mllm_tiny.samples()),
+                    generator=torch.Generator().manual_seed(mllm_tiny.FORWARD_SEED))
+    torch.testing.assert_close(out["vision"], TENSORS["out.ce_loss_vision"].mean(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(out["text_ce"], TENSORS["out.ce_loss_text"].mean(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.slow
+def test_import_and_sample_from_the_command_line(release, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["model", "import-bitdance", "--src", str(release), "--out", str(out)]) == 0
+    assert "P = 4" in capsys.readouterr().out
+    # The LLM's files came along; BitDance's components became bdt's.
+    assert (out / "llm" / "tokenizer.json").is_file() and not (out / "llm" / HEAD_WEIGHTS).exists()
+    assert main(["sample", "--model", str(out), "--prompt", "w1 w2", "--size", "16", "--steps",
+                 "2", "--out", str(tmp_path / "samples")]) == 0
+    assert Image.open(tmp_path / "samples" / "0000.png").size == (16, 16)
+    # An existing output is never overwritten; a release is not mistaken for an export.
+    assert main(["model", "import-bitdance", "--src", str(release), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["sample", "--model", str(release), "--prompt", "w1", "--out",
+                 str(tmp_path / "s2")]) == 2
+    assert "import-bitdance" in capsys.readouterr().err
+
+
+def _broken_copy(release, tmp_path, name: str, content) -> str:
+    import shutil
+
+    bad = tmp_path / "bad_release"
+    shutil.copytree(release, bad)
+    if content is None:
+        (bad / name).unlink()
+    elif isinstance(content, dict) and name.endswith(".safetensors"):
+        save_file(content, bad / name)
+    else:
+        (bad / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    return str(bad)
+
+
+def _head_config(release, **changes) -> dict:
+    return {**json.loads((release / HEAD_CONFIG).read_text()), **changes}
+
+
+@pytest.mark.parametrize("name, content, error, named", [
+    (PROJECTOR_WEIGHTS, None, FileNotFoundError, PROJECTOR_WEIGHTS),
+    (HEAD_WEIGHTS, "not safetensors", ValueError, HEAD_WEIGHTS),
+    (HEAD_CONFIG, "{not json", ValueError, HEAD_CONFIG),
+    (HEAD_CONFIG, "wide", ValueError, "shape mismatches"),  # ch_latent 256: head shapes differ
+    (HEAD_CONFIG, "cond", ValueError, "ch_cond"),
+    (HEAD_CONFIG, "unknown", ValueError, "colour"),
+    (PROJECTOR_WEIGHTS, "extra key", ValueError, "connector.fc3.weight"),
+])
+def test_a_bad_release_fails_naming_the_problem_and_writes_nothing(release, tmp_path, name, content,
+                                                                    error, named):
+    if content == "wide":
+        content = _head_config(release, ch_latent=256)
+    elif content == "cond":
+        content = _head_config(release, ch_cond=QWEN3["hidden_size"] * 2)
+    elif content == "unknown":
+        content = _head_config(release, colour="red")
+    elif content == "extra key":
+        content = {**load_file(release / PROJECTOR_WEIGHTS), "fc3.weight": torch.zeros(2, 2)}
+    src, out = _broken_copy(release, tmp_path, name, content), tmp_path / "export"
+    with pytest.raises(error, match=named.replace(".", r"\.")):
+        import_release(src, str(out))
+    assert not out.exists() and not (tmp_path / "export.tmp").exists()
+
+
+@pytest.mark.slow
+def test_import_from_s3_gives_the_same_export(release, exported, s3_bucket, tmp_path):
+    from bdt import storage
+
+    fs, root = storage.filesystem(s3_bucket)
+    fs.put(str(release) + "/", f"{root}/release/", recursive=True)
+    out = tmp_path / "from_s3"
+    import_release(f"{s3_bucket}/release", str(out))
+    for name in ("bitdance_extra.safetensors", "model_config.yaml", "llm/model.safetensors",
+                 "llm/tokenizer.json", "image_tokenizer/model.safetensors"):
+        assert (out / name).read_bytes() == (exported / name).read_bytes(), name

@@ -1,0 +1,86 @@
+"""Fine-tuning from an export (`init_from`): the run starts from the export's weights and takes its
+architecture, and a config that contradicts it, or a path that is no export, fails at start."""
+
+import os
+
+import pytest
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from bdt.config import load
+from bdt.generation.bitdance_release import import_release
+from bdt.training.ar import setup
+from bdt.training.ar.config import TrainConfig, validate
+
+from mllm_tiny import write_release
+from trainutil import spawn_train, write_shards
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "train", "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """The mllm_tiny fixture's release (16-bit tokens, P = 4, head 128 wide) as a bdt export."""
+    root = tmp_path_factory.mktemp("init_from")
+    release = write_release(root / "release")
+    import_release(str(release), str(root / "export"))
+    return root
+
+
+def _config(*overrides: str) -> TrainConfig:
+    cfg = load(TrainConfig, [TINY], ["data.root=unused", *overrides])
+    return OmegaConf.to_object(cfg)
+
+
+def test_init_from_supplies_backbone_tokenizer_and_architecture(imported):
+    export = str(imported / "export")
+    cfg = _config(f"init_from={export}")
+    assert cfg.model.head.width == 32  # tiny.yaml's head, before
+    setup.resolve_init_from(cfg)
+    assert cfg.model.backbone.path == os.path.join(export, "llm")
+    assert cfg.data.tokenizer == os.path.join(export, "image_tokenizer")
+    assert (cfg.model.head.width, cfg.model.head.bits, cfg.model.parallel_num) == (128, 16, 4)
+    # A tokenizer given explicitly is kept.
+    cfg = _config(f"init_from={export}", "data.tokenizer=/elsewhere/tokenizer")
+    setup.resolve_init_from(cfg)
+    assert cfg.data.tokenizer == "/elsewhere/tokenizer"
+
+
+@pytest.mark.parametrize("where, overrides, error, says", [
+    ("export", ["model.backbone.path=/models/other"], ValueError, "leave model.backbone.path empty"),
+    ("release", [], FileNotFoundError, "import-bitdance"),
+    ("nowhere", [], FileNotFoundError, "not a bdt model export"),
+])
+def test_init_from_refuses_what_is_not_an_export_or_contradicts_it(imported, where, overrides,
+                                                                   error, says):
+    cfg = _config(f"init_from={imported / where}", *overrides)
+    with pytest.raises(error, match=says):
+        setup.resolve_init_from(cfg)
+
+
+def test_a_run_needs_a_backbone_or_an_export():
+    with pytest.raises(ValueError, match="model.backbone.path: name the LLM .* or start from a "
+                                         "model export with init_from"):
+        validate(_config())
+
+
+@pytest.mark.slow
+def test_a_run_starts_from_the_exported_weights(imported, tmp_path):
+    """At lr 0 the run changes nothing, so its export must equal the one it started from: the
+    LLM, and the connector and head (a fresh head would not: its adaLN starts at zero)."""
+    export = imported / "export"
+    shards = tmp_path / "shards"
+    write_shards(str(shards), [(2, 2), (4, 2)], num_shards=2, per_shard=8, bits=16, factor=4,
+                 captions=["w1 w2", "w3", "w4 w5 w6"])
+    run_dir = tmp_path / "run"
+    argv = ["--config", TINY, f"run_dir={run_dir}", f"init_from={export}",
+            f"data.root={shards}", "deepspeed.grad_accum=1", "checkpoint.every=0",
+            "stages=[{name: ft, shards: '" + str(shards) + "', steps: 2, token_budget: 160, "
+            "lr: 0.0, warmup_steps: 0, schedule: constant}]"]
+    assert spawn_train(argv) == 0
+    for name in ("bitdance_extra.safetensors", "llm/model.safetensors"):
+        before, after = load_file(export / name), load_file(run_dir / "export" / name)
+        assert before.keys() == after.keys()
+        assert all(before[k].equal(after[k]) for k in before), name
+    resolved = OmegaConf.load(run_dir / "config.yaml")
+    assert resolved.model.head.width == 128 and resolved.init_from == str(export)
