@@ -8,7 +8,10 @@
 #                                   ($<NAME>_LIMIT_SCALE, else REHEARSAL_SCALE when REHEARSAL=1:
 #                                   a CPU rehearsal is slower than the GPU the limits are for),
 #                                   and the environment (repo on PYTHONPATH, no hub, CPU
-#                                   DeepSpeed in a rehearsal)
+#                                   DeepSpeed in a rehearsal); on a machine without bdt's
+#                                   packages, the wheels in $BDT_WHEELS (else ./wheels, if there:
+#                                   scripts/offline_wheels.py download) are installed into
+#                                   WORK/site, next on PYTHONPATH (log: OUT/wheels.log)
 #   stage NAME LIMIT_S COMMAND...   run COMMAND under `timeout -k 10 -s ABRT` (the trainer
 #                                   checkpoints on SIGTERM at the next step boundary, so a stuck
 #                                   step outlives a plain TERM; ABRT makes `python -X
@@ -37,6 +40,12 @@ begin_stages() {
   PY=${PYTHON:-python}
   if [[ -x .venv/bin/python && -z ${PYTHON:-} ]]; then PY=$PWD/.venv/bin/python; fi
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  local wheels=${BDT_WHEELS:-wheels}
+  if compgen -G "$wheels/*.whl" > /dev/null; then
+    "$PY" scripts/offline_wheels.py install "$wheels" "$WORK/site" > "$OUT/wheels.log" 2>&1 \
+      || { cat "$OUT/wheels.log"; return 1; }
+    PYTHONPATH=$PWD:$WORK/site${PYTHONPATH#"$PWD"}
+  fi
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
   if ((REHEARSAL)); then export DS_ACCELERATOR=cpu; fi
   START=$SECONDS

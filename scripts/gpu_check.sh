@@ -32,7 +32,7 @@ REHEARSAL=0
 if [[ ${1:-} == --cpu-rehearsal ]]; then REHEARSAL=1; shift; fi
 source scripts/bounded_stages.sh  # begin_stages, stage, failed_stages
 # The limits below are for a GPU machine; a CPU rehearsal is slower and not held to 8 minutes.
-begin_stages gpu_check 6 "${1:-}"
+begin_stages gpu_check 6 "${1:-}" || exit 1
 PYF=("$PY" -X faulthandler)  # ABRT -> every thread's stack in the log
 collect() { mkdir -p "$OUT/results" && cp -f bench/results/gpu_*.json "$OUT/results/" 2>/dev/null; }
 

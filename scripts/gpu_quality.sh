@@ -36,7 +36,7 @@ TOKENIZER=$(cd "$2" && pwd) || exit 2
 [[ -f $TOKENIZER/config.json ]] || { echo "$TOKENIZER: no image tokenizer here (config.json)"; exit 2; }
 shift 2
 source scripts/bounded_stages.sh  # begin_stages, stage, failed_stages
-begin_stages gpu_quality 4 "${1:-}"
+begin_stages gpu_quality 4 "${1:-}" || exit 1
 PYF=("$PY" -X faulthandler)  # ABRT -> every thread's stack in the log
 
 MIN=${GPU_QUALITY_MIN:-6}

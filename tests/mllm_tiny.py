@@ -120,10 +120,11 @@ def _text_tokenizer(out) -> None:
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": specials})
     num_res = ids["query_1"] - ids["res_1"]
-    tok.add_special_tokens({"additional_special_tokens": [f"<|res_{k}|>" for k in range(1, num_res + 1)]
-                            + [f"<|query_{j}|>" for j in range(1, P)]},
-                           replace_extra_special_tokens=False)
-    assert len(tok) == QWEN3["vocab_size"] and tok.convert_tokens_to_ids("<|res_1|>") == ids["res_1"]
+    added = [f"<|res_{k}|>" for k in range(1, num_res + 1)]
+    added += [f"<|query_{j}|>" for j in range(1, P)]
+    tok.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
+    assert len(tok) == QWEN3["vocab_size"]
+    assert tok.convert_tokens_to_ids("<|res_1|>") == ids["res_1"]
     tok.save_pretrained(out)
 
 

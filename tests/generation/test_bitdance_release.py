@@ -11,7 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from bdt.cli import main
-from bdt.generation.bitdance_release import HEAD_CONFIG, HEAD_WEIGHTS, PROJECTOR_WEIGHTS, import_release
+from bdt.generation.bitdance_release import (HEAD_CONFIG, HEAD_WEIGHTS, PROJECTOR_WEIGHTS,
+                                             import_release)
 from bdt.generation.trained import load_trained
 from bdt.model.keymap import split_bitdance_state_dict
 
@@ -49,8 +50,8 @@ def test_imported_model_reproduces_the_release(exported):
     with torch.no_grad():
         out = model(mllm_tiny.packer().pack(mllm_tiny.samples()),
                     generator=torch.Generator().manual_seed(mllm_tiny.FORWARD_SEED))
-    torch.testing.assert_close(out["vision"], TENSORS["out.ce_loss_vision"].mean(), rtol=1e-4, atol=0)
-    torch.testing.assert_close(out["text_ce"], TENSORS["out.ce_loss_text"].mean(), rtol=1e-4, atol=0)
+    for loss, reference in (("vision", "out.ce_loss_vision"), ("text_ce", "out.ce_loss_text")):
+        torch.testing.assert_close(out[loss], TENSORS[reference].mean(), rtol=1e-4, atol=0)
 
 
 @pytest.mark.slow

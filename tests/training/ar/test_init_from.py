@@ -47,7 +47,8 @@ def test_init_from_supplies_backbone_tokenizer_and_architecture(imported):
 
 
 @pytest.mark.parametrize("where, overrides, error, says", [
-    ("export", ["model.backbone.path=/models/other"], ValueError, "leave model.backbone.path empty"),
+    ("export", ["model.backbone.path=/models/other"], ValueError,
+     "leave model.backbone.path empty"),
     ("release", [], FileNotFoundError, "import-bitdance"),
     ("nowhere", [], FileNotFoundError, "not a bdt model export"),
 ])
