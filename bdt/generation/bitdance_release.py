@@ -87,15 +87,22 @@ def release_model_config(src: str, downsample: int) -> ModelConfig:
 
 
 def release_extra_weights(src: str, head_mlp: str) -> dict[str, torch.Tensor]:
-    """The release's connector and head weights under our names (bdt.model.keymap: the files'
-    keys are MLLModel's without the component prefix)."""
-    bitdance = {}
-    for name, prefix in ((PROJECTOR_WEIGHTS, BD_CONNECTOR), (HEAD_WEIGHTS, BD_HEAD_COMPONENT)):
-        bitdance.update({prefix + k: v for k, v in _read_weights(storage.join(src, name)).items()})
+    """The release's connector and head weights under our names."""
+    return extra_from_release(_read_weights(storage.join(src, PROJECTOR_WEIGHTS)),
+                              _read_weights(storage.join(src, HEAD_WEIGHTS)), head_mlp,
+                              f"{src} ({PROJECTOR_WEIGHTS}, {HEAD_WEIGHTS})")
+
+
+def extra_from_release(projector: dict[str, torch.Tensor], head: dict[str, torch.Tensor],
+                       head_mlp: str, source: str) -> dict[str, torch.Tensor]:
+    """projector.safetensors + vision_head.safetensors tensors -> our connector.* + head.*
+    (bdt.model.keymap: the files' keys are MLLModel's without the component prefix)."""
+    bitdance = {BD_CONNECTOR + k: v for k, v in projector.items()}
+    bitdance.update({BD_HEAD_COMPONENT + k: v for k, v in head.items()})
     try:
         return state_dict_from_bitdance(bitdance, head_mlp)
     except ValueError as e:
-        raise ValueError(f"{src} ({PROJECTOR_WEIGHTS}, {HEAD_WEIGHTS}): {e}") from None
+        raise ValueError(f"{source}: {e}") from None
 
 
 def _llm_files(src: str) -> list[str]:
@@ -164,5 +171,4 @@ def _meta_model(src: str, cfg: ModelConfig) -> BitDanceModel:
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{url}: not a Hugging Face causal-LM config ({e})") from None
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(hf_config)
-    return BitDanceModel(cfg, llm)
+        return BitDanceModel(cfg, AutoModelForCausalLM.from_config(hf_config))

@@ -126,3 +126,36 @@ def test_import_from_s3_gives_the_same_export(release, exported, s3_bucket, tmp_
     for name in ("bitdance_extra.safetensors", "model_config.yaml", "llm/model.safetensors",
                  "llm/tokenizer.json", "image_tokenizer/model.safetensors"):
         assert (out / name).read_bytes() == (exported / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("variant", ["16x", "64x"])
+def test_bitdance_14b_release_geometry_imports(variant, tmp_path):
+    """The released 14B folders' configs and weight layout (mllm_keys_14b.json: the MLLModel's
+    keys and shapes, the DiffHead arguments, the Qwen3-14B config), on the meta device: the
+    derived config and every projector / head tensor fit one model."""
+    from reference import REF as REF_DIR
+
+    from bdt.generation.bitdance_release import (_meta_model, extra_from_release,
+                                                 release_model_config)
+
+    ref = json.loads((REF_DIR / "mllm_keys_14b.json").read_text())
+    P = int(variant.rstrip("x"))
+    (vocab,) = ref["resize_token_embeddings_called_with"][variant]
+    qwen3 = {**ref["qwen3_14b_config_used"], "vocab_size": vocab, "model_type": "qwen3"}
+    (tmp_path / "config.json").write_text(json.dumps(qwen3))
+    (tmp_path / HEAD_CONFIG).write_text(json.dumps(
+        {**ref["head_constructor_args_16x"], "parallel_num": P}))
+    cfg = release_model_config(str(tmp_path), downsample=16)
+    assert (cfg.parallel_num, cfg.head.width, cfg.head.depth, cfg.head.bits) == (P, 5120, 6, 32)
+    assert cfg.pos_max_len == 256 and cfg.backbone.dtype == "bfloat16"
+
+    def component(prefix):
+        return {k[len(prefix):]: torch.empty(shape, device="meta")
+                for k, shape in ref["state_dict_16x"].items() if k.startswith(prefix)}
+
+    extra = extra_from_release(component("embed_vision_mlp."), component("vision_diffusion_head."),
+                               cfg.head.mlp, "14B")
+    model = _meta_model(str(tmp_path), cfg)
+    model.load_extra(extra, "14B")  # raises on any missing, unexpected or mis-shaped key
+    assert len(extra) == len([k for k in model.state_dict() if not k.startswith("llm.")])
+    assert model.llm.get_input_embeddings().weight.shape[0] == vocab
