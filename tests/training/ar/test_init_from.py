@@ -66,9 +66,11 @@ def test_a_run_needs_a_backbone_or_an_export():
 
 
 @pytest.mark.slow
-def test_a_run_starts_from_the_exported_weights(imported, tmp_path):
+@pytest.mark.parametrize("zero", [2, 3])
+def test_a_run_starts_from_the_exported_weights(imported, tmp_path, zero):
     """At lr 0 the run changes nothing, so its export must equal the one it started from: the
-    LLM, and the connector and head (a fresh head would not: its adaLN starts at zero)."""
+    LLM, and the connector and head (a fresh head would not: its adaLN starts at zero). Under
+    ZeRO-3 they are loaded before the model is partitioned."""
     export = imported / "export"
     shards = tmp_path / "shards"
     write_shards(str(shards), [(2, 2), (4, 2)], num_shards=2, per_shard=8, bits=16, factor=4,
@@ -76,6 +78,7 @@ def test_a_run_starts_from_the_exported_weights(imported, tmp_path):
     run_dir = tmp_path / "run"
     argv = ["--config", TINY, f"run_dir={run_dir}", f"init_from={export}",
             f"data.root={shards}", "deepspeed.grad_accum=1", "checkpoint.every=0",
+            f"deepspeed.zero_stage={zero}",
             "stages=[{name: ft, shards: '" + str(shards) + "', steps: 2, token_budget: 160, "
             "lr: 0.0, warmup_steps: 0, schedule: constant}]"]
     assert spawn_train(argv) == 0
