@@ -154,12 +154,12 @@ def build_model(cfg: TrainConfig, ds_config: dict) -> tuple[BitDanceModel, objec
     the head inside zero.Init would need its DiT init re-run under a gather: not done).
     """
     if cfg.deepspeed.zero_stage != 3:
-        return _initialised(BitDanceModel.from_config(cfg.model), cfg.init_from), None
+        return _initialised(cfg), None
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds = HfDeepSpeedConfig(ds_config)
-    model = _initialised(BitDanceModel.from_config(cfg.model), cfg.init_from)
+    model = _initialised(cfg)
     if cfg.deepspeed.precision == "bf16":
         # The engine casts nothing of a model partitioned at init (zero.Init already gave the
         # LLM the configured dtype): our own modules must arrive in it. pos_embed holds only
@@ -170,14 +170,16 @@ def build_model(cfg: TrainConfig, ds_config: dict) -> tuple[BitDanceModel, objec
     return model, hf_ds
 
 
-def _initialised(model: BitDanceModel, init_from: str) -> BitDanceModel:
-    """The connector and head weights of the export `init_from` loaded (the LLM's came from its
-    llm/ as the backbone); the model as built when there is none."""
-    if init_from:
-        from safetensors.torch import load as load_safetensors
+def _initialised(cfg: TrainConfig) -> BitDanceModel:
+    """The model as configured, its connector and head from the export `init_from` when given
+    (the LLM's weights came from its llm/ as the backbone), else freshly initialised."""
+    if not cfg.init_from:
+        return BitDanceModel.from_config(cfg.model)
+    from safetensors.torch import load as load_safetensors
 
-        url = storage.join(init_from, WEIGHTS_NAME)
-        model.load_extra(load_safetensors(storage.read_bytes(url)), url)
+    model = BitDanceModel.from_config(cfg.model, extra_on_meta=True)
+    url = storage.join(cfg.init_from, WEIGHTS_NAME)
+    model.load_extra(load_safetensors(storage.read_bytes(url)), url)
     return model
 
 
