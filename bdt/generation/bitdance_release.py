@@ -67,7 +67,8 @@ def _read_weights(url: str) -> dict[str, torch.Tensor]:
 def release_model_config(src: str, downsample: int) -> ModelConfig:
     """Our model config for the release in `src` whose image tokenizer downsamples `downsample`x."""
     url = storage.join(src, HEAD_CONFIG)
-    head_kwargs = _read_json(url)
+    # Ports of the release add metadata keys ("_class_name", ...): not DiffHead arguments.
+    head_kwargs = {k: v for k, v in _read_json(url).items() if not k.startswith("_")}
     llm_config = _read_json(storage.join(src, "config.json"))
     try:
         head = head_config_from_bitdance(head_kwargs)

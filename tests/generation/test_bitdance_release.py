@@ -141,10 +141,16 @@ def test_bitdance_14b_release_geometry_imports(variant, tmp_path):
     ref = json.loads((REF_DIR / "mllm_keys_14b.json").read_text())
     P = int(variant.rstrip("x"))
     (vocab,) = ref["resize_token_embeddings_called_with"][variant]
-    qwen3 = {**ref["qwen3_14b_config_used"], "vocab_size": vocab, "model_type": "qwen3"}
+    # config.json as transformers writes it (the release's is from 4.57: "dtype", layer types).
+    qwen3 = {**ref["qwen3_14b_config_used"], "vocab_size": vocab, "model_type": "qwen3",
+             "architectures": ["Qwen3ForCausalLM"], "rope_scaling": None,
+             "layer_types": ["full_attention"] * ref["qwen3_14b_config_used"]["num_hidden_layers"],
+             "transformers_version": "4.57.3", "use_cache": True}
+    qwen3["dtype"] = qwen3.pop("torch_dtype")
     (tmp_path / "config.json").write_text(json.dumps(qwen3))
     (tmp_path / HEAD_CONFIG).write_text(json.dumps(
-        {**ref["head_constructor_args_16x"], "parallel_num": P}))
+        {**ref["head_constructor_args_16x"], "parallel_num": P, "grad_checkpointing": False,
+         "_class_name": "DiffHead"}))
     cfg = release_model_config(str(tmp_path), downsample=16)
     assert (cfg.parallel_num, cfg.head.width, cfg.head.depth, cfg.head.bits) == (P, 5120, 6, 32)
     assert cfg.pos_max_len == 256 and cfg.backbone.dtype == "bfloat16"
