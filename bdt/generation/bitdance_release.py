@@ -114,10 +114,11 @@ def _llm_files(src: str) -> list[str]:
 
 
 def _place(src_url: str, dst: str) -> None:
-    """Hard-link a local file (a 14B LLM is ~30 GB), else copy it."""
+    """Hard-link a local file (a 14B LLM is ~30 GB), else copy it. A Hugging Face cache snapshot
+    is symlinks into ../../blobs, and link(2) links a symlink itself: resolve it first."""
     if not storage.is_remote(src_url):
         try:
-            os.link(src_url, dst)
+            os.link(os.path.realpath(src_url), dst)
             return
         except OSError:
             pass

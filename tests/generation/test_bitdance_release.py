@@ -4,6 +4,7 @@ reproduce the fixture's losses, sample through `bdt sample`, and bad folders fai
 error that names the file, leaving nothing behind."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -165,3 +166,19 @@ def test_bitdance_14b_release_geometry_imports(variant, tmp_path):
     model.load_extra(extra, "14B")  # raises on any missing, unexpected or mis-shaped key
     assert len(extra) == len([k for k in model.state_dict() if not k.startswith("llm.")])
     assert model.llm.get_input_embeddings().weight.shape[0] == vocab
+
+
+def test_import_from_a_hugging_face_cache_snapshot(release, exported, tmp_path):
+    """A snapshot in the HF cache is a folder of symlinks into ../../blobs: the export must hold
+    the files themselves."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for path in release.iterdir():
+        (blobs / path.name).write_bytes(path.read_bytes())
+        (snapshot / path.name).symlink_to(os.path.join("..", "..", "blobs", path.name))
+    out = tmp_path / "export"
+    import_release(str(snapshot), str(out))
+    for name in ("llm/model.safetensors", "llm/tokenizer.json", "bitdance_extra.safetensors"):
+        assert not (out / name).is_symlink()
+        assert (out / name).read_bytes() == (exported / name).read_bytes(), name
