@@ -138,6 +138,8 @@ def import_release(src: str, out: str) -> ModelConfig:
     if missing:
         raise FileNotFoundError(f"{src} is not a released BitDance model folder: missing "
                                 f"{', '.join(missing)}")
+    if storage.is_remote(out):
+        raise ValueError(f"{out}: the export is written to a local directory (copy it up after)")
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists: give a new output directory")
     # Everything is read and checked before anything is written.
