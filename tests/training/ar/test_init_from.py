@@ -59,6 +59,22 @@ def test_init_from_refuses_what_is_not_an_export_or_contradicts_it(imported, whe
         setup.resolve_init_from(cfg)
 
 
+def test_the_readmes_fine_tuning_configs_take_an_export(imported):
+    """configs/train/ar_progressive.yaml + configs/cluster/zero_14b.yaml with init_from, as the
+    README's command gives them: the export's architecture replaces the files' 14B head."""
+    configs = os.path.join(os.path.dirname(TINY), "..")
+    export = str(imported / "export")
+    cfg = OmegaConf.to_object(load(TrainConfig, [
+        os.path.join(configs, "train", "ar_progressive.yaml"),
+        os.path.join(configs, "cluster", "zero_14b.yaml")],
+        [f"init_from={export}", f"data.tokenizer={export}/image_tokenizer", "data.root=tokens",
+         "run_dir=runs/ft"]))
+    assert cfg.model.head.width == 5120
+    setup.resolve_init_from(cfg)
+    validate(cfg)
+    assert (cfg.model.head.width, cfg.model.parallel_num) == (128, 4)
+
+
 def test_a_run_needs_a_backbone_or_an_export():
     with pytest.raises(ValueError, match="model.backbone.path: name the LLM .* or start from a "
                                          "model export with init_from"):
