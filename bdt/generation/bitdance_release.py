@@ -153,15 +153,34 @@ def import_release(src: str, out: str) -> ModelConfig:
 
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, LLM_DIR))
-    for name in _llm_files(src):
-        _place(storage.join(src, name), os.path.join(tmp, LLM_DIR, name))
-    save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, WEIGHTS_NAME))
-    with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-        f.write(to_yaml(cfg))
-    save_tokenizer(decoder, os.path.join(tmp, EXPORT_IMAGE_TOKENIZER_DIR))
+    try:
+        os.makedirs(os.path.join(tmp, LLM_DIR))
+        for name in _llm_files(src):
+            _place(storage.join(src, name), os.path.join(tmp, LLM_DIR, name))
+        _check_text_tokenizer(os.path.join(tmp, LLM_DIR), cfg, src)
+        save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, WEIGHTS_NAME))
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            f.write(to_yaml(cfg))
+        save_tokenizer(decoder, os.path.join(tmp, EXPORT_IMAGE_TOKENIZER_DIR))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.replace(tmp, out)  # a reader never sees half an export
     return cfg
+
+
+def _check_text_tokenizer(llm_dir: str, cfg: ModelConfig, src: str) -> None:
+    """The release's text tokenizer must already hold BitDance's tokens, one per embedding row:
+    tokens added here would get mean-initialised rows, and the model would read garbage."""
+    from bdt.model.text_tokenizer import bitdance_tokens, load_text_tokenizer, missing_tokens
+
+    tokenizer = load_text_tokenizer(llm_dir)
+    missing = missing_tokens(tokenizer, bitdance_tokens(cfg.parallel_num))
+    rows = _read_json(os.path.join(llm_dir, "config.json")).get("vocab_size")
+    if missing or len(tokenizer) != rows:
+        raise ValueError(f"{src}: its text tokenizer is not the model's: "
+                         + (f"it lacks {len(missing)} of BitDance's tokens ({missing[:3]} ...)"
+                            if missing else f"{len(tokenizer)} tokens for {rows} embedding rows"))
 
 
 def _meta_model(src: str, cfg: ModelConfig) -> BitDanceModel:

@@ -95,6 +95,21 @@ def prompt_ids(tokenizer: "PreTrainedTokenizerBase") -> PromptIds:
     )
 
 
+def bitdance_tokens(parallel_num: int, num_res: int = DEFAULT_NUM_RES) -> list[str]:
+    """The chat/vision tokens, <|res_1..num_res|> and <|query_1..P-1|>, in the order they are
+    added."""
+    if parallel_num < 1:
+        raise ValueError(f"parallel_num (P) must be >= 1, got {parallel_num}")
+    return ([IM_START, IM_END, VISION_START, VISION_END]
+            + [res_token(k) for k in range(1, num_res + 1)]
+            + [query_token(j) for j in range(1, parallel_num)])
+
+
+def missing_tokens(tokenizer: "PreTrainedTokenizerBase", tokens: Sequence[str]) -> list[str]:
+    vocab = tokenizer.get_vocab()
+    return [t for t in tokens if t not in vocab]
+
+
 def add_special_tokens(
     tokenizer: "PreTrainedTokenizerBase", parallel_num: int, num_res: int = DEFAULT_NUM_RES
 ) -> SpecialTokens:
@@ -103,13 +118,8 @@ def add_special_tokens(
     Idempotent: tokens already in the vocabulary (e.g. a released BitDance tokenizer) keep their ids.
     The caller resizes the LM's embeddings to ``SpecialTokens.vocab_size``.
     """
-    if parallel_num < 1:
-        raise ValueError(f"parallel_num (P) must be >= 1, got {parallel_num}")
-    wanted = [IM_START, IM_END, VISION_START, VISION_END]
-    wanted += [res_token(k) for k in range(1, num_res + 1)]
-    wanted += [query_token(j) for j in range(1, parallel_num)]
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in wanted if t not in vocab]
+    wanted = bitdance_tokens(parallel_num, num_res)
+    missing = missing_tokens(tokenizer, wanted)
     if missing:
         # Registered as special tokens so they are never split and decode can skip them.
         tokenizer.add_special_tokens({"additional_special_tokens": missing},

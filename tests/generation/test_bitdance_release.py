@@ -82,13 +82,27 @@ def _broken_copy(release, tmp_path, name: str, content) -> str:
 
     bad = tmp_path / "bad_release"
     shutil.copytree(release, bad)
-    if content is None:
+    if callable(content):
+        content(bad)
+    elif content is None:
         (bad / name).unlink()
     elif isinstance(content, dict) and name.endswith(".safetensors"):
         save_file(content, bad / name)
     else:
         (bad / name).write_text(content if isinstance(content, str) else json.dumps(content))
     return str(bad)
+
+
+def _without_query_tokens(folder) -> None:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if "query" not in t["content"]]
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                            unk_token="<|endoftext|>").save_pretrained(folder)
 
 
 def _head_config(release, **changes) -> dict:
@@ -103,6 +117,7 @@ def _head_config(release, **changes) -> dict:
     (HEAD_CONFIG, "cond", ValueError, "ch_cond"),
     (HEAD_CONFIG, "unknown", ValueError, "colour"),
     (PROJECTOR_WEIGHTS, "extra key", ValueError, "connector.fc3.weight"),
+    ("tokenizer.json", "plain tokenizer", ValueError, "lacks 3 of BitDance's tokens"),
 ])
 def test_a_bad_release_fails_naming_the_problem_and_writes_nothing(release, tmp_path, name, content,
                                                                     error, named):
@@ -114,6 +129,8 @@ def test_a_bad_release_fails_naming_the_problem_and_writes_nothing(release, tmp_
         content = _head_config(release, colour="red")
     elif content == "extra key":
         content = {**load_file(release / PROJECTOR_WEIGHTS), "fc3.weight": torch.zeros(2, 2)}
+    elif content == "plain tokenizer":  # the query tokens dropped: a tokenizer of another model
+        content = _without_query_tokens
     src, out = _broken_copy(release, tmp_path, name, content), tmp_path / "export"
     with pytest.raises(error, match=named.replace(".", r"\.")):
         import_release(src, str(out))
