@@ -30,13 +30,11 @@ from bdt.config import to_yaml
 from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel
 from bdt.model.config import ModelConfig
 from bdt.model.head import head_config_from_bitdance
-from bdt.model.keymap import BD_CONNECTOR, BD_HEAD, state_dict_from_bitdance
+from bdt.model.keymap import (AE_WEIGHTS, BD_CONNECTOR, BD_HEAD, HEAD_CONFIG, HEAD_WEIGHTS,
+                              PROJECTOR_WEIGHTS, RELEASE_FILES, state_dict_from_bitdance)
 from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR
 
-AE_CONFIG, AE_WEIGHTS = "ae_config.json", "ae.safetensors"
-HEAD_CONFIG, HEAD_WEIGHTS = "vision_head_config.json", "vision_head.safetensors"
-PROJECTOR_WEIGHTS = "projector.safetensors"
-RELEASE_FILES = (AE_CONFIG, AE_WEIGHTS, HEAD_CONFIG, HEAD_WEIGHTS, PROJECTOR_WEIGHTS)
+LLM_CONFIG = "config.json"
 # The release's 2D position table covers 4096 px per side (t2i_pipeline: 4096 // downsample rows).
 MAX_SIDE_PX = 4096
 BD_HEAD_COMPONENT = BD_HEAD.removesuffix("net.")  # vision_head.safetensors keys are net.*
@@ -64,12 +62,12 @@ def _read_weights(url: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{url}: not a readable safetensors file ({e})") from None
 
 
-def release_model_config(src: str, downsample: int) -> ModelConfig:
-    """Our model config for the release in `src` whose image tokenizer downsamples `downsample`x."""
+def release_model_config(src: str, llm_config: dict, downsample: int) -> ModelConfig:
+    """Our model config for the release in `src` with this LLM config (its config.json) and an
+    image tokenizer that downsamples `downsample`x."""
     url = storage.join(src, HEAD_CONFIG)
     # Ports of the release add metadata keys ("_class_name", ...): not DiffHead arguments.
     head_kwargs = {k: v for k, v in _read_json(url).items() if not k.startswith("_")}
-    llm_config = _read_json(storage.join(src, "config.json"))
     try:
         head = head_config_from_bitdance(head_kwargs)
     except (TypeError, ValueError) as e:
@@ -77,7 +75,7 @@ def release_model_config(src: str, downsample: int) -> ModelConfig:
     hidden = llm_config.get("hidden_size")
     if head.cond_dim != hidden:
         raise ValueError(f"{url}: ch_cond {head.cond_dim} differs from the LLM's hidden_size "
-                         f"{hidden} (config.json)")
+                         f"{hidden} ({LLM_CONFIG})")
     # The exported model loads the LLM in the dtype the release stores it in (bf16 for 14B).
     dtype = str(llm_config.get("torch_dtype") or llm_config.get("dtype") or "float32")
     cfg = ModelConfig(head=head, parallel_num=head.tokens, pos_max_len=MAX_SIDE_PX // downsample)
@@ -133,7 +131,7 @@ def import_release(src: str, out: str) -> ModelConfig:
 
     if not storage.exists(src):
         raise FileNotFoundError(f"BitDance release folder not found: {src}")
-    missing = [n for n in (*RELEASE_FILES, "config.json")
+    missing = [n for n in (*RELEASE_FILES, LLM_CONFIG)
                if not storage.exists(storage.join(src, n))]
     if missing:
         raise FileNotFoundError(f"{src} is not a released BitDance model folder: missing "
@@ -144,9 +142,11 @@ def import_release(src: str, out: str) -> ModelConfig:
         raise FileExistsError(f"{out} exists: give a new output directory")
     # Everything is read and checked before anything is written.
     decoder = load_tokenizer(storage.join(src, AE_WEIGHTS))  # config: ae_config.json beside it
-    cfg = release_model_config(src, decoder.downsample_factor)
+    llm_config = _read_json(storage.join(src, LLM_CONFIG))
+    cfg = release_model_config(src, llm_config, decoder.downsample_factor)
     extra = release_extra_weights(src, cfg.head.mlp)
-    _meta_model(src, cfg).load_extra(extra, f"{src} ({PROJECTOR_WEIGHTS}, {HEAD_WEIGHTS})")
+    _meta_model(cfg, llm_config, storage.join(src, LLM_CONFIG)).load_extra(
+        extra, f"{src} ({PROJECTOR_WEIGHTS}, {HEAD_WEIGHTS})")
     if decoder.config.z_channels != cfg.head.bits:
         raise ValueError(f"{src}: the image tokenizer makes {decoder.config.z_channels}-bit "
                          f"tokens, the head ({HEAD_CONFIG}) predicts {cfg.head.bits}")
@@ -157,7 +157,7 @@ def import_release(src: str, out: str) -> ModelConfig:
         os.makedirs(os.path.join(tmp, LLM_DIR))
         for name in _llm_files(src):
             _place(storage.join(src, name), os.path.join(tmp, LLM_DIR, name))
-        _check_text_tokenizer(os.path.join(tmp, LLM_DIR), cfg, src)
+        _check_text_tokenizer(os.path.join(tmp, LLM_DIR), cfg, llm_config.get("vocab_size"), src)
         save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, WEIGHTS_NAME))
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             f.write(to_yaml(cfg))
@@ -169,28 +169,28 @@ def import_release(src: str, out: str) -> ModelConfig:
     return cfg
 
 
-def _check_text_tokenizer(llm_dir: str, cfg: ModelConfig, src: str) -> None:
-    """The release's text tokenizer must already hold BitDance's tokens, one per embedding row:
-    tokens added here would get mean-initialised rows, and the model would read garbage."""
+def _check_text_tokenizer(llm_dir: str, cfg: ModelConfig, rows: int | None, src: str) -> None:
+    """The release's text tokenizer must already hold BitDance's tokens, one per embedding row
+    (`rows`): tokens added here would get mean-initialised rows, and the model would read
+    garbage."""
     from bdt.model.text_tokenizer import bitdance_tokens, load_text_tokenizer, missing_tokens
 
     tokenizer = load_text_tokenizer(llm_dir)
     missing = missing_tokens(tokenizer, bitdance_tokens(cfg.parallel_num))
-    rows = _read_json(os.path.join(llm_dir, "config.json")).get("vocab_size")
     if missing or len(tokenizer) != rows:
         raise ValueError(f"{src}: its text tokenizer is not the model's: "
                          + (f"it lacks {len(missing)} of BitDance's tokens ({missing[:3]} ...)"
                             if missing else f"{len(tokenizer)} tokens for {rows} embedding rows"))
 
 
-def _meta_model(src: str, cfg: ModelConfig) -> BitDanceModel:
-    """The model the release describes, on the meta device (shapes only, no weights read)."""
+def _meta_model(cfg: ModelConfig, llm_config: dict, url: str) -> BitDanceModel:
+    """The model the release describes, on the meta device (shapes only, no weights read);
+    `url` names where `llm_config` came from."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    url = storage.join(src, "config.json")
-    llm_config = _read_json(url)
+    kwargs = dict(llm_config)
     try:
-        hf_config = AutoConfig.for_model(llm_config.pop("model_type", ""), **llm_config)
+        hf_config = AutoConfig.for_model(kwargs.pop("model_type", ""), **kwargs)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{url}: not a Hugging Face causal-LM config ({e})") from None
     with torch.device("meta"):

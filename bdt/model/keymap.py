@@ -37,6 +37,11 @@ from bdt.model.head import (MLP_KINDS, HeadConfig, head_config_from_bitdance,
 if TYPE_CHECKING:
     from bdt.model.ar import BitDanceModel
 
+# The released model folder (t2i pipeline): the LLM's HF files, and beside them these.
+AE_CONFIG, AE_WEIGHTS = "ae_config.json", "ae.safetensors"
+HEAD_CONFIG, HEAD_WEIGHTS = "vision_head_config.json", "vision_head.safetensors"
+PROJECTOR_WEIGHTS = "projector.safetensors"
+RELEASE_FILES = (AE_CONFIG, AE_WEIGHTS, HEAD_CONFIG, HEAD_WEIGHTS, PROJECTOR_WEIGHTS)
 BD_LLM, BD_CONNECTOR, BD_HEAD, BD_TOKENIZER = (
     "llm_model.", "embed_vision_mlp.", "vision_diffusion_head.net.", "vision_encoder.")
 OURS_LLM, OURS_CONNECTOR, OURS_HEAD = "llm.", "connector.", "head."

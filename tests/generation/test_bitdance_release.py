@@ -169,11 +169,10 @@ def test_bitdance_14b_release_geometry_imports(variant, tmp_path):
              "layer_types": ["full_attention"] * ref["qwen3_14b_config_used"]["num_hidden_layers"],
              "transformers_version": "4.57.3", "use_cache": True}
     qwen3["dtype"] = qwen3.pop("torch_dtype")
-    (tmp_path / "config.json").write_text(json.dumps(qwen3))
     (tmp_path / HEAD_CONFIG).write_text(json.dumps(
         {**ref["head_constructor_args_16x"], "parallel_num": P, "grad_checkpointing": False,
          "_class_name": "DiffHead"}))
-    cfg = release_model_config(str(tmp_path), downsample=16)
+    cfg = release_model_config(str(tmp_path), qwen3, downsample=16)
     assert (cfg.parallel_num, cfg.head.width, cfg.head.depth, cfg.head.bits) == (P, 5120, 6, 32)
     assert cfg.pos_max_len == 256 and cfg.backbone.dtype == "bfloat16"
 
@@ -183,7 +182,7 @@ def test_bitdance_14b_release_geometry_imports(variant, tmp_path):
 
     extra = extra_from_release(component("embed_vision_mlp."), component("vision_diffusion_head."),
                                cfg.head.mlp, "14B")
-    model = _meta_model(str(tmp_path), cfg)
+    model = _meta_model(cfg, qwen3, "config.json")
     model.load_extra(extra, "14B")  # raises on any missing, unexpected or mis-shaped key
     assert len(extra) == len([k for k in model.state_dict() if not k.startswith("llm.")])
     assert model.llm.get_input_embeddings().weight.shape[0] == vocab
