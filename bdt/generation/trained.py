@@ -171,7 +171,8 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
                          checkpoint: str | None = None) -> TrainedModel:
     """A run without an export yet: rebuild the model from its config.yaml and load the module
     weights of `checkpoint` (default: the newest complete one) with torch.load(weights_only=True),
-    which unpickles no code."""
+    which unpickles no code; the EMA weights in their place where the run keeps an EMA, as its
+    in-loop samples and its export use them."""
     from omegaconf import OmegaConf
 
     from bdt.model.config import ModelConfig
@@ -202,8 +203,27 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
         module = torch.load(states, map_location="cpu", weights_only=True)["module"]
     except Exception as e:  # noqa: BLE001 - any unpickling refusal is a user-facing file problem
         raise OSError(f"{states}: cannot read the module weights safely ({e})") from None
+    module.update(_ema_weights(checkpoint))
     model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model))
-    model = BitDanceModel.from_config(model_cfg)
-    model.load_state_dict(module)
+    # The backbone loads from its path and is overwritten below; connector and head are built
+    # on meta and take the checkpoint's tensors (load_extra), not initialised only to be replaced.
+    model = BitDanceModel.from_config(model_cfg, extra_on_meta=True)
+    llm = {k.removeprefix("llm."): v for k, v in module.items() if k.startswith("llm.")}
+    model.llm.load_state_dict(llm)
+    model.load_extra({k: v for k, v in module.items() if not k.startswith("llm.")}, states)
     decoder = load_tokenizer(cfg.data.tokenizer, device=device)
     return TrainedModel(model.to(device).eval(), decoder, checkpoint, _trained_buckets(cfg_path))
+
+
+def _ema_weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    """The averaged parameters saved beside `checkpoint`'s engine state; {} without an EMA."""
+    from bdt.training.checkpoint import SHARED_FILE
+
+    path = os.path.join(checkpoint, SHARED_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        shared = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - as for the module weights
+        raise OSError(f"{path}: cannot read the EMA weights safely ({e})") from None
+    return shared.get("ema", {}).get("shadow", {})

@@ -45,7 +45,7 @@ def _token_shards(out_dir: str, tokenizer, n: int = 24) -> None:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> str:
-    """Run dir of a 3-step tiny training; its export is `<run>/export`."""
+    """Run dir of a 3-step tiny training with an EMA; its export is `<run>/export`."""
     from bdt.model.backbone import make_tiny_llm
     from bdt.eval.suite import load_suite
 
@@ -61,7 +61,8 @@ def trained_run(tmp_path_factory) -> str:
            f"run_dir={run_dir}", f"model.backbone.path={llm}", f"data.root={base / 'tokens'}",
            f"data.tokenizer={base / 'tok'}", "deepspeed.zero_stage=1", "deepspeed.grad_accum=1",
            "stages=[{name: s16, shards: '${data.root}', family: '16', steps: 3, "
-           "token_budget: 256, lr: 3e-3, warmup_steps: 1}]", "checkpoint.every=0"]
+           "token_budget: 256, lr: 3e-3, warmup_steps: 1}]", "checkpoint.every=0",
+           "ema_decay=0.9"]  # the export samples with EMA weights, so must a checkpoint
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, env=env, cwd=str(base), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
