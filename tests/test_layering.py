@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "bdt"
 # units named separately). Units of one layer do not import each other.
 LAYERS = [
     ["bdt.storage"],
-    ["bdt.config"],
+    ["bdt.config", "bdt.weights"],
     ["bdt.data", "bdt.model", "bdt.tokenizer"],
     ["bdt.training"],  # infrastructure shared by the training loops
     ["bdt.training.ar", "bdt.training.tokenizer", "bdt.extract"],  # the jobs

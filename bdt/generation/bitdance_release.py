@@ -10,9 +10,10 @@ tokenizer with BitDance's tokens already added) that also holds BitDance's own c
 The export has the layout the trainer writes at the end of a run (bdt/training/run_dir.py):
 `llm/` (the LLM's files, hard-linked where the file system allows, else copied), the connector and
 head under our names, the model config, and `image_tokenizer/`. `bdt sample`, `bdt eval` and a
-fine-tuning run (`init_from=`) then take it like any model bdt trained. Every weight is checked
-against the configs (keys and shapes) before anything is written, and the export appears whole
-or not at all.
+fine-tuning run (`init_from=`) then take it like any model bdt trained. Every weight of BitDance's
+components is checked against the configs (keys, shapes, finite values) before anything is
+written, and the export appears whole or not at all. The LLM's files are placed as they are:
+loading the export checks them (bdt.model.backbone refuses missing or mis-shaped parameters).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from bdt import storage
@@ -33,6 +33,7 @@ from bdt.model.head import head_config_from_bitdance
 from bdt.model.keymap import (AE_WEIGHTS, BD_CONNECTOR, BD_HEAD, HEAD_CONFIG, HEAD_WEIGHTS,
                               PROJECTOR_WEIGHTS, RELEASE_FILES, state_dict_from_bitdance)
 from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR
+from bdt.weights import read_safetensors
 
 LLM_CONFIG = "config.json"
 # The release's 2D position table covers 4096 px per side (t2i_pipeline: 4096 // downsample rows).
@@ -53,13 +54,6 @@ def _read_json(url: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{url}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def _read_weights(url: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_safetensors(storage.read_bytes(url))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own types for bad headers
-        raise ValueError(f"{url}: not a readable safetensors file ({e})") from None
 
 
 def release_model_config(src: str, llm_config: dict, downsample: int) -> ModelConfig:
@@ -87,8 +81,8 @@ def release_model_config(src: str, llm_config: dict, downsample: int) -> ModelCo
 
 def release_extra_weights(src: str, head_mlp: str) -> dict[str, torch.Tensor]:
     """The release's connector and head weights under our names."""
-    return extra_from_release(_read_weights(storage.join(src, PROJECTOR_WEIGHTS)),
-                              _read_weights(storage.join(src, HEAD_WEIGHTS)), head_mlp,
+    return extra_from_release(read_safetensors(storage.join(src, PROJECTOR_WEIGHTS)),
+                              read_safetensors(storage.join(src, HEAD_WEIGHTS)), head_mlp,
                               f"{src} ({PROJECTOR_WEIGHTS}, {HEAD_WEIGHTS})")
 
 

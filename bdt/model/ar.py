@@ -38,6 +38,7 @@ from bdt.model.embed import BitsConnector, PosEmbed2D, flip_bits
 from bdt.model.flow import binarize, flow_loss
 from bdt.model.head import DiffusionHead
 from bdt.model.sequence import PackedSequence
+from bdt.weights import read_safetensors, state_dict_problems
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -119,35 +120,27 @@ class BitDanceModel(nn.Module):
     def from_pretrained(cls, model_dir: str, **overrides) -> BitDanceModel:
         """Inverse of `save_pretrained`; `overrides` replace top-level ModelConfig fields
         (e.g. attn_backend="flex")."""
-        from safetensors.torch import load_file
-
         cfg = replace(read_model_config(model_dir), **overrides)
         cfg.backbone = replace(cfg.backbone, path=os.path.join(model_dir, LLM_DIR),
                                from_scratch=False)
         model = cls.from_config(cfg, extra_on_meta=True)
-        model.load_extra(load_file(os.path.join(model_dir, WEIGHTS_NAME)),
-                         os.path.join(model_dir, WEIGHTS_NAME))
+        url = os.path.join(model_dir, WEIGHTS_NAME)
+        model.load_extra(read_safetensors(url, mmap=True), url)  # on meta: load_extra copies
         return model
 
     def load_extra(self, state: Mapping[str, Tensor], source: str) -> None:
         """Load the connector + head weights (our names; the LLM's come with the backbone), all
-        of them: ValueError naming `source`'s missing, unexpected and mis-shaped keys. Checks
-        shapes only when the LLM is on the meta device (a shapes-only model). Connector and head
-        built on meta take the tensors as they are, in the dtype they would have been built in."""
-        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()
-                    if not k.startswith("llm.")}
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        shapes = [f"{k}: expected {list(expected[k])}, got {list(state[k].shape)}"
-                  for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-        if missing or unexpected or shapes:
-            found = [f"{what} {items[:6]}{' ...' if len(items) > 6 else ''}" for what, items in
-                     (("missing keys", missing), ("unexpected keys", unexpected),
-                      ("shape mismatches", shapes)) if items]
+        of them: ValueError naming `source`'s missing, unexpected, mis-shaped, integer and NaN/inf
+        keys (bdt.weights.state_dict_problems). With the LLM on the meta device (a shapes-only
+        model) it only checks. Connector and head built on meta take the tensors as they are, in
+        the dtype they would have been built in."""
+        expected = {k: v for k, v in self.state_dict().items() if not k.startswith("llm.")}
+        problems = state_dict_problems(expected, state)
+        if problems:
             raise ValueError(f"{source} does not fit this model (head width "
                              f"{self.cfg.head.width}, depth {self.cfg.head.depth}, P = "
                              f"{self.cfg.parallel_num}, {self.cfg.head.bits} bits): "
-                             + "; ".join(found))
+                             + "; ".join(problems))
         if self.llm.device.type == "meta":
             return
         on_meta = self.head.input_proj.weight.is_meta

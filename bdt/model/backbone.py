@@ -17,9 +17,11 @@ import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pickle import UnpicklingError
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 
 from bdt.model.text_tokenizer import (
     DEFAULT_NUM_RES,
@@ -31,6 +33,7 @@ from bdt.model.text_tokenizer import (
     make_text_tokenizer,
     prompt_ids,
 )
+from bdt.weights import listing
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -97,10 +100,30 @@ def load_causal_lm(cfg: BackboneConfig) -> "PreTrainedModel":
             hf_config = AutoConfig.from_pretrained(cfg.path, **_plain_dict(cfg.config_overrides))
             model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs, **_plain_dict(cfg.config_overrides))
+            # Mismatched shapes are reported, not raised, so that the error can name them.
+            model, info = AutoModelForCausalLM.from_pretrained(
+                cfg.path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs,
+                **_plain_dict(cfg.config_overrides))
+            _refuse_incomplete_weights(info)
+    except (SafetensorError, UnpicklingError) as e:  # a corrupt file, or a pickle with code
+        raise ValueError(f"cannot build the backbone from {cfg.path!r}: {e}") from e
     except (OSError, ValueError, ImportError) as e:
         raise type(e)(f"cannot build the backbone from {cfg.path!r}: {e}") from e
     return model
+
+
+def _refuse_incomplete_weights(info: dict) -> None:
+    """transformers initialises the parameters that a checkpoint lacks or has in another shape at
+    random, and only warns: the model would compute garbage. (An absent tied weight is tied.)"""
+    missing = sorted(info["missing_keys"])
+    shapes = sorted(f"{k}: expected {list(model)} got {list(ckpt)}"
+                    for k, ckpt, model in info["mismatched_keys"])
+    unexpected = sorted(info["unexpected_keys"])
+    parts = [f"{len(items)} {what} {listing(items)}" for what, items in (
+        ("missing parameter(s)", missing), ("shape mismatch(es)", shapes),
+        ("unknown key(s)", unexpected)) if items]
+    if missing or shapes:
+        raise ValueError("its weights do not fit its config: " + "; ".join(parts))
 
 
 def _rows(weight: torch.Tensor) -> int:

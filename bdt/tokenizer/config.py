@@ -4,7 +4,9 @@ On disk (a tokenizer directory's `config.json`, or the `model:` block of a `conf
 the config is the flat field set of `TokenizerConfig`. `TokenizerConfig.from_dict` also takes the
 released BitDance constructor form as it is, `{"ddconfig": {...}, "gan_decoder": ...}`, so a
 config file shipped with the official weights loads without conversion. Keys starting with `_`
-(metadata such as diffusers' `_class_name`) are ignored; any other unknown key is an error.
+(metadata such as diffusers' `_class_name`) are ignored, and so are the released constructors'
+arguments that no weight depends on (`resolution`, `double_z`, VQModel's `checkpoint`); any other
+unknown key, or a value of the wrong type, is an error.
 """
 
 from __future__ import annotations
@@ -12,6 +14,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+# Arguments of the released Encoder/Decoder/VQModel that no weight depends on (VQModel's
+# `checkpoint` is a torch file it would unpickle; its weights come from our weights file).
+_IGNORED = ("resolution", "checkpoint")
+
+
+def _has_type(value: Any, name: str) -> bool:
+    """Is `value` of the annotated type `name` (int, float, bool, list[int]); no bool as a number."""
+    if name == "list[int]":
+        return isinstance(value, (list, tuple)) and all(_has_type(v, "int") for v in value)
+    if name == "bool":
+        return isinstance(value, bool)
+    return isinstance(value, int if name == "int" else (int, float)) and not isinstance(value, bool)
+
 
 @dataclass
 class TokenizerConfig:
@@ -24,7 +40,7 @@ class TokenizerConfig:
     z_channels: int = 32  # bits per token
     in_channels: int = 3
     out_ch: int = 3
-    double_z: bool = False  # accepted for compatibility; a binary tokenizer has no variance channels
+    double_z: bool = False  # ignored, as by the release: a binary tokenizer has no variance channels
     gan_decoder: bool = False  # generative decoder: N(0,1) noise concatenated to the bits
     # GroupNorm groups on every feature map (32 in the release; no weights depend on it). Narrow
     # models want fewer: at width 32, 32 groups is instance norm, which erases flat backgrounds.
@@ -46,6 +62,7 @@ class TokenizerConfig:
 
     def validate(self) -> "TokenizerConfig":
         """Raise ValueError naming the field when the values cannot build a model."""
+        self._check_types()
         if not self.ch_mult:
             raise ValueError("tokenizer config: ch_mult must list at least one level, got []")
         widths = [self.ch * m for m in self.ch_mult]
@@ -58,9 +75,6 @@ class TokenizerConfig:
                              f"gives {widths}")
         if self.num_res_blocks < 1:
             raise ValueError(f"tokenizer config: num_res_blocks must be >= 1, got {self.num_res_blocks}")
-        if self.double_z:
-            raise ValueError("tokenizer config: double_z=true is not supported: a binary tokenizer "
-                             "has one channel per bit (the released tokenizers use double_z=false)")
         if self.z_channels < 1 or self.entropy_group_size < 1 or self.z_channels % self.entropy_group_size:
             raise ValueError(f"tokenizer config: z_channels ({self.z_channels}) must be a positive multiple "
                              f"of entropy_group_size ({self.entropy_group_size})")
@@ -70,6 +84,13 @@ class TokenizerConfig:
         if self.entropy_temperature <= 0:
             raise ValueError(f"tokenizer config: entropy_temperature must be > 0, got {self.entropy_temperature}")
         return self
+
+    def _check_types(self) -> None:
+        """JSON gives any type: "false" would be true, and 1.5 or "112" would pass as ch_mult."""
+        for f in dataclasses.fields(self):
+            if not _has_type(getattr(self, f.name), f.type):
+                raise ValueError(f"tokenizer config: {f.name} must be {f.type}, "
+                                 f"got {getattr(self, f.name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The flat on-disk form (all fields)."""
@@ -84,22 +105,23 @@ class TokenizerConfig:
             try:  # an omegaconf DictConfig (the trainer's `model:` block)
                 from omegaconf import OmegaConf
                 data = OmegaConf.to_container(data, resolve=True)  # type: ignore[assignment]
-            except ValueError:
-                data = dict(data)
-        flat = {k: v for k, v in data.items() if not str(k).startswith("_") and k != "ddconfig"}
-        nested = data.get("ddconfig")
-        if nested is not None:
-            if not isinstance(nested, Mapping):
-                raise ValueError(f"tokenizer config: 'ddconfig' must be a mapping, got {type(nested).__name__}")
-            clash = sorted(set(nested) & set(flat))
-            if clash:
-                raise ValueError(f"tokenizer config: {clash} given both inside 'ddconfig' and at the top level")
-            flat.update(nested)
+            except ValueError:  # not an omegaconf node: a plain mapping, or not a mapping at all
+                pass
+        if not isinstance(data, Mapping):
+            raise ValueError(f"tokenizer config: expected a mapping (JSON object), got {type(data).__name__}")
+        flat = {k: v for k, v in data.items()
+                if not str(k).startswith("_") and k not in ("ddconfig", *_IGNORED)}
+        nested = data.get("ddconfig", {})
+        if not isinstance(nested, Mapping):
+            raise ValueError(f"tokenizer config: 'ddconfig' must be a mapping, got {type(nested).__name__}")
+        nested = {k: v for k, v in nested.items() if k not in _IGNORED}
+        clash = sorted(set(nested) & set(flat))
+        if clash:
+            raise ValueError(f"tokenizer config: {clash} given both inside 'ddconfig' and at the top level")
+        flat.update(nested)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(flat) - names)
         if unknown:
             raise ValueError(f"tokenizer config: unknown key(s) {unknown}; known keys: {sorted(names)} "
                              f"(or the released form with 'ddconfig' + 'gan_decoder')")
-        if "ch_mult" in flat:
-            flat["ch_mult"] = [int(m) for m in flat["ch_mult"]]
         return cls(**flat).validate()

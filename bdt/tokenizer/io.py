@@ -17,17 +17,16 @@ import posixpath
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from bdt import storage
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.tokenizer.config import TokenizerConfig
+from bdt.weights import read_safetensors, state_dict_problems
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-_MAX_LISTED = 6
 
 
 def save_tokenizer(model: BinaryAutoencoder, path: str) -> None:
@@ -45,8 +44,8 @@ def load_tokenizer(path: str, config: TokenizerConfig | Mapping[str, Any] | str 
                    ) -> BinaryAutoencoder:
     """Build the model from the config and load the weights (strict: every key, every shape).
 
-    Raises ValueError naming missing/unexpected keys and shape mismatches (expected vs got),
-    FileNotFoundError when the directory lacks a config or weights file.
+    Raises ValueError naming missing/unexpected keys, shape mismatches (expected vs got), and
+    integer or NaN/inf tensors, FileNotFoundError when the directory lacks a config or weights file.
     """
     weights_url, config_url = _resolve(path, config is None)
     cfg = _read_config(config if config is not None else config_url)
@@ -77,32 +76,15 @@ def tokenizer_identity(path: str) -> dict[str, Any]:
 
 
 def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Compare a checkpoint with the model's expected keys and shapes; one clear error if they differ."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    shapes = [f"{k}: expected {list(expected[k])} got {list(got[k])}"
-              for k in expected if k in got and expected[k] != got[k]]
-    if not (missing or unexpected or shapes):
+    """Compare a checkpoint with the model's expected keys, shapes and values; one clear error
+    if it does not fit (bdt.weights.state_dict_problems)."""
+    parts = state_dict_problems(model.state_dict(), state)
+    if not parts:
         return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing key(s) {_listing(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) {_listing(unexpected)}")
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatch(es) {_listing(shapes)}")
     cfg = getattr(model, "config", None)
     arch = (f" (config: ch={cfg.ch}, ch_mult={list(cfg.ch_mult)}, num_res_blocks={cfg.num_res_blocks}, "
             f"z_channels={cfg.z_channels}, gan_decoder={cfg.gan_decoder})") if cfg is not None else ""
     raise ValueError(f"checkpoint {source} does not fit the tokenizer{arch}: " + "; ".join(parts))
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    more = f", ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return f"[{shown}{more}]"
 
 
 def _resolve(path: str, need_config: bool) -> tuple[str, str | None]:
@@ -166,14 +148,10 @@ def _read_config(config: TokenizerConfig | Mapping[str, Any] | str | None) -> To
 
 
 def _read_state_dict(url: str) -> dict[str, torch.Tensor]:
-    data = storage.read_bytes(url)
     if url.endswith(".safetensors"):
-        try:
-            return load_safetensors(data)
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{url}: not a readable safetensors file: {exc}") from None
+        return read_safetensors(url)
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code: report, never retry unsafely
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{url}: cannot read as a weights-only torch file: {first}") from None

@@ -5,6 +5,8 @@ error that names the file, leaving nothing behind."""
 
 import json
 import os
+import re
+import shutil
 
 import pytest
 import torch
@@ -78,8 +80,6 @@ def test_import_and_sample_from_the_command_line(release, tmp_path, capsys, monk
 
 
 def _broken_copy(release, tmp_path, name: str, content) -> str:
-    import shutil
-
     bad = tmp_path / "bad_release"
     shutil.copytree(release, bad)
     if callable(content):
@@ -113,10 +113,11 @@ def _head_config(release, **changes) -> dict:
     (PROJECTOR_WEIGHTS, None, FileNotFoundError, PROJECTOR_WEIGHTS),
     (HEAD_WEIGHTS, "not safetensors", ValueError, HEAD_WEIGHTS),
     (HEAD_CONFIG, "{not json", ValueError, HEAD_CONFIG),
-    (HEAD_CONFIG, "wide", ValueError, "shape mismatches"),  # ch_latent 256: head shapes differ
+    (HEAD_CONFIG, "wide", ValueError, "shape mismatch"),  # ch_latent 256: head shapes differ
     (HEAD_CONFIG, "cond", ValueError, "ch_cond"),
     (HEAD_CONFIG, "unknown", ValueError, "colour"),
     (PROJECTOR_WEIGHTS, "extra key", ValueError, "connector.fc3.weight"),
+    (HEAD_WEIGHTS, "nan", ValueError, "NaN or inf values [head.input_proj.bias]"),
     ("tokenizer.json", "plain tokenizer", ValueError, "lacks 3 of BitDance's tokens"),
 ])
 def test_a_bad_release_fails_naming_the_problem_and_writes_nothing(release, tmp_path, name, content,
@@ -129,12 +130,27 @@ def test_a_bad_release_fails_naming_the_problem_and_writes_nothing(release, tmp_
         content = _head_config(release, colour="red")
     elif content == "extra key":
         content = {**load_file(release / PROJECTOR_WEIGHTS), "fc3.weight": torch.zeros(2, 2)}
+    elif content == "nan":
+        head = load_file(release / HEAD_WEIGHTS)
+        content = {**head, "net.input_proj.bias": head["net.input_proj.bias"] * float("nan")}
     elif content == "plain tokenizer":  # the query tokens dropped: a tokenizer of another model
         content = _without_query_tokens
     src, out = _broken_copy(release, tmp_path, name, content), tmp_path / "export"
-    with pytest.raises(error, match=named.replace(".", r"\.")):
+    with pytest.raises(error, match=re.escape(named)):
         import_release(src, str(out))
     assert not out.exists() and not (tmp_path / "export.tmp").exists()
+
+
+def test_an_export_with_corrupt_weights_names_the_file(exported, tmp_path):
+    from bdt.model.ar import WEIGHTS_NAME, BitDanceModel
+
+    broken = tmp_path / "export"
+    shutil.copytree(exported, broken)
+    data = (broken / WEIGHTS_NAME).read_bytes()
+    (broken / WEIGHTS_NAME).write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=re.escape(f"{broken / WEIGHTS_NAME}: not a readable "
+                                                   "safetensors file")):
+        BitDanceModel.from_pretrained(str(broken))
 
 
 @pytest.mark.slow

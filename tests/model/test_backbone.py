@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -162,6 +163,38 @@ def test_backbone_errors(tmp_path, llm_dirs):
         load_causal_lm(BackboneConfig(path=llm_dirs["qwen3"], attn_implementation="nonsense"))
     with pytest.raises(ValueError, match="empty"):
         load_causal_lm(BackboneConfig())
+
+
+def _copy_with_weights(src: str, dst, edit) -> str:
+    """A copy of the LLM directory `src` whose model.safetensors went through `edit`."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    save_file(edit(load_file(os.path.join(src, "model.safetensors"))), dst / "model.safetensors")
+    return str(dst)
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda sd: {k: v for k, v in sd.items() if k != "model.norm.weight"},
+     r"1 missing parameter\(s\) \[model\.norm\.weight\]"),
+    (lambda sd: {"module." + k: v for k, v in sd.items()}, r"unknown key\(s\) \[module\."),
+    (lambda sd: {**sd, "model.norm.weight": sd["model.norm.weight"][:-1].clone()},
+     r"model\.norm\.weight: expected \[32\] got \[31\]"),
+])
+def test_llm_weights_that_do_not_fit_are_refused(llm_dirs, tmp_path, edit, named):
+    """transformers would initialise a missing or mis-shaped parameter at random (a warning only)."""
+    path = _copy_with_weights(llm_dirs["qwen3"], tmp_path / "llm", edit)
+    with pytest.raises(ValueError, match="its weights do not fit its config: .*" + named):
+        load_causal_lm(BackboneConfig(path=path))
+
+
+def test_tied_output_embedding_may_be_absent(llm_dirs, tmp_path):
+    path = _copy_with_weights(llm_dirs["qwen3"], tmp_path / "llm",
+                              lambda sd: {k: v for k, v in sd.items() if k != "lm_head.weight"})
+    config = json.loads((tmp_path / "llm" / "config.json").read_text())
+    (tmp_path / "llm" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    model = load_causal_lm(BackboneConfig(path=path))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
 def test_key_map_matches_mllm_tiny_llm_keys():

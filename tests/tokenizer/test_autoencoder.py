@@ -211,8 +211,19 @@ def test_config_forms_and_errors():
     TokenizerConfig(ch=48, ch_mult=[1, 2], norm_groups=8).validate()
     with pytest.raises(ValueError, match="norm_groups must be >= 1, got 0"):
         TokenizerConfig(ch=48, ch_mult=[1, 2], norm_groups=0).validate()
-    with pytest.raises(ValueError, match="double_z"):
-        TokenizerConfig.from_dict({**released, "ddconfig": {**released["ddconfig"], "double_z": True}})
+    # Arguments the released constructors take but no weight depends on: accepted, as there.
+    ignored = {**released, "checkpoint": None,
+               "ddconfig": {**released["ddconfig"], "double_z": True, "resolution": 256}}
+    assert TokenizerConfig.from_dict(ignored) == TokenizerConfig(**TINY, gan_decoder=True, double_z=True)
+    # JSON of the wrong type is named, never coerced ("false" is truthy, int(1.5) == 1).
+    for key, value in (("gan_decoder", "false"), ("ch", 32.0), ("ch_mult", [1, 1.5, 2]),
+                       ("ch_mult", "112"), ("z_channels", True)):
+        with pytest.raises(ValueError, match=f"{key} must be "):
+            TokenizerConfig.from_dict({**released, key: value} if key == "gan_decoder" else
+                                      {**released, "ddconfig": {**released["ddconfig"], key: value}})
+    for value in ([1, 2], None, {**released, "ddconfig": None}):
+        with pytest.raises(ValueError, match="must be a mapping|expected a mapping"):
+            TokenizerConfig.from_dict(value)
 
 
 @dataclass

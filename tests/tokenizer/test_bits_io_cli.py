@@ -168,6 +168,21 @@ def test_wrong_shapes_and_missing_keys_are_named(tmp_path, tiny_model):
     assert "z_channels=16" in message
 
 
+@pytest.mark.parametrize("edit, named", [
+    (lambda sd: {**sd, "encoder.conv_out.bias": sd["encoder.conv_out.bias"] * float("nan")},
+     r"1 tensor\(s\) with NaN or inf values \[encoder\.conv_out\.bias\]"),
+    (lambda sd: {**sd, "decoder.conv_out.bias": sd["decoder.conv_out.bias"].long()},
+     r"non-float tensor\(s\) for float parameters \[decoder\.conv_out\.bias: torch\.int64\]"),
+    (lambda sd: {"module." + k: v for k, v in sd.items()}, r"extra prefix 'module\.'"),
+])
+def test_weights_that_would_compute_garbage_are_named(tmp_path, tiny_model, edit, named):
+    (tmp_path / "tok").mkdir()
+    save_file(edit(tiny_model.state_dict()), str(tmp_path / "tok" / "model.safetensors"))
+    (tmp_path / "tok" / "config.json").write_text(json.dumps(tiny_model.config.to_dict()))
+    with pytest.raises(ValueError, match=r"tok/model\.safetensors does not fit.*" + named):
+        load_tokenizer(str(tmp_path / "tok"))
+
+
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer not found"):
         load_tokenizer(str(tmp_path / "nope"))
