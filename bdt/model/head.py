@@ -257,6 +257,20 @@ _DIFFHEAD_DEFAULTS = dict(grad_checkpointing=False, time_shift=1.0, time_schedul
                           P_mean=0.0, P_std=1.0, parallel_num=4, diff_batch_mul=1,
                           use_swiglu=False)
 _DIFFHEAD_REQUIRED = ("ch_target", "ch_cond", "ch_latent", "depth_latent", "depth_adanln")
+_DIFFHEAD_TYPES = dict(ch_target=int, ch_cond=int, ch_latent=int, depth_latent=int,
+                       depth_adanln=int, parallel_num=int, diff_batch_mul=int, time_shift=float,
+                       P_mean=float, P_std=float, grad_checkpointing=bool, use_swiglu=bool,
+                       time_schedule=str)
+
+
+def _wrongly_typed(args: Mapping[str, Any]) -> list[str]:
+    """JSON gives any type: 128.9 would truncate to 128 and "false" would be true."""
+    def fits(value: Any, kind: type) -> bool:
+        if kind is bool or isinstance(value, bool):
+            return kind is bool and isinstance(value, bool)
+        return isinstance(value, (int, float) if kind is float else kind)
+    return [f"{k}={v!r} (expected {_DIFFHEAD_TYPES[k].__name__})" for k, v in args.items()
+            if not fits(v, _DIFFHEAD_TYPES[k])]
 
 
 def head_config_from_bitdance(kwargs: Mapping[str, Any]) -> HeadConfig:
@@ -271,17 +285,19 @@ def head_config_from_bitdance(kwargs: Mapping[str, Any]) -> HeadConfig:
     if missing or unknown:
         raise ValueError(f"DiffHead arguments: missing {missing}, unknown {unknown}")
     a = {**_DIFFHEAD_DEFAULTS, **kwargs}
-    width = int(a["ch_latent"])
+    wrong = _wrongly_typed(a)
+    if wrong:
+        raise ValueError(f"DiffHead arguments of the wrong type: {', '.join(wrong)}")
+    width = a["ch_latent"]
     n_heads = width // 128
     if n_heads < 1 or width % n_heads:
         raise ValueError(f"DiffHead ch_latent {width}: the release splits it into ch_latent // 128 "
                          f"= {n_heads} attention heads, which needs >= 1 head dividing it")
     cfg = HeadConfig(
-        width=width, depth=int(a["depth_latent"]), num_adaln_sets=int(a["depth_adanln"]),
+        width=width, depth=a["depth_latent"], num_adaln_sets=a["depth_adanln"],
         head_dim=width // n_heads, mlp_ratio=1.5, mlp="swiglu" if a["use_swiglu"] else "plain",
-        bits=int(a["ch_target"]), cond_dim=int(a["ch_cond"]), tokens=int(a["parallel_num"]),
+        bits=a["ch_target"], cond_dim=a["ch_cond"], tokens=a["parallel_num"],
         time_freq_dim=256, time_schedule=a["time_schedule"], p_mean=float(a["P_mean"]),
-        p_std=float(a["P_std"]), time_shift=float(a["time_shift"]),
-        repeat=int(a["diff_batch_mul"]))
+        p_std=float(a["P_std"]), time_shift=float(a["time_shift"]), repeat=a["diff_batch_mul"])
     cfg.validate()
     return cfg

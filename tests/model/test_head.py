@@ -197,6 +197,12 @@ def test_head_config_from_bitdance_arguments():
                                    "use_swigl": True})
     with pytest.raises(ValueError, match="ch_latent 64: .* 0 attention heads"):
         head_config_from_bitdance({**minimal, "ch_latent": 64})
+    # JSON of the wrong type is named, never coerced (int(128.9) == 128, bool("false") is True).
+    assert head_config_from_bitdance({**minimal, "P_std": 1}).p_std == 1.0  # an int is a float
+    for key, value in (("ch_latent", 128.9), ("depth_latent", "2"), ("use_swiglu", "false"),
+                       ("parallel_num", True), ("P_mean", None), ("time_schedule", 1)):
+        with pytest.raises(ValueError, match=f"wrong type: {key}={value!r}"):
+            head_config_from_bitdance({**minimal, key: value})
 
 
 def test_timestep_embedding_matches_fixture():
