@@ -18,6 +18,10 @@ from typing import Any, Mapping
 # Arguments of the released Encoder/Decoder/VQModel that no weight depends on (VQModel's
 # `checkpoint` is a torch file it would unpickle; its weights come from our weights file).
 _IGNORED = ("resolution", "checkpoint")
+# The released Encoder/Decoder: what a `ddconfig` must give, and its one default that differs from
+# ours (theirs is a 8x-down shape; ours, ae_d16c32's 16x, is what every released config spells out).
+_RELEASE_REQUIRED = ("ch", "out_ch", "in_channels", "num_res_blocks", "z_channels")
+_RELEASE_DEFAULTS = {"ch_mult": [1, 2, 2, 4]}
 
 
 def _has_type(value: Any, name: str) -> bool:
@@ -115,6 +119,12 @@ class TokenizerConfig:
         if not isinstance(nested, Mapping):
             raise ValueError(f"tokenizer config: 'ddconfig' must be a mapping, got {type(nested).__name__}")
         nested = {k: v for k, v in nested.items() if k not in _IGNORED}
+        if "ddconfig" in data:
+            missing = [k for k in _RELEASE_REQUIRED if k not in nested]
+            if missing:
+                raise ValueError(f"tokenizer config: 'ddconfig' lacks {missing} (the released "
+                                 f"Encoder and Decoder require them)")
+            nested = {**_RELEASE_DEFAULTS, **nested}
         clash = sorted(set(nested) & set(flat))
         if clash:
             raise ValueError(f"tokenizer config: {clash} given both inside 'ddconfig' and at the top level")

@@ -211,6 +211,12 @@ def test_config_forms_and_errors():
     TokenizerConfig(ch=48, ch_mult=[1, 2], norm_groups=8).validate()
     with pytest.raises(ValueError, match="norm_groups must be >= 1, got 0"):
         TokenizerConfig(ch=48, ch_mult=[1, 2], norm_groups=0).validate()
+    # The released Encoder's own default ch_mult, where a ddconfig leaves it out; its required ones.
+    bare = {k: v for k, v in released["ddconfig"].items() if k != "ch_mult"}
+    assert TokenizerConfig.from_dict({"ddconfig": {**bare, "ch": 64}}).ch_mult == [1, 2, 2, 4]
+    with pytest.raises(ValueError, match=r"'ddconfig' lacks \['num_res_blocks'\]"):
+        TokenizerConfig.from_dict({"ddconfig": {k: v for k, v in released["ddconfig"].items()
+                                                if k != "num_res_blocks"}})
     # Arguments the released constructors take but no weight depends on: accepted, as there.
     ignored = {**released, "checkpoint": None,
                "ddconfig": {**released["ddconfig"], "double_z": True, "resolution": 256}}
