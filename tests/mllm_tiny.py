@@ -7,14 +7,15 @@ same tests."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from bdt.generation.bitdance_release import HEAD_CONFIG, HEAD_WEIGHTS, PROJECTOR_WEIGHTS
 from bdt.model.config import ModelConfig
-from bdt.model.keymap import model_config_from_bitdance
+from bdt.model.keymap import (DIFFUSERS_PORT, HEAD_CONFIG, HEAD_WEIGHTS, PORT_INDEX,
+                              PROJECTOR_WEIGHTS, RELEASE, model_config_from_bitdance)
 from bdt.model.sequence import ImageSample, SequencePacker, from_sequence_order
 from bdt.model.text_tokenizer import PromptIds, SpecialTokens
 
@@ -150,4 +151,34 @@ def write_release(out: Path) -> Path:
         time_shift=vp["time_shift"], time_schedule=vp["time_schedule"], P_mean=vp["P_mean"],
         P_std=vp["P_std"], parallel_num=vp["parallel_num"], diff_batch_mul=vp["diff_batch_mul"],
         use_swiglu=vp["use_swiglu"])))
+    return out
+
+
+def write_diffusers_port(release: Path, out: Path) -> Path:
+    """The diffusers port's layout of the release written by `write_release`, as its converter
+    saves it: the LLM's files split into text_encoder/ and tokenizer/, each BitDance component in
+    a folder of its own (config.json with diffusers' metadata, same tensors and keys)."""
+    release, out = Path(release), Path(out)
+    meta = {"_class_name": "BitDance", "_diffusers_version": "0.36.0"}
+    for folder in ("text_encoder", "tokenizer", "autoencoder", "diffusion_head", "projector"):
+        (out / folder).mkdir(parents=True)
+    for path in release.iterdir():
+        if path.name not in RELEASE.components:
+            tokenizer_file = path.name.startswith("tokenizer") or path.name in (
+                "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+            shutil.copy(path, out / ("tokenizer" if tokenizer_file else "text_encoder") / path.name)
+    for theirs, ours in zip(RELEASE.components, DIFFUSERS_PORT.components):
+        if theirs.endswith(".json"):
+            (out / ours).write_text(json.dumps({**json.loads((release / theirs).read_text()),
+                                                **meta}))
+        else:
+            shutil.copy(release / theirs, out / ours)
+    head = json.loads((release / HEAD_CONFIG).read_text())
+    (out / "projector" / "config.json").write_text(json.dumps(
+        {"in_dim": head["ch_target"], "out_dim": head["ch_cond"],
+         "hidden_act": "gelu_pytorch_tanh", **meta}))
+    (out / PORT_INDEX).write_text(json.dumps({**meta, **{
+        c: ["diffusers", "ModelMixin"] for c in ("autoencoder", "diffusion_head", "projector")},
+        "text_encoder": ["transformers", "Qwen3ForCausalLM"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"]}))
     return out

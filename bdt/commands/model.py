@@ -37,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "import-bitdance", help="convert a released BitDance model folder into a bdt export",
         description="Read a released BitDance text-to-image folder (Hugging Face LLM files + "
                     "ae_config.json, ae.safetensors, vision_head_config.json, "
-                    "vision_head.safetensors, projector.safetensors), check every weight against "
+                    "vision_head.safetensors, projector.safetensors; or its diffusers port: "
+                    "model_index.json, text_encoder/, tokenizer/, autoencoder/, diffusion_head/, "
+                    "projector/), check every weight against "
                     "the configs, and write the export layout bdt/train.py writes: `bdt sample "
                     "--model OUT` samples it, and a training run fine-tunes it with init_from=OUT. "
                     "The LLM's files are hard-linked where possible, else copied.")

@@ -7,6 +7,10 @@ tokenizer with BitDance's tokens already added) that also holds BitDance's own c
     vision_head_config.json + vision_head.safetensors  the diffusion head (DiffHead kwargs; net.*)
     projector.safetensors                              the bits connector (fc1, fc2)
 
+A diffusers port of it (`model_index.json`; text_encoder/ + tokenizer/ make the LLM's folder,
+autoencoder/, diffusion_head/, projector/ each a config.json and diffusion_pytorch_model.safetensors
+with the same keys) imports the same way (bdt.model.keymap.ReleaseLayout).
+
 The export has the layout the trainer writes at the end of a run (bdt/training/run_dir.py):
 `llm/` (the LLM's files, hard-linked where the file system allows, else copied), the connector and
 head under our names, the model config, and `image_tokenizer/`. `bdt sample`, `bdt eval` and a
@@ -30,20 +34,14 @@ from bdt.config import to_yaml
 from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel
 from bdt.model.config import ModelConfig
 from bdt.model.head import head_config_from_bitdance
-from bdt.model.keymap import (AE_WEIGHTS, BD_CONNECTOR, BD_HEAD, HEAD_CONFIG, HEAD_WEIGHTS,
-                              PROJECTOR_WEIGHTS, RELEASE_FILES, state_dict_from_bitdance)
+from bdt.model.keymap import (BD_CONNECTOR, BD_HEAD, RELEASE, ReleaseLayout, release_layout,
+                              state_dict_from_bitdance)
 from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR
 from bdt.weights import read_safetensors
 
-LLM_CONFIG = "config.json"
 # The release's 2D position table covers 4096 px per side (t2i_pipeline: 4096 // downsample rows).
 MAX_SIDE_PX = 4096
 BD_HEAD_COMPONENT = BD_HEAD.removesuffix("net.")  # vision_head.safetensors keys are net.*
-
-
-def is_release(path: str) -> bool:
-    """Does `path` look like a released BitDance model folder (its head config is there)?"""
-    return storage.exists(storage.join(path, HEAD_CONFIG))
 
 
 def _read_json(url: str) -> dict:
@@ -56,10 +54,11 @@ def _read_json(url: str) -> dict:
     return data
 
 
-def release_model_config(src: str, llm_config: dict, downsample: int) -> ModelConfig:
+def release_model_config(src: str, llm_config: dict, downsample: int,
+                         layout: ReleaseLayout = RELEASE) -> ModelConfig:
     """Our model config for the release in `src` with this LLM config (its config.json) and an
     image tokenizer that downsamples `downsample`x."""
-    url = storage.join(src, HEAD_CONFIG)
+    url = storage.join(src, layout.head_config)
     # Ports of the release add metadata keys ("_class_name", ...): not DiffHead arguments.
     head_kwargs = {k: v for k, v in _read_json(url).items() if not k.startswith("_")}
     try:
@@ -69,7 +68,7 @@ def release_model_config(src: str, llm_config: dict, downsample: int) -> ModelCo
     hidden = llm_config.get("hidden_size")
     if head.cond_dim != hidden:
         raise ValueError(f"{url}: ch_cond {head.cond_dim} differs from the LLM's hidden_size "
-                         f"{hidden} ({LLM_CONFIG})")
+                         f"{hidden!r} ({layout.llm_config})")
     # The exported model loads the LLM in the dtype the release stores it in (bf16 for 14B).
     dtype = str(llm_config.get("torch_dtype") or llm_config.get("dtype") or "float32")
     cfg = ModelConfig(head=head, parallel_num=head.tokens, pos_max_len=MAX_SIDE_PX // downsample)
@@ -79,11 +78,16 @@ def release_model_config(src: str, llm_config: dict, downsample: int) -> ModelCo
     return cfg
 
 
-def release_extra_weights(src: str, head_mlp: str) -> dict[str, torch.Tensor]:
+def release_extra_weights(src: str, head_mlp: str, layout: ReleaseLayout = RELEASE
+                          ) -> dict[str, torch.Tensor]:
     """The release's connector and head weights under our names."""
-    return extra_from_release(read_safetensors(storage.join(src, PROJECTOR_WEIGHTS)),
-                              read_safetensors(storage.join(src, HEAD_WEIGHTS)), head_mlp,
-                              f"{src} ({PROJECTOR_WEIGHTS}, {HEAD_WEIGHTS})")
+    return extra_from_release(read_safetensors(storage.join(src, layout.projector_weights)),
+                              read_safetensors(storage.join(src, layout.head_weights)), head_mlp,
+                              _weights_source(src, layout))
+
+
+def _weights_source(src: str, layout: ReleaseLayout) -> str:
+    return f"{src} ({layout.projector_weights}, {layout.head_weights})"
 
 
 def extra_from_release(projector: dict[str, torch.Tensor], head: dict[str, torch.Tensor],
@@ -98,11 +102,21 @@ def extra_from_release(projector: dict[str, torch.Tensor], head: dict[str, torch
         raise ValueError(f"{source}: {e}") from None
 
 
-def _llm_files(src: str) -> list[str]:
-    """The LLM's own top-level files of the release (everything but BitDance's components)."""
-    fs, root = storage.filesystem(src)
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isfile(p)]
-    return sorted(n for n in names if n not in RELEASE_FILES and not n.startswith("."))
+def _llm_files(src: str, layout: ReleaseLayout) -> dict[str, str]:
+    """name -> URL of the files that make the LLM's folder: those of layout.llm_dirs (at the root
+    of the release, all but BitDance's components); a name in two of them is an error."""
+    files: dict[str, str] = {}
+    for folder in layout.llm_dirs:
+        fs, root = storage.filesystem(storage.join(src, folder) if folder else src)
+        for path in sorted(p for p in fs.ls(root, detail=False) if fs.isfile(p)):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(".") or (not folder and name in layout.components):
+                continue
+            if name in files:
+                raise ValueError(f"{src}: {name} is in more than one of the LLM's folders "
+                                 f"{list(layout.llm_dirs)}")
+            files[name] = storage.join(src, folder, name) if folder else storage.join(src, name)
+    return files
 
 
 def _place(src_url: str, dst: str) -> None:
@@ -125,32 +139,34 @@ def import_release(src: str, out: str) -> ModelConfig:
 
     if not storage.exists(src):
         raise FileNotFoundError(f"BitDance release folder not found: {src}")
-    missing = [n for n in (*RELEASE_FILES, LLM_CONFIG)
+    layout = release_layout(src) or RELEASE
+    missing = [n for n in (*layout.components, layout.llm_config)
                if not storage.exists(storage.join(src, n))]
     if missing:
-        raise FileNotFoundError(f"{src} is not a released BitDance model folder: missing "
-                                f"{', '.join(missing)}")
+        raise FileNotFoundError(f"{src} is not {layout.name}: missing {', '.join(missing)}")
     if storage.is_remote(out):
         raise ValueError(f"{out}: the export is written to a local directory (copy it up after)")
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists: give a new output directory")
     # Everything is read and checked before anything is written.
-    decoder = load_tokenizer(storage.join(src, AE_WEIGHTS))  # config: ae_config.json beside it
-    llm_config = _read_json(storage.join(src, LLM_CONFIG))
-    cfg = release_model_config(src, llm_config, decoder.downsample_factor)
-    extra = release_extra_weights(src, cfg.head.mlp)
-    _meta_model(cfg, llm_config, storage.join(src, LLM_CONFIG)).load_extra(
-        extra, f"{src} ({PROJECTOR_WEIGHTS}, {HEAD_WEIGHTS})")
+    decoder = load_tokenizer(storage.join(src, layout.ae_weights),
+                             config=storage.join(src, layout.ae_config))
+    llm_config_url = storage.join(src, layout.llm_config)
+    llm_config = _read_json(llm_config_url)
+    cfg = release_model_config(src, llm_config, decoder.downsample_factor, layout)
+    extra = release_extra_weights(src, cfg.head.mlp, layout)
+    _meta_model(cfg, llm_config, llm_config_url).load_extra(extra, _weights_source(src, layout))
     if decoder.config.z_channels != cfg.head.bits:
         raise ValueError(f"{src}: the image tokenizer makes {decoder.config.z_channels}-bit "
-                         f"tokens, the head ({HEAD_CONFIG}) predicts {cfg.head.bits}")
+                         f"tokens, the head ({layout.head_config}) predicts {cfg.head.bits}")
+    llm_files = _llm_files(src, layout)
 
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(os.path.join(tmp, LLM_DIR))
-        for name in _llm_files(src):
-            _place(storage.join(src, name), os.path.join(tmp, LLM_DIR, name))
+        for name, url in llm_files.items():
+            _place(url, os.path.join(tmp, LLM_DIR, name))
         _check_text_tokenizer(os.path.join(tmp, LLM_DIR), cfg, llm_config.get("vocab_size"), src)
         save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, WEIGHTS_NAME))
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:

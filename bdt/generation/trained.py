@@ -26,10 +26,10 @@ from dataclasses import dataclass, replace
 import torch
 from PIL import Image
 
-from bdt.generation.bitdance_release import is_release
 from bdt.generation.grid import to_pil
 from bdt.generation.sampling import SamplingConfig, generate
 from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel
+from bdt.model.keymap import release_layout
 from bdt.training import run_dir as layout
 
 EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, f"{LLM_DIR}/config.json",
@@ -131,8 +131,9 @@ def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
             if os.path.isfile(os.path.join(run_dir, layout.CONFIG_NAME)):
                 return _from_run_checkpoint(run_dir, device, os.path.abspath(path))
     missing = [f for f in EXPORT_FILES if not os.path.isfile(os.path.join(path, f))]
-    if missing and is_release(path):
-        raise OSError(f"{path!r} is a released BitDance model folder: convert it once with "
+    release = release_layout(path) if missing else None
+    if release is not None:
+        raise OSError(f"{path!r} is {release.name}: convert it once with "
                       f"`bdt model import-bitdance --src {path} --out DIR`, then use DIR")
     if missing:
         raise OSError(f"{path!r} is not a complete model export: missing {', '.join(missing)} "

@@ -26,9 +26,12 @@ same keys without the component prefix, so prefixing them gives this mapping's i
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
+
+from bdt import storage
 
 from bdt.model.config import ModelConfig
 from bdt.model.head import (MLP_KINDS, HeadConfig, head_config_from_bitdance,
@@ -42,6 +45,48 @@ AE_CONFIG, AE_WEIGHTS = "ae_config.json", "ae.safetensors"
 HEAD_CONFIG, HEAD_WEIGHTS = "vision_head_config.json", "vision_head.safetensors"
 PROJECTOR_WEIGHTS = "projector.safetensors"
 RELEASE_FILES = (AE_CONFIG, AE_WEIGHTS, HEAD_CONFIG, HEAD_WEIGHTS, PROJECTOR_WEIGHTS)
+# A diffusers port of it (the pipeline's save_pretrained): the same tensors under the same keys,
+# one folder per component, each with its config.json and diffusers' weights file name.
+PORT_INDEX, PORT_WEIGHTS = "model_index.json", "diffusion_pytorch_model.safetensors"
+
+
+@dataclass(frozen=True)
+class ReleaseLayout:
+    """Where a released model's parts lie, relative to its folder."""
+    name: str
+    llm_dirs: tuple[str, ...]  # their files together make the LLM's HF folder ("" = the root)
+    ae_config: str
+    ae_weights: str
+    head_config: str
+    head_weights: str
+    projector_weights: str
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return (self.ae_config, self.ae_weights, self.head_config, self.head_weights,
+                self.projector_weights)
+
+    @property
+    def llm_config(self) -> str:
+        return "/".join(p for p in (self.llm_dirs[0], "config.json") if p)
+
+
+RELEASE = ReleaseLayout("a released BitDance model folder", ("",), *RELEASE_FILES)
+DIFFUSERS_PORT = ReleaseLayout(
+    "a diffusers port of a released BitDance model", ("text_encoder", "tokenizer"),
+    "autoencoder/config.json", f"autoencoder/{PORT_WEIGHTS}", "diffusion_head/config.json",
+    f"diffusion_head/{PORT_WEIGHTS}", f"projector/{PORT_WEIGHTS}")
+
+
+def release_layout(path: str) -> ReleaseLayout | None:
+    """Which layout the folder `path` (local or fsspec URL) has, by its head config; None if
+    neither."""
+    if storage.exists(storage.join(path, HEAD_CONFIG)):
+        return RELEASE
+    if storage.exists(storage.join(path, PORT_INDEX)) and \
+            storage.exists(storage.join(path, DIFFUSERS_PORT.head_config)):
+        return DIFFUSERS_PORT
+    return None
 BD_LLM, BD_CONNECTOR, BD_HEAD, BD_TOKENIZER = (
     "llm_model.", "embed_vision_mlp.", "vision_diffusion_head.net.", "vision_encoder.")
 OURS_LLM, OURS_CONNECTOR, OURS_HEAD = "llm.", "connector.", "head."

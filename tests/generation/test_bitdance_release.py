@@ -14,13 +14,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from bdt.cli import main
-from bdt.generation.bitdance_release import (HEAD_CONFIG, HEAD_WEIGHTS, PROJECTOR_WEIGHTS,
-                                             import_release)
+from bdt.generation.bitdance_release import import_release
 from bdt.generation.trained import load_trained
-from bdt.model.keymap import split_bitdance_state_dict
+from bdt.model.keymap import HEAD_CONFIG, HEAD_WEIGHTS, PROJECTOR_WEIGHTS, split_bitdance_state_dict
 
 import mllm_tiny
-from mllm_tiny import QWEN3, RELEASED, TENSORS, write_release
+from mllm_tiny import QWEN3, RELEASED, TENSORS, write_diffusers_port, write_release
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
@@ -218,3 +217,20 @@ def test_import_from_a_hugging_face_cache_snapshot(release, exported, tmp_path):
     for name in ("llm/model.safetensors", "llm/tokenizer.json", "bitdance_extra.safetensors"):
         assert not (out / name).is_symlink()
         assert (out / name).read_bytes() == (exported / name).read_bytes(), name
+
+
+def test_a_diffusers_port_imports_to_the_same_export(release, exported, tmp_path):
+    """The port's folders (text_encoder/ + tokenizer/, autoencoder/, diffusion_head/, projector/)
+    hold the release's tensors under its keys: the same export, file for file."""
+    port = write_diffusers_port(release, tmp_path / "port")
+    with pytest.raises(OSError, match="is a diffusers port .* import-bitdance"):
+        load_trained(str(port))
+    out = tmp_path / "export"
+    import_release(str(port), str(out))
+    files = sorted(str(p.relative_to(exported)) for p in exported.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    for name in files:
+        assert (out / name).read_bytes() == (exported / name).read_bytes(), name
+    os.remove(port / "projector" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(FileNotFoundError, match="is not a diffusers port .* missing projector/"):
+        import_release(str(port), str(tmp_path / "export2"))

@@ -17,7 +17,7 @@ from bdt.data.tars import iter_shard
 from bdt.data.token_shards import TokenSample, decode_sample
 from bdt.data.token_stream import TokenStream
 from bdt.model.ar import LLM_DIR, WEIGHTS_NAME, BitDanceModel, read_model_config
-from bdt.model.keymap import HEAD_CONFIG
+from bdt.model.keymap import release_layout
 from bdt.model.sequence import SequencePacker, patch_side
 from bdt.training.distributed import DistInfo, barrier
 from bdt.training.ar.stage_rows import CaptionMeasure, StageRows
@@ -41,11 +41,11 @@ def resolve_init_from(cfg: TrainConfig) -> None:
     missing = [n for n in (WEIGHTS_NAME, f"{LLM_DIR}/config.json")
                if not storage.exists(storage.join(cfg.init_from, n))]
     if missing:
-        released = storage.exists(storage.join(cfg.init_from, HEAD_CONFIG))
+        layout = release_layout(cfg.init_from)
         raise FileNotFoundError(
             f"init_from={cfg.init_from} is not a bdt model export (no {', '.join(missing)}): "
-            + ("it is a released BitDance folder; convert it once with `bdt model "
-               "import-bitdance --src ... --out DIR` and set init_from=DIR" if released else
+            + (f"it is {layout.name}; convert it once with `bdt model "
+               "import-bitdance --src ... --out DIR` and set init_from=DIR" if layout else
                "give a run's export/ or the output of `bdt model import-bitdance`"))
     backbone.path = llm
     if not cfg.data.tokenizer:
