@@ -2,9 +2,12 @@
 
 Every failure is an `ImageRejected` carrying a short machine-readable reason (written to the
 rejects file of the pre-extraction job) plus a detail string; callers never see PIL's own
-exception zoo. Pixel policy: EXIF orientation applied; grayscale, palette, CMYK and 16-bit
-images converted to 8-bit RGB; transparency composited on white (a transparent background is
-almost always meant as "paper", and black would invent dark borders the caption doesn't name).
+exception zoo. Only the decoders of the image formats asked for run (by default those of the
+jpg/jpeg/png/webp extensions): a member's bytes may be anything whatever its name says, and some
+of PIL's plugins are no place for untrusted data (EPS runs Ghostscript). Pixel policy: EXIF
+orientation applied; grayscale, palette, CMYK and 16-bit images converted to 8-bit RGB;
+transparency composited on white (a transparent background is almost always meant as "paper",
+and black would invent dark borders the caption doesn't name).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import warnings
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bdt.data.buckets import nearest_bucket
 
@@ -29,6 +32,18 @@ _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # these swap width and height
 
 
+def formats_for(extensions: Sequence[str]) -> tuple[str, ...]:
+    """PIL's format names for file extensions ("jpg" -> "JPEG"); ValueError naming one it lacks."""
+    known = Image.registered_extensions()
+    unknown = [e for e in extensions if f".{e.lower()}" not in known]
+    if unknown:
+        raise ValueError(f"image_extensions: PIL reads no image format named '.{unknown[0]}'")
+    return tuple(sorted({known[f".{e.lower()}"] for e in extensions}))
+
+
+DEFAULT_FORMATS = formats_for(("jpg", "jpeg", "png", "webp"))
+
+
 class ImageRejected(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -36,8 +51,10 @@ class ImageRejected(Exception):
         self.detail = detail
 
 
-def open_image(data: bytes, *, max_pixels: int, min_side: int) -> tuple[Image.Image, tuple[int, int]]:
-    """Open (lazily: header only) and check size limits before any pixel is decoded.
+def open_image(data: bytes, *, max_pixels: int, min_side: int,
+               formats: Sequence[str] = DEFAULT_FORMATS) -> tuple[Image.Image, tuple[int, int]]:
+    """Open (lazily: header only) as one of `formats` and check size limits before any pixel is
+    decoded.
 
     Returns the image and its size *after* EXIF orientation. The pixel limit guards against
     decompression bombs: a few KB of PNG can claim 100k x 100k pixels.
@@ -47,10 +64,12 @@ def open_image(data: bytes, *, max_pixels: int, min_side: int) -> tuple[Image.Im
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=list(formats))
         w, h = img.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected(TOO_LARGE, str(exc).splitlines()[0]) from None
+    except UnidentifiedImageError:  # PIL's message names only a BytesIO object
+        raise ImageRejected(CORRUPT, f"not a readable {' / '.join(formats)} image") from None
     except Exception as exc:  # PIL raises many types for unreadable headers
         raise ImageRejected(CORRUPT, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
     if w * h > max_pixels:
@@ -140,13 +159,14 @@ def to_unit_range(pixels_BHWC: np.ndarray) -> np.ndarray:
 
 
 def load_for_buckets(data: bytes, bucket_lists: Sequence[Sequence[tuple[int, int]]], *, max_pixels: int,
-                     min_side: int) -> list[tuple[tuple[int, int], np.ndarray]]:
+                     min_side: int, formats: Sequence[str] = DEFAULT_FORMATS
+                     ) -> list[tuple[tuple[int, int], np.ndarray]]:
     """Decode once; per bucket list, the nearest bucket and the uint8 [H, W, 3] crop to it.
 
     The decode size depends on all lists together (JPEG draft), so a given list always gets
     the same pixels for the same bytes and lists. Raises ImageRejected.
     """
-    img, size = open_image(data, max_pixels=max_pixels, min_side=min_side)
+    img, size = open_image(data, max_pixels=max_pixels, min_side=min_side, formats=formats)
     chosen = [nearest_bucket(size[0], size[1], buckets) for buckets in bucket_lists]
     rgb = decode_rgb(img, size, needed_size(size, chosen))
     return [(b, resize_center_crop(rgb, b)) for b in chosen]

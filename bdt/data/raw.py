@@ -10,11 +10,14 @@ reads its own shards (every epoch in a seeded order); with fewer, every worker r
 and keeps samples j with j % G == g. The stream is endless (epoch after epoch); each batch
 carries the worker's read position (epoch, shard cursor, sample offset) after it, and a stream
 restarted from that position continues with the next unread sample without decoding the skipped
-ones. Corrupt samples (undecodable image, missing image) are skipped and counted.
+ones. Corrupt samples (undecodable image, missing image) are skipped and counted, and so is the
+rest of a damaged shard (once, logged).
 """
 
 from __future__ import annotations
 
+import logging
+import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -24,6 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bdt.data.images import decode_rgb, needed_size, open_image, resize_center_crop, to_unit_range
 from bdt.data.tars import iter_shard
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -100,34 +105,45 @@ class RawImageStream(IterableDataset):
         g, total = self.rank * workers + worker, self.world_size * workers
         pos = dict(self.positions.get(worker, {"epoch": 0, "shard": 0, "offset": 0, "corrupt": 0}))
         images, captions, keys = [], [], []
+        usable = pos["shard"] > 0 or pos["offset"] > 0  # a resumed epoch had images before
         while True:
             shards, stride = self._plan(pos["epoch"], g, total)
             while pos["shard"] < len(shards):
                 url = shards[pos["shard"]]
-                for j, (sample, _, _) in enumerate(iter_shard(url)):
-                    if j < pos["offset"]:
-                        continue  # consumed before the restart: skipped without decoding
-                    pos["offset"] = j + 1
-                    if j % stride != (g if stride > 1 else 0):
-                        continue
-                    # Crop RNG from the sample's place in the stream: reproducible after a resume.
-                    rng = (np.random.default_rng([self.seed, pos["epoch"], g, pos["shard"], j])
-                           if self.random_crop else None)
-                    image = self._decode(sample, rng)
-                    if image is None:
-                        pos["corrupt"] += 1
-                        continue
-                    images.append(image)
-                    captions.append(sample.get("txt", b"").decode("utf-8", "replace"))
-                    keys.append(sample["__key__"])
-                    if len(images) == self.batch_size:
-                        yield {"images": torch.stack(images), "captions": captions, "keys": keys,
-                               "worker": worker, "position": dict(pos), "corrupt": pos["corrupt"]}
-                        images, captions, keys = [], [], []
+                try:
+                    for j, (sample, _, _) in enumerate(iter_shard(url)):
+                        if j < pos["offset"]:
+                            continue  # consumed before the restart: skipped without decoding
+                        pos["offset"] = j + 1
+                        if j % stride != (g if stride > 1 else 0):
+                            continue
+                        # Crop RNG from the sample's place in the stream: reproducible after a resume.
+                        rng = (np.random.default_rng([self.seed, pos["epoch"], g, pos["shard"], j])
+                               if self.random_crop else None)
+                        image = self._decode(sample, rng)
+                        if image is None:
+                            pos["corrupt"] += 1
+                            continue
+                        images.append(image)
+                        usable = True
+                        captions.append(sample.get("txt", b"").decode("utf-8", "replace"))
+                        keys.append(sample["__key__"])
+                        if len(images) == self.batch_size:
+                            yield {"images": torch.stack(images), "captions": captions, "keys": keys,
+                                   "worker": worker, "position": dict(pos), "corrupt": pos["corrupt"]}
+                            images, captions, keys = [], [], []
+                except (tarfile.TarError, OSError) as e:  # one bad shard must not stop training
+                    log.warning("%s: unreadable from sample %d on (%s); skipping its rest", url,
+                                pos["offset"], e)
+                    pos["corrupt"] += 1
                 pos["shard"] += 1
                 pos["offset"] = 0
+            if not usable:  # else the stream would read on forever without a batch
+                raise ValueError(f"worker {g}: a whole epoch over {len(shards)} shard(s) (e.g. "
+                                 f"{shards[0]}) gave no usable image ({pos['corrupt']} corrupt)")
             pos["epoch"] += 1
             pos["shard"] = 0
+            usable = False
 
     def _decode(self, sample: dict[str, Any], rng: np.random.Generator | None) -> torch.Tensor | None:
         data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)

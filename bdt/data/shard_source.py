@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 
 from bdt import storage
+from bdt.data.tars import unsafe_path
 
 INDEX_NAME = "index.json"  # bdt/extract/manifest.py writes the manifest under this name
 PLAN_NAME = "plan.json"  # written by an extraction before any shard
@@ -59,7 +60,7 @@ def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -
         return ShardList([source], None, source)
     index_url = storage.join(source, INDEX_NAME)
     if storage.exists(index_url):
-        manifest = json.loads(storage.read_bytes(index_url))
+        manifest = _read_manifest(index_url)
         if manifest.get("complete") is False and not allow_incomplete:
             failed = sorted((manifest.get("summary") or {}).get("failed_units", {}))
             raise ValueError(f"{index_url} says the extraction is incomplete (complete: false; failed "
@@ -73,9 +74,13 @@ def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -
             family = next(iter(stages))
         if family not in stages:
             raise ValueError(f"{index_url} has no family {family!r} (it has {sorted(stages)})")
-        urls = [storage.join(source, s["shard"]) for s in stages[family]["shards"]]
+        urls = [storage.join(source, name) for name in _shard_names(index_url, stages[family], family)]
         if not urls:
             raise ValueError(f"{index_url}: family {family!r} lists no shards")
+        missing = storage.missing_files(urls)
+        if missing:
+            raise ValueError(f"{index_url} lists {len(missing)} shard(s) of family {family!r} that "
+                             f"do not exist, e.g. {missing[0]}: restore them or rerun the extraction")
         return ShardList(urls, manifest, source)
     if storage.exists(storage.join(source, PLAN_NAME)):
         raise ValueError(f"{source} is an extraction output without {INDEX_NAME}: the extraction is "
@@ -84,6 +89,32 @@ def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -
     if not urls:
         raise ValueError(f"shards: {source!r} holds no .tar files and no {INDEX_NAME}")
     return ShardList(urls, None, source)
+
+
+def _read_manifest(url: str) -> dict:
+    try:
+        manifest = json.loads(storage.read_bytes(url))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{url} is damaged ({e}): rerun the extraction to rewrite it") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", {}), dict):
+        raise ValueError(f"{url} is damaged (not an extraction manifest): rerun the extraction "
+                         f"to rewrite it")
+    return manifest
+
+
+def _shard_names(index_url: str, entry: object, family: str) -> list[str]:
+    """The shard paths a manifest lists for a family, relative to its root; a path that is not
+    (absolute, '..') is refused: a manifest names shards of its own output only."""
+    try:
+        names = [s["shard"] for s in entry["shards"]]
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{index_url} is damaged: no shard list for family {family!r} "
+                         f"({type(e).__name__}: {e})") from None
+    for name in names:
+        if not isinstance(name, str) or not name or unsafe_path(name):
+            raise ValueError(f"{index_url} is damaged: family {family!r} lists the shard "
+                             f"{name!r}, not a path inside the output")
+    return names
 
 
 def tokenizer_sha(manifest: dict | None) -> dict[str, str] | None:

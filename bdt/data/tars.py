@@ -6,8 +6,9 @@ the member path up to the first dot of its base name, the rest is the extension 
 Members whose path is absolute or climbs out with `..` are never read (a data file must not
 name places outside itself), nor are links, devices and members over the caller's size limit:
 they are listed in `TarSample.refused`, for callers that account for every input (extraction)
-while the training readers just use what was read. A member without an extension is a sample
-of its own (key = its path, nothing read).
+while the training readers just use what was read. So is a second member of one sample with
+the same extension (webdataset stops there; here the first one read stays). A member without an
+extension is a sample of its own (key = its path, nothing read).
 
 The header reader does only what webdataset tars need, in a few bytes operations per header:
 POSIX ustar names with prefix, pax `path`/`size` records, GNU long names; directories and global
@@ -16,8 +17,9 @@ members behind its own pax header: the standard `tarfile` reader spent ~200-370 
 there (profiled: 70 ms of a 110 ms row build at 64 px), this one a fraction of that. Every sample
 carries the byte offset of its first header, so a resumed stream seeks straight to its next
 unread sample. gzip, bz2 and xz archives are read through the matching decompressor (without
-offsets). A bad checksum, a size field it cannot read or data ending inside a member raise
-`TarDamaged` (a `tarfile.ReadError`), naming the sample that was being read.
+offsets). A bad checksum, a size field it cannot read (or negative), a bad pax record, data
+ending inside a member or a decompressor's error raise `TarDamaged` (a `tarfile.ReadError`),
+naming the sample that was being read.
 
 Writing: `ShardWriter` writes a tar (webdataset's TarWriter, members as given) that appears only
 once complete, hashing it on the way; member metadata is fixed (mtime 0, owner bdt), so the same
@@ -34,6 +36,7 @@ import lzma
 import posixpath
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO
@@ -52,11 +55,16 @@ UNSAFE_PATH = "absolute or '..' path"
 NOT_A_FILE = "link or device"
 TOO_LARGE = "over the size limit"
 NO_EXTENSION = "no extension"
+REPEATED = "repeated member"
+# What a damaged archive raises while read: tar errors, a short file, and the decompressors' own
+# errors (zlib's and lzma's are not OSErrors).
+_DAMAGE = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError)
 
 
-class TarDamaged(tarfile.ReadError):
-    """A tar that breaks off or is damaged. `pending`: the key of the sample being read when it
-    broke (None between samples); `members`: how many members were read before."""
+class TarDamaged(tarfile.ReadError, ValueError):
+    """A tar that breaks off or is damaged (bad data, so also a ValueError). `pending`: the key of
+    the sample being read when it broke (None between samples); `members`: how many members were
+    read before."""
 
     def __init__(self, message: str, pending: str | None, members: int):
         super().__init__(message)
@@ -74,6 +82,12 @@ class TarSample:
     def as_dict(self, url: str = "") -> dict[str, Any]:
         """The webdataset form: extension -> bytes, plus __key__ and __url__."""
         return {"__key__": self.key, "__url__": url, **self.members}
+
+
+def readable(name: str) -> str:
+    """A member name as valid text: bytes that were not UTF-8 (which the reader keeps as surrogate
+    escapes) written as \\xNN, so that UTF-8 and JSON files can hold it."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def unsafe_path(name: str) -> bool:
@@ -100,7 +114,7 @@ def _octal(raw: bytes, what: str, offset: int) -> int:
             from None
 
 
-def _pax_records(data: bytes) -> dict[bytes, bytes]:
+def _pax_records(data: bytes, offset: int) -> dict[bytes, bytes]:
     """'LEN key=value\\n' records of a pax extended header."""
     out, pos = {}, 0
     while pos < len(data):
@@ -108,23 +122,34 @@ def _pax_records(data: bytes) -> dict[bytes, bytes]:
         if space < 0:
             break
         end = pos + int(data[pos:space])
+        if not space < end <= len(data):  # a length that does not move on would loop forever
+            raise tarfile.ReadError(f"bad pax record length in the header at byte {offset}")
         key, _, value = data[space + 1:end - 1].partition(b"=")
         out[key] = value
         pos = end
     return out
 
 
+def _chunks(f: BinaryIO, n: int, offset: int) -> Iterator[bytes]:
+    """The next n bytes in chunks: a size field claiming more than the archive holds costs no
+    more memory than the data that is there (f.read(n) would allocate n bytes first)."""
+    done = 0
+    while done < n:
+        data = f.read(min(n - done, _SKIP_CHUNK))
+        if not data:
+            raise tarfile.ReadError(f"unexpected end of data at byte {offset + done}")
+        done += len(data)
+        yield data
+
+
 def _read(f: BinaryIO, n: int, offset: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise tarfile.ReadError(f"unexpected end of data at byte {offset + len(data)}")
-    return data
+    return b"".join(_chunks(f, n, offset))  # one chunk: returned as is, no copy
 
 
 def _skip(f: BinaryIO, n: int, offset: int) -> None:
     """Step over n bytes without holding them (a truncated member still raises)."""
-    while n > 0:
-        n -= len(_read(f, min(n, _SKIP_CHUNK), offset))
+    for _ in _chunks(f, n, offset):
+        pass
 
 
 @dataclass
@@ -146,6 +171,8 @@ def iter_members(f: BinaryIO, offset: int = 0,
     pos, start, long_name, pax = offset, None, None, {}
     while True:
         header = f.read(BLOCK)
+        if not header and pos == 0:  # tarfile says so too; a failed download, often
+            raise tarfile.ReadError("empty file, not a tar")
         if len(header) < BLOCK or not header.strip(b"\0"):
             if header.strip(b"\0"):
                 raise tarfile.ReadError(f"unexpected end of data at byte {pos + len(header)}")
@@ -155,15 +182,17 @@ def iter_members(f: BinaryIO, offset: int = 0,
         if sum(header) - sum(header[148:156]) + _CHECKSUM_SPACES != stored:
             raise tarfile.ReadError(f"bad checksum in the header at byte {pos}")
         size = int(pax[b"size"]) if b"size" in pax else _octal(header[124:136], "size", pos)
+        if size < 0:  # a pax record or a base-256 field can say so; it would step backwards
+            raise tarfile.ReadError(f"negative size {size} in the header at byte {pos}")
         padded = size + -size % BLOCK
         kind = header[156:157]
         if kind in (b"x", b"L", b"K"):  # metadata of the next header
             data = _read(f, padded, pos + BLOCK)[:size]
-            pos += BLOCK + padded
             if kind == b"x":
-                pax = _pax_records(data)
+                pax = _pax_records(data, pos)
             elif kind == b"L":
                 long_name = data.split(b"\0", 1)[0]
+            pos += BLOCK + padded
             continue
         raw = pax.get(b"path") or long_name
         if raw is None:
@@ -217,11 +246,13 @@ def iter_samples(f: BinaryIO, offset: int = 0,
                 sample = None
             if sample is None:
                 sample = TarSample(key, offset=m.offset)
-            if m.data is not None:
-                sample.members[ext] = m.data
-            else:
+            if m.data is None:
                 sample.refused.append((m.name, _refusal(m), m.size))
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            elif ext in sample.members:  # the first one stays; webdataset would stop here
+                sample.refused.append((m.name, REPEATED, m.size))
+            else:
+                sample.members[ext] = m.data
+    except _DAMAGE as e:
         cut = split_name(getattr(e, "member", None) or "")
         if cut is not None:  # it broke inside a member's data: its header was read
             members += 1
@@ -261,7 +292,10 @@ def read_samples(url: str, offset: int = 0, max_bytes: Callable[[str], int] | No
                  ) -> Iterator[TarSample]:
     """The samples of the tar at `url` from byte `offset`, in stored order (iter_samples)."""
     with open_tar(url, offset) as f:
-        yield from iter_samples(f, offset, max_bytes)
+        try:
+            yield from iter_samples(f, offset, max_bytes)
+        except TarDamaged as e:
+            raise TarDamaged(f"{url}: {e}", e.pending, e.members) from e
 
 
 def iter_shard(url: str, offset: int = 0) -> Iterator[tuple[dict[str, Any], int, int | None]]:

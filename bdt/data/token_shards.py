@@ -18,20 +18,22 @@ this 2-core machine at load 15), and the LLM itself is the text encoder, so no h
 feature could be cached. `TokenSample.caption_ids` is the trainer's in-memory cache.
 
 Keys are the source keys with anything outside [A-Za-z0-9_-] replaced by "_" (webdataset
-splits a member name at its first dot); they are unique within a shard, and (shard, key) is
-unique within a family (two raw shards may reuse a key). A family of shards for one stage resolution lives in
+splits a member name at its first dot), plus a hash of the source key where another source key
+of the shard already made that key ("a b" / "a_b", or "猫" / "狗"); they are unique within a
+shard, and (shard, key) is unique within a family (two raw shards may reuse a key). A family of shards for one stage resolution lives in
 its own directory next to a manifest (bdt/extract/manifest.py).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Container, Iterator, Mapping
 
 import numpy as np
 
@@ -60,8 +62,13 @@ class TokenSample:
         return int(self.bits_hwB.shape[0]), int(self.bits_hwB.shape[1])
 
 
-def sample_key(source_key: str) -> str:
-    return _UNSAFE_KEY_CHARS.sub("_", source_key) or "_"
+def sample_key(source_key: str, taken: Container[str] = ()) -> str:
+    """The shard key of a source key; one in `taken` (made from another source key) gets a hash
+    of the source key appended, so distinct samples are not lost as duplicates."""
+    key = _UNSAFE_KEY_CHARS.sub("_", source_key) or "_"
+    if key in taken:
+        key += "-" + hashlib.sha256(source_key.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return key
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -114,23 +121,41 @@ def encode_sample(s: TokenSample) -> dict[str, Any]:
 def decode_sample(raw: Mapping[str, Any]) -> TokenSample:
     """A webdataset dict (member extension -> bytes) -> TokenSample, with the schema checked.
 
-    Raises ValueError naming the key and the problem (missing member, wrong schema, a grid
-    that disagrees with the metadata).
+    Raises ValueError naming the sample and the problem (missing member, metadata that is not
+    schema 1's, a grid that disagrees with the metadata, a caption that is not UTF-8).
     """
     key = raw.get("__key__", "?")
     url = raw.get("__url__", "")
     where = f"sample {key}" + (f" in {url}" if url else "")
+    try:
+        return _decode(raw, key)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    except (KeyError, TypeError, IndexError) as e:  # a metadata field missing or mistyped
+        raise ValueError(f"{where}: bad metadata ({type(e).__name__}: {e})") from None
+
+
+def _decode(raw: Mapping[str, Any], key: str) -> TokenSample:
     for ext in (BITS_EXT, "json", "txt"):
         if ext not in raw:
-            raise ValueError(f"{where}: missing member '{ext}' (has {sorted(k for k in raw if not k.startswith('__'))})")
-    meta = json.loads(raw["json"])
+            raise ValueError(f"missing member '{ext}' (has {sorted(k for k in raw if not k.startswith('__'))})")
+    try:
+        meta = json.loads(raw["json"])
+    except ValueError as e:
+        raise ValueError(f"json member is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"json member holds a {type(meta).__name__}, not an object")
     if meta.get("schema") != SCHEMA_VERSION:
-        raise ValueError(f"{where}: token-shard schema {meta.get('schema')!r}, this reader knows {SCHEMA_VERSION}")
+        raise ValueError(f"token-shard schema {meta.get('schema')!r}, this reader knows {SCHEMA_VERSION}")
+    h, w, bits_per_token = meta["h"], meta["w"], meta["bits_per_token"]
+    if not all(type(v) is int and v > 0 for v in (h, w, bits_per_token)) or bits_per_token % 8:
+        raise ValueError(f"metadata h={h!r} w={w!r} bits_per_token={bits_per_token!r}: expected "
+                         f"positive integers, bits_per_token a multiple of 8")
     bits = _npy_load(raw[BITS_EXT])
-    expected = (meta["h"], meta["w"], meta["bits_per_token"] // 8)
+    expected = (h, w, bits_per_token // 8)
     if bits.dtype != np.uint8 or tuple(bits.shape) != expected:
-        raise ValueError(f"{where}: bits are {bits.dtype} {list(bits.shape)}, metadata says uint8 {list(expected)}")
-    return TokenSample(key=key, bits_hwB=bits, bits_per_token=int(meta["bits_per_token"]),
+        raise ValueError(f"bits are {bits.dtype} {list(bits.shape)}, metadata says uint8 {list(expected)}")
+    return TokenSample(key=key, bits_hwB=bits, bits_per_token=bits_per_token,
                        bucket=(int(meta["bucket"][0]), int(meta["bucket"][1])),
                        caption=raw["txt"].decode("utf-8"), source_key=meta["source_key"],
                        source_shard=meta["source_shard"], stage=str(meta["stage"]))

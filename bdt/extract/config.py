@@ -57,6 +57,8 @@ _DTYPES = ("auto", "float32", "bfloat16")
 
 def validate(cfg: ExtractConfig) -> None:
     """Raise ValueError naming the key for values the types alone don't rule out."""
+    from bdt.data.images import formats_for
+
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {list(_DTYPES)}, got '{cfg.dtype}'")
     for key in ("batch_size", "folder_shard_size", "patch_size", "min_side", "max_pixels",
@@ -68,3 +70,4 @@ def validate(cfg: ExtractConfig) -> None:
             raise ValueError(f"{key}: must be >= 0, got {getattr(cfg, key)}")
     if cfg.cpus_per_actor <= 0:
         raise ValueError(f"cpus_per_actor: must be > 0, got {cfg.cpus_per_actor}")
+    formats_for(cfg.image_extensions)  # each must name an image format PIL reads

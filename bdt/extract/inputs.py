@@ -73,6 +73,9 @@ class RawSample:
     image_ext: str
     caption: bytes | None  # None: no caption member
 
+    def __post_init__(self):
+        self.key = tars.readable(self.key)  # written as source_key into the shard's JSON
+
 
 @dataclass
 class Reject:
@@ -80,6 +83,9 @@ class Reject:
     source: str
     reason: str
     detail: str = ""
+
+    def __post_init__(self):
+        self.key = tars.readable(self.key)  # written into the rejects file
 
     def to_dict(self) -> dict:
         return {"key": self.key, "source": self.source, "reason": self.reason, "detail": self.detail}
@@ -137,10 +143,11 @@ def iter_unit(unit: InputUnit, image_exts: list[str], max_image_bytes: int, *,
     if unit.kind == "tar":
         yield from _iter_tar(unit, image_exts, max_image_bytes, max_caption_bytes)
     else:
-        yield from _iter_folder(unit, image_exts, max_image_bytes)
+        yield from _iter_folder(unit, image_exts, max_image_bytes, max_caption_bytes)
 
 
-def _iter_folder(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -> Iterator[RawSample | Reject]:
+def _iter_folder(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
+                 max_caption_bytes: int) -> Iterator[RawSample | Reject]:
     fs, root = storage.filesystem(unit.source)
     if unit.report_strays:  # once per folder, so orphan captions and unknown files are accounted
         for rel in _folder_strays(fs, root, image_exts):
@@ -150,16 +157,37 @@ def _iter_folder(unit: InputUnit, image_exts: list[str], max_image_bytes: int) -
     for rel in unit.files:
         stem, ext = rel.rsplit(".", 1)
         try:
-            if fs.size(posixpath.join(root, rel)) > max_image_bytes:
-                yield Reject(stem, unit.name, TOO_LARGE, f"file exceeds max_image_bytes {max_image_bytes}")
-                continue
-            image = fs.cat_file(posixpath.join(root, rel))
+            image = _folder_file(fs, posixpath.join(root, rel), max_image_bytes, TOO_LARGE)
+            try:
+                caption = _folder_file(fs, posixpath.join(root, stem + ".txt"), max_caption_bytes,
+                                       CAPTION_TOO_LONG)
+            except FileNotFoundError:
+                caption = None
+        except _Refused as exc:
+            yield Reject(stem, unit.name, exc.reason, exc.detail)
+            continue
         except OSError as exc:
             yield Reject(stem, unit.name, UNREADABLE_SHARD, str(exc)[:200])
             continue
-        cap_path = posixpath.join(root, stem + ".txt")
-        caption = fs.cat_file(cap_path) if fs.exists(cap_path) else None
         yield RawSample(stem, image, ext.lower(), caption)
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _folder_file(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int, too_large: str) -> bytes:
+    """One file of a folder unit, read; links and non-files are refused unread, as in tars (a
+    caption linked to a file elsewhere would copy that file into the shards)."""
+    info = fs.info(path)
+    name = posixpath.basename(path)
+    if info.get("islink") or info["type"] != "file":
+        raise _Refused(NOT_A_FILE, f"{name!r} is a link or not a regular file")
+    if info["size"] > max_bytes:
+        raise _Refused(too_large, f"{name!r} of {info['size']} bytes exceeds the limit {max_bytes}")
+    return fs.cat_file(path)
 
 
 def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
@@ -186,6 +214,8 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
                 return Reject(s.key, src, UNSAFE_PATH, f"absolute or '..' member path {name!r} ignored")
             if why == tars.NOT_A_FILE:
                 return Reject(s.key, src, NOT_A_FILE, f"member {name!r} is a link or device")
+            if why == tars.REPEATED:
+                return Reject(s.key, src, DUPLICATE_KEY, f"member {name!r} appears twice in a row")
             oversized[tars.split_name(name)[1]] = size
         image_ext = next((e for e in image_exts if e in s.members), None)
         if image_ext is None:

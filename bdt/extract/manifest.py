@@ -102,6 +102,9 @@ def check_plan(root: str, units: list[dict]) -> None:
     """Write plan.json on the first run; later runs must keep unit i's source (appending is fine)."""
     url = storage.join(root, PLAN_NAME)
     old = read_json(url)
+    if (old is None and storage.exists(url)) or (old is not None and not isinstance(old, dict)):
+        # Rewriting it would drop what it guards: which inputs the existing shards were made from.
+        raise ValueError(f"{url} is damaged: restore it, or write to a new output")
     if old is not None:
         for unit, prev in zip(units, old.get("units", [])):
             if unit != prev:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from bdt import storage
-from bdt.data.images import ImageRejected, load_for_buckets
+from bdt.data.images import ImageRejected, formats_for, load_for_buckets
 from bdt.data.tars import ShardWriter
 from bdt.data.token_shards import TokenSample, encode_sample, sample_key
 from bdt.extract import inputs as inp
@@ -57,6 +57,7 @@ class ShardEncoder:
         self.cfg = OmegaConf.merge(OmegaConf.structured(ExtractConfig), cfg)
         self.fingerprint = fingerprint
         self.stage_buckets = {k: [tuple(b) for b in v] for k, v in stage_buckets.items()}
+        self.formats = formats_for(self.cfg.image_extensions)
         torch.set_num_threads(max(1, int(self.cfg.cpus_per_actor)))
         use_gpu = self.cfg.gpus_per_actor > 0 and torch.cuda.is_available()
         self.device = "cuda" if use_gpu else "cpu"
@@ -149,7 +150,7 @@ class ShardEncoder:
                     rejects.append(prepared)
                     continue
                 caption, per_stage = prepared
-                key = sample_key(item.key)
+                key = sample_key(item.key, keys)
                 if key in keys:  # checked here, in order: the decode threads finish out of order
                     rejects.append(inp.Reject(item.key, unit.name, inp.DUPLICATE_KEY,
                                               f"output key '{key}' already used in this shard"))
@@ -193,7 +194,7 @@ class ShardEncoder:
             # Decoded for all configured stages even when only some are redone: the pixels of a
             # stage must not depend on which other stages happen to be missing.
             crops = load_for_buckets(item.image, list(self.stage_buckets.values()), max_pixels=cfg.max_pixels,
-                                     min_side=cfg.min_side)
+                                     min_side=cfg.min_side, formats=self.formats)
         except ImageRejected as exc:
             return inp.Reject(item.key, unit.name, exc.reason, exc.detail)
         return caption, {s: c for s, c in zip(self.stage_buckets, crops) if s in stages}

@@ -68,6 +68,23 @@ def test_unreadable_bytes_are_rejected(data, reason):
     assert info.value.reason == reason
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\n"
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "TIFF", "BMP"])
+def test_only_the_formats_asked_for_are_decoded(fmt):
+    """Whatever its member name says: an EPS would run Ghostscript on untrusted bytes."""
+    data = EPS if fmt == "EPS" else _encode(Image.new("RGB", (8, 8)), fmt)
+    with pytest.raises(im.ImageRejected) as info:
+        _load(data)
+    assert info.value.reason == im.CORRUPT
+    assert info.value.detail == "not a readable JPEG / PNG / WEBP image"  # no object address
+    if fmt != "EPS":
+        im.open_image(data, max_pixels=100, min_side=1, formats=im.formats_for([fmt.lower()]))
+    with pytest.raises(ValueError, match="'.nope'"):
+        im.formats_for(["png", "nope"])
+
+
 def test_truncated_image_is_rejected():
     rng = np.random.default_rng(0)
     data = _encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "PNG")

@@ -114,3 +114,19 @@ def test_s3_shards_with_dataloader_workers(s3_bucket):
     assert state.corrupt == 2 and set(state.to_dict()) == {"0", "1"}
     with pytest.raises(ValueError, match="data.num_workers"):
         make_loader(RawDataConfig(shards=cfg.shards, num_workers=3), 2, 0, 1, state.to_dict())
+
+
+def test_a_damaged_shard_is_skipped_and_no_usable_image_is_an_error(tmp_path):
+    """A truncated or empty shard once stopped the stream with TarDamaged; a dataset of nothing
+    usable must say so instead of reading on forever."""
+    urls = _write_shards(str(tmp_path), num_shards=2, per_shard=4)
+    data = open(urls[1], "rb").read()
+    with open(urls[1], "wb") as f:
+        f.write(data[: len(data) // 2 + 100])  # cut inside a member
+    empty = str(tmp_path / "empty.tar")
+    open(empty, "wb").close()
+    batches = list(itertools.islice(iter(RawImageStream(urls + [empty], 16, 2, 0, 1)), 6))
+    assert {"000_000", "000_003"} <= {k for b in batches for k in b["keys"]}
+    assert batches[-1]["corrupt"] >= 4  # 2 bad samples + the cut tail + the empty file, per epoch
+    with pytest.raises(ValueError, match="gave no usable image"):
+        next(iter(RawImageStream([empty], 16, 2, 0, 1)))

@@ -5,14 +5,16 @@ archives, damage, and the writer's atomic, hashed, reproducible output."""
 import gzip
 import hashlib
 import io
+import lzma
 import os
+import signal
 import tarfile
 
 import pytest
 import webdataset as wds
 
-from bdt.data.tars import (NO_EXTENSION, NOT_A_FILE, TOO_LARGE, UNSAFE_PATH, ShardWriter,
-                           TarDamaged, iter_members, iter_samples, read_samples)
+from bdt.data.tars import (NO_EXTENSION, NOT_A_FILE, REPEATED, TOO_LARGE, UNSAFE_PATH,
+                           ShardWriter, TarDamaged, iter_members, iter_samples, read_samples)
 
 LONG = "d" * 90 + "/" + "n" * 80 + ".bits.npy"  # > 100 chars: prefix, pax path or GNU long name
 
@@ -109,6 +111,68 @@ def test_damage_names_the_sample_it_broke_in():
     with pytest.raises(TarDamaged, match="checksum") as e:
         next(iter_samples(io.BytesIO(bytes(bad))))
     assert e.value.pending is None and e.value.members == 0
+
+
+def _with_size_field(data: bytes, field: bytes) -> bytes:
+    """`data` with its first header's size field replaced (and its checksum made right again)."""
+    header = bytearray(data[:512])
+    header[124:136], header[148:156] = field, b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + data[512:]
+
+
+def _pax_then_member(record: bytes) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("PaxHeader")
+        info.type, info.size = tarfile.XHDTYPE, len(record)
+        tar.addfile(info, io.BytesIO(record))
+        info = tarfile.TarInfo("a.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"cap"))
+    return buf.getvalue()
+
+
+def _raise_timeout(*_):
+    raise TimeoutError("the reader did not stop")
+
+
+def _flipped(data: bytes, start: int, n: int = 40) -> bytes:
+    return data[:start] + bytes(b ^ 0x55 for b in data[start:start + n]) + data[start + n:]
+
+
+PLAIN = tar_bytes([("a.txt", b"caption"), ("b.txt", b"more")])
+HOSTILE = {
+    "pax length 0": lambda: _pax_then_member(b"0 path=x.txt\n"),
+    "pax length < 0": lambda: _pax_then_member(b"-9 path=x.txt\n"),
+    "pax size < 0": lambda: _pax_then_member(b"13 size=-999\n"),
+    "base-256 size 2**80": lambda: _with_size_field(PLAIN, b"\x80" + (2**80).to_bytes(11, "big")),
+    "corrupt xz": lambda: _flipped(lzma.compress(PLAIN), 40),
+    "corrupt gzip": lambda: _flipped(gzip.compress(PLAIN), 20),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(HOSTILE))
+def test_hostile_headers_and_streams_are_damage(damage, tmp_path):
+    """Each of these once hung the reader (a pax record that does not move on), crashed it with
+    another error than TarDamaged (OverflowError, LZMAError, zlib.error) or stepped backwards."""
+    data = HOSTILE[damage]()
+    path = tmp_path / "bad.tar"
+    path.write_bytes(data)
+    old = signal.signal(signal.SIGALRM, _raise_timeout)
+    signal.alarm(10)
+    try:
+        with pytest.raises(TarDamaged, match=f"^{path}: "):  # naming the file
+            list(read_samples(str(path)))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_repeated_member_is_refused_not_overwritten():
+    data = tar_bytes([("a.png", b"first"), ("a.png", b"second"), ("a.txt", b"cap")])
+    (got,) = iter_samples(io.BytesIO(data))
+    assert got.members == {"png": b"first", "txt": b"cap"} and got.refused == [("a.png", REPEATED, 6)]
 
 
 def test_shard_writer_is_atomic_hashed_and_reproducible(tmp_path):

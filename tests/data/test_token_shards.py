@@ -2,12 +2,15 @@
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
 import webdataset as wds
 
 from bdt.data.token_shards import TokenSample, decode_sample, encode_sample, iter_token_shard, sample_key
+
+_SAFE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _sample(key="k1") -> TokenSample:
@@ -50,5 +53,24 @@ def test_bad_samples_name_the_problem():
         encode_sample(TokenSample("k", np.zeros((2, 2, 4), np.int32), 32, (32, 32), "c", "k", "s", "1"))
 
 
-def test_sample_keys_are_webdataset_safe():
+def test_sample_keys_are_webdataset_safe_and_distinct():
     assert sample_key("a/b.c d") == "a_b_c_d" and sample_key("000123") == "000123"
+    taken = set()
+    for source in ["a b", "a_b", "猫", "狗", "", "caf\\xe9"]:  # once: "a_b" twice, "_" three times
+        key = sample_key(source, taken)
+        assert _SAFE.fullmatch(key) and key not in taken
+        taken.add(key)
+    assert {"a_b", "_"} < taken and len(taken) == 6  # the first comers keep the plain key
+
+
+@pytest.mark.parametrize("meta,problem", [
+    ([], "json member holds a list"), (None, "json member holds a NoneType"),
+    ({"h": 0}, "h=0"), ({"bits_per_token": 12}, "bits_per_token=12"),
+    ({"bucket": "ab"}, "invalid literal"),
+])
+def test_hostile_metadata_is_a_value_error_naming_the_sample(meta, problem):
+    """Never an AttributeError (which once stopped training) nor a grid of zero tokens."""
+    raw = dict(encode_sample(_sample("k9")), __url__="x.tar")
+    bad = dict(json.loads(raw["json"]), **meta) if isinstance(meta, dict) else meta
+    with pytest.raises(ValueError, match=f"^sample k9 in x.tar: .*{re.escape(problem)}"):
+        decode_sample(dict(raw, json=json.dumps(bad).encode()))

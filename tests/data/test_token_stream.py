@@ -103,6 +103,23 @@ def test_missing_source_is_clear(tmp_path):
         list_shards(str(tmp_path))
 
 
+@pytest.mark.parametrize("index,problem", [
+    (b"{not json", "is damaged"), (b"[1, 2]", "is damaged"),
+    (b'{"stages": {"f": {"shards": [{"shard": "../../elsewhere.tar"}]}}}', "'../../elsewhere.tar', not a path inside"),
+    (b'{"stages": {"f": {"shards": [{"shard": "/abs/x.tar"}]}}}', "'/abs/x.tar', not a path inside"),
+    (b'{"stages": {"f": {"shards": "f/000000.tar"}}}', "no shard list for family 'f'"),
+    (b'{"stages": {"f": {"shards": [{"shard": "f/000000.tar"}, {"shard": "f/000001.tar"}]}}}',
+     r"lists 1 shard\(s\) of family 'f' that do not exist, e.g. .*f/000001.tar"),
+])
+def test_a_damaged_manifest_is_refused_naming_it(tmp_path, index, problem):
+    """Not a bare JSONDecodeError or AttributeError, not a shard outside the output, and not a
+    listed shard that is missing (the stream would skip it every epoch with a warning only)."""
+    write_shards(str(tmp_path / "f"), GRIDS, num_shards=1, per_shard=2)
+    (tmp_path / "index.json").write_bytes(index)
+    with pytest.raises(ValueError, match=f"index.json.* {problem}"):
+        list_shards(str(tmp_path), "f")
+
+
 def test_packing_efficiency_on_shapes_data(tmp_path):
     """Shapes captions through the real text tokenizer and packer lengths, at the 256 px aspect
     buckets of a 16x tokenizer (7 grids from 32x8 to 8x32 tokens), 4096-token micro-batches."""

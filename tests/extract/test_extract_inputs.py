@@ -64,9 +64,10 @@ def test_s3_inputs_are_checked_with_one_listing_per_prefix(s3_bucket, caplog):
         inp.list_units(f"{s3_bucket}/p/s-{{0..7}}.tar", "auto", 10, EXTS)
 
 
-def test_not_a_tar_is_one_unreadable_reject(tmp_path):
+@pytest.mark.parametrize("data", [b"this is not a tar archive" * 40, b""])
+def test_not_a_tar_is_one_unreadable_reject(tmp_path, data):
     path = tmp_path / "junk.tar"
-    path.write_bytes(b"this is not a tar archive" * 40)
+    path.write_bytes(data)  # an empty file too: a failed download is not an empty shard
     assert _rejects(_read(str(path))) == [("", "unreadable_shard")]
 
 
@@ -99,6 +100,27 @@ def test_duplicates_oversize_and_groups(tmp_path):
     samples = {i.key: i for i in items if isinstance(i, inp.RawSample)}
     assert sorted(samples) == ["x", "y", "z"] and samples["x"].caption == b"one"
     assert samples["z"].image_ext == "jpg"
+
+
+def test_hostile_names_and_repeats_are_judged_not_lost(tmp_path):
+    """A name that is not UTF-8 once failed its whole unit (its key could not be written to
+    JSON); a member repeated in a sample silently replaced the first one."""
+    import json
+    import tarfile
+
+    path = tmp_path / "n.tar"
+    png = image_bytes(40, 40)
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, errors="surrogateescape") as tar:
+        for name, data in (("caf\udce9.png", png), ("caf\udce9.txt", b"cap"), ("two.png", png),
+                           ("two.png", png), ("two.txt", b"cap"), ("\udcff.png", png)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    items = _read(str(path))
+    assert [(i.key, getattr(i, "reason", "sample")) for i in items] == [
+        ("caf\\xe9", "sample"), ("two", "duplicate_key"), ("\\xff", "sample")]
+    assert "'two.png' appears twice" in items[1].detail
+    json.dumps([i.key for i in items], ensure_ascii=False).encode("utf-8")  # as the worker writes
 
 
 @pytest.mark.parametrize("raw,reason", [
@@ -173,3 +195,37 @@ def test_config_values_are_checked_before_any_work(tmp_path, tiny_tokenizer):
     units, stages, identity, fp = plan(load(ExtractConfig, [], base + ["stages=[{resolution: 32}]", "patch_size=2"]))
     assert len(units) == 1 and all(w % 8 == 0 and h % 8 == 0 for w, h in stages["32"])
     assert identity["downsample_factor"] == 4 and len(fp) == 16
+
+
+@pytest.mark.parametrize("plan", [b'{"units": [{"ind', b"[]"])
+def test_a_damaged_plan_is_refused_not_rewritten(tmp_path, plan):
+    """plan.json says which inputs the existing shards were made from: silently rewriting a
+    damaged one would let other inputs mix into them."""
+    from bdt.extract import manifest as mf
+
+    (tmp_path / "plan.json").write_bytes(plan)
+    unit = inp.InputUnit(0, "tar", str(tmp_path / "x.tar")).to_dict()
+    with pytest.raises(ValueError, match="plan.json is damaged"):
+        mf.check_plan(str(tmp_path), [unit])
+    assert (tmp_path / "plan.json").read_bytes() == plan
+    mf.check_plan(str(tmp_path / "fresh"), [unit])  # no plan yet: written
+    assert (tmp_path / "fresh" / "plan.json").exists()
+
+
+def test_folder_links_and_non_files_are_refused_unread(tmp_path):
+    """A caption linked to a file outside the folder once went into the shards as a caption; a
+    directory named like a caption failed the whole unit."""
+    (tmp_path / "secret").write_text("not for the dataset")
+    root = tmp_path / "d"
+    root.mkdir()
+    for stem in ("ok", "lnk", "dir", "long"):
+        (root / f"{stem}.png").write_bytes(image_bytes(40, 40))
+    (root / "ok.txt").write_text("a caption")
+    (root / "lnk.txt").symlink_to(tmp_path / "secret")
+    (root / "dir.txt").mkdir()
+    (root / "long.txt").write_text("x" * 101)
+    unit = inp.list_units(str(root), "auto", 10, EXTS)[0]
+    items = list(inp.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=100))
+    assert [(i.key, getattr(i, "reason", "sample")) for i in items] == [
+        ("dir", "not_a_file"), ("lnk", "not_a_file"), ("long", "caption_too_long"), ("ok", "sample")]
+    assert all(b"not for" not in (getattr(i, "caption", b"") or b"") for i in items)
