@@ -201,7 +201,9 @@ def _meta_model(cfg: ModelConfig, llm_config: dict, url: str) -> BitDanceModel:
     kwargs = dict(llm_config)
     try:
         hf_config = AutoConfig.for_model(kwargs.pop("model_type", ""), **kwargs)
-    except (ValueError, KeyError, TypeError) as e:
+        with torch.device("meta"):
+            llm = AutoModelForCausalLM.from_config(hf_config)
+    except (ValueError, KeyError, TypeError) as e:  # e.g. an unknown model type, an int dtype
         raise ValueError(f"{url}: not a Hugging Face causal-LM config ({e})") from None
     with torch.device("meta"):
-        return BitDanceModel(cfg, AutoModelForCausalLM.from_config(hf_config))
+        return BitDanceModel(cfg, llm)

@@ -115,6 +115,7 @@ def _head_config(release, **changes) -> dict:
     (HEAD_CONFIG, "wide", ValueError, "shape mismatch"),  # ch_latent 256: head shapes differ
     (HEAD_CONFIG, "cond", ValueError, "ch_cond"),
     (HEAD_CONFIG, "unknown", ValueError, "colour"),
+    ("config.json", "int8", ValueError, "config.json: not a Hugging Face causal-LM config"),
     (PROJECTOR_WEIGHTS, "extra key", ValueError, "connector.fc3.weight"),
     (HEAD_WEIGHTS, "nan", ValueError, "NaN or inf values [head.input_proj.bias]"),
     ("tokenizer.json", "plain tokenizer", ValueError, "lacks 3 of BitDance's tokens"),
@@ -129,6 +130,9 @@ def test_a_bad_release_fails_naming_the_problem_and_writes_nothing(release, tmp_
         content = _head_config(release, colour="red")
     elif content == "extra key":
         content = {**load_file(release / PROJECTOR_WEIGHTS), "fc3.weight": torch.zeros(2, 2)}
+    elif content == "int8":  # an LLM dtype no model can be built in
+        content = {**json.loads((release / "config.json").read_text()), "dtype": "int8",
+                   "torch_dtype": "int8"}
     elif content == "nan":
         head = load_file(release / HEAD_WEIGHTS)
         content = {**head, "net.input_proj.bias": head["net.input_proj.bias"] * float("nan")}
