@@ -7,8 +7,10 @@ Layout of one checkpoint (`<root>/step_000001234/`):
                                ZeRO-1/2, so each rank needs its own file; environment.md)
   shared.pt                    replicated non-engine state (EMA weights, a plain torch optimizer),
                                written by rank 0, read back with torch.load(weights_only=True)
-  COMPLETE                     written by rank 0 after every other file: step, world size and
-                               each file's size and sha256 (integrity.py), hashed by its writer.
+  COMPLETE                     written by rank 0 after every other file: step, world size, the
+                               engine settings (ZeRO stage, precision: another is refused by
+                               name) and each file's size and sha256 (integrity.py), hashed by
+                               its writer.
 A checkpoint without COMPLETE (a crash or kill mid-save) is ignored by resume and pruned later.
 
 Resume (`resume`) tries the complete checkpoints newest first. Each is verified before anything
@@ -97,10 +99,15 @@ def list_checkpoints(root: str) -> list[tuple[int, str, bool]]:
 class CheckpointManager:
     """Save / find / verify / load checkpoints under `root` (local path or fsspec URL)."""
 
-    def __init__(self, root: str, dist: DistInfo, keep_last: int = 3, staging_dir: str | None = None):
+    def __init__(self, root: str, dist: DistInfo, keep_last: int = 3, staging_dir: str | None = None,
+                 settings: dict[str, Any] | None = None):
+        """`settings`: what the engines' files depend on (e.g. ZeRO stage, precision), recorded in
+        each marker; loading a checkpoint written with others is a ValueError naming them."""
         self.root = root.rstrip("/")
         self.dist = dist
         self.keep_last = keep_last
+        self.settings = settings or {}
+        self.passed_over: set[str] = set()  # tags resume found unusable: kept, never counted
         self.remote = storage.is_remote(self.root)
         if self.remote:
             name = re.sub(r"[^A-Za-z0-9]+", "_", self.root)[-80:]
@@ -134,6 +141,7 @@ class CheckpointManager:
 
         tag = tag_for(step)
         local_dir = os.path.join(self.staging, tag)
+        self.passed_over.discard(tag)  # set aside below, and written anew
         if self.dist.is_main:
             self._set_aside(tag)
         barrier()
@@ -168,7 +176,8 @@ class CheckpointManager:
             barrier()
         if self.dist.is_main:
             marker = {"step": step, "world_size": self.dist.world_size, "engines": sorted(engines),
-                      "time": time.time(), "files": dict(sorted(files.items()))}
+                      "settings": self.settings, "time": time.time(),
+                      "files": dict(sorted(files.items()))}
             storage.write_bytes_atomic(storage.join(self.root, tag, MARKER), json.dumps(marker).encode())
             self.prune(upto_step=step)
         if self.remote and self.dist.is_local_main:
@@ -207,12 +216,13 @@ class CheckpointManager:
 
     def prune(self, upto_step: int | None = None) -> None:
         """Delete incomplete checkpoints and, among the complete ones up to `upto_step` (default
-        all), all but the newest `keep_last`. Complete ones after it are left alone: after a
-        fallback they are the ones resume passed over, kept for inspection."""
+        all), all but the newest `keep_last`. Complete ones after it and those resume passed over
+        are left alone, kept for inspection: a damaged one must not take the place of a good one
+        among the last `keep_last`."""
         fs, path = self._fs()
         tags = self.list_tags()
-        complete = [tag for step, tag, done in tags
-                    if done and (upto_step is None or step <= upto_step)]
+        complete = [tag for step, tag, done in tags if done and tag not in self.passed_over
+                    and (upto_step is None or step <= upto_step)]
         doomed = [tag for _, tag, done in tags if not done]
         if self.keep_last > 0:
             doomed += complete[:-self.keep_last]
@@ -238,6 +248,7 @@ class CheckpointManager:
                 meta, tensors, shared = self.load(tag, engines, load_optimizer, reshard)
             except CheckpointUnusable as e:
                 skipped.append(str(e))
+                self.passed_over.add(tag)
                 if self.dist.is_main:
                     log.warning("checkpoint skipped: %s", e)
                 continue
@@ -255,6 +266,7 @@ class CheckpointManager:
         loading. A checkpoint of another world size needs `reshard(old per-rank (state,
         tensors), new world size) -> new per-rank (state, tensors)`; it is converted first."""
         marker = self._shared_marker(tag)
+        self._check_settings(tag, marker)
         saved_world = marker.get("world_size", self.dist.world_size)
         conv = None
         if saved_world != self.dist.world_size:
@@ -312,6 +324,18 @@ class CheckpointManager:
             shared = torch.load(shared_path, map_location="cpu", weights_only=True)
         restore_rng(meta["rng"], tensors)
         return meta["state"], user_tensors(tensors), shared
+
+    def _check_settings(self, tag: str, marker: dict) -> None:
+        """A ValueError (the run's config, not the checkpoint, is at fault: no fallback) when
+        `tag` was written with other settings; markers from before settings were recorded pass."""
+        saved = marker.get("settings") or {}
+        changed = [k for k, v in self.settings.items() if k in saved and saved[k] != v]
+        if changed:
+            raise ValueError(f"checkpoint {storage.join(self.root, tag)} was written with "
+                             + ", ".join(f"{k}={saved[k]!r}" for k in changed) + "; this run has "
+                             + ", ".join(f"{k}={self.settings[k]!r}" for k in changed)
+                             + ": resume with the checkpoint's settings, or start a new checkpoint "
+                               "directory")
 
     def _shared_marker(self, tag: str) -> dict:
         """Collective: `tag`'s marker, or the same CheckpointUnusable on every rank."""

@@ -8,6 +8,7 @@ DeepSpeed JSON is derived here so the common cases never need a hand-written DS 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +88,8 @@ def make_schedule(optim: OptimConfig, total_steps: int) -> WarmupSchedule:
                           kind=optim.schedule, min_ratio=optim.min_lr_ratio)
 
 
-def initialize_engine(model: torch.nn.Module, ds_config: dict, schedule: WarmupSchedule):
+def initialize_engine(model: torch.nn.Module, ds_config: dict,
+                      schedule: Callable[[int], float]):
     """`deepspeed.initialize` with our LambdaLR schedule; returns the engine.
 
     The scheduler is passed as a callable so it wraps the optimizer DeepSpeed builds from the

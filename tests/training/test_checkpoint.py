@@ -67,6 +67,18 @@ def test_world_size_mismatch_is_a_clear_error(tmp_path):
         other.load(tag_for(3), engines={})  # no reshard function: this state cannot be re-split
 
 
+def test_other_engine_settings_are_a_clear_error_not_damage(tmp_path):
+    """A checkpoint written under another ZeRO stage (DeepSpeed fails on it with an empty
+    AssertionError) is refused by name, before loading, without passing over to older ones."""
+    zero2 = {"deepspeed.zero_stage": 2, "deepspeed.precision": "fp32"}
+    _save(CheckpointManager(str(tmp_path), SOLO, settings=zero2), 3)
+    assert CheckpointManager(str(tmp_path), SOLO, settings=zero2).resume(engines={}).tag == tag_for(3)
+    zero3 = CheckpointManager(str(tmp_path), SOLO, settings={**zero2, "deepspeed.zero_stage": 3})
+    with pytest.raises(ValueError, match=r"step_000000003 was written with deepspeed.zero_stage=2; "
+                                         r"this run has deepspeed.zero_stage=3"):
+        zero3.resume(engines={})
+
+
 def test_world_change_converts_once_beside_the_checkpoint(tmp_path):
     """Saved by 2 ranks (no engines), loaded by 1: the reshard function sees both ranks' states
     in rank order, its result is written once to <tag>.w00001 (marker last) and reused; new
@@ -152,6 +164,21 @@ def test_marker_lists_every_file_and_resume_falls_back_past_damage(tmp_path, cap
     moved = list((root / "unusable").glob(f"*/{tag_for(2)}/rank_00000.json"))
     assert len(moved) == 1 and "moved to" in caplog.text
     assert mgr.resume(engines={}).tag == tag_for(2)
+
+
+def test_a_checkpoint_passed_over_does_not_count_toward_keep_last(tmp_path):
+    """keep_last 2 after resuming past a damaged step 7: step 8 is saved, and the good step 6
+    stays beside it (the damaged 7 is kept for inspection but is not one of the two)."""
+    root = tmp_path / "ck"
+    mgr = CheckpointManager(str(root), SOLO, keep_last=2)
+    for step in (6, 7):
+        _save(mgr, step)
+    flip_bytes(root / tag_for(7) / "shared.pt")
+    assert mgr.resume(engines={}).tag == tag_for(6)
+    _save(mgr, 8)
+    assert [tag for _, tag, _ in mgr.list_tags()] == [tag_for(6), tag_for(7), tag_for(8)]
+    _save(mgr, 9)
+    assert [tag for _, tag, _ in mgr.list_tags()] == [tag_for(7), tag_for(8), tag_for(9)]
 
 
 def test_no_usable_checkpoint_is_an_error_naming_each(tmp_path):

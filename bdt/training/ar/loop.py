@@ -124,11 +124,14 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     model, hf_ds_config = setup.build_model(cfg, ds_config)  # noqa: F841 (kept alive: weak ref)
     # What each rank holds right after the build: under ZeRO-3 its partitions only.
     params_local = all_gather_int(setup.local_numel(model))
+    # DeepSpeed cannot load an engine of another ZeRO stage or precision: refused by name.
     ckpt = CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir), dist,
-                             cfg.checkpoint.keep_last, cfg.checkpoint.staging_dir or None)
+                             cfg.checkpoint.keep_last, cfg.checkpoint.staging_dir or None,
+                             settings={"deepspeed.zero_stage": cfg.deepspeed.zero_stage,
+                                       "deepspeed.precision": cfg.deepspeed.precision})
     setup.check_model_signature(ckpt.root, setup.model_signature(model), dist)
     flop_model = FlopModel.for_model(model)
-    engine = initialize_engine(model, ds_config, clock)
+    engine = initialize_engine(model, ds_config, clock.lr_lambda())
     ema = EMA(engine.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     logger = MetricsLogger(cfg.run_dir, dist.is_main, tensorboard=cfg.logging.tensorboard)
@@ -150,7 +153,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
         if "clock" not in meta:
             raise ValueError(f"checkpoint {ckpt.root}/{resume} has no stage clock (written before "
                              f"stages could end on real tokens): start a new checkpoint.dir")
-        clock.load_state_dict(meta["clock"])  # also in the LR scheduler's state; this one rules
+        clock.load_state_dict(meta["clock"])
         if ema is not None:
             if not shared or "ema" not in shared:
                 raise ValueError(f"checkpoint {ckpt.root}/{resume} holds no EMA weights but "

@@ -203,8 +203,8 @@ def check_model_signature(root: str, signature: dict[str, list[int]], dist: Dist
     """First start: record the model's parameter shapes beside the checkpoints. Later starts:
     refuse checkpoints of a differently shaped model before DeepSpeed tries to load them."""
     url = storage.join(root, SIGNATURE_NAME)
-    if storage.exists(url):
-        saved = json.loads(storage.read_bytes(url))
+    saved = _recorded_signature(url)
+    if saved is not None:
         for name in list(signature) + [n for n in saved if n not in signature]:
             if saved.get(name) != signature.get(name):
                 raise ValueError(f"checkpoints in {root} are from a different model shape: parameter "
@@ -214,6 +214,22 @@ def check_model_signature(root: str, signature: dict[str, list[int]], dist: Dist
         storage.makedirs(root)
         storage.write_bytes_atomic(url, json.dumps(signature).encode())
     barrier()
+
+
+def _recorded_signature(url: str) -> dict | None:
+    """The shapes recorded at `url`; None when there are none or the file is damaged (it is
+    only a guard, written again: DeepSpeed's load still refuses a checkpoint of other shapes)."""
+    if not storage.exists(url):
+        return None
+    try:
+        saved = json.loads(storage.read_bytes(url))
+        if isinstance(saved, dict):
+            return saved
+        why = "not a JSON object"
+    except ValueError as e:
+        why = str(e)
+    log.warning("%s is damaged (%s): recording this model's parameter shapes again", url, why)
+    return None
 
 
 def stage_packer(model: BitDanceModel, parallel_num: int, token_budget: int,

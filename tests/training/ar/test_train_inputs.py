@@ -126,6 +126,20 @@ def test_checkpoints_of_another_model_shape_are_refused(tmp_path):
         check_model_signature(root, model_signature(wide), dist)
 
 
+def test_a_damaged_shape_record_is_written_again(tmp_path, caplog):
+    """model_shapes.json cut short (a damaged disk): a warning naming it and a new record, not
+    a JSON error that would keep the run from ever resuming."""
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    root = tmp_path / "ck"
+    small = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    check_model_signature(str(root), model_signature(small), dist)
+    record = root / "model_shapes.json"
+    record.write_text(record.read_text()[:10])
+    check_model_signature(str(root), model_signature(small), dist)
+    assert f"{record} is damaged" in caplog.text
+    assert json.loads(record.read_text()) == model_signature(small)
+
+
 def test_stage_p_and_eval_keys_are_checked_at_start(tmp_path):
     from bdt.training.ar.config import validate
 
