@@ -13,6 +13,7 @@ The inputs are listed and checked before Ray starts. Exit code 0 when every inpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -32,19 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     from bdt.extract.config import ExtractConfig
+    from bdt.extract.manifest import output_lock
     from bdt.extract.ray_session import ray_session
     from bdt.extract.run import plan, run
 
-    try:
-        cfg = load(ExtractConfig, ns.config, ns.overrides)
-        planned = plan(cfg)  # inputs, tokenizer and output are checked before Ray starts
-    except (ConfigError, ValueError, OSError) as exc:
-        fail(str(exc))
-    with ray_session():  # a private Ray is stopped on every way out this process controls
+    with contextlib.ExitStack() as stack:
         try:
-            summary = run(cfg, planned)
-        except (ValueError, OSError) as exc:
+            cfg = load(ExtractConfig, ns.config, ns.overrides)
+            stack.enter_context(output_lock(cfg.output))  # held until the manifest is written
+            planned = plan(cfg)  # inputs, tokenizer and output are checked before Ray starts
+        except (ConfigError, ValueError, OSError) as exc:
             fail(str(exc))
+        with ray_session():  # a private Ray is stopped on every way out this process controls
+            try:
+                summary = run(cfg, planned)
+            except (ValueError, OSError) as exc:
+                fail(str(exc))
     return 1 if summary["failed_units"] else 0
 
 

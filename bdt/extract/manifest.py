@@ -7,6 +7,7 @@
   OUTPUT/rejects.jsonl              all rejects, merged at the end of a run
   OUTPUT/index.json                 manifest: tokenizer identity, config, per-shard entries, totals
   OUTPUT/config.yaml                the resolved config
+  OUTPUT/lock.json                  held by the run writing the output (host, pid), removed at its end
 
 A shard counts as done only when its marker parses, was made with the same fingerprint
 (tokenizer + preprocessing settings) and the shard's size and sha256 match the marker.
@@ -14,17 +15,24 @@ A shard counts as done only when its marker parses, was made with the same finge
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
+from collections.abc import Iterator
 from typing import Any
+
+import psutil
 
 from bdt import storage
 from bdt.data.token_shards import SCHEMA_VERSION as TOKEN_SHARD_SCHEMA
+from bdt.training.run_lock import holder_alive
 
 MARKER_SCHEMA = 1
 INDEX_NAME = "index.json"
 PLAN_NAME = "plan.json"
 REJECTS_NAME = "rejects.jsonl"
+LOCK_NAME = "lock.json"
 
 
 def shard_url(root: str, stage: str, index: int) -> str:
@@ -116,6 +124,11 @@ def check_plan(root: str, units: list[dict]) -> None:
                              f"{len(units)}: write to a new output")
         if len(units) == len(old.get("units", [])):
             return
+        # The manifest calls the shorter plan complete: drop it before the plan grows, so a run
+        # stopped before its end leaves no index.json that training would take as the whole output.
+        fs, index_path = storage.filesystem(storage.join(root, INDEX_NAME))
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(index_path)
     storage.write_bytes_atomic(url, json_bytes({"units": units}))
 
 
@@ -132,3 +145,42 @@ def build_index(root: str, identity: dict, config: dict, stages: dict[str, dict]
     return {"schema": MARKER_SCHEMA, "token_shard_schema": TOKEN_SHARD_SCHEMA, "tokenizer": identity,
             "config": config, "stages": out_stages}
 
+
+@contextlib.contextmanager
+def output_lock(root: str) -> Iterator[None]:
+    """Hold OUTPUT/lock.json (created exclusively, locally or on S3) while one run writes the output.
+
+    Two runs at once would delete each other's temp files and could interleave plans or
+    fingerprints; the second one fails instead, naming the first. A lock left by a killed run on
+    this host (its process gone) is taken over, so rerunning the command just works. (Training's
+    RunLock needs hard links, which object stores lack; an exclusive create is what S3 offers.)
+    """
+    url = storage.join(root, LOCK_NAME)
+    storage.makedirs(root)
+    fs, path = storage.filesystem(url)
+    me = psutil.Process()
+    mine = json_bytes({"host": socket.gethostname(), "pid": me.pid, "pid_start": me.create_time()})
+    for attempt in range(2):
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(mine)
+            break
+        except FileExistsError:
+            holder = read_json(url)
+            if attempt or not _lock_is_stale(holder):
+                raise ValueError(f"{url}: another extraction is writing this output ({holder}); wait for "
+                                 f"it to end, or delete {url} if it is no longer running") from None
+            with contextlib.suppress(FileNotFoundError):  # its run ended meanwhile
+                fs.rm_file(path)
+    try:
+        yield
+    finally:
+        fs.rm_file(path)
+
+
+def _lock_is_stale(holder: Any) -> bool:
+    """True when the lock's run is known to be gone: its process on this host has ended (or the
+    lock is unreadable, a run killed while creating it). Another host's run cannot be checked."""
+    if not isinstance(holder, dict):
+        return True
+    return holder.get("host") == socket.gethostname() and not holder_alive(holder)

@@ -155,11 +155,19 @@ class _Progress:
 
 def run(cfg: ExtractConfig, planned: tuple | None = None) -> dict[str, Any]:
     """Extract every unit not already done; returns the summary (also in index.json). `planned`:
-    what `plan(cfg)` returned, for a caller that checked the inputs before starting Ray."""
+    what `plan(cfg)` returned, for a caller that holds `mf.output_lock` and checked the inputs
+    before starting Ray."""
+    if planned is not None:
+        return _run(cfg, planned)
+    with mf.output_lock(cfg.output):
+        return _run(cfg, plan(cfg))
+
+
+def _run(cfg: ExtractConfig, planned: tuple) -> dict[str, Any]:
     import ray
 
     t0 = time.time()
-    units, stages, identity, fp = planned or plan(cfg)
+    units, stages, identity, fp = planned
     actors = _make_actors(cfg, fp, stages, len(units))
     todo = deque(units)
     in_flight: dict[Any, tuple[inp.InputUnit, Any]] = {}

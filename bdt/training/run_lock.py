@@ -95,7 +95,7 @@ class RunLock:
         return _read_lock(self.path)
 
     def _stale_because(self, holder: dict, age: float) -> str | None:
-        if holder.get("host") == self.record["host"] and not _alive(holder):
+        if holder.get("host") == self.record["host"] and not holder_alive(holder):
             return f"its process {holder.get('pid')} is gone"
         if age > self.stale_s:
             return f"no heartbeat for {age:.0f} s"
@@ -151,8 +151,9 @@ def hold_run_lock(run_dir: str, dist: DistInfo) -> RunLock | None:
     return lock
 
 
-def _alive(holder: dict) -> bool:
-    """Whether the holder's process (pid and start time) still runs on this host."""
+def holder_alive(holder: dict) -> bool:
+    """Whether the holder's process (`pid` and its start time `pid_start`) still runs on this
+    host."""
     try:
         proc = psutil.Process(int(holder["pid"]))
         return (abs(proc.create_time() - holder["pid_start"]) < 1e-3

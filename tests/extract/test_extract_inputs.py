@@ -212,6 +212,21 @@ def test_a_damaged_plan_is_refused_not_rewritten(tmp_path, plan):
     assert (tmp_path / "fresh" / "plan.json").exists()
 
 
+def test_appending_inputs_drops_the_manifest_until_the_run_ends(tmp_path):
+    """A run with appended inputs that is stopped early must not leave the old index.json
+    (complete: true for the shorter plan) for training to take as the whole output."""
+    from bdt.data.shard_source import list_shards
+    from bdt.extract import manifest as mf
+
+    units = [inp.InputUnit(i, "tar", str(tmp_path / f"x{i}.tar")).to_dict() for i in range(2)]
+    mf.check_plan(str(tmp_path), units[:1])
+    (tmp_path / "index.json").write_bytes(mf.json_bytes({"complete": True, "stages": {"32": {"shards": []}}}))
+    mf.check_plan(str(tmp_path), units[:1])  # the same plan: the manifest stays
+    assert (tmp_path / "index.json").exists()
+    mf.check_plan(str(tmp_path), units)
+    with pytest.raises(ValueError, match="extraction output without index.json"):
+        list_shards(str(tmp_path), "32")
+
 def test_folder_links_and_non_files_are_refused_unread(tmp_path):
     """A caption linked to a file outside the folder once went into the shards as a caption; a
     directory named like a caption failed the whole unit."""
