@@ -55,6 +55,14 @@ def stage_name(stage: FamilyConfig) -> str:
 _DTYPES = ("auto", "float32", "bfloat16")
 
 
+def encode_dtype(cfg: ExtractConfig) -> str:
+    """The dtype the encoder runs in: `auto` is bf16 for actors with a GPU, else fp32. Resolved
+    once from the config, so the fingerprint tells a CPU run's shards from a GPU run's."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "bfloat16" if cfg.gpus_per_actor > 0 else "float32"
+
+
 def validate(cfg: ExtractConfig) -> None:
     """Raise ValueError naming the key for values the types alone don't rule out."""
     from bdt.data.images import formats_for

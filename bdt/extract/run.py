@@ -18,7 +18,7 @@ from bdt.config import save_resolved, to_dict
 from bdt.data.buckets import check_buckets, make_buckets
 from bdt.extract import inputs as inp
 from bdt.extract import manifest as mf
-from bdt.extract.config import ExtractConfig, stage_name, validate
+from bdt.extract.config import ExtractConfig, encode_dtype, stage_name, validate
 
 _IN_FLIGHT_PER_ACTOR = 2  # one running + one queued, so an actor never idles between units
 
@@ -65,7 +65,7 @@ def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[i
     identity = dict(tokenizer_identity(cfg.tokenizer), **geometry)
     # Everything that changes a shard's content; not the Ray sizing or the paths.
     fp = mf.fingerprint({"tokenizer": identity["sha256"], "stages": stages, "patch_size": cfg.patch_size,
-                         "dtype": cfg.dtype, "batch_size": cfg.batch_size,
+                         "dtype": encode_dtype(cfg), "batch_size": cfg.batch_size,
                          "filters": [cfg.min_side, cfg.max_pixels, cfg.max_image_bytes, cfg.max_caption_bytes,
                                      list(cfg.image_extensions)]})
     mf.check_fingerprint(cfg.output, list(stages), fp)

@@ -51,7 +51,7 @@ class ShardEncoder:
         import torch
         from omegaconf import OmegaConf
 
-        from bdt.extract.config import ExtractConfig
+        from bdt.extract.config import ExtractConfig, encode_dtype
         from bdt.tokenizer import load_tokenizer
 
         self.cfg = OmegaConf.merge(OmegaConf.structured(ExtractConfig), cfg)
@@ -61,8 +61,7 @@ class ShardEncoder:
         torch.set_num_threads(max(1, int(self.cfg.cpus_per_actor)))
         use_gpu = self.cfg.gpus_per_actor > 0 and torch.cuda.is_available()
         self.device = "cuda" if use_gpu else "cpu"
-        dtype = {"auto": torch.bfloat16 if use_gpu else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16}[self.cfg.dtype]
+        dtype = getattr(torch, encode_dtype(self.cfg))
         self.model = load_tokenizer(self.cfg.tokenizer, dtype=dtype, device=self.device)
         # (unit index, inputs read, rejected) of the shard being written, None between shards:
         # read by `progress()` from another thread; one tuple assignment keeps it consistent.

@@ -195,6 +195,10 @@ def test_config_values_are_checked_before_any_work(tmp_path, tiny_tokenizer):
     units, stages, identity, fp = plan(load(ExtractConfig, [], base + ["stages=[{resolution: 32}]", "patch_size=2"]))
     assert len(units) == 1 and all(w % 8 == 0 and h % 8 == 0 for w, h in stages["32"])
     assert identity["downsample_factor"] == 4 and len(fp) == 16
+    # dtype auto means fp32 on CPU actors and bf16 on GPU ones: shards that differ, fingerprints too.
+    gpu = plan(load(ExtractConfig, [], base + ["stages=[{resolution: 32}]", "patch_size=2",
+                                              "gpus_per_actor=1"]))
+    assert gpu[3] != fp
 
 
 @pytest.mark.parametrize("plan", [b'{"units": [{"ind', b"[]"])
