@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import fsspec
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -43,6 +43,25 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc, source)) from None
+    except TypeError as exc:
+        # omegaconf raises a bare TypeError (no key) when a mapping is given for a list.
+        key = _mapping_for_list(OmegaConf.to_container(base), OmegaConf.to_container(other))
+        if key is None:
+            raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"{source}: key '{key}': expected a list, got a mapping") from None
+
+
+def _mapping_for_list(base: dict, other: dict, prefix: str = "") -> str | None:
+    """Dotted key of the first list in `base` that `other` gives a mapping for."""
+    for key, value in other.items():
+        here, ours = f"{prefix}{key}", base.get(key)
+        if isinstance(value, dict) and isinstance(ours, list):
+            return here
+        if isinstance(value, dict) and isinstance(ours, dict):
+            found = _mapping_for_list(ours, value, here + ".")
+            if found:
+                return found
+    return None
 
 
 def read_yaml(path: str) -> DictConfig:
@@ -51,12 +70,17 @@ def read_yaml(path: str) -> DictConfig:
             loaded = OmegaConf.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})"
+                          ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: cannot parse YAML{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: cannot parse YAML: {exc}") from None
+    except OSError as exc:  # a directory, no permission; omegaconf's top-level scalar too
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: top level must be a mapping of keys, got a list")
     return loaded
@@ -72,10 +96,12 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         if not sep or not key:
             raise ConfigError(f"command line: '{item}' is not a key=value override")
         try:
-            value = OmegaConf.from_dotlist([f"value={raw}"])["value"]
+            # Unresolved: an interpolation (`run_dir=${data.root}/run`) resolves in the whole tree.
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"]
         except (yaml.YAMLError, OmegaConfBaseException) as exc:
             first = str(exc).strip().splitlines()[0]
             raise ConfigError(f"command line: key '{key}': cannot parse value '{raw}': {first}") from None
+        _check_list_indices(cfg, key)
         try:
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as exc:
@@ -83,6 +109,17 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         except (IndexError, KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"command line: key '{key}': {exc}") from None
     return cfg
+
+
+def _check_list_indices(cfg: DictConfig, key: str) -> None:
+    """Refuse an index past a list's end (omegaconf would report a confusing type error)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[1:], 1):
+        node = OmegaConf.select(cfg, ".".join(parts[:i]), default=None,
+                                throw_on_resolution_failure=False)
+        if isinstance(node, ListConfig) and part.isdigit() and int(part) >= len(node):
+            raise ConfigError(f"command line: key '{key}': index {part} is out of range "
+                              f"('{'.'.join(parts[:i])}' holds {len(node)} items)")
 
 
 def _refuse_renamed(keys: Sequence[str], renamed: Mapping[str, str], source: str) -> None:
@@ -109,7 +146,10 @@ def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[st
         cfg = _merge(cfg, loaded, path)
     _refuse_renamed([o.partition("=")[0].split(".")[0] for o in overrides], renamed, "command line")
     cfg = _apply_overrides(cfg, overrides)
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    try:  # missing_keys reads every value, so it resolves interpolations too
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc, "interpolation")) from None
     if missing:
         sources = ", ".join(list(yaml_paths) + (["command line"] if overrides else [])) or "defaults"
         raise ConfigError(f"missing required value for key '{missing[0]}'"

@@ -157,3 +157,41 @@ def test_unparseable_override_value_is_one_line():
         C.load(Staged, [], ["stages=[1, 2"])
     assert "'stages'" in str(err.value) and "\n" not in str(err.value)
 
+
+
+def test_interpolation_on_command_line_resolves_in_the_whole_tree():
+    cfg = C.load(Job, [], ["data_path=/d", "name=${data_path}/run"])
+    assert cfg.name == "/d/run"
+    with pytest.raises(C.ConfigError, match=r"key 'name': Interpolation key 'nope' not found"):
+        C.load(Job, [], ["data_path=/d", "name=${nope}"])
+
+
+def test_unresolvable_interpolation_in_yaml_is_one_line(tmp_path):
+    bad = _write(tmp_path, "bad.yaml", "data_path: /d\nname: ${nope.x}\n")
+    with pytest.raises(C.ConfigError) as err:
+        C.load(Job, [bad])
+    assert "key 'name'" in str(err.value) and "'nope.x' not found" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unreadable_config_files_name_the_file(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: f\xeate\n".encode("latin-1"))
+    scalar = _write(tmp_path, "scalar.yaml", "5\n")
+    for path, says in [(str(latin1), "not a UTF-8 text file"), (str(tmp_path), "Is a directory"),
+                       (scalar, "Invalid loaded object type: int")]:
+        with pytest.raises(C.ConfigError, match=f"^{path}: .*{says}"):
+            C.load(Job, [path])
+
+
+def test_mapping_given_for_a_list_names_the_key_and_file(tmp_path):
+    bad = _write(tmp_path, "bad.yaml", {"data_path": "/d", "optim": {"betas": {"b1": 0.9}}})
+    with pytest.raises(C.ConfigError,
+                       match=r"bad.yaml: key 'optim.betas': expected a list, got a mapping"):
+        C.load(Job, [bad])
+
+
+def test_override_index_past_a_lists_end_says_so():
+    with pytest.raises(C.ConfigError, match=r"key 'stages.2.steps': index 2 is out of range "
+                                            r"\('stages' holds 2 items\)"):
+        C.load(Staged, [], ["stages.2.steps=5"])

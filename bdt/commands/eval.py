@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,25 +24,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _read_suite(path: str) -> list[dict]:
-    from bdt.data.shapes import check_spec
+    from bdt.commands.sample import read_lines
 
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                missing = [k for k in ("id", "category", "prompt", "spec") if k not in item]
-                if missing:
-                    raise ValueError(f"missing keys {missing}")
-                check_spec(item["spec"])
-            except (ValueError, TypeError, KeyError) as e:
-                raise ValueError(f"{path}:{n}: not a suite item ({e})") from None
-            items.append(item)
+    items, ids = [], set()
+    for n, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            _check_item(item, ids)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{path}:{n}: not a suite item ({e})") from None
+        items.append(item)
+        ids.add(item["id"])
     if not items:
         raise ValueError(f"suite file {path!r} holds no item")
     return items
+
+
+def _check_item(item: dict, seen_ids: set[str]) -> None:
+    """One suite item; its id names its image file (images/<id>.png), so it must be unique
+    and a plain file name."""
+    from bdt.data.shapes import check_spec
+
+    if not isinstance(item, dict):
+        raise ValueError("not a JSON object")
+    missing = [k for k in ("id", "category", "prompt", "spec") if k not in item]
+    if missing:
+        raise ValueError(f"missing keys {missing}")
+    if not all(isinstance(item[k], str) and item[k].strip() for k in ("id", "category", "prompt")):
+        raise ValueError("id, category and prompt must be non-empty strings")
+    name = item["id"]
+    if name in seen_ids or os.path.basename(name) != name or name in (".", ".."):
+        raise ValueError(f"id {name!r} must be unique and a plain file name")
+    check_spec(item["spec"])
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -70,9 +70,23 @@ def read_captions(root: str, limit: int) -> list[str]:
     return captions
 
 
+def check_tiny_args(args: argparse.Namespace) -> None:
+    """Sizes every architecture can be built and run with (ValueError naming the flag)."""
+    for flag in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab_size",
+                 "max_positions", "max_captions"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.heads % args.kv_heads:
+        raise ValueError(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    if args.hidden % (2 * args.heads):  # RoPE rotates pairs: an even head dimension
+        raise ValueError(f"--hidden {args.hidden} must be a multiple of 2 x --heads {args.heads} "
+                         f"(an even head dimension)")
+
+
 def _init_tiny(args: argparse.Namespace) -> int:
     from bdt.model.backbone import make_tiny_llm
 
+    check_tiny_args(args)
     captions = read_captions(args.captions_from, args.max_captions)
     make_tiny_llm(args.out, captions, arch=args.arch, hidden=args.hidden, layers=args.layers,
                   heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 
@@ -42,12 +43,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_sample)
 
 
+def read_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file; a file that is not text names itself."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
+
+
 def read_prompts(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
+    prompts = [line.strip() for line in read_lines(path) if line.strip()]
     if not prompts:
         raise ValueError(f"prompts file {path!r} holds no prompt (one per line)")
     return prompts
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**63:  # torch generators take 64-bit seeds; batch k adds k
+        raise ValueError(f"--seed must be in [0, 2^63), got {seed}")
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """Refuse values no sampling can use before the model loads (ValueError naming the flag)."""
+    if args.steps < 1 or args.batch < 1:
+        raise ValueError(f"--steps and --batch must be >= 1, got {args.steps} and {args.batch}")
+    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        raise ValueError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), "
+                         f"got {args.cfg_scale}")
+    check_seed(args.seed)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a file; give a directory")
 
 
 def load_for_args(args: argparse.Namespace):
@@ -55,9 +81,8 @@ def load_for_args(args: argparse.Namespace):
     from bdt.generation.sampling import SamplingConfig
     from bdt.generation.trained import load_trained, parse_bucket, pick_device
 
-    if args.steps < 1 or args.batch < 1:
-        raise ValueError(f"--steps and --batch must be >= 1, got {args.steps} and {args.batch}")
-    size = parse_bucket(args.bucket) if args.bucket else parse_bucket(str(args.size or 128))
+    check_sampling_args(args)
+    size = parse_bucket(args.bucket or str(128 if args.size is None else args.size))
     trained = load_trained(args.model, pick_device(args.device))
     P = trained.model.cfg.parallel_num
     if args.parallel not in (0, P):
@@ -72,6 +97,8 @@ def load_for_args(args: argparse.Namespace):
 def _sample(args: argparse.Namespace) -> int:
     from bdt.generation.grid import make_grid
 
+    if args.cols < 1:
+        raise ValueError(f"--cols must be >= 1, got {args.cols}")
     prompts = args.prompt if args.prompt else read_prompts(args.prompts_file)
     trained, (width, height), sampling = load_for_args(args)
     images = trained.images(prompts, width, height, sampling, batch=args.batch,

@@ -47,6 +47,11 @@ def _read_image(url: str):
         raise ValueError(f"cannot read image {url}: {exc}") from None
 
 
+def _check_batch_size(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
 def _encode(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -54,6 +59,7 @@ def _encode(args: argparse.Namespace) -> int:
     from bdt.storage import open_atomic
     from bdt.tokenizer.io import load_tokenizer
 
+    _check_batch_size(args)
     model = load_tokenizer(args.tokenizer)
     arrays = [_read_image(url) for url in args.images]
     first = arrays[0].shape[:2]
@@ -81,9 +87,12 @@ def _decode(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
+    from bdt.commands.sample import check_seed
     from bdt.storage import join, makedirs, open_atomic, read_bytes
     from bdt.tokenizer.io import load_tokenizer
 
+    _check_batch_size(args)
+    check_seed(args.seed)
     model = load_tokenizer(args.tokenizer)
     try:
         bits = np.load(io.BytesIO(read_bytes(args.bits)), allow_pickle=False)
@@ -92,6 +101,8 @@ def _decode(args: argparse.Namespace) -> int:
     c = model.bits_per_token
     if bits.ndim != 4 or bits.shape[-1] != c:
         raise ValueError(f"{args.bits}: expected N x h x w x {c} bits, got shape {list(bits.shape)}")
+    if 0 in bits.shape:
+        raise ValueError(f"{args.bits}: holds no token grid (shape {list(bits.shape)})")
     if bits.dtype != bool and not np.isin(bits, (0, 1)).all():
         raise ValueError(f"{args.bits}: values must be 0/1, got {np.unique(bits)[:8].tolist()}")
     makedirs(args.out)

@@ -72,6 +72,13 @@ def _prefixes(model: BitDanceModel, prompts: Sequence[str | Sequence[int]], h: i
     return rows
 
 
+def check_prompts(model: BitDanceModel, prompts: Sequence[str | Sequence[int]], h: int,
+                  w: int) -> None:
+    """ValueError naming the first prompt (index in `prompts`) that an h x w bucket's sampling
+    cannot take, so a long list fails before its first batch rather than midway."""
+    _prefixes(model, prompts, h, w, guided=False)
+
+
 def _layout(lengths: Sequence[int], total: int, prefix_total: int, P: int) -> BlockCausalLayout:
     """Rows right-aligned at `prefix_total` (left padding), then (total - prefix_total) image
     tokens: each row causal over its prefix minus the last P tokens, then blocks of P. The padding

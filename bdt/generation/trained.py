@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from bdt.generation.grid import to_pil
-from bdt.generation.sampling import SamplingConfig, generate
+from bdt.generation.sampling import SamplingConfig, check_prompts, generate
 from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel
 from bdt.model.keymap import release_layout
 from bdt.training import run_dir as layout
@@ -51,11 +51,21 @@ def parse_bucket(text: str) -> tuple[int, int]:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """auto, cpu or cuda[:N]; ValueError for anything else or a GPU this machine lacks."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected auto, cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s)")
+    return device
 
 
 @dataclass
@@ -94,6 +104,7 @@ class TrainedModel:
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         h, w = self.token_grid(width, height, any_bucket)
+        check_prompts(self.model, prompts, h, w)  # all of them, before the first batch samples
         device = next(self.model.parameters()).device
         # bf16 autocast on GPU (the released models run in bf16); CPU stays fp32, where bf16
         # is slower at these widths (tokenizers/README.md).

@@ -87,6 +87,8 @@ def _incomplete_export(trained_run, tmp_path) -> str:
     ("export", ["--bucket", "16by16"], "expected S or WxH"),
     ("export", ["--size", "16", "--parallel", "16"], "trained with P = 4"),
     ("empty_file", ["--size", "16"], "holds no prompt"),
+    # Every prompt is checked before the first batch samples, and named by its index.
+    ("export", ["--size", "16", "--batch", "1", "--prompt", "red " * 600], "prompt 1: 60"),
 ])
 def test_bad_input_exits_2_with_one_line(trained_run, tmp_path, capsys, case, args, expected):
     model = {"missing": str(tmp_path / "nope"), "incomplete": None}.get(case)
