@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from dataclasses import is_dataclass
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
 import fsspec
 import yaml
@@ -122,6 +122,24 @@ def _check_list_indices(cfg: DictConfig, key: str) -> None:
                               f"('{'.'.join(parts[:i])}' holds {len(node)} items)")
 
 
+def _keep_required(cfg: DictConfig, loaded: DictConfig) -> None:
+    """A YAML's `???` asks a later YAML or the command line for the value; merging it over a
+    default would keep the default, so it is set in the merged tree. (List items need nothing:
+    a YAML's list replaces the whole list, its `???` with it.)"""
+    for key in _required_keys(OmegaConf.to_container(loaded, resolve=False)):
+        OmegaConf.update(cfg, key, "???", merge=False)
+
+
+def _required_keys(node: dict, prefix: str = "") -> Iterator[str]:
+    """Dotted keys whose value is `???` in a plain mapping (not resolving: its interpolations
+    may point into other files)."""
+    for key, value in node.items():
+        if value == "???":
+            yield f"{prefix}{key}"
+        elif isinstance(value, dict):
+            yield from _required_keys(value, f"{prefix}{key}.")
+
+
 def _refuse_renamed(keys: Sequence[str], renamed: Mapping[str, str], source: str) -> None:
     for key in keys:
         if key in renamed:
@@ -144,6 +162,7 @@ def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[st
         loaded = read_yaml(path)
         _refuse_renamed(list(loaded.keys()), renamed, path)
         cfg = _merge(cfg, loaded, path)
+        _keep_required(cfg, loaded)
     _refuse_renamed([o.partition("=")[0].split(".")[0] for o in overrides], renamed, "command line")
     cfg = _apply_overrides(cfg, overrides)
     try:  # missing_keys reads every value, so it resolves interpolations too

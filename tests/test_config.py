@@ -195,3 +195,15 @@ def test_override_index_past_a_lists_end_says_so():
     with pytest.raises(C.ConfigError, match=r"key 'stages.2.steps': index 2 is out of range "
                                             r"\('stages' holds 2 items\)"):
         C.load(Staged, [], ["stages.2.steps=5"])
+
+
+def test_a_yamls_missing_marker_requires_a_value_over_a_default(tmp_path):
+    """`???` in a YAML asks a later YAML or the command line for the value, even where the schema
+    has a default (merging would keep the default); interpolations elsewhere stay unresolved."""
+    recipe = _write(tmp_path, "recipe.yaml", "data_path: /d\nname: ???\noptim:\n  lr: ???\n")
+    with pytest.raises(C.ConfigError, match=r"missing required value for key 'name' \(and 1 "
+                                            r"more: optim.lr\)"):
+        C.load(Job, [recipe])
+    site = _write(tmp_path, "site.yaml", "name: ${data_path}-run\n")
+    cfg = C.load(Job, [recipe, site], ["optim.lr=0.5"])
+    assert (cfg.name, cfg.optim.lr) == ("/d-run", 0.5)

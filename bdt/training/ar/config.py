@@ -17,11 +17,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from bdt.model.config import ModelConfig
 from bdt.training.config import CheckpointConfig, LoggingConfig
 from bdt.training.deepspeed_config import DeepSpeedConfig, OptimConfig
+from bdt.training.schedule import SCHEDULES
 
 
 @dataclass
@@ -184,6 +186,9 @@ def validate(cfg: TrainConfig) -> None:
                              f"tokens={s.tokens})")
         if s.token_budget < 1:
             raise ValueError(f"{where}.token_budget must be >= 1, got {s.token_budget}")
+        if not s.shards:
+            raise ValueError(f"{where}.shards is empty: set data.root=... (stages that say "
+                             f"shards: ${{data.root}} read it) or the stage's shards")
         _check_stage_p(cfg, i)
     if cfg.logging.sample_every > 0 and not (cfg.data.tokenizer and cfg.logging.sample_prompts):
         raise ValueError("logging.sample_every needs data.tokenizer (to decode the bits) and "
@@ -221,3 +226,37 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.checkpoint.every < 0 or cfg.logging.every < 1:
         raise ValueError(f"checkpoint.every must be >= 0 and logging.every >= 1, got "
                          f"{cfg.checkpoint.every} and {cfg.logging.every}")
+    for key, value, ok, expected in _value_rules(cfg):
+        if not ok:
+            raise ValueError(f"{key} must be {expected}, got {value!r}")
+
+
+def _value_rules(cfg: TrainConfig) -> list[tuple[str, object, bool, str]]:
+    """(key, value, within its range, the range) for values that would fail deep inside torch or
+    the sampler, or train silently wrong (a negative LR at a schedule's end). NaN fails every
+    comparison, so it is refused too."""
+    o, e, logs = cfg.optim, cfg.eval, cfg.logging
+    rules = [("run_dir", cfg.run_dir, bool(cfg.run_dir), "a directory"),
+             ("seed", cfg.seed, 0 <= cfg.seed < 2**63, "in [0, 2^63)"),
+             ("threads", cfg.threads, cfg.threads >= 0, ">= 0 (0 = torch's default)"),
+             ("optim.beta1", o.beta1, 0 <= o.beta1 < 1, "in [0, 1)"),
+             ("optim.beta2", o.beta2, 0 <= o.beta2 < 1, "in [0, 1)"),
+             ("optim.eps", o.eps, 0 < o.eps < math.inf, "> 0"),
+             ("optim.weight_decay", o.weight_decay, 0 <= o.weight_decay < math.inf, ">= 0"),
+             ("optim.grad_clip", o.grad_clip, 0 <= o.grad_clip < math.inf, ">= 0 (0 = off)"),
+             ("eval.every", e.every, e.every >= 0, ">= 0 (0 = off)"),
+             ("logging.sample_every", logs.sample_every, logs.sample_every >= 0, ">= 0 (0 = off)"),
+             ("logging.sample_steps", logs.sample_steps, logs.sample_steps >= 1, ">= 1")]
+    if e.every > 0:
+        rules += [(f"eval.{k}", getattr(e, k), getattr(e, k) >= 1, ">= 1")
+                  for k in ("width", "height", "steps", "batch")]
+        rules.append(("eval.cfg_scale", e.cfg_scale, 0 <= e.cfg_scale < math.inf,
+                      "a finite number >= 0"))
+    for i, s in enumerate(cfg.stages):
+        where = f"stages[{i}] ({s.name})"
+        rules += [(f"{where}.lr", s.lr, 0 <= s.lr < math.inf, ">= 0"),
+                  (f"{where}.min_lr_ratio", s.min_lr_ratio, 0 <= s.min_lr_ratio <= 1, "in [0, 1]"),
+                  (f"{where}.warmup_steps", s.warmup_steps, s.warmup_steps >= 0, ">= 0"),
+                  (f"{where}.schedule", s.schedule, s.schedule in SCHEDULES,
+                   f"one of {list(SCHEDULES)}")]
+    return rules

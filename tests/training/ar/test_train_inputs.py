@@ -140,6 +140,40 @@ def test_a_damaged_shape_record_is_written_again(tmp_path, caplog):
     assert json.loads(record.read_text()) == model_signature(small)
 
 
+@pytest.mark.parametrize("override, named", [
+    ("stages.0.lr=-1e-3", r"stages\[0\] \(s0\).lr must be >= 0, got -0.001"),
+    ("stages.0.lr=.nan", r"stages\[0\] \(s0\).lr must be >= 0, got nan"),
+    ("stages.0.min_lr_ratio=5", r"min_lr_ratio must be in \[0, 1\], got 5.0"),
+    ("stages.0.schedule=linear", r"stages\[0\] \(s0\).schedule must be one of"),
+    ("stages.0.warmup_steps=-1", r"warmup_steps must be >= 0, got -1"),
+    ("stages.0.shards=''", r"stages\[0\] \(s0\).shards is empty: set data.root"),
+    ("optim.beta1=1.5", r"optim.beta1 must be in \[0, 1\), got 1.5"),
+    ("optim.grad_clip=-1", r"optim.grad_clip must be >= 0 \(0 = off\), got -1.0"),
+    ("optim.eps=0", r"optim.eps must be > 0, got 0.0"),
+    ("eval.every=-1", r"eval.every must be >= 0 \(0 = off\)"),
+    ("seed=100000000000000000000", r"seed must be in \[0, 2\^63\)"),
+    ("threads=-1", r"threads must be >= 0"),
+    ("logging.sample_steps=0", r"logging.sample_steps must be >= 1"),
+])
+def test_values_no_run_can_use_are_named_at_start(tmp_path, override, named):
+    """Values that would fail deep inside torch or the sampler, or train silently wrong."""
+    from bdt.training.ar.config import validate
+
+    with pytest.raises(ValueError, match=named):
+        validate(config(tmp_path, str(tmp_path / "s"), override))
+
+
+def test_in_loop_eval_values_are_checked_when_it_is_on(tmp_path):
+    from bdt.training.ar.config import validate
+
+    on = ["eval.every=5", "data.tokenizer=tok"]
+    validate(config(tmp_path, "s", "eval.batch=0"))  # off: not used, not checked
+    for override, named in (("eval.batch=0", "eval.batch must be >= 1"),
+                            ("eval.cfg_scale=.nan", "eval.cfg_scale must be a finite number")):
+        with pytest.raises(ValueError, match=named):
+            validate(config(tmp_path, "s", *on, override))
+
+
 def test_stage_p_and_eval_keys_are_checked_at_start(tmp_path):
     from bdt.training.ar.config import validate
 
