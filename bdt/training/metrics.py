@@ -23,7 +23,9 @@ class MetricsLogger:
         if not enabled or out_dir is None:
             return
         os.makedirs(out_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(out_dir, jsonl_name), "a", buffering=1)
+        path = os.path.join(out_dir, jsonl_name)
+        _drop_partial_line(path)
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -50,6 +52,22 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _drop_partial_line(path: str) -> None:
+    """A job killed mid-write leaves half a record at the end; the resumed run's records would
+    follow it on the same line, and the file would no longer parse as JSON lines."""
+    try:
+        with open(path, "rb+") as f:
+            end = f.seek(0, os.SEEK_END)
+            start = max(0, end - (1 << 20))  # a record is far shorter than the tail read
+            f.seek(start)
+            tail = f.read()
+            if tail and not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                f.truncate(start + cut + 1 if cut >= 0 else start)
+    except FileNotFoundError:
+        pass
 
 
 def _fmt(v: float) -> str:

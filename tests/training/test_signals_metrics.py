@@ -38,6 +38,15 @@ def test_metrics_logger_jsonl_tensorboard_and_log(tmp_path, caplog):
     assert not os.path.exists(tmp_path / "off")
 
 
+def test_a_record_cut_by_a_kill_is_dropped_on_reopen(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    log = MetricsLogger(str(tmp_path), enabled=True, tensorboard=False)
+    log.log(2, {"loss": 1.5})
+    log.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 2.0), (2, 1.5)]
+
+
 def test_throughput_rates():
     t = Throughput()
     t.add_step(items=8, tokens=512)
