@@ -96,7 +96,8 @@ def _read_manifest(url: str) -> dict:
         manifest = json.loads(storage.read_bytes(url))
     except ValueError as e:  # not JSON, or not UTF-8
         raise ValueError(f"{url} is damaged ({e}): rerun the extraction to rewrite it") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", {}), dict):
+    if not isinstance(manifest, dict) or not all(
+            isinstance(manifest.get(k) or {}, dict) for k in ("stages", "summary", "tokenizer")):
         raise ValueError(f"{url} is damaged (not an extraction manifest): rerun the extraction "
                          f"to rewrite it")
     return manifest

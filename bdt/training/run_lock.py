@@ -16,6 +16,7 @@ while it stalled stops instead of writing beside the new holder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -81,15 +82,16 @@ class RunLock:
     # ---- internals ---------------------------------------------------------------------------
     def _create(self) -> bool:
         tmp = f"{self.path}.{self.record['token']}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.record, f)
-        try:
+        try:  # the temporary file goes also when writing it fails (a full disk)
+            with open(tmp, "w") as f:
+                json.dump(self.record, f)
             os.link(tmp, self.path)
             return True
         except FileExistsError:
             return False
         finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):  # open() itself failed
+                os.unlink(tmp)
 
     def _read(self) -> tuple[dict | None, float]:
         return _read_lock(self.path)

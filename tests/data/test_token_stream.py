@@ -105,6 +105,8 @@ def test_missing_source_is_clear(tmp_path):
 
 @pytest.mark.parametrize("index,problem", [
     (b"{not json", "is damaged"), (b"[1, 2]", "is damaged"),
+    (b'{"complete": false, "summary": [1], "stages": {}}', "is damaged"),
+    (b'{"tokenizer": "abc", "stages": {}}', "is damaged"),
     (b'{"stages": {"f": {"shards": [{"shard": "../../elsewhere.tar"}]}}}', "'../../elsewhere.tar', not a path inside"),
     (b'{"stages": {"f": {"shards": [{"shard": "/abs/x.tar"}]}}}', "'/abs/x.tar', not a path inside"),
     (b'{"stages": {"f": {"shards": "f/000000.tar"}}}', "no shard list for family 'f'"),
