@@ -20,8 +20,9 @@ feature could be cached. `TokenSample.caption_ids` is the trainer's in-memory ca
 Keys are the source keys with anything outside [A-Za-z0-9_-] replaced by "_" (webdataset
 splits a member name at its first dot), plus a hash of the source key where another source key
 of the shard already made that key ("a b" / "a_b", or "猫" / "狗"); they are unique within a
-shard, and (shard, key) is unique within a family (two raw shards may reuse a key). A family of shards for one stage resolution lives in
-its own directory next to a manifest (bdt/extract/manifest.py).
+shard, and (shard, key) is unique within a family (two raw shards may reuse a key). A family
+of shards for one stage resolution lives in its own directory next to a manifest
+(bdt/extract/manifest.py).
 """
 
 from __future__ import annotations
