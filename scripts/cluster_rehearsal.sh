@@ -97,8 +97,10 @@ stop_ray
 
 # --- 5. training on S3 through the resume wrapper ------------------------------------------------------
 log "5/6 training: hostfile from a one-node allocation, 2 ranks, checkpoints -> $RUN/checkpoints"
-eval "$(SLURM_JOB_NODELIST=localhost SLURM_JOB_ID=$$ SLURM_GPUS_ON_NODE=2 \
-  python -m bdt.cluster.hosts slurm --hostfile "$W/hostfile")"
+# in two steps: `eval "$(cmd)"` succeeds when cmd fails, and set -e would not stop
+LAUNCH_VARS=$(SLURM_JOB_NODELIST=localhost SLURM_JOB_ID=$$ SLURM_GPUS_ON_NODE=2 \
+  python -m bdt.cluster.hosts slurm --hostfile "$W/hostfile")
+eval "$LAUNCH_VARS"
 export HOSTFILE=$W/hostfile MASTER_ADDR=127.0.0.1 MASTER_PORT=$(free_port) NODE_RANK=0
 python -m bdt.cluster.hosts ds-env --out "$W/.deepspeed_env"
 export DS_ENV_FILE=$W/.deepspeed_env

@@ -29,7 +29,12 @@ from bdt import storage
 # nodes get credentials from an instance role or a shared ~/.aws instead.
 FORWARD_PREFIXES = ("AWS_", "NCCL_", "FI_", "HF_", "TORCH_NCCL_", "CUDA_DEVICE_MAX_CONNECTIONS",
                     "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "DS_ACCELERATOR")
-SECRET_NAMES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+# The key id goes with its secret: alone on a node it makes botocore fail (partial credentials).
+SECRET_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "AWS_SECURITY_TOKEN", "HF_TOKEN")
+# What DeepSpeed's runner puts verbatim inside "..." on the remote shell's command line: `$`, a
+# backquote, `"` or `\` there would be expanded or break the quoting.
+SHELL_SAFE_VALUE = re.compile(r'[^"$`\\\n]*')
 
 
 def expand_nodelist(nodelist: str, use_scontrol: bool | None = None) -> list[str]:
@@ -105,10 +110,31 @@ def read_hostfile(path: str) -> dict[str, int]:
         raise ValueError(f"{path}: {exc}") from None
 
 
+def not_forwardable(key: str, value: str) -> str | None:
+    """Why .deepspeed_env cannot carry this variable intact to another node (None: it can)."""
+    if not key.isidentifier() or not key.isascii():
+        return "not a shell variable name"
+    if not SHELL_SAFE_VALUE.fullmatch(value):
+        return "its value holds a newline, $, `, \" or \\ (the remote shell would change it)"
+    if value != value.strip():
+        return "its value starts or ends with white space (DeepSpeed strips it)"
+    return None
+
+
+def _wanted(env: Mapping[str, str]) -> dict[str, tuple[str, str | None]]:
+    """name -> (value, why it cannot be carried or None) of the variables worth forwarding."""
+    return {k: (v, not_forwardable(k, v)) for k, v in sorted(env.items())
+            if k.startswith(FORWARD_PREFIXES) and k not in SECRET_NAMES}
+
+
 def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:
     """The variables of `env` that .deepspeed_env should carry to the other nodes."""
-    return {k: v for k, v in sorted(env.items())
-            if k.startswith(FORWARD_PREFIXES) and k not in SECRET_NAMES and "\n" not in v}
+    return {k: v for k, (v, why) in _wanted(env).items() if why is None}
+
+
+def left_out_env(env: Mapping[str, str]) -> dict[str, str]:
+    """name -> why, for the variables worth forwarding that .deepspeed_env cannot carry."""
+    return {k: why for k, (_, why) in _wanted(env).items() if why is not None}
 
 
 def slurm_launch_env(env: Mapping[str, str], hostfile: str, slots: int | None = None,
@@ -146,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             lines = "".join(f"{k}={v}\n" for k, v in forwarded_env(os.environ).items())
             storage.write_bytes_atomic(args.out, lines.encode())
+            for key, why in left_out_env(os.environ).items():
+                print(f"bdt.cluster.hosts ds-env: not forwarding {key}: {why}", file=sys.stderr)
     except (ValueError, OSError) as exc:
         print(f"bdt.cluster.hosts {args.command}: error: {exc}", file=sys.stderr)
         return 2

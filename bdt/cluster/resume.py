@@ -13,7 +13,8 @@ s3://); this wrapper supplies the restarts around it and says what happened:
     while a job that cannot get past one point still gives up;
   - the wrapper got SIGTERM / SIGUSR1 / SIGINT (preemption, SLURM's time-limit warning): the
     signal goes to the training ranks, they finish the step, save and exit; the wrapper exits
-    STOPPED so the scheduler requeues the job (cluster/slurm/train.sbatch does);
+    STOPPED so the scheduler requeues the job (cluster/slurm/train.sbatch does). Further
+    signals change nothing (--grace bounds the save), except a second SIGINT: it kills the launch;
   - the run finished: exit DONE.
 The launch gets SIGTERM when this wrapper dies (PR_SET_PDEATHSIG), which makes its ranks save and
 stop, so that a requeued job never meets the old one's ranks.
@@ -137,9 +138,11 @@ class Resumer:
 
     # ---- signals -----------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame) -> None:
-        if self.stop_signal is not None and self.child is not None:
-            # A second signal: the user means it. Kill the whole launch without waiting.
-            self._signal_group(signal.SIGKILL)
+        if self.stop_signal is not None:
+            # Only Ctrl-C twice means "now": a scheduler sends TERM to the wrapper and to the batch
+            # shell (which forwards it) at once, and TERM after USR1 at the time limit.
+            if signum == signal.SIGINT and self.child is not None:
+                self._signal_group(signal.SIGKILL)
             return
         self.stop_signal, self.stop_time = signum, time.monotonic()
         self._forward_stop()
@@ -198,6 +201,10 @@ class Resumer:
             with open(summary) as f:
                 stopped = bool(json.load(f).get("stopped"))
         except (FileNotFoundError, ValueError):
+            if self.stop_signal is not None:  # after our stop, exit 0 is most likely a save
+                self.log("note", f"exit 0 after the stop signal and no fresh {summary}: taking "
+                         f"it as stopped, not finished")
+                return False, "exit 0 after the stop signal"
             self.log("note", f"exit 0 and no fresh {summary} (rank 0 runs on another node?): "
                      f"taking exit 0 as finished")
             return True, ""

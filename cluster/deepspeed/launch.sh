@@ -16,8 +16,8 @@ set -euo pipefail
 MASTER_ADDR=${MASTER_ADDR:-$(python -m bdt.cluster.hosts master --hostfile "$HOSTFILE")}
 MASTER_PORT=${MASTER_PORT:-29500}
 if [[ -n ${DS_ENV_FILE:-} && -f $DS_ENV_FILE ]]; then
-  while IFS='=' read -r key value; do
-    [[ -z $key || $key == \#* ]] || export "$key=$value"
+  while IFS= read -r line; do  # split at the first '=': `read` with IFS='=' drops a trailing one
+    [[ $line != *=* || $line == \#* ]] || export "${line%%=*}=${line#*=}"
   done < "$DS_ENV_FILE"
   export DS_ENV_FILE  # pdsh mode: DeepSpeed's runner reads it and exports it on every host
 fi

@@ -1,12 +1,17 @@
 """SLURM node lists and DeepSpeed hostfiles (bdt.cluster.hosts)."""
 
+import argparse
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from bdt.cluster import hosts
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("nodelist, expected", [
@@ -98,3 +103,38 @@ def test_cli_prints_shell_assignments_the_batch_script_evals(tmp_path):
                              str(hostfile)], env={**env, "SLURM_JOB_NODELIST": "n[1-"},
                             capture_output=True, text=True)
     assert failed.returncode == 2 and "bad SLURM node list 'n[1-'" in failed.stderr
+
+
+def test_forwarded_env_carries_values_intact_through_deepspeed_and_launch_sh(tmp_path):
+    """What ds-env writes reaches the ranks unchanged on both paths: DeepSpeed's pdsh runner
+    (`export K=V; ...` run by the remote shell) and launch.sh's own reading of the file."""
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+
+    odd = {"NCCL_SOCKET_IFNAME": "^docker,lo", "HF_HOME": "/a b/it's", "FI_X": "pad=",
+           "NCCL_EMPTY": ""}
+    unsafe = {"NCCL_Q": 'a"b', "NCCL_D": "$HOME", "NCCL_B": "a\\b", "NCCL_S": " x", "HF_a-b": "1",
+              "AWS_ACCESS_KEY_ID": "AKIA", "HF_TOKEN": "hf_x"}
+    kept = hosts.forwarded_env({**odd, **unsafe})
+    assert kept == odd and set(hosts.left_out_env(unsafe)) == {"NCCL_Q", "NCCL_D", "NCCL_B",
+                                                                "NCCL_S", "HF_a-b"}
+    runner = PDSHRunner(argparse.Namespace(user_args=[], user_script="x.py"), "")
+    for key, value in kept.items():
+        runner.add_export(key, value)
+    dump = "import json, os, sys; print(json.dumps({k: os.environ[k] for k in sys.argv[1:]}))"
+    remote = subprocess.run(["bash", "-c", "".join(f"export {k}={v}; " for k, v in
+                                                   runner.exports.items())
+                             + f"{sys.executable} -c '{dump}' {' '.join(kept)}"],
+                            capture_output=True, text=True, check=True)
+    assert json.loads(remote.stdout) == kept
+
+    (tmp_path / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in kept.items()))
+    (tmp_path / "hostfile").write_text("n1 slots=1\n")
+    fake = tmp_path / "bin" / "deepspeed"  # stands in for the launcher: prints what it got
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c '{dump}' {' '.join(kept)}\n")
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:{os.environ['PATH']}", "HOSTFILE": str(tmp_path / "hostfile"),
+           "MASTER_ADDR": "n1", "NODE_RANK": "0", "DS_ENV_FILE": str(tmp_path / ".deepspeed_env")}
+    node = subprocess.run(["bash", str(REPO / "cluster/deepspeed/launch.sh"), "x.py"], env=env,
+                          capture_output=True, text=True, check=True)
+    assert json.loads(node.stdout) == kept

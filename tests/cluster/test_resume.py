@@ -163,3 +163,27 @@ def test_bad_training_config_fails_before_launching(tmp_path):
     out = subprocess.run([*WRAPPER, "--", "srun", "bash", "-c", "python x.py"], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == USAGE and "--run-dir" in out.stderr
+
+
+def test_repeated_stop_signals_let_the_ranks_save(tmp_path):
+    """SLURM's cancel or preemption sends TERM to the wrapper and to the batch shell, whose trap
+    forwards it again: the ranks still get their save, and exit 0 after the stop (no summary
+    readable here) is a stop to requeue, not a finished run."""
+    saved = tmp_path / "saved"
+    saver = [sys.executable, "-c", "import signal, sys, time, pathlib; signal.signal(signal.SIGTERM, "
+             f"lambda *_: (time.sleep(1), pathlib.Path({str(saved)!r}).touch(), sys.exit(0))); "
+             "time.sleep(120)"]
+    wrapper = subprocess.Popen([*WRAPPER, "--run-dir", str(tmp_path), "--backoff", "0", "--",
+                                *saver])
+    try:
+        wait_for(lambda: events(tmp_path), 60, "the launch", wrapper)
+        wait_for(psutil.Process(wrapper.pid).children, 30, "the child", wrapper)
+        time.sleep(0.5)  # the child's handler is in place
+        wrapper.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # two deliveries, not one pending signal
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(timeout=60) == STOPPED
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+    assert saved.exists()

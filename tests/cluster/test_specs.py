@@ -184,3 +184,16 @@ def test_sbatch_script_requeues_and_launches_the_trainer():
     assert paths.checkpoint_dir.startswith("s3://")
     for config in [a for a in argv if a.endswith(".yaml")]:
         assert (REPO / config).is_file()
+
+
+@pytest.mark.slow
+def test_sbatch_script_stops_on_a_bad_allocation(tmp_path):
+    """A node list the helper rejects ends the job with the helper's error and code, before any
+    launch (not later, on an unset variable)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n[1-",
+               SLURM_GPUS_ON_NODE="2", BDT_JOB_DIR=str(tmp_path))
+    out = subprocess.run(["bash", str(CLUSTER / "slurm/train.sbatch"), "run_dir=/x"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "bad SLURM node list 'n[1-'" in out.stderr, out.stderr
+    assert not (tmp_path / "hostfile").exists()
