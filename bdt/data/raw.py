@@ -8,10 +8,12 @@ the worker process (s3fs is not fork-safe; environment.md).
 Split: global worker g = rank * workers + worker_id out of G. With at least G shards each worker
 reads its own shards (every epoch in a seeded order); with fewer, every worker reads all shards
 and keeps samples j with j % G == g. The stream is endless (epoch after epoch); each batch
-carries the worker's read position (epoch, shard cursor, sample offset) after it, and a stream
-restarted from that position continues with the next unread sample without decoding the skipped
-ones. Corrupt samples (undecodable image, missing image) are skipped and counted, and so is the
-rest of a damaged shard (once, logged).
+carries the worker's read position (epoch, shard cursor, sample offset, batches yielded) after it,
+and a stream restarted from that position continues with the next unread sample without decoding
+the skipped ones. The DataLoader takes batches from its workers in turn, always starting at its
+worker 0; a restarted stream maps that to the worker whose turn it was, so it delivers the
+uninterrupted run's batch sequence. Corrupt samples (undecodable image, missing image) are
+skipped and counted, and so is the rest of a damaged shard (once, logged).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from bdt.data.tars import iter_shard
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# A worker's position before its first batch.
+START = {"epoch": 0, "shard": 0, "offset": 0, "corrupt": 0, "batches": 0}
 
 
 @dataclass
@@ -90,6 +94,8 @@ class RawImageStream(IterableDataset):
         self.world_size = world_size
         self.seed = seed
         self.positions = positions or {}
+        # Whose turn it is: the total of batches the workers gave, taken in turn (module docstring).
+        self.first = sum(p.get("batches", 0) for p in self.positions.values())
 
     def _plan(self, epoch: int, g: int, total: int) -> tuple[list[str], int]:
         """(this worker's shards for `epoch`, sample stride) — see the module docstring."""
@@ -102,8 +108,9 @@ class RawImageStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = (worker + self.first) % workers
         g, total = self.rank * workers + worker, self.world_size * workers
-        pos = dict(self.positions.get(worker, {"epoch": 0, "shard": 0, "offset": 0, "corrupt": 0}))
+        pos = {**START, **self.positions.get(worker, {})}
         images, captions, keys = [], [], []
         usable = pos["shard"] > 0 or pos["offset"] > 0  # a resumed epoch had images before
         while True:
@@ -129,6 +136,7 @@ class RawImageStream(IterableDataset):
                         captions.append(sample.get("txt", b"").decode("utf-8", "replace"))
                         keys.append(sample["__key__"])
                         if len(images) == self.batch_size:
+                            pos["batches"] += 1
                             yield {"images": torch.stack(images), "captions": captions, "keys": keys,
                                    "worker": worker, "position": dict(pos), "corrupt": pos["corrupt"]}
                             images, captions, keys = [], [], []
@@ -175,14 +183,19 @@ class StreamState:
 def make_loader(cfg: RawDataConfig, batch_size: int, rank: int, world_size: int,
                 state: dict | None = None) -> tuple[DataLoader, StreamState]:
     """A DataLoader over this rank's part of the shards, resumed from `state` when given."""
-    positions = {int(k): v for k, v in (state or {}).items()}
     workers = max(1, cfg.num_workers)
+    # Every worker from the start: a checkpoint taken before some worker's first batch still
+    # records how many workers the stream was split into.
+    positions = ({int(k): v for k, v in state.items()} if state
+                 else {w: dict(START) for w in range(workers)})
     if positions and set(positions) != set(range(workers)):
         raise ValueError(f"data.num_workers: the checkpoint's stream state has {len(positions)} "
                          f"worker(s), this run has {workers}; resume with the same number")
     stream = RawImageStream(expand_shards(cfg.shards), cfg.size, batch_size, rank, world_size,
                             cfg.seed, positions, cfg.resize, cfg.random_crop)
+    # Its own generator for the workers' seeds: drawing them from the global RNG (restored by a
+    # resume, then drawn again) would shift every later random draw of the training step.
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                         prefetch_factor=2 if cfg.num_workers > 0 else None,
-                        persistent_workers=False)
+                        persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed))
     return loader, StreamState(positions)

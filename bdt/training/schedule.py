@@ -1,8 +1,11 @@
 """Learning-rate schedules: linear warmup, then constant or cosine decay to a floor.
 
-The schedule is a picklable callable object used by `torch.optim.lr_scheduler.LambdaLR`; LambdaLR
-stores the object's attributes in its state_dict, and DeepSpeed saves/loads that state with its
-checkpoint, so a resumed run continues at the right learning rate.
+The schedule is a picklable callable object used by `torch.optim.lr_scheduler.LambdaLR`. LambdaLR
+stores the object's attributes (and the base LRs) in its state_dict, and DeepSpeed saves and
+restores that state with its checkpoint: the schedule a resume continues with is the saved one's.
+The config rules a resume (docs/system.md §2), so the trainers put the config's schedule back
+after loading (the tokenizer trainer's `follow_config`) or give LambdaLR a plain function whose
+state is not saved (the AR trainer's StageClock.lr_lambda).
 """
 
 from __future__ import annotations

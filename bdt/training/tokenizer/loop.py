@@ -15,6 +15,7 @@ pattern engines with gradient hooks handle poorly. Its state goes into the check
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from PIL import Image
 
+from bdt import storage
 from bdt.config import ConfigError, fail, load, save_resolved, setup_logging, split_launcher_args
 from bdt.data.raw import make_loader
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
@@ -34,14 +36,15 @@ from bdt.tokenizer.discriminator import LeCam, PatchDiscriminator, adaptive_weig
 from bdt.tokenizer.image_metrics import psnr, ssim, to_unit
 from bdt.tokenizer.io import save_tokenizer
 from bdt.tokenizer.lpips import LPIPS
-from bdt.training.checkpoint import CheckpointManager
+from bdt.training.checkpoint import SHARED_FILE, CheckpointManager
 from bdt.training.deepspeed_config import build_ds_config, initialize_engine, make_schedule
 from bdt.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
 from bdt.training.ema import EMA
+from bdt.training.integrity import MARKER, CheckpointUnusable, digest_bytes
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
 from bdt.training.run_dir import checkpoint_root, export_dir
 from bdt.training.run_lock import hold_run_lock
-from bdt.training.schedule import lambda_lr
+from bdt.training.schedule import WarmupSchedule, lambda_lr
 from bdt.training.signals import LOCAL_REASON, StopFlag
 from bdt.training.tokenizer.config import RENAMED_KEYS, TokenizerTrainConfig, validate
 
@@ -54,8 +57,9 @@ class Discriminator:
     def __init__(self, cfg: TokenizerTrainConfig, in_channels: int):
         torch.manual_seed(cfg.seed + 1)  # identical init on every rank
         self.net = PatchDiscriminator(in_channels, cfg.loss.disc_width, cfg.loss.disc_layers)
+        self.cfg = cfg
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
-        self.sched = lambda_lr(self.opt, make_schedule(cfg.optim, cfg.schedule_steps or cfg.steps))
+        self.sched = lambda_lr(self.opt, _schedule(cfg))
         self.lecam = LeCam()
 
     def step(self, real: torch.Tensor, fake: torch.Tensor, lecam_weight: float, scale: float) -> dict:
@@ -83,10 +87,34 @@ class Discriminator:
                 "sched": self.sched.state_dict(), "lecam": self.lecam.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.net.load_state_dict(state["net"])
+        try:
+            self.net.load_state_dict(state["net"])
+        except RuntimeError as e:  # a size mismatch: the config changed, not the checkpoint
+            first = str(e).splitlines()[1].strip()
+            raise ValueError(f"loss.disc_width / loss.disc_layers ({self.cfg.loss.disc_width} / "
+                             f"{self.cfg.loss.disc_layers}) do not fit the checkpoint's "
+                             f"discriminator: resume with the values it was trained with "
+                             f"({first})") from None
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
+        follow_config(self.sched, self.cfg.loss.disc_lr, self.cfg)
         self.lecam.load_state_dict(state["lecam"])
+
+
+def _schedule(cfg: TokenizerTrainConfig) -> WarmupSchedule:
+    return make_schedule(cfg.optim, cfg.schedule_steps or cfg.steps)
+
+
+def follow_config(sched: torch.optim.lr_scheduler.LambdaLR, lr: float,
+                  cfg: TokenizerTrainConfig) -> None:
+    """The config's LR and schedule in place of those a resume restored (system §2: the config
+    rules a resume), from the restored step on; unchanged ones give the same values, bitwise."""
+    schedule = _schedule(cfg)  # a new one: loading the state overwrote the old one's fields
+    sched.base_lrs = [lr] * len(sched.base_lrs)
+    sched.lr_lambdas = [schedule] * len(sched.lr_lambdas)
+    sched._last_lr = [lr * schedule(sched.last_epoch)] * len(sched.base_lrs)
+    for group, value in zip(sched.optimizer.param_groups, sched._last_lr):
+        group["lr"] = value  # the next step's LR, which the restored optimizer state holds
 
 
 def _pixel_loss(kind: str, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -139,20 +167,24 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = BinaryAutoencoder(model_cfg)
     engine = initialize_engine(model, build_ds_config(cfg.deepspeed, cfg.optim, dist.world_size),
-                               make_schedule(cfg.optim, cfg.schedule_steps or cfg.steps))
+                               _schedule(cfg))
     ema = EMA(engine.module, cfg.ema_decay)
     disc = Discriminator(cfg, model_cfg.out_ch) if cfg.loss.disc_weight > 0 else None
     lpips = (LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)
              if cfg.loss.lpips_weight > 0 else None)
     torch.manual_seed(cfg.seed * 1000 + dist.rank)  # per-rank stream for any sampling in the step
+    # DeepSpeed cannot load an engine of another ZeRO stage or precision: refused by name.
     ckpt = CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir), dist,
-                             cfg.checkpoint.keep_last, cfg.checkpoint.staging_dir or None)
+                             cfg.checkpoint.keep_last, cfg.checkpoint.staging_dir or None,
+                             settings={"deepspeed.zero_stage": cfg.deepspeed.zero_stage,
+                                       "deepspeed.precision": cfg.deepspeed.precision})
     step, stream_state, tag = 0, None, None
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
     resumed = ckpt.resume({"autoencoder": engine}) if cfg.checkpoint.resume else None
     if resumed is not None:
         tag, meta, shared = resumed.tag, resumed.meta, resumed.shared
         step, stream_state = meta["step"], meta["stream"]
+        follow_config(engine.lr_scheduler, cfg.optim.lr, cfg)
         ema.load_state_dict(shared["ema"])
         if disc is not None and "disc" in shared:
             disc.load_state_dict(shared["disc"])
@@ -256,13 +288,34 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
 
 
 def export_latest(cfg: TokenizerTrainConfig) -> str:
-    """Export the EMA weights of the newest complete checkpoint (no training, no DeepSpeed)."""
+    """Export the EMA weights of the newest complete checkpoint whose shared file verifies (no
+    training, no DeepSpeed; a checkpoint of any world size: no rank file or engine is read)."""
     ckpt = CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir),
                              DistInfo(0, 1, 0, torch.device("cpu")), staging_dir=cfg.checkpoint.staging_dir or None)
-    resumed = ckpt.resume(engines={})  # the newest one that verifies (no engine is loaded)
-    if resumed is None:
-        raise ValueError(f"no complete checkpoint under {ckpt.root} to export")
-    return export(TokenizerConfig.from_dict(cfg.model), resumed.shared["ema"], cfg.run_dir)
+    problems = []
+    for tag in reversed([t for _, t, done in ckpt.list_tags() if done]):
+        try:
+            ema = _read_shared(ckpt, tag)["ema"]
+            return export(TokenizerConfig.from_dict(cfg.model), ema, cfg.run_dir)
+        except CheckpointUnusable as e:
+            log.warning("checkpoint skipped: %s", e)
+            problems.append(str(e))
+    raise ValueError(f"no usable checkpoint under {ckpt.root} to export"
+                     + "".join(f"; {p}" for p in problems))
+
+
+def _read_shared(ckpt: CheckpointManager, tag: str) -> dict:
+    """`tag`'s shared state (EMA, discriminator), checked against its marker."""
+    url = storage.join(ckpt.root, tag, SHARED_FILE)
+    entry = (ckpt.read_marker(tag).get("files") or {}).get(SHARED_FILE)
+    try:
+        data = storage.read_bytes(url)
+    except OSError as e:
+        raise CheckpointUnusable(f"{url}: cannot be read ({e})") from None
+    if entry is None or digest_bytes(data) != entry:
+        raise CheckpointUnusable(f"{url}: not listed in its {tag}/{MARKER} marker, or differs "
+                                 f"from it (damaged or replaced)")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torch.multiprocessing as mp
 
@@ -17,7 +18,7 @@ from bdt.training.checkpoint import MARKER, tag_for
 from bdt.training.distributed import free_port
 from bdt.training.schedule import WarmupSchedule
 from bdt.training.tokenizer.config import TokenizerTrainConfig
-from bdt.training.tokenizer.loop import main, train
+from bdt.training.tokenizer.loop import Discriminator, main, train
 
 TINY = ["model.ch=32", "model.ch_mult=[1,1]", "model.num_res_blocks=1", "model.z_channels=8",
         "data.size=16", "data.num_workers=0", "deepspeed.micro_batch_size=2",
@@ -81,6 +82,10 @@ def test_two_rank_zero2_checkpoint_resume_continues_exactly(shards, tmp_path):
     assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == [tag_for(3), tag_for(4)]
     assert os.path.exists(os.path.join(resumed, "images", f"step_{4:09d}.png"))
     assert log_r[-1]["bits_outside_5_95"] >= 0 and 0 <= log_r[-1]["bit_rate/000"] <= 1
+    # A 2-rank run's checkpoint exports in one process (it was refused for its world size).
+    assert main(["--export-only"] + base + [f"run_dir={straight}"]) == 0
+    exported = safetensors.torch.load_file(os.path.join(straight, "export", "model.safetensors"))
+    assert torch.equal(exported["decoder.conv_out.weight"], b["ema"]["shadow"]["decoder.conv_out.weight"])
 
 
 @pytest.mark.slow
@@ -158,3 +163,38 @@ def test_bad_config_is_a_clear_error(shards, tmp_path, capsys):
     with pytest.raises(SystemExit):  # the keys before both trainers shared one vocabulary
         main([f"out_dir={tmp_path}", f"data.shards={shards}"])
     assert "key 'out_dir' was renamed to 'run_dir'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_workers_and_noise_and_follows_a_changed_config(shards, tmp_path):
+    """Two DataLoader workers and a generative (noise-input) decoder: a run checkpointed at step 1
+    (worker 1 had given no batch yet) and resumed to step 3 (worker 1's turn first) repeats the
+    uninterrupted run bitwise. A resume with another LR, schedule and discriminator LR follows
+    them; one with another ZeRO stage is refused by name."""
+    base = TINY + [f"data.shards={shards}", "data.num_workers=2", "model.gan_decoder=true",
+                   "checkpoint.every=1"]
+    resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
+
+    def run1(overrides):  # a fresh process per run: DeepSpeed keeps process-group state
+        mp.spawn(_rank, args=(1, free_port(), base + overrides), nprocs=1)
+
+    run1([f"run_dir={resumed}", "steps=1"])
+    run1([f"run_dir={resumed}", "steps=3"])
+    run1([f"run_dir={straight}", "steps=3"])
+    assert [(r["loss"], r.get("d_loss")) for r in _log(resumed)] == \
+        [(r["loss"], r.get("d_loss")) for r in _log(straight)]
+    a, b = _ema(resumed, 3), _ema(straight, 3)
+    assert all(torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]) for k in a["ema"]["shadow"])
+    run1([f"run_dir={resumed}", "steps=4", "optim.lr=2e-3", "optim.schedule=cosine", "loss.disc_lr=3e-4"])
+    assert _log(resumed)[-1]["lr"] == 2e-3 * WarmupSchedule(1, 4, "cosine", 0.1)(3)
+    disc_sched = _ema(resumed, 4)["disc"]["sched"]
+    assert disc_sched["base_lrs"] == [3e-4] and disc_sched["lr_lambdas"][0]["total_steps"] == 4
+    with pytest.raises(Exception, match="deepspeed.zero_stage=0; this run has deepspeed.zero_stage=2"):
+        run1([f"run_dir={resumed}", "steps=5", "deepspeed.zero_stage=2"])
+
+
+def test_a_changed_discriminator_shape_is_a_config_error():
+    old = load(TokenizerTrainConfig, [], ["run_dir=x", "data.shards=x", "loss.disc_width=16"])
+    new = load(TokenizerTrainConfig, [], ["run_dir=x", "data.shards=x", "loss.disc_width=8"])
+    with pytest.raises(ValueError, match="loss.disc_width / loss.disc_layers .8 / 3."):
+        Discriminator(new, 3).load_state_dict(Discriminator(old, 3).state_dict())
