@@ -42,6 +42,7 @@ from bdt.training.distributed import (DistInfo, all_gather_int, all_reduce_mean,
                                       cleanup, init_distributed)
 from bdt.training.ema import EMA
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
+from bdt.training.model_shapes import check_model_signature, model_signature
 from bdt.training.run_dir import checkpoint_root, export_dir
 from bdt.training.run_lock import hold_run_lock
 from bdt.training.signals import LOCAL_REASON, STOP_SIGNAL, StopFlag
@@ -129,7 +130,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                              cfg.checkpoint.keep_last, cfg.checkpoint.staging_dir or None,
                              settings={"deepspeed.zero_stage": cfg.deepspeed.zero_stage,
                                        "deepspeed.precision": cfg.deepspeed.precision})
-    setup.check_model_signature(ckpt.root, setup.model_signature(model), dist)
+    check_model_signature(ckpt.root, model_signature(model), dist)
     flop_model = FlopModel.for_model(model)
     engine = initialize_engine(model, ds_config, clock.lr_lambda())
     ema = EMA(engine.module, cfg.ema_decay) if cfg.ema_decay > 0 else None

@@ -42,6 +42,7 @@ from bdt.training.distributed import DistInfo, all_reduce_mean, cleanup, init_di
 from bdt.training.ema import EMA
 from bdt.training.integrity import MARKER, CheckpointUnusable, digest_bytes
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
+from bdt.training.model_shapes import check_model_signature, model_signature
 from bdt.training.run_dir import checkpoint_root, export_dir
 from bdt.training.run_lock import hold_run_lock
 from bdt.training.schedule import WarmupSchedule, lambda_lr
@@ -178,6 +179,7 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
                              cfg.checkpoint.keep_last, cfg.checkpoint.staging_dir or None,
                              settings={"deepspeed.zero_stage": cfg.deepspeed.zero_stage,
                                        "deepspeed.precision": cfg.deepspeed.precision})
+    check_model_signature(ckpt.root, model_signature(engine.module), dist)
     step, stream_state, tag = 0, None, None
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
     resumed = ckpt.resume({"autoencoder": engine}) if cfg.checkpoint.resume else None

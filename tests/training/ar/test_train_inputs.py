@@ -14,7 +14,8 @@ from PIL import Image
 
 from bdt.config import load
 from bdt.training.distributed import DistInfo, free_port
-from bdt.training.ar.setup import check_data, check_model_signature, model_signature
+from bdt.training.ar.setup import check_data
+from bdt.training.model_shapes import check_model_signature, model_signature
 from bdt.training.ar.config import TrainConfig
 from testkit import REPO, TINY_CONFIG
 from trainutil import tiny_image_tokenizer, tiny_llm, train_overrides, write_shards

@@ -79,7 +79,8 @@ def test_two_rank_zero2_checkpoint_resume_continues_exactly(shards, tmp_path):
     assert all(r["state"]["stream"]["0"]["offset"] == 2 and r["state"]["stream"]["0"]["shard"] == 1
                for r in ranks)
     # keep_last=2: step 2 pruned once 3 and 4 were saved.
-    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == [tag_for(3), tag_for(4)]
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == [
+        "model_shapes.json", tag_for(3), tag_for(4)]
     assert os.path.exists(os.path.join(resumed, "images", f"step_{4:09d}.png"))
     assert log_r[-1]["bits_outside_5_95"] >= 0 and 0 <= log_r[-1]["bit_rate/000"] <= 1
     # A 2-rank run's checkpoint exports in one process (it was refused for its world size).
@@ -191,6 +192,17 @@ def test_resume_is_exact_with_workers_and_noise_and_follows_a_changed_config(sha
     assert disc_sched["base_lrs"] == [3e-4] and disc_sched["lr_lambdas"][0]["total_steps"] == 4
     with pytest.raises(Exception, match="deepspeed.zero_stage=0; this run has deepspeed.zero_stage=2"):
         run1([f"run_dir={resumed}", "steps=5", "deepspeed.zero_stage=2"])
+
+
+@pytest.mark.slow
+def test_a_changed_model_shape_is_a_config_error_not_damage(shards, tmp_path):
+    """A resume with another model.ch: one error naming a parameter, not every checkpoint
+    reported as 'loading failed'."""
+    run = [*TINY, f"run_dir={tmp_path}", f"data.shards={shards}", "steps=1", "loss.disc_weight=0"]
+    mp.spawn(_rank, args=(1, free_port(), run), nprocs=1)
+    with pytest.raises(mp.ProcessRaisedException, match="from a different model shape: parameter "
+                                                         "'encoder.conv_in.weight'"):
+        mp.spawn(_rank, args=(1, free_port(), [*run, "steps=2", "model.ch=64"]), nprocs=1)
 
 
 def test_a_changed_discriminator_shape_is_a_config_error():
