@@ -211,10 +211,7 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     states = os.path.join(checkpoint, "model", "mp_rank_00_model_states.pt")
     if not os.path.isfile(states):
         raise OSError(f"checkpoint {checkpoint} has no model/mp_rank_00_model_states.pt")
-    try:
-        module = torch.load(states, map_location="cpu", weights_only=True)["module"]
-    except Exception as e:  # noqa: BLE001 - any unpickling refusal is a user-facing file problem
-        raise OSError(f"{states}: cannot read the module weights safely ({e})") from None
+    module = _load_weights_only(states, "the module weights")["module"]
     module.update(_ema_weights(checkpoint))
     model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model))
     # The backbone loads from its path and is overwritten below; connector and head are built
@@ -234,8 +231,13 @@ def _ema_weights(checkpoint: str) -> dict[str, torch.Tensor]:
     path = os.path.join(checkpoint, SHARED_FILE)
     if not os.path.isfile(path):
         return {}
+    return _load_weights_only(path, "the EMA weights").get("ema", {}).get("shadow", {})
+
+
+def _load_weights_only(path: str, what: str) -> dict:
+    """torch.load(weights_only=True), which unpickles no code; its refusal or a damaged file is
+    a user-facing file problem."""
     try:
-        shared = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - as for the module weights
-        raise OSError(f"{path}: cannot read the EMA weights safely ({e})") from None
-    return shared.get("ema", {}).get("shadow", {})
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling refusal or read error
+        raise OSError(f"{path}: cannot read {what} safely ({e})") from None

@@ -174,11 +174,11 @@ def _initialised(cfg: TrainConfig) -> BitDanceModel:
     (the LLM's weights came from its llm/ as the backbone), else freshly initialised."""
     if not cfg.init_from:
         return BitDanceModel.from_config(cfg.model)
-    from safetensors.torch import load as load_safetensors
+    from bdt.weights import read_safetensors
 
     model = BitDanceModel.from_config(cfg.model, extra_on_meta=True)
     url = storage.join(cfg.init_from, WEIGHTS_NAME)
-    model.load_extra(load_safetensors(storage.read_bytes(url)), url)
+    model.load_extra(read_safetensors(url), url)
     return model
 
 
