@@ -29,7 +29,8 @@ checkpoint once, beside it, and every rank then loads the conversion (checkpoint
   <tag>.w00004/rank_00000.*     per-rank state for 4 ranks: `fn(old states, 4)`, fresh RNGs
   <tag>.w00004/COMPLETE         last, with its files' hashes (local: built as .partial, renamed)
 The universal checkpoint is loaded with DeepSpeed's `load_universal` switched on for that one
-load only; the LR scheduler state comes back with it (the first step runs at the saved LR).
+load only; the LR scheduler's position comes back with it (its LR is then the config's:
+schedule.py).
 
 For a remote root (s3://...) every node saves into a local staging directory, its local rank 0
 uploads what the node wrote, and the marker is uploaded after a barrier, so it is again last.

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from bdt.training.distributed import disable_deepspeed_shm_op
-from bdt.training.schedule import WarmupSchedule, lambda_lr
+from bdt.training.schedule import ConfigLR, WarmupSchedule
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -90,10 +90,11 @@ def make_schedule(optim: OptimConfig, total_steps: int) -> WarmupSchedule:
 
 def initialize_engine(model: torch.nn.Module, ds_config: dict,
                       schedule: Callable[[int], float]):
-    """`deepspeed.initialize` with our LambdaLR schedule; returns the engine.
+    """`deepspeed.initialize` with a ConfigLR of `schedule` (a multiplier of the config's LR);
+    returns the engine.
 
     The scheduler is passed as a callable so it wraps the optimizer DeepSpeed builds from the
-    config; the engine steps it once per optimizer step and checkpoints its state.
+    config; the engine steps it once per optimizer step and checkpoints its position.
     """
     disable_deepspeed_shm_op()
     import deepspeed
@@ -101,5 +102,5 @@ def initialize_engine(model: torch.nn.Module, ds_config: dict,
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, config=ds_config,
-        lr_scheduler=lambda opt: lambda_lr(opt, schedule))
+        lr_scheduler=lambda opt: ConfigLR(opt, schedule))
     return engine

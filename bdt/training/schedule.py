@@ -1,16 +1,18 @@
-"""Learning-rate schedules: linear warmup, then constant or cosine decay to a floor.
+"""Learning-rate schedules: linear warmup, then constant or cosine decay to a floor, and the one
+scheduler both trainers give DeepSpeed.
 
-The schedule is a picklable callable object used by `torch.optim.lr_scheduler.LambdaLR`. LambdaLR
-stores the object's attributes (and the base LRs) in its state_dict, and DeepSpeed saves and
-restores that state with its checkpoint: the schedule a resume continues with is the saved one's.
-The config rules a resume (docs/system.md §2), so the trainers put the config's schedule back
-after loading (the tokenizer trainer's `follow_config`) or give LambdaLR a plain function whose
-state is not saved (the AR trainer's StageClock.lr_lambda).
+`ConfigLR` multiplies the optimizer's configured LR by a function of the step. Its state is the
+step position only: the config rules a resume (docs/system.md §2), so a resumed run continues
+at the saved step with the config's LRs, stage lengths and schedule. DeepSpeed's
+`load_checkpoint` restores the optimizer's param groups, their `lr` included, after the
+scheduler under ZeRO-1/2 and the universal load, so a trainer calls `write_lrs()` once its
+position is restored: the first resumed step then runs at the config's LR too.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,5 +48,29 @@ class WarmupSchedule:
         return self.min_ratio + (1.0 - self.min_ratio) * cosine
 
 
-def lambda_lr(optimizer: torch.optim.Optimizer, schedule: WarmupSchedule) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
+class ConfigLR(torch.optim.lr_scheduler.LRScheduler):
+    """LR of step `n` (0-based) = each group's LR when built (the config's) x `multiplier(n)`.
+
+    `state_dict()` is the position only; `load_state_dict` also reads the LambdaLR state that
+    earlier checkpoints hold (its `last_epoch`, the same position), ignoring their saved LRs
+    and schedule."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, multiplier: Callable[[int], float]):
+        self.multiplier = multiplier
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [base_lr * self.multiplier(self.last_epoch) for base_lr in self.base_lrs]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_epoch = int(state_dict["last_epoch"])
+        self.write_lrs()
+
+    def write_lrs(self) -> None:
+        """Set the optimizer's LRs to the current position's (after a resume: see the module doc)."""
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            group["lr"] = lr

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bdt.training.deepspeed_config import DeepSpeedConfig, OptimConfig, build_ds_config
-from bdt.training.schedule import WarmupSchedule, lambda_lr
+from bdt.training.schedule import ConfigLR, WarmupSchedule
 
 
 def test_warmup_then_cosine_reaches_floor():
@@ -24,25 +24,63 @@ def test_constant_and_bad_kind():
         WarmupSchedule(2, 10, kind="linear")
 
 
-def test_lambda_lr_state_round_trip():
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=2.0)
-    sched = lambda_lr(opt, WarmupSchedule(3, 10, "cosine", 0.0))
-    for _ in range(5):
+def _trained(lr=2.0, schedule=WarmupSchedule(3, 10, "cosine", 0.0), steps=5, scheduler=ConfigLR):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = scheduler(opt, schedule)
+    for _ in range(steps):
         opt.step()
         sched.step()
-    state = sched.state_dict()
-    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    sched2 = lambda_lr(opt2, WarmupSchedule(3, 10, "cosine", 0.0))
-    # As in a checkpoint: the optimizer state carries the current lr, the scheduler its step.
-    opt2.load_state_dict(opt.state_dict())
-    sched2.load_state_dict(state)
-    assert sched2.last_epoch == 5
-    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
-    sched.step()
+    return opt, sched
+
+
+def _resumed(opt_state, sched_state, lr, schedule):
+    """A fresh optimizer + ConfigLR loaded in DeepSpeed's ZeRO-1/2 order: the scheduler, then the
+    optimizer (its param groups carry the saved LR), then write_lrs()."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = ConfigLR(opt, schedule)
+    sched.load_state_dict(sched_state)
+    opt.load_state_dict(opt_state)
+    saved_lr = opt.param_groups[0]["lr"]
+    sched.write_lrs()
+    return opt, sched, saved_lr
+
+
+def test_config_lr_saves_the_position_only_and_resumes_bitwise():
+    opt, sched = _trained()
+    assert sched.state_dict() == {"last_epoch": 5}
+    opt2, sched2, _ = _resumed(opt.state_dict(), sched.state_dict(), 2.0,
+                               WarmupSchedule(3, 10, "cosine", 0.0))
+    for _ in range(3):
+        assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+        for o, s in ((opt, sched), (opt2, sched2)):
+            o.step()
+            s.step()
+    assert opt2.param_groups[0]["lr"] == 2.0 * 0.5 * (1 + math.cos(math.pi * 5 / 7))
+
+
+def test_config_lr_resumes_with_the_configs_lr_and_schedule():
+    """The LR of the first resumed step is the config's at the saved position, not the LR the
+    checkpoint's optimizer state holds; so are the later ones."""
+    opt, sched = _trained()
+    longer = WarmupSchedule(3, 20, "cosine", 0.0)
+    opt2, sched2, saved_lr = _resumed(opt.state_dict(), sched.state_dict(), 4.0, longer)
+    assert saved_lr == opt.param_groups[0]["lr"] != 4.0 * longer(5)
+    assert opt2.param_groups[0]["lr"] == sched2.get_last_lr()[0] == 4.0 * longer(5)
+    opt2.step()
     sched2.step()
-    assert opt2.param_groups[0]["lr"] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 3 / 7)))
-    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert opt2.param_groups[0]["lr"] == 4.0 * longer(6)
+
+
+def test_config_lr_reads_the_lambda_lr_state_of_earlier_checkpoints():
+    """Checkpoints written before ConfigLR hold LambdaLR's state (base LRs, the schedule's
+    fields, the last LR): only its position is taken."""
+    opt, sched = _trained(scheduler=torch.optim.lr_scheduler.LambdaLR)
+    state = sched.state_dict()
+    assert state["last_epoch"] == 5 and state["lr_lambdas"][0]["total_steps"] == 10
+    constant = WarmupSchedule(1, 10, "constant")
+    opt2, sched2, _ = _resumed(opt.state_dict(), state, 0.5, constant)
+    assert sched2.last_epoch == 5 and sched2.base_lrs == [0.5] and sched2.multiplier is constant
+    assert opt2.param_groups[0]["lr"] == 0.5
 
 
 def test_ds_config_from_typed_config():

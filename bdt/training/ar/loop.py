@@ -118,6 +118,7 @@ def _seed_all(seed: int) -> None:
 
 
 def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks) -> dict:
+    # Base LR 1: the stage clock's multiplier is the absolute LR (stages.py).
     ds_config = build_ds_config(replace(cfg.deepspeed, micro_batch_size=1),
                                 replace(cfg.optim, lr=1.0), dist.world_size)
     clock = StageClock(cfg.stages, cfg.deepspeed.grad_accum, dist.world_size)
@@ -132,7 +133,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                                        "deepspeed.precision": cfg.deepspeed.precision})
     check_model_signature(ckpt.root, model_signature(model), dist)
     flop_model = FlopModel.for_model(model)
-    engine = initialize_engine(model, ds_config, clock.lr_lambda())
+    engine = initialize_engine(model, ds_config, clock)
     ema = EMA(engine.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     logger = MetricsLogger(cfg.run_dir, dist.is_main, tensorboard=cfg.logging.tensorboard)
@@ -155,6 +156,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
             raise ValueError(f"checkpoint {ckpt.root}/{resume} has no stage clock (written before "
                              f"stages could end on real tokens): start a new checkpoint.dir")
         clock.load_state_dict(meta["clock"])
+        engine.lr_scheduler.write_lrs()  # the config's LR at the restored position (schedule.py)
         if ema is not None:
             if not shared or "ema" not in shared:
                 raise ValueError(f"checkpoint {ckpt.root}/{resume} holds no EMA weights but "

@@ -6,15 +6,13 @@ budget, so a token stage's step count is only known as it runs. `StageClock` the
 the position (stage, the step it began at, its real tokens so far) instead of a fixed plan; the
 trainer feeds it each step's global token count and asks it whether the stage is done.
 
-The clock is also the LambdaLR multiplier: the optimizer's base LR is 1.0 and the multiplier is
-the absolute LR of the current stage's warmup + constant/cosine schedule. A step stage runs that
-schedule over its steps; a token stage over its tokens, in units of one full budget per step
-(token_budget x grad_accum x ranks), so `warmup_steps` of a token stage means that many budgets
-of tokens. A stage switch needs no new scheduler. LambdaLR gets `lr_lambda()`, a function, not
-the clock: LambdaLR checkpoints a callable object's attributes and its load writes them back,
-which would put the saved run's stage lengths and LRs over the config's. The per-rank state
-holds `state_dict()` (the position only), which is what a resume restores; the stages are the
-config's, so a resumed run may lengthen or shorten them.
+The clock is also the LR scheduler's multiplier (schedule.ConfigLR): the optimizer's base LR is
+1.0 and the multiplier is the absolute LR of the current stage's warmup + constant/cosine
+schedule. A step stage runs that schedule over its steps; a token stage over its tokens, in units
+of one full budget per step (token_budget x grad_accum x ranks), so `warmup_steps` of a token
+stage means that many budgets of tokens. A stage switch needs no new scheduler. The per-rank
+state holds `state_dict()` (the position only), which is what a resume restores; the stages are
+the config's, so a resumed run may lengthen or shorten them.
 
 `fit` shortens the current stage once (the time-limit fit, time_fit.py); the new limit is part
 of the state, so a resumed run keeps the schedule the interrupted one chose.
@@ -23,7 +21,6 @@ of the state, so a resumed run keeps the schedule the interrupted one chose.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 from bdt.training.schedule import WarmupSchedule
 from bdt.training.ar.config import StageConfig
@@ -107,12 +104,8 @@ class StageClock:
                                  f"has only {len(self.names)} stages ({self.names})")
             self._apply_fit(state["fitted"])
 
-    def lr_lambda(self) -> Callable[[int], float]:
-        """The multiplier for LambdaLR (see the module doc for why not the clock itself)."""
-        return lambda step: self(step)
-
     def __call__(self, step: int) -> float:
-        """Absolute LR of global step `step` (LambdaLR calls it after the previous step)."""
+        """Absolute LR of global step `step` (the scheduler asks after the previous step)."""
         i = min(self.stage, len(self.names) - 1)
         lr, warmup, length, kind, floor = self.specs[i]
         if self.step_limits[i] > 0:

@@ -15,7 +15,9 @@ pattern engines with gradient hooks handle poorly. Its state goes into the check
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import json
 import logging
 import os
 import sys
@@ -29,7 +31,7 @@ from PIL import Image
 
 from bdt import storage
 from bdt.config import ConfigError, fail, load, save_resolved, setup_logging, split_launcher_args
-from bdt.data.raw import make_loader
+from bdt.data.raw import expand_shards, make_loader
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.tokenizer.config import TokenizerConfig
 from bdt.tokenizer.discriminator import LeCam, PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
@@ -45,7 +47,7 @@ from bdt.training.metrics import MetricsLogger, Throughput, Timer
 from bdt.training.model_shapes import check_model_signature, model_signature
 from bdt.training.run_dir import checkpoint_root, export_dir
 from bdt.training.run_lock import hold_run_lock
-from bdt.training.schedule import WarmupSchedule, lambda_lr
+from bdt.training.schedule import ConfigLR, WarmupSchedule
 from bdt.training.signals import LOCAL_REASON, StopFlag
 from bdt.training.tokenizer.config import RENAMED_KEYS, TokenizerTrainConfig, validate
 
@@ -60,7 +62,7 @@ class Discriminator:
         self.net = PatchDiscriminator(in_channels, cfg.loss.disc_width, cfg.loss.disc_layers)
         self.cfg = cfg
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
-        self.sched = lambda_lr(self.opt, _schedule(cfg))
+        self.sched = ConfigLR(self.opt, _schedule(cfg))
         self.lecam = LeCam()
 
     def step(self, real: torch.Tensor, fake: torch.Tensor, lecam_weight: float, scale: float) -> dict:
@@ -97,8 +99,7 @@ class Discriminator:
                              f"discriminator: resume with the values it was trained with "
                              f"({first})") from None
         self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-        follow_config(self.sched, self.cfg.loss.disc_lr, self.cfg)
+        self.sched.load_state_dict(state["sched"])  # after the optimizer: the config's LR wins
         self.lecam.load_state_dict(state["lecam"])
 
 
@@ -106,16 +107,14 @@ def _schedule(cfg: TokenizerTrainConfig) -> WarmupSchedule:
     return make_schedule(cfg.optim, cfg.schedule_steps or cfg.steps)
 
 
-def follow_config(sched: torch.optim.lr_scheduler.LambdaLR, lr: float,
-                  cfg: TokenizerTrainConfig) -> None:
-    """The config's LR and schedule in place of those a resume restored (system §2: the config
-    rules a resume), from the restored step on; unchanged ones give the same values, bitwise."""
-    schedule = _schedule(cfg)  # a new one: loading the state overwrote the old one's fields
-    sched.base_lrs = [lr] * len(sched.base_lrs)
-    sched.lr_lambdas = [schedule] * len(sched.lr_lambdas)
-    sched._last_lr = [lr * schedule(sched.last_epoch)] * len(sched.base_lrs)
-    for group, value in zip(sched.optimizer.param_groups, sched._last_lr):
-        group["lr"] = value  # the next step's LR, which the restored optimizer state holds
+def _data_order(cfg: TokenizerTrainConfig) -> dict[str, str | int]:
+    """What the stream positions a checkpoint holds index into (bdt/data/raw.py): the expanded
+    shard list and the seed that shuffles it each epoch. (Crop size and resize change the
+    pixels, not which sample comes next: the config's, like its LR.)"""
+    urls = expand_shards(cfg.data.shards)
+    digest = hashlib.sha256(json.dumps(urls).encode()).hexdigest()[:16]
+    return {"data.shards": f"{len(urls)} shards {urls[0]} .. {urls[-1]} (list sha256 {digest})",
+            "data.seed": cfg.data.seed}
 
 
 def _pixel_loss(kind: str, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -174,11 +173,13 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     lpips = (LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)
              if cfg.loss.lpips_weight > 0 else None)
     torch.manual_seed(cfg.seed * 1000 + dist.rank)  # per-rank stream for any sampling in the step
-    # DeepSpeed cannot load an engine of another ZeRO stage or precision: refused by name.
+    # DeepSpeed cannot load an engine of another ZeRO stage or precision, and the stream's
+    # positions index one shard order: a checkpoint of other ones is refused by name.
     ckpt = CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir), dist,
                              cfg.checkpoint.keep_last, cfg.checkpoint.staging_dir or None,
                              settings={"deepspeed.zero_stage": cfg.deepspeed.zero_stage,
-                                       "deepspeed.precision": cfg.deepspeed.precision})
+                                       "deepspeed.precision": cfg.deepspeed.precision,
+                                       **_data_order(cfg)})
     check_model_signature(ckpt.root, model_signature(engine.module), dist)
     step, stream_state, tag = 0, None, None
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
@@ -186,7 +187,7 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     if resumed is not None:
         tag, meta, shared = resumed.tag, resumed.meta, resumed.shared
         step, stream_state = meta["step"], meta["stream"]
-        follow_config(engine.lr_scheduler, cfg.optim.lr, cfg)
+        engine.lr_scheduler.write_lrs()  # the config's LR at the restored step (schedule.py)
         ema.load_state_dict(shared["ema"])
         if disc is not None and "disc" in shared:
             disc.load_state_dict(shared["disc"])

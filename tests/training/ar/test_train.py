@@ -241,14 +241,17 @@ def test_time_limit_fit_ends_the_decay_in_time_and_survives_a_resume(data, tmp_p
 
 
 def test_a_resumed_run_takes_its_stage_lengths_from_the_config(data, tmp_path):
-    """A run stopped inside its last stage and resumed with that stage lengthened trains to the
-    new end, its cosine spread over the new length (the checkpoint holds the position only)."""
+    """A run stopped inside its last stage, past its warmup, and resumed with that stage
+    lengthened and another LR trains to the new end, its cosine spread over the new length at
+    the new LR from the first resumed step on (the checkpoint holds the position only; DeepSpeed
+    restores the optimizer's saved LR, which the trainer replaces)."""
     from bdt.training.schedule import WarmupSchedule
 
-    assert spawn_train(argv(data, tmp_path, "fault.sigterm_at_step=5")) == 0
-    assert spawn_train(argv(data, tmp_path, steps=[4, 6])) == 0
+    assert spawn_train(argv(data, tmp_path, "fault.sigterm_at_step=7")) == 0
+    assert spawn_train(argv(data, tmp_path, "stages.1.lr=5e-3", steps=[4, 6])) == 0
     assert json.loads((tmp_path / "summary.json").read_text())["step"] == 10
     m = read_metrics(str(tmp_path))
-    schedule = WarmupSchedule(2, 6, "cosine", 0.1)  # stage 1 begins after step 4
-    assert [m[s]["lr"] for s in range(5, 11)] == pytest.approx(
-        [3e-3 * schedule(s - 5) for s in range(5, 11)])
+    # stage 1 begins after step 4: step s runs at position s - 5 of its schedule
+    before, after = WarmupSchedule(2, 4, "cosine", 0.1), WarmupSchedule(2, 6, "cosine", 0.1)
+    assert [m[s]["lr"] for s in range(5, 8)] == [3e-3 * before(s - 5) for s in range(5, 8)]
+    assert [m[s]["lr"] for s in range(8, 11)] == [5e-3 * after(s - 5) for s in range(8, 11)]

@@ -168,12 +168,13 @@ def test_bad_config_is_a_clear_error(shards, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_resume_is_exact_with_workers_and_noise_and_follows_a_changed_config(shards, tmp_path):
-    """Two DataLoader workers and a generative (noise-input) decoder: a run checkpointed at step 1
-    (worker 1 had given no batch yet) and resumed to step 3 (worker 1's turn first) repeats the
-    uninterrupted run bitwise. A resume with another LR, schedule and discriminator LR follows
-    them; one with another ZeRO stage is refused by name."""
+    """Two DataLoader workers and a generative (noise-input) decoder at ZeRO-1: a run checkpointed
+    at step 1 (worker 1 had given no batch yet) and resumed to step 3 (worker 1's turn first)
+    repeats the uninterrupted run bitwise. A resume with another LR and schedule runs its first
+    step at the config's LR (DeepSpeed restores the optimizer's, the saved LR, after the
+    scheduler); one with another ZeRO stage, data seed or shard list is refused by name."""
     base = TINY + [f"data.shards={shards}", "data.num_workers=2", "model.gan_decoder=true",
-                   "checkpoint.every=1"]
+                   "checkpoint.every=1", "deepspeed.zero_stage=1"]
     resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
 
     def run1(overrides):  # a fresh process per run: DeepSpeed keeps process-group state
@@ -188,10 +189,19 @@ def test_resume_is_exact_with_workers_and_noise_and_follows_a_changed_config(sha
     assert all(torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]) for k in a["ema"]["shadow"])
     run1([f"run_dir={resumed}", "steps=4", "optim.lr=2e-3", "optim.schedule=cosine", "loss.disc_lr=3e-4"])
     assert _log(resumed)[-1]["lr"] == 2e-3 * WarmupSchedule(1, 4, "cosine", 0.1)(3)
-    disc_sched = _ema(resumed, 4)["disc"]["sched"]
-    assert disc_sched["base_lrs"] == [3e-4] and disc_sched["lr_lambdas"][0]["total_steps"] == 4
-    with pytest.raises(Exception, match="deepspeed.zero_stage=0; this run has deepspeed.zero_stage=2"):
+    assert _ema(resumed, 4)["disc"]["sched"] == {"last_epoch": 3}  # the position only
+    with pytest.raises(Exception, match="deepspeed.zero_stage=1; this run has deepspeed.zero_stage=2"):
         run1([f"run_dir={resumed}", "steps=5", "deepspeed.zero_stage=2"])
+    # The stream's positions index the seeded order of this shard list: another is refused,
+    # naming each key with the checkpoint's value and the config's.
+    fewer = shards.replace("000003", "000002")
+    marker = json.load(open(os.path.join(resumed, "checkpoints", tag_for(4), MARKER)))
+    assert marker["settings"]["data.seed"] == 0
+    assert marker["settings"]["data.shards"].startswith("4 shards ")
+    with pytest.raises(Exception, match=r"written with data.shards='4 shards .*', data.seed=0; this "
+                                        r"run has data.shards='3 shards .*', data.seed=1: resume"):
+        run1([f"run_dir={resumed}", "steps=5", "data.seed=1", f"data.shards={fewer}"])
+    assert sorted(r["step"] for r in _log(resumed)) == [1, 2, 3, 4]  # nothing trained
 
 
 @pytest.mark.slow
@@ -203,6 +213,22 @@ def test_a_changed_model_shape_is_a_config_error_not_damage(shards, tmp_path):
     with pytest.raises(mp.ProcessRaisedException, match="from a different model shape: parameter "
                                                          "'encoder.conv_in.weight'"):
         mp.spawn(_rank, args=(1, free_port(), [*run, "steps=2", "model.ch=64"]), nprocs=1)
+
+
+def test_a_resumed_discriminator_follows_the_configs_lr_and_schedule():
+    """Its optimizer state holds the saved LR; the first resumed step runs at the config's."""
+    old = load(TokenizerTrainConfig, [], ["run_dir=x", "data.shards=x", "steps=10",
+                                          "optim.warmup_steps=1", "loss.disc_lr=1e-4"])
+    new = load(TokenizerTrainConfig, [], ["run_dir=x", "data.shards=x", "steps=20",
+                                          "optim.warmup_steps=1", "loss.disc_lr=3e-4"])
+    disc = Discriminator(old, 3)
+    for _ in range(4):
+        disc.opt.step()
+        disc.sched.step()
+    resumed = Discriminator(new, 3)
+    resumed.load_state_dict(disc.state_dict())
+    assert resumed.opt.param_groups[0]["lr"] == 3e-4 * WarmupSchedule(1, 20, "cosine", 0.1)(4)
+    assert disc.opt.param_groups[0]["lr"] == 1e-4 * WarmupSchedule(1, 10, "cosine", 0.1)(4)
 
 
 def test_a_changed_discriminator_shape_is_a_config_error():
