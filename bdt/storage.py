@@ -64,7 +64,13 @@ def exists(url: str) -> bool:
 
 
 def missing_files(urls: list[str]) -> list[str]:
-    """The URLs (in order) that are not existing files.
+    """The URLs (in order) that are not existing files (see `file_sizes`)."""
+    sizes = file_sizes(urls)
+    return [u for u in urls if sizes[u] is None]
+
+
+def file_sizes(urls: list[str]) -> dict[str, int | None]:
+    """{url: size in bytes, or None when it is not an existing file}, in the order given.
 
     One directory listing per parent holding two or more of the names, instead of one request
     per name: a brace pattern over 10,000 S3 shards costs 10 list calls, not 10,000 HEADs.
@@ -72,20 +78,26 @@ def missing_files(urls: list[str]) -> list[str]:
     by_parent: dict[str, list[str]] = {}
     for url in urls:
         by_parent.setdefault(url.rstrip("/").rsplit("/", 1)[0] if "/" in url else ".", []).append(url)
-    found: set[str] = set()
+    found: dict[str, int] = {}
     for parent, group in by_parent.items():
         fs, path = filesystem(parent)
+        fs.invalidate_cache(path)  # s3fs caches listings: files made or changed since must be seen
         if len(group) == 1:
-            if fs.isfile(filesystem(group[0])[1]):
-                found.add(group[0])
+            with contextlib.suppress(OSError):  # not found, or a file where a folder should be
+                info = fs.info(filesystem(group[0])[1])
+                if info["type"] == "file":
+                    found[group[0]] = int(info["size"])
             continue
-        fs.invalidate_cache(path)  # s3fs caches listings: files made since must be seen
         try:
-            names = {e["name"].rstrip("/") for e in fs.ls(path, detail=True) if e["type"] == "file"}
+            sizes = {e["name"].rstrip("/"): int(e["size"]) for e in fs.ls(path, detail=True)
+                     if e["type"] == "file"}
         except (FileNotFoundError, NotADirectoryError):
-            names = set()
-        found.update(u for u in group if filesystem(u)[1].rstrip("/") in names)
-    return [u for u in urls if u not in found]
+            sizes = {}
+        for url in group:
+            size = sizes.get(filesystem(url)[1].rstrip("/"))
+            if size is not None:
+                found[url] = size
+    return {u: found.get(u) for u in urls}
 
 
 def makedirs(url: str) -> None:

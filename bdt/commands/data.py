@@ -1,4 +1,5 @@
-"""`bdt data ...` commands: `bdt data shapes` writes the embedded captioned dataset (system §4)."""
+"""`bdt data ...` commands: `bdt data shapes` writes the embedded captioned dataset (system §4);
+`bdt data verify` checks an extraction output's shards against its manifest."""
 
 from __future__ import annotations
 
@@ -22,6 +23,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--jpeg-quality", type=int, default=95)
     shapes.add_argument("--workers", type=int, default=1, help="processes writing shards (1)")
     shapes.set_defaults(func=_shapes)
+    verify = sub.add_parser(
+        "verify", help="check every token shard of an extraction output against its index.json",
+        description="Read every shard that OUTPUT/index.json lists and compare its size and sha256 "
+                    "with the manifest (training checks only the sizes, at every start). Exit 0 "
+                    "when all match, 1 naming each shard that does not, 2 on an unusable output.")
+    verify.add_argument("output", help="extraction output directory or fsspec URL (s3://...)")
+    verify.add_argument("--family", action="append", default=[],
+                        help="check only this shard family (repeatable; default: all)")
+    verify.add_argument("--workers", type=int, default=8, help="shards read at once (8)")
+    verify.set_defaults(func=_verify)
 
 
 def _shapes(args: argparse.Namespace) -> int:
@@ -35,3 +46,19 @@ def _shapes(args: argparse.Namespace) -> int:
     print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shard(s) "
           f"to {cfg.out}")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import sys
+
+    from tqdm import tqdm
+
+    from bdt.data.shard_source import verify
+
+    with tqdm(unit="shard", desc="verify", file=sys.stderr) as bar:
+        checked, problems = verify(args.output, args.family, args.workers, lambda: bar.update(1))
+    for problem in problems:
+        print(f"BAD {problem}")
+    print(f"verified {checked} shard(s) of {args.output}: "
+          + (f"{len(problems)} differ from index.json" if problems else "all match index.json"))
+    return 1 if problems else 0

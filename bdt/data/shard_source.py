@@ -16,6 +16,8 @@ Reading one shard is bdt.data.tars.iter_shard (with byte offsets for an exact re
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from bdt import storage
@@ -74,13 +76,11 @@ def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -
             family = next(iter(stages))
         if family not in stages:
             raise ValueError(f"{index_url} has no family {family!r} (it has {sorted(stages)})")
-        urls = [storage.join(source, name) for name in _shard_names(index_url, stages[family], family)]
-        if not urls:
+        entries = _shard_entries(index_url, stages[family], family)
+        if not entries:
             raise ValueError(f"{index_url}: family {family!r} lists no shards")
-        missing = storage.missing_files(urls)
-        if missing:
-            raise ValueError(f"{index_url} lists {len(missing)} shard(s) of family {family!r} that "
-                             f"do not exist, e.g. {missing[0]}: restore them or rerun the extraction")
+        urls = [storage.join(source, e["shard"]) for e in entries]
+        _check_sizes(index_url, family, urls, entries, source)
         return ShardList(urls, manifest, source)
     if storage.exists(storage.join(source, PLAN_NAME)):
         raise ValueError(f"{source} is an extraction output without {INDEX_NAME}: the extraction is "
@@ -103,19 +103,85 @@ def _read_manifest(url: str) -> dict:
     return manifest
 
 
-def _shard_names(index_url: str, entry: object, family: str) -> list[str]:
-    """The shard paths a manifest lists for a family, relative to its root; a path that is not
-    (absolute, '..') is refused: a manifest names shards of its own output only."""
+def _shard_entries(index_url: str, entry: object, family: str) -> list[dict]:
+    """The shard entries a manifest lists for a family; a path that is not inside its root
+    (absolute, '..') or a size that is not a count is refused: a manifest names shards of its
+    own output only. `bytes` and `sha256` may be absent (a manifest not written by bdt)."""
     try:
-        names = [s["shard"] for s in entry["shards"]]
-    except (TypeError, KeyError) as e:
+        entries = [dict(s) for s in entry["shards"]]
+        names = [s["shard"] for s in entries]
+    except (TypeError, KeyError, ValueError) as e:
         raise ValueError(f"{index_url} is damaged: no shard list for family {family!r} "
                          f"({type(e).__name__}: {e})") from None
-    for name in names:
+    for name, e in zip(names, entries):
         if not isinstance(name, str) or not name or unsafe_path(name):
             raise ValueError(f"{index_url} is damaged: family {family!r} lists the shard "
                              f"{name!r}, not a path inside the output")
-    return names
+        size = e.get("bytes")
+        if size is not None and (type(size) is not int or size < 0):
+            raise ValueError(f"{index_url} is damaged: shard {name!r} has 'bytes' {size!r}, "
+                             f"not a byte count")
+    return entries
+
+
+def _check_sizes(index_url: str, family: str, urls: list[str], entries: list[dict],
+                 source: str) -> None:
+    """Every listed shard exists with the size its entry records: one listing per folder (also
+    on S3), so it runs at every start; a shard truncated, replaced or edited after extraction is
+    refused before training. `bdt data verify` compares the sha256 too."""
+    sizes = storage.file_sizes(urls)
+    missing = [u for u in urls if sizes[u] is None]
+    if missing:
+        raise ValueError(f"{index_url} lists {len(missing)} shard(s) of family {family!r} that "
+                         f"do not exist, e.g. {missing[0]}: restore them or rerun the extraction")
+    wrong = [(u, e["bytes"], sizes[u]) for u, e in zip(urls, entries)
+             if e.get("bytes") is not None and sizes[u] != e["bytes"]]
+    if wrong:
+        url, want, have = wrong[0]
+        raise ValueError(f"{index_url}: {len(wrong)} shard(s) of family {family!r} differ in size "
+                         f"from the manifest, e.g. {url}: {want} bytes listed, {have} found "
+                         f"(truncated, replaced or edited after extraction): restore them or "
+                         f"rerun the extraction (`bdt data verify {source}` checks every sha256)")
+
+
+def verify(source: str, families: list[str] | None = None, workers: int = 8,
+           on_shard: Callable[[], None] | None = None) -> tuple[int, list[str]]:
+    """(shards checked, problems): every shard an extraction manifest lists (all families, or
+    `families`) read whole and compared with its entry's size and sha256. ValueError when
+    `source` holds no readable manifest or lacks a family. `on_shard` is called per shard."""
+    source = source.rstrip("/")
+    index_url = storage.join(source, INDEX_NAME)
+    if not storage.exists(index_url):
+        raise ValueError(f"{source} holds no {INDEX_NAME}: verify checks an extraction output")
+    stages = _read_manifest(index_url).get("stages", {})
+    unknown = sorted(set(families or []) - set(stages))
+    if unknown:
+        raise ValueError(f"{index_url} has no family {unknown[0]!r} (it has {sorted(stages)})")
+    listed = [(storage.join(source, e["shard"]), e) for f in (families or sorted(stages))
+              for e in _shard_entries(index_url, stages[f], f)]
+    sizes = storage.file_sizes([u for u, _ in listed])
+
+    def check(item: tuple[str, dict]) -> str | None:
+        url, entry = item
+        want_size, want_sha = entry.get("bytes"), entry.get("sha256")
+        try:
+            if sizes[url] is None:
+                return f"{url}: missing"
+            if want_size is not None and sizes[url] != want_size:
+                return f"{url}: {sizes[url]} bytes, the manifest lists {want_size}"
+            if want_sha is None:
+                return f"{url}: the manifest records no sha256 for it"
+            sha, _ = storage.sha256(url)
+            return None if sha == want_sha else f"{url}: sha256 {sha}, the manifest lists {want_sha}"
+        except OSError as e:  # gone or unreadable meanwhile
+            return f"{url}: unreadable ({type(e).__name__}: {e})"
+        finally:
+            if on_shard is not None:
+                on_shard()
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # hashing and reads release the GIL
+        problems = [p for p in pool.map(check, listed) if p is not None]
+    return len(listed), problems
 
 
 def tokenizer_sha(manifest: dict | None) -> dict[str, str] | None:

@@ -23,7 +23,8 @@ naming the sample that was being read.
 
 Writing: `ShardWriter` writes a tar (webdataset's TarWriter, members as given) that appears only
 once complete, hashing it on the way; member metadata is fixed (mtime 0, owner bdt), so the same
-samples give the same bytes.
+samples give the same bytes. A remote tar is spooled in the temp folder and uploaded whole; the
+spools of writers killed on a machine are deleted by the next process writing there.
 """
 
 from __future__ import annotations
@@ -33,13 +34,18 @@ import contextlib
 import gzip
 import hashlib
 import lzma
+import os
 import posixpath
+import re
+import socket
 import tarfile
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO
+
+import psutil
 
 from bdt import storage
 
@@ -322,6 +328,32 @@ class _HashingFile:
         self.f.flush()
 
 
+_SPOOL_NAME = re.compile(r"bdt-shard-(\d+)-(\d+)@(.*)@\w*\.part")  # writer pid, start, host
+_swept_spools = False
+
+
+def _spool_prefix() -> str:
+    """Spool names carry their writer: one killed by SIGKILL cannot delete its spool, so each
+    process deletes those of dead writers on its machine before its first spool."""
+    global _swept_spools
+    if not _swept_spools:
+        _swept_spools = True
+        for name in os.listdir(tempfile.gettempdir()):
+            m = _SPOOL_NAME.fullmatch(name)
+            if m and m[3] == socket.gethostname() and not _running(int(m[1]), int(m[2])):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(tempfile.gettempdir(), name))
+    me = psutil.Process()
+    return f"bdt-shard-{me.pid}-{round(me.create_time() * 1000)}@{socket.gethostname()}@"
+
+
+def _running(pid: int, start_ms: int) -> bool:
+    try:
+        return round(psutil.Process(pid).create_time() * 1000) == start_ms
+    except psutil.Error:
+        return False
+
+
 @contextlib.contextmanager
 def _open_output(url: str) -> Iterator[IO[bytes]]:
     """Local: temp + rename (storage.open_atomic). Remote: spooled to a local temp file and
@@ -331,7 +363,7 @@ def _open_output(url: str) -> Iterator[IO[bytes]]:
         with storage.open_atomic(url) as f:
             yield f
         return
-    with tempfile.NamedTemporaryFile(prefix="bdt-shard-", suffix=".part") as tmp:
+    with tempfile.NamedTemporaryFile(prefix=_spool_prefix(), suffix=".part") as tmp:
         yield tmp
         tmp.flush()
         fs, path = storage.filesystem(url)

@@ -96,6 +96,7 @@ def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts:
     urls = storage.expand_urls(spec)
     if not urls:
         raise ValueError(f"inputs: nothing matches '{spec}'")
+    _refuse_undecodable_names(urls, "input")
     if input_format not in ("auto", "tar", "folder"):
         raise ValueError(f"input_format: expected auto, tar or folder, got '{input_format}'")
     formats = [input_format if input_format != "auto" else "tar" if url.endswith(_TAR_SUFFIXES) else "folder"
@@ -112,12 +113,33 @@ def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts:
         if not fs.isdir(path):
             raise ValueError(f"inputs: folder not found: {url} (a tar shard must end in .tar/.tgz/.tar.gz)")
         images = _folder_images(fs, path, image_exts)
+        _refuse_undecodable_names([posixpath.join(url, rel) for rel in images], "image file")
         if not images:
             raise ValueError(f"inputs: folder {url} holds no images with extensions {image_exts}")
         for start in range(0, len(images), folder_shard_size):
             units.append(InputUnit(len(units), "folder", url, images[start:start + folder_shard_size],
                                    report_strays=start == 0))
     return units
+
+
+def _refuse_undecodable_names(paths: list[str], what: str) -> None:
+    """Input names go into plan.json, the markers and the manifest (JSON, UTF-8), and identify
+    the input on every rerun; a name that is not UTF-8 stops the run before any work, so a
+    rename fixes it and nothing was made from (or left out of) an output."""
+    bad = [p for p in paths if not _is_utf8(p)]
+    if bad:
+        shown = ", ".join(repr(p.encode("utf-8", "surrogateescape")) for p in bad[:3])
+        raise ValueError(f"inputs: {len(bad)} {what} name(s) are not valid UTF-8: {shown}"
+                         f"{', ...' if len(bad) > 3 else ''}; rename them (e.g. `convmv -f latin1 "
+                         f"-t utf8`) and rerun")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # os.fsdecode keeps undecodable bytes as lone surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _folder_images(fs: fsspec.AbstractFileSystem, root: str, image_exts: list[str]) -> list[str]:

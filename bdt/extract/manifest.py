@@ -8,6 +8,7 @@
   OUTPUT/index.json                 manifest: tokenizer identity, config, per-shard entries, totals
   OUTPUT/config.yaml                the resolved config
   OUTPUT/lock.json                  held by the run writing the output (host, pid), removed at its end
+                                    (with the output folder when the run made it and left it empty)
 
 A shard counts as done only when its marker parses, was made with the same fingerprint
 (tokenizer + preprocessing settings) and the shard's size and sha256 match the marker.
@@ -18,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 
@@ -110,19 +112,19 @@ def check_plan(root: str, units: list[dict]) -> None:
     """Write plan.json on the first run; later runs must keep unit i's source (appending is fine)."""
     url = storage.join(root, PLAN_NAME)
     old = read_json(url)
-    if (old is None and storage.exists(url)) or (old is not None and not isinstance(old, dict)):
-        # Rewriting it would drop what it guards: which inputs the existing shards were made from.
-        raise ValueError(f"{url} is damaged: restore it, or write to a new output")
+    if old is None and storage.exists(url):
+        _damaged_plan(url, "not readable JSON")
     if old is not None:
-        for unit, prev in zip(units, old.get("units", [])):
+        planned = _planned_units(url, old)
+        for unit, prev in zip(units, planned):
             if unit != prev:
                 raise ValueError(f"{url}: input unit {unit['index']} was {prev['source']} "
                                  f"({len(prev['files'])} files) and is now {unit['source']} "
                                  f"({len(unit['files'])} files): the inputs changed; write to a new output")
-        if len(units) < len(old.get("units", [])):
-            raise ValueError(f"{url}: the plan had {len(old['units'])} input units, the inputs now give "
+        if len(units) < len(planned):
+            raise ValueError(f"{url}: the plan had {len(planned)} input units, the inputs now give "
                              f"{len(units)}: write to a new output")
-        if len(units) == len(old.get("units", [])):
+        if len(units) == len(planned):
             return
         # The manifest calls the shorter plan complete: drop it before the plan grows, so a run
         # stopped before its end leaves no index.json that training would take as the whole output.
@@ -130,6 +132,31 @@ def check_plan(root: str, units: list[dict]) -> None:
         with contextlib.suppress(FileNotFoundError):
             fs.rm_file(index_path)
     storage.write_bytes_atomic(url, json_bytes({"units": units}))
+
+
+def _damaged_plan(url: str, why: str) -> NoReturn:
+    # Rewriting it would drop what it guards: which inputs the existing shards were made from.
+    raise ValueError(f"{url} is damaged ({why}): restore it, or write to a new output")
+
+
+_UNIT_FIELDS = {"index": int, "kind": str, "source": str, "files": list}  # what InputUnit.to_dict writes
+
+
+def _planned_units(url: str, plan: Any) -> list[dict]:
+    """The units of a parsed plan.json; a plan of another shape is damaged, naming the key."""
+    if not isinstance(plan, dict):
+        _damaged_plan(url, f"a JSON {type(plan).__name__}, not an object")
+    units = plan.get("units")
+    if not isinstance(units, list):
+        _damaged_plan(url, "'units' is missing" if units is None else "'units' is not a list")
+    for i, unit in enumerate(units):
+        if not isinstance(unit, dict):
+            _damaged_plan(url, f"units[{i}] is not an object")
+        for key, kind in _UNIT_FIELDS.items():
+            if not isinstance(unit.get(key), kind):
+                what = "is missing" if key not in unit else f"is not a {kind.__name__}"
+                _damaged_plan(url, f"units[{i}].{key} {what}")
+    return units
 
 
 def build_index(root: str, identity: dict, config: dict, stages: dict[str, dict],
@@ -156,6 +183,7 @@ def output_lock(root: str) -> Iterator[None]:
     RunLock needs hard links, which object stores lack; an exclusive create is what S3 offers.)
     """
     url = storage.join(root, LOCK_NAME)
+    created = _missing_dirs(root)
     storage.makedirs(root)
     fs, path = storage.filesystem(url)
     me = psutil.Process()
@@ -176,6 +204,24 @@ def output_lock(root: str) -> Iterator[None]:
         yield
     finally:
         fs.rm_file(path)
+        # A run stopped by a config error leaves no empty output behind; rmdir never removes
+        # a folder holding anything, and only folders this run made are tried.
+        for directory in created:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
+
+
+def _missing_dirs(root: str) -> list[str]:
+    """The local folders that making `root` creates, deepest first (none for a remote URL)."""
+    if storage.is_remote(root):
+        return []
+    out, path = [], os.path.abspath(storage.filesystem(root)[1])
+    while not os.path.exists(path):
+        out.append(path)
+        path = os.path.dirname(path)
+    return out
 
 
 def _lock_is_stale(holder: Any) -> bool:

@@ -193,3 +193,39 @@ def test_shard_writer_is_atomic_hashed_and_reproducible(tmp_path):
         w.write(samples[0])
         raise RuntimeError("killed mid-shard")
     assert sorted(os.listdir(tmp_path)) == ["a.tar", "b.tar"]  # nothing partial left
+
+
+def test_spools_of_killed_remote_writers_are_deleted_by_the_next_one(tmp_path, monkeypatch):
+    """A remote shard is spooled in the temp folder; a writer killed by SIGKILL left its spool
+    there for good. The next process's first spool deletes those of dead writers only."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import fsspec
+
+    from bdt.data import tars
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from bdt.data.tars import ShardWriter\n"
+        "with ShardWriter('memory://bdt-spool-test/killed.tar') as w:\n"
+        "    w.write({'__key__': 'k', 'bin': b'x' * 4096}); print('spooled', flush=True)\n"
+        "    time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "spooled\n"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    dead = os.listdir(tmp_path)
+    assert len(dead) == 1 and dead[0].startswith(f"bdt-shard-{writer.pid}-")
+    others = ["bdt-shard-1-2@another-host@abc.part", "bdt-shard-unrelated.part", "notes.txt"]
+    for name in others:
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(tars, "_swept_spools", False)
+    with ShardWriter("memory://bdt-spool-test/next.tar") as w:
+        w.write({"__key__": "k", "bin": b"y"})
+        live = sorted(set(os.listdir(tmp_path)) - set(others))  # its own spool, being written
+        assert len(live) == 1 and live[0].startswith(f"bdt-shard-{os.getpid()}-")
+    assert sorted(os.listdir(tmp_path)) == sorted(others)
+    assert [s.members for s in read_samples("memory://bdt-spool-test/next.tar")] == [{"bin": b"y"}]
+    fsspec.filesystem("memory").rm("/bdt-spool-test", recursive=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from collections import Counter
 
 import pytest
@@ -19,6 +20,17 @@ EXTS = ["jpg", "jpeg", "png", "webp"]
 def _read(path: str, max_bytes: int = 1 << 20, max_caption: int = 1 << 20) -> list:
     unit = inp.list_units(path, "auto", 10, EXTS)[0]
     return list(inp.iter_unit(unit, EXTS, max_bytes, max_caption_bytes=max_caption))
+
+
+def _pipeline_main(argv: list[str]) -> None:
+    """pipelines/extract_tokens.py's main (a script, not a module of the package)."""
+    import importlib.util
+
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "pipelines", "extract_tokens.py")
+    spec = importlib.util.spec_from_file_location("extract_tokens_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv)
 
 
 def _rejects(items) -> list[tuple[str, str]]:
@@ -163,17 +175,11 @@ def test_one_verdict_per_sample(tmp_path):
 
 def test_inputs_are_checked_before_ray_starts(tmp_path, tiny_tokenizer, monkeypatch, capsys):
     """A glob matching nothing fails the pipeline with exit code 2 before any Ray exists."""
-    import importlib.util
-
     import ray
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the inputs were checked"))
-    script = os.path.join(os.path.dirname(__file__), "..", "..", "pipelines", "extract_tokens.py")
-    spec = importlib.util.spec_from_file_location("extract_tokens_script", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     with pytest.raises(SystemExit) as exit_info:
-        module.main([f"inputs={tmp_path}/nothing-*.tar", f"output={tmp_path}/out",
+        _pipeline_main([f"inputs={tmp_path}/nothing-*.tar", f"output={tmp_path}/out",
                      f"tokenizer={tiny_tokenizer}"])
     assert exit_info.value.code == 2
     assert f"nothing matches '{tmp_path}/nothing-*.tar'" in capsys.readouterr().err
@@ -214,6 +220,58 @@ def test_a_damaged_plan_is_refused_not_rewritten(tmp_path, plan):
     assert (tmp_path / "plan.json").read_bytes() == plan
     mf.check_plan(str(tmp_path / "fresh"), [unit])  # no plan yet: written
     assert (tmp_path / "fresh" / "plan.json").exists()
+
+
+@pytest.mark.parametrize("plan,problem", [
+    (b'{"units": [{}]}', r"units\[0\].index is missing"), (b"{}", "'units' is missing"),
+    (b'{"units": {"0": {}}}', "'units' is not a list"), (b'{"units": ["x.tar"]}', r"units\[0\] is not an object"),
+    (b'{"units": [{"index": 0, "kind": "tar", "source": "x.tar", "files": "a.png"}]}',
+     r"units\[0\].files is not a list"),
+    (b'{"units": [{"index": 0, "kind": "tar", "files": []}]}', r"units\[0\].source is missing"),
+    (b'"units"', "a JSON str, not an object"),
+])
+def test_a_plan_of_the_wrong_shape_is_refused_naming_the_key(tmp_path, plan, problem):
+    """Valid JSON that is not a plan raised a bare KeyError or TypeError, or ({}) was taken for
+    an empty plan and overwritten."""
+    from bdt.extract import manifest as mf
+
+    (tmp_path / "plan.json").write_bytes(plan)
+    unit = inp.InputUnit(0, "tar", str(tmp_path / "x.tar")).to_dict()
+    with pytest.raises(ValueError, match=rf"{tmp_path}/plan.json is damaged \({problem}\)"):
+        mf.check_plan(str(tmp_path), [unit])
+    assert (tmp_path / "plan.json").read_bytes() == plan
+
+
+def test_input_names_that_are_not_utf8_stop_the_run_before_any_work(tmp_path, tiny_tokenizer, capsys):
+    """plan.json (JSON, UTF-8) failed to encode such a name after the output was made; a rename
+    fixes it, while leaving the input out would change the shard plan once it is renamed."""
+    root = os.fsencode(tmp_path)
+    os.makedirs(tmp_path / "in")
+    write_tar(str(tmp_path / "in" / "a.tar"), good_samples("a", 1, 0))
+    write_tar(os.fsdecode(root + b"/in/shard\xff.tar"), good_samples("b", 1, 0))
+    shown = repr(root + b"/in/shard\xff.tar")
+    with pytest.raises(ValueError, match=r"1 input name\(s\) are not valid UTF-8: " + re.escape(shown)):
+        inp.list_units(f"{tmp_path}/in/*.tar", "auto", 10, EXTS)
+    # A folder's image files are inputs too; its other files are only rejects (their names
+    # appear in the rejects file as \xNN), so they do not stop anything.
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes(image_bytes(40, 40))
+    (folder / "ok.txt").write_text("a caption")
+    with open(os.fsdecode(os.fsencode(folder) + b"/notes\xff.doc"), "wb") as f:
+        f.write(b"x")
+    unit, = inp.list_units(str(folder), "auto", 10, EXTS)
+    items = list(inp.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=100))
+    assert _rejects(items) == [("notes\\xff.doc", "unknown_extension")]
+    with open(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png"), "wb") as f:
+        f.write(image_bytes(40, 40))
+    with pytest.raises(ValueError, match="1 image file name.* " + re.escape(repr(os.fsencode(folder) + b"/caf\xe9.png"))):
+        inp.list_units(str(folder), "auto", 10, EXTS)
+    # Through the job's entry point: exit code 2 naming the file, and no output folder left.
+    with pytest.raises(SystemExit) as exit_info:
+        _pipeline_main([f"inputs={tmp_path}/in/*.tar", f"output={tmp_path}/out/tokens", f"tokenizer={tiny_tokenizer}"])
+    assert exit_info.value.code == 2 and shown in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_appending_inputs_drops_the_manifest_until_the_run_ends(tmp_path):

@@ -180,6 +180,27 @@ def test_changed_settings_or_inputs_refuse_to_mix_into_an_output(own_output, raw
     assert _file_state(cfg.output) == before
 
 
+def test_a_shard_damaged_after_extraction_is_found_and_a_rerun_repairs_it(own_output, capsys):
+    """Training checks the sizes in index.json at start; `bdt data verify` the sha256 too."""
+    from bdt.cli import main as bdt_main
+
+    out = own_output.output
+    assert bdt_main(["data", "verify", out]) == 0
+    assert capsys.readouterr().out.endswith("all match index.json\n")
+    flipped, cut = os.path.join(out, "hi", "000001.tar"), os.path.join(out, "32", "000002.tar")
+    data = open(flipped, "rb").read()
+    open(flipped, "wb").write(data[:1000] + bytes([data[1000] ^ 1]) + data[1001:])
+    truncate(cut, 0.5)
+    list_shards(out, "hi")  # same size: only the full check sees it
+    with pytest.raises(ValueError, match=f"e.g. {cut}: .* bytes listed, .* found"):
+        list_shards(out, "32")
+    assert bdt_main(["data", "verify", out]) == 1
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()[:-1]] == [
+        f"BAD {cut}", f"BAD {flipped}"]
+    assert run(own_output)["done_units"] == 3
+    assert list_shards(out, "32").urls and bdt_main(["data", "verify", out]) == 0
+
+
 def test_partial_output_is_completed_with_the_same_keys(own_output, raw, tiny_tokenizer):
     out = own_output.output
     keys_before = _keys_per_shard(out)

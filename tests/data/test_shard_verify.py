@@ -1,0 +1,93 @@
+"""An extraction output's shards against its manifest: the size check at every training start
+(list_shards) and the full sha256 check of `bdt data verify`."""
+
+import json
+import os
+
+import pytest
+
+from bdt import storage
+from bdt.cli import main as bdt_main
+from bdt.data.shard_source import list_shards
+from bdt.extract.manifest import build_index, json_bytes
+from trainutil import write_shards
+
+FAMILY = "f"
+
+
+def extraction_output(root: str, work: str, num_shards: int = 3) -> list[str]:
+    """Token shards of family FAMILY under `root` (local or s3://; written in `work` first) with
+    the index.json an extraction writes for them (manifest.build_index over their sizes and
+    hashes)."""
+    markers, urls = [], []
+    for k, local in enumerate(write_shards(os.path.join(work, FAMILY), [(4, 4)], num_shards, 2)):
+        urls.append(storage.join(root, FAMILY, os.path.basename(local)))
+        if urls[-1] != local:
+            fs, path = storage.filesystem(urls[-1])
+            fs.put_file(local, path)
+        sha, size = storage.sha256(urls[-1])
+        markers.append({"index": k, "source": f"raw-{k}.tar", "samples": 2, "inputs": 2, "rejected": 0,
+                        "bytes": size, "sha256": sha})
+    index = build_index(root, {"sha256": {}}, {}, {FAMILY: {"buckets": [[64, 64]]}}, {FAMILY: markers})
+    storage.write_bytes_atomic(storage.join(root, "index.json"), json_bytes(dict(index, complete=True)))
+    return urls
+
+
+def _edit(url: str, change) -> None:
+    fs, path = storage.filesystem(url)
+    fs.pipe_file(path, change(fs.cat_file(path)))
+
+
+def test_a_shard_of_another_size_than_listed_is_refused_before_training(tmp_path):
+    urls = extraction_output(str(tmp_path), str(tmp_path))
+    assert list_shards(str(tmp_path), FAMILY).urls == urls
+    size = os.path.getsize(urls[1])
+    _edit(urls[1], lambda data: data[:-512])  # truncated: still a readable tar, one sample short
+    with pytest.raises(ValueError, match=rf"1 shard\(s\) of family 'f' differ in size from the "
+                                         rf"manifest, e.g. {urls[1]}: {size} bytes listed, "
+                                         rf"{size - 512} found"):
+        list_shards(str(tmp_path), FAMILY)
+    _edit(urls[1], lambda data: data + b"\0" * 1024)  # replaced by a longer file
+    with pytest.raises(ValueError, match=rf"{size} bytes listed, {size + 512} found"):
+        list_shards(str(tmp_path), FAMILY, allow_incomplete=True)
+
+
+@pytest.mark.parametrize("size", ['"12"', "-1", "1.5"])
+def test_a_listed_size_that_is_no_byte_count_is_damage(tmp_path, size):
+    extraction_output(str(tmp_path), str(tmp_path), 1)
+    index = (tmp_path / "index.json").read_text()
+    entry = json.loads(index)["stages"][FAMILY]["shards"][0]
+    (tmp_path / "index.json").write_text(index.replace(f'"bytes": {entry["bytes"]}', f'"bytes": {size}'))
+    with pytest.raises(ValueError, match=rf"index.json is damaged: shard 'f/000000.tar' has 'bytes' "):
+        list_shards(str(tmp_path), FAMILY)
+
+
+def test_verify_reads_every_shard_and_names_each_that_differs(tmp_path, capsys):
+    urls = extraction_output(str(tmp_path), str(tmp_path))
+    assert bdt_main(["data", "verify", str(tmp_path)]) == 0
+    assert "verified 3 shard(s)" in capsys.readouterr().out
+    # One byte flipped in a sample's data: the size matches, so only the sha256 can tell.
+    _edit(urls[0], lambda data: data[:700] + bytes([data[700] ^ 1]) + data[701:])
+    list_shards(str(tmp_path), FAMILY)
+    _edit(urls[2], lambda data: data[:-512])
+    assert bdt_main(["data", "verify", str(tmp_path), "--workers", "2"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out[:-1]] == [f"BAD {urls[0]}", f"BAD {urls[2]}"]
+    assert "sha256" in out[0] and "the manifest lists" in out[0] and "bytes" in out[1]
+    assert out[-1].endswith("2 differ from index.json")
+    assert bdt_main(["data", "verify", str(tmp_path), "--family", "nope"]) == 2
+    assert "has no family 'nope'" in capsys.readouterr().err
+    assert bdt_main(["data", "verify", str(tmp_path / FAMILY)]) == 2
+    assert "holds no index.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sizes_are_checked_on_s3_too(s3_bucket, tmp_path, capsys):
+    root = s3_bucket + "/tokens"
+    urls = extraction_output(root, str(tmp_path))
+    assert list_shards(root, FAMILY).urls == urls
+    _edit(urls[2], lambda data: data[:-512])
+    with pytest.raises(ValueError, match=rf"e.g. {urls[2]}: \d+ bytes listed, \d+ found"):
+        list_shards(root, FAMILY)
+    assert bdt_main(["data", "verify", root]) == 1
+    assert capsys.readouterr().out.startswith(f"BAD {urls[2]}: ")
