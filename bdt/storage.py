@@ -12,6 +12,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import shutil
 import uuid
 from typing import IO, Iterator
 
@@ -195,3 +196,48 @@ def check_writable(url: str) -> None:
     except Exception as exc:  # permission, missing bucket, read-only fs, bad credentials...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OSError(f"cannot write to {url}: {reason}") from None
+
+
+def refuse_nonempty_dir(path: str, hint: str = "") -> None:
+    """FileExistsError unless the local `path` is absent or an empty directory; `hint` says
+    what to do instead."""
+    if not os.path.lexists(path) or (os.path.isdir(path) and not os.listdir(path)):
+        return
+    what = "exists and is not empty" if os.path.isdir(path) else "exists and is not a directory"
+    raise FileExistsError(f"{path} {what}" + (f": {hint}" if hint else ""))
+
+
+@contextlib.contextmanager
+def staged_dir(path: str, overwrite: bool = False) -> Iterator[str]:
+    """A local directory that appears whole or not at all: yields `<path>.tmp` (emptied first) to
+    write into and moves it to `path` when the block ends; an exception removes it and leaves
+    `path` as it was. `path` must be absent or empty (`refuse_nonempty_dir`) unless `overwrite`:
+    then each entry written replaces the one of its name (one rename each), and others stay."""
+    if is_remote(path):
+        raise ValueError(f"{path}: this directory is written locally (copy it up after)")
+    final = os.path.realpath(path)  # through a link, to the folder it names
+    if os.path.lexists(final) and not os.path.isdir(final):
+        raise FileExistsError(f"{path} exists and is not a directory")
+    if not overwrite:
+        refuse_nonempty_dir(path)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed earlier attempt's
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(final) and not os.listdir(final):
+            os.rmdir(final)
+        if not os.path.lexists(final):
+            os.replace(tmp, final)
+            return
+        for name in os.listdir(tmp):
+            source, target = os.path.join(tmp, name), os.path.join(final, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            elif os.path.isdir(source) and os.path.lexists(target):
+                os.remove(target)
+            os.replace(source, target)
+        os.rmdir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,11 +1,16 @@
 """Reading weight files and checking them against a module, for every loader of bdt's and
 BitDance's files (tokenizer, connector + head): one clear error naming the file and the keys.
 
+A safetensors file may also be sharded as Hugging Face tools write large ones:
+`<name>.safetensors.index.json` ({"metadata": ..., "weight_map": {key: shard file}}) beside
+`<name>-00001-of-0000N.safetensors`, ...; `read_safetensors(<name>.safetensors)` reads either.
 Only safetensors (and, in bdt.tokenizer.io, weights-only torch files) are read: never a pickle.
 """
 
 from __future__ import annotations
 
+import json
+import posixpath
 from collections.abc import Mapping
 
 import torch
@@ -14,12 +19,54 @@ from safetensors.torch import load, load_file
 from bdt import storage
 
 _MAX_LISTED = 6
+INDEX_SUFFIX = ".index.json"  # <name>.safetensors.index.json: the shards of <name>.safetensors
+
+
+def locate_safetensors(url: str) -> str | None:
+    """`url` if that file exists, else its shard index `<url>.index.json` if that exists (the
+    unsharded file wins, as in transformers), else None."""
+    for candidate in (url, url + INDEX_SUFFIX):
+        if storage.exists(candidate):
+            return candidate
+    return None
+
+
+def file_present(url: str) -> bool:
+    """A file exists; a `.safetensors` one whole or as its shard index."""
+    if url.endswith(".safetensors"):
+        return locate_safetensors(url) is not None
+    fs, path = storage.filesystem(url)
+    return fs.isfile(path)
+
+
+def safetensors_files(url: str) -> list[str]:
+    """The files that make up the weights `url` names: the file itself, or its index and the
+    shards the index lists; FileNotFoundError when neither exists."""
+    found = locate_safetensors(url)
+    if found is None:
+        raise FileNotFoundError(f"{url}: no such file, nor a shard index {url + INDEX_SUFFIX}")
+    if not found.endswith(INDEX_SUFFIX):
+        return [found]
+    folder = posixpath.dirname(found)
+    return [found, *(storage.join(folder, s) if folder else s for s in _shard_index(found))]
 
 
 def read_safetensors(url: str, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (local or fsspec URL); `mmap`: memory-map a local file
-    (for a caller that copies the tensors anyway). ValueError naming `url` for a file that is not
+    """The tensors of a safetensors file (local or fsspec URL), or of its shards when only
+    `<url>.index.json` exists (`url` may also name the index itself); `mmap`: memory-map local
+    files (for a caller that copies the tensors anyway). ValueError naming the file that is not
     one: safetensors checks the header's dtypes, shapes and offsets against the file's size."""
+    if url.endswith(INDEX_SUFFIX):
+        return _read_shards(url, mmap)
+    try:
+        return _read_file(url, mmap)
+    except FileNotFoundError:
+        if not storage.exists(url + INDEX_SUFFIX):
+            raise
+    return _read_shards(url + INDEX_SUFFIX, mmap)
+
+
+def _read_file(url: str, mmap: bool) -> dict[str, torch.Tensor]:
     try:
         if mmap and not storage.is_remote(url):
             return load_file(url)
@@ -28,6 +75,70 @@ def read_safetensors(url: str, mmap: bool = False) -> dict[str, torch.Tensor]:
         raise
     except Exception as e:  # noqa: BLE001 - safetensors raises its own types for bad headers
         raise ValueError(f"{url}: not a readable safetensors file ({e})") from None
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} is listed twice ({seen[key]!r} and {value!r})")
+        seen[key] = value
+    return seen
+
+
+def _shard_index(index_url: str) -> dict[str, list[str]]:
+    """shard file name -> the keys the index at `index_url` puts in it (index order); ValueError
+    naming the index when it is not one, or names a shard outside its own folder."""
+    try:
+        data = json.loads(storage.read_bytes(index_url), object_pairs_hook=_unique_keys)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{index_url}: not a valid shard index ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index_url}: not a shard index: expected a JSON object whose "
+                         f"\"weight_map\" maps every tensor name to its shard file")
+    shards: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        shards.setdefault(shard, []).append(key)
+    # A shard is a file beside its index: never a path that could reach elsewhere.
+    outside = [s for s in shards if s in ("", ".", "..") or "/" in s or "\\" in s
+               or posixpath.isabs(s)]
+    if outside:
+        raise ValueError(f"{index_url}: shard name(s) {listing(outside)} refused: a shard must be "
+                         f"a plain file name in the index's folder (no path, no '..')")
+    return shards
+
+
+def _read_shards(index_url: str, mmap: bool) -> dict[str, torch.Tensor]:
+    """The tensors of the shards an index lists, checked against it: every shard present, each
+    holding exactly the keys the index gives it, no key in two shards."""
+    shards = _shard_index(index_url)
+    folder = posixpath.dirname(index_url)
+    urls = {s: storage.join(folder, s) if folder else s for s in shards}
+    absent = [s for s, url in urls.items() if not storage.exists(url)]
+    if absent:
+        raise FileNotFoundError(f"{index_url}: {len(absent)} shard file(s) it lists are missing "
+                                f"{listing(absent)}")
+    state: dict[str, torch.Tensor] = {}
+    holder: dict[str, str] = {}
+    for shard, keys in shards.items():
+        tensors = _read_file(urls[shard], mmap)
+        twice = [f"{k} ({holder[k]} and {shard})" for k in tensors if k in holder]
+        if twice:
+            raise ValueError(f"{index_url}: {len(twice)} key(s) in two shards {listing(twice)}")
+        absent = [k for k in keys if k not in tensors]
+        if absent:
+            raise ValueError(f"{index_url}: {len(absent)} key(s) it lists in {shard} are not in "
+                             f"that file {listing(absent)}")
+        holder.update(dict.fromkeys(tensors, shard))
+        state.update(tensors)
+    listed = {k for keys in shards.values() for k in keys}
+    unlisted = [f"{k} (in {holder[k]})" for k in state if k not in listed]
+    if unlisted:
+        raise ValueError(f"{index_url}: {len(unlisted)} key(s) of its shards it does not list "
+                         f"{listing(unlisted)}")
+    return state
 
 
 def listing(items: list[str]) -> str:

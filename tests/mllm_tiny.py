@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from bdt.model.config import ModelConfig
 from bdt.model.keymap import (DIFFUSERS_PORT, HEAD_CONFIG, HEAD_WEIGHTS, PORT_INDEX,
@@ -129,18 +129,33 @@ def _text_tokenizer(out) -> None:
     tok.save_pretrained(out)
 
 
-def write_release(out: Path) -> Path:
-    """The release's layout in `out`: the LLM's HF files, then BitDance's components beside them."""
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, shard_bytes: int = 0) -> None:
+    """`path` (.../<name>.safetensors), or with `shard_bytes` its shards of at most that size and
+    `<name>.safetensors.index.json`, written by huggingface_hub as Hugging Face tools shard."""
+    if not shard_bytes:
+        save_file(tensors, path)
+        return
+    from huggingface_hub import save_torch_state_dict
+
+    stem = path.name.removesuffix(".safetensors")
+    save_torch_state_dict(tensors, path.parent, filename_pattern=stem + "{suffix}.safetensors",
+                          max_shard_size=shard_bytes)
+    assert (path.parent / (path.name + ".index.json")).is_file() and not path.exists()
+
+
+def write_release(out: Path, shard_bytes: int = 0) -> Path:
+    """The release's layout in `out`: the LLM's HF files, then BitDance's components beside them;
+    with `shard_bytes`, every weights file sharded (`save_weights`)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     out = Path(out)
     llm = Qwen3ForCausalLM(Qwen3Config(**QWEN3))
     llm.load_state_dict(_components("llm_model."), strict=True)
-    llm.save_pretrained(out)
+    llm.save_pretrained(out, max_shard_size=shard_bytes or "5GB")
     _text_tokenizer(out)
-    save_file(_components("embed_vision_mlp."), out / PROJECTOR_WEIGHTS)
-    save_file(_components("vision_diffusion_head."), out / HEAD_WEIGHTS)
-    save_file(_components("vision_encoder."), out / "ae.safetensors")
+    save_weights(_components("embed_vision_mlp."), out / PROJECTOR_WEIGHTS, shard_bytes)
+    save_weights(_components("vision_diffusion_head."), out / HEAD_WEIGHTS, shard_bytes)
+    save_weights(_components("vision_encoder."), out / "ae.safetensors", shard_bytes)
     encoder = RELEASE_CONFIG["encoder"]["params"]
     (out / "ae_config.json").write_text(json.dumps(
         {"ddconfig": encoder["ddconfig"], "gan_decoder": encoder["gan_decoder"]}))
@@ -154,10 +169,11 @@ def write_release(out: Path) -> Path:
     return out
 
 
-def write_diffusers_port(release: Path, out: Path) -> Path:
-    """The diffusers port's layout of the release written by `write_release`, as its converter
-    saves it: the LLM's files split into text_encoder/ and tokenizer/, each BitDance component in
-    a folder of its own (config.json with diffusers' metadata, same tensors and keys)."""
+def write_diffusers_port(release: Path, out: Path, shard_bytes: int = 0) -> Path:
+    """The diffusers port's layout of the (unsharded) release written by `write_release`, as its
+    converter saves it: the LLM's files split into text_encoder/ and tokenizer/, each BitDance
+    component in a folder of its own (config.json with diffusers' metadata, same tensors and
+    keys); with `shard_bytes`, the components' weights sharded (`save_weights`)."""
     release, out = Path(release), Path(out)
     meta = {"_class_name": "BitDance", "_diffusers_version": "0.36.0"}
     for folder in ("text_encoder", "tokenizer", "autoencoder", "diffusion_head", "projector"):
@@ -171,6 +187,8 @@ def write_diffusers_port(release: Path, out: Path) -> Path:
         if theirs.endswith(".json"):
             (out / ours).write_text(json.dumps({**json.loads((release / theirs).read_text()),
                                                 **meta}))
+        elif shard_bytes:
+            save_weights(load_file(release / theirs), out / ours, shard_bytes)
         else:
             shutil.copy(release / theirs, out / ours)
     head = json.loads((release / HEAD_CONFIG).read_text())

@@ -21,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "LM as a Hugging Face model directory.")
     p.add_argument("--captions-from", required=True,
                    help="directory of raw webdataset tars (e.g. `bdt data shapes --out` output)")
-    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--out", required=True, help="output model directory (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, replacing the files of the same names")
     p.add_argument("--arch", default="qwen3", choices=["qwen3", "qwen2", "llama"])
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -39,12 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "ae_config.json, ae.safetensors, vision_head_config.json, "
                     "vision_head.safetensors, projector.safetensors; or its diffusers port: "
                     "model_index.json, text_encoder/, tokenizer/, autoencoder/, diffusion_head/, "
-                    "projector/), check every weight against "
+                    "projector/; any weights file may be sharded as NAME.safetensors.index.json "
+                    "+ its shards), check every weight against "
                     "the configs, and write the export layout bdt/train.py writes: `bdt sample "
                     "--model OUT` samples it, and a training run fine-tunes it with init_from=OUT. "
                     "The LLM's files are hard-linked where possible, else copied.")
     p.add_argument("--src", required=True, help="the released folder (local or fsspec URL)")
-    p.add_argument("--out", required=True, help="output export directory (must not exist)")
+    p.add_argument("--out", required=True, help="output export directory (new or empty)")
     p.set_defaults(func=_import_bitdance)
 
 
@@ -83,15 +86,28 @@ def check_tiny_args(args: argparse.Namespace) -> None:
                          f"(an even head dimension)")
 
 
+def check_new_output(args: argparse.Namespace) -> None:
+    """Refuse a non-empty --out before any work unless --overwrite (FileExistsError)."""
+    from bdt import storage
+
+    if not args.overwrite:
+        storage.refuse_nonempty_dir(args.out, "give a new or empty directory, or pass "
+                                              "--overwrite to replace the files it writes")
+
+
 def _init_tiny(args: argparse.Namespace) -> int:
+    from bdt import storage
     from bdt.model.backbone import make_tiny_llm
 
     check_tiny_args(args)
+    check_new_output(args)
     captions = read_captions(args.captions_from, args.max_captions)
-    make_tiny_llm(args.out, captions, arch=args.arch, hidden=args.hidden, layers=args.layers,
-                  heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate,
-                  vocab_size=args.vocab_size, max_position_embeddings=args.max_positions,
-                  seed=args.seed)
+    # Staged: a killed run leaves no half model that a rerun would have to --overwrite.
+    with storage.staged_dir(args.out, overwrite=args.overwrite) as tmp:
+        make_tiny_llm(tmp, captions, arch=args.arch, hidden=args.hidden, layers=args.layers,
+                      heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate,
+                      vocab_size=args.vocab_size, max_position_embeddings=args.max_positions,
+                      seed=args.seed)
     print(f"wrote a {args.arch} LLM ({args.layers} layers, hidden {args.hidden}) and a "
           f"{args.vocab_size}-piece caption tokenizer from {len(captions)} captions to {args.out}")
     return 0

@@ -40,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--prompts-file", help="text file, one prompt per line")
     add_sampling_args(p, batch=8)
     p.add_argument("--cols", type=int, default=8, help="grid columns (8)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, replacing the files of the same names")
     p.set_defaults(func=_sample)
 
 
@@ -95,26 +97,28 @@ def load_for_args(args: argparse.Namespace):
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from bdt import storage
+    from bdt.commands.model import check_new_output
     from bdt.generation.grid import make_grid
 
     if args.cols < 1:
         raise ValueError(f"--cols must be >= 1, got {args.cols}")
     prompts = args.prompt if args.prompt else read_prompts(args.prompts_file)
+    check_sampling_args(args)
+    check_new_output(args)  # before the model loads
     trained, (width, height), sampling = load_for_args(args)
     images = trained.images(prompts, width, height, sampling, batch=args.batch,
                             any_bucket=args.any_bucket)
-    os.makedirs(args.out, exist_ok=True)
-    files = []
-    for i, image in enumerate(images):
-        name = f"{i:04d}.png"
-        image.save(os.path.join(args.out, name))
-        files.append({"file": name, "prompt": prompts[i]})
-    make_grid(images, cols=args.cols).save(os.path.join(args.out, "grid.png"))
+    files = [{"file": f"{i:04d}.png", "prompt": prompt} for i, prompt in enumerate(prompts)]
     meta = {"model": trained.source, "width": width, "height": height,
             "parallel_num": trained.model.cfg.parallel_num, "cfg_scale": sampling.cfg_scale,
             "cfg_schedule": sampling.cfg_schedule, "steps": sampling.num_steps,
             "seed": sampling.seed, "batch": args.batch, "images": files}
-    with open(os.path.join(args.out, "samples.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    with storage.staged_dir(args.out, overwrite=args.overwrite) as tmp:
+        for image, entry in zip(images, files):
+            image.save(os.path.join(tmp, entry["file"]))
+        make_grid(images, cols=args.cols).save(os.path.join(tmp, "grid.png"))
+        with open(os.path.join(tmp, "samples.json"), "w") as f:
+            json.dump(meta, f, indent=1)
     print(f"wrote {len(images)} image(s) of {width}x{height} and grid.png to {args.out}")
     return 0

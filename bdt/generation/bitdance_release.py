@@ -9,7 +9,9 @@ tokenizer with BitDance's tokens already added) that also holds BitDance's own c
 
 A diffusers port of it (`model_index.json`; text_encoder/ + tokenizer/ make the LLM's folder,
 autoencoder/, diffusion_head/, projector/ each a config.json and diffusion_pytorch_model.safetensors
-with the same keys) imports the same way (bdt.model.keymap.ReleaseLayout).
+with the same keys) imports the same way (bdt.model.keymap.ReleaseLayout). Any of these weights
+files may be sharded as Hugging Face tools write large ones (`<name>.safetensors.index.json` and
+its shards, bdt.weights).
 
 The export has the layout the trainer writes at the end of a run (bdt/training/run_dir.py):
 `llm/` (the LLM's files, hard-linked where the file system allows, else copied), the connector and
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import posixpath
 
 import torch
 from safetensors.torch import save_file
@@ -37,7 +39,7 @@ from bdt.model.head import head_config_from_bitdance
 from bdt.model.keymap import (BD_CONNECTOR, BD_HEAD, RELEASE, ReleaseLayout, release_layout,
                               state_dict_from_bitdance)
 from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR
-from bdt.weights import read_safetensors
+from bdt.weights import file_present, read_safetensors, safetensors_files
 
 # The release's 2D position table covers 4096 px per side (t2i_pipeline: 4096 // downsample rows).
 MAX_SIDE_PX = 4096
@@ -106,17 +108,29 @@ def _llm_files(src: str, layout: ReleaseLayout) -> dict[str, str]:
     """name -> URL of the files that make the LLM's folder: those of layout.llm_dirs (at the root
     of the release, all but BitDance's components); a name in two of them is an error."""
     files: dict[str, str] = {}
+    components = _root_components(src, layout)
     for folder in layout.llm_dirs:
         fs, root = storage.filesystem(storage.join(src, folder) if folder else src)
         for path in sorted(p for p in fs.ls(root, detail=False) if fs.isfile(p)):
             name = path.rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith(".") or (not folder and name in layout.components):
+            if name.startswith(".") or (not folder and name in components):
                 continue
             if name in files:
                 raise ValueError(f"{src}: {name} is in more than one of the LLM's folders "
                                  f"{list(layout.llm_dirs)}")
             files[name] = storage.join(src, folder, name) if folder else storage.join(src, name)
     return files
+
+
+def _root_components(src: str, layout: ReleaseLayout) -> set[str]:
+    """The names at the release's root that are BitDance's components, not the LLM's files: a
+    sharded weights file is its index and its shards."""
+    names = set(layout.components)
+    for weights in (layout.ae_weights, layout.head_weights, layout.projector_weights):
+        if "/" not in weights:
+            names.update(posixpath.basename(url)
+                         for url in safetensors_files(storage.join(src, weights)))
+    return names
 
 
 def _place(src_url: str, dst: str) -> None:
@@ -134,20 +148,19 @@ def _place(src_url: str, dst: str) -> None:
 
 def import_release(src: str, out: str) -> ModelConfig:
     """Write the bdt export of the release in `src` (local dir or fsspec URL) to `out` (local,
-    must not exist yet); returns the model config it holds."""
+    absent or empty); returns the model config it holds."""
     from bdt.tokenizer.io import load_tokenizer, save_tokenizer
 
     if not storage.exists(src):
         raise FileNotFoundError(f"BitDance release folder not found: {src}")
     layout = release_layout(src) or RELEASE
     missing = [n for n in (*layout.components, layout.llm_config)
-               if not storage.exists(storage.join(src, n))]
+               if not file_present(storage.join(src, n))]
     if missing:
         raise FileNotFoundError(f"{src} is not {layout.name}: missing {', '.join(missing)}")
     if storage.is_remote(out):
         raise ValueError(f"{out}: the export is written to a local directory (copy it up after)")
-    if os.path.exists(out):
-        raise FileExistsError(f"{out} exists: give a new output directory")
+    storage.refuse_nonempty_dir(out, "give a new or empty output directory")
     # Everything is read and checked before anything is written.
     decoder = load_tokenizer(storage.join(src, layout.ae_weights),
                              config=storage.join(src, layout.ae_config))
@@ -161,9 +174,7 @@ def import_release(src: str, out: str) -> ModelConfig:
                          f"tokens, the head ({layout.head_config}) predicts {cfg.head.bits}")
     llm_files = _llm_files(src, layout)
 
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with storage.staged_dir(out) as tmp:  # a reader never sees half an export
         os.makedirs(os.path.join(tmp, LLM_DIR))
         for name, url in llm_files.items():
             _place(url, os.path.join(tmp, LLM_DIR, name))
@@ -172,10 +183,6 @@ def import_release(src: str, out: str) -> ModelConfig:
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             f.write(to_yaml(cfg))
         save_tokenizer(decoder, os.path.join(tmp, EXPORT_IMAGE_TOKENIZER_DIR))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.replace(tmp, out)  # a reader never sees half an export
     return cfg
 
 

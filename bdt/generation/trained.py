@@ -29,8 +29,10 @@ from PIL import Image
 from bdt.generation.grid import to_pil
 from bdt.generation.sampling import SamplingConfig, check_prompts, generate
 from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel
+from bdt.model.backbone import BackboneConfig, check_source
 from bdt.model.keymap import release_layout
 from bdt.training import run_dir as layout
+from bdt.weights import file_present
 
 EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, f"{LLM_DIR}/config.json",
                 f"{layout.EXPORT_IMAGE_TOKENIZER_DIR}/config.json",
@@ -141,7 +143,7 @@ def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
             run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
             if os.path.isfile(os.path.join(run_dir, layout.CONFIG_NAME)):
                 return _from_run_checkpoint(run_dir, device, os.path.abspath(path))
-    missing = [f for f in EXPORT_FILES if not os.path.isfile(os.path.join(path, f))]
+    missing = [f for f in EXPORT_FILES if not file_present(os.path.join(path, f))]
     release = release_layout(path) if missing else None
     if release is not None:
         raise OSError(f"{path!r} is {release.name}: convert it once with "
@@ -207,21 +209,37 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     if not cfg.data.tokenizer:
         raise OSError(f"{cfg_path}: data.tokenizer is empty, so the run names no image tokenizer "
                       f"to decode with")
+    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model))
+    model_cfg.backbone = _recorded_backbone(run_dir, model_cfg.backbone)
     checkpoint = checkpoint or os.path.join(root, tags[-1])
     states = os.path.join(checkpoint, "model", "mp_rank_00_model_states.pt")
     if not os.path.isfile(states):
         raise OSError(f"checkpoint {checkpoint} has no model/mp_rank_00_model_states.pt")
     module = _load_weights_only(states, "the module weights")["module"]
     module.update(_ema_weights(checkpoint))
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model))
-    # The backbone loads from its path and is overwritten below; connector and head are built
-    # on meta and take the checkpoint's tensors (load_extra), not initialised only to be replaced.
-    model = BitDanceModel.from_config(model_cfg, extra_on_meta=True)
+    # The LLM is built from its config and takes the checkpoint's tensors (its pretrained
+    # weights are never read); connector and head are built on meta and take theirs.
     llm = {k.removeprefix("llm."): v for k, v in module.items() if k.startswith("llm.")}
-    model.llm.load_state_dict(llm)
+    model = BitDanceModel.from_config(model_cfg, extra_on_meta=True, llm_weights=llm)
     model.load_extra({k: v for k, v in module.items() if not k.startswith("llm.")}, states)
     decoder = load_tokenizer(cfg.data.tokenizer, device=device)
     return TrainedModel(model.to(device).eval(), decoder, checkpoint, _trained_buckets(cfg_path))
+
+
+def _recorded_backbone(run_dir: str, backbone: BackboneConfig) -> BackboneConfig:
+    """The LLM's config and tokenizer as the run recorded them when it started (overrides applied,
+    BitDance's tokens added), so that a run dir copied elsewhere needs no pretrained LLM folder;
+    a run from before the record keeps its configured path."""
+    recorded = os.path.join(run_dir, layout.BACKBONE_DIR)
+    if os.path.isfile(os.path.join(recorded, "config.json")):
+        return replace(backbone, path=recorded, config_overrides={}, from_scratch=False)
+    try:
+        check_source(backbone.path)
+    except (OSError, ValueError) as e:
+        raise OSError(f"{run_dir!r} holds no {layout.BACKBONE_DIR}/ record of its LLM's config "
+                      f"and tokenizer (the run started before runs wrote one), and {e}: sample "
+                      f"from its export, or put the LLM back at that path") from None
+    return backbone
 
 
 def _ema_weights(checkpoint: str) -> dict[str, torch.Tensor]:

@@ -87,16 +87,31 @@ class BitDanceModel(nn.Module):
     # --- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, extra_on_meta: bool = False) -> BitDanceModel:
+    def from_config(cls, cfg: ModelConfig, extra_on_meta: bool = False,
+                    llm_weights: Mapping[str, Tensor] | None = None) -> BitDanceModel:
         """Load (or build from scratch) the backbone named by cfg.backbone, add BitDance's tokens,
-        and attach freshly initialised connector + head (on meta, see the class doc)."""
+        and attach freshly initialised connector + head (on meta, see the class doc).
+        `llm_weights`: the LLM's state dict (our `llm.` prefix stripped) to load instead of the
+        backbone's pretrained weights, which are then never read."""
         from bdt.model.backbone import load_backbone
 
         cfg.validate()
         backend = resolve_backend(cfg.attn_backend, "cuda" if torch.cuda.is_available() else "cpu")
         backbone_cfg = replace(cfg.backbone, attn_implementation=hf_attn_implementation(backend))
-        bb = load_backbone(backbone_cfg, cfg.parallel_num)
+        bb = load_backbone(backbone_cfg, cfg.parallel_num, weights=llm_weights)
         return cls(cfg, bb.model, bb.special, bb.prompt, bb.tokenizer, extra_on_meta)
+
+    def save_llm_description(self, out_dir: str) -> None:
+        """The LLM's config.json and text tokenizer into local `out_dir`, replacing what is there:
+        `llm/` of `save_pretrained` without the weights. With a checkpoint's weights, that is all
+        it takes to rebuild the model (`from_config(llm_weights=...)`) where the pretrained LLM's
+        folder is gone."""
+        from bdt import storage
+
+        with storage.staged_dir(out_dir, overwrite=True) as tmp:
+            self.llm.config.save_pretrained(tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
 
     def save_pretrained(self, out_dir: str) -> None:
         """`out_dir/llm/` (HF model + tokenizer), connector + head safetensors, the config YAML."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pickle import UnpicklingError
 from typing import TYPE_CHECKING, Any
@@ -77,7 +77,9 @@ def _plain_dict(d: Any) -> dict[str, Any]:
     return OmegaConf.to_container(d, resolve=True) if isinstance(d, DictConfig) else dict(d)
 
 
-def _check_source(path: str) -> None:
+def check_source(path: str) -> None:
+    """OSError (ValueError when empty) unless `path` is a model folder with a config.json or
+    can be a hub id."""
     if not path:
         raise ValueError("backbone path is empty: give a local model directory or a hub id")
     if os.path.isdir(path):
@@ -88,17 +90,21 @@ def _check_source(path: str) -> None:
     # Anything else is a hub id, resolved by from_pretrained (offline: only from the HF cache).
 
 
-def load_causal_lm(cfg: BackboneConfig) -> "PreTrainedModel":
-    """The causal LM named by ``cfg``: pretrained weights, or a random init from its config."""
+def load_causal_lm(cfg: BackboneConfig, weights: Mapping[str, torch.Tensor] | None = None,
+                   vocab_size: int | None = None) -> "PreTrainedModel":
+    """The causal LM named by ``cfg``: pretrained weights, or a random init from its config; given
+    ``weights`` (its state dict, e.g. from a training checkpoint), built from its config with
+    ``vocab_size`` rows and loaded with them, its pretrained weights never read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _check_source(cfg.path)
+    check_source(cfg.path)
     dtype = _torch_dtype(cfg.dtype)
     kwargs = dict(attn_implementation=cfg.attn_implementation, dtype=dtype)
     try:
-        if cfg.from_scratch:
+        if weights is not None or cfg.from_scratch:
             hf_config = AutoConfig.from_pretrained(cfg.path, **_plain_dict(cfg.config_overrides))
-            model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
+            model = (_causal_lm_with(weights, hf_config, vocab_size, kwargs) if weights is not None
+                     else AutoModelForCausalLM.from_config(hf_config, **kwargs))
         else:
             # Mismatched shapes are reported, not raised, so that the error can name them.
             model, info = AutoModelForCausalLM.from_pretrained(
@@ -109,6 +115,24 @@ def load_causal_lm(cfg: BackboneConfig) -> "PreTrainedModel":
         raise ValueError(f"cannot build the backbone from {cfg.path!r}: {e}") from e
     except (OSError, ValueError, ImportError) as e:
         raise type(e)(f"cannot build the backbone from {cfg.path!r}: {e}") from e
+    return model
+
+
+def _causal_lm_with(weights: Mapping[str, torch.Tensor], hf_config, vocab_size: int | None,
+                    kwargs: dict) -> "PreTrainedModel":
+    """transformers builds the model without initialising it (meta device) and loads `weights`
+    into it, as from a checkpoint folder: non-persistent buffers (rotary tables) are computed."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if vocab_size is not None:
+        hf_config.vocab_size = vocab_size
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config), None)
+    if model_class is None:
+        raise ValueError(f"{type(hf_config).__name__} is not a causal-LM config")
+    model, info = model_class.from_pretrained(
+        None, config=hf_config, state_dict=dict(weights), output_loading_info=True,
+        ignore_mismatched_sizes=True, **kwargs)
+    _refuse_incomplete_weights(info)
     return model
 
 
@@ -163,12 +187,15 @@ def resize_embeddings(model: "PreTrainedModel", num_rows: int) -> None:
                 emb.weight[old:] = emb.weight[:old].float().mean(dim=0)
 
 
-def load_backbone(cfg: BackboneConfig, parallel_num: int, num_res: int = DEFAULT_NUM_RES) -> Backbone:
-    """LM + tokenizer from ``cfg.path``, with BitDance's tokens added and embeddings resized."""
-    _check_source(cfg.path)
+def load_backbone(cfg: BackboneConfig, parallel_num: int, num_res: int = DEFAULT_NUM_RES,
+                  weights: Mapping[str, torch.Tensor] | None = None) -> Backbone:
+    """LM + tokenizer from ``cfg.path``, with BitDance's tokens added and embeddings resized;
+    ``weights``: the resized LM's state dict, loaded instead of the pretrained weights (only the
+    config and tokenizer are read from ``cfg.path``)."""
+    check_source(cfg.path)
     tokenizer = load_text_tokenizer(cfg.path)
     special = add_special_tokens(tokenizer, parallel_num, num_res)
-    model = load_causal_lm(cfg)
+    model = load_causal_lm(cfg, weights, special.vocab_size)
     resize_embeddings(model, special.vocab_size)
     return Backbone(model=model, tokenizer=tokenizer, special=special, prompt=prompt_ids(tokenizer))
 

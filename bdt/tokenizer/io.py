@@ -3,7 +3,8 @@
 A tokenizer directory holds `config.json` (see bdt/tokenizer/config.py: our flat form or the
 released `ddconfig` form) and `model.safetensors` (keys = `BinaryAutoencoder.state_dict()`, which
 are the released BitDance VQModel keys). For official downloads, the directory may instead hold
-one `*.safetensors` file of any name, or one torch file (`.pt/.pth/.bin/.ckpt`, read with
+one `*.safetensors` file of any name (or one sharded: `*.safetensors.index.json` + its shards,
+bdt.weights), or one torch file (`.pt/.pth/.bin/.ckpt`, read with
 `torch.load(weights_only=True)`, never unpickling code), and the config may be one `*config.json`.
 A weights file path can also be given directly: its config is `config=` (a TokenizerConfig, dict
 or path), else `<stem>_config.json` beside it (the release's naming), else `config.json`.
@@ -22,11 +23,12 @@ from safetensors.torch import save as save_safetensors
 from bdt import storage
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.tokenizer.config import TokenizerConfig
-from bdt.weights import read_safetensors, state_dict_problems
+from bdt.weights import INDEX_SUFFIX, read_safetensors, state_dict_problems
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_SAFETENSORS_SUFFIXES = (".safetensors", ".safetensors" + INDEX_SUFFIX)
 
 
 def save_tokenizer(model: BinaryAutoencoder, path: str) -> None:
@@ -90,7 +92,7 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
 def _resolve(path: str, need_config: bool) -> tuple[str, str | None]:
     """(weights URL, config URL or None) for a directory or a weights-file path."""
     fs, fs_path = storage.filesystem(path)
-    if not fs.exists(fs_path):
+    if not fs.exists(fs_path) and not storage.exists(path + INDEX_SUFFIX):
         raise FileNotFoundError(f"tokenizer not found: {path}")
     if not fs.isdir(fs_path):
         if not need_config:
@@ -105,7 +107,9 @@ def _resolve(path: str, need_config: bool) -> tuple[str, str | None]:
         raise FileNotFoundError(f"no config for weights file {path}: pass config=... or put "
                                 f"{stem}_config.json or {CONFIG_NAME} beside it")
     names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(fs_path, detail=False))
-    weights = _pick(names, [WEIGHTS_NAME], lambda n: n.endswith(".safetensors"),
+    weights = _pick(names, [WEIGHTS_NAME, WEIGHTS_NAME + INDEX_SUFFIX],
+                    lambda n: n.endswith(_SAFETENSORS_SUFFIXES[1]),  # the shards' index
+                    lambda n: n.endswith(".safetensors"),
                     lambda n: n.endswith(_TORCH_SUFFIXES), what="weights", path=path)
     config = None
     if need_config:
@@ -148,7 +152,7 @@ def _read_config(config: TokenizerConfig | Mapping[str, Any] | str | None) -> To
 
 
 def _read_state_dict(url: str) -> dict[str, torch.Tensor]:
-    if url.endswith(".safetensors"):
+    if url.endswith(_SAFETENSORS_SUFFIXES):
         return read_safetensors(url)
     try:
         obj = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)

@@ -6,24 +6,37 @@ trainer.
   <run_dir>/RUN_LOCK        the job that holds the run (run_lock.py)
   <run_dir>/checkpoints/    the default checkpoint root (`checkpoint.dir` moves it): step_N/ with
                             its COMPLETE marker (checkpoint.py)
+  <run_dir>/backbone/       the AR model's LLM config.json and text tokenizer, no weights (written
+                            at each start): with a checkpoint's weights, the model without the
+                            pretrained LLM's folder (bdt.generation.trained)
   <run_dir>/export/         the trained model, written when the run ends; the AR trainer's holds
                             the model (BitDanceModel.save_pretrained), image_tokenizer/ and
                             train_config.yaml
+  <run_dir>/launch_error.json  an error a rank met before its first step (`record_launch_error`):
+                            a launcher's exit code cannot say why, and bdt.cluster.resume does not
+                            restart a job its configuration or inputs stop
   <run_dir>/metrics.jsonl, tensorboard/, samples/, eval/, summary.json
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
+import time
 
 from omegaconf import DictConfig
 
+from bdt import storage
 from bdt.config import RESOLVED_CONFIG_NAME, ConfigError, read_yaml
 
 CONFIG_NAME = RESOLVED_CONFIG_NAME
 EXPORT_DIR = "export"
+BACKBONE_DIR = "backbone"
 EXPORT_IMAGE_TOKENIZER_DIR = "image_tokenizer"
 EXPORT_TRAIN_CONFIG_NAME = "train_config.yaml"
+LAUNCH_ERROR = "launch_error.json"
 
 
 def checkpoint_root(run_dir: str, configured: str = "") -> str:
@@ -42,3 +55,24 @@ def read_config(path: str) -> DictConfig:
         return read_yaml(path)
     except ConfigError as e:
         raise OSError(str(e)) from None
+
+
+def record_launch_error(run_dir: str, exc: BaseException) -> None:
+    """<run_dir>/LAUNCH_ERROR: the message, and the type and errno of the error and its causes."""
+    chain, link = [], exc
+    while link is not None and len(chain) < 8:
+        number = getattr(link, "errno", None)
+        chain.append({"types": [t.__name__ for t in type(link).__mro__[:-2]],
+                      "errno": number if isinstance(number, int) else None})
+        link = link.__cause__ or link.__context__
+    record = {"time": time.time(), "host": socket.gethostname(),
+              "rank": os.environ.get("RANK", "0"), "message": str(exc), "errors": chain}
+    with contextlib.suppress(Exception):  # the error itself, on stderr, is what must get out
+        storage.write_bytes_atomic(storage.join(run_dir, LAUNCH_ERROR), json.dumps(record).encode())
+
+
+def clear_launch_error(run_dir: str) -> None:
+    """An earlier launch's error is history once a launch got past its set-up."""
+    fs, path = storage.filesystem(storage.join(run_dir, LAUNCH_ERROR))
+    with contextlib.suppress(OSError):
+        fs.rm(path)

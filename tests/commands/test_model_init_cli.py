@@ -26,3 +26,29 @@ def test_init_tiny_without_tars_exits_2(tmp_path, capsys):
     code = main(["model", "init-tiny", "--captions-from", str(tmp_path / "empty"),
                  "--out", str(tmp_path / "llm")])
     assert code == 2 and "holds no .tar shards" in capsys.readouterr().err
+
+
+def test_init_tiny_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys):
+    """A non-empty --out is refused before any work; --overwrite replaces the files init-tiny
+    writes and leaves the others; a killed run's staging folder does not block a rerun."""
+    data, llm = tmp_path / "data", tmp_path / "llm"
+    assert main(["data", "shapes", "--out", str(data), "--num", "20", "--per-shard", "20",
+                 "--size", "64", "--seed", "1"]) == 0
+    tiny = ["model", "init-tiny", "--captions-from", str(data), "--out", str(llm), "--hidden",
+            "16", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate", "16"]
+    llm.mkdir()  # an empty folder is a new one
+    (tmp_path / "llm.tmp").mkdir()
+    (tmp_path / "llm.tmp" / "config.json").write_text("{half written")  # a killed run's
+    assert main(tiny) == 0
+    assert not (tmp_path / "llm.tmp").exists()
+    weights = (llm / "model.safetensors").read_bytes()
+    (llm / "notes.txt").write_text("mine")
+    (llm / "model.safetensors").write_bytes(b"damaged")
+    capsys.readouterr()
+    assert main(tiny) == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "--overwrite" in err, err
+    assert (llm / "model.safetensors").read_bytes() == b"damaged"  # untouched
+    assert main([*tiny, "--overwrite"]) == 0
+    assert (llm / "model.safetensors").read_bytes() == weights  # seeded: the same model
+    assert (llm / "notes.txt").read_text() == "mine"

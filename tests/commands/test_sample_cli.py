@@ -72,6 +72,51 @@ def test_run_dir_without_export_samples_from_its_checkpoint(trained_run, tmp_pat
         assert np.array_equal(_pixels(tmp_path / "step" / name), _pixels(tmp_path / "exp" / name))
 
 
+def _with_backbone_path(run, path) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.model.backbone.path = str(path)
+    OmegaConf.save(cfg, run / "config.yaml")
+
+
+def test_a_run_dir_moved_without_its_llm_samples_from_its_checkpoint(trained_run, tmp_path,
+                                                                     capsys):
+    """A run records its LLM's config and tokenizer (<run>/backbone/) when it starts, so a copy of
+    the run dir where the pretrained LLM's folder is absent samples from its checkpoint: the
+    export's images. A run without that record names the missing folder (exit 2)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("export"))
+    assert (run / "backbone" / "config.json").is_file()
+    assert not list((run / "backbone").glob("*.safetensors"))  # no weights: the checkpoint's
+    _with_backbone_path(run, tmp_path / "moved_llm")
+    prompts = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]
+    assert _sample(str(run), tmp_path / "ckpt", *prompts) == 0
+    assert _sample(os.path.join(trained_run, "export"), tmp_path / "exp", *prompts) == 0
+    for name in ("0000.png", "0001.png"):
+        assert np.array_equal(_pixels(tmp_path / "ckpt" / name), _pixels(tmp_path / "exp" / name))
+    shutil.rmtree(run / "backbone")
+    assert _sample(str(run), tmp_path / "old", *prompts) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds no backbone/ record" in last and str(tmp_path / "moved_llm") in last, last
+
+
+def test_sample_refuses_a_non_empty_out_unless_overwrite(trained_run, tmp_path, capsys):
+    """A non-empty --out is refused before the model loads; --overwrite replaces the files of the
+    same names and leaves the others."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    (out / "0000.png").write_text("old")
+    model = os.path.join(trained_run, "export")
+    assert _sample(model, out, "--prompt", PROMPTS[0]) == 2
+    assert "is not empty" in capsys.readouterr().err and (out / "0000.png").read_text() == "old"
+    assert _sample(model, out, "--prompt", PROMPTS[0], "--overwrite") == 0
+    assert Image.open(out / "0000.png").size == BUCKET and (out / "mine.txt").read_text() == "keep"
+    assert json.loads((out / "samples.json").read_text())["images"][0]["prompt"] == PROMPTS[0]
+    assert not (tmp_path / "out.tmp").exists()
+
+
 def _incomplete_export(trained_run, tmp_path) -> str:
     broken = tmp_path / "broken"
     shutil.copytree(os.path.join(trained_run, "export"), broken)

@@ -167,6 +167,12 @@ def test_import_from_s3_gives_the_same_export(release, exported, s3_bucket, tmp_
     for name in ("bitdance_extra.safetensors", "model_config.yaml", "llm/model.safetensors",
                  "llm/tokenizer.json", "image_tokenizer/model.safetensors"):
         assert (out / name).read_bytes() == (exported / name).read_bytes(), name
+    # Sharded components on S3: the index's shards are found beside it in the bucket.
+    port = write_diffusers_port(release, tmp_path / "port", shard_bytes=20_000)
+    fs.put(str(port) + "/", f"{root}/port/", recursive=True)
+    import_release(f"{s3_bucket}/port", str(tmp_path / "port_from_s3"))
+    for name in _files(exported):
+        assert (tmp_path / "port_from_s3" / name).read_bytes() == (exported / name).read_bytes()
 
 
 @pytest.mark.parametrize("variant", ["16x", "64x"])
@@ -238,3 +244,71 @@ def test_a_diffusers_port_imports_to_the_same_export(release, exported, tmp_path
     os.remove(port / "projector" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(FileNotFoundError, match="is not a diffusers port .* missing projector/"):
         import_release(str(port), str(tmp_path / "export2"))
+
+
+def _files(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_sharded_diffusers_port_imports_to_the_same_export(release, exported, tmp_path):
+    """Each component's weights as huggingface_hub shards them (an index + several files): the
+    same export, file for file; a missing shard fails naming it, before anything is written."""
+    port = write_diffusers_port(release, tmp_path / "port", shard_bytes=20_000)
+    for component in ("autoencoder", "diffusion_head", "projector"):
+        assert len(list((port / component).glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    out = tmp_path / "export"
+    import_release(str(port), str(out))
+    assert _files(out) == _files(exported)
+    for name in _files(exported):
+        assert (out / name).read_bytes() == (exported / name).read_bytes(), name
+    shard = sorted((port / "diffusion_head").glob("diffusion_pytorch_model-*"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"missing [{shard.name}]")):
+        import_release(str(port), str(tmp_path / "export2"))
+    assert not (tmp_path / "export2").exists()
+
+
+def test_a_sharded_release_imports_without_its_shards_in_the_llm(exported, tmp_path):
+    """Sharded at the release's root, BitDance's components' shards are not the LLM's files:
+    the export's llm/ holds the LLM's own shards only, and the model is the release's."""
+    release = write_release(tmp_path / "release", shard_bytes=20_000)
+    out = tmp_path / "export"
+    import_release(str(release), str(out))
+    llm_files = {p.name for p in (out / "llm").iterdir()}
+    assert "model.safetensors.index.json" in llm_files
+    assert not {n for n in llm_files if n.startswith(("ae", "vision_head", "projector"))}
+    for name in _files(exported):
+        if not name.startswith("llm/"):
+            assert (out / name).read_bytes() == (exported / name).read_bytes(), name
+    ours, theirs = load_trained(str(out)).model.state_dict(), load_trained(str(exported)).model
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours[key], value), key
+
+
+def test_an_export_with_sharded_weights_loads_the_same(exported, tmp_path):
+    """An export whose connector + head file and image tokenizer were sharded (a tokenizer folder
+    given to training is copied into the export as it is) loads the same model."""
+    from mllm_tiny import save_weights
+
+    from bdt.model.ar import WEIGHTS_NAME
+
+    sharded = tmp_path / "export"
+    shutil.copytree(exported, sharded)
+    for name in (WEIGHTS_NAME, "image_tokenizer/model.safetensors"):
+        tensors = load_file(sharded / name)
+        (sharded / name).unlink()
+        save_weights(tensors, sharded / name, shard_bytes=20_000)
+    ours, theirs = load_trained(str(sharded)), load_trained(str(exported))
+    for a, b in ((ours.model, theirs.model), (ours.decoder, theirs.decoder)):
+        for key, value in b.state_dict().items():
+            assert torch.equal(a.state_dict()[key], value), key
+
+
+def test_import_into_an_empty_directory_but_never_over_a_full_one(release, exported, tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    import_release(str(release), str(out))
+    assert _files(out) == _files(exported)
+    with pytest.raises(FileExistsError, match="export exists and is not empty"):
+        import_release(str(release), str(out))
+    assert not (tmp_path / "export.tmp").exists()

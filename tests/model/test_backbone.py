@@ -197,6 +197,33 @@ def test_tied_output_embedding_may_be_absent(llm_dirs, tmp_path):
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_backbone_from_given_weights_reads_no_pretrained_weights(llm_dirs, tmp_path, arch):
+    """Given the resized LM's state dict (a training checkpoint's), the backbone is built from the
+    folder's config and tokenizer alone: the pretrained weights may be gone, the model computes
+    with the given tensors (rotary tables included), in the configured dtype."""
+    bb = load_backbone(BackboneConfig(path=llm_dirs[arch]), parallel_num=4)
+    g = torch.Generator().manual_seed(0)
+    trained = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in bb.model.state_dict().items()}
+    bb.model.load_state_dict(trained)
+    folder = tmp_path / "llm"
+    shutil.copytree(llm_dirs[arch], folder)
+    os.remove(folder / "model.safetensors")
+    again = load_backbone(BackboneConfig(path=str(folder)), parallel_num=4, weights=trained)
+    state = again.model.state_dict()
+    assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in trained)
+    ids = torch.tensor([bb.prompt.build(encode(bb.tokenizer, "a red circle on the left"))])
+    with torch.no_grad():
+        torch.testing.assert_close(again.model.eval()(input_ids=ids, use_cache=False).logits,
+                                   bb.model.eval()(input_ids=ids, use_cache=False).logits,
+                                   atol=0, rtol=0)
+    half = load_backbone(BackboneConfig(path=str(folder), dtype="bfloat16"), 4, weights=trained)
+    assert all(p.dtype == torch.bfloat16 for p in half.model.parameters())
+    without_norm = {k: v for k, v in trained.items() if k != "model.norm.weight"}
+    with pytest.raises(ValueError, match=r"1 missing parameter\(s\) \[model\.norm\.weight\]"):
+        load_backbone(BackboneConfig(path=str(folder)), parallel_num=4, weights=without_norm)
+
+
 def test_key_map_matches_mllm_tiny_llm_keys():
     """Our backbone built with the fixture's tiny Qwen3 config has exactly BitDance's llm keys/shapes."""
     meta = json.loads((REF / "mllm_tiny.json").read_text())

@@ -43,7 +43,7 @@ from bdt.training.distributed import (DistInfo, all_gather_int, all_reduce_mean,
 from bdt.training.ema import EMA
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
 from bdt.training.model_shapes import check_model_signature, model_signature
-from bdt.training.run_dir import checkpoint_root, export_dir
+from bdt.training.run_dir import BACKBONE_DIR, checkpoint_root, export_dir
 from bdt.training.run_lock import hold_run_lock
 from bdt.training.signals import LOCAL_REASON, STOP_SIGNAL, StopFlag
 
@@ -141,6 +141,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                    **{f"params_local/rank{r}": n for r, n in enumerate(params_local)}})
     if dist.is_main:
         save_resolved(OmegaConf.structured(cfg), cfg.run_dir)
+        model.save_llm_description(os.path.join(cfg.run_dir, BACKBONE_DIR))
     step, saved_step, stage_idx, stream = 0, -1, -1, None
     seen = {"tokens": 0, "images": 0, "flops": 0.0}  # this rank's
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
