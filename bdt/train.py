@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from bdt.config import ConfigError, fail, load, setup_logging, split_launcher_args
+from bdt.training.run_dir import clear_launch_error, record_launch_error
 
 
 def load_config(argv: list[str]):
@@ -43,18 +44,30 @@ def in_loop_tasks(cfg, dist) -> list:
             InLoopEval(cfg.eval, decoder, cfg.run_dir, cfg.seed, takes_part, dist.is_main)]
 
 
-def train(cfg) -> dict:
+def train(cfg, in_loop=in_loop_tasks) -> dict:
     """Run the AR training job of `cfg` (a TrainConfig) with its in-loop tasks."""
     from bdt.training.ar.loop import run
 
-    return run(cfg, in_loop_tasks)
+    return run(cfg, in_loop)
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    cfg, started = None, False
+
+    def tasks_once_set_up(cfg, dist):  # the loop asks for them with the model and resume done
+        nonlocal started
+        tasks, started = in_loop_tasks(cfg, dist), True
+        if dist.is_main:
+            clear_launch_error(cfg.run_dir)
+        return tasks
+
     try:
-        train(load_config(sys.argv[1:] if argv is None else argv))
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        train(cfg, tasks_once_set_up)
     except (ConfigError, ValueError, OSError) as e:
+        if cfg is not None and not started:
+            record_launch_error(cfg.run_dir, e)
         fail(str(e))
     return 0
 

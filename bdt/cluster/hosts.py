@@ -5,6 +5,8 @@
     python -m bdt.cluster.hosts master --hostfile HOSTFILE       # first host of a hostfile
     python -m bdt.cluster.hosts ds-env --out RUN/.deepspeed_env  # forwardable variables
 
+The master port is derived from the job id, so that every node agrees on it; on the master node
+itself a port another process listens on is passed over for the next free one.
 A SLURM node list (`gpu[001-004,009],io7`) is expanded by `scontrol show hostnames` when SLURM's
 tools are on PATH (SLURM's own reading of its syntax), else by python-hostlist. Hostfiles are read
 back with DeepSpeed's own parser, so a file we accept is one the `deepspeed` launcher accepts.
@@ -13,13 +15,18 @@ back with DeepSpeed's own parser, so a file we accept is one the `deepspeed` lau
 from __future__ import annotations
 
 import argparse
+import errno
+import ipaddress
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+
+import psutil
 
 from bdt import storage
 
@@ -78,9 +85,60 @@ def slots_per_node(env: Mapping[str, str]) -> int:
                      "or pass --slots)")
 
 
-def master_port(job_id: str | int, low: int = 20000, span: int = 20000) -> int:
-    """A port every node derives alike from the job id; two jobs sharing a node rarely clash."""
-    return low + int(job_id) % span
+def master_port(job_id: str | int, low: int = 20000, span: int = 20000, skip: int = 0) -> int:
+    """A port every node derives alike from the job id; two jobs sharing a node rarely clash.
+    `skip` moves on to the next candidates (when the first is taken)."""
+    return low + (int(job_id) + skip) % span
+
+
+def is_this_host(address: str) -> bool:
+    """Whether `address` (a host name or IP) names this machine: loopback, its host name, or
+    an address of one of its interfaces."""
+    if address == socket.gethostname():
+        return True
+    try:
+        resolved = {info[4][0].split("%")[0] for info in socket.getaddrinfo(address, None)}
+    except (socket.gaierror, UnicodeError):
+        return False
+    mine = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return bool(resolved & mine) or any(ipaddress.ip_address(ip).is_loopback for ip in resolved)
+
+
+def port_holder(port: int) -> str | None:
+    """None when a rendezvous server could listen on TCP `port` here, else who holds it. Binds
+    the wildcard addresses with SO_REUSEADDR, as torch's TCPStore does (so a port left in
+    TIME_WAIT by an earlier launch counts as free)."""
+    for family, wildcard in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((wildcard, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return _listener(port)
+            # no IPv6 on this machine, or the like: that family cannot clash
+    return None
+
+
+def _listener(port: int) -> str:
+    try:
+        pids = {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
+                and c.status == psutil.CONN_LISTEN and c.pid}
+        names = [f"pid {pid} ({' '.join(' '.join(psutil.Process(pid).cmdline()).split())[:80]})"
+                 for pid in sorted(pids)]
+    except (psutil.Error, OSError):  # another user's process: no name, still taken
+        names = []
+    return ", ".join(names) or "another process"
+
+
+def free_master_port(job_id: str | int, tries: int = 100) -> int:
+    """The job's master port, or the next candidate when another process holds it on this host
+    (call it on the master node; the others must receive the result, not derive it)."""
+    for skip in range(tries):
+        if port_holder(master_port(job_id, skip=skip)) is None:
+            return master_port(job_id, skip=skip)
+    raise ValueError(f"no free master port on this host among the {tries} candidates from "
+                     f"{master_port(job_id)} on")
 
 
 def hostfile_text(hosts: Sequence[str], slots: int) -> str:
@@ -147,7 +205,9 @@ def slurm_launch_env(env: Mapping[str, str], hostfile: str, slots: int | None = 
     if not job_id:
         raise ValueError("SLURM_JOB_ID is not set: run inside an allocation (sbatch / salloc)")
     write_hostfile(hostfile, hosts, slots)
-    return {"MASTER_ADDR": hosts[0], "MASTER_PORT": str(master_port(job_id)),
+    # The batch script runs on the first node: only there can a taken port be seen and skipped.
+    port = free_master_port(job_id) if is_this_host(hosts[0]) else master_port(job_id)
+    return {"MASTER_ADDR": hosts[0], "MASTER_PORT": str(port),
             "NNODES": str(len(hosts)), "SLOTS": str(slots), "WORLD": str(len(hosts) * slots)}
 
 

@@ -8,13 +8,21 @@ The trainer resumes by itself from the newest complete checkpoint under checkpoi
 s3://); this wrapper supplies the restarts around it and says what happened:
   - the command crashed (a rank was killed, a node died, any non-zero exit): wait (exponential
     backoff) and launch it again. At most --max-restarts restarts in a row without progress; a
-    complete checkpoint written since the previous launch resets the count (also one older than
-    a damaged newest checkpoint the trainer passed over), so a long run survives many crashes
+    complete checkpoint this wrapper never listed before resets the count (also one older than
+    a damaged newest checkpoint the trainer passed over; a listing that briefly misses
+    checkpoints does not make them new when they reappear), so a long run survives many crashes
     while a job that cannot get past one point still gives up;
   - the wrapper got SIGTERM / SIGUSR1 / SIGINT (preemption, SLURM's time-limit warning): the
     signal goes to the training ranks, they finish the step, save and exit; the wrapper exits
     STOPPED so the scheduler requeues the job (cluster/slurm/train.sbatch does). Further
     signals change nothing (--grace bounds the save), except a second SIGINT: it kills the launch;
+  - the trainer failed before its first step on an error that describes its configuration or
+    inputs (a missing model, shards of another tokenizer, ...: bdt/train.py leaves it in
+    <run_dir>/launch_error.json, since a launcher's exit code cannot say): exit CANNOT_START at
+    once, printing it. Network, storage and timeout errors, and the run lock of a job still
+    stopping, are restarted as crashes are;
+  - the master port is held by another process on this host (the launch's master): exit
+    CANNOT_START before launching, naming the holder;
   - the run finished: exit DONE.
 The launch gets SIGTERM when this wrapper dies (PR_SET_PDEATHSIG), which makes its ranks save and
 stop, so that a requeued job never meets the old one's ranks.
@@ -36,11 +44,15 @@ import time
 from dataclasses import dataclass
 
 from bdt import storage
-from bdt.training.run_dir import checkpoint_root
+from bdt.cluster.hosts import is_this_host, port_holder
+from bdt.cluster.launch_checks import master_endpoint, retry_may_fix
+from bdt.train import load_config
+from bdt.training.run_dir import LAUNCH_ERROR, checkpoint_root
 
-DONE, USAGE, GAVE_UP, STOPPED = 0, 2, 3, 75  # 75 = EX_TEMPFAIL: "try again later"
+DONE, USAGE, GAVE_UP, CANNOT_START, STOPPED = 0, 2, 3, 4, 75  # 75 = EX_TEMPFAIL: "try again later"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 TRAIN_SCRIPT = "bdt/train.py"
+PORT_WAIT_S = 30.0  # a held master port may be an earlier launch's process still exiting
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,6 @@ def paths_from_command(cmd: list[str]) -> RunPaths | None:
         if arg.endswith(TRAIN_SCRIPT) or (arg == "bdt.train" and i > 0 and cmd[i - 1] == "-m"):
             from omegaconf import OmegaConf
 
-            from bdt.train import load_config
             from bdt.training.ar.config import validate
 
             cfg = OmegaConf.to_object(load_config(cmd[i + 1:]))
@@ -110,8 +121,8 @@ def _rank_processes(root_pid: int) -> list:
 
 class Resumer:
     def __init__(self, cmd: list[str], paths: RunPaths, max_restarts: int, backoff: float,
-                 max_backoff: float, grace: float):
-        self.cmd, self.paths = cmd, paths
+                 max_backoff: float, grace: float, endpoint: tuple[str, int] | None = None):
+        self.cmd, self.paths, self.endpoint = cmd, paths, endpoint
         self.max_restarts, self.backoff, self.max_backoff, self.grace = (
             max_restarts, backoff, max_backoff, grace)
         self.child: subprocess.Popen | None = None
@@ -119,6 +130,9 @@ class Resumer:
         self.stop_time = 0.0
         local = not storage.is_remote(paths.run_dir)
         self.events = os.path.join(paths.run_dir, "resume.jsonl") if local else None
+        # tag -> marker time of every complete checkpoint listed so far: a listing that briefly
+        # misses some cannot make them look new afterwards.
+        self.seen: dict[str, object] = {}
 
     # ---- logging -----------------------------------------------------------------------------
     def log(self, event: str, message: str, **fields) -> None:
@@ -135,6 +149,48 @@ class Resumer:
         except Exception as exc:  # a flaky listing must not kill the supervisor of a long run
             self.log("warning", f"cannot list checkpoints in {self.paths.checkpoint_dir}: {exc}")
             return {}
+
+    def _any_new(self, listing: dict[str, tuple[int, object]]) -> bool:
+        """Whether `listing` holds a complete checkpoint never listed before, or one written
+        again (a new marker time: the trainer passed over a damaged one and redid it)."""
+        new = False
+        for tag, (_, written) in listing.items():
+            known = self.seen.get(tag)
+            new |= tag not in self.seen or (None not in (known, written) and known != written)
+            self.seen[tag] = known if written is None else written
+        return new
+
+    def _launch_error(self) -> bytes | None:
+        try:
+            return storage.read_bytes(storage.join(self.paths.run_dir, LAUNCH_ERROR))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001 (unreadable now: judged as a crash)
+            self.log("warning", f"cannot read {LAUNCH_ERROR} in {self.paths.run_dir}: {exc}")
+            return None
+
+    def _new_launch_error(self, before: bytes | None) -> dict | None:
+        """The error the last launch's trainer recorded before its first step; None if it
+        recorded none (an older record, left by an earlier launch, is not this launch's)."""
+        raw = self._launch_error()
+        if raw is None or raw == before:
+            return None
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            record = None
+        return record if isinstance(record, dict) else {"message": f"unreadable {LAUNCH_ERROR}"}
+
+    def _held_master_port(self) -> str | None:
+        """Who holds the master port, when this host is the master and it stays held for
+        PORT_WAIT_S; else None."""
+        if self.endpoint is None or not is_this_host(self.endpoint[0]):
+            return None
+        end = time.monotonic() + PORT_WAIT_S
+        while (holder := port_holder(self.endpoint[1])) and time.monotonic() < end \
+                and self.stop_signal is None:
+            time.sleep(0.5)
+        return holder
 
     # ---- signals -----------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame) -> None:
@@ -216,6 +272,10 @@ class Resumer:
             time.sleep(min(0.5, end - time.monotonic()))
 
     def run(self) -> int:
+        if os.getpid() == 1:
+            self.log("warning", "running as PID 1 (a container's init): processes a launch "
+                     "leaves behind are never reaped; run it under an init (`docker run "
+                     "--init`, tini) or, on Kubernetes, with shareProcessNamespace: true")
         previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         try:
             return self._loop()
@@ -227,14 +287,25 @@ class Resumer:
         failures, attempt = 0, 0
         while self.stop_signal is None:
             attempt += 1
+            holder = self._held_master_port()
+            if self.stop_signal is not None:
+                break
+            if holder is not None:
+                address, port = self.endpoint
+                self.log("cannot_start", f"attempt {attempt}: the master port {port} of {address} "
+                         f"(this host) is held by {holder}: the rendezvous would fail; stop it "
+                         f"or choose another port (--master-port / MASTER_PORT)", attempt=attempt)
+                return CANNOT_START
             known = self.checkpoints()
+            if self._any_new(known):  # written by the last launch, missed by the listing after it
+                failures = 0
             before = newest_step(known)
             origin = (f"step {before} (or an older one if that fails verification)"
                       if before is not None else "scratch (no complete checkpoint)")
             self.log("launch", f"attempt {attempt}: launching; the trainer resumes from {origin} "
                      f"in {self.paths.checkpoint_dir}", attempt=attempt, checkpoint_step=before,
                      cmd=self.cmd)
-            started = time.time()
+            started, old_error = time.time(), self._launch_error()
             rc = self._launch()
             now = self.checkpoints()
             after = newest_step(now)
@@ -250,7 +321,16 @@ class Resumer:
                          f"complete checkpoint: step {after}; rerun (or requeue) to continue",
                          signal=name, **fields)
                 return STOPPED
-            progressed = any(known.get(tag) != seen for tag, seen in now.items())
+            error = self._new_launch_error(old_error)
+            if error is not None:
+                fields["error"] = error
+                why += (f"; before its first step, rank {error.get('rank', '?')} on "
+                        f"{error.get('host', '?')} failed: {error.get('message')}")
+                if not retry_may_fix(error):
+                    self.log("cannot_start", f"attempt {attempt} ended ({why}). A restart would "
+                             f"meet the same error: not restarting", **fields)
+                    return CANNOT_START
+            progressed = self._any_new(now)
             failures = 1 if progressed else failures + 1
             if failures > self.max_restarts:
                 self.log("gave_up", f"attempt {attempt} ended ({why}); {failures - 1} restarts "
@@ -288,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_restarts < 0 or args.backoff < 0:
             raise ValueError("--max-restarts and --backoff must be >= 0")
         found = paths_from_command(cmd)  # also fails early on a bad training config
+        endpoint = master_endpoint(cmd, os.environ)
         if args.run_dir:
             paths = RunPaths(args.run_dir, checkpoint_root(args.run_dir, args.checkpoint_dir or ""))
         elif found:
@@ -298,14 +379,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"bdt.cluster.resume: error: {exc}", file=sys.stderr)
         return USAGE
-    return Resumer(cmd, paths, args.max_restarts, args.backoff, args.max_backoff, args.grace).run()
+    return Resumer(cmd, paths, args.max_restarts, args.backoff, args.max_backoff, args.grace,
+                   endpoint).run()
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bdt.cluster.resume", description=__doc__.split("\n")[0],
         epilog=f"exit codes: {DONE} done, {STOPPED} stopped by a signal (checkpoint saved; "
-               f"requeue), {GAVE_UP} gave up, {USAGE} bad usage")
+               f"requeue), {GAVE_UP} gave up, {CANNOT_START} cannot start (an error in the "
+               f"configuration or inputs, or the master port taken), {USAGE} bad usage")
     p.add_argument("--max-restarts", type=int, default=3,
                    help="restarts in a row without a new complete checkpoint (default 3)")
     p.add_argument("--backoff", type=float, default=30.0, help="first wait before a restart, s")

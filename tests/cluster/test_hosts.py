@@ -138,3 +138,48 @@ def test_forwarded_env_carries_values_intact_through_deepspeed_and_launch_sh(tmp
     node = subprocess.run(["bash", str(REPO / "cluster/deepspeed/launch.sh"), "x.py"], env=env,
                           capture_output=True, text=True, check=True)
     assert json.loads(node.stdout) == kept
+
+
+def _listen_in(low: int, high: int):
+    """A listening socket on a free port in [low, high)."""
+    import random
+    import socket
+
+    for port in random.Random().sample(range(low, high), 200):
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            continue
+        sock.listen()
+        return sock
+    raise RuntimeError(f"no free port in [{low}, {high})")
+
+
+def test_port_holder_sees_a_listener_and_names_it():
+    import socket
+
+    with _listen_in(20000, 40000) as sock:
+        port = sock.getsockname()[1]
+        assert f"pid {os.getpid()} " in hosts.port_holder(port)
+    assert hosts.port_holder(port) is None  # closed: free again
+    assert hosts.is_this_host("localhost") and hosts.is_this_host("127.0.0.1")
+    assert hosts.is_this_host(socket.gethostname())
+    assert not hosts.is_this_host("no-such-node.invalid")
+
+
+def test_the_master_port_skips_one_held_on_the_master(tmp_path):
+    """The derived port is taken on the master (this host): the next free candidate instead;
+    for a master elsewhere the derivation stands (only the master can see what is taken)."""
+    with _listen_in(20000, 40000) as sock:
+        held = sock.getsockname()[1]
+        env = {"SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(held - 20000),
+               "SLURM_GPUS_ON_NODE": "2"}
+        assert hosts.master_port(env["SLURM_JOB_ID"]) == held
+        port = int(hosts.slurm_launch_env(env, str(tmp_path / "h"), use_scontrol=False)
+                   ["MASTER_PORT"])
+        assert port != held and 20000 <= port < 40000 and hosts.port_holder(port) is None
+        elsewhere = hosts.slurm_launch_env({**env, "SLURM_JOB_NODELIST": "no-such-node.invalid"},
+                                           str(tmp_path / "h"), use_scontrol=False)
+        assert elsewhere["MASTER_PORT"] == str(held)

@@ -12,7 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bdt.cluster.resume import DONE, GAVE_UP, STOPPED, USAGE
+from bdt.cluster.resume import CANNOT_START, DONE, GAVE_UP, STOPPED, USAGE
+from bdt.training.run_dir import LAUNCH_ERROR, record_launch_error
 from testkit import training_ranks
 from trainutil import read_metrics, tiny_llm, write_shards
 
@@ -49,6 +50,8 @@ def test_sigkilled_rank_is_relaunched_and_the_run_resumes(tmp_path):
              f"data.root={shards}", "stages.0.steps=10", "checkpoint.every=2", "export=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # An earlier launch's error (fixed since) neither stops the run nor outlives its start.
+    record_launch_error(str(run), ValueError("an error fixed since"))
     wrapper = subprocess.Popen([*WRAPPER, "--backoff", "0.5", "--max-restarts", "2", "--", *train],
                                cwd=REPO, env=env)
     try:
@@ -72,6 +75,7 @@ def test_sigkilled_rank_is_relaunched_and_the_run_resumes(tmp_path):
     assert max(read_metrics(str(run))) == 10
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 10 and not summary["stopped"]
+    assert not (run / LAUNCH_ERROR).exists()
     assert not training_ranks(os.getpid())  # nothing left running
 
 
@@ -187,3 +191,100 @@ def test_repeated_stop_signals_let_the_ranks_save(tmp_path):
         if wrapper.poll() is None:
             wrapper.kill()
     assert saved.exists()
+
+
+def test_an_input_error_before_the_first_step_stops_at_once(tmp_path):
+    """A missing backbone under torchrun: every rank fails before training and torchrun exits
+    1, as for a crash; the trainer's record tells the wrapper, which stops without restarting."""
+    shards = os.path.dirname(write_shards(str(tmp_path / "shards"), [(4, 4)], num_shards=1,
+                                          per_shard=4)[0])
+    run = tmp_path / "run"
+    out = subprocess.run([*WRAPPER, "--backoff", "60", "--", "torchrun", "--standalone",
+                          "--nproc-per-node", "2", "bdt/train.py", "--config",
+                          "configs/train/tiny.yaml", f"run_dir={run}",
+                          f"model.backbone.path={tmp_path / 'no-llm'}", f"data.root={shards}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
+                                                    f"{os.environ['PATH']}"})
+    assert out.returncode == CANNOT_START, out.stderr[-3000:]
+    assert [e["event"] for e in events(run)] == ["launch", "cannot_start"]
+    assert "no-llm' does not exist" in events(run)[-1]["error"]["message"]
+    assert "not restarting" in out.stderr
+
+
+def test_a_stale_error_record_is_ignored_and_a_timeout_is_retried(tmp_path):
+    """A record left by an earlier launch (an input error since fixed) does not stop a launch
+    that crashed without one; a record of a timeout before the first step is restarted."""
+    record_launch_error(str(tmp_path), ValueError("an input error fixed since"))
+    count = tmp_path / "launches"
+    script = (f"import json, pathlib, sys; from bdt.training.run_dir import record_launch_error; "
+              f"c = pathlib.Path({str(count)!r}); "
+              f"n = len(c.read_text()) + 1 if c.exists() else 1; c.write_text('x' * n); "
+              f"n == 2 and record_launch_error({str(tmp_path)!r}, TimeoutError('store timed out')); "
+              f"n < 3 and sys.exit(1); "
+              f"pathlib.Path({str(tmp_path / 'summary.json')!r}).write_text("
+              f"json.dumps({{'stopped': False}}))")
+    out = subprocess.run([*WRAPPER, "--run-dir", str(tmp_path), "--max-restarts", "5",
+                          "--backoff", "0", "--", sys.executable, "-c", script], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == DONE, out.stderr
+    log = events(tmp_path)
+    assert [e["event"] for e in log] == ["launch", "restart"] * 2 + ["launch", "done"]
+    assert "error" not in log[1] and "fixed since" not in out.stderr
+    assert log[3]["error"]["message"] == "store timed out" and "store timed out" in out.stderr
+
+
+def test_a_flaky_listing_is_not_progress(tmp_path):
+    """Each launch hides or shows the one checkpoint (a listing that misses it, then sees it
+    again) and fails: no launch writes a checkpoint, so the restarts run out."""
+    ck = tmp_path / "checkpoints"
+    (ck / "step_000000001").mkdir(parents=True)
+    (ck / "step_000000001" / "COMPLETE").write_text(json.dumps({"step": 1, "time": 5.0}))
+    hidden = tmp_path / "hidden"
+    script = (f"import pathlib, sys; ck, hid = pathlib.Path({str(ck)!r}), "
+              f"pathlib.Path({str(hidden)!r}); "
+              f"ck.rename(hid) if ck.exists() else hid.rename(ck); sys.exit(1)")
+    runner = subprocess.Popen([*WRAPPER, "--run-dir", str(tmp_path), "--max-restarts", "2",
+                               "--backoff", "0", "--", sys.executable, "-c", script])
+    try:
+        wait_for(lambda: len(events(tmp_path)) >= 12 or runner.poll() is not None, 120,
+                 "the wrapper to give up")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.wait() == GAVE_UP
+    assert [e["event"] for e in events(tmp_path)] == ["launch", "restart"] * 2 + ["launch",
+                                                                                   "gave_up"]
+
+
+def test_a_master_port_freed_while_waiting_is_launched(tmp_path):
+    """An earlier launch's process that still holds the port for a moment: the wrapper waits."""
+    import socket
+    import threading
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    threading.Timer(4.0, held.close).start()  # longer than the wrapper takes to start
+    began = time.time()
+    out = subprocess.run([*WRAPPER, "--run-dir", str(tmp_path), "--", sys.executable, "-c", ""],
+                         env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == DONE, out.stderr
+    launches = [e for e in events(tmp_path) if e["event"] in ("launch", "cannot_start")]
+    assert [e["event"] for e in launches] == ["launch"] and launches[0]["time"] >= began + 4.0
+
+
+def test_as_pid_1_the_wrapper_says_orphans_are_not_reaped(tmp_path):
+    """A container's init (PID 1) must reap the orphans a launch leaves; the wrapper does not,
+    and says what to run it under (train-job.yaml shares the pod's process namespace)."""
+    as_init = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]
+    if subprocess.run([*as_init, "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a PID namespace here (unshare)")
+    cmd = [*WRAPPER, "--run-dir", str(tmp_path), "--", sys.executable, "-c", ""]
+    first = subprocess.run([*as_init, *cmd], capture_output=True, text=True, timeout=60)
+    assert first.returncode == DONE, first.stderr
+    assert "running as PID 1" in first.stderr and "shareProcessNamespace" in first.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert again.returncode == DONE and "PID 1" not in again.stderr

@@ -161,9 +161,11 @@ def test_k8s_torchrun_job_command_loads():
     assert env["NNODES"] == str(job["spec"]["completions"]) == str(job["spec"]["parallelism"])
     exit_codes = {code for rule in job["spec"]["podFailurePolicy"]["rules"]
                   for code in rule.get("onExitCodes", {}).get("values", [])}
-    from bdt.cluster.resume import GAVE_UP, STOPPED, USAGE
+    from bdt.cluster.resume import CANNOT_START, GAVE_UP, STOPPED, USAGE
 
-    assert {STOPPED, GAVE_UP, USAGE} <= exit_codes
+    assert {STOPPED, GAVE_UP, USAGE, CANNOT_START} <= exit_codes
+    # the wrapper is the container's main process; the pause container, PID 1, reaps orphans
+    assert pod["shareProcessNamespace"] is True
 
 
 def test_sbatch_script_requeues_and_launches_the_trainer():

@@ -1,0 +1,56 @@
+"""What bdt.cluster.resume judges around a launch: the rendezvous endpoint a command will use
+(checked before launching), and whether an error the trainer met before its first step is worth
+a restart (bdt/train.py records it, since a launcher's exit code cannot carry it)."""
+
+from __future__ import annotations
+
+import errno
+import re
+from collections.abc import Mapping
+
+# Before the first step, these errors state the configuration or the inputs: the next launch meets
+# them again. (bdt phrases its own input errors as ValueError or as an OSError without errno.)
+UNFIXABLE = {"ValueError", "FileNotFoundError", "NotADirectoryError", "IsADirectoryError"}
+# Anywhere in an error's chain, these say that the network, the store or a stopping job was in the
+# way (s3fs: SlowDown is EBUSY, InternalError EREMOTEIO), which a restart may get past.
+TRANSIENT_TYPES = re.compile(r"Timeout|Connect|Throttl|Unavailable|RunDirInUse")
+TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT,
+                    errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EHOSTUNREACH,
+                    errno.ENETUNREACH, errno.ENETDOWN, errno.ESTALE, errno.EREMOTEIO}
+
+
+def retry_may_fix(record: Mapping) -> bool:
+    """Whether a launch error the trainer recorded (bdt.training.run_dir.record_launch_error) may go away
+    on a restart; anything this cannot judge is restarted, as a crash is."""
+    chain = record.get("errors") or [{"types": ["unknown"]}]
+    if any(TRANSIENT_TYPES.search(name) or link.get("errno") in TRANSIENT_ERRNOS
+           for link in chain for name in link.get("types", [])):
+        return True
+    first = chain[0].get("types", [])
+    bdt_os_error = first[:1] == ["OSError"] and chain[0].get("errno") is None
+    return not (UNFIXABLE & set(first) or bdt_os_error)
+
+
+def _flag(cmd: list[str], names: tuple[str, ...]) -> str | None:
+    for i, arg in enumerate(cmd):
+        for name in names:
+            if arg == name and i + 1 < len(cmd):
+                return cmd[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def master_endpoint(cmd: list[str], env: Mapping[str, str]) -> tuple[str, int] | None:
+    """(address, port) of the launch's rendezvous: the launcher's --master-addr/--master-port
+    (torchrun, deepspeed), else MASTER_ADDR/MASTER_PORT (what cluster/deepspeed/launch.sh passes
+    on). None when the command does not say (torchrun --standalone picks a free port itself)."""
+    if "--standalone" in cmd:
+        return None
+    address = _flag(cmd, ("--master-addr", "--master_addr")) or env.get("MASTER_ADDR")
+    port = _flag(cmd, ("--master-port", "--master_port")) or env.get("MASTER_PORT")
+    if not address or not port:
+        return None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"master port {port!r} (--master-port or MASTER_PORT) is not a TCP port")
+    return address, int(port)

@@ -1,0 +1,133 @@
+"""What the resume wrapper judges around a launch (bdt.cluster.launch_checks): which errors the
+trainer met before its first step are worth a restart, as the trainer records them
+(bdt.training.run_dir.record_launch_error), and the rendezvous endpoint a command will use."""
+
+import errno
+import json
+import os
+import socket
+
+import pytest
+
+from bdt.cluster import resume
+from bdt.cluster.launch_checks import master_endpoint, retry_may_fix
+from bdt.config import ConfigError
+from bdt.training.run_dir import LAUNCH_ERROR, record_launch_error
+from bdt.training.run_lock import RunDirInUse
+
+
+def _throw(exc):
+    raise exc
+
+
+def _raised(make):
+    try:
+        make()
+    except Exception as exc:  # noqa: BLE001 (the error under test, with its chain)
+        return exc
+    raise AssertionError("nothing raised")
+
+
+def _wrapped_timeout():
+    try:
+        raise TimeoutError("read timed out")
+    except TimeoutError:
+        raise OSError("cannot write to s3://b/run: read timed out") from None
+
+
+def _s3_slow_down():
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    raise translate_boto_error(ClientError({"Error": {"Code": "SlowDown", "Message": "slow"}},
+                                           "GetObject"))
+
+
+def _s3_no_such_key():
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    raise translate_boto_error(ClientError({"Error": {"Code": "NoSuchKey", "Message": "gone"}},
+                                           "GetObject"))
+
+
+UNFIXABLE = {
+    "config key": lambda: _throw(ConfigError("cli: key 'stages.0.stepz': unknown")),
+    "bad input": lambda: _throw(ValueError("shards of another image tokenizer")),
+    "missing backbone": lambda: _throw(OSError("backbone path '/x' does not exist")),
+    "missing file": lambda: open("/nonexistent/bdt/model.safetensors"),
+    "missing object": _s3_no_such_key,
+}
+FIXABLE = {
+    "timeout": lambda: _throw(TimeoutError("connect timed out")),
+    "refused": lambda: socket.create_connection(("127.0.0.1", 1)),
+    "s3 slow down": _s3_slow_down,
+    "wrapped timeout": _wrapped_timeout,
+    "run dir of a job still stopping": lambda: _throw(RunDirInUse("held by pid 7")),
+    "permission": lambda: _throw(PermissionError(errno.EACCES, "denied")),
+    "disk i/o": lambda: _throw(OSError(errno.EIO, "I/O error")),
+}
+
+
+def _recorded(tmp_path, exc) -> dict:
+    record_launch_error(str(tmp_path), exc)
+    return json.loads((tmp_path / LAUNCH_ERROR).read_text())
+
+
+@pytest.mark.parametrize("name", UNFIXABLE)
+def test_errors_of_the_configuration_or_inputs_are_not_retried(tmp_path, name):
+    record = _recorded(tmp_path, _raised(UNFIXABLE[name]))
+    assert record["message"] and record["errors"][0]["types"]
+    assert not retry_may_fix(record)
+
+
+@pytest.mark.parametrize("name", FIXABLE)
+def test_network_storage_and_lock_errors_are_retried(tmp_path, name):
+    assert retry_may_fix(_recorded(tmp_path, _raised(FIXABLE[name])))
+
+
+def test_a_record_it_cannot_judge_is_retried():
+    assert retry_may_fix({}) and retry_may_fix({"errors": []}) and retry_may_fix({"errors": [{}]})
+
+
+@pytest.mark.parametrize("cmd, env, expected", [
+    (["torchrun", "--master-addr", "n1", "--master-port", "29511", "bdt/train.py"], {},
+     ("n1", 29511)),
+    (["deepspeed", "--master_addr=n2", "--master_port=29512", "bdt/train.py"],
+     {"MASTER_ADDR": "x", "MASTER_PORT": "1"}, ("n2", 29512)),
+    (["bash", "cluster/deepspeed/launch.sh", "bdt/train.py"],
+     {"MASTER_ADDR": "n3", "MASTER_PORT": "20007"}, ("n3", 20007)),
+    (["torchrun", "--standalone", "bdt/train.py"], {"MASTER_ADDR": "n3", "MASTER_PORT": "1"},
+     None),
+    (["python", "bdt/train.py"], {"MASTER_ADDR": "n3"}, None),
+])
+def test_master_endpoint_of_a_command(cmd, env, expected):
+    assert master_endpoint(cmd, env) == expected
+
+
+def test_a_bad_master_port_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29x00")
+    assert resume.main(["--run-dir", str(tmp_path), "--", "true"]) == resume.USAGE
+    assert "'29x00'" in capsys.readouterr().err
+
+
+def test_a_held_master_port_stops_before_launching(tmp_path, monkeypatch, capsys):
+    """The master is this host and another process listens on the port: a clear error naming
+    it, and nothing launched (not a rendezvous failure retried for minutes)."""
+    monkeypatch.setattr(resume, "PORT_WAIT_S", 0.5)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        for cmd, env in ((["torchrun", "--master-addr", "localhost", f"--master-port={port}"], {}),
+                         (["bash", "launch.sh"], {"MASTER_ADDR": "127.0.0.1",
+                                                  "MASTER_PORT": str(port)})):
+            for key, value in env.items():
+                monkeypatch.setenv(key, value)
+            rc = resume.main(["--run-dir", str(tmp_path), "--backoff", "0", "--", *cmd])
+            assert rc == resume.CANNOT_START
+            err = capsys.readouterr().err
+            assert f"master port {port}" in err and f"pid {os.getpid()} " in err
+    events = [json.loads(x) for x in (tmp_path / "resume.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["cannot_start", "cannot_start"]
