@@ -13,6 +13,7 @@ import glob
 import hashlib
 import os
 import shutil
+import stat
 import uuid
 from typing import IO, Iterator
 
@@ -73,14 +74,18 @@ def missing_files(urls: list[str]) -> list[str]:
 def file_sizes(urls: list[str]) -> dict[str, int | None]:
     """{url: size in bytes, or None when it is not an existing file}, in the order given.
 
-    One directory listing per parent holding two or more of the names, instead of one request
-    per name: a brace pattern over 10,000 S3 shards costs 10 list calls, not 10,000 HEADs.
+    Remote: one directory listing per parent holding two or more of the names, instead of one
+    request per name: a brace pattern over 10,000 S3 shards costs 10 list calls, not 10,000 HEADs.
+    Local: one stat per name, through symlinks (a listing reports a linked file as no file).
     """
     by_parent: dict[str, list[str]] = {}
     for url in urls:
         by_parent.setdefault(url.rstrip("/").rsplit("/", 1)[0] if "/" in url else ".", []).append(url)
-    found: dict[str, int] = {}
+    found: dict[str, int | None] = {}
     for parent, group in by_parent.items():
+        if not is_remote(parent):
+            found.update((u, _local_file_size(filesystem(u)[1])) for u in group)
+            continue
         fs, path = filesystem(parent)
         fs.invalidate_cache(path)  # s3fs caches listings: files made or changed since must be seen
         if len(group) == 1:
@@ -99,6 +104,14 @@ def file_sizes(urls: list[str]) -> dict[str, int | None]:
             if size is not None:
                 found[url] = size
     return {u: found.get(u) for u in urls}
+
+
+def _local_file_size(path: str) -> int | None:
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):  # missing, a dangling link, a name the OS refuses
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
 def makedirs(url: str) -> None:
@@ -198,10 +211,18 @@ def check_writable(url: str) -> None:
         raise OSError(f"cannot write to {url}: {reason}") from None
 
 
-def refuse_nonempty_dir(path: str, hint: str = "") -> None:
-    """FileExistsError unless the local `path` is absent or an empty directory; `hint` says
+STAGING_NAME = ".bdt-staging"  # staged_dir's folder inside an existing output directory
+
+
+def refuse_nonempty_dir(path: str, hint: str = "", overwrite: bool = False) -> None:
+    """FileExistsError unless the local `path` is absent or an empty directory (a staging folder
+    a killed `staged_dir` left counts as empty), or with `overwrite` any directory; `hint` says
     what to do instead."""
-    if not os.path.lexists(path) or (os.path.isdir(path) and not os.listdir(path)):
+    if not path:
+        raise ValueError("the output directory is '': give a directory (`.` for this one)")
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and (overwrite or set(os.listdir(path)) <= {STAGING_NAME}):
         return
     what = "exists and is not empty" if os.path.isdir(path) else "exists and is not a directory"
     raise FileExistsError(f"{path} {what}" + (f": {hint}" if hint else ""))
@@ -209,24 +230,25 @@ def refuse_nonempty_dir(path: str, hint: str = "") -> None:
 
 @contextlib.contextmanager
 def staged_dir(path: str, overwrite: bool = False) -> Iterator[str]:
-    """A local directory that appears whole or not at all: yields `<path>.tmp` (emptied first) to
-    write into and moves it to `path` when the block ends; an exception removes it and leaves
-    `path` as it was. `path` must be absent or empty (`refuse_nonempty_dir`) unless `overwrite`:
-    then each entry written replaces the one of its name (one rename each), and others stay."""
+    """A local directory written in one go: yields a staging folder to write into and moves what
+    it holds to `path` when the block ends; an exception removes it and leaves `path` as it was.
+    A new `path` appears whole (one rename of `.NAME.bdt-staging` beside it). An existing one,
+    which must be empty unless `overwrite`, stays the same directory (its permissions, a volume
+    mounted there, a shell inside it) and takes each entry from `path/.bdt-staging` by one
+    rename, replacing the entry of that name; others stay. A link is followed to its folder."""
     if is_remote(path):
         raise ValueError(f"{path}: this directory is written locally (copy it up after)")
+    refuse_nonempty_dir(path, overwrite=overwrite)
     final = os.path.realpath(path)  # through a link, to the folder it names
-    if os.path.lexists(final) and not os.path.isdir(final):
-        raise FileExistsError(f"{path} exists and is not a directory")
-    if not overwrite:
-        refuse_nonempty_dir(path)
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # a killed earlier attempt's
+    if os.path.isdir(final):
+        tmp = os.path.join(final, STAGING_NAME)
+    else:
+        parent, name = os.path.split(final)
+        tmp = os.path.join(parent, f".{name}.bdt-staging")
+    _remove_stale_staging(tmp)
     os.makedirs(tmp)
     try:
         yield tmp
-        if os.path.isdir(final) and not os.listdir(final):
-            os.rmdir(final)
         if not os.path.lexists(final):
             os.replace(tmp, final)
             return
@@ -241,3 +263,42 @@ def staged_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale_staging(tmp: str) -> None:
+    """A killed attempt's staging folder is deleted; anything else of that name (a link, a file)
+    is not bdt's to delete."""
+    if os.path.islink(tmp) or (os.path.lexists(tmp) and not os.path.isdir(tmp)):
+        raise FileExistsError(f"{tmp} is in the way of the staging folder and is not one: "
+                              f"move it away")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Create `url` holding `data`, or return False when it exists; it never appears without its
+    content. Local: a temporary file hard-linked to the name (the link fails when the name exists,
+    on local filesystems and NFS alike). Object store: a conditional put (If-None-Match, fsspec's
+    mode "xb")."""
+    if is_remote(url):
+        fs, path = filesystem(url)
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+    path = url[len("file://"):] if url.startswith("file://") else url
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:  # the temporary file goes also when writing it fails (a full disk)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # open() itself failed
+            os.unlink(tmp)

@@ -91,8 +91,8 @@ def _shard_index(index_url: str) -> dict[str, list[str]]:
     naming the index when it is not one, or names a shard outside its own folder."""
     try:
         data = json.loads(storage.read_bytes(index_url), object_pairs_hook=_unique_keys)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{index_url}: not a valid shard index ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, or nested past the parser
+        raise ValueError(f"{index_url}: not a valid shard index ({str(e)[:200]})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or \
             not all(isinstance(v, str) for v in weight_map.values()):
@@ -107,6 +107,11 @@ def _shard_index(index_url: str) -> dict[str, list[str]]:
     if outside:
         raise ValueError(f"{index_url}: shard name(s) {listing(outside)} refused: a shard must be "
                          f"a plain file name in the index's folder (no path, no '..')")
+    # Shards are read as safetensors, never followed as indexes: no index can list itself.
+    nested = [s for s in shards if s.endswith(INDEX_SUFFIX)]
+    if nested:
+        raise ValueError(f"{index_url}: shard name(s) {listing(nested)} refused: a shard is a "
+                         f"safetensors file, not another shard index")
     return shards
 
 
@@ -116,7 +121,8 @@ def _read_shards(index_url: str, mmap: bool) -> dict[str, torch.Tensor]:
     shards = _shard_index(index_url)
     folder = posixpath.dirname(index_url)
     urls = {s: storage.join(folder, s) if folder else s for s in shards}
-    absent = [s for s, url in urls.items() if not storage.exists(url)]
+    not_files = set(storage.missing_files(list(urls.values())))  # one listing per S3 prefix
+    absent = [s for s, url in urls.items() if url in not_files]
     if absent:
         raise FileNotFoundError(f"{index_url}: {len(absent)} shard file(s) it lists are missing "
                                 f"{listing(absent)}")

@@ -1,6 +1,11 @@
 """bdt.storage.staged_dir: a directory a command writes appears whole or not at all, a non-empty
 one is refused unless overwriting, and overwriting replaces only the entries written."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 
 from bdt import storage
@@ -13,33 +18,37 @@ def _write(folder, files: dict) -> None:
         path.write_text(text)
 
 
+STAGING = ".out.bdt-staging"  # beside a new `out`
+
+
 def test_the_directory_appears_only_when_complete(tmp_path):
     out = tmp_path / "out"
-    (tmp_path / "out.tmp").mkdir()
-    (tmp_path / "out.tmp" / "stale").write_text("a killed attempt's")
+    (tmp_path / STAGING).mkdir()
+    (tmp_path / STAGING / "stale").write_text("a killed attempt's")
     with storage.staged_dir(str(out)) as tmp:
-        assert sorted(p.name for p in (tmp_path / "out.tmp").iterdir()) == []  # emptied
-        _write(tmp_path / "out.tmp", {"a.txt": "1", "sub/b.txt": "2"})
+        assert tmp == str(tmp_path / STAGING)
+        assert sorted(p.name for p in (tmp_path / STAGING).iterdir()) == []  # emptied
+        _write(tmp_path / STAGING, {"a.txt": "1", "sub/b.txt": "2"})
         assert not out.exists()
     assert (out / "a.txt").read_text() == "1" and (out / "sub" / "b.txt").read_text() == "2"
-    assert not (tmp_path / "out.tmp").exists()
+    assert not (tmp_path / STAGING).exists()
 
 
 def test_a_failure_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
         with storage.staged_dir(str(out)) as tmp:
-            _write(tmp_path / "out.tmp", {"a.txt": "1"})
+            _write(tmp_path / STAGING, {"a.txt": "1"})
             raise RuntimeError("killed")
-    assert not out.exists() and not (tmp_path / "out.tmp").exists()
+    assert not out.exists() and not (tmp_path / STAGING).exists()
     out.mkdir()  # an empty directory is taken, and stays if the block fails
     with pytest.raises(RuntimeError):
         with storage.staged_dir(str(out)):
             raise RuntimeError("killed")
     assert out.is_dir() and not list(out.iterdir())
     with storage.staged_dir(str(out)) as tmp:
-        _write(tmp_path / "out.tmp", {"a.txt": "1"})
-    assert (out / "a.txt").read_text() == "1"
+        _write(out / storage.STAGING_NAME, {"a.txt": "1"})
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
 
 
 def test_a_non_empty_directory_is_refused_unless_overwriting(tmp_path):
@@ -51,12 +60,12 @@ def test_a_non_empty_directory_is_refused_unless_overwriting(tmp_path):
     with pytest.raises(FileExistsError, match="is not empty: do this"):
         storage.refuse_nonempty_dir(str(out), "do this")
     with storage.staged_dir(str(out), overwrite=True) as tmp:
-        _write(tmp_path / "out.tmp", {"a.txt": "new", "was_dir": "now a file",
-                                      "was_file/y": "now a dir"})
+        _write(out / storage.STAGING_NAME, {"a.txt": "new", "was_dir": "now a file",
+                                            "was_file/y": "now a dir"})
     assert (out / "keep.txt").read_text() == "mine" and (out / "a.txt").read_text() == "new"
     assert (out / "was_dir").read_text() == "now a file"
     assert (out / "was_file" / "y").read_text() == "now a dir"
-    assert not (tmp_path / "out.tmp").exists()
+    assert not (out / storage.STAGING_NAME).exists()
 
 
 def test_a_file_or_a_remote_url_is_refused(tmp_path):
@@ -74,6 +83,110 @@ def test_a_link_to_an_empty_directory_gets_the_files(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     with storage.staged_dir(str(tmp_path / "link")) as tmp:
-        _write(tmp_path / "real.tmp", {"a.txt": "1"})
-        assert tmp == str(tmp_path / "real.tmp")
+        assert tmp == str(tmp_path / "real" / storage.STAGING_NAME)
+        _write(tmp_path / "real" / storage.STAGING_NAME, {"a.txt": "1"})
     assert (tmp_path / "link").is_symlink() and (tmp_path / "link" / "a.txt").read_text() == "1"
+
+
+@pytest.mark.parametrize("kind", ["folder", "file", "link"])
+def test_a_users_out_tmp_is_never_touched(tmp_path, kind):
+    """`<out>.tmp` may be anything of the user's, e.g. a link to a folder that matters."""
+    _write(tmp_path, {"important/data": "precious", "out.tmp.file": "precious"})
+    if kind == "folder":
+        _write(tmp_path, {"out.tmp/data": "precious"})
+    elif kind == "file":
+        (tmp_path / "out.tmp.file").rename(tmp_path / "out.tmp")
+    else:
+        (tmp_path / "out.tmp").symlink_to(tmp_path / "important")
+    with storage.staged_dir(str(tmp_path / "out")) as tmp:
+        _write(type(tmp_path)(tmp), {"a.txt": "1"})
+    assert (tmp_path / "out" / "a.txt").read_text() == "1"
+    assert (tmp_path / "important" / "data").read_text() == "precious"
+    kept = tmp_path / "out.tmp" if kind == "file" else tmp_path / "out.tmp" / "data"
+    assert kept.read_text() == "precious"
+
+
+def test_a_link_or_file_named_as_the_staging_folder_is_refused_not_followed(tmp_path):
+    _write(tmp_path, {"important/data": "precious"})
+    (tmp_path / STAGING).symlink_to(tmp_path / "important")
+    with pytest.raises(FileExistsError, match=rf"{STAGING} is in the way of the staging folder"):
+        with storage.staged_dir(str(tmp_path / "out")):
+            pytest.fail("the block must not run")
+    assert (tmp_path / "important" / "data").read_text() == "precious"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_path_is_refused_not_taken_as_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, {"a.txt": "mine"})
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="the output directory is ''"):
+            with storage.staged_dir("", overwrite=overwrite):
+                pytest.fail("the block must not run")
+    assert (tmp_path / "a.txt").read_text() == "mine"
+
+
+def test_an_existing_directory_stays_the_same_directory(tmp_path, monkeypatch):
+    """`--out .` from inside an empty folder, or a folder with its own permissions (or a volume
+    mounted there): filled in place, never removed and replaced by another directory."""
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o2770)
+    inode = out.stat().st_ino
+    monkeypatch.chdir(out)
+    with storage.staged_dir(".") as tmp:
+        _write(type(tmp_path)(tmp), {"a.txt": "1"})
+    assert os.getcwd() == str(out) and os.stat(".").st_ino == inode and out.stat().st_ino == inode
+    assert out.stat().st_mode & 0o7777 == 0o2770
+    assert sorted(os.listdir(".")) == ["a.txt"]
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from bdt import storage
+with storage.staged_dir(sys.argv[1]) as tmp:
+    open(os.path.join(tmp, "half.bin"), "wb").write(b"x" * 1000)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_writer_killed_midway_leaves_nothing_and_a_rerun_succeeds(tmp_path, existing):
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(out)])
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists() or not [p for p in out.iterdir() if p.name != storage.STAGING_NAME]
+    storage.refuse_nonempty_dir(str(out))  # a staging folder left inside counts as empty
+    with storage.staged_dir(str(out)) as tmp:
+        _write(type(tmp_path)(tmp), {"a.txt": "1"})
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_reader_never_sees_a_missing_or_partial_file_while_it_is_rewritten(tmp_path):
+    """As a sampler reading <run>/backbone/ while a restarting trainer rewrites it: every file
+    is always there, whole, old or new."""
+    import threading
+
+    out, names = tmp_path / "out", ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    versions = {"a" * 50_000, "b" * 50_000}
+    _write(out, dict.fromkeys(names, "a" * 50_000))
+    done, seen = threading.Event(), []
+
+    def read() -> None:
+        while not done.is_set():
+            seen.extend((out / name).read_text() for name in names)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(100):
+            with storage.staged_dir(str(out), overwrite=True) as tmp:
+                _write(type(tmp_path)(tmp), dict.fromkeys(names, "ab"[i % 2] * 50_000))
+    finally:
+        done.set()
+        reader.join()
+    assert seen and set(seen) <= versions
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)

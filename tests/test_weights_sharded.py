@@ -4,6 +4,7 @@ index that disagrees with its shards, or names a file outside its folder, fails 
 problem."""
 
 import json
+import os
 import re
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import save_file
 
+from bdt import storage
 from bdt.weights import read_safetensors, safetensors_files
 
 NAME = "weights.safetensors"
@@ -125,6 +127,9 @@ def test_a_shard_outside_the_index_folder_is_refused(tmp_path, shard):
     ('{"weight_map": {"w": 3}}', "not a shard index"),
     ('{"weight_map": {"w": "a.safetensors", "w": "b.safetensors"}}', "'w' is listed twice"),
     (b"\xff\xfe", "not a valid shard index"),
+    ("[" * 100_000 + "]" * 100_000, "not a valid shard index (maximum recursion depth"),
+    ('{"weight_map": {"w": "weights.safetensors.index.json"}}', "a shard is a safetensors file"),
+    ('{"weight_map": {"w": "other.safetensors.index.json"}}', "not another shard index"),
 ])
 def test_a_malformed_index_is_named(tmp_path, content, named):
     path = tmp_path / INDEX
@@ -150,3 +155,29 @@ def test_a_sharded_image_tokenizer_loads(tmp_path):
     for source in (str(folder), str(folder / WEIGHTS_NAME)):
         loaded = load_tokenizer(source)
         _assert_same(loaded.state_dict(), plain.state_dict())
+
+
+def test_many_shards_are_found_without_a_request_each(tmp_path, monkeypatch):
+    """Whether the shards exist is one listing per folder (one call on S3), not one per shard."""
+    tensors = {f"t{i}": torch.full((4,), float(i)) for i in range(40)}
+    save_torch_state_dict(tensors, tmp_path, filename_pattern="weights{suffix}.safetensors",
+                          max_shard_size=20)
+    assert len({*_index(tmp_path)["weight_map"].values()}) == 40
+    probes = []
+    monkeypatch.setattr(storage, "exists", lambda url: probes.append(url) or os.path.exists(url))
+    _assert_same(read_safetensors(str(tmp_path / NAME)), tensors)
+    assert len(probes) <= 2  # the file itself, then its index
+
+
+@pytest.mark.slow
+def test_sharded_weights_read_from_s3(sharded, s3_bucket):
+    fs, _ = storage.filesystem(s3_bucket)
+    for path in sharded.iterdir():
+        fs.put_file(str(path), f"{s3_bucket[5:]}/model/{path.name}")
+    url = f"{s3_bucket}/model/{NAME}"
+    _assert_same(read_safetensors(url), _tensors())
+    assert sorted(safetensors_files(url)) == sorted(f"{s3_bucket}/model/{p.name}"
+                                                    for p in sharded.iterdir())
+    fs.rm_file(f"{s3_bucket[5:]}/model/{_index(sharded)['weight_map']['block.3.weight']}")
+    with pytest.raises(FileNotFoundError, match=r"1 shard file\(s\) it lists are missing"):
+        read_safetensors(url)

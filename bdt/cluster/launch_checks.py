@@ -19,16 +19,35 @@ TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETI
                     errno.ENETUNREACH, errno.ENETDOWN, errno.ESTALE, errno.EREMOTEIO}
 
 
-def retry_may_fix(record: Mapping) -> bool:
+def retry_may_fix(record: object) -> bool:
     """Whether a launch error the trainer recorded (bdt.training.run_dir.record_launch_error) may go away
-    on a restart; anything this cannot judge is restarted, as a crash is."""
-    chain = record.get("errors") or [{"types": ["unknown"]}]
-    if any(TRANSIENT_TYPES.search(name) or link.get("errno") in TRANSIENT_ERRNOS
-           for link in chain for name in link.get("types", [])):
+    on a restart; anything this cannot judge (no chain, or one not of the recorded shape: a
+    list of {"types": [str, ...], "errno": int | None}) is restarted, as a crash is."""
+    chain = _error_chain(record)
+    if chain is None:
         return True
-    first = chain[0].get("types", [])
-    bdt_os_error = first[:1] == ["OSError"] and chain[0].get("errno") is None
+    if any(TRANSIENT_TYPES.search(name) or number in TRANSIENT_ERRNOS
+           for types, number in chain for name in types):
+        return True
+    first, number = chain[0]
+    bdt_os_error = first[:1] == ["OSError"] and number is None
     return not (UNFIXABLE & set(first) or bdt_os_error)
+
+
+def _error_chain(record: object) -> list[tuple[list[str], int | None]] | None:
+    """(types, errno) per error of a record's chain; None when it has none or another shape."""
+    chain = record.get("errors") if isinstance(record, Mapping) else None
+    if not isinstance(chain, list) or not chain:
+        return None
+    out = []
+    for link in chain:
+        types = link.get("types") if isinstance(link, Mapping) else None
+        number = link.get("errno") if isinstance(link, Mapping) else None
+        if not isinstance(types, list) or not all(isinstance(t, str) for t in types) or \
+                (number is not None and type(number) is not int):
+            return None
+        out.append((types, number))
+    return out
 
 
 def _flag(cmd: list[str], names: tuple[str, ...]) -> str | None:

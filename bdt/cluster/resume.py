@@ -53,6 +53,7 @@ DONE, USAGE, GAVE_UP, CANNOT_START, STOPPED = 0, 2, 3, 4, 75  # 75 = EX_TEMPFAIL
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 TRAIN_SCRIPT = "bdt/train.py"
 PORT_WAIT_S = 30.0  # a held master port may be an earlier launch's process still exiting
+MAX_LAUNCH_ERROR_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,12 @@ class Resumer:
         return new
 
     def _launch_error(self) -> bytes | None:
+        """Its first MAX_LAUNCH_ERROR_BYTES (a trainer writes a few KB: more is not its record,
+        and must not exhaust the wrapper's memory)."""
         try:
-            return storage.read_bytes(storage.join(self.paths.run_dir, LAUNCH_ERROR))
+            fs, path = storage.filesystem(storage.join(self.paths.run_dir, LAUNCH_ERROR))
+            with fs.open(path, "rb") as f:
+                return f.read(MAX_LAUNCH_ERROR_BYTES + 1)
         except FileNotFoundError:
             return None
         except Exception as exc:  # noqa: BLE001 (unreadable now: judged as a crash)
@@ -176,8 +181,8 @@ class Resumer:
         if raw is None or raw == before:
             return None
         try:
-            record = json.loads(raw)
-        except ValueError:
+            record = json.loads(raw) if len(raw) <= MAX_LAUNCH_ERROR_BYTES else None
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past the parser
             record = None
         return record if isinstance(record, dict) else {"message": f"unreadable {LAUNCH_ERROR}"}
 

@@ -87,12 +87,12 @@ def check_tiny_args(args: argparse.Namespace) -> None:
 
 
 def check_new_output(args: argparse.Namespace) -> None:
-    """Refuse a non-empty --out before any work unless --overwrite (FileExistsError)."""
+    """Refuse, before any work, an --out that is not a directory, or a non-empty one unless
+    --overwrite (FileExistsError)."""
     from bdt import storage
 
-    if not args.overwrite:
-        storage.refuse_nonempty_dir(args.out, "give a new or empty directory, or pass "
-                                              "--overwrite to replace the files it writes")
+    storage.refuse_nonempty_dir(args.out, "give a new or empty directory, or pass --overwrite "
+                                          "to replace the files it writes", args.overwrite)
 
 
 def _init_tiny(args: argparse.Namespace) -> int:

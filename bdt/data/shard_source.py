@@ -16,6 +16,7 @@ Reading one shard is bdt.data.tars.iter_shard (with byte offsets for an exact re
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -94,8 +95,9 @@ def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -
 def _read_manifest(url: str) -> dict:
     try:
         manifest = json.loads(storage.read_bytes(url))
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise ValueError(f"{url} is damaged ({e}): rerun the extraction to rewrite it") from None
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past the parser
+        raise ValueError(f"{url} is damaged ({type(e).__name__}: {str(e)[:200]}): rerun the "
+                         f"extraction to rewrite it") from None
     if not isinstance(manifest, dict) or not all(
             isinstance(manifest.get(k) or {}, dict) for k in ("stages", "summary", "tokenizer")):
         raise ValueError(f"{url} is damaged (not an extraction manifest): rerun the extraction "
@@ -105,22 +107,33 @@ def _read_manifest(url: str) -> dict:
 
 def _shard_entries(index_url: str, entry: object, family: str) -> list[dict]:
     """The shard entries a manifest lists for a family; a path that is not inside its root
-    (absolute, '..') or a size that is not a count is refused: a manifest names shards of its
-    own output only. `bytes` and `sha256` may be absent (a manifest not written by bdt)."""
+    (absolute, '..'), a shard listed twice (its samples would count double), a size that is not
+    a count or a sha256 that is not a string is refused: a manifest names shards of its own
+    output only, once each. `bytes` and `sha256` may be absent (a manifest not written by bdt)."""
     try:
         entries = [dict(s) for s in entry["shards"]]
         names = [s["shard"] for s in entries]
     except (TypeError, KeyError, ValueError) as e:
         raise ValueError(f"{index_url} is damaged: no shard list for family {family!r} "
                          f"({type(e).__name__}: {e})") from None
+    seen: dict[str, str] = {}
     for name, e in zip(names, entries):
         if not isinstance(name, str) or not name or unsafe_path(name):
             raise ValueError(f"{index_url} is damaged: family {family!r} lists the shard "
                              f"{name!r}, not a path inside the output")
+        key = posixpath.normpath(name)
+        if key in seen:
+            also = f" (also as {seen[key]!r})" if seen[key] != name else ""
+            raise ValueError(f"{index_url} is damaged: family {family!r} lists the shard "
+                             f"{name!r} twice{also}")
+        seen[key] = name
         size = e.get("bytes")
         if size is not None and (type(size) is not int or size < 0):
             raise ValueError(f"{index_url} is damaged: shard {name!r} has 'bytes' {size!r}, "
                              f"not a byte count")
+        if e.get("sha256") is not None and not isinstance(e["sha256"], str):
+            raise ValueError(f"{index_url} is damaged: shard {name!r} has 'sha256' "
+                             f"{e['sha256']!r}, not a hex digest")
     return entries
 
 
@@ -148,7 +161,8 @@ def verify(source: str, families: list[str] | None = None, workers: int = 8,
            on_shard: Callable[[], None] | None = None) -> tuple[int, list[str]]:
     """(shards checked, problems): every shard an extraction manifest lists (all families, or
     `families`) read whole and compared with its entry's size and sha256. ValueError when
-    `source` holds no readable manifest or lacks a family. `on_shard` is called per shard."""
+    `source` holds no readable manifest, lacks a family, lists no shard or one shard in two
+    families. `on_shard` is called per shard."""
     source = source.rstrip("/")
     index_url = storage.join(source, INDEX_NAME)
     if not storage.exists(index_url):
@@ -157,8 +171,16 @@ def verify(source: str, families: list[str] | None = None, workers: int = 8,
     unknown = sorted(set(families or []) - set(stages))
     if unknown:
         raise ValueError(f"{index_url} has no family {unknown[0]!r} (it has {sorted(stages)})")
-    listed = [(storage.join(source, e["shard"]), e) for f in (families or sorted(stages))
-              for e in _shard_entries(index_url, stages[f], f)]
+    listed, family_of = [], {}
+    for family in families or sorted(stages):
+        for e in _shard_entries(index_url, stages[family], family):
+            other = family_of.setdefault(posixpath.normpath(e["shard"]), family)
+            if other != family:
+                raise ValueError(f"{index_url} is damaged: the shard {e['shard']!r} is listed by "
+                                 f"the families {other!r} and {family!r}")
+            listed.append((storage.join(source, e["shard"]), e))
+    if not listed:
+        raise ValueError(f"{index_url} lists no shards: nothing to verify")
     sizes = storage.file_sizes([u for u, _ in listed])
 
     def check(item: tuple[str, dict]) -> str | None:
@@ -166,13 +188,15 @@ def verify(source: str, families: list[str] | None = None, workers: int = 8,
         want_size, want_sha = entry.get("bytes"), entry.get("sha256")
         try:
             if sizes[url] is None:
-                return f"{url}: missing"
+                return f"{url}: missing, or not a file"
             if want_size is not None and sizes[url] != want_size:
                 return f"{url}: {sizes[url]} bytes, the manifest lists {want_size}"
             if want_sha is None:
                 return f"{url}: the manifest records no sha256 for it"
             sha, _ = storage.sha256(url)
-            return None if sha == want_sha else f"{url}: sha256 {sha}, the manifest lists {want_sha}"
+            if sha != want_sha:
+                return f"{url}: sha256 {sha}, the manifest lists {want_sha}"
+            return None
         except OSError as e:  # gone or unreadable meanwhile
             return f"{url}: unreadable ({type(e).__name__}: {e})"
         finally:

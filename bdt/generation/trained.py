@@ -210,6 +210,7 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
         raise OSError(f"{cfg_path}: data.tokenizer is empty, so the run names no image tokenizer "
                       f"to decode with")
     model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model))
+    configured = model_cfg.backbone.path
     model_cfg.backbone = _recorded_backbone(run_dir, model_cfg.backbone)
     checkpoint = checkpoint or os.path.join(root, tags[-1])
     states = os.path.join(checkpoint, "model", "mp_rank_00_model_states.pt")
@@ -220,7 +221,13 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     # The LLM is built from its config and takes the checkpoint's tensors (its pretrained
     # weights are never read); connector and head are built on meta and take theirs.
     llm = {k.removeprefix("llm."): v for k, v in module.items() if k.startswith("llm.")}
-    model = BitDanceModel.from_config(model_cfg, extra_on_meta=True, llm_weights=llm)
+    try:
+        model = BitDanceModel.from_config(model_cfg, extra_on_meta=True, llm_weights=llm)
+    except (OSError, ValueError) as e:
+        if model_cfg.backbone.path == configured:
+            raise
+        raise OSError(_damaged_record(model_cfg.backbone.path, configured,
+                                      f"it does not rebuild the checkpoint's model: {e}")) from None
     model.load_extra({k: v for k, v in module.items() if not k.startswith("llm.")}, states)
     decoder = load_tokenizer(cfg.data.tokenizer, device=device)
     return TrainedModel(model.to(device).eval(), decoder, checkpoint, _trained_buckets(cfg_path))
@@ -231,7 +238,10 @@ def _recorded_backbone(run_dir: str, backbone: BackboneConfig) -> BackboneConfig
     BitDance's tokens added), so that a run dir copied elsewhere needs no pretrained LLM folder;
     a run from before the record keeps its configured path."""
     recorded = os.path.join(run_dir, layout.BACKBONE_DIR)
-    if os.path.isfile(os.path.join(recorded, "config.json")):
+    if os.path.lexists(recorded):
+        gaps = _record_gaps(recorded)
+        if gaps:
+            raise OSError(_damaged_record(recorded, backbone.path, "; ".join(gaps)))
         return replace(backbone, path=recorded, config_overrides={}, from_scratch=False)
     try:
         check_source(backbone.path)
@@ -240,6 +250,27 @@ def _recorded_backbone(run_dir: str, backbone: BackboneConfig) -> BackboneConfig
                       f"and tokenizer (the run started before runs wrote one), and {e}: sample "
                       f"from its export, or put the LLM back at that path") from None
     return backbone
+
+
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _record_gaps(recorded: str) -> list[str]:
+    """What a backbone/ record lacks of what save_llm_description writes (transformers would
+    otherwise fail deep inside, or build a tokenizer without BitDance's tokens)."""
+    if not os.path.isdir(recorded):
+        return ["not a directory"]
+    gaps = [f"no {name}" for name in ("config.json", "tokenizer_config.json")
+            if not os.path.isfile(os.path.join(recorded, name))]
+    if not any(os.path.isfile(os.path.join(recorded, name)) for name in _VOCAB_FILES):
+        gaps.append(f"no vocabulary file ({', '.join(_VOCAB_FILES)})")
+    return gaps
+
+
+def _damaged_record(recorded: str, configured: str, why: str) -> str:
+    return (f"{recorded}: the run's record of its LLM's config and text tokenizer is damaged "
+            f"({why}): restore it from the original run dir, or remove it to build from "
+            f"model.backbone.path {configured!r}")
 
 
 def _ema_weights(checkpoint: str) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import socket
+import sys
 
 import pytest
 
@@ -131,3 +132,36 @@ def test_a_held_master_port_stops_before_launching(tmp_path, monkeypatch, capsys
             assert f"master port {port}" in err and f"pid {os.getpid()} " in err
     events = [json.loads(x) for x in (tmp_path / "resume.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["cannot_start", "cannot_start"]
+
+
+@pytest.mark.parametrize("record", [
+    {"errors": "ValueError"}, {"errors": {"types": ["ValueError"]}}, {"errors": [1, 2]},
+    {"errors": [{"types": "ValueError"}]}, {"errors": [{"types": 5}]},
+    {"errors": [{"types": [1]}]}, {"errors": [{"types": ["ValueError"], "errno": "5"}]},
+    {"errors": [{"types": ["ValueError"], "errno": [5]}]},
+    {"errors": [{"types": ["ValueError"], "errno": True}]},
+    {"errors": [{"types": ["ValueError"]}, {"types": None}]}, [], "x", None,
+], ids=repr)
+def test_a_record_of_another_shape_is_judged_as_a_crash(record):
+    """Not what record_launch_error writes: restarted as a crash is, never an exception."""
+    assert retry_may_fix(record) is True
+
+
+@pytest.mark.parametrize("content", [
+    os.urandom(4096), b"[" * 100_000 + b"]" * 100_000, b" " * (2 << 20) + b"{}",
+    json.dumps({"errors": [{"types": ["ValueError"], "errno": [5]}], "message": "m"}).encode(),
+], ids=["binary", "deeply nested", "huge", "errno a list"])
+def test_the_wrapper_restarts_a_launch_whose_record_is_unusable(tmp_path, content):
+    """A launch that leaves such a launch_error.json and fails is restarted, not a wrapper crash
+    and not a stop; the file is read no further than a record could be long."""
+    script = (f"import pathlib, sys; p = pathlib.Path({str(tmp_path / LAUNCH_ERROR)!r}); "
+              f"p.exists() or (p.write_bytes(pathlib.Path({str(tmp_path / 'content')!r})"
+              f".read_bytes()), sys.exit(1)); "
+              f"pathlib.Path({str(tmp_path / 'summary.json')!r}).write_text('{{}}')")
+    (tmp_path / "content").write_bytes(content)
+    rc = resume.main(["--run-dir", str(tmp_path), "--backoff", "0", "--", sys.executable, "-c",
+                      script])
+    assert rc == resume.DONE
+    log = [json.loads(x) for x in (tmp_path / "resume.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in log] == ["launch", "restart", "launch", "done"]
+    assert log[1]["error"].get("message") in (f"unreadable {LAUNCH_ERROR}", "m")

@@ -37,10 +37,10 @@ def test_init_tiny_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys):
     tiny = ["model", "init-tiny", "--captions-from", str(data), "--out", str(llm), "--hidden",
             "16", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate", "16"]
     llm.mkdir()  # an empty folder is a new one
-    (tmp_path / "llm.tmp").mkdir()
-    (tmp_path / "llm.tmp" / "config.json").write_text("{half written")  # a killed run's
+    (llm / ".bdt-staging").mkdir()
+    (llm / ".bdt-staging" / "config.json").write_text("{half written")  # a killed run's
     assert main(tiny) == 0
-    assert not (tmp_path / "llm.tmp").exists()
+    assert not (llm / ".bdt-staging").exists()
     weights = (llm / "model.safetensors").read_bytes()
     (llm / "notes.txt").write_text("mine")
     (llm / "model.safetensors").write_bytes(b"damaged")
@@ -52,3 +52,15 @@ def test_init_tiny_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys):
     assert main([*tiny, "--overwrite"]) == 0
     assert (llm / "model.safetensors").read_bytes() == weights  # seeded: the same model
     assert (llm / "notes.txt").read_text() == "mine"
+
+
+def test_init_tiny_refuses_an_out_that_is_no_folder_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        code = main(["model", "init-tiny", "--captions-from", str(tmp_path / "nowhere"),
+                     "--out", str(tmp_path / "file"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and "file exists and is not a directory" in err, err
+    assert main(["model", "init-tiny", "--captions-from", str(tmp_path), "--out", ""]) == 2
+    assert "the output directory is ''" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"

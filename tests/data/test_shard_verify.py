@@ -91,3 +91,66 @@ def test_sizes_are_checked_on_s3_too(s3_bucket, tmp_path, capsys):
         list_shards(root, FAMILY)
     assert bdt_main(["data", "verify", root]) == 1
     assert capsys.readouterr().out.startswith(f"BAD {urls[2]}: ")
+
+
+def test_shards_that_are_symlinks_to_files_are_found(tmp_path):
+    """Outputs assembled with links to shared storage: a listing reports a link as no file."""
+    urls = extraction_output(str(tmp_path / "out"), str(tmp_path / "out"))
+    for url in urls:
+        os.rename(url, str(tmp_path / os.path.basename(url)))
+        os.symlink(tmp_path / os.path.basename(url), url)
+    assert list_shards(str(tmp_path / "out"), FAMILY).urls == urls
+    assert bdt_main(["data", "verify", str(tmp_path / "out")]) == 0
+    os.remove(urls[1])
+    os.symlink(tmp_path / "gone.tar", urls[1])  # a dangling link is a missing shard
+    with pytest.raises(ValueError, match=rf"lists 1 shard\(s\) of family 'f' that do not exist, "
+                                         rf"e.g. {urls[1]}"):
+        list_shards(str(tmp_path / "out"), FAMILY)
+
+
+def _edit_index(root, change) -> None:
+    manifest = json.loads((root / "index.json").read_text())
+    change(manifest)
+    (root / "index.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("second", ["f/000000.tar", "f/./000000.tar"])
+def test_a_shard_listed_twice_is_damage(tmp_path, capsys, second):
+    extraction_output(str(tmp_path), str(tmp_path), 2)
+    _edit_index(tmp_path, lambda m: m["stages"][FAMILY]["shards"].append(
+        dict(m["stages"][FAMILY]["shards"][0], shard=second)))
+    with pytest.raises(ValueError, match=rf"index.json is damaged: family 'f' lists the shard "
+                                         rf"'{second}' twice"):
+        list_shards(str(tmp_path), FAMILY)
+    assert bdt_main(["data", "verify", str(tmp_path)]) == 2
+    assert "twice" in capsys.readouterr().err
+
+
+def test_verify_refuses_a_shard_listed_by_two_families(tmp_path, capsys):
+    extraction_output(str(tmp_path), str(tmp_path), 2)
+    _edit_index(tmp_path, lambda m: m["stages"].__setitem__("g", m["stages"][FAMILY]))
+    assert bdt_main(["data", "verify", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "the shard 'f/000000.tar' is listed by the families 'f' and 'g'" in err, err
+    assert bdt_main(["data", "verify", str(tmp_path), "--family", "g"]) == 0
+
+
+@pytest.mark.parametrize("sha", ["123", '["ab"]', '{"a": 1}'])
+def test_a_sha256_that_is_no_string_is_damage(tmp_path, capsys, sha):
+    extraction_output(str(tmp_path), str(tmp_path), 1)
+    _edit_index(tmp_path, lambda m: m["stages"][FAMILY]["shards"][0].update(sha256=json.loads(sha)))
+    with pytest.raises(ValueError, match=r"index.json is damaged: shard 'f/000000.tar' has 'sha256'"):
+        list_shards(str(tmp_path), FAMILY)
+    assert bdt_main(["data", "verify", str(tmp_path)]) == 2
+
+
+def test_verify_exit_codes_on_unusable_manifests(tmp_path, capsys):
+    extraction_output(str(tmp_path), str(tmp_path), 1)
+    (tmp_path / "index.json").write_text("[" * 100_000 + "]" * 100_000)  # past the parser's depth
+    assert bdt_main(["data", "verify", str(tmp_path)]) == 2
+    assert "index.json is damaged (RecursionError" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="index.json is damaged"):
+        list_shards(str(tmp_path), FAMILY)
+    (tmp_path / "index.json").write_text(json.dumps({"stages": {}, "complete": True}))
+    assert bdt_main(["data", "verify", str(tmp_path)]) == 2
+    assert "lists no shards: nothing to verify" in capsys.readouterr().err
