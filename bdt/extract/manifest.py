@@ -179,8 +179,8 @@ def output_lock(root: str) -> Iterator[None]:
 
     Two runs at once would delete each other's temp files and could interleave plans or
     fingerprints; the second one fails instead, naming the first. A lock left by a killed run on
-    this host (its process gone) is taken over, so rerunning the command just works. (Training's
-    RunLock needs hard links, which object stores lack; an exclusive create is what S3 offers.)
+    this host (its process gone) is taken over, so rerunning the command just works. The lock
+    never appears without its content (storage.create_exclusive).
     """
     url = storage.join(root, LOCK_NAME)
     created = _missing_dirs(root)
@@ -189,17 +189,14 @@ def output_lock(root: str) -> Iterator[None]:
     me = psutil.Process()
     mine = json_bytes({"host": socket.gethostname(), "pid": me.pid, "pid_start": me.create_time()})
     for attempt in range(2):
-        try:
-            with fs.open(path, "xb") as f:
-                f.write(mine)
+        if storage.create_exclusive(url, mine):
             break
-        except FileExistsError:
-            holder = read_json(url)
-            if attempt or not _lock_is_stale(holder):
-                raise ValueError(f"{url}: another extraction is writing this output ({holder}); wait for "
-                                 f"it to end, or delete {url} if it is no longer running") from None
-            with contextlib.suppress(FileNotFoundError):  # its run ended meanwhile
-                fs.rm_file(path)
+        holder = read_json(url)
+        if attempt or not _lock_is_stale(holder):
+            raise ValueError(f"{url}: another extraction is writing this output ({holder}); wait for "
+                             f"it to end, or delete {url} if it is no longer running")
+        with contextlib.suppress(FileNotFoundError):  # its run ended meanwhile
+            fs.rm_file(path)
     try:
         yield
     finally:
@@ -226,7 +223,8 @@ def _missing_dirs(root: str) -> list[str]:
 
 def _lock_is_stale(holder: Any) -> bool:
     """True when the lock's run is known to be gone: its process on this host has ended (or the
-    lock is unreadable, a run killed while creating it). Another host's run cannot be checked."""
+    lock is unreadable: damaged, or created empty by an earlier bdt killed while writing it).
+    Another host's run cannot be checked."""
     if not isinstance(holder, dict):
         return True
     return holder.get("host") == socket.gethostname() and not holder_alive(holder)

@@ -34,6 +34,10 @@ schedule.py).
 
 For a remote root (s3://...) every node saves into a local staging directory, its local rank 0
 uploads what the node wrote, and the marker is uploaded after a barrier, so it is again last.
+
+A trainer binds its manager to its run first (`bind`): the root's owner.json names one run, and
+another is refused before it reads or writes anything there (checkpoint_owner.py). Readers
+(sampling, export-only, the resume wrapper) do not bind.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import torch
 from bdt import storage
 from bdt.training import integrity
 from bdt.training.checkpoint_convert import convert, universal_load
+from bdt.training.checkpoint_owner import CheckpointRootTaken, claim, owner_change
 from bdt.training.distributed import DistInfo, all_gather_object, barrier, broadcast_object
 from bdt.training.integrity import MARKER, CheckpointUnusable
 from bdt.training.rank_state import (capture_rng, read_rank_files, restore_rng, user_tensors,
@@ -116,6 +121,24 @@ class CheckpointManager:
         else:
             self.staging = self.root
         self._share: tuple[int, int] | None = None  # (index, count) of this rank's file checks
+        self.bound = False  # to a run (bind): each save first checks the root is still its
+        self.run_id: str | None = None  # that run's id, on global rank 0
+
+    # ---- ownership -------------------------------------------------------------------------
+    def bind(self, run_dir: str, adopt: str = "") -> None:
+        """Collective, before anything under root is read or written: make root the run's of
+        `run_dir` (checkpoint_owner.py). Every rank raises rank 0's error: CheckpointRootTaken
+        naming both runs when another run owns root and `adopt` is not its id."""
+        error = None
+        if self.dist.is_main:
+            try:
+                self.run_id = claim(self.root, run_dir, adopt)
+            except (ValueError, OSError) as e:
+                error = e
+        error = broadcast_object(error)
+        if error is not None:
+            raise error
+        self.bound = True
 
     # ---- discovery -------------------------------------------------------------------------
     def _fs(self):
@@ -141,6 +164,10 @@ class CheckpointManager:
         from bdt.training.safe_load import recording_engine
 
         tag = tag_for(step)
+        if self.bound:
+            lost = broadcast_object(owner_change(self.root, self.run_id) if self.dist.is_main else None)
+            if lost:
+                raise CheckpointRootTaken(lost)
         local_dir = os.path.join(self.staging, tag)
         self.passed_over.discard(tag)  # set aside below, and written anew
         if self.dist.is_main:

@@ -13,6 +13,9 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True  # auto-resume from the newest complete checkpoint that verifies
     staging_dir: str = ""  # local staging for a remote dir ("" = under the system temp dir)
+    # The run id (RUN_ID) of another run whose checkpoint dir this run takes over on purpose, to
+    # continue or fork from its checkpoints; that run can then no longer save there.
+    adopt: str = ""
 
 
 @dataclass

@@ -4,8 +4,10 @@ trainer.
 
   <run_dir>/config.yaml     the resolved config (bdt.config.save_resolved)
   <run_dir>/RUN_LOCK        the job that holds the run (run_lock.py)
+  <run_dir>/RUN_ID          the run's identity, a random id made at its first start: it moves
+                            with the directory; the checkpoint root records it (checkpoint_owner.py)
   <run_dir>/checkpoints/    the default checkpoint root (`checkpoint.dir` moves it): step_N/ with
-                            its COMPLETE marker (checkpoint.py)
+                            its COMPLETE marker (checkpoint.py), owner.json naming its run
   <run_dir>/backbone/       the AR model's LLM config.json and text tokenizer, no weights (written
                             at each start): with a checkpoint's weights, the model without the
                             pretrained LLM's folder (bdt.generation.trained)
@@ -37,6 +39,7 @@ BACKBONE_DIR = "backbone"
 EXPORT_IMAGE_TOKENIZER_DIR = "image_tokenizer"
 EXPORT_TRAIN_CONFIG_NAME = "train_config.yaml"
 LAUNCH_ERROR = "launch_error.json"
+RUN_ID_NAME = "RUN_ID"
 
 
 def checkpoint_root(run_dir: str, configured: str = "") -> str:

@@ -1,10 +1,11 @@
 """One job per run directory: a lock file naming its holder, kept alive by a heartbeat (system §2).
 
 `<run_dir>/RUN_LOCK` holds JSON: host, pid, the pid's start time, a random token, start time and
-command. It appears atomically with its content (written to a temporary file, then hard-linked
-to its name; the link fails when the lock exists, on local filesystems and NFS alike). Global
-rank 0 holds it for the whole job, refreshes its mtime every `heartbeat_s` from a daemon thread,
-and removes it at the end. A second job finds it and fails at once, naming the holder.
+command. It appears atomically with its content (`storage.create_exclusive`: written to a temporary
+file, then hard-linked to its name; the link fails when the lock exists, on local filesystems
+and NFS alike). Global rank 0 holds it for the whole job, refreshes its mtime every
+`heartbeat_s` from a daemon thread, and removes it at the end. A second job finds it and fails
+at once, naming the holder.
 
 A lock is stale when its holder is gone: on this host, no process with that pid and start time
 (a reused pid does not count); on any host, no heartbeat for `stale_s` (the hosts' clocks are
@@ -16,7 +17,6 @@ while it stalled stops instead of writing beside the new holder.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -28,6 +28,7 @@ import uuid
 
 import psutil
 
+from bdt import storage
 from bdt.training.distributed import DistInfo, broadcast_object
 
 log = logging.getLogger(__name__)
@@ -81,17 +82,7 @@ class RunLock:
 
     # ---- internals ---------------------------------------------------------------------------
     def _create(self) -> bool:
-        tmp = f"{self.path}.{self.record['token']}.tmp"
-        try:  # the temporary file goes also when writing it fails (a full disk)
-            with open(tmp, "w") as f:
-                json.dump(self.record, f)
-            os.link(tmp, self.path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            with contextlib.suppress(FileNotFoundError):  # open() itself failed
-                os.unlink(tmp)
+        return storage.create_exclusive(self.path, json.dumps(self.record).encode())
 
     def _read(self) -> tuple[dict | None, float]:
         return _read_lock(self.path)

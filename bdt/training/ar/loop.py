@@ -122,15 +122,16 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     ds_config = build_ds_config(replace(cfg.deepspeed, micro_batch_size=1),
                                 replace(cfg.optim, lr=1.0), dist.world_size)
     clock = StageClock(cfg.stages, cfg.deepspeed.grad_accum, dist.world_size)
-    _seed_all(cfg.seed)  # identical initialisation on every rank
-    model, hf_ds_config = setup.build_model(cfg, ds_config)  # noqa: F841 (kept alive: weak ref)
-    # What each rank holds right after the build: under ZeRO-3 its partitions only.
-    params_local = all_gather_int(setup.local_numel(model))
     # DeepSpeed cannot load an engine of another ZeRO stage or precision: refused by name.
     ckpt = CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir), dist,
                              cfg.checkpoint.keep_last, cfg.checkpoint.staging_dir or None,
                              settings={"deepspeed.zero_stage": cfg.deepspeed.zero_stage,
                                        "deepspeed.precision": cfg.deepspeed.precision})
+    ckpt.bind(cfg.run_dir, cfg.checkpoint.adopt)  # another run's checkpoint root: refused here
+    _seed_all(cfg.seed)  # identical initialisation on every rank
+    model, hf_ds_config = setup.build_model(cfg, ds_config)  # noqa: F841 (kept alive: weak ref)
+    # What each rank holds right after the build: under ZeRO-3 its partitions only.
+    params_local = all_gather_int(setup.local_numel(model))
     check_model_signature(ckpt.root, model_signature(model), dist)
     flop_model = FlopModel.for_model(model)
     engine = initialize_engine(model, ds_config, clock)

@@ -164,6 +164,14 @@ def train(cfg: TokenizerTrainConfig) -> dict:
 
 
 def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo) -> dict:
+    # DeepSpeed cannot load an engine of another ZeRO stage or precision, and the stream's
+    # positions index one shard order: a checkpoint of other ones is refused by name.
+    ckpt = CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir), dist,
+                             cfg.checkpoint.keep_last, cfg.checkpoint.staging_dir or None,
+                             settings={"deepspeed.zero_stage": cfg.deepspeed.zero_stage,
+                                       "deepspeed.precision": cfg.deepspeed.precision,
+                                       **_data_order(cfg)})
+    ckpt.bind(cfg.run_dir, cfg.checkpoint.adopt)  # another run's checkpoint root: refused here
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = BinaryAutoencoder(model_cfg)
     engine = initialize_engine(model, build_ds_config(cfg.deepspeed, cfg.optim, dist.world_size),
@@ -173,13 +181,6 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     lpips = (LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)
              if cfg.loss.lpips_weight > 0 else None)
     torch.manual_seed(cfg.seed * 1000 + dist.rank)  # per-rank stream for any sampling in the step
-    # DeepSpeed cannot load an engine of another ZeRO stage or precision, and the stream's
-    # positions index one shard order: a checkpoint of other ones is refused by name.
-    ckpt = CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir), dist,
-                             cfg.checkpoint.keep_last, cfg.checkpoint.staging_dir or None,
-                             settings={"deepspeed.zero_stage": cfg.deepspeed.zero_stage,
-                                       "deepspeed.precision": cfg.deepspeed.precision,
-                                       **_data_order(cfg)})
     check_model_signature(ckpt.root, model_signature(engine.module), dist)
     step, stream_state, tag = 0, None, None
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.

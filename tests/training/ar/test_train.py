@@ -107,10 +107,13 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
 
 
 def test_s3_checkpoints_resume(data, ref, tmp_path, s3_bucket):
-    """The reference run's complete step-6 checkpoint, uploaded to the S3 server, is picked up
-    by a run whose checkpoint.dir is that bucket; it finishes exactly as the reference did and
-    saves its own checkpoints (marker last) there."""
+    """The reference run's complete step-6 checkpoint, uploaded to the S3 server with its owner
+    record, is picked up by another run dir that adopts it (checkpoint.adopt) and whose
+    checkpoint.dir is that bucket; it finishes exactly as the reference did and saves its own
+    checkpoints (marker last) there."""
     import fsspec
+
+    from bdt.training.checkpoint_owner import OWNER_NAME, run_id
 
     ck = f"{s3_bucket}/run/ck"
     fs = fsspec.filesystem("s3")
@@ -119,8 +122,11 @@ def test_s3_checkpoints_resume(data, ref, tmp_path, s3_bucket):
         rel = path.relative_to(local).as_posix()
         if path.is_file() and (rel.startswith("step_000000006/") or "/" not in rel):
             fs.put_file(str(path), f"{ck}/{rel}")
-    assert spawn_train(argv(data, tmp_path, f"checkpoint.dir={ck}")) == 0
+    assert fs.exists(f"{ck}/{OWNER_NAME}")
+    assert spawn_train(argv(data, tmp_path, f"checkpoint.dir={ck}",
+                            f"checkpoint.adopt={run_id(str(ref['dir']))}")) == 0
     fs.invalidate_cache()
+    assert json.loads(fs.cat(f"{ck}/{OWNER_NAME}"))["run_id"] == run_id(str(tmp_path))
     assert fs.exists(f"{ck}/step_000000008/COMPLETE")
     assert fs.exists(f"{ck}/step_000000008/rank_00001.json")
     assert not (tmp_path / "checkpoints").exists()  # nothing went to the local run dir

@@ -15,6 +15,7 @@ from bdt.data.shapes import ShapesConfig
 from bdt.data.shards import generate
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.training.checkpoint import MARKER, tag_for
+from bdt.training.checkpoint_owner import OWNER_NAME
 from bdt.training.distributed import free_port
 from bdt.training.schedule import WarmupSchedule
 from bdt.training.tokenizer.config import TokenizerTrainConfig
@@ -80,7 +81,7 @@ def test_two_rank_zero2_checkpoint_resume_continues_exactly(shards, tmp_path):
                for r in ranks)
     # keep_last=2: step 2 pruned once 3 and 4 were saved.
     assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == [
-        "model_shapes.json", tag_for(3), tag_for(4)]
+        "model_shapes.json", OWNER_NAME, tag_for(3), tag_for(4)]
     assert os.path.exists(os.path.join(resumed, "images", f"step_{4:09d}.png"))
     assert log_r[-1]["bits_outside_5_95"] >= 0 and 0 <= log_r[-1]["bit_rate/000"] <= 1
     # A 2-rank run's checkpoint exports in one process (it was refused for its world size).
