@@ -217,10 +217,17 @@ STAGING_NAME = ".bdt-staging"  # staged_dir's folder inside an existing output d
 def refuse_nonempty_dir(path: str, hint: str = "", overwrite: bool = False) -> None:
     """FileExistsError unless the local `path` is absent or an empty directory (a staging folder
     a killed `staged_dir` left counts as empty), or with `overwrite` any directory; `hint` says
-    what to do instead."""
+    what to do instead. A new `path` must be creatable: its nearest existing ancestor a writable
+    directory (OSError otherwise, so that a command fails before its work, not after)."""
     if not path:
         raise ValueError("the output directory is '': give a directory (`.` for this one)")
     if not os.path.lexists(path):
+        ancestor = os.path.dirname(os.path.abspath(path))
+        while not os.path.lexists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+            why = "not a directory" if not os.path.isdir(ancestor) else "not writable"
+            raise OSError(f"cannot create {path}: {ancestor} is {why}")
         return
     if os.path.isdir(path) and (overwrite or set(os.listdir(path)) <= {STAGING_NAME}):
         return

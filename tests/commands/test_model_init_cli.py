@@ -63,4 +63,9 @@ def test_init_tiny_refuses_an_out_that_is_no_folder_before_any_work(tmp_path, ca
         assert code == 2 and "file exists and is not a directory" in err, err
     assert main(["model", "init-tiny", "--captions-from", str(tmp_path), "--out", ""]) == 2
     assert "the output directory is ''" in capsys.readouterr().err
+    # A folder that cannot be made under a file: refused before the captions are even read.
+    code = main(["model", "init-tiny", "--captions-from", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "file" / "deeper" / "llm")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path / 'file'} is not a directory" in err, err
     assert (tmp_path / "file").read_text() == "mine"
