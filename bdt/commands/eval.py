@@ -61,6 +61,8 @@ def _check_item(item: dict, seen_ids: set[str]) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from bdt import storage
+    from bdt.commands.model import check_new_output
     from bdt.commands.sample import load_for_args
     from bdt.eval.run import evaluate, markdown_table, select
     from bdt.eval.suite import load_suite
@@ -69,9 +71,13 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--per-category must be >= 0, got {args.per_category}")
     suite = _read_suite(args.suite) if args.suite else load_suite()
     items = select(suite, args.categories, args.per_category)
+    # An earlier report's images would mix with this one's: a new or empty --out (or
+    # --overwrite), checked before the model loads; the report appears whole (staged).
+    check_new_output(args)
     trained, (width, height), sampling = load_for_args(args)
-    result = evaluate(trained, None, items, width, height, sampling, batch=args.batch,
-                      out_dir=args.out, progress=True, any_bucket=args.any_bucket)
+    with storage.staged_dir(args.out, overwrite=args.overwrite) as tmp:
+        result = evaluate(trained, None, items, width, height, sampling, batch=args.batch,
+                          out_dir=tmp, progress=True, any_bucket=args.any_bucket)
     print(markdown_table(result), end="")
     print(f"wrote eval.json, eval.md, grid.png and {len(items)} images to {args.out}")
     return 0

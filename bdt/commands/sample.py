@@ -27,7 +27,9 @@ def add_sampling_args(p: argparse.ArgumentParser, batch: int) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=batch, help=f"prompts per forward ({batch})")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, replacing the files of the same names")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,8 +42,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--prompts-file", help="text file, one prompt per line")
     add_sampling_args(p, batch=8)
     p.add_argument("--cols", type=int, default=8, help="grid columns (8)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty --out, replacing the files of the same names")
     p.set_defaults(func=_sample)
 
 

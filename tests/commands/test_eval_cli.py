@@ -47,6 +47,16 @@ def test_eval_subset_writes_report_that_rejudges_the_same(trained_run, tmp_path,
     assert "| position |" in md and "images/s" in md
     assert Image.open(out / "grid.png").size == (6 * (16 + 4) + 4, 16 + 8)
 
+    # A second report would mix with the first one's images: refused before the model loads,
+    # unless --overwrite (which replaces the report's files).
+    again = ["eval", "--model", export, "--categories", "counting", "--per-category", "1",
+             "--size", str(BUCKET[0]), "--steps", "2", "--out", str(out)]
+    assert main(again) == 2 and "is not empty" in capsys.readouterr().err
+    assert json.loads((out / "eval.json").read_text())["num_images"] == 6
+    assert main([*again, "--overwrite"]) == 0
+    assert json.loads((out / "eval.json").read_text())["num_images"] == 1
+    capsys.readouterr()
+
     # The in-loop API on live modules gives the same verdicts (same seeds and batches).
     from bdt.model.ar import BitDanceModel
     from bdt.tokenizer.io import load_tokenizer
