@@ -17,9 +17,10 @@ The export has the layout the trainer writes at the end of a run (bdt/training/r
 `llm/` (the LLM's files, hard-linked where the file system allows, else copied), the connector and
 head under our names, the model config, and `image_tokenizer/`. `bdt sample`, `bdt eval` and a
 fine-tuning run (`init_from=`) then take it like any model bdt trained. Every weight of BitDance's
-components is checked against the configs (keys, shapes, finite values) before anything is
-written, and the export appears whole or not at all. The LLM's files are placed as they are:
-loading the export checks them (bdt.model.backbone refuses missing or mis-shaped parameters).
+components, and of the LLM's safetensors weights, is checked against the configs (keys,
+shapes, finite values) before anything is written, each error naming the file and the keys as
+the file names them; the export appears whole or not at all. The LLM's files are then placed as
+they are.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 
 import torch
 from safetensors.torch import save_file
@@ -35,15 +37,18 @@ from bdt import storage
 from bdt.config import to_yaml
 from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel
 from bdt.model.config import ModelConfig
-from bdt.model.head import head_config_from_bitdance
-from bdt.model.keymap import (BD_CONNECTOR, BD_HEAD, RELEASE, ReleaseLayout, release_layout,
+from bdt.model.head import head_config_from_bitdance, head_key_from_bitdance
+from bdt.model.keymap import (BD_CONNECTOR, BD_HEAD, OURS_CONNECTOR, OURS_HEAD, OURS_LLM,
+                              RELEASE, ReleaseLayout, bitdance_head_keys, release_layout,
                               state_dict_from_bitdance)
+from bdt.model.text_tokenizer import release_num_res
 from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR
-from bdt.weights import file_present, read_safetensors, safetensors_files
+from bdt.weights import (INDEX_SUFFIX, file_present, read_safetensors, safetensors_files,
+                         state_dict_problems)
 
-# The release's 2D position table covers 4096 px per side (t2i_pipeline: 4096 // downsample rows).
-MAX_SIDE_PX = 4096
 BD_HEAD_COMPONENT = BD_HEAD.removesuffix("net.")  # vision_head.safetensors keys are net.*
+HEAD_FILE_PREFIX = BD_HEAD.removeprefix(BD_HEAD_COMPONENT)  # "net."
+LLM_WEIGHTS = "model.safetensors"  # the LLM's weights as transformers saves them
 
 
 def _read_json(url: str) -> dict:
@@ -73,19 +78,45 @@ def release_model_config(src: str, llm_config: dict, downsample: int,
                          f"{hidden!r} ({layout.llm_config})")
     # The exported model loads the LLM in the dtype the release stores it in (bf16 for 14B).
     dtype = str(llm_config.get("torch_dtype") or llm_config.get("dtype") or "float32")
-    cfg = ModelConfig(head=head, parallel_num=head.tokens, pos_max_len=MAX_SIDE_PX // downsample)
+    # The release's 2D position table covers 4096 px per side (t2i_pipeline: 4096 // downsample
+    # rows), as its res tokens do.
+    cfg = ModelConfig(head=head, parallel_num=head.tokens, pos_max_len=release_num_res(downsample))
     cfg.backbone.path = LLM_DIR
     cfg.backbone.dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
     cfg.validate()
     return cfg
 
 
-def release_extra_weights(src: str, head_mlp: str, layout: ReleaseLayout = RELEASE
+def release_extra_weights(src: str, model: BitDanceModel, layout: ReleaseLayout = RELEASE
                           ) -> dict[str, torch.Tensor]:
-    """The release's connector and head weights under our names."""
-    return extra_from_release(read_safetensors(storage.join(src, layout.projector_weights)),
-                              read_safetensors(storage.join(src, layout.head_weights)), head_mlp,
-                              _weights_source(src, layout))
+    """The release's connector and head weights under our names, each file checked against
+    `model` (a meta model of the release's shapes) in the file's own key names."""
+    projector_url = storage.join(src, layout.projector_weights)
+    head_url = storage.join(src, layout.head_weights)
+    projector, head = read_safetensors(projector_url), read_safetensors(head_url)
+    expected_projector, expected_head = release_component_shapes(model)
+    for url, expected, found in ((projector_url, expected_projector, projector),
+                                 (head_url, expected_head, head)):
+        problems = state_dict_problems(expected, found)
+        if problems:
+            hc = model.head.cfg
+            raise ValueError(f"{url} does not fit the model its configs describe (head width "
+                             f"{hc.width}, depth {hc.depth}, {hc.num_adaln_sets} adaLN set(s), "
+                             f"P = {model.cfg.parallel_num}, {hc.bits} bits, LLM hidden "
+                             f"{hc.cond_dim}): " + "; ".join(problems))
+    return extra_from_release(projector, head, model.cfg.head.mlp, _weights_source(src, layout))
+
+
+def release_component_shapes(model: BitDanceModel) -> tuple[dict[str, torch.Tensor],
+                                                             dict[str, torch.Tensor]]:
+    """What projector.safetensors and vision_head.safetensors must hold for `model`: its
+    connector and head tensors under the files' keys."""
+    ours = model.state_dict()
+    projector = {k.removeprefix(OURS_CONNECTOR): v for k, v in ours.items()
+                 if k.startswith(OURS_CONNECTOR)}
+    head = {HEAD_FILE_PREFIX + k: ours[OURS_HEAD + head_key_from_bitdance(k)]
+            for k in bitdance_head_keys(model.head.cfg)}
+    return projector, head
 
 
 def _weights_source(src: str, layout: ReleaseLayout) -> str:
@@ -124,13 +155,33 @@ def _llm_files(src: str, layout: ReleaseLayout) -> dict[str, str]:
 
 def _root_components(src: str, layout: ReleaseLayout) -> set[str]:
     """The names at the release's root that are BitDance's components, not the LLM's files: a
-    sharded weights file is its index and its shards."""
+    weights file and, beside it, any shard index of the same name with its shards (the file wins
+    and the index goes unused, but it is still no file of the LLM's)."""
     names = set(layout.components)
     for weights in (layout.ae_weights, layout.head_weights, layout.projector_weights):
-        if "/" not in weights:
-            names.update(posixpath.basename(url)
-                         for url in safetensors_files(storage.join(src, weights)))
+        if "/" in weights:
+            continue
+        url = storage.join(src, weights)
+        names.update(posixpath.basename(u) for u in safetensors_files(url))
+        if storage.exists(url + INDEX_SUFFIX):
+            names.add(weights + INDEX_SUFFIX)
+            names.update(n for n in _root_names(src) if _is_shard_of(n, weights))
+            try:
+                names.update(posixpath.basename(u) for u in safetensors_files(url + INDEX_SUFFIX))
+            except ValueError:  # an unreadable unused index: its shards go by their names
+                pass
     return names
+
+
+def _root_names(src: str) -> list[str]:
+    fs, root = storage.filesystem(src)
+    return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+
+
+def _is_shard_of(name: str, weights: str) -> bool:
+    """`name` is a shard of `weights` as Hugging Face tools name them (ae-00001-of-00002...)."""
+    stem = re.escape(weights.removesuffix(".safetensors"))
+    return re.fullmatch(stem + r"-\d+-of-\d+\.safetensors", name) is not None
 
 
 def _place(src_url: str, dst: str) -> None:
@@ -167,8 +218,8 @@ def import_release(src: str, out: str) -> ModelConfig:
     llm_config_url = storage.join(src, layout.llm_config)
     llm_config = _read_json(llm_config_url)
     cfg = release_model_config(src, llm_config, decoder.downsample_factor, layout)
-    extra = release_extra_weights(src, cfg.head.mlp, layout)
-    _meta_model(cfg, llm_config, llm_config_url).load_extra(extra, _weights_source(src, layout))
+    model = _meta_model(cfg, llm_config, llm_config_url)
+    extra = release_extra_weights(src, model, layout)
     if decoder.config.z_channels != cfg.head.bits:
         raise ValueError(f"{src}: the image tokenizer makes {decoder.config.z_channels}-bit "
                          f"tokens, the head ({layout.head_config}) predicts {cfg.head.bits}")
@@ -178,7 +229,9 @@ def import_release(src: str, out: str) -> ModelConfig:
         os.makedirs(os.path.join(tmp, LLM_DIR))
         for name, url in llm_files.items():
             _place(url, os.path.join(tmp, LLM_DIR, name))
-        _check_text_tokenizer(os.path.join(tmp, LLM_DIR), cfg, llm_config.get("vocab_size"), src)
+        _check_llm_weights(llm_files, os.path.join(tmp, LLM_DIR), model, llm_config_url)
+        _check_text_tokenizer(os.path.join(tmp, LLM_DIR), cfg, llm_config.get("vocab_size"), src,
+                              release_num_res(decoder.downsample_factor), layout.head_config)
         save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, WEIGHTS_NAME))
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             f.write(to_yaml(cfg))
@@ -186,18 +239,55 @@ def import_release(src: str, out: str) -> ModelConfig:
     return cfg
 
 
-def _check_text_tokenizer(llm_dir: str, cfg: ModelConfig, rows: int | None, src: str) -> None:
-    """The release's text tokenizer must already hold BitDance's tokens, one per embedding row
-    (`rows`): tokens added here would get mean-initialised rows, and the model would read
-    garbage."""
-    from bdt.model.text_tokenizer import bitdance_tokens, load_text_tokenizer, missing_tokens
+def _check_llm_weights(llm_files: dict[str, str], placed: str, model: BitDanceModel,
+                       config_url: str) -> None:
+    """The LLM's safetensors weights (model.safetensors or its shards) against the model its
+    config.json describes: every key, shape and value, so that a damaged file is named now and
+    not when the export is first loaded (transformers only warns of an unexpected key, and reads
+    NaN as it is). A remote release's are read from their copies in `placed` (memory-mapped, as
+    local ones are: a 14B LLM is read once, not held). Other formats are left to transformers."""
+    name = next((n for n in (LLM_WEIGHTS, LLM_WEIGHTS + INDEX_SUFFIX) if n in llm_files), None)
+    if name is None:
+        return
+    url = llm_files[name]
+    expected = {k.removeprefix(OURS_LLM): v for k, v in model.state_dict().items()
+                if k.startswith(OURS_LLM)}
+    found = read_safetensors(os.path.join(placed, name) if storage.is_remote(url) else url,
+                             mmap=True)
+    # Tied weights (lm_head.weight = embed_tokens.weight) are saved once, under either name.
+    names_of: dict[int, list[str]] = {}
+    for key, param in model.llm.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(key)
+    for names in names_of.values():
+        saved = [k for k in names if k in found] or names[:1]  # none saved: name the first
+        for key in names:
+            if key not in saved:
+                expected.pop(key, None)
+    problems = state_dict_problems(expected, found)
+    if problems:
+        raise ValueError(f"{url} does not fit the LLM of {config_url}: "
+                         + "; ".join(problems))
+
+
+def _check_text_tokenizer(llm_dir: str, cfg: ModelConfig, rows: int | None, src: str,
+                          num_res: int, head_config: str) -> None:
+    """The release's text tokenizer must already hold BitDance's tokens (`num_res` res tokens),
+    one per embedding row (`rows`): tokens added here would get mean-initialised rows, and the
+    model would read garbage. Its query tokens also tell P, which the head's weights do not: one
+    past P - 1 means the head's config (`head_config`) gives the wrong P."""
+    from bdt.model.text_tokenizer import (bitdance_tokens, load_text_tokenizer, missing_tokens,
+                                          query_token)
 
     tokenizer = load_text_tokenizer(llm_dir)
-    missing = missing_tokens(tokenizer, bitdance_tokens(cfg.parallel_num))
+    missing = missing_tokens(tokenizer, bitdance_tokens(cfg.parallel_num, num_res))
     if missing or len(tokenizer) != rows:
         raise ValueError(f"{src}: its text tokenizer is not the model's: "
                          + (f"it lacks {len(missing)} of BitDance's tokens ({missing[:3]} ...)"
                             if missing else f"{len(tokenizer)} tokens for {rows} embedding rows"))
+    if not missing_tokens(tokenizer, [query_token(cfg.parallel_num)]):
+        raise ValueError(f"{src}: its text tokenizer holds {query_token(cfg.parallel_num)}, so the "
+                         f"model takes more than P = {cfg.parallel_num} tokens per step: "
+                         f"{head_config} must give its parallel_num (DiffHead's default is 4)")
 
 
 def _meta_model(cfg: ModelConfig, llm_config: dict, url: str) -> BitDanceModel:

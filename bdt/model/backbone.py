@@ -24,7 +24,6 @@ import torch
 from safetensors import SafetensorError
 
 from bdt.model.text_tokenizer import (
-    DEFAULT_NUM_RES,
     IM_END,
     PromptIds,
     SpecialTokens,
@@ -187,9 +186,10 @@ def resize_embeddings(model: "PreTrainedModel", num_rows: int) -> None:
                 emb.weight[old:] = emb.weight[:old].float().mean(dim=0)
 
 
-def load_backbone(cfg: BackboneConfig, parallel_num: int, num_res: int = DEFAULT_NUM_RES,
+def load_backbone(cfg: BackboneConfig, parallel_num: int, num_res: int | None = None,
                   weights: Mapping[str, torch.Tensor] | None = None) -> Backbone:
     """LM + tokenizer from ``cfg.path``, with BitDance's tokens added and embeddings resized;
+    ``num_res``: see `add_special_tokens` (None: the res tokens the tokenizer holds, else 256);
     ``weights``: the resized LM's state dict, loaded instead of the pretrained weights (only the
     config and tokenizer are read from ``cfg.path``)."""
     check_source(cfg.path)

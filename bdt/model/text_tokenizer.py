@@ -32,6 +32,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 DEFAULT_NUM_RES = 256  # 4096 px / 16 (BitDance: 4096 // vit_patch_size)
+MAX_SIDE_PX = 4096  # the release's res tokens and 2D position table cover 4096 px per side
+
+
+def release_num_res(downsample: int) -> int:
+    """How many <|res_k|> a released model's tokenizer holds: 4096 // its downsample factor
+    (256 at 16x, 128 at 32x)."""
+    return MAX_SIDE_PX // downsample
 
 
 def res_token(k: int) -> str:
@@ -105,19 +112,32 @@ def bitdance_tokens(parallel_num: int, num_res: int = DEFAULT_NUM_RES) -> list[s
             + [query_token(j) for j in range(1, parallel_num)])
 
 
+def present_res_count(tokenizer: "PreTrainedTokenizerBase") -> int:
+    """N where the vocabulary holds <|res_1|> .. <|res_N|> (0 without <|res_1|>)."""
+    vocab = tokenizer.get_vocab()
+    n = 0
+    while res_token(n + 1) in vocab:
+        n += 1
+    return n
+
+
 def missing_tokens(tokenizer: "PreTrainedTokenizerBase", tokens: Sequence[str]) -> list[str]:
     vocab = tokenizer.get_vocab()
     return [t for t in tokens if t not in vocab]
 
 
 def add_special_tokens(
-    tokenizer: "PreTrainedTokenizerBase", parallel_num: int, num_res: int = DEFAULT_NUM_RES
+    tokenizer: "PreTrainedTokenizerBase", parallel_num: int, num_res: int | None = None
 ) -> SpecialTokens:
     """Add the chat/vision tokens (when missing), res tokens and P-1 query tokens, in that order.
 
     Idempotent: tokens already in the vocabulary (e.g. a released BitDance tokenizer) keep their ids.
+    ``num_res`` None: the res tokens the tokenizer already holds (a 32x release has 128, not 256:
+    adding more would grow the vocabulary past the released embedding), else DEFAULT_NUM_RES.
     The caller resizes the LM's embeddings to ``SpecialTokens.vocab_size``.
     """
+    if num_res is None:
+        num_res = present_res_count(tokenizer) or DEFAULT_NUM_RES
     wanted = bitdance_tokens(parallel_num, num_res)
     missing = missing_tokens(tokenizer, wanted)
     if missing:

@@ -116,8 +116,8 @@ def _head_config(release, **changes) -> dict:
     (HEAD_CONFIG, "cond", ValueError, "ch_cond"),
     (HEAD_CONFIG, "unknown", ValueError, "colour"),
     ("config.json", "int8", ValueError, "config.json: not a Hugging Face causal-LM config"),
-    (PROJECTOR_WEIGHTS, "extra key", ValueError, "connector.fc3.weight"),
-    (HEAD_WEIGHTS, "nan", ValueError, "NaN or inf values [head.input_proj.bias]"),
+    (PROJECTOR_WEIGHTS, "extra key", ValueError, "unexpected key(s) [fc3.weight]"),
+    (HEAD_WEIGHTS, "nan", ValueError, "NaN or inf values [net.input_proj.bias]"),
     ("tokenizer.json", "plain tokenizer", ValueError, "lacks 3 of BitDance's tokens"),
 ])
 def test_a_bad_release_fails_naming_the_problem_and_writes_nothing(release, tmp_path, name, content,

@@ -104,6 +104,19 @@ def test_special_token_id_rules(tmp_path):
         assert rows == qbase + n_res + P - 1
 
 
+def test_a_tokenizer_keeps_the_res_tokens_it_holds(tmp_path):
+    """A 32x-down release holds <|res_1..128|> (4096 px / 32) then its query tokens: loading it
+    adds nothing (256 res tokens would grow the vocabulary past the released embedding)."""
+    tok = make_text_tokenizer(str(tmp_path / "tok"), CAPTIONS)
+    added = [f"<|res_{k}|>" for k in range(1, 129)] + [f"<|query_{j}|>" for j in range(1, 4)]
+    tok.add_special_tokens({"additional_special_tokens": [VISION_START, VISION_END, *added]},
+                           replace_extra_special_tokens=False)
+    size = len(tok)
+    sp = add_special_tokens(tok, parallel_num=4)
+    assert len(tok) == sp.vocab_size == size and len(sp.res_ids) == 128
+    assert sp.res(128) == tok.convert_tokens_to_ids("<|res_128|>") == sp.query_ids[0] - 1
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
 def test_backbone_adds_tokens_without_changing_text_logits(llm_dirs, arch):
     path = llm_dirs[arch]
