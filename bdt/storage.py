@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import stat
+import tempfile
 import uuid
 from typing import IO, Iterator
 
@@ -215,12 +216,16 @@ STAGING_NAME = ".bdt-staging"  # staged_dir's folder inside an existing output d
 
 
 def refuse_nonempty_dir(path: str, hint: str = "", overwrite: bool = False) -> None:
-    """FileExistsError unless the local `path` is absent or an empty directory (a staging folder
-    a killed `staged_dir` left counts as empty), or with `overwrite` any directory; `hint` says
-    what to do instead. A new `path` must be creatable: its nearest existing ancestor a writable
-    directory (OSError otherwise, so that a command fails before its work, not after)."""
+    """FileExistsError unless `path` is absent or an empty directory (a staging folder a killed
+    `staged_dir` left counts as empty), or with `overwrite` any directory; `hint` says what to do
+    instead. A new `path` must be creatable (OSError otherwise, so that a command fails before
+    its work, not after): locally its nearest existing ancestor a writable directory, on an
+    object store its bucket present."""
     if not path:
         raise ValueError("the output directory is '': give a directory (`.` for this one)")
+    if is_remote(path):
+        _refuse_nonempty_remote(path, hint, overwrite)
+        return
     if not os.path.lexists(path):
         ancestor = os.path.dirname(os.path.abspath(path))
         while not os.path.lexists(ancestor):
@@ -235,17 +240,38 @@ def refuse_nonempty_dir(path: str, hint: str = "", overwrite: bool = False) -> N
     raise FileExistsError(f"{path} {what}" + (f": {hint}" if hint else ""))
 
 
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs")  # URLs whose first part is a bucket
+
+
+def _refuse_nonempty_remote(url: str, hint: str, overwrite: bool) -> None:
+    fs, root = filesystem(url)
+    if fs.isfile(root):
+        raise FileExistsError(f"{url} exists and is not a directory")
+    if fs.isdir(root):
+        if overwrite or not fs.ls(root, detail=False):
+            return
+        raise FileExistsError(f"{url} exists and is not empty" + (f": {hint}" if hint else ""))
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    bucket = root.strip("/").split("/", 1)[0]
+    if set(protocols) & set(OBJECT_STORES) and not fs.exists(bucket):
+        raise OSError(f"cannot create {url}: bucket {bucket!r} does not exist")
+
+
 @contextlib.contextmanager
 def staged_dir(path: str, overwrite: bool = False) -> Iterator[str]:
-    """A local directory written in one go: yields a staging folder to write into and moves what
+    """A directory written in one go: yields a local staging folder to write into and moves what
     it holds to `path` when the block ends; an exception removes it and leaves `path` as it was.
-    A new `path` appears whole (one rename of `.NAME.bdt-staging` beside it). An existing one,
-    which must be empty unless `overwrite`, stays the same directory (its permissions, a volume
-    mounted there, a shell inside it) and takes each entry from `path/.bdt-staging` by one
-    rename, replacing the entry of that name; others stay. A link is followed to its folder."""
-    if is_remote(path):
-        raise ValueError(f"{path}: this directory is written locally (copy it up after)")
+    A new local `path` appears whole (one rename of `.NAME.bdt-staging` beside it). An existing
+    one, which must be empty unless `overwrite`, stays the same directory (its permissions, a
+    volume mounted there, a shell inside it) and takes each entry from `path/.bdt-staging` by one
+    rename, replacing the entry of that name; others stay. A link is followed to its folder.
+    A remote `path` is staged under the system temp dir and uploaded once the block ends (an
+    object store has no rename: a crash during the upload leaves part of it there)."""
     refuse_nonempty_dir(path, overwrite=overwrite)
+    if is_remote(path):
+        with _staged_remote(path) as tmp:
+            yield tmp
+        return
     final = os.path.realpath(path)  # through a link, to the folder it names
     if os.path.isdir(final):
         tmp = os.path.join(final, STAGING_NAME)
@@ -270,6 +296,17 @@ def staged_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _staged_remote(url: str) -> Iterator[str]:
+    tmp = tempfile.mkdtemp(prefix="bdt-staging-")
+    try:
+        yield tmp
+        fs, root = filesystem(url)
+        fs.put(tmp + "/", root.rstrip("/"), recursive=True)  # the trailing '/': its contents
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remove_stale_staging(tmp: str) -> None:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -68,15 +69,39 @@ def test_a_non_empty_directory_is_refused_unless_overwriting(tmp_path):
     assert not (out / storage.STAGING_NAME).exists()
 
 
-def test_a_file_or_a_remote_url_is_refused(tmp_path):
+def test_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     for overwrite in (False, True):
         with pytest.raises(FileExistsError, match="is not a directory"):
             with storage.staged_dir(str(tmp_path / "file"), overwrite=overwrite):
                 pass
-    with pytest.raises(ValueError, match="written locally"):
-        with storage.staged_dir("s3://bucket/out"):
-            pass
+
+
+@pytest.mark.slow
+def test_a_remote_directory_is_uploaded_when_complete(s3_bucket):
+    """On an object store: nothing uploaded when the block fails, the contents (nested too)
+    once it ends; then a non-empty prefix is refused unless overwrite, and a missing bucket
+    before any work."""
+    fs, _ = storage.filesystem(s3_bucket)
+    out = s3_bucket + "/runs/out"
+    with pytest.raises(RuntimeError):
+        with storage.staged_dir(out) as tmp:
+            _write(Path(tmp), {"a.txt": "1"})
+            raise RuntimeError("the work failed")
+    assert not fs.exists(out)
+    with storage.staged_dir(out) as tmp:
+        _write(Path(tmp), {"a.txt": "1", "sub/b.txt": "2"})
+    assert fs.cat(out + "/a.txt") == b"1" and fs.cat(out + "/sub/b.txt") == b"2"
+    assert not os.path.exists(tmp)  # the local staging folder is gone
+    with pytest.raises(FileExistsError, match="is not empty: do this"):
+        storage.refuse_nonempty_dir(out, "do this")
+    with storage.staged_dir(out, overwrite=True) as tmp:
+        _write(Path(tmp), {"a.txt": "new"})
+    assert fs.cat(out + "/a.txt") == b"new" and fs.cat(out + "/sub/b.txt") == b"2"
+    with pytest.raises(FileExistsError, match="is not a directory"):
+        storage.refuse_nonempty_dir(out + "/a.txt", overwrite=True)
+    with pytest.raises(OSError, match="bucket 'no-such-bucket-bdt' does not exist"):
+        storage.refuse_nonempty_dir("s3://no-such-bucket-bdt/out")
 
 
 def test_a_link_to_an_empty_directory_gets_the_files(tmp_path):

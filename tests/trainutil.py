@@ -1,9 +1,13 @@
-"""Helpers for the training tests: token shards written with the real writer, tiny model files."""
+"""Helpers for the training tests: token shards written with the real writer, tiny model files,
+the spawned ranks' entry (rank_entry)."""
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
 import os
+import sys
 
 import numpy as np
 import webdataset as wds
@@ -60,6 +64,24 @@ def train_overrides(run_dir: str, llm: str, shards: str | list[str], steps: int 
     return out + list(extra)
 
 
+def rank_entry(fn):
+    """For a function torch.multiprocessing.spawn runs per rank: once it returns, the rank ends
+    at once with exit code 0 (stdout/stderr flushed). Rarely, the C++ teardown after
+    destroy_process_group aborts ("terminate called without an active exception"), which spawn
+    would report as a failed rank. A rank that raises still fails the test with its traceback
+    (spawn's wrapper catches the exception); called outside a spawned child, it just returns."""
+
+    @functools.wraps(fn)
+    def run_then_exit(*args, **kwargs):
+        fn(*args, **kwargs)
+        if multiprocessing.parent_process() is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+    return run_then_exit
+
+
 def _rank_env(rank: int, world: int, port: int) -> None:
     """The launcher's environment for one rank, and one thread (bitwise-repeatable runs)."""
     import torch
@@ -69,6 +91,7 @@ def _rank_env(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+@rank_entry
 def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
     """One rank of a spawned job: the launcher's environment, one thread, then bdt/train.py."""
     _rank_env(rank, world, port)
@@ -117,6 +140,7 @@ def tiny_image_tokenizer(out_dir: str, bits: int = 16) -> str:
     return out_dir
 
 
+@rank_entry
 def _build_rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str) -> None:
     """One rank: `setup.build_model` under the config of `argv`; writes what this rank holds
     (local numel per parameter, full values gathered from the partitions) to out_dir."""

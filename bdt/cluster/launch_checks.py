@@ -8,12 +8,16 @@ import errno
 import re
 from collections.abc import Mapping
 
+from bdt.data.shard_source import EmptyRemoteListing
+
 # Before the first step, these errors state the configuration or the inputs: the next launch meets
 # them again. (bdt phrases its own input errors as ValueError or as an OSError without errno.)
 UNFIXABLE = {"ValueError", "FileNotFoundError", "NotADirectoryError", "IsADirectoryError"}
 # Anywhere in an error's chain, these say that the network, the store or a stopping job was in the
-# way (s3fs: SlowDown is EBUSY, InternalError EREMOTEIO), which a restart may get past.
-TRANSIENT_TYPES = re.compile(r"Timeout|Connect|Throttl|Unavailable|RunDirInUse")
+# way (s3fs: SlowDown is EBUSY, InternalError EREMOTEIO; a remote data source that listed no
+# shards, as a store's listing may briefly do), which a restart may get past.
+TRANSIENT_TYPES = re.compile(rf"Timeout|Connect|Throttl|Unavailable|RunDirInUse|"
+                             rf"{EmptyRemoteListing.__name__}")
 TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT,
                     errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EHOSTUNREACH,
                     errno.ENETUNREACH, errno.ENETDOWN, errno.ESTALE, errno.EREMOTEIO}

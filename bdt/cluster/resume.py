@@ -19,8 +19,8 @@ s3://); this wrapper supplies the restarts around it and says what happened:
   - the trainer failed before its first step on an error that describes its configuration or
     inputs (a missing model, shards of another tokenizer, ...: bdt/train.py leaves it in
     <run_dir>/launch_error.json, since a launcher's exit code cannot say): exit CANNOT_START at
-    once, printing it. Network, storage and timeout errors, and the run lock of a job still
-    stopping, are restarted as crashes are;
+    once, printing it. Network, storage and timeout errors, the run lock of a job still
+    stopping, and a remote data source that listed no shards are restarted as crashes are;
   - the master port is held by another process on this host (the launch's master): exit
     CANNOT_START before launching, naming the holder;
   - the run finished: exit DONE.

@@ -2,7 +2,8 @@
 
 encode: PNG/JPEG files (all the same size, a multiple of the downsample factor) -> .npy array
         N x h x w x C uint8 with 0/1 (1 = +1); pixels scaled as x / 127.5 - 1.
-decode: that array -> OUTDIR/000000.png, 000001.png, ...
+decode: that array -> OUTDIR/000000.png, 000001.png, ... (OUTDIR new or empty unless
+        --overwrite; written whole as `bdt sample` writes its folder).
 Paths may be local or fsspec URLs.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dec = sub.add_parser("decode", help="bits .npy -> PNG files")
     dec.add_argument("--tokenizer", required=True, help="tokenizer directory (config.json + weights)")
     dec.add_argument("--bits", required=True, help=".npy of N x h x w x C with 0/1 values")
-    dec.add_argument("--out", required=True, help="output directory for PNGs")
+    dec.add_argument("--out", required=True, help="output directory for PNGs (new or empty)")
+    dec.add_argument("--overwrite", action="store_true",
+                     help="write into a non-empty --out, replacing the files of the same names")
     dec.add_argument("--batch-size", type=int, default=8)
     dec.add_argument("--seed", type=int, default=0, help="noise seed for a generative decoder")
     dec.set_defaults(func=_decode)
@@ -87,15 +91,17 @@ def _decode(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
+    from bdt import storage
+    from bdt.commands.model import check_new_output
     from bdt.commands.sample import check_seed
-    from bdt.storage import join, makedirs, open_atomic, read_bytes
     from bdt.tokenizer.io import load_tokenizer
 
     _check_batch_size(args)
     check_seed(args.seed)
+    check_new_output(args)  # before the tokenizer loads
     model = load_tokenizer(args.tokenizer)
     try:
-        bits = np.load(io.BytesIO(read_bytes(args.bits)), allow_pickle=False)
+        bits = np.load(io.BytesIO(storage.read_bytes(args.bits)), allow_pickle=False)
     except ValueError as exc:
         raise ValueError(f"{args.bits}: not a plain .npy array: {exc}") from None
     c = model.bits_per_token
@@ -105,16 +111,15 @@ def _decode(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.bits}: holds no token grid (shape {list(bits.shape)})")
     if bits.dtype != bool and not np.isin(bits, (0, 1)).all():
         raise ValueError(f"{args.bits}: values must be 0/1, got {np.unique(bits)[:8].tolist()}")
-    makedirs(args.out)
     generator = torch.Generator().manual_seed(args.seed)
     written = 0
-    for start in range(0, len(bits), args.batch_size):
-        batch = torch.from_numpy(bits[start:start + args.batch_size].astype(bool))
-        images = model.decode(batch, generator=generator).float().clamp(-1, 1)
-        pixels = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        for arr in pixels:
-            with open_atomic(join(args.out, f"{written:06d}.png")) as f:
-                Image.fromarray(arr).save(f, format="PNG")
-            written += 1
+    with storage.staged_dir(args.out, overwrite=args.overwrite) as tmp:
+        for start in range(0, len(bits), args.batch_size):
+            batch = torch.from_numpy(bits[start:start + args.batch_size].astype(bool))
+            images = model.decode(batch, generator=generator).float().clamp(-1, 1)
+            pixels = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            for arr in pixels:
+                Image.fromarray(arr).save(os.path.join(tmp, f"{written:06d}.png"), format="PNG")
+                written += 1
     print(f"decoded {written} image(s) -> {args.out}")
     return 0

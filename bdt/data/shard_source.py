@@ -28,6 +28,16 @@ INDEX_NAME = "index.json"  # bdt/extract/manifest.py writes the manifest under t
 PLAN_NAME = "plan.json"  # written by an extraction before any shard
 
 
+class EmptyRemoteListing(ValueError):
+    """A remote source (s3://, any fsspec URL) listed no shards. An object store's listing can
+    briefly come back short, so a restart may find them (bdt.cluster.launch_checks retries
+    this); a local path with no shards is a plain ValueError, an input error."""
+
+
+def _listed_nothing(source: str, message: str) -> ValueError:
+    return EmptyRemoteListing(message) if storage.is_remote(source) else ValueError(message)
+
+
 @dataclass
 class ShardList:
     urls: list[str]
@@ -55,10 +65,12 @@ def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -
     if any(c in source for c in "*?["):
         urls = _glob(source)
         if not urls:
-            raise ValueError(f"shards: the pattern {source!r} matches no file")
+            raise _listed_nothing(source, f"shards: the pattern {source!r} matches no file")
         return ShardList(urls, None, source)
     if not storage.exists(source):
-        raise ValueError(f"shards: {source!r} does not exist")
+        message = f"shards: {source!r} does not exist"
+        # An object store's folder is a listing; a named .tar is one object, missing for good.
+        raise ValueError(message) if source.endswith(".tar") else _listed_nothing(source, message)
     if source.endswith(".tar"):
         return ShardList([source], None, source)
     index_url = storage.join(source, INDEX_NAME)
@@ -88,7 +100,8 @@ def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -
                          f"still running or was stopped; rerun it to completion")
     urls = _glob(storage.join(source, "*.tar"))
     if not urls:
-        raise ValueError(f"shards: {source!r} holds no .tar files and no {INDEX_NAME}")
+        raise _listed_nothing(source, f"shards: {source!r} holds no .tar files and no "
+                                      f"{INDEX_NAME}")
     return ShardList(urls, None, source)
 
 

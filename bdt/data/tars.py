@@ -48,6 +48,7 @@ from typing import IO, Any, BinaryIO
 import psutil
 
 from bdt import storage
+from bdt.processes import running
 
 BLOCK = 512
 _FILE_TYPES = (b"0", b"\0", b"7")  # regular, old-style regular, contiguous
@@ -340,18 +341,11 @@ def _spool_prefix() -> str:
         _swept_spools = True
         for name in os.listdir(tempfile.gettempdir()):
             m = _SPOOL_NAME.fullmatch(name)
-            if m and m[3] == socket.gethostname() and not _running(int(m[1]), int(m[2])):
+            if m and m[3] == socket.gethostname() and not running(int(m[1]), int(m[2]) / 1000):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(tempfile.gettempdir(), name))
     me = psutil.Process()
     return f"bdt-shard-{me.pid}-{round(me.create_time() * 1000)}@{socket.gethostname()}@"
-
-
-def _running(pid: int, start_ms: int) -> bool:
-    try:
-        return round(psutil.Process(pid).create_time() * 1000) == start_ms
-    except psutil.Error:
-        return False
 
 
 @contextlib.contextmanager

@@ -209,8 +209,6 @@ def import_release(src: str, out: str) -> ModelConfig:
                if not file_present(storage.join(src, n))]
     if missing:
         raise FileNotFoundError(f"{src} is not {layout.name}: missing {', '.join(missing)}")
-    if storage.is_remote(out):
-        raise ValueError(f"{out}: the export is written to a local directory (copy it up after)")
     storage.refuse_nonempty_dir(out, "give a new or empty output directory")
     # Everything is read and checked before anything is written.
     decoder = load_tokenizer(storage.join(src, layout.ae_weights),

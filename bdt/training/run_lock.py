@@ -29,6 +29,7 @@ import uuid
 import psutil
 
 from bdt import storage
+from bdt.processes import running
 from bdt.training.distributed import DistInfo, broadcast_object
 
 log = logging.getLogger(__name__)
@@ -146,13 +147,8 @@ def hold_run_lock(run_dir: str, dist: DistInfo) -> RunLock | None:
 
 def holder_alive(holder: dict) -> bool:
     """Whether the holder's process (`pid` and its start time `pid_start`) still runs on this
-    host."""
-    try:
-        proc = psutil.Process(int(holder["pid"]))
-        return (abs(proc.create_time() - holder["pid_start"]) < 1e-3
-                and proc.status() != psutil.STATUS_ZOMBIE)
-    except (psutil.Error, KeyError, TypeError, ValueError):
-        return False
+    host (a zombie does not)."""
+    return running(holder.get("pid"), holder.get("pid_start"))
 
 
 def _read_lock(path: str) -> tuple[dict | None, float]:

@@ -157,7 +157,7 @@ def test_an_export_with_corrupt_weights_names_the_file(exported, tmp_path):
 
 
 @pytest.mark.slow
-def test_import_from_s3_gives_the_same_export(release, exported, s3_bucket, tmp_path):
+def test_import_from_and_to_s3_gives_the_same_export(release, exported, s3_bucket, tmp_path):
     from bdt import storage
 
     fs, root = storage.filesystem(s3_bucket)
@@ -173,6 +173,10 @@ def test_import_from_s3_gives_the_same_export(release, exported, s3_bucket, tmp_
     import_release(f"{s3_bucket}/port", str(tmp_path / "port_from_s3"))
     for name in _files(exported):
         assert (tmp_path / "port_from_s3" / name).read_bytes() == (exported / name).read_bytes()
+    # And into S3: the export is staged locally and uploaded whole.
+    import_release(f"{s3_bucket}/release", f"{s3_bucket}/export")
+    for name in _files(exported):
+        assert fs.cat(f"{root}/export/{name}") == (exported / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("variant", ["16x", "64x"])

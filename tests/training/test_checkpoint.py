@@ -17,6 +17,7 @@ from bdt import storage
 from bdt.training.checkpoint import MARKER, CheckpointManager, tag_for
 from bdt.training.distributed import DistInfo, free_port
 from testkit import PlantedPickle, cut_file, flip_bytes
+from trainutil import rank_entry
 
 SOLO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -283,6 +284,7 @@ def _step(engine, x):
     return loss.item()
 
 
+@rank_entry
 def _worker(rank, world, port, root, out):
     from bdt.training.distributed import cleanup
 
@@ -323,6 +325,7 @@ def test_deepspeed_zero2_two_rank_save_resume_is_exact(tmp_path):
 ZEROS = (0, 1, 3)  # ZeRO-2 goes through the training test (tests/training/ar/test_world_size.py)
 
 
+@rank_entry
 def _world_change_worker(rank, world, port, out):
     import deepspeed
 

@@ -20,6 +20,7 @@ from bdt.training.checkpoint_owner import OWNER_NAME, CheckpointRootTaken, run_i
 from bdt.training.distributed import DistInfo, free_port
 from bdt.training.run_dir import RUN_ID_NAME
 from testkit import REPO, TINY_CONFIG
+from trainutil import rank_entry
 
 SOLO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -170,6 +171,7 @@ def test_s3_root_is_bound_to_one_run(s3_bucket, tmp_path):
         _save(other, 2)
 
 
+@rank_entry
 def _bind_rank(rank, world, port, root, run_dir, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

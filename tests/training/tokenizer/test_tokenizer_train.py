@@ -20,6 +20,7 @@ from bdt.training.distributed import free_port
 from bdt.training.schedule import WarmupSchedule
 from bdt.training.tokenizer.config import TokenizerTrainConfig
 from bdt.training.tokenizer.loop import Discriminator, main, train
+from trainutil import rank_entry
 
 TINY = ["model.ch=32", "model.ch_mult=[1,1]", "model.num_res_blocks=1", "model.z_channels=8",
         "data.size=16", "data.num_workers=0", "deepspeed.micro_batch_size=2",
@@ -35,6 +36,7 @@ def shards(tmp_path_factory):
     return str(out / "shapes-{000000..000003}.tar")
 
 
+@rank_entry
 def _rank(rank, world, port, overrides):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")

@@ -1,0 +1,92 @@
+"""`bdt tokenizer decode --out` follows the output rules of `bdt sample` / `bdt eval`: a non-empty
+folder (local or on S3) is refused unless --overwrite, and so is a folder that cannot be made,
+before the tokenizer loads; the PNGs appear together or not at all (storage.staged_dir)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bdt import cli, storage
+from bdt.tokenizer.autoencoder import BinaryAutoencoder
+from testkit import save_tiny_image_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer_and_bits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decode")
+    save_tiny_image_tokenizer(str(root / "tok"), bits=16)
+    bits = np.random.default_rng(0).integers(0, 2, size=(2, 4, 4, 16), dtype=np.uint8)
+    np.save(root / "bits.npy", bits, allow_pickle=False)
+    return str(root / "tok"), str(root / "bits.npy")
+
+
+def _decode(tokenizer: str, bits: str, out: str, *extra: str) -> int:
+    return cli.main(["tokenizer", "decode", "--tokenizer", tokenizer, "--bits", bits, "--out", out,
+                     "--batch-size", "1", *extra])
+
+
+@pytest.mark.parametrize("case", ["non-empty", "under a file"])
+def test_a_bad_out_is_refused_before_the_tokenizer_loads(tmp_path, tokenizer_and_bits, capsys,
+                                                          case):
+    _, bits = tokenizer_and_bits
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("x")
+    out, named = {"non-empty": (tmp_path / "out", "exists and is not empty: give a new or empty "
+                                                  "directory, or pass --overwrite"),
+                  "under a file": (tmp_path / "file" / "pngs", "is not a directory")}[case]
+    assert _decode(str(tmp_path / "no-tokenizer"), bits, str(out)) == 2
+    err = capsys.readouterr().err
+    assert named in err and "tokenizer not found" not in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["file", "notes.txt", "out"]
+
+
+def test_overwrite_writes_into_a_non_empty_folder(tmp_path, tokenizer_and_bits):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "000001.png").write_text("an older decode")
+    assert _decode(*tokenizer_and_bits, str(out), "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "notes.txt"]
+    assert (out / "000001.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_failed_decode_leaves_no_partial_folder(tmp_path, tokenizer_and_bits, monkeypatch):
+    decode, calls = BinaryAutoencoder.decode, []
+
+    def fail_on_the_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("decoder broke")
+        return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(BinaryAutoencoder, "decode", fail_on_the_second_batch)
+    assert _decode(*tokenizer_and_bits, str(tmp_path / "pngs")) == 2
+    assert len(calls) == 2 and sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_remote_out_gets_the_pngs_once_decoded(s3_bucket, tokenizer_and_bits):
+    fs, _ = storage.filesystem(s3_bucket)
+    assert _decode(*tokenizer_and_bits, s3_bucket + "/pngs") == 0
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(s3_bucket + "/pngs")) == ["000000.png",
+                                                                              "000001.png"]
+    assert fs.cat(s3_bucket + "/pngs/000000.png").startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["tokenizer decode", "sample", "eval"])
+def test_a_non_empty_remote_out_is_refused_before_the_model_loads(s3_bucket, tmp_path, capsys,
+                                                                  command):
+    """The check (storage.refuse_nonempty_dir) runs before any work on S3 as locally."""
+    fs, _ = storage.filesystem(s3_bucket)
+    fs.pipe(s3_bucket + "/out/notes.txt", b"mine")
+    args = {"tokenizer decode": ["--tokenizer", str(tmp_path / "no-model"), "--bits", "b.npy"],
+            "sample": ["--model", str(tmp_path / "no-model"), "--prompt", "a red circle"],
+            "eval": ["--model", str(tmp_path / "no-model")]}[command]
+    assert cli.main([*command.split(), *args, "--out", s3_bucket + "/out"]) == 2
+    err = capsys.readouterr().err
+    assert f"{s3_bucket}/out exists and is not empty" in err and "no-model" not in err
+    assert fs.ls(s3_bucket + "/out", detail=False) == [s3_bucket[5:] + "/out/notes.txt"]
