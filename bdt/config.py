@@ -9,6 +9,7 @@ entry points also configure logging here (`setup_logging`), once, in one format.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 RESOLVED_CONFIG_NAME = "config.yaml"
 
@@ -41,24 +43,35 @@ def _describe(exc: OmegaConfBaseException, source: str) -> str:
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(_describe(exc, source)) from None
-    except TypeError as exc:
-        # omegaconf raises a bare TypeError (no key) when a mapping is given for a list.
-        key = _mapping_for_list(OmegaConf.to_container(base), OmegaConf.to_container(other))
-        if key is None:
-            raise ConfigError(f"{source}: {exc}") from None
-        raise ConfigError(f"{source}: key '{key}': expected a list, got a mapping") from None
+    except (OmegaConfBaseException, TypeError) as exc:
+        # omegaconf names no key when a section gets a list or a value (a "Merge error"), and
+        # raises a bare TypeError when a list gets a mapping: find the key in the two trees.
+        if getattr(exc, "full_key", None) or getattr(exc, "key", None):
+            raise ConfigError(_describe(exc, source)) from None
+        found = _kind_mismatch(OmegaConf.to_container(base), OmegaConf.to_container(other))
+        if found is None:
+            raise ConfigError(_describe(exc, source) if isinstance(exc, OmegaConfBaseException)
+                              else f"{source}: {exc}") from None
+        raise ConfigError(f"{source}: key '{found[0]}': {found[1]}") from None
 
 
-def _mapping_for_list(base: dict, other: dict, prefix: str = "") -> str | None:
-    """Dotted key of the first list in `base` that `other` gives a mapping for."""
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    return "a list" if isinstance(value, list) else f"the value {value!r}"
+
+
+def _kind_mismatch(base: dict, other: dict, prefix: str = "") -> tuple[str, str] | None:
+    """(dotted key, problem) of the first section or list in `base` that `other` gives another
+    kind of value for (a list for a section, a mapping for a list)."""
     for key, value in other.items():
         here, ours = f"{prefix}{key}", base.get(key)
-        if isinstance(value, dict) and isinstance(ours, list):
-            return here
+        if isinstance(ours, list) and isinstance(value, dict):
+            return here, "expected a list, got a mapping"
+        if isinstance(ours, dict) and value is not None and not isinstance(value, dict):
+            return here, f"expected a mapping of keys, got {_kind(value)}"
         if isinstance(value, dict) and isinstance(ours, dict):
-            found = _mapping_for_list(ours, value, here + ".")
+            found = _kind_mismatch(ours, value, here + ".")
             if found:
                 return found
     return None
@@ -66,8 +79,14 @@ def _mapping_for_list(base: dict, other: dict, prefix: str = "") -> str | None:
 
 def read_yaml(path: str) -> DictConfig:
     try:
-        with fsspec.open(path, "r") as f:
-            loaded = OmegaConf.load(f)
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+        # The top node's kind first: omegaconf would read a lone string as a key with no value.
+        top = yaml.compose(text, Loader=yaml.SafeLoader)
+        if top is not None and not isinstance(top, yaml.MappingNode):
+            got = "a list" if isinstance(top, yaml.SequenceNode) else "a single value"
+            raise ConfigError(f"{path}: top level must be a mapping of keys, got {got}")
+        loaded = OmegaConf.load(io.StringIO(text))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except UnicodeDecodeError as exc:
@@ -77,24 +96,30 @@ def read_yaml(path: str) -> DictConfig:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: cannot parse YAML{where}: {exc.problem or exc.context}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: cannot parse YAML: {exc}") from None
-    except OSError as exc:  # a directory, no permission; omegaconf's top-level scalar too
+    except yaml.YAMLError as exc:  # a control character (ReaderError): one line, its position
+        where = f" at character {exc.position}" if isinstance(exc, yaml.reader.ReaderError) else ""
+        raise ConfigError(f"{path}: cannot parse YAML{where}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:  # a directory, no permission
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
-    if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"{path}: top level must be a mapping of keys, got a list")
     return loaded
 
 
 def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """Apply `key=value` items one by one; dotted keys may index lists (`stages.0.steps=5`).
 
-    Values are parsed the way omegaconf parses YAML scalars and flow collections.
+    Values are parsed the way omegaconf parses YAML scalars and flow collections. A key given
+    twice takes its later value, as wrappers that append overrides to a command expect (the demo
+    script's DEMO_TRAIN_ARGS); it is logged, since by hand it is usually a slip.
     """
+    seen: set[str] = set()
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"command line: '{item}' is not a key=value override")
+        if key in seen:
+            log.warning("command line: key '%s' is given more than once; the last value (%s) "
+                        "wins", key, raw)
+        seen.add(key)
         try:
             # Unresolved: an interpolation (`run_dir=${data.root}/run`) resolves in the whole tree.
             value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"]

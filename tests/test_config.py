@@ -179,9 +179,35 @@ def test_unreadable_config_files_name_the_file(tmp_path):
     latin1.write_bytes("name: f\xeate\n".encode("latin-1"))
     scalar = _write(tmp_path, "scalar.yaml", "5\n")
     for path, says in [(str(latin1), "not a UTF-8 text file"), (str(tmp_path), "Is a directory"),
-                       (scalar, "Invalid loaded object type: int")]:
+                       (scalar, "top level must be a mapping of keys, got a single value")]:
         with pytest.raises(C.ConfigError, match=f"^{path}: .*{says}"):
             C.load(Job, [path])
+
+
+@pytest.mark.parametrize("text, says", [
+    ("just a string\n", "top level must be a mapping of keys, got a single value"),
+    ("- data_path: /d\n", "top level must be a mapping of keys, got a list"),
+    ("data_path: /d\noptim: [1, 2]\n", "key 'optim': expected a mapping of keys, got a list"),
+    ("data_path: /d\noptim: 0.1\n", "key 'optim': expected a mapping of keys, got the value 0.1"),
+    ("\x00name: a\n", "cannot parse YAML at character 0: unacceptable character #x0000"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "not a UTF-8 text file (byte 0"),
+])
+def test_a_yaml_of_the_wrong_shape_is_one_line_naming_file_and_key(tmp_path, text, says):
+    """A lone string was read as a key with no value, and a section given a list or a value
+    raised omegaconf's "Merge error" without the key."""
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(C.ConfigError) as err:
+        C.load(Job, [str(path)], ["data_path=/d"])
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and says in msg and "\n" not in msg, msg
+
+
+def test_a_key_given_twice_on_the_command_line_is_logged_and_the_last_wins(caplog):
+    cfg = C.load(Job, [], ["data_path=/d", "steps=3", "optim.lr=0.5", "steps=7"])
+    assert cfg.steps == 7
+    twice = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
+    assert twice == ["command line: key 'steps' is given more than once; the last value (7) wins"]
 
 
 def test_mapping_given_for_a_list_names_the_key_and_file(tmp_path):

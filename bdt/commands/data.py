@@ -55,6 +55,8 @@ def _verify(args: argparse.Namespace) -> int:
 
     from bdt.data.shard_source import verify
 
+    if args.workers < 1:  # as `data shapes --workers`, rather than quietly reading with one
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     with tqdm(unit="shard", desc="verify", file=sys.stderr) as bar:
         checked, problems = verify(args.output, args.family, args.workers, lambda: bar.update(1))
     for problem in problems:

@@ -73,6 +73,10 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
         raise ValueError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), "
                          f"got {args.cfg_scale}")
+    # P = ps * ps tokens per step; whether it is the model's is checked once the model loads.
+    if args.parallel < 0 or math.isqrt(args.parallel) ** 2 != args.parallel:
+        raise ValueError(f"--parallel must be 0 (the model's P) or a perfect square, got "
+                         f"{args.parallel}")
     check_seed(args.seed)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is a file; give a directory")

@@ -46,6 +46,19 @@ class RawDataConfig:
     seed: int = 0  # shard order per epoch and crop positions
     num_workers: int = 1  # DataLoader worker processes per rank (0 = read in the main process)
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad key (as `data.<key>`)."""
+        if self.size < 1:
+            raise ValueError(f"data.size must be >= 1, got {self.size}")
+        if self.resize != 0 and self.resize < self.size:  # decode_image would crop at `size`
+            raise ValueError(f"data.resize must be 0 (= data.size) or >= data.size {self.size}, "
+                             f"got {self.resize}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0 = the main process), got "
+                             f"{self.num_workers}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"data.seed must be in [0, 2^63), got {self.seed}")
+
 
 def expand_shards(spec: str) -> list[str]:
     """All shard URLs named by `spec`; raises ValueError naming the pattern when none exist."""

@@ -37,6 +37,8 @@ def validate(cfg: ShapesConfig) -> list[tuple[int, int]]:
         raise ValueError(f"jpeg_quality must be in [1, 100], got {cfg.jpeg_quality}")
     if cfg.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {cfg.workers}")
+    if cfg.seed < 0:  # numpy seeds are non-negative
+        raise ValueError(f"--seed must be >= 0, got {cfg.seed}")
     if not cfg.sizes:
         raise ValueError("--size needs at least one S or WxH value")
     return [parse_size(s) for s in cfg.sizes]

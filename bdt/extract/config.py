@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -76,6 +77,19 @@ def validate(cfg: ExtractConfig) -> None:
     for key in ("decode_threads", "max_retries", "num_actors", "gpus_per_actor"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key}: must be >= 0, got {getattr(cfg, key)}")
-    if cfg.cpus_per_actor <= 0:
+    # `not > 0` / `not >= 0` refuse NaN, which fails every comparison.
+    if not 0 < cfg.cpus_per_actor < math.inf:
         raise ValueError(f"cpus_per_actor: must be > 0, got {cfg.cpus_per_actor}")
+    if not 0 <= cfg.gpus_per_actor < math.inf:
+        raise ValueError(f"gpus_per_actor: must be >= 0, got {cfg.gpus_per_actor}")
+    if not 0 < cfg.progress_interval_s < math.inf:
+        raise ValueError(f"progress_interval_s: must be > 0, got {cfg.progress_interval_s}")
+    if not cfg.image_extensions:
+        raise ValueError("image_extensions: list at least one (e.g. [jpg, png])")
     formats_for(cfg.image_extensions)  # each must name an image format PIL reads
+    names = [stage_name(s) for s in cfg.stages]
+    for i, name in enumerate(names):
+        # A family is a directory under `output`: '..' or a '/' would write outside it.
+        if name in names[:i] or name in (".", "..") or "/" in name:
+            raise ValueError(f"stages[{i}]: name '{name}' must be unique, a plain directory "
+                             f"name (no '/', not '.' or '..')")

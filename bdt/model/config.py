@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from bdt.model.attention import BACKENDS
-from bdt.model.backbone import BackboneConfig
+from bdt.model.backbone import BackboneConfig, _torch_dtype
 from bdt.model.head import HeadConfig
 from bdt.model.sequence import patch_side
 
@@ -49,10 +49,17 @@ class ModelConfig:
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"model.attn_backend: unknown attention backend "
                              f"{self.attn_backend!r}; expected one of {', '.join(BACKENDS)}")
+        if self.parallel_num < 1:  # patch_side's isqrt would name only itself
+            raise ValueError(f"model.parallel_num: parallel_num (P) must be a perfect square "
+                             f">= 1, got {self.parallel_num}")
         try:
             patch_side(self.parallel_num)
         except ValueError as e:
             raise ValueError(f"model.parallel_num: {e}") from None
+        try:  # checked when the LLM loads, after the process group and the run lock: now
+            _torch_dtype(self.backbone.dtype)
+        except ValueError as e:
+            raise ValueError(f"model.backbone.dtype: {e}") from None
         if self.pos_max_len < 1:
             raise ValueError(f"model.pos_max_len must be >= 1, got {self.pos_max_len}")
         for key in ("flip_prob", "caption_dropout"):

@@ -86,9 +86,13 @@ class HeadConfig:
                                  f"{getattr(self, key)!r}")
         if self.time_freq_dim % 2:
             raise ValueError(f"model.head.time_freq_dim must be even, got {self.time_freq_dim}")
-        if self.p_std <= 0 or self.time_shift <= 0 or self.mlp_ratio <= 0:
-            raise ValueError("model.head.p_std, time_shift and mlp_ratio must be > 0, got "
-                             f"{self.p_std}, {self.time_shift}, {self.mlp_ratio}")
+        # `not > 0` (and the finite checks) refuse NaN and inf, which fail no comparison above.
+        if not (0 < self.p_std < math.inf and 0 < self.time_shift < math.inf
+                and 0 < self.mlp_ratio < math.inf):
+            raise ValueError("model.head.p_std, time_shift and mlp_ratio must be finite and > 0, "
+                             f"got {self.p_std}, {self.time_shift}, {self.mlp_ratio}")
+        if not math.isfinite(self.p_mean):
+            raise ValueError(f"model.head.p_mean must be a finite number, got {self.p_mean}")
 
 
 def timestep_embedding(t_B: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

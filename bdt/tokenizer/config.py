@@ -12,6 +12,7 @@ unknown key, or a value of the wrong type, is an error.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -85,8 +86,12 @@ class TokenizerConfig:
         if self.entropy_group_size > 16:
             raise ValueError(f"tokenizer config: entropy_group_size {self.entropy_group_size} would score "
                              f"2**{self.entropy_group_size} codes per group; use <= 16 (BitDance uses 8)")
-        if self.entropy_temperature <= 0:
+        if not 0 < self.entropy_temperature < math.inf:  # also refuses NaN
             raise ValueError(f"tokenizer config: entropy_temperature must be > 0, got {self.entropy_temperature}")
+        for key in ("sample_entropy_weight", "codebook_entropy_weight", "commitment_weight"):
+            if not 0 <= getattr(self, key) < math.inf:
+                raise ValueError(f"tokenizer config: {key} must be a finite number >= 0, "
+                                 f"got {getattr(self, key)}")
         return self
 
     def _check_types(self) -> None:

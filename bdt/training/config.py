@@ -5,17 +5,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bdt.storage import is_remote
+
 
 @dataclass
 class CheckpointConfig:
     dir: str = ""  # local dir or s3://...; "" = <run_dir>/checkpoints
     every: int = 1000  # optimizer steps; 0 = only at the end and on preemption
-    keep_last: int = 3
+    keep_last: int = 3  # complete checkpoints kept; 0 = keep them all
     resume: bool = True  # auto-resume from the newest complete checkpoint that verifies
     staging_dir: str = ""  # local staging for a remote dir ("" = under the system temp dir)
     # The run id (RUN_ID) of another run whose checkpoint dir this run takes over on purpose, to
     # continue or fork from its checkpoints; that run can then no longer save there.
     adopt: str = ""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad key (as `checkpoint.<key>`)."""
+        for key in ("every", "keep_last"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"checkpoint.{key} must be >= 0 (0 = "
+                                 f"{'only at the end' if key == 'every' else 'keep all'}), "
+                                 f"got {getattr(self, key)}")
+        if is_remote(self.staging_dir):  # DeepSpeed writes a checkpoint into it as local files
+            raise ValueError(f"checkpoint.staging_dir must be a local directory, got "
+                             f"{self.staging_dir!r} (checkpoint.dir may be remote)")
 
 
 @dataclass
@@ -23,3 +36,14 @@ class LoggingConfig:
     every: int = 10  # steps between metric records (the log, JSONL, TensorBoard)
     tensorboard: bool = True
 
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"logging.every must be >= 1, got {self.every}")
+
+
+def check_run_dir(run_dir: str) -> None:
+    """run_dir holds the run lock, metrics and TensorBoard files, written as local files (a
+    shared filesystem on a cluster); only checkpoint.dir may be an object store URL."""
+    if not run_dir or is_remote(run_dir):
+        raise ValueError(f"run_dir must be a local directory, got {run_dir!r} (put checkpoints "
+                         f"on an object store with checkpoint.dir=s3://...)")

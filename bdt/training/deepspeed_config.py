@@ -8,6 +8,7 @@ DeepSpeed JSON is derived here so the common cases never need a hand-written DS 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from bdt.training.distributed import disable_deepspeed_shm_op
-from bdt.training.schedule import ConfigLR, WarmupSchedule
+from bdt.training.schedule import SCHEDULES, ConfigLR, WarmupSchedule
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -32,6 +33,24 @@ class OptimConfig:
     schedule: str = "cosine"  # constant | cosine
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
 
+    def validate(self, with_schedule: bool = True) -> None:
+        """Raise ValueError naming the first bad key; `with_schedule` False skips lr, warmup and
+        schedule (the AR trainer's stages carry their own). NaN fails every range, so it is
+        refused too."""
+        rules = [("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+                 ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+                 ("eps", 0 < self.eps < math.inf, "> 0"),
+                 ("weight_decay", 0 <= self.weight_decay < math.inf, ">= 0"),
+                 ("grad_clip", 0 <= self.grad_clip < math.inf, ">= 0 (0 = off)")]
+        if with_schedule:
+            rules += [("lr", 0 <= self.lr < math.inf, "a finite number >= 0"),
+                      ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+                      ("schedule", self.schedule in SCHEDULES, f"one of {list(SCHEDULES)}"),
+                      ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")]
+        for key, ok, expected in rules:
+            if not ok:
+                raise ValueError(f"optim.{key} must be {expected}, got {getattr(self, key)!r}")
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -42,6 +61,18 @@ class DeepSpeedConfig:
     # Extra DeepSpeed keys merged over the generated dict (e.g. {"zero_optimization":
     # {"overlap_comm": true}}).
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, with_micro_batch: bool = True) -> None:
+        """Raise ValueError naming the key; `with_micro_batch` False for the AR trainer, which
+        ignores micro_batch_size (a micro-batch is one packed row)."""
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"deepspeed.precision: expected one of {PRECISIONS}, got "
+                             f"'{self.precision}'")
+        if self.grad_accum < 1 or (with_micro_batch and self.micro_batch_size < 1):
+            raise ValueError(f"deepspeed: micro_batch_size and grad_accum must be >= 1, got "
+                             f"{self.micro_batch_size} and {self.grad_accum}")
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -56,13 +87,7 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, world_size: int) -> dict:
     """The DeepSpeed config for one engine (validated with errors naming the key)."""
-    if ds.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"deepspeed.zero_stage: expected 0, 1, 2 or 3, got {ds.zero_stage}")
-    if ds.precision not in PRECISIONS:
-        raise ValueError(f"deepspeed.precision: expected one of {PRECISIONS}, got '{ds.precision}'")
-    if ds.micro_batch_size < 1 or ds.grad_accum < 1:
-        raise ValueError(f"deepspeed: micro_batch_size and grad_accum must be >= 1, got "
-                         f"{ds.micro_batch_size} and {ds.grad_accum}")
+    DeepSpeedConfig.validate(ds)  # unbound: `ds` may be the loaded omegaconf node
     adam: dict[str, Any] = {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,
                             "weight_decay": optim.weight_decay}
     if not torch.cuda.is_available():

@@ -17,14 +17,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 from bdt.model.config import ModelConfig
-from bdt.training.config import CheckpointConfig, LoggingConfig
+from bdt.storage import is_remote
+from bdt.training.config import CheckpointConfig, LoggingConfig, check_run_dir
 from bdt.training.deepspeed_config import DeepSpeedConfig, OptimConfig
 from bdt.training.schedule import SCHEDULES
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class StageConfig:
@@ -156,6 +159,9 @@ def _check_stage_p(cfg: TrainConfig, i: int) -> None:
     where, p, model_p = f"stages[{i}] ({cfg.stages[i].name}).parallel_num", stage_p(cfg, i), \
         cfg.model.parallel_num
     try:
+        if p < 1:  # patch_side's isqrt would name only itself
+            raise ValueError(f"parallel_num (P) must be a perfect square >= 1 (0 = "
+                             f"model.parallel_num), got {cfg.stages[i].parallel_num}")
         patch_side(p)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
@@ -174,6 +180,10 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.model.backbone.path:
         raise ValueError("model.backbone.path: name the LLM (a Hugging Face directory or hub id), "
                          "or start from a model export with init_from")
+    if is_remote(cfg.model.backbone.path):  # from_pretrained reads local folders and hub ids
+        raise ValueError(f"model.backbone.path {cfg.model.backbone.path!r} (init_from's llm/ when "
+                         f"set) must be a local directory or a hub id: copy the model to a local "
+                         f"or shared filesystem")
     if not cfg.stages:
         raise ValueError("stages: the config lists no training stage")
     names = [s.name for s in cfg.stages]
@@ -181,7 +191,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"stages: names must be unique, got {names}")
     for i, s in enumerate(cfg.stages):
         where = f"stages[{i}] ({s.name})"
-        if (s.steps > 0) == (s.tokens > 0):
+        if s.steps < 0 or s.tokens < 0 or (s.steps > 0) == (s.tokens > 0):
             raise ValueError(f"{where}: set exactly one of steps and tokens (got steps={s.steps}, "
                              f"tokens={s.tokens})")
         if s.token_budget < 1:
@@ -190,6 +200,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{where}.shards is empty: set data.root=... (stages that say "
                              f"shards: ${{data.root}} read it) or the stage's shards")
         _check_stage_p(cfg, i)
+        if 0 < s.steps <= s.warmup_steps:  # legal (short test runs do it), rarely meant
+            log.warning("%s: warmup_steps %d >= steps %d: the LR ramps up for the whole stage "
+                        "and never reaches lr", where, s.warmup_steps, s.steps)
     if cfg.logging.sample_every > 0 and not (cfg.data.tokenizer and cfg.logging.sample_prompts):
         raise ValueError("logging.sample_every needs data.tokenizer (to decode the bits) and "
                          "logging.sample_prompts")
@@ -200,6 +213,10 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"logging.sample_hw must be [h, w] latent tokens, got "
                              f"{list(cfg.logging.sample_hw)}")
         check_grid(*cfg.logging.sample_hw, patch_side(cfg.model.parallel_num), "logging.sample_hw")
+        if max(cfg.logging.sample_hw) > cfg.model.pos_max_len:
+            raise ValueError(f"logging.sample_hw {list(cfg.logging.sample_hw)} exceeds the 2D "
+                             f"position table: model.pos_max_len = {cfg.model.pos_max_len} "
+                             f"tokens per side")
     if cfg.eval.every > 0:
         from bdt.data.shapes import CATEGORIES
 
@@ -223,9 +240,11 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 <= cfg.time_limit_fit <= 1 or (cfg.time_limit_fit > 0 and cfg.time_limit_min == 0):
         raise ValueError(f"time_limit_fit must be in [0, 1] (0 = off) and needs time_limit_min > 0; "
                          f"got {cfg.time_limit_fit} with time_limit_min={cfg.time_limit_min}")
-    if cfg.checkpoint.every < 0 or cfg.logging.every < 1:
-        raise ValueError(f"checkpoint.every must be >= 0 and logging.every >= 1, got "
-                         f"{cfg.checkpoint.every} and {cfg.logging.every}")
+    check_run_dir(cfg.run_dir)
+    cfg.checkpoint.validate()
+    cfg.logging.validate()
+    cfg.optim.validate(with_schedule=False)  # each stage has its own LR schedule
+    cfg.deepspeed.validate(with_micro_batch=False)  # a micro-batch is one packed row
     for key, value, ok, expected in _value_rules(cfg):
         if not ok:
             raise ValueError(f"{key} must be {expected}, got {value!r}")
@@ -235,18 +254,15 @@ def _value_rules(cfg: TrainConfig) -> list[tuple[str, object, bool, str]]:
     """(key, value, within its range, the range) for values that would fail deep inside torch or
     the sampler, or train silently wrong (a negative LR at a schedule's end). NaN fails every
     comparison, so it is refused too."""
-    o, e, logs = cfg.optim, cfg.eval, cfg.logging
-    rules = [("run_dir", cfg.run_dir, bool(cfg.run_dir), "a directory"),
-             ("seed", cfg.seed, 0 <= cfg.seed < 2**63, "in [0, 2^63)"),
+    e, logs = cfg.eval, cfg.logging
+    rules = [("seed", cfg.seed, 0 <= cfg.seed < 2**63, "in [0, 2^63)"),
              ("threads", cfg.threads, cfg.threads >= 0, ">= 0 (0 = torch's default)"),
-             ("optim.beta1", o.beta1, 0 <= o.beta1 < 1, "in [0, 1)"),
-             ("optim.beta2", o.beta2, 0 <= o.beta2 < 1, "in [0, 1)"),
-             ("optim.eps", o.eps, 0 < o.eps < math.inf, "> 0"),
-             ("optim.weight_decay", o.weight_decay, 0 <= o.weight_decay < math.inf, ">= 0"),
-             ("optim.grad_clip", o.grad_clip, 0 <= o.grad_clip < math.inf, ">= 0 (0 = off)"),
+             ("data.buffer_size", cfg.data.buffer_size, cfg.data.buffer_size >= 1, ">= 1"),
              ("eval.every", e.every, e.every >= 0, ">= 0 (0 = off)"),
              ("logging.sample_every", logs.sample_every, logs.sample_every >= 0, ">= 0 (0 = off)"),
              ("logging.sample_steps", logs.sample_steps, logs.sample_steps >= 1, ">= 1")]
+    rules += [(f"fault.{k}", getattr(cfg.fault, k), getattr(cfg.fault, k) >= 0, ">= 0 (0 = off)")
+              for k in ("kill_after_checkpoint", "kill_during_checkpoint", "sigterm_at_step")]
     if e.every > 0:
         rules += [(f"eval.{k}", getattr(e, k), getattr(e, k) >= 1, ">= 1")
                   for k in ("width", "height", "steps", "batch")]

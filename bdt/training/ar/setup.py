@@ -87,11 +87,23 @@ def check_data(cfg: TrainConfig) -> list[ShardList]:
         side = patch_side(stage_p(cfg, i))
         if first is not None:
             factor = first.bucket[0] // first.grid[1]  # the image tokenizer's downsample factor
-            for h, w in _stage_grids(shards, stage.family, first.grid, factor):
+            grids = _stage_grids(shards, stage.family, first.grid, factor)
+            for h, w in grids:
                 if h % side or w % side:
                     raise ValueError(f"{where}: {stage.shards} holds {h}x{w} token grids, not "
                                      f"divisible into the {side}x{side} patches of "
                                      f"P = {stage_p(cfg, i)}")
+                if max(h, w) > cfg.model.pos_max_len:
+                    raise ValueError(f"{where}: {stage.shards} holds {h}x{w} token grids, beyond "
+                                     f"the 2D position table (model.pos_max_len = "
+                                     f"{cfg.model.pos_max_len} tokens per side)")
+            # A sample packs at least its image tokens: below the smallest grid every sample
+            # would be skipped as oversize, found only after a whole epoch of reading.
+            h, w = min(grids, key=lambda g: g[0] * g[1])
+            if h * w > stage.token_budget:
+                raise ValueError(f"{where}.token_budget = {stage.token_budget} is smaller than "
+                                 f"one sample: the image tokens of its smallest grid ({h}x{w}) "
+                                 f"alone are {h * w}")
         out.append(shards)
     _check_eval_size(cfg, factor)
     return out
@@ -118,6 +130,9 @@ def _check_eval_size(cfg: TrainConfig, factor: int | None) -> None:
             raise ValueError(f"eval.{key} = {px} px is not a multiple of {unit} (tokenizer "
                              f"downsample {factor} x the patch side of model.parallel_num = "
                              f"{cfg.model.parallel_num})")
+        if px // factor > cfg.model.pos_max_len:
+            raise ValueError(f"eval.{key} = {px} px is {px // factor} tokens, beyond the 2D "
+                             f"position table (model.pos_max_len = {cfg.model.pos_max_len})")
 
 
 def _first_sample(url: str) -> TokenSample | None:

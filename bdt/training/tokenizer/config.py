@@ -10,12 +10,13 @@ configs/tokenizer/<name>.yaml [key=value]`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from bdt.data.raw import RawDataConfig, expand_shards
 from bdt.tokenizer.config import TokenizerConfig
 from bdt.tokenizer.lpips import LPIPS
-from bdt.training.config import CheckpointConfig, LoggingConfig
+from bdt.training.config import CheckpointConfig, LoggingConfig, check_run_dir
 from bdt.training.deepspeed_config import DeepSpeedConfig, OptimConfig
 
 # Keys of this config before both trainers shared one vocabulary (bdt.config.load names the new
@@ -66,7 +67,8 @@ class TokenizerTrainConfig:
 
 
 def validate(cfg: TokenizerTrainConfig) -> TokenizerConfig:
-    """Check the config before any process group or model exists; returns the model config."""
+    """Check the config before any process group or model exists; returns the model config.
+    `cfg` is usually the loaded omegaconf node, so the sections' checks are called unbound."""
     if cfg.deepspeed.zero_stage == 3:
         raise ValueError("deepspeed.zero_stage: tokenizer training supports 0-2 (EMA and the adaptive "
                          "GAN weight need full parameters on every rank)")
@@ -74,14 +76,43 @@ def validate(cfg: TokenizerTrainConfig) -> TokenizerConfig:
         raise ValueError(f"loss.pixel: expected 'l1' or 'l2', got '{cfg.loss.pixel}'")
     if cfg.schedule_steps < 0:
         raise ValueError(f"schedule_steps must be >= 0 (0 = steps), got {cfg.schedule_steps}")
-    if cfg.steps < 1 or cfg.checkpoint.every < 0 or cfg.logging.every < 1:
-        raise ValueError(f"steps and logging.every must be >= 1 and checkpoint.every >= 0, got "
-                         f"{cfg.steps}, {cfg.logging.every} and {cfg.checkpoint.every}")
-    if cfg.loss.lpips_weight > 0:
-        LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)
-    expand_shards(cfg.data.shards)
+    if cfg.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+    check_run_dir(cfg.run_dir)
+    for section, check in ((cfg.checkpoint, CheckpointConfig.validate),
+                           (cfg.logging, LoggingConfig.validate), (cfg.optim, OptimConfig.validate),
+                           (cfg.deepspeed, DeepSpeedConfig.validate),
+                           (cfg.data, RawDataConfig.validate)):
+        check(section)
+    for key, value, ok, expected in _value_rules(cfg):
+        if not ok:
+            raise ValueError(f"{key} must be {expected}, got {value!r}")
     model_cfg = TokenizerConfig.from_dict(cfg.model)
     if cfg.data.size % model_cfg.downsample_factor:
         raise ValueError(f"data.size {cfg.data.size} is not divisible by the model's downsample factor "
                          f"{model_cfg.downsample_factor}")
+    # Then the files it names.
+    if cfg.loss.lpips_weight > 0:
+        LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)
+    expand_shards(cfg.data.shards)
     return model_cfg
+
+
+def _value_rules(cfg: TokenizerTrainConfig) -> list[tuple[str, object, bool, str]]:
+    """(key, value, within its range, the range); NaN fails every comparison, so it is refused."""
+    loss, logs = cfg.loss, cfg.logging
+    rules = [("seed", cfg.seed, 0 <= cfg.seed < 2**53, "in [0, 2^53)"),  # x 1000 + rank: 64 bits
+             ("ema_decay", cfg.ema_decay, 0 <= cfg.ema_decay < 1, "in [0, 1) (0 = off)"),
+             ("time_limit_min", cfg.time_limit_min, cfg.time_limit_min >= 0, ">= 0 (0 = no limit)"),
+             ("logging.image_every", logs.image_every, logs.image_every >= 0, ">= 0 (0 = never)"),
+             ("loss.disc_start", loss.disc_start, loss.disc_start >= 0, ">= 0")]
+    rules += [(f"loss.{k}", getattr(loss, k), 0 <= getattr(loss, k) < math.inf,
+               "a finite number >= 0")
+              for k in ("pixel_weight", "quantizer_weight", "lpips_weight", "disc_weight",
+                        "lecam_weight", "disc_lr")]
+    if logs.image_every > 0:
+        rules.append(("logging.num_images", logs.num_images, logs.num_images >= 1, ">= 1"))
+    if loss.disc_weight > 0:
+        rules += [(f"loss.{k}", getattr(loss, k), getattr(loss, k) >= 1, ">= 1")
+                  for k in ("disc_width", "disc_layers")]
+    return rules

@@ -1,0 +1,41 @@
+"""More flags no command can use: refused with exit 2 and one line naming the flag, before any
+model loads or file is written (the model path here need not exist)."""
+
+import pytest
+
+from bdt.cli import main
+
+
+def _last_error(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+@pytest.mark.parametrize("parallel", ["-4", "3", "8"])
+def test_parallel_that_is_no_square_is_refused_before_loading(tmp_path, capsys, command, parallel):
+    """P = ps * ps tokens per step; a value no model can have is refused before the model's
+    (slow) load that used to come first."""
+    prompt = ["--prompt", "a red circle"] if command == "sample" else []
+    code = main([command, "--model", str(tmp_path / "no_model"), *prompt, "--parallel", parallel,
+                 "--out", str(tmp_path / "o")])
+    last = _last_error(capsys)
+    assert code == 2 and f"--parallel must be 0 (the model's P) or a perfect square, got " \
+        f"{parallel}" in last, last
+    assert not (tmp_path / "o").exists()
+
+
+def test_shapes_negative_seed_is_refused_before_writing(tmp_path, capsys):
+    """It used to create the output directory, then fail inside numpy with no flag named."""
+    out = tmp_path / "shapes"
+    code = main(["data", "shapes", "--out", str(out), "--num", "2", "--size", "32",
+                 "--seed", "-1"])
+    last = _last_error(capsys)
+    assert code == 2 and last == "bdt data: error: --seed must be >= 0, got -1", last
+    assert not out.exists()
+
+
+def test_verify_workers_below_one_is_refused(tmp_path, capsys):
+    """It was quietly raised to one reader."""
+    code = main(["data", "verify", str(tmp_path), "--workers", "0"])
+    last = _last_error(capsys)
+    assert code == 2 and last == "bdt data: error: --workers must be >= 1, got 0", last

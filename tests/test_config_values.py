@@ -1,0 +1,179 @@
+"""Values no run can use are refused by the jobs' config checks, naming the key, before any
+process group, model or data read: the AR trainer, the tokenizer trainer and the extraction."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from bdt.config import load
+from testkit import REPO
+from trainutil import train_overrides
+
+TOKENIZER_YAML = str(REPO / "configs" / "tokenizer" / "shapes_d8.yaml")
+TINY_YAML = str(REPO / "configs" / "train" / "tiny.yaml")
+
+
+def _ar(tmp_path, *extra):
+    from bdt.training.ar.config import TrainConfig, validate
+
+    cfg = OmegaConf.to_object(load(TrainConfig, [TINY_YAML], train_overrides(
+        str(tmp_path / "run"), "llm", str(tmp_path / "s"), extra=extra)))
+    validate(cfg)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("stages.0.tokens=-5", r"stages\[0\] \(s0\): set exactly one of steps and tokens \(got "
+                           r"steps=6, tokens=-5\)"),
+    ("model.parallel_num=-4", r"model.parallel_num: parallel_num \(P\) must be a perfect square "
+                              r">= 1, got -4"),
+    ("stages.0.parallel_num=-1", r"stages\[0\] \(s0\).parallel_num: parallel_num \(P\) must be a "
+                                 r"perfect square >= 1 \(0 = model.parallel_num\), got -1"),
+    ("model.head.p_std=.nan", r"model.head.p_std, time_shift and mlp_ratio must be finite and > 0"),
+    ("model.head.time_shift=.inf", r"time_shift and mlp_ratio must be finite and > 0, got 0.8, inf"),
+    ("model.head.p_mean=.nan", r"model.head.p_mean must be a finite number, got nan"),
+    ("model.backbone.dtype=int8", r"model.backbone.dtype: backbone dtype 'int8' is not a torch "
+                                  r"floating dtype"),
+    ("checkpoint.keep_last=-1", r"checkpoint.keep_last must be >= 0 \(0 = keep all\), got -1"),
+    ("checkpoint.staging_dir=s3://b/stage", r"checkpoint.staging_dir must be a local directory, "
+                                            r"got 's3://b/stage'"),
+    ("run_dir=s3://b/run", r"run_dir must be a local directory, got 's3://b/run'"),
+    ("model.backbone.path=s3://b/llm", r"model.backbone.path 's3://b/llm' \(init_from's llm/ when "
+                                       r"set\) must be a local directory or a hub id"),
+    ("data.buffer_size=0", r"data.buffer_size must be >= 1, got 0"),
+    ("deepspeed.grad_accum=0", r"deepspeed: micro_batch_size and grad_accum must be >= 1"),
+    ("deepspeed.zero_stage=5", r"deepspeed.zero_stage: expected 0, 1, 2 or 3, got 5"),
+    ("deepspeed.precision=fp16", r"deepspeed.precision: expected one of \('fp32', 'bf16'\)"),
+    ("fault.sigterm_at_step=-1", r"fault.sigterm_at_step must be >= 0 \(0 = off\), got -1"),
+])
+def test_ar_values_no_run_can_use_are_named(tmp_path, override, named):
+    with pytest.raises(ValueError, match=named):
+        _ar(tmp_path, override)
+
+
+def test_ar_preview_grid_beyond_the_position_table_is_named(tmp_path):
+    on = ["logging.sample_every=5", "data.tokenizer=tok"]
+    _ar(tmp_path, *on, "logging.sample_hw=[64,64]")  # tiny.yaml: pos_max_len 64
+    with pytest.raises(ValueError, match=r"logging.sample_hw \[66, 66\] exceeds the 2D position "
+                                         r"table: model.pos_max_len = 64"):
+        _ar(tmp_path, *on, "logging.sample_hw=[66,66]")
+
+
+def test_ar_legal_edge_values_pass(tmp_path, caplog):
+    """0 means 'only at the end' / 'keep all' / 'off'; lr 0 and a warmup as long as the stage
+    are legal (a warning says the LR never peaks); micro_batch_size is unused by this trainer."""
+    _ar(tmp_path, "checkpoint.every=0", "checkpoint.keep_last=0", "stages.0.lr=0",
+        "deepspeed.micro_batch_size=0", "stages.0.warmup_steps=6")
+    assert "warmup_steps 6 >= steps 6: the LR ramps up for the whole stage" in caplog.text
+
+
+def test_ar_token_budget_below_one_sample_and_grids_beyond_the_table_fail_at_start(tmp_path):
+    """Found before the model: every sample longer than the budget was skipped until a whole
+    epoch had been read, and a grid beyond the position table failed at its first step."""
+    from bdt.training.ar.config import TrainConfig
+    from bdt.training.ar.setup import check_data
+    from trainutil import write_shards
+
+    write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=1, per_shard=2)
+
+    def data(*extra):
+        return check_data(OmegaConf.to_object(load(TrainConfig, [TINY_YAML], train_overrides(
+            str(tmp_path / "run"), "llm", str(tmp_path / "s"), extra=extra))))
+
+    assert data("stages.0.token_budget=16")  # the 4x4 samples fit
+    with pytest.raises(ValueError, match=r"stages\[0\] \(s0\).token_budget = 15 is smaller than "
+                                         r"one sample: the image tokens of its smallest grid "
+                                         r"\(4x4\) alone are 16"):
+        data("stages.0.token_budget=15")
+    with pytest.raises(ValueError, match=r"holds 4x4 token grids, beyond the 2D position table "
+                                         r"\(model.pos_max_len = 2 tokens per side\)"):
+        data("model.pos_max_len=2")
+
+
+def _tokenizer(tmp_path, *extra):
+    from bdt.training.tokenizer.config import RENAMED_KEYS, TokenizerTrainConfig, validate
+
+    validate(load(TokenizerTrainConfig, [TOKENIZER_YAML],
+                  [f"run_dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'none.tar'}",
+                   "data.size=32", *extra], renamed=RENAMED_KEYS))
+
+
+@pytest.mark.parametrize("override, named", [
+    ("ema_decay=1", r"^ema_decay must be in \[0, 1\) \(0 = off\), got 1.0"),
+    ("ema_decay=.nan", r"^ema_decay must be in \[0, 1\)"),
+    ("time_limit_min=-1", r"^time_limit_min must be >= 0 \(0 = no limit\), got -1.0"),
+    ("seed=-1", r"^seed must be in \[0, 2\^53\), got -1"),
+    ("data.size=0", r"^data.size must be >= 1, got 0"),
+    ("data.resize=16", r"^data.resize must be 0 \(= data.size\) or >= data.size 32, got 16"),
+    ("data.num_workers=-1", r"^data.num_workers must be >= 0"),
+    ("data.seed=-1", r"^data.seed must be in \[0, 2\^63\), got -1"),
+    ("optim.lr=-1", r"^optim.lr must be a finite number >= 0, got -1.0"),
+    ("optim.lr=.inf", r"^optim.lr must be a finite number >= 0, got inf"),
+    ("optim.warmup_steps=-1", r"^optim.warmup_steps must be >= 0, got -1"),
+    ("optim.schedule=linear", r"^optim.schedule must be one of \['constant', 'cosine'\]"),
+    ("optim.min_lr_ratio=2", r"^optim.min_lr_ratio must be in \[0, 1\], got 2.0"),
+    ("optim.beta2=1", r"^optim.beta2 must be in \[0, 1\), got 1.0"),
+    ("optim.eps=0", r"^optim.eps must be > 0, got 0.0"),
+    ("deepspeed.micro_batch_size=0", r"^deepspeed: micro_batch_size and grad_accum must be >= 1"),
+    ("deepspeed.precision=fp16", r"^deepspeed.precision: expected one of"),
+    ("checkpoint.every=-1", r"^checkpoint.every must be >= 0 \(0 = only at the end\), got -1"),
+    ("checkpoint.keep_last=-1", r"^checkpoint.keep_last must be >= 0 \(0 = keep all\)"),
+    ("checkpoint.staging_dir=s3://b/x", r"^checkpoint.staging_dir must be a local directory"),
+    ("run_dir=s3://b/run", r"^run_dir must be a local directory, got 's3://b/run'"),
+    ("logging.every=0", r"^logging.every must be >= 1, got 0"),
+    ("logging.image_every=-1", r"^logging.image_every must be >= 0 \(0 = never\), got -1"),
+    ("logging.num_images=0", r"^logging.num_images must be >= 1, got 0"),
+    ("loss.pixel_weight=.nan", r"^loss.pixel_weight must be a finite number >= 0, got nan"),
+    ("loss.disc_weight=-1", r"^loss.disc_weight must be a finite number >= 0, got -1.0"),
+    ("loss.disc_start=-1", r"^loss.disc_start must be >= 0, got -1"),
+    ("loss.disc_lr=.nan", r"^loss.disc_lr must be a finite number >= 0, got nan"),
+    ("model.entropy_temperature=.nan", r"^tokenizer config: entropy_temperature must be > 0"),
+    ("model.commitment_weight=-1", r"^tokenizer config: commitment_weight must be a finite "
+                                   r"number >= 0, got -1.0"),
+])
+def test_tokenizer_training_values_no_run_can_use_are_named(tmp_path, override, named):
+    """Each is refused by its own message, before the shard list is read (the shards given
+    here do not exist: a config that passes every check fails on them instead)."""
+    with pytest.raises(ValueError, match=r"^data.shards: 1 shard\(s\) do not exist"):
+        _tokenizer(tmp_path, "loss.disc_width=0")  # unused while the discriminator is off
+    with pytest.raises(ValueError, match=named):
+        _tokenizer(tmp_path, override)
+
+
+def test_tokenizer_discriminator_sizes_are_checked_when_it_is_on(tmp_path):
+    with pytest.raises(ValueError, match=r"^loss.disc_layers must be >= 1, got 0"):
+        _tokenizer(tmp_path, "loss.disc_weight=0.1", "loss.disc_layers=0")
+
+
+def test_tokenizer_trainer_refuses_before_writing_anything(tmp_path, capsys):
+    from bdt.training.tokenizer.loop import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", TOKENIZER_YAML, f"run_dir={tmp_path / 'run'}", "optim.lr=.nan",
+              f"data.shards={tmp_path / 'none.tar'}"])
+    assert exit_.value.code == 2
+    assert "error: optim.lr must be a finite number >= 0, got nan" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def _extract(*extra):
+    from bdt.extract.config import ExtractConfig, validate
+
+    validate(load(ExtractConfig, [], ["inputs=in/*.tar", "output=out", "tokenizer=tok", *extra]))
+
+
+@pytest.mark.parametrize("override, named", [
+    ("stages=[{resolution: 32, name: '..'}]", r"stages\[0\]: name '..' must be unique, a plain "
+                                              r"directory name"),
+    ("stages=[{resolution: 32, name: a/b}]", r"stages\[0\]: name 'a/b' must be unique"),
+    ("stages=[{resolution: 32}, {resolution: 32}]", r"stages\[1\]: name '32' must be unique"),
+    ("image_extensions=[]", r"image_extensions: list at least one"),
+    ("cpus_per_actor=.nan", r"cpus_per_actor: must be > 0, got nan"),
+    ("gpus_per_actor=.nan", r"gpus_per_actor: must be >= 0, got nan"),
+    ("progress_interval_s=0", r"progress_interval_s: must be > 0, got 0.0"),
+    ("progress_interval_s=.nan", r"progress_interval_s: must be > 0, got nan"),
+])
+def test_extraction_values_no_run_can_use_are_named(override, named):
+    _extract()  # the base config passes
+    with pytest.raises(ValueError, match=named):
+        _extract(override)
