@@ -41,65 +41,18 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 from bdt import storage
 from bdt.cluster.hosts import is_this_host, port_holder
 from bdt.cluster.launch_checks import master_endpoint, retry_may_fix
-from bdt.train import load_config
+from bdt.cluster.run_state import (TRAIN_SCRIPT, RunPaths, complete_checkpoints, newest_step,
+                                   paths_from_command)
 from bdt.training.run_dir import LAUNCH_ERROR, checkpoint_root
 
 DONE, USAGE, GAVE_UP, CANNOT_START, STOPPED = 0, 2, 3, 4, 75  # 75 = EX_TEMPFAIL: "try again later"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-TRAIN_SCRIPT = "bdt/train.py"
 PORT_WAIT_S = 30.0  # a held master port may be an earlier launch's process still exiting
 MAX_LAUNCH_ERROR_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    run_dir: str
-    checkpoint_dir: str
-
-
-def paths_from_command(cmd: list[str]) -> RunPaths | None:
-    """run_dir and checkpoint root of a `... bdt/train.py ARGS` / `... -m bdt.train ARGS` command,
-    loaded and validated with the trainer's own config code; None if no such script is in it."""
-    for i, arg in enumerate(cmd):
-        if arg.endswith(TRAIN_SCRIPT) or (arg == "bdt.train" and i > 0 and cmd[i - 1] == "-m"):
-            from omegaconf import OmegaConf
-
-            from bdt.training.ar.config import validate
-
-            cfg = OmegaConf.to_object(load_config(cmd[i + 1:]))
-            validate(cfg)
-            return RunPaths(cfg.run_dir, checkpoint_root(cfg.run_dir, cfg.checkpoint.dir))
-    return None
-
-
-def complete_checkpoints(checkpoint_dir: str) -> dict[str, tuple[int, object]]:
-    """tag -> (step, the marker's write time) of every checkpoint with its COMPLETE marker. The
-    time tells a checkpoint written again (after the trainer passed over a damaged one) from
-    the old one."""
-    import torch
-
-    from bdt.training.checkpoint import CheckpointManager, CheckpointUnusable
-    from bdt.training.distributed import DistInfo
-
-    reader = CheckpointManager(checkpoint_dir, DistInfo(0, 1, 0, torch.device("cpu")))
-    out = {}
-    for step, tag, complete in reader.list_tags():
-        if complete:
-            try:
-                written = reader.read_marker(tag).get("time")
-            except CheckpointUnusable:
-                written = None
-            out[tag] = (step, written)
-    return out
-
-
-def newest_step(checkpoints: dict[str, tuple[int, object]]) -> int | None:
-    return max((step for step, _ in checkpoints.values()), default=None)
 
 
 def _rank_processes(root_pid: int) -> list:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from bdt.cluster.resume import paths_from_command
+from bdt.cluster.run_state import paths_from_command
 from bdt.config import load
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,57 @@
+"""What the resume wrapper reads of a run: its run dir and checkpoint root, from the training
+command's own config, and its complete checkpoints (the wrapper's measure of progress)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bdt.train import load_config
+from bdt.training.run_dir import checkpoint_root
+
+TRAIN_SCRIPT = "bdt/train.py"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    run_dir: str
+    checkpoint_dir: str
+
+
+def paths_from_command(cmd: list[str]) -> RunPaths | None:
+    """run_dir and checkpoint root of a `... bdt/train.py ARGS` / `... -m bdt.train ARGS` command,
+    loaded and validated with the trainer's own config code; None if no such script is in it."""
+    for i, arg in enumerate(cmd):
+        if arg.endswith(TRAIN_SCRIPT) or (arg == "bdt.train" and i > 0 and cmd[i - 1] == "-m"):
+            from omegaconf import OmegaConf
+
+            from bdt.training.ar.config import validate
+
+            cfg = OmegaConf.to_object(load_config(cmd[i + 1:]))
+            validate(cfg)
+            return RunPaths(cfg.run_dir, checkpoint_root(cfg.run_dir, cfg.checkpoint.dir))
+    return None
+
+
+def complete_checkpoints(checkpoint_dir: str) -> dict[str, tuple[int, object]]:
+    """tag -> (step, the marker's write time) of every checkpoint with its COMPLETE marker. The
+    time tells a checkpoint written again (after the trainer passed over a damaged one) from
+    the old one."""
+    import torch
+
+    from bdt.training.checkpoint import CheckpointManager, CheckpointUnusable
+    from bdt.training.distributed import DistInfo
+
+    reader = CheckpointManager(checkpoint_dir, DistInfo(0, 1, 0, torch.device("cpu")))
+    out = {}
+    for step, tag, complete in reader.list_tags():
+        if complete:
+            try:
+                written = reader.read_marker(tag).get("time")
+            except CheckpointUnusable:
+                written = None
+            out[tag] = (step, written)
+    return out
+
+
+def newest_step(checkpoints: dict[str, tuple[int, object]]) -> int | None:
+    return max((step for step, _ in checkpoints.values()), default=None)
