@@ -11,7 +11,8 @@ Layout of one checkpoint (`<root>/step_000001234/`):
                                engine settings (ZeRO stage, precision: another is refused by
                                name) and each file's size and sha256 (integrity.py), hashed by
                                its writer.
-A checkpoint without COMPLETE (a crash or kill mid-save) is ignored by resume and pruned later.
+A checkpoint without COMPLETE (a crash or kill mid-save) is ignored by resume and pruned later;
+pruning deletes a checkpoint's COMPLETE before its files, so a kill mid-prune leaves one such.
 
 Resume (`resume`) tries the complete checkpoints newest first. Each is verified before anything
 is loaded (every rank checks a share of the files against the marker, and the pickles for
@@ -226,7 +227,7 @@ class CheckpointManager:
                 if self.remote:  # object stores: a server-side copy of each object, then delete
                     for obj in fs.find(f"{path}/{name}"):
                         fs.copy(obj, f"{dest}/{name}{obj[len(path) + 1 + len(name):]}")
-                    fs.rm(f"{path}/{name}", recursive=True)
+                    _remove_checkpoint_dir(fs, f"{path}/{name}")
                 else:
                     os.makedirs(dest, exist_ok=True)
                     os.rename(f"{path}/{name}", f"{dest}/{name}")
@@ -255,12 +256,12 @@ class CheckpointManager:
         if self.keep_last > 0:
             doomed += complete[:-self.keep_last]
         for tag in doomed:
-            fs.rm(f"{path}/{tag}", recursive=True)
+            _remove_checkpoint_dir(fs, f"{path}/{tag}")
         if doomed:  # and their conversions for other world sizes (<tag>.wNNNNN[.partial])
             for entry in fs.ls(path, detail=False):
                 name = entry.rstrip("/").rsplit("/", 1)[-1]
                 if "." in name and name.split(".", 1)[0] in doomed:
-                    fs.rm(f"{path}/{name}", recursive=True)
+                    _remove_checkpoint_dir(fs, f"{path}/{name}")
 
     # ---- resume ----------------------------------------------------------------------------
     def resume(self, engines: dict[str, Any], load_optimizer: bool = True,
@@ -466,6 +467,14 @@ class CheckpointManager:
             dst = os.path.join(local_dir, *rel.split("/"))
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             fs.get_file(src, dst)
+
+
+def _remove_checkpoint_dir(fs, path: str) -> None:
+    """Delete a checkpoint directory, its marker first: a kill midway then leaves an incomplete
+    directory (pruned by the next save), never one that reads as complete with files missing."""
+    if fs.exists(f"{path}/{MARKER}"):
+        fs.rm(f"{path}/{MARKER}")
+    fs.rm(path, recursive=True)
 
 
 def _rel(local_dir: str, path: str) -> str:

@@ -1,0 +1,400 @@
+"""Chaos test of the AR trainer's exact resume: SIGKILL a real 2-rank launch at random moments,
+relaunch until it finishes, and check it ends exactly as an uninterrupted run.
+
+    DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 .venv/bin/python scripts/chaos_resume.py \
+        [--kills 8] [--seed 0] [--launcher deepspeed|torchrun] [--steps 12 12] [--every 2] \
+        [--zero 2] [--workdir DIR] [--keep] [key=value ...]
+
+What it does, in --workdir (a temporary directory by default, removed unless --keep or a
+mismatch):
+  1. builds a tiny run: a tiny Qwen3 with its tokenizer and random 16-bit token shards, with the
+     test suite's builders (tests/trainutil.py), and the tiny config (configs/train/tiny.yaml)
+     with one stage per --steps entry and a checkpoint every --every steps;
+  2. trains it once uninterrupted under the launcher (`deepspeed --num_gpus 2` or
+     `torchrun --nproc_per_node 2`, CPU ranks, one thread each): the reference;
+  3. trains the same config in a second run directory, SIGKILLing the launch's process group
+     and every process under it (torchrun's ranks have sessions of their own) --kills times
+     (seeded) and relaunching after each kill. Each kill is aimed at one of:
+       start   a random moment of the start-up (imports, engine build, resume)
+       step    a random moment once the launch is training
+       save    while a checkpoint is being written (a step_* directory without COMPLETE)
+       marker  as soon as a new COMPLETE marker appears (pruning and the save's last barrier)
+     then runs it to the end;
+  4. compares: every step's last metrics record (loss, text_ce, vision, bit_accuracy,
+     grad_norm, lr, samples read) bitwise, the exported weights tensor by tensor, the ranks'
+     final parameter digests; and checks that no launch crashed, that no kill left a checkpoint
+     marked complete with files missing, and that every resume took the newest complete
+     checkpoint on disk, passing over none (a SIGKILL damages none that is complete).
+Prints one row per kill (when, which target, what was on disk) and the verdict; exits 1 on any
+difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))  # the test suite's tiny-run builders
+sys.path.insert(0, REPO)
+
+TARGETS = ("start", "step", "save", "marker")
+COMPARED = ("loss", "text_ce", "vision", "bit_accuracy", "grad_norm", "lr", "data/samples_read")
+POLL_S = 0.002
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kills", type=int, default=8, help="SIGKILLs before the run may finish")
+    p.add_argument("--seed", type=int, default=0, help="seeds the kill plan")
+    p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
+    p.add_argument("--steps", type=int, nargs="+", default=[12, 12], help="steps per stage")
+    p.add_argument("--every", type=int, default=2, help="checkpoint.every")
+    p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
+    p.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
+                   help="what kills aim at (drawn uniformly)")
+    p.add_argument("--workdir", default="", help="default: a new temporary directory")
+    p.add_argument("--keep", action="store_true", help="keep --workdir even when all matches")
+    p.add_argument("--launch-timeout", type=float, default=600.0, help="seconds per launch")
+    p.add_argument("overrides", nargs="*", help="more key=value overrides for both runs "
+                                                "(e.g. ema_decay=0.99)")
+    return p.parse_args(argv)
+
+
+def build(work: str, args) -> dict:
+    """The tiny model and shards (one shard family per stage)."""
+    from trainutil import tiny_llm, write_shards
+
+    llm = tiny_llm(os.path.join(work, "llm"))
+    shards = []
+    for i, _ in enumerate(args.steps):
+        grids = [(4, 4), (4, 8), (8, 4)] if i % 2 == 0 else [(8, 8), (4, 8)]
+        urls = write_shards(os.path.join(work, f"s{i}"), grids, num_shards=2, per_shard=10,
+                            seed=i, factor=2)
+        shards.append(os.path.dirname(urls[0]))
+    return {"llm": llm, "shards": shards}
+
+
+def command(args, data: dict, run_dir: str) -> list[str]:
+    from testkit import TINY_CONFIG
+    from trainutil import train_overrides
+
+    from bdt.training.distributed import free_port
+
+    bindir = os.path.dirname(sys.executable)
+    port = str(free_port())
+    launch = ([os.path.join(bindir, "deepspeed"), "--num_gpus", "2", "--master_port", port]
+              if args.launcher == "deepspeed" else
+              [os.path.join(bindir, "torchrun"), "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", port])
+    return [*launch, os.path.join(REPO, "bdt", "train.py"), "--config", TINY_CONFIG,
+            *train_overrides(run_dir, data["llm"], data["shards"], steps=args.steps,
+                             zero=args.zero, every=args.every,
+                             extra=["threads=1", *args.overrides])]
+
+
+def env() -> dict:
+    return dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+                TOKENIZERS_PARALLELISM="false",
+                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def on_disk(run_dir: str) -> dict:
+    """The checkpoints (step -> complete?), the last step with a loss in metrics.jsonl, and
+    whether an export (or half of one) is there."""
+    from bdt.training.checkpoint import list_checkpoints
+
+    root = os.path.join(run_dir, "checkpoints")
+    ckpts = {step: done for step, _, done in list_checkpoints(root)}
+    damaged = [step for step, tag, done in list_checkpoints(root)
+               if done and missing_files(os.path.join(root, tag))]
+    losses = [rec["step"] for rec in records_since(run_dir, 0) if "loss" in rec]
+    export = [name for name in ("export", "export.tmp")
+              if os.path.isdir(os.path.join(run_dir, name))]
+    return {"ckpts": ckpts, "damaged": damaged, "last_step": max(losses, default=0),
+            "export": export}
+
+
+def missing_files(ckpt_dir: str) -> list[str]:
+    """Files the marker of a complete checkpoint lists that are absent or of another size."""
+    from bdt.training.integrity import MARKER
+
+    try:
+        with open(os.path.join(ckpt_dir, MARKER)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError):
+        return [MARKER]  # read while a save or prune changed it: judged by its next look
+    return [rel for rel, entry in files.items()
+            if not os.path.isfile(path := os.path.join(ckpt_dir, rel))
+            or os.path.getsize(path) != entry["bytes"]]
+
+
+def describe(state: dict) -> str:
+    ckpts = " ".join(f"{step}{'' if done else '(partial)'}"
+                     f"{'(DAMAGED)' if step in state['damaged'] else ''}"
+                     for step, done in sorted(state["ckpts"].items()))
+    return f"metrics@{state['last_step']} ckpts[{ckpts or '-'}] {' '.join(state['export'])}"
+
+
+class Launch:
+    """One launch in its own session (its own process group), output to a log file."""
+
+    def __init__(self, cmd: list[str], log_path: str):
+        self.log_path = log_path
+        self.out = open(log_path, "w")
+        self.t0, self.wall0 = time.monotonic(), time.time()
+        self.proc = subprocess.Popen(cmd, env=env(), cwd=os.path.dirname(log_path),
+                                     stdout=self.out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def kill(self) -> None:
+        """SIGKILL the launch's process group and every descendant (torchrun starts its ranks in
+        sessions of their own), as a node going away would."""
+        import psutil
+
+        try:
+            family = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait()
+        psutil.wait_procs(family, timeout=10)
+        self.out.close()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -999
+        finally:
+            self.out.close()
+
+    def log_tail(self, n: int = 3000) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-n:]
+
+
+def aim(launch: Launch, target: str, run_dir: str, rng: random.Random, start_s: float,
+        step_s: float, total: int, every: int, offset: int, newest: int | None, timeout: float
+        ) -> str | None:
+    """Wait until `target` is reached (then kill), or the launch ends; returns what was hit,
+    or None when the launch ended first."""
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    delay = rng.uniform(0, start_s) if target == "start" else None
+    trained_at = None
+    while launch.proc.poll() is None and launch.elapsed() < timeout:
+        if target == "start" and launch.elapsed() >= delay:
+            return "start"
+        if target == "step":
+            if trained_at is None and steps_logged_since(run_dir, offset):
+                # within the next two checkpoint intervals (at the reference's pace), so that
+                # the kill lands before the run ends and the next resume is not always the last
+                left = min(total - (newest or 0), 2 * every)
+                trained_at, delay = launch.elapsed(), rng.uniform(0, left * step_s)
+            if trained_at is not None and launch.elapsed() - trained_at >= delay:
+                return "step"
+        if target in ("save", "marker") and os.path.isdir(ckpt_root):
+            # a checkpoint after the one resumed from, written since the launch started,
+            # without / with its marker (older ones change only when pruned)
+            for name in os.listdir(ckpt_root):
+                path = os.path.join(ckpt_root, name)
+                try:
+                    fresh = (name.startswith("step_") and name[5:].isdigit()
+                             and int(name[5:]) > (newest or 0)
+                             and os.stat(path).st_mtime >= launch.wall0)
+                except FileNotFoundError:
+                    continue  # pruned meanwhile
+                done = os.path.exists(os.path.join(path, "COMPLETE"))
+                if fresh and target == "save" and not done:
+                    time.sleep(rng.uniform(0, POLL_S))  # a tiny run's save takes milliseconds
+                    return "save"
+                if fresh and target == "marker" and done:
+                    return "marker"
+        time.sleep(POLL_S)
+    return None
+
+
+def complete_lines_end(path: str) -> int:
+    """The offset after the last whole line of `path` (0 when absent)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return f.read().rfind(b"\n") + 1
+
+
+def records_since(run_dir: str, offset: int) -> list[dict]:
+    """The whole metrics records written after `offset`."""
+    out = []
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return out
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # the record a kill cut short
+    return out
+
+
+def steps_logged_since(run_dir: str, offset: int) -> bool:
+    return any("loss" in rec for rec in records_since(run_dir, offset))
+
+
+def resumes_since(run_dir: str, offset: int) -> list[tuple[int, int]]:
+    """(resumed_from_step, checkpoints_skipped) of every resume logged after `offset`."""
+    return [(rec["resumed_from_step"], rec["checkpoints_skipped"])
+            for rec in records_since(run_dir, offset) if "resumed_from_step" in rec]
+
+
+def newest_complete(run_dir: str) -> int | None:
+    done = [s for s, complete in on_disk(run_dir)["ckpts"].items() if complete]
+    return max(done) if done else None
+
+
+def check_resume(run_dir: str, offset: int, newest: int | None, launch: int, resumes: list,
+                 problems: list) -> None:
+    """The launch resumed (if it got that far) from the newest complete checkpoint on disk
+    when it started, passing over none (a SIGKILL damages no complete checkpoint)."""
+    for frm, skipped in resumes_since(run_dir, offset):
+        resumes.append(int(frm))
+        if skipped or frm != newest:
+            problems.append(f"launch {launch} resumed from step {frm} passing over {skipped} "
+                            f"checkpoint(s); the newest complete one on disk was {newest}")
+
+
+def compare(ref_dir: str, run_dir: str, total: int) -> list[str]:
+    import torch
+
+    from trainutil import export_tensors, read_metrics
+
+    problems = []
+    ref, got = read_metrics(ref_dir), read_metrics(run_dir)
+    for step in range(1, total + 1):
+        if step not in got:
+            problems.append(f"step {step}: no metrics record")
+            continue
+        for key in COMPARED:
+            a, b = ref[step].get(key), got[step].get(key)
+            if a != b:
+                problems.append(f"step {step} {key}: reference {a!r}, chaos run {b!r}")
+    ref_w, got_w = export_tensors(ref_dir), export_tensors(run_dir)
+    if ref_w.keys() != got_w.keys():
+        problems.append(f"exported tensors differ in names: {sorted(ref_w.keys() ^ got_w.keys())}")
+    for k in sorted(ref_w.keys() & got_w.keys()):
+        if not torch.equal(ref_w[k], got_w[k]):
+            problems.append(f"exported tensor {k} differs")
+    digests = [json.load(open(os.path.join(d, "summary.json"))).get("param_digests")
+               for d in (ref_dir, run_dir)]
+    if digests[0] != digests[1]:
+        problems.append(f"final parameter digests differ: {digests[0]} vs {digests[1]}")
+    return problems
+
+
+def chaos_run(args, data: dict, work: str, run_dir: str, rng: random.Random, start_s: float,
+              step_s: float) -> tuple[list, list[str], list[int]]:
+    """Launch, kill, relaunch until the run finishes (or a launch fails on its own); returns
+    the kill table's rows, the problems seen and the steps the launches resumed from."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    rows, problems, resumes, launches = [], [], [], 0
+    while True:
+        launches += 1
+        offset, newest = complete_lines_end(metrics), newest_complete(run_dir)
+        launch = Launch(command(args, data, run_dir),
+                        os.path.join(work, f"chaos_{launches:03d}.log"))
+        hit = None
+        if len(rows) < args.kills:
+            hit = aim(launch, rng.choice(args.targets), run_dir, rng, start_s, step_s,
+                      sum(args.steps), args.every, offset, newest, args.launch_timeout)
+        if hit is not None:
+            at = launch.elapsed()
+            launch.kill()
+            state = on_disk(run_dir)
+            rows.append((len(rows) + 1, f"{at:.2f}", hit, describe(state)))
+            if state["damaged"]:
+                problems.append(f"kill {len(rows)} left checkpoint(s) {state['damaged']} marked "
+                                f"complete with files missing")
+        else:
+            rc = launch.wait(args.launch_timeout)
+        check_resume(run_dir, offset, newest, launches, resumes, problems)
+        if hit is not None:
+            continue
+        if rc != 0:  # a crash on resume: relaunching would most likely repeat it
+            problems.append(f"launch {launches} ended with exit {rc} without being killed "
+                            f"(log {launch.log_path}):\n{launch.log_tail()}")
+        elif not os.path.exists(os.path.join(run_dir, "summary.json")):
+            problems.append(f"launch {launches} exited 0 without writing summary.json")
+        return rows, problems, resumes
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work = args.workdir or tempfile.mkdtemp(prefix="bdt-chaos-")
+    os.makedirs(work, exist_ok=True)
+    rng = random.Random(args.seed)
+    total = sum(args.steps)
+    data = build(work, args)
+
+    ref_dir = os.path.join(work, "ref")
+    ref = Launch(command(args, data, ref_dir), os.path.join(work, "ref.log"))
+    rc = ref.wait(args.launch_timeout)
+    ref_s = ref.elapsed()
+    if rc != 0:
+        print(f"reference run failed (exit {rc}):\n{ref.log_tail()}")
+        return 2
+    records = records_since(ref_dir, 0)
+    start_s = max(1.0, records[0]["time"] - ref.wall0)
+    steps = [rec["time"] for rec in records if "loss" in rec]
+    step_s = statistics.median(b - a for a, b in zip(steps, steps[1:]))  # saves included
+    print(f"reference: {total} steps in {ref_s:.1f} s (start-up {start_s:.1f} s, "
+          f"{step_s:.2f} s a step)")
+
+    run_dir = os.path.join(work, "chaos")
+    rows, problems, resumes = chaos_run(args, data, work, run_dir, rng, start_s, step_s)
+    print(f"\n{'kill':>4}  {'at s':>7}  {'target':<7} on disk after the kill "
+          f"(kill n ends launch n, at s seconds into it)")
+    for row in rows:
+        print(f"{row[0]:>4}  {row[1]:>7}  {row[2]:<7} {row[3]}")
+    print(f"launches: {len(rows) + 1}, resumed from steps: {resumes}")
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        problems += compare(ref_dir, run_dir, total)
+    elif not problems:
+        problems.append("the chaos run never finished")
+    if problems:
+        print(f"\nMISMATCH ({len(problems)}), workdir kept: {work}")
+        for p in problems:
+            print(" -", p)
+        return 1
+    early = "" if len(rows) == args.kills else f" (of {args.kills}: the run finished first)"
+    print(f"\nOK: {len(rows)} kills{early}; losses, exported weights and final parameter "
+          f"digests equal the reference")
+    if not args.keep and not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
