@@ -196,12 +196,15 @@ def sha256(url: str) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+WRITE_PROBE_PREFIX = ".bdt-write-probe-"  # check_writable's probe (a kill can leave it, or its temp)
+
+
 def check_writable(url: str) -> None:
     """Fail early, before any work, when `url` cannot be written (a probe file is written and removed).
 
     Raises OSError with a message naming the destination.
     """
-    probe = join(url, f".bdt-write-probe-{uuid.uuid4().hex[:8]}")
+    probe = join(url, f"{WRITE_PROBE_PREFIX}{uuid.uuid4().hex[:8]}")
     try:
         makedirs(url)
         write_bytes_atomic(probe, b"")

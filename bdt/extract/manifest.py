@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 import psutil
 
 from bdt import storage
+from bdt.config import RESOLVED_CONFIG_NAME
 from bdt.data.token_shards import SCHEMA_VERSION as TOKEN_SHARD_SCHEMA
 from bdt.training.run_lock import holder_alive
 
@@ -91,6 +92,20 @@ def valid_marker(root: str, stage: str, index: int, source: str, fp: str) -> dic
     if sha != marker.get("sha256") or size != marker.get("bytes"):
         return None
     return marker
+
+
+def remove_stale_root_temps(root: str) -> None:
+    """Drop what a run killed while writing the output's own files (plan.json, config.yaml,
+    index.json, rejects.jsonl: their temp files) or probing it (storage.check_writable's probe
+    and its temp) left behind. Call it holding the output lock, after this run's own probe:
+    no live writer then, and no later write would ever remove them."""
+    for name in (PLAN_NAME, RESOLVED_CONFIG_NAME, INDEX_NAME, REJECTS_NAME):
+        storage.remove_stale_temps(storage.join(root, name))
+    fs, path = storage.filesystem(root)
+    for pattern in (storage.WRITE_PROBE_PREFIX + "*", "." + storage.WRITE_PROBE_PREFIX + "*.tmp-*"):
+        for probe in fs.glob(path.rstrip("/") + "/" + pattern):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(probe)
 
 
 def check_fingerprint(root: str, stages: list[str], fp: str) -> None:

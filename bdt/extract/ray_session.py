@@ -7,7 +7,8 @@ controls: a normal end, an exception, SIGTERM, SIGINT, SIGHUP (turned into Syste
 shutdown runs). A SIGKILL the driver cannot catch, and Ray's dashboard and runtime-env agents
 then outlive it for about a minute (they hang reporting the raylet's death to the dead GCS;
 measured with Ray 2.60): a reaper process, in its own session, remembers the driver's
-descendants and kills the survivors once the driver is gone.
+descendants and kills the survivors once the driver is gone. It watches before Ray starts, so a
+driver killed inside `ray.init` leaves nothing behind either.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ def ray_session() -> Iterator[None]:
         finally:
             ray.shutdown()
         return
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
     previous = {}
+    _start_reaper()
     try:
-        _start_reaper()
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
         previous = {sig: signal.signal(sig, _exit_on_signal) for sig in STOP_SIGNALS}
         yield
     finally:
@@ -55,16 +56,21 @@ def _exit_on_signal(signum: int, frame) -> None:
 
 
 def _start_reaper() -> None:
-    subprocess.Popen([sys.executable, "-m", "bdt.extract.ray_session", str(os.getpid())],
-                     start_new_session=True, stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Start the reaper and return once it watches (it says so on its stdout)."""
+    reaper = subprocess.Popen([sys.executable, "-m", "bdt.extract.ray_session", str(os.getpid())],
+                              start_new_session=True, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    reaper.stdout.readline()  # b"" if it died: Ray starts anyway, as it would without one
+    reaper.stdout.close()
 
 
-def reap(driver_pid: int, poll_s: float = 1.0) -> None:
-    """While the driver runs, remember its descendants; once it is gone (or a zombie), kill
-    those still running (same pid and start time: a reused pid is left alone)."""
+def reap(driver_pid: int, poll_s: float = 0.2) -> None:
+    """While the driver runs, remember its descendants (a process that lives less than `poll_s`
+    may be missed); once the driver is gone (or a zombie), kill those still running (same pid
+    and start time: a reused pid is left alone)."""
     driver = psutil.Process(driver_pid)
     known: dict[int, float] = {}
+    print("watching", flush=True)
     while True:
         try:
             if driver.status() == psutil.STATUS_ZOMBIE:

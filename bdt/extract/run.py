@@ -62,6 +62,7 @@ def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[i
     units = inp.list_units(cfg.inputs, cfg.input_format, cfg.folder_shard_size,
                            [e.lower() for e in cfg.image_extensions])
     storage.check_writable(cfg.output)
+    mf.remove_stale_root_temps(cfg.output)  # a killed run's half-written files
     identity = dict(tokenizer_identity(cfg.tokenizer), **geometry)
     # Everything that changes a shard's content; not the Ray sizing or the paths.
     fp = mf.fingerprint({"tokenizer": identity["sha256"], "stages": stages, "patch_size": cfg.patch_size,
