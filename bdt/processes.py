@@ -4,6 +4,9 @@ process's start time (psutil's `create_time`, seconds since the epoch)."""
 
 from __future__ import annotations
 
+import hashlib
+import socket
+
 import psutil
 
 START_TOLERANCE_S = 1e-3  # records may keep the start time in milliseconds
@@ -19,3 +22,25 @@ def running(pid: object, started: object) -> bool:
                 and proc.status() != psutil.STATUS_ZOMBIE)
     except (psutil.Error, TypeError, ValueError, OverflowError):
         return False
+
+
+# How files name the process that writes them (temp files, spools), so that a killed writer's
+# leftovers can be told from a live writer's: PID-STARTMS-HOST, HOST the first 8 hex digits of
+# the host name's sha256 (short, and safe in a file name).
+WRITER_TAG_PATTERN = r"(?P<pid>\d+)-(?P<started_ms>\d+)-(?P<host>[0-9a-f]{8})"
+
+
+def host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def writer_tag() -> str:
+    """This process, as WRITER_TAG_PATTERN reads it."""
+    me = psutil.Process()
+    return f"{me.pid}-{round(me.create_time() * 1000)}-{host_tag()}"
+
+
+def writer_gone(pid: str, started_ms: str, host: str) -> bool:
+    """Whether the writer a tag names ran on this host and has ended (another host's writer is
+    not known to be gone: this host cannot see its processes)."""
+    return host == host_tag() and not running(int(pid), int(started_ms) / 1000)

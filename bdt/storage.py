@@ -12,6 +12,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -21,6 +22,8 @@ from typing import IO, Iterator
 import fsspec
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
+
+from bdt.processes import WRITER_TAG_PATTERN, writer_gone, writer_tag
 
 
 def is_remote(url: str) -> bool:
@@ -146,10 +149,9 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
             raise
         f.close()
         return
-    path = url[len("file://"):] if url.startswith("file://") else url
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    path = _local_path(url)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as f:
             yield f
@@ -162,16 +164,51 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
         raise
 
 
+# A local temp file `.NAME.tmp-PID-STARTMS-HOST-RANDOM` names its writer (pid, process start in
+# ms, a hash of the host name, which keeps the name short), so that a killed writer's temp can be
+# told from a live one's. `.NAME.tmp-RANDOM` and `NAME.RANDOM32.tmp` name none: bdt wrote those
+# before temps carried their writer, and they are deleted as stale.
+TEMP_NAME = re.compile(rf"\.(?P<name>.+)\.tmp-(?:{WRITER_TAG_PATTERN}-)?[0-9a-f]{{8}}"
+                       r"|(?P<visible_name>.+)\.[0-9a-f]{32}\.tmp")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of bdt's temp files (open_atomic's, create_exclusive's)."""
+    return TEMP_NAME.fullmatch(name) is not None
+
+
+def _temp_path(path: str) -> str:
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.tmp-{writer_tag()}-{uuid.uuid4().hex[:8]}")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
 def remove_stale_temps(url: str) -> None:
-    """Drop the temp files that killed writers of `url` left (open_atomic's `.NAME.tmp-*`);
-    nothing to do for a remote URL, where nothing partial is ever visible."""
+    """Delete the temp files of `url` that killed writers left: those whose writer process on
+    this host has ended. A live writer's temp, or another host's (whose processes this host
+    cannot see), stays, so no lock is needed: `bdt data shapes` writes its shards holding none,
+    and a killed extraction's Ray workers can outlive its lock. Nothing to do for a remote URL,
+    where nothing partial is ever visible."""
     if is_remote(url):
         return
-    path = url[len("file://"):] if url.startswith("file://") else url
-    directory, name = os.path.split(path)
-    for stale in glob.glob(os.path.join(directory, f".{glob.escape(name)}.tmp-*")):
+    directory, name = os.path.split(os.path.abspath(_local_path(url)))
+    try:
+        entries = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if not entry.startswith((f".{name}.tmp-", f"{name}.")):  # cheap, in a folder of 10k shards
+            continue
+        m = TEMP_NAME.fullmatch(entry)
+        if m is None or name not in (m["name"], m["visible_name"]):
+            continue
+        if m["pid"] is not None and not writer_gone(m["pid"], m["started_ms"], m["host"]):
+            continue  # its writer runs, or ran on another host
         with contextlib.suppress(FileNotFoundError):
-            os.remove(stale)
+            os.remove(os.path.join(directory, entry))
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
@@ -323,9 +360,10 @@ def _remove_stale_staging(tmp: str) -> None:
 
 def create_exclusive(url: str, data: bytes) -> bool:
     """Create `url` holding `data`, or return False when it exists; it never appears without its
-    content. Local: a temporary file hard-linked to the name (the link fails when the name exists,
-    on local filesystems and NFS alike). Object store: a conditional put (If-None-Match, fsspec's
-    mode "xb")."""
+    content. Local: a temporary file (open_atomic's naming) hard-linked to the name (the link fails
+    when the name exists, on local filesystems and NFS alike); temps of `url` that killed writers
+    left are deleted first (remove_stale_temps). Object store: a conditional put (If-None-Match,
+    fsspec's mode "xb")."""
     if is_remote(url):
         fs, path = filesystem(url)
         try:
@@ -334,9 +372,10 @@ def create_exclusive(url: str, data: bytes) -> bool:
             return True
         except FileExistsError:
             return False
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = _local_path(url)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    remove_stale_temps(path)  # a writer killed before it unlinked its temp
+    tmp = _temp_path(path)
     try:  # the temporary file goes also when writing it fails (a full disk)
         with open(tmp, "wb") as f:
             f.write(data)

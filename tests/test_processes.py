@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ import time
 import psutil
 
 from bdt.data import tars
-from bdt.processes import running
+from bdt.processes import host_tag, running, writer_tag
 from bdt.training.run_lock import holder_alive
 
 
@@ -53,13 +52,11 @@ def test_a_zombie_is_gone_for_every_user():
 def test_the_spool_sweep_deletes_a_zombie_writers_spool(tmp_path, monkeypatch):
     """A writer that exited and was not reaped yet (its parent still running) holds nothing:
     its spool goes; this process's (alive) stays."""
-    me = psutil.Process()
-    host = socket.gethostname()
-    mine = f"bdt-shard-{me.pid}-{round(me.create_time() * 1000)}@{host}@a.part"
+    mine = f"bdt-shard-{writer_tag()}-a.part"
     (tmp_path / mine).write_bytes(b"")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with zombie() as (pid, started):
-        dead = f"bdt-shard-{pid}-{round(started * 1000)}@{host}@b.part"
+        dead = f"bdt-shard-{pid}-{round(started * 1000)}-{host_tag()}-b.part"
         (tmp_path / dead).write_bytes(b"")
         monkeypatch.setattr(tars, "_swept_spools", False)
         tars._spool_prefix()

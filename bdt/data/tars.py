@@ -37,7 +37,6 @@ import lzma
 import os
 import posixpath
 import re
-import socket
 import tarfile
 import tempfile
 import zlib
@@ -45,10 +44,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO
 
-import psutil
-
 from bdt import storage
-from bdt.processes import running
+from bdt.processes import WRITER_TAG_PATTERN, writer_gone, writer_tag
 
 BLOCK = 512
 _FILE_TYPES = (b"0", b"\0", b"7")  # regular, old-style regular, contiguous
@@ -329,7 +326,7 @@ class _HashingFile:
         self.f.flush()
 
 
-_SPOOL_NAME = re.compile(r"bdt-shard-(\d+)-(\d+)@(.*)@\w*\.part")  # writer pid, start, host
+_SPOOL_NAME = re.compile(rf"bdt-shard-{WRITER_TAG_PATTERN}-\w*\.part")
 _swept_spools = False
 
 
@@ -341,11 +338,10 @@ def _spool_prefix() -> str:
         _swept_spools = True
         for name in os.listdir(tempfile.gettempdir()):
             m = _SPOOL_NAME.fullmatch(name)
-            if m and m[3] == socket.gethostname() and not running(int(m[1]), int(m[2]) / 1000):
+            if m and writer_gone(m["pid"], m["started_ms"], m["host"]):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(tempfile.gettempdir(), name))
-    me = psutil.Process()
-    return f"bdt-shard-{me.pid}-{round(me.create_time() * 1000)}@{socket.gethostname()}@"
+    return f"bdt-shard-{writer_tag()}-"
 
 
 @contextlib.contextmanager

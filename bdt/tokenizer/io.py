@@ -62,12 +62,15 @@ def load_tokenizer(path: str, config: TokenizerConfig | Mapping[str, Any] | str 
 
 def tokenizer_identity(path: str) -> dict[str, Any]:
     """The tokenizer's config and a sha256 per file of its directory (weights included): what an
-    extraction manifest records and training checks its shards against."""
+    extraction manifest records and training checks its shards against. bdt's temp files (a
+    killed writer's leftovers, storage.is_temp_name) are no part of it; any other file is."""
     fs, root = storage.filesystem(path)
     if not fs.isdir(root):
         raise FileNotFoundError(f"tokenizer: not a directory: {path}")
     files = {}
     for p in sorted(fs.find(root)):
+        if storage.is_temp_name(posixpath.basename(p)):
+            continue
         rel = p[len(root.rstrip("/")) + 1:]
         files[rel] = storage.sha256(path.rstrip("/") + "/" + rel)[0]
     try:

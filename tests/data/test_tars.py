@@ -217,7 +217,7 @@ def test_spools_of_killed_remote_writers_are_deleted_by_the_next_one(tmp_path, m
     writer.wait()
     dead = os.listdir(tmp_path)
     assert len(dead) == 1 and dead[0].startswith(f"bdt-shard-{writer.pid}-")
-    others = ["bdt-shard-1-2@another-host@abc.part", "bdt-shard-unrelated.part", "notes.txt"]
+    others = ["bdt-shard-1-2-0123abcd-abc.part", "bdt-shard-unrelated.part", "notes.txt"]
     for name in others:
         (tmp_path / name).write_bytes(b"")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
