@@ -7,14 +7,15 @@ jpg/jpeg/png/webp extensions): a member's bytes may be anything whatever its nam
 of PIL's plugins are no place for untrusted data (EPS runs Ghostscript). Pixel policy: EXIF
 orientation applied; grayscale, palette, CMYK and 16-bit images converted to 8-bit RGB;
 transparency composited on white (a transparent background is almost always meant as "paper",
-and black would invent dark borders the caption doesn't name).
+and black would invent dark borders the caption doesn't name); an animated image gives its first
+frame. Size limits come from the header: `max_pixels` (PIL itself refuses above twice its
+Image.MAX_IMAGE_PIXELS, 179 M, whatever max_pixels says) and `min_side`.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import warnings
 from typing import Sequence
 
 import numpy as np
@@ -53,8 +54,8 @@ class ImageRejected(Exception):
 
 def open_image(data: bytes, *, max_pixels: int, min_side: int,
                formats: Sequence[str] = DEFAULT_FORMATS) -> tuple[Image.Image, tuple[int, int]]:
-    """Open (lazily: header only) as one of `formats` and check size limits before any pixel is
-    decoded.
+    """Open as one of `formats` and check size limits from the header before any pixel is
+    decoded (a PNG is then decoded here, see below; other formats lazily in decode_rgb).
 
     Returns the image and its size *after* EXIF orientation. The pixel limit guards against
     decompression bombs: a few KB of PNG can claim 100k x 100k pixels.
@@ -62,20 +63,27 @@ def open_image(data: bytes, *, max_pixels: int, min_side: int,
     if not data:
         raise ImageRejected(EMPTY, "0 bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=list(formats))
+        # Between Image.MAX_IMAGE_PIXELS and twice that PIL only warns; max_pixels below decides.
+        # (No catch_warnings to make it an error: the filter is process-global, decode threads race.)
+        img = Image.open(io.BytesIO(data), formats=list(formats))
         w, h = img.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageRejected(TOO_LARGE, str(exc).splitlines()[0]) from None
     except UnidentifiedImageError:  # PIL's message names only a BytesIO object
         raise ImageRejected(CORRUPT, f"not a readable {' / '.join(formats)} image") from None
     except Exception as exc:  # PIL raises many types for unreadable headers
-        raise ImageRejected(CORRUPT, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
+        raise _corrupt(exc) from None
     if w * h > max_pixels:
         raise ImageRejected(TOO_LARGE, f"{w}x{h} exceeds max_pixels {max_pixels}")
     if min(w, h) < max(1, min_side):
         raise ImageRejected(TOO_SMALL, f"{w}x{h} is below min_side {min_side}")
+    if img.format == "PNG":
+        # Its getexif() decodes the pixels (an eXIf chunk may follow them); a failed decode would
+        # be swallowed below and leave a half-filled image that decode_rgb's load() accepts.
+        try:
+            img.load()
+        except Exception as exc:
+            raise _corrupt(exc) from None
     try:
         orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # a broken EXIF block is not worth rejecting the picture for
@@ -104,12 +112,13 @@ def decode_rgb(img: Image.Image, oriented_size: tuple[int, int], needed: tuple[i
                 nw, nh = nh, nw
             img.draft("RGB", (nw, nh))
         img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
-    except ImageRejected:
-        raise
+        return _to_rgb(ImageOps.exif_transpose(img))
     except Exception as exc:  # truncated data, bad huffman tables, ...
-        raise ImageRejected(CORRUPT, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
+        raise _corrupt(exc) from None
+
+
+def _corrupt(exc: Exception) -> ImageRejected:
+    return ImageRejected(CORRUPT, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -12,8 +12,10 @@ carries the worker's read position (epoch, shard cursor, sample offset, batches 
 and a stream restarted from that position continues with the next unread sample without decoding
 the skipped ones. The DataLoader takes batches from its workers in turn, always starting at its
 worker 0; a restarted stream maps that to the worker whose turn it was, so it delivers the
-uninterrupted run's batch sequence. Corrupt samples (undecodable image, missing image) are
-skipped and counted, and so is the rest of a damaged shard (once, logged).
+uninterrupted run's batch sequence. Corrupt samples (undecodable image, missing image, an image
+member over MAX_MEMBER_BYTES, left unread) are skipped and counted, and so is the rest of a
+damaged shard (once, logged). A sample with several images uses the first of IMAGE_EXTS; an
+animated image, its first frame.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ from bdt.data.tars import iter_shard
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Members over this are left unread (the sample is skipped): a hostile multi-GB member would
+# otherwise be read whole into a DataLoader worker, killing it again after every resume. The
+# extraction job's default max_image_bytes.
+MAX_MEMBER_BYTES = 64 * 1024 * 1024
 # A worker's position before its first batch.
 START = {"epoch": 0, "shard": 0, "offset": 0, "corrupt": 0, "batches": 0}
 
@@ -131,7 +137,8 @@ class RawImageStream(IterableDataset):
             while pos["shard"] < len(shards):
                 url = shards[pos["shard"]]
                 try:
-                    for j, (sample, _, _) in enumerate(iter_shard(url)):
+                    for j, (sample, _, _) in enumerate(
+                            iter_shard(url, max_bytes=lambda _ext: MAX_MEMBER_BYTES)):
                         if j < pos["offset"]:
                             continue  # consumed before the restart: skipped without decoding
                         pos["offset"] = j + 1

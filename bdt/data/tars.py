@@ -302,11 +302,13 @@ def read_samples(url: str, offset: int = 0, max_bytes: Callable[[str], int] | No
             raise TarDamaged(f"{url}: {e}", e.pending, e.members) from e
 
 
-def iter_shard(url: str, offset: int = 0) -> Iterator[tuple[dict[str, Any], int, int | None]]:
+def iter_shard(url: str, offset: int = 0, max_bytes: Callable[[str], int] | None = None
+               ) -> Iterator[tuple[dict[str, Any], int, int | None]]:
     """(sample, its byte offset, the next sample's byte offset or None at the end) of each
     sample of which something was read, the sample in webdataset's form (as_dict): what the
-    training readers use (a resumed token stream seeks to the next offset)."""
-    for sample in read_samples(url, offset):
+    training readers use (a resumed token stream seeks to the next offset). `max_bytes`: as in
+    iter_samples (members over it are left out unread)."""
+    for sample in read_samples(url, offset, max_bytes):
         if sample.members:
             yield sample.as_dict(url), sample.offset, sample.next_offset
 

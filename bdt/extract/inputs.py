@@ -7,7 +7,9 @@ fixed-size chunk of a folder's sorted image files (captions in same-named .txt f
 Reading never raises for bad data: every problem becomes a `Reject` (key, source, reason) so the
 job can account for every input (inputs = written + rejected), with one verdict per sample: the
 members of a tar sample (same key) are judged together, so a sample with two bad members is one
-reject. A truncated or unreadable tar yields one `truncated_tar` / `unreadable_shard` reject for
+reject. A sample with several image members is made from the first in `image_extensions`
+order (webdataset's "jpg;png" convention; the caption is one, so is the sample). A truncated or
+unreadable tar yields one `truncated_tar` / `unreadable_shard` reject for
 whatever could not be read. Tars are read by bdt.data.tars, bdt's one tar reader (gzip, bz2
 and xz archives too).
 """

@@ -1,0 +1,77 @@
+"""Hostile image bytes: each is rejected with its reason before any large allocation, or decoded."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bdt.data import images as im
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png(w: int = 64, h: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def png_header_only(w: int, h: int) -> bytes:
+    """A valid PNG header claiming w x h pixels, with almost no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + _chunk(b"IEND", b""))
+
+
+def png_with_broken_stream() -> bytes:
+    """Valid chunks and CRCs, but the zlib stream inside IDAT is damaged."""
+    data = _png()
+    at = data.find(b"IDAT")
+    n = struct.unpack(">I", data[at - 4:at])[0]
+    idat = bytearray(data[at + 4:at + 4 + n])
+    idat[10:18] = b"\xff" * 8
+    return data[:at - 4] + _chunk(b"IDAT", bytes(idat)) + data[at + 8 + n:]
+
+
+def jpeg_claiming(w: int, h: int) -> bytes:
+    """A small JPEG whose frame header claims w x h (nothing is decoded to learn the size)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", h, w)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name,data,max_pixels,reason", [
+    ("zlib stream damaged inside valid PNG chunks", png_with_broken_stream(), 10**8, im.CORRUPT),
+    ("PNG header claiming 50000x50000", png_header_only(50000, 50000), 10**8, im.TOO_LARGE),
+    ("PNG header over max_pixels", png_header_only(5000, 5000), 10**6, im.TOO_LARGE),
+    ("PNG under a .jpg name, PNG not allowed", _png(), 10**8, im.CORRUPT),
+])
+def test_hostile_bytes_are_rejected(name, data, max_pixels, reason):
+    formats = ("JPEG",) if "not allowed" in name else im.DEFAULT_FORMATS
+    with pytest.raises(im.ImageRejected) as info:
+        im.load_for_buckets(data, [[(32, 32)]], max_pixels=max_pixels, min_side=1, formats=formats)
+    assert info.value.reason == reason, name
+
+
+def test_max_pixels_is_the_limit_not_pils_warning_threshold():
+    """PIL only warns between Image.MAX_IMAGE_PIXELS and twice that; the configured limit decides
+    there (a warnings filter to turn that into an error is process-global, and decode threads
+    race on it, so whether an image passed would depend on timing)."""
+    w, h = 10000, 9500  # above PIL's warning threshold, below its error threshold
+    assert Image.MAX_IMAGE_PIXELS < w * h < 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.warns(Image.DecompressionBombWarning):
+        _, size = im.open_image(jpeg_claiming(w, h), max_pixels=10**8, min_side=1)
+    assert size == (w, h)
+    with pytest.warns(Image.DecompressionBombWarning), \
+            pytest.raises(im.ImageRejected, match=f"{w}x{h} exceeds max_pixels {w * h - 1}"):
+        im.open_image(jpeg_claiming(w, h), max_pixels=w * h - 1, min_side=1)
