@@ -120,9 +120,10 @@ def _read_manifest(url: str) -> dict:
 
 def _shard_entries(index_url: str, entry: object, family: str) -> list[dict]:
     """The shard entries a manifest lists for a family; a path that is not inside its root
-    (absolute, '..'), a shard listed twice (its samples would count double), a size that is not
-    a count or a sha256 that is not a string is refused: a manifest names shards of its own
-    output only, once each. `bytes` and `sha256` may be absent (a manifest not written by bdt)."""
+    (absolute, '..', a URL, the root itself), a shard listed twice (its samples would count
+    double), a size that is not a count or a sha256 that is not a string is refused: a manifest
+    names shards of its own output only, once each. `bytes` and `sha256` may be absent (a
+    manifest not written by bdt)."""
     try:
         entries = [dict(s) for s in entry["shards"]]
         names = [s["shard"] for s in entries]
@@ -131,7 +132,9 @@ def _shard_entries(index_url: str, entry: object, family: str) -> list[dict]:
                          f"({type(e).__name__}: {e})") from None
     seen: dict[str, str] = {}
     for name, e in zip(names, entries):
-        if not isinstance(name, str) or not name or unsafe_path(name):
+        # A URL ("s3://other-bucket/x.tar") would be joined under the root as a path: refused.
+        if not isinstance(name, str) or unsafe_path(name) or "://" in name or \
+                posixpath.normpath(name) == ".":
             raise ValueError(f"{index_url} is damaged: family {family!r} lists the shard "
                              f"{name!r}, not a path inside the output")
         key = posixpath.normpath(name)

@@ -86,7 +86,8 @@ def _npy_load(data: bytes) -> np.ndarray:
         12 + int.from_bytes(data[8:12], "little")
     shape, fortran, dtype = _npy_header(bytes(data[:size]))
     count = math.prod(shape)
-    if len(data) - size < count * dtype.itemsize:
+    # Extra bytes mean bits packed with another count than the header's: as wrong as too few.
+    if min(shape, default=0) < 0 or len(data) - size != count * dtype.itemsize:
         raise ValueError(f"npy data holds {len(data) - size} bytes, its header says {shape} "
                          f"{dtype}")
     flat = np.frombuffer(data, dtype, count=count, offset=size)
@@ -123,7 +124,8 @@ def decode_sample(raw: Mapping[str, Any]) -> TokenSample:
     """A webdataset dict (member extension -> bytes) -> TokenSample, with the schema checked.
 
     Raises ValueError naming the sample and the problem (missing member, metadata that is not
-    schema 1's, a grid that disagrees with the metadata, a caption that is not UTF-8).
+    schema 1's, a grid that disagrees with the metadata or its bucket, packed bits of another
+    size than the grid's, a caption that is not UTF-8).
     """
     key = raw.get("__key__", "?")
     url = raw.get("__url__", "")
@@ -142,8 +144,8 @@ def _decode(raw: Mapping[str, Any], key: str) -> TokenSample:
             raise ValueError(f"missing member '{ext}' (has {sorted(k for k in raw if not k.startswith('__'))})")
     try:
         meta = json.loads(raw["json"])
-    except ValueError as e:
-        raise ValueError(f"json member is not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past the parser
+        raise ValueError(f"json member is not JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"json member holds a {type(meta).__name__}, not an object")
     if meta.get("schema") != SCHEMA_VERSION:
@@ -156,10 +158,21 @@ def _decode(raw: Mapping[str, Any], key: str) -> TokenSample:
     expected = (h, w, bits_per_token // 8)
     if bits.dtype != np.uint8 or tuple(bits.shape) != expected:
         raise ValueError(f"bits are {bits.dtype} {list(bits.shape)}, metadata says uint8 {list(expected)}")
+    bucket = meta["bucket"]
+    # The bucket is the grid times the tokenizer's downsample factor, the same on both sides:
+    # another relation means another tokenizer or a mislabelled grid.
+    if not (isinstance(bucket, list) and len(bucket) == 2
+            and all(type(v) is int and v > 0 for v in bucket)
+            and bucket[0] % w == 0 and bucket[1] % h == 0 and bucket[0] // w == bucket[1] // h):
+        raise ValueError(f"metadata bucket={bucket!r}: expected [W, H] px, the {h}x{w} token "
+                         f"grid times one downsample factor")
+    for field in ("source_key", "source_shard", "stage"):
+        if not isinstance(meta[field], str):
+            raise ValueError(f"metadata {field}={meta[field]!r}: expected a string")
     return TokenSample(key=key, bits_hwB=bits, bits_per_token=bits_per_token,
-                       bucket=(int(meta["bucket"][0]), int(meta["bucket"][1])),
-                       caption=raw["txt"].decode("utf-8"), source_key=meta["source_key"],
-                       source_shard=meta["source_shard"], stage=str(meta["stage"]))
+                       bucket=(bucket[0], bucket[1]), caption=raw["txt"].decode("utf-8"),
+                       source_key=meta["source_key"], source_shard=meta["source_shard"],
+                       stage=meta["stage"])
 
 
 def iter_token_shard(url: str) -> Iterator[TokenSample]:

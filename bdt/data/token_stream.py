@@ -84,6 +84,7 @@ class StreamCounters:
     corrupt: int = 0  # samples (or shard tails) that failed to decode: skipped
     oversize: int = 0  # samples longer than the budget on their own: skipped
     wrong_bits: int = 0  # samples whose bits per token differ from the model's: skipped
+    bad_grid: int = 0  # samples whose grid the stage cannot pack (measure refused it): skipped
     batches: int = 0
     real_tokens: int = 0
     budget_tokens: int = 0
@@ -139,7 +140,8 @@ class TokenStream:
     """Endless per-rank micro-batch stream over `shards` (see module doc).
 
     `measure(sample) -> int` gives a sample's packed length (prompt + image prefix + h*w, from
-    `SequencePacker.sample_len`); it may fill `sample.caption_ids`.
+    `SequencePacker.sample_len`); it may fill `sample.caption_ids`, and raises ValueError for a
+    sample the stage cannot pack (its grid), which is then skipped and counted (`bad_grid`).
     """
 
     def __init__(self, shards: list[str], rank: int, world_size: int, token_budget: int,
@@ -231,7 +233,12 @@ class TokenStream:
         if self.bits_per_token is not None and sample.bits_per_token != self.bits_per_token:
             self.counters.wrong_bits += 1
             return None
-        length = self.measure(sample)
+        try:
+            length = self.measure(sample)
+        except ValueError as e:  # e.g. a grid not in whole patches, from a bare glob's odd shard
+            log.warning("skipping sample %s in %s: %s", sample.key, url, e)
+            self.counters.bad_grid += 1
+            return None
         if length > self.token_budget:
             self.counters.oversize += 1
             return None

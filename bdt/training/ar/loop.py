@@ -332,7 +332,8 @@ def _log(logger: MetricsLogger, step: int, engine, window: _Window, meter: Throu
                  images_seen=seen["images"], flops_seen=seen["flops"], data_wait_frac=rates["data_wait_frac"],
                  pack_efficiency=stream.counters.efficiency,
                  samples_read=stream.counters.samples_read, corrupt=stream.counters.corrupt,
-                 oversize=stream.counters.oversize)
+                 oversize=stream.counters.oversize, wrong_bits=stream.counters.wrong_bits,
+                 bad_grid=stream.counters.bad_grid)
     mean = all_reduce_mean(local, dist.device)
     W = dist.world_size
     out = {k: mean[k] for k in ("loss", "text_ce", "vision", "bit_accuracy", "mfu",
@@ -345,7 +346,7 @@ def _log(logger: MetricsLogger, step: int, engine, window: _Window, meter: Throu
                tokens_per_s_rank=local["tokens_per_s"], images_per_s_rank=local["images_per_s"],
                tokens_seen=mean["tokens_seen"] * W, images_seen=mean["images_seen"] * W,
                flops_seen=mean["flops_seen"] * W)
-    out.update({"data/samples_read": mean["samples_read"] * W, "data/corrupt": mean["corrupt"] * W,
-                "data/oversize": mean["oversize"] * W})
+    out.update({f"data/{k}": mean[k] * W
+                for k in ("samples_read", "corrupt", "oversize", "wrong_bits", "bad_grid")})
     logger.log(step, out)
 

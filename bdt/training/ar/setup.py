@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import tarfile
 import types
 
 import torch
@@ -80,14 +81,22 @@ def check_data(cfg: TrainConfig) -> list[ShardList]:
                 raise ValueError(f"{where}: the shards in {stage.shards} were written by a different "
                                  f"image tokenizer than {want_from} (files differing: {diff[:3]}); "
                                  f"re-extract them or point data.tokenizer at the right tokenizer")
-        first = _first_sample(shards.urls[0])
+        url, first = _first_sample(shards.urls)
         if first is not None and first.bits_per_token != cfg.model.head.bits:
-            raise ValueError(f"{where}: {shards.urls[0]} holds {first.bits_per_token}-bit tokens, "
+            raise ValueError(f"{where}: {url} holds {first.bits_per_token}-bit tokens, "
                              f"model.head.bits is {cfg.model.head.bits}")
+        family = stage.family or next(iter((shards.manifest or {}).get("stages", {})), "")
+        if first is not None and shards.manifest is not None and first.stage != family:
+            raise ValueError(f"{where}: {url}, listed for family {family!r} in "
+                             f"{stage.shards}/index.json, holds samples of family "
+                             f"{first.stage!r}: the manifest was edited; rerun the extraction")
         side = patch_side(stage_p(cfg, i))
         if first is not None:
             factor = first.bucket[0] // first.grid[1]  # the image tokenizer's downsample factor
-            grids = _stage_grids(shards, stage.family, first.grid, factor)
+            try:
+                grids = _stage_grids(shards, family, first.grid, factor)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
             for h, w in grids:
                 if h % side or w % side:
                     raise ValueError(f"{where}: {stage.shards} holds {h}x{w} token grids, not "
@@ -115,6 +124,13 @@ def _stage_grids(shards: ShardList, family: str, first_grid: tuple[int, int], fa
     manifest lists for the family, so a later bucket cannot fail deep in packing."""
     stages = (shards.manifest or {}).get("stages", {})
     buckets = stages.get(family or next(iter(stages), ""), {}).get("buckets", [])
+    ok = isinstance(buckets, list) and all(
+        isinstance(b, list) and len(b) == 2 and all(type(v) is int and v > 0 and v % factor == 0
+                                                    for v in b) for b in buckets)
+    if not ok:
+        raise ValueError(f"{shards.source}/index.json: family {family!r} lists the buckets "
+                         f"{str(buckets)[:200]}, not [W, H] px multiples of the shards' "
+                         f"downsample factor {factor}: rerun the extraction")
     return sorted({first_grid} | {(H // factor, W // factor) for W, H in buckets})
 
 
@@ -135,12 +151,17 @@ def _check_eval_size(cfg: TrainConfig, factor: int | None) -> None:
                              f"position table (model.pos_max_len = {cfg.model.pos_max_len})")
 
 
-def _first_sample(url: str) -> TokenSample | None:
-    try:
-        raw, _, _ = next(iter_shard(url))
-        return decode_sample(raw)
-    except (StopIteration, ValueError, OSError):
-        return None  # an empty or damaged first shard is the stream's business (skip and count)
+def _first_sample(urls: list[str], shards: int = 4) -> tuple[str, TokenSample | None]:
+    """(shard, its first sample) of the first of `shards` shards whose first sample decodes: an
+    empty or damaged first shard (the stream's business: skip and count) must not let a stage of
+    another bit width pass the start checks and fail only after a whole epoch of skipping."""
+    for url in urls[:shards]:
+        try:
+            raw, _, _ = next(iter_shard(url))
+            return url, decode_sample(raw)
+        except (StopIteration, ValueError, OSError, tarfile.TarError, EOFError):
+            continue
+    return urls[0], None
 
 
 def skip_deepspeed_muon() -> None:
@@ -226,7 +247,7 @@ def stage_rows(cfg: TrainConfig, stage_idx: int, shards: ShardList, model: BitDa
                           cfg.model.caption_dropout)
     return StageRows(shards.urls, dist.rank, dist.world_size, stage.token_budget,
                      cfg.data.buffer_size, stream_seed(cfg, stage_idx), cfg.model.head.bits,
-                     CaptionMeasure(model.tokenizer, packer), state)
+                     CaptionMeasure(model.tokenizer, packer, cfg.model.pos_max_len), state)
 
 
 def make_stream(cfg: TrainConfig, stage_idx: int, shards: ShardList, model: BitDanceModel,

@@ -43,10 +43,12 @@ def image_samples(batch: MicroBatch, bits: int) -> list[ImageSample]:
 class CaptionMeasure:
     """TokenStream's `measure`: a sample's packed length; fills `sample.caption_ids` with the
     model tokenizer's ids. Holds the `tokenizers` backend of a fast tokenizer when there is one
-    (same ids, a quarter of the per-call cost, and a light import in a worker process)."""
+    (same ids, a quarter of the per-call cost, and a light import in a worker process). A grid
+    the packer cannot pack or with a side beyond `max_side` (the model's position table) is a
+    ValueError: the stream skips and counts the sample instead of the step failing on it."""
 
-    def __init__(self, tokenizer: Any, packer: SequencePacker):
-        self.packer = packer
+    def __init__(self, tokenizer: Any, packer: SequencePacker, max_side: int | None = None):
+        self.packer, self.max_side = packer, max_side
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self.backend, self.tokenizer = (backend, None) if backend is not None else (None, tokenizer)
 
@@ -58,8 +60,12 @@ class CaptionMeasure:
         return encode(self.tokenizer, text)
 
     def __call__(self, sample: TokenSample) -> int:
-        sample.caption_ids = np.asarray(self.ids(sample.caption), dtype=np.int32)
         h, w = sample.grid
+        self.packer.image_prefix_ids(h, w)  # ValueError for a grid it cannot pack
+        if self.max_side is not None and max(h, w) > self.max_side:
+            raise ValueError(f"latent grid {h}x{w} is beyond the 2D position table "
+                             f"({self.max_side} tokens per side)")
+        sample.caption_ids = np.asarray(self.ids(sample.caption), dtype=np.int32)
         n_prompt = len(self.packer.prompt_ids(sample.caption_ids.tolist()))
         return self.packer.sample_len(n_prompt, h, w)
 

@@ -1,0 +1,193 @@
+"""Hostile token shards: every bad sample is refused with a ValueError naming it, and the stream
+skips and counts it (never a crash, never wrong bits, grid or metadata trained on), keeps every
+good sample and resumes exactly across them; a manifest naming a shard outside its root is
+refused at listing."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from bdt.data.shard_source import list_shards
+from bdt.data.token_shards import TokenSample, decode_sample, encode_sample
+from bdt.data.token_stream import TokenStream
+from trainutil import CAPTIONS, write_shards
+
+
+def _raw(key="k", h=4, w=4, bits=16, bucket=(64, 64)) -> dict:
+    rng = np.random.default_rng(0)
+    return encode_sample(TokenSample(
+        key=key, bits_hwB=rng.integers(0, 256, (h, w, bits // 8), dtype=np.uint8),
+        bits_per_token=bits, bucket=bucket, caption="a red circle", source_key="src",
+        source_shard="raw.tar", stage="s"))
+
+
+def _meta(raw: dict, **fields) -> dict:
+    return dict(raw, json=json.dumps(dict(json.loads(raw["json"]), **fields)).encode())
+
+
+def _npy(shape, dtype="|u1", data: int | None = None) -> bytes:
+    """An .npy file with this header and `data` bytes (default: what the header says)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False,
+                                               "shape": shape})
+    if data is None:
+        data = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return buf.getvalue() + b"\x07" * data
+
+
+_GOOD = _raw()
+# (name, raw sample, words of the expected message); each is one hostile sample of a shard.
+HOSTILE = [
+    ("bits truncated", dict(_GOOD, **{"bits.npy": _GOOD["bits.npy"][:-3]}), "npy data holds"),
+    ("bits extra bytes", dict(_GOOD, **{"bits.npy": _GOOD["bits.npy"] + b"\0" * 8}),
+     "npy data holds"),
+    ("bits of another grid", dict(_GOOD, **{"bits.npy": _npy((2, 8, 2))}), "metadata says"),
+    ("bits of another width", dict(_GOOD, **{"bits.npy": _npy((4, 4, 4))}), "metadata says"),
+    ("bits uint16", dict(_GOOD, **{"bits.npy": _npy((4, 4, 1), "<u2")}), "metadata says"),
+    ("bits negative dims", dict(_GOOD, **{"bits.npy": _npy((-4, 4, 2), data=32)}),
+     "npy data holds"),
+    ("bits huge header", dict(_GOOD, **{"bits.npy": _npy((2**31, 2**31, 2), data=32)}),
+     "npy data holds"),
+    ("bits objects", dict(_GOOD, **{"bits.npy": _npy((4, 4, 2), "|O")}), "Python objects"),
+    ("bits missing", {k: v for k, v in _GOOD.items() if k != "bits.npy"}, "missing member"),
+    ("caption missing", {k: v for k, v in _GOOD.items() if k != "txt"}, "missing member"),
+    ("caption not UTF-8", dict(_GOOD, txt=b"\xff\xfe caption"), "utf-8"),
+    ("grid 0x0", _meta(_GOOD, h=0, w=0), "positive integers"),
+    ("grid negative", _meta(_GOOD, h=-4), "positive integers"),
+    ("grid NaN", dict(_GOOD, json=_GOOD["json"].replace(b'"h": 4', b'"h": NaN')),
+     "positive integers"),
+    ("grid float", _meta(_GOOD, w=4.0), "positive integers"),
+    ("declared grid not the payload's", _meta(_GOOD, h=2, w=8, bucket=[128, 32]),
+     "metadata says"),
+    ("bucket not the grid's", _meta(_GOOD, bucket=[128, 32]), "bucket=[128, 32]"),
+    ("bucket Infinity", dict(_GOOD, json=_GOOD["json"].replace(b"[64, 64]", b"[Infinity, 64]")),
+     "bucket=[inf, 64]"),
+    ("bucket string", _meta(_GOOD, bucket="64"), "bucket='64'"),
+    ("bucket float", _meta(_GOOD, bucket=[64.5, 64]), "bucket=[64.5, 64]"),
+    ("bucket three sides", _meta(_GOOD, bucket=[64, 64, 1]), "bucket=[64, 64, 1]"),
+    ("source_key not a string", _meta(_GOOD, source_key=7), "source_key=7"),
+    ("stage not a string", _meta(_GOOD, stage=["s"]), "stage=['s']"),
+    ("metadata a list", dict(_GOOD, json=b"[1, 2]"), "holds a list"),
+    ("metadata nested past the parser", dict(_GOOD, json=b"[" * 100000 + b"]" * 100000),
+     "not JSON"),
+    ("metadata field missing", dict(_GOOD, json=json.dumps(
+        {"schema": 1, "h": 4, "w": 4, "bits_per_token": 16}).encode()), "bad metadata"),
+]
+
+
+@pytest.mark.parametrize("name,raw,problem", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_a_hostile_sample_is_a_value_error_naming_it(name, raw, problem):
+    with pytest.raises(ValueError, match=r"^sample k in x\.tar: ") as e:
+        decode_sample(dict(raw, __url__="x.tar"))
+    assert problem in str(e.value)
+
+
+def measure(sample):
+    """Like CaptionMeasure: refuses a grid the stage cannot pack (odd sides: patch side 2)."""
+    h, w = sample.grid
+    if h % 2 or w % 2:
+        raise ValueError(f"latent grid {h}x{w} is not divisible by the patch side 2")
+    return 12 + len(sample.caption.split()) + h * w
+
+
+def _hostile_shards(tmp_path) -> tuple[list[str], set[str]]:
+    """Good shards, one shard of every hostile sample between good ones, an empty shard, a
+    shard of another bit width, a 3x4 grid, a 100k-character caption: (urls, good keys)."""
+    good = write_shards(str(tmp_path / "good"), [(4, 4), (4, 8)], num_shards=2, per_shard=6)
+    mixed = str(tmp_path / "mixed.tar")
+    good_keys = {f"s{n:06d}" for n in range(12)}
+    with wds.TarWriter(mixed, encoder=False) as sink:
+        for i, (_, raw, _) in enumerate(HOSTILE):
+            sink.write(dict(raw, __key__=f"bad{i:03d}"))
+            sink.write(dict(_raw(), __key__=f"ok{i:03d}"))
+            good_keys.add(f"ok{i:03d}")
+    wds.TarWriter(str(tmp_path / "empty.tar"), encoder=False).close()
+    other = write_shards(str(tmp_path / "b32"), [(4, 4)], num_shards=1, per_shard=3, bits=32)
+    odd = write_shards(str(tmp_path / "odd"), [(3, 4)], num_shards=1, per_shard=2)
+    long = write_shards(str(tmp_path / "long"), [(4, 4)], num_shards=1, per_shard=1,
+                        captions=["word " * 20000])
+    return good + [mixed, str(tmp_path / "empty.tar")] + other + odd + long, good_keys
+
+
+def _stream(urls, budget=200):
+    return TokenStream(urls, 0, 1, budget, measure, buffer_size=4, seed=1, bits_per_token=16)
+
+
+def test_the_stream_skips_and_counts_every_hostile_sample(tmp_path):
+    urls, good_keys = _hostile_shards(tmp_path)
+    s = _stream(urls)
+    got = []
+    while s.cursor.epoch == 0:  # one epoch, sample by sample: exact counts
+        item = s._read_one()
+        got += [item.sample.key] if item is not None else []
+    assert sorted(got) == sorted(good_keys)  # every good one once, nothing else
+    c = s.counters
+    assert (c.corrupt, c.wrong_bits, c.bad_grid, c.oversize) == (len(HOSTILE), 3, 2, 1)
+
+
+def test_resume_is_exact_across_hostile_samples(tmp_path):
+    urls, _ = _hostile_shards(tmp_path)
+    ref = _stream(urls)
+    want = [[x.key for x in ref.next_batch().samples] for _ in range(14)]
+    a = _stream(urls)
+    for _ in range(6):
+        a.next_batch()
+    meta, tensors = a.state_dict()
+    b = _stream(urls)
+    b.load_state_dict(json.loads(json.dumps(meta)), tensors)
+    assert [[x.key for x in b.next_batch().samples] for _ in range(8)] == want[6:]
+    assert b.counters == ref.counters
+
+
+def test_the_trainer_rows_skip_a_grid_the_stage_cannot_pack(tmp_path):
+    """CaptionMeasure refuses the grid before the packer would raise deep in the worker."""
+    from bdt.model.sequence import SequencePacker
+    from bdt.model.text_tokenizer import add_special_tokens, make_text_tokenizer, prompt_ids
+    from bdt.training.ar.stage_rows import CaptionMeasure, StageData, StageRows
+
+    urls = write_shards(str(tmp_path / "a"), [(4, 4)], num_shards=1, per_shard=6)
+    # 3x4: not whole 2x2 patches; 2x10: beyond a position table of 8 per side
+    urls += write_shards(str(tmp_path / "odd"), [(3, 4), (4, 6), (2, 10)], num_shards=1,
+                         per_shard=6)
+    tok = make_text_tokenizer(str(tmp_path / "tok"), CAPTIONS * 20, 384)
+    packer = SequencePacker(add_special_tokens(tok, 4), prompt_ids(tok), 4, max_len=160)
+    rows = StageRows(urls, 0, 1, 160, 4, 3, 16, CaptionMeasure(tok, packer, max_side=8))
+    data = StageData(rows, 0, "thread", torch.device("cpu"))
+    try:
+        grids = {tuple(g) for _ in range(6) for g in data.next().packed.grid_hw_S2.tolist()}
+    finally:
+        data.close()
+    assert grids == {(4, 4), (4, 6)}
+    assert data.counters.bad_grid > 0 and data.counters.bad_grid % 4 == 0  # 4 per epoch
+
+
+@pytest.mark.parametrize("name", ["s3://other-bucket/f/000000.tar", "file:///tmp/x.tar", ".",
+                                  "f/..", "f/../../x.tar", "/abs/f.tar", ""])
+def test_a_manifest_naming_a_shard_outside_its_root_is_refused(tmp_path, name):
+    write_shards(str(tmp_path / "f"), [(4, 4)], num_shards=1, per_shard=2)
+    (tmp_path / "index.json").write_text(json.dumps({"stages": {"f": {"shards": [
+        {"shard": "f/000000.tar"}, {"shard": name}]}}}))
+    with pytest.raises(ValueError, match=f"lists the shard {name!r}, not a path inside"):
+        list_shards(str(tmp_path), "f")
+
+
+def test_a_listed_shard_cut_inside_a_member_is_read_up_to_the_cut(tmp_path):
+    """Its listed size matches (a copy truncated before the manifest was written): the start
+    check passes, the stream keeps the samples before the cut, counts the cut and goes on."""
+    urls = write_shards(str(tmp_path / "f"), [(4, 4)], num_shards=2, per_shard=6)
+    data = open(urls[0], "rb").read()[:9300]  # inside the second sample
+    open(urls[0], "wb").write(data)
+    (tmp_path / "index.json").write_text(json.dumps({"stages": {"f": {"shards": [
+        {"shard": "f/000000.tar", "bytes": len(data)},
+        {"shard": "f/000001.tar", "bytes": len(open(urls[1], "rb").read())}]}}}))
+    s = _stream(list_shards(str(tmp_path), "f").urls)
+    got = set()
+    while s.cursor.epoch == 0:
+        item = s._read_one()
+        got |= {item.sample.key} if item is not None else set()
+    assert s.counters.corrupt == 1 and {f"s{n:06d}" for n in range(6, 12)} <= got
+    assert 0 < len(got & {f"s{n:06d}" for n in range(6)}) < 6
