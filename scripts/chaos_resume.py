@@ -20,11 +20,11 @@ mismatch):
        save    while a checkpoint is being written (a step_* directory without COMPLETE)
        marker  as soon as a new COMPLETE marker appears (pruning and the save's last barrier)
      then runs it to the end;
-  4. compares: every step's last metrics record (loss, text_ce, vision, bit_accuracy,
-     grad_norm, lr, samples read) bitwise, the exported weights tensor by tensor, the ranks'
-     final parameter digests; and checks that no launch crashed, that no kill left a checkpoint
-     marked complete with files missing, and that every resume took the newest complete
-     checkpoint on disk, passing over none (a SIGKILL damages none that is complete).
+  4. compares: every step's metrics record (loss, text_ce, vision, bit_accuracy, grad_norm,
+     lr, samples read) bitwise, each step logged once, the exported weights tensor by tensor,
+     the ranks' final parameter digests; and checks that no launch crashed, that no kill left
+     a checkpoint marked complete with files missing, and that every resume took the newest
+     complete checkpoint on disk, passing over none (a SIGKILL damages none that is complete).
 Prints one row per kill (when, which target, what was on disk) and the verdict; exits 1 on any
 difference.
 """
@@ -197,7 +197,7 @@ class Launch:
 
 
 def aim(launch: Launch, target: str, run_dir: str, rng: random.Random, start_s: float,
-        step_s: float, total: int, every: int, offset: int, newest: int | None, timeout: float
+        step_s: float, total: int, every: int, since: float, newest: int | None, timeout: float
         ) -> str | None:
     """Wait until `target` is reached (then kill), or the launch ends; returns what was hit,
     or None when the launch ended first."""
@@ -208,7 +208,7 @@ def aim(launch: Launch, target: str, run_dir: str, rng: random.Random, start_s: 
         if target == "start" and launch.elapsed() >= delay:
             return "start"
         if target == "step":
-            if trained_at is None and steps_logged_since(run_dir, offset):
+            if trained_at is None and steps_logged_since(run_dir, since):
                 # within the next two checkpoint intervals (at the reference's pace), so that
                 # the kill lands before the run ends and the next resume is not always the last
                 left = min(total - (newest or 0), 2 * every)
@@ -236,38 +236,32 @@ def aim(launch: Launch, target: str, run_dir: str, rng: random.Random, start_s: 
     return None
 
 
-def complete_lines_end(path: str) -> int:
-    """The offset after the last whole line of `path` (0 when absent)."""
-    if not os.path.exists(path):
-        return 0
-    with open(path, "rb") as f:
-        return f.read().rfind(b"\n") + 1
-
-
-def records_since(run_dir: str, offset: int) -> list[dict]:
-    """The whole metrics records written after `offset`."""
+def records_since(run_dir: str, since: float) -> list[dict]:
+    """The whole metrics records logged at wall-clock time `since` or later (by their `time`:
+    a resume cuts the file back, so a byte offset would not mark where a launch began)."""
     out = []
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return out
     with open(path, "rb") as f:
-        f.seek(offset)
         for line in f:
             try:
-                out.append(json.loads(line))
+                rec = json.loads(line)
             except ValueError:
                 continue  # the record a kill cut short
+            if rec.get("time", 0) >= since:
+                out.append(rec)
     return out
 
 
-def steps_logged_since(run_dir: str, offset: int) -> bool:
-    return any("loss" in rec for rec in records_since(run_dir, offset))
+def steps_logged_since(run_dir: str, since: float) -> bool:
+    return any("loss" in rec for rec in records_since(run_dir, since))
 
 
-def resumes_since(run_dir: str, offset: int) -> list[tuple[int, int]]:
-    """(resumed_from_step, checkpoints_skipped) of every resume logged after `offset`."""
+def resumes_since(run_dir: str, since: float) -> list[tuple[int, int]]:
+    """(resumed_from_step, checkpoints_skipped) of every resume logged since `since`."""
     return [(rec["resumed_from_step"], rec["checkpoints_skipped"])
-            for rec in records_since(run_dir, offset) if "resumed_from_step" in rec]
+            for rec in records_since(run_dir, since) if "resumed_from_step" in rec]
 
 
 def newest_complete(run_dir: str) -> int | None:
@@ -275,11 +269,11 @@ def newest_complete(run_dir: str) -> int | None:
     return max(done) if done else None
 
 
-def check_resume(run_dir: str, offset: int, newest: int | None, launch: int, resumes: list,
+def check_resume(run_dir: str, since: float, newest: int | None, launch: int, resumes: list,
                  problems: list) -> None:
     """The launch resumed (if it got that far) from the newest complete checkpoint on disk
     when it started, passing over none (a SIGKILL damages no complete checkpoint)."""
-    for frm, skipped in resumes_since(run_dir, offset):
+    for frm, skipped in resumes_since(run_dir, since):
         resumes.append(int(frm))
         if skipped or frm != newest:
             problems.append(f"launch {launch} resumed from step {frm} passing over {skipped} "
@@ -301,6 +295,10 @@ def compare(ref_dir: str, run_dir: str, total: int) -> list[str]:
             a, b = ref[step].get(key), got[step].get(key)
             if a != b:
                 problems.append(f"step {step} {key}: reference {a!r}, chaos run {b!r}")
+    logged = [rec["step"] for rec in records_since(run_dir, 0) if "loss" in rec]
+    repeated = sorted({step for step in logged if logged.count(step) > 1})
+    if repeated:  # a resume cuts what the killed launch logged past its checkpoint
+        problems.append(f"metrics.jsonl logs step(s) {repeated} more than once")
     ref_w, got_w = export_tensors(ref_dir), export_tensors(run_dir)
     if ref_w.keys() != got_w.keys():
         problems.append(f"exported tensors differ in names: {sorted(ref_w.keys() ^ got_w.keys())}")
@@ -318,17 +316,16 @@ def chaos_run(args, data: dict, work: str, run_dir: str, rng: random.Random, sta
               step_s: float) -> tuple[list, list[str], list[int]]:
     """Launch, kill, relaunch until the run finishes (or a launch fails on its own); returns
     the kill table's rows, the problems seen and the steps the launches resumed from."""
-    metrics = os.path.join(run_dir, "metrics.jsonl")
     rows, problems, resumes, launches = [], [], [], 0
     while True:
         launches += 1
-        offset, newest = complete_lines_end(metrics), newest_complete(run_dir)
+        newest = newest_complete(run_dir)
         launch = Launch(command(args, data, run_dir),
                         os.path.join(work, f"chaos_{launches:03d}.log"))
         hit = None
         if len(rows) < args.kills:
             hit = aim(launch, rng.choice(args.targets), run_dir, rng, start_s, step_s,
-                      sum(args.steps), args.every, offset, newest, args.launch_timeout)
+                      sum(args.steps), args.every, launch.wall0, newest, args.launch_timeout)
         if hit is not None:
             at = launch.elapsed()
             launch.kill()
@@ -339,7 +336,7 @@ def chaos_run(args, data: dict, work: str, run_dir: str, rng: random.Random, sta
                                 f"complete with files missing")
         else:
             rc = launch.wait(args.launch_timeout)
-        check_resume(run_dir, offset, newest, launches, resumes, problems)
+        check_resume(run_dir, launch.wall0, newest, launches, resumes, problems)
         if hit is not None:
             continue
         if rc != 0:  # a crash on resume: relaunching would most likely repeat it

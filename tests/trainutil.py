@@ -115,8 +115,7 @@ def spawn_train(argv: list[str], world: int = 2) -> int:
 
 
 def read_metrics(run_dir: str) -> dict[int, dict]:
-    """step -> the last metrics record logged for it (a resumed run re-logs steps after the
-    checkpoint it resumed from)."""
+    """step -> its metrics record with a loss (the last one, should a step hold several)."""
     out: dict[int, dict] = {}
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:

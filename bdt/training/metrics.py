@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
+
+from bdt import storage
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +19,11 @@ class MetricsLogger:
     """Writes on the main rank only; other ranks hold a no-op logger so callers need no branches."""
 
     def __init__(self, out_dir: str | None, enabled: bool, tensorboard: bool = True,
-                 jsonl_name: str = "metrics.jsonl"):
+                 jsonl_name: str = "metrics.jsonl", keep_through_step: int | None = None):
+        """keep_through_step: the step this run continues from (-1 for a fresh start). What an
+        earlier run logged past it is history this run replaces: the JSONL file is cut back to
+        the records up to it and TensorBoard hides the later events. None keeps every whole
+        record."""
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -24,12 +31,14 @@ class MetricsLogger:
             return
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, jsonl_name)
-        _drop_partial_line(path)
+        # A torn last line (a kill mid-write) goes in any case: the next record would join it.
+        cut_records_after(path, math.inf if keep_through_step is None else keep_through_step)
         self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
+            purge = None if keep_through_step is None else keep_through_step + 1
+            self._tb = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"), purge_step=purge)
 
     def log(self, step: int, values: dict[str, Any], prefix: str = "") -> None:
         """Scalars to all sinks; keys containing '/' (per-bit, per-group series) skip the log."""
@@ -54,20 +63,40 @@ class MetricsLogger:
             self._tb = None
 
 
-def _drop_partial_line(path: str) -> None:
-    """A job killed mid-write leaves half a record at the end; the resumed run's records would
-    follow it on the same line, and the file would no longer parse as JSON lines."""
+def cut_records_after(path: str, last_step: float) -> None:
+    """Keep the records of `path` logged for steps <= last_step, atomically (a kill leaves the
+    old file or the new one). A torn last line (a kill mid-write) goes; lines without a
+    numeric step stay: they are not on the step axis, so nothing says they are replaced."""
     try:
-        with open(path, "rb+") as f:
-            end = f.seek(0, os.SEEK_END)
-            start = max(0, end - (1 << 20))  # a record is far shorter than the tail read
-            f.seek(start)
-            tail = f.read()
-            if tail and not tail.endswith(b"\n"):
-                cut = tail.rfind(b"\n")
-                f.truncate(start + cut + 1 if cut >= 0 else start)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
-        pass
+        return
+    lines = data.split(b"\n")
+    torn = lines.pop()  # b"" when the file ends with a newline
+    if torn and _parsed(torn) is not _UNPARSABLE:
+        lines.append(torn)  # whole after all: only its newline was lost
+    kept = [line for line in lines if _kept(_parsed(line), last_step)]
+    out = b"".join(line + b"\n" for line in kept)
+    if out != data:
+        storage.remove_stale_temps(path)  # a killed cut's temp file
+        storage.write_bytes_atomic(path, out)
+
+
+_UNPARSABLE = object()
+
+
+def _parsed(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return _UNPARSABLE
+
+
+def _kept(rec: Any, last_step: float) -> bool:
+    step = rec.get("step") if isinstance(rec, dict) else None
+    numeric = isinstance(step, (int, float)) and not isinstance(step, bool)
+    return not numeric or step <= last_step
 
 
 def _fmt(v: float) -> str:

@@ -137,9 +137,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     engine = initialize_engine(model, ds_config, clock)
     ema = EMA(engine.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
-    logger = MetricsLogger(cfg.run_dir, dist.is_main, tensorboard=cfg.logging.tensorboard)
-    logger.log(0, {"params": sum(setup.numel(p) for p in model.parameters()),
-                   **{f"params_local/rank{r}": n for r, n in enumerate(params_local)}})
+    params = {"params": sum(setup.numel(p) for p in model.parameters()),
+              **{f"params_local/rank{r}": n for r, n in enumerate(params_local)}}
     if dist.is_main:
         save_resolved(OmegaConf.structured(cfg), cfg.run_dir)
         model.save_llm_description(os.path.join(cfg.run_dir, BACKBONE_DIR))
@@ -165,9 +164,6 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                                  f"ema_decay={cfg.ema_decay}: resume with ema_decay=0")
             ema.load_state_dict(shared["ema"])
         stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
-        logger.log(step, {"resumed_from_step": step, "checkpoints_skipped": len(resumed.skipped),
-                          "resumed_from_world_size": meta.get("resplit_from_world_size",
-                                                              dist.world_size)})
         if meta.get("threads") != torch.get_num_threads():
             # environment.md: a different intra-op thread count changes float reduction order.
             log.warning("checkpoint written with %s torch threads, this run has %d: training "
@@ -178,6 +174,16 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                      clock.names[min(clock.stage, len(clock.names) - 1)])
     else:
         _seed_all(cfg.seed * 1000 + 1 + dist.rank)  # per-rank noise, flips, caption dropout
+    # Opened once the start step is known: what was logged past it is replaced by this run.
+    logger = MetricsLogger(cfg.run_dir, dist.is_main, tensorboard=cfg.logging.tensorboard,
+                           keep_through_step=step if resumed is not None else -1)
+    if resumed is None:
+        logger.log(0, params)
+    else:  # the layout per rank again: the world size may have changed
+        logger.log(step, {"resumed_from_step": step, "checkpoints_skipped": len(resumed.skipped),
+                          "resumed_from_world_size": meta.get("resplit_from_world_size",
+                                                              dist.world_size),
+                          **{k: v for k, v in params.items() if k.startswith("params_local/")}})
 
     peak = cfg.logging.peak_tflops * 1e12 or measure_peak_flops(
         torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32)

@@ -204,7 +204,9 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
                  f" (resumed from {tag})" if tag else "")
     loader, stream = make_loader(cfg.data, cfg.deepspeed.micro_batch_size, dist.rank,
                                  dist.world_size, stream_state)
-    logger = MetricsLogger(cfg.run_dir, dist.is_main, cfg.logging.tensorboard)
+    # Records an earlier run logged past the start step are replaced by this run's.
+    logger = MetricsLogger(cfg.run_dir, dist.is_main, cfg.logging.tensorboard,
+                           keep_through_step=step if resumed is not None else -1)
     stop = StopFlag()
     meter = Throughput()
     batches = iter(loader)

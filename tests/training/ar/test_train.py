@@ -104,6 +104,21 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
                if "resumed_from_step" in line]
     assert resumed == [2, 5, 6]
     assert_same_as_ref(ref, tmp_path, from_step=2)
+    # The log reads like the uninterrupted run's: steps 3-4, logged before the first kill and
+    # again after the resume at 2, appear once; only the timings differ.
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records)
+    trained = [untimed(r) for r in records if "loss" in r]
+    assert trained == [untimed(ref["metrics"][step]) for step in sorted(ref["metrics"])]
+    assert sum("params" in r for r in records) == 1  # logged by the fresh start only
+
+
+TIMINGS = ("time", "step_time_s", "last_step_s", "mfu", "data_wait_frac", "tokens_per_s",
+           "images_per_s", "tokens_per_s_rank", "images_per_s_rank")
+
+
+def untimed(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TIMINGS}
 
 
 def test_s3_checkpoints_resume(data, ref, tmp_path, s3_bucket):

@@ -1,0 +1,91 @@
+"""A resumed run's metrics log reads like the uninterrupted run's: what an earlier try logged
+past the step the run continues from is cut from metrics.jsonl and hidden in TensorBoard."""
+
+import json
+import os
+
+import pytest
+
+from bdt.training.metrics import MetricsLogger
+
+EARLIER = [{"step": 0, "params": 10},
+           {"step": 1, "loss": 3.0},
+           {"note": "no step"},  # not on the step axis: kept wherever it is
+           {"step": 2, "loss": 2.5},
+           {"step": 2, "eval_overall": 0.1},
+           {"step": 3, "loss": 2.0},
+           {"step": 4, "loss": 1.5}]
+
+
+def _write(path, records, tail=""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resume_cuts_the_records_past_its_step_and_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _write(path, EARLIER, tail='{"step": 5, "lo')  # a kill mid-write
+    log = MetricsLogger(str(tmp_path), enabled=True, tensorboard=False, keep_through_step=2)
+    log.log(3, {"loss": 1.9})
+    log.close()
+    got = [{k: v for k, v in r.items() if k != "time"} for r in _read(path)]
+    assert got == EARLIER[:5] + [{"step": 3, "loss": 1.9}]
+
+
+def test_fresh_start_in_an_old_run_dir_drops_every_step_record(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _write(path, EARLIER)
+    log = MetricsLogger(str(tmp_path), enabled=True, tensorboard=False, keep_through_step=-1)
+    log.log(0, {"params": 11})
+    log.close()
+    assert [{k: v for k, v in r.items() if k != "time"} for r in _read(path)] == \
+        [{"note": "no step"}, {"step": 0, "params": 11}]
+
+
+def test_unparsable_lines_inside_and_a_whole_unterminated_last_record_are_kept(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1}\nnot json\n{"step": 2, "loss": 2}')
+    MetricsLogger(str(tmp_path), enabled=True, tensorboard=False, keep_through_step=2).close()
+    assert path.read_text() == '{"step": 1, "loss": 1}\nnot json\n{"step": 2, "loss": 2}\n'
+
+
+def test_a_failed_cut_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    _write(path, EARLIER)
+    before = path.read_bytes()
+
+    def killed(src, dst):
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(OSError, match="killed"):
+        MetricsLogger(str(tmp_path), enabled=True, tensorboard=False, keep_through_step=2)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]  # no temp file left either
+
+
+def test_non_main_rank_leaves_the_file_alone(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _write(path, EARLIER)
+    MetricsLogger(str(tmp_path), enabled=False, keep_through_step=-1).close()
+    assert _read(path) == EARLIER
+
+
+def test_tensorboard_hides_the_replaced_steps(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsLogger(str(tmp_path), enabled=True, keep_through_step=-1)
+    for step in range(1, 5):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    resumed = MetricsLogger(str(tmp_path), enabled=True, keep_through_step=2)
+    for step in (3, 4):
+        resumed.log(step, {"loss": 10.0 * step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == \
+        [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
