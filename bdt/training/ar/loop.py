@@ -38,8 +38,8 @@ from bdt.training.ar.stages import StageClock
 from bdt.training.ar.time_fit import TimeFit
 from bdt.training.checkpoint import CheckpointManager
 from bdt.training.deepspeed_config import build_ds_config, initialize_engine
-from bdt.training.distributed import (DistInfo, all_gather_int, all_reduce_mean, all_reduce_sum,
-                                      cleanup, init_distributed)
+from bdt.training.distributed import (DistInfo, all_gather_int, all_gather_object, all_reduce_mean,
+                                      all_reduce_sum, cleanup, init_distributed)
 from bdt.training.ema import EMA
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
 from bdt.training.model_shapes import check_model_signature, model_signature
@@ -284,9 +284,11 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
         logger.close()
         if keylog:
             keylog.close()
+    counters = vars(stream.counters) if stream else {}
+    every_rank = all_gather_object(counters)  # each rank reads its own shards
     summary = {"step": step, "stopped": stopped, "timed_out": timed_out, "saved_step": saved_step,
-               "seen": seen,
-               "stream": vars(stream.counters) if stream else {}}
+               "seen": seen, "stream": counters,
+               "stream_all_ranks": {k: sum(c.get(k, 0) for c in every_rank) for k in counters}}
     if not stopped:
         summary["param_digests"] = setup.param_digests(engine.module, zero3)
         if cfg.export:

@@ -72,5 +72,7 @@ def test_torchrun_trains_evaluates_and_sigterm_checkpoints(tmp_path):
     # the preemption: both ranks stopped at one step, after the evaluation, and saved it
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped"] and summary["saved_step"] == summary["step"] >= 2
+    # the stream counters: rank 0's, and the sum over both ranks (each reads its own shards)
+    assert summary["stream_all_ranks"]["samples_read"] > summary["stream"]["samples_read"] > 0
     ck = run_dir / "checkpoints" / f"step_{summary['step']:09d}"
     assert (ck / "COMPLETE").exists() and (ck / "rank_00001.json").exists()
