@@ -18,13 +18,17 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import psutil
 import torch
 import torch.distributed as dist
 
+import bdt
+
 DEEPSPEED_NODE_LAUNCHER = "deepspeed.launcher.launch"
 LAUNCHER_GRACE_S = 300.0
+LAUNCHER_GONE_EXIT = 1
 launcher_gone = threading.Event()  # set by watch_launcher; signals.StopFlag reads it
 log = logging.getLogger(__name__)
 
@@ -63,13 +67,23 @@ def free_port() -> int:
 
 
 _watching: list = []  # the launcher watch of this process, started once
+_setting_up = threading.Event()  # set while init_distributed runs: a launcher death exits at once
 
 
 def init_distributed(use_deepspeed: bool = True) -> DistInfo:
     """Initialise the process group from the launcher's environment (or a world of one). A rank
-    started by a launcher stops when the launcher dies (watch_launcher)."""
-    if "RANK" in os.environ and not _watching:
-        _watching.append(watch_launcher())
+    started by a launcher stops when the launcher dies (watch_launcher); one whose launcher is
+    gone before or during this call exits at once, rather than wait out the rendezvous."""
+    _setting_up.set()
+    try:
+        if "RANK" in os.environ and not _watching:
+            _watching.append(watch_launcher())
+        return _init_process_group(use_deepspeed)
+    finally:
+        _setting_up.clear()
+
+
+def _init_process_group(use_deepspeed: bool) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -99,36 +113,22 @@ def init_distributed(use_deepspeed: bool = True) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def watch_launcher(grace_s: float = LAUNCHER_GRACE_S, poll_s: float = 1.0
-                   ) -> threading.Thread | None:
-    """Stop this rank when its launcher dies: from then on `StopFlag.should_stop` answers
-    STOP_SIGNAL (the loop saves at the next step boundary and exits, as on SIGTERM; a signal
-    could land outside the loop and kill it mid-export), and a rank still running `grace_s`
-    later (hung in a collective, say) is killed. The launcher is the
-    parent process (torchrun, mp.spawn's parent, slurmstepd); under the `deepspeed` command it is
-    also the parent's parent, since the per-node `deepspeed.launcher.launch` that starts the
-    ranks outlives the command. A death shows as reparenting (zombies keep their pid), checked
-    by a thread every `poll_s`, which also works where PR_SET_PDEATHSIG does not (a parent whose
-    forking thread ends, another OS)."""
-    parent = psutil.Process().parent()
-    if parent is None or parent.pid == 1:
-        return None  # no launcher (anymore) to watch
-    checks = [(os.getppid, parent.pid)]
-    try:
-        if DEEPSPEED_NODE_LAUNCHER in " ".join(parent.cmdline()):
-            checks.append((parent.ppid, parent.ppid()))
-    except psutil.Error:
-        pass
-
-    def launcher_alive() -> bool:
-        try:
-            return all(current() == expected for current, expected in checks)
-        except psutil.Error:  # the parent itself is gone
-            return False
+def watch_launcher(grace_s: float = LAUNCHER_GRACE_S, poll_s: float = 1.0) -> threading.Thread:
+    """Stop this rank when its launcher dies. Found gone while init_distributed runs (before or
+    in the rendezvous, which would wait for the process-group timeout), the rank exits at once:
+    nothing needs saving yet. Later, `StopFlag.should_stop` answers STOP_SIGNAL from then on (the
+    loop saves at the next step boundary and exits, as on SIGTERM; a signal could land outside
+    the loop and kill it mid-export), and a rank still running `grace_s` later (hung in a
+    collective, say) is killed. Checked by a thread every `poll_s`, first at once."""
+    launcher_alive = _launcher_liveness()
+    if _setting_up.is_set() and not launcher_alive():
+        _exit_before_training()
 
     def watch() -> None:
         while launcher_alive():
             time.sleep(poll_s)
+        if _setting_up.is_set():
+            _exit_before_training()
         log.warning("pid %d: its launcher is gone: stopping (a checkpoint at the next step, "
                     "exit within %.0f s)", os.getpid(), grace_s)
         launcher_gone.set()
@@ -138,6 +138,76 @@ def watch_launcher(grace_s: float = LAUNCHER_GRACE_S, poll_s: float = 1.0
     thread = threading.Thread(target=watch, name="bdt-launcher-watch", daemon=True)
     thread.start()
     return thread
+
+
+def _exit_before_training() -> None:
+    """Exit at once, from any thread: the main one may be blocked in the rendezvous."""
+    log.error("pid %d (rank %s): its launcher is gone before training began: exiting now "
+              "(nothing to save) rather than wait for the process-group timeout",
+              os.getpid(), os.environ.get("RANK", "?"))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(LAUNCHER_GONE_EXIT)
+
+
+def _launcher_liveness() -> Callable[[], bool]:
+    """Whether the launcher that started this process still runs. The launcher is the parent
+    (torchrun, mp.spawn's parent, slurmstepd) as recorded at the first import of bdt
+    (`bdt.lineage_at_start`, before torch loads), not the parent now: one that died since left
+    this process to pid 1 or a subreaper, which is what a launcher that is pid 1 itself (a
+    container's entrypoint) looks like too. Under the `deepspeed` command it is also the parent's
+    parent, since the per-node `deepspeed.launcher.launch` that starts the ranks outlives the
+    command. A death shows as reparenting (a pid cannot be reused while we are its child), which
+    also works where PR_SET_PDEATHSIG does not (a parent whose forking thread ends, another OS)."""
+    pid, parent, grandparent = bdt.lineage_at_start
+    if pid != os.getpid():  # a forked child: the record is its parent's
+        parent, grandparent = os.getppid(), None
+    checks = [(os.getppid, parent)]
+    started_by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ and os.getsid(0) == os.getpid()
+    if started_by_torchrun and not _maps_torch(parent):  # (it starts each rank in a new session)
+        return lambda: False  # torchrun's agent (which loads torch) died before bdt was imported
+    try:
+        node_launcher = psutil.Process(parent)
+        if DEEPSPEED_NODE_LAUNCHER in " ".join(node_launcher.cmdline()):
+            grandparent = node_launcher.ppid() if grandparent is None else grandparent
+            if grandparent == 1 and not _runs_deepspeed(1):
+                return lambda: False  # its `deepspeed` command died before it started us
+            checks.append((node_launcher.ppid, grandparent))
+    except psutil.Error:
+        pass  # the parent is gone: the first check says so
+
+    def launcher_alive() -> bool:
+        try:
+            return all(current() == expected for current, expected in checks)
+        except psutil.Error:  # the node launcher itself is gone
+            return False
+
+    return launcher_alive
+
+
+def _runs_deepspeed(pid: int) -> bool:
+    """Whether `pid` runs a `deepspeed` command (a container's entrypoint, say); unreadable: yes."""
+    try:
+        return "deepspeed" in " ".join(psutil.Process(pid).cmdline())
+    except psutil.AccessDenied:
+        return True
+    except psutil.Error:
+        return False
+
+
+def _maps_torch(pid: int) -> bool:
+    """Whether process `pid` has torch loaded, as torchrun's agent has. A launcher that forked
+    us runs with our credentials, so we may read its maps; if not (pid 1 of a sandbox, say),
+    its command line decides."""
+    try:
+        process = psutil.Process(pid)
+        try:
+            return any("libtorch" in region.path for region in process.memory_maps())
+        except psutil.AccessDenied:
+            return "torch" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
 
 
 def barrier() -> None:
