@@ -213,11 +213,8 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     configured = model_cfg.backbone.path
     model_cfg.backbone = _recorded_backbone(run_dir, model_cfg.backbone)
     checkpoint = checkpoint or os.path.join(root, tags[-1])
-    states = os.path.join(checkpoint, "model", "mp_rank_00_model_states.pt")
-    if not os.path.isfile(states):
-        raise OSError(f"checkpoint {checkpoint} has no model/mp_rank_00_model_states.pt")
-    module = _load_weights_only(states, "the module weights")["module"]
-    module.update(_ema_weights(checkpoint))
+    states = os.path.join(checkpoint, *MODEL_STATES.split("/"))
+    module = checkpoint_weights(checkpoint)
     # The LLM is built from its config and takes the checkpoint's tensors (its pretrained
     # weights are never read); connector and head are built on meta and take theirs.
     llm = {k.removeprefix("llm."): v for k, v in module.items() if k.startswith("llm.")}
@@ -273,6 +270,51 @@ def _damaged_record(recorded: str, configured: str, why: str) -> str:
             f"model.backbone.path {configured!r}")
 
 
+MODEL_STATES = "model/mp_rank_00_model_states.pt"  # DeepSpeed's whole module (ZeRO-0/1/2)
+
+
+def checkpoint_weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    """The module's tensors in `checkpoint`, the EMA's averages in place of those it keeps; its
+    files checked against the marker first; OSError naming the file otherwise."""
+    _check_sampled_files(checkpoint)
+    states = os.path.join(checkpoint, *MODEL_STATES.split("/"))
+    saved = _load_weights_only(states, "the module weights")
+    module = _tensors(saved.get("module") if isinstance(saved, dict) else None, states, "module")
+    return {**module, **_ema_weights(checkpoint)}
+
+
+def _check_sampled_files(checkpoint: str) -> None:
+    """OSError naming the file unless the files sampling reads (the module weights, the EMA's
+    shared.pt) are what `checkpoint`'s marker lists: a damaged or replaced file is refused before
+    anything is built. The optimizer state, not read here, is left unhashed."""
+    from bdt.training import integrity
+    from bdt.training.checkpoint import SHARED_FILE, read_marker
+
+    try:
+        files = read_marker(checkpoint).get("files") or {}
+    except integrity.CheckpointUnusable as e:
+        raise OSError(str(e)) from None
+    if MODEL_STATES not in files:
+        raise OSError(f"checkpoint {checkpoint}: its marker lists no {MODEL_STATES} (no file "
+                      f"checksums, or not a ZeRO-0/1/2 checkpoint of the model)")
+    for rel in (MODEL_STATES, SHARED_FILE):
+        listed = rel in files
+        if not listed and not os.path.lexists(os.path.join(checkpoint, rel)):
+            continue  # no EMA
+        problem = (integrity.problem(checkpoint, rel, files[rel]) if listed
+                   else f"{rel}: not listed in the marker")
+        if problem:
+            raise OSError(f"checkpoint {checkpoint}: {problem}")
+
+
+def _tensors(value: object, path: str, what: str) -> dict[str, torch.Tensor]:
+    """`value` as a name -> tensor dict; OSError naming the file when it is anything else."""
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()):
+        raise OSError(f"{path}: its {what!r} entry is not a dict of named tensors")
+    return value
+
+
 def _ema_weights(checkpoint: str) -> dict[str, torch.Tensor]:
     """The averaged parameters saved beside `checkpoint`'s engine state; {} without an EMA."""
     from bdt.training.checkpoint import SHARED_FILE
@@ -280,7 +322,12 @@ def _ema_weights(checkpoint: str) -> dict[str, torch.Tensor]:
     path = os.path.join(checkpoint, SHARED_FILE)
     if not os.path.isfile(path):
         return {}
-    return _load_weights_only(path, "the EMA weights").get("ema", {}).get("shadow", {})
+    shared = _load_weights_only(path, "the EMA weights")
+    ema = shared.get("ema") if isinstance(shared, dict) else None
+    if ema is None:
+        return {}
+    shadow = ema.get("shadow") if isinstance(ema, dict) else None
+    return _tensors(shadow, path, "ema.shadow")
 
 
 def _load_weights_only(path: str, what: str) -> dict:

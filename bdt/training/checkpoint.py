@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import torch
 
 from bdt import storage
@@ -379,16 +380,7 @@ class CheckpointManager:
         return marker
 
     def read_marker(self, tag: str) -> dict:
-        url = storage.join(self.root, tag, MARKER)
-        try:
-            marker = json.loads(storage.read_bytes(url))
-        except (OSError, ValueError) as e:
-            raise CheckpointUnusable(f"{storage.join(self.root, tag)}: its {MARKER} marker cannot "
-                                     f"be read ({type(e).__name__}: {e})") from None
-        if not isinstance(marker, dict):
-            raise CheckpointUnusable(f"{storage.join(self.root, tag)}: its {MARKER} marker is not "
-                                     f"a JSON object")
-        return marker
+        return read_marker(storage.join(self.root, tag))
 
     def _verify(self, tag: str, marker: dict, local_dir: str, skip: set[str] = frozenset()) -> None:
         """Collective: every file the marker lists (outside the engine directories in `skip`)
@@ -401,6 +393,8 @@ class CheckpointManager:
         index, count = self._check_share()
         names = sorted(r for r in files if r.split("/", 1)[0] not in skip)
         mine = [integrity.problem(local_dir, rel, files[rel]) for rel in names[index::count]]
+        if index == 0:  # a file the marker does not list could be loaded unverified: refused
+            mine += [f"{rel}: not listed in the marker" for rel in _unlisted(local_dir, files, skip)]
         problems = [p for part in all_gather_object([p for p in mine if p]) for p in part]
         if problems:
             more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
@@ -464,9 +458,32 @@ class CheckpointManager:
             rel = src[len(path):].lstrip("/")
             if rel.split("/", 1)[0] in skip:
                 continue
+            if integrity.unsafe_name(rel):  # its key would place it outside local_dir: not fetched
+                log.warning("checkpoint %s: object %r not downloaded: %s", remote_dir, src,
+                            integrity.unsafe_name(rel))
+                continue
             dst = os.path.join(local_dir, *rel.split("/"))
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             fs.get_file(src, dst)
+
+
+def read_marker(checkpoint: str) -> dict:
+    """The marker of the checkpoint directory `checkpoint` (path or URL), its fields checked;
+    CheckpointUnusable naming it when it is missing, oversized, not JSON or of wrong types."""
+    url = storage.join(checkpoint, MARKER)
+    try:
+        with fsspec.open(url, "rb") as f:
+            data = f.read(integrity.MARKER_MAX_BYTES + 1)
+        if len(data) > integrity.MARKER_MAX_BYTES:
+            raise ValueError(f"over {integrity.MARKER_MAX_BYTES} bytes")
+        marker = json.loads(data)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
+        raise CheckpointUnusable(f"{checkpoint}: its {MARKER} marker cannot be read "
+                                 f"({type(e).__name__}: {e})") from None
+    problem = integrity.marker_problem(marker)
+    if problem:
+        raise CheckpointUnusable(f"{url}: the marker {problem}")
+    return marker
 
 
 def _remove_checkpoint_dir(fs, path: str) -> None:
@@ -479,6 +496,19 @@ def _remove_checkpoint_dir(fs, path: str) -> None:
 
 def _rel(local_dir: str, path: str) -> str:
     return os.path.relpath(path, local_dir).replace(os.sep, "/")
+
+
+def _unlisted(local_dir: str, files: dict, skip: set[str]) -> list[str]:
+    """Files (and symlinks) under local_dir that the marker does not list, outside the engine
+    directories in `skip`; sorted."""
+    out = []
+    for dirpath, dirs, names in os.walk(local_dir):
+        links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
+        for name in names + links:
+            rel = _rel(local_dir, os.path.join(dirpath, name))
+            if rel not in files and rel != MARKER and rel.split("/", 1)[0] not in skip:
+                out.append(rel)
+    return sorted(out)
 
 
 def _digest_all(local_dir: str, skip: set[str]) -> dict[str, dict]:

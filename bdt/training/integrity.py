@@ -32,9 +32,28 @@ def digest_bytes(data: bytes) -> dict[str, int | str]:
     return {"bytes": len(data), HASH: hashlib.new(HASH, data).hexdigest()}
 
 
+def unsafe_name(rel: str) -> str | None:
+    """Why a marker's file name cannot name a file inside the checkpoint directory (a hostile or
+    damaged marker must not make anyone read or write outside it); None if it can."""
+    if not isinstance(rel, str) or not rel:
+        return "an empty file name"
+    parts = rel.split("/")
+    if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        return f"file name {rel!r}, not a plain relative path inside the checkpoint"
+    return None
+
+
 def problem(local_dir: str, rel: str, entry: dict) -> str | None:
-    """Why the file `rel` under local_dir is not what the marker's `entry` says; None if it is."""
+    """Why the file `rel` under local_dir is not what the marker's `entry` says; None if it is.
+    Symlinks are refused: a checkpoint's files are its own, not files elsewhere on this host."""
+    unsafe = unsafe_name(rel)
+    if unsafe:
+        return unsafe
+    if not isinstance(entry, dict):
+        return f"{rel}: its marker entry is {type(entry).__name__}, not {{bytes, {HASH}}}"
     path = os.path.join(local_dir, *rel.split("/"))
+    if os.path.realpath(path) != os.path.join(os.path.realpath(local_dir), *rel.split("/")):
+        return f"{rel}: a symlink (a checkpoint's files must be its own)"
     if not os.path.isfile(path):
         return f"{rel}: missing"
     size = os.path.getsize(path)
@@ -51,4 +70,34 @@ def problem(local_dir: str, rel: str, entry: dict) -> str | None:
             return f"{rel}: not a torch.save zip archive ({e})"
         if refused:
             return f"{rel}: its pickle names {', '.join(refused)}, which weights-only loading refuses"
+    return None
+
+
+MARKER_MAX_BYTES = 64 << 20  # far above a real marker (~150 bytes a file); refuse, don't parse
+# What the fields of a marker that resume and sampling read must be, when present.
+_MARKER_FIELDS = {"step": int, "world_size": int, "from_world_size": int, "settings": dict,
+                  "files": dict, "engines": list, "universal": list}
+
+
+def marker_problem(marker: object) -> str | None:
+    """Why a parsed marker is not one bdt wrote (wrong types: a damaged or foreign file); None
+    if its fields are usable. File entries are checked per file (`problem`)."""
+    if not isinstance(marker, dict):
+        return "is not a JSON object"
+    for key, kind in _MARKER_FIELDS.items():
+        value = marker.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"field {key!r} is {type(value).__name__}, not {kind.__name__}"
+    for key in ("world_size", "from_world_size"):
+        if marker.get(key) is not None and marker[key] < 1:
+            return f"field {key!r} is {marker[key]}, not a positive world size"
+    if marker.get("step") is not None and marker["step"] < 0:
+        return f"field 'step' is {marker['step']}, not a step number"
+    unsafe = [unsafe_name(rel) for rel in marker.get("files") or {} if unsafe_name(rel)]
+    if unsafe:  # refused whole: a marker naming files outside its directory is not bdt's
+        return f"lists {unsafe[0]}"
+    names = [n for key in ("engines", "universal") for n in marker.get(key) or []]
+    bad = [n for n in names if not isinstance(n, str) or unsafe_name(n) or "/" in n]
+    if bad:
+        return f"engine names {bad[:4]!r} are not plain directory names"
     return None

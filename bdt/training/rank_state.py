@@ -86,7 +86,31 @@ def read_rank_files(local_dir: str, rank: int) -> tuple[dict, dict[str, torch.Te
     with open(json_path, "rb") as f:
         meta = json.loads(f.read())
     with open(os.path.join(local_dir, rank_file(rank, "safetensors")), "rb") as f:
-        return meta, st_load(f.read())
+        tensors = st_load(f.read())
+    wrong = _layout_problem(meta, tensors, rank)
+    if wrong:  # before any engine loads: a foreign or hand-edited file, named
+        raise ValueError(f"{rank_file(rank, 'json')}: {wrong}")
+    return meta, tensors
+
+
+def _layout_problem(meta: object, tensors: dict[str, torch.Tensor], rank: int) -> str | None:
+    """What in a rank's files is not what write_rank_files writes; None if the layout fits."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    for key, kind in (("step", int), ("rank", int), ("world_size", int), ("rng", dict),
+                      ("state", dict)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            return f"{key!r} is {type(meta.get(key)).__name__}, not {kind.__name__}"
+    if meta["rank"] != rank or meta["world_size"] < 1 or meta["step"] < 0:
+        return (f"rank {meta['rank']}, world size {meta['world_size']}, step {meta['step']} "
+                f"do not fit rank {rank}'s file")
+    rng = meta["rng"]
+    if not (isinstance(rng.get("numpy"), dict) and isinstance(rng.get("python"), dict)):
+        return "its RNG state lacks the numpy or python part"
+    missing = [k for k in ("rng.torch", "rng.numpy_keys") if k not in tensors]
+    if missing:
+        return f"{rank_file(rank, 'safetensors')} lacks {', '.join(missing)}"
+    return None
 
 
 def user_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from bdt import storage
 from bdt.training.checkpoint import MARKER, CheckpointManager, tag_for
 from bdt.training.distributed import DistInfo, free_port
+from bdt.training.integrity import digest
 from testkit import PlantedPickle, cut_file, flip_bytes
 from trainutil import rank_entry
 
@@ -88,6 +89,12 @@ def test_world_change_converts_once_beside_the_checkpoint(tmp_path):
     for rank in (0, 1):  # no process group: the two ranks' saves run one after the other
         CheckpointManager(root, DistInfo(rank, 2, rank, torch.device("cpu"))).save(
             4, {}, {"seen": rank + 1}, {"buf": torch.full((2,), float(rank))})
+    # Rank 1 saved after rank 0's marker: list its files there, as a gathered save does.
+    marker_path = tmp_path / "ck" / tag_for(4) / MARKER
+    marker = json.loads(marker_path.read_text())
+    for name in ("rank_00001.json", "rank_00001.safetensors"):
+        marker["files"][name] = digest(str(tmp_path / "ck" / tag_for(4) / name))
+    marker_path.write_text(json.dumps(marker))
     calls = []
 
     def reshard(old, world):

@@ -1,0 +1,104 @@
+"""Sampling from a checkpoint dir refuses a damaged or hostile one before building anything,
+with an OSError naming the file (`bdt sample` prints it as one line): the files it reads must be
+the ones the marker lists, inside the directory, and hold named tensors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from bdt.generation.trained import MODEL_STATES, checkpoint_weights
+from bdt.training.checkpoint import MARKER, CheckpointManager, _digest_all, tag_for
+from bdt.training.distributed import DistInfo
+
+SOLO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def _relist(ck):
+    marker = json.loads((ck / MARKER).read_text())
+    marker["files"] = _digest_all(str(ck), skip=set())
+    (ck / MARKER).write_text(json.dumps(marker))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A complete checkpoint holding DeepSpeed's module-states file and an EMA, built once."""
+    root = tmp_path_factory.mktemp("built") / "ck"
+    CheckpointManager(str(root), SOLO).save(
+        1, engines={}, rank_meta={}, shared={"ema": {"shadow": {"w": torch.ones(2)}}})
+    ck = root / tag_for(1)
+    (ck / "model").mkdir()
+    torch.save({"module": {"w": torch.zeros(2)}}, ck / MODEL_STATES)
+    _relist(ck)
+    return ck
+
+
+def _flip(ck, outside):
+    data = bytearray((ck / MODEL_STATES).read_bytes())
+    data[-30] ^= 0xFF
+    (ck / MODEL_STATES).write_bytes(bytes(data))
+
+
+def _link_shared(ck, outside):
+    shutil.copyfile(ck / "shared.pt", outside)
+    (ck / "shared.pt").unlink()
+    (ck / "shared.pt").symlink_to(outside)
+
+
+def _marker(**fields):
+    def change(ck, outside):
+        (ck / MARKER).write_text(json.dumps({**json.loads((ck / MARKER).read_text()), **fields}))
+    return change
+
+
+def _unlist(name):
+    def change(ck, outside):
+        marker = json.loads((ck / MARKER).read_text())
+        del marker["files"][name]
+        (ck / MARKER).write_text(json.dumps(marker))
+    return change
+
+
+def _replace(name, value):
+    def change(ck, outside):
+        torch.save(value, ck / name)
+        _relist(ck)  # written by someone who also rewrote the marker
+    return change
+
+
+CASES = {
+    "module states damaged": (_flip, f"{MODEL_STATES}: sha256 differs"),
+    "shared.pt a symlink outside": (_link_shared, "shared.pt: a symlink"),
+    "shared.pt not listed": (_unlist("shared.pt"), "shared.pt: not listed in the marker"),
+    "module states not listed": (_unlist(MODEL_STATES), f"lists no {MODEL_STATES}"),
+    "marker nested deeply": (lambda ck, o: (ck / MARKER).write_text("[" * 100_000),
+                             "marker cannot be read"),
+    "marker lists a file outside": (_marker(files={"../../x.pt": {"bytes": 1, "sha256": "x"}}),
+                                    "lists file name '../../x.pt', not a plain relative path"),
+    "marker files a list": (_marker(files=[MODEL_STATES]), "'files' is list"),
+    "module a list": (_replace(MODEL_STATES, {"module": [torch.ones(1)]}),
+                      "'module' entry is not a dict of named tensors"),
+    "states a tensor": (_replace(MODEL_STATES, torch.ones(1)),
+                        "'module' entry is not a dict of named tensors"),
+    "states listed but missing": (lambda ck, o: (ck / MODEL_STATES).unlink(),
+                                  f"{MODEL_STATES}: missing"),
+    "ema shadow of strings": (_replace("shared.pt", {"ema": {"shadow": {"w": "x"}}}),
+                              "'ema.shadow' entry is not a dict of named tensors"),
+}
+
+
+def test_the_built_checkpoint_reads(built):
+    weights = checkpoint_weights(str(built))
+    assert list(weights) == ["w"] and torch.equal(weights["w"], torch.ones(2))  # the EMA's
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_hostile_checkpoint_is_refused_naming_the_file(built, tmp_path, case):
+    ck = tmp_path / "ck"
+    shutil.copytree(built, ck)
+    change, why = CASES[case]
+    change(ck, tmp_path / "outside.pt")
+    with pytest.raises(OSError) as e:
+        checkpoint_weights(str(ck))
+    assert why in str(e.value) and str(ck) in str(e.value), str(e.value)
