@@ -89,27 +89,46 @@ def check_source(path: str) -> None:
     # Anything else is a hub id, resolved by from_pretrained (offline: only from the HF cache).
 
 
+def llm_config(cfg: BackboneConfig):
+    """The HF config at ``cfg.path`` with ``config_overrides`` applied, read before any weight or
+    tokenizer: a bad value (wrong type, inconsistent sizes) is a ValueError naming config.json and
+    the field. Remote code (an ``auto_map``) is never run."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    check_source(cfg.path)
+    where = os.path.join(cfg.path, "config.json") if os.path.isdir(cfg.path) else cfg.path
+    try:
+        return AutoConfig.from_pretrained(cfg.path, trust_remote_code=False,
+                                          **_plain_dict(cfg.config_overrides))
+    except OSError as e:
+        raise OSError(f"cannot read the backbone config {where!r}: {e}") from e
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"backbone config {where!r} is invalid: {e}") from e
+
+
 def load_causal_lm(cfg: BackboneConfig, weights: Mapping[str, torch.Tensor] | None = None,
                    vocab_size: int | None = None) -> "PreTrainedModel":
     """The causal LM named by ``cfg``: pretrained weights, or a random init from its config; given
     ``weights`` (its state dict, e.g. from a training checkpoint), built from its config with
     ``vocab_size`` rows and loaded with them, its pretrained weights never read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    check_source(cfg.path)
+    hf_config = llm_config(cfg)
     dtype = _torch_dtype(cfg.dtype)
     kwargs = dict(attn_implementation=cfg.attn_implementation, dtype=dtype)
     try:
         if weights is not None or cfg.from_scratch:
-            hf_config = AutoConfig.from_pretrained(cfg.path, **_plain_dict(cfg.config_overrides))
             model = (_causal_lm_with(weights, hf_config, vocab_size, kwargs) if weights is not None
                      else AutoModelForCausalLM.from_config(hf_config, **kwargs))
         else:
             # Mismatched shapes are reported, not raised, so that the error can name them.
             model, info = AutoModelForCausalLM.from_pretrained(
-                cfg.path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs,
-                **_plain_dict(cfg.config_overrides))
+                cfg.path, output_loading_info=True, ignore_mismatched_sizes=True,
+                trust_remote_code=False, **kwargs, **_plain_dict(cfg.config_overrides))
             _refuse_incomplete_weights(info)
+        if not cfg.from_scratch:
+            _refuse_nonfinite(model)
     except (SafetensorError, UnpicklingError) as e:  # a corrupt file, or a pickle with code
         raise ValueError(f"cannot build the backbone from {cfg.path!r}: {e}") from e
     except (OSError, ValueError, ImportError) as e:
@@ -147,6 +166,15 @@ def _refuse_incomplete_weights(info: dict) -> None:
         ("unknown key(s)", unexpected)) if items]
     if missing or shapes:
         raise ValueError("its weights do not fit its config: " + "; ".join(parts))
+
+
+def _refuse_nonfinite(model: "PreTrainedModel") -> None:
+    """NaN/inf weights would train on garbage without an error; the check costs one pass over
+    weights just read. (A ZeRO-3 partition is empty here: it is not checked.)"""
+    bad = [name for name, p in model.state_dict().items()
+           if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(f"its weights hold NaN or inf values in {len(bad)} tensor(s) {listing(bad)}")
 
 
 def _rows(weight: torch.Tensor) -> int:
@@ -192,8 +220,14 @@ def load_backbone(cfg: BackboneConfig, parallel_num: int, num_res: int | None = 
     ``num_res``: see `add_special_tokens` (None: the res tokens the tokenizer holds, else 256);
     ``weights``: the resized LM's state dict, loaded instead of the pretrained weights (only the
     config and tokenizer are read from ``cfg.path``)."""
-    check_source(cfg.path)
+    hf_config = llm_config(cfg)
     tokenizer = load_text_tokenizer(cfg.path)
+    rows = getattr(hf_config, "vocab_size", None)
+    if weights is None and not cfg.from_scratch and rows is not None and rows < len(tokenizer):
+        # Resizing would give the tokenizer's surplus text tokens untrained (mean) embeddings.
+        raise ValueError(f"backbone {cfg.path!r}: its tokenizer has {len(tokenizer)} tokens but "
+                         f"config.json vocab_size is {rows} (embedding rows): "
+                         f"the tokenizer does not belong to these weights")
     special = add_special_tokens(tokenizer, parallel_num, num_res)
     model = load_causal_lm(cfg, weights, special.vocab_size)
     resize_embeddings(model, special.vocab_size)

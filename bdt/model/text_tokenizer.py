@@ -169,13 +169,21 @@ def load_text_tokenizer(path: str) -> "PreTrainedTokenizerBase":
 
     tok_cfg = os.path.join(path, "tokenizer_config.json")
     try:
+        tokenizer = None
         if os.path.isfile(tok_cfg):
             with open(tok_cfg) as f:
                 if json.load(f).get("tokenizer_class") == "TokenizersBackend":
-                    return TokenizersBackend.from_pretrained(path)
-        return AutoTokenizer.from_pretrained(path)
+                    tokenizer = TokenizersBackend.from_pretrained(path)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise OSError(f"cannot load a text tokenizer from {path!r}: {e}") from e
+    # Without its vocabulary files transformers builds an empty tokenizer (every text -> no ids).
+    if not encode(tokenizer, "a photo"):
+        raise OSError(f"text tokenizer at {path!r} encodes text to no tokens: its vocabulary file "
+                      f"(tokenizer.json, tokenizer.model or vocab.json + merges.txt) is missing "
+                      f"or empty")
+    return tokenizer
 
 
 def train_sentencepiece(captions: Sequence[str], vocab_size: int = 384) -> bytes:

@@ -23,6 +23,7 @@ _IGNORED = ("resolution", "checkpoint")
 # ours (theirs is a 8x-down shape; ours, ae_d16c32's 16x, is what every released config spells out).
 _RELEASE_REQUIRED = ("ch", "out_ch", "in_channels", "num_res_blocks", "z_channels")
 _RELEASE_DEFAULTS = {"ch_mult": [1, 2, 2, 4]}
+_MAX_WIDTH, _MAX_LEVELS, _MAX_RES_BLOCKS = 16384, 10, 64  # released: 2048, 6 (32x), 4
 
 
 def _has_type(value: Any, name: str) -> bool:
@@ -80,6 +81,13 @@ class TokenizerConfig:
                              f"gives {widths}")
         if self.num_res_blocks < 1:
             raise ValueError(f"tokenizer config: num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        # Far beyond any released tokenizer: a hostile value would hang or overflow the build.
+        for key, value, limit in (("ch*ch_mult", max(widths), _MAX_WIDTH),
+                                  ("len(ch_mult)", len(self.ch_mult), _MAX_LEVELS),
+                                  ("num_res_blocks", self.num_res_blocks, _MAX_RES_BLOCKS),
+                                  ("z_channels", self.z_channels, _MAX_WIDTH)):
+            if value > limit:
+                raise ValueError(f"tokenizer config: {key} is {value}, above the limit {limit}")
         if self.z_channels < 1 or self.entropy_group_size < 1 or self.z_channels % self.entropy_group_size:
             raise ValueError(f"tokenizer config: z_channels ({self.z_channels}) must be a positive multiple "
                              f"of entropy_group_size ({self.entropy_group_size})")

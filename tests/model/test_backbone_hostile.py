@@ -1,0 +1,111 @@
+"""Damaged or hostile LLM folders: a clear error naming the file/field/tensor before training,
+no remote code run, nothing unpickled."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bdt.model.backbone import BackboneConfig, load_backbone, make_tiny_llm
+
+CAPTIONS = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")]
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    return make_tiny_llm(str(tmp_path_factory.mktemp("llm") / "qwen3"), CAPTIONS, hidden=32,
+                         heads=4, kv_heads=2, intermediate=64)
+
+
+def _copy(llm_dir, tmp_path):
+    folder = str(tmp_path / "llm")
+    shutil.copytree(llm_dir, folder)
+    return folder
+
+
+def _edit_config(folder, **changes):
+    path = os.path.join(folder, "config.json")
+    config = json.load(open(path))
+    config.update(changes)
+    json.dump(config, open(path, "w"))
+
+
+def _edit_weights(folder, edit):
+    path = os.path.join(folder, "model.safetensors")
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"hidden_size": "abc"}, "hidden_size"),
+    ({"num_hidden_layers": -1}, "num_hidden_layers"),
+    ({"head_dim": None}, "head_dim"),
+])
+def test_bad_config_values_name_config_json_and_field(llm_dir, tmp_path, changes, named):
+    folder = _copy(llm_dir, tmp_path)
+    _edit_config(folder, **changes)
+    with pytest.raises(ValueError, match=rf"config\.json.*invalid(.|\n)*{named}"):
+        load_backbone(BackboneConfig(path=folder), parallel_num=4)
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused(llm_dir, tmp_path):
+    folder = _copy(llm_dir, tmp_path)
+    rows = 100  # weights and config agree with each other, not with the tokenizer
+    _edit_config(folder, vocab_size=rows)
+    _edit_weights(folder, lambda s: s.update({k: s[k][:rows].clone() for k in
+                                              ("model.embed_tokens.weight", "lm_head.weight")}))
+    with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but config.json vocab_size is 100"):
+        load_backbone(BackboneConfig(path=folder), parallel_num=4)
+
+
+def test_missing_tokenizer_files_are_refused(llm_dir, tmp_path):
+    folder = _copy(llm_dir, tmp_path)
+    for name in os.listdir(folder):
+        if name.startswith(("tokenizer", "special_tokens")):
+            os.remove(os.path.join(folder, name))
+    with pytest.raises(OSError, match="encodes text to no tokens"):
+        load_backbone(BackboneConfig(path=folder), parallel_num=4)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_weights_are_named(llm_dir, tmp_path, value):
+    folder = _copy(llm_dir, tmp_path)
+    _edit_weights(folder, lambda s: s["model.layers.1.mlp.up_proj.weight"].view(-1).__setitem__(3, value))
+    with pytest.raises(ValueError, match=r"NaN or inf.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_backbone(BackboneConfig(path=folder), parallel_num=4)
+
+
+def test_auto_map_code_is_never_run(llm_dir, tmp_path):
+    folder = _copy(llm_dir, tmp_path)
+    marker = tmp_path / "ran"
+    with open(os.path.join(folder, "custom.py"), "w") as f:
+        f.write(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.load(open(os.path.join(folder, "config.json")))
+    del config["model_type"]  # only the remote class could build it
+    config["auto_map"] = {"AutoConfig": "custom.C", "AutoModelForCausalLM": "custom.M"}
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"))
+    with pytest.raises(ValueError, match="custom code"):
+        load_backbone(BackboneConfig(path=folder), parallel_num=4)
+    assert not marker.exists()
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_bin_weights_are_not_unpickled(llm_dir, tmp_path):
+    folder = _copy(llm_dir, tmp_path)
+    marker = str(tmp_path / "ran")
+    os.remove(os.path.join(folder, "model.safetensors"))
+    torch.save({"model.norm.weight": _RunsCode(marker)}, os.path.join(folder, "pytorch_model.bin"))
+    with pytest.raises(ValueError, match="Weights only load failed"):
+        load_backbone(BackboneConfig(path=folder), parallel_num=4)
+    assert not os.path.exists(marker)
