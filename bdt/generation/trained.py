@@ -288,10 +288,10 @@ def _check_sampled_files(checkpoint: str) -> None:
     shared.pt) are what `checkpoint`'s marker lists: a damaged or replaced file is refused before
     anything is built. The optimizer state, not read here, is left unhashed."""
     from bdt.training import integrity
-    from bdt.training.checkpoint import SHARED_FILE, read_marker
+    from bdt.training.checkpoint import SHARED_FILE
 
     try:
-        files = read_marker(checkpoint).get("files") or {}
+        files = integrity.read_marker(checkpoint).get("files") or {}
     except integrity.CheckpointUnusable as e:
         raise OSError(str(e)) from None
     if MODEL_STATES not in files:

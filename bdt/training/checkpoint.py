@@ -56,7 +56,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import torch
 
 from bdt import storage
@@ -187,7 +186,8 @@ class CheckpointManager:
             recorder = recording_engine(engine)
             recorder.saved.clear()
             engine.save_checkpoint(local_dir, tag=name, save_latest=False)
-            written.update({_rel(local_dir, p): integrity.digest(p) for p in recorder.saved})
+            written.update({integrity.rel_name(local_dir, p): integrity.digest(p)
+                            for p in recorder.saved})
         written.update(write_rank_files(local_dir, self.dist.rank, self.dist.world_size, step,
                                         capture_rng(), rank_meta, rank_tensors or {}))
         if self.dist.is_main and shared is not None:
@@ -199,7 +199,7 @@ class CheckpointManager:
             before_marker()
         files = {rel: entry for part in all_gather_object(written) for rel, entry in part.items()}
         if self.dist.is_main:  # files no engine recorded: DeepSpeed's recovery scripts (rank 0)
-            files.update(_digest_all(local_dir, skip=set(files)))
+            files.update(integrity.digest_all(local_dir, skip=set(files)))
         if self.remote:
             if self.dist.is_local_main:
                 self._upload(local_dir, storage.join(self.root, tag))
@@ -380,7 +380,7 @@ class CheckpointManager:
         return marker
 
     def read_marker(self, tag: str) -> dict:
-        return read_marker(storage.join(self.root, tag))
+        return integrity.read_marker(storage.join(self.root, tag))
 
     def _verify(self, tag: str, marker: dict, local_dir: str, skip: set[str] = frozenset()) -> None:
         """Collective: every file the marker lists (outside the engine directories in `skip`)
@@ -394,7 +394,7 @@ class CheckpointManager:
         names = sorted(r for r in files if r.split("/", 1)[0] not in skip)
         mine = [integrity.problem(local_dir, rel, files[rel]) for rel in names[index::count]]
         if index == 0:  # a file the marker does not list could be loaded unverified: refused
-            mine += [f"{rel}: not listed in the marker" for rel in _unlisted(local_dir, files, skip)]
+            mine += [f"{rel}: not listed in the marker" for rel in integrity.unlisted(local_dir, files, skip)]
         problems = [p for part in all_gather_object([p for p in mine if p]) for p in part]
         if problems:
             more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
@@ -436,7 +436,7 @@ class CheckpointManager:
     def publish(self, built: str, tag: str, marker: dict) -> None:
         """Make a locally built checkpoint directory `tag`, its marker (with every file's size
         and hash) last."""
-        marker = {**marker, "time": time.time(), "files": _digest_all(built, skip=set())}
+        marker = {**marker, "time": time.time(), "files": integrity.digest_all(built, skip=set())}
         marker_bytes = json.dumps(marker).encode()
         if not self.remote:
             storage.write_bytes_atomic(os.path.join(built, MARKER), marker_bytes)
@@ -467,56 +467,9 @@ class CheckpointManager:
             fs.get_file(src, dst)
 
 
-def read_marker(checkpoint: str) -> dict:
-    """The marker of the checkpoint directory `checkpoint` (path or URL), its fields checked;
-    CheckpointUnusable naming it when it is missing, oversized, not JSON or of wrong types."""
-    url = storage.join(checkpoint, MARKER)
-    try:
-        with fsspec.open(url, "rb") as f:
-            data = f.read(integrity.MARKER_MAX_BYTES + 1)
-        if len(data) > integrity.MARKER_MAX_BYTES:
-            raise ValueError(f"over {integrity.MARKER_MAX_BYTES} bytes")
-        marker = json.loads(data)
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
-        raise CheckpointUnusable(f"{checkpoint}: its {MARKER} marker cannot be read "
-                                 f"({type(e).__name__}: {e})") from None
-    problem = integrity.marker_problem(marker)
-    if problem:
-        raise CheckpointUnusable(f"{url}: the marker {problem}")
-    return marker
-
-
 def _remove_checkpoint_dir(fs, path: str) -> None:
     """Delete a checkpoint directory, its marker first: a kill midway then leaves an incomplete
     directory (pruned by the next save), never one that reads as complete with files missing."""
     if fs.exists(f"{path}/{MARKER}"):
         fs.rm(f"{path}/{MARKER}")
     fs.rm(path, recursive=True)
-
-
-def _rel(local_dir: str, path: str) -> str:
-    return os.path.relpath(path, local_dir).replace(os.sep, "/")
-
-
-def _unlisted(local_dir: str, files: dict, skip: set[str]) -> list[str]:
-    """Files (and symlinks) under local_dir that the marker does not list, outside the engine
-    directories in `skip`; sorted."""
-    out = []
-    for dirpath, dirs, names in os.walk(local_dir):
-        links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
-        for name in names + links:
-            rel = _rel(local_dir, os.path.join(dirpath, name))
-            if rel not in files and rel != MARKER and rel.split("/", 1)[0] not in skip:
-                out.append(rel)
-    return sorted(out)
-
-
-def _digest_all(local_dir: str, skip: set[str]) -> dict[str, dict]:
-    """Size and hash of every file under local_dir (relative names) not in `skip`."""
-    out = {}
-    for dirpath, _, names in os.walk(local_dir):
-        for name in names:
-            rel = _rel(local_dir, os.path.join(dirpath, name))
-            if rel not in skip and rel != MARKER:
-                out[rel] = integrity.digest(os.path.join(dirpath, name))
-    return out

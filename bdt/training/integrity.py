@@ -10,7 +10,12 @@ for a torch.save file, its pickle names nothing a weights-only load refuses (saf
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+
+import fsspec
+
+from bdt import storage
 
 HASH = "sha256"
 MARKER = "COMPLETE"  # a checkpoint directory's completion marker, written last
@@ -101,3 +106,50 @@ def marker_problem(marker: object) -> str | None:
     if bad:
         return f"engine names {bad[:4]!r} are not plain directory names"
     return None
+
+
+def read_marker(checkpoint: str) -> dict:
+    """The marker of the checkpoint directory `checkpoint` (path or URL), its fields checked;
+    CheckpointUnusable naming it when it is missing, oversized, not JSON or of wrong types."""
+    url = storage.join(checkpoint, MARKER)
+    try:
+        with fsspec.open(url, "rb") as f:
+            data = f.read(MARKER_MAX_BYTES + 1)
+        if len(data) > MARKER_MAX_BYTES:
+            raise ValueError(f"over {MARKER_MAX_BYTES} bytes")
+        marker = json.loads(data)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
+        raise CheckpointUnusable(f"{checkpoint}: its {MARKER} marker cannot be read "
+                                 f"({type(e).__name__}: {e})") from None
+    wrong = marker_problem(marker)
+    if wrong:
+        raise CheckpointUnusable(f"{url}: the marker {wrong}")
+    return marker
+
+
+def rel_name(local_dir: str, path: str) -> str:
+    return os.path.relpath(path, local_dir).replace(os.sep, "/")
+
+
+def unlisted(local_dir: str, files: dict, skip: set[str]) -> list[str]:
+    """Files (and symlinks) under local_dir that the marker does not list, outside the engine
+    directories in `skip`; sorted."""
+    out = []
+    for dirpath, dirs, names in os.walk(local_dir):
+        links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
+        for name in names + links:
+            rel = rel_name(local_dir, os.path.join(dirpath, name))
+            if rel not in files and rel != MARKER and rel.split("/", 1)[0] not in skip:
+                out.append(rel)
+    return sorted(out)
+
+
+def digest_all(local_dir: str, skip: set[str]) -> dict[str, dict]:
+    """Size and hash of every file under local_dir (relative names) not in `skip`."""
+    out = {}
+    for dirpath, _, names in os.walk(local_dir):
+        for name in names:
+            rel = rel_name(local_dir, os.path.join(dirpath, name))
+            if rel not in skip and rel != MARKER:
+                out[rel] = digest(os.path.join(dirpath, name))
+    return out

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bdt.generation.trained import MODEL_STATES, checkpoint_weights
-from bdt.training.checkpoint import MARKER, CheckpointManager, _digest_all, tag_for
+from bdt.training.checkpoint import MARKER, CheckpointManager, tag_for
+from bdt.training.integrity import digest_all
 from bdt.training.distributed import DistInfo
 
 SOLO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -17,7 +18,7 @@ SOLO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 def _relist(ck):
     marker = json.loads((ck / MARKER).read_text())
-    marker["files"] = _digest_all(str(ck), skip=set())
+    marker["files"] = digest_all(str(ck), skip=set())
     (ck / MARKER).write_text(json.dumps(marker))
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bdt.training import integrity
-from bdt.training.checkpoint import MARKER, CheckpointManager, _digest_all, tag_for
+from bdt.training.checkpoint import MARKER, CheckpointManager, tag_for
+from bdt.training.integrity import digest_all
 from bdt.training.distributed import DistInfo
 
 SOLO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -44,7 +45,7 @@ def _write_marker(ck, marker):
 def _relist(ck):
     """Re-hash every file into the marker, as a writer who controls the directory would."""
     marker = _marker(ck)
-    marker["files"] = _digest_all(str(ck), skip=set())
+    marker["files"] = digest_all(str(ck), skip=set())
     _write_marker(ck, marker)
 
 
