@@ -104,26 +104,30 @@ def _components(prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in RELEASED.items() if k.startswith(prefix)}
 
 
-def _text_tokenizer(out) -> None:
-    """A word-level tokenizer with the fixture's ids: base words, then the chat/vision specials,
-    then <|res_k|> and <|query_j|> as the release adds them (vocab = the LLM's rows)."""
+def release_word_tokenizer(words: int, num_res: int, parallel_num: int):
+    """A word-level tokenizer laid out as the release's: `words` base words w0.., the chat/vision
+    specials, then <|res_1..num_res|> and <|query_1..P-1|> as the release adds them."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    ids = MLLM["token_ids"]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                 "<|vision_end|>", "<|image_pad|>"]
-    first_special = ids["im_start"] - 1
-    vocab = {f"w{i}": i for i in range(first_special)}
-    vocab.update({t: first_special + i for i, t in enumerate(specials)})
+    vocab = {f"w{i}": i for i in range(words)}
+    vocab.update({t: words + i for i, t in enumerate(specials)})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": specials})
-    num_res = ids["query_1"] - ids["res_1"]
     added = [f"<|res_{k}|>" for k in range(1, num_res + 1)]
-    added += [f"<|query_{j}|>" for j in range(1, P)]
+    added += [f"<|query_{j}|>" for j in range(1, parallel_num)]
     tok.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
+    return tok
+
+
+def _text_tokenizer(out) -> None:
+    """The fixture's text tokenizer: its ids, vocab = the LLM's rows."""
+    ids = MLLM["token_ids"]
+    tok = release_word_tokenizer(ids["im_start"] - 1, ids["query_1"] - ids["res_1"], P)
     assert len(tok) == QWEN3["vocab_size"]
     assert tok.convert_tokens_to_ids("<|res_1|>") == ids["res_1"]
     tok.save_pretrained(out)

@@ -21,11 +21,10 @@ from bdt.model.embed import BitsConnector
 from bdt.model.head import DiffusionHead, head_config_from_bitdance, head_key_from_bitdance
 from bdt.model.keymap import (AE_CONFIG, AE_WEIGHTS, HEAD_CONFIG, HEAD_WEIGHTS, PROJECTOR_WEIGHTS,
                               bitdance_head_keys)
-from bdt.model.text_tokenizer import IM_END, IM_START, VISION_END, VISION_START
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.tokenizer.config import TokenizerConfig
 
-from mllm_tiny import save_weights, write_diffusers_port
+from mllm_tiny import release_word_tokenizer, save_weights, write_diffusers_port
 
 # The released tokenizers' shapes at a tiny width (ch 32; the release has 256 / 128) and one
 # res block per level (the release has 4): the level count (downsampling), bits and decoder kind
@@ -117,21 +116,9 @@ def _randomise(module: torch.nn.Module, dtype: torch.dtype, generator: torch.Gen
 
 
 def _text_tokenizer(v: Variant, out: Path) -> int:
-    """A word-level tokenizer with the release's additions: chat/vision tokens, <|res_1..N|>
-    with N = 4096 // downsample, <|query_1..P-1|>; returns its size (the LLM's rows)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", IM_START, IM_END, VISION_START, VISION_END, "<|image_pad|>"]
-    vocab = {f"w{i}": i for i in range(WORDS)}
-    vocab.update({t: WORDS + i for i, t in enumerate(specials)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<|endoftext|>")
-    tok.add_special_tokens({"additional_special_tokens": specials})
-    added = [f"<|res_{k}|>" for k in range(1, MAX_SIDE_PX // v.downsample + 1)]
-    added += [f"<|query_{j}|>" for j in range(1, v.P)]
-    tok.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
+    """The release's layout with <|res_1..N|>, N = 4096 // downsample, and P - 1 query tokens;
+    returns its size (the LLM's rows)."""
+    tok = release_word_tokenizer(WORDS, MAX_SIDE_PX // v.downsample, v.P)
     tok.save_pretrained(out)
     return len(tok)
 
