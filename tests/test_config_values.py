@@ -1,93 +1,15 @@
 """Values no run can use are refused by the jobs' config checks, naming the key, before any
-process group, model or data read: the AR trainer, the tokenizer trainer and the extraction."""
+process group, model or data read: the tokenizer trainer and the extraction (the AR trainer's:
+tests/training/ar/test_train_inputs.py)."""
 
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
 
 from bdt.config import load
 from testkit import REPO
-from trainutil import train_overrides
 
 TOKENIZER_YAML = str(REPO / "configs" / "tokenizer" / "shapes_d8.yaml")
-TINY_YAML = str(REPO / "configs" / "train" / "tiny.yaml")
-
-
-def _ar(tmp_path, *extra):
-    from bdt.training.ar.config import TrainConfig, validate
-
-    cfg = OmegaConf.to_object(load(TrainConfig, [TINY_YAML], train_overrides(
-        str(tmp_path / "run"), "llm", str(tmp_path / "s"), extra=extra)))
-    validate(cfg)
-
-
-@pytest.mark.parametrize("override, named", [
-    ("stages.0.tokens=-5", r"stages\[0\] \(s0\): set exactly one of steps and tokens \(got "
-                           r"steps=6, tokens=-5\)"),
-    ("model.parallel_num=-4", r"model.parallel_num: parallel_num \(P\) must be a perfect square "
-                              r">= 1, got -4"),
-    ("stages.0.parallel_num=-1", r"stages\[0\] \(s0\).parallel_num: parallel_num \(P\) must be a "
-                                 r"perfect square >= 1 \(0 = model.parallel_num\), got -1"),
-    ("model.head.p_std=.nan", r"model.head.p_std, time_shift and mlp_ratio must be finite and > 0"),
-    ("model.head.time_shift=.inf", r"time_shift and mlp_ratio must be finite and > 0, got 0.8, inf"),
-    ("model.head.p_mean=.nan", r"model.head.p_mean must be a finite number, got nan"),
-    ("model.backbone.dtype=int8", r"model.backbone.dtype: backbone dtype 'int8' is not a torch "
-                                  r"floating dtype"),
-    ("checkpoint.keep_last=-1", r"checkpoint.keep_last must be >= 0 \(0 = keep all\), got -1"),
-    ("checkpoint.staging_dir=s3://b/stage", r"checkpoint.staging_dir must be a local directory, "
-                                            r"got 's3://b/stage'"),
-    ("run_dir=s3://b/run", r"run_dir must be a local directory, got 's3://b/run'"),
-    ("model.backbone.path=s3://b/llm", r"model.backbone.path 's3://b/llm' \(init_from's llm/ when "
-                                       r"set\) must be a local directory or a hub id"),
-    ("data.buffer_size=0", r"data.buffer_size must be >= 1, got 0"),
-    ("deepspeed.grad_accum=0", r"deepspeed: micro_batch_size and grad_accum must be >= 1"),
-    ("deepspeed.zero_stage=5", r"deepspeed.zero_stage: expected 0, 1, 2 or 3, got 5"),
-    ("deepspeed.precision=fp16", r"deepspeed.precision: expected one of \('fp32', 'bf16'\)"),
-    ("fault.sigterm_at_step=-1", r"fault.sigterm_at_step must be >= 0 \(0 = off\), got -1"),
-])
-def test_ar_values_no_run_can_use_are_named(tmp_path, override, named):
-    with pytest.raises(ValueError, match=named):
-        _ar(tmp_path, override)
-
-
-def test_ar_preview_grid_beyond_the_position_table_is_named(tmp_path):
-    on = ["logging.sample_every=5", "data.tokenizer=tok"]
-    _ar(tmp_path, *on, "logging.sample_hw=[64,64]")  # tiny.yaml: pos_max_len 64
-    with pytest.raises(ValueError, match=r"logging.sample_hw \[66, 66\] exceeds the 2D position "
-                                         r"table: model.pos_max_len = 64"):
-        _ar(tmp_path, *on, "logging.sample_hw=[66,66]")
-
-
-def test_ar_legal_edge_values_pass(tmp_path, caplog):
-    """0 means 'only at the end' / 'keep all' / 'off'; lr 0 and a warmup as long as the stage
-    are legal (a warning says the LR never peaks); micro_batch_size is unused by this trainer."""
-    _ar(tmp_path, "checkpoint.every=0", "checkpoint.keep_last=0", "stages.0.lr=0",
-        "deepspeed.micro_batch_size=0", "stages.0.warmup_steps=6")
-    assert "warmup_steps 6 >= steps 6: the LR ramps up for the whole stage" in caplog.text
-
-
-def test_ar_token_budget_below_one_sample_and_grids_beyond_the_table_fail_at_start(tmp_path):
-    """Found before the model: every sample longer than the budget was skipped until a whole
-    epoch had been read, and a grid beyond the position table failed at its first step."""
-    from bdt.training.ar.config import TrainConfig
-    from bdt.training.ar.setup import check_data
-    from trainutil import write_shards
-
-    write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=1, per_shard=2)
-
-    def data(*extra):
-        return check_data(OmegaConf.to_object(load(TrainConfig, [TINY_YAML], train_overrides(
-            str(tmp_path / "run"), "llm", str(tmp_path / "s"), extra=extra))))
-
-    assert data("stages.0.token_budget=16")  # the 4x4 samples fit
-    with pytest.raises(ValueError, match=r"stages\[0\] \(s0\).token_budget = 15 is smaller than "
-                                         r"one sample: the image tokens of its smallest grid "
-                                         r"\(4x4\) alone are 16"):
-        data("stages.0.token_budget=15")
-    with pytest.raises(ValueError, match=r"holds 4x4 token grids, beyond the 2D position table "
-                                         r"\(model.pos_max_len = 2 tokens per side\)"):
-        data("model.pos_max_len=2")
 
 
 def _tokenizer(tmp_path, *extra):

@@ -155,6 +155,28 @@ def test_a_damaged_shape_record_is_written_again(tmp_path, caplog):
     ("seed=100000000000000000000", r"seed must be in \[0, 2\^63\)"),
     ("threads=-1", r"threads must be >= 0"),
     ("logging.sample_steps=0", r"logging.sample_steps must be >= 1"),
+    ("stages.0.tokens=-5", r"stages\[0\] \(s0\): set exactly one of steps and tokens \(got "
+                           r"steps=6, tokens=-5\)"),
+    ("model.parallel_num=-4", r"model.parallel_num: parallel_num \(P\) must be a perfect square "
+                              r">= 1, got -4"),
+    ("stages.0.parallel_num=-1", r"stages\[0\] \(s0\).parallel_num: parallel_num \(P\) must be a "
+                                 r"perfect square >= 1 \(0 = model.parallel_num\), got -1"),
+    ("model.head.p_std=.nan", r"model.head.p_std, time_shift and mlp_ratio must be finite and > 0"),
+    ("model.head.time_shift=.inf", r"time_shift and mlp_ratio must be finite and > 0, got 0.8, inf"),
+    ("model.head.p_mean=.nan", r"model.head.p_mean must be a finite number, got nan"),
+    ("model.backbone.dtype=int8", r"model.backbone.dtype: backbone dtype 'int8' is not a torch "
+                                  r"floating dtype"),
+    ("checkpoint.keep_last=-1", r"checkpoint.keep_last must be >= 0 \(0 = keep all\), got -1"),
+    ("checkpoint.staging_dir=s3://b/stage", r"checkpoint.staging_dir must be a local directory, "
+                                            r"got 's3://b/stage'"),
+    ("run_dir=s3://b/run", r"run_dir must be a local directory, got 's3://b/run'"),
+    ("model.backbone.path=s3://b/llm", r"model.backbone.path 's3://b/llm' \(init_from's llm/ when "
+                                       r"set\) must be a local directory or a hub id"),
+    ("data.buffer_size=0", r"data.buffer_size must be >= 1, got 0"),
+    ("deepspeed.grad_accum=0", r"deepspeed: micro_batch_size and grad_accum must be >= 1"),
+    ("deepspeed.zero_stage=5", r"deepspeed.zero_stage: expected 0, 1, 2 or 3, got 5"),
+    ("deepspeed.precision=fp16", r"deepspeed.precision: expected one of \('fp32', 'bf16'\)"),
+    ("fault.sigterm_at_step=-1", r"fault.sigterm_at_step must be >= 0 \(0 = off\), got -1"),
 ])
 def test_values_no_run_can_use_are_named_at_start(tmp_path, override, named):
     """Values that would fail deep inside torch or the sampler, or train silently wrong."""
@@ -162,6 +184,45 @@ def test_values_no_run_can_use_are_named_at_start(tmp_path, override, named):
 
     with pytest.raises(ValueError, match=named):
         validate(config(tmp_path, str(tmp_path / "s"), override))
+
+def _validate(tmp_path, *extra):
+    from bdt.training.ar.config import validate
+
+    validate(config(tmp_path, str(tmp_path / "s"), *extra))
+
+
+def test_ar_preview_grid_beyond_the_position_table_is_named(tmp_path):
+    on = ["logging.sample_every=5", "data.tokenizer=tok"]
+    _validate(tmp_path, *on, "logging.sample_hw=[64,64]")  # tiny.yaml: pos_max_len 64
+    with pytest.raises(ValueError, match=r"logging.sample_hw \[66, 66\] exceeds the 2D position "
+                                         r"table: model.pos_max_len = 64"):
+        _validate(tmp_path, *on, "logging.sample_hw=[66,66]")
+
+
+def test_ar_legal_edge_values_pass(tmp_path, caplog):
+    """0 means 'only at the end' / 'keep all' / 'off'; lr 0 and a warmup as long as the stage
+    are legal (a warning says the LR never peaks); micro_batch_size is unused by this trainer."""
+    _validate(tmp_path, "checkpoint.every=0", "checkpoint.keep_last=0", "stages.0.lr=0",
+        "deepspeed.micro_batch_size=0", "stages.0.warmup_steps=6")
+    assert "warmup_steps 6 >= steps 6: the LR ramps up for the whole stage" in caplog.text
+
+
+def test_ar_token_budget_below_one_sample_and_grids_beyond_the_table_fail_at_start(tmp_path):
+    """Found before the model: every sample longer than the budget was skipped until a whole
+    epoch had been read, and a grid beyond the position table failed at its first step."""
+    write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=1, per_shard=2)
+
+    def data(*extra):
+        return check_data(config(tmp_path, str(tmp_path / "s"), *extra))
+
+    assert data("stages.0.token_budget=16")  # the 4x4 samples fit
+    with pytest.raises(ValueError, match=r"stages\[0\] \(s0\).token_budget = 15 is smaller than "
+                                         r"one sample: the image tokens of its smallest grid "
+                                         r"\(4x4\) alone are 16"):
+        data("stages.0.token_budget=15")
+    with pytest.raises(ValueError, match=r"holds 4x4 token grids, beyond the 2D position table "
+                                         r"\(model.pos_max_len = 2 tokens per side\)"):
+        data("model.pos_max_len=2")
 
 
 def test_in_loop_eval_values_are_checked_when_it_is_on(tmp_path):
