@@ -1,7 +1,8 @@
 """Training throughput and MFU of the 1.2B configuration per attention backend, a profile of the
 best one's step, and the attention kernels alone (issue 16 parts 1 and 3; scripts/gpu_check.sh).
 
-    python bench/gpu_throughput.py --llm DIR [--backends sdpa,flex,varlen,flash] [--steps 6]
+    python bench/gpu_throughput.py --llm DIR [--backends sdpa,flex,varlen,flash] [--compile best]
+        [--steps 6]
         [--budget 16384] [--hidden 2048 --layers 24 --heads 16 --kv-heads 8 --intermediate 5632]
         [--head-width 1024 --head-depth 4] [--seconds 150] [--name gpu_throughput]
 
@@ -16,7 +17,10 @@ Per backend, on the same engine: 2 warm-up steps (the first compiles flex), then
 steps (one device sync per step): tokens/s and MFU = model FLOPs (bdt.training.ar.flops, as the
 trainer counts them) / step time / the bf16 matmul peak measured in this process before and
 after. varlen and flash run every block-causal row (all of them at P = 4) through flex.
-Profile of the fastest backend: --profile-steps steps with a device sync between phases (data,
+Then --compile's backends (default: the fastest so far) again, as `<backend>+compile`, with the
+decoder layers and the head compiled by Inductor (BitDanceModel.compile_blocks, the trainer's
+`compile.enabled`); their warm-up (2 steps longer) holds the compile and any recompile.
+Profile of the fastest eager backend: --profile-steps steps with a device sync between phases (data,
 forward, backward, optimizer; the diffusion head's forward and backward inside them, timed by
 module hooks), and torch.profiler's device time by kernel kind (matmul, attention, elementwise,
 optimizer, communication, copies).
@@ -273,6 +277,19 @@ def attention_alone(args, device: torch.device, clock: Clock, seconds_left) -> d
     return out
 
 
+COMPILED = "+compile"
+
+
+def to_compile(spec: str, results: dict) -> list[str]:
+    """The backends --compile names: "best" = the fastest eager one, "none", or a list."""
+    if spec == "none":
+        return []
+    if spec != "best":
+        return spec.split(",")
+    measured = {b: r for b, r in results["backends"].items() if "mfu" in r}
+    return [max(measured, key=lambda b: measured[b]["tokens_per_s"])] if measured else []
+
+
 def flex_line(results: dict) -> str:
     r = results["backends"].get("flex", {"skipped": "not run"})
     if "mfu" not in r:
@@ -285,6 +302,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llm", required=True, help="a tiny LLM dir (its tokenizer is used)")
     ap.add_argument("--backends", default="sdpa,flex,varlen,flash")
+    ap.add_argument("--compile", default="best",
+                    help="backends measured again with compiled decoder layers and head "
+                         "(Inductor; the trainer's compile.enabled): best (the fastest eager "
+                         "one), none, or a comma list")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile-steps", type=int, default=3)
@@ -332,39 +353,54 @@ def main() -> None:
                                 goal("16.1 flex trains (1.2B, one GPU)", flex_line(results),
                                      "steps", "mfu" in results["backends"].get("flex", {}))])
 
-        for backend in args.backends.split(","):
+        def measure(backend: str, label: str, warmup: int) -> None:
+            """Warm-up and timed steps of the engine as it is, under `backend`, as `label`."""
             if seconds_left() < 30:
-                results["backends"][backend] = {"skipped": "out of time"}
-                continue
+                results["backends"][label] = {"skipped": "out of time"}
+                return
             try:
                 model.set_attn_backend(backend)
             except ValueError as e:
-                results["backends"][backend] = {"skipped": str(e)}
-                continue
-            print(f"== {backend}: warm-up", flush=True)
+                results["backends"][label] = {"skipped": str(e)}
+                return
+            print(f"== {label}: warm-up", flush=True)
             t0 = time.perf_counter()
             try:
-                warm = timed_steps(engine, rows, args.budget, args.warmup, flops, clock)
+                warm = timed_steps(engine, rows, args.budget, warmup, flops, clock)
                 recs = timed_steps(engine, rows, args.budget, args.steps, flops, clock)
             except Exception as e:  # a backend that fails is a result; the others still run
-                results["backends"][backend] = {
+                results["backends"][label] = {
                     "failed": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                 write()
-                continue
+                return
             r = summarize(recs, statistics.mean(peaks))
             r.update(first_step_s=warm[0]["s"] if warm else None,
                      warmup_s=time.perf_counter() - t0 - sum(x["s"] for x in recs))
-            results["backends"][backend] = r
-            print(f"   {backend}: {r['step_s']:.3f} s/step, {r['tokens_per_s']:.0f} tokens/s, "
+            results["backends"][label] = r
+            print(f"   {label}: {r['step_s']:.3f} s/step, {r['tokens_per_s']:.0f} tokens/s, "
                   f"MFU {r['mfu']:.1%} (first step {r['first_step_s']:.1f} s)", flush=True)
             write()
+
+        for backend in args.backends.split(","):
+            measure(backend, backend, args.warmup)
+        write()
+        # Then compiled decoder layers + head (the trainer's compile.enabled), same engine; a
+        # longer warm-up, as a size guard of Inductor's code may recompile once more.
+        for i, backend in enumerate(to_compile(args.compile, results)):
+            if i == 0:
+                model.compile_blocks()
+            measure(backend, backend + COMPILED, args.warmup + 2)
         peaks.append(measure_peak_flops(dtype, device=dist.device))
         write()
-        best = results["best_backend"]
+        # The profile is of the fastest eager backend: its module hooks would only make the
+        # compiled layers recompile, and what compiling fuses is what the eager profile shows.
+        eager = [b for b in args.backends.split(",") if "mfu" in results["backends"].get(b, {})]
+        best = max(eager, key=lambda b: results["backends"][b]["tokens_per_s"], default=None)
         if best and args.profile_steps and seconds_left() > 20:
             model.set_attn_backend(best)
-            results["profile"] = dict(backend=best, **profile(
-                engine, model, rows, args.budget, args.profile_steps, clock))
+            with torch.compiler.set_stance("force_eager"):
+                results["profile"] = dict(backend=best, **profile(
+                    engine, model, rows, args.budget, args.profile_steps, clock))
             write()
         if seconds_left() > 20:
             results["attention_alone"] = attention_alone(args, dist.device, clock,

@@ -5,6 +5,10 @@
 #                                         else gpu_check/<date>); data and runs go to a scratch
 #                                         folder ($GPU_CHECK_WORK, else a temp dir), removed at
 #                                         the end unless GPU_CHECK_KEEP=1
+#   GPU_CHECK_COMPILE=1 scripts/gpu_check.sh   also the fastest backend with compiled decoder
+#                                         layers and head (the trainer's compile.enabled;
+#                                         Inductor builds them): the throughput stage gets 150 s
+#                                         more, so the check takes up to ~10.5 minutes
 #   scripts/gpu_check.sh --cpu-rehearsal [OUT]   the same stages at tiny sizes on CPU, the
 #                                         CUDA-only ones skipped (flex and the GPU kernels)
 #
@@ -14,12 +18,13 @@
 # (scripts/bounded_stages.sh: why ABRT and not TERM):
 #   env         packages, CUDA device (OUT/env.json)
 #   tests       tests/model/test_attention.py on CUDA (its `cuda` tests: real flex compile with
-#               backward, real varlen/flash kernels)
+#               backward, real varlen/flash kernels) and flex inside Inductor-compiled layers
+#               (tests/model/test_compile.py)
 #   images      shapes images (bdt data shapes)
 #   tokens      random-weight demo tokenizer -> token shards by the extraction worker's encoder
 #               on the GPU (bench/gpu_data.py) + the tiny LLM
-#   throughput  the 1.2B configuration per attention backend, the best one profiled, the
-#               attention kernels alone (bench/gpu_throughput.py -> bench/results/gpu_throughput.json)
+#   throughput  the 1.2B configuration per attention backend (and compiled, with
+#               GPU_CHECK_COMPILE=1), the best one profiled, the attention kernels alone (bench/gpu_throughput.py -> bench/results/gpu_throughput.json)
 #   train_1b    the real trainer on the 1.2B configuration with flex
 #               (configs/cluster/gpu_1b_mfu.yaml): steps, MFU, data_wait_frac
 #   shapes_*    a short shapes training (configs/cluster/gpu_shapes_quality.yaml), bdt eval
@@ -40,7 +45,7 @@ if ((REHEARSAL)); then  # tiny sizes: the plumbing, on CPU
   NUM=400 BACKENDS=sdpa DEVICE=cpu REPORT_NAME=gpu_check_rehearsal
   BENCH=(--budget 1024 --hidden 64 --layers 2 --heads 4 --kv-heads 2 --intermediate 128
          --head-width 64 --head-depth 2 --precision fp32 --steps 2 --warmup 1 --profile-steps 1
-         --name gpu_throughput_rehearsal)
+         --compile best --name gpu_throughput_rehearsal)
   SMALL=("${REHEARSAL_MODEL[@]}" stages.0.token_budget=1024)
   TRAIN_1B=("${SMALL[@]}" stages.0.steps=4 logging.every=2)
   SHAPES=("${SMALL[@]}" stages.1.token_budget=1024 stages.0.steps=3 stages.1.steps=3
@@ -48,24 +53,31 @@ if ((REHEARSAL)); then  # tiny sizes: the plumbing, on CPU
   EVAL=(--per-category 1 --steps 2 --device cpu)
 else
   NUM=3000 BACKENDS=sdpa,flex,varlen,flash DEVICE=cuda REPORT_NAME=gpu_check
-  BENCH=(--seconds 100)
+  BENCH=(--seconds 100 --compile none)
   TRAIN_1B=(model.attn_backend=flex stages.0.steps=60 time_limit_min=1)
   SHAPES=(stages.0.steps=60 stages.1.steps=60 time_limit_min=0.5 logging.every=20)
   EVAL=(--per-category 2 --steps 8 --device cuda)
+fi
+THROUGHPUT_S=130
+if [[ ${GPU_CHECK_COMPILE:-0} == 1 ]] && ! ((REHEARSAL)); then
+  BENCH=(--seconds 250 --compile best)
+  THROUGHPUT_S=280
 fi
 CKPT=$WORK
 if [[ -d /dev/shm && -w /dev/shm ]]; then CKPT=$(mktemp -d -p /dev/shm bdt-gpu-check-XXXXXX); fi
 DATA=(model.backbone.path="$WORK/data/llm" data.tokenizer="$WORK/data/tokenizer"
       data.root="$WORK/data/tokens")
 
-# Limits: 20 + 75 + 15 + 30 + 130 + 120 + 45 + 30 + 10 = 475 s (8 min is 480).
+# Limits: 20 + 75 + 15 + 30 + 130 + 120 + 45 + 30 + 10 = 475 s (8 min is 480; GPU_CHECK_COMPILE=1:
+# 625 s).
 stage env 20 "${PYF[@]}" bench/gpu_check.py env --out "$OUT" $( ((REHEARSAL)) && echo --rehearsal ) || {
   echo "gpu_check: the environment lacks what the check needs (above)"; exit 1; }
-stage tests 75 "${PYF[@]}" -m pytest -q -p no:cacheprovider tests/model/test_attention.py
+stage tests 75 "${PYF[@]}" -m pytest -q -p no:cacheprovider tests/model/test_attention.py \
+  tests/model/test_compile.py::test_cuda_compiled_flex_layers_compile_once_per_row_length
 stage images 15 "${PYF[@]}" -m bdt.cli data shapes --out "$WORK/raw" --num "$NUM" \
   --per-shard $((NUM / 6)) --size 128 --seed 0 --workers 4
 stage tokens 30 "${PYF[@]}" bench/gpu_data.py --raw "$WORK/raw" --out "$WORK/data" --device "$DEVICE"
-stage throughput 130 "${PYF[@]}" bench/gpu_throughput.py --llm "$WORK/data/llm" --backends "$BACKENDS" \
+stage throughput "$THROUGHPUT_S" "${PYF[@]}" bench/gpu_throughput.py --llm "$WORK/data/llm" --backends "$BACKENDS" \
   "${BENCH[@]}"
 collect
 # The checkpoint the trainer writes at its end (~14 GB of ZeRO-2 state at 1.2B) goes to memory

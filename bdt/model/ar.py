@@ -200,6 +200,24 @@ class BitDanceModel(nn.Module):
         self.backend = resolve_backend(name, "cuda" if torch.cuda.is_available() else "cpu")
         self.llm.set_attn_implementation(hf_attn_implementation(self.backend))
 
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """torch.compile each decoder layer and the diffusion head in place. Parameter names do
+        not change (`nn.Module.compile`), so checkpoints of compiled and eager runs are the same.
+
+        Layer by layer, as torchtitan does: the packing logic around the decoder stays eager,
+        and one graph serves every layer (dynamo inlines modules: parameters are inputs). flex
+        rows are padded to the stage's budget, so its layers compile for static shapes, once per
+        stage; sdpa's per-document rows, varlen's plans and the head's patch count change every
+        step, so those compile once for symbolic sizes (automatic dynamic shapes would compile
+        twice: static, then again at the first new shape)."""
+        layers = getattr(self.decoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"compile: {type(self.decoder).__name__} has no `layers` list of "
+                             f"decoder layers to compile")
+        for layer in layers:
+            layer.compile(backend=backend, dynamic=self.backend != "flex")
+        self.head.compile(backend=backend, dynamic=True)
+
     def mask_kwargs(self, layout: BlockCausalLayout) -> dict:
         """attention_mask + position_ids for the decoder call, in the model's backend."""
         return attention_kwargs(layout.to(self.llm.device), self.backend, self.float_mask_dtype())
@@ -233,10 +251,12 @@ class BitDanceModel(nn.Module):
             layout, index_L = split
             S, Lmax = layout.doc_ids_BL.shape
             index_L = index_L.to(inputs_embeds_LD.device)
-            rows_SLD = inputs_embeds_LD.new_zeros(S * Lmax, inputs_embeds_LD.shape[-1]).index_copy(
-                0, index_L, inputs_embeds_LD).view(S, Lmax, -1)
+            # Not views: a compiled layer (compile_blocks) would recompile for the first layer,
+            # whose input would be a view where the others' are not.
+            rows_SLD = inputs_embeds_LD.new_zeros(S, Lmax, inputs_embeds_LD.shape[-1])
+            rows_SLD.view(S * Lmax, -1).index_copy_(0, index_L, inputs_embeds_LD)
         else:  # one row, zero-padded to the layout's length (its own padding document)
-            rows_SLD = F.pad(inputs_embeds_LD, (0, 0, 0, layout.doc_ids_BL.shape[1] - L))[None]
+            rows_SLD = F.pad(inputs_embeds_LD[None], (0, 0, 0, layout.doc_ids_BL.shape[1] - L))
         # use_cache=False: with a cache HF may ignore the packing (environment.md).
         out = self.decoder(inputs_embeds=rows_SLD, use_cache=False, **self.mask_kwargs(layout))
         hidden = out.last_hidden_state

@@ -40,6 +40,11 @@ def compiled_flex(backend: object = "inductor"):
 def flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scale: float | None) -> Tensor:
     """[B, Hq, L, d] attention under `block_mask`; key/value may have fewer (grouped) heads."""
     enable_gqa = query.shape[1] != key.shape[1]
+    if torch.compiler.is_compiling():  # inside a compiled decoder layer: part of its graph
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(query, key, value, block_mask=block_mask, scale=scale,
+                              enable_gqa=enable_gqa)
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         return compiled_flex(FLEX_COMPILE_BACKEND)(query, key, value, block_mask=block_mask,
                                                    scale=scale, enable_gqa=enable_gqa)

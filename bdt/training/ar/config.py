@@ -98,6 +98,19 @@ class EvalConfig:
 
 
 @dataclass
+class CompileConfig:
+    """torch.compile of each decoder layer and the diffusion head for the training steps
+    (BitDanceModel.compile_blocks): fuses the norms, RoPE, activations and adaLN modulation
+    between the matmuls. Off by default: never run on a GPU yet (GPU_CHECK_COMPILE=1
+    scripts/gpu_check.sh measures it); the CPU demo turns it on (1.13x faster steps after a ~25 s
+    build, docs/results.md). Previews, in-loop evaluation and the export run eager. Not with
+    ZeRO-3, whose parameter gathers hook into every module call."""
+
+    enabled: bool = False
+    backend: str = "inductor"  # any torch._dynamo backend; "aot_eager" traces without codegen
+
+
+@dataclass
 class FaultConfig:
     """Crash injection (tests of recovery). A real SIGKILL/SIGTERM of this process at a step."""
 
@@ -121,6 +134,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: ARLoggingConfig = field(default_factory=ARLoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # in-loop shapes-suite evaluation
+    compile: CompileConfig = field(default_factory=CompileConfig)
     export: bool = True  # write <run_dir>/export (model + tokenizer files) at the end
     # > 0: keep an exponential moving average of the weights (fp32, on every rank, in each
     # checkpoint); previews, in-loop evaluation and the export then use the averaged weights.
@@ -142,6 +156,19 @@ class TrainConfig:
     # image_tokenizer/. Optimizer state starts fresh; a resume loads its checkpoint as always.
     init_from: str = ""
     fault: FaultConfig = field(default_factory=FaultConfig)
+
+
+def _check_compile(cfg: TrainConfig) -> None:
+    import torch
+
+    if cfg.deepspeed.zero_stage == 3:
+        raise ValueError("compile.enabled needs deepspeed.zero_stage 0-2: ZeRO-3 gathers "
+                         "parameters in hooks around every module call, which the compiled "
+                         "layers would have to trace through (not supported here)")
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if cfg.compile.backend not in known:
+        raise ValueError(f"compile.backend: unknown torch.compile backend "
+                         f"{cfg.compile.backend!r}; known here: {', '.join(sorted(known))}")
 
 
 def stage_p(cfg: TrainConfig, i: int) -> int:
@@ -231,6 +258,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.ema_decay > 0 and cfg.deepspeed.zero_stage == 3:
         raise ValueError("ema_decay needs whole parameters on each rank: use deepspeed.zero_stage "
                          "0-2, or ema_decay=0 with ZeRO-3")
+    if cfg.compile.enabled:
+        _check_compile(cfg)
     if cfg.data.prefetch < 0 or cfg.data.prefetch_worker not in ("auto", "thread", "process"):
         raise ValueError(f"data.prefetch must be >= 0 (0 = off) and data.prefetch_worker one of "
                          f"auto, thread, process; got {cfg.data.prefetch} and "

@@ -134,6 +134,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     params_local = all_gather_int(setup.local_numel(model))
     check_model_signature(ckpt.root, model_signature(model), dist)
     flop_model = FlopModel.for_model(model)
+    if cfg.compile.enabled:
+        model.compile_blocks(cfg.compile.backend)
     engine = initialize_engine(model, ds_config, clock)
     ema = EMA(engine.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
@@ -305,9 +307,14 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
+@contextlib.contextmanager
 def _sampling_weights(ema: EMA | None, module: torch.nn.Module):
-    """The weights to sample and export with: the EMA's when there is one."""
-    return ema.swapped_in(module) if ema is not None else contextlib.nullcontext(module)
+    """The weights to sample and export with: the EMA's when there is one. Eager even where
+    `compile` is on: compiled layers are for the training step, whose shapes sampling's
+    KV-cached steps would only recompile."""
+    with torch.compiler.set_stance("force_eager"), \
+            (ema.swapped_in(module) if ema is not None else contextlib.nullcontext(module)) as m:
+        yield m
 
 
 def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, clock: StageClock, stream,

@@ -237,6 +237,15 @@ def test_ema_leaves_training_alone_resumes_and_is_exported(data, ref, tmp_path):
     assert all(torch.equal(resumed[k], v) for k, v in averaged.items())
 
 
+def test_compiled_blocks_train_exactly_as_eager(data, ref, tmp_path):
+    """compile.enabled, traced with aot_eager (no code generation on 2 cores): every step's
+    losses and the export are the eager run's, bitwise; the export is written eager."""
+    run_dir = tmp_path / "compiled"
+    assert spawn_train(argv(data, run_dir, "compile.enabled=true",
+                            "compile.backend=aot_eager")) == 0
+    assert_same_as_ref(ref, run_dir, 0)
+
+
 def test_time_limit_fit_ends_the_decay_in_time_and_survives_a_resume(data, tmp_path):
     """A stage far too long for a 30 s limit: after 60 steps of it the run shortens it to what
     0.3 of the time left allows, so its cosine reaches the floor at the end instead of being cut

@@ -191,6 +191,14 @@ def _validate(tmp_path, *extra):
     validate(config(tmp_path, str(tmp_path / "s"), *extra))
 
 
+def test_compile_is_refused_with_zero3_and_unknown_backends(tmp_path):
+    _validate(tmp_path, "compile.enabled=true", "compile.backend=aot_eager")
+    with pytest.raises(ValueError, match=r"compile.enabled needs deepspeed.zero_stage 0-2"):
+        _validate(tmp_path, "compile.enabled=true", "deepspeed.zero_stage=3")
+    with pytest.raises(ValueError, match=r"compile.backend: unknown torch.compile backend 'nope'"):
+        _validate(tmp_path, "compile.enabled=true", "compile.backend=nope")
+
+
 def test_ar_preview_grid_beyond_the_position_table_is_named(tmp_path):
     on = ["logging.sample_every=5", "data.tokenizer=tok"]
     _validate(tmp_path, *on, "logging.sample_hw=[64,64]")  # tiny.yaml: pos_max_len 64
