@@ -96,3 +96,23 @@ def test_cuda_compiled_flex_layers_compile_once_per_row_length():
     for (loss, grads), (ref_loss, ref_grads) in zip(compiled, train_rows(eager, rows, 256)):
         torch.testing.assert_close(loss.float(), ref_loss.float(), atol=2e-2, rtol=2e-2)
         assert (grads - ref_grads).norm() <= 0.05 * ref_grads.norm()
+
+
+def test_sampling_and_export_weights_run_eager():
+    """What the trainer samples, evaluates and exports with runs eager: sampling's KV-cached
+    shapes would only recompile the training graphs."""
+    from bdt.training.ar.loop import _sampling_weights
+
+    torch._dynamo.reset()
+    model, packer = tiny_bitdance()
+    counter = CompileCounterWithBackend("aot_eager")
+    model.compile_blocks(counter)
+    rows = packed_rows(packer)
+    with torch.no_grad(), _sampling_weights(None, model) as module:
+        eager_losses = losses_of(module, rows, 256)
+    assert counter.frame_count == 0
+    with torch.no_grad():
+        compiled_losses = losses_of(model, rows, 256)
+    assert counter.frame_count > 0
+    torch.testing.assert_close([o["total"] for o in compiled_losses],
+                               [o["total"] for o in eager_losses], rtol=1e-6, atol=0)

@@ -102,9 +102,9 @@ class CompileConfig:
     """torch.compile of each decoder layer and the diffusion head for the training steps
     (BitDanceModel.compile_blocks): fuses the norms, RoPE, activations and adaLN modulation
     between the matmuls. Off by default: never run on a GPU yet (GPU_CHECK_COMPILE=1
-    scripts/gpu_check.sh measures it); the CPU demo turns it on (1.13x faster steps after a ~25 s
-    build, docs/results.md). Previews, in-loop evaluation and the export run eager. Not with
-    ZeRO-3, whose parameter gathers hook into every module call."""
+    scripts/gpu_check.sh measures it), and no faster for the 2-rank CPU demo (docs/results.md).
+    Previews, in-loop evaluation and the export run eager. Not with ZeRO-3, whose parameter
+    gathers hook into every module call."""
 
     enabled: bool = False
     backend: str = "inductor"  # any torch._dynamo backend; "aot_eager" traces without codegen
