@@ -108,7 +108,7 @@ def test_sampling_and_export_weights_run_eager():
     counter = CompileCounterWithBackend("aot_eager")
     model.compile_blocks(counter)
     rows = packed_rows(packer)
-    with torch.no_grad(), _sampling_weights(None, model) as module:
+    with torch.no_grad(), _sampling_weights(None, model, compiled=True) as module:
         eager_losses = losses_of(module, rows, 256)
     assert counter.frame_count == 0
     with torch.no_grad():

@@ -266,7 +266,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                 window = _Window()
             for task in tasks:
                 if task.due(step):
-                    with _sampling_weights(ema, engine.module) as module:
+                    with _sampling_weights(ema, engine.module, cfg.compile.enabled) as module:
                         metrics = task.run(step, module)
                     if metrics:
                         logger.log(step, metrics)
@@ -294,7 +294,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     if not stopped:
         summary["param_digests"] = setup.param_digests(engine.module, zero3)
         if cfg.export:
-            with _sampling_weights(ema, engine.module):
+            with _sampling_weights(ema, engine.module, cfg.compile.enabled):
                 export_model(engine, model, cfg, export_dir(cfg.run_dir), dist)
     if dist.is_main:
         storage.write_bytes_atomic(os.path.join(cfg.run_dir, "summary.json"),
@@ -308,12 +308,13 @@ def _grad_norm(module: torch.nn.Module) -> float:
 
 
 @contextlib.contextmanager
-def _sampling_weights(ema: EMA | None, module: torch.nn.Module):
-    """The weights to sample and export with: the EMA's when there is one. Eager even where
-    `compile` is on: compiled layers are for the training step, whose shapes sampling's
-    KV-cached steps would only recompile."""
-    with torch.compiler.set_stance("force_eager"), \
-            (ema.swapped_in(module) if ema is not None else contextlib.nullcontext(module)) as m:
+def _sampling_weights(ema: EMA | None, module: torch.nn.Module, compiled: bool = False):
+    """The weights to sample and export with: the EMA's when there is one. With `compiled`
+    layers (compile.enabled) they run eager: those graphs are for the training step's shapes,
+    which sampling's KV-cached steps would only recompile."""
+    stance = torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
+    with stance, (ema.swapped_in(module) if ema is not None
+                  else contextlib.nullcontext(module)) as m:
         yield m
 
 
