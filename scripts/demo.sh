@@ -17,11 +17,11 @@
 # DEMO_SAMPLE_STEPS (head sampler steps, 12), DEMO_CFG (guidance, 2.0), and extra key=value
 # overrides for the trainers: DEMO_TOKENIZER_ARGS, DEMO_TRAIN_ARGS (e.g. "steps=20").
 #
-# Wall time in a fresh checkout, measured 2026-12-05 on a 2-core AMD EPYC (avx512_bf16): 26 min
-# 16 s, of which install 1 min 54 s, data 8 s, tokenizer 3 min 57 s (capped at 7 min by
-# time_limit_min in configs/tokenizer/demo.yaml), Ray extraction 28 s, LLM 7 s, AR training 19 min
-# 13 s (its 19-min cap in configs/train/demo.yaml stopped it at step 4848 of 7200; an idle Intel
-# Xeon ran 3600 steps in 9 min 49 s on 2026-12-02), samples 8 s, eval 21 s. Scores and what limits
+# Wall time in a fresh checkout, measured 2026-12-05 on a 2-core AMD EPYC (avx512_bf16): 25 min
+# 46 s, of which install 1 min 58 s, data 7 s, tokenizer 3 min 34 s (capped at 7 min by
+# time_limit_min in configs/tokenizer/demo.yaml), Ray extraction 26 s, LLM 6 s, AR training 19 min
+# 12 s (its 19-min cap in configs/train/demo.yaml stopped it at step 6406 of 7200; an idle Intel
+# Xeon ran 3600 steps in 9 min 49 s on 2026-12-02), samples 6 s, eval 17 s. Scores and what limits
 # them: README ("The demo's quality").
 set -euo pipefail
 cd "$(dirname "$0")/.."
