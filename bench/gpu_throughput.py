@@ -17,16 +17,16 @@ Per backend, on the same engine: 2 warm-up steps (the first compiles flex), then
 steps (one device sync per step): tokens/s and MFU = model FLOPs (bdt.training.ar.flops, as the
 trainer counts them) / step time / the bf16 matmul peak measured in this process before and
 after. varlen and flash run every block-causal row (all of them at P = 4) through flex.
-Then --compile's backends (default: the fastest so far) again, as `<backend>+compile`, with the
-decoder layers and the head compiled by Inductor (BitDanceModel.compile_blocks, the trainer's
-`compile.enabled`); their warm-up (2 steps longer) holds the compile and any recompile.
-Profile of the fastest eager backend: --profile-steps steps with a device sync between phases (data,
+Profile of the fastest backend: --profile-steps steps with a device sync between phases (data,
 forward, backward, optimizer; the diffusion head's forward and backward inside them, timed by
 module hooks), and torch.profiler's device time by kernel kind (matmul, attention, elementwise,
 optimizer, communication, copies).
 Attention alone: forward + backward at the budget on causal rows of 85-token documents (P = 1,
 where varlen and flash are exact): sdpa on one row per document (what the model does), flex,
 varlen, flash where present.
+Last, --compile's backends (default: the fastest) again, as `<backend>+compile`, with the
+decoder layers and the head compiled by Inductor (BitDanceModel.compile_blocks, the trainer's
+`compile.enabled`); their warm-up (2 steps longer) holds the build and any recompile.
 Writes bench/results/<name>.json after each part, so a part that hangs keeps the earlier ones.
 """
 
@@ -280,14 +280,20 @@ def attention_alone(args, device: torch.device, clock: Clock, seconds_left) -> d
 COMPILED = "+compile"
 
 
-def to_compile(spec: str, results: dict) -> list[str]:
+def fastest(results: dict, labels: list[str]) -> str | None:
+    """The label among `labels` with the most tokens/s, of those measured."""
+    measured = [b for b in labels if "mfu" in results["backends"].get(b, {})]
+    return max(measured, key=lambda b: results["backends"][b]["tokens_per_s"], default=None)
+
+
+def to_compile(spec: str, results: dict, backends: list[str]) -> list[str]:
     """The backends --compile names: "best" = the fastest eager one, "none", or a list."""
     if spec == "none":
         return []
     if spec != "best":
         return spec.split(",")
-    measured = {b: r for b, r in results["backends"].items() if "mfu" in r}
-    return [max(measured, key=lambda b: measured[b]["tokens_per_s"])] if measured else []
+    best = fastest(results, backends)
+    return [best] if best else []
 
 
 def flex_line(results: dict) -> str:
@@ -381,13 +387,27 @@ def main() -> None:
                   f"MFU {r['mfu']:.1%} (first step {r['first_step_s']:.1f} s)", flush=True)
             write()
 
-        for backend in args.backends.split(","):
+        backends = args.backends.split(",")
+        for backend in backends:
             measure(backend, backend, args.warmup)
         write()
-        # Then compiled decoder layers + head (the trainer's compile.enabled), same engine,
-        # compiled after the backend is set (flex layers compile for static shapes, the others
-        # for symbolic ones); a longer warm-up, as Inductor may recompile once more.
-        for backend in to_compile(args.compile, results):
+        peaks.append(measure_peak_flops(dtype, device=dist.device))
+        write()
+        best = fastest(results, backends)
+        if best and args.profile_steps and seconds_left() > 20:
+            model.set_attn_backend(best)
+            results["profile"] = dict(backend=best, **profile(
+                engine, model, rows, args.budget, args.profile_steps, clock))
+            write()
+        if seconds_left() > 20:
+            results["attention_alone"] = attention_alone(args, dist.device, clock,
+                                                           seconds_left)
+            write()
+        # Last (the build is the slowest part): compiled decoder layers + head, the trainer's
+        # compile.enabled, on the same engine; compiled after the backend is set (flex layers
+        # compile for static shapes, the others for symbolic ones); a longer warm-up, as
+        # Inductor may recompile once more.
+        for backend in to_compile(args.compile, results, backends):
             try:
                 model.set_attn_backend(backend)
             except ValueError as e:
@@ -395,22 +415,6 @@ def main() -> None:
                 continue
             model.compile_blocks()
             measure(backend, backend + COMPILED, args.warmup + 2)
-        peaks.append(measure_peak_flops(dtype, device=dist.device))
-        write()
-        # The profile is of the fastest eager backend: its module hooks would only make the
-        # compiled layers recompile, and what compiling fuses is what the eager profile shows.
-        eager = [b for b in args.backends.split(",") if "mfu" in results["backends"].get(b, {})]
-        best = max(eager, key=lambda b: results["backends"][b]["tokens_per_s"], default=None)
-        if best and args.profile_steps and seconds_left() > 20:
-            model.set_attn_backend(best)
-            with torch.compiler.set_stance("force_eager"):
-                results["profile"] = dict(backend=best, **profile(
-                    engine, model, rows, args.budget, args.profile_steps, clock))
-            write()
-        if seconds_left() > 20:
-            results["attention_alone"] = attention_alone(args, dist.device, clock,
-                                                           seconds_left)
-            write()
         cleanup()
 
     measured = {b: r for b, r in results["backends"].items() if "mfu" in r}
