@@ -53,6 +53,7 @@ def train(cfg, in_loop=in_loop_tasks) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    from bdt.training.divergence import TrainingDiverged
     cfg, started = None, False
 
     def tasks_once_set_up(cfg, dist):  # the loop asks for them with the model and resume done
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg is not None and not started:
             record_launch_error(cfg.run_dir, e)
         fail(str(e))
+    except TrainingDiverged as e:  # the message names the step, ranks, values and samples
+        fail(str(e), code=1)
     return 0
 
 

@@ -170,9 +170,17 @@ def _refuse_incomplete_weights(info: dict) -> None:
 
 def _refuse_nonfinite(model: "PreTrainedModel") -> None:
     """NaN/inf weights would train on garbage without an error; the check costs one pass over
-    weights just read. (A ZeRO-3 partition is empty here: it is not checked.)"""
-    bad = [name for name, p in model.state_dict().items()
-           if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    weights just read. A parameter partitioned at load (ZeRO-3) is empty here: each rank checks
+    the part it holds (`ds_tensor`) and the ranks pool what they found, so all of them refuse."""
+    tensors = {**dict(model.named_buffers()), **{
+        name: getattr(p, "ds_tensor", p) for name, p in model.named_parameters()}}
+    bad = sorted(name for name, t in tensors.items()
+                 if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    partitioned = any(hasattr(p, "ds_tensor") for p in model.parameters())
+    if partitioned and torch.distributed.is_initialized():
+        found: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(found, bad)
+        bad = sorted(set().union(*found))
     if bad:
         raise ValueError(f"its weights hold NaN or inf values in {len(bad)} tensor(s) {listing(bad)}")
 

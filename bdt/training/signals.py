@@ -17,8 +17,9 @@ import torch
 
 from bdt.training.distributed import all_reduce_max, launcher_gone
 
-# Why the ranks stop (`StopFlag.should_stop`), ordered so that the all-reduced MAX wins.
-GO_ON, LOCAL_REASON, STOP_SIGNAL = 0, 1, 2
+# Why the ranks stop (`StopFlag.should_stop`), ordered so that the all-reduced MAX wins: a
+# diverged step (bdt.training.divergence) must never be saved, whatever else asked to stop.
+GO_ON, LOCAL_REASON, STOP_SIGNAL, DIVERGED = 0, 1, 2, 3
 
 
 class StopFlag:
@@ -33,13 +34,15 @@ class StopFlag:
         self.requested = True
         self.signum = signum
 
-    def should_stop(self, device: torch.device, local: bool = False) -> int:
+    def should_stop(self, device: torch.device, local: bool = False, diverged: bool = False) -> int:
         """Collective (call on every rank each step): why the ranks stop, the same on every rank.
         GO_ON; LOCAL_REASON = some rank passed `local=True` (another reason, e.g. a time limit)
         and no rank got a signal; STOP_SIGNAL = some rank got a stop signal (preemption: save,
-        exit, resume later). One all-reduce (MAX) serves both reasons."""
+        exit, resume later); DIVERGED = some rank passed `diverged=True` (a non-finite loss:
+        stop without saving). One all-reduce (MAX) serves every reason."""
         stop = self.requested or launcher_gone.is_set()
-        mine = STOP_SIGNAL if stop else LOCAL_REASON if local else GO_ON
+        mine = (DIVERGED if diverged else STOP_SIGNAL if stop else LOCAL_REASON if local
+                else GO_ON)
         return int(all_reduce_max(float(mine), device))
 
     def restore(self) -> None:

@@ -40,12 +40,13 @@ from bdt.training.checkpoint import CheckpointManager
 from bdt.training.deepspeed_config import build_ds_config, initialize_engine
 from bdt.training.distributed import (DistInfo, all_gather_int, all_gather_object, all_reduce_mean,
                                       all_reduce_sum, cleanup, init_distributed)
+from bdt.training.divergence import StepHealth, raise_diverged
 from bdt.training.ema import EMA
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
 from bdt.training.model_shapes import check_model_signature, model_signature
 from bdt.training.run_dir import BACKBONE_DIR, checkpoint_root, export_dir
 from bdt.training.run_lock import hold_run_lock
-from bdt.training.signals import LOCAL_REASON, STOP_SIGNAL, StopFlag
+from bdt.training.signals import DIVERGED, LOCAL_REASON, STOP_SIGNAL, StopFlag
 
 
 class InLoopTask(Protocol):
@@ -197,6 +198,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     keylog = reshard.SampleKeyLog(cfg.run_dir, dist.rank, dist.world_size) \
         if cfg.logging.sample_keys else None
     stop = StopFlag()
+    health = StepHealth()
     window, meter = _Window(), Throughput()
     stopped = timed_out = False
     started = time.monotonic()
@@ -216,7 +218,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
             with Timer() as t_step:
                 data_wait = 0.0
                 step_tokens = 0
-                for _ in range(cfg.deepspeed.grad_accum):
+                health.reset()
+                for micro in range(cfg.deepspeed.grad_accum):
                     with Timer() as t_data:
                         row = stream.next()  # built ahead by the prefetch worker
                         if keylog:
@@ -241,13 +244,17 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                     flops = flop_model.packed_flops(packed)
                     window.flops += flops
                     seen["flops"] += flops
-                    window.add({"loss": losses["total"].item(), "text_ce": float(losses["text_ce"]),
-                                "vision": float(losses["vision"]),
-                                "bit_accuracy": float(losses["bit_accuracy"])})
+                    terms = {"loss": losses["total"].item(), "text_ce": float(losses["text_ce"]),
+                             "vision": float(losses["vision"])}
+                    health.check_losses(terms, f"micro-batch {micro} of stage "
+                                        f"{cfg.stages[stage_idx].name}", row.keys)
+                    window.add({**terms, "bit_accuracy": float(losses["bit_accuracy"])})
                     seen["tokens"] += row.tokens
                     seen["images"] += n_img
                     meter.add_step(n_img, row.tokens)
             meter.add_data_wait(data_wait)
+            norm = engine.get_global_grad_norm()
+            health.check_grad_norm(window.grad_norm if norm is None else float(norm))
             if ema is not None:
                 ema.update(engine.module)
             window.steps += 1
@@ -259,11 +266,14 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                 logger.log(step, fitted)
             over_time = cfg.time_limit_min > 0 and time.monotonic() - started > \
                 cfg.time_limit_min * 60
-            why = stop.should_stop(dist.device, local=over_time)
+            why = stop.should_stop(dist.device, local=over_time, diverged=health.bad)
             stopped, timed_out = why == STOP_SIGNAL, why == LOCAL_REASON
             if step % cfg.logging.every == 0 or why or clock.finished:
                 _log(logger, step, engine, window, meter, stream, seen, peak, dist, t_step.seconds)
                 window = _Window()
+            if why == DIVERGED:
+                raise_diverged(health, step, saved_step, f"Lower the learning rate (stages."
+                               f"{stage_idx}.lr) or look at those samples, then resume.")
             for task in tasks:
                 if task.due(step):
                     with _sampling_weights(ema, engine.module, cfg.compile.enabled) as module:

@@ -42,6 +42,7 @@ from bdt.tokenizer.lpips import LPIPS
 from bdt.training.checkpoint import SHARED_FILE, CheckpointManager
 from bdt.training.deepspeed_config import build_ds_config, initialize_engine, make_schedule
 from bdt.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
+from bdt.training.divergence import StepHealth, TrainingDiverged, raise_diverged
 from bdt.training.ema import EMA
 from bdt.training.integrity import MARKER, CheckpointUnusable, digest_bytes
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
@@ -49,7 +50,7 @@ from bdt.training.model_shapes import check_model_signature, model_signature
 from bdt.training.run_dir import checkpoint_root, export_dir
 from bdt.training.run_lock import hold_run_lock
 from bdt.training.schedule import ConfigLR, WarmupSchedule
-from bdt.training.signals import LOCAL_REASON, StopFlag
+from bdt.training.signals import DIVERGED, LOCAL_REASON, StopFlag
 from bdt.training.tokenizer.config import RENAMED_KEYS, TokenizerTrainConfig, validate
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,8 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     logger = MetricsLogger(cfg.run_dir, dist.is_main, cfg.logging.tensorboard,
                            keep_through_step=step if resumed is not None else -1)
     stop = StopFlag()
+    health = StepHealth()
+    saved_step = step if resumed is not None else -1
     meter = Throughput()
     batches = iter(loader)
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
@@ -220,16 +223,19 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     timed_out = False
 
     def save() -> None:
+        nonlocal saved_step
         shared = {"ema": ema.state_dict()}
         if disc is not None:
             shared["disc"] = disc.state_dict()
         ckpt.save(step, {"autoencoder": engine}, {"step": step, "stream": stream.to_dict()},
                   shared=shared)
+        saved_step = step
 
     try:
         while step < cfg.steps:
             gan_on = disc is not None and step >= cfg.loss.disc_start
-            for _ in range(accum):
+            health.reset()
+            for micro in range(accum):
                 with Timer() as wait:
                     batch = next(batches)
                 meter.add_data_wait(wait.seconds)
@@ -258,14 +264,18 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
                 engine.step()
                 if gan_on:
                     terms.update(disc.step(images, recon.detach(), cfg.loss.lecam_weight, 1.0 / accum))
+                health.check_losses({"loss": loss.item(), **terms}, f"micro-batch {micro}",
+                                    batch["keys"])
             if gan_on:
                 disc.apply(dist.world_size, cfg.optim.grad_clip)
+            norm = engine.get_global_grad_norm()
+            health.check_grad_norm(None if norm is None else float(norm))
             ema.update(engine.module)
             step += 1
             meter.add_step(images.shape[0] * accum)
             over_time = cfg.time_limit_min > 0 and time.monotonic() - started > cfg.time_limit_min * 60
             # One collective for both reasons: every rank stops at the same step.
-            stopping = stop.should_stop(dist.device, local=over_time)
+            stopping = stop.should_stop(dist.device, local=over_time, diverged=health.bad)
             if step % cfg.logging.every == 0 or step == cfg.steps or stopping:
                 with torch.no_grad():
                     values = {"loss": loss.item(), **terms, **_quant_metrics(q),
@@ -273,11 +283,13 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
                               "ssim": ssim(recon, images).mean().item()}
                 values = all_reduce_mean(values, dist.device)
                 values.update(lr=step_lr, corrupt=stream.corrupt, **meter.report(dist.world_size))
-                norm = engine.get_global_grad_norm()
                 if norm is not None:
                     values["grad_norm"] = float(norm)
                 logger.log(step, values)
                 last = values
+            if stopping == DIVERGED:
+                raise_diverged(health, step, saved_step, "Lower the learning rate (optim.lr) or "
+                               "look at those images, then resume.")
             if dist.is_main and cfg.logging.image_every and step % cfg.logging.image_every == 0:
                 n = cfg.logging.num_images
                 save_grid(os.path.join(cfg.run_dir, "images", f"step_{step:09d}.png"),
@@ -347,4 +359,6 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg)
     except (ConfigError, ValueError, OSError) as exc:
         fail(str(exc))
+    except TrainingDiverged as exc:  # names the step, ranks, values and images
+        fail(str(exc), code=1)
     return 0

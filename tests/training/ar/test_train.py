@@ -113,6 +113,23 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
     assert sum("params" in r for r in records) == 1  # logged by the fresh start only
 
 
+def test_a_diverging_run_stops_both_ranks_before_saving_the_bad_step(data, tmp_path, capfd):
+    # Stage 1 at an absurd LR: its first update (step 5) blows the weights up, and the loss of
+    # step 6 is NaN on both ranks. Without the guard the run went on to step 8, saving NaN
+    # steps over the good ones, and exported.
+    assert spawn_train(argv(data, tmp_path, "stages.1.lr=1e30", "checkpoint.every=1")) == 1
+    err = capfd.readouterr().err
+    assert "error: training diverged at step 6: non-finite values (rank 0: micro-batch 0 of stage " \
+           "s1: loss=nan" in err and "; rank 1: micro-batch 0 of stage s1: loss=nan" in err
+    assert "the newest checkpoint is step 5. Lower the learning rate (stages.1.lr)" in err
+    ck = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_000000004", "step_000000005"]
+    assert all((ck / name / "COMPLETE").exists() for name in ("step_000000004", "step_000000005"))
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "export").exists()
+    metrics = read_metrics(str(tmp_path))
+    assert max(metrics) == 6 and metrics[6]["loss"] != metrics[6]["loss"]  # logged: NaN
+
+
 TIMINGS = ("time", "step_time_s", "last_step_s", "mfu", "data_wait_frac", "tokens_per_s",
            "images_per_s", "tokens_per_s_rank", "images_per_s_rank")
 

@@ -47,3 +47,20 @@ def test_zero3_build_partitions_every_parameter_with_the_plain_values(tmp_path):
             torch.testing.assert_close(full[old:], want[old:], rtol=0, atol=2e-3)
         else:
             assert torch.equal(full, want), name
+
+
+def test_zero3_refuses_a_nan_held_by_one_rank(tmp_path):
+    """Partitioned at load, no rank sees a whole weight: the NaN in the last element lies in
+    rank 1's half, and the build must still be refused, naming the tensor."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import save_file
+
+    llm = tiny_llm(str(tmp_path / "llm"))
+    path = tmp_path / "llm" / "model.safetensors"
+    state = load_file(str(path))
+    state["model.layers.1.mlp.up_proj.weight"].view(-1)[-1] = float("nan")
+    save_file(state, str(path), metadata={"format": "pt"})
+    overrides = train_overrides(str(tmp_path / "run"), llm, "unused", zero=3, precision="bf16")
+    with pytest.raises(mp.ProcessRaisedException,
+                       match=r"NaN or inf values in 1 tensor\(s\) \[model\.layers\.1\.mlp\.up_proj"):
+        spawn_build(["--config", TINY_CONFIG, *overrides], str(tmp_path))

@@ -3,6 +3,7 @@ checkpoint + resume (compared with an uninterrupted run), and a single plain pro
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -156,6 +157,24 @@ def test_schedule_steps_lets_a_stopped_run_resume_on_the_same_lr_curve(shards, t
     assert _log(short)[2]["lr"] < log_a[2]["lr"]
     with pytest.raises(SystemExit):
         main([f"run_dir={tmp_path}", f"data.shards={shards}", "schedule_steps=-1"])
+
+
+def test_a_diverging_run_stops_before_saving_the_bad_step(shards, tmp_path):
+    # An absurd LR: step 1's update blows the weights up, step 2's loss is not finite.
+    out = str(tmp_path / "run")
+    args = TINY + [f"data.shards={shards}", f"run_dir={out}", "steps=4", "checkpoint.every=1",
+                   "loss.disc_weight=0", "optim.lr=1e30"]
+    # a fresh process: DeepSpeed keeps process-group state
+    with pytest.raises(mp.ProcessRaisedException) as raised:
+        mp.spawn(_rank, args=(1, free_port(), args), nprocs=1)
+    assert re.search(r"TrainingDiverged: training diverged at step 2: non-finite values \(rank 0: "
+                     r"micro-batch 0: loss=nan, rec_loss=nan, samples \d+, \d+\)\. Nothing of "
+                     r"this step was saved; the newest checkpoint is step 1\. Lower the learning "
+                     r"rate \(optim\.lr\)", str(raised.value))
+    assert [d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_")] \
+        == [tag_for(1)]
+    assert os.path.exists(os.path.join(out, "checkpoints", tag_for(1), MARKER))
+    assert not os.path.exists(os.path.join(out, "export"))
 
 
 def test_bad_config_is_a_clear_error(shards, tmp_path, capsys):
