@@ -18,9 +18,9 @@
 # overrides for the trainers: DEMO_TOKENIZER_ARGS, DEMO_TRAIN_ARGS (e.g. "steps=20").
 #
 # Wall time in a fresh checkout, measured 2026-12-05 on a 2-core AMD EPYC (avx512_bf16): 25 min
-# 46 s, of which install 1 min 58 s, data 7 s, tokenizer 3 min 34 s (capped at 7 min by
-# time_limit_min in configs/tokenizer/demo.yaml), Ray extraction 26 s, LLM 6 s, AR training 19 min
-# 12 s (its 19-min cap in configs/train/demo.yaml stopped it at step 6406 of 7200; an idle Intel
+# 11 s, of which install 1 min 33 s, data 7 s, tokenizer 3 min 29 s (capped at 7 min by
+# time_limit_min in configs/tokenizer/demo.yaml), Ray extraction 24 s, LLM 4 s, AR training 19 min
+# 11 s (its 19-min cap in configs/train/demo.yaml stopped it at step 6656 of 7200; an idle Intel
 # Xeon ran 3600 steps in 9 min 49 s on 2026-12-02), samples 6 s, eval 17 s. Scores and what limits
 # them: README ("The demo's quality").
 set -euo pipefail
