@@ -18,6 +18,8 @@ recurs at once; Megatron-LM stops the same way by default.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NoReturn
 
 from bdt.training.distributed import all_gather_object
 
@@ -38,7 +40,7 @@ class StepHealth:
     def bad(self) -> bool:
         return self.problem is not None
 
-    def check_losses(self, values: dict[str, float], where: str, keys: list[str] = ()) -> None:
+    def check_losses(self, values: dict[str, float], where: str, keys: Sequence[str] = ()) -> None:
         """`values`: the micro-batch's loss terms; `where` says which micro-batch; `keys` are
         its samples (quoted, so that a NaN from the data can be traced to them)."""
         if self.bad or all(math.isfinite(v) for v in values.values()):
@@ -58,7 +60,7 @@ class StepHealth:
         self.problem = None
 
 
-def raise_diverged(health: StepHealth, step: int, last_saved: int, hint: str) -> None:
+def raise_diverged(health: StepHealth, step: int, last_saved: int, hint: str) -> NoReturn:
     """Collective (every rank, once the stop collective said DIVERGED): gather each rank's
     report and raise TrainingDiverged with all of them. `last_saved`: the newest checkpoint's
     step (-1: none); `hint`: what to change before resuming."""
