@@ -127,8 +127,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
         img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")  # a palette or tRNS colour key: composited as alpha is
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

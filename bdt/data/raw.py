@@ -30,15 +30,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bdt.data.images import decode_rgb, needed_size, open_image, resize_center_crop, to_unit_range
-from bdt.data.tars import iter_shard
+from bdt.data.tars import MAX_MEMBER_BYTES, iter_shard
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# Members over this are left unread (the sample is skipped): a hostile multi-GB member would
-# otherwise be read whole into a DataLoader worker, killing it again after every resume. The
-# extraction job's default max_image_bytes.
-MAX_MEMBER_BYTES = 64 * 1024 * 1024
 # A worker's position before its first batch.
 START = {"epoch": 0, "shard": 0, "offset": 0, "corrupt": 0, "batches": 0}
 

@@ -16,10 +16,13 @@ headers are stepped over. The token stream reads ~2,500 samples/s per rank, each
 members behind its own pax header: the standard `tarfile` reader spent ~200-370 us per sample
 there (profiled: 70 ms of a 110 ms row build at 64 px), this one a fraction of that. Every sample
 carries the byte offset of its first header, so a resumed stream seeks straight to its next
-unread sample. gzip, bz2 and xz archives are read through the matching decompressor (without
-offsets). A bad checksum, a size field it cannot read (or negative), a bad pax record, data
-ending inside a member or a decompressor's error raise `TarDamaged` (a `tarfile.ReadError`),
-naming the sample that was being read.
+unread sample. gzip, bz2 and xz archives are read through the matching decompressor; their
+offsets count decompressed bytes, so a resume there decompresses its way back (slow, but it
+lands on the same sample). A bad checksum, a size field it cannot read (or negative), a bad pax
+record, pax or long-name metadata over MAX_HEADER_DATA, data ending inside a member or before the
+end-of-archive blocks (every tar writer writes them: a tar without them was cut short, often on
+a block boundary by an interrupted copy) or a decompressor's error raise `TarDamaged` (a
+`tarfile.ReadError`), naming the sample that was being read.
 
 Writing: `ShardWriter` writes a tar (webdataset's TarWriter, members as given) that appears only
 once complete, hashing it on the way; member metadata is fixed (mtime 0, owner bdt), so the same
@@ -52,6 +55,12 @@ _FILE_TYPES = (b"0", b"\0", b"7")  # regular, old-style regular, contiguous
 _SKIPPED_TYPES = (b"5", b"g")  # directories, pax global headers: nothing of a sample
 _CHECKSUM_SPACES = 8 * ord(" ")  # the checksum field counts as spaces
 _SKIP_CHUNK = 1 << 20
+# What the training readers read of one member at most (the sample is skipped beyond): a hostile
+# multi-GB member would otherwise be read whole into a data worker, killing it again after every
+# resume. The extraction job's default max_image_bytes; a token sample's bits are KBs.
+MAX_MEMBER_BYTES = 64 * 1024 * 1024
+# pax records and GNU long names are read whole: without a cap a few KB of gzip could claim GBs.
+MAX_HEADER_DATA = 1 << 20
 _COMPRESSED = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f)), (b"BZh", bz2.BZ2File),
                (b"\xfd7zXZ\x00", lzma.LZMAFile))
 
@@ -177,10 +186,13 @@ def iter_members(f: BinaryIO, offset: int = 0,
         header = f.read(BLOCK)
         if not header and pos == 0:  # tarfile says so too; a failed download, often
             raise tarfile.ReadError("empty file, not a tar")
+        if not header:
+            raise tarfile.ReadError(f"the data ends at byte {pos} without the end-of-archive "
+                                    f"blocks: the tar was cut short")
         if len(header) < BLOCK or not header.strip(b"\0"):
             if header.strip(b"\0"):
                 raise tarfile.ReadError(f"unexpected end of data at byte {pos + len(header)}")
-            return  # end-of-archive block (or a tar without one)
+            return  # end-of-archive block
         start = pos if start is None else start
         stored = _octal(header[148:156], "checksum", pos)
         if sum(header) - sum(header[148:156]) + _CHECKSUM_SPACES != stored:
@@ -191,6 +203,9 @@ def iter_members(f: BinaryIO, offset: int = 0,
         padded = size + -size % BLOCK
         kind = header[156:157]
         if kind in (b"x", b"L", b"K"):  # metadata of the next header
+            if size > MAX_HEADER_DATA:
+                raise tarfile.ReadError(f"a metadata header at byte {pos} claims {size} bytes "
+                                        f"(at most {MAX_HEADER_DATA} are read)")
             data = _read(f, padded, pos + BLOCK)[:size]
             if kind == b"x":
                 pax = _pax_records(data, pos)
@@ -275,20 +290,18 @@ def iter_samples(f: BinaryIO, offset: int = 0,
 @contextlib.contextmanager
 def open_tar(url: str, offset: int = 0) -> Iterator[BinaryIO]:
     """The tar at `url` (local or fsspec URL) positioned at `offset`; a gzip, bz2 or xz archive
-    is decompressed on the fly (offset 0 only)."""
+    is decompressed on the fly, `offset` counting decompressed bytes."""
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as raw:
-        if offset:
+        magic = raw.read(6)
+        opener = next((o for m, o in _COMPRESSED if magic.startswith(m)), None)
+        if opener is None:
             raw.seek(offset)
             yield raw
             return
-        magic = raw.read(6)
         raw.seek(0)
-        opener = next((o for m, o in _COMPRESSED if magic.startswith(m)), None)
-        if opener is None:
-            yield raw
-            return
         with opener(raw) as f:
+            f.seek(offset)  # the decompressor reads its way there (forward only)
             yield f
 
 

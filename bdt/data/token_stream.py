@@ -22,7 +22,9 @@ only a few large images fit in a budget.
 
 State (`state_dict`): epoch, shard cursor, byte offset + sample index inside the shard, the
 numpy RNG state, counters, the buffered samples themselves (metadata in the JSON, packed bits
-in one uint8 tensor) and any pending ranges (below), so nothing is ever read twice.
+in one uint8 tensor) and any pending ranges (below), so nothing is ever read twice. It also
+records the size of every shard it holds a byte offset into: a shard rewritten since (say, by
+a second extraction) would put that offset mid-sample, so a resume refuses it by name.
 
 World-size change (`resplit`): the saved states of all W old ranks become states for W' new
 ranks, exactly: every sample of each old rank's current epoch is consumed once, before or after
@@ -59,7 +61,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from bdt.data.tars import iter_shard
+from bdt import storage
+from bdt.data.tars import MAX_MEMBER_BYTES, TarSample, read_samples
 from bdt.data.token_shards import TokenSample, decode_sample
 
 log = logging.getLogger(__name__)
@@ -205,9 +208,9 @@ class TokenStream:
         url, offset, index, stride, phase = self._position()
         regular = not self.pending
         if self._reader is None:
-            self._reader = iter_shard(url, offset)
+            self._reader = read_samples(url, offset, max_bytes=lambda _ext: MAX_MEMBER_BYTES)
         try:
-            raw, _, next_offset = next(self._reader)
+            tar_sample = next(self._reader)
         except StopIteration:
             self._next_shard()
             return None
@@ -217,15 +220,26 @@ class TokenStream:
             self.counters.corrupt += 1
             self._next_shard()
             return None
-        if next_offset is None:
-            self._next_shard()
+        last = tar_sample.next_offset is None
+        item = None
+        if not tar_sample.members:  # nothing readable (unsafe path, link, over the limit)
+            log.warning("skipping %s in %s: %s", tar_sample.key, url, tar_sample.refused)
+            self.counters.corrupt += 1
         else:
-            self._advance(next_offset, index + 1)
-        if index % stride != phase:
-            return None
+            if not last:
+                self._advance(tar_sample.next_offset, index + 1)
+            if index % stride == phase:
+                item = self._usable(tar_sample, url, index, regular)
+        if last:  # only now: the end of an epoch checks whether it gave a usable sample
+            self._next_shard()
+        return item
+
+    def _usable(self, tar_sample: TarSample, url: str, index: int, regular: bool
+                ) -> _Buffered | None:
+        """The sample decoded and measured, or None (counted) when this stage cannot use it."""
         self.counters.samples_read += 1
         try:
-            sample = decode_sample(raw)
+            sample = decode_sample(tar_sample.as_dict(url))
         except ValueError as e:  # decode_sample's one error type, naming the sample
             log.warning("skipping corrupt sample: %s", e)
             self.counters.corrupt += 1
@@ -346,6 +360,8 @@ class TokenStream:
                 "cursor": asdict(m.cursor), "epoch_had_samples": m.epoch_had_samples,
                 "rng": m.rng, "counters": asdict(m.counters),
                 "buffer": entries, "pending": [asdict(r) for r in m.pending]}
+        meta["shard_sizes"] = storage.file_sizes(_shards_entered(meta, self.all_shards, self.rank,
+                                                                 self.world_size, self.seed))
         return meta, {"buffer_bits": _cat_bits(bits)}
 
     def load_state_dict(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -354,6 +370,7 @@ class TokenStream:
             raise ValueError("the checkpoint's data stream was built over different shards, rank "
                              "layout or seed than this run's config: resume with the same data "
                              "config (or start a new run directory)")
+        _check_shard_sizes(meta)
         self.cursor = _Cursor(**meta["cursor"])
         self._epoch_had_samples = bool(meta["epoch_had_samples"])
         self.rng.bit_generator.state = meta["rng"]
@@ -407,6 +424,25 @@ def _buffer_items(meta: dict, tensors: dict[str, torch.Tensor]) -> list[tuple[di
     return out
 
 
+def _shards_entered(meta: dict, all_shards: list[str], rank: int, world: int,
+                    seed: int) -> list[str]:
+    """The shards a saved state holds a byte offset into (its cursor's, its pending ranges')."""
+    return sorted({r.shard for r in unread_ranges(meta, all_shards, rank, world, seed)
+                   if r.offset > 0})
+
+
+def _check_shard_sizes(meta: dict) -> None:
+    """A shard rewritten since the state was saved would put its byte offset mid-sample."""
+    saved = meta.get("shard_sizes", {})  # states written before sizes were recorded have none
+    for url, now in storage.file_sizes(list(saved)).items():
+        if now != saved[url]:
+            raise ValueError(f"token shard {url} is {'gone' if now is None else f'{now} bytes'} "
+                             f"but was {saved[url]} bytes when the checkpoint was saved: it was "
+                             f"rewritten since (a new extraction?), so the saved read position "
+                             f"no longer points at a sample. Put the original shard back, or "
+                             f"start a new run directory (init_from= keeps the weights)")
+
+
 def unread_ranges(meta: dict, all_shards: list[str], rank: int, world: int,
                   seed: int) -> list[_Range]:
     """The ranges a saved rank state has not read yet in its current epoch (module doc)."""
@@ -431,6 +467,7 @@ def resplit(states: list[tuple[dict, dict[str, torch.Tensor]]], all_shards: list
             raise ValueError(f"data stream state of old rank {rank} (of {old_world}) was built "
                              f"over different shards or seed than this run's config: re-split "
                              f"needs the same data config")
+        _check_shard_sizes(meta)
     per_rank = [unread_ranges(m, all_shards, r, old_world, seed) for r, (m, _) in enumerate(states)]
     ranges = [rs[i] for i in range(max(map(len, per_rank), default=0)) for rs in per_rank
               if i < len(rs)]

@@ -144,22 +144,51 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
+def _split_ext(rel: str) -> tuple[str, str]:
+    """(stem, lowercased extension) of a folder file: the key is the path up to the base name's
+    last dot; the extension is '' when the base name has none (a file named just 'jpg')."""
+    stem, ext = posixpath.splitext(rel)
+    return stem, ext[1:].lower()
+
+
+def _folder_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    return sorted(posixpath.relpath(p, root.rstrip("/")) for p in fs.find(root))
+
+
+def _images_by_stem(rels: list[str], image_exts: list[str]) -> dict[str, str]:
+    """{stem: the image file used for it}: of several images with one stem, the first extension
+    in image_exts order, the rule of a tar sample with several image members."""
+    found: dict[str, dict[str, str]] = {}
+    for rel in rels:
+        stem, ext = _split_ext(rel)
+        if ext in image_exts:
+            found.setdefault(stem, {}).setdefault(ext, rel)
+    return {stem: exts[next(e for e in image_exts if e in exts)] for stem, exts in found.items()}
+
+
 def _folder_images(fs: fsspec.AbstractFileSystem, root: str, image_exts: list[str]) -> list[str]:
-    """Relative paths of image files under root, sorted."""
+    """Relative paths of the image files used under root (one per stem), sorted."""
+    return sorted(_images_by_stem(_folder_files(fs, root), image_exts).values())
+
+
+def _folder_strays(fs: fsspec.AbstractFileSystem, root: str,
+                   image_exts: list[str]) -> list[tuple[str, str, str]]:
+    """(file, reject reason, detail) of each file in a folder that is neither a used image nor
+    the caption or metadata of one."""
+    rels = _folder_files(fs, root)
+    used = _images_by_stem(rels, image_exts)
     out = []
-    for path in fs.find(root):
-        rel = posixpath.relpath(path, root.rstrip("/"))
-        if rel.rsplit(".", 1)[-1].lower() in image_exts:
-            out.append(rel)
-    return sorted(out)
-
-
-def _folder_strays(fs: fsspec.AbstractFileSystem, root: str, image_exts: list[str]) -> list[str]:
-    """Files in a folder that are neither an image nor the caption/metadata of one."""
-    rels = [posixpath.relpath(p, root.rstrip("/")) for p in fs.find(root)]
-    stems = {r.rsplit(".", 1)[0] for r in rels if r.rsplit(".", 1)[-1].lower() in image_exts}
-    return sorted(r for r in rels if r.rsplit(".", 1)[-1].lower() not in image_exts
-                  and not (r.rsplit(".", 1)[-1].lower() in _SIDE_EXTS and r.rsplit(".", 1)[0] in stems))
+    for rel in rels:
+        stem, ext = _split_ext(rel)
+        if used.get(stem) == rel or (ext in _SIDE_EXTS and stem in used):
+            continue
+        if ext in image_exts:
+            out.append((rel, DUPLICATE_KEY, f"key {stem!r} uses the image {used[stem]!r}"))
+        elif ext in _SIDE_EXTS:
+            out.append((rel, MISSING_IMAGE, ""))
+        else:
+            out.append((rel, UNKNOWN_EXTENSION, f"extension '{ext}'" if ext else "no extension"))
+    return out
 
 
 def iter_unit(unit: InputUnit, image_exts: list[str], max_image_bytes: int, *,
@@ -174,16 +203,14 @@ def _iter_folder(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
                  max_caption_bytes: int) -> Iterator[RawSample | Reject]:
     fs, root = storage.filesystem(unit.source)
     if unit.report_strays:  # once per folder, so orphan captions and unknown files are accounted
-        for rel in _folder_strays(fs, root, image_exts):
-            ext = rel.rsplit(".", 1)[-1].lower() if "." in rel else ""
-            reason = MISSING_IMAGE if ext in _SIDE_EXTS else UNKNOWN_EXTENSION
-            yield Reject(rel, unit.name, reason, f"extension '{ext}'" if reason == UNKNOWN_EXTENSION else "")
+        for rel, reason, detail in _folder_strays(fs, root, image_exts):
+            yield Reject(rel, unit.name, reason, detail)
     for rel in unit.files:
-        stem, ext = rel.rsplit(".", 1)
+        stem, ext = _split_ext(rel)
         try:
             image = _folder_file(fs, posixpath.join(root, rel), max_image_bytes, TOO_LARGE)
             try:
-                caption = _folder_file(fs, posixpath.join(root, stem + ".txt"), max_caption_bytes,
+                caption = _folder_file(fs, _caption_path(fs, root, stem), max_caption_bytes,
                                        CAPTION_TOO_LONG)
             except FileNotFoundError:
                 caption = None
@@ -193,7 +220,20 @@ def _iter_folder(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
         except OSError as exc:
             yield Reject(stem, unit.name, UNREADABLE_SHARD, str(exc)[:200])
             continue
-        yield RawSample(stem, image, ext.lower(), caption)
+        yield RawSample(stem, image, ext, caption)
+
+
+def _caption_path(fs: fsspec.AbstractFileSystem, root: str, stem: str) -> str:
+    """stem.txt, or its one spelling in another case (a.TXT): extensions are case-blind, as in
+    tars. Raises FileNotFoundError when there is none."""
+    path = posixpath.join(root, stem + ".txt")
+    if fs.exists(path):
+        return path
+    folder = posixpath.dirname(path)
+    for other in fs.ls(folder, detail=False):
+        if _split_ext(posixpath.relpath(other, folder)) == (posixpath.basename(stem), "txt"):
+            return other
+    raise FileNotFoundError(path)
 
 
 class _Refused(Exception):
@@ -283,10 +323,10 @@ def check_caption(raw: bytes | None, max_bytes: int) -> tuple[str | None, str, s
     if len(raw) > max_bytes:
         return None, CAPTION_TOO_LONG, f"{len(raw)} bytes > max_caption_bytes {max_bytes}"
     try:
-        text = raw.decode("utf-8").strip()
+        text = raw.decode("utf-8-sig").strip()  # -sig: a byte-order mark is not caption text
     except UnicodeDecodeError as exc:
         return None, CAPTION_NOT_UTF8, str(exc)[:200]
-    if not text:
+    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in text):  # nothing visible
         return None, EMPTY_CAPTION, ""
     bad = next((i for i, c in enumerate(text)
                 if unicodedata.category(c) == "Cc" and c not in _CAPTION_WHITESPACE), None)

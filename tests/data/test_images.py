@@ -45,6 +45,13 @@ def test_modes_become_rgb_and_alpha_goes_on_white():
     la = Image.new("LA", (3, 3), (0, 0))  # black, fully transparent -> white
     assert (np.asarray(_load(_encode(la, "PNG"))) == 255).all()
 
+    # a tRNS colour key on an RGB or gray PNG marks transparent pixels too (once came out black)
+    for mode, key, fill in (("RGB", (0, 0, 0), (0, 0, 0)), ("L", 0, 0)):
+        keyed = Image.new(mode, (4, 4), fill)
+        keyed.putpixel((0, 0), (9, 9, 9) if mode == "RGB" else 9)
+        arr = np.asarray(_load(_encode(keyed, "PNG", transparency=key)))
+        assert tuple(arr[1, 1]) == (255, 255, 255) and tuple(arr[0, 0]) == (9, 9, 9)
+
 
 def test_exif_orientation_is_applied():
     img = Image.new("RGB", (40, 20), (0, 0, 0))

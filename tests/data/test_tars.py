@@ -13,7 +13,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from bdt.data.tars import (NO_EXTENSION, NOT_A_FILE, REPEATED, TOO_LARGE, UNSAFE_PATH,
+from bdt.data.tars import (MAX_HEADER_DATA, NO_EXTENSION, NOT_A_FILE, REPEATED, TOO_LARGE, UNSAFE_PATH,
                            ShardWriter, TarDamaged, iter_members, iter_samples, read_samples)
 
 LONG = "d" * 90 + "/" + "n" * 80 + ".bits.npy"  # > 100 chars: prefix, pax path or GNU long name
@@ -95,6 +95,30 @@ def test_compressed_archives_are_read(tmp_path):
     assert [s.key for s in read_samples(str(path))] == ["a", LONG.split(".")[0], "b"]
 
 
+@pytest.mark.parametrize("suffix,compress", [(".tar.gz", gzip.compress), (".tar.xz", lzma.compress)])
+def test_compressed_archives_resume_at_a_samples_offset(tmp_path, suffix, compress):
+    """Offsets count decompressed bytes: a resumed reader decompresses its way back to them."""
+    path = tmp_path / f"s{suffix}"
+    path.write_bytes(compress(make_tar(tarfile.PAX_FORMAT)))
+    first, *rest = read_samples(str(path))
+    assert [s.key for s in read_samples(str(path), first.next_offset)] == [s.key for s in rest]
+
+
+def test_a_tar_cut_on_a_block_boundary_is_damage():
+    """An interrupted copy often stops at a multiple of 512 bytes: a header boundary, where only
+    the missing end-of-archive blocks tell that data is gone."""
+    data = make_tar(tarfile.PAX_FORMAT)
+    *_, (_, _, last) = expected(data)
+    cut = io.BytesIO(data[:last])  # everything before the last member's headers
+    got = []
+    with pytest.raises(TarDamaged, match="without the end-of-archive blocks") as e:
+        for s in iter_samples(cut):
+            got.append(s.key)
+    assert got == ["a"]  # the long-named sample may have more members: it stays pending
+    assert e.value.pending == LONG.split(".")[0]
+    assert [s.key for s in iter_samples(io.BytesIO(data))][-1] == "b"  # the whole tar reads
+
+
 def test_damage_names_the_sample_it_broke_in():
     data = make_tar(tarfile.PAX_FORMAT)
     *_, (_, _, last) = expected(data)
@@ -167,6 +191,18 @@ def test_hostile_headers_and_streams_are_damage(damage, tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_metadata_headers_over_the_cap_are_damage_not_read():
+    """pax records were read whole: a few KB of gzip could claim GBs of memory."""
+    value = b"x" * MAX_HEADER_DATA
+    body = b" comment=" + value + b"\n"
+    length = len(body) + len(str(len(body)))
+    record = str(length + (len(str(length)) > len(str(len(body))))).encode() + body
+    with pytest.raises(TarDamaged, match=f"claims {len(record)} bytes"):
+        list(iter_samples(io.BytesIO(_pax_then_member(record))))
+    fits = b"20 comment=xxxxxxxx\n"
+    assert [s.key for s in iter_samples(io.BytesIO(_pax_then_member(fits)))] == ["a"]
 
 
 def test_a_repeated_member_is_refused_not_overwritten():

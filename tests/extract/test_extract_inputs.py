@@ -139,10 +139,12 @@ def test_hostile_names_and_repeats_are_judged_not_lost(tmp_path):
     (None, "missing_caption"), (b" \t\n", "empty_caption"), (b"\xff\xfe", "caption_not_utf8"),
     (b"x" * 11, "caption_too_long"), (b"a\x00b", "caption_control_char"),
     (b"red \x1b[31m", "caption_control_char"), ("a\u0085b".encode(), "caption_control_char"),
+    ("\ufeff".encode(), "empty_caption"), ("\u200b \u200b".encode(), "empty_caption"),
 ])
 def test_caption_checks(raw, reason):
     assert inp.check_caption(raw, 10)[:2] == (None, reason)
     assert inp.check_caption(b"  a caption\n", 20) == ("a caption", "", "")
+    assert inp.check_caption("\ufeffa caption".encode(), 20) == ("a caption", "", "")  # BOM
     assert inp.check_caption(b"two\tlines\r\nok", 20) == ("two\tlines\r\nok", "", "")
 
 
@@ -306,3 +308,23 @@ def test_folder_links_and_non_files_are_refused_unread(tmp_path):
     assert [(i.key, getattr(i, "reason", "sample")) for i in items] == [
         ("dir", "not_a_file"), ("lnk", "not_a_file"), ("long", "caption_too_long"), ("ok", "sample")]
     assert all(b"not for" not in (getattr(i, "caption", b"") or b"") for i in items)
+
+
+def test_folder_names_follow_the_tar_rules(tmp_path):
+    """A file named just 'jpg' failed the whole unit; several images of one stem each became a
+    sample (a tar sample uses the first of the image extensions); an upper-case caption
+    extension was not found (tar extensions are case-blind)."""
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "jpg").write_bytes(image_bytes(40, 40))
+    for name in ("a.webp", "a.png", "a.jpg", "b.PNG"):
+        (root / name).write_bytes(image_bytes(40, 40))
+    (root / "a.txt").write_text("first")
+    (root / "b.TXT").write_text("second")
+    items = _read(str(root))
+    assert sorted((i.key, getattr(i, "reason", "sample")) for i in items) == [
+        ("a", "sample"), ("a.png", "duplicate_key"), ("a.webp", "duplicate_key"), ("b", "sample"),
+        ("jpg", "unknown_extension")]
+    samples = {i.key: i for i in items if not isinstance(i, inp.Reject)}
+    assert (samples["a"].image_ext, samples["a"].caption) == ("jpg", b"first")
+    assert (samples["b"].image_ext, samples["b"].caption) == ("png", b"second")
