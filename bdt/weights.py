@@ -153,11 +153,13 @@ def listing(items: list[str]) -> str:
     return f"[{shown}{more}]"
 
 
-def state_dict_problems(expected: Mapping[str, torch.Tensor],
-                        state: Mapping[str, torch.Tensor]) -> list[str]:
+def state_dict_problems(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                        dtype: torch.dtype | None = None) -> list[str]:
     """Why `state` cannot replace a module's state dict `expected` (empty: it can): missing and
     unexpected keys, shape mismatches, integer tensors for float parameters, NaN or inf values
-    (a model loaded from them would compute garbage). Meta tensors are checked for shape only."""
+    once in the dtype the model will use (`dtype`, default each parameter's own: a float64
+    1e300 is inf in float32), as a model loaded from them would compute garbage. Meta tensors
+    are checked for shape only."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     common = [k for k in expected if k in state]
@@ -166,7 +168,8 @@ def state_dict_problems(expected: Mapping[str, torch.Tensor],
     dtypes = [f"{k}: {state[k].dtype}" for k in common
               if expected[k].is_floating_point() and not state[k].is_floating_point()]
     nonfinite = [k for k in common if state[k].is_floating_point() and not state[k].is_meta
-                 and not bool(torch.isfinite(state[k]).all())]
+                 and expected[k].is_floating_point()
+                 and not _finite_as(state[k], dtype or expected[k].dtype)]
     parts = [f"{len(items)} {what} {listing(items)}" for what, items in (
         ("missing key(s)", missing), ("unexpected key(s)", unexpected),
         ("shape mismatch(es)", shapes), ("non-float tensor(s) for float parameters", dtypes),
@@ -175,6 +178,17 @@ def state_dict_problems(expected: Mapping[str, torch.Tensor],
     if prefix:
         parts.append(f"every key carries an extra prefix {prefix!r} (strip it from the file)")
     return parts
+
+
+def _finite_as(value: torch.Tensor, dtype: torch.dtype) -> bool:
+    """No NaN or inf in `value` once cast to `dtype`. Only a cast to a narrower range can
+    overflow, so only then is a copy made; float8, which torch.isfinite does not take, is
+    checked in float32."""
+    if value.dtype != dtype and torch.finfo(value.dtype).max > torch.finfo(dtype).max:
+        value = value.to(dtype)
+    if value.element_size() == 1:
+        value = value.float()
+    return bool(torch.isfinite(value).all())
 
 
 def _shared_prefix(missing: list[str], unexpected: list[str]) -> str | None:

@@ -49,6 +49,9 @@ from bdt.weights import (INDEX_SUFFIX, file_present, read_safetensors, safetenso
 BD_HEAD_COMPONENT = BD_HEAD.removesuffix("net.")  # vision_head.safetensors keys are net.*
 HEAD_FILE_PREFIX = BD_HEAD.removeprefix(BD_HEAD_COMPONENT)  # "net."
 LLM_WEIGHTS = "model.safetensors"  # the LLM's weights as transformers saves them
+# Pickle formats (pytorch_model.bin, training_args.bin, ...): bdt never unpickles, so an export
+# does not carry them either (transformers would offer to load one unsafely).
+_PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def _read_json(url: str) -> dict:
@@ -221,7 +224,8 @@ def import_release(src: str, out: str) -> ModelConfig:
     if decoder.config.z_channels != cfg.head.bits:
         raise ValueError(f"{src}: the image tokenizer makes {decoder.config.z_channels}-bit "
                          f"tokens, the head ({layout.head_config}) predicts {cfg.head.bits}")
-    llm_files = _llm_files(src, layout)
+    llm_files = {n: u for n, u in _llm_files(src, layout).items()
+                 if not n.endswith(_PICKLED_SUFFIXES)}  # never read, so never shipped
 
     with storage.staged_dir(out) as tmp:  # a reader never sees half an export
         os.makedirs(os.path.join(tmp, LLM_DIR))
@@ -246,22 +250,32 @@ def _check_llm_weights(llm_files: dict[str, str], placed: str, model: BitDanceMo
     local ones are: a 14B LLM is read once, not held). Other formats are left to transformers."""
     name = next((n for n in (LLM_WEIGHTS, LLM_WEIGHTS + INDEX_SUFFIX) if n in llm_files), None)
     if name is None:
-        return
+        raise ValueError(f"{config_url}: the LLM beside it has no safetensors weights ({LLM_WEIGHTS} "
+                         f"or {LLM_WEIGHTS + INDEX_SUFFIX}; pickled .bin/.pt files are not read: "
+                         f"convert them to safetensors)")
     url = llm_files[name]
     expected = {k.removeprefix(OURS_LLM): v for k, v in model.state_dict().items()
                 if k.startswith(OURS_LLM)}
-    found = read_safetensors(os.path.join(placed, name) if storage.is_remote(url) else url,
-                             mmap=True)
+    # The copies are checked, not the originals: what the export holds is what must load.
+    try:
+        found = read_safetensors(os.path.join(placed, name), mmap=True)
+    except (FileNotFoundError, ValueError) as e:  # named by the release's paths, not the staging's
+        raise type(e)(str(e).replace(placed, posixpath.dirname(url)) + " (hidden files and names "
+                      "of BitDance's component shards are not the LLM's)") from None
+    problems = []
     # Tied weights (lm_head.weight = embed_tokens.weight) are saved once, under either name.
     names_of: dict[int, list[str]] = {}
     for key, param in model.llm.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(key)
     for names in names_of.values():
         saved = [k for k in names if k in found] or names[:1]  # none saved: name the first
+        if any(k in found and not torch.equal(found[k], found[saved[0]]) for k in saved):
+            problems.append(f"{' and '.join(saved)} differ, but the config ties them "
+                            f"(tie_word_embeddings): the model would use only one")
         for key in names:
             if key not in saved:
                 expected.pop(key, None)
-    problems = state_dict_problems(expected, found)
+    problems += state_dict_problems(expected, found)
     if problems:
         raise ValueError(f"{url} does not fit the LLM of {config_url}: "
                          + "; ".join(problems))

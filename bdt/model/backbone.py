@@ -156,7 +156,9 @@ def _causal_lm_with(weights: Mapping[str, torch.Tensor], hf_config, vocab_size: 
 
 def _refuse_incomplete_weights(info: dict) -> None:
     """transformers initialises the parameters that a checkpoint lacks or has in another shape at
-    random, and only warns: the model would compute garbage. (An absent tied weight is tied.)"""
+    random, and drops the weights its config has no place for (layers past num_hidden_layers),
+    and only warns: the model would compute garbage. (An absent tied weight is tied; keys the
+    model class declares harmless never reach `unexpected_keys`.)"""
     missing = sorted(info["missing_keys"])
     shapes = sorted(f"{k}: expected {list(model)} got {list(ckpt)}"
                     for k, ckpt, model in info["mismatched_keys"])
@@ -164,7 +166,7 @@ def _refuse_incomplete_weights(info: dict) -> None:
     parts = [f"{len(items)} {what} {listing(items)}" for what, items in (
         ("missing parameter(s)", missing), ("shape mismatch(es)", shapes),
         ("unknown key(s)", unexpected)) if items]
-    if missing or shapes:
+    if parts:
         raise ValueError("its weights do not fit its config: " + "; ".join(parts))
 
 

@@ -51,11 +51,11 @@ def load_tokenizer(path: str, config: TokenizerConfig | Mapping[str, Any] | str 
     """
     weights_url, config_url = _resolve(path, config is None)
     cfg = _read_config(config if config is not None else config_url)
-    state = _read_state_dict(weights_url)
+    state = read_state_dict(weights_url)
     # Build on meta (no random init of ~460M params), then adopt the loaded tensors.
     with torch.device("meta"):
         model = BinaryAutoencoder(cfg)
-    check_state_dict(model, state, source=weights_url)
+    check_state_dict(model, state, source=weights_url, dtype=dtype)
     model.load_state_dict(state, assign=True)
     return model.to(device=device, dtype=dtype).eval()
 
@@ -80,10 +80,12 @@ def tokenizer_identity(path: str) -> dict[str, Any]:
     return {"path": path, "config": config, "sha256": files}
 
 
-def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Compare a checkpoint with the model's expected keys, shapes and values; one clear error
-    if it does not fit (bdt.weights.state_dict_problems)."""
-    parts = state_dict_problems(model.state_dict(), state)
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                     dtype: torch.dtype | None = None) -> None:
+    """Compare a checkpoint with the model's expected keys, shapes and values (finite once cast
+    to `dtype`, default the model's); one clear error if it does not fit
+    (bdt.weights.state_dict_problems)."""
+    parts = state_dict_problems(model.state_dict(), state, dtype)
     if not parts:
         return
     cfg = getattr(model, "config", None)
@@ -154,11 +156,15 @@ def _read_config(config: TokenizerConfig | Mapping[str, Any] | str | None) -> To
     return TokenizerConfig.from_dict(config)
 
 
-def _read_state_dict(url: str) -> dict[str, torch.Tensor]:
+def read_state_dict(url: str) -> dict[str, torch.Tensor]:
+    """{name: tensor} from a safetensors file (or shard index) or a weights-only torch file (a
+    training checkpoint's nested "state_dict"/"model" too); ValueError naming the file when it
+    is neither, or holds other than named tensors. Never unpickles code."""
     if url.endswith(_SAFETENSORS_SUFFIXES):
         return read_safetensors(url)
+    data = storage.read_bytes(url)  # a missing file stays a FileNotFoundError
     try:
-        obj = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code: report, never retry unsafely
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{url}: cannot read as a weights-only torch file: {first}") from None
@@ -167,6 +173,7 @@ def _read_state_dict(url: str) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
         raise ValueError(f"{url}: expected a mapping of parameter names to tensors")
     return dict(obj)

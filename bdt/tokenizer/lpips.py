@@ -16,19 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdt.tokenizer.io import read_state_dict
+from bdt.weights import state_dict_problems
+
 # VGG16 "D": conv widths and pooling ("M"); taps after these feature indices (ReLU outputs).
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 _TAPS = (3, 8, 15, 22, 29)
 _TAP_CHANNELS = (64, 128, 256, 512, 512)
 _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
-
-
-def _read_state(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class LPIPS(nn.Module):
@@ -55,25 +51,21 @@ class LPIPS(nn.Module):
                              "torchvision vgg16 state dict) and loss.lpips_head (LPIPS vgg.pth); none "
                              "ship offline and nothing is downloaded")
         model = cls()
-        try:
-            backbone, head = _read_state(backbone_path), _read_state(head_path)
-        except FileNotFoundError as exc:
-            raise ValueError(f"LPIPS weights not found: {exc.filename}") from None
-        own = {k: v for k, v in model.features.state_dict().items()}
-        for key, param in own.items():
-            src = backbone.get(f"features.{key}")
-            if src is None or src.shape != param.shape:
-                got = "missing" if src is None else list(src.shape)
-                raise ValueError(f"{backbone_path}: key 'features.{key}': expected shape "
-                                 f"{list(param.shape)}, got {got}")
-            param.copy_(src)
-        for k, lin in enumerate(model.lins):
-            src = head.get(f"lin{k}.model.1.weight")
-            if src is None or src.shape != lin.shape:
-                got = "missing" if src is None else list(src.shape)
-                raise ValueError(f"{head_path}: key 'lin{k}.model.1.weight': expected shape "
-                                 f"{list(lin.shape)}, got {got}")
-            lin.data.copy_(src)
+        want = {"features": {f"features.{k}": v for k, v in model.features.state_dict().items()},
+                "lins": {f"lin{k}.model.1.weight": lin for k, lin in enumerate(model.lins)}}
+        for path, part in ((backbone_path, "features"), (head_path, "lins")):
+            try:
+                found = read_state_dict(path)  # names the file it cannot read; never unpickles
+            except FileNotFoundError as exc:
+                raise ValueError(f"LPIPS weights not found: {exc.filename or path}") from None
+            expected = want[part]
+            # torchvision's file also holds the classifier, which LPIPS does not use
+            problems = state_dict_problems(expected, {k: v for k, v in found.items() if k in expected})
+            if problems:
+                raise ValueError(f"{path}: not LPIPS's {part} weights: " + "; ".join(problems))
+            with torch.no_grad():
+                for key, param in expected.items():
+                    param.copy_(found[key])
         model.requires_grad_(False)
         return model.eval()
 

@@ -11,6 +11,8 @@ import contextlib
 import torch
 from torch import nn
 
+from bdt.weights import state_dict_problems
+
 
 class EMA:
     def __init__(self, module: nn.Module, decay: float):
@@ -45,17 +47,20 @@ class EMA:
         return {"updates": self.updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        missing = sorted(set(self.shadow) - set(state["shadow"]))
-        if missing:
-            raise ValueError(f"EMA state is missing parameters, e.g. '{missing[0]}' (checkpoint from "
-                             f"a different model?)")
-        for name, t in state["shadow"].items():
-            if name in self.shadow:
-                if t.shape != self.shadow[name].shape:
-                    raise ValueError(f"EMA state '{name}': expected shape {list(self.shadow[name].shape)}, "
-                                     f"got {list(t.shape)}")
-                self.shadow[name].copy_(t)
-        self.updates = int(state["updates"])
+        """ValueError naming what does not fit (nothing loaded): averaged parameters missing,
+        unknown, mis-shaped or NaN/inf, as from a checkpoint of another model or a damaged one
+        (an export of them would look fine and draw garbage)."""
+        shadow = state.get("shadow") if isinstance(state, dict) else None
+        if not isinstance(shadow, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in shadow.items()):
+            raise ValueError("EMA state: expected {'shadow': {parameter name: tensor}, 'updates': n}")
+        problems = state_dict_problems(self.shadow, shadow)
+        if problems:
+            raise ValueError("EMA state does not fit the model (a checkpoint of another model, or "
+                             "damaged): " + "; ".join(problems))
+        for name, t in shadow.items():
+            self.shadow[name].copy_(t)
+        self.updates = int(state.get("updates", 0))
 
     def module_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """`module.state_dict()` with the averaged parameters in place of the live ones."""

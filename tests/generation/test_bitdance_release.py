@@ -101,6 +101,11 @@ def _without_query_tokens(folder) -> None:
                             unk_token="<|endoftext|>").save_pretrained(folder)
 
 
+def _llm_as_pickle(folder) -> None:
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
 def _head_config(release, **changes) -> dict:
     return {**json.loads((release / HEAD_CONFIG).read_text()), **changes}
 
@@ -116,6 +121,11 @@ def _head_config(release, **changes) -> dict:
     (PROJECTOR_WEIGHTS, "extra key", ValueError, "unexpected key(s) [fc3.weight]"),
     (HEAD_WEIGHTS, "nan", ValueError, "NaN or inf values [net.input_proj.bias]"),
     ("tokenizer.json", "plain tokenizer", ValueError, "lacks 3 of BitDance's tokens"),
+    # a float64 1e300 is inf in the model's float32: once imported, and only inf at load
+    (HEAD_WEIGHTS, "float64 overflow", ValueError, "NaN or inf values [net.input_proj.bias]"),
+    ("model.safetensors", "pickled LLM", ValueError, "has no safetensors weights"),
+    ("config.json", "tied but different", ValueError,
+     "model.embed_tokens.weight and lm_head.weight differ, but the config ties them"),
 ])
 def test_a_bad_release_fails_naming_the_problem_and_writes_nothing(release, tmp_path, name, content,
                                                                     error, named):
@@ -135,6 +145,13 @@ def test_a_bad_release_fails_naming_the_problem_and_writes_nothing(release, tmp_
         content = {**head, "net.input_proj.bias": head["net.input_proj.bias"] * float("nan")}
     elif content == "plain tokenizer":  # the query tokens dropped: a tokenizer of another model
         content = _without_query_tokens
+    elif content == "float64 overflow":
+        head = load_file(release / HEAD_WEIGHTS)
+        content = {**head, "net.input_proj.bias": head["net.input_proj.bias"].double() * 1e300}
+    elif content == "pickled LLM":  # never read: the import must not pass it on either
+        content = _llm_as_pickle
+    elif content == "tied but different":
+        content = {**json.loads((release / "config.json").read_text()), "tie_word_embeddings": True}
     src, out = _broken_copy(release, tmp_path, name, content), tmp_path / "export"
     with pytest.raises(error, match=re.escape(named)):
         import_release(src, str(out))

@@ -191,6 +191,9 @@ def _copy_with_weights(src: str, dst, edit) -> str:
     (lambda sd: {k: v for k, v in sd.items() if k != "model.norm.weight"},
      r"1 missing parameter\(s\) \[model\.norm\.weight\]"),
     (lambda sd: {"module." + k: v for k, v in sd.items()}, r"unknown key\(s\) \[module\."),
+    # a layer past num_hidden_layers was dropped, with a warning only
+    (lambda sd: {**sd, **{k.replace("layers.0.", "layers.9."): v.clone() for k, v in sd.items()
+                          if "layers.0." in k}}, r"unknown key\(s\) \[model\.layers\.9\."),
     (lambda sd: {**sd, "model.norm.weight": sd["model.norm.weight"][:-1].clone()},
      r"model\.norm\.weight: expected \[32\] got \[31\]"),
 ])

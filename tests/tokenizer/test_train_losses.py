@@ -50,8 +50,17 @@ def test_lpips_from_local_files(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         LPIPS.from_local(str(tmp_path / "missing.pth"), head)
     _, bad = _write_lpips_weights(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path, bad_lin=True)
-    with pytest.raises(ValueError, match=r"lin2.model.1.weight.*expected shape \[1, 256, 1, 1\], got \[1, 255, 1, 1\]"):
+    with pytest.raises(ValueError, match=r"lin2.model.1.weight: expected \[1, 256, 1, 1\] got \[1, 255, 1, 1\]"):
         LPIPS.from_local(backbone, bad)
+    # NaN weights once gave a NaN distance; a list instead of a state dict, an AttributeError
+    nan = torch.load(head, weights_only=True)
+    nan["lin0.model.1.weight"][0, 0] = float("nan")
+    torch.save(nan, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match=r"nan.pth: .*NaN or inf values \[lin0.model.1.weight\]"):
+        LPIPS.from_local(backbone, str(tmp_path / "nan.pth"))
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="list.pth: expected a mapping"):
+        LPIPS.from_local(backbone, str(tmp_path / "list.pth"))
 
 
 def test_adaptive_weight_equals_parameter_gradient_ratio():

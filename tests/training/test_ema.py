@@ -25,3 +25,24 @@ def test_average_follows_the_warmed_up_decay_and_swaps_back_exactly():
                 raise RuntimeError("sampling failed")
     for k, v in net.state_dict().items():
         assert torch.equal(v, live[k]), k
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda s: {"updates": 3, "shadow": {"weight": s["weight"]}}, r"missing key\(s\) \[bias\]"),
+    (lambda s: {"updates": 3, "shadow": {**s, "extra": s["bias"]}}, r"unexpected key\(s\) \[extra\]"),
+    (lambda s: {"updates": 3, "shadow": {**s, "bias": s["bias"] * float("nan")}}, r"NaN or inf values \[bias\]"),
+    (lambda s: {"updates": 3, "shadow": {**s, "bias": s["bias"][:1]}}, r"bias: expected \[2\] got \[1\]"),
+    (lambda s: {"updates": 3, "shadow": [s["bias"]]}, "expected {'shadow'"),
+])
+def test_a_state_that_does_not_fit_is_refused_and_nothing_loaded(edit, named):
+    """A partial shadow once loaded silently (the rest stayed at the live weights) and a NaN one
+    went into exports; both pass a checkpoint's digest when the trainer saved them."""
+    torch.manual_seed(0)
+    ema = EMA(nn.Linear(3, 2), decay=0.9)
+    good = {k: v + 1 for k, v in ema.shadow.items()}
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with pytest.raises(ValueError, match=named):
+        ema.load_state_dict(edit(good))
+    assert all(torch.equal(ema.shadow[k], before[k]) for k in before) and ema.updates == 0
+    ema.load_state_dict({"updates": 3, "shadow": good})
+    assert torch.equal(ema.shadow["bias"], good["bias"]) and ema.updates == 3

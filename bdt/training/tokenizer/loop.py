@@ -132,11 +132,12 @@ def save_grid(path: str, images: torch.Tensor, recon: torch.Tensor) -> None:
 
 
 def export(model_cfg: TokenizerConfig, ema_state: dict, run_dir: str) -> str:
-    """Write the EMA weights as a tokenizer directory (config.json + model.safetensors)."""
+    """Write the EMA weights as a tokenizer directory (config.json + model.safetensors);
+    ValueError, with nothing written, when they are not this model's (EMA.load_state_dict)."""
     model = BinaryAutoencoder(model_cfg)
-    live = model.state_dict()
-    live.update(ema_state["shadow"])
-    model.load_state_dict(live)
+    ema = EMA(model, decay=0.0)
+    ema.load_state_dict(ema_state)
+    model.load_state_dict(ema.module_state_dict(model))
     path = export_dir(run_dir)
     # A kill during an earlier export leaves temp files that would stay forever, and that the
     # extraction would hash as part of the tokenizer (tokenizer_identity lists every file).
@@ -319,8 +320,11 @@ def export_latest(cfg: TokenizerTrainConfig) -> str:
     problems = []
     for tag in reversed([t for _, t, done in ckpt.list_tags() if done]):
         try:
-            ema = _read_shared(ckpt, tag)["ema"]
-            return export(TokenizerConfig.from_dict(cfg.model), ema, cfg.run_dir)
+            ema = _read_shared(ckpt, tag).get("ema")
+            try:
+                return export(TokenizerConfig.from_dict(cfg.model), ema, cfg.run_dir)
+            except ValueError as e:  # its EMA weights are not this model's, or not finite
+                raise CheckpointUnusable(f"{tag}: {e}") from None
         except CheckpointUnusable as e:
             log.warning("checkpoint skipped: %s", e)
             problems.append(str(e))
@@ -339,7 +343,14 @@ def _read_shared(ckpt: CheckpointManager, tag: str) -> dict:
     if entry is None or digest_bytes(data) != entry:
         raise CheckpointUnusable(f"{url}: not listed in its {tag}/{MARKER} marker, or differs "
                                  f"from it (damaged or replaced)")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        shared = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - weights_only refuses what is not plain data
+        raise CheckpointUnusable(f"{url}: not a torch file of tensors and plain data "
+                                 f"({type(e).__name__}; it is never unpickled)") from None
+    if not isinstance(shared, dict):
+        raise CheckpointUnusable(f"{url}: holds a {type(shared).__name__}, not a dict")
+    return shared
 
 
 def main(argv: list[str] | None = None) -> int:
