@@ -101,6 +101,8 @@ def read_yaml(path: str) -> DictConfig:
         raise ConfigError(f"{path}: cannot parse YAML{where}: {str(exc).splitlines()[0]}") from None
     except OSError as exc:  # a directory, no permission
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    except OmegaConfBaseException as exc:  # valid YAML omegaconf cannot hold (a null key)
+        raise ConfigError(_describe(exc, path)) from None
     return loaded
 
 
@@ -130,6 +132,9 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         try:
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as exc:
+            if value is None and raw.strip() == "":
+                raise ConfigError(f"command line: key '{key}': no value after '=' (an empty "
+                                  f"string is {key}='')") from None
             raise ConfigError(_describe(exc, "command line")) from None
         except (IndexError, KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"command line: key '{key}': {exc}") from None
@@ -137,14 +142,26 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
 
 
 def _check_list_indices(cfg: DictConfig, key: str) -> None:
-    """Refuse an index past a list's end (omegaconf would report a confusing type error)."""
+    """Refuse an index into a list that is unset (`???`), negative or past its end (omegaconf
+    would report a confusing type error about the first item)."""
     parts = key.split(".")
     for i, part in enumerate(parts[1:], 1):
-        node = OmegaConf.select(cfg, ".".join(parts[:i]), default=None,
-                                throw_on_resolution_failure=False)
-        if isinstance(node, ListConfig) and part.isdigit() and int(part) >= len(node):
+        where = ".".join(parts[:i])
+        parent = cfg if i == 1 else OmegaConf.select(cfg, ".".join(parts[:i - 1]), default=None,
+                                                     throw_on_resolution_failure=False)
+        try:
+            unset = isinstance(parent, DictConfig) and OmegaConf.is_missing(parent, parts[i - 1])
+        except OmegaConfBaseException:  # no such key: the update names it
+            unset = False
+        if unset:
+            raise ConfigError(f"command line: key '{key}': '{where}' is unset (???): give the "
+                              f"whole list, e.g. {where}=[...]")
+        node = OmegaConf.select(cfg, where, default=None, throw_on_resolution_failure=False)
+        index = part.lstrip("-")
+        if isinstance(node, ListConfig) and index.isdigit() and \
+                not 0 <= int(part) < len(node):
             raise ConfigError(f"command line: key '{key}': index {part} is out of range "
-                              f"('{'.'.join(parts[:i])}' holds {len(node)} items)")
+                              f"('{where}' holds {len(node)} items)")
 
 
 def _keep_required(cfg: DictConfig, loaded: DictConfig) -> None:

@@ -217,10 +217,26 @@ def test_mapping_given_for_a_list_names_the_key_and_file(tmp_path):
         C.load(Job, [bad])
 
 
-def test_override_index_past_a_lists_end_says_so():
+def test_override_index_past_a_lists_end_says_so(tmp_path):
     with pytest.raises(C.ConfigError, match=r"key 'stages.2.steps': index 2 is out of range "
                                             r"\('stages' holds 2 items\)"):
         C.load(Staged, [], ["stages.2.steps=5"])
+    # these once named 'stages[0]' with omegaconf's type error about a dict
+    with pytest.raises(C.ConfigError, match=r"key 'stages.-3.steps': index -3 is out of range"):
+        C.load(Staged, [], ["stages.-3.steps=5"])
+    unset = _write(tmp_path, "unset.yaml", "stages: ???\n")
+    with pytest.raises(C.ConfigError, match=r"'stages' is unset \(\?\?\?\): give the whole list"):
+        C.load(Staged, [unset], ["stages.0.steps=5"])
+
+
+def test_an_empty_value_and_a_null_key_are_named(tmp_path):
+    with pytest.raises(C.ConfigError, match=r"key 'name': no value after '=' \(an empty string "
+                                            r"is name=''\)"):
+        C.load(Job, [], ["data_path=/d", "name="])
+    assert C.load(Job, [], ["data_path=/d", "name=''"]).name == ""
+    null_key = _write(tmp_path, "null.yaml", "data_path: /d\noptim:\n  ~: 1\n")
+    with pytest.raises(C.ConfigError, match=r"null.yaml: key 'optim'"):
+        C.load(Job, [null_key])
 
 
 def test_a_yamls_missing_marker_requires_a_value_over_a_default(tmp_path):

@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def read_lines(path: str) -> list[str]:
     """The lines of a UTF-8 text file; a file that is not text names itself."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: an editor's byte-order mark is no text
             return f.read().splitlines()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
@@ -61,6 +61,19 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def given_prompts(prompts: list[str]) -> list[str]:
+    """--prompt values, stripped as prompt-file lines are; an empty one is refused (it would
+    sample an unconditioned image under a prompt's name)."""
+    stripped = [p.strip() for p in prompts]
+    empty = [i for i, p in enumerate(stripped) if not p]
+    if empty:
+        raise ValueError(f"--prompt number {empty[0] + 1} is empty")
+    return stripped
+
+
+MAX_STEPS = 10_000  # head sampler steps; the release samples with 50 at most
+
+
 def check_seed(seed: int) -> None:
     if not 0 <= seed < 2**63:  # torch generators take 64-bit seeds; batch k adds k
         raise ValueError(f"--seed must be in [0, 2^63), got {seed}")
@@ -68,8 +81,9 @@ def check_seed(seed: int) -> None:
 
 def check_sampling_args(args: argparse.Namespace) -> None:
     """Refuse values no sampling can use before the model loads (ValueError naming the flag)."""
-    if args.steps < 1 or args.batch < 1:
-        raise ValueError(f"--steps and --batch must be >= 1, got {args.steps} and {args.batch}")
+    if not (1 <= args.steps <= MAX_STEPS and args.batch >= 1):
+        raise ValueError(f"--steps must be in [1, {MAX_STEPS}] and --batch >= 1, got "
+                         f"{args.steps} and {args.batch}")
     if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
         raise ValueError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), "
                          f"got {args.cfg_scale}")
@@ -107,7 +121,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     if args.cols < 1:
         raise ValueError(f"--cols must be >= 1, got {args.cols}")
-    prompts = args.prompt if args.prompt else read_prompts(args.prompts_file)
+    prompts = given_prompts(args.prompt) if args.prompt else read_prompts(args.prompts_file)
     check_sampling_args(args)
     check_new_output(args)  # before the model loads
     trained, (width, height), sampling = load_for_args(args)

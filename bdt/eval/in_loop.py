@@ -18,7 +18,7 @@ import torch
 
 from bdt.eval.run import evaluate, select
 from bdt.eval.suite import load_suite
-from bdt.generation.sampling import SamplingConfig
+from bdt.generation.sampling import SamplingConfig, check_prompts
 from bdt.training.ar.config import EvalConfig
 
 
@@ -38,6 +38,12 @@ class InLoopEval:
 
     def due(self, step: int) -> bool:
         return self.active and step % self.cfg.every == 0
+
+    def check(self, model: torch.nn.Module) -> None:
+        if self.active:
+            factor = self.decoder.downsample_factor
+            check_prompts(model, [item["prompt"] for item in self.items],
+                          self.cfg.height // factor, self.cfg.width // factor)
 
     def run(self, step: int, module: torch.nn.Module) -> dict[str, float]:
         """Scores of the suite subset at this step (metrics keys) and, on the writing rank, the

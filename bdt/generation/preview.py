@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from bdt.generation.grid import to_uint8
-from bdt.generation.sampling import SamplingConfig, generate
+from bdt.generation.sampling import SamplingConfig, check_prompts, generate
 from bdt.training.ar.config import ARLoggingConfig
 
 
@@ -51,6 +51,13 @@ class Preview:
 
     def due(self, step: int) -> bool:
         return self.active and step % self.cfg.sample_every == 0
+
+    def check(self, model: torch.nn.Module) -> None:
+        if self.active:
+            try:
+                check_prompts(model, list(self.cfg.sample_prompts), *self.cfg.sample_hw)
+            except ValueError as e:
+                raise ValueError(f"logging.sample_prompts: {e}") from None
 
     def run(self, step: int, module: torch.nn.Module) -> dict[str, float]:
         c = self.cfg

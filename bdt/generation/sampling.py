@@ -30,7 +30,7 @@ from bdt.model.ar import BitDanceModel
 from bdt.model.attention import BlockCausalLayout, decode_attention_mask
 from bdt.model.flow import binarize, cfg_schedule, sample
 from bdt.model.sequence import SequencePacker, from_sequence_order, grid_coords
-from bdt.model.text_tokenizer import encode
+from bdt.model.text_tokenizer import encode_user_text
 
 
 @dataclass
@@ -52,7 +52,8 @@ def _prefixes(model: BitDanceModel, prompts: Sequence[str | Sequence[int]], h: i
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
     context = model.llm.config.max_position_embeddings
-    encode_text = None if model.tokenizer is None else (lambda s: encode(model.tokenizer, s))
+    encode_text = None if model.tokenizer is None else (
+        lambda s: encode_user_text(model.tokenizer, s))
     packer = SequencePacker(model.special, model.prompt, model.cfg.parallel_num,
                             max_len=context, encode_text=encode_text)
     image_part = packer.image_prefix_ids(h, w)  # checks h, w against the patch side

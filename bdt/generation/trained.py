@@ -24,8 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
+from bdt import storage
 from bdt.generation.grid import to_pil
 from bdt.generation.sampling import SamplingConfig, check_prompts, generate
 from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel
@@ -164,8 +166,14 @@ def _trained_buckets(train_config_path: str) -> list[tuple[int, int]] | None:
     from bdt.data.shard_source import list_shards
 
     cfg = layout.read_config(train_config_path)
+    stages = cfg.get("stages")
+    if not OmegaConf.is_list(stages) or not all(
+            OmegaConf.is_dict(s) and isinstance(s.get("shards"), str) for s in stages):
+        return None  # not a record the trainer wrote: buckets unknown
     found: list[tuple[int, int]] = []
-    for stage in cfg.get("stages", []):
+    for stage in stages:
+        if not (storage.is_remote(stage.shards) or os.path.isabs(stage.shards)):
+            return None  # relative to a working directory that is not known (older exports)
         try:
             shards = list_shards(stage.shards, stage.get("family", ""),
                                  allow_incomplete=True)  # buckets only
@@ -187,14 +195,11 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     weights of `checkpoint` (default: the newest complete one) with torch.load(weights_only=True),
     which unpickles no code; the EMA weights in their place where the run keeps an EMA, as its
     in-loop samples and its export use them."""
-    from omegaconf import OmegaConf
-
-    from bdt.model.config import ModelConfig
     from bdt.tokenizer.io import load_tokenizer
     from bdt.training.checkpoint import list_checkpoints
 
     cfg_path = os.path.join(run_dir, layout.CONFIG_NAME)
-    cfg = layout.read_config(cfg_path)
+    cfg = _run_config(cfg_path)
     root = layout.checkpoint_root(run_dir, cfg.checkpoint.dir)
     if "://" in root:
         raise OSError(f"{run_dir!r} has no export and its checkpoints are remote ({root}); "
@@ -209,7 +214,7 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     if not cfg.data.tokenizer:
         raise OSError(f"{cfg_path}: data.tokenizer is empty, so the run names no image tokenizer "
                       f"to decode with")
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model))
+    model_cfg = cfg.model
     configured = model_cfg.backbone.path
     model_cfg.backbone = _recorded_backbone(run_dir, model_cfg.backbone)
     checkpoint = checkpoint or os.path.join(root, tags[-1])
@@ -228,6 +233,23 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     model.load_extra({k: v for k, v in module.items() if not k.startswith("llm.")}, states)
     decoder = load_tokenizer(cfg.data.tokenizer, device=device)
     return TrainedModel(model.to(device).eval(), decoder, checkpoint, _trained_buckets(cfg_path))
+
+
+def _run_config(cfg_path: str):
+    """A run's config.yaml read with the trainer's schema (a TrainConfig); OSError naming the
+    file and the key that does not fit it (no model is rebuilt from a damaged record)."""
+    from bdt.config import ConfigError, load
+    from bdt.training.ar.config import TrainConfig
+
+    try:
+        cfg = OmegaConf.to_object(load(TrainConfig, [cfg_path]))
+    except ConfigError as e:  # names the file
+        raise OSError(str(e)) from None
+    try:
+        cfg.model.validate()
+    except ValueError as e:
+        raise OSError(f"{cfg_path}: {e}") from None
+    return cfg
 
 
 def _recorded_backbone(run_dir: str, backbone: BackboneConfig) -> BackboneConfig:

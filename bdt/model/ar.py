@@ -314,12 +314,19 @@ def read_model_config(model_dir: str) -> ModelConfig:
     from omegaconf import OmegaConf
 
     from bdt import storage
+    from bdt.config import load, read_yaml
 
     url = storage.join(model_dir, CONFIG_NAME)
     if not storage.exists(url):
         raise OSError(f"{model_dir!r} is not a saved BitDanceModel: no {CONFIG_NAME}")
-    saved = OmegaConf.create(storage.read_bytes(url).decode())
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved))
+    if not read_yaml(url):  # ConfigError (a ValueError) naming the file when not YAML
+        raise ValueError(f"{url}: holds no model config (an empty file)")
+    cfg = OmegaConf.to_object(load(ModelConfig, [url]))  # unknown keys, wrong types: named
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ValueError(f"{url}: {e}") from None
+    return cfg
 
 
 def _layer_costs(config) -> tuple[float, float]:

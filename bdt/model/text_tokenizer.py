@@ -89,8 +89,16 @@ class PromptIds:
 
 
 def encode(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
-    """Plain ids of ``text``: no BOS/EOS (Qwen has none; the template supplies the structure)."""
+    """Plain ids of ``text``: no BOS/EOS (Qwen has none; the template supplies the structure).
+    Special-token strings become their tokens: for bdt's own templates, never for user text."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_user_text(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
+    """Ids of a caption or prompt: a special token's string in it (``<|im_end|>``) is plain text,
+    so no prompt can end the user turn or forge an image header, and prompts are encoded as the
+    trainer encodes captions (CaptionMeasure)."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 def prompt_ids(tokenizer: "PreTrainedTokenizerBase") -> PromptIds:

@@ -28,7 +28,8 @@ def _sample(model: str, out, *extra: str) -> int:
 
 def test_sample_writes_one_png_per_prompt_and_a_grid(trained_run, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
-    prompts_file.write_text("\n".join(PROMPTS) + "\n\n")  # blank lines are not prompts
+    # blank lines are not prompts, and an editor's byte-order mark is not part of the first one
+    prompts_file.write_text("\ufeff" + "\n".join(PROMPTS) + "\n\n")
     out = tmp_path / "out"
     # The installed entry point in a child process, end to end.
     proc = run_bdt("sample", "--model", os.path.join(trained_run, "export"), "--prompts-file",
@@ -134,6 +135,8 @@ def _incomplete_export(trained_run, tmp_path) -> str:
     ("empty_file", ["--size", "16"], "holds no prompt"),
     # Every prompt is checked before the first batch samples, and named by its index.
     ("export", ["--size", "16", "--batch", "1", "--prompt", "red " * 600], "prompt 1: 60"),
+    ("export", ["--size", "16", "--prompt", " "], "--prompt number 2 is empty"),
+    ("export", ["--size", "16", "--steps", str(10**20)], "--steps must be in [1, 10000]"),
 ])
 def test_bad_input_exits_2_with_one_line(trained_run, tmp_path, capsys, case, args, expected):
     model = {"missing": str(tmp_path / "nope"), "incomplete": None}.get(case)
@@ -149,3 +152,39 @@ def test_bad_input_exits_2_with_one_line(trained_run, tmp_path, capsys, case, ar
     assert code == 2
     assert last.startswith("bdt sample: error: ") and expected in last, last
     assert not (tmp_path / "o").exists()  # failed before writing anything
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("bogus_key: 1\n", "model_config.yaml: key 'bogus_key'"),
+    ("", "model_config.yaml: holds no model config"),
+    ("pos_max_len: 0\n", "model_config.yaml: model.pos_max_len must be >= 1, got 0"),
+    ("parallel_num: [\n", "model_config.yaml: cannot parse YAML"),
+])
+def test_a_damaged_export_config_is_one_line_naming_it(trained_run, tmp_path, capsys, content,
+                                                       expected):
+    """These once gave omegaconf tracebacks, or silently built a model of the default shape."""
+    broken = tmp_path / "broken"
+    shutil.copytree(os.path.join(trained_run, "export"), broken)
+    (broken / "model_config.yaml").write_text(content)
+    code = main(["sample", "--model", str(broken), "--prompt", "a red circle", "--size", "16",
+                 "--out", str(tmp_path / "o")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("bdt sample: error: ") and expected in last, last
+
+
+def test_the_trained_buckets_do_not_depend_on_the_working_directory(trained_run, tmp_path,
+                                                                   monkeypatch):
+    """The export records its stages' shards as absolute paths (relative ones named another
+    folder from another working directory); a damaged record only turns the check off."""
+    from omegaconf import OmegaConf
+
+    export = os.path.join(trained_run, "export")
+    record = OmegaConf.load(os.path.join(export, "train_config.yaml"))
+    assert all(os.path.isabs(stage.shards) for stage in record.stages)
+    monkeypatch.chdir(tmp_path)
+    assert _sample(export, tmp_path / "o", "--prompt", "a red circle") == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(export, copy)
+    (copy / "train_config.yaml").write_text("stages: 5\n")
+    assert main(["sample", "--model", str(copy), "--prompt", "x", "--size", "32", "--steps", "1",
+                 "--out", str(tmp_path / "o2")]) == 0  # 32 px was not trained: unknown now

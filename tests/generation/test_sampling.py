@@ -100,3 +100,18 @@ def test_bad_generation_inputs(llm_dir):
         generate(model, ["a red circle"], 130, 4, SamplingConfig(num_steps=1))
     with pytest.raises(ValueError, match="unknown CFG schedule 'cosine'"):
         generate(model, ["a red circle"], 4, 4, SamplingConfig(cfg_schedule="cosine"))
+
+
+def test_an_in_loop_preview_whose_prompt_cannot_fit_is_refused_before_training(llm_dir):
+    """A sample prompt beyond the context once failed at the first preview, after steps that
+    no checkpoint held (and every resume failed the same way)."""
+    from bdt.generation.preview import Preview
+    from bdt.training.ar.config import ARLoggingConfig
+
+    model = tiny_model(llm_dir, 4)
+    long = " ".join(["a red circle"] * model.llm.config.max_position_embeddings)
+    cfg = ARLoggingConfig(sample_every=5, sample_prompts=["a red circle", long], sample_hw=[4, 4])
+    off = ARLoggingConfig(sample_every=0, sample_prompts=cfg.sample_prompts, sample_hw=[4, 4])
+    Preview(off, None, "unused", 0, takes_part=True, writes=False).check(model)  # never runs
+    with pytest.raises(ValueError, match=r"logging.sample_prompts: prompt 1: .* context"):
+        Preview(cfg, None, "unused", 0, takes_part=True, writes=False).check(model)

@@ -250,9 +250,11 @@ def validate(cfg: TrainConfig) -> None:
         if not cfg.data.tokenizer:
             raise ValueError("eval.every needs data.tokenizer (to decode the generated bits)")
         unknown = [c for c in cfg.eval.categories if c not in CATEGORIES]
-        if unknown or cfg.eval.per_category < 0:
-            raise ValueError(f"eval.categories: unknown {unknown} (known: {list(CATEGORIES)}); "
-                             f"eval.per_category must be >= 0, got {cfg.eval.per_category}")
+        if unknown:
+            raise ValueError(f"eval.categories: unknown {unknown} (known: {list(CATEGORIES)})")
+        if cfg.eval.per_category < 0:
+            raise ValueError(f"eval.per_category must be >= 0 (0 = all), got "
+                             f"{cfg.eval.per_category}")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {cfg.ema_decay}")
     if cfg.ema_decay > 0 and cfg.deepspeed.zero_stage == 3:
@@ -289,7 +291,9 @@ def _value_rules(cfg: TrainConfig) -> list[tuple[str, object, bool, str]]:
              ("data.buffer_size", cfg.data.buffer_size, cfg.data.buffer_size >= 1, ">= 1"),
              ("eval.every", e.every, e.every >= 0, ">= 0 (0 = off)"),
              ("logging.sample_every", logs.sample_every, logs.sample_every >= 0, ">= 0 (0 = off)"),
-             ("logging.sample_steps", logs.sample_steps, logs.sample_steps >= 1, ">= 1")]
+             ("logging.sample_steps", logs.sample_steps, logs.sample_steps >= 1, ">= 1"),
+             ("logging.peak_tflops", logs.peak_tflops, 0 <= logs.peak_tflops < math.inf,
+              "a finite number >= 0 (0 = measure)")]
     rules += [(f"fault.{k}", getattr(cfg.fault, k), getattr(cfg.fault, k) >= 0, ">= 0 (0 = off)")
               for k in ("kill_after_checkpoint", "kill_during_checkpoint", "sigterm_at_step")]
     if e.every > 0:

@@ -37,11 +37,21 @@ def export_model(engine, model, cfg, out_dir: str, dist: DistInfo) -> str:
             engine.module.save_pretrained(tmp)
             if cfg.data.tokenizer:
                 _copy_tree(cfg.data.tokenizer, os.path.join(tmp, EXPORT_IMAGE_TOKENIZER_DIR))
-            save_resolved(OmegaConf.structured(cfg), tmp, name=EXPORT_TRAIN_CONFIG_NAME)
+            save_resolved(_with_absolute_shards(cfg), tmp, name=EXPORT_TRAIN_CONFIG_NAME)
             shutil.rmtree(out_dir, ignore_errors=True)
             os.replace(tmp, out_dir)  # a reader never sees half an export
     barrier()
     return out_dir
+
+
+def _with_absolute_shards(cfg):
+    """The config as the export records it: a local stage's shards as an absolute path, so that
+    the sampler's trained-bucket check finds them from any working directory."""
+    record = OmegaConf.structured(cfg)
+    for stage in record.stages:
+        if not storage.is_remote(stage.shards):
+            stage.shards = os.path.abspath(stage.shards)
+    return record
 
 
 def _copy_tree(src: str, dst: str) -> None:

@@ -59,6 +59,10 @@ class InLoopTask(Protocol):
     def run(self, step: int, module: torch.nn.Module) -> dict[str, float]:
         """Metrics to log at `step` ({} for none)."""
 
+    def check(self, model: torch.nn.Module) -> None:
+        """ValueError, before the first step, for what would fail when the task is first due
+        (a prompt beyond the model's context): steps since the last checkpoint would be lost."""
+
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +199,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     # gradients (ZeRO-0) we read it off the averaged gradients before the step.
     plain_grads = cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"
     tasks = in_loop(cfg, dist)
+    for task in tasks:
+        task.check(model)
     keylog = reshard.SampleKeyLog(cfg.run_dir, dist.rank, dist.world_size) \
         if cfg.logging.sample_keys else None
     stop = StopFlag()

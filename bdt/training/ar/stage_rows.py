@@ -50,14 +50,19 @@ class CaptionMeasure:
     def __init__(self, tokenizer: Any, packer: SequencePacker, max_side: int | None = None):
         self.packer, self.max_side = packer, max_side
         backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # a copy: the setting is the tokenizer object's, not per call
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.encode_special_tokens = True  # as encode_user_text: captions are text
         self.backend, self.tokenizer = (backend, None) if backend is not None else (None, tokenizer)
 
     def ids(self, text: str) -> list[int]:
         if self.backend is not None:
             return self.backend.encode(text, add_special_tokens=False).ids
-        from bdt.model.text_tokenizer import encode
+        from bdt.model.text_tokenizer import encode_user_text
 
-        return encode(self.tokenizer, text)
+        return encode_user_text(self.tokenizer, text)
 
     def __call__(self, sample: TokenSample) -> int:
         h, w = sample.grid

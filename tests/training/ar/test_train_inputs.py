@@ -177,6 +177,8 @@ def test_a_damaged_shape_record_is_written_again(tmp_path, caplog):
     ("deepspeed.zero_stage=5", r"deepspeed.zero_stage: expected 0, 1, 2 or 3, got 5"),
     ("deepspeed.precision=fp16", r"deepspeed.precision: expected one of \('fp32', 'bf16'\)"),
     ("fault.sigterm_at_step=-1", r"fault.sigterm_at_step must be >= 0 \(0 = off\), got -1"),
+    ("logging.peak_tflops=-5", r"logging.peak_tflops must be a finite number >= 0"),
+    ("logging.peak_tflops=.nan", r"logging.peak_tflops must be a finite number >= 0"),
 ])
 def test_values_no_run_can_use_are_named_at_start(tmp_path, override, named):
     """Values that would fail deep inside torch or the sampler, or train silently wrong."""
