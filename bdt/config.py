@@ -224,6 +224,15 @@ def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[st
     return cfg  # type: ignore[return-value]
 
 
+def _rank_number(flag: str, value: str) -> int:
+    """The launcher's rank argument; anything else ends the entry point with one line."""
+    try:
+        return int(value)
+    except ValueError:
+        fail(f"command line: {flag} must be a whole number, got {value!r}")
+        raise  # not reached: fail exits
+
+
 def split_launcher_args(argv: Sequence[str]) -> tuple[list[str], int | None]:
     """Remove `--local_rank=N` / `--local_rank N` (added by the deepspeed launcher).
 
@@ -238,11 +247,11 @@ def split_launcher_args(argv: Sequence[str]) -> tuple[list[str], int | None]:
         arg = args[i]
         for flag in ("--local_rank", "--local-rank"):
             if arg == flag and i + 1 < len(args):
-                local_rank = int(args[i + 1])
+                local_rank = _rank_number(flag, args[i + 1])
                 i += 1
                 break
             if arg.startswith(flag + "="):
-                local_rank = int(arg.split("=", 1)[1])
+                local_rank = _rank_number(flag, arg.split("=", 1)[1])
                 break
         else:
             rest.append(arg)

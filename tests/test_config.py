@@ -120,6 +120,14 @@ def test_launcher_local_rank_is_stripped(argv, expected_rank, monkeypatch):
     assert os.environ.get("LOCAL_RANK") == (None if expected_rank is None else str(expected_rank))
 
 
+def test_a_launcher_rank_that_is_no_number_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        C.split_launcher_args(["--local_rank=abc", "steps=2"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: command line: --local_rank must be a whole number, got 'abc'"
+
+
 def test_save_resolved_round_trips(tmp_path):
     cfg = C.load(Job, [], ["data_path=/d", "steps=7"])
     url = C.save_resolved(cfg, str(tmp_path / "out"))

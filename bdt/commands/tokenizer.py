@@ -64,6 +64,8 @@ def _encode(args: argparse.Namespace) -> int:
     from bdt.tokenizer.io import load_tokenizer
 
     _check_batch_size(args)
+    if os.path.isdir(args.out):  # before the work, not at the final rename
+        raise ValueError(f"--out {args.out!r} is a directory; give the .npy file to write")
     model = load_tokenizer(args.tokenizer)
     arrays = [_read_image(url) for url in args.images]
     first = arrays[0].shape[:2]

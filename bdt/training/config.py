@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 from bdt.storage import is_remote
@@ -47,3 +49,5 @@ def check_run_dir(run_dir: str) -> None:
     if not run_dir or is_remote(run_dir):
         raise ValueError(f"run_dir must be a local directory, got {run_dir!r} (put checkpoints "
                          f"on an object store with checkpoint.dir=s3://...)")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"run_dir {run_dir!r} is a file, not a directory")

@@ -90,3 +90,12 @@ def test_a_non_empty_remote_out_is_refused_before_the_model_loads(s3_bucket, tmp
     err = capsys.readouterr().err
     assert f"{s3_bucket}/out exists and is not empty" in err and "no-model" not in err
     assert fs.ls(s3_bucket + "/out", detail=False) == [s3_bucket[5:] + "/out/notes.txt"]
+
+
+def test_encode_refuses_a_directory_as_out_before_any_work(tmp_path, tokenizer_and_bits, capsys):
+    """It once encoded every image and failed only at the final rename."""
+    (tmp_path / "out").mkdir()
+    code = cli.main(["tokenizer", "encode", "--tokenizer", str(tmp_path / "no-tokenizer"),
+                     "--images", str(tmp_path / "none.png"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a directory; give the .npy file to write" in err, err

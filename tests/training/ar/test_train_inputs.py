@@ -187,6 +187,12 @@ def test_values_no_run_can_use_are_named_at_start(tmp_path, override, named):
     with pytest.raises(ValueError, match=named):
         validate(config(tmp_path, str(tmp_path / "s"), override))
 
+def test_a_run_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=f"run_dir '{tmp_path / 'afile'}' is a file"):
+        _validate(tmp_path, f"run_dir={tmp_path / 'afile'}")
+
+
 def _validate(tmp_path, *extra):
     from bdt.training.ar.config import validate
 
