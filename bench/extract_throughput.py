@@ -212,10 +212,12 @@ def main() -> None:
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "load_avg_1m_at_start": load_start, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
               "rows": rows, "rss_slope_mb_per_1000_images": slopes}
-    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-    with open(os.path.join(REPO, "bench", "results", "extract_throughput.json"), "w") as f:
+    path = os.path.join(REPO, "bench", "results", "extract_throughput.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:  # a killed run must not leave a torn result behind
         json.dump(result, f, indent=1)
         f.write("\n")
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

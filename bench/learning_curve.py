@@ -29,9 +29,29 @@ CATEGORIES = ("single_object", "colors", "counting", "two_objects", "position", 
 ATTRIBUTES = ("count", "color", "shape", "position")
 
 
+SUITE_PER_CATEGORY = 40  # the whole shapes suite: every point must be scored on all of it
+
+
 def read_metrics(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of RUN/metrics.jsonl; a torn last line (a run killed mid-write, or still
+    writing) is left out, as the trainer's own reader does; a bad line elsewhere is an error."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    with open(path) as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for k, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            if k < len(lines) - 1:
+                raise ValueError(f"{path}:{n}: not a JSON record ({e})") from None
+    return records
+
+
+def _finite(value: float, where: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: {value} (a NaN or inf score or FLOP count is no point)")
+    return value
 
 
 def final_flops(run_dir: str) -> float:
@@ -39,11 +59,24 @@ def final_flops(run_dir: str) -> float:
     if not flops:
         raise ValueError(f"{run_dir}/metrics.jsonl logs no flops_seen (a run from before it was "
                          f"logged?)")
-    return flops[-1]
+    return _finite(flops[-1], f"{run_dir}/metrics.jsonl: the last flops_seen")
+
+
+def _whole_suite_run(run_dir: str) -> None:
+    """In-loop points count only from runs that evaluated the whole suite at every point."""
+    import yaml
+
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        ev = (yaml.safe_load(f) or {}).get("eval") or {}
+    if ev.get("per_category", 2) != 0 or ev.get("categories"):
+        raise ValueError(f"{run_dir}/config.yaml: eval.per_category = {ev.get('per_category')}, "
+                         f"eval.categories = {ev.get('categories')}: its in-loop evaluations "
+                         f"score part of the suite (a curve needs per_category=0, all categories)")
 
 
 def in_loop_points(run_dir: str) -> list[dict]:
     """One point per in-loop evaluation of the whole suite (per_category=0 runs)."""
+    _whole_suite_run(run_dir)
     records = read_metrics(run_dir)
     flops_at = {r["step"]: r["flops_seen"] for r in records if "flops_seen" in r}
     points = []
@@ -53,20 +86,28 @@ def in_loop_points(run_dir: str) -> list[dict]:
         if r["step"] not in flops_at:
             raise ValueError(f"{run_dir}: evaluation at step {r['step']} but no flops_seen logged "
                              f"there: make eval.every a multiple of logging.every")
-        points.append({"step": r["step"], "flops": flops_at[r["step"]], "seeds": 1,
-                       "source": "in-loop", "overall": r["eval_overall"],
+        where = f"{run_dir}/metrics.jsonl, step {r['step']}"
+        points.append({"step": r["step"], "flops": _finite(flops_at[r["step"]], where),
+                       "seeds": 1, "source": "in-loop",
+                       "overall": _finite(r["eval_overall"], where),
                        "per_category": {c: r[f"eval/{c}"] for c in CATEGORIES if f"eval/{c}" in r},
                        "per_attribute": {a: r[f"eval_attr/{a}"] for a in ATTRIBUTES
                                          if f"eval_attr/{a}" in r}})
+    if not points:
+        raise ValueError(f"{run_dir}/metrics.jsonl holds no in-loop evaluation (eval.every)")
     return points
 
 
 def final_point(run_dir: str, eval_dirs: list[str]) -> dict:
     """The run's end, scored by `bdt eval` once per sampling seed: the mean over seeds."""
-    reports = []
-    for d in eval_dirs:
-        with open(os.path.join(d, "eval.json")) as f:
-            reports.append(json.load(f))
+    reports = [_whole_suite_report(d) for d in eval_dirs]
+    seeds = [r["seed"] for r in reports]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{eval_dirs}: sampling seeds {seeds}: each eval dir must be another seed")
+    settings = {(r["width"], r["height"], r["steps"], r["cfg_scale"]) for r in reports}
+    if len(settings) > 1:
+        raise ValueError(f"{eval_dirs}: sampled with different settings (width, height, steps, "
+                         f"cfg_scale) {sorted(settings)}")
 
     def mean(key: str, names) -> dict:
         return {n: statistics.fmean(r[key][n] for r in reports) for n in names
@@ -78,6 +119,18 @@ def final_point(run_dir: str, eval_dirs: list[str]) -> dict:
             "overall_per_seed": [r["overall"] for r in reports],
             "per_category": mean("per_category", CATEGORIES),
             "per_attribute": mean("per_attribute", ATTRIBUTES)}
+
+
+def _whole_suite_report(eval_dir: str) -> dict:
+    path = os.path.join(eval_dir, "eval.json")
+    with open(path) as f:
+        report = json.load(f)
+    counts = report.get("counts", {})
+    if sorted(counts) != sorted(CATEGORIES) or set(counts.values()) != {SUITE_PER_CATEGORY}:
+        raise ValueError(f"{path}: scores {counts}, not the whole suite ({SUITE_PER_CATEGORY} "
+                         f"prompts in each of {len(CATEGORIES)} categories)")
+    _finite(report["overall"], path)
+    return report
 
 
 def plot(series: list[dict], unit: float, path: str) -> None:
@@ -158,9 +211,12 @@ def main(argv: list[str] | None = None) -> None:
         series = [s for s in prior["series"] if s["name"] not in {n["name"] for n in series}] + series
     else:
         unit = final_flops(args.unit_flops)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"unit_flops": unit, "series": series}, f, indent=1)
-    plot(series, unit, args.out + ".png")
+    # Both files appear together, only once both are made (an --add-to run replaces its input).
+    plot(series, unit, args.out + ".tmp.png")
+    with open(args.out + ".json.tmp", "w") as f:
+        json.dump({"unit_flops": unit, "series": series}, f, indent=1, allow_nan=False)
+    os.replace(args.out + ".tmp.png", args.out + ".png")
+    os.replace(args.out + ".json.tmp", args.out + ".json")
     print(f"| series | step | FLOPs (x demo) | seeds | overall | single | "
           f"{' | '.join(ATTRIBUTES)} |")
     print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(ATTRIBUTES))

@@ -8,6 +8,7 @@ results page always quotes the latest run (with its date and machine).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -47,14 +48,38 @@ def extraction_goals(d: dict) -> list[dict]:
     return out
 
 
+GOAL_KEYS = ("goal", "value", "target", "met", "limit")
+
+
 def load_all() -> list[tuple[str, dict]]:
+    """The results present, in ORDER; a file that is not a benchmark's result (torn, another
+    shape) is named and left out: one bad file must not hide every other row."""
     found = []
     for name in ORDER:
         path = os.path.join(RESULTS, f"{name}.json")
-        if os.path.isfile(path):
+        if not os.path.isfile(path):
+            continue
+        try:
             with open(path) as f:
-                found.append((name, json.load(f)))
+                d = json.load(f)
+            problem = _shape_problem(d)
+        except (OSError, ValueError) as e:
+            problem = f"not JSON ({e})"
+        if problem:
+            print(f"{path}: left out of the table: {problem}")
+            continue
+        found.append((name, d))
     return found
+
+
+def _shape_problem(d) -> str:
+    if not isinstance(d, dict):
+        return f"holds a {type(d).__name__}, not a result object"
+    goals = d.get("goals", [])
+    if not isinstance(goals, list) or not all(
+            isinstance(g, dict) and all(k in g for k in GOAL_KEYS) for g in goals):
+        return f"'goals' is not a list of {{{', '.join(GOAL_KEYS)}}}"
+    return ""
 
 
 def main() -> None:
@@ -112,4 +137,5 @@ def quote_in_results_doc(text: str) -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     main()

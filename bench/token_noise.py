@@ -30,6 +30,8 @@ def main() -> int:
     parser.add_argument("--num", type=int, default=240, help="fresh samples (all categories)")
     parser.add_argument("--px", type=int, default=64, help="image side (the demo's: 64)")
     args = parser.parse_args()
+    if args.num < 1:
+        parser.error(f"--num must be >= 1, got {args.num}")
     torch.set_num_threads(2)
     with Run("token_noise") as run:
         by_rate = {}

@@ -153,6 +153,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "tokenizer_quality.json"))
     parser.add_argument("overrides", nargs="*", help="key=value for the trainer (after the config)")
     args = parser.parse_args()
+    if min(args.judge_num, args.eval_num, args.train_num) < 1:
+        parser.error("--judge-num, --eval-num and --train-num must be >= 1")
     args.config = args.config or [os.path.join(REPO, "configs", "tokenizer", "shapes_d8.yaml"),
                                   os.path.join(REPO, "configs", "tokenizer", "demo.yaml")]
     from bdt.config import load

@@ -58,6 +58,9 @@ def _check_item(item: dict, seen_ids: set[str]) -> None:
     if name in seen_ids or os.path.basename(name) != name or name in (".", ".."):
         raise ValueError(f"id {name!r} must be unique and a plain file name")
     check_spec(item["spec"])
+    if item["category"] != item["spec"]["category"]:  # scored under the item's, judged by the spec's
+        raise ValueError(f"category {item['category']!r} is not its spec's "
+                         f"({item['spec']['category']!r})")
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -168,7 +168,7 @@ def check_spec(spec: dict) -> None:
                 raise ValueError(f"shape '{g['shape']}' is not one of {', '.join(SHAPES)}")
             if g["color"] is not None and g["color"] not in COLORS:
                 raise ValueError(f"color '{g['color']}' is not one of {', '.join(COLORS)}")
-            if not isinstance(g["count"], int) or g["count"] < 1:
+            if type(g["count"]) is not int or g["count"] < 1:  # a JSON true is no count
                 raise ValueError(f"count must be a positive integer, got {g['count']!r}")
         if relation is not None:
             if relation["type"] not in RELATIONS:

@@ -156,6 +156,8 @@ def _box_sum(x_HWC: np.ndarray, r: int) -> np.ndarray:
 def detect(image: Image.Image | np.ndarray) -> list[Detection]:
     """Every coloured object in `image`, sorted by position (top-left first)."""
     img = _to_rgb(image)
+    if min(img.size) == 0:
+        raise ValueError(f"an empty image ({img.width}x{img.height} px) holds nothing to judge")
     # One working scale for every input: small images are upsampled (smooth edges give better
     # masks for 12 px objects), large ones box-filtered down.
     scale = WORK_SHORT / min(img.size)
@@ -351,6 +353,8 @@ def score(judgements: list[Judgement], categories: list[str]) -> dict:
     per attribute, the accuracy over the judgements that constrain it (`attribute_counts`)."""
     if len(judgements) != len(categories):
         raise ValueError(f"{len(judgements)} judgements but {len(categories)} categories")
+    if not judgements:
+        raise ValueError("no judgements to score (a score of 0 would read as a result)")
     per: dict[str, list[bool]] = {}
     for j, c in zip(judgements, categories):
         per.setdefault(c, []).append(j.passed)

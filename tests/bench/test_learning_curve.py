@@ -13,17 +13,21 @@ sys.path.insert(0, str(REPO / "bench"))
 import learning_curve  # noqa: E402  (bench/ is not a package)
 
 
-def write_run(path, records):
+def write_run(path, records, per_category=0):
     path.mkdir()
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "config.yaml").write_text(f"eval:\n  per_category: {per_category}\n  categories: []\n")
     return str(path)
 
 
-def write_eval(path, overall, single, color):
+def write_eval(path, overall, single, color, seed=None, per_category=40):
     path.mkdir()
     (path / "eval.json").write_text(json.dumps({
         "overall": overall, "per_category": {"single_object": single, "colors": 0.1},
-        "per_attribute": {"color": color, "count": 0.5}}))
+        "per_attribute": {"color": color, "count": 0.5},
+        "counts": dict.fromkeys(learning_curve.CATEGORIES, per_category),
+        "seed": int(path.name[-1]) if seed is None else seed, "width": 64, "height": 64,
+        "steps": 12, "cfg_scale": 2.0}))
     return str(path)
 
 
@@ -55,12 +59,14 @@ def test_points_table_and_picture(tmp_path, capsys):
     assert (tmp_path / "lc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # later points join the stored curve in its unit; a series named again is replaced
     gpu = write_run(tmp_path / "gpu", [{"step": 5, "loss": 0.5, "flops_seen": 4e10}])
+    again = write_run(tmp_path / "again", [
+        {"step": 10, "flops_seen": 1e9}, {"step": 10, "eval_overall": 0.2}])
     learning_curve.main(["--add-to", out + ".json", "--final", "gpu", gpu, evals[0],
-                         "--series", "curve", unit, "--out", out + "2"])
+                         "--series", "curve", again, "--out", out + "2"])
     merged = json.loads((tmp_path / "lc2.json").read_text())
     assert merged["unit_flops"] == 2e9
     assert [(s["name"], len(s["points"])) for s in merged["series"]] == [
-        ("unit run", 1), ("curve", 0), ("gpu", 1)]
+        ("unit run", 1), ("curve", 1), ("gpu", 1)]
     assert "| gpu | 5 | 20.00 | 1 | 0.200 | 0.400 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         learning_curve.main(["--final", "gpu", gpu, evals[0], "--out", out + "3"])
@@ -71,3 +77,43 @@ def test_eval_on_a_step_without_flops_is_refused(tmp_path):
                                        {"step": 15, "eval_overall": 0.1}])
     with pytest.raises(ValueError, match="evaluation at step 15 but no flops_seen"):
         learning_curve.in_loop_points(run)
+
+
+def test_a_torn_last_line_is_left_out_and_a_bad_line_elsewhere_named(tmp_path):
+    """A run killed mid-write (or still writing) leaves a torn last line: once a bare traceback."""
+    run = write_run(tmp_path / "run", [{"step": 10, "flops_seen": 1e9},
+                                       {"step": 10, "eval_overall": 0.1}])
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 20, "flops_se')
+    assert [p["step"] for p in learning_curve.in_loop_points(run)] == [10]
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('\n{"step": 30}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:3: not a JSON record"):
+        learning_curve.in_loop_points(run)
+
+
+@pytest.mark.parametrize("case, named", [
+    ("part of the suite in the loop", r"config.yaml: eval.per_category = 2"),
+    ("part of the suite at the end", r"eval.json: scores .* not the whole suite"),
+    ("one seed twice", r"sampling seeds \[0, 0\]"),
+    ("NaN score", r"eval_overall.*|NaN or inf"),
+    ("no evaluation", r"holds no in-loop evaluation"),
+])
+def test_points_that_are_not_what_the_curve_plots_are_refused_and_nothing_written(tmp_path, case,
+                                                                                  named):
+    """These were taken silently (a subset's score beside whole-suite ones, one seed counted
+    twice), or crashed after the JSON was written, replacing an --add-to curve."""
+    good = [{"step": 10, "flops_seen": 1e9}, {"step": 10, "eval_overall": 0.1}]
+    run = write_run(tmp_path / "run", {"no evaluation": good[:1],
+                                       "NaN score": [good[0], {"step": 10,
+                                                               "eval_overall": float("nan")}]
+                                       }.get(case, good),
+                    per_category=2 if case == "part of the suite in the loop" else 0)
+    evals = [write_eval(tmp_path / "s0", 0.2, 0.4, 0.3,
+                        per_category=5 if case == "part of the suite at the end" else 40),
+             write_eval(tmp_path / "s1", 0.2, 0.4, 0.3,
+                        seed=0 if case == "one seed twice" else None)]
+    with pytest.raises(ValueError, match=named):
+        learning_curve.main(["--series", "curve", run, "--final", "end", run, *evals,
+                             "--unit-flops", run, "--out", str(tmp_path / "lc")])
+    assert not list(tmp_path.glob("lc*"))

@@ -101,13 +101,19 @@ def test_scoring_passes_ground_truth_and_fails_wrong_prompts(tmp_path):
     (["--categories", "spirals"], "unknown categories ['spirals']"),
     (["--suite", "EMPTY"], "holds no item"),
     (["--suite", "BAD"], ":1: not a suite item"),
+    # scored under one category, judged by another's rules (once accepted)
+    (["--suite", "MISMATCH"], "category 'nonsense' is not its spec's ('single_object')"),
 ])
 @pytest.mark.slow
 def test_bad_eval_input_exits_2(trained_run, tmp_path, capsys, args, expected):
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "x", "prompt": "a circle"}) + "\n")
-    args = [{"EMPTY": str(tmp_path / "empty.jsonl"), "BAD": str(tmp_path / "bad.jsonl")}.get(a, a)
-            for a in args]
+    spec = {"category": "single_object", "relation": None,
+            "groups": [{"shape": "circle", "color": None, "count": 1}]}
+    (tmp_path / "mismatch.jsonl").write_text(json.dumps(
+        {"id": "x", "category": "nonsense", "prompt": "a circle", "spec": spec}) + "\n")
+    args = [{"EMPTY": str(tmp_path / "empty.jsonl"), "BAD": str(tmp_path / "bad.jsonl"),
+             "MISMATCH": str(tmp_path / "mismatch.jsonl")}.get(a, a) for a in args]
     code = main(["eval", "--model", os.path.join(trained_run, "export"), *args,
                  "--out", str(tmp_path / "o")])
     last = capsys.readouterr().err.strip().splitlines()[-1]

@@ -122,6 +122,8 @@ def test_blank_and_float_images():
     assert not blank.passed and "found 0" in blank.reason
     noise = np.random.default_rng(0).normal(128, 6, (80, 80, 3)).clip(0, 255).astype(np.uint8)
     assert judge_image(noise, spec).detected == []  # gray noise is background, not objects
+    with pytest.raises(ValueError, match="an empty image"):  # once a ZeroDivisionError
+        judge_image(np.zeros((0, 0, 3), np.uint8), spec)
 
 
 def test_components_match_a_flood_fill():
@@ -160,6 +162,8 @@ def test_score_is_mean_over_categories():
     assert scores["overall"] == 0.75 and scores["counts"] == {"counting": 2, "position": 2}
     with pytest.raises(ValueError):
         score(results, cats[:3])
+    with pytest.raises(ValueError, match="no judgements"):  # once scored 0.0, read as a result
+        score([], [])
 
 
 def test_shipped_suite_equals_regeneration():
@@ -185,6 +189,7 @@ def test_suite_prompts_are_satisfiable():
     (lambda s: s["groups"][0].update(shape="hexagon"), "shape 'hexagon'"),
     (lambda s: s["groups"][1].update(color="teal"), "color 'teal'"),
     (lambda s: s["groups"][0].update(count=0), "count must be a positive integer"),
+    (lambda s: s["groups"][0].update(count=True), "count must be a positive integer"),
     (lambda s: s["relation"].update(type="near"), "relation 'near'"),
     (lambda s: s["relation"].update(a=0), "two different single-object groups"),
     (lambda s: s["groups"][0].pop("color"), "malformed spec"),
