@@ -61,7 +61,7 @@ stage() {
   timeout -k 10 -s ABRT "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
   printf '%s\t%s\t%s\n' "$name" "$rc" $((SECONDS - t0)) >> "$OUT/stages.tsv"
-  ((rc == 0)) || echo "== $name FAILED (rc $rc; 134 = timed out, stacks above)"
+  ((rc == 0)) || echo "== $name FAILED (rc $rc; 124 = timed out, stacks above; 137 = killed 10 s later)"
   return "$rc"
 }
 

@@ -39,6 +39,8 @@ FORWARD_PREFIXES = ("AWS_", "NCCL_", "FI_", "HF_", "TORCH_NCCL_", "CUDA_DEVICE_M
 # The key id goes with its secret: alone on a node it makes botocore fail (partial credentials).
 SECRET_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                 "AWS_SECURITY_TOKEN", "HF_TOKEN")
+# ... and any other name that says it holds one (AWS_CONTAINER_AUTHORIZATION_TOKEN, ...).
+SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
 # What DeepSpeed's runner puts verbatim inside "..." on the remote shell's command line: `$`, a
 # backquote, `"` or `\` there would be expanded or break the quoting.
 SHELL_SAFE_VALUE = re.compile(r'[^"$`\\\n]*')
@@ -75,11 +77,20 @@ def slots_per_node(env: Mapping[str, str]) -> int:
     for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
         raw = env.get(name, "").strip()
         if raw:
-            # SLURM_GPUS_PER_NODE may carry a type ("a100:8"); tasks per node may be "8(x2)".
-            match = re.search(r"(\d+)(?:\(x\d+\))?$", raw)
-            if not match or int(match.group(1)) < 1:
-                raise ValueError(f"{name}='{raw}': cannot read a process count per node from it")
-            return int(match.group(1))
+            # SLURM_GPUS_PER_NODE may carry a type ("a100:8"); tasks per node may be "8(x2)",
+            # and a list of them ("8(x2),4") when the nodes differ.
+            counts = set()
+            for part in raw.split(","):
+                # type prefixes ("gpu:a100:"), a repeat or socket suffix ("(x2)", "(S:0-1)")
+                match = re.fullmatch(r"(?:[\w.-]+:)*(\d+)(?:\([^)]*\))?", part.strip())
+                if not match or int(match.group(1)) < 1:
+                    raise ValueError(f"{name}='{raw}': cannot read a process count per node from it")
+                counts.add(int(match.group(1)))
+            if len(counts) > 1:
+                raise ValueError(f"{name}='{raw}': the nodes run different numbers of processes; "
+                                 f"a hostfile gives every node the same (ask for a uniform "
+                                 f"allocation, or pass --slots)")
+            return counts.pop()
     raise ValueError("cannot tell processes per node: none of SLURM_GPUS_ON_NODE, "
                      "SLURM_GPUS_PER_NODE, SLURM_NTASKS_PER_NODE is set (ask for --gpus-per-node, "
                      "or pass --slots)")
@@ -163,9 +174,13 @@ def read_hostfile(path: str) -> dict[str, int]:
     except FileNotFoundError:
         raise ValueError(f"hostfile not found: {path}") from None
     try:
-        return dict(_parse_hostfile(lines))
+        hosts = dict(_parse_hostfile(lines))
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+    idle = [f"{host} slots={n}" for host, n in hosts.items() if n < 1]
+    if idle:  # the master would be a host that runs no rank: the rendezvous hangs
+        raise ValueError(f"{path}: {', '.join(idle)}: every host runs at least one rank")
+    return hosts
 
 
 def not_forwardable(key: str, value: str) -> str | None:
@@ -182,7 +197,8 @@ def not_forwardable(key: str, value: str) -> str | None:
 def _wanted(env: Mapping[str, str]) -> dict[str, tuple[str, str | None]]:
     """name -> (value, why it cannot be carried or None) of the variables worth forwarding."""
     return {k: (v, not_forwardable(k, v)) for k, v in sorted(env.items())
-            if k.startswith(FORWARD_PREFIXES) and k not in SECRET_NAMES}
+            if k.startswith(FORWARD_PREFIXES) and k not in SECRET_NAMES
+            and not any(word in k for word in SECRET_WORDS)}
 
 
 def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -223,12 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("ds-env", help="write the forwardable variables as a .deepspeed_env file")
     p.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    # Scripts capture stdout (MASTER_ADDR=$(... master ...)): a library's log line there (DeepSpeed
+    # logs to stdout when it picks an accelerator) would become part of the value.
+    out, sys.stdout = sys.stdout, sys.stderr
     try:
         if args.command == "slurm":
             values = slurm_launch_env(os.environ, args.hostfile, args.slots or None)
-            print("\n".join(f"{k}={shlex.quote(v)}" for k, v in values.items()))
+            print("\n".join(f"{k}={shlex.quote(v)}" for k, v in values.items()), file=out)
         elif args.command == "master":
-            print(next(iter(read_hostfile(args.hostfile))))
+            print(next(iter(read_hostfile(args.hostfile))), file=out)
         else:
             lines = "".join(f"{k}={v}\n" for k, v in forwarded_env(os.environ).items())
             storage.write_bytes_atomic(args.out, lines.encode())
@@ -237,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"bdt.cluster.hosts {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        sys.stdout = out
     return 0
 
 

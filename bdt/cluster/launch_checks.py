@@ -64,14 +64,24 @@ def _flag(cmd: list[str], names: tuple[str, ...]) -> str | None:
     return None
 
 
+LAUNCH_SCRIPT = "cluster/deepspeed/launch.sh"
+LAUNCH_SCRIPT_PORT = "29500"  # its default MASTER_PORT
+
+
 def master_endpoint(cmd: list[str], env: Mapping[str, str]) -> tuple[str, int] | None:
     """(address, port) of the launch's rendezvous: the launcher's --master-addr/--master-port
-    (torchrun, deepspeed), else MASTER_ADDR/MASTER_PORT (what cluster/deepspeed/launch.sh passes
-    on). None when the command does not say (torchrun --standalone picks a free port itself)."""
+    (torchrun, deepspeed), else MASTER_ADDR/MASTER_PORT, else, for cluster/deepspeed/launch.sh,
+    what it will use: the first host of $HOSTFILE and port 29500. None when the command does
+    not say (torchrun --standalone picks a free port itself)."""
     if "--standalone" in cmd:
         return None
     address = _flag(cmd, ("--master-addr", "--master_addr")) or env.get("MASTER_ADDR")
     port = _flag(cmd, ("--master-port", "--master_port")) or env.get("MASTER_PORT")
+    if any(arg.endswith(LAUNCH_SCRIPT) for arg in cmd) and env.get("HOSTFILE"):
+        from bdt.cluster.hosts import read_hostfile
+
+        address = address or next(iter(read_hostfile(env["HOSTFILE"])), None)
+        port = port or LAUNCH_SCRIPT_PORT
     if not address or not port:
         return None
     if not port.isdigit() or not 0 < int(port) < 65536:

@@ -93,9 +93,13 @@ class Resumer:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         print(f"[bdt.resume {stamp}] {message}", file=sys.stderr, flush=True)
         if self.events:
-            os.makedirs(os.path.dirname(self.events), exist_ok=True)
-            with open(self.events, "a") as f:  # append-only log; one line per event
-                f.write(json.dumps({"time": time.time(), "event": event, **fields}) + "\n")
+            try:  # a record of events: failing to write one must not end the supervision
+                os.makedirs(os.path.dirname(self.events), exist_ok=True)
+                with open(self.events, "a") as f:  # append-only log; one line per event
+                    f.write(json.dumps({"time": time.time(), "event": event, **fields}) + "\n")
+            except OSError as e:
+                print(f"[bdt.resume {stamp}] warning: cannot append to {self.events}: {e}",
+                      file=sys.stderr, flush=True)
 
     def checkpoints(self) -> dict[str, tuple[int, object]]:
         try:
@@ -264,7 +268,12 @@ class Resumer:
                      f"in {self.paths.checkpoint_dir}", attempt=attempt, checkpoint_step=before,
                      cmd=self.cmd)
             started, old_error = time.time(), self._launch_error()
-            rc = self._launch()
+            try:
+                rc = self._launch()
+            except OSError as e:  # not found, not executable: no restart can fix it
+                self.log("cannot_start", f"attempt {attempt}: cannot run {self.cmd[0]!r}: {e}",
+                         attempt=attempt)
+                return CANNOT_START
             now = self.checkpoints()
             after = newest_step(now)
             done, why = self._finished(rc, started)
@@ -295,7 +304,8 @@ class Resumer:
                          f"in a row made no new checkpoint (newest: step {after}): giving up "
                          f"(--max-restarts {self.max_restarts})", **fields)
                 return GAVE_UP
-            delay = min(self.backoff * 2 ** (failures - 1), self.max_backoff)
+            # the exponent capped: a 'restart forever' --max-restarts overflowed the float
+            delay = min(self.backoff * 2.0 ** min(failures - 1, 64), self.max_backoff)
             news = "new" if progressed else "no progress"
             self.log("restart", f"attempt {attempt} ended ({why}); newest complete checkpoint: "
                      f"step {after} ({news}); restart {failures}/{self.max_restarts} in "

@@ -7,12 +7,15 @@ and NFS alike). Global rank 0 holds it for the whole job, refreshes its mtime ev
 `heartbeat_s` from a daemon thread, and removes it at the end. A second job finds it and fails
 at once, naming the holder.
 
-A lock is stale when its holder is gone: on this host, no process with that pid and start time
-(a reused pid does not count); on any host, no heartbeat for `stale_s` (the hosts' clocks are
-assumed to agree to well under that). Taking over renames the stale file away, which only one
+A lock is stale when its holder is gone: in this process space (same host, boot and PID
+namespace: a container sharing the host's name but not its pids must not judge by pid), no
+process with that pid and start time (a reused pid does not count); anywhere, no heartbeat for
+`stale_s` (the hosts' clocks are assumed to agree to well under that). Taking over renames the stale file away, which only one
 contender can do, and checks that the file it moved is the one it judged stale (else that was a
 newer lock: it is put back). The heartbeat checks the token, so a job whose lock was taken over
-while it stalled stops instead of writing beside the new holder.
+while it stalled stops instead of writing beside the new holder; a failed refresh (NFS: ESTALE,
+EIO) is retried, and a job that cannot refresh its lock for so long that it could look stale
+stops too.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class RunLock:
         self.run_dir, self.path = run_dir, os.path.join(run_dir, LOCK_NAME)
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         me = psutil.Process()
-        self.record = {"host": socket.gethostname(), "pid": me.pid, "pid_start": me.create_time(),
+        self.record = {**_process_space(), "pid": me.pid, "pid_start": me.create_time(),
                        "token": uuid.uuid4().hex, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        "command": " ".join(sys.argv)[:300], "slurm_job": os.environ.get("SLURM_JOB_ID")}
         self._stop = threading.Event()
@@ -89,7 +92,8 @@ class RunLock:
         return _read_lock(self.path)
 
     def _stale_because(self, holder: dict, age: float) -> str | None:
-        if holder.get("host") == self.record["host"] and not holder_alive(holder):
+        here = all(holder.get(k) == self.record.get(k) for k in _process_space())
+        if here and not holder_alive(holder):
             return f"its process {holder.get('pid')} is gone"
         if age > self.stale_s:
             return f"no heartbeat for {age:.0f} s"
@@ -119,14 +123,26 @@ class RunLock:
                 f"without a heartbeat")
 
     def _beat(self) -> None:
+        refreshed = time.monotonic()
         while not self._stop.wait(self.heartbeat_s):
-            holder, _ = self._read()
-            if holder is None or holder.get("token") != self.record["token"]:
-                who = "nobody (the lock file was removed)" if holder is None else _describe(holder)
-                log.error("this job lost its run lock %s, now held by %s: stopping so that two "
-                          "jobs never write into one run", self.path, who)
+            try:
+                holder, _ = self._read()
+                if holder is not None and holder.get("token") == self.record["token"]:
+                    os.utime(self.path)
+                    refreshed = time.monotonic()
+                    continue
+            except OSError as e:  # a shared filesystem's hiccup: try again next beat
+                silent = time.monotonic() - refreshed
+                if silent + self.heartbeat_s < self.stale_s:
+                    log.warning("run lock %s: heartbeat failed (%s); retrying", self.path, e)
+                    continue
+                log.error("run lock %s: no heartbeat for %.0f s (%s): another job may take the "
+                          "run over now, so this one stops", self.path, silent, e)
                 os._exit(LOST_LOCK_EXIT)
-            os.utime(self.path)
+            who = "nobody (the lock file was removed)" if holder is None else _describe(holder)
+            log.error("this job lost its run lock %s, now held by %s: stopping so that two "
+                      "jobs never write into one run", self.path, who)
+            os._exit(LOST_LOCK_EXIT)
 
 
 def hold_run_lock(run_dir: str, dist: DistInfo) -> RunLock | None:
@@ -149,6 +165,24 @@ def holder_alive(holder: dict) -> bool:
     """Whether the holder's process (`pid` and its start time `pid_start`) still runs on this
     host (a zombie does not)."""
     return running(holder.get("pid"), holder.get("pid_start"))
+
+
+def _process_space() -> dict:
+    """Where a pid names a process: the host, its boot and the PID namespace (None where the
+    system does not say)."""
+    def first_line(path: str) -> str | None:
+        try:
+            with open(path) as f:
+                return f.readline().strip() or None
+        except OSError:
+            return None
+
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = None
+    return {"host": socket.gethostname(), "boot_id": first_line("/proc/sys/kernel/random/boot_id"),
+            "pid_ns": pid_ns}
 
 
 def _read_lock(path: str) -> tuple[dict | None, float]:

@@ -17,6 +17,7 @@ MASTER_ADDR=${MASTER_ADDR:-$(python -m bdt.cluster.hosts master --hostfile "$HOS
 MASTER_PORT=${MASTER_PORT:-29500}
 if [[ -n ${DS_ENV_FILE:-} && -f $DS_ENV_FILE ]]; then
   while IFS= read -r line; do  # split at the first '=': `read` with IFS='=' drops a trailing one
+    line=${line%$'\r'}  # a file written on Windows: DeepSpeed's reader strips the CR too
     [[ $line != *=* || $line == \#* ]] || export "${line%%=*}=${line#*=}"
   done < "$DS_ENV_FILE"
   export DS_ENV_FILE  # pdsh mode: DeepSpeed's runner reads it and exports it on every host

@@ -36,6 +36,8 @@ def test_bad_nodelist_is_a_clear_error(bad):
     ({"SLURM_GPUS_PER_NODE": "a100:4"}, 4),
     ({"SLURM_NTASKS_PER_NODE": "2(x3)"}, 2),
     ({"SLURM_GPUS_ON_NODE": "4", "SLURM_NTASKS_PER_NODE": "1"}, 4),
+    ({"SLURM_GPUS_PER_NODE": "gpu:a100:8"}, 8),
+    ({"SLURM_NTASKS_PER_NODE": "4(x2),4"}, 4),
 ])
 def test_slots_per_node(env, slots):
     assert hosts.slots_per_node(env) == slots
@@ -46,6 +48,10 @@ def test_slots_per_node_errors_name_the_variable():
         hosts.slots_per_node({"SLURM_GPUS_PER_NODE": "gpu:"})
     with pytest.raises(ValueError, match="--gpus-per-node"):
         hosts.slots_per_node({})
+    # nodes of different sizes were once read as the last count, silently
+    with pytest.raises(ValueError, match="SLURM_NTASKS_PER_NODE='8,4\\(x2\\)': the nodes run "
+                                         "different numbers of processes"):
+        hosts.slots_per_node({"SLURM_NTASKS_PER_NODE": "8,4(x2)"})
 
 
 def test_slurm_allocation_to_hostfile_read_back_by_deepspeed(tmp_path):
@@ -73,11 +79,16 @@ def test_bad_hostfiles_name_the_file(tmp_path):
         hosts.read_hostfile(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="slots"):
         hosts.hostfile_text(["a"], 0)
+    idle = tmp_path / "idle"
+    idle.write_text("a slots=0\nb slots=2\n")  # the master would run no rank
+    with pytest.raises(ValueError, match=f"{idle}: a slots=0: every host runs at least one rank"):
+        hosts.read_hostfile(str(idle))
 
 
 def test_forwarded_env_keeps_settings_drops_secrets():
     env = {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9",
            "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "t", "NCCL_IB_HCA": "mlx5",
+           "AWS_CONTAINER_AUTHORIZATION_TOKEN": "bearer", "HF_HUB_TOKEN": "t",
            "HOME": "/root", "PATH": "/bin", "NCCL_MULTI": "a\nb"}
     assert hosts.forwarded_env(env) == {"AWS_DEFAULT_REGION": "us-east-1",
                                         "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9",
@@ -97,6 +108,13 @@ def test_cli_prints_shell_assignments_the_batch_script_evals(tmp_path):
                          check=True)
     assert out.stdout.split() == ["n1:20007", "2", "8"]
     assert hostfile.read_text() == "n1 slots=4\nn2 slots=4\n"
+    # stdout holds the answer alone: DeepSpeed, which reads the hostfile, logs to stdout (without
+    # DS_ACCELERATOR on a node with no GPU), and launch.sh takes stdout as MASTER_ADDR
+    master = subprocess.run([sys.executable, "-m", "bdt.cluster.hosts", "master", "--hostfile",
+                             str(hostfile)], env={k: v for k, v in env.items()
+                                                  if k != "DS_ACCELERATOR"},
+                            capture_output=True, text=True, check=True)
+    assert master.stdout == "n1\n"
     lines = ds_env.read_text().splitlines()
     assert "AWS_DEFAULT_REGION=eu-west-1" in lines and not any("SECRET" in x for x in lines)
     failed = subprocess.run([sys.executable, "-m", "bdt.cluster.hosts", "slurm", "--hostfile",

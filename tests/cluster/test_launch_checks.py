@@ -98,11 +98,17 @@ def test_a_record_it_cannot_judge_is_retried():
      {"MASTER_ADDR": "x", "MASTER_PORT": "1"}, ("n2", 29512)),
     (["bash", "cluster/deepspeed/launch.sh", "bdt/train.py"],
      {"MASTER_ADDR": "n3", "MASTER_PORT": "20007"}, ("n3", 20007)),
+    # what launch.sh fills in itself (the wrapper once checked nothing in this, the documented flow)
+    (["cluster/deepspeed/launch.sh", "bdt/train.py"], {"HOSTFILE": "HOSTS"}, ("n4", 29500)),
+    (["bash", "cluster/deepspeed/launch.sh", "bdt/train.py"],
+     {"HOSTFILE": "HOSTS", "MASTER_PORT": "20008"}, ("n4", 20008)),
     (["torchrun", "--standalone", "bdt/train.py"], {"MASTER_ADDR": "n3", "MASTER_PORT": "1"},
      None),
     (["python", "bdt/train.py"], {"MASTER_ADDR": "n3"}, None),
 ])
-def test_master_endpoint_of_a_command(cmd, env, expected):
+def test_master_endpoint_of_a_command(tmp_path, cmd, env, expected):
+    (tmp_path / "hosts").write_text("# nodes\nn4 slots=2\nn5 slots=2\n")
+    env = {k: str(tmp_path / "hosts") if v == "HOSTS" else v for k, v in env.items()}
     assert master_endpoint(cmd, env) == expected
 
 

@@ -103,6 +103,23 @@ def test_restarts_are_bounded_and_progress_resets_the_count(tmp_path):
     assert [e.get("checkpoint_step") for e in events(tmp_path / "b")] == [None, 1, 1, 2, 2, 3]
 
 
+def test_a_command_that_cannot_run_and_an_unwritable_event_log_are_no_crash(tmp_path):
+    """A launch that cannot start (not found, not executable) once ended the wrapper with a
+    traceback and exit 1 (a Kubernetes Job retries that); one failed append to resume.jsonl
+    ended the supervision mid-run."""
+    proc = subprocess.run([*WRAPPER, "--run-dir", str(tmp_path / "a"), "--",
+                           str(tmp_path / "no-such-launcher")], capture_output=True, text=True)
+    assert proc.returncode == CANNOT_START, proc.stderr
+    assert "cannot run" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "resume.jsonl").mkdir()  # every append fails
+    failing = [sys.executable, "-c", "import sys; sys.exit(7)"]
+    proc = subprocess.run([*WRAPPER, "--run-dir", str(tmp_path / "b"), "--max-restarts", "2",
+                           "--backoff", "0", "--", *failing], capture_output=True, text=True)
+    assert proc.returncode == GAVE_UP, proc.stderr  # supervised to the end all the same
+    assert proc.stderr.count("cannot append to") == 6 and "Traceback" not in proc.stderr
+
+
 def test_progress_counts_checkpoints_older_than_a_damaged_newest_one(tmp_path):
     """The trainer passed over a damaged step 10 and resumed further back: the checkpoints it
     then completes are progress although step 10 stays the newest."""

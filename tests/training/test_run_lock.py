@@ -12,13 +12,13 @@ import time
 import psutil
 import pytest
 
-from bdt.training.run_lock import LOCK_NAME, LOST_LOCK_EXIT, RunDirInUse, RunLock
+from bdt.training.run_lock import LOCK_NAME, LOST_LOCK_EXIT, RunDirInUse, RunLock, _process_space
 
 
 def _plant(run_dir, **record):
     """A lock file as another holder left it; returns its path."""
     path = run_dir / LOCK_NAME
-    path.write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "pid_start": 0.0,
+    path.write_text(json.dumps({**_process_space(), "pid": 1, "pid_start": 0.0,
                                 "token": "other", "started": "earlier", "command": "x", **record}))
     return path
 
@@ -53,6 +53,11 @@ def test_stale_locks_are_taken_over(tmp_path, caplog):
     lock = RunLock(str(tmp_path))
     lock.acquire()
     lock.release()
+    # another PID namespace on this host (a container sharing its name): the pid says nothing
+    gone_elsewhere = {"pid": gone.pid, "pid_start": started, "pid_ns": "pid:[1]"}
+    _plant(tmp_path, **gone_elsewhere)
+    with pytest.raises(RunDirInUse, match=f"in use by pid {gone.pid} on {socket.gethostname()}"):
+        RunLock(str(tmp_path), stale_s=60).acquire()
     # another host: only its heartbeat tells, fresh it holds, expired it does not
     _plant(tmp_path, host="elsewhere", pid=os.getpid())
     with pytest.raises(RunDirInUse, match="in use by pid .* on elsewhere"):
@@ -91,6 +96,37 @@ def test_a_job_that_lost_its_lock_stops(tmp_path):
         _plant(tmp_path, host="elsewhere")  # someone took it over (it had stalled)
         assert holder.wait(timeout=30) == LOST_LOCK_EXIT
         assert "lost its run lock" in holder.stderr.read()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
+@pytest.mark.slow
+def test_a_failed_heartbeat_is_retried_and_a_lasting_failure_stops_the_job(tmp_path):
+    """One failed refresh (an NFS hiccup) once ended the heartbeat thread for good: the job
+    trained on unlocked and a second job could take the run over."""
+    code = (f"import time; from bdt.training.run_lock import RunLock; "
+            f"RunLock({str(tmp_path)!r}, heartbeat_s=0.05, stale_s=1.5).acquire(); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    lock, aside = tmp_path / LOCK_NAME, tmp_path / "aside"
+    try:
+        while not lock.exists():
+            assert holder.poll() is None, holder.stderr.read()
+            time.sleep(0.05)
+        os.rename(lock, aside)
+        lock.mkdir()  # reads fail (IsADirectoryError) for a few beats
+        time.sleep(0.4)
+        lock.rmdir()
+        os.rename(aside, lock)
+        time.sleep(0.4)
+        assert holder.poll() is None  # retried: still running, still beating
+        beat = lock.stat().st_mtime
+        time.sleep(0.3)
+        assert lock.stat().st_mtime > beat
+        os.rename(lock, aside)
+        lock.mkdir()  # for good: it must stop before it could look stale
+        assert holder.wait(timeout=30) == LOST_LOCK_EXIT
+        assert "heartbeat failed" in holder.stderr.read()
     finally:
         if holder.poll() is None:
             holder.kill()
