@@ -7,19 +7,24 @@ the worker process (s3fs is not fork-safe; environment.md).
 
 Split: global worker g = rank * workers + worker_id out of G. With at least G shards each worker
 reads its own shards (every epoch in a seeded order); with fewer, every worker reads all shards
-and keeps samples j with j % G == g. The stream is endless (epoch after epoch); each batch
-carries the worker's read position (epoch, shard cursor, sample offset, batches yielded) after it,
-and a stream restarted from that position continues with the next unread sample without decoding
-the skipped ones. The DataLoader takes batches from its workers in turn, always starting at its
+and keeps samples k with k % G == g, k counting the epoch's samples across its shards (so small
+shards still feed every worker). The stream is endless (epoch after epoch); each batch carries
+the worker's read position (epoch, shard cursor, sample offset, samples before the shard,
+batches yielded, and which shard list it indexes) after it, and a stream restarted from that
+position continues with the next unread sample without decoding the skipped ones; a position
+over another shard list is refused. A worker whose shards of an epoch give no usable image goes
+on to the next epoch's (another set); only when every shard has failed it does it stop. The DataLoader takes batches from its workers in turn, always starting at its
 worker 0; a restarted stream maps that to the worker whose turn it was, so it delivers the
 uninterrupted run's batch sequence. Corrupt samples (undecodable image, missing image, an image
-member over MAX_MEMBER_BYTES, left unread) are skipped and counted, and so is the rest of a
-damaged shard (once, logged). A sample with several images uses the first of IMAGE_EXTS; an
+member over MAX_MEMBER_BYTES, left unread) are skipped, counted and logged with their key and
+reason (the first MAX_LOGGED per worker), and so is the rest of a damaged shard (once, logged). A sample with several images uses the first of IMAGE_EXTS; an
 animated image, its first frame.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tarfile
 from dataclasses import dataclass
@@ -35,8 +40,9 @@ from bdt.data.tars import MAX_MEMBER_BYTES, iter_shard
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# A worker's position before its first batch.
-START = {"epoch": 0, "shard": 0, "offset": 0, "corrupt": 0, "batches": 0}
+# A worker's position before its first batch ("before": samples of the epoch's earlier shards).
+START = {"epoch": 0, "shard": 0, "offset": 0, "before": 0, "corrupt": 0, "batches": 0}
+MAX_LOGGED = 20  # rejected samples logged by key per worker; the rest are counted only
 
 
 @dataclass
@@ -101,6 +107,7 @@ class RawImageStream(IterableDataset):
                  seed: int = 0, positions: dict[int, dict] | None = None, resize: int = 0,
                  random_crop: bool = False):
         self.urls = list(urls)
+        self.shard_list = shard_list_id(self.urls)
         self.size = size
         self.resize = resize
         self.random_crop = random_crop
@@ -109,6 +116,12 @@ class RawImageStream(IterableDataset):
         self.world_size = world_size
         self.seed = seed
         self.positions = positions or {}
+        # A position is a shard index into one list: over another list it would read some shards
+        # twice and others never (states from before the list was recorded carry no id).
+        if any(p.get("shards", self.shard_list) != self.shard_list for p in self.positions.values()):
+            raise ValueError(f"data.shards now names {len(self.urls)} shard(s), not the list the "
+                             f"checkpoint's stream read: resume with the same shards (or start a "
+                             f"new run directory)")
         # Whose turn it is: the total of batches the workers gave, taken in turn (module docstring).
         self.first = sum(p.get("batches", 0) for p in self.positions.values())
 
@@ -125,9 +138,10 @@ class RawImageStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         worker = (worker + self.first) % workers
         g, total = self.rank * workers + worker, self.world_size * workers
-        pos = {**START, **self.positions.get(worker, {})}
+        pos = {**START, **self.positions.get(worker, {}), "shards": self.shard_list}
         images, captions, keys = [], [], []
         usable = pos["shard"] > 0 or pos["offset"] > 0  # a resumed epoch had images before
+        failed: set[str] = set()  # the shards of the epochs in a row that gave nothing usable
         while True:
             shards, stride = self._plan(pos["epoch"], g, total)
             while pos["shard"] < len(shards):
@@ -138,14 +152,19 @@ class RawImageStream(IterableDataset):
                         if j < pos["offset"]:
                             continue  # consumed before the restart: skipped without decoding
                         pos["offset"] = j + 1
-                        if j % stride != (g if stride > 1 else 0):
+                        if (pos["before"] + j) % stride != (g if stride > 1 else 0):
                             continue
                         # Crop RNG from the sample's place in the stream: reproducible after a resume.
                         rng = (np.random.default_rng([self.seed, pos["epoch"], g, pos["shard"], j])
                                if self.random_crop else None)
-                        image = self._decode(sample, rng)
+                        image, why = self._decode(sample, rng)
                         if image is None:
                             pos["corrupt"] += 1
+                            if pos["corrupt"] <= MAX_LOGGED:
+                                log.warning("worker %d: skipping sample %s of %s: %s%s", g,
+                                            sample["__key__"], url, why,
+                                            " (further ones are only counted)"
+                                            if pos["corrupt"] == MAX_LOGGED else "")
                             continue
                         images.append(image)
                         usable = True
@@ -161,22 +180,37 @@ class RawImageStream(IterableDataset):
                                 pos["offset"], e)
                     pos["corrupt"] += 1
                 pos["shard"] += 1
+                pos["before"] += pos["offset"]
                 pos["offset"] = 0
-            if not usable:  # else the stream would read on forever without a batch
-                raise ValueError(f"worker {g}: a whole epoch over {len(shards)} shard(s) (e.g. "
-                                 f"{shards[0]}) gave no usable image ({pos['corrupt']} corrupt)")
+            failed = set() if usable else failed | set(shards)
+            # Shard-split epochs give each worker other shards: only when every shard has failed
+            # (or a worker reads them all each epoch) would the stream read on without a batch.
+            if not usable and (stride > 1 or len(failed) == len(self.urls)):
+                raise ValueError(f"worker {g}: {len(failed)} shard(s) (e.g. {shards[0]}) gave "
+                                 f"no usable image ({pos['corrupt']} rejected: a shard list of "
+                                 f"corrupt or too few images?)")
+            if not usable:
+                log.warning("worker %d: epoch %d's %d shard(s) gave no usable image; going on to "
+                            "the next epoch's", g, pos["epoch"], len(shards))
             pos["epoch"] += 1
-            pos["shard"] = 0
+            pos["shard"] = pos["before"] = 0
             usable = False
 
-    def _decode(self, sample: dict[str, Any], rng: np.random.Generator | None) -> torch.Tensor | None:
+    def _decode(self, sample: dict[str, Any], rng: np.random.Generator | None
+                ) -> tuple[torch.Tensor | None, str]:
+        """(the image, "") or (None, why it was rejected)."""
         data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
         if data is None:
-            return None
+            return None, f"no image member (has {sorted(k for k in sample if not k.startswith('__'))})"
         try:
-            return decode_image(data, self.size, self.resize, rng)
-        except Exception:  # ImageRejected (corrupt, too large, ...): skip and count
-            return None
+            return decode_image(data, self.size, self.resize, rng), ""
+        except Exception as e:  # noqa: BLE001 - ImageRejected (corrupt, too large, ...): skip, count
+            return None, f"{type(e).__name__}: {e}"[:200]
+
+
+def shard_list_id(urls: list[str]) -> str:
+    """What a saved position indexes: the shard list, in order."""
+    return hashlib.sha256(json.dumps(urls).encode()).hexdigest()[:16]
 
 
 class StreamState:
@@ -202,12 +236,13 @@ def make_loader(cfg: RawDataConfig, batch_size: int, rank: int, world_size: int,
     workers = max(1, cfg.num_workers)
     # Every worker from the start: a checkpoint taken before some worker's first batch still
     # records how many workers the stream was split into.
+    urls = expand_shards(cfg.shards)
     positions = ({int(k): v for k, v in state.items()} if state
-                 else {w: dict(START) for w in range(workers)})
+                 else {w: {**START, "shards": shard_list_id(urls)} for w in range(workers)})
     if positions and set(positions) != set(range(workers)):
         raise ValueError(f"data.num_workers: the checkpoint's stream state has {len(positions)} "
                          f"worker(s), this run has {workers}; resume with the same number")
-    stream = RawImageStream(expand_shards(cfg.shards), cfg.size, batch_size, rank, world_size,
+    stream = RawImageStream(urls, cfg.size, batch_size, rank, world_size,
                             cfg.seed, positions, cfg.resize, cfg.random_crop)
     # Its own generator for the workers' seeds: drawing them from the global RNG (restored by a
     # resume, then drawn again) would shift every later random draw of the training step.

@@ -112,7 +112,7 @@ def _read_manifest(url: str) -> dict:
         raise ValueError(f"{url} is damaged ({type(e).__name__}: {str(e)[:200]}): rerun the "
                          f"extraction to rewrite it") from None
     if not isinstance(manifest, dict) or not all(
-            isinstance(manifest.get(k) or {}, dict) for k in ("stages", "summary", "tokenizer")):
+            isinstance(manifest.get(k, {}), dict) for k in ("stages", "summary", "tokenizer")):
         raise ValueError(f"{url} is damaged (not an extraction manifest): rerun the extraction "
                          f"to rewrite it")
     return manifest
@@ -180,6 +180,9 @@ def verify(source: str, families: list[str] | None = None, workers: int = 8,
     `source` holds no readable manifest, lacks a family, lists no shard or one shard in two
     families. `on_shard` is called per shard."""
     source = source.rstrip("/")
+    if not source:
+        raise ValueError("no extraction output given (an empty path)")
+    families = list(dict.fromkeys(families or []))  # a family named twice is checked once
     index_url = storage.join(source, INDEX_NAME)
     if not storage.exists(index_url):
         raise ValueError(f"{source} holds no {INDEX_NAME}: verify checks an extraction output")

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import multiprocessing
+import posixpath
+import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 
@@ -21,12 +24,16 @@ from bdt.config import save_resolved
 from bdt.data.shapes import ShapesConfig, make_sample, parse_size
 from bdt.data.tars import ShardWriter
 
+log = logging.getLogger(__name__)
+
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shapes-{:06d}.tar"
 
 
 def validate(cfg: ShapesConfig) -> list[tuple[int, int]]:
     """Check every option before any work; returns the parsed sizes. Raises ValueError."""
+    if not cfg.out.strip():  # storage.join would put the shards at the filesystem's root
+        raise ValueError("--out is empty: name the dataset's directory")
     if cfg.num <= 0:
         raise ValueError(f"--num must be a positive number of samples, got {cfg.num}")
     if cfg.per_shard <= 0:
@@ -79,6 +86,17 @@ def _write_shard_in_worker(cfg_dict: dict, shard: int) -> dict:
     return write_shard(ShapesConfig(**cfg_dict), shard)
 
 
+def _remove_shards_from(out: str, first: int) -> None:
+    """Shards numbered `first` and up, left by an earlier run of more shards: a glob over the
+    folder (the documented `shapes-*.tar`) would read them beside this run's."""
+    fs, root = storage.filesystem(out)
+    for path in fs.glob(posixpath.join(root, "shapes-*.tar")):
+        number = re.fullmatch(r"shapes-(\d+)\.tar", posixpath.basename(path))
+        if number and int(number.group(1)) >= first:
+            log.info("removing %s, a shard of an earlier run (this one writes %d)", path, first)
+            fs.rm(path)
+
+
 def generate(cfg: ShapesConfig) -> dict:
     """Write the whole dataset described by `cfg`; returns the manifest."""
     validate(cfg)
@@ -88,6 +106,7 @@ def generate(cfg: ShapesConfig) -> dict:
         fs, path = storage.filesystem(manifest_url)
         fs.rm(path)
     num_shards = -(-cfg.num // cfg.per_shard)
+    _remove_shards_from(cfg.out, num_shards)
     entries: list[dict] = [{}] * num_shards
     with tqdm(total=cfg.num, desc=f"shapes -> {cfg.out}", unit="img") as progress:
         if cfg.workers == 1:

@@ -130,3 +130,37 @@ def test_a_damaged_shard_is_skipped_and_no_usable_image_is_an_error(tmp_path):
     assert batches[-1]["corrupt"] >= 4  # 2 bad samples + the cut tail + the empty file, per epoch
     with pytest.raises(ValueError, match="gave no usable image"):
         next(iter(RawImageStream([empty], 16, 2, 0, 1)))
+
+
+def test_a_changed_shard_list_is_refused_on_resume(tmp_path):
+    """A saved position is a shard index into one list: over a grown list a resume once read
+    some shards twice and others never, silently."""
+    urls = _write_shards(str(tmp_path), num_shards=4, per_shard=4)
+    stream = RawImageStream(urls[:3], 16, 2, 0, 1)
+    batch = next(iter(stream))
+    with pytest.raises(ValueError, match="data.shards now names 4 shard"):
+        RawImageStream(urls, 16, 2, 0, 1, positions={0: batch["position"]})
+    RawImageStream(urls[:3], 16, 2, 0, 1, positions={0: batch["position"]})  # the same: resumes
+
+
+def test_every_worker_is_fed_by_small_and_bad_shards(tmp_path, caplog):
+    """With fewer shards than workers the split counted samples per shard (j % G), so shards of
+    fewer than G samples starved a worker, which then stopped the run; with enough shards a
+    worker whose shard was all corrupt stopped it too. Rejected samples are logged by key."""
+    small = [storage.join(str(tmp_path), f"s{k}.tar") for k in range(2)]
+    for k, url in enumerate(small):
+        with storage.open_atomic(url) as f, wds.TarWriter(f) as w:
+            for i in range(2):
+                w.write({"__key__": f"s{k}_{i}", "png": _img(16, 16, "PNG", 40 * i + k), "txt": b"c"})
+    got = [next(iter(RawImageStream(small, 16, 1, r, 3)))["keys"] for r in range(3)]
+    assert sorted(k for keys in got for k in keys) == ["s0_0", "s0_1", "s1_0"]
+    good = _write_shards(str(tmp_path / "good"), num_shards=3, per_shard=2)
+    bad = str(tmp_path / "bad.tar")
+    with storage.open_atomic(bad) as f, wds.TarWriter(f) as w:
+        for i in range(2):
+            w.write({"__key__": f"bad_{i}", "jpg": b"\xff\xd8 not a jpeg", "txt": b"c"})
+    for rank in range(4):  # one of them holds only bad.tar in some epoch
+        assert len(next(iter(RawImageStream(good + [bad], 16, 2, rank, 4)))["keys"]) == 2
+    assert "skipping sample bad_0 of" in caplog.text and "corrupt_image" in caplog.text
+    with pytest.raises(ValueError, match="gave no usable image"):  # nothing usable at all
+        next(iter(RawImageStream([bad], 16, 2, 0, 1)))

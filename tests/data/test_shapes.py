@@ -116,6 +116,18 @@ def test_local_shards_round_trip_and_are_byte_identical(tmp_path):
         assert data != (tmp_path / "c" / name).read_bytes()
 
 
+def test_a_rerun_leaves_no_shard_of_the_earlier_one_and_an_empty_out_is_refused(tmp_path):
+    """A rerun of fewer shards once left the earlier run's last ones beside its own: the
+    documented shapes-*.tar glob read both. --out '' once wrote into the filesystem's root."""
+    out = str(tmp_path / "d")
+    shards.generate(ShapesConfig(out=out, num=6, sizes=["32"], per_shard=2))
+    shards.generate(ShapesConfig(out=out, num=6, sizes=["32"], per_shard=3, seed=1))
+    assert sorted(p for p in os.listdir(out) if p.endswith(".tar")) == [
+        "shapes-000000.tar", "shapes-000001.tar"]
+    with pytest.raises(ValueError, match="--out is empty"):
+        shards.generate(ShapesConfig(out="", num=2, sizes=["32"]))
+
+
 def test_png_format(tmp_path):
     cfg = ShapesConfig(out=str(tmp_path), num=3, sizes=["48x80"], format="png")
     shards.generate(cfg)

@@ -62,6 +62,12 @@ def test_a_listed_size_that_is_no_byte_count_is_damage(tmp_path, size):
         list_shards(str(tmp_path), FAMILY)
 
 
+def test_a_family_named_twice_is_verified_once(tmp_path, capsys):
+    extraction_output(str(tmp_path), str(tmp_path), 3)
+    assert bdt_main(["data", "verify", str(tmp_path), "--family", FAMILY, "--family", FAMILY]) == 0
+    assert "verified 3 shard(s)" in capsys.readouterr().out
+
+
 def test_verify_reads_every_shard_and_names_each_that_differs(tmp_path, capsys):
     urls = extraction_output(str(tmp_path), str(tmp_path))
     assert bdt_main(["data", "verify", str(tmp_path)]) == 0
@@ -154,3 +160,8 @@ def test_verify_exit_codes_on_unusable_manifests(tmp_path, capsys):
     (tmp_path / "index.json").write_text(json.dumps({"stages": {}, "complete": True}))
     assert bdt_main(["data", "verify", str(tmp_path)]) == 2
     assert "lists no shards: nothing to verify" in capsys.readouterr().err
+    (tmp_path / "index.json").write_text(json.dumps({"stages": None, "complete": True}))
+    assert bdt_main(["data", "verify", str(tmp_path)]) == 2  # once a TypeError traceback
+    assert "index.json is damaged (not an extraction manifest)" in capsys.readouterr().err
+    assert bdt_main(["data", "verify", ""]) == 2  # once looked for /index.json
+    assert "an empty path" in capsys.readouterr().err
