@@ -12,6 +12,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import posixpath
 import re
 import shutil
 import stat
@@ -22,6 +23,7 @@ from typing import IO, Iterator
 import fsspec
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from bdt.processes import WRITER_TAG_PATTERN, writer_gone, writer_tag
 
@@ -45,6 +47,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def _glob(pattern: str) -> list[str]:
     if is_remote(pattern):
         fs, path = filesystem(pattern)
+        fs.invalidate_cache()  # a glob lists prefixes it cannot name in advance: all of them
         proto = pattern.split("://", 1)[0]
         return [f"{proto}://{p}" for p in sorted(fs.glob(path))]
     return sorted(glob.glob(pattern))
@@ -66,7 +69,15 @@ def expand_urls(spec: str) -> list[str]:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
+    _forget_listing(fs, path)
     return fs.exists(path)
+
+
+def _forget_listing(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """s3fs keeps every listing it made, without expiry: a file another process wrote since
+    would stay invisible to this one."""
+    if not isinstance(fs, LocalFileSystem):
+        fs.invalidate_cache(posixpath.dirname(path.rstrip("/")))
 
 
 def missing_files(urls: list[str]) -> list[str]:
@@ -132,7 +143,10 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
     On an exception inside the block, the partial local temp file is removed and nothing appears.
     """
     if is_remote(url):
-        f = fsspec.open(url, "wb").open()
+        fs, path = filesystem(url)
+        # fs.open, not fsspec.open: that one makes missing parents, and for s3fs a parent is a
+        # bucket: a mistyped bucket name would be created instead of refused.
+        f = fs.open(path, "wb")
         try:
             yield f
         except BaseException:
@@ -140,14 +154,16 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
             discard = getattr(f, "discard", None)
             if discard is None:
                 f.close()
-                fs, path = filesystem(url)
                 with contextlib.suppress(Exception):
                     fs.rm(path)
             else:
                 discard()
                 f.closed = True  # discarded: nothing left to flush when the object is collected
             raise
-        f.close()
+        try:
+            f.close()  # the upload (its last part, or all of a small file)
+        except OSError as e:  # s3fs's errors do not say which object
+            raise type(e)(f"cannot write {url}: {e}") from e
         return
     path = _local_path(url)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -217,7 +233,9 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
 
 
 def read_bytes(url: str) -> bytes:
-    with fsspec.open(url, "rb") as f:
+    fs, path = filesystem(url)
+    _forget_listing(fs, path)
+    with fs.open(path, "rb") as f:
         return f.read()
 
 
@@ -226,6 +244,7 @@ def sha256(url: str) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
     fs, path = filesystem(url)
+    _forget_listing(fs, path)
     with fs.open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
@@ -344,7 +363,11 @@ def _staged_remote(url: str) -> Iterator[str]:
     try:
         yield tmp
         fs, root = filesystem(url)
-        fs.put(tmp + "/", root.rstrip("/"), recursive=True)  # the trailing '/': its contents
+        root = root.rstrip("/")
+        for name in os.listdir(tmp):  # each entry replaces its namesake whole, as locally
+            if fs.exists(f"{root}/{name}"):
+                fs.rm(f"{root}/{name}", recursive=True)
+        fs.put(tmp + "/", root, recursive=True)  # the trailing '/': its contents
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -73,6 +73,10 @@ def _read_file(url: str, mmap: bool) -> dict[str, torch.Tensor]:
         return load(storage.read_bytes(url))
     except FileNotFoundError:
         raise
+    except OSError as e:
+        if storage.is_remote(url):  # the network or the store, not the file: not damage
+            raise type(e)(f"{url}: cannot be read ({e})") from e
+        raise ValueError(f"{url}: not a readable safetensors file ({e})") from None
     except Exception as e:  # noqa: BLE001 - safetensors raises its own types for bad headers
         raise ValueError(f"{url}: not a readable safetensors file ({e})") from None
 

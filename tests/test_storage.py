@@ -37,3 +37,40 @@ def test_check_writable_names_destination(tmp_path):
         storage.check_writable(str(blocker / "sub"))
     storage.check_writable(str(tmp_path / "ok"))
     assert os.listdir(tmp_path / "ok") == []
+
+
+@pytest.mark.slow
+def test_a_mistyped_bucket_is_refused_not_created(s3_bucket):
+    """fsspec.open makes missing parents, and for s3fs a parent is a bucket: check_writable once
+    passed by creating the bucket a typo named."""
+    fs, _ = storage.filesystem(s3_bucket)
+    typo = s3_bucket + "-typo"
+    with pytest.raises(OSError, match=f"cannot write to {typo}/out"):
+        storage.check_writable(typo + "/out")
+    with pytest.raises(OSError, match=f"cannot write {typo}/x.bin"):
+        storage.write_bytes_atomic(typo + "/x.bin", b"x")
+    fs.invalidate_cache()
+    assert not fs.exists(typo[len("s3://"):])
+
+
+@pytest.mark.slow
+def test_remote_staged_dir_replaces_entries_whole_and_sees_other_writers(s3_bucket):
+    """--overwrite on S3 once merged an old report's images/ with the new one's; and a file
+    another process wrote after this one listed the prefix stayed invisible to it (s3fs caches
+    listings without expiry)."""
+    out = s3_bucket + "/report"
+    for names in (["images/old.png", "images/older.png", "eval.json"], ["images/new.png"]):
+        with storage.staged_dir(out, overwrite=True) as tmp:
+            for name in names:
+                os.makedirs(os.path.dirname(os.path.join(tmp, name)) or tmp, exist_ok=True)
+                open(os.path.join(tmp, name), "w").write(name)
+    assert storage.expand_urls(out + "/images/*.png") == [out + "/images/new.png"]
+    assert storage.exists(out + "/eval.json")  # an entry the new output has not: kept, as locally
+    import s3fs
+
+    other = s3fs.S3FileSystem(client_kwargs=storage.filesystem(s3_bucket)[0].client_kwargs,
+                              skip_instance_cache=True)
+    other.pipe_file(out[len("s3://"):] + "/images/late.png", b"late")
+    assert storage.exists(out + "/images/late.png")
+    assert storage.read_bytes(out + "/images/late.png") == b"late"
+    assert len(storage.expand_urls(out + "/images/*.png")) == 2

@@ -43,6 +43,7 @@ another is refused before it reads or writes anything there (checkpoint_owner.py
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -117,7 +118,10 @@ class CheckpointManager:
         self.passed_over: set[str] = set()  # tags resume found unusable: kept, never counted
         self.remote = storage.is_remote(self.root)
         if self.remote:
-            name = re.sub(r"[^A-Za-z0-9]+", "_", self.root)[-80:]
+            # One folder per root: s3://b/exp-1 and s3://b/exp_1 read alike once sanitised, and two
+            # runs staging into one folder delete each other's files before upload.
+            name = (re.sub(r"[^A-Za-z0-9]+", "_", self.root)[-60:] + "-"
+                    + hashlib.sha256(self.root.encode()).hexdigest()[:12])
             self.staging = staging_dir or os.path.join(tempfile.gettempdir(), "bdt-ckpt-staging", name)
         else:
             self.staging = self.root
@@ -204,6 +208,8 @@ class CheckpointManager:
             if self.dist.is_local_main:
                 self._upload(local_dir, storage.join(self.root, tag))
             barrier()
+        if self.dist.is_main and self.remote:
+            self._check_uploaded(storage.join(self.root, tag), files)
         if self.dist.is_main:
             marker = {"step": step, "world_size": self.dist.world_size, "engines": sorted(engines),
                       "settings": self.settings, "time": time.time(),
@@ -243,6 +249,18 @@ class CheckpointManager:
                 src = os.path.join(dirpath, fname)
                 rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
                 fs.put_file(src, storage.filesystem(storage.join(remote_dir, rel))[1])
+
+    def _check_uploaded(self, remote_dir: str, files: dict[str, Any]) -> None:
+        """The marker may only name files the store holds: an upload that lost some (a staging
+        folder emptied under it) must fail here, not publish a checkpoint of nothing."""
+        fs, path = storage.filesystem(remote_dir)
+        fs.invalidate_cache(path)
+        there = {p[len(path.rstrip("/")) + 1:] for p in fs.find(path)}
+        missing = sorted(set(files) - there)
+        if missing:
+            raise OSError(f"checkpoint {remote_dir}: {len(missing)} file(s) did not reach the "
+                          f"store ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                          f"no marker written, so the checkpoint stays incomplete")
 
     def prune(self, upto_step: int | None = None) -> None:
         """Delete incomplete checkpoints and, among the complete ones up to `upto_step` (default

@@ -139,6 +139,25 @@ def test_s3_checkpoint_marker_last_and_resume(s3_bucket, tmp_path):
     assert not resumed.skipped
 
 
+@pytest.mark.slow
+def test_s3_roots_never_share_staging_and_a_lost_upload_publishes_no_marker(s3_bucket):
+    """s3://b/exp-1/ck and s3://b/exp_1/ck once staged into one folder: one run's save deleted
+    the other's files before upload, which then wrote a marker over nothing and pruned its last
+    good checkpoint."""
+    roots = [storage.join(s3_bucket, run, "ck") for run in ("exp-1", "exp_1")]
+    first, second = (CheckpointManager(r, SOLO, keep_last=1) for r in roots)
+    assert first.staging != second.staging
+    _save(first, 1)
+
+    def lose_the_files():  # another run emptying the staging folder before the upload
+        shutil.rmtree(os.path.join(first.staging, tag_for(2)))
+        os.makedirs(os.path.join(first.staging, tag_for(2)))
+
+    with pytest.raises(OSError, match="did not reach the store .* no marker written"):
+        first.save(2, engines={}, rank_meta={"step": 2}, before_marker=lose_the_files)
+    assert first.latest_complete() == tag_for(1)  # not pruned for a checkpoint of nothing
+
+
 def test_marker_lists_every_file_and_resume_falls_back_past_damage(tmp_path, caplog):
     root = tmp_path / "ck"
     mgr = CheckpointManager(str(root), SOLO, keep_last=0)
