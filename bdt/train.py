@@ -23,7 +23,7 @@ def load_config(argv: list[str]):
     parser = argparse.ArgumentParser(prog="bdt/train.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    ns = parser.parse_args(args)
+    ns = parser.parse_intermixed_args(args)  # key=value may come before or after the options
     from bdt.training.ar.config import TrainConfig
 
     return load(TrainConfig, ns.config, ns.overrides)

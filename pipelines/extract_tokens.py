@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="YAML file(s), merged in order")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    ns = parser.parse_args(args)
+    ns = parser.parse_intermixed_args(args)  # key=value may come before or after the options
     setup_logging()
 
     from bdt.extract.config import ExtractConfig

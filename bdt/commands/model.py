@@ -79,6 +79,8 @@ def check_tiny_args(args: argparse.Namespace) -> None:
                  "max_positions", "max_captions"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 0 <= args.seed < 2**32:  # torch and SentencePiece seeds
+        raise ValueError(f"--seed must be in [0, 2^32), got {args.seed}")
     if args.heads % args.kv_heads:
         raise ValueError(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     if args.hidden % (2 * args.heads):  # RoPE rotates pairs: an even head dimension

@@ -36,18 +36,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dec.set_defaults(func=_decode)
 
 
-def _read_image(url: str):
-    import numpy as np
-    from PIL import Image
+MAX_PIXELS = 100_000_000  # as the training readers: a few KB of PNG may claim far more
 
+
+def _read_image(url: str):
+    """RGB pixels by the training data's policy (bdt.data.images: EXIF orientation, alpha and
+    colour keys on white, 16-bit rescaled, a pixel limit read from the header)."""
+    import numpy as np
+
+    from bdt.data.images import ImageRejected, decode_rgb, open_image
     from bdt.storage import read_bytes
 
     try:
-        with Image.open(io.BytesIO(read_bytes(url))) as img:
-            return np.asarray(img.convert("RGB"))
+        img, size = open_image(read_bytes(url), max_pixels=MAX_PIXELS, min_side=1)
+        return np.asarray(decode_rgb(img, size))
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {url}") from None
-    except OSError as exc:  # PIL.UnidentifiedImageError is an OSError
+    except (ImageRejected, OSError) as exc:
         raise ValueError(f"cannot read image {url}: {exc}") from None
 
 
@@ -106,6 +111,12 @@ def _decode(args: argparse.Namespace) -> int:
         bits = np.load(io.BytesIO(storage.read_bytes(args.bits)), allow_pickle=False)
     except ValueError as exc:
         raise ValueError(f"{args.bits}: not a plain .npy array: {exc}") from None
+    if not isinstance(bits, np.ndarray) or bits.dtype.kind not in "biuf":  # an .npz, a record
+        raise ValueError(f"{args.bits}: expected one .npy array of 0/1 (bool, int or float), got "
+                         f"{type(bits).__name__ if not isinstance(bits, np.ndarray) else bits.dtype}")
+    if model.config.out_ch not in (1, 3):
+        raise ValueError(f"{args.tokenizer}: decodes {model.config.out_ch}-channel images; PNGs "
+                         f"are written for 1 (grey) or 3 (RGB)")
     c = model.bits_per_token
     if bits.ndim != 4 or bits.shape[-1] != c:
         raise ValueError(f"{args.bits}: expected N x h x w x {c} bits, got shape {list(bits.shape)}")
@@ -121,7 +132,8 @@ def _decode(args: argparse.Namespace) -> int:
             images = model.decode(batch, generator=generator).float().clamp(-1, 1)
             pixels = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
             for arr in pixels:
-                Image.fromarray(arr).save(os.path.join(tmp, f"{written:06d}.png"), format="PNG")
+                image = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+                image.save(os.path.join(tmp, f"{written:06d}.png"), format="PNG")
                 written += 1
     print(f"decoded {written} image(s) -> {args.out}")
     return 0

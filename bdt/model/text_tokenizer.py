@@ -206,25 +206,30 @@ def train_sentencepiece(captions: Sequence[str], vocab_size: int = 384) -> bytes
     if not captions:
         raise ValueError("train_sentencepiece needs at least one caption")
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        user_defined_symbols=["\n", "user", "assistant"],  # the chat-template words, whole
-        unk_id=0,
-        bos_id=-1,
-        eos_id=-1,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(captions),
+            model_writer=buf,
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=1.0,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            user_defined_symbols=["\n", "user", "assistant"],  # the chat-template words, whole
+            unk_id=0,
+            bos_id=-1,
+            eos_id=-1,
+            pad_id=-1,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars. 260 vs 272"
+        raise ValueError(f"vocab_size {vocab_size}: the caption tokenizer cannot be trained with "
+                         f"it ({e}; byte fallback needs a piece per byte and per character)"
+                         ) from None
     return buf.getvalue()
 
 

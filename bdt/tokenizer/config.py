@@ -24,6 +24,7 @@ _IGNORED = ("resolution", "checkpoint")
 _RELEASE_REQUIRED = ("ch", "out_ch", "in_channels", "num_res_blocks", "z_channels")
 _RELEASE_DEFAULTS = {"ch_mult": [1, 2, 2, 4]}
 _MAX_WIDTH, _MAX_LEVELS, _MAX_RES_BLOCKS = 16384, 10, 64  # released: 2048, 6 (32x), 4
+_MAX_IMAGE_CHANNELS = 16  # RGB is 3; room for extra planes, not for a hostile allocation
 
 
 def _has_type(value: Any, name: str) -> bool:
@@ -72,6 +73,13 @@ class TokenizerConfig:
         if not self.ch_mult:
             raise ValueError("tokenizer config: ch_mult must list at least one level, got []")
         widths = [self.ch * m for m in self.ch_mult]
+        if self.ch < 1 or min(self.ch_mult) < 1:  # two negatives multiply to a positive width
+            raise ValueError(f"tokenizer config: ch and every ch_mult must be >= 1, got "
+                             f"ch={self.ch}, ch_mult={list(self.ch_mult)}")
+        for key in ("in_channels", "out_ch"):  # image channels: RGB is 3
+            if not 1 <= getattr(self, key) <= _MAX_IMAGE_CHANNELS:
+                raise ValueError(f"tokenizer config: {key} must be in [1, {_MAX_IMAGE_CHANNELS}], "
+                                 f"got {getattr(self, key)}")
         if self.norm_groups < 1:
             raise ValueError(f"tokenizer config: norm_groups must be >= 1, got {self.norm_groups}")
         bad = [w for w in widths if w <= 0 or w % self.norm_groups]

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 from bdt.storage import is_remote
+from bdt.training.run_dir import export_dir
 
 
 @dataclass
@@ -51,3 +52,6 @@ def check_run_dir(run_dir: str) -> None:
                          f"on an object store with checkpoint.dir=s3://...)")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"run_dir {run_dir!r} is a file, not a directory")
+    export = export_dir(run_dir)  # written at the end: found now, not after the whole run
+    if os.path.lexists(export) and not os.path.isdir(export):
+        raise ValueError(f"{export} is a file, where the run writes its export: move it away")

@@ -1,6 +1,8 @@
 """`bdt model init-tiny`: captions from raw shapes tars -> an LLM dir that loads as a backbone and
 whose tokenizer was trained on those captions; bad input exits 2."""
 
+import pytest
+
 from bdt.cli import main
 from bdt.model.backbone import BackboneConfig, load_backbone
 
@@ -69,3 +71,22 @@ def test_init_tiny_refuses_an_out_that_is_no_folder_before_any_work(tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and f"{tmp_path / 'file'} is not a directory" in err, err
     assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--vocab-size", "260", "vocab_size 260: the caption tokenizer cannot be trained with it"),
+    ("--seed", "-1", "--seed must be in [0, 2^32), got -1"),
+])
+def test_init_tiny_values_no_tokenizer_or_seed_takes_are_one_line(tmp_path, capsys, flag, value,
+                                                                   named):
+    """Once a SentencePiece RuntimeError traceback, and a silently accepted negative seed."""
+    from bdt.data.shards import generate
+    from bdt.data.shapes import ShapesConfig
+
+    generate(ShapesConfig(out=str(tmp_path / "d"), num=4, sizes=["32"]))
+    code = main(["model", "init-tiny", "--captions-from", str(tmp_path / "d"), "--out",
+                 str(tmp_path / "llm"), "--hidden", "16", "--layers", "1", "--heads", "2",
+                 "--kv-heads", "1", "--intermediate", "16", flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "Traceback" not in err, err
+    assert not (tmp_path / "llm").exists()

@@ -99,3 +99,47 @@ def test_encode_refuses_a_directory_as_out_before_any_work(tmp_path, tokenizer_a
                      "--images", str(tmp_path / "none.png"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "is a directory; give the .npy file to write" in err, err
+
+
+def test_decode_refuses_arrays_that_are_no_bits_by_name(tmp_path, tokenizer_and_bits, capsys):
+    """A record array or an .npz once ended in a numpy traceback."""
+    tokenizer, _ = tokenizer_and_bits
+    np.save(tmp_path / "rec.npy", np.zeros((1, 4, 4, 16), dtype=[("a", "u1")]), allow_pickle=False)
+    np.savez(tmp_path / "z.npz", bits=np.zeros((1, 4, 4, 16), np.uint8))
+    for name in ("rec.npy", "z.npz"):
+        assert _decode(tokenizer, str(tmp_path / name), str(tmp_path / "o")) == 2
+        assert "expected one .npy array of 0/1" in capsys.readouterr().err
+
+
+def test_encode_reads_images_by_the_training_policy(tmp_path, tokenizer_and_bits, capsys):
+    """A 16-bit PNG was clipped by PIL's convert (nearly white) and a decompression bomb was a
+    traceback: encode now decodes as the training readers do."""
+    from PIL import Image
+
+    tokenizer, _ = tokenizer_and_bits
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(eight).save(tmp_path / "eight.png")
+    grey8 = eight[..., 0]
+    Image.fromarray(grey8).save(tmp_path / "grey8.png")
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    outs = []
+    for name in ("grey8", "grey16"):
+        assert cli.main(["tokenizer", "encode", "--tokenizer", tokenizer, "--images",
+                         str(tmp_path / f"{name}.png"), "--out", str(tmp_path / f"{name}.npy")]) == 0
+        outs.append(np.load(tmp_path / f"{name}.npy"))
+    assert np.array_equal(*outs)
+    (tmp_path / "bomb.png").write_bytes(_png_header(20000, 20000))  # 400M pixels claimed, 60 bytes
+    assert cli.main(["tokenizer", "encode", "--tokenizer", tokenizer, "--images",
+                     str(tmp_path / "bomb.png"), "--out", str(tmp_path / "b.npy")]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk claiming width x height grey pixels, and nothing else."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", zlib.crc32(chunk[4:]))

@@ -87,6 +87,8 @@ def validate(cfg: TokenizerTrainConfig) -> TokenizerConfig:
     for key, value, ok, expected in _value_rules(cfg):
         if not ok:
             raise ValueError(f"{key} must be {expected}, got {value!r}")
+    if cfg.loss.disc_weight > 0:
+        _check_discriminator(cfg.loss.disc_width, cfg.loss.disc_layers, cfg.data.size)
     model_cfg = TokenizerConfig.from_dict(cfg.model)
     if cfg.data.size % model_cfg.downsample_factor:
         raise ValueError(f"data.size {cfg.data.size} is not divisible by the model's downsample factor "
@@ -96,6 +98,22 @@ def validate(cfg: TokenizerTrainConfig) -> TokenizerConfig:
         LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)
     expand_shards(cfg.data.shards)
     return model_cfg
+
+
+def _check_discriminator(width: int, layers: int, size: int) -> None:
+    """What PatchDiscriminator can be built from and run on, checked before training (both once
+    failed only when the discriminator first ran, loss.disc_start steps in)."""
+    for i in range(1, layers + 1):  # its GroupNorms: min(32, C // 4) groups of C channels
+        channels = width * min(2 ** i, 8)
+        groups = min(32, channels // 4)
+        if groups < 1 or channels % groups:
+            raise ValueError(f"loss.disc_width = {width}: its layer {i} has {channels} channels, "
+                             f"which its GroupNorm cannot split into {max(groups, 1)} groups "
+                             f"(a multiple of 16 always works)")
+    # `layers` stride-2 convolutions halve the crop, then two 4x4 ones take 3 pixels off.
+    if size < 3 * 2 ** layers:
+        raise ValueError(f"loss.disc_layers = {layers} needs crops of at least {3 * 2 ** layers} "
+                         f"px; data.size is {size} (fewer layers, or larger crops)")
 
 
 def _value_rules(cfg: TokenizerTrainConfig) -> list[tuple[str, object, bool, str]]:

@@ -188,7 +188,8 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     lpips = (LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)
              if cfg.loss.lpips_weight > 0 else None)
     torch.manual_seed(cfg.seed * 1000 + dist.rank)  # per-rank stream for any sampling in the step
-    check_model_signature(ckpt.root, model_signature(engine.module), dist)
+    # The whole model config: norm_groups shapes no parameter but changes every activation.
+    check_model_signature(ckpt.root, model_signature(engine.module, model_cfg.to_dict()), dist)
     step, stream_state, tag = 0, None, None
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
     resumed = ckpt.resume({"autoencoder": engine}) if cfg.checkpoint.resume else None
@@ -315,14 +316,20 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
 def export_latest(cfg: TokenizerTrainConfig) -> str:
     """Export the EMA weights of the newest complete checkpoint whose shared file verifies (no
     training, no DeepSpeed; a checkpoint of any world size: no rank file or engine is read)."""
-    ckpt = CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir),
-                             DistInfo(0, 1, 0, torch.device("cpu")), staging_dir=cfg.checkpoint.staging_dir or None)
+    solo = DistInfo(0, 1, 0, torch.device("cpu"))
+    ckpt = CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir), solo,
+                             staging_dir=cfg.checkpoint.staging_dir or None)
+    model_cfg = TokenizerConfig.from_dict(cfg.model)
+    # A config that differs from the run's (norm_groups: the weights load, the encoder differs)
+    # would export a tokenizer the checkpoints were never trained as.
+    check_model_signature(ckpt.root, model_signature(BinaryAutoencoder(model_cfg),
+                                                     model_cfg.to_dict()), solo)
     problems = []
     for tag in reversed([t for _, t, done in ckpt.list_tags() if done]):
         try:
             ema = _read_shared(ckpt, tag).get("ema")
             try:
-                return export(TokenizerConfig.from_dict(cfg.model), ema, cfg.run_dir)
+                return export(model_cfg, ema, cfg.run_dir)
             except ValueError as e:  # its EMA weights are not this model's, or not finite
                 raise CheckpointUnusable(f"{tag}: {e}") from None
         except CheckpointUnusable as e:
@@ -360,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-only", action="store_true",
                         help="export the newest checkpoint's EMA weights to <run_dir>/export and exit")
     parser.add_argument("overrides", nargs="*", help="key=value")
-    ns = parser.parse_args(args)
+    ns = parser.parse_intermixed_args(args)  # key=value may come before or after the options
     setup_logging()
     try:
         cfg = load(TokenizerTrainConfig, ns.config, ns.overrides, renamed=RENAMED_KEYS)

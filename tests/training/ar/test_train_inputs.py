@@ -122,9 +122,15 @@ def test_checkpoints_of_another_model_shape_are_refused(tmp_path):
     check_model_signature(root, model_signature(small), dist)  # first start records it
     check_model_signature(root, model_signature(small), dist)  # same shape: fine
     wide = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2))
-    with pytest.raises(ValueError, match=r"different model shape: parameter '0.weight' is \[8, 4\] "
+    with pytest.raises(ValueError, match=r"different model: parameter '0.weight' is \[8, 4\] "
                                          r"there and \[16, 4\]"):
         check_model_signature(root, model_signature(wide), dist)
+    # config values that shape no parameter (the tokenizer's norm_groups) count where recorded
+    other = str(tmp_path / "other")
+    check_model_signature(other, model_signature(small, {"norm_groups": 32}), dist)
+    with pytest.raises(ValueError, match=r"different model: model.norm_groups is 32 there and 1"):
+        check_model_signature(other, model_signature(small, {"norm_groups": 1}), dist)
+    check_model_signature(root, model_signature(small, {"norm_groups": 1}), dist)  # none recorded
 
 
 def test_a_damaged_shape_record_is_written_again(tmp_path, caplog):

@@ -193,6 +193,21 @@ def test_bad_config_is_a_clear_error(shards, tmp_path, capsys):
     with pytest.raises(SystemExit):  # the keys before both trainers shared one vocabulary
         main([f"out_dir={tmp_path}", f"data.shards={shards}"])
     assert "key 'out_dir' was renamed to 'run_dir'" in capsys.readouterr().err
+    # the discriminator: once a crash when it first ran, loss.disc_start steps in
+    disc = [f"run_dir={tmp_path}", f"data.shards={shards}", "loss.disc_weight=0.1"]
+    with pytest.raises(SystemExit):
+        main([*disc, "data.size=16", "loss.disc_layers=3"])
+    assert "loss.disc_layers = 3 needs crops of at least 24 px" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*disc, "loss.disc_width=100"])
+    assert "loss.disc_width = 100: its layer 1 has 200 channels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # overrides may come after an option (once 'unrecognized')
+        main([f"run_dir={tmp_path}", "--export-only", f"data.shards={shards}"])
+    assert "no usable checkpoint under" in capsys.readouterr().err
+    (tmp_path / "export").write_text("x")  # found at start, not after the whole run
+    with pytest.raises(SystemExit):
+        main([f"run_dir={tmp_path}", f"data.shards={shards}", "steps=1"])
+    assert "export is a file, where the run writes its export" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -239,7 +254,7 @@ def test_a_changed_model_shape_is_a_config_error_not_damage(shards, tmp_path):
     reported as 'loading failed'."""
     run = [*TINY, f"run_dir={tmp_path}", f"data.shards={shards}", "steps=1", "loss.disc_weight=0"]
     mp.spawn(_rank, args=(1, free_port(), run), nprocs=1)
-    with pytest.raises(mp.ProcessRaisedException, match="from a different model shape: parameter "
+    with pytest.raises(mp.ProcessRaisedException, match="from a different model: parameter "
                                                          "'encoder.conv_in.weight'"):
         mp.spawn(_rank, args=(1, free_port(), [*run, "steps=2", "model.ch=64"]), nprocs=1)
 
