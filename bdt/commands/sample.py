@@ -75,7 +75,7 @@ MAX_STEPS = 10_000  # head sampler steps; the release samples with 50 at most
 
 
 def check_seed(seed: int) -> None:
-    if not 0 <= seed < 2**63:  # torch generators take 64-bit seeds; batch k adds k
+    if not 0 <= seed < 2**63:  # numpy SeedSequence entropy; batch seeds are drawn from it
         raise ValueError(f"--seed must be in [0, 2^63), got {seed}")
 
 

@@ -19,7 +19,7 @@ import json
 import posixpath
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bdt import storage
 from bdt.data.tars import unsafe_path
@@ -43,6 +43,7 @@ class ShardList:
     urls: list[str]
     manifest: dict | None  # the extraction manifest when the data came from one
     source: str
+    grids: list[tuple[int, int]] = field(default_factory=list)  # (h, w) tokens, where known
 
 
 def _glob(url: str) -> list[str]:

@@ -383,8 +383,27 @@ class TokenStream:
                                  caption=e["caption"], source_key=e["source_key"],
                                  source_shard=e["source_shard"], stage=e["stage"], caption_ids=ids)
             self.buffer.append(_Buffered(sample, e["length"], e["shard"], e["index"]))
+        self._measure_buffer_again()
         self.pending = [_Range(**r) for r in meta.get("pending", [])]
         self._reader = None
+
+    def _measure_buffer_again(self) -> None:
+        """Buffered lengths are the saving run's: a resume with another token budget or P
+        measures them with this stage's packer (the same config measures the same lengths);
+        a sample it cannot pack now is skipped and counted, as when read."""
+        kept = []
+        for item in self.buffer:
+            try:
+                item.length = self.measure(item.sample)
+            except ValueError as e:
+                log.warning("skipping buffered sample %s: %s", item.sample.key, e)
+                self.counters.bad_grid += 1
+                continue
+            if item.length > self.token_budget:
+                self.counters.oversize += 1
+                continue
+            kept.append(item)
+        self.buffer = kept
 
 
 # ---- split, layout and state helpers (shared by the stream and the re-split) -------------------

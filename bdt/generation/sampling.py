@@ -8,14 +8,16 @@ For a batch of prompts and one bucket (h x w latent tokens, both divisible by ps
    RoPE positions start at its first real token (exact, environment.md).
 2. The last block's P hidden states + the 2D pos-emb of patch k's tokens condition the head,
    which samples patch k for all rows at once (Euler-Maruyama, CFG on the velocity, a constant
-   or linearly ramped scale over the AR steps); bits = x >= 0.
+   or a linearly rising scale over the AR steps); bits = x >= 0.
 3. Patch k's bits are embedded (connector + pos2d) and fed to both streams as the next block of
    P tokens against the KV cache, with an explicit [R,1,P,past+P] mask so the block sees itself
    whole (HF's default would make it causal). Repeat for h*w/P steps.
 
 `use_cache=False` recomputes the whole sequence at every step under the block-causal mask: the
-reference that proves the cache (same seed => same bits). All randomness is in the head sampler,
-drawn from one seeded generator in a fixed order, so the result is reproducible.
+reference that proves the cache (same seed => same bits, in fp32: in bf16 the cache's and the
+full pass's roundings differ, and a flipped bit changes every later patch). All randomness is in
+the head sampler, drawn from one seeded generator in a fixed order, so the result is
+reproducible.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from bdt.model.text_tokenizer import encode_user_text
 @dataclass
 class SamplingConfig:
     cfg_scale: float = 7.5  # method §3: T2I 7.5 (13 for GenEval); 1.0 = no unconditional stream
-    cfg_schedule: str = "constant"  # constant | linear (ramped from 1 to cfg_scale over AR steps)
+    cfg_schedule: str = "constant"  # constant | linear (rising to cfg_scale over the AR steps)
     num_steps: int = 50  # Euler-Maruyama steps of the head per AR step (25 is faster)
     time_shift: float | None = None  # None: the head's own
     seed: int = 0
@@ -96,6 +98,7 @@ def generate(model: BitDanceModel, prompts: Sequence[str | Sequence[int]], h: in
              cfg: SamplingConfig | None = None) -> Tensor:
     """Sample one h x w bit grid per prompt (text, or caption token ids): bool [B, h, w, C]."""
     cfg = cfg or SamplingConfig()
+    _check(cfg, prompts)
     guided = cfg.cfg_scale != 1.0
     rows = _prefixes(model, prompts, h, w, guided)  # validates prompts, bucket and context
     P, ps = model.cfg.parallel_num, model.cfg.patch_size
@@ -108,6 +111,18 @@ def generate(model: BitDanceModel, prompts: Sequence[str | Sequence[int]], h: in
     finally:
         model.train(was_training)
     return torch.stack([from_sequence_order(b, h, w, ps) for b in bits_BNC]) > 0
+
+
+def _check(cfg: SamplingConfig, prompts) -> None:
+    """ValueError for settings no sampling can use (the CLI checks its own flags; API callers
+    come here); TypeError for one prompt given as a string (it would be one per character)."""
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError("prompts must be a sequence of prompts, not one string: wrap it, [prompt]")
+    if not (0 <= cfg.cfg_scale < float("inf")) or cfg.num_steps < 1 or \
+            (cfg.time_shift is not None and not 0 < cfg.time_shift < float("inf")):
+        raise ValueError(f"sampling settings: cfg_scale must be finite and >= 0, num_steps >= 1 "
+                         f"and time_shift finite and > 0; got {cfg.cfg_scale}, {cfg.num_steps}, "
+                         f"{cfg.time_shift}")
 
 
 def _decode(model: BitDanceModel, rows: list[list[int]], B: int, h: int, w: int,
@@ -152,6 +167,9 @@ def _decode(model: BitDanceModel, rows: list[list[int]], B: int, h: int, w: int,
         x_BPC = sample(model.head, cond_RPD[:B], cond_RPD[B:] if R > B else None,
                        cfg_scale=scales[k], num_steps=cfg.num_steps, time_shift=cfg.time_shift,
                        generator=generator)
+        if not bool(torch.isfinite(x_BPC).all()):  # binarize would make NaN a plausible -1
+            raise FloatingPointError(f"sampling produced NaN or inf at AR step {k}: the model's "
+                                     f"weights or the sampling settings are not usable")
         bits_BPC = binarize(x_BPC)
         tokens.append(bits_BPC)
         if k + 1 < len(scales):

@@ -23,6 +23,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
@@ -80,6 +81,10 @@ class TrainedModel:
     buckets: list[tuple[int, int]] | None = None  # (W, H) px trained on; None = unknown
 
     @property
+    def decoder_device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    @property
     def unit(self) -> int:
         """Bucket sides must be multiples of this many pixels."""
         return self.decoder.downsample_factor * self.model.cfg.patch_size
@@ -87,6 +92,8 @@ class TrainedModel:
     def token_grid(self, width: int, height: int, any_bucket: bool = False) -> tuple[int, int]:
         """(h, w) latent tokens of a width x height px bucket; ValueError if unusable."""
         f, ps = self.decoder.downsample_factor, self.model.cfg.patch_size
+        if width < 1 or height < 1:
+            raise ValueError(f"bucket {width}x{height}: sides must be positive")
         if width % self.unit or height % self.unit:
             raise ValueError(f"bucket {width}x{height}: sides must be multiples of {self.unit} px "
                              f"(tokenizer downsample {f} x patch side {ps} of P="
@@ -101,8 +108,10 @@ class TrainedModel:
     def images(self, prompts: Sequence[str], width: int, height: int,
                sampling: SamplingConfig, batch: int = 8, any_bucket: bool = False,
                progress: bool = True, desc: str = "sampling") -> list[Image.Image]:
-        """One image per prompt. Batch k (of `batch` prompts) samples with seed sampling.seed + k
-        and decodes with a generator of that seed: reproducible for a given batch size."""
+        """One image per prompt. Batch k (of `batch` prompts) samples with a seed drawn from
+        (sampling.seed, k) and decodes with a generator of that seed: reproducible for a given
+        batch size, and no batch of one seed repeats a batch of another (seed + k did: seed 1's
+        batches were seed 0's from the second on)."""
         from tqdm import tqdm
 
         if batch < 1:
@@ -118,13 +127,19 @@ class TrainedModel:
         with tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress) as bar:
             for k, start in enumerate(range(0, len(prompts), batch)):
                 chunk = list(prompts[start:start + batch])
-                seed = sampling.seed + k
+                seed = batch_seed(sampling.seed, k)
                 with autocast:
                     bits_BhwC = generate(self.model, chunk, h, w, replace(sampling, seed=seed))
-                    gen = torch.Generator(device=device).manual_seed(seed)
+                    # on the decoder's device: a generative decoder draws its noise there
+                    gen = torch.Generator(device=self.decoder_device).manual_seed(seed)
                     out += to_pil(self.decoder.decode(bits_BhwC, generator=gen))
                 bar.update(len(chunk))
         return out
+
+
+def batch_seed(seed: int, k: int) -> int:
+    """The seed of batch k of a sampling run seeded `seed` (63 bits, for torch.Generator)."""
+    return int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:

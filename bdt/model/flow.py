@@ -113,7 +113,8 @@ def time_grid(num_steps: int, time_shift: float) -> tuple[Tensor, Tensor]:
 
 
 def cfg_schedule(scale: float, num: int, kind: str = "constant") -> list[float]:
-    """Guidance scales for `num` consecutive calls: constant, or linearly ramped from 1 to scale."""
+    """Guidance scales for `num` consecutive calls: constant, or rising linearly to `scale`
+    (call i of num uses 1 + (scale - 1)(i + 1) / num: past 1 at the first, `scale` at the last)."""
     if kind == "constant":
         return [float(scale)] * num
     if kind == "linear":

@@ -36,10 +36,13 @@ class WarmupSchedule:
             raise ValueError(f"optim: need warmup_steps >= 0 and total steps >= 1, got "
                              f"{self.warmup_steps} and {self.total_steps}")
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: float) -> float:
+        """`step` may be fractional (a stage counted in tokens measures its position in steps'
+        worth of tokens)."""
         if step < self.warmup_steps:
-            # (step + 1): the very first step already trains, instead of running at lr 0.
-            return (step + 1) / self.warmup_steps
+            # (step + 1): the very first step already trains, instead of running at lr 0;
+            # capped at 1, which a fractional step just below warmup_steps would pass.
+            return min(1.0, (step + 1) / self.warmup_steps)
         if self.kind == "constant":
             return 1.0
         span = max(1, self.total_steps - self.warmup_steps)

@@ -343,3 +343,19 @@ def test_caption_ids_are_the_tokenizers(tmp_path):
             assert fast.ids(text) == encode(tok, text)
     control = tok.convert_tokens_to_ids(IM_END)
     assert control in encode(tok, forged) and control not in encode_user_text(tok, forged)
+
+
+def test_a_resume_with_another_budget_measures_the_buffer_again(tmp_path):
+    """Buffered samples kept the saving run's lengths: a resume with a smaller budget packed
+    rows past it, and counted tokens wrong."""
+    urls = write_shards(str(tmp_path), GRIDS, num_shards=2, per_shard=8)
+    a = make(urls, budget=160, buffer=8)
+    a.next_batch()
+    meta, tensors = a.state_dict()
+    small = make(urls, budget=60, buffer=8)
+    small.load_state_dict(meta, tensors)
+    assert all(b.length == measure(b.sample) <= 60 for b in small.buffer)
+    assert small.counters.oversize > a.counters.oversize  # the 8x8 ones no longer fit
+    for _ in range(5):
+        batch = small.next_batch()
+        assert batch.tokens == sum(measure(s) for s in batch.samples) <= 60

@@ -115,3 +115,29 @@ def test_an_in_loop_preview_whose_prompt_cannot_fit_is_refused_before_training(l
     Preview(off, None, "unused", 0, takes_part=True, writes=False).check(model)  # never runs
     with pytest.raises(ValueError, match=r"logging.sample_prompts: prompt 1: .* context"):
         Preview(cfg, None, "unused", 0, takes_part=True, writes=False).check(model)
+
+
+def test_sampling_settings_and_prompts_no_sampling_can_use_are_refused(llm_dir):
+    """A bare string was sampled as one prompt per character; NaN guidance gave an all -1 grid
+    that looked like an image; a head of NaN weights did too."""
+    model = tiny_model(llm_dir, 4)
+    with pytest.raises(TypeError, match="not one string"):
+        generate(model, "a red circle", 4, 4, SamplingConfig(num_steps=1))
+    for bad in (SamplingConfig(cfg_scale=float("nan")), SamplingConfig(cfg_scale=float("inf")),
+                SamplingConfig(time_shift=0.0), SamplingConfig(num_steps=0)):
+        with pytest.raises(ValueError, match="sampling settings"):
+            generate(model, ["a red circle"], 4, 4, bad)
+    with torch.no_grad():
+        model.head.input_proj.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        generate(model, ["a red circle"], 4, 4, SamplingConfig(num_steps=1, cfg_scale=1.0))
+
+
+def test_batch_seeds_of_two_runs_never_coincide():
+    """Batch k once sampled with seed + k: run seed 1's batches were run seed 0's from k = 1."""
+    from bdt.generation.trained import batch_seed
+
+    seeds = {(s, k): batch_seed(s, k) for s in range(4) for k in range(64)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(0 <= v < 2**63 for v in seeds.values())
+    assert batch_seed(3, 5) == batch_seed(3, 5)

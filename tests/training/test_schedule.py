@@ -15,6 +15,8 @@ def test_warmup_then_cosine_reaches_floor():
     assert s(14) == pytest.approx(0.1) and s(100) == pytest.approx(0.1)
     values = [s(i) for i in range(4, 15)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+    # a stage counted in tokens asks at fractional positions: once 1.44x the peak at 1.875 of 2
+    assert WarmupSchedule(2, 10)(1.875) == 1.0 and WarmupSchedule(2, 10)(0.5) == 0.75
 
 
 def test_constant_and_bad_kind():

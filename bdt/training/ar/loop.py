@@ -135,6 +135,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     ckpt.bind(cfg.run_dir, cfg.checkpoint.adopt)  # another run's checkpoint root: refused here
     _seed_all(cfg.seed)  # identical initialisation on every rank
     model, hf_ds_config = setup.build_model(cfg, ds_config)  # noqa: F841 (kept alive: weak ref)
+    setup.check_budgets(cfg, model, sources)
     # What each rank holds right after the build: under ZeRO-3 its partitions only.
     params_local = all_gather_int(setup.local_numel(model))
     check_model_signature(ckpt.root, model_signature(model), dist)
@@ -164,6 +165,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
             raise ValueError(f"checkpoint {ckpt.root}/{resume} has no stage clock (written before "
                              f"stages could end on real tokens): start a new checkpoint.dir")
         clock.load_state_dict(meta["clock"])
+        clock.resume_at(step)  # the config's stage lengths, which may have changed since
         engine.lr_scheduler.write_lrs()  # the config's LR at the restored position (schedule.py)
         if ema is not None:
             if not shared or "ema" not in shared:

@@ -107,12 +107,14 @@ def check_data(cfg: TrainConfig) -> list[ShardList]:
                                      f"the 2D position table (model.pos_max_len = "
                                      f"{cfg.model.pos_max_len} tokens per side)")
             # A sample packs at least its image tokens: below the smallest grid every sample
-            # would be skipped as oversize, found only after a whole epoch of reading.
+            # would be skipped as oversize, found only after a whole epoch of reading (the
+            # prompt and image prefix are counted once the model exists: check_budgets).
             h, w = min(grids, key=lambda g: g[0] * g[1])
             if h * w > stage.token_budget:
                 raise ValueError(f"{where}.token_budget = {stage.token_budget} is smaller than "
                                  f"one sample: the image tokens of its smallest grid ({h}x{w}) "
                                  f"alone are {h * w}")
+            shards = dataclasses.replace(shards, grids=grids)
         out.append(shards)
     _check_eval_size(cfg, factor)
     return out
@@ -226,6 +228,23 @@ def local_numel(module: torch.nn.Module) -> int:
 
 def numel(p: torch.nn.Parameter) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
+
+
+def check_budgets(cfg: TrainConfig, model: BitDanceModel, sources: list[ShardList]) -> None:
+    """Each stage's smallest sample (its smallest grid, an empty or dropped caption, the image
+    prefix) must fit the stage's token_budget; else every sample is skipped as oversize and
+    the stage fails after a whole epoch of reading. Needs the model: the prompt template's ids."""
+    for i, (stage, shards) in enumerate(zip(cfg.stages, sources)):
+        if not shards.grids:
+            continue
+        packer = stage_packer(model, stage_p(cfg, i), stage.token_budget, cfg.model.caption_dropout)
+        h, w = min(shards.grids, key=lambda g: g[0] * g[1])
+        prompt = min(len(packer.prompt_ids([])), len(packer.prompt_ids(None)))
+        need = packer.sample_len(prompt, h, w)
+        if need > stage.token_budget:
+            raise ValueError(f"stages[{i}] ({stage.name}).token_budget = {stage.token_budget} is "
+                             f"smaller than one sample: its smallest ({h}x{w} tokens, no caption) "
+                             f"packs {need} with the prompt template and image prefix")
 
 
 def stage_packer(model: BitDanceModel, parallel_num: int, token_budget: int,

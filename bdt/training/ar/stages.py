@@ -16,6 +16,11 @@ the config's, so a resumed run may lengthen or shorten them.
 
 `fit` shortens the current stage once (the time-limit fit, time_fit.py); the new limit is part
 of the state, so a resumed run keeps the schedule the interrupted one chose.
+
+A resume under changed stage lengths (`resume_at`): a current stage now shorter than what ran
+ends at once (no step at its floor LR past the new end), and a finished run whose last stage is
+now longer goes back into it (the finished clock keeps the last stage's position for that;
+clocks saved before it did stay finished).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class StageClock:
             WarmupSchedule(spec[1], spec[2], spec[3], spec[4])
         self.stage, self.start_step, self.stage_tokens = 0, 0, 0
         self.fitted: dict | None = None  # {"stage", "steps", "tokens"}: a shortened stage's limits
+        self.kept_last = True  # finished: start_step and stage_tokens are still the last stage's
 
     def _schedule_length(self, i: int) -> int:
         if self.step_limits[i] > 0:
@@ -61,8 +67,20 @@ class StageClock:
         return self.stage_tokens >= self.token_limits[i]
 
     def advance(self, next_step: int) -> None:
-        """The next stage begins at global step `next_step` (past the last one: finished)."""
-        self.stage, self.start_step, self.stage_tokens = self.stage + 1, next_step, 0
+        """The next stage begins at global step `next_step` (past the last one: finished, with
+        the last stage's position kept)."""
+        if self.stage + 1 < len(self.names):
+            self.stage, self.start_step, self.stage_tokens = self.stage + 1, next_step, 0
+        else:
+            self.stage += 1
+
+    def resume_at(self, steps_done: int) -> None:
+        """After load_state_dict, before the first step: apply the config's stage lengths to
+        the restored position (module doc)."""
+        if self.finished and self.kept_last:
+            self.stage = len(self.names) - 1
+        while not self.finished and self.stage_done(steps_done):
+            self.advance(steps_done)
 
     def fit(self, steps_done: int, steps_left: int) -> bool:
         """Shorten the current stage so that it ends `steps_left` (>= 1) steps after global step
@@ -90,7 +108,8 @@ class StageClock:
 
     def state_dict(self) -> dict:
         return {"stage": self.stage, "start_step": self.start_step,
-                "stage_tokens": self.stage_tokens, "fitted": self.fitted}
+                "stage_tokens": self.stage_tokens, "fitted": self.fitted,
+                "kept_last": self.kept_last}
 
     def load_state_dict(self, state: dict) -> None:
         if not 0 <= state["stage"] <= len(self.names):
@@ -98,6 +117,7 @@ class StageClock:
                              f"{len(self.names)} stages ({self.names})")
         self.stage, self.start_step = int(state["stage"]), int(state["start_step"])
         self.stage_tokens = int(state["stage_tokens"])
+        self.kept_last = bool(state.get("kept_last", False))
         if state.get("fitted"):  # checkpoints from before the time fit have no such key
             if not 0 <= int(state["fitted"]["stage"]) < len(self.names):
                 raise ValueError(f"checkpoint fitted stage {state['fitted']['stage']}, the config "

@@ -35,7 +35,38 @@ def test_step_stage_then_token_stage_ends_on_real_tokens():
     clock = StageClock(stages(), grad_accum=2, world_size=2)
     # 80% real tokens per step: the token stage needs 6 steps at the full budget, 7 here
     ran = run_clock(clock, [int(BUDGET_STEP * 0.8)] * 30)
-    assert ran == [0] * 10 + [1] * 7 and clock.finished and clock.start_step == 17
+    # finished, with the last stage's position kept (a resume may lengthen it)
+    assert ran == [0] * 10 + [1] * 7 and clock.finished and clock.start_step == 10
+
+
+def test_a_resume_applies_changed_stage_lengths_before_any_step():
+    """A finished run resumed with a longer last stage once trained nothing (and re-exported);
+    a stage shortened below what had run trained one more step at its floor LR."""
+    done = StageClock(stages(), grad_accum=2, world_size=2)
+    run_clock(done, [BUDGET_STEP] * 30)
+    assert done.finished
+    longer = stages()
+    longer[1].tokens *= 2
+    again = StageClock(longer, grad_accum=2, world_size=2)
+    again.load_state_dict(done.state_dict())
+    again.resume_at(16)
+    assert again.stage == 1 and not again.finished and again.start_step == 10
+    same = StageClock(stages(), grad_accum=2, world_size=2)
+    same.load_state_dict(done.state_dict())
+    same.resume_at(16)
+    assert same.finished  # nothing more to train
+    old = StageClock(longer, grad_accum=2, world_size=2)  # a clock saved before kept_last
+    old.load_state_dict({k: v for k, v in done.state_dict().items() if k != "kept_last"})
+    old.resume_at(16)
+    assert old.finished
+    mid = StageClock(stages(), grad_accum=2, world_size=2)
+    run_clock(mid, [BUDGET_STEP] * 6)  # 6 steps into the 10-step first stage
+    shorter = stages()
+    shorter[0].steps = 4
+    cut = StageClock(shorter, grad_accum=2, world_size=2)
+    cut.load_state_dict(mid.state_dict())
+    cut.resume_at(6)
+    assert cut.stage == 1 and cut.start_step == 6  # the next stage begins, no step at stage 0
 
 
 def test_clock_state_resumes_mid_token_stage():

@@ -312,3 +312,22 @@ def test_time_limit_fit_needs_a_limit_and_a_fraction(tmp_path):
                 ["time_limit_min=5", "time_limit_fit=-0.1"]):
         with pytest.raises(ValueError, match="time_limit_fit must be in"):
             validate(config(tmp_path, s, *bad))
+
+
+def test_a_budget_below_one_samples_prompt_and_prefix_is_refused_before_training(tmp_path):
+    """The start check counted image tokens only: a budget of h*w passed, every sample was then
+    skipped as oversize, and the stage failed after a whole epoch of reading."""
+    from bdt.data.shard_source import ShardList
+    from bdt.model.ar import BitDanceModel
+    from bdt.training.ar.setup import check_budgets
+
+    llm = tiny_llm(str(tmp_path / "llm"))
+    cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], train_overrides(
+        str(tmp_path / "run"), llm, "unused", extra=["model.head.bits=16"])))
+    model = BitDanceModel.from_config(cfg.model)
+    shards = ShardList(urls=[], manifest=None, source="s", grids=[(4, 4), (8, 8)])
+    check_budgets(cfg, model, [shards])  # 160 tokens: fits
+    cfg.stages[0].token_budget = 16  # the 4x4 image alone fits, with its prompt it does not
+    with pytest.raises(ValueError, match=r"stages\[0\] \(s0\).token_budget = 16 is smaller than "
+                                         r"one sample: its smallest \(4x4 tokens, no caption\)"):
+        check_budgets(cfg, model, [shards])
