@@ -246,6 +246,8 @@ class TokenStream:
             return None
         if self.bits_per_token is not None and sample.bits_per_token != self.bits_per_token:
             self.counters.wrong_bits += 1
+            _note(self.counters.wrong_bits, "wrong_bits", sample.key, url,
+                  f"{sample.bits_per_token} bits per token, the model takes {self.bits_per_token}")
             return None
         try:
             length = self.measure(sample)
@@ -255,6 +257,8 @@ class TokenStream:
             return None
         if length > self.token_budget:
             self.counters.oversize += 1
+            _note(self.counters.oversize, "oversize", sample.key, url,
+                  f"packs {length} tokens, the budget is {self.token_budget}")
             return None
         # Pending ranges belong to old epochs: they say nothing about this split's epoch.
         self._epoch_had_samples = self._epoch_had_samples or regular
@@ -404,6 +408,18 @@ class TokenStream:
                 continue
             kept.append(item)
         self.buffer = kept
+
+
+NOTED_SKIPS = 10  # skips of one kind logged by key per stream; the rest are counted only
+
+
+def _note(count: int, kind: str, key: str, url: str, why: str) -> None:
+    """Log a skipped sample by key and reason (a budget that fits only some grids skips many:
+    the first NOTED_SKIPS of each kind, then the counter in the metrics says how many)."""
+    if count <= NOTED_SKIPS:
+        log.warning("skipping sample %s in %s (%s): %s%s", key, url, kind, why,
+                    f"; further {kind} skips are only counted (data/{kind})"
+                    if count == NOTED_SKIPS else "")
 
 
 # ---- split, layout and state helpers (shared by the stream and the re-split) -------------------

@@ -359,3 +359,14 @@ def test_a_resume_with_another_budget_measures_the_buffer_again(tmp_path):
     for _ in range(5):
         batch = small.next_batch()
         assert batch.tokens == sum(measure(s) for s in batch.samples) <= 60
+
+
+def test_samples_skipped_as_oversize_are_logged_by_key_then_counted(tmp_path, caplog):
+    urls = write_shards(str(tmp_path), GRIDS, num_shards=2, per_shard=30)
+    s = make(urls, budget=40, buffer=4)  # only the 4x4 grids fit
+    for _ in range(10):
+        s.next_batch()
+    logged = [r.getMessage() for r in caplog.records if "(oversize)" in r.getMessage()]
+    assert s.counters.oversize > 10 and len(logged) == 10
+    assert "packs" in logged[0] and "the budget is 40" in logged[0]
+    assert "further oversize skips are only counted" in logged[-1]
