@@ -10,12 +10,12 @@ at once, naming the holder.
 A lock is stale when its holder is gone: in this process space (same host, boot and PID
 namespace: a container sharing the host's name but not its pids must not judge by pid), no
 process with that pid and start time (a reused pid does not count); anywhere, no heartbeat for
-`stale_s` (the hosts' clocks are assumed to agree to well under that). Taking over renames the stale file away, which only one
-contender can do, and checks that the file it moved is the one it judged stale (else that was a
-newer lock: it is put back). The heartbeat checks the token, so a job whose lock was taken over
-while it stalled stops instead of writing beside the new holder; a failed refresh (NFS: ESTALE,
-EIO) is retried, and a job that cannot refresh its lock for so long that it could look stale
-stops too.
+`stale_s` (the hosts' clocks are assumed to agree to well under that). Taking over renames the
+stale file away, which only one contender can do, and checks that the file it moved is the one
+it judged stale (else that was a newer lock: it is put back). The heartbeat checks the token, so
+a job whose lock was taken over while it stalled stops instead of writing beside the new holder;
+a failed refresh (NFS: ESTALE, EIO) is retried, and a job that cannot refresh its lock for so
+long that it could look stale stops too.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class RunLock:
         return _read_lock(self.path)
 
     def _stale_because(self, holder: dict, age: float) -> str | None:
-        here = all(holder.get(k) == self.record.get(k) for k in _process_space())
+        here = all(holder.get(k) == self.record.get(k) for k in SPACE_KEYS)
         if here and not holder_alive(holder):
             return f"its process {holder.get('pid')} is gone"
         if age > self.stale_s:
@@ -165,6 +165,9 @@ def holder_alive(holder: dict) -> bool:
     """Whether the holder's process (`pid` and its start time `pid_start`) still runs on this
     host (a zombie does not)."""
     return running(holder.get("pid"), holder.get("pid_start"))
+
+
+SPACE_KEYS = ("host", "boot_id", "pid_ns")  # what _process_space records
 
 
 def _process_space() -> dict:
