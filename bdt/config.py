@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import sys
 from dataclasses import is_dataclass
 from typing import Any, Iterator, Mapping, Sequence, TypeVar
@@ -135,10 +136,27 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             if value is None and raw.strip() == "":
                 raise ConfigError(f"command line: key '{key}': no value after '=' (an empty "
                                   f"string is {key}='')") from None
-            raise ConfigError(_describe(exc, "command line")) from None
+            raise ConfigError(_describe(_under(exc, key, value), "command line")) from None
         except (IndexError, KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"command line: key '{key}': {exc}") from None
     return cfg
+
+
+def _under(exc: OmegaConfBaseException, key: str, value: Any) -> OmegaConfBaseException:
+    """`exc` with its key named from the top: omegaconf names a key inside a whole section or
+    list given on the command line (`stages=[{bogus: 1}]`) relative to that value."""
+    inner = getattr(exc, "full_key", None)
+    key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)  # omegaconf's form: stages[0].steps
+    if not inner or inner == key or inner.startswith((key + ".", key + "[")):
+        return exc
+    head = re.split(r"[.\[]", inner, maxsplit=1)[0]
+    if isinstance(value, list):
+        index = next((i for i, item in enumerate(value) if isinstance(item, dict) and head in item),
+                     None)
+        exc.full_key = f"{key}[{'?' if index is None else index}].{inner}"
+    else:
+        exc.full_key = f"{key}.{inner}"
+    return exc
 
 
 def _check_list_indices(cfg: DictConfig, key: str) -> None:

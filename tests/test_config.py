@@ -237,6 +237,16 @@ def test_override_index_past_a_lists_end_says_so(tmp_path):
         C.load(Staged, [unset], ["stages.0.steps=5"])
 
 
+def test_an_unknown_key_inside_a_whole_list_or_section_is_named_from_the_top():
+    """omegaconf named it relative to the value given: 'stepz', not 'stages[1].stepz'."""
+    with pytest.raises(C.ConfigError, match=r"key 'stages\[1\].stepz': Key 'stepz' not in"):
+        C.load(Staged, [], ["stages=[{steps: 2}, {stepz: 3}]"])
+    with pytest.raises(C.ConfigError, match=r"key 'optim.lrr': Key 'lrr' not in"):
+        C.load(Job, [], ["data_path=/d", "optim={lrr: 0.1}"])
+    with pytest.raises(C.ConfigError, match=r"key 'stages\[0\].stepz': Key 'stepz' not in"):
+        C.load(Staged, [], ["stages.0={stepz: 3}"])
+
+
 def test_an_empty_value_and_a_null_key_are_named(tmp_path):
     with pytest.raises(C.ConfigError, match=r"key 'name': no value after '=' \(an empty string "
                                             r"is name=''\)"):
