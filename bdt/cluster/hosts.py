@@ -73,7 +73,8 @@ def expand_nodelist(nodelist: str, use_scontrol: bool | None = None) -> list[str
 
 
 def slots_per_node(env: Mapping[str, str]) -> int:
-    """Processes per node from the allocation: GPUs on the node, else tasks per node."""
+    """Processes per node from the allocation: GPUs on the node, else (none, or a CPU-only
+    allocation's 0) tasks per node."""
     for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
         raw = env.get(name, "").strip()
         if raw:
@@ -83,9 +84,13 @@ def slots_per_node(env: Mapping[str, str]) -> int:
             for part in raw.split(","):
                 # type prefixes ("gpu:a100:"), a repeat or socket suffix ("(x2)", "(S:0-1)")
                 match = re.fullmatch(r"(?:[\w.-]+:)*(\d+)(?:\([^)]*\))?", part.strip())
-                if not match or int(match.group(1)) < 1:
+                if not match:
                     raise ValueError(f"{name}='{raw}': cannot read a process count per node from it")
                 counts.add(int(match.group(1)))
+            if counts == {0} and name.startswith("SLURM_GPUS"):
+                continue  # a CPU allocation: the tasks per node say it
+            if 0 in counts:
+                raise ValueError(f"{name}='{raw}': a node with no processes")
             if len(counts) > 1:
                 raise ValueError(f"{name}='{raw}': the nodes run different numbers of processes; "
                                  f"a hostfile gives every node the same (ask for a uniform "

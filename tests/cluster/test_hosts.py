@@ -38,6 +38,8 @@ def test_bad_nodelist_is_a_clear_error(bad):
     ({"SLURM_GPUS_ON_NODE": "4", "SLURM_NTASKS_PER_NODE": "1"}, 4),
     ({"SLURM_GPUS_PER_NODE": "gpu:a100:8"}, 8),
     ({"SLURM_NTASKS_PER_NODE": "4(x2),4"}, 4),
+    # a CPU-only allocation sets the GPU count to 0: the tasks say it (once an error)
+    ({"SLURM_GPUS_ON_NODE": "0", "SLURM_NTASKS_PER_NODE": "2"}, 2),
 ])
 def test_slots_per_node(env, slots):
     assert hosts.slots_per_node(env) == slots
@@ -52,6 +54,10 @@ def test_slots_per_node_errors_name_the_variable():
     with pytest.raises(ValueError, match="SLURM_NTASKS_PER_NODE='8,4\\(x2\\)': the nodes run "
                                          "different numbers of processes"):
         hosts.slots_per_node({"SLURM_NTASKS_PER_NODE": "8,4(x2)"})
+    with pytest.raises(ValueError, match="SLURM_NTASKS_PER_NODE='0': a node with no processes"):
+        hosts.slots_per_node({"SLURM_GPUS_ON_NODE": "0", "SLURM_NTASKS_PER_NODE": "0"})
+    with pytest.raises(ValueError, match="SLURM_GPUS_PER_NODE='4,0'"):
+        hosts.slots_per_node({"SLURM_GPUS_PER_NODE": "4,0"})
 
 
 def test_slurm_allocation_to_hostfile_read_back_by_deepspeed(tmp_path):
