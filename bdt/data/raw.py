@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bdt.data.images import decode_rgb, needed_size, open_image, resize_center_crop, to_unit_range
-from bdt.data.tars import MAX_MEMBER_BYTES, iter_shard
+from bdt.data.tars import MAX_MEMBER_BYTES, iter_shard, log_skip
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +160,8 @@ class RawImageStream(IterableDataset):
                         image, why = self._decode(sample, rng)
                         if image is None:
                             pos["corrupt"] += 1
-                            if pos["corrupt"] <= MAX_LOGGED:
-                                log.warning("worker %d: skipping sample %s of %s: %s%s", g,
-                                            sample["__key__"], url, why,
-                                            " (further ones are only counted)"
-                                            if pos["corrupt"] == MAX_LOGGED else "")
+                            log_skip(log, pos["corrupt"], MAX_LOGGED, "worker %d: skipping "
+                                     "sample %s of %s: %s", g, sample["__key__"], url, why)
                             continue
                         images.append(image)
                         usable = True

@@ -36,6 +36,7 @@ import bz2
 import contextlib
 import gzip
 import hashlib
+import logging
 import lzma
 import os
 import posixpath
@@ -114,6 +115,16 @@ def split_name(name: str) -> tuple[str, str] | None:
     if dot <= 0:
         return None
     return posixpath.join(directory, base[:dot]), base[dot + 1:].lower()
+
+
+def log_skip(logger: logging.Logger, count: int, limit: int, message: str, *args: Any,
+             counted_in: str = "") -> None:
+    """Log the `count`-th skipped sample of a kind while count <= limit, the last one saying that
+    further ones are only counted (`counted_in`: where the count shows). A shard of bad samples
+    would otherwise flood the log once per sample, again after every resume."""
+    if count <= limit:
+        tail = f" (further ones are only counted{counted_in})" if count == limit else ""
+        logger.warning(message + "%s", *args, tail)
 
 
 def _octal(raw: bytes, what: str, offset: int) -> int:

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from bdt import storage
-from bdt.data.tars import MAX_MEMBER_BYTES, TarSample, read_samples
+from bdt.data.tars import MAX_MEMBER_BYTES, TarSample, log_skip, read_samples
 from bdt.data.token_shards import TokenSample, decode_sample
 
 log = logging.getLogger(__name__)
@@ -223,8 +223,7 @@ class TokenStream:
         last = tar_sample.next_offset is None
         item = None
         if not tar_sample.members:  # nothing readable (unsafe path, link, over the limit)
-            log.warning("skipping %s in %s: %s", tar_sample.key, url, tar_sample.refused)
-            self.counters.corrupt += 1
+            self._skip("corrupt", tar_sample.key, url, f"nothing readable: {tar_sample.refused}")
         else:
             if not last:
                 self._advance(tar_sample.next_offset, index + 1)
@@ -241,28 +240,26 @@ class TokenStream:
         try:
             sample = decode_sample(tar_sample.as_dict(url))
         except ValueError as e:  # decode_sample's one error type, naming the sample
-            log.warning("skipping corrupt sample: %s", e)
-            self.counters.corrupt += 1
-            return None
+            return self._skip("corrupt", tar_sample.key, url, str(e))
         if self.bits_per_token is not None and sample.bits_per_token != self.bits_per_token:
-            self.counters.wrong_bits += 1
-            _note(self.counters.wrong_bits, "wrong_bits", sample.key, url,
-                  f"{sample.bits_per_token} bits per token, the model takes {self.bits_per_token}")
-            return None
+            return self._skip("wrong_bits", sample.key, url, f"{sample.bits_per_token} bits per "
+                              f"token, the model takes {self.bits_per_token}")
         try:
             length = self.measure(sample)
         except ValueError as e:  # e.g. a grid not in whole patches, from a bare glob's odd shard
-            log.warning("skipping sample %s in %s: %s", sample.key, url, e)
-            self.counters.bad_grid += 1
-            return None
+            return self._skip("bad_grid", sample.key, url, str(e))
         if length > self.token_budget:
-            self.counters.oversize += 1
-            _note(self.counters.oversize, "oversize", sample.key, url,
-                  f"packs {length} tokens, the budget is {self.token_budget}")
-            return None
+            return self._skip("oversize", sample.key, url,
+                              f"packs {length} tokens, the budget is {self.token_budget}")
         # Pending ranges belong to old epochs: they say nothing about this split's epoch.
         self._epoch_had_samples = self._epoch_had_samples or regular
         return _Buffered(sample, length, url, index)
+
+    def _skip(self, kind: str, key: str, url: str, why: str) -> None:
+        count = getattr(self.counters, kind) + 1
+        setattr(self.counters, kind, count)
+        log_skip(log, count, NOTED_SKIPS, "skipping sample %s in %s (%s): %s", key, url, kind, why,
+                 counted_in=f" in data/{kind}")
 
     def _fill(self) -> None:
         while len(self.buffer) < self.buffer_size:
@@ -400,26 +397,19 @@ class TokenStream:
             try:
                 item.length = self.measure(item.sample)
             except ValueError as e:
-                log.warning("skipping buffered sample %s: %s", item.sample.key, e)
-                self.counters.bad_grid += 1
+                self._skip("bad_grid", item.sample.key, item.shard, str(e))
                 continue
             if item.length > self.token_budget:
-                self.counters.oversize += 1
+                self._skip("oversize", item.sample.key, item.shard, f"packs {item.length} tokens, "
+                           f"the budget is {self.token_budget}")
                 continue
             kept.append(item)
         self.buffer = kept
 
 
-NOTED_SKIPS = 10  # skips of one kind logged by key per stream; the rest are counted only
-
-
-def _note(count: int, kind: str, key: str, url: str, why: str) -> None:
-    """Log a skipped sample by key and reason (a budget that fits only some grids skips many:
-    the first NOTED_SKIPS of each kind, then the counter in the metrics says how many)."""
-    if count <= NOTED_SKIPS:
-        log.warning("skipping sample %s in %s (%s): %s%s", key, url, kind, why,
-                    f"; further {kind} skips are only counted (data/{kind})"
-                    if count == NOTED_SKIPS else "")
+# A budget that fits only some grids skips many samples: the first NOTED_SKIPS of each kind are
+# logged by key, then the counter in the metrics (data/<kind>) says how many.
+NOTED_SKIPS = 10
 
 
 # ---- split, layout and state helpers (shared by the stream and the re-split) -------------------

@@ -10,7 +10,7 @@ import torch
 import webdataset as wds
 
 from bdt.data.shard_source import list_shards
-from bdt.data.token_stream import TokenStream, resplit
+from bdt.data.token_stream import NOTED_SKIPS, TokenStream, resplit
 from trainutil import unconsumed_keys, write_shards
 
 GRIDS = [(4, 4), (4, 8), (8, 4), (8, 8)]
@@ -94,6 +94,22 @@ def test_corrupt_samples_skipped_and_counted(tmp_path):
     for _ in range(4):
         s.next_batch()
     assert s.counters.corrupt == 2
+
+
+def test_corrupt_samples_are_logged_by_key_up_to_a_limit(tmp_path, caplog):
+    """A shard of bad samples once logged a warning for every one, every epoch."""
+    urls = write_shards(str(tmp_path / "ok"), GRIDS, num_shards=1, per_shard=6)
+    bad = str(tmp_path / "bad.tar")
+    with wds.TarWriter(bad, encoder=False) as sink:
+        for i in range(2 * NOTED_SKIPS):
+            sink.write({"__key__": f"x{i}", "txt": b"no bits", "json": b"{}"})
+    s = make(urls + [bad], buffer=4)
+    for _ in range(8):
+        s.next_batch()
+    logged = [r.getMessage() for r in caplog.records if "(corrupt)" in r.getMessage()]
+    assert s.counters.corrupt > NOTED_SKIPS and len(logged) == NOTED_SKIPS
+    assert logged[0].startswith(f"skipping sample x0 in {bad} (corrupt): ")
+    assert logged[-1].endswith("(further ones are only counted in data/corrupt)")
 
 
 @pytest.mark.parametrize("per_shard,world", [(1, 1), (2, 2)])
@@ -369,4 +385,4 @@ def test_samples_skipped_as_oversize_are_logged_by_key_then_counted(tmp_path, ca
     logged = [r.getMessage() for r in caplog.records if "(oversize)" in r.getMessage()]
     assert s.counters.oversize > 10 and len(logged) == 10
     assert "packs" in logged[0] and "the budget is 40" in logged[0]
-    assert "further oversize skips are only counted" in logged[-1]
+    assert logged[-1].endswith("(further ones are only counted in data/oversize)")
