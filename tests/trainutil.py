@@ -186,7 +186,7 @@ def spawn_build(argv: list[str], out_dir: str, world: int = 2) -> None:
 def unconsumed_keys(meta, urls, rank, world, seed=3):
     """Keys a saved rank state still owes in its current epoch: buffered + unread ranges."""
     from bdt.data.tars import iter_shard
-    from bdt.data.token_stream import unread_ranges
+    from bdt.data.stream_state import unread_ranges
 
     out = [e["key"] for e in meta["buffer"]]
     for r in unread_ranges(meta, urls, rank, world, seed):

@@ -10,7 +10,8 @@ import torch
 import webdataset as wds
 
 from bdt.data.shard_source import list_shards
-from bdt.data.token_stream import NOTED_SKIPS, TokenStream, resplit
+from bdt.data.stream_state import resplit
+from bdt.data.token_stream import NOTED_SKIPS, TokenStream
 from trainutil import unconsumed_keys, write_shards
 
 GRIDS = [(4, 4), (4, 8), (8, 4), (8, 8)]
@@ -252,7 +253,7 @@ def run_and_save(streams, batches):
 def test_resplit_neither_repeats_nor_skips(tmp_path, num_shards, worlds):
     """Consume on W ranks, re-split the saved states to the next world size, consume more, ...:
     everything consumed plus everything still owed is the epoch, each sample exactly once."""
-    from bdt.data.token_stream import resplit
+    from bdt.data.stream_state import resplit
 
     urls = write_shards(str(tmp_path), GRIDS, num_shards=num_shards, per_shard=80 // num_shards * 2)
     everything = sorted(f"s{n:06d}" for n in range(num_shards * (80 // num_shards * 2)))
@@ -276,7 +277,7 @@ def test_resplit_neither_repeats_nor_skips(tmp_path, num_shards, worlds):
 
 
 def test_resplit_rejects_other_data(tmp_path):
-    from bdt.data.token_stream import resplit
+    from bdt.data.stream_state import resplit
 
     urls = write_shards(str(tmp_path), GRIDS, num_shards=2, per_shard=4)
     _, states = run_and_save([make(urls, r, 2, buffer=2) for r in range(2)], [1, 1])

@@ -8,7 +8,7 @@ reshard=)): the engine becomes a DeepSpeed universal checkpoint
   * the per-rank training state (`resplit_train_states`): the step, stage and LR position are
     the same on every rank; the tokens/images counters are summed into new rank 0 (the logs
     report sums over ranks); the data stream of the checkpoint's stage is re-split exactly
-    (bdt/data/token_stream.py: no sample repeated or skipped).
+    (bdt/data/stream_state.py: no sample repeated or skipped).
 Training then continues at the saved step (LR schedules count steps, not ranks). Losses are not
 bitwise those of an uninterrupted run: the ranks see other samples in other micro-batches.
 
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from bdt.data.token_stream import resplit
+from bdt.data.stream_state import resplit
 
 STREAM_PREFIX = "stream."  # the loop saves the stream's tensors under this prefix
 

@@ -21,7 +21,8 @@ import torch
 
 from bdt.data.prefetch import Prefetcher, Tensors
 from bdt.data.token_shards import TokenSample
-from bdt.data.token_stream import MicroBatch, StreamCounters, TokenStream
+from bdt.data.stream_state import StreamCounters
+from bdt.data.token_stream import MicroBatch, TokenStream
 from bdt.model.sequence import ImageSample, PackedSequence, SequencePacker
 from bdt.tokenizer.bits import to_pm1, unpack_bits
 

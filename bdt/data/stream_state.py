@@ -1,0 +1,184 @@
+"""The token stream's saved state, and how it moves between world sizes.
+
+World-size change (`resplit`): the saved states of all W old ranks become states for W' new
+ranks, exactly: every sample of each old rank's current epoch is consumed once, before or after
+the change, never twice and never not at all. A rank's unconsumed work is
+  * its buffered samples (read, not yet batched), and
+  * its unread ranges: the rest of the shard it is in (from the saved byte offset) and the
+    shards after it in its epoch order, each with the old rank's sample filter (stride, phase:
+    keep the samples whose index in the shard % stride == phase), plus ranges still pending from
+    an earlier re-split. An epoch the rank has not started (cursor at its first byte) is no work.
+The union over old ranks is dealt deterministically: buffered samples round-robin over the new
+ranks (old rank 0's first), ranges round-robin (first the ranges each old rank was inside, so
+the partly read shards spread out); with fewer ranges than new ranks, each range is first cut
+into k sample-interleaved ones (stride * k, phases phase + j * stride), so every new rank gets
+work. A new rank reads its pending ranges before anything else, then starts its own epochs of
+the new split (epoch numbers above every old rank's). Counters are summed into new rank 0 so
+totals over ranks stay true; each new rank's shuffle RNG is seeded from (seed, rank, new world
+size, epoch). Only whole samples move: ranges are read by the same
+tar reader from the same offsets, so the re-split needs no index of the shards. Ranks finish
+their pending work at different times (ranges differ in length) and then start their new
+epochs independently, as ranks with shards of different sizes always do. A same-world resume
+does not come here: it loads its own state and continues bitwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from bdt import storage
+
+STATE_VERSION = 1
+
+
+@dataclass
+class StreamCounters:
+    samples_read: int = 0  # samples decoded from shards (the resume test counts these)
+    corrupt: int = 0  # samples (or shard tails) that failed to decode: skipped
+    oversize: int = 0  # samples longer than the budget on their own: skipped
+    wrong_bits: int = 0  # samples whose bits per token differ from the model's: skipped
+    bad_grid: int = 0  # samples whose grid the stage cannot pack (measure refused it): skipped
+    batches: int = 0
+    real_tokens: int = 0
+    budget_tokens: int = 0
+    samples_out: int = 0
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / budgeted tokens over all micro-batches so far (1 - padding waste)."""
+        return self.real_tokens / max(self.budget_tokens, 1)
+
+
+@dataclass
+class Cursor:
+    epoch: int = 0
+    shard_pos: int = 0  # index into this epoch's shard order
+    offset: int = 0  # byte offset of the next unread sample in that shard
+    index: int = 0  # its sample index in the shard
+
+
+@dataclass
+class Range:
+    """Unread work handed over by a re-split: `shard` from byte `offset` (sample `index`),
+    keeping the samples whose index % stride == phase."""
+
+    shard: str
+    offset: int = 0
+    index: int = 0
+    stride: int = 1
+    phase: int = 0
+
+
+def rank_split(all_shards: list[str], rank: int, world: int) -> tuple[list[str], int]:
+    """(this rank's shards, sample stride): whole shards when there are enough, else samples."""
+    if len(all_shards) >= world:
+        return all_shards[rank::world], 1
+    return list(all_shards), world
+
+
+def epoch_order(shards: list[str], seed: int, rank: int, epoch: int) -> list[str]:
+    perm = np.random.default_rng([seed, rank, epoch]).permutation(len(shards))
+    return [shards[i] for i in perm]
+
+
+def stream_fingerprint(all_shards: list[str], rank: int, world: int, seed: int) -> str:
+    return hashlib.sha256(json.dumps([all_shards, rank, world, seed]).encode()).hexdigest()[:16]
+
+
+def check_version(meta: dict) -> None:
+    if meta.get("version") != STATE_VERSION:
+        raise ValueError(f"data stream state version {meta.get('version')!r}, expected "
+                         f"{STATE_VERSION}")
+
+
+def cat_bits(bits: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(bits) if bits else torch.zeros(0, dtype=torch.uint8)
+
+
+def buffer_items(meta: dict, tensors: dict[str, torch.Tensor]) -> list[tuple[dict, torch.Tensor]]:
+    """(entry, its packed bits, flat) of every buffered sample of a saved state."""
+    flat, out, pos = tensors["buffer_bits"], [], 0
+    for e in meta["buffer"]:
+        n = int(np.prod(e["shape"]))
+        out.append((e, flat[pos:pos + n]))
+        pos += n
+    return out
+
+
+def shards_entered(meta: dict, all_shards: list[str], rank: int, world: int,
+                    seed: int) -> list[str]:
+    """The shards a saved state holds a byte offset into (its cursor's, its pending ranges')."""
+    return sorted({r.shard for r in unread_ranges(meta, all_shards, rank, world, seed)
+                   if r.offset > 0})
+
+
+def check_shard_sizes(meta: dict) -> None:
+    """A shard rewritten since the state was saved would put its byte offset mid-sample."""
+    saved = meta.get("shard_sizes", {})  # states written before sizes were recorded have none
+    for url, now in storage.file_sizes(list(saved)).items():
+        if now != saved[url]:
+            raise ValueError(f"token shard {url} is {'gone' if now is None else f'{now} bytes'} "
+                             f"but was {saved[url]} bytes when the checkpoint was saved: it was "
+                             f"rewritten since (a new extraction?), so the saved read position "
+                             f"no longer points at a sample. Put the original shard back, or "
+                             f"start a new run directory (init_from= keeps the weights)")
+
+
+def unread_ranges(meta: dict, all_shards: list[str], rank: int, world: int,
+                  seed: int) -> list[Range]:
+    """The ranges a saved rank state has not read yet in its current epoch (module doc)."""
+    shards, stride = rank_split(list(all_shards), rank, world)
+    c = Cursor(**meta["cursor"])
+    out = [Range(**r) for r in meta.get("pending", [])]
+    if (c.shard_pos, c.offset) != (0, 0):  # an epoch not begun is no unconsumed work
+        order = epoch_order(shards, seed, rank, c.epoch)
+        out.append(Range(order[c.shard_pos], c.offset, c.index, stride, rank % stride))
+        out += [Range(url, 0, 0, stride, rank % stride) for url in order[c.shard_pos + 1:]]
+    return out
+
+
+def resplit(states: list[tuple[dict, dict[str, torch.Tensor]]], all_shards: list[str], seed: int,
+            new_world: int) -> list[tuple[dict, dict[str, torch.Tensor]]]:
+    """The saved stream states of ranks 0..W-1 -> states for `new_world` ranks (module doc)."""
+    old_world = len(states)
+    all_shards = list(all_shards)
+    for rank, (meta, _) in enumerate(states):
+        check_version(meta)
+        if meta["fingerprint"] != stream_fingerprint(all_shards, rank, old_world, seed):
+            raise ValueError(f"data stream state of old rank {rank} (of {old_world}) was built "
+                             f"over different shards or seed than this run's config: re-split "
+                             f"needs the same data config")
+        check_shard_sizes(meta)
+    per_rank = [unread_ranges(m, all_shards, r, old_world, seed) for r, (m, _) in enumerate(states)]
+    ranges = [rs[i] for i in range(max(map(len, per_rank), default=0)) for rs in per_rank
+              if i < len(rs)]
+    if ranges and len(ranges) < new_world:
+        # Too few ranges for every new rank: split each by sample (index % (stride * k)) so
+        # all ranks get some; each sub-range reads the range's bytes, which only happens here.
+        k = -(-new_world // len(ranges))
+        ranges = [Range(r.shard, r.offset, r.index, r.stride * k, r.phase + j * r.stride)
+                  for r in ranges for j in range(k)]
+    buffered = [item for meta, tensors in states for item in buffer_items(meta, tensors)]
+    epoch = max(m["cursor"]["epoch"] for m, _ in states) + 1
+    totals = StreamCounters()
+    for meta, _ in states:
+        for k, v in meta["counters"].items():
+            setattr(totals, k, getattr(totals, k) + v)
+    out = []
+    for rank in range(new_world):
+        mine = buffered[rank::new_world]
+        rng = np.random.default_rng([seed, rank, 0x5EED, new_world, epoch])
+        meta = {"version": STATE_VERSION,
+                "fingerprint": stream_fingerprint(all_shards, rank, new_world, seed),
+                "cursor": asdict(Cursor(epoch=epoch)), "epoch_had_samples": False,
+                "rng": rng.bit_generator.state,
+                "counters": asdict(totals if rank == 0 else StreamCounters()),
+                "buffer": [e for e, _ in mine],
+                "pending": [asdict(r) for r in ranges[rank::new_world]]}
+        out.append((meta, {"buffer_bits": cat_bits([b for _, b in mine])}))
+    return out
