@@ -147,6 +147,9 @@ def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
     from bdt.tokenizer.io import load_tokenizer
     from bdt.training.checkpoint import MARKER
 
+    if storage.is_remote(path):  # run dirs, and so their exports, are local (checkpoints may be remote)
+        raise OSError(f"model path {path!r} is remote: sampling reads a local export or run "
+                      f"directory; copy it to this machine first")
     if not os.path.exists(path):
         raise OSError(f"model path {path!r} does not exist")
     if not os.path.isdir(path):

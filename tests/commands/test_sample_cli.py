@@ -127,6 +127,7 @@ def _incomplete_export(trained_run, tmp_path) -> str:
 
 @pytest.mark.parametrize("case, args, expected", [
     ("missing", ["--size", "16"], "does not exist"),
+    ("remote", ["--size", "16"], "is remote: sampling reads a local export"),
     ("incomplete", ["--size", "16"], "missing bitdance_extra.safetensors"),
     ("export", ["--size", "32"], "bucket 32x32 was not trained"),
     ("export", ["--bucket", "18x16"], "sides must be multiples of 4 px"),
@@ -139,7 +140,8 @@ def _incomplete_export(trained_run, tmp_path) -> str:
     ("export", ["--size", "16", "--steps", str(10**20)], "--steps must be in [1, 10000]"),
 ])
 def test_bad_input_exits_2_with_one_line(trained_run, tmp_path, capsys, case, args, expected):
-    model = {"missing": str(tmp_path / "nope"), "incomplete": None}.get(case)
+    model = {"missing": str(tmp_path / "nope"), "remote": "s3://bucket/run/export",
+             "incomplete": None}.get(case)
     if case == "incomplete":
         model = _incomplete_export(trained_run, tmp_path)
     model = model or os.path.join(trained_run, "export")
