@@ -157,6 +157,24 @@ def test_a_sharded_image_tokenizer_loads(tmp_path):
         _assert_same(loaded.state_dict(), plain.state_dict())
 
 
+def test_a_tokenizer_folders_whole_file_wins_over_a_stale_index(tmp_path):
+    """Under the release's name (ae.safetensors) the folder's index was picked first: a stale
+    index beside the file loaded other weights, silently."""
+    from bdt.tokenizer.io import load_tokenizer
+    from testkit import save_tiny_image_tokenizer
+
+    plain = save_tiny_image_tokenizer(str(tmp_path / "plain"))
+    other = save_tiny_image_tokenizer(str(tmp_path / "other"), seed=1)
+    folder = tmp_path / "release"
+    folder.mkdir()
+    (folder / "ae_config.json").write_text((tmp_path / "plain" / "config.json").read_text())
+    save_torch_state_dict({k: v.contiguous() for k, v in other.state_dict().items()}, folder,
+                          filename_pattern="ae{suffix}.safetensors", max_shard_size=4096)
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()},
+              folder / "ae.safetensors")
+    _assert_same(load_tokenizer(str(folder)).state_dict(), plain.state_dict())
+
+
 def test_many_shards_are_found_without_a_request_each(tmp_path, monkeypatch):
     """Whether the shards exist is one listing per folder (one call on S3), not one per shard."""
     tensors = {f"t{i}": torch.full((4,), float(i)) for i in range(40)}

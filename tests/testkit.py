@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO / "configs" / "train" / "tiny.yaml")  # the tiny AR model of CPU tests
 
 
-def save_tiny_image_tokenizer(out_dir: str, bits: int = 16):
+def save_tiny_image_tokenizer(out_dir: str, bits: int = 16, seed: int = 0):
     """A seeded, randomly initialised 2x-downsampling binary autoencoder saved as a tokenizer
     directory; returns the model. The global RNG is left as it was."""
     from bdt.tokenizer.autoencoder import BinaryAutoencoder
@@ -17,7 +17,7 @@ def save_tiny_image_tokenizer(out_dir: str, bits: int = 16):
     from bdt.tokenizer.io import save_tokenizer
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = BinaryAutoencoder(TokenizerConfig(ch=32, ch_mult=[1, 1], num_res_blocks=1,
                                                   z_channels=bits))
     save_tokenizer(model, out_dir)

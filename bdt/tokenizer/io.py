@@ -113,6 +113,8 @@ def _resolve(path: str, need_config: bool) -> tuple[str, str | None]:
                                 f"{stem}_config.json or {CONFIG_NAME} beside it")
     names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(fs_path, detail=False))
     weights = _pick(names, [WEIGHTS_NAME, WEIGHTS_NAME + INDEX_SUFFIX],
+                    # a whole file beside its shards' index wins, as in transformers (weights.py)
+                    lambda n: n.endswith(".safetensors") and n + INDEX_SUFFIX in names,
                     lambda n: n.endswith(_SAFETENSORS_SUFFIXES[1]),  # the shards' index
                     lambda n: n.endswith(".safetensors"),
                     lambda n: n.endswith(_TORCH_SUFFIXES), what="weights", path=path)
