@@ -52,6 +52,8 @@ LLM_WEIGHTS = "model.safetensors"  # the LLM's weights as transformers saves the
 # Pickle formats (pytorch_model.bin, training_args.bin, ...): bdt never unpickles, so an export
 # does not carry them either (transformers would offer to load one unsafely).
 _PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# The dtypes a release stores its LLM in and an export loads it in; others read as float32.
+_STORED_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _read_json(url: str) -> dict:
@@ -85,8 +87,11 @@ def release_model_config(src: str, llm_config: dict, downsample: int,
     # rows), as its res tokens do.
     cfg = ModelConfig(head=head, parallel_num=head.tokens, pos_max_len=release_num_res(downsample))
     cfg.backbone.path = LLM_DIR
-    cfg.backbone.dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
-    cfg.validate()
+    cfg.backbone.dtype = dtype if dtype in _STORED_DTYPES else "float32"
+    try:
+        cfg.validate()
+    except ValueError as e:  # e.g. a parallel_num that is no square: a patch has none
+        raise ValueError(f"{url}: {e}") from None
     return cfg
 
 
@@ -220,10 +225,11 @@ def import_release(src: str, out: str) -> ModelConfig:
     llm_config = _read_json(llm_config_url)
     cfg = release_model_config(src, llm_config, decoder.downsample_factor, layout)
     model = _meta_model(cfg, llm_config, llm_config_url)
-    extra = release_extra_weights(src, model, layout)
-    if decoder.config.z_channels != cfg.head.bits:
+    if decoder.config.z_channels != cfg.head.bits:  # before the head's weights are blamed
         raise ValueError(f"{src}: the image tokenizer makes {decoder.config.z_channels}-bit "
-                         f"tokens, the head ({layout.head_config}) predicts {cfg.head.bits}")
+                         f"tokens ({layout.ae_config}), the head ({layout.head_config}) predicts "
+                         f"{cfg.head.bits}")
+    extra = release_extra_weights(src, model, layout)
     llm_files = {n: u for n, u in _llm_files(src, layout).items()
                  if not n.endswith(_PICKLED_SUFFIXES)}  # never read, so never shipped
 
@@ -232,6 +238,8 @@ def import_release(src: str, out: str) -> ModelConfig:
         for name, url in llm_files.items():
             _place(url, os.path.join(tmp, LLM_DIR, name))
         _check_llm_weights(llm_files, os.path.join(tmp, LLM_DIR), model, llm_config_url)
+        _pin_dtype(os.path.join(tmp, LLM_DIR, posixpath.basename(layout.llm_config)),
+                   cfg.backbone.dtype)
         _check_text_tokenizer(os.path.join(tmp, LLM_DIR), cfg, llm_config.get("vocab_size"), src,
                               release_num_res(decoder.downsample_factor), layout.head_config)
         save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, WEIGHTS_NAME))
@@ -239,6 +247,18 @@ def import_release(src: str, out: str) -> ModelConfig:
             f.write(to_yaml(cfg))
         save_tokenizer(decoder, os.path.join(tmp, EXPORT_IMAGE_TOKENIZER_DIR))
     return cfg
+
+
+def _pin_dtype(config_path: str, dtype: str) -> None:
+    """The placed LLM config.json with a dtype transformers can load: "auto" (legal on the hub)
+    makes this transformers fail on load; the export loads it as the model config says."""
+    with open(config_path) as f:
+        config = json.load(f)
+    unusable = [k for k in ("torch_dtype", "dtype") if config.get(k) == "auto"]
+    if unusable:
+        config.update({k: dtype for k in unusable})
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
 
 
 def _check_llm_weights(llm_files: dict[str, str], placed: str, model: BitDanceModel,
@@ -269,7 +289,9 @@ def _check_llm_weights(llm_files: dict[str, str], placed: str, model: BitDanceMo
         names_of.setdefault(id(param), []).append(key)
     for names in names_of.values():
         saved = [k for k in names if k in found] or names[:1]  # none saved: name the first
-        if any(k in found and not torch.equal(found[k], found[saved[0]]) for k in saved):
+        # NaN equal to NaN: a non-finite value is state_dict_problems' to name, not a tie's
+        if any(not torch.equal(found[k].nan_to_num(), found[saved[0]].nan_to_num())
+               for k in saved[1:]):
             problems.append(f"{' and '.join(saved)} differ, but the config ties them "
                             f"(tie_word_embeddings): the model would use only one")
         for key in names:
@@ -308,11 +330,14 @@ def _meta_model(cfg: ModelConfig, llm_config: dict, url: str) -> BitDanceModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(llm_config)
+    for key in ("torch_dtype", "dtype"):  # "auto" (legal on the hub) is no torch attribute;
+        if kwargs.get(key) == "auto":  # release_model_config reads it as float32
+            kwargs.pop(key)
     try:
         hf_config = AutoConfig.for_model(kwargs.pop("model_type", ""), **kwargs)
         with torch.device("meta"):
             llm = AutoModelForCausalLM.from_config(hf_config)
-    except (ValueError, KeyError, TypeError) as e:  # e.g. an unknown model type, an int dtype
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # an unknown model type, ...
         raise ValueError(f"{url}: not a Hugging Face causal-LM config ({e})") from None
     with torch.device("meta"):
         return BitDanceModel(cfg, llm)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from bdt.cli import main
 from bdt.generation.bitdance_release import import_release
 from bdt.generation.trained import load_trained
+from bdt.model.ar import BitDanceModel
 from bdt.model.keymap import HEAD_CONFIG, HEAD_WEIGHTS, PROJECTOR_WEIGHTS, split_bitdance_state_dict
 
 import mllm_tiny
@@ -126,6 +127,12 @@ def _head_config(release, **changes) -> dict:
     ("model.safetensors", "pickled LLM", ValueError, "has no safetensors weights"),
     ("config.json", "tied but different", ValueError,
      "model.embed_tokens.weight and lm_head.weight differ, but the config ties them"),
+    ("config.json", "no dtype", ValueError, "config.json: not a Hugging Face causal-LM config"),
+    # a NaN once read as a tie mismatch too (NaN != NaN), naming an untied tensor
+    ("model.safetensors", "nan llm", ValueError, "NaN or inf values [model.norm.weight]"),
+    (HEAD_CONFIG, "P 8", ValueError, f"{HEAD_CONFIG}: model.parallel_num"),
+    # once blamed on the projector's weights, whose shapes follow ch_target
+    (HEAD_CONFIG, "ch_target", ValueError, "(ae_config.json), the head (vision_head_config.json)"),
 ])
 def test_a_bad_release_fails_naming_the_problem_and_writes_nothing(release, tmp_path, name, content,
                                                                     error, named):
@@ -152,10 +159,29 @@ def test_a_bad_release_fails_naming_the_problem_and_writes_nothing(release, tmp_
         content = _llm_as_pickle
     elif content == "tied but different":
         content = {**json.loads((release / "config.json").read_text()), "tie_word_embeddings": True}
+    elif content == "no dtype":
+        content = {**json.loads((release / "config.json").read_text()), "dtype": "float17"}
+    elif content == "nan llm":
+        llm = load_file(release / "model.safetensors")
+        content = {**llm, "model.norm.weight": llm["model.norm.weight"] * float("nan")}
+    elif content == "P 8":
+        content = _head_config(release, parallel_num=8)
+    elif content == "ch_target":
+        content = _head_config(release, ch_target=_head_config(release)["ch_target"] * 2)
     src, out = _broken_copy(release, tmp_path, name, content), tmp_path / "export"
-    with pytest.raises(error, match=re.escape(named)):
+    with pytest.raises(error, match=re.escape(named)) as raised:
         import_release(src, str(out))
+    assert "ties them" not in str(raised.value) or "ties them" in named
     assert not out.exists() and not (tmp_path / "export.tmp").exists()
+
+
+def test_a_release_whose_llm_dtype_is_auto_imports_and_loads(release, tmp_path):
+    """"auto" is legal in a hub config.json; it crashed the import with an AttributeError."""
+    config = {**json.loads((release / "config.json").read_text()), "dtype": "auto",
+              "torch_dtype": "auto"}
+    src, out = _broken_copy(release, tmp_path, "config.json", config), tmp_path / "export"
+    assert import_release(src, str(out)).backbone.dtype == "float32"
+    assert BitDanceModel.from_pretrained(str(out)).llm.dtype == torch.float32
 
 
 def test_an_export_with_corrupt_weights_names_the_file(exported, tmp_path):
