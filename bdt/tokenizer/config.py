@@ -155,4 +155,9 @@ class TokenizerConfig:
         if unknown:
             raise ValueError(f"tokenizer config: unknown key(s) {unknown}; known keys: {sorted(names)} "
                              f"(or the released form with 'ddconfig' + 'gan_decoder')")
+        z = flat.get("z_channels", cls.z_channels)
+        if "entropy_group_size" not in flat and _has_type(z, "int") and z > 0:
+            # The groups only shape the training loss; a released VQModel of 12 bits builds and
+            # runs, so a config that does not say takes the largest group (<= 8) dividing z.
+            flat["entropy_group_size"] = math.gcd(z, cls.entropy_group_size)
         return cls(**flat).validate()

@@ -206,6 +206,14 @@ def test_config_forms_and_errors():
         TokenizerConfig.from_dict({"chmult": [1, 2]})
     with pytest.raises(ValueError, match="multiple of entropy_group_size"):
         TokenizerConfig(**{**TINY, "z_channels": 12}).validate()
+    # A config that does not name the loss's groups (the release's) takes ones dividing z: a
+    # released 12-bit VQModel builds and runs (once refused for the training loss's sake).
+    twelve = {**released, "ddconfig": {**released["ddconfig"], "z_channels": 12}}
+    assert TokenizerConfig.from_dict(twelve).entropy_group_size == 4
+    assert BinaryAutoencoder(TokenizerConfig.from_dict(twelve)).encode(
+        torch.zeros(1, 3, 8, 8)).shape == (1, 2, 2, 12)
+    with pytest.raises(ValueError, match="multiple of entropy_group_size"):
+        TokenizerConfig.from_dict({**TINY, "z_channels": 12, "entropy_group_size": 8})
     with pytest.raises(ValueError, match="multiple of norm_groups=32"):
         TokenizerConfig(ch=48, ch_mult=[1, 2]).validate()
     TokenizerConfig(ch=48, ch_mult=[1, 2], norm_groups=8).validate()
