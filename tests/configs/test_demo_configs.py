@@ -1,10 +1,12 @@
 """The demo's training configs: the CPU one and the GPU overlay scripts/demo.sh layers on it when
 torch sees a GPU load, validate, and keep the stage layout the token shards are extracted for."""
 
-
+import pytest
 from omegaconf import OmegaConf
 
 from bdt.config import load
+from bdt.extract.config import ExtractConfig, stage_name
+from bdt.extract.config import validate as validate_extract
 from bdt.training.ar.config import TrainConfig, validate
 from testkit import REPO
 
@@ -26,3 +28,18 @@ def test_gpu_overlay_keeps_the_demo_stages_and_scales_the_rest():
     assert gpu.deepspeed.precision == "bf16" and cpu.deepspeed.precision == "fp32"
     assert min(s.token_budget for s in gpu.stages) > 8 * max(s.token_budget for s in cpu.stages)
     assert gpu.model.head.width > cpu.model.head.width
+
+
+@pytest.mark.parametrize("extract, train", [("demo.yaml", "demo.yaml"),
+                                            ("progressive.yaml", "ar_progressive.yaml")])
+def test_each_recipe_extracts_the_families_its_training_reads(extract, train):
+    """The README's chain extracted shapes.yaml's 64/128 px families for ar_progressive's
+    256/512/1024 stages: training refused it at start."""
+    ext = load(ExtractConfig, [str(REPO / "configs/extract" / extract)],
+               ["inputs=/in/*.tar", "output=/out", "tokenizer=/tok"])
+    validate_extract(OmegaConf.to_object(ext))
+    cfg = OmegaConf.to_object(load(TrainConfig, [str(REPO / "configs/train" / train)],
+                                   ["run_dir=/tmp/r", "data.root=/tmp/tokens",
+                                    "data.tokenizer=/tok", "model.backbone.path=/llm"]))
+    assert {s.family for s in cfg.stages} == {stage_name(s) for s in ext.stages}
+    assert ext.patch_size ** 2 == cfg.model.parallel_num  # bucket sides fit the model's patches

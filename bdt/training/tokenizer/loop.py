@@ -363,7 +363,7 @@ def _read_shared(ckpt: CheckpointManager, tag: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args, _ = split_launcher_args(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="tokenizers/train.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tokenizers/train.py", description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
     parser.add_argument("--export-only", action="store_true",
                         help="export the newest checkpoint's EMA weights to <run_dir>/export and exit")
