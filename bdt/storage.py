@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import json
+import logging
 import os
 import posixpath
 import re
@@ -26,6 +28,8 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from bdt.processes import WRITER_TAG_PATTERN, writer_gone, writer_tag
+
+log = logging.getLogger(__name__)
 
 
 def is_remote(url: str) -> bool:
@@ -272,6 +276,9 @@ def check_writable(url: str) -> None:
 
 
 STAGING_NAME = ".bdt-staging"  # staged_dir's folder inside an existing output directory
+# In that folder while its entries move out: their names. A kill mid-move leaves a half output
+# that the next writer there takes back out (`_undo_interrupted_move`), so it starts as before.
+MOVING_NAME = ".bdt-moving.json"
 
 
 def refuse_nonempty_dir(path: str, hint: str = "", overwrite: bool = False) -> None:
@@ -293,6 +300,8 @@ def refuse_nonempty_dir(path: str, hint: str = "", overwrite: bool = False) -> N
             why = "not a directory" if not os.path.isdir(ancestor) else "not writable"
             raise OSError(f"cannot create {path}: {ancestor} is {why}")
         return
+    if os.path.isdir(path):
+        _undo_interrupted_move(os.path.realpath(path))
     if os.path.isdir(path) and (overwrite or set(os.listdir(path)) <= {STAGING_NAME}):
         return
     what = "exists and is not empty" if os.path.isdir(path) else "exists and is not a directory"
@@ -317,13 +326,15 @@ def _refuse_nonempty_remote(url: str, hint: str, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(path: str, overwrite: bool = False) -> Iterator[str]:
+def staged_dir(path: str, overwrite: bool = False, last: str = "") -> Iterator[str]:
     """A directory written in one go: yields a local staging folder to write into and moves what
     it holds to `path` when the block ends; an exception removes it and leaves `path` as it was.
     A new local `path` appears whole (one rename of `.NAME.bdt-staging` beside it). An existing
     one, which must be empty unless `overwrite`, stays the same directory (its permissions, a
     volume mounted there, a shell inside it) and takes each entry from `path/.bdt-staging` by one
-    rename, replacing the entry of that name; others stay. A link is followed to its folder.
+    rename, replacing the entry of that name; others stay; `last` (a completion marker the
+    caller's readers check, e.g. eval.json) moves after the rest. A kill during those renames is
+    undone by the next writer there (refuse_nonempty_dir). A link is followed to its folder.
     A remote `path` is staged under the system temp dir and uploaded once the block ends (an
     object store has no rename: a crash during the upload leaves part of it there)."""
     refuse_nonempty_dir(path, overwrite=overwrite)
@@ -344,15 +355,19 @@ def staged_dir(path: str, overwrite: bool = False) -> Iterator[str]:
         if not os.path.lexists(final):
             os.replace(tmp, final)
             return
-        for name in os.listdir(tmp):
+        names = sorted(os.listdir(tmp), key=lambda n: (n == last, n))
+        write_bytes_atomic(os.path.join(tmp, MOVING_NAME), json.dumps(names).encode())
+        for name in names:
             source, target = os.path.join(tmp, name), os.path.join(final, name)
             if os.path.isdir(target) and not os.path.islink(target):
                 shutil.rmtree(target)
             elif os.path.isdir(source) and os.path.lexists(target):
                 os.remove(target)
             os.replace(source, target)
+        os.remove(os.path.join(tmp, MOVING_NAME))
         os.rmdir(tmp)
     except BaseException:
+        _undo_interrupted_move(final)  # a failed rename: what moved goes back out
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -370,6 +385,32 @@ def _staged_remote(url: str) -> Iterator[str]:
         fs.put(tmp + "/", root, recursive=True)  # the trailing '/': its contents
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _undo_interrupted_move(final: str) -> None:
+    """Remove what a killed staged_dir had moved into `final` (the entries its record names that
+    left the staging folder), then the folder: `final` is as before that write, less any entry
+    of the same name it replaced."""
+    staging = os.path.join(final, STAGING_NAME)
+    record = os.path.join(staging, MOVING_NAME)
+    if os.path.islink(staging) or not os.path.isfile(record):
+        return
+    try:
+        names = json.loads(read_bytes(record))
+    except ValueError:  # torn: the record is written atomically, so not by bdt
+        return
+    moved = [n for n in names if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")
+             and not os.path.lexists(os.path.join(staging, n))
+             and os.path.lexists(os.path.join(final, n))]
+    for name in moved:
+        target = os.path.join(final, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        else:
+            os.remove(target)
+    shutil.rmtree(staging)
+    log.warning("%s: removed the partial output of an interrupted write (%d of %d entries had "
+                "been moved in)", final, len(moved), len(names))
 
 
 def _remove_stale_staging(tmp: str) -> None:

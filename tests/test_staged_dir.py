@@ -190,6 +190,60 @@ def test_a_writer_killed_midway_leaves_nothing_and_a_rerun_succeeds(tmp_path, ex
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+_KILLED_MID_MOVE = """
+import os, signal, sys
+from bdt import storage
+out, kill_at = os.path.realpath(sys.argv[1]), int(sys.argv[2])
+moves, real_replace = [], os.replace
+def replace(source, target):
+    if os.path.dirname(target) == out:  # one entry out of the staging folder
+        moves.append(target)
+        if len(moves) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(source, target)
+os.replace = replace
+with storage.staged_dir(out, overwrite=True, last="report.json") as tmp:
+    for name in ("a.png", "b.png", "images", "report.json"):
+        open(os.path.join(tmp, name), "w").write("new")
+"""
+
+
+@pytest.mark.parametrize("kill_at", [2, 4])
+def test_a_kill_while_entries_move_in_is_undone_by_the_next_writer(tmp_path, kill_at):
+    """A kill between the renames into an existing --out left part of the output there, which a
+    rerun refused as a non-empty directory, or (the report first) took as complete."""
+    out = tmp_path / "out"
+    _write(out, {"mine.txt": "keep"})
+    proc = subprocess.run([sys.executable, "-c", _KILLED_MID_MOVE, str(out), str(kill_at)])
+    assert proc.returncode == -signal.SIGKILL
+    moved = {p.name for p in out.iterdir()} - {"mine.txt", storage.STAGING_NAME}
+    assert len(moved) == kill_at - 1 and "report.json" not in moved  # the marker moves last
+    storage.refuse_nonempty_dir(str(out), overwrite=True)  # the next writer takes them out
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    with storage.staged_dir(str(out), overwrite=True, last="report.json") as tmp:
+        _write(type(tmp_path)(tmp), {"a.png": "2", "report.json": "2"})
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "mine.txt", "report.json"]
+
+
+def test_a_failed_rename_takes_back_what_moved(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    real_replace, moves = os.replace, []
+
+    def replace(source, target):
+        if os.path.dirname(target) == str(out):
+            moves.append(target)
+            if len(moves) == 2:
+                raise OSError("disk full")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        with storage.staged_dir(str(out)) as tmp:
+            _write(type(tmp_path)(tmp), {"a.txt": "1", "b.txt": "2", "c.txt": "3"})
+    assert list(out.iterdir()) == []
+
+
 def test_a_reader_never_sees_a_missing_or_partial_file_while_it_is_rewritten(tmp_path):
     """As a sampler reading <run>/backbone/ while a restarting trainer rewrites it: every file
     is always there, whole, old or new."""

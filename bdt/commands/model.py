@@ -104,8 +104,9 @@ def _init_tiny(args: argparse.Namespace) -> int:
     check_tiny_args(args)
     check_new_output(args)
     captions = read_captions(args.captions_from, args.max_captions)
-    # Staged: a killed run leaves no half model that a rerun would have to --overwrite.
-    with storage.staged_dir(args.out, overwrite=args.overwrite) as tmp:
+    # Staged: a killed run leaves no half model that a rerun would have to --overwrite; the
+    # weights move in last (scripts/demo.sh skips the step on them).
+    with storage.staged_dir(args.out, overwrite=args.overwrite, last="model.safetensors") as tmp:
         make_tiny_llm(tmp, captions, arch=args.arch, hidden=args.hidden, layers=args.layers,
                       heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate,
                       vocab_size=args.vocab_size, max_position_embeddings=args.max_positions,
