@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -78,6 +79,14 @@ def expand_shards(spec: str) -> list[str]:
         raise ValueError(f"data.shards: no shard found for '{spec}'" if not urls else
                          f"data.shards: {len(missing)} shard(s) do not exist, e.g. {missing[0]}")
     return urls
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """A SIGTERM to the process group (SLURM, Kubernetes) reaches the workers too: the trainer
+    stops at its next step boundary and saves, which a worker killed under it turned into a
+    crash mid-save. Torch ends the workers when the trainer is done (or gone)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def decode_image(data: bytes, size: int, resize: int = 0, rng: np.random.Generator | None = None,
@@ -245,5 +254,6 @@ def make_loader(cfg: RawDataConfig, batch_size: int, rank: int, world_size: int,
     # resume, then drawn again) would shift every later random draw of the training step.
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                         prefetch_factor=2 if cfg.num_workers > 0 else None,
-                        persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed))
+                        persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed),
+                        worker_init_fn=_ignore_stop_signals)
     return loader, StreamState(positions)

@@ -101,6 +101,25 @@ def test_fewer_shards_than_workers_split_by_sample(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_sigterm_to_the_process_group_leaves_the_workers_serving(tmp_path):
+    """SLURM and Kubernetes signal every process of the job: a worker that died of it crashed
+    the tokenizer trainer mid-save, where the trainer itself stops at a step boundary."""
+    import os
+    import signal
+
+    urls = _write_shards(str(tmp_path), num_shards=2, per_shard=4)
+    loader, _ = make_loader(RawDataConfig(shards=",".join(urls), size=16, num_workers=1),
+                            batch_size=2, rank=0, world_size=1)
+    batches = iter(loader)
+    next(batches)
+    workers = [w.pid for w in batches._workers]
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    assert [b["images"].shape for b in itertools.islice(batches, 6)] == [(2, 3, 16, 16)] * 6
+    del batches
+
+
+@pytest.mark.slow
 def test_s3_shards_with_dataloader_workers(s3_bucket):
     _write_shards(storage.join(s3_bucket, "raw"), num_shards=4, per_shard=4)
     cfg = RawDataConfig(shards=storage.join(s3_bucket, "raw", "raw-*.tar"), size=16, num_workers=2)
