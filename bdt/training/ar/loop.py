@@ -304,7 +304,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
         logger.close()
         if keylog:
             keylog.close()
-    counters = vars(stream.counters) if stream else {}
+    # A run resumed at its last step builds no stream: its counters are the checkpoint's.
+    counters = vars(stream.counters) if stream else \
+        dict((stream_state[1] or {}).get("counters", {})) if stream_state else {}
     every_rank = all_gather_object(counters)  # each rank reads its own shards
     summary = {"step": step, "stopped": stopped, "timed_out": timed_out, "saved_step": saved_step,
                "seen": seen, "stream": counters,

@@ -111,6 +111,12 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
     trained = [untimed(r) for r in records if "loss" in r]
     assert trained == [untimed(ref["metrics"][step]) for step in sorted(ref["metrics"])]
     assert sum("params" in r for r in records) == 1  # logged by the fresh start only
+    # 5. a rerun of the finished run resumes at its last step and runs none: its summary kept
+    #    the stream's counts (once "stream": {}, as after a kill between COMPLETE and export)
+    assert spawn_train(argv(data, tmp_path)) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stream"] == ref["summary"]["stream"] and summary["stream"]["batches"] > 0
+    assert summary["stream_all_ranks"] == ref["summary"]["stream_all_ranks"]
 
 
 def test_a_diverging_run_stops_both_ranks_before_saving_the_bad_step(data, tmp_path, capfd):
