@@ -5,6 +5,7 @@ process's start time (psutil's `create_time`, seconds since the epoch)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 
 import psutil
@@ -44,3 +45,21 @@ def writer_gone(pid: str, started_ms: str, host: str) -> bool:
     """Whether the writer a tag names ran on this host and has ended (another host's writer is
     not known to be gone: this host cannot see its processes)."""
     return host == host_tag() and not running(int(pid), int(started_ms) / 1000)
+
+
+def exit_with_parent() -> None:
+    """In a pool worker (an initializer): exit as soon as the process that started it does. A
+    parent killed by a signal never shuts its pool down, and the workers would wait for tasks
+    on its queue forever."""
+    import multiprocessing
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # waits on the parent's sentinel: returns when it has exited
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -23,6 +23,7 @@ from bdt import storage
 from bdt.config import save_resolved
 from bdt.data.shapes import ShapesConfig, make_sample, parse_size
 from bdt.data.tars import ShardWriter
+from bdt.processes import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def generate(cfg: ShapesConfig) -> dict:
                 entries[shard] = write_shard(cfg, shard, progress)
         else:
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(min(cfg.workers, num_shards), mp_context=ctx) as pool:
+            with ProcessPoolExecutor(min(cfg.workers, num_shards), mp_context=ctx,
+                                     initializer=exit_with_parent) as pool:
                 jobs = {pool.submit(_write_shard_in_worker, asdict(cfg), shard): shard
                         for shard in range(num_shards)}
                 try:

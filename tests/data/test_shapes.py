@@ -213,3 +213,31 @@ def test_console_script_reports_bad_size(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "bdt data: error: size '64x9999': width and height must be in [32, 4096] px"]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_workers_exit_when_the_generator_is_killed(tmp_path):
+    """SIGKILL (or a default-handled SIGTERM) of `bdt data shapes --workers 2` left its pool's
+    processes waiting for tasks forever."""
+    import signal
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "bdt.cli", "data", "shapes", "--out",
+                             str(tmp_path / "out"), "--num", "4000", "--per-shard", "100",
+                             "--size", "32", "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((tmp_path / "out").glob("*.tar")) and time.monotonic() < deadline:
+            time.sleep(0.2)  # the pool at work: its workers have taken tasks
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) >= 2
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=20)
+    for p in alive:
+        p.kill()
+    assert not alive, [p.pid for p in alive]
