@@ -71,7 +71,8 @@ def valid_marker(root: str, stage: str, index: int, source: str, fp: str) -> dic
     """The marker if the shard it describes is complete and was made with fingerprint `fp`.
 
     Raises ValueError when a valid-looking marker belongs to another configuration or source:
-    mixing two tokenizers in one output family must never happen silently.
+    mixing two tokenizers in one output family must never happen silently. A marker whose
+    index or counts disagree (edited by hand) describes no shard: the unit is redone.
     """
     marker = read_json(marker_url(root, stage, index))
     if not isinstance(marker, dict) or marker.get("schema") != MARKER_SCHEMA:
@@ -81,6 +82,10 @@ def valid_marker(root: str, stage: str, index: int, source: str, fp: str) -> dic
             f"{marker_url(root, stage, index)} was written from source {marker.get('source')} with "
             f"fingerprint {marker.get('fingerprint')}, this run has {source} / {fp} (tokenizer, buckets "
             f"or preprocessing changed): write to a new output directory")
+    counts = [marker.get(k) for k in ("inputs", "samples", "rejected")]
+    if marker.get("index") != index or not all(type(c) is int and c >= 0 for c in counts) \
+            or counts[0] != counts[1] + counts[2]:
+        return None
     try:
         sha, size = storage.sha256(shard_url(root, stage, index))
         if marker.get("rejected"):
