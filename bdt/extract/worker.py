@@ -176,6 +176,7 @@ class ShardEncoder:
         for stage in stages:
             markers[stage] = {"schema": mf.MARKER_SCHEMA, "index": unit.index, "source": unit.name,
                               "fingerprint": self.fingerprint, "samples": shards[stage].count,
+                              "input_version": unit.version,
                               "inputs": inputs, "rejected": len(rejects), "rejects_sha256": rejects_sha,
                               "bytes": shards[stage].size, "sha256": shards[stage].sha256}
             storage.write_bytes_atomic(mf.marker_url(root, stage, unit.index), mf.json_bytes(markers[stage]))

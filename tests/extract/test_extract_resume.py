@@ -10,15 +10,31 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
-from extract_rawdata import good_samples, write_tar
+from extract_rawdata import good_samples, image_bytes, write_tar
 
 from bdt.config import load, to_dict
+from bdt.data.token_shards import iter_token_shard
 from bdt.extract import manifest as mf
 from bdt.extract import run as R
 from bdt.extract.config import ExtractConfig
 from bdt.extract.worker import ShardEncoder
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory) -> str:
+    """The conftest's tiny tokenizer with other random weights: another fingerprint."""
+    import torch
+
+    from bdt.tokenizer import BinaryAutoencoder, TokenizerConfig, save_tokenizer
+
+    torch.manual_seed(1)
+    model = BinaryAutoencoder(TokenizerConfig(ch=32, ch_mult=[1, 1, 1], num_res_blocks=1, z_channels=16))
+    path = str(tmp_path_factory.mktemp("tokenizer2"))
+    save_tokenizer(model, path)
+    return path
 
 
 def _cfg(inputs: str, output: str, tokenizer: str) -> ExtractConfig:
@@ -49,6 +65,18 @@ def three_units(tmp_path, tiny_tokenizer) -> ExtractConfig:
     return cfg
 
 
+def test_a_damaged_first_marker_does_not_hide_another_tokenizers_shards(three_units, other_tokenizer):
+    """Only the first marker was read: with it damaged, a rerun with another tokenizer rebuilt
+    unit 0 with it, and the family held shards of two tokenizers."""
+    out = three_units.output
+    with open(mf.marker_url(out, "32", 0), "w") as f:
+        f.write('{"schema": 1, "fingerp')
+    before = _state(out)
+    with pytest.raises(ValueError, match=r"32/000001.done.json was made with fingerprint \w+, this run's"):
+        _extract(_cfg(three_units.inputs, out, other_tokenizer))
+    assert _state(out) == before
+
+
 def test_a_marker_edited_by_hand_is_redone_not_trusted(three_units):
     """Marker 1 saying it is unit 2 with 999 samples went into index.json as a second shard 2."""
     out = three_units.output
@@ -65,3 +93,31 @@ def test_a_marker_edited_by_hand_is_redone_not_trusted(three_units):
         ("32/000000.tar", 2), ("32/000001.tar", 2), ("32/000002.tar", 2)]
 
 
+def test_an_input_replaced_in_place_is_refused_until_its_marker_goes(three_units):
+    """The plan recorded names only: a tar rewritten with other samples kept its old shard."""
+    out, src = three_units.output, three_units.inputs.replace("{0..2}", "1")
+    write_tar(src, good_samples("new_", 3, 50))
+    before = _state(out)
+    with pytest.raises(ValueError, match=rf"input {src} changed since {out}/32/000001.done.json was made "
+                                         rf"from it .*delete {out}/\*/000001.done.json to redo that unit"):
+        _extract(three_units)
+    assert _state(out) == before
+    os.remove(mf.marker_url(out, "32", 1))
+    assert _extract(three_units)["skipped_units"] == 2
+    keys = sorted(s.source_key for s in iter_token_shard(mf.shard_url(out, "32", 1)))
+    assert keys == ["new_0000", "new_0001", "new_0002"]
+
+
+def test_a_folder_caption_changed_in_place_is_refused(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"p{i}.png").write_bytes(image_bytes(40, 40, seed=i))
+        (folder / f"p{i}.txt").write_text("a caption")
+    cfg = _cfg(str(folder), str(tmp_path / "out"), tiny_tokenizer)
+    _extract(cfg)
+    (folder / "p1.txt").write_text("another, longer caption")
+    with pytest.raises(ValueError, match=f"input {folder}#000000 changed since"):
+        _extract(cfg)
+    shutil.rmtree(tmp_path / "out")
+    assert _extract(cfg)["stages"]["32"]["samples"] == 2
