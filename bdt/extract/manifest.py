@@ -38,6 +38,9 @@ INDEX_NAME = "index.json"
 PLAN_NAME = "plan.json"
 REJECTS_NAME = "rejects.jsonl"
 LOCK_NAME = "lock.json"
+REJECTS_DIR = "rejects"
+# The output's own entries: a stage (family) directory of one of these names would clash.
+RESERVED_NAMES = (INDEX_NAME, PLAN_NAME, REJECTS_NAME, LOCK_NAME, RESOLVED_CONFIG_NAME, REJECTS_DIR)
 
 
 def shard_url(root: str, stage: str, index: int) -> str:
@@ -49,7 +52,7 @@ def marker_url(root: str, stage: str, index: int) -> str:
 
 
 def rejects_url(root: str, index: int) -> str:
-    return storage.join(root, "rejects", f"{index:06d}.jsonl")
+    return storage.join(root, REJECTS_DIR, f"{index:06d}.jsonl")
 
 
 def json_bytes(obj: Any) -> bytes:
