@@ -44,10 +44,18 @@ def resolve_stages(cfg: ExtractConfig, downsample_factor: int) -> dict[str, list
 
 def _token_geometry(tokenizer: str) -> dict[str, int]:
     from bdt.tokenizer.config import TokenizerConfig
+    from bdt.tokenizer.io import _resolve  # load_tokenizer's rule: config.json, or the release's ae_config.json
 
-    config = mf.read_json(storage.join(tokenizer, "config.json"))
+    fs, path = storage.filesystem(tokenizer)
+    if fs.isfile(path):
+        # The manifest identifies the tokenizer by every file of its directory (tokenizer_identity).
+        raise ValueError(f"tokenizer: {tokenizer} is a file; give the directory holding it and its "
+                         f"config (config.json + model.safetensors, or the release's ae.safetensors + "
+                         f"ae_config.json)")
+    config_url = _resolve(tokenizer, need_config=True)[1]
+    config = mf.read_json(config_url)
     if config is None:
-        raise FileNotFoundError(f"tokenizer: no readable config.json in {tokenizer}")
+        raise FileNotFoundError(f"tokenizer: {config_url} is not readable JSON")
     tc = TokenizerConfig.from_dict(config)
     return {"downsample_factor": tc.downsample_factor, "bits_per_token": tc.bits_per_token}
 
@@ -59,8 +67,7 @@ def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[i
     validate(cfg)
     geometry = _token_geometry(cfg.tokenizer)
     stages = resolve_stages(cfg, geometry["downsample_factor"])
-    units = inp.list_units(cfg.inputs, cfg.input_format, cfg.folder_shard_size,
-                           [e.lower() for e in cfg.image_extensions])
+    units = inp.list_units(cfg.inputs, cfg.input_format, cfg.folder_shard_size, list(cfg.image_extensions))
     storage.check_writable(cfg.output)
     mf.remove_stale_root_temps(cfg.output)  # a killed run's half-written files
     identity = dict(tokenizer_identity(cfg.tokenizer), **geometry)

@@ -3,7 +3,9 @@ the key, before the output is touched; values with two spellings are made one.""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 from extract_rawdata import good_samples, image_bytes, write_tar
@@ -63,3 +65,19 @@ def test_filters_that_could_never_pass_an_image_are_refused(tmp_path, tiny_token
     with pytest.raises(ValueError, match=message):
         plan(cfg)
     assert not os.path.exists(cfg.output)
+
+
+def test_a_release_layout_tokenizer_works_and_its_weights_file_is_refused(tmp_path, tiny_tokenizer):
+    """load_tokenizer reads ae.safetensors + ae_config.json; planning looked for config.json only
+    and failed, and a weights-file path failed with NotADirectoryError."""
+    release = tmp_path / "release"
+    release.mkdir()
+    shutil.copy(os.path.join(tiny_tokenizer, "model.safetensors"), release / "ae.safetensors")
+    shutil.copy(os.path.join(tiny_tokenizer, "config.json"), release / "ae_config.json")
+    units, stages, identity, _ = plan(_cfg(tmp_path, str(release)))
+    assert len(units) == 1 and identity["downsample_factor"] == 4
+    assert set(identity["sha256"]) == {"ae.safetensors", "ae_config.json"}
+    weights = str(release / "ae.safetensors")
+    with pytest.raises(ValueError, match=f"tokenizer: {weights} is a file; give the directory holding it"):
+        plan(_cfg(tmp_path, weights))
+    assert json.load(open(tmp_path / "out" / "plan.json"))["units"][0]["source"] == str(tmp_path / "in.tar")
