@@ -110,6 +110,8 @@ def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts:
     urls = storage.expand_urls(spec)
     if not urls:
         raise ValueError(f"inputs: nothing matches '{spec}'")
+    seen: set[str] = set()  # one input named twice (a.tar,./a.tar, a link) is read once, as first spelled
+    urls = [u for u in urls if not (_same_file(u) in seen or seen.add(_same_file(u)))]
     _refuse_undecodable_names(urls, "input")
     if input_format not in ("auto", "tar", "folder"):
         raise ValueError(f"input_format: expected auto, tar or folder, got '{input_format}'")
@@ -178,6 +180,29 @@ def _chunk_version(listing: dict[str, dict], chunk: list[str]) -> str:
     stems = {_split_ext(rel)[0] for rel in chunk}
     parts = [(rel, _version(info)) for rel, info in sorted(listing.items()) if _split_ext(rel)[0] in stems]
     return hashlib.sha256(json.dumps(parts).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _same_file(url: str) -> str:
+    """One spelling per input: local paths resolved (links, '..', './', '//', relative), remote
+    URLs with empty and '.' path segments dropped."""
+    if storage.is_remote(url):
+        scheme, _, rest = url.partition("://")
+        return scheme + "://" + "/".join(p for p in rest.split("/") if p not in ("", "."))
+    return os.path.realpath(storage.filesystem(url)[1])
+
+
+def refuse_output_inside(units: list[InputUnit], output: str) -> None:
+    """A local output inside a folder input would be listed as that folder's files: the job's
+    own shards and manifest, rejected as inputs on every rerun."""
+    if storage.is_remote(output):
+        return
+    out = os.path.realpath(storage.filesystem(output)[1])
+    for unit in units:
+        if unit.kind == "folder" and not storage.is_remote(unit.source):
+            root = os.path.realpath(storage.filesystem(unit.source)[1])
+            if out == root or out.startswith(root.rstrip(os.sep) + os.sep):
+                raise ValueError(f"output: {output} is inside the folder input {unit.source}; put the "
+                                 f"output outside it")
 
 
 def _refuse_undecodable_names(paths: list[str], what: str) -> None:

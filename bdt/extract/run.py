@@ -68,6 +68,7 @@ def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[i
     geometry = _token_geometry(cfg.tokenizer)
     stages = resolve_stages(cfg, geometry["downsample_factor"])
     units = inp.list_units(cfg.inputs, cfg.input_format, cfg.folder_shard_size, list(cfg.image_extensions))
+    inp.refuse_output_inside(units, cfg.output)
     storage.check_writable(cfg.output)
     mf.remove_stale_root_temps(cfg.output)  # a killed run's half-written files
     identity = dict(tokenizer_identity(cfg.tokenizer), **geometry)
