@@ -149,11 +149,7 @@ class ShardEncoder:
                     rejects.append(prepared)
                     continue
                 caption, per_stage = prepared
-                key = sample_key(item.key, keys)
-                if key in keys:  # checked here, in order: the decode threads finish out of order
-                    rejects.append(inp.Reject(item.key, unit.name, inp.DUPLICATE_KEY,
-                                              f"output key '{key}' already used in this shard"))
-                    continue
+                key = sample_key(item.key, keys)  # here, in order: decode threads finish out of order
                 keys.add(key)
                 for stage, (bucket, pixels) in per_stage.items():
                     group = (stage, bucket)
