@@ -81,3 +81,22 @@ def test_a_release_layout_tokenizer_works_and_its_weights_file_is_refused(tmp_pa
     with pytest.raises(ValueError, match=f"tokenizer: {weights} is a file; give the directory holding it"):
         plan(_cfg(tmp_path, weights))
     assert json.load(open(tmp_path / "out" / "plan.json"))["units"][0]["source"] == str(tmp_path / "in.tar")
+
+
+@pytest.mark.parametrize("key,value,shown", [
+    ("output", "tokens/out", "tokens/out"), ("inputs", "/data/a.tar,raw/in-{0..2}.tar", "raw/in-0.tar"),
+])
+def test_relative_paths_are_refused_under_ray_job_submit(tmp_path, tiny_tokenizer, monkeypatch, capsys,
+                                                        key, value, shown):
+    """The job's driver runs in Ray's temporary copy of --working-dir: a relative output landed
+    there and was lost. The job supervisor marks its driver with RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    from test_extract_inputs import _pipeline_main
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.chdir(tmp_path)
+    args = {"inputs": f"{tmp_path}/in.tar", "output": f"{tmp_path}/out", "tokenizer": tiny_tokenizer, key: value}
+    with pytest.raises(SystemExit) as exit_info:
+        _pipeline_main([f"{k}={v}" for k, v in args.items()])
+    assert exit_info.value.code == 2
+    assert f"{key}: '{shown}' is relative; under `ray job submit`" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
