@@ -63,8 +63,16 @@ def expand_urls(spec: str) -> list[str]:
     In the order given, globs sorted, duplicates dropped. Plain names are returned as they are
     (existence is the caller's check); a glob that matches nothing contributes nothing.
     """
+    # Split at the commas outside braces only: `in-{000000,000002}.tar` is one brace pattern.
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(spec):
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    parts.append(spec[start:])
     urls: list[str] = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+    for part in [p.strip() for p in parts if p.strip()]:
         for pattern in braceexpand(part):
             urls.extend(_glob(pattern) if any(c in pattern for c in "*?[") else [pattern])
     seen: set[str] = set()

@@ -24,6 +24,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bdt.config import ConfigError, fail, load, setup_logging, split_launcher_args  # noqa: E402
 
 
+def _refuse_relative_paths_in_a_ray_job(cfg) -> None:
+    """`ray job submit` runs the driver in Ray's copy of the working directory, a temp folder:
+    relative inputs would be looked for there and a relative output written there, then lost.
+    The job supervisor sets RAY_JOB_CONFIG_JSON_ENV_VAR for the driver it starts (Ray 2.60)."""
+    from braceexpand import braceexpand
+
+    from bdt import storage
+
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        return
+    for key in ("inputs", "output", "tokenizer"):
+        # Expanding the braces first leaves commas only between names.
+        paths = [p.strip() for spec in braceexpand(getattr(cfg, key)) for p in spec.split(",") if p.strip()]
+        relative = next((p for p in paths if not storage.is_remote(p) and not os.path.isabs(p)), None)
+        if relative is not None:
+            raise ValueError(f"{key}: '{relative}' is relative; under `ray job submit` the job runs in "
+                             f"Ray's temporary copy of --working-dir: give absolute or s3:// paths")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, _ = split_launcher_args(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         try:
             cfg = load(ExtractConfig, ns.config, ns.overrides)
+            _refuse_relative_paths_in_a_ray_job(cfg)
             stack.enter_context(output_lock(cfg.output))  # held until the manifest is written
             planned = plan(cfg)  # inputs, tokenizer and output are checked before Ray starts
         except (ConfigError, ValueError, OSError) as exc:

@@ -74,3 +74,9 @@ def test_remote_staged_dir_replaces_entries_whole_and_sees_other_writers(s3_buck
     assert storage.exists(out + "/images/late.png")
     assert storage.read_bytes(out + "/images/late.png") == b"late"
     assert len(storage.expand_urls(out + "/images/*.png")) == 2
+
+
+def test_expand_urls_splits_only_at_commas_outside_braces():
+    """`in-{000000,000002}.tar` was cut at its comma before brace expansion: unbalanced braces."""
+    assert storage.expand_urls("d/in-{000000,000002}.tar, e/{a,{b,c}}.tar,f.tar,") == [
+        "d/in-000000.tar", "d/in-000002.tar", "e/a.tar", "e/b.tar", "e/c.tar", "f.tar"]

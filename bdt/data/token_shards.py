@@ -19,7 +19,8 @@ feature could be cached. `TokenSample.caption_ids` is the trainer's in-memory ca
 
 Keys are the source keys with anything outside [A-Za-z0-9_-] replaced by "_" (webdataset
 splits a member name at its first dot), plus a hash of the source key where another source key
-of the shard already made that key ("a b" / "a_b", or "猫" / "狗"); they are unique within a
+of the shard already made that key ("a b" / "a_b", or "猫" / "狗"), and a counter after it
+while that is taken too; they are unique within a
 shard, and (shard, key) is unique within a family (two raw shards may reuse a key). A family
 of shards for one stage resolution lives in its own directory next to a manifest
 (bdt/extract/manifest.py).
@@ -64,12 +65,18 @@ class TokenSample:
 
 
 def sample_key(source_key: str, taken: Container[str] = ()) -> str:
-    """The shard key of a source key; one in `taken` (made from another source key) gets a hash
-    of the source key appended, so distinct samples are not lost as duplicates."""
+    """The shard key of a source key, never one in `taken`: a taken key gets a hash of the source
+    key appended, then a counter while that too is taken (another source key may be spelled
+    like it, 'a_b-<hash of "a b">'), so distinct samples are not lost as duplicates. The same
+    keys taken in the same order give the same key."""
     key = _UNSAFE_KEY_CHARS.sub("_", source_key) or "_"
-    if key in taken:
-        key += "-" + hashlib.sha256(source_key.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    return key
+    if key not in taken:
+        return key
+    hashed = key + "-" + hashlib.sha256(source_key.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    candidate, n = hashed, 1
+    while candidate in taken:
+        candidate, n = f"{hashed}-{n}", n + 1
+    return candidate
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:

@@ -66,8 +66,6 @@ def encode_dtype(cfg: ExtractConfig) -> str:
 
 def validate(cfg: ExtractConfig) -> None:
     """Raise ValueError naming the key for values the types alone don't rule out."""
-    from bdt.data.images import formats_for
-
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {list(_DTYPES)}, got '{cfg.dtype}'")
     for key in ("batch_size", "folder_shard_size", "patch_size", "min_side", "max_pixels",
@@ -86,10 +84,47 @@ def validate(cfg: ExtractConfig) -> None:
         raise ValueError(f"progress_interval_s: must be > 0, got {cfg.progress_interval_s}")
     if not cfg.image_extensions:
         raise ValueError("image_extensions: list at least one (e.g. [jpg, png])")
-    formats_for(cfg.image_extensions)  # each must name an image format PIL reads
+    _set(cfg, "image_extensions", [e.lower() for e in cfg.image_extensions])  # one form for every reader
+    _check_formats(cfg.image_extensions)
+    if cfg.min_side ** 2 > cfg.max_pixels:
+        raise ValueError(f"min_side: {cfg.min_side} px a side needs {cfg.min_side ** 2} pixels, more than "
+                         f"max_pixels {cfg.max_pixels}: every image would be rejected")
+    from bdt.extract.manifest import RESERVED_NAMES
+
     names = [stage_name(s) for s in cfg.stages]
     for i, name in enumerate(names):
-        # A family is a directory under `output`: '..' or a '/' would write outside it.
-        if name in names[:i] or name in (".", "..") or "/" in name:
-            raise ValueError(f"stages[{i}]: name '{name}' must be unique, a plain directory "
-                             f"name (no '/', not '.' or '..')")
+        # A family is a directory under `output`: '..' or a '/' would write outside it; hidden
+        # names are the output's temp files, the reserved ones its manifest, plan and rejects.
+        if name in names[:i] or name.startswith(".") or "/" in name or name in RESERVED_NAMES:
+            raise ValueError(f"stages[{i}]: name '{name}' must be unique, a plain directory name (no "
+                             f"'/', not starting with '.') and none of the output's own {list(RESERVED_NAMES)}")
+
+
+# PIL lists these but cannot read them, or reads them only through Ghostscript, a program that
+# should not run on untrusted files.
+_UNSAFE_FORMATS = {"EPS": "read through Ghostscript, unsafe on untrusted data"}
+
+
+def _check_formats(extensions: list[str]) -> None:
+    from PIL import Image
+
+    from bdt.data.images import formats_for
+
+    formats_for(extensions)  # each must name a format PIL knows
+    Image.init()
+    for ext in extensions:
+        fmt = Image.registered_extensions()[f".{ext}"]
+        why = _UNSAFE_FORMATS.get(fmt) or ("" if fmt in Image.OPEN else "PIL can write it, not read it")
+        if why:
+            raise ValueError(f"image_extensions: '{ext}' ({fmt}) is refused: {why}")
+
+
+def _set(cfg: ExtractConfig, key: str, value) -> None:
+    """Set a key of a config that bdt.config.load made read-only (or of a plain dataclass)."""
+    from omegaconf import OmegaConf, read_write
+
+    if OmegaConf.is_config(cfg):
+        with read_write(cfg):
+            setattr(cfg, key, value)
+    else:
+        setattr(cfg, key, value)

@@ -17,7 +17,11 @@ and xz archives too).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import posixpath
+import stat
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -55,6 +59,9 @@ class InputUnit:
     source: str  # tar URL, or folder root URL
     files: list[str] = field(default_factory=list)  # folder: image paths relative to `source`
     report_strays: bool = False  # folder: this unit also rejects the folder's non-image files
+    # Sizes and mtimes (ETags on S3) of what the unit reads, as listed: recorded in its markers,
+    # so a rerun refuses an input replaced in place instead of keeping its old shards.
+    version: str = ""
 
     @property
     def name(self) -> str:
@@ -64,6 +71,11 @@ class InputUnit:
         return f"{self.source}#{self.index:06d}"
 
     def to_dict(self) -> dict:
+        return dict(self.plan_entry(), version=self.version)
+
+    def plan_entry(self) -> dict:
+        """What plan.json records: which inputs make the unit. Their version is per shard, in the
+        markers, so a unit redone from a changed input takes the new one."""
         return {"index": self.index, "kind": self.kind, "source": self.source, "files": list(self.files),
                 "report_strays": self.report_strays}
 
@@ -98,30 +110,99 @@ def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts:
     urls = storage.expand_urls(spec)
     if not urls:
         raise ValueError(f"inputs: nothing matches '{spec}'")
+    seen: set[str] = set()  # one input named twice (a.tar,./a.tar, a link) is read once, as first spelled
+    urls = [u for u in urls if not (_same_file(u) in seen or seen.add(_same_file(u)))]
     _refuse_undecodable_names(urls, "input")
     if input_format not in ("auto", "tar", "folder"):
         raise ValueError(f"input_format: expected auto, tar or folder, got '{input_format}'")
     formats = [input_format if input_format != "auto" else "tar" if url.endswith(_TAR_SUFFIXES) else "folder"
                for url in urls]
-    missing = storage.missing_files([u for u, fmt in zip(urls, formats) if fmt == "tar"])
+    versions = _file_versions([u for u, fmt in zip(urls, formats) if fmt == "tar"])
+    missing = [u for u, v in versions.items() if v is None]
     if missing:
         raise ValueError(f"inputs: {len(missing)} tar shard(s) not found, e.g. {missing[0]}")
     units: list[InputUnit] = []
     for url, fmt in zip(urls, formats):
         if fmt == "tar":
-            units.append(InputUnit(len(units), "tar", url))
+            units.append(InputUnit(len(units), "tar", url, version=versions[url]))
             continue
         fs, path = storage.filesystem(url)
         if not fs.isdir(path):
             raise ValueError(f"inputs: folder not found: {url} (a tar shard must end in .tar/.tgz/.tar.gz)")
-        images = _folder_images(fs, path, image_exts)
+        listing = _folder_files(fs, path)
+        images = sorted(_images_by_stem(list(listing), image_exts).values())
         _refuse_undecodable_names([posixpath.join(url, rel) for rel in images], "image file")
         if not images:
             raise ValueError(f"inputs: folder {url} holds no images with extensions {image_exts}")
         for start in range(0, len(images), folder_shard_size):
-            units.append(InputUnit(len(units), "folder", url, images[start:start + folder_shard_size],
-                                   report_strays=start == 0))
+            chunk = images[start:start + folder_shard_size]
+            units.append(InputUnit(len(units), "folder", url, chunk, report_strays=start == 0,
+                                   version=_chunk_version(listing, chunk)))
     return units
+
+
+def _version(info: dict) -> str:
+    """Size and mtime (local) or ETag (S3; LastModified where a store has no ETag) of a listing entry."""
+    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info['size']}:{str(stamp).strip(chr(34))}"
+
+
+def _file_versions(urls: list[str]) -> dict[str, str | None]:
+    """{url: its _version, or None when it is not an existing file}. One stat per local file
+    (through symlinks); one listing per remote folder instead of a request per file."""
+    out: dict[str, str | None] = {}
+    by_parent: dict[str, list[str]] = {}
+    for url in urls:
+        if storage.is_remote(url):
+            by_parent.setdefault(url.rsplit("/", 1)[0], []).append(url)
+            continue
+        try:
+            st = os.stat(storage.filesystem(url)[1])
+        except (OSError, ValueError):  # missing, a dangling link, a name the OS refuses
+            out[url] = None
+            continue
+        out[url] = _version({"size": st.st_size, "mtime": st.st_mtime}) if stat.S_ISREG(st.st_mode) else None
+    for parent, group in by_parent.items():
+        fs, path = storage.filesystem(parent)
+        fs.invalidate_cache(path)  # s3fs caches listings: files made or changed since must be seen
+        try:
+            listing = {e["name"].rstrip("/"): e for e in fs.ls(path, detail=True) if e["type"] == "file"}
+        except (FileNotFoundError, NotADirectoryError):
+            listing = {}
+        for url in group:
+            info = listing.get(storage.filesystem(url)[1].rstrip("/"))
+            out[url] = None if info is None else _version(info)
+    return {u: out[u] for u in urls}
+
+
+def _chunk_version(listing: dict[str, dict], chunk: list[str]) -> str:
+    """One digest of the versions of a folder unit's images and their caption/metadata files."""
+    stems = {_split_ext(rel)[0] for rel in chunk}
+    parts = [(rel, _version(info)) for rel, info in sorted(listing.items()) if _split_ext(rel)[0] in stems]
+    return hashlib.sha256(json.dumps(parts).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _same_file(url: str) -> str:
+    """One spelling per input: local paths resolved (links, '..', './', '//', relative), remote
+    URLs with empty and '.' path segments dropped."""
+    if storage.is_remote(url):
+        scheme, _, rest = url.partition("://")
+        return scheme + "://" + "/".join(p for p in rest.split("/") if p not in ("", "."))
+    return os.path.realpath(storage.filesystem(url)[1])
+
+
+def refuse_output_inside(units: list[InputUnit], output: str) -> None:
+    """A local output inside a folder input would be listed as that folder's files: the job's
+    own shards and manifest, rejected as inputs on every rerun."""
+    if storage.is_remote(output):
+        return
+    out = os.path.realpath(storage.filesystem(output)[1])
+    for unit in units:
+        if unit.kind == "folder" and not storage.is_remote(unit.source):
+            root = os.path.realpath(storage.filesystem(unit.source)[1])
+            if out == root or out.startswith(root.rstrip(os.sep) + os.sep):
+                raise ValueError(f"output: {output} is inside the folder input {unit.source}; put the "
+                                 f"output outside it")
 
 
 def _refuse_undecodable_names(paths: list[str], what: str) -> None:
@@ -151,8 +232,10 @@ def _split_ext(rel: str) -> tuple[str, str]:
     return stem, ext[1:].lower()
 
 
-def _folder_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    return sorted(posixpath.relpath(p, root.rstrip("/")) for p in fs.find(root))
+def _folder_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
+    """{path relative to root: listing entry}, sorted by path."""
+    found = fs.find(root, detail=True)
+    return {posixpath.relpath(p, root.rstrip("/")): found[p] for p in sorted(found)}
 
 
 def _images_by_stem(rels: list[str], image_exts: list[str]) -> dict[str, str]:
@@ -166,16 +249,11 @@ def _images_by_stem(rels: list[str], image_exts: list[str]) -> dict[str, str]:
     return {stem: exts[next(e for e in image_exts if e in exts)] for stem, exts in found.items()}
 
 
-def _folder_images(fs: fsspec.AbstractFileSystem, root: str, image_exts: list[str]) -> list[str]:
-    """Relative paths of the image files used under root (one per stem), sorted."""
-    return sorted(_images_by_stem(_folder_files(fs, root), image_exts).values())
-
-
 def _folder_strays(fs: fsspec.AbstractFileSystem, root: str,
                    image_exts: list[str]) -> list[tuple[str, str, str]]:
     """(file, reject reason, detail) of each file in a folder that is neither a used image nor
     the caption or metadata of one."""
-    rels = _folder_files(fs, root)
+    rels = list(_folder_files(fs, root))
     used = _images_by_stem(rels, image_exts)
     out = []
     for rel in rels:

@@ -11,7 +11,9 @@
                                     (with the output folder when the run made it and left it empty)
 
 A shard counts as done only when its marker parses, was made with the same fingerprint
-(tokenizer + preprocessing settings) and the shard's size and sha256 match the marker.
+(tokenizer + preprocessing settings) and the shard's size and sha256 match the marker. A rerun
+refuses an output whose markers name another fingerprint, or an input version (size and mtime
+or ETag) other than the input's now.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ INDEX_NAME = "index.json"
 PLAN_NAME = "plan.json"
 REJECTS_NAME = "rejects.jsonl"
 LOCK_NAME = "lock.json"
+REJECTS_DIR = "rejects"
+# The output's own entries: a stage (family) directory of one of these names would clash.
+RESERVED_NAMES = (INDEX_NAME, PLAN_NAME, REJECTS_NAME, LOCK_NAME, RESOLVED_CONFIG_NAME, REJECTS_DIR)
 
 
 def shard_url(root: str, stage: str, index: int) -> str:
@@ -47,7 +52,7 @@ def marker_url(root: str, stage: str, index: int) -> str:
 
 
 def rejects_url(root: str, index: int) -> str:
-    return storage.join(root, "rejects", f"{index:06d}.jsonl")
+    return storage.join(root, REJECTS_DIR, f"{index:06d}.jsonl")
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -71,7 +76,8 @@ def valid_marker(root: str, stage: str, index: int, source: str, fp: str) -> dic
     """The marker if the shard it describes is complete and was made with fingerprint `fp`.
 
     Raises ValueError when a valid-looking marker belongs to another configuration or source:
-    mixing two tokenizers in one output family must never happen silently.
+    mixing two tokenizers in one output family must never happen silently. A marker whose
+    index or counts disagree (edited by hand) describes no shard: the unit is redone.
     """
     marker = read_json(marker_url(root, stage, index))
     if not isinstance(marker, dict) or marker.get("schema") != MARKER_SCHEMA:
@@ -81,6 +87,10 @@ def valid_marker(root: str, stage: str, index: int, source: str, fp: str) -> dic
             f"{marker_url(root, stage, index)} was written from source {marker.get('source')} with "
             f"fingerprint {marker.get('fingerprint')}, this run has {source} / {fp} (tokenizer, buckets "
             f"or preprocessing changed): write to a new output directory")
+    counts = [marker.get(k) for k in ("inputs", "samples", "rejected")]
+    if marker.get("index") != index or not all(type(c) is int and c >= 0 for c in counts) \
+            or counts[0] != counts[1] + counts[2]:
+        return None
     try:
         sha, size = storage.sha256(shard_url(root, stage, index))
         if marker.get("rejected"):
@@ -108,19 +118,36 @@ def remove_stale_root_temps(root: str) -> None:
                 fs.rm_file(probe)
 
 
-def check_fingerprint(root: str, stages: list[str], fp: str) -> None:
-    """Fail before any work when the output already holds shards of another configuration.
+def check_markers(root: str, stages: list[str], fp: str, versions: dict[int, tuple[str, str]]) -> None:
+    """Fail before any write when the output holds shards of another configuration, or made
+    from an input that changed since. `versions`: {unit index: (unit name, InputUnit.version)}.
 
-    One marker per stage is enough: a run only ever writes markers with its own fingerprint.
+    Every readable marker is read (one batched read per stage): a damaged first one must not
+    hide the others' fingerprint.
     """
     for stage in stages:
         fs, path = storage.filesystem(storage.join(root, stage))
         found = sorted(fs.glob(path + "/*.done.json")) if fs.exists(path) else []
-        marker = read_json(storage.join(root, stage, found[0].rsplit("/", 1)[-1])) if found else None
-        if isinstance(marker, dict) and marker.get("fingerprint") not in (None, fp):
-            raise ValueError(f"{storage.join(root, stage)} holds shards made with fingerprint "
-                             f"{marker.get('fingerprint')}, this run's is {fp} (tokenizer, buckets or "
-                             f"preprocessing changed): write to a new output directory")
+        if not found:
+            continue
+        for name, data in sorted(fs.cat(found, on_error="omit").items()):
+            try:
+                marker = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue  # a partial write: its unit is redone
+            if not isinstance(marker, dict):
+                continue
+            url = storage.join(root, stage, name.rsplit("/", 1)[-1])
+            if marker.get("fingerprint") not in (None, fp):
+                raise ValueError(f"{url} was made with fingerprint {marker.get('fingerprint')}, this "
+                                 f"run's is {fp} (tokenizer, buckets or preprocessing changed): write to "
+                                 f"a new output directory")
+            stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
+            source, version = versions.get(int(stem) if stem.isdigit() else -1, (None, None))
+            if marker.get("input_version") not in (None, version) and marker.get("source") == source:
+                raise ValueError(f"input {source} changed since {url} was made from it (version "
+                                 f"{marker['input_version']}, now {version}): write to a new output, or "
+                                 f"delete {storage.join(root, '*', stem + '.done.json')} to redo that unit")
 
 
 def check_plan(root: str, units: list[dict]) -> None:

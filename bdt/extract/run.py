@@ -44,10 +44,18 @@ def resolve_stages(cfg: ExtractConfig, downsample_factor: int) -> dict[str, list
 
 def _token_geometry(tokenizer: str) -> dict[str, int]:
     from bdt.tokenizer.config import TokenizerConfig
+    from bdt.tokenizer.io import _resolve  # load_tokenizer's rule: config.json, or the release's ae_config.json
 
-    config = mf.read_json(storage.join(tokenizer, "config.json"))
+    fs, path = storage.filesystem(tokenizer)
+    if fs.isfile(path):
+        # The manifest identifies the tokenizer by every file of its directory (tokenizer_identity).
+        raise ValueError(f"tokenizer: {tokenizer} is a file; give the directory holding it and its "
+                         f"config (config.json + model.safetensors, or the release's ae.safetensors + "
+                         f"ae_config.json)")
+    config_url = _resolve(tokenizer, need_config=True)[1]
+    config = mf.read_json(config_url)
     if config is None:
-        raise FileNotFoundError(f"tokenizer: no readable config.json in {tokenizer}")
+        raise FileNotFoundError(f"tokenizer: {config_url} is not readable JSON")
     tc = TokenizerConfig.from_dict(config)
     return {"downsample_factor": tc.downsample_factor, "bits_per_token": tc.bits_per_token}
 
@@ -59,8 +67,8 @@ def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[i
     validate(cfg)
     geometry = _token_geometry(cfg.tokenizer)
     stages = resolve_stages(cfg, geometry["downsample_factor"])
-    units = inp.list_units(cfg.inputs, cfg.input_format, cfg.folder_shard_size,
-                           [e.lower() for e in cfg.image_extensions])
+    units = inp.list_units(cfg.inputs, cfg.input_format, cfg.folder_shard_size, list(cfg.image_extensions))
+    inp.refuse_output_inside(units, cfg.output)
     storage.check_writable(cfg.output)
     mf.remove_stale_root_temps(cfg.output)  # a killed run's half-written files
     identity = dict(tokenizer_identity(cfg.tokenizer), **geometry)
@@ -69,10 +77,27 @@ def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[i
                          "dtype": encode_dtype(cfg), "batch_size": cfg.batch_size,
                          "filters": [cfg.min_side, cfg.max_pixels, cfg.max_image_bytes, cfg.max_caption_bytes,
                                      list(cfg.image_extensions)]})
-    mf.check_fingerprint(cfg.output, list(stages), fp)
-    mf.check_plan(cfg.output, [u.to_dict() for u in units])
+    mf.check_markers(cfg.output, list(stages), fp, {u.index: (u.name, u.version) for u in units})
+    mf.check_plan(cfg.output, [u.plan_entry() for u in units])
     save_resolved(cfg, cfg.output)
     return units, stages, identity, fp
+
+
+def _actor_capacity(cfg: ExtractConfig) -> int:
+    """How many actors the cluster's live nodes can host at once: an actor's CPUs and GPUs must
+    all come from one node, so capacity is counted per node, not from the cluster's totals."""
+    import ray
+
+    total = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        fits = int(have.get("CPU", 0) // cfg.cpus_per_actor)
+        if cfg.gpus_per_actor > 0:
+            fits = min(fits, int(have.get("GPU", 0) // cfg.gpus_per_actor))
+        total += fits
+    return total
 
 
 def _make_actors(cfg: ExtractConfig, fp: str, stages: dict[str, list[list[int]]], num_units: int) -> list[Any]:
@@ -80,18 +105,16 @@ def _make_actors(cfg: ExtractConfig, fp: str, stages: dict[str, list[list[int]]]
 
     from bdt.extract.worker import ShardEncoder
 
-    resources = ray.cluster_resources()
-    if cfg.num_actors > 0:
-        n = cfg.num_actors
-    elif cfg.gpus_per_actor > 0:
-        n = int(resources.get("GPU", 0) // cfg.gpus_per_actor)
-    else:
-        n = int(resources.get("CPU", 1) // cfg.cpus_per_actor)
-    if n < 1:
-        raise ValueError(f"the Ray cluster ({resources.get('CPU', 0)} CPUs, {resources.get('GPU', 0)} GPUs) "
-                         f"cannot host one actor with cpus_per_actor={cfg.cpus_per_actor}, "
-                         f"gpus_per_actor={cfg.gpus_per_actor}")
-    n = min(n, num_units)  # an actor without a unit would only load the tokenizer
+    capacity = _actor_capacity(cfg)
+    wanted = cfg.num_actors or capacity
+    if capacity < max(wanted, 1):
+        # Ray would queue actors it can never place and the units bound to them would wait forever.
+        resources = ray.cluster_resources()
+        raise ValueError(f"num_actors: {wanted or 1} actor(s) with cpus_per_actor={cfg.cpus_per_actor}, "
+                         f"gpus_per_actor={cfg.gpus_per_actor} asked, the Ray cluster "
+                         f"({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs) can host "
+                         f"{capacity}: lower num_actors or the per-actor resources")
+    n = min(wanted, num_units)  # an actor without a unit would only load the tokenizer
     remote_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
                             max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries,
                             concurrency_groups={"progress": 1})(ShardEncoder)
@@ -170,6 +193,12 @@ def _run(cfg: ExtractConfig, planned: tuple) -> dict[str, Any]:
     t0 = time.time()
     units, stages, identity, fp = planned
     actors = _make_actors(cfg, fp, stages, len(units))
+    # Units go only to actors that have started: one Ray cannot place yet (resources held by
+    # other jobs) would otherwise hold its units until it starts, maybe never.
+    starting = {a.progress.options(concurrency_group="progress").remote(): a for a in actors}
+    started: list[Any] = []
+    waited = False  # the note on actors not started yet is printed once
+    death = ""  # why the last actor that failed to start did, for the units left without one
     todo = deque(units)
     in_flight: dict[Any, tuple[inp.InputUnit, Any]] = {}
     # Per unit only its stages' markers (what index.json lists); rejects stay in their files.
@@ -177,16 +206,30 @@ def _run(cfg: ExtractConfig, planned: tuple) -> dict[str, Any]:
     failed: dict[int, str] = {}
     progress = _Progress(len(units), cfg.progress_interval_s)
     while todo or in_flight:
-        for actor in actors:
+        for actor in started:
             while todo and sum(a is actor for _, a in in_flight.values()) < _IN_FLIGHT_PER_ACTOR:
                 unit = todo.popleft()
                 in_flight[actor.process.remote(unit.to_dict())] = (unit, actor)
-        if not in_flight:  # every actor is gone
-            failed.update({u.index: "no live actor left" for u in todo})
+        if not in_flight and not starting:  # every actor is gone
+            failed.update({u.index: f"no live actor left{death}" for u in todo})
             break
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=cfg.progress_interval_s)
+        ready, _ = ray.wait(list(in_flight) + (list(starting) if todo else []), num_returns=1,
+                            timeout=cfg.progress_interval_s)
         if not ready:
-            progress.poll(actors)
+            if not started and not waited:
+                waited = True
+                print(f"extract: waiting for the Ray cluster to start an actor (0 of {len(actors)} "
+                      f"started; its resources may be held by other jobs)", file=sys.stderr)
+            progress.poll(started)
+            continue
+        if ready[0] in starting:
+            actor = starting.pop(ready[0])
+            try:
+                ray.get(ready[0])
+                started.append(actor)
+            except ray.exceptions.RayActorError as exc:  # its constructor failed
+                actors = [a for a in actors if a is not actor]
+                death = f" (an actor failed to start: {str(exc).strip().splitlines()[-1][:300]})"
             continue
         unit, actor = in_flight.pop(ready[0])
         try:
@@ -194,6 +237,7 @@ def _run(cfg: ExtractConfig, planned: tuple) -> dict[str, Any]:
         except ray.exceptions.RayActorError as exc:
             failed[unit.index] = f"actor died after {cfg.max_retries} restarts: {str(exc).splitlines()[0]}"
             actors = [a for a in actors if a is not actor]
+            started = [a for a in started if a is not actor]
             result = None
         except ray.exceptions.RayTaskError as exc:
             failed[unit.index] = str(exc).strip().splitlines()[-1][:300]

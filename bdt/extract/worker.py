@@ -149,11 +149,7 @@ class ShardEncoder:
                     rejects.append(prepared)
                     continue
                 caption, per_stage = prepared
-                key = sample_key(item.key, keys)
-                if key in keys:  # checked here, in order: the decode threads finish out of order
-                    rejects.append(inp.Reject(item.key, unit.name, inp.DUPLICATE_KEY,
-                                              f"output key '{key}' already used in this shard"))
-                    continue
+                key = sample_key(item.key, keys)  # here, in order: decode threads finish out of order
                 keys.add(key)
                 for stage, (bucket, pixels) in per_stage.items():
                     group = (stage, bucket)
@@ -176,6 +172,7 @@ class ShardEncoder:
         for stage in stages:
             markers[stage] = {"schema": mf.MARKER_SCHEMA, "index": unit.index, "source": unit.name,
                               "fingerprint": self.fingerprint, "samples": shards[stage].count,
+                              "input_version": unit.version,
                               "inputs": inputs, "rejected": len(rejects), "rejects_sha256": rejects_sha,
                               "bytes": shards[stage].size, "sha256": shards[stage].sha256}
             storage.write_bytes_atomic(mf.marker_url(root, stage, unit.index), mf.json_bytes(markers[stage]))

@@ -165,6 +165,21 @@ def test_same_key_in_two_tars_is_kept_in_each(encoder, tmp_path):
     assert [(m["samples"], r) for m, r, _ in results] == [(1, []), (1, [])]  # source_shard tells them apart
 
 
+def test_a_source_key_spelled_like_a_hashed_key_is_kept(encoder, tmp_path):
+    """'a_b-<hash of "a b">', 'a_b', 'a b': the third's hashed output key was the first's, and a
+    valid sample was rejected as duplicate_key."""
+    import hashlib
+
+    from bdt.data.token_shards import iter_token_shard
+
+    hashed = "a_b-" + hashlib.sha256(b"a b").hexdigest()[:8]
+    write_tar(str(tmp_path / "k.tar"), [{"__key__": k, "png": GOOD, "txt": CAP} for k in (hashed, "a_b", "a b")])
+    (marker, rejects, _), = _extract(encoder, str(tmp_path / "k.tar"))
+    assert (marker["samples"], rejects) == (3, [])
+    keys = {s.source_key: s.key for s in iter_token_shard(mf.shard_url(encoder.cfg.output, "s", 0))}
+    assert keys == {hashed: hashed, "a_b": "a_b", "a b": hashed + "-1"}
+
+
 def test_a_directory_named_like_an_image_in_a_folder_is_not_a_sample(encoder, tmp_path):
     folder = tmp_path / "folder"
     (folder / "x.jpg").mkdir(parents=True)

@@ -328,3 +328,34 @@ def test_folder_names_follow_the_tar_rules(tmp_path):
     samples = {i.key: i for i in items if not isinstance(i, inp.Reject)}
     assert (samples["a"].image_ext, samples["a"].caption) == ("jpg", b"first")
     assert (samples["b"].image_ext, samples["b"].caption) == ("png", b"second")
+
+
+def test_one_input_spelled_twice_is_one_unit(tmp_path, monkeypatch):
+    """a.tar,./a.tar (or abs/rel, '//', a link) made two units, the same samples extracted twice."""
+    write_tar(str(tmp_path / "a.tar"), good_samples("a", 1, 0))
+    write_tar(str(tmp_path / "b.tar"), good_samples("b", 1, 0))
+    os.symlink(tmp_path / "a.tar", tmp_path / "link.tar")
+    os.makedirs(tmp_path / "sub")
+    monkeypatch.chdir(tmp_path)
+    for spec, sources in [("a.tar,./a.tar", ["a.tar"]), (f"a.tar,{tmp_path}/a.tar", ["a.tar"]),
+                          (f"{tmp_path}/a.tar,{tmp_path}//a.tar", [f"{tmp_path}/a.tar"]),
+                          ("a.tar,link.tar", ["a.tar"]), ("a.tar,sub/../a.tar,b.tar", ["a.tar", "b.tar"]),
+                          ("*.tar", ["a.tar", "b.tar"])]:
+        assert [u.source for u in inp.list_units(spec, "auto", 10, EXTS)] == sources, spec
+
+
+def test_an_output_inside_a_folder_input_is_refused(tmp_path, tiny_tokenizer):
+    """The job's own shards and manifest were listed as the folder's files: rejected inputs."""
+    from bdt.config import load
+    from bdt.extract.config import ExtractConfig
+    from bdt.extract.run import plan
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "p.png").write_bytes(image_bytes(40, 40))
+    (folder / "p.txt").write_text("a caption")
+    for output in (folder / "tokens", folder):
+        cfg = load(ExtractConfig, [], [f"inputs={folder}/", f"output={output}", f"tokenizer={tiny_tokenizer}"])
+        with pytest.raises(ValueError, match=f"output: {output} is inside the folder input {folder}/; put "):
+            plan(cfg)
+    assert sorted(os.listdir(folder)) == ["p.png", "p.txt"]

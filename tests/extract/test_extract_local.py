@@ -326,10 +326,12 @@ def test_a_failing_unit_is_reported_and_the_others_finish(own_output):
     marker = os.path.join(cfg.output, "hi", "000001.done.json")
     with open(marker) as f:
         data = json.load(f)
-    with open(marker, "w") as f:  # unit 1 now claims another configuration: its task raises
-        json.dump(dict(data, fingerprint="0" * 16), f)
+    # Unit 1 now claims another source: its task raises (another fingerprint is refused before
+    # any work, test_extract_resume.py).
+    with open(marker, "w") as f:
+        json.dump(dict(data, source="elsewhere.tar"), f)
     summary = run(cfg)
-    assert list(summary["failed_units"]) == ["1"] and "fingerprint" in summary["failed_units"]["1"]
+    assert list(summary["failed_units"]) == ["1"] and "source elsewhere.tar" in summary["failed_units"]["1"]
     assert summary["done_units"] == 2 and summary["skipped_units"] == 2
     index = _index(cfg.output)
     assert index["complete"] is False
