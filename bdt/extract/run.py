@@ -44,7 +44,7 @@ def resolve_stages(cfg: ExtractConfig, downsample_factor: int) -> dict[str, list
 
 def _token_geometry(tokenizer: str) -> dict[str, int]:
     from bdt.tokenizer.config import TokenizerConfig
-    from bdt.tokenizer.io import _resolve  # load_tokenizer's rule: config.json, or the release's ae_config.json
+    from bdt.tokenizer.io import resolve_files  # load_tokenizer's rule (also ae_config.json)
 
     fs, path = storage.filesystem(tokenizer)
     if fs.isfile(path):
@@ -52,7 +52,7 @@ def _token_geometry(tokenizer: str) -> dict[str, int]:
         raise ValueError(f"tokenizer: {tokenizer} is a file; give the directory holding it and its "
                          f"config (config.json + model.safetensors, or the release's ae.safetensors + "
                          f"ae_config.json)")
-    config_url = _resolve(tokenizer, need_config=True)[1]
+    config_url = resolve_files(tokenizer, need_config=True)[1]
     config = mf.read_json(config_url)
     if config is None:
         raise FileNotFoundError(f"tokenizer: {config_url} is not readable JSON")

@@ -49,7 +49,7 @@ def load_tokenizer(path: str, config: TokenizerConfig | Mapping[str, Any] | str 
     Raises ValueError naming missing/unexpected keys, shape mismatches (expected vs got), and
     integer or NaN/inf tensors, FileNotFoundError when the directory lacks a config or weights file.
     """
-    weights_url, config_url = _resolve(path, config is None)
+    weights_url, config_url = resolve_files(path, config is None)
     cfg = _read_config(config if config is not None else config_url)
     state = read_state_dict(weights_url)
     # Build on meta (no random init of ~460M params), then adopt the loaded tensors.
@@ -94,7 +94,7 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
     raise ValueError(f"checkpoint {source} does not fit the tokenizer{arch}: " + "; ".join(parts))
 
 
-def _resolve(path: str, need_config: bool) -> tuple[str, str | None]:
+def resolve_files(path: str, need_config: bool) -> tuple[str, str | None]:
     """(weights URL, config URL or None) for a directory or a weights-file path."""
     fs, fs_path = storage.filesystem(path)
     if not fs.exists(fs_path) and not storage.exists(path + INDEX_SUFFIX):
