@@ -5,18 +5,27 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory) -> str:
+def _save_tiny_tokenizer(path: str, seed: int) -> str:
     """A randomly initialised 4x-down, 16-bit tokenizer saved the way real ones are."""
     import torch
 
     from bdt.tokenizer import BinaryAutoencoder, TokenizerConfig, save_tokenizer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = BinaryAutoencoder(TokenizerConfig(ch=32, ch_mult=[1, 1, 1], num_res_blocks=1, z_channels=16))
-    path = str(tmp_path_factory.mktemp("tokenizer"))
     save_tokenizer(model, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> str:
+    return _save_tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer")), seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer(tmp_path_factory) -> str:
+    """The same tokenizer with other random weights: another fingerprint."""
+    return _save_tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer2")), seed=1)
 
 
 @pytest.fixture(scope="module")

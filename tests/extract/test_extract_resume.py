@@ -23,20 +23,6 @@ from bdt.extract.config import ExtractConfig
 from bdt.extract.worker import ShardEncoder
 
 
-@pytest.fixture(scope="module")
-def other_tokenizer(tmp_path_factory) -> str:
-    """The conftest's tiny tokenizer with other random weights: another fingerprint."""
-    import torch
-
-    from bdt.tokenizer import BinaryAutoencoder, TokenizerConfig, save_tokenizer
-
-    torch.manual_seed(1)
-    model = BinaryAutoencoder(TokenizerConfig(ch=32, ch_mult=[1, 1, 1], num_res_blocks=1, z_channels=16))
-    path = str(tmp_path_factory.mktemp("tokenizer2"))
-    save_tokenizer(model, path)
-    return path
-
-
 def _cfg(inputs: str, output: str, tokenizer: str) -> ExtractConfig:
     return load(ExtractConfig, [], [f"inputs={inputs}", f"output={output}", f"tokenizer={tokenizer}",
                                     "stages=[{resolution: 32}]", "min_side=16", "batch_size=4"])
