@@ -64,8 +64,9 @@ class MetricsLogger:
 
 
 def cut_records_after(path: str, last_step: float) -> None:
-    """Keep the records of `path` logged for steps <= last_step, atomically (a kill leaves the
-    old file or the new one). A torn last line (a kill mid-write) goes; lines without a
+    """Keep the records of `path` logged for steps <= last_step (but a partial window's at
+    last_step, which the resumed run logs whole), atomically (a kill leaves the old file or the
+    new one). A torn last line (a kill mid-write) goes; lines without a
     numeric step stay: they are not on the step axis, so nothing says they are replaced."""
     try:
         with open(path, "rb") as f:
@@ -96,7 +97,8 @@ def _parsed(line: bytes) -> Any:
 def _kept(rec: Any, last_step: float) -> bool:
     step = rec.get("step") if isinstance(rec, dict) else None
     numeric = isinstance(step, (int, float)) and not isinstance(step, bool)
-    return not numeric or step <= last_step
+    # A window logged partial at a stop goes on in the resumed run, which logs it whole.
+    return not numeric or step < last_step or (step == last_step and "window_partial" not in rec)
 
 
 def _fmt(v: float) -> str:

@@ -86,6 +86,12 @@ class _Window:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of a window that is not logged yet: its loss sums, so a resumed
+        run logs the uninterrupted run's means (timings restart: they measure this process)."""
+        return {"sums": self.sums, "micro": self.micro, "grad_norm": self.grad_norm,
+                "lr": self.lr}
+
 
 def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
     """Train as configured (every rank calls it); returns a summary of the last step.
@@ -156,7 +162,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     resumed = ckpt.resume({"model": engine}, reshard=reshard.resplit_train_states(
         lambda si: sources[si].urls, lambda si: setup.stream_seed(cfg, si))) \
         if cfg.checkpoint.resume else None
-    stream_state = None
+    stream_state, log_window = None, None
     if resumed is not None:
         resume, meta, tensors, shared = resumed.tag, resumed.meta, resumed.tensors, resumed.shared
         step = saved_step = int(meta["step"])
@@ -173,6 +179,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                                  f"ema_decay={cfg.ema_decay}: resume with ema_decay=0")
             ema.load_state_dict(shared["ema"])
         stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
+        log_window = meta.get("log_window")  # absent before windows were kept, None after a resplit
         if meta.get("threads") != torch.get_num_threads():
             # environment.md: a different intra-op thread count changes float reduction order.
             log.warning("checkpoint written with %s torch threads, this run has %d: training "
@@ -207,7 +214,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
         if cfg.logging.sample_keys else None
     stop = StopFlag()
     health = StepHealth()
-    window, meter = _Window(), Throughput()
+    window, meter = _Window(**(log_window or {})), Throughput()
     stopped = timed_out = False
     started = time.monotonic()
     time_fit = TimeFit(cfg.time_limit_fit, cfg.time_limit_min, started, clock)
@@ -277,8 +284,13 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
             why = stop.should_stop(dist.device, local=over_time, diverged=health.bad)
             stopped, timed_out = why == STOP_SIGNAL, why == LOCAL_REASON
             if step % cfg.logging.every == 0 or why or clock.finished:
-                _log(logger, step, engine, window, meter, stream, seen, peak, dist, t_step.seconds)
-                window = _Window()
+                # A stop inside a window logs it as partial and saves it: the resumed run goes on
+                # with it, and its log (the partial record replaced) reads as uninterrupted.
+                partial = step % cfg.logging.every != 0 and not clock.finished
+                _log(logger, step, engine, window, meter, stream, seen, peak, dist, t_step.seconds,
+                     partial)
+                if not partial:
+                    window = _Window()
             if why == DIVERGED:
                 raise_diverged(health, step, saved_step, f"Lower the learning rate (stages."
                                f"{stage_idx}.lr) or look at those samples, then resume.")
@@ -290,7 +302,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                         logger.log(step, metrics)
             if (why or clock.finished
                     or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
-                _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg, ema)
+                _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg, ema, window)
                 saved_step = step
             if why:
                 if dist.is_main:
@@ -339,13 +351,13 @@ def _sampling_weights(ema: EMA | None, module: torch.nn.Module, compiled: bool =
 
 
 def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, clock: StageClock, stream,
-          seen: dict, cfg: TrainConfig, ema: EMA | None) -> None:
+          seen: dict, cfg: TrainConfig, ema: EMA | None, window: _Window) -> None:
     stream_meta, stream_tensors = stream.state_dict()
     # "stage" is the stage whose stream this is; after a stage's last step the clock is
     # already in the next one (whose stream starts fresh on resume).
     meta = {"step": step, "threads": torch.get_num_threads(), "stage": stage_idx,
             "stage_name": cfg.stages[stage_idx].name, "clock": clock.state_dict(), "seen": seen,
-            "stream": stream_meta}
+            "stream": stream_meta, "log_window": window.state_dict()}
     tensors = {f"stream.{k}": v for k, v in stream_tensors.items()}
     # fault.kill_during_checkpoint: every file is written, then the ranks die before the marker.
     die = (lambda: os.kill(os.getpid(), signal.SIGKILL)) \
@@ -357,7 +369,7 @@ def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, clock: Sta
 
 
 def _log(logger: MetricsLogger, step: int, engine, window: _Window, meter: Throughput, stream,
-         seen: dict, peak: float, dist: DistInfo, last_step_s: float) -> None:
+         seen: dict, peak: float, dist: DistInfo, last_step_s: float, partial: bool) -> None:
     """Window means of the losses (over micro-batches and ranks), rates, MFU, data stats."""
     n = max(window.micro, 1)
     elapsed = max(time.perf_counter() - window.t0, 1e-9)
@@ -384,5 +396,7 @@ def _log(logger: MetricsLogger, step: int, engine, window: _Window, meter: Throu
                flops_seen=mean["flops_seen"] * W)
     out.update({f"data/{k}": mean[k] * W
                 for k in ("samples_read", "corrupt", "oversize", "wrong_bits", "bad_grid")})
+    if partial:
+        out["window_partial"] = 1
     logger.log(step, out)
 

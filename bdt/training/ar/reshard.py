@@ -46,7 +46,9 @@ def resplit_train_states(shards_of_stage: Callable[[int], list[str]],
         seen_total = {k: sum(s["seen"][k] for s, _ in old) for k in first["seen"]}
         out = []
         for rank, (stream_meta, stream_tensors) in enumerate(streams):
+            # the log window's sums are per old rank: the new ranks start their windows afresh
             state = {**first, "stream": stream_meta, "resplit_from_world_size": len(old),
+                     "log_window": None,
                      "seen": seen_total if rank == 0 else {k: 0 for k in seen_total}}
             out.append((state, {STREAM_PREFIX + k: v for k, v in stream_tensors.items()}))
         return out

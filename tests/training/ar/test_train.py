@@ -119,6 +119,23 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
     assert summary["stream_all_ranks"] == ref["summary"]["stream_all_ranks"]
 
 
+def test_a_stop_inside_a_log_window_logs_as_if_uninterrupted(data, ref, tmp_path):
+    """Logging every 3 steps, stopped by a signal at step 5: the window 4-5 is logged as partial
+    and saved with the checkpoint; the resumed run logs 4-6 whole, as an uninterrupted run does
+    (once a record at 5 and one for step 6 alone)."""
+    assert spawn_train(argv(data, tmp_path, "logging.every=3", "fault.sigterm_at_step=5")) == 0
+    assert [r["step"] for r in map(json.loads, open(tmp_path / "metrics.jsonl"))
+            if r.get("window_partial")] == [5]
+    assert spawn_train(argv(data, tmp_path, "logging.every=3")) == 0
+    logged = {r["step"]: r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "loss" in r}
+    assert sorted(logged) == [3, 6, 8] and not any("window_partial" in r for r in logged.values())
+    for step, first in ((3, 1), (6, 4), (8, 7)):  # the per-step means of the reference run
+        for key in ("loss", "vision", "bit_accuracy"):
+            expected = sum(ref["metrics"][i][key] for i in range(first, step + 1)) / (step - first + 1)
+            assert logged[step][key] == pytest.approx(expected, rel=1e-6), (step, key)
+        assert logged[step]["lr"] == ref["metrics"][step]["lr"]
+
+
 def test_a_diverging_run_stops_both_ranks_before_saving_the_bad_step(data, tmp_path, capfd):
     # Stage 1 at an absurd LR: its first update (step 5) blows the weights up, and the loss of
     # step 6 is NaN on both ranks. Without the guard the run went on to step 8, saving NaN
