@@ -99,7 +99,14 @@ def missing_files(urls: list[str]) -> list[str]:
 
 
 def file_sizes(urls: list[str]) -> dict[str, int | None]:
-    """{url: size in bytes, or None when it is not an existing file}, in the order given.
+    """{url: size in bytes, or None when it is not an existing file}, in the order given
+    (`file_infos`)."""
+    return {u: None if info is None else int(info["size"]) for u, info in file_infos(urls).items()}
+
+
+def file_infos(urls: list[str]) -> dict[str, dict | None]:
+    """{url: its listing entry (at least "size"; "mtime" locally, "ETag" on S3), or None when it
+    is not an existing file}, in the order given.
 
     Remote: one directory listing per parent holding two or more of the names, instead of one
     request per name: a brace pattern over 10,000 S3 shards costs 10 list calls, not 10,000 HEADs.
@@ -108,10 +115,10 @@ def file_sizes(urls: list[str]) -> dict[str, int | None]:
     by_parent: dict[str, list[str]] = {}
     for url in urls:
         by_parent.setdefault(url.rstrip("/").rsplit("/", 1)[0] if "/" in url else ".", []).append(url)
-    found: dict[str, int | None] = {}
+    found: dict[str, dict] = {}
     for parent, group in by_parent.items():
         if not is_remote(parent):
-            found.update((u, _local_file_size(filesystem(u)[1])) for u in group)
+            found.update((u, _local_file_info(filesystem(u)[1])) for u in group)
             continue
         fs, path = filesystem(parent)
         fs.invalidate_cache(path)  # s3fs caches listings: files made or changed since must be seen
@@ -119,26 +126,26 @@ def file_sizes(urls: list[str]) -> dict[str, int | None]:
             with contextlib.suppress(OSError):  # not found, or a file where a folder should be
                 info = fs.info(filesystem(group[0])[1])
                 if info["type"] == "file":
-                    found[group[0]] = int(info["size"])
+                    found[group[0]] = info
             continue
         try:
-            sizes = {e["name"].rstrip("/"): int(e["size"]) for e in fs.ls(path, detail=True)
-                     if e["type"] == "file"}
+            listing = {e["name"].rstrip("/"): e for e in fs.ls(path, detail=True)
+                       if e["type"] == "file"}
         except (FileNotFoundError, NotADirectoryError):
-            sizes = {}
+            listing = {}
         for url in group:
-            size = sizes.get(filesystem(url)[1].rstrip("/"))
-            if size is not None:
-                found[url] = size
+            info = listing.get(filesystem(url)[1].rstrip("/"))
+            if info is not None:
+                found[url] = info
     return {u: found.get(u) for u in urls}
 
 
-def _local_file_size(path: str) -> int | None:
+def _local_file_info(path: str) -> dict | None:
     try:
         info = os.stat(path)
     except (OSError, ValueError):  # missing, a dangling link, a name the OS refuses
         return None
-    return info.st_size if stat.S_ISREG(info.st_mode) else None
+    return {"size": info.st_size, "mtime": info.st_mtime} if stat.S_ISREG(info.st_mode) else None
 
 
 def makedirs(url: str) -> None:

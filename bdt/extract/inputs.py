@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import posixpath
-import stat
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -117,7 +116,8 @@ def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts:
         raise ValueError(f"input_format: expected auto, tar or folder, got '{input_format}'")
     formats = [input_format if input_format != "auto" else "tar" if url.endswith(_TAR_SUFFIXES) else "folder"
                for url in urls]
-    versions = _file_versions([u for u, fmt in zip(urls, formats) if fmt == "tar"])
+    infos = storage.file_infos([u for u, fmt in zip(urls, formats) if fmt == "tar"])
+    versions = {u: None if info is None else _version(info) for u, info in infos.items()}
     missing = [u for u, v in versions.items() if v is None]
     if missing:
         raise ValueError(f"inputs: {len(missing)} tar shard(s) not found, e.g. {missing[0]}")
@@ -145,34 +145,6 @@ def _version(info: dict) -> str:
     """Size and mtime (local) or ETag (S3; LastModified where a store has no ETag) of a listing entry."""
     stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
     return f"{info['size']}:{str(stamp).strip(chr(34))}"
-
-
-def _file_versions(urls: list[str]) -> dict[str, str | None]:
-    """{url: its _version, or None when it is not an existing file}. One stat per local file
-    (through symlinks); one listing per remote folder instead of a request per file."""
-    out: dict[str, str | None] = {}
-    by_parent: dict[str, list[str]] = {}
-    for url in urls:
-        if storage.is_remote(url):
-            by_parent.setdefault(url.rsplit("/", 1)[0], []).append(url)
-            continue
-        try:
-            st = os.stat(storage.filesystem(url)[1])
-        except (OSError, ValueError):  # missing, a dangling link, a name the OS refuses
-            out[url] = None
-            continue
-        out[url] = _version({"size": st.st_size, "mtime": st.st_mtime}) if stat.S_ISREG(st.st_mode) else None
-    for parent, group in by_parent.items():
-        fs, path = storage.filesystem(parent)
-        fs.invalidate_cache(path)  # s3fs caches listings: files made or changed since must be seen
-        try:
-            listing = {e["name"].rstrip("/"): e for e in fs.ls(path, detail=True) if e["type"] == "file"}
-        except (FileNotFoundError, NotADirectoryError):
-            listing = {}
-        for url in group:
-            info = listing.get(storage.filesystem(url)[1].rstrip("/"))
-            out[url] = None if info is None else _version(info)
-    return {u: out[u] for u in urls}
 
 
 def _chunk_version(listing: dict[str, dict], chunk: list[str]) -> str:
