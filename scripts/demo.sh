@@ -17,12 +17,11 @@
 # DEMO_SAMPLE_STEPS (head sampler steps, 12), DEMO_CFG (guidance, 2.0), and extra key=value
 # overrides for the trainers: DEMO_TOKENIZER_ARGS, DEMO_TRAIN_ARGS (e.g. "steps=20").
 #
-# Wall time in a fresh checkout, measured 2026-12-05 on a 2-core AMD EPYC (avx512_bf16): 25 min
-# 11 s, of which install 1 min 33 s, data 7 s, tokenizer 3 min 29 s (capped at 7 min by
-# time_limit_min in configs/tokenizer/demo.yaml), Ray extraction 24 s, LLM 4 s, AR training 19 min
-# 11 s (its 19-min cap in configs/train/demo.yaml stopped it at step 6656 of 7200; an idle Intel
-# Xeon ran 3600 steps in 9 min 49 s on 2026-12-02), samples 6 s, eval 17 s. Scores and what limits
-# them: README ("The demo's quality").
+# Wall time in a fresh checkout, measured 2026-12-06 on a 2-core AMD EPYC (avx512_bf16): 23 min
+# 56 s after the install (about 2 min, done by `make test` there): data 8 s, tokenizer 3 min 37 s
+# (capped at 7 min by time_limit_min in configs/tokenizer/demo.yaml), Ray extraction 28 s, LLM 5 s,
+# AR training 19 min 12 s (its 19-min cap in configs/train/demo.yaml stopped it at step 3978 of
+# 7200), samples 7 s, eval 19 s. Scores and what limits them: README ("The demo's quality").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
