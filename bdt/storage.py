@@ -57,13 +57,9 @@ def _glob(pattern: str) -> list[str]:
     return sorted(glob.glob(pattern))
 
 
-def expand_urls(spec: str) -> list[str]:
-    """URLs named by a comma list of brace patterns and globs (`a-{000..009}.tar,b/*.tar`).
-
-    In the order given, globs sorted, duplicates dropped. Plain names are returned as they are
-    (existence is the caller's check); a glob that matches nothing contributes nothing.
-    """
-    # Split at the commas outside braces only: `in-{000000,000002}.tar` is one brace pattern.
+def url_patterns(spec: str) -> list[str]:
+    """The names and globs of a comma list of brace patterns, braces expanded, in order. Split
+    at the commas outside braces only: `in-{000000,000002}.tar` is one brace pattern."""
     parts, depth, start = [], 0, 0
     for i, c in enumerate(spec):
         depth += {"{": 1, "}": -1}.get(c, 0)
@@ -71,10 +67,18 @@ def expand_urls(spec: str) -> list[str]:
             parts.append(spec[start:i])
             start = i + 1
     parts.append(spec[start:])
+    return [pattern for part in parts if part.strip() for pattern in braceexpand(part.strip())]
+
+
+def expand_urls(spec: str) -> list[str]:
+    """URLs named by a comma list of brace patterns and globs (`a-{000..009}.tar,b/*.tar`).
+
+    In the order given, globs sorted, duplicates dropped. Plain names are returned as they are
+    (existence is the caller's check); a glob that matches nothing contributes nothing.
+    """
     urls: list[str] = []
-    for part in [p.strip() for p in parts if p.strip()]:
-        for pattern in braceexpand(part):
-            urls.extend(_glob(pattern) if any(c in pattern for c in "*?[") else [pattern])
+    for pattern in url_patterns(spec):
+        urls.extend(_glob(pattern) if any(c in pattern for c in "*?[") else [pattern])
     seen: set[str] = set()
     return [u for u in urls if not (u in seen or seen.add(u))]
 
