@@ -34,16 +34,28 @@ import io
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Container, Iterator, Mapping
 
 import numpy as np
 
-from bdt.data.tars import iter_shard
+from bdt.data.tars import MAX_MEMBER_BYTES, TarSample, read_samples, readable
 
 SCHEMA_VERSION = 1
 BITS_EXT = "bits.npy"
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+# What a token reader reads of a member at most; a larger one is left unread and its sample
+# skipped. A caption of a MiB is ~240k tokens, more than any row packs, and tokenizing it cost
+# 0.7 s and 115 MB (32 MiB: 51 s and 2.4 GB), so a few such members, a few hundred KB as gzip,
+# would stall a data worker again after every resume. 16x extraction's default
+# max_caption_bytes, which its config keeps below this.
+MAX_CAPTION_BYTES = 1 << 20
+MAX_METADATA_BYTES = 64 << 10
+# Caption problems, also extraction's reject reasons for a raw caption.
+EMPTY_CAPTION = "empty_caption"
+CAPTION_CONTROL_CHAR = "caption_control_char"
+_CAPTION_WHITESPACE = "\t\n\r"  # control characters a caption may hold (as spacing)
 
 
 @dataclass
@@ -79,16 +91,34 @@ def sample_key(source_key: str, taken: Container[str] = ()) -> str:
     return candidate
 
 
+def member_limit(ext: str) -> int:
+    """The most bytes a token reader reads of a member with this extension."""
+    return {"txt": MAX_CAPTION_BYTES, "json": MAX_METADATA_BYTES}.get(ext, MAX_MEMBER_BYTES)
+
+
+def caption_problem(text: str) -> tuple[str, str] | None:
+    """(reason, detail) when a caption shows nothing (empty, only spaces or format characters)
+    or holds a control character other than tab and line breaks; None when it is usable."""
+    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in text):
+        return EMPTY_CAPTION, ""
+    bad = next((i for i, c in enumerate(text)
+                if unicodedata.category(c) == "Cc" and c not in _CAPTION_WHITESPACE), None)
+    if bad is not None:
+        return CAPTION_CONTROL_CHAR, f"U+{ord(text[bad]):04X} at character {bad}"
+    return None
+
+
 def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
 
 
-def _npy_load(data: bytes) -> np.ndarray:
-    """np.load(allow_pickle=False) of one .npy file's bytes. The header is parsed by numpy's own
-    reader once per distinct header (a shard repeats a few): its literal_eval was ~45 us of the
-    ~60 us a small sample took to load."""
+def load_npy(data: bytes) -> np.ndarray:
+    """np.load(allow_pickle=False) of one .npy file's bytes; ValueError when they are not one
+    array of the size its header declares (checked before anything is allocated: a header may
+    claim terabytes). The header is parsed by numpy's own reader once per distinct header (a
+    shard repeats a few): its literal_eval was ~45 us of the ~60 us a small sample took to load."""
     size = 10 + int.from_bytes(data[8:10], "little") if data[6:7] == b"\x01" else \
         12 + int.from_bytes(data[8:12], "little")
     shape, fortran, dtype = _npy_header(bytes(data[:size]))
@@ -155,13 +185,13 @@ def _decode(raw: Mapping[str, Any], key: str) -> TokenSample:
         raise ValueError(f"json member is not JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"json member holds a {type(meta).__name__}, not an object")
-    if meta.get("schema") != SCHEMA_VERSION:
+    if meta.get("schema") != SCHEMA_VERSION or type(meta["schema"]) is not int:  # true == 1
         raise ValueError(f"token-shard schema {meta.get('schema')!r}, this reader knows {SCHEMA_VERSION}")
     h, w, bits_per_token = meta["h"], meta["w"], meta["bits_per_token"]
     if not all(type(v) is int and v > 0 for v in (h, w, bits_per_token)) or bits_per_token % 8:
         raise ValueError(f"metadata h={h!r} w={w!r} bits_per_token={bits_per_token!r}: expected "
                          f"positive integers, bits_per_token a multiple of 8")
-    bits = _npy_load(raw[BITS_EXT])
+    bits = load_npy(raw[BITS_EXT])
     expected = (h, w, bits_per_token // 8)
     if bits.dtype != np.uint8 or tuple(bits.shape) != expected:
         raise ValueError(f"bits are {bits.dtype} {list(bits.shape)}, metadata says uint8 {list(expected)}")
@@ -176,13 +206,35 @@ def _decode(raw: Mapping[str, Any], key: str) -> TokenSample:
     for field in ("source_key", "source_shard", "stage"):
         if not isinstance(meta[field], str):
             raise ValueError(f"metadata {field}={meta[field]!r}: expected a string")
+    caption = raw["txt"].decode("utf-8")
+    problem = caption_problem(caption)
+    if problem is not None:  # extraction writes neither: not a caption to train on
+        raise ValueError(f"caption refused: {problem[0]} {problem[1]}".rstrip())
     return TokenSample(key=key, bits_hwB=bits, bits_per_token=bits_per_token,
-                       bucket=(bucket[0], bucket[1]), caption=raw["txt"].decode("utf-8"),
+                       bucket=(bucket[0], bucket[1]), caption=caption,
                        source_key=meta["source_key"], source_shard=meta["source_shard"],
                        stage=meta["stage"])
 
 
+def decode_tar_sample(sample: TarSample, url: str = "") -> TokenSample:
+    """decode_sample of a sample as bdt.data.tars read it (members over `member_limit` left
+    unread); ValueError also when one of its members was not read: a link or device, over its
+    limit, or a second copy (which of two was meant is not knowable)."""
+    if sample.refused:
+        refused = ", ".join(f"{readable(name)} ({why}, {size} bytes)"
+                            for name, why, size in sample.refused[:4])
+        raise ValueError(f"sample {sample.key}" + (f" in {url}" if url else "")
+                         + f": member(s) not read: {refused}")
+    return decode_sample(sample.as_dict(url))
+
+
+def read_token_samples(url: str, offset: int = 0) -> Iterator[TarSample]:
+    """The samples of one token shard from byte `offset`, members over `member_limit` unread."""
+    return read_samples(url, offset, max_bytes=member_limit)
+
+
 def iter_token_shard(url: str) -> Iterator[TokenSample]:
     """Decoded samples of one token shard (local path or fsspec URL), in stored order."""
-    for raw, _, _ in iter_shard(url):
-        yield decode_sample(raw)
+    for sample in read_token_samples(url):
+        if sample.members:
+            yield decode_tar_sample(sample, url)

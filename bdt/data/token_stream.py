@@ -45,8 +45,8 @@ from bdt import storage
 from bdt.data.stream_state import (STATE_VERSION, Cursor, Range, StreamCounters, buffer_items,
                                    cat_bits, check_shard_sizes, check_version, epoch_order,
                                    rank_split, shards_entered, stream_fingerprint)
-from bdt.data.tars import MAX_MEMBER_BYTES, TarSample, log_skip, read_samples
-from bdt.data.token_shards import TokenSample, decode_sample
+from bdt.data.tars import TarSample, log_skip
+from bdt.data.token_shards import TokenSample, decode_tar_sample, read_token_samples
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class TokenStream:
         url, offset, index, stride, phase = self._position()
         regular = not self.pending
         if self._reader is None:
-            self._reader = read_samples(url, offset, max_bytes=lambda _ext: MAX_MEMBER_BYTES)
+            self._reader = read_token_samples(url, offset)
         try:
             tar_sample = next(self._reader)
         except StopIteration:
@@ -165,7 +165,7 @@ class TokenStream:
             return None
         last = tar_sample.next_offset is None
         item = None
-        if not tar_sample.members:  # nothing readable (unsafe path, link, over the limit)
+        if not tar_sample.members:  # nothing readable (unsafe path, link, over its limit)
             self._skip("corrupt", tar_sample.key, url, f"nothing readable: {tar_sample.refused}")
         else:
             if not last:
@@ -181,8 +181,8 @@ class TokenStream:
         """The sample decoded and measured, or None (counted) when this stage cannot use it."""
         self.counters.samples_read += 1
         try:
-            sample = decode_sample(tar_sample.as_dict(url))
-        except ValueError as e:  # decode_sample's one error type, naming the sample
+            sample = decode_tar_sample(tar_sample, url)
+        except ValueError as e:  # its one error type, naming the sample
             return self._skip("corrupt", tar_sample.key, url, str(e))
         if self.bits_per_token is not None and sample.bits_per_token != self.bits_per_token:
             return self._skip("wrong_bits", sample.key, url, f"{sample.bits_per_token} bits per "

@@ -75,6 +75,11 @@ def validate(cfg: ExtractConfig) -> None:
     for key in ("decode_threads", "max_retries", "num_actors", "gpus_per_actor"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key}: must be >= 0, got {getattr(cfg, key)}")
+    from bdt.data.token_shards import MAX_CAPTION_BYTES
+
+    if cfg.max_caption_bytes > MAX_CAPTION_BYTES:  # training would skip every longer one
+        raise ValueError(f"max_caption_bytes: must be <= {MAX_CAPTION_BYTES} (the most the token "
+                         f"readers read of a caption), got {cfg.max_caption_bytes}")
     # `not > 0` / `not >= 0` refuse NaN, which fails every comparison.
     if not 0 < cfg.cpus_per_actor < math.inf:
         raise ValueError(f"cpus_per_actor: must be > 0, got {cfg.cpus_per_actor}")

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import posixpath
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -30,8 +29,10 @@ import fsspec
 from bdt import storage
 from bdt.data import tars
 from bdt.data.images import TOO_LARGE
+from bdt.data.token_shards import caption_problem
 
-# Reject reasons produced here (images.py and the worker add their own).
+# Reject reasons produced here (images.py, the worker and, for captions, token_shards.py add
+# their own: empty_caption, caption_control_char).
 UNSAFE_PATH = "unsafe_path"
 NOT_A_FILE = "not_a_file"
 UNKNOWN_EXTENSION = "unknown_extension"
@@ -40,12 +41,8 @@ DUPLICATE_KEY = "duplicate_key"
 TRUNCATED_TAR = "truncated_tar"
 UNREADABLE_SHARD = "unreadable_shard"
 MISSING_CAPTION = "missing_caption"
-EMPTY_CAPTION = "empty_caption"
 CAPTION_NOT_UTF8 = "caption_not_utf8"
 CAPTION_TOO_LONG = "caption_too_long"
-CAPTION_CONTROL_CHAR = "caption_control_char"
-
-_CAPTION_WHITESPACE = "\t\n\r"  # control characters a caption may hold (as spacing)
 
 _TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 _SIDE_EXTS = ("txt", "json")  # members that belong to a sample without being its image
@@ -376,10 +373,7 @@ def check_caption(raw: bytes | None, max_bytes: int) -> tuple[str | None, str, s
         text = raw.decode("utf-8-sig").strip()  # -sig: a byte-order mark is not caption text
     except UnicodeDecodeError as exc:
         return None, CAPTION_NOT_UTF8, str(exc)[:200]
-    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in text):  # nothing visible
-        return None, EMPTY_CAPTION, ""
-    bad = next((i for i, c in enumerate(text)
-                if unicodedata.category(c) == "Cc" and c not in _CAPTION_WHITESPACE), None)
-    if bad is not None:
-        return None, CAPTION_CONTROL_CHAR, f"U+{ord(text[bad]):04X} at character {bad}"
+    problem = caption_problem(text)  # the token readers refuse the same captions
+    if problem is not None:
+        return None, *problem
     return text, "", ""

@@ -130,7 +130,7 @@ def test_members_over_the_limit_are_not_read(tmp_path, monkeypatch):
     with wds.TarWriter(big, encoder=False) as sink:
         sink.write({"__key__": "huge", "txt": b"a caption" * 1000, "json": b"{}", "bits.npy": b""})
         sink.write({"__key__": "all-huge", "txt": b"a caption" * 1000})
-    monkeypatch.setattr("bdt.data.token_stream.MAX_MEMBER_BYTES", 2000)
+    monkeypatch.setattr("bdt.data.token_shards.MAX_CAPTION_BYTES", 2000)
     s = make(urls + [big], buffer=2)
     got = {k for _ in range(6) for k in keys(s.next_batch())}
     assert got == {f"s{n:06d}" for n in range(4)}

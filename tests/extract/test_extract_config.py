@@ -59,6 +59,8 @@ def test_stage_names_of_the_outputs_own_files_are_refused(tmp_path, tiny_tokeniz
     (["image_extensions=[png,pdf]"], r"image_extensions: 'pdf' \(PDF\) is refused: PIL can write it, not read it"),
     (["image_extensions=[eps]"], r"image_extensions: 'eps' \(EPS\) is refused: read through Ghostscript"),
     (["min_side=1000", "max_pixels=100"], "min_side: 1000 px a side needs 1000000 pixels, more than max_pixels 100"),
+    # the token readers skip a longer caption: every such sample would be extracted for nothing
+    (["max_caption_bytes=1048577"], r"max_caption_bytes: must be <= 1048576 \(the most the token readers"),
 ])
 def test_filters_that_could_never_pass_an_image_are_refused(tmp_path, tiny_tokenizer, extra, message):
     cfg = _cfg(tmp_path, tiny_tokenizer, *extra)

@@ -13,8 +13,7 @@ import torch
 
 from bdt import storage
 from bdt.data.shard_source import ShardList, list_shards, tokenizer_sha
-from bdt.data.tars import iter_shard
-from bdt.data.token_shards import TokenSample, decode_sample
+from bdt.data.token_shards import TokenSample, iter_token_shard
 from bdt.data.token_stream import TokenStream
 from bdt.model.ar import LLM_DIR, WEIGHTS_NAME, BitDanceModel, read_model_config
 from bdt.model.keymap import release_layout
@@ -159,8 +158,7 @@ def _first_sample(urls: list[str], shards: int = 4) -> tuple[str, TokenSample | 
     another bit width pass the start checks and fail only after a whole epoch of skipping."""
     for url in urls[:shards]:
         try:
-            raw, _, _ = next(iter_shard(url))
-            return url, decode_sample(raw)
+            return url, next(iter_token_shard(url))
         except (StopIteration, ValueError, OSError, tarfile.TarError, EOFError):
             continue
     return urls[0], None
