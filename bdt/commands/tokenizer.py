@@ -10,7 +10,6 @@ Paths may be local or fsspec URLs.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 
 
@@ -101,19 +100,20 @@ def _decode(args: argparse.Namespace) -> int:
     from bdt import storage
     from bdt.commands.model import check_new_output
     from bdt.commands.sample import check_seed
+    from bdt.data.token_shards import load_npy
     from bdt.tokenizer.io import load_tokenizer
 
     _check_batch_size(args)
     check_seed(args.seed)
     check_new_output(args)  # before the tokenizer loads
     model = load_tokenizer(args.tokenizer)
-    try:
-        bits = np.load(io.BytesIO(storage.read_bytes(args.bits)), allow_pickle=False)
+    try:  # sizes checked before allocating: np.load took a header's word for terabytes
+        bits = load_npy(storage.read_bytes(args.bits))
     except ValueError as exc:
         raise ValueError(f"{args.bits}: not a plain .npy array: {exc}") from None
-    if not isinstance(bits, np.ndarray) or bits.dtype.kind not in "biuf":  # an .npz, a record
+    if bits.dtype.kind not in "biuf":  # a record, a string
         raise ValueError(f"{args.bits}: expected one .npy array of 0/1 (bool, int or float), got "
-                         f"{type(bits).__name__ if not isinstance(bits, np.ndarray) else bits.dtype}")
+                         f"{bits.dtype}")
     if model.config.out_ch not in (1, 3):
         raise ValueError(f"{args.tokenizer}: decodes {model.config.out_ch}-channel images; PNGs "
                          f"are written for 1 (grey) or 3 (RGB)")

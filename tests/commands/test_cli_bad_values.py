@@ -39,3 +39,49 @@ def test_verify_workers_below_one_is_refused(tmp_path, capsys):
     code = main(["data", "verify", str(tmp_path), "--workers", "0"])
     last = _last_error(capsys)
     assert code == 2 and last == "bdt data: error: --workers must be >= 1, got 0", last
+
+
+
+def _npy(array, **kwargs) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array, **kwargs)
+    return buf.getvalue()
+
+
+def _bad_npy(name: str) -> bytes:
+    import io
+
+    import numpy as np
+
+    if name == "objects":
+        return _npy(np.zeros((1, 2, 2, 16), object), allow_pickle=True)
+    if name == "empty":
+        return b""
+    header = io.BytesIO()  # 64 bytes of data under a header that claims 46 TiB
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (10**11, 2, 2, 16)})
+    return header.getvalue() + bytes(64)
+
+
+@pytest.mark.parametrize("name, expected", [
+    # a header claiming 46 TiB over 64 bytes: np.load allocated first (a MemoryError traceback)
+    ("bomb", "npy data holds 64 bytes, its header says (100000000000, 2, 2, 16) uint8"),
+    ("empty", "EOF: reading magic string"),  # was an EOFError traceback
+    ("objects", "npy data of Python objects: refused"),
+])
+def test_tokenizer_decode_refuses_a_bad_npy_naming_it(tmp_path, capsys, name, expected):
+    from testkit import save_tiny_image_tokenizer
+
+    save_tiny_image_tokenizer(str(tmp_path / "tok"), 16)
+    bits = tmp_path / f"{name}.npy"
+    bits.write_bytes(_bad_npy(name))
+    code = main(["tokenizer", "decode", "--tokenizer", str(tmp_path / "tok"), "--bits", str(bits),
+                 "--out", str(tmp_path / "o")])
+    last = _last_error(capsys)
+    assert code == 2 and last.startswith(f"bdt tokenizer: error: {bits}: not a plain .npy "
+                                          f"array: ") and expected in last, last
+    assert not (tmp_path / "o").exists()

@@ -106,9 +106,10 @@ def test_decode_refuses_arrays_that_are_no_bits_by_name(tmp_path, tokenizer_and_
     tokenizer, _ = tokenizer_and_bits
     np.save(tmp_path / "rec.npy", np.zeros((1, 4, 4, 16), dtype=[("a", "u1")]), allow_pickle=False)
     np.savez(tmp_path / "z.npz", bits=np.zeros((1, 4, 4, 16), np.uint8))
-    for name in ("rec.npy", "z.npz"):
+    for name, expected in (("rec.npy", "expected one .npy array of 0/1"),
+                           ("z.npz", "not a plain .npy array: the magic string is not correct")):
         assert _decode(tokenizer, str(tmp_path / name), str(tmp_path / "o")) == 2
-        assert "expected one .npy array of 0/1" in capsys.readouterr().err
+        assert expected in capsys.readouterr().err
 
 
 def test_encode_reads_images_by_the_training_policy(tmp_path, tokenizer_and_bits, capsys):
