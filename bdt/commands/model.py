@@ -8,7 +8,10 @@ config and a SentencePiece tokenizer trained on the dataset's captions
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,24 +55,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def read_captions(root: str, limit: int) -> list[str]:
-    """The `.txt` captions of the tars under `root`, in shard order, at most `limit`."""
+    """The `.txt` captions of the tars under `root`, in shard order, at most `limit`. Only
+    captions are read (images are stepped over, a caption over the token readers' limit too);
+    one that is not UTF-8, shows nothing or holds a control character is skipped with a warning
+    naming it, as extraction would reject it."""
     import glob
 
-    from bdt.data.tars import iter_shard
+    from bdt.data.tars import log_skip, read_samples
+    from bdt.data.token_shards import MAX_CAPTION_BYTES, caption_problem
 
     urls = sorted(glob.glob(os.path.join(root, "*.tar")))
     if not urls:
         raise OSError(f"--captions-from {root!r} holds no .tar shards")
     captions: list[str] = []
+    skipped = 0
+    only_captions = lambda ext: MAX_CAPTION_BYTES if ext == "txt" else 0  # noqa: E731
     for url in urls:
-        for sample, _, _ in iter_shard(url):
-            text = sample.get("txt")
-            if text:
-                captions.append(text.decode("utf-8").strip())
+        for sample in read_samples(url, max_bytes=only_captions):
+            raw = sample.members.get("txt")
+            if raw is None:
+                continue
+            try:
+                text = raw.decode("utf-8").strip()
+                problem = caption_problem(text)
+            except UnicodeDecodeError as e:
+                problem = ("caption_not_utf8", str(e))
+            if problem is not None:
+                skipped += 1
+                log_skip(log, skipped, 10, "skipping the caption of sample %s in %s: %s %s",
+                         sample.key, url, *problem)
+                continue
+            captions.append(text)
             if len(captions) >= limit:
                 return captions
     if not captions:
-        raise ValueError(f"the tars in {root!r} hold no .txt captions")
+        raise ValueError(f"the tars in {root!r} hold no usable .txt captions ({skipped} skipped)")
     return captions
 
 

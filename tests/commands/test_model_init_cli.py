@@ -1,6 +1,9 @@
 """`bdt model init-tiny`: captions from raw shapes tars -> an LLM dir that loads as a backbone and
 whose tokenizer was trained on those captions; bad input exits 2."""
 
+import io
+import tarfile
+
 import pytest
 
 from bdt.cli import main
@@ -21,6 +24,26 @@ def test_init_tiny_from_shapes_tars(tmp_path, capsys):
     pieces = bb.tokenizer.tokenize(" circle")
     assert len(pieces) == 1, pieces
     assert len(bb.tokenizer.tokenize(" xylophone")) > 1
+
+
+def test_init_tiny_skips_bad_captions_naming_them(tmp_path, caplog):
+    """A caption that was not UTF-8 ended the command with a bare codec error naming no file,
+    and a blank one was trained on as ""."""
+    from bdt.commands.model import read_captions
+
+    members = [("a.txt", b"a red circle"), ("a.jpg", b"x" * 4096), ("b.txt", b"caf\xe9"),
+               ("c.txt", b" \n"), ("d.txt", b"two\x1bblue squares"), ("e.txt", b"a star")]
+    with tarfile.open(tmp_path / "x.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with caplog.at_level("WARNING", "bdt.commands.model"):
+        assert read_captions(str(tmp_path), 10) == ["a red circle", "a star"]
+    where = f"in {tmp_path / 'x.tar'}: "
+    for key, reason in (("b", "caption_not_utf8 'utf-8' codec can't decode byte 0xe9"),
+                        ("c", "empty_caption"), ("d", "caption_control_char U+001B")):
+        assert f"skipping the caption of sample {key} {where}{reason}" in caplog.text
 
 
 def test_init_tiny_without_tars_exits_2(tmp_path, capsys):
