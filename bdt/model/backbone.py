@@ -99,12 +99,17 @@ def llm_config(cfg: BackboneConfig):
     check_source(cfg.path)
     where = os.path.join(cfg.path, "config.json") if os.path.isdir(cfg.path) else cfg.path
     try:
-        return AutoConfig.from_pretrained(cfg.path, trust_remote_code=False,
-                                          **_plain_dict(cfg.config_overrides))
+        config, unused = AutoConfig.from_pretrained(cfg.path, trust_remote_code=False,
+                                                    return_unused_kwargs=True,
+                                                    **_plain_dict(cfg.config_overrides))
     except OSError as e:
         raise OSError(f"cannot read the backbone config {where!r}: {e}") from e
     except (StrictDataclassError, ValueError, TypeError, KeyError) as e:
         raise ValueError(f"backbone config {where!r} is invalid: {e}") from e
+    if unused:  # they would reach the model's constructor: a TypeError traceback there
+        raise ValueError(f"model.backbone.config_overrides: {sorted(unused)} are not fields of "
+                         f"{type(config).__name__} ({where})")
+    return config
 
 
 def load_causal_lm(cfg: BackboneConfig, weights: Mapping[str, torch.Tensor] | None = None,

@@ -178,6 +178,18 @@ def test_backbone_errors(tmp_path, llm_dirs):
         load_causal_lm(BackboneConfig())
 
 
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_config_overrides_naming_no_config_field_are_refused(llm_dirs, from_scratch):
+    """transformers kept them as attributes and passed them to the model's constructor: a
+    TypeError traceback ('unexpected keyword argument') once the model was being built; a key
+    written `{num_hidden_layers:1}` (no space: one key, no value) is one of them."""
+    cfg = BackboneConfig(path=llm_dirs["qwen3"], from_scratch=from_scratch,
+                         config_overrides={"num_hidden_layers:1": None, "not_a_field": 3})
+    with pytest.raises(ValueError, match=r"^model\.backbone\.config_overrides: \['not_a_field', "
+                                         r"'num_hidden_layers:1'\] are not fields of Qwen3Config"):
+        load_backbone(cfg, parallel_num=4)
+
+
 def _copy_with_weights(src: str, dst, edit) -> str:
     """A copy of the LLM directory `src` whose model.safetensors went through `edit`."""
     from safetensors.torch import save_file
