@@ -100,8 +100,7 @@ def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
         cfg = OmegaConf.to_object(cfg)
     setup.resolve_init_from(cfg)
     validate(cfg)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    setup.set_threads(cfg.threads)
     sources = setup.check_data(cfg)  # bad shard paths / tokenizer mismatch: fail before anything
     setup.skip_deepspeed_muon()
     dist = init_distributed()

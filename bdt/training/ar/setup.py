@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import tarfile
 import types
@@ -55,6 +56,18 @@ def resolve_init_from(cfg: TrainConfig) -> None:
             log.info("init_from: model.%s is the export's, %s (the config said %s)", key,
                      getattr(saved, key), getattr(cfg.model, key))
             setattr(cfg.model, key, getattr(saved, key))
+
+
+def set_threads(threads: int) -> None:
+    """torch's intra-op threads of this rank (0: torch's default). More than the machine's CPUs
+    never helps, and far more (threads=100000) crashed the rank with a segfault after 'Resource
+    temporarily unavailable'; checked here, on the machine that runs the rank, not in validate
+    (the cluster supervisor validates the config on its own machine)."""
+    cpus = os.cpu_count() or 1
+    if threads > cpus:
+        raise ValueError(f"threads = {threads} exceeds this machine's {cpus} CPUs")
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def check_data(cfg: TrainConfig) -> list[ShardList]:

@@ -331,3 +331,17 @@ def test_a_budget_below_one_samples_prompt_and_prefix_is_refused_before_training
     with pytest.raises(ValueError, match=r"stages\[0\] \(s0\).token_budget = 16 is smaller than "
                                          r"one sample: its smallest \(4x4 tokens, no caption\)"):
         check_budgets(cfg, model, [shards])
+
+
+def test_more_threads_than_cpus_are_refused_naming_the_key():
+    """threads=100000 passed validation and crashed the rank with a segfault in torch."""
+    import os
+
+    from bdt.training.ar.setup import set_threads
+
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match=f"^threads = 100000 exceeds this machine's "
+                                         f"{os.cpu_count()} CPUs$"):
+        set_threads(100000)
+    set_threads(0)  # torch's default stays
+    assert torch.get_num_threads() == before
