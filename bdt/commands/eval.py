@@ -33,8 +33,8 @@ def _read_suite(path: str) -> list[dict]:
         try:
             item = json.loads(line)
             _check_item(item, ids)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"{path}:{n}: not a suite item ({e})") from None
+        except (ValueError, TypeError, KeyError, RecursionError) as e:  # Recursion: nesting
+            raise ValueError(f"{path}:{n}: not a suite item ({str(e)[:200]})") from None
         items.append(item)
         ids.add(item["id"])
     if not items:

@@ -59,8 +59,8 @@ _STORED_DTYPES = ("float32", "bfloat16", "float16")
 def _read_json(url: str) -> dict:
     try:
         data = json.loads(storage.read_bytes(url))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{url}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested past the parser
+        raise ValueError(f"{url}: not valid JSON ({str(e)[:200]})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{url}: expected a JSON object, got {type(data).__name__}")
     return data

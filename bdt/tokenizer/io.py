@@ -75,7 +75,7 @@ def tokenizer_identity(path: str) -> dict[str, Any]:
         files[rel] = storage.sha256(path.rstrip("/") + "/" + rel)[0]
     try:
         config = json.loads(storage.read_bytes(storage.join(path, CONFIG_NAME)))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+    except (FileNotFoundError, ValueError, RecursionError):  # absent, or not JSON
         config = None
     return {"path": path, "config": config, "sha256": files}
 
@@ -147,8 +147,8 @@ def _read_config(config: TokenizerConfig | Mapping[str, Any] | str | None) -> To
     if isinstance(config, str):
         try:
             data = json.loads(storage.read_bytes(config))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{config}: not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested past the parser
+            raise ValueError(f"{config}: not valid JSON: {str(exc)[:200]}") from None
         try:
             return TokenizerConfig.from_dict(data)
         except (TypeError, ValueError) as exc:

@@ -43,6 +43,7 @@ def test_sample_refuses_bad_flags_before_loading(tmp_path, capsys, args, expecte
     (["[1, 2]"], ":1: not a suite item (not a JSON object)"),
     (["NO_PROMPT"], ":1: not a suite item (id, category and prompt must be non-empty strings)"),
     (["LATIN1"], "suite.jsonl: not a UTF-8 text file"),
+    (["[" * 100000 + "]" * 100000], ":1: not a suite item (maximum recursion depth exceeded"),
 ])
 def test_eval_refuses_bad_suite_files(tmp_path, capsys, lines, expected):
     item = load_suite()[0]

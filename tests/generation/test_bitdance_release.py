@@ -115,6 +115,7 @@ def _head_config(release, **changes) -> dict:
     (PROJECTOR_WEIGHTS, None, FileNotFoundError, PROJECTOR_WEIGHTS),
     (HEAD_WEIGHTS, "not safetensors", ValueError, HEAD_WEIGHTS),
     (HEAD_CONFIG, "{not json", ValueError, HEAD_CONFIG),
+    (HEAD_CONFIG, "[" * 100000, ValueError, f"{HEAD_CONFIG}: not valid JSON (maximum recursion"),
     (HEAD_CONFIG, "wide", ValueError, "shape mismatch"),  # ch_latent 256: head shapes differ
     (HEAD_CONFIG, "cond", ValueError, "ch_cond"),
     (HEAD_CONFIG, "unknown", ValueError, "colour"),

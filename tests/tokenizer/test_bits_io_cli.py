@@ -139,6 +139,15 @@ def test_released_layout_directory_and_torch_file(tmp_path):
         load_tokenizer(str(tmp_path / "ae_tiny_safetensors"))
 
 
+@pytest.mark.parametrize("config", [b'{"ch": "caf\xe9"}', b"[" * 100000])
+def test_a_config_that_is_not_json_names_the_file(tmp_path, tiny_model, config):
+    """Not UTF-8 was a bare codec error naming no file, nesting a RecursionError traceback."""
+    save_tokenizer(tiny_model, str(tmp_path / "tok"))
+    (tmp_path / "tok" / "config.json").write_bytes(config)
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'tok' / 'config.json'}: not valid JSON: "):
+        load_tokenizer(str(tmp_path / "tok"))
+
+
 def test_torch_file_with_code_is_refused(tmp_path, tiny_model):
     folder = tmp_path / "unsafe"
     folder.mkdir()
