@@ -107,6 +107,24 @@ def read_yaml(path: str) -> DictConfig:
     return loaded
 
 
+def interpolated_keys(cfg: DictConfig) -> list[str]:
+    """Dotted keys whose value is or holds an interpolation (`${...}`), unresolved. A config bdt
+    wrote resolved (save_resolved) holds none; one from elsewhere (a shared model folder) must
+    not be resolved: `${oc.env:...}` would read this machine's environment into it."""
+    return list(_interpolations(OmegaConf.to_container(cfg, resolve=False)))
+
+
+def _interpolations(node: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _interpolations(value, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _interpolations(value, f"{prefix}{i}.")
+    elif isinstance(node, str) and "${" in node:
+        yield prefix.rstrip(".")
+
+
 def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """Apply `key=value` items one by one; dotted keys may index lists (`stages.0.steps=5`).
 

@@ -259,6 +259,7 @@ def _run_config(cfg_path: str):
     from bdt.config import ConfigError, load
     from bdt.training.ar.config import TrainConfig
 
+    layout.read_config(cfg_path)  # OSError for a record with interpolations: never resolved
     try:
         cfg = OmegaConf.to_object(load(TrainConfig, [cfg_path]))
     except ConfigError as e:  # names the file

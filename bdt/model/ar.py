@@ -314,13 +314,20 @@ def read_model_config(model_dir: str) -> ModelConfig:
     from omegaconf import OmegaConf
 
     from bdt import storage
-    from bdt.config import load, read_yaml
+    from bdt.config import interpolated_keys, load, read_yaml
 
     url = storage.join(model_dir, CONFIG_NAME)
     if not storage.exists(url):
         raise OSError(f"{model_dir!r} is not a saved BitDanceModel: no {CONFIG_NAME}")
-    if not read_yaml(url):  # ConfigError (a ValueError) naming the file when not YAML
+    loaded = read_yaml(url)  # ConfigError (a ValueError) naming the file when not YAML
+    if not loaded:
         raise ValueError(f"{url}: holds no model config (an empty file)")
+    # A model folder may come from anywhere: resolving its ${oc.env:...} would put this
+    # machine's environment (a secret, say) in the config and in error messages.
+    interpolated = interpolated_keys(loaded)
+    if interpolated:
+        raise ValueError(f"{url}: key '{interpolated[0]}' is an interpolation; a saved model "
+                         f"config holds plain values (bdt writes it resolved)")
     cfg = OmegaConf.to_object(load(ModelConfig, [url]))  # unknown keys, wrong types: named
     try:
         cfg.validate()

@@ -161,17 +161,30 @@ def test_bad_input_exits_2_with_one_line(trained_run, tmp_path, capsys, case, ar
     ("", "model_config.yaml: holds no model config"),
     ("pos_max_len: 0\n", "model_config.yaml: model.pos_max_len must be >= 1, got 0"),
     ("parallel_num: [\n", "model_config.yaml: cannot parse YAML"),
+    # resolved, it put this machine's environment (MY_SECRET's value) in the config and errors
+    ("backbone:\n  path: ${oc.env:MY_SECRET}\n",
+     "model_config.yaml: key 'backbone.path' is an interpolation"),
+    ("TRAIN_CONFIG", "train_config.yaml: key 'stages.0.shards' is an interpolation"),
 ])
-def test_a_damaged_export_config_is_one_line_naming_it(trained_run, tmp_path, capsys, content,
-                                                       expected):
+def test_a_damaged_export_config_is_one_line_naming_it(trained_run, tmp_path, capsys, monkeypatch,
+                                                       content, expected):
     """These once gave omegaconf tracebacks, or silently built a model of the default shape."""
     broken = tmp_path / "broken"
     shutil.copytree(os.path.join(trained_run, "export"), broken)
-    (broken / "model_config.yaml").write_text(content)
+    monkeypatch.setenv("MY_SECRET", "s3cr3t")
+    if content == "TRAIN_CONFIG":  # e.g. shards: s3://their-bucket/${oc.env:AWS_SECRET_ACCESS_KEY}
+        record = (broken / "train_config.yaml").read_text()
+        shards = record.split("shards: ", 1)[1].split("\n", 1)[0]
+        (broken / "train_config.yaml").write_text(
+            record.replace(f"shards: {shards}", "shards: /data/${oc.env:MY_SECRET}", 1))
+    else:
+        (broken / "model_config.yaml").write_text(content)
     code = main(["sample", "--model", str(broken), "--prompt", "a red circle", "--size", "16",
                  "--out", str(tmp_path / "o")])
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("bdt sample: error: ") and expected in last, last
+    assert "s3cr3t" not in err
 
 
 def test_the_trained_buckets_do_not_depend_on_the_working_directory(trained_run, tmp_path,
