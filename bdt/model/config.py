@@ -20,6 +20,8 @@ from bdt.model.backbone import BackboneConfig, _torch_dtype
 from bdt.model.head import HeadConfig
 from bdt.model.sequence import patch_side
 
+MAX_POS_LEN = 16384  # model.pos_max_len's upper limit (validate)
+
 
 @dataclass
 class ModelConfig:
@@ -60,8 +62,11 @@ class ModelConfig:
             _torch_dtype(self.backbone.dtype)
         except ValueError as e:
             raise ValueError(f"model.backbone.dtype: {e}") from None
-        if self.pos_max_len < 1:
-            raise ValueError(f"model.pos_max_len must be >= 1, got {self.pos_max_len}")
+        # 16k tokens a side is 256k px at 16x down (released: 128 to 256); 1e9 allocated a
+        # 256 GB position table after the LLM had loaded, and failed there naming no key.
+        if not 1 <= self.pos_max_len <= MAX_POS_LEN:
+            raise ValueError(f"model.pos_max_len must be in [1, {MAX_POS_LEN}], got "
+                             f"{self.pos_max_len}")
         for key in ("flip_prob", "caption_dropout"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:

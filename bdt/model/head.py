@@ -38,6 +38,11 @@ from torch.utils.checkpoint import checkpoint
 # True / False); the SiLU between the plain Linears is the Sequential's index 1.
 MLP_KINDS: dict[str, tuple[str, str]] = {"swiglu": ("w1", "w2"), "plain": ("mlp.0", "mlp.2")}
 TIME_SCHEDULES = ("logit_normal", "uniform")
+# Upper limits, ~6-40x the released heads (W 5120, depth 6, C 32, P 64, 256 time features):
+# far more is a typo or a hostile file, and was found only as an allocator error once the LLM
+# had loaded (width 1e9: 'tried to allocate 1024000000000 bytes', naming no key).
+_LIMITS = {"width": 32768, "depth": 256, "num_adaln_sets": 256, "head_dim": 32768, "bits": 1024,
+           "cond_dim": 65536, "tokens": 4096, "time_freq_dim": 65536, "repeat": 256}
 
 
 @dataclass
@@ -70,8 +75,9 @@ class HeadConfig:
         """Raise ValueError naming the first bad key (as `model.head.<key>`)."""
         for key in ("width", "depth", "num_adaln_sets", "head_dim", "bits", "cond_dim", "tokens",
                     "time_freq_dim", "repeat"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"model.head.{key} must be >= 1, got {getattr(self, key)}")
+            if not 1 <= getattr(self, key) <= _LIMITS[key]:
+                raise ValueError(f"model.head.{key} must be in [1, {_LIMITS[key]}], got "
+                                 f"{getattr(self, key)}")
         if self.width % self.head_dim:
             raise ValueError(f"model.head.width ({self.width}) must be a multiple of "
                              f"model.head.head_dim ({self.head_dim})")

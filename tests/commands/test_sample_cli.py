@@ -159,7 +159,7 @@ def test_bad_input_exits_2_with_one_line(trained_run, tmp_path, capsys, case, ar
 @pytest.mark.parametrize("content, expected", [
     ("bogus_key: 1\n", "model_config.yaml: key 'bogus_key'"),
     ("", "model_config.yaml: holds no model config"),
-    ("pos_max_len: 0\n", "model_config.yaml: model.pos_max_len must be >= 1, got 0"),
+    ("pos_max_len: 0\n", "model_config.yaml: model.pos_max_len must be in [1, 16384], got 0"),
     ("parallel_num: [\n", "model_config.yaml: cannot parse YAML"),
     # resolved, it put this machine's environment (MY_SECRET's value) in the config and errors
     ("backbone:\n  path: ${oc.env:MY_SECRET}\n",

@@ -170,6 +170,10 @@ def test_a_damaged_shape_record_is_written_again(tmp_path, caplog):
     ("model.head.p_std=.nan", r"model.head.p_std, time_shift and mlp_ratio must be finite and > 0"),
     ("model.head.time_shift=.inf", r"time_shift and mlp_ratio must be finite and > 0, got 0.8, inf"),
     ("model.head.p_mean=.nan", r"model.head.p_mean must be a finite number, got nan"),
+    # huge sizes failed as allocator errors naming no key, once the LLM had loaded
+    ("model.head.width=1000000000", r"model.head.width must be in \[1, 32768\], got 1000000000"),
+    ("model.head.depth=0", r"model.head.depth must be in \[1, 256\], got 0"),
+    ("model.pos_max_len=1000000000", r"model.pos_max_len must be in \[1, 16384\], got 1000000000"),
     ("model.backbone.dtype=int8", r"model.backbone.dtype: backbone dtype 'int8' is not a torch "
                                   r"floating dtype"),
     ("checkpoint.keep_last=-1", r"checkpoint.keep_last must be >= 0 \(0 = keep all\), got -1"),
