@@ -262,9 +262,8 @@ def validate(cfg: TrainConfig) -> None:
                          "0-2, or ema_decay=0 with ZeRO-3")
     if cfg.compile.enabled:
         _check_compile(cfg)
-    if cfg.data.prefetch < 0 or cfg.data.prefetch_worker not in ("auto", "thread", "process"):
-        raise ValueError(f"data.prefetch must be >= 0 (0 = off) and data.prefetch_worker one of "
-                         f"auto, thread, process; got {cfg.data.prefetch} and "
+    if cfg.data.prefetch_worker not in ("auto", "thread", "process"):
+        raise ValueError(f"data.prefetch_worker must be one of auto, thread, process; got "
                          f"{cfg.data.prefetch_worker!r}")
     if not cfg.time_limit_min >= 0:  # also refuses NaN
         raise ValueError(f"time_limit_min must be >= 0 (0 = no limit), got {cfg.time_limit_min}")
@@ -288,7 +287,12 @@ def _value_rules(cfg: TrainConfig) -> list[tuple[str, object, bool, str]]:
     e, logs = cfg.eval, cfg.logging
     rules = [("seed", cfg.seed, 0 <= cfg.seed < 2**63, "in [0, 2^63)"),
              ("threads", cfg.threads, cfg.threads >= 0, ">= 0 (0 = torch's default)"),
-             ("data.buffer_size", cfg.data.buffer_size, cfg.data.buffer_size >= 1, ">= 1"),
+             # Upper limits: the stream is endless, so a worker asked for 1e9 rows ahead, or a
+             # buffer of 1e12 samples, read on until the rank ran out of memory.
+             ("data.buffer_size", cfg.data.buffer_size, 1 <= cfg.data.buffer_size <= 2**20,
+              "in [1, 1048576] samples"),
+             ("data.prefetch", cfg.data.prefetch, 0 <= cfg.data.prefetch <= 256,
+              "in [0, 256] rows (0 = off)"),
              ("eval.every", e.every, e.every >= 0, ">= 0 (0 = off)"),
              ("logging.sample_every", logs.sample_every, logs.sample_every >= 0, ">= 0 (0 = off)"),
              ("logging.sample_steps", logs.sample_steps, logs.sample_steps >= 1, ">= 1"),

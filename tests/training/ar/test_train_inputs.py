@@ -182,7 +182,13 @@ def test_a_damaged_shape_record_is_written_again(tmp_path, caplog):
     ("run_dir=s3://b/run", r"run_dir must be a local directory, got 's3://b/run'"),
     ("model.backbone.path=s3://b/llm", r"model.backbone.path 's3://b/llm' \(init_from's llm/ when "
                                        r"set\) must be a local directory or a hub id"),
-    ("data.buffer_size=0", r"data.buffer_size must be >= 1, got 0"),
+    ("data.buffer_size=0", r"data.buffer_size must be in \[1, 1048576\] samples, got 0"),
+    # the endless stream read on until the rank ran out of memory
+    ("data.buffer_size=1000000000000", r"data.buffer_size must be in \[1, 1048576\] samples"),
+    ("data.prefetch=1000000000", r"data.prefetch must be in \[0, 256\] rows \(0 = off\), got "
+                                 r"1000000000"),
+    ("data.prefetch=-1", r"data.prefetch must be in \[0, 256\] rows"),
+    ("data.prefetch_worker=fork", r"data.prefetch_worker must be one of auto, thread, process"),
     ("deepspeed.grad_accum=0", r"deepspeed: micro_batch_size and grad_accum must be >= 1"),
     ("deepspeed.zero_stage=5", r"deepspeed.zero_stage: expected 0, 1, 2 or 3, got 5"),
     ("deepspeed.precision=fp16", r"deepspeed.precision: expected one of \('fp32', 'bf16'\)"),
