@@ -242,20 +242,32 @@ def numel(p: torch.nn.Parameter) -> int:
 
 
 def check_budgets(cfg: TrainConfig, model: BitDanceModel, sources: list[ShardList]) -> None:
-    """Each stage's smallest sample (its smallest grid, an empty or dropped caption, the image
-    prefix) must fit the stage's token_budget; else every sample is skipped as oversize and
-    the stage fails after a whole epoch of reading. Needs the model: the prompt template's ids."""
+    """Every grid a stage will read (`ShardList.grids`) must pack: its sides need their
+    <|res_k|> tokens in the model's vocabulary, and its smallest sample (an empty or dropped
+    caption, the image prefix) must fit the stage's token_budget. Else every sample of that
+    grid is skipped while training (as bad_grid or oversize): a whole bucket lost, or, for the
+    smallest grid, the stage failing after an epoch of reading. Needs the model: the prompt
+    template's ids and the res tokens."""
     for i, (stage, shards) in enumerate(zip(cfg.stages, sources)):
-        if not shards.grids:
-            continue
+        where = f"stages[{i}] ({stage.name})"
         packer = stage_packer(model, stage_p(cfg, i), stage.token_budget, cfg.model.caption_dropout)
-        h, w = min(shards.grids, key=lambda g: g[0] * g[1])
         prompt = min(len(packer.prompt_ids([])), len(packer.prompt_ids(None)))
-        need = packer.sample_len(prompt, h, w)
-        if need > stage.token_budget:
-            raise ValueError(f"stages[{i}] ({stage.name}).token_budget = {stage.token_budget} is "
-                             f"smaller than one sample: its smallest ({h}x{w} tokens, no caption) "
-                             f"packs {need} with the prompt template and image prefix")
+        for k, (h, w) in enumerate(sorted(shards.grids or [], key=lambda g: g[0] * g[1])):
+            try:
+                packer.image_prefix_ids(h, w)
+            except ValueError as e:
+                raise ValueError(f"{where}: {stage.shards} holds {h}x{w} token grids: {e}") from None
+            need = packer.sample_len(prompt, h, w)
+            if need <= stage.token_budget:
+                continue
+            if k == 0:
+                raise ValueError(f"{where}.token_budget = {stage.token_budget} is smaller than one "
+                                 f"sample: its smallest ({h}x{w} tokens, no caption) packs {need} "
+                                 f"with the prompt template and image prefix")
+            raise ValueError(f"{where}.token_budget = {stage.token_budget} cannot hold a sample of "
+                             f"its {h}x{w} token grids ({need} tokens with no caption), which "
+                             f"{stage.shards} holds: every one would be skipped; raise the budget "
+                             f"or extract without that bucket")
 
 
 def stage_packer(model: BitDanceModel, parallel_num: int, token_budget: int,

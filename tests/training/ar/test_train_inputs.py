@@ -343,6 +343,33 @@ def test_a_budget_below_one_samples_prompt_and_prefix_is_refused_before_training
         check_budgets(cfg, model, [shards])
 
 
+def test_a_grid_the_stage_cannot_pack_is_refused_before_training(tmp_path):
+    """Only the smallest grid was checked: a larger bucket that no sample of fits the budget, or
+    with a side beyond the model's <|res_k|> tokens (256 here, inside model.pos_max_len), passed
+    the start, and training then skipped every sample of it (as oversize or bad_grid)."""
+    from bdt.data.shard_source import ShardList
+    from bdt.model.ar import BitDanceModel
+    from bdt.training.ar.setup import check_budgets
+
+    llm = tiny_llm(str(tmp_path / "llm"))
+    cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], train_overrides(
+        str(tmp_path / "run"), llm, "unused", extra=["model.head.bits=16"])))
+    model = BitDanceModel.from_config(cfg.model)
+    cfg.stages[0].token_budget = 2000
+    check_budgets(cfg, model, [ShardList(urls=[], manifest=None, source="s",
+                                         grids=[(4, 4), (4, 256)])])  # <|res_256|>: the last
+    with pytest.raises(ValueError, match=r"^stages\[0\] \(s0\): unused holds 4x258 token grids: "
+                                         r"no <\|res_258\|> token"):
+        check_budgets(cfg, model, [ShardList(urls=[], manifest=None, source="s",
+                                             grids=[(4, 4), (4, 258)])])
+    cfg.stages[0].token_budget = 50  # a 4x4 sample fits, no 8x8 one (64 image tokens)
+    with pytest.raises(ValueError, match=r"^stages\[0\] \(s0\).token_budget = 50 cannot hold a "
+                                         r"sample of its 8x8 token grids \(\d+ tokens with no "
+                                         r"caption\)"):
+        check_budgets(cfg, model, [ShardList(urls=[], manifest=None, source="s",
+                                             grids=[(4, 4), (8, 8)])])
+
+
 def test_more_threads_than_cpus_are_refused_naming_the_key():
     """threads=100000 passed validation and crashed the rank with a segfault in torch."""
     import os
