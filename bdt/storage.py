@@ -164,6 +164,8 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
     """Open `url` for binary writing so that it appears only once fully written.
 
     On an exception inside the block, the partial local temp file is removed and nothing appears.
+    Temps of `url` that killed writers left go first (remove_stale_temps): a kill mid-write
+    leaves one that no later write of the name would ever remove otherwise.
     """
     if is_remote(url):
         fs, path = filesystem(url)
@@ -190,6 +192,7 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
         return
     path = _local_path(url)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temps(path)
     tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as f:

@@ -102,3 +102,39 @@ def test_tokenizer_identity_ignores_a_killed_writers_temp_but_not_another_file(t
         (tmp_path / extra).write_bytes(b"x")
         assert extra in tokenizer_identity(str(tmp_path))["sha256"]
         os.remove(tmp_path / extra)
+
+
+def test_a_killed_writers_temp_goes_at_the_next_write_of_its_name(tmp_path):
+    """Callers once had to remove stale temps themselves, and those that did not (the AR run's
+    summary.json and config.yaml, `bdt tokenizer encode`) kept a killed write's temp forever."""
+    url = str(tmp_path / "summary.json")
+    _killed_writer_temp("kill-mid-write", url)
+    storage.write_bytes_atomic(url, b"{}")
+    assert os.listdir(tmp_path) == ["summary.json"]
+
+
+_KILLED_ENCODE = """
+import os, signal, sys
+import numpy
+numpy.save = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # mid-write of the .npy
+from bdt import cli
+cli.main(sys.argv[1:])
+"""
+
+
+def test_a_rerun_of_a_killed_tokenizer_encode_leaves_only_its_output(tmp_path):
+    from PIL import Image
+
+    from testkit import save_tiny_image_tokenizer
+
+    save_tiny_image_tokenizer(str(tmp_path / "tok"), bits=16)
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "red.png")
+    args = ["tokenizer", "encode", "--tokenizer", str(tmp_path / "tok"), "--images",
+            str(tmp_path / "red.png"), "--out", str(tmp_path / "out" / "bits.npy")]
+    killed = subprocess.run([sys.executable, "-c", _KILLED_ENCODE, *args],
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert killed.returncode == -9 and len(os.listdir(tmp_path / "out")) == 1  # its temp
+    from bdt import cli
+
+    assert cli.main(args) == 0
+    assert os.listdir(tmp_path / "out") == ["bits.npy"]

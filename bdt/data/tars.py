@@ -375,7 +375,6 @@ def _open_output(url: str) -> Iterator[IO[bytes]]:
     """Local: temp + rename (storage.open_atomic). Remote: spooled to a local temp file and
     uploaded once complete, so a failed write never leaves a partial object behind."""
     if not storage.is_remote(url):
-        storage.remove_stale_temps(url)
         with storage.open_atomic(url) as f:
             yield f
         return

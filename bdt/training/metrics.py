@@ -80,7 +80,6 @@ def cut_records_after(path: str, last_step: float) -> None:
     kept = [line for line in lines if _kept(_parsed(line), last_step)]
     out = b"".join(line + b"\n" for line in kept)
     if out != data:
-        storage.remove_stale_temps(path)  # a killed cut's temp file
         storage.write_bytes_atomic(path, out)
 
 

@@ -170,6 +170,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
             raise ValueError(f"checkpoint {ckpt.root}/{resume} has no stage clock (written before "
                              f"stages could end on real tokens): start a new checkpoint.dir")
         clock.load_state_dict(meta["clock"])
+        saved_stage = clock.stage
         clock.resume_at(step)  # the config's stage lengths, which may have changed since
         engine.lr_scheduler.write_lrs()  # the config's LR at the restored position (schedule.py)
         if ema is not None:
@@ -194,11 +195,14 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                            keep_through_step=step if resumed is not None else -1)
     if resumed is None:
         logger.log(0, params)
+        logger.log(0, {"stage": clock.stage})
     else:  # the layout per rank again: the world size may have changed
         logger.log(step, {"resumed_from_step": step, "checkpoints_skipped": len(resumed.skipped),
                           "resumed_from_world_size": meta.get("resplit_from_world_size",
                                                               dist.world_size),
                           **{k: v for k, v in params.items() if k.startswith("params_local/")}})
+        if clock.stage > saved_stage and not clock.finished:  # the config ended a stage here
+            logger.log(step, {"stage": clock.stage})
 
     peak = cfg.logging.peak_tflops * 1e12 or measure_peak_flops(
         torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32)
@@ -228,7 +232,6 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                 stream = StageData(setup.stage_rows(cfg, si, sources[si], model, dist, state),
                                    cfg.data.prefetch, cfg.data.prefetch_worker, dist.device)
                 stream_state = None
-                logger.log(step, {"stage": si})
             with Timer() as t_step:
                 data_wait = 0.0
                 step_tokens = 0
@@ -290,6 +293,10 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                      partial)
                 if not partial:
                     window = _Window()
+            if clock.stage != stage_idx and not clock.finished:
+                # Logged once, by the run that crosses into the stage, before the save that
+                # follows: a resume from that checkpoint keeps this record and adds none.
+                logger.log(step, {"stage": clock.stage})
             if why == DIVERGED:
                 raise_diverged(health, step, saved_step, f"Lower the learning rate (stages."
                                f"{stage_idx}.lr) or look at those samples, then resume.")

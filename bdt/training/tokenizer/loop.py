@@ -30,14 +30,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bdt import storage
-from bdt.config import (RESOLVED_CONFIG_NAME, ConfigError, fail, load, save_resolved, setup_logging,
-                        split_launcher_args)
+from bdt.config import ConfigError, fail, load, save_resolved, setup_logging, split_launcher_args
 from bdt.data.raw import expand_shards, make_loader
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.tokenizer.config import TokenizerConfig
 from bdt.tokenizer.discriminator import LeCam, PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from bdt.tokenizer.image_metrics import psnr, ssim, to_unit
-from bdt.tokenizer.io import CONFIG_NAME, WEIGHTS_NAME, save_tokenizer
+from bdt.tokenizer.io import save_tokenizer
 from bdt.tokenizer.lpips import LPIPS
 from bdt.training.checkpoint import SHARED_FILE, CheckpointManager
 from bdt.training.deepspeed_config import build_ds_config, initialize_engine, make_schedule
@@ -139,10 +138,6 @@ def export(model_cfg: TokenizerConfig, ema_state: dict, run_dir: str) -> str:
     ema.load_state_dict(ema_state)
     model.load_state_dict(ema.module_state_dict(model))
     path = export_dir(run_dir)
-    # A kill during an earlier export leaves temp files that would stay forever, and that the
-    # extraction would hash as part of the tokenizer (tokenizer_identity lists every file).
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        storage.remove_stale_temps(os.path.join(path, name))
     save_tokenizer(model, path)
     return path
 
@@ -201,7 +196,6 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
         if disc is not None and "disc" in shared:
             disc.load_state_dict(shared["disc"])
     if dist.is_main:
-        storage.remove_stale_temps(os.path.join(cfg.run_dir, RESOLVED_CONFIG_NAME))  # a killed start's
         save_resolved(cfg, cfg.run_dir)
         log.info("tokenizer training: world %d, start step %d%s", dist.world_size, step,
                  f" (resumed from {tag})" if tag else "")

@@ -111,12 +111,31 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
     trained = [untimed(r) for r in records if "loss" in r]
     assert trained == [untimed(ref["metrics"][step]) for step in sorted(ref["metrics"])]
     assert sum("params" in r for r in records) == 1  # logged by the fresh start only
+    assert stage_records(tmp_path) == stage_records(ref["dir"]) == [(0, 0), (4, 1)]
     # 5. a rerun of the finished run resumes at its last step and runs none: its summary kept
     #    the stream's counts (once "stream": {}, as after a kill between COMPLETE and export)
     assert spawn_train(argv(data, tmp_path)) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stream"] == ref["summary"]["stream"] and summary["stream"]["batches"] > 0
     assert summary["stream_all_ranks"] == ref["summary"]["stream_all_ranks"]
+
+
+def stage_records(run_dir) -> list[tuple[int, int]]:
+    """(step, stage) of each stage switch metrics.jsonl records."""
+    return [(r["step"], int(r["stage"])) for r in map(json.loads, open(run_dir / "metrics.jsonl"))
+            if "stage" in r]
+
+
+def test_a_resume_from_the_stage_boundary_logs_the_switch_once(data, ref, tmp_path):
+    """Killed while saving step 6, after the boundary checkpoint of step 4 and the switch to
+    stage 1: the resume from 4 keeps the switch the killed run logged and adds none (it logged
+    it a second time), so the log holds what the uninterrupted run's does, timings aside."""
+    assert spawn_train(argv(data, tmp_path, "fault.kill_during_checkpoint=6")) == -9
+    assert stage_records(tmp_path) == [(0, 0), (4, 1)]
+    assert spawn_train(argv(data, tmp_path)) == 0
+    records = [untimed(r) for r in map(json.loads, open(tmp_path / "metrics.jsonl"))
+               if "resumed_from_step" not in r]
+    assert records == [untimed(r) for r in map(json.loads, open(ref["dir"] / "metrics.jsonl"))]
 
 
 def test_a_stop_inside_a_log_window_logs_as_if_uninterrupted(data, ref, tmp_path):
