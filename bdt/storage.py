@@ -74,11 +74,17 @@ def expand_urls(spec: str) -> list[str]:
     """URLs named by a comma list of brace patterns and globs (`a-{000..009}.tar,b/*.tar`).
 
     In the order given, globs sorted, duplicates dropped. Plain names are returned as they are
-    (existence is the caller's check); a glob that matches nothing contributes nothing.
+    (existence is the caller's check); a glob that matches nothing contributes nothing, unless
+    it names an existing file as it is: `img[1].tar`, or `x.tar?versionId=...` (one version of
+    an S3 object), whose glob characters are part of the name.
     """
     urls: list[str] = []
     for pattern in url_patterns(spec):
-        urls.extend(_glob(pattern) if any(c in pattern for c in "*?[") else [pattern])
+        if not any(c in pattern for c in "*?["):
+            urls.append(pattern)
+            continue
+        matches = _glob(pattern)
+        urls.extend(matches if matches or not exists(pattern) else [pattern])
     seen: set[str] = set()
     return [u for u in urls if not (u in seen or seen.add(u))]
 
@@ -126,15 +132,19 @@ def file_infos(urls: list[str]) -> dict[str, dict | None]:
             continue
         fs, path = filesystem(parent)
         fs.invalidate_cache(path)  # s3fs caches listings: files made or changed since must be seen
-        if len(group) == 1:
-            with contextlib.suppress(OSError):  # not found, or a file where a folder should be
-                info = fs.info(filesystem(group[0])[1])
-                if info["type"] == "file":
-                    found[group[0]] = info
+        # A version of an object (`?versionId=`) is not in a listing of the current objects.
+        single = {u for u in group if len(group) == 1 or VERSION_QUERY in u}
+        for url in single:
+            info = _remote_file_info(url)
+            if info is not None:
+                found[url] = info
+        group = [u for u in group if u not in single]
+        if not group:
             continue
         try:
-            listing = {e["name"].rstrip("/"): e for e in fs.ls(path, detail=True)
-                       if e["type"] == "file"}
+            with naming_url(parent):
+                listing = {e["name"].rstrip("/"): e for e in fs.ls(path, detail=True)
+                           if e["type"] == "file"}
         except (FileNotFoundError, NotADirectoryError):
             listing = {}
         for url in group:
@@ -142,6 +152,32 @@ def file_infos(urls: list[str]) -> dict[str, dict | None]:
             if info is not None:
                 found[url] = info
     return {u: found.get(u) for u in urls}
+
+
+VERSION_QUERY = "?versionId="  # s3fs's spelling of one version of an object
+
+
+def _remote_file_info(url: str) -> dict | None:
+    """The listing entry of a remote file; None when there is none (or a folder is there)."""
+    fs, path = filesystem(url)
+    try:
+        with naming_url(url):
+            info = fs.info(path)
+    except (FileNotFoundError, NotADirectoryError):  # denied access or a dead endpoint: raised
+        return None
+    return info if info["type"] == "file" else None
+
+
+@contextlib.contextmanager
+def naming_url(url: str) -> Iterator[None]:
+    """An OSError inside names `url`: s3fs's say only "Forbidden" or "Access Denied". Not
+    found keeps its message (callers test for it)."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError as e:
+        raise type(e)(f"{url}: {e}") from e
 
 
 def _local_file_info(path: str) -> dict | None:
@@ -305,7 +341,7 @@ def refuse_nonempty_dir(path: str, hint: str = "", overwrite: bool = False) -> N
     `staged_dir` left counts as empty), or with `overwrite` any directory; `hint` says what to do
     instead. A new `path` must be creatable (OSError otherwise, so that a command fails before
     its work, not after): locally its nearest existing ancestor a writable directory, on an
-    object store its bucket present."""
+    object store its bucket present and taking a write."""
     if not path:
         raise ValueError("the output directory is '': give a directory (`.` for this one)")
     if is_remote(path):
