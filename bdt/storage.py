@@ -44,7 +44,13 @@ def join(base: str, *parts: str) -> str:
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) for a URL. Call inside each worker process: s3fs is not fork-safe."""
+    """(filesystem, path) for a URL. Call inside each worker process: s3fs is not fork-safe.
+
+    ValueError for a remote URL with an empty path segment (`s3://b/runs//ck`): an object store
+    keeps the `//` in its keys, but s3fs cannot list below it, so what bdt wrote there (its
+    checkpoints, shards) could not be found again."""
+    if is_remote(url) and "//" in url.split("://", 1)[1].rstrip("/"):
+        raise ValueError(f"{url}: empty path segment ('//'); remove the extra '/'")
     return url_to_fs(url)
 
 

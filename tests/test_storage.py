@@ -108,3 +108,18 @@ def test_an_s3_object_version_is_an_input_like_any_file(s3_bucket):
     assert urls == [old, f"{s3_bucket}/v/y.tar"]
     assert storage.file_sizes(urls) == {old: 3, f"{s3_bucket}/v/y.tar": 1}
     assert storage.read_bytes(old) == b"old"
+
+
+@pytest.mark.slow
+def test_a_remote_url_with_an_empty_path_segment_is_refused(s3_bucket):
+    """`checkpoint.dir=s3://b/runs//ck` wrote owner.json, then failed with the bare message
+    "b/runs//ck": S3 keeps the `//` in keys, and s3fs cannot list below it, so whatever bdt
+    writes there is found missing afterwards."""
+    url = f"{s3_bucket}/runs//ck/a.bin"
+    for call in (lambda: storage.write_bytes_atomic(url, b"x"), lambda: storage.exists(url),
+                 lambda: storage.file_sizes([url, url + "2"])):
+        with pytest.raises(ValueError, match="/runs//ck.*: empty path segment"):
+            call()
+    fs, _ = storage.filesystem(s3_bucket)
+    assert fs.find(s3_bucket[len("s3://"):]) == []
+    assert storage.filesystem(s3_bucket + "/runs/ck/")[1].endswith("/runs/ck")  # a trailing '/' is fine
