@@ -399,10 +399,11 @@ def staged_dir(path: str, overwrite: bool = False, last: str = "") -> Iterator[s
     caller's readers check, e.g. eval.json) moves after the rest. A kill during those renames is
     undone by the next writer there (refuse_nonempty_dir). A link is followed to its folder.
     A remote `path` is staged under the system temp dir and uploaded once the block ends (an
-    object store has no rename: a crash during the upload leaves part of it there)."""
+    object store has no rename: a crash during the upload leaves part of it there, without
+    `last`, which is removed first and uploaded last)."""
     refuse_nonempty_dir(path, overwrite=overwrite)
     if is_remote(path):
-        with _staged_remote(path) as tmp:
+        with _staged_remote(path, last) as tmp:
             yield tmp
         return
     final = os.path.realpath(path)  # through a link, to the folder it names
@@ -436,16 +437,24 @@ def staged_dir(path: str, overwrite: bool = False, last: str = "") -> Iterator[s
 
 
 @contextlib.contextmanager
-def _staged_remote(url: str) -> Iterator[str]:
+def _staged_remote(url: str, last: str) -> Iterator[str]:
+    """Each entry replaces its namesake whole, as locally. `last` goes first (an old marker
+    beside half a new output would pass it for complete) and comes back last."""
     tmp = tempfile.mkdtemp(prefix="bdt-staging-")
     try:
         yield tmp
         fs, root = filesystem(url)
         root = root.rstrip("/")
-        for name in os.listdir(tmp):  # each entry replaces its namesake whole, as locally
+        names = sorted(os.listdir(tmp), key=lambda n: (n == last, n))
+        for name in reversed(names):
             if fs.exists(f"{root}/{name}"):
                 fs.rm(f"{root}/{name}", recursive=True)
-        fs.put(tmp + "/", root, recursive=True)  # the trailing '/': its contents
+        for name in names:
+            source = os.path.join(tmp, name)
+            if os.path.isdir(source):
+                fs.put(source + "/", f"{root}/{name}", recursive=True)  # '/': its contents
+            else:
+                fs.put_file(source, f"{root}/{name}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
