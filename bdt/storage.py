@@ -376,15 +376,20 @@ def _refuse_nonempty_remote(url: str, hint: str, overwrite: bool) -> None:
     """As refuse_nonempty_dir; the destination must also take a write (a probe object), since
     a read-only bucket or credentials that may only read would fail the upload after the work."""
     fs, root = filesystem(url)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    bucket = root.strip("/").split("/", 1)[0]
     with naming_url(url):
-        if fs.isfile(root):
-            raise FileExistsError(f"{url} exists and is not a directory")
-        if fs.isdir(root) and not overwrite and fs.ls(root, detail=False):
-            raise FileExistsError(f"{url} exists and is not empty" + (f": {hint}" if hint else ""))
-        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-        bucket = root.strip("/").split("/", 1)[0]
-        if set(protocols) & set(OBJECT_STORES) and not fs.exists(bucket):
-            raise OSError(f"cannot create {url}: bucket {bucket!r} does not exist")
+        is_file = fs.isfile(root)
+        is_dir = not is_file and fs.isdir(root)
+        nonempty = is_dir and not overwrite and bool(fs.ls(root, detail=False))
+        no_bucket = (not (is_file or is_dir) and bool(set(protocols) & set(OBJECT_STORES))
+                     and not fs.exists(bucket))
+    if is_file:
+        raise FileExistsError(f"{url} exists and is not a directory")
+    if nonempty:
+        raise FileExistsError(f"{url} exists and is not empty" + (f": {hint}" if hint else ""))
+    if no_bucket:
+        raise OSError(f"cannot create {url}: bucket {bucket!r} does not exist")
     check_writable(url)
 
 

@@ -121,6 +121,8 @@ def test_an_output_the_credentials_cannot_write_is_refused_before_the_work(keyed
             storage.refuse_nonempty_dir(out)
     with _as(keyed_s3["endpoint"], keyed_s3["rw"]):
         storage.refuse_nonempty_dir(out)
+        with pytest.raises(FileExistsError, match=f"^s3://{BUCKET}/x exists and is not empty$"):
+            storage.refuse_nonempty_dir(f"s3://{BUCKET}/x")
     assert _objects(keyed_s3) == [f"{BUCKET}/x/a.tar"]  # the probes are gone
 
 
