@@ -59,7 +59,8 @@ def _glob(pattern: str) -> list[str]:
         fs, path = filesystem(pattern)
         fs.invalidate_cache()  # a glob lists prefixes it cannot name in advance: all of them
         proto = pattern.split("://", 1)[0]
-        return [f"{proto}://{p}" for p in sorted(fs.glob(path))]
+        with naming_url(pattern):
+            return [f"{proto}://{p}" for p in sorted(fs.glob(path))]
     return sorted(glob.glob(pattern))
 
 
@@ -98,7 +99,8 @@ def expand_urls(spec: str) -> list[str]:
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     _forget_listing(fs, path)
-    return fs.exists(path)
+    with naming_url(url):
+        return fs.exists(path)
 
 
 def _forget_listing(fs: fsspec.AbstractFileSystem, path: str) -> None:
@@ -300,7 +302,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     _forget_listing(fs, path)
-    with fs.open(path, "rb") as f:
+    with naming_url(url), fs.open(path, "rb") as f:
         return f.read()
 
 
@@ -310,7 +312,7 @@ def sha256(url: str) -> tuple[str, int]:
     size = 0
     fs, path = filesystem(url)
     _forget_listing(fs, path)
-    with fs.open(path, "rb") as f:
+    with naming_url(url), fs.open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
             size += len(chunk)

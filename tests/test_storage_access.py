@@ -135,6 +135,11 @@ def test_a_denied_read_is_not_a_missing_file(keyed_s3):
             storage.file_sizes([url])
         with pytest.raises(PermissionError, match=f"s3://{BUCKET}/x: .*Access Key Id"):
             storage.missing_files([url, f"s3://{BUCKET}/x/b.tar"])
+        for call in (storage.exists, storage.read_bytes, storage.sha256):
+            with pytest.raises(PermissionError, match=f"^{url}: "):
+                call(url)
+        with pytest.raises(PermissionError, match=f"^s3://{BUCKET}/x/\\*.tar: "):
+            storage.expand_urls(f"s3://{BUCKET}/x/*.tar")
     with _as(keyed_s3["endpoint"], keyed_s3["ro"]):
         assert storage.file_sizes([url, f"s3://{BUCKET}/x/b.tar"]) == {
             url: 4, f"s3://{BUCKET}/x/b.tar": None}
