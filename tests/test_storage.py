@@ -103,7 +103,8 @@ def test_an_s3_object_version_is_an_input_like_any_file(s3_bucket):
     storage.write_bytes_atomic(f"{s3_bucket}/v/x.tar", b"newer")
     storage.write_bytes_atomic(f"{s3_bucket}/v/y.tar", b"y")
     versions = client.list_object_versions(Bucket=bucket, Prefix="v/x.tar")["Versions"]
-    old = next(f"{s3_bucket}/v/x.tar?versionId={v['VersionId']}" for v in versions if not v["IsLatest"])
+    old = next(f"{s3_bucket}/v/x.tar?versionId={v['VersionId']}" for v in versions
+               if not v["IsLatest"])
     urls = storage.expand_urls(f"{old},{s3_bucket}/v/y.tar")
     assert urls == [old, f"{s3_bucket}/v/y.tar"]
     assert storage.file_sizes(urls) == {old: 3, f"{s3_bucket}/v/y.tar": 1}
@@ -122,4 +123,4 @@ def test_a_remote_url_with_an_empty_path_segment_is_refused(s3_bucket):
             call()
     fs, _ = storage.filesystem(s3_bucket)
     assert fs.find(s3_bucket[len("s3://"):]) == []
-    assert storage.filesystem(s3_bucket + "/runs/ck/")[1].endswith("/runs/ck")  # a trailing '/' is fine
+    assert storage.filesystem(s3_bucket + "/runs/ck/")[1].endswith("/runs/ck")  # a last "/": fine
