@@ -44,7 +44,13 @@ def join(base: str, *parts: str) -> str:
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) for a URL. Call inside each worker process: s3fs is not fork-safe."""
+    """(filesystem, path) for a URL. Call inside each worker process: s3fs is not fork-safe.
+
+    ValueError for a remote URL with an empty path segment (`s3://b/runs//ck`): an object store
+    keeps the `//` in its keys, but s3fs cannot list below it, so what bdt wrote there (its
+    checkpoints, shards) could not be found again."""
+    if is_remote(url) and "//" in url.split("://", 1)[1].rstrip("/"):
+        raise ValueError(f"{url}: empty path segment ('//'); remove the extra '/'")
     return url_to_fs(url)
 
 
@@ -53,7 +59,8 @@ def _glob(pattern: str) -> list[str]:
         fs, path = filesystem(pattern)
         fs.invalidate_cache()  # a glob lists prefixes it cannot name in advance: all of them
         proto = pattern.split("://", 1)[0]
-        return [f"{proto}://{p}" for p in sorted(fs.glob(path))]
+        with naming_url(pattern):
+            return [f"{proto}://{p}" for p in sorted(fs.glob(path))]
     return sorted(glob.glob(pattern))
 
 
@@ -74,11 +81,17 @@ def expand_urls(spec: str) -> list[str]:
     """URLs named by a comma list of brace patterns and globs (`a-{000..009}.tar,b/*.tar`).
 
     In the order given, globs sorted, duplicates dropped. Plain names are returned as they are
-    (existence is the caller's check); a glob that matches nothing contributes nothing.
+    (existence is the caller's check); a glob that matches nothing contributes nothing, unless
+    it names an existing file as it is: `img[1].tar`, or `x.tar?versionId=...` (one version of
+    an S3 object), whose glob characters are part of the name.
     """
     urls: list[str] = []
     for pattern in url_patterns(spec):
-        urls.extend(_glob(pattern) if any(c in pattern for c in "*?[") else [pattern])
+        if not any(c in pattern for c in "*?["):
+            urls.append(pattern)
+            continue
+        matches = _glob(pattern)
+        urls.extend(matches if matches or not exists(pattern) else [pattern])
     seen: set[str] = set()
     return [u for u in urls if not (u in seen or seen.add(u))]
 
@@ -86,7 +99,8 @@ def expand_urls(spec: str) -> list[str]:
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     _forget_listing(fs, path)
-    return fs.exists(path)
+    with naming_url(url):
+        return fs.exists(path)
 
 
 def _forget_listing(fs: fsspec.AbstractFileSystem, path: str) -> None:
@@ -126,15 +140,19 @@ def file_infos(urls: list[str]) -> dict[str, dict | None]:
             continue
         fs, path = filesystem(parent)
         fs.invalidate_cache(path)  # s3fs caches listings: files made or changed since must be seen
-        if len(group) == 1:
-            with contextlib.suppress(OSError):  # not found, or a file where a folder should be
-                info = fs.info(filesystem(group[0])[1])
-                if info["type"] == "file":
-                    found[group[0]] = info
+        # A version of an object (`?versionId=`) is not in a listing of the current objects.
+        single = {u for u in group if len(group) == 1 or VERSION_QUERY in u}
+        for url in single:
+            info = _remote_file_info(url)
+            if info is not None:
+                found[url] = info
+        group = [u for u in group if u not in single]
+        if not group:
             continue
         try:
-            listing = {e["name"].rstrip("/"): e for e in fs.ls(path, detail=True)
-                       if e["type"] == "file"}
+            with naming_url(parent):
+                listing = {e["name"].rstrip("/"): e for e in fs.ls(path, detail=True)
+                           if e["type"] == "file"}
         except (FileNotFoundError, NotADirectoryError):
             listing = {}
         for url in group:
@@ -142,6 +160,32 @@ def file_infos(urls: list[str]) -> dict[str, dict | None]:
             if info is not None:
                 found[url] = info
     return {u: found.get(u) for u in urls}
+
+
+VERSION_QUERY = "?versionId="  # s3fs's spelling of one version of an object
+
+
+def _remote_file_info(url: str) -> dict | None:
+    """The listing entry of a remote file; None when there is none (or a folder is there)."""
+    fs, path = filesystem(url)
+    try:
+        with naming_url(url):
+            info = fs.info(path)
+    except (FileNotFoundError, NotADirectoryError):  # denied access or a dead endpoint: raised
+        return None
+    return info if info["type"] == "file" else None
+
+
+@contextlib.contextmanager
+def naming_url(url: str) -> Iterator[None]:
+    """An OSError inside names `url`: s3fs's say only "Forbidden" or "Access Denied". Not
+    found keeps its message (callers test for it)."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError as e:
+        raise type(e)(f"{url}: {e}") from e
 
 
 def _local_file_info(path: str) -> dict | None:
@@ -261,7 +305,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     _forget_listing(fs, path)
-    with fs.open(path, "rb") as f:
+    with naming_url(url), fs.open(path, "rb") as f:
         return f.read()
 
 
@@ -271,7 +315,7 @@ def sha256(url: str) -> tuple[str, int]:
     size = 0
     fs, path = filesystem(url)
     _forget_listing(fs, path)
-    with fs.open(path, "rb") as f:
+    with naming_url(url), fs.open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
             size += len(chunk)
@@ -308,7 +352,7 @@ def refuse_nonempty_dir(path: str, hint: str = "", overwrite: bool = False) -> N
     `staged_dir` left counts as empty), or with `overwrite` any directory; `hint` says what to do
     instead. A new `path` must be creatable (OSError otherwise, so that a command fails before
     its work, not after): locally its nearest existing ancestor a writable directory, on an
-    object store its bucket present."""
+    object store its bucket present and taking a write."""
     if not path:
         raise ValueError("the output directory is '': give a directory (`.` for this one)")
     if is_remote(path):
@@ -334,17 +378,24 @@ OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs")  # URLs whose first par
 
 
 def _refuse_nonempty_remote(url: str, hint: str, overwrite: bool) -> None:
+    """As refuse_nonempty_dir; the destination must also take a write (a probe object), since
+    a read-only bucket or credentials that may only read would fail the upload after the work."""
     fs, root = filesystem(url)
-    if fs.isfile(root):
-        raise FileExistsError(f"{url} exists and is not a directory")
-    if fs.isdir(root):
-        if overwrite or not fs.ls(root, detail=False):
-            return
-        raise FileExistsError(f"{url} exists and is not empty" + (f": {hint}" if hint else ""))
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     bucket = root.strip("/").split("/", 1)[0]
-    if set(protocols) & set(OBJECT_STORES) and not fs.exists(bucket):
+    with naming_url(url):
+        is_file = fs.isfile(root)
+        is_dir = not is_file and fs.isdir(root)
+        nonempty = is_dir and not overwrite and bool(fs.ls(root, detail=False))
+        no_bucket = (not (is_file or is_dir) and bool(set(protocols) & set(OBJECT_STORES))
+                     and not fs.exists(bucket))
+    if is_file:
+        raise FileExistsError(f"{url} exists and is not a directory")
+    if nonempty:
+        raise FileExistsError(f"{url} exists and is not empty" + (f": {hint}" if hint else ""))
+    if no_bucket:
         raise OSError(f"cannot create {url}: bucket {bucket!r} does not exist")
+    check_writable(url)
 
 
 @contextlib.contextmanager
@@ -358,10 +409,11 @@ def staged_dir(path: str, overwrite: bool = False, last: str = "") -> Iterator[s
     caller's readers check, e.g. eval.json) moves after the rest. A kill during those renames is
     undone by the next writer there (refuse_nonempty_dir). A link is followed to its folder.
     A remote `path` is staged under the system temp dir and uploaded once the block ends (an
-    object store has no rename: a crash during the upload leaves part of it there)."""
+    object store has no rename: a crash during the upload leaves part of it there, without
+    `last`, which is removed first and uploaded last)."""
     refuse_nonempty_dir(path, overwrite=overwrite)
     if is_remote(path):
-        with _staged_remote(path) as tmp:
+        with _staged_remote(path, last) as tmp:
             yield tmp
         return
     final = os.path.realpath(path)  # through a link, to the folder it names
@@ -395,16 +447,24 @@ def staged_dir(path: str, overwrite: bool = False, last: str = "") -> Iterator[s
 
 
 @contextlib.contextmanager
-def _staged_remote(url: str) -> Iterator[str]:
+def _staged_remote(url: str, last: str) -> Iterator[str]:
+    """Each entry replaces its namesake whole, as locally. `last` goes first (an old marker
+    beside half a new output would pass it for complete) and comes back last."""
     tmp = tempfile.mkdtemp(prefix="bdt-staging-")
     try:
         yield tmp
         fs, root = filesystem(url)
         root = root.rstrip("/")
-        for name in os.listdir(tmp):  # each entry replaces its namesake whole, as locally
+        names = sorted(os.listdir(tmp), key=lambda n: (n == last, n))
+        for name in reversed(names):
             if fs.exists(f"{root}/{name}"):
                 fs.rm(f"{root}/{name}", recursive=True)
-        fs.put(tmp + "/", root, recursive=True)  # the trailing '/': its contents
+        for name in names:
+            source = os.path.join(tmp, name)
+            if os.path.isdir(source):
+                fs.put(source + "/", f"{root}/{name}", recursive=True)  # '/': its contents
+            else:
+                fs.put_file(source, f"{root}/{name}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -269,3 +269,41 @@ def test_a_reader_never_sees_a_missing_or_partial_file_while_it_is_rewritten(tmp
         reader.join()
     assert seen and set(seen) <= versions
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
+
+
+@pytest.mark.slow
+def test_a_remote_output_takes_its_completion_marker_last(s3_bucket, monkeypatch):
+    """On S3, `last` (eval.json, samples.json) went up with the rest in any order, and an
+    overwritten output's old marker stayed beside the new files while they were uploaded: an
+    upload that failed midway left a half output that its marker passed for complete."""
+    import s3fs
+
+    out = s3_bucket + "/eval"
+    with storage.staged_dir(out, last="eval.json") as tmp:
+        _write(Path(tmp), {"eval.json": "old", "images/a.png": "a", "z.md": "z"})
+    fs, _ = storage.filesystem(s3_bucket)
+    assert fs.cat(out + "/eval.json") == b"old"
+    real_put_file, uploaded = s3fs.S3FileSystem._put_file, []
+
+    async def put_file(self, lpath, rpath, **kwargs):
+        uploaded.append(rpath.rsplit("/eval/", 1)[1])
+        if rpath.endswith("z.md"):
+            raise ConnectionError("network down")
+        return await real_put_file(self, lpath, rpath, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", put_file)
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance binds its sync methods when made
+    with pytest.raises(ConnectionError):
+        with storage.staged_dir(out, overwrite=True, last="eval.json") as tmp:
+            _write(Path(tmp), {"eval.json": "new", "images/b.png": "b", "z.md": "z2"})
+    assert "eval.json" not in uploaded
+    fs.invalidate_cache()
+    assert not fs.exists(out + "/eval.json")  # neither the old marker nor the new one
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", real_put_file)
+    s3fs.S3FileSystem.clear_instance_cache()
+    with storage.staged_dir(out, overwrite=True, last="eval.json") as tmp:
+        _write(Path(tmp), {"eval.json": "new", "images/b.png": "b", "z.md": "z2"})
+    fs.invalidate_cache()
+    assert fs.cat(out + "/eval.json") == b"new"
+    assert sorted(fs.find(out[len("s3://"):])) == [f"{out[len('s3://'):]}/{n}" for n in
+                                                   ("eval.json", "images/b.png", "z.md")]

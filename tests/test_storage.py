@@ -80,3 +80,47 @@ def test_expand_urls_splits_only_at_commas_outside_braces():
     """`in-{000000,000002}.tar` was cut at its comma before brace expansion: unbalanced braces."""
     assert storage.expand_urls("d/in-{000000,000002}.tar, e/{a,{b,c}}.tar,f.tar,") == [
         "d/in-000000.tar", "d/in-000002.tar", "e/a.tar", "e/b.tar", "e/c.tar", "f.tar"]
+
+
+def test_expand_urls_keeps_an_existing_name_whose_glob_characters_are_literal(tmp_path):
+    """`img[1].tar` given by name was taken for a glob matching nothing and silently dropped."""
+    for name in ("img[1].tar", "b.tar"):
+        (tmp_path / name).write_bytes(b"x")
+    spec = f"{tmp_path}/img[1].tar,{tmp_path}/b.tar,{tmp_path}/none-*.tar"
+    assert storage.expand_urls(spec) == [f"{tmp_path}/img[1].tar", f"{tmp_path}/b.tar"]
+
+
+@pytest.mark.slow
+def test_an_s3_object_version_is_an_input_like_any_file(s3_bucket):
+    """`x.tar?versionId=V` was dropped from a list of inputs (its `?` read as a glob) and, beside
+    another name in its folder, reported missing (a listing holds only current objects)."""
+    import boto3
+
+    bucket = s3_bucket[len("s3://"):]
+    client = boto3.client("s3")
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    storage.write_bytes_atomic(f"{s3_bucket}/v/x.tar", b"old")
+    storage.write_bytes_atomic(f"{s3_bucket}/v/x.tar", b"newer")
+    storage.write_bytes_atomic(f"{s3_bucket}/v/y.tar", b"y")
+    versions = client.list_object_versions(Bucket=bucket, Prefix="v/x.tar")["Versions"]
+    old = next(f"{s3_bucket}/v/x.tar?versionId={v['VersionId']}" for v in versions
+               if not v["IsLatest"])
+    urls = storage.expand_urls(f"{old},{s3_bucket}/v/y.tar")
+    assert urls == [old, f"{s3_bucket}/v/y.tar"]
+    assert storage.file_sizes(urls) == {old: 3, f"{s3_bucket}/v/y.tar": 1}
+    assert storage.read_bytes(old) == b"old"
+
+
+@pytest.mark.slow
+def test_a_remote_url_with_an_empty_path_segment_is_refused(s3_bucket):
+    """`checkpoint.dir=s3://b/runs//ck` wrote owner.json, then failed with the bare message
+    "b/runs//ck": S3 keeps the `//` in keys, and s3fs cannot list below it, so whatever bdt
+    writes there is found missing afterwards."""
+    url = f"{s3_bucket}/runs//ck/a.bin"
+    for call in (lambda: storage.write_bytes_atomic(url, b"x"), lambda: storage.exists(url),
+                 lambda: storage.file_sizes([url, url + "2"])):
+        with pytest.raises(ValueError, match="/runs//ck.*: empty path segment"):
+            call()
+    fs, _ = storage.filesystem(s3_bucket)
+    assert fs.find(s3_bucket[len("s3://"):]) == []
+    assert storage.filesystem(s3_bucket + "/runs/ck/")[1].endswith("/runs/ck")  # a last "/": fine

@@ -111,7 +111,7 @@ def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts:
     _refuse_undecodable_names(urls, "input")
     if input_format not in ("auto", "tar", "folder"):
         raise ValueError(f"input_format: expected auto, tar or folder, got '{input_format}'")
-    formats = [input_format if input_format != "auto" else "tar" if url.endswith(_TAR_SUFFIXES) else "folder"
+    formats = [input_format if input_format != "auto" else "tar" if _is_tar_name(url) else "folder"
                for url in urls]
     infos = storage.file_infos([u for u, fmt in zip(urls, formats) if fmt == "tar"])
     versions = {u: None if info is None else _version(info) for u, info in infos.items()}
@@ -136,6 +136,11 @@ def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts:
             units.append(InputUnit(len(units), "folder", url, chunk, report_strays=start == 0,
                                    version=_chunk_version(listing, chunk)))
     return units
+
+
+def _is_tar_name(url: str) -> bool:
+    """By its name, less the version an S3 URL may select (`a.tar?versionId=...`)."""
+    return url.split(storage.VERSION_QUERY, 1)[0].endswith(_TAR_SUFFIXES)
 
 
 def _version(info: dict) -> str:

@@ -137,6 +137,9 @@ class CheckpointManager:
         error = None
         if self.dist.is_main:
             try:
+                # A missing bucket or read-only credentials: refused now, not at the first save
+                # (the probe object is gone again before anything else is read or written).
+                storage.check_writable(self.root)
                 self.run_id = claim(self.root, run_dir, adopt)
             except (ValueError, OSError) as e:
                 error = e
