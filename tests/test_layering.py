@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "bdt"
 LAYERS = [
     ["bdt.processes"],
     ["bdt.storage"],
-    ["bdt.config", "bdt.weights"],
+    ["bdt.config", "bdt.weights", "bdt.output_dirs"],
     ["bdt.data", "bdt.model", "bdt.tokenizer"],
     ["bdt.training"],  # infrastructure shared by the training loops
     ["bdt.training.ar", "bdt.training.tokenizer", "bdt.extract"],  # the jobs

@@ -1,4 +1,4 @@
-"""bdt.storage.staged_dir: a directory a command writes appears whole or not at all, a non-empty
+"""bdt.output_dirs.staged_dir: a directory a command writes appears whole or not at all, a non-empty
 one is refused unless overwriting, and overwriting replaces only the entries written."""
 
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bdt import storage
+from bdt import output_dirs, storage
 
 
 def _write(folder, files: dict) -> None:
@@ -26,7 +26,7 @@ def test_the_directory_appears_only_when_complete(tmp_path):
     out = tmp_path / "out"
     (tmp_path / STAGING).mkdir()
     (tmp_path / STAGING / "stale").write_text("a killed attempt's")
-    with storage.staged_dir(str(out)) as tmp:
+    with output_dirs.staged_dir(str(out)) as tmp:
         assert tmp == str(tmp_path / STAGING)
         assert sorted(p.name for p in (tmp_path / STAGING).iterdir()) == []  # emptied
         _write(tmp_path / STAGING, {"a.txt": "1", "sub/b.txt": "2"})
@@ -38,17 +38,17 @@ def test_the_directory_appears_only_when_complete(tmp_path):
 def test_a_failure_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        with storage.staged_dir(str(out)) as tmp:
+        with output_dirs.staged_dir(str(out)) as tmp:
             _write(tmp_path / STAGING, {"a.txt": "1"})
             raise RuntimeError("killed")
     assert not out.exists() and not (tmp_path / STAGING).exists()
     out.mkdir()  # an empty directory is taken, and stays if the block fails
     with pytest.raises(RuntimeError):
-        with storage.staged_dir(str(out)):
+        with output_dirs.staged_dir(str(out)):
             raise RuntimeError("killed")
     assert out.is_dir() and not list(out.iterdir())
-    with storage.staged_dir(str(out)) as tmp:
-        _write(out / storage.STAGING_NAME, {"a.txt": "1"})
+    with output_dirs.staged_dir(str(out)) as tmp:
+        _write(out / output_dirs.STAGING_NAME, {"a.txt": "1"})
     assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
 
 
@@ -56,24 +56,24 @@ def test_a_non_empty_directory_is_refused_unless_overwriting(tmp_path):
     out = tmp_path / "out"
     _write(out, {"keep.txt": "mine", "a.txt": "old", "was_dir/x": "old", "was_file": "old"})
     with pytest.raises(FileExistsError, match="out exists and is not empty"):
-        with storage.staged_dir(str(out)):
+        with output_dirs.staged_dir(str(out)):
             pytest.fail("the block must not run")
     with pytest.raises(FileExistsError, match="is not empty: do this"):
-        storage.refuse_nonempty_dir(str(out), "do this")
-    with storage.staged_dir(str(out), overwrite=True) as tmp:
-        _write(out / storage.STAGING_NAME, {"a.txt": "new", "was_dir": "now a file",
+        output_dirs.refuse_nonempty_dir(str(out), "do this")
+    with output_dirs.staged_dir(str(out), overwrite=True) as tmp:
+        _write(out / output_dirs.STAGING_NAME, {"a.txt": "new", "was_dir": "now a file",
                                             "was_file/y": "now a dir"})
     assert (out / "keep.txt").read_text() == "mine" and (out / "a.txt").read_text() == "new"
     assert (out / "was_dir").read_text() == "now a file"
     assert (out / "was_file" / "y").read_text() == "now a dir"
-    assert not (out / storage.STAGING_NAME).exists()
+    assert not (out / output_dirs.STAGING_NAME).exists()
 
 
 def test_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     for overwrite in (False, True):
         with pytest.raises(FileExistsError, match="is not a directory"):
-            with storage.staged_dir(str(tmp_path / "file"), overwrite=overwrite):
+            with output_dirs.staged_dir(str(tmp_path / "file"), overwrite=overwrite):
                 pass
 
 
@@ -85,31 +85,31 @@ def test_a_remote_directory_is_uploaded_when_complete(s3_bucket):
     fs, _ = storage.filesystem(s3_bucket)
     out = s3_bucket + "/runs/out"
     with pytest.raises(RuntimeError):
-        with storage.staged_dir(out) as tmp:
+        with output_dirs.staged_dir(out) as tmp:
             _write(Path(tmp), {"a.txt": "1"})
             raise RuntimeError("the work failed")
     assert not fs.exists(out)
-    with storage.staged_dir(out) as tmp:
+    with output_dirs.staged_dir(out) as tmp:
         _write(Path(tmp), {"a.txt": "1", "sub/b.txt": "2"})
     assert fs.cat(out + "/a.txt") == b"1" and fs.cat(out + "/sub/b.txt") == b"2"
     assert not os.path.exists(tmp)  # the local staging folder is gone
     with pytest.raises(FileExistsError, match="is not empty: do this"):
-        storage.refuse_nonempty_dir(out, "do this")
-    with storage.staged_dir(out, overwrite=True) as tmp:
+        output_dirs.refuse_nonempty_dir(out, "do this")
+    with output_dirs.staged_dir(out, overwrite=True) as tmp:
         _write(Path(tmp), {"a.txt": "new"})
     assert fs.cat(out + "/a.txt") == b"new" and fs.cat(out + "/sub/b.txt") == b"2"
     with pytest.raises(FileExistsError, match="is not a directory"):
-        storage.refuse_nonempty_dir(out + "/a.txt", overwrite=True)
+        output_dirs.refuse_nonempty_dir(out + "/a.txt", overwrite=True)
     with pytest.raises(OSError, match="bucket 'no-such-bucket-bdt' does not exist"):
-        storage.refuse_nonempty_dir("s3://no-such-bucket-bdt/out")
+        output_dirs.refuse_nonempty_dir("s3://no-such-bucket-bdt/out")
 
 
 def test_a_link_to_an_empty_directory_gets_the_files(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    with storage.staged_dir(str(tmp_path / "link")) as tmp:
-        assert tmp == str(tmp_path / "real" / storage.STAGING_NAME)
-        _write(tmp_path / "real" / storage.STAGING_NAME, {"a.txt": "1"})
+    with output_dirs.staged_dir(str(tmp_path / "link")) as tmp:
+        assert tmp == str(tmp_path / "real" / output_dirs.STAGING_NAME)
+        _write(tmp_path / "real" / output_dirs.STAGING_NAME, {"a.txt": "1"})
     assert (tmp_path / "link").is_symlink() and (tmp_path / "link" / "a.txt").read_text() == "1"
 
 
@@ -123,7 +123,7 @@ def test_a_users_out_tmp_is_never_touched(tmp_path, kind):
         (tmp_path / "out.tmp.file").rename(tmp_path / "out.tmp")
     else:
         (tmp_path / "out.tmp").symlink_to(tmp_path / "important")
-    with storage.staged_dir(str(tmp_path / "out")) as tmp:
+    with output_dirs.staged_dir(str(tmp_path / "out")) as tmp:
         _write(type(tmp_path)(tmp), {"a.txt": "1"})
     assert (tmp_path / "out" / "a.txt").read_text() == "1"
     assert (tmp_path / "important" / "data").read_text() == "precious"
@@ -135,7 +135,7 @@ def test_a_link_or_file_named_as_the_staging_folder_is_refused_not_followed(tmp_
     _write(tmp_path, {"important/data": "precious"})
     (tmp_path / STAGING).symlink_to(tmp_path / "important")
     with pytest.raises(FileExistsError, match=rf"{STAGING} is in the way of the staging folder"):
-        with storage.staged_dir(str(tmp_path / "out")):
+        with output_dirs.staged_dir(str(tmp_path / "out")):
             pytest.fail("the block must not run")
     assert (tmp_path / "important" / "data").read_text() == "precious"
     assert not (tmp_path / "out").exists()
@@ -146,7 +146,7 @@ def test_an_empty_path_is_refused_not_taken_as_the_current_folder(tmp_path, monk
     _write(tmp_path, {"a.txt": "mine"})
     for overwrite in (False, True):
         with pytest.raises(ValueError, match="the output directory is ''"):
-            with storage.staged_dir("", overwrite=overwrite):
+            with output_dirs.staged_dir("", overwrite=overwrite):
                 pytest.fail("the block must not run")
     assert (tmp_path / "a.txt").read_text() == "mine"
 
@@ -159,7 +159,7 @@ def test_an_existing_directory_stays_the_same_directory(tmp_path, monkeypatch):
     out.chmod(0o2770)
     inode = out.stat().st_ino
     monkeypatch.chdir(out)
-    with storage.staged_dir(".") as tmp:
+    with output_dirs.staged_dir(".") as tmp:
         _write(type(tmp_path)(tmp), {"a.txt": "1"})
     assert os.getcwd() == str(out) and os.stat(".").st_ino == inode and out.stat().st_ino == inode
     assert out.stat().st_mode & 0o7777 == 0o2770
@@ -168,8 +168,8 @@ def test_an_existing_directory_stays_the_same_directory(tmp_path, monkeypatch):
 
 _KILLED_WRITER = """
 import os, signal, sys
-from bdt import storage
-with storage.staged_dir(sys.argv[1]) as tmp:
+from bdt import output_dirs
+with output_dirs.staged_dir(sys.argv[1]) as tmp:
     open(os.path.join(tmp, "half.bin"), "wb").write(b"x" * 1000)
     os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -182,9 +182,9 @@ def test_a_writer_killed_midway_leaves_nothing_and_a_rerun_succeeds(tmp_path, ex
         out.mkdir()
     proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(out)])
     assert proc.returncode == -signal.SIGKILL
-    assert not out.exists() or not [p for p in out.iterdir() if p.name != storage.STAGING_NAME]
-    storage.refuse_nonempty_dir(str(out))  # a staging folder left inside counts as empty
-    with storage.staged_dir(str(out)) as tmp:
+    assert not out.exists() or not [p for p in out.iterdir() if p.name != output_dirs.STAGING_NAME]
+    output_dirs.refuse_nonempty_dir(str(out))  # a staging folder left inside counts as empty
+    with output_dirs.staged_dir(str(out)) as tmp:
         _write(type(tmp_path)(tmp), {"a.txt": "1"})
     assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -192,7 +192,7 @@ def test_a_writer_killed_midway_leaves_nothing_and_a_rerun_succeeds(tmp_path, ex
 
 _KILLED_MID_MOVE = """
 import os, signal, sys
-from bdt import storage
+from bdt import output_dirs
 out, kill_at = os.path.realpath(sys.argv[1]), int(sys.argv[2])
 moves, real_replace = [], os.replace
 def replace(source, target):
@@ -202,7 +202,7 @@ def replace(source, target):
             os.kill(os.getpid(), signal.SIGKILL)
     real_replace(source, target)
 os.replace = replace
-with storage.staged_dir(out, overwrite=True, last="report.json") as tmp:
+with output_dirs.staged_dir(out, overwrite=True, last="report.json") as tmp:
     for name in ("a.png", "b.png", "images", "report.json"):
         open(os.path.join(tmp, name), "w").write("new")
 """
@@ -216,11 +216,11 @@ def test_a_kill_while_entries_move_in_is_undone_by_the_next_writer(tmp_path, kil
     _write(out, {"mine.txt": "keep"})
     proc = subprocess.run([sys.executable, "-c", _KILLED_MID_MOVE, str(out), str(kill_at)])
     assert proc.returncode == -signal.SIGKILL
-    moved = {p.name for p in out.iterdir()} - {"mine.txt", storage.STAGING_NAME}
+    moved = {p.name for p in out.iterdir()} - {"mine.txt", output_dirs.STAGING_NAME}
     assert len(moved) == kill_at - 1 and "report.json" not in moved  # the marker moves last
-    storage.refuse_nonempty_dir(str(out), overwrite=True)  # the next writer takes them out
+    output_dirs.refuse_nonempty_dir(str(out), overwrite=True)  # the next writer takes them out
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
-    with storage.staged_dir(str(out), overwrite=True, last="report.json") as tmp:
+    with output_dirs.staged_dir(str(out), overwrite=True, last="report.json") as tmp:
         _write(type(tmp_path)(tmp), {"a.png": "2", "report.json": "2"})
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "mine.txt", "report.json"]
 
@@ -239,7 +239,7 @@ def test_a_failed_rename_takes_back_what_moved(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError, match="disk full"):
-        with storage.staged_dir(str(out)) as tmp:
+        with output_dirs.staged_dir(str(out)) as tmp:
             _write(type(tmp_path)(tmp), {"a.txt": "1", "b.txt": "2", "c.txt": "3"})
     assert list(out.iterdir()) == []
 
@@ -262,7 +262,7 @@ def test_a_reader_never_sees_a_missing_or_partial_file_while_it_is_rewritten(tmp
     reader.start()
     try:
         for i in range(100):
-            with storage.staged_dir(str(out), overwrite=True) as tmp:
+            with output_dirs.staged_dir(str(out), overwrite=True) as tmp:
                 _write(type(tmp_path)(tmp), dict.fromkeys(names, "ab"[i % 2] * 50_000))
     finally:
         done.set()
@@ -279,7 +279,7 @@ def test_a_remote_output_takes_its_completion_marker_last(s3_bucket, monkeypatch
     import s3fs
 
     out = s3_bucket + "/eval"
-    with storage.staged_dir(out, last="eval.json") as tmp:
+    with output_dirs.staged_dir(out, last="eval.json") as tmp:
         _write(Path(tmp), {"eval.json": "old", "images/a.png": "a", "z.md": "z"})
     fs, _ = storage.filesystem(s3_bucket)
     assert fs.cat(out + "/eval.json") == b"old"
@@ -294,14 +294,14 @@ def test_a_remote_output_takes_its_completion_marker_last(s3_bucket, monkeypatch
     monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", put_file)
     s3fs.S3FileSystem.clear_instance_cache()  # an instance binds its sync methods when made
     with pytest.raises(ConnectionError):
-        with storage.staged_dir(out, overwrite=True, last="eval.json") as tmp:
+        with output_dirs.staged_dir(out, overwrite=True, last="eval.json") as tmp:
             _write(Path(tmp), {"eval.json": "new", "images/b.png": "b", "z.md": "z2"})
     assert "eval.json" not in uploaded
     fs.invalidate_cache()
     assert not fs.exists(out + "/eval.json")  # neither the old marker nor the new one
     monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", real_put_file)
     s3fs.S3FileSystem.clear_instance_cache()
-    with storage.staged_dir(out, overwrite=True, last="eval.json") as tmp:
+    with output_dirs.staged_dir(out, overwrite=True, last="eval.json") as tmp:
         _write(Path(tmp), {"eval.json": "new", "images/b.png": "b", "z.md": "z2"})
     fs.invalidate_cache()
     assert fs.cat(out + "/eval.json") == b"new"

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bdt import storage
+from bdt import output_dirs, storage
 
 
 @pytest.mark.slow
@@ -60,7 +60,7 @@ def test_remote_staged_dir_replaces_entries_whole_and_sees_other_writers(s3_buck
     listings without expiry)."""
     out = s3_bucket + "/report"
     for names in (["images/old.png", "images/older.png", "eval.json"], ["images/new.png"]):
-        with storage.staged_dir(out, overwrite=True) as tmp:
+        with output_dirs.staged_dir(out, overwrite=True) as tmp:
             for name in names:
                 os.makedirs(os.path.dirname(os.path.join(tmp, name)) or tmp, exist_ok=True)
                 open(os.path.join(tmp, name), "w").write(name)

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from bdt import storage
+from bdt import output_dirs, storage
 from bdt.training.checkpoint import CheckpointManager
 from bdt.training.distributed import DistInfo, free_port
 
@@ -113,16 +113,16 @@ def test_an_output_the_credentials_cannot_write_is_refused_before_the_work(keyed
     worked = []
     with _as(keyed_s3["endpoint"], keyed_s3["ro"]):
         with pytest.raises(OSError, match=f"cannot write to {out}: .*Access Denied"):
-            with storage.staged_dir(out):
+            with output_dirs.staged_dir(out):
                 worked.append(True)
     assert not worked
     with _as(keyed_s3["endpoint"], ("AKIAUNKNOWN0000000", "wrong")):
         with pytest.raises(PermissionError, match=f"{out}: .*Access Key Id"):
-            storage.refuse_nonempty_dir(out)
+            output_dirs.refuse_nonempty_dir(out)
     with _as(keyed_s3["endpoint"], keyed_s3["rw"]):
-        storage.refuse_nonempty_dir(out)
+        output_dirs.refuse_nonempty_dir(out)
         with pytest.raises(FileExistsError, match=f"^s3://{BUCKET}/x exists and is not empty$"):
-            storage.refuse_nonempty_dir(f"s3://{BUCKET}/x")
+            output_dirs.refuse_nonempty_dir(f"s3://{BUCKET}/x")
     assert _objects(keyed_s3) == [f"{BUCKET}/x/a.tar"]  # the probes are gone
 
 

@@ -64,7 +64,7 @@ def _check_item(item: dict, seen_ids: set[str]) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from bdt import storage
+    from bdt import output_dirs
     from bdt.commands.model import check_new_output
     from bdt.commands.sample import load_for_args
     from bdt.eval.run import evaluate, markdown_table, select
@@ -78,7 +78,7 @@ def _eval(args: argparse.Namespace) -> int:
     # --overwrite), checked before the model loads; the report appears whole (staged).
     check_new_output(args)
     trained, (width, height), sampling = load_for_args(args)
-    with storage.staged_dir(args.out, overwrite=args.overwrite, last="eval.json") as tmp:
+    with output_dirs.staged_dir(args.out, overwrite=args.overwrite, last="eval.json") as tmp:
         result = evaluate(trained, None, items, width, height, sampling, batch=args.batch,
                           out_dir=tmp, progress=True, any_bucket=args.any_bucket)
     print(markdown_table(result), end="")

@@ -111,14 +111,14 @@ def check_tiny_args(args: argparse.Namespace) -> None:
 def check_new_output(args: argparse.Namespace) -> None:
     """Refuse, before any work, an --out that is not a directory, or a non-empty one unless
     --overwrite (FileExistsError)."""
-    from bdt import storage
+    from bdt import output_dirs
 
-    storage.refuse_nonempty_dir(args.out, "give a new or empty directory, or pass --overwrite "
+    output_dirs.refuse_nonempty_dir(args.out, "give a new or empty directory, or pass --overwrite "
                                           "to replace the files it writes", args.overwrite)
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
-    from bdt import storage
+    from bdt import output_dirs
     from bdt.model.backbone import make_tiny_llm
 
     check_tiny_args(args)
@@ -126,7 +126,7 @@ def _init_tiny(args: argparse.Namespace) -> int:
     captions = read_captions(args.captions_from, args.max_captions)
     # Staged: a killed run leaves no half model that a rerun would have to --overwrite; the
     # weights move in last (scripts/demo.sh skips the step on them).
-    with storage.staged_dir(args.out, overwrite=args.overwrite, last="model.safetensors") as tmp:
+    with output_dirs.staged_dir(args.out, overwrite=args.overwrite, last="model.safetensors") as tmp:
         make_tiny_llm(tmp, captions, arch=args.arch, hidden=args.hidden, layers=args.layers,
                       heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate,
                       vocab_size=args.vocab_size, max_position_embeddings=args.max_positions,

@@ -115,7 +115,7 @@ def load_for_args(args: argparse.Namespace):
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from bdt import storage
+    from bdt import output_dirs
     from bdt.commands.model import check_new_output
     from bdt.generation.grid import make_grid
 
@@ -132,7 +132,7 @@ def _sample(args: argparse.Namespace) -> int:
             "parallel_num": trained.model.cfg.parallel_num, "cfg_scale": sampling.cfg_scale,
             "cfg_schedule": sampling.cfg_schedule, "steps": sampling.num_steps,
             "seed": sampling.seed, "batch": args.batch, "images": files}
-    with storage.staged_dir(args.out, overwrite=args.overwrite, last="samples.json") as tmp:
+    with output_dirs.staged_dir(args.out, overwrite=args.overwrite, last="samples.json") as tmp:
         for image, entry in zip(images, files):
             image.save(os.path.join(tmp, entry["file"]))
         make_grid(images, cols=args.cols).save(os.path.join(tmp, "grid.png"))

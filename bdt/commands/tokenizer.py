@@ -97,7 +97,7 @@ def _decode(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from bdt import storage
+    from bdt import output_dirs, storage
     from bdt.commands.model import check_new_output
     from bdt.commands.sample import check_seed
     from bdt.data.token_shards import load_npy
@@ -126,7 +126,7 @@ def _decode(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.bits}: values must be 0/1, got {np.unique(bits)[:8].tolist()}")
     generator = torch.Generator().manual_seed(args.seed)
     written = 0
-    with storage.staged_dir(args.out, overwrite=args.overwrite) as tmp:
+    with output_dirs.staged_dir(args.out, overwrite=args.overwrite) as tmp:
         for start in range(0, len(bits), args.batch_size):
             batch = torch.from_numpy(bits[start:start + args.batch_size].astype(bool))
             images = model.decode(batch, generator=generator).float().clamp(-1, 1)

@@ -33,7 +33,7 @@ import re
 import torch
 from safetensors.torch import save_file
 
-from bdt import storage
+from bdt import output_dirs, storage
 from bdt.config import to_yaml
 from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel
 from bdt.model.config import ModelConfig
@@ -217,7 +217,7 @@ def import_release(src: str, out: str) -> ModelConfig:
                if not file_present(storage.join(src, n))]
     if missing:
         raise FileNotFoundError(f"{src} is not {layout.name}: missing {', '.join(missing)}")
-    storage.refuse_nonempty_dir(out, "give a new or empty output directory")
+    output_dirs.refuse_nonempty_dir(out, "give a new or empty output directory")
     # Everything is read and checked before anything is written.
     decoder = load_tokenizer(storage.join(src, layout.ae_weights),
                              config=storage.join(src, layout.ae_config))
@@ -233,7 +233,7 @@ def import_release(src: str, out: str) -> ModelConfig:
     llm_files = {n: u for n, u in _llm_files(src, layout).items()
                  if not n.endswith(_PICKLED_SUFFIXES)}  # never read, so never shipped
 
-    with storage.staged_dir(out) as tmp:  # a reader never sees half an export
+    with output_dirs.staged_dir(out) as tmp:  # a reader never sees half an export
         os.makedirs(os.path.join(tmp, LLM_DIR))
         for name, url in llm_files.items():
             _place(url, os.path.join(tmp, LLM_DIR, name))

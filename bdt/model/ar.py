@@ -106,9 +106,9 @@ class BitDanceModel(nn.Module):
         `llm/` of `save_pretrained` without the weights. With a checkpoint's weights, that is all
         it takes to rebuild the model (`from_config(llm_weights=...)`) where the pretrained LLM's
         folder is gone."""
-        from bdt import storage
+        from bdt import output_dirs
 
-        with storage.staged_dir(out_dir, overwrite=True) as tmp:
+        with output_dirs.staged_dir(out_dir, overwrite=True) as tmp:
             self.llm.config.save_pretrained(tmp)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)

@@ -1,13 +1,13 @@
 """`bdt tokenizer decode --out` follows the output rules of `bdt sample` / `bdt eval`: a non-empty
 folder (local or on S3) is refused unless --overwrite, and so is a folder that cannot be made,
-before the tokenizer loads; the PNGs appear together or not at all (storage.staged_dir)."""
+before the tokenizer loads; the PNGs appear together or not at all (output_dirs.staged_dir)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bdt import cli, storage
+from bdt import cli, output_dirs, storage
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from testkit import save_tiny_image_tokenizer
 
@@ -80,7 +80,7 @@ def test_a_remote_out_gets_the_pngs_once_decoded(s3_bucket, tokenizer_and_bits):
 @pytest.mark.parametrize("command", ["tokenizer decode", "sample", "eval"])
 def test_a_non_empty_remote_out_is_refused_before_the_model_loads(s3_bucket, tmp_path, capsys,
                                                                   command):
-    """The check (storage.refuse_nonempty_dir) runs before any work on S3 as locally."""
+    """The check (output_dirs.refuse_nonempty_dir) runs before any work on S3 as locally."""
     fs, _ = storage.filesystem(s3_bucket)
     fs.pipe(s3_bucket + "/out/notes.txt", b"mine")
     args = {"tokenizer decode": ["--tokenizer", str(tmp_path / "no-model"), "--bits", "b.npy"],
