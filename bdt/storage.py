@@ -182,7 +182,11 @@ def naming_url(url: str) -> Iterator[None]:
     except (FileNotFoundError, NotADirectoryError):
         raise
     except OSError as e:
-        raise type(e)(f"{url}: {e}") from e
+        try:
+            named = type(e)(f"{url}: {e}")
+        except (KeyError, TypeError):  # botocore's errors (a timeout) take keyword arguments only
+            named = OSError(f"{url}: {e}")
+        raise named from e
 
 
 def _local_file_info(path: str) -> dict | None:

@@ -159,3 +159,41 @@ def test_a_checkpoint_root_that_takes_no_write_is_refused_at_the_start(keyed_s3,
     with _as(keyed_s3["endpoint"], keyed_s3["ro"]):
         with pytest.raises(OSError, match=f"cannot write to {root}: .*Access Denied"):
             CheckpointManager(root, solo).bind(str(tmp_path / "run"))
+
+
+_SILENT_ENDPOINT_CHECK = """
+import sys
+from bdt import storage
+try:
+    storage.file_sizes([sys.argv[1]])
+except OSError as e:
+    print(type(e).__name__, e)
+"""
+
+
+def test_an_endpoint_that_never_answers_fails_naming_the_url_within_the_timeouts():
+    """A store that takes connections but never replies: with the timeouts cluster/README.md
+    gives (FSSPEC_S3), each try ends, and the error that ends them names the URL (botocore's
+    timeout errors cannot be rebuilt from a message)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    url = f"s3://{BUCKET}/x/a.tar"
+    try:
+        env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{listener.getsockname()[1]}",
+               "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+               "FSSPEC_S3": json.dumps({"config_kwargs": {
+                   "connect_timeout": 2, "read_timeout": 1,
+                   "retries": {"max_attempts": 1, "mode": "standard"}}})}
+        proc = subprocess.Popen([sys.executable, "-c", _SILENT_ENDPOINT_CHECK, url], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        listener.settimeout(0.2)
+        while proc.poll() is None:  # hold every connection open, answering nothing
+            with contextlib.suppress(TimeoutError):
+                accepted.append(listener.accept()[0])
+        out, err = proc.communicate()
+    finally:
+        for conn in accepted:
+            conn.close()
+        listener.close()
+    assert accepted, "the check never reached the endpoint"
+    assert out.startswith(("OSError", "ReadTimeoutError")) and url in out, (out, err[-2000:])
