@@ -182,7 +182,7 @@ def test_an_endpoint_that_never_answers_fails_naming_the_url_within_the_timeouts
         env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{listener.getsockname()[1]}",
                "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
                "FSSPEC_S3": json.dumps({"config_kwargs": {
-                   "connect_timeout": 2, "read_timeout": 1,
+                   "connect_timeout": 1, "read_timeout": 0.2,
                    "retries": {"max_attempts": 1, "mode": "standard"}}})}
         proc = subprocess.Popen([sys.executable, "-c", _SILENT_ENDPOINT_CHECK, url], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
