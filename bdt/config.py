@@ -107,11 +107,17 @@ def read_yaml(path: str) -> DictConfig:
     return loaded
 
 
-def interpolated_keys(cfg: DictConfig) -> list[str]:
-    """Dotted keys whose value is or holds an interpolation (`${...}`), unresolved. A config bdt
-    wrote resolved (save_resolved) holds none; one from elsewhere (a shared model folder) must
-    not be resolved: `${oc.env:...}` would read this machine's environment into it."""
-    return list(_interpolations(OmegaConf.to_container(cfg, resolve=False)))
+def read_resolved_yaml(path: str) -> DictConfig:
+    """read_yaml of a file bdt writes resolved (save_resolved: a model's or a run's config).
+    ConfigError naming the file and key when it holds an interpolation (`${...}`): such a file
+    came from elsewhere (a shared model folder), and resolving its `${oc.env:...}` would read
+    this machine's environment into it."""
+    cfg = read_yaml(path)
+    keys = list(_interpolations(OmegaConf.to_container(cfg, resolve=False)))
+    if keys:
+        raise ConfigError(f"{path}: key '{keys[0]}' is an interpolation; bdt writes this file "
+                          f"with plain values")
+    return cfg
 
 
 def _interpolations(node: Any, prefix: str = "") -> Iterator[str]:

@@ -314,20 +314,15 @@ def read_model_config(model_dir: str) -> ModelConfig:
     from omegaconf import OmegaConf
 
     from bdt import storage
-    from bdt.config import interpolated_keys, load, read_yaml
+    from bdt.config import load, read_resolved_yaml
 
     url = storage.join(model_dir, CONFIG_NAME)
     if not storage.exists(url):
         raise OSError(f"{model_dir!r} is not a saved BitDanceModel: no {CONFIG_NAME}")
-    loaded = read_yaml(url)  # ConfigError (a ValueError) naming the file when not YAML
-    if not loaded:
+    # ConfigError (a ValueError) naming the file when not YAML or not plain values: a model
+    # folder may come from anywhere.
+    if not read_resolved_yaml(url):
         raise ValueError(f"{url}: holds no model config (an empty file)")
-    # A model folder may come from anywhere: resolving its ${oc.env:...} would put this
-    # machine's environment (a secret, say) in the config and in error messages.
-    interpolated = interpolated_keys(loaded)
-    if interpolated:
-        raise ValueError(f"{url}: key '{interpolated[0]}' is an interpolation; a saved model "
-                         f"config holds plain values (bdt writes it resolved)")
     cfg = OmegaConf.to_object(load(ModelConfig, [url]))  # unknown keys, wrong types: named
     try:
         cfg.validate()

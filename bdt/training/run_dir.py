@@ -31,7 +31,7 @@ import time
 from omegaconf import DictConfig
 
 from bdt import storage
-from bdt.config import RESOLVED_CONFIG_NAME, ConfigError, interpolated_keys, read_yaml
+from bdt.config import RESOLVED_CONFIG_NAME, ConfigError, read_resolved_yaml
 
 CONFIG_NAME = RESOLVED_CONFIG_NAME
 EXPORT_DIR = "export"
@@ -53,15 +53,11 @@ def export_dir(run_dir: str) -> str:
 
 def read_config(path: str) -> DictConfig:
     """A resolved config as a trainer wrote it, without the trainer's schema (readers need a few
-    of its keys); OSError naming the file when it cannot be read."""
+    of its keys); OSError naming the file when it cannot be read or holds an interpolation."""
     try:
-        cfg = read_yaml(path)
+        return read_resolved_yaml(path)
     except ConfigError as e:
         raise OSError(str(e)) from None
-    interpolated = interpolated_keys(cfg)
-    if interpolated:  # not as a trainer wrote it; resolving it could read the environment
-        raise OSError(f"{path}: key '{interpolated[0]}' is an interpolation, not a resolved value")
-    return cfg
 
 
 def record_launch_error(run_dir: str, exc: BaseException) -> None:
