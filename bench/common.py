@@ -130,7 +130,7 @@ def bench_env() -> dict:
 def write_token_shard(path: str, samples, stage: str = "bench") -> None:
     """One token shard (the extraction format) of (bits_hwB uint8 [h, w, C/8], (W, H) px,
     caption) triples, keyed s000000, s000001, ..."""
-    from bdt.data.tars import ShardWriter
+    from bdt.data.shard_writer import ShardWriter
     from bdt.data.token_shards import TokenSample, encode_sample
 
     with ShardWriter(path) as sink:

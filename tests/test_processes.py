@@ -12,7 +12,7 @@ import time
 
 import psutil
 
-from bdt.data import tars
+from bdt.data import shard_writer
 from bdt.processes import host_tag, running, writer_tag
 from bdt.training.run_lock import holder_alive
 
@@ -58,6 +58,6 @@ def test_the_spool_sweep_deletes_a_zombie_writers_spool(tmp_path, monkeypatch):
     with zombie() as (pid, started):
         dead = f"bdt-shard-{pid}-{round(started * 1000)}-{host_tag()}-b.part"
         (tmp_path / dead).write_bytes(b"")
-        monkeypatch.setattr(tars, "_swept_spools", False)
-        tars._spool_prefix()
+        monkeypatch.setattr(shard_writer, "_swept_spools", False)
+        shard_writer._spool_prefix()
         assert sorted(os.listdir(tmp_path)) == [mine]

@@ -2,7 +2,7 @@
 
 Layout of `out`: shapes-000000.tar, shapes-000001.tar, ... (each `KEY.jpg|png`, `KEY.txt`,
 `KEY.json`), then config.yaml, then manifest.json. A shard appears only once complete
-(bdt.data.tars.ShardWriter) and the manifest is written last, so a directory with a manifest is a
+(bdt.data.shard_writer.ShardWriter) and the manifest is written last, so a directory with a manifest is a
 finished dataset and one without is not.
 """
 
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from bdt import storage
 from bdt.config import save_resolved
 from bdt.data.shapes import ShapesConfig, make_sample, parse_size
-from bdt.data.tars import ShardWriter
+from bdt.data.shard_writer import ShardWriter
 from bdt.processes import exit_with_parent
 
 log = logging.getLogger(__name__)

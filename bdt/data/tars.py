@@ -1,5 +1,5 @@
-"""Webdataset tars: the one reader (raw image-caption shards and token shards alike) and the one
-shard writer of bdt.
+"""Webdataset tars: the one reader of bdt (raw image-caption shards and token shards alike; the
+one writer is shard_writer.py).
 
 Reading. A sample is a run of consecutive members sharing a key, webdataset's rule: the key is
 the member path up to the first dot of its base name, the rest is the extension (lowercased).
@@ -23,11 +23,6 @@ record, pax or long-name metadata over MAX_HEADER_DATA, data ending inside a mem
 end-of-archive blocks (every tar writer writes them: a tar without them was cut short, often on
 a block boundary by an interrupted copy) or a decompressor's error raise `TarDamaged` (a
 `tarfile.ReadError`), naming the sample that was being read.
-
-Writing: `ShardWriter` writes a tar (webdataset's TarWriter, members as given) that appears only
-once complete, hashing it on the way; member metadata is fixed (mtime 0, owner bdt), so the same
-samples give the same bytes. A remote tar is spooled in the temp folder and uploaded whole; the
-spools of writers killed on a machine are deleted by the next process writing there.
 """
 
 from __future__ import annotations
@@ -35,21 +30,16 @@ from __future__ import annotations
 import bz2
 import contextlib
 import gzip
-import hashlib
 import logging
 import lzma
-import os
 import posixpath
-import re
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from bdt import storage
-from bdt.processes import WRITER_TAG_PATTERN, writer_gone, writer_tag
 
 BLOCK = 512
 _FILE_TYPES = (b"0", b"\0", b"7")  # regular, old-style regular, contiguous
@@ -335,81 +325,3 @@ def iter_shard(url: str, offset: int = 0, max_bytes: Callable[[str], int] | None
     for sample in read_samples(url, offset, max_bytes):
         if sample.members:
             yield sample.as_dict(url), sample.offset, sample.next_offset
-
-
-class _HashingFile:
-    """Write-through wrapper counting and hashing the bytes (tar streams only write)."""
-
-    def __init__(self, f: IO[bytes]):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-_SPOOL_NAME = re.compile(rf"bdt-shard-{WRITER_TAG_PATTERN}-\w*\.part")
-_swept_spools = False
-
-
-def _spool_prefix() -> str:
-    """Spool names carry their writer: one killed by SIGKILL cannot delete its spool, so each
-    process deletes those of dead writers on its machine before its first spool."""
-    global _swept_spools
-    if not _swept_spools:
-        _swept_spools = True
-        for name in os.listdir(tempfile.gettempdir()):
-            m = _SPOOL_NAME.fullmatch(name)
-            if m and writer_gone(m["pid"], m["started_ms"], m["host"]):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(tempfile.gettempdir(), name))
-    return f"bdt-shard-{writer_tag()}-"
-
-
-@contextlib.contextmanager
-def _open_output(url: str) -> Iterator[IO[bytes]]:
-    """Local: temp + rename (storage.open_atomic). Remote: spooled to a local temp file and
-    uploaded once complete, so a failed write never leaves a partial object behind."""
-    if not storage.is_remote(url):
-        with storage.open_atomic(url) as f:
-            yield f
-        return
-    with tempfile.NamedTemporaryFile(prefix=_spool_prefix(), suffix=".part") as tmp:
-        yield tmp
-        tmp.flush()
-        fs, path = storage.filesystem(url)
-        fs.put_file(tmp.name, path)
-
-
-class ShardWriter:
-    """`with ShardWriter(url) as w: w.write(sample)`: a webdataset tar of samples (dicts of
-    extension -> bytes plus __key__, written as given), visible at `url` only once closed
-    without error; `count`, `size` and `sha256` describe it then."""
-
-    def __init__(self, url: str):
-        self.url, self.count, self.size, self.sha256 = url, 0, 0, ""
-        self._stack = contextlib.ExitStack()
-
-    def __enter__(self) -> ShardWriter:
-        import webdataset as wds
-
-        with self._stack as stack:
-            self._out = _HashingFile(stack.enter_context(_open_output(self.url)))
-            # Fixed member metadata (mtime, owner): the same samples give byte-identical tars,
-            # so a rerun (re-extracting an input, regenerating a dataset) reproduces its files.
-            self._tar = stack.enter_context(wds.TarWriter(self._out, encoder=False, mtime=0.0,
-                                                          user="bdt", group="bdt"))
-            self._stack = stack.pop_all()
-        return self
-
-    def write(self, sample: dict[str, Any]) -> None:
-        self._tar.write(sample)
-        self.count += 1
-
-    def __exit__(self, *exc) -> None:
-        self._stack.__exit__(*exc)
-        self.size, self.sha256 = self._out.size, self._out.sha.hexdigest()

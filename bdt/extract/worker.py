@@ -25,7 +25,7 @@ import numpy as np
 
 from bdt import storage
 from bdt.data.images import ImageRejected, formats_for, load_for_buckets
-from bdt.data.tars import ShardWriter
+from bdt.data.shard_writer import ShardWriter
 from bdt.data.token_shards import TokenSample, encode_sample, sample_key
 from bdt.extract import inputs as inp
 from bdt.extract import manifest as mf

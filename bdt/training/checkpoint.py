@@ -34,7 +34,8 @@ load only; the LR scheduler's position comes back with it (its LR is then the co
 schedule.py).
 
 For a remote root (s3://...) every node saves into a local staging directory, its local rank 0
-uploads what the node wrote, and the marker is uploaded after a barrier, so it is again last.
+uploads what the node wrote, and the marker is uploaded after a barrier, so it is again last
+(checkpoint_store.py lists, copies and deletes the directories).
 
 A trainer binds its manager to its run first (`bind`): the root's owner.json names one run, and
 another is refused before it reads or writes anything there (checkpoint_owner.py). Readers
@@ -63,6 +64,8 @@ from bdt import storage
 from bdt.training import integrity
 from bdt.training.checkpoint_convert import convert, universal_load
 from bdt.training.checkpoint_owner import CheckpointRootTaken, claim, owner_change
+from bdt.training.checkpoint_store import (check_uploaded, download_dir, list_checkpoints,
+                                            remove_checkpoint_dir, tag_for, upload_dir)
 from bdt.training.distributed import DistInfo, all_gather_object, barrier, broadcast_object
 from bdt.training.integrity import MARKER, CheckpointUnusable
 from bdt.training.rank_state import (capture_rng, read_rank_files, restore_rng, user_tensors,
@@ -71,7 +74,6 @@ from bdt.training.rank_state import (capture_rng, read_rank_files, restore_rng, 
 log = logging.getLogger(__name__)
 SHARED_FILE = "shared.pt"
 UNUSABLE_DIR = "unusable"
-_TAG_RE = re.compile(r"^step_(\d{9})$")
 
 Reshard = Callable[[list[tuple[dict, dict]], int], list[tuple[dict, dict]]]
 
@@ -83,25 +85,6 @@ class Resumed:
     tensors: dict[str, torch.Tensor]
     shared: dict[str, Any] | None
     skipped: list[str]  # newer complete checkpoints passed over: "<path>: <reason>"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:09d}"
-
-
-def list_checkpoints(root: str) -> list[tuple[int, str, bool]]:
-    """(step, tag, complete) for every checkpoint directory under `root`, oldest first."""
-    fs, path = storage.filesystem(root.rstrip("/"))
-    fs.invalidate_cache()  # listings are cached by s3fs; other ranks/processes write here
-    if not fs.exists(path):
-        return []
-    out = []
-    for entry in fs.ls(path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        match = _TAG_RE.match(name)
-        if match:
-            out.append((int(match.group(1)), name, fs.exists(f"{path}/{name}/{MARKER}")))
-    return sorted(out)
 
 
 class CheckpointManager:
@@ -209,10 +192,10 @@ class CheckpointManager:
             files.update(integrity.digest_all(local_dir, skip=set(files)))
         if self.remote:
             if self.dist.is_local_main:
-                self._upload(local_dir, storage.join(self.root, tag))
+                upload_dir(local_dir, storage.join(self.root, tag))
             barrier()
         if self.dist.is_main and self.remote:
-            self._check_uploaded(storage.join(self.root, tag), files)
+            check_uploaded(storage.join(self.root, tag), files)
         if self.dist.is_main:
             marker = {"step": step, "world_size": self.dist.world_size, "engines": sorted(engines),
                       "settings": self.settings, "time": time.time(),
@@ -237,33 +220,13 @@ class CheckpointManager:
                 if self.remote:  # object stores: a server-side copy of each object, then delete
                     for obj in fs.find(f"{path}/{name}"):
                         fs.copy(obj, f"{dest}/{name}{obj[len(path) + 1 + len(name):]}")
-                    _remove_checkpoint_dir(fs, f"{path}/{name}")
+                    remove_checkpoint_dir(fs, f"{path}/{name}")
                 else:
                     os.makedirs(dest, exist_ok=True)
                     os.rename(f"{path}/{name}", f"{dest}/{name}")
         log.warning("checkpoint %s was complete but is being written again (resume passed over "
                     "it, or resume is off): moved to %s, not deleted", storage.join(self.root, tag),
                     storage.join(self.root, dest[len(path) + 1:]))
-
-    def _upload(self, local_dir: str, remote_dir: str) -> None:
-        fs, _ = storage.filesystem(remote_dir)
-        for dirpath, _, files in os.walk(local_dir):
-            for fname in files:
-                src = os.path.join(dirpath, fname)
-                rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
-                fs.put_file(src, storage.filesystem(storage.join(remote_dir, rel))[1])
-
-    def _check_uploaded(self, remote_dir: str, files: dict[str, Any]) -> None:
-        """The marker may only name files the store holds: an upload that lost some (a staging
-        folder emptied under it) must fail here, not publish a checkpoint of nothing."""
-        fs, path = storage.filesystem(remote_dir)
-        fs.invalidate_cache(path)
-        there = {p[len(path.rstrip("/")) + 1:] for p in fs.find(path)}
-        missing = sorted(set(files) - there)
-        if missing:
-            raise OSError(f"checkpoint {remote_dir}: {len(missing)} file(s) did not reach the "
-                          f"store ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
-                          f"no marker written, so the checkpoint stays incomplete")
 
     def prune(self, upto_step: int | None = None) -> None:
         """Delete incomplete checkpoints and, among the complete ones up to `upto_step` (default
@@ -278,12 +241,12 @@ class CheckpointManager:
         if self.keep_last > 0:
             doomed += complete[:-self.keep_last]
         for tag in doomed:
-            _remove_checkpoint_dir(fs, f"{path}/{tag}")
+            remove_checkpoint_dir(fs, f"{path}/{tag}")
         if doomed:  # and their conversions for other world sizes (<tag>.wNNNNN[.partial])
             for entry in fs.ls(path, detail=False):
                 name = entry.rstrip("/").rsplit("/", 1)[-1]
                 if "." in name and name.split(".", 1)[0] in doomed:
-                    _remove_checkpoint_dir(fs, f"{path}/{name}")
+                    remove_checkpoint_dir(fs, f"{path}/{name}")
 
     # ---- resume ----------------------------------------------------------------------------
     def resume(self, engines: dict[str, Any], load_optimizer: bool = True,
@@ -441,7 +404,7 @@ class CheckpointManager:
         if self.remote:
             if self.dist.is_local_main:
                 shutil.rmtree(local_dir, ignore_errors=True)
-                self._download(storage.join(self.root, tag), local_dir, skip)
+                download_dir(storage.join(self.root, tag), local_dir, skip)
             barrier()
         return local_dir
 
@@ -451,7 +414,7 @@ class CheckpointManager:
             return os.path.join(self.root, tag)
         local_dir = os.path.join(self.staging, tag)
         shutil.rmtree(local_dir, ignore_errors=True)
-        self._download(storage.join(self.root, tag), local_dir)
+        download_dir(storage.join(self.root, tag), local_dir)
         return local_dir
 
     def publish(self, built: str, tag: str, marker: dict) -> None:
@@ -468,29 +431,6 @@ class CheckpointManager:
         fs, path = self._fs()
         if fs.exists(f"{path}/{tag}"):
             fs.rm(f"{path}/{tag}", recursive=True)
-        self._upload(built, storage.join(self.root, tag))
+        upload_dir(built, storage.join(self.root, tag))
         storage.write_bytes_atomic(storage.join(self.root, tag, MARKER), marker_bytes)
         shutil.rmtree(built, ignore_errors=True)
-
-    def _download(self, remote_dir: str, local_dir: str, skip: set[str] = frozenset()) -> None:
-        fs, path = storage.filesystem(remote_dir)
-        fs.invalidate_cache()
-        for src in fs.find(path):
-            rel = src[len(path):].lstrip("/")
-            if rel.split("/", 1)[0] in skip:
-                continue
-            if integrity.unsafe_name(rel):  # its key would place it outside local_dir: not fetched
-                log.warning("checkpoint %s: object %r not downloaded: %s", remote_dir, src,
-                            integrity.unsafe_name(rel))
-                continue
-            dst = os.path.join(local_dir, *rel.split("/"))
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            fs.get_file(src, dst)
-
-
-def _remove_checkpoint_dir(fs, path: str) -> None:
-    """Delete a checkpoint directory, its marker first: a kill midway then leaves an incomplete
-    directory (pruned by the next save), never one that reads as complete with files missing."""
-    if fs.exists(f"{path}/{MARKER}"):
-        fs.rm(f"{path}/{MARKER}")
-    fs.rm(path, recursive=True)

@@ -1,6 +1,6 @@
-"""bdt's one tar reader and writer (bdt/data/tars.py): members as the standard tarfile reader
-sees them in every format it writes, webdataset's sample grouping, the safety rule, compressed
-archives, damage, and the writer's atomic, hashed, reproducible output."""
+"""bdt's one tar reader and writer (bdt/data/tars.py, shard_writer.py): members as the standard
+tarfile reader sees them in every format it writes, webdataset's sample grouping, the safety
+rule, compressed archives, damage, and the writer's atomic, hashed, reproducible output."""
 
 import gzip
 import hashlib
@@ -13,8 +13,9 @@ import tarfile
 import pytest
 import webdataset as wds
 
+from bdt.data.shard_writer import ShardWriter
 from bdt.data.tars import (MAX_HEADER_DATA, NO_EXTENSION, NOT_A_FILE, REPEATED, TOO_LARGE, UNSAFE_PATH,
-                           ShardWriter, TarDamaged, iter_members, iter_samples, read_samples)
+                           TarDamaged, iter_members, iter_samples, read_samples)
 
 LONG = "d" * 90 + "/" + "n" * 80 + ".bits.npy"  # > 100 chars: prefix, pax path or GNU long name
 
@@ -240,11 +241,11 @@ def test_spools_of_killed_remote_writers_are_deleted_by_the_next_one(tmp_path, m
 
     import fsspec
 
-    from bdt.data import tars
+    from bdt.data import shard_writer
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from bdt.data.tars import ShardWriter\n"
+        "import sys, time; from bdt.data.shard_writer import ShardWriter\n"
         "with ShardWriter('memory://bdt-spool-test/killed.tar') as w:\n"
         "    w.write({'__key__': 'k', 'bin': b'x' * 4096}); print('spooled', flush=True)\n"
         "    time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
@@ -257,7 +258,7 @@ def test_spools_of_killed_remote_writers_are_deleted_by_the_next_one(tmp_path, m
     for name in others:
         (tmp_path / name).write_bytes(b"")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(tars, "_swept_spools", False)
+    monkeypatch.setattr(shard_writer, "_swept_spools", False)
     with ShardWriter("memory://bdt-spool-test/next.tar") as w:
         w.write({"__key__": "k", "bin": b"y"})
         live = sorted(set(os.listdir(tmp_path)) - set(others))  # its own spool, being written
