@@ -20,7 +20,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -35,11 +35,12 @@ from bdt.training.ar.export import export_model
 from bdt.training.ar.flops import FlopModel, measure_peak_flops
 from bdt.training.ar.stage_rows import StageData
 from bdt.training.ar.stages import StageClock
+from bdt.training.ar.step_log import LogWindow, log_window_means
 from bdt.training.ar.time_fit import TimeFit
 from bdt.training.checkpoint import CheckpointManager
 from bdt.training.deepspeed_config import build_ds_config, initialize_engine
-from bdt.training.distributed import (DistInfo, all_gather_int, all_gather_object, all_reduce_mean,
-                                      all_reduce_sum, cleanup, init_distributed)
+from bdt.training.distributed import (DistInfo, all_gather_int, all_gather_object, all_reduce_sum,
+                                      cleanup, init_distributed)
 from bdt.training.divergence import StepHealth, raise_diverged
 from bdt.training.ema import EMA
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
@@ -68,30 +69,6 @@ log = logging.getLogger(__name__)
 
 # The ranks' tasks, built once the process group exists (which ranks generate depends on it).
 InLoopTasks = Callable[[TrainConfig, DistInfo], list[InLoopTask]]
-
-@dataclass
-class _Window:
-    """Per-rank sums between two log steps."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    micro: int = 0
-    steps: int = 0
-    flops: float = 0.0
-    t0: float = field(default_factory=time.perf_counter)
-    grad_norm: float | None = None  # only set where DeepSpeed does not report it
-    lr: float = 0.0  # the LR the window's last optimizer step applied
-
-    def add(self, values: dict[str, float]) -> None:
-        self.micro += 1
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-
-    def state_dict(self) -> dict:
-        """What a checkpoint keeps of a window that is not logged yet: its loss sums, so a resumed
-        run logs the uninterrupted run's means (timings restart: they measure this process)."""
-        return {"sums": self.sums, "micro": self.micro, "grad_norm": self.grad_norm,
-                "lr": self.lr}
-
 
 def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
     """Train as configured (every rank calls it); returns a summary of the last step.
@@ -217,7 +194,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
         if cfg.logging.sample_keys else None
     stop = StopFlag()
     health = StepHealth()
-    window, meter = _Window(**(log_window or {})), Throughput()
+    window, meter = LogWindow(**(log_window or {})), Throughput()
     stopped = timed_out = False
     started = time.monotonic()
     time_fit = TimeFit(cfg.time_limit_fit, cfg.time_limit_min, started, clock)
@@ -289,10 +266,10 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                 # A stop inside a window logs it as partial and saves it: the resumed run goes on
                 # with it, and its log (the partial record replaced) reads as uninterrupted.
                 partial = step % cfg.logging.every != 0 and not clock.finished
-                _log(logger, step, engine, window, meter, stream, seen, peak, dist, t_step.seconds,
-                     partial)
+                log_window_means(logger, step, engine, window, meter, stream, seen, peak, dist,
+                                 t_step.seconds, partial)
                 if not partial:
-                    window = _Window()
+                    window = LogWindow()
             if clock.stage != stage_idx and not clock.finished:
                 # Logged once, by the run that crosses into the stage, before the save that
                 # follows: a resume from that checkpoint keeps this record and adds none.
@@ -300,16 +277,23 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
             if why == DIVERGED:
                 raise_diverged(health, step, saved_step, f"Lower the learning rate (stages."
                                f"{stage_idx}.lr) or look at those samples, then resume.")
+            save = why or clock.finished or \
+                (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+            # A stop signal's grace period is short and a due evaluation may be long: the save
+            # comes first then (the tasks draw from their own generators, so the checkpoint is
+            # the same either way); a kill during the tasks costs their record, no steps.
+            if save and stopped:
+                saved_step = _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg, ema,
+                                   window)
             for task in tasks:
                 if task.due(step):
                     with _sampling_weights(ema, engine.module, cfg.compile.enabled) as module:
                         metrics = task.run(step, module)
                     if metrics:
                         logger.log(step, metrics)
-            if (why or clock.finished
-                    or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
-                _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg, ema, window)
-                saved_step = step
+            if save and not stopped:
+                saved_step = _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg, ema,
+                                   window)
             if why:
                 if dist.is_main:
                     log.info("%s: saved step %d%s", "stop signal" if stopped else "time limit",
@@ -357,7 +341,8 @@ def _sampling_weights(ema: EMA | None, module: torch.nn.Module, compiled: bool =
 
 
 def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, clock: StageClock, stream,
-          seen: dict, cfg: TrainConfig, ema: EMA | None, window: _Window) -> None:
+          seen: dict, cfg: TrainConfig, ema: EMA | None, window: LogWindow) -> int:
+    """Collective: checkpoint `step`; returns it."""
     stream_meta, stream_tensors = stream.state_dict()
     # "stage" is the stage whose stream this is; after a stage's last step the clock is
     # already in the next one (whose stream starts fresh on resume).
@@ -372,37 +357,4 @@ def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, clock: Sta
               shared={"ema": ema.state_dict()} if ema is not None else None, before_marker=die)
     if cfg.fault.kill_after_checkpoint == step:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _log(logger: MetricsLogger, step: int, engine, window: _Window, meter: Throughput, stream,
-         seen: dict, peak: float, dist: DistInfo, last_step_s: float, partial: bool) -> None:
-    """Window means of the losses (over micro-batches and ranks), rates, MFU, data stats."""
-    n = max(window.micro, 1)
-    elapsed = max(time.perf_counter() - window.t0, 1e-9)
-    rates = meter.report(1)
-    local = {k: v / n for k, v in window.sums.items()}
-    local.update(mfu=window.flops / elapsed / peak, tokens_per_s=rates.get("tokens_per_s_rank", 0.0),
-                 images_per_s=rates["items_per_s_rank"], tokens_seen=seen["tokens"],
-                 images_seen=seen["images"], flops_seen=seen["flops"], data_wait_frac=rates["data_wait_frac"],
-                 pack_efficiency=stream.counters.efficiency,
-                 samples_read=stream.counters.samples_read, corrupt=stream.counters.corrupt,
-                 oversize=stream.counters.oversize, wrong_bits=stream.counters.wrong_bits,
-                 bad_grid=stream.counters.bad_grid)
-    mean = all_reduce_mean(local, dist.device)
-    W = dist.world_size
-    out = {k: mean[k] for k in ("loss", "text_ce", "vision", "bit_accuracy", "mfu",
-                                "data_wait_frac", "pack_efficiency")}
-    norm = engine.get_global_grad_norm()
-    norm = window.grad_norm if norm is None else float(norm)
-    out.update(lr=window.lr, grad_norm=norm if norm is not None else float("nan"),
-               step_time_s=elapsed / max(window.steps, 1), last_step_s=last_step_s,
-               tokens_per_s=mean["tokens_per_s"] * W, images_per_s=mean["images_per_s"] * W,
-               tokens_per_s_rank=local["tokens_per_s"], images_per_s_rank=local["images_per_s"],
-               tokens_seen=mean["tokens_seen"] * W, images_seen=mean["images_seen"] * W,
-               flops_seen=mean["flops_seen"] * W)
-    out.update({f"data/{k}": mean[k] * W
-                for k in ("samples_read", "corrupt", "oversize", "wrong_bits", "bad_grid")})
-    if partial:
-        out["window_partial"] = 1
-    logger.log(step, out)
-
+    return step

@@ -85,11 +85,17 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
     assert not (tmp_path / "summary.json").exists()
     # 2. the incomplete step 4 is ignored: resume at 2 (stage 0), cross the stage transition
     #    at 4; only rank 0 gets SIGTERM after step 5, the all-reduced flag stops both ranks
-    #    there, they save and exit 0
-    assert spawn_train(argv(data, tmp_path, "fault.sigterm_at_step=5")) == 0
+    #    there, they save and exit 0; the evaluation due at step 5 runs after the save (the
+    #    grace period goes to the checkpoint) and changes nothing the resumed run trains
+    tok = tiny_image_tokenizer(str(tmp_path / "tok"))
+    assert spawn_train(argv(data, tmp_path, "fault.sigterm_at_step=5", f"data.tokenizer={tok}",
+                            "eval.every=5", "eval.per_category=1", "eval.width=8",
+                            "eval.height=8", "eval.steps=2")) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped"] and summary["step"] == 5 and summary["saved_step"] == 5
-    assert (ck / "step_000000005" / "COMPLETE").exists()
+    saved = json.loads((ck / "step_000000005" / "COMPLETE").read_text())
+    evaluated = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "eval_overall" in line]
+    assert [r["step"] for r in evaluated] == [5] and evaluated[0]["time"] > saved["time"]
     assert not (tmp_path / "export").exists()  # preempted: no export
     # 3. resume at 5 with a time limit already spent after one step: both ranks finish early
     #    at step 6 (one collective decides), save and export
