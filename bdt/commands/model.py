@@ -62,7 +62,7 @@ def read_captions(root: str, limit: int) -> list[str]:
     import glob
 
     from bdt.data.tars import log_skip, read_samples
-    from bdt.data.token_shards import MAX_CAPTION_BYTES, caption_problem
+    from bdt.data.token_shards import MAX_CAPTION_BYTES, caption_problem, caption_text
 
     urls = sorted(glob.glob(os.path.join(root, "*.tar")))
     if not urls:
@@ -76,7 +76,7 @@ def read_captions(root: str, limit: int) -> list[str]:
             if raw is None:
                 continue
             try:
-                text = raw.decode("utf-8").strip()
+                text = caption_text(raw)
                 problem = caption_problem(text)
             except UnicodeDecodeError as e:
                 problem = ("caption_not_utf8", str(e))

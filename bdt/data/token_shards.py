@@ -96,6 +96,13 @@ def member_limit(ext: str) -> int:
     return {"txt": MAX_CAPTION_BYTES, "json": MAX_METADATA_BYTES}.get(ext, MAX_MEMBER_BYTES)
 
 
+def caption_text(raw: bytes) -> str:
+    """A .txt member as caption text, the same on every path that reads one (extraction, the
+    token readers, init-tiny): UTF-8 (UnicodeDecodeError otherwise) without a byte-order mark
+    or surrounding whitespace, neither of which is part of what the caption says."""
+    return raw.decode("utf-8-sig").strip()
+
+
 def caption_problem(text: str) -> tuple[str, str] | None:
     """(reason, detail) when a caption shows nothing (empty, only spaces or format characters)
     or holds a control character other than tab and line breaks; None when it is usable."""
@@ -206,7 +213,7 @@ def _decode(raw: Mapping[str, Any], key: str) -> TokenSample:
     for field in ("source_key", "source_shard", "stage"):
         if not isinstance(meta[field], str):
             raise ValueError(f"metadata {field}={meta[field]!r}: expected a string")
-    caption = raw["txt"].decode("utf-8")
+    caption = caption_text(raw["txt"])
     problem = caption_problem(caption)
     if problem is not None:  # extraction writes neither: not a caption to train on
         raise ValueError(f"caption refused: {problem[0]} {problem[1]}".rstrip())

@@ -29,7 +29,7 @@ import fsspec
 from bdt import storage
 from bdt.data import tars
 from bdt.data.images import TOO_LARGE
-from bdt.data.token_shards import caption_problem
+from bdt.data.token_shards import caption_problem, caption_text
 
 # Reject reasons produced here (images.py, the worker and, for captions, token_shards.py add
 # their own: empty_caption, caption_control_char).
@@ -375,7 +375,7 @@ def check_caption(raw: bytes | None, max_bytes: int) -> tuple[str | None, str, s
     if len(raw) > max_bytes:
         return None, CAPTION_TOO_LONG, f"{len(raw)} bytes > max_caption_bytes {max_bytes}"
     try:
-        text = raw.decode("utf-8-sig").strip()  # -sig: a byte-order mark is not caption text
+        text = caption_text(raw)
     except UnicodeDecodeError as exc:
         return None, CAPTION_NOT_UTF8, str(exc)[:200]
     problem = caption_problem(text)  # the token readers refuse the same captions

@@ -32,14 +32,15 @@ def test_init_tiny_skips_bad_captions_naming_them(tmp_path, caplog):
     from bdt.commands.model import read_captions
 
     members = [("a.txt", b"a red circle"), ("a.jpg", b"x" * 4096), ("b.txt", b"caf\xe9"),
-               ("c.txt", b" \n"), ("d.txt", b"two\x1bblue squares"), ("e.txt", b"a star")]
+               ("c.txt", b" \n"), ("d.txt", b"two\x1bblue squares"), ("e.txt", b"a star"),
+               ("f.txt", "\ufeffa blue square\n".encode())]  # as extraction reads it
     with tarfile.open(tmp_path / "x.tar", "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     with caplog.at_level("WARNING", "bdt.commands.model"):
-        assert read_captions(str(tmp_path), 10) == ["a red circle", "a star"]
+        assert read_captions(str(tmp_path), 10) == ["a red circle", "a star", "a blue square"]
     where = f"in {tmp_path / 'x.tar'}: "
     for key, reason in (("b", "caption_not_utf8 'utf-8' codec can't decode byte 0xe9"),
                         ("c", "empty_caption"), ("d", "caption_control_char U+001B")):

@@ -36,6 +36,14 @@ def test_round_trip_through_a_tar(tmp_path):
     assert json.loads(plain["json"])["schema"] == 1 and plain["txt"].decode() == want.caption
 
 
+def test_captions_read_as_extraction_reads_them():
+    """A hand-made shard's caption with a byte-order mark and a trailing newline: extraction
+    would have stored "a red circle"; the token readers trained on "\ufeffa red circle\n"."""
+    raw = encode_sample(_sample())
+    assert decode_sample(dict(raw, txt="\ufeffa red circle\n".encode())).caption == "a red circle"
+    assert decode_sample(dict(raw, txt=b"  two blue squares ")).caption == "two blue squares"
+
+
 def test_bad_samples_name_the_problem():
     raw = encode_sample(_sample())
     with pytest.raises(ValueError, match="missing member 'bits.npy'"):
