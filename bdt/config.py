@@ -9,6 +9,7 @@ entry points also configure logging here (`setup_logging`), once, in one format.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -48,6 +49,9 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         # omegaconf names no key when a section gets a list or a value (a "Merge error"), and
         # raises a bare TypeError when a list gets a mapping: find the key in the two trees.
         if getattr(exc, "full_key", None) or getattr(exc, "key", None):
+            tree = OmegaConf.to_container(other) if OmegaConf.is_config(other) else other
+            if isinstance(tree, dict) and (key := _in_yaml_lists(exc, tree)):
+                exc.full_key = key
             raise ConfigError(_describe(exc, source)) from None
         found = _kind_mismatch(OmegaConf.to_container(base), OmegaConf.to_container(other))
         if found is None:
@@ -78,7 +82,23 @@ def _kind_mismatch(base: dict, other: dict, prefix: str = "") -> tuple[str, str]
     return None
 
 
+@contextlib.contextmanager
+def _nesting_checked(source: str) -> Iterator[None]:
+    """ConfigError naming `source` for a tree nested beyond Python's recursion limit: PyYAML
+    and omegaconf walk it recursively (about 100 levels is the most they take)."""
+    try:
+        yield
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply for a config (more than about 100 "
+                          f"levels of mappings or lists)") from None
+
+
 def read_yaml(path: str) -> DictConfig:
+    with _nesting_checked(path):
+        return _read_yaml(path)
+
+
+def _read_yaml(path: str) -> DictConfig:
     try:
         with fsspec.open(path, "r", encoding="utf-8") as f:
             text = f.read()
@@ -113,7 +133,8 @@ def read_resolved_yaml(path: str) -> DictConfig:
     came from elsewhere (a shared model folder), and resolving its `${oc.env:...}` would read
     this machine's environment into it."""
     cfg = read_yaml(path)
-    keys = list(_interpolations(OmegaConf.to_container(cfg, resolve=False)))
+    with _nesting_checked(path):
+        keys = list(_interpolations(OmegaConf.to_container(cfg, resolve=False)))
     if keys:
         raise ConfigError(f"{path}: key '{keys[0]}' is an interpolation; bdt writes this file "
                           f"with plain values")
@@ -143,6 +164,9 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"command line: '{item}' is not a key=value override")
+        if "" in key.split("."):  # omegaconf would name a key '' or only a part of this one
+            raise ConfigError(f"command line: key '{key}': a name in it is empty (two dots in a "
+                              f"row, or a dot at either end)")
         if key in seen:
             log.warning("command line: key '%s' is given more than once; the last value (%s) "
                         "wins", key, raw)
@@ -171,16 +195,46 @@ def _under(exc: OmegaConfBaseException, key: str, value: Any) -> OmegaConfBaseEx
     list given on the command line (`stages=[{bogus: 1}]`) relative to that value."""
     inner = getattr(exc, "full_key", None)
     key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)  # omegaconf's form: stages[0].steps
-    if not inner or inner == key or inner.startswith((key + ".", key + "[")):
+    # Already from the top: the key itself, a key inside the value, or a part of the key's path
+    # (`model.bogus` for `model.bogus.x=1`, `seed` for `seed.x=1`).
+    if not inner or inner == key or inner.startswith((key + ".", key + "[")) or \
+            key.startswith((inner + ".", inner + "[")):
         return exc
-    head = re.split(r"[.\[]", inner, maxsplit=1)[0]
     if isinstance(value, list):
-        index = next((i for i, item in enumerate(value) if isinstance(item, dict) and head in item),
-                     None)
-        exc.full_key = f"{key}[{'?' if index is None else index}].{inner}"
+        found = _item_holding(value, inner, exc)
+        exc.full_key = f"{key}[{'?' if found is None else found[0]}].{inner}"
     else:
         exc.full_key = f"{key}.{inner}"
     return exc
+
+
+def _item_holding(items: list, inner: str, exc: OmegaConfBaseException) -> tuple[int, bool] | None:
+    """(index, exact) of the mapping in `items` that omegaconf's item-relative key `inner` is
+    about: the first holding the offending value (exc.value) there, else the first with the key."""
+    head = re.split(r"[.\[]", inner, maxsplit=1)[0]
+    having = [i for i, item in enumerate(items) if isinstance(item, dict) and head in item]
+    exact = [i for i in having if inner == head and items[i][head] == getattr(exc, "value", None)]
+    return (exact[0], True) if exact else (having[0], False) if having else None
+
+
+def _in_yaml_lists(exc: OmegaConfBaseException, tree: dict) -> str | None:
+    """The key from the top of an error omegaconf names relative to an item of a YAML's list
+    (`steps` for `stages[1].steps`); None when it is from the top already."""
+    inner = getattr(exc, "full_key", None)
+    if not inner or re.split(r"[.\[]", inner, maxsplit=1)[0] in tree:
+        return None
+    found: list[tuple[bool, str]] = []
+
+    def visit(node: Any, where: str) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node) \
+            if isinstance(node, list) else ()
+        if isinstance(node, list) and (hit := _item_holding(node, inner, exc)):
+            found.append((hit[1], f"{where}[{hit[0]}].{inner}"))
+        for k, v in items:
+            visit(v, f"{where}[{k}]" if isinstance(node, list) else f"{where}.{k}".lstrip("."))
+
+    visit(tree, "")
+    return max(found, key=lambda f: f[0])[1] if found else None
 
 
 def _check_list_indices(cfg: DictConfig, key: str) -> None:
@@ -245,16 +299,24 @@ def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[st
     for path in yaml_paths:
         loaded = read_yaml(path)
         _refuse_renamed(list(loaded.keys()), renamed, path)
-        cfg = _merge(cfg, loaded, path)
-        _keep_required(cfg, loaded)
+        with _nesting_checked(path):
+            cfg = _merge(cfg, loaded, path)
+            _keep_required(cfg, loaded)
     _refuse_renamed([o.partition("=")[0].split(".")[0] for o in overrides], renamed, "command line")
-    cfg = _apply_overrides(cfg, overrides)
+    with _nesting_checked("command line"):
+        cfg = _apply_overrides(cfg, overrides)
+    sources = ", ".join(list(yaml_paths) + (["command line"] if overrides else [])) or "defaults"
+    with _nesting_checked(sources):
+        return _resolved(cfg, sources)  # type: ignore[return-value]
+
+
+def _resolved(cfg: DictConfig, sources: str) -> DictConfig:
+    """`cfg` checked for missing values, its interpolations resolved, made read-only."""
     try:  # missing_keys reads every value, so it resolves interpolations too
         missing = sorted(OmegaConf.missing_keys(cfg))
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc, "interpolation")) from None
     if missing:
-        sources = ", ".join(list(yaml_paths) + (["command line"] if overrides else [])) or "defaults"
         raise ConfigError(f"missing required value for key '{missing[0]}'"
                           + (f" (and {len(missing) - 1} more: {', '.join(missing[1:])})" if len(missing) > 1 else "")
                           + f"; set it in the YAML or as {missing[0]}=... (read: {sources})")
@@ -263,7 +325,7 @@ def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[st
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc, "interpolation")) from None
     OmegaConf.set_readonly(cfg, True)
-    return cfg  # type: ignore[return-value]
+    return cfg
 
 
 def _rank_number(flag: str, value: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -267,3 +268,48 @@ def test_a_yamls_missing_marker_requires_a_value_over_a_default(tmp_path):
     site = _write(tmp_path, "site.yaml", "name: ${data_path}-run\n")
     cfg = C.load(Job, [recipe, site], ["optim.lr=0.5"])
     assert (cfg.name, cfg.optim.lr) == ("/d-run", 0.5)
+
+
+def test_a_config_nested_too_deeply_is_one_line_naming_its_source(tmp_path):
+    """PyYAML and omegaconf recurse per level: 200 levels raised a bare RecursionError."""
+    block = _write(tmp_path, "block.yaml", "data_path: /d\noptim:\n" + "".join(
+        "  " * (i + 1) + f"k{i}:\n" for i in range(200)))
+    flow = _write(tmp_path, "flow.yaml", "data_path: " + "[" * 200 + "]" * 200 + "\n")
+    for path in (block, flow):
+        with pytest.raises(C.ConfigError, match=f"^{path}: nested too deeply"):
+            C.load(Job, [path])
+    with pytest.raises(C.ConfigError, match="^command line: nested too deeply"):
+        C.load(Job, [], ["data_path=/d", "optim.betas=" + "[" * 200 + "]" * 200])
+
+
+@dataclass
+class Named:
+    stages: list[Stage] = field(default_factory=list)
+
+
+def test_a_bad_key_in_a_later_list_item_names_that_item(tmp_path):
+    """omegaconf names it relative to the item: a YAML's said 'steps', a command line's named
+    the first item holding the key (stages[0] for an error in stages[1])."""
+    for text, says in [("stages: [{steps: 1}, {steps: 2.5}]", r"key 'stages\[1\].steps': Value '2.5'"),
+                       ("stages: [{steps: x}, {steps: 2}]", r"key 'stages\[0\].steps': Value 'x'"),
+                       ("stages: [{steps: 1}, {stepz: 2}]", r"key 'stages\[1\].stepz': Key 'stepz'"),
+                       ("stages: [{steps: 1}, {steps: null}]", r"key 'stages\[1\].steps': "
+                                                               r"Incompatible value 'None'")]:
+        path = _write(tmp_path, "s.yaml", text + "\n")
+        with pytest.raises(C.ConfigError, match=f"^{path}: {says}"):
+            C.load(Named, [path])
+        with pytest.raises(C.ConfigError, match=f"^command line: {says}"):
+            C.load(Named, [], [text.replace(": ", "=", 1)])
+
+
+def test_a_key_below_an_unknown_key_or_a_value_is_named_once():
+    """The key omegaconf reports is a part of the override's path; it was appended to it
+    ('optim.bogus.x.optim.bogus'), and empty names between dots named key ''."""
+    with pytest.raises(C.ConfigError, match=r"^command line: key 'optim.bogus': Key 'bogus' not"):
+        C.load(Job, [], ["data_path=/d", "optim.bogus.x=1"])
+    with pytest.raises(C.ConfigError, match=r"^command line: key 'steps': Value '\{\}'"):
+        C.load(Job, [], ["data_path=/d", "steps.x=1"])
+    for key in ("optim..lr", ".steps", "steps."):
+        with pytest.raises(C.ConfigError, match=f"^command line: key '{re.escape(key)}': a name "
+                                                f"in it is empty"):
+            C.load(Job, [], ["data_path=/d", f"{key}=1"])
