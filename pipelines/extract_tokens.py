@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_intermixed_args(args)  # key=value may come before or after the options
     setup_logging()
 
-    from bdt.extract.config import ExtractConfig
+    from bdt.extract.config import ExtractConfig, validate
     from bdt.extract.manifest import output_lock
     from bdt.extract.ray_session import ray_session
     from bdt.extract.run import plan, run
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         try:
             cfg = load(ExtractConfig, ns.config, ns.overrides)
+            validate(cfg)  # before the lock: an empty `output` would put it at the root
             _refuse_relative_paths_in_a_ray_job(cfg)
             stack.enter_context(output_lock(cfg.output))  # held until the manifest is written
             planned = plan(cfg)  # inputs, tokenizer and output are checked before Ray starts

@@ -94,6 +94,10 @@ def _extract(*extra):
     ("gpus_per_actor=.nan", r"gpus_per_actor: must be >= 0, got nan"),
     ("progress_interval_s=0", r"progress_interval_s: must be > 0, got 0.0"),
     ("progress_interval_s=.nan", r"progress_interval_s: must be > 0, got nan"),
+    # an empty output passed, and plan() wrote /plan.json and /config.yaml (joined to the root)
+    ("output=''", r"^output: is empty: name the output directory"),
+    ("inputs=' '", r"^inputs: is empty"),
+    ("tokenizer=''", r"^tokenizer: is empty"),
 ])
 def test_extraction_values_no_run_can_use_are_named(override, named):
     _extract()  # the base config passes

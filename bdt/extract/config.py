@@ -66,6 +66,11 @@ def encode_dtype(cfg: ExtractConfig) -> str:
 
 def validate(cfg: ExtractConfig) -> None:
     """Raise ValueError naming the key for values the types alone don't rule out."""
+    # An empty output joined with a file name is a path at the filesystem's root (/plan.json).
+    for key, what in (("inputs", "the input shards or folders"), ("output", "the output directory"),
+                      ("tokenizer", "the tokenizer directory")):
+        if not getattr(cfg, key).strip():
+            raise ValueError(f"{key}: is empty: name {what}")
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {list(_DTYPES)}, got '{cfg.dtype}'")
     for key in ("batch_size", "folder_shard_size", "patch_size", "min_side", "max_pixels",
