@@ -109,12 +109,21 @@ class StageClock:
     def state_dict(self) -> dict:
         return {"stage": self.stage, "start_step": self.start_step,
                 "stage_tokens": self.stage_tokens, "fitted": self.fitted,
-                "kept_last": self.kept_last}
+                "kept_last": self.kept_last, "names": self.names[:self.stage + 1]}
 
     def load_state_dict(self, state: dict) -> None:
         if not 0 <= state["stage"] <= len(self.names):
             raise ValueError(f"checkpoint is in stage {state['stage']}, the config has only "
                              f"{len(self.names)} stages ({self.names})")
+        # The stages trained so far are found by index: a stage inserted, removed or renamed
+        # before the current one would resume into another stage's plan (same shards pass the
+        # stream's check). Later stages may change; checkpoints before names were kept pass.
+        trained = state.get("names", [])
+        if trained != self.names[:len(trained)]:
+            raise ValueError(f"checkpoint's stages so far are {trained}, the config's first "
+                             f"{len(trained)} are {self.names[:len(trained)]}: stages trained "
+                             f"already cannot be renamed, reordered, added or removed (change "
+                             f"later ones, or start a new checkpoint.dir)")
         self.stage, self.start_step = int(state["stage"]), int(state["start_step"])
         self.stage_tokens = int(state["stage_tokens"])
         self.kept_last = bool(state.get("kept_last", False))

@@ -69,6 +69,24 @@ def test_a_resume_applies_changed_stage_lengths_before_any_step():
     assert cut.stage == 1 and cut.start_step == 6  # the next stage begins, no step at stage 0
 
 
+def test_a_resume_refuses_stages_renamed_or_reordered_before_the_current_one():
+    """The checkpoint names its stage by index: a stage inserted in front would have resumed
+    into the wrong plan; later stages may still change, and old checkpoints carry no names."""
+    mid = StageClock(stages(), grad_accum=2, world_size=2)
+    run_clock(mid, [BUDGET_STEP] * 12)  # in stage 1 ("512")
+    swapped = stages()[::-1]
+    with pytest.raises(ValueError, match=r"stages so far are \['256', '512'\], the config's "
+                                         r"first 2 are \['512', '256'\]"):
+        StageClock(swapped, grad_accum=2, world_size=2).load_state_dict(mid.state_dict())
+    early = StageClock(stages(), grad_accum=2, world_size=2)
+    run_clock(early, [BUDGET_STEP] * 3)  # still in stage 0: stage 1 may be renamed
+    renamed = stages()
+    renamed[1].name = "1024"
+    StageClock(renamed, grad_accum=2, world_size=2).load_state_dict(early.state_dict())
+    legacy = {k: v for k, v in mid.state_dict().items() if k != "names"}
+    StageClock(swapped, grad_accum=2, world_size=2).load_state_dict(legacy)
+
+
 def test_clock_state_resumes_mid_token_stage():
     tokens = [BUDGET_STEP // 2 + 7 * i for i in range(40)]
     whole = run_clock(StageClock(stages(), grad_accum=2, world_size=2), tokens)
