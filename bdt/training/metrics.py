@@ -89,8 +89,40 @@ _UNPARSABLE = object()
 def _parsed(line: bytes) -> Any:
     try:
         return json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: garbage nested past the parser
         return _UNPARSABLE
+
+
+def open_line_log(path: str):
+    """`path` opened to append one record a line (line-buffered), its torn last line dropped
+    first: a writer killed mid-line (or stopped by a full disk) left part of a record there, and
+    the next record would join it, one line that no reader can parse."""
+    drop_torn_line(path)
+    return open(path, "a", buffering=1)
+
+
+def drop_torn_line(path: str, chunk: int = 1 << 16) -> None:
+    """Cut `path` back to its last newline (nothing when it ends with one or does not exist);
+    reads only its tail, so a long log costs nothing."""
+    try:
+        f = open(path, "rb+")
+    except FileNotFoundError:
+        return
+    with f:
+        end = pos = f.seek(0, os.SEEK_END)
+        keep = 0
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            newline = f.read(pos - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            pos = start
+        if keep != end:
+            f.truncate(keep)
+            log.warning("%s: dropped a torn last line (%d bytes, no newline): a writer was "
+                        "stopped mid-record", path, end - keep)
 
 
 def _kept(rec: Any, last_step: float) -> bool:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bdt.training.metrics import MetricsLogger
+from bdt.training.metrics import MetricsLogger, open_line_log
 
 EARLIER = [{"step": 0, "params": 10},
            {"step": 1, "loss": 3.0},
@@ -50,6 +50,32 @@ def test_unparsable_lines_inside_and_a_whole_unterminated_last_record_are_kept(t
     path.write_text('{"step": 1, "loss": 1}\nnot json\n{"step": 2, "loss": 2}')
     MetricsLogger(str(tmp_path), enabled=True, tensorboard=False, keep_through_step=2).close()
     assert path.read_text() == '{"step": 1, "loss": 1}\nnot json\n{"step": 2, "loss": 2}\n'
+
+
+def test_garbage_nested_past_the_parser_is_no_crash(tmp_path):
+    """A line of thousands of '[' (binary garbage, a bad edit) raised RecursionError on every
+    resume: the run could not start again until the file was fixed by hand."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1}\n' + "[" * 100_000 + '\n{"step": 3, "loss": 3}\n'
+                    + "[" * 100_000)  # the same, torn at the end
+    MetricsLogger(str(tmp_path), enabled=True, tensorboard=False, keep_through_step=2).close()
+    assert path.read_text() == '{"step": 1, "loss": 1}\n' + "[" * 100_000 + "\n"
+
+
+@pytest.mark.parametrize("before, after", [
+    (b'{"a": 1}\n{"a": 2', b'{"a": 1}\n'),  # torn mid-record
+    (b'{"a": 1', b""),  # no whole line at all
+    (b'{"a": 1}\n' + b"x" * 200_000, b'{"a": 1}\n'),  # a torn tail longer than one read
+    (b'{"a": 1}\n', b'{"a": 1}\n'),  # whole: untouched
+    (b"", b"")])
+def test_a_line_log_is_appended_at_a_line_boundary(tmp_path, before, after):
+    """Appending to a log a kill or a full disk left torn joined the next record to the torn
+    one (resume.jsonl, the sample-key logs): one line no reader can parse, a record lost."""
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(before)
+    with open_line_log(str(path)) as f:
+        f.write('{"a": 3}\n')
+    assert path.read_bytes() == after + b'{"a": 3}\n'
 
 
 def test_a_failed_cut_leaves_the_file_as_it_was(tmp_path, monkeypatch):

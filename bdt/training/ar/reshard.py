@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from bdt.data.stream_state import resplit
+from bdt.training.metrics import open_line_log
 
 STREAM_PREFIX = "stream."  # the loop saves the stream's tensors under this prefix
 
@@ -67,8 +68,7 @@ class SampleKeyLog:
     def __init__(self, run_dir: str, rank: int, world_size: int):
         os.makedirs(os.path.join(run_dir, "sample_keys"), exist_ok=True)
         self.rank, self.world_size = rank, world_size
-        self.file = open(os.path.join(run_dir, "sample_keys", f"rank_{rank:05d}.jsonl"), "a",
-                         buffering=1)
+        self.file = open_line_log(os.path.join(run_dir, "sample_keys", f"rank_{rank:05d}.jsonl"))
 
     def add(self, step: int, keys: list[str]) -> None:
         self.file.write(json.dumps({"step": step, "rank": self.rank,
