@@ -47,6 +47,7 @@ from bdt.cluster.hosts import is_this_host, port_holder
 from bdt.cluster.launch_checks import master_endpoint, retry_may_fix
 from bdt.cluster.run_state import (TRAIN_SCRIPT, RunPaths, complete_checkpoints, newest_step,
                                    paths_from_command)
+from bdt.training.metrics import open_line_log
 from bdt.training.run_dir import LAUNCH_ERROR, checkpoint_root
 
 DONE, USAGE, GAVE_UP, CANNOT_START, STOPPED = 0, 2, 3, 4, 75  # 75 = EX_TEMPFAIL: "try again later"
@@ -95,7 +96,7 @@ class Resumer:
         if self.events:
             try:  # a record of events: failing to write one must not end the supervision
                 os.makedirs(os.path.dirname(self.events), exist_ok=True)
-                with open(self.events, "a") as f:  # append-only log; one line per event
+                with open_line_log(self.events) as f:  # one line per event
                     f.write(json.dumps({"time": time.time(), "event": event, **fields}) + "\n")
             except OSError as e:
                 print(f"[bdt.resume {stamp}] warning: cannot append to {self.events}: {e}",
@@ -212,19 +213,14 @@ class Resumer:
         rank 0's summary.json says which (stopped: true/false)."""
         if rc != 0:
             return False, f"exit code {rc}"
-        summary = os.path.join(self.paths.run_dir, "summary.json")
-        try:
-            if storage.is_remote(summary) or os.path.getmtime(summary) < started:
-                raise FileNotFoundError(summary)
-            with open(summary) as f:
-                stopped = bool(json.load(f).get("stopped"))
-        except (FileNotFoundError, ValueError):
+        stopped, missing = _summary_stopped(os.path.join(self.paths.run_dir, "summary.json"),
+                                            started)
+        if stopped is None:
             if self.stop_signal is not None:  # after our stop, exit 0 is most likely a save
-                self.log("note", f"exit 0 after the stop signal and no fresh {summary}: taking "
-                         f"it as stopped, not finished")
+                self.log("note", f"exit 0 after the stop signal and {missing}: taking it as "
+                         f"stopped, not finished")
                 return False, "exit 0 after the stop signal"
-            self.log("note", f"exit 0 and no fresh {summary} (rank 0 runs on another node?): "
-                     f"taking exit 0 as finished")
+            self.log("note", f"exit 0 and {missing}: taking exit 0 as finished")
             return True, ""
         return (False, "the ranks were stopped by a signal and saved") if stopped else (True, "")
 
@@ -315,6 +311,25 @@ class Resumer:
                 break
         self.log("stopped", "stop signal before a launch; nothing is running", attempt=attempt)
         return STOPPED
+
+
+def _summary_stopped(path: str, started: float) -> tuple[bool | None, str]:
+    """(whether the ranks were stopped, "") from the summary.json rank 0 wrote after `started`;
+    (None, what is wrong) when there is no such summary or it is not a JSON object (a damaged or
+    foreign file must not end the supervision with a traceback)."""
+    missing = f"no fresh {path} (rank 0 runs on another node?)"
+    try:
+        if storage.is_remote(path) or os.path.getmtime(path) < started:
+            return None, missing
+        with open(path, "rb") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None, missing
+    except (OSError, ValueError, RecursionError) as e:  # a directory, not UTF-8, not JSON
+        return None, f"an unreadable {path} ({type(e).__name__}: {e})"
+    if not isinstance(record, dict):
+        return None, f"a {path} that holds no JSON object"
+    return bool(record.get("stopped")), ""
 
 
 def _term_when_parent_dies() -> None:

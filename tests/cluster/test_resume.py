@@ -120,6 +120,23 @@ def test_a_command_that_cannot_run_and_an_unwritable_event_log_are_no_crash(tmp_
     assert proc.stderr.count("cannot append to") == 6 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("summary", [b"[1]", None, b"\xff\xfe"])
+def test_a_torn_event_log_and_a_damaged_summary_are_no_crash(tmp_path, summary):
+    """A summary.json written during the launch that is JSON but no object, a directory or not
+    JSON ended the wrapper with a traceback; an event log torn mid-record (a full disk, a kill)
+    had the next event appended to the torn line, lost to any reader."""
+    (tmp_path / "resume.jsonl").write_text('{"time": 1, "event": "launch", "attempt": 1}\n'
+                                           '{"time": 2, "event": "resta')
+    path = str(tmp_path / "summary.json")
+    write = (f"import os; os.mkdir({path!r})" if summary is None else
+             f"open({path!r}, 'wb').write({summary!r})")
+    proc = subprocess.run([*WRAPPER, "--run-dir", str(tmp_path), "--max-restarts", "0", "--",
+                           sys.executable, "-c", write], capture_output=True, text=True)
+    assert proc.returncode == DONE and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{path}" in proc.stderr and "taking exit 0 as finished" in proc.stderr
+    assert [e["event"] for e in events(tmp_path)] == ["launch", "launch", "note", "done"]
+
+
 def test_progress_counts_checkpoints_older_than_a_damaged_newest_one(tmp_path):
     """The trainer passed over a damaged step 10 and resumed further back: the checkpoints it
     then completes are progress although step 10 stays the newest."""
