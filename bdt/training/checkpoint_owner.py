@@ -112,9 +112,11 @@ def read_owner(url: str) -> dict | None:
         return None
     try:
         owner = json.loads(raw)
-        if not isinstance(owner, dict) or not isinstance(owner.get("run_id"), str):
-            raise ValueError("not a JSON object with a run_id")
-    except ValueError as e:
+        # run_dir is compared and opened as a path: another type is damage too
+        if not isinstance(owner, dict) or not isinstance(owner.get("run_id"), str) or \
+                not isinstance(owner.get("run_dir", ""), str):
+            raise ValueError("not a JSON object with a run_id and run_dir of strings")
+    except (ValueError, RecursionError) as e:  # RecursionError: nested past the parser
         raise ValueError(f"checkpoint root owner record {url} is damaged ({e}): if the root is this "
                          f"run's, delete the record (the next start writes it again)") from None
     return owner

@@ -132,9 +132,14 @@ def test_damaged_identity_files_are_named(tmp_path):
         _bound(tmp_path / "ck", run)
     (run / RUN_ID_NAME).unlink()
     _bound(tmp_path / "ck", run)
-    (tmp_path / "ck" / OWNER_NAME).write_text("{")
-    with pytest.raises(ValueError, match=f"owner record {tmp_path / 'ck' / OWNER_NAME} is damaged"):
-        _bound(tmp_path / "ck", run)
+    # not JSON; a run_dir that is no path (a list made a TypeError, a number was taken for a
+    # file descriptor); garbage nested past the parser (a RecursionError)
+    for damaged in ("{", json.dumps({"run_id": run_id(str(run)), "run_dir": [str(run)]}),
+                    json.dumps({"run_id": run_id(str(run)), "run_dir": 3}), "[" * 100_000):
+        (tmp_path / "ck" / OWNER_NAME).write_text(damaged)
+        with pytest.raises(ValueError, match=f"owner record {tmp_path / 'ck' / OWNER_NAME} is "
+                                             f"damaged"):
+            _bound(tmp_path / "ck", run)
 
 
 def test_exclusive_create_keeps_the_first_content(tmp_path):
