@@ -196,9 +196,15 @@ def _read_lock(path: str) -> tuple[dict | None, float]:
             age = time.time() - os.fstat(f.fileno()).st_mtime
             try:
                 record = json.load(f)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested past the parser
                 record = {}
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError) as e:
+        # A symlink to nothing or a directory is no job's lock, and no job could ever create
+        # the lock over it: each start would wait for a holder that does not exist.
+        if isinstance(e, IsADirectoryError) or os.path.islink(path):
+            kind = "a directory" if isinstance(e, IsADirectoryError) else "a symlink to nothing"
+            raise OSError(f"run lock {path} is {kind}, not a lock file: remove it (no job "
+                          f"holds the run directory through it)") from None
         return None, 0.0
     return (record if isinstance(record, dict) else {}), age
 

@@ -84,6 +84,26 @@ def test_a_takeover_never_steals_a_newer_lock(tmp_path):
     winner.release()
 
 
+def test_a_lock_that_no_job_can_hold_is_named(tmp_path):
+    """A directory or a symlink to nothing in RUN_LOCK's place: every start failed, once with
+    IsADirectoryError, once saying that other jobs kept taking the lock (none did); garbage
+    nested past the parser in a lock file raised RecursionError."""
+    path = tmp_path / LOCK_NAME
+    path.mkdir()
+    with pytest.raises(OSError, match=f"run lock {path} is a directory, not a lock file"):
+        RunLock(str(tmp_path)).acquire()
+    path.rmdir()
+    path.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OSError, match=f"run lock {path} is a symlink to nothing"):
+        RunLock(str(tmp_path)).acquire()
+    path.unlink()
+    path.write_text("[" * 100_000)
+    os.utime(path, (0, 0))  # no heartbeat for long: an unknown holder's stale lock
+    lock = RunLock(str(tmp_path))
+    lock.acquire()
+    lock.release()
+
+
 @pytest.mark.slow
 def test_a_job_that_lost_its_lock_stops(tmp_path):
     code = (f"import time; from bdt.training.run_lock import RunLock; "
