@@ -180,8 +180,11 @@ def load_text_tokenizer(path: str) -> "PreTrainedTokenizerBase":
         tokenizer = None
         if os.path.isfile(tok_cfg):
             with open(tok_cfg) as f:
-                if json.load(f).get("tokenizer_class") == "TokenizersBackend":
-                    tokenizer = TokenizersBackend.from_pretrained(path)
+                declared = json.load(f)
+            if not isinstance(declared, dict):
+                raise ValueError(f"{tok_cfg} holds no JSON object")
+            if declared.get("tokenizer_class") == "TokenizersBackend":
+                tokenizer = TokenizersBackend.from_pretrained(path)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:

@@ -71,6 +71,17 @@ def test_missing_tokenizer_files_are_refused(llm_dir, tmp_path):
         load_backbone(BackboneConfig(path=folder), parallel_num=4)
 
 
+def test_a_tokenizer_config_of_the_wrong_shape_is_named(llm_dir, tmp_path):
+    """A tokenizer_config.json holding JSON that is no object (an edit, a bad copy) ended
+    `bdt sample` and training with an AttributeError traceback."""
+    folder = _copy(llm_dir, tmp_path)
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path, "w") as f:
+        f.write("[1]")
+    with pytest.raises(OSError, match=f"{path} holds no JSON object"):
+        load_backbone(BackboneConfig(path=folder), parallel_num=4)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nonfinite_weights_are_named(llm_dir, tmp_path, value):
     folder = _copy(llm_dir, tmp_path)
