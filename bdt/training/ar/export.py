@@ -38,8 +38,14 @@ def export_model(engine, model, cfg, out_dir: str, dist: DistInfo) -> str:
             if cfg.data.tokenizer:
                 _copy_tree(cfg.data.tokenizer, os.path.join(tmp, EXPORT_IMAGE_TOKENIZER_DIR))
             save_resolved(_with_absolute_shards(cfg), tmp, name=EXPORT_TRAIN_CONFIG_NAME)
-            shutil.rmtree(out_dir, ignore_errors=True)
+            # The old export leaves by one rename, then goes: deleted in place, a reader (or a
+            # kill) met it half gone, and `bdt sample --model <run_dir>` took that for the model.
+            old = out_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            if os.path.lexists(out_dir):
+                os.replace(out_dir, old)
             os.replace(tmp, out_dir)  # a reader never sees half an export
+            shutil.rmtree(old, ignore_errors=True)
     barrier()
     return out_dir
 

@@ -1,0 +1,49 @@
+"""The trainer's export replaces an earlier one in one step: a reader, or a kill, never meets
+half an export (`bdt sample --model <run_dir>` takes one whose model_config.yaml is left for the
+model, and fails on its missing files instead of sampling the newest checkpoint)."""
+
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from bdt.config import load
+from bdt.model.ar import CONFIG_NAME, BitDanceModel
+from bdt.training.ar import export
+from bdt.training.ar.config import TrainConfig
+from bdt.training.distributed import DistInfo
+from testkit import TINY_CONFIG
+
+import mllm_tiny
+
+
+class Killed(BaseException):
+    """A SIGKILL, as far as the code under test can tell: nothing after it runs."""
+
+
+def test_a_kill_while_the_old_export_is_deleted_leaves_a_whole_one(tmp_path, monkeypatch):
+    llm = Qwen3ForCausalLM(Qwen3Config(**mllm_tiny.QWEN3))
+    model = BitDanceModel(mllm_tiny.model_config(), llm)
+    cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], [
+        f"run_dir={tmp_path}", "model.backbone.path=unused", f"data.root={tmp_path}"]))
+    solo = DistInfo(0, 1, 0, torch.device("cpu"))
+    out = str(tmp_path / "export")
+    engine = SimpleNamespace(module=model)  # what the export reads of the DeepSpeed engine
+    export.export_model(engine, model, cfg, out, solo)
+    first, rmtree = sorted(os.listdir(out)), shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        """Deletes one entry of a whole export, then the process dies."""
+        if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            os.remove(os.path.join(path, CONFIG_NAME))
+            raise Killed
+        rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):
+        export.export_model(engine, model, cfg, out, solo)
+    assert sorted(os.listdir(out)) == first  # the new export, whole
