@@ -30,8 +30,8 @@ def model_signature(model: torch.nn.Module, config: dict | None = None) -> dict:
 
 
 def check_model_signature(root: str, signature: dict[str, list[int]], dist: DistInfo) -> None:
-    """First start: record the model's parameter shapes beside the checkpoints. Later starts:
-    refuse checkpoints of a differently shaped model before DeepSpeed tries to load them."""
+    """Refuse checkpoints of a differently shaped model before DeepSpeed tries to load them, when
+    the root has a record (record_model_signature writes it)."""
     url = storage.join(root, SIGNATURE_NAME)
     saved = _recorded_signature(url)
     if saved is not None:
@@ -44,13 +44,20 @@ def check_model_signature(root: str, signature: dict[str, list[int]], dist: Dist
                 raise ValueError(f"checkpoints in {root} are from a different model: {what} is "
                                  f"{saved.get(name)} there and {signature.get(name)} in this "
                                  f"config; use a new checkpoint.dir or the original model config")
-    elif dist.is_main:
-        storage.makedirs(root)
-        storage.write_bytes_atomic(url, json.dumps(signature).encode())
     barrier()
 
 
-def _recorded_signature(url: str) -> dict | None:
+def record_model_signature(root: str, signature: dict[str, list[int]], dist: DistInfo) -> None:
+    """Rank 0, once the run has resumed (or found nothing to resume): record the shapes where the
+    root has no record, or a damaged one. Not before: with checkpoints there, a record written
+    from a config they do not fit would refuse the right config at the next start."""
+    url = storage.join(root, SIGNATURE_NAME)
+    if dist.is_main and _recorded_signature(url, quiet=True) is None:
+        storage.makedirs(root)
+        storage.write_bytes_atomic(url, json.dumps(signature).encode())
+
+
+def _recorded_signature(url: str, quiet: bool = False) -> dict | None:
     """The shapes recorded at `url`; None when there are none or the file is damaged (it is
     only a guard, written again: DeepSpeed's load still refuses a checkpoint of other shapes)."""
     if not storage.exists(url):
@@ -60,7 +67,9 @@ def _recorded_signature(url: str) -> dict | None:
         if isinstance(saved, dict):
             return saved
         why = "not a JSON object"
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested past the parser
         why = str(e)
-    log.warning("%s is damaged (%s): recording this model's parameter shapes again", url, why)
+    if not quiet:
+        log.warning("%s is damaged (%s): this model's parameter shapes are recorded again once "
+                    "the run has resumed", url, why)
     return None

@@ -44,7 +44,8 @@ from bdt.training.distributed import (DistInfo, all_gather_int, all_gather_objec
 from bdt.training.divergence import StepHealth, raise_diverged
 from bdt.training.ema import EMA
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
-from bdt.training.model_shapes import check_model_signature, model_signature
+from bdt.training.model_shapes import (check_model_signature, model_signature,
+                                       record_model_signature)
 from bdt.training.run_dir import BACKBONE_DIR, checkpoint_root, export_dir
 from bdt.training.run_lock import hold_run_lock
 from bdt.training.signals import DIVERGED, LOCAL_REASON, STOP_SIGNAL, StopFlag
@@ -120,7 +121,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     setup.check_budgets(cfg, model, sources)
     # What each rank holds right after the build: under ZeRO-3 its partitions only.
     params_local = all_gather_int(setup.local_numel(model))
-    check_model_signature(ckpt.root, model_signature(model), dist)
+    signature = model_signature(model)
+    check_model_signature(ckpt.root, signature, dist)
     flop_model = FlopModel.for_model(model)
     if cfg.compile.enabled:
         model.compile_blocks(cfg.compile.backend)
@@ -138,6 +140,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     resumed = ckpt.resume({"model": engine}, reshard=reshard.resplit_train_states(
         lambda si: sources[si].urls, lambda si: setup.stream_seed(cfg, si))) \
         if cfg.checkpoint.resume else None
+    record_model_signature(ckpt.root, signature, dist)  # the checkpoint loaded: the shapes fit
     stream_state, log_window = None, None
     if resumed is not None:
         resume, meta, tensors, shared = resumed.tag, resumed.meta, resumed.tensors, resumed.shared

@@ -45,7 +45,8 @@ from bdt.training.divergence import StepHealth, TrainingDiverged, raise_diverged
 from bdt.training.ema import EMA
 from bdt.training.integrity import MARKER, CheckpointUnusable, digest_bytes
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
-from bdt.training.model_shapes import check_model_signature, model_signature
+from bdt.training.model_shapes import (check_model_signature, model_signature,
+                                       record_model_signature)
 from bdt.training.run_dir import checkpoint_root, export_dir
 from bdt.training.run_lock import hold_run_lock
 from bdt.training.schedule import ConfigLR, WarmupSchedule
@@ -184,10 +185,12 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
              if cfg.loss.lpips_weight > 0 else None)
     torch.manual_seed(cfg.seed * 1000 + dist.rank)  # per-rank stream for any sampling in the step
     # The whole model config: norm_groups shapes no parameter but changes every activation.
-    check_model_signature(ckpt.root, model_signature(engine.module, model_cfg.to_dict()), dist)
+    signature = model_signature(engine.module, model_cfg.to_dict())
+    check_model_signature(ckpt.root, signature, dist)
     step, stream_state, tag = 0, None, None
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
     resumed = ckpt.resume({"autoencoder": engine}) if cfg.checkpoint.resume else None
+    record_model_signature(ckpt.root, signature, dist)  # the checkpoint loaded: the shapes fit
     if resumed is not None:
         tag, meta, shared = resumed.tag, resumed.meta, resumed.shared
         step, stream_state = meta["step"], meta["stream"]

@@ -15,7 +15,8 @@ from PIL import Image
 from bdt.config import load
 from bdt.training.distributed import DistInfo, free_port
 from bdt.training.ar.setup import check_data
-from bdt.training.model_shapes import check_model_signature, model_signature
+from bdt.training.model_shapes import (check_model_signature, model_signature,
+                                       record_model_signature)
 from bdt.training.ar.config import TrainConfig
 from testkit import REPO, TINY_CONFIG
 from trainutil import tiny_image_tokenizer, tiny_llm, train_overrides, write_shards
@@ -119,7 +120,8 @@ def test_checkpoints_of_another_model_shape_are_refused(tmp_path):
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     root = str(tmp_path / "ck")
     small = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-    check_model_signature(root, model_signature(small), dist)  # first start records it
+    check_model_signature(root, model_signature(small), dist)  # nothing recorded yet
+    record_model_signature(root, model_signature(small), dist)  # the first start, once resumed
     check_model_signature(root, model_signature(small), dist)  # same shape: fine
     wide = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2))
     with pytest.raises(ValueError, match=r"different model: parameter '0.weight' is \[8, 4\] "
@@ -127,23 +129,30 @@ def test_checkpoints_of_another_model_shape_are_refused(tmp_path):
         check_model_signature(root, model_signature(wide), dist)
     # config values that shape no parameter (the tokenizer's norm_groups) count where recorded
     other = str(tmp_path / "other")
-    check_model_signature(other, model_signature(small, {"norm_groups": 32}), dist)
+    record_model_signature(other, model_signature(small, {"norm_groups": 32}), dist)
     with pytest.raises(ValueError, match=r"different model: model.norm_groups is 32 there and 1"):
         check_model_signature(other, model_signature(small, {"norm_groups": 1}), dist)
     check_model_signature(root, model_signature(small, {"norm_groups": 1}), dist)  # none recorded
 
 
-def test_a_damaged_shape_record_is_written_again(tmp_path, caplog):
+def test_a_damaged_shape_record_is_written_again_once_resumed(tmp_path, caplog):
     """model_shapes.json cut short (a damaged disk): a warning naming it and a new record, not
-    a JSON error that would keep the run from ever resuming."""
+    a JSON error that would keep the run from ever resuming. The new record waits for the
+    resume: written at the check, it took the shapes of whatever config that start had, and a
+    config the checkpoints do not fit then made the original one refused ever after."""
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     root = tmp_path / "ck"
     small = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-    check_model_signature(str(root), model_signature(small), dist)
+    wide = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2))
+    record_model_signature(str(root), model_signature(small), dist)
     record = root / "model_shapes.json"
     record.write_text(record.read_text()[:10])
-    check_model_signature(str(root), model_signature(small), dist)
+    check_model_signature(str(root), model_signature(wide), dist)  # its resume then fails
     assert f"{record} is damaged" in caplog.text
+    check_model_signature(str(root), model_signature(small), dist)  # the original config
+    record_model_signature(str(root), model_signature(small), dist)
+    assert json.loads(record.read_text()) == model_signature(small)
+    record_model_signature(str(root), model_signature(wide), dist)  # a record stays as it is
     assert json.loads(record.read_text()) == model_signature(small)
 
 
