@@ -147,17 +147,19 @@ class RunLock:
 
 def hold_run_lock(run_dir: str, dist: DistInfo) -> RunLock | None:
     """Collective: global rank 0 takes the run directory's lock (returned there; None elsewhere);
-    every rank raises the same RunDirInUse when another job holds it."""
+    every rank raises the same RunDirInUse when another job holds it, and the same OSError when
+    rank 0 cannot take it (other ranks would otherwise die in the broadcast, with gloo's error)."""
     lock, error = None, None
     if dist.is_main:
         lock = RunLock(run_dir)
         try:
             lock.acquire()
-        except RunDirInUse as e:
-            lock, error = None, str(e)
+        except OSError as e:
+            lock, error = None, (isinstance(e, RunDirInUse), str(e))
     error = broadcast_object(error)
     if error:
-        raise RunDirInUse(error)
+        in_use, message = error
+        raise (RunDirInUse if in_use else OSError)(message)
     return lock
 
 

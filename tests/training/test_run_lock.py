@@ -11,8 +11,12 @@ import time
 
 import psutil
 import pytest
+import torch.multiprocessing as mp
 
-from bdt.training.run_lock import LOCK_NAME, LOST_LOCK_EXIT, RunDirInUse, RunLock, _process_space
+from bdt.training.distributed import free_port
+from bdt.training.run_lock import (LOCK_NAME, LOST_LOCK_EXIT, RunDirInUse, RunLock, _process_space,
+                                   hold_run_lock)
+from trainutil import rank_entry
 
 
 def _plant(run_dir, **record):
@@ -102,6 +106,41 @@ def test_a_lock_that_no_job_can_hold_is_named(tmp_path):
     lock = RunLock(str(tmp_path))
     lock.acquire()
     lock.release()
+
+
+@rank_entry
+def _lock_rank(rank, world, port, run_dir, out):
+    """Each rank's outcome of taking the lock of `run_dir`; the rank then ends (no collective
+    follows: a rank 0 that raised alone would leave the others waiting in one)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from bdt.training.distributed import init_distributed
+
+    dist = init_distributed(use_deepspeed=False)
+    try:
+        hold_run_lock(run_dir, dist)
+        outcome = ["held"]
+    except Exception as e:  # noqa: BLE001 - what each rank met is the result
+        outcome = [type(e).__name__, str(e)]
+    with open(os.path.join(out, f"r{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lock", ["held", "a directory"])
+def test_every_rank_raises_rank0s_error(tmp_path, lock):
+    """A RUN_LOCK that rank 0 could not take for another reason than a holder (a directory)
+    raised there alone: the other ranks died in the broadcast with gloo's "Connection closed by
+    peer" instead of the error."""
+    if lock == "held":
+        _plant(tmp_path, host="elsewhere")  # fresh: a live holder elsewhere
+    else:
+        (tmp_path / LOCK_NAME).mkdir()
+    mp.spawn(_lock_rank, args=(2, free_port(), str(tmp_path), str(tmp_path)), nprocs=2)
+    r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
+    assert r0 == r1, (r0, r1)
+    assert r0[0] == ("RunDirInUse" if lock == "held" else "OSError")
+    assert ("in use by pid 1 on elsewhere" if lock == "held" else "is a directory") in r0[1]
 
 
 @pytest.mark.slow
