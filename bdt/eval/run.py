@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
+from bdt import storage
 from bdt.eval.judge import judge_image, score
 from bdt.generation.grid import make_grid
 from bdt.generation.sampling import SamplingConfig
@@ -88,9 +89,10 @@ def write_report(result: dict, images: Sequence[Image.Image], out_dir: str, cols
               ).save(os.path.join(out_dir, "grid.png"))
     with open(os.path.join(out_dir, "eval.md"), "w") as f:
         f.write(markdown_table(result))
-    # eval.json last: its presence means the report is complete (scripts/demo.sh skips on it).
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    # eval.json last and whole (temp + rename): its presence means the report is complete
+    # (scripts/demo.sh and the in-loop evaluation skip on it), so a kill must not leave half.
+    storage.write_bytes_atomic(os.path.join(out_dir, "eval.json"),
+                               json.dumps(result, indent=1).encode())
 
 
 def markdown_table(result: dict) -> str:

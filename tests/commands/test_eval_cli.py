@@ -95,6 +95,12 @@ def test_scoring_passes_ground_truth_and_fails_wrong_prompts(tmp_path):
     assert tuple(grid[4 - 1, 4 + 64]) == PASS_RGB  # frame just above cell 0
     assert tuple(grid[4 - 1, 4 + 132 + 64]) == FAIL_RGB  # and above cell 1
     assert json.loads((tmp_path / "r" / "eval.json").read_text())["items"][1]["passed"] is False
+    # eval.json means "complete": a report that fails while being written leaves none, not half
+    # (json.dump had written the items before it met the bad value)
+    broken = dict(mixed, not_json=object())
+    with pytest.raises(TypeError):
+        write_report(broken, [images[0], images[0]], str(tmp_path / "torn"))
+    assert not (tmp_path / "torn" / "eval.json").exists()
 
 
 @pytest.mark.parametrize("args, expected", [
