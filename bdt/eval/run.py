@@ -90,7 +90,7 @@ def write_report(result: dict, images: Sequence[Image.Image], out_dir: str, cols
     with open(os.path.join(out_dir, "eval.md"), "w") as f:
         f.write(markdown_table(result))
     # eval.json last and whole (temp + rename): its presence means the report is complete
-    # (scripts/demo.sh and the in-loop evaluation skip on it), so a kill must not leave half.
+    # (scripts/demo.sh skips its eval on it), so a kill must not leave half of one.
     storage.write_bytes_atomic(os.path.join(out_dir, "eval.json"),
                                json.dumps(result, indent=1).encode())
 
