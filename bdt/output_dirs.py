@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from typing import Iterator
 
@@ -103,6 +104,7 @@ def staged_dir(path: str, overwrite: bool = False, last: str = "") -> Iterator[s
     os.makedirs(tmp)
     try:
         yield tmp
+        _readable_as_open_makes(tmp)
         if not os.path.lexists(final):
             os.replace(tmp, final)
             return
@@ -121,6 +123,31 @@ def staged_dir(path: str, overwrite: bool = False, last: str = "") -> Iterator[s
         _undo_interrupted_move(final)  # a failed rename: what moved goes back out
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _readable_as_open_makes(folder: str) -> None:
+    """Give every file under `folder` the mode open() gives a new file (0666 less the umask):
+    safetensors writes its files 0600, so an export or init-tiny model was unreadable to the
+    rest of a cluster's group, unlike every other file of the same folder."""
+    mode = 0o666 & ~_umask()
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path) and stat.S_IMODE(os.lstat(path).st_mode) != mode:
+                os.chmod(path, mode)
+
+
+def _umask() -> int:
+    """The process umask, read from /proc where the kernel shows it: setting it to read it back
+    would change it for other threads creating files at that moment."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager

@@ -307,3 +307,21 @@ def test_a_remote_output_takes_its_completion_marker_last(s3_bucket, monkeypatch
     assert fs.cat(out + "/eval.json") == b"new"
     assert sorted(fs.find(out[len("s3://"):])) == [f"{out[len('s3://'):]}/{n}" for n in
                                                    ("eval.json", "images/b.png", "z.md")]
+
+
+def test_files_get_the_mode_open_gives_not_safetensors_0600(tmp_path):
+    """safetensors writes 0600: an export or init-tiny model was unreadable to the cluster's
+    group while the config beside it was not. Files leave the staging folder as open() makes
+    them under the process umask."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o027)
+    try:
+        with output_dirs.staged_dir(str(tmp_path / "out")) as tmp:
+            save_file({"w": torch.zeros(2)}, os.path.join(tmp, "model.safetensors"))
+            _write(Path(tmp), {"sub/config.json": "{}"})
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "sub/config.json"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o640, name
