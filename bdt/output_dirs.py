@@ -104,7 +104,7 @@ def staged_dir(path: str, overwrite: bool = False, last: str = "") -> Iterator[s
     os.makedirs(tmp)
     try:
         yield tmp
-        _readable_as_open_makes(tmp)
+        readable_as_open_makes(tmp)
         if not os.path.lexists(final):
             os.replace(tmp, final)
             return
@@ -125,7 +125,7 @@ def staged_dir(path: str, overwrite: bool = False, last: str = "") -> Iterator[s
         raise
 
 
-def _readable_as_open_makes(folder: str) -> None:
+def readable_as_open_makes(folder: str) -> None:
     """Give every file under `folder` the mode open() gives a new file (0666 less the umask):
     safetensors writes its files 0600, so an export or init-tiny model was unreadable to the
     rest of a cluster's group, unlike every other file of the same folder."""

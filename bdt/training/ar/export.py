@@ -16,7 +16,7 @@ import shutil
 
 from omegaconf import OmegaConf
 
-from bdt import storage
+from bdt import output_dirs, storage
 from bdt.config import save_resolved
 from bdt.training.distributed import DistInfo, barrier
 from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR, EXPORT_TRAIN_CONFIG_NAME
@@ -38,6 +38,8 @@ def export_model(engine, model, cfg, out_dir: str, dist: DistInfo) -> str:
             if cfg.data.tokenizer:
                 _copy_tree(cfg.data.tokenizer, os.path.join(tmp, EXPORT_IMAGE_TOKENIZER_DIR))
             save_resolved(_with_absolute_shards(cfg), tmp, name=EXPORT_TRAIN_CONFIG_NAME)
+            # Not staged_dir's: safetensors writes the weights 0600, unreadable to the group.
+            output_dirs.readable_as_open_makes(tmp)
             # The old export leaves by one rename, then goes: deleted in place, a reader (or a
             # kill) met it half gone, and `bdt sample --model <run_dir>` took that for the model.
             old = out_dir + ".old"

@@ -47,3 +47,21 @@ def test_a_kill_while_the_old_export_is_deleted_leaves_a_whole_one(tmp_path, mon
     with pytest.raises(Killed):
         export.export_model(engine, model, cfg, out, solo)
     assert sorted(os.listdir(out)) == first  # the new export, whole
+
+
+def test_the_weights_get_the_mode_open_gives_not_safetensors_0600(tmp_path):
+    """safetensors writes 0600 whatever the umask: the trainer's export (not staged_dir's) had
+    weights unreadable to the cluster's group while the configs beside them were not."""
+    llm = Qwen3ForCausalLM(Qwen3Config(**mllm_tiny.QWEN3))
+    model = BitDanceModel(mllm_tiny.model_config(), llm)
+    cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], [
+        f"run_dir={tmp_path}", "model.backbone.path=unused", f"data.root={tmp_path}"]))
+    out = tmp_path / "export"
+    old = os.umask(0o027)
+    try:
+        export.export_model(SimpleNamespace(module=model), model, cfg, str(out),
+                            DistInfo(0, 1, 0, torch.device("cpu")))
+    finally:
+        os.umask(old)
+    for name in ("bitdance_extra.safetensors", "llm/model.safetensors", CONFIG_NAME):
+        assert (out / name).stat().st_mode & 0o777 == 0o640, name
