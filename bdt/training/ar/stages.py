@@ -19,8 +19,8 @@ of the state, so a resumed run keeps the schedule the interrupted one chose.
 
 A resume under changed stage lengths (`resume_at`): a current stage now shorter than what ran
 ends at once (no step at its floor LR past the new end), and a finished run whose last stage is
-now longer goes back into it (the finished clock keeps the last stage's position for that;
-clocks saved before it did stay finished).
+now longer goes back into it, or with stages appended goes on to them (the finished clock keeps
+the last stage's position for that; clocks saved before it did stay finished).
 """
 
 from __future__ import annotations
@@ -127,6 +127,10 @@ class StageClock:
         self.stage, self.start_step = int(state["stage"]), int(state["start_step"])
         self.stage_tokens = int(state["stage_tokens"])
         self.kept_last = bool(state.get("kept_last", False))
+        if self.kept_last and 0 < self.stage == len(trained):
+            # Saved finished: the position is its last stage's, so resume there (resume_at ends
+            # it again); a stage appended since then would have taken it for its own start.
+            self.stage -= 1
         if state.get("fitted"):  # checkpoints from before the time fit have no such key
             if not 0 <= int(state["fitted"]["stage"]) < len(self.names):
                 raise ValueError(f"checkpoint fitted stage {state['fitted']['stage']}, the config "

@@ -69,6 +69,23 @@ def test_a_resume_applies_changed_stage_lengths_before_any_step():
     assert cut.stage == 1 and cut.start_step == 6  # the next stage begins, no step at stage 0
 
 
+def test_a_finished_run_resumed_with_a_stage_appended_trains_all_of_it():
+    """The finished clock keeps the last stage's start and tokens: resumed with a stage
+    appended, the new stage took them for its own, began at the old last stage's start and
+    ended at once (or too early), its schedule shifted."""
+    appended = stages() + [StageConfig(name="1024", shards="x", steps=5, lr=1e-4,
+                                       warmup_steps=2, schedule="constant")]
+    whole = StageClock(appended, grad_accum=2, world_size=2)
+    ran_whole = run_clock(whole, [BUDGET_STEP] * 30)
+    done = StageClock(stages(), grad_accum=2, world_size=2)
+    run_clock(done, [BUDGET_STEP] * 30)
+    resumed = StageClock(appended, grad_accum=2, world_size=2)
+    resumed.load_state_dict(done.state_dict())
+    resumed.resume_at(16)
+    assert resumed.stage == 2 and resumed.start_step == 16 and resumed.stage_tokens == 0
+    assert run_clock(resumed, [BUDGET_STEP] * 30, first_step=16) == ran_whole[16:] == [2] * 5
+
+
 def test_a_resume_refuses_stages_renamed_or_reordered_before_the_current_one():
     """The checkpoint names its stage by index: a stage inserted in front would have resumed
     into the wrong plan; later stages may still change, and old checkpoints carry no names."""
