@@ -104,6 +104,8 @@ def open_line_log(path: str):
 def drop_torn_line(path: str, chunk: int = 1 << 16) -> None:
     """Cut `path` back to its last newline (nothing when it ends with one or does not exist);
     reads only its tail, so a long log costs nothing."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the open
+        raise OSError(f"{path}: not a regular file, so no log can be appended to it")
     try:
         f = open(path, "rb+")
     except FileNotFoundError:

@@ -78,6 +78,19 @@ def test_a_line_log_is_appended_at_a_line_boundary(tmp_path, before, after):
     assert path.read_bytes() == after + b'{"a": 3}\n'
 
 
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_a_line_log_that_is_no_file_is_named(tmp_path, kind):
+    """A FIFO in a log's place raised an unnamed "not seekable" error (a directory, at least,
+    named itself): both now say which path is wrong."""
+    path = tmp_path / "log.jsonl"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    with pytest.raises(OSError, match=f"{path}: not a regular file"):
+        open_line_log(str(path))
+
+
 def test_a_failed_cut_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     _write(path, EARLIER)
