@@ -15,7 +15,8 @@
 #
 # Knobs (environment): DEMO_DIR, DEMO_NUM (images, 6000), DEMO_EVAL_PER_CATEGORY (0 = all 40),
 # DEMO_SAMPLE_STEPS (head sampler steps, 12), DEMO_CFG (guidance, 2.0), and extra key=value
-# overrides for the trainers: DEMO_TOKENIZER_ARGS, DEMO_TRAIN_ARGS (e.g. "steps=20").
+# overrides for the trainers: DEMO_TOKENIZER_ARGS (e.g. "steps=20"), DEMO_TRAIN_ARGS (e.g.
+# "stages.0.steps=50 stages.1.steps=50": the AR config has no top-level `steps`).
 #
 # Wall time in a fresh checkout, measured 2026-12-06 on a 2-core AMD EPYC (avx512_bf16): 23 min
 # 56 s after the install (about 2 min, done by `make test` there): data 8 s, tokenizer 3 min 37 s
