@@ -3,7 +3,8 @@
 `load_trained(path)` accepts
   * an export (`<run_dir>/export`, written by the trainer, bdt/training/ar/export.py): the model
     (`BitDanceModel.save_pretrained` layout), `image_tokenizer/` and `train_config.yaml`;
-  * a training run dir: its `export/` if present, else its newest complete checkpoint;
+  * a training run dir: its `export/` if present, else its newest complete checkpoint that
+    reads (a damaged one is passed over, as the trainer's resume does);
   * a checkpoint dir `<run_dir>/checkpoints/step_N` (complete, i.e. with its marker);
     checkpoints of ZeRO-0/1/2 only: their model-states file holds the whole module (ZeRO-3
     partitions it);
@@ -19,6 +20,7 @@ the buckets they hold are the ones the model was trained for, and others are ref
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -36,6 +38,8 @@ from bdt.model.backbone import BackboneConfig, check_source
 from bdt.model.keymap import release_layout
 from bdt.training import run_dir as layout
 from bdt.weights import file_present
+
+log = logging.getLogger(__name__)
 
 EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, f"{LLM_DIR}/config.json",
                 f"{layout.EXPORT_IMAGE_TOKENIZER_DIR}/config.json",
@@ -235,9 +239,11 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     model_cfg = cfg.model
     configured = model_cfg.backbone.path
     model_cfg.backbone = _recorded_backbone(run_dir, model_cfg.backbone)
-    checkpoint = checkpoint or os.path.join(root, tags[-1])
+    if checkpoint is None:
+        checkpoint, module = _newest_readable(root, tags)
+    else:
+        module = checkpoint_weights(checkpoint)
     states = os.path.join(checkpoint, *MODEL_STATES.split("/"))
-    module = checkpoint_weights(checkpoint)
     # The LLM is built from its config and takes the checkpoint's tensors (its pretrained
     # weights are never read); connector and head are built on meta and take theirs.
     llm = {k.removeprefix("llm."): v for k, v in module.items() if k.startswith("llm.")}
@@ -251,6 +257,21 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     model.load_extra({k: v for k, v in module.items() if not k.startswith("llm.")}, states)
     decoder = load_tokenizer(cfg.data.tokenizer, device=device)
     return TrainedModel(model.to(device).eval(), decoder, checkpoint, _trained_buckets(cfg_path))
+
+
+def _newest_readable(root: str, tags: list[str]) -> tuple[str, dict[str, torch.Tensor]]:
+    """The newest complete checkpoint under `root` whose weights verify and load, with them: a
+    damaged one is passed over with a warning, as the trainer's resume passes over it."""
+    problems = []
+    for tag in reversed(tags):
+        checkpoint = os.path.join(root, tag)
+        try:
+            return checkpoint, checkpoint_weights(checkpoint)
+        except OSError as e:
+            log.warning("passing over checkpoint %s: %s", checkpoint, e)
+            problems.append(str(e))
+    raise OSError(f"none of the {len(tags)} complete checkpoints in {root} can be read: "
+                  + "; ".join(problems))
 
 
 def _run_config(cfg_path: str):

@@ -73,6 +73,35 @@ def test_run_dir_without_export_samples_from_its_checkpoint(trained_run, tmp_pat
         assert np.array_equal(_pixels(tmp_path / "step" / name), _pixels(tmp_path / "exp" / name))
 
 
+def test_a_damaged_newest_checkpoint_is_passed_over(trained_run, tmp_path, capsys):
+    """A run dir whose newest complete checkpoint no longer verifies (a disk error, a bad copy)
+    samples from the next older one, as the trainer would resume from it, and says which it
+    passed over; when none reads, each one's problem is named (exit 2)."""
+    from bdt.generation.trained import MODEL_STATES
+    from bdt.training.checkpoint import tag_for
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("export"))
+    older = next((run / "checkpoints").glob("step_*"))
+    newest = run / "checkpoints" / tag_for(1000)
+    shutil.copytree(older, newest)
+    states = newest / MODEL_STATES
+    states.write_bytes(states.read_bytes()[:-40])
+    prompts = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]
+    assert _sample(str(run), tmp_path / "ckpt", *prompts) == 0
+    assert f"passing over checkpoint {newest}" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "ckpt" / "samples.json").read_text())
+    assert meta["model"] == str(older)
+    assert _sample(os.path.join(trained_run, "export"), tmp_path / "exp", *prompts) == 0
+    for name in ("0000.png", "0001.png"):
+        assert np.array_equal(_pixels(tmp_path / "ckpt" / name), _pixels(tmp_path / "exp" / name))
+    (older / MODEL_STATES).unlink()
+    capsys.readouterr()
+    assert _sample(str(run), tmp_path / "none", *prompts) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "none of the 2 complete checkpoints" in last and "missing" in last, last
+
+
 def _with_backbone_path(run, path) -> None:
     from omegaconf import OmegaConf
 
