@@ -134,22 +134,26 @@ def read_resolved_yaml(path: str) -> DictConfig:
     this machine's environment into it."""
     cfg = read_yaml(path)
     with _nesting_checked(path):
-        keys = list(_interpolations(OmegaConf.to_container(cfg, resolve=False)))
+        keys = [key for key, _ in _interpolations(OmegaConf.to_container(cfg, resolve=False))]
     if keys:
         raise ConfigError(f"{path}: key '{keys[0]}' is an interpolation; bdt writes this file "
                           f"with plain values")
     return cfg
 
 
-def _interpolations(node: Any, prefix: str = "") -> Iterator[str]:
+_LIVE = re.compile(r"(?<!\\)\$\{")  # `${` not escaped by a backslash: an interpolation
+
+
+def _interpolations(node: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, text) of every string in a plain container that holds an interpolation."""
     if isinstance(node, dict):
         for key, value in node.items():
             yield from _interpolations(value, f"{prefix}{key}.")
     elif isinstance(node, list):
         for i, value in enumerate(node):
             yield from _interpolations(value, f"{prefix}{i}.")
-    elif isinstance(node, str) and "${" in node:
-        yield prefix.rstrip(".")
+    elif isinstance(node, str) and _LIVE.search(node):
+        yield prefix.rstrip("."), node
 
 
 def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -324,7 +328,27 @@ def _resolved(cfg: DictConfig, sources: str) -> DictConfig:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc, "interpolation")) from None
+    _keep_literal(cfg)
     OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _keep_literal(cfg: DictConfig) -> None:
+    """OmegaConf.resolve stores an escaped `\\${...}` as the bare text `${...}`, which reads as
+    an interpolation again: escape it once more, so the value stays the text the user wrote."""
+    for key, text in list(_interpolations(OmegaConf.to_container(cfg, resolve=False))):
+        OmegaConf.update(cfg, key, _escaped(text), merge=False)
+
+
+def _escaped(text: str) -> str:
+    return _LIVE.sub(r"\\${", text)
+
+
+def literal_config(value: Any) -> DictConfig:
+    """OmegaConf.structured of an already resolved value (a dataclass instance, a plain dict):
+    text that looks like an interpolation stays text, as `load` gave it."""
+    cfg = OmegaConf.structured(value)
+    _keep_literal(cfg)
     return cfg
 
 
@@ -366,7 +390,19 @@ def split_launcher_args(argv: Sequence[str]) -> tuple[list[str], int | None]:
 
 
 def to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """`cfg` resolved, as YAML that reads back to the same values: text that looks like an
+    interpolation (an escaped one the user wrote) is written escaped."""
+    plain = OmegaConf.to_container(cfg if OmegaConf.is_config(cfg) else literal_config(cfg),
+                                   resolve=True)
+    return OmegaConf.to_yaml(OmegaConf.create(_escaped_strings(plain)))
+
+
+def _escaped_strings(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {key: _escaped_strings(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_escaped_strings(value) for value in node]
+    return _escaped(node) if isinstance(node, str) else node
 
 
 def to_dict(cfg: Any) -> dict:

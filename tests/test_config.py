@@ -313,3 +313,23 @@ def test_a_key_below_an_unknown_key_or_a_value_is_named_once():
         with pytest.raises(C.ConfigError, match=f"^command line: key '{re.escape(key)}': a name "
                                                 f"in it is empty"):
             C.load(Job, [], ["data_path=/d", f"{key}=1"])
+
+
+def test_an_escaped_interpolation_stays_text_through_resolve_save_and_objects(tmp_path):
+    """`\\${...}` is how omegaconf writes `${...}` as text: it must stay text after resolving,
+    in the saved YAML read back (by `load` and by read_resolved_yaml), and in a config rebuilt
+    from the dataclass a trainer works with, while a real interpolation beside it resolves."""
+    from omegaconf import OmegaConf
+
+    yml = _write(tmp_path, "job.yaml", "data_path: '/d/\\${shard}'\nname: ${data_path}/run\n")
+    cfg = C.load(Job, [yml], ["optim.betas=[0.8, 0.9]"])
+    assert (cfg.data_path, cfg.name) == ("/d/${shard}", "/d/${shard}/run")
+    url = C.save_resolved(cfg, str(tmp_path / "out"))
+    assert C.read_resolved_yaml(url).data_path == "/d/${shard}"
+    again = C.load(Job, [url])
+    assert C.to_dict(again) == C.to_dict(cfg)
+    as_object = OmegaConf.to_object(cfg)
+    assert C.literal_config(as_object).name == "/d/${shard}/run"
+    assert C.to_dict(C.load(Job, [_write(tmp_path, "obj.yaml", C.to_yaml(as_object))])) == C.to_dict(cfg)
+    with pytest.raises(C.ConfigError, match="key 'name' is an interpolation"):
+        C.read_resolved_yaml(_write(tmp_path, "live.yaml", "name: ${data_path}\n"))

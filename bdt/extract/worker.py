@@ -51,10 +51,11 @@ class ShardEncoder:
         import torch
         from omegaconf import OmegaConf
 
+        from bdt.config import literal_config
         from bdt.extract.config import ExtractConfig, encode_dtype
         from bdt.tokenizer import load_tokenizer
 
-        self.cfg = OmegaConf.merge(OmegaConf.structured(ExtractConfig), cfg)
+        self.cfg = OmegaConf.merge(OmegaConf.structured(ExtractConfig), literal_config(cfg))
         self.fingerprint = fingerprint
         self.stage_buckets = {k: [tuple(b) for b in v] for k, v in stage_buckets.items()}
         self.formats = formats_for(self.cfg.image_extensions)

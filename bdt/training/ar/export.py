@@ -14,10 +14,9 @@ import contextlib
 import os
 import shutil
 
-from omegaconf import OmegaConf
 
 from bdt import output_dirs, storage
-from bdt.config import save_resolved
+from bdt.config import literal_config, save_resolved
 from bdt.training.distributed import DistInfo, barrier
 from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR, EXPORT_TRAIN_CONFIG_NAME
 
@@ -55,7 +54,7 @@ def export_model(engine, model, cfg, out_dir: str, dist: DistInfo) -> str:
 def _with_absolute_shards(cfg):
     """The config as the export records it: a local stage's shards as an absolute path, so that
     the sampler's trained-bucket check finds them from any working directory."""
-    record = OmegaConf.structured(cfg)
+    record = literal_config(cfg)
     for stage in record.stages:
         if not storage.is_remote(stage.shards):
             stage.shards = os.path.abspath(stage.shards)

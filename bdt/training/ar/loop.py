@@ -132,7 +132,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     params = {"params": sum(setup.numel(p) for p in model.parameters()),
               **{f"params_local/rank{r}": n for r, n in enumerate(params_local)}}
     if dist.is_main:
-        save_resolved(OmegaConf.structured(cfg), cfg.run_dir)
+        save_resolved(cfg, cfg.run_dir)
         model.save_llm_description(os.path.join(cfg.run_dir, BACKBONE_DIR))
     step, saved_step, stage_idx, stream = 0, -1, -1, None
     seen = {"tokens": 0, "images": 0, "flops": 0.0}  # this rank's
