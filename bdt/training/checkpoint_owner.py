@@ -45,11 +45,16 @@ def run_id(run_dir: str) -> str:
     when it holds something else."""
     path = os.path.join(run_dir, RUN_ID_NAME)
     storage.create_exclusive(path, f"{uuid.uuid4().hex[:16]}\n".encode())
-    found = _read_run_id(path)
-    if found is None or not _RUN_ID.fullmatch(found):
-        raise ValueError(f"{path} holds no run id ({found!r}): it tells this run's checkpoint root "
-                         f"which run this is. Restore it, or delete it to start {run_dir} as a new "
-                         f"run (with a checkpoint.dir of its own)")
+    try:
+        found = _read_run_id(path)
+    except OSError as e:  # a directory in its place, no permission
+        problem = f"cannot be read ({e.strerror or e})"
+    else:
+        problem = None if _RUN_ID.fullmatch(found) else f"holds no run id ({found!r})"
+    if problem:
+        raise ValueError(f"{path} {problem}: it tells this run's checkpoint root which run this "
+                         f"is. Restore it, or delete it to start {run_dir} as a new run (with a "
+                         f"checkpoint.dir of its own)")
     return found
 
 
@@ -140,7 +145,11 @@ def _follow_move(root: str, url: str, owner: dict, here: str) -> None:
     if os.path.isdir(old) and not _inside(root, here):
         if os.path.samefile(old, here):
             return  # the same directory by another path
-        if _read_run_id(os.path.join(old, RUN_ID_NAME)) == owner["run_id"]:
+        try:
+            old_id = _read_run_id(os.path.join(old, RUN_ID_NAME))
+        except OSError:
+            old_id = None  # no readable id left there: the run moved
+        if old_id == owner["run_id"]:
             raise CheckpointRootTaken(
                 f"run dir {here} has the run id of {old} ({owner['run_id']}), which owns checkpoint "
                 f"root {root}: it is a copy, and the two would share one checkpoint history. Delete "
@@ -156,9 +165,6 @@ def _inside(root: str, run_dir: str) -> bool:
     return os.path.commonpath([os.path.abspath(root), run_dir]) == run_dir
 
 
-def _read_run_id(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read(200).decode("utf-8", "replace").strip()
-    except OSError:
-        return None
+def _read_run_id(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read(200).decode("utf-8", "replace").strip()

@@ -131,6 +131,10 @@ def test_damaged_identity_files_are_named(tmp_path):
     with pytest.raises(ValueError, match=f"{run / RUN_ID_NAME} holds no run id"):
         _bound(tmp_path / "ck", run)
     (run / RUN_ID_NAME).unlink()
+    (run / RUN_ID_NAME).mkdir()  # says why it cannot be read
+    with pytest.raises(ValueError, match=f"{run / RUN_ID_NAME} cannot be read .Is a directory"):
+        _bound(tmp_path / "ck", run)
+    (run / RUN_ID_NAME).rmdir()
     _bound(tmp_path / "ck", run)
     # not JSON; a run_dir that is no path (a list made a TypeError, a number was taken for a
     # file descriptor); garbage nested past the parser (a RecursionError)
