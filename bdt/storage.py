@@ -200,7 +200,11 @@ def _local_file_info(path: str) -> dict | None:
 def makedirs(url: str) -> None:
     fs, path = filesystem(url)
     if not is_remote(url):
-        fs.makedirs(path, exist_ok=True)
+        try:
+            fs.makedirs(path, exist_ok=True)
+        except FileExistsError:  # a file in its place, or on the way to it
+            raise NotADirectoryError(f"{path}: cannot make this directory, a file of that name "
+                                     f"(or of a folder above it) is in the way") from None
     # Object stores have no directories; the bucket must exist and is checked by the first write.
 
 

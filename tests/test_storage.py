@@ -124,3 +124,15 @@ def test_a_remote_url_with_an_empty_path_segment_is_refused(s3_bucket):
     fs, _ = storage.filesystem(s3_bucket)
     assert fs.find(s3_bucket[len("s3://"):]) == []
     assert storage.filesystem(s3_bucket + "/runs/ck/")[1].endswith("/runs/ck")  # a last "/": fine
+
+
+def test_a_file_in_a_directorys_place_is_named(tmp_path):
+    """A tokenizer export, a shard folder or a run dir that is a plain file: the error says a
+    file is in the way (it was a bare '[Errno 17] File exists')."""
+    (tmp_path / "export").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="a file of that name .* is in the way"):
+        storage.makedirs(str(tmp_path / "export"))
+    with pytest.raises(NotADirectoryError):
+        storage.makedirs(str(tmp_path / "export" / "below"))
+    storage.makedirs(str(tmp_path / "fine" / "below"))
+    assert (tmp_path / "fine" / "below").is_dir()
