@@ -18,7 +18,6 @@ import sys
 from dataclasses import is_dataclass
 from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
-import fsspec
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -99,9 +98,15 @@ def read_yaml(path: str) -> DictConfig:
 
 
 def _read_yaml(path: str) -> DictConfig:
+    from bdt import storage  # local import, as in save_resolved
+
     try:
-        with fsspec.open(path, "r", encoding="utf-8") as f:
-            text = f.read()
+        fs, local = storage.filesystem(path)
+    except ValueError as exc:  # a URL bdt refuses
+        raise ConfigError(str(exc)) from None
+    try:
+        with fs.open(local, "rb") as f:
+            text = f.read().decode("utf-8")
         # The top node's kind first: omegaconf would read a lone string as a key with no value.
         top = yaml.compose(text, Loader=yaml.SafeLoader)
         if top is not None and not isinstance(top, yaml.MappingNode):

@@ -48,6 +48,12 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     checkpoints, shards) could not be found again."""
     if is_remote(url) and "//" in url.split("://", 1)[1].rstrip("/"):
         raise ValueError(f"{url}: empty path segment ('//'); remove the extra '/'")
+    if "::" in url:  # fsspec chains filesystems at '::' and would keep only the part before it
+        if is_remote(url):
+            raise ValueError(f"{url}: '::' in a URL (fsspec's filesystem chaining) is not "
+                             f"supported; name the data without it")
+        fs = LocalFileSystem()
+        return fs, fs._strip_protocol(url)  # a local name may hold '::'
     return url_to_fs(url)
 
 

@@ -136,3 +136,17 @@ def test_a_file_in_a_directorys_place_is_named(tmp_path):
         storage.makedirs(str(tmp_path / "export" / "below"))
     storage.makedirs(str(tmp_path / "fine" / "below"))
     assert (tmp_path / "fine" / "below").is_dir()
+
+
+def test_a_local_name_with_double_colons_is_that_name(tmp_path):
+    """fsspec chains filesystems at '::' and kept only the part before it: a local run dir
+    `/x/a::b/run` wrote into `/x/a`. Local names keep their '::'; a remote URL holding one is
+    refused before anything is read or written."""
+    target = tmp_path / "exp::2" / "out"
+    storage.makedirs(str(target))
+    storage.write_bytes_atomic(str(target / "f.txt"), b"x")
+    assert (target / "f.txt").read_bytes() == b"x" and not (tmp_path / "exp").exists()
+    fs, path = storage.filesystem(str(target / "f.txt"))
+    assert fs.cat_file(path) == b"x"
+    with pytest.raises(ValueError, match="'::' in a URL"):
+        storage.filesystem("s3://bucket/exp::2/out")

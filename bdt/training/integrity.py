@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 
-import fsspec
 
 from bdt import storage
 
@@ -113,7 +112,8 @@ def read_marker(checkpoint: str) -> dict:
     CheckpointUnusable naming it when it is missing, oversized, not JSON or of wrong types."""
     url = storage.join(checkpoint, MARKER)
     try:
-        with fsspec.open(url, "rb") as f:
+        fs, path = storage.filesystem(url)
+        with fs.open(path, "rb") as f:
             data = f.read(MARKER_MAX_BYTES + 1)
         if len(data) > MARKER_MAX_BYTES:
             raise ValueError(f"over {MARKER_MAX_BYTES} bytes")
