@@ -9,7 +9,8 @@ import argparse
 import importlib
 import sys
 
-from bdt.config import ConfigError, setup_logging
+from bdt.config import ConfigError
+from bdt.entry import setup_logging
 
 COMMAND_MODULES = [
     "bdt.commands.data",

@@ -3,8 +3,7 @@
 Every entry point (training, tokenizer training, extraction, data generation) declares its
 config as a dataclass tree and calls `load`. omegaconf does the merging and type checking; this
 module turns its exceptions into one line that names the offending key and where it came from
-(which YAML file, or the command line), and writes the resolved config beside outputs. The
-entry points also configure logging here (`setup_logging`), once, in one format.
+(which YAML file, or the command line), and writes the resolved config beside outputs.
 """
 
 from __future__ import annotations
@@ -12,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
-import sys
 from dataclasses import is_dataclass
 from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
@@ -357,43 +354,6 @@ def literal_config(value: Any) -> DictConfig:
     return cfg
 
 
-def _rank_number(flag: str, value: str) -> int:
-    """The launcher's rank argument; anything else ends the entry point with one line."""
-    try:
-        return int(value)
-    except ValueError:
-        fail(f"command line: {flag} must be a whole number, got {value!r}")
-        raise  # not reached: fail exits
-
-
-def split_launcher_args(argv: Sequence[str]) -> tuple[list[str], int | None]:
-    """Remove `--local_rank=N` / `--local_rank N` (added by the deepspeed launcher).
-
-    Returns the remaining arguments and the rank it carried (also exported as LOCAL_RANK when
-    the launcher did not set it), so a strict config never sees the launcher's argument.
-    """
-    rest: list[str] = []
-    local_rank: int | None = None
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        for flag in ("--local_rank", "--local-rank"):
-            if arg == flag and i + 1 < len(args):
-                local_rank = _rank_number(flag, args[i + 1])
-                i += 1
-                break
-            if arg.startswith(flag + "="):
-                local_rank = _rank_number(flag, arg.split("=", 1)[1])
-                break
-        else:
-            rest.append(arg)
-        i += 1
-    if local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    return rest, local_rank
-
-
 def to_yaml(cfg: Any) -> str:
     """`cfg` resolved, as YAML that reads back to the same values: text that looks like an
     interpolation (an escaped one the user wrote) is written escaped."""
@@ -425,48 +385,3 @@ def save_resolved(cfg: Any, out_dir: str, name: str = RESOLVED_CONFIG_NAME) -> s
     url = out_dir.rstrip("/") + "/" + name
     write_bytes_atomic(url, to_yaml(cfg).encode())
     return url
-
-
-LOG_FORMAT = "%(asctime)s rank %(rank)s %(levelname)s %(name)s: %(message)s"
-
-
-class _RankFilter(logging.Filter):
-    """Adds the rank the launcher gave this process (RANK; 0 in a plain process)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.rank = os.environ.get("RANK", "0")
-        return True
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to sys.stderr as it is at each record (pytest and redirections replace it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _) -> None:
-        pass
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Send the `bdt.*` loggers' messages to stderr, one format with the rank in every line;
-    called once by each entry point (idempotent). A command's own output (tables, written
-    paths) goes to stdout with print instead."""
-    logger = logging.getLogger("bdt")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.addFilter(_RankFilter())
-        handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
-        logger.addHandler(handler)
-    logger.setLevel(level)
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print one error line to stderr and exit (used by entry points for ConfigError & co)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bdt.config import ConfigError, fail, load, setup_logging, split_launcher_args
+from bdt.config import ConfigError, load
+from bdt.entry import fail, setup_logging, split_launcher_args
 from bdt.training.run_dir import clear_launch_error, record_launch_error
 
 

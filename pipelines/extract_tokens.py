@@ -21,7 +21,8 @@ import sys
 # that copy's `bdt` (the workers get the same directory on their path from Ray's runtime_env).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bdt.config import ConfigError, fail, load, setup_logging, split_launcher_args  # noqa: E402
+from bdt.config import ConfigError, load  # noqa: E402
+from bdt.entry import fail, setup_logging, split_launcher_args  # noqa: E402
 
 
 def _refuse_relative_paths_in_a_ray_job(cfg) -> None:

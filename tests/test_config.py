@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from bdt import config as C
+from bdt import entry
 
 
 @dataclass
@@ -115,7 +116,7 @@ def test_loaded_config_is_read_only():
 ])
 def test_launcher_local_rank_is_stripped(argv, expected_rank, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    rest, rank = C.split_launcher_args(argv)
+    rest, rank = entry.split_launcher_args(argv)
     assert rest == ["--config", "x.yaml", "steps=2"]
     assert rank == expected_rank
     assert os.environ.get("LOCAL_RANK") == (None if expected_rank is None else str(expected_rank))
@@ -123,7 +124,7 @@ def test_launcher_local_rank_is_stripped(argv, expected_rank, monkeypatch):
 
 def test_a_launcher_rank_that_is_no_number_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
-        C.split_launcher_args(["--local_rank=abc", "steps=2"])
+        entry.split_launcher_args(["--local_rank=abc", "steps=2"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == \
         "error: command line: --local_rank must be a whole number, got 'abc'"

@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "bdt"
 # Bottom to top; each entry a layer of units (a package or module and what it holds, less the
 # units named separately). Units of one layer do not import each other.
 LAYERS = [
-    ["bdt.processes"],
+    ["bdt.processes", "bdt.entry"],
     ["bdt.storage"],
     ["bdt.config", "bdt.weights", "bdt.output_dirs"],
     ["bdt.data", "bdt.model", "bdt.tokenizer"],

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bdt import storage
-from bdt.config import ConfigError, fail, load, save_resolved, setup_logging, split_launcher_args
+from bdt.config import ConfigError, load, save_resolved
+from bdt.entry import fail, setup_logging, split_launcher_args
 from bdt.data.raw import expand_shards, make_loader
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.tokenizer.config import TokenizerConfig
