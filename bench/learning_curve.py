@@ -143,12 +143,15 @@ def plot(series: list[dict], unit: float, path: str) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), sharex=True)
     colors = {}
-    for s in series:
+    # tab10 repeats after ten series: six more colours that differ from its ten
+    palette = list(plt.get_cmap("tab10").colors) + ["teal", "black", "darkgoldenrod", "navy",
+                                                    "crimson", "olivedrab"]
+    for i, s in enumerate(series):
         pts = sorted(s["points"], key=lambda p: p["flops"])
         x = [p["flops"] / unit for p in pts]
         marker, size = ("o", 7) if s["kind"] == "final" else (".", 6)
-        colors[s["name"]] = color = left.plot(
-            x, [p["overall"] for p in pts], marker=marker, markersize=size)[0].get_color()
+        colors[s["name"]] = color = palette[i % len(palette)]
+        left.plot(x, [p["overall"] for p in pts], marker=marker, markersize=size, color=color)
         left.plot(x, [p["per_category"].get("single_object", float("nan")) for p in pts],
                   marker=marker, markersize=size, linestyle="--", color=color)
         for a, style in zip(ATTRIBUTES, ("-", "--", ":", "-.")):
