@@ -338,12 +338,8 @@ def _resolved(cfg: DictConfig, sources: str) -> DictConfig:
 def _keep_literal(cfg: DictConfig) -> None:
     """OmegaConf.resolve stores an escaped `\\${...}` as the bare text `${...}`, which reads as
     an interpolation again: escape it once more, so the value stays the text the user wrote."""
-    for key, text in list(_interpolations(OmegaConf.to_container(cfg, resolve=False))):
-        OmegaConf.update(cfg, key, _escaped(text), merge=False)
-
-
-def _escaped(text: str) -> str:
-    return _LIVE.sub(r"\\${", text)
+    for key, text in _interpolations(OmegaConf.to_container(cfg, resolve=False)):
+        OmegaConf.update(cfg, key, _LIVE.sub(r"\\${", text), merge=False)
 
 
 def literal_config(value: Any) -> DictConfig:
@@ -359,15 +355,7 @@ def to_yaml(cfg: Any) -> str:
     interpolation (an escaped one the user wrote) is written escaped."""
     plain = OmegaConf.to_container(cfg if OmegaConf.is_config(cfg) else literal_config(cfg),
                                    resolve=True)
-    return OmegaConf.to_yaml(OmegaConf.create(_escaped_strings(plain)))
-
-
-def _escaped_strings(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {key: _escaped_strings(value) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_escaped_strings(value) for value in node]
-    return _escaped(node) if isinstance(node, str) else node
+    return OmegaConf.to_yaml(literal_config(plain))
 
 
 def to_dict(cfg: Any) -> dict:

@@ -53,7 +53,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
             raise ValueError(f"{url}: '::' in a URL (fsspec's filesystem chaining) is not "
                              f"supported; name the data without it")
         fs = LocalFileSystem()
-        return fs, fs._strip_protocol(url)  # a local name may hold '::'
+        return fs, fs._strip_protocol(url)  # a local name may hold '::'; file:// is dropped
     return url_to_fs(url)
 
 

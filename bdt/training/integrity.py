@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 
-
 from bdt import storage
 
 HASH = "sha256"

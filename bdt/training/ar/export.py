@@ -14,7 +14,6 @@ import contextlib
 import os
 import shutil
 
-
 from bdt import output_dirs, storage
 from bdt.config import literal_config, save_resolved
 from bdt.training.distributed import DistInfo, barrier
