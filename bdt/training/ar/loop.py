@@ -193,7 +193,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     tasks = in_loop(cfg, dist)
     for task in tasks:
         task.check(model)
-    keylog = reshard.SampleKeyLog(cfg.run_dir, dist.rank, dist.world_size) \
+    keylog = reshard.SampleKeyLog(cfg.run_dir, dist.rank, dist.world_size,
+                                  keep_through_step=step if resumed is not None else -1) \
         if cfg.logging.sample_keys else None
     stop = StopFlag()
     health = StepHealth()

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 
 import torch
 
 from bdt.data.stream_state import resplit
-from bdt.training.metrics import open_line_log
+from bdt.training.metrics import cut_records_after
 
 STREAM_PREFIX = "stream."  # the loop saves the stream's tensors under this prefix
 
@@ -63,12 +64,25 @@ def _unprefixed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 class SampleKeyLog:
     """Appends {"step", "rank", "world_size", "keys"} per micro-batch to
-    <run_dir>/sample_keys/rank_NNNNN.jsonl (one line each, flushed: a kill loses no line)."""
+    <run_dir>/sample_keys/rank_NNNNN.jsonl (one line each, flushed: a kill loses no line).
 
-    def __init__(self, run_dir: str, rank: int, world_size: int):
-        os.makedirs(os.path.join(run_dir, "sample_keys"), exist_ok=True)
+    keep_through_step: the step this run continues from (-1 for a fresh start). The steps an
+    interrupted launch logged past it are trained again, so their records go, as in
+    metrics.jsonl: each rank cuts its own file and rank 0 those of ranks a smaller world no
+    longer has; the union over the files is then every consumed key once."""
+
+    def __init__(self, run_dir: str, rank: int, world_size: int, keep_through_step: int):
+        folder = os.path.join(run_dir, "sample_keys")
+        os.makedirs(folder, exist_ok=True)
         self.rank, self.world_size = rank, world_size
-        self.file = open_line_log(os.path.join(run_dir, "sample_keys", f"rank_{rank:05d}.jsonl"))
+        mine = os.path.join(folder, f"rank_{rank:05d}.jsonl")
+        if rank == 0:
+            for name in os.listdir(folder):
+                match = re.fullmatch(r"rank_(\d+)\.jsonl", name)
+                if match and int(match.group(1)) >= world_size:
+                    cut_records_after(os.path.join(folder, name), keep_through_step)
+        cut_records_after(mine, keep_through_step)
+        self.file = open(mine, "a", buffering=1)
 
     def add(self, step: int, keys: list[str]) -> None:
         self.file.write(json.dumps({"step": step, "rank": self.rank,

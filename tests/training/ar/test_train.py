@@ -38,7 +38,7 @@ def argv(data, run_dir, *extra, zero=2, precision="fp32", steps=STEPS, shards=No
 @pytest.fixture(scope="module")
 def ref(data):
     run_dir = data["root"] / "ref"
-    assert spawn_train(argv(data, run_dir)) == 0
+    assert spawn_train(argv(data, run_dir, "logging.sample_keys=true")) == 0
     return {"dir": run_dir, "metrics": read_metrics(str(run_dir)),
             "summary": json.loads((run_dir / "summary.json").read_text()),
             "params": export_tensors(str(run_dir))}
@@ -77,9 +77,12 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
     """One run interrupted three times (a kill, a signal, a time limit), each restart resuming
     from the newest complete checkpoint; the end result must be the uninterrupted run's,
     bitwise."""
+    def logged(*extra):  # every consumed sample key per rank, as the reference run logs them
+        return argv(data, tmp_path, "logging.sample_keys=true", *extra)
+
     ck = tmp_path / "checkpoints"
     # 1. SIGKILL while writing the checkpoint of step 4 (engine files written, no marker yet)
-    assert spawn_train(argv(data, tmp_path, "fault.kill_during_checkpoint=4")) == -9
+    assert spawn_train(logged("fault.kill_during_checkpoint=4")) == -9
     assert (ck / "step_000000002" / "COMPLETE").exists()
     assert (ck / "step_000000004").is_dir() and not (ck / "step_000000004" / "COMPLETE").exists()
     assert not (tmp_path / "summary.json").exists()
@@ -88,9 +91,9 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
     #    there, they save and exit 0; the evaluation due at step 5 runs after the save (the
     #    grace period goes to the checkpoint) and changes nothing the resumed run trains
     tok = tiny_image_tokenizer(str(tmp_path / "tok"))
-    assert spawn_train(argv(data, tmp_path, "fault.sigterm_at_step=5", f"data.tokenizer={tok}",
-                            "eval.every=5", "eval.per_category=1", "eval.width=8",
-                            "eval.height=8", "eval.steps=2")) == 0
+    assert spawn_train(logged("fault.sigterm_at_step=5", f"data.tokenizer={tok}", "eval.every=5",
+                              "eval.per_category=1", "eval.width=8", "eval.height=8",
+                              "eval.steps=2")) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped"] and summary["step"] == 5 and summary["saved_step"] == 5
     saved = json.loads((ck / "step_000000005" / "COMPLETE").read_text())
@@ -99,13 +102,13 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
     assert not (tmp_path / "export").exists()  # preempted: no export
     # 3. resume at 5 with a time limit already spent after one step: both ranks finish early
     #    at step 6 (one collective decides), save and export
-    assert spawn_train(argv(data, tmp_path, "time_limit_min=1e-6")) == 0
+    assert spawn_train(logged("time_limit_min=1e-6")) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["timed_out"] and not summary["stopped"] and summary["saved_step"] == 6
     assert (ck / "step_000000006" / "COMPLETE").exists()
     assert (tmp_path / "export" / "model_config.yaml").exists()
     # 4. resume at 6, inside stage 1 with its stream state, and finish
-    assert spawn_train(argv(data, tmp_path)) == 0
+    assert spawn_train(logged()) == 0
     resumed = [json.loads(line)["resumed_from_step"] for line in open(tmp_path / "metrics.jsonl")
                if "resumed_from_step" in line]
     assert resumed == [2, 5, 6]
@@ -118,9 +121,13 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
     assert trained == [untimed(ref["metrics"][step]) for step in sorted(ref["metrics"])]
     assert sum("params" in r for r in records) == 1  # logged by the fresh start only
     assert stage_records(tmp_path) == stage_records(ref["dir"]) == [(0, 0), (4, 1)]
+    # each rank's consumed keys: the steps trained twice (3-4) are recorded once
+    for rank in range(2):
+        name = f"sample_keys/rank_{rank:05d}.jsonl"
+        assert (tmp_path / name).read_text() == (ref["dir"] / name).read_text(), name
     # 5. a rerun of the finished run resumes at its last step and runs none: its summary kept
     #    the stream's counts (once "stream": {}, as after a kill between COMPLETE and export)
-    assert spawn_train(argv(data, tmp_path)) == 0
+    assert spawn_train(logged()) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stream"] == ref["summary"]["stream"] and summary["stream"]["batches"] > 0
     assert summary["stream_all_ranks"] == ref["summary"]["stream_all_ranks"]
