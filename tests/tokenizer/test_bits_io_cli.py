@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -154,6 +155,23 @@ def test_torch_file_with_code_is_refused(tmp_path, tiny_model):
     (folder / "config.json").write_text(json.dumps(tiny_model.config.to_dict()))
     torch.save({"state_dict": tiny_model.state_dict(), "extra": TokenizerConfig()}, folder / "w.pt")
     with pytest.raises(ValueError, match="weights-only torch file"):
+        load_tokenizer(str(folder))
+
+
+def test_torch_file_with_compressed_records_is_refused(tmp_path, tiny_model):
+    """torch.load inflates a deflated record, so a few MB of zeros could claim (and allocate)
+    many GB; torch.save never compresses, so such a file is refused before torch reads it."""
+    folder = tmp_path / "packed"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(tiny_model.config.to_dict()))
+    torch.save(tiny_model.state_dict(), tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as plain, \
+            zipfile.ZipFile(folder / "w.pt", "w", zipfile.ZIP_DEFLATED) as packed:
+        for info in plain.infolist():
+            packed.writestr(info.filename, plain.read(info))
+    assert torch.load(folder / "w.pt", weights_only=True).keys() == tiny_model.state_dict().keys()
+    with pytest.raises(ValueError, match=r"w\.pt: cannot read as a weights-only torch file: "
+                                         r"record\(s\) \[.*\] are compressed"):
         load_tokenizer(str(folder))
 
 
