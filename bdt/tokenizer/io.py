@@ -105,7 +105,7 @@ def resolve_files(path: str, need_config: bool) -> tuple[str, str | None]:
             return path, None
         # Beside `ae_d32c128.safetensors` the release names its config `ae_d32c128_config.json`.
         folder, name = posixpath.split(path.rstrip("/"))
-        stem = name.rsplit(".", 1)[0]
+        stem = name.removesuffix(INDEX_SUFFIX).rsplit(".", 1)[0]  # the index names its weights
         siblings = [storage.join(folder or ".", n) for n in (f"{stem}_config.json", CONFIG_NAME)]
         for sibling in siblings:
             if storage.exists(sibling):

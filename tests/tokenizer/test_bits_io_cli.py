@@ -8,6 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import save_torch_state_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from skimage import data as skdata
@@ -132,6 +133,14 @@ def test_released_layout_directory_and_torch_file(tmp_path):
     model = load_tokenizer(str(tmp_path / "ae_tiny_pt" / "ae_tiny.pt"), config=meta["constructor_args"])
     assert model.bits_per_token == meta["constructor_args"]["ddconfig"]["z_channels"]
     model = load_tokenizer(str(tmp_path / "ae_tiny_safetensors" / "ae_tiny.safetensors"))
+    assert torch.equal(model.encode(t["io.input"]), (t["io.bits"] > 0).permute(0, 2, 3, 1))
+    # Sharded: the index's path finds the config its weights would (ae_tiny_config.json).
+    sharded = tmp_path / "ae_tiny_sharded"
+    sharded.mkdir()
+    save_torch_state_dict(state, sharded, filename_pattern="ae_tiny{suffix}.safetensors",
+                          max_shard_size=10_000)
+    (sharded / "ae_tiny_config.json").write_text(json.dumps(meta["constructor_args"]))
+    model = load_tokenizer(str(sharded / "ae_tiny.safetensors.index.json"))
     assert torch.equal(model.encode(t["io.input"]), (t["io.bits"] > 0).permute(0, 2, 3, 1))
     # Two weights files and no model.safetensors: ambiguous, say so.
     save_file(state, str(tmp_path / "ae_tiny_safetensors" / "other.safetensors"))
