@@ -257,6 +257,7 @@ def _pin_dtype(config_path: str, dtype: str) -> None:
     unusable = [k for k in ("torch_dtype", "dtype") if config.get(k) == "auto"]
     if unusable:
         config.update({k: dtype for k in unusable})
+        os.unlink(config_path)  # a new file: the placed one is a hard link to the release's
         with open(config_path, "w") as f:
             json.dump(config, f, indent=2)
 

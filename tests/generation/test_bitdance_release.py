@@ -181,8 +181,11 @@ def test_a_release_whose_llm_dtype_is_auto_imports_and_loads(release, tmp_path):
     config = {**json.loads((release / "config.json").read_text()), "dtype": "auto",
               "torch_dtype": "auto"}
     src, out = _broken_copy(release, tmp_path, "config.json", config), tmp_path / "export"
+    before = (tmp_path / "bad_release" / "config.json").read_bytes()
     assert import_release(src, str(out)).backbone.dtype == "float32"
     assert BitDanceModel.from_pretrained(str(out)).llm.dtype == torch.float32
+    # The export's config.json says float32; the release's (hard-linked into it) stays as it was.
+    assert (tmp_path / "bad_release" / "config.json").read_bytes() == before
 
 
 def test_an_export_with_corrupt_weights_names_the_file(exported, tmp_path):
