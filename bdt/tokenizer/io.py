@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-import zipfile
 from typing import Any, Mapping
 
 import torch
@@ -24,7 +23,8 @@ from safetensors.torch import save as save_safetensors
 from bdt import storage
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.tokenizer.config import TokenizerConfig
-from bdt.weights import INDEX_SUFFIX, read_safetensors, state_dict_problems
+from bdt.weights import (INDEX_SUFFIX, compressed_records, listing, read_safetensors,
+                         state_dict_problems)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -166,8 +166,11 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
     if url.endswith(_SAFETENSORS_SUFFIXES):
         return read_safetensors(url)
     data = storage.read_bytes(url)  # a missing file stays a FileNotFoundError
-    _refuse_packed_records(data, url)
     try:
+        packed = compressed_records(data)
+        if packed:
+            raise ValueError(f"record(s) {listing(packed)} are compressed, which torch.save "
+                             f"never writes")
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code: report, never retry unsafely
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -182,19 +185,3 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{url}: expected a mapping of parameter names to tensors")
     return dict(obj)
 
-
-def _refuse_packed_records(data: bytes, url: str) -> None:
-    """torch.save stores a zip's records as they are, so no tensor outgrows the file; torch.load
-    also inflates deflated ones, and a 2 MB file then allocated 2 GB (a few more MB: the machine).
-    The legacy format needs no check: torch compares each storage with the bytes left."""
-    if not data.startswith(b"PK\x03\x04"):  # how torch.load tells a zip
-        return
-    try:
-        packed = [i.filename for i in zipfile.ZipFile(io.BytesIO(data)).infolist()
-                  if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size]
-    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
-        raise ValueError(f"{url}: cannot read as a weights-only torch file: not a readable zip "
-                         f"({exc})") from None
-    if packed:
-        raise ValueError(f"{url}: cannot read as a weights-only torch file: record(s) "
-                         f"{packed[:3]} are compressed, which torch.save never writes")

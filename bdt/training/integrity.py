@@ -14,6 +14,7 @@ import json
 import os
 
 from bdt import storage
+from bdt.weights import compressed_records, listing
 
 HASH = "sha256"
 MARKER = "COMPLETE"  # a checkpoint directory's completion marker, written last
@@ -73,6 +74,10 @@ def problem(local_dir: str, rel: str, entry: dict) -> str | None:
             return f"{rel}: not a torch.save zip archive ({e})"
         if refused:
             return f"{rel}: its pickle names {', '.join(refused)}, which weights-only loading refuses"
+        packed = compressed_records(path)
+        if packed:
+            return (f"{rel}: record(s) {listing(packed)} are compressed, which torch.save never "
+                    f"writes (loading would inflate them)")
     return None
 
 

@@ -4,6 +4,7 @@ the ones the marker lists, inside the directory, and hold named tensors."""
 
 import json
 import shutil
+import zipfile
 
 import pytest
 import torch
@@ -68,6 +69,19 @@ def _replace(name, value):
     return change
 
 
+def _deflate(name):
+    """The file's zip records deflated (torch.load inflates them; torch.save never writes them):
+    a few MB of such records can claim many GB."""
+    def change(ck, outside):
+        with zipfile.ZipFile(ck / name) as plain, \
+                zipfile.ZipFile(outside, "w", zipfile.ZIP_DEFLATED) as packed:
+            for info in plain.infolist():
+                packed.writestr(info.filename, plain.read(info))
+        shutil.copyfile(outside, ck / name)
+        _relist(ck)
+    return change
+
+
 CASES = {
     "module states damaged": (_flip, f"{MODEL_STATES}: sha256 differs"),
     "shared.pt a symlink outside": (_link_shared, "shared.pt: a symlink"),
@@ -84,6 +98,7 @@ CASES = {
                         "'module' entry is not a dict of named tensors"),
     "states listed but missing": (lambda ck, o: (ck / MODEL_STATES).unlink(),
                                   f"{MODEL_STATES}: missing"),
+    "module states deflated": (_deflate(MODEL_STATES), f"{MODEL_STATES}: record(s) ["),
     "ema shadow of strings": (_replace("shared.pt", {"ema": {"shadow": {"w": "x"}}}),
                               "'ema.shadow' entry is not a dict of named tensors"),
 }
