@@ -147,7 +147,7 @@ class Prefetcher:
         # The host views were made on the worker's side (thread or relay), off this thread.
         flat, host, extra = self._early.popleft() if self._early else self._receive("row")
         self._taken += 1
-        self._inbox.put(("ack", self._taken))
+        self._send(("ack", self._taken))
         if self.device.type == "cpu":
             return host, extra
         moved = flat.views(flat.data.to(self.device, non_blocking=True))  # one copy
@@ -163,7 +163,7 @@ class Prefetcher:
         self._check_open()
         if self.depth == 0:
             return self._source.state_at(self._mark)
-        self._inbox.put(("state", self._taken))
+        self._send(("state", self._taken))
         return self._receive("state")
 
     def close(self) -> None:
@@ -197,6 +197,12 @@ class Prefetcher:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the prefetcher is closed")
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._inbox.put(message)
+        except OSError:  # a worker process that died (say, the OOM killer): not a bare EPIPE
+            self._receive("error")  # raises its relay's report of how it ended
 
     def _receive(self, want: str) -> Any:
         while True:

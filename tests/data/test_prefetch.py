@@ -125,6 +125,22 @@ def test_worker_process_ignores_sigterm():
     assert no_workers_left()
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ask", ["next", "state_dict"])
+def test_a_killed_worker_process_is_named(ask):
+    """A worker process killed with rows in flight (the OOM killer): the trainer's next call
+    says the worker died and how, not a bare broken pipe (which bdt/train.py prints alone)."""
+    p = Prefetcher(CountingRows(), 3, "process")
+    p.next()
+    wait_ready(p, 3)
+    os.kill(p._proc.pid, signal.SIGKILL)
+    p._proc.join()
+    with pytest.raises(RuntimeError, match=r"prefetch worker process died \(exit code -9\)"):
+        for _ in range(5):
+            getattr(p, ask)()
+    assert no_workers_left()
+
 TRAINER = """
 import os, sys, time
 sys.path[:0] = {path!r}
