@@ -40,6 +40,8 @@ from typing import Any, Protocol
 import torch
 import torch.multiprocessing as torch_mp  # its pickler shares tensors' memory
 
+from bdt.entry import setup_logging
+
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
@@ -310,10 +312,11 @@ class _PipeEnd:
 
 def _serve_process(factory: Callable[[], RowSource], depth: int, inbox: _PipeEnd,
                    outbox: _PipeEnd) -> None:
-    """A worker process: the trainer handles SIGINT/SIGTERM and stops it; one torch thread
-    (the producer is Python-bound, and its cores belong to training)."""
+    """A worker process: the trainer handles SIGINT/SIGTERM and stops it; bdt's log format; one
+    torch thread (the producer is Python-bound, and its cores belong to training)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    setup_logging()  # the source's warnings (a skipped shard) with the rank, as in the trainer
     torch.set_num_threads(1)
     try:
         _serve(factory, depth, inbox, outbox, False, False,

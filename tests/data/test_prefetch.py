@@ -2,8 +2,10 @@
 of the last row TAKEN while the worker is ahead, errors raised in the caller with their message,
 and no thread or process left behind (close, SIGTERM, a trainer that dies)."""
 
+import logging
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +54,22 @@ class CountingRows:
     def __call__(self) -> Counting:
         return Counting(self.start, self.fail_at)
 
+
+
+@dataclass
+class WarningRows(CountingRows):
+    """Rows whose source warns about each one, as TokenStream does about a skipped shard."""
+
+    def __call__(self) -> Counting:
+        source = super().__call__()
+        next_row = source.next_row
+
+        def warned():
+            logging.getLogger("bdt.data.test").warning("skipping shard %d (test)", source.n)
+            return next_row()
+
+        source.next_row = warned
+        return source
 
 def no_workers_left():
     names = [t.name for t in threading.enumerate() if t.name.startswith("bdt-prefetch")]
@@ -140,6 +158,15 @@ def test_a_killed_worker_process_is_named(ask):
         for _ in range(5):
             getattr(p, ask)()
     assert no_workers_left()
+
+
+@pytest.mark.slow
+def test_worker_process_logs_in_bdts_format(capfd):
+    """Its warnings name the rank (a multi-rank log must say whose data was skipped)."""
+    with Prefetcher(WarningRows(), 1, "process") as p:
+        p.next()
+    assert re.search(r"rank \d+ WARNING bdt.data.test: skipping shard 0 \(test\)",
+                     capfd.readouterr().err)
 
 TRAINER = """
 import os, sys, time
