@@ -25,6 +25,7 @@ states, which is what the tests compare against.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import multiprocessing
@@ -130,6 +131,9 @@ class Prefetcher:
                                      args=(factory, depth, _PipeEnd(cmd_recv),
                                            _PipeEnd(out_send)))
             self._proc.start()
+            # Before multiprocessing's exit handler, whose SIGTERM the worker ignores and whose
+            # join would then wait forever: an error path that skipped close() still exits.
+            atexit.register(self.close)
             cmd_recv.close()  # the worker's ends: only the worker holds them now
             out_send.close()
             self._thread = threading.Thread(target=_relay, name="bdt-prefetch-relay", daemon=True,
@@ -180,6 +184,7 @@ class Prefetcher:
         except OSError:  # a worker process that is already gone
             pass
         if self._proc is not None:
+            atexit.unregister(self.close)
             self._proc.join(timeout=30)
             if self._proc.is_alive():  # stuck in a read: it holds nothing worth waiting for
                 self._proc.kill()

@@ -195,6 +195,29 @@ def test_worker_process_exits_when_the_trainer_is_killed(tmp_path):
         time.sleep(0.1)
 
 
+
+UNCLOSED = """
+import sys
+sys.path[:0] = {path!r}
+from bdt.data.prefetch import Prefetcher
+from test_prefetch import CountingRows
+if __name__ == "__main__":
+    p = Prefetcher(CountingRows(), 2, "process")  # held: a dropped one closes its pipes
+    p.next()
+    raise SystemExit("failed before close() (test)")
+"""
+
+
+@pytest.mark.slow
+def test_a_trainer_that_never_closed_its_worker_process_exits(tmp_path):
+    """multiprocessing's exit handler SIGTERMs a daemon child, then joins it: a worker that
+    ignores SIGTERM and waits for its trainer to be gone would keep both alive forever."""
+    script = tmp_path / "trainer.py"
+    script.write_text(UNCLOSED.format(path=[os.path.dirname(__file__), os.getcwd()]))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and "failed before close() (test)" in done.stderr
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/status") as f:
