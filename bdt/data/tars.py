@@ -22,7 +22,9 @@ lands on the same sample). A bad checksum, a size field it cannot read (or negat
 record, pax or long-name metadata over MAX_HEADER_DATA, data ending inside a member or before the
 end-of-archive blocks (every tar writer writes them: a tar without them was cut short, often on
 a block boundary by an interrupted copy) or a decompressor's error raise `TarDamaged` (a
-`tarfile.ReadError`), naming the sample that was being read.
+`tarfile.ReadError`), naming the sample that was being read. An OSError opening or reading the
+file is a `ReadFailed` (inside TarDamaged when it came mid-tar; `read_failure` finds it): the
+bytes may read fine again, so a reader may try again instead of skipping them as damage.
 """
 
 from __future__ import annotations
@@ -288,12 +290,58 @@ def iter_samples(f: BinaryIO, offset: int = 0,
         yield sample
 
 
+class ReadFailed(OSError):
+    """Opening or reading a file failed (I/O, network, the file gone: the same read may work
+    again), as opposed to bytes that are bad (TarDamaged). Its __cause__ is the filesystem's
+    error."""
+
+
+def read_failure(e: BaseException | None) -> ReadFailed | None:
+    """The ReadFailed that `e` is or was raised from (TarDamaged wraps one), else None."""
+    while e is not None and not isinstance(e, ReadFailed):
+        e = e.__cause__
+    return e
+
+
+def _failed(e: OSError) -> ReadFailed:
+    return ReadFailed(f"{type(e).__name__}: {e}")
+
+
+class _Reads:
+    """An archive's file whose OSErrors are ReadFailed: the decompressors raise OSErrors of their
+    own over bad bytes (gzip's BadGzipFile, bz2's), which must not pass for a failed read."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self.f.read(n)
+        except OSError as e:
+            raise _failed(e) from e
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        try:
+            return self.f.seek(offset, whence)
+        except OSError as e:
+            raise _failed(e) from e
+
+    def __getattr__(self, name: str) -> Any:  # tell, seekable, ...: as the file's
+        return getattr(self.f, name)
+
+
 @contextlib.contextmanager
 def open_tar(url: str, offset: int = 0) -> Iterator[BinaryIO]:
     """The tar at `url` (local or fsspec URL) positioned at `offset`; a gzip, bz2 or xz archive
-    is decompressed on the fly, `offset` counting decompressed bytes."""
+    is decompressed on the fly, `offset` counting decompressed bytes. An OSError opening or
+    reading the file is a ReadFailed."""
     fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as raw:
+    try:
+        opened = fs.open(path, "rb")
+    except OSError as e:
+        raise _failed(e) from e
+    with opened:
+        raw = _Reads(opened)
         magic = raw.read(6)
         opener = next((o for m, o in _COMPRESSED if magic.startswith(m)), None)
         if opener is None:

@@ -6,6 +6,7 @@ refused at listing."""
 import io
 import json
 import tarfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -245,3 +246,36 @@ def test_a_listed_shard_cut_inside_a_member_is_read_up_to_the_cut(tmp_path):
         got |= {item.sample.key} if item is not None else set()
     assert s.counters.corrupt == 1 and {f"s{n:06d}" for n in range(6, 12)} <= got
     assert 0 < len(got & {f"s{n:06d}" for n in range(6)}) < 6
+
+
+def test_a_read_failing_after_a_sample_with_nothing_readable_counts_it_once(tmp_path,
+                                                                            monkeypatch):
+    """A failed read is tried again from the stream's position: that position must be past a
+    sample of which nothing was readable, else it is read and counted (and logged) twice."""
+    import bdt.data.tars as tars
+    import bdt.data.token_stream as token_stream
+
+    url = str(tmp_path / "x.tar")
+    with tarfile.open(url, "w", format=tarfile.PAX_FORMAT) as tar:
+        for member, data in _members("a", _raw()) + [(_link("bad.txt"), None)] + \
+                _members("c", _raw()):
+            info = member if isinstance(member, tarfile.TarInfo) else tarfile.TarInfo(member)
+            info.size = 0 if data is None else len(data)
+            tar.addfile(info, None if data is None else io.BytesIO(data))
+    real, failed = token_stream.read_token_samples, []
+
+    def failing_once_after_bad(url, offset=0):
+        for sample in real(url, offset):
+            yield sample
+            if sample.key == "bad" and not failed:
+                failed.append(offset)
+                raise getattr(tars, "ReadFailed", OSError)("OSError: [Errno 5] I/O error")
+    monkeypatch.setattr(token_stream, "read_token_samples", failing_once_after_bad)
+    monkeypatch.setattr(token_stream, "time", SimpleNamespace(sleep=lambda _: None),
+                        raising=False)
+    s = _stream([url])
+    got = []
+    while s.cursor.epoch == 0:
+        item = s._read_one()
+        got += [item.sample.key] if item is not None else []
+    assert failed and got == ["a", "c"] and s.counters.corrupt == 1

@@ -2,7 +2,9 @@
 prefetched by a worker), corrupt samples."""
 
 import json
+import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -387,3 +389,75 @@ def test_samples_skipped_as_oversize_are_logged_by_key_then_counted(tmp_path, ca
     assert s.counters.oversize > 10 and len(logged) == 10
     assert "packs" in logged[0] and "the budget is 40" in logged[0]
     assert logged[-1].endswith("(further ones are only counted in data/oversize)")
+
+
+def pauses_that(monkeypatch, action=lambda: None) -> list[float]:
+    """The stream's pauses before a read is tried again, recorded instead of slept; `action`
+    runs in the first one (the fault clears)."""
+    import bdt.data.token_stream as token_stream
+
+    pauses = []
+
+    def pause(seconds):
+        pauses.append(seconds)
+        if len(pauses) == 1:
+            action()
+    monkeypatch.setattr(token_stream, "time", SimpleNamespace(sleep=pause), raising=False)
+    return pauses
+
+
+def test_a_shard_missing_for_a_moment_is_read_again_not_skipped(tmp_path, monkeypatch, caplog):
+    """Before: a shard that failed to open (here: gone for a moment; an NFS EIO, a timeout) was
+    skipped for the epoch as if damaged, so the run differed from its exact resume."""
+    urls = write_shards(str(tmp_path), GRIDS, num_shards=3, per_shard=5)
+    ref = make(urls, buffer=4)
+    want = [keys(ref.next_batch()) for _ in range(8)]
+    os.rename(urls[1], urls[1] + ".away")
+    pauses = pauses_that(monkeypatch, lambda: os.rename(urls[1] + ".away", urls[1]))
+    s = make(urls, buffer=4)
+    with caplog.at_level("WARNING", "bdt.data.token_stream"):
+        assert [keys(s.next_batch()) for _ in range(8)] == want
+    assert s.counters == ref.counters and pauses == [1.0]
+    assert f"{urls[1]}: reading from byte 0 failed (FileNotFoundError: " in caplog.text
+
+
+@pytest.mark.parametrize("fault", ["gone", "a directory"])
+def test_a_shard_that_stays_unreadable_stops_the_stream_naming_it(tmp_path, monkeypatch, fault):
+    """Before: skipped as damaged in every epoch, the data silently shrinking. A stopped run
+    resumes exactly once the shard is back."""
+    urls = write_shards(str(tmp_path), GRIDS, num_shards=3, per_shard=5)
+    os.remove(urls[2])
+    if fault == "a directory":
+        os.mkdir(urls[2])
+    pauses = pauses_that(monkeypatch)
+    s = make(urls, buffer=4)
+    with pytest.raises(OSError, match=f"{urls[2]}: reading from byte 0 failed 5 times in a row"):
+        for _ in range(8):
+            s.next_batch()
+    assert pauses == [1.0, 2.0, 4.0, 8.0] and s.counters.corrupt == 0
+
+
+@pytest.mark.slow
+def test_an_s3_shard_failing_mid_read_is_read_again_from_its_sample(s3_bucket, tmp_path,
+                                                                     monkeypatch):
+    """A real fault on a real S3 API: the object goes missing mid-shard (404 on the next range
+    request, a FileNotFoundError from s3fs) and comes back. Before: the rest of the shard was
+    skipped as damage; now the stream reads on from the sample it was at, as without a fault."""
+    import fsspec.config
+
+    from bdt import storage
+
+    monkeypatch.setitem(fsspec.config.conf["s3"], "default_block_size", 4096)  # many requests
+    (path,) = write_shards(str(tmp_path), GRIDS, num_shards=1, per_shard=40)
+    url = f"{s3_bucket}/000000.tar"
+    fs, key = storage.filesystem(url)
+    fs.put_file(path, key)
+    ref = make([url], buffer=4)
+    want = [keys(ref.next_batch()) for _ in range(12)]
+    pauses = pauses_that(monkeypatch, lambda: fs.put_file(path, key))
+    s = make([url], buffer=4)
+    got = [keys(s.next_batch())]
+    fs.rm(key)
+    got += [keys(s.next_batch()) for _ in range(11)]
+    assert got == want and s.counters == ref.counters
+    assert pauses == [1.0]
