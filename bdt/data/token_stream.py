@@ -113,6 +113,7 @@ class TokenStream:
         self._order_of: tuple[int, list[str]] = (-1, [])
         self._epoch_had_samples = False
         self._failed_reads = 0  # in a row, at the current position
+        self._damaged: set[str] = set()  # shards whose damage was logged (once per run)
 
     # ---- reading ---------------------------------------------------------------------------
     def _order(self, epoch: int) -> list[str]:
@@ -183,10 +184,13 @@ class TokenStream:
         return item
 
     def _skip_damaged(self, url: str, offset: int, e: Exception) -> None:
-        """Bad bytes (a cut or damaged tar): the rest of the shard is skipped."""
-        log.warning("%s: unreadable from byte %d (%s); skipping the rest of the shard", url,
-                    offset, e)
+        """Bad bytes (a cut or damaged tar): the rest of the shard is skipped, in every epoch
+        (counted in data/corrupt), but logged once: a long run would log it every epoch."""
         self.counters.corrupt += 1
+        if url not in self._damaged:
+            self._damaged.add(url)
+            log.warning("%s: unreadable from byte %d (%s); skipping the rest of the shard in "
+                        "every epoch (counted in data/corrupt, not logged again)", url, offset, e)
         self._next_shard()
 
     def _read_again(self, url: str, offset: int, failure: OSError) -> None:

@@ -391,6 +391,21 @@ def test_samples_skipped_as_oversize_are_logged_by_key_then_counted(tmp_path, ca
     assert logged[-1].endswith("(further ones are only counted in data/oversize)")
 
 
+def test_damage_is_logged_once_per_shard_and_counted_every_epoch(tmp_path, caplog):
+    """Before: the same cut shard was logged again in every epoch of a long run."""
+    urls = write_shards(str(tmp_path), GRIDS, num_shards=2, per_shard=6)
+    data = open(urls[0], "rb").read()
+    with open(urls[0], "wb") as f:
+        f.write(data[: len(data) // 2 + 100])
+    s = make(urls, buffer=4)
+    with caplog.at_level("WARNING", "bdt.data.token_stream"):
+        while s.cursor.epoch < 3:
+            s.next_batch()
+    logged = [r.getMessage() for r in caplog.records if "unreadable from byte" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].startswith(f"{urls[0]}: unreadable from byte ")
+    assert s.counters.corrupt >= 3
+
+
 def pauses_that(monkeypatch, action=lambda: None) -> list[float]:
     """The stream's pauses before a read is tried again, recorded instead of slept; `action`
     runs in the first one (the fault clears)."""
