@@ -30,6 +30,19 @@ def test_gpu_overlays_load_over_the_demo(overlay, hidden, stages):
     assert all(s.token_budget == 16384 for s in cfg.stages)
 
 
+def test_trainer_1b_run_is_the_benchmarked_configuration():
+    """gpu_check.sh sets the trainer's 1.2B run (demo.yaml + gpu_1b_mfu.yaml) beside
+    bench/gpu_throughput.py's engine and the first GPU run: the demo's EMA and head repeats,
+    merged from demo.yaml, made its steps another model's."""
+    from bdt.model.head import HeadConfig
+
+    cfg = OmegaConf.to_object(load(TrainConfig, [str(REPO / "configs/train/demo.yaml"),
+                                                 str(REPO / "configs/cluster/gpu_1b_mfu.yaml")],
+                                   ["run_dir=/tmp/r"]))
+    bench_head = HeadConfig(width=1024, depth=4, num_adaln_sets=2, head_dim=64, bits=32)
+    assert cfg.model.head == bench_head and cfg.ema_decay == 0.0
+
+
 def test_env_stage_names_missing_packages(tmp_path, monkeypatch, capsys):
     assert gpu_check.env(str(tmp_path), rehearsal=True) == 0
     assert json.loads((tmp_path / "env.json").read_text())["missing"].keys() <= set(
