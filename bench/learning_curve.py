@@ -1,4 +1,4 @@
-"""Learning curve: shapes-suite scores against AR training FLOPs (issue 17 part 1).
+r"""Learning curve: shapes-suite scores against AR training FLOPs (issue 17 part 1).
 
 Points come from two places:
 - in-loop evaluations of a run (`eval.every` with `eval.per_category=0`: the whole suite), read

@@ -1,4 +1,4 @@
-"""The second failure of single-object prompts: a dark violet dotted texture and no object
+r"""The second failure of single-object prompts: a dark violet dotted texture and no object
 (issue 17 part 2). Two measurements:
 
 1. How often. Every image of the given `bdt eval` folders is scored for a fine periodic texture:

@@ -15,8 +15,8 @@ token shards (pre-extracted), and the same images kept as JPEG bytes (on the fly
 Variants, run interleaved step by step on the same engine and the same micro-batches:
   pre-extracted   token shards -> bits (what bdt trains on)
   on-the-fly      the micro-batch's JPEGs decoded, resized and encoded by the tokenizer inside
-                  the step (what BitDance and Infinity do), for two encoders: tokenizers/
-                  shapes_small.yaml (2.6M) and the released ae_d16c32 geometry (random weights;
+                  the step (what BitDance and Infinity do), for two encoders: configs/tokenizer/
+                  shapes_small.yaml (0.67M) and the released ae_d16c32 geometry (random weights;
                   speed does not depend on them)
 MFU: model FLOPs (bdt.training.ar.flops) per second over the fp32 matmul peak of this process,
 measured before and after the steps (2048^2 matmuls, 2 threads); the mean is the denominator.

@@ -1,4 +1,4 @@
-"""Chaos test of the AR trainer's exact resume: SIGKILL a real 2-rank launch at random moments,
+r"""Chaos test of the AR trainer's exact resume: SIGKILL a real 2-rank launch at random moments,
 relaunch until it finishes, and check it ends exactly as an uninterrupted run.
 
     DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 .venv/bin/python scripts/chaos_resume.py \
