@@ -374,10 +374,12 @@ def _parser() -> argparse.ArgumentParser:
                f"configuration or inputs, or the master port taken), {USAGE} bad usage")
     p.add_argument("--max-restarts", type=int, default=3,
                    help="restarts in a row without a new complete checkpoint (default 3)")
-    p.add_argument("--backoff", type=float, default=30.0, help="first wait before a restart, s")
-    p.add_argument("--max-backoff", type=float, default=600.0, help="longest wait, s")
+    p.add_argument("--backoff", type=float, default=30.0,
+                   help="first wait before a restart, s, doubling with each failure (default 30)")
+    p.add_argument("--max-backoff", type=float, default=600.0, help="longest wait, s (default 600)")
     p.add_argument("--grace", type=float, default=600.0,
-                   help="after a stop signal, seconds the ranks get to save before a SIGKILL")
+                   help="after a stop signal, seconds the ranks get to save before a SIGKILL "
+                        "(default 600)")
     p.add_argument("--run-dir", default="", help="the run's run_dir (default: from the command)")
     p.add_argument("--checkpoint-dir", default="",
                    help="the run's checkpoint.dir (default: from the command, or "
