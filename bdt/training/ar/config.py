@@ -274,10 +274,20 @@ def validate(cfg: TrainConfig) -> None:
     cfg.checkpoint.validate()
     cfg.logging.validate()
     cfg.optim.validate(with_schedule=False)  # each stage has its own LR schedule
+    _refuse_optim_schedule(cfg.optim)
     cfg.deepspeed.validate(with_micro_batch=False)  # a micro-batch is one packed row
     for key, value, ok, expected in _value_rules(cfg):
         if not ok:
             raise ValueError(f"{key} must be {expected}, got {value!r}")
+
+
+def _refuse_optim_schedule(optim: OptimConfig) -> None:
+    """The LR schedule is each stage's: an `optim.lr=...` override was otherwise taken and ignored."""
+    default = OptimConfig()
+    for key in ("lr", "warmup_steps", "schedule", "min_lr_ratio"):
+        if getattr(optim, key) != getattr(default, key):
+            raise ValueError(f"optim.{key}: the AR trainer takes its LR schedule from each stage; "
+                             f"set stages.N.{key} instead (got optim.{key}={getattr(optim, key)!r})")
 
 
 def _value_rules(cfg: TrainConfig) -> list[tuple[str, object, bool, str]]:

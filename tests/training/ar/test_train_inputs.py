@@ -166,6 +166,10 @@ def test_a_damaged_shape_record_is_written_again_once_resumed(tmp_path, caplog):
     ("optim.beta1=1.5", r"optim.beta1 must be in \[0, 1\), got 1.5"),
     ("optim.grad_clip=-1", r"optim.grad_clip must be >= 0 \(0 = off\), got -1.0"),
     ("optim.eps=0", r"optim.eps must be > 0, got 0.0"),
+    # accepted and ignored before: each stage has its own schedule
+    ("optim.lr=3e-4", r"optim.lr: the AR trainer takes its LR schedule from each stage; set "
+                      r"stages.N.lr instead \(got optim.lr=0.0003\)"),
+    ("optim.schedule=constant", r"optim.schedule: .* set stages.N.schedule instead"),
     ("eval.every=-1", r"eval.every must be >= 0 \(0 = off\)"),
     ("seed=100000000000000000000", r"seed must be in \[0, 2\^63\)"),
     ("threads=-1", r"threads must be >= 0"),
