@@ -1,6 +1,7 @@
 """Small builders shared by tests in several folders (tests/ is on sys.path via tests/conftest.py)."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import torch
@@ -59,3 +60,18 @@ def training_ranks(root_pid: int) -> dict[int, psutil.Process]:
         except psutil.Error:
             pass
     return ranks
+
+
+def pauses_that(monkeypatch, action=lambda: None) -> list[float]:
+    """The tar readers' pauses before a failed read is tried again (bdt.data.tars.ReadRetries),
+    recorded instead of slept; `action` runs in the first one (the fault clears)."""
+    import bdt.data.tars as tars
+
+    pauses = []
+
+    def pause(seconds):
+        pauses.append(seconds)
+        if len(pauses) == 1:
+            action()
+    monkeypatch.setattr(tars, "time", SimpleNamespace(sleep=pause), raising=False)  # old code
+    return pauses

@@ -17,8 +17,10 @@ on to the next epoch's (another set); only when every shard has failed it does i
 worker 0; a restarted stream maps that to the worker whose turn it was, so it delivers the
 uninterrupted run's batch sequence. Corrupt samples (undecodable image, missing image, an image
 member over MAX_MEMBER_BYTES, left unread) are skipped, counted and logged with their key and
-reason (the first MAX_LOGGED per worker), and so is the rest of a damaged shard (once, logged). A sample with several images uses the first of IMAGE_EXTS; an
-animated image, its first frame.
+reason (the first MAX_LOGGED per worker), and so is the rest of a damaged shard (once, logged). A
+failed read (I/O, network, the shard gone) is no damage: it is tried again from the same sample,
+then stops the stream naming the shard (tars.ReadRetries). A sample with several images uses the
+first of IMAGE_EXTS; an animated image, its first frame.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bdt.data.images import decode_rgb, needed_size, open_image, resize_center_crop, to_unit_range
-from bdt.data.tars import MAX_MEMBER_BYTES, iter_shard, log_skip
+from bdt.data.tars import MAX_MEMBER_BYTES, ReadRetries, iter_shard, log_skip, read_failure
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,7 @@ class RawImageStream(IterableDataset):
         images, captions, keys = [], [], []
         usable = pos["shard"] > 0 or pos["offset"] > 0  # a resumed epoch had images before
         failed: set[str] = set()  # the shards of the epochs in a row that gave nothing usable
+        retries = ReadRetries(log)
         while True:
             shards, stride = self._plan(pos["epoch"], g, total)
             while pos["shard"] < len(shards):
@@ -160,6 +163,7 @@ class RawImageStream(IterableDataset):
                             iter_shard(url, max_bytes=lambda _ext: MAX_MEMBER_BYTES)):
                         if j < pos["offset"]:
                             continue  # consumed before the restart: skipped without decoding
+                        retries.failed = 0
                         pos["offset"] = j + 1
                         if (pos["before"] + j) % stride != (g if stride > 1 else 0):
                             continue
@@ -182,6 +186,10 @@ class RawImageStream(IterableDataset):
                                    "worker": worker, "position": dict(pos), "corrupt": pos["corrupt"]}
                             images, captions, keys = [], [], []
                 except (tarfile.TarError, OSError) as e:  # one bad shard must not stop training
+                    failure = read_failure(e)
+                    if failure is not None:  # the same shard again, from the same sample
+                        retries.pause(f"{url}: reading from sample {pos['offset']}", failure)
+                        continue
                     log.warning("%s: unreadable from sample %d on (%s); skipping its rest", url,
                                 pos["offset"], e)
                     pos["corrupt"] += 1

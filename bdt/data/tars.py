@@ -24,7 +24,8 @@ end-of-archive blocks (every tar writer writes them: a tar without them was cut 
 a block boundary by an interrupted copy) or a decompressor's error raise `TarDamaged` (a
 `tarfile.ReadError`), naming the sample that was being read. An OSError opening or reading the
 file is a `ReadFailed` (inside TarDamaged when it came mid-tar; `read_failure` finds it): the
-bytes may read fine again, so a reader may try again instead of skipping them as damage.
+bytes may read fine again, so the readers try again (`ReadRetries`) instead of skipping them as
+damage.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import logging
 import lzma
 import posixpath
 import tarfile
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -301,6 +303,36 @@ def read_failure(e: BaseException | None) -> ReadFailed | None:
     while e is not None and not isinstance(e, ReadFailed):
         e = e.__cause__
     return e
+
+
+# Seconds before each new try of a failed read: ~15 s in all, on top of s3fs's and botocore's own
+# retries (~2 s and up to ~15 s, of a request). An outage outlasting them stops the reader.
+READ_RETRY_PAUSES = (1.0, 2.0, 4.0, 8.0)
+
+
+class ReadRetries:
+    """A failed read (I/O, network, the file gone; s3fs and botocore retried the request already)
+    is read again from the same sample after each pause of READ_RETRY_PAUSES, then raised:
+    skipping it as damage would make what a reader gives depend on the network (and a resumed
+    run differ). The reader sets `failed` to 0 after each sample that it got past."""
+
+    def __init__(self, logger: logging.Logger):
+        self.log, self.failed = logger, 0  # failed: tries in a row, at the current position
+
+    def pause(self, where: str, failure: ReadFailed, then: str = "A resume continues from the "
+              "last checkpoint exactly once the shard reads again") -> None:
+        """Wait before `where` ("URL: reading from byte N") is read again; after the last try
+        raise an OSError naming it, then saying `then` (what a rerun does)."""
+        cause = failure.__cause__ or failure
+        tries = self.failed + 1
+        if self.failed == len(READ_RETRY_PAUSES):
+            raise OSError(f"{where} failed {tries} times in a row, last: {type(cause).__name__}: "
+                          f"{cause}. {then}") from failure
+        pause = READ_RETRY_PAUSES[self.failed]
+        self.failed = tries
+        self.log.warning("%s failed (%s: %s); trying again in %g s (%d of %d)", where,
+                         type(cause).__name__, cause, pause, tries, len(READ_RETRY_PAUSES))
+        time.sleep(pause)
 
 
 def _failed(e: OSError) -> ReadFailed:

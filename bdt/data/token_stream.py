@@ -35,7 +35,6 @@ from __future__ import annotations
 import bisect
 import logging
 import tarfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -46,7 +45,7 @@ from bdt import storage
 from bdt.data.stream_state import (STATE_VERSION, Cursor, Range, StreamCounters, buffer_items,
                                    cat_bits, check_shard_sizes, check_version, epoch_order,
                                    rank_split, shards_entered, stream_fingerprint)
-from bdt.data.tars import TarSample, log_skip, read_failure
+from bdt.data.tars import ReadRetries, TarSample, log_skip, read_failure
 from bdt.data.token_shards import TokenSample, decode_tar_sample, read_token_samples
 
 log = logging.getLogger(__name__)
@@ -112,7 +111,7 @@ class TokenStream:
         self._reader = None
         self._order_of: tuple[int, list[str]] = (-1, [])
         self._epoch_had_samples = False
-        self._failed_reads = 0  # in a row, at the current position
+        self._retries = ReadRetries(log)
         self._damaged: set[str] = set()  # shards whose damage was logged (once per run)
 
     # ---- reading ---------------------------------------------------------------------------
@@ -165,9 +164,10 @@ class TokenStream:
             if failure is None:
                 self._skip_damaged(url, offset, e)
             else:
-                self._read_again(url, offset, failure)
+                self._reader = None
+                self._retries.pause(f"{url}: reading from byte {offset}", failure)
             return None
-        self._failed_reads = 0
+        self._retries.failed = 0
         last = tar_sample.next_offset is None
         item = None
         if not tar_sample.members:  # nothing readable (unsafe path, link, over its limit)
@@ -192,24 +192,6 @@ class TokenStream:
             log.warning("%s: unreadable from byte %d (%s); skipping the rest of the shard in "
                         "every epoch (counted in data/corrupt, not logged again)", url, offset, e)
         self._next_shard()
-
-    def _read_again(self, url: str, offset: int, failure: OSError) -> None:
-        """A failed read (I/O, network, the file gone; s3fs and botocore retried already): read
-        again from the same sample after each pause of READ_RETRY_PAUSES, then raise. Skipping
-        would make what a run trains on depend on the network, and its exact resume differ."""
-        self._reader = None
-        cause = failure.__cause__ or failure
-        tries = self._failed_reads + 1
-        if self._failed_reads == len(READ_RETRY_PAUSES):
-            raise OSError(f"{url}: reading from byte {offset} failed {tries} times in a row, "
-                          f"last: {type(cause).__name__}: {cause}. A resume continues from "
-                          f"the last checkpoint exactly once the shard reads again") from failure
-        pause = READ_RETRY_PAUSES[self._failed_reads]
-        self._failed_reads = tries
-        log.warning("%s: reading from byte %d failed (%s: %s); trying again in %g s (%d of %d)",
-                    url, offset, type(cause).__name__, cause, pause, tries,
-                    len(READ_RETRY_PAUSES))
-        time.sleep(pause)
 
     def _usable(self, tar_sample: TarSample, url: str, index: int, regular: bool
                 ) -> _Buffered | None:
@@ -384,10 +366,6 @@ class TokenStream:
             kept.append(item)
         self.buffer = kept
 
-
-# Seconds before each new try of a failed read: ~15 s in all, on top of s3fs's and botocore's own
-# retries (~2 s and up to ~15 s, of a request). An outage outlasting them stops the run.
-READ_RETRY_PAUSES = (1.0, 2.0, 4.0, 8.0)
 
 # A budget that fits only some grids skips many samples: the first NOTED_SKIPS of each kind are
 # logged by key, then the counter in the metrics (data/<kind>) says how many.

@@ -6,7 +6,6 @@ refused at listing."""
 import io
 import json
 import tarfile
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from bdt.data.shard_source import list_shards
 from bdt.data.token_shards import (MAX_CAPTION_BYTES, MAX_METADATA_BYTES, TokenSample,
                                    decode_sample, encode_sample)
 from bdt.data.token_stream import TokenStream
+from testkit import pauses_that
 from trainutil import CAPTIONS, write_shards
 
 
@@ -271,8 +271,7 @@ def test_a_read_failing_after_a_sample_with_nothing_readable_counts_it_once(tmp_
                 failed.append(offset)
                 raise getattr(tars, "ReadFailed", OSError)("OSError: [Errno 5] I/O error")
     monkeypatch.setattr(token_stream, "read_token_samples", failing_once_after_bad)
-    monkeypatch.setattr(token_stream, "time", SimpleNamespace(sleep=lambda _: None),
-                        raising=False)
+    pauses_that(monkeypatch)
     s = _stream([url])
     got = []
     while s.cursor.epoch == 0:

@@ -2,6 +2,7 @@
 
 import io
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 
 from bdt import storage
 from bdt.data.raw import RawDataConfig, RawImageStream, StreamState, decode_image, expand_shards, make_loader
+from testkit import pauses_that
 
 
 def _img(w, h, fmt, value):
@@ -183,3 +185,56 @@ def test_every_worker_is_fed_by_small_and_bad_shards(tmp_path, caplog):
     assert "skipping sample bad_0 of" in caplog.text and "corrupt_image" in caplog.text
     with pytest.raises(ValueError, match="gave no usable image"):  # nothing usable at all
         next(iter(RawImageStream([bad], 16, 2, 0, 1)))
+
+
+def test_shards_missing_for_a_moment_are_read_again_not_skipped(tmp_path, monkeypatch, caplog):
+    """Before: a shard that failed to open (here: gone for a moment; an NFS EIO, a timeout) was
+    skipped for the epoch as if damaged, so the run differed from its exact resume."""
+    import os
+
+    urls = _write_shards(str(tmp_path), num_shards=3, per_shard=5)
+    want = list(itertools.islice(iter(RawImageStream(urls, 16, 2, 0, 1, seed=1)), 10))
+    stream = iter(RawImageStream(urls, 16, 2, 0, 1, seed=1))
+    got = [next(stream)]  # its first shard is open now, and stays readable
+    for url in urls:
+        os.rename(url, url + ".away")
+    pauses = pauses_that(monkeypatch, lambda: [os.rename(u + ".away", u) for u in urls])
+    with caplog.at_level("WARNING", "bdt.data.raw"):
+        got += list(itertools.islice(stream, 9))  # two epochs
+    assert [(b["keys"], b["position"]) for b in got] == [(b["keys"], b["position"]) for b in want]
+    assert pauses == [1.0] and "reading from sample 0 failed (FileNotFoundError: " in caplog.text
+
+
+def test_a_shard_that_stays_unreadable_stops_the_stream_naming_it(tmp_path, monkeypatch):
+    """Before: skipped as damaged in every epoch, the data silently shrinking."""
+    import os
+
+    urls = _write_shards(str(tmp_path), num_shards=2, per_shard=4)
+    os.remove(urls[1])
+    pauses = pauses_that(monkeypatch)
+    with pytest.raises(OSError, match=f"{urls[1]}: reading from sample 0 failed 5 times in a row"):
+        list(itertools.islice(iter(RawImageStream(urls, 16, 2, 0, 1)), 8))
+    assert pauses == [1.0, 2.0, 4.0, 8.0]
+
+
+@pytest.mark.slow
+def test_an_s3_shard_failing_mid_read_is_read_again_from_its_sample(s3_bucket, monkeypatch,
+                                                                     caplog):
+    """A real fault on a real S3 API: the object goes missing mid-shard (404 on the next range
+    request, a FileNotFoundError from s3fs) and comes back. Before: the rest of the shard was
+    skipped as damage; now the stream reads on from the sample it was at, as without a fault."""
+    import fsspec.config
+
+    urls = _write_shards(storage.join(s3_bucket, "flaky"), num_shards=1, per_shard=20)
+    monkeypatch.setitem(fsspec.config.conf["s3"], "default_block_size", 4096)  # many requests
+    fs, key = storage.filesystem(urls[0])
+    data = fs.cat_file(key)
+    want = list(itertools.islice(iter(RawImageStream(urls, 16, 2, 0, 1)), 12))
+    pauses = pauses_that(monkeypatch, lambda: fs.pipe_file(key, data))
+    stream = iter(RawImageStream(urls, 16, 2, 0, 1))
+    got = [next(stream)]
+    fs.rm(key)
+    with caplog.at_level("WARNING", "bdt.data.raw"):
+        got += list(itertools.islice(stream, 11))  # into the second epoch
+    assert [(b["keys"], b["position"]) for b in got] == [(b["keys"], b["position"]) for b in want]
+    assert pauses == [1.0] and re.search(r"reading from sample [1-9]\d* failed", caplog.text)

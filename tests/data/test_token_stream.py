@@ -4,7 +4,6 @@ prefetched by a worker), corrupt samples."""
 import json
 import os
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import webdataset as wds
 from bdt.data.shard_source import list_shards
 from bdt.data.stream_state import resplit
 from bdt.data.token_stream import NOTED_SKIPS, TokenStream
+from testkit import pauses_that
 from trainutil import unconsumed_keys, write_shards
 
 GRIDS = [(4, 4), (4, 8), (8, 4), (8, 8)]
@@ -404,21 +404,6 @@ def test_damage_is_logged_once_per_shard_and_counted_every_epoch(tmp_path, caplo
     logged = [r.getMessage() for r in caplog.records if "unreadable from byte" in r.getMessage()]
     assert len(logged) == 1 and logged[0].startswith(f"{urls[0]}: unreadable from byte ")
     assert s.counters.corrupt >= 3
-
-
-def pauses_that(monkeypatch, action=lambda: None) -> list[float]:
-    """The stream's pauses before a read is tried again, recorded instead of slept; `action`
-    runs in the first one (the fault clears)."""
-    import bdt.data.token_stream as token_stream
-
-    pauses = []
-
-    def pause(seconds):
-        pauses.append(seconds)
-        if len(pauses) == 1:
-            action()
-    monkeypatch.setattr(token_stream, "time", SimpleNamespace(sleep=pause), raising=False)
-    return pauses
 
 
 def test_a_shard_missing_for_a_moment_is_read_again_not_skipped(tmp_path, monkeypatch, caplog):
