@@ -10,8 +10,9 @@ members of a tar sample (same key) are judged together, so a sample with two bad
 reject. A sample with several image members is made from the first in `image_extensions`
 order (webdataset's "jpg;png" convention; the caption is one, so is the sample). A truncated or
 unreadable tar yields one `truncated_tar` / `unreadable_shard` reject for
-whatever could not be read. Tars are read by bdt.data.tars, bdt's one tar reader (gzip, bz2
-and xz archives too).
+whatever could not be read. A failed read (I/O, network, the file gone) is no bad data: it is
+tried again from the same sample (tars.ReadRetries), then fails the unit, so a rerun reads it.
+Tars are read by bdt.data.tars, bdt's one tar reader (gzip, bz2 and xz archives too).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ from bdt import storage
 from bdt.data import tars
 from bdt.data.images import TOO_LARGE
 from bdt.data.token_shards import caption_problem, caption_text
+
+log = logging.getLogger(__name__)
 
 # Reject reasons produced here (images.py, the worker and, for captions, token_shards.py add
 # their own: empty_caption, caption_control_char).
@@ -44,6 +48,9 @@ MISSING_CAPTION = "missing_caption"
 CAPTION_NOT_UTF8 = "caption_not_utf8"
 CAPTION_TOO_LONG = "caption_too_long"
 
+# A failed read (not bad data) that persists fails the unit: its samples are not rejected, and
+# the unit, left without markers, is read again by a rerun.
+_FAILED_UNIT = "The unit failed: a rerun reads it again"
 _TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 _SIDE_EXTS = ("txt", "json")  # members that belong to a sample without being its image
 
@@ -348,24 +355,41 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
                           f"exceeds max_caption_bytes {max_caption_bytes}")
         return RawSample(s.key, s.members[image_ext], image_ext, s.members.get("txt"))
 
-    stack = contextlib.ExitStack()
-    try:
-        f = stack.enter_context(tars.open_tar(unit.source))
-    except Exception as exc:  # noqa: BLE001 - whatever stops the opening is the unit's verdict
-        yield Reject("", src, UNREADABLE_SHARD, f"{type(exc).__name__}: {exc}"[:200])
-        return
-    with stack:
+    offset, retries = 0, tars.ReadRetries(log)  # offset: where the next sample starts
+    while True:
+        stack = contextlib.ExitStack()
         try:
-            for sample in tars.iter_samples(f, max_bytes=limit):
-                yield verdict(sample)
-        except tars.TarDamaged as exc:
-            detail = str(exc)[:200]
-            if not exc.members:
-                yield Reject("", src, UNREADABLE_SHARD, detail)  # not a tar at all
-            elif exc.pending is not None and exc.pending not in seen:
-                yield Reject(exc.pending, src, TRUNCATED_TAR, detail)  # may be incomplete
-            else:
-                yield Reject("", src, TRUNCATED_TAR, detail)
+            f = stack.enter_context(tars.open_tar(unit.source, offset))
+        except tars.ReadFailed as exc:
+            retries.pause(f"{src}: reading from byte {offset}", exc, _FAILED_UNIT)
+            continue
+        except Exception as exc:  # noqa: BLE001 - whatever stops the opening is the unit's verdict
+            yield Reject("", src, UNREADABLE_SHARD, f"{type(exc).__name__}: {exc}"[:200])
+            return
+        with stack:
+            try:
+                for sample in tars.iter_samples(f, offset, max_bytes=limit):
+                    retries.failed = 0
+                    if sample.next_offset != sample.offset:  # (a member without an extension
+                        offset = sample.next_offset  # stays inside a sample)
+                    yield verdict(sample)
+                return
+            except tars.TarDamaged as exc:
+                failure = tars.read_failure(exc)
+                if failure is None:
+                    yield _damaged(exc, src, seen)
+                    return
+        retries.pause(f"{src}: reading from byte {offset}", failure, _FAILED_UNIT)
+
+
+def _damaged(exc: tars.TarDamaged, src: str, seen: set[str]) -> Reject:
+    """The reject for what a damaged tar left unread."""
+    detail = str(exc)[:200]
+    if not exc.members:
+        return Reject("", src, UNREADABLE_SHARD, detail)  # not a tar at all
+    if exc.pending is not None and exc.pending not in seen:
+        return Reject(exc.pending, src, TRUNCATED_TAR, detail)  # may be incomplete
+    return Reject("", src, TRUNCATED_TAR, detail)
 
 
 def check_caption(raw: bytes | None, max_bytes: int) -> tuple[str | None, str, str]:

@@ -11,6 +11,7 @@ import tarfile
 
 import pytest
 from extract_rawdata import exif_rotated_jpeg, image_bytes, write_tar
+from testkit import pauses_that
 
 from bdt.extract import inputs as inp
 from bdt.extract import manifest as mf
@@ -197,3 +198,21 @@ def test_a_sample_with_two_images_uses_the_first_of_image_extensions(tmp_path):
         unit, = inp.list_units(path, "auto", 1000, exts)
         sample, = inp.iter_unit(unit, exts, 1 << 20, max_caption_bytes=1 << 10)
         assert sample.image_ext == exts[0]
+
+
+def test_a_tar_that_stays_unreadable_fails_its_unit_without_rejects(encoder, tmp_path,
+                                                                     monkeypatch):
+    """Before: a tar that could not be read (gone, an NFS EIO, an S3 outage) became an
+    unreadable_shard reject and its unit was marked done without its samples. Now the unit's
+    task raises naming the tar (run.py reports the unit failed) and leaves no marker or rejects,
+    so a rerun reads it again."""
+    path = str(tmp_path / "in.tar")
+    write_tar(path, [{"__key__": "a", "png": GOOD, "txt": CAP}])
+    unit, = inp.list_units(path, "auto", 1000, EXTS)
+    os.remove(path)
+    pauses = pauses_that(monkeypatch)
+    with pytest.raises(OSError, match=f"{path}: reading from byte 0 failed 5 times in a row"):
+        encoder.process(unit.to_dict())
+    root = encoder.cfg.output
+    assert pauses == [1.0, 2.0, 4.0, 8.0]
+    assert not os.path.exists(mf.marker_url(root, "s", 0)) and not os.path.exists(mf.rejects_url(root, 0))

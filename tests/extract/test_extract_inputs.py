@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 import webdataset as wds
 from extract_rawdata import good_samples, image_bytes, truncate, write_tar
+from testkit import pauses_that
 
 from bdt.extract import inputs as inp
 
@@ -91,6 +92,58 @@ def test_truncated_tar_keeps_what_was_read_and_rejects_the_rest(tmp_path):
     good = [i.key for i in items if isinstance(i, inp.RawSample)]
     assert good and good == [f"t{i:04d}" for i in range(len(good))] and len(good) < 6
     assert len(_rejects(items)) == 1 and _rejects(items)[0][1] == "truncated_tar"
+
+
+def _verdicts(items) -> list[tuple[str, str]]:
+    return [(i.key, getattr(i, "reason", "sample")) for i in items]
+
+
+def test_a_tar_missing_for_a_moment_is_read_again_not_rejected(tmp_path, monkeypatch, caplog):
+    """Before: a tar that failed to open (here: gone for a moment; an NFS EIO, a timeout) gave
+    an unreadable_shard reject and its unit was done without its samples."""
+    path = str(tmp_path / "t.tar")
+    write_tar(path, good_samples("t", 3, 0))
+    unit, = inp.list_units(path, "auto", 10, EXTS)
+    os.rename(path, path + ".away")
+    pauses = pauses_that(monkeypatch, lambda: os.rename(path + ".away", path))
+    with caplog.at_level("WARNING", "bdt.extract.inputs"):
+        items = list(inp.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20))
+    assert _verdicts(items) == [(f"t{i:04d}", "sample") for i in range(3)] and pauses == [1.0]
+    assert f"{path}: reading from byte 0 failed (FileNotFoundError: " in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("back", [True, False])
+def test_an_s3_tar_failing_mid_read_is_read_again_or_fails_its_unit(s3_bucket, tmp_path,
+                                                                      monkeypatch, back):
+    """A real fault on a real S3 API: the object goes missing mid-tar (404 on the next range
+    request, a FileNotFoundError from s3fs). Before: the rest of the tar became truncated_tar
+    rejects of good samples. Now it is read on from the sample it was at once back, and a
+    failure that stays fails the unit (no rejects written: a rerun reads it again)."""
+    import fsspec.config
+
+    from bdt import storage
+
+    monkeypatch.setitem(fsspec.config.conf["s3"], "default_block_size", 4096)  # many requests
+    path = str(tmp_path / "t.tar")
+    write_tar(path, good_samples("t", 12, 0))
+    url = f"{s3_bucket}/t.tar"
+    fs, key = storage.filesystem(url)
+    fs.put_file(path, key)
+    unit, = inp.list_units(url, "auto", 10, EXTS)
+    want = _verdicts(_read(path))
+    pauses = pauses_that(monkeypatch, lambda: fs.put_file(path, key) if back else None)
+    items = inp.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20)
+    got = _verdicts([next(items)])
+    fs.rm(key)
+    if back:
+        got += _verdicts(items)
+        assert got == want and pauses == [1.0]
+    else:
+        with pytest.raises(OSError, match=rf"{url}: reading from byte [1-9]\d* failed 5 times in a "
+                                          rf"row, .*The unit failed: a rerun reads it again"):
+            list(items)
+        assert pauses == [1.0, 2.0, 4.0, 8.0]
 
 
 def test_duplicates_oversize_and_groups(tmp_path):
