@@ -80,7 +80,8 @@ def master_endpoint(cmd: list[str], env: Mapping[str, str]) -> tuple[str, int] |
     if any(arg.endswith(LAUNCH_SCRIPT) for arg in cmd) and env.get("HOSTFILE"):
         from bdt.cluster.hosts import read_hostfile
 
-        address = address or next(iter(read_hostfile(env["HOSTFILE"])), None)
+        first = next(iter(read_hostfile(env["HOSTFILE"])))  # checked even with MASTER_ADDR set
+        address = address or first
         port = port or LAUNCH_SCRIPT_PORT
     if not address or not port:
         return None

@@ -13,7 +13,9 @@
 set -euo pipefail
 [[ $# -ge 1 ]] || { echo "usage: $0 SCRIPT.py [ARGS ...]" >&2; exit 2; }
 : "${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile (host slots=N per line)}"
-MASTER_ADDR=${MASTER_ADDR:-$(python -m bdt.cluster.hosts master --hostfile "$HOSTFILE")}
+# Read even when MASTER_ADDR is set: `deepspeed` runs a missing hostfile as a one-node job.
+FIRST_HOST=$(python -m bdt.cluster.hosts master --hostfile "$HOSTFILE")
+MASTER_ADDR=${MASTER_ADDR:-$FIRST_HOST}
 MASTER_PORT=${MASTER_PORT:-29500}
 if [[ -n ${DS_ENV_FILE:-} && -f $DS_ENV_FILE ]]; then
   while IFS= read -r line; do  # split at the first '=': `read` with IFS='=' drops a trailing one

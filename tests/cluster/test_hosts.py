@@ -157,11 +157,22 @@ def test_forwarded_env_carries_values_intact_through_deepspeed_and_launch_sh(tmp
     fake.parent.mkdir()
     fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c '{dump}' {' '.join(kept)}\n")
     fake.chmod(0o755)
-    env = {"PATH": f"{fake.parent}:{os.environ['PATH']}", "HOSTFILE": str(tmp_path / "hostfile"),
-           "MASTER_ADDR": "n1", "NODE_RANK": "0", "DS_ENV_FILE": str(tmp_path / ".deepspeed_env")}
+    env = {"PATH": f"{fake.parent}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "HOSTFILE": str(tmp_path / "hostfile"), "MASTER_ADDR": "n1", "NODE_RANK": "0",
+           "DS_ENV_FILE": str(tmp_path / ".deepspeed_env")}
     node = subprocess.run(["bash", str(REPO / "cluster/deepspeed/launch.sh"), "x.py"], env=env,
                           capture_output=True, text=True, check=True)
     assert json.loads(node.stdout) == kept
+
+    # A hostfile path that does not resolve on this node (a relative path, another cwd) while
+    # MASTER_ADDR is set: `deepspeed` once ran the job on this node alone, a world of its GPUs.
+    missing = {**env, "HOSTFILE": str(tmp_path / "no-hostfile")}
+    for launcher in ("node", "pdsh"):
+        node = subprocess.run(["bash", str(REPO / "cluster/deepspeed/launch.sh"), "x.py"],
+                              env={**missing, "BDT_LAUNCHER": launcher}, capture_output=True,
+                              text=True)
+        assert node.returncode != 0 and node.stdout == "", node.stdout  # the launcher never ran
+        assert f"hostfile not found: {tmp_path / 'no-hostfile'}" in node.stderr
 
 
 def _listen_in(low: int, high: int):

@@ -112,6 +112,18 @@ def test_master_endpoint_of_a_command(tmp_path, cmd, env, expected):
     assert master_endpoint(cmd, env) == expected
 
 
+def test_launch_sh_with_a_missing_hostfile_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """MASTER_ADDR and MASTER_PORT set, HOSTFILE naming no file: the wrapper once launched, and
+    `deepspeed` ran a missing hostfile as a one-node job."""
+    monkeypatch.setenv("MASTER_ADDR", "n3")
+    monkeypatch.setenv("MASTER_PORT", "20007")
+    monkeypatch.setenv("HOSTFILE", str(tmp_path / "hostfile"))
+    assert resume.main(["--run-dir", str(tmp_path), "--", "bash", "cluster/deepspeed/launch.sh",
+                        "x.py"]) == resume.USAGE
+    assert f"hostfile not found: {tmp_path / 'hostfile'}" in capsys.readouterr().err
+    assert not (tmp_path / "resume.jsonl").exists()  # nothing launched
+
+
 def test_a_bad_master_port_is_a_usage_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29x00")
