@@ -23,7 +23,8 @@ s3://); this wrapper supplies the restarts around it and says what happened:
     stopping, and a remote data source that listed no shards are restarted as crashes are;
   - the master port is held by another process on this host (the launch's master): exit
     CANNOT_START before launching, naming the holder;
-  - the run finished: exit DONE.
+  - the run finished: exit DONE (at once, launching nothing, when it had already finished
+    with the same config).
 The launch gets SIGTERM when this wrapper dies (PR_SET_PDEATHSIG), which makes its ranks save and
 stop, so that a requeued job never meets the old one's ranks.
 The run dir and checkpoint dir come from the training command's own config (`bdt/train.py
@@ -45,8 +46,8 @@ import time
 from bdt import storage
 from bdt.cluster.hosts import is_this_host, port_holder
 from bdt.cluster.launch_checks import master_endpoint, retry_may_fix
-from bdt.cluster.run_state import (TRAIN_SCRIPT, RunPaths, complete_checkpoints, newest_step,
-                                   paths_from_command)
+from bdt.cluster.run_state import (TRAIN_SCRIPT, RunPaths, complete_checkpoints, finished_step,
+                                   newest_step, paths_from_command)
 from bdt.training.metrics import open_line_log
 from bdt.training.run_dir import LAUNCH_ERROR, checkpoint_root
 
@@ -242,6 +243,13 @@ class Resumer:
                 signal.signal(sig, handler)
 
     def _loop(self) -> int:
+        finished = finished_step(self.paths, self.checkpoints())
+        if finished is not None:  # a requeue or a resubmission of a run that ended
+            self.log("done", f"the run already finished at step {finished} with this config "
+                     f"({self.paths.run_dir}/summary.json): nothing to launch (change the config "
+                     f"to train on; remove summary.json to redo its end and export)",
+                     checkpoint_step=finished)
+            return DONE
         failures, attempt = 0, 0
         while self.stop_signal is None:
             attempt += 1
@@ -355,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.run_dir:
             paths = RunPaths(args.run_dir, checkpoint_root(args.run_dir, args.checkpoint_dir or ""))
         elif found:
-            paths = RunPaths(found.run_dir, args.checkpoint_dir or found.checkpoint_dir)
+            paths = RunPaths(found.run_dir, args.checkpoint_dir or found.checkpoint_dir,
+                             found.config)
         else:
             raise ValueError(f"the command runs no {TRAIN_SCRIPT} this wrapper can read: pass "
                              f"--run-dir (and --checkpoint-dir unless it is <run_dir>/checkpoints)")

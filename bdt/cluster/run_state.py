@@ -3,10 +3,14 @@ command's own config, and its complete checkpoints (the wrapper's measure of pro
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
+from bdt import storage
+from bdt.config import to_yaml
 from bdt.train import load_config
-from bdt.training.run_dir import checkpoint_root
+from bdt.training.run_dir import CONFIG_NAME, checkpoint_root
 
 TRAIN_SCRIPT = "bdt/train.py"
 
@@ -15,6 +19,7 @@ TRAIN_SCRIPT = "bdt/train.py"
 class RunPaths:
     run_dir: str
     checkpoint_dir: str
+    config: str = ""  # the command's resolved config as the trainer saves it; "" if hidden
 
 
 def paths_from_command(cmd: list[str]) -> RunPaths | None:
@@ -28,8 +33,30 @@ def paths_from_command(cmd: list[str]) -> RunPaths | None:
 
             cfg = OmegaConf.to_object(load_config(cmd[i + 1:]))
             validate(cfg)
-            return RunPaths(cfg.run_dir, checkpoint_root(cfg.run_dir, cfg.checkpoint.dir))
+            return RunPaths(cfg.run_dir, checkpoint_root(cfg.run_dir, cfg.checkpoint.dir),
+                            to_yaml(cfg) if cfg.checkpoint.resume else "")
     return None
+
+
+def finished_step(paths: RunPaths, checkpoints: dict[str, tuple[int, object]]) -> int | None:
+    """The step the run finished at, when launching its command again could only repeat its end
+    (reload the last checkpoint, export again): rank 0's summary.json says it finished there (not
+    stopped, not cut short by its time limit) and the run's config.yaml is the command's config.
+    None otherwise (a changed config trains on)."""
+    if not paths.config or storage.is_remote(paths.run_dir):
+        return None
+    try:
+        with open(os.path.join(paths.run_dir, "summary.json"), "rb") as f:
+            summary = json.load(f)
+        with open(os.path.join(paths.run_dir, CONFIG_NAME), encoding="utf-8") as f:
+            same_config = f.read() == paths.config
+    except (OSError, ValueError, RecursionError):  # none, damaged: launch, as before
+        return None
+    if not (same_config and isinstance(summary, dict) and summary.get("stopped") is False
+            and not summary.get("timed_out")):
+        return None
+    step = summary.get("step")
+    return step if type(step) is int and step == newest_step(checkpoints) else None
 
 
 def complete_checkpoints(checkpoint_dir: str) -> dict[str, tuple[int, object]]:

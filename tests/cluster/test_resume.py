@@ -322,3 +322,41 @@ def test_as_pid_1_the_wrapper_says_orphans_are_not_reaped(tmp_path):
     assert "running as PID 1" in first.stderr and "shareProcessNamespace" in first.stderr
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert again.returncode == DONE and "PID 1" not in again.stderr
+
+
+def test_a_finished_run_relaunched_launches_nothing(tmp_path):
+    """A requeue or resubmission of a run that finished once launched it again: every rank
+    reloaded the last checkpoint and the export was written again. With the same config the
+    wrapper now says so and launches nothing; a changed config or a stopped run still launches."""
+    from omegaconf import OmegaConf
+
+    from bdt.config import save_resolved
+    from bdt.train import load_config
+
+    run = tmp_path / "run"
+    args = ["--config", "configs/train/tiny.yaml", f"run_dir={run}", "model.backbone.path=x",
+            "data.root=y", "stages.0.steps=4"]
+    save_resolved(OmegaConf.to_object(load_config(args)), str(run))  # as the trainer does
+    (run / "checkpoints" / "step_000000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_000000004" / "COMPLETE").write_text('{"step": 4, "time": 1.0}')
+    launched = tmp_path / "launched"
+    # stands in for the launcher: the wrapper reads the training config after bdt/train.py
+    cmd = [sys.executable, "-c", f"open({str(launched)!r}, 'a').write('x')", "bdt/train.py"]
+
+    def relaunch(summary: dict, *extra: str) -> str:
+        (run / "summary.json").write_text(json.dumps(summary))
+        launched.unlink(missing_ok=True)
+        out = subprocess.run([*WRAPPER, "--", *cmd, *args, *extra], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == DONE, out.stderr
+        return out.stderr
+
+    finished = {"step": 4, "stopped": False, "timed_out": False}
+    err = relaunch(finished)
+    assert not launched.exists() and "already finished at step 4" in err
+    relaunch(finished, "stages.0.steps=6")  # more steps: trains on
+    assert launched.exists()
+    relaunch({**finished, "stopped": True})
+    assert launched.exists()
+    relaunch({**finished, "timed_out": True})  # its time limit ended it early
+    assert launched.exists()
