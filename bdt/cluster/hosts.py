@@ -222,9 +222,11 @@ def slurm_launch_env(env: Mapping[str, str], hostfile: str, slots: int | None = 
     hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")),
                             use_scontrol)
     slots = slots or slots_per_node(env)
-    job_id = env.get("SLURM_JOB_ID")
+    job_id = env.get("SLURM_JOB_ID", "").strip()
     if not job_id:
         raise ValueError("SLURM_JOB_ID is not set: run inside an allocation (sbatch / salloc)")
+    if not job_id.isdigit():  # the master port is derived from it
+        raise ValueError(f"SLURM_JOB_ID='{job_id}' is not a job id (a number)")
     write_hostfile(hostfile, hosts, slots)
     # The batch script runs on the first node: only there can a taken port be seen and skipped.
     port = free_master_port(job_id) if is_this_host(hosts[0]) else master_port(job_id)

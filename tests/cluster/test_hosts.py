@@ -70,6 +70,10 @@ def test_slurm_allocation_to_hostfile_read_back_by_deepspeed(tmp_path):
     assert list(hosts.read_hostfile(path).items()) == [("node07", 8), ("node08", 8)]
     with pytest.raises(ValueError, match="SLURM_JOB_ID"):
         hosts.slurm_launch_env({**env, "SLURM_JOB_ID": ""}, path, use_scontrol=False)
+    os.remove(path)
+    with pytest.raises(ValueError, match="SLURM_JOB_ID='12a' is not a job id"):  # was int()'s
+        hosts.slurm_launch_env({**env, "SLURM_JOB_ID": "12a"}, path, use_scontrol=False)
+    assert not os.path.exists(path)  # no hostfile for a launch that cannot start
 
 
 def test_bad_hostfiles_name_the_file(tmp_path):
