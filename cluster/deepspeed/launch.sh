@@ -17,8 +17,11 @@ set -euo pipefail
 FIRST_HOST=$(python -m bdt.cluster.hosts master --hostfile "$HOSTFILE")
 MASTER_ADDR=${MASTER_ADDR:-$FIRST_HOST}
 MASTER_PORT=${MASTER_PORT:-29500}
-if [[ -n ${DS_ENV_FILE:-} && -f $DS_ENV_FILE ]]; then
-  while IFS= read -r line; do  # split at the first '=': `read` with IFS='=' drops a trailing one
+if [[ -n ${DS_ENV_FILE:-} ]]; then  # set but missing (not on a shared filesystem?): refused
+  [[ -f $DS_ENV_FILE ]] || {
+    echo "DS_ENV_FILE=$DS_ENV_FILE: not a file on $(hostname)" >&2; exit 2; }
+  # split at the first '=' (`read` with IFS='=' drops a trailing one); a last line without \n too
+  while IFS= read -r line || [[ -n $line ]]; do
     line=${line%$'\r'}  # a file written on Windows: DeepSpeed's reader strips the CR too
     [[ $line != *=* || $line == \#* ]] || export "${line%%=*}=${line#*=}"
   done < "$DS_ENV_FILE"

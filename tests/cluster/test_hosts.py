@@ -168,6 +168,20 @@ def test_forwarded_env_carries_values_intact_through_deepspeed_and_launch_sh(tmp
                           capture_output=True, text=True, check=True)
     assert json.loads(node.stdout) == kept
 
+    # A file written by hand, its last line without a newline: that variable was dropped.
+    (tmp_path / ".deepspeed_env").write_text("NCCL_A=1\nNCCL_B=2")
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c '{dump}' NCCL_A NCCL_B\n")
+    node = subprocess.run(["bash", str(REPO / "cluster/deepspeed/launch.sh"), "x.py"], env=env,
+                          capture_output=True, text=True, check=True)
+    assert json.loads(node.stdout) == {"NCCL_A": "1", "NCCL_B": "2"}
+    # DS_ENV_FILE set but not on this node (a job dir off the shared filesystem): the node once
+    # ran without the site's S3 endpoint and NCCL settings, silently.
+    node = subprocess.run(["bash", str(REPO / "cluster/deepspeed/launch.sh"), "x.py"],
+                          env={**env, "DS_ENV_FILE": str(tmp_path / "nowhere")},
+                          capture_output=True, text=True)
+    assert node.returncode == 2 and node.stdout == ""
+    assert f"DS_ENV_FILE={tmp_path / 'nowhere'}: not a file" in node.stderr
+
     # A hostfile path that does not resolve on this node (a relative path, another cwd) while
     # MASTER_ADDR is set: `deepspeed` once ran the job on this node alone, a world of its GPUs.
     missing = {**env, "HOSTFILE": str(tmp_path / "no-hostfile")}
