@@ -72,12 +72,14 @@ def master_endpoint(cmd: list[str], env: Mapping[str, str]) -> tuple[str, int] |
     """(address, port) of the launch's rendezvous: the launcher's --master-addr/--master-port
     (torchrun, deepspeed), else MASTER_ADDR/MASTER_PORT, else, for cluster/deepspeed/launch.sh,
     what it will use: the first host of $HOSTFILE and port 29500. None when the command does
-    not say (torchrun --standalone picks a free port itself)."""
+    not say (torchrun --standalone picks a free port itself) or launches another node than the
+    first (--node-rank, NODE_RANK for launch.sh): only node 0's rank 0 listens on that port."""
     if "--standalone" in cmd:
         return None
+    launch_sh = any(arg.endswith(LAUNCH_SCRIPT) for arg in cmd)
     address = _flag(cmd, ("--master-addr", "--master_addr")) or env.get("MASTER_ADDR")
     port = _flag(cmd, ("--master-port", "--master_port")) or env.get("MASTER_PORT")
-    if any(arg.endswith(LAUNCH_SCRIPT) for arg in cmd) and env.get("HOSTFILE"):
+    if launch_sh and env.get("HOSTFILE"):
         from bdt.cluster.hosts import read_hostfile
 
         first = next(iter(read_hostfile(env["HOSTFILE"])))  # checked even with MASTER_ADDR set
@@ -87,4 +89,8 @@ def master_endpoint(cmd: list[str], env: Mapping[str, str]) -> tuple[str, int] |
         return None
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"master port {port!r} (--master-port or MASTER_PORT) is not a TCP port")
+    node_rank = _flag(cmd, ("--node-rank", "--node_rank")) or \
+        (env.get("NODE_RANK") if launch_sh else None)
+    if node_rank not in (None, "", "0"):  # only node 0's rank 0 listens on that port
+        return None
     return address, int(port)

@@ -105,6 +105,16 @@ def test_a_record_it_cannot_judge_is_retried():
     (["torchrun", "--standalone", "bdt/train.py"], {"MASTER_ADDR": "n3", "MASTER_PORT": "1"},
      None),
     (["python", "bdt/train.py"], {"MASTER_ADDR": "n3"}, None),
+    # another node than the first: its launch listens on no master port (two "nodes" on one
+    # machine, localhost and 127.0.0.1, had the second wait for the first's rank 0, then stop)
+    (["torchrun", "--node-rank", "1", "--master-addr", "n1", "--master-port", "29511"], {},
+     None),
+    (["bash", "cluster/deepspeed/launch.sh", "bdt/train.py"], {"HOSTFILE": "HOSTS",
+                                                               "NODE_RANK": "1"}, None),
+    (["bash", "cluster/deepspeed/launch.sh", "bdt/train.py"], {"HOSTFILE": "HOSTS",
+                                                               "NODE_RANK": "0"}, ("n4", 29500)),
+    (["torchrun", "--master-addr", "n1", "--master-port", "29511"], {"NODE_RANK": "1"},
+     ("n1", 29511)),  # torchrun does not read NODE_RANK
 ])
 def test_master_endpoint_of_a_command(tmp_path, cmd, env, expected):
     (tmp_path / "hosts").write_text("# nodes\nn4 slots=2\nn5 slots=2\n")
@@ -148,6 +158,11 @@ def test_a_held_master_port_stops_before_launching(tmp_path, monkeypatch, capsys
             assert rc == resume.CANNOT_START
             err = capsys.readouterr().err
             assert f"master port {port}" in err and f"pid {os.getpid()} " in err
+        # node 1 on the same machine as node 0 (whose rank 0 holds the port): it launches
+        cmd = ["torchrun", "--node-rank=1", "--master-addr", "localhost", f"--master-port={port}"]
+        rc = resume.main(["--run-dir", str(tmp_path / "node1"), "--", sys.executable, "-c", "",
+                          *cmd])
+    assert rc == resume.DONE
     events = [json.loads(x) for x in (tmp_path / "resume.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["cannot_start", "cannot_start"]
 
