@@ -77,20 +77,26 @@ def master_endpoint(cmd: list[str], env: Mapping[str, str]) -> tuple[str, int] |
     if "--standalone" in cmd:
         return None
     launch_sh = any(arg.endswith(LAUNCH_SCRIPT) for arg in cmd)
+    # launch.sh reads NODE_RANK in its per-node mode only (pdsh: one launch, on the first host)
+    env_rank = env.get("NODE_RANK", "") if launch_sh and \
+        env.get("BDT_LAUNCHER", "node") == "node" else ""
     address = _flag(cmd, ("--master-addr", "--master_addr")) or env.get("MASTER_ADDR")
     port = _flag(cmd, ("--master-port", "--master_port")) or env.get("MASTER_PORT")
     if launch_sh and env.get("HOSTFILE"):
         from bdt.cluster.hosts import read_hostfile
 
-        first = next(iter(read_hostfile(env["HOSTFILE"])))  # checked even with MASTER_ADDR set
-        address = address or first
+        hosts = list(read_hostfile(env["HOSTFILE"]))  # checked even with MASTER_ADDR set
+        if env_rank and not (env_rank.isdigit() and int(env_rank) < len(hosts)):
+            # deepspeed's launcher: a bare AssertionError, restarted as a crash
+            raise ValueError(f"NODE_RANK={env_rank!r} names no node of {env['HOSTFILE']} "
+                             f"(0 .. {len(hosts) - 1}: {', '.join(hosts)})")
+        address = address or hosts[0]
         port = port or LAUNCH_SCRIPT_PORT
     if not address or not port:
         return None
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"master port {port!r} (--master-port or MASTER_PORT) is not a TCP port")
-    node_rank = _flag(cmd, ("--node-rank", "--node_rank")) or \
-        (env.get("NODE_RANK") if launch_sh else None)
+    node_rank = _flag(cmd, ("--node-rank", "--node_rank")) or env_rank
     if node_rank not in (None, "", "0"):  # only node 0's rank 0 listens on that port
         return None
     return address, int(port)

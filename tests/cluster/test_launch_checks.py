@@ -134,6 +134,22 @@ def test_launch_sh_with_a_missing_hostfile_is_a_usage_error(tmp_path, monkeypatc
     assert not (tmp_path / "resume.jsonl").exists()  # nothing launched
 
 
+@pytest.mark.parametrize("rank", ["2", "-1", "one"])
+def test_launch_sh_node_rank_outside_the_hostfile_is_a_usage_error(tmp_path, monkeypatch, capsys,
+                                                                    rank):
+    """DeepSpeed's launcher fails such a NODE_RANK with a bare AssertionError (or an argparse
+    error), which the wrapper restarted as a crash (30 s, 60 s, 120 s) until it gave up."""
+    (tmp_path / "hostfile").write_text("n1 slots=2\nn2 slots=2\n")
+    monkeypatch.setenv("HOSTFILE", str(tmp_path / "hostfile"))
+    monkeypatch.setenv("NODE_RANK", rank)
+    assert resume.main(["--run-dir", str(tmp_path), "--max-restarts", "0", "--", "bash",
+                        "cluster/deepspeed/launch.sh", "x.py"]) == resume.USAGE
+    assert f"NODE_RANK='{rank}' names no node of {tmp_path / 'hostfile'} (0 .. 1: n1, n2)" in \
+        capsys.readouterr().err
+    monkeypatch.setenv("BDT_LAUNCHER", "pdsh")  # one launch on the first host: no node rank
+    assert master_endpoint(["bash", "cluster/deepspeed/launch.sh"], os.environ) == ("n1", 29500)
+
+
 def test_a_bad_master_port_is_a_usage_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29x00")
