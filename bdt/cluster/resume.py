@@ -212,10 +212,18 @@ class Resumer:
     def _finished(self, rc: int, started: float) -> tuple[bool, str]:
         """(done, why not). Exit 0 is also what a rank stopped by a signal returns after saving:
         rank 0's summary.json says which (stopped: true/false)."""
+        summary, missing = _fresh_summary(os.path.join(self.paths.run_dir, "summary.json"),
+                                          started)
+        stopped = None if summary is None else bool(summary.get("stopped"))
         if rc != 0:
+            step = newest_step(self.checkpoints())
+            if stopped is False and step is not None and summary.get("step") == step:
+                # environment.md: rarely a rank aborts in its exit after all is saved
+                self.log("note", f"exit code {rc} after the launch's summary.json said it "
+                         f"finished at step {step}, whose checkpoint is complete: a process "
+                         f"failed while exiting; taking it as finished")
+                return True, ""
             return False, f"exit code {rc}"
-        stopped, missing = _summary_stopped(os.path.join(self.paths.run_dir, "summary.json"),
-                                            started)
         if stopped is None:
             if self.stop_signal is not None:  # after our stop, exit 0 is most likely a save
                 self.log("note", f"exit 0 after the stop signal and {missing}: taking it as "
@@ -321,10 +329,10 @@ class Resumer:
         return STOPPED
 
 
-def _summary_stopped(path: str, started: float) -> tuple[bool | None, str]:
-    """(whether the ranks were stopped, "") from the summary.json rank 0 wrote after `started`;
-    (None, what is wrong) when there is no such summary or it is not a JSON object (a damaged or
-    foreign file must not end the supervision with a traceback)."""
+def _fresh_summary(path: str, started: float) -> tuple[dict | None, str]:
+    """(the summary.json rank 0 wrote after `started`, ""); (None, what is wrong) when there is
+    no such summary or it is not a JSON object (a damaged or foreign file must not end the
+    supervision with a traceback)."""
     missing = f"no fresh {path} (rank 0 runs on another node?)"
     try:
         if storage.is_remote(path) or os.path.getmtime(path) < started:
@@ -337,7 +345,7 @@ def _summary_stopped(path: str, started: float) -> tuple[bool | None, str]:
         return None, f"an unreadable {path} ({type(e).__name__}: {e})"
     if not isinstance(record, dict):
         return None, f"a {path} that holds no JSON object"
-    return bool(record.get("stopped")), ""
+    return record, ""
 
 
 def _term_when_parent_dies() -> None:

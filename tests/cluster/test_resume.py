@@ -155,6 +155,23 @@ def test_progress_counts_checkpoints_older_than_a_damaged_newest_one(tmp_path):
     assert [e["event"] for e in events(tmp_path)] == ["launch", "restart"] * 2 + ["launch", "done"]
 
 
+def test_a_launch_failing_after_it_finished_and_saved_is_done(tmp_path):
+    """A rank that aborts while exiting (rare: environment.md) after the run's last checkpoint
+    and summary: nothing is left to train, so no relaunch; a failure before the end restarts."""
+    script = ("import json, pathlib, sys; run = pathlib.Path(sys.argv[1]); "
+              "d = run / 'checkpoints' / 'step_000000005'; d.mkdir(parents=True); "
+              "(d / 'COMPLETE').write_text(json.dumps({'step': 5})); "
+              "(run / 'summary.json').write_text("
+              "json.dumps({'step': int(sys.argv[2]), 'stopped': False})); sys.exit(134)")
+    for last, expected in ((5, ["launch", "note", "done"]), (4, ["launch", "gave_up"])):
+        run = tmp_path / f"ran_to_{last}"
+        rc = subprocess.run([*WRAPPER, "--run-dir", str(run), "--max-restarts", "0",
+                             "--backoff", "0", "--", sys.executable, "-c", script, str(run),
+                             str(last)]).returncode
+        assert [e["event"] for e in events(run)] == expected
+        assert rc == (DONE if last == 5 else GAVE_UP)
+
+
 def test_a_killed_wrapper_stops_its_launch(tmp_path):
     """SIGKILL of the wrapper (a scheduler tearing the job down) reaches the launch as SIGTERM,
     so a requeued job never meets the old one's ranks."""
