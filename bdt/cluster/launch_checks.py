@@ -82,7 +82,10 @@ def master_endpoint(cmd: list[str], env: Mapping[str, str]) -> tuple[str, int] |
         env.get("BDT_LAUNCHER", "node") == "node" else ""
     address = _flag(cmd, ("--master-addr", "--master_addr")) or env.get("MASTER_ADDR")
     port = _flag(cmd, ("--master-port", "--master_port")) or env.get("MASTER_PORT")
-    if launch_sh and env.get("HOSTFILE"):
+    if launch_sh and not env.get("HOSTFILE"):  # launch.sh would stop; the wrapper, restart it
+        raise ValueError(f"HOSTFILE is not set: {LAUNCH_SCRIPT} needs a DeepSpeed hostfile "
+                         f"(host slots=N per line)")
+    if launch_sh:
         from bdt.cluster.hosts import read_hostfile
 
         hosts = list(read_hostfile(env["HOSTFILE"]))  # checked even with MASTER_ADDR set

@@ -97,7 +97,7 @@ def test_a_record_it_cannot_judge_is_retried():
     (["deepspeed", "--master_addr=n2", "--master_port=29512", "bdt/train.py"],
      {"MASTER_ADDR": "x", "MASTER_PORT": "1"}, ("n2", 29512)),
     (["bash", "cluster/deepspeed/launch.sh", "bdt/train.py"],
-     {"MASTER_ADDR": "n3", "MASTER_PORT": "20007"}, ("n3", 20007)),
+     {"MASTER_ADDR": "n3", "MASTER_PORT": "20007", "HOSTFILE": "HOSTS"}, ("n3", 20007)),
     # what launch.sh fills in itself (the wrapper once checked nothing in this, the documented flow)
     (["cluster/deepspeed/launch.sh", "bdt/train.py"], {"HOSTFILE": "HOSTS"}, ("n4", 29500)),
     (["bash", "cluster/deepspeed/launch.sh", "bdt/train.py"],
@@ -131,6 +131,16 @@ def test_launch_sh_with_a_missing_hostfile_is_a_usage_error(tmp_path, monkeypatc
     assert resume.main(["--run-dir", str(tmp_path), "--", "bash", "cluster/deepspeed/launch.sh",
                         "x.py"]) == resume.USAGE
     assert f"hostfile not found: {tmp_path / 'hostfile'}" in capsys.readouterr().err
+    assert not (tmp_path / "resume.jsonl").exists()  # nothing launched
+
+
+def test_launch_sh_without_a_hostfile_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """launch.sh stops at once without HOSTFILE; the wrapper restarted that as a crash (30 s,
+    60 s, 120 s) until it gave up."""
+    monkeypatch.delenv("HOSTFILE", raising=False)
+    assert resume.main(["--run-dir", str(tmp_path), "--", "bash", "cluster/deepspeed/launch.sh",
+                        "x.py"]) == resume.USAGE
+    assert "HOSTFILE is not set: cluster/deepspeed/launch.sh needs" in capsys.readouterr().err
     assert not (tmp_path / "resume.jsonl").exists()  # nothing launched
 
 
