@@ -335,7 +335,8 @@ class ReadRetries:
         time.sleep(pause)
 
 
-def _failed(e: OSError) -> ReadFailed:
+def failed_read(e: OSError) -> ReadFailed:
+    """The filesystem's error `e` as a ReadFailed (raise it from e)."""
     return ReadFailed(f"{type(e).__name__}: {e}")
 
 
@@ -350,13 +351,13 @@ class _Reads:
         try:
             return self.f.read(n)
         except OSError as e:
-            raise _failed(e) from e
+            raise failed_read(e) from e
 
     def seek(self, offset: int, whence: int = 0) -> int:
         try:
             return self.f.seek(offset, whence)
         except OSError as e:
-            raise _failed(e) from e
+            raise failed_read(e) from e
 
     def __getattr__(self, name: str) -> Any:  # tell, seekable, ...: as the file's
         return getattr(self.f, name)
@@ -371,7 +372,7 @@ def open_tar(url: str, offset: int = 0) -> Iterator[BinaryIO]:
     try:
         opened = fs.open(path, "rb")
     except OSError as e:
-        raise _failed(e) from e
+        raise failed_read(e) from e
     with opened:
         raw = _Reads(opened)
         magic = raw.read(6)

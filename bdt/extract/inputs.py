@@ -264,27 +264,38 @@ def _iter_folder(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
     if unit.report_strays:  # once per folder, so orphan captions and unknown files are accounted
         for rel, reason, detail in _folder_strays(fs, root, image_exts):
             yield Reject(rel, unit.name, reason, detail)
+    retries = tars.ReadRetries(log)
     for rel in unit.files:
-        stem, ext = _split_ext(rel)
-        try:
-            image = _folder_file(fs, posixpath.join(root, rel), max_image_bytes, TOO_LARGE)
+        item = None
+        while item is None:
             try:
-                caption = _folder_file(fs, _caption_path(fs, root, stem), max_caption_bytes,
-                                       CAPTION_TOO_LONG)
-            except FileNotFoundError:
-                caption = None
-        except _Refused as exc:
-            yield Reject(stem, unit.name, exc.reason, exc.detail)
-            continue
-        except OSError as exc:
-            yield Reject(stem, unit.name, UNREADABLE_SHARD, str(exc)[:200])
-            continue
-        yield RawSample(stem, image, ext, caption)
+                item = _folder_sample(fs, root, rel, unit.name, max_image_bytes, max_caption_bytes)
+            except tars.ReadFailed as exc:
+                retries.pause(f"{unit.name}: reading {rel!r}", exc, _FAILED_UNIT)
+        retries.failed = 0
+        yield item
 
 
-def _caption_path(fs: fsspec.AbstractFileSystem, root: str, stem: str) -> str:
+def _folder_sample(fs: fsspec.AbstractFileSystem, root: str, rel: str, src: str,
+                   max_image_bytes: int, max_caption_bytes: int) -> RawSample | Reject:
+    """The verdict on one image of a folder unit and its caption. An OSError reading them (I/O,
+    network, the file gone) is a failed read, not bad data: raised as tars.ReadFailed."""
+    stem, ext = _split_ext(rel)
+    try:
+        image = _folder_file(fs, posixpath.join(root, rel), max_image_bytes, TOO_LARGE)
+        path = _caption_path(fs, root, stem)
+        caption = None if path is None else _folder_file(fs, path, max_caption_bytes,
+                                                         CAPTION_TOO_LONG)
+    except _Refused as exc:
+        return Reject(stem, src, exc.reason, exc.detail)
+    except OSError as exc:
+        raise tars.failed_read(exc) from exc
+    return RawSample(stem, image, ext, caption)
+
+
+def _caption_path(fs: fsspec.AbstractFileSystem, root: str, stem: str) -> str | None:
     """stem.txt, or its one spelling in another case (a.TXT): extensions are case-blind, as in
-    tars. Raises FileNotFoundError when there is none."""
+    tars. None when the folder's listing has none."""
     path = posixpath.join(root, stem + ".txt")
     if fs.exists(path):
         return path
@@ -292,7 +303,7 @@ def _caption_path(fs: fsspec.AbstractFileSystem, root: str, stem: str) -> str:
     for other in fs.ls(folder, detail=False):
         if _split_ext(posixpath.relpath(other, folder)) == (posixpath.basename(stem), "txt"):
             return other
-    raise FileNotFoundError(path)
+    return None
 
 
 class _Refused(Exception):
@@ -304,7 +315,12 @@ class _Refused(Exception):
 def _folder_file(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int, too_large: str) -> bytes:
     """One file of a folder unit, read; links and non-files are refused unread, as in tars (a
     caption linked to a file elsewhere would copy that file into the shards)."""
-    info = fs.info(path)
+    try:
+        info = fs.info(path)
+    except OSError:
+        if not getattr(fs, "islink", lambda _: False)(path):
+            raise
+        info = {"islink": True}  # one that leads nowhere (or in a loop): refused, not retried
     name = posixpath.basename(path)
     if info.get("islink") or info["type"] != "file":
         raise _Refused(NOT_A_FILE, f"{name!r} is a link or not a regular file")

@@ -363,6 +363,78 @@ def test_folder_links_and_non_files_are_refused_unread(tmp_path):
     assert all(b"not for" not in (getattr(i, "caption", b"") or b"") for i in items)
 
 
+def _folder(tmp_path, stems=("a", "b", "c")) -> str:
+    root = tmp_path / "d"
+    root.mkdir()
+    for stem in stems:
+        (root / f"{stem}.png").write_bytes(image_bytes(40, 40))
+        (root / f"{stem}.txt").write_text(f"caption {stem}")
+    return str(root)
+
+
+@pytest.mark.parametrize("back", [True, False])
+def test_a_folder_image_failing_to_read_is_read_again_or_fails_its_unit(tmp_path, monkeypatch,
+                                                                         caplog, back):
+    """Before: an image that failed to read (here: gone for a moment; an NFS EIO, an S3 outage)
+    became an unreadable_shard reject and its unit was done without it. Now it is read again
+    once back, and a failure that stays fails the unit (no rejects: a rerun reads it again)."""
+    root = _folder(tmp_path, "abcd")
+    unit = inp.list_units(root, "auto", 2, EXTS)[1]  # c, d (the first unit reads the folder too)
+    image, away = os.path.join(root, "d.png"), str(tmp_path / "d.png")
+    os.rename(image, away)
+    pauses = pauses_that(monkeypatch, lambda: os.rename(away, image) if back else None)
+    items = inp.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20)
+    if back:
+        with caplog.at_level("WARNING", "bdt.extract.inputs"):
+            got = [(i.key, i.caption) for i in items]
+        assert got == [(s, f"caption {s}".encode()) for s in "cd"] and pauses == [1.0]
+        assert f"{unit.name}: reading 'd.png' failed (FileNotFoundError: " in caplog.text
+    else:
+        assert _verdicts([next(items)]) == [("c", "sample")]
+        with pytest.raises(OSError, match=r"reading 'd.png' failed 5 times in a row, .*The unit "
+                                          r"failed: a rerun reads it again"):
+            next(items)
+        assert pauses == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_a_folder_caption_failing_to_read_is_read_again_not_rejected(tmp_path, monkeypatch):
+    """Before: a caption whose read failed with an I/O error made its sample an unreadable_shard
+    reject, one gone between its lookup and its read a missing_caption one (the sample was
+    written without its caption). The fault here: EIO on the caption's first read."""
+    import errno
+
+    from bdt import storage
+
+    root = _folder(tmp_path, "ab")
+    unit, = inp.list_units(root, "auto", 10, EXTS)
+    fs, _ = storage.filesystem(root)
+    cat_file, failed = fs.cat_file, []
+
+    def flaky(path, *args, **kwargs):
+        if path.endswith("b.txt") and not failed:
+            failed.append(path)
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return cat_file(path, *args, **kwargs)
+    monkeypatch.setattr(fs, "cat_file", flaky)
+    pauses = pauses_that(monkeypatch)
+    items = list(inp.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20))
+    assert [(i.key, i.caption) for i in items] == [("a", b"caption a"), ("b", b"caption b")]
+    assert failed and pauses == [1.0]
+
+
+def test_folder_links_that_lead_nowhere_are_refused_not_retried(tmp_path, monkeypatch):
+    """A link that cannot be followed fails every read: it is bad data, refused at once (a
+    retried one would fail its unit on every rerun)."""
+    root = _folder(tmp_path, "a")
+    (tmp_path / "d" / "c.png").write_bytes(image_bytes(40, 40))
+    for name, target in [("gone.png", "nothing.png"), ("loop.png", "loop.png"), ("c.txt", "c.txt")]:
+        os.symlink(os.path.join(root, target), os.path.join(root, name))
+    pauses = pauses_that(monkeypatch)
+    assert _verdicts(_read(root)) == [("a", "sample"), ("c", "not_a_file"), ("gone", "not_a_file"),
+                                      ("loop", "not_a_file")]
+    assert pauses == []
+
+
 def test_folder_names_follow_the_tar_rules(tmp_path):
     """A file named just 'jpg' failed the whole unit; several images of one stem each became a
     sample (a tar sample uses the first of the image extensions); an upper-case caption
