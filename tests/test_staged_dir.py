@@ -38,7 +38,7 @@ def test_the_directory_appears_only_when_complete(tmp_path):
 def test_a_failure_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        with output_dirs.staged_dir(str(out)) as tmp:
+        with output_dirs.staged_dir(str(out)):
             _write(tmp_path / STAGING, {"a.txt": "1"})
             raise RuntimeError("killed")
     assert not out.exists() and not (tmp_path / STAGING).exists()
@@ -47,7 +47,7 @@ def test_a_failure_leaves_nothing(tmp_path):
         with output_dirs.staged_dir(str(out)):
             raise RuntimeError("killed")
     assert out.is_dir() and not list(out.iterdir())
-    with output_dirs.staged_dir(str(out)) as tmp:
+    with output_dirs.staged_dir(str(out)):
         _write(out / output_dirs.STAGING_NAME, {"a.txt": "1"})
     assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
 
@@ -60,7 +60,7 @@ def test_a_non_empty_directory_is_refused_unless_overwriting(tmp_path):
             pytest.fail("the block must not run")
     with pytest.raises(FileExistsError, match="is not empty: do this"):
         output_dirs.refuse_nonempty_dir(str(out), "do this")
-    with output_dirs.staged_dir(str(out), overwrite=True) as tmp:
+    with output_dirs.staged_dir(str(out), overwrite=True):
         _write(out / output_dirs.STAGING_NAME, {"a.txt": "new", "was_dir": "now a file",
                                             "was_file/y": "now a dir"})
     assert (out / "keep.txt").read_text() == "mine" and (out / "a.txt").read_text() == "new"

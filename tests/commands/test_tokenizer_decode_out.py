@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bdt import cli, output_dirs, storage
+from bdt import cli, storage
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from testkit import save_tiny_image_tokenizer
 

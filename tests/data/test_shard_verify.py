@@ -58,7 +58,7 @@ def test_a_listed_size_that_is_no_byte_count_is_damage(tmp_path, size):
     index = (tmp_path / "index.json").read_text()
     entry = json.loads(index)["stages"][FAMILY]["shards"][0]
     (tmp_path / "index.json").write_text(index.replace(f'"bytes": {entry["bytes"]}', f'"bytes": {size}'))
-    with pytest.raises(ValueError, match=rf"index.json is damaged: shard 'f/000000.tar' has 'bytes' "):
+    with pytest.raises(ValueError, match=r"index.json is damaged: shard 'f/000000.tar' has 'bytes' "):
         list_shards(str(tmp_path), FAMILY)
 
 
