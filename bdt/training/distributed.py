@@ -2,7 +2,7 @@
 
 All three launchers describe the job with the same environment variables (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a plain `python script.py` has none of them and runs as a
-world of one. DeepSpeed's communication layer is initialised on top of the torch process group so
+world of one, on an in-process store (no TCP rendezvous). DeepSpeed's communication layer is initialised on top of the torch process group so
 that both agree on the backend (gloo on CPU, nccl on CUDA). A rank started by a launcher
 watches it (`watch_launcher`) and stops when it dies. The collectives below are no-ops in a world
 of one.
@@ -61,6 +61,8 @@ def disable_deepspeed_shm_op() -> None:
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a launch's master port (another process may take
+    it before the bind: launchers and tests that can retry)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -90,12 +92,10 @@ def _init_process_group(use_deepspeed: bool) -> DistInfo:
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world_size))
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if world_size > 1:
-            raise ValueError("WORLD_SIZE > 1 but MASTER_PORT is not set: start the job with "
-                             "torchrun or deepspeed, or set MASTER_ADDR/MASTER_PORT")
-        os.environ["MASTER_PORT"] = str(free_port())
+    solo = "MASTER_PORT" not in os.environ  # no launcher
+    if solo and world_size > 1:
+        raise ValueError("WORLD_SIZE > 1 but MASTER_PORT is not set: start the job with "
+                         "torchrun or deepspeed, or set MASTER_ADDR/MASTER_PORT")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -103,7 +103,11 @@ def _init_process_group(use_deepspeed: bool) -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    if use_deepspeed:
+    if solo and not dist.is_initialized():
+        # A world of one needs no rendezvous: an in-process store, no TCP port to pick (a free
+        # port picked first was once taken by another process before the bind)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    if use_deepspeed:  # it takes over a process group that is already initialised
         disable_deepspeed_shm_op()
         import deepspeed
 
