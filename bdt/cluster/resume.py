@@ -47,7 +47,7 @@ from bdt import storage
 from bdt.cluster.hosts import is_this_host, port_holder
 from bdt.cluster.launch_checks import master_endpoint, retry_may_fix
 from bdt.cluster.run_state import (TRAIN_SCRIPT, RunPaths, complete_checkpoints, finished_step,
-                                   newest_step, paths_from_command)
+                                   newest_step, paths_from_command, read_summary)
 from bdt.training.metrics import open_line_log
 from bdt.training.run_dir import LAUNCH_ERROR, checkpoint_root
 
@@ -209,18 +209,17 @@ class Resumer:
         self.child = None
         return rc
 
-    def _finished(self, rc: int, started: float) -> tuple[bool, str]:
-        """(done, why not). Exit 0 is also what a rank stopped by a signal returns after saving:
-        rank 0's summary.json says which (stopped: true/false)."""
-        summary, missing = _fresh_summary(os.path.join(self.paths.run_dir, "summary.json"),
-                                          started)
+    def _finished(self, rc: int, started: float, newest: int | None) -> tuple[bool, str]:
+        """(done, why not), `newest` the step of the newest complete checkpoint now. Exit 0 is
+        also what a rank stopped by a signal returns after saving: rank 0's summary.json says
+        which (stopped: true/false)."""
+        summary, missing = read_summary(self.paths.run_dir, written_after=started)
         stopped = None if summary is None else bool(summary.get("stopped"))
         if rc != 0:
-            step = newest_step(self.checkpoints())
-            if stopped is False and step is not None and summary.get("step") == step:
+            if stopped is False and newest is not None and summary.get("step") == newest:
                 # environment.md: rarely a rank aborts in its exit after all is saved
                 self.log("note", f"exit code {rc} after the launch's summary.json said it "
-                         f"finished at step {step}, whose checkpoint is complete: a process "
+                         f"finished at step {newest}, whose checkpoint is complete: a process "
                          f"failed while exiting; taking it as finished")
                 return True, ""
             return False, f"exit code {rc}"
@@ -288,7 +287,7 @@ class Resumer:
                 return CANNOT_START
             now = self.checkpoints()
             after = newest_step(now)
-            done, why = self._finished(rc, started)
+            done, why = self._finished(rc, started, after)
             fields = dict(attempt=attempt, exit_code=rc, checkpoint_step=after)
             if done:
                 self.log("done", f"attempt {attempt}: training finished (newest checkpoint: step "
@@ -327,25 +326,6 @@ class Resumer:
                 break
         self.log("stopped", "stop signal before a launch; nothing is running", attempt=attempt)
         return STOPPED
-
-
-def _fresh_summary(path: str, started: float) -> tuple[dict | None, str]:
-    """(the summary.json rank 0 wrote after `started`, ""); (None, what is wrong) when there is
-    no such summary or it is not a JSON object (a damaged or foreign file must not end the
-    supervision with a traceback)."""
-    missing = f"no fresh {path} (rank 0 runs on another node?)"
-    try:
-        if storage.is_remote(path) or os.path.getmtime(path) < started:
-            return None, missing
-        with open(path, "rb") as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        return None, missing
-    except (OSError, ValueError, RecursionError) as e:  # a directory, not UTF-8, not JSON
-        return None, f"an unreadable {path} ({type(e).__name__}: {e})"
-    if not isinstance(record, dict):
-        return None, f"a {path} that holds no JSON object"
-    return record, ""
 
 
 def _term_when_parent_dies() -> None:

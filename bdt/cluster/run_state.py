@@ -43,20 +43,39 @@ def finished_step(paths: RunPaths, checkpoints: dict[str, tuple[int, object]]) -
     (reload the last checkpoint, export again): rank 0's summary.json says it finished there (not
     stopped, not cut short by its time limit) and the run's config.yaml is the command's config.
     None otherwise (a changed config trains on)."""
-    if not paths.config or storage.is_remote(paths.run_dir):
+    if not paths.config:
         return None
+    summary, _ = read_summary(paths.run_dir)
     try:
-        with open(os.path.join(paths.run_dir, "summary.json"), "rb") as f:
-            summary = json.load(f)
         with open(os.path.join(paths.run_dir, CONFIG_NAME), encoding="utf-8") as f:
             same_config = f.read() == paths.config
-    except (OSError, ValueError, RecursionError):  # none, damaged: launch, as before
+    except (OSError, ValueError):  # none, damaged: launch, as before
         return None
-    if not (same_config and isinstance(summary, dict) and summary.get("stopped") is False
+    if not (same_config and summary is not None and summary.get("stopped") is False
             and not summary.get("timed_out")):
         return None
     step = summary.get("step")
     return step if type(step) is int and step == newest_step(checkpoints) else None
+
+
+def read_summary(run_dir: str, written_after: float = 0.0) -> tuple[dict | None, str]:
+    """(the summary.json rank 0 wrote in `run_dir` after `written_after`, ""); (None, what is
+    wrong) when there is no such summary or it is not a JSON object (a damaged or foreign file
+    must not end the supervision with a traceback)."""
+    path = os.path.join(run_dir, "summary.json")
+    missing = f"no fresh {path} (rank 0 runs on another node?)"
+    try:
+        if storage.is_remote(path) or os.path.getmtime(path) < written_after:
+            return None, missing
+        with open(path, "rb") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None, missing
+    except (OSError, ValueError, RecursionError) as e:  # a directory, not UTF-8, not JSON
+        return None, f"an unreadable {path} ({type(e).__name__}: {e})"
+    if not isinstance(record, dict):
+        return None, f"a {path} that holds no JSON object"
+    return record, ""
 
 
 def complete_checkpoints(checkpoint_dir: str) -> dict[str, tuple[int, object]]:
