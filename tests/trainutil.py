@@ -82,6 +82,54 @@ def rank_entry(fn):
     return run_then_exit
 
 
+# Ranks are forked from one server process that imported what a rank imports, once per test
+# session: a fresh interpreter per rank spends ~4 s of a shared core on importing torch,
+# DeepSpeed and transformers, and the suite launches ranks about 60 times.
+RANK_PRELOAD = ["trainutil", "bdt.train", "bdt.training.ar.loop", "bdt.training.tokenizer.loop",
+                "transformers.models.qwen3.modeling_qwen3",
+                "deepspeed.runtime.zero.muon.original_muon"]
+
+
+def spawn_ranks(fn, args: tuple, nprocs: int) -> None:
+    """torch.multiprocessing.spawn(fn, args, nprocs), the ranks forked from the preloaded
+    server. What a fresh interpreter would inherit from this process now, the server (started
+    once) does not have: each rank first takes this process's environment and its stdout and
+    stderr of now (a test's S3 endpoint, a changed variable, pytest's capture of the test)."""
+    import torch.multiprocessing as mp
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(RANK_PRELOAD)
+    inherited = (dict(os.environ), _Descriptor(1), _Descriptor(2))
+    mp.start_processes(_inheriting, args=(inherited, fn, args), nprocs=nprocs, join=True,
+                       start_method="forkserver")
+
+
+class _Descriptor:
+    """A file descriptor of this process; a rank receives its own duplicate (multiprocessing
+    sends it with the rank's arguments)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing.reduction import DupFd
+
+        return _received, (DupFd(self.fd),)
+
+
+def _received(dup) -> int:
+    return dup.detach()
+
+
+def _inheriting(rank: int, inherited: tuple, fn, args: tuple) -> None:
+    env, stdout_fd, stderr_fd = inherited
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, target in ((stdout_fd, 1), (stderr_fd, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+    fn(rank, *args)
+
+
 def _rank_env(rank: int, world: int, port: int) -> None:
     """The launcher's environment for one rank, and one thread (bitwise-repeatable runs)."""
     import torch
@@ -108,7 +156,7 @@ def spawn_train(argv: list[str], world: int = 2) -> int:
     from bdt.training.distributed import free_port
 
     try:
-        mp.spawn(_rank_main, args=(world, free_port(), argv), nprocs=world, join=True)
+        spawn_ranks(_rank_main, (world, free_port(), argv), world)
     except mp.ProcessExitedException as e:
         return e.exit_code
     return 0
@@ -176,11 +224,9 @@ def _build_rank_main(rank: int, world: int, port: int, argv: list[str], out_dir:
 
 
 def spawn_build(argv: list[str], out_dir: str, world: int = 2) -> None:
-    import torch.multiprocessing as mp
-
     from bdt.training.distributed import free_port
 
-    mp.spawn(_build_rank_main, args=(world, free_port(), argv, out_dir), nprocs=world, join=True)
+    spawn_ranks(_build_rank_main, (world, free_port(), argv, out_dir), world)
 
 
 def unconsumed_keys(meta, urls, rank, world, seed=3):

@@ -11,14 +11,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from bdt import storage
 from bdt.training.checkpoint import MARKER, CheckpointManager, tag_for
 from bdt.training.distributed import DistInfo, free_port
 from bdt.training.integrity import digest
 from testkit import PlantedPickle, cut_file, flip_bytes
-from trainutil import rank_entry
+from trainutil import rank_entry, spawn_ranks
 
 SOLO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -338,7 +337,7 @@ def _worker(rank, world, port, root, out):
 
 @pytest.mark.slow
 def test_deepspeed_zero2_two_rank_save_resume_is_exact(tmp_path):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "ck"), str(tmp_path)), nprocs=2)
+    spawn_ranks(_worker, (2, free_port(), str(tmp_path / "ck"), str(tmp_path)), 2)
     for rank in range(2):
         r = torch.load(tmp_path / f"r{rank}.pt", weights_only=True)
         assert r["meta"] == {"seen": 12}
@@ -389,7 +388,7 @@ def test_engine_state_survives_world_size_change(tmp_path):
     the same global batch gives the 2-rank run's weights (to float reduction order). Lost Adam
     moments or LR would change the update (Adam's first step moves every weight by ~lr)."""
     for world in (2, 1):
-        mp.spawn(_world_change_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
+        spawn_ranks(_world_change_worker, (world, free_port(), str(tmp_path)), world)
     two, one = (torch.load(tmp_path / f"world{w}.pt", weights_only=True) for w in (2, 1))
     for zero in ZEROS:
         assert one[f"seen{zero}"] == 24 and one[f"lr{zero}"] == two[f"lr{zero}"]

@@ -12,7 +12,6 @@ import sys
 import fsspec
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from bdt import storage
 from bdt.training.checkpoint import CheckpointManager, tag_for
@@ -20,7 +19,7 @@ from bdt.training.checkpoint_owner import OWNER_NAME, CheckpointRootTaken, run_i
 from bdt.training.distributed import DistInfo, free_port
 from bdt.training.run_dir import RUN_ID_NAME
 from testkit import REPO, TINY_CONFIG
-from trainutil import rank_entry
+from trainutil import rank_entry, spawn_ranks
 
 SOLO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -205,8 +204,7 @@ def test_two_ranks_share_rank0s_verdict(tmp_path):
     """Rank 0 alone reads and writes the records; the other rank gets the same verdict."""
     root = tmp_path / "ck"
     _bound(root / "taken", tmp_path / "other")
-    mp.spawn(_bind_rank, args=(2, free_port(), str(root), str(tmp_path / "run"), str(tmp_path)),
-             nprocs=2)
+    spawn_ranks(_bind_rank, (2, free_port(), str(root), str(tmp_path / "run"), str(tmp_path)), 2)
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
     me = run_id(str(tmp_path / "run"))
     assert r0["own"] == ["bound", True, me] and r1["own"] == ["bound", True, None]

@@ -8,12 +8,11 @@ import signal
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 
 from bdt.training.distributed import free_port
 from bdt.training.divergence import StepHealth, TrainingDiverged, raise_diverged
 from bdt.training.signals import DIVERGED, StopFlag
-from trainutil import rank_entry
+from trainutil import rank_entry, spawn_ranks
 
 
 def test_step_health_keeps_the_first_problem_and_quotes_the_samples():
@@ -76,7 +75,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_one_ranks_nan_stops_every_rank_at_the_same_step(tmp_path):
-    mp.spawn(_rank, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    spawn_ranks(_rank, (2, free_port(), str(tmp_path)), 2)
     for rank in (0, 1):
         why, message = (tmp_path / f"rank{rank}").read_text().split("\n", 1)
         assert int(why) == DIVERGED

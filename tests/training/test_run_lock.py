@@ -11,12 +11,11 @@ import time
 
 import psutil
 import pytest
-import torch.multiprocessing as mp
 
 from bdt.training.distributed import free_port
 from bdt.training.run_lock import (LOCK_NAME, LOST_LOCK_EXIT, RunDirInUse, RunLock, _process_space,
                                    hold_run_lock)
-from trainutil import rank_entry
+from trainutil import rank_entry, spawn_ranks
 
 
 def _plant(run_dir, **record):
@@ -136,7 +135,7 @@ def test_every_rank_raises_rank0s_error(tmp_path, lock):
         _plant(tmp_path, host="elsewhere")  # fresh: a live holder elsewhere
     else:
         (tmp_path / LOCK_NAME).mkdir()
-    mp.spawn(_lock_rank, args=(2, free_port(), str(tmp_path), str(tmp_path)), nprocs=2)
+    spawn_ranks(_lock_rank, (2, free_port(), str(tmp_path), str(tmp_path)), 2)
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
     assert r0 == r1, (r0, r1)
     assert r0[0] == ("RunDirInUse" if lock == "held" else "OSError")

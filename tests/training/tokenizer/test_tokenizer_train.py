@@ -21,7 +21,7 @@ from bdt.training.distributed import free_port
 from bdt.training.schedule import WarmupSchedule
 from bdt.training.tokenizer.config import TokenizerTrainConfig
 from bdt.training.tokenizer.loop import Discriminator, main, train
-from trainutil import rank_entry
+from trainutil import rank_entry, spawn_ranks
 
 TINY = ["model.ch=32", "model.ch_mult=[1,1]", "model.num_res_blocks=1", "model.z_channels=8",
         "data.size=16", "data.num_workers=0", "deepspeed.micro_batch_size=2",
@@ -46,7 +46,7 @@ def _rank(rank, world, port, overrides):
 
 
 def _run2(overrides):
-    mp.spawn(_rank, args=(2, free_port(), overrides), nprocs=2)
+    spawn_ranks(_rank, (2, free_port(), overrides), 2)
 
 
 def _log(out_dir):
@@ -139,7 +139,7 @@ def test_schedule_steps_lets_a_stopped_run_resume_on_the_same_lr_curve(shards, t
     stopped, straight, short = (str(tmp_path / n) for n in ("stopped", "straight", "short"))
 
     def run1(overrides):  # a fresh process per run: DeepSpeed keeps process-group state
-        mp.spawn(_rank, args=(1, free_port(), base + overrides), nprocs=1)
+        spawn_ranks(_rank, (1, free_port(), base + overrides), 1)
 
     run1([f"run_dir={stopped}", "steps=2", "schedule_steps=5"])
     run1([f"run_dir={stopped}", "steps=5"])
@@ -166,7 +166,7 @@ def test_a_diverging_run_stops_before_saving_the_bad_step(shards, tmp_path):
                    "loss.disc_weight=0", "optim.lr=1e30"]
     # a fresh process: DeepSpeed keeps process-group state
     with pytest.raises(mp.ProcessRaisedException) as raised:
-        mp.spawn(_rank, args=(1, free_port(), args), nprocs=1)
+        spawn_ranks(_rank, (1, free_port(), args), 1)
     assert re.search(r"TrainingDiverged: training diverged at step 2: non-finite values \(rank 0: "
                      r"micro-batch 0: loss=nan, rec_loss=nan, samples \d+, \d+\)\. Nothing of "
                      r"this step was saved; the newest checkpoint is step 1\. Lower the learning "
@@ -222,7 +222,7 @@ def test_resume_is_exact_with_workers_and_noise_and_follows_a_changed_config(sha
     resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
 
     def run1(overrides):  # a fresh process per run: DeepSpeed keeps process-group state
-        mp.spawn(_rank, args=(1, free_port(), base + overrides), nprocs=1)
+        spawn_ranks(_rank, (1, free_port(), base + overrides), 1)
 
     run1([f"run_dir={resumed}", "steps=1"])
     run1([f"run_dir={resumed}", "steps=3"])
@@ -253,10 +253,10 @@ def test_a_changed_model_shape_is_a_config_error_not_damage(shards, tmp_path):
     """A resume with another model.ch: one error naming a parameter, not every checkpoint
     reported as 'loading failed'."""
     run = [*TINY, f"run_dir={tmp_path}", f"data.shards={shards}", "steps=1", "loss.disc_weight=0"]
-    mp.spawn(_rank, args=(1, free_port(), run), nprocs=1)
+    spawn_ranks(_rank, (1, free_port(), run), 1)
     with pytest.raises(mp.ProcessRaisedException, match="from a different model: parameter "
                                                          "'encoder.conv_in.weight'"):
-        mp.spawn(_rank, args=(1, free_port(), [*run, "steps=2", "model.ch=64"]), nprocs=1)
+        spawn_ranks(_rank, (1, free_port(), [*run, "steps=2", "model.ch=64"]), 1)
 
 
 def test_a_resumed_discriminator_follows_the_configs_lr_and_schedule():
