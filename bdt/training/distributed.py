@@ -10,6 +10,7 @@ of one.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -55,8 +56,7 @@ def disable_deepspeed_shm_op() -> None:
     Building it costs ~30 s and leaves a 66 MB file per rank in /dev/shm; training never uses it.
     Patched through sys.modules: `import deepspeed.comm.torch` binds the *torch* package instead.
     """
-    import deepspeed.comm  # noqa: F401  (imports deepspeed.comm.torch as a side effect)
-
+    importlib.import_module("deepspeed.comm")  # imports deepspeed.comm.torch
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
