@@ -372,7 +372,9 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
         return RawSample(s.key, s.members[image_ext], image_ext, s.members.get("txt"))
 
     offset, retries = 0, tars.ReadRetries(log)  # offset: where the next sample starts
+    inside = 0  # verdicts given since offset on members without an extension (inside a sample)
     while True:
+        again = inside  # a read again from offset meets those first: given already
         stack = contextlib.ExitStack()
         try:
             f = stack.enter_context(tars.open_tar(unit.source, offset))
@@ -386,8 +388,13 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
             try:
                 for sample in tars.iter_samples(f, offset, max_bytes=limit):
                     retries.failed = 0
-                    if sample.next_offset != sample.offset:  # (a member without an extension
-                        offset = sample.next_offset  # stays inside a sample)
+                    if sample.next_offset != sample.offset:
+                        offset, inside = sample.next_offset, 0
+                    elif again:
+                        again -= 1
+                        continue
+                    else:
+                        inside += 1
                     yield verdict(sample)
                 return
             except tars.TarDamaged as exc:

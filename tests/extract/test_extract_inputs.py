@@ -112,6 +112,51 @@ def test_a_tar_missing_for_a_moment_is_read_again_not_rejected(tmp_path, monkeyp
     assert f"{path}: reading from byte 0 failed (FileNotFoundError: " in caplog.text
 
 
+def test_a_member_without_extension_is_rejected_once_across_a_failed_read(tmp_path, monkeypatch):
+    """NOTES (no extension) lies inside sample a; the read fails after its reject was given and
+    before a ends. The next try reads from a's start and meets NOTES again: before, its reject
+    was recorded twice."""
+    import errno
+    import tarfile
+
+    from bdt.data import tars
+
+    path = str(tmp_path / "t.tar")
+    png = image_bytes(40, 40)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in [("a.png", png), ("NOTES", b"n" * 600), ("a.txt", b"one"),
+                           ("b.png", png), ("b.txt", b"two")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        fail_at = next(m.offset for m in tar.getmembers() if m.name == "a.txt")
+    unit, = inp.list_units(path, "auto", 10, EXTS)
+
+    class FailsOnce:  # the file: one read that reaches a.txt's header fails, as on a flaky mount
+        failed = False
+
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            start = self.f.tell()
+            if not FailsOnce.failed and start <= fail_at < (start + n if n >= 0 else 1 << 62):
+                FailsOnce.failed = True
+                raise OSError(errno.EIO, "Input/output error")
+            return self.f.read(n)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    wrap = tars._Reads.__init__
+    monkeypatch.setattr(tars._Reads, "__init__", lambda self, f: wrap(self, FailsOnce(f)))
+    pauses = pauses_that(monkeypatch)
+    items = list(inp.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20))
+    assert FailsOnce.failed and pauses == [1.0]
+    assert _verdicts(items) == [("NOTES", "unknown_extension"), ("a", "sample"), ("b", "sample")]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("back", [True, False])
 def test_an_s3_tar_failing_mid_read_is_read_again_or_fails_its_unit(s3_bucket, tmp_path,
