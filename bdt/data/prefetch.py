@@ -13,6 +13,11 @@ acknowledges each row it takes, and `state_dict()` asks for the state at the mar
 row taken. A resume from that state builds the rows that were prefetched but never consumed
 again, identically. Marks of acknowledged rows are dropped, so at most depth + 1 are held.
 
+A worker that builds no row for `stall_s` seconds (a read that never returns: a hung mount, a
+storage endpoint that stopped answering) is stopped and DataStalled raised, naming what its
+source was reading (`where()`): the run ends with that, not with a collective's timeout on the
+other ranks, and the launcher or the resume wrapper starts it again from its checkpoint.
+
 The worker is stopped (and joined) by `close()`, at a stage switch, at the end of training and
 on every error path; an exception in the worker is raised in the trainer as it was (type and
 message), caused by a WorkerTraceback that holds the worker's traceback. A worker process
@@ -33,6 +38,7 @@ import pickle
 import queue
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,10 +54,15 @@ log = logging.getLogger(__name__)
 Tensors = dict[str, torch.Tensor]
 _POLL_S = 0.2  # how often a waiting side checks that the other one is still alive
 _ALIGN = 64  # byte alignment of each tensor inside a row's buffer
+_WHERE_BYTES = 1024  # a worker process's report of what it reads, in shared memory
 
 
 class WorkerTraceback(Exception):
     """The cause attached to an error re-raised from the worker: its traceback there, as text."""
+
+
+class DataStalled(TimeoutError):
+    """The worker built no row within the limit (its message says what it was reading)."""
 
 
 class RowSource(Protocol):
@@ -65,6 +76,9 @@ class RowSource(Protocol):
 
     def state_at(self, mark: Any) -> tuple[dict, Tensors]:
         """The checkpointable state at a mark: (JSON-able dict, tensors)."""
+
+    # Optional: `where() -> str`, what it reads now ("reading URL from byte N"), asked from
+    # another thread when the worker stalls.
 
 
 @dataclass
@@ -98,11 +112,13 @@ class Prefetcher:
     tensors on `device` except those named in `host_keys` (read on the host by the consumer)."""
 
     def __init__(self, factory: Callable[[], RowSource], depth: int, worker: str = "thread",
-                 device: torch.device | str = "cpu", host_keys: frozenset[str] = frozenset()):
-        if depth < 0 or worker not in ("thread", "process"):
-            raise ValueError(f"prefetch depth must be >= 0 and the worker 'thread' or 'process', "
-                             f"got {depth} and {worker!r}")
+                 device: torch.device | str = "cpu", host_keys: frozenset[str] = frozenset(),
+                 stall_s: float = 0.0):
+        if depth < 0 or worker not in ("thread", "process") or not stall_s >= 0:
+            raise ValueError(f"prefetch depth must be >= 0, the worker 'thread' or 'process' and "
+                             f"the stall limit >= 0 s, got {depth}, {worker!r} and {stall_s}")
         self.depth, self.device, self.host_keys = depth, torch.device(device), host_keys
+        self.stall_s = stall_s  # 0 = wait for a row as long as it takes
         self._taken = 0  # rows handed out
         self._closed = False
         self._early: collections.deque = collections.deque()  # rows that came with a reply
@@ -115,9 +131,11 @@ class Prefetcher:
         if worker == "thread":
             self._inbox = queue.Queue()
             main = threading.main_thread()
+            sources: list[RowSource] = []  # the worker's, once built: asked where it reads
+            self._where = lambda: _where(sources[0]) if sources else "building its source"
             self._thread = threading.Thread(
                 target=_serve, args=(factory, depth, self._inbox, self._out, pin, True,
-                                     main.is_alive),
+                                     main.is_alive, sources.append),
                 name="bdt-prefetch", daemon=True)
             self._proc = None
         else:
@@ -127,9 +145,11 @@ class Prefetcher:
             cmd_recv, cmd_send = ctx.Pipe(duplex=False)
             out_recv, out_send = ctx.Pipe(duplex=False)
             self._inbox = _PipeEnd(cmd_send)
+            where = ctx.Array("c", _WHERE_BYTES)  # written by a thread of the worker
+            self._where = lambda: where.value.decode(errors="replace") or "building its source"
             self._proc = ctx.Process(target=_serve_process, name="bdt-prefetch", daemon=True,
                                      args=(factory, depth, _PipeEnd(cmd_recv),
-                                           _PipeEnd(out_send)))
+                                           _PipeEnd(out_send), where))
             self._proc.start()
             # Before multiprocessing's exit handler, whose SIGTERM the worker ignores and whose
             # join would then wait forever: an error path that skipped close() still exits.
@@ -172,8 +192,9 @@ class Prefetcher:
         self._send(("state", self._taken))
         return self._receive("state")
 
-    def close(self) -> None:
-        """Stop the worker and wait for it (idempotent); rows still in flight are dropped."""
+    def close(self, wait_s: float = 30.0) -> None:
+        """Stop the worker and wait for it, `wait_s` at most (idempotent); rows still in flight
+        are dropped."""
         if self._closed:
             return
         self._closed = True
@@ -185,15 +206,15 @@ class Prefetcher:
             pass
         if self._proc is not None:
             atexit.unregister(self.close)
-            self._proc.join(timeout=30)
+            self._proc.join(timeout=wait_s)
             if self._proc.is_alive():  # stuck in a read: it holds nothing worth waiting for
                 self._proc.kill()
                 self._proc.join()
             self._inbox.conn.close()
-        self._thread.join(timeout=30)
-        if self._thread.is_alive():  # a daemon: it cannot keep the process from exiting
-            log.warning("the prefetch thread %s did not stop within 30 s (stuck in a read?)",
-                        self._thread.name)
+        self._thread.join(timeout=wait_s)
+        if self._thread.is_alive() and wait_s:  # a daemon: it cannot keep the process from exiting
+            log.warning("the prefetch thread %s did not stop within %.0f s (stuck in a read?)",
+                        self._thread.name, wait_s)
 
     def __enter__(self) -> Prefetcher:
         return self
@@ -212,10 +233,13 @@ class Prefetcher:
             self._receive("error")  # raises its relay's report of how it ended
 
     def _receive(self, want: str) -> Any:
+        since = time.monotonic()
         while True:
             try:
                 kind, payload = self._out.get(timeout=_POLL_S)
             except queue.Empty:
+                if self.stall_s and time.monotonic() - since > self.stall_s:
+                    self._stalled()
                 if self._thread.is_alive():
                     continue
                 self.close()
@@ -228,15 +252,23 @@ class Prefetcher:
                 return payload
             self._early.append(payload)  # a row that was on its way before a state reply
 
+    def _stalled(self) -> None:
+        where = self._where()  # before close(): a process's report dies with it
+        self.close(wait_s=0)  # it is stuck: a process is killed, a thread left (a daemon)
+        raise DataStalled(f"the prefetch worker built no row for {self.stall_s:.0f} s; it is "
+                          f"{where}: a read that does not return (a hung mount, a storage "
+                          f"endpoint that stopped answering)? Stopping: a resume continues from "
+                          f"the last checkpoint (data.stall_s sets the limit, 0 = no limit)")
+
 
 # ---- the worker's side --------------------------------------------------------------------
 def _serve(factory: Callable[[], RowSource], depth: int, inbox, out, pin: bool, views: bool,
-           alive: Callable[[], bool]) -> None:
-    """Run the worker until "stop" or until `alive()` fails. After an error it only waits for
-    that: rows it sent before may still be on their way, and a process's shared buffers die
-    with it."""
+           alive: Callable[[], bool], built: Callable[[RowSource], None]) -> None:
+    """Run the worker until "stop" or until `alive()` fails; `built(source)` once the source is.
+    After an error it only waits for that: rows it sent before may still be on their way, and a
+    process's shared buffers die with it."""
     try:
-        _produce(factory, depth, inbox, out, pin, views, alive)
+        _produce(factory, depth, inbox, out, pin, views, alive, built)
     except BaseException as e:  # noqa: BLE001 -- every failure must reach the trainer
         out.put(("error", (_picklable(e), traceback.format_exc())))
         while alive():
@@ -248,10 +280,11 @@ def _serve(factory: Callable[[], RowSource], depth: int, inbox, out, pin: bool, 
 
 
 def _produce(factory: Callable[[], RowSource], depth: int, inbox, out, pin: bool, views: bool,
-             alive: Callable[[], bool]) -> None:
+             alive: Callable[[], bool], built: Callable[[RowSource], None]) -> None:
     """Build rows while credits allow (depth minus unacknowledged rows); answer state
     requests with the state at the asked row's mark."""
     source = factory()
+    built(source)
     marks = {0: source.mark()}  # row number -> mark; 0 = before the first row
     built = 0
     recent = _recent(depth)
@@ -289,6 +322,15 @@ def _recent(depth: int) -> collections.deque:
     return collections.deque(maxlen=depth + 3)
 
 
+def _where(source: RowSource) -> str:
+    """What the source reads now, in words (its optional `where()`; read from another thread
+    while the source runs, so anything it raises means only "unknown")."""
+    try:
+        return str(source.where()) if hasattr(source, "where") else "in its source"
+    except Exception:  # noqa: BLE001
+        return "in its source"
+
+
 def _picklable(e: BaseException) -> BaseException:
     try:
         pickle.loads(pickle.dumps(e))
@@ -316,16 +358,27 @@ class _PipeEnd:
 
 
 def _serve_process(factory: Callable[[], RowSource], depth: int, inbox: _PipeEnd,
-                   outbox: _PipeEnd) -> None:
+                   outbox: _PipeEnd, where) -> None:
     """A worker process: the trainer handles SIGINT/SIGTERM and stops it; bdt's log format; one
-    torch thread (the producer is Python-bound, and its cores belong to training)."""
+    torch thread (the producer is Python-bound, and its cores belong to training). A thread
+    copies what its source reads into `where` each second (a stuck read holds no GIL)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging()  # the source's warnings (a skipped shard) with the rank, as in the trainer
     torch.set_num_threads(1)
+
+    def report(source: RowSource) -> None:
+        while True:
+            where.value = _where(source).encode()[:_WHERE_BYTES - 1]
+            time.sleep(1.0)
+
+    def built(source: RowSource) -> None:
+        threading.Thread(target=report, args=(source,), name="bdt-prefetch-where",
+                         daemon=True).start()
+
     try:
         _serve(factory, depth, inbox, outbox, False, False,
-               multiprocessing.parent_process().is_alive)
+               multiprocessing.parent_process().is_alive, built)
     except (EOFError, OSError):  # the trainer's ends of the pipes are gone: so is the trainer
         pass
 

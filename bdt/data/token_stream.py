@@ -130,6 +130,11 @@ class TokenStream:
         return (self._order(c.epoch)[c.shard_pos], c.offset, c.index, self.sample_stride,
                 self.rank % self.sample_stride)
 
+    def where(self) -> str:
+        """What the stream reads now, for a report (asked from another thread)."""
+        url, offset = self._position()[:2]
+        return f"reading {url} from byte {offset}"
+
     def _advance(self, offset: int, index: int) -> None:
         where = self.pending[0] if self.pending else self.cursor
         where.offset, where.index = offset, index

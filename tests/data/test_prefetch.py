@@ -71,6 +71,28 @@ class WarningRows(CountingRows):
         source.next_row = warned
         return source
 
+@dataclass
+class StuckRows(CountingRows):
+    """Rows whose read of row `stuck_at` does not return until the file `release` exists (a
+    hung mount); the source says what it reads."""
+
+    stuck_at: int = 0
+    release: str = ""
+
+    def __call__(self) -> Counting:
+        source = super().__call__()
+        next_row = source.next_row
+
+        def hangs():
+            while source.n == self.stuck_at and not os.path.exists(self.release):
+                time.sleep(0.05)
+            return next_row()
+
+        source.next_row = hangs
+        source.where = lambda: f"reading shard-{source.n}.tar from byte {512 * source.n}"
+        return source
+
+
 def no_workers_left():
     names = [t.name for t in threading.enumerate() if t.name.startswith("bdt-prefetch")]
     return not names and not multiprocessing.active_children()
@@ -128,6 +150,29 @@ def test_close_with_rows_in_flight(worker):
     assert no_workers_left()
     with pytest.raises(RuntimeError, match="closed"):
         p.next()
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_a_worker_stuck_in_a_read_stops_the_caller_naming_what_it_reads(worker, tmp_path):
+    """Before: next() waited forever on a read that did not return (the other ranks then timed
+    out in a collective, saying nothing of the data)."""
+    release = str(tmp_path / "release")
+    p = Prefetcher(StuckRows(stuck_at=3, release=release), 2, worker, stall_s=1.5)
+    wait_ready(p, 2)  # a worker process has started (its start counts toward the limit too)
+    assert [p.next()[1]["n"] for _ in range(3)] == [1, 2, 3]
+    waited = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"the prefetch worker built no row for 2 s; it is "
+                                           r"reading shard-3.tar from byte 1536: a read that "
+                                           r"does not return .*data.stall_s"):
+        p.next()
+    assert 1.5 <= time.monotonic() - waited < 10
+    with pytest.raises(RuntimeError, match="closed"):
+        p.next()
+    open(release, "w").close()  # the hung read returns: a thread worker then sees the stop
+    deadline = time.monotonic() + 30
+    while not no_workers_left():
+        assert time.monotonic() < deadline, "the stuck worker was left running"
+        time.sleep(0.05)
 
 
 @pytest.mark.slow

@@ -68,6 +68,11 @@ class DataConfig:
     # The worker: "process" (a spawned process per rank: shares no GIL with the training loop,
     # costs a process start per stage), "thread", or "auto" = process on CUDA, thread on CPU.
     prefetch_worker: str = "auto"
+    # A worker that builds no row for this long stops the run, naming the shard it reads (a
+    # read that never returns: a hung NFS mount, an endpoint that stopped answering) instead
+    # of the other ranks timing out in a collective; the resume wrapper then restarts it.
+    # 0 = wait forever. With prefetch 0 the step itself waits in the read: no limit.
+    stall_s: float = 600.0
 
 
 @dataclass
@@ -303,6 +308,8 @@ def _value_rules(cfg: TrainConfig) -> list[tuple[str, object, bool, str]]:
               "in [1, 1048576] samples"),
              ("data.prefetch", cfg.data.prefetch, 0 <= cfg.data.prefetch <= 256,
               "in [0, 256] rows (0 = off)"),
+             ("data.stall_s", cfg.data.stall_s, 0 <= cfg.data.stall_s < math.inf,
+              "a finite number of seconds >= 0 (0 = no limit)"),
              ("eval.every", e.every, e.every >= 0, ">= 0 (0 = off)"),
              ("logging.sample_every", logs.sample_every, logs.sample_every >= 0, ">= 0 (0 = off)"),
              ("logging.sample_steps", logs.sample_steps, logs.sample_steps >= 1, ">= 1"),

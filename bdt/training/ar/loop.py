@@ -211,7 +211,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                     stream.close()  # stops its prefetch worker
                 state = stream_state[1:] if stream_state and stream_state[0] == si else None
                 stream = StageData(setup.stage_rows(cfg, si, sources[si], model, dist, state),
-                                   cfg.data.prefetch, cfg.data.prefetch_worker, dist.device)
+                                   cfg.data.prefetch, cfg.data.prefetch_worker, dist.device,
+                                   cfg.data.stall_s)
                 stream_state = None
             with Timer() as t_step:
                 data_wait = 0.0

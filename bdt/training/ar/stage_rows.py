@@ -126,6 +126,9 @@ class _PackedRows:
     def mark(self):
         return self.stream.mark()
 
+    def where(self) -> str:
+        return self.stream.where()
+
     def state_at(self, mark) -> tuple[dict, Tensors]:
         return self.stream.state_dict(mark)
 
@@ -141,12 +144,13 @@ class StageData:
     worker "auto": a process on CUDA (the training loop's Python then keeps the GIL to itself),
     a thread on CPU (no process start; CPU training runs in torch's threads)."""
 
-    def __init__(self, rows: StageRows, depth: int, worker: str, device: torch.device):
+    def __init__(self, rows: StageRows, depth: int, worker: str, device: torch.device,
+                 stall_s: float = 0.0):
         self.counters = StreamCounters(**rows.state[0]["counters"]) if rows.state else \
             StreamCounters()
         if worker == "auto":
             worker = "process" if device.type == "cuda" else "thread"
-        self._prefetcher = Prefetcher(rows, depth, worker, device, HOST_FIELDS)
+        self._prefetcher = Prefetcher(rows, depth, worker, device, HOST_FIELDS, stall_s)
 
     @property
     def ready(self) -> int:

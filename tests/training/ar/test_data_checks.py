@@ -4,6 +4,7 @@ whole epoch), and an extraction manifest's shards hold the family they are liste
 
 import json
 import os
+import re
 
 import pytest
 import webdataset as wds
@@ -91,3 +92,27 @@ def test_manifest_buckets_that_are_not_sizes_are_refused_at_start(tmp_path, buck
     with pytest.raises(ValueError, match=r"^stages\[0\] \(s0\): .*index.json: family 's' lists "
                                          r"the buckets"):
         check_data(config(tmp_path, str(tmp_path)))
+
+
+def test_a_shard_whose_read_never_returns_stops_the_run_naming_it(tmp_path):
+    """A named pipe among the shards: opening it blocks forever, as a read on a hung mount does.
+    Before: the run waited for good (the other ranks would time out in a collective)."""
+    import subprocess
+    import sys
+
+    from testkit import REPO
+    from trainutil import tiny_llm
+
+    data = tmp_path / "s"
+    write_shards(str(data), [(4, 4), (4, 8)], num_shards=2, per_shard=4)
+    os.mkfifo(data / "000002.tar")  # sorts last: the checks at start read the first shard
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(REPO, "bdt", "train.py"), "--config", TINY_CONFIG,
+           *train_overrides(str(run_dir), tiny_llm(str(tmp_path / "llm")), str(data), steps=50,
+                            zero=0, every=0, extra=["export=false", "data.stall_s=3"])]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]  # as bdt's other errors
+    assert re.search(rf"error: the prefetch worker built no row for 3 s; it is reading "
+                     rf"{re.escape(str(data / '000002.tar'))} from byte 0", proc.stderr), \
+        proc.stderr[-3000:]

@@ -202,6 +202,8 @@ def test_a_damaged_shape_record_is_written_again_once_resumed(tmp_path, caplog):
                                  r"1000000000"),
     ("data.prefetch=-1", r"data.prefetch must be in \[0, 256\] rows"),
     ("data.prefetch_worker=fork", r"data.prefetch_worker must be one of auto, thread, process"),
+    ("data.stall_s=-1", r"data.stall_s must be a finite number of seconds >= 0 \(0 = no limit\)"),
+    ("data.stall_s=.inf", r"data.stall_s must be a finite number of seconds >= 0"),
     ("deepspeed.grad_accum=0", r"deepspeed: micro_batch_size and grad_accum must be >= 1"),
     ("deepspeed.zero_stage=5", r"deepspeed.zero_stage: expected 0, 1, 2 or 3, got 5"),
     ("deepspeed.precision=fp16", r"deepspeed.precision: expected one of \('fp32', 'bf16'\)"),
