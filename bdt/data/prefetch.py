@@ -13,8 +13,8 @@ acknowledges each row it takes, and `state_dict()` asks for the state at the mar
 row taken. A resume from that state builds the rows that were prefetched but never consumed
 again, identically. Marks of acknowledged rows are dropped, so at most depth + 1 are held.
 
-A worker that builds no row for `stall_s` seconds (a read that never returns: a hung mount, a
-storage endpoint that stopped answering) is stopped and DataStalled raised, naming what its
+A worker that builds no row for `stall_s` seconds once its source is built (a read that never
+returns: a hung mount, a storage endpoint that stopped answering) is stopped and DataStalled raised, naming what its
 source was reading (`where()`): the run ends with that, not with a collective's timeout on the
 other ranks, and the launcher or the resume wrapper starts it again from its checkpoint.
 
@@ -132,7 +132,8 @@ class Prefetcher:
             self._inbox = queue.Queue()
             main = threading.main_thread()
             sources: list[RowSource] = []  # the worker's, once built: asked where it reads
-            self._where = lambda: _where(sources[0]) if sources else "building its source"
+            self._started = lambda: bool(sources)
+            self._where = lambda: _where(sources[0])
             self._thread = threading.Thread(
                 target=_serve, args=(factory, depth, self._inbox, self._out, pin, True,
                                      main.is_alive, sources.append),
@@ -146,7 +147,8 @@ class Prefetcher:
             out_recv, out_send = ctx.Pipe(duplex=False)
             self._inbox = _PipeEnd(cmd_send)
             where = ctx.Array("c", _WHERE_BYTES)  # written by a thread of the worker
-            self._where = lambda: where.value.decode(errors="replace") or "building its source"
+            self._started = lambda: bool(where.value)
+            self._where = lambda: where.value.decode(errors="replace")
             self._proc = ctx.Process(target=_serve_process, name="bdt-prefetch", daemon=True,
                                      args=(factory, depth, _PipeEnd(cmd_recv),
                                            _PipeEnd(out_send), where))
@@ -238,7 +240,9 @@ class Prefetcher:
             try:
                 kind, payload = self._out.get(timeout=_POLL_S)
             except queue.Empty:
-                if self.stall_s and time.monotonic() - since > self.stall_s:
+                if not self._started():  # a worker process still importing is no stalled read
+                    since = time.monotonic()
+                elif self.stall_s and time.monotonic() - since > self.stall_s:
                     self._stalled()
                 if self._thread.is_alive():
                     continue
