@@ -19,7 +19,8 @@ uninterrupted run's batch sequence. Corrupt samples (undecodable image, missing 
 member over MAX_MEMBER_BYTES, left unread) are skipped, counted and logged with their key and
 reason (the first MAX_LOGGED per worker), and so is the rest of a damaged shard (once, logged). A
 failed read (I/O, network, the shard gone) is no damage: it is tried again from the same sample,
-then stops the stream naming the shard (tars.ReadRetries). A sample with several images uses the
+then stops the stream naming the shard (tars.ReadRetries); a read that never returns stops it
+after `stall_s` (the DataLoader's timeout, its stuck workers killed). A sample with several images uses the
 first of IMAGE_EXTS; an animated image, its first frame.
 """
 
@@ -31,7 +32,7 @@ import logging
 import signal
 import tarfile
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -56,6 +57,10 @@ class RawDataConfig:
     random_crop: bool = False  # crop position random per sample (seeded, resume-exact), else centre
     seed: int = 0  # shard order per epoch and crop positions
     num_workers: int = 1  # DataLoader worker processes per rank (0 = read in the main process)
+    # No batch from the workers for this long (a read that never returns: a hung mount, an
+    # endpoint that stopped answering) stops the run naming the shards they were on; 0 = wait
+    # forever. With num_workers 0 the step itself waits in the read: no limit.
+    stall_s: float = 600.0
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad key (as `data.<key>`)."""
@@ -69,6 +74,9 @@ class RawDataConfig:
                              f"{self.num_workers}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"data.seed must be in [0, 2^63), got {self.seed}")
+        if not 0 <= self.stall_s < float("inf"):
+            raise ValueError(f"data.stall_s must be a finite number of seconds >= 0 (0 = no "
+                             f"limit), got {self.stall_s}")
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -143,6 +151,18 @@ class RawImageStream(IterableDataset):
         if len(shards) >= total:
             return shards[g::total], 1
         return shards, total
+
+    def reading(self, positions: dict[int, dict], workers: int) -> str:
+        """Where each worker was at its last batch taken, in words (for a stall's report: the
+        worker reads on ahead of the batches taken, so the stuck read is there or after)."""
+        out = []
+        for w, pos in sorted(positions.items()):
+            shards, _ = self._plan(pos.get("epoch", 0), self.rank * workers + w,
+                                   self.world_size * workers)
+            at = pos.get("shard", 0)
+            url = shards[at] if 0 <= at < len(shards) else "the next epoch's first shard"
+            out.append(f"worker {w}: {url} after sample {pos.get('offset', 0)}")
+        return "; ".join(out)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -230,11 +250,34 @@ def shard_list_id(urls: list[str]) -> str:
 class StreamState:
     """Tracks, in the training process, each worker's position after the last consumed batch."""
 
-    def __init__(self, positions: dict[int, dict] | None = None):
+    def __init__(self, positions: dict[int, dict] | None = None,
+                 reading: Callable[[dict[int, dict]], str] = lambda _: "unknown"):
         self.positions = {int(k): dict(v) for k, v in (positions or {}).items()}
+        self.reading = reading  # the positions in words (RawImageStream.reading)
 
     def update(self, batch: dict[str, Any]) -> None:
         self.positions[int(batch["worker"])] = dict(batch["position"])
+
+    def take(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """next(batches), its position recorded. The DataLoader's timeout (data.stall_s) is
+        raised as a TimeoutError that says where the workers were."""
+        try:
+            batch = next(batches)
+        except RuntimeError as e:
+            if not str(e).startswith("DataLoader timed out"):
+                raise
+            # They ignore SIGTERM (_ignore_stop_signals), and one stuck in a read never sees the
+            # loader's stop: left alone, it kept this process from exiting.
+            for worker in getattr(batches, "_workers", ()):
+                worker.kill()
+            raise TimeoutError(f"{e}: no batch from the data workers, a read that does not "
+                               f"return (a hung mount, a storage endpoint that stopped "
+                               f"answering)? At or after, as of the last batches taken: "
+                               f"{self.reading(self.positions)}. Stopping: a resume continues "
+                               f"from the last checkpoint (data.stall_s sets the limit, 0 = no "
+                               f"limit)") from e
+        self.update(batch)
+        return batch
 
     @property
     def corrupt(self) -> int:
@@ -263,5 +306,6 @@ def make_loader(cfg: RawDataConfig, batch_size: int, rank: int, world_size: int,
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                         prefetch_factor=2 if cfg.num_workers > 0 else None,
                         persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed),
-                        worker_init_fn=_ignore_stop_signals)
-    return loader, StreamState(positions)
+                        worker_init_fn=_ignore_stop_signals,
+                        timeout=cfg.stall_s if cfg.num_workers > 0 else 0)
+    return loader, StreamState(positions, lambda now: stream.reading(now, workers))

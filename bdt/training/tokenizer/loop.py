@@ -237,9 +237,8 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
             health.reset()
             for micro in range(accum):
                 with Timer() as wait:
-                    batch = next(batches)
+                    batch = stream.take(batches)
                 meter.add_data_wait(wait.seconds)
-                stream.update(batch)
                 images = batch["images"].to(dist.device)
                 recon_raw, q = engine(images.to(dtype))
                 # A copy node after the engine's output: the adaptive GAN weight differentiates

@@ -2,8 +2,10 @@
 checkpoint + resume (compared with an uninterrupted run), and a single plain process with export."""
 
 import json
+import multiprocessing
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -175,6 +177,35 @@ def test_a_diverging_run_stops_before_saving_the_bad_step(shards, tmp_path):
         == [tag_for(1)]
     assert os.path.exists(os.path.join(out, "checkpoints", tag_for(1), MARKER))
     assert not os.path.exists(os.path.join(out, "export"))
+
+
+@rank_entry
+def _rank_hung_on(rank, world, port, overrides, hung):
+    """_rank, with every read of the shard named `hung` blocking forever (a hung mount) in the
+    DataLoader's workers, which are forked from this process."""
+    from bdt.data import raw
+
+    def iter_shard(url, *args, **kwargs):
+        while url.endswith(hung):
+            time.sleep(1)
+        return real(url, *args, **kwargs)
+
+    real, raw.iter_shard = raw.iter_shard, iter_shard
+    # as under a launcher on Linux: a spawned rank's children would start from a fresh server
+    multiprocessing.set_start_method("fork", force=True)
+    _rank.__wrapped__(rank, world, port, overrides)
+
+
+def test_a_shard_whose_read_never_returns_stops_the_run_naming_where(shards, tmp_path):
+    """Before: the trainer waited for the DataLoader's next batch for good."""
+    args = TINY + [f"data.shards={shards}", "data.num_workers=1", "data.stall_s=3",
+                   f"run_dir={tmp_path / 'run'}", "steps=40", "checkpoint.every=100"]
+    with pytest.raises(mp.ProcessRaisedException) as raised:
+        spawn_ranks(_rank_hung_on, (1, free_port(), args, "shapes-000002.tar"), 1)
+    assert re.search(r"TimeoutError: DataLoader timed out after 3.0 seconds: no batch from the data "
+                     r"workers, a read that does not return .* At or after, as of the last "
+                     r"batches taken: worker 0: \S+/shapes-00000\d.tar after sample \d+\. "
+                     r"Stopping", str(raised.value)), str(raised.value)[-2000:]
 
 
 def test_bad_config_is_a_clear_error(shards, tmp_path, capsys):
