@@ -14,9 +14,10 @@ row taken. A resume from that state builds the rows that were prefetched but nev
 again, identically. Marks of acknowledged rows are dropped, so at most depth + 1 are held.
 
 A worker that builds no row for `stall_s` seconds once its source is built (a read that never
-returns: a hung mount, a storage endpoint that stopped answering) is stopped and DataStalled raised, naming what its
-source was reading (`where()`): the run ends with that, not with a collective's timeout on the
-other ranks, and the launcher or the resume wrapper starts it again from its checkpoint.
+returns: a hung mount, a storage endpoint that stopped answering) is stopped and DataStalled
+raised, naming what its source was reading (`where()`): the run ends with that, not with a
+collective's timeout on the other ranks, and the launcher or the resume wrapper starts it again
+from its checkpoint.
 
 The worker is stopped (and joined) by `close()`, at a stage switch, at the end of training and
 on every error path; an exception in the worker is raised in the trainer as it was (type and

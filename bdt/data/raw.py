@@ -20,8 +20,8 @@ member over MAX_MEMBER_BYTES, left unread) are skipped, counted and logged with 
 reason (the first MAX_LOGGED per worker), and so is the rest of a damaged shard (once, logged). A
 failed read (I/O, network, the shard gone) is no damage: it is tried again from the same sample,
 then stops the stream naming the shard (tars.ReadRetries); a read that never returns stops it
-after `stall_s` (the DataLoader's timeout, its stuck workers killed). A sample with several images uses the
-first of IMAGE_EXTS; an animated image, its first frame.
+after `stall_s` (the DataLoader's timeout, its stuck workers killed). A sample with several
+images uses the first of IMAGE_EXTS; an animated image, its first frame.
 """
 
 from __future__ import annotations
