@@ -133,6 +133,7 @@ def test_cli_prints_shell_assignments_the_batch_script_evals(tmp_path):
     assert failed.returncode == 2 and "bad SLURM node list 'n[1-'" in failed.stderr
 
 
+@pytest.mark.slow
 def test_forwarded_env_carries_values_intact_through_deepspeed_and_launch_sh(tmp_path):
     """What ds-env writes reaches the ranks unchanged on both paths: DeepSpeed's pdsh runner
     (`export K=V; ...` run by the remote shell) and launch.sh's own reading of the file."""

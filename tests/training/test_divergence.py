@@ -74,6 +74,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_one_ranks_nan_stops_every_rank_at_the_same_step(tmp_path):
     spawn_ranks(_rank, (2, free_port(), str(tmp_path)), 2)
     for rank in (0, 1):

@@ -14,6 +14,8 @@ import torch.multiprocessing as mp
 
 from trainutil import rank_entry
 
+pytestmark = pytest.mark.slow  # each test spawns ranks
+
 
 def _finish(rank: int, fail_on: int, how: str) -> None:
     if how != "exit":

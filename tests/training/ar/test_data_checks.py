@@ -50,6 +50,7 @@ def test_a_manifest_listing_another_familys_shard_is_refused(tmp_path):
         check_data(cfg)
 
 
+@pytest.mark.slow
 def test_skipped_samples_reach_the_logs_and_the_summary(tmp_path):
     """One training run over good shards and shards of skipped samples (another bit width, a grid
     the stage cannot pack, a damaged sample, a caption longer than the budget): it trains, and
@@ -94,6 +95,7 @@ def test_manifest_buckets_that_are_not_sizes_are_refused_at_start(tmp_path, buck
         check_data(config(tmp_path, str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_a_shard_whose_read_never_returns_stops_the_run_naming_it(tmp_path):
     """A named pipe among the shards: opening it blocks forever, as a read on a hung mount does.
     Before: the run waited for good (the other ranks would time out in a collective)."""

@@ -161,6 +161,7 @@ def test_schedule_steps_lets_a_stopped_run_resume_on_the_same_lr_curve(shards, t
         main([f"run_dir={tmp_path}", f"data.shards={shards}", "schedule_steps=-1"])
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_before_saving_the_bad_step(shards, tmp_path):
     # An absurd LR: step 1's update blows the weights up, step 2's loss is not finite.
     out = str(tmp_path / "run")
@@ -196,6 +197,7 @@ def _rank_hung_on(rank, world, port, overrides, hung):
     _rank.__wrapped__(rank, world, port, overrides)
 
 
+@pytest.mark.slow
 def test_a_shard_whose_read_never_returns_stops_the_run_naming_where(shards, tmp_path):
     """Before: the trainer waited for the DataLoader's next batch for good."""
     args = TINY + [f"data.shards={shards}", "data.num_workers=1", "data.stall_s=3",
