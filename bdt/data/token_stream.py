@@ -113,6 +113,9 @@ class TokenStream:
         self._epoch_had_samples = False
         self._retries = ReadRetries(log)
         self._damaged: set[str] = set()  # shards whose damage was logged (once per run)
+        # Members without an extension counted since the position last moved (they lie inside
+        # the sample being read), and how many of them a read again from there meets first.
+        self._inside = self._again = 0
 
     # ---- reading ---------------------------------------------------------------------------
     def _order(self, epoch: int) -> list[str]:
@@ -138,9 +141,10 @@ class TokenStream:
     def _advance(self, offset: int, index: int) -> None:
         where = self.pending[0] if self.pending else self.cursor
         where.offset, where.index = offset, index
+        self._inside = 0
 
     def _next_shard(self) -> None:
-        self._reader = None
+        self._reader, self._inside = None, 0
         if self.pending:
             self.pending.pop(0)
             return
@@ -169,16 +173,24 @@ class TokenStream:
             if failure is None:
                 self._skip_damaged(url, offset, e)
             else:
-                self._reader = None
+                self._reader, self._again = None, self._inside
                 self._retries.pause(f"{url}: reading from byte {offset}", failure)
             return None
         self._retries.failed = 0
         last = tar_sample.next_offset is None
         item = None
         if not tar_sample.members:  # nothing readable (unsafe path, link, over its limit)
-            self._skip("corrupt", tar_sample.key, url, f"nothing readable: {tar_sample.refused}")
-            if tar_sample.next_offset not in (None, tar_sample.offset):  # (a member without an
-                self._advance(tar_sample.next_offset, index)  # extension stays inside a sample)
+            # A member without an extension lies inside the sample being read: the position
+            # stays, and a read tried again from there meets it first, counted already.
+            inside = tar_sample.next_offset == tar_sample.offset
+            if inside and self._again:
+                self._again -= 1
+            else:
+                self._inside += inside
+                self._skip("corrupt", tar_sample.key, url,
+                           f"nothing readable: {tar_sample.refused}")
+            if not (last or inside):
+                self._advance(tar_sample.next_offset, index)
         else:
             if not last:
                 self._advance(tar_sample.next_offset, index + 1)

@@ -248,29 +248,41 @@ def test_a_listed_shard_cut_inside_a_member_is_read_up_to_the_cut(tmp_path):
     assert 0 < len(got & {f"s{n:06d}" for n in range(6)}) < 6
 
 
+# (what lies between the samples a and c, or inside c, the sample it is counted as): a link
+# of nothing readable; a member without an extension inside c, counted while c is being read
+NOTHING_READABLE = [
+    ("link", _members("a", _raw()) + [(_link("bad.txt"), None)] + _members("c", _raw()), "bad"),
+    ("no_extension", _members("a", _raw()) + _members("c", _raw())[:1] + [("NOTES", b"n" * 600)]
+     + _members("c", _raw())[1:], "NOTES"),
+]
+
+
+@pytest.mark.parametrize("members,counted", [case[1:] for case in NOTHING_READABLE],
+                         ids=[case[0] for case in NOTHING_READABLE])
 def test_a_read_failing_after_a_sample_with_nothing_readable_counts_it_once(tmp_path,
-                                                                            monkeypatch):
-    """A failed read is tried again from the stream's position: that position must be past a
-    sample of which nothing was readable, else it is read and counted (and logged) twice."""
+                                                                            monkeypatch,
+                                                                            members, counted):
+    """A failed read is tried again from the stream's position: past a sample of which nothing
+    was readable, else it is read and counted (and logged) twice; a member without an extension
+    lies inside the next sample, so the read again meets it, and must not count it again."""
     import bdt.data.tars as tars
     import bdt.data.token_stream as token_stream
 
     url = str(tmp_path / "x.tar")
     with tarfile.open(url, "w", format=tarfile.PAX_FORMAT) as tar:
-        for member, data in _members("a", _raw()) + [(_link("bad.txt"), None)] + \
-                _members("c", _raw()):
+        for member, data in members:
             info = member if isinstance(member, tarfile.TarInfo) else tarfile.TarInfo(member)
             info.size = 0 if data is None else len(data)
             tar.addfile(info, None if data is None else io.BytesIO(data))
     real, failed = token_stream.read_token_samples, []
 
-    def failing_once_after_bad(url, offset=0):
+    def failing_once_after_it(url, offset=0):
         for sample in real(url, offset):
             yield sample
-            if sample.key == "bad" and not failed:
+            if sample.key == counted and not failed:
                 failed.append(offset)
-                raise getattr(tars, "ReadFailed", OSError)("OSError: [Errno 5] I/O error")
-    monkeypatch.setattr(token_stream, "read_token_samples", failing_once_after_bad)
+                raise tars.ReadFailed("OSError: [Errno 5] I/O error")
+    monkeypatch.setattr(token_stream, "read_token_samples", failing_once_after_it)
     pauses_that(monkeypatch)
     s = _stream([url])
     got = []
