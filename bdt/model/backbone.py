@@ -109,7 +109,23 @@ def llm_config(cfg: BackboneConfig):
     if unused:  # they would reach the model's constructor: a TypeError traceback there
         raise ValueError(f"model.backbone.config_overrides: {sorted(unused)} are not fields of "
                          f"{type(config).__name__} ({where})")
+    # transformers checks their types, not their signs: 0 heads or hidden_size -1 ended in a
+    # ZeroDivisionError or RuntimeError traceback from inside the model's constructor.
+    small = [f"{k}={getattr(config, k)}" for k in _SIZE_FIELDS
+             if isinstance(getattr(config, k, None), int) and getattr(config, k) < 1]
+    if small:
+        raise ValueError(f"backbone config {where!r}{_overridden(cfg)} is invalid: "
+                         f"{', '.join(small)}; sizes must be >= 1")
     return config
+
+
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim")
+
+
+def _overridden(cfg: BackboneConfig) -> str:
+    overrides = _plain_dict(cfg.config_overrides)
+    return f" (overridden by model.backbone.config_overrides {overrides})" if overrides else ""
 
 
 def load_causal_lm(cfg: BackboneConfig, weights: Mapping[str, torch.Tensor] | None = None,
@@ -138,6 +154,11 @@ def load_causal_lm(cfg: BackboneConfig, weights: Mapping[str, torch.Tensor] | No
         raise ValueError(f"cannot build the backbone from {cfg.path!r}: {e}") from e
     except (OSError, ValueError, ImportError) as e:
         raise type(e)(f"cannot build the backbone from {cfg.path!r}: {e}") from e
+    except (RuntimeError, ArithmeticError, LookupError) as e:  # raised by the model's constructor
+        # on config values transformers lets through (an unknown hidden_act, layer_types shorter
+        # than num_hidden_layers, sizes beyond memory): one line naming the config, no traceback.
+        raise ValueError(f"cannot build the backbone from the config of {cfg.path!r}"
+                         f"{_overridden(cfg)}: {type(e).__name__}: {e}") from e
     return model
 
 

@@ -52,6 +52,30 @@ def test_bad_config_values_name_config_json_and_field(llm_dir, tmp_path, changes
         load_backbone(BackboneConfig(path=folder), parallel_num=4)
 
 
+
+@pytest.mark.parametrize("changes, named", [
+    ({"num_attention_heads": 0}, r"num_attention_heads=0; sizes must be >= 1"),
+    ({"hidden_size": -1}, r"hidden_size=-1; sizes must be >= 1"),
+    ({"hidden_act": "nope"}, r"KeyError: 'nope'"),
+])
+def test_config_values_the_model_cannot_be_built_with_are_one_error(llm_dir, tmp_path, changes,
+                                                                     named):
+    """Values of the right type that transformers lets through: a ZeroDivisionError, RuntimeError
+    or KeyError traceback from inside the model's constructor."""
+    folder = _copy(llm_dir, tmp_path)
+    _edit_config(folder, **changes)
+    with pytest.raises(ValueError, match=rf"backbone .*config.*{named}"):
+        load_backbone(BackboneConfig(path=folder), parallel_num=4)
+
+
+def test_config_overrides_the_model_cannot_be_built_with_are_named(llm_dir):
+    """A config.json that lists layer_types (as save_pretrained writes it) and an override of
+    num_hidden_layers past it: an IndexError traceback from the constructor."""
+    cfg = BackboneConfig(path=llm_dir, config_overrides={"num_hidden_layers": 5})
+    with pytest.raises(ValueError, match=r"config_overrides \{'num_hidden_layers': 5\}\): "
+                                         r"IndexError"):
+        load_backbone(cfg, parallel_num=4)
+
 def test_tokenizer_larger_than_the_embedding_is_refused(llm_dir, tmp_path):
     folder = _copy(llm_dir, tmp_path)
     rows = 100  # weights and config agree with each other, not with the tokenizer
