@@ -46,10 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def read_lines(path: str) -> list[str]:
-    """The lines of a UTF-8 text file; a file that is not text names itself."""
+    """The lines of a UTF-8 text file; a file that is not text names itself. Lines end at a
+    newline only (\r\n and \r read as one): str.splitlines also splits at U+2028, a form feed
+    and others, which a prompt may hold and JSON writes unescaped (a suite item cut in two)."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: an editor's byte-order mark is no text
-            return f.read().splitlines()
+            return f.read().split("\n")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
 

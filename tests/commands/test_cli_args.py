@@ -58,6 +58,20 @@ def test_eval_refuses_bad_suite_files(tmp_path, capsys, lines, expected):
     assert code == 2 and last.startswith("bdt eval: error: ") and expected in last, last
 
 
+def test_prompt_and_suite_lines_end_at_newlines_only(tmp_path):
+    """str.splitlines cut a prompt at U+2028 or a form feed into two prompts, and refused a
+    suite item whose JSON holds U+2028 unescaped (valid JSON, json.dumps(ensure_ascii=False))."""
+    from bdt.commands.eval import _read_suite
+    from bdt.commands.sample import read_prompts
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a red\u2028circle\r\na blue\x0csquare\n\na star".encode())
+    assert read_prompts(str(prompts)) == ["a red\u2028circle", "a blue\x0csquare", "a star"]
+    item = {**load_suite()[0], "prompt": "a circle\u2028"}
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(json.dumps(item, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert _read_suite(str(suite)) == [item]
+
 @pytest.mark.parametrize("action, args, expected", [
     ("encode", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     ("decode", ["--batch-size", "-2"], "--batch-size must be >= 1, got -2"),
