@@ -33,6 +33,7 @@ def refuse_nonempty_dir(path: str, hint: str = "", overwrite: bool = False) -> N
     object store its bucket present and taking a write."""
     if not path:
         raise ValueError("the output directory is '': give a directory (`.` for this one)")
+    storage.check_not_short_url(path)
     if storage.is_remote(path):
         _refuse_nonempty_remote(path, hint, overwrite)
         return

@@ -33,6 +33,20 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
+# `s3:/bucket/x` or `gs:bucket/x`: a URL short of a '/', which fsspec and the OS take for a local
+# folder named `s3:` (checkpoints and outputs written to the local disk instead of the bucket).
+_SHORT_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):/?(?!/)")
+
+
+def check_not_short_url(path: str) -> None:
+    """ValueError for a path that starts like an fsspec URL whose '//' lacks a '/'."""
+    short = _SHORT_URL.match(path)
+    if short and short.group(1).lower() in fsspec.available_protocols() and \
+            short.group(1).lower() not in ("file", "local"):
+        raise ValueError(f"{path}: looks like a URL short of a '/' (write "
+                         f"{short.group(1)}://...; a local folder of that name: ./{path})")
+
+
 def join(base: str, *parts: str) -> str:
     out = base.rstrip("/")
     for part in parts:
@@ -46,6 +60,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     ValueError for a remote URL with an empty path segment (`s3://b/runs//ck`): an object store
     keeps the `//` in its keys, but s3fs cannot list below it, so what bdt wrote there (its
     checkpoints, shards) could not be found again."""
+    check_not_short_url(url)
     if is_remote(url) and "//" in url.split("://", 1)[1].rstrip("/"):
         raise ValueError(f"{url}: empty path segment ('//'); remove the extra '/'")
     if "::" in url:  # fsspec chains filesystems at '::' and would keep only the part before it

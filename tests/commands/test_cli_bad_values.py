@@ -41,6 +41,19 @@ def test_verify_workers_below_one_is_refused(tmp_path, capsys):
     assert code == 2 and last == "bdt data: error: --workers must be >= 1, got 0", last
 
 
+@pytest.mark.parametrize("command", [["data", "shapes", "--num", "2", "--size", "32"],
+                                     ["sample", "--model", "M", "--prompt", "a red circle"]])
+@pytest.mark.parametrize("out", ["s3:/bucket/run", "gs:bucket/run"])
+def test_an_output_url_short_of_a_slash_is_refused(tmp_path, capsys, monkeypatch, command, out):
+    """fsspec and the OS took `s3:/bucket/run` for a local folder `s3:`: the shards, images or
+    (as checkpoint.dir) checkpoints were written to the local disk, not to the bucket."""
+    monkeypatch.chdir(tmp_path)
+    code = main([*command, "--out", out])
+    last = _last_error(capsys)
+    assert code == 2 and f"{out}: looks like a URL short of a '/'" in last, last
+    assert list(tmp_path.iterdir()) == []
+    assert main(["data", "shapes", "--num", "2", "--size", "32", "--out", f"./{out}"]) == 0
+
 
 def _npy(array, **kwargs) -> bytes:
     import io
