@@ -8,6 +8,7 @@ config and a SentencePiece tokenizer trained on the dataset's captions
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 
@@ -131,8 +132,11 @@ def _init_tiny(args: argparse.Namespace) -> int:
                       heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate,
                       vocab_size=args.vocab_size, max_position_embeddings=args.max_positions,
                       seed=args.seed)
-    print(f"wrote a {args.arch} LLM ({args.layers} layers, hidden {args.hidden}) and a "
-          f"{args.vocab_size}-piece caption tokenizer from {len(captions)} captions to {args.out}")
+        with open(os.path.join(tmp, "config.json")) as f:  # few captions make fewer pieces
+            tokens = json.load(f)["vocab_size"]
+    print(f"wrote a {args.arch} LLM ({args.layers} layers, hidden {args.hidden}) and a caption "
+          f"tokenizer of {tokens} tokens (--vocab-size {args.vocab_size}) from {len(captions)} "
+          f"captions to {args.out}")
     return 0
 
 

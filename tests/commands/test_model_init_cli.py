@@ -2,6 +2,7 @@
 whose tokenizer was trained on those captions; bad input exits 2."""
 
 import io
+import json
 import tarfile
 
 import pytest
@@ -16,8 +17,11 @@ def test_init_tiny_from_shapes_tars(tmp_path, capsys):
                  "--size", "64", "--seed", "1"]) == 0
     assert main(["model", "init-tiny", "--captions-from", str(data), "--out", str(llm),
                  "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
-                 "--intermediate", "64", "--max-captions", "30"]) == 0
-    assert "from 30 captions" in capsys.readouterr().out
+                 "--intermediate", "64", "--max-captions", "30", "--vocab-size", "5000"]) == 0
+    # The tokens it has: 30 short captions give far fewer pieces than asked (it said 5000).
+    tokens = json.loads((llm / "config.json").read_text())["vocab_size"]
+    assert tokens < 5000 and f"a caption tokenizer of {tokens} tokens (--vocab-size 5000) from " \
+        f"30 captions" in capsys.readouterr().out
     bb = load_backbone(BackboneConfig(path=str(llm)), parallel_num=4)
     assert bb.model.config.hidden_size == 32 and bb.model.config.num_hidden_layers == 1
     # Trained on the captions: shape words are whole pieces, an unseen word is not.
