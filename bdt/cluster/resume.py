@@ -82,6 +82,7 @@ class Resumer:
         self.max_restarts, self.backoff, self.max_backoff, self.grace = (
             max_restarts, backoff, max_backoff, grace)
         self.child: subprocess.Popen | None = None
+        self.ranks: list = []  # the launch's local ranks (psutil.Process) seen so far
         self.stop_signal: int | None = None
         self.stop_time = 0.0
         local = not storage.is_remote(paths.run_dir)
@@ -162,7 +163,7 @@ class Resumer:
             # Only Ctrl-C twice means "now": a scheduler sends TERM to the wrapper and to the batch
             # shell (which forwards it) at once, and TERM after USR1 at the time limit.
             if signum == signal.SIGINT and self.child is not None:
-                self._signal_group(signal.SIGKILL)
+                self._kill_launch()
             return
         self.stop_signal, self.stop_time = signum, time.monotonic()
         self._forward_stop()
@@ -189,11 +190,22 @@ class Resumer:
         except (ProcessLookupError, PermissionError):
             pass
 
+    def _kill_launch(self) -> None:
+        """SIGKILL the launch's process group and the ranks seen under it: torchrun starts each
+        rank in a session of its own, out of the group's reach, and they outlive a killed torchrun."""
+        self._signal_group(signal.SIGKILL)
+        for proc in self.ranks:
+            try:
+                proc.kill()  # psutil checks the start time: a reused pid is not touched
+            except Exception:  # noqa: BLE001 (psutil.NoSuchProcess: it already exited)
+                pass
+
     # ---- one launch ----------------------------------------------------------------------------
     def _launch(self) -> int:
         # Its own session: a terminal's Ctrl-C reaches only this wrapper, which decides.
         self.child = subprocess.Popen(self.cmd, start_new_session=True,
                                       preexec_fn=_term_when_parent_dies)
+        self.ranks = []
         if self.stop_signal is not None:  # it came while the launch was starting
             self._forward_stop()
         while True:
@@ -201,11 +213,12 @@ class Resumer:
                 rc = self.child.wait(timeout=1.0)
                 break
             except subprocess.TimeoutExpired:
+                self.ranks += [p for p in _rank_processes(self.child.pid) if p not in self.ranks]
                 if self.stop_signal is not None and time.monotonic() - self.stop_time > self.grace:
                     self.log("kill", f"ranks did not exit within --grace {self.grace:.0f}s of the "
                              f"stop signal: killing the launch")
-                    self._signal_group(signal.SIGKILL)
-        self._signal_group(signal.SIGKILL)  # leftovers of the launch (orphaned ranks)
+                    self._kill_launch()
+        self._kill_launch()  # leftovers of the launch (orphaned ranks)
         self.child = None
         return rc
 

@@ -192,6 +192,32 @@ def test_a_killed_wrapper_stops_its_launch(tmp_path):
             child.kill()
 
 
+def test_ranks_of_a_killed_torchrun_are_killed_with_it(tmp_path):
+    """torchrun starts each rank in a session of its own: killing the launch's process group
+    after the launcher died (SIGKILLed, OOM) left the ranks running beside the relaunch."""
+    rank_pid = tmp_path / "rank.pid"
+    # stands in for torchrun: one rank (RANK/LOCAL_RANK set) in a new session, then waits
+    launcher = [sys.executable, "-c", "import os, subprocess, sys, time; p = subprocess.Popen("
+                "[sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True, "
+                "env={**os.environ, 'RANK': '0', 'LOCAL_RANK': '0'}); "
+                f"open({str(rank_pid)!r}, 'w').write(str(p.pid)); time.sleep(120)"]
+    wrapper = subprocess.Popen([*WRAPPER, "--run-dir", str(tmp_path), "--max-restarts", "0",
+                                "--", *launcher])
+    rank = None
+    try:
+        rank = psutil.Process(int(wait_for(lambda: rank_pid.exists() and rank_pid.read_text(),
+                                           60, "the rank", wrapper)))
+        time.sleep(2.5)  # the wrapper has looked at the launch (once a second)
+        psutil.Process(wrapper.pid).children()[0].kill()  # the launcher dies, its rank does not
+        assert wrapper.wait(timeout=60) == GAVE_UP
+        assert not psutil.wait_procs([rank], timeout=10)[1], "the rank outlived the launch"
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+        if rank is not None and rank.is_running():
+            rank.kill()
+
+
 def test_stop_signal_ends_the_launch_and_exits_stopped(tmp_path):
     sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
     wrapper = subprocess.Popen([*WRAPPER, "--run-dir", str(tmp_path), "--backoff", "0", "--",
