@@ -193,11 +193,13 @@ class Resumer:
     def _kill_launch(self) -> None:
         """SIGKILL the launch's process group and the ranks seen under it: torchrun starts each
         rank in a session of its own, out of the group's reach, and they outlive a killed torchrun."""
+        import psutil
+
         self._signal_group(signal.SIGKILL)
         for proc in self.ranks:
             try:
                 proc.kill()  # psutil checks the start time: a reused pid is not touched
-            except Exception:  # noqa: BLE001 (psutil.NoSuchProcess: it already exited)
+            except psutil.Error:  # it already exited
                 pass
 
     # ---- one launch ----------------------------------------------------------------------------
