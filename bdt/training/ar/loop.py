@@ -80,6 +80,7 @@ def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
     validate(cfg)
     setup.set_threads(cfg.threads)
     sources = setup.check_data(cfg)  # bad shard paths / tokenizer mismatch: fail before anything
+    setup.check_image_tokenizer(cfg)
     setup.skip_deepspeed_muon()
     dist = init_distributed()
     lock = None

@@ -70,6 +70,26 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def check_image_tokenizer(cfg: TrainConfig) -> None:
+    """ValueError naming `data.tokenizer` when it does not load as sampling loads it (strict:
+    bdt.tokenizer.io.load_tokenizer) or its bits per token are not model.head.bits. The export
+    copies it: unchecked, a broken one replaced the export's image tokenizer and failed only at
+    `bdt sample`. Not kept: a released tokenizer holds GBs that the model build wants."""
+    from bdt.tokenizer.io import load_tokenizer
+
+    path = cfg.data.tokenizer
+    if not path:
+        return
+    try:
+        decoder = load_tokenizer(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"data.tokenizer = {path} does not load: {e}") from None
+    bits = decoder.config.bits_per_token
+    if bits != cfg.model.head.bits:
+        raise ValueError(f"data.tokenizer = {path} writes {bits}-bit tokens, model.head.bits is "
+                         f"{cfg.model.head.bits}")
+
+
 def check_data(cfg: TrainConfig) -> list[ShardList]:
     """Every stage's shard list; ValueError on a missing source, shards written by another image
     tokenizer than `data.tokenizer` (or than another stage's), or bits per token != the model's."""

@@ -96,10 +96,8 @@ def _manifest(root, sha):
 def test_shards_of_another_image_tokenizer_are_refused(tmp_path):
     from bdt.tokenizer.io import tokenizer_identity
 
-    tok = tmp_path / "tok"
-    tok.mkdir()
-    (tok / "config.json").write_text('{"bits": 16}')
-    good = tokenizer_identity(str(tok))["sha256"]
+    tok = tiny_image_tokenizer(str(tmp_path / "tok"))
+    good = tokenizer_identity(tok)["sha256"]
     ok = _manifest(tmp_path / "a", good)
     other = _manifest(tmp_path / "b", {"config.json": "0" * 64})
     assert check_data(config(tmp_path, ok, f"data.tokenizer={tok}"))[0].urls
@@ -108,6 +106,48 @@ def test_shards_of_another_image_tokenizer_are_refused(tmp_path):
     # without data.tokenizer, two stages must still agree with each other
     with pytest.raises(ValueError, match=r"stages\[1\] \(s1\).*different image tokenizer"):
         check_data(config(tmp_path, [ok, other]))
+
+
+def _broken_tokenizer(path: str) -> str:
+    """A tokenizer folder whose config.json does not fit its weights (twice the channels)."""
+    tiny_image_tokenizer(path)
+    config = json.loads(open(os.path.join(path, "config.json")).read())
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**config, "ch": config["ch"] * 2}, f)
+    return path
+
+
+def test_an_image_tokenizer_that_does_not_load_or_has_other_bits_is_refused(tmp_path):
+    """The export copies data.tokenizer: unchecked (no manifest recording a tokenizer), a broken
+    one replaced the export's image tokenizer with exit 0, and `bdt sample` failed on it."""
+    from bdt.training.ar.setup import check_image_tokenizer
+
+    tok = tiny_image_tokenizer(str(tmp_path / "tok"))
+    check_image_tokenizer(config(tmp_path, "s", f"data.tokenizer={tok}"))
+    check_image_tokenizer(config(tmp_path, "s"))  # none: nothing to check
+    broken = _broken_tokenizer(str(tmp_path / "broken"))
+    with pytest.raises(ValueError, match=rf"^data.tokenizer = {broken} does not load: .*shape"):
+        check_image_tokenizer(config(tmp_path, "s", f"data.tokenizer={broken}"))
+    with pytest.raises(ValueError, match=rf"^data.tokenizer = {tmp_path}/nowhere does not load"):
+        check_image_tokenizer(config(tmp_path, "s", f"data.tokenizer={tmp_path}/nowhere"))
+    wide = tiny_image_tokenizer(str(tmp_path / "wide"), bits=32)
+    with pytest.raises(ValueError, match=rf"^data.tokenizer = {wide} writes 32-bit tokens, "
+                                         r"model.head.bits is 16"):
+        check_image_tokenizer(config(tmp_path, "s", f"data.tokenizer={wide}"))
+
+
+@pytest.mark.slow
+def test_an_image_tokenizer_that_does_not_load_fails_the_trainer_at_start(tmp_path):
+    write_shards(str(tmp_path / "s"), [(4, 4)], num_shards=1, per_shard=2)
+    broken = _broken_tokenizer(str(tmp_path / "broken"))
+    cmd = [sys.executable, os.path.join(REPO, "bdt", "train.py"), "--config", TINY_CONFIG,
+           *train_overrides(str(tmp_path / "run"), "unused", str(tmp_path / "s"),
+                            extra=[f"data.tokenizer={broken}"])]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: data.tokenizer = {broken} does not load")
+    assert not (tmp_path / "run" / "export").exists()
 
 
 def test_bits_per_token_mismatch_is_refused(tmp_path):
