@@ -10,16 +10,21 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
 from typing import Iterator
 
 from bdt import storage
+from bdt.processes import WRITER_TAG_PATTERN, host_tag, writer_gone, writer_tag
 
 log = logging.getLogger(__name__)
 
-STAGING_NAME = ".bdt-staging"  # staged_dir's folder inside an existing output directory
+# staged_dir's folder: STAGING_NAME-TAG inside an existing output directory, .NAME.bdt-staging-TAG
+# beside a new one, TAG naming its writer (processes.writer_tag). A live writer's folder keeps
+# other writers out of the directory; a killed one's is removed. Untagged: an earlier bdt's.
+STAGING_NAME = ".bdt-staging"
 # In that folder while its entries move out: their names. A kill mid-move leaves a half output
 # that the next writer there takes back out (`_undo_interrupted_move`), so it starts as before.
 MOVING_NAME = ".bdt-moving.json"
@@ -27,16 +32,32 @@ MOVING_NAME = ".bdt-moving.json"
 
 def refuse_nonempty_dir(path: str, hint: str = "", overwrite: bool = False) -> None:
     """FileExistsError unless `path` is absent or an empty directory (a staging folder a killed
-    `staged_dir` left counts as empty), or with `overwrite` any directory; `hint` says what to do
-    instead. A new `path` must be creatable (OSError otherwise, so that a command fails before
-    its work, not after): locally its nearest existing ancestor a writable directory, on an
-    object store its bucket present and taking a write."""
+    `staged_dir` left counts as empty, and goes), or with `overwrite` any directory; `hint` says
+    what to do instead. Locally also while another process's staged_dir writes `path`. A new
+    `path` must be creatable (OSError otherwise, so that a command fails before its work, not
+    after): locally its nearest existing ancestor a writable directory, on an object store its
+    bucket present and taking a write."""
     if not path:
         raise ValueError("the output directory is '': give a directory (`.` for this one)")
     storage.check_not_short_url(path)
     if storage.is_remote(path):
         _refuse_nonempty_remote(path, hint, overwrite)
         return
+    _refuse_nonempty_local(path, hint, overwrite)
+
+
+def _refuse_nonempty_local(path: str, hint: str, overwrite: bool, mine: str = "") -> None:
+    """refuse_nonempty_dir of a local `path`; `mine`: the caller's own staging folder."""
+    final = os.path.realpath(path)  # through a link, to the folder it names
+    for staging, writer in _staging_folders(final):
+        if staging == mine:
+            continue
+        if writer is not None and not writer_gone(*writer):
+            where = f"pid {writer[0]}" if writer[2] == host_tag() else "on another host"
+            raise FileExistsError(f"{path} is being written by another bdt process ({where}): "
+                                  f"wait for it to end or give another directory (if that "
+                                  f"process is gone, delete its staging folder {staging})")
+        _remove_stale_staging(final, staging)
     if not os.path.lexists(path):
         ancestor = os.path.dirname(os.path.abspath(path))
         while not os.path.lexists(ancestor):
@@ -45,9 +66,8 @@ def refuse_nonempty_dir(path: str, hint: str = "", overwrite: bool = False) -> N
             why = "not a directory" if not os.path.isdir(ancestor) else "not writable"
             raise OSError(f"cannot create {path}: {ancestor} is {why}")
         return
-    if os.path.isdir(path):
-        _undo_interrupted_move(os.path.realpath(path))
-    if os.path.isdir(path) and (overwrite or set(os.listdir(path)) <= {STAGING_NAME}):
+    if os.path.isdir(path) and (overwrite or not [
+            n for n in os.listdir(path) if os.path.join(final, n) != mine]):
         return
     what = "exists and is not empty" if os.path.isdir(path) else "exists and is not a directory"
     raise FileExistsError(f"{path} {what}" + (f": {hint}" if hint else ""))
@@ -81,15 +101,20 @@ def _refuse_nonempty_remote(url: str, hint: str, overwrite: bool) -> None:
 def staged_dir(path: str, overwrite: bool = False, last: str = "") -> Iterator[str]:
     """A directory written in one go: yields a local staging folder to write into and moves what
     it holds to `path` when the block ends; an exception removes it and leaves `path` as it was.
-    A new local `path` appears whole (one rename of `.NAME.bdt-staging` beside it). An existing
-    one, which must be empty unless `overwrite`, stays the same directory (its permissions, a
-    volume mounted there, a shell inside it) and takes each entry from `path/.bdt-staging` by one
-    rename, replacing the entry of that name; others stay; `last` (a completion marker the
-    caller's readers check, e.g. eval.json) moves after the rest. A kill during those renames is
-    undone by the next writer there (refuse_nonempty_dir). A link is followed to its folder.
+    A new local `path` appears whole (one rename of `.NAME.bdt-staging-TAG` beside it). An
+    existing one, which must be empty unless `overwrite`, stays the same directory (its
+    permissions, a volume mounted there, a shell inside it) and takes each entry from
+    `path/.bdt-staging-TAG` by one rename, replacing the entry of that name; others stay; `last`
+    (a completion marker the caller's readers check, e.g. eval.json) moves after the rest. A
+    kill during those renames is undone by the next writer there (refuse_nonempty_dir). A link
+    is followed to its folder. One writer at a time: a second process's staged_dir of the same
+    local `path` fails at its start (FileExistsError naming it) while the first one's staging
+    folder is there, and the emptiness check is repeated once this one's exists, so that an
+    output another process completed meanwhile is not replaced without `overwrite`.
     A remote `path` is staged under the system temp dir and uploaded once the block ends (an
     object store has no rename: a crash during the upload leaves part of it there, without
-    `last`, which is removed first and uploaded last)."""
+    `last`, which is removed first and uploaded last). Writers of one remote `path` are not
+    kept apart (no process there to check): the later upload replaces the earlier's entries."""
     refuse_nonempty_dir(path, overwrite=overwrite)
     if storage.is_remote(path):
         with _staged_remote(path, last) as tmp:
@@ -97,13 +122,14 @@ def staged_dir(path: str, overwrite: bool = False, last: str = "") -> Iterator[s
         return
     final = os.path.realpath(path)  # through a link, to the folder it names
     if os.path.isdir(final):
-        tmp = os.path.join(final, STAGING_NAME)
+        tmp = os.path.join(final, f"{STAGING_NAME}-{writer_tag()}")
     else:
         parent, name = os.path.split(final)
-        tmp = os.path.join(parent, f".{name}.bdt-staging")
-    _remove_stale_staging(tmp)
+        tmp = os.path.join(parent, f".{name}{STAGING_NAME}-{writer_tag()}")
     os.makedirs(tmp)
     try:
+        # Made first, checked after: of two writers starting at once, at least one sees the other's.
+        _refuse_nonempty_local(path, "", overwrite, mine=tmp)
         yield tmp
         readable_as_open_makes(tmp)
         if not os.path.lexists(final):
@@ -121,8 +147,7 @@ def staged_dir(path: str, overwrite: bool = False, last: str = "") -> Iterator[s
         os.remove(os.path.join(tmp, MOVING_NAME))
         os.rmdir(tmp)
     except BaseException:
-        _undo_interrupted_move(final)  # a failed rename: what moved goes back out
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_stale_staging(final, tmp)  # a failed rename: what moved goes back out
         raise
 
 
@@ -174,13 +199,36 @@ def _staged_remote(url: str, last: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _undo_interrupted_move(final: str) -> None:
-    """Remove what a killed staged_dir had moved into `final` (the entries its record names that
-    left the staging folder), then the folder: `final` is as before that write, less any entry
-    of the same name it replaced."""
-    staging = os.path.join(final, STAGING_NAME)
+def _staging_folders(final: str) -> list[tuple[str, tuple[str, str, str] | None]]:
+    """The staging folders of output directory `final`, beside and inside it, each with its
+    writer's (pid, start ms, host), None for an untagged one. A link or file of such a name is
+    not bdt's: it is neither one nor removed (inside `final`, it counts as content)."""
+    parent, name = os.path.split(final)
+    found = []
+    for folder, prefix in ((parent, f".{name}{STAGING_NAME}"), (final, STAGING_NAME)):
+        pattern = re.compile(rf"{re.escape(prefix)}(?:-{WRITER_TAG_PATTERN})?")
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for entry in os.listdir(folder):
+                m = pattern.fullmatch(entry)
+                staging = os.path.join(folder, entry)
+                if m and os.path.isdir(staging) and not os.path.islink(staging):
+                    found.append((staging, m.group("pid", "started_ms", "host")
+                                  if m["pid"] else None))
+    return found
+
+
+def _remove_stale_staging(final: str, staging: str) -> None:
+    """A killed writer's staging folder goes, after what it had moved into `final` went back out
+    (`final` is then as before that write, less any entry of the same name it replaced)."""
+    _undo_interrupted_move(final, staging)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _undo_interrupted_move(final: str, staging: str) -> None:
+    """Remove what a killed staged_dir had moved into `final` from `staging` (the entries its
+    record names that left the staging folder)."""
     record = os.path.join(staging, MOVING_NAME)
-    if os.path.islink(staging) or not os.path.isfile(record):
+    if not os.path.isfile(record):
         return
     try:
         names = json.loads(storage.read_bytes(record))
@@ -189,21 +237,13 @@ def _undo_interrupted_move(final: str) -> None:
     moved = [n for n in names if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")
              and not os.path.lexists(os.path.join(staging, n))
              and os.path.lexists(os.path.join(final, n))]
-    for name in moved:
+    for name in moved:  # two writers starting at once may both undo it: gone already is fine
         target = os.path.join(final, name)
         if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)
+            shutil.rmtree(target, ignore_errors=True)
         else:
-            os.remove(target)
-    shutil.rmtree(staging)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(target)
+    shutil.rmtree(staging, ignore_errors=True)
     log.warning("%s: removed the partial output of an interrupted write (%d of %d entries had "
                 "been moved in)", final, len(moved), len(names))
-
-
-def _remove_stale_staging(tmp: str) -> None:
-    """A killed attempt's staging folder is deleted; anything else of that name (a link, a file)
-    is not bdt's to delete."""
-    if os.path.islink(tmp) or (os.path.lexists(tmp) and not os.path.isdir(tmp)):
-        raise FileExistsError(f"{tmp} is in the way of the staging folder and is not one: "
-                              f"move it away")
-    shutil.rmtree(tmp, ignore_errors=True)

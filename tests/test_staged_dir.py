@@ -19,7 +19,11 @@ def _write(folder, files: dict) -> None:
         path.write_text(text)
 
 
-STAGING = ".out.bdt-staging"  # beside a new `out`
+STAGING = ".out.bdt-staging"  # beside a new `out` (an earlier bdt's name: no writer tag)
+
+
+def _staging(folder, prefix=STAGING) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(prefix))
 
 
 def test_the_directory_appears_only_when_complete(tmp_path):
@@ -27,28 +31,29 @@ def test_the_directory_appears_only_when_complete(tmp_path):
     (tmp_path / STAGING).mkdir()
     (tmp_path / STAGING / "stale").write_text("a killed attempt's")
     with output_dirs.staged_dir(str(out)) as tmp:
-        assert tmp == str(tmp_path / STAGING)
-        assert sorted(p.name for p in (tmp_path / STAGING).iterdir()) == []  # emptied
-        _write(tmp_path / STAGING, {"a.txt": "1", "sub/b.txt": "2"})
+        assert os.path.dirname(tmp) == str(tmp_path)
+        assert _staging(tmp_path) == [os.path.basename(tmp)]  # the stale one went
+        assert os.listdir(tmp) == []
+        _write(Path(tmp), {"a.txt": "1", "sub/b.txt": "2"})
         assert not out.exists()
     assert (out / "a.txt").read_text() == "1" and (out / "sub" / "b.txt").read_text() == "2"
-    assert not (tmp_path / STAGING).exists()
+    assert _staging(tmp_path) == []
 
 
 def test_a_failure_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        with output_dirs.staged_dir(str(out)):
-            _write(tmp_path / STAGING, {"a.txt": "1"})
+        with output_dirs.staged_dir(str(out)) as tmp:
+            _write(Path(tmp), {"a.txt": "1"})
             raise RuntimeError("killed")
-    assert not out.exists() and not (tmp_path / STAGING).exists()
+    assert not out.exists() and _staging(tmp_path) == []
     out.mkdir()  # an empty directory is taken, and stays if the block fails
     with pytest.raises(RuntimeError):
         with output_dirs.staged_dir(str(out)):
             raise RuntimeError("killed")
     assert out.is_dir() and not list(out.iterdir())
-    with output_dirs.staged_dir(str(out)):
-        _write(out / output_dirs.STAGING_NAME, {"a.txt": "1"})
+    with output_dirs.staged_dir(str(out)) as tmp:
+        _write(Path(tmp), {"a.txt": "1"})
     assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
 
 
@@ -60,13 +65,12 @@ def test_a_non_empty_directory_is_refused_unless_overwriting(tmp_path):
             pytest.fail("the block must not run")
     with pytest.raises(FileExistsError, match="is not empty: do this"):
         output_dirs.refuse_nonempty_dir(str(out), "do this")
-    with output_dirs.staged_dir(str(out), overwrite=True):
-        _write(out / output_dirs.STAGING_NAME, {"a.txt": "new", "was_dir": "now a file",
-                                            "was_file/y": "now a dir"})
+    with output_dirs.staged_dir(str(out), overwrite=True) as tmp:
+        _write(Path(tmp), {"a.txt": "new", "was_dir": "now a file", "was_file/y": "now a dir"})
     assert (out / "keep.txt").read_text() == "mine" and (out / "a.txt").read_text() == "new"
     assert (out / "was_dir").read_text() == "now a file"
     assert (out / "was_file" / "y").read_text() == "now a dir"
-    assert not (out / output_dirs.STAGING_NAME).exists()
+    assert _staging(out, output_dirs.STAGING_NAME) == []
 
 
 def test_a_file_is_refused(tmp_path):
@@ -108,8 +112,8 @@ def test_a_link_to_an_empty_directory_gets_the_files(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     with output_dirs.staged_dir(str(tmp_path / "link")) as tmp:
-        assert tmp == str(tmp_path / "real" / output_dirs.STAGING_NAME)
-        _write(tmp_path / "real" / output_dirs.STAGING_NAME, {"a.txt": "1"})
+        assert os.path.dirname(tmp) == str(tmp_path / "real")
+        _write(Path(tmp), {"a.txt": "1"})
     assert (tmp_path / "link").is_symlink() and (tmp_path / "link" / "a.txt").read_text() == "1"
 
 
@@ -131,14 +135,18 @@ def test_a_users_out_tmp_is_never_touched(tmp_path, kind):
     assert kept.read_text() == "precious"
 
 
-def test_a_link_or_file_named_as_the_staging_folder_is_refused_not_followed(tmp_path):
-    _write(tmp_path, {"important/data": "precious"})
+def test_a_link_or_file_named_as_a_staging_folder_is_neither_followed_nor_removed(tmp_path):
+    _write(tmp_path, {"important/data": "precious", "out/.bdt-staging": "mine"})
     (tmp_path / STAGING).symlink_to(tmp_path / "important")
-    with pytest.raises(FileExistsError, match=rf"{STAGING} is in the way of the staging folder"):
-        with output_dirs.staged_dir(str(tmp_path / "out")):
-            pytest.fail("the block must not run")
+    (tmp_path / f"{STAGING}-1-2-abcdef01").symlink_to(tmp_path / "important")
+    with pytest.raises(FileExistsError, match="out exists and is not empty"):  # a file of mine
+        output_dirs.refuse_nonempty_dir(str(tmp_path / "out"))
+    (tmp_path / "out" / ".bdt-staging").unlink()
+    with output_dirs.staged_dir(str(tmp_path / "out")) as tmp:
+        _write(Path(tmp), {"a.txt": "1"})
     assert (tmp_path / "important" / "data").read_text() == "precious"
-    assert not (tmp_path / "out").exists()
+    assert (tmp_path / STAGING).is_symlink() and (tmp_path / f"{STAGING}-1-2-abcdef01").is_symlink()
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.txt"]
 
 
 def test_an_empty_path_is_refused_not_taken_as_the_current_folder(tmp_path, monkeypatch):
@@ -182,12 +190,80 @@ def test_a_writer_killed_midway_leaves_nothing_and_a_rerun_succeeds(tmp_path, ex
         out.mkdir()
     proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(out)])
     assert proc.returncode == -signal.SIGKILL
-    assert not out.exists() or not [p for p in out.iterdir() if p.name != output_dirs.STAGING_NAME]
+    assert not out.exists() or _staging(out, "") == _staging(out, output_dirs.STAGING_NAME)
     output_dirs.refuse_nonempty_dir(str(out))  # a staging folder left inside counts as empty
     with output_dirs.staged_dir(str(out)) as tmp:
         _write(type(tmp_path)(tmp), {"a.txt": "1"})
     assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+_WAITING_WRITER = """
+import os, sys
+from bdt import output_dirs
+with output_dirs.staged_dir(sys.argv[1], last="eval.json") as tmp:
+    for name in ("a.png", "eval.json"):
+        open(os.path.join(tmp, name), "w").write("first")
+    print("staged", flush=True)
+    sys.stdin.readline()  # until the test lets it finish
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_second_writer_is_refused_while_the_first_writes(tmp_path, existing):
+    """Two `bdt eval --out X` at once both reported success: the second deleted the first's
+    live staging folder at its start, and the later one replaced the other's files although
+    neither passed --overwrite."""
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    first = subprocess.Popen([sys.executable, "-c", _WAITING_WRITER, str(out)], text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert first.stdout.readline() == "staged\n"
+        busy = rf"{out} is being written by another bdt process \(pid {first.pid}\)"
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError, match=busy):
+                output_dirs.refuse_nonempty_dir(str(out), overwrite=overwrite)
+            with pytest.raises(FileExistsError, match=busy):
+                with output_dirs.staged_dir(str(out), overwrite=overwrite):
+                    pytest.fail("the block must not run")
+    finally:
+        first.communicate("\n", timeout=60)
+    assert first.returncode == 0
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"a.png": "first", "eval.json": "first"}
+    assert _staging(tmp_path) == []
+    with pytest.raises(FileExistsError, match="out exists and is not empty"):
+        with output_dirs.staged_dir(str(out)):
+            pytest.fail("the block must not run")
+
+
+def test_an_output_completed_after_the_check_is_not_replaced(tmp_path, monkeypatch):
+    """Another writer may complete the output between this one's check and its staging folder:
+    the check is made again once the folder exists."""
+    out, real_tag = tmp_path / "out", output_dirs.writer_tag
+
+    def tag_once_the_other_is_done() -> str:
+        _write(out, {"eval.json": "the other's"})
+        return real_tag()
+
+    monkeypatch.setattr(output_dirs, "writer_tag", tag_once_the_other_is_done)
+    with pytest.raises(FileExistsError, match="out exists and is not empty"):
+        with output_dirs.staged_dir(str(out)):
+            pytest.fail("the block must not run")
+    assert os.listdir(out) == ["eval.json"] and _staging(tmp_path) == []
+
+
+def test_another_hosts_staging_folder_is_left_to_its_writer(tmp_path):
+    """This host cannot tell whether another host's writer still runs: it is not deleted, and the
+    error says which folder to delete if that writer is gone."""
+    from bdt.processes import host_tag
+
+    other = tmp_path / f"{STAGING}-123-456-{int(host_tag(), 16) ^ 1:08x}"
+    _write(other, {"a.png": "theirs"})
+    with pytest.raises(FileExistsError, match=rf"another bdt process \(on another host\).*{other}"):
+        output_dirs.refuse_nonempty_dir(str(tmp_path / "out"))
+    assert (other / "a.png").read_text() == "theirs"
 
 
 _KILLED_MID_MOVE = """
@@ -216,7 +292,7 @@ def test_a_kill_while_entries_move_in_is_undone_by_the_next_writer(tmp_path, kil
     _write(out, {"mine.txt": "keep"})
     proc = subprocess.run([sys.executable, "-c", _KILLED_MID_MOVE, str(out), str(kill_at)])
     assert proc.returncode == -signal.SIGKILL
-    moved = {p.name for p in out.iterdir()} - {"mine.txt", output_dirs.STAGING_NAME}
+    moved = set(os.listdir(out)) - {"mine.txt", *_staging(out, output_dirs.STAGING_NAME)}
     assert len(moved) == kill_at - 1 and "report.json" not in moved  # the marker moves last
     output_dirs.refuse_nonempty_dir(str(out), overwrite=True)  # the next writer takes them out
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]

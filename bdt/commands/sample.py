@@ -127,14 +127,15 @@ def _sample(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     check_new_output(args)  # before the model loads
     trained, (width, height), sampling = load_for_args(args)
-    images = trained.images(prompts, width, height, sampling, batch=args.batch,
-                            any_bucket=args.any_bucket)
     files = [{"file": f"{i:04d}.png", "prompt": prompt} for i, prompt in enumerate(prompts)]
     meta = {"model": trained.source, "width": width, "height": height,
             "parallel_num": trained.model.cfg.parallel_num, "cfg_scale": sampling.cfg_scale,
             "cfg_schedule": sampling.cfg_schedule, "steps": sampling.num_steps,
             "seed": sampling.seed, "batch": args.batch, "images": files}
+    # Staged before the work, as eval: a second sampler of the same --out fails at its start.
     with output_dirs.staged_dir(args.out, overwrite=args.overwrite, last="samples.json") as tmp:
+        images = trained.images(prompts, width, height, sampling, batch=args.batch,
+                                any_bucket=args.any_bucket)
         for image, entry in zip(images, files):
             image.save(os.path.join(tmp, entry["file"]))
         make_grid(images, cols=args.cols).save(os.path.join(tmp, "grid.png"))
