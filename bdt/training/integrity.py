@@ -113,16 +113,20 @@ def marker_problem(marker: object) -> str | None:
 
 def read_marker(checkpoint: str) -> dict:
     """The marker of the checkpoint directory `checkpoint` (path or URL), its fields checked;
-    CheckpointUnusable naming it when it is missing, oversized, not JSON or of wrong types."""
+    CheckpointUnusable naming it when it is missing, oversized, not JSON or of wrong types;
+    the OSError, naming it, when the store cannot serve it (a timeout, a refusal)."""
     url = storage.join(checkpoint, MARKER)
     try:
         fs, path = storage.filesystem(url)
-        with fs.open(path, "rb") as f:
+        with storage.naming_url(url), fs.open(path, "rb") as f:
             data = f.read(MARKER_MAX_BYTES + 1)
         if len(data) > MARKER_MAX_BYTES:
             raise ValueError(f"over {MARKER_MAX_BYTES} bytes")
         marker = json.loads(data)
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
+    # Only what the marker is (gone, not a file, not bdt's JSON) condemns the checkpoint: a store
+    # that times out or refuses is raised as it is, not taken for damage and passed over.
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError,
+            RecursionError) as e:  # RecursionError: nested too deep
         raise CheckpointUnusable(f"{checkpoint}: its {MARKER} marker cannot be read "
                                  f"({type(e).__name__}: {e})") from None
     wrong = marker_problem(marker)

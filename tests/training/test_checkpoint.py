@@ -1,6 +1,7 @@
 """Checkpoint manager semantics (marker, keep-last-N, newest complete, per-rank state, s3), a
 2-rank DeepSpeed ZeRO-2 save/load that continues bitwise, and a 2 -> 1 rank load at ZeRO-0/1/3."""
 
+import errno
 import hashlib
 import json
 import os
@@ -136,6 +137,34 @@ def test_s3_checkpoint_marker_last_and_resume(s3_bucket, tmp_path):
     resumed = fresh.resume(engines={})
     assert resumed.meta["step"] == 6 and torch.equal(resumed.tensors["buf"], torch.full((3,), 3.0))
     assert not resumed.skipped
+
+
+def test_s3_a_marker_the_store_cannot_serve_is_raised_not_passed_over(s3_bucket, tmp_path,
+                                                                     monkeypatch):
+    """A stalled store timing out on markers said nothing about the checkpoints: resume passed
+    over every good one, then raised "no usable checkpoint" (a ValueError, which the resume
+    wrapper takes for a config error and does not retry); one it did reach was later moved to
+    unusable/ by the save of the same step."""
+    import s3fs
+
+    root = storage.join(s3_bucket, "run", "ck")
+    mgr = CheckpointManager(root, SOLO, keep_last=2, staging_dir=str(tmp_path / "stage"))
+    for step in (1, 2):
+        _save(mgr, step, value=float(step))
+    real_open = s3fs.S3FileSystem._open
+
+    def stalled(self, path, mode="rb", **kwargs):
+        if path.endswith(MARKER) and mode == "rb":
+            raise TimeoutError(errno.ETIMEDOUT, "Read timeout on endpoint URL")
+        return real_open(self, path, mode=mode, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_open", stalled)
+    with pytest.raises(TimeoutError, match=f"{root}/{tag_for(2)}/{MARKER}: .*Read timeout"):
+        mgr.resume(engines={})
+    assert not mgr.passed_over
+    monkeypatch.undo()
+    resumed = mgr.resume(engines={})
+    assert resumed.tag == tag_for(2) and not resumed.skipped
 
 
 @pytest.mark.slow
