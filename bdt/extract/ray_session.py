@@ -39,20 +39,27 @@ def ray_session() -> Iterator[None]:
         finally:
             ray.shutdown()
         return
-    previous = {}
+    previous, stopped = {}, []
+
+    def exit_on_signal(signum: int, frame) -> None:
+        stopped.append(signum)
+        raise SystemExit(128 + signum)
+
     _start_reaper()
     try:
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
-        previous = {sig: signal.signal(sig, _exit_on_signal) for sig in STOP_SIGNALS}
+        previous = {sig: signal.signal(sig, exit_on_signal) for sig in STOP_SIGNALS}
         yield
     finally:
         ray.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _exit_on_signal(signum: int, frame) -> None:
-    raise SystemExit(128 + signum)
+        if stopped:
+            # Raised inside ray.wait/ray.get (where the driver waits) Ray turns it into
+            # SystemExit(1), the exit code of failed units: say it was a stop, and exit 128 + N.
+            print(f"extract: stopped by {signal.Signals(stopped[0]).name}; rerun the same command "
+                  f"to finish", file=sys.stderr)
+            raise SystemExit(128 + stopped[0])
 
 
 def _start_reaper() -> None:

@@ -70,3 +70,32 @@ def _alive(procs) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return out
+
+
+_DRIVER_WAITING_ON_RAY = """
+import ray
+from bdt.extract.ray_session import ray_session
+
+with ray_session():
+    ref = ray.remote(lambda: __import__("time").sleep(120)).remote()
+    print("waiting", flush=True)
+    ray.get(ref)
+"""
+
+
+def test_a_driver_stopped_while_it_waits_on_ray_exits_with_the_signal(tmp_path):
+    """Before: SIGTERM or SIGINT (Ctrl-C) reaching the driver inside ray.wait/ray.get, where it
+    spends its time, ended it silently with exit code 1, the code of failed units: Ray turns the
+    handler's SystemExit(128 + N) into SystemExit(1)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER_WAITING_ON_RAY], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=open(tmp_path / "driver.log", "wb"))
+    try:
+        assert driver.stdout.readline() == b"waiting\n", (tmp_path / "driver.log").read_text()[-2000:]
+        time.sleep(1.0)  # inside ray.get
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=60) == 128 + signal.SIGTERM
+        assert "extract: stopped by SIGTERM" in (tmp_path / "driver.log").read_text()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
