@@ -16,7 +16,7 @@ over another shard list is refused. A worker whose shards of an epoch give no us
 on to the next epoch's (another set); only when every shard has failed it does it stop. The DataLoader takes batches from its workers in turn, always starting at its
 worker 0; a restarted stream maps that to the worker whose turn it was, so it delivers the
 uninterrupted run's batch sequence. Corrupt samples (undecodable image, missing image, an image
-member over MAX_MEMBER_BYTES, left unread) are skipped, counted and logged with their key and
+member over MAX_MEMBER_BYTES, left unread; nothing read: '..' paths, links) are skipped, counted and logged with their key and
 reason (the first MAX_LOGGED per worker), and so is the rest of a damaged shard (once, logged). A
 failed read (I/O, network, the shard gone) is no damage: it is tried again from the same sample,
 then stops the stream naming the shard (tars.ReadRetries); a read that never returns stops it
@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bdt.data.images import decode_rgb, needed_size, open_image, resize_center_crop, to_unit_range
-from bdt.data.tars import MAX_MEMBER_BYTES, ReadRetries, iter_shard, log_skip, read_failure
+from bdt.data.tars import MAX_MEMBER_BYTES, ReadRetries, log_skip, read_failure, read_samples
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +179,22 @@ class RawImageStream(IterableDataset):
             while pos["shard"] < len(shards):
                 url = shards[pos["shard"]]
                 try:
-                    for j, (sample, _, _) in enumerate(
-                            iter_shard(url, max_bytes=lambda _ext: MAX_MEMBER_BYTES)):
+                    j = -1  # index of the shard's last sample of which something was read
+                    for tar_sample in read_samples(url, max_bytes=lambda _ext: MAX_MEMBER_BYTES):
+                        owner = (pos["before"] + j + 1) % stride == (g if stride > 1 else 0)
+                        if not tar_sample.members:  # unsafe path, link, over the size limit
+                            if j + 1 >= pos["offset"] and owner:  # not counted before a restart
+                                pos["corrupt"] += 1
+                                log_skip(log, pos["corrupt"], MAX_LOGGED, "worker %d: skipping "
+                                         "sample %s of %s: nothing readable: %s", g,
+                                         tar_sample.key, url, tar_sample.refused)
+                            continue
+                        j, sample = j + 1, tar_sample.as_dict(url)
                         if j < pos["offset"]:
                             continue  # consumed before the restart: skipped without decoding
                         retries.failed = 0
                         pos["offset"] = j + 1
-                        if (pos["before"] + j) % stride != (g if stride > 1 else 0):
+                        if not owner:
                             continue
                         # Crop RNG from the sample's place in the stream: reproducible after a resume.
                         rng = (np.random.default_rng([self.seed, pos["epoch"], g, pos["shard"], j])

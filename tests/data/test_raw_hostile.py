@@ -58,3 +58,35 @@ def test_png_with_a_damaged_stream_is_skipped_not_trained_on(tmp_path):
                                            {"__key__": "c", "png": _png(2), "txt": b"c"}])
     batch = next(iter(RawImageStream([url], 16, 2, 0, 1)))
     assert batch["keys"] == ["a", "c"] and batch["corrupt"] == 1
+
+
+def _tar_with_refused(path: str, good: list[bytes], big: bytes) -> str:
+    """good[0], an oversized image alone, a '..' member, a symlink, then the rest of `good`."""
+    import tarfile
+
+    def add(t, name, data=b"", kind=tarfile.REGTYPE):
+        info = tarfile.TarInfo(name)
+        info.type, info.size, info.linkname = kind, len(data), "a.png" if kind != tarfile.REGTYPE else ""
+        t.addfile(info, io.BytesIO(data) if data else None)
+
+    with tarfile.open(path, "w") as t:
+        add(t, "a.png", good[0])
+        add(t, "big.png", big)
+        add(t, "../up.png", good[0])
+        add(t, "link.png", kind=tarfile.SYMTYPE)
+        for i, data in enumerate(good[1:]):
+            add(t, f"g{i}.png", data)
+    return path
+
+
+def test_a_sample_with_nothing_readable_is_counted_once(tmp_path, monkeypatch):
+    """An image alone over the size limit, a '..' path, a link: skipped and counted (they were
+    dropped uncounted), and not counted again by a stream resumed past them."""
+    good, big = [_png(i) for i in range(4)], _png(9, 200, 200)
+    monkeypatch.setattr(raw, "MAX_MEMBER_BYTES", (len(big) + max(map(len, good))) // 2, raising=False)
+    url = _tar_with_refused(str(tmp_path / "s.tar"), good, big)
+    first, second = itertools.islice(iter(RawImageStream([url], 16, 2, 0, 1)), 2)
+    assert first["keys"] == ["a", "g0"] and first["corrupt"] == 3
+    assert second["keys"] == ["g1", "g2"] and second["corrupt"] == 3
+    resumed = next(iter(RawImageStream([url], 16, 2, 0, 1, positions={0: first["position"]})))
+    assert resumed["keys"] == ["g1", "g2"] and resumed["corrupt"] == 3
