@@ -159,6 +159,17 @@ def _read_config(config: TokenizerConfig | Mapping[str, Any] | str | None) -> To
     return TokenizerConfig.from_dict(config)
 
 
+def _load_failure(exc: Exception) -> str:
+    """The reason in one line. torch's weights-only refusal opens with advice to load the file
+    unsafely or allowlist its classes (never an option here): the reason is the line after."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        lines = [line for line in lines[1:] if "weights_only" not in line
+                 and not line.startswith("(")] or lines
+    reason = lines[0] if lines else type(exc).__name__
+    return reason.removeprefix("WeightsUnpickler error: ").split(". Please use")[0]
+
+
 def read_state_dict(url: str) -> dict[str, torch.Tensor]:
     """{name: tensor} from a safetensors file (or shard index) or a weights-only torch file (a
     training checkpoint's nested "state_dict"/"model" too); ValueError naming the file when it
@@ -173,8 +184,8 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
                              f"never writes")
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code: report, never retry unsafely
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{url}: cannot read as a weights-only torch file: {first}") from None
+        raise ValueError(f"{url}: cannot read as a weights-only torch file: "
+                         f"{_load_failure(exc)}") from None
     # Training checkpoints often nest the weights one level down.
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
