@@ -13,15 +13,17 @@ the worker's read position (epoch, shard cursor, sample offset, samples before t
 batches yielded, and which shard list it indexes) after it, and a stream restarted from that
 position continues with the next unread sample without decoding the skipped ones; a position
 over another shard list is refused. A worker whose shards of an epoch give no usable image goes
-on to the next epoch's (another set); only when every shard has failed it does it stop. The DataLoader takes batches from its workers in turn, always starting at its
-worker 0; a restarted stream maps that to the worker whose turn it was, so it delivers the
-uninterrupted run's batch sequence. Corrupt samples (undecodable image, missing image, an image
-member over MAX_MEMBER_BYTES, left unread; nothing read: '..' paths, links) are skipped, counted and logged with their key and
-reason (the first MAX_LOGGED per worker), and so is the rest of a damaged shard (once, logged). A
-failed read (I/O, network, the shard gone) is no damage: it is tried again from the same sample,
-then stops the stream naming the shard (tars.ReadRetries); a read that never returns stops it
-after `stall_s` (the DataLoader's timeout, its stuck workers killed). A sample with several
-images uses the first of IMAGE_EXTS; an animated image, its first frame.
+on to the next epoch's (another set); only when every shard has failed it does it stop. The
+DataLoader takes batches from its workers in turn, always starting at its worker 0; a restarted
+stream maps that to the worker whose turn it was, so it delivers the uninterrupted run's batch
+sequence. Corrupt samples (undecodable image, missing image, an image member over
+MAX_MEMBER_BYTES, left unread; nothing read: '..' paths, links) are skipped, counted and logged
+with their key and reason (the first MAX_LOGGED per worker), and so is the rest of a damaged
+shard (once, logged). A failed read (I/O, network, the shard gone) is no damage: it is tried
+again from the same sample, then stops the stream naming the shard (tars.ReadRetries); a read
+that never returns stops it after `stall_s` (the DataLoader's timeout, its stuck workers
+killed). A sample with several images uses the first of IMAGE_EXTS; an animated image, its first
+frame.
 """
 
 from __future__ import annotations
