@@ -27,6 +27,7 @@ from bdt.training import integrity
 from bdt.training.distributed import broadcast_object
 from bdt.training.integrity import MARKER, CheckpointUnusable
 from bdt.training.rank_state import read_rank_files, seeded_rng, user_tensors, write_rank_files
+from bdt.training.safe_load import PARENT_ENV
 
 if TYPE_CHECKING:
     from bdt.training.checkpoint import CheckpointManager, Reshard
@@ -89,7 +90,9 @@ def to_universal(engine_dir: str, out_dir: str) -> bool:
     cmd = [sys.executable, "-m", "bdt.training.safe_load", "--input_folder",
            engine_dir, "--output_folder", out_dir, "--inject_missing_state",
            "--num_extract_workers", workers, "--num_merge_workers", workers]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # Its own session: it and its extraction workers end together when this rank dies (safe_load).
+    done = subprocess.run(cmd, capture_output=True, text=True, start_new_session=True,
+                          env={**os.environ, PARENT_ENV: str(os.getpid())})
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {done.returncode}: "
                            f"{(done.stderr or done.stdout)[-2000:]}")

@@ -18,13 +18,17 @@ from __future__ import annotations
 import contextlib
 import os
 import runpy
+import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+PARENT_ENV = "BDT_CONVERTER_PARENT"  # the pid of the rank that started the converter
 
 
 def deepspeed_globals() -> list[type]:
@@ -88,6 +92,22 @@ def recording_engine(engine) -> RecordingCheckpointEngine:
     return engine.checkpoint_engine
 
 
+def _die_with_parent() -> None:
+    """When the process that started this one dies (a rank SIGKILLed mid-conversion), kill this
+    process group: an orphan converter would go on writing into the conversion directory the
+    next launch rebuilds, and its forked workers would wait on it forever."""
+    parent = int(os.environ.get(PARENT_ENV, os.getppid()))  # the rank may be gone already
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        if os.getpgrp() == os.getpid():  # started in its own session (to_universal)
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _run_ds_to_universal() -> None:
     # Its extraction workers are forked, so they inherit both the variable and the allowlist;
     # under another start method they would fail closed (refusing the DeepSpeed classes).
@@ -98,4 +118,5 @@ def _run_ds_to_universal() -> None:
 
 
 if __name__ == "__main__":
+    _die_with_parent()
     _run_ds_to_universal()

@@ -1,6 +1,7 @@
 """Checkpoint manager semantics (marker, keep-last-N, newest complete, per-rank state, s3), a
 2-rank DeepSpeed ZeRO-2 save/load that continues bitwise, and a 2 -> 1 rank load at ZeRO-0/1/3."""
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -425,3 +426,39 @@ def test_engine_state_survives_world_size_change(tmp_path):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert (tmp_path / "ck1" / "step_000000003.w00001" / "model" / "zero").is_dir()
     assert not (tmp_path / "ck0" / "step_000000003.w00001" / "model").exists()  # ZeRO-0: as is
+
+
+@pytest.mark.slow
+def test_the_converter_dies_with_the_rank_that_started_it(tmp_path):
+    """A rank SIGKILLed (the OOM killer's pick) while it converts a checkpoint for another world
+    size takes the converter with it: an orphan would go on writing the conversion that the
+    next launch rebuilds in the same place. The engine files are FIFOs: it would block forever."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        os.mkfifo(engine / name)
+    rank = subprocess.Popen([sys.executable, "-c", "from bdt.training.checkpoint_convert import "
+                             f"to_universal; to_universal({str(engine)!r}, {str(tmp_path / 'u')!r})"])
+    converter, cpu, deadline = [], None, time.monotonic() + 120
+    while True:  # until the converter waits on a FIFO (idle): it writes nothing more to its pipes
+        assert rank.poll() is None and time.monotonic() < deadline
+        converter = converter or psutil.Process(rank.pid).children()
+        if converter and cpu == (cpu := sum(converter[0].cpu_times()[:2])):
+            break
+        time.sleep(1)
+    try:
+        rank.send_signal(signal.SIGKILL)
+        rank.wait()
+        _, alive = psutil.wait_procs(converter, timeout=10)
+        assert not alive
+    finally:
+        for p in converter:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
