@@ -47,21 +47,21 @@ def convert(mgr: CheckpointManager, tag: str, marker: dict, engines: dict[str, A
     conv = conversion_tag(tag, world)
     error = None
     if mgr.dist.is_main and not _verifies_here(mgr, conv):
-        src = None
+        src, out = None, os.path.join(mgr.staging, conv + ".partial")
         try:
             src = mgr.fetch_here(tag)
             problems = [p for rel, entry in sorted((marker.get("files") or {}).items())
                         if (p := integrity.problem(src, rel, entry))]
             if not marker.get("files") or problems:
                 raise CheckpointUnusable("; ".join(problems[:4]) or "its marker lists no files")
-            out = os.path.join(mgr.staging, conv + ".partial")
+            old = [read_rank_files(src, r) for r in range(saved_world)]
+            step = int(old[0][0]["step"])
+            # First: a re-split the trainer refuses (another data config) costs no engine copy.
+            states = reshard([(m["state"], user_tensors(t)) for m, t in old], world)
             shutil.rmtree(out, ignore_errors=True)
             os.makedirs(out)
             universal = sorted(n for n in engines
                                if to_universal(os.path.join(src, n), os.path.join(out, n)))
-            old = [read_rank_files(src, r) for r in range(saved_world)]
-            step = int(old[0][0]["step"])
-            states = reshard([(m["state"], user_tensors(t)) for m, t in old], world)
             for rank, (state, tensors) in enumerate(states):
                 write_rank_files(out, rank, world, step,
                                  seeded_rng(_rank_seed(old[0][1]["rng.torch"], step, rank)),
@@ -73,6 +73,8 @@ def convert(mgr: CheckpointManager, tag: str, marker: dict, engines: dict[str, A
         finally:
             if mgr.remote and src:
                 shutil.rmtree(src, ignore_errors=True)
+            if error:  # a failed conversion leaves no partial copy of the engines behind
+                shutil.rmtree(out, ignore_errors=True)
     error = broadcast_object(error)
     if error:
         raise CheckpointUnusable(f"{storage.join(mgr.root, tag)}: converting it from world size "

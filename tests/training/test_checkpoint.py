@@ -118,6 +118,28 @@ def test_world_change_converts_once_beside_the_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path / "ck")) == [tag_for(5)]
 
 
+def test_a_refused_re_split_converts_no_engine_and_leaves_nothing(tmp_path, monkeypatch):
+    """The trainer's re-split refuses a changed data config: that is found before the engines'
+    universal conversion (minutes per checkpoint for a real model), and no partial conversion
+    (a copy of the optimizer state) is left beside the checkpoint."""
+    from bdt.training import checkpoint_convert
+    from bdt.training.integrity import CheckpointUnusable
+
+    root = tmp_path / "ck"
+    for rank in (0, 1):
+        CheckpointManager(str(root), DistInfo(rank, 2, rank, torch.device("cpu"))).save(
+            4, {}, {"seen": rank + 1}, {"buf": torch.zeros(2)})
+    converted = []
+    monkeypatch.setattr(checkpoint_convert, "to_universal", lambda *a: converted.append(a))
+
+    def reshard(old, world):
+        raise ValueError("re-split needs the same data config")
+
+    with pytest.raises(CheckpointUnusable, match="re-split needs the same data config"):
+        CheckpointManager(str(root), SOLO).load(tag_for(4), {"model": None}, reshard=reshard)
+    assert converted == [] and sorted(os.listdir(root)) == [tag_for(4)]
+
+
 @pytest.mark.slow
 def test_s3_checkpoint_marker_last_and_resume(s3_bucket, tmp_path):
     root = storage.join(s3_bucket, "run", "ck")
