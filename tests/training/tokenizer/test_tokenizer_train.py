@@ -186,12 +186,12 @@ def _rank_hung_on(rank, world, port, overrides, hung):
     DataLoader's workers, which are forked from this process."""
     from bdt.data import raw
 
-    def iter_shard(url, *args, **kwargs):
+    def read_samples(url, *args, **kwargs):
         while url.endswith(hung):
             time.sleep(1)
         return real(url, *args, **kwargs)
 
-    real, raw.iter_shard = raw.iter_shard, iter_shard
+    real, raw.read_samples = raw.read_samples, read_samples
     # as under a launcher on Linux: a spawned rank's children would start from a fresh server
     multiprocessing.set_start_method("fork", force=True)
     _rank.__wrapped__(rank, world, port, overrides)
