@@ -121,6 +121,13 @@ def exists(url: str) -> bool:
         return fs.exists(path)
 
 
+def is_dir(url: str) -> bool:
+    fs, path = filesystem(url)
+    _forget_listing(fs, path)
+    with naming_url(url):
+        return fs.isdir(path)
+
+
 def _forget_listing(fs: fsspec.AbstractFileSystem, path: str) -> None:
     """s3fs keeps every listing it made, without expiry: a file another process wrote since
     would stay invisible to this one."""

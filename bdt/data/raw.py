@@ -53,7 +53,7 @@ MAX_LOGGED = 20  # rejected samples logged by key per worker; the rest are count
 
 @dataclass
 class RawDataConfig:
-    shards: str = "???"  # brace pattern, glob or comma list; local or fsspec URL
+    shards: str = "???"  # brace pattern, glob, folder of .tars or comma list; local or fsspec URL
     size: int = 128  # training resolution (square crops of this size)
     resize: int = 0  # shorter side is resized to this first (0 = size); > size allows crops
     random_crop: bool = False  # crop position random per sample (seeded, resume-exact), else centre
@@ -82,10 +82,20 @@ class RawDataConfig:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """All shard URLs named by `spec`; raises ValueError naming the pattern when none exist."""
+    """All shard URLs named by `spec` (a folder names its .tar files); raises ValueError naming
+    the pattern when none exist."""
     from bdt import storage
 
-    urls = storage.expand_urls(spec)
+    urls: list[str] = []
+    for url in storage.expand_urls(spec):
+        if not storage.is_dir(url):
+            urls.append(url)
+            continue
+        tars = storage.expand_urls(storage.join(url, "*.tar"))
+        if not tars:
+            raise ValueError(f"data.shards: the folder {url!r} holds no .tar file")
+        urls.extend(tars)
+    urls = list(dict.fromkeys(urls))  # a shard named twice (itself and by its folder) is read once
     missing = storage.missing_files(urls)
     if not urls or missing:
         raise ValueError(f"data.shards: no shard found for '{spec}'" if not urls else

@@ -51,6 +51,12 @@ def test_expand_patterns_and_missing(tmp_path):
         expand_shards(str(tmp_path / "raw-{000..004}.tar"))
     with pytest.raises(ValueError, match="no shard found"):
         expand_shards(str(tmp_path / "nothing-*.tar"))
+    # A folder names its tars, as the AR stages' and the extraction's inputs do.
+    assert expand_shards(str(tmp_path)) == brace
+    assert expand_shards(f"{brace[1]},{tmp_path}/") == [brace[1], brace[0], brace[2], brace[3]]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="folder .*empty' holds no .tar file"):
+        expand_shards(str(tmp_path / "empty"))
 
 
 def test_decode_resize_crop_range():
