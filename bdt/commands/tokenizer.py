@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import posixpath
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,12 +65,14 @@ def _encode(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from bdt.storage import open_atomic
+    from bdt import storage
     from bdt.tokenizer.io import load_tokenizer
 
     _check_batch_size(args)
-    if os.path.isdir(args.out):  # before the work, not at the final rename
+    # Before the work, not at the final write: a folder, or a parent that is a file or read-only.
+    if os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is a directory; give the .npy file to write")
+    storage.check_writable(posixpath.dirname(args.out) or ".")
     model = load_tokenizer(args.tokenizer)
     arrays = [_read_image(url) for url in args.images]
     first = arrays[0].shape[:2]
@@ -86,7 +89,7 @@ def _encode(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ValueError(f"{args.images[start]}: {exc}") from None
     bits = np.concatenate(chunks)
-    with open_atomic(args.out) as f:
+    with storage.open_atomic(args.out) as f:
         np.save(f, bits, allow_pickle=False)
     print(f"encoded {len(arrays)} image(s) -> {args.out}: {list(bits.shape)} (N x h x w x bits)")
     return 0

@@ -92,13 +92,19 @@ def test_a_non_empty_remote_out_is_refused_before_the_model_loads(s3_bucket, tmp
     assert fs.ls(s3_bucket + "/out", detail=False) == [s3_bucket[5:] + "/out/notes.txt"]
 
 
-def test_encode_refuses_a_directory_as_out_before_any_work(tmp_path, tokenizer_and_bits, capsys):
+def test_encode_refuses_an_out_it_cannot_write_before_any_work(tmp_path, tokenizer_and_bits, capsys):
     """It once encoded every image and failed only at the final rename."""
     (tmp_path / "out").mkdir()
     code = cli.main(["tokenizer", "encode", "--tokenizer", str(tmp_path / "no-tokenizer"),
                      "--images", str(tmp_path / "none.png"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "is a directory; give the .npy file to write" in err, err
+    (tmp_path / "afile").write_text("mine")
+    code = cli.main(["tokenizer", "encode", "--tokenizer", str(tmp_path / "no-tokenizer"),
+                     "--images", str(tmp_path / "none.png"), "--out", str(tmp_path / "afile/b.npy")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot write to {tmp_path / 'afile'}" in err and "no-tokenizer" not in err
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 def test_decode_refuses_arrays_that_are_no_bits_by_name(tmp_path, tokenizer_and_bits, capsys):
