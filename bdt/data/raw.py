@@ -186,16 +186,20 @@ class RawImageStream(IterableDataset):
         usable = pos["shard"] > 0 or pos["offset"] > 0  # a resumed epoch had images before
         failed: set[str] = set()  # the shards of the epochs in a row that gave nothing usable
         retries = ReadRetries(log)
+        counted = 0  # samples of nothing readable counted past pos["offset"]: a retry meets them again
         while True:
             shards, stride = self._plan(pos["epoch"], g, total)
             while pos["shard"] < len(shards):
                 url = shards[pos["shard"]]
                 try:
                     j = -1  # index of the shard's last sample of which something was read
+                    met = 0  # samples of nothing readable met past pos["offset"] in this read
                     for tar_sample in read_samples(url, max_bytes=lambda _ext: MAX_MEMBER_BYTES):
                         owner = (pos["before"] + j + 1) % stride == (g if stride > 1 else 0)
                         if not tar_sample.members:  # unsafe path, link, over the size limit
-                            if j + 1 >= pos["offset"] and owner:  # not counted before a restart
+                            met += j + 1 >= pos["offset"] and owner  # not counted before a restart
+                            if met > counted:
+                                counted = met
                                 pos["corrupt"] += 1
                                 log_skip(log, pos["corrupt"], MAX_LOGGED, "worker %d: skipping "
                                          "sample %s of %s: nothing readable: %s", g,
@@ -205,7 +209,7 @@ class RawImageStream(IterableDataset):
                         if j < pos["offset"]:
                             continue  # consumed before the restart: skipped without decoding
                         retries.failed = 0
-                        pos["offset"] = j + 1
+                        pos["offset"], counted, met = j + 1, 0, 0
                         if not owner:
                             continue
                         # Crop RNG from the sample's place in the stream: reproducible after a resume.
@@ -236,7 +240,7 @@ class RawImageStream(IterableDataset):
                     pos["corrupt"] += 1
                 pos["shard"] += 1
                 pos["before"] += pos["offset"]
-                pos["offset"] = 0
+                pos["offset"], counted = 0, 0
             failed = set() if usable else failed | set(shards)
             # Shard-split epochs give each worker other shards: only when every shard has failed
             # (or a worker reads them all each epoch) would the stream read on without a batch.

@@ -90,3 +90,29 @@ def test_a_sample_with_nothing_readable_is_counted_once(tmp_path, monkeypatch):
     assert second["keys"] == ["g1", "g2"] and second["corrupt"] == 3
     resumed = next(iter(RawImageStream([url], 16, 2, 0, 1, positions={0: first["position"]})))
     assert resumed["keys"] == ["g1", "g2"] and resumed["corrupt"] == 3
+
+
+def test_a_read_failing_past_samples_of_nothing_readable_counts_them_once(tmp_path,
+                                                                          monkeypatch):
+    """A failed read is tried again from the sample after the last one read: it meets the samples
+    of nothing readable behind that one again, which were counted (and logged) a second time."""
+    from bdt.data import tars
+
+    from testkit import pauses_that
+
+    good, big = [_png(i) for i in range(4)], _png(9, 200, 200)
+    monkeypatch.setattr(raw, "MAX_MEMBER_BYTES", (len(big) + max(map(len, good))) // 2, raising=False)
+    url = _tar_with_refused(str(tmp_path / "s.tar"), good, big)
+    real, failed = raw.read_samples, []
+
+    def failing_once_after_the_link(url, **kwargs):
+        for sample in real(url, **kwargs):
+            yield sample
+            if sample.key == "link" and not failed:
+                failed.append(sample.key)
+                raise tars.ReadFailed("OSError: [Errno 5] I/O error")
+    monkeypatch.setattr(raw, "read_samples", failing_once_after_the_link)
+    pauses_that(monkeypatch)
+    first, second = itertools.islice(iter(RawImageStream([url], 16, 2, 0, 1)), 2)
+    assert failed and first["keys"] == ["a", "g0"] and second["keys"] == ["g1", "g2"]
+    assert first["corrupt"] == second["corrupt"] == 3
