@@ -187,8 +187,10 @@ def load_text_tokenizer(path: str) -> "PreTrainedTokenizerBase":
                 tokenizer = TokenizersBackend.from_pretrained(path)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise OSError(f"cannot load a text tokenizer from {path!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a tokenizer.json of another shape: KeyError & co
+        why = " ".join(str(e).split())  # transformers' messages span lines; errors print one
+        raise OSError(f"cannot load a text tokenizer from {path!r}: {type(e).__name__}: {why}"
+                      ) from e
     # Without its vocabulary files transformers builds an empty tokenizer (every text -> no ids).
     if not encode(tokenizer, "a photo"):
         raise OSError(f"text tokenizer at {path!r} encodes text to no tokens: its vocabulary file "

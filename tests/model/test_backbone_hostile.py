@@ -106,6 +106,19 @@ def test_a_tokenizer_config_of_the_wrong_shape_is_named(llm_dir, tmp_path):
         load_backbone(BackboneConfig(path=folder), parallel_num=4)
 
 
+@pytest.mark.parametrize("content", ["{}", '{"added_tokens": [], "model": 1}', "[]"])
+def test_a_tokenizer_json_of_the_wrong_shape_is_one_line_naming_the_folder(llm_dir, tmp_path,
+                                                                          content):
+    """A tokenizer.json that is JSON but no tokenizer (an edit, another tool's file) ended
+    `bdt sample` and training with a KeyError, TypeError or tokenizers' own Exception traceback."""
+    folder = _copy(llm_dir, tmp_path)
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        f.write(content)
+    with pytest.raises(OSError, match=f"cannot load a text tokenizer from '{folder}': ") as e:
+        load_backbone(BackboneConfig(path=folder), parallel_num=4)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nonfinite_weights_are_named(llm_dir, tmp_path, value):
     folder = _copy(llm_dir, tmp_path)
