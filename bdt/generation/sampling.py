@@ -65,6 +65,7 @@ def _prefixes(model: BitDanceModel, prompts: Sequence[str | Sequence[int]], h: i
     captions = list(prompts) + ([None] * len(prompts) if guided else [])
     rows = []
     for i, caption in enumerate(captions):
+        _check_text(caption, i % len(prompts))
         ids = packer.prompt_ids(caption)
         total = packer.sample_len(len(ids), h, w)
         if total > context:
@@ -73,6 +74,17 @@ def _prefixes(model: BitDanceModel, prompts: Sequence[str | Sequence[int]], h: i
                              f"> the model's context of {context} positions")
         rows.append(ids + image_part)
     return rows
+
+
+def _check_text(caption: str | Sequence[int] | None, i: int) -> None:
+    """A prompt that is no UTF-8 text (a lone surrogate: bytes of another encoding in argv, a
+    \\ud800 escape in a suite file) fails the tokenizer with a bare TypeError: name it."""
+    if isinstance(caption, str):
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"prompt {i}: not UTF-8 text ({e.reason}: {caption[e.start]!r} at "
+                             f"character {e.start})") from None
 
 
 def check_prompts(model: BitDanceModel, prompts: Sequence[str | Sequence[int]], h: int,

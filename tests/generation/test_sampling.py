@@ -133,6 +133,15 @@ def test_sampling_settings_and_prompts_no_sampling_can_use_are_refused(llm_dir):
         generate(model, ["a red circle"], 4, 4, SamplingConfig(num_steps=1, cfg_scale=1.0))
 
 
+def test_a_prompt_that_is_no_utf8_text_is_named(llm_dir):
+    """Bytes of another encoding in argv (`--prompt $'\\xff'` reads as a lone surrogate) or a
+    \\udcff escape in a suite file ended `bdt sample` / `bdt eval` with the tokenizer's
+    TypeError."""
+    model = tiny_model(llm_dir, 4)
+    with pytest.raises(ValueError, match="prompt 1: not UTF-8 text .* at character 2"):
+        generate(model, ["a red circle", "a \udcff circle"], 4, 4, SamplingConfig(num_steps=1))
+
+
 def test_batch_seeds_of_two_runs_never_coincide():
     """Batch k once sampled with seed + k: run seed 1's batches were run seed 0's from k = 1."""
     from bdt.generation.trained import batch_seed
