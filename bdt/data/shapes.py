@@ -37,6 +37,9 @@ BACKGROUNDS = {
 CATEGORIES = ("single_object", "colors", "two_objects", "counting", "position", "color_attr")
 RELATIONS = ("left_of", "right_of", "above", "below")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+# Objects a spec may ask for: far more than fit an image (each spans >= MIN_SIZE_FRAC of its
+# short side); layout and the judge list every wanted object, and 10**30 exhausted memory.
+MAX_OBJECTS = 100
 
 SUPERSAMPLE = 4  # anti-aliasing: draw at 4x, then average 4x4 blocks (exact area coverage)
 MIN_SIZE_FRAC = 0.22  # smallest object = 22% of the short side: >= 14 px in a 64 px image
@@ -170,6 +173,9 @@ def check_spec(spec: dict) -> None:
                 raise ValueError(f"color '{g['color']}' is not one of {', '.join(COLORS)}")
             if type(g["count"]) is not int or g["count"] < 1:  # a JSON true is no count
                 raise ValueError(f"count must be a positive integer, got {g['count']!r}")
+        total = sum(g["count"] for g in groups)
+        if total > MAX_OBJECTS:
+            raise ValueError(f"asks for {total} objects; a spec holds at most {MAX_OBJECTS}")
         if relation is not None:
             if relation["type"] not in RELATIONS:
                 raise ValueError(

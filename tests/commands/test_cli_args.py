@@ -42,13 +42,17 @@ def test_sample_refuses_bad_flags_before_loading(tmp_path, capsys, args, expecte
     (["TRAVERSAL"], ":1: not a suite item (id '../x' must be unique and a plain file name)"),
     (["[1, 2]"], ":1: not a suite item (not a JSON object)"),
     (["NO_PROMPT"], ":1: not a suite item (id, category and prompt must be non-empty strings)"),
+    # the judge lists every wanted object: 10**30 of them exhausted memory after the generation
+    (["HUGE_COUNT"], ":1: not a suite item (asks for 10000000000000000000000000000"),
     (["LATIN1"], "suite.jsonl: not a UTF-8 text file"),
     (["[" * 100000 + "]" * 100000], ":1: not a suite item (maximum recursion depth exceeded"),
 ])
 def test_eval_refuses_bad_suite_files(tmp_path, capsys, lines, expected):
     item = load_suite()[0]
     subst = {"SAME": json.dumps(item), "TRAVERSAL": json.dumps({**item, "id": "../x"}),
-             "NO_PROMPT": json.dumps({**item, "prompt": None})}
+             "NO_PROMPT": json.dumps({**item, "prompt": None}),
+             "HUGE_COUNT": json.dumps({**item, "spec": {**item["spec"], "groups": [
+                 {**item["spec"]["groups"][0], "count": 10**30}]}})}
     text = "".join(subst.get(line, line) + "\n" for line in lines)
     suite = tmp_path / "suite.jsonl"
     suite.write_bytes(b"\xff\n" if lines == ["LATIN1"] else text.encode())

@@ -190,6 +190,7 @@ def test_suite_prompts_are_satisfiable():
     (lambda s: s["groups"][1].update(color="teal"), "color 'teal'"),
     (lambda s: s["groups"][0].update(count=0), "count must be a positive integer"),
     (lambda s: s["groups"][0].update(count=True), "count must be a positive integer"),
+    (lambda s: s["groups"][1].update(count=1000), "asks for 1001 objects; a spec holds at most"),
     (lambda s: s["relation"].update(type="near"), "relation 'near'"),
     (lambda s: s["relation"].update(a=0), "two different single-object groups"),
     (lambda s: s["groups"][0].pop("color"), "malformed spec"),
