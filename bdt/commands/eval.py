@@ -42,6 +42,9 @@ def _read_suite(path: str) -> list[dict]:
     return items
 
 
+NAME_MAX = 255  # bytes of a file name (Linux, macOS)
+
+
 def _check_item(item: dict, seen_ids: set[str]) -> None:
     """One suite item; its id names its image file (images/<id>.png), so it must be unique
     and a plain file name."""
@@ -57,6 +60,11 @@ def _check_item(item: dict, seen_ids: set[str]) -> None:
     name = item["id"]
     if name in seen_ids or os.path.basename(name) != name or name in (".", ".."):
         raise ValueError(f"id {name!r} must be unique and a plain file name")
+    # Checked here, not when its image is saved after every image is generated (fsencode
+    # raises for a lone surrogate, which no file name can hold).
+    if "\0" in name or len(os.fsencode(f"{name}.png")) > NAME_MAX:
+        raise ValueError(f"id {name[:40]!r} names no image file (images/<id>.png: no NUL, at "
+                         f"most {NAME_MAX} bytes)")
     check_spec(item["spec"])
     if item["category"] != item["spec"]["category"]:  # scored under the item's, judged by the spec's
         raise ValueError(f"category {item['category']!r} is not its spec's "

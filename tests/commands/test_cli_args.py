@@ -42,6 +42,10 @@ def test_sample_refuses_bad_flags_before_loading(tmp_path, capsys, args, expecte
     (["TRAVERSAL"], ":1: not a suite item (id '../x' must be unique and a plain file name)"),
     (["[1, 2]"], ":1: not a suite item (not a JSON object)"),
     (["NO_PROMPT"], ":1: not a suite item (id, category and prompt must be non-empty strings)"),
+    # ids that no image file can be named by: once refused only after every image was generated
+    (["NUL_ID"], ":1: not a suite item (id 'a\\x00b' names no image file (images/<id>.png: no NUL"),
+    (["LONG_ID"], ":1: not a suite item (id 'aaaaaaaa"),
+    (["SURROGATE_ID"], ":1: not a suite item ('utf-8' codec can't encode character '\\ud800'"),
     # the judge lists every wanted object: 10**30 of them exhausted memory after the generation
     (["HUGE_COUNT"], ":1: not a suite item (asks for 10000000000000000000000000000"),
     (["LATIN1"], "suite.jsonl: not a UTF-8 text file"),
@@ -51,6 +55,9 @@ def test_eval_refuses_bad_suite_files(tmp_path, capsys, lines, expected):
     item = load_suite()[0]
     subst = {"SAME": json.dumps(item), "TRAVERSAL": json.dumps({**item, "id": "../x"}),
              "NO_PROMPT": json.dumps({**item, "prompt": None}),
+             "NUL_ID": json.dumps({**item, "id": "a\0b"}),
+             "LONG_ID": json.dumps({**item, "id": "a" * 252}),  # + ".png": 256 bytes
+             "SURROGATE_ID": json.dumps({**item, "id": "a\ud800"}),
              "HUGE_COUNT": json.dumps({**item, "spec": {**item["spec"], "groups": [
                  {**item["spec"]["groups"][0], "count": 10**30}]}})}
     text = "".join(subst.get(line, line) + "\n" for line in lines)
