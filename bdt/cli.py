@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, OSError, ValueError) as exc:
-        # Expected user errors: one line, no traceback, non-zero exit.
+    except (ConfigError, OSError, ValueError, FloatingPointError) as exc:
+        # Expected user errors: one line, no traceback, non-zero exit. FloatingPointError:
+        # sampling that overflowed (a guidance scale of 1e38), which bdt raises with its cause.
         print(f"bdt {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

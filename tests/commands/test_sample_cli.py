@@ -167,6 +167,8 @@ def _incomplete_export(trained_run, tmp_path) -> str:
     ("export", ["--size", "16", "--batch", "1", "--prompt", "red " * 600], "prompt 1: 60"),
     ("export", ["--size", "16", "--prompt", " "], "--prompt number 2 is empty"),
     ("export", ["--size", "16", "--steps", str(10**20)], "--steps must be in [1, 10000]"),
+    # finite, but the guided velocity overflows: once a FloatingPointError traceback
+    ("export", ["--size", "16", "--steps", "2", "--cfg-scale", "1e38"], "produced NaN or inf"),
 ])
 def test_bad_input_exits_2_with_one_line(trained_run, tmp_path, capsys, case, args, expected):
     model = {"missing": str(tmp_path / "nope"), "remote": "s3://bucket/run/export",
