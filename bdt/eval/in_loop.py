@@ -12,10 +12,12 @@ others wait at the next collective.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
+from bdt import output_dirs
 from bdt.eval.run import evaluate, select
 from bdt.eval.suite import load_suite
 from bdt.generation.sampling import SamplingConfig, check_prompts
@@ -49,11 +51,15 @@ class InLoopEval:
         """Scores of the suite subset at this step (metrics keys) and, on the writing rank, the
         report files."""
         c = self.cfg
-        out_dir = os.path.join(self.run_dir, "eval", f"step_{step:09d}") if self.writes else None
+        # Staged: a step evaluated again (resumed from before it, maybe with other eval settings)
+        # replaces its report whole, images/ included, rather than mixing the two.
+        report = output_dirs.staged_dir(os.path.join(self.run_dir, "eval", f"step_{step:09d}"),
+                                        overwrite=True, last="eval.json") \
+            if self.writes else contextlib.nullcontext(None)
         was_training = module.training
         module.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), report as out_dir:
                 result = evaluate(module, self.decoder, self.items, c.width, c.height,
                                   SamplingConfig(cfg_scale=c.cfg_scale, num_steps=c.steps,
                                                  seed=self.seed), batch=c.batch, out_dir=out_dir)
