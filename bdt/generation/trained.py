@@ -148,7 +148,6 @@ def batch_seed(seed: int, k: int) -> int:
 
 def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
     """Resolve `path` (export, or run dir: export or newest checkpoint) and load it on `device`."""
-    from bdt.tokenizer.io import load_tokenizer
     from bdt.training.checkpoint import MARKER
 
     if storage.is_remote(path):  # run dirs, and so their exports, are local (checkpoints may be remote)
@@ -176,10 +175,23 @@ def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
         raise OSError(f"{path!r} is not a complete model export: missing {', '.join(missing)} "
                       f"(expected the <run_dir>/export that bdt/train.py writes)")
     model = BitDanceModel.from_pretrained(path).to(device).eval()
-    decoder = load_tokenizer(os.path.join(path, layout.EXPORT_IMAGE_TOKENIZER_DIR), device=device)
+    decoder = _load_decoder(os.path.join(path, layout.EXPORT_IMAGE_TOKENIZER_DIR), model, device)
     train_cfg = os.path.join(path, layout.EXPORT_TRAIN_CONFIG_NAME)
     buckets = _trained_buckets(train_cfg) if os.path.isfile(train_cfg) else None
     return TrainedModel(model, decoder, path, buckets)
+
+
+def _load_decoder(path: str, model: BitDanceModel, device: str | torch.device) -> torch.nn.Module:
+    """The image tokenizer at `path`, refused unless it decodes the bits the model samples (another
+    one failed at the first decode, after a whole batch was sampled, naming no file)."""
+    from bdt.tokenizer.io import load_tokenizer
+
+    decoder = load_tokenizer(path, device=device)
+    bits = decoder.config.bits_per_token
+    if bits != model.cfg.head.bits:
+        raise OSError(f"{path}: this image tokenizer decodes {bits}-bit tokens, the model samples "
+                      f"{model.cfg.head.bits}-bit ones: it is not the model's tokenizer")
+    return decoder
 
 
 def _trained_buckets(train_config_path: str) -> list[tuple[int, int]] | None:
@@ -217,7 +229,6 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     weights of `checkpoint` (default: the newest complete one) with torch.load(weights_only=True),
     which unpickles no code; the EMA weights in their place where the run keeps an EMA, as its
     in-loop samples and its export use them."""
-    from bdt.tokenizer.io import load_tokenizer
     from bdt.training.checkpoint import list_checkpoints
 
     cfg_path = os.path.join(run_dir, layout.CONFIG_NAME)
@@ -255,7 +266,7 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
         raise OSError(_damaged_record(model_cfg.backbone.path, configured,
                                       f"it does not rebuild the checkpoint's model: {e}")) from None
     model.load_extra({k: v for k, v in module.items() if not k.startswith("llm.")}, states)
-    decoder = load_tokenizer(cfg.data.tokenizer, device=device)
+    decoder = _load_decoder(cfg.data.tokenizer, model, device)
     return TrainedModel(model.to(device).eval(), decoder, checkpoint, _trained_buckets(cfg_path))
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from bdt.cli import main
 from evalutil import BUCKET, run_bdt
+from testkit import save_tiny_image_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -234,3 +235,32 @@ def test_the_trained_buckets_do_not_depend_on_the_working_directory(trained_run,
     (copy / "train_config.yaml").write_text("stages: 5\n")
     assert main(["sample", "--model", str(copy), "--prompt", "x", "--size", "32", "--steps", "1",
                  "--out", str(tmp_path / "o2")]) == 0  # 32 px was not trained: unknown now
+
+
+@pytest.mark.parametrize("source", ["export", "run_dir"])
+def test_an_image_tokenizer_of_other_bits_is_refused_before_sampling(trained_run, tmp_path, capsys,
+                                                                     source):
+    """An export whose image_tokenizer/ was replaced, or a run whose data.tokenizer now holds
+    another tokenizer, sampled a whole batch and then failed in the decoder's shape check,
+    naming no file."""
+    from omegaconf import OmegaConf
+
+    other = str(tmp_path / "tok8")
+    save_tiny_image_tokenizer(other, bits=8)
+    if source == "export":
+        model = tmp_path / "export"
+        shutil.copytree(os.path.join(trained_run, "export"), model)
+        shutil.rmtree(model / "image_tokenizer")
+        shutil.copytree(other, model / "image_tokenizer")
+        named = model / "image_tokenizer"
+    else:
+        model = tmp_path / "run"
+        shutil.copytree(trained_run, model, ignore=shutil.ignore_patterns("export"))
+        cfg = OmegaConf.load(model / "config.yaml")
+        cfg.data.tokenizer = other
+        OmegaConf.save(cfg, model / "config.yaml")
+        named = other
+    assert _sample(str(model), tmp_path / "o", "--prompt", PROMPTS[0]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{named}: this image tokenizer decodes 8-bit tokens, the model samples 16-bit" in last
+    assert not (tmp_path / "o").exists()
