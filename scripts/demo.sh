@@ -72,6 +72,28 @@ START=$SECONDS
 
 log() { printf '\n== demo [%dm%02ds] %s\n' $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)) "$*"; }
 source scripts/local_ray.sh  # free_port, start_ray_head / stop_ray (the rehearsal uses them too)
+# Set before any step: without a trap a SIGTERM ends this script at once, while its step runs on.
+trap stop_ray EXIT
+trap 'stop_ray; exit 130' INT TERM
+
+# COMMAND...: run it and return only once every process it started has ended. The `deepspeed`
+# runner dies at once on Ctrl-C or SIGTERM while its launcher and ranks still save a checkpoint:
+# this script would exit with them running, and a re-run would find the run locked.
+run_to_end() {
+  python -c '
+import ctypes, os, signal, subprocess, sys
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans below this process come here
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda *_: None)  # a handler, not SIG_IGN: the command gets the default
+status = subprocess.call(sys.argv[1:])
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+sys.exit(status if status >= 0 else 128 - status)
+' "$@"
+}
 
 # --- 1. data --------------------------------------------------------------------------------
 if [[ -f $D/data/manifest.json ]]; then
@@ -86,7 +108,7 @@ if [[ -f $D/tokenizer/export/config.json ]]; then
   log "2/7 tokenizer: $D/tokenizer/export is complete, skipping"
 else
   log "2/7 tokenizer: training configs/tokenizer/shapes_d8.yaml on $RANKS ranks -> $D/tokenizer"
-  deepspeed --num_gpus "$RANKS" --master_port "$(free_port)" tokenizers/train.py \
+  run_to_end deepspeed --num_gpus "$RANKS" --master_port "$(free_port)" tokenizers/train.py \
     --config configs/tokenizer/shapes_d8.yaml --config configs/tokenizer/demo.yaml \
     run_dir="$D/tokenizer" "data.shards=$D/data/shapes-*.tar" "${TOKENIZER_ARGS[@]}"
 fi
@@ -96,8 +118,6 @@ extraction_complete() {
   python -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("complete") else 1)' \
     "$D/tokens/index.json" 2>/dev/null
 }
-trap stop_ray EXIT
-trap 'stop_ray; exit 130' INT TERM
 if extraction_complete; then
   log "3/7 pre-extraction: $D/tokens is complete, skipping"
 else
@@ -123,7 +143,7 @@ if [[ -f $D/run/export/model_config.yaml ]]; then
   log "5/7 training: $D/run/export is complete, skipping"
 else
   log "5/7 training: ${TRAIN_CONFIGS[*]}, stages 32 -> 64 px, on $RANKS ranks -> $D/run"
-  deepspeed --num_gpus "$RANKS" --master_port "$(free_port)" bdt/train.py "${TRAIN_CONFIGS[@]}" \
+  run_to_end deepspeed --num_gpus "$RANKS" --master_port "$(free_port)" bdt/train.py "${TRAIN_CONFIGS[@]}" \
     run_dir="$D/run" model.backbone.path="$D/llm" data.tokenizer="$D/tokenizer/export" \
     data.root="$D/tokens" "${TRAIN_ARGS[@]}"
 fi

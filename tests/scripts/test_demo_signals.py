@@ -1,0 +1,78 @@
+"""scripts/demo.sh stopped by Ctrl-C or SIGTERM (to its process group) while a trainer runs: it
+exits only once the trainer's launcher has ended. The `deepspeed` runner dies at once on either
+signal while its launcher and ranks still save; here a fake runner and launcher stand in for them
+(the script runs in a copy of scripts/ whose .venv/bin holds them)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from testkit import REPO
+
+pytestmark = pytest.mark.slow
+
+# The runner: starts the launcher and waits, dying on either signal (as deepspeed's runner does
+# for a local launch). The launcher: on a signal it "saves" for 2 s, then exits 1.
+RUNNER = f"""#!{sys.executable}
+import subprocess, sys
+subprocess.Popen([sys.executable, __file__.replace("deepspeed", "launcher.py")]).wait()
+"""
+LAUNCHER = """import os, signal, sys, time
+def stop(*_):
+    time.sleep(2)
+    open(os.environ["DEMO_DIR"] + "/saved", "w").close()
+    sys.exit(1)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+open(os.environ["DEMO_DIR"] + "/launcher.pid", "w").write(str(os.getpid()))
+time.sleep(60)
+"""
+# What marks steps 1-4 done, for a demo that is to start at step 5 (the AR trainer).
+BEFORE_TRAINING = {"data/manifest.json": "{}", "tokenizer/export/config.json": "{}",
+                   "tokens/index.json": '{"complete": true}', "llm/model.safetensors": ""}
+
+
+def fake_repo(root):
+    os.makedirs(root / "scripts")
+    for name in ("demo.sh", "local_ray.sh"):
+        shutil.copy(REPO / "scripts" / name, root / "scripts" / name)
+    bin_dir = root / ".venv" / "bin"
+    os.makedirs(bin_dir)
+    os.symlink(sys.executable, bin_dir / "python")
+    (bin_dir / "deepspeed").write_text(RUNNER)
+    (bin_dir / "deepspeed").chmod(0o755)
+    (bin_dir / "launcher.py").write_text(LAUNCHER)
+
+
+@pytest.mark.parametrize("sig, done", [(signal.SIGTERM, ["data/manifest.json"]),
+                                       (signal.SIGINT, list(BEFORE_TRAINING))])
+def test_a_stopped_demo_exits_after_its_trainer(tmp_path, sig, done):
+    """SIGTERM in step 2 (the tokenizer trainer), Ctrl-C in step 5 (the AR trainer)."""
+    fake_repo(tmp_path / "repo")
+    demo = tmp_path / "demo"
+    for name in done:
+        os.makedirs(os.path.dirname(demo / name), exist_ok=True)
+        (demo / name).write_text(BEFORE_TRAINING[name])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
+    env.update(DEMO_DIR=str(demo), DEMO_DEVICE="cpu")
+    proc = subprocess.Popen(["bash", str(tmp_path / "repo" / "scripts" / "demo.sh")], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (demo / "launcher.pid").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the launcher never started"
+            time.sleep(0.1)
+        launcher = psutil.Process(int((demo / "launcher.pid").read_text()))
+        os.killpg(proc.pid, sig)
+        assert proc.wait(timeout=30) == 130
+        assert (demo / "saved").exists(), "the demo exited while its trainer was still saving"
+        assert not launcher.is_running() or launcher.status() == psutil.STATUS_ZOMBIE
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
