@@ -182,7 +182,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                           "resumed_from_world_size": meta.get("resplit_from_world_size",
                                                               dist.world_size),
                           **{k: v for k, v in params.items() if k.startswith("params_local/")}})
-        if clock.stage > saved_stage and not clock.finished:  # the config ended a stage here
+        if clock.stage != saved_stage and not clock.finished:  # the config moved the switch
             logger.log(step, {"stage": clock.stage})
 
     peak = cfg.logging.peak_tflops * 1e12 or measure_peak_flops(

@@ -20,7 +20,10 @@ of the state, so a resumed run keeps the schedule the interrupted one chose.
 A resume under changed stage lengths (`resume_at`): a current stage now shorter than what ran
 ends at once (no step at its floor LR past the new end), and a finished run whose last stage is
 now longer goes back into it, or with stages appended goes on to them (the finished clock keeps
-the last stage's position for that; clocks saved before it did stay finished).
+the last stage's position for that; clocks saved before it did stay finished). Likewise a
+checkpoint of the step that ended a stage (it holds that stage's stream) goes back into the stage
+when the config lengthened it (the clock keeps the ended stage's position, `previous`): the same
+edit then has the same effect whether the newest checkpoint is just before the switch or at it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class StageClock:
         self.stage, self.start_step, self.stage_tokens = 0, 0, 0
         self.fitted: dict | None = None  # {"stage", "steps", "tokens"}: a shortened stage's limits
         self.kept_last = True  # finished: start_step and stage_tokens are still the last stage's
+        self.previous: list[int] | None = None  # [start_step, stage_tokens] of the stage before
 
     def _schedule_length(self, i: int) -> int:
         if self.step_limits[i] > 0:
@@ -70,6 +74,7 @@ class StageClock:
         """The next stage begins at global step `next_step` (past the last one: finished, with
         the last stage's position kept)."""
         if self.stage + 1 < len(self.names):
+            self.previous = [self.start_step, self.stage_tokens]
             self.stage, self.start_step, self.stage_tokens = self.stage + 1, next_step, 0
         else:
             self.stage += 1
@@ -79,8 +84,17 @@ class StageClock:
         the restored position (module doc)."""
         if self.finished and self.kept_last:
             self.stage = len(self.names) - 1
+        elif self.previous is not None and self.start_step == steps_done:
+            self._back_into_previous(steps_done)
         while not self.finished and self.stage_done(steps_done):
             self.advance(steps_done)
+
+    def _back_into_previous(self, steps_done: int) -> None:
+        """Saved at the step that ended the previous stage: back into it if it is not done now."""
+        here = self.stage, self.start_step, self.stage_tokens
+        self.stage, (self.start_step, self.stage_tokens) = self.stage - 1, self.previous
+        if self.stage_done(steps_done):
+            self.stage, self.start_step, self.stage_tokens = here
 
     def fit(self, steps_done: int, steps_left: int) -> bool:
         """Shorten the current stage so that it ends `steps_left` (>= 1) steps after global step
@@ -109,7 +123,8 @@ class StageClock:
     def state_dict(self) -> dict:
         return {"stage": self.stage, "start_step": self.start_step,
                 "stage_tokens": self.stage_tokens, "fitted": self.fitted,
-                "kept_last": self.kept_last, "names": self.names[:self.stage + 1]}
+                "kept_last": self.kept_last, "names": self.names[:self.stage + 1],
+                "previous": self.previous}
 
     def load_state_dict(self, state: dict) -> None:
         if not 0 <= state["stage"] <= len(self.names):
@@ -127,6 +142,7 @@ class StageClock:
         self.stage, self.start_step = int(state["stage"]), int(state["start_step"])
         self.stage_tokens = int(state["stage_tokens"])
         self.kept_last = bool(state.get("kept_last", False))
+        self.previous = state.get("previous")  # absent in clocks saved before it was kept
         if self.kept_last and 0 < self.stage == len(trained):
             # Saved finished: the position is its last stage's, so resume there (resume_at ends
             # it again); a stage appended since then would have taken it for its own start.

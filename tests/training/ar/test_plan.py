@@ -69,6 +69,32 @@ def test_a_resume_applies_changed_stage_lengths_before_any_step():
     assert cut.stage == 1 and cut.start_step == 6  # the next stage begins, no step at stage 0
 
 
+def test_a_resume_at_a_stage_switch_goes_back_into_the_stage_lengthened_since():
+    """The checkpoint of the step that ended stage 0 holds its stream: resumed with stage 0
+    lengthened, it trains stage 0 on to its new end at its schedule's LR, as the checkpoint a
+    step earlier does and as a run with that plan from the start did (once it stayed in stage 1)."""
+    longer = stages()
+    longer[0].steps = 12
+    tokens = [BUDGET_STEP] * 30
+    whole = StageClock(longer, grad_accum=2, world_size=2)
+    lrs = [whole(0)]
+    for step in range(18):
+        run_clock(whole, tokens[:step + 1], first_step=step)
+        lrs.append(whole(step + 1))
+    for saved_at in (9, 10):  # just before the switch, and at it
+        saved = StageClock(stages(), grad_accum=2, world_size=2)
+        run_clock(saved, tokens[:saved_at])
+        resumed = StageClock(longer, grad_accum=2, world_size=2)
+        resumed.load_state_dict(saved.state_dict())
+        resumed.resume_at(saved_at)
+        assert resumed(saved_at) == lrs[saved_at]
+        assert run_clock(resumed, tokens, first_step=saved_at) == [0] * (12 - saved_at) + [1] * 6
+    same = StageClock(stages(), grad_accum=2, world_size=2)
+    same.load_state_dict(saved.state_dict())
+    same.resume_at(10)
+    assert same.stage == 1 and same.start_step == 10  # not lengthened: stage 1 goes on
+
+
 def test_a_finished_run_resumed_with_a_stage_appended_trains_all_of_it():
     """The finished clock keeps the last stage's start and tokens: resumed with a stage
     appended, the new stage took them for its own, began at the old last stage's start and

@@ -357,3 +357,16 @@ def test_a_resumed_run_takes_its_stage_lengths_from_the_config(data, tmp_path):
     before, after = WarmupSchedule(2, 4, "cosine", 0.1), WarmupSchedule(2, 6, "cosine", 0.1)
     assert [m[s]["lr"] for s in range(5, 8)] == [3e-3 * before(s - 5) for s in range(5, 8)]
     assert [m[s]["lr"] for s in range(8, 11)] == [5e-3 * after(s - 5) for s in range(8, 11)]
+
+
+def test_a_resume_at_the_stage_switch_trains_a_lengthened_stage_on(data, tmp_path):
+    """Stopped at step 4, the last of stage 0 (the checkpoint holds stage 0's stream and the
+    clock already in stage 1), resumed with stage 0 lengthened to 6: stage 0 trains on, reading
+    its stream where it stopped, and the log records the switch moved to step 6."""
+    assert spawn_train(argv(data, tmp_path, "fault.sigterm_at_step=4")) == 0
+    assert spawn_train(argv(data, tmp_path, steps=[6, 4])) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["step"] == 10
+    assert stage_records(tmp_path) == [(0, 0), (4, 1), (4, 0), (6, 1)]
+    m = read_metrics(str(tmp_path))
+    read = [m[s]["data/samples_read"] for s in range(1, 8)]
+    assert read == sorted(read[:6]) + [read[6]] and read[6] < read[5]  # stage 1's stream: at 7
