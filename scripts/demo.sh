@@ -122,12 +122,18 @@ if extraction_complete; then
   log "3/7 pre-extraction: $D/tokens is complete, skipping"
 else
   log "3/7 pre-extraction: Ray head on 127.0.0.1 (log $D/ray-head.log)"
+  # The head has its own session: a SIGKILL of this script's process group, which skips
+  # stop_ray, would leave it running. A reaper (the extraction driver's) kills what this script
+  # started once it is gone; it watches before the head starts.
+  read -r _ < <(setsid python -m bdt.extract.ray_session "$$" < /dev/null 2> /dev/null) || true
+  REAPER_PID=$!
   start_ray_head "$D/ray-head.log"
   ray job submit --address "$RAY_DASHBOARD" --working-dir . -- \
     python pipelines/extract_tokens.py --config configs/extract/demo.yaml \
     "inputs=$D/data/shapes-*.tar" "output=$D/tokens" "tokenizer=$D/tokenizer/export" \
     "${EXTRACT_ARGS[@]}"
   stop_ray
+  kill "$REAPER_PID" 2> /dev/null || true
 fi
 
 # --- 4. the small LLM -------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """scripts/demo.sh stopped by Ctrl-C or SIGTERM (to its process group) while a trainer runs: it
 exits only once the trainer's launcher has ended. The `deepspeed` runner dies at once on either
 signal while its launcher and ranks still save; here a fake runner and launcher stand in for them
-(the script runs in a copy of scripts/ whose .venv/bin holds them)."""
+(the script runs in a copy of scripts/ whose .venv/bin holds them). SIGKILLed during extraction,
+its Ray head (in a session of its own) is stopped all the same; a fake `ray` stands in for Ray."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -33,6 +35,19 @@ signal.signal(signal.SIGINT, stop)
 open(os.environ["DEMO_DIR"] + "/launcher.pid", "w").write(str(os.getpid()))
 time.sleep(60)
 """
+# `ray start --head --block`: answers HTTP on its dashboard port, with a child as Ray's processes;
+# `ray job submit`: runs until killed.
+RAY = f"""#!{sys.executable}
+import http.server, os, subprocess, sys, time
+demo = os.environ["DEMO_DIR"]
+if sys.argv[1] == "job":
+    open(demo + "/submitted", "w").close()
+    time.sleep(60)
+port = int(sys.argv[sys.argv.index("--dashboard-port") + 1])
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+open(demo + "/head.pids", "w").write(f"{{os.getpid()}} {{child.pid}}")
+http.server.HTTPServer(("127.0.0.1", port), http.server.BaseHTTPRequestHandler).serve_forever()
+"""
 # What marks steps 1-4 done, for a demo that is to start at step 5 (the AR trainer).
 BEFORE_TRAINING = {"data/manifest.json": "{}", "tokenizer/export/config.json": "{}",
                    "tokens/index.json": '{"complete": true}', "llm/model.safetensors": ""}
@@ -44,9 +59,11 @@ def fake_repo(root):
         shutil.copy(REPO / "scripts" / name, root / "scripts" / name)
     bin_dir = root / ".venv" / "bin"
     os.makedirs(bin_dir)
-    os.symlink(sys.executable, bin_dir / "python")
-    (bin_dir / "deepspeed").write_text(RUNNER)
-    (bin_dir / "deepspeed").chmod(0o755)
+    (bin_dir / "python").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")  # bdt's venv
+    for name, text in (("python", None), ("deepspeed", RUNNER), ("ray", RAY)):
+        if text:
+            (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
     (bin_dir / "launcher.py").write_text(LAUNCHER)
 
 
@@ -76,3 +93,32 @@ def test_a_stopped_demo_exits_after_its_trainer(tmp_path, sig, done):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_demo_killed_during_extraction_leaves_no_ray_head(tmp_path):
+    fake_repo(tmp_path / "repo")
+    demo = tmp_path / "demo"
+    for name in ("data/manifest.json", "tokenizer/export/config.json"):
+        os.makedirs(os.path.dirname(demo / name), exist_ok=True)
+        (demo / name).write_text("{}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEMO_", "RAY_"))}
+    env.update(DEMO_DIR=str(demo), DEMO_DEVICE="cpu")
+    proc = subprocess.Popen(["bash", str(tmp_path / "repo" / "scripts" / "demo.sh")], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL)
+    head = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (demo / "submitted").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no job was submitted"
+            time.sleep(0.1)
+        head = [psutil.Process(int(pid)) for pid in (demo / "head.pids").read_text().split()]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        gone, alive = psutil.wait_procs(head, timeout=10)
+        assert not alive, "the Ray head outlived the demo"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in head:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
