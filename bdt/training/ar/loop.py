@@ -160,6 +160,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                                  f"ema_decay={cfg.ema_decay}: resume with ema_decay=0")
             ema.load_state_dict(shared["ema"])
         stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
+        if clock.stage == meta["stage"]:  # the stream resumes (else its stage is over)
+            setup.check_stream_state(cfg, clock.stage, sources[clock.stage], meta["stream"], dist)
         log_window = meta.get("log_window")  # absent before windows were kept, None after a resplit
         if meta.get("threads") != torch.get_num_threads():
             # environment.md: a different intra-op thread count changes float reduction order.

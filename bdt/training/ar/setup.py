@@ -14,6 +14,7 @@ import torch
 
 from bdt import storage
 from bdt.data.shard_source import ShardList, list_shards, tokenizer_sha
+from bdt.data.stream_state import stream_fingerprint
 from bdt.data.token_shards import TokenSample, iter_token_shard
 from bdt.data.token_stream import TokenStream
 from bdt.model.ar import LLM_DIR, WEIGHTS_NAME, BitDanceModel, read_model_config
@@ -317,6 +318,21 @@ def make_stream(cfg: TrainConfig, stage_idx: int, shards: ShardList, model: BitD
     """The stage's data stream and packer, in this thread (benchmarks of the parts)."""
     rows = stage_rows(cfg, stage_idx, shards, model, dist)
     return rows.stream(), rows.measure.packer
+
+
+def check_stream_state(cfg: TrainConfig, stage_idx: int, shards: ShardList, stream_meta: dict,
+                       dist: DistInfo) -> None:
+    """A checkpoint's stream continues only over the shards and seed it read (the stream checks
+    it too, but later and without naming the stage): checked at the resume, before any step."""
+    seed = stream_seed(cfg, stage_idx)
+    if stream_meta.get("fingerprint") != stream_fingerprint(shards.urls, dist.rank,
+                                                            dist.world_size, seed):
+        stage = cfg.stages[stage_idx]
+        raise ValueError(f"stages.{stage_idx} ({stage.name!r}): the checkpoint's data stream was "
+                         f"read from other shards than the {len(shards.urls)} that its shards "
+                         f"{stage.shards!r} name now, or with another seed: resume with the "
+                         f"stage's shards and the run's seed as they were, or start a new run "
+                         f"directory (init_from= keeps the weights)")
 
 
 def stream_seed(cfg: TrainConfig, stage_idx: int) -> int:

@@ -4,6 +4,7 @@ during checkpoint writing, SIGTERM, a stage transition, S3 checkpoints.
 Each launch costs mostly imports (transformers, DeepSpeed): the interruptions share one chain
 of restarts so the file stays within its time budget."""
 
+import glob
 import json
 import os
 
@@ -166,6 +167,21 @@ def test_a_stop_inside_a_log_window_logs_as_if_uninterrupted(data, ref, tmp_path
             expected = sum(ref["metrics"][i][key] for i in range(first, step + 1)) / (step - first + 1)
             assert logged[step][key] == pytest.approx(expected, rel=1e-6), (step, key)
         assert logged[step]["lr"] == ref["metrics"][step]["lr"]
+
+
+def test_a_resume_over_other_shards_is_refused_naming_the_stage(data, tmp_path, capfd):
+    """Stopped in stage 0, resumed with stage 0's shards cut to one: refused before any step,
+    naming the stage and its shards (once a bare "different shards" from inside the stream, after
+    the resume was logged), and recorded as a launch error the resume wrapper does not retry."""
+    assert spawn_train(argv(data, tmp_path, "fault.sigterm_at_step=2")) == 0
+    one = sorted(glob.glob(os.path.join(data["shards"][0], "*.tar")))[0]
+    assert spawn_train(argv(data, tmp_path, shards=[one, data["shards"][1]])) == 2
+    err = capfd.readouterr().err
+    assert f"error: stages.0 ('s0'): the checkpoint's data stream was read from other shards " \
+           f"than the 1 that its shards '{one}' name now" in err, err
+    assert json.loads((tmp_path / "launch_error.json").read_text())["errors"][0]["types"][0] == \
+        "ValueError"
+    assert not any("resumed_from_step" in r for r in map(json.loads, open(tmp_path / "metrics.jsonl")))
 
 
 def test_a_diverging_run_stops_both_ranks_before_saving_the_bad_step(data, tmp_path, capfd):
