@@ -32,17 +32,19 @@ def load_config(argv: list[str]):
 
 def in_loop_tasks(cfg, dist) -> list:
     """This rank's sample-grid previews and shapes-suite evaluations. Under ZeRO-3 every rank
-    takes part in the forward passes of generation; otherwise rank 0 alone. The image tokenizer
-    that decodes for both is loaded once."""
+    takes part in the forward passes of generation; otherwise rank 0 alone makes the previews,
+    and the ranks share the evaluation's batches. The image tokenizer that decodes for both is
+    loaded once."""
     from bdt.eval.in_loop import InLoopEval
     from bdt.generation.preview import Preview
     from bdt.tokenizer.io import load_tokenizer
 
-    takes_part = dist.is_main or cfg.deepspeed.zero_stage == 3
-    wanted = cfg.logging.sample_every > 0 or cfg.eval.every > 0
-    decoder = load_tokenizer(cfg.data.tokenizer) if wanted and takes_part else None
-    return [Preview(cfg.logging, decoder, cfg.run_dir, cfg.seed, takes_part, dist.is_main),
-            InLoopEval(cfg.eval, decoder, cfg.run_dir, cfg.seed, takes_part, dist.is_main)]
+    zero3 = cfg.deepspeed.zero_stage == 3
+    previews = cfg.logging.sample_every > 0 and (dist.is_main or zero3)
+    decoder = load_tokenizer(cfg.data.tokenizer) if previews or cfg.eval.every > 0 else None
+    return [Preview(cfg.logging, decoder, cfg.run_dir, cfg.seed, dist.is_main or zero3,
+                    dist.is_main),
+            InLoopEval(cfg.eval, decoder, cfg.run_dir, cfg.seed, zero3, dist.is_main)]
 
 
 def train(cfg, in_loop=in_loop_tasks) -> dict:

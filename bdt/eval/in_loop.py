@@ -5,38 +5,47 @@ images, and the scores go to the metrics (log, JSONL, TensorBoard) with the full
 
 Generation is deterministic from `seed` (sampler and decoder generators; no global RNG draw)
 and runs without gradients in eval mode, so an evaluation does not change the training run it
-observes. Under ZeRO-3 every rank joins the forward passes (their parameters are gathered
-collectively) and all ranks produce the same images; otherwise rank 0 alone evaluates and the
-others wait at the next collective.
+observes. Every rank takes part. Under ZeRO-3 every forward pass is collective (parameters are
+gathered), so all ranks make all the images. Otherwise rank r makes batches r, r + W, ... and each
+round the ranks all-gather their images (`shared_images`: the images one process would make), so
+an evaluation takes 1/W of the time and no rank waits for another longer than a batch (rank 0
+evaluating alone kept the others waiting in their next collective, which a long evaluation at
+scale could hold past the process group's timeout, 10 minutes). Rank 0 writes the report.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from PIL import Image
 
 from bdt import output_dirs
 from bdt.eval.run import evaluate, select
 from bdt.eval.suite import load_suite
 from bdt.generation.sampling import SamplingConfig, check_prompts
+from bdt.generation.trained import TrainedModel, batches
 from bdt.training.ar.config import EvalConfig
 
 
 class InLoopEval:
     """An in-loop task of the AR loop (bdt.training.ar.loop.InLoopTask)."""
 
-    def __init__(self, cfg: EvalConfig, decoder, run_dir: str, seed: int, takes_part: bool,
+    def __init__(self, cfg: EvalConfig, decoder, run_dir: str, seed: int, collective: bool,
                  writes: bool):
-        """`decoder`: the image tokenizer (loaded once for previews and evaluation); unused when
-        this rank does not take part."""
+        """`decoder`: the image tokenizer (loaded once for previews and evaluation). `collective`:
+        the model's forward passes are (ZeRO-3): every rank makes every image."""
         self.cfg, self.run_dir, self.seed, self.writes = cfg, run_dir, seed, writes
-        self.active = cfg.every > 0 and takes_part
+        self.active = cfg.every > 0
         if not self.active:
             return
         self.items = select(load_suite(), list(cfg.categories), cfg.per_category)
         self.decoder = decoder
+        self.make_images = None if collective or not dist.is_initialized() else shared_images
 
     def due(self, step: int) -> bool:
         return self.active and step % self.cfg.every == 0
@@ -62,9 +71,36 @@ class InLoopEval:
             with torch.no_grad(), report as out_dir:
                 result = evaluate(module, self.decoder, self.items, c.width, c.height,
                                   SamplingConfig(cfg_scale=c.cfg_scale, num_steps=c.steps,
-                                                 seed=self.seed), batch=c.batch, out_dir=out_dir)
+                                                 seed=self.seed), batch=c.batch, out_dir=out_dir,
+                                  make_images=self.make_images)
         finally:
             module.train(was_training)
         return {"eval_overall": result["overall"], "eval_images_per_s": result["images_per_s"],
                 **{f"eval/{k}": v for k, v in result["per_category"].items()},
                 **{f"eval_attr/{k}": v for k, v in result["per_attribute"].items()}}
+
+
+def shared_images(trained: TrainedModel, prompts: Sequence[str], width: int, height: int,
+                  sampling: SamplingConfig, batch: int) -> list[Image.Image]:
+    """TrainedModel.images(prompts, ...) made by every rank of the process group together: rank
+    r makes batches r, r + W, ...; each round all-gathers one batch per rank (as uint8 pixels,
+    padded to `batch` images: all_gather wants one shape) and every rank returns all images."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    h, w = trained.token_grid(width, height, any_bucket=True)
+    f = trained.decoder.downsample_factor
+    todo = batches(prompts, batch)
+    images: list[Image.Image] = []
+    for first in range(0, len(todo), world):
+        k = first + rank
+        mine = trained.batch_images(k, todo[k], h, w, sampling) if k < len(todo) else []
+        pixels_BHWC = torch.zeros(batch, h * f, w * f, 3, dtype=torch.uint8)
+        for i, image in enumerate(mine):
+            pixels_BHWC[i] = torch.from_numpy(np.asarray(image))
+        # on the model's device: NCCL gathers CUDA tensors only
+        pixels_BHWC = pixels_BHWC.to(trained.device)
+        gathered = [torch.empty_like(pixels_BHWC) for _ in range(world)]
+        dist.all_gather(gathered, pixels_BHWC)
+        for j, pixels in enumerate(gathered[:len(todo) - first]):
+            images += [Image.fromarray(p.numpy(), "RGB")
+                       for p in pixels[:len(todo[first + j])].cpu()]
+    return images

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from PIL import Image
 
@@ -58,16 +58,21 @@ def judge_items(items: Sequence[dict], images: Sequence[Image.Image]) -> dict:
 
 def evaluate(model, decoder, items: Sequence[dict], width: int = 128, height: int = 128,
              sampling: SamplingConfig | None = None, batch: int = 8, out_dir: str | None = None,
-             progress: bool = False, any_bucket: bool = True, cols: int = 8) -> dict:
+             progress: bool = False, any_bucket: bool = True, cols: int = 8,
+             make_images: Callable | None = None) -> dict:
     """Generate one image per suite item, judge it, and (with `out_dir`) write the report.
-    Returns the scores: overall, per_category, counts, images_per_s, items."""
+    Returns the scores: overall, per_category, counts, images_per_s, items. `make_images(trained,
+    prompts, width, height, sampling, batch)` makes the images instead of TrainedModel.images
+    (the trainer shares the batches among its ranks)."""
     from bdt.generation.trained import TrainedModel
 
     trained = model if isinstance(model, TrainedModel) else TrainedModel(model, decoder)
     sampling = sampling or SamplingConfig()
+    prompts = [item["prompt"] for item in items]
     t0 = time.perf_counter()
-    images = trained.images([item["prompt"] for item in items], width, height, sampling,
-                            batch=batch, any_bucket=any_bucket, progress=progress, desc="eval")
+    images = trained.images(prompts, width, height, sampling, batch=batch, any_bucket=any_bucket,
+                            progress=progress, desc="eval") if make_images is None else \
+        make_images(trained, prompts, width, height, sampling, batch)
     seconds = time.perf_counter() - t0
     result = judge_items(items, images)
     result.update(num_images=len(images), seconds=round(seconds, 3),

@@ -85,6 +85,10 @@ class TrainedModel:
     buckets: list[tuple[int, int]] | None = None  # (W, H) px trained on; None = unknown
 
     @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
     def decoder_device(self) -> torch.device:
         return next(self.decoder.parameters()).device
 
@@ -122,23 +126,32 @@ class TrainedModel:
             raise ValueError(f"batch must be >= 1, got {batch}")
         h, w = self.token_grid(width, height, any_bucket)
         check_prompts(self.model, prompts, h, w)  # all of them, before the first batch samples
-        device = next(self.model.parameters()).device
-        # bf16 autocast on GPU (the released models run in bf16); CPU stays fp32, where bf16
-        # is slower at these widths (tokenizers/README.md).
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else contextlib.nullcontext())
         out: list[Image.Image] = []
         with tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress) as bar:
-            for k, start in enumerate(range(0, len(prompts), batch)):
-                chunk = list(prompts[start:start + batch])
-                seed = batch_seed(sampling.seed, k)
-                with autocast:
-                    bits_BhwC = generate(self.model, chunk, h, w, replace(sampling, seed=seed))
-                    # on the decoder's device: a generative decoder draws its noise there
-                    gen = torch.Generator(device=self.decoder_device).manual_seed(seed)
-                    out += to_pil(self.decoder.decode(bits_BhwC, generator=gen))
+            for k, chunk in enumerate(batches(prompts, batch)):
+                out += self.batch_images(k, chunk, h, w, sampling)
                 bar.update(len(chunk))
         return out
+
+    def batch_images(self, k: int, prompts: Sequence[str], h: int, w: int,
+                     sampling: SamplingConfig) -> list[Image.Image]:
+        """Batch k of `images` (its prompts, on an h x w token grid): the same images whichever
+        process makes it."""
+        # bf16 autocast on GPU (the released models run in bf16); CPU stays fp32, where bf16
+        # is slower at these widths (tokenizers/README.md).
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    else contextlib.nullcontext())
+        seed = batch_seed(sampling.seed, k)
+        with autocast:
+            bits_BhwC = generate(self.model, list(prompts), h, w, replace(sampling, seed=seed))
+            # on the decoder's device: a generative decoder draws its noise there
+            gen = torch.Generator(device=self.decoder_device).manual_seed(seed)
+            return to_pil(self.decoder.decode(bits_BhwC, generator=gen))
+
+
+def batches(prompts: Sequence[str], batch: int) -> list[list[str]]:
+    """The prompts of each batch of a sampling run, in order."""
+    return [list(prompts[start:start + batch]) for start in range(0, len(prompts), batch)]
 
 
 def batch_seed(seed: int, k: int) -> int:

@@ -4,34 +4,50 @@ training run it observes keeps (global RNG, train mode)."""
 import json
 import os
 
+import numpy as np
+import pytest
 import torch
+import torch.distributed as tdist
 
-from bdt.eval.in_loop import InLoopEval
+from bdt.eval.in_loop import InLoopEval, shared_images
 from bdt.eval.suite import load_suite
+from bdt.generation.sampling import SamplingConfig
+from bdt.generation.trained import TrainedModel
 from bdt.model.ar import BitDanceModel
 from bdt.model.backbone import BackboneConfig, make_tiny_llm
 from bdt.model.config import ModelConfig
 from bdt.model.head import HeadConfig
 from bdt.training.ar.config import EvalConfig
+from bdt.training.distributed import free_port
+from bdt.tokenizer.io import load_tokenizer
 from testkit import save_tiny_image_tokenizer
+from trainutil import rank_entry, spawn_ranks
+
+
+def _tiny_model(llm: str) -> BitDanceModel:
+    torch.manual_seed(0)
+    return BitDanceModel.from_config(ModelConfig(
+        backbone=BackboneConfig(path=llm), parallel_num=4, attn_backend="sdpa",
+        head=HeadConfig(width=32, depth=2, num_adaln_sets=1, head_dim=16, bits=16)))
+
+
+def _tiny_llm(out: str) -> str:
+    return make_tiny_llm(out, [item["prompt"] for item in load_suite()], hidden=32, layers=1,
+                         heads=2, kv_heads=1, intermediate=64)
 
 
 def test_a_step_evaluated_again_replaces_its_report_whole(tmp_path):
     """A run resumed from before an evaluated step evaluates it again, maybe with other eval
     settings: the second report's images once mixed with the first one's in images/."""
-    llm = make_tiny_llm(str(tmp_path / "llm"), [item["prompt"] for item in load_suite()],
-                        hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+    llm = _tiny_llm(str(tmp_path / "llm"))
     decoder = save_tiny_image_tokenizer(str(tmp_path / "tok"), bits=16)
-    torch.manual_seed(0)
-    model = BitDanceModel.from_config(ModelConfig(
-        backbone=BackboneConfig(path=llm), parallel_num=4, attn_backend="sdpa",
-        head=HeadConfig(width=32, depth=2, num_adaln_sets=1, head_dim=16, bits=16)))
+    model = _tiny_model(llm)
     model.train()
     rng = torch.get_rng_state()
     report = tmp_path / "run" / "eval" / "step_000000004"
     for per_category in (2, 1):
         cfg = EvalConfig(every=4, per_category=per_category, width=8, height=8, steps=1)
-        task = InLoopEval(cfg, decoder, str(tmp_path / "run"), seed=0, takes_part=True,
+        task = InLoopEval(cfg, decoder, str(tmp_path / "run"), seed=0, collective=False,
                           writes=True)
         task.check(model)
         metrics = task.run(4, model)
@@ -40,3 +56,41 @@ def test_a_step_evaluated_again_replaces_its_report_whole(tmp_path):
     assert len(items) == 6 and metrics["eval_overall"] >= 0
     assert sorted(os.listdir(report / "images")) == sorted(f"{i['id']}.png" for i in items)
     assert os.listdir(tmp_path / "run" / "eval") == ["step_000000004"]  # no staging folder left
+
+
+PROMPTS = [item["prompt"] for item in load_suite()[:5]]  # 3 batches of 2: rank 1 idle in round 2
+SAMPLING = SamplingConfig(num_steps=1, seed=3)
+
+
+@rank_entry
+def _sharing_rank(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        trained = TrainedModel(_tiny_model(os.path.join(tmp, "llm")),
+                               load_tokenizer(os.path.join(tmp, "tok")))
+        made, batch_images = [], trained.batch_images
+        trained.batch_images = lambda k, *a: made.append(k) or batch_images(k, *a)
+        images = shared_images(trained, PROMPTS, 8, 8, SAMPLING, batch=2)
+        np.save(os.path.join(tmp, f"rank{rank}.npy"), np.stack([np.asarray(i) for i in images]))
+        with open(os.path.join(tmp, f"made{rank}.json"), "w") as f:
+            json.dump(made, f)
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_ranks_share_the_batches_and_make_what_one_process_makes(tmp_path):
+    """Rank r makes batches r, r + W, ... (rank 0 made all of them while the others waited in
+    their next collective, which a long evaluation could hold past the process group's
+    timeout); every rank gets every image, and they are the images one process makes."""
+    llm = _tiny_llm(str(tmp_path / "llm"))
+    save_tiny_image_tokenizer(str(tmp_path / "tok"), bits=16)
+    spawn_ranks(_sharing_rank, (2, free_port(), str(tmp_path)), 2)
+    assert [json.loads((tmp_path / f"made{r}.json").read_text()) for r in (0, 1)] == [[0, 2], [1]]
+    alone = TrainedModel(_tiny_model(llm), load_tokenizer(str(tmp_path / "tok"))).images(
+        PROMPTS, 8, 8, SAMPLING, batch=2, any_bucket=True, progress=False)
+    expected = np.stack([np.asarray(i) for i in alone])
+    assert expected.shape == (5, 8, 8, 3) and len(np.unique(expected.reshape(5, -1), axis=0)) > 1
+    for r in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / f"rank{r}.npy"), expected)
