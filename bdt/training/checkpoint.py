@@ -66,7 +66,8 @@ from bdt.training.checkpoint_convert import convert, universal_load
 from bdt.training.checkpoint_owner import CheckpointRootTaken, claim, owner_change
 from bdt.training.checkpoint_store import (check_uploaded, download_dir, list_checkpoints,
                                             remove_checkpoint_dir, tag_for, upload_dir)
-from bdt.training.distributed import DistInfo, all_gather_object, barrier, broadcast_object
+from bdt.training.distributed import (DistInfo, all_gather_object, barrier, broadcast_object,
+                                      patient_barrier)
 from bdt.training.integrity import MARKER, CheckpointUnusable
 from bdt.training.rank_state import (capture_rng, read_rank_files, restore_rng, user_tensors,
                                     write_rank_files)
@@ -193,7 +194,7 @@ class CheckpointManager:
         if self.remote:
             if self.dist.is_local_main:
                 upload_dir(local_dir, storage.join(self.root, tag))
-            barrier()
+            patient_barrier()  # each node's upload: minutes at scale
         if self.dist.is_main and self.remote:
             check_uploaded(storage.join(self.root, tag), files)
         if self.dist.is_main:
@@ -405,7 +406,7 @@ class CheckpointManager:
             if self.dist.is_local_main:
                 shutil.rmtree(local_dir, ignore_errors=True)
                 download_dir(storage.join(self.root, tag), local_dir, skip)
-            barrier()
+            patient_barrier()  # each node's download: minutes at scale
         return local_dir
 
     def fetch_here(self, tag: str) -> str:

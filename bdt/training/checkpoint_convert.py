@@ -24,7 +24,7 @@ import torch
 
 from bdt import storage
 from bdt.training import integrity
-from bdt.training.distributed import broadcast_object
+from bdt.training.distributed import broadcast_object, patient_barrier
 from bdt.training.integrity import MARKER, CheckpointUnusable
 from bdt.training.rank_state import read_rank_files, seeded_rng, user_tensors, write_rank_files
 from bdt.training.safe_load import PARENT_ENV
@@ -75,6 +75,7 @@ def convert(mgr: CheckpointManager, tag: str, marker: dict, engines: dict[str, A
                 shutil.rmtree(src, ignore_errors=True)
             if error:  # a failed conversion leaves no partial copy of the engines behind
                 shutil.rmtree(out, ignore_errors=True)
+    patient_barrier()  # rank 0 converts alone: minutes at scale
     error = broadcast_object(error)
     if error:
         raise CheckpointUnusable(f"{storage.join(mgr.root, tag)}: converting it from world size "

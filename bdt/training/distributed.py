@@ -11,6 +11,7 @@ of one.
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable
 
 import psutil
@@ -217,6 +219,24 @@ def _maps_torch(pid: int) -> bool:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+PATIENT_WAIT = timedelta(hours=24)  # a bound that only a rank hung in its own part reaches
+_patient_calls = itertools.count()
+
+
+def patient_barrier() -> None:
+    """A barrier after parts some ranks do alone for long (rank 0 converting a checkpoint to a new
+    world size, each node's first rank uploading one): met on the rendezvous store, whose wait
+    takes its own bound, not in a collective, which ends the run at the process group's timeout
+    (10 minutes in DeepSpeed 0.19) however well the part goes. Every rank calls it in turn."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    key = f"bdt/patient_barrier/{next(_patient_calls)}"
+    if store.add(key, 1) == dist.get_world_size():  # the last rank to arrive opens it
+        store.set(f"{key}/open", b"1")
+    store.wait([f"{key}/open"], PATIENT_WAIT)
 
 
 def cleanup() -> None:

@@ -1,0 +1,51 @@
+"""patient_barrier: ranks wait for one that works alone for longer than the process group's
+timeout (a checkpoint conversion, a node's upload) without the run ending there."""
+
+import json
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch.distributed as tdist
+
+from bdt.training.distributed import free_port, patient_barrier
+from trainutil import rank_entry, spawn_ranks
+
+TIMEOUT_S, ALONE_S = 2, 5  # the process group's timeout; how long rank 0 works alone
+
+
+@rank_entry
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world,
+                             timeout=timedelta(seconds=TIMEOUT_S))
+    waited, plain = 0.0, "met"
+    try:
+        for _ in range(2):  # twice: each call has its own place on the store
+            if rank == 0:
+                time.sleep(ALONE_S)
+            t0 = time.monotonic()
+            patient_barrier()
+            waited = max(waited, time.monotonic() - t0)
+        box = ["from rank 0" if rank == 0 else None]
+        tdist.broadcast_object_list(box, src=0)  # the group still works
+        if rank == 0:
+            time.sleep(ALONE_S)
+        try:
+            tdist.barrier()  # what the ranks met in before: it ends at the timeout
+        except RuntimeError as e:
+            plain = f"{type(e).__name__}: {e}"
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump({"waited": waited, "got": box[0], "plain": plain}, f)
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_wait_out_a_part_longer_than_the_timeout(tmp_path):
+    spawn_ranks(_rank, (2, free_port(), str(tmp_path)), 2)
+    got = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert got[1]["waited"] >= ALONE_S - 1 > TIMEOUT_S and got[0]["waited"] < TIMEOUT_S
+    assert got[0]["got"] == got[1]["got"] == "from rank 0"
+    assert "imed out" in got[1]["plain"] or "Timeout" in got[1]["plain"], got[1]["plain"]
