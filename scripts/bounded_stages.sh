@@ -16,8 +16,11 @@
 #                                   checkpoints on SIGTERM at the next step boundary, so a stuck
 #                                   step outlives a plain TERM; ABRT makes `python -X
 #                                   faulthandler` print every thread's stack into the log),
-#                                   tee it into OUT/NAME.log, append (name, rc, seconds) to
-#                                   OUT/stages.tsv; returns COMMAND's status
+#                                   logging into OUT/NAME.log (shown as it grows), append (name,
+#                                   rc, seconds) to OUT/stages.tsv; returns COMMAND's status.
+#                                   SIGINT/TERM/HUP to the script end the running stage as its
+#                                   timeout would (its process group is its own, which a signal
+#                                   to the script's group misses) and skip the stages after it
 #   failed_stages                   the names of the stages that failed, space-separated
 # and REHEARSAL_MODEL: the trainer overrides of a CPU rehearsal's tiny model (hidden 64, 2 layers,
 # a 64-wide head, sdpa, fp32) over configs/cluster/gpu_*.yaml.
@@ -49,20 +52,47 @@ begin_stages() {
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
   if ((REHEARSAL)); then export DS_ACCELERATOR=cpu; fi
   START=$SECONDS
+  INTERRUPTED= STAGE_PID=
+  trap 'interrupt INT' INT
+  trap 'interrupt TERM' TERM
+  trap 'interrupt HUP' HUP
   LIMIT_SCALE=${!scale_var:-$((REHEARSAL ? scale : 1))}
   : > "$OUT/stages.tsv"
 }
 
 stage() {
-  local name=$1 limit=$(($2 * LIMIT_SCALE))
+  local name=$1 limit=$(($2 * LIMIT_SCALE)) log=$OUT/$1.log rc tail_pid
   shift 2
   local t0=$SECONDS
-  printf '== [%3ds] %s (limit %ss) -> %s\n' $((SECONDS - START)) "$name" "$limit" "$OUT/$name.log"
-  timeout -k 10 -s ABRT "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
+  if [[ -n $INTERRUPTED ]]; then echo "== $name skipped ($INTERRUPTED)"; return 1; fi
+  printf '== [%3ds] %s (limit %ss) -> %s\n' $((SECONDS - START)) "$name" "$limit" "$log"
+  # A file, not a pipe to tee: a process that left the stage's group cannot hold the stage open.
+  timeout -k 10 -s ABRT "$limit" "$@" > "$log" 2>&1 < /dev/null &
+  STAGE_PID=$!
+  tail -n +1 -f -s 0.2 --pid="$STAGE_PID" "$log" &
+  tail_pid=$!
+  wait "$STAGE_PID"
+  rc=$?
+  if [[ -n $INTERRUPTED ]]; then  # the trap cut the wait short; a clean exit is no pass here
+    wait "$STAGE_PID"
+    rc=$?
+    ((rc)) || rc=134
+  fi
+  STAGE_PID=
+  wait "$tail_pid"
   printf '%s\t%s\t%s\n' "$name" "$rc" $((SECONDS - t0)) >> "$OUT/stages.tsv"
   ((rc == 0)) || echo "== $name FAILED (rc $rc; 124 = timed out, stacks above; 137 = killed 10 s later)"
   return "$rc"
+}
+
+# A signal to the script (stopped because a stage looked stuck, often): ABRT to the running
+# stage's timeout, which passes it to the stage's group (stacks into the log) and KILLs it 10 s
+# later; the script then goes on to its end (results, cleanup) without stages.
+interrupt() {
+  INTERRUPTED="interrupted by SIG$1"
+  trap - INT TERM HUP  # a second signal ends the script at once
+  echo "== $INTERRUPTED: ending the running stage, skipping the rest"
+  if [[ -n $STAGE_PID ]]; then kill -ABRT "$STAGE_PID" 2> /dev/null; fi
 }
 
 failed_stages() { awk '$2 != 0 {print $1}' "$OUT/stages.tsv" | tr '\n' ' '; }

@@ -1,0 +1,120 @@
+"""scripts/bounded_stages.sh: the GPU scripts' stages end within their limits, leave no process
+behind, and a script stopped by a signal ends its running stage too."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from testkit import REPO
+
+# A script of two stages: FIRST (a command given in the environment) and `after`.
+SCRIPT = """set -uo pipefail
+cd "$REPO"
+REHEARSAL=0
+source scripts/bounded_stages.sh
+begin_stages probe 1 "$1" || exit 1
+stage first "$LIMIT" "$PY" -c "$FIRST"
+stage after 5 "$PY" -c 'print("after ran")'
+echo "failed: $(failed_stages)"
+[[ -z $(failed_stages) ]]
+"""
+# Prints its pid (and, with CHILD, a child's pid) into the stage's log, then sleeps.
+SLEEPER = """import os, signal, subprocess, sys, time
+if os.environ.get("STUBBORN"):
+    for s in (signal.SIGTERM, signal.SIGABRT):
+        signal.signal(s, signal.SIG_IGN)
+print("pid", os.getpid(), flush=True)
+if os.environ.get("CHILD"):
+    child = subprocess.Popen(["sleep", "60"], start_new_session=os.environ["CHILD"] == "escaped")
+    print("pid", child.pid, flush=True)
+    if os.environ["CHILD"] == "escaped":
+        sys.exit(0)
+time.sleep(60)
+"""
+
+
+def _start(tmp_path, limit: int, **env) -> subprocess.Popen:
+    script = tmp_path / "probe.sh"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, REPO=str(REPO), PYTHON=sys.executable, LIMIT=str(limit), FIRST=SLEEPER,
+               **env)
+    env.pop("OUT", None)
+    return subprocess.Popen(["bash", str(script), str(tmp_path / "out")], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _pids(tmp_path, n: int) -> list[int]:
+    log = tmp_path / "out" / "first.log"
+    for _ in range(200):
+        pids = [int(line.split()[1]) for line in log.read_text().splitlines()
+                if line.startswith("pid ")] if log.exists() else []
+        if len(pids) == n:
+            return pids
+        time.sleep(0.05)
+    raise AssertionError(f"{log}: no {n} pids")
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie is gone for this purpose
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _stages(tmp_path) -> dict[str, int]:
+    rows = (tmp_path / "out" / "stages.tsv").read_text().split("\n")
+    return {r.split("\t")[0]: int(r.split("\t")[1]) for r in rows if r}
+
+
+def _finish(proc: subprocess.Popen, pids: list[int], timeout: float) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return out
+    finally:  # the old behaviour leaves them running: do not leak them from the test
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_signal_to_the_scripts_group_ends_the_running_stage(tmp_path):
+    """timeout puts the stage in a process group of its own: a SIGTERM/SIGINT to the script's
+    group (Ctrl-C, a job killed) missed it, and the stage ran on (on a GPU) up to its limit."""
+    proc = _start(tmp_path, 60, CHILD="same")
+    pids = _pids(tmp_path, 2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    t0 = time.monotonic()
+    out = _finish(proc, pids, 20)
+    assert time.monotonic() - t0 < 15
+    assert not [p for p in pids if _alive(p)], out
+    assert proc.returncode != 0 and "after skipped" in out
+    assert _stages(tmp_path) == {"first": 134}  # ABRT, as a stage's timeout: stacks in the log
+
+
+@pytest.mark.slow
+def test_stage_ignoring_its_signal_is_killed_and_the_next_stage_runs(tmp_path):
+    proc = _start(tmp_path, 1, STUBBORN="1", CHILD="same")
+    pids = _pids(tmp_path, 2)
+    out = _finish(proc, pids, 30)
+    assert not [p for p in pids if _alive(p)], out
+    assert _stages(tmp_path) == {"first": 137, "after": 0} and "after ran" in out
+    assert proc.returncode != 0 and "failed: first" in out
+
+
+@pytest.mark.slow
+def test_a_process_that_left_the_stage_does_not_hold_the_script(tmp_path):
+    """A child in a session of its own that keeps the stage's output open: the log was a pipe to
+    tee, which waited for it (60 s here, forever for a daemon) past the stage's limit."""
+    proc = _start(tmp_path, 5, CHILD="escaped")
+    pids = _pids(tmp_path, 2)
+    t0 = time.monotonic()
+    out = _finish(proc, pids, 20)
+    assert time.monotonic() - t0 < 10, out
+    assert _stages(tmp_path) == {"first": 0, "after": 0}

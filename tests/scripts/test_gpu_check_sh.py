@@ -1,0 +1,80 @@
+"""scripts/gpu_check.sh around its stages, on a copy of its files with a stand-in for Python: which
+results it keeps, and what a signal leaves behind. (The stages themselves: --cpu-rehearsal.)"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from testkit import REPO
+
+# Records each call; the throughput stage writes its result, `train.py` sleeps (STALL), the
+# report fails (REPORT_FAILS), every other stage passes.
+STUB = f"""#!{sys.executable}
+import os, sys, time
+args = " ".join(sys.argv[1:])
+with open(os.environ["CALLS"], "a") as f:
+    print(args, file=f, flush=True)
+results = os.environ.get("BDT_BENCH_RESULTS") or "bench/results"
+if "gpu_throughput.py" in args:
+    open(os.path.join(results, "gpu_throughput_rehearsal.json"), "w").write("{{}}")
+if "train.py" in args and os.environ.get("STALL"):
+    time.sleep(60)
+if "gpu_check.py report" in args and os.environ.get("REPORT_FAILS"):
+    sys.exit(1)
+"""
+
+
+def _checkout(tmp_path):
+    """The script's files in a checkout of their own, an earlier run's result in bench/results."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "bench" / "results").mkdir(parents=True)
+    for name in ("gpu_check.sh", "bounded_stages.sh"):
+        shutil.copy(REPO / "scripts" / name, repo / "scripts" / name)
+    stale = repo / "bench" / "results" / "gpu_check_rehearsal.json"
+    stale.write_text(json.dumps({"goals": [], "stages": "an earlier run's"}))
+    os.utime(stale, (time.time() - 3600,) * 2)
+    stub = tmp_path / "python"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    return repo, stub
+
+
+def _run(tmp_path, **env):
+    repo, stub = _checkout(tmp_path)
+    env = dict(os.environ, PYTHON=str(stub), CALLS=str(tmp_path / "calls"),
+               GPU_CHECK_WORK=str(tmp_path / "work"), **env)
+    for name in ("OUT", "BDT_BENCH_RESULTS", "GPU_CHECK_KEEP", "BDT_WHEELS"):
+        env.pop(name, None)
+    return subprocess.Popen(["bash", str(repo / "scripts" / "gpu_check.sh"), "--cpu-rehearsal",
+                             str(tmp_path / "out")], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_stage_still_cleans_up_and_says_it_failed(tmp_path):
+    """A SIGTERM to the script's group killed the script where it stood: the stage ran on, and
+    its scratch folder and the /dev/shm one for ~14 GB of 1.2B checkpoints stayed."""
+    proc = _run(tmp_path, STALL="1")
+    calls = tmp_path / "calls"
+    for _ in range(300):
+        if calls.exists() and "train.py" in calls.read_text():
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    ckpt = next(a for a in calls.read_text().split() if a.startswith("checkpoint.dir="))
+    assert proc.returncode != 0 and "failed: train_1b" in out, out
+    assert not (tmp_path / "work").exists()
+    assert not os.path.exists(os.path.dirname(ckpt.split("=", 1)[1]))
+    assert "shapes_train skipped" in out and "shapes_train" not in calls.read_text()
