@@ -17,7 +17,8 @@ import time
 from collections.abc import Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "bench", "results")
+# BDT_BENCH_RESULTS: elsewhere (scripts/gpu_check.sh, where the checkout is read-only).
+RESULTS = os.environ.get("BDT_BENCH_RESULTS") or os.path.join(REPO, "bench", "results")
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 

@@ -29,7 +29,8 @@
 #               (configs/cluster/gpu_1b_mfu.yaml): steps, MFU, data_wait_frac
 #   shapes_*    a short shapes training (configs/cluster/gpu_shapes_quality.yaml), bdt eval
 #   report      bench/results/gpu_check.json (bench/summary.py shows it beside the CPU rows)
-# The results are copied into OUT/results/ as well. Exit status: 0 if every stage passed.
+# This run's results are copied into OUT/results/ as well (written there alone where the checkout
+# is read-only). Exit status: 0 if every stage passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,7 +40,18 @@ source scripts/bounded_stages.sh  # begin_stages, stage, failed_stages
 # The limits below are for a GPU machine; a CPU rehearsal is slower and not held to 8 minutes.
 begin_stages gpu_check 6 "${1:-}" || exit 1
 PYF=("$PY" -X faulthandler)  # ABRT -> every thread's stack in the log
-collect() { mkdir -p "$OUT/results" && cp -f bench/results/gpu_*.json "$OUT/results/" 2>/dev/null; }
+RESULTS=bench/results
+if [[ ! -w $RESULTS ]]; then  # a read-only checkout: the results go to OUT alone
+  export BDT_BENCH_RESULTS=$OUT/results
+  RESULTS=$BDT_BENCH_RESULTS
+  echo "gpu_check: $PWD/bench/results is not writable; results go to $RESULTS"
+fi
+mkdir -p "$OUT/results"
+touch "$WORK/started"
+collect() {  # this run's results: a file an earlier run left in bench/results is not this one's
+  [[ $RESULTS == "$OUT/results" ]] || find "$RESULTS" -maxdepth 1 -name 'gpu_*.json' \
+    -newer "$WORK/started" -exec cp -f -t "$OUT/results" {} +
+}
 
 if ((REHEARSAL)); then  # tiny sizes: the plumbing, on CPU
   NUM=400 BACKENDS=sdpa DEVICE=cpu REPORT_NAME=gpu_check_rehearsal

@@ -58,6 +58,16 @@ def _run(tmp_path, **env):
 
 
 @pytest.mark.slow
+def test_out_results_hold_this_runs_files_only(tmp_path):
+    """A report stage that failed left OUT/results/gpu_check*.json of an earlier run in the
+    checkout: copied as this run's, it said every stage passed."""
+    proc = _run(tmp_path, REPORT_FAILS="1")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "failed: report" in out, out
+    assert sorted(os.listdir(tmp_path / "out" / "results")) == ["gpu_throughput_rehearsal.json"]
+
+
+@pytest.mark.slow
 def test_sigterm_mid_stage_still_cleans_up_and_says_it_failed(tmp_path):
     """A SIGTERM to the script's group killed the script where it stood: the stage ran on, and
     its scratch folder and the /dev/shm one for ~14 GB of 1.2B checkpoints stayed."""
