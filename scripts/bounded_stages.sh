@@ -3,7 +3,9 @@
 # functions and one array.
 #   begin_stages NAME REHEARSAL_SCALE [OUT]
 #                                   sets OUT (the log folder: the argument, else $OUT, else
-#                                   NAME/<date>), WORK (scratch: $<NAME>_WORK, else a temp dir),
+#                                   NAME/<date>), WORK (scratch: $<NAME>_WORK, else a temp dir;
+#                                   removed at exit unless $<NAME>_KEEP=1, as is what the script
+#                                   adds to the array SCRATCH),
 #                                   PY (.venv's python unless $PYTHON), START, LIMIT_SCALE
 #                                   ($<NAME>_LIMIT_SCALE, else REHEARSAL_SCALE when REHEARSAL=1:
 #                                   a CPU rehearsal is slower than the GPU the limits are for),
@@ -37,9 +39,12 @@ begin_stages() {
   OUT=${3:-${OUT:-$name/$(date -u +%Y%m%d-%H%M%S)}}
   mkdir -p "$OUT"
   OUT=$(cd "$OUT" && pwd)
-  local work_var=${upper}_WORK scale_var=${upper}_LIMIT_SCALE
+  local work_var=${upper}_WORK scale_var=${upper}_LIMIT_SCALE keep_var=${upper}_KEEP
   WORK=${!work_var:-$(mktemp -d -t "bdt-$name-XXXXXX")}
   mkdir -p "$WORK"
+  SCRATCH=()  # removed however the script ends: a failed environment check leaves nothing either
+  [[ ${!keep_var:-0} == 1 ]] || SCRATCH+=("$WORK")
+  trap 'rm -rf "${SCRATCH[@]}"' EXIT
   PY=${PYTHON:-python}
   if [[ -x .venv/bin/python && -z ${PYTHON:-} ]]; then PY=$PWD/.venv/bin/python; fi
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

@@ -76,7 +76,10 @@ if [[ ${GPU_CHECK_COMPILE:-0} == 1 ]] && ! ((REHEARSAL)); then
   THROUGHPUT_S=280
 fi
 CKPT=$WORK
-if [[ -d /dev/shm && -w /dev/shm ]]; then CKPT=$(mktemp -d -p /dev/shm bdt-gpu-check-XXXXXX); fi
+if [[ -d /dev/shm && -w /dev/shm ]]; then
+  CKPT=$(mktemp -d -p /dev/shm bdt-gpu-check-XXXXXX)
+  SCRATCH+=("$CKPT")
+fi
 DATA=(model.backbone.path="$WORK/data/llm" data.tokenizer="$WORK/data/tokenizer"
       data.root="$WORK/data/tokens")
 
@@ -109,8 +112,6 @@ collect
 for run in "$WORK"/run_*; do
   [[ -f $run/metrics.jsonl ]] && cp "$run/metrics.jsonl" "$OUT/$(basename "$run").metrics.jsonl"
 done
-[[ $CKPT == "$WORK" ]] || rm -rf "$CKPT"
-[[ ${GPU_CHECK_KEEP:-0} == 1 ]] || rm -rf "$WORK"
 
 FAILED=$(failed_stages)
 printf '== gpu_check done in %d s; logs and results in %s%s\n' $((SECONDS - START)) "$OUT" \

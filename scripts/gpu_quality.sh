@@ -55,7 +55,10 @@ else
 fi
 MIN_S=$("$PY" -c "import sys; print(int(float(sys.argv[1]) * 60))" "$MIN")
 CKPT=$WORK
-if [[ -d /dev/shm && -w /dev/shm ]]; then CKPT=$(mktemp -d -p /dev/shm bdt-gpu-quality-XXXXXX); fi
+if [[ -d /dev/shm && -w /dev/shm ]]; then
+  CKPT=$(mktemp -d -p /dev/shm bdt-gpu-quality-XXXXXX)
+  SCRATCH+=("$CKPT")
+fi
 RUN=$WORK/run
 
 # Each stage needs the one before: the first failure ends the chain (its log says why).
@@ -80,8 +83,6 @@ done
 mkdir -p "$OUT/run"
 cp -f "$RUN/metrics.jsonl" "$RUN/config.yaml" "$RUN/summary.json" "$OUT/run/" 2>/dev/null
 rm -rf "$OUT"/eval_s*/images  # the grid shows them; one PNG per image is too much to carry back
-[[ $CKPT == "$WORK" ]] || rm -rf "$CKPT"
-[[ ${GPU_QUALITY_KEEP:-0} == 1 ]] || rm -rf "$WORK"
 
 FAILED=$(failed_stages)
 printf '== gpu_quality done in %d s; logs and results in %s%s\n' $((SECONDS - START)) "$OUT" \

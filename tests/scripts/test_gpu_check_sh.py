@@ -14,7 +14,7 @@ import pytest
 from testkit import REPO
 
 # Records each call; the throughput stage writes its result, `train.py` sleeps (STALL), the
-# report fails (REPORT_FAILS), every other stage passes.
+# report or the environment check fails (REPORT_FAILS, ENV_FAILS), every other stage passes.
 STUB = f"""#!{sys.executable}
 import os, sys, time
 args = " ".join(sys.argv[1:])
@@ -26,6 +26,8 @@ if "gpu_throughput.py" in args:
 if "train.py" in args and os.environ.get("STALL"):
     time.sleep(60)
 if "gpu_check.py report" in args and os.environ.get("REPORT_FAILS"):
+    sys.exit(1)
+if "gpu_check.py env" in args and os.environ.get("ENV_FAILS"):
     sys.exit(1)
 """
 
@@ -88,3 +90,16 @@ def test_sigterm_mid_stage_still_cleans_up_and_says_it_failed(tmp_path):
     assert not (tmp_path / "work").exists()
     assert not os.path.exists(os.path.dirname(ckpt.split("=", 1)[1]))
     assert "shapes_train skipped" in out and "shapes_train" not in calls.read_text()
+
+
+@pytest.mark.slow
+def test_failed_environment_check_leaves_no_scratch(tmp_path):
+    """The likeliest failure on a bare box (a missing package) exited before the cleanup at the
+    end: the scratch folder (with any wheels installed there) and a /dev/shm folder stayed."""
+    shm = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    proc = _run(tmp_path, ENV_FAILS="1")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "lacks what the check needs" in out, out
+    assert not (tmp_path / "work").exists()
+    if shm:
+        assert not [n for n in set(os.listdir("/dev/shm")) - shm if n.startswith("bdt-gpu-check")]
