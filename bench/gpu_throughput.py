@@ -27,7 +27,8 @@ varlen, flash where present.
 Last, --compile's backends (default: the fastest) again, as `<backend>+compile`, with the
 decoder layers and the head compiled by Inductor (BitDanceModel.compile_blocks, the trainer's
 `compile.enabled`); their warm-up (2 steps longer) holds the build and any recompile.
-Writes bench/results/<name>.json after each part, so a part that hangs keeps the earlier ones.
+Writes bench/results/<name>.json after each part, so a part that hangs keeps the earlier ones,
+and before each backend's steps, so one that hangs is in it as not finished.
 """
 
 from __future__ import annotations
@@ -369,6 +370,11 @@ def main() -> None:
             except ValueError as e:
                 results["backends"][label] = {"skipped": str(e)}
                 return
+            # On record before it runs: a backend that hangs (flex, on the first GPU run) until
+            # the stage's timeout kills the process is in the JSON as that, not as "not run".
+            results["backends"][label] = {"failed": "did not finish: hung or killed (the "
+                                                    "stage's log has the stacks)"}
+            write()
             print(f"== {label}: warm-up", flush=True)
             t0 = time.perf_counter()
             try:
