@@ -8,11 +8,12 @@
 environment (one resolve measured to work together), less torch and its CUDA packages (the
 target's own build stays), Ray (pre-extraction runs on the Ray cluster; its wheel alone is
 ~70 MB) and TensorBoard (optional logging). `--have FILE` lists what the target already has,
-a line `name` (any version) or `name==version` (e.g. its `pip list --format=freeze`): those are
-left out unless their version differs; `--without NAME` leaves out a package and what only it
-needs (e.g. s3fs, ~20 MB with botocore, where storage is local). Wheels for the target's Python
-come from the package index; a package published only as source (deepspeed) is built here as a
-pure-Python wheel (DS_BUILD_OPS=0: DeepSpeed JIT-builds the CUDA ops it uses on the target).
+a line `name` or `name @ URL` (any version) or `name==version` (e.g. its `pip list
+--format=freeze`): those are left out unless their version differs, a line of another form is an
+error naming it; `--without NAME` leaves out a package and what only it needs (e.g. s3fs, ~20 MB
+with botocore, where storage is local). Wheels for the target's Python come from the package
+index; a package published only as source (deepspeed) is built here as a pure-Python wheel
+(DS_BUILD_OPS=0: DeepSpeed JIT-builds the CUDA ops it uses on the target).
 
 `install` puts the wheels into SITE (`pip install --no-index --no-deps --target`), which then
 goes on PYTHONPATH, before the target's site-packages; scripts/gpu_check.sh and gpu_quality.sh
@@ -67,14 +68,30 @@ def closure(root: str, python: str, without: frozenset[str] = frozenset()) -> di
 
 
 def read_have(path: str) -> dict[str, str | None]:
-    """The target's distributions: name -> version, or None where any version will do."""
+    """The target's distributions: name -> version, or None where any version will do (`name`,
+    or `name @ URL` as `pip freeze` writes what came from a file). SystemExit naming the line
+    of anything else: a misread line would carry a package the target has, or miss one."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
     have: dict[str, str | None] = {}
-    with open(path) as f:
-        for line in f:
-            line = line.split("#", 1)[0].strip()
-            if line:
-                name, _, version = line.partition("==")
-                have[_canonical(name)] = version.strip() or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"offline_wheels: --have {path}: {e} (a UTF-8 text file, one name a line)")
+    for number, text in enumerate(lines, 1):
+        line = text.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            req = None
+        pins = [s.version for s in req.specifier if s.operator == "=="] if req else []
+        if req is None or len(req.specifier) != len(pins) or len(pins) > 1:
+            raise SystemExit(f"offline_wheels: --have {path} line {number}: {text.strip()!r} is "
+                             f"not `name`, `name==version` or `name @ URL`")
+        have[_canonical(req.name)] = pins[0] if pins else None
     return have
 
 
@@ -106,8 +123,9 @@ def download(out: str, python: str, have: dict[str, str | None],
             wheels = os.listdir(tmp) if built.returncode == 0 else []
             if len(wheels) != 1 or not wheels[0].endswith("-py3-none-any.whl"):
                 why = (got.stderr + built.stderr).strip()[-300:]
-                raise RuntimeError(f"{spec}: no wheel for CPython {python} on Linux x86_64 and no "
-                                   f"pure-Python build ({why})")
+                raise RuntimeError(f"{spec}: neither a wheel for CPython {python} on Linux x86_64 "
+                                   f"nor a pure-Python build came from the package index (is it "
+                                   f"reachable?); pip: {why}")
             shutil.move(os.path.join(tmp, wheels[0]), os.path.join(out, wheels[0]))
     return sorted(f for f in os.listdir(out) if f.endswith(".whl"))
 
@@ -138,8 +156,15 @@ def main() -> None:
         install(args.wheels, args.site)
         print(args.site)
         return
-    files = download(args.out, args.python, read_have(args.have) if args.have else {},
-                     frozenset(args.without))
+    unknown = {_canonical(n) for n in args.without} - closure("bdt", args.python).keys()
+    if unknown:  # a misspelt name would leave out nothing, silently
+        raise SystemExit(f"offline_wheels: --without {', '.join(sorted(unknown))}: not among "
+                         f"bdt's dependencies on the target")
+    try:
+        files = download(args.out, args.python, read_have(args.have) if args.have else {},
+                         frozenset(args.without))
+    except RuntimeError as e:
+        raise SystemExit(f"offline_wheels: {e}")
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in files)
     print(f"{len(files)} wheels, {size / 2**20:.1f} MiB in {args.out}")
 

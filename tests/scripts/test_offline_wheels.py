@@ -2,10 +2,13 @@
 (Downloading needs the package index; `download` is exercised by hand, README "On a GPU".)"""
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
 from importlib import metadata
+
+import pytest
 
 from testkit import REPO
 
@@ -67,3 +70,37 @@ def test_install_makes_the_wheels_importable_from_site(tmp_path):
     failed = subprocess.run([sys.executable, script, "install", str(empty), str(site)],
                             capture_output=True, text=True)
     assert failed.returncode != 0 and "no .whl files" in failed.stderr
+
+
+def test_have_lines_pip_writes_are_read_and_others_named(tmp_path):
+    """`pip freeze` writes `name @ URL` for what came from a file (torch on many CUDA images):
+    it was read as a package named 'torch @ file:///...', so torch looked missing; spaces around
+    == made 'transformers ' another name; other lines passed silently as odd names."""
+    have = tmp_path / "have.txt"
+    have.write_text("torch @ file:///wheels/torch-2.11.0-cp312-linux_x86_64.whl\n"
+                    "Transformers == 5.17.0\nsix==1.17.0 ; python_version > '3'\n")
+    assert offline_wheels.read_have(str(have)) == {"torch": None, "transformers": "5.17.0",
+                                                   "six": "1.17.0"}
+    for line in ("requests>=2.0", "numpy==", "==1.0", "-e git+https://example.org/x"):
+        have.write_text(f"numpy\n{line}\n")
+        with pytest.raises(SystemExit, match=f"line 2: '{re.escape(line)}' is not"):
+            offline_wheels.read_have(str(have))
+    have.write_text("numpy\n", encoding="utf-16")  # PowerShell's `pip list > have.txt`
+    with pytest.raises(SystemExit, match="have.txt: 'utf-8' codec"):
+        offline_wheels.read_have(str(have))
+
+
+def test_download_says_in_one_line_what_is_wrong(tmp_path):
+    """A misspelt --without left out nothing, silently, and a package index out of reach ended
+    in a traceback saying the package had no wheel for the target."""
+    script = str(REPO / "scripts" / "offline_wheels.py")
+    env = dict(os.environ, PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PIP_FIND_LINKS="")
+    out = tmp_path / "wheels"
+    typo = subprocess.run([sys.executable, script, "download", str(out), "--without", "s3fss"],
+                          capture_output=True, text=True, env=env)
+    assert typo.returncode != 0 and "--without s3fss: not among bdt's dependencies" in typo.stderr
+    assert not out.exists()
+    offline = subprocess.run([sys.executable, script, "download", str(out)], capture_output=True,
+                             text=True, env=env)
+    assert offline.returncode != 0 and "Traceback" not in offline.stderr
+    assert "(is it reachable?)" in offline.stderr
