@@ -2,8 +2,9 @@
 # logs are written into one folder as they run. Source it from the repository root. It defines
 # functions and one array.
 #   begin_stages NAME REHEARSAL_SCALE [OUT]
-#                                   sets OUT (the log folder: the argument, else $OUT, else
-#                                   NAME/<date>), WORK (scratch: $<NAME>_WORK, else a temp dir;
+#                                   sets OUT (the log folder: the argument, else $OUT, both from
+#                                   the caller's directory $CALLER; else NAME/<date> in the
+#                                   checkout), WORK (scratch: $<NAME>_WORK, else a temp dir;
 #                                   removed at exit unless $<NAME>_KEEP=1, as is what the script
 #                                   adds to the array SCRATCH),
 #                                   PY (.venv's python unless $PYTHON), START, LIMIT_SCALE
@@ -33,22 +34,31 @@ REHEARSAL_MODEL=(threads=2 model.attn_backend=sdpa deepspeed.precision=fp32
   model.backbone.config_overrides.num_key_value_heads=2 model.backbone.config_overrides.head_dim=16
   model.backbone.config_overrides.intermediate_size=128 model.head.width=64)
 
+# The absolute path of folder $2 (made if need be; relative to $1), if this user can write there.
+writable_dir() { (cd "$1" && mkdir -p "$2" && cd "$2" && [[ -w . ]] && pwd); }
+
 begin_stages() {
-  local name=$1 scale=$2 upper
+  local name=$1 scale=$2 upper out=${3:-${OUT:-}} base=${CALLER:-$PWD}
   upper=$(tr '[:lower:]' '[:upper:]' <<< "$name")
-  OUT=${3:-${OUT:-$name/$(date -u +%Y%m%d-%H%M%S)}}
-  mkdir -p "$OUT"
-  OUT=$(cd "$OUT" && pwd)
+  [[ -n $out ]] || out=$name/$(date -u +%Y%m%d-%H%M%S) base=$PWD  # the default: in the checkout
+  OUT=$(writable_dir "$base" "$out") \
+    || { echo "$name: cannot write logs into $out (name a writable OUT)"; return 1; }
   local work_var=${upper}_WORK scale_var=${upper}_LIMIT_SCALE keep_var=${upper}_KEEP
   WORK=${!work_var:-$(mktemp -d -t "bdt-$name-XXXXXX")}
-  mkdir -p "$WORK"
+  WORK=$(writable_dir "${CALLER:-$PWD}" "$WORK") \
+    || { echo "$name: cannot write scratch into $WORK"; return 1; }
   SCRATCH=()  # removed however the script ends: a failed environment check leaves nothing either
   [[ ${!keep_var:-0} == 1 ]] || SCRATCH+=("$WORK")
   trap 'rm -rf "${SCRATCH[@]}"' EXIT
   PY=${PYTHON:-python}
   if [[ -x .venv/bin/python && -z ${PYTHON:-} ]]; then PY=$PWD/.venv/bin/python; fi
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-  local wheels=${BDT_WHEELS:-wheels}
+  local wheels=wheels
+  if [[ -n ${BDT_WHEELS:-} ]]; then  # named: it must hold them (else: the env stage's list)
+    wheels=$(cd "${CALLER:-$PWD}" && cd "$BDT_WHEELS" && pwd) \
+      && compgen -G "$wheels/*.whl" > /dev/null \
+      || { echo "$name: BDT_WHEELS=$BDT_WHEELS: no .whl files there"; return 1; }
+  fi
   if compgen -G "$wheels/*.whl" > /dev/null; then
     "$PY" scripts/offline_wheels.py install "$wheels" "$WORK/site" > "$OUT/wheels.log" 2>&1 \
       || { cat "$OUT/wheels.log"; return 1; }

@@ -32,6 +32,7 @@
 # This run's results are copied into OUT/results/ as well (written there alone where the checkout
 # is read-only). Exit status: 0 if every stage passed.
 set -uo pipefail
+CALLER=$PWD  # OUT, $<NAME>_WORK and --tokenizer DIR are paths from here
 cd "$(dirname "$0")/.."
 
 REHEARSAL=0

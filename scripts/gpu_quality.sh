@@ -27,12 +27,13 @@
 #     --series "GPU, in-loop" OUT/run --final "GPU" OUT/run OUT/eval_s0 OUT/eval_s1
 # Exit status: 0 if every stage passed.
 set -uo pipefail
+CALLER=$PWD  # OUT, $<NAME>_WORK and --tokenizer DIR are paths from here
 cd "$(dirname "$0")/.."
 
 REHEARSAL=0
 if [[ ${1:-} == --cpu-rehearsal ]]; then REHEARSAL=1; shift; fi
 [[ ${1:-} == --tokenizer && -n ${2:-} ]] || { echo "usage: $0 [--cpu-rehearsal] --tokenizer DIR [OUT]"; exit 2; }
-TOKENIZER=$(cd "$2" && pwd) || exit 2
+TOKENIZER=$(cd "$CALLER" && cd "$2" && pwd) || exit 2
 [[ -f $TOKENIZER/config.json ]] || { echo "$TOKENIZER: no image tokenizer here (config.json)"; exit 2; }
 shift 2
 source scripts/bounded_stages.sh  # begin_stages, stage, failed_stages

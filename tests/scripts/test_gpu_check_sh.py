@@ -103,3 +103,32 @@ def test_failed_environment_check_leaves_no_scratch(tmp_path):
     assert not (tmp_path / "work").exists()
     if shm:
         assert not [n for n in set(os.listdir("/dev/shm")) - shm if n.startswith("bdt-gpu-check")]
+
+
+@pytest.mark.slow
+def test_out_is_the_callers_path_and_must_be_writable(tmp_path):
+    """A relative OUT went into the checkout, not the caller's folder; one that could not be made
+    (a read-only checkout) left OUT empty, and the logs went to /env.log, /stages.tsv."""
+    repo, stub = _checkout(tmp_path)
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    env = dict(os.environ, PYTHON=str(stub), CALLS=str(tmp_path / "calls"),
+               GPU_CHECK_WORK="work")
+    for name in ("OUT", "BDT_BENCH_RESULTS", "GPU_CHECK_KEEP", "BDT_WHEELS"):
+        env.pop(name, None)
+    script = [str(repo / "scripts" / "gpu_check.sh"), "--cpu-rehearsal"]
+    done = subprocess.run([*script, "out"], cwd=caller, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (caller / "out" / "stages.tsv").exists() and not (repo / "out").exists()
+    assert not (caller / "work").exists() and not (repo / "work").exists()  # scratch went
+    (caller / "file").write_text("")
+    os.remove(tmp_path / "calls")
+    done = subprocess.run([*script, "file/out"], cwd=caller, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and "cannot write logs into file/out" in done.stdout
+    (caller / "wheels").mkdir()
+    done = subprocess.run([*script, "out"], cwd=caller, env=dict(env, BDT_WHEELS="wheels"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "BDT_WHEELS=wheels: no .whl files there" in done.stdout
+    assert not (tmp_path / "calls").exists()  # no stage ran
