@@ -65,6 +65,10 @@ begin_stages() {
     PYTHONPATH=$PWD:$WORK/site${PYTHONPATH#"$PWD"}
   fi
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
+  # A stage ended by ABRT would dump core where core dumps are on (common in containers): a
+  # file the size of the process (tens of GB for the 1.2B trainer) in the checkout. The stacks
+  # are in the log already.
+  ulimit -S -c 0
   if ((REHEARSAL)); then export DS_ACCELERATOR=cpu; fi
   START=$SECONDS
   INTERRUPTED= STAGE_PID=

@@ -13,6 +13,7 @@ from testkit import REPO
 
 # A script of two stages: FIRST (a command given in the environment) and `after`.
 SCRIPT = """set -uo pipefail
+ulimit -S -c "$(ulimit -H -c)"  # core dumps on, where the machine allows them
 cd "$REPO"
 REHEARSAL=0
 source scripts/bounded_stages.sh
@@ -37,10 +38,10 @@ time.sleep(60)
 """
 
 
-def _start(tmp_path, limit: int, **env) -> subprocess.Popen:
+def _start(tmp_path, limit: int, first: str = SLEEPER, **env) -> subprocess.Popen:
     script = tmp_path / "probe.sh"
     script.write_text(SCRIPT)
-    env = dict(os.environ, REPO=str(REPO), PYTHON=sys.executable, LIMIT=str(limit), FIRST=SLEEPER,
+    env = dict(os.environ, REPO=str(REPO), PYTHON=sys.executable, LIMIT=str(limit), FIRST=first,
                **env)
     env.pop("OUT", None)
     return subprocess.Popen(["bash", str(script), str(tmp_path / "out")], env=env, text=True,
@@ -118,3 +119,14 @@ def test_a_process_that_left_the_stage_does_not_hold_the_script(tmp_path):
     out = _finish(proc, pids, 20)
     assert time.monotonic() - t0 < 10, out
     assert _stages(tmp_path) == {"first": 0, "after": 0}
+
+
+@pytest.mark.slow
+def test_stages_dump_no_core(tmp_path):
+    """Where core dumps were on (common in containers), a stage ended by ABRT left a core file
+    the size of its process in the checkout: tens of GB for the 1.2B trainer."""
+    proc = _start(tmp_path, 5, first="import resource; print('core', "
+                                      "resource.getrlimit(resource.RLIMIT_CORE)[0])")
+    out = _finish(proc, [], 30)
+    assert proc.returncode == 0, out
+    assert "core 0" in (tmp_path / "out" / "first.log").read_text()
