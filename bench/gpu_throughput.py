@@ -1,7 +1,7 @@
 """Training throughput and MFU of the 1.2B configuration per attention backend, a profile of the
 best one's step, and the attention kernels alone (issue 16 parts 1 and 3; scripts/gpu_check.sh).
 
-    python bench/gpu_throughput.py --llm DIR [--backends sdpa,flex,varlen,flash] [--compile best]
+    python bench/gpu_throughput.py --llm DIR [--backends sdpa,varlen,flash,flex] [--compile best]
         [--steps 6]
         [--budget 16384] [--hidden 2048 --layers 24 --heads 16 --kv-heads 8 --intermediate 5632]
         [--head-width 1024 --head-depth 4] [--seconds 150] [--name gpu_throughput]
@@ -308,7 +308,7 @@ def flex_line(results: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llm", required=True, help="a tiny LLM dir (its tokenizer is used)")
-    ap.add_argument("--backends", default="sdpa,flex,varlen,flash")
+    ap.add_argument("--backends", default="sdpa,varlen,flash,flex")
     ap.add_argument("--compile", default="best",
                     help="backends measured again with compiled decoder layers and head "
                          "(Inductor; the trainer's compile.enabled): best (the fastest eager "

@@ -65,7 +65,8 @@ if ((REHEARSAL)); then  # tiny sizes: the plumbing, on CPU
           logging.every=1)
   EVAL=(--per-category 1 --steps 2 --device cpu)
 else
-  NUM=3000 BACKENDS=sdpa,flex,varlen,flash DEVICE=cuda REPORT_NAME=gpu_check
+  # flex last: it hung on the first GPU run, and a hang ends the stage with the backends after it
+  NUM=3000 BACKENDS=sdpa,varlen,flash,flex DEVICE=cuda REPORT_NAME=gpu_check
   BENCH=(--seconds 100 --compile none)
   TRAIN_1B=(model.attn_backend=flex stages.0.steps=60 time_limit_min=1)
   SHAPES=(stages.0.steps=60 stages.1.steps=60 time_limit_min=0.5 logging.every=20)
