@@ -40,7 +40,7 @@ from bdt.training.ar.time_fit import TimeFit
 from bdt.training.checkpoint import CheckpointManager
 from bdt.training.deepspeed_config import build_ds_config, initialize_engine
 from bdt.training.distributed import (DistInfo, all_gather_int, all_gather_object, all_reduce_sum,
-                                      cleanup, init_distributed)
+                                      cleanup, init_distributed, patient_barrier)
 from bdt.training.divergence import StepHealth, raise_diverged
 from bdt.training.ema import EMA
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
@@ -299,6 +299,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                         metrics = task.run(step, module)
                     if metrics:
                         logger.log(step, metrics)
+            if any(every > 0 and step % every == 0
+                   for every in (cfg.logging.sample_every, cfg.eval.every)):
+                patient_barrier()  # previews are rank 0's alone under ZeRO 0-2
             if save and not stopped:
                 saved_step = _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg, ema,
                                    window)
