@@ -43,7 +43,7 @@ def refuse_nonempty_dir(path: str, hint: str = "", overwrite: bool = False) -> N
     if storage.is_remote(path):
         _refuse_nonempty_remote(path, hint, overwrite)
         return
-    _refuse_nonempty_local(path, hint, overwrite)
+    _refuse_nonempty_local(storage.local_path(path), hint, overwrite)
 
 
 def _refuse_nonempty_local(path: str, hint: str, overwrite: bool, mine: str = "") -> None:
@@ -120,6 +120,7 @@ def staged_dir(path: str, overwrite: bool = False, last: str = "") -> Iterator[s
         with _staged_remote(path, last) as tmp:
             yield tmp
         return
+    path = storage.local_path(path)  # `~/out`, `file:///out`: where readers of the name look
     final = os.path.realpath(path)  # through a link, to the folder it names
     if os.path.isdir(final):
         tmp = os.path.join(final, f"{STAGING_NAME}-{writer_tag()}")

@@ -267,8 +267,8 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
         except OSError as e:  # s3fs's errors do not say which object
             raise type(e)(f"cannot write {url}: {e}") from e
         return
-    path = _local_path(url)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    path = local_path(url)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_stale_temps(path)
     tmp = _temp_path(path)
     try:
@@ -297,12 +297,15 @@ def is_temp_name(name: str) -> bool:
 
 
 def _temp_path(path: str) -> str:
-    directory, name = os.path.split(os.path.abspath(path))
+    directory, name = os.path.split(local_path(path))
     return os.path.join(directory, f".{name}.tmp-{writer_tag()}-{uuid.uuid4().hex[:8]}")
 
 
-def _local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+def local_path(url: str) -> str:
+    """The absolute OS path of a local name or file:// URL, as fsspec reads it: `~` expanded,
+    `file:` dropped, `..` left to the OS (through a link, as the kernel resolves it). Writing
+    the name as given put `~/x` or `file:/x` in a folder of that name that no read looked in."""
+    return LocalFileSystem._strip_protocol(url)
 
 
 def remove_stale_temps(url: str) -> None:
@@ -313,7 +316,7 @@ def remove_stale_temps(url: str) -> None:
     where nothing partial is ever visible."""
     if is_remote(url):
         return
-    directory, name = os.path.split(os.path.abspath(_local_path(url)))
+    directory, name = os.path.split(local_path(url))
     try:
         entries = os.listdir(directory)
     except (FileNotFoundError, NotADirectoryError):
@@ -388,8 +391,8 @@ def create_exclusive(url: str, data: bytes) -> bool:
             return True
         except FileExistsError:
             return False
-    path = _local_path(url)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    path = local_path(url)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_stale_temps(path)  # a writer killed before it unlinked its temp
     tmp = _temp_path(path)
     try:  # the temporary file goes also when writing it fails (a full disk)

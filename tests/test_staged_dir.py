@@ -401,3 +401,20 @@ def test_files_get_the_mode_open_gives_not_safetensors_0600(tmp_path):
         os.umask(old)
     for name in ("model.safetensors", "sub/config.json"):
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o640, name
+
+
+@pytest.mark.parametrize("form", ["~/out", "file://{home}/out"])
+def test_an_output_named_with_tilde_or_file_url_goes_there(tmp_path, monkeypatch, form):
+    """`bdt model init-tiny --out ~/m` (or `--out=~/m`, which the shell leaves alone) wrote the
+    model into a folder named `~` under the working directory, and `file:///x` into `file:`."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    out = form.format(home=home)
+    output_dirs.refuse_nonempty_dir(out)
+    with output_dirs.staged_dir(out) as tmp:
+        Path(tmp, "a.txt").write_text("a")
+    assert (home / "out" / "a.txt").read_text() == "a" and os.listdir(cwd) == []
+    with pytest.raises(FileExistsError, match=f"{home}/out exists and is not empty"):
+        output_dirs.refuse_nonempty_dir(out)

@@ -150,3 +150,29 @@ def test_a_local_name_with_double_colons_is_that_name(tmp_path):
     assert fs.cat_file(path) == b"x"
     with pytest.raises(ValueError, match="'::' in a URL"):
         storage.filesystem("s3://bucket/exp::2/out")
+
+
+@pytest.mark.parametrize("form", ["~/out/f.bin", "file:{home}/out/f.bin", "file://{home}/out/f.bin"])
+def test_a_local_write_goes_where_reads_of_the_name_look(tmp_path, monkeypatch, form):
+    """fsspec reads `~/x` as $HOME/x and `file:/x` as /x; the atomic writers took the name as
+    given and wrote into folders named `~` and `file:` under the working directory, which no
+    read of the name found (`bdt data shapes --out ~/d` refused its own probe file)."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    url = form.format(home=home)
+    storage.write_bytes_atomic(url, b"x")
+    assert storage.create_exclusive(url + ".lock", b"y")
+    assert storage.exists(url) and storage.read_bytes(url) == b"x"
+    assert sorted(os.listdir(home / "out")) == ["f.bin", "f.bin.lock"]
+    assert os.listdir(cwd) == []
+
+
+def test_a_relative_name_through_a_missing_folder_and_dotdot_is_written(tmp_path, monkeypatch):
+    """`new/../out/f`: the temp file went to the normalized folder and its rename to the name as
+    given failed (ENOENT: `new` did not exist); as `mkdir -p`, the OS's reading of the name."""
+    monkeypatch.chdir(tmp_path)
+    storage.write_bytes_atomic("new/../out/f.bin", b"x")
+    assert (tmp_path / "out" / "f.bin").read_bytes() == b"x"
+    assert storage.file_sizes(["new/../out/f.bin"]) == {"new/../out/f.bin": 1}
