@@ -7,7 +7,7 @@ import os
 
 from dataclasses import dataclass
 
-from bdt.storage import is_remote
+from bdt.storage import is_remote, local_path
 from bdt.training.run_dir import export_dir
 
 
@@ -32,6 +32,8 @@ class CheckpointConfig:
         if is_remote(self.staging_dir):  # DeepSpeed writes a checkpoint into it as local files
             raise ValueError(f"checkpoint.staging_dir must be a local directory, got "
                              f"{self.staging_dir!r} (checkpoint.dir may be remote)")
+        check_plain_local("checkpoint.dir", self.dir)
+        check_plain_local("checkpoint.staging_dir", self.staging_dir)
 
 
 @dataclass
@@ -50,8 +52,18 @@ def check_run_dir(run_dir: str) -> None:
     if not run_dir or is_remote(run_dir):
         raise ValueError(f"run_dir must be a local directory, got {run_dir!r} (put checkpoints "
                          f"on an object store with checkpoint.dir=s3://...)")
+    check_plain_local("run_dir", run_dir)
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"run_dir {run_dir!r} is a file, not a directory")
     export = export_dir(run_dir)  # written at the end: found now, not after the whole run
     if os.path.lexists(export) and not os.path.isdir(export):
         raise ValueError(f"{export} is a file, where the run writes its export: move it away")
+
+
+def check_plain_local(key: str, path: str) -> None:
+    """ValueError for a `~/x` or `file:` name of a trainer's directory: the trainers use those
+    through the OS too, which reads a folder named `~` or `file:` where storage reads $HOME/x or
+    /x, so a run's files went to two places."""
+    if path.startswith(("~", "file:")):
+        raise ValueError(f"{key} {path!r}: give the path itself ({local_path(path)}); the "
+                         f"trainers do not expand '~' or read file: URLs")

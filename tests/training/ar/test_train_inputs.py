@@ -233,6 +233,12 @@ def test_a_damaged_shape_record_is_written_again_once_resumed(tmp_path, caplog):
     ("checkpoint.staging_dir=s3://b/stage", r"checkpoint.staging_dir must be a local directory, "
                                             r"got 's3://b/stage'"),
     ("run_dir=s3://b/run", r"run_dir must be a local directory, got 's3://b/run'"),
+    # the OS took them for folders named '~' and 'file:', storage for $HOME/run and /ck: a run
+    # wrote its lock to one and read its RUN_ID from the other
+    ("run_dir=~/run", r"run_dir '~/run': give the path itself \(/.*/run\); the trainers do "
+                      r"not expand '~' or read file: URLs"),
+    ("checkpoint.dir=file:///ck", r"checkpoint.dir 'file:///ck': give the path itself \(/ck\)"),
+    ("checkpoint.staging_dir=~/st", r"checkpoint.staging_dir '~/st': give the path itself"),
     ("model.backbone.path=s3://b/llm", r"model.backbone.path 's3://b/llm' \(init_from's llm/ when "
                                        r"set\) must be a local directory or a hub id"),
     ("data.buffer_size=0", r"data.buffer_size must be in \[1, 1048576\] samples, got 0"),
