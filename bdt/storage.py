@@ -83,8 +83,13 @@ def _glob(pattern: str) -> list[str]:
 
 
 def url_patterns(spec: str) -> list[str]:
-    """The names and globs of a comma list of brace patterns, braces expanded, in order. Split
-    at the commas outside braces only: `in-{000000,000002}.tar` is one brace pattern."""
+    """The names and globs of a comma list of brace patterns, braces expanded, in order."""
+    return [pattern for part in brace_patterns(spec) for pattern in braceexpand(part)]
+
+
+def brace_patterns(spec: str) -> list[str]:
+    """The brace patterns of a comma list, in order. Split at the commas outside braces only:
+    `in-{000000,000002}.tar` is one brace pattern."""
     parts, depth, start = [], 0, 0
     for i, c in enumerate(spec):
         depth += {"{": 1, "}": -1}.get(c, 0)
@@ -92,7 +97,7 @@ def url_patterns(spec: str) -> list[str]:
             parts.append(spec[start:i])
             start = i + 1
     parts.append(spec[start:])
-    return [pattern for part in parts if part.strip() for pattern in braceexpand(part.strip())]
+    return [part.strip() for part in parts if part.strip()]
 
 
 def expand_urls(spec: str) -> list[str]:

@@ -51,12 +51,13 @@ def export_model(engine, model, cfg, out_dir: str, dist: DistInfo) -> str:
 
 
 def _with_absolute_shards(cfg):
-    """The config as the export records it: a local stage's shards as an absolute path, so that
-    the sampler's trained-bucket check finds them from any working directory."""
+    """The config as the export records it: a stage's local shards as absolute paths (each of a
+    comma list, `~` expanded as the run read it), so that the sampler's trained-bucket check
+    finds them from any working directory."""
     record = literal_config(cfg)
     for stage in record.stages:
-        if not storage.is_remote(stage.shards):
-            stage.shards = os.path.abspath(stage.shards)
+        stage.shards = ",".join(p if storage.is_remote(p) else storage.local_path(p)
+                                for p in storage.brace_patterns(stage.shards))
     return record
 
 

@@ -65,3 +65,15 @@ def test_the_weights_get_the_mode_open_gives_not_safetensors_0600(tmp_path):
         os.umask(old)
     for name in ("bitdance_extra.safetensors", "llm/model.safetensors", CONFIG_NAME):
         assert (out / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_the_export_records_every_local_shard_pattern_absolute(tmp_path, monkeypatch):
+    """`a/,b/*.tar` was recorded as `<cwd>/a/,b/*.tar` (the second one still relative) and
+    `~/s` as `<cwd>/~/s`: the sampler's trained-bucket check then looked in the wrong place."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], [
+        "model.backbone.path=unused", "stages.0.shards='a/{0..1}.tar,b/*.tar,~/s,s3://x/c'"]))
+    record = export._with_absolute_shards(cfg)
+    assert record.stages[0].shards == (f"{tmp_path}/a/{{0..1}}.tar,{tmp_path}/b/*.tar,"
+                                       f"{tmp_path}/home/s,s3://x/c")
