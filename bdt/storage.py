@@ -79,6 +79,8 @@ def _glob(pattern: str) -> list[str]:
         proto = pattern.split("://", 1)[0]
         with naming_url(pattern):
             return [f"{proto}://{p}" for p in sorted(fs.glob(path))]
+    if pattern.startswith(("~", "file:")):  # as read: `~/d/*.tar` matched nothing in a folder `~`
+        pattern = local_path(pattern)
     return sorted(glob.glob(pattern))
 
 

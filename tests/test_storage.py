@@ -176,3 +176,13 @@ def test_a_relative_name_through_a_missing_folder_and_dotdot_is_written(tmp_path
     storage.write_bytes_atomic("new/../out/f.bin", b"x")
     assert (tmp_path / "out" / "f.bin").read_bytes() == b"x"
     assert storage.file_sizes(["new/../out/f.bin"]) == {"new/../out/f.bin": 1}
+
+
+def test_a_glob_under_tilde_or_a_file_url_matches_what_its_names_read(tmp_path, monkeypatch):
+    """`inputs=~/raw/*.tar` matched nothing (a folder named `~` was globbed) while
+    `~/raw/a.tar` alone read $HOME/raw/a.tar: extraction said nothing matched files that exist."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.tar").write_bytes(b"x")
+    assert storage.expand_urls("~/raw/*.tar") == [str(tmp_path / "raw" / "a.tar")]
+    assert storage.expand_urls(f"file://{tmp_path}/raw/*.tar") == [str(tmp_path / "raw" / "a.tar")]
