@@ -44,6 +44,7 @@ another is refused before it reads or writes anything there (checkpoint_owner.py
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -109,6 +110,10 @@ class CheckpointManager:
             self.staging = staging_dir or os.path.join(tempfile.gettempdir(), "bdt-ckpt-staging", name)
         else:
             self.staging = self.root
+        if glob.has_magic(self.staging):  # DeepSpeed finds a checkpoint's files by glob
+            raise ValueError(f"checkpoint directory {self.staging!r} (run_dir, checkpoint.dir or "
+                             f"checkpoint.staging_dir) holds '*', '?' or '[': DeepSpeed's glob "
+                             f"would not find the checkpoint's files in it; rename it")
         self._share: tuple[int, int] | None = None  # (index, count) of this rank's file checks
         self.bound = False  # to a run (bind): each save first checks the root is still its
         self.run_id: str | None = None  # that run's id, on global rank 0

@@ -484,3 +484,13 @@ def test_the_converter_dies_with_the_rank_that_started_it(tmp_path):
         for p in converter:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
+
+
+@pytest.mark.parametrize("name", ["run [2]", "run*"])
+def test_a_checkpoint_dir_deepspeeds_glob_cannot_read_is_refused(tmp_path, name):
+    """DeepSpeed finds a checkpoint's model files by glob: under `runs/exp [2]/checkpoints` a run
+    saved its checkpoints, then every resume failed them all with a bare AssertionError."""
+    with pytest.raises(ValueError, match=r"holds '\*', '\?' or '\['"):
+        CheckpointManager(str(tmp_path / name / "checkpoints"), SOLO)
+    with pytest.raises(ValueError, match=r"holds '\*', '\?' or '\['"):
+        CheckpointManager("s3://b/ck", SOLO, staging_dir=str(tmp_path / name))
