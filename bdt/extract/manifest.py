@@ -118,36 +118,37 @@ def remove_stale_root_temps(root: str) -> None:
                 fs.rm_file(probe)
 
 
-def check_markers(root: str, stages: list[str], fp: str, versions: dict[int, tuple[str, str]]) -> None:
+def check_markers(root: str, fp: str, versions: dict[int, tuple[str, str]]) -> None:
     """Fail before any write when the output holds shards of another configuration, or made
     from an input that changed since. `versions`: {unit index: (unit name, InputUnit.version)}.
 
-    Every readable marker is read (one batched read per stage): a damaged first one must not
-    hide the others' fingerprint.
+    Every readable marker of every family is read (one batched read): a damaged first one must
+    not hide the others' fingerprint, and a run naming other stages must not add its families
+    beside the old ones (its index.json would drop them, its rejects files replace theirs).
     """
-    for stage in stages:
-        fs, path = storage.filesystem(storage.join(root, stage))
-        found = sorted(fs.glob(path + "/*.done.json")) if fs.exists(path) else []
-        if not found:
+    fs, path = storage.filesystem(root)
+    found = sorted(fs.glob(path.rstrip("/") + "/*/*.done.json")) if fs.exists(path) else []
+    if not found:
+        return
+    for name, data in sorted(fs.cat(found, on_error="omit").items()):
+        try:
+            marker = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # a partial write: its unit is redone
+        if not isinstance(marker, dict):
             continue
-        for name, data in sorted(fs.cat(found, on_error="omit").items()):
-            try:
-                marker = json.loads(data)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue  # a partial write: its unit is redone
-            if not isinstance(marker, dict):
-                continue
-            url = storage.join(root, stage, name.rsplit("/", 1)[-1])
-            if marker.get("fingerprint") not in (None, fp):
-                raise ValueError(f"{url} was made with fingerprint {marker.get('fingerprint')}, this "
-                                 f"run's is {fp} (tokenizer, buckets or preprocessing changed): write to "
-                                 f"a new output directory")
-            stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
-            source, version = versions.get(int(stem) if stem.isdigit() else -1, (None, None))
-            if marker.get("input_version") not in (None, version) and marker.get("source") == source:
-                raise ValueError(f"input {source} changed since {url} was made from it (version "
-                                 f"{marker['input_version']}, now {version}): write to a new output, or "
-                                 f"delete {storage.join(root, '*', stem + '.done.json')} to redo that unit")
+        stage, base = name.rsplit("/", 2)[-2:]
+        url = storage.join(root, stage, base)
+        if marker.get("fingerprint") not in (None, fp):
+            raise ValueError(f"{url} was made with fingerprint {marker.get('fingerprint')}, this "
+                             f"run's is {fp} (tokenizer, stages, buckets or preprocessing changed): "
+                             f"write to a new output directory")
+        stem = base.split(".", 1)[0]
+        source, version = versions.get(int(stem) if stem.isdigit() else -1, (None, None))
+        if marker.get("input_version") not in (None, version) and marker.get("source") == source:
+            raise ValueError(f"input {source} changed since {url} was made from it (version "
+                             f"{marker['input_version']}, now {version}): write to a new output, or "
+                             f"delete {storage.join(root, '*', stem + '.done.json')} to redo that unit")
 
 
 def check_plan(root: str, units: list[dict]) -> None:

@@ -63,6 +63,19 @@ def test_a_damaged_first_marker_does_not_hide_another_tokenizers_shards(three_un
     assert _state(out) == before
 
 
+
+def test_a_run_with_other_stages_is_refused_not_added_beside_the_old_families(three_units):
+    """Only the families of this run's config were checked: a run naming other stages passed,
+    rewrote index.json without the old family and left shards of two configurations."""
+    out = three_units.output
+    before = _state(out)
+    other = load(ExtractConfig, [], [f"inputs={three_units.inputs}", f"output={out}",
+                                     f"tokenizer={three_units.tokenizer}", "stages=[{resolution: 64}]",
+                                     "min_side=16", "batch_size=4"])
+    with pytest.raises(ValueError, match=r"32/000000.done.json was made with fingerprint \w+, this run's"):
+        _extract(other)
+    assert _state(out) == before
+
 def test_a_marker_edited_by_hand_is_redone_not_trusted(three_units):
     """Marker 1 saying it is unit 2 with 999 samples went into index.json as a second shard 2."""
     out = three_units.output
