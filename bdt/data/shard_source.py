@@ -26,6 +26,7 @@ from bdt.data.tars import unsafe_path
 
 INDEX_NAME = "index.json"  # bdt/extract/manifest.py writes the manifest under this name
 PLAN_NAME = "plan.json"  # written by an extraction before any shard
+REJECTS_NAME = "rejects.jsonl"  # the extraction's rejected inputs, one JSON object a line
 
 
 class EmptyRemoteListing(ValueError):
@@ -91,6 +92,7 @@ def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -
         if family not in stages:
             raise ValueError(f"{index_url} has no family {family!r} (it has {sorted(stages)})")
         entries = _shard_entries(index_url, stages[family], family)
+        _check_counts(index_url, manifest, family, entries)
         if not entries:
             raise ValueError(f"{index_url}: family {family!r} lists no shards")
         urls = [storage.join(source, e["shard"]) for e in entries]
@@ -154,6 +156,37 @@ def _shard_entries(index_url: str, entry: object, family: str) -> list[dict]:
     return entries
 
 
+_COUNTS = ("inputs", "samples", "rejected")
+
+
+def _check_counts(index_url: str, manifest: dict, family: str, entries: list[dict]) -> None:
+    """A family's counts must add up as an extraction writes them (inputs = samples + rejected
+    per shard, totals = the shards' sums) and a complete manifest lists one shard per input
+    unit: an entry removed or added by hand would train on a part of the data, or on data
+    twice, while every listed shard still matches its hash. Counts a manifest lacks (one not
+    written by bdt) are not checked."""
+    for e in entries:
+        for key in _COUNTS:
+            if e.get(key) is not None and (type(e[key]) is not int or e[key] < 0):
+                raise ValueError(f"{index_url} is damaged: shard {e['shard']!r} has {key!r} "
+                                 f"{e[key]!r}, not a count")
+        counts = [e.get(k) for k in _COUNTS]
+        if None not in counts and counts[0] != counts[1] + counts[2]:
+            raise ValueError(f"{index_url} is damaged: shard {e['shard']!r} lists inputs {counts[0]}, "
+                             f"samples {counts[1]} and rejected {counts[2]}, which do not add up")
+    totals = manifest["stages"][family].get("totals")  # _shard_entries read the family as an object
+    for key in (*_COUNTS, "bytes"):
+        if not isinstance(totals, dict) or key not in totals or any(e.get(key) is None for e in entries):
+            continue
+        if totals[key] != sum(e[key] for e in entries):
+            raise ValueError(f"{index_url} is damaged: family {family!r} totals {key} {totals[key]!r}, "
+                             f"its shards add up to {sum(e[key] for e in entries)}")
+    units = (manifest.get("summary") or {}).get("units")
+    if manifest.get("complete") is True and type(units) is int and len(entries) != units:
+        raise ValueError(f"{index_url} is damaged: it says complete, with {units} input unit(s), "
+                         f"but family {family!r} lists {len(entries)} shard(s)")
+
+
 def _check_sizes(index_url: str, family: str, urls: list[str], entries: list[dict],
                  source: str) -> None:
     """Every listed shard exists with the size its entry records: one listing per folder (also
@@ -177,7 +210,8 @@ def _check_sizes(index_url: str, family: str, urls: list[str], entries: list[dic
 def verify(source: str, families: list[str] | None = None, workers: int = 8,
            on_shard: Callable[[], None] | None = None) -> tuple[int, list[str]]:
     """(shards checked, problems): every shard an extraction manifest lists (all families, or
-    `families`) read whole and compared with its entry's size and sha256. ValueError when
+    `families`) read whole and compared with its entry's size and sha256, and rejects.jsonl
+    with the manifest's reject count. ValueError when
     `source` holds no readable manifest, lacks a family, lists no shard or one shard in two
     families. `on_shard` is called per shard."""
     source = source.rstrip("/")
@@ -187,13 +221,16 @@ def verify(source: str, families: list[str] | None = None, workers: int = 8,
     index_url = storage.join(source, INDEX_NAME)
     if not storage.exists(index_url):
         raise ValueError(f"{source} holds no {INDEX_NAME}: verify checks an extraction output")
-    stages = _read_manifest(index_url).get("stages", {})
+    manifest = _read_manifest(index_url)
+    stages = manifest.get("stages", {})
     unknown = sorted(set(families or []) - set(stages))
     if unknown:
         raise ValueError(f"{index_url} has no family {unknown[0]!r} (it has {sorted(stages)})")
     listed, family_of = [], {}
     for family in families or sorted(stages):
-        for e in _shard_entries(index_url, stages[family], family):
+        entries = _shard_entries(index_url, stages[family], family)
+        _check_counts(index_url, manifest, family, entries)
+        for e in entries:
             other = family_of.setdefault(posixpath.normpath(e["shard"]), family)
             if other != family:
                 raise ValueError(f"{index_url} is damaged: the shard {e['shard']!r} is listed by "
@@ -225,7 +262,36 @@ def verify(source: str, families: list[str] | None = None, workers: int = 8,
 
     with ThreadPoolExecutor(max(1, workers)) as pool:  # hashing and reads release the GIL
         problems = [p for p in pool.map(check, listed) if p is not None]
-    return len(listed), problems
+    totals = stages[families[0] if families else sorted(stages)[0]].get("totals")
+    problem = _check_rejects(storage.join(source, REJECTS_NAME),
+                             totals.get("rejected") if isinstance(totals, dict) else None)
+    return len(listed), problems + [problem] * (problem is not None)
+
+
+def _check_rejects(url: str, counted: object) -> str | None:
+    """The problem with rejects.jsonl, if any: one reject record a line, as many as the manifest
+    counts (`counted`: a family's total; the families share their units' rejects)."""
+    if type(counted) is not int:
+        return None  # a manifest not written by bdt
+    fs, path = storage.filesystem(url)
+    lines = 0
+    try:
+        with fs.open(path, "rb") as f:
+            for lines, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past the parser
+                    record = None
+                if not isinstance(record, dict) or not isinstance(record.get("reason"), str):
+                    return f"{url}: line {lines} is not a reject record"
+    except FileNotFoundError:
+        if counted:
+            return f"{url}: missing, the manifest counts {counted} reject(s)"
+    except OSError as e:
+        return f"{url}: unreadable ({type(e).__name__}: {e})"
+    if lines != counted:
+        return f"{url}: {lines} reject(s), the manifest counts {counted}"
+    return None
 
 
 def tokenizer_sha(manifest: dict | None) -> dict[str, str] | None:

@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -165,3 +166,66 @@ def test_verify_exit_codes_on_unusable_manifests(tmp_path, capsys):
     assert "index.json is damaged (not an extraction manifest)" in capsys.readouterr().err
     assert bdt_main(["data", "verify", ""]) == 2  # once looked for /index.json
     assert "an empty path" in capsys.readouterr().err
+
+
+def _drop_entry(m):
+    m["stages"][FAMILY]["shards"].pop(1)
+
+
+def _drop_entry_and_fix_totals(m):
+    _drop_entry(m)
+    m["stages"][FAMILY]["totals"] = {k: sum(s[k] for s in m["stages"][FAMILY]["shards"])
+                                     for k in ("samples", "inputs", "rejected", "bytes")}
+
+
+def _add_entry(m):
+    shards = m["stages"][FAMILY]["shards"]
+    shards.append(dict(shards[0], shard="f/copy.tar"))
+
+
+def _edit_counts(m):
+    m["stages"][FAMILY]["shards"][0]["samples"] = 5
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_drop_entry, r"family 'f' totals inputs 6, its shards add up to 4"),
+    (_drop_entry_and_fix_totals, r"it says complete, with 3 input unit\(s\), but family 'f' lists 2 shard"),
+    (_add_entry, r"family 'f' totals inputs 6, its shards add up to 8"),
+    (_edit_counts, r"shard 'f/000000.tar' lists inputs 2, samples 5 and rejected 0, which do not add up"),
+])
+def test_a_manifest_whose_counts_do_not_add_up_is_damage(tmp_path, capsys, damage, message):
+    """Every listed shard matched its hash, so an entry removed or added by hand passed both
+    checks: training read a part of the data, or a shard twice, from a 'complete' manifest."""
+    urls = extraction_output(str(tmp_path), str(tmp_path), 3)
+    os.link(urls[0], tmp_path / FAMILY / "copy.tar")
+    _edit_index(tmp_path, lambda m: m.update(summary={"units": 3}))
+    assert bdt_main(["data", "verify", str(tmp_path)]) == 0
+    _edit_index(tmp_path, damage)
+    with pytest.raises(ValueError, match=rf"index.json is damaged: {message}"):
+        list_shards(str(tmp_path), FAMILY)
+    assert bdt_main(["data", "verify", str(tmp_path)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_verify_checks_rejects_jsonl_against_the_counts(tmp_path, capsys):
+    """rejects.jsonl was never read: cut, emptied or garbled, it passed."""
+    extraction_output(str(tmp_path), str(tmp_path), 2)
+
+    def one_reject_per_shard(m):
+        for s in m["stages"][FAMILY]["shards"]:
+            s.update(inputs=3, rejected=1)
+        m["stages"][FAMILY]["totals"].update(inputs=6, rejected=2)
+
+    _edit_index(tmp_path, one_reject_per_shard)
+    rejects = tmp_path / "rejects.jsonl"
+    good = "".join(json.dumps({"key": f"k{i}", "source": "raw.tar", "reason": "too_small", "detail": ""}) + "\n"
+                   for i in range(2))
+    for text, problem in [(good, None), (good.splitlines(True)[0], "1 reject(s), the manifest counts 2"),
+                          (good + "{\n", "line 3 is not a reject record"), (None, "missing, the manifest counts 2 reject(s)")]:
+        if text is None:
+            rejects.unlink()
+        else:
+            rejects.write_text(text)
+        assert bdt_main(["data", "verify", str(tmp_path)]) == (1 if problem else 0)
+        out = capsys.readouterr().out
+        assert (f"BAD {rejects}: {problem}\n" in out) if problem else "all match index.json" in out
