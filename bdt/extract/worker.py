@@ -75,16 +75,18 @@ class ShardEncoder:
         multiple of a quarter batch: every new input shape makes oneDNN (CPU) or cuDNN (GPU)
         build and cache new convolution kernels, and with batches of any size 1..batch_size per
         bucket that cache grows with every shard for a long time (measured: about half of an
-        actor's memory creep). Quarters bound it to 4 shapes per bucket, for at most a quarter
-        batch of padding per bucket and shard. The tokenizer treats the images of a batch
-        independently (GroupNorm is per image), so padding changes no bit."""
+        actor's memory creep). Quarters, or the next power of two where that is less, bound it to
+        4 + log2(batch_size / 4) shapes per bucket, for at most a quarter batch of padding per
+        bucket and shard and at most as many black images as real ones (a batch size far above a
+        shard's images padded 3 images to 1000 at batch_size 4000). The tokenizer treats the
+        images of a batch independently (GroupNorm is per image), so padding changes no bit."""
         import torch
 
         from bdt.tokenizer.bits import pack_bits
 
         n = len(pixels_BHWC)
         quarter = max(1, -(-int(self.cfg.batch_size) // 4))
-        padded = max(n, min(-(-n // quarter) * quarter, int(self.cfg.batch_size)))
+        padded = max(n, min(-(-n // quarter) * quarter, 1 << (n - 1).bit_length(), int(self.cfg.batch_size)))
         if padded > n:
             pad = np.zeros((padded - n, *pixels_BHWC.shape[1:]), pixels_BHWC.dtype)
             pixels_BHWC = np.concatenate([pixels_BHWC, pad])

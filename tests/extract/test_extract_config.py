@@ -43,6 +43,18 @@ def test_upper_case_image_extensions_read_tars_and_folders_alike(tmp_path, tiny_
     assert [(m["samples"], m["rejected"]) for m in markers] == [(1, 0), (2, 0)]
 
 
+def test_a_batch_size_far_above_a_shards_images_pads_each_bucket_little(tmp_path, tiny_tokenizer):
+    """Short batches were padded to a quarter of batch_size: at 4000, each of these three
+    single-image buckets was encoded as 1000 images."""
+    cfg = _cfg(tmp_path, tiny_tokenizer, "batch_size=4000")
+    with mf.output_lock(cfg.output):
+        units, stages, _, fp = plan(cfg)
+    encoder = ShardEncoder(to_dict(cfg), fp, stages)
+    encode, sizes = encoder.model.encode, []
+    encoder.model.encode = lambda x: sizes.append(len(x)) or encode(x)
+    assert encoder.process(units[0].to_dict())["stages"]["32"]["samples"] == 3
+    assert sizes == [1, 1, 1]
+
 @pytest.mark.parametrize("name", ["index.json", "plan.json", "config.yaml", "lock.json", "rejects.jsonl",
                                   "rejects", ".hidden"])
 def test_stage_names_of_the_outputs_own_files_are_refused(tmp_path, tiny_tokenizer, name):
