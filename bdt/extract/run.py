@@ -62,10 +62,14 @@ def _token_geometry(tokenizer: str) -> dict[str, int]:
 
 def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[int]]], dict, str]:
     """(units, stage buckets, tokenizer identity, fingerprint); writes plan.json + config.yaml."""
-    from bdt.tokenizer.io import tokenizer_identity
+    import torch
+
+    from bdt.tokenizer.io import check_tokenizer, tokenizer_identity
 
     validate(cfg)
     geometry = _token_geometry(cfg.tokenizer)
+    # Weights that do not fit the config would fail every actor's start, after Ray started.
+    check_tokenizer(cfg.tokenizer, getattr(torch, encode_dtype(cfg)))
     stages = resolve_stages(cfg, geometry["downsample_factor"])
     units = inp.list_units(cfg.inputs, cfg.input_format, cfg.folder_shard_size, list(cfg.image_extensions))
     inp.refuse_output_inside(units, cfg.output)

@@ -61,6 +61,14 @@ def load_tokenizer(path: str, config: TokenizerConfig | Mapping[str, Any] | str 
     return model.to(device=device, dtype=dtype).eval()
 
 
+def check_tokenizer(path: str, dtype: torch.dtype = torch.float32) -> None:
+    """load_tokenizer's checks of the config against the weights, without making the model:
+    for a driver that only hands the path on to workers (the extraction job, before Ray)."""
+    weights_url, config_url = resolve_files(path, need_config=True)
+    with torch.device("meta"):
+        model = BinaryAutoencoder(_read_config(config_url))
+    check_state_dict(model, read_state_dict(weights_url), source=weights_url, dtype=dtype)
+
 def tokenizer_identity(path: str) -> dict[str, Any]:
     """The tokenizer's config and a sha256 per file of its directory (weights included): what an
     extraction manifest records and training checks its shards against. bdt's temp files (a

@@ -97,6 +97,17 @@ def test_a_release_layout_tokenizer_works_and_its_weights_file_is_refused(tmp_pa
     assert json.load(open(tmp_path / "out" / "plan.json"))["units"][0]["source"] == str(tmp_path / "in.tar")
 
 
+def test_a_tokenizer_whose_weights_do_not_fit_its_config_is_refused_before_ray(tmp_path, tiny_tokenizer):
+    """Only config.json was read before Ray started: every actor then failed to start and each
+    unit was reported failed, 'rerun to retry', exit 1."""
+    tokenizer = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer, tokenizer)
+    config = json.loads((tokenizer / "config.json").read_text())
+    (tokenizer / "config.json").write_text(json.dumps(dict(config, z_channels=32)))
+    with pytest.raises(ValueError, match=r"model.safetensors does not fit the tokenizer .*z_channels=32"):
+        plan(_cfg(tmp_path, str(tokenizer)))
+    assert not os.path.exists(tmp_path / "out")
+
 @pytest.mark.parametrize("key,value,shown", [
     ("output", "tokens/out", "tokens/out"), ("inputs", "/data/a.tar,raw/in-{0..2}.tar", "raw/in-0.tar"),
 ])
