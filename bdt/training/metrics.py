@@ -32,13 +32,17 @@ class MetricsLogger:
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, jsonl_name)
         # A torn last line (a kill mid-write) goes in any case: the next record would join it.
-        cut_records_after(path, math.inf if keep_through_step is None else keep_through_step)
+        kept = cut_records_after(path, math.inf if keep_through_step is None else keep_through_step)
         self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = None if keep_through_step is None else keep_through_step + 1
+            # Purged from the resume step itself (a partial window logged there is cut from the
+            # JSONL), then its kept records written again: TensorBoard shows what the JSONL does.
+            purge = None if keep_through_step is None else max(keep_through_step, 0)
             self._tb = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"), purge_step=purge)
+            if keep_through_step is not None:
+                _write_again(self._tb, kept, keep_through_step)
 
     def log(self, step: int, values: dict[str, Any], prefix: str = "") -> None:
         """Scalars to all sinks; keys containing '/' (per-bit, per-group series) skip the log."""
@@ -63,24 +67,26 @@ class MetricsLogger:
             self._tb = None
 
 
-def cut_records_after(path: str, last_step: float) -> None:
+def cut_records_after(path: str, last_step: float) -> list:
     """Keep the records of `path` logged for steps <= last_step (but a partial window's at
     last_step, which the resumed run logs whole), atomically (a kill leaves the old file or the
-    new one). A torn last line (a kill mid-write) goes; lines without a
+    new one); returns them parsed. A torn last line (a kill mid-write) goes; lines without a
     numeric step stay: they are not on the step axis, so nothing says they are replaced."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        return
+        return []
     lines = data.split(b"\n")
     torn = lines.pop()  # b"" when the file ends with a newline
     if torn and _parsed(torn) is not _UNPARSABLE:
         lines.append(torn)  # whole after all: only its newline was lost
-    kept = [line for line in lines if _kept(_parsed(line), last_step)]
-    out = b"".join(line + b"\n" for line in kept)
+    parsed = [(line, _parsed(line)) for line in lines]
+    kept = [(line, rec) for line, rec in parsed if _kept(rec, last_step)]
+    out = b"".join(line + b"\n" for line, _ in kept)
     if out != data:
         storage.write_bytes_atomic(path, out)
+    return [rec for _, rec in kept]
 
 
 _UNPARSABLE = object()
@@ -127,11 +133,25 @@ def drop_torn_line(path: str, chunk: int = 1 << 16) -> None:
                         "stopped mid-record", path, end - keep)
 
 
+def _write_again(tb, records: list, step: int) -> None:
+    """The scalars of the records logged at `step`, to TensorBoard as first logged."""
+    for rec in records:
+        if isinstance(rec, dict) and rec.get("step") == step:
+            when = rec.get("time") if _numeric(rec.get("time")) else None
+            for k, v in rec.items():
+                if k not in ("step", "time") and _numeric(v):
+                    tb.add_scalar(k, v, step, walltime=when)
+
+
 def _kept(rec: Any, last_step: float) -> bool:
     step = rec.get("step") if isinstance(rec, dict) else None
-    numeric = isinstance(step, (int, float)) and not isinstance(step, bool)
     # A window logged partial at a stop goes on in the resumed run, which logs it whole.
-    return not numeric or step < last_step or (step == last_step and "window_partial" not in rec)
+    return not _numeric(step) or step < last_step or \
+        (step == last_step and "window_partial" not in rec)
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _fmt(v: float) -> str:

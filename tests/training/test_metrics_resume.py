@@ -128,3 +128,26 @@ def test_tensorboard_hides_the_replaced_steps(tmp_path):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == \
         [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+def test_tensorboard_drops_a_partial_window_the_jsonl_drops(tmp_path):
+    """Stopped at step 3 inside a log window: the resume cut the partial record at 3 from the
+    JSONL, but TensorBoard (purged from step 4) still showed it, a point the uninterrupted run
+    has not; what the JSONL keeps at step 3 (an evaluation) stays in both."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsLogger(str(tmp_path), enabled=True, keep_through_step=-1)
+    first.log(2, {"loss": 2.0})
+    first.log(3, {"loss": 3.0, "window_partial": 1})
+    first.log(3, {"eval_overall": 0.5})
+    first.close()
+    resumed = MetricsLogger(str(tmp_path), enabled=True, keep_through_step=3)
+    resumed.log(4, {"loss": 4.0})
+    resumed.close()
+    assert [r.get("loss") for r in _read(tmp_path / "metrics.jsonl")] == [2.0, None, 4.0]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(2, 2.0), (4, 4.0)]
+    assert [(e.step, e.value) for e in events.Scalars("eval_overall")] == [(3, 0.5)]
+    assert "window_partial" not in events.Tags()["scalars"] or \
+        [e.step for e in events.Scalars("window_partial")] == []
