@@ -36,15 +36,23 @@ def read_metrics(run_dir: str) -> list[dict]:
     """The records of RUN/metrics.jsonl; a torn last line (a run killed mid-write, or still
     writing) is left out, as the trainer's own reader does; a bad line elsewhere is an error."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    with open(path) as f:
-        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    try:
+        with open(path) as f:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file (not a training run dir?)") from None
     records = []
     for k, (n, line) in enumerate(lines):
         try:
-            records.append(json.loads(line))
-        except ValueError as e:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as e:  # RecursionError: garbage nested past the parser
+            record = e
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
             if k < len(lines) - 1:
-                raise ValueError(f"{path}:{n}: not a JSON record ({e})") from None
+                raise ValueError(f"{path}:{n}: not a JSON record with an integer step "
+                                 f"({str(record)[:80]})") from None
+            continue
+        records.append(record)
     return records
 
 

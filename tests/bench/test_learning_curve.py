@@ -92,6 +92,23 @@ def test_a_torn_last_line_is_left_out_and_a_bad_line_elsewhere_named(tmp_path):
         learning_curve.in_loop_points(run)
 
 
+@pytest.mark.parametrize("line", ["[" * 100_000, "1", '{"step": "ten"}'])
+def test_a_garbled_line_is_named_not_a_traceback(tmp_path, line):
+    """A line the trainer's resume keeps (it cuts only records with a step) that is deep garbage
+    or JSON but no record raised a bare RecursionError or TypeError from inside the reader."""
+    run = write_run(tmp_path / "run", [{"step": 10, "flops_seen": 1e9}])
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write(line + '\n{"step": 20, "flops_seen": 2e9}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
+        learning_curve.final_flops(run)
+
+
+def test_a_missing_metrics_file_is_named(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match=r"run/metrics.jsonl: no such file"):
+        learning_curve.final_flops(str(tmp_path / "run"))
+
+
 @pytest.mark.parametrize("case, named", [
     ("part of the suite in the loop", r"config.yaml: eval.per_category = 2"),
     ("part of the suite at the end", r"eval.json: scores .* not the whole suite"),
