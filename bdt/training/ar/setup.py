@@ -23,7 +23,7 @@ from bdt.model.sequence import SequencePacker, patch_side
 from bdt.training.distributed import DistInfo
 from bdt.training.ar.stage_rows import CaptionMeasure, StageRows
 from bdt.training.ar.config import TrainConfig, stage_p
-from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR
+from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR, export_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,11 @@ def resolve_init_from(cfg: TrainConfig) -> None:
     ValueError / FileNotFoundError when the config contradicts it or it is not an export."""
     if not cfg.init_from:
         return
+    # The run's end replaces its export/: started from it, a run replaced the model it came from.
+    if not storage.is_remote(cfg.init_from) and os.path.realpath(storage.local_path(
+            cfg.init_from)) == os.path.realpath(storage.local_path(export_dir(cfg.run_dir))):
+        raise ValueError(f"init_from={cfg.init_from} is this run's own export, which the run "
+                         f"replaces when it ends: copy it elsewhere and set init_from to the copy")
     backbone, llm = cfg.model.backbone, storage.join(cfg.init_from, LLM_DIR)
     if backbone.path not in ("", llm) or backbone.from_scratch:  # (a resolved config has llm)
         raise ValueError(f"init_from={cfg.init_from} gives the backbone (its {LLM_DIR}/): leave "

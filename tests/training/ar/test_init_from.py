@@ -2,6 +2,7 @@
 architecture, and a config that contradicts it, or a path that is no export, fails at start."""
 
 import os
+import shutil
 
 import pytest
 from omegaconf import OmegaConf
@@ -56,6 +57,15 @@ def test_init_from_refuses_what_is_not_an_export_or_contradicts_it(imported, whe
                                                                    error, says):
     cfg = _config(f"init_from={imported / where}", *overrides)
     with pytest.raises(error, match=says):
+        setup.resolve_init_from(cfg)
+
+
+def test_init_from_refuses_the_runs_own_export(imported, tmp_path):
+    """A run replaces its export/ when it ends: started from it, it replaced its own source."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(imported / "export", run_dir / "export")
+    cfg = _config(f"init_from={run_dir}/export/", f"run_dir={run_dir}")
+    with pytest.raises(ValueError, match=r"init_from=.* is this run's own export"):
         setup.resolve_init_from(cfg)
 
 
