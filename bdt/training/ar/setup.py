@@ -54,7 +54,13 @@ def resolve_init_from(cfg: TrainConfig) -> None:
                "give a run's export/ or the output of `bdt model import-bitdance`"))
     backbone.path = llm
     if not cfg.data.tokenizer:
-        cfg.data.tokenizer = storage.join(cfg.init_from, EXPORT_IMAGE_TOKENIZER_DIR)
+        tokenizer = storage.join(cfg.init_from, EXPORT_IMAGE_TOKENIZER_DIR)
+        if not storage.exists(tokenizer):  # a run without data.tokenizer exports none
+            raise FileNotFoundError(f"init_from={cfg.init_from} has no "
+                                    f"{EXPORT_IMAGE_TOKENIZER_DIR}/ (its run named no "
+                                    f"data.tokenizer): set data.tokenizer to the image "
+                                    f"tokenizer of the token shards")
+        cfg.data.tokenizer = tokenizer
     # The architecture is the export's: its weights have no other shape.
     saved = read_model_config(cfg.init_from)
     for key in ("head", "parallel_num", "pos_max_len"):

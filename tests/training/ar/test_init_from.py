@@ -69,6 +69,18 @@ def test_init_from_refuses_the_runs_own_export(imported, tmp_path):
         setup.resolve_init_from(cfg)
 
 
+def test_init_from_an_export_without_image_tokenizer_asks_for_data_tokenizer(imported, tmp_path):
+    """A run without data.tokenizer exports none: the error names the key to set, not a path
+    the user never gave."""
+    export = tmp_path / "export"
+    shutil.copytree(imported / "export", export, ignore=shutil.ignore_patterns("image_tokenizer"))
+    with pytest.raises(FileNotFoundError, match=r"has no image_tokenizer/ .*set data.tokenizer"):
+        setup.resolve_init_from(_config(f"init_from={export}"))
+    cfg = _config(f"init_from={export}", "data.tokenizer=/elsewhere/tokenizer")
+    setup.resolve_init_from(cfg)
+    assert cfg.data.tokenizer == "/elsewhere/tokenizer"
+
+
 def test_the_readmes_fine_tuning_configs_take_an_export(imported):
     """configs/train/ar_progressive.yaml + configs/cluster/zero_14b.yaml with init_from, as the
     README's command gives them: the export's architecture replaces the files' 14B head."""
