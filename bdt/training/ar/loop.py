@@ -159,6 +159,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                 raise ValueError(f"checkpoint {ckpt.root}/{resume} holds no EMA weights but "
                                  f"ema_decay={cfg.ema_decay}: resume with ema_decay=0")
             ema.load_state_dict(shared["ema"])
+        elif shared and "ema" in shared and dist.is_main:
+            log.warning("checkpoint %s/%s holds EMA weights that ema_decay=0 drops: later "
+                        "checkpoints and the export hold the live weights", ckpt.root, resume)
         stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
         if clock.stage == meta["stage"]:  # the stream resumes (else its stage is over)
             setup.check_stream_state(cfg, clock.stage, sources[clock.stage], meta["stream"], dist)

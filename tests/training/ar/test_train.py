@@ -7,6 +7,7 @@ of restarts so the file stays within its time budget."""
 import glob
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -323,6 +324,20 @@ def test_ema_leaves_training_alone_resumes_and_is_exported(data, ref, tmp_path):
     assert spawn_train(argv(data, chain, "ema_decay=0.9")) == 0
     resumed = export_tensors(str(chain))
     assert all(torch.equal(resumed[k], v) for k, v in averaged.items())
+
+
+def test_a_resume_that_turns_the_ema_off_says_so_and_on_is_refused(data, tmp_path, capfd):
+    """ema_decay x -> 0 drops the average (the export becomes the live weights): logged, not
+    silent; 0 -> x has no average to continue: refused before a step, naming the checkpoint."""
+    run_dir, one = tmp_path / "run", data["shards"][:1]
+    assert spawn_train(argv(data, run_dir, "ema_decay=0.9", steps=[2], shards=one)) == 0
+    capfd.readouterr()
+    assert spawn_train(argv(data, run_dir, "ema_decay=0", steps=[4], shards=one)) == 0
+    assert re.search(r"step_000000002 holds EMA weights that ema_decay=0 drops",
+                     capfd.readouterr().err)
+    assert spawn_train(argv(data, run_dir, "ema_decay=0.9", steps=[6], shards=one)) != 0
+    assert re.search(r"step_000000004 holds no EMA weights but ema_decay=0.9",
+                     capfd.readouterr().err)
 
 
 def test_compiled_blocks_train_exactly_as_eager(data, ref, tmp_path):
