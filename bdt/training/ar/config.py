@@ -198,9 +198,11 @@ def _check_stage_p(cfg: TrainConfig, i: int) -> None:
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     if p > model_p:
+        # init_from's model fixes P (setup.resolve_init_from): model.parallel_num is replaced.
+        fix = (f"init_from={cfg.init_from} is a P = {model_p} model: lower the stage's P"
+               if cfg.init_from else "set model.parallel_num to the largest P of the run")
         raise ValueError(f"{where} = {p} exceeds model.parallel_num = {model_p}: the model has "
-                         f"query tokens for P <= {model_p} only; set model.parallel_num to the "
-                         f"largest P of the run")
+                         f"query tokens for P <= {model_p} only; {fix}")
     if i == len(cfg.stages) - 1 and p != model_p:
         raise ValueError(f"{where} = {p}: the last stage must train model.parallel_num = "
                          f"{model_p}, the P the exported model samples with")

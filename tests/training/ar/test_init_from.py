@@ -81,6 +81,17 @@ def test_init_from_an_export_without_image_tokenizer_asks_for_data_tokenizer(imp
     assert cfg.data.tokenizer == "/elsewhere/tokenizer"
 
 
+def test_a_stage_beyond_the_exports_p_is_refused_without_a_futile_hint(imported):
+    """The export fixes P: the error must not send the user to model.parallel_num, which
+    init_from replaces."""
+    cfg = _config(f"init_from={imported / 'export'}", "model.parallel_num=16",
+                  "stages=[{name: a, shards: x, steps: 2, parallel_num: 16}]")
+    setup.resolve_init_from(cfg)
+    with pytest.raises(ValueError, match=r"parallel_num = 16 exceeds model.parallel_num = 4: .*"
+                                         r"init_from=.* is a P = 4 model: lower the stage's P$"):
+        validate(cfg)
+
+
 def test_the_readmes_fine_tuning_configs_take_an_export(imported):
     """configs/train/ar_progressive.yaml + configs/cluster/zero_14b.yaml with init_from, as the
     README's command gives them: the export's architecture replaces the files' 14B head."""
