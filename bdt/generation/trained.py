@@ -366,7 +366,11 @@ def checkpoint_weights(checkpoint: str) -> dict[str, torch.Tensor]:
     states = os.path.join(checkpoint, *MODEL_STATES.split("/"))
     saved = _load_weights_only(states, "the module weights")
     module = _tensors(saved.get("module") if isinstance(saved, dict) else None, states, "module")
-    return {**module, **_ema_weights(checkpoint)}
+    # The export swaps the fp32 averages into the parameters, in their dtype (bf16 under
+    # deepspeed.precision=bf16): rounded as there, a checkpoint samples what its export would.
+    ema = {k: v.to(module[k].dtype) if k in module else v
+           for k, v in _ema_weights(checkpoint).items()}
+    return {**module, **ema}
 
 
 def _check_sampled_files(checkpoint: str) -> None:

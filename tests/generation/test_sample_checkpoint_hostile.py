@@ -36,6 +36,21 @@ def built(tmp_path_factory):
     return ck
 
 
+def test_the_average_takes_the_dtype_of_the_weights_it_replaces(tmp_path):
+    """A bf16 run's export holds its fp32 EMA rounded into the bf16 parameters: sampling the
+    checkpoint must round it alike, or it draws other images than the export."""
+    root = tmp_path / "ck"
+    shadow = torch.tensor([1.0 + 2 ** -10, 3.0])  # the first is not a bf16 value
+    CheckpointManager(str(root), SOLO).save(
+        1, engines={}, rank_meta={}, shared={"ema": {"shadow": {"w": shadow}}})
+    ck = root / tag_for(1)
+    (ck / "model").mkdir()
+    torch.save({"module": {"w": torch.zeros(2, dtype=torch.bfloat16)}}, ck / MODEL_STATES)
+    _relist(ck)
+    w = checkpoint_weights(str(ck))["w"]
+    assert w.dtype == torch.bfloat16 and torch.equal(w, shadow.to(torch.bfloat16))
+
+
 def _flip(ck, outside):
     data = bytearray((ck / MODEL_STATES).read_bytes())
     data[-30] ^= 0xFF
