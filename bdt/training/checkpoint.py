@@ -147,6 +147,16 @@ class CheckpointManager:
         """(step, tag, complete) for every checkpoint directory under root, oldest first."""
         return list_checkpoints(self.root)
 
+    def check_fresh_start(self) -> None:
+        """Collective, for checkpoint.resume=false: a root holding complete checkpoints is refused.
+        The run would start at step 0 beside them, and its next restart (resume on) would
+        continue from their newest, another run's weights, not from this run's."""
+        latest = broadcast_object(self.latest_complete() if self.dist.is_main else None)
+        if latest is not None:
+            raise ValueError(f"checkpoint.resume=false, but {self.root} holds complete "
+                             f"checkpoints (newest {latest}) that a later resume would continue "
+                             f"from: give a new checkpoint.dir (or run_dir), or remove them")
+
     def latest_complete(self) -> str | None:
         complete = [tag for _, tag, done in self.list_tags() if done]
         return complete[-1] if complete else None

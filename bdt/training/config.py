@@ -16,7 +16,9 @@ class CheckpointConfig:
     dir: str = ""  # local dir or s3://...; "" = <run_dir>/checkpoints
     every: int = 1000  # optimizer steps; 0 = only at the end and on preemption
     keep_last: int = 3  # complete checkpoints kept; 0 = keep them all
-    resume: bool = True  # auto-resume from the newest complete checkpoint that verifies
+    # Auto-resume from the newest complete checkpoint that verifies; false starts at step 0, and
+    # is refused where complete checkpoints are (a later resume would continue from them).
+    resume: bool = True
     staging_dir: str = ""  # local staging for a remote dir ("" = under the system temp dir)
     # The run id (RUN_ID) of another run whose checkpoint dir this run takes over on purpose, to
     # continue or fork from its checkpoints; that run can then no longer save there.

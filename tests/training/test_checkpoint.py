@@ -30,6 +30,19 @@ def _save(mgr, step, value=0.0):
                     shared={"ema": {"w": torch.full((2,), value)}})
 
 
+def test_a_fresh_start_beside_complete_checkpoints_is_refused(tmp_path):
+    """checkpoint.resume=false trained from step 0 beside an earlier run's checkpoints; its next
+    restart resumed their newest: another run's weights, with this run's log cut around them."""
+    mgr = CheckpointManager(str(tmp_path / "ck"), SOLO)
+    mgr.check_fresh_start()  # nothing there
+    os.makedirs(tmp_path / "ck" / tag_for(40))  # an unfinished save is no checkpoint to resume
+    mgr.check_fresh_start()
+    _save(mgr, 60)
+    with pytest.raises(ValueError, match=rf"checkpoint.resume=false, but .*ck holds complete "
+                                         rf"checkpoints \(newest {tag_for(60)}\)"):
+        CheckpointManager(str(tmp_path / "ck"), SOLO).check_fresh_start()
+
+
 def test_marker_newest_complete_and_prune(tmp_path):
     mgr = CheckpointManager(str(tmp_path / "ck"), SOLO, keep_last=2)
     assert mgr.latest_complete() is None

@@ -137,6 +137,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
         model.save_llm_description(os.path.join(cfg.run_dir, BACKBONE_DIR))
     step, saved_step, stage_idx, stream = 0, -1, -1, None
     seen = {"tokens": 0, "images": 0, "flops": 0.0}  # this rank's
+    if not cfg.checkpoint.resume:
+        ckpt.check_fresh_start()
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
     resumed = ckpt.resume({"model": engine}, reshard=reshard.resplit_train_states(
         lambda si: sources[si].urls, lambda si: setup.stream_seed(cfg, si))) \
