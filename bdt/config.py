@@ -291,11 +291,12 @@ def _refuse_renamed(keys: Sequence[str], renamed: Mapping[str, str], source: str
 
 
 def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[str] = (),
-         renamed: Mapping[str, str] | None = None) -> T:
+         renamed: Mapping[str, str] | None = None, unused: Sequence[str] = ()) -> T:
     """Build `schema` (a dataclass type) from its defaults, then each YAML, then overrides.
 
     Returns a typed, read-only omegaconf object that behaves like the dataclass. Unknown keys,
-    wrong types and values left missing (`???`) raise ConfigError naming the key and source;
+    wrong types and values left missing (`???`) raise ConfigError naming the key and source,
+    except the keys in `unused` (ones the command never reads: reading one still raises);
     a top-level key in `renamed` (old -> new) names its new name.
     """
     if not is_dataclass(schema):
@@ -313,13 +314,14 @@ def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[st
         cfg = _apply_overrides(cfg, overrides)
     sources = ", ".join(list(yaml_paths) + (["command line"] if overrides else [])) or "defaults"
     with _nesting_checked(sources):
-        return _resolved(cfg, sources)  # type: ignore[return-value]
+        return _resolved(cfg, sources, unused)  # type: ignore[return-value]
 
 
-def _resolved(cfg: DictConfig, sources: str) -> DictConfig:
-    """`cfg` checked for missing values, its interpolations resolved, made read-only."""
+def _resolved(cfg: DictConfig, sources: str, unused: Sequence[str] = ()) -> DictConfig:
+    """`cfg` checked for missing values (but `unused` keys), its interpolations resolved, made
+    read-only."""
     try:  # missing_keys reads every value, so it resolves interpolations too
-        missing = sorted(OmegaConf.missing_keys(cfg))
+        missing = sorted(OmegaConf.missing_keys(cfg) - set(unused))
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc, "interpolation")) from None
     if missing:

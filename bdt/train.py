@@ -15,7 +15,7 @@ import sys
 
 from bdt.config import ConfigError, load
 from bdt.entry import fail, setup_logging, split_launcher_args
-from bdt.training.run_dir import clear_launch_error, record_launch_error
+from bdt.training.run_dir import LaunchRecord
 
 
 def load_config(argv: list[str]):
@@ -57,21 +57,19 @@ def train(cfg, in_loop=in_loop_tasks) -> dict:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from bdt.training.divergence import TrainingDiverged
-    cfg, started = None, False
+    launch = LaunchRecord()
 
     def tasks_once_set_up(cfg, dist):  # the loop asks for them with the model and resume done
-        nonlocal started
-        tasks, started = in_loop_tasks(cfg, dist), True
-        if dist.is_main:
-            clear_launch_error(cfg.run_dir)
+        tasks = in_loop_tasks(cfg, dist)
+        launch.set_up(dist.is_main)
         return tasks
 
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
+        launch.run_dir = cfg.run_dir
         train(cfg, tasks_once_set_up)
     except (ConfigError, ValueError, OSError) as e:
-        if cfg is not None and not started:
-            record_launch_error(cfg.run_dir, e)
+        launch.failed(e)
         fail(str(e))
     except TrainingDiverged as e:  # the message names the step, ranks, values and samples
         fail(str(e), code=1)

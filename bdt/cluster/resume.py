@@ -17,7 +17,7 @@ s3://); this wrapper supplies the restarts around it and says what happened:
     STOPPED so the scheduler requeues the job (cluster/slurm/train.sbatch does). Further
     signals change nothing (--grace bounds the save), except a second SIGINT: it kills the launch;
   - the trainer failed before its first step on an error that describes its configuration or
-    inputs (a missing model, shards of another tokenizer, ...: bdt/train.py leaves it in
+    inputs (a missing model, shards of another tokenizer, ...: both trainers leave it in
     <run_dir>/launch_error.json, since a launcher's exit code cannot say): exit CANNOT_START at
     once, printing it. Network, storage and timeout errors, the run lock of a job still
     stopping, and a remote data source that listed no shards are restarted as crashes are;
@@ -28,9 +28,9 @@ s3://); this wrapper supplies the restarts around it and says what happened:
 The launch gets SIGTERM when this wrapper dies (PR_SET_PDEATHSIG), which makes its ranks save and
 stop, so that a requeued job never meets the old one's ranks.
 The run dir and checkpoint dir come from the training command's own config (`bdt/train.py
---config ... key=value`, read with the trainer's loader), or from --run-dir/--checkpoint-dir when
-the command hides them (e.g. inside `srun bash -c '...'`). Events go to stderr and, for a local
-run dir, to <run_dir>/resume.jsonl.
+--config ... key=value` or `tokenizers/train.py ...`, read with the trainer's loader), or from
+--run-dir/--checkpoint-dir when the command hides them (e.g. inside `srun bash -c '...'`).
+Events go to stderr and, for a local run dir, to <run_dir>/resume.jsonl.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ import time
 from bdt import storage
 from bdt.cluster.hosts import is_this_host, port_holder
 from bdt.cluster.launch_checks import master_endpoint, retry_may_fix
-from bdt.cluster.run_state import (TRAIN_SCRIPT, RunPaths, complete_checkpoints, finished_step,
-                                   newest_step, paths_from_command, read_summary)
+from bdt.cluster.run_state import (TOKENIZER_SCRIPT, TRAIN_SCRIPT, RunPaths,
+                                   complete_checkpoints, finished_step, newest_step,
+                                   paths_from_command, read_summary)
 from bdt.training.metrics import open_line_log
 from bdt.training.run_dir import LAUNCH_ERROR, checkpoint_root
 
@@ -369,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             paths = RunPaths(found.run_dir, args.checkpoint_dir or found.checkpoint_dir,
                              found.config)
         else:
-            raise ValueError(f"the command runs no {TRAIN_SCRIPT} this wrapper can read: pass "
+            raise ValueError(f"the command runs no {TRAIN_SCRIPT} or {TOKENIZER_SCRIPT} this "
+                             f"wrapper can read: pass "
                              f"--run-dir (and --checkpoint-dir unless it is <run_dir>/checkpoints)")
     except (ValueError, OSError) as exc:
         print(f"bdt.cluster.resume: error: {exc}", file=sys.stderr)

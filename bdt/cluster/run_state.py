@@ -7,12 +7,15 @@ import json
 import os
 from dataclasses import dataclass
 
+from omegaconf import OmegaConf
+
 from bdt import storage
 from bdt.config import to_yaml
 from bdt.train import load_config
-from bdt.training.run_dir import CONFIG_NAME, checkpoint_root
+from bdt.training.run_dir import CONFIG_NAME, SUMMARY_NAME, checkpoint_root
 
 TRAIN_SCRIPT = "bdt/train.py"
+TOKENIZER_SCRIPT = "tokenizers/train.py"
 
 
 @dataclass(frozen=True)
@@ -23,18 +26,25 @@ class RunPaths:
 
 
 def paths_from_command(cmd: list[str]) -> RunPaths | None:
-    """run_dir and checkpoint root of a `... bdt/train.py ARGS` / `... -m bdt.train ARGS` command,
-    loaded and validated with the trainer's own config code; None if no such script is in it."""
+    """run_dir and checkpoint root of a `... bdt/train.py ARGS` / `... -m bdt.train ARGS` or
+    `... tokenizers/train.py ARGS` command, loaded and validated with the trainer's own config
+    code; None if no such script is in it."""
     for i, arg in enumerate(cmd):
         if arg.endswith(TRAIN_SCRIPT) or (arg == "bdt.train" and i > 0 and cmd[i - 1] == "-m"):
-            from omegaconf import OmegaConf
-
             from bdt.training.ar.config import validate
 
             cfg = OmegaConf.to_object(load_config(cmd[i + 1:]))
-            validate(cfg)
-            return RunPaths(cfg.run_dir, checkpoint_root(cfg.run_dir, cfg.checkpoint.dir),
-                            to_yaml(cfg) if cfg.checkpoint.resume else "")
+        elif arg.endswith(TOKENIZER_SCRIPT):
+            from bdt.training.tokenizer.config import load_command, validate
+
+            cfg, export_only = load_command(cmd[i + 1:])  # as the trainer has it: omegaconf's
+            if export_only:
+                raise ValueError("--export-only runs once: run it without this wrapper")
+        else:
+            continue
+        validate(cfg)
+        return RunPaths(cfg.run_dir, checkpoint_root(cfg.run_dir, cfg.checkpoint.dir),
+                        to_yaml(cfg) if cfg.checkpoint.resume else "")
     return None
 
 
@@ -62,7 +72,7 @@ def read_summary(run_dir: str, written_after: float = 0.0) -> tuple[dict | None,
     """(the summary.json rank 0 wrote in `run_dir` after `written_after`, ""); (None, what is
     wrong) when there is no such summary or it is not a JSON object (a damaged or foreign file
     must not end the supervision with a traceback)."""
-    path = os.path.join(run_dir, "summary.json")
+    path = os.path.join(run_dir, SUMMARY_NAME)
     missing = f"no fresh {path} (rank 0 runs on another node?)"
     try:
         if storage.is_remote(path) or os.path.getmtime(path) < written_after:

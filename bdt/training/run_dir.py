@@ -17,7 +17,9 @@ trainer.
   <run_dir>/launch_error.json  an error a rank met before its first step (`record_launch_error`):
                             a launcher's exit code cannot say why, and bdt.cluster.resume does not
                             restart a job its configuration or inputs stop
-  <run_dir>/metrics.jsonl, tensorboard/, samples/, eval/, summary.json
+  <run_dir>/summary.json    rank 0's last word: the step it ended at and whether a signal
+                            stopped it or its time limit cut it short (`write_summary`)
+  <run_dir>/metrics.jsonl, tensorboard/, samples/, eval/
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ BACKBONE_DIR = "backbone"
 EXPORT_IMAGE_TOKENIZER_DIR = "image_tokenizer"
 EXPORT_TRAIN_CONFIG_NAME = "train_config.yaml"
 LAUNCH_ERROR = "launch_error.json"
+SUMMARY_NAME = "summary.json"
 RUN_ID_NAME = "RUN_ID"
 
 
@@ -79,3 +82,30 @@ def clear_launch_error(run_dir: str) -> None:
     fs, path = storage.filesystem(storage.join(run_dir, LAUNCH_ERROR))
     with contextlib.suppress(OSError):
         fs.rm(path)
+
+
+class LaunchRecord:
+    """What a trainer's entry point tells bdt.cluster.resume about its launch: an error met before
+    the run was set up goes to <run_dir>/LAUNCH_ERROR (`failed`); once it is set up (`set_up`),
+    rank 0 clears an earlier launch's error."""
+
+    def __init__(self) -> None:
+        self.run_dir, self.started = "", False
+
+    def set_up(self, is_main: bool) -> None:
+        self.started = True
+        if is_main:
+            clear_launch_error(self.run_dir)
+
+    def failed(self, exc: BaseException) -> None:
+        if self.run_dir and not self.started:
+            record_launch_error(self.run_dir, exc)
+
+
+def write_summary(run_dir: str, step: int, stopped: bool, timed_out: bool, **more) -> None:
+    """<run_dir>/SUMMARY_NAME (rank 0, at the very end): `stopped` by a signal (the run goes on
+    when launched again), `timed_out` at its time limit (saved and exported early), or neither:
+    finished at `step`."""
+    summary = {"step": step, "stopped": stopped, "timed_out": timed_out, **more}
+    storage.write_bytes_atomic(storage.join(run_dir, SUMMARY_NAME),
+                               json.dumps(summary, indent=1).encode())

@@ -403,3 +403,35 @@ def test_a_finished_run_relaunched_launches_nothing(tmp_path):
     assert launched.exists()
     relaunch({**finished, "timed_out": True})  # its time limit ended it early
     assert launched.exists()
+
+
+def test_the_tokenizer_trainer_under_the_wrapper(tmp_path):
+    """The wrapper reads a tokenizer command's run dir from its config (it asked for --run-dir),
+    an error the trainer meets before its first step stops it at once (it was restarted like a
+    crash), and the finished run's summary makes a relaunch launch nothing."""
+    from bdt.data.shapes import ShapesConfig
+    from bdt.data.shards import generate
+
+    generate(ShapesConfig(out=str(tmp_path / "data"), num=8, sizes=["32"], per_shard=4,
+                          format="png"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "RUN_ID").write_text("not an id\n")  # the trainer refuses it at set-up
+    cmd = [*WRAPPER, "--backoff", "60", "--", sys.executable, "tokenizers/train.py",
+           f"run_dir={run}", f"data.shards={tmp_path / 'data'}", "steps=2", "model.ch=32",
+           "model.ch_mult=[1,1]", "model.num_res_blocks=1", "model.z_channels=8",
+           "data.size=16", "data.num_workers=0", "deepspeed.micro_batch_size=2",
+           "logging.tensorboard=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == CANNOT_START, out.stderr[-3000:]
+    assert [e["event"] for e in events(run)] == ["launch", "cannot_start"]
+    assert "holds no run id" in events(run)[-1]["error"]["message"]
+    (run / "RUN_ID").unlink()
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == DONE, out.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["stopped"] is False and not summary["timed_out"]
+    assert not (run / LAUNCH_ERROR).exists() and (run / "export" / "config.json").exists()
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == DONE and "already finished at step 2" in out.stderr

@@ -13,7 +13,6 @@ uninterrupted run bitwise (same world size and thread count; environment.md).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -27,7 +26,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bdt import storage
 from bdt.config import save_resolved
 from bdt.training.ar import reshard, setup
 from bdt.training.ar.config import TrainConfig, validate
@@ -46,7 +44,7 @@ from bdt.training.ema import EMA
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
 from bdt.training.model_shapes import (check_model_signature, model_signature,
                                        record_model_signature)
-from bdt.training.run_dir import BACKBONE_DIR, checkpoint_root, export_dir
+from bdt.training.run_dir import BACKBONE_DIR, checkpoint_root, export_dir, write_summary
 from bdt.training.run_lock import hold_run_lock
 from bdt.training.signals import DIVERGED, LOCAL_REASON, STOP_SIGNAL, StopFlag
 
@@ -335,8 +333,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
             with _sampling_weights(ema, engine.module, cfg.compile.enabled):
                 export_model(engine, model, cfg, export_dir(cfg.run_dir), dist)
     if dist.is_main:
-        storage.write_bytes_atomic(os.path.join(cfg.run_dir, "summary.json"),
-                                   json.dumps(summary, indent=1).encode())
+        write_summary(cfg.run_dir, **summary)
     return summary
 
 

@@ -10,10 +10,14 @@ configs/tokenizer/<name>.yaml [key=value]`).
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
+from bdt.config import load
 from bdt.data.raw import RawDataConfig, expand_shards
+from bdt.entry import split_launcher_args
 from bdt.tokenizer.config import TokenizerConfig
 from bdt.tokenizer.lpips import LPIPS
 from bdt.training.config import CheckpointConfig, LoggingConfig, check_run_dir
@@ -64,6 +68,24 @@ class TokenizerTrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=500))
     logging: TokenizerLoggingConfig = field(default_factory=TokenizerLoggingConfig)
+
+
+def load_command(argv: Sequence[str]) -> tuple[TokenizerTrainConfig, bool]:
+    """The config of a `tokenizers/train.py [--config X.yaml ...] [--export-only] [key=value ...]`
+    command line (several --config files merge left to right, overrides last), and whether it
+    asks for the export only, which reads no data: data.shards may stay unset for it."""
+    args, _ = split_launcher_args(argv)
+    parser = argparse.ArgumentParser(prog="tokenizers/train.py",
+                                     description="Train a binary image tokenizer (keys: "
+                                                 "bdt/training/tokenizer/config.py).")
+    parser.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
+    parser.add_argument("--export-only", action="store_true",
+                        help="export the newest checkpoint's EMA weights to <run_dir>/export and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value")
+    ns = parser.parse_intermixed_args(args)  # key=value may come before or after the options
+    cfg = load(TokenizerTrainConfig, ns.config, ns.overrides, renamed=RENAMED_KEYS,
+               unused=["data.shards"] if ns.export_only else ())
+    return cfg, ns.export_only
 
 
 def validate(cfg: TokenizerTrainConfig) -> TokenizerConfig:

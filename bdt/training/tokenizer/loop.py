@@ -14,7 +14,6 @@ pattern engines with gradient hooks handle poorly. Its state goes into the check
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -22,6 +21,7 @@ import logging
 import os
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bdt import storage
-from bdt.config import ConfigError, load, save_resolved
-from bdt.entry import fail, setup_logging, split_launcher_args
+from bdt.config import ConfigError, save_resolved
+from bdt.entry import fail, setup_logging
 from bdt.data.raw import expand_shards, make_loader
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.tokenizer.config import TokenizerConfig
@@ -48,11 +48,11 @@ from bdt.training.integrity import MARKER, CheckpointUnusable, digest_bytes
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
 from bdt.training.model_shapes import (check_model_signature, model_signature,
                                        record_model_signature)
-from bdt.training.run_dir import checkpoint_root, export_dir
+from bdt.training.run_dir import LaunchRecord, checkpoint_root, export_dir, write_summary
 from bdt.training.run_lock import hold_run_lock
 from bdt.training.schedule import ConfigLR, WarmupSchedule
 from bdt.training.signals import DIVERGED, LOCAL_REASON, StopFlag
-from bdt.training.tokenizer.config import RENAMED_KEYS, TokenizerTrainConfig, validate
+from bdt.training.tokenizer.config import TokenizerTrainConfig, load_command, validate
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +155,21 @@ def _quant_metrics(q) -> dict[str, float]:
     return out
 
 
-def train(cfg: TokenizerTrainConfig) -> dict:
-    """Run (or resume) training until cfg.steps; returns the last logged metrics."""
+def train(cfg: TokenizerTrainConfig, on_set_up: Callable[[bool], None] | None = None) -> dict:
+    """Run (or resume) training until cfg.steps; returns the last logged metrics. `on_set_up`
+    (is this rank 0) is called once the model, the resume and the data stream are ready."""
     model_cfg = validate(cfg)
     dist: DistInfo = init_distributed()
     lock = hold_run_lock(cfg.run_dir, dist)  # one job per run_dir: a second one stops here
     try:
-        return _train(cfg, model_cfg, dist)
+        return _train(cfg, model_cfg, dist, on_set_up or (lambda is_main: None))
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo) -> dict:
+def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo,
+           on_set_up: Callable[[bool], None]) -> dict:
     # DeepSpeed cannot load an engine of another ZeRO stage or precision, and the stream's
     # positions index one shard order: a checkpoint of other ones is refused by name.
     ckpt = CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir), dist,
@@ -207,6 +209,7 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
                  f" (resumed from {tag})" if tag else "")
     loader, stream = make_loader(cfg.data, cfg.deepspeed.micro_batch_size, dist.rank,
                                  dist.world_size, stream_state)
+    on_set_up(dist.is_main)
     # Records an earlier run logged past the start step are replaced by this run's.
     logger = MetricsLogger(cfg.run_dir, dist.is_main, cfg.logging.tensorboard,
                            keep_through_step=step if resumed is not None else -1)
@@ -222,7 +225,7 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     accum = cfg.deepspeed.grad_accum
     last: dict = {}
     started = time.monotonic()
-    timed_out = False
+    stopped = timed_out = False
 
     def save() -> None:
         nonlocal saved_step
@@ -300,11 +303,15 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
                 save()
             if stopping:
                 timed_out = stopping == LOCAL_REASON  # collective: the same on every rank
+                stopped = not timed_out
                 if dist.is_main:
                     log.info("%s: saved step %d", "time limit" if timed_out else "stop signal", step)
                 break
-        if dist.is_main and (step >= cfg.steps or timed_out):
-            log.info("exported EMA tokenizer to %s", export(model_cfg, ema.state_dict(), cfg.run_dir))
+        if dist.is_main:
+            if not stopped:  # finished, or cut short by its time limit: export either way
+                log.info("exported EMA tokenizer to %s",
+                         export(model_cfg, ema.state_dict(), cfg.run_dir))
+            write_summary(cfg.run_dir, step, stopped, timed_out, saved_step=saved_step)
     finally:
         logger.close()
         stop.restore()
@@ -361,21 +368,17 @@ def _read_shared(ckpt: CheckpointManager, tag: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, _ = split_launcher_args(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="tokenizers/train.py", description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
-    parser.add_argument("--export-only", action="store_true",
-                        help="export the newest checkpoint's EMA weights to <run_dir>/export and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value")
-    ns = parser.parse_intermixed_args(args)  # key=value may come before or after the options
     setup_logging()
+    launch = LaunchRecord()
     try:
-        cfg = load(TokenizerTrainConfig, ns.config, ns.overrides, renamed=RENAMED_KEYS)
-        if ns.export_only:
+        cfg, export_only = load_command(sys.argv[1:] if argv is None else argv)
+        if export_only:
             print(export_latest(cfg))
         else:
-            train(cfg)
+            launch.run_dir = cfg.run_dir
+            train(cfg, launch.set_up)
     except (ConfigError, ValueError, OSError) as exc:
+        launch.failed(exc)
         fail(str(exc))
     except TrainingDiverged as exc:  # names the step, ranks, values and images
         fail(str(exc), code=1)

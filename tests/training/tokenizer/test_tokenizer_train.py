@@ -5,7 +5,11 @@ import json
 import multiprocessing
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +28,8 @@ from bdt.training.schedule import WarmupSchedule
 from bdt.training.tokenizer.config import TokenizerTrainConfig
 from bdt.training.tokenizer.loop import Discriminator, main, train
 from trainutil import rank_entry, spawn_ranks
+
+REPO = Path(__file__).resolve().parents[3]
 
 TINY = ["model.ch=32", "model.ch_mult=[1,1]", "model.num_res_blocks=1", "model.z_channels=8",
         "data.size=16", "data.num_workers=0", "deepspeed.micro_batch_size=2",
@@ -132,6 +138,32 @@ def test_single_process_trains_and_exports(shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stop_signal_saves_and_says_so_in_the_summary(shards, tmp_path):
+    """SIGTERM: the step is saved, nothing exported, and summary.json says stopped (the resume
+    wrapper tells a stop, which it requeues, from a finished run by it)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "tokenizers/train.py", *TINY, f"run_dir={out}",
+                             f"data.shards={shards}", "steps=100000", "loss.disc_weight=0"],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] is True and not summary["timed_out"]
+    assert summary["saved_step"] == summary["step"] >= 1
+    assert (out / "checkpoints" / tag_for(summary["step"]) / MARKER).exists()
+    assert not (out / "export").exists()
+
+
+@pytest.mark.slow
 def test_schedule_steps_lets_a_stopped_run_resume_on_the_same_lr_curve(shards, tmp_path):
     """steps=2 with schedule_steps=5, resumed to steps=5, is the uninterrupted 5-step run
     (what bench/tokenizer_quality.py does to score a fixed step count); without
@@ -235,7 +267,7 @@ def test_bad_config_is_a_clear_error(shards, tmp_path, capsys):
         main([*disc, "loss.disc_width=100"])
     assert "loss.disc_width = 100: its layer 1 has 200 channels" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # overrides may come after an option (once 'unrecognized')
-        main([f"run_dir={tmp_path}", "--export-only", f"data.shards={shards}"])
+        main([f"run_dir={tmp_path}", "--export-only"])  # the export reads no data.shards
     assert "no usable checkpoint under" in capsys.readouterr().err
     (tmp_path / "export").write_text("x")  # found at start, not after the whole run
     with pytest.raises(SystemExit):
