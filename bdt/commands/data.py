@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read every shard that OUTPUT/index.json lists and compare its size and sha256 "
                     "with the manifest, and rejects.jsonl with its reject count (training checks "
                     "only the sizes and counts, at every start). Exit 0 when all match, 1 naming "
-                    "each file that does not, 2 on an unusable output (a damaged manifest: counts "
+                    "each file that does not (or an extraction that did not finish), 2 on an unusable output (a damaged manifest: counts "
                     "that do not add up, a shard missing from a complete one).")
     verify.add_argument("output", help="extraction output directory or fsspec URL (s3://...)")
     verify.add_argument("--family", action="append", default=[],
@@ -64,5 +64,5 @@ def _verify(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"BAD {problem}")
     print(f"verified {checked} shard(s) of {args.output}: "
-          + (f"{len(problems)} differ from index.json" if problems else "all match index.json"))
+          + (f"{len(problems)} problem(s), named above" if problems else "all match index.json"))
     return 1 if problems else 0

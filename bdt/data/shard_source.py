@@ -79,10 +79,7 @@ def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -
     if storage.exists(index_url):
         manifest = _read_manifest(index_url)
         if manifest.get("complete") is False and not allow_incomplete:
-            failed = sorted((manifest.get("summary") or {}).get("failed_units", {}))
-            raise ValueError(f"{index_url} says the extraction is incomplete (complete: false; failed "
-                             f"input units {failed[:5]}): rerun the extraction to finish it, or set the "
-                             f"stage's allow_incomplete: true to train on its complete shards only")
+            raise ValueError(_incomplete(index_url, manifest))
         stages = manifest.get("stages", {})
         if not family:
             if len(stages) != 1:
@@ -263,9 +260,19 @@ def verify(source: str, families: list[str] | None = None, workers: int = 8,
     with ThreadPoolExecutor(max(1, workers)) as pool:  # hashing and reads release the GIL
         problems = [p for p in pool.map(check, listed) if p is not None]
     totals = stages[families[0] if families else sorted(stages)[0]].get("totals")
-    problem = _check_rejects(storage.join(source, REJECTS_NAME),
-                             totals.get("rejected") if isinstance(totals, dict) else None)
-    return len(listed), problems + [problem] * (problem is not None)
+    problems.append(_check_rejects(storage.join(source, REJECTS_NAME),
+                                   totals.get("rejected") if isinstance(totals, dict) else None))
+    if manifest.get("complete") is False:  # every listed shard may match: still not all there
+        problems.append(_incomplete(index_url, manifest))
+    return len(listed), [p for p in problems if p is not None]
+
+
+def _incomplete(index_url: str, manifest: dict) -> str:
+    failed = (manifest.get("summary") or {}).get("failed_units")
+    names = sorted(failed)[:5] if isinstance(failed, dict) else []
+    return (f"{index_url} says the extraction is incomplete (complete: false; failed input units "
+            f"{names}): rerun the extraction to finish it, or set the stage's allow_incomplete: "
+            f"true to train on its complete shards only")
 
 
 def _check_rejects(url: str, counted: object) -> str | None:

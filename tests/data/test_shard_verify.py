@@ -81,7 +81,7 @@ def test_verify_reads_every_shard_and_names_each_that_differs(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out[:-1]] == [f"BAD {urls[0]}", f"BAD {urls[2]}"]
     assert "sha256" in out[0] and "the manifest lists" in out[0] and "bytes" in out[1]
-    assert out[-1].endswith("2 differ from index.json")
+    assert out[-1].endswith("2 problem(s), named above")
     assert bdt_main(["data", "verify", str(tmp_path), "--family", "nope"]) == 2
     assert "has no family 'nope'" in capsys.readouterr().err
     assert bdt_main(["data", "verify", str(tmp_path / FAMILY)]) == 2
@@ -229,3 +229,17 @@ def test_verify_checks_rejects_jsonl_against_the_counts(tmp_path, capsys):
         assert bdt_main(["data", "verify", str(tmp_path)]) == (1 if problem else 0)
         out = capsys.readouterr().out
         assert (f"BAD {rejects}: {problem}\n" in out) if problem else "all match index.json" in out
+
+
+def test_verify_says_an_unfinished_extraction_is_not_all_there(tmp_path, capsys):
+    """Every listed shard matched, so verify said `all match` and exited 0 on a manifest that says
+    complete: false, which training refuses: now a BAD line and exit 1."""
+    extraction_output(str(tmp_path), str(tmp_path), 2)
+    index = json.loads((tmp_path / "index.json").read_text())
+    (tmp_path / "index.json").write_bytes(json_bytes(dict(
+        index, complete=False, summary={"units": 3, "done_units": 2,
+                                        "failed_units": {"2": "raw-2.tar: unreadable"}})))
+    assert bdt_main(["data", "verify", str(tmp_path)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("BAD ") and "incomplete (complete: false; failed input units ['2'])" \
+        in out[0] and out[-1].endswith("1 problem(s), named above")
