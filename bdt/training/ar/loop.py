@@ -130,6 +130,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
 
     params = {"params": sum(setup.numel(p) for p in model.parameters()),
               **{f"params_local/rank{r}": n for r, n in enumerate(params_local)}}
+    earlier_init = setup.earlier_init_from(cfg.run_dir) if dist.is_main else None
     if dist.is_main:
         save_resolved(cfg, cfg.run_dir)
         model.save_llm_description(os.path.join(cfg.run_dir, BACKBONE_DIR))
@@ -174,6 +175,11 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
         if dist.is_main:
             log.info("resumed from %s/%s (stage %s)", ckpt.root, resume,
                      clock.names[min(clock.stage, len(clock.names) - 1)])
+            if earlier_init is not None and earlier_init != cfg.init_from:
+                log.warning("init_from=%s (the last start had %r) is not loaded: the run resumed "
+                            "from its checkpoint %s, whose weights continue it. To start from "
+                            "init_from, give the run a new run_dir", cfg.init_from or "''",
+                            earlier_init, resume)
     else:
         _seed_all(cfg.seed * 1000 + 1 + dist.rank)  # per-rank noise, flips, caption dropout
     # Opened once the start step is known: what was logged past it is replaced by this run.

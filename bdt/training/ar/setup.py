@@ -23,7 +23,7 @@ from bdt.model.sequence import SequencePacker, patch_side
 from bdt.training.distributed import DistInfo
 from bdt.training.ar.stage_rows import CaptionMeasure, StageRows
 from bdt.training.ar.config import TrainConfig, stage_p
-from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR, export_dir
+from bdt.training.run_dir import CONFIG_NAME, EXPORT_IMAGE_TOKENIZER_DIR, export_dir, read_config
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,16 @@ def resolve_init_from(cfg: TrainConfig) -> None:
             log.info("init_from: model.%s is the export's, %s (the config said %s)", key,
                      getattr(saved, key), getattr(cfg.model, key))
             setattr(cfg.model, key, getattr(saved, key))
+
+
+def earlier_init_from(run_dir: str) -> str | None:
+    """The init_from of the run's last start (its config.yaml), None without a readable one: read
+    before this start writes its own, to say when a resume keeps weights a new init_from meant to
+    replace."""
+    try:
+        return str(read_config(os.path.join(run_dir, CONFIG_NAME)).get("init_from", ""))
+    except (OSError, ValueError):
+        return None
 
 
 def set_threads(threads: int) -> None:

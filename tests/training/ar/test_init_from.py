@@ -116,10 +116,11 @@ def test_a_run_needs_a_backbone_or_an_export():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
-def test_a_run_starts_from_the_exported_weights(imported, tmp_path, zero):
+def test_a_run_starts_from_the_exported_weights(imported, tmp_path, zero, capfd):
     """At lr 0 the run changes nothing, so its export must equal the one it started from: the
     LLM, and the connector and head (a fresh head would not: its adaLN starts at zero). Under
-    ZeRO-3 they are loaded before the model is partitioned."""
+    ZeRO-3 they are loaded before the model is partitioned. A later start of the run with another
+    init_from resumes its checkpoint, and says that init_from is not loaded."""
     export = imported / "export"
     shards = tmp_path / "shards"
     write_shards(str(shards), [(2, 2), (4, 2)], num_shards=2, per_shard=8, bits=16, factor=4,
@@ -137,3 +138,11 @@ def test_a_run_starts_from_the_exported_weights(imported, tmp_path, zero):
         assert all(before[k].equal(after[k]) for k in before), name
     resolved = OmegaConf.load(run_dir / "config.yaml")
     assert resolved.model.head.width == 128 and resolved.init_from == str(export)
+    if zero == 2:
+        other = tmp_path / "other-export"
+        shutil.copytree(export, other)
+        capfd.readouterr()
+        more = [a.replace("steps: 2", "steps: 3") for a in argv] + [f"init_from={other}"]
+        assert spawn_train(more) == 0
+        err = capfd.readouterr().err
+        assert f"init_from={other} (the last start had '{export}') is not loaded" in err
