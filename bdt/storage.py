@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
+    return "://" in url and not url.startswith(("file://", "local://"))  # fsspec's local protocols
 
 
 # `s3:/bucket/x` or `gs:bucket/x`: a URL short of a '/', which fsspec and the OS take for a local
@@ -309,7 +309,7 @@ def _temp_path(path: str) -> str:
 
 
 def local_path(url: str) -> str:
-    """The absolute OS path of a local name or file:// URL, as fsspec reads it: `~` expanded,
+    """The absolute OS path of a local name or file:// (local://) URL, as fsspec reads it: `~` expanded,
     `file:` dropped, `..` left to the OS (through a link, as the kernel resolves it). Writing
     the name as given put `~/x` or `file:/x` in a folder of that name that no read looked in."""
     return LocalFileSystem._strip_protocol(url)

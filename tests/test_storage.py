@@ -152,7 +152,8 @@ def test_a_local_name_with_double_colons_is_that_name(tmp_path):
         storage.filesystem("s3://bucket/exp::2/out")
 
 
-@pytest.mark.parametrize("form", ["~/out/f.bin", "file:{home}/out/f.bin", "file://{home}/out/f.bin"])
+@pytest.mark.parametrize("form", ["~/out/f.bin", "file:{home}/out/f.bin", "file://{home}/out/f.bin",
+                                  "local://{home}/out/f.bin"])
 def test_a_local_write_goes_where_reads_of_the_name_look(tmp_path, monkeypatch, form):
     """fsspec reads `~/x` as $HOME/x and `file:/x` as /x; the atomic writers took the name as
     given and wrote into folders named `~` and `file:` under the working directory, which no

@@ -239,6 +239,7 @@ def test_a_damaged_shape_record_is_written_again_once_resumed(tmp_path, caplog):
                       r"not expand '~' or read file: URLs"),
     ("checkpoint.dir=file:///ck", r"checkpoint.dir 'file:///ck': give the path itself \(/ck\)"),
     ("checkpoint.staging_dir=~/st", r"checkpoint.staging_dir '~/st': give the path itself"),
+    ("checkpoint.dir=local:///ck", r"checkpoint.dir 'local:///ck': give the path itself \(/ck\)"),
     ("model.backbone.path=s3://b/llm", r"model.backbone.path 's3://b/llm' \(init_from's llm/ when "
                                        r"set\) must be a local directory or a hub id"),
     ("data.buffer_size=0", r"data.buffer_size must be in \[1, 1048576\] samples, got 0"),
