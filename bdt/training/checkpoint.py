@@ -147,16 +147,6 @@ class CheckpointManager:
         """(step, tag, complete) for every checkpoint directory under root, oldest first."""
         return list_checkpoints(self.root)
 
-    def check_fresh_start(self) -> None:
-        """Collective, for checkpoint.resume=false: a root holding complete checkpoints is refused.
-        The run would start at step 0 beside them, and its next restart (resume on) would
-        continue from their newest, another run's weights, not from this run's."""
-        latest = broadcast_object(self.latest_complete() if self.dist.is_main else None)
-        if latest is not None:
-            raise ValueError(f"checkpoint.resume=false, but {self.root} holds complete "
-                             f"checkpoints (newest {latest}) that a later resume would continue "
-                             f"from: give a new checkpoint.dir (or run_dir), or remove them")
-
     def latest_complete(self) -> str | None:
         complete = [tag for _, tag, done in self.list_tags() if done]
         return complete[-1] if complete else None
@@ -266,12 +256,22 @@ class CheckpointManager:
 
     # ---- resume ----------------------------------------------------------------------------
     def resume(self, engines: dict[str, Any], load_optimizer: bool = True,
-               reshard: Reshard | None = None) -> Resumed | None:
+               reshard: Reshard | None = None, fresh: bool = False) -> Resumed | None:
         """Collective: load the newest complete checkpoint that passes verification and loads,
         reporting each newer one passed over (rank 0 logs path and reason). None when there
-        is no complete checkpoint; ValueError naming each when none is usable."""
+        is no complete checkpoint; ValueError naming each when none is usable.
+        `fresh` (checkpoint.resume=false) loads nothing and refuses a root holding complete
+        checkpoints: the run would start at step 0 beside them, and its next restart (resume
+        on) would continue from their newest, another run's weights."""
         tags = broadcast_object([t for _, t, done in self.list_tags() if done]
                                 if self.dist.is_main else None)
+        if fresh:
+            if tags:
+                raise ValueError(f"checkpoint.resume=false, but {self.root} holds complete "
+                                 f"checkpoints (newest {tags[-1]}) that a later resume would "
+                                 f"continue from: give a new checkpoint.dir (or run_dir), or "
+                                 f"remove them")
+            return None
         skipped: list[str] = []
         for tag in reversed(tags):
             try:

@@ -34,13 +34,14 @@ def test_a_fresh_start_beside_complete_checkpoints_is_refused(tmp_path):
     """checkpoint.resume=false trained from step 0 beside an earlier run's checkpoints; its next
     restart resumed their newest: another run's weights, with this run's log cut around them."""
     mgr = CheckpointManager(str(tmp_path / "ck"), SOLO)
-    mgr.check_fresh_start()  # nothing there
+    assert mgr.resume(engines={}, fresh=True) is None  # nothing there
     os.makedirs(tmp_path / "ck" / tag_for(40))  # an unfinished save is no checkpoint to resume
-    mgr.check_fresh_start()
+    assert mgr.resume(engines={}, fresh=True) is None
     _save(mgr, 60)
     with pytest.raises(ValueError, match=rf"checkpoint.resume=false, but .*ck holds complete "
                                          rf"checkpoints \(newest {tag_for(60)}\)"):
-        CheckpointManager(str(tmp_path / "ck"), SOLO).check_fresh_start()
+        CheckpointManager(str(tmp_path / "ck"), SOLO).resume(engines={}, fresh=True)
+    assert CheckpointManager(str(tmp_path / "ck"), SOLO).resume(engines={}).tag == tag_for(60)
 
 
 def test_marker_newest_complete_and_prune(tmp_path):

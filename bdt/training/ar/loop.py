@@ -136,12 +136,10 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
         model.save_llm_description(os.path.join(cfg.run_dir, BACKBONE_DIR))
     step, saved_step, stage_idx, stream = 0, -1, -1, None
     seen = {"tokens": 0, "images": 0, "flops": 0.0}  # this rank's
-    if not cfg.checkpoint.resume:
-        ckpt.check_fresh_start()
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
     resumed = ckpt.resume({"model": engine}, reshard=reshard.resplit_train_states(
-        lambda si: sources[si].urls, lambda si: setup.stream_seed(cfg, si))) \
-        if cfg.checkpoint.resume else None
+        lambda si: sources[si].urls, lambda si: setup.stream_seed(cfg, si)),
+        fresh=not cfg.checkpoint.resume)
     record_model_signature(ckpt.root, signature, dist)  # the checkpoint loaded: the shapes fit
     stream_state, log_window = None, None
     if resumed is not None:

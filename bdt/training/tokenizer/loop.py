@@ -191,10 +191,8 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     signature = model_signature(engine.module, model_cfg.to_dict())
     check_model_signature(ckpt.root, signature, dist)
     step, stream_state, tag = 0, None, None
-    if not cfg.checkpoint.resume:
-        ckpt.check_fresh_start()
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
-    resumed = ckpt.resume({"autoencoder": engine}) if cfg.checkpoint.resume else None
+    resumed = ckpt.resume({"autoencoder": engine}, fresh=not cfg.checkpoint.resume)
     record_model_signature(ckpt.root, signature, dist)  # the checkpoint loaded: the shapes fit
     if resumed is not None:
         tag, meta, shared = resumed.tag, resumed.meta, resumed.shared
