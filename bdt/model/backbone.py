@@ -32,7 +32,7 @@ from bdt.model.text_tokenizer import (
     make_text_tokenizer,
     prompt_ids,
 )
-from bdt.weights import listing
+from bdt.weights import INDEX_SUFFIX, listing, safetensors_files
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -143,6 +143,7 @@ def load_causal_lm(cfg: BackboneConfig, weights: Mapping[str, torch.Tensor] | No
             model = (_causal_lm_with(weights, hf_config, vocab_size, kwargs) if weights is not None
                      else AutoModelForCausalLM.from_config(hf_config, **kwargs))
         else:
+            _check_shard_names(cfg.path)
             # Mismatched shapes are reported, not raised, so that the error can name them.
             model, info = AutoModelForCausalLM.from_pretrained(
                 cfg.path, output_loading_info=True, ignore_mismatched_sizes=True,
@@ -160,6 +161,24 @@ def load_causal_lm(cfg: BackboneConfig, weights: Mapping[str, torch.Tensor] | No
         raise ValueError(f"cannot build the backbone from the config of {cfg.path!r}"
                          f"{_overridden(cfg)}: {type(e).__name__}: {e}") from e
     return model
+
+
+# The weights transformers loads from a model folder: the first of these present, or its index.
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _check_shard_names(path: str) -> None:
+    """ValueError when the index transformers would read names a shard outside the folder
+    (`../x`, an absolute path): it joins them to the folder as they are and loads what they name.
+    A hub id is resolved by huggingface_hub inside its snapshot."""
+    if not os.path.isdir(path):
+        return
+    for name in _HF_WEIGHTS:
+        if os.path.isfile(os.path.join(path, name)):
+            return
+        if os.path.isfile(os.path.join(path, name + INDEX_SUFFIX)):
+            safetensors_files(os.path.join(path, name + INDEX_SUFFIX))  # bdt.weights' rules
+            return
 
 
 def _causal_lm_with(weights: Mapping[str, torch.Tensor], hf_config, vocab_size: int | None,

@@ -225,6 +225,26 @@ def test_tied_output_embedding_may_be_absent(llm_dirs, tmp_path):
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
+@pytest.mark.parametrize("absolute", [False, True])
+def test_shard_index_naming_a_file_outside_the_folder_is_refused(llm_dirs, tmp_path, absolute):
+    """transformers joined the index's shard names to the folder as they are and loaded the
+    weights of whatever file they named, e.g. ../elsewhere/x.safetensors."""
+    folder, elsewhere = tmp_path / "llm", tmp_path / "elsewhere"
+    shutil.copytree(llm_dirs["qwen3"], folder)
+    elsewhere.mkdir()
+    keys = list(load_file(folder / "model.safetensors"))
+    shutil.move(folder / "model.safetensors", elsewhere / "x.safetensors")
+    index = folder / "model.safetensors.index.json"
+    shard = str(elsewhere / "x.safetensors") if absolute else "../elsewhere/x.safetensors"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(keys, shard)}))
+    with pytest.raises(ValueError, match=r"cannot build the backbone .*index\.json: shard "
+                                         r"name\(s\) \[.*x\.safetensors\] refused"):
+        load_causal_lm(BackboneConfig(path=str(folder)))
+    shutil.move(elsewhere / "x.safetensors", folder / "x.safetensors")  # beside its index: loads
+    index.write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(keys, "x.safetensors")}))
+    load_causal_lm(BackboneConfig(path=str(folder)))
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_backbone_from_given_weights_reads_no_pretrained_weights(llm_dirs, tmp_path, arch):
     """Given the resized LM's state dict (a training checkpoint's), the backbone is built from the
