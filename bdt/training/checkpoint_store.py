@@ -10,6 +10,8 @@ import logging
 import os
 import re
 
+from fsspec.implementations.local import LocalFileSystem
+
 from bdt import storage
 from bdt.training import integrity
 from bdt.training.integrity import MARKER
@@ -79,7 +81,12 @@ def download_dir(remote_dir: str, local_dir: str, skip: set[str] = frozenset()) 
 
 def remove_checkpoint_dir(fs, path: str) -> None:
     """Delete a checkpoint directory, its marker first: a kill midway then leaves an incomplete
-    directory (pruned by the next save), never one that reads as complete with files missing."""
+    directory (pruned by the next save), never one that reads as complete with files missing.
+    A symlink (a checkpoint linked in from another root) loses only itself: the marker through it
+    is the other root's, whose own pruning would then delete that checkpoint as incomplete."""
+    if isinstance(fs, LocalFileSystem) and os.path.islink(path):
+        os.unlink(path)
+        return
     if fs.exists(f"{path}/{MARKER}"):
         fs.rm(f"{path}/{MARKER}")
     fs.rm(path, recursive=True)

@@ -168,3 +168,19 @@ def test_a_download_writes_nothing_outside_its_staging_dir(tmp_path):
         fs.rm(f"/hostile-{os.getpid()}", recursive=True)
     assert os.listdir(local) == ["rank_00000.json"]
     assert [p.name for p in tmp_path.rglob("escaped.bin")] == []
+
+
+def test_pruning_a_linked_in_checkpoint_deletes_nothing_of_its_target(built, tmp_path):
+    """A checkpoint symlinked in from another root was pruned through the link: its marker, the
+    other root's, was deleted, and that root's next prune deleted the checkpoint as incomplete."""
+    other = tmp_path / "other"
+    shutil.copytree(built, other)
+    before = sorted(os.listdir(other / OLD))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / OLD).symlink_to(other / OLD)
+    mgr = CheckpointManager(str(mine), SOLO, keep_last=1)
+    assert mgr.resume({}).tag == OLD
+    _save(mgr, 2)
+    assert sorted(os.listdir(mine)) == [NEW]
+    assert sorted(os.listdir(other / OLD)) == before and MARKER in before
