@@ -11,6 +11,7 @@ of one.
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import itertools
 import logging
 import os
@@ -105,6 +106,7 @@ def _init_process_group(use_deepspeed: bool) -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+    server = None if solo or dist.is_initialized() else _loopback_store(rank, world_size)
     if solo and not dist.is_initialized():
         # A world of one needs no rendezvous: an in-process store, no TCP port to pick (a free
         # port picked first was once taken by another process before the bind)
@@ -116,7 +118,34 @@ def _init_process_group(use_deepspeed: bool) -> DistInfo:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     elif not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    del server  # torch's own rank-0 store (multi-tenant, same port) serves from it now
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _loopback_store(rank: int, world_size: int) -> dist.TCPStore | None:
+    """Rank 0's rendezvous store for a job on one machine (MASTER_ADDR a loopback address, as the
+    `deepspeed` launcher sets there), listening on that address only: the store torch makes
+    listens on every interface whatever MASTER_ADDR says, open to any host that reaches the port
+    (the store is unauthenticated; gloo takes its peers' addresses from it). None elsewhere,
+    under torchrun (its agent holds the store), or when the bind fails (torch's then fails)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    try:
+        loopback = ipaddress.ip_address(addr).is_loopback
+    except ValueError:  # a host name
+        return None
+    if (rank != 0 or not loopback or not port.isdigit()
+            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)):
+        return None
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's does
+        sock.bind((addr, int(port)))
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        return None
+    return dist.TCPStore(addr, int(port), world_size, is_master=True, wait_for_workers=False,
+                         multi_tenant=True, master_listen_fd=sock.detach())
 
 
 def watch_launcher(grace_s: float = LAUNCHER_GRACE_S, poll_s: float = 1.0) -> threading.Thread:
