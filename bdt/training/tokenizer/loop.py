@@ -287,6 +287,8 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
                 values.update(lr=step_lr, corrupt=stream.corrupt, **meter.report(dist.world_size))
                 if norm is not None:
                     values["grad_norm"] = float(norm)
+                if step % cfg.logging.every and step != cfg.steps:  # a stop off the schedule:
+                    values["window_partial"] = True  # its resume drops it, as the AR loop's
                 logger.log(step, values)
                 last = values
             if stopping == DIVERGED:
