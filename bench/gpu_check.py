@@ -1,8 +1,11 @@
 """The Python side of scripts/gpu_check.sh: what the machine has, and the check's result file.
 
     python bench/gpu_check.py env --out OUT [--rehearsal]
-        imports every package the check needs and says which are missing (exit 1 if a needed
-        one is, or if there is no CUDA device outside a rehearsal); writes OUT/env.json
+        finds every package the check needs (installed metadata, no import but torch's: cold
+        imports on a fresh machine could outlast the stage's 20 s; a package that is there but
+        broken fails the stage that imports it, in its log) and says which are missing (exit 1
+        if a needed one is, or if there is no CUDA device outside a rehearsal); writes
+        OUT/env.json
     python bench/gpu_check.py report --out OUT --work WORK [--name gpu_check]
         reads the stage table (OUT/stages.tsv), the 1.2B trainer run's metrics, the extraction
         and evaluation outputs; writes bench/results/<name>.json (bench/summary.py's rows)
@@ -11,7 +14,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import statistics
@@ -29,18 +34,29 @@ OPTIONAL = {"triton": "flex on CUDA (torch.compile lowers flex_attention to Trit
             "tensorboard": "not needed here (logging.tensorboard: false)"}
 
 
-def _version(name: str) -> str:
-    module = importlib.import_module(name)
-    return str(getattr(module, "__version__", "present"))
+def _version(name: str, dists: dict[str, list[str]]) -> str | None:
+    """The installed version of module `name` (its distribution's), "present" for a module of no
+    distribution (a submodule, a folder on PYTHONPATH), None when it cannot be found."""
+    try:
+        if importlib.util.find_spec(name) is None:
+            return None
+    except (ImportError, ValueError):  # a parent package missing, or a broken one
+        return None
+    for dist in dists.get(name.split(".")[0], []) if "." not in name else []:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(dist)
+    return "present"
 
 
 def env(out: str, rehearsal: bool) -> int:
     found, missing = {}, {}
+    dists = importlib.metadata.packages_distributions()
     for name in NEEDED + list(OPTIONAL):
-        try:
-            found[name] = _version(name)
-        except Exception as e:  # ImportError, or a broken install raising anything at import
-            missing[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        version = _version(name, dists)
+        if version is None:
+            missing[name] = "not found"
+        else:
+            found[name] = version
     import torch
 
     cuda = torch.cuda.is_available()
