@@ -1,6 +1,6 @@
 # Shell helpers for the GPU scripts (gpu_check.sh, gpu_quality.sh): stages bounded in time whose
 # logs are written into one folder as they run. Source it from the repository root. It defines
-# functions and one array.
+# functions and two arrays.
 #   begin_stages NAME REHEARSAL_SCALE [OUT]
 #                                   sets OUT (the log folder: the argument, else $OUT, both from
 #                                   the caller's directory $CALLER; else NAME/<date> in the
@@ -23,7 +23,9 @@
 #                                   rc, seconds) to OUT/stages.tsv; returns COMMAND's status.
 #                                   SIGINT/TERM/HUP to the script end the running stage as its
 #                                   timeout would (its process group is its own, which a signal
-#                                   to the script's group misses) and skip the stages after it
+#                                   to the script's group misses) and skip the stages after it;
+#                                   so does the script's death by SIGKILL (PARENT_DEATH: setpriv)
+#                                   A rerun into the same OUT first removes the last run's logs.
 #   failed_stages                   the names of the stages that failed, space-separated
 # and REHEARSAL_MODEL: the trainer overrides of a CPU rehearsal's tiny model (hidden 64, 2 layers,
 # a 64-wide head, sdpa, fp32) over configs/cluster/gpu_*.yaml.
@@ -76,7 +78,16 @@ begin_stages() {
   trap 'interrupt TERM' TERM
   trap 'interrupt HUP' HUP
   LIMIT_SCALE=${!scale_var:-$((REHEARSAL ? scale : 1))}
+  # A rerun into the same OUT: the last run's stage logs go, or a stage this run never reaches
+  # would show the old run's log beside this run's table.
+  if [[ -f $OUT/stages.tsv ]]; then
+    cut -f1 "$OUT/stages.tsv" | while read -r old; do rm -f "$OUT/$old.log"; done
+  fi
   : > "$OUT/stages.tsv"
+  # A SIGKILLed script (no trap runs) would leave its stage to run out its limit, holding the GPU:
+  # the stage's timeout gets ABRT when the script dies (setpriv, where util-linux has it).
+  PARENT_DEATH=()
+  if setpriv --pdeathsig ABRT true 2> /dev/null; then PARENT_DEATH=(setpriv --pdeathsig ABRT); fi
 }
 
 stage() {
@@ -86,7 +97,7 @@ stage() {
   if [[ -n $INTERRUPTED ]]; then echo "== $name skipped ($INTERRUPTED)"; return 1; fi
   printf '== [%3ds] %s (limit %ss) -> %s\n' $((SECONDS - START)) "$name" "$limit" "$log"
   # A file, not a pipe to tee: a process that left the stage's group cannot hold the stage open.
-  timeout -k 10 -s ABRT "$limit" "$@" > "$log" 2>&1 < /dev/null &
+  "${PARENT_DEATH[@]}" timeout -k 10 -s ABRT "$limit" "$@" > "$log" 2>&1 < /dev/null &
   STAGE_PID=$!
   tail -n +1 -f -s 0.2 --pid="$STAGE_PID" "$log" &
   tail_pid=$!

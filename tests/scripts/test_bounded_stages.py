@@ -18,7 +18,7 @@ cd "$REPO"
 REHEARSAL=0
 source scripts/bounded_stages.sh
 begin_stages probe 1 "$1" || exit 1
-stage first "$LIMIT" "$PY" -c "$FIRST"
+stage first "$LIMIT" "$PY" -c "$FIRST" || [[ -z ${STOP_AFTER_FIRST:-} ]] || exit 1
 stage after 5 "$PY" -c 'print("after ran")'
 echo "failed: $(failed_stages)"
 [[ -z $(failed_stages) ]]
@@ -130,3 +130,28 @@ def test_stages_dump_no_core(tmp_path):
     out = _finish(proc, [], 30)
     assert proc.returncode == 0, out
     assert "core 0" in (tmp_path / "out" / "first.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_sigkilled_script_ends_its_running_stage(tmp_path):
+    """SIGKILL runs no trap: the stage (in a process group of its own) ran out its limit, holding
+    the GPU, after the script was gone."""
+    proc = _start(tmp_path, 60)
+    pids = _pids(tmp_path, 1)
+    proc.kill()  # the script alone, not its group
+    t0 = time.monotonic()
+    while _alive(pids[0]) and time.monotonic() - t0 < 20:
+        time.sleep(0.1)
+    gone = not _alive(pids[0])
+    _finish(proc, pids, 5)
+    assert gone and time.monotonic() - t0 < 15
+
+
+@pytest.mark.slow
+def test_a_rerun_into_the_same_out_keeps_no_old_stage_log(tmp_path):
+    """A stage the rerun never reached kept the first run's log beside the new table."""
+    proc = _start(tmp_path, 5, first="print('first ran')")
+    assert _finish(proc, [], 30) and (tmp_path / "out" / "after.log").exists()
+    proc = _start(tmp_path, 5, first="raise SystemExit(3)", STOP_AFTER_FIRST="1")
+    _finish(proc, [], 30)
+    assert _stages(tmp_path) == {"first": 3} and not (tmp_path / "out" / "after.log").exists()
