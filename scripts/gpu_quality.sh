@@ -13,6 +13,7 @@
 # whole suite: the curve's points along the run; 0 = off; 1000).
 # Stages, bounded and logged into OUT/<stage>.log as they run (scripts/bounded_stages.sh):
 #   env        the packages and the CUDA device (bench/gpu_check.py env: names what is missing)
+#   tokenizer  the image tokenizer DIR loads (its weights fit its config), before any image
 #   images     bdt data shapes: NUM captioned images, 128 px, seed 0 (as `make demo` makes them)
 #   tokens     the tokenizer's encoder on the GPU writes the 32 and 64 px token shards (the
 #              extraction worker called directly: bench/gpu_data.py) + the demo's tiny LLM, whose
@@ -64,6 +65,10 @@ RUN=$WORK/run
 
 # Each stage needs the one before: the first failure ends the chain (its log says why).
 stage env 20 "${PYF[@]}" bench/gpu_check.py env --out "$OUT" $( ((REHEARSAL)) && echo --rehearsal ) &&
+# The tokenizer's weights against its config (torch only): a folder without them failed at the
+# tokens stage, after the images.
+stage tokenizer 15 "${PYF[@]}" -c "import sys; from bdt.tokenizer.io import check_tokenizer; \
+check_tokenizer(sys.argv[1]); print('image tokenizer', sys.argv[1], 'loads')" "$TOKENIZER" &&
 stage images $((30 + NUM / 500)) "${PYF[@]}" -m bdt.cli data shapes --out "$WORK/raw" --num "$NUM" \
   --per-shard $((NUM / 6)) --size 128 --seed 0 --workers 8 &&
 stage tokens $((60 + NUM / 250)) "${PYF[@]}" bench/gpu_data.py --raw "$WORK/raw" --out "$WORK/data" \
