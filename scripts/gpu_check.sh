@@ -12,8 +12,10 @@
 #   scripts/gpu_check.sh --cpu-rehearsal [OUT]   the same stages at tiny sizes on CPU, the
 #                                         CUDA-only ones skipped (flex and the GPU kernels)
 #
-# Needs only the repo and a Python with torch and bdt's dependencies (no install step: the repo
-# is put on PYTHONPATH; a missing package is named before anything runs). Ray is not needed.
+# Needs only the repo and a Python with torch and bdt's dependencies, or their wheels in ./wheels
+# or $BDT_WHEELS (scripts/offline_wheels.py), installed into the scratch folder (bdt itself is not
+# installed: the repo is put on PYTHONPATH; a missing package is named before anything runs).
+# Ray is not needed.
 # Stages, each bounded by `timeout -k 10 -s ABRT` and logging into OUT/<stage>.log as it runs
 # (scripts/bounded_stages.sh: why ABRT and not TERM):
 #   env         packages, CUDA device (OUT/env.json)
