@@ -156,8 +156,8 @@ class TrainConfig:
     time_limit_fit: float = 0.0
     # A model export whose weights start the run (fine-tuning): an earlier run's export/ or what
     # `bdt model import-bitdance` wrote from a released BitDance model. Its llm/ is the backbone
-    # (leave model.backbone.path empty), its connector and head are loaded (model.head and
-    # model.parallel_num must give their shapes), and data.tokenizer defaults to its
+    # (leave model.backbone.path empty), its connector and head are loaded (its model.head,
+    # parallel_num and pos_max_len replace the config's), and data.tokenizer defaults to its
     # image_tokenizer/. Optimizer state starts fresh; a resume loads its checkpoint as always.
     init_from: str = ""
     fault: FaultConfig = field(default_factory=FaultConfig)
