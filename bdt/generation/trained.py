@@ -207,9 +207,11 @@ def _load_decoder(path: str, model: BitDanceModel, device: str | torch.device) -
     return decoder
 
 
-def _trained_buckets(train_config_path: str) -> list[tuple[int, int]] | None:
+def _trained_buckets(train_config_path: str, relative_ok: bool = False
+                     ) -> list[tuple[int, int]] | None:
     """Union of the buckets in the training stages' extraction manifests; None when any stage's
-    manifest is unreachable (plain shard dirs, moved data): then only the divisibility check."""
+    manifest is unreachable (plain shard dirs, moved data): then only the divisibility check.
+    `relative_ok`: relative shards are read from the working directory (a run's own record)."""
     from bdt.data.shard_source import list_shards
 
     cfg = layout.read_config(train_config_path)
@@ -219,7 +221,7 @@ def _trained_buckets(train_config_path: str) -> list[tuple[int, int]] | None:
         return None  # not a record the trainer wrote: buckets unknown
     found: list[tuple[int, int]] = []
     for stage in stages:
-        if not (storage.is_remote(stage.shards) or os.path.isabs(stage.shards)):
+        if not (relative_ok or storage.is_remote(stage.shards) or os.path.isabs(stage.shards)):
             return None  # relative to a working directory that is not known (older exports)
         try:
             shards = list_shards(stage.shards, stage.get("family", ""),
@@ -280,7 +282,9 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
                                       f"it does not rebuild the checkpoint's model: {e}")) from None
     model.load_extra({k: v for k, v in module.items() if not k.startswith("llm.")}, states)
     decoder = _load_decoder(cfg.data.tokenizer, model, device)
-    return TrainedModel(model.to(device).eval(), decoder, checkpoint, _trained_buckets(cfg_path))
+    # Its record names paths as the run did: relative shards from here, as data.tokenizer above.
+    buckets = _trained_buckets(cfg_path, relative_ok=True)
+    return TrainedModel(model.to(device).eval(), decoder, checkpoint, buckets)
 
 
 def _newest_readable(root: str, tags: list[str]) -> tuple[str, dict[str, torch.Tensor]]:

@@ -237,6 +237,26 @@ def test_the_trained_buckets_do_not_depend_on_the_working_directory(trained_run,
                  "--out", str(tmp_path / "o2")]) == 0  # 32 px was not trained: unknown now
 
 
+def test_a_run_dir_naming_its_shards_relatively_refuses_an_untrained_bucket(trained_run, tmp_path,
+                                                                          capsys, monkeypatch):
+    """A run's config.yaml keeps its shards as the run named them, relative ones too (the demo's
+    data.root): sampled from the run dir before its export, the trained-bucket check was off and
+    any bucket was sampled; its data.tokenizer is read from the working directory, so are they."""
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("export"))
+    record = OmegaConf.load(run / "config.yaml")
+    for stage in record.stages:
+        stage.shards = os.path.relpath(stage.shards, tmp_path)
+    OmegaConf.save(record, run / "config.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--model", "run", "--prompt", "x", "--size", "32", "--steps", "1",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "bucket 32x32 was not trained" in capsys.readouterr().err
+    assert _sample("run", tmp_path / "o", "--prompt", "x") == 0  # the trained one samples
+
+
 @pytest.mark.parametrize("source", ["export", "run_dir"])
 def test_an_image_tokenizer_of_other_bits_is_refused_before_sampling(trained_run, tmp_path, capsys,
                                                                      source):
