@@ -4,6 +4,9 @@ tests/training/ar/test_train_inputs.py)."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
 from bdt.config import load
@@ -69,7 +72,7 @@ def test_tokenizer_discriminator_sizes_are_checked_when_it_is_on(tmp_path):
         _tokenizer(tmp_path, "loss.disc_weight=0.1", "loss.disc_layers=0")
 
 
-def test_tokenizer_trainer_refuses_before_writing_anything(tmp_path, capsys):
+def test_tokenizer_trainer_refuses_before_writing_anything_but_the_record(tmp_path, capsys):
     from bdt.training.tokenizer.loop import main
 
     with pytest.raises(SystemExit) as exit_:
@@ -77,7 +80,9 @@ def test_tokenizer_trainer_refuses_before_writing_anything(tmp_path, capsys):
               f"data.shards={tmp_path / 'none.tar'}"])
     assert exit_.value.code == 2
     assert "error: optim.lr must be a finite number >= 0, got nan" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    # nothing but the record of the refusal, for bdt.cluster.resume (as the AR trainer's)
+    assert os.listdir(tmp_path / "run") == ["launch_error.json"]
+    assert "optim.lr" in json.loads((tmp_path / "run" / "launch_error.json").read_text())["message"]
 
 
 def _extract(*extra):
