@@ -21,6 +21,8 @@ import math
 from collections.abc import Sequence
 from typing import NoReturn
 
+import torch
+
 from bdt.training.distributed import all_gather_object
 
 MAX_KEYS = 8  # sample keys quoted per report
@@ -58,6 +60,14 @@ class StepHealth:
 
     def reset(self) -> None:
         self.problem = None
+
+
+def plain_grad_norm(module: torch.nn.Module) -> float:
+    """The global norm of `module`'s gradients. DeepSpeed reports the norm from its ZeRO/bf16
+    optimizers only; with plain fp32 gradients (ZeRO-0) a trainer reads it here, at the
+    accumulation boundary before `engine.step` (the gradients are averaged over ranks then)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def raise_diverged(health: StepHealth, step: int, last_saved: int, hint: str) -> NoReturn:

@@ -39,7 +39,7 @@ from bdt.training.checkpoint import CheckpointManager
 from bdt.training.deepspeed_config import build_ds_config, initialize_engine
 from bdt.training.distributed import (DistInfo, all_gather_int, all_gather_object, all_reduce_sum,
                                       cleanup, init_distributed, patient_barrier)
-from bdt.training.divergence import StepHealth, raise_diverged
+from bdt.training.divergence import StepHealth, plain_grad_norm, raise_diverged
 from bdt.training.ema import EMA
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
 from bdt.training.model_shapes import (check_model_signature, model_signature,
@@ -241,7 +241,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                     engine.backward(losses["total"])
                     if engine.is_gradient_accumulation_boundary():
                         if plain_grads:
-                            window.grad_norm = _grad_norm(engine.module)
+                            window.grad_norm = plain_grad_norm(engine.module)
                         # Before engine.step, which has the clock compute the next step's LR:
                         # a stage that ends with this step hands that LR to the next stage.
                         clock.add_tokens(all_reduce_sum(step_tokens, dist.device))
@@ -339,11 +339,6 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     if dist.is_main:
         write_summary(cfg.run_dir, **summary)
     return summary
-
-
-def _grad_norm(module: torch.nn.Module) -> float:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ from bdt.tokenizer.lpips import LPIPS
 from bdt.training.checkpoint import SHARED_FILE, CheckpointManager
 from bdt.training.deepspeed_config import build_ds_config, initialize_engine, make_schedule
 from bdt.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
-from bdt.training.divergence import StepHealth, TrainingDiverged, raise_diverged
+from bdt.training.divergence import StepHealth, TrainingDiverged, plain_grad_norm, raise_diverged
 from bdt.training.ema import EMA
 from bdt.training.integrity import MARKER, CheckpointUnusable, digest_bytes
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
@@ -221,6 +221,9 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     last_input: dict[str, torch.Tensor] = {}  # conv_out's input in the current forward
     last_layer.register_forward_hook(lambda m, inp, out: last_input.update(x=inp[0]))
     accum = cfg.deepspeed.grad_accum
+    # DeepSpeed reports no grad norm for plain fp32 gradients (ZeRO-0): read off them instead,
+    # or an infinite gradient behind a finite loss is applied and saved (divergence.py).
+    plain_grads = cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"
     last: dict = {}
     started = time.monotonic()
     stopped = timed_out = False
@@ -262,6 +265,8 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
                     loss = loss + cfg.loss.disc_weight * w * g_loss
                     terms.update(g_loss=g_loss.item(), d_weight=float(w))
                 engine.backward(loss)
+                if plain_grads and engine.is_gradient_accumulation_boundary():
+                    plain_norm = plain_grad_norm(engine.module)
                 step_lr = engine.get_lr()[0]  # this step's LR: engine.step moves it on
                 engine.step()
                 if gan_on:
@@ -270,7 +275,7 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
                                     batch["keys"])
             if gan_on:
                 disc.apply(dist.world_size, cfg.optim.grad_clip)
-            norm = engine.get_global_grad_norm()
+            norm = plain_norm if plain_grads else engine.get_global_grad_norm()
             health.check_grad_norm(None if norm is None else float(norm))
             ema.update(engine.module)
             step += 1

@@ -2,6 +2,7 @@
 checkpoint + resume (compared with an uninterrupted run), and a single plain process with export."""
 
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -216,6 +217,43 @@ def test_a_diverging_run_stops_before_saving_the_bad_step(shards, tmp_path):
         == [tag_for(1)]
     assert os.path.exists(os.path.join(out, "checkpoints", tag_for(1), MARKER))
     assert not os.path.exists(os.path.join(out, "export"))
+
+
+@rank_entry
+def _rank_inf_grad_at_step_2(rank, overrides):
+    """One plain process whose step-2 gradient is +inf in one weight, its loss finite."""
+    import bdt.training.tokenizer.loop as loop
+
+    build, backward_calls = loop.initialize_engine, []
+
+    def inf_at_step_2(grad):
+        backward_calls.append(1)
+        return grad + math.inf if len(backward_calls) == 2 else grad
+
+    def with_hook(model, *args):
+        next(model.parameters()).register_hook(inf_at_step_2)
+        return build(model, *args)
+
+    loop.initialize_engine = with_hook
+    _rank.__wrapped__(rank, 1, free_port(), overrides)
+
+
+@pytest.mark.slow
+def test_an_infinite_gradient_behind_a_finite_loss_stops_at_zero_0(shards, tmp_path):
+    # ZeRO-0 fp32 (TINY's): DeepSpeed reports no grad norm there. Unchecked, step 2's update
+    # (inf, clipped to NaN) was applied and saved, step 3's loss was NaN, and the error named
+    # that NaN checkpoint as the newest.
+    out = str(tmp_path / "run")
+    args = TINY + [f"data.shards={shards}", f"run_dir={out}", "steps=4", "checkpoint.every=1",
+                   "loss.disc_weight=0"]
+    with pytest.raises(mp.ProcessRaisedException) as raised:
+        spawn_ranks(_rank_inf_grad_at_step_2, (args,), 1)
+    assert "training diverged at step 2: non-finite values (rank 0: gradient norm inf after a " \
+           "finite loss). Nothing of this step was saved; the newest checkpoint is step 1" \
+           in str(raised.value)
+    assert [d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_")] \
+        == [tag_for(1)]
+    assert 0 < _log(out)[0]["grad_norm"] < math.inf  # logged at ZeRO-0 too
 
 
 @rank_entry
