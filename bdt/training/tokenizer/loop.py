@@ -241,6 +241,7 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
         while step < cfg.steps:
             gan_on = disc is not None and step >= cfg.loss.disc_start
             health.reset()
+            means: dict[str, float] = {}  # the step's loss terms, over its micro-batches
             for micro in range(accum):
                 with Timer() as wait:
                     batch = stream.take(batches)
@@ -271,8 +272,10 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
                 engine.step()
                 if gan_on:
                     terms.update(disc.step(images, recon.detach(), cfg.loss.lecam_weight, 1.0 / accum))
-                health.check_losses({"loss": loss.item(), **terms}, f"micro-batch {micro}",
-                                    batch["keys"])
+                terms = {"loss": loss.item(), **terms}
+                health.check_losses(terms, f"micro-batch {micro}", batch["keys"])
+                for k, v in terms.items():
+                    means[k] = means.get(k, 0.0) + v / accum
             if gan_on:
                 disc.apply(dist.world_size, cfg.optim.grad_clip)
             norm = plain_norm if plain_grads else engine.get_global_grad_norm()
@@ -284,8 +287,8 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
             # One collective for both reasons: every rank stops at the same step.
             stopping = stop.should_stop(dist.device, local=over_time, diverged=health.bad)
             if step % cfg.logging.every == 0 or step == cfg.steps or stopping:
-                with torch.no_grad():
-                    values = {"loss": loss.item(), **terms, **_quant_metrics(q),
+                with torch.no_grad():  # the quantizer's metrics, psnr, ssim: the last micro-batch's
+                    values = {**means, **_quant_metrics(q),
                               "psnr": psnr(recon, images).mean().item(),
                               "ssim": ssim(recon, images).mean().item()}
                 values = all_reduce_mean(values, dist.device)

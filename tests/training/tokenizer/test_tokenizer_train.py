@@ -201,6 +201,22 @@ def test_schedule_steps_lets_a_stopped_run_resume_on_the_same_lr_curve(shards, t
 
 
 @pytest.mark.slow
+def test_accumulating_half_batches_logs_the_full_batchs_curve(shards, tmp_path):
+    """grad_accum=2 over 2 images is the step of 1 over the same 4, up to float drift (losses
+    of per-image means; the quantizer's batch entropy is per micro-batch by nature: left out).
+    The log once showed the last micro-batch's losses only."""
+    base = TINY + [f"data.shards={shards}", "steps=3", "loss.disc_weight=0",
+                   "loss.quantizer_weight=0", "checkpoint.every=0"]
+    runs = {"full": ["deepspeed.micro_batch_size=4"],
+            "halves": ["deepspeed.micro_batch_size=2", "deepspeed.grad_accum=2"]}
+    for name, overrides in runs.items():  # a fresh process per run (DeepSpeed's group state)
+        spawn_ranks(_rank, (1, free_port(), base + [f"run_dir={tmp_path / name}", *overrides]), 1)
+    full, halves = _log(tmp_path / "full"), _log(tmp_path / "halves")
+    for key in ("loss", "rec_loss", "grad_norm"):
+        assert [r[key] for r in halves] == pytest.approx([r[key] for r in full], rel=1e-3), key
+
+
+@pytest.mark.slow
 def test_a_diverging_run_stops_before_saving_the_bad_step(shards, tmp_path):
     # An absurd LR: step 1's update blows the weights up, step 2's loss is not finite.
     out = str(tmp_path / "run")
