@@ -54,9 +54,9 @@ class StepHealth:
             samples = f", samples {', '.join(keys[:MAX_KEYS])}{more}"
         self.problem = f"{where}: {shown}{samples}"
 
-    def check_grad_norm(self, norm: float | None) -> None:
+    def check_grad_norm(self, norm: float | None, what: str = "gradient norm") -> None:
         if not self.bad and norm is not None and not math.isfinite(norm):
-            self.problem = f"gradient norm {norm} after a finite loss"
+            self.problem = f"{what} {norm} after a finite loss"
 
     def reset(self) -> None:
         self.problem = None

@@ -76,17 +76,21 @@ class Discriminator:
         (loss * scale).backward()
         return {"d_loss": loss.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
 
-    def apply(self, world_size: int, clip: float) -> None:
+    def apply(self, world_size: int, clip: float) -> float:
+        """Step on the averaged gradients; returns their norm (before clipping), for the
+        divergence check: the discriminator is in the checkpoint too."""
         if world_size > 1:  # average gradients by hand (no engine here, see the module docstring)
             for p in self.net.parameters():
                 if p.grad is not None:
                     tdist.all_reduce(p.grad)
                     p.grad /= world_size
+        norm = plain_grad_norm(self.net)
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
+        return norm
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "opt": self.opt.state_dict(),
@@ -276,10 +280,11 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
                 health.check_losses(terms, f"micro-batch {micro}", batch["keys"])
                 for k, v in terms.items():
                     means[k] = means.get(k, 0.0) + v / accum
-            if gan_on:
-                disc.apply(dist.world_size, cfg.optim.grad_clip)
             norm = plain_norm if plain_grads else engine.get_global_grad_norm()
             health.check_grad_norm(None if norm is None else float(norm))
+            if gan_on:
+                health.check_grad_norm(disc.apply(dist.world_size, cfg.optim.grad_clip),
+                                       "discriminator gradient norm")
             ema.update(engine.module)
             step += 1
             meter.add_step(images.shape[0] * accum)

@@ -236,36 +236,43 @@ def test_a_diverging_run_stops_before_saving_the_bad_step(shards, tmp_path):
 
 
 @rank_entry
-def _rank_inf_grad_at_step_2(rank, overrides):
-    """One plain process whose step-2 gradient is +inf in one weight, its loss finite."""
+def _rank_inf_grad(rank, overrides, network, at):
+    """One plain process whose `at`-th backward pass through `network` (a class the loop builds)
+    gives one weight of it an infinite gradient, the loss finite."""
     import bdt.training.tokenizer.loop as loop
 
-    build, backward_calls = loop.initialize_engine, []
+    build, backward_calls = getattr(loop, network), []
 
-    def inf_at_step_2(grad):
+    def inf_once(grad):
         backward_calls.append(1)
-        return grad + math.inf if len(backward_calls) == 2 else grad
+        return grad + math.inf if len(backward_calls) == at else grad
 
-    def with_hook(model, *args):
-        next(model.parameters()).register_hook(inf_at_step_2)
-        return build(model, *args)
+    def with_hook(*args):
+        net = build(*args)
+        next(net.parameters()).register_hook(inf_once)
+        return net
 
-    loop.initialize_engine = with_hook
+    setattr(loop, network, with_hook)
     _rank.__wrapped__(rank, 1, free_port(), overrides)
 
 
 @pytest.mark.slow
-def test_an_infinite_gradient_behind_a_finite_loss_stops_at_zero_0(shards, tmp_path):
-    # ZeRO-0 fp32 (TINY's): DeepSpeed reports no grad norm there. Unchecked, step 2's update
-    # (inf, clipped to NaN) was applied and saved, step 3's loss was NaN, and the error named
-    # that NaN checkpoint as the newest.
+@pytest.mark.parametrize("network, at, what, extra", [
+    # ZeRO-0 fp32 (TINY's): DeepSpeed reports no grad norm there.
+    ("BinaryAutoencoder", 2, "gradient norm", ["loss.disc_weight=0"]),
+    # The discriminator (TINY's starts at step 2) is stepped by hand.
+    ("PatchDiscriminator", 1, "discriminator gradient norm", [])])
+def test_an_infinite_gradient_behind_a_finite_loss_stops_the_run(shards, tmp_path, network, at,
+                                                                   what, extra):
+    # Unchecked, step 2's update (inf, clipped to NaN) was applied and saved, step 3's loss was
+    # NaN, and the error named that NaN checkpoint as the newest.
     out = str(tmp_path / "run")
     args = TINY + [f"data.shards={shards}", f"run_dir={out}", "steps=4", "checkpoint.every=1",
-                   "loss.disc_weight=0"]
+                   *extra]
     with pytest.raises(mp.ProcessRaisedException) as raised:
-        spawn_ranks(_rank_inf_grad_at_step_2, (args,), 1)
-    assert "training diverged at step 2: non-finite values (rank 0: gradient norm inf after a " \
-           "finite loss). Nothing of this step was saved; the newest checkpoint is step 1" \
+        spawn_ranks(_rank_inf_grad, (args, network, at), 1)
+    assert f"training diverged at step 2: non-finite values (rank 0: {what} inf after a " \
+           f"finite loss). Nothing of this step was saved; the newest checkpoint is step 1" \
            in str(raised.value)
     assert [d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_")] \
         == [tag_for(1)]
