@@ -70,6 +70,11 @@ class DeepSpeedConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"deepspeed.precision: expected one of {PRECISIONS}, got "
                              f"'{self.precision}'")
+        if self.zero_stage == 0 and self.precision == "bf16":
+            raise ValueError("deepspeed.precision=bf16 needs deepspeed.zero_stage 1-3: DeepSpeed's "
+                             "ZeRO-0 bf16 optimizer steps AdamW once on zero gradients when it is "
+                             "built (weight decay at the base LR, Adam's bias correction a step "
+                             "off); ZeRO-1 keeps the same weights and gradients on each rank")
         if self.grad_accum < 1 or (with_micro_batch and self.micro_batch_size < 1):
             raise ValueError(f"deepspeed: micro_batch_size and grad_accum must be >= 1, got "
                              f"{self.micro_batch_size} and {self.grad_accum}")

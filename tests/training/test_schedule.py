@@ -85,6 +85,16 @@ def test_config_lr_reads_the_lambda_lr_state_of_earlier_checkpoints():
     assert opt2.param_groups[0]["lr"] == 0.5
 
 
+def test_bf16_at_zero_0_is_refused():
+    """DeepSpeed's ZeRO-0 bf16 optimizer stepped AdamW on zero gradients when it was built: the
+    AR trainer's fp32 master weights lost 10% (weight_decay 0.1 at its base LR 1.0) before the
+    first step, and Adam's first update was 0.74 of its size."""
+    with pytest.raises(ValueError, match=r"deepspeed.precision=bf16 needs deepspeed.zero_stage "
+                                         r"1-3: DeepSpeed's ZeRO-0 bf16 optimizer steps AdamW"):
+        build_ds_config(DeepSpeedConfig(zero_stage=0, precision="bf16"), OptimConfig(), 1)
+    assert build_ds_config(DeepSpeedConfig(zero_stage=1, precision="bf16"), OptimConfig(), 1)
+
+
 def test_ds_config_from_typed_config():
     ds = DeepSpeedConfig(zero_stage=2, precision="bf16", micro_batch_size=4, grad_accum=3,
                          extra={"zero_optimization": {"overlap_comm": False}, "foo": 1})
