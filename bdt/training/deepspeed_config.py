@@ -19,6 +19,11 @@ from bdt.training.distributed import disable_deepspeed_shm_op
 from bdt.training.schedule import SCHEDULES, ConfigLR, WarmupSchedule
 
 PRECISIONS = ("fp32", "bf16")
+# DeepSpeed keys a typed field sets: the trainers read the field (their micro-batch loop, input
+# dtypes, the checkpoint's settings), so `extra` must not tell DeepSpeed otherwise.
+OWNED_KEYS = {"bf16": "precision", "fp16": "precision", "amp": "precision",
+              "gradient_accumulation_steps": "grad_accum", "train_batch_size": "grad_accum",
+              "train_micro_batch_size_per_gpu": "micro_batch_size"}
 
 
 @dataclass
@@ -75,6 +80,13 @@ class DeepSpeedConfig:
                              "ZeRO-0 bf16 optimizer steps AdamW once on zero gradients when it is "
                              "built (weight decay at the base LR, Adam's bias correction a step "
                              "off); ZeRO-1 keeps the same weights and gradients on each rank")
+        owned = [(f"extra.{k}", field) for k, field in OWNED_KEYS.items() if k in self.extra]
+        if "stage" in (self.extra.get("zero_optimization") or {}):
+            owned.append(("extra.zero_optimization.stage", "zero_stage"))
+        if owned:
+            key, field_name = owned[0]
+            raise ValueError(f"deepspeed.{key}: set deepspeed.{field_name} instead (the trainers "
+                             f"follow it: their micro-batch loop, dtypes and checkpoint settings)")
         if self.grad_accum < 1 or (with_micro_batch and self.micro_batch_size < 1):
             raise ValueError(f"deepspeed: micro_batch_size and grad_accum must be >= 1, got "
                              f"{self.micro_batch_size} and {self.grad_accum}")

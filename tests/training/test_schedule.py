@@ -95,6 +95,18 @@ def test_bf16_at_zero_0_is_refused():
     assert build_ds_config(DeepSpeedConfig(zero_stage=1, precision="bf16"), OptimConfig(), 1)
 
 
+@pytest.mark.parametrize("extra, key, field", [
+    ({"gradient_accumulation_steps": 4}, "extra.gradient_accumulation_steps", "grad_accum"),
+    ({"bf16": {"enabled": True}}, "extra.bf16", "precision"),
+    ({"fp16": {"enabled": True}}, "extra.fp16", "precision"),
+    ({"zero_optimization": {"stage": 3}}, "extra.zero_optimization.stage", "zero_stage")])
+def test_extra_keys_that_a_typed_field_sets_are_refused(extra, key, field):
+    """They went past the typed checks: extra bf16 trained at ZeRO-0 (refused above) with the
+    checkpoint recording fp32; an extra ZeRO-3 with an EMA crashed in its first update."""
+    with pytest.raises(ValueError, match=rf"deepspeed.{key}: set deepspeed.{field} instead"):
+        build_ds_config(DeepSpeedConfig(extra=extra), OptimConfig(), 1)
+
+
 def test_ds_config_from_typed_config():
     ds = DeepSpeedConfig(zero_stage=2, precision="bf16", micro_batch_size=4, grad_accum=3,
                          extra={"zero_optimization": {"overlap_comm": False}, "foo": 1})
