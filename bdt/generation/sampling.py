@@ -154,7 +154,9 @@ def _decode(model: BitDanceModel, rows: list[list[int]], B: int, h: int, w: int,
     if cfg.use_cache:
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=model.llm.config)
+        # Every layer keeps every key: the explicit masks give sliding-window layers the whole
+        # sample, as in training; the config's cache would drop keys past the window.
+        cache = DynamicCache()
 
     embeds_RLD = model.embed_text(ids_RL)  # the whole sequence so far (uncached mode)
     new_RPD = embeds_RLD

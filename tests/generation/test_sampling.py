@@ -29,9 +29,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_model(llm_dir: str, parallel_num: int, seed: int = 0) -> BitDanceModel:
+def tiny_model(llm_dir: str, parallel_num: int, seed: int = 0,
+               overrides: dict | None = None) -> BitDanceModel:
     torch.manual_seed(seed)
-    cfg = ModelConfig(backbone=BackboneConfig(path=llm_dir),
+    cfg = ModelConfig(backbone=BackboneConfig(path=llm_dir, config_overrides=overrides or {}),
                       head=HeadConfig(width=64, depth=2, num_adaln_sets=1, head_dim=32, bits=8),
                       parallel_num=parallel_num, flip_prob=0.0, caption_dropout=0.0,
                       attn_backend="sdpa")
@@ -57,6 +58,25 @@ def test_kv_cache_equals_full_recomputation(llm_dir, parallel_num):
     reseeded = generate(model, prompts, 4, 8, SamplingConfig(**{**kw, "seed": 6}))
     assert not torch.equal(reseeded, cached)
     assert torch.equal(generate(model, prompts, 4, 8, SamplingConfig(**kw)), cached)
+
+
+def test_kv_cache_of_a_sliding_window_backbone_keeps_every_key(tmp_path):
+    """Training's block-causal mask spans the whole sample in every layer (HF's window applies
+    only to the masks it builds itself); a cache built from the config kept only the last
+    window-1 keys of sliding layers, and decoding past them failed on the mask's size."""
+    llm_dir = make_tiny_llm(str(tmp_path), CAPTIONS, arch="qwen2", hidden=64, layers=2, heads=4,
+                            kv_heads=2, intermediate=128)
+    window = {"use_sliding_window": True, "sliding_window": 4,
+              "layer_types": ["sliding_attention", "full_attention"]}
+    model = tiny_model(llm_dir, 4, overrides=window)
+    assert model.llm.config.layer_types[0] == "sliding_attention"
+    with torch.no_grad():
+        for p in [*model.head.parameters(), *model.connector.parameters()]:
+            p.normal_(0.0, 0.3)
+    kw = dict(cfg_scale=3.0, num_steps=2, seed=5)
+    cached = generate(model, [CAPTIONS[1]], 4, 8, SamplingConfig(use_cache=True, **kw))
+    assert torch.equal(cached, generate(model, [CAPTIONS[1]], 4, 8,
+                                        SamplingConfig(use_cache=False, **kw)))
 
 
 @pytest.mark.parametrize("parallel_num", [1, 4])
