@@ -116,6 +116,12 @@ def llm_config(cfg: BackboneConfig):
     if small:
         raise ValueError(f"backbone config {where!r}{_overridden(cfg)} is invalid: "
                          f"{', '.join(small)}; sizes must be >= 1")
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:  # flex/varlen/flash dropped it silently; sdpa fails when sampling
+        raise ValueError(f"backbone config {where!r}: attn_logit_softcapping={softcap} (Gemma 2): "
+                         f"no bdt attention backend caps attention logits; set "
+                         f"model.backbone.config_overrides.attn_logit_softcapping=null to "
+                         f"train without the cap")
     return config
 
 

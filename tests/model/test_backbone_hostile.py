@@ -76,6 +76,23 @@ def test_config_overrides_the_model_cannot_be_built_with_are_named(llm_dir):
                                          r"IndexError"):
         load_backbone(cfg, parallel_num=4)
 
+def test_attention_logit_softcapping_is_refused_before_the_weights(llm_dir, tmp_path):
+    """Gemma 2 caps attention logits: the flex, varlen and flash kernels trained without the cap
+    and said nothing, and sampling's prefill failed inside sdpa."""
+    from transformers import AutoTokenizer, Gemma2Config
+
+    folder = str(tmp_path / "gemma2")
+    AutoTokenizer.from_pretrained(llm_dir).save_pretrained(folder)
+    Gemma2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=8).save_pretrained(folder)
+    cfg = BackboneConfig(path=folder, from_scratch=True, attn_implementation="eager")
+    with pytest.raises(ValueError, match=r"gemma2/config\.json'?: attn_logit_softcapping=50\.0 "
+                                         r".*config_overrides\.attn_logit_softcapping=null"):
+        load_backbone(cfg, parallel_num=4)
+    cfg.config_overrides = {"attn_logit_softcapping": None}
+    assert load_backbone(cfg, parallel_num=4).model.config.attn_logit_softcapping is None
+
+
 def test_tokenizer_larger_than_the_embedding_is_refused(llm_dir, tmp_path):
     folder = _copy(llm_dir, tmp_path)
     rows = 100  # weights and config agree with each other, not with the tokenizer
