@@ -40,7 +40,9 @@ class FlopModel:
         d, layers = c.hidden_size, c.num_hidden_layers
         heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         hd = getattr(c, "head_dim", None) or d // heads
-        per_layer = d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * c.intermediate_size
+        # GPT-2 and Falcon configs name no intermediate_size: their MLP is 4 x hidden wide.
+        inter = getattr(c, "intermediate_size", None) or 4 * d
+        per_layer = d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * inter
         return cls(dense_per_token=2.0 * layers * per_layer, attn_coef=4.0 * layers * heads * hd,
                    lm_head_per_text=2.0 * d * c.vocab_size,
                    head_per_image=2.0 * (head_params * head_repeat + connector_params))

@@ -50,3 +50,15 @@ def test_for_model_counts_head_repeats_and_connector():
     assert fm.head_per_image == pytest.approx(2 * counted.get_total_flops() / 12 + 2 * connector,
                                               rel=0.01)
     assert fm.dense_per_token == FlopModel.from_model(llm.config, 0, 1).dense_per_token
+
+
+def test_configs_without_intermediate_size_count_a_4x_mlp():
+    """GPT-2 and Falcon configs name no intermediate_size: the trainer failed at start
+    with an AttributeError traceback from this MFU estimate."""
+    from transformers import GPT2Config, LlamaConfig
+
+    gpt2 = GPT2Config(vocab_size=100, n_embd=32, n_layer=3, n_head=4)
+    llama = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=4)
+    assert (FlopModel.from_model(gpt2, 0, 1).dense_per_token
+            == FlopModel.from_model(llama, 0, 1).dense_per_token)
