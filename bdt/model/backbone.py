@@ -122,7 +122,27 @@ def llm_config(cfg: BackboneConfig):
                          f"no bdt attention backend caps attention logits; set "
                          f"model.backbone.config_overrides.attn_logit_softcapping=null to "
                          f"train without the cap")
+    _refuse_stateful_layers(config, where)
     return config
+
+
+# Layer types bdt's masks govern (the window or chunk is not applied: the mask spans the sample).
+_ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def _refuse_stateful_layers(config, where: str) -> None:
+    """ValueError for a backbone with layers other than attention (Mamba, Jamba, LFM2,
+    Qwen3-Next): a recurrent or convolution layer carries state from one sample of a packed row
+    into the next and sees no patch whole, and no mask can stop it."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types = get_layer_types_and_kwargs(config)[0]
+    other = sorted({t for t in types if t not in _ATTENTION_LAYERS})
+    if other:
+        layers = [str(i) for i, t in enumerate(types) if t not in _ATTENTION_LAYERS]
+        raise ValueError(f"backbone config {where!r}: {type(config).__name__} has {other} "
+                         f"layers ({listing(layers)}): bdt's block-causal masks govern "
+                         f"attention layers only; use a backbone whose layers are all attention")
 
 
 _SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",

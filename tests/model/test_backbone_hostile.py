@@ -93,6 +93,25 @@ def test_attention_logit_softcapping_is_refused_before_the_weights(llm_dir, tmp_
     assert load_backbone(cfg, parallel_num=4).model.config.attn_logit_softcapping is None
 
 
+@pytest.mark.parametrize("config_class, extra, named", [
+    ("Lfm2Config", {"layer_types": ["conv", "full_attention"]}, r"\['conv'\]"),
+    ("JambaConfig", {"attn_layer_period": 2, "attn_layer_offset": 1, "num_experts": 1},
+     r"\['linear_attention'\]"),
+])
+def test_layers_other_than_attention_are_refused(llm_dir, tmp_path, config_class, extra, named):
+    """A convolution or state-space layer carries state from one packed sample into the next
+    (and sees no patch whole): such backbones trained on leaking rows, without an error."""
+    import transformers
+
+    folder = _copy(llm_dir, tmp_path)
+    getattr(transformers, config_class)(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, **extra).save_pretrained(folder)
+    with pytest.raises(ValueError, match=rf"config\.json'?: {config_class} has {named} layers "
+                                         rf"\(\[0\]\): .*attention layers only"):
+        load_backbone(BackboneConfig(path=folder, from_scratch=True), parallel_num=4)
+
+
 def test_tokenizer_larger_than_the_embedding_is_refused(llm_dir, tmp_path):
     folder = _copy(llm_dir, tmp_path)
     rows = 100  # weights and config agree with each other, not with the tokenizer
