@@ -13,6 +13,11 @@
 # Re-running resumes: a step whose output is complete is skipped, and the tokenizer and AR
 # trainers continue from their newest complete checkpoint. `rm -rf demo` starts over.
 #
+# Time: the demo has 30 minutes from DEMO_STARTED (epoch seconds; `make demo` passes its own
+# start, so the install counts; default: this script's start). AR training gets what the steps
+# before it left, less a 2-minute reserve for its start-up and export, the samples and the
+# evaluation (its time_limit_min; the tokenizer's is 7 minutes, configs/tokenizer/demo.yaml).
+#
 # Knobs (environment): DEMO_DIR, DEMO_NUM (images, 6000), DEMO_EVAL_PER_CATEGORY (0 = all 40),
 # DEMO_SAMPLE_STEPS (head sampler steps, 12), DEMO_CFG (guidance, 2.0), and extra key=value
 # overrides for the trainers: DEMO_TOKENIZER_ARGS (e.g. "steps=20"), DEMO_TRAIN_ARGS (e.g.
@@ -69,6 +74,8 @@ read -r -a TOKENIZER_ARGS <<< "${DEMO_TOKENIZER_ARGS:-}"
 read -r -a TRAIN_ARGS <<< "${DEMO_TRAIN_ARGS:-}"
 mkdir -p "$D"
 START=$SECONDS
+DEADLINE=$((${DEMO_STARTED:-$(date +%s)} + 30 * 60))
+RESERVE_S=120  # AR start-up and export, samples, eval: ~50 s on a loaded 2-core machine
 
 log() { printf '\n== demo [%dm%02ds] %s\n' $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)) "$*"; }
 source scripts/local_ray.sh  # free_port, start_ray_head / stop_ray (the rehearsal uses them too)
@@ -148,10 +155,13 @@ fi
 if [[ -f $D/run/export/model_config.yaml ]]; then
   log "5/7 training: $D/run/export is complete, skipping"
 else
-  log "5/7 training: ${TRAIN_CONFIGS[*]}, stages 32 -> 64 px, on $RANKS ranks -> $D/run"
+  # At least 2 minutes, however late: a model to sample and evaluate.
+  AR_MIN=$(python -c 'import sys, time; print(round(max(2.0, (int(sys.argv[1]) - time.time()) / 60), 2))' \
+    $((DEADLINE - RESERVE_S)))
+  log "5/7 training: ${TRAIN_CONFIGS[*]}, stages 32 -> 64 px, on $RANKS ranks, $AR_MIN min -> $D/run"
   run_to_end deepspeed --num_gpus "$RANKS" --master_port "$(free_port)" bdt/train.py "${TRAIN_CONFIGS[@]}" \
     run_dir="$D/run" model.backbone.path="$D/llm" data.tokenizer="$D/tokenizer/export" \
-    data.root="$D/tokens" "${TRAIN_ARGS[@]}"
+    data.root="$D/tokens" "time_limit_min=$AR_MIN" "${TRAIN_ARGS[@]}"
 fi
 
 # --- 6. samples ---------------------------------------------------------------------------------

@@ -122,3 +122,23 @@ def test_a_demo_killed_during_extraction_leaves_no_ray_head(tmp_path):
         for p in head:
             with contextlib.suppress(psutil.Error):
                 p.kill()
+
+
+def test_ar_training_gets_what_is_left_of_the_demos_30_minutes(tmp_path):
+    """The AR trainer's fixed 19-minute cap took the demo past 30 minutes with the install on a
+    loaded machine (its tokenizer capped at 7): it now gets the time the steps before it left,
+    counted from `make demo`'s start, less a 2-minute reserve for what follows it."""
+    fake_repo(tmp_path / "repo")
+    demo = tmp_path / "demo"
+    for name, text in BEFORE_TRAINING.items():
+        os.makedirs(os.path.dirname(demo / name), exist_ok=True)
+        (demo / name).write_text(text)
+    runner = tmp_path / "repo" / ".venv" / "bin" / "deepspeed"  # records its arguments, exits 0
+    runner.write_text(f"#!{sys.executable}\nimport os, sys\n"
+                      "open(os.environ['DEMO_DIR'] + '/args', 'w').write('\\n'.join(sys.argv))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
+    env.update(DEMO_DIR=str(demo), DEMO_DEVICE="cpu", DEMO_STARTED=str(int(time.time()) - 20 * 60))
+    subprocess.run(["bash", str(tmp_path / "repo" / "scripts" / "demo.sh")], env=env,
+                   capture_output=True, timeout=60)  # fails after training: no `bdt` here
+    limits = [a for a in (demo / "args").read_text().split("\n") if a.startswith("time_limit_min=")]
+    assert len(limits) == 1 and 7.8 <= float(limits[0].split("=")[1]) <= 8.0
