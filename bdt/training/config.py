@@ -63,9 +63,10 @@ def check_run_dir(run_dir: str) -> None:
 
 
 def check_plain_local(key: str, path: str) -> None:
-    """ValueError for a `~/x`, `file:` or `local://` name of a trainer's directory: the trainers
-    use those through the OS too, which reads a folder named `~` or `file:` where storage reads
-    $HOME/x or /x, so a run's files went to two places."""
-    if path.startswith(("~", "file:", "local://")):
+    """ValueError for a `~/x`, `file:` or `local:` name of a trainer's directory (any number of
+    slashes: fsspec drops them all): the trainers use those through the OS too, which reads a
+    folder named `~` or `file:` where storage reads $HOME/x or /x, so a run's files went to two
+    places."""
+    if path.startswith(("~", "file:", "local:")):
         raise ValueError(f"{key} {path!r}: give the path itself ({local_path(path)}); the "
-                         f"trainers do not expand '~' or read file: URLs")
+                         f"trainers do not expand '~' or read file: or local: URLs")

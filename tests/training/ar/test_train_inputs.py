@@ -236,10 +236,13 @@ def test_a_damaged_shape_record_is_written_again_once_resumed(tmp_path, caplog):
     # the OS took them for folders named '~' and 'file:', storage for $HOME/run and /ck: a run
     # wrote its lock to one and read its RUN_ID from the other
     ("run_dir=~/run", r"run_dir '~/run': give the path itself \(/.*/run\); the trainers do "
-                      r"not expand '~' or read file: URLs"),
+                      r"not expand '~' or read file: or local: URLs"),
     ("checkpoint.dir=file:///ck", r"checkpoint.dir 'file:///ck': give the path itself \(/ck\)"),
     ("checkpoint.staging_dir=~/st", r"checkpoint.staging_dir '~/st': give the path itself"),
     ("checkpoint.dir=local:///ck", r"checkpoint.dir 'local:///ck': give the path itself \(/ck\)"),
+    # one slash short: storage read /run, the OS a folder 'local:' (check_not_short_url lets
+    # local: and file: through)
+    ("run_dir=local:/run", r"run_dir 'local:/run': give the path itself \(/run\)"),
     ("model.backbone.path=s3://b/llm", r"model.backbone.path 's3://b/llm' \(init_from's llm/ when "
                                        r"set\) must be a local directory or a hub id"),
     ("data.buffer_size=0", r"data.buffer_size must be in \[1, 1048576\] samples, got 0"),
