@@ -36,9 +36,11 @@ OPTIONAL = {"triton": "flex on CUDA (torch.compile lowers flex_attention to Trit
 
 def _version(name: str, dists: dict[str, list[str]]) -> str | None:
     """The installed version of module `name` (its distribution's), "present" for a module of no
-    distribution (a submodule, a folder on PYTHONPATH), None when it cannot be found."""
+    distribution (a submodule, a folder on PYTHONPATH), None when it cannot be found. A folder
+    without __init__.py is no package: the repo's tokenizers/ stood in for a missing one."""
     try:
-        if importlib.util.find_spec(name) is None:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:  # not there, or only a namespace of folders
             return None
     except (ImportError, ValueError):  # a parent package missing, or a broken one
         return None

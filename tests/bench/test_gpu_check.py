@@ -65,3 +65,13 @@ def test_env_stage_imports_nothing_but_torch(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert json.loads((tmp_path / "env.json").read_text())["found"]["deepspeed"][0].isdigit()
+
+
+def test_env_stage_takes_no_plain_folder_for_a_package(tmp_path, monkeypatch, capsys):
+    """The stage runs with the repo on PYTHONPATH: its tokenizers/ folder (no __init__.py), a
+    namespace package to Python, counted as the `tokenizers` package where that was missing."""
+    (tmp_path / "no_such_package_bdt").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(gpu_check, "NEEDED", gpu_check.NEEDED + ["no_such_package_bdt"])
+    assert gpu_check.env(str(tmp_path), rehearsal=True) == 1
+    assert "missing packages: no_such_package_bdt" in capsys.readouterr().out
