@@ -126,20 +126,25 @@ def llm_config(cfg: BackboneConfig):
     return config
 
 
-# Layer types bdt's masks govern (the window or chunk is not applied: the mask spans the sample).
-_ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
+# Layer types bdt's masks govern (the window or chunk is not applied: the mask spans the sample),
+# MLP- or MoE-only layers (no mixing across tokens), and transformers' "dummy" for those and for
+# a layer reusing another layer's keys and values.
+_MASKED_LAYERS = ("full_attention", "sliding_attention", "chunked_attention", "moe", "mlp", "dummy")
 
 
 def _refuse_stateful_layers(config, where: str) -> None:
     """ValueError for a backbone with layers other than attention (Mamba, Jamba, LFM2,
     Qwen3-Next): a recurrent or convolution layer carries state from one sample of a packed row
     into the next and sees no patch whole, and no mask can stop it."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
+    try:  # transformers' reading of every architecture's layer kinds (not a public API)
+        from transformers.cache_utils import get_layer_types_and_kwargs
 
-    types = get_layer_types_and_kwargs(config)[0]
-    other = sorted({t for t in types if t not in _ATTENTION_LAYERS})
+        types = get_layer_types_and_kwargs(config)[0]
+    except (ImportError, AttributeError, TypeError):
+        types = list(getattr(config, "layer_types", None) or [])
+    other = sorted({t for t in types if t not in _MASKED_LAYERS})
     if other:
-        layers = [str(i) for i, t in enumerate(types) if t not in _ATTENTION_LAYERS]
+        layers = [str(i) for i, t in enumerate(types) if t not in _MASKED_LAYERS]
         raise ValueError(f"backbone config {where!r}: {type(config).__name__} has {other} "
                          f"layers ({listing(layers)}): bdt's block-causal masks govern "
                          f"attention layers only; use a backbone whose layers are all attention")

@@ -112,6 +112,19 @@ def test_layers_other_than_attention_are_refused(llm_dir, tmp_path, config_class
         load_backbone(BackboneConfig(path=folder, from_scratch=True), parallel_num=4)
 
 
+def test_layer_kinds_without_token_mixing_pass_and_a_config_transformers_cannot_read_too():
+    """MLP- and MoE-only layers mix no tokens: refusing them refused benign backbones. Where
+    transformers' (internal) reading of the layer kinds fails, the config's layer_types decide
+    (it raised an AttributeError)."""
+    from types import SimpleNamespace
+
+    from bdt.model.backbone import _refuse_stateful_layers
+
+    _refuse_stateful_layers(SimpleNamespace(layer_types=["full_attention", "moe", "mlp"]), "c")
+    with pytest.raises(ValueError, match=r"has \['mamba'\] layers \(\[1\]\)"):
+        _refuse_stateful_layers(SimpleNamespace(layer_types=["full_attention", "mamba"]), "c")
+
+
 def test_tokenizer_larger_than_the_embedding_is_refused(llm_dir, tmp_path):
     folder = _copy(llm_dir, tmp_path)
     rows = 100  # weights and config agree with each other, not with the tokenizer
