@@ -28,8 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read every shard that OUTPUT/index.json lists and compare its size and sha256 "
                     "with the manifest, and rejects.jsonl with its reject count (training checks "
                     "only the sizes and counts, at every start). Exit 0 when all match, 1 naming "
-                    "each file that does not (or an extraction that did not finish), 2 on an unusable output (a damaged manifest: counts "
-                    "that do not add up, a shard missing from a complete one).")
+                    "each file that does not (or an extraction that did not finish), 2 on an "
+                    "unusable output (a damaged manifest: counts that do not add up, a shard "
+                    "missing from a complete one).")
     verify.add_argument("output", help="extraction output directory or fsspec URL (s3://...)")
     verify.add_argument("--family", action="append", default=[],
                         help="check only this shard family (repeatable; default: all)")
