@@ -119,6 +119,7 @@ def _init_process_group(use_deepspeed: bool) -> DistInfo:
     elif not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     del server  # torch's own rank-0 store (multi-tenant, same port) serves from it now
+    open_patient_barriers()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -251,7 +252,16 @@ def barrier() -> None:
 
 
 PATIENT_WAIT = timedelta(hours=24)  # a bound that only a rank hung in its own part reaches
-_patient_calls = itertools.count()
+_patient: dict = {}  # this process group's namespace on the store and count of patient barriers
+
+
+def open_patient_barriers() -> None:
+    """Collective (init_distributed calls it): a namespace on the store of its own for this
+    process group's patient barriers. A launcher that restarts the ranks (torchrun
+    --max-restarts, an elastic membership change) keeps its store, and the keys of the attempt
+    before opened the new attempt's barriers at once, before the rank working alone was done."""
+    _patient.update(prefix=f"bdt/patient_barrier/{broadcast_object(os.urandom(8).hex())}",
+                    calls=itertools.count())
 
 
 def patient_barrier() -> None:
@@ -261,8 +271,11 @@ def patient_barrier() -> None:
     (10 minutes in DeepSpeed 0.19) however well the part goes. Every rank calls it in turn."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
+    if "prefix" not in _patient:
+        raise RuntimeError("patient_barrier: call open_patient_barriers (init_distributed does) "
+                           "once the process group is initialised")
     store = dist.distributed_c10d._get_default_store()
-    key = f"bdt/patient_barrier/{next(_patient_calls)}"
+    key = f"{_patient['prefix']}/{next(_patient['calls'])}"
     if store.add(key, 1) == dist.get_world_size():  # the last rank to arrive opens it
         store.set(f"{key}/open", b"1")
     store.wait([f"{key}/open"], PATIENT_WAIT)

@@ -9,7 +9,8 @@ from datetime import timedelta
 import pytest
 import torch.distributed as tdist
 
-from bdt.training.distributed import free_port, patient_barrier
+from bdt.training import distributed
+from bdt.training.distributed import free_port, open_patient_barriers, patient_barrier
 from trainutil import rank_entry, spawn_ranks
 
 TIMEOUT_S, ALONE_S = 2, 5  # the process group's timeout; how long rank 0 works alone
@@ -20,6 +21,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world,
                              timeout=timedelta(seconds=TIMEOUT_S))
+    open_patient_barriers()
     waited, plain = 0.0, "met"
     try:
         for _ in range(2):  # twice: each call has its own place on the store
@@ -49,3 +51,35 @@ def test_ranks_wait_out_a_part_longer_than_the_timeout(tmp_path):
     assert got[1]["waited"] >= ALONE_S - 1 > TIMEOUT_S and got[0]["waited"] < TIMEOUT_S
     assert got[0]["got"] == got[1]["got"] == "from rank 0"
     assert "imed out" in got[1]["plain"] or "Timeout" in got[1]["plain"], got[1]["plain"]
+
+
+@rank_entry
+def _restarted_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Two attempts on one store, as a launcher that restarts the ranks (torchrun
+    --max-restarts) keeps it: the second attempt's processes start bdt afresh."""
+    import importlib
+
+    from trainutil import _rank_env
+
+    _rank_env(rank, world, port)
+    waited = []
+    for _attempt in range(2):
+        fresh = importlib.reload(distributed)  # a new process's module, the same store
+        fresh.init_distributed(use_deepspeed=False)
+        if rank == 0:
+            time.sleep(ALONE_S)
+        t0 = time.monotonic()
+        fresh.patient_barrier()
+        waited.append(time.monotonic() - t0)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(waited, f)
+    tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_restarted_attempt_does_not_pass_on_the_keys_of_the_one_before(tmp_path):
+    """The first attempt's opened keys let the second attempt's rank 1 through at once while
+    rank 0 still worked alone (before it had converted the checkpoint, say)."""
+    spawn_ranks(_restarted_rank, (2, free_port(), str(tmp_path)), 2)
+    waited = json.loads((tmp_path / "rank1.json").read_text())
+    assert min(waited) >= ALONE_S - 1, waited
