@@ -42,9 +42,11 @@ def in_loop_tasks(cfg, dist) -> list:
     zero3 = cfg.deepspeed.zero_stage == 3
     previews = cfg.logging.sample_every > 0 and (dist.is_main or zero3)
     decoder = load_tokenizer(cfg.data.tokenizer) if previews or cfg.eval.every > 0 else None
-    return [Preview(cfg.logging, decoder, cfg.run_dir, cfg.seed, dist.is_main or zero3,
-                    dist.is_main),
-            InLoopEval(cfg.eval, decoder, cfg.run_dir, cfg.seed, zero3, dist.is_main)]
+    # The evaluation first: its ranks meet in collectives, where a preview that rank 0 made
+    # alone before it would keep them past the timeout (the loop's patient barrier follows both).
+    return [InLoopEval(cfg.eval, decoder, cfg.run_dir, cfg.seed, zero3, dist.is_main),
+            Preview(cfg.logging, decoder, cfg.run_dir, cfg.seed, dist.is_main or zero3,
+                    dist.is_main)]
 
 
 def train(cfg, in_loop=in_loop_tasks) -> dict:

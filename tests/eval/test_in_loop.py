@@ -3,6 +3,8 @@ training run it observes keeps (global RNG, train mode)."""
 
 import json
 import os
+import time
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -94,3 +96,52 @@ def test_the_ranks_share_the_batches_and_make_what_one_process_makes(tmp_path):
     assert expected.shape == (5, 8, 8, 3) and len(np.unique(expected.reshape(5, -1), axis=0)) > 1
     for r in (0, 1):
         np.testing.assert_array_equal(np.load(tmp_path / f"rank{r}.npy"), expected)
+
+
+PREVIEW_S, TIMEOUT_S = 5, 2  # rank 0's preview; the process group's timeout
+
+
+@rank_entry
+def _tasks_rank(rank: int, world: int, port: int, tmp: str) -> None:
+    """A step where a preview and an evaluation are both due, run as the loop runs its tasks:
+    each due one in turn, then the patient barrier."""
+    import bdt.generation.preview as preview
+    from bdt.train import in_loop_tasks
+    from bdt.training.ar.config import TrainConfig
+    from bdt.training.distributed import DistInfo, open_patient_barriers, patient_barrier
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world,
+                             timeout=timedelta(seconds=TIMEOUT_S))
+    open_patient_barriers()
+    try:
+        cfg = TrainConfig(run_dir=os.path.join(tmp, "run"))
+        cfg.data.tokenizer = os.path.join(tmp, "tok")
+        cfg.logging.sample_every, cfg.logging.sample_hw, cfg.logging.sample_steps = 1, [2, 2], 1
+        cfg.eval = EvalConfig(every=1, per_category=1, width=8, height=8, steps=1, batch=2)
+        grid = preview.sample_grid
+        preview.sample_grid = lambda *a: time.sleep(PREVIEW_S) or grid(*a)  # a long preview
+        model = _tiny_model(os.path.join(tmp, "llm")).eval()
+        metrics = {}
+        for task in in_loop_tasks(cfg, DistInfo(rank, world, rank, torch.device("cpu"))):
+            if task.due(1):
+                metrics.update(task.run(1, model))
+        patient_barrier()
+        with open(os.path.join(tmp, f"metrics{rank}.json"), "w") as f:
+            json.dump(metrics, f)
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_preview_rank_0_makes_alone_does_not_hold_the_shared_evaluation(tmp_path):
+    """Under ZeRO 0-2 rank 0 makes the previews alone and the ranks meet after them in the
+    patient barrier; a preview run before the shared evaluation kept the other ranks waiting
+    in the evaluation's first all-gather instead, which ends at the process group's timeout."""
+    _tiny_llm(str(tmp_path / "llm"))
+    save_tiny_image_tokenizer(str(tmp_path / "tok"), bits=16)
+    spawn_ranks(_tasks_rank, (2, free_port(), str(tmp_path)), 2)
+    got = [json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["eval_overall"] == got[1]["eval_overall"] >= 0
+    assert (tmp_path / "run" / "samples" / "step_000000001.png").exists()
+    assert (tmp_path / "run" / "eval" / "step_000000001" / "eval.json").exists()
