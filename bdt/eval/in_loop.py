@@ -6,9 +6,9 @@ images, and the scores go to the metrics (log, JSONL, TensorBoard) with the full
 Generation is deterministic from `seed` (sampler and decoder generators; no global RNG draw)
 and runs without gradients in eval mode, so an evaluation does not change the training run it
 observes. Every rank takes part. Under ZeRO-3 every forward pass is collective (parameters are
-gathered), so all ranks make all the images. Otherwise rank r makes batches r, r + W, ... and each
-round the ranks all-gather their images (`shared_images`: the images one process would make), so
-an evaluation takes 1/W of the time and no rank waits for another longer than a batch (rank 0
+gathered), so all ranks make all the images. Otherwise rank r makes batches r, r + W, ..., then
+each batch goes to the other ranks (`shared_images`: the images one process would make), so an
+evaluation takes 1/W of the time and no rank waits for another longer than a batch (rank 0
 evaluating alone kept the others waiting in their next collective, which a long evaluation at
 scale could hold past the process group's timeout, 10 minutes). Rank 0 writes the report.
 """
@@ -83,24 +83,23 @@ class InLoopEval:
 def shared_images(trained: TrainedModel, prompts: Sequence[str], width: int, height: int,
                   sampling: SamplingConfig, batch: int) -> list[Image.Image]:
     """TrainedModel.images(prompts, ...) made by every rank of the process group together: rank
-    r makes batches r, r + W, ...; each round all-gathers one batch per rank (as uint8 pixels,
-    padded to `batch` images: all_gather wants one shape) and every rank returns all images."""
+    r makes batches r, r + W, ..., then each batch goes from its rank to the others as uint8
+    pixels, one batch at a time (an all-gather of one batch per rank held W batches on the
+    device, mostly padding where the suite has fewer batches than ranks), and every rank
+    returns all images. No rank waits for another longer than a batch: their shares differ by
+    one at most."""
     rank, world = dist.get_rank(), dist.get_world_size()
     h, w = trained.token_grid(width, height, any_bucket=True)
     f = trained.decoder.downsample_factor
     todo = batches(prompts, batch)
+    made = {k: trained.batch_images(k, todo[k], h, w, sampling)
+            for k in range(rank, len(todo), world)}
     images: list[Image.Image] = []
-    for first in range(0, len(todo), world):
-        k = first + rank
-        mine = trained.batch_images(k, todo[k], h, w, sampling) if k < len(todo) else []
-        pixels_BHWC = torch.zeros(batch, h * f, w * f, 3, dtype=torch.uint8)
-        for i, image in enumerate(mine):
-            pixels_BHWC[i] = torch.from_numpy(np.asarray(image))
-        # on the model's device: NCCL gathers CUDA tensors only
+    for k, chunk in enumerate(todo):
+        pixels_BHWC = torch.stack([torch.from_numpy(np.asarray(image)) for image in made[k]]) \
+            if k in made else torch.empty(len(chunk), h * f, w * f, 3, dtype=torch.uint8)
+        # on the model's device: NCCL sends CUDA tensors only
         pixels_BHWC = pixels_BHWC.to(trained.device)
-        gathered = [torch.empty_like(pixels_BHWC) for _ in range(world)]
-        dist.all_gather(gathered, pixels_BHWC)
-        for j, pixels in enumerate(gathered[:len(todo) - first]):
-            images += [Image.fromarray(p.numpy(), "RGB")
-                       for p in pixels[:len(todo[first + j])].cpu()]
+        dist.broadcast(pixels_BHWC, src=k % world)
+        images += [Image.fromarray(p.numpy(), "RGB") for p in pixels_BHWC.cpu()]
     return images

@@ -65,20 +65,38 @@ SAMPLING = SamplingConfig(num_steps=1, seed=3)
 
 
 @rank_entry
-def _sharing_rank(rank: int, world: int, port: int, tmp: str) -> None:
+def _sharing_rank(rank: int, world: int, port: int, tmp: str, sizes: list[int]) -> None:
+    """shared_images of the first n PROMPTS for each n in `sizes`; records the batches this
+    rank made and the largest buffer its collectives held (in images)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         trained = TrainedModel(_tiny_model(os.path.join(tmp, "llm")),
                                load_tokenizer(os.path.join(tmp, "tok")))
-        made, batch_images = [], trained.batch_images
+        made, held, batch_images = [], [0], trained.batch_images
         trained.batch_images = lambda k, *a: made.append(k) or batch_images(k, *a)
-        images = shared_images(trained, PROMPTS, 8, 8, SAMPLING, batch=2)
-        np.save(os.path.join(tmp, f"rank{rank}.npy"), np.stack([np.asarray(i) for i in images]))
+        for name in ("all_gather", "broadcast"):  # what shared_images may send with
+            def counting(out, *a, _send=getattr(tdist, name), **kw):
+                held[0] = max(held[0], sum(t.shape[0] for t in out) if isinstance(out, list)
+                              else out.shape[0])
+                return _send(out, *a, **kw)
+            setattr(tdist, name, counting)
+        for n in sizes:
+            images = shared_images(trained, PROMPTS[:n], 8, 8, SAMPLING, batch=2)
+            np.save(os.path.join(tmp, f"rank{rank}_{n}.npy"),
+                    np.stack([np.asarray(i) for i in images]))
         with open(os.path.join(tmp, f"made{rank}.json"), "w") as f:
-            json.dump(made, f)
+            json.dump({"made": made, "held": held[0]}, f)
     finally:
         tdist.destroy_process_group()
+
+
+def _alone(tmp_path, n: int) -> np.ndarray:
+    """The first n PROMPTS' images as one process makes them."""
+    alone = TrainedModel(_tiny_model(str(tmp_path / "llm")), load_tokenizer(str(tmp_path / "tok"))
+                         ).images(PROMPTS[:n], 8, 8, SAMPLING, batch=2, any_bucket=True,
+                                  progress=False)
+    return np.stack([np.asarray(i) for i in alone])
 
 
 @pytest.mark.slow
@@ -86,17 +104,33 @@ def test_the_ranks_share_the_batches_and_make_what_one_process_makes(tmp_path):
     """Rank r makes batches r, r + W, ... (rank 0 made all of them while the others waited in
     their next collective, which a long evaluation could hold past the process group's
     timeout); every rank gets every image, and they are the images one process makes."""
-    llm = _tiny_llm(str(tmp_path / "llm"))
+    _tiny_llm(str(tmp_path / "llm"))
     save_tiny_image_tokenizer(str(tmp_path / "tok"), bits=16)
-    spawn_ranks(_sharing_rank, (2, free_port(), str(tmp_path)), 2)
-    assert [json.loads((tmp_path / f"made{r}.json").read_text()) for r in (0, 1)] == [[0, 2], [1]]
-    alone = TrainedModel(_tiny_model(llm), load_tokenizer(str(tmp_path / "tok"))).images(
-        PROMPTS, 8, 8, SAMPLING, batch=2, any_bucket=True, progress=False)
-    expected = np.stack([np.asarray(i) for i in alone])
+    spawn_ranks(_sharing_rank, (2, free_port(), str(tmp_path), [5]), 2)
+    got = [json.loads((tmp_path / f"made{r}.json").read_text()) for r in (0, 1)]
+    assert [g["made"] for g in got] == [[0, 2], [1]]
+    expected = _alone(tmp_path, 5)
     assert expected.shape == (5, 8, 8, 3) and len(np.unique(expected.reshape(5, -1), axis=0)) > 1
     for r in (0, 1):
-        np.testing.assert_array_equal(np.load(tmp_path / f"rank{r}.npy"), expected)
+        np.testing.assert_array_equal(np.load(tmp_path / f"rank{r}_5.npy"), expected)
 
+
+@pytest.mark.slow
+def test_three_ranks_share_fewer_batches_and_hold_one_batch_at_a_time(tmp_path):
+    """One prompt (one batch for three ranks), then five (batches of 2, 2, 1): the same images
+    as one process, in order, on every rank; a collective holds one batch of images, not one
+    per rank (an all-gather held W batches, most of them padding for a suite of a few batches:
+    at 1024 px, 3 MiB an image, batch 8 and 64 ranks, 1.5 GiB of device memory)."""
+    _tiny_llm(str(tmp_path / "llm"))
+    save_tiny_image_tokenizer(str(tmp_path / "tok"), bits=16)
+    spawn_ranks(_sharing_rank, (3, free_port(), str(tmp_path), [1, 5]), 3)
+    got = [json.loads((tmp_path / f"made{r}.json").read_text()) for r in range(3)]
+    assert [g["made"] for g in got] == [[0, 0], [1], [2]]
+    for n in (1, 5):
+        expected = _alone(tmp_path, n)
+        for r in range(3):
+            np.testing.assert_array_equal(np.load(tmp_path / f"rank{r}_{n}.npy"), expected)
+    assert max(g["held"] for g in got) == 2
 
 PREVIEW_S, TIMEOUT_S = 5, 2  # rank 0's preview; the process group's timeout
 
