@@ -3,6 +3,8 @@ timeout (a checkpoint conversion, a node's upload) without the run ending there.
 
 import json
 import os
+import subprocess
+import sys
 import time
 from datetime import timedelta
 
@@ -21,6 +23,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world,
                              timeout=timedelta(seconds=TIMEOUT_S))
+    distributed.PATIENT_BEAT_S = 0.2  # rank 0 works alone for many beats: alive, waited for
     open_patient_barriers()
     waited, plain = 0.0, "met"
     try:
@@ -73,7 +76,7 @@ def _restarted_rank(rank: int, world: int, port: int, out: str) -> None:
         waited.append(time.monotonic() - t0)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(waited, f)
-    tdist.destroy_process_group()
+    distributed.cleanup()
 
 
 @pytest.mark.slow
@@ -83,3 +86,39 @@ def test_a_restarted_attempt_does_not_pass_on_the_keys_of_the_one_before(tmp_pat
     spawn_ranks(_restarted_rank, (2, free_port(), str(tmp_path)), 2)
     waited = json.loads((tmp_path / "rank1.json").read_text())
     assert min(waited) >= ALONE_S - 1, waited
+
+
+NODE_RANK = """
+import os, time
+from bdt.training import distributed
+
+distributed.PATIENT_BEAT_S = 0.2
+distributed.init_distributed(use_deepspeed=False)
+if os.environ["RANK"] == "1":
+    time.sleep(1)
+    raise RuntimeError("rank 1 fails in its part")
+distributed.patient_barrier()
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_stops_on_another_node_ends_the_wait(tmp_path):
+    """Two nodes of one rank each (a torchrun per node): node 1's rank raises before the
+    barrier and its torchrun ends, which node 0's does not hear of; node 0's rank waited for
+    it for 24 h. Now its heartbeat's silence ends the wait with an error naming it."""
+    script = tmp_path / "rank.py"
+    script.write_text(NODE_RANK)
+    torchrun, port = os.path.join(os.path.dirname(sys.executable), "torchrun"), free_port()
+    nodes = [subprocess.Popen([torchrun, "--nnodes", "2", "--node_rank", str(n),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+                               "--master_port", str(port), str(script)],
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+    try:
+        out = [node.communicate(timeout=120)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert nodes[1].returncode != 0 and "rank 1 fails in its part" in out[1]
+    assert nodes[0].returncode != 0 and "rank 1 stopped before reaching it" in out[0], out[0]
