@@ -338,7 +338,9 @@ def _check_heartbeats(store, prefix: str, call: int, world: int, heard: dict) ->
 
 
 def cleanup() -> None:
-    """Barrier + destroy: ending without it occasionally aborted a rank at exit (environment.md)."""
+    """Barrier + destroy: ending without it occasionally aborted a rank at exit (environment.md).
+    The heartbeat thread stops at its next beat (its group's namespace is gone)."""
+    _patient.clear()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
