@@ -23,11 +23,11 @@
 # overrides for the trainers: DEMO_TOKENIZER_ARGS (e.g. "steps=20"), DEMO_TRAIN_ARGS (e.g.
 # "stages.0.steps=50 stages.1.steps=50": the AR config has no top-level `steps`).
 #
-# Wall time in a fresh checkout, measured 2026-12-06 on a 2-core AMD EPYC (avx512_bf16): 23 min
-# 56 s after the install (about 2 min, done by `make test` there): data 8 s, tokenizer 3 min 37 s
-# (capped at 7 min by time_limit_min in configs/tokenizer/demo.yaml), Ray extraction 28 s, LLM 5 s,
-# AR training 19 min 12 s (its 19-min cap in configs/train/demo.yaml stopped it at step 3978 of
-# 7200), samples 7 s, eval 19 s. Scores and what limits them: README ("The demo's quality").
+# Wall time in a fresh clone, measured 2026-12-06 on an idle 2-core AMD EPYC (avx512_bf16):
+# 28 min 45 s with the install (2 min): data 9 s, tokenizer 4 min 41 s (capped at 7 min by
+# time_limit_min in configs/tokenizer/demo.yaml), Ray extraction 35 s, LLM 7 s, AR training
+# 20 min 42 s (20.46 min given; it stopped at step 3426 of 7200), samples 8 s, eval 23 s.
+# Scores and what limits them: README ("The demo's quality").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
