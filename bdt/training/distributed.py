@@ -263,6 +263,7 @@ def open_patient_barriers() -> None:
     process group's patient barriers, and this rank's heartbeat in it. A launcher that restarts
     the ranks (torchrun --max-restarts, an elastic membership change) keeps its store, and the
     keys of the attempt before opened the new attempt's barriers at once."""
+    _stop_heartbeat()  # an earlier process group's
     prefix = f"bdt/patient_barrier/{broadcast_object(os.urandom(8).hex())}"
     _patient.update(prefix=prefix, calls=itertools.count())
     if dist.get_world_size() == 1:
@@ -270,18 +271,29 @@ def open_patient_barriers() -> None:
     store, rank = dist.distributed_c10d._get_default_store(), dist.get_rank()
     store.set(f"{prefix}/at/{rank}", b"-1")  # the last barrier this rank reached
     store.add(f"{prefix}/beat/{rank}", 1)
-    threading.Thread(target=_beat, args=(store, prefix, rank), name="bdt-patient-beat",
-                     daemon=True).start()
+    stop = threading.Event()
+    thread = threading.Thread(target=_beat, args=(store, prefix, rank, stop),
+                              name="bdt-patient-beat", daemon=True)
+    _patient["beat"] = (thread, stop)
+    thread.start()
     dist.barrier()  # every rank's keys are on the store
 
 
-def _beat(store, prefix: str, rank: int) -> None:
-    while _patient.get("prefix") == prefix:  # until another process group opens its own
-        time.sleep(PATIENT_BEAT_S)
+def _beat(store, prefix: str, rank: int, stop: threading.Event) -> None:
+    while not stop.wait(PATIENT_BEAT_S):
         try:
             store.add(f"{prefix}/beat/{rank}", 1)
         except RuntimeError:  # the store is gone: the job is ending
             return
+
+
+def _stop_heartbeat() -> None:
+    """End the heartbeat thread, which lets go of the store: it must not hold rank 0's store
+    server past destroy_process_group, nor wake in the middle of it."""
+    thread, stop = _patient.pop("beat", (None, None))
+    if thread is not None:
+        stop.set()
+        thread.join(timeout=PATIENT_BEAT_S)
 
 
 def patient_barrier() -> None:
@@ -339,7 +351,8 @@ def _check_heartbeats(store, prefix: str, call: int, world: int, heard: dict) ->
 
 def cleanup() -> None:
     """Barrier + destroy: ending without it occasionally aborted a rank at exit (environment.md).
-    The heartbeat thread stops at its next beat (its group's namespace is gone)."""
+    The patient barriers' heartbeat thread ends first."""
+    _stop_heartbeat()
     _patient.clear()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -122,3 +122,28 @@ def test_a_rank_that_stops_on_another_node_ends_the_wait(tmp_path):
                 node.kill()
     assert nodes[1].returncode != 0 and "rank 1 fails in its part" in out[1]
     assert nodes[0].returncode != 0 and "rank 1 stopped before reaching it" in out[0], out[0]
+
+
+@rank_entry
+def _ending_rank(rank: int, world: int, port: int, out: str) -> None:
+    import threading
+
+    from trainutil import _rank_env
+
+    _rank_env(rank, world, port)
+    distributed.init_distributed(use_deepspeed=False)
+    beating = [t.name for t in threading.enumerate() if t.name == "bdt-patient-beat"]
+    distributed.cleanup()
+    left = [t.name for t in threading.enumerate() if t.name == "bdt-patient-beat"]
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"beating": beating, "left": left}, f)
+
+
+@pytest.mark.slow
+def test_cleanup_ends_the_heartbeat_before_the_process_group(tmp_path):
+    """The heartbeat thread slept out its beat and held the store (rank 0's: its server) past
+    destroy_process_group, and could wake in the middle of the teardown."""
+    spawn_ranks(_ending_rank, (2, free_port(), str(tmp_path)), 2)
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == {
+            "beating": ["bdt-patient-beat"], "left": []}
