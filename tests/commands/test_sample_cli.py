@@ -78,7 +78,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over(trained_run, tmp_path, capsy
     """A run dir whose newest complete checkpoint no longer verifies (a disk error, a bad copy)
     samples from the next older one, as the trainer would resume from it, and says which it
     passed over; when none reads, each one's problem is named (exit 2)."""
-    from bdt.generation.trained import MODEL_STATES
+    from bdt.generation.run_weights import MODEL_STATES
     from bdt.training.checkpoint import tag_for
 
     run = tmp_path / "run"

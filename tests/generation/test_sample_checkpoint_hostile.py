@@ -9,7 +9,7 @@ import zipfile
 import pytest
 import torch
 
-from bdt.generation.trained import MODEL_STATES, checkpoint_weights
+from bdt.generation.run_weights import MODEL_STATES, checkpoint_weights
 from bdt.training.checkpoint import MARKER, CheckpointManager, tag_for
 from bdt.training.integrity import digest_all
 from bdt.training.distributed import DistInfo
