@@ -67,9 +67,9 @@ from bdt.training.checkpoint_convert import convert, universal_load
 from bdt.training.checkpoint_owner import CheckpointRootTaken, claim, owner_change
 from bdt.training.checkpoint_store import (check_uploaded, download_dir, list_checkpoints,
                                             remove_checkpoint_dir, tag_for, upload_dir)
-from bdt.training.distributed import (DistInfo, all_gather_object, barrier, broadcast_object,
-                                      patient_barrier)
+from bdt.training.distributed import DistInfo, all_gather_object, barrier, broadcast_object
 from bdt.training.integrity import MARKER, CheckpointUnusable
+from bdt.training.patient_barrier import patient_barrier
 from bdt.training.rank_state import (capture_rng, read_rank_files, restore_rng, user_tensors,
                                     write_rank_files)
 

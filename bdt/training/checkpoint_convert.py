@@ -24,7 +24,8 @@ import torch
 
 from bdt import storage
 from bdt.training import integrity
-from bdt.training.distributed import broadcast_object, patient_barrier
+from bdt.training.distributed import broadcast_object
+from bdt.training.patient_barrier import patient_barrier
 from bdt.training.integrity import MARKER, CheckpointUnusable
 from bdt.training.rank_state import read_rank_files, seeded_rng, user_tensors, write_rank_files
 from bdt.training.safe_load import PARENT_ENV

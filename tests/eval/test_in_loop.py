@@ -142,7 +142,8 @@ def _tasks_rank(rank: int, world: int, port: int, tmp: str) -> None:
     import bdt.generation.preview as preview
     from bdt.train import in_loop_tasks
     from bdt.training.ar.config import TrainConfig
-    from bdt.training.distributed import DistInfo, open_patient_barriers, patient_barrier
+    from bdt.training.distributed import DistInfo
+    from bdt.training.patient_barrier import open_patient_barriers, patient_barrier
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world,

@@ -11,8 +11,9 @@ from datetime import timedelta
 import pytest
 import torch.distributed as tdist
 
-from bdt.training import distributed
-from bdt.training.distributed import free_port, open_patient_barriers, patient_barrier
+from bdt.training import distributed, patient_barrier as barriers
+from bdt.training.distributed import free_port
+from bdt.training.patient_barrier import open_patient_barriers, patient_barrier
 from trainutil import rank_entry, spawn_ranks
 
 TIMEOUT_S, ALONE_S = 2, 5  # the process group's timeout; how long rank 0 works alone
@@ -23,7 +24,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world,
                              timeout=timedelta(seconds=TIMEOUT_S))
-    distributed.PATIENT_BEAT_S = 0.2  # rank 0 works alone for many beats: alive, waited for
+    barriers.PATIENT_BEAT_S = 0.2  # rank 0 works alone for many beats: alive, waited for
     open_patient_barriers()
     waited, plain = 0.0, "met"
     try:
@@ -67,8 +68,8 @@ def _restarted_rank(rank: int, world: int, port: int, out: str) -> None:
     _rank_env(rank, world, port)
     waited = []
     for _attempt in range(2):
-        fresh = importlib.reload(distributed)  # a new process's module, the same store
-        fresh.init_distributed(use_deepspeed=False)
+        fresh = importlib.reload(barriers)  # a new process's modules, the same store
+        importlib.reload(distributed).init_distributed(use_deepspeed=False)
         if rank == 0:
             time.sleep(ALONE_S)
         t0 = time.monotonic()
@@ -90,14 +91,14 @@ def test_a_restarted_attempt_does_not_pass_on_the_keys_of_the_one_before(tmp_pat
 
 NODE_RANK = """
 import os, time
-from bdt.training import distributed
+from bdt.training import distributed, patient_barrier as barriers
 
-distributed.PATIENT_BEAT_S = 0.2
+barriers.PATIENT_BEAT_S = 0.2
 distributed.init_distributed(use_deepspeed=False)
 if os.environ["RANK"] == "1":
     time.sleep(1)
     raise RuntimeError("rank 1 fails in its part")
-distributed.patient_barrier()
+barriers.patient_barrier()
 """
 
 

@@ -38,12 +38,13 @@ from bdt.training.ar.time_fit import TimeFit
 from bdt.training.checkpoint import CheckpointManager
 from bdt.training.deepspeed_config import build_ds_config, initialize_engine
 from bdt.training.distributed import (DistInfo, all_gather_int, all_gather_object, all_reduce_sum,
-                                      cleanup, init_distributed, patient_barrier)
+                                      cleanup, init_distributed)
 from bdt.training.divergence import StepHealth, plain_grad_norm, raise_diverged
 from bdt.training.ema import EMA
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
 from bdt.training.model_shapes import (check_model_signature, model_signature,
                                        record_model_signature)
+from bdt.training.patient_barrier import patient_barrier
 from bdt.training.run_dir import BACKBONE_DIR, checkpoint_root, export_dir, write_summary
 from bdt.training.run_lock import hold_run_lock
 from bdt.training.signals import DIVERGED, LOCAL_REASON, STOP_SIGNAL, StopFlag
