@@ -170,8 +170,13 @@ class CheckpointManager:
         if self.dist.is_main:
             self._set_aside(tag)
         barrier()
-        if self.dist.is_local_main and os.path.exists(local_dir):
-            shutil.rmtree(local_dir)  # leftovers of an interrupted save of the same step
+        if self.dist.is_local_main and os.path.lexists(local_dir):
+            # leftovers of an interrupted save of the same step; a symlink (to another root's
+            # directory, or to nothing) goes alone
+            if os.path.islink(local_dir):
+                os.unlink(local_dir)
+            else:
+                shutil.rmtree(local_dir)
         if self.dist.is_main and self.remote:
             fs, path = self._fs()
             if fs.exists(f"{path}/{tag}"):

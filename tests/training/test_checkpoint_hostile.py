@@ -184,3 +184,22 @@ def test_pruning_a_linked_in_checkpoint_deletes_nothing_of_its_target(built, tmp
     _save(mgr, 2)
     assert sorted(os.listdir(mine)) == [NEW]
     assert sorted(os.listdir(other / OLD)) == before and MARKER in before
+
+
+@pytest.mark.parametrize("target", ["incomplete dir", "nothing"])
+def test_a_linked_in_incomplete_checkpoint_at_the_saved_step_is_replaced(built, tmp_path, target):
+    """An incomplete checkpoint at the step being saved is a leftover to clear; when it was a
+    symlink (to another root's directory, or to nothing) the save failed: rmtree refuses a link,
+    and a dangling one blocked the new directory. The link goes alone, its target untouched."""
+    other = tmp_path / "other"
+    shutil.copytree(built, other)
+    (other / NEW / MARKER).unlink()  # incomplete there
+    before = sorted(os.listdir(other / NEW))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / NEW).symlink_to(other / NEW if target == "incomplete dir" else tmp_path / "nowhere")
+    mgr = CheckpointManager(str(mine), SOLO, keep_last=1)
+    _save(mgr, 2)
+    assert not (mine / NEW).is_symlink() and (mine / NEW / MARKER).is_file()
+    assert mgr.resume({}).tag == NEW
+    assert sorted(os.listdir(other / NEW)) == before
