@@ -35,8 +35,9 @@ from bdt.generation.grid import to_pil
 from bdt.generation.run_weights import (MODEL_STATES, checkpoint_weights, damaged_record,
                                         recorded_backbone, run_config)
 from bdt.generation.sampling import SamplingConfig, check_prompts, generate
-from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel
+from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel, read_model_config
 from bdt.model.keymap import release_layout
+from bdt.model.text_tokenizer import query_tokens_for
 from bdt.training import run_dir as layout
 from bdt.weights import file_present
 
@@ -188,11 +189,30 @@ def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
     if missing:
         raise OSError(f"{path!r} is not a complete model export: missing {', '.join(missing)} "
                       f"(expected the <run_dir>/export that bdt/train.py writes)")
+    train_cfg = os.path.join(path, layout.EXPORT_TRAIN_CONFIG_NAME)
+    _check_export_parallel_num(path, train_cfg)
     model = BitDanceModel.from_pretrained(path).to(device).eval()
     decoder = _load_decoder(os.path.join(path, layout.EXPORT_IMAGE_TOKENIZER_DIR), model, device)
-    train_cfg = os.path.join(path, layout.EXPORT_TRAIN_CONFIG_NAME)
     buckets = _trained_buckets(train_cfg) if os.path.isfile(train_cfg) else None
     return TrainedModel(model, decoder, path, buckets)
+
+
+def _check_export_parallel_num(path: str, train_cfg: str) -> None:
+    """OSError unless the export's parallel_num (P) is the one it was trained with: an edited
+    model_config.yaml sampled garbage without a word (a larger P with query tokens added
+    untrained, a smaller one with fewer tokens per step than the head learnt). The training
+    config records P; an import (no training config) has the query tokens of its P exactly."""
+    p = read_model_config(path).parallel_num
+    source = os.path.join(path, CONFIG_NAME)
+    held = query_tokens_for(os.path.join(path, LLM_DIR))
+    if os.path.isfile(train_cfg):
+        trained = layout.read_config(train_cfg).get("model", {}).get("parallel_num")
+        if trained is not None and int(trained) != p:
+            raise OSError(f"{source}: parallel_num is {p}, but the model was trained with "
+                          f"{trained} ({train_cfg}): restore parallel_num: {trained}")
+    if held < p or (held != p and not os.path.isfile(train_cfg)):
+        raise OSError(f"{source}: parallel_num is {p}, but the model's text tokenizer holds the "
+                      f"query tokens of P = {held}: restore parallel_num: {held}")
 
 
 def _load_decoder(path: str, model: BitDanceModel, device: str | torch.device) -> torch.nn.Module:
@@ -266,6 +286,12 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     model_cfg = cfg.model
     configured = model_cfg.backbone.path
     model_cfg.backbone = recorded_backbone(run_dir, model_cfg.backbone)
+    if model_cfg.backbone.path != configured:  # the run's own record, made with its P
+        held = query_tokens_for(model_cfg.backbone.path)
+        if held < model_cfg.parallel_num:
+            raise OSError(f"{cfg_path}: model.parallel_num is {model_cfg.parallel_num}, but the "
+                          f"run's LLM record holds the query tokens of P = {held}: the run was "
+                          f"trained with P = {held}")
     if checkpoint is None:
         checkpoint, module = _newest_readable(root, tags)
     else:

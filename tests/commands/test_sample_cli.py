@@ -219,6 +219,45 @@ def test_a_damaged_export_config_is_one_line_naming_it(trained_run, tmp_path, ca
     assert "s3cr3t" not in err
 
 
+@pytest.mark.parametrize("p, edit_record, record, expected", [
+    (1, False, True, "the model was trained with 4 ("),
+    (16, False, True, "the model was trained with 4"),
+    (16, True, True, "holds the query tokens of P = 4"),  # record edited too: the tokens tell
+    (1, False, False, "holds the query tokens of P = 4"),  # no training record (an import)
+])
+def test_an_edited_parallel_num_is_refused(trained_run, tmp_path, capsys, p, edit_record, record,
+                                           expected):
+    """An export's model_config.yaml edited to another P (tokens per AR step) sampled garbage
+    without a word: added query tokens with untrained embeddings, or fewer tokens per step than
+    the head learnt."""
+    edited = tmp_path / "edited"
+    shutil.copytree(os.path.join(trained_run, "export"), edited)
+    for name in ["model_config.yaml"] + (["train_config.yaml"] if edit_record else []):
+        text = (edited / name).read_text()
+        assert "parallel_num: 4\n" in text
+        (edited / name).write_text(text.replace("parallel_num: 4\n", f"parallel_num: {p}\n"))
+    if not record:
+        (edited / "train_config.yaml").unlink()
+    code = main(["sample", "--model", str(edited), "--prompt", "a red circle", "--size", "16",
+                 "--out", str(tmp_path / "o")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "parallel_num is" in last and expected in last, last
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_dir_with_an_edited_parallel_num_is_refused(trained_run, tmp_path, capsys):
+    """The same for a run dir sampled from its checkpoint: its LLM record holds the query tokens
+    of the P it trained with."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("export"))
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("parallel_num: 4\n", "parallel_num: 16\n"))
+    code = main(["sample", "--model", str(run), "--prompt", "a red circle", "--size", "16",
+                 "--out", str(tmp_path / "o")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "model.parallel_num is 16" in last and "P = 4" in last, last
+
+
 def test_the_trained_buckets_do_not_depend_on_the_working_directory(trained_run, tmp_path,
                                                                    monkeypatch):
     """The export records its stages' shards as absolute paths (relative ones named another
