@@ -2,6 +2,7 @@
 refused when they already hold something, written through a staging folder, and completed by
 one rename per entry with the caller's completion marker last, so that a kill at any moment
 leaves either the old output or the whole new one (or a half move the next writer undoes).
+A local folder copied into one (an image tokenizer, an LLM) may link only to files of its own.
 """
 
 from __future__ import annotations
@@ -162,6 +163,41 @@ def readable_as_open_makes(folder: str) -> None:
             path = os.path.join(dirpath, name)
             if not os.path.islink(path) and stat.S_IMODE(os.lstat(path).st_mode) != mode:
                 os.chmod(path, mode)
+
+
+def check_links(folder: str, what: str) -> None:
+    """ValueError naming the first symlink in local `folder` that does not lead to a regular file
+    inside it (or, in a Hugging Face cache snapshot `<repo>/snapshots/<rev>`, inside
+    `<repo>/blobs`): the folder is copied into an output a user may publish, and a cloned one
+    with `notes.txt -> ~/.ssh/id_rsa` put that key there. `what` names the folder (a config key).
+    Remote folders hold no links."""
+    if not folder or storage.is_remote(folder) or not os.path.isdir(storage.local_path(folder)):
+        return
+    root = storage.local_path(folder)
+    real = os.path.realpath(root)
+    allowed = [real]
+    blobs = os.path.join(os.path.dirname(os.path.dirname(real)), "blobs")
+    if os.path.basename(os.path.dirname(real)) == "snapshots" and os.path.isdir(blobs):
+        allowed.append(os.path.realpath(blobs))
+    for dirpath, dirs, files in os.walk(root):  # links to folders are listed, not entered
+        for name in sorted(dirs + files):
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                continue
+            try:
+                target = os.path.realpath(path, strict=True)
+            except OSError:  # missing, or a loop
+                problem = "which leads nowhere"
+            else:
+                inside = any(os.path.commonpath([a, target]) == a for a in allowed)
+                problem = ("" if inside and os.path.isfile(target) else "not a file" if inside
+                           else "outside the folder")
+            if problem:
+                raise ValueError(
+                    f"{what} = {folder}: {os.path.relpath(path, root)} is a symlink to "
+                    f"{os.readlink(path)}, {problem}: its files go into an output that may be "
+                    f"published, so its links must lead to its own files (or a Hugging Face "
+                    f"snapshot's blobs/); put the file itself there")
 
 
 def _umask() -> int:

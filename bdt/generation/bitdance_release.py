@@ -194,7 +194,8 @@ def _is_shard_of(name: str, weights: str) -> bool:
 
 def _place(src_url: str, dst: str) -> None:
     """Hard-link a local file (a 14B LLM is ~30 GB), else copy it. A Hugging Face cache snapshot
-    is symlinks into ../../blobs, and link(2) links a symlink itself: resolve it first."""
+    is symlinks into ../../blobs, and link(2) links a symlink itself: resolve it first (each link
+    of the release leads inside it or its blobs/: import_release checked)."""
     if not storage.is_remote(src_url):
         try:
             os.link(os.path.realpath(src_url), dst)
@@ -212,6 +213,7 @@ def import_release(src: str, out: str) -> ModelConfig:
 
     if not storage.exists(src):
         raise FileNotFoundError(f"BitDance release folder not found: {src}")
+    output_dirs.check_links(src, "--src")  # its LLM's files are placed in the export as they are
     layout = release_layout(src) or RELEASE
     missing = [n for n in (*layout.components, layout.llm_config)
                if not file_present(storage.join(src, n))]

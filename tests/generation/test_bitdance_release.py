@@ -107,6 +107,11 @@ def _llm_as_pickle(folder) -> None:
     (folder / "model.safetensors").unlink()
 
 
+def _llm_file_linking_out(folder) -> None:
+    (folder.parent / "secret").write_text("PRIVATE KEY")
+    (folder / "notes.txt").symlink_to(os.path.join("..", "secret"))
+
+
 def _head_config(release, **changes) -> dict:
     return {**json.loads((release / HEAD_CONFIG).read_text()), **changes}
 
@@ -134,6 +139,8 @@ def _head_config(release, **changes) -> dict:
     (HEAD_CONFIG, "P 8", ValueError, f"{HEAD_CONFIG}: model.parallel_num"),
     # once blamed on the projector's weights, whose shapes follow ch_target
     (HEAD_CONFIG, "ch_target", ValueError, "(ae_config.json), the head (vision_head_config.json)"),
+    # an LLM file is placed as it is: a cloned folder's link put (hard-linked) the key there
+    ("notes.txt", "link out", ValueError, "notes.txt is a symlink to ../secret, outside the folder"),
 ])
 def test_a_bad_release_fails_naming_the_problem_and_writes_nothing(release, tmp_path, name, content,
                                                                     error, named):
@@ -169,6 +176,8 @@ def test_a_bad_release_fails_naming_the_problem_and_writes_nothing(release, tmp_
         content = _head_config(release, parallel_num=8)
     elif content == "ch_target":
         content = _head_config(release, ch_target=_head_config(release)["ch_target"] * 2)
+    elif content == "link out":
+        content = _llm_file_linking_out
     src, out = _broken_copy(release, tmp_path, name, content), tmp_path / "export"
     with pytest.raises(error, match=re.escape(named)) as raised:
         import_release(src, str(out))

@@ -32,9 +32,10 @@ def export_model(engine, model, cfg, out_dir: str, dist: DistInfo) -> str:
         if dist.is_main:
             tmp = out_dir + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
+            if cfg.data.tokenizer:  # first: a link it refuses leaves nothing written
+                _copy_tree(cfg.data.tokenizer, os.path.join(tmp, EXPORT_IMAGE_TOKENIZER_DIR),
+                           "data.tokenizer")
             engine.module.save_pretrained(tmp)
-            if cfg.data.tokenizer:
-                _copy_tree(cfg.data.tokenizer, os.path.join(tmp, EXPORT_IMAGE_TOKENIZER_DIR))
             save_resolved(_with_absolute_shards(cfg), tmp, name=EXPORT_TRAIN_CONFIG_NAME)
             # Not staged_dir's: safetensors writes the weights 0600, unreadable to the group.
             output_dirs.readable_as_open_makes(tmp)
@@ -61,7 +62,10 @@ def _with_absolute_shards(cfg):
     return record
 
 
-def _copy_tree(src: str, dst: str) -> None:
+def _copy_tree(src: str, dst: str, what: str) -> None:
+    """The files of folder `src` into `dst`, a link's target as a file; ValueError, before
+    anything is written, for a link out of `src` (output_dirs.check_links; `what` names it)."""
+    output_dirs.check_links(src, what)
     fs, root = storage.filesystem(src)
     root = root.rstrip("/")
     for path in fs.find(root):

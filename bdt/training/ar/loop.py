@@ -78,6 +78,7 @@ def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
     setup.resolve_init_from(cfg)
     validate(cfg)
     setup.set_threads(cfg.threads)
+    setup.check_copied_folders(cfg)  # before check_data hashes the tokenizer's files
     sources = setup.check_data(cfg)  # bad shard paths / tokenizer mismatch: fail before anything
     setup.check_image_tokenizer(cfg)
     setup.skip_deepspeed_muon()

@@ -12,7 +12,7 @@ import types
 
 import torch
 
-from bdt import storage
+from bdt import output_dirs, storage
 from bdt.data.shard_source import ShardList, list_shards, tokenizer_sha
 from bdt.data.stream_state import stream_fingerprint
 from bdt.data.token_shards import TokenSample, iter_token_shard
@@ -90,6 +90,14 @@ def set_threads(threads: int) -> None:
         raise ValueError(f"threads = {threads} exceeds this machine's {cpus} CPUs")
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def check_copied_folders(cfg: TrainConfig) -> None:
+    """ValueError naming a link out of a folder the export copies (output_dirs.check_links):
+    `data.tokenizer`, and the LLM's, whose text tokenizer saves its files again (a linked
+    chat_template.jinja's text among them). Refused at start, not after hours of training."""
+    output_dirs.check_links(cfg.data.tokenizer, "data.tokenizer")
+    output_dirs.check_links(cfg.model.backbone.path, "model.backbone.path")
 
 
 def check_image_tokenizer(cfg: TrainConfig) -> None:

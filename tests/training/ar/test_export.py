@@ -3,6 +3,7 @@ half an export (`bdt sample --model <run_dir>` takes one whose model_config.yaml
 model, and fails on its missing files instead of sampling the newest checkpoint)."""
 
 import os
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -77,3 +78,76 @@ def test_the_export_records_every_local_shard_pattern_absolute(tmp_path, monkeyp
     record = export._with_absolute_shards(cfg)
     assert record.stages[0].shards == (f"{tmp_path}/a/{{0..1}}.tar,{tmp_path}/b/*.tar,"
                                        f"{tmp_path}/home/s,s3://x/c")
+
+
+def _export(tmp_path, tokenizer: str) -> str:
+    llm = Qwen3ForCausalLM(Qwen3Config(**mllm_tiny.QWEN3))
+    model = BitDanceModel(mllm_tiny.model_config(), llm)
+    cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], [
+        f"run_dir={tmp_path}", "model.backbone.path=unused", f"data.root={tmp_path}",
+        f"data.tokenizer={tokenizer}"]))
+    out = str(tmp_path / "export")
+    export.export_model(SimpleNamespace(module=model), model, cfg, out,
+                        DistInfo(0, 1, 0, torch.device("cpu")))
+    return out
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("link, says", [
+    ("{secret}", "{secret}, outside the folder"),  # absolute
+    ("../secret", "../secret, outside the folder"),
+    ("{home}", "{home}, outside the folder"),  # a folder: its files would come along
+    ("../nowhere", "../nowhere, which leads nowhere"),
+    ("notes.txt", "notes.txt, which leads nowhere"),  # a loop
+])
+def test_a_tokenizer_folder_linking_out_is_refused_and_the_old_export_stays(tmp_path, link, says):
+    """A cloned tokenizer folder with `notes.txt -> ~/.ssh/id_rsa` put the key into the export,
+    which a user may publish."""
+    from trainutil import tiny_image_tokenizer
+
+    (tmp_path / "secret").write_text("PRIVATE KEY")
+    (tmp_path / "home").mkdir()
+    tok = tmp_path / "tok"
+    out = _export(tmp_path, tiny_image_tokenizer(str(tok)))
+    before = _tree(tmp_path / "export")
+    fill = dict(secret=tmp_path / "secret", home=tmp_path / "home")
+    (tok / "notes.txt").symlink_to(link.format(**fill))
+    with pytest.raises(ValueError, match=re.escape(f"data.tokenizer = {tok}: notes.txt is a "
+                                                   f"symlink to {says.format(**fill)}")):
+        _export(tmp_path, str(tok))
+    assert _tree(tmp_path / "export") == before and not os.path.exists(out + ".tmp")
+
+
+def test_a_hugging_face_snapshot_is_copied_as_files_but_only_from_its_blobs(tmp_path):
+    """A Hugging Face cache snapshot is links into ../../blobs by design: taken, its files copied
+    as files, with the tokenizer identity the manifests record; a link past blobs/ is not."""
+    from bdt.tokenizer.io import tokenizer_identity
+    from trainutil import tiny_image_tokenizer
+
+    plain = tmp_path / "plain"
+    tiny_image_tokenizer(str(plain))
+    (plain / "README.md").write_text("a tokenizer")
+    repo = tmp_path / "models--x--tok"
+    snapshot = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    (snapshot / "docs").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (repo / "blobs" / name).write_bytes((plain / name).read_bytes())
+        (snapshot / name).symlink_to(os.path.join("..", "..", "blobs", name))
+    (snapshot / "docs" / "guide.md").write_text("a tokenizer")
+    (snapshot / "README.md").symlink_to(os.path.join("docs", "guide.md"))  # inside the folder
+    out = _export(tmp_path, str(snapshot))
+    copied = tmp_path / "export" / "image_tokenizer"
+    assert _tree(copied) == {**_tree(plain), "docs/guide.md": b"a tokenizer"}
+    assert not any(p.is_symlink() for p in copied.rglob("*"))
+    assert tokenizer_identity(str(snapshot))["sha256"] == tokenizer_identity(str(copied))["sha256"]
+    (tmp_path / "secret").write_text("PRIVATE KEY")
+    (snapshot / "notes.txt").symlink_to(os.path.join("..", "..", "..", "secret"))
+    with pytest.raises(ValueError, match=r"notes.txt is a symlink to \.\./\.\./\.\./secret, "
+                                         r"outside the folder"):
+        _export(tmp_path, str(snapshot))
+    assert "notes.txt" not in os.listdir(os.path.join(out, "image_tokenizer"))

@@ -150,6 +150,25 @@ def test_an_image_tokenizer_that_does_not_load_fails_the_trainer_at_start(tmp_pa
     assert not (tmp_path / "run" / "export").exists()
 
 
+@pytest.mark.parametrize("key", ["data.tokenizer", "model.backbone.path"])
+def test_a_folder_the_export_copies_linking_out_is_refused_at_start(tmp_path, key):
+    """The export copies data.tokenizer, and the LLM's text tokenizer saves its files again
+    (a chat_template.jinja's text too): a cloned folder linking to ~/.ssh/id_rsa put the key
+    there. Refused before the shards are read, not at the export after hours of training."""
+    from bdt.training.ar import loop
+
+    (tmp_path / "secret").write_text("PRIVATE KEY")
+    folder = tmp_path / "cloned"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "chat_template.jinja").symlink_to(tmp_path / "secret")
+    cfg = config(tmp_path, str(tmp_path / "nowhere"), f"{key}={folder}")
+    with pytest.raises(ValueError, match=rf"^{key} = {folder}: chat_template.jinja is a symlink "
+                                         rf"to {tmp_path}/secret, outside the folder"):
+        loop.run(cfg, lambda cfg, dist: [])
+    assert not (tmp_path / "run").exists()
+
+
 def test_bits_per_token_mismatch_is_refused(tmp_path):
     write_shards(str(tmp_path / "s"), [(4, 4)], num_shards=1, per_shard=2, bits=32)
     with pytest.raises(ValueError, match="32-bit tokens, model.head.bits is 16"):
