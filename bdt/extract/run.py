@@ -13,7 +13,7 @@ import time
 from collections import Counter, deque
 from typing import Any
 
-from bdt import storage
+from bdt import output_dirs, storage
 from bdt.config import save_resolved, to_dict
 from bdt.data.buckets import check_buckets, make_buckets
 from bdt.extract import inputs as inp
@@ -67,6 +67,8 @@ def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[i
     from bdt.tokenizer.io import check_tokenizer, tokenizer_identity
 
     validate(cfg)
+    # The trainer refuses it (its export copies the folder): refused before the shards, not after.
+    output_dirs.check_links(cfg.tokenizer, "tokenizer")
     geometry = _token_geometry(cfg.tokenizer)
     # Weights that do not fit the config would fail every actor's start, after Ray started.
     check_tokenizer(cfg.tokenizer, getattr(torch, encode_dtype(cfg)))

@@ -108,6 +108,22 @@ def test_a_tokenizer_whose_weights_do_not_fit_its_config_is_refused_before_ray(t
         plan(_cfg(tmp_path, str(tokenizer)))
     assert not os.path.exists(tmp_path / "out")
 
+
+def test_a_tokenizer_linking_out_of_its_folder_is_refused_before_its_files_are_read(
+        tmp_path, tiny_tokenizer):
+    """The trainer refuses such a tokenizer (its export copies the folder): an extraction with it
+    was wasted, and hashing its files for the manifest read whatever the link named (a link to
+    /dev/zero never ended)."""
+    tokenizer = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer, tokenizer)
+    (tmp_path / "secret").write_text("PRIVATE KEY")
+    (tokenizer / "notes.txt").symlink_to(tmp_path / "secret")
+    with pytest.raises(ValueError, match=f"^tokenizer = {tokenizer}: notes.txt is a symlink to "
+                                         f"{tmp_path}/secret, outside the folder"):
+        plan(_cfg(tmp_path, str(tokenizer)))
+    assert not os.path.exists(tmp_path / "out")
+
+
 @pytest.mark.parametrize("key,value,shown", [
     ("output", "tokens/out", "tokens/out"), ("inputs", "/data/a.tar,raw/in-{0..2}.tar", "raw/in-0.tar"),
 ])
