@@ -165,12 +165,17 @@ def readable_as_open_makes(folder: str) -> None:
                 os.chmod(path, mode)
 
 
-def check_links(folder: str, what: str) -> None:
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def check_links(folder: str, what: str, weights_may_link: bool = False) -> None:
     """ValueError naming the first symlink in local `folder` that does not lead to a regular file
     inside it (or, in a Hugging Face cache snapshot `<repo>/snapshots/<rev>`, inside
     `<repo>/blobs`): the folder is copied into an output a user may publish, and a cloned one
     with `notes.txt -> ~/.ssh/id_rsa` put that key there. `what` names the folder (a config key).
-    Remote folders hold no links."""
+    `weights_may_link`: weight files (WEIGHT_SUFFIXES) may lead anywhere, for a folder whose
+    weights are parsed as tensors and never copied as bytes (a shared store of weights is often
+    linked in). Remote folders hold no links."""
     if not folder or storage.is_remote(folder) or not os.path.isdir(storage.local_path(folder)):
         return
     root = storage.local_path(folder)
@@ -182,7 +187,7 @@ def check_links(folder: str, what: str) -> None:
     for dirpath, dirs, files in os.walk(root):  # links to folders are listed, not entered
         for name in sorted(dirs + files):
             path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
+            if not os.path.islink(path) or (weights_may_link and name.endswith(WEIGHT_SUFFIXES)):
                 continue
             try:
                 target = os.path.realpath(path, strict=True)

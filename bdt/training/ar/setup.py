@@ -95,9 +95,10 @@ def set_threads(threads: int) -> None:
 def check_copied_folders(cfg: TrainConfig) -> None:
     """ValueError naming a link out of a folder the export copies (output_dirs.check_links):
     `data.tokenizer`, and the LLM's, whose text tokenizer saves its files again (a linked
-    chat_template.jinja's text among them). Refused at start, not after hours of training."""
+    chat_template.jinja's text among them; its weights are saved from the tensors, so they may
+    link to a shared store). Refused at start, not after hours of training."""
     output_dirs.check_links(cfg.data.tokenizer, "data.tokenizer")
-    output_dirs.check_links(cfg.model.backbone.path, "model.backbone.path")
+    output_dirs.check_links(cfg.model.backbone.path, "model.backbone.path", weights_may_link=True)
 
 
 def check_image_tokenizer(cfg: TrainConfig) -> None:

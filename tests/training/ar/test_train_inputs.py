@@ -162,11 +162,18 @@ def test_a_folder_the_export_copies_linking_out_is_refused_at_start(tmp_path, ke
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "chat_template.jinja").symlink_to(tmp_path / "secret")
+    (tmp_path / "store.safetensors").write_bytes(b"")
+    # The LLM's weights are loaded as tensors and saved from them: a link to a store is fine.
+    (folder / "model.safetensors").symlink_to(tmp_path / "store.safetensors")
     cfg = config(tmp_path, str(tmp_path / "nowhere"), f"{key}={folder}")
     with pytest.raises(ValueError, match=rf"^{key} = {folder}: chat_template.jinja is a symlink "
                                          rf"to {tmp_path}/secret, outside the folder"):
         loop.run(cfg, lambda cfg, dist: [])
     assert not (tmp_path / "run").exists()
+    (folder / "chat_template.jinja").unlink()
+    with pytest.raises(ValueError) as e:
+        loop.run(cfg, lambda cfg, dist: [])
+    assert ("model.safetensors is a symlink" in str(e.value)) == (key == "data.tokenizer")
 
 
 def test_bits_per_token_mismatch_is_refused(tmp_path):
