@@ -5,7 +5,8 @@ Training forward on a `PackedSequence` (one packed row of S samples):
                     connector(flipped bits) + pos2d(row, col) at image positions     (method §2)
     hidden        = LLM decoder under the block-causal, document-separated mask      (method §4)
     text CE       = LM head on the text-target positions only (a full [L, V] logits tensor
-                    would be 151940 x L floats for Qwen3), weight 0.01
+                    would be 151940 x L floats for Qwen3), scaled or soft-capped as the
+                    backbone's own forward does it, weight 0.01
     head cond     = hidden at the predicting position + pos2d of the predicted token (method §3)
     vision loss   = flow loss per token, mean, weight 1.0
 
@@ -33,6 +34,7 @@ from bdt.model.attention import (
     resolve_backend,
 )
 from bdt.model.attention_kernels import hf_attn_implementation
+from bdt.model.backbone import output_logits
 from bdt.model.config import ModelConfig
 from bdt.model.embed import BitsConnector, PosEmbed2D, flip_bits
 from bdt.model.flow import binarize, flow_loss
@@ -282,8 +284,8 @@ class BitDanceModel(nn.Module):
                                        row_len)
 
         text_idx = packed.text_loss_index_T.to(device)
-        logits_TV = self.llm.get_output_embeddings()(hidden_LD[text_idx])
-        text_ce = F.cross_entropy(logits_TV.float(), packed.text_target_T.to(device))
+        logits_TV = self.lm_logits(hidden_LD[text_idx])
+        text_ce = F.cross_entropy(logits_TV, packed.text_target_T.to(device))
 
         rc_N2 = packed.image_rc_N2.to(device)
         cond_ND = self.head_condition(hidden_LD[packed.vision_loss_index_N.to(device)], rc_N2)
@@ -306,7 +308,12 @@ class BitDanceModel(nn.Module):
         layout = BlockCausalLayout.stack([BlockCausalLayout.from_packed([0, L], [L], 1)] * B)
         out = self.decoder(inputs_embeds=self.embed_text(input_ids_BL.to(self.llm.device)),
                            use_cache=False, **self.mask_kwargs(layout))
-        return self.llm.get_output_embeddings()(out.last_hidden_state)
+        return self.lm_logits(out.last_hidden_state)
+
+    def lm_logits(self, hidden: Tensor) -> Tensor:
+        """fp32 text logits of last hidden states: the LM head and the backbone's own scaling or
+        soft-cap of its output (`output_logits`)."""
+        return output_logits(self.llm.config, self.llm.get_output_embeddings()(hidden))
 
 
 def read_model_config(model_dir: str) -> ModelConfig:

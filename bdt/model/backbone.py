@@ -320,6 +320,23 @@ def load_backbone(cfg: BackboneConfig, parallel_num: int, num_res: int | None = 
     return Backbone(model=model, tokenizer=tokenizer, special=special, prompt=prompt_ids(tokenizer))
 
 
+def output_logits(config, lm_head_out: torch.Tensor) -> torch.Tensor:
+    """fp32 logits as the backbone's own causal-LM forward makes them from its LM head's output
+    (its config says how): Cohere multiplies by logit_scale, Granite and MiniCPM3 divide by
+    logits_scaling (HyperCLOVA X multiplies), Gemma 2/3 soft-cap with tanh at
+    final_logit_softcapping. The plain LM head output is not what the pretrained LM predicts."""
+    logits = lm_head_out.float()
+    if getattr(config, "logit_scale", None) is not None:
+        logits = logits * config.logit_scale
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None:
+        logits = logits * scaling if config.model_type == "hyperclovax" else logits / scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def backbone_key_map(model: "PreTrainedModel", prefix: str = "") -> dict[str, str]:
     """BitDance key -> our key for every backbone parameter (ours mounted under ``prefix``)."""
     return {BITDANCE_LLM_PREFIX + k: prefix + k for k in model.state_dict()}

@@ -93,14 +93,15 @@ def tiny_config(llm_dir, **overrides) -> ModelConfig:
                        **kwargs)
 
 
-def tiny_packed(model: BitDanceModel, seed: int = 0):
+def tiny_packed(model: BitDanceModel, seed: int = 0, samples: int = len(CAPTIONS)):
     from bdt.model.text_tokenizer import encode
 
     g = torch.Generator().manual_seed(seed)
     packer = SequencePacker(model.special, model.prompt, 4, max_len=4096,
                             encode_text=lambda s: encode(model.tokenizer, s))
     return packer.pack([ImageSample(c, torch.where(torch.rand(4, 2 + 2 * i, 8, generator=g) > 0.5,
-                                                   1.0, -1.0)) for i, c in enumerate(CAPTIONS)])
+                                                   1.0, -1.0))
+                        for i, c in enumerate(CAPTIONS[:samples])])
 
 
 def test_llm_init_keeps_the_llm(llm_dir):
@@ -117,6 +118,39 @@ def test_llm_init_keeps_the_llm(llm_dir):
         theirs = original(input_ids=ids).logits
     assert ours.shape[-1] == model.llm.config.vocab_size
     torch.testing.assert_close(ours[..., :vocab], theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config_class, transform", [
+    ("Gemma3TextConfig", {"final_logit_softcapping": 2.0}),
+    ("CohereConfig", {"logit_scale": 0.25}),
+    ("GraniteConfig", {"logits_scaling": 4.0}),
+])
+def test_text_loss_is_the_backbones_own_loss(llm_dir, tmp_path, config_class, transform):
+    """Gemma 2 and 3 soft-cap their LM head's output, Cohere multiplies it, Granite divides it: the text
+    CE of the plain LM head output was not the loss the pretrained LM was trained with."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from bdt.model.backbone import BackboneConfig
+
+    folder = str(tmp_path / "llm")
+    AutoTokenizer.from_pretrained(llm_dir).save_pretrained(folder)
+    getattr(transformers, config_class)(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, **transform).save_pretrained(folder)
+    cfg = tiny_config(folder)
+    cfg.backbone = BackboneConfig(path=folder, from_scratch=True)
+    model = BitDanceModel.from_config(cfg).eval()
+    with torch.no_grad():  # logits large enough for the cap to bend them
+        model.llm.get_output_embeddings().weight.mul_(50.0)
+    packed = tiny_packed(model, samples=1)
+    labels = torch.full_like(packed.input_ids_L, -100)
+    labels[packed.text_loss_index_T + 1] = packed.text_target_T  # HF shifts labels by one
+    with torch.no_grad():
+        ours = model(packed)["text_ce"]
+        embeds = model.input_embeddings(packed, packed.image_bits_NC)  # causal: same text hidden
+        theirs = model.llm(inputs_embeds=embeds[None], labels=labels[None]).loss
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_save_and_load_roundtrip(llm_dir, tmp_path):
