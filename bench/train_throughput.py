@@ -145,7 +145,7 @@ def main() -> None:
         shards = list_shards(cfg.stages[0].shards)
         stream, packer = setup.make_stream(cfg, 0, shards, model, dist)
         probe, _ = setup.make_stream(cfg, 0, shards, model, dist)  # data-path bursts only
-        flop_model = FlopModel.from_model(model.llm.config,
+        flop_model = FlopModel.from_model(model.llm,
                                           sum(p.numel() for p in model.head.parameters()), 1)
         peaks = [measure_peak_flops(torch.float32, n=2048, seconds=3.0)]
         bf16_peak = measure_peak_flops(torch.bfloat16, n=2048, seconds=3.0)

@@ -3,6 +3,7 @@ the spawned ranks' entry (rank_entry)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import multiprocessing
@@ -202,6 +203,7 @@ def _build_rank_main(rank: int, world: int, port: int, argv: list[str], out_dir:
     from bdt.training.deepspeed_config import build_ds_config
     from bdt.training.distributed import init_distributed
     from bdt.training.ar.config import TrainConfig
+    from bdt.training.ar.flops import FlopModel
 
     cfg = OmegaConf.to_object(load(TrainConfig, [argv[1]], argv[2:]))
     init_distributed()
@@ -218,7 +220,9 @@ def _build_rank_main(rank: int, world: int, port: int, argv: list[str], out_dir:
     with open(os.path.join(out_dir, f"local_{rank}.json"), "w") as f:
         json.dump({"local": local, "shape_now": {n: list(p.shape) for n, p in
                                                  model.named_parameters()},
-                   "zero3_enabled": hf_ds is not None and hf_ds.is_zero3()}, f)
+                   "zero3_enabled": hf_ds is not None and hf_ds.is_zero3(),
+                   "flops": dataclasses.asdict(FlopModel.for_model(model)),
+                   "layer_costs": list(model._layer_costs)}, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

@@ -34,7 +34,7 @@ from bdt.model.attention import (
     resolve_backend,
 )
 from bdt.model.attention_kernels import hf_attn_implementation
-from bdt.model.backbone import output_logits
+from bdt.model.backbone import decoder_matmul_params, output_logits
 from bdt.model.config import ModelConfig
 from bdt.model.embed import BitsConnector, PosEmbed2D, flip_bits
 from bdt.model.flow import binarize, flow_loss
@@ -79,7 +79,7 @@ class BitDanceModel(nn.Module):
         self.pos_embed = PosEmbed2D(hidden, cfg.pos_max_len)  # a computed buffer: never meta
         self.backend = resolve_backend(cfg.attn_backend, "cuda" if torch.cuda.is_available()
                                        else "cpu")
-        self._layer_costs = _layer_costs(llm.config)
+        self._layer_costs = _layer_costs(llm)
         if cfg.activation_checkpointing:
             # Non-reentrant: works with DeepSpeed ZeRO-3 (environment.md); HF only checkpoints
             # in train mode, like the head.
@@ -338,13 +338,10 @@ def read_model_config(model_dir: str) -> ModelConfig:
     return cfg
 
 
-def _layer_costs(config) -> tuple[float, float]:
-    """(MACs per token, MACs per query-key pair) of one decoder layer of an HF causal LM config:
-    the weights of q, k, v, o and a gated MLP; QK^T + AV over every head."""
-    hidden = config.hidden_size
+def _layer_costs(llm) -> tuple[float, float]:
+    """(MACs per token, MACs per query-key pair) of one decoder layer of an HF causal LM: its
+    weights (`decoder_matmul_params`, averaged over the layers); QK^T + AV over every head."""
+    config = llm.config
     heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    inter = getattr(config, "intermediate_size", None) or 4 * hidden
-    per_token = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 3 * hidden * inter
-    return float(per_token), float(2 * heads * head_dim)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return (decoder_matmul_params(llm) / config.num_hidden_layers, float(2 * heads * head_dim))

@@ -337,6 +337,28 @@ def output_logits(config, lm_head_out: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def decoder_matmul_params(model: "PreTrainedModel") -> float:
+    """Weights the decoder multiplies each token by (its forward matmul FLOPs per token / 2),
+    counted on the built modules as the architecture has them: every Linear (GPT-2's Conv1D) of
+    the decoder: q, k, v, o however fused, a multi-query Falcon's one key/value head, a gated
+    MLP's 3 matrices or a plain one's 2; of stacked MoE experts ([E, out, in]) the
+    num_experts_per_tok a token is routed to (not the router: E x hidden). Embeddings and the LM
+    head are not counted; a ZeRO-3 partitioned parameter counts in full."""
+    from transformers.pytorch_utils import Conv1D
+
+    top_k = getattr(model.config, "num_experts_per_tok", None)
+    total = 0.0
+    for module in model.get_decoder().modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            total += int(getattr(module.weight, "ds_numel", module.weight.numel()))
+            continue
+        for p in module.parameters(recurse=False):
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            if len(shape) == 3:  # experts stacked on dim 0: a token runs top_k of them
+                total += shape[1] * shape[2] * (top_k or shape[0])  # (all: no top-k named)
+    return total
+
+
 def backbone_key_map(model: "PreTrainedModel", prefix: str = "") -> dict[str, str]:
     """BitDance key -> our key for every backbone parameter (ours mounted under ``prefix``)."""
     return {BITDANCE_LLM_PREFIX + k: prefix + k for k in model.state_dict()}

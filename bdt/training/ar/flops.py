@@ -3,7 +3,8 @@
 Training FLOPs = 3 x forward (backward ~ 2 x forward). Forward, per packed row, counting only
 the work the model needs (padding tokens and masked query-key pairs are not counted, whatever
 the kernel computes):
-  decoder matmuls   2 x (q, k, v, o and SwiGLU weights) per token
+  decoder matmuls   2 x the decoder's weights per token, counted on its modules (q, k, v, o and
+                    the MLP's 3 matrices if gated, 2 if not; of MoE experts the routed ones)
   attention         per layer 2 x 2 x heads x head_dim per visible query-key pair (QK^T and AV);
                     the visible pairs of a sample under its block-causal mask (method §4): a
                     causal prefix of c tokens gives c (c + 1) / 2, then every token of a block of
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bdt.model.backbone import decoder_matmul_params
+
 
 @dataclass
 class FlopModel:
@@ -34,16 +37,15 @@ class FlopModel:
     head_per_image: float  # diffusion head (all repeats) + bits connector, per image token
 
     @classmethod
-    def from_model(cls, llm_config, head_params: int, head_repeat: int,
+    def from_model(cls, llm, head_params: int, head_repeat: int,
                    connector_params: int = 0) -> FlopModel:
-        c = llm_config
-        d, layers = c.hidden_size, c.num_hidden_layers
-        heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        """The FlopModel of an HF causal LM `llm` (its decoder's weights as built: a gated MLP
+        has 3 matrices, GPT-2's or Falcon's 2) and a head of head_params, run head_repeat times."""
+        c = llm.config
+        d, layers, heads = c.hidden_size, c.num_hidden_layers, c.num_attention_heads
         hd = getattr(c, "head_dim", None) or d // heads
-        # GPT-2 and Falcon configs name no intermediate_size: their MLP is 4 x hidden wide.
-        inter = getattr(c, "intermediate_size", None) or 4 * d
-        per_layer = d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * inter
-        return cls(dense_per_token=2.0 * layers * per_layer, attn_coef=4.0 * layers * heads * hd,
+        return cls(dense_per_token=2.0 * decoder_matmul_params(llm),
+                   attn_coef=4.0 * layers * heads * hd,
                    lm_head_per_text=2.0 * d * c.vocab_size,
                    head_per_image=2.0 * (head_params * head_repeat + connector_params))
 
@@ -51,7 +53,7 @@ class FlopModel:
     def for_model(cls, model) -> FlopModel:
         """The FlopModel of a BitDanceModel, its head counted by `head_flops_per_token`."""
         connector = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.connector.parameters())
-        flops = cls.from_model(model.llm.config, 0, 1, connector)
+        flops = cls.from_model(model.llm, 0, 1, connector)
         flops.head_per_image += head_flops_per_token(model.head.cfg) * model.cfg.head.repeat
         return flops
 

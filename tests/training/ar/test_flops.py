@@ -17,11 +17,11 @@ def test_visible_pairs_are_the_masks(n, causal, P):
 
 
 def test_packed_row_counts_block_causal_pairs():
-    from transformers import Qwen3Config
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     c = Qwen3Config(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    fm = FlopModel.from_model(c, head_params=0, head_repeat=1)
+    fm = FlopModel.from_model(Qwen3ForCausalLM(c), head_params=0, head_repeat=1)
     layout = BlockCausalLayout.from_packed([0, 29, 329], [5, 40], [4, 16])
     block = fm.train_flops([29, 300], 0, 0, causal_lens=[5, 40], block_sizes=[4, 16])
     causal = fm.train_flops([29, 300], 0, 0)
@@ -49,16 +49,39 @@ def test_for_model_counts_head_repeats_and_connector():
     # (rel: torch counts the P x P attention of the meta copy and of the real head differently)
     assert fm.head_per_image == pytest.approx(2 * counted.get_total_flops() / 12 + 2 * connector,
                                               rel=0.01)
-    assert fm.dense_per_token == FlopModel.from_model(llm.config, 0, 1).dense_per_token
+    assert fm.dense_per_token == FlopModel.from_model(llm, 0, 1).dense_per_token
 
 
-def test_configs_without_intermediate_size_count_a_4x_mlp():
-    """GPT-2 and Falcon configs name no intermediate_size: the trainer failed at start
-    with an AttributeError traceback from this MFU estimate."""
-    from transformers import GPT2Config, LlamaConfig
+def _llm(name: str, **fields):
+    import transformers
 
-    gpt2 = GPT2Config(vocab_size=100, n_embd=32, n_layer=3, n_head=4)
-    llama = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=128, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=4)
-    assert (FlopModel.from_model(gpt2, 0, 1).dense_per_token
-            == FlopModel.from_model(llama, 0, 1).dense_per_token)
+    config = getattr(transformers, name + "Config")(vocab_size=100, **fields)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+# Decoder weights per layer, by hand: d = 32, 4 heads of 8, I = the MLP's width.
+LLAMA = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 48  # q, GQA k and v (2 heads), o; gate, up, down
+GPT2 = 32 * 96 + 32 * 32 + 2 * 32 * 128  # fused qkv, o; fc, proj (no intermediate_size: 4 x d)
+FALCON = 32 * 48 + 32 * 32 + 2 * 32 * 128  # multi-query: q and one k, v head fused, o; 2 x 4d
+STARCODER2 = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 2 * 32 * 48
+MIXTRAL = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 2 * 3 * 32 * 48  # 2 of the 4 experts (no router)
+
+
+@pytest.mark.parametrize("name, fields, per_layer", [
+    ("Llama", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2), LLAMA),
+    ("GPT2", dict(n_embd=32, n_layer=3, n_head=4), GPT2),
+    ("Falcon", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4), FALCON),
+    ("Starcoder2", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2), STARCODER2),
+    ("Mixtral", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                     num_experts_per_tok=2), MIXTRAL),
+])
+def test_decoder_flops_count_the_mlp_the_backbone_has(name, fields, per_layer):
+    """Every MLP was counted as 3 matrices (SwiGLU) of intermediate_size (or 4 x hidden): GPT-2's,
+    Falcon's and Starcoder2's 2 matrices were a third too high, Falcon's one key/value head
+    counted as 4, and MoE experts as one dense MLP."""
+    fm = FlopModel.from_model(_llm(name, **fields), head_params=0, head_repeat=1)
+    assert fm.dense_per_token == 2 * 3 * per_layer
+    assert fm.attn_coef == 4 * 3 * 4 * 8

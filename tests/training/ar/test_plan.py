@@ -238,7 +238,7 @@ def test_flops_match_parameter_count_and_packed_attention():
                     num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     llm = Qwen3ForCausalLM(c)
     matmul_params = sum(p.numel() for n, p in llm.model.layers.named_parameters() if p.dim() == 2)
-    fm = FlopModel.from_model(c, head_params=1000, head_repeat=2)
+    fm = FlopModel.from_model(llm, head_params=1000, head_repeat=2)
     assert fm.dense_per_token == 2 * matmul_params
     one = fm.train_flops([64], text_tokens=0, image_tokens=0)
     two = fm.train_flops([32, 32], text_tokens=0, image_tokens=0)

@@ -2,6 +2,7 @@
 and the partitions hold exactly the weights a plain build has (the LLM read from its files,
 the mean-initialised new embedding rows, our freshly initialised modules), in bf16."""
 
+import dataclasses
 import json
 import math
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from bdt.config import load
 from bdt.training.ar import setup
 from bdt.training.ar.config import TrainConfig
+from bdt.training.ar.flops import FlopModel
 from testkit import TINY_CONFIG
 from trainutil import spawn_build, tiny_llm, train_overrides
 
@@ -30,6 +32,9 @@ def test_zero3_build_partitions_every_parameter_with_the_plain_values(tmp_path):
     cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], overrides + ["deepspeed.zero_stage=0"]))
     torch.manual_seed(cfg.seed)
     plain, _ = setup.build_model(cfg, {})
+    # FLOPs and the sdpa row costs count the decoder's weights: in full, partitioned or not
+    assert all(r["flops"] == dataclasses.asdict(FlopModel.for_model(plain)) for r in ranks)
+    assert all(r["layer_costs"] == list(plain._layer_costs) for r in ranks)
     expected = dict(plain.named_parameters())
     assert gathered.keys() == expected.keys()
     for name, full in gathered.items():
