@@ -123,6 +123,10 @@ def llm_config(cfg: BackboneConfig):
                          f"model.backbone.config_overrides.attn_logit_softcapping=null to "
                          f"train without the cap")
     _refuse_stateful_layers(config, where)
+    if getattr(config, "num_attention_heads", None) is None:  # read above as all attention
+        raise ValueError(f"backbone config {where!r}: {type(config).__name__} names no "
+                         f"num_attention_heads: bdt needs a causal LM whose layers are all "
+                         f"attention (RWKV and xLSTM are recurrent)")
     return config
 
 

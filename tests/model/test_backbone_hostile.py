@@ -112,6 +112,23 @@ def test_layers_other_than_attention_are_refused(llm_dir, tmp_path, config_class
         load_backbone(BackboneConfig(path=folder, from_scratch=True), parallel_num=4)
 
 
+@pytest.mark.parametrize("config_class, fields", [
+    ("RwkvConfig", {"attention_hidden_size": 32}),
+    ("xLSTMConfig", {"embedding_dim": 32, "num_heads": 4}),
+])
+def test_recurrent_lms_without_attention_are_refused(llm_dir, tmp_path, config_class, fields):
+    """transformers reads a config without layer kinds as all attention: RWKV and xLSTM passed
+    the check above and failed in BitDanceModel with an AttributeError traceback."""
+    import transformers
+
+    folder = _copy(llm_dir, tmp_path)
+    getattr(transformers, config_class)(vocab_size=512, hidden_size=32, num_hidden_layers=2,
+                                        **fields).save_pretrained(folder)
+    with pytest.raises(ValueError, match=rf"config\.json'?: {config_class} names no "
+                                         rf"num_attention_heads: .* all attention"):
+        load_backbone(BackboneConfig(path=folder, from_scratch=True), parallel_num=4)
+
+
 def test_layer_kinds_without_token_mixing_pass_and_a_config_transformers_cannot_read_too():
     """MLP- and MoE-only layers mix no tokens: refusing them refused benign backbones. Where
     transformers' (internal) reading of the layer kinds fails, the config's layer_types decide
