@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -86,8 +87,31 @@ def epoch_order(shards: list[str], seed: int, rank: int, epoch: int) -> list[str
     return [shards[i] for i in perm]
 
 
+def shard_names(urls: list[str]) -> list[str]:
+    """The names a stream reads, records and fingerprints its shards by: a local shard by its
+    absolute real path (a relative name, `~/x`, `a/../b` or a link naming the same files is the
+    same shard; a relative name from another working directory may be another), a remote URL
+    as given. A run dir resumed on another node with the same mount finds the same names."""
+    return [u if storage.is_remote(u) else os.path.realpath(storage.local_path(u)) for u in urls]
+
+
 def stream_fingerprint(all_shards: list[str], rank: int, world: int, seed: int) -> str:
-    return hashlib.sha256(json.dumps([all_shards, rank, world, seed]).encode()).hexdigest()[:16]
+    return _digest(shard_names(all_shards), rank, world, seed)
+
+
+def _digest(names: list[str], rank: int, world: int, seed: int) -> str:
+    return hashlib.sha256(json.dumps([names, rank, world, seed]).encode()).hexdigest()[:16]
+
+
+def same_stream(meta: dict, all_shards: list[str], rank: int, world: int, seed: int) -> bool:
+    """Whether a saved state was read from `all_shards` (as `rank` of `world`, with `seed`).
+    A state saved before shards were named by real path hashed the names as given: accepted
+    where those are absolute or remote (they named the same files from any directory)."""
+    if meta.get("fingerprint") == stream_fingerprint(all_shards, rank, world, seed):
+        return True
+    given = list(all_shards)
+    return all(storage.is_remote(u) or os.path.isabs(u) for u in given) and \
+        meta.get("fingerprint") == _digest(given, rank, world, seed)
 
 
 def check_version(meta: dict) -> None:
@@ -146,14 +170,14 @@ def resplit(states: list[tuple[dict, dict[str, torch.Tensor]]], all_shards: list
             new_world: int) -> list[tuple[dict, dict[str, torch.Tensor]]]:
     """The saved stream states of ranks 0..W-1 -> states for `new_world` ranks (module doc)."""
     old_world = len(states)
-    all_shards = list(all_shards)
     for rank, (meta, _) in enumerate(states):
         check_version(meta)
-        if meta["fingerprint"] != stream_fingerprint(all_shards, rank, old_world, seed):
+        if not same_stream(meta, all_shards, rank, old_world, seed):
             raise ValueError(f"data stream state of old rank {rank} (of {old_world}) was built "
                              f"over different shards or seed than this run's config: re-split "
                              f"needs the same data config")
         check_shard_sizes(meta)
+    all_shards = shard_names(all_shards)  # the pending ranges name them as the new streams do
     per_rank = [unread_ranges(m, all_shards, r, old_world, seed) for r, (m, _) in enumerate(states)]
     ranges = [rs[i] for i in range(max(map(len, per_rank), default=0)) for rs in per_rank
               if i < len(rs)]

@@ -44,7 +44,8 @@ import torch
 from bdt import storage
 from bdt.data.stream_state import (STATE_VERSION, Cursor, Range, StreamCounters, buffer_items,
                                    cat_bits, check_shard_sizes, check_version, epoch_order,
-                                   rank_split, shards_entered, stream_fingerprint)
+                                   rank_split, same_stream, shard_names, shards_entered,
+                                   stream_fingerprint)
 from bdt.data.tars import ReadRetries, TarSample, log_skip, read_failure
 from bdt.data.token_shards import TokenSample, decode_tar_sample, read_token_samples
 
@@ -98,7 +99,8 @@ class TokenStream:
         if token_budget < 1 or buffer_size < 1:
             raise ValueError(f"token_budget and buffer_size must be >= 1, got {token_budget} "
                              f"and {buffer_size}")
-        self.all_shards = list(shards)
+        self.given_shards = list(shards)  # what a state saved by an earlier bdt is checked on
+        self.all_shards = shard_names(shards)  # read and recorded by these (stream_state)
         self.rank, self.world_size = rank, world_size
         self.shards, self.sample_stride = rank_split(self.all_shards, rank, world_size)
         self.token_budget, self.buffer_size, self.seed = token_budget, buffer_size, seed
@@ -344,7 +346,7 @@ class TokenStream:
 
     def load_state_dict(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         check_version(meta)
-        if meta["fingerprint"] != self._fingerprint():
+        if not same_stream(meta, self.given_shards, self.rank, self.world_size, self.seed):
             raise ValueError("the checkpoint's data stream was built over different shards, rank "
                              "layout or seed than this run's config: resume with the same data "
                              "config (or start a new run directory)")

@@ -86,6 +86,80 @@ def test_resume_rejects_other_data(tmp_path):
         make(urls[:1]).load_state_dict(meta, tensors)
 
 
+def test_a_resume_naming_the_same_shards_otherwise_continues_exactly(tmp_path, monkeypatch):
+    """Saved with absolute names, resumed (and re-split) from another directory with relative,
+    `~/`, `a/../b` and linked names of the same files: the very batches of an uninterrupted run
+    (the fingerprint once hashed the names as given and refused these)."""
+    urls = write_shards(str(tmp_path / "d"), GRIDS, num_shards=3, per_shard=9)
+    ref = make(urls)
+    ref_batches = [keys(ref.next_batch()) for _ in range(12)]
+    a = make(urls)
+    for _ in range(5):
+        a.next_batch()
+    meta, tensors = a.state_dict()
+    meta = json.loads(json.dumps(meta))
+    os.symlink(tmp_path / "d", tmp_path / "link")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    names = [os.path.join("..", "d", os.path.basename(urls[0])),
+             os.path.join("~", "d", os.path.basename(urls[1])),
+             os.path.join(str(tmp_path), "elsewhere", "..", "link", os.path.basename(urls[2]))]
+    b = make(names)
+    b.load_state_dict(meta, tensors)
+    assert [keys(b.next_batch()) for _ in range(7)] == ref_batches[5:]
+    [(meta1, tensors1)] = resplit([(meta, tensors)], names, seed=3, new_world=1)
+    c = make(urls)
+    c.load_state_dict(json.loads(json.dumps(meta1)), tensors1)
+    assert c.next_batch().samples
+
+
+def test_relative_names_of_other_shards_from_another_directory_are_refused(tmp_path, monkeypatch):
+    """`d/000000.tar` saved in one directory and resumed in another names other files (another
+    extraction with the same shard names): refused, though the names are the same."""
+    for run, seed in (("one", 0), ("two", 1)):
+        write_shards(str(tmp_path / run / "d"), GRIDS, num_shards=2, per_shard=4, seed=seed)
+    names = [os.path.join("d", f"{k:06d}.tar") for k in range(2)]
+    monkeypatch.chdir(tmp_path / "one")
+    a = make(names)
+    a.next_batch()
+    meta, tensors = a.state_dict()
+    monkeypatch.chdir(tmp_path / "two")
+    with pytest.raises(ValueError, match="different shards"):
+        make(names).load_state_dict(meta, tensors)
+    with pytest.raises(ValueError, match="old rank 0"):
+        resplit([(meta, tensors)], names, seed=3, new_world=2)
+
+
+def test_a_state_saved_before_real_path_names_resumes_over_absolute_names(tmp_path, monkeypatch):
+    """An earlier bdt hashed the shard names as given: its state resumes over the same absolute
+    names (here through a link, whose real path differs), not over relative ones, which named
+    files of whatever directory the run was started in."""
+    urls = write_shards(str(tmp_path / "d"), GRIDS, num_shards=2, per_shard=6)
+    os.symlink(tmp_path / "d", tmp_path / "link")
+    linked = [u.replace(str(tmp_path / "d"), str(tmp_path / "link")) for u in urls]
+    relative = [os.path.relpath(u, tmp_path) for u in urls]
+    monkeypatch.chdir(tmp_path)
+    for names, resumes in ((linked, True), (relative, False)):
+        a = make(names)
+        a.next_batch()
+        meta, tensors = a.state_dict()
+        meta["fingerprint"] = legacy_fingerprint(names, 0, 1, 3)
+        if resumes:
+            make(names).load_state_dict(meta, tensors)
+            resplit([(meta, tensors)], names, seed=3, new_world=2)
+        else:
+            with pytest.raises(ValueError, match="different shards"):
+                make(names).load_state_dict(meta, tensors)
+
+
+def legacy_fingerprint(urls, rank, world, seed):
+    """The stream fingerprint bdt wrote before it named local shards by their real paths."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([urls, rank, world, seed]).encode()).hexdigest()[:16]
+
+
 def test_corrupt_samples_skipped_and_counted(tmp_path):
     urls = write_shards(str(tmp_path / "ok"), GRIDS, num_shards=1, per_shard=6)
     bad = str(tmp_path / "bad.tar")

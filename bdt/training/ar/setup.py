@@ -14,7 +14,7 @@ import torch
 
 from bdt import output_dirs, storage
 from bdt.data.shard_source import ShardList, list_shards, tokenizer_sha
-from bdt.data.stream_state import stream_fingerprint
+from bdt.data.stream_state import same_stream
 from bdt.data.token_shards import TokenSample, iter_token_shard
 from bdt.data.token_stream import TokenStream
 from bdt.model.ar import LLM_DIR, WEIGHTS_NAME, BitDanceModel, read_model_config
@@ -355,8 +355,7 @@ def check_stream_state(cfg: TrainConfig, stage_idx: int, shards: ShardList, stre
     """A checkpoint's stream continues only over the shards and seed it read (the stream checks
     it too, but later and without naming the stage): checked at the resume, before any step."""
     seed = stream_seed(cfg, stage_idx)
-    if stream_meta.get("fingerprint") != stream_fingerprint(shards.urls, dist.rank,
-                                                            dist.world_size, seed):
+    if not same_stream(stream_meta, shards.urls, dist.rank, dist.world_size, seed):
         stage = cfg.stages[stage_idx]
         raise ValueError(f"stages.{stage_idx} ({stage.name!r}): the checkpoint's data stream was "
                          f"read from other shards than the {len(shards.urls)} that its shards "

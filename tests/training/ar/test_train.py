@@ -109,8 +109,12 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
     assert summary["timed_out"] and not summary["stopped"] and summary["saved_step"] == 6
     assert (ck / "step_000000006" / "COMPLETE").exists()
     assert (tmp_path / "export" / "model_config.yaml").exists()
-    # 4. resume at 6, inside stage 1 with its stream state, and finish
-    assert spawn_train(logged()) == 0
+    # 4. resume at 6, inside stage 1 with its stream state, and finish; the shards are named
+    #    otherwise (through a link, with a '..'): the same files, so the same stream
+    s0, s1 = data["shards"]
+    os.symlink(s1, tmp_path / "s1_link")
+    renamed = [os.path.join(s0, "..", os.path.basename(s0)), str(tmp_path / "s1_link")]
+    assert spawn_train(argv(data, tmp_path, "logging.sample_keys=true", shards=renamed)) == 0
     resumed = [json.loads(line)["resumed_from_step"] for line in open(tmp_path / "metrics.jsonl")
                if "resumed_from_step" in line]
     assert resumed == [2, 5, 6]
