@@ -148,9 +148,21 @@ def export(model_cfg: TokenizerConfig, ema_state: dict, run_dir: str) -> str:
     return path
 
 
-def _quant_metrics(q) -> dict[str, float]:
-    rates, ent = q.bit_rates.float(), q.group_code_entropy.float()
-    out = {"commit": q.commitment_loss.item(), "entropy": q.entropy_loss.item(),
+QUANT_LOGGED = ("commitment_loss", "entropy_loss", "bit_rates", "group_code_entropy")
+
+
+def _step_metrics(seen: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> dict[str, float]:
+    """psnr, ssim and the quantizer's metrics of a step: each the mean over its micro-batches
+    (`seen`: recon, images, the quantizer's QUANT_LOGGED of each). Micro-batches are of one
+    size, so the per-bit rates are the step's; min, max and outside 5-95% are of those."""
+    def mean(values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([v.float() for v in values]).mean(0)
+
+    q = {k: mean([quant[k] for _, _, quant in seen]) for k in QUANT_LOGGED}
+    rates, ent = q["bit_rates"], q["group_code_entropy"]
+    out = {"psnr": mean([psnr(r, i).mean() for r, i, _ in seen]).item(),
+           "ssim": mean([ssim(r, i).mean() for r, i, _ in seen]).item(),
+           "commit": q["commitment_loss"].item(), "entropy": q["entropy_loss"].item(),
            "bits_rate_min": rates.min().item(), "bits_rate_max": rates.max().item(),
            "bits_outside_5_95": ((rates < 0.05) | (rates > 0.95)).float().sum().item(),
            "group_entropy_min": ent.min().item(), "group_entropy_mean": ent.mean().item()}
@@ -246,6 +258,7 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
             gan_on = disc is not None and step >= cfg.loss.disc_start
             health.reset()
             means: dict[str, float] = {}  # the step's loss terms, over its micro-batches
+            seen = []  # what the logged image and quantizer metrics average over (_step_metrics)
             for micro in range(accum):
                 with Timer() as wait:
                     batch = stream.take(batches)
@@ -276,6 +289,7 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
                 engine.step()
                 if gan_on:
                     terms.update(disc.step(images, recon.detach(), cfg.loss.lecam_weight, 1.0 / accum))
+                seen.append((recon.detach(), images, {k: getattr(q, k).detach() for k in QUANT_LOGGED}))
                 terms = {"loss": loss.item(), **terms}
                 health.check_losses(terms, f"micro-batch {micro}", batch["keys"])
                 for k, v in terms.items():
@@ -292,10 +306,8 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
             # One collective for both reasons: every rank stops at the same step.
             stopping = stop.should_stop(dist.device, local=over_time, diverged=health.bad)
             if step % cfg.logging.every == 0 or step == cfg.steps or stopping:
-                with torch.no_grad():  # the quantizer's metrics, psnr, ssim: the last micro-batch's
-                    values = {**means, **_quant_metrics(q),
-                              "psnr": psnr(recon, images).mean().item(),
-                              "ssim": ssim(recon, images).mean().item()}
+                with torch.no_grad():
+                    values = {**means, **_step_metrics(seen)}
                 values = all_reduce_mean(values, dist.device)
                 values.update(lr=step_lr, corrupt=stream.corrupt, **meter.report(dist.world_size))
                 if norm is not None:

@@ -202,9 +202,10 @@ def test_schedule_steps_lets_a_stopped_run_resume_on_the_same_lr_curve(shards, t
 
 @pytest.mark.slow
 def test_accumulating_half_batches_logs_the_full_batchs_curve(shards, tmp_path):
-    """grad_accum=2 over 2 images is the step of 1 over the same 4, up to float drift (losses
-    of per-image means; the quantizer's batch entropy is per micro-batch by nature: left out).
-    The log once showed the last micro-batch's losses only."""
+    """grad_accum=2 over 2 images is the step of 1 over the same 4, up to float drift (losses,
+    psnr, ssim: per-image means; the bit rates: per-token; the quantizer's batch entropies are
+    per micro-batch by nature: left out). The log once showed the last micro-batch's losses
+    only, and later still its psnr, ssim and bit rates."""
     base = TINY + [f"data.shards={shards}", "steps=3", "loss.disc_weight=0",
                    "loss.quantizer_weight=0", "checkpoint.every=0"]
     runs = {"full": ["deepspeed.micro_batch_size=4"],
@@ -212,7 +213,9 @@ def test_accumulating_half_batches_logs_the_full_batchs_curve(shards, tmp_path):
     for name, overrides in runs.items():  # a fresh process per run (DeepSpeed's group state)
         spawn_ranks(_rank, (1, free_port(), base + [f"run_dir={tmp_path / name}", *overrides]), 1)
     full, halves = _log(tmp_path / "full"), _log(tmp_path / "halves")
-    for key in ("loss", "rec_loss", "grad_norm"):
+    rates = [k for k in full[0] if k.startswith("bit_rate/")]
+    for key in ("loss", "rec_loss", "grad_norm", "psnr", "ssim", "commit", *rates,
+                "bits_rate_min", "bits_rate_max", "bits_outside_5_95"):
         assert [r[key] for r in halves] == pytest.approx([r[key] for r in full], rel=1e-3), key
 
 
