@@ -90,7 +90,7 @@ def bare_loop(pattern: str, tokenizer: str, threads: int) -> dict:
             if isinstance(item, inp.Reject) or inp.check_caption(item.caption, 1 << 16)[0] is None:
                 continue
             try:
-                (bucket, pixels), = load_for_buckets(item.image, [buckets], max_pixels=1 << 26, min_side=32)
+                (bucket, pixels, _), = load_for_buckets(item.image, [buckets], max_pixels=1 << 26, min_side=32)
             except ImageRejected:
                 continue
             pending.setdefault(bucket, []).append(pixels)

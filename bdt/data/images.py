@@ -169,8 +169,9 @@ def to_unit_range(pixels_BHWC: np.ndarray) -> np.ndarray:
 
 def load_for_buckets(data: bytes, bucket_lists: Sequence[Sequence[tuple[int, int]]], *, max_pixels: int,
                      min_side: int, formats: Sequence[str] = DEFAULT_FORMATS
-                     ) -> list[tuple[tuple[int, int], np.ndarray]]:
-    """Decode once; per bucket list, the nearest bucket and the uint8 [H, W, 3] crop to it.
+                     ) -> list[tuple[tuple[int, int], np.ndarray, bool]]:
+    """Decode once; per bucket list, the nearest bucket, the uint8 [H, W, 3] crop to it and
+    whether the image was upscaled to cover it (bicubic, like every resize here).
 
     The decode size depends on all lists together (JPEG draft), so a given list always gets
     the same pixels for the same bytes and lists. Raises ImageRejected.
@@ -178,4 +179,4 @@ def load_for_buckets(data: bytes, bucket_lists: Sequence[Sequence[tuple[int, int
     img, size = open_image(data, max_pixels=max_pixels, min_side=min_side, formats=formats)
     chosen = [nearest_bucket(size[0], size[1], buckets) for buckets in bucket_lists]
     rgb = decode_rgb(img, size, needed_size(size, chosen))
-    return [(b, resize_center_crop(rgb, b)) for b in chosen]
+    return [(b, resize_center_crop(rgb, b), cover_scale(size, b) > 1) for b in chosen]

@@ -293,7 +293,9 @@ def _print_summary(s: dict[str, Any]) -> None:
           f"{len(s['failed_units'])} failed) in {s['seconds']:.1f}s, {s['new_samples_per_s']} new samples/s")
     for name, t in s["stages"].items():
         ok = "ok" if t["inputs"] == t["samples"] + t["rejected"] else "MISMATCH"
-        print(f"  stage {name}: inputs {t['inputs']} = written {t['samples']} + rejected {t['rejected']} [{ok}]")
+        up = "?" if t["upscaled"] is None else t["upscaled"]  # ?: shards an earlier bdt made
+        print(f"  stage {name}: inputs {t['inputs']} = written {t['samples']} + rejected {t['rejected']} [{ok}], "
+              f"{up} upscaled")
     if s["rejects_by_reason"]:
         print("  rejects: " + ", ".join(f"{k} {v}" for k, v in s["rejects_by_reason"].items()))
     for index, why in s["failed_units"].items():

@@ -142,6 +142,7 @@ class ShardEncoder:
                         caption=caption, source_key=src_key, source_shard=unit.name, stage=group[0])))
 
             keys: set[str] = set()
+            upscaled = dict.fromkeys(stages, 0)  # samples smaller than their bucket, per stage
             items = inp.iter_unit(unit, list(cfg.image_extensions), cfg.max_image_bytes,
                                   max_caption_bytes=cfg.max_caption_bytes)
             for item, prepared in _ahead(lambda it: (it, self._prepare(it, unit, stages)), items,
@@ -154,7 +155,8 @@ class ShardEncoder:
                 caption, per_stage = prepared
                 key = sample_key(item.key, keys)  # here, in order: decode threads finish out of order
                 keys.add(key)
-                for stage, (bucket, pixels) in per_stage.items():
+                for stage, (bucket, pixels, up) in per_stage.items():
+                    upscaled[stage] += up
                     group = (stage, bucket)
                     pending.setdefault(group, []).append((key, item.key, pixels, caption))
                     if len(pending[group]) >= cfg.batch_size:
@@ -177,12 +179,14 @@ class ShardEncoder:
                               "fingerprint": self.fingerprint, "samples": shards[stage].count,
                               "input_version": unit.version,
                               "inputs": inputs, "rejected": len(rejects), "rejects_sha256": rejects_sha,
+                              "upscaled": upscaled[stage],
                               "bytes": shards[stage].size, "sha256": shards[stage].sha256}
             storage.write_bytes_atomic(mf.marker_url(root, stage, unit.index), mf.json_bytes(markers[stage]))
         return markers
 
     def _prepare(self, item: inp.RawSample | inp.Reject, unit: inp.InputUnit, stages: list[str]):
-        """Validate + decode one sample: (caption, {stage: (bucket, uint8 HWC)}) or a Reject."""
+        """Validate + decode one sample: (caption, {stage: (bucket, uint8 HWC, upscaled)}) or a
+        Reject."""
         if isinstance(item, inp.Reject):
             return item
         cfg = self.cfg

@@ -124,6 +124,17 @@ def test_resize_center_crop_geometry():
     assert tall.shape == (48, 16, 3)
 
 
+def test_an_image_smaller_than_its_bucket_is_upscaled_and_says_so():
+    # 40x30 goes down to 24x24, up to 64x64 and to 40x40 (its 30 rows cover 40 only scaled
+    # up), and to its own size not at all.
+    data = _encode(Image.new("RGB", (40, 30), (200, 10, 10)), "PNG")
+    got = im.load_for_buckets(data, [[(24, 24)], [(64, 64)], [(40, 40)], [(40, 30)]],
+                              max_pixels=10**6, min_side=1)
+    assert [(bucket, up) for bucket, _, up in got] == [((24, 24), False), ((64, 64), True),
+                                                       ((40, 40), True), ((40, 30), False)]
+    assert got[1][1].shape == (64, 64, 3) and (got[1][1] == (200, 10, 10)).all()
+
+
 def test_jpeg_draft_decodes_no_smaller_than_needed():
     rng = np.random.default_rng(1)
     big = Image.fromarray(rng.integers(0, 255, (800, 1200, 3), dtype=np.uint8))

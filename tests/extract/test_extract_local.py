@@ -112,7 +112,7 @@ def test_shards_hold_direct_encodings_and_manifest_checks_out(first_run, raw, ti
     for stage_i, stage in enumerate(("32", "hi")):
         info = index["stages"][stage]
         assert [s["shard"] for s in info["shards"]] == [f"{stage}/{i:06d}.tar" for i in range(3)]
-        written = 0
+        written = upscaled = 0
         for entry in info["shards"]:
             path = os.path.join(out, entry["shard"])
             data = open(path, "rb").read()
@@ -120,19 +120,27 @@ def test_shards_hold_direct_encodings_and_manifest_checks_out(first_run, raw, ti
             raw_samples = list(wds.WebDataset(path, shardshuffle=False))  # plain webdataset reads it
             assert len(raw_samples) == entry["samples"] == entry["inputs"] - entry["rejected"]
             assert len({s["__key__"] for s in raw_samples}) == len(raw_samples)
+            smaller = 0  # samples whose image is smaller than their bucket: upscaled
             for rs in raw_samples:
                 s = decode_sample(rs)
                 image = originals[(s.source_shard, s.source_key)]
-                bucket, pixels = load_for_buckets(image, bucket_lists, max_pixels=MAX_PIXELS,
-                                                  min_side=MIN_SIDE)[stage_i]
+                bucket, pixels, up = load_for_buckets(image, bucket_lists, max_pixels=MAX_PIXELS,
+                                                      min_side=MIN_SIDE)[stage_i]
+                smaller += up
                 assert s.bucket == bucket and s.grid == (bucket[1] // 4, bucket[0] // 4)
                 x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
                 np.testing.assert_array_equal(s.bits_hwB, pack_bits(model.encode(x).numpy())[0])
                 assert s.caption == f"sample {s.source_key[0]} {int(s.source_key[1:])}"
+            assert entry["upscaled"] == smaller
             written += len(raw_samples)
+            upscaled += smaller
         assert written == info["totals"]["samples"] == summary["stages"][stage]["samples"]
+        assert upscaled == info["totals"]["upscaled"] == summary["stages"][stage]["upscaled"]
         t = summary["stages"][stage]
         assert t["inputs"] == t["samples"] + t["rejected"]
+    # every image (24-64 px) is upscaled to the 64 px stage's buckets, none to the 32 px ones
+    assert summary["stages"]["hi"]["upscaled"] == summary["stages"]["hi"]["samples"] > 0
+    assert summary["stages"]["32"]["upscaled"] == 0
     # Every good sample of the two intact shards is written; the truncated shard lost some.
     keys = {s.key for s in iter_token_shard(os.path.join(out, "hi", "000000.tar"))}
     keys |= {s.key for s in iter_token_shard(os.path.join(out, "hi", "000001.tar"))}
@@ -166,6 +174,25 @@ def test_rerun_is_a_noop(own_output):
     assert shard_files and all(after[k] == before[k] for k in shard_files)  # same mtime and sha256
     assert _index(cfg.output)["stages"]["hi"]["totals"] == json.loads(
         json.dumps(summary["stages"]["hi"]))
+
+
+def test_a_shard_made_before_upscales_were_counted_is_kept_its_count_unknown(own_output, capsys):
+    """A marker an earlier bdt wrote has no `upscaled`: the rerun keeps its shard (the same
+    bytes) and says the stage's count is unknown rather than a sum short of it."""
+    cfg = own_output
+    url = os.path.join(cfg.output, "hi", "000001.done.json")
+    marker = json.loads(open(url).read())
+    del marker["upscaled"]
+    with open(url, "w") as f:
+        json.dump(marker, f)
+    summary = run(cfg)
+    assert summary["skipped_units"] == 3
+    hi = summary["stages"]["hi"]
+    assert hi["upscaled"] is None and summary["stages"]["32"]["upscaled"] == 0
+    assert [e["upscaled"] is None for e in _index(cfg.output)["stages"]["hi"]["shards"]] == \
+        [False, True, False]
+    assert f"stage hi: inputs {hi['inputs']} = written {hi['samples']} + rejected {hi['rejected']} " \
+           f"[ok], ? upscaled" in capsys.readouterr().out
 
 
 def test_changed_settings_or_inputs_refuse_to_mix_into_an_output(own_output, raw, tiny_tokenizer, tmp_path):
