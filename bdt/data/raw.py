@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bdt.data.images import decode_rgb, needed_size, open_image, resize_center_crop, to_unit_range
+from bdt.data.stream_state import shard_names
 from bdt.data.tars import MAX_MEMBER_BYTES, ReadRetries, log_skip, read_failure, read_samples
 
 log = logging.getLogger(__name__)
@@ -268,8 +269,9 @@ class RawImageStream(IterableDataset):
 
 
 def shard_list_id(urls: list[str]) -> str:
-    """What a saved position indexes: the shard list, in order."""
-    return hashlib.sha256(json.dumps(urls).encode()).hexdigest()[:16]
+    """What a saved position indexes: the shard list, in order, local shards by real path (the
+    same files named otherwise are the same list; stream_state.shard_names)."""
+    return hashlib.sha256(json.dumps(shard_names(urls)).encode()).hexdigest()[:16]
 
 
 class StreamState:

@@ -2,6 +2,7 @@
 
 import io
 import itertools
+import os
 import re
 
 import numpy as np
@@ -168,6 +169,20 @@ def test_a_changed_shard_list_is_refused_on_resume(tmp_path):
     with pytest.raises(ValueError, match="data.shards now names 4 shard"):
         RawImageStream(urls, 16, 2, 0, 1, positions={0: batch["position"]})
     RawImageStream(urls[:3], 16, 2, 0, 1, positions={0: batch["position"]})  # the same: resumes
+
+
+def test_a_resume_names_its_shards_by_the_files_not_the_names(tmp_path, monkeypatch):
+    """Saved over absolute names, resumed from another directory over relative ones of the same
+    files: the same list. The same relative names from a directory holding other shards: not."""
+    urls = _write_shards(str(tmp_path / "one" / "d"), num_shards=2, per_shard=4)
+    _write_shards(str(tmp_path / "two" / "d"), num_shards=2, per_shard=4)
+    position = next(iter(RawImageStream(urls, 16, 2, 0, 1)))["position"]
+    relative = [os.path.join("d", os.path.basename(u)) for u in urls]
+    monkeypatch.chdir(tmp_path / "one")
+    RawImageStream(relative, 16, 2, 0, 1, positions={0: position})
+    monkeypatch.chdir(tmp_path / "two")
+    with pytest.raises(ValueError, match="data.shards now names 2 shard"):
+        RawImageStream(relative, 16, 2, 0, 1, positions={0: position})
 
 
 def test_every_worker_is_fed_by_small_and_bad_shards(tmp_path, caplog):

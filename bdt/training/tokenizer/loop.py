@@ -14,9 +14,7 @@ pattern engines with gradient hooks handle poorly. Its state goes into the check
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import os
 import sys
@@ -32,7 +30,8 @@ from PIL import Image
 from bdt import storage
 from bdt.config import ConfigError, save_resolved
 from bdt.entry import fail, setup_logging
-from bdt.data.raw import expand_shards, make_loader
+from bdt.data.raw import expand_shards, make_loader, shard_list_id
+from bdt.data.stream_state import shard_names
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.tokenizer.config import TokenizerConfig
 from bdt.tokenizer.discriminator import LeCam, PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
@@ -119,8 +118,9 @@ def _data_order(cfg: TokenizerTrainConfig) -> dict[str, str | int]:
     shard list and the seed that shuffles it each epoch. (Crop size and resize change the
     pixels, not which sample comes next: the config's, like its LR.)"""
     urls = expand_shards(cfg.data.shards)
-    digest = hashlib.sha256(json.dumps(urls).encode()).hexdigest()[:16]
-    return {"data.shards": f"{len(urls)} shards {urls[0]} .. {urls[-1]} (list sha256 {digest})",
+    names = shard_names(urls)  # the files, however the config names them
+    return {"data.shards": f"{len(urls)} shards {names[0]} .. {names[-1]} (list sha256 "
+                           f"{shard_list_id(urls)})",
             "data.seed": cfg.data.seed}
 
 

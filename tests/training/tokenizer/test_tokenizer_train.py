@@ -6,6 +6,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,7 +132,6 @@ def test_single_process_trains_and_exports(shards, tmp_path):
     init = BinaryAutoencoder(tok.config).state_dict()
     assert not torch.equal(init["decoder.conv_out.weight"], ema["decoder.conv_out.weight"])
     # Export on request from the newest complete checkpoint, without training.
-    import shutil
     shutil.rmtree(os.path.join(out, "export"))
     assert main(["--export-only"] + args) == 0
     again = load_tokenizer(os.path.join(out, "export")).state_dict()
@@ -343,6 +343,25 @@ def test_bad_config_is_a_clear_error(shards, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([f"run_dir={tmp_path}", f"data.shards={shards}", "steps=1"])
     assert "export is a file, where the run writes its export" in capsys.readouterr().err
+
+
+def test_the_shard_list_a_checkpoint_records_is_the_files(shards, tmp_path, monkeypatch):
+    """What a resume compares (`data.shards` in the marker) names the files: the same shards
+    named relative to another directory are the same list, a copy elsewhere with the same
+    names is not (the comparison once took the names as written)."""
+    from bdt.training.tokenizer.loop import _data_order
+
+    def order(spec):
+        return _data_order(load(TokenizerTrainConfig, [],
+                                [f"data.shards={spec}", f"run_dir={tmp_path}"]))
+
+    saved = order(shards)
+    folder, pattern = os.path.split(shards)
+    monkeypatch.chdir(os.path.dirname(folder))
+    assert order(os.path.join(os.path.basename(folder), pattern)) == saved
+    shutil.copytree(folder, tmp_path / os.path.basename(folder))
+    monkeypatch.chdir(tmp_path)
+    assert order(os.path.join(os.path.basename(folder), pattern)) != saved
 
 
 @pytest.mark.slow
