@@ -144,7 +144,13 @@ def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     version = np.lib.format.read_magic(f)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
         np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(f)
+    try:
+        shape, fortran, dtype = read(f)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy's parser lets a bad header raise TokenError,
+        # SyntaxError, TypeError or MemoryError: bad data, like its ValueErrors
+        raise ValueError(f"unreadable npy header ({type(e).__name__}: {str(e)[:200]})") from None
     if dtype.hasobject:
         raise ValueError("npy data of Python objects: refused (it would need unpickling)")
     return shape, fortran, dtype

@@ -42,6 +42,12 @@ def _npy(shape, dtype="|u1", data: int | None = None) -> bytes:
     return buf.getvalue() + b"\x07" * data
 
 
+def _npy_header(header: str) -> bytes:
+    """An .npy file of version 1.0 whose header is this text (and 32 data bytes)."""
+    data = header.encode() + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(data).to_bytes(2, "little") + data + b"\x07" * 32
+
+
 _GOOD = _raw()
 # (name, raw sample, words of the expected message); each is one hostile sample of a shard.
 HOSTILE = [
@@ -56,6 +62,12 @@ HOSTILE = [
     ("bits huge header", dict(_GOOD, **{"bits.npy": _npy((2**31, 2**31, 2), data=32)}),
      "npy data holds"),
     ("bits objects", dict(_GOOD, **{"bits.npy": _npy((4, 4, 2), "|O")}), "Python objects"),
+    ("bits header cut off", dict(_GOOD, **{"bits.npy": _npy_header(
+        "{'descr': '|u1', 'fortran_order': False, 'shape': (4,")}), "TokenError"),
+    ("bits header nested past the parser", dict(_GOOD, **{"bits.npy": _npy_header(
+        "-" * 9000 + "1")}), "MemoryError"),
+    ("bits header keys of two types", dict(_GOOD, **{"bits.npy": _npy_header("{1: 2, 'a': 3}")}),
+     "unreadable npy header"),
     ("bits missing", {k: v for k, v in _GOOD.items() if k != "bits.npy"}, "missing member"),
     ("caption missing", {k: v for k, v in _GOOD.items() if k != "txt"}, "missing member"),
     ("caption not UTF-8", dict(_GOOD, txt=b"\xff\xfe caption"), "utf-8"),
