@@ -132,6 +132,11 @@ def _octal(raw: bytes, what: str, offset: int) -> int:
             from None
 
 
+def _checksum_matches(header: bytes, offset: int) -> bool:
+    stored = _octal(header[148:156], "checksum", offset)
+    return sum(header) - sum(header[148:156]) + _CHECKSUM_SPACES == stored
+
+
 def _pax_records(data: bytes, offset: int) -> dict[bytes, bytes]:
     """'LEN key=value\\n' records of a pax extended header."""
     out, pos = {}, 0
@@ -199,8 +204,7 @@ def iter_members(f: BinaryIO, offset: int = 0,
                 raise tarfile.ReadError(f"unexpected end of data at byte {pos + len(header)}")
             return  # end-of-archive block
         start = pos if start is None else start
-        stored = _octal(header[148:156], "checksum", pos)
-        if sum(header) - sum(header[148:156]) + _CHECKSUM_SPACES != stored:
+        if not _checksum_matches(header, pos):
             raise tarfile.ReadError(f"bad checksum in the header at byte {pos}")
         size = int(pax[b"size"]) if b"size" in pax else _octal(header[124:136], "size", pos)
         if size < 0:  # a pax record or a base-256 field can say so; it would step backwards
@@ -363,6 +367,14 @@ class _Reads:
         return getattr(self.f, name)
 
 
+def _is_header(block: bytes) -> bool:
+    """Whether `block` is a whole tar header block whose checksum matches."""
+    try:
+        return len(block) == BLOCK and _checksum_matches(block, 0)
+    except tarfile.ReadError:  # a checksum field that is no number
+        return False
+
+
 @contextlib.contextmanager
 def open_tar(url: str, offset: int = 0) -> Iterator[BinaryIO]:
     """The tar at `url` (local or fsspec URL) positioned at `offset`; a gzip, bz2 or xz archive
@@ -375,8 +387,10 @@ def open_tar(url: str, offset: int = 0) -> Iterator[BinaryIO]:
         raise failed_read(e) from e
     with opened:
         raw = _Reads(opened)
-        magic = raw.read(6)
-        opener = next((o for m, o in _COMPRESSED if magic.startswith(m)), None)
+        head = raw.read(BLOCK)
+        # A tar header first: a plain tar, even where its first name begins like a magic ("BZh").
+        opener = None if _is_header(head) else \
+            next((o for m, o in _COMPRESSED if head.startswith(m)), None)
         if opener is None:
             raw.seek(offset)
             yield raw

@@ -96,6 +96,14 @@ def test_compressed_archives_are_read(tmp_path):
     assert [s.key for s in read_samples(str(path))] == ["a", LONG.split(".")[0], "b"]
 
 
+def test_a_plain_tar_whose_first_name_begins_like_a_magic_is_read(tmp_path):
+    """"BZh" opens a bzip2 stream: a tar whose first member is named so is still a tar."""
+    path = tmp_path / "s.tar"
+    path.write_bytes(tar_bytes([("BZh91AY&SY.png", b"img"), ("b.png", b"img")],
+                               tarfile.USTAR_FORMAT))
+    assert [s.key for s in read_samples(str(path))] == ["BZh91AY&SY", "b"]
+
+
 @pytest.mark.parametrize("suffix,compress", [(".tar.gz", gzip.compress), (".tar.xz", lzma.compress)])
 def test_compressed_archives_resume_at_a_samples_offset(tmp_path, suffix, compress):
     """Offsets count decompressed bytes: a resumed reader decompresses its way back to them."""
