@@ -8,7 +8,8 @@ name places outside itself), nor are links, devices and members over the caller'
 they are listed in `TarSample.refused`, for callers that account for every input (extraction)
 while the training readers just use what was read. So is a second member of one sample with
 the same extension (webdataset stops there; here the first one read stays). A member without an
-extension is a sample of its own (key = its path, nothing read).
+extension is a sample of its own (key = its path, nothing read). A sample whose members would
+hold more than MAX_SAMPLE_BYTES in all keeps none of them (one SAMPLE_TOO_LARGE refusal).
 
 The header reader does only what webdataset tars need, in a few bytes operations per header:
 POSIX ustar names with prefix, pax `path`/`size` records, GNU long names; directories and global
@@ -56,6 +57,9 @@ _SKIP_CHUNK = 1 << 20
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
 # pax records and GNU long names are read whole: without a cap a few KB of gzip could claim GBs.
 MAX_HEADER_DATA = 1 << 20
+# What one sample holds at most (its members' data and names, a block each): members of many
+# extensions, each under its limit, would otherwise add up (a MB of gzip held 240 MiB).
+MAX_SAMPLE_BYTES = 4 * MAX_MEMBER_BYTES
 _COMPRESSED = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f)), (b"BZh", bz2.BZ2File),
                (b"\xfd7zXZ\x00", lzma.LZMAFile))
 
@@ -64,6 +68,7 @@ NOT_A_FILE = "link or device"
 TOO_LARGE = "over the size limit"
 NO_EXTENSION = "no extension"
 REPEATED = "repeated member"
+SAMPLE_TOO_LARGE = "sample over the size limit"
 # What a damaged archive raises while read: tar errors, a short file, and the decompressors' own
 # errors (zlib's and lzma's are not OSErrors).
 _DAMAGE = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError)
@@ -246,19 +251,36 @@ def iter_members(f: BinaryIO, offset: int = 0,
         start, long_name, pax = None, None, {}
 
 
+def _held_back(m: Member, ext: str, max_bytes: Callable[[str], int] | None) -> bool:
+    """Whether a member was left unread for its sample's size alone."""
+    return m.data is None and m.regular and not unsafe_path(m.name) and \
+        (max_bytes is None or m.size <= max_bytes(ext))
+
+
 def _refusal(m: Member) -> str:
     return UNSAFE_PATH if unsafe_path(m.name) else NOT_A_FILE if not m.regular else TOO_LARGE
 
 
-def iter_samples(f: BinaryIO, offset: int = 0,
-                 max_bytes: Callable[[str], int] | None = None) -> Iterator[TarSample]:
+def iter_samples(f: BinaryIO, offset: int = 0, max_bytes: Callable[[str], int] | None = None,
+                 max_sample_bytes: int | None = None) -> Iterator[TarSample]:
     """The samples of the tar read from `f` (see the module docstring). `max_bytes(extension)`:
-    members above it are refused unread. Damage raises TarDamaged, after yielding the sample
-    before the member it broke in when that member began a new one."""
-    limit = None if max_bytes is None else \
-        (lambda name, size: size <= max_bytes((split_name(name) or ("", ""))[1]))
+    members above it are refused unread. A sample that would hold more than `max_sample_bytes`
+    (default MAX_SAMPLE_BYTES) keeps nothing: its one refusal is SAMPLE_TOO_LARGE, the rest of
+    its members are not read.
+    Damage raises TarDamaged, after yielding the sample before the member it broke in when that
+    member began a new one."""
+    max_sample_bytes = MAX_SAMPLE_BYTES if max_sample_bytes is None else max_sample_bytes
     sample: TarSample | None = None
-    members = 0
+    members = held = 0  # held: what the current sample holds (MAX_SAMPLE_BYTES)
+    over = False  # the current sample went over max_sample_bytes
+
+    def limit(name: str, size: int) -> bool:
+        key, ext = split_name(name) or (None, "")
+        same = sample is not None and key == sample.key
+        return (key is not None and (max_bytes is None or size <= max_bytes(ext))
+                and not (same and over)
+                and (held if same else 0) + BLOCK + len(name) + size <= max_sample_bytes)
+
     try:
         for m in iter_members(f, offset, limit):
             members += 1
@@ -273,8 +295,15 @@ def iter_samples(f: BinaryIO, offset: int = 0,
                 yield sample
                 sample = None
             if sample is None:
-                sample = TarSample(key, offset=m.offset)
-            if m.data is None:
+                sample, held, over = TarSample(key, offset=m.offset), 0, False
+            if over:
+                continue
+            held += BLOCK + len(m.name) + (m.size if m.data is not None else 0)
+            if held > max_sample_bytes or _held_back(m, ext, max_bytes):
+                over = True
+                sample.members.clear()
+                sample.refused = [(m.name, SAMPLE_TOO_LARGE, m.size)]
+            elif m.data is None:
                 sample.refused.append((m.name, _refusal(m), m.size))
             elif ext in sample.members:  # the first one stays; webdataset would stop here
                 sample.refused.append((m.name, REPEATED, m.size))

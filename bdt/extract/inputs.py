@@ -333,12 +333,15 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
               max_caption_bytes: int) -> Iterator[RawSample | Reject]:
     """One verdict per sample of the tar (bdt.data.tars groups members by key). Members are not
     read when their path is unsafe, they are not regular files, or they exceed their limit
-    (max_caption_bytes for the caption, else max_image_bytes)."""
+    (max_caption_bytes for the caption, else max_image_bytes) or their sample's (too_large)."""
     src = unit.name
     seen: set[str] = set()
 
     def limit(ext: str) -> int:
         return max_caption_bytes if ext == "txt" else max_image_bytes
+
+    # Room for a sample of a few images at their limit (tars.MAX_SAMPLE_BYTES at the default).
+    max_sample = max(tars.MAX_SAMPLE_BYTES, 4 * max_image_bytes)
 
     def verdict(s: tars.TarSample) -> RawSample | Reject:
         if not s.members and s.refused and s.refused[0][1] == tars.NO_EXTENSION:
@@ -355,6 +358,9 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
                 return Reject(s.key, src, NOT_A_FILE, f"member {name!r} is a link or device")
             if why == tars.REPEATED:
                 return Reject(s.key, src, DUPLICATE_KEY, f"member {name!r} appears twice in a row")
+            if why == tars.SAMPLE_TOO_LARGE:
+                return Reject(s.key, src, TOO_LARGE, f"its members hold over {max_sample} bytes "
+                              f"in all (at {name!r})")
             oversized[tars.split_name(name)[1]] = size
         image_ext = next((e for e in image_exts if e in s.members), None)
         if image_ext is None:
@@ -386,7 +392,7 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
             return
         with stack:
             try:
-                for sample in tars.iter_samples(f, offset, max_bytes=limit):
+                for sample in tars.iter_samples(f, offset, limit, max_sample):
                     retries.failed = 0
                     if sample.next_offset != sample.offset:
                         offset, inside = sample.next_offset, 0

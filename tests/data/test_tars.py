@@ -14,8 +14,9 @@ import pytest
 import webdataset as wds
 
 from bdt.data.shard_writer import ShardWriter
-from bdt.data.tars import (MAX_HEADER_DATA, NO_EXTENSION, NOT_A_FILE, REPEATED, TOO_LARGE, UNSAFE_PATH,
-                           TarDamaged, iter_members, iter_samples, read_samples)
+from bdt.data.tars import (MAX_HEADER_DATA, NO_EXTENSION, NOT_A_FILE, REPEATED, SAMPLE_TOO_LARGE,
+                           TOO_LARGE, UNSAFE_PATH, TarDamaged, iter_members, iter_samples,
+                           read_samples)
 
 LONG = "d" * 90 + "/" + "n" * 80 + ".bits.npy"  # > 100 chars: prefix, pax path or GNU long name
 
@@ -94,6 +95,16 @@ def test_compressed_archives_are_read(tmp_path):
     path = tmp_path / "s.tar.gz"
     path.write_bytes(gzip.compress(data))
     assert [s.key for s in read_samples(str(path))] == ["a", LONG.split(".")[0], "b"]
+
+
+def test_a_sample_over_the_size_limit_keeps_nothing_and_the_next_is_read():
+    """Members of many extensions, each under its limit, added up without bound (a MB of gzip
+    held 240 MiB in one sample)."""
+    data = tar_bytes([("a.png", b"p" * 100)] + [(f"a.x{i}", b"x" * 1000) for i in range(20)]
+                     + [("b.png", b"q"), ("b.txt", b"c")])
+    got = list(iter_samples(io.BytesIO(data), max_sample_bytes=8000))
+    assert [(s.key, s.members, s.refused) for s in got] == [
+        ("a", {}, [("a.x4", SAMPLE_TOO_LARGE, 1000)]), ("b", {"png": b"q", "txt": b"c"}, [])]
 
 
 def test_a_plain_tar_whose_first_name_begins_like_a_magic_is_read(tmp_path):

@@ -213,6 +213,21 @@ def test_members_over_the_limit_are_not_read(tmp_path, monkeypatch):
     assert s.counters.corrupt >= 2  # both refused samples, counted
 
 
+def test_a_sample_of_many_members_is_skipped_not_held(tmp_path, monkeypatch):
+    """Members of many extensions, each under their limit, were all held in memory."""
+    urls = write_shards(str(tmp_path / "ok"), [(4, 4)], num_shards=1, per_shard=4)
+    many = str(tmp_path / "many.tar")
+    with wds.TarWriter(many, encoder=False) as sink:
+        (first,) = wds.WebDataset(urls[0], shardshuffle=False).slice(1)
+        junk = {f"x{i:02d}": b"\0" * 1000 for i in range(40)}
+        sink.write({**{k: v for k, v in first.items() if k != "__url__"}, "__key__": "many",
+                    **junk})
+    monkeypatch.setattr("bdt.data.tars.MAX_SAMPLE_BYTES", 20_000, raising=False)
+    s = make(urls + [many], buffer=2)
+    got = {k for _ in range(6) for k in keys(s.next_batch())}
+    assert got == {f"s{n:06d}" for n in range(4)} and s.counters.corrupt >= 1
+
+
 def test_resume_refuses_a_shard_rewritten_since_the_checkpoint(tmp_path):
     urls = write_shards(str(tmp_path), GRIDS, num_shards=2, per_shard=6)
     a = make(urls, buffer=2)

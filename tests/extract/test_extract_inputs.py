@@ -212,6 +212,19 @@ def test_duplicates_oversize_and_groups(tmp_path):
     assert samples["z"].image_ext == "jpg"
 
 
+def test_a_sample_of_many_members_is_one_too_large_reject(tmp_path, monkeypatch):
+    """Members of many extensions, each under max_image_bytes, were all held in memory."""
+    monkeypatch.setattr("bdt.data.tars.MAX_SAMPLE_BYTES", 20_000, raising=False)
+    path = str(tmp_path / "m.tar")
+    png = image_bytes(40, 40)
+    junk = {f"x{i:02d}": b"\0" * 1000 for i in range(40)}
+    write_tar(path, [{"__key__": "many", "png": png, "txt": b"c", **junk},
+                     {"__key__": "ok", "png": png, "txt": b"c"}])
+    items = _read(path, max_bytes=6000)
+    assert _rejects(items) == [("many", "too_large")] and "in all" in items[0].detail
+    assert [i.key for i in items if isinstance(i, inp.RawSample)] == ["ok"]
+
+
 def test_hostile_names_and_repeats_are_judged_not_lost(tmp_path):
     """A name that is not UTF-8 once failed its whole unit (its key could not be written to
     JSON); a member repeated in a sample silently replaced the first one."""
