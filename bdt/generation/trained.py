@@ -287,7 +287,11 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     configured = model_cfg.backbone.path
     model_cfg.backbone = recorded_backbone(run_dir, model_cfg.backbone)
     if model_cfg.backbone.path != configured:  # the run's own record, made with its P
-        held = query_tokens_for(model_cfg.backbone.path)
+        try:
+            held = query_tokens_for(model_cfg.backbone.path)
+        except (OSError, ValueError) as e:
+            raise OSError(damaged_record(model_cfg.backbone.path, configured,
+                                          f"it does not rebuild the checkpoint's model: {e}")) from None
         if held < model_cfg.parallel_num:
             raise OSError(f"{cfg_path}: model.parallel_num is {model_cfg.parallel_num}, but the "
                           f"run's LLM record holds the query tokens of P = {held}: the run was "
