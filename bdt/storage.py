@@ -26,7 +26,14 @@ from fsspec.implementations.local import LocalFileSystem
 
 from bdt.processes import WRITER_TAG_PATTERN, writer_gone, writer_tag
 
+try:  # s3fs passes botocore's own errors on as they are: a dead endpoint's is no OSError
+    from botocore.exceptions import BotoCoreError
+except ImportError:  # installed without s3fs
+    BotoCoreError = OSError
+
 log = logging.getLogger(__name__)
+# What a storage call raises when the store fails it (I/O, network, the endpoint gone).
+STORE_ERRORS = (OSError, BotoCoreError)
 
 
 def is_remote(url: str) -> bool:
@@ -209,19 +216,22 @@ def _remote_file_info(url: str) -> dict | None:
 
 
 @contextlib.contextmanager
-def naming_url(url: str) -> Iterator[None]:
-    """An OSError inside names `url`: s3fs's say only "Forbidden" or "Access Denied". Not
-    found keeps its message (callers test for it)."""
+def naming_url(url: str, doing: str = "") -> Iterator[None]:
+    """A store's error inside (STORE_ERRORS) is an OSError naming `url` and what was being
+    done (`doing`, e.g. "uploading"): s3fs's say only "Forbidden" or "Access Denied", and
+    botocore's (a dead endpoint) are no OSError and name no bdt object. Not found keeps its
+    message (callers test for it)."""
     try:
         yield
     except (FileNotFoundError, NotADirectoryError):
         raise
-    except OSError as e:
+    except STORE_ERRORS as e:
+        where = f"{doing} {url}" if doing else url
         try:
-            named = type(e)(f"{url}: {e}")
+            named = type(e)(f"{where}: {e}") if isinstance(e, OSError) else None
         except (KeyError, TypeError):  # botocore's errors (a timeout) take keyword arguments only
-            named = OSError(f"{url}: {e}")
-        raise named from e
+            named = None
+        raise named or OSError(f"{where}: {type(e).__name__}: {e}") from e
 
 
 def _local_file_info(path: str) -> dict | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bdt import storage
 from bdt.config import ConfigError, load
 from bdt.entry import fail, setup_logging, split_launcher_args
 from bdt.training.run_dir import LaunchRecord
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         launch.run_dir = cfg.run_dir
         train(cfg, tasks_once_set_up)
-    except (ConfigError, ValueError, OSError) as e:
+    except (ConfigError, ValueError, *storage.STORE_ERRORS) as e:  # botocore's are no OSError
         launch.failed(e)
         fail(str(e))
     except TrainingDiverged as e:  # the message names the step, ranks, values and samples

@@ -59,3 +59,50 @@ def s3_bucket(s3_endpoint):
     fs.mkdir(name)
     yield f"s3://{name}"
     fs.rm(name, recursive=True)
+
+
+class StoppableS3:
+    """A moto S3 server of one test, which it stops (the endpoint dies: connections refused)
+    and starts again on its port with the same objects (moto keeps them in this process)."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        self.port = self.server.get_host_and_port()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.bucket = f"s3://bdt-test-{uuid.uuid4().hex[:10]}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+
+@pytest.fixture
+def s3_stoppable(monkeypatch):
+    """A StoppableS3 holding an empty bucket, which the environment (this process's and the
+    ranks') and fsspec's s3 defaults point at; botocore tries each request once, so that a
+    dead endpoint fails at once rather than after its retries."""
+    import fsspec.config
+    import s3fs
+
+    s3 = StoppableS3()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.endpoint)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3.endpoint})
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(s3.bucket[len("s3://"):])
+    try:
+        yield s3
+    finally:
+        s3.stop()
+        s3fs.S3FileSystem.clear_instance_cache()

@@ -368,14 +368,15 @@ class ReadRetries:
         time.sleep(pause)
 
 
-def failed_read(e: OSError) -> ReadFailed:
+def failed_read(e: Exception) -> ReadFailed:
     """The filesystem's error `e` as a ReadFailed (raise it from e)."""
     return ReadFailed(f"{type(e).__name__}: {e}")
 
 
 class _Reads:
-    """An archive's file whose OSErrors are ReadFailed: the decompressors raise OSErrors of their
-    own over bad bytes (gzip's BadGzipFile, bz2's), which must not pass for a failed read."""
+    """An archive's file whose OSErrors (and a store's other errors: a dead S3 endpoint's) are
+    ReadFailed: the decompressors raise OSErrors of their own over bad bytes (gzip's
+    BadGzipFile, bz2's), which must not pass for a failed read."""
 
     def __init__(self, f: BinaryIO):
         self.f = f
@@ -383,13 +384,13 @@ class _Reads:
     def read(self, n: int = -1) -> bytes:
         try:
             return self.f.read(n)
-        except OSError as e:
+        except storage.STORE_ERRORS as e:
             raise failed_read(e) from e
 
     def seek(self, offset: int, whence: int = 0) -> int:
         try:
             return self.f.seek(offset, whence)
-        except OSError as e:
+        except storage.STORE_ERRORS as e:
             raise failed_read(e) from e
 
     def __getattr__(self, name: str) -> Any:  # tell, seekable, ...: as the file's
@@ -412,7 +413,7 @@ def open_tar(url: str, offset: int = 0) -> Iterator[BinaryIO]:
     fs, path = storage.filesystem(url)
     try:
         opened = fs.open(path, "rb")
-    except OSError as e:
+    except storage.STORE_ERRORS as e:
         raise failed_read(e) from e
     with opened:
         raw = _Reads(opened)

@@ -550,3 +550,37 @@ def test_an_s3_shard_failing_mid_read_is_read_again_from_its_sample(s3_bucket, t
     got += [keys(s.next_batch()) for _ in range(11)]
     assert got == want and s.counters == ref.counters
     assert pauses == [1.0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("back", [True, False])
+def test_an_s3_endpoint_that_dies_mid_stream_is_tried_again_then_named(s3_stoppable, tmp_path,
+                                                                        monkeypatch, back):
+    """The endpoint stops answering mid-shard (connections refused). Before: botocore's
+    EndpointConnectionError, no OSError, went past the retries and ended the run with a long
+    traceback. Now it is a failed read: tried again from its sample (the stream then reads on
+    as without a fault), and raised as an OSError naming the shard once the tries are spent."""
+    import fsspec.config
+
+    from bdt import storage
+
+    monkeypatch.setitem(fsspec.config.conf["s3"], "default_block_size", 4096)  # many requests
+    (path,) = write_shards(str(tmp_path), GRIDS, num_shards=1, per_shard=40)
+    url = f"{s3_stoppable.bucket}/000000.tar"
+    fs, key = storage.filesystem(url)
+    fs.put_file(path, key)
+    ref = make([url], buffer=4)
+    want = [keys(ref.next_batch()) for _ in range(12)]
+    pauses = pauses_that(monkeypatch, s3_stoppable.start if back else lambda: None)
+    s = make([url], buffer=4)
+    got = [keys(s.next_batch())]
+    s3_stoppable.stop()
+    if back:
+        got += [keys(s.next_batch()) for _ in range(11)]
+        assert got == want and s.counters == ref.counters and pauses == [1.0]
+        return
+    with pytest.raises(OSError, match=rf"^{url}: reading from byte \d+ failed 5 times in a row, "
+                                      rf"last: EndpointConnectionError: .*{s3_stoppable.port}"):
+        for _ in range(11):
+            s.next_batch()
+    assert pauses == [1.0, 2.0, 4.0, 8.0]

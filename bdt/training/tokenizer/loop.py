@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             launch.run_dir = cfg.run_dir
             train(cfg, launch.set_up)
-    except (ConfigError, ValueError, OSError) as exc:
+    except (ConfigError, ValueError, *storage.STORE_ERRORS) as exc:  # botocore's are no OSError
         launch.failed(exc)
         fail(str(exc))
     except TrainingDiverged as exc:  # names the step, ranks, values and images
