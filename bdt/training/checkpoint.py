@@ -157,10 +157,18 @@ class CheckpointManager:
              shared: dict[str, Any] | None = None,
              before_marker: Callable[[], None] | None = None) -> str:
         """Collective: every rank calls it with its own per-rank state. Returns the tag.
-        `before_marker` runs on every rank once its files are written (fault injection)."""
+        `before_marker` runs on every rank once its files are written (fault injection). A
+        store's error (the endpoint gone mid-upload) is an OSError naming the checkpoint; its
+        marker, written last, is then not there."""
+        tag = tag_for(step)
+        with storage.naming_url(storage.join(self.root, tag), "saving checkpoint"):
+            return self._save(tag, step, engines, rank_meta, rank_tensors, shared, before_marker)
+
+    def _save(self, tag: str, step: int, engines: dict[str, Any], rank_meta: dict,
+              rank_tensors: dict[str, torch.Tensor] | None, shared: dict[str, Any] | None,
+              before_marker: Callable[[], None] | None) -> str:
         from bdt.training.safe_load import recording_engine
 
-        tag = tag_for(step)
         if self.bound:
             lost = broadcast_object(owner_change(self.root, self.run_id) if self.dist.is_main else None)
             if lost:

@@ -28,14 +28,15 @@ def list_checkpoints(root: str) -> list[tuple[int, str, bool]]:
     """(step, tag, complete) for every checkpoint directory under `root`, oldest first."""
     fs, path = storage.filesystem(root.rstrip("/"))
     fs.invalidate_cache()  # listings are cached by s3fs; other ranks/processes write here
-    if not fs.exists(path):
-        return []
     out = []
-    for entry in fs.ls(path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        match = _TAG_RE.match(name)
-        if match:
-            out.append((int(match.group(1)), name, fs.exists(f"{path}/{name}/{MARKER}")))
+    with storage.naming_url(root, "listing checkpoints in"):
+        if not fs.exists(path):
+            return []
+        for entry in fs.ls(path, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            match = _TAG_RE.match(name)
+            if match:
+                out.append((int(match.group(1)), name, fs.exists(f"{path}/{name}/{MARKER}")))
     return sorted(out)
 
 
@@ -66,17 +67,18 @@ def download_dir(remote_dir: str, local_dir: str, skip: set[str] = frozenset()) 
     and any whose key would land outside `local_dir`."""
     fs, path = storage.filesystem(remote_dir)
     fs.invalidate_cache()
-    for src in fs.find(path):
-        rel = src[len(path):].lstrip("/")
-        if rel.split("/", 1)[0] in skip:
-            continue
-        if integrity.unsafe_name(rel):  # its key would place it outside local_dir: not fetched
-            log.warning("checkpoint %s: object %r not downloaded: %s", remote_dir, src,
-                        integrity.unsafe_name(rel))
-            continue
-        dst = os.path.join(local_dir, *rel.split("/"))
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        fs.get_file(src, dst)
+    with storage.naming_url(remote_dir, "downloading checkpoint"):
+        for src in fs.find(path):
+            rel = src[len(path):].lstrip("/")
+            if rel.split("/", 1)[0] in skip:
+                continue
+            if integrity.unsafe_name(rel):  # its key would place it outside local_dir: not fetched
+                log.warning("checkpoint %s: object %r not downloaded: %s", remote_dir, src,
+                            integrity.unsafe_name(rel))
+                continue
+            dst = os.path.join(local_dir, *rel.split("/"))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            fs.get_file(src, dst)
 
 
 def remove_checkpoint_dir(fs, path: str) -> None:

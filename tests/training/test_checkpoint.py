@@ -223,6 +223,40 @@ def test_s3_roots_never_share_staging_and_a_lost_upload_publishes_no_marker(s3_b
     assert first.latest_complete() == tag_for(1)  # not pruned for a checkpoint of nothing
 
 
+@pytest.mark.slow
+def test_s3_an_endpoint_dying_mid_upload_is_named_and_leaves_no_complete_checkpoint(
+        s3_stoppable, tmp_path, monkeypatch):
+    """The endpoint dies once the first object of a checkpoint is up. Before: botocore's
+    EndpointConnectionError (no OSError) ended the trainer with a long traceback. Now an OSError
+    names the checkpoint and what was done; the marker, last, is not there, so once the store
+    is back the half-uploaded step is no checkpoint and resume takes the one before."""
+    import s3fs
+
+    root = storage.join(s3_stoppable.bucket, "run", "ck")
+    mgr = CheckpointManager(root, SOLO, keep_last=2, staging_dir=str(tmp_path / "stage"))
+    _save(mgr, 1, value=1.0)
+    real_put = s3fs.S3FileSystem._put_file
+
+    async def put_then_die(self, lpath, rpath, **kwargs):
+        await real_put(self, lpath, rpath, **kwargs)
+        s3_stoppable.stop()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(s3fs.S3FileSystem, "_put_file", put_then_die)
+        s3fs.S3FileSystem.clear_instance_cache()  # a filesystem binds its sync methods when made
+        with pytest.raises(OSError, match=rf"^saving checkpoint {root}/{tag_for(2)}: "
+                                          rf"EndpointConnectionError: .*{s3_stoppable.port}"):
+            _save(mgr, 2, value=2.0)
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3_stoppable.start()
+    fs, path = storage.filesystem(root)
+    fs.invalidate_cache()
+    assert fs.find(f"{path}/{tag_for(2)}")  # some of it reached the store
+    assert [(s, done) for s, _, done in mgr.list_tags()] == [(1, True), (2, False)]
+    resumed = CheckpointManager(root, SOLO, staging_dir=str(tmp_path / "again")).resume(engines={})
+    assert resumed.tag == tag_for(1) and not resumed.skipped
+
+
 def test_marker_lists_every_file_and_resume_falls_back_past_damage(tmp_path, caplog):
     root = tmp_path / "ck"
     mgr = CheckpointManager(str(root), SOLO, keep_last=0)

@@ -147,3 +147,58 @@ def test_second_launcher_fails_fast_and_a_killed_launcher_leaves_no_rank(tmp_pat
     assert summary["stopped"] and (run / "checkpoints" / f"step_{summary['step']:09d}" /
                                    "COMPLETE").exists()
     assert not (run / "RUN_LOCK").exists()
+
+
+def test_a_dying_s3_endpoint_ends_the_run_in_one_line_that_a_restart_may_fix(tmp_path, capfd,
+                                                                             s3_stoppable):
+    """The S3 endpoint of a run's shards and checkpoints dies mid-run. Before: the trainer ended
+    with a long botocore traceback, and a restart meeting it before its first step recorded no
+    launch error. Now each ends with one line naming the object and the endpoint (exit 2): the
+    resume wrapper restarts both (a connection error is no configuration error), and once the
+    store is back every checkpoint with a marker has all its files and the run resumes."""
+    import threading
+
+    from bdt import storage
+    from bdt.cluster.launch_checks import retry_may_fix
+    from bdt.training.checkpoint_store import list_checkpoints
+    from bdt.training.integrity import read_marker
+
+    llm = tiny_llm(str(tmp_path / "llm"))
+    for local in write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=2, per_shard=6):
+        storage.filesystem(s3_stoppable.bucket)[0].put_file(
+            local, f"{s3_stoppable.bucket}/sh/{os.path.basename(local)}")
+    run, root = tmp_path / "run", f"{s3_stoppable.bucket}/ck"
+
+    def argv(steps):
+        return ["--config", TINY_CONFIG, *train_overrides(
+            str(run), llm, f"{s3_stoppable.bucket}/sh", steps=steps, every=2,
+            extra=[f"checkpoint.dir={root}"])]
+
+    def stop_after_step_3():
+        while "\"step\": 3" not in ((run / "metrics.jsonl").read_text()
+                                    if (run / "metrics.jsonl").exists() else ""):
+            time.sleep(0.1)
+        s3_stoppable.stop()
+
+    threading.Thread(target=stop_after_step_3, daemon=True).start()
+    for attempt in ("mid-run", "restart"):
+        capfd.readouterr()
+        assert spawn_train(argv(1000), world=1) == 2, attempt
+        err = capfd.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert "Traceback" not in err and len(errors) == 1, (attempt, err[-3000:])
+        assert re.search(rf"{s3_stoppable.bucket}\S*: .*EndpointConnectionError: .*"
+                         rf"127\.0\.0\.1:{s3_stoppable.port}", errors[0]), errors[0]
+    assert retry_may_fix(json.loads((run / "launch_error.json").read_text()))
+    s3_stoppable.start()
+    complete = [tag for _, tag, done in list_checkpoints(root) if done]
+    assert complete
+    fs, path = storage.filesystem(root)
+    for tag in complete:
+        files = read_marker(storage.join(root, tag))["files"]
+        assert set(files) <= {p[len(f"{path}/{tag}/"):] for p in fs.find(f"{path}/{tag}")}, tag
+    newest = int(complete[-1].split("_")[1])
+    assert spawn_train(argv(newest + 1), world=1) == 0
+    resumed = [json.loads(line)["resumed_from_step"] for line in open(run / "metrics.jsonl")
+               if "resumed_from_step" in line]
+    assert resumed == [newest]
