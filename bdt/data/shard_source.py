@@ -50,11 +50,24 @@ class ShardList:
 def _glob(url: str) -> list[str]:
     fs, path = storage.filesystem(url)
     fs.invalidate_cache()
-    found = sorted(fs.glob(path))
+    with storage.naming_url(url, "listing"):
+        found = sorted(fs.glob(path))
     if storage.is_remote(url):
         proto = url.split("://", 1)[0]
         return [f"{proto}://{p}" for p in found]
-    return found
+    return _regular_files(found)
+
+
+def _regular_files(paths: list[str]) -> list[str]:
+    """Local shards that are all regular files (through links), else a ValueError naming one:
+    the stream would block forever opening a FIFO a glob matched, and fail on a folder."""
+    sizes = storage.file_sizes(paths)
+    odd = [p for p in paths if sizes[p] is None]
+    if odd:
+        raise ValueError(f"shards: {odd[0]} is not a regular file (a FIFO, device, folder or "
+                         f"broken link; {len(odd)} of the {len(paths)} shards are not): remove "
+                         f"it or narrow the pattern")
+    return paths
 
 
 def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -> ShardList:
@@ -74,7 +87,8 @@ def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -
         # An object store's folder is a listing; a named .tar is one object, missing for good.
         raise ValueError(message) if source.endswith(".tar") else _listed_nothing(source, message)
     if source.endswith(".tar"):
-        return ShardList([source], None, source)
+        return ShardList([source] if storage.is_remote(source) else _regular_files([source]),
+                         None, source)
     index_url = storage.join(source, INDEX_NAME)
     if storage.exists(index_url):
         manifest = _read_manifest(index_url)

@@ -1,5 +1,6 @@
 """An extraction output's shards against its manifest: the size check at every training start
-(list_shards) and the full sha256 check of `bdt data verify`."""
+(list_shards) and the full sha256 check of `bdt data verify`; local shards a folder, glob or
+name lists are regular files."""
 
 import json
 import os
@@ -243,3 +244,16 @@ def test_verify_says_an_unfinished_extraction_is_not_all_there(tmp_path, capsys)
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("BAD ") and "incomplete (complete: false; failed input units ['2'])" \
         in out[0] and out[-1].endswith("1 problem(s), named above")
+
+
+@pytest.mark.parametrize("form", ["folder", "glob", "name"])
+def test_a_fifo_among_local_shards_is_refused_at_listing(tmp_path, form):
+    """A FIFO named like a shard was listed as one: the start's first-sample check or the
+    stream then blocked opening it, waiting for a writer that never came."""
+    write_shards(str(tmp_path), [(4, 4)], 2, 2)
+    fifo = tmp_path / "000000.tar"
+    os.remove(fifo)
+    os.mkfifo(fifo)
+    source = {"folder": str(tmp_path), "glob": str(tmp_path / "*.tar"), "name": str(fifo)}[form]
+    with pytest.raises(ValueError, match=f"^shards: {fifo} is not a regular file"):
+        list_shards(source)
