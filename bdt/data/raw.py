@@ -287,14 +287,25 @@ class StreamState:
 
     def take(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
         """next(batches), its position recorded. The DataLoader's timeout (data.stall_s) is
-        raised as a TimeoutError that says where the workers were."""
+        raised as a TimeoutError that says where the workers were; a worker's error as itself,
+        without the worker's traceback the DataLoader writes into its message."""
         try:
             batch = next(batches)
-        except RuntimeError as e:
+        except Exception as e:
+            own = _worker_error(e)
+            if own is not None:
+                # The loader keeps its workers serving, and they ignore SIGTERM
+                # (_ignore_stop_signals): this process's exit joined them forever.
+                shutdown = getattr(batches, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()  # idle ones stop at once; then no SIGCHLD check of theirs is left
+                for worker in getattr(batches, "_workers", ()):
+                    worker.kill()
+                raise own from e
             if not str(e).startswith("DataLoader timed out"):
                 raise
-            # They ignore SIGTERM (_ignore_stop_signals), and one stuck in a read never sees the
-            # loader's stop: left alone, it kept this process from exiting.
+            # One stuck in a read never sees the loader's stop either: left alone, it kept this
+            # process from exiting.
             for worker in getattr(batches, "_workers", ()):
                 worker.kill()
             raise TimeoutError(f"{e}: no batch from the data workers, a read that does not "
@@ -312,6 +323,20 @@ class StreamState:
 
     def to_dict(self) -> dict:
         return {str(k): v for k, v in self.positions.items()}
+
+
+def _worker_error(e: Exception) -> Exception | None:
+    """A data worker's error with the message it had (None when `e` is no such error): the DataLoader raises it again as
+    "Caught <type> in DataLoader worker process N.\nOriginal Traceback ...", ending in the
+    worker's "<type>: <message>" line (bdt's messages are one line)."""
+    text = str(e)
+    if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+        return None
+    message = text.rstrip().rsplit("\n", 1)[-1].split(": ", 1)[-1]
+    try:
+        return type(e)(message)
+    except (KeyError, TypeError):  # a type that takes other arguments
+        return None
 
 
 def make_loader(cfg: RawDataConfig, batch_size: int, rank: int, world_size: int,

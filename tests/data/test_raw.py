@@ -259,3 +259,24 @@ def test_an_s3_shard_failing_mid_read_is_read_again_from_its_sample(s3_bucket, m
         got += list(itertools.islice(stream, 11))  # into the second epoch
     assert [(b["keys"], b["position"]) for b in got] == [(b["keys"], b["position"]) for b in want]
     assert pauses == [1.0] and re.search(r"reading from sample [1-9]\d* failed", caplog.text)
+
+
+@pytest.mark.slow
+def test_a_workers_error_is_its_own_line_and_the_workers_are_gone(tmp_path, monkeypatch):
+    """A shard gone for good: the DataLoader raised the worker's OSError with the worker's
+    traceback in its message (the trainer's "one-line" failure was a traceback), and the worker
+    stayed alive (it ignores SIGTERM): the trainer's exit then joined it forever."""
+    urls = _write_shards(str(tmp_path), num_shards=2, per_shard=4)
+    pauses_that(monkeypatch)  # the workers, forked from here, do not sleep
+    loader, state = make_loader(RawDataConfig(shards=",".join(urls), size=16, num_workers=1),
+                                batch_size=2, rank=0, world_size=1)
+    os.remove(urls[1])
+    batches = iter(loader)
+    with pytest.raises(OSError) as raised:
+        for _ in range(8):
+            state.take(batches)
+    assert re.fullmatch(rf"{urls[1]}: reading from sample 0 failed 5 times in a row, last: "
+                        rf"FileNotFoundError: .*", str(raised.value)), str(raised.value)
+    for worker in batches._workers:
+        worker.join(10)
+        assert not worker.is_alive()
