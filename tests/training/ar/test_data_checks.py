@@ -97,24 +97,39 @@ def test_manifest_buckets_that_are_not_sizes_are_refused_at_start(tmp_path, buck
 
 @pytest.mark.slow
 def test_a_shard_whose_read_never_returns_stops_the_run_naming_it(tmp_path):
-    """A named pipe among the shards: opening it blocks forever, as a read on a hung mount does.
-    Before: the run waited for good (the other ranks would time out in a collective)."""
+    """A shard whose open blocks forever, as a read on a hung mount does: a named pipe put in a
+    listed shard's place once the shards are listed (the listing refuses a pipe), before the
+    stream opens it. Before: the run waited for good (the other ranks would time out in a
+    collective)."""
     import subprocess
     import sys
+    import time
 
     from testkit import REPO
     from trainutil import tiny_llm
 
     data = tmp_path / "s"
-    write_shards(str(data), [(4, 4), (4, 8)], num_shards=2, per_shard=4)
-    os.mkfifo(data / "000002.tar")  # sorts last: the checks at start read the first shard
+    write_shards(str(data), [(4, 4), (4, 8)], num_shards=3, per_shard=4)
+    hung = data / "000002.tar"  # sorts last: the checks at start read the first shard
     run_dir = tmp_path / "run"
     cmd = [sys.executable, os.path.join(REPO, "bdt", "train.py"), "--config", TINY_CONFIG,
            *train_overrides(str(run_dir), tiny_llm(str(tmp_path / "llm")), str(data), steps=50,
                             zero=0, every=0, extra=["export=false", "data.stall_s=3"])]
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]  # as bdt's other errors
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        # The run lock is taken after the listing, seconds before the model is built.
+        while not (run_dir / "RUN_LOCK").exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.01)
+        hung.unlink()
+        os.mkfifo(hung)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, stderr[-3000:]  # as bdt's other errors
     assert re.search(rf"error: the prefetch worker built no row for 3 s; it is reading "
-                     rf"{re.escape(str(data / '000002.tar'))} from byte 0", proc.stderr), \
-        proc.stderr[-3000:]
+                     rf"{re.escape(str(data / '000002.tar'))} from byte 0", stderr), \
+        stderr[-3000:]
