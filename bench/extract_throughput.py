@@ -46,6 +46,7 @@ from bdt.data.images import ImageRejected, load_for_buckets, to_unit_range  # no
 from bdt.extract import inputs as inp  # noqa: E402
 from bdt.extract.config import ExtractConfig  # noqa: E402
 from bdt.tokenizer import BinaryAutoencoder, TokenizerConfig, pack_bits, save_tokenizer  # noqa: E402
+from common import RESULTS  # noqa: E402
 
 RESOLUTION = 128
 BATCH = 32
@@ -212,8 +213,8 @@ def main() -> None:
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "load_avg_1m_at_start": load_start, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
               "rows": rows, "rss_slope_mb_per_1000_images": slopes}
-    path = os.path.join(REPO, "bench", "results", "extract_throughput.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = os.path.join(RESULTS, "extract_throughput.json")  # BDT_BENCH_RESULTS, as the others
+    os.makedirs(RESULTS, exist_ok=True)
     with open(path + ".tmp", "w") as f:  # a killed run must not leave a torn result behind
         json.dump(result, f, indent=1)
         f.write("\n")
