@@ -20,8 +20,8 @@ import torch
 from bdt.training.distributed import free_port
 from bdt.training.schedule import WarmupSchedule
 from testkit import REPO, TINY_CONFIG, PlantedPickle, cut_file, flip_bytes
-from trainutil import (export_tensors, read_metrics, spawn_train, tiny_llm, train_overrides,
-                       write_shards)
+from trainutil import (_rank_main, export_tensors, read_metrics, rank_entry, spawn_ranks,
+                       spawn_train, tiny_llm, train_overrides, write_shards)
 
 pytestmark = pytest.mark.slow
 
@@ -149,6 +149,26 @@ def test_second_launcher_fails_fast_and_a_killed_launcher_leaves_no_rank(tmp_pat
     assert not (run / "RUN_LOCK").exists()
 
 
+@rank_entry
+def _rank_with_short_read_pauses(rank: int, world: int, port: int, argv: list[str]) -> None:
+    """A rank whose tar reads retry after 0.1 s instead of 1 to 8 s (~15 s): the endpoint
+    stays dead past every try either way."""
+    from bdt.data import tars
+
+    tars.READ_RETRY_PAUSES = (0.1,) * len(tars.READ_RETRY_PAUSES)
+    _rank_main(rank, world, port, argv)
+
+
+def _train_one_rank_with_short_read_pauses(argv: list[str]) -> int:
+    import torch.multiprocessing as mp
+
+    try:
+        spawn_ranks(_rank_with_short_read_pauses, (1, free_port(), argv), 1)
+    except mp.ProcessExitedException as e:
+        return e.exit_code
+    return 0
+
+
 def test_a_dying_s3_endpoint_ends_the_run_in_one_line_that_a_restart_may_fix(tmp_path, capfd,
                                                                              s3_stoppable):
     """The S3 endpoint of a run's shards and checkpoints dies mid-run. Before: the trainer ended
@@ -183,7 +203,7 @@ def test_a_dying_s3_endpoint_ends_the_run_in_one_line_that_a_restart_may_fix(tmp
     threading.Thread(target=stop_after_step_3, daemon=True).start()
     for attempt in ("mid-run", "restart"):
         capfd.readouterr()
-        assert spawn_train(argv(1000), world=1) == 2, attempt
+        assert _train_one_rank_with_short_read_pauses(argv(1000)) == 2, attempt
         err = capfd.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert "Traceback" not in err and len(errors) == 1, (attempt, err[-3000:])
