@@ -16,7 +16,7 @@ from bdt.training.distributed import free_port
 from bdt.training.patient_barrier import open_patient_barriers, patient_barrier
 from trainutil import rank_entry, spawn_ranks
 
-TIMEOUT_S, ALONE_S = 2, 5  # the process group's timeout; how long rank 0 works alone
+TIMEOUT_S, ALONE_S = 2, 4  # the process group's timeout; how long rank 0 works alone
 
 
 @rank_entry
