@@ -355,13 +355,13 @@ def test_compiled_blocks_train_exactly_as_eager(data, ref, tmp_path):
 
 def test_time_limit_fit_ends_the_decay_in_time_and_survives_a_resume(data, tmp_path):
     """A stage far too long for a 30 s limit: after 60 steps of it the run shortens it to what
-    0.3 of the time left allows, so its cosine reaches the floor at the end instead of being cut
+    0.15 of the time left allows, so its cosine reaches the floor at the end instead of being cut
     by the limit. A SIGTERM after the decision and the resume keep it (no second measurement)."""
     from bdt.training.ar.time_fit import CALIBRATION_STEPS, WARMUP_STEPS
 
     fit_at = STEPS[0] + WARMUP_STEPS + CALIBRATION_STEPS
     overrides = train_overrides(str(tmp_path), data["llm"], data["shards"], steps=[STEPS[0], 100000],
-                                every=100000, extra=["time_limit_min=0.5", "time_limit_fit=0.3"])
+                                every=100000, extra=["time_limit_min=0.5", "time_limit_fit=0.15"])
     argv_fit = ["--config", TINY_CONFIG, *overrides]
     assert spawn_train(argv_fit + [f"fault.sigterm_at_step={fit_at + 2}"]) == 0
     assert json.loads((tmp_path / "summary.json").read_text())["saved_step"] == fit_at + 2
