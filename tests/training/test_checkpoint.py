@@ -257,6 +257,22 @@ def test_s3_an_endpoint_dying_mid_upload_is_named_and_leaves_no_complete_checkpo
     assert resumed.tag == tag_for(1) and not resumed.skipped
 
 
+def test_s3_listing_and_fetching_checkpoints_of_a_dead_endpoint_is_named(s3_stoppable, tmp_path):
+    """Listing a root and downloading a checkpoint when the endpoint is gone: one OSError
+    naming the URL and what was done (botocore's error is no OSError: it passed every handler
+    and ended the trainer, or the resume wrapper's listing, with a traceback)."""
+    from bdt.training.checkpoint_store import download_dir, list_checkpoints
+
+    root = storage.join(s3_stoppable.bucket, "run", "ck")
+    _save(CheckpointManager(root, SOLO, staging_dir=str(tmp_path / "stage")), 1, value=1.0)
+    s3_stoppable.stop()
+    with pytest.raises(OSError, match=rf"^listing checkpoints in {root}: EndpointConnectionError"):
+        list_checkpoints(root)
+    with pytest.raises(OSError, match=rf"^downloading checkpoint {root}/{tag_for(1)}: "
+                                      rf"EndpointConnectionError"):
+        download_dir(f"{root}/{tag_for(1)}", str(tmp_path / "fetched"))
+
+
 def test_marker_lists_every_file_and_resume_falls_back_past_damage(tmp_path, caplog):
     root = tmp_path / "ck"
     mgr = CheckpointManager(str(root), SOLO, keep_last=0)
