@@ -10,6 +10,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from bdt import storage
 from bdt.data.shard_source import list_shards
 from bdt.data.stream_state import resplit
 from bdt.data.token_stream import NOTED_SKIPS, TokenStream
@@ -527,22 +528,28 @@ def test_a_shard_that_stays_unreadable_stops_the_stream_naming_it(tmp_path, monk
 
 
 @pytest.mark.slow
+def _shard_on_s3(bucket: str, tmp_path, monkeypatch) -> tuple[str, TokenStream, list]:
+    """One 40-sample shard uploaded to `bucket` (read in 4 KB requests: many of them), a stream
+    over it, and the keys of its first 12 batches read without a fault."""
+    import fsspec.config
+
+    monkeypatch.setitem(fsspec.config.conf["s3"], "default_block_size", 4096)
+    (path,) = write_shards(str(tmp_path), GRIDS, num_shards=1, per_shard=40)
+    url = f"{bucket}/000000.tar"
+    fs, key = storage.filesystem(url)
+    fs.put_file(path, key)
+    ref = make([url], buffer=4)
+    return url, ref, [keys(ref.next_batch()) for _ in range(12)]
+
+
 def test_an_s3_shard_failing_mid_read_is_read_again_from_its_sample(s3_bucket, tmp_path,
                                                                      monkeypatch):
     """A real fault on a real S3 API: the object goes missing mid-shard (404 on the next range
     request, a FileNotFoundError from s3fs) and comes back. Before: the rest of the shard was
     skipped as damage; now the stream reads on from the sample it was at, as without a fault."""
-    import fsspec.config
-
-    from bdt import storage
-
-    monkeypatch.setitem(fsspec.config.conf["s3"], "default_block_size", 4096)  # many requests
-    (path,) = write_shards(str(tmp_path), GRIDS, num_shards=1, per_shard=40)
-    url = f"{s3_bucket}/000000.tar"
+    url, ref, want = _shard_on_s3(s3_bucket, tmp_path, monkeypatch)
     fs, key = storage.filesystem(url)
-    fs.put_file(path, key)
-    ref = make([url], buffer=4)
-    want = [keys(ref.next_batch()) for _ in range(12)]
+    path = str(tmp_path / "000000.tar")
     pauses = pauses_that(monkeypatch, lambda: fs.put_file(path, key))
     s = make([url], buffer=4)
     got = [keys(s.next_batch())]
@@ -560,17 +567,7 @@ def test_an_s3_endpoint_that_dies_mid_stream_is_tried_again_then_named(s3_stoppa
     EndpointConnectionError, no OSError, went past the retries and ended the run with a long
     traceback. Now it is a failed read: tried again from its sample (the stream then reads on
     as without a fault), and raised as an OSError naming the shard once the tries are spent."""
-    import fsspec.config
-
-    from bdt import storage
-
-    monkeypatch.setitem(fsspec.config.conf["s3"], "default_block_size", 4096)  # many requests
-    (path,) = write_shards(str(tmp_path), GRIDS, num_shards=1, per_shard=40)
-    url = f"{s3_stoppable.bucket}/000000.tar"
-    fs, key = storage.filesystem(url)
-    fs.put_file(path, key)
-    ref = make([url], buffer=4)
-    want = [keys(ref.next_batch()) for _ in range(12)]
+    url, ref, want = _shard_on_s3(s3_stoppable.bucket, tmp_path, monkeypatch)
     pauses = pauses_that(monkeypatch, s3_stoppable.start if back else lambda: None)
     s = make([url], buffer=4)
     got = [keys(s.next_batch())]
