@@ -326,9 +326,9 @@ class StreamState:
 
 
 def _worker_error(e: Exception) -> Exception | None:
-    """A data worker's error with the message it had (None when `e` is no such error): the DataLoader raises it again as
-    "Caught <type> in DataLoader worker process N.\nOriginal Traceback ...", ending in the
-    worker's "<type>: <message>" line (bdt's messages are one line)."""
+    """A data worker's error with the message it had (None when `e` is no such error): the
+    DataLoader raises it again as "Caught <type> in DataLoader worker process N.\nOriginal
+    Traceback ...", ending in the worker's "<type>: <message>" line (bdt's are one line)."""
     text = str(e)
     if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
         return None

@@ -286,12 +286,16 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     model_cfg = cfg.model
     configured = model_cfg.backbone.path
     model_cfg.backbone = recorded_backbone(run_dir, model_cfg.backbone)
+
+    def damaged(e: Exception) -> OSError:  # the run's backbone/ record, not the configured LLM
+        return OSError(damaged_record(model_cfg.backbone.path, configured,
+                                      f"it does not rebuild the checkpoint's model: {e}"))
+
     if model_cfg.backbone.path != configured:  # the run's own record, made with its P
         try:
             held = query_tokens_for(model_cfg.backbone.path)
         except (OSError, ValueError) as e:
-            raise OSError(damaged_record(model_cfg.backbone.path, configured,
-                                          f"it does not rebuild the checkpoint's model: {e}")) from None
+            raise damaged(e) from None
         if held < model_cfg.parallel_num:
             raise OSError(f"{cfg_path}: model.parallel_num is {model_cfg.parallel_num}, but the "
                           f"run's LLM record holds the query tokens of P = {held}: the run was "
@@ -309,8 +313,7 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     except (OSError, ValueError) as e:
         if model_cfg.backbone.path == configured:
             raise
-        raise OSError(damaged_record(model_cfg.backbone.path, configured,
-                                      f"it does not rebuild the checkpoint's model: {e}")) from None
+        raise damaged(e) from None
     model.load_extra({k: v for k, v in module.items() if not k.startswith("llm.")}, states)
     decoder = _load_decoder(cfg.data.tokenizer, model, device)
     # Its record names paths as the run did: relative shards from here, as data.tokenizer above.
