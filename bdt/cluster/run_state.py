@@ -94,7 +94,8 @@ def complete_checkpoints(checkpoint_dir: str) -> dict[str, tuple[int, object]]:
     the old one."""
     import torch
 
-    from bdt.training.checkpoint import CheckpointManager, CheckpointUnusable
+    from bdt.training.checkpoint import CheckpointManager
+    from bdt.training.integrity import CheckpointUnusable
     from bdt.training.distributed import DistInfo
 
     reader = CheckpointManager(checkpoint_dir, DistInfo(0, 1, 0, torch.device("cpu")))

@@ -31,7 +31,8 @@ from bdt.training.rank_state import read_rank_files, seeded_rng, user_tensors, w
 from bdt.training.safe_load import PARENT_ENV
 
 if TYPE_CHECKING:
-    from bdt.training.checkpoint import CheckpointManager, Reshard
+    from bdt.training.checkpoint import CheckpointManager
+    from bdt.training.checkpoint_load import Reshard
 
 
 def conversion_tag(tag: str, world_size: int) -> str:
