@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import load, load_file
 
-from bdt import storage
+from bdt import storage, url_listing
 
 _MAX_LISTED = 6
 INDEX_SUFFIX = ".index.json"  # <name>.safetensors.index.json: the shards of <name>.safetensors
@@ -127,7 +127,7 @@ def _read_shards(index_url: str, mmap: bool) -> dict[str, torch.Tensor]:
     shards = _shard_index(index_url)
     folder = posixpath.dirname(index_url)
     urls = {s: storage.join(folder, s) if folder else s for s in shards}
-    not_files = set(storage.missing_files(list(urls.values())))  # one listing per S3 prefix
+    not_files = set(url_listing.missing_files(list(urls.values())))  # one listing per S3 prefix
     absent = [s for s, url in urls.items() if url in not_files]
     if absent:
         raise FileNotFoundError(f"{index_url}: {len(absent)} shard file(s) it lists are missing "

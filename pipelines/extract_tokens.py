@@ -30,12 +30,12 @@ def _refuse_relative_paths_in_a_ray_job(cfg) -> None:
     """`ray job submit` runs the driver in Ray's copy of the working directory, a temp folder:
     relative inputs would be looked for there and a relative output written there, then lost.
     The job supervisor sets RAY_JOB_CONFIG_JSON_ENV_VAR for the driver it starts (Ray 2.60)."""
-    from bdt import storage
+    from bdt import storage, url_listing
 
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
         return
     for key in ("inputs", "output", "tokenizer"):
-        paths = storage.url_patterns(getattr(cfg, key))
+        paths = url_listing.url_patterns(getattr(cfg, key))
         relative = next((p for p in paths if not storage.is_remote(p) and not os.path.isabs(p)), None)
         if relative is not None:
             raise ValueError(f"{key}: '{relative}' is relative; under `ray job submit` the job runs in "

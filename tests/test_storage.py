@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bdt import output_dirs, storage
+from bdt import output_dirs, storage, url_listing
 
 
 @pytest.mark.slow
@@ -64,7 +64,7 @@ def test_remote_staged_dir_replaces_entries_whole_and_sees_other_writers(s3_buck
             for name in names:
                 os.makedirs(os.path.dirname(os.path.join(tmp, name)) or tmp, exist_ok=True)
                 open(os.path.join(tmp, name), "w").write(name)
-    assert storage.expand_urls(out + "/images/*.png") == [out + "/images/new.png"]
+    assert url_listing.expand_urls(out + "/images/*.png") == [out + "/images/new.png"]
     assert storage.exists(out + "/eval.json")  # an entry the new output has not: kept, as locally
     import s3fs
 
@@ -73,12 +73,12 @@ def test_remote_staged_dir_replaces_entries_whole_and_sees_other_writers(s3_buck
     other.pipe_file(out[len("s3://"):] + "/images/late.png", b"late")
     assert storage.exists(out + "/images/late.png")
     assert storage.read_bytes(out + "/images/late.png") == b"late"
-    assert len(storage.expand_urls(out + "/images/*.png")) == 2
+    assert len(url_listing.expand_urls(out + "/images/*.png")) == 2
 
 
 def test_expand_urls_splits_only_at_commas_outside_braces():
     """`in-{000000,000002}.tar` was cut at its comma before brace expansion: unbalanced braces."""
-    assert storage.expand_urls("d/in-{000000,000002}.tar, e/{a,{b,c}}.tar,f.tar,") == [
+    assert url_listing.expand_urls("d/in-{000000,000002}.tar, e/{a,{b,c}}.tar,f.tar,") == [
         "d/in-000000.tar", "d/in-000002.tar", "e/a.tar", "e/b.tar", "e/c.tar", "f.tar"]
 
 
@@ -87,7 +87,7 @@ def test_expand_urls_keeps_an_existing_name_whose_glob_characters_are_literal(tm
     for name in ("img[1].tar", "b.tar"):
         (tmp_path / name).write_bytes(b"x")
     spec = f"{tmp_path}/img[1].tar,{tmp_path}/b.tar,{tmp_path}/none-*.tar"
-    assert storage.expand_urls(spec) == [f"{tmp_path}/img[1].tar", f"{tmp_path}/b.tar"]
+    assert url_listing.expand_urls(spec) == [f"{tmp_path}/img[1].tar", f"{tmp_path}/b.tar"]
 
 
 @pytest.mark.slow
@@ -105,9 +105,9 @@ def test_an_s3_object_version_is_an_input_like_any_file(s3_bucket):
     versions = client.list_object_versions(Bucket=bucket, Prefix="v/x.tar")["Versions"]
     old = next(f"{s3_bucket}/v/x.tar?versionId={v['VersionId']}" for v in versions
                if not v["IsLatest"])
-    urls = storage.expand_urls(f"{old},{s3_bucket}/v/y.tar")
+    urls = url_listing.expand_urls(f"{old},{s3_bucket}/v/y.tar")
     assert urls == [old, f"{s3_bucket}/v/y.tar"]
-    assert storage.file_sizes(urls) == {old: 3, f"{s3_bucket}/v/y.tar": 1}
+    assert url_listing.file_sizes(urls) == {old: 3, f"{s3_bucket}/v/y.tar": 1}
     assert storage.read_bytes(old) == b"old"
 
 
@@ -118,7 +118,7 @@ def test_a_remote_url_with_an_empty_path_segment_is_refused(s3_bucket):
     writes there is found missing afterwards."""
     url = f"{s3_bucket}/runs//ck/a.bin"
     for call in (lambda: storage.write_bytes_atomic(url, b"x"), lambda: storage.exists(url),
-                 lambda: storage.file_sizes([url, url + "2"])):
+                 lambda: url_listing.file_sizes([url, url + "2"])):
         with pytest.raises(ValueError, match="/runs//ck.*: empty path segment"):
             call()
     fs, _ = storage.filesystem(s3_bucket)
@@ -176,7 +176,7 @@ def test_a_relative_name_through_a_missing_folder_and_dotdot_is_written(tmp_path
     monkeypatch.chdir(tmp_path)
     storage.write_bytes_atomic("new/../out/f.bin", b"x")
     assert (tmp_path / "out" / "f.bin").read_bytes() == b"x"
-    assert storage.file_sizes(["new/../out/f.bin"]) == {"new/../out/f.bin": 1}
+    assert url_listing.file_sizes(["new/../out/f.bin"]) == {"new/../out/f.bin": 1}
 
 
 def test_a_glob_under_tilde_or_a_file_url_matches_what_its_names_read(tmp_path, monkeypatch):
@@ -185,5 +185,5 @@ def test_a_glob_under_tilde_or_a_file_url_matches_what_its_names_read(tmp_path, 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "a.tar").write_bytes(b"x")
-    assert storage.expand_urls("~/raw/*.tar") == [str(tmp_path / "raw" / "a.tar")]
-    assert storage.expand_urls(f"file://{tmp_path}/raw/*.tar") == [str(tmp_path / "raw" / "a.tar")]
+    assert url_listing.expand_urls("~/raw/*.tar") == [str(tmp_path / "raw" / "a.tar")]
+    assert url_listing.expand_urls(f"file://{tmp_path}/raw/*.tar") == [str(tmp_path / "raw" / "a.tar")]

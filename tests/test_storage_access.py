@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from bdt import output_dirs, storage
+from bdt import output_dirs, storage, url_listing
 from bdt.training.checkpoint import CheckpointManager
 from bdt.training.distributed import DistInfo, free_port
 
@@ -132,16 +132,16 @@ def test_a_denied_read_is_not_a_missing_file(keyed_s3):
     url = f"s3://{BUCKET}/x/a.tar"
     with _as(keyed_s3["endpoint"], ("AKIAUNKNOWN0000000", "wrong")):
         with pytest.raises(PermissionError, match=url):
-            storage.file_sizes([url])
+            url_listing.file_sizes([url])
         with pytest.raises(PermissionError, match=f"s3://{BUCKET}/x: .*Access Key Id"):
-            storage.missing_files([url, f"s3://{BUCKET}/x/b.tar"])
+            url_listing.missing_files([url, f"s3://{BUCKET}/x/b.tar"])
         for call in (storage.exists, storage.read_bytes, storage.sha256):
             with pytest.raises(PermissionError, match=f"^{url}: "):
                 call(url)
         with pytest.raises(PermissionError, match=f"^s3://{BUCKET}/x/\\*.tar: "):
-            storage.expand_urls(f"s3://{BUCKET}/x/*.tar")
+            url_listing.expand_urls(f"s3://{BUCKET}/x/*.tar")
     with _as(keyed_s3["endpoint"], keyed_s3["ro"]):
-        assert storage.file_sizes([url, f"s3://{BUCKET}/x/b.tar"]) == {
+        assert url_listing.file_sizes([url, f"s3://{BUCKET}/x/b.tar"]) == {
             url: 4, f"s3://{BUCKET}/x/b.tar": None}
 
 
@@ -163,9 +163,9 @@ def test_a_checkpoint_root_that_takes_no_write_is_refused_at_the_start(keyed_s3,
 
 _SILENT_ENDPOINT_CHECK = """
 import sys
-from bdt import storage
+from bdt import url_listing
 try:
-    storage.file_sizes([sys.argv[1]])
+    url_listing.file_sizes([sys.argv[1]])
 except OSError as e:
     print(type(e).__name__, e)
 """

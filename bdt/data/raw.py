@@ -85,19 +85,19 @@ class RawDataConfig:
 def expand_shards(spec: str) -> list[str]:
     """All shard URLs named by `spec` (a folder names its .tar files); raises ValueError naming
     the pattern when none exist."""
-    from bdt import storage
+    from bdt import storage, url_listing
 
     urls: list[str] = []
-    for url in storage.expand_urls(spec):
+    for url in url_listing.expand_urls(spec):
         if not storage.is_dir(url):
             urls.append(url)
             continue
-        tars = storage.expand_urls(storage.join(url, "*.tar"))
+        tars = url_listing.expand_urls(storage.join(url, "*.tar"))
         if not tars:
             raise ValueError(f"data.shards: the folder {url!r} holds no .tar file")
         urls.extend(tars)
     urls = list(dict.fromkeys(urls))  # a shard named twice (itself and by its folder) is read once
-    missing = storage.missing_files(urls)
+    missing = url_listing.missing_files(urls)
     if not urls or missing:
         raise ValueError(f"data.shards: no shard found for '{spec}'" if not urls else
                          f"data.shards: {len(missing)} shard(s) do not exist, e.g. {missing[0]}")

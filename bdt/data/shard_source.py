@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from bdt import storage
+from bdt import storage, url_listing
 from bdt.data.tars import unsafe_path
 
 INDEX_NAME = "index.json"  # bdt/extract/manifest.py writes the manifest under this name
@@ -61,7 +61,7 @@ def _glob(url: str) -> list[str]:
 def _regular_files(paths: list[str]) -> list[str]:
     """Local shards that are all regular files (through links), else a ValueError naming one:
     the stream would block forever opening a FIFO a glob matched, and fail on a folder."""
-    sizes = storage.file_sizes(paths)
+    sizes = url_listing.file_sizes(paths)
     odd = [p for p in paths if sizes[p] is None]
     if odd:
         raise ValueError(f"shards: {odd[0]} is not a regular file (a FIFO, device, folder or "
@@ -203,7 +203,7 @@ def _check_sizes(index_url: str, family: str, urls: list[str], entries: list[dic
     """Every listed shard exists with the size its entry records: one listing per folder (also
     on S3), so it runs at every start; a shard truncated, replaced or edited after extraction is
     refused before training. `bdt data verify` compares the sha256 too."""
-    sizes = storage.file_sizes(urls)
+    sizes = url_listing.file_sizes(urls)
     missing = [u for u in urls if sizes[u] is None]
     if missing:
         raise ValueError(f"{index_url} lists {len(missing)} shard(s) of family {family!r} that "
@@ -249,7 +249,7 @@ def verify(source: str, families: list[str] | None = None, workers: int = 8,
             listed.append((storage.join(source, e["shard"]), e))
     if not listed:
         raise ValueError(f"{index_url} lists no shards: nothing to verify")
-    sizes = storage.file_sizes([u for u, _ in listed])
+    sizes = url_listing.file_sizes([u for u, _ in listed])
 
     def check(item: tuple[str, dict]) -> str | None:
         url, entry = item

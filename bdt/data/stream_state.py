@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from bdt import storage
+from bdt import storage, url_listing
 
 STATE_VERSION = 1
 
@@ -144,7 +144,7 @@ def shards_entered(meta: dict, all_shards: list[str], rank: int, world: int,
 def check_shard_sizes(meta: dict) -> None:
     """A shard rewritten since the state was saved would put its byte offset mid-sample."""
     saved = meta.get("shard_sizes", {})  # states written before sizes were recorded have none
-    for url, now in storage.file_sizes(list(saved)).items():
+    for url, now in url_listing.file_sizes(list(saved)).items():
         if now != saved[url]:
             raise ValueError(f"token shard {url} is {'gone' if now is None else f'{now} bytes'} "
                              f"but was {saved[url]} bytes when the checkpoint was saved: it was "

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from bdt import storage
+from bdt import url_listing
 from bdt.data.stream_state import (STATE_VERSION, Cursor, Range, StreamCounters, buffer_items,
                                    cat_bits, check_shard_sizes, check_version, epoch_order,
                                    rank_split, same_stream, shard_names, shards_entered,
@@ -340,7 +340,7 @@ class TokenStream:
                 "cursor": asdict(m.cursor), "epoch_had_samples": m.epoch_had_samples,
                 "rng": m.rng, "counters": asdict(m.counters),
                 "buffer": entries, "pending": [asdict(r) for r in m.pending]}
-        meta["shard_sizes"] = storage.file_sizes(shards_entered(meta, self.all_shards, self.rank,
+        meta["shard_sizes"] = url_listing.file_sizes(shards_entered(meta, self.all_shards, self.rank,
                                                                  self.world_size, self.seed))
         return meta, {"buffer_bits": cat_bits(bits)}
 

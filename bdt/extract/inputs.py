@@ -28,7 +28,7 @@ from typing import Iterator
 
 import fsspec
 
-from bdt import storage
+from bdt import storage, url_listing
 from bdt.data import tars
 from bdt.data.images import TOO_LARGE
 from bdt.data.token_shards import caption_problem, caption_text
@@ -110,7 +110,7 @@ class Reject:
 
 def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts: list[str]) -> list[InputUnit]:
     """The ordered input units; raises ValueError naming the pattern when nothing is found."""
-    urls = storage.expand_urls(spec)
+    urls = url_listing.expand_urls(spec)
     if not urls:
         raise ValueError(f"inputs: nothing matches '{spec}'")
     seen: set[str] = set()  # one input named twice (a.tar,./a.tar, a link) is read once, as first spelled
@@ -120,7 +120,7 @@ def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts:
         raise ValueError(f"input_format: expected auto, tar or folder, got '{input_format}'")
     formats = [input_format if input_format != "auto" else "tar" if _is_tar_name(url) else "folder"
                for url in urls]
-    infos = storage.file_infos([u for u, fmt in zip(urls, formats) if fmt == "tar"])
+    infos = url_listing.file_infos([u for u, fmt in zip(urls, formats) if fmt == "tar"])
     versions = {u: None if info is None else _version(info) for u, info in infos.items()}
     missing = [u for u, v in versions.items() if v is None]
     if missing:
@@ -147,7 +147,7 @@ def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts:
 
 def _is_tar_name(url: str) -> bool:
     """By its name, less the version an S3 URL may select (`a.tar?versionId=...`)."""
-    return url.split(storage.VERSION_QUERY, 1)[0].endswith(_TAR_SUFFIXES)
+    return url.split(url_listing.VERSION_QUERY, 1)[0].endswith(_TAR_SUFFIXES)
 
 
 def _version(info: dict) -> str:

@@ -14,7 +14,7 @@ import contextlib
 import os
 import shutil
 
-from bdt import output_dirs, storage
+from bdt import output_dirs, storage, url_listing
 from bdt.config import literal_config, save_resolved
 from bdt.training.distributed import DistInfo, barrier
 from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR, EXPORT_TRAIN_CONFIG_NAME
@@ -58,7 +58,7 @@ def _with_absolute_shards(cfg):
     record = literal_config(cfg)
     for stage in record.stages:
         stage.shards = ",".join(p if storage.is_remote(p) else storage.local_path(p)
-                                for p in storage.brace_patterns(stage.shards))
+                                for p in url_listing.brace_patterns(stage.shards))
     return record
 
 
