@@ -4,7 +4,7 @@
 
 Data: the embedded shapes dataset (`bdt data shapes`, 128 px at three aspect ratios). Tokenizer:
 configs/tokenizer/shapes_small.yaml, randomly initialised (speed does not depend on the weights).
-Throughput: both sides use the same cores, the same reader and preprocessing (bdt.extract.inputs,
+Throughput: both sides use the same cores, the same reader and preprocessing (bdt.extract.input_reading,
 bdt.data.images) and the same batch size; the bare loop (in its own process, run just before the
 pipeline on the same data) skips Ray, writing and accounting. It runs for sizes <= --bare-max.
   ratio = pipeline images/s / bare images/s (goal >= 0.85: pipeline overhead <= 15%)
@@ -43,7 +43,7 @@ sys.path.insert(0, REPO)
 from bdt.config import load  # noqa: E402
 from bdt.data.buckets import make_buckets  # noqa: E402
 from bdt.data.images import ImageRejected, load_for_buckets, to_unit_range  # noqa: E402
-from bdt.extract import inputs as inp  # noqa: E402
+from bdt.extract import input_reading, input_units  # noqa: E402
 from bdt.extract.config import ExtractConfig  # noqa: E402
 from bdt.tokenizer import BinaryAutoencoder, TokenizerConfig, pack_bits, save_tokenizer  # noqa: E402
 from common import RESULTS  # noqa: E402
@@ -86,9 +86,10 @@ def bare_loop(pattern: str, tokenizer: str, threads: int) -> dict:
             pack_bits(model.encode(x).numpy())
         n += x.shape[0]
 
-    for unit in inp.list_units(pattern, "tar", 1000, exts):
-        for item in inp.iter_unit(unit, exts, 1 << 26, max_caption_bytes=1 << 16):
-            if isinstance(item, inp.Reject) or inp.check_caption(item.caption, 1 << 16)[0] is None:
+    for unit in input_units.list_units(pattern, "tar", 1000, exts):
+        for item in input_reading.iter_unit(unit, exts, 1 << 26, max_caption_bytes=1 << 16):
+            if isinstance(item, input_reading.Reject) or \
+                    input_reading.check_caption(item.caption, 1 << 16)[0] is None:
                 continue
             try:
                 (bucket, pixels, _), = load_for_buckets(item.image, [buckets], max_pixels=1 << 26, min_side=32)

@@ -16,7 +16,7 @@ from typing import Any
 from bdt import output_dirs, storage
 from bdt.config import save_resolved, to_dict
 from bdt.data.buckets import check_buckets, make_buckets
-from bdt.extract import inputs as inp
+from bdt.extract.input_units import InputUnit, list_units, refuse_output_inside
 from bdt.extract import manifest as mf
 from bdt.extract.config import ExtractConfig, encode_dtype, stage_name, validate
 
@@ -60,7 +60,7 @@ def _token_geometry(tokenizer: str) -> dict[str, int]:
     return {"downsample_factor": tc.downsample_factor, "bits_per_token": tc.bits_per_token}
 
 
-def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[int]]], dict, str]:
+def plan(cfg: ExtractConfig) -> tuple[list[InputUnit], dict[str, list[list[int]]], dict, str]:
     """(units, stage buckets, tokenizer identity, fingerprint); writes plan.json + config.yaml."""
     import torch
 
@@ -73,8 +73,8 @@ def plan(cfg: ExtractConfig) -> tuple[list[inp.InputUnit], dict[str, list[list[i
     # Weights that do not fit the config would fail every actor's start, after Ray started.
     check_tokenizer(cfg.tokenizer, getattr(torch, encode_dtype(cfg)))
     stages = resolve_stages(cfg, geometry["downsample_factor"])
-    units = inp.list_units(cfg.inputs, cfg.input_format, cfg.folder_shard_size, list(cfg.image_extensions))
-    inp.refuse_output_inside(units, cfg.output)
+    units = list_units(cfg.inputs, cfg.input_format, cfg.folder_shard_size, list(cfg.image_extensions))
+    refuse_output_inside(units, cfg.output)
     storage.check_writable(cfg.output)
     mf.remove_stale_root_temps(cfg.output)  # a killed run's half-written files
     identity = dict(tokenizer_identity(cfg.tokenizer), **geometry)
@@ -206,7 +206,7 @@ def _run(cfg: ExtractConfig, planned: tuple) -> dict[str, Any]:
     waited = False  # the note on actors not started yet is printed once
     death = ""  # why the last actor that failed to start did, for the units left without one
     todo = deque(units)
-    in_flight: dict[Any, tuple[inp.InputUnit, Any]] = {}
+    in_flight: dict[Any, tuple[InputUnit, Any]] = {}
     # Per unit only its stages' markers (what index.json lists); rejects stay in their files.
     results: dict[int, dict] = {}
     failed: dict[int, str] = {}
@@ -257,7 +257,7 @@ def _run(cfg: ExtractConfig, planned: tuple) -> dict[str, Any]:
     return _finish(cfg, units, stages, identity, results, failed, time.time() - t0, progress.written)
 
 
-def _finish(cfg: ExtractConfig, units: list[inp.InputUnit], stages: dict[str, list[list[int]]],
+def _finish(cfg: ExtractConfig, units: list[InputUnit], stages: dict[str, list[list[int]]],
             identity: dict, results: dict[int, dict], failed: dict[int, str], seconds: float,
             new_samples: int) -> dict[str, Any]:
     root = cfg.output

@@ -27,7 +27,8 @@ from bdt import storage
 from bdt.data.images import ImageRejected, formats_for, load_for_buckets
 from bdt.data.shard_writer import ShardWriter
 from bdt.data.token_shards import TokenSample, encode_sample, sample_key
-from bdt.extract import inputs as inp
+from bdt.extract.input_reading import RawSample, Reject, check_caption, iter_unit
+from bdt.extract.input_units import InputUnit
 from bdt.extract import manifest as mf
 
 T = TypeVar("T")
@@ -105,7 +106,7 @@ class ShardEncoder:
     def process(self, unit_dict: dict[str, Any]) -> dict[str, Any]:
         """Make every missing shard of one unit; returns {"index", "stages": {name: marker}, ...}."""
         t0 = time.time()
-        unit = inp.InputUnit(**unit_dict)
+        unit = InputUnit(**unit_dict)
         root = self.cfg.output
         markers: dict[str, dict] = {}
         for stage in self.stage_buckets:
@@ -121,9 +122,9 @@ class ShardEncoder:
             _return_freed_memory()
         return {"index": unit.index, "skipped": not todo, "stages": markers, "seconds": time.time() - t0}
 
-    def _extract(self, unit: inp.InputUnit, stages: list[str]) -> dict[str, dict]:
+    def _extract(self, unit: InputUnit, stages: list[str]) -> dict[str, dict]:
         cfg, root = self.cfg, self.cfg.output
-        rejects: list[inp.Reject] = []
+        rejects: list[Reject] = []
         inputs = 0
         with contextlib.ExitStack() as stack:
             storage.remove_stale_temps(mf.rejects_url(root, unit.index))
@@ -143,13 +144,13 @@ class ShardEncoder:
 
             keys: set[str] = set()
             upscaled = dict.fromkeys(stages, 0)  # samples smaller than their bucket, per stage
-            items = inp.iter_unit(unit, list(cfg.image_extensions), cfg.max_image_bytes,
-                                  max_caption_bytes=cfg.max_caption_bytes)
+            items = iter_unit(unit, list(cfg.image_extensions), cfg.max_image_bytes,
+                              max_caption_bytes=cfg.max_caption_bytes)
             for item, prepared in _ahead(lambda it: (it, self._prepare(it, unit, stages)), items,
                                          cfg.decode_threads):
                 self._live = (unit.index, inputs, len(rejects))  # before this item: lags by one
                 inputs += 1
-                if isinstance(prepared, inp.Reject):
+                if isinstance(prepared, Reject):
                     rejects.append(prepared)
                     continue
                 caption, per_stage = prepared
@@ -184,22 +185,22 @@ class ShardEncoder:
             storage.write_bytes_atomic(mf.marker_url(root, stage, unit.index), mf.json_bytes(markers[stage]))
         return markers
 
-    def _prepare(self, item: inp.RawSample | inp.Reject, unit: inp.InputUnit, stages: list[str]):
+    def _prepare(self, item: RawSample | Reject, unit: InputUnit, stages: list[str]):
         """Validate + decode one sample: (caption, {stage: (bucket, uint8 HWC, upscaled)}) or a
         Reject."""
-        if isinstance(item, inp.Reject):
+        if isinstance(item, Reject):
             return item
         cfg = self.cfg
-        caption, reason, detail = inp.check_caption(item.caption, cfg.max_caption_bytes)
+        caption, reason, detail = check_caption(item.caption, cfg.max_caption_bytes)
         if caption is None:
-            return inp.Reject(item.key, unit.name, reason, detail)
+            return Reject(item.key, unit.name, reason, detail)
         try:
             # Decoded for all configured stages even when only some are redone: the pixels of a
             # stage must not depend on which other stages happen to be missing.
             crops = load_for_buckets(item.image, list(self.stage_buckets.values()), max_pixels=cfg.max_pixels,
                                      min_side=cfg.min_side, formats=self.formats)
         except ImageRejected as exc:
-            return inp.Reject(item.key, unit.name, exc.reason, exc.detail)
+            return Reject(item.key, unit.name, exc.reason, exc.detail)
         return caption, {s: c for s, c in zip(self.stage_buckets, crops) if s in stages}
 
 

@@ -13,7 +13,7 @@ import pytest
 from extract_rawdata import exif_rotated_jpeg, image_bytes, write_tar
 from testkit import pauses_that
 
-from bdt.extract import inputs as inp
+from bdt.extract import input_reading, input_units
 from bdt.extract import manifest as mf
 from bdt.extract.worker import ShardEncoder
 
@@ -95,7 +95,7 @@ def encoder(tiny_tokenizer, tmp_path):
 def _extract(encoder, spec: str) -> list[tuple[dict, list[dict], bytes]]:
     """(marker, rejects, shard bytes) per input unit."""
     out = []
-    for unit in inp.list_units(spec, "auto", 1000, EXTS):
+    for unit in input_units.list_units(spec, "auto", 1000, EXTS):
         marker = encoder.process(unit.to_dict())["stages"]["s"]
         root = encoder.cfg.output
         rejects_url = mf.rejects_url(root, unit.index)
@@ -195,8 +195,8 @@ def test_a_sample_with_two_images_uses_the_first_of_image_extensions(tmp_path):
     jpeg = image_bytes(32, 32, fmt="JPEG")
     write_tar(path, [{"__key__": "two", "png": GOOD, "jpg": jpeg, "txt": CAP}])
     for exts in (["jpg", "png"], ["png", "jpg"]):
-        unit, = inp.list_units(path, "auto", 1000, exts)
-        sample, = inp.iter_unit(unit, exts, 1 << 20, max_caption_bytes=1 << 10)
+        unit, = input_units.list_units(path, "auto", 1000, exts)
+        sample, = input_reading.iter_unit(unit, exts, 1 << 20, max_caption_bytes=1 << 10)
         assert sample.image_ext == exts[0]
 
 
@@ -208,7 +208,7 @@ def test_a_tar_that_stays_unreadable_fails_its_unit_without_rejects(encoder, tmp
     so a rerun reads it again."""
     path = str(tmp_path / "in.tar")
     write_tar(path, [{"__key__": "a", "png": GOOD, "txt": CAP}])
-    unit, = inp.list_units(path, "auto", 1000, EXTS)
+    unit, = input_units.list_units(path, "auto", 1000, EXTS)
     os.remove(path)
     pauses = pauses_that(monkeypatch)
     with pytest.raises(OSError, match=f"{path}: reading from byte 0 failed 5 times in a row"):

@@ -13,14 +13,14 @@ import webdataset as wds
 from extract_rawdata import good_samples, image_bytes, truncate, write_tar
 from testkit import pauses_that
 
-from bdt.extract import inputs as inp
+from bdt.extract import input_reading, input_units
 
 EXTS = ["jpg", "jpeg", "png", "webp"]
 
 
 def _read(path: str, max_bytes: int = 1 << 20, max_caption: int = 1 << 20) -> list:
-    unit = inp.list_units(path, "auto", 10, EXTS)[0]
-    return list(inp.iter_unit(unit, EXTS, max_bytes, max_caption_bytes=max_caption))
+    unit = input_units.list_units(path, "auto", 10, EXTS)[0]
+    return list(input_reading.iter_unit(unit, EXTS, max_bytes, max_caption_bytes=max_caption))
 
 
 def _pipeline_main(argv: list[str]) -> None:
@@ -35,22 +35,22 @@ def _pipeline_main(argv: list[str]) -> None:
 
 
 def _rejects(items) -> list[tuple[str, str]]:
-    return [(r.key, r.reason) for r in items if isinstance(r, inp.Reject)]
+    return [(r.key, r.reason) for r in items if isinstance(r, input_reading.Reject)]
 
 
 def test_listing_by_brace_glob_and_comma(tmp_path):
     for i in range(3):
         write_tar(str(tmp_path / f"s-{i}.tar"), good_samples("a", 1, i))
-    brace = inp.list_units(str(tmp_path / "s-{0..2}.tar"), "auto", 10, EXTS)
-    glob = inp.list_units(str(tmp_path / "s-*.tar"), "auto", 10, EXTS)
+    brace = input_units.list_units(str(tmp_path / "s-{0..2}.tar"), "auto", 10, EXTS)
+    glob = input_units.list_units(str(tmp_path / "s-*.tar"), "auto", 10, EXTS)
     assert [u.source for u in brace] == [u.source for u in glob] == [str(tmp_path / f"s-{i}.tar") for i in range(3)]
     assert [u.index for u in brace] == [0, 1, 2]
-    both = inp.list_units(f"{tmp_path}/s-2.tar,{tmp_path}/s-*.tar", "auto", 10, EXTS)
+    both = input_units.list_units(f"{tmp_path}/s-2.tar,{tmp_path}/s-*.tar", "auto", 10, EXTS)
     assert [u.source[-7:] for u in both] == ["s-2.tar", "s-0.tar", "s-1.tar"]  # order kept, no repeats
     with pytest.raises(ValueError, match="nothing matches"):
-        inp.list_units(str(tmp_path / "nope-*.tar"), "auto", 10, EXTS)
+        input_units.list_units(str(tmp_path / "nope-*.tar"), "auto", 10, EXTS)
     with pytest.raises(ValueError, match=r"1 tar shard\(s\) not found, e.g. .*s-3.tar"):
-        inp.list_units(str(tmp_path / "s-{0..3}.tar"), "auto", 10, EXTS)
+        input_units.list_units(str(tmp_path / "s-{0..3}.tar"), "auto", 10, EXTS)
 
 
 @pytest.mark.slow
@@ -68,13 +68,14 @@ def test_s3_inputs_are_checked_with_one_listing_per_prefix(s3_bucket, caplog):
             fs.pipe_file(f"{s3_bucket[5:]}/{prefix}/s-{i}.tar", buf.getvalue())
     caplog.set_level(logging.DEBUG, logger="s3fs")
     caplog.clear()
-    units = inp.list_units(f"{s3_bucket}/p/s-{{0..5}}.tar,{s3_bucket}/q/s-{{0..5}}.tar", "auto", 10, EXTS)
+    units = input_units.list_units(f"{s3_bucket}/p/s-{{0..5}}.tar,{s3_bucket}/q/s-{{0..5}}.tar",
+                                   "auto", 10, EXTS)
     calls = Counter(r.getMessage().split(" - ")[0][len("CALL: "):] for r in caplog.records
                     if r.name == "s3fs" and r.getMessage().startswith("CALL: "))
     assert [u.source for u in units][:2] == [f"{s3_bucket}/p/s-0.tar", f"{s3_bucket}/p/s-1.tar"]
     assert len(units) == 12 and calls == Counter({"list_objects_v2": 2})
     with pytest.raises(ValueError, match=r"2 tar shard\(s\) not found, e.g. s3://.*/p/s-6.tar"):
-        inp.list_units(f"{s3_bucket}/p/s-{{0..7}}.tar", "auto", 10, EXTS)
+        input_units.list_units(f"{s3_bucket}/p/s-{{0..7}}.tar", "auto", 10, EXTS)
 
 
 @pytest.mark.parametrize("data", [b"this is not a tar archive" * 40, b""])
@@ -89,7 +90,7 @@ def test_truncated_tar_keeps_what_was_read_and_rejects_the_rest(tmp_path):
     write_tar(path, good_samples("t", 6, 0))
     truncate(path, 0.6)
     items = _read(path)
-    good = [i.key for i in items if isinstance(i, inp.RawSample)]
+    good = [i.key for i in items if isinstance(i, input_reading.RawSample)]
     assert good and good == [f"t{i:04d}" for i in range(len(good))] and len(good) < 6
     assert len(_rejects(items)) == 1 and _rejects(items)[0][1] == "truncated_tar"
 
@@ -103,11 +104,11 @@ def test_a_tar_missing_for_a_moment_is_read_again_not_rejected(tmp_path, monkeyp
     an unreadable_shard reject and its unit was done without its samples."""
     path = str(tmp_path / "t.tar")
     write_tar(path, good_samples("t", 3, 0))
-    unit, = inp.list_units(path, "auto", 10, EXTS)
+    unit, = input_units.list_units(path, "auto", 10, EXTS)
     os.rename(path, path + ".away")
     pauses = pauses_that(monkeypatch, lambda: os.rename(path + ".away", path))
-    with caplog.at_level("WARNING", "bdt.extract.inputs"):
-        items = list(inp.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20))
+    with caplog.at_level("WARNING", "bdt.extract.input_reading"):
+        items = list(input_reading.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20))
     assert _verdicts(items) == [(f"t{i:04d}", "sample") for i in range(3)] and pauses == [1.0]
     assert f"{path}: reading from byte 0 failed (FileNotFoundError: " in caplog.text
 
@@ -131,7 +132,7 @@ def test_a_member_without_extension_is_rejected_once_across_a_failed_read(tmp_pa
             tar.addfile(info, io.BytesIO(data))
     with tarfile.open(path) as tar:
         fail_at = next(m.offset for m in tar.getmembers() if m.name == "a.txt")
-    unit, = inp.list_units(path, "auto", 10, EXTS)
+    unit, = input_units.list_units(path, "auto", 10, EXTS)
 
     class FailsOnce:  # the file: one read that reaches a.txt's header fails, as on a flaky mount
         failed = False
@@ -152,7 +153,7 @@ def test_a_member_without_extension_is_rejected_once_across_a_failed_read(tmp_pa
     wrap = tars._Reads.__init__
     monkeypatch.setattr(tars._Reads, "__init__", lambda self, f: wrap(self, FailsOnce(f)))
     pauses = pauses_that(monkeypatch)
-    items = list(inp.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20))
+    items = list(input_reading.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20))
     assert FailsOnce.failed and pauses == [1.0]
     assert _verdicts(items) == [("NOTES", "unknown_extension"), ("a", "sample"), ("b", "sample")]
 
@@ -175,10 +176,10 @@ def test_an_s3_tar_failing_mid_read_is_read_again_or_fails_its_unit(s3_bucket, t
     url = f"{s3_bucket}/t.tar"
     fs, key = storage.filesystem(url)
     fs.put_file(path, key)
-    unit, = inp.list_units(url, "auto", 10, EXTS)
+    unit, = input_units.list_units(url, "auto", 10, EXTS)
     want = _verdicts(_read(path))
     pauses = pauses_that(monkeypatch, lambda: fs.put_file(path, key) if back else None)
-    items = inp.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20)
+    items = input_reading.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20)
     got = _verdicts([next(items)])
     fs.rm(key)
     if back:
@@ -204,10 +205,10 @@ def test_duplicates_oversize_and_groups(tmp_path):
     ])
     items = _read(path, max_bytes=6000, max_caption=100)
     assert _rejects(items) == [("x", "duplicate_key"), ("big", "caption_too_long"), ("bigimg", "too_large")]
-    details = {r.key: r.detail for r in items if isinstance(r, inp.Reject)}
+    details = {r.key: r.detail for r in items if isinstance(r, input_reading.Reject)}
     assert details["big"] == "txt member of 7000 bytes exceeds max_caption_bytes 100"  # its own limit
     assert details["bigimg"].endswith("exceeds max_image_bytes 6000")
-    samples = {i.key: i for i in items if isinstance(i, inp.RawSample)}
+    samples = {i.key: i for i in items if isinstance(i, input_reading.RawSample)}
     assert sorted(samples) == ["x", "y", "z"] and samples["x"].caption == b"one"
     assert samples["z"].image_ext == "jpg"
 
@@ -222,7 +223,7 @@ def test_a_sample_of_many_members_is_one_too_large_reject(tmp_path, monkeypatch)
                      {"__key__": "ok", "png": png, "txt": b"c"}])
     items = _read(path, max_bytes=6000)
     assert _rejects(items) == [("many", "too_large")] and "in all" in items[0].detail
-    assert [i.key for i in items if isinstance(i, inp.RawSample)] == ["ok"]
+    assert [i.key for i in items if isinstance(i, input_reading.RawSample)] == ["ok"]
 
 
 def test_hostile_names_and_repeats_are_judged_not_lost(tmp_path):
@@ -253,10 +254,10 @@ def test_hostile_names_and_repeats_are_judged_not_lost(tmp_path):
     ("\ufeff".encode(), "empty_caption"), ("\u200b \u200b".encode(), "empty_caption"),
 ])
 def test_caption_checks(raw, reason):
-    assert inp.check_caption(raw, 10)[:2] == (None, reason)
-    assert inp.check_caption(b"  a caption\n", 20) == ("a caption", "", "")
-    assert inp.check_caption("\ufeffa caption".encode(), 20) == ("a caption", "", "")  # BOM
-    assert inp.check_caption(b"two\tlines\r\nok", 20) == ("two\tlines\r\nok", "", "")
+    assert input_reading.check_caption(raw, 10)[:2] == (None, reason)
+    assert input_reading.check_caption(b"  a caption\n", 20) == ("a caption", "", "")
+    assert input_reading.check_caption("\ufeffa caption".encode(), 20) == ("a caption", "", "")  # BOM
+    assert input_reading.check_caption(b"two\tlines\r\nok", 20) == ("two\tlines\r\nok", "", "")
 
 
 def test_one_verdict_per_sample(tmp_path):
@@ -327,7 +328,7 @@ def test_a_damaged_plan_is_refused_not_rewritten(tmp_path, plan):
     from bdt.extract import manifest as mf
 
     (tmp_path / "plan.json").write_bytes(plan)
-    unit = inp.InputUnit(0, "tar", str(tmp_path / "x.tar")).to_dict()
+    unit = input_units.InputUnit(0, "tar", str(tmp_path / "x.tar")).to_dict()
     with pytest.raises(ValueError, match="plan.json is damaged"):
         mf.check_plan(str(tmp_path), [unit])
     assert (tmp_path / "plan.json").read_bytes() == plan
@@ -349,7 +350,7 @@ def test_a_plan_of_the_wrong_shape_is_refused_naming_the_key(tmp_path, plan, pro
     from bdt.extract import manifest as mf
 
     (tmp_path / "plan.json").write_bytes(plan)
-    unit = inp.InputUnit(0, "tar", str(tmp_path / "x.tar")).to_dict()
+    unit = input_units.InputUnit(0, "tar", str(tmp_path / "x.tar")).to_dict()
     with pytest.raises(ValueError, match=rf"{tmp_path}/plan.json is damaged \({problem}\)"):
         mf.check_plan(str(tmp_path), [unit])
     assert (tmp_path / "plan.json").read_bytes() == plan
@@ -364,7 +365,7 @@ def test_input_names_that_are_not_utf8_stop_the_run_before_any_work(tmp_path, ti
     write_tar(os.fsdecode(root + b"/in/shard\xff.tar"), good_samples("b", 1, 0))
     shown = repr(root + b"/in/shard\xff.tar")
     with pytest.raises(ValueError, match=r"1 input name\(s\) are not valid UTF-8: " + re.escape(shown)):
-        inp.list_units(f"{tmp_path}/in/*.tar", "auto", 10, EXTS)
+        input_units.list_units(f"{tmp_path}/in/*.tar", "auto", 10, EXTS)
     # A folder's image files are inputs too; its other files are only rejects (their names
     # appear in the rejects file as \xNN), so they do not stop anything.
     folder = tmp_path / "f"
@@ -373,13 +374,13 @@ def test_input_names_that_are_not_utf8_stop_the_run_before_any_work(tmp_path, ti
     (folder / "ok.txt").write_text("a caption")
     with open(os.fsdecode(os.fsencode(folder) + b"/notes\xff.doc"), "wb") as f:
         f.write(b"x")
-    unit, = inp.list_units(str(folder), "auto", 10, EXTS)
-    items = list(inp.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=100))
+    unit, = input_units.list_units(str(folder), "auto", 10, EXTS)
+    items = list(input_reading.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=100))
     assert _rejects(items) == [("notes\\xff.doc", "unknown_extension")]
     with open(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png"), "wb") as f:
         f.write(image_bytes(40, 40))
     with pytest.raises(ValueError, match="1 image file name.* " + re.escape(repr(os.fsencode(folder) + b"/caf\xe9.png"))):
-        inp.list_units(str(folder), "auto", 10, EXTS)
+        input_units.list_units(str(folder), "auto", 10, EXTS)
     # Through the job's entry point: exit code 2 naming the file, and no output folder left.
     with pytest.raises(SystemExit) as exit_info:
         _pipeline_main([f"inputs={tmp_path}/in/*.tar", f"output={tmp_path}/out/tokens", f"tokenizer={tiny_tokenizer}"])
@@ -393,7 +394,7 @@ def test_appending_inputs_drops_the_manifest_until_the_run_ends(tmp_path):
     from bdt.data.shard_source import list_shards
     from bdt.extract import manifest as mf
 
-    units = [inp.InputUnit(i, "tar", str(tmp_path / f"x{i}.tar")).to_dict() for i in range(2)]
+    units = [input_units.InputUnit(i, "tar", str(tmp_path / f"x{i}.tar")).to_dict() for i in range(2)]
     mf.check_plan(str(tmp_path), units[:1])
     (tmp_path / "index.json").write_bytes(mf.json_bytes({"complete": True, "stages": {"32": {"shards": []}}}))
     mf.check_plan(str(tmp_path), units[:1])  # the same plan: the manifest stays
@@ -414,8 +415,8 @@ def test_folder_links_and_non_files_are_refused_unread(tmp_path):
     (root / "lnk.txt").symlink_to(tmp_path / "secret")
     (root / "dir.txt").mkdir()
     (root / "long.txt").write_text("x" * 101)
-    unit = inp.list_units(str(root), "auto", 10, EXTS)[0]
-    items = list(inp.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=100))
+    unit = input_units.list_units(str(root), "auto", 10, EXTS)[0]
+    items = list(input_reading.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=100))
     assert [(i.key, getattr(i, "reason", "sample")) for i in items] == [
         ("dir", "not_a_file"), ("lnk", "not_a_file"), ("long", "caption_too_long"), ("ok", "sample")]
     assert all(b"not for" not in (getattr(i, "caption", b"") or b"") for i in items)
@@ -437,13 +438,13 @@ def test_a_folder_image_failing_to_read_is_read_again_or_fails_its_unit(tmp_path
     became an unreadable_shard reject and its unit was done without it. Now it is read again
     once back, and a failure that stays fails the unit (no rejects: a rerun reads it again)."""
     root = _folder(tmp_path, "abcd")
-    unit = inp.list_units(root, "auto", 2, EXTS)[1]  # c, d (the first unit reads the folder too)
+    unit = input_units.list_units(root, "auto", 2, EXTS)[1]  # c, d (the first unit reads the folder too)
     image, away = os.path.join(root, "d.png"), str(tmp_path / "d.png")
     os.rename(image, away)
     pauses = pauses_that(monkeypatch, lambda: os.rename(away, image) if back else None)
-    items = inp.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20)
+    items = input_reading.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20)
     if back:
-        with caplog.at_level("WARNING", "bdt.extract.inputs"):
+        with caplog.at_level("WARNING", "bdt.extract.input_reading"):
             got = [(i.key, i.caption) for i in items]
         assert got == [(s, f"caption {s}".encode()) for s in "cd"] and pauses == [1.0]
         assert f"{unit.name}: reading 'd.png' failed (FileNotFoundError: " in caplog.text
@@ -464,7 +465,7 @@ def test_a_folder_caption_failing_to_read_is_read_again_not_rejected(tmp_path, m
     from bdt import storage
 
     root = _folder(tmp_path, "ab")
-    unit, = inp.list_units(root, "auto", 10, EXTS)
+    unit, = input_units.list_units(root, "auto", 10, EXTS)
     fs, _ = storage.filesystem(root)
     cat_file, failed = fs.cat_file, []
 
@@ -475,7 +476,7 @@ def test_a_folder_caption_failing_to_read_is_read_again_not_rejected(tmp_path, m
         return cat_file(path, *args, **kwargs)
     monkeypatch.setattr(fs, "cat_file", flaky)
     pauses = pauses_that(monkeypatch)
-    items = list(inp.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20))
+    items = list(input_reading.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20))
     assert [(i.key, i.caption) for i in items] == [("a", b"caption a"), ("b", b"caption b")]
     assert failed and pauses == [1.0]
 
@@ -508,7 +509,7 @@ def test_folder_names_follow_the_tar_rules(tmp_path):
     assert sorted((i.key, getattr(i, "reason", "sample")) for i in items) == [
         ("a", "sample"), ("a.png", "duplicate_key"), ("a.webp", "duplicate_key"), ("b", "sample"),
         ("jpg", "unknown_extension")]
-    samples = {i.key: i for i in items if not isinstance(i, inp.Reject)}
+    samples = {i.key: i for i in items if not isinstance(i, input_reading.Reject)}
     assert (samples["a"].image_ext, samples["a"].caption) == ("jpg", b"first")
     assert (samples["b"].image_ext, samples["b"].caption) == ("png", b"second")
 
@@ -524,7 +525,7 @@ def test_one_input_spelled_twice_is_one_unit(tmp_path, monkeypatch):
                           (f"{tmp_path}/a.tar,{tmp_path}//a.tar", [f"{tmp_path}/a.tar"]),
                           ("a.tar,link.tar", ["a.tar"]), ("a.tar,sub/../a.tar,b.tar", ["a.tar", "b.tar"]),
                           ("*.tar", ["a.tar", "b.tar"])]:
-        assert [u.source for u in inp.list_units(spec, "auto", 10, EXTS)] == sources, spec
+        assert [u.source for u in input_units.list_units(spec, "auto", 10, EXTS)] == sources, spec
 
 
 def test_an_output_inside_a_folder_input_is_refused(tmp_path, tiny_tokenizer):
