@@ -11,7 +11,8 @@ For a batch of prompts and one bucket (h x w latent tokens, both divisible by ps
    or a linearly rising scale over the AR steps); bits = x >= 0.
 3. Patch k's bits are embedded (connector + pos2d) and fed to both streams as the next block of
    P tokens against the KV cache, with an explicit [R,1,P,past+P] mask so the block sees itself
-   whole (HF's default would make it causal). Repeat for h*w/P steps.
+   whole (HF's default would make it causal), one per layer type where the backbone has sliding
+   or chunked layers (training's windows). Repeat for h*w/P steps.
 
 `use_cache=False` recomputes the whole sequence at every step under the block-causal mask: the
 reference that proves the cache (same seed => same bits, in fp32: in bf16 the cache's and the
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from bdt.model.ar import BitDanceModel
-from bdt.model.attention import BlockCausalLayout, decode_attention_mask
+from bdt.model.attention import BlockCausalLayout
 from bdt.model.flow import binarize, cfg_schedule, sample
 from bdt.model.sequence import SequencePacker, from_sequence_order, grid_coords
 from bdt.model.text_tokenizer import encode_user_text
@@ -154,8 +155,8 @@ def _decode(model: BitDanceModel, rows: list[list[int]], B: int, h: int, w: int,
     if cfg.use_cache:
         from transformers import DynamicCache
 
-        # Every layer keeps every key: the explicit masks give sliding-window layers the whole
-        # sample, as in training; the config's cache would drop keys past the window.
+        # Every layer keeps every key and the explicit masks apply the windows, as in training:
+        # the config's cache keeps a window's keys but sizes its masks its own way.
         cache = DynamicCache()
 
     embeds_RLD = model.embed_text(ids_RL)  # the whole sequence so far (uncached mode)
@@ -169,9 +170,8 @@ def _decode(model: BitDanceModel, rows: list[list[int]], B: int, h: int, w: int,
                                    use_cache=cache is not None, **model.mask_kwargs(layout)
                                    ).last_hidden_state
         else:
-            mask = decode_attention_mask(key_valid_RK, P, model.float_mask_dtype())
             hidden = model.decoder(inputs_embeds=new_RPD, past_key_values=cache, use_cache=True,
-                                   attention_mask=mask,
+                                   attention_mask=model.decode_mask(key_valid_RK, P),
                                    position_ids=next_pos_R1 + torch.arange(P, device=device)
                                    ).last_hidden_state
             key_valid_RK = torch.cat([key_valid_RK, torch.ones_like(key_valid_RK[:, :P])], 1)

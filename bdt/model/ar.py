@@ -29,12 +29,15 @@ from torch import Tensor, nn
 from bdt.model.attention import (
     BlockCausalLayout,
     attention_kwargs,
+    by_layer_type,
+    check_rules,
+    decode_attention_mask,
     flex_row_len,
     per_document_rows,
     resolve_backend,
 )
 from bdt.model.attention_kernels import hf_attn_implementation
-from bdt.model.backbone import decoder_matmul_params, output_logits
+from bdt.model.backbone import decoder_matmul_params, layer_rules, output_logits
 from bdt.model.config import ModelConfig
 from bdt.model.embed import BitsConnector, PosEmbed2D, flip_bits
 from bdt.model.flow import binarize, flow_loss
@@ -79,6 +82,8 @@ class BitDanceModel(nn.Module):
         self.pos_embed = PosEmbed2D(hidden, cfg.pos_max_len)  # a computed buffer: never meta
         self.backend = resolve_backend(cfg.attn_backend, "cuda" if torch.cuda.is_available()
                                        else "cpu")
+        self.layer_rules = layer_rules(llm)  # the backbone's windows and chunks, per layer type
+        check_rules(self.backend, self.layer_rules)
         self._layer_costs = _layer_costs(llm)
         if cfg.activation_checkpointing:
             # Non-reentrant: works with DeepSpeed ZeRO-3 (environment.md); HF only checkpoints
@@ -199,7 +204,9 @@ class BitDanceModel(nn.Module):
     def set_attn_backend(self, name: str) -> None:
         """Switch the attention backend in place (`auto|sdpa|flex|varlen|flash`), e.g. to compare
         backends on one model."""
-        self.backend = resolve_backend(name, "cuda" if torch.cuda.is_available() else "cpu")
+        backend = resolve_backend(name, "cuda" if torch.cuda.is_available() else "cpu")
+        check_rules(backend, self.layer_rules)
+        self.backend = backend
         self.llm.set_attn_implementation(hf_attn_implementation(self.backend))
 
     def compile_blocks(self, backend: str = "inductor") -> None:
@@ -221,8 +228,16 @@ class BitDanceModel(nn.Module):
         self.head.compile(backend=backend, dynamic=True)
 
     def mask_kwargs(self, layout: BlockCausalLayout) -> dict:
-        """attention_mask + position_ids for the decoder call, in the model's backend."""
-        return attention_kwargs(layout.to(self.llm.device), self.backend, self.float_mask_dtype())
+        """attention_mask + position_ids for the decoder call, in the model's backend (a dict
+        of masks by layer type where the backbone's layers narrow them differently)."""
+        return attention_kwargs(layout.to(self.llm.device), self.backend, self.float_mask_dtype(),
+                                self.layer_rules)
+
+    def decode_mask(self, key_valid_BK: Tensor, num_new: int) -> Tensor | dict[str, Tensor]:
+        """attention_mask of a KV-cached step of num_new tokens (`decode_attention_mask`), per
+        layer type as `mask_kwargs`' masks are."""
+        return by_layer_type(self.layer_rules, lambda rule: decode_attention_mask(
+            key_valid_BK, num_new, self.float_mask_dtype(), rule))
 
     # --- training -----------------------------------------------------------------------------
 

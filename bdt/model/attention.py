@@ -6,6 +6,8 @@ document and block[j] <= block[i]. Text tokens are blocks of one (causal); image
 blocks of P (full inside a block, causal across blocks): the block-causal mask of method §4.
 Callers describe a row as cumulative sample lengths + per sample (causal_len, P)
 (`BlockCausalLayout.from_packed`) and get the Hugging Face model kwargs from `attention_kwargs`.
+A backbone's sliding-window or chunked layers narrow that rule further (`LayerRule`): one mask
+per distinct rule, handed to the model as transformers' dict of masks per layer type.
 
 Backends (`resolve_backend`; the model must be loaded with
 `attention_kernels.hf_attn_implementation(backend)`):
@@ -18,9 +20,10 @@ Backends (`resolve_backend`; the model must be loaded with
   every row of a stage to one length: `flex_row_len`); no backward on CPU (environment.md).
 - `varlen` / `flash`: the causal-per-document kernels of torch (`torch.nn.attention.varlen`,
   CUDA, no extra build) / of flash-attn (`flash_attn_varlen_func`). They know only causal or full
-  attention per document, exact for rows whose blocks all have size 1 (text, P = 1). A
-  block-causal row is neither: it would need two passes merged by their log-sum-exps, and both
-  kernels' autograd ignores the LSE's gradient, so training through the merge would be wrong.
+  attention per document, exact for rows whose blocks all have size 1 (text, P = 1); a window
+  is their window_size, a chunk one more document boundary. A block-causal row is neither: it
+  would need two passes merged by their log-sum-exps, and both kernels' autograd ignores the
+  LSE's gradient, so training through the merge would be wrong.
   These backends run their kernel where it is exact and flex for block-causal rows.
 Rows whose length is not a multiple of FLEX_BLOCK (prefill prompts, KV-cached decoding) take the
 dense mask through sdpa in every backend: one compile per prompt length would cost more than it
@@ -30,7 +33,8 @@ saves. The kernels themselves live in `bdt.model.attention_kernels`.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +47,7 @@ BACKENDS = ("auto", "sdpa", "flex", "varlen", "flash")
 HF_IMPLEMENTATION = {"sdpa": "sdpa", "flex": "bdt_attention", "varlen": "bdt_attention",
                       "flash": "bdt_attention"}
 FLEX_BLOCK = 128  # flex_attention's sparse block size (_DEFAULT_SPARSE_BLOCK_SIZE)
+_UNBOUNDED = 1 << 62  # a window or chunk no position reaches
 _MASK_CHUNK_PAIRS = 1 << 24  # query-key pairs evaluated at once while building a BlockMask
 
 
@@ -85,6 +90,32 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
                          f"(device {device_type}, flash_attn {found}); use 'auto', 'flex' or "
                          "'sdpa'")
     return name
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """What a layer type adds to the block-causal rule, from the backbone's config (method §2):
+    `window` (sliding attention): query i sees key j only if pos[i] - pos[j] < window; `chunk`
+    (chunked attention): only if pos[i] // chunk == pos[j] // chunk; neither: full attention.
+    Positions restart at each sample (HF's chunks also start after the left padding).
+
+    The window is measured from the query itself, as Hugging Face's sliding_window_overlay
+    (`kv_idx > q_idx - sliding_window`) is: with P = 1 it is HF's causal window exactly, and in
+    a block it is HF's rule for Gemma 3's bidirectional image blocks (Gemma 3's
+    create_masks_for_vision_model: AND(window, OR(causal, block))): the block's later keys stay
+    visible, its earlier ones and the keys before it only within the window."""
+
+    window: int | None = None
+    chunk: int | None = None
+
+    def __post_init__(self):
+        for name in ("window", "chunk"):
+            size = getattr(self, name)
+            if size is not None and (not isinstance(size, int) or size < 1):
+                raise ValueError(f"attention {name} must be a whole number >= 1, got {size!r}")
+
+
+FULL = LayerRule()
 
 
 @dataclass(frozen=True)
@@ -151,27 +182,40 @@ class BlockCausalLayout:
         """True when every block has one token: plain causal attention inside each document."""
         return bool((self.block_ids_BL.diff(dim=1) != 0).all())
 
-    def visible(self, queries: slice = slice(None)) -> Tensor:
+    def visible(self, queries: slice = slice(None), rule: LayerRule = FULL) -> Tensor:
         """bool [B, Q, L]: [b, i, j] = key j visible to query i (all queries, or a slice)."""
-        d, k = self.doc_ids_BL, self.block_ids_BL
-        dq, kq = d[:, queries], k[:, queries]
-        return (dq[:, :, None] == d[:, None, :]) & (k[:, None, :] <= kq[:, :, None])
+        d, k, p = self.doc_ids_BL, self.block_ids_BL, self.position_ids_BL
+        dq, kq, pq = d[:, queries, None], k[:, queries, None], p[:, queries, None]
+        return _rule_holds(rule, pq, p[:, None, :], (dq == d[:, None, :]) & (k[:, None, :] <= kq))
 
-    def dense_mask(self, float_dtype: torch.dtype | None = None) -> Tensor:
+    def dense_mask(self, float_dtype: torch.dtype | None = None,
+                   rule: LayerRule = FULL) -> Tensor:
         """[B, 1, L, L]: bool (True = attend), or additive float of float_dtype (for eager)."""
-        mask = self.visible()[:, None]
+        mask = self.visible(rule=rule)[:, None]
         return mask if float_dtype is None else to_additive(mask, float_dtype)
 
-    def mask_mod(self):
-        """flex_attention mask_mod implementing `visible` (no tensors materialised)."""
-        doc, block = self.doc_ids_BL, self.block_ids_BL
+    def mask_mod(self, rule: LayerRule | None = None):
+        """flex_attention mask_mod implementing `visible` (no tensors materialised). Given a rule
+        (FULL too), its sizes are tensors, not constants: every layer type of a backbone with
+        local layers then shares one compiled flex graph per row length."""
+        doc, block, pos = self.doc_ids_BL, self.block_ids_BL, self.position_ids_BL
 
         def visible(b, h, q_idx, kv_idx):
             return (doc[b, q_idx] == doc[b, kv_idx]) & (block[b, kv_idx] <= block[b, q_idx])
-        return visible
+        if rule is None:
+            return visible
+        window, chunk = (torch.tensor(size or _UNBOUNDED, device=pos.device)
+                         for size in (rule.window, rule.chunk))
 
-    def block_mask(self, device: torch.device | str | None = None):
-        """A flex_attention BlockMask [B, 1, L, L] of the same mask; L a multiple of FLEX_BLOCK.
+        def visible_locally(b, h, q_idx, kv_idx):
+            pq, pk = pos[b, q_idx], pos[b, kv_idx]
+            return visible(b, h, q_idx, kv_idx) & (pq - pk < window) & (pq // chunk == pk // chunk)
+        return visible_locally
+
+    def block_mask(self, device: torch.device | str | None = None,
+                   rule: LayerRule | None = None):
+        """A flex_attention BlockMask [B, 1, L, L] of the same mask (narrowed by `rule`, see
+        `mask_mod`); L a multiple of FLEX_BLOCK.
 
         Built here, not by create_block_mask: uncompiled, that evaluates mask_mod on all L x L
         pairs at once (4 GB of index gathers at L = 16K); compiled, it is one more graph that
@@ -189,18 +233,22 @@ class BlockCausalLayout:
         step = max(1, _MASK_CHUNK_PAIRS // (FLEX_BLOCK * L)) * FLEX_BLOCK
         some, full = [], []
         for q0 in range(0, L, step):
-            tiles = layout.visible(slice(q0, q0 + step)).view(B, -1, FLEX_BLOCK, n, FLEX_BLOCK)
+            tiles = layout.visible(slice(q0, q0 + step), rule or FULL).view(
+                B, -1, FLEX_BLOCK, n, FLEX_BLOCK)
             some.append(tiles.any(dim=4).any(dim=2))
             full.append(tiles.all(dim=4).all(dim=2))
         full_BQK = torch.cat(full, dim=1)
         partial_BQK = torch.cat(some, dim=1) & ~full_BQK
         return BlockMask.from_kv_blocks(*_ordered_blocks(partial_BQK), *_ordered_blocks(full_BQK),
-                                        BLOCK_SIZE=FLEX_BLOCK, mask_mod=layout.mask_mod(),
+                                        BLOCK_SIZE=FLEX_BLOCK, mask_mod=layout.mask_mod(rule),
                                         seq_lengths=(L, L))
 
-    def cu_seqlens(self) -> tuple[Tensor, int]:
-        """Document boundaries over the flattened rows (int32 [n_docs+1]) and the longest doc."""
+    def cu_seqlens(self, chunk: int | None = None) -> tuple[Tensor, int]:
+        """Document boundaries over the flattened rows (int32 [n_docs+1]) and the longest doc;
+        with `chunk`, every chunk of a document counts as a document of its own."""
         d = self.doc_ids_BL
+        if chunk is not None:  # ids never repeat across documents: pair them with the chunk
+            d = d * (self.position_ids_BL.max() + 1) + self.position_ids_BL // chunk
         starts = torch.ones_like(d, dtype=torch.bool)
         starts[:, 1:] = d[:, 1:] != d[:, :-1]
         idx = torch.nonzero(starts.reshape(-1)).reshape(-1)
@@ -248,6 +296,15 @@ def per_document_rows(cu_seqlens: Sequence[int] | Tensor, causal_lens: Sequence[
     return rows, index_L
 
 
+def _rule_holds(rule: LayerRule, pos_q: Tensor, pos_k: Tensor, visible: Tensor) -> Tensor:
+    """`visible` narrowed by a layer's window or chunk (positions broadcast like it)."""
+    if rule.window is not None:
+        visible = visible & (pos_q - pos_k < rule.window)
+    if rule.chunk is not None:
+        visible = visible & (pos_q // rule.chunk == pos_k // rule.chunk)
+    return visible
+
+
 def _ordered_blocks(tiles_BQK: Tensor) -> tuple[Tensor, Tensor]:
     """[B, Q, K] bool tiles -> (count [B, 1, Q], key-tile indices [B, 1, Q, K], visible ones
     first, in key order): the kv_num_blocks / kv_indices form of a BlockMask."""
@@ -269,43 +326,86 @@ class VarlenPlan:
     kernel: str  # "varlen" (torch.nn.attention.varlen) | "flash" (flash-attn)
     cu_seqlens: Tensor  # int32 [n_docs+1] over the flattened B*L tokens
     max_seqlen: int
+    window: int | None = None  # a sliding layer's: query i sees keys i - window + 1 .. i
+
+
+def check_rules(backend: str, rules: Mapping[str, LayerRule]) -> None:
+    """ValueError for a layer type the backend cannot mask exactly: torch's varlen kernel takes
+    a window only from torch 2.12 on (window_size); every other combination is exact."""
+    windowed = sorted(t for t, r in rules.items() if r.window is not None)
+    if backend == "varlen" and windowed:
+        from torch.nn.attention.varlen import varlen_attn
+
+        if "window_size" not in inspect.signature(varlen_attn).parameters:
+            raise ValueError(f"attention backend 'varlen' cannot apply the sliding window of "
+                             f"the backbone's {', '.join(windowed)} layers: torch "
+                             f"{torch.__version__}'s varlen_attn has no window_size (torch >= "
+                             f"2.12); use 'flex', 'flash' or 'sdpa'")
 
 
 def attention_kwargs(layout: BlockCausalLayout, backend: str,
-                     float_dtype: torch.dtype | None = None) -> dict:
+                     float_dtype: torch.dtype | None = None,
+                     rules: Mapping[str, LayerRule] | None = None) -> dict:
     """kwargs for the HF model call (`model(inputs_embeds=..., use_cache=False, **kwargs)`).
 
     `backend` is a resolved one (sdpa|flex|varlen|flash). For a model running `eager` pass its
-    dtype as float_dtype to get the additive mask it needs.
+    dtype as float_dtype to get the additive mask it needs. `rules`: layer type -> LayerRule
+    (`bdt.model.backbone.layer_rules`); one rule gives one mask for every layer, several a dict
+    of masks by layer type (built once per distinct rule), which the backbone must take.
     """
     if backend not in HF_IMPLEMENTATION:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of "
                          f"{', '.join(HF_IMPLEMENTATION)} (resolve 'auto' with resolve_backend)")
-    kwargs = {"position_ids": layout.position_ids_BL}
+    rules = rules or {"full_attention": FULL}
+    local = any(rule != FULL for rule in rules.values())
+    mask = by_layer_type(rules, lambda rule: _layer_mask(layout, backend, float_dtype, rule,
+                                                         local))
+    if isinstance(mask, VarlenPlan):
+        return {"position_ids": layout.position_ids_BL, "attention_mask": None,
+                "bdt_varlen_plan": mask}
+    return {"position_ids": layout.position_ids_BL, "attention_mask": mask}
+
+
+def by_layer_type(rules: Mapping[str, LayerRule], make):
+    """make(rule) once per distinct rule of `rules`: the one mask of every layer, or a dict of
+    masks by layer type (what transformers' models with several layer types take)."""
+    masks = {rule: make(rule) for rule in set(rules.values())}
+    if len(masks) == 1:
+        return next(iter(masks.values()))
+    return {kind: masks[rule] for kind, rule in rules.items()}
+
+
+def _layer_mask(layout: BlockCausalLayout, backend: str, float_dtype: torch.dtype | None,
+                rule: LayerRule, local: bool):
+    """The mask of one rule in `backend`: a VarlenPlan, a flex BlockMask (`local`: the
+    backbone has local layers, see `mask_mod`) or a dense mask."""
     L = layout.doc_ids_BL.shape[1]
     if backend in ("varlen", "flash") and layout.is_causal:
-        cu, max_len = layout.cu_seqlens()
-        kwargs.update(attention_mask=None, bdt_varlen_plan=VarlenPlan(backend, cu, max_len))
-    elif backend != "sdpa" and L % FLEX_BLOCK == 0:
-        kwargs["attention_mask"] = layout.block_mask()
-    else:
-        kwargs["attention_mask"] = layout.dense_mask(float_dtype)
-    return kwargs
+        return VarlenPlan(backend, *layout.cu_seqlens(rule.chunk), rule.window)
+    if backend != "sdpa" and L % FLEX_BLOCK == 0:
+        return layout.block_mask(rule=rule if local else None)
+    return layout.dense_mask(float_dtype, rule)
 
 
 # --- KV-cached decoding (method §4: each AR step feeds P tokens against the cache) ---
 
 def decode_attention_mask(key_valid_BK: Tensor, num_new: int,
-                          float_dtype: torch.dtype | None = None) -> Tensor:
-    """[B, 1, num_new, K + num_new]: the new block sees every valid cached key and itself whole.
+                          float_dtype: torch.dtype | None = None,
+                          rule: LayerRule = FULL) -> Tensor:
+    """[B, 1, num_new, K + num_new]: the new block sees every valid cached key and itself whole,
+    as far as a layer's `rule` lets it (the rule of training's masks, on the same positions).
 
-    key_valid_BK marks the cached keys that are real (False at left padding); with
-    attention_mask=None HF would make the new block causal inside itself, which is wrong here.
+    key_valid_BK marks the cached keys that are real (False at left padding, before them);
+    with attention_mask=None HF would make the new block causal inside itself, which is wrong.
     """
-    B = key_valid_BK.shape[0]
-    new = torch.ones(B, num_new, dtype=torch.bool, device=key_valid_BK.device)
-    mask = torch.cat([key_valid_BK.bool(), new], dim=1)[:, None, None, :]
-    mask = mask.expand(B, 1, num_new, mask.shape[-1])
+    valid_BK = key_valid_BK.bool()
+    (B, K), device = valid_BK.shape, valid_BK.device
+    idx_L = torch.arange(K + num_new, device=device)
+    real_BL = torch.cat([valid_BK, torch.ones(B, num_new, dtype=torch.bool, device=device)], 1)
+    layout = BlockCausalLayout(torch.where(real_BL, 0, -1 - idx_L),  # padding: its own docs
+                               idx_L.clamp_max(K).expand(B, -1),  # the new tokens: one block
+                               (real_BL.cumsum(1) - 1).clamp_min(0))
+    mask = layout.visible(slice(K, None), rule)[:, None]
     return mask if float_dtype is None else to_additive(mask, float_dtype)
 
 

@@ -3,7 +3,8 @@ registered with transformers' AttentionInterface as `bdt_attention`, that runs w
 `bdt.model.attention.attention_kwargs` planned for the batch:
 
 - a flex BlockMask -> flex_attention, compiled once per shape (`compiled_flex`);
-- a VarlenPlan -> torch's varlen_attn or flash-attn's flash_attn_varlen_func, causal per document;
+- a VarlenPlan (the `bdt_varlen_plan` kwarg, or a layer type's mask in a dict of masks) ->
+  torch's varlen_attn or flash-attn's flash_attn_varlen_func, causal per document (and windowed);
 - a dense 4D mask (prefill, KV-cached decoding) -> transformers' sdpa attention.
 
 Why flex is compiled here and not through transformers' `flex_attention` implementation: that
@@ -57,7 +58,8 @@ def torch_varlen(q_THd: Tensor, k_THd: Tensor, v_THd: Tensor, plan: VarlenPlan,
     from torch.nn.attention.varlen import varlen_attn
 
     params, d = inspect.signature(varlen_attn).parameters, q_THd.shape[-1]
-    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    left = -1 if plan.window is None else plan.window - 1  # attention.check_rules: 2.12+ only
+    kwargs = {"window_size": (left, 0)} if "window_size" in params else {"is_causal": True}
     if "scale" in params:
         kwargs["scale"] = scale
     elif scale is not None:  # fold a non-default scale into the queries
@@ -78,9 +80,10 @@ def flash_varlen(q_THd: Tensor, k_THd: Tensor, v_THd: Tensor, plan: VarlenPlan,
     from flash_attn import flash_attn_varlen_func
 
     cu = plan.cu_seqlens
+    window = {} if plan.window is None else {"window_size": (plan.window - 1, 0)}
     return flash_attn_varlen_func(q_THd, k_THd, v_THd, cu_seqlens_q=cu, cu_seqlens_k=cu,
                                   max_seqlen_q=plan.max_seqlen, max_seqlen_k=plan.max_seqlen,
-                                  dropout_p=0.0, softmax_scale=scale, causal=True)
+                                  dropout_p=0.0, softmax_scale=scale, causal=True, **window)
 
 
 _VARLEN_KERNELS = {"varlen": torch_varlen, "flash": flash_varlen}
@@ -95,6 +98,8 @@ def bdt_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_m
     if dropout:
         raise ValueError(f"bdt_attention has no attention dropout (got {dropout}); set the "
                          "backbone's attention_dropout to 0")
+    if isinstance(attention_mask, VarlenPlan):  # this layer type's plan (a dict of masks)
+        bdt_varlen_plan = attention_mask
     if bdt_varlen_plan is not None:
         B, H, L, d = query.shape
         flat = lambda x: x.transpose(1, 2).reshape(B * L, x.shape[1], d)  # noqa: E731

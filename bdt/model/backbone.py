@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError
 
+from bdt.model.attention import FULL, LayerRule
 from bdt.model.text_tokenizer import (
     IM_END,
     PromptIds,
@@ -130,28 +131,78 @@ def llm_config(cfg: BackboneConfig):
     return config
 
 
-# Layer types bdt's masks govern (the window or chunk is not applied: the mask spans the sample),
+# Layer types bdt's masks govern (a window or chunk narrows the block-causal mask: `layer_rules`),
 # MLP- or MoE-only layers (no mixing across tokens), and transformers' "dummy" for those and for
 # a layer reusing another layer's keys and values.
 _MASKED_LAYERS = ("full_attention", "sliding_attention", "chunked_attention", "moe", "mlp", "dummy")
+
+
+def _layer_types(config) -> list[str]:
+    """transformers' reading of every architecture's layer kinds (not a public API): the
+    config's layer_types, else what its sliding_window / attention_chunk_size imply."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        return get_layer_types_and_kwargs(config)[0]
+    except (ImportError, AttributeError, TypeError):
+        return list(getattr(config, "layer_types", None) or [])
 
 
 def _refuse_stateful_layers(config, where: str) -> None:
     """ValueError for a backbone with layers other than attention (Mamba, Jamba, LFM2,
     Qwen3-Next): a recurrent or convolution layer carries state from one sample of a packed row
     into the next and sees no patch whole, and no mask can stop it."""
-    try:  # transformers' reading of every architecture's layer kinds (not a public API)
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        types = get_layer_types_and_kwargs(config)[0]
-    except (ImportError, AttributeError, TypeError):
-        types = list(getattr(config, "layer_types", None) or [])
+    types = _layer_types(config)
     other = sorted({t for t in types if t not in _MASKED_LAYERS})
     if other:
         layers = [str(i) for i, t in enumerate(types) if t not in _MASKED_LAYERS]
         raise ValueError(f"backbone config {where!r}: {type(config).__name__} has {other} "
                          f"layers ({listing(layers)}): bdt's block-causal masks govern "
                          f"attention layers only; use a backbone whose layers are all attention")
+
+
+def layer_rules(model: "PreTrainedModel") -> dict[str, LayerRule]:
+    """Layer type -> what its attention adds to the block-causal mask (`LayerRule`), as the
+    backbone's own forward builds its masks from the config: `sliding_attention` a window of
+    sliding_window keys (Mistral, Gemma 3, Qwen2/3 with use_sliding_window), `chunked_attention`
+    chunks of attention_chunk_size (Llama 4), other types nothing. Types are the forward's own
+    keys (config.layer_types) when it has them. ValueError when the layers need different masks
+    and the backbone's forward takes one mask for all of them."""
+    config = model.config
+    sizes = {"sliding_attention": ("window", "sliding_window"),
+             "chunked_attention": ("chunk", "attention_chunk_size")}
+    rules = {}
+    for kind in getattr(config, "layer_types", None) or _layer_types(config):
+        field, key = sizes.get(kind, (None, None))
+        size = getattr(config, key, None) if key else None
+        try:
+            rules[kind] = LayerRule(**{field: size}) if size is not None else FULL
+        except ValueError as e:
+            raise ValueError(f"backbone config: {key}={size!r} of its {kind} layers: {e}") from None
+    if len(set(rules.values())) > 1 and not _takes_masks_by_layer_type(model):
+        raise ValueError(f"backbone {type(model).__name__}: its layer types need different "
+                         f"masks ({', '.join(f'{k}: {r}' for k, r in sorted(rules.items()))}) "
+                         f"but its forward takes one attention mask for every layer: bdt "
+                         f"cannot apply them")
+    return rules
+
+
+def _takes_masks_by_layer_type(model: "PreTrainedModel") -> bool:
+    """Whether the model building the masks (the decoder, maybe inside a wrapper) takes a dict
+    of masks by layer type: transformers has no flag for it; those that do test
+    `isinstance(attention_mask, dict)` in their forward."""
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        try:
+            if isinstance(module, PreTrainedModel) and \
+                    "attention_mask, dict)" in inspect.getsource(type(module).forward):
+                return True
+        except (OSError, TypeError):  # no source to read: taken as one mask
+            continue
+    return False
 
 
 _SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",

@@ -61,12 +61,12 @@ def test_kv_cache_equals_full_recomputation(llm_dir, parallel_num):
 
 
 def test_kv_cache_of_a_sliding_window_backbone_keeps_every_key(tmp_path):
-    """Training's block-causal mask spans the whole sample in every layer (HF's window applies
-    only to the masks it builds itself); a cache built from the config kept only the last
-    window-1 keys of sliding layers, and decoding past them failed on the mask's size."""
+    """A cache built from the config kept only the last window-1 keys of sliding layers, and
+    decoding past them failed on the mask's size; the cache keeps every key and the per-layer
+    masks apply the window, as in training (a window of 3 < P + 1: keys leave it every step)."""
     llm_dir = make_tiny_llm(str(tmp_path), CAPTIONS, arch="qwen2", hidden=64, layers=2, heads=4,
                             kv_heads=2, intermediate=128)
-    window = {"use_sliding_window": True, "sliding_window": 4,
+    window = {"use_sliding_window": True, "sliding_window": 3,
               "layer_types": ["sliding_attention", "full_attention"]}
     model = tiny_model(llm_dir, 4, overrides=window)
     assert model.llm.config.layer_types[0] == "sliding_attention"

@@ -124,10 +124,13 @@ def test_llm_init_keeps_the_llm(llm_dir):
     ("Gemma3TextConfig", {"final_logit_softcapping": 2.0}),
     ("CohereConfig", {"logit_scale": 0.25}),
     ("GraniteConfig", {"logits_scaling": 4.0}),
+    ("MistralConfig", {"sliding_window": 3}),
+    ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),
 ])
 def test_text_loss_is_the_backbones_own_loss(llm_dir, tmp_path, config_class, transform):
     """Gemma 2 and 3 soft-cap their LM head's output, Cohere multiplies it, Granite divides it: the text
-    CE of the plain LM head output was not the loss the pretrained LM was trained with."""
+    CE of the plain LM head output was not the loss the pretrained LM was trained with. Mistral's
+    and Qwen2's sliding windows: the masks spanned the whole sample, wider than the backbone's."""
     import transformers
     from transformers import AutoTokenizer
 

@@ -15,10 +15,12 @@ from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
 import bdt.model.attention_kernels as kernels
 from bdt.model.ar import BitDanceModel
-from bdt.model.attention import (FLEX_BLOCK, BlockCausalLayout, attention_kwargs,
+from bdt.model.attention import (FLEX_BLOCK, FULL, BlockCausalLayout, LayerRule,
+                                 attention_kwargs, by_layer_type, check_rules,
                                  decode_attention_mask, flex_row_len, left_padded_layout,
                                  resolve_backend)
 from bdt.model.attention_kernels import hf_attn_implementation
+from bdt.model.backbone import layer_rules
 from bdt.model.config import ModelConfig
 from bdt.model.head import HeadConfig
 from bdt.model.sequence import ImageSample, SequencePacker
@@ -40,11 +42,38 @@ def qwen3() -> Qwen3Model:
     return Qwen3Model(cfg).eval()
 
 
-def run(model, x, backend, layout, **extra):
+def run(model, x, backend, layout, rules=None, **extra):
     model.set_attn_implementation(hf_attn_implementation(backend))
     with torch.no_grad():
         return model(inputs_embeds=x, use_cache=False,
-                     **attention_kwargs(layout, backend), **extra).last_hidden_state
+                     **attention_kwargs(layout, backend, rules=rules), **extra).last_hidden_state
+
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+# Backbones with local layers, windows and chunks of a few tokens: Mistral (every layer),
+# Qwen2 (use_sliding_window: the layers from max_window_layers on), Gemma 3 (sliding and
+# full), Llama 4 (chunked and full; its text model: its causal LM is no decoder bdt can call).
+LOCAL = {
+    "Mistral": ("MistralConfig", dict(sliding_window=3)),
+    "Qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=3,
+                                  max_window_layers=1)),
+    "Gemma3": ("Gemma3TextConfig", dict(sliding_window=3,
+                                        layer_types=["sliding_attention", "full_attention"])),
+    "Llama4": ("Llama4TextConfig", dict(attention_chunk_size=4, num_local_experts=2,
+                                        intermediate_size_mlp=64, no_rope_layers=[1, 0],
+                                        layer_types=["chunked_attention", "full_attention"])),
+}
+
+
+def local_model(name: str):
+    """A tiny random base model (no LM head) of LOCAL[name], eval mode."""
+    import transformers
+
+    config_class, extra = LOCAL[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**TINY, **extra)
+    return transformers.AutoModel.from_config(config, attn_implementation="sdpa").eval()
 
 
 @pytest.fixture
@@ -86,6 +115,73 @@ def test_layout_details():
         BlockCausalLayout.from_packed([0, 17, 29], [5, 13], 4)
     with pytest.raises(ValueError, match="total_len 20"):
         BlockCausalLayout.from_packed(**PACKED, total_len=20)
+
+
+def test_window_and_chunk_inside_blocks():
+    """A window is measured from the query (HF's sliding_window_overlay and its Gemma 3 image
+    blocks): a block's later keys stay visible, earlier ones within the window; a chunk keeps
+    the keys of the query's chunk. Positions restart per sample."""
+    layout = BlockCausalLayout.from_packed([0, 3, 13], [3, 2], [1, 4])  # blocks 5-8, 9-12
+    vis = lambda rule, i: layout.visible(rule=rule)[0, i].nonzero().reshape(-1).tolist()  # noqa
+    assert vis(FULL, 9) == list(range(3, 13))
+    assert vis(LayerRule(window=3), 9) == [7, 8, 9, 10, 11, 12]  # key 6: 4 positions back
+    assert vis(LayerRule(window=3), 12) == [10, 11, 12]
+    assert vis(LayerRule(window=3), 2) == [0, 1, 2]  # sample 0's own positions
+    assert vis(LayerRule(chunk=4), 9) == [7, 8, 9, 10]  # positions 4-7 of sample 1
+    assert vis(LayerRule(chunk=4), 3) == [3]
+    cu, longest = BlockCausalLayout.from_packed([0, 10, 16], [10, 6], 1).cu_seqlens(chunk=4)
+    assert cu.tolist() == [0, 4, 8, 10, 14, 16] and longest == 4
+    with pytest.raises(ValueError, match="window must be a whole number >= 1, got 0"):
+        LayerRule(window=0)
+
+
+@pytest.mark.parametrize("name", sorted(LOCAL))
+def test_windows_and_chunks_are_the_backbones_own(name, flex_compiles):
+    """Each sample of a packed causal row (P = 1) gets what Hugging Face's own forward of that
+    sample alone computes with its sliding-window / chunked masks, through sdpa and flex."""
+    model = local_model(name)
+    rules = layer_rules(model)
+    assert len(rules) == (1 if name == "Mistral" else 2)
+    lengths = [11, 9]
+    layout = BlockCausalLayout.from_packed([0, 11, 20], lengths, 1, total_len=FLEX_BLOCK)
+    x = torch.randn(1, FLEX_BLOCK, 32)
+    with torch.no_grad():
+        alone = [model(inputs_embeds=x[:, a:b]).last_hidden_state for a, b in [(0, 11), (11, 20)]]
+    for backend in ("sdpa", "flex"):
+        packed = run(model, x, backend, layout, rules)
+        torch.testing.assert_close(packed[:, :11], alone[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed[:, 11:20], alone[1], atol=1e-5, rtol=1e-5)
+    # Not vacuous: the whole sample in every layer is another result.
+    assert not torch.allclose(run(model, x, "sdpa", layout)[:, :11], alone[0], atol=1e-3)
+
+
+def test_one_mask_for_full_layers_and_refusals(qwen3, monkeypatch):
+    """All-full backbones (Qwen3) keep their one mask; layer types that need different masks are
+    refused where the backbone takes one (Mistral ignores layer_types), and torch's varlen
+    without window_size is refused for sliding layers."""
+    from transformers import MistralConfig, MistralModel
+
+    assert layer_rules(qwen3) == {"full_attention": FULL}
+    layout = BlockCausalLayout.from_packed(**PACKED)
+    ours = attention_kwargs(layout, "sdpa", rules=layer_rules(qwen3))
+    assert torch.equal(ours["attention_mask"], attention_kwargs(layout, "sdpa")["attention_mask"])
+    mistral = MistralModel(MistralConfig(**TINY, sliding_window=3,
+                                         layer_types=["sliding_attention", "full_attention"]))
+    with pytest.raises(ValueError, match="MistralModel: its layer types need different masks "
+                                         r"\(full_attention: .*its forward takes one"):
+        layer_rules(mistral)
+    mistral = local_model("Mistral")
+    mistral.config.sliding_window = 0
+    with pytest.raises(ValueError, match="sliding_window=0 of its sliding_attention layers"):
+        layer_rules(mistral)
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", lambda q, k, v, cu_q, cu_k, max_q, max_k,
+                        is_causal=False: None)  # torch 2.10's signature
+    with pytest.raises(ValueError, match="'varlen' cannot apply the sliding window of the "
+                                         "backbone's sliding_attention layers"):
+        check_rules("varlen", layer_rules(local_model("Qwen2")))
+    check_rules("varlen", layer_rules(local_model("Llama4")))  # chunks: document boundaries
 
 
 def test_backend_names():
@@ -215,14 +311,19 @@ def test_packed_equals_unpacked_and_eager_float_mask(qwen3):
 
 
 def reference_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           dropout_p=0.0, softmax_scale=None, causal=False):
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1)):
     """Stand-in for flash_attn_varlen_func (its documented semantics; the kernel can't be
-    installed here): causal attention per sequence, GQA by head groups, [total, H, d]."""
+    installed here): causal attention per sequence, GQA by head groups, [total, H, d]; query i
+    sees keys i - window_size[0] .. i (-1: all)."""
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     for a, b in zip(cu, cu[1:]):
         qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
-        out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal,
+        i = torch.arange(b - a)
+        mask = (i[None] <= i[:, None]) if causal else torch.ones(b - a, b - a, dtype=torch.bool)
+        if window_size[0] >= 0:
+            mask &= i[:, None] - i[None] <= window_size[0]
+        out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask,
                                                   scale=softmax_scale,
                                                   enable_gqa=True).transpose(0, 1)
     return out
@@ -231,15 +332,14 @@ def reference_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 def reference_torch_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1),
                            scale=None, enable_gqa=False, **_):
     """Stand-in for torch.nn.attention.varlen.varlen_attn (its documented semantics; the kernel
-    is CUDA-only): window (-1, 0) is causal per sequence."""
-    assert window_size in ((-1, 0), (-1, -1)) and enable_gqa
+    is CUDA-only): window (w, 0) is causal per sequence, w keys back (-1: all)."""
+    assert window_size[1] in (0, -1) and enable_gqa
     return reference_flash_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, softmax_scale=scale,
-                                  causal=window_size == (-1, 0))
+                                  causal=window_size[1] == 0, window_size=window_size)
 
 
-@pytest.mark.parametrize("backend", ["flash", "varlen"])
-def test_varlen_paths_exact_for_causal_rows_and_route_block_rows(qwen3, flex_compiles,
-                                                                 monkeypatch, backend):
+def stand_in_kernels(monkeypatch, backend: str) -> list:
+    """Our varlen/flash kernels replaced by their references; returns the kwargs of each call."""
     calls = []
     if backend == "flash":
         fake = types.ModuleType("flash_attn")
@@ -254,6 +354,13 @@ def test_varlen_paths_exact_for_causal_rows_and_route_block_rows(qwen3, flex_com
         stand_in = functools.wraps(varlen.varlen_attn)(  # keeps the signature our code reads
             lambda *a, **kw: calls.append(kw) or reference_torch_varlen(*a, **kw))
         monkeypatch.setattr(varlen, "varlen_attn", stand_in)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["flash", "varlen"])
+def test_varlen_paths_exact_for_causal_rows_and_route_block_rows(qwen3, flex_compiles,
+                                                                 monkeypatch, backend):
+    calls = stand_in_kernels(monkeypatch, backend)
     x = torch.randn(1, FLEX_BLOCK, 64)
     causal = BlockCausalLayout.from_packed([0, 20, 29], [20, 9], 1, total_len=32)
     torch.testing.assert_close(run(qwen3, x[:, :32], backend, causal),
@@ -265,6 +372,29 @@ def test_varlen_paths_exact_for_causal_rows_and_route_block_rows(qwen3, flex_com
     torch.testing.assert_close(run(qwen3, x, backend, block), run(qwen3, x, "sdpa", block),
                                atol=1e-5, rtol=1e-5)
     assert len(calls) == 2 and flex_compiles.frame_count == 1  # block rows went to flex
+
+
+@pytest.mark.parametrize("backend", ["flash", "varlen"])
+@pytest.mark.parametrize("name", ["Qwen2", "Llama4"])
+def test_varlen_paths_window_and_chunk_layers(monkeypatch, flex_compiles, backend, name):
+    """Causal rows run the kernel with the sliding layers' window and the chunks as documents
+    of their own (one plan per layer type); block rows go to flex: all equal sdpa's masks."""
+    calls = stand_in_kernels(monkeypatch, backend)
+    model, x = local_model(name), torch.randn(1, FLEX_BLOCK, 32)
+    rules = layer_rules(model)
+    for layout in (BlockCausalLayout.from_packed([0, 11, 20], [11, 9], 1, total_len=32),
+                   BlockCausalLayout.from_packed(**PACKED, total_len=FLEX_BLOCK)):
+        L = layout.doc_ids_BL.shape[1]
+        torch.testing.assert_close(run(model, x[:, :L], backend, layout, rules),
+                                   run(model, x[:, :L], "sdpa", layout, rules),
+                                   atol=1e-5, rtol=1e-5)
+    window = calls[0].get("window_size", (-1, 0))
+    cu = calls[0]["cu_seqlens_q"] if backend == "flash" else None
+    assert len(calls) == 2 and flex_compiles.frame_count == 1
+    if name == "Qwen2":  # layer 0 full, layer 1 sliding
+        assert window in ((-1, 0), (-1, -1)) and calls[1]["window_size"] == (2, 0)
+    elif cu is not None:  # layer 0 chunked: chunks of 4 are documents
+        assert cu.tolist() == [0, 4, 8, 11, 15, 19, 20, 24, 28, 32]
 
 
 def test_kv_decoding_with_left_padding_matches_full_forward(qwen3):
@@ -292,6 +422,44 @@ def test_kv_decoding_with_left_padding_matches_full_forward(qwen3):
     for i, n in enumerate(lengths):
         torch.testing.assert_close(pre[i, L - n:], full[i][0, :n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(step[i], full[i][0, n:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(LOCAL))
+def test_kv_decoding_of_local_layers_matches_full_forward(name):
+    """Windows and chunks in KV-cached decoding: two left-padded prompts, prefilled, then two
+    blocks of P = 4 against the cache (keys leave the window, chunks end), each layer type with
+    its own mask: the full forward's hidden states under the same rules."""
+    model = local_model(name)
+    rules = layer_rules(model)
+    P, lengths, L, steps = 4, [9, 6], 9, 2
+    seqs = [torch.randn(1, n + steps * P, 32) for n in lengths]
+    full = [run(model, s, "sdpa", BlockCausalLayout.from_packed([0, s.shape[1]], [n - P], P),
+                rules) for s, n in zip(seqs, lengths)]
+    by_type = lambda make: by_layer_type(rules, make)  # noqa: E731
+    prompt = torch.zeros(2, L, 32)
+    for i, n in enumerate(lengths):
+        prompt[i, L - n:] = seqs[i][0, :n]
+    layout = left_padded_layout(lengths, L, last_block=P)
+    valid = layout.doc_ids_BL >= 0
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = [model(inputs_embeds=prompt, past_key_values=cache, use_cache=True,
+                     position_ids=layout.position_ids_BL,
+                     attention_mask=by_type(lambda r: layout.dense_mask(rule=r))
+                     ).last_hidden_state]
+        for k in range(steps):
+            new = torch.cat([s[:, n + k * P:n + (k + 1) * P] for s, n in zip(seqs, lengths)])
+            out.append(model(inputs_embeds=new, past_key_values=cache, use_cache=True,
+                             attention_mask=by_type(lambda r: decode_attention_mask(valid, P,
+                                                                                    rule=r)),
+                             position_ids=torch.tensor(lengths)[:, None] + k * P + torch.arange(P)
+                             ).last_hidden_state)
+            valid = torch.cat([valid, torch.ones(2, P, dtype=torch.bool)], dim=1)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(out[0][i, L - n:], full[i][0, :n], atol=1e-5, rtol=1e-5)
+        for k in range(steps):
+            torch.testing.assert_close(out[k + 1][i], full[i][0, n + k * P:n + (k + 1) * P],
+                                       atol=1e-5, rtol=1e-5)
 
 
 def _grads(model) -> torch.Tensor:
