@@ -490,24 +490,32 @@ def test_cuda_flex_trains_compiled_once_and_matches_sdpa():
 
 
 @cuda
+@pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("backend", ["varlen", "flash"])
-def test_cuda_varlen_kernels_match_sdpa(backend):
-    """The real causal-per-document kernels (bf16) against sdpa on causal rows, with gradients."""
+def test_cuda_varlen_kernels_match_sdpa(backend, window):
+    """The real causal-per-document kernels (bf16) against sdpa on causal rows, with gradients;
+    with a sliding layer (window 4: one key off is a quarter), their window_size against the
+    dense mask's window."""
     try:
         resolve_backend(backend, "cuda")
     except ValueError as e:
         pytest.skip(str(e))
     torch.manual_seed(0)
+    local = {} if window is None else dict(use_sliding_window=True, sliding_window=window,
+                                           max_window_layers=1)
     model = Qwen3Model(Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                   vocab_size=64)).to("cuda", torch.bfloat16)
+                                   vocab_size=64, **local)).to("cuda", torch.bfloat16)
+    rules = layer_rules(model)
+    assert len(rules) == (1 if window is None else 2)
     layout = BlockCausalLayout.from_packed([0, 100, 290], [100, 190], 1, total_len=300).to("cuda")
     x = torch.randn(1, 300, 256, device="cuda", dtype=torch.bfloat16)
     outs = {}
     for name in ("sdpa", backend):
         model.set_attn_implementation(hf_attn_implementation(name))
         x_ = x.clone().requires_grad_()
-        y = model(inputs_embeds=x_, use_cache=False, **attention_kwargs(layout, name))
+        y = model(inputs_embeds=x_, use_cache=False,
+                  **attention_kwargs(layout, name, rules=rules))
         y.last_hidden_state.float().square().mean().backward()
         outs[name] = (y.last_hidden_state.float(), x_.grad.float())
     for a, b in zip(outs[backend], outs["sdpa"]):
