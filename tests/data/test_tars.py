@@ -2,6 +2,7 @@
 tarfile reader sees them in every format it writes, webdataset's sample grouping, the safety
 rule, compressed archives, damage, and the writer's atomic, hashed, reproducible output."""
 
+import bz2
 import gzip
 import hashlib
 import io
@@ -122,6 +123,34 @@ def test_compressed_archives_resume_at_a_samples_offset(tmp_path, suffix, compre
     path.write_bytes(compress(make_tar(tarfile.PAX_FORMAT)))
     first, *rest = read_samples(str(path))
     assert [s.key for s in read_samples(str(path), first.next_offset)] == [s.key for s in rest]
+
+
+COMPRESSORS = {"gzip": gzip.compress, "bz2": bz2.compress, "xz": lambda d: lzma.compress(d, preset=0)}
+BOMBS = {  # 16 MiB of zeros, a few KB compressed
+    "one member over the size limit": [("a.png", bytes(16 << 20)), ("b.png", b"img")],
+    "many members under it": [(f"k{i:02d}.png", bytes(256 << 10)) for i in range(64)],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(COMPRESSORS))
+@pytest.mark.parametrize("bomb", sorted(BOMBS))
+def test_a_decompression_bomb_is_damage_read_no_further(tmp_path, monkeypatch, kind, bomb):
+    """Before: read (or skipped) by decompressing all of it, 20 GB of zeros included, in every
+    rank, every epoch. The floor is 1 MiB here (256 MiB in use)."""
+    monkeypatch.setattr("bdt.data.tars.INFLATION_FLOOR", 1 << 20)
+    path = tmp_path / "bomb.tar"
+    path.write_bytes(COMPRESSORS[kind](tar_bytes(BOMBS[bomb])))
+    got = []
+    with pytest.raises(TarDamaged, match=rf"^{path}: ReadError: decompression bomb: \d+ bytes "
+                                         rf"from \d+ compressed \(over 100x\)") as e:
+        for s in read_samples(str(path), max_bytes=lambda ext: 1 << 20):
+            got.append(s.key)
+    assert e.value.members <= 6 and len(got) < 6  # stopped past ~1 MiB of the 16
+    # Data that compresses as images or token bits do reads whole past the floor.
+    random = os.urandom(3 << 20)
+    path.write_bytes(COMPRESSORS[kind](tar_bytes([("a.png", random), ("a.txt", bytes(1000))])))
+    assert [s.members["png"] for s in read_samples(str(path), max_bytes=lambda ext: 4 << 20)] \
+        == [random]
 
 
 def test_a_tar_cut_on_a_block_boundary_is_damage():

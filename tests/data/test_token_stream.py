@@ -1,8 +1,11 @@
 """TokenStream: rank split, token-budget packing, exact resume without re-reads (also with rows
 prefetched by a worker), corrupt samples."""
 
+import gzip
+import io
 import json
 import os
+import tarfile
 import time
 
 import numpy as np
@@ -315,11 +318,31 @@ def test_few_large_samples_per_budget_fill_it(tmp_path):
     assert s.counters.efficiency >= 0.97, s.counters
 
 
-def test_truncated_shard_skips_its_tail(tmp_path):
+def _cut(data: bytes) -> bytes:
+    return data[: len(data) // 2 + 100]  # cut inside a member: a damaged copy
+
+
+def _bomb(data: bytes) -> bytes:
+    """A member of 16 MiB of zeros in its middle, gzipped (the floor is 1 MiB here)."""
+    bomb = tarfile.TarInfo("bomb.bits.npy")
+    bomb.size = 16 << 20
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar, io.BytesIO() as out:
+        with tarfile.open(fileobj=out, mode="w") as w:
+            for i, m in enumerate(tar.getmembers()):
+                if i == 9:
+                    w.addfile(bomb, io.BytesIO(bytes(bomb.size)))
+                w.addfile(m, tar.extractfile(m))
+        return gzip.compress(out.getvalue())
+
+
+@pytest.mark.parametrize("damage", [_cut, _bomb])
+def test_damaged_shard_skips_its_tail(tmp_path, monkeypatch, damage):
+    """Before, a decompression bomb was read whole, the samples after it too."""
+    monkeypatch.setattr("bdt.data.tars.INFLATION_FLOOR", 1 << 20)
     urls = write_shards(str(tmp_path), GRIDS, num_shards=2, per_shard=6)
     data = open(urls[0], "rb").read()
     with open(urls[0], "wb") as f:
-        f.write(data[: len(data) // 2 + 100])  # cut inside a member: a damaged copy
+        f.write(damage(data))
     s = make(urls, buffer=4)
     got = {k for _ in range(8) for k in keys(s.next_batch())}
     assert s.counters.corrupt >= 1  # the cut sample, once per epoch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import logging
 import os
@@ -97,6 +98,19 @@ def test_truncated_tar_keeps_what_was_read_and_rejects_the_rest(tmp_path):
 
 def _verdicts(items) -> list[tuple[str, str]]:
     return [(i.key, getattr(i, "reason", "sample")) for i in items]
+
+
+def test_a_decompression_bomb_keeps_what_was_read_and_rejects_the_rest(tmp_path, monkeypatch):
+    """Before: a member of GBs of zeros in a .tar.gz was decompressed whole to step over it as
+    too large. The floor is 1 MiB here (256 MiB in use)."""
+    monkeypatch.setattr("bdt.data.tars.INFLATION_FLOOR", 1 << 20)
+    plain = tmp_path / "b.tar"
+    write_tar(str(plain), good_samples("t", 2, 0) + [{"__key__": "bomb", "png": bytes(16 << 20)}])
+    path = tmp_path / "b.tar.gz"
+    path.write_bytes(gzip.compress(plain.read_bytes()))
+    items = _read(str(path))
+    assert _verdicts(items) == [("t0000", "sample"), ("t0001", "sample"), ("bomb", "truncated_tar")]
+    assert items[-1].detail.startswith("ReadError: decompression bomb: ")
 
 
 def test_a_tar_missing_for_a_moment_is_read_again_not_rejected(tmp_path, monkeypatch, caplog):
