@@ -25,8 +25,10 @@ message), caused by a WorkerTraceback that holds the worker's traceback. A worke
 ignores SIGINT/SIGTERM (the trainer handles those and stops it) and exits by itself when the
 trainer process is gone.
 
-depth = 0 builds each row in the caller's thread when asked (no worker): the same rows and
-states, which is what the tests compare against.
+depth = 0 builds each row when asked, nothing ahead: the same rows and states, which is what the
+tests compare against. It builds in the caller's thread, or with a stall limit in a thread of
+its own that the caller waits for at most `stall_s` (`_OnDemand`): a read that never returns then
+raises the same DataStalled.
 """
 
 from __future__ import annotations
@@ -126,6 +128,8 @@ class Prefetcher:
         if depth == 0:
             self._source = factory()
             self._mark = self._source.mark()
+            self._where = lambda: _where(self._source)
+            self._on_demand = _OnDemand(self._source) if stall_s else None
             return
         pin = self.device.type == "cuda"
         self._out: queue.Queue = queue.Queue()  # rows, state replies, errors, in order
@@ -169,8 +173,7 @@ class Prefetcher:
         """The next row (tensors on `device`, copies issued non-blocking) and its extra."""
         self._check_open()
         if self.depth == 0:
-            tensors, extra = self._source.next_row()
-            self._mark = self._source.mark()
+            tensors, extra = self._build()
             return {k: v if k in self.host_keys else v.to(self.device)
                     for k, v in tensors.items()}, extra
         # The host views were made on the worker's side (thread or relay), off this thread.
@@ -202,6 +205,8 @@ class Prefetcher:
             return
         self._closed = True
         if self.depth == 0:
+            if self._on_demand is not None:
+                self._on_demand.stop()
             return
         try:
             self._inbox.put(("stop", None))
@@ -224,6 +229,18 @@ class Prefetcher:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _build(self) -> tuple[Tensors, Any]:
+        """The next row at depth 0 (its mark taken)."""
+        if self._on_demand is None:
+            row = self._source.next_row()
+            self._mark = self._source.mark()
+            return row
+        try:
+            row, self._mark = self._on_demand.next_row(self.stall_s)
+        except queue.Empty:
+            self._stalled()
+        return row
 
     def _check_open(self) -> None:
         if self._closed:
@@ -264,6 +281,35 @@ class Prefetcher:
                           f"{where}: a read that does not return (a hung mount, a storage "
                           f"endpoint that stopped answering)? Stopping: a resume continues from "
                           f"the last checkpoint (data.stall_s sets the limit, 0 = no limit)")
+
+
+class _OnDemand:
+    """A source's rows built in a thread, one when asked (depth 0 with a stall limit): the caller
+    waits for it with a timeout, where a read that never returns would hold its own thread."""
+
+    def __init__(self, source: RowSource):
+        self._asks: queue.Queue = queue.Queue()
+        self._rows: queue.Queue = queue.Queue()
+        threading.Thread(target=self._serve, args=(source,), name="bdt-prefetch-on-demand",
+                         daemon=True).start()
+
+    def _serve(self, source: RowSource) -> None:
+        while self._asks.get():
+            try:
+                self._rows.put((source.next_row(), source.mark()))
+            except BaseException as e:  # noqa: BLE001 -- raised in the caller
+                self._rows.put(e)
+
+    def next_row(self, timeout: float) -> tuple[tuple[Tensors, Any], Any]:
+        """(the next row, the mark after it); queue.Empty after `timeout` s without it."""
+        self._asks.put(True)
+        got = self._rows.get(timeout=timeout)
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    def stop(self) -> None:
+        self._asks.put(False)  # a thread stuck in a read sees it once the read returns
 
 
 # ---- the worker's side --------------------------------------------------------------------

@@ -152,19 +152,25 @@ def test_close_with_rows_in_flight(worker):
         p.next()
 
 
-@pytest.mark.parametrize("worker", WORKERS)
-def test_a_worker_stuck_in_a_read_stops_the_caller_naming_what_it_reads(worker, tmp_path):
+@pytest.mark.parametrize("depth,worker", [(2, "thread"), pytest.param(2, "process",
+                                                                      marks=pytest.mark.slow),
+                                          (0, "thread")])
+def test_a_worker_stuck_in_a_read_stops_the_caller_naming_what_it_reads(depth, worker, tmp_path):
     """Before: next() waited forever on a read that did not return (the other ranks then timed
-    out in a collective, saying nothing of the data)."""
+    out in a collective, saying nothing of the data), at depth 0 (rows built when asked) even
+    with the limit."""
     release = str(tmp_path / "release")
-    p = Prefetcher(StuckRows(stuck_at=3, release=release), 2, worker, stall_s=1.5)
+    p = Prefetcher(StuckRows(stuck_at=3, release=release), depth, worker, stall_s=1.5)
     # a worker process takes longer than that to start (imports): that is no stall
     assert [p.next()[1]["n"] for _ in range(3)] == [1, 2, 3]
     waited = time.monotonic()
+    late = threading.Timer(20, lambda: open(release, "w").close())  # returns late: no hang
+    late.start()
     with pytest.raises(TimeoutError, match=r"the prefetch worker built no row for 2 s; it is "
                                            r"reading shard-3.tar from byte 1536: a read that "
                                            r"does not return .*data.stall_s"):
         p.next()
+    late.cancel()
     assert 1.5 <= time.monotonic() - waited < 10
     with pytest.raises(RuntimeError, match="closed"):
         p.next()

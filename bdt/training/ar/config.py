@@ -71,7 +71,8 @@ class DataConfig:
     # A worker that builds no row for this long stops the run, naming the shard it reads (a
     # read that never returns: a hung NFS mount, an endpoint that stopped answering) instead
     # of the other ranks timing out in a collective; the resume wrapper then restarts it.
-    # 0 = wait forever. With prefetch 0 the step itself waits in the read: no limit.
+    # 0 = wait forever. It holds with prefetch 0 too (the row is then built in a thread of its
+    # own, which the step waits for).
     stall_s: float = 600.0
 
 
