@@ -63,9 +63,9 @@ def training_ranks(root_pid: int) -> dict[int, psutil.Process]:
 
 
 def pauses_that(monkeypatch, action=lambda: None) -> list[float]:
-    """The tar readers' pauses before a failed read is tried again (bdt.data.tars.ReadRetries),
+    """The tar readers' pauses before a failed read is tried again (bdt.data.tar_reads.ReadRetries),
     recorded instead of slept; `action` runs in the first one (the fault clears)."""
-    import bdt.data.tars as tars
+    import bdt.data.tar_reads as tar_reads
 
     pauses = []
 
@@ -73,5 +73,5 @@ def pauses_that(monkeypatch, action=lambda: None) -> list[float]:
         pauses.append(seconds)
         if len(pauses) == 1:
             action()
-    monkeypatch.setattr(tars, "time", SimpleNamespace(sleep=pause), raising=False)  # old code
+    monkeypatch.setattr(tar_reads, "time", SimpleNamespace(sleep=pause), raising=False)  # old code
     return pauses

@@ -20,7 +20,7 @@ sequence. Corrupt samples (undecodable image, missing image, an image member ove
 MAX_MEMBER_BYTES, left unread; nothing read: '..' paths, links) are skipped, counted and logged
 with their key and reason (the first MAX_LOGGED per worker), and so is the rest of a damaged
 shard (once, logged). A failed read (I/O, network, the shard gone) is no damage: it is tried
-again from the same sample, then stops the stream naming the shard (tars.ReadRetries); a read
+again from the same sample, then stops the stream naming the shard (tar_reads.ReadRetries); a read
 that never returns stops it after `stall_s` (the DataLoader's timeout, its stuck workers
 killed). A sample with several images uses the first of IMAGE_EXTS; an animated image, its first
 frame.
@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bdt.data.images import decode_rgb, needed_size, open_image, resize_center_crop, to_unit_range
 from bdt.data.stream_state import shard_names
-from bdt.data.tars import MAX_MEMBER_BYTES, ReadRetries, log_skip, read_failure, read_samples
+from bdt.data.tar_reads import ReadRetries, read_failure
+from bdt.data.tars import MAX_MEMBER_BYTES, log_skip, read_samples
 
 log = logging.getLogger(__name__)
 

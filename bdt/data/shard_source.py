@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from bdt import storage, url_listing
-from bdt.data.tars import unsafe_path
+from bdt.data.tar_headers import unsafe_path
 
 INDEX_NAME = "index.json"  # bdt/extract/manifest.py writes the manifest under this name
 PLAN_NAME = "plan.json"  # written by an extraction before any shard

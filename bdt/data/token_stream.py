@@ -46,7 +46,8 @@ from bdt.data.stream_state import (STATE_VERSION, Cursor, Range, StreamCounters,
                                    cat_bits, check_shard_sizes, check_version, epoch_order,
                                    rank_split, same_stream, shard_names, shards_entered,
                                    stream_fingerprint)
-from bdt.data.tars import ReadRetries, TarSample, log_skip, read_failure
+from bdt.data.tar_reads import ReadRetries, read_failure
+from bdt.data.tars import TarSample, log_skip
 from bdt.data.token_shards import TokenSample, decode_tar_sample, read_token_samples
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ reject. A sample with several image members is made from the first in `image_ext
 order (webdataset's "jpg;png" convention; the caption is one, so is the sample). A truncated or
 unreadable tar yields one `truncated_tar` / `unreadable_shard` reject for
 whatever could not be read. A failed read (I/O, network, the file gone) is no bad data: it is
-tried again from the same sample (tars.ReadRetries), then fails the unit, so a rerun reads it.
+tried again from the same sample (tar_reads.ReadRetries), then fails the unit, so a rerun reads it.
 Tars are read by bdt.data.tars, bdt's one tar reader (gzip, bz2 and xz archives too).
 """
 
@@ -22,7 +22,7 @@ from typing import Iterator
 import fsspec
 
 from bdt import storage
-from bdt.data import tars
+from bdt.data import tar_headers, tar_reads, tars
 from bdt.data.images import TOO_LARGE
 from bdt.data.token_shards import caption_problem, caption_text
 from bdt.extract.input_units import InputUnit, folder_files, images_by_stem, split_ext
@@ -107,13 +107,13 @@ def _iter_folder(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
     if unit.report_strays:  # once per folder, so orphan captions and unknown files are accounted
         for rel, reason, detail in _folder_strays(fs, root, image_exts):
             yield Reject(rel, unit.name, reason, detail)
-    retries = tars.ReadRetries(log)
+    retries = tar_reads.ReadRetries(log)
     for rel in unit.files:
         item = None
         while item is None:
             try:
                 item = _folder_sample(fs, root, rel, unit.name, max_image_bytes, max_caption_bytes)
-            except tars.ReadFailed as exc:
+            except tar_reads.ReadFailed as exc:
                 retries.pause(f"{unit.name}: reading {rel!r}", exc, _FAILED_UNIT)
         retries.failed = 0
         yield item
@@ -122,7 +122,7 @@ def _iter_folder(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
 def _folder_sample(fs: fsspec.AbstractFileSystem, root: str, rel: str, src: str,
                    max_image_bytes: int, max_caption_bytes: int) -> RawSample | Reject:
     """The verdict on one image of a folder unit and its caption. An OSError reading them (I/O,
-    network, the file gone) is a failed read, not bad data: raised as tars.ReadFailed."""
+    network, the file gone) is a failed read, not bad data: raised as tar_reads.ReadFailed."""
     stem, ext = split_ext(rel)
     try:
         image = _folder_file(fs, posixpath.join(root, rel), max_image_bytes, TOO_LARGE)
@@ -132,7 +132,7 @@ def _folder_sample(fs: fsspec.AbstractFileSystem, root: str, rel: str, src: str,
     except _Refused as exc:
         return Reject(stem, src, exc.reason, exc.detail)
     except OSError as exc:
-        raise tars.failed_read(exc) from exc
+        raise tar_reads.failed_read(exc) from exc
     return RawSample(stem, image, ext, caption)
 
 
@@ -188,7 +188,7 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
 
     def verdict(s: tars.TarSample) -> RawSample | Reject:
         if not s.members and s.refused and s.refused[0][1] == tars.NO_EXTENSION:
-            reason = UNSAFE_PATH if tars.unsafe_path(s.key) else UNKNOWN_EXTENSION
+            reason = UNSAFE_PATH if tar_headers.unsafe_path(s.key) else UNKNOWN_EXTENSION
             return Reject(s.key, src, reason, "member name has no extension")
         if s.key in seen:
             return Reject(s.key, src, DUPLICATE_KEY, "key appears in two separate places in the shard")
@@ -220,14 +220,14 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
                           f"exceeds max_caption_bytes {max_caption_bytes}")
         return RawSample(s.key, s.members[image_ext], image_ext, s.members.get("txt"))
 
-    offset, retries = 0, tars.ReadRetries(log)  # offset: where the next sample starts
+    offset, retries = 0, tar_reads.ReadRetries(log)  # offset: where the next sample starts
     inside = 0  # verdicts given since offset on members without an extension (inside a sample)
     while True:
         again = inside  # a read again from offset meets those first: given already
         stack = contextlib.ExitStack()
         try:
-            f = stack.enter_context(tars.open_tar(unit.source, offset))
-        except tars.ReadFailed as exc:
+            f = stack.enter_context(tar_reads.open_tar(unit.source, offset))
+        except tar_reads.ReadFailed as exc:
             retries.pause(f"{src}: reading from byte {offset}", exc, _FAILED_UNIT)
             continue
         except Exception as exc:  # noqa: BLE001 - whatever stops the opening is the unit's verdict
@@ -247,7 +247,7 @@ def _iter_tar(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
                     yield verdict(sample)
                 return
             except tars.TarDamaged as exc:
-                failure = tars.read_failure(exc)
+                failure = tar_reads.read_failure(exc)
                 if failure is None:
                     yield _damaged(exc, src, seen)
                     return

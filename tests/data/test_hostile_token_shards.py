@@ -277,7 +277,7 @@ def test_a_read_failing_after_a_sample_with_nothing_readable_counts_it_once(tmp_
     """A failed read is tried again from the stream's position: past a sample of which nothing
     was readable, else it is read and counted (and logged) twice; a member without an extension
     lies inside the next sample, so the read again meets it, and must not count it again."""
-    import bdt.data.tars as tars
+    import bdt.data.tar_reads as tar_reads
     import bdt.data.token_stream as token_stream
 
     url = str(tmp_path / "x.tar")
@@ -293,7 +293,7 @@ def test_a_read_failing_after_a_sample_with_nothing_readable_counts_it_once(tmp_
             yield sample
             if sample.key == counted and not failed:
                 failed.append(offset)
-                raise tars.ReadFailed("OSError: [Errno 5] I/O error")
+                raise tar_reads.ReadFailed("OSError: [Errno 5] I/O error")
     monkeypatch.setattr(token_stream, "read_token_samples", failing_once_after_it)
     pauses_that(monkeypatch)
     s = _stream([url])

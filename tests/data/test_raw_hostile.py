@@ -96,7 +96,7 @@ def test_a_read_failing_past_samples_of_nothing_readable_counts_them_once(tmp_pa
                                                                           monkeypatch):
     """A failed read is tried again from the sample after the last one read: it meets the samples
     of nothing readable behind that one again, which were counted (and logged) a second time."""
-    from bdt.data import tars
+    from bdt.data import tar_reads
 
     from testkit import pauses_that
 
@@ -110,7 +110,7 @@ def test_a_read_failing_past_samples_of_nothing_readable_counts_them_once(tmp_pa
             yield sample
             if sample.key == "link" and not failed:
                 failed.append(sample.key)
-                raise tars.ReadFailed("OSError: [Errno 5] I/O error")
+                raise tar_reads.ReadFailed("OSError: [Errno 5] I/O error")
     monkeypatch.setattr(raw, "read_samples", failing_once_after_the_link)
     pauses_that(monkeypatch)
     first, second = itertools.islice(iter(RawImageStream([url], 16, 2, 0, 1)), 2)

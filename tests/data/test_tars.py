@@ -15,9 +15,9 @@ import pytest
 import webdataset as wds
 
 from bdt.data.shard_writer import ShardWriter
-from bdt.data.tars import (MAX_HEADER_DATA, NO_EXTENSION, NOT_A_FILE, REPEATED, SAMPLE_TOO_LARGE,
-                           TOO_LARGE, UNSAFE_PATH, TarDamaged, iter_members, iter_samples,
-                           read_samples)
+from bdt.data.tar_headers import MAX_HEADER_DATA, iter_members
+from bdt.data.tars import (NO_EXTENSION, NOT_A_FILE, REPEATED, SAMPLE_TOO_LARGE, TOO_LARGE,
+                           UNSAFE_PATH, TarDamaged, iter_samples, read_samples)
 
 LONG = "d" * 90 + "/" + "n" * 80 + ".bits.npy"  # > 100 chars: prefix, pax path or GNU long name
 
@@ -137,7 +137,7 @@ BOMBS = {  # 16 MiB of zeros, a few KB compressed
 def test_a_decompression_bomb_is_damage_read_no_further(tmp_path, monkeypatch, kind, bomb):
     """Before: read (or skipped) by decompressing all of it, 20 GB of zeros included, in every
     rank, every epoch. The floor is 1 MiB here (256 MiB in use)."""
-    monkeypatch.setattr("bdt.data.tars.INFLATION_FLOOR", 1 << 20)
+    monkeypatch.setattr("bdt.data.tar_reads.INFLATION_FLOOR", 1 << 20)
     path = tmp_path / "bomb.tar"
     path.write_bytes(COMPRESSORS[kind](tar_bytes(BOMBS[bomb])))
     got = []

@@ -338,7 +338,7 @@ def _bomb(data: bytes) -> bytes:
 @pytest.mark.parametrize("damage", [_cut, _bomb])
 def test_damaged_shard_skips_its_tail(tmp_path, monkeypatch, damage):
     """Before, a decompression bomb was read whole, the samples after it too."""
-    monkeypatch.setattr("bdt.data.tars.INFLATION_FLOOR", 1 << 20)
+    monkeypatch.setattr("bdt.data.tar_reads.INFLATION_FLOOR", 1 << 20)
     urls = write_shards(str(tmp_path), GRIDS, num_shards=2, per_shard=6)
     data = open(urls[0], "rb").read()
     with open(urls[0], "wb") as f:

@@ -103,7 +103,7 @@ def _verdicts(items) -> list[tuple[str, str]]:
 def test_a_decompression_bomb_keeps_what_was_read_and_rejects_the_rest(tmp_path, monkeypatch):
     """Before: a member of GBs of zeros in a .tar.gz was decompressed whole to step over it as
     too large. The floor is 1 MiB here (256 MiB in use)."""
-    monkeypatch.setattr("bdt.data.tars.INFLATION_FLOOR", 1 << 20)
+    monkeypatch.setattr("bdt.data.tar_reads.INFLATION_FLOOR", 1 << 20)
     plain = tmp_path / "b.tar"
     write_tar(str(plain), good_samples("t", 2, 0) + [{"__key__": "bomb", "png": bytes(16 << 20)}])
     path = tmp_path / "b.tar.gz"
@@ -134,7 +134,7 @@ def test_a_member_without_extension_is_rejected_once_across_a_failed_read(tmp_pa
     import errno
     import tarfile
 
-    from bdt.data import tars
+    from bdt.data import tar_reads
 
     path = str(tmp_path / "t.tar")
     png = image_bytes(40, 40)
@@ -164,8 +164,8 @@ def test_a_member_without_extension_is_rejected_once_across_a_failed_read(tmp_pa
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    wrap = tars._Reads.__init__
-    monkeypatch.setattr(tars._Reads, "__init__", lambda self, f: wrap(self, FailsOnce(f)))
+    wrap = tar_reads._Reads.__init__
+    monkeypatch.setattr(tar_reads._Reads, "__init__", lambda self, f: wrap(self, FailsOnce(f)))
     pauses = pauses_that(monkeypatch)
     items = list(input_reading.iter_unit(unit, EXTS, 1 << 20, max_caption_bytes=1 << 20))
     assert FailsOnce.failed and pauses == [1.0]

@@ -153,9 +153,9 @@ def test_second_launcher_fails_fast_and_a_killed_launcher_leaves_no_rank(tmp_pat
 def _rank_with_short_read_pauses(rank: int, world: int, port: int, argv: list[str]) -> None:
     """A rank whose tar reads retry after 0.1 s instead of 1 to 8 s (~15 s): the endpoint
     stays dead past every try either way."""
-    from bdt.data import tars
+    from bdt.data import tar_reads
 
-    tars.READ_RETRY_PAUSES = (0.1,) * len(tars.READ_RETRY_PAUSES)
+    tar_reads.READ_RETRY_PAUSES = (0.1,) * len(tar_reads.READ_RETRY_PAUSES)
     _rank_main(rank, world, port, argv)
 
 
