@@ -220,7 +220,8 @@ def attention_call(name: str, qkv: list[torch.Tensor], cu: list[int], L: int, de
     import torch.nn.functional as F
 
     from bdt.model import attention_kernels as kernels
-    from bdt.model.attention import BlockCausalLayout, VarlenPlan, per_document_rows
+    from bdt.model.attention import VarlenPlan
+    from bdt.model.attention_masks import BlockCausalLayout, per_document_rows
 
     lens = [b - a for a, b in zip(cu, cu[1:])]
     d = qkv[0].shape[-1]

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from bdt.model.ar import BitDanceModel
-from bdt.model.attention import BlockCausalLayout
+from bdt.model.attention_masks import BlockCausalLayout
 from bdt.model.flow import binarize, cfg_schedule, sample
 from bdt.model.sequence import SequencePacker, from_sequence_order, grid_coords
 from bdt.model.text_tokenizer import encode_user_text

@@ -27,16 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdt.model.attention import (
-    BlockCausalLayout,
     attention_kwargs,
     by_layer_type,
     check_rules,
-    decode_attention_mask,
     flex_row_len,
-    per_document_rows,
     resolve_backend,
 )
 from bdt.model.attention_kernels import hf_attn_implementation
+from bdt.model.attention_masks import BlockCausalLayout, decode_attention_mask, per_document_rows
 from bdt.model.backbone import decoder_matmul_params, layer_rules, output_logits
 from bdt.model.config import ModelConfig
 from bdt.model.embed import BitsConnector, PosEmbed2D, flip_bits

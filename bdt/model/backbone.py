@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError
 
-from bdt.model.attention import FULL, LayerRule
+from bdt.model.attention_masks import FULL, LayerRule
 from bdt.model.text_tokenizer import (
     IM_END,
     PromptIds,

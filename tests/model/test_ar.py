@@ -195,7 +195,7 @@ def test_activation_checkpointing_gives_the_same_gradients(llm_dir):
 def test_one_row_per_sample_equals_the_packed_row(llm_dir):
     """sdpa: the packed row re-laid as one padded row per sample (cheaper when the dense mask
     would mostly compute pairs across samples) gives the packed row's losses and gradients."""
-    from bdt.model.attention import per_document_rows
+    from bdt.model.attention_masks import per_document_rows
 
     model = BitDanceModel.from_config(tiny_config(llm_dir)).train()
     torch.manual_seed(0)

@@ -15,11 +15,11 @@ from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
 import bdt.model.attention_kernels as kernels
 from bdt.model.ar import BitDanceModel
-from bdt.model.attention import (FLEX_BLOCK, FULL, BlockCausalLayout, LayerRule,
-                                 attention_kwargs, by_layer_type, check_rules,
-                                 decode_attention_mask, flex_row_len, left_padded_layout,
+from bdt.model.attention import (attention_kwargs, by_layer_type, check_rules, flex_row_len,
                                  resolve_backend)
 from bdt.model.attention_kernels import hf_attn_implementation
+from bdt.model.attention_masks import (FLEX_BLOCK, FULL, BlockCausalLayout, LayerRule,
+                                       decode_attention_mask, left_padded_layout)
 from bdt.model.backbone import layer_rules
 from bdt.model.config import ModelConfig
 from bdt.model.head import HeadConfig

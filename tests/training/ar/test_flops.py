@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bdt.model.attention import BlockCausalLayout
+from bdt.model.attention_masks import BlockCausalLayout
 from bdt.model.head import HeadConfig
 from bdt.training.ar.flops import FlopModel, visible_pairs
 
