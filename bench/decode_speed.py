@@ -34,7 +34,7 @@ PS = (1, 4, 16)
 
 def build(llm_dir: str, parallel_num: int):
     from bdt.model.ar import BitDanceModel
-    from bdt.model.backbone import BackboneConfig
+    from bdt.model.backbone_config import BackboneConfig
     from bdt.model.config import ModelConfig
     from bdt.model.head import HeadConfig
 

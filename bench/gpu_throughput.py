@@ -53,7 +53,7 @@ KINDS = [("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|broadc
 def build(args, device: torch.device):
     """The model + DeepSpeed engine (ZeRO-2, bf16 where the device has it)."""
     from bdt.model.ar import BitDanceModel
-    from bdt.model.backbone import BackboneConfig
+    from bdt.model.backbone_config import BackboneConfig
     from bdt.model.config import ModelConfig
     from bdt.model.head import HeadConfig
     from bdt.training.deepspeed_config import (DeepSpeedConfig, OptimConfig, build_ds_config,

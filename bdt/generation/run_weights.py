@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 from omegaconf import OmegaConf
 
-from bdt.model.backbone import BackboneConfig, check_source
+from bdt.model.backbone_config import BackboneConfig, check_source
 from bdt.training import run_dir as layout
 
 

@@ -35,7 +35,8 @@ from bdt.model.attention import (
 )
 from bdt.model.attention_kernels import hf_attn_implementation
 from bdt.model.attention_masks import BlockCausalLayout, decode_attention_mask, per_document_rows
-from bdt.model.backbone import decoder_matmul_params, layer_rules, output_logits
+from bdt.model.backbone import decoder_matmul_params, output_logits
+from bdt.model.backbone_config import layer_rules
 from bdt.model.config import ModelConfig
 from bdt.model.embed import BitsConnector, PosEmbed2D, flip_bits
 from bdt.model.flow import binarize, flow_loss

@@ -118,7 +118,7 @@ def attention_kwargs(layout: BlockCausalLayout, backend: str,
 
     `backend` is a resolved one (sdpa|flex|varlen|flash). For a model running `eager` pass its
     dtype as float_dtype to get the additive mask it needs. `rules`: layer type -> LayerRule
-    (`bdt.model.backbone.layer_rules`); one rule gives one mask for every layer, several a dict
+    (`bdt.model.backbone_config.layer_rules`); one rule gives one mask for every layer, several a dict
     of masks by layer type (built once per distinct rule), which the backbone must take.
     """
     if backend not in HF_IMPLEMENTATION:

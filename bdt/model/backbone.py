@@ -3,7 +3,8 @@ tokenizer, extended with BitDance's special tokens (method §2), and the tiny LL
 default (system §4).
 
 A real checkpoint and the tiny default take the same path: a directory (or hub id) holding
-``config.json`` + weights + tokenizer files, read with ``from_pretrained``.
+``config.json`` + weights + tokenizer files, read with ``from_pretrained``; the config is read and
+checked first (`bdt.model.backbone_config`).
 
 Checkpoint key mapping: BitDance ``MLLModel`` keys ``llm_model.<k>`` are the HF causal LM's own
 state-dict keys ``<k>`` (model.embed_tokens.weight, model.layers.N..., model.norm.weight,
@@ -16,14 +17,20 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pickle import UnpicklingError
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 
-from bdt.model.attention_masks import FULL, LayerRule
+from bdt.model.backbone_config import (
+    BackboneConfig,
+    _overridden,
+    _plain_dict,
+    _torch_dtype,
+    llm_config,
+)
 from bdt.model.text_tokenizer import (
     IM_END,
     PromptIds,
@@ -42,18 +49,6 @@ BITDANCE_LLM_PREFIX = "llm_model."
 
 
 @dataclass
-class BackboneConfig:
-    """Where the LLM comes from and how it runs."""
-
-    path: str = ""  # local dir or hub id: HF causal LM (config.json [+ weights]) and its tokenizer
-    from_scratch: bool = False  # random init from path's config.json (weights, if any, unread)
-    config_overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to change
-    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2
-    dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float16
-    # (Activation checkpointing is ModelConfig.activation_checkpointing: decoder layers + head.)
-
-
-@dataclass
 class Backbone:
     """What `load_backbone` returns: the resized LM and the matching text side."""
 
@@ -61,157 +56,6 @@ class Backbone:
     tokenizer: "PreTrainedTokenizerBase"
     special: SpecialTokens
     prompt: PromptIds
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"backbone dtype {name!r} is not a torch floating dtype (float32, bfloat16, ...)")
-    return dtype
-
-
-def _plain_dict(d: Any) -> dict[str, Any]:
-    """``config_overrides`` as a plain dict (it may arrive as a read-only omegaconf DictConfig)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(d, resolve=True) if isinstance(d, DictConfig) else dict(d)
-
-
-def check_source(path: str) -> None:
-    """OSError (ValueError when empty) unless `path` is a model folder with a config.json or
-    can be a hub id."""
-    if not path:
-        raise ValueError("backbone path is empty: give a local model directory or a hub id")
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise OSError(f"backbone path {path!r} has no config.json (not a Hugging Face model directory)")
-    elif os.path.isabs(path) or path.startswith("."):
-        raise OSError(f"backbone path {path!r} does not exist")
-    # Anything else is a hub id, resolved by from_pretrained (offline: only from the HF cache).
-
-
-def llm_config(cfg: BackboneConfig):
-    """The HF config at ``cfg.path`` with ``config_overrides`` applied, read before any weight or
-    tokenizer: a bad value (wrong type, inconsistent sizes) is a ValueError naming config.json and
-    the field. Remote code (an ``auto_map``) is never run."""
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig
-
-    check_source(cfg.path)
-    where = os.path.join(cfg.path, "config.json") if os.path.isdir(cfg.path) else cfg.path
-    try:
-        config, unused = AutoConfig.from_pretrained(cfg.path, trust_remote_code=False,
-                                                    return_unused_kwargs=True,
-                                                    **_plain_dict(cfg.config_overrides))
-    except OSError as e:
-        raise OSError(f"cannot read the backbone config {where!r}: {e}") from e
-    except (StrictDataclassError, ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"backbone config {where!r} is invalid: {e}") from e
-    if unused:  # they would reach the model's constructor: a TypeError traceback there
-        raise ValueError(f"model.backbone.config_overrides: {sorted(unused)} are not fields of "
-                         f"{type(config).__name__} ({where})")
-    # transformers checks their types, not their signs: 0 heads or hidden_size -1 ended in a
-    # ZeroDivisionError or RuntimeError traceback from inside the model's constructor.
-    small = [f"{k}={getattr(config, k)}" for k in _SIZE_FIELDS
-             if isinstance(getattr(config, k, None), int) and getattr(config, k) < 1]
-    if small:
-        raise ValueError(f"backbone config {where!r}{_overridden(cfg)} is invalid: "
-                         f"{', '.join(small)}; sizes must be >= 1")
-    softcap = getattr(config, "attn_logit_softcapping", None)
-    if softcap is not None:  # flex/varlen/flash dropped it silently; sdpa fails when sampling
-        raise ValueError(f"backbone config {where!r}: attn_logit_softcapping={softcap} (Gemma 2): "
-                         f"no bdt attention backend caps attention logits; set "
-                         f"model.backbone.config_overrides.attn_logit_softcapping=null to "
-                         f"train without the cap")
-    _refuse_stateful_layers(config, where)
-    if getattr(config, "num_attention_heads", None) is None:  # read above as all attention
-        raise ValueError(f"backbone config {where!r}: {type(config).__name__} names no "
-                         f"num_attention_heads: bdt needs a causal LM whose layers are all "
-                         f"attention (RWKV and xLSTM are recurrent)")
-    return config
-
-
-# Layer types bdt's masks govern (a window or chunk narrows the block-causal mask: `layer_rules`),
-# MLP- or MoE-only layers (no mixing across tokens), and transformers' "dummy" for those and for
-# a layer reusing another layer's keys and values.
-_MASKED_LAYERS = ("full_attention", "sliding_attention", "chunked_attention", "moe", "mlp", "dummy")
-
-
-def _layer_types(config) -> list[str]:
-    """transformers' reading of every architecture's layer kinds (not a public API): the
-    config's layer_types, else what its sliding_window / attention_chunk_size imply."""
-    try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        return get_layer_types_and_kwargs(config)[0]
-    except (ImportError, AttributeError, TypeError):
-        return list(getattr(config, "layer_types", None) or [])
-
-
-def _refuse_stateful_layers(config, where: str) -> None:
-    """ValueError for a backbone with layers other than attention (Mamba, Jamba, LFM2,
-    Qwen3-Next): a recurrent or convolution layer carries state from one sample of a packed row
-    into the next and sees no patch whole, and no mask can stop it."""
-    types = _layer_types(config)
-    other = sorted({t for t in types if t not in _MASKED_LAYERS})
-    if other:
-        layers = [str(i) for i, t in enumerate(types) if t not in _MASKED_LAYERS]
-        raise ValueError(f"backbone config {where!r}: {type(config).__name__} has {other} "
-                         f"layers ({listing(layers)}): bdt's block-causal masks govern "
-                         f"attention layers only; use a backbone whose layers are all attention")
-
-
-def layer_rules(model: "PreTrainedModel") -> dict[str, LayerRule]:
-    """Layer type -> what its attention adds to the block-causal mask (`LayerRule`), as the
-    backbone's own forward builds its masks from the config: `sliding_attention` a window of
-    sliding_window keys (Mistral, Gemma 3, Qwen2/3 with use_sliding_window), `chunked_attention`
-    chunks of attention_chunk_size (Llama 4), other types nothing. Types are the forward's own
-    keys (config.layer_types) when it has them. ValueError when the layers need different masks
-    and the backbone's forward takes one mask for all of them."""
-    config = model.config
-    sizes = {"sliding_attention": ("window", "sliding_window"),
-             "chunked_attention": ("chunk", "attention_chunk_size")}
-    rules = {}
-    for kind in getattr(config, "layer_types", None) or _layer_types(config):
-        field, key = sizes.get(kind, (None, None))
-        size = getattr(config, key, None) if key else None
-        try:
-            rules[kind] = LayerRule(**{field: size}) if size is not None else FULL
-        except ValueError as e:
-            raise ValueError(f"backbone config: {key}={size!r} of its {kind} layers: {e}") from None
-    if len(set(rules.values())) > 1 and not _takes_masks_by_layer_type(model):
-        raise ValueError(f"backbone {type(model).__name__}: its layer types need different "
-                         f"masks ({', '.join(f'{k}: {r}' for k, r in sorted(rules.items()))}) "
-                         f"but its forward takes one attention mask for every layer: bdt "
-                         f"cannot apply them")
-    return rules
-
-
-def _takes_masks_by_layer_type(model: "PreTrainedModel") -> bool:
-    """Whether the model building the masks (the decoder, maybe inside a wrapper) takes a dict
-    of masks by layer type: transformers has no flag for it; those that do test
-    `isinstance(attention_mask, dict)` in their forward."""
-    import inspect
-
-    from transformers import PreTrainedModel
-
-    for module in model.modules():
-        try:
-            if isinstance(module, PreTrainedModel) and \
-                    "attention_mask, dict)" in inspect.getsource(type(module).forward):
-                return True
-        except (OSError, TypeError):  # no source to read: taken as one mask
-            continue
-    return False
-
-
-_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                "num_key_value_heads", "head_dim")
-
-
-def _overridden(cfg: BackboneConfig) -> str:
-    overrides = _plain_dict(cfg.config_overrides)
-    return f" (overridden by model.backbone.config_overrides {overrides})" if overrides else ""
 
 
 def load_causal_lm(cfg: BackboneConfig, weights: Mapping[str, torch.Tensor] | None = None,

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from bdt.model.attention import BACKENDS
-from bdt.model.backbone import BackboneConfig, _torch_dtype
+from bdt.model.backbone_config import BackboneConfig, _torch_dtype
 from bdt.model.head import HeadConfig
 from bdt.model.sequence import patch_side
 

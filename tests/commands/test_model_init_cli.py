@@ -8,7 +8,8 @@ import tarfile
 import pytest
 
 from bdt.cli import main
-from bdt.model.backbone import BackboneConfig, load_backbone
+from bdt.model.backbone import load_backbone
+from bdt.model.backbone_config import BackboneConfig
 
 
 def test_init_tiny_from_shapes_tars(tmp_path, capsys):

@@ -16,7 +16,8 @@ from bdt.eval.suite import load_suite
 from bdt.generation.sampling import SamplingConfig
 from bdt.generation.trained import TrainedModel
 from bdt.model.ar import BitDanceModel
-from bdt.model.backbone import BackboneConfig, make_tiny_llm
+from bdt.model.backbone import make_tiny_llm
+from bdt.model.backbone_config import BackboneConfig
 from bdt.model.config import ModelConfig
 from bdt.model.head import HeadConfig
 from bdt.training.ar.config import EvalConfig

@@ -85,7 +85,7 @@ def llm_dir(tmp_path_factory):
 
 
 def tiny_config(llm_dir, **overrides) -> ModelConfig:
-    from bdt.model.backbone import BackboneConfig
+    from bdt.model.backbone_config import BackboneConfig
 
     kwargs = {"parallel_num": 4, "attn_backend": "sdpa", **overrides}
     return ModelConfig(backbone=BackboneConfig(path=llm_dir),
@@ -134,7 +134,7 @@ def test_text_loss_is_the_backbones_own_loss(llm_dir, tmp_path, config_class, tr
     import transformers
     from transformers import AutoTokenizer
 
-    from bdt.model.backbone import BackboneConfig
+    from bdt.model.backbone_config import BackboneConfig
 
     folder = str(tmp_path / "llm")
     AutoTokenizer.from_pretrained(llm_dir).save_pretrained(folder)

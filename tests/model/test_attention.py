@@ -20,7 +20,7 @@ from bdt.model.attention import (attention_kwargs, by_layer_type, check_rules, f
 from bdt.model.attention_kernels import hf_attn_implementation
 from bdt.model.attention_masks import (FLEX_BLOCK, FULL, BlockCausalLayout, LayerRule,
                                        decode_attention_mask, left_padded_layout)
-from bdt.model.backbone import layer_rules
+from bdt.model.backbone_config import layer_rules
 from bdt.model.config import ModelConfig
 from bdt.model.head import HeadConfig
 from bdt.model.sequence import ImageSample, SequencePacker

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from bdt.model.backbone import (
-    BackboneConfig,
     backbone_key_map,
     load_backbone,
     load_causal_lm,
     make_tiny_llm,
     resize_embeddings,
 )
+from bdt.model.backbone_config import BackboneConfig
 from bdt.model.text_tokenizer import (
     CONDITIONAL_TEMPLATE,
     IM_START,

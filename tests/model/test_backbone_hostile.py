@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bdt.model.backbone import BackboneConfig, load_backbone, make_tiny_llm
+from bdt.model.backbone import load_backbone, make_tiny_llm
+from bdt.model.backbone_config import BackboneConfig
 
 CAPTIONS = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")]
 
@@ -135,7 +136,7 @@ def test_layer_kinds_without_token_mixing_pass_and_a_config_transformers_cannot_
     (it raised an AttributeError)."""
     from types import SimpleNamespace
 
-    from bdt.model.backbone import _refuse_stateful_layers
+    from bdt.model.backbone_config import _refuse_stateful_layers
 
     _refuse_stateful_layers(SimpleNamespace(layer_types=["full_attention", "moe", "mlp"]), "c")
     with pytest.raises(ValueError, match=r"has \['mamba'\] layers \(\[1\]\)"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bdt.model.ar import BitDanceModel
-from bdt.model.backbone import BackboneConfig
+from bdt.model.backbone_config import BackboneConfig
 from bdt.model.config import ModelConfig
 from bdt.model.head import HeadConfig
 from bdt.model.sequence import ImageSample, SequencePacker
