@@ -93,6 +93,12 @@ def llm_config(cfg: BackboneConfig):
                          f"model.backbone.config_overrides.attn_logit_softcapping=null to "
                          f"train without the cap")
     _refuse_stateful_layers(config, where)
+    if getattr(config, "num_attention_heads", None) is None and \
+            getattr(config, "text_config", None) is not None:
+        raise ValueError(f"backbone config {where!r}: {type(config).__name__} is a multimodal "
+                         f"model (its language model is under text_config): bdt needs a causal "
+                         f"LM; save the language model alone (its config and weights) and "
+                         f"point model.backbone.path there")
     if getattr(config, "num_attention_heads", None) is None:  # read above as all attention
         raise ValueError(f"backbone config {where!r}: {type(config).__name__} names no "
                          f"num_attention_heads: bdt needs a causal LM whose layers are all "

@@ -130,6 +130,22 @@ def test_recurrent_lms_without_attention_are_refused(llm_dir, tmp_path, config_c
         load_backbone(BackboneConfig(path=folder, from_scratch=True), parallel_num=4)
 
 
+def test_a_multimodal_checkpoint_is_refused_naming_its_text_config(llm_dir, tmp_path):
+    """A Gemma 3 image-text checkpoint keeps its language model's sizes under text_config: it
+    was refused as if it had no attention at all ("RWKV and xLSTM are recurrent")."""
+    import transformers
+
+    folder = _copy(llm_dir, tmp_path)
+    text = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 4, "image_size": 28, "patch_size": 14}
+    transformers.Gemma3Config(text_config=text, vision_config=vision).save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"Gemma3Config is a multimodal model \(its language "
+                                         r"model is under text_config\)"):
+        load_backbone(BackboneConfig(path=folder, from_scratch=True), parallel_num=4)
+
+
 def test_layer_kinds_without_token_mixing_pass_and_a_config_transformers_cannot_read_too():
     """MLP- and MoE-only layers mix no tokens: refusing them refused benign backbones. Where
     transformers' (internal) reading of the layer kinds fails, the config's layer_types decide
