@@ -15,10 +15,11 @@
 #                                   packages, the wheels in $BDT_WHEELS (else ./wheels, if there:
 #                                   scripts/offline_wheels.py download) are installed into
 #                                   WORK/site, next on PYTHONPATH (log: OUT/wheels.log)
-#   stage NAME LIMIT_S COMMAND...   run COMMAND under `timeout -k 10 -s ABRT` (the trainer
-#                                   checkpoints on SIGTERM at the next step boundary, so a stuck
-#                                   step outlives a plain TERM; ABRT makes `python -X
-#                                   faulthandler` print every thread's stack into the log),
+#   stage NAME LIMIT_S COMMAND...   run COMMAND under `timeout -k $STAGE_KILL_S -s ABRT` (the
+#                                   trainer checkpoints on SIGTERM at the next step boundary, so a
+#                                   stuck step outlives a plain TERM; ABRT makes `python -X
+#                                   faulthandler` print every thread's stack into the log; KILL
+#                                   $STAGE_KILL_S seconds later, default 10, if it is still there),
 #                                   logging into OUT/NAME.log (shown as it grows), append (name,
 #                                   rc, seconds) to OUT/stages.tsv; returns COMMAND's status.
 #                                   SIGINT/TERM/HUP to the script end the running stage as its
@@ -78,6 +79,7 @@ begin_stages() {
   trap 'interrupt TERM' TERM
   trap 'interrupt HUP' HUP
   LIMIT_SCALE=${!scale_var:-$((REHEARSAL ? scale : 1))}
+  STAGE_KILL_S=${STAGE_KILL_S:-10}
   # A rerun into the same OUT: the last run's stage logs go, or a stage this run never reaches
   # would show the old run's log beside this run's table.
   if [[ -f $OUT/stages.tsv ]]; then
@@ -97,7 +99,7 @@ stage() {
   if [[ -n $INTERRUPTED ]]; then echo "== $name skipped ($INTERRUPTED)"; return 1; fi
   printf '== [%3ds] %s (limit %ss) -> %s\n' $((SECONDS - START)) "$name" "$limit" "$log"
   # A file, not a pipe to tee: a process that left the stage's group cannot hold the stage open.
-  "${PARENT_DEATH[@]}" timeout -k 10 -s ABRT "$limit" "$@" > "$log" 2>&1 < /dev/null &
+  "${PARENT_DEATH[@]}" timeout -k "$STAGE_KILL_S" -s ABRT "$limit" "$@" > "$log" 2>&1 < /dev/null &
   STAGE_PID=$!
   tail -n +1 -f -s 0.2 --pid="$STAGE_PID" "$log" &
   tail_pid=$!
@@ -111,13 +113,13 @@ stage() {
   STAGE_PID=
   wait "$tail_pid"
   printf '%s\t%s\t%s\n' "$name" "$rc" $((SECONDS - t0)) >> "$OUT/stages.tsv"
-  ((rc == 0)) || echo "== $name FAILED (rc $rc; 124 = timed out, stacks above; 137 = killed 10 s later)"
+  ((rc == 0)) || echo "== $name FAILED (rc $rc; 124 = timed out, stacks above; 137 = killed $STAGE_KILL_S s later)"
   return "$rc"
 }
 
 # A signal to the script (stopped because a stage looked stuck, often): ABRT to the running
-# stage's timeout, which passes it to the stage's group (stacks into the log) and KILLs it 10 s
-# later; the script then goes on to its end (results, cleanup) without stages.
+# stage's timeout, which passes it to the stage's group (stacks into the log) and KILLs it
+# $STAGE_KILL_S s later; the script then goes on to its end (results, cleanup) without stages.
 interrupt() {
   INTERRUPTED="interrupted by SIG$1"
   trap - INT TERM HUP  # a second signal ends the script at once

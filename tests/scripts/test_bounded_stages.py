@@ -72,6 +72,11 @@ def _stages(tmp_path) -> dict[str, int]:
     return {r.split("\t")[0]: int(r.split("\t")[1]) for r in rows if r}
 
 
+def _seconds(tmp_path) -> dict[str, int]:
+    rows = (tmp_path / "out" / "stages.tsv").read_text().split("\n")
+    return {r.split("\t")[0]: int(r.split("\t")[2]) for r in rows if r}
+
+
 def _finish(proc: subprocess.Popen, pids: list[int], timeout: float) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -101,11 +106,13 @@ def test_signal_to_the_scripts_group_ends_the_running_stage(tmp_path):
 
 @pytest.mark.slow
 def test_stage_ignoring_its_signal_is_killed_and_the_next_stage_runs(tmp_path):
-    proc = _start(tmp_path, 1, STUBBORN="1", CHILD="same")
+    """KILL STAGE_KILL_S after the ABRT (10 s unless set: a knob, so that this test waits 1)."""
+    proc = _start(tmp_path, 1, STUBBORN="1", CHILD="same", STAGE_KILL_S="1")
     pids = _pids(tmp_path, 2)
     out = _finish(proc, pids, 30)
     assert not [p for p in pids if _alive(p)], out
     assert _stages(tmp_path) == {"first": 137, "after": 0} and "after ran" in out
+    assert _seconds(tmp_path)["first"] < 8 and "137 = killed 1 s later" in out
     assert proc.returncode != 0 and "failed: first" in out
 
 
