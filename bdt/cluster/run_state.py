@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 from bdt import storage
 from bdt.config import to_yaml
 from bdt.train import load_config
+from bdt.training.checkpoint_store import list_checkpoints
+from bdt.training.integrity import CheckpointUnusable, read_marker
 from bdt.training.run_dir import CONFIG_NAME, SUMMARY_NAME, checkpoint_root
 
 TRAIN_SCRIPT = "bdt/train.py"
@@ -91,19 +93,13 @@ def read_summary(run_dir: str, written_after: float = 0.0) -> tuple[dict | None,
 def complete_checkpoints(checkpoint_dir: str) -> dict[str, tuple[int, object]]:
     """tag -> (step, the marker's write time) of every checkpoint with its COMPLETE marker. The
     time tells a checkpoint written again (after the trainer passed over a damaged one) from
-    the old one."""
-    import torch
-
-    from bdt.training.checkpoint import CheckpointManager
-    from bdt.training.integrity import CheckpointUnusable
-    from bdt.training.distributed import DistInfo
-
-    reader = CheckpointManager(checkpoint_dir, DistInfo(0, 1, 0, torch.device("cpu")))
+    the old one. Read without torch: importing it costs the wrapper seconds of a shared core."""
+    root = checkpoint_dir.rstrip("/")
     out = {}
-    for step, tag, complete in reader.list_tags():
+    for step, tag, complete in list_checkpoints(root):
         if complete:
             try:
-                written = reader.read_marker(tag).get("time")
+                written = read_marker(storage.join(root, tag)).get("time")
             except CheckpointUnusable:
                 written = None
             out[tag] = (step, written)

@@ -14,7 +14,6 @@ import json
 import os
 
 from bdt import storage
-from bdt.weights import compressed_records, listing
 
 HASH = "sha256"
 MARKER = "COMPLETE"  # a checkpoint directory's completion marker, written last
@@ -67,6 +66,7 @@ def problem(local_dir: str, rel: str, entry: dict) -> str | None:
         return f"{rel}: {HASH} differs from the marker's (damaged or replaced)"
     if rel.endswith(".pt"):
         from bdt.training.safe_load import unsafe_globals
+        from bdt.weights import compressed_records, listing  # torch: not for marker readers
 
         try:
             refused = unsafe_globals(path)

@@ -155,6 +155,25 @@ def test_progress_counts_checkpoints_older_than_a_damaged_newest_one(tmp_path):
     assert [e["event"] for e in events(tmp_path)] == ["launch", "restart"] * 2 + ["launch", "done"]
 
 
+def test_the_wrapper_supervises_without_importing_torch(tmp_path):
+    """Listing the checkpoints imported torch and DeepSpeed: seconds of a shared core at each
+    start of the wrapper, for a listing and a small JSON read."""
+    ck = tmp_path / "checkpoints"
+    for tag, marker in (("step_000000002", '{"step": 2, "time": 5.0}'), ("step_000000004", "{")):
+        (ck / tag).mkdir(parents=True)
+        (ck / tag / "COMPLETE").write_text(marker)
+    (ck / "step_000000006").mkdir()  # no marker: not complete
+    code = ("import sys; from bdt.cluster.run_state import complete_checkpoints; "
+            "from bdt.cluster.resume import main; "
+            f"print(complete_checkpoints({str(ck)!r} + '/')); "
+            f"rc = main(['--run-dir', {str(tmp_path)!r}, '--', sys.executable, '-c', '']); "
+            "print(rc, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.splitlines() == [
+        "{'step_000000002': (2, 5.0), 'step_000000004': (4, None)}", f"{DONE} False"], out.stderr
+    assert events(tmp_path)[0]["checkpoint_step"] == 4
+
+
 def test_a_launch_failing_after_it_finished_and_saved_is_done(tmp_path):
     """A rank that aborts while exiting (rare: environment.md) after the run's last checkpoint
     and summary: nothing is left to train, so no relaunch; a failure before the end restarts."""
