@@ -46,6 +46,7 @@ import time
 from bdt import storage
 from bdt.cluster.hosts import is_this_host, port_holder
 from bdt.cluster.launch_checks import master_endpoint, retry_may_fix
+from bdt.cluster.launch_processes import rank_processes, term_when_parent_dies
 from bdt.cluster.run_state import (TOKENIZER_SCRIPT, TRAIN_SCRIPT, RunPaths,
                                    complete_checkpoints, finished_step, newest_step,
                                    paths_from_command, read_summary)
@@ -56,24 +57,6 @@ DONE, USAGE, GAVE_UP, CANNOT_START, STOPPED = 0, 2, 3, 4, 75  # 75 = EX_TEMPFAIL
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PORT_WAIT_S = 30.0  # a held master port may be an earlier launch's process still exiting
 MAX_LAUNCH_ERROR_BYTES = 1 << 20
-
-
-def _rank_processes(root_pid: int) -> list:
-    """Training ranks started on this machine under `root_pid` (launchers set RANK for them)."""
-    import psutil
-
-    ranks = []
-    try:
-        children = psutil.Process(root_pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    for proc in children:
-        try:
-            if "RANK" in proc.environ() and "LOCAL_RANK" in proc.environ():
-                ranks.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return ranks
 
 
 class Resumer:
@@ -176,7 +159,7 @@ class Resumer:
         by signalling the launcher's process group: srun forwards SIGTERM to every task."""
         if self.child is None or self.child.poll() is not None:
             return
-        ranks = _rank_processes(self.child.pid)
+        ranks = rank_processes(self.child.pid)
         for proc in ranks:
             try:
                 proc.send_signal(signal.SIGTERM)
@@ -207,7 +190,7 @@ class Resumer:
     def _launch(self) -> int:
         # Its own session: a terminal's Ctrl-C reaches only this wrapper, which decides.
         self.child = subprocess.Popen(self.cmd, start_new_session=True,
-                                      preexec_fn=_term_when_parent_dies)
+                                      preexec_fn=term_when_parent_dies)
         self.ranks = []
         if self.stop_signal is not None:  # it came while the launch was starting
             self._forward_stop()
@@ -216,7 +199,7 @@ class Resumer:
                 rc = self.child.wait(timeout=1.0)
                 break
             except subprocess.TimeoutExpired:
-                self.ranks += [p for p in _rank_processes(self.child.pid) if p not in self.ranks]
+                self.ranks += [p for p in rank_processes(self.child.pid) if p not in self.ranks]
                 if self.stop_signal is not None and time.monotonic() - self.stop_time > self.grace:
                     self.log("kill", f"ranks did not exit within --grace {self.grace:.0f}s of the "
                              f"stop signal: killing the launch")
@@ -342,15 +325,6 @@ class Resumer:
                 break
         self.log("stopped", "stop signal before a launch; nothing is running", attempt=attempt)
         return STOPPED
-
-
-def _term_when_parent_dies() -> None:
-    """In the launch's process, before exec: SIGTERM when this wrapper dies (Linux only)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,34 @@
+"""The processes of one launch of bdt.cluster.resume: its local training ranks, and the SIGTERM
+the launch gets when the wrapper dies."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+
+def rank_processes(root_pid: int) -> list:
+    """Training ranks started on this machine under `root_pid` (launchers set RANK for them)."""
+    import psutil
+
+    ranks = []
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    for proc in children:
+        try:
+            if "RANK" in proc.environ() and "LOCAL_RANK" in proc.environ():
+                ranks.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return ranks
+
+
+def term_when_parent_dies() -> None:
+    """In the launch's process, before exec: SIGTERM when this wrapper dies (Linux only)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
