@@ -189,8 +189,9 @@ class Resumer:
     # ---- one launch ----------------------------------------------------------------------------
     def _launch(self) -> int:
         # Its own session: a terminal's Ctrl-C reaches only this wrapper, which decides.
+        wrapper = os.getpid()
         self.child = subprocess.Popen(self.cmd, start_new_session=True,
-                                      preexec_fn=term_when_parent_dies)
+                                      preexec_fn=lambda: term_when_parent_dies(wrapper))
         self.ranks = []
         if self.stop_signal is not None:  # it came while the launch was starting
             self._forward_stop()

@@ -211,6 +211,30 @@ def test_a_killed_wrapper_stops_its_launch(tmp_path):
             child.kill()
 
 
+# A launch's process whose wrapper dies between the fork and the PDEATHSIG request.
+ORPHANED_LAUNCH = """import os, signal, time
+from bdt.cluster.launch_processes import term_when_parent_dies
+wrapper = os.getpid()
+signal.signal(signal.SIGTERM, lambda *_: None)  # the wrapper's handler, inherited until exec
+if os.fork():
+    os._exit(0)  # the wrapper is killed
+while os.getppid() == wrapper:
+    time.sleep(0.01)
+term_when_parent_dies(wrapper)
+time.sleep(2)
+print("the launch ran on")
+"""
+
+
+def test_a_launch_whose_wrapper_died_as_it_started_it_ends(tmp_path):
+    """A wrapper killed as it started a launch (a scheduler's teardown at a relaunch): the death
+    signal asked for after the wrapper died never came, and one that came before the exec went
+    to the wrapper's inherited SIGTERM handler; the launch ran on beside a requeued job."""
+    out = subprocess.run([sys.executable, "-c", ORPHANED_LAUNCH], capture_output=True, text=True,
+                         timeout=60)
+    assert "ran on" not in out.stdout and "Traceback" not in out.stderr, out.stderr
+
+
 def test_ranks_of_a_killed_torchrun_are_killed_with_it(tmp_path):
     """torchrun starts each rank in a session of its own: killing the launch's process group
     after the launcher died (SIGKILLed, OOM) left the ranks running beside the relaunch."""
