@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -41,7 +42,9 @@ def _kill_highest_rank(script: subprocess.Popen) -> int:
 def test_rehearsal_survives_a_killed_rank(s3_endpoint, s3_bucket, tmp_path):
     work, log = tmp_path / "work", tmp_path / "rehearsal.log"
     remote = f"{s3_bucket}/runs/r1"
-    env = {**os.environ, "REHEARSAL_DIR": str(work), "REHEARSAL_S3_ENDPOINT": s3_endpoint,
+    # the venv's tools (bdt, ray, deepspeed) on PATH: a checkout without .venv has them elsewhere
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+           "REHEARSAL_DIR": str(work), "REHEARSAL_S3_ENDPOINT": s3_endpoint,
            "REHEARSAL_BUCKET": s3_bucket}
     with open(log, "w") as out:
         script = subprocess.Popen(["bash", str(REPO / "scripts" / "cluster_rehearsal.sh")],

@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,7 +195,8 @@ def test_sbatch_script_stops_on_a_bad_allocation(tmp_path):
     launch (not later, on an unset variable)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n[1-",
-               SLURM_GPUS_ON_NODE="2", BDT_JOB_DIR=str(tmp_path))
+               SLURM_GPUS_ON_NODE="2", BDT_JOB_DIR=str(tmp_path),
+               PATH=f"{os.path.dirname(sys.executable)}:{env['PATH']}")  # a checkout without .venv
     out = subprocess.run(["bash", str(CLUSTER / "slurm/train.sbatch"), "run_dir=/x"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "bad SLURM node list 'n[1-'" in out.stderr, out.stderr
