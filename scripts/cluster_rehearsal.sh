@@ -18,7 +18,8 @@
 # Everything it starts (moto, the Ray head, the training) is stopped by PID at exit.
 # Environment: REHEARSAL_DIR=dir keeps the work files there (default: a fresh temp dir, removed
 # at the end unless REHEARSAL_KEEP=1); REHEARSAL_S3_ENDPOINT=URL and REHEARSAL_BUCKET=s3://name
-# use that S3 server and existing bucket (credentials from the environment) instead of moto.
+# use that S3 server and existing bucket (credentials from the environment) instead of moto;
+# REHEARSAL_BACKOFF=s, the resume wrapper's wait before the relaunch (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -39,7 +40,7 @@ stop_pid() {  # PID: TERM, wait up to 60 s, then KILL
   local pid=$1
   [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
   kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
   kill -KILL "$pid" 2>/dev/null || true
 }
 cleanup() {
@@ -105,7 +106,7 @@ export HOSTFILE=$W/hostfile MASTER_ADDR=127.0.0.1 MASTER_PORT=$(free_port) NODE_
 python -m bdt.cluster.hosts ds-env --out "$W/.deepspeed_env"
 export DS_ENV_FILE=$W/.deepspeed_env
 echo "hostfile: $(cat "$HOSTFILE"); $NNODES node x $SLOTS ranks; .deepspeed_env: $(wc -l < "$DS_ENV_FILE") variables"
-python -m bdt.cluster.resume --max-restarts 2 --backoff 2 -- \
+python -m bdt.cluster.resume --max-restarts 2 --backoff "${REHEARSAL_BACKOFF:-2}" -- \
   bash cluster/deepspeed/launch.sh bdt/train.py --config configs/train/tiny.yaml \
   run_dir="$W/run" checkpoint.dir="$RUN/checkpoints" model.backbone.path="$W/llm" \
   data.root="$BUCKET/tokens" data.tokenizer="$BUCKET/models/tokenizer" \

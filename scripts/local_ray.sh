@@ -54,7 +54,7 @@ start_ray_head() {
 stop_ray() {
   if [[ -n $RAY_PID ]] && kill -0 "$RAY_PID" 2>/dev/null; then
     kill -TERM "$RAY_PID" 2>/dev/null || true
-    for _ in $(seq 60); do kill -0 "$RAY_PID" 2>/dev/null || break; sleep 1; done
+    for _ in $(seq 300); do kill -0 "$RAY_PID" 2>/dev/null || break; sleep 0.2; done
     kill -KILL -- "-$RAY_PID" 2>/dev/null || true  # what is left of its session
   fi
   RAY_PID=""

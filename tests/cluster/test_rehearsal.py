@@ -45,7 +45,7 @@ def test_rehearsal_survives_a_killed_rank(s3_endpoint, s3_bucket, tmp_path):
     # the venv's tools (bdt, ray, deepspeed) on PATH: a checkout without .venv has them elsewhere
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
            "REHEARSAL_DIR": str(work), "REHEARSAL_S3_ENDPOINT": s3_endpoint,
-           "REHEARSAL_BUCKET": s3_bucket}
+           "REHEARSAL_BUCKET": s3_bucket, "REHEARSAL_BACKOFF": "0"}
     with open(log, "w") as out:
         script = subprocess.Popen(["bash", str(REPO / "scripts" / "cluster_rehearsal.sh")],
                                   cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -64,6 +64,7 @@ def test_rehearsal_survives_a_killed_rank(s3_endpoint, s3_bucket, tmp_path):
     assert [e["event"] for e in events] == ["launch", "restart", "launch", "done"], events
     crash = events[1]
     assert crash["exit_code"] != 0 and crash["checkpoint_step"] > 0, crash
+    assert crash["delay_s"] == 0  # REHEARSAL_BACKOFF
     resumed = [json.loads(line)["resumed_from_step"] for line in open(run / "metrics.jsonl")
                if "resumed_from_step" in line]
     assert resumed == [crash["checkpoint_step"]]
