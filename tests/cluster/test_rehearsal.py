@@ -1,7 +1,8 @@
 """The cluster rehearsal (scripts/cluster_rehearsal.sh, `make rehearsal`) with a rank killed:
 once the first checkpoint is complete on S3, SIGKILL of one training rank; the resume wrapper
-relaunches, the trainer resumes from that checkpoint, finishes, and its export reaches S3.
-Minutes: the Ray job and two 2-rank DeepSpeed launches."""
+relaunches, the trainer resumes from that checkpoint, finishes, and its export reaches S3. Also
+the suite's test of `ray start --head` and `ray job submit` running the extraction. Minutes: the
+Ray job and two 2-rank DeepSpeed launches."""
 
 import json
 import os
@@ -58,6 +59,13 @@ def test_rehearsal_survives_a_killed_rank(s3_endpoint, s3_bucket, tmp_path):
         if script.poll() is None:  # its EXIT trap stops what it started
             script.send_signal(signal.SIGTERM)
             script.wait(timeout=120)
+
+    # the Ray job (ray job submit --runtime-env cluster/ray/runtime_env.yaml): every sample of
+    # the 4 raw shards extracted to S3
+    assert "stage 64: inputs 96 = written 96 + rejected 0 [ok]" in log.read_text()
+    index = json.loads(fs.cat(f"{s3_bucket}/tokens/index.json"))
+    assert index["summary"]["done_units"] == 4 and index["stages"]["64"]["totals"]["samples"] == 96
+    assert "resolution: 64" in fs.cat(f"{s3_bucket}/tokens/config.yaml").decode()
 
     run = work / "run"
     events = [json.loads(line) for line in open(run / "resume.jsonl")]
