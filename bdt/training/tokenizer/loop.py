@@ -6,10 +6,7 @@ LPIPS, the quantizer's commitment + group-wise entropy terms, and an optional pa
 (hinge, adaptive weight, start step, optional LeCam). EMA weights are checkpointed and exported.
 
 Optimisers: ONE DeepSpeed engine for the autoencoder, and a plain torch AdamW for the
-discriminator whose gradients are all-reduced by hand. The discriminator is small and replicated
-(ZeRO buys nothing there); a second engine would add a second ZeRO state and checkpoint tree, and
-the generator step backpropagates through the discriminator (whose grads must not be applied), a
-pattern engines with gradient hooks handle poorly. Its state goes into the checkpoint's shared file.
+discriminator (gan.py says why not a second engine).
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
 from PIL import Image
 
@@ -34,12 +30,12 @@ from bdt.data.raw import expand_shards, make_loader, shard_list_id
 from bdt.data.stream_state import shard_names
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
 from bdt.tokenizer.config import TokenizerConfig
-from bdt.tokenizer.discriminator import LeCam, PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from bdt.tokenizer.discriminator import adaptive_weight, hinge_g_loss
 from bdt.tokenizer.image_metrics import psnr, ssim, to_unit
 from bdt.tokenizer.io import save_tokenizer
 from bdt.tokenizer.lpips import LPIPS
 from bdt.training.checkpoint import SHARED_FILE, CheckpointManager
-from bdt.training.deepspeed_config import build_ds_config, initialize_engine, make_schedule
+from bdt.training.deepspeed_config import build_ds_config, initialize_engine
 from bdt.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
 from bdt.training.divergence import StepHealth, TrainingDiverged, plain_grad_norm, raise_diverged
 from bdt.training.ema import EMA
@@ -49,68 +45,11 @@ from bdt.training.model_shapes import (check_model_signature, model_signature,
                                        record_model_signature)
 from bdt.training.run_dir import LaunchRecord, checkpoint_root, export_dir, write_summary
 from bdt.training.run_lock import hold_run_lock
-from bdt.training.schedule import ConfigLR, WarmupSchedule
 from bdt.training.signals import DIVERGED, LOCAL_REASON, StopFlag
 from bdt.training.tokenizer.config import TokenizerTrainConfig, load_command, validate
+from bdt.training.tokenizer.gan import Discriminator, lr_schedule
 
 log = logging.getLogger(__name__)
-
-
-class Discriminator:
-    """Plain-torch discriminator, its optimizer/schedule and LeCam state, replicated on all ranks."""
-
-    def __init__(self, cfg: TokenizerTrainConfig, in_channels: int):
-        torch.manual_seed(cfg.seed + 1)  # identical init on every rank
-        self.net = PatchDiscriminator(in_channels, cfg.loss.disc_width, cfg.loss.disc_layers)
-        self.cfg = cfg
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
-        self.sched = ConfigLR(self.opt, _schedule(cfg))
-        self.lecam = LeCam()
-
-    def step(self, real: torch.Tensor, fake: torch.Tensor, lecam_weight: float, scale: float) -> dict:
-        real_logits, fake_logits = self.net(real), self.net(fake)
-        loss = hinge_d_loss(real_logits, fake_logits)
-        if lecam_weight > 0:
-            loss = loss + lecam_weight * self.lecam(real_logits, fake_logits)
-        (loss * scale).backward()
-        return {"d_loss": loss.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
-
-    def apply(self, world_size: int, clip: float) -> float:
-        """Step on the averaged gradients; returns their norm (before clipping), for the
-        divergence check: the discriminator is in the checkpoint too."""
-        if world_size > 1:  # average gradients by hand (no engine here, see the module docstring)
-            for p in self.net.parameters():
-                if p.grad is not None:
-                    tdist.all_reduce(p.grad)
-                    p.grad /= world_size
-        norm = plain_grad_norm(self.net)
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.sched.step()
-        return norm
-
-    def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(), "lecam": self.lecam.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        try:
-            self.net.load_state_dict(state["net"])
-        except RuntimeError as e:  # a size mismatch: the config changed, not the checkpoint
-            first = str(e).splitlines()[1].strip()
-            raise ValueError(f"loss.disc_width / loss.disc_layers ({self.cfg.loss.disc_width} / "
-                             f"{self.cfg.loss.disc_layers}) do not fit the checkpoint's "
-                             f"discriminator: resume with the values it was trained with "
-                             f"({first})") from None
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])  # after the optimizer: the config's LR wins
-        self.lecam.load_state_dict(state["lecam"])
-
-
-def _schedule(cfg: TokenizerTrainConfig) -> WarmupSchedule:
-    return make_schedule(cfg.optim, cfg.schedule_steps or cfg.steps)
 
 
 def _data_order(cfg: TokenizerTrainConfig) -> dict[str, str | int]:
@@ -197,7 +136,7 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = BinaryAutoencoder(model_cfg)
     engine = initialize_engine(model, build_ds_config(cfg.deepspeed, cfg.optim, dist.world_size),
-                               _schedule(cfg))
+                               lr_schedule(cfg))
     ema = EMA(engine.module, cfg.ema_decay)
     disc = Discriminator(cfg, model_cfg.out_ch) if cfg.loss.disc_weight > 0 else None
     lpips = (LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)

@@ -28,7 +28,8 @@ from bdt.training.checkpoint_owner import OWNER_NAME
 from bdt.training.distributed import free_port
 from bdt.training.schedule import WarmupSchedule
 from bdt.training.tokenizer.config import TokenizerTrainConfig
-from bdt.training.tokenizer.loop import Discriminator, main, train
+from bdt.training.tokenizer.gan import Discriminator
+from bdt.training.tokenizer.loop import main, train
 from trainutil import rank_entry, spawn_ranks
 
 REPO = Path(__file__).resolve().parents[3]
@@ -242,9 +243,10 @@ def test_a_diverging_run_stops_before_saving_the_bad_step(shards, tmp_path):
 def _rank_inf_grad(rank, overrides, network, at):
     """One plain process whose `at`-th backward pass through `network` (a class the loop builds)
     gives one weight of it an infinite gradient, the loss finite."""
-    import bdt.training.tokenizer.loop as loop
+    from bdt.training.tokenizer import gan, loop
 
-    build, backward_calls = getattr(loop, network), []
+    builder = {"BinaryAutoencoder": loop, "PatchDiscriminator": gan}[network]  # where it's built
+    build, backward_calls = getattr(builder, network), []
 
     def inf_once(grad):
         backward_calls.append(1)
@@ -255,7 +257,7 @@ def _rank_inf_grad(rank, overrides, network, at):
         next(net.parameters()).register_hook(inf_once)
         return net
 
-    setattr(loop, network, with_hook)
+    setattr(builder, network, with_hook)
     _rank.__wrapped__(rank, 1, free_port(), overrides)
 
 
