@@ -63,20 +63,21 @@ def _pax_records(data: bytes, offset: int) -> dict[bytes, bytes]:
     return out
 
 
-def _chunks(f: BinaryIO, n: int, offset: int) -> Iterator[bytes]:
-    """The next n bytes in chunks: a size field claiming more than the archive holds costs no
-    more memory than the data that is there (f.read(n) would allocate n bytes first)."""
-    done = 0
+def _chunks(f: BinaryIO, n: int, offset: int, read=None) -> Iterator[bytes]:
+    """The next n bytes in chunks (by `read`, default f.read): a size field claiming more than
+    the archive holds costs no more memory than the data that is there (f.read(n) would allocate
+    n bytes first)."""
+    read, done = read or f.read, 0
     while done < n:
-        data = f.read(min(n - done, SKIP_CHUNK))
+        data = read(min(n - done, SKIP_CHUNK))
         if not data:
             raise tarfile.ReadError(f"unexpected end of data at byte {offset + done}")
         done += len(data)
         yield data
 
 
-def _read(f: BinaryIO, n: int, offset: int) -> bytes:
-    return b"".join(_chunks(f, n, offset))  # one chunk: returned as is, no copy
+def _read(f: BinaryIO, n: int, offset: int, read=None) -> bytes:
+    return b"".join(_chunks(f, n, offset, read))  # one chunk: returned as is, no copy
 
 
 def _skip(f: BinaryIO, n: int, offset: int) -> None:
@@ -144,7 +145,8 @@ def iter_members(f: BinaryIO, offset: int = 0,
         data = None
         try:
             if regular and not unsafe_path(name) and (limit is None or limit(name, size)):
-                data = _read(f, padded, pos + BLOCK)[:size]
+                # kept: a compressed archive's bound on its ratio spares it (tar_reads: read_kept)
+                data = _read(f, padded, pos + BLOCK, getattr(f, "read_kept", None))[:size]
             else:
                 _skip(f, padded, pos + BLOCK)
         except tarfile.ReadError as e:

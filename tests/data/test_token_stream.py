@@ -323,8 +323,9 @@ def _cut(data: bytes) -> bytes:
 
 
 def _bomb(data: bytes) -> bytes:
-    """A member of 16 MiB of zeros in its middle, gzipped (the floor is 1 MiB here)."""
-    bomb = tarfile.TarInfo("bomb.bits.npy")
+    """A member of 16 MiB of zeros over its size limit in its middle, gzipped (the floor is
+    1 MiB here)."""
+    bomb = tarfile.TarInfo("bomb.txt")
     bomb.size = 16 << 20
     with tarfile.open(fileobj=io.BytesIO(data)) as tar, io.BytesIO() as out:
         with tarfile.open(fileobj=out, mode="w") as w:

@@ -113,6 +113,26 @@ def test_a_decompression_bomb_keeps_what_was_read_and_rejects_the_rest(tmp_path,
     assert items[-1].detail.startswith("ReadError: decompression bomb: ")
 
 
+def test_a_tar_gz_of_flat_bmps_is_read_whole(tmp_path, monkeypatch):
+    """Uncompressed pictures of flat colour inflate like a bomb (here 900x): before, the
+    samples past the floor were rejected as truncated_tar. The floor is 1 MiB here."""
+    from PIL import Image
+
+    monkeypatch.setattr("bdt.data.tar_reads.INFLATION_FLOOR", 1 << 20)
+    samples = []
+    for i in range(12):
+        buf = io.BytesIO()
+        Image.new("RGB", (256, 256), (20 * i, 90, 200)).save(buf, "BMP")
+        samples.append({"__key__": f"f{i:02d}", "bmp": buf.getvalue(), "txt": b"a blue square"})
+    plain = tmp_path / "f.tar"
+    write_tar(str(plain), samples)
+    path = tmp_path / "f.tar.gz"
+    path.write_bytes(gzip.compress(plain.read_bytes()))
+    unit = input_units.list_units(str(path), "auto", 10, ["bmp"])[0]
+    items = list(input_reading.iter_unit(unit, ["bmp"], 1 << 20, max_caption_bytes=1 << 10))
+    assert _verdicts(items) == [(f"f{i:02d}", "sample") for i in range(12)]
+
+
 def test_a_tar_missing_for_a_moment_is_read_again_not_rejected(tmp_path, monkeypatch, caplog):
     """Before: a tar that failed to open (here: gone for a moment; an NFS EIO, a timeout) gave
     an unreadable_shard reject and its unit was done without its samples."""
