@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bdt.cluster.resume import CANNOT_START, DONE, GAVE_UP, STOPPED, USAGE
+from bdt.cluster.resume import CANNOT_START, DONE, GAVE_UP, STOPPED, USAGE, main
 from bdt.training.run_dir import LAUNCH_ERROR, record_launch_error
 from testkit import training_ranks
 from trainutil import read_metrics, tiny_llm, write_shards
@@ -279,14 +279,14 @@ def test_stop_signal_ends_the_launch_and_exits_stopped(tmp_path):
     assert last["event"] == "stopped" and last["signal"] == "SIGUSR1"
 
 
-def test_bad_training_config_fails_before_launching(tmp_path):
-    out = subprocess.run([*WRAPPER, "--", "torchrun", "bdt/train.py", "--config",
-                          "configs/train/tiny.yaml", "model.backbone.path=x", "data.root=y",
-                          "stages.0.stepz=3"], cwd=REPO, capture_output=True, text=True)
-    assert out.returncode == USAGE and "stepz" in out.stderr
-    out = subprocess.run([*WRAPPER, "--", "srun", "bash", "-c", "python x.py"], cwd=REPO,
-                         capture_output=True, text=True)
-    assert out.returncode == USAGE and "--run-dir" in out.stderr
+def test_bad_training_config_fails_before_launching(monkeypatch, capsys):
+    """In this process: a wrapper process would spend seconds importing torch for the config."""
+    monkeypatch.chdir(REPO)
+    assert main(["--", "torchrun", "bdt/train.py", "--config", "configs/train/tiny.yaml",
+                 "model.backbone.path=x", "data.root=y", "stages.0.stepz=3"]) == USAGE
+    assert "stepz" in capsys.readouterr().err
+    assert main(["--", "srun", "bash", "-c", "python x.py"]) == USAGE
+    assert "--run-dir" in capsys.readouterr().err
 
 
 def test_repeated_stop_signals_let_the_ranks_save(tmp_path):
@@ -410,15 +410,17 @@ def test_as_pid_1_the_wrapper_says_orphans_are_not_reaped(tmp_path):
     assert again.returncode == DONE and "PID 1" not in again.stderr
 
 
-def test_a_finished_run_relaunched_launches_nothing(tmp_path):
+def test_a_finished_run_relaunched_launches_nothing(tmp_path, monkeypatch, capsys):
     """A requeue or resubmission of a run that finished once launched it again: every rank
     reloaded the last checkpoint and the export was written again. With the same config the
-    wrapper now says so and launches nothing; a changed config or a stopped run still launches."""
+    wrapper now says so and launches nothing; a changed config or a stopped run still launches.
+    The wrapper runs in this process: each process would spend seconds importing torch."""
     from omegaconf import OmegaConf
 
     from bdt.config import save_resolved
     from bdt.train import load_config
 
+    monkeypatch.chdir(REPO)
     run = tmp_path / "run"
     args = ["--config", "configs/train/tiny.yaml", f"run_dir={run}", "model.backbone.path=x",
             "data.root=y", "stages.0.steps=4"]
@@ -432,10 +434,10 @@ def test_a_finished_run_relaunched_launches_nothing(tmp_path):
     def relaunch(summary: dict, *extra: str) -> str:
         (run / "summary.json").write_text(json.dumps(summary))
         launched.unlink(missing_ok=True)
-        out = subprocess.run([*WRAPPER, "--", *cmd, *args, *extra], cwd=REPO,
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == DONE, out.stderr
-        return out.stderr
+        rc = main(["--", *cmd, *args, *extra])
+        err = capsys.readouterr().err
+        assert rc == DONE, err
+        return err
 
     finished = {"step": 4, "stopped": False, "timed_out": False}
     err = relaunch(finished)
