@@ -5,6 +5,8 @@ layer, an import between two packages of one layer, a module no layer names, or 
 import ast
 import pathlib
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "bdt"
 
 # Bottom to top; each entry a layer of units (a package or module and what it holds, less the
@@ -96,18 +98,24 @@ def cycles(deps: dict[str, set[str]]) -> list[str]:
     return found
 
 
-def test_every_module_has_a_layer():
-    modules = graph()
-    assert len(modules) > 80  # the walk found bdt
-    assert sorted(m for m in modules if m != "bdt" and unit_of(m) is None) == []
+@pytest.fixture(scope="module")
+def bdt_graph() -> dict[str, set[str]]:
+    """bdt's imports, read once for the checks below (walking every module's tree takes
+    about a second of a core)."""
+    return graph()
 
 
-def test_imports_run_down_the_layers():
-    assert upward_imports(graph()) == []
+def test_every_module_has_a_layer(bdt_graph):
+    assert len(bdt_graph) > 80  # the walk found bdt
+    assert sorted(m for m in bdt_graph if m != "bdt" and unit_of(m) is None) == []
 
 
-def test_no_import_cycle():
-    assert cycles(graph()) == []
+def test_imports_run_down_the_layers(bdt_graph):
+    assert upward_imports(bdt_graph) == []
+
+
+def test_no_import_cycle(bdt_graph):
+    assert cycles(bdt_graph) == []
 
 
 def test_the_checks_see_an_upward_import_and_a_cycle(tmp_path):
