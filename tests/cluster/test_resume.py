@@ -450,10 +450,12 @@ def test_a_finished_run_relaunched_launches_nothing(tmp_path, monkeypatch, capsy
     assert launched.exists()
 
 
-def test_the_tokenizer_trainer_under_the_wrapper(tmp_path):
+def test_the_tokenizer_trainer_under_the_wrapper(tmp_path, monkeypatch, capsys):
     """The wrapper reads a tokenizer command's run dir from its config (it asked for --run-dir),
     an error the trainer meets before its first step stops it at once (it was restarted like a
-    crash), and the finished run's summary makes a relaunch launch nothing."""
+    crash), and the finished run's summary makes a relaunch launch nothing. The wrapper runs in
+    this process but for the training (its time limit): a process would spend seconds importing
+    torch to read the config."""
     from bdt.data.shapes import ShapesConfig
     from bdt.data.shards import generate
 
@@ -462,21 +464,20 @@ def test_the_tokenizer_trainer_under_the_wrapper(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "RUN_ID").write_text("not an id\n")  # the trainer refuses it at set-up
-    cmd = [*WRAPPER, "--backoff", "60", "--", sys.executable, "tokenizers/train.py",
-           f"run_dir={run}", f"data.shards={tmp_path / 'data'}", "steps=2", "model.ch=32",
-           "model.ch_mult=[1,1]", "model.num_res_blocks=1", "model.z_channels=8",
-           "data.size=16", "data.num_workers=0", "deepspeed.micro_batch_size=2",
-           "logging.tensorboard=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == CANNOT_START, out.stderr[-3000:]
+    args = ["--backoff", "60", "--", sys.executable, "tokenizers/train.py",
+            f"run_dir={run}", f"data.shards={tmp_path / 'data'}", "steps=2", "model.ch=32",
+            "model.ch_mult=[1,1]", "model.num_res_blocks=1", "model.z_channels=8",
+            "data.size=16", "data.num_workers=0", "deepspeed.micro_batch_size=2",
+            "logging.tensorboard=false"]
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert main(args) == CANNOT_START, capsys.readouterr().err[-3000:]
     assert [e["event"] for e in events(run)] == ["launch", "cannot_start"]
     assert "holds no run id" in events(run)[-1]["error"]["message"]
     (run / "RUN_ID").unlink()
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run([*WRAPPER, *args], capture_output=True, text=True, timeout=300)
     assert out.returncode == DONE, out.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 2 and summary["stopped"] is False and not summary["timed_out"]
     assert not (run / LAUNCH_ERROR).exists() and (run / "export" / "config.json").exists()
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == DONE and "already finished at step 2" in out.stderr
+    assert main(args) == DONE and "already finished at step 2" in capsys.readouterr().err
