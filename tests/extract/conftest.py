@@ -29,13 +29,25 @@ def other_tokenizer(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_local(s3_endpoint):
-    """One local Ray per test module. Started after the S3 server so that its workers inherit
-    AWS_ENDPOINT_URL_S3 and the test credentials from this process's environment."""
+def ray_local(request, s3_endpoint):
+    """One local Ray for the modules that use it, shut down after the last of them (each start
+    costs seconds of a shared core). Started after the S3 server so that its workers inherit
+    AWS_ENDPOINT_URL_S3 and the test credentials from this process's environment. The drivers
+    other tests start never join it: without RAY_ADDRESS, ray_session starts a private Ray."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2)
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 object_store_memory=200 * 1024**2)
     try:
         yield ray
     finally:
-        ray.shutdown()
+        if not _used_later(request):
+            ray.shutdown()
+
+
+def _used_later(request) -> bool:
+    """Whether a test that runs after this module's tests uses ray_local."""
+    items = request.session.items
+    last = max(i for i, item in enumerate(items) if item.module is request.module)
+    return any("ray_local" in item.fixturenames for item in items[last + 1:])
