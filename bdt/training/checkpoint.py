@@ -180,6 +180,17 @@ class CheckpointManager(CheckpointLoader):
         files = {rel: entry for part in all_gather_object(written) for rel, entry in part.items()}
         if self.dist.is_main:  # files no engine recorded: DeepSpeed's recovery scripts (rank 0)
             files.update(integrity.digest_all(local_dir, skip=set(files)))
+        try:
+            self._publish_saved(tag, step, engines, local_dir, files)
+        finally:  # uploaded, or of no use (nothing retries a failed upload); no rank writes it now
+            if self.remote and self.dist.is_local_main:
+                shutil.rmtree(local_dir, ignore_errors=True)
+        barrier()
+        return tag
+
+    def _publish_saved(self, tag: str, step: int, engines: dict[str, Any], local_dir: str,
+                       files: dict[str, dict]) -> None:
+        """Collective: upload a remote root's staged files, then the marker (rank 0), then prune."""
         if self.remote:
             if self.dist.is_local_main:
                 upload_dir(local_dir, storage.join(self.root, tag))
@@ -192,10 +203,6 @@ class CheckpointManager(CheckpointLoader):
                       "files": dict(sorted(files.items()))}
             storage.write_bytes_atomic(storage.join(self.root, tag, MARKER), json.dumps(marker).encode())
             self.prune(upto_step=step)
-        if self.remote and self.dist.is_local_main:
-            shutil.rmtree(local_dir, ignore_errors=True)
-        barrier()
-        return tag
 
     def _set_aside(self, tag: str) -> None:
         """A complete checkpoint where `tag` is about to be written (passed over by resume, or

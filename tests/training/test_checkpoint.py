@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -205,10 +206,12 @@ def test_s3_a_marker_the_store_cannot_serve_is_raised_not_passed_over(s3_bucket,
 
 
 @pytest.mark.slow
-def test_s3_roots_never_share_staging_and_a_lost_upload_publishes_no_marker(s3_bucket):
+def test_s3_roots_never_share_staging_and_a_lost_upload_publishes_no_marker(s3_bucket, tmp_path,
+                                                                            monkeypatch):
     """s3://b/exp-1/ck and s3://b/exp_1/ck once staged into one folder: one run's save deleted
     the other's files before upload, which then wrote a marker over nothing and pruned its last
     good checkpoint."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the default staging folders
     roots = [storage.join(s3_bucket, run, "ck") for run in ("exp-1", "exp_1")]
     first, second = (CheckpointManager(r, SOLO, keep_last=1) for r in roots)
     assert first.staging != second.staging
@@ -221,6 +224,7 @@ def test_s3_roots_never_share_staging_and_a_lost_upload_publishes_no_marker(s3_b
     with pytest.raises(OSError, match="did not reach the store .* no marker written"):
         first.save(2, engines={}, rank_meta={"step": 2}, before_marker=lose_the_files)
     assert first.latest_complete() == tag_for(1)  # not pruned for a checkpoint of nothing
+    assert not os.path.exists(os.path.join(first.staging, tag_for(2)))  # no staged copy left
 
 
 @pytest.mark.slow
@@ -248,6 +252,7 @@ def test_s3_an_endpoint_dying_mid_upload_is_named_and_leaves_no_complete_checkpo
                                           rf"EndpointConnectionError: .*{s3_stoppable.port}"):
             _save(mgr, 2, value=2.0)
     s3fs.S3FileSystem.clear_instance_cache()
+    assert os.listdir(tmp_path / "stage") == []  # its staged copy went: nothing retries it
     s3_stoppable.start()
     fs, path = storage.filesystem(root)
     fs.invalidate_cache()
