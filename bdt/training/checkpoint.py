@@ -73,6 +73,7 @@ class CheckpointManager(CheckpointLoader):
         self.settings = settings or {}
         self.passed_over: set[str] = set()  # tags resume found unusable: kept, never counted
         self.remote = storage.is_remote(self.root)
+        self.own_staging = self.remote and not staging_dir  # bdt's folder: removed once empty
         if self.remote:
             # One folder per root: s3://b/exp-1 and s3://b/exp_1 read alike once sanitised, and two
             # runs staging into one folder delete each other's files before upload.
@@ -184,7 +185,7 @@ class CheckpointManager(CheckpointLoader):
             self._publish_saved(tag, step, engines, local_dir, files)
         finally:  # uploaded, or of no use (nothing retries a failed upload); no rank writes it now
             if self.remote and self.dist.is_local_main:
-                shutil.rmtree(local_dir, ignore_errors=True)
+                self.unstage(local_dir)
         barrier()
         return tag
 

@@ -23,6 +23,7 @@ checks its own copy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -59,8 +60,8 @@ class Resumed:
 
 class CheckpointLoader:
     """The resume half of CheckpointManager (checkpoint.py): its constructor sets what these
-    methods read (root, dist, settings, staging, remote, passed_over, _share), and its
-    `list_tags` lists the checkpoints."""
+    methods read (root, dist, settings, staging, own_staging, remote, passed_over, _share),
+    and its `list_tags` lists the checkpoints."""
 
     def resume(self, engines: dict[str, Any], load_optimizer: bool = True,
                reshard: Reshard | None = None, fresh: bool = False) -> Resumed | None:
@@ -134,8 +135,7 @@ class CheckpointLoader:
         finally:
             barrier()
             if self.remote and self.dist.is_local_main:
-                for local_dir in fetched.values():
-                    shutil.rmtree(local_dir, ignore_errors=True)
+                self.unstage(*fetched.values())
         return result
 
     def _load_verified(self, tag: str, conv: str | None, universal: set[str],
@@ -207,6 +207,16 @@ class CheckpointLoader:
             more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
             raise CheckpointUnusable(f"{storage.join(self.root, tag)}: "
                                      + "; ".join(problems[:4]) + more)
+
+    def unstage(self, *local_dirs: str) -> None:
+        """This node's local rank 0, once no rank of the node reads or writes them: remove staged
+        copies, then bdt's own staging folder of this root if they were all it held (every
+        other use of it on this node follows a collective step that rank waits for)."""
+        for local_dir in local_dirs:
+            shutil.rmtree(local_dir, ignore_errors=True)
+        if self.own_staging:
+            with contextlib.suppress(OSError):  # not empty: another checkpoint is staged there
+                os.rmdir(self.staging)
 
     def _check_share(self) -> tuple[int, int]:
         """(index, count) splitting the file checks: over all ranks for a local root (one shared

@@ -228,6 +228,27 @@ def test_s3_roots_never_share_staging_and_a_lost_upload_publishes_no_marker(s3_b
 
 
 @pytest.mark.slow
+def test_s3_staging_folder_bdt_made_goes_once_empty(s3_bucket, tmp_path, monkeypatch):
+    """Every save and resume of an s3 root left its empty folder in <tempdir>/bdt-ckpt-staging
+    (one per root, forever); a folder the config names is the user's and stays."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    root = storage.join(s3_bucket, "run", "ck")
+    mgr = CheckpointManager(root, SOLO, keep_last=2)
+    os.makedirs(os.path.join(mgr.staging, tag_for(9)))  # a staged copy some earlier save left
+    _save(mgr, 1, value=1.0)
+    assert os.listdir(mgr.staging) == [tag_for(9)]  # not empty: kept
+    os.rmdir(os.path.join(mgr.staging, tag_for(9)))
+    _save(mgr, 2, value=2.0)
+    assert os.listdir(tmp_path / "bdt-ckpt-staging") == []
+    assert CheckpointManager(root, SOLO).resume(engines={}).tag == tag_for(2)
+    assert os.listdir(tmp_path / "bdt-ckpt-staging") == []
+    named = CheckpointManager(root, SOLO, staging_dir=str(tmp_path / "mine"))
+    _save(named, 3, value=3.0)
+    assert named.resume(engines={}).tag == tag_for(3)
+    assert os.listdir(tmp_path / "mine") == []
+
+
+@pytest.mark.slow
 def test_s3_an_endpoint_dying_mid_upload_is_named_and_leaves_no_complete_checkpoint(
         s3_stoppable, tmp_path, monkeypatch):
     """The endpoint dies once the first object of a checkpoint is up. Before: botocore's
