@@ -192,7 +192,8 @@ def test_a_dying_s3_endpoint_ends_the_run_in_one_line_that_a_restart_may_fix(tmp
     def argv(steps):
         return ["--config", TINY_CONFIG, *train_overrides(
             str(run), llm, f"{s3_stoppable.bucket}/sh", steps=steps, every=2,
-            extra=[f"checkpoint.dir={root}"])]
+            extra=[f"checkpoint.dir={root}",
+                   f"checkpoint.staging_dir={tmp_path / 'staging'}"])]
 
     def stop_after_step_3():
         while "\"step\": 3" not in ((run / "metrics.jsonl").read_text()

@@ -232,6 +232,7 @@ def test_s3_checkpoints_resume(data, ref, tmp_path, s3_bucket):
             fs.put_file(str(path), f"{ck}/{rel}")
     assert fs.exists(f"{ck}/{OWNER_NAME}")
     assert spawn_train(argv(data, tmp_path, f"checkpoint.dir={ck}",
+                            f"checkpoint.staging_dir={tmp_path / 'staging'}",
                             f"checkpoint.adopt={run_id(str(ref['dir']))}")) == 0
     fs.invalidate_cache()
     assert json.loads(fs.cat(f"{ck}/{OWNER_NAME}"))["run_id"] == run_id(str(tmp_path))

@@ -94,7 +94,8 @@ def test_two_to_one_to_two_ranks(data, s3_bucket):
         if path.is_file() and (rel.startswith("step_000000006/") or "/" not in rel) \
                 and rel != OWNER_NAME:
             fs.put_file(str(path), f"{ck}/{rel}")
-    assert spawn_train(argv(data, root / "two", f"checkpoint.dir={ck}")) == 0
+    assert spawn_train(argv(data, root / "two", f"checkpoint.dir={ck}",
+                            f"checkpoint.staging_dir={root / 'staging'}")) == 0
     two = read_metrics(str(root / "two"))
     assert_continues(ref, two, range(7, STEPS + 1))
     fs.invalidate_cache()
