@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bdt import storage
 from bdt.tokenizer.io import tokenizer_identity
 
@@ -122,6 +124,7 @@ cli.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_a_rerun_of_a_killed_tokenizer_encode_leaves_only_its_output(tmp_path):
     from PIL import Image
 

@@ -53,6 +53,7 @@ def test_env_stage_names_missing_packages(tmp_path, monkeypatch, capsys):
     assert "missing packages: no_such_package_bdt" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_env_stage_imports_nothing_but_torch(tmp_path):
     """The stage has 20 s: importing DeepSpeed, transformers and Ray cold on a fresh machine could
     outlast it and end the whole check. It reads the installed packages' metadata instead."""

@@ -286,6 +286,7 @@ def test_shard_writer_is_atomic_hashed_and_reproducible(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.tar", "b.tar"]  # nothing partial left
 
 
+@pytest.mark.slow
 def test_spools_of_killed_remote_writers_are_deleted_by_the_next_one(tmp_path, monkeypatch):
     """A remote shard is spooled in the temp folder; a writer killed by SIGKILL left its spool
     there for good. The next process's first spool deletes those of dead writers only."""

@@ -90,6 +90,7 @@ def test_have_lines_pip_writes_are_read_and_others_named(tmp_path):
         offline_wheels.read_have(str(have))
 
 
+@pytest.mark.slow
 def test_download_says_in_one_line_what_is_wrong(tmp_path):
     """A misspelt --without left out nothing, silently, and a package index out of reach ended
     in a traceback saying the package had no wheel for the target."""
