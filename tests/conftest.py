@@ -14,6 +14,23 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # One intra-op thread per process (set before torch is imported): the tensors here are tiny, and
 # torch's default of a thread per core makes them many times slower when the cores are shared.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Ray's longest socket path in a session folder (Ray 2.60, a 7-digit pid); AF_UNIX allows 107 bytes
+RAY_SOCKET_TAIL = "/ray/session_2026-12-07_02-00-19_123456_4194304/sockets/dash_MetricsHead"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_files_in_pytest_tmp(tmp_path_factory):
+    """Every Ray the tests start (ray_local, the drivers and `ray start` they spawn) keeps its
+    session folder (~15 MB of logs and sockets) under pytest's temp dir, which pytest prunes to
+    its last few runs, not in /tmp/ray for good. Where the socket paths would be too long there
+    (Ray refuses to start), Ray keeps its default. Yields the folder it gave Ray, or None."""
+    base = str(tmp_path_factory.getbasetemp())
+    if "RAY_TMPDIR" in os.environ or len((base + RAY_SOCKET_TAIL).encode()) > 107:
+        yield None
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", base)
+        yield base
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -50,3 +51,11 @@ def test_units_go_only_to_actors_that_started(tmp_path, tiny_tokenizer, ray_loca
     job.join(timeout=120)
     assert finished, "the run waited for an actor that could not start"
     assert summary["done_units"] == 3 and not summary["failed_units"]
+
+
+def test_the_tests_ray_keeps_its_files_under_pytests_temp_dir(ray_local, ray_files_in_pytest_tmp):
+    """Each start left a session folder of logs in /tmp/ray (1.4 GB after a day of test runs)."""
+    if ray_files_in_pytest_tmp is None:
+        pytest.skip("RAY_TMPDIR given, or Ray's socket paths under pytest's temp dir too long")
+    session = ray_local._private.worker._global_node.get_session_dir_path()
+    assert session.startswith(os.path.join(ray_files_in_pytest_tmp, "ray", "session_"))
