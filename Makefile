@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # Everything (CI). test-fast leaves out the tests marked slow (they start DeepSpeed, Ray, an S3
-# server or other processes): about 1.5 minutes on 2 cores.
+# server or other processes): about 2 minutes on 2 shared cores.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
