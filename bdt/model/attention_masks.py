@@ -22,6 +22,9 @@ from torch import Tensor
 
 FLEX_BLOCK = 128  # flex_attention's sparse block size (_DEFAULT_SPARSE_BLOCK_SIZE)
 _UNBOUNDED = 1 << 62  # a window or chunk no position reaches
+# The largest window or chunk: the kernels take window_size as a C int, and a size past int64
+# wrapped in the masks' comparisons (2^63: every key masked, no error).
+MAX_LOCAL_SIZE = 2**31 - 1
 _MASK_CHUNK_PAIRS = 1 << 24  # query-key pairs evaluated at once while building a BlockMask
 
 
@@ -44,8 +47,9 @@ class LayerRule:
     def __post_init__(self):
         for name in ("window", "chunk"):
             size = getattr(self, name)
-            if size is not None and (not isinstance(size, int) or size < 1):
-                raise ValueError(f"attention {name} must be a whole number >= 1, got {size!r}")
+            if size is not None and not (isinstance(size, int) and 1 <= size <= MAX_LOCAL_SIZE):
+                raise ValueError(f"attention {name} must be a whole number >= 1 and < 2^31, got "
+                                 f"{size!r}")
 
 
 FULL = LayerRule()

@@ -103,6 +103,7 @@ def llm_config(cfg: BackboneConfig):
         raise ValueError(f"backbone config {where!r}: {type(config).__name__} names no "
                          f"num_attention_heads: bdt needs a causal LM whose layers are all "
                          f"attention (RWKV and xLSTM are recurrent)")
+    _config_rules(config, f" {where!r}{_overridden(cfg)}")  # before the weights: it reads none
     return config
 
 
@@ -143,7 +144,18 @@ def layer_rules(model: "PreTrainedModel") -> dict[str, LayerRule]:
     chunks of attention_chunk_size (Llama 4), other types nothing. Types are the forward's own
     keys (config.layer_types) when it has them. ValueError when the layers need different masks
     and the backbone's forward takes one mask for all of them."""
-    config = model.config
+    rules = _config_rules(model.config, "")
+    if len(set(rules.values())) > 1 and not _takes_masks_by_layer_type(model):
+        raise ValueError(f"backbone {type(model).__name__}: its layer types need different "
+                         f"masks ({', '.join(f'{k}: {r}' for k, r in sorted(rules.items()))}) "
+                         f"but its forward takes one attention mask for every layer: bdt "
+                         f"cannot apply them")
+    return rules
+
+
+def _config_rules(config, where: str) -> dict[str, LayerRule]:
+    """`layer_rules` as the config alone gives them; a bad window or chunk size is a ValueError
+    naming `where` (the config file, from `llm_config`) and the field."""
     sizes = {"sliding_attention": ("window", "sliding_window"),
              "chunked_attention": ("chunk", "attention_chunk_size")}
     rules = {}
@@ -153,12 +165,8 @@ def layer_rules(model: "PreTrainedModel") -> dict[str, LayerRule]:
         try:
             rules[kind] = LayerRule(**{field: size}) if size is not None else FULL
         except ValueError as e:
-            raise ValueError(f"backbone config: {key}={size!r} of its {kind} layers: {e}") from None
-    if len(set(rules.values())) > 1 and not _takes_masks_by_layer_type(model):
-        raise ValueError(f"backbone {type(model).__name__}: its layer types need different "
-                         f"masks ({', '.join(f'{k}: {r}' for k, r in sorted(rules.items()))}) "
-                         f"but its forward takes one attention mask for every layer: bdt "
-                         f"cannot apply them")
+            raise ValueError(f"backbone config{where}: {key}={size!r} of its {kind} layers: "
+                             f"{e}") from None
     return rules
 
 

@@ -146,6 +146,28 @@ def test_a_multimodal_checkpoint_is_refused_naming_its_text_config(llm_dir, tmp_
         load_backbone(BackboneConfig(path=folder, from_scratch=True), parallel_num=4)
 
 
+@pytest.mark.parametrize("config_json, overrides, named", [
+    ({"sliding_window": 0}, {}, r"config\.json'?: sliding_window=0 of its sliding_attention"),
+    ({"sliding_window": 3}, {"sliding_window": 2**63}, r"config\.json'? \(overridden by "
+     r"model\.backbone\.config_overrides .*\): sliding_window=9223372036854775808 of its "
+     r"sliding_attention layers: .*< 2\^31"),
+])
+def test_a_bad_window_is_named_before_the_weights(llm_dir, tmp_path, config_json, overrides,
+                                                   named):
+    """A window below 1 was refused after the weights were read, naming no file; one past
+    int64 (2^63) masked every key of a sliding layer without a word."""
+    from transformers import MistralConfig
+
+    folder = _copy(llm_dir, tmp_path)
+    MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  **config_json).save_pretrained(folder)
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+        f.write(b"not weights: never read")
+    with pytest.raises(ValueError, match=named):
+        load_backbone(BackboneConfig(path=folder, config_overrides=overrides), parallel_num=4)
+
+
 def test_layer_kinds_without_token_mixing_pass_and_a_config_transformers_cannot_read_too():
     """MLP- and MoE-only layers mix no tokens: refusing them refused benign backbones. Where
     transformers' (internal) reading of the layer kinds fails, the config's layer_types decide
