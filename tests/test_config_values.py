@@ -34,6 +34,8 @@ def _tokenizer(tmp_path, *extra):
     ("data.seed=-1", r"^data.seed must be in \[0, 2\^63\), got -1"),
     ("data.stall_s=-1", r"^data.stall_s must be a finite number of seconds >= 0 \(0 = no limit\)"),
     ("data.stall_s=.nan", r"^data.stall_s must be a finite number of seconds >= 0"),
+    # the DataLoader's timeout overflowed: an OverflowError at the first batch
+    ("data.stall_s=1e7", r"^data.stall_s must be .* and at most 1e6, got 10000000.0"),
     ("optim.lr=-1", r"^optim.lr must be a finite number >= 0, got -1.0"),
     ("optim.lr=.inf", r"^optim.lr must be a finite number >= 0, got inf"),
     ("optim.warmup_steps=-1", r"^optim.warmup_steps must be >= 0, got -1"),

@@ -78,9 +78,9 @@ class RawDataConfig:
                              f"{self.num_workers}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"data.seed must be in [0, 2^63), got {self.seed}")
-        if not 0 <= self.stall_s < float("inf"):
+        if not 0 <= self.stall_s <= 1e6:  # the DataLoader's timeout overflows from ~2.1e6 s
             raise ValueError(f"data.stall_s must be a finite number of seconds >= 0 (0 = no "
-                             f"limit), got {self.stall_s}")
+                             f"limit) and at most 1e6, got {self.stall_s}")
 
 
 def expand_shards(spec: str) -> list[str]:

@@ -311,8 +311,9 @@ def _value_rules(cfg: TrainConfig) -> list[tuple[str, object, bool, str]]:
               "in [1, 1048576] samples"),
              ("data.prefetch", cfg.data.prefetch, 0 <= cfg.data.prefetch <= 256,
               "in [0, 256] rows (0 = off)"),
-             ("data.stall_s", cfg.data.stall_s, 0 <= cfg.data.stall_s < math.inf,
-              "a finite number of seconds >= 0 (0 = no limit)"),
+             # 1e6: the waits' timeouts overflow from ~2.1e6 s (a poll's int milliseconds).
+             ("data.stall_s", cfg.data.stall_s, 0 <= cfg.data.stall_s <= 1e6,
+              "a finite number of seconds >= 0 (0 = no limit) and at most 1e6"),
              ("eval.every", e.every, e.every >= 0, ">= 0 (0 = off)"),
              ("logging.sample_every", logs.sample_every, logs.sample_every >= 0, ">= 0 (0 = off)"),
              ("logging.sample_steps", logs.sample_steps, logs.sample_steps >= 1, ">= 1"),

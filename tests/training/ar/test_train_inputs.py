@@ -280,6 +280,8 @@ def test_a_damaged_shape_record_is_written_again_once_resumed(tmp_path, caplog):
     ("data.prefetch_worker=fork", r"data.prefetch_worker must be one of auto, thread, process"),
     ("data.stall_s=-1", r"data.stall_s must be a finite number of seconds >= 0 \(0 = no limit\)"),
     ("data.stall_s=.inf", r"data.stall_s must be a finite number of seconds >= 0"),
+    # the wait for a row overflowed: an OverflowError at the first step (prefetch 0 too)
+    ("data.stall_s=1e10", r"data.stall_s must be .* and at most 1e6, got 10000000000.0"),
     ("deepspeed.grad_accum=0", r"deepspeed: micro_batch_size and grad_accum must be >= 1"),
     ("deepspeed.zero_stage=5", r"deepspeed.zero_stage: expected 0, 1, 2 or 3, got 5"),
     ("deepspeed.precision=fp16", r"deepspeed.precision: expected one of \('fp32', 'bf16'\)"),
