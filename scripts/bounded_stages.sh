@@ -47,6 +47,14 @@ begin_stages() {
   OUT=$(writable_dir "$base" "$out") \
     || { echo "$name: cannot write logs into $out (name a writable OUT)"; return 1; }
   local work_var=${upper}_WORK scale_var=${upper}_LIMIT_SCALE keep_var=${upper}_KEEP
+  LIMIT_SCALE=${!scale_var:-$((REHEARSAL ? scale : 1))}
+  STAGE_KILL_S=${STAGE_KILL_S:-10}
+  # Checked first: a bad STAGE_KILL_S failed every stage in its timeout (rc 125), and a scale
+  # of 1.5 was a bash arithmetic error that ran no stage and failed none (0: no limit at all).
+  [[ $LIMIT_SCALE =~ ^[1-9][0-9]*$ ]] \
+    || { echo "$name: $scale_var=$LIMIT_SCALE: give a whole number >= 1"; return 1; }
+  [[ $STAGE_KILL_S =~ ^([0-9]+[.]?[0-9]*|[.][0-9]+)$ && $STAGE_KILL_S =~ [1-9] ]] \
+    || { echo "$name: STAGE_KILL_S=$STAGE_KILL_S: give a number of seconds > 0"; return 1; }
   WORK=${!work_var:-$(mktemp -d -t "bdt-$name-XXXXXX")}
   WORK=$(writable_dir "${CALLER:-$PWD}" "$WORK") \
     || { echo "$name: cannot write scratch into $WORK"; return 1; }
@@ -78,8 +86,6 @@ begin_stages() {
   trap 'interrupt INT' INT
   trap 'interrupt TERM' TERM
   trap 'interrupt HUP' HUP
-  LIMIT_SCALE=${!scale_var:-$((REHEARSAL ? scale : 1))}
-  STAGE_KILL_S=${STAGE_KILL_S:-10}
   # A rerun into the same OUT: the last run's stage logs go, or a stage this run never reaches
   # would show the old run's log beside this run's table.
   if [[ -f $OUT/stages.tsv ]]; then

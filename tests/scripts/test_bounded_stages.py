@@ -162,3 +162,18 @@ def test_a_rerun_into_the_same_out_keeps_no_old_stage_log(tmp_path):
     proc = _start(tmp_path, 5, first="raise SystemExit(3)", STOP_AFTER_FIRST="1")
     _finish(proc, [], 30)
     assert _stages(tmp_path) == {"first": 3} and not (tmp_path / "out" / "after.log").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env, named", [
+    ({"STAGE_KILL_S": "abc"}, "probe: STAGE_KILL_S=abc: give a number of seconds > 0"),
+    ({"STAGE_KILL_S": "0"}, "probe: STAGE_KILL_S=0: give a number of seconds > 0"),
+    ({"PROBE_LIMIT_SCALE": "1.5"}, "probe: PROBE_LIMIT_SCALE=1.5: give a whole number >= 1"),
+])
+def test_a_bad_knob_is_named_before_any_stage(tmp_path, env, named):
+    """A bad STAGE_KILL_S failed every stage in its timeout (rc 125); a limit scale of 1.5 was
+    a bash arithmetic error in each stage, which ran none and failed none: the script passed."""
+    proc = _start(tmp_path, 5, first='print("first ran")', **env)
+    out = _finish(proc, [], 30)
+    assert proc.returncode != 0 and named in out, out
+    assert "first ran" not in out and not (tmp_path / "out" / "stages.tsv").exists()
