@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -335,8 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not cmd:
             raise ValueError("no command: put it after `--`")
-        if args.max_restarts < 0 or args.backoff < 0:
-            raise ValueError("--max-restarts and --backoff must be >= 0")
+        seconds = (args.backoff, args.max_backoff, args.grace)
+        if args.max_restarts < 0 or not all(0 <= s < math.inf for s in seconds):
+            # NaN passed the old check: a restart at once ("in nans"), a --grace that never ends
+            raise ValueError(f"--max-restarts must be >= 0, --backoff, --max-backoff and --grace "
+                             f"finite numbers >= 0; got {args.max_restarts}, "
+                             f"{', '.join(map(str, seconds))}")
         found = paths_from_command(cmd)  # also fails early on a bad training config
         endpoint = master_endpoint(cmd, os.environ)
         if args.run_dir:

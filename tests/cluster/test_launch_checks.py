@@ -167,6 +167,15 @@ def test_a_bad_master_port_is_a_usage_error(tmp_path, monkeypatch, capsys):
     assert "'29x00'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--backoff", "nan"), ("--grace", "nan"),
+                                         ("--max-backoff", "-1"), ("--grace", "inf")])
+def test_a_wait_that_is_no_number_of_seconds_is_a_usage_error(tmp_path, capsys, flag, value):
+    """NaN passed the check of --backoff: the wrapper restarted at once ("in nans"); --grace
+    NaN or inf never ran out: ranks that do not exit after a stop signal were never killed."""
+    assert resume.main(["--run-dir", str(tmp_path), flag, value, "--", "true"]) == resume.USAGE
+    assert "--backoff, --max-backoff and --grace finite numbers >= 0" in capsys.readouterr().err
+
+
 def test_a_held_master_port_stops_before_launching(tmp_path, monkeypatch, capsys):
     """The master is this host and another process listens on the port: a clear error naming
     it, and nothing launched (not a rendezvous failure retried for minutes)."""
