@@ -22,6 +22,9 @@
 # REHEARSAL_BACKOFF=s, the resume wrapper's wait before the relaunch (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Checked before anything starts: the wrapper refuses a bad one only at step 5, minutes in.
+[[ ${REHEARSAL_BACKOFF:-2} =~ ^([0-9]+[.]?[0-9]*|[.][0-9]+)$ ]] \
+  || { echo "REHEARSAL_BACKOFF=$REHEARSAL_BACKOFF: give a number of seconds >= 0" >&2; exit 2; }
 REPO=$PWD
 export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1

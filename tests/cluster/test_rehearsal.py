@@ -85,3 +85,22 @@ def test_rehearsal_survives_a_killed_rank(s3_endpoint, s3_bucket, tmp_path):
     local = {str(p.relative_to(run / "export")) for p in (run / "export").rglob("*") if p.is_file()}
     uploaded = {p.split("/export/", 1)[1] for p in fs.find(f"{remote}/export")}
     assert uploaded == local and "model_config.yaml" in local
+
+
+@pytest.mark.parametrize("backoff", ["abc", "-1", "nan"])
+def test_a_bad_backoff_is_named_before_anything_starts(tmp_path, backoff):
+    """The wrapper's refusal (or argparse's) came at step 5, after the data and the Ray job."""
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+           "REHEARSAL_DIR": str(tmp_path / "work"), "REHEARSAL_BACKOFF": backoff,
+           "REHEARSAL_S3_ENDPOINT": "http://127.0.0.1:9"}  # no server: the old script failed
+    script = subprocess.Popen(["bash", str(REPO / "scripts" / "cluster_rehearsal.sh")],
+                              cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    try:
+        out, _ = script.communicate(timeout=60)
+    finally:
+        if script.poll() is None:  # its EXIT trap stops what it started
+            script.send_signal(signal.SIGTERM)
+            script.wait(timeout=90)
+    assert script.returncode == 2, out
+    assert out == f"REHEARSAL_BACKOFF={backoff}: give a number of seconds >= 0\n"
