@@ -93,7 +93,10 @@ class Resumer:
         try:
             return complete_checkpoints(self.paths.checkpoint_dir)
         except Exception as exc:  # a flaky listing must not kill the supervisor of a long run
-            self.log("warning", f"cannot list checkpoints in {self.paths.checkpoint_dir}: {exc}")
+            root = self.paths.checkpoint_dir
+            # A store's error names the root already (storage.naming_url); a bug's may not.
+            where = "" if root.rstrip("/") in str(exc) else f" in {root}"
+            self.log("warning", f"cannot list checkpoints{where}: {exc}")
             return {}
 
     def _any_new(self, listing: dict[str, tuple[int, object]]) -> bool:

@@ -12,7 +12,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bdt.cluster.resume import CANNOT_START, DONE, GAVE_UP, STOPPED, USAGE, main
+from bdt import storage
+from bdt.cluster import resume
+from bdt.cluster.resume import CANNOT_START, DONE, GAVE_UP, STOPPED, USAGE, Resumer, main
+from bdt.cluster.run_state import RunPaths
 from bdt.training.run_dir import LAUNCH_ERROR, record_launch_error
 from testkit import training_ranks
 from trainutil import read_metrics, tiny_llm, write_shards
@@ -375,6 +378,21 @@ def test_a_flaky_listing_is_not_progress(tmp_path):
     assert runner.wait() == GAVE_UP
     assert [e["event"] for e in events(tmp_path)] == ["launch", "restart"] * 2 + ["launch",
                                                                                    "gave_up"]
+
+
+def test_a_failed_listing_names_the_checkpoint_root_once(s3_stoppable, tmp_path, monkeypatch,
+                                                        capsys):
+    """In this process: a store's error names the root already ("cannot list checkpoints in X:
+    listing checkpoints in X: ..."); a bug's own message does not, and the warning names it."""
+    root = storage.join(s3_stoppable.bucket, "ck")
+    resumer = Resumer(["true"], RunPaths(str(tmp_path), root), 1, 0.0, 0.0, 0.0)
+    s3_stoppable.stop()
+    assert resumer.checkpoints() == {}
+    monkeypatch.setattr(resume, "complete_checkpoints", lambda root: 1 / 0)
+    assert resumer.checkpoints() == {}
+    store, bug = capsys.readouterr().err.splitlines()
+    assert store.count(root) == 1 and "EndpointConnectionError" in store, store
+    assert bug.endswith(f"cannot list checkpoints in {root}: division by zero"), bug
 
 
 def test_a_master_port_freed_while_waiting_is_launched(tmp_path):
