@@ -77,10 +77,11 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(url)
 
 
-def exists(url: str) -> bool:
+def exists(url: str, doing: str = "") -> bool:
+    """`doing`: what a store's error says was being done (naming_url)."""
     fs, path = filesystem(url)
     _forget_listing(fs, path)
-    with naming_url(url):
+    with naming_url(url, doing):
         return fs.exists(path)
 
 
@@ -231,20 +232,20 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         f.write(data)
 
 
-def read_bytes(url: str) -> bytes:
+def read_bytes(url: str, doing: str = "") -> bytes:
     fs, path = filesystem(url)
     _forget_listing(fs, path)
-    with naming_url(url), fs.open(path, "rb") as f:
+    with naming_url(url, doing), fs.open(path, "rb") as f:
         return f.read()
 
 
-def sha256(url: str) -> tuple[str, int]:
+def sha256(url: str, doing: str = "") -> tuple[str, int]:
     """(hex sha256, size in bytes) of a file, streamed."""
     h = hashlib.sha256()
     size = 0
     fs, path = filesystem(url)
     _forget_listing(fs, path)
-    with naming_url(url), fs.open(path, "rb") as f:
+    with naming_url(url, doing), fs.open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
             size += len(chunk)

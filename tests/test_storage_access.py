@@ -197,3 +197,24 @@ def test_an_endpoint_that_never_answers_fails_naming_the_url_within_the_timeouts
         listener.close()
     assert accepted, "the check never reached the endpoint"
     assert out.startswith(("OSError", "ReadTimeoutError")) and url in out, (out, err[-2000:])
+
+
+def test_each_start_up_read_of_a_dead_endpoint_says_what_it_was_doing(s3_stoppable):
+    """The trainer's start with the endpoint gone: one line naming the URL and the read (botocore's
+    error named no URL for the image tokenizer, and no read for the shards or the owner record)."""
+    from bdt.data.shard_source import list_shards
+    from bdt.tokenizer.io import tokenizer_identity
+    from bdt.training.checkpoint_owner import read_owner
+    from bdt.training.model_shapes import check_model_signature
+
+    root = s3_stoppable.bucket
+    solo = DistInfo(0, 1, 0, torch.device("cpu"))
+    s3_stoppable.stop()
+    for call, said in (
+            (lambda: list_shards(f"{root}/shards"), f"listing shards in {root}/shards"),
+            (lambda: tokenizer_identity(f"{root}/tok"), f"listing image tokenizer {root}/tok"),
+            (lambda: read_owner(f"{root}/ck/owner.json"), f"reading {root}/ck/owner.json"),
+            (lambda: check_model_signature(f"{root}/ck", {}, solo),
+             f"reading {root}/ck/model_shapes.json")):
+        with pytest.raises(OSError, match=f"^{said}: EndpointConnectionError"):
+            call()

@@ -82,7 +82,7 @@ def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -
         if not urls:
             raise _listed_nothing(source, f"shards: the pattern {source!r} matches no file")
         return ShardList(urls, None, source)
-    if not storage.exists(source):
+    if not storage.exists(source, "listing shards in"):
         message = f"shards: {source!r} does not exist"
         # An object store's folder is a listing; a named .tar is one object, missing for good.
         raise ValueError(message) if source.endswith(".tar") else _listed_nothing(source, message)
@@ -90,7 +90,7 @@ def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -
         return ShardList([source] if storage.is_remote(source) else _regular_files([source]),
                          None, source)
     index_url = storage.join(source, INDEX_NAME)
-    if storage.exists(index_url):
+    if storage.exists(index_url, "reading"):
         manifest = _read_manifest(index_url)
         if manifest.get("complete") is False and not allow_incomplete:
             raise ValueError(_incomplete(index_url, manifest))
@@ -121,7 +121,7 @@ def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -
 
 def _read_manifest(url: str) -> dict:
     try:
-        manifest = json.loads(storage.read_bytes(url))
+        manifest = json.loads(storage.read_bytes(url, "reading"))
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past the parser
         raise ValueError(f"{url} is damaged ({type(e).__name__}: {str(e)[:200]}): rerun the "
                          f"extraction to rewrite it") from None

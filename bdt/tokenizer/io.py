@@ -74,14 +74,16 @@ def tokenizer_identity(path: str) -> dict[str, Any]:
     extraction manifest records and training checks its shards against. bdt's temp files (a
     killed writer's leftovers, storage.is_temp_name) are no part of it; any other file is."""
     fs, root = storage.filesystem(path)
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"tokenizer: not a directory: {path}")
+    with storage.naming_url(path, "listing image tokenizer"):
+        if not fs.isdir(root):
+            raise FileNotFoundError(f"tokenizer: not a directory: {path}")
+        found = sorted(fs.find(root))
     files = {}
-    for p in sorted(fs.find(root)):
+    for p in found:
         if storage.is_temp_name(posixpath.basename(p)):
             continue
         rel = p[len(root.rstrip("/")) + 1:]
-        files[rel] = storage.sha256(path.rstrip("/") + "/" + rel)[0]
+        files[rel] = storage.sha256(path.rstrip("/") + "/" + rel, "hashing")[0]
     try:
         config = json.loads(storage.read_bytes(storage.join(path, CONFIG_NAME)))
     except (FileNotFoundError, ValueError, RecursionError):  # absent, or not JSON

@@ -112,7 +112,8 @@ def read_owner(url: str) -> dict | None:
     fs, path = storage.filesystem(url)
     fs.invalidate_cache(path)  # s3fs keeps sizes and ETags from listings; another run rewrites it
     try:
-        raw = fs.cat_file(path)
+        with storage.naming_url(url, "reading"):
+            raw = fs.cat_file(path)
     except FileNotFoundError:
         return None
     try:

@@ -60,10 +60,10 @@ def record_model_signature(root: str, signature: dict[str, list[int]], dist: Dis
 def _recorded_signature(url: str, quiet: bool = False) -> dict | None:
     """The shapes recorded at `url`; None when there are none or the file is damaged (it is
     only a guard, written again: DeepSpeed's load still refuses a checkpoint of other shapes)."""
-    if not storage.exists(url):
+    if not storage.exists(url, "reading"):
         return None
     try:
-        saved = json.loads(storage.read_bytes(url))
+        saved = json.loads(storage.read_bytes(url, "reading"))
         if isinstance(saved, dict):
             return saved
         why = "not a JSON object"

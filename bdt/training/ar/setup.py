@@ -44,7 +44,7 @@ def resolve_init_from(cfg: TrainConfig) -> None:
                          f"model.backbone.path empty (it is {backbone.path!r}) and "
                          f"model.backbone.from_scratch false")
     missing = [n for n in (WEIGHTS_NAME, f"{LLM_DIR}/config.json")
-               if not storage.exists(storage.join(cfg.init_from, n))]
+               if not storage.exists(storage.join(cfg.init_from, n), "reading init_from")]
     if missing:
         layout = release_layout(cfg.init_from)
         raise FileNotFoundError(
@@ -55,7 +55,8 @@ def resolve_init_from(cfg: TrainConfig) -> None:
     backbone.path = llm
     if not cfg.data.tokenizer:
         tokenizer = storage.join(cfg.init_from, EXPORT_IMAGE_TOKENIZER_DIR)
-        if not storage.exists(tokenizer):  # a run without data.tokenizer exports none
+        # a run without data.tokenizer exports none
+        if not storage.exists(tokenizer, "reading init_from"):
             raise FileNotFoundError(f"init_from={cfg.init_from} has no "
                                     f"{EXPORT_IMAGE_TOKENIZER_DIR}/ (its run named no "
                                     f"data.tokenizer): set data.tokenizer to the image "
