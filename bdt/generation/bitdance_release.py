@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from bdt import output_dirs, storage
 from bdt.config import to_yaml
 from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel
+from bdt.model.backbone_config import check_llm_config
 from bdt.model.config import ModelConfig
 from bdt.model.head import head_config_from_bitdance, head_key_from_bitdance
 from bdt.model.keymap import (BD_CONNECTOR, BD_HEAD, OURS_CONNECTOR, OURS_HEAD, OURS_LLM,
@@ -330,6 +331,7 @@ def _check_text_tokenizer(llm_dir: str, cfg: ModelConfig, rows: int | None, src:
 def _meta_model(cfg: ModelConfig, llm_config: dict, url: str) -> BitDanceModel:
     """The model the release describes, on the meta device (shapes only, no weights read);
     `url` names where `llm_config` came from."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(llm_config)
@@ -338,9 +340,13 @@ def _meta_model(cfg: ModelConfig, llm_config: dict, url: str) -> BitDanceModel:
             kwargs.pop(key)
     try:
         hf_config = AutoConfig.for_model(kwargs.pop("model_type", ""), **kwargs)
+    except (ValueError, KeyError, TypeError, AttributeError, StrictDataclassError) as e:
+        raise ValueError(f"{url}: not a Hugging Face causal-LM config ({e})") from None
+    check_llm_config(hf_config, url)  # what loading the export refuses, refused before writing
+    try:
         with torch.device("meta"):
             llm = AutoModelForCausalLM.from_config(hf_config)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # an unknown model type, ...
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # no causal LM of that type
         raise ValueError(f"{url}: not a Hugging Face causal-LM config ({e})") from None
     with torch.device("meta"):
         return BitDanceModel(cfg, llm)

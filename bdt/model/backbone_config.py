@@ -79,12 +79,19 @@ def llm_config(cfg: BackboneConfig):
     if unused:  # they would reach the model's constructor: a TypeError traceback there
         raise ValueError(f"model.backbone.config_overrides: {sorted(unused)} are not fields of "
                          f"{type(config).__name__} ({where})")
+    check_llm_config(config, where, _overridden(cfg))
+    return config
+
+
+def check_llm_config(config, where: str, overridden: str = "") -> None:
+    """`llm_config`'s checks of a loaded HF config (also a BitDance release's, read by its
+    importer): ValueError naming `where` (config.json), any `overridden` fields, and the field."""
     # transformers checks their types, not their signs: 0 heads or hidden_size -1 ended in a
     # ZeroDivisionError or RuntimeError traceback from inside the model's constructor.
     small = [f"{k}={getattr(config, k)}" for k in _SIZE_FIELDS
              if isinstance(getattr(config, k, None), int) and getattr(config, k) < 1]
     if small:
-        raise ValueError(f"backbone config {where!r}{_overridden(cfg)} is invalid: "
+        raise ValueError(f"backbone config {where!r}{overridden} is invalid: "
                          f"{', '.join(small)}; sizes must be >= 1")
     softcap = getattr(config, "attn_logit_softcapping", None)
     if softcap is not None:  # flex/varlen/flash dropped it silently; sdpa fails when sampling
@@ -103,8 +110,7 @@ def llm_config(cfg: BackboneConfig):
         raise ValueError(f"backbone config {where!r}: {type(config).__name__} names no "
                          f"num_attention_heads: bdt needs a causal LM whose layers are all "
                          f"attention (RWKV and xLSTM are recurrent)")
-    _config_rules(config, f" {where!r}{_overridden(cfg)}")  # before the weights: it reads none
-    return config
+    _config_rules(config, f" {where!r}{overridden}")  # before the weights: it reads none
 
 
 # Layer types bdt's masks govern (a window or chunk narrows the block-causal mask: `layer_rules`),

@@ -208,3 +208,44 @@ def test_a_head_config_without_its_p_is_caught_by_the_query_tokens(release, tmp_
                                          r"give its parallel_num"):
         import_release(str(bad), str(tmp_path / "export"))
     assert not (tmp_path / "export").exists()
+
+
+def _llm_config(**changes):
+    """config.json with `changes`; layer_types goes, as Qwen3 derives it from the window."""
+    def change(config):
+        config.pop("layer_types", None)
+        config.update(changes)
+    return change
+
+
+def test_a_sliding_window_backbone_imports_with_its_window(release, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(release, src)
+    config = json.loads((src / "config.json").read_text())
+    _llm_config(use_sliding_window=True, sliding_window=8, max_window_layers=1)(config)
+    (src / "config.json").write_text(json.dumps(config))
+    import_release(str(src), str(tmp_path / "export"))
+    model = load_trained(str(tmp_path / "export")).model
+    assert model.llm.config.layer_types == ["full_attention", "sliding_attention"]
+    assert model.layer_rules["sliding_attention"].window == 8
+
+
+@pytest.mark.parametrize("change, problem", [
+    (_llm_config(use_sliding_window=True, sliding_window=0, max_window_layers=1),
+     r"sliding_window=0 of its sliding_attention layers"),
+    (_llm_config(layer_types=["full_attention", "mamba"]), r"\['linear_attention'\] layers"),
+    (_llm_config(attn_logit_softcapping=30.0), r"attn_logit_softcapping=30\.0"),
+    (lambda config: config.update(num_hidden_layers=3),  # 2 layer_types remain
+     r"not a Hugging Face causal-LM config.*num_hidden_layers"),
+])
+def test_an_llm_config_bdt_cannot_load_is_refused_naming_it(release, tmp_path, change, problem):
+    """What loading the export would refuse (or raise from transformers' own validation) is
+    refused at import, naming the release's config.json, and no export is written."""
+    bad = tmp_path / "bad"
+    shutil.copytree(release, bad)
+    config = json.loads((bad / "config.json").read_text())
+    change(config)
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"(?s){re.escape(str(bad / 'config.json'))}.*{problem}"):
+        import_release(str(bad), str(tmp_path / "export"))
+    assert not (tmp_path / "export").exists()
