@@ -284,8 +284,10 @@ def _check_llm_weights(llm_files: dict[str, str], placed: str, model: BitDanceMo
     try:
         found = read_safetensors(os.path.join(placed, name), mmap=True)
     except (FileNotFoundError, ValueError) as e:  # named by the release's paths, not the staging's
-        raise type(e)(str(e).replace(placed, posixpath.dirname(url)) + " (hidden files and names "
-                      "of BitDance's component shards are not the LLM's)") from None
+        # Only a missing shard can be one that was not placed as the LLM's.
+        hint = (" (hidden files and names of BitDance's component shards are not the LLM's)"
+                if isinstance(e, FileNotFoundError) else "")
+        raise type(e)(str(e).replace(placed, posixpath.dirname(url)) + hint) from None
     problems = []
     # Tied weights (lm_head.weight = embed_tokens.weight) are saved once, under either name.
     names_of: dict[int, list[str]] = {}

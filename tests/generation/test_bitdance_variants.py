@@ -249,3 +249,17 @@ def test_an_llm_config_bdt_cannot_load_is_refused_naming_it(release, tmp_path, c
     with pytest.raises(ValueError, match=rf"(?s){re.escape(str(bad / 'config.json'))}.*{problem}"):
         import_release(str(bad), str(tmp_path / "export"))
     assert not (tmp_path / "export").exists()
+
+
+def test_a_key_in_two_llm_shards_is_named_without_the_missing_shard_hint(tmp_path):
+    """The hint on files left out of the LLM's folder is for a missing shard only."""
+    src = tmp_path / "src"
+    write_variant(VARIANTS["p1_fp16_sharded"], src)
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    first, second = sorted(set(weight_map.values()))[:2]
+    key = next(k for k, shard in weight_map.items() if shard == first)
+    _edit(src / second, lambda tensors: tensors.update({key: load_file(src / first)[key]}))
+    with pytest.raises(ValueError, match=r"key\(s\) in two shards") as error:
+        import_release(str(src), str(tmp_path / "export"))
+    assert str(src / "model.safetensors.index.json") in str(error.value)
+    assert key in str(error.value) and "hidden files" not in str(error.value)
