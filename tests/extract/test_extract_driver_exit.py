@@ -99,3 +99,41 @@ def test_a_driver_stopped_while_it_waits_on_ray_exits_with_the_signal(tmp_path):
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+_DRIVER_ON_RAY = """
+import sys, ray
+from bdt.extract.ray_session import ray_session
+
+with ray_session():
+    ref = ray.remote(lambda: __import__("time").sleep(120)).remote()
+    if sys.argv[1] != "none":
+        print("waiting", flush=True)
+        ray.get(ref)
+"""
+
+
+@pytest.mark.parametrize("victim", ["raylet", "gcs_server", "none"])
+def test_a_dead_ray_process_ends_the_driver_at_once_with_one_line(tmp_path, victim):
+    """Before: a SIGKILLed GCS server left the driver waiting a minute, then Ray's core worker
+    ended it silently with exit 1; a SIGKILLed raylet took the actor along some seconds later
+    and failed its units as "actor died after 3 restarts". Now one line names it, exit 2 (and
+    a driver that ends normally is not taken for one whose Ray died in its own shutdown)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER_ON_RAY, victim], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=open(tmp_path / "driver.log", "wb"))
+    try:
+        if victim == "none":
+            assert driver.wait(timeout=60) == 0
+            assert "died" not in (tmp_path / "driver.log").read_text()
+            return
+        assert driver.stdout.readline() == b"waiting\n", (tmp_path / "driver.log").read_text()[-2000:]
+        proc = next(p for p in psutil.Process(driver.pid).children() if p.name() == victim)
+        proc.kill()
+        assert driver.wait(timeout=30) == 2
+        name = "raylet" if victim == "raylet" else "GCS server"
+        assert f"extract: Ray's {name} (pid {proc.pid}) died under the job" in (tmp_path / "driver.log").read_text()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
