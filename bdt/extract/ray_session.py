@@ -52,7 +52,11 @@ def ray_session() -> Iterator[None]:
     died: list[str] = []
     watching = threading.Event()
     try:
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+        try:
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+        except Exception as exc:  # e.g. its raylet died while it started: a traceback otherwise
+            died.append(f"Ray did not start ({str(exc).strip().splitlines()[-1][:300]})")
+            raise SystemExit(2) from None
         previous = {sig: signal.signal(sig, exit_on_signal) for sig in STOP_SIGNALS}
         _watch_ray(died, watching)
         yield

@@ -137,3 +137,26 @@ def test_a_dead_ray_process_ends_the_driver_at_once_with_one_line(tmp_path, vict
         if driver.poll() is None:
             driver.kill()
 
+
+_RAY_FAILS_TO_START = """
+import ray
+from bdt.extract.ray_session import ray_session
+
+def starting(*args, **kwargs):  # what ray.init raises when its raylet was killed as it started
+    raise Exception("The current node timed out during startup. This could happen because ...")
+
+ray.init = starting
+with ray_session():
+    pass
+"""
+
+
+def test_ray_failing_to_start_is_one_line(tmp_path):
+    """Before: a traceback and exit 1 (found by SIGKILLing the raylet inside `ray.init`)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", _RAY_FAILS_TO_START], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "extract: Ray did not start (The current node timed out during startup. This could happen "
+        "because ...); rerun the same command to finish"]
