@@ -8,8 +8,8 @@ Under `ray job submit` (or with RAY_ADDRESS set) it joins that cluster; otherwis
 private local Ray bound to 127.0.0.1 and stops it however the job ends (bdt/extract/ray_session.py).
 The inputs are listed and checked, and the tokenizer's weights against its config, before Ray
 starts. Exit code 0 when every input unit is done, 1 when some failed (rerun the same command to
-retry them), 2 on a configuration error or when the private Ray's GCS server or raylet died
-(rerun), 128 + N when stopped by signal N (SIGTERM, SIGINT, SIGHUP).
+retry them, also when the private Ray's GCS server or raylet died or Ray did not start), 2 on a
+configuration error, 128 + N when stopped by signal N (SIGTERM, SIGINT, SIGHUP).
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ Under `ray job submit` (or with RAY_ADDRESS set) the driver joins that cluster a
 disconnects at the end. Otherwise it starts a private local Ray on 127.0.0.1 and owns it: Ray's
 processes (GCS, raylet, its agents, the workers) are stopped on every way out the driver
 controls: a normal end, an exception, SIGTERM, SIGINT, SIGHUP (turned into SystemExit, so the
-shutdown runs), the death of its GCS server or raylet (one line naming it, exit 2). A SIGKILL
-the driver cannot catch, and Ray's dashboard and runtime-env agents then outlive it for about
-a minute (they hang reporting the raylet's death to the dead GCS; measured with Ray 2.60): a
-reaper process, in its own session, remembers the driver's descendants and kills the survivors
-once the driver is gone. It watches before Ray starts, so a driver killed inside `ray.init`
+shutdown runs), the death of its GCS server or raylet (one line naming it, exit 1: the job's
+code for "rerun the same command"). A SIGKILL the driver cannot catch, and Ray's dashboard and
+runtime-env agents then outlive it for about a minute (they hang reporting the raylet's death
+to the dead GCS; measured with Ray 2.60): a reaper process, in its own session, remembers the
+driver's descendants and kills the survivors once the driver is gone. It watches before Ray starts, so a driver killed inside `ray.init`
 leaves nothing behind either.
 """
 
@@ -56,7 +56,7 @@ def ray_session() -> Iterator[None]:
             ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
         except Exception as exc:  # e.g. its raylet died while it started: a traceback otherwise
             died.append(f"Ray did not start ({str(exc).strip().splitlines()[-1][:300]})")
-            raise SystemExit(2) from None
+            raise SystemExit(1) from None  # the job's "rerun" code, as for failed units
         previous = {sig: signal.signal(sig, exit_on_signal) for sig in STOP_SIGNALS}
         _watch_ray(died, watching)
         yield
@@ -67,7 +67,7 @@ def ray_session() -> Iterator[None]:
             signal.signal(sig, handler)
         if died:
             print(f"extract: {died[0]}; rerun the same command to finish", file=sys.stderr)
-            raise SystemExit(2)
+            raise SystemExit(1)
         if stopped:
             # Raised inside ray.wait/ray.get (where the driver waits) Ray turns it into
             # SystemExit(1), the exit code of failed units: say it was a stop, and exit 128 + N.
