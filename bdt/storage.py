@@ -9,6 +9,7 @@ files are written directly.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -28,6 +29,10 @@ try:  # s3fs passes botocore's own errors on as they are: a dead endpoint's is n
     from botocore.exceptions import BotoCoreError
 except ImportError:  # installed without s3fs
     BotoCoreError = OSError
+try:
+    from aiohttp import ClientConnectionError
+except ImportError:
+    ClientConnectionError = ConnectionError
 
 log = logging.getLogger(__name__)
 # What a storage call raises when the store fails it (I/O, network, the endpoint gone).
@@ -74,7 +79,28 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
                              f"supported; name the data without it")
         fs = LocalFileSystem()
         return fs, fs._strip_protocol(url)  # a local name may hold '::'; file:// is dropped
-    return url_to_fs(url)
+    fs, path = url_to_fs(url)
+    if getattr(fs, "async_impl", False):
+        _quiet_lost_connections(fs.loop)
+    return fs, path
+
+
+def _quiet_lost_connections(loop: asyncio.AbstractEventLoop) -> None:
+    """When an endpoint dies mid-upload, aiohttp leaves a task holding the same connection error
+    that the call itself raises; asyncio printed its traceback when the task was collected,
+    beside bdt's one-line error. Only those go to the debug log; anything else as before."""
+    if loop.get_exception_handler() is _lost_connection_handler:
+        return
+    loop.set_exception_handler(_lost_connection_handler)
+
+
+def _lost_connection_handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    error = context.get("exception")
+    if isinstance(error, (ConnectionError, ClientConnectionError)) \
+            and "never retrieved" in context.get("message", ""):
+        log.debug("a store connection was lost under a background task: %r", error)
+        return
+    loop.default_exception_handler(context)
 
 
 def exists(url: str, doing: str = "") -> bool:
