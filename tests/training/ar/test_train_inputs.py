@@ -57,13 +57,14 @@ def test_deepspeed_launcher_runs_two_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_plain_python_single_process_zero0(tmp_path):
-    """`python bdt/train.py` with no launcher: a world of one, ZeRO-0, fp32 (grad norm read by us)."""
+    """`python bdt/train.py` with no launcher: a world of one, ZeRO-0, fp32 (grad norm read by us),
+    MFU against the matmul peak the run measures (the other tests give one)."""
     llm = tiny_llm(str(tmp_path / "llm"))
     write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=1, per_shard=8)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, os.path.join(REPO, "bdt", "train.py"), "--config", TINY_CONFIG,
            *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=2, zero=0, every=0,
-                            extra=["export=false"])]
+                            extra=["export=false", "logging.peak_tflops=0"])]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -71,6 +72,8 @@ def test_plain_python_single_process_zero0(tmp_path):
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     norms = [r["grad_norm"] for r in records if "grad_norm" in r]
     assert len(norms) == 2 and all(0 < n < float("inf") for n in norms)
+    mfus = [r["mfu"] for r in records if "mfu" in r]
+    assert len(mfus) == 2 and all(0 < m < 1 for m in mfus), mfus
 
 
 @pytest.mark.slow
