@@ -36,6 +36,7 @@ from bdt.generation.run_weights import (MODEL_STATES, checkpoint_weights, damage
                                         recorded_backbone, run_config)
 from bdt.generation.sampling import SamplingConfig, check_prompts, generate
 from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel, read_model_config
+from bdt.model import llm_config_record
 from bdt.model.keymap import release_layout
 from bdt.model.text_tokenizer import query_tokens_for
 from bdt.training import run_dir as layout
@@ -191,6 +192,7 @@ def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
                       f"(expected the <run_dir>/export that bdt/train.py writes)")
     train_cfg = os.path.join(path, layout.EXPORT_TRAIN_CONFIG_NAME)
     _check_export_parallel_num(path, train_cfg)
+    llm_config_record.check(path, os.path.join(path, LLM_DIR))
     model = BitDanceModel.from_pretrained(path).to(device).eval()
     decoder = _load_decoder(os.path.join(path, layout.EXPORT_IMAGE_TOKENIZER_DIR), model, device)
     buckets = _trained_buckets(train_cfg) if os.path.isfile(train_cfg) else None

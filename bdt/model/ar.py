@@ -40,6 +40,7 @@ from bdt.model.backbone_config import layer_rules
 from bdt.model.config import ModelConfig
 from bdt.model.embed import BitsConnector, PosEmbed2D, flip_bits
 from bdt.model.flow import binarize, flow_loss
+from bdt.model import llm_config_record
 from bdt.model.head import DiffusionHead
 from bdt.model.sequence import PackedSequence
 from bdt.weights import read_safetensors, state_dict_problems
@@ -127,6 +128,7 @@ class BitDanceModel(nn.Module):
 
         os.makedirs(out_dir, exist_ok=True)
         self.llm.save_pretrained(os.path.join(out_dir, LLM_DIR))
+        llm_config_record.record(out_dir, os.path.join(out_dir, LLM_DIR))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(os.path.join(out_dir, LLM_DIR))
         extra = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()

@@ -12,8 +12,9 @@ trainer.
                             at each start): with a checkpoint's weights, the model without the
                             pretrained LLM's folder (bdt.generation.trained)
   <run_dir>/export/         the trained model, written when the run ends; the AR trainer's holds
-                            the model (BitDanceModel.save_pretrained), image_tokenizer/ and
-                            train_config.yaml
+                            the model (BitDanceModel.save_pretrained, with the record of its
+                            llm/config.json that sampling compares: llm_config_record.py),
+                            image_tokenizer/ and train_config.yaml
   <run_dir>/launch_error.json  an error a rank met before its first step (`record_launch_error`):
                             a launcher's exit code cannot say why, and bdt.cluster.resume does not
                             restart a job its configuration or inputs stop

@@ -258,6 +258,27 @@ def test_a_run_dir_with_an_edited_parallel_num_is_refused(trained_run, tmp_path,
     assert code == 2 and "model.parallel_num is 16" in last and "P = 4" in last, last
 
 
+def test_an_edited_llm_config_is_refused_naming_the_fields(trained_run, tmp_path, capsys):
+    """An export's llm/config.json edited after training (a sliding window: no weight changes
+    shape) sampled another model without a word. A field that changes nothing
+    (dtype: bdt's config chooses it) may differ; a record made the same lets an edit through."""
+    edited = tmp_path / "edited"
+    shutil.copytree(os.path.join(trained_run, "export"), edited)
+    config = json.loads((edited / "llm" / "config.json").read_text())
+    assert config["layer_types"] == ["full_attention"] and config["sliding_window"] is None
+    config.update(layer_types=["sliding_attention"], sliding_window=2, dtype="bfloat16")
+    (edited / "llm" / "config.json").write_text(json.dumps(config))
+    args = ["sample", "--model", str(edited), "--prompt", "a red circle", "--size", "16",
+            "--steps", "2"]
+    code = main([*args, "--out", str(tmp_path / "o")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and 'layer_types is ["sliding_attention"], saved as ["full_attention"]; ' \
+        'sliding_window is 2, saved as null.' in last, last
+    assert "dtype" not in last and not (tmp_path / "o").exists()
+    shutil.copy(edited / "llm" / "config.json", edited / "llm_config_as_saved.json")
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0
+
+
 def test_the_trained_buckets_do_not_depend_on_the_working_directory(trained_run, tmp_path,
                                                                    monkeypatch):
     """The export records its stages' shards as absolute paths (relative ones named another
