@@ -81,7 +81,7 @@ def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
     setup.check_copied_folders(cfg)  # before check_data hashes the tokenizer's files
     sources = setup.check_data(cfg)  # bad shard paths / tokenizer mismatch: fail before anything
     setup.check_image_tokenizer(cfg)
-    setup.skip_deepspeed_muon()
+    setup.skip_deepspeed_muon(cfg)
     dist = init_distributed()
     lock = None
     try:

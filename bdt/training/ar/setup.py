@@ -9,6 +9,7 @@ import os
 import sys
 import tarfile
 import types
+from collections.abc import Mapping
 
 import torch
 
@@ -229,14 +230,18 @@ def _first_sample(urls: list[str], shards: int = 4) -> tuple[str, TokenSample | 
     return urls[0], None
 
 
-def skip_deepspeed_muon() -> None:
-    """DeepSpeed's ZeRO code imports its Muon optimizer module (to recognise that optimizer), and
-    that module torch.compiles kernels at import: ~3 s of CPU per rank per start, measured here,
-    for an optimizer we never build. A stand-in module whose class nothing is an instance of keeps
-    every `from ... import MuonWithAuxAdam` + isinstance check working."""
+def skip_deepspeed_muon(cfg: TrainConfig) -> None:
+    """DeepSpeed's ZeRO-3 code imports its Muon optimizer module at start to recognise that
+    optimizer, and that module torch.compiles kernels at import: ~1-3 s of CPU per rank per
+    start, for an optimizer the run does not build. A stand-in module whose class nothing is an
+    instance of keeps every `from ... import MuonWithAuxAdam` + isinstance check working. Not
+    when the run chose Muon (`deepspeed.extra.optimizer.type`): DeepSpeed then builds it."""
+    optimizer = dict(cfg.deepspeed.extra).get("optimizer")
+    if isinstance(optimizer, Mapping) and str(optimizer.get("type", "")).lower() == "muon":
+        return
     name = "deepspeed.runtime.zero.muon.muon_optimizer"
     if name not in sys.modules:
-        stub = types.ModuleType(name, "stand-in: bdt never uses DeepSpeed's Muon optimizer")
+        stub = types.ModuleType(name, "stand-in: this run does not use DeepSpeed's Muon optimizer")
         stub.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
         sys.modules[name] = stub
 

@@ -77,6 +77,28 @@ def test_plain_python_single_process_zero0(tmp_path):
 
 
 @pytest.mark.slow
+def test_deepspeeds_muon_chosen_in_the_config_trains(tmp_path):
+    """DeepSpeed's Muon (`deepspeed.extra.optimizer.type: Muon`): the trainer's stand-in for
+    DeepSpeed's Muon module, which spares other runs its import, failed it at start
+    ("MuonWithAuxAdam() takes no arguments"). The matrices' half steps at muon_lr x the stage
+    LR (the trainer's base LR is 1). Compiling Muon's kernels is left out (TORCHDYNAMO_DISABLE)."""
+    llm = tiny_llm(str(tmp_path / "llm"))
+    write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=1, per_shard=8)
+    run_dir = tmp_path / "run"
+    muon = "deepspeed.extra={optimizer: {type: Muon, params: {muon_lr: 5.0, momentum: 0.95}}}"
+    cmd = [sys.executable, os.path.join(REPO, "bdt", "train.py"), "--config", TINY_CONFIG,
+           *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=2, every=0,
+                            extra=["export=false", muon])]
+    proc = subprocess.run(cmd, env=dict(ENV, TORCHDYNAMO_DISABLE="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    lrs = [r["lr"] for r in records if "lr" in r]
+    # warmup_steps 2: the first step at half the stage's 3e-3, the Muon half at 5x that
+    assert lrs[0] == pytest.approx(5.0 * 3e-3 / 2), lrs
+
+
+@pytest.mark.slow
 def test_missing_shards_fail_at_start_with_one_line(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "bdt", "train.py"), "--config", TINY_CONFIG,
            *train_overrides(str(tmp_path / "run"), "unused", str(tmp_path / "nowhere"))]
