@@ -243,7 +243,9 @@ def import_release(src: str, out: str) -> ModelConfig:
         _check_llm_weights(llm_files, os.path.join(tmp, LLM_DIR), model, llm_config_url)
         _pin_dtype(os.path.join(tmp, LLM_DIR, posixpath.basename(layout.llm_config)),
                    cfg.backbone.dtype)
-        _check_text_tokenizer(os.path.join(tmp, LLM_DIR), cfg, llm_config.get("vocab_size"), src,
+        tokenizer_url = llm_files.get("tokenizer_config.json") or llm_files.get("tokenizer.json")
+        _check_text_tokenizer(os.path.join(tmp, LLM_DIR), cfg, llm_config.get("vocab_size"),
+                              posixpath.dirname(tokenizer_url) if tokenizer_url else src,
                               release_num_res(decoder.downsample_factor), layout.head_config)
         save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, WEIGHTS_NAME))
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
@@ -311,14 +313,18 @@ def _check_llm_weights(llm_files: dict[str, str], placed: str, model: BitDanceMo
 
 def _check_text_tokenizer(llm_dir: str, cfg: ModelConfig, rows: int | None, src: str,
                           num_res: int, head_config: str) -> None:
-    """The release's text tokenizer must already hold BitDance's tokens (`num_res` res tokens),
-    one per embedding row (`rows`): tokens added here would get mean-initialised rows, and the
-    model would read garbage. Its query tokens also tell P, which the head's weights do not: one
-    past P - 1 means the head's config (`head_config`) gives the wrong P."""
+    """The release's text tokenizer (placed in `llm_dir`, from the release's folder `src`) must
+    already hold BitDance's tokens (`num_res` res tokens), one per embedding row (`rows`): tokens
+    added here would get mean-initialised rows, and the model would read garbage. Its query
+    tokens also tell P, which the head's weights do not: one past P - 1 means the head's config
+    (`head_config`) gives the wrong P."""
     from bdt.model.text_tokenizer import (bitdance_tokens, load_text_tokenizer, missing_tokens,
                                           query_token)
 
-    tokenizer = load_text_tokenizer(llm_dir)
+    try:
+        tokenizer = load_text_tokenizer(llm_dir)
+    except OSError as e:  # named by the release's folder: the staging one is gone by then
+        raise OSError(str(e).replace(llm_dir, src)) from None
     missing = missing_tokens(tokenizer, bitdance_tokens(cfg.parallel_num, num_res))
     if missing or len(tokenizer) != rows:
         raise ValueError(f"{src}: its text tokenizer is not the model's: "

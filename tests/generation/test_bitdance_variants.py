@@ -251,6 +251,20 @@ def test_an_llm_config_bdt_cannot_load_is_refused_naming_it(release, tmp_path, c
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_damaged_text_tokenizer_is_named_by_the_release_folder(release, tmp_path, name):
+    """The tokenizer is loaded from its copy in the staged export, which is gone when the error
+    is read: the error names the release's folder instead."""
+    bad = tmp_path / "bad"
+    shutil.copytree(release, bad)
+    (bad / name).write_text("{not json")
+    with pytest.raises(OSError, match=rf"cannot load a text tokenizer from "
+                                      rf"'{re.escape(str(bad))}': JSONDecodeError") as error:
+        import_release(str(bad), str(tmp_path / "export"))
+    assert "staging" not in str(error.value)
+    assert not (tmp_path / "export").exists() and list(tmp_path.iterdir()) == [bad]
+
+
 def test_a_key_in_two_llm_shards_is_named_without_the_missing_shard_hint(tmp_path):
     """The hint on files left out of the LLM's folder is for a missing shard only."""
     src = tmp_path / "src"
