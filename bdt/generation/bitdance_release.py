@@ -336,6 +336,13 @@ def _check_text_tokenizer(llm_dir: str, cfg: ModelConfig, rows: int | None, src:
                          f"{head_config} must give its parallel_num (DiffHead's default is 4)")
 
 
+def _brief(e: Exception) -> str:
+    """transformers' reason on one line and short: its validation errors span lines, and an
+    unknown model_type lists every known one (~12,000 characters)."""
+    why = " ".join(str(e).split())
+    return why if len(why) <= 300 else why[:300] + " ..."
+
+
 def _meta_model(cfg: ModelConfig, llm_config: dict, url: str) -> BitDanceModel:
     """The model the release describes, on the meta device (shapes only, no weights read);
     `url` names where `llm_config` came from."""
@@ -349,12 +356,12 @@ def _meta_model(cfg: ModelConfig, llm_config: dict, url: str) -> BitDanceModel:
     try:
         hf_config = AutoConfig.for_model(kwargs.pop("model_type", ""), **kwargs)
     except (ValueError, KeyError, TypeError, AttributeError, StrictDataclassError) as e:
-        raise ValueError(f"{url}: not a Hugging Face causal-LM config ({e})") from None
+        raise ValueError(f"{url}: not a Hugging Face causal-LM config ({_brief(e)})") from None
     check_llm_config(hf_config, url)  # what loading the export refuses, refused before writing
     try:
         with torch.device("meta"):
             llm = AutoModelForCausalLM.from_config(hf_config)
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # no causal LM of that type
-        raise ValueError(f"{url}: not a Hugging Face causal-LM config ({e})") from None
+        raise ValueError(f"{url}: not a Hugging Face causal-LM config ({_brief(e)})") from None
     with torch.device("meta"):
         return BitDanceModel(cfg, llm)
