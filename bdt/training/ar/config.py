@@ -57,7 +57,7 @@ class DataConfig:
     # tokenizer sha256 and copied into the export. "" = no identity check.
     tokenizer: str = ""
     # Convenience for YAMLs: stages may say `shards: ${data.root}`, so one command-line override
-    # (data.root=s3://...) moves every stage (list items cannot be overridden by key=value).
+    # (data.root=s3://...) moves every stage (stages.N.shards=... moves stage N alone).
     root: str = ""
     buffer_size: int = 256  # shuffle/packing buffer per rank, in samples
     # Micro-batches (packed rows) a background worker builds ahead of the step, so the step
