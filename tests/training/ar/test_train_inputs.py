@@ -56,16 +56,21 @@ def test_deepspeed_launcher_runs_two_ranks(tmp_path):
 
 
 @pytest.mark.slow
-def test_plain_python_single_process_zero0(tmp_path):
+def test_plain_python_single_process_zero0_with_deepspeeds_muon(tmp_path):
     """`python bdt/train.py` with no launcher: a world of one, ZeRO-0, fp32 (grad norm read by us),
-    MFU against the matmul peak the run measures (the other tests give one)."""
+    MFU against the matmul peak the run measures (the other tests give one), and DeepSpeed's Muon
+    chosen in the config (`deepspeed.extra.optimizer.type`): the trainer's stand-in for DeepSpeed's
+    Muon module, which spares other runs its import, failed it at start ("MuonWithAuxAdam() takes
+    no arguments"). Compiling Muon's kernels is left out (TORCHDYNAMO_DISABLE)."""
     llm = tiny_llm(str(tmp_path / "llm"))
     write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=1, per_shard=8)
     run_dir = tmp_path / "run"
+    muon = "deepspeed.extra={optimizer: {type: Muon, params: {muon_lr: 5.0, momentum: 0.95}}}"
     cmd = [sys.executable, os.path.join(REPO, "bdt", "train.py"), "--config", TINY_CONFIG,
            *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=2, zero=0, every=0,
-                            extra=["export=false", "logging.peak_tflops=0"])]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+                            extra=["export=false", "logging.peak_tflops=0", muon])]
+    proc = subprocess.run(cmd, env=dict(ENV, TORCHDYNAMO_DISABLE="1"), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 2 and len(summary["param_digests"]) == 1
@@ -74,27 +79,9 @@ def test_plain_python_single_process_zero0(tmp_path):
     assert len(norms) == 2 and all(0 < n < float("inf") for n in norms)
     mfus = [r["mfu"] for r in records if "mfu" in r]
     assert len(mfus) == 2 and all(0 < m < 1 for m in mfus), mfus
-
-
-@pytest.mark.slow
-def test_deepspeeds_muon_chosen_in_the_config_trains(tmp_path):
-    """DeepSpeed's Muon (`deepspeed.extra.optimizer.type: Muon`): the trainer's stand-in for
-    DeepSpeed's Muon module, which spares other runs its import, failed it at start
-    ("MuonWithAuxAdam() takes no arguments"). The matrices' half steps at muon_lr x the stage
-    LR (the trainer's base LR is 1). Compiling Muon's kernels is left out (TORCHDYNAMO_DISABLE)."""
-    llm = tiny_llm(str(tmp_path / "llm"))
-    write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=1, per_shard=8)
-    run_dir = tmp_path / "run"
-    muon = "deepspeed.extra={optimizer: {type: Muon, params: {muon_lr: 5.0, momentum: 0.95}}}"
-    cmd = [sys.executable, os.path.join(REPO, "bdt", "train.py"), "--config", TINY_CONFIG,
-           *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=2, every=0,
-                            extra=["export=false", muon])]
-    proc = subprocess.run(cmd, env=dict(ENV, TORCHDYNAMO_DISABLE="1"), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    # The logged LR is the matrices' (Muon's) half: muon_lr x the stage LR (the trainer's base LR
+    # is 1); warmup_steps 2 starts at half the stage's 3e-3.
     lrs = [r["lr"] for r in records if "lr" in r]
-    # warmup_steps 2: the first step at half the stage's 3e-3, the Muon half at 5x that
     assert lrs[0] == pytest.approx(5.0 * 3e-3 / 2), lrs
 
 
