@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 
 from bdt.config import ConfigError
 from bdt.entry import setup_logging
@@ -30,9 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(BaseException):
+    """A SIGTERM, raised in the main thread: the default action ended the process at once and
+    left a staged output's folder behind (beside --out, or in the temp dir for an s3:// one).
+    Not an Exception, so no best-effort `except Exception` swallows it."""
+
+
+def _raise_stopped(owner: int):
+    """The SIGTERM handler of process `owner`."""
+    def handler(signum: int, frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        if os.getpid() != owner:  # a forked child inherited it: the default action, as before
+            os.kill(os.getpid(), signum)
+            return
+        raise Stopped(signum)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    handles_signals = threading.current_thread() is threading.main_thread()  # signal's rule
+    if handles_signals:
+        previous = signal.signal(signal.SIGTERM, _raise_stopped(os.getpid()))
     try:
         return int(args.func(args) or 0)
     except (ConfigError, OSError, ValueError, FloatingPointError) as exc:
@@ -40,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         # sampling that overflowed (a guidance scale of 1e38), which bdt raises with its cause.
         print(f"bdt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Stopped) as exc:  # what it was writing has been removed
+        signum = exc.args[0] if isinstance(exc, Stopped) else signal.SIGINT
+        print(f"bdt {args.command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if handles_signals:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
