@@ -83,6 +83,8 @@ def _refuse_nonempty_remote(url: str, hint: str, overwrite: bool) -> None:
     fs, root = storage.filesystem(url)
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     bucket = root.strip("/").split("/", 1)[0]
+    if not bucket and set(protocols) & set(OBJECT_STORES):  # the whole store: its buckets
+        raise ValueError(f"{url} names no bucket: give s3://BUCKET/FOLDER")
     with storage.naming_url(url):
         is_file = fs.isfile(root)
         is_dir = not is_file and fs.isdir(root)

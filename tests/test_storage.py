@@ -126,6 +126,16 @@ def test_a_remote_url_with_an_empty_path_segment_is_refused(s3_bucket):
     assert storage.filesystem(s3_bucket + "/runs/ck/")[1].endswith("/runs/ck")  # a last "/": fine
 
 
+@pytest.mark.slow
+def test_an_output_url_without_a_bucket_is_refused(s3_bucket):
+    """`--out s3://` was "s3:// exists and is not empty" (the store's list of buckets), and with
+    --overwrite a write probe's short-URL error: neither said that no bucket was named."""
+    for url in ("s3://", "s3:///"):
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match=f"^{url} names no bucket"):
+                output_dirs.refuse_nonempty_dir(url, overwrite=overwrite)
+
+
 def test_a_file_in_a_directorys_place_is_named(tmp_path):
     """A tokenizer export, a shard folder or a run dir that is a plain file: the error says a
     file is in the way (it was a bare '[Errno 17] File exists')."""
