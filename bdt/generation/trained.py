@@ -44,7 +44,10 @@ from bdt.weights import file_present
 
 log = logging.getLogger(__name__)
 
+# llm/tokenizer_config.json: without it the tokenizer loads with other special tokens, and the
+# error blamed the weights ("the tokenizer does not belong to these weights").
 EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, f"{LLM_DIR}/config.json",
+                f"{LLM_DIR}/tokenizer_config.json",
                 f"{layout.EXPORT_IMAGE_TOKENIZER_DIR}/config.json",
                 f"{layout.EXPORT_IMAGE_TOKENIZER_DIR}/model.safetensors")
 

@@ -148,10 +148,10 @@ def test_sample_refuses_a_non_empty_out_unless_overwrite(trained_run, tmp_path, 
     assert not [p for p in out.iterdir() if p.name.startswith(".bdt-staging")]
 
 
-def _incomplete_export(trained_run, tmp_path) -> str:
+def _incomplete_export(trained_run, tmp_path, name: str) -> str:
     broken = tmp_path / "broken"
     shutil.copytree(os.path.join(trained_run, "export"), broken)
-    os.remove(broken / "bitdance_extra.safetensors")
+    os.remove(broken / name)
     return str(broken)
 
 
@@ -159,6 +159,8 @@ def _incomplete_export(trained_run, tmp_path) -> str:
     ("missing", ["--size", "16"], "does not exist"),
     ("remote", ["--size", "16"], "is remote: sampling reads a local export"),
     ("incomplete", ["--size", "16"], "missing bitdance_extra.safetensors"),
+    # it once blamed the weights: "the tokenizer does not belong to these weights"
+    ("incomplete_llm", ["--size", "16"], "missing llm/tokenizer_config.json"),
     ("export", ["--size", "32"], "bucket 32x32 was not trained"),
     ("export", ["--bucket", "18x16"], "sides must be multiples of 4 px"),
     ("export", ["--bucket", "16by16"], "expected S or WxH"),
@@ -172,10 +174,10 @@ def _incomplete_export(trained_run, tmp_path) -> str:
     ("export", ["--size", "16", "--steps", "2", "--cfg-scale", "1e38"], "produced NaN or inf"),
 ])
 def test_bad_input_exits_2_with_one_line(trained_run, tmp_path, capsys, case, args, expected):
-    model = {"missing": str(tmp_path / "nope"), "remote": "s3://bucket/run/export",
-             "incomplete": None}.get(case)
-    if case == "incomplete":
-        model = _incomplete_export(trained_run, tmp_path)
+    model = {"missing": str(tmp_path / "nope"), "remote": "s3://bucket/run/export"}.get(case)
+    if case.startswith("incomplete"):
+        model = _incomplete_export(trained_run, tmp_path, "llm/tokenizer_config.json"
+                                   if case == "incomplete_llm" else "bitdance_extra.safetensors")
     model = model or os.path.join(trained_run, "export")
     source = ["--prompt", "a red circle"]
     if case == "empty_file":
