@@ -4,9 +4,10 @@ scheduler both trainers give DeepSpeed.
 `ConfigLR` multiplies the optimizer's configured LR by a function of the step. Its state is the
 step position only: the config rules a resume (docs/system.md §2), so a resumed run continues
 at the saved step with the config's LRs, stage lengths and schedule. DeepSpeed's
-`load_checkpoint` restores the optimizer's param groups, their `lr` included, after the
-scheduler under ZeRO-1/2 and the universal load, so a trainer calls `write_lrs()` once its
-position is restored: the first resumed step then runs at the config's LR too.
+`load_checkpoint` restores the optimizer's param groups, their `lr`, betas, eps and weight decay
+included, after the scheduler under ZeRO-1/2 and the universal load, so a trainer calls
+`write_lrs()` once its position is restored: the first resumed step then runs at the config's
+LR and optimizer hyperparameters too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 import torch
 
 SCHEDULES = ("constant", "cosine")
+# What optim.* sets in a param group besides the LR. Named, not every key: some optimizers keep
+# state in their groups (DeepSpeed's fused Adam its step), which must come from the checkpoint.
+HYPERPARAMETERS = ("betas", "eps", "weight_decay")
 
 
 @dataclass
@@ -60,6 +64,10 @@ class ConfigLR(torch.optim.lr_scheduler.LRScheduler):
 
     def __init__(self, optimizer: torch.optim.Optimizer, multiplier: Callable[[int], float]):
         self.multiplier = multiplier
+        # The config's hyperparameters as built: a checkpoint's param groups (loaded after this)
+        # bring back the saved ones, which a resumed run with an edited optim.* silently kept.
+        self.hyperparameters = [{k: group[k] for k in HYPERPARAMETERS if k in group}
+                                for group in optimizer.param_groups]
         super().__init__(optimizer)
 
     def get_lr(self) -> list[float]:
@@ -73,7 +81,9 @@ class ConfigLR(torch.optim.lr_scheduler.LRScheduler):
         self.write_lrs()
 
     def write_lrs(self) -> None:
-        """Set the optimizer's LRs to the current position's (after a resume: see the module doc)."""
+        """Set the optimizer's LRs to the current position's and its other hyperparameters to
+        the config's (after a resume: see the module doc)."""
         self._last_lr = self.get_lr()
-        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
-            group["lr"] = lr
+        for group, lr, hyper in zip(self.optimizer.param_groups, self._last_lr,
+                                    self.hyperparameters, strict=True):
+            group.update(hyper, lr=lr)

@@ -73,6 +73,25 @@ def test_config_lr_resumes_with_the_configs_lr_and_schedule():
     assert opt2.param_groups[0]["lr"] == 4.0 * longer(6)
 
 
+def test_config_lr_resumes_with_the_configs_betas_eps_and_weight_decay():
+    """A resume with optim.beta1/beta2/eps/weight_decay edited runs with the config's values: the
+    loaded optimizer state brings back the saved ones (the old weight decay was used without a
+    word); Adam's moments and step count stay the checkpoint's."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    saved = torch.optim.AdamW([weight], lr=1.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    weight.sum().backward()
+    saved.step()
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=1.0, betas=(0.5, 0.6),
+                            eps=1e-6, weight_decay=0.0)
+    sched = ConfigLR(opt, WarmupSchedule(0, 10, "constant"))
+    opt.load_state_dict(saved.state_dict())
+    assert opt.param_groups[0]["weight_decay"] == 0.1  # DeepSpeed's load, before write_lrs
+    sched.write_lrs()
+    group = opt.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.5, 0.6), 1e-6, 0.0)
+    assert int(opt.state[group["params"][0]]["step"]) == 1
+
+
 def test_config_lr_reads_the_lambda_lr_state_of_earlier_checkpoints():
     """Checkpoints written before ConfigLR hold LambdaLR's state (base LRs, the schedule's
     fields, the last LR): only its position is taken."""
