@@ -133,9 +133,6 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     params = {"params": sum(setup.numel(p) for p in model.parameters()),
               **{f"params_local/rank{r}": n for r, n in enumerate(params_local)}}
     earlier_init = setup.earlier_init_from(cfg.run_dir) if dist.is_main else None
-    if dist.is_main:
-        save_resolved(cfg, cfg.run_dir)
-        model.save_llm_description(os.path.join(cfg.run_dir, BACKBONE_DIR))
     step, saved_step, stage_idx, stream = 0, -1, -1, None
     seen = {"tokens": 0, "images": 0, "flops": 0.0}  # this rank's
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
@@ -182,6 +179,11 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                             earlier_init, resume)
     else:
         _seed_all(cfg.seed * 1000 + 1 + dist.rank)  # per-rank noise, flips, caption dropout
+    # Recorded once the resume's checks passed: a refused config (another ZeRO stage, seed,
+    # shards) must not replace the record that sampling the run's checkpoints rebuilds from.
+    if dist.is_main:
+        save_resolved(cfg, cfg.run_dir)
+        model.save_llm_description(os.path.join(cfg.run_dir, BACKBONE_DIR))
     # Opened once the start step is known: what was logged past it is replaced by this run.
     logger = MetricsLogger(cfg.run_dir, dist.is_main, tensorboard=cfg.logging.tensorboard,
                            keep_through_step=step if resumed is not None else -1)

@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from testkit import TINY_CONFIG
 from trainutil import (export_tensors, read_metrics, spawn_train, tiny_image_tokenizer, tiny_llm,
@@ -177,7 +178,9 @@ def test_a_stop_inside_a_log_window_logs_as_if_uninterrupted(data, ref, tmp_path
 def test_a_resume_over_other_shards_is_refused_naming_the_stage(data, tmp_path, capfd):
     """Stopped in stage 0, resumed with stage 0's shards cut to one: refused before any step,
     naming the stage and its shards (once a bare "different shards" from inside the stream, after
-    the resume was logged), and recorded as a launch error the resume wrapper does not retry."""
+    the resume was logged), and recorded as a launch error the resume wrapper does not retry.
+    The run's config.yaml, which sampling its checkpoints rebuilds from, is still the one they
+    were trained with (the refused config once replaced it)."""
     assert spawn_train(argv(data, tmp_path, "fault.sigterm_at_step=2")) == 0
     one = sorted(glob.glob(os.path.join(data["shards"][0], "*.tar")))[0]
     assert spawn_train(argv(data, tmp_path, shards=[one, data["shards"][1]])) == 2
@@ -187,6 +190,7 @@ def test_a_resume_over_other_shards_is_refused_naming_the_stage(data, tmp_path, 
     assert json.loads((tmp_path / "launch_error.json").read_text())["errors"][0]["types"][0] == \
         "ValueError"
     assert not any("resumed_from_step" in r for r in map(json.loads, open(tmp_path / "metrics.jsonl")))
+    assert OmegaConf.load(tmp_path / "config.yaml").stages[0].shards == data["shards"][0]
 
 
 def test_a_diverging_run_stops_both_ranks_before_saving_the_bad_step(data, tmp_path, capfd):
