@@ -7,6 +7,7 @@ where the record has them (records from before they were kept have none)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -27,6 +28,17 @@ def model_signature(model: torch.nn.Module, config: dict | None = None) -> dict:
     `config.<key>` -> value for each of `config`."""
     shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
     return {**shapes, **{CONFIG_PREFIX + k: v for k, v in (config or {}).items()}}
+
+
+def text_vocab(tokenizer) -> dict[str, str]:
+    """The text tokenizer's vocabulary as a config value of the signature ({} without one): an
+    LLM of the same shapes with another tokenizer passed the shape check, and its token ids then
+    indexed embeddings the checkpoint trained for other tokens (its own weights are not loaded)."""
+    if tokenizer is None:
+        return {}
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest()[:16]
+    return {"backbone.path's text tokenizer": f"{len(vocab)} tokens, sha256 {digest}"}
 
 
 def check_model_signature(root: str, signature: dict[str, list[int]], dist: DistInfo) -> None:

@@ -43,7 +43,7 @@ from bdt.training.divergence import StepHealth, plain_grad_norm, raise_diverged
 from bdt.training.ema import EMA
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
 from bdt.training.model_shapes import (check_model_signature, model_signature,
-                                       record_model_signature)
+                                       record_model_signature, text_vocab)
 from bdt.training.patient_barrier import patient_barrier
 from bdt.training.run_dir import BACKBONE_DIR, checkpoint_root, export_dir, write_summary
 from bdt.training.run_lock import hold_run_lock
@@ -122,7 +122,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
     setup.check_budgets(cfg, model, sources)
     # What each rank holds right after the build: under ZeRO-3 its partitions only.
     params_local = all_gather_int(setup.local_numel(model))
-    signature = model_signature(model)
+    signature = model_signature(model, text_vocab(model.tokenizer))
     check_model_signature(ckpt.root, signature, dist)
     flop_model = FlopModel.for_model(model)
     if cfg.compile.enabled:
@@ -162,6 +162,10 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                         "checkpoints and the export hold the live weights", ckpt.root, resume)
         stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
         if clock.stage == meta["stage"]:  # the stream resumes (else its stage is over)
+            if meta.get("seed", cfg.seed) != cfg.seed:  # named: the stream's check cannot tell
+                raise ValueError(f"seed = {cfg.seed}, but the checkpoint's data stream was "
+                                 f"shuffled with seed = {meta['seed']}: resume with "
+                                 f"seed={meta['seed']}, or start a new run directory")
             setup.check_stream_state(cfg, clock.stage, sources[clock.stage], meta["stream"], dist)
         log_window = meta.get("log_window")  # absent before windows were kept, None after a resplit
         if meta.get("threads") != torch.get_num_threads():
@@ -362,7 +366,7 @@ def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, clock: Sta
     stream_meta, stream_tensors = stream.state_dict()
     # "stage" is the stage whose stream this is; after a stage's last step the clock is
     # already in the next one (whose stream starts fresh on resume).
-    meta = {"step": step, "threads": torch.get_num_threads(), "stage": stage_idx,
+    meta = {"step": step, "threads": torch.get_num_threads(), "seed": cfg.seed, "stage": stage_idx,
             "stage_name": cfg.stages[stage_idx].name, "clock": clock.state_dict(), "seen": seen,
             "stream": stream_meta, "log_window": window.state_dict()}
     tensors = {f"stream.{k}": v for k, v in stream_tensors.items()}

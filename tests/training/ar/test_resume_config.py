@@ -1,0 +1,63 @@
+"""A run resumed under an edited config: what the checkpoint cannot follow is refused at start,
+before any step or write, in one line naming the key and both values."""
+
+import json
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+from testkit import TINY_CONFIG
+from trainutil import CAPTIONS, spawn_train, tiny_llm, train_overrides, write_shards
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from bdt.model.backbone import make_tiny_llm
+
+    root = tmp_path_factory.mktemp("resume_config")
+    # An LLM of tiny_llm's shapes whose tokenizer learnt other text: other ids, same vocab size.
+    other = make_tiny_llm(str(root / "other_llm"), [c[::-1] + " zq xv" for c in CAPTIONS] * 20,
+                          hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64,
+                          vocab_size=384, max_position_embeddings=1024)
+    shards = write_shards(str(root / "s0"), [(4, 4), (4, 8)], num_shards=2, per_shard=8, factor=2)
+    return {"llm": tiny_llm(str(root / "llm")), "other_llm": other,
+            "shards": os.path.dirname(shards[0])}
+
+
+def argv(data, run_dir, *extra, steps=2, llm=None):
+    return ["--config", TINY_CONFIG, *train_overrides(str(run_dir), llm or data["llm"],
+                                                      data["shards"], steps=[steps], every=2,
+                                                      extra=extra)]
+
+
+def assert_refused_before_any_step(run_dir, capfd, line):
+    err = capfd.readouterr().err
+    assert f"error: {line}" in err, err
+    records = [json.loads(r) for r in open(run_dir / "metrics.jsonl")]
+    assert max(r["step"] for r in records) == 2
+    assert not any("resumed_from_step" in r for r in records)
+
+
+def test_another_backbone_of_the_same_shapes_is_refused(data, tmp_path, capfd):
+    """The checkpoint's LLM weights replace the new backbone's, so its tokenizer's ids would
+    index embeddings trained for other tokens: once resumed without a word (and its record
+    replaced the run's backbone/, which sampling reads)."""
+    assert spawn_train(argv(data, tmp_path)) == 0
+    assert spawn_train(argv(data, tmp_path, steps=4, llm=data["other_llm"])) == 2
+    assert_refused_before_any_step(
+        tmp_path, capfd, f"checkpoints in {tmp_path}/checkpoints are from a different model: "
+        f"model.backbone.path's text tokenizer is 647 tokens, sha256 ")
+    assert OmegaConf.load(tmp_path / "config.yaml").model.backbone.path == data["llm"]
+
+
+def test_another_seed_is_refused_naming_both(data, tmp_path, capfd):
+    """Resumed mid-stage with another seed: the stream cannot continue its shuffle under it;
+    refused naming both seeds (once "other shards than ... or with another seed")."""
+    assert spawn_train(argv(data, tmp_path, "fault.sigterm_at_step=2", steps=4)) == 0
+    assert spawn_train(argv(data, tmp_path, "seed=7", steps=4)) == 2
+    assert_refused_before_any_step(
+        tmp_path, capfd, "seed = 7, but the checkpoint's data stream was shuffled with seed = 0: "
+        "resume with seed=0, or start a new run directory")
