@@ -41,23 +41,23 @@ def assert_refused_before_any_step(run_dir, capfd, line):
     assert not any("resumed_from_step" in r for r in records)
 
 
-def test_another_backbone_of_the_same_shapes_is_refused(data, tmp_path, capfd):
-    """The checkpoint's LLM weights replace the new backbone's, so its tokenizer's ids would
-    index embeddings trained for other tokens: once resumed without a word (and its record
-    replaced the run's backbone/, which sampling reads)."""
-    assert spawn_train(argv(data, tmp_path)) == 0
-    assert spawn_train(argv(data, tmp_path, steps=4, llm=data["other_llm"])) == 2
+def test_another_backbone_or_seed_is_refused_by_name(data, tmp_path, capfd):
+    """From one checkpoint mid-stage (one rank: the checks are every rank's alike):
+    - another backbone of the same shapes: the checkpoint's LLM weights replace its own, so its
+      tokenizer's ids would index embeddings trained for other tokens: once resumed without a
+      word (and its record replaced the run's backbone/, which sampling reads);
+    - another seed: the stream cannot continue its shuffle under it; refused naming both seeds
+      (once "other shards than ... or with another seed").
+    Neither refusal rewrites the run's config.yaml."""
+    assert spawn_train(argv(data, tmp_path, "fault.sigterm_at_step=2", steps=4), world=1) == 0
+    capfd.readouterr()
+    assert spawn_train(argv(data, tmp_path, steps=4, llm=data["other_llm"]), world=1) == 2
     assert_refused_before_any_step(
         tmp_path, capfd, f"checkpoints in {tmp_path}/checkpoints are from a different model: "
         f"model.backbone.path's text tokenizer is 647 tokens, sha256 ")
-    assert OmegaConf.load(tmp_path / "config.yaml").model.backbone.path == data["llm"]
-
-
-def test_another_seed_is_refused_naming_both(data, tmp_path, capfd):
-    """Resumed mid-stage with another seed: the stream cannot continue its shuffle under it;
-    refused naming both seeds (once "other shards than ... or with another seed")."""
-    assert spawn_train(argv(data, tmp_path, "fault.sigterm_at_step=2", steps=4)) == 0
-    assert spawn_train(argv(data, tmp_path, "seed=7", steps=4)) == 2
+    assert spawn_train(argv(data, tmp_path, "seed=7", steps=4), world=1) == 2
     assert_refused_before_any_step(
         tmp_path, capfd, "seed = 7, but the checkpoint's data stream was shuffled with seed = 0: "
         "resume with seed=0, or start a new run directory")
+    recorded = OmegaConf.load(tmp_path / "config.yaml")
+    assert recorded.model.backbone.path == data["llm"] and recorded.seed == 0
