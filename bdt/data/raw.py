@@ -306,7 +306,9 @@ class StreamState:
             if not str(e).startswith("DataLoader timed out"):
                 raise
             # One stuck in a read never sees the loader's stop either: left alone, it kept this
-            # process from exiting.
+            # process from exiting. The loader's SIGCHLD check of them goes first, or their
+            # death raises "worker killed by signal" wherever this process then is.
+            _stop_checking_workers(batches)
             for worker in getattr(batches, "_workers", ()):
                 worker.kill()
             raise TimeoutError(f"{e}: no batch from the data workers, a read that does not "
@@ -324,6 +326,16 @@ class StreamState:
 
     def to_dict(self) -> dict:
         return {str(k): v for k, v in self.positions.items()}
+
+
+def _stop_checking_workers(batches: Iterator[dict[str, Any]]) -> None:
+    """Take a DataLoader iterator's workers out of its SIGCHLD check (torch's private registry,
+    which its own shutdown clears the same way)."""
+    if getattr(batches, "_worker_pids_set", False):
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
 
 
 def _worker_error(e: Exception) -> Exception | None:

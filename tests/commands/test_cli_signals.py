@@ -21,6 +21,9 @@ def images(*args, **kwargs):
     os.kill(os.getpid(), int(sys.argv[1]))
     time.sleep(30)  # the signal ends this, or the test times out
 
+# Ctrl-C as a terminal delivers it: a suite started in the background (`cmd &`, some CI
+# runners) ignores SIGINT, and this child would inherit that.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 model = SimpleNamespace(cfg=SimpleNamespace(parallel_num=4))
 sample.load_for_args = lambda args: (SimpleNamespace(source="m", model=model, images=images),
                                      (16, 16), SimpleNamespace(cfg_scale=1.0, num_steps=1,

@@ -280,3 +280,33 @@ def test_a_workers_error_is_its_own_line_and_the_workers_are_gone(tmp_path, monk
     for worker in batches._workers:
         worker.join(10)
         assert not worker.is_alive()
+
+
+@pytest.mark.slow
+def test_a_stalled_read_stops_with_its_own_error_and_no_worker_check_left(tmp_path, monkeypatch):
+    """data.stall_s: the stuck worker is killed, and the DataLoader's SIGCHLD check of it goes
+    first: left in place, the killed worker raised "DataLoader worker (pid N) is killed by
+    signal" wherever this process was, once inside the formatting of the TimeoutError's
+    traceback, which then never reached the log (a tokenizer-trainer test failed on it)."""
+    import time
+
+    from torch.utils.data._utils import signal_handling
+
+    from bdt.data import raw
+
+    urls = _write_shards(str(tmp_path), num_shards=1, per_shard=4)
+
+    def read_forever(*args, **kwargs):  # a hung mount, in the workers forked from here
+        while True:
+            time.sleep(1)
+
+    monkeypatch.setattr(raw, "read_samples", read_forever)
+    loader, state = make_loader(RawDataConfig(shards=urls[0], size=16, num_workers=1, stall_s=1),
+                                batch_size=2, rank=0, world_size=1)
+    batches = iter(loader)
+    with pytest.raises(TimeoutError, match="no batch from the data workers"):
+        state.take(batches)
+    for worker in batches._workers:
+        worker.join(10)
+        assert not worker.is_alive()
+    signal_handling._error_if_any_worker_fails()  # raised for the killed worker before
