@@ -18,6 +18,7 @@ RECORD_NAME = "llm_config_as_saved.json"
 UNCHECKED = frozenset({"architectures", "dtype", "torch_dtype", "transformers_version", "use_cache",
                        "initializer_range", "attention_dropout", "_name_or_path",
                        "output_attentions", "output_hidden_states", "return_dict"})
+_MISSING = object()  # a field one of the two files lacks
 
 
 def record(model_dir: str, llm_dir: str) -> None:
@@ -42,8 +43,6 @@ def check(model_dir: str, llm_dir: str) -> None:
                       f"recorded in {recorded}: restore these fields (to sample with a changed "
                       f"backbone config on purpose, make the record the same)")
 
-
-_MISSING = object()
 
 
 def _read(path: str) -> dict:
