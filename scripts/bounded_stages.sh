@@ -105,7 +105,10 @@ stage() {
   if [[ -n $INTERRUPTED ]]; then echo "== $name skipped ($INTERRUPTED)"; return 1; fi
   printf '== [%3ds] %s (limit %ss) -> %s\n' $((SECONDS - START)) "$name" "$limit" "$log"
   # A file, not a pipe to tee: a process that left the stage's group cannot hold the stage open.
-  "${PARENT_DEATH[@]}" timeout -k "$STAGE_KILL_S" -s ABRT "$limit" "$@" > "$log" 2>&1 < /dev/null &
+  # Made here: the background job's own redirection may come after tail looks (it then shows
+  # nothing of the stage: seen under load).
+  : > "$log"
+  "${PARENT_DEATH[@]}" timeout -k "$STAGE_KILL_S" -s ABRT "$limit" "$@" >> "$log" 2>&1 < /dev/null &
   STAGE_PID=$!
   tail -n +1 -f -s 0.2 --pid="$STAGE_PID" "$log" &
   tail_pid=$!
