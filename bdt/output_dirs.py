@@ -220,11 +220,37 @@ def _umask() -> int:
     return mask
 
 
+# A remote output's staging folder in the system temp dir: REMOTE_STAGING-TAG-RANDOM, TAG naming
+# its writer, so that the folder a SIGKILLed writer left (images: it can be large) is removed by
+# the next one (`_remove_dead_remote_staging`). One of another name (untagged: an older bdt's,
+# or not bdt's at all) is left alone.
+REMOTE_STAGING = "bdt-staging"
+_REMOTE_STAGING_NAME = re.compile(rf"{REMOTE_STAGING}-{WRITER_TAG_PATTERN}-\w+")
+
+
+def _remove_dead_remote_staging(temp_dir: str) -> None:
+    """Remove the remote-output staging folders in `temp_dir` whose writer ran on this host and
+    is gone (its pid absent, or now another process's). A live writer's, another host's (this
+    host cannot see its processes), a link or a folder of another user stays."""
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(temp_dir):
+            m = _REMOTE_STAGING_NAME.fullmatch(entry)
+            if not m or not writer_gone(m["pid"], m["started_ms"], m["host"]):
+                continue
+            folder = os.path.join(temp_dir, entry)
+            with contextlib.suppress(OSError):
+                info = os.lstat(folder)
+                if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    log.info("removed %s, the staging folder of a writer that was killed", folder)
+
+
 @contextlib.contextmanager
 def _staged_remote(url: str, last: str) -> Iterator[str]:
     """Each entry replaces its namesake whole, as locally. `last` goes first (an old marker
     beside half a new output would pass it for complete) and comes back last."""
-    tmp = tempfile.mkdtemp(prefix="bdt-staging-")
+    _remove_dead_remote_staging(tempfile.gettempdir())
+    tmp = tempfile.mkdtemp(prefix=f"{REMOTE_STAGING}-{writer_tag()}-")
     try:
         yield tmp
         fs, root = storage.filesystem(url)

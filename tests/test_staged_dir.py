@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,47 @@ def test_a_remote_directory_is_uploaded_when_complete(s3_bucket):
         output_dirs.refuse_nonempty_dir(out + "/a.txt", overwrite=True)
     with pytest.raises(OSError, match="bucket 'no-such-bucket-bdt' does not exist"):
         output_dirs.refuse_nonempty_dir("s3://no-such-bucket-bdt/out")
+
+
+_KILLED_REMOTE_WRITER = """
+import os, signal, sys
+from bdt import output_dirs
+with output_dirs.staged_dir(sys.argv[1]) as tmp:
+    open(os.path.join(tmp, "0000.png"), "wb").write(b"x" * 1000)
+    print(os.path.basename(tmp), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_remote_writers_staging_folder_goes_with_the_next_remote_write(
+        tmp_path, monkeypatch, s3_bucket):
+    """A SIGKILLed `bdt sample --out s3://...` left its staging folder (its images) in the
+    system temp dir for good. The next remote write removes it; a live writer's, another
+    host's, an untagged one (an older bdt's, or not bdt's), a link and a file stay."""
+    from bdt.processes import host_tag, writer_tag
+
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", _KILLED_REMOTE_WRITER, s3_bucket + "/out"],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    dead = tmp_path / proc.stdout.strip()
+    assert (dead / "0000.png").is_file() and dead.name.startswith("bdt-staging-")
+    other_host = writer_tag()[:-8] + f"{int(host_tag(), 16) ^ 1:08x}"
+    kept = [f"bdt-staging-{writer_tag()}-live", f"bdt-staging-{other_host}-theirs",
+            "bdt-staging-k2j3h4_x", "bdt-staging-1-2-nothex!-x"]
+    for name in kept:
+        _write(tmp_path / name, {"a.png": "keep"})
+    target = tmp_path / "elsewhere"
+    _write(target, {"a.png": "keep"})
+    link, file = tmp_path / (dead.name + "l"), tmp_path / (dead.name + "f")  # the dead's tag
+    link.symlink_to(target)
+    file.write_text("keep")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with output_dirs.staged_dir(s3_bucket + "/out") as tmp:
+        _write(Path(tmp), {"a.txt": "1"})
+    assert not dead.exists()
+    assert all((tmp_path / name / "a.png").read_text() == "keep" for name in kept)
+    assert link.is_symlink() and (target / "a.png").is_file() and file.read_text() == "keep"
 
 
 def test_a_link_to_an_empty_directory_gets_the_files(tmp_path):
