@@ -45,15 +45,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_sample)
 
 
+# A prompts or suite file larger than this is refused, read no further: every line is an image
+# to sample (a million prompts of 64 bytes; the shipped suite is 60 KB), so a larger one is
+# the wrong file (/dev/zero, a FIFO that never ends) and reading it whole would exhaust memory.
+MAX_TEXT_BYTES = 64 << 20
+
+
 def read_lines(path: str) -> list[str]:
-    """The lines of a UTF-8 text file; a file that is not text names itself. Lines end at a
-    newline only (\r\n and \r read as one): str.splitlines also splits at U+2028, a form feed
-    and others, which a prompt may hold and JSON writes unescaped (a suite item cut in two)."""
+    """The lines of a UTF-8 text file of at most MAX_TEXT_BYTES (a FIFO too: read, not
+    stat-ed); a file that is not text names itself. Lines end at a newline only (\r\n and \r
+    read as one): str.splitlines also splits at U+2028, a form feed and others, which a prompt
+    may hold and JSON writes unescaped (a suite item cut in two)."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_TEXT_BYTES >> 20} MiB, more than a prompt "
+                         f"list holds: give a file of one prompt (suite item) per line")
     try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: an editor's byte-order mark is no text
-            return f.read().split("\n")
+        text = data.decode("utf-8-sig")  # -sig: an editor's byte-order mark is no text
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def read_prompts(path: str) -> list[str]:

@@ -2,6 +2,8 @@
 the flag or file, before loading any model (so the model path here need not exist)."""
 
 import json
+import os
+import threading
 
 import pytest
 
@@ -82,6 +84,34 @@ def test_prompt_and_suite_lines_end_at_newlines_only(tmp_path):
     suite = tmp_path / "suite.jsonl"
     suite.write_text(json.dumps(item, ensure_ascii=False) + "\n", encoding="utf-8")
     assert _read_suite(str(suite)) == [item]
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_a_prompts_or_suite_file_is_read_up_to_a_bound_and_a_small_fifo_whole(
+        tmp_path, capsys, command):
+    """`--prompts-file /dev/zero` (or a huge file) was read whole, until memory ran out. A file
+    is read up to a bound and refused past it; a FIFO (`<(...)`) below it still works."""
+    from bdt.commands.sample import MAX_TEXT_BYTES
+
+    flag = "--prompts-file" if command == "sample" else "--suite"
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(MAX_TEXT_BYTES + 1)  # sparse: no disk space
+    for path in (str(big), "/dev/zero"):
+        code = main([command, "--model", str(tmp_path / "no_model"), flag, path,
+                     "--out", str(tmp_path / "o")])
+        last = _last_error(capsys)
+        assert code == 2 and f": error: {path}: larger than 64 MiB" in last, last
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    line = "a red circle" if command == "sample" else json.dumps(load_suite()[0])
+    writer = threading.Thread(target=lambda: fifo.write_text(line + "\n"))
+    writer.start()
+    code = main([command, "--model", str(tmp_path / "no_model"), flag, str(fifo),
+                 "--out", str(tmp_path / "o")])
+    writer.join()
+    last = _last_error(capsys)  # read it whole: on to the model, which is not there
+    assert code == 2 and "no_model' does not exist" in last, last
 
 @pytest.mark.parametrize("action, args, expected", [
     ("encode", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
