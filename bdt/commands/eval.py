@@ -77,6 +77,7 @@ def _eval(args: argparse.Namespace) -> int:
     from bdt.commands.sample import load_for_args
     from bdt.eval.run import evaluate, markdown_table, select
     from bdt.eval.suite import load_suite
+    from bdt.generation.sampling import PromptError
 
     if args.per_category < 0:
         raise ValueError(f"--per-category must be >= 0, got {args.per_category}")
@@ -87,8 +88,11 @@ def _eval(args: argparse.Namespace) -> int:
     check_new_output(args)
     trained, (width, height), sampling = load_for_args(args)
     with output_dirs.staged_dir(args.out, overwrite=args.overwrite, last="eval.json") as tmp:
-        result = evaluate(trained, None, items, width, height, sampling, batch=args.batch,
-                          out_dir=tmp, progress=True, any_bucket=args.any_bucket)
+        try:
+            result = evaluate(trained, None, items, width, height, sampling, batch=args.batch,
+                              out_dir=tmp, progress=True, any_bucket=args.any_bucket)
+        except PromptError as e:  # its place among the selected items means nothing to a user
+            raise ValueError(f"suite item {items[e.index]['id']!r}: {e.reason}") from None
     print(markdown_table(result), end="")
     print(f"wrote eval.json, eval.md, grid.png and {len(items)} images to {args.out}")
     return 0

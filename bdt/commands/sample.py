@@ -68,8 +68,9 @@ def read_lines(path: str) -> list[str]:
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
-def read_prompts(path: str) -> list[str]:
-    prompts = [line.strip() for line in read_lines(path) if line.strip()]
+def read_prompts(path: str) -> list[tuple[int, str]]:
+    """(line number from 1, prompt) of each non-blank line of prompts file `path`."""
+    prompts = [(n, line.strip()) for n, line in enumerate(read_lines(path), 1) if line.strip()]
     if not prompts:
         raise ValueError(f"prompts file {path!r} holds no prompt (one per line)")
     return prompts
@@ -132,10 +133,13 @@ def _sample(args: argparse.Namespace) -> int:
     from bdt import output_dirs
     from bdt.commands.model import check_new_output
     from bdt.generation.grid import make_grid
+    from bdt.generation.sampling import PromptError
 
     if args.cols < 1:
         raise ValueError(f"--cols must be >= 1, got {args.cols}")
-    prompts = given_prompts(args.prompt) if args.prompt else read_prompts(args.prompts_file)
+    numbered = (list(enumerate(given_prompts(args.prompt), 1)) if args.prompt
+                else read_prompts(args.prompts_file))
+    prompts = [prompt for _, prompt in numbered]
     check_sampling_args(args)
     check_new_output(args)  # before the model loads
     trained, (width, height), sampling = load_for_args(args)
@@ -146,8 +150,12 @@ def _sample(args: argparse.Namespace) -> int:
             "seed": sampling.seed, "batch": args.batch, "images": files}
     # Staged before the work, as eval: a second sampler of the same --out fails at its start.
     with output_dirs.staged_dir(args.out, overwrite=args.overwrite, last="samples.json") as tmp:
-        images = trained.images(prompts, width, height, sampling, batch=args.batch,
-                                any_bucket=args.any_bucket)
+        try:
+            images = trained.images(prompts, width, height, sampling, batch=args.batch,
+                                    any_bucket=args.any_bucket)
+        except PromptError as e:  # named as the user gave it: a file's line, as an editor shows
+            where = f"{args.prompts_file} line" if args.prompts_file else "--prompt number"
+            raise ValueError(f"{where} {numbered[e.index][0]}: {e.reason}") from None
         for image, entry in zip(images, files):
             image.save(os.path.join(tmp, entry["file"]))
         make_grid(images, cols=args.cols).save(os.path.join(tmp, "grid.png"))

@@ -46,6 +46,16 @@ class SamplingConfig:
     use_cache: bool = True  # False: full recomputation per step (slow; the cache's reference)
 
 
+class PromptError(ValueError):
+    """A prompt sampling cannot take: `index` is its place in the prompts (from 0), `reason` what
+    is wrong. The message counts from 1, as people do (and `--prompt number N`); a command
+    names the prompt its own way (a file's line, a suite item's id)."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"prompt {index + 1}: {reason}")
+        self.index, self.reason = index, reason
+
+
 def _prefixes(model: BitDanceModel, prompts: Sequence[str | Sequence[int]], h: int, w: int,
               guided: bool) -> list[list[int]]:
     """Prefix ids per row: the B conditional rows, then (guided) B unconditional ones."""
@@ -70,9 +80,9 @@ def _prefixes(model: BitDanceModel, prompts: Sequence[str | Sequence[int]], h: i
         ids = packer.prompt_ids(caption)
         total = packer.sample_len(len(ids), h, w)
         if total > context:
-            raise ValueError(f"prompt {i % len(prompts)}: {len(ids)} prompt tokens + "
-                             f"{total - len(ids)} image-part tokens ({h}x{w} bucket) = {total} "
-                             f"> the model's context of {context} positions")
+            raise PromptError(i % len(prompts), f"{len(ids)} prompt tokens + {total - len(ids)} "
+                              f"image-part tokens ({h}x{w} bucket) = {total} > the model's "
+                              f"context of {context} positions")
         rows.append(ids + image_part)
     return rows
 
@@ -84,14 +94,14 @@ def _check_text(caption: str | Sequence[int] | None, i: int) -> None:
         try:
             caption.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ValueError(f"prompt {i}: not UTF-8 text ({e.reason}: {caption[e.start]!r} at "
-                             f"character {e.start})") from None
+            raise PromptError(i, f"not UTF-8 text ({e.reason}: {caption[e.start]!r} at "
+                                 f"character {e.start})") from None
 
 
 def check_prompts(model: BitDanceModel, prompts: Sequence[str | Sequence[int]], h: int,
                   w: int) -> None:
-    """ValueError naming the first prompt (index in `prompts`) that an h x w bucket's sampling
-    cannot take, so a long list fails before its first batch rather than midway."""
+    """PromptError naming the first prompt that an h x w bucket's sampling cannot take, so a
+    long list fails before its first batch rather than midway."""
     _prefixes(model, prompts, h, w, guided=False)
 
 

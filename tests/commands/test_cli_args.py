@@ -79,7 +79,8 @@ def test_prompt_and_suite_lines_end_at_newlines_only(tmp_path):
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes("a red\u2028circle\r\na blue\x0csquare\n\na star".encode())
-    assert read_prompts(str(prompts)) == ["a red\u2028circle", "a blue\x0csquare", "a star"]
+    assert read_prompts(str(prompts)) == [(1, "a red\u2028circle"), (2, "a blue\x0csquare"),
+                                          (4, "a star")]
     item = {**load_suite()[0], "prompt": "a circle\u2028"}
     suite = tmp_path / "suite.jsonl"
     suite.write_text(json.dumps(item, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -109,6 +109,8 @@ def test_scoring_passes_ground_truth_and_fails_wrong_prompts(tmp_path):
     (["--suite", "BAD"], ":1: not a suite item"),
     # scored under one category, judged by another's rules (once accepted)
     (["--suite", "MISMATCH"], "category 'nonsense' is not its spec's ('single_object')"),
+    # once "prompt 1", its 0-based place among the selected items
+    (["--suite", "LONG", "--size", "16"], "suite item 'long': 60"),
 ])
 @pytest.mark.slow
 def test_bad_eval_input_exits_2(trained_run, tmp_path, capsys, args, expected):
@@ -118,8 +120,12 @@ def test_bad_eval_input_exits_2(trained_run, tmp_path, capsys, args, expected):
             "groups": [{"shape": "circle", "color": None, "count": 1}]}
     (tmp_path / "mismatch.jsonl").write_text(json.dumps(
         {"id": "x", "category": "nonsense", "prompt": "a circle", "spec": spec}) + "\n")
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(
+        {"id": i, "category": "single_object", "prompt": p, "spec": spec}) + "\n"
+        for i, p in (("short", "a circle"), ("long", "red " * 600))))
     args = [{"EMPTY": str(tmp_path / "empty.jsonl"), "BAD": str(tmp_path / "bad.jsonl"),
-             "MISMATCH": str(tmp_path / "mismatch.jsonl")}.get(a, a) for a in args]
+             "MISMATCH": str(tmp_path / "mismatch.jsonl"),
+             "LONG": str(tmp_path / "long.jsonl")}.get(a, a) for a in args]
     code = main(["eval", "--model", os.path.join(trained_run, "export"), *args,
                  "--out", str(tmp_path / "o")])
     last = capsys.readouterr().err.strip().splitlines()[-1]

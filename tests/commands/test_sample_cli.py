@@ -166,8 +166,11 @@ def _incomplete_export(trained_run, tmp_path, name: str) -> str:
     ("export", ["--bucket", "16by16"], "expected S or WxH"),
     ("export", ["--size", "16", "--parallel", "16"], "trained with P = 4"),
     ("empty_file", ["--size", "16"], "holds no prompt"),
-    # Every prompt is checked before the first batch samples, and named by its index.
-    ("export", ["--size", "16", "--batch", "1", "--prompt", "red " * 600], "prompt 1: 60"),
+    # Every prompt is checked before the first batch samples, and named as the user gave it
+    # (once "prompt 1", counted from 0, beside "--prompt number 2 is empty" for the same place).
+    ("export", ["--size", "16", "--batch", "1", "--prompt", "red " * 600],
+     "--prompt number 2: 60"),
+    ("long_file", ["--size", "16", "--batch", "1"], "prompts.txt line 3: 60"),
     ("export", ["--size", "16", "--prompt", " "], "--prompt number 2 is empty"),
     ("export", ["--size", "16", "--steps", str(10**20)], "--steps must be in [1, 10000]"),
     # finite, but the guided velocity overflows: once a FloatingPointError traceback
@@ -183,6 +186,9 @@ def test_bad_input_exits_2_with_one_line(trained_run, tmp_path, capsys, case, ar
     if case == "empty_file":
         (tmp_path / "empty.txt").write_text("\n  \n")
         source = ["--prompts-file", str(tmp_path / "empty.txt")]
+    if case == "long_file":  # a blank line: its prompt 2 is on line 3
+        (tmp_path / "prompts.txt").write_text("a red circle\n\n" + "red " * 600 + "\n")
+        source = ["--prompts-file", str(tmp_path / "prompts.txt")]
     code = main(["sample", "--model", model, *source, *args, "--out", str(tmp_path / "o")])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2

@@ -134,7 +134,7 @@ def test_an_in_loop_preview_whose_prompt_cannot_fit_is_refused_before_training(l
     cfg = ARLoggingConfig(sample_every=5, sample_prompts=["a red circle", long], sample_hw=[4, 4])
     off = ARLoggingConfig(sample_every=0, sample_prompts=cfg.sample_prompts, sample_hw=[4, 4])
     Preview(off, None, "unused", 0, takes_part=True, writes=False).check(model)  # never runs
-    with pytest.raises(ValueError, match=r"logging.sample_prompts: prompt 1: .* context"):
+    with pytest.raises(ValueError, match=r"logging.sample_prompts: prompt 2: .* context"):
         Preview(cfg, None, "unused", 0, takes_part=True, writes=False).check(model)
 
 
@@ -159,7 +159,7 @@ def test_a_prompt_that_is_no_utf8_text_is_named(llm_dir):
     \\udcff escape in a suite file ended `bdt sample` / `bdt eval` with the tokenizer's
     TypeError."""
     model = tiny_model(llm_dir, 4)
-    with pytest.raises(ValueError, match="prompt 1: not UTF-8 text .* at character 2"):
+    with pytest.raises(ValueError, match="prompt 2: not UTF-8 text .* at character 2"):
         generate(model, ["a red circle", "a \udcff circle"], 4, 4, SamplingConfig(num_steps=1))
 
 
