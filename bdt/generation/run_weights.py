@@ -53,7 +53,7 @@ def recorded_backbone(run_dir: str, backbone: BackboneConfig) -> BackboneConfig:
     return backbone
 
 
-_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def _record_gaps(recorded: str) -> list[str]:
@@ -63,8 +63,8 @@ def _record_gaps(recorded: str) -> list[str]:
         return ["not a directory"]
     gaps = [f"no {name}" for name in ("config.json", "tokenizer_config.json")
             if not os.path.isfile(os.path.join(recorded, name))]
-    if not any(os.path.isfile(os.path.join(recorded, name)) for name in _VOCAB_FILES):
-        gaps.append(f"no vocabulary file ({', '.join(_VOCAB_FILES)})")
+    if not any(os.path.isfile(os.path.join(recorded, name)) for name in VOCAB_FILES):
+        gaps.append(f"no vocabulary file ({', '.join(VOCAB_FILES)})")
     return gaps
 
 

@@ -32,8 +32,8 @@ from PIL import Image
 
 from bdt import storage
 from bdt.generation.grid import to_pil
-from bdt.generation.run_weights import (MODEL_STATES, checkpoint_weights, damaged_record,
-                                        recorded_backbone, run_config)
+from bdt.generation.run_weights import (MODEL_STATES, VOCAB_FILES, checkpoint_weights,
+                                        damaged_record, recorded_backbone, run_config)
 from bdt.generation.sampling import SamplingConfig, check_prompts, generate
 from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel, read_model_config
 from bdt.model import llm_config_record
@@ -186,6 +186,9 @@ def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
             if os.path.isfile(os.path.join(run_dir, layout.CONFIG_NAME)):
                 return _from_run_checkpoint(run_dir, device, os.path.abspath(path))
     missing = [f for f in EXPORT_FILES if not file_present(os.path.join(path, f))]
+    # Any one of them: without, transformers' error of many lines named no file.
+    if not any(file_present(os.path.join(path, LLM_DIR, f)) for f in VOCAB_FILES):
+        missing.append(f"{LLM_DIR}/{VOCAB_FILES[0]} (or {', '.join(VOCAB_FILES[1:])})")
     release = release_layout(path) if missing else None
     if release is not None:
         raise OSError(f"{path!r} is {release.name}: convert it once with "

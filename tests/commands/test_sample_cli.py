@@ -155,12 +155,26 @@ def _incomplete_export(trained_run, tmp_path, name: str) -> str:
     return str(broken)
 
 
+def test_an_export_with_a_sentencepiece_vocabulary_instead_of_tokenizer_json_samples(
+        trained_run, tmp_path):
+    """Either vocabulary file will do: only an export with neither is refused (test below)."""
+    export = _incomplete_export(trained_run, tmp_path, "llm/tokenizer.json")
+    shutil.copy(os.path.join(os.path.dirname(trained_run), "llm", "tokenizer.model"),
+                os.path.join(export, "llm"))
+    assert main(["sample", "--model", export, "--prompt", "a red circle", "--size", "16",
+                 "--steps", "1", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "0000.png").is_file()
+
+
 @pytest.mark.parametrize("case, args, expected", [
     ("missing", ["--size", "16"], "does not exist"),
     ("remote", ["--size", "16"], "is remote: sampling reads a local export"),
     ("incomplete", ["--size", "16"], "missing bitdance_extra.safetensors"),
     # it once blamed the weights: "the tokenizer does not belong to these weights"
     ("incomplete_llm", ["--size", "16"], "missing llm/tokenizer_config.json"),
+    # once transformers' "Couldn't instantiate the backend tokenizer from one of: ..."
+    ("no_vocabulary", ["--size", "16"],
+     "missing llm/tokenizer.json (or tokenizer.model, vocab.json, vocab.txt)"),
     ("export", ["--size", "32"], "bucket 32x32 was not trained"),
     ("export", ["--bucket", "18x16"], "sides must be multiples of 4 px"),
     ("export", ["--bucket", "16by16"], "expected S or WxH"),
@@ -178,9 +192,10 @@ def _incomplete_export(trained_run, tmp_path, name: str) -> str:
 ])
 def test_bad_input_exits_2_with_one_line(trained_run, tmp_path, capsys, case, args, expected):
     model = {"missing": str(tmp_path / "nope"), "remote": "s3://bucket/run/export"}.get(case)
-    if case.startswith("incomplete"):
-        model = _incomplete_export(trained_run, tmp_path, "llm/tokenizer_config.json"
-                                   if case == "incomplete_llm" else "bitdance_extra.safetensors")
+    if case.startswith("incomplete") or case == "no_vocabulary":
+        model = _incomplete_export(trained_run, tmp_path, {
+            "incomplete_llm": "llm/tokenizer_config.json", "no_vocabulary": "llm/tokenizer.json",
+        }.get(case, "bitdance_extra.safetensors"))
     model = model or os.path.join(trained_run, "export")
     source = ["--prompt", "a red circle"]
     if case == "empty_file":
