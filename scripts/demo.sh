@@ -12,6 +12,8 @@
 # Run it as `make demo` or `bash scripts/demo.sh`. Everything goes to $DEMO_DIR (default demo/).
 # Re-running resumes: a step whose output is complete is skipped, and the tokenizer and AR
 # trainers continue from their newest complete checkpoint. `rm -rf demo` starts over.
+# Ctrl-C or a SIGTERM (to this script alone or its process group) stops the running step at once,
+# the trainers at a checkpoint; the script exits 130 once the step has ended (stop_demo).
 #
 # Time: the demo has 30 minutes from DEMO_STARTED (epoch seconds; `make demo` passes its own
 # start, so the install counts; default: this script's start). AR training gets what the steps
@@ -81,25 +83,65 @@ log() { printf '\n== demo [%dm%02ds] %s\n' $(((SECONDS - START) / 60)) $(((SECON
 source scripts/local_ray.sh  # free_port, start_ray_head / stop_ray (the rehearsal uses them too)
 # Set before any step: without a trap a SIGTERM ends this script at once, while its step runs on.
 trap stop_ray EXIT
-trap 'stop_ray; exit 130' INT TERM
+trap 'stop_demo INT' INT
+trap 'stop_demo TERM' TERM
+STEP_PID=""
+
+# SIG: pass it on to the running step, wait for the step to end (the trainers save at their next
+# step boundary, so the demo resumes from there), stop Ray, exit.
+stop_demo() {
+  if [[ -n $STEP_PID ]]; then
+    kill -"$1" "$STEP_PID" 2> /dev/null || true
+    wait "$STEP_PID" || true
+  fi
+  stop_ray
+  exit 130
+}
 
 # COMMAND...: run it and return only once every process it started has ended. The `deepspeed`
 # runner dies at once on Ctrl-C or SIGTERM while its launcher and ranks still save a checkpoint:
-# this script would exit with them running, and a re-run would find the run locked.
+# this script would exit with them running, and a re-run would find the run locked. It runs in
+# the background: bash runs a trap only once its foreground command has ended, while `wait`
+# returns on a trapped signal, so a SIGTERM to this script's PID alone reaches stop_demo at once.
+# The wrapper passes a SIGINT or SIGTERM from this script on to every process below it, unless
+# the same signal reached the wrapper from elsewhere first (a signal to the process group, such
+# as Ctrl-C: the step had it too). This script's death sends the wrapper a SIGTERM to pass on
+# (PR_SET_PDEATHSIG): a SIGKILL to the script alone, or a signal as it starts a step, stops it too.
 run_to_end() {
   python -c '
-import ctypes, os, signal, subprocess, sys
-ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans below this process come here
-for sig in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(sig, lambda *_: None)  # a handler, not SIG_IGN: the command gets the default
-status = subprocess.call(sys.argv[1:])
+import contextlib, ctypes, os, signal, sys
+import psutil
+STOPS, PARENT = {signal.SIGINT, signal.SIGTERM}, os.getppid()
+signal.pthread_sigmask(signal.SIG_BLOCK, STOPS | {signal.SIGCHLD})  # sigwaitinfo takes them
+for sig in (signal.SIGINT, signal.SIGQUIT):  # bash ignores them in a background job
+    signal.signal(sig, signal.SIG_DFL)
+libc = ctypes.CDLL(None)
+libc.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans below this process come here
+libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+# The command starts with no signal blocked, and SIGPIPE and SIGXFSZ not ignored (as in Python).
+pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ, setsigmask=(),
+                     setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+status, direct = 1, set()
 while True:
-    try:
-        os.wait()
-    except ChildProcessError:
-        break
+    info = signal.sigwaitinfo(STOPS | {signal.SIGCHLD})
+    if info.si_signo == signal.SIGCHLD:
+        try:
+            while (ended := os.waitpid(-1, os.WNOHANG))[0]:
+                if ended[0] == pid:
+                    status = os.waitstatus_to_exitcode(ended[1])
+        except ChildProcessError:
+            break
+    elif info.si_pid != PARENT:
+        direct.add(info.si_signo)
+    elif info.si_signo not in direct:
+        for proc in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(info.si_signo)
 sys.exit(status if status >= 0 else 128 - status)
-' "$@"
+' "$@" &
+  STEP_PID=$!
+  wait "$STEP_PID"
+  STEP_PID=""
 }
 
 # --- 1. data --------------------------------------------------------------------------------
@@ -107,7 +149,7 @@ if [[ -f $D/data/manifest.json ]]; then
   log "1/7 data: $D/data is complete, skipping"
 else
   log "1/7 data: $NUM shapes images (128 px) -> $D/data"
-  bdt data shapes --out "$D/data" --num "$NUM" --per-shard 500 --size 128 --seed 0 --workers 2
+  run_to_end bdt data shapes --out "$D/data" --num "$NUM" --per-shard 500 --size 128 --seed 0 --workers 2
 fi
 
 # --- 2. image tokenizer -----------------------------------------------------------------------
@@ -135,7 +177,7 @@ else
   read -r _ < <(setsid python -m bdt.extract.ray_session "$$" < /dev/null 2> /dev/null) || true
   REAPER_PID=$!
   start_ray_head "$D/ray-head.log"
-  ray job submit --address "$RAY_DASHBOARD" --working-dir . -- \
+  run_to_end ray job submit --address "$RAY_DASHBOARD" --working-dir . -- \
     python pipelines/extract_tokens.py --config configs/extract/demo.yaml \
     "inputs=$D/data/shapes-*.tar" "output=$D/tokens" "tokenizer=$D/tokenizer/export" \
     "${EXTRACT_ARGS[@]}"
@@ -148,7 +190,7 @@ if [[ -f $D/llm/model.safetensors ]]; then
   log "4/7 LLM: $D/llm is complete, skipping"
 else
   log "4/7 LLM: small Qwen3 + SentencePiece tokenizer on the captions -> $D/llm"
-  bdt model init-tiny --captions-from "$D/data" --out "$D/llm" "${LLM_ARGS[@]}"
+  run_to_end bdt model init-tiny --captions-from "$D/data" --out "$D/llm" "${LLM_ARGS[@]}"
 fi
 
 # --- 5. AR training, two resolution stages ------------------------------------------------------
@@ -169,7 +211,7 @@ if [[ -f $D/samples/samples.json ]]; then
   log "6/7 samples: $D/samples is complete, skipping"
 else
   log "6/7 samples: 16 prompts at 64 px -> $D/samples"
-  bdt sample --model "$D/run/export" --size 64 --steps "$SAMPLE_STEPS" --cfg-scale "$CFG" \
+  run_to_end bdt sample --model "$D/run/export" --size 64 --steps "$SAMPLE_STEPS" --cfg-scale "$CFG" \
     --out "$D/samples" --cols 8 --prompts-file scripts/demo_prompts.txt
 fi
 
@@ -178,7 +220,7 @@ if [[ -f $D/eval/eval.json ]]; then
   log "7/7 eval: $D/eval is complete, skipping"
 else
   log "7/7 eval: the shapes suite at 64 px, judged -> $D/eval"
-  bdt eval --model "$D/run/export" --size 64 --steps "$SAMPLE_STEPS" --cfg-scale "$CFG" \
+  run_to_end bdt eval --model "$D/run/export" --size 64 --steps "$SAMPLE_STEPS" --cfg-scale "$CFG" \
     --per-category "$EVAL_PER_CATEGORY" --out "$D/eval"
 fi
 

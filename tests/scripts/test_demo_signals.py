@@ -1,8 +1,9 @@
-"""scripts/demo.sh stopped by Ctrl-C or SIGTERM (to its process group) while a trainer runs: it
-exits only once the trainer's launcher has ended. The `deepspeed` runner dies at once on either
-signal while its launcher and ranks still save; here a fake runner and launcher stand in for them
-(the script runs in a copy of scripts/ whose .venv/bin holds them). SIGKILLed during extraction,
-its Ray head (in a session of its own) is stopped all the same; a fake `ray` stands in for Ray."""
+"""scripts/demo.sh stopped by Ctrl-C or SIGTERM (to its process group, or SIGTERM to its PID
+alone) while a step runs: it exits at once, but only once the step has ended. The `deepspeed`
+runner dies at once on either signal while its launcher and ranks still save; here a fake runner
+and launcher stand in for them, and a fake `bdt data` for the steps without a trainer (the script
+runs in a copy of scripts/ whose .venv/bin holds them). SIGKILLed during extraction, its Ray head
+(in a session of its own) is stopped all the same; a fake `ray` stands in for Ray."""
 
 import contextlib
 import os
@@ -20,13 +21,15 @@ from testkit import REPO
 pytestmark = pytest.mark.slow
 
 # The runner: starts the launcher and waits, dying on either signal (as deepspeed's runner does
-# for a local launch). The launcher: on a signal it "saves" for 2 s, then exits 1.
+# for a local launch). The launcher: on a signal it "saves" for 2 s, then exits 1; it notes each
+# signal it gets (a second one, while it saves, would start the save over).
 RUNNER = f"""#!{sys.executable}
 import subprocess, sys
 subprocess.Popen([sys.executable, __file__.replace("deepspeed", "launcher.py")]).wait()
 """
 LAUNCHER = """import os, signal, sys, time
-def stop(*_):
+def stop(signum=signal.SIGINT, _=None):
+    open(os.environ["DEMO_DIR"] + "/signals", "a").write(f"{int(signum)}\\n")
     time.sleep(2)
     open(os.environ["DEMO_DIR"] + "/saved", "w").close()
     sys.exit(1)
@@ -34,6 +37,18 @@ signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
 open(os.environ["DEMO_DIR"] + "/launcher.pid", "w").write(str(os.getpid()))
 time.sleep(60)
+"""
+# `bdt data shapes`: as the launcher, but Ctrl-C reaches it as Python's KeyboardInterrupt, which a
+# SIGINT ignored at its start (bash's for a background job) would never raise. Other commands fail.
+BDT = f"""#!{sys.executable}
+import os, signal, sys, time
+if sys.argv[1] != "data":
+    sys.exit(1)
+{LAUNCHER.replace("time.sleep(60)", "")}
+try:
+    time.sleep(60)
+except KeyboardInterrupt:
+    stop()
 """
 # `ray start --head --block`: answers HTTP on its dashboard port, with a child as Ray's processes;
 # `ray job submit`: runs until killed.
@@ -60,17 +75,26 @@ def fake_repo(root):
     bin_dir = root / ".venv" / "bin"
     os.makedirs(bin_dir)
     (bin_dir / "python").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")  # bdt's venv
-    for name, text in (("python", None), ("deepspeed", RUNNER), ("ray", RAY)):
+    for name, text in (("python", None), ("deepspeed", RUNNER), ("ray", RAY), ("bdt", BDT)):
         if text:
             (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     (bin_dir / "launcher.py").write_text(LAUNCHER)
 
 
-@pytest.mark.parametrize("sig, done", [(signal.SIGTERM, ["data/manifest.json"]),
-                                       (signal.SIGINT, list(BEFORE_TRAINING))])
-def test_a_stopped_demo_exits_after_its_trainer(tmp_path, sig, done):
-    """SIGTERM in step 2 (the tokenizer trainer), Ctrl-C in step 5 (the AR trainer)."""
+@pytest.mark.parametrize("sig, to_group, done", [
+    (signal.SIGTERM, True, ["data/manifest.json"]),  # the tokenizer trainer
+    (signal.SIGINT, True, list(BEFORE_TRAINING)),  # the AR trainer
+    (signal.SIGINT, True, []),  # `bdt data`
+    (signal.SIGTERM, False, list(BEFORE_TRAINING)),
+    (signal.SIGTERM, False, []),
+    (signal.SIGKILL, False, list(BEFORE_TRAINING)),  # the trainer gets a SIGTERM from its death
+])
+def test_a_stopped_demo_exits_after_its_step(tmp_path, sig, to_group, done):
+    """A signal to the group reaches the step directly; one to demo.sh's PID alone (a scheduler's
+    or `kill PID`) used to wait for the step's end (bash runs a trap only between commands): the
+    demo now passes it on and exits within seconds, once the step has saved. SIGKILLed alone, it
+    cannot: the step, which ran on, now stops as on a SIGTERM."""
     fake_repo(tmp_path / "repo")
     demo = tmp_path / "demo"
     for name in done:
@@ -83,13 +107,20 @@ def test_a_stopped_demo_exits_after_its_trainer(tmp_path, sig, done):
     try:
         deadline = time.monotonic() + 60
         while not (demo / "launcher.pid").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the launcher never started"
+            assert proc.poll() is None and time.monotonic() < deadline, "the step never started"
             time.sleep(0.1)
-        launcher = psutil.Process(int((demo / "launcher.pid").read_text()))
-        os.killpg(proc.pid, sig)
-        assert proc.wait(timeout=30) == 130
-        assert (demo / "saved").exists(), "the demo exited while its trainer was still saving"
-        assert not launcher.is_running() or launcher.status() == psutil.STATUS_ZOMBIE
+        time.sleep(0.5)  # the step's processes have set their handlers
+        started = psutil.Process(proc.pid).children(recursive=True)
+        (os.killpg if to_group else os.kill)(proc.pid, sig)
+        killed = sig == signal.SIGKILL
+        assert proc.wait(timeout=20) == (-sig if killed else 130)
+        if killed:  # nothing waited for the step
+            psutil.wait_procs(started, timeout=10)
+        assert (demo / "saved").exists(), "the step had not saved (when the demo exited, or 10 s after its death)"
+        seen = signal.SIGTERM if killed else sig
+        assert (demo / "signals").read_text().split() == [str(int(seen))]  # once, group or PID
+        gone, alive = psutil.wait_procs(started, timeout=1)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "left running"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
