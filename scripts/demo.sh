@@ -98,47 +98,11 @@ stop_demo() {
   exit 130
 }
 
-# COMMAND...: run it and return only once every process it started has ended. The `deepspeed`
-# runner dies at once on Ctrl-C or SIGTERM while its launcher and ranks still save a checkpoint:
-# this script would exit with them running, and a re-run would find the run locked. It runs in
-# the background: bash runs a trap only once its foreground command has ended, while `wait`
-# returns on a trapped signal, so a SIGTERM to this script's PID alone reaches stop_demo at once.
-# The wrapper passes a SIGINT or SIGTERM from this script on to every process below it, unless
-# the same signal reached the wrapper from elsewhere first (a signal to the process group, such
-# as Ctrl-C: the step had it too). This script's death sends the wrapper a SIGTERM to pass on
-# (PR_SET_PDEATHSIG): a SIGKILL to the script alone, or a signal as it starts a step, stops it too.
+# COMMAND...: run it through scripts/run_to_end.py (which returns once every process the command
+# started has ended, and passes this script's signals on to them), in the background so that a
+# signal to this script's PID alone reaches stop_demo at once.
 run_to_end() {
-  python -c '
-import contextlib, ctypes, os, signal, sys
-import psutil
-STOPS, PARENT = {signal.SIGINT, signal.SIGTERM}, os.getppid()
-signal.pthread_sigmask(signal.SIG_BLOCK, STOPS | {signal.SIGCHLD})  # sigwaitinfo takes them
-for sig in (signal.SIGINT, signal.SIGQUIT):  # bash ignores them in a background job
-    signal.signal(sig, signal.SIG_DFL)
-libc = ctypes.CDLL(None)
-libc.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans below this process come here
-libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-# The command starts with no signal blocked, and SIGPIPE and SIGXFSZ not ignored (as in Python).
-pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ, setsigmask=(),
-                     setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
-status, direct = 1, set()
-while True:
-    info = signal.sigwaitinfo(STOPS | {signal.SIGCHLD})
-    if info.si_signo == signal.SIGCHLD:
-        try:
-            while (ended := os.waitpid(-1, os.WNOHANG))[0]:
-                if ended[0] == pid:
-                    status = os.waitstatus_to_exitcode(ended[1])
-        except ChildProcessError:
-            break
-    elif info.si_pid != PARENT:
-        direct.add(info.si_signo)
-    elif info.si_signo not in direct:
-        for proc in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(info.si_signo)
-sys.exit(status if status >= 0 else 128 - status)
-' "$@" &
+  python scripts/run_to_end.py "$@" &
   STEP_PID=$!
   wait "$STEP_PID"
   STEP_PID=""

@@ -70,7 +70,7 @@ BEFORE_TRAINING = {"data/manifest.json": "{}", "tokenizer/export/config.json": "
 
 def fake_repo(root):
     os.makedirs(root / "scripts")
-    for name in ("demo.sh", "local_ray.sh"):
+    for name in ("demo.sh", "local_ray.sh", "run_to_end.py"):
         shutil.copy(REPO / "scripts" / name, root / "scripts" / name)
     bin_dir = root / ".venv" / "bin"
     os.makedirs(bin_dir)

@@ -1,0 +1,62 @@
+"""Run COMMAND... and exit with its status only once every process it started has ended.
+
+    python scripts/run_to_end.py COMMAND [ARG...]
+
+scripts/demo.sh runs each step through this, in the background, and `wait`s for it: bash runs a
+trap only once its foreground command has ended, while `wait` returns on a trapped signal, so a
+SIGTERM to the script's PID alone reaches its trap at once. Why each part:
+- Subreaper: the `deepspeed` runner dies at once on Ctrl-C or SIGTERM while its launcher and
+  ranks still save a checkpoint; orphans come here and are waited for, so the demo never exits
+  (and a re-run never finds the run locked) while they run.
+- A SIGINT or SIGTERM from the parent script is passed on to every process below, once: unless
+  the same signal reached this process from elsewhere first (a signal to the process group, such
+  as Ctrl-C, which the step had too).
+- The parent's death sends this process a SIGTERM to pass on (PR_SET_PDEATHSIG): a SIGKILL to the
+  script alone, or a signal just as it starts a step, stops the step too.
+"""
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+
+import psutil
+
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
+def main(argv: list[str]) -> int:
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOPS | {signal.SIGCHLD})  # sigwaitinfo takes them
+    for sig in (signal.SIGINT, signal.SIGQUIT):  # bash ignores them in a background job
+        signal.signal(sig, signal.SIG_DFL)
+    libc = ctypes.CDLL(None)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    # The command starts with no signal blocked, and SIGPIPE and SIGXFSZ not ignored (as Python
+    # leaves them for itself).
+    pid = os.posix_spawnp(argv[0], argv, os.environ, setsigmask=(),
+                          setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+    status, direct = 1, set()
+    while True:
+        info = signal.sigwaitinfo(STOPS | {signal.SIGCHLD})
+        if info.si_signo == signal.SIGCHLD:
+            try:
+                while (ended := os.waitpid(-1, os.WNOHANG))[0]:
+                    if ended[0] == pid:
+                        status = os.waitstatus_to_exitcode(ended[1])
+            except ChildProcessError:  # nothing left below
+                break
+        elif info.si_pid != parent:
+            direct.add(info.si_signo)
+        elif info.si_signo not in direct:
+            for proc in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(info.si_signo)
+    return status if status >= 0 else 128 - status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
