@@ -27,12 +27,16 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # Everything (CI). test-fast leaves out the tests marked slow (they start DeepSpeed, Ray, an S3
-# server or other processes): about 2 minutes on 2 shared cores.
+# server or other processes). Two pytest workers, a test file each at a time (module fixtures are
+# built once): most tests wait on processes they started, so two overlap well on 2 cores.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The main job end to end on the embedded default (system §4): data -> tokenizer -> Ray
 # pre-extraction -> DeepSpeed training over two stages -> samples -> evaluation. Resumable.

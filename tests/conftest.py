@@ -24,7 +24,14 @@ def ray_files_in_pytest_tmp(tmp_path_factory):
     session folder (~15 MB of logs and sockets) under pytest's temp dir, which pytest prunes to
     its last few runs, not in /tmp/ray for good. Where the socket paths would be too long there
     (Ray refuses to start), Ray keeps its default. Yields the folder it gave Ray, or None."""
-    base = str(tmp_path_factory.getbasetemp())
+    base = tmp_path_factory.getbasetemp()
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1... under `pytest -n N`
+    if worker:
+        # A folder per worker beside its temp dir (popen-gwN): Rays of two workers never share
+        # one, and the shorter name keeps the socket paths under the limit.
+        base = base.parent / worker
+        base.mkdir(exist_ok=True)
+    base = str(base)
     if "RAY_TMPDIR" in os.environ or len((base + RAY_SOCKET_TAIL).encode()) > 107:
         yield None
         return
