@@ -200,11 +200,11 @@ class RawImageStream(IterableDataset):
                         owner = (pos["before"] + j + 1) % stride == (g if stride > 1 else 0)
                         if not tar_sample.members:  # unsafe path, link, over the size limit
                             met += j + 1 >= pos["offset"] and owner  # not counted before a restart
-                            if met > counted:
-                                counted = met
+                            if met > counted:  # keys logged by %r: a tar's names may hold
+                                counted = met  # line breaks and terminal escapes
                                 pos["corrupt"] += 1
                                 log_skip(log, pos["corrupt"], MAX_LOGGED, "worker %d: skipping "
-                                         "sample %s of %s: nothing readable: %s", g,
+                                         "sample %r of %s: nothing readable: %s", g,
                                          tar_sample.key, url, tar_sample.refused)
                             continue
                         j, sample = j + 1, tar_sample.as_dict(url)
@@ -221,7 +221,7 @@ class RawImageStream(IterableDataset):
                         if image is None:
                             pos["corrupt"] += 1
                             log_skip(log, pos["corrupt"], MAX_LOGGED, "worker %d: skipping "
-                                     "sample %s of %s: %s", g, sample["__key__"], url, why)
+                                     "sample %r of %s: %s", g, sample["__key__"], url, why)
                             continue
                         images.append(image)
                         usable = True

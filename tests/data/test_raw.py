@@ -203,7 +203,7 @@ def test_every_worker_is_fed_by_small_and_bad_shards(tmp_path, caplog):
             w.write({"__key__": f"bad_{i}", "jpg": b"\xff\xd8 not a jpeg", "txt": b"c"})
     for rank in range(4):  # one of them holds only bad.tar in some epoch
         assert len(next(iter(RawImageStream(good + [bad], 16, 2, rank, 4)))["keys"]) == 2
-    assert "skipping sample bad_0 of" in caplog.text and "corrupt_image" in caplog.text
+    assert "skipping sample 'bad_0' of" in caplog.text and "corrupt_image" in caplog.text
     with pytest.raises(ValueError, match="gave no usable image"):  # nothing usable at all
         next(iter(RawImageStream([bad], 16, 2, 0, 1)))
 

@@ -116,3 +116,26 @@ def test_a_read_failing_past_samples_of_nothing_readable_counts_them_once(tmp_pa
     first, second = itertools.islice(iter(RawImageStream([url], 16, 2, 0, 1)), 2)
     assert failed and first["keys"] == ["a", "g0"] and second["keys"] == ["g1", "g2"]
     assert first["corrupt"] == second["corrupt"] == 3
+
+
+def test_a_skipped_samples_key_is_logged_on_one_line(tmp_path, caplog):
+    """Keys are member names, which may hold line breaks and terminal escapes: logged as they
+    were, they forged log lines (and recoloured terminals)."""
+    import tarfile
+
+    key = "a\nWARNING forged line \x1b[2J"
+    path = str(tmp_path / "s.tar")
+    with tarfile.open(path, "w") as t:
+        for name, data, kind in (("ok.png", _png(0), tarfile.REGTYPE),
+                                 (key + ".png", b"not an image", tarfile.REGTYPE),
+                                 (key + "2.png", b"", tarfile.SYMTYPE),
+                                 ("ok2.png", _png(1), tarfile.REGTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.size = kind, len(data)
+            t.addfile(info, io.BytesIO(data))
+    with caplog.at_level("WARNING", logger="bdt.data.raw"):
+        batch = next(iter(RawImageStream([path], 16, 2, 0, 1)))
+    assert batch["keys"] == ["ok", "ok2"] and batch["corrupt"] == 2
+    skips = [r.getMessage() for r in caplog.records if "skipping sample" in r.getMessage()]
+    assert len(skips) == 2, skips
+    assert all("\n" not in m and "\x1b" not in m and repr(key)[:-1] in m for m in skips), skips
