@@ -75,3 +75,28 @@ def test_max_pixels_is_the_limit_not_pils_warning_threshold():
     with pytest.warns(Image.DecompressionBombWarning), \
             pytest.raises(im.ImageRejected, match=f"{w}x{h} exceeds max_pixels {w * h - 1}"):
         im.open_image(jpeg_claiming(w, h), max_pixels=w * h - 1, min_side=1)
+
+
+def jpeg_with_scans_repeated(n: int) -> bytes:
+    """A flat progressive JPEG with its smallest scan (31 bytes) repeated n more times: each
+    decodes the whole image again (2,000 of them at 4000x4000 px: 156 KB, 36 s)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    starts = [i for i in range(len(data) - 1) if data[i:i + 2] == b"\xff\xda"] + [len(data) - 2]
+    smallest = min((data[a:b] for a, b in zip(starts, starts[1:])), key=len)
+    return data[:-2] + smallest * n + data[-2:]
+
+
+def test_a_jpeg_of_too_many_scans_is_rejected_before_decoding():
+    with pytest.raises(im.ImageRejected, match="over 100 JPEG scans") as info:
+        im.load_for_buckets(jpeg_with_scans_repeated(200), [[(32, 32)]], max_pixels=10**8, min_side=1)
+    assert info.value.reason == im.CORRUPT
+    # Scans of an EXIF thumbnail or past the end of the image (a motion photo's video) are not
+    # the image's: counted, they would refuse good photos.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(buf, "JPEG", progressive=True, exif=exif.tobytes())
+    for data in (jpeg_with_scans_repeated(80), buf.getvalue() + b"\xff\xda\x00\x02" * 1000):
+        im.load_for_buckets(data, [[(32, 32)]], max_pixels=10**8, min_side=1)
