@@ -200,8 +200,8 @@ class RawImageStream(IterableDataset):
                         owner = (pos["before"] + j + 1) % stride == (g if stride > 1 else 0)
                         if not tar_sample.members:  # unsafe path, link, over the size limit
                             met += j + 1 >= pos["offset"] and owner  # not counted before a restart
-                            if met > counted:  # keys logged by %r: a tar's names may hold
-                                counted = met  # line breaks and terminal escapes
+                            if met > counted:
+                                counted = met
                                 pos["corrupt"] += 1
                                 log_skip(log, pos["corrupt"], MAX_LOGGED, "worker %d: skipping "
                                          "sample %r of %s: nothing readable: %s", g,

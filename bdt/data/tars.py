@@ -92,7 +92,8 @@ def log_skip(logger: logging.Logger, count: int, limit: int, message: str, *args
              counted_in: str = "") -> None:
     """Log the `count`-th skipped sample of a kind while count <= limit, the last one saying that
     further ones are only counted (`counted_in`: where the count shows). A shard of bad samples
-    would otherwise flood the log once per sample, again after every resume."""
+    would otherwise flood the log once per sample, again after every resume. A sample's key goes
+    in as %r: it comes from a tar's member names, which may hold line breaks and terminal escapes."""
     if count <= limit:
         tail = f" (further ones are only counted{counted_in})" if count == limit else ""
         logger.warning(message + "%s", *args, tail)

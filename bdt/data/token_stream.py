@@ -238,7 +238,7 @@ class TokenStream:
     def _skip(self, kind: str, key: str, url: str, why: str) -> None:
         count = getattr(self.counters, kind) + 1
         setattr(self.counters, kind, count)
-        log_skip(log, count, NOTED_SKIPS, "skipping sample %s in %s (%s): %s", key, url, kind, why,
+        log_skip(log, count, NOTED_SKIPS, "skipping sample %r in %s (%s): %s", key, url, kind, why,
                  counted_in=f" in data/{kind}")
 
     def _fill(self) -> None:

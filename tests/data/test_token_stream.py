@@ -183,13 +183,14 @@ def test_corrupt_samples_are_logged_by_key_up_to_a_limit(tmp_path, caplog):
     bad = str(tmp_path / "bad.tar")
     with wds.TarWriter(bad, encoder=False) as sink:
         for i in range(2 * NOTED_SKIPS):
-            sink.write({"__key__": f"x{i}", "txt": b"no bits", "json": b"{}"})
+            sink.write({"__key__": f"x{i}\nforged", "txt": b"no bits", "json": b"{}"})
     s = make(urls + [bad], buffer=4)
     for _ in range(8):
         s.next_batch()
     logged = [r.getMessage() for r in caplog.records if "(corrupt)" in r.getMessage()]
     assert s.counters.corrupt > NOTED_SKIPS and len(logged) == NOTED_SKIPS
-    assert logged[0].startswith(f"skipping sample x0 in {bad} (corrupt): ")
+    # A member name's line break stays inside the one line (a forged second one otherwise).
+    assert logged[0].startswith(f"skipping sample 'x0\\nforged' in {bad} (corrupt): ")
     assert logged[-1].endswith("(further ones are only counted in data/corrupt)")
 
 
