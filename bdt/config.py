@@ -8,8 +8,6 @@ module turns its exceptions into one line that names the offending key and where
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import re
 from dataclasses import is_dataclass
@@ -19,23 +17,12 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bdt.config_file import ConfigError, describe, nesting_checked, read_yaml
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 RESOLVED_CONFIG_NAME = "config.yaml"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased as one line naming the key and its source."""
-
-
-def _describe(exc: OmegaConfBaseException, source: str) -> str:
-    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-    # omegaconf messages carry a multi-line "full_key: ... object_type=..." trailer; keep line 1.
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if key:
-        return f"{source}: key '{key}': {msg}"
-    return f"{source}: {msg}"
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
@@ -48,10 +35,10 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
             tree = OmegaConf.to_container(other) if OmegaConf.is_config(other) else other
             if isinstance(tree, dict) and (key := _in_yaml_lists(exc, tree)):
                 exc.full_key = key
-            raise ConfigError(_describe(exc, source)) from None
+            raise ConfigError(describe(exc, source)) from None
         found = _kind_mismatch(OmegaConf.to_container(base), OmegaConf.to_container(other))
         if found is None:
-            raise ConfigError(_describe(exc, source) if isinstance(exc, OmegaConfBaseException)
+            raise ConfigError(describe(exc, source) if isinstance(exc, OmegaConfBaseException)
                               else f"{source}: {exc}") from None
         raise ConfigError(f"{source}: key '{found[0]}': {found[1]}") from None
 
@@ -78,64 +65,13 @@ def _kind_mismatch(base: dict, other: dict, prefix: str = "") -> tuple[str, str]
     return None
 
 
-@contextlib.contextmanager
-def _nesting_checked(source: str) -> Iterator[None]:
-    """ConfigError naming `source` for a tree nested beyond Python's recursion limit: PyYAML
-    and omegaconf walk it recursively (about 100 levels is the most they take)."""
-    try:
-        yield
-    except RecursionError:
-        raise ConfigError(f"{source}: nested too deeply for a config (more than about 100 "
-                          f"levels of mappings or lists)") from None
-
-
-def read_yaml(path: str) -> DictConfig:
-    with _nesting_checked(path):
-        return _read_yaml(path)
-
-
-def _read_yaml(path: str) -> DictConfig:
-    from bdt import storage  # local import, as in save_resolved
-
-    try:
-        fs, local = storage.filesystem(path)
-    except ValueError as exc:  # a URL bdt refuses
-        raise ConfigError(str(exc)) from None
-    try:
-        with fs.open(local, "rb") as f:
-            text = f.read().decode("utf-8")
-        # The top node's kind first: omegaconf would read a lone string as a key with no value.
-        top = yaml.compose(text, Loader=yaml.SafeLoader)
-        if top is not None and not isinstance(top, yaml.MappingNode):
-            got = "a list" if isinstance(top, yaml.SequenceNode) else "a single value"
-            raise ConfigError(f"{path}: top level must be a mapping of keys, got {got}")
-        loaded = OmegaConf.load(io.StringIO(text))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})"
-                          ) from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: cannot parse YAML{where}: {exc.problem or exc.context}") from None
-    except yaml.YAMLError as exc:  # a control character (ReaderError): one line, its position
-        where = f" at character {exc.position}" if isinstance(exc, yaml.reader.ReaderError) else ""
-        raise ConfigError(f"{path}: cannot parse YAML{where}: {str(exc).splitlines()[0]}") from None
-    except OSError as exc:  # a directory, no permission
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
-    except OmegaConfBaseException as exc:  # valid YAML omegaconf cannot hold (a null key)
-        raise ConfigError(_describe(exc, path)) from None
-    return loaded
-
-
 def read_resolved_yaml(path: str) -> DictConfig:
     """read_yaml of a file bdt writes resolved (save_resolved: a model's or a run's config).
     ConfigError naming the file and key when it holds an interpolation (`${...}`): such a file
     came from elsewhere (a shared model folder), and resolving its `${oc.env:...}` would read
     this machine's environment into it."""
     cfg = read_yaml(path)
-    with _nesting_checked(path):
+    with nesting_checked(path):
         keys = [key for key, _ in _interpolations(OmegaConf.to_container(cfg, resolve=False))]
     if keys:
         raise ConfigError(f"{path}: key '{keys[0]}' is an interpolation; bdt writes this file "
@@ -190,7 +126,7 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             if value is None and raw.strip() == "":
                 raise ConfigError(f"command line: key '{key}': no value after '=' (an empty "
                                   f"string is {key}='')") from None
-            raise ConfigError(_describe(_under(exc, key, value), "command line")) from None
+            raise ConfigError(describe(_under(exc, key, value), "command line")) from None
         except (IndexError, KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"command line: key '{key}': {exc}") from None
     return cfg
@@ -306,14 +242,14 @@ def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[st
     for path in yaml_paths:
         loaded = read_yaml(path)
         _refuse_renamed(list(loaded.keys()), renamed, path)
-        with _nesting_checked(path):
+        with nesting_checked(path):
             cfg = _merge(cfg, loaded, path)
             _keep_required(cfg, loaded)
     _refuse_renamed([o.partition("=")[0].split(".")[0] for o in overrides], renamed, "command line")
-    with _nesting_checked("command line"):
+    with nesting_checked("command line"):
         cfg = _apply_overrides(cfg, overrides)
     sources = ", ".join(list(yaml_paths) + (["command line"] if overrides else [])) or "defaults"
-    with _nesting_checked(sources):
+    with nesting_checked(sources):
         return _resolved(cfg, sources, unused)  # type: ignore[return-value]
 
 
@@ -323,7 +259,7 @@ def _resolved(cfg: DictConfig, sources: str, unused: Sequence[str] = ()) -> Dict
     try:  # missing_keys reads every value, so it resolves interpolations too
         missing = sorted(OmegaConf.missing_keys(cfg) - set(unused))
     except OmegaConfBaseException as exc:
-        raise ConfigError(_describe(exc, "interpolation")) from None
+        raise ConfigError(describe(exc, "interpolation")) from None
     if missing:
         raise ConfigError(f"missing required value for key '{missing[0]}'"
                           + (f" (and {len(missing) - 1} more: {', '.join(missing[1:])})" if len(missing) > 1 else "")
@@ -331,7 +267,7 @@ def _resolved(cfg: DictConfig, sources: str, unused: Sequence[str] = ()) -> Dict
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
-        raise ConfigError(_describe(exc, "interpolation")) from None
+        raise ConfigError(describe(exc, "interpolation")) from None
     _keep_literal(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "bdt"
 LAYERS = [
     ["bdt.processes", "bdt.entry"],
     ["bdt.storage"],
-    ["bdt.url_listing"],
+    ["bdt.url_listing", "bdt.config_file"],
     ["bdt.config", "bdt.weights", "bdt.output_dirs"],
     ["bdt.data", "bdt.model", "bdt.tokenizer"],
     ["bdt.training"],  # infrastructure shared by the training loops
