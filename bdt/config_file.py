@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import stat
 from typing import Iterator
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+# Configs are a few KB; the YAML parsers hold a file many times over in memory.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(ValueError):
@@ -44,13 +49,14 @@ def read_yaml(path: str) -> DictConfig:
 def _read_yaml(path: str) -> DictConfig:
     from bdt import storage  # local import, as in bdt.config.save_resolved
 
+    if not path.strip():  # the OS would open the working directory
+        raise ConfigError("config file: the path is empty")
     try:
         fs, local = storage.filesystem(path)
     except ValueError as exc:  # a URL bdt refuses
         raise ConfigError(str(exc)) from None
     try:
-        with fs.open(local, "rb") as f:
-            text = f.read().decode("utf-8")
+        text = _read_capped(fs, local, path).decode("utf-8")
         # The top node's kind first: omegaconf would read a lone string as a key with no value.
         top = yaml.compose(text, Loader=yaml.SafeLoader)
         if top is not None and not isinstance(top, yaml.MappingNode):
@@ -69,8 +75,30 @@ def _read_yaml(path: str) -> DictConfig:
     except yaml.YAMLError as exc:  # a control character (ReaderError): one line, its position
         where = f" at character {exc.position}" if isinstance(exc, yaml.reader.ReaderError) else ""
         raise ConfigError(f"{path}: cannot parse YAML{where}: {str(exc).splitlines()[0]}") from None
-    except OSError as exc:  # a directory, no permission
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    except storage.STORE_ERRORS as exc:  # a directory, no permission, a store's error
+        raise ConfigError(f"{path}: cannot read config file: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
     except OmegaConfBaseException as exc:  # valid YAML omegaconf cannot hold (a null key)
         raise ConfigError(describe(exc, path)) from None
     return loaded
+
+
+def _read_capped(fs, local: str, path: str) -> bytes:
+    """The bytes of a config file, refusing what cannot be one before reading it: a FIFO (its
+    open waits for a writer, forever) or a device (/dev/zero fills memory); and past
+    MAX_CONFIG_BYTES (parsing 50 MB of YAML took 4 minutes and 5 GB before failing)."""
+    from bdt import storage
+
+    mode = stat.S_IFREG if storage.is_remote(path) else os.stat(local).st_mode
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a directory: open says so
+        raise ConfigError(f"{path}: not a regular file (a pipe, socket or device); every rank "
+                          f"reads the config, so give a file")
+    try:
+        with fs.open(local, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except ValueError as exc:  # s3fs: a URL with no key (s3://bucket/, s3:///x.yaml)
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, which no config "
+                          f"is (a few KB of YAML): is it the right file?")
+    return data

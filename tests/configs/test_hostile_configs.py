@@ -1,0 +1,107 @@
+"""Config sources that cannot be a config, refused by bdt.config.load in one line naming the
+file (or the key and the file that set it) before anything is read at length or resolved."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from bdt import config as C
+from bdt.config_file import MAX_CONFIG_BYTES
+
+
+@dataclass
+class Stage:
+    shards: str = ""
+
+
+@dataclass
+class Job:
+    name: str = "run"
+    steps: int = 10
+    stages: list[Stage] = field(default_factory=list)
+
+
+def _refused(paths, overrides=()) -> str:
+    with pytest.raises(C.ConfigError) as err:
+        C.load(Job, [str(p) for p in paths], list(overrides))
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def _write_when_read(fifo: str, text: bytes, within_s: float = 3.0) -> threading.Thread:
+    """Write `text` into `fifo` once a reader opens it (as a shell's `<(...)` would); gives up
+    after `within_s`, so that a loader that never opens it leaves no thread waiting."""
+    def write() -> None:
+        end = time.monotonic() + within_s
+        while time.monotonic() < end:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no reader
+            except OSError:
+                time.sleep(0.02)
+                continue
+            os.write(fd, text)
+            os.close(fd)
+            return
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_pipe_or_device_as_config_is_refused_before_it_is_opened(tmp_path):
+    """A FIFO's open waited forever for a writer (and every rank reads the config: a pipe is
+    read once); a device was read to its end: /dev/zero filled memory, /dev/null gave {}."""
+    fifo = tmp_path / "job.yaml"
+    os.mkfifo(fifo)
+    writer = _write_when_read(str(fifo), b"steps: 3\n")
+    msg = _refused([fifo])
+    writer.join()
+    assert msg == f"{fifo}: not a regular file (a pipe, socket or device); every rank reads " \
+                  f"the config, so give a file"
+    assert _refused(["/dev/null"]).startswith("/dev/null: not a regular file")
+
+
+def test_a_config_file_past_the_size_limit_is_refused_unparsed(tmp_path):
+    """50 MB of YAML took 4 minutes and 5 GB to parse, then failed with omegaconf's advice on
+    YAML aliases; a file past the limit is refused by its size, even one of comments."""
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"steps: 3\n" + b"#" * MAX_CONFIG_BYTES)
+    t0 = time.monotonic()
+    assert _refused([big]) == f"{big}: larger than 1 MiB, which no config is (a few KB of " \
+                              f"YAML): is it the right file?"
+    assert time.monotonic() - t0 < 1.0
+    fits = tmp_path / "fits.yaml"
+    fits.write_bytes(b"steps: 3\n" + b"#" * (MAX_CONFIG_BYTES - 10) + b"\n")
+    assert C.load(Job, [str(fits)]).steps == 3
+
+
+@pytest.mark.parametrize("path, says", [
+    ("", "config file: the path is empty"),  # read the working directory: "Is a directory"
+    (" ", "config file: the path is empty"),
+    # s3fs's bare ValueError, which named no file and was no ConfigError
+    ("s3:///job.yaml", "s3:///job.yaml: cannot read config file: Attempt to open non key-like path"),
+])
+def test_a_config_path_that_names_no_file_says_so(path, says):
+    assert _refused([path]).startswith(says)
+
+
+
+def test_a_stores_error_reading_a_config_names_the_file(monkeypatch):
+    """botocore's errors (a dead endpoint) are no OSError: one escaped as a traceback."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from bdt import storage
+
+    class DeadStore:
+        def open(self, path, mode):
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+
+    monkeypatch.setattr(storage, "filesystem", lambda url: (DeadStore(), url.split("://")[1]))
+    assert _refused(["s3://bucket/job.yaml"]) == "s3://bucket/job.yaml: cannot read config " \
+        "file: Could not connect to the endpoint URL: \"http://127.0.0.1:9\""
