@@ -239,35 +239,58 @@ def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[st
         raise TypeError(f"config schema must be a dataclass, got {schema!r}")
     renamed = renamed or {}
     cfg = OmegaConf.structured(schema)
+    trees: list[tuple[str, dict]] = []  # each YAML as written, to name where an interpolation is
     for path in yaml_paths:
         loaded = read_yaml(path)
         _refuse_renamed(list(loaded.keys()), renamed, path)
         with nesting_checked(path):
             cfg = _merge(cfg, loaded, path)
             _keep_required(cfg, loaded)
+            trees.append((path, OmegaConf.to_container(loaded, resolve=False)))
     _refuse_renamed([o.partition("=")[0].split(".")[0] for o in overrides], renamed, "command line")
     with nesting_checked("command line"):
         cfg = _apply_overrides(cfg, overrides)
     sources = ", ".join(list(yaml_paths) + (["command line"] if overrides else [])) or "defaults"
     with nesting_checked(sources):
-        return _resolved(cfg, sources, unused)  # type: ignore[return-value]
+        try:
+            return _resolved(cfg, sources, unused)  # type: ignore[return-value]
+        except OmegaConfBaseException as exc:  # an interpolation that does not resolve
+            key = getattr(exc, "full_key", None) or ""
+            raise ConfigError(describe(exc, _setter(key, trees, overrides))) from None
+
+
+def _setter(key: str, trees: Sequence[tuple[str, dict]], overrides: Sequence[str]) -> str:
+    """Which source gave omegaconf's `key` (`stages[0].shards`) its value: the command line, or
+    the last YAML that holds it or a list above it (a YAML's list replaces the whole list);
+    "interpolation" for a default or an error naming no key."""
+    parts = re.findall(r"[^.\[\]]+", key)
+    if not parts:
+        return "interpolation"
+    for item in reversed(overrides):
+        if parts[:len(given := re.findall(r"[^.\[\]]+", item.partition("=")[0]))] == given:
+            return "command line"
+    for path, node in reversed(trees):
+        for part in parts:
+            if isinstance(node, list):
+                return path
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return path
+    return "interpolation"
 
 
 def _resolved(cfg: DictConfig, sources: str, unused: Sequence[str] = ()) -> DictConfig:
     """`cfg` checked for missing values (but `unused` keys), its interpolations resolved, made
-    read-only."""
-    try:  # missing_keys reads every value, so it resolves interpolations too
-        missing = sorted(OmegaConf.missing_keys(cfg) - set(unused))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(describe(exc, "interpolation")) from None
+    read-only; an interpolation that does not resolve raises omegaconf's error."""
+    # missing_keys reads every value, so it resolves interpolations too
+    missing = sorted(OmegaConf.missing_keys(cfg) - set(unused))
     if missing:
         raise ConfigError(f"missing required value for key '{missing[0]}'"
                           + (f" (and {len(missing) - 1} more: {', '.join(missing[1:])})" if len(missing) > 1 else "")
                           + f"; set it in the YAML or as {missing[0]}=... (read: {sources})")
-    try:
-        OmegaConf.resolve(cfg)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(describe(exc, "interpolation")) from None
+    OmegaConf.resolve(cfg)
     _keep_literal(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

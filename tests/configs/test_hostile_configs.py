@@ -105,3 +105,24 @@ def test_a_stores_error_reading_a_config_names_the_file(monkeypatch):
     monkeypatch.setattr(storage, "filesystem", lambda url: (DeadStore(), url.split("://")[1]))
     assert _refused(["s3://bucket/job.yaml"]) == "s3://bucket/job.yaml: cannot read config " \
         "file: Could not connect to the endpoint URL: \"http://127.0.0.1:9\""
+
+
+def test_an_interpolation_that_fails_names_the_file_or_command_line_that_set_it(tmp_path):
+    """It said only 'interpolation: key ...': with several YAMLs, which one to fix was a hunt."""
+    os.environ.pop("BDT_TEST_UNSET_VAR", None)
+    base = tmp_path / "base.yaml"
+    base.write_text("name: ${oc.env:BDT_TEST_UNSET_VAR}\n")
+    steps = tmp_path / "steps.yaml"
+    steps.write_text("steps: 3\n")
+    assert _refused([base, steps]) == f"{base}: key 'name': KeyError raised while resolving " \
+        f"interpolation: \"Environment variable 'BDT_TEST_UNSET_VAR' not found\""
+    over = tmp_path / "over.yaml"
+    over.write_text("stages:\n  - shards: /x\n  - shards: ${nope}\n")
+    # a list item of a later file (its list replaced the defaults' whole list)
+    assert _refused([over]) == f"{over}: key 'stages[1].shards': Interpolation key 'nope' not found"
+    # the last source that set the key: the command line, as a key or a whole section
+    assert _refused([base], ["name=${name}"]) == \
+        "command line: key 'name': Recursive interpolation detected"
+    assert _refused([over], ["stages=[{shards: '${steps}x'}, {shards: '${nix}'}]"]) == \
+        "command line: key 'stages[1].shards': Interpolation key 'nix' not found"
+    assert C.load(Job, [str(base)], ["name=fixed"]).name == "fixed"
