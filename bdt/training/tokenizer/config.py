@@ -2,7 +2,8 @@
 configs/tokenizer/<name>.yaml [key=value]`).
 
     run_dir:     local run directory: metrics, reconstruction grids, export/, config.yaml
-    model:       the tokenizer (TokenizerConfig's flat form or the released `ddconfig` form)
+    model:       the tokenizer, as TokenizerConfig's flat fields (the released `ddconfig` form is
+                 read from a tokenizer directory's config.json, not from this YAML)
     data:        raw image-caption shards, crop size, workers (bdt/data/raw.py)
     optim, deepspeed, checkpoint, logging: as in the AR trainer (bdt/training/)
     loss:        pixel, LPIPS, quantizer and discriminator terms (method §1)
