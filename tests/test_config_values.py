@@ -49,6 +49,7 @@ def _tokenizer(tmp_path, *extra):
     ("checkpoint.keep_last=-1", r"^checkpoint.keep_last must be >= 0 \(0 = keep all\)"),
     ("checkpoint.staging_dir=s3://b/x", r"^checkpoint.staging_dir must be a local directory"),
     ("run_dir=s3://b/run", r"^run_dir must be a local directory, got 's3://b/run'"),
+    ("run_dir=runs/$USER", r"^run_dir 'runs/\$USER': \$USER is not expanded in a config"),
     ("logging.every=0", r"^logging.every must be >= 1, got 0"),
     ("logging.image_every=-1", r"^logging.image_every must be >= 0 \(0 = never\), got -1"),
     ("logging.num_images=0", r"^logging.num_images must be >= 1, got 0"),

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import os
-
+import re
 from dataclasses import dataclass
 
 from bdt.storage import is_remote, local_path
 from bdt.training.run_dir import export_dir
+
+_SHELL_VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
 @dataclass
@@ -66,7 +68,11 @@ def check_plain_local(key: str, path: str) -> None:
     """ValueError for a `~/x`, `file:` or `local:` name of a trainer's directory (any number of
     slashes: fsspec drops them all): the trainers use those through the OS too, which reads a
     folder named `~` or `file:` where storage reads $HOME/x or /x, so a run's files went to two
-    places."""
+    places. And for a shell variable in it, which nothing expands."""
     if path.startswith(("~", "file:", "local:")):
         raise ValueError(f"{key} {path!r}: give the path itself ({local_path(path)}); the "
                          f"trainers do not expand '~' or read file: or local: URLs")
+    # A YAML's `/scratch/$USER/run` is no shell's: the run wrote into a folder named `$USER`.
+    if var := _SHELL_VARIABLE.search(path):
+        raise ValueError(f"{key} {path!r}: {var.group()} is not expanded in a config; write "
+                         f"${{oc.env:{var.group(1)}}} (or the path itself)")

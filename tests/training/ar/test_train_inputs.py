@@ -278,6 +278,10 @@ def test_a_damaged_shape_record_is_written_again_once_resumed(tmp_path, caplog):
     ("checkpoint.dir=file:///ck", r"checkpoint.dir 'file:///ck': give the path itself \(/ck\)"),
     ("checkpoint.staging_dir=~/st", r"checkpoint.staging_dir '~/st': give the path itself"),
     ("checkpoint.dir=local:///ck", r"checkpoint.dir 'local:///ck': give the path itself \(/ck\)"),
+    # a YAML's `$USER` is no shell's: the run wrote into a folder named '$USER'
+    ("run_dir=/scratch/$USER/run", r"run_dir '/scratch/\$USER/run': \$USER is not expanded in a "
+                                   r"config; write \$\{oc.env:USER\} \(or the path itself\)"),
+    ("checkpoint.dir=s3://b/$RUN/ck", r"checkpoint.dir 's3://b/\$RUN/ck': \$RUN is not expanded"),
     # one slash short: storage read /run, the OS a folder 'local:' (check_not_short_url lets
     # local: and file: through)
     ("run_dir=local:/run", r"run_dir 'local:/run': give the path itself \(/run\)"),
