@@ -82,16 +82,21 @@ def read_resolved_yaml(path: str) -> DictConfig:
 _LIVE = re.compile(r"(?<!\\)\$\{")  # `${` not escaped by a backslash: an interpolation
 
 
-def _interpolations(node: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """(dotted key, text) of every string in a plain container that holds an interpolation."""
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every value in a plain container that is not a mapping or list."""
     if isinstance(node, dict):
         for key, value in node.items():
-            yield from _interpolations(value, f"{prefix}{key}.")
+            yield from _leaves(value, f"{prefix}{key}.")
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            yield from _interpolations(value, f"{prefix}{i}.")
-    elif isinstance(node, str) and _LIVE.search(node):
+            yield from _leaves(value, f"{prefix}{i}.")
+    else:
         yield prefix.rstrip("."), node
+
+
+def _interpolations(node: Any) -> Iterator[tuple[str, str]]:
+    """(dotted key, text) of every string in a plain container that holds an interpolation."""
+    return ((key, v) for key, v in _leaves(node) if isinstance(v, str) and _LIVE.search(v))
 
 
 def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -253,10 +258,17 @@ def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[st
     sources = ", ".join(list(yaml_paths) + (["command line"] if overrides else [])) or "defaults"
     with nesting_checked(sources):
         try:
-            return _resolved(cfg, sources, unused)  # type: ignore[return-value]
+            cfg = _resolved(cfg, sources, unused)
         except OmegaConfBaseException as exc:  # an interpolation that does not resolve
             key = getattr(exc, "full_key", None) or ""
             raise ConfigError(describe(exc, _setter(key, trees, overrides))) from None
+        # Python's ints have no bound, the steps, counters and seeds they become do (torch,
+        # numpy, the checkpoint's records): 64 bits. Ignoring the unused keys, as above.
+        for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False)):
+            if isinstance(value, int) and not -2**63 <= value < 2**63 and key not in unused:
+                raise ConfigError(f"{_setter(key, trees, overrides)}: key '{key}': {value} does "
+                                  f"not fit in 64 bits")
+    return cfg  # type: ignore[return-value]
 
 
 def _setter(key: str, trees: Sequence[tuple[str, dict]], overrides: Sequence[str]) -> str:

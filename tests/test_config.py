@@ -162,6 +162,16 @@ def test_override_indexes_into_lists():
         C.load(Staged, [], ["stages.0.stepz=2"])
 
 
+def test_an_int_beyond_64_bits_is_refused_naming_key_and_source(tmp_path):
+    """Python took 10**22 steps as given; torch, numpy and the checkpoint's records cannot."""
+    big = _write(tmp_path, "big.yaml", "stages:\n  - steps: 1\n  - steps: 10000000000000000000000\n")
+    with pytest.raises(C.ConfigError, match=rf"^{re.escape(big)}: key 'stages.1.steps': 10{{22}} "):
+        C.load(Staged, [big])
+    with pytest.raises(C.ConfigError, match=r"^command line: key 'stages.0.steps': -9223372036854775809 "):
+        C.load(Staged, [], ["stages.0.steps=-9223372036854775809"])
+    assert C.load(Staged, [], ["stages.0.steps=9223372036854775807"]).stages[0].steps == 2**63 - 1
+
+
 def test_unparseable_override_value_is_one_line():
     with pytest.raises(C.ConfigError) as err:
         C.load(Staged, [], ["stages=[1, 2"])
