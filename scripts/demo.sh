@@ -102,7 +102,7 @@ stop_demo() {
 # started has ended, and passes this script's signals on to them), in the background so that a
 # signal to this script's PID alone reaches stop_demo at once.
 run_to_end() {
-  python scripts/run_to_end.py "$@" &
+  RUN_TO_END_PARENT=$$ python scripts/run_to_end.py "$@" &
   STEP_PID=$!
   wait "$STEP_PID"
   STEP_PID=""

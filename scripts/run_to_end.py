@@ -1,6 +1,6 @@
 """Run COMMAND... and exit with its status only once every process it started has ended.
 
-    python scripts/run_to_end.py COMMAND [ARG...]
+    RUN_TO_END_PARENT=$$ python scripts/run_to_end.py COMMAND [ARG...]
 
 scripts/demo.sh runs each step through this, in the background, and `wait`s for it: bash runs a
 trap only once its foreground command has ended, while `wait` returns on a trapped signal, so a
@@ -12,7 +12,9 @@ SIGTERM to the script's PID alone reaches its trap at once. Why each part:
   the same signal reached this process from elsewhere first (a signal to the process group, such
   as Ctrl-C, which the step had too).
 - The parent's death sends this process a SIGTERM to pass on (PR_SET_PDEATHSIG): a SIGKILL to the
-  script alone, or a signal just as it starts a step, stops the step too.
+  script alone, or a signal just as it starts a step, stops the step too. RUN_TO_END_PARENT
+  (default: the parent at this script's start) names it: a parent that died before the prctl
+  sends nothing, and this process, then another's child, would run the step on; it runs none.
 """
 
 import contextlib
@@ -28,13 +30,15 @@ STOPS = {signal.SIGINT, signal.SIGTERM}
 
 
 def main(argv: list[str]) -> int:
-    parent = os.getppid()
+    parent = int(os.environ.pop("RUN_TO_END_PARENT", os.getppid()))
     signal.pthread_sigmask(signal.SIG_BLOCK, STOPS | {signal.SIGCHLD})  # sigwaitinfo takes them
     for sig in (signal.SIGINT, signal.SIGQUIT):  # bash ignores them in a background job
         signal.signal(sig, signal.SIG_DFL)
     libc = ctypes.CDLL(None)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
     libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:  # it died before the prctl: nothing would stop the command
+        return 128 + signal.SIGTERM
     # The command starts with no signal blocked, and SIGPIPE and SIGXFSZ not ignored (as Python
     # leaves them for itself).
     pid = os.posix_spawnp(argv[0], argv, os.environ, setsigmask=(),

@@ -173,3 +173,20 @@ def test_ar_training_gets_what_is_left_of_the_demos_30_minutes(tmp_path):
                    capture_output=True, timeout=60)  # fails after training: no `bdt` here
     limits = [a for a in (demo / "args").read_text().split("\n") if a.startswith("time_limit_min=")]
     assert len(limits) == 1 and 7.0 <= float(limits[0].split("=")[1]) <= 8.0  # 1 min of slack
+
+
+def test_a_step_started_as_the_demo_is_killed_never_runs(tmp_path):
+    """demo.sh SIGKILLed just after it starts run_to_end.py (as demo.sh does), before that has
+    asked for its parent's death signal: the step used to run on, with no demo left to stop it."""
+    ran = tmp_path / "ran"
+    script = (f'RUN_TO_END_PARENT=$$ {sys.executable} {REPO}/scripts/run_to_end.py "$@" & '
+              f'echo $!; kill -KILL $$')
+    started = subprocess.run(["bash", "-c", script, "bash", sys.executable, "-c",
+                              f"open({str(ran)!r}, 'w').close()"], capture_output=True, text=True)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(int(started.stdout)).wait(timeout=10)
+    assert not ran.exists(), "the step ran after the demo's death"
+    # With its parent alive, the step runs.
+    subprocess.run(["bash", "-c", script.replace("kill -KILL $$", "wait"), "bash",
+                    sys.executable, "-c", f"open({str(ran)!r}, 'w').close()"], check=True)
+    assert ran.exists()
