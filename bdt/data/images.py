@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import Sequence
 
 import numpy as np
@@ -36,6 +37,9 @@ TOO_LARGE = "too_large"
 MAX_JPEG_SCANS = 100
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # these swap width and height
+# A marker: 0xFF and a byte that is none of stuffing (00), TEM (01), a restart (D0-D7) or fill
+# (FF). Searched for in C: a byte-by-byte Python walk took 16 s over a 64 MB run of fill bytes.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\x01\xd0-\xd7\xff]")
 # 16-bit grey level -> 8-bit, rounded: v * 255 / 65535.
 _SIXTEEN_TO_EIGHT = (np.arange(65536) * 255 / 65535 + 0.5).astype(np.uint8)
 
@@ -111,14 +115,11 @@ def _jpeg_scans(data: bytes, limit: int) -> int:
     end-of-image marker (a motion photo's video follows it)."""
     scans, pos = 0, 2
     while scans <= limit:
-        at = data.find(b"\xff", pos)
-        if at < 0 or at + 1 >= len(data) or data[at + 1] == 0xD9:
+        found = _JPEG_MARKER.search(data, pos)
+        if found is None or data[found.start() + 1] == 0xD9:
             break
-        marker = data[at + 1]
-        if marker in (0x00, 0x01, 0xFF) or 0xD0 <= marker <= 0xD7:  # stuffing, fill, restarts
-            pos = at + 1
-            continue
-        scans += marker == 0xDA
+        at = found.start()
+        scans += data[at + 1] == 0xDA
         pos = at + 2 + int.from_bytes(data[at + 2:at + 4], "big")  # a scan: then its data
     return scans
 

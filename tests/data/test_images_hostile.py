@@ -100,3 +100,18 @@ def test_a_jpeg_of_too_many_scans_is_rejected_before_decoding():
     Image.new("RGB", (40, 40)).save(buf, "JPEG", progressive=True, exif=exif.tobytes())
     for data in (jpeg_with_scans_repeated(80), buf.getvalue() + b"\xff\xda\x00\x02" * 1000):
         im.load_for_buckets(data, [[(32, 32)]], max_pixels=10**8, min_side=1)
+
+
+def test_a_jpegs_scans_are_counted_quickly_past_fill_bytes():
+    """Any marker may follow a run of 0xFF fill bytes: a byte-by-byte walk took 16 s over a 64 MB
+    one (a tar member's limit), several times what decoding the file takes."""
+    import time
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 20, 200)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    second = data.find(b"\xff\xda", data.find(b"\xff\xda") + 2)  # the fill before a later scan
+    padded = data[:second] + b"\xff" * (16 << 20) + data[second:]
+    start = time.perf_counter()
+    assert im._jpeg_scans(padded, 100) == im._jpeg_scans(data, 100) == data.count(b"\xff\xda")
+    assert time.perf_counter() - start < 1.0
