@@ -87,7 +87,7 @@ trap 'stop_demo INT' INT
 trap 'stop_demo TERM' TERM
 STEP_PID=""
 
-# SIG: pass it on to the running step, wait for the step to end (the trainers save at their next
+# [SIG]: pass it on to the running step (none: the step has ended), wait for the step to end (the trainers save at their next
 # step boundary, so the demo resumes from there), stop Ray, exit.
 stop_demo() {
   if [[ -n $STEP_PID ]]; then
@@ -100,12 +100,18 @@ stop_demo() {
 
 # COMMAND...: run it through scripts/run_to_end.py (which returns once every process the command
 # started has ended, and passes this script's signals on to them), in the background so that a
-# signal to this script's PID alone reaches stop_demo at once.
+# signal to this script's PID alone reaches stop_demo at once. A step stopped by SIGINT or
+# SIGTERM returns 130 or 143 (run_to_end.py says so whatever the command's status): the demo
+# stops then too, as the trap would, whether or not bash ran the trap before `wait` returned
+# (under load it once did not, and `set -e` ended the demo with the step's status, 1).
 run_to_end() {
+  local status=0
   RUN_TO_END_PARENT=$$ python scripts/run_to_end.py "$@" &
   STEP_PID=$!
-  wait "$STEP_PID"
+  wait "$STEP_PID" || status=$?
   STEP_PID=""
+  if ((status == 130 || status == 143)); then stop_demo; fi
+  return "$status"
 }
 
 # --- 1. data --------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Run COMMAND... and exit with its status only once every process it started has ended.
+"""Run COMMAND... and exit with its status only once every process it started has ended; with
+128 + N instead if a SIGINT or SIGTERM (N) reached this process meanwhile (the step was stopped).
 
     RUN_TO_END_PARENT=$$ python scripts/run_to_end.py COMMAND [ARG...]
 
@@ -43,9 +44,11 @@ def main(argv: list[str]) -> int:
     # leaves them for itself).
     pid = os.posix_spawnp(argv[0], argv, os.environ, setsigmask=(),
                           setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
-    status, direct = 1, set()
+    status, direct, stopped_by = 1, set(), 0
     while True:
         info = signal.sigwaitinfo(STOPS | {signal.SIGCHLD})
+        if info.si_signo != signal.SIGCHLD:
+            stopped_by = stopped_by or info.si_signo
         if info.si_signo == signal.SIGCHLD:
             try:
                 while (ended := os.waitpid(-1, os.WNOHANG))[0]:
@@ -59,6 +62,8 @@ def main(argv: list[str]) -> int:
             for proc in psutil.Process().children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     proc.send_signal(info.si_signo)
+    if stopped_by:  # the step was stopped, whatever it then returned (a trainer that saved: 1)
+        return 128 + stopped_by
     return status if status >= 0 else 128 - status
 
 

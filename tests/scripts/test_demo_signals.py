@@ -190,3 +190,30 @@ def test_a_step_started_as_the_demo_is_killed_never_runs(tmp_path):
     subprocess.run(["bash", "-c", script.replace("kill -KILL $$", "wait"), "bash",
                     sys.executable, "-c", f"open({str(ran)!r}, 'w').close()"], check=True)
     assert ran.exists()
+
+
+def test_a_step_stopped_by_a_signal_reports_it_whatever_its_own_status(tmp_path):
+    """Ctrl-C to the demo's group: the step saved and exited 1, and where bash had not run its
+    INT trap before `wait` returned (under load, once), `set -e` ended the demo with status 1, as
+    a failed step. run_to_end.py now returns 130 for the stop, which demo.sh acts on itself."""
+    saved = tmp_path / "saved"
+    step = ("import signal, sys, time\n"
+            "def stop(*_):\n"
+            f"    open({str(saved)!r}, 'w').close()\n"
+            "    sys.exit(1)\n"
+            "signal.signal(signal.SIGINT, stop)\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "run_to_end.py"),
+                             sys.executable, "-c", step], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=20) == 130 and saved.exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    # Not stopped, the step's own status comes back.
+    assert subprocess.run([sys.executable, str(REPO / "scripts" / "run_to_end.py"), sys.executable,
+                           "-c", "raise SystemExit(3)"]).returncode == 3
