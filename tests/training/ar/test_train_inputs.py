@@ -249,7 +249,8 @@ def test_a_damaged_shape_record_is_written_again_once_resumed(tmp_path, caplog):
                       r"stages.N.lr instead \(got optim.lr=0.0003\)"),
     ("optim.schedule=constant", r"optim.schedule: .* set stages.N.schedule instead"),
     ("eval.every=-1", r"eval.every must be >= 0 \(0 = off\)"),
-    ("seed=100000000000000000000", r"seed must be in \[0, 2\^63\)"),
+    ("seed=100000000000000000000", r"key 'seed': 100000000000000000000 does not fit in 64 bits"),
+    ("seed=-1", r"seed must be in \[0, 2\^63\)"),
     ("threads=-1", r"threads must be >= 0"),
     ("logging.sample_steps=0", r"logging.sample_steps must be >= 1"),
     ("stages.0.tokens=-5", r"stages\[0\] \(s0\): set exactly one of steps and tokens \(got "
