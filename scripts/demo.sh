@@ -87,8 +87,8 @@ trap 'stop_demo INT' INT
 trap 'stop_demo TERM' TERM
 STEP_PID=""
 
-# [SIG]: pass it on to the running step (none: the step has ended), wait for the step to end (the trainers save at their next
-# step boundary, so the demo resumes from there), stop Ray, exit.
+# [SIG]: pass it on to the running step (none: the step has ended), wait for the step to end
+# (the trainers save at their next step boundary, so the demo resumes from there), stop Ray, exit.
 stop_demo() {
   if [[ -n $STEP_PID ]]; then
     kill -"$1" "$STEP_PID" 2> /dev/null || true

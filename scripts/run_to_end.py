@@ -47,8 +47,6 @@ def main(argv: list[str]) -> int:
     status, direct, stopped_by = 1, set(), 0
     while True:
         info = signal.sigwaitinfo(STOPS | {signal.SIGCHLD})
-        if info.si_signo != signal.SIGCHLD:
-            stopped_by = stopped_by or info.si_signo
         if info.si_signo == signal.SIGCHLD:
             try:
                 while (ended := os.waitpid(-1, os.WNOHANG))[0]:
@@ -56,7 +54,9 @@ def main(argv: list[str]) -> int:
                         status = os.waitstatus_to_exitcode(ended[1])
             except ChildProcessError:  # nothing left below
                 break
-        elif info.si_pid != parent:
+            continue
+        stopped_by = stopped_by or info.si_signo
+        if info.si_pid != parent:
             direct.add(info.si_signo)
         elif info.si_signo not in direct:
             for proc in psutil.Process().children(recursive=True):
