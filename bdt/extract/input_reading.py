@@ -108,11 +108,13 @@ def _iter_folder(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
         for rel, reason, detail in _folder_strays(fs, root, image_exts):
             yield Reject(rel, unit.name, reason, detail)
     retries = tar_reads.ReadRetries(log)
+    captions: dict[str, dict[str, str]] = {}  # the unit's folders listed once (_caption_path)
     for rel in unit.files:
         item = None
         while item is None:
             try:
-                item = _folder_sample(fs, root, rel, unit.name, max_image_bytes, max_caption_bytes)
+                item = _folder_sample(fs, root, rel, unit.name, max_image_bytes, max_caption_bytes,
+                                      captions)
             except tar_reads.ReadFailed as exc:
                 retries.pause(f"{unit.name}: reading {rel!r}", exc, _FAILED_UNIT)
         retries.failed = 0
@@ -120,13 +122,14 @@ def _iter_folder(unit: InputUnit, image_exts: list[str], max_image_bytes: int,
 
 
 def _folder_sample(fs: fsspec.AbstractFileSystem, root: str, rel: str, src: str,
-                   max_image_bytes: int, max_caption_bytes: int) -> RawSample | Reject:
+                   max_image_bytes: int, max_caption_bytes: int,
+                   captions: dict[str, dict[str, str]]) -> RawSample | Reject:
     """The verdict on one image of a folder unit and its caption. An OSError reading them (I/O,
     network, the file gone) is a failed read, not bad data: raised as tar_reads.ReadFailed."""
     stem, ext = split_ext(rel)
     try:
         image = _folder_file(fs, posixpath.join(root, rel), max_image_bytes, TOO_LARGE)
-        path = _caption_path(fs, root, stem)
+        path = _caption_path(fs, root, stem, captions)
         caption = None if path is None else _folder_file(fs, path, max_caption_bytes,
                                                          CAPTION_TOO_LONG)
     except _Refused as exc:
@@ -136,17 +139,23 @@ def _folder_sample(fs: fsspec.AbstractFileSystem, root: str, rel: str, src: str,
     return RawSample(stem, image, ext, caption)
 
 
-def _caption_path(fs: fsspec.AbstractFileSystem, root: str, stem: str) -> str | None:
-    """stem.txt, or its one spelling in another case (a.TXT): extensions are case-blind, as in
-    tars. None when the folder's listing has none."""
+def _caption_path(fs: fsspec.AbstractFileSystem, root: str, stem: str,
+                  captions: dict[str, dict[str, str]]) -> str | None:
+    """stem.txt, or its spelling in another case (a.TXT): extensions are case-blind, as in tars.
+    None when the folder's listing has none. `captions` caches {folder: {base stem: caption
+    path}}: listing the folder per uncaptioned image made a large folder's unit take minutes."""
     path = posixpath.join(root, stem + ".txt")
     if fs.exists(path):
         return path
     folder = posixpath.dirname(path)
-    for other in fs.ls(folder, detail=False):
-        if split_ext(posixpath.relpath(other, folder)) == (posixpath.basename(stem), "txt"):
-            return other
-    return None
+    if folder not in captions:
+        found: dict[str, str] = {}
+        for other in sorted(fs.ls(folder, detail=False)):  # sorted: the same pick on every run
+            base, ext = split_ext(posixpath.relpath(other, folder))
+            if ext == "txt":
+                found.setdefault(base, other)
+        captions[folder] = found
+    return captions[folder].get(posixpath.basename(stem))
 
 
 class _Refused(Exception):
