@@ -1,11 +1,15 @@
 """The processes of one launch of bdt.cluster.resume: its local training ranks, and the SIGTERM
-the launch gets when the wrapper dies."""
+the launch gets when the wrapper dies.
+
+    python -m bdt.cluster.launch_processes stop PID   # SIGTERM to the training ranks under PID
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import time
 
 
 def rank_processes(root_pid: int) -> list:
@@ -38,3 +42,27 @@ def term_when_parent_dies(wrapper_pid: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
         if os.getppid() != wrapper_pid:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def stop_ranks(root_pid: int, wait_s: float = 120.0) -> int:
+    """SIGTERM to the ranks under `root_pid`, waiting up to `wait_s` for a launch still starting
+    them; how many were signalled."""
+    import psutil
+
+    end = time.monotonic() + wait_s
+    while not (ranks := rank_processes(root_pid)) and time.monotonic() < end:
+        if not psutil.pid_exists(root_pid):
+            return 0
+        time.sleep(0.5)
+    for proc in ranks:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except Exception:  # noqa: BLE001 (psutil.NoSuchProcess: it already exited)
+            pass
+    return len(ranks)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "stop" or not sys.argv[2].isdigit():
+        sys.exit("usage: python -m bdt.cluster.launch_processes stop PID")
+    sys.exit(0 if stop_ranks(int(sys.argv[2])) else 1)

@@ -47,7 +47,7 @@ import time
 from bdt import storage
 from bdt.cluster.hosts import is_this_host, port_holder
 from bdt.cluster.launch_checks import master_endpoint, retry_may_fix
-from bdt.cluster.launch_processes import rank_processes, term_when_parent_dies
+from bdt.cluster.launch_processes import rank_processes, stop_ranks, term_when_parent_dies
 from bdt.cluster.run_state import (TOKENIZER_SCRIPT, TRAIN_SCRIPT, RunPaths,
                                    complete_checkpoints, finished_step, newest_step,
                                    paths_from_command, read_summary)
@@ -58,6 +58,9 @@ DONE, USAGE, GAVE_UP, CANNOT_START, STOPPED = 0, 2, 3, 4, 75  # 75 = EX_TEMPFAIL
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PORT_WAIT_S = 30.0  # a held master port may be an earlier launch's process still exiting
 MAX_LAUNCH_ERROR_BYTES = 1 << 20
+# The stop for a launcher whose ranks run elsewhere: srun answers a SIGTERM of its own with SIGKILL
+# to every task (srun(1), SIGNALS); USR1 it forwards as is, and launch.sh makes it a SIGTERM per rank.
+GROUP_STOP = {"srun": signal.SIGUSR1}
 
 
 class Resumer:
@@ -160,17 +163,12 @@ class Resumer:
         """SIGTERM to the local training ranks, so each saves and exits 0 and the launcher sees
         clean exits (signalling torchrun or the deepspeed launcher instead makes it kill the
         ranks after its own short timeout). Ranks that are not local (srun, pdsh) are reached
-        by signalling the launcher's process group: srun forwards SIGTERM to every task."""
+        by signalling the launcher's process group (with GROUP_STOP's signal for srun)."""
         if self.child is None or self.child.poll() is not None:
             return
-        ranks = rank_processes(self.child.pid)
-        for proc in ranks:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except Exception:  # noqa: BLE001 (psutil.NoSuchProcess: it already exited)
-                pass
-        if not ranks:
-            self._signal_group(signal.SIGTERM)
+        if not stop_ranks(self.child.pid, wait_s=0):
+            launcher = os.path.basename(self.cmd[0])
+            self._signal_group(GROUP_STOP.get(launcher, signal.SIGTERM))
 
     def _signal_group(self, signum: int) -> None:
         try:

@@ -3,6 +3,7 @@
 #
 #   BDT_LAUNCHER=node (default): run this on EVERY node (srun, a K8s pod per node, a loop of ssh);
 #       it starts this node's ranks only: `deepspeed --no_ssh --node_rank N`. No ssh between nodes.
+#       USR1 or TERM to it: SIGTERM to this node's ranks, which save and exit.
 #   BDT_LAUNCHER=pdsh: run this ONCE, on the first host; DeepSpeed reaches the other hosts over
 #       passwordless ssh (pdsh) and forwards the variables of $DS_ENV_FILE (.deepspeed_env).
 #
@@ -30,8 +31,18 @@ fi
 case ${BDT_LAUNCHER:-node} in
   node)
     NODE_RANK=${NODE_RANK:-${SLURM_NODEID:?set NODE_RANK (0 .. nodes-1) or run under srun}}
-    exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
-      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@" ;;
+    # Under srun this shell is the task, and a stop arrives as the USR1 srun forwards (a TERM of
+    # its own srun makes a SIGKILL), to this shell alone or to its process group: DeepSpeed's
+    # launchers die of USR1 and give ranks ~30 s after a TERM, so they ignore USR1 and this
+    # shell hands the stop to the ranks themselves, then waits for them to save and exit.
+    (trap '' USR1; exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
+      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@") &
+    LAUNCHER=$!
+    trap 'python -m bdt.cluster.launch_processes stop "$LAUNCHER" || true' USR1 TERM
+    while :; do
+      wait "$LAUNCHER" && STATUS=0 || STATUS=$?
+      kill -0 "$LAUNCHER" 2>/dev/null || exit "$STATUS"  # `wait` also returns on a trapped signal
+    done ;;
   pdsh)
     exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@" ;;
   *) echo "BDT_LAUNCHER must be node or pdsh, got '$BDT_LAUNCHER'" >&2; exit 2 ;;
