@@ -156,12 +156,14 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
         ema.load_state_dict(shared["ema"])
         if disc is not None and "disc" in shared:
             disc.load_state_dict(shared["disc"])
+    # Refuses a stream state of another data.num_workers: before the config is recorded, or a
+    # refused config would replace the record of the run's checkpoints.
+    loader, stream = make_loader(cfg.data, cfg.deepspeed.micro_batch_size, dist.rank,
+                                 dist.world_size, stream_state)
     if dist.is_main:
         save_resolved(cfg, cfg.run_dir)
         log.info("tokenizer training: world %d, start step %d%s", dist.world_size, step,
                  f" (resumed from {tag})" if tag else "")
-    loader, stream = make_loader(cfg.data, cfg.deepspeed.micro_batch_size, dist.rank,
-                                 dist.world_size, stream_state)
     on_set_up(dist.is_main)
     # Records an earlier run logged past the start step are replaced by this run's.
     logger = MetricsLogger(cfg.run_dir, dist.is_main, cfg.logging.tensorboard,

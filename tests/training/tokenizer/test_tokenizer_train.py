@@ -415,6 +415,20 @@ def test_a_changed_model_shape_is_a_config_error_not_damage(shards, tmp_path):
         spawn_ranks(_rank, (1, free_port(), [*run, "steps=2", "model.ch=64"]), 1)
 
 
+@pytest.mark.slow
+def test_a_refused_worker_count_leaves_the_runs_config_record(shards, tmp_path):
+    """A resume with another data.num_workers is refused by name; the run's config.yaml (what
+    the run's checkpoints are rebuilt from) is still the one they were trained with (the
+    refusal once came after the refused config had replaced it)."""
+    run = [*TINY, f"run_dir={tmp_path}", f"data.shards={shards}", "steps=1", "loss.disc_weight=0"]
+    spawn_ranks(_rank, (1, free_port(), run), 1)
+    recorded = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(mp.ProcessRaisedException, match="data.num_workers: the checkpoint's stream "
+                                                         "state has 1 worker.s., this run has 2"):
+        spawn_ranks(_rank, (1, free_port(), [*run, "steps=2", "data.num_workers=2"]), 1)
+    assert (tmp_path / "config.yaml").read_text() == recorded
+
+
 def test_a_resumed_discriminator_follows_the_configs_lr_and_schedule():
     """Its optimizer state holds the saved LR; the first resumed step runs at the config's."""
     old = load(TokenizerTrainConfig, [], ["run_dir=x", "data.shards=x", "steps=10",
