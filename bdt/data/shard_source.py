@@ -72,7 +72,20 @@ def _regular_files(paths: list[str]) -> list[str]:
 
 def list_shards(source: str, family: str = "", allow_incomplete: bool = False) -> ShardList:
     """Shard URLs of one stage; ValueError naming the source when nothing usable is there (or an
-    unfinished extraction, unless `allow_incomplete`)."""
+    unfinished extraction, unless `allow_incomplete`), or when `family` is named for shards
+    without a manifest."""
+    shards = _list_shards(source, family, allow_incomplete)
+    if family and shards.manifest is None:
+        # Only a manifest says which shards hold a family: ignoring the name would train every
+        # stage of `shards: ${data.root}` on all families of a hand-made folder.
+        raise ValueError(f"family {family!r} picks a family of an extraction output, but "
+                         f"{shards.source!r} has no {INDEX_NAME}: all its shards would be read, "
+                         f"whatever family their samples hold; point shards at that family's "
+                         f"shards and set family to ''")
+    return shards
+
+
+def _list_shards(source: str, family: str, allow_incomplete: bool) -> ShardList:
     source = source.rstrip("/")
     if not source:
         raise ValueError("data source is empty: set the stage's `shards` to a token-shard "

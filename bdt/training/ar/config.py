@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class StageConfig:
     name: str = "???"
     shards: str = "???"  # token-shard dir, glob, .tar, or an extraction output (index.json)
-    family: str = ""  # family inside an extraction manifest ("" = its only one)
+    family: str = ""  # family inside an extraction manifest ("" = its only one; needs one)
     # Train on an extraction whose index.json says complete: false (only its complete shards are
     # listed); off, such a manifest is refused so that a partial dataset is never used by accident.
     allow_incomplete: bool = False

@@ -1,6 +1,7 @@
 """check_data at start: the sample it checks the stage's bit width against is the first one that
 decodes (an empty or damaged first shard does not let another bit width through to fail after a
-whole epoch), and an extraction manifest's shards hold the family they are listed for."""
+whole epoch), an extraction manifest's shards hold the family they are listed for, and a family is
+named only for shards that have a manifest."""
 
 import json
 import os
@@ -47,6 +48,25 @@ def test_a_manifest_listing_another_familys_shard_is_refused(tmp_path):
     assert check_data(cfg)[0].urls[0].endswith("b/000000.tar")
     cfg.stages[0].family = "a"
     with pytest.raises(ValueError, match=r"b/000000.tar, listed for family 'a' .* family 'b'"):
+        check_data(cfg)
+
+
+@pytest.mark.parametrize("layout", ["folder", "glob", "tar"])
+def test_a_family_named_for_shards_without_a_manifest_is_refused(tmp_path, layout):
+    """Two stages over one hand-made folder holding two families' shards: without a manifest
+    nothing says which shards are whose, so each stage trained on both (the family was ignored)."""
+    for family, grid in (("a", (4, 4)), ("b", (4, 8))):
+        (url,) = write_shards(str(tmp_path / family), [grid], num_shards=1, per_shard=2, stage=family)
+        os.makedirs(tmp_path / "flat", exist_ok=True)
+        os.replace(url, tmp_path / "flat" / f"{family}.tar")
+    source = {"folder": tmp_path / "flat", "glob": tmp_path / "flat" / "*.tar",
+              "tar": tmp_path / "flat" / "a.tar"}[layout]
+    cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], train_overrides(
+        str(tmp_path / "run"), "unused", [str(source), str(source)])))
+    assert [len(s.urls) for s in check_data(cfg)] == [1 if layout == "tar" else 2] * 2
+    cfg.stages[0].family, cfg.stages[1].family = "a", "b"
+    with pytest.raises(ValueError, match=r"^stages\[0\] \(s0\): family 'a' picks a family of an "
+                                         r"extraction output, but .*flat.* has no index.json"):
         check_data(cfg)
 
 
