@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from bdt import storage, url_listing
+from bdt.data.stream_state import rank_split
 from bdt.data.tar_headers import unsafe_path
 
 INDEX_NAME = "index.json"  # bdt/extract/manifest.py writes the manifest under this name
@@ -45,6 +46,7 @@ class ShardList:
     manifest: dict | None  # the extraction manifest when the data came from one
     source: str
     grids: list[tuple[int, int]] = field(default_factory=list)  # (h, w) tokens, where known
+    samples: dict[str, int] = field(default_factory=dict)  # url -> its manifest's sample count
 
 
 def _glob(url: str) -> list[str]:
@@ -121,7 +123,8 @@ def _list_shards(source: str, family: str, allow_incomplete: bool) -> ShardList:
             raise ValueError(f"{index_url}: family {family!r} lists no shards")
         urls = [storage.join(source, e["shard"]) for e in entries]
         _check_sizes(index_url, family, urls, entries, source)
-        return ShardList(urls, manifest, source)
+        return ShardList(urls, manifest, source, samples={
+            u: e["samples"] for u, e in zip(urls, entries) if e.get("samples") is not None})
     if storage.exists(storage.join(source, PLAN_NAME)):
         raise ValueError(f"{source} is an extraction output without {INDEX_NAME}: the extraction is "
                          f"still running or was stopped; rerun it to completion")
@@ -130,6 +133,24 @@ def _list_shards(source: str, family: str, allow_incomplete: bool) -> ShardList:
         raise _listed_nothing(source, f"shards: {source!r} holds no .tar files and no "
                                       f"{INDEX_NAME}")
     return ShardList(urls, None, source)
+
+
+def check_rank_split(shards: ShardList, world: int, where: str) -> None:
+    """ValueError when a rank's share of the shards (stream_state.rank_split: whole shards, or
+    with fewer shards than ranks the samples whose index in a shard % world == rank) holds no
+    sample by the manifest's counts. An extraction writes a shard per input unit, empty where
+    every input was rejected; a rank given no sample stopped the job at its first step, the
+    other ranks failing in a collective."""
+    for rank in range(world):
+        mine, stride = rank_split(shards.urls, rank, world)
+        phase = rank % stride
+        if mine and all(u in shards.samples and shards.samples[u] <= phase for u in mine):
+            full = sum(1 for u in shards.urls if shards.samples.get(u) != 0)
+            raise ValueError(f"{where}: on {world} ranks, rank {rank}'s share of the "
+                             f"{len(shards.urls)} shards {shards.source}/{INDEX_NAME} lists holds "
+                             f"no sample by their counts ({full} shard(s) hold any, "
+                             f"{sum(shards.samples.values())} samples in all): run on another "
+                             f"number of ranks")
 
 
 def _read_manifest(url: str) -> dict:

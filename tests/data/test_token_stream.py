@@ -275,6 +275,37 @@ def test_a_damaged_manifest_is_refused_naming_it(tmp_path, index, problem):
         list_shards(str(tmp_path), "f")
 
 
+@pytest.mark.parametrize("counts,world,refused", [
+    ([4, 4, 0], 1, None), ([4, 4, 0], 2, None), ([4, 4, 0], 3, 2), ([4, 4, 0], 4, None),
+    ([4, 0, 4, 0], 2, 1), ([4, 0, 4, 0], 3, 1), ([4, 0, 4, 0], 4, 1), ([4, 0, 4, 0], 5, 4),
+    ([5, 0, 2], 5, None)])
+def test_a_rank_whose_share_a_manifest_counts_empty_is_named(tmp_path, counts, world, refused):
+    """An extraction writes an empty shard for a unit whose inputs were all rejected. A rank given
+    only such shards (whole-shard split: shards >= ranks), or with fewer shards than ranks none
+    holding a sample of its index % ranks, has nothing to read: its stream found that at the
+    first step, on that rank alone."""
+    from bdt.data.shard_source import check_rank_split
+
+    for k, n in enumerate(counts):
+        (url,) = write_shards(str(tmp_path / str(k)), GRIDS, num_shards=1, per_shard=n, seed=k)
+        os.renames(url, tmp_path / "f" / f"{k}.tar")
+    (tmp_path / "index.json").write_text(json.dumps({"stages": {"f": {"shards": [
+        {"shard": f"f/{k}.tar", "samples": n} for k, n in enumerate(counts)]}}}))
+    shards = list_shards(str(tmp_path), "f")
+    assert [shards.samples[u] for u in shards.urls] == counts
+    if refused is None:
+        check_rank_split(shards, world, "stages[0] (s0)")
+        for rank in range(world):  # and every rank streams
+            assert make(shards.urls, rank, world, buffer=2).next_batch().samples
+        return
+    with pytest.raises(ValueError, match=rf"^stages\[0\] \(s0\): on {world} ranks, rank {refused}'s "
+                                         rf"share of the {len(counts)} shards .*index.json lists "
+                                         r"holds no sample by their counts"):
+        check_rank_split(shards, world, "stages[0] (s0)")
+    with pytest.raises(ValueError, match="gave no usable sample"):  # what that rank's stream does
+        make(shards.urls, refused, world, buffer=2).next_batch()
+
+
 def test_packing_efficiency_on_shapes_data(tmp_path):
     """Shapes captions through the real text tokenizer and packer lengths, at the 256 px aspect
     buckets of a 16x tokenizer (7 grids from 32x8 to 8x32 tokens), 4096-token micro-batches."""

@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bdt.config import save_resolved
+from bdt.data.shard_source import check_rank_split
 from bdt.training.ar import reshard, setup
 from bdt.training.ar.config import TrainConfig, validate
 from bdt.training.ar.export import export_model
@@ -227,6 +228,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                 stage_idx = si
                 if stream is not None:
                     stream.close()  # stops its prefetch worker
+                # Every rank checks every rank's share: all stop together, naming the same shards.
+                check_rank_split(sources[si], dist.world_size,
+                                 f"stages[{si}] ({cfg.stages[si].name})")
                 state = stream_state[1:] if stream_state and stream_state[0] == si else None
                 stream = StageData(setup.stage_rows(cfg, si, sources[si], model, dist, state),
                                    cfg.data.prefetch, cfg.data.prefetch_worker, dist.device,
