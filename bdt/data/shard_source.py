@@ -56,13 +56,14 @@ def _glob(url: str) -> list[str]:
         found = sorted(fs.glob(path))
     if storage.is_remote(url):
         proto = url.split("://", 1)[0]
-        return [f"{proto}://{p}" for p in found]
+        found = [f"{proto}://{p}" for p in found]
     return _regular_files(found)
 
 
 def _regular_files(paths: list[str]) -> list[str]:
-    """Local shards that are all regular files (through links), else a ValueError naming one:
-    the stream would block forever opening a FIFO a glob matched, and fail on a folder."""
+    """Shards that are all regular files (through links), else a ValueError naming one: the
+    stream would block forever opening a FIFO a glob matched, and fail on a folder (an S3
+    prefix a glob matched, `<root>/x.tar/`, it read as a damaged shard, skipped every epoch)."""
     sizes = url_listing.file_sizes(paths)
     odd = [p for p in paths if sizes[p] is None]
     if odd:
@@ -102,8 +103,7 @@ def _list_shards(source: str, family: str, allow_incomplete: bool) -> ShardList:
         # An object store's folder is a listing; a named .tar is one object, missing for good.
         raise ValueError(message) if source.endswith(".tar") else _listed_nothing(source, message)
     if source.endswith(".tar"):
-        return ShardList([source] if storage.is_remote(source) else _regular_files([source]),
-                         None, source)
+        return ShardList(_regular_files([source]), None, source)
     index_url = storage.join(source, INDEX_NAME)
     if storage.exists(index_url, "reading"):
         manifest = _read_manifest(index_url)

@@ -257,3 +257,18 @@ def test_a_fifo_among_local_shards_is_refused_at_listing(tmp_path, form):
     source = {"folder": str(tmp_path), "glob": str(tmp_path / "*.tar"), "name": str(fifo)}[form]
     with pytest.raises(ValueError, match=f"^shards: {fifo} is not a regular file"):
         list_shards(source)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["folder", "glob", "name"])
+def test_an_s3_prefix_named_like_a_shard_is_refused_at_listing(s3_bucket, tmp_path, form):
+    """An S3 "folder" a pattern matched (`tokens/x.tar/...`) was listed as a shard and read as
+    a damaged one: skipped in every epoch, its files never read, with one warning."""
+    (url,) = write_shards(str(tmp_path), [(4, 4)], 1, 2)
+    root = s3_bucket + "/tokens"
+    storage.write_bytes_atomic(f"{root}/000000.tar", open(url, "rb").read())
+    storage.write_bytes_atomic(f"{root}/x.tar/000001.tar", open(url, "rb").read())
+    source = {"folder": root, "glob": f"{root}/*.tar", "name": f"{root}/x.tar"}[form]
+    with pytest.raises(ValueError, match=f"^shards: {root}/x.tar is not a regular file"):
+        list_shards(source)
+    assert list_shards(f"{root}/0*.tar").urls == [f"{root}/000000.tar"]
