@@ -27,12 +27,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+import tarfile
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from bdt import storage, url_listing
+from bdt.data.tar_reads import read_failure
+from bdt.data.token_shards import read_token_samples
 
 STATE_VERSION = 1
 
@@ -61,6 +64,8 @@ class Cursor:
     shard_pos: int = 0  # index into this epoch's shard order
     offset: int = 0  # byte offset of the next unread sample in that shard
     index: int = 0  # its sample index in the shard
+    last_key: str | None = None  # the sample read last in that shard, ending at `offset`,
+    last_offset: int = 0  # and where it starts (check_shard_marks)
 
 
 @dataclass
@@ -73,6 +78,8 @@ class Range:
     index: int = 0
     stride: int = 1
     phase: int = 0
+    last_key: str | None = None  # as Cursor's
+    last_offset: int = 0
 
 
 def rank_split(all_shards: list[str], rank: int, world: int) -> tuple[list[str], int]:
@@ -153,6 +160,29 @@ def check_shard_sizes(meta: dict) -> None:
                              f"start a new run directory (init_from= keeps the weights)")
 
 
+def check_shard_marks(meta: dict, all_shards: list[str], rank: int, world: int,
+                      seed: int) -> None:
+    """A shard rewritten to the same size passes check_shard_sizes (tars pad to 10 KiB records:
+    40 or 41 samples made the same 256,000 bytes): the sample read last before each saved offset
+    must still start where it did, under its key, and end at that offset."""
+    for r in unread_ranges(meta, all_shards, rank, world, seed):
+        if r.offset == 0 or r.last_key is None:  # nothing read in it, or saved before marks
+            continue
+        try:
+            found = next(read_token_samples(r.shard, r.last_offset), None)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            if read_failure(e) is not None:
+                raise  # the shard could not be read (I/O, network): says nothing about its bytes
+            found = None
+        if found is None or (found.key, found.next_offset) != (r.last_key, r.offset):
+            raise ValueError(f"token shard {r.shard} no longer holds sample {r.last_key!r} at "
+                             f"byte {r.last_offset}, where the checkpoint's data stream read it: "
+                             f"the shard was rewritten since (a new extraction?), so the saved "
+                             f"read position no longer points at a sample. Put the original "
+                             f"shard back, or start a new run directory (init_from= keeps the "
+                             f"weights)")
+
+
 def unread_ranges(meta: dict, all_shards: list[str], rank: int, world: int,
                   seed: int) -> list[Range]:
     """The ranges a saved rank state has not read yet in its current epoch (module doc)."""
@@ -161,7 +191,8 @@ def unread_ranges(meta: dict, all_shards: list[str], rank: int, world: int,
     out = [Range(**r) for r in meta.get("pending", [])]
     if (c.shard_pos, c.offset) != (0, 0):  # an epoch not begun is no unconsumed work
         order = epoch_order(shards, seed, rank, c.epoch)
-        out.append(Range(order[c.shard_pos], c.offset, c.index, stride, rank % stride))
+        out.append(Range(order[c.shard_pos], c.offset, c.index, stride, rank % stride,
+                         c.last_key, c.last_offset))
         out += [Range(url, 0, 0, stride, rank % stride) for url in order[c.shard_pos + 1:]]
     return out
 
@@ -185,7 +216,7 @@ def resplit(states: list[tuple[dict, dict[str, torch.Tensor]]], all_shards: list
         # Too few ranges for every new rank: split each by sample (index % (stride * k)) so
         # all ranks get some; each sub-range reads the range's bytes, which only happens here.
         k = -(-new_world // len(ranges))
-        ranges = [Range(r.shard, r.offset, r.index, r.stride * k, r.phase + j * r.stride)
+        ranges = [replace(r, stride=r.stride * k, phase=r.phase + j * r.stride)
                   for r in ranges for j in range(k)]
     buffered = [item for meta, tensors in states for item in buffer_items(meta, tensors)]
     epoch = max(m["cursor"]["epoch"] for m, _ in states) + 1

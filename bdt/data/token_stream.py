@@ -23,8 +23,9 @@ only a few large images fit in a budget.
 State (`state_dict`): epoch, shard cursor, byte offset + sample index inside the shard, the
 numpy RNG state, counters, the buffered samples themselves (metadata in the JSON, packed bits
 in one uint8 tensor) and any pending ranges (below), so nothing is ever read twice. It also
-records the size of every shard it holds a byte offset into: a shard rewritten since (say, by
-a second extraction) would put that offset mid-sample, so a resume refuses it by name.
+records the size of every shard it holds a byte offset into, and the sample read last there: a
+shard rewritten since (say, by a second extraction) would put that offset mid-sample, so a resume
+refuses it by name.
 
 World-size change: `resplit` (bdt/data/stream_state.py) turns the saved states of W ranks into
 states for W' ranks, exactly.
@@ -43,9 +44,9 @@ import torch
 
 from bdt import url_listing
 from bdt.data.stream_state import (STATE_VERSION, Cursor, Range, StreamCounters, buffer_items,
-                                   cat_bits, check_shard_sizes, check_version, epoch_order,
-                                   rank_split, same_stream, shard_names, shards_entered,
-                                   stream_fingerprint)
+                                   cat_bits, check_shard_marks, check_shard_sizes, check_version,
+                                   epoch_order, rank_split, same_stream, shard_names,
+                                   shards_entered, stream_fingerprint)
 from bdt.data.tar_reads import ReadRetries, read_failure
 from bdt.data.tars import TarSample, log_skip
 from bdt.data.token_shards import TokenSample, decode_tar_sample, read_token_samples
@@ -141,9 +142,10 @@ class TokenStream:
         url, offset = self._position()[:2]
         return f"reading {url} from byte {offset}"
 
-    def _advance(self, offset: int, index: int) -> None:
+    def _advance(self, offset: int, index: int, read: TarSample) -> None:
         where = self.pending[0] if self.pending else self.cursor
         where.offset, where.index = offset, index
+        where.last_key, where.last_offset = read.key, read.offset
         self._inside = 0
 
     def _next_shard(self) -> None:
@@ -152,7 +154,7 @@ class TokenStream:
             self.pending.pop(0)
             return
         c = self.cursor
-        c.shard_pos, c.offset, c.index = c.shard_pos + 1, 0, 0
+        c.shard_pos, c.offset, c.index, c.last_key = c.shard_pos + 1, 0, 0, None
         if c.shard_pos >= len(self.shards):
             if not self._epoch_had_samples:
                 raise ValueError(f"rank {self.rank}: a whole epoch over {len(self.shards)} shards "
@@ -193,10 +195,10 @@ class TokenStream:
                 self._skip("corrupt", tar_sample.key, url,
                            f"nothing readable: {tar_sample.refused}")
             if not (last or inside):
-                self._advance(tar_sample.next_offset, index)
+                self._advance(tar_sample.next_offset, index, tar_sample)
         else:
             if not last:
-                self._advance(tar_sample.next_offset, index + 1)
+                self._advance(tar_sample.next_offset, index + 1, tar_sample)
             if index % stride == phase:
                 item = self._usable(tar_sample, url, index, regular)
         if last:  # only now: the end of an epoch checks whether it gave a usable sample
@@ -352,6 +354,7 @@ class TokenStream:
                              "layout or seed than this run's config: resume with the same data "
                              "config (or start a new run directory)")
         check_shard_sizes(meta)
+        check_shard_marks(meta, self.all_shards, self.rank, self.world_size, self.seed)
         self.cursor = Cursor(**meta["cursor"])
         self._epoch_had_samples = bool(meta["epoch_had_samples"])
         self.rng.bit_generator.state = meta["rng"]

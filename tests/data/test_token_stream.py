@@ -249,6 +249,33 @@ def test_resume_refuses_a_shard_rewritten_since_the_checkpoint(tmp_path):
         resplit([(meta, tensors)], urls, seed=3, new_world=2)
 
 
+def test_resume_refuses_a_shard_rewritten_to_the_same_size(tmp_path):
+    """Tars pad to 10 KiB records, so a rewrite often keeps the size: the samples of one grid
+    in reverse order leave every offset a sample boundary, holding another sample."""
+    urls = write_shards(str(tmp_path), [(4, 4)], num_shards=2, per_shard=6)
+    a = make(urls, buffer=2)
+    a.next_batch()
+    meta, tensors = a.state_dict()
+    meta = json.loads(json.dumps(meta))
+    inside = next(u for u, size in meta["shard_sizes"].items() if size)
+    make(urls, buffer=2).load_state_dict(meta, tensors)  # unchanged: resumes
+    samples: dict[str, dict] = {}
+    with tarfile.open(inside) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(m).read()
+    with wds.TarWriter(inside, encoder=False) as sink:
+        for sample in reversed(samples.values()):
+            sink.write(sample)
+    assert os.path.getsize(inside) == meta["shard_sizes"][inside]  # the size check passes
+    with pytest.raises(ValueError, match=f"token shard {inside} no longer holds sample 's"):
+        make(urls, buffer=2).load_state_dict(meta, tensors)
+    new_world = resplit([(meta, tensors)], urls, seed=3, new_world=2)
+    with pytest.raises(ValueError, match="rewritten since"):
+        for rank, (m, t) in enumerate(new_world):
+            make(urls, rank=rank, world=2, buffer=2).load_state_dict(m, t)
+
+
 def test_missing_source_is_clear(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         list_shards(str(tmp_path / "nope"))
