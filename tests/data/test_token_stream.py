@@ -483,6 +483,19 @@ def assert_same_rows(a, b):
             assert torch.equal(t, getattr(y.packed, name)), name
 
 
+def test_a_rows_tokens_are_what_it_packed_with_captions_dropped(tmp_path):
+    """Token-length stages end on real tokens and the throughput counts them: a dropped caption
+    is not in the row (the stream measured each sample with its caption)."""
+    from bdt.training.ar.stage_rows import StageData
+
+    urls = write_shards(str(tmp_path / "s"), GRIDS, num_shards=2, per_shard=9)
+    data = StageData(stage_rows(tmp_path, urls), 0, "thread", torch.device("cpu"))
+    rows = [data.next() for _ in range(6)]
+    data.close()
+    assert any(r.packed.unconditional_S.any() for r in rows)  # some captions were dropped
+    assert [r.tokens for r in rows] == [r.packed.input_ids_L.numel() for r in rows]
+
+
 @pytest.mark.parametrize("worker", ["thread", pytest.param("process", marks=pytest.mark.slow)])
 def test_prefetched_rows_resume_exactly(tmp_path, worker):
     """A worker 2 rows ahead builds the rows built inline; the state saved after 4 rows TAKEN,

@@ -119,7 +119,8 @@ class _PackedRows:
         batch = self.stream.next_batch()
         dropout = torch.Generator().manual_seed(int(self.stream.rng.integers(2**63)))
         packed = self.packer.pack(image_samples(batch, self.bits), generator=dropout)
-        extra = {"keys": [s.key for s in batch.samples], "tokens": batch.tokens,
+        # The row's own length: the stream measured each sample with its caption, dropped or not.
+        extra = {"keys": [s.key for s in batch.samples], "tokens": packed.input_ids_L.numel(),
                  "counters": replace(self.stream.counters)}
         return {f.name: getattr(packed, f.name) for f in fields(packed)}, extra
 
