@@ -6,9 +6,11 @@ exact detector suffices. At a fixed working scale:
 1. pixels far in OKLab chroma from the background (the border's median) are foreground;
 2. each takes the palette colour of nearest hue (hue survives anti-aliasing, JPEG and blending
    with a neutral background), smoothed by a chroma-weighted majority vote;
-3. connected components per colour are objects (small same-blob fragments merge in);
+3. connected components per colour are objects (small same-blob fragments of a neighbouring
+   hue merge in);
 4. an object's shape is the template, rendered by the dataset's own renderer, with the highest
-   soft IoU against its coverage map cropped to its box.
+   soft IoU against its coverage map cropped to its box, whose proportions must be the
+   template's.
 A spec passes when the detected objects equal its objects exactly and its relation holds.
 Each attribute (count, colour, shape, position) is also judged on its own, so a learning curve
 shows progress before whole prompts pass."""
@@ -22,16 +24,20 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from bdt.data.shapes import COLORS, SHAPES, check_spec, relation_holds, shape_coverage
+from bdt.data.shapes import (COLORS, SHAPES, UNIT_EXTENT, check_spec, relation_holds,
+                             shape_coverage)
 
 WORK_SHORT = 128       # analyse at 128 px on the short side: objects (>= 22% of it) get >= 28 px
 CHROMA_MIN = 0.06      # OKLab chroma distance from the background that counts as object pixel
 MIN_AREA_FRAC = 0.004  # components smaller than this x short_side^2 are specks
 GRID = 32              # shapes are compared at 32 x 32 after cropping to their bounding box
 VOTE_RADIUS = 3        # colour majority window (7 x 7 at the working scale)
-FRAGMENT_FRAC = 0.3    # a piece below this x its blob's largest piece is a fragment of it
+FRAGMENT_FRAC = 0.3    # a piece below this x its blob's largest piece may be a colour fringe
 GROW = 2               # coverage may extend this many working px past a component
 MIN_IOU = 0.55         # below this soft IoU a component is no known shape
+# Matching stretches a component's box to the template's square grid, so a 3:1 bar would read
+# as a square: a box this far off the shape's own width/height ratio is no known shape.
+ASPECT_TOL = 1.3
 
 
 @dataclass
@@ -74,6 +80,12 @@ _PALETTE_HUE = np.array([np.arctan2(lab[2], lab[1]) for lab in
 # Nearest palette colour for 720 hue bins over [-pi, pi): a lookup, not a distance per pixel.
 _BIN_HUE = -np.pi + (np.arange(720) + 0.5) * (2 * np.pi / 720)
 _HUE_TO_COLOR = np.abs(np.angle(np.exp(1j * (_BIN_HUE[:, None] - _PALETTE_HUE)))).argmin(1)
+# A colour and its neighbours around the hue circle (red-orange, ..., pink-red): the only
+# colours that JPEG and blending leave at an object's edge.
+_HUE_ORDER = [int(i) for i in np.argsort(_PALETTE_HUE)]
+_FRINGE_PAIRS = {frozenset((a, b)) for a, b in zip(_HUE_ORDER, _HUE_ORDER[1:] + _HUE_ORDER[:1])
+                 } | {frozenset((a,)) for a in _HUE_ORDER}
+_ASPECT = {s: w / h for s, (w, h) in UNIT_EXTENT.items()}
 
 
 def _normalise(alpha: np.ndarray) -> np.ndarray:
@@ -136,7 +148,12 @@ def _to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     arr = np.asarray(image)
-    if arr.dtype != np.uint8:  # float images are taken as [0, 1]
+    if np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8:
+        # int64 pixels (after arithmetic) were once clipped as floats to [0, 1]: a white image
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise ValueError(f"integer image ({arr.dtype}) has values outside 0..255")
+        arr = arr.astype(np.uint8)
+    elif arr.dtype != np.uint8:  # float images are taken as [0, 1]
         arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
@@ -196,10 +213,12 @@ def detect(image: Image.Image | np.ndarray) -> list[Detection]:
                 for s, t in _TEMPLATES.items()}  # soft IoU
         best = max(ious, key=ious.get)
         cy, cx = np.nonzero(alpha >= 0.5)
+        aspect = (cx.max() - cx.min() + 1) / (cy.max() - cy.min() + 1) / _ASPECT[best]
+        known = ious[best] >= MIN_IOU and 1 / ASPECT_TOL <= aspect <= ASPECT_TOL
         box = [float(v) / scale for v in
                (ox + cx.min(), oy + cy.min(), ox + cx.max() + 1, oy + cy.max() + 1)]
         found.append(Detection(
-            shape=best if ious[best] >= MIN_IOU else "unknown", color=_COLOR_NAMES[ci],
+            shape=best if known else "unknown", color=_COLOR_NAMES[ci],
             bbox=tuple(round(v, 2) for v in box),
             center=(round((box[0] + box[2]) / 2, 2), round((box[1] + box[3]) / 2, 2)),
             iou=round(float(ious[best]), 3)))
@@ -210,9 +229,10 @@ def _pieces(foreground: np.ndarray, label: np.ndarray) -> list[tuple[int, np.nda
     """(colour index, flat pixel indices) of each single-colour object.
 
     Objects are the per-colour components of the foreground. A piece much smaller than the
-    largest piece of the same foreground blob is a fragment of that object (a JPEG-shifted star
-    tip reads yellow on an orange star) and is merged into it; pieces of similar size stay
-    separate objects (two touching shapes of different colours).
+    largest piece of the same foreground blob is a fragment of the largest object of its own or
+    a neighbouring hue there (a JPEG-shifted star tip reads yellow on an orange star) and is
+    merged into it; other pieces stay separate objects (touching shapes of different colours: a
+    small blue square on a red circle is no fringe of it).
     """
     blob_of = np.full(foreground.size, -1)
     for bi, flat in enumerate(_components(foreground)):
@@ -224,10 +244,15 @@ def _pieces(foreground: np.ndarray, label: np.ndarray) -> list[tuple[int, np.nda
     out = []
     for pieces in by_blob.values():
         pieces.sort(key=lambda p: -len(p[1]))
-        keep = [p for p in pieces if len(p[1]) >= FRAGMENT_FRAC * len(pieces[0][1])]
-        fragments = [p[1] for p in pieces[len(keep):]]
-        out.append((keep[0][0], np.concatenate([keep[0][1]] + fragments)))
-        out += keep[1:]
+        big = FRAGMENT_FRAC * len(pieces[0][1])
+        objects = [[ci, [flat]] for ci, flat in pieces if len(flat) >= big]
+        for ci, flat in pieces[len(objects):]:  # the largest object it may be a fringe of
+            host = next((o for o in objects if frozenset((ci, o[0])) in _FRINGE_PAIRS), None)
+            if host is None:
+                objects.append([ci, [flat]])
+            else:
+                host[1].append(flat)
+        out += [(ci, np.concatenate(flats)) for ci, flats in objects]
     return out
 
 
@@ -312,8 +337,8 @@ def _covers(have: Counter, need: Counter) -> bool:
 
 def judge_image(image: Image.Image | np.ndarray, spec: dict) -> Judgement:
     """Does `image` show exactly the objects of `spec` (shapes and counts always, colours where
-    the spec names them) in its relation (on the dominant axis)? Arrays are HxWx3 uint8, or
-    float in [0, 1]. The verdict carries each attribute judged alone (`judge_attributes`)."""
+    the spec names them) in its relation (on the dominant axis)? Arrays are HxWx3 integers in
+    0..255, or float in [0, 1]. The verdict carries each attribute judged alone (`judge_attributes`)."""
     check_spec(spec)
     found = detect(image)
     verdict = _judge_objects(found, spec)

@@ -245,3 +245,57 @@ def test_attributes_are_judged_alone():
     assert scores["per_attribute"] == {"count": 2 / 3, "color": 1.0, "shape": 1 / 3,
                                        "position": 1.0}
     assert scores["attribute_counts"] == {"count": 3, "color": 2, "shape": 3, "position": 2}
+
+
+def _drawn(objects: list[tuple[str, str, float, float, float]], size: int = 64) -> Image.Image:
+    """Objects (shape, colour, centre x, centre y, size px) drawn by the dataset's renderer, even
+    where they touch (layout never lets them)."""
+    objs = [{"shape": s, "color": c, "size": z, "center": (x, y), "bbox": (
+        x - z * shapes.UNIT_EXTENT[s][0] / 2, y - z * shapes.UNIT_EXTENT[s][1] / 2,
+        x + z * shapes.UNIT_EXTENT[s][0] / 2, y + z * shapes.UNIT_EXTENT[s][1] / 2)}
+        for s, c, x, y, z in objects]
+    return shapes.render(np.random.default_rng(0), objs, size, size)[0]
+
+
+def _one(shape: str, color: str | None = None) -> dict:
+    return {"category": "colors" if color else "single_object", "relation": None,
+            "groups": [{"shape": shape, "color": color, "count": 1}]}
+
+
+def test_stretched_shapes_are_no_shape():
+    """A 44 x 12 bar once read as a square (soft IoU 0.98) and a 2:1 ellipse as a circle: the
+    box is stretched to the template's grid before matching, so proportions must be checked."""
+    bar = np.full((64, 64, 3), 248, np.uint8)
+    bar[26:38, 10:54] = shapes.COLORS["red"]
+    yy, xx = np.mgrid[0:64, 0:64]
+    ellipse = np.full((64, 64, 3), 248, np.uint8)
+    ellipse[((xx - 32) / 20) ** 2 + ((yy - 32) / 10) ** 2 <= 1] = shapes.COLORS["blue"]
+    square = np.full((64, 64, 3), 248, np.uint8)
+    square[18:46, 18:46] = shapes.COLORS["red"]
+    assert judge_image(square, _one("square", "red")).passed  # the same colour, square
+    for image, shape in ((bar, "square"), (ellipse, "circle")):
+        result = judge_image(image, _one(shape))
+        assert not result.passed and [d.shape for d in result.detected] == ["unknown"], shape
+        assert result.attributes == {"count": True, "shape": False}
+
+
+def test_touching_object_of_another_hue_is_its_own_object():
+    """A small blue square touching a red circle was merged into it as a colour fringe, so the
+    image passed "a red circle"; fringes come only in the palette's neighbouring hues."""
+    image = _drawn([("circle", "red", 24, 32, 30), ("square", "blue", 45, 32, 12)])
+    assert not judge_image(image, _one("circle", "red")).passed
+    pair = {"category": "color_attr", "relation": None, "groups": [
+        {"shape": "circle", "color": "red", "count": 1},
+        {"shape": "square", "color": "blue", "count": 1}]}
+    assert judge_image(image, pair).passed
+    # A JPEG fringe of a neighbouring hue still merges: an orange star's yellowish tips.
+    star = _compress(_drawn([("star", "orange", 16, 16, 16 * 1.25)], 32), "jpg75")
+    assert judge_image(star, _one("star", "orange")).passed
+
+
+def test_integer_arrays_are_0_to_255():
+    image, _, meta = shapes.make_sample(1, 0, [(64, 64)])
+    wide = np.asarray(image).astype(np.int64)  # once clipped like floats to [0, 1]: all white
+    assert judge_image(wide, meta["spec"]).passed
+    with pytest.raises(ValueError, match="outside 0..255"):
+        judge_image(wide * 4, meta["spec"])
