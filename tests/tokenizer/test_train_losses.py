@@ -76,3 +76,24 @@ def test_adaptive_weight_equals_parameter_gradient_ratio():
     gg = torch.autograd.grad(g, conv.weight, retain_graph=True)[0].norm()
     assert w.item() == pytest.approx((gr / (gg + 1e-4)).item(), rel=1e-4)
     assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)).item() == 0.0
+
+
+def test_loss_networks_live_on_the_engines_device(tmp_path):
+    """On a GPU the images and reconstructions are on the device: a discriminator, its LeCam
+    state or LPIPS left on the CPU failed the first step there. meta stands in for the GPU."""
+    from bdt.config import load
+    from bdt.training.tokenizer.config import TokenizerTrainConfig
+    from bdt.training.tokenizer.loop import loss_networks
+
+    backbone, head = _write_lpips_weights(tmp_path)
+    cfg = load(TokenizerTrainConfig, [], ["run_dir=x", "data.shards=x", "loss.disc_weight=0.1",
+                                          "loss.lpips_weight=1", f"loss.lpips_backbone={backbone}",
+                                          f"loss.lpips_head={head}"])
+    disc, lpips = loss_networks(cfg, 3, torch.device("meta"))
+    tensors = [*disc.net.parameters(), *disc.lecam.buffers(), *lpips.parameters(),
+               *lpips.buffers()]
+    assert len(tensors) > 10 and all(t.is_meta for t in tensors)
+    logits = torch.zeros(2, 1, 4, 4, device="meta")
+    assert disc.lecam(logits, logits).is_meta  # its EMAs update in place on the device
+    assert loss_networks(load(TokenizerTrainConfig, [], ["run_dir=x", "data.shards=x"]), 3,
+                         torch.device("meta")) == (None, None)

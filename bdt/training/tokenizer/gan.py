@@ -29,13 +29,17 @@ def lr_schedule(cfg: TokenizerTrainConfig) -> WarmupSchedule:
 class Discriminator:
     """Plain-torch discriminator, its optimizer/schedule and LeCam state, replicated on all ranks."""
 
-    def __init__(self, cfg: TokenizerTrainConfig, in_channels: int):
+    def __init__(self, cfg: TokenizerTrainConfig, in_channels: int,
+                 device: torch.device | str = "cpu"):
+        """`device`: the autoencoder's, where the images and reconstructions it judges are
+        (initialised on the CPU, then moved: the same weights on every device)."""
         torch.manual_seed(cfg.seed + 1)  # identical init on every rank
-        self.net = PatchDiscriminator(in_channels, cfg.loss.disc_width, cfg.loss.disc_layers)
+        self.net = PatchDiscriminator(in_channels, cfg.loss.disc_width,
+                                      cfg.loss.disc_layers).to(device)
         self.cfg = cfg
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
         self.sched = ConfigLR(self.opt, lr_schedule(cfg))
-        self.lecam = LeCam()
+        self.lecam = LeCam().to(device)
 
     def step(self, real: torch.Tensor, fake: torch.Tensor, lecam_weight: float, scale: float) -> dict:
         real_logits, fake_logits = self.net(real), self.net(fake)

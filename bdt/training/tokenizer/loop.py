@@ -90,6 +90,16 @@ def export(model_cfg: TokenizerConfig, ema_state: dict, run_dir: str) -> str:
 QUANT_LOGGED = ("commitment_loss", "entropy_loss", "bit_rates", "group_code_entropy")
 
 
+def loss_networks(cfg: TokenizerTrainConfig, out_ch: int, device: torch.device
+                  ) -> tuple[Discriminator | None, LPIPS | None]:
+    """The discriminator and LPIPS where the config weighs them, on `device` (the engine's:
+    on a GPU the reconstructions they take are there)."""
+    disc = Discriminator(cfg, out_ch, device) if cfg.loss.disc_weight > 0 else None
+    lpips = (LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head).to(device)
+             if cfg.loss.lpips_weight > 0 else None)
+    return disc, lpips
+
+
 def _step_metrics(seen: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> dict[str, float]:
     """psnr, ssim and the quantizer's metrics of a step: each the mean over its micro-batches
     (`seen`: recon, images, the quantizer's QUANT_LOGGED of each). Micro-batches are of one
@@ -138,9 +148,7 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     engine = initialize_engine(model, build_ds_config(cfg.deepspeed, cfg.optim, dist.world_size),
                                lr_schedule(cfg))
     ema = EMA(engine.module, cfg.ema_decay)
-    disc = Discriminator(cfg, model_cfg.out_ch) if cfg.loss.disc_weight > 0 else None
-    lpips = (LPIPS.from_local(cfg.loss.lpips_backbone, cfg.loss.lpips_head)
-             if cfg.loss.lpips_weight > 0 else None)
+    disc, lpips = loss_networks(cfg, model_cfg.out_ch, dist.device)
     torch.manual_seed(cfg.seed * 1000 + dist.rank)  # per-rank stream for any sampling in the step
     # The whole model config: norm_groups shapes no parameter but changes every activation.
     signature = model_signature(engine.module, model_cfg.to_dict())
