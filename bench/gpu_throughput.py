@@ -65,9 +65,7 @@ def build(args, device: torch.device):
     torch.manual_seed(0)
     model = BitDanceModel.from_config(cfg)
     ds = build_ds_config(DeepSpeedConfig(zero_stage=2, precision=args.precision,
-                                         micro_batch_size=1,
-                                         extra={"optimizer": {"params": {"torch_adam": True}}}),
-                         OptimConfig(lr=1e-4), 1)
+                                         micro_batch_size=1), OptimConfig(lr=1e-4), 1)
     return model, initialize_engine(model, ds, WarmupSchedule(0, 10 ** 6, "constant"))
 
 

@@ -107,8 +107,12 @@ def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, world_size: int) ->
     DeepSpeedConfig.validate(ds)  # unbound: `ds` may be the loaded omegaconf node
     adam: dict[str, Any] = {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,
                             "weight_decay": optim.weight_decay}
-    if not torch.cuda.is_available():
-        # Without torch_adam DeepSpeed JIT-compiles its fused CPU Adam (~45 s, environment.md).
+    offload = ((ds.extra.get("zero_optimization") or {}).get("offload_optimizer") or {})
+    if not torch.cuda.is_available() or offload.get("device", "none") == "none":
+        # torch's AdamW: DeepSpeed's own JIT-compiles an extension at start, its fused CPU Adam
+        # (~45 s, environment.md) or on a GPU its FusedAdam, which needs a CUDA compiler the
+        # machine may lack (scripts/offline_wheels.py). An optimizer offloaded to the CPU is
+        # DeepSpeed's CPUAdam: it refuses any other.
         adam["torch_adam"] = True
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,

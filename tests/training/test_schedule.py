@@ -140,3 +140,19 @@ def test_ds_config_from_typed_config():
         build_ds_config(DeepSpeedConfig(zero_stage=4), OptimConfig(), 1)
     with pytest.raises(ValueError, match="precision"):
         build_ds_config(DeepSpeedConfig(precision="fp16"), OptimConfig(), 1)
+
+
+def test_torch_adam_on_a_gpu_too_unless_the_optimizer_is_offloaded(monkeypatch):
+    """On CUDA, DeepSpeed's FusedAdam JIT-builds a CUDA extension at start, which a machine
+    without a CUDA compiler cannot: torch's AdamW there as on a CPU. An optimizer offloaded to
+    the CPU stays DeepSpeed's CPUAdam, the only one DeepSpeed accepts for it."""
+    import bdt.training.deepspeed_config as dsc
+
+    monkeypatch.setattr(dsc.torch.cuda, "is_available", lambda: True)
+    assert build_ds_config(DeepSpeedConfig(zero_stage=2), OptimConfig(), 1)[
+        "optimizer"]["params"]["torch_adam"] is True
+    offloaded = DeepSpeedConfig(zero_stage=2, extra={"zero_optimization": {
+        "offload_optimizer": {"device": "cpu", "pin_memory": True}}})
+    assert "torch_adam" not in build_ds_config(offloaded, OptimConfig(), 1)["optimizer"]["params"]
+    chosen = DeepSpeedConfig(extra={"optimizer": {"params": {"torch_adam": False}}})
+    assert build_ds_config(chosen, OptimConfig(), 1)["optimizer"]["params"]["torch_adam"] is False
