@@ -63,7 +63,8 @@ if [[ -d /dev/shm && -w /dev/shm ]]; then
 fi
 RUN=$WORK/run
 
-# Each stage needs the one before: the first failure ends the chain (its log says why).
+# Each stage up to train needs the one before: the first failure ends the chain (its log says
+# why). sample and the evaluations need only the export, written whole at the end of training.
 stage env 20 "${PYF[@]}" bench/gpu_check.py env --out "$OUT" $( ((REHEARSAL)) && echo --rehearsal ) &&
 # The tokenizer's weights against its config (torch only): a folder without them failed at the
 # tokens stage, after the images.
@@ -79,13 +80,19 @@ stage train $((MIN_S + 120)) "${PYF[@]}" bdt/train.py --config configs/train/dem
   model.backbone.path="$WORK/data/llm" data.tokenizer="$TOKENIZER" \
   "stages.0.shards=$WORK/data/tokens/32/*.tar" "stages.1.shards=$WORK/data/tokens/64/*.tar" \
   "time_limit_min=$MIN" "eval.every=$EVAL_EVERY" eval.per_category=0 eval.width=64 eval.height=64 \
-  eval.steps=12 eval.cfg_scale=2.0 "${SMALL[@]}" &&
-stage sample 60 "${PYF[@]}" -m bdt.cli sample --model "$RUN/export" --size 64 --cfg-scale 2.0 \
-  "${SAMPLING[@]}" --out "$OUT/samples" --cols 8 --prompts-file scripts/demo_prompts.txt &&
-for seed in 0 1; do
-  stage "eval_s$seed" 120 "${PYF[@]}" -m bdt.cli eval --model "$RUN/export" --size 64 \
-    --cfg-scale 2.0 "${SAMPLING[@]}" "${EVAL_ARGS[@]}" --seed "$seed" --out "$OUT/eval_s$seed"
-done
+  eval.steps=12 eval.cfg_scale=2.0 "${SMALL[@]}"
+# One failing does not skip the others, nor does a train stage that failed after its export (a
+# kill in the teardown): the scores are what the run is for.
+if [[ -f $RUN/export/model_config.yaml ]]; then
+  stage sample 60 "${PYF[@]}" -m bdt.cli sample --model "$RUN/export" --size 64 --cfg-scale 2.0 \
+    "${SAMPLING[@]}" --out "$OUT/samples" --cols 8 --prompts-file scripts/demo_prompts.txt
+  for seed in 0 1; do
+    stage "eval_s$seed" 120 "${PYF[@]}" -m bdt.cli eval --model "$RUN/export" --size 64 \
+      --cfg-scale 2.0 "${SAMPLING[@]}" "${EVAL_ARGS[@]}" --seed "$seed" --out "$OUT/eval_s$seed"
+  done
+else
+  echo "== no export in $RUN: sample and eval skipped"
+fi
 mkdir -p "$OUT/run"
 cp -f "$RUN/metrics.jsonl" "$RUN/config.yaml" "$RUN/summary.json" "$OUT/run/" 2>/dev/null
 rm -rf "$OUT"/eval_s*/images  # the grid shows them; one PNG per image is too much to carry back

@@ -28,3 +28,42 @@ def test_a_tokenizer_without_weights_stops_before_any_image(tmp_path):
     rows = (tmp_path / "out" / "stages.tsv").read_text().splitlines()
     assert [r.split("\t")[:2] for r in rows] == [["env", "0"], ["tokenizer", "1"]], out.stdout
     assert "weights" in (tmp_path / "out" / "tokenizer.log").read_text()
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# python for gpu_quality.sh's stages: every one passes at once, but what FAIL names
+[[ $1 == -c ]] && exec "$REAL_PYTHON" "$@"  # the script's own arithmetic
+for arg in "$@"; do [[ $arg == run_dir=* ]] && run=${arg#run_dir=}; done
+if [[ " $* " == *" bdt/train.py "* && -n $EXPORT ]]; then
+  mkdir -p "$run/export" && touch "$run/export/model_config.yaml"
+fi
+for stage in $FAIL; do [[ " $* " == *" $stage "* ]] && exit 3; done
+exit 0
+"""
+
+
+@pytest.mark.parametrize("export", [True, False])
+def test_sample_and_evals_run_on_any_export_each_whatever_the_other_did(tmp_path, export):
+    """A failing sample stage skipped both evaluations, and a train stage that failed after
+    writing its export (a kill in the teardown) skipped all three: the scores the run is for.
+    Without an export they are skipped, and the run fails on its train stage."""
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "config.json").write_text("{}")
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable,
+               GPU_QUALITY_WORK=str(tmp_path / "work"), FAIL="bdt/train.py sample",
+               EXPORT="1" if export else "")
+    for name in ("OUT", "BDT_WHEELS", "GPU_QUALITY_KEEP"):
+        env.pop(name, None)
+    out = subprocess.run(["bash", "scripts/gpu_quality.sh", "--cpu-rehearsal", "--tokenizer",
+                          str(tokenizer), str(tmp_path / "out")], cwd=REPO, env=env, text=True,
+                         capture_output=True, timeout=60)
+    assert out.returncode != 0
+    rows = [r.split("\t")[:2] for r in (tmp_path / "out" / "stages.tsv").read_text().splitlines()]
+    after = [["sample", "3"], ["eval_s0", "0"], ["eval_s1", "0"]] if export else []
+    assert rows == [["env", "0"], ["tokenizer", "0"], ["images", "0"], ["tokens", "0"],
+                    ["train", "3"], *after], out.stdout
+    assert ("sample and eval skipped" in out.stdout) is not export
