@@ -36,6 +36,7 @@ from bdt.generation.run_weights import (MODEL_STATES, VOCAB_FILES, checkpoint_we
                                         damaged_record, recorded_backbone, run_config)
 from bdt.generation.sampling import SamplingConfig, check_prompts, generate
 from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel, read_model_config
+from bdt.model.attention import resolve_backend
 from bdt.model import llm_config_record
 from bdt.model.keymap import release_layout
 from bdt.model.text_tokenizer import query_tokens_for
@@ -199,10 +200,24 @@ def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
     train_cfg = os.path.join(path, layout.EXPORT_TRAIN_CONFIG_NAME)
     _check_export_parallel_num(path, train_cfg)
     llm_config_record.check(path, os.path.join(path, LLM_DIR))
-    model = BitDanceModel.from_pretrained(path).to(device).eval()
+    backend = runnable_backend(read_model_config(path).attn_backend, device)
+    model = BitDanceModel.from_pretrained(path, attn_backend=backend).to(device).eval()
     decoder = _load_decoder(os.path.join(path, layout.EXPORT_IMAGE_TOKENIZER_DIR), model, device)
     buckets = _trained_buckets(train_cfg) if os.path.isfile(train_cfg) else None
     return TrainedModel(model, decoder, path, buckets)
+
+
+def runnable_backend(name: str, device: str | torch.device) -> str:
+    """The attention backend the model trained with where it runs on `device`, else `auto`:
+    a model trained with varlen or flash (CUDA kernels) samples on a CPU or without flash-attn
+    too, and sampling's masks are the same in every backend (bdt.model.attention)."""
+    try:
+        resolve_backend(name, torch.device(device))
+    except ValueError as e:
+        log.warning("the model's attention backend does not run here (%s): sampling with "
+                    "'auto'", e)
+        return "auto"
+    return name
 
 
 def _check_export_parallel_num(path: str, train_cfg: str) -> None:
@@ -292,6 +307,7 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
         raise OSError(f"{cfg_path}: data.tokenizer is empty, so the run names no image tokenizer "
                       f"to decode with")
     model_cfg = cfg.model
+    model_cfg.attn_backend = runnable_backend(model_cfg.attn_backend, device)
     configured = model_cfg.backbone.path
     model_cfg.backbone = recorded_backbone(run_dir, model_cfg.backbone)
 

@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -367,3 +368,25 @@ def test_an_image_tokenizer_of_other_bits_is_refused_before_sampling(trained_run
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{named}: this image tokenizer decodes 8-bit tokens, the model samples 16-bit" in last
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("backend", ["varlen", "flash"])
+def test_a_model_trained_with_a_cuda_only_backend_samples_here(trained_run, tmp_path, backend):
+    """A model trained on a GPU with varlen or flash could not be sampled on a CPU (or without
+    flash-attn): loading it raised that the backend needs CUDA. Sampling takes 'auto' then, and
+    draws the images the model draws with its own backend where that runs."""
+    export = tmp_path / "export"
+    shutil.copytree(os.path.join(trained_run, "export"), export)
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("export"))
+    for name in (export / "model_config.yaml", run / "config.yaml"):
+        text, n = re.subn(r"attn_backend: \w+\n", f"attn_backend: {backend}\n", name.read_text())
+        assert n == 1
+        name.write_text(text)
+    prompts = ["--prompt", PROMPTS[0]]
+    for model, out in ((export, "from_export"), (run, "from_run"),
+                       (os.path.join(trained_run, "export"), "ref")):
+        assert _sample(str(model), tmp_path / out, *prompts) == 0
+    ref = _pixels(tmp_path / "ref" / "0000.png")
+    assert all(np.array_equal(_pixels(tmp_path / d / "0000.png"), ref)
+               for d in ("from_export", "from_run"))
