@@ -62,12 +62,14 @@ if ((GPUS > 0)); then
   LLM_ARGS=(--hidden 512 --layers 8 --heads 8 --kv-heads 4 --intermediate 1536)
   TRAIN_CONFIGS=(--config configs/train/demo.yaml --config configs/train/demo_gpu.yaml)
   EXTRACT_ARGS=(gpus_per_actor=1 "num_actors=$GPUS")
+  RAY_CPUS=$((GPUS > 2 ? GPUS : 2))  # an actor takes a CPU too: a 2-CPU head hosts 2 of them
 else
   RANKS=2  # 2 CPU ranks x 1 thread on 2 cores
   NUM=${DEMO_NUM:-6000}
   LLM_ARGS=()
   TRAIN_CONFIGS=(--config configs/train/demo.yaml)
   EXTRACT_ARGS=()
+  RAY_CPUS=2
 fi
 EVAL_PER_CATEGORY=${DEMO_EVAL_PER_CATEGORY:-0}
 SAMPLE_STEPS=${DEMO_SAMPLE_STEPS:-12}
@@ -146,7 +148,7 @@ else
   # started once it is gone; it watches before the head starts.
   read -r _ < <(setsid python -m bdt.extract.ray_session "$$" < /dev/null 2> /dev/null) || true
   REAPER_PID=$!
-  start_ray_head "$D/ray-head.log"
+  start_ray_head "$D/ray-head.log" "$RAY_CPUS"
   run_to_end ray job submit --address "$RAY_DASHBOARD" --working-dir . -- \
     python pipelines/extract_tokens.py --config configs/extract/demo.yaml \
     "inputs=$D/data/shapes-*.tar" "output=$D/tokens" "tokenizer=$D/tokenizer/export" \

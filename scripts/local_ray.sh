@@ -1,7 +1,8 @@
 # Shell helpers for scripts that start their own Ray head on 127.0.0.1 (demo.sh,
 # cluster_rehearsal.sh). Source it; it defines functions only.
-#   start_ray_head LOGFILE   head in its own session (setsid --block), dashboard on a free port;
-#                            sets RAY_PID and RAY_DASHBOARD (http://127.0.0.1:PORT) once it answers
+#   start_ray_head LOGFILE [CPUS]   head in its own session (setsid --block), dashboard on a free
+#                            port, CPUS logical CPUs (2, a CPU demo's cores: one per actor); sets
+#                            RAY_PID and RAY_DASHBOARD (http://127.0.0.1:PORT) once it answers
 #   stop_ray                 stops exactly that head (never `ray stop`: other Rays share the machine)
 
 free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -38,11 +39,11 @@ ensure_ray_token() {
 
 RAY_PID="" RAY_DASHBOARD=""
 start_ray_head() {
-  local dash
+  local dash cpus=${2:-2}
   ensure_ray_token
   dash=$(free_port)
   # --block keeps the head in this process (its own session), so stop_ray can stop exactly it.
-  setsid ray start --head --block --num-cpus 2 --node-ip-address 127.0.0.1 \
+  setsid ray start --head --block --num-cpus "$cpus" --node-ip-address 127.0.0.1 \
     --port "$(free_port)" --dashboard-host 127.0.0.1 --dashboard-port "$dash" \
     --dashboard-agent-listen-port "$(free_port)" --ray-client-server-port "$(free_port)" \
     --disable-usage-stats > "$1" 2>&1 &

@@ -217,3 +217,30 @@ def test_a_step_stopped_by_a_signal_reports_it_whatever_its_own_status(tmp_path)
     # Not stopped, the step's own status comes back.
     assert subprocess.run([sys.executable, str(REPO / "scripts" / "run_to_end.py"), sys.executable,
                            "-c", "raise SystemExit(3)"]).returncode == 3
+
+
+def test_the_gpu_demo_gives_its_ray_head_a_cpu_per_extraction_actor(tmp_path):
+    """On a machine whose torch sees more than 2 GPUs the demo asks for an extraction actor per
+    GPU, each taking a CPU too, of a Ray head started with 2 CPUs: the job refused to start
+    (run.py's capacity check: 2 actors fit). A fake python sees 8 GPUs, a fake `ray` records."""
+    fake_repo(tmp_path / "repo")
+    bin_dir = tmp_path / "repo" / ".venv" / "bin"
+    (bin_dir / "python").write_text(
+        "#!/bin/sh\ncase \"$*\" in *torch.cuda.device_count*) echo 8; exit 0;; esac\n"
+        f"exec {sys.executable} \"$@\"\n")
+    recording = RAY.replace('demo = os.environ["DEMO_DIR"]\n', 'demo = os.environ["DEMO_DIR"]\n'
+                            'open(demo + "/ray_" + sys.argv[1], "w").write(" ".join(sys.argv))\n')
+    recording = recording.replace("    time.sleep(60)\nport", "    sys.exit(1)\nport")
+    assert recording.count("sys.exit(1)") == 1 and "/ray_" in recording
+    (bin_dir / "ray").write_text(recording)
+    demo = tmp_path / "demo"
+    for name in ("data/manifest.json", "tokenizer/export/config.json"):
+        os.makedirs(os.path.dirname(demo / name), exist_ok=True)
+        (demo / name).write_text("{}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEMO_", "RAY_"))}
+    env.update(DEMO_DIR=str(demo))
+    subprocess.run(["bash", str(tmp_path / "repo" / "scripts" / "demo.sh")], env=env,
+                   capture_output=True, timeout=60)  # fails with the (fake) job
+    head, job = ((demo / f"ray_{what}").read_text().split() for what in ("start", "job"))
+    assert head[head.index("--num-cpus") + 1] == "8"
+    assert "num_actors=8" in job and "gpus_per_actor=1" in job
