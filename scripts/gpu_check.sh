@@ -86,6 +86,8 @@ if [[ -d /dev/shm && -w /dev/shm ]]; then
 fi
 DATA=(model.backbone.path="$WORK/data/llm" data.tokenizer="$WORK/data/tokenizer"
       data.root="$WORK/data/tokens")
+# The token shards have no index.json (gpu_data.py calls the extraction worker, not the job):
+# each stage reads its family's folder and names no family, which only a manifest can pick.
 
 # Limits: 20 + 75 + 15 + 30 + 130 + 120 + 45 + 30 + 10 = 475 s (8 min is 480; GPU_CHECK_COMPILE=1:
 # 625 s).
@@ -103,12 +105,14 @@ collect
 # when it can, and is deleted: only the metrics matter here.
 stage train_1b 120 "${PYF[@]}" bdt/train.py --config configs/train/demo.yaml \
   --config configs/cluster/gpu_1b_mfu.yaml "${DATA[@]}" "run_dir=$WORK/run_1b" \
-  "checkpoint.dir=$CKPT/run_1b" "stages.0.shards=$WORK/data/tokens/64/*.tar" "${TRAIN_1B[@]}"
+  "checkpoint.dir=$CKPT/run_1b" "stages.0.shards=$WORK/data/tokens/64/*.tar" "stages.0.family=''" \
+  "${TRAIN_1B[@]}"
 rm -rf "$CKPT/run_1b"
 stage shapes_train 45 "${PYF[@]}" bdt/train.py --config configs/train/demo.yaml \
   --config configs/cluster/gpu_shapes_quality.yaml "${DATA[@]}" "run_dir=$WORK/run_shapes" \
   "checkpoint.dir=$CKPT/run_shapes" "stages.0.shards=$WORK/data/tokens/32/*.tar" \
-  "stages.1.shards=$WORK/data/tokens/64/*.tar" "${SHAPES[@]}"
+  "stages.0.family=''" "stages.1.shards=$WORK/data/tokens/64/*.tar" "stages.1.family=''" \
+  "${SHAPES[@]}"
 stage shapes_eval 30 "${PYF[@]}" -m bdt.cli eval --model "$WORK/run_shapes/export" --size 64 \
   "${EVAL[@]}" --out "$OUT/eval"
 stage report 10 "${PYF[@]}" bench/gpu_check.py report --out "$OUT" --work "$WORK" --name "$REPORT_NAME"

@@ -79,7 +79,8 @@ stage train $((MIN_S + 120)) "${PYF[@]}" bdt/train.py --config configs/train/dem
   --config configs/cluster/gpu_shapes_quality.yaml "run_dir=$RUN" "checkpoint.dir=$CKPT/run" \
   model.backbone.path="$WORK/data/llm" data.tokenizer="$TOKENIZER" \
   "stages.0.shards=$WORK/data/tokens/32/*.tar" "stages.1.shards=$WORK/data/tokens/64/*.tar" \
-  "time_limit_min=$MIN" "eval.every=$EVAL_EVERY" eval.per_category=0 eval.width=64 eval.height=64 \
+  "stages.0.family=''" "stages.1.family=''" "time_limit_min=$MIN" "eval.every=$EVAL_EVERY" \
+  eval.per_category=0 eval.width=64 eval.height=64 \
   eval.steps=12 eval.cfg_scale=2.0 "${SMALL[@]}"
 # One failing does not skip the others, nor does a train stage that failed after its export (a
 # kill in the teardown): the scores are what the run is for.

@@ -132,3 +132,29 @@ def test_out_is_the_callers_path_and_must_be_writable(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "BDT_WHEELS=wheels: no .whl files there" in done.stdout
     assert not (tmp_path / "calls").exists()  # no stage ran
+
+
+@pytest.mark.slow
+def test_the_train_stages_take_the_token_folders_the_tokens_stage_writes(tmp_path, monkeypatch):
+    """bench/gpu_data.py writes token shards without index.json (it calls the extraction worker,
+    not the job), and a stage naming a family there is refused at start: the configs' stages
+    name "32" and "64", so the train stages failed at once (the rehearsal: rc 2, three stages)."""
+    proc = _run(tmp_path)
+    proc.communicate(timeout=60)
+    tokens = tmp_path / "work" / "data" / "tokens"
+    for family in ("32", "64"):  # what the tokens stage leaves: a folder per family
+        (tokens / family).mkdir(parents=True)
+        (tokens / family / "000000.tar").write_bytes(b"")
+    calls = [line.split() for line in (tmp_path / "calls").read_text().splitlines()
+             if "bdt/train.py" in line]
+    assert len(calls) == 2
+    monkeypatch.chdir(REPO)  # the configs' paths
+    from bdt.data.shard_source import list_shards
+    from bdt.train import load_config
+
+    read = []
+    for call in calls:
+        for stage in load_config(call[call.index("bdt/train.py") + 1:]).stages:
+            read.append([os.path.relpath(u, tokens) for u in
+                         list_shards(stage.shards, stage.family).urls])
+    assert read == [["64/000000.tar"], ["32/000000.tar"], ["64/000000.tar"]]
