@@ -43,3 +43,15 @@ def test_each_recipe_extracts_the_families_its_training_reads(extract, train):
                                     "data.tokenizer=/tok", "model.backbone.path=/llm"]))
     assert {s.family for s in cfg.stages} == {stage_name(s) for s in ext.stages}
     assert ext.patch_size ** 2 == cfg.model.parallel_num  # bucket sides fit the model's patches
+
+
+@pytest.mark.parametrize("overlay", ["train/demo_gpu.yaml", "cluster/gpu_shapes_quality.yaml",
+                                     "cluster/gpu_1b_mfu.yaml"])
+def test_gpu_overlays_buffer_enough_samples_to_fill_a_row(overlay):
+    """A row takes whole samples from the stream's buffer: with the demo's 256, stage "32"'s
+    16384-token rows (4x4-token images, ~36 tokens a sample) were 58% full on a GPU. Each
+    sample holds its image's tokens and at least one more (the lower bound used here)."""
+    cfg = _load(str(REPO / "configs" / overlay))
+    for stage in cfg.stages:
+        side = int(stage.family) // 8  # the demo tokenizer: 8x down
+        assert cfg.data.buffer_size * (side * side + 1) >= stage.token_budget, stage.name
