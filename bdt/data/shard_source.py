@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from bdt import storage, url_listing
-from bdt.data.stream_state import rank_split
 from bdt.data.tar_headers import unsafe_path
 
 INDEX_NAME = "index.json"  # bdt/extract/manifest.py writes the manifest under this name
@@ -141,6 +140,10 @@ def check_rank_split(shards: ShardList, world: int, where: str) -> None:
     sample by the manifest's counts. An extraction writes a shard per input unit, empty where
     every input was rejected; a rank given no sample stopped the job at its first step, the
     other ranks failing in a collective."""
+    # Here, not at the top: stream_state loads torch, and the cluster wrapper lists shards
+    # (launch_checks) without it.
+    from bdt.data.stream_state import rank_split
+
     for rank in range(world):
         mine, stride = rank_split(shards.urls, rank, world)
         phase = rank % stride
