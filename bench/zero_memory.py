@@ -74,14 +74,14 @@ def worker(rank: int, world: int, port: int, stage: int, llm: str, out: str) -> 
     from bdt.training.schedule import WarmupSchedule
     from bdt.training.ar.config import TrainConfig
 
-    setup.skip_deepspeed_muon()
-    init_distributed()
     cfg = TrainConfig(run_dir=out)
     cfg.model.backbone.path = llm
     cfg.model.parallel_num, cfg.model.attn_backend, cfg.model.pos_max_len = 4, "sdpa", 64
     for k, v in HEAD_100M.items():
         setattr(cfg.model.head, k, v)
     cfg.deepspeed = DeepSpeedConfig(zero_stage=stage, precision="fp32", micro_batch_size=1)
+    setup.skip_deepspeed_muon(cfg)  # before DeepSpeed starts, as the trainer calls it
+    init_distributed()
     ds = build_ds_config(cfg.deepspeed, OptimConfig(lr=1e-4), world)
     torch.manual_seed(0)
     model, hf_ds = setup.build_model(cfg, ds)  # hf_ds: keep the ZeRO-3 HF config alive
