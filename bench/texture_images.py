@@ -111,6 +111,7 @@ def main() -> int:
         for r, imgs in enumerate(rows.values()):
             for c, image in enumerate(imgs):
                 picture.paste(image.resize((args.px, args.px)), (args.px * c, args.px * r))
+        os.makedirs(RESULTS, exist_ok=True)  # run.write makes it too, but after the picture
         picture.save(os.path.join(RESULTS, "texture_images.png"))
         path = run.write({"texture_levels": TEXTURE_LEVELS, "evals": counts,
                           "decoding": {"background": args.background, "scores": scores,
