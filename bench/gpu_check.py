@@ -70,6 +70,7 @@ def env(out: str, rehearsal: bool) -> int:
         info.update(device=p.name, capability=f"{p.major}.{p.minor}",
                     memory_gib=round(p.total_memory / 2 ** 30, 1),
                     device_count=torch.cuda.device_count())
+    os.makedirs(out, exist_ok=True)  # gpu_check.sh makes it; a run by hand need not
     with open(os.path.join(out, "env.json"), "w") as f:
         json.dump(info, f, indent=1)
     print(f"python {info['python']}, torch {info['torch']} (CUDA {info['torch_cuda']}), device: "

@@ -45,11 +45,12 @@ def test_trainer_1b_run_is_the_benchmarked_configuration():
 
 
 def test_env_stage_names_missing_packages(tmp_path, monkeypatch, capsys):
-    assert gpu_check.env(str(tmp_path), rehearsal=True) == 0
-    assert json.loads((tmp_path / "env.json").read_text())["missing"].keys() <= set(
+    out = tmp_path / "out"  # not there yet: run by hand, OUT is the stage's to make
+    assert gpu_check.env(str(out), rehearsal=True) == 0
+    assert json.loads((out / "env.json").read_text())["missing"].keys() <= set(
         gpu_check.OPTIONAL)
     monkeypatch.setattr(gpu_check, "NEEDED", gpu_check.NEEDED + ["no_such_package_bdt"])
-    assert gpu_check.env(str(tmp_path), rehearsal=True) == 1
+    assert gpu_check.env(str(out), rehearsal=True) == 1
     assert "missing packages: no_such_package_bdt" in capsys.readouterr().out
 
 
