@@ -8,7 +8,7 @@ engine.step), timed phase by phase. fp32 because it is never slow on these machi
 matmuls are far slower than fp32 on avx2-only CPUs and faster only with avx512_bf16 or AMX (both
 peaks are measured and reported; with AMX, bf16 steps of this config ran 1.8x faster, README).
 
-Model: common.LLM_100M (a Qwen3, ~88M) + common.HEAD_100M (~5M), P = 4, 32-bit tokens.
+Model: common.LLM_100M (a Qwen3) + common.HEAD_100M: 83M parameters in all, P = 4, 32-bit tokens.
 Data: shapes images (`bdt.data.shapes`) at --size px, encoded once by the image tokenizer into
 token shards (pre-extracted), and the same images kept as JPEG bytes (on the fly).
 
