@@ -25,10 +25,10 @@
 # overrides for the trainers: DEMO_TOKENIZER_ARGS (e.g. "steps=20"), DEMO_TRAIN_ARGS (e.g.
 # "stages.0.steps=50 stages.1.steps=50": the AR config has no top-level `steps`).
 #
-# Wall time in a fresh clone, measured 2026-12-06 on an idle 2-core AMD EPYC (avx512_bf16):
-# 28 min 45 s with the install (2 min): data 9 s, tokenizer 4 min 41 s (capped at 7 min by
-# time_limit_min in configs/tokenizer/demo.yaml), Ray extraction 35 s, LLM 7 s, AR training
-# 20 min 42 s (20.46 min given; it stopped at step 3426 of 7200), samples 8 s, eval 23 s.
+# Wall time in a fresh clone, measured 2026-12-07 on an idle 2-core Intel Xeon (amx_bf16):
+# 28 min 34 s with the install (1.6 min): data 7 s, tokenizer 3 min 43 s (capped at 7 min by
+# time_limit_min in configs/tokenizer/demo.yaml), Ray extraction 24 s, LLM 6 s, AR training
+# 22 min 15 s (22.06 min given; it stopped at step 4824 of 7200), samples 6 s, eval 17 s.
 # Scores and what limits them: README ("The demo's quality").
 set -euo pipefail
 cd "$(dirname "$0")/.."
