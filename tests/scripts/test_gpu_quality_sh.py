@@ -11,6 +11,17 @@ import pytest
 from testkit import REPO
 
 
+def run_rehearsal(tmp_path, tokenizer, timeout: int, **env_extra) -> subprocess.CompletedProcess:
+    """gpu_quality.sh --cpu-rehearsal into tmp_path/out, none of the caller's OUT, wheels or
+    keep settings leaking in."""
+    env = dict(os.environ, GPU_QUALITY_WORK=str(tmp_path / "work"), **env_extra)
+    for name in ("OUT", "BDT_WHEELS", "GPU_QUALITY_KEEP"):
+        env.pop(name, None)
+    return subprocess.run(["bash", "scripts/gpu_quality.sh", "--cpu-rehearsal", "--tokenizer",
+                           str(tokenizer), str(tmp_path / "out")], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
 @pytest.mark.slow
 def test_a_tokenizer_without_weights_stops_before_any_image(tmp_path):
     """A folder with config.json but no weights failed at the tokens stage, after the images
@@ -18,12 +29,7 @@ def test_a_tokenizer_without_weights_stops_before_any_image(tmp_path):
     tokenizer = tmp_path / "tokenizer"
     tokenizer.mkdir()
     (tokenizer / "config.json").write_text(json.dumps({"z_channels": 8}))
-    env = dict(os.environ, PYTHON=sys.executable, GPU_QUALITY_WORK=str(tmp_path / "work"))
-    for name in ("OUT", "BDT_WHEELS", "GPU_QUALITY_KEEP"):
-        env.pop(name, None)
-    out = subprocess.run(["bash", "scripts/gpu_quality.sh", "--cpu-rehearsal", "--tokenizer",
-                          str(tokenizer), str(tmp_path / "out")], cwd=REPO, env=env, text=True,
-                         capture_output=True, timeout=300)
+    out = run_rehearsal(tmp_path, tokenizer, 300, PYTHON=sys.executable)
     assert out.returncode != 0
     rows = (tmp_path / "out" / "stages.tsv").read_text().splitlines()
     assert [r.split("\t")[:2] for r in rows] == [["env", "0"], ["tokenizer", "1"]], out.stdout
@@ -53,14 +59,8 @@ def test_sample_and_evals_run_on_any_export_each_whatever_the_other_did(tmp_path
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
-    env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable,
-               GPU_QUALITY_WORK=str(tmp_path / "work"), FAIL="bdt/train.py sample",
-               EXPORT="1" if export else "")
-    for name in ("OUT", "BDT_WHEELS", "GPU_QUALITY_KEEP"):
-        env.pop(name, None)
-    out = subprocess.run(["bash", "scripts/gpu_quality.sh", "--cpu-rehearsal", "--tokenizer",
-                          str(tokenizer), str(tmp_path / "out")], cwd=REPO, env=env, text=True,
-                         capture_output=True, timeout=60)
+    out = run_rehearsal(tmp_path, tokenizer, 60, PYTHON=str(fake), REAL_PYTHON=sys.executable,
+                        FAIL="bdt/train.py sample", EXPORT="1" if export else "")
     assert out.returncode != 0
     rows = [r.split("\t")[:2] for r in (tmp_path / "out" / "stages.tsv").read_text().splitlines()]
     after = [["sample", "3"], ["eval_s0", "0"], ["eval_s1", "0"]] if export else []
