@@ -105,6 +105,8 @@ def _init_process_group(use_deepspeed: bool) -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+    if backend == "gloo" and not solo:
+        _gloo_on_loopback()
     server = None if solo or dist.is_initialized() else _loopback_store(rank, world_size)
     if solo and not dist.is_initialized():
         # A world of one needs no rendezvous: an in-process store, no TCP port to pick (a free
@@ -146,6 +148,24 @@ def _loopback_store(rank: int, world_size: int) -> dist.TCPStore | None:
         return None
     return dist.TCPStore(addr, int(port), world_size, is_master=True, wait_for_workers=False,
                          multi_tenant=True, master_listen_fd=sock.detach())
+
+
+def _gloo_on_loopback() -> None:
+    """Bind gloo's rank sockets to the loopback interface for a job whose MASTER_ADDR is loopback
+    (all its ranks on this machine): gloo binds the address this host's name resolves to, often
+    an external one, unless GLOO_SOCKET_IFNAME names an interface. A value already set stays."""
+    addr = os.environ.get("MASTER_ADDR", "")
+    if addr == "localhost":  # what `torchrun --standalone` tells its ranks
+        addr = "127.0.0.1"
+    try:
+        if "GLOO_SOCKET_IFNAME" in os.environ or not ipaddress.ip_address(addr).is_loopback:
+            return
+    except ValueError:  # a host name: maybe another machine's
+        return
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == addr for a in addresses):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
 
 
 def watch_launcher(grace_s: float = LAUNCHER_GRACE_S, poll_s: float = 1.0) -> threading.Thread:

@@ -6,8 +6,12 @@ import os
 import psutil
 import pytest
 
+from bdt.training import distributed
 from bdt.training.distributed import free_port
 from trainutil import rank_entry, spawn_ranks
+
+LOOPBACK_IFNAME = next(name for name, addresses in psutil.net_if_addrs().items()
+                       if any(a.address == "127.0.0.1" for a in addresses))
 
 
 @rank_entry
@@ -23,7 +27,7 @@ def _rank(rank: int, world: int, port: int, use_deepspeed: bool, out: str) -> No
                         if c.pid == os.getpid() and c.status == psutil.CONN_LISTEN})
     tdist.barrier()  # the group works over the store
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(listening, f)
+        json.dump({"listening": listening, "gloo": os.environ.get("GLOO_SOCKET_IFNAME")}, f)
     cleanup()
 
 
@@ -31,8 +35,30 @@ def _rank(rank: int, world: int, port: int, use_deepspeed: bool, out: str) -> No
 @pytest.mark.parametrize("use_deepspeed", [False, True])
 def test_a_loopback_rendezvous_listens_on_loopback_only(tmp_path, use_deepspeed):
     """torch's rank-0 store listened on every interface ('::') whatever MASTER_ADDR said:
-    unauthenticated, and gloo takes its peers' addresses from it."""
+    unauthenticated, and gloo takes its peers' addresses from it. gloo's own sockets bind the
+    address of the host's name (loopback on this machine, often external elsewhere) unless
+    GLOO_SOCKET_IFNAME names the loopback interface."""
     spawn_ranks(_rank, (2, free_port(), use_deepspeed, str(tmp_path)), 2)
     for rank in (0, 1):
-        listening = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert listening and set(listening) <= {"127.0.0.1"}, (rank, listening)
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["listening"] and set(got["listening"]) <= {"127.0.0.1"}, (rank, got)
+        assert got["gloo"] == LOOPBACK_IFNAME, (rank, got)
+
+
+@pytest.mark.parametrize("addr, preset, expected", [
+    ("127.0.0.1", None, LOOPBACK_IFNAME),
+    ("localhost", None, LOOPBACK_IFNAME),  # what `torchrun --standalone` gives its ranks
+    ("::1", None, next(n for n, a in psutil.net_if_addrs().items()
+                       if any(x.address == "::1" for x in a))),
+    ("127.0.0.1", "eth7", "eth7"),  # the user's choice stays
+    ("10.1.2.3", None, None),  # another machine's rank 0: a multi-node job is left as it was
+    ("node-0", None, None),
+])
+def test_gloo_binds_loopback_only_for_a_loopback_master(monkeypatch, addr, preset, expected):
+    monkeypatch.setenv("MASTER_ADDR", addr)
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    if preset:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", preset)
+    distributed._gloo_on_loopback()
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == expected
+
