@@ -17,6 +17,7 @@ from bdt.cluster import resume
 from bdt.cluster.resume import CANNOT_START, DONE, GAVE_UP, STOPPED, USAGE, Resumer, main
 from bdt.cluster.run_state import RunPaths
 from bdt.training.run_dir import LAUNCH_ERROR, record_launch_error
+from loopback_torchrun import torchrun_on_path
 from testkit import training_ranks
 from trainutil import read_metrics, tiny_llm, write_shards
 
@@ -51,8 +52,7 @@ def test_sigkilled_rank_is_relaunched_and_the_run_resumes(tmp_path):
     train = ["torchrun", "--standalone", "--nproc-per-node", "2", "bdt/train.py",
              "--config", "configs/train/tiny.yaml", f"run_dir={run}", f"model.backbone.path={llm}",
              f"data.root={shards}", "stages.0.steps=10", "checkpoint.every=2", "export=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": torchrun_on_path(tmp_path)}
     # An earlier launch's error (fixed since) neither stops the run nor outlives its start.
     record_launch_error(str(run), ValueError("an error fixed since"))
     wrapper = subprocess.Popen([*WRAPPER, "--backoff", "0.5", "--max-restarts", "2", "--", *train],
@@ -327,8 +327,7 @@ def test_an_input_error_before_the_first_step_stops_at_once(tmp_path):
                           "configs/train/tiny.yaml", f"run_dir={run}",
                           f"model.backbone.path={tmp_path / 'no-llm'}", f"data.root={shards}"],
                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
-                                                    f"{os.environ['PATH']}"})
+                         env={**os.environ, "PATH": torchrun_on_path(tmp_path)})
     assert out.returncode == CANNOT_START, out.stderr[-3000:]
     assert [e["event"] for e in events(run)] == ["launch", "cannot_start"]
     assert "no-llm' does not exist" in events(run)[-1]["error"]["message"]

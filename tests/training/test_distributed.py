@@ -2,12 +2,14 @@
 
 import json
 import os
+import subprocess
 
 import psutil
 import pytest
 
 from bdt.training import distributed
 from bdt.training.distributed import free_port
+from loopback_torchrun import TORCHRUN
 from trainutil import rank_entry, spawn_ranks
 
 LOOPBACK_IFNAME = next(name for name, addresses in psutil.net_if_addrs().items()
@@ -62,3 +64,31 @@ def test_gloo_binds_loopback_only_for_a_loopback_master(monkeypatch, addr, prese
     distributed._gloo_on_loopback()
     assert os.environ.get("GLOO_SOCKET_IFNAME") == expected
 
+
+LAUNCHED_RANK = """
+import json, os, sys, psutil
+from bdt.training.distributed import cleanup, init_distributed
+init_distributed(use_deepspeed=False)
+me = psutil.Process()  # its listeners, and those of its launcher (torchrun's agent and store)
+listening = {c.laddr.ip for c in psutil.net_connections("inet")
+             if c.pid in (me.pid, me.ppid()) and c.status == psutil.CONN_LISTEN}
+with open(os.path.join(sys.argv[1], os.environ["RANK"] + ".json"), "w") as f:
+    json.dump(sorted(listening), f)
+cleanup()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rendezvous", [["--standalone"], ["--master-addr", "127.0.0.1"]])
+def test_the_tests_torchrun_listens_on_loopback_only(tmp_path, rendezvous):
+    """torchrun's agent store listens on every interface ('::') whatever its rendezvous says;
+    the tests launch it through loopback_torchrun, whose store listens on 127.0.0.1."""
+    script = tmp_path / "rank.py"
+    script.write_text(LAUNCHED_RANK)
+    port = [] if "--standalone" in rendezvous else ["--master-port", str(free_port())]
+    subprocess.run([*TORCHRUN, *rendezvous, *port, "--nproc-per-node", "2", str(script),
+                    str(tmp_path)], check=True, timeout=120, capture_output=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for rank in (0, 1):
+        listening = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert listening and set(listening) <= {"127.0.0.1"}, (rank, listening)

@@ -4,7 +4,6 @@ timeout (a checkpoint conversion, a node's upload) without the run ending there.
 import json
 import os
 import subprocess
-import sys
 import time
 from datetime import timedelta
 
@@ -14,6 +13,7 @@ import torch.distributed as tdist
 from bdt.training import distributed, patient_barrier as barriers
 from bdt.training.distributed import free_port
 from bdt.training.patient_barrier import open_patient_barriers, patient_barrier
+from loopback_torchrun import TORCHRUN
 from trainutil import rank_entry, spawn_ranks
 
 TIMEOUT_S, ALONE_S = 2, 4  # the process group's timeout; how long rank 0 works alone
@@ -22,6 +22,8 @@ TIMEOUT_S, ALONE_S = 2, 4  # the process group's timeout; how long rank 0 works 
 @rank_entry
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # rank 0's store as init_distributed makes it, on loopback (torch's listens on every address)
+    server = distributed._loopback_store(rank, world)
     tdist.init_process_group("gloo", rank=rank, world_size=world,
                              timeout=timedelta(seconds=TIMEOUT_S))
     barriers.PATIENT_BEAT_S = 0.2  # rank 0 works alone for many beats: alive, waited for
@@ -46,6 +48,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
             json.dump({"waited": waited, "got": box[0], "plain": plain}, f)
     finally:
         tdist.destroy_process_group()
+        del server  # torch's store (multi-tenant, same port) served from it until here
 
 
 @pytest.mark.slow
@@ -109,8 +112,8 @@ def test_a_rank_that_stops_on_another_node_ends_the_wait(tmp_path):
     it for 24 h. Now its heartbeat's silence ends the wait with an error naming it."""
     script = tmp_path / "rank.py"
     script.write_text(NODE_RANK)
-    torchrun, port = os.path.join(os.path.dirname(sys.executable), "torchrun"), free_port()
-    nodes = [subprocess.Popen([torchrun, "--nnodes", "2", "--node_rank", str(n),
+    port = free_port()
+    nodes = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--node_rank", str(n),
                                "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
                                "--master_port", str(port), str(script)],
                               env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,

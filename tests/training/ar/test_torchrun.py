@@ -10,12 +10,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from bdt.training.distributed import free_port
+from loopback_torchrun import TORCHRUN
 from testkit import REPO, TINY_CONFIG
 from trainutil import tiny_image_tokenizer, tiny_llm, train_overrides, write_shards
 
@@ -46,7 +46,7 @@ def test_torchrun_trains_evaluates_and_sigterm_checkpoints(tmp_path):
     extra = [f"data.tokenizer={tok}", "eval.every=2", "eval.per_category=1", "eval.width=8",
              "eval.height=8", "eval.steps=2", "export=false"]
     # far more steps than the test waits for: only the signal ends this run
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+    cmd = [*TORCHRUN, "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            os.path.join(REPO, "bdt", "train.py"), "--config", TINY_CONFIG,
            *train_overrides(str(run_dir), llm, str(tmp_path / "s"), steps=100000, every=0,
