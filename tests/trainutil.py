@@ -143,6 +143,23 @@ def _rank_env(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+_loopback_stores: list = []  # a spawned rank's store serves until the process ends
+
+
+def loopback_gloo_group(rank: int, world: int, port: int, **kwargs) -> None:
+    """A gloo process group for a spawned rank (MASTER_ADDR 127.0.0.1), listening on loopback
+    only as init_distributed's does: torch's own rank-0 store listens on every interface, and
+    gloo binds the address of the host's name. `kwargs` go to init_process_group."""
+    import torch.distributed as tdist
+
+    from bdt.training import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    distributed._gloo_on_loopback()
+    _loopback_stores.append(distributed._loopback_store(rank, world))
+    tdist.init_process_group("gloo", rank=rank, world_size=world, **kwargs)
+
+
 @rank_entry
 def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
     """One rank of a spawned job: the launcher's environment, one thread, then bdt/train.py."""

@@ -24,7 +24,7 @@ from bdt.training.ar.config import EvalConfig
 from bdt.training.distributed import free_port
 from bdt.tokenizer.io import load_tokenizer
 from testkit import save_tiny_image_tokenizer
-from trainutil import rank_entry, spawn_ranks
+from trainutil import loopback_gloo_group, rank_entry, spawn_ranks
 
 
 def _tiny_model(llm: str) -> BitDanceModel:
@@ -69,8 +69,7 @@ SAMPLING = SamplingConfig(num_steps=1, seed=3)
 def _sharing_rank(rank: int, world: int, port: int, tmp: str, sizes: list[int]) -> None:
     """shared_images of the first n PROMPTS for each n in `sizes`; records the batches this
     rank made and the largest buffer its collectives held (in images)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    loopback_gloo_group(rank, world, port)
     try:
         trained = TrainedModel(_tiny_model(os.path.join(tmp, "llm")),
                                load_tokenizer(os.path.join(tmp, "tok")))
@@ -146,9 +145,7 @@ def _tasks_rank(rank: int, world: int, port: int, tmp: str) -> None:
     from bdt.training.distributed import DistInfo
     from bdt.training.patient_barrier import open_patient_barriers, patient_barrier
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tdist.init_process_group("gloo", rank=rank, world_size=world,
-                             timeout=timedelta(seconds=TIMEOUT_S))
+    loopback_gloo_group(rank, world, port, timeout=timedelta(seconds=TIMEOUT_S))
     open_patient_barriers()
     try:
         cfg = TrainConfig(run_dir=os.path.join(tmp, "run"))

@@ -10,21 +10,24 @@ import pytest
 from bdt.training import distributed
 from bdt.training.distributed import free_port
 from loopback_torchrun import TORCHRUN
-from trainutil import rank_entry, spawn_ranks
+from trainutil import loopback_gloo_group, rank_entry, spawn_ranks
 
 LOOPBACK_IFNAME = next(name for name, addresses in psutil.net_if_addrs().items()
                        if any(a.address == "127.0.0.1" for a in addresses))
 
 
 @rank_entry
-def _rank(rank: int, world: int, port: int, use_deepspeed: bool, out: str) -> None:
+def _rank(rank: int, world: int, port: int, init: str, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as tdist
 
     from bdt.training.distributed import cleanup, init_distributed
 
-    init_distributed(use_deepspeed=use_deepspeed)
+    if init == "tests' group":  # what test ranks that make their own process group use
+        loopback_gloo_group(rank, world, port)
+    else:
+        init_distributed(use_deepspeed=init == "deepspeed")
     listening = sorted({c.laddr.ip for c in psutil.net_connections("inet")
                         if c.pid == os.getpid() and c.status == psutil.CONN_LISTEN})
     tdist.barrier()  # the group works over the store
@@ -34,13 +37,13 @@ def _rank(rank: int, world: int, port: int, use_deepspeed: bool, out: str) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("use_deepspeed", [False, True])
-def test_a_loopback_rendezvous_listens_on_loopback_only(tmp_path, use_deepspeed):
+@pytest.mark.parametrize("init", ["torch", "deepspeed", "tests' group"])
+def test_a_loopback_rendezvous_listens_on_loopback_only(tmp_path, init):
     """torch's rank-0 store listened on every interface ('::') whatever MASTER_ADDR said:
     unauthenticated, and gloo takes its peers' addresses from it. gloo's own sockets bind the
     address of the host's name (loopback on this machine, often external elsewhere) unless
     GLOO_SOCKET_IFNAME names the loopback interface."""
-    spawn_ranks(_rank, (2, free_port(), use_deepspeed, str(tmp_path)), 2)
+    spawn_ranks(_rank, (2, free_port(), init, str(tmp_path)), 2)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["listening"] and set(got["listening"]) <= {"127.0.0.1"}, (rank, got)

@@ -12,7 +12,7 @@ import torch.distributed as tdist
 from bdt.training.distributed import free_port
 from bdt.training.divergence import StepHealth, TrainingDiverged, raise_diverged
 from bdt.training.signals import DIVERGED, StopFlag
-from trainutil import rank_entry, spawn_ranks
+from trainutil import loopback_gloo_group, rank_entry, spawn_ranks
 
 
 def test_step_health_keeps_the_first_problem_and_quotes_the_samples():
@@ -48,8 +48,7 @@ def test_a_lone_process_raises_with_its_report_and_the_last_checkpoint():
 
 @rank_entry
 def _rank(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    loopback_gloo_group(rank, world, port)
     flag = StopFlag()
     try:
         health = StepHealth()

@@ -14,18 +14,14 @@ from bdt.training import distributed, patient_barrier as barriers
 from bdt.training.distributed import free_port
 from bdt.training.patient_barrier import open_patient_barriers, patient_barrier
 from loopback_torchrun import TORCHRUN
-from trainutil import rank_entry, spawn_ranks
+from trainutil import loopback_gloo_group, rank_entry, spawn_ranks
 
 TIMEOUT_S, ALONE_S = 2, 4  # the process group's timeout; how long rank 0 works alone
 
 
 @rank_entry
 def _rank(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # rank 0's store as init_distributed makes it, on loopback (torch's listens on every address)
-    server = distributed._loopback_store(rank, world)
-    tdist.init_process_group("gloo", rank=rank, world_size=world,
-                             timeout=timedelta(seconds=TIMEOUT_S))
+    loopback_gloo_group(rank, world, port, timeout=timedelta(seconds=TIMEOUT_S))
     barriers.PATIENT_BEAT_S = 0.2  # rank 0 works alone for many beats: alive, waited for
     open_patient_barriers()
     waited, plain = 0.0, "met"
@@ -48,7 +44,6 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
             json.dump({"waited": waited, "got": box[0], "plain": plain}, f)
     finally:
         tdist.destroy_process_group()
-        del server  # torch's store (multi-tenant, same port) served from it until here
 
 
 @pytest.mark.slow
