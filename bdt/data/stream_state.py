@@ -24,6 +24,7 @@ does not come here: it loads its own state and continues bitwise.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -148,16 +149,21 @@ def shards_entered(meta: dict, all_shards: list[str], rank: int, world: int,
                    if r.offset > 0})
 
 
+# What a resume says of a shard rewritten since its state was saved (check_shard_sizes and
+# check_shard_marks).
+_REWRITTEN = ("it was rewritten since (a new extraction?), so the saved read position no longer "
+              "points at a sample. Put the original shard back, or start a new run directory "
+              "(init_from= keeps the weights)")
+
+
 def check_shard_sizes(meta: dict) -> None:
     """A shard rewritten since the state was saved would put its byte offset mid-sample."""
     saved = meta.get("shard_sizes", {})  # states written before sizes were recorded have none
     for url, now in url_listing.file_sizes(list(saved)).items():
         if now != saved[url]:
             raise ValueError(f"token shard {url} is {'gone' if now is None else f'{now} bytes'} "
-                             f"but was {saved[url]} bytes when the checkpoint was saved: it was "
-                             f"rewritten since (a new extraction?), so the saved read position "
-                             f"no longer points at a sample. Put the original shard back, or "
-                             f"start a new run directory (init_from= keeps the weights)")
+                             f"but was {saved[url]} bytes when the checkpoint was saved: "
+                             f"{_REWRITTEN}")
 
 
 def check_shard_marks(meta: dict, all_shards: list[str], rank: int, world: int,
@@ -169,7 +175,8 @@ def check_shard_marks(meta: dict, all_shards: list[str], rank: int, world: int,
         if r.offset == 0 or r.last_key is None:  # nothing read in it, or saved before marks
             continue
         try:
-            found = next(read_token_samples(r.shard, r.last_offset), None)
+            with contextlib.closing(read_token_samples(r.shard, r.last_offset)) as samples:
+                found = next(samples, None)  # closed now: the shard's file with it
         except (tarfile.TarError, OSError, EOFError) as e:
             if read_failure(e) is not None:
                 raise  # the shard could not be read (I/O, network): says nothing about its bytes
@@ -177,10 +184,7 @@ def check_shard_marks(meta: dict, all_shards: list[str], rank: int, world: int,
         if found is None or (found.key, found.next_offset) != (r.last_key, r.offset):
             raise ValueError(f"token shard {r.shard} no longer holds sample {r.last_key!r} at "
                              f"byte {r.last_offset}, where the checkpoint's data stream read it: "
-                             f"the shard was rewritten since (a new extraction?), so the saved "
-                             f"read position no longer points at a sample. Put the original "
-                             f"shard back, or start a new run directory (init_from= keeps the "
-                             f"weights)")
+                             f"{_REWRITTEN}")
 
 
 def unread_ranges(meta: dict, all_shards: list[str], rank: int, world: int,
