@@ -15,7 +15,9 @@ from braceexpand import braceexpand
 from bdt import storage
 
 
-def _glob(pattern: str) -> list[str]:
+def glob_urls(pattern: str) -> list[str]:
+    """The URLs a glob matches, sorted. `**` matches folders at any depth (none too), locally as
+    fsspec does on object stores: `d/**/*.tar` named only `d/*/*.tar` locally, all of them on S3."""
     if storage.is_remote(pattern):
         fs, path = storage.filesystem(pattern)
         fs.invalidate_cache()  # a glob lists prefixes it cannot name in advance: all of them
@@ -24,7 +26,7 @@ def _glob(pattern: str) -> list[str]:
             return [f"{proto}://{p}" for p in sorted(fs.glob(path))]
     if pattern.startswith(("~", "file:")):  # as read: `~/d/*.tar` matched nothing in a folder `~`
         pattern = storage.local_path(pattern)
-    return sorted(glob.glob(pattern))
+    return sorted(glob.glob(pattern, recursive=True))
 
 
 def url_patterns(spec: str) -> list[str]:
@@ -45,21 +47,29 @@ def brace_patterns(spec: str) -> list[str]:
     return [part.strip() for part in parts if part.strip()]
 
 
-def expand_urls(spec: str) -> list[str]:
+def expand_urls(spec: str, key: str) -> list[str]:
     """URLs named by a comma list of brace patterns and globs (`a-{000..009}.tar,b/*.tar`).
 
     In the order given, globs sorted, duplicates dropped. Plain names are returned as they are
-    (existence is the caller's check); a glob that matches nothing contributes nothing, unless
-    it names an existing file as it is: `img[1].tar`, or `x.tar?versionId=...` (one version of
-    an S3 object), whose glob characters are part of the name.
+    (existence is the caller's check). A glob that matches nothing is taken as a name when a
+    file has it as it is: `img[1].tar`, or `x.tar?versionId=...` (one version of an S3 object),
+    whose glob characters are part of the name. A list item that names nothing then is a
+    ValueError naming it and `key`: a typo in one of three patterns would drop a third of the
+    data unnoticed. An item is matched whole: `d/*.{tar,tgz}` needs one of the two.
     """
     urls: list[str] = []
-    for pattern in url_patterns(spec):
-        if not any(c in pattern for c in "*?["):
-            urls.append(pattern)
-            continue
-        matches = _glob(pattern)
-        urls.extend(matches if matches or not storage.exists(pattern) else [pattern])
+    for item in brace_patterns(spec):
+        found: list[str] = []
+        for pattern in braceexpand(item):
+            if not any(c in pattern for c in "*?["):
+                found.append(pattern)
+                continue
+            matches = glob_urls(pattern)
+            found.extend(matches if matches or not storage.exists(pattern) else [pattern])
+        if not found:
+            raise ValueError(f"{key}: '{item}' matches nothing" + (
+                f" (an item of '{spec}')" if item != spec.strip() else ""))
+        urls.extend(found)
     seen: set[str] = set()
     return [u for u in urls if not (u in seen or seen.add(u))]
 

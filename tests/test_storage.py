@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -64,7 +65,7 @@ def test_remote_staged_dir_replaces_entries_whole_and_sees_other_writers(s3_buck
             for name in names:
                 os.makedirs(os.path.dirname(os.path.join(tmp, name)) or tmp, exist_ok=True)
                 open(os.path.join(tmp, name), "w").write(name)
-    assert url_listing.expand_urls(out + "/images/*.png") == [out + "/images/new.png"]
+    assert url_listing.expand_urls(out + "/images/*.png", "x") == [out + "/images/new.png"]
     assert storage.exists(out + "/eval.json")  # an entry the new output has not: kept, as locally
     import s3fs
 
@@ -73,12 +74,12 @@ def test_remote_staged_dir_replaces_entries_whole_and_sees_other_writers(s3_buck
     other.pipe_file(out[len("s3://"):] + "/images/late.png", b"late")
     assert storage.exists(out + "/images/late.png")
     assert storage.read_bytes(out + "/images/late.png") == b"late"
-    assert len(url_listing.expand_urls(out + "/images/*.png")) == 2
+    assert len(url_listing.expand_urls(out + "/images/*.png", "x")) == 2
 
 
 def test_expand_urls_splits_only_at_commas_outside_braces():
     """`in-{000000,000002}.tar` was cut at its comma before brace expansion: unbalanced braces."""
-    assert url_listing.expand_urls("d/in-{000000,000002}.tar, e/{a,{b,c}}.tar,f.tar,") == [
+    assert url_listing.expand_urls("d/in-{000000,000002}.tar, e/{a,{b,c}}.tar,f.tar,", "x") == [
         "d/in-000000.tar", "d/in-000002.tar", "e/a.tar", "e/b.tar", "e/c.tar", "f.tar"]
 
 
@@ -86,8 +87,40 @@ def test_expand_urls_keeps_an_existing_name_whose_glob_characters_are_literal(tm
     """`img[1].tar` given by name was taken for a glob matching nothing and silently dropped."""
     for name in ("img[1].tar", "b.tar"):
         (tmp_path / name).write_bytes(b"x")
-    spec = f"{tmp_path}/img[1].tar,{tmp_path}/b.tar,{tmp_path}/none-*.tar"
-    assert url_listing.expand_urls(spec) == [f"{tmp_path}/img[1].tar", f"{tmp_path}/b.tar"]
+    spec = f"{tmp_path}/img[1].tar,{tmp_path}/b.tar"
+    assert url_listing.expand_urls(spec, "x") == [f"{tmp_path}/img[1].tar", f"{tmp_path}/b.tar"]
+
+
+@pytest.mark.slow
+def test_a_list_item_matching_nothing_is_refused_naming_it(tmp_path):
+    """`a/*.tar,typo/*.tar` read a/ alone: an item matching nothing was dropped unnoticed, with
+    its share of the data. An item is matched whole (either brace alternative will do), and `**`
+    reads every depth locally as fsspec does on S3 (it read one folder level only)."""
+    for rel in ("a/x.tar", "a/d/y.tar", "a/d/e/z.tar", "b/w.tgz"):
+        os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    spec = f"{tmp_path}/a/*.tar, {tmp_path}/typo/*.tar ,{tmp_path}/b/*.tgz"
+    with pytest.raises(ValueError, match=rf"^inputs: '{tmp_path}/typo/\*.tar' matches nothing "
+                                         rf"\(an item of '{re.escape(spec)}'\)$"):
+        url_listing.expand_urls(spec, "inputs")
+    with pytest.raises(ValueError, match=rf"^k: '{tmp_path}/{{c,d}}/\*.tar' matches nothing$"):
+        url_listing.expand_urls(f"{tmp_path}/{{c,d}}/*.tar", "k")
+    assert url_listing.expand_urls(f"{tmp_path}/{{a,b}}/*.tgz,,{tmp_path}/a/x.tar", "k") == [
+        f"{tmp_path}/b/w.tgz", f"{tmp_path}/a/x.tar"]
+    assert url_listing.expand_urls(f"{tmp_path}/a/**/*.tar", "k") == [
+        f"{tmp_path}/a/d/e/z.tar", f"{tmp_path}/a/d/y.tar", f"{tmp_path}/a/x.tar"]
+
+
+@pytest.mark.slow
+def test_an_s3_list_item_matching_nothing_is_refused_naming_it(s3_bucket):
+    """As locally: a mistyped prefix or bucket in a list of S3 patterns was dropped unnoticed."""
+    storage.write_bytes_atomic(f"{s3_bucket}/p/a.tar", b"x")
+    storage.write_bytes_atomic(f"{s3_bucket}/p/d/e/b.tar", b"x")
+    for typo in (f"{s3_bucket}/typo/*.tar", f"{s3_bucket}-typo/p/*.tar"):
+        with pytest.raises(ValueError, match=rf"^inputs: '{re.escape(typo)}' matches nothing \("):
+            url_listing.expand_urls(f"{s3_bucket}/p/*.tar,{typo}", "inputs")
+    assert url_listing.expand_urls(f"{s3_bucket}/p/**/*.tar", "k") == [
+        f"{s3_bucket}/p/a.tar", f"{s3_bucket}/p/d/e/b.tar"]
 
 
 @pytest.mark.slow
@@ -105,7 +138,7 @@ def test_an_s3_object_version_is_an_input_like_any_file(s3_bucket):
     versions = client.list_object_versions(Bucket=bucket, Prefix="v/x.tar")["Versions"]
     old = next(f"{s3_bucket}/v/x.tar?versionId={v['VersionId']}" for v in versions
                if not v["IsLatest"])
-    urls = url_listing.expand_urls(f"{old},{s3_bucket}/v/y.tar")
+    urls = url_listing.expand_urls(f"{old},{s3_bucket}/v/y.tar", "x")
     assert urls == [old, f"{s3_bucket}/v/y.tar"]
     assert url_listing.file_sizes(urls) == {old: 3, f"{s3_bucket}/v/y.tar": 1}
     assert storage.read_bytes(old) == b"old"
@@ -195,8 +228,8 @@ def test_a_glob_under_tilde_or_a_file_url_matches_what_its_names_read(tmp_path, 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "a.tar").write_bytes(b"x")
-    assert url_listing.expand_urls("~/raw/*.tar") == [str(tmp_path / "raw" / "a.tar")]
-    assert url_listing.expand_urls(f"file://{tmp_path}/raw/*.tar") == [str(tmp_path / "raw" / "a.tar")]
+    assert url_listing.expand_urls("~/raw/*.tar", "x") == [str(tmp_path / "raw" / "a.tar")]
+    assert url_listing.expand_urls(f"file://{tmp_path}/raw/*.tar", "x") == [str(tmp_path / "raw" / "a.tar")]
 
 
 def test_a_lost_connection_left_in_a_background_task_prints_no_traceback(caplog):

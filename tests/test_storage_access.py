@@ -139,7 +139,7 @@ def test_a_denied_read_is_not_a_missing_file(keyed_s3):
             with pytest.raises(PermissionError, match=f"^{url}: "):
                 call(url)
         with pytest.raises(PermissionError, match=f"^s3://{BUCKET}/x/\\*.tar: "):
-            url_listing.expand_urls(f"s3://{BUCKET}/x/*.tar")
+            url_listing.expand_urls(f"s3://{BUCKET}/x/*.tar", "x")
     with _as(keyed_s3["endpoint"], keyed_s3["ro"]):
         assert url_listing.file_sizes([url, f"s3://{BUCKET}/x/b.tar"]) == {
             url: 4, f"s3://{BUCKET}/x/b.tar": None}

@@ -85,15 +85,15 @@ class RawDataConfig:
 
 def expand_shards(spec: str) -> list[str]:
     """All shard URLs named by `spec` (a folder names its .tar files); raises ValueError naming
-    the pattern when none exist."""
+    a pattern that matches nothing, or a missing shard."""
     from bdt import storage, url_listing
 
     urls: list[str] = []
-    for url in url_listing.expand_urls(spec):
+    for url in url_listing.expand_urls(spec, "data.shards"):
         if not storage.is_dir(url):
             urls.append(url)
             continue
-        tars = url_listing.expand_urls(storage.join(url, "*.tar"))
+        tars = url_listing.glob_urls(storage.join(url, "*.tar"))
         if not tars:
             raise ValueError(f"data.shards: the folder {url!r} holds no .tar file")
         urls.extend(tars)

@@ -4,8 +4,8 @@ An input unit is what one output shard per stage is made from (the shard plan, p
 one tar shard (img2dataset layout: KEY.jpg|png|webp + KEY.txt + optional KEY.json), or a
 fixed-size chunk of a folder's sorted image files (captions in same-named .txt files). Each
 unit records the version (sizes and mtimes, ETags on S3) of what it reads. Problems found here
-(nothing matches, a missing tar, a name that is not UTF-8, the output inside a folder input)
-stop the run before any work; input_reading.py reads a unit.
+(a pattern matching nothing, a missing tar, a name that is not UTF-8, the output inside a
+folder input) stop the run before any work; input_reading.py reads a unit.
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ class InputUnit:
 
 
 def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts: list[str]) -> list[InputUnit]:
-    """The ordered input units; raises ValueError naming the pattern when nothing is found."""
-    urls = url_listing.expand_urls(spec)
-    if not urls:
-        raise ValueError(f"inputs: nothing matches '{spec}'")
+    """The ordered input units; raises ValueError naming the pattern that matches nothing."""
+    urls = url_listing.expand_urls(spec, "inputs")
+    if not urls:  # a list of empty items (`,`)
+        raise ValueError(f"inputs: '{spec}' names no input")
     seen: set[str] = set()  # one input named twice (a.tar,./a.tar, a link) is read once, as first spelled
     urls = [u for u in urls if not (_same_file(u) in seen or seen.add(_same_file(u)))]
     _refuse_undecodable_names(urls, "input")
@@ -67,7 +67,8 @@ def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts:
     versions = {u: None if info is None else _version(info) for u, info in infos.items()}
     missing = [u for u, v in versions.items() if v is None]
     if missing:
-        raise ValueError(f"inputs: {len(missing)} tar shard(s) not found, e.g. {missing[0]}")
+        # A folder named x.tar (an S3 prefix too) is no tar shard: "not found" alone hid what a glob found.
+        raise ValueError(f"inputs: {len(missing)} tar shard(s) not found or not a file, e.g. {missing[0]}")
     units: list[InputUnit] = []
     for url, fmt in zip(urls, formats):
         if fmt == "tar":

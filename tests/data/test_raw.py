@@ -50,8 +50,11 @@ def test_expand_patterns_and_missing(tmp_path):
     assert expand_shards(f"{brace[0]},{brace[2]}") == [brace[0], brace[2]]
     with pytest.raises(ValueError, match=r"data.shards: 1 shard\(s\) do not exist.*raw-004.tar"):
         expand_shards(str(tmp_path / "raw-{000..004}.tar"))
-    with pytest.raises(ValueError, match="no shard found"):
+    with pytest.raises(ValueError, match=r"data.shards: '.*nothing-\*.tar' matches nothing"):
         expand_shards(str(tmp_path / "nothing-*.tar"))
+    # One mistyped item of a list is no smaller data set: refused by name (it was dropped).
+    with pytest.raises(ValueError, match=r"data.shards: '.*typo/\*.tar' matches nothing \(an item"):
+        expand_shards(f"{tmp_path}/raw-*.tar,{tmp_path}/typo/*.tar")
     # A folder names its tars, as the AR stages' and the extraction's inputs do.
     assert expand_shards(str(tmp_path)) == brace
     assert expand_shards(f"{brace[1]},{tmp_path}/") == [brace[1], brace[0], brace[2], brace[3]]

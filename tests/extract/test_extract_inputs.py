@@ -48,9 +48,9 @@ def test_listing_by_brace_glob_and_comma(tmp_path):
     assert [u.index for u in brace] == [0, 1, 2]
     both = input_units.list_units(f"{tmp_path}/s-2.tar,{tmp_path}/s-*.tar", "auto", 10, EXTS)
     assert [u.source[-7:] for u in both] == ["s-2.tar", "s-0.tar", "s-1.tar"]  # order kept, no repeats
-    with pytest.raises(ValueError, match="nothing matches"):
+    with pytest.raises(ValueError, match=r"inputs: '.*nope-\*.tar' matches nothing"):
         input_units.list_units(str(tmp_path / "nope-*.tar"), "auto", 10, EXTS)
-    with pytest.raises(ValueError, match=r"1 tar shard\(s\) not found, e.g. .*s-3.tar"):
+    with pytest.raises(ValueError, match=r"1 tar shard\(s\) not found or not a file, e.g. .*s-3.tar"):
         input_units.list_units(str(tmp_path / "s-{0..3}.tar"), "auto", 10, EXTS)
 
 
@@ -75,7 +75,7 @@ def test_s3_inputs_are_checked_with_one_listing_per_prefix(s3_bucket, caplog):
                     if r.name == "s3fs" and r.getMessage().startswith("CALL: "))
     assert [u.source for u in units][:2] == [f"{s3_bucket}/p/s-0.tar", f"{s3_bucket}/p/s-1.tar"]
     assert len(units) == 12 and calls == Counter({"list_objects_v2": 2})
-    with pytest.raises(ValueError, match=r"2 tar shard\(s\) not found, e.g. s3://.*/p/s-6.tar"):
+    with pytest.raises(ValueError, match=r"2 tar shard\(s\) not found or not a file, e.g. s3://.*/p/s-6.tar"):
         input_units.list_units(f"{s3_bucket}/p/s-{{0..7}}.tar", "auto", 10, EXTS)
 
 
@@ -330,7 +330,7 @@ def test_inputs_are_checked_before_ray_starts(tmp_path, tiny_tokenizer, monkeypa
         _pipeline_main([f"inputs={tmp_path}/nothing-*.tar", f"output={tmp_path}/out",
                      f"tokenizer={tiny_tokenizer}"])
     assert exit_info.value.code == 2
-    assert f"nothing matches '{tmp_path}/nothing-*.tar'" in capsys.readouterr().err
+    assert f"inputs: '{tmp_path}/nothing-*.tar' matches nothing" in capsys.readouterr().err
 
 
 def test_config_values_are_checked_before_any_work(tmp_path, tiny_tokenizer):
