@@ -112,15 +112,17 @@ def _make_actors(cfg: ExtractConfig, fp: str, stages: dict[str, list[list[int]]]
     from bdt.extract.worker import ShardEncoder
 
     capacity = _actor_capacity(cfg)
-    wanted = cfg.num_actors or capacity
-    if capacity < max(wanted, 1):
+    # An actor without a unit would only load the tokenizer: capped before the check, so a
+    # 3-unit job asking 8 actors runs on a cluster that hosts 3.
+    n = min(cfg.num_actors or capacity, num_units)
+    if capacity < max(n, 1):
         # Ray would queue actors it can never place and the units bound to them would wait forever.
         resources = ray.cluster_resources()
-        raise ValueError(f"num_actors: {wanted or 1} actor(s) with cpus_per_actor={cfg.cpus_per_actor}, "
-                         f"gpus_per_actor={cfg.gpus_per_actor} asked, the Ray cluster "
+        asked = f" ({cfg.num_actors} asked, {num_units} unit(s))" if n < cfg.num_actors else ""
+        raise ValueError(f"num_actors: {max(n, 1)} actor(s){asked} with cpus_per_actor={cfg.cpus_per_actor}, "
+                         f"gpus_per_actor={cfg.gpus_per_actor} needed, the Ray cluster "
                          f"({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs) can host "
                          f"{capacity}: lower num_actors or the per-actor resources")
-    n = min(wanted, num_units)  # an actor without a unit would only load the tokenizer
     remote_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
                             max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries,
                             concurrency_groups={"progress": 1})(ShardEncoder)

@@ -27,12 +27,20 @@ def _cfg(tmp_path, tokenizer: str, *extra: str) -> ExtractConfig:
     (["num_actors=3", "cpus_per_actor=1"], "3 actor", "can host 2"),
     (["num_actors=1", "cpus_per_actor=3"], "1 actor", "can host 0"),
     (["gpus_per_actor=1"], "1 actor", "can host 0"),  # auto mode on a cluster without GPUs
+    (["num_actors=8", "cpus_per_actor=1"], r"3 actor\(s\) \(8 asked, 3 unit\(s\)\)", "can host 2"),
 ])
 def test_more_actors_than_the_cluster_can_place_are_refused_by_name(tmp_path, tiny_tokenizer, ray_local,
                                                                     extra, asked, can):
     """Units bound to actors Ray could never place waited forever: the driver hung silently."""
     with pytest.raises(ValueError, match=rf"num_actors: {asked}.*\(2 CPUs, 0 GPUs\) {can}"):
         run(_cfg(tmp_path, tiny_tokenizer, *extra))
+
+
+def test_num_actors_above_the_units_asks_only_for_one_per_unit(tmp_path, tiny_tokenizer, ray_local):
+    """A 1-unit job asking 3 actors on a cluster hosting 2 was refused, though it needs one."""
+    summary = run(_cfg(tmp_path, tiny_tokenizer, "num_actors=3", "cpus_per_actor=1",
+                       f"inputs={tmp_path}/in-0.tar"))
+    assert summary["done_units"] == 1 and not summary["failed_units"]
 
 
 def test_units_go_only_to_actors_that_started(tmp_path, tiny_tokenizer, ray_local):
