@@ -161,9 +161,8 @@ def check_plan(root: str, units: list[dict]) -> None:
         planned = _planned_units(url, old)
         for unit, prev in zip(units, planned):
             if unit != prev:
-                raise ValueError(f"{url}: input unit {unit['index']} was {prev['source']} "
-                                 f"({len(prev['files'])} files) and is now {unit['source']} "
-                                 f"({len(unit['files'])} files): the inputs changed; write to a new output")
+                raise ValueError(f"{url}: input unit {unit['index']} was {_unit_text(prev)} and is "
+                                 f"now {_unit_text(unit)}: the inputs changed; write to a new output")
         if len(units) < len(planned):
             raise ValueError(f"{url}: the plan had {len(planned)} input units, the inputs now give "
                              f"{len(units)}: write to a new output")
@@ -175,6 +174,15 @@ def check_plan(root: str, units: list[dict]) -> None:
         with contextlib.suppress(FileNotFoundError):
             fs.rm_file(index_path)
     storage.write_bytes_atomic(url, json_bytes({"units": units}))
+
+
+def _unit_text(unit: dict) -> str:
+    """What a plan entry reads: a tar shard, or a folder's image files (named by the first, so a
+    chunk shifted by an image added or removed shows where it starts now)."""
+    if unit["kind"] != "folder":
+        return f"the tar shard {unit['source']}"
+    first = f" from {unit['files'][0]}" if unit["files"] else ""
+    return f"{len(unit['files'])} image file(s) of the folder {unit['source']}{first}"
 
 
 def _damaged_plan(url: str, why: str) -> NoReturn:
