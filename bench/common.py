@@ -1,5 +1,5 @@
 """Helpers every benchmark shares: environment facts for the JSON, the table printer, the atomic
-result writer, and the two model sizes the benchmarks use.
+result writer, the two model sizes the benchmarks use and the flags that change them.
 
 The machine is shared: every result records the load average before and after the run, and the
 compared variants of a benchmark always run interleaved in one process, so the ratios (not the
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -83,20 +84,58 @@ class Run:
     def __exit__(self, *exc) -> None:
         pass
 
+    def stamp(self) -> dict:
+        """What bench/summary.py reads beside the goals: the bench, when, where, the load."""
+        return {"bench": self.name,
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "wall_s": round(time.time() - self.t0, 1), "machine": machine(),
+                "load_before": self.load_before, "load_after": load()}
+
     def write(self, results: dict, goals: list[dict]) -> str:
         """results: anything JSON; goals: [{goal, value, target, met, limit}] for the summary."""
-        out = {"bench": self.name,
-               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "wall_s": round(time.time() - self.t0, 1), "machine": machine(),
-               "load_before": self.load_before, "load_after": load(),
-               "goals": goals, "results": results}
-        os.makedirs(RESULTS, exist_ok=True)
-        path = os.path.join(RESULTS, f"{self.name}.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, path)
-        return path
+        return write_json(os.path.join(RESULTS, f"{self.name}.json"),
+                          {**self.stamp(), "goals": goals, "results": results})
+
+
+def write_atomic(path: str, text: str) -> None:
+    """A killed run leaves the old file or none, never a torn one; the folder is made if new."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path: str, obj) -> str:
+    """obj as strict JSON at path (atomically). NaN and infinities are not JSON (json.dump
+    writes them anyway, and strict readers stop there): each becomes null, named on stdout."""
+    write_atomic(path, json.dumps(_finite(obj, path, ""), indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def _finite(v, path: str, key: str):
+    if isinstance(v, float) and not math.isfinite(v):
+        print(f"{path}: {key or 'the value'} is {v}, written as null")
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x, path, f"{key}.{k}" if key else str(k)) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x, path, f"{key}[{i}]") for i, x in enumerate(v)]
+    return v
+
+
+def add_model_args(ap, llm: dict, head: dict) -> None:
+    """The model-size flags (--hidden ... --head-depth), defaulting to `llm` and `head` (dicts
+    shaped as LLM_100M and HEAD_100M): the same names in every script that builds a model."""
+    for key in ("hidden", "layers", "heads", "kv_heads", "intermediate"):
+        ap.add_argument("--" + key.replace("_", "-"), type=int, default=llm[key])
+    ap.add_argument("--head-width", type=int, default=head["width"])
+    ap.add_argument("--head-depth", type=int, default=head["depth"])
+
+
+def model_args(args) -> tuple[dict, dict]:
+    """(llm, head) of the flags add_model_args made, in LLM_100M's and HEAD_100M's shape."""
+    llm = {k: getattr(args, k) for k in LLM_100M}
+    return llm, dict(HEAD_100M, width=args.head_width, depth=args.head_depth)
 
 
 def goal(name: str, value: str, target: str, met: bool | None, limit: str = "") -> dict:
@@ -116,6 +155,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence], title: str = "") -> 
 
 
 def _cell(v) -> str:
+    if v is None:  # an undefined value (JSON null)
+        return "-"
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)

@@ -49,6 +49,12 @@ def as_patterns(bits_NC: np.ndarray) -> np.ndarray:
                     dtype=np.uint64)
 
 
+def mean_where(v: np.ndarray, mask: np.ndarray) -> float | None:
+    """The mean of v where mask holds; None (JSON null) where it never does: a setting with no
+    empty image has no distance for empty images, and NaN is not JSON."""
+    return float(v[mask].mean()) if mask.any() else None
+
+
 def nearest_distance(patterns: np.ndarray, known: np.ndarray, chunk: int = 256) -> np.ndarray:
     out = np.empty(len(patterns), dtype=np.int64)
     for i in range(0, len(patterns), chunk):
@@ -102,16 +108,12 @@ def main() -> int:
                     dist_rest.append(d[FIRST_STEPS * P:].mean())
                     far_first.append((first > FAR_BITS).mean())
             empty_a, df, dr, ff = map(np.array, (empty, dist_first, dist_rest, far_first))
-
-            def split(v: np.ndarray, mask: np.ndarray) -> float:
-                return float(v[mask].mean()) if mask.any() else float("nan")
-
             result = {"cfg_scale": scale, "cfg_schedule": schedule, "images": len(empty_a),
                       "empty_rate": float(empty_a.mean()),
-                      "first_patches_bits_off": {"empty": split(df, empty_a),
-                                                 "drawn": split(df, ~empty_a)},
-                      "later_patches_bits_off": {"empty": split(dr, empty_a),
-                                                 "drawn": split(dr, ~empty_a)},
+                      "first_patches_bits_off": {"empty": mean_where(df, empty_a),
+                                                 "drawn": mean_where(df, ~empty_a)},
+                      "later_patches_bits_off": {"empty": mean_where(dr, empty_a),
+                                                 "drawn": mean_where(dr, ~empty_a)},
                       "first_patches_far_share": float(ff.mean())}
             results.append(result)
             rows.append((f"{scale:g} {schedule}", result["empty_rate"],

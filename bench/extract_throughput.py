@@ -21,7 +21,6 @@ reported as MB per 1000 input images. Writes bench/results/extract_throughput.js
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -46,7 +45,7 @@ from bdt.data.images import ImageRejected, load_for_buckets, to_unit_range  # no
 from bdt.extract import input_reading, input_units  # noqa: E402
 from bdt.extract.config import ExtractConfig  # noqa: E402
 from bdt.tokenizer import BinaryAutoencoder, TokenizerConfig, pack_bits, save_tokenizer  # noqa: E402
-from common import RESULTS  # noqa: E402
+from common import RESULTS, Run, write_json  # noqa: E402
 
 RESOLUTION = 128
 BATCH = 32
@@ -159,10 +158,11 @@ def pipeline(pattern: str, tokenizer: str, out: str, cpus: int) -> dict:
             "actor_last_rss_mb": round(max(mem.actor_last.values(), default=0) / mb, 1)}
 
 
-def slope_per_1000(xs: list[int], ys: list[float]) -> float:
-    """Least-squares slope of ys against xs, in y units per 1000 x."""
-    if len(xs) < 2:
-        return float("nan")
+def slope_per_1000(xs: list[int], ys: list[float]) -> float | None:
+    """Least-squares slope of ys against xs, in y units per 1000 x; None (JSON null) with fewer
+    than two sizes, where no line is defined."""
+    if len(set(xs)) < 2:
+        return None
     return round(float(np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)[0]) * 1000, 2)
 
 
@@ -175,8 +175,7 @@ def main() -> None:
     import ray
 
     rows = []
-    load_start = round(os.getloadavg()[0], 2)
-    with tempfile.TemporaryDirectory() as tmp:
+    with Run("extract_throughput") as run, tempfile.TemporaryDirectory() as tmp:
         tok = os.path.join(tmp, "tokenizer")
         make_tokenizer(tok)
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False,
@@ -207,19 +206,15 @@ def main() -> None:
               for key in ("one_actor", "all_actors", "driver", "all_processes")}
     slopes["actor_last"] = slope_per_1000(sizes, [r["pipeline"]["actor_last_rss_mb"] for r in rows])
     print("MB per 1000 input images (least-squares slope): "
-          + ", ".join(f"{k} {v:+.1f}" for k, v in slopes.items()))
-    result = {"bench": "extract_throughput", "resolution": RESOLUTION, "batch_size": BATCH,
-              "images_per_input_shard": PER_SHARD, "cpus": args.cpus,
-              "tokenizer": "configs/tokenizer/shapes_small.yaml (random init)",
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                          "load_avg_1m_at_start": load_start, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
-              "rows": rows, "rss_slope_mb_per_1000_images": slopes}
-    path = os.path.join(RESULTS, "extract_throughput.json")  # BDT_BENCH_RESULTS, as the others
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(path + ".tmp", "w") as f:  # a killed run must not leave a torn result behind
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+          + ", ".join(f"{k} {'-' if v is None else f'{v:+.1f}'}" for k, v in slopes.items()))
+    # Its own layout (bench/summary.py's extraction_goals reads the rows), under the stamp every
+    # result carries: the summary's row names its date, machine and load.
+    write_json(os.path.join(RESULTS, "extract_throughput.json"),
+               {**run.stamp(), "resolution": RESOLUTION, "batch_size": BATCH,
+                "images_per_input_shard": PER_SHARD, "cpus": args.cpus,
+                "tokenizer": "configs/tokenizer/shapes_small.yaml (random init)",
+                "platform": platform.platform(), "rows": rows,
+                "rss_slope_mb_per_1000_images": slopes})
 
 
 if __name__ == "__main__":

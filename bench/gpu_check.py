@@ -22,7 +22,7 @@ import os
 import statistics
 import sys
 
-from common import Run, goal
+from common import Run, goal, write_json
 
 NEEDED = ["torch", "transformers", "tokenizers", "safetensors", "sentencepiece", "webdataset",
           "braceexpand", "omegaconf", "yaml", "numpy", "PIL", "fsspec", "psutil", "tqdm",
@@ -70,9 +70,7 @@ def env(out: str, rehearsal: bool) -> int:
         info.update(device=p.name, capability=f"{p.major}.{p.minor}",
                     memory_gib=round(p.total_memory / 2 ** 30, 1),
                     device_count=torch.cuda.device_count())
-    os.makedirs(out, exist_ok=True)  # gpu_check.sh makes it; a run by hand need not
-    with open(os.path.join(out, "env.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    write_json(os.path.join(out, "env.json"), info)  # makes OUT: a run by hand need not
     print(f"python {info['python']}, torch {info['torch']} (CUDA {info['torch_cuda']}), device: "
           f"{info.get('device', 'none')}")
     for name in NEEDED:

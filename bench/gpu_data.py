@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import time
 
 import torch
 import yaml
 
-from common import REPO, machine
+from common import REPO, machine, write_json
 
 
 def random_tokenizer(out: str, seed: int = 0) -> str:
@@ -88,8 +87,7 @@ def main() -> None:
                     args.batch)
     make_tiny_llm(os.path.join(args.out, "llm"), read_captions(args.raw, 2000))
     stats["machine"] = machine()
-    with open(os.path.join(args.out, "data.json"), "w") as f:
-        json.dump(stats, f, indent=1)
+    write_json(os.path.join(args.out, "data.json"), stats)
     print(f"extraction on {stats['device']} ({stats['dtype']}): {stats['timed_images']} images "
           f"in {stats['seconds']:.2f} s = {stats['images_per_s']:.0f} images/s after one warm-up "
           f"shard; shards per family {stats['families']}", flush=True)

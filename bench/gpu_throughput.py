@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from common import Run, goal, table
+from common import Run, add_model_args, goal, table
 from step_profile import Clock, profile
 
 
@@ -221,13 +221,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--budget", type=int, default=16384)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--intermediate", type=int, default=5632)
-    ap.add_argument("--head-width", type=int, default=1024)
-    ap.add_argument("--head-depth", type=int, default=4)
+    add_model_args(ap, dict(hidden=2048, layers=24, heads=16, kv_heads=8, intermediate=5632),
+                   dict(width=1024, depth=4))
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--seconds", type=float, default=150.0,
                     help="start no new part after this many seconds (the caller's timeout is "

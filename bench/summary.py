@@ -3,7 +3,8 @@
 Each bdt benchmark writes `goals` ([{goal, value, target, met, limit}]) into its JSON; the
 extraction benchmark (bench/extract_throughput.py) writes its own layout, read here as it is.
 The same table replaces the part of docs/results.md between the two BENCH_MARKERS, so the
-results page always quotes the latest run (with its date and machine).
+results page always quotes the latest run (with its date and machine); not when the results are
+elsewhere ($BDT_BENCH_RESULTS: a read-only checkout's, a test's), which are not the checkout's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import json
 import os
 
-from common import REPO, RESULTS, machine
+from common import REPO, RESULTS, machine, write_atomic
 
 BENCH_MARKERS = ("<!-- bench:begin (bench/summary.py writes this part) -->", "<!-- bench:end -->")
 
@@ -109,7 +110,10 @@ def main() -> None:
             f"load average). Regenerate with `make bench`; each script's table and JSON are in "
             f"`bench/results/`.\n\n" + "\n".join(lines) + "\n")
     write_atomic(os.path.join(RESULTS, "README.md"), text)
-    quote_in_results_doc(text.split("\n", 2)[2])  # without the heading
+    if os.path.abspath(RESULTS) == os.path.join(REPO, "bench", "results"):
+        quote_in_results_doc(text.split("\n", 2)[2])  # without the heading
+    else:
+        print(f"docs/results.md left as it is: these results are in {RESULTS}")
     print(text)
 
 
@@ -117,12 +121,6 @@ def describe(m: dict) -> str:
     isa = ", ".join(k for k, v in m["flags"].items() if v) or "none of amx/avx512"
     cpu = f"{m['cpu']}, {m['cpus']} cores ({isa})"
     return f"{m['gpu']} (torch {m.get('torch', '?')}) with {cpu}" if m.get("gpu") else cpu
-
-
-def write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def quote_in_results_doc(text: str) -> None:

@@ -16,7 +16,10 @@ therefore made in two launches on the same run directory: first exactly --fixed-
 trainer resumes from that checkpoint until the recipe's steps or the time budget are used up
 (scored again: the <= 8 minute result). The load average is recorded.
 
-    python bench/tokenizer_quality.py [--minutes 8] [--fixed-steps 400] [key=value ...]
+    python bench/tokenizer_quality.py [--minutes 8] [--fixed-steps 400] [--out JSON] [key=value ...]
+
+--out defaults to tokenizer_quality.json in bench/results (or $BDT_BENCH_RESULTS, as every
+benchmark); the grid PNGs go beside it.
 """
 
 from __future__ import annotations
@@ -31,8 +34,7 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from common import REPO, RESULTS, write_json
 
 # Held-out images are scored one batch at a time; training settings come from the config below.
 _EVAL_BATCH = 16
@@ -138,7 +140,7 @@ def _last_metrics(run: str) -> dict:
         return [json.loads(line) for line in f][-1]
 
 
-def main() -> int:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=8.0, help="training budget, both launches")
     parser.add_argument("--fixed-steps", type=int, default=400, help="first launch: exactly this many steps")
@@ -150,13 +152,19 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/bdt-bench-tokenizer")
     parser.add_argument("--train-num", type=int, default=4000)
     parser.add_argument("--eval-num", type=int, default=128)
-    parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "tokenizer_quality.json"))
+    parser.add_argument("--out", default=os.path.join(RESULTS, "tokenizer_quality.json"))
     parser.add_argument("overrides", nargs="*", help="key=value for the trainer (after the config)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if min(args.judge_num, args.eval_num, args.train_num) < 1:
         parser.error("--judge-num, --eval-num and --train-num must be >= 1")
     args.config = args.config or [os.path.join(REPO, "configs", "tokenizer", "shapes_d8.yaml"),
                                   os.path.join(REPO, "configs", "tokenizer", "demo.yaml")]
+    args.out = os.path.abspath(args.out)  # a bare file name: its grids' folder is "", not "."
+    return args
+
+
+def main() -> int:
+    args = arguments()
     from bdt.config import load
     from bdt.training.tokenizer.config import TokenizerTrainConfig
     recipe = load(TokenizerTrainConfig, args.config, [*args.overrides, "run_dir=unused", "data.shards=unused"])
@@ -212,11 +220,7 @@ def main() -> int:
     rows.append(("goal met (128 px PSNR >= 28, all bits 5-95%)", result["goal_met"]))
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
     print(f"wrote {args.out} and {base}_128px.png / _64px.png")
     return 0
 

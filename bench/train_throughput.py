@@ -1,6 +1,8 @@
 """Training throughput, MFU and step-time breakdown of the ~100M config (issue 8 items 3-5).
 
     .venv/bin/python bench/train_throughput.py [--steps 2] [--budget 1024] [--size 256]
+        [--hidden 768 --layers 12 --heads 12 --kv-heads 4 --intermediate 2048]
+        [--head-width 384 --head-depth 3] [--peak-n 2048 --peak-seconds 3]
 
 One process, world of one, DeepSpeed ZeRO-0, fp32, 2 threads: the step is the trainer's
 (bdt/training/ar/loop.py: TokenStream -> SequencePacker -> engine(packed) -> engine.backward ->
@@ -8,7 +10,8 @@ engine.step), timed phase by phase. fp32 because it is never slow on these machi
 matmuls are far slower than fp32 on avx2-only CPUs and faster only with avx512_bf16 or AMX (both
 peaks are measured and reported; with AMX, bf16 steps of this config ran 1.8x faster, README).
 
-Model: common.LLM_100M (a Qwen3) + common.HEAD_100M: 83M parameters in all, P = 4, 32-bit tokens.
+Model: common.LLM_100M (a Qwen3) + common.HEAD_100M: 83M parameters in all, P = 4, 32-bit tokens
+(the flags above change its size: the goals speak of the default).
 Data: shapes images (`bdt.data.shapes`) at --size px, encoded once by the image tokenizer into
 token shards (pre-extracted), and the same images kept as JPEG bytes (on the fly).
 
@@ -19,7 +22,8 @@ Variants, run interleaved step by step on the same engine and the same micro-bat
                   shapes_small.yaml (0.67M) and the released ae_d16c32 geometry (random weights;
                   speed does not depend on them)
 MFU: model FLOPs (bdt.training.ar.flops) per second over the fp32 matmul peak of this process,
-measured before and after the steps (2048^2 matmuls, 2 threads); the mean is the denominator.
+measured before and after the steps (--peak-n^2 matmuls for --peak-seconds, 2 threads); the mean
+is the denominator.
 Checkpoint: one save of the engine + stream state (CheckpointManager), timed, and its share of a
 step at the configured cadence (checkpoint.every = 1000 in ar_progressive.yaml).
 Data path (item 5): the token stream + packing alone, in bursts between steps, in samples/s,
@@ -41,7 +45,8 @@ import torch
 import yaml
 from PIL import Image
 
-from common import CAPTIONS, HEAD_100M, LLM_100M, REPO, Run, goal, table, write_token_shard
+from common import (CAPTIONS, HEAD_100M, LLM_100M, REPO, Run, add_model_args, goal, model_args,
+                    table, write_token_shard)
 
 VARIANTS = ("pre-extracted", "on-the-fly small", "on-the-fly ae_d16c32")
 CHECKPOINT_EVERY = 1000
@@ -90,7 +95,7 @@ def make_data(out: str, tokenizer, n: int, size: int) -> dict[str, bytes]:
     return jpegs
 
 
-def build_job(tmp: str, budget: int):
+def build_job(tmp: str, budget: int, llm_shape: dict, head: dict):
     from bdt.model.backbone import make_tiny_llm
     from bdt.training.ar import setup
     from bdt.training.schedule import WarmupSchedule
@@ -103,11 +108,11 @@ def build_job(tmp: str, budget: int):
     from bdt.training.ar.config import StageConfig, TrainConfig
 
     llm = make_tiny_llm(os.path.join(tmp, "llm"), CAPTIONS * 20, max_position_embeddings=4096,
-                        **LLM_100M)
+                        **llm_shape)
     cfg = TrainConfig(run_dir=os.path.join(tmp, "run"), threads=2)
     cfg.model.backbone.path = llm
     cfg.model.parallel_num, cfg.model.attn_backend, cfg.model.pos_max_len = 4, "sdpa", 64
-    for k, v in HEAD_100M.items():
+    for k, v in head.items():
         setattr(cfg.model.head, k, 32 if k == "bits" else v)
     cfg.stages = [StageConfig(name="bench", shards=os.path.join(tmp, "shards"), steps=100,
                               token_budget=budget, warmup_steps=1)]
@@ -125,7 +130,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="measured steps per variant")
     ap.add_argument("--budget", type=int, default=1024, help="packed tokens per micro-batch")
     ap.add_argument("--size", type=int, default=256, help="image side in px (16x tokenizer)")
+    add_model_args(ap, LLM_100M, HEAD_100M)
+    ap.add_argument("--peak-n", type=int, default=2048, help="side of the peak's matmuls")
+    ap.add_argument("--peak-seconds", type=float, default=3.0, help="per peak measurement")
     args = ap.parse_args()
+    if min(args.steps, args.budget, args.size, args.peak_n) < 1:
+        ap.error("--steps, --budget, --size and --peak-n must be >= 1")
     torch.set_num_threads(2)
     from bdt.data.shard_source import list_shards
     from bdt.model.sequence import ImageSample
@@ -140,15 +150,17 @@ def main() -> None:
         dist = init_distributed()
         encoders = build_tokenizers()
         jpegs = make_data(os.path.join(tmp, "shards"), encoders["on-the-fly small"], 24, args.size)
-        cfg, model, engine = build_job(tmp, args.budget)
+        llm_shape, head = model_args(args)
+        cfg, model, engine = build_job(tmp, args.budget, llm_shape, head)
         n_params = sum(p.numel() for p in model.parameters())
         shards = list_shards(cfg.stages[0].shards)
         stream, packer = setup.make_stream(cfg, 0, shards, model, dist)
         probe, _ = setup.make_stream(cfg, 0, shards, model, dist)  # data-path bursts only
         flop_model = FlopModel.from_model(model.llm,
                                           sum(p.numel() for p in model.head.parameters()), 1)
-        peaks = [measure_peak_flops(torch.float32, n=2048, seconds=3.0)]
-        bf16_peak = measure_peak_flops(torch.bfloat16, n=2048, seconds=3.0)
+        peak_at = dict(n=args.peak_n, seconds=args.peak_seconds)
+        peaks = [measure_peak_flops(torch.float32, **peak_at)]
+        bf16_peak = measure_peak_flops(torch.bfloat16, **peak_at)
 
         def step(variant: str) -> dict:
             t = {}
@@ -202,7 +214,7 @@ def main() -> None:
         ckpt.save(1, {"model": engine}, {"stream": meta},
                   {f"stream.{k}": v for k, v in tensors.items()})
         checkpoint_s = time.perf_counter() - t0
-        peaks.append(measure_peak_flops(torch.float32, n=2048, seconds=3.0))
+        peaks.append(measure_peak_flops(torch.float32, **peak_at))
         cleanup()
 
     peak = statistics.mean(peaks)
@@ -229,8 +241,8 @@ def main() -> None:
     print(f"token stream + packing {stream_rate:.0f} samples/s vs {pre['images_per_s']:.2f} "
           f"consumed: {headroom:.0f}x headroom")
     speedups = {v: pre["images_per_s"] / summary[v]["images_per_s"] for v in VARIANTS[1:]}
-    limit_mfu = ("fp32 on 2 shared cores; small GEMMs (hidden 768, ~1k tokens) and the "
-                 "non-matmul work (norms, RoPE, SiLU, attention softmax, Adam) in the step")
+    limit_mfu = (f"fp32 on 2 shared cores; small GEMMs (hidden {llm_shape['hidden']}, ~1k tokens) "
+                 "and the non-matmul work (norms, RoPE, SiLU, attention softmax, Adam) in the step")
     goals = [
         goal(f"3. training MFU ({n_params / 1e6:.0f}M params, fp32)", f"{pre['mfu']:.1%} of {peak / 1e9:.0f} GFLOP/s",
              ">= 40%", pre["mfu"] >= 0.40, limit_mfu),
@@ -241,8 +253,8 @@ def main() -> None:
              "step (no gain), the released ae_d16c32 encoder's several steps"),
         goal("5a. data path headroom", f"{headroom:.0f}x", ">= 20x", headroom >= 20.0, ""),
     ]
-    run.write({"params": n_params, "token_budget": args.budget, "image_px": args.size,
-               "steps_per_variant": args.steps, "threads": 2, "precision": "fp32",
+    run.write({"params": n_params, "llm": llm_shape, "head": head, "token_budget": args.budget,
+               "image_px": args.size, "steps_per_variant": args.steps, "threads": 2, "precision": "fp32",
                "peak_gflops_fp32": [p / 1e9 for p in peaks], "peak_gflops_bf16": bf16_peak / 1e9,
                "variants": summary, "speedup_vs_on_the_fly": speedups,
                "checkpoint_s": checkpoint_s, "checkpoint_share_at_every_1000": ckpt_share,

@@ -1,7 +1,10 @@
 """Per-rank memory of ZeRO-0/1/2/3 with 2 ranks on the ~100M config (issue 8 item 7).
 
-    .venv/bin/python bench/zero_memory.py [--stages 0 1 2 3]
+    .venv/bin/python bench/zero_memory.py [--stages 0 3 1 2]
+        [--hidden 768 --layers 12 --heads 12 --kv-heads 4 --intermediate 2048]
+        [--head-width 384 --head-depth 3]
 
+The model is common.LLM_100M + common.HEAD_100M unless the flags above change its size.
 For each stage, two fresh rank processes (torch.multiprocessing, gloo, 1 thread each) build the
 model the way the trainer does (bdt.training.ar.setup.build_model + initialize_engine, fp32, AdamW),
 run one training step on the same packed micro-batch, and report:
@@ -26,7 +29,8 @@ import tempfile
 import torch
 import torch.multiprocessing as mp
 
-from common import CAPTIONS, HEAD_100M, LLM_100M, Run, goal, table
+from common import (CAPTIONS, HEAD_100M, LLM_100M, Run, add_model_args, goal, model_args, table,
+                    write_json)
 
 MB = 2 ** 20
 
@@ -57,7 +61,7 @@ def storage_bytes(engine) -> dict[str, int]:
     return total
 
 
-def worker(rank: int, world: int, port: int, stage: int, llm: str, out: str) -> None:
+def worker(rank: int, world: int, port: int, stage: int, llm: str, head: dict, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -77,7 +81,7 @@ def worker(rank: int, world: int, port: int, stage: int, llm: str, out: str) -> 
     cfg = TrainConfig(run_dir=out)
     cfg.model.backbone.path = llm
     cfg.model.parallel_num, cfg.model.attn_backend, cfg.model.pos_max_len = 4, "sdpa", 64
-    for k, v in HEAD_100M.items():
+    for k, v in head.items():
         setattr(cfg.model.head, k, v)
     cfg.deepspeed = DeepSpeedConfig(zero_stage=stage, precision="fp32", micro_batch_size=1)
     setup.skip_deepspeed_muon(cfg)  # before DeepSpeed starts, as the trainer calls it
@@ -89,7 +93,7 @@ def worker(rank: int, world: int, port: int, stage: int, llm: str, out: str) -> 
     packer = SequencePacker(model.special, model.prompt, 4, max_len=1024,
                             encode_text=lambda s: encode(model.tokenizer, s))
     g = torch.Generator().manual_seed(rank)
-    samples = [ImageSample(CAPTIONS[i], torch.where(torch.rand(8, 8, HEAD_100M["bits"],
+    samples = [ImageSample(CAPTIONS[i], torch.where(torch.rand(8, 8, head["bits"],
                                                                generator=g) > 0.5, 1.0, -1.0))
                for i in range(2)]
     losses = engine(packer.pack(samples))
@@ -97,8 +101,7 @@ def worker(rank: int, world: int, port: int, stage: int, llm: str, out: str) -> 
     engine.step()
     result = storage_bytes(engine)
     result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
+    write_json(os.path.join(out, f"rank{rank}.json"), result)
     cleanup()
 
 
@@ -106,30 +109,34 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     # 0 and 3 first: the goal compares them.
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 3, 1, 2])
+    add_model_args(ap, LLM_100M, HEAD_100M)
     args = ap.parse_args()
+    llm_shape, head = model_args(args)
     from bdt.model.backbone import make_tiny_llm
     from bdt.training.distributed import free_port
 
     with Run("zero_memory") as run, tempfile.TemporaryDirectory() as tmp:
         llm = make_tiny_llm(os.path.join(tmp, "llm"), CAPTIONS * 20, max_position_embeddings=4096,
-                            **LLM_100M)
+                            **llm_shape)
         rows = {}
         for stage in args.stages:
             out = os.path.join(tmp, f"zero{stage}")
             os.makedirs(out)
-            mp.spawn(worker, args=(2, free_port(), stage, llm, out), nprocs=2, join=True)
+            mp.spawn(worker, args=(2, free_port(), stage, llm, head, out), nprocs=2, join=True)
             ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
             rows[stage] = {k: max(r[k] for r in ranks) for k in ranks[0]}
             rows[stage]["params_plus_optimizer"] = rows[stage]["params"] + rows[stage]["optimizer"]
-            report(run, rows)  # after every stage: a slow machine still leaves results
+            report(run, rows, {"llm": llm_shape, "head": head})  # after every stage: a slow machine still leaves results
 
 
-def report(run: Run, rows: dict) -> None:
+def report(run: Run, rows: dict, model: dict) -> None:
     base = rows.get(0, {}).get("params_plus_optimizer")
     table(["ZeRO", "params MB", "optimizer MB", "params+opt MB", "vs ZeRO-0", "peak RSS MB"],
           [[s, r["params"] / MB, r["optimizer"] / MB, r["params_plus_optimizer"] / MB,
-            r["params_plus_optimizer"] / base if base else float("nan"), r["peak_rss"] / MB]
-           for s, r in sorted(rows.items())], "per rank (max of 2 ranks), ~100M config, fp32 AdamW")
+            r["params_plus_optimizer"] / base if base else None, r["peak_rss"] / MB]
+           for s, r in sorted(rows.items())],
+          f"per rank (max of 2 ranks), hidden {model['llm']['hidden']} x {model['llm']['layers']} "
+          f"layers + head {model['head']['width']} x {model['head']['depth']}, fp32 AdamW")
     ratio = rows[3]["params_plus_optimizer"] / base if base and 3 in rows else None
     rss = rows[3]["peak_rss"] / rows[0]["peak_rss"] if 0 in rows and 3 in rows else None
     goals = [goal("7. ZeRO-3 params+optimizer per rank vs ZeRO-0",
@@ -138,7 +145,7 @@ def report(run: Run, rows: dict) -> None:
                   "held state only; peak RSS is not lower: DeepSpeed's ZeRO-3 working buffers "
                   "(gathers, reduce buckets) and the build path, not profiled yet"
                   if rss and rss > 0.8 else "")]
-    run.write({"world_size": 2, "precision": "fp32",
+    run.write({"world_size": 2, "precision": "fp32", "model": model,
                "per_rank_bytes": {str(k): v for k, v in sorted(rows.items())}}, goals)
 
 

@@ -1,5 +1,5 @@
 """The quick scripts of `make bench` run to the end at their smallest sizes, print their table and
-write a result that bench/summary.py takes. Most of bench/ had no test, and the code under them
+write a result that bench/summary.py takes: strict JSON (no NaN) naming its date and machine. Most of bench/ had no test, and the code under them
 changes: a script could stop working and nobody would see it until the next `make bench`."""
 
 import json
@@ -15,12 +15,28 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import summary  # noqa: E402  (bench/ is not a package)
 
+# The model-size flags of the scripts that build the ~100M model (bench/common.add_model_args).
+TINY_MODEL = ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+              "--intermediate", "64", "--head-width", "64", "--head-depth", "1"]
 # name: (its smallest sizes, a column of the table it prints)
 TINY = {"decode_speed": (["--grid", "4", "--head-steps", "2", "--rounds", "1", "--cache-grids", "4"],
                          "speedup vs P=1"),
         "data_path": (["--batches", "3", "--samples", "60"], "efficiency"),
         "checkpoint_hash": (["--width", "64", "--layers", "1", "--repeats", "1"],
-                            "vs DeepSpeed alone")}
+                            "vs DeepSpeed alone"),
+        "train_throughput": (["--steps", "1", "--budget", "256", "--size", "32", *TINY_MODEL,
+                              "--peak-n", "64", "--peak-seconds", "0.05"], "tokens/s"),
+        "zero_memory": (["--stages", "3", *TINY_MODEL], "params+opt MB"),
+        # One size: no slope of memory against it (null, once NaN), but the ratio's goal.
+        "extract_throughput": (["--sizes", "20", "--bare-max", "20", "--cpus", "1"],
+                               "pipeline img/s")}
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and infinities (Python's takes them; strict readers do not)."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
 
 
 @pytest.mark.slow
@@ -32,7 +48,9 @@ def test_script_runs_and_its_result_reaches_the_summary(name, tmp_path, monkeypa
                           env=dict(os.environ, BDT_BENCH_RESULTS=str(tmp_path)))
     assert done.returncode == 0, done.stderr[-2000:]
     assert column in done.stdout, done.stdout[-2000:]
-    d = json.loads((tmp_path / f"{name}.json").read_text())
-    assert d["bench"] == name and d["goals"]
+    d = strict_json((tmp_path / f"{name}.json").read_text())
+    goals = d.get("goals") or summary.extraction_goals(d)  # the one layout of its own
+    assert d["bench"] == name and goals
+    assert d["date"] and "flags" in d["machine"]  # the summary's row names when and where
     monkeypatch.setattr(summary, "RESULTS", str(tmp_path))
     assert [n for n, _ in summary.load_all()] == [name]

@@ -16,7 +16,8 @@ WORKER = """import sys
 sys.path.insert(0, sys.argv[1])
 import zero_memory
 from bdt.training.distributed import free_port
-zero_memory.worker(0, 1, free_port(), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+zero_memory.worker(0, 1, free_port(), int(sys.argv[2]), sys.argv[3], zero_memory.HEAD_100M,
+                   sys.argv[4])
 """
 
 
