@@ -27,7 +27,6 @@ from safetensors import SafetensorError
 from bdt.model.backbone_config import (
     BackboneConfig,
     _overridden,
-    _plain_dict,
     _torch_dtype,
     llm_config,
 )
@@ -74,10 +73,11 @@ def load_causal_lm(cfg: BackboneConfig, weights: Mapping[str, torch.Tensor] | No
                      else AutoModelForCausalLM.from_config(hf_config, **kwargs))
         else:
             _check_shard_names(cfg.path)
-            # Mismatched shapes are reported, not raised, so that the error can name them.
+            # Mismatched shapes are reported, not raised, so that the error can name them. The
+            # config checked above, not the overrides: transformers would apply them its way.
             model, info = AutoModelForCausalLM.from_pretrained(
-                cfg.path, output_loading_info=True, ignore_mismatched_sizes=True,
-                trust_remote_code=False, **kwargs, **_plain_dict(cfg.config_overrides))
+                cfg.path, config=hf_config, output_loading_info=True,
+                ignore_mismatched_sizes=True, trust_remote_code=False, **kwargs)
             _refuse_incomplete_weights(info)
         if not cfg.from_scratch:
             _refuse_nonfinite(model)
@@ -200,13 +200,15 @@ def resize_embeddings(model: "PreTrainedModel", num_rows: int) -> None:
 
 
 def load_backbone(cfg: BackboneConfig, parallel_num: int, num_res: int | None = None,
-                  weights: Mapping[str, torch.Tensor] | None = None) -> Backbone:
+                  weights: Mapping[str, torch.Tensor] | None = None,
+                  tokenizer: "PreTrainedTokenizerBase | None" = None) -> Backbone:
     """LM + tokenizer from ``cfg.path``, with BitDance's tokens added and embeddings resized;
     ``num_res``: see `add_special_tokens` (None: the res tokens the tokenizer holds, else 256);
     ``weights``: the resized LM's state dict, loaded instead of the pretrained weights (only the
-    config and tokenizer are read from ``cfg.path``)."""
+    config and tokenizer are read from ``cfg.path``); ``tokenizer``: the text tokenizer at
+    ``cfg.path`` as the caller already loaded it (it takes BitDance's tokens), not read again."""
     hf_config = llm_config(cfg)
-    tokenizer = load_text_tokenizer(cfg.path)
+    tokenizer = tokenizer if tokenizer is not None else load_text_tokenizer(cfg.path)
     rows = getattr(hf_config, "vocab_size", None)
     if weights is None and not cfg.from_scratch and rows is not None and rows < len(tokenizer):
         # Resizing would give the tokenizer's surplus text tokens untrained (mean) embeddings.

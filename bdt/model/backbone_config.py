@@ -61,26 +61,51 @@ def check_source(path: str) -> None:
 
 def llm_config(cfg: BackboneConfig):
     """The HF config at ``cfg.path`` with ``config_overrides`` applied, read before any weight or
-    tokenizer: a bad value (wrong type, inconsistent sizes) is a ValueError naming config.json and
-    the field. Remote code (an ``auto_map``) is never run."""
+    tokenizer: a bad value (wrong type, inconsistent sizes) is a one-line ValueError naming
+    config.json and the field. Remote code (an ``auto_map``) is never run."""
     from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
     check_source(cfg.path)
     where = os.path.join(cfg.path, "config.json") if os.path.isdir(cfg.path) else cfg.path
+    overrides = _plain_dict(cfg.config_overrides)
     try:
-        config, unused = AutoConfig.from_pretrained(cfg.path, trust_remote_code=False,
-                                                    return_unused_kwargs=True,
-                                                    **_plain_dict(cfg.config_overrides))
+        config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=False)
+        # transformers' own criterion for an override it applies (a field or a property)
+        unused = sorted(k for k in overrides if not hasattr(config, k))
+        if overrides and not unused:
+            raw, _ = PretrainedConfig.get_config_dict(cfg.path)
+            config = type(config).from_dict(_with_overrides(type(config), raw, overrides))
     except OSError as e:
         raise OSError(f"cannot read the backbone config {where!r}: {e}") from e
     except (StrictDataclassError, ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"backbone config {where!r} is invalid: {e}") from e
+        why = " ".join(str(e).split())  # the validators' messages span lines
+        raise ValueError(f"backbone config {where!r}{_overridden(cfg)} is invalid: {why}") from e
     if unused:  # they would reach the model's constructor: a TypeError traceback there
-        raise ValueError(f"model.backbone.config_overrides: {sorted(unused)} are not fields of "
+        raise ValueError(f"model.backbone.config_overrides: {unused} are not fields of "
                          f"{type(config).__name__} ({where})")
     check_llm_config(config, where, _overridden(cfg))
     return config
+
+
+def _with_overrides(config_class, raw: dict, overrides: dict) -> dict:
+    """The config file's fields with the overrides in place, to build the config from: fields
+    derived at construction (Qwen's layer_types from num_hidden_layers, use_sliding_window and
+    max_window_layers) then follow the overrides, and transformers' validators see the result.
+    (transformers sets overrides after construction: use_sliding_window=false kept every
+    sliding layer, num_hidden_layers=8 kept a list of 4 layer types.) A layer_types list equal
+    to the one the other fields derive, as save_pretrained writes it, is derived again."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    if "layer_types" in raw and "layer_types" not in overrides:
+        rest = {k: v for k, v in raw.items() if k != "layer_types"}
+        try:
+            derived = config_class.from_dict(dict(rest)).layer_types
+        except (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError):
+            derived = None
+        if derived == raw["layer_types"]:
+            raw = rest
+    return {**raw, **overrides}
 
 
 def check_llm_config(config, where: str, overridden: str = "") -> None:
@@ -99,6 +124,11 @@ def check_llm_config(config, where: str, overridden: str = "") -> None:
                          f"no bdt attention backend caps attention logits; set "
                          f"model.backbone.config_overrides.attn_logit_softcapping=null to "
                          f"train without the cap")
+    types, layers = getattr(config, "layer_types", None), getattr(config, "num_hidden_layers", None)
+    if isinstance(types, (list, tuple)) and isinstance(layers, int) and len(types) != layers:
+        # transformers validates this at construction only, not a config built otherwise
+        raise ValueError(f"backbone config {where!r}{overridden}: layer_types lists {len(types)} "
+                         f"layer types but num_hidden_layers is {layers}: one per layer")
     _refuse_stateful_layers(config, where)
     if getattr(config, "num_attention_heads", None) is None and \
             getattr(config, "text_config", None) is not None:
@@ -128,6 +158,12 @@ def _layer_types(config) -> list[str]:
         return get_layer_types_and_kwargs(config)[0]
     except (ImportError, AttributeError, TypeError):
         return list(getattr(config, "layer_types", None) or [])
+
+
+def layer_kinds(config) -> list[str]:
+    """The type of each decoder layer, as the backbone's forward picks its mask by it: the
+    config's layer_types, else transformers' reading of its window or chunk size."""
+    return list(getattr(config, "layer_types", None) or _layer_types(config))
 
 
 def _refuse_stateful_layers(config, where: str) -> None:
@@ -165,7 +201,7 @@ def _config_rules(config, where: str) -> dict[str, LayerRule]:
     sizes = {"sliding_attention": ("window", "sliding_window"),
              "chunked_attention": ("chunk", "attention_chunk_size")}
     rules = {}
-    for kind in getattr(config, "layer_types", None) or _layer_types(config):
+    for kind in layer_kinds(config):
         field, key = sizes.get(kind, (None, None))
         size = getattr(config, key, None) if key else None
         try:
