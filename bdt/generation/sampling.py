@@ -161,13 +161,9 @@ def _decode(model: BitDanceModel, rows: list[list[int]], B: int, h: int, w: int,
     next_pos_R1 = lengths_R1
     rc_N2 = grid_coords(h, w, model.cfg.patch_size).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    cache = None
-    if cfg.use_cache:
-        from transformers import DynamicCache
-
-        # Every layer keeps every key and the explicit masks apply the windows, as in training:
-        # the config's cache keeps a window's keys but sizes its masks its own way.
-        cache = DynamicCache()
+    # The explicit masks apply the windows, as in training; a sliding layer's cache keeps only
+    # the keys its window can still show (its mask is sized to them: model.decode_mask).
+    cache = model.kv_cache() if cfg.use_cache else None
 
     embeds_RLD = model.embed_text(ids_RL)  # the whole sequence so far (uncached mode)
     new_RPD = embeds_RLD

@@ -36,12 +36,13 @@ from bdt.model.attention import (
 from bdt.model.attention_kernels import hf_attn_implementation
 from bdt.model.attention_masks import BlockCausalLayout, decode_attention_mask, per_document_rows
 from bdt.model.backbone import decoder_matmul_params, output_logits
-from bdt.model.backbone_config import layer_rules
+from bdt.model.backbone_config import layer_kinds, layer_rules
 from bdt.model.config import ModelConfig
 from bdt.model.embed import BitsConnector, PosEmbed2D, flip_bits
 from bdt.model.flow import binarize, flow_loss
 from bdt.model import llm_config_record
 from bdt.model.head import DiffusionHead
+from bdt.model.kv_cache import keys_kept, kv_cache
 from bdt.model.sequence import PackedSequence
 from bdt.weights import read_safetensors, state_dict_problems
 
@@ -95,17 +96,19 @@ class BitDanceModel(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, extra_on_meta: bool = False,
-                    llm_weights: Mapping[str, Tensor] | None = None) -> BitDanceModel:
+                    llm_weights: Mapping[str, Tensor] | None = None,
+                    tokenizer: PreTrainedTokenizerBase | None = None) -> BitDanceModel:
         """Load (or build from scratch) the backbone named by cfg.backbone, add BitDance's tokens,
         and attach freshly initialised connector + head (on meta, see the class doc).
         `llm_weights`: the LLM's state dict (our `llm.` prefix stripped) to load instead of the
-        backbone's pretrained weights, which are then never read."""
+        backbone's pretrained weights, which are then never read; `tokenizer`: the backbone's
+        text tokenizer where the caller has loaded it (`load_backbone`)."""
         from bdt.model.backbone import load_backbone
 
         cfg.validate()
         backend = resolve_backend(cfg.attn_backend, "cuda" if torch.cuda.is_available() else "cpu")
         backbone_cfg = replace(cfg.backbone, attn_implementation=hf_attn_implementation(backend))
-        bb = load_backbone(backbone_cfg, cfg.parallel_num, weights=llm_weights)
+        bb = load_backbone(backbone_cfg, cfg.parallel_num, weights=llm_weights, tokenizer=tokenizer)
         return cls(cfg, bb.model, bb.special, bb.prompt, bb.tokenizer, extra_on_meta)
 
     def save_llm_description(self, out_dir: str) -> None:
@@ -140,13 +143,14 @@ class BitDanceModel(nn.Module):
             f.write(to_yaml(self.cfg))
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, **overrides) -> BitDanceModel:
+    def from_pretrained(cls, model_dir: str, tokenizer: PreTrainedTokenizerBase | None = None,
+                        **overrides) -> BitDanceModel:
         """Inverse of `save_pretrained`; `overrides` replace top-level ModelConfig fields
-        (e.g. attn_backend="flex")."""
+        (e.g. attn_backend="flex"); `tokenizer`: `from_config`'s."""
         cfg = replace(read_model_config(model_dir), **overrides)
         cfg.backbone = replace(cfg.backbone, path=os.path.join(model_dir, LLM_DIR),
                                from_scratch=False)
-        model = cls.from_config(cfg, extra_on_meta=True)
+        model = cls.from_config(cfg, extra_on_meta=True, tokenizer=tokenizer)
         url = os.path.join(model_dir, WEIGHTS_NAME)
         model.load_extra(read_safetensors(url, mmap=True), url)  # on meta: load_extra copies
         return model
@@ -234,11 +238,18 @@ class BitDanceModel(nn.Module):
         return attention_kwargs(layout.to(self.llm.device), self.backend, self.float_mask_dtype(),
                                 self.layer_rules)
 
+    def kv_cache(self):
+        """An empty KV cache for sampling, its sliding layers bounded to their window
+        (`bdt.model.kv_cache`); `decode_mask` sizes each layer type's mask to it."""
+        return kv_cache(layer_kinds(self.llm.config), self.layer_rules)
+
     def decode_mask(self, key_valid_BK: Tensor, num_new: int) -> Tensor | dict[str, Tensor]:
-        """attention_mask of a KV-cached step of num_new tokens (`decode_attention_mask`), per
-        layer type as `mask_kwargs`' masks are."""
+        """attention_mask of a KV-cached step of num_new tokens (`decode_attention_mask`) against
+        the keys a `kv_cache` layer keeps of those key_valid_BK marks, per layer type as
+        `mask_kwargs`' masks are."""
+        K = key_valid_BK.shape[1]
         return by_layer_type(self.layer_rules, lambda rule: decode_attention_mask(
-            key_valid_BK, num_new, self.float_mask_dtype(), rule))
+            key_valid_BK[:, K - keys_kept(rule, K):], num_new, self.float_mask_dtype(), rule))
 
     # --- training -----------------------------------------------------------------------------
 

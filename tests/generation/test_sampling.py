@@ -61,23 +61,52 @@ def test_kv_cache_equals_full_recomputation(llm_dir, parallel_num):
     assert torch.equal(generate(model, prompts, 4, 8, SamplingConfig(**kw)), cached)
 
 
-def test_kv_cache_of_a_sliding_window_backbone_keeps_every_key(tmp_path):
-    """A cache built from the config kept only the last window-1 keys of sliding layers, and
-    decoding past them failed on the mask's size; the cache keeps every key and the per-layer
-    masks apply the window, as in training (a window of 3 < P + 1: keys leave it every step)."""
-    llm_dir = make_tiny_llm(str(tmp_path), CAPTIONS, arch="qwen2", hidden=64, layers=2, heads=4,
-                            kv_heads=2, intermediate=128)
-    window = {"use_sliding_window": True, "sliding_window": 3,
-              "layer_types": ["sliding_attention", "full_attention"]}
-    model = tiny_model(llm_dir, 4, overrides=window)
-    assert model.llm.config.layer_types[0] == "sliding_attention"
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    return make_tiny_llm(str(tmp_path_factory.mktemp("tiny_qwen2")), CAPTIONS, arch="qwen2",
+                         hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_kv_cache_of_a_sliding_layer_keeps_only_what_its_window_sees(qwen2_dir, window,
+                                                                     monkeypatch):
+    """The sliding layer's cache kept every key (memory growing with the image although its
+    window looks back `window` tokens); it keeps window - 1 and samples the same bits as a
+    cache keeping every key and as full recomputation (windows < P + 1: keys leave them every
+    step; prompts of two lengths: left padding; CFG: two streams)."""
+    import bdt.model.ar as ar
+    import bdt.model.kv_cache as kv
+
+    overrides = {"use_sliding_window": True, "sliding_window": window,
+                 "layer_types": ["sliding_attention", "full_attention"]}
+    model = tiny_model(qwen2_dir, 4, overrides=overrides)
+    assert model.layer_rules["sliding_attention"].window == window
     with torch.no_grad():
         for p in [*model.head.parameters(), *model.connector.parameters()]:
             p.normal_(0.0, 0.3)
+    held = []  # keys each layer's cache holds after each decoder call
+    make_cache = model.kv_cache
+
+    def watched_cache():
+        cache = make_cache()
+        hooks.append(model.decoder.register_forward_hook(
+            lambda *_: held.append([layer.keys.shape[-2] for layer in cache.layers])))
+        return cache
+    hooks = []
+    monkeypatch.setattr(model, "kv_cache", watched_cache)
+    prompts = [CAPTIONS[1], CAPTIONS[0]]
     kw = dict(cfg_scale=3.0, num_steps=2, seed=5)
-    cached = generate(model, [CAPTIONS[1]], 4, 8, SamplingConfig(use_cache=True, **kw))
-    assert torch.equal(cached, generate(model, [CAPTIONS[1]], 4, 8,
-                                        SamplingConfig(use_cache=False, **kw)))
+    bounded = generate(model, prompts, 4, 8, SamplingConfig(use_cache=True, **kw))
+    hooks.pop().remove()
+    steps = 4 * 8 // 4
+    assert len(held) == steps and all(sliding == window - 1 for sliding, _ in held)
+    assert held[-1][1] == held[0][1] + (steps - 1) * 4  # the full layer keeps every key
+    full = generate(model, prompts, 4, 8, SamplingConfig(use_cache=False, **kw))
+    monkeypatch.setattr(model, "kv_cache", make_cache)
+    for module in (ar, kv):  # the cache as it was: every key kept, masks over all of them
+        monkeypatch.setattr(module, "keys_kept", lambda rule, cached: cached)
+    unbounded = generate(model, prompts, 4, 8, SamplingConfig(use_cache=True, **kw))
+    assert torch.equal(bounded, unbounded) and torch.equal(bounded, full)
 
 
 @pytest.mark.parametrize("parallel_num", [1, 4])
