@@ -39,7 +39,7 @@ from bdt.model.ar import CONFIG_NAME, LLM_DIR, WEIGHTS_NAME, BitDanceModel, read
 from bdt.model.attention import resolve_backend
 from bdt.model import llm_config_record
 from bdt.model.keymap import release_layout
-from bdt.model.text_tokenizer import query_tokens_for
+from bdt.model.text_tokenizer import load_text_tokenizer, query_tokens_held
 from bdt.training import run_dir as layout
 from bdt.weights import file_present
 
@@ -198,10 +198,12 @@ def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
         raise OSError(f"{path!r} is not a complete model export: missing {', '.join(missing)} "
                       f"(expected the <run_dir>/export that bdt/train.py writes)")
     train_cfg = os.path.join(path, layout.EXPORT_TRAIN_CONFIG_NAME)
-    _check_export_parallel_num(path, train_cfg)
+    tokenizer = load_text_tokenizer(os.path.join(path, LLM_DIR))  # read once, checked, used
+    _check_export_parallel_num(path, train_cfg, query_tokens_held(tokenizer))
     llm_config_record.check(path, os.path.join(path, LLM_DIR))
     backend = runnable_backend(read_model_config(path).attn_backend, device)
-    model = BitDanceModel.from_pretrained(path, attn_backend=backend).to(device).eval()
+    model = BitDanceModel.from_pretrained(path, tokenizer=tokenizer, attn_backend=backend
+                                          ).to(device).eval()
     decoder = _load_decoder(os.path.join(path, layout.EXPORT_IMAGE_TOKENIZER_DIR), model, device)
     buckets = _trained_buckets(train_cfg) if os.path.isfile(train_cfg) else None
     return TrainedModel(model, decoder, path, buckets)
@@ -220,14 +222,14 @@ def runnable_backend(name: str, device: str | torch.device) -> str:
     return name
 
 
-def _check_export_parallel_num(path: str, train_cfg: str) -> None:
+def _check_export_parallel_num(path: str, train_cfg: str, held: int) -> None:
     """OSError unless the export's parallel_num (P) is the one it was trained with: an edited
     model_config.yaml sampled garbage without a word (a larger P with query tokens added
     untrained, a smaller one with fewer tokens per step than the head learnt). The training
-    config records P; an import (no training config) has the query tokens of its P exactly."""
+    config records P; an import (no training config) has the query tokens of its P exactly.
+    `held`: the P of the query tokens the export's text tokenizer holds."""
     p = read_model_config(path).parallel_num
     source = os.path.join(path, CONFIG_NAME)
-    held = query_tokens_for(os.path.join(path, LLM_DIR))
     if os.path.isfile(train_cfg):
         trained = layout.read_config(train_cfg).get("model", {}).get("parallel_num")
         if trained is not None and int(trained) != p:
@@ -315,11 +317,13 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
         return OSError(damaged_record(model_cfg.backbone.path, configured,
                                       f"it does not rebuild the checkpoint's model: {e}"))
 
+    tokenizer = None  # the record's, read once: checked here, then the model's
     if model_cfg.backbone.path != configured:  # the run's own record, made with its P
         try:
-            held = query_tokens_for(model_cfg.backbone.path)
+            tokenizer = load_text_tokenizer(model_cfg.backbone.path)
         except (OSError, ValueError) as e:
             raise damaged(e) from None
+        held = query_tokens_held(tokenizer)
         if held < model_cfg.parallel_num:
             raise OSError(f"{cfg_path}: model.parallel_num is {model_cfg.parallel_num}, but the "
                           f"run's LLM record holds the query tokens of P = {held}: the run was "
@@ -333,7 +337,8 @@ def _from_run_checkpoint(run_dir: str, device: str | torch.device,
     # weights are never read); connector and head are built on meta and take theirs.
     llm = {k.removeprefix("llm."): v for k, v in module.items() if k.startswith("llm.")}
     try:
-        model = BitDanceModel.from_config(model_cfg, extra_on_meta=True, llm_weights=llm)
+        model = BitDanceModel.from_config(model_cfg, extra_on_meta=True, llm_weights=llm,
+                                          tokenizer=tokenizer)
     except (OSError, ValueError) as e:
         if model_cfg.backbone.path == configured:
             raise

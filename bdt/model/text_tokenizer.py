@@ -134,10 +134,10 @@ def missing_tokens(tokenizer: "PreTrainedTokenizerBase", tokens: Sequence[str]) 
     return [t for t in tokens if t not in vocab]
 
 
-def query_tokens_for(llm_dir: str) -> int:
-    """The P whose query tokens the text tokenizer in `llm_dir` holds: <|query_1|> ..
-    <|query_{P-1}|> present, <|query_P|> not (1 for a tokenizer without them)."""
-    vocab = load_text_tokenizer(llm_dir).get_vocab()
+def query_tokens_held(tokenizer: "PreTrainedTokenizerBase") -> int:
+    """The P whose query tokens `tokenizer` holds: <|query_1|> .. <|query_{P-1}|> present,
+    <|query_P|> not (1 for a tokenizer without them)."""
+    vocab = tokenizer.get_vocab()
     p = 1
     while query_token(p) in vocab:
         p += 1

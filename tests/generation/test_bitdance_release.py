@@ -286,6 +286,25 @@ def test_import_from_a_hugging_face_cache_snapshot(release, exported, tmp_path):
         assert (out / name).read_bytes() == (exported / name).read_bytes(), name
 
 
+def test_loading_an_export_reads_its_text_tokenizer_once(exported, monkeypatch):
+    """The P check read the text tokenizer, then the backbone read it again (a Qwen3 tokenizer
+    takes ~1 s): it is read once and serves both."""
+    from transformers import AutoTokenizer, TokenizersBackend
+
+    reads = []
+    for cls in (AutoTokenizer, TokenizersBackend):
+        read = cls.from_pretrained.__func__
+
+        def counted(klass, path, *args, _read=read, **kwargs):
+            reads.append(str(path))
+            return _read(klass, path, *args, **kwargs)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(counted))
+    trained = load_trained(str(exported))
+    assert reads == [str(exported / "llm")]
+    assert trained.model.tokenizer.convert_tokens_to_ids("<|query_1|>") == \
+        trained.model.special.query_ids[0]
+
+
 def test_a_diffusers_port_imports_to_the_same_export(release, exported, tmp_path):
     """The port's folders (text_encoder/ + tokenizer/, autoencoder/, diffusion_head/, projector/)
     hold the release's tensors under its keys: the same export, file for file."""
