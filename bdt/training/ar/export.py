@@ -14,7 +14,7 @@ import contextlib
 import os
 import shutil
 
-from bdt import output_dirs, storage, url_listing
+from bdt import output_dirs, storage
 from bdt.config import literal_config, save_resolved
 from bdt.training.distributed import DistInfo, barrier
 from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR, EXPORT_TRAIN_CONFIG_NAME
@@ -52,13 +52,14 @@ def export_model(engine, model, cfg, out_dir: str, dist: DistInfo) -> str:
 
 
 def _with_absolute_shards(cfg):
-    """The config as the export records it: a stage's local shards as absolute paths (each of a
-    comma list, `~` expanded as the run read it), so that the sampler's trained-bucket check
-    finds them from any working directory."""
+    """The config as the export records it: a stage's local shards as the absolute path the run
+    read (`~` expanded), so that the sampler's trained-bucket check finds them from any working
+    directory. One path, as list_shards reads it: split at commas, `/d/run,v2` was recorded as
+    `/d/run,<cwd>/v2`, and the check found nothing there."""
     record = literal_config(cfg)
     for stage in record.stages:
-        stage.shards = ",".join(p if storage.is_remote(p) else storage.local_path(p)
-                                for p in url_listing.brace_patterns(stage.shards))
+        if not storage.is_remote(stage.shards):
+            stage.shards = storage.local_path(stage.shards)
     return record
 
 

@@ -2,6 +2,7 @@
 half an export (`bdt sample --model <run_dir>` takes one whose model_config.yaml is left for the
 model, and fails on its missing files instead of sampling the newest checkpoint)."""
 
+import json
 import os
 import re
 import shutil
@@ -68,16 +69,33 @@ def test_the_weights_get_the_mode_open_gives_not_safetensors_0600(tmp_path):
         assert (out / name).stat().st_mode & 0o777 == 0o640, name
 
 
-def test_the_export_records_every_local_shard_pattern_absolute(tmp_path, monkeypatch):
-    """`a/,b/*.tar` was recorded as `<cwd>/a/,b/*.tar` (the second one still relative) and
-    `~/s` as `<cwd>/~/s`: the sampler's trained-bucket check then looked in the wrong place."""
+def test_the_export_records_the_stage_path_the_run_read(tmp_path, monkeypatch):
+    """A stage's shards are one path (list_shards takes no comma list): `run,v2/tok` was recorded
+    as `<cwd>/run,<cwd>/v2/tok` and the sampler's trained-bucket check, finding nothing there,
+    was silently off. `~` as the run read it; a remote URL as given."""
+    from bdt.config import save_resolved
+    from bdt.generation.trained import _trained_buckets
+
+    root = tmp_path / "run,v2" / "tok"
+    (root / "f").mkdir(parents=True)
+    (root / "f" / "000000.tar").write_bytes(b"")
+    (root / "index.json").write_text(json.dumps({"stages": {"f": {
+        "shards": [{"shard": "f/000000.tar"}], "buckets": [[64, 48]]}}}))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], [
-        "model.backbone.path=unused", "stages.0.shards='a/{0..1}.tar,b/*.tar,~/s,s3://x/c'"]))
-    record = export._with_absolute_shards(cfg)
-    assert record.stages[0].shards == (f"{tmp_path}/a/{{0..1}}.tar,{tmp_path}/b/*.tar,"
-                                       f"{tmp_path}/home/s,s3://x/c")
+
+    def recorded(shards: str, family: str = ""):
+        return export._with_absolute_shards(OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], [
+            "model.backbone.path=unused", f"stages.0.shards='{shards}'",
+            f"stages.0.family='{family}'"])))
+
+    assert recorded("~/s/*.tar").stages[0].shards == f"{tmp_path}/home/s/*.tar"
+    assert recorded("s3://x/c,d").stages[0].shards == "s3://x/c,d"
+    record = recorded("run,v2/tok/", "f")
+    assert record.stages[0].shards == str(root)
+    save_resolved(record, str(tmp_path / "export"), name="train.yaml")
+    monkeypatch.chdir(tmp_path / "export")  # another working directory
+    assert _trained_buckets(str(tmp_path / "export" / "train.yaml")) == [(64, 48)]
 
 
 def _export(tmp_path, tokenizer: str) -> str:
