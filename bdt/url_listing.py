@@ -6,6 +6,7 @@ storage.py holds the single-URL helpers these are built on.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import stat
@@ -15,18 +16,39 @@ from braceexpand import braceexpand
 from bdt import storage
 
 
-def glob_urls(pattern: str) -> list[str]:
-    """The URLs a glob matches, sorted. `**` matches folders at any depth (none too), locally as
-    fsspec does on object stores: `d/**/*.tar` named only `d/*/*.tar` locally, all of them on S3."""
+def glob_urls(pattern: str, doing: str = "") -> list[str]:
+    """The URLs a glob matches, sorted, by one rule on every store: the shell's and Python's.
+    `**` matches folders at any depth (none too), as fsspec does on object stores (`d/**/*.tar`
+    named only `d/*/*.tar` locally). A wildcard matches no name that starts with a dot unless
+    its part of the pattern starts with one (`d/.*.tar`): fsspec's S3 glob matched them and
+    Python's local one did not, so one pattern read other files there, among them macOS's
+    `._x.tar` copies of resource forks and bdt's own hidden temps. `doing` names the listing in
+    a store's error (storage.naming_url)."""
     if storage.is_remote(pattern):
         fs, path = storage.filesystem(pattern)
         fs.invalidate_cache()  # a glob lists prefixes it cannot name in advance: all of them
         proto = pattern.split("://", 1)[0]
-        with storage.naming_url(pattern):
-            return [f"{proto}://{p}" for p in sorted(fs.glob(path))]
+        with storage.naming_url(pattern, doing):
+            found = fs.glob(path)
+        parts = path.strip("/").split("/")
+        return [f"{proto}://{p}" for p in sorted(found)
+                if _shown(parts, p.strip("/").split("/"))]
     if pattern.startswith(("~", "file:")):  # as read: `~/d/*.tar` matched nothing in a folder `~`
         pattern = storage.local_path(pattern)
     return sorted(glob.glob(pattern, recursive=True))
+
+
+def _shown(pattern: list[str], name: list[str]) -> bool:
+    """Whether the path parts `name` match the glob's parts `pattern` with no wildcard taking a
+    leading dot (Python's glob rule: `**` takes no hidden folder, `*` no hidden name)."""
+    if not pattern:
+        return not name
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_shown(rest, name[i:]) for i in range(len(name) + 1)
+                   if not any(part.startswith(".") for part in name[:i]))
+    return bool(name) and fnmatch.fnmatchcase(name[0], head) and \
+        (head.startswith(".") or not name[0].startswith(".")) and _shown(rest, name[1:])
 
 
 def url_patterns(spec: str) -> list[str]:

@@ -49,14 +49,7 @@ class ShardList:
 
 
 def _glob(url: str) -> list[str]:
-    fs, path = storage.filesystem(url)
-    fs.invalidate_cache()
-    with storage.naming_url(url, "listing"):
-        found = sorted(fs.glob(path))
-    if storage.is_remote(url):
-        proto = url.split("://", 1)[0]
-        found = [f"{proto}://{p}" for p in found]
-    return _regular_files(found)
+    return _regular_files(url_listing.glob_urls(url, "listing"))
 
 
 def _regular_files(paths: list[str]) -> list[str]:

@@ -1,0 +1,47 @@
+"""Shard paths as users write them: which names a wildcard matches (one rule locally and on
+S3), for the raw shards (expand_shards), the AR stages' shards (list_shards) and url_listing's
+globs beneath both."""
+
+import pytest
+
+from bdt import storage, url_listing
+from bdt.data.raw import expand_shards
+from bdt.data.shard_source import list_shards
+
+# Hidden names beside visible ones, at the top and below a hidden and a visible folder.
+TREE = ("y.tar", ".x.tar", "._y.tar", ".d/z.tar", "e/w.tar", "e/.v.tar")
+
+
+def _write(root: str, names) -> None:
+    for name in names:
+        storage.write_bytes_atomic(storage.join(root, name), b"x")
+
+
+def _globs(root: str) -> dict[str, list[str]]:
+    return {p: [u[len(root) + 1:] for u in url_listing.glob_urls(f"{root}/{p}")]
+            for p in ("*.tar", "**/*.tar", ".*.tar", ".d/*.tar", "*/*.tar", "e/.*")}
+
+
+# What Python's glob (the shell's rule) matches in TREE: a wildcard takes no leading dot.
+SHOWN = {"*.tar": ["y.tar"], "**/*.tar": ["e/w.tar", "y.tar"], ".*.tar": ["._y.tar", ".x.tar"],
+         ".d/*.tar": [".d/z.tar"], "*/*.tar": ["e/w.tar"], "e/.*": ["e/.v.tar"]}
+
+
+def test_a_local_wildcard_matches_no_hidden_name_in_any_reader(tmp_path):
+    """An AR stage's folder or glob read `.x.tar` (fsspec's glob) where the raw shards' did not
+    (Python's): macOS's `._y.tar` resource-fork copies were read as damaged shards."""
+    root = str(tmp_path)
+    _write(root, TREE)
+    assert _globs(root) == SHOWN
+    assert list_shards(root).urls == list_shards(f"{root}/*.tar").urls == [f"{root}/y.tar"]
+    assert expand_shards(root) == expand_shards(f"{root}/*.tar") == [f"{root}/y.tar"]
+
+
+@pytest.mark.slow
+def test_an_s3_wildcard_matches_the_names_a_local_one_does(s3_bucket):
+    """fsspec's S3 glob matched hidden names: one pattern read other shards there than locally."""
+    root = f"{s3_bucket}/t"
+    _write(root, TREE)
+    assert _globs(root) == SHOWN
+    assert list_shards(root).urls == list_shards(f"{root}/*.tar").urls == [f"{root}/y.tar"]
+    assert expand_shards(root) == [f"{root}/y.tar"]
