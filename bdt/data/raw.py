@@ -28,6 +28,7 @@ frame.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -93,7 +94,8 @@ def expand_shards(spec: str) -> list[str]:
         if not storage.is_dir(url):
             urls.append(url)
             continue
-        tars = url_listing.glob_urls(storage.join(url, "*.tar"))
+        # The folder's name as it is: `a[1]` as a glob matched `a1` (or nothing).
+        tars = url_listing.glob_urls(storage.join(glob.escape(url), "*.tar"))
         if not tars:
             raise ValueError(f"data.shards: the folder {url!r} holds no .tar file")
         urls.extend(tars)

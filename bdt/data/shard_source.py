@@ -15,6 +15,7 @@ Reading one shard is bdt.data.tars.iter_shard (with byte offsets for an exact re
 
 from __future__ import annotations
 
+import glob
 import json
 import posixpath
 from collections.abc import Callable
@@ -85,15 +86,19 @@ def _list_shards(source: str, family: str, allow_incomplete: bool) -> ShardList:
     if not source:
         raise ValueError("data source is empty: set the stage's `shards` to a token-shard "
                          "directory, glob, .tar file or extraction output")
-    if any(c in source for c in "*?["):
+    pattern = any(c in source for c in "*?[")
+    if pattern:
         urls = _glob(source)
-        if not urls:
-            raise _listed_nothing(source, f"shards: the pattern {source!r} matches no file")
-        return ShardList(urls, None, source)
+        if urls:
+            return ShardList(urls, None, source)
+    # A pattern matching nothing is a name where one exists, as in url_listing.expand_urls: a
+    # folder `run[1]` was refused as "matches no file".
     if not storage.exists(source, "listing shards in"):
-        message = f"shards: {source!r} does not exist"
+        message = (f"shards: the pattern {source!r} matches no file" if pattern else
+                   f"shards: {source!r} does not exist")
         # An object store's folder is a listing; a named .tar is one object, missing for good.
-        raise ValueError(message) if source.endswith(".tar") else _listed_nothing(source, message)
+        raise ValueError(message) if source.endswith(".tar") and not pattern else \
+            _listed_nothing(source, message)
     if source.endswith(".tar"):
         return ShardList(_regular_files([source]), None, source)
     index_url = storage.join(source, INDEX_NAME)
@@ -120,7 +125,7 @@ def _list_shards(source: str, family: str, allow_incomplete: bool) -> ShardList:
     if storage.exists(storage.join(source, PLAN_NAME)):
         raise ValueError(f"{source} is an extraction output without {INDEX_NAME}: the extraction is "
                          f"still running or was stopped; rerun it to completion")
-    urls = _glob(storage.join(source, "*.tar"))
+    urls = _glob(storage.join(glob.escape(source), "*.tar"))
     if not urls:
         raise _listed_nothing(source, f"shards: {source!r} holds no .tar files and no "
                                       f"{INDEX_NAME}")

@@ -1,6 +1,8 @@
-"""Shard paths as users write them: which names a wildcard matches (one rule locally and on
-S3), for the raw shards (expand_shards), the AR stages' shards (list_shards) and url_listing's
-globs beneath both."""
+"""Shard paths as users write them: folder names holding glob characters, and which names a
+wildcard matches (one rule locally and on S3), for the raw shards (expand_shards), the AR
+stages' shards (list_shards) and url_listing's globs beneath both."""
+
+import json
 
 import pytest
 
@@ -45,3 +47,30 @@ def test_an_s3_wildcard_matches_the_names_a_local_one_does(s3_bucket):
     assert _globs(root) == SHOWN
     assert list_shards(root).urls == list_shards(f"{root}/*.tar").urls == [f"{root}/y.tar"]
     assert expand_shards(root) == [f"{root}/y.tar"]
+
+
+def _folders_with_glob_characters(root: str) -> None:
+    _write(root, ("raw[1]/a.tar", "tok[1]/b.tar", "out[1]/f/c.tar"))
+    storage.write_bytes_atomic(storage.join(root, "out[1]/index.json"), json.dumps({"stages": {
+        "f": {"shards": [{"shard": "f/c.tar"}]}}}).encode())
+
+
+def _check_folders_with_glob_characters(root: str) -> None:
+    assert expand_shards(f"{root}/raw[1]") == [f"{root}/raw[1]/a.tar"]
+    assert list_shards(f"{root}/tok[1]/").urls == [f"{root}/tok[1]/b.tar"]
+    assert list_shards(f"{root}/out[1]", "f").urls == [f"{root}/out[1]/f/c.tar"]
+    with pytest.raises(ValueError, match=r"the pattern '.*/tok\[2\]' matches no file"):
+        list_shards(f"{root}/tok[2]")
+
+
+def test_a_folder_whose_name_holds_glob_characters_is_read_as_named(tmp_path):
+    """`data.shards=/d/raw[1]` was refused "holds no .tar file" (its `*.tar` a glob under the
+    pattern `raw[1]`), and an AR stage's `tok[1]` or extraction output `out[1]` "matches no file"."""
+    _folders_with_glob_characters(str(tmp_path))
+    _check_folders_with_glob_characters(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_an_s3_folder_whose_name_holds_glob_characters_is_read_as_named(s3_bucket):
+    _folders_with_glob_characters(s3_bucket)
+    _check_folders_with_glob_characters(s3_bucket)
