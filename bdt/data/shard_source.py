@@ -49,10 +49,6 @@ class ShardList:
     samples: dict[str, int] = field(default_factory=dict)  # url -> its manifest's sample count
 
 
-def _glob(url: str) -> list[str]:
-    return _regular_files(url_listing.glob_urls(url, "listing"))
-
-
 def _regular_files(paths: list[str]) -> list[str]:
     """Shards that are all regular files (through links), else a ValueError naming one: the
     stream would block forever opening a FIFO a glob matched, and fail on a folder (an S3
@@ -88,11 +84,12 @@ def _list_shards(source: str, family: str, allow_incomplete: bool) -> ShardList:
                          "directory, glob, .tar file or extraction output")
     pattern = any(c in source for c in "*?[")
     if pattern:
-        urls = _glob(source)
-        if urls:
-            return ShardList(urls, None, source)
-    # A pattern matching nothing is a name where one exists, as in url_listing.expand_urls: a
-    # folder `run[1]` was refused as "matches no file".
+        urls = url_listing.glob_urls(source, "listing")
+        # A pattern matching nothing, or only itself, is a name: a folder `run[1]` was refused
+        # as "matches no file", one named `what?` as "not a regular file".
+        itself = [storage.filesystem(u)[1] for u in urls] == [storage.filesystem(source)[1]]
+        if urls and not itself:
+            return ShardList(_regular_files(urls), None, source)
     if not storage.exists(source, "listing shards in"):
         message = (f"shards: the pattern {source!r} matches no file" if pattern else
                    f"shards: {source!r} does not exist")
@@ -125,7 +122,8 @@ def _list_shards(source: str, family: str, allow_incomplete: bool) -> ShardList:
     if storage.exists(storage.join(source, PLAN_NAME)):
         raise ValueError(f"{source} is an extraction output without {INDEX_NAME}: the extraction is "
                          f"still running or was stopped; rerun it to completion")
-    urls = _glob(storage.join(glob.escape(source), "*.tar"))
+    urls = _regular_files(url_listing.glob_urls(storage.join(glob.escape(source), "*.tar"),
+                                                "listing"))
     if not urls:
         raise _listed_nothing(source, f"shards: {source!r} holds no .tar files and no "
                                       f"{INDEX_NAME}")

@@ -50,7 +50,7 @@ def test_an_s3_wildcard_matches_the_names_a_local_one_does(s3_bucket):
 
 
 def _folders_with_glob_characters(root: str) -> None:
-    _write(root, ("raw[1]/a.tar", "tok[1]/b.tar", "out[1]/f/c.tar"))
+    _write(root, ("raw[1]/a.tar", "tok[1]/b.tar", "out[1]/f/c.tar", "what?/d.tar"))
     storage.write_bytes_atomic(storage.join(root, "out[1]/index.json"), json.dumps({"stages": {
         "f": {"shards": [{"shard": "f/c.tar"}]}}}).encode())
 
@@ -59,13 +59,16 @@ def _check_folders_with_glob_characters(root: str) -> None:
     assert expand_shards(f"{root}/raw[1]") == [f"{root}/raw[1]/a.tar"]
     assert list_shards(f"{root}/tok[1]/").urls == [f"{root}/tok[1]/b.tar"]
     assert list_shards(f"{root}/out[1]", "f").urls == [f"{root}/out[1]/f/c.tar"]
+    # A pattern matching only itself: the folder it names (it was "not a regular file").
+    assert list_shards(f"{root}/what?").urls == expand_shards(f"{root}/what?") == [
+        f"{root}/what?/d.tar"]
     with pytest.raises(ValueError, match=r"the pattern '.*/tok\[2\]' matches no file"):
         list_shards(f"{root}/tok[2]")
 
 
 def test_a_folder_whose_name_holds_glob_characters_is_read_as_named(tmp_path):
     """`data.shards=/d/raw[1]` was refused "holds no .tar file" (its `*.tar` a glob under the
-    pattern `raw[1]`), and an AR stage's `tok[1]` or extraction output `out[1]` "matches no file"."""
+    pattern `raw[1]`), an AR stage's `tok[1]` or extraction output `out[1]` "matches no file"."""
     _folders_with_glob_characters(str(tmp_path))
     _check_folders_with_glob_characters(str(tmp_path))
 
