@@ -57,14 +57,18 @@ def url_patterns(spec: str) -> list[str]:
 
 
 def brace_patterns(spec: str) -> list[str]:
-    """The brace patterns of a comma list, in order. Split at the commas outside braces only:
-    `in-{000000,000002}.tar` is one brace pattern."""
-    parts, depth, start = [], 0, 0
-    for i, c in enumerate(spec):
-        depth += {"{": 1, "}": -1}.get(c, 0)
-        if c == "," and depth == 0:
+    """The brace patterns of a comma list, in order. Split at the commas outside braces only,
+    and not at the glob class `[,]`: `in-{000000,000002}.tar` is one brace pattern, and
+    `run[,]v2/*.tar` names the folder `run,v2` (a name holding a comma had no spelling)."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(spec):
+        depth += {"{": 1, "}": -1}.get(spec[i], 0)
+        if spec.startswith("[,]", i):
+            i += 2
+        elif spec[i] == "," and depth == 0:
             parts.append(spec[start:i])
             start = i + 1
+        i += 1
     parts.append(spec[start:])
     return [part.strip() for part in parts if part.strip()]
 

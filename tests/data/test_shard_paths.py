@@ -77,3 +77,13 @@ def test_a_folder_whose_name_holds_glob_characters_is_read_as_named(tmp_path):
 def test_an_s3_folder_whose_name_holds_glob_characters_is_read_as_named(s3_bucket):
     _folders_with_glob_characters(s3_bucket)
     _check_folders_with_glob_characters(s3_bucket)
+
+
+def test_a_comma_in_a_name_of_a_comma_list_is_spelled_as_a_glob_class(tmp_path):
+    """`data.shards` and extraction `inputs` are comma lists: a folder `run,v2` had no spelling
+    (cut at its comma: `run` and `v2` each "matches nothing")."""
+    root = str(tmp_path)
+    _write(root, ("run,v2/a.tar", "b.tar"))
+    assert expand_shards(f"{root}/run[,]v2/*.tar,{root}/b.tar") == [
+        f"{root}/run,v2/a.tar", f"{root}/b.tar"]
+    assert url_listing.brace_patterns("a[,]b,c[1,2],{d,e[,]f}") == ["a[,]b", "c[1", "2]", "{d,e[,]f}"]
