@@ -25,6 +25,10 @@ class CheckpointConfig:
     # The run id (RUN_ID) of another run whose checkpoint dir this run takes over on purpose, to
     # continue or fork from its checkpoints; that run can then no longer save there.
     adopt: str = ""
+    # false: no checkpoint when the run ends (its last stage done, or time_limit_min), for a
+    # measurement nobody resumes (configs/cluster/gpu_1b_mfu.yaml: ~17 GB of ZeRO-2 state at 1.2B,
+    # tens of seconds). A stop signal still saves; a rerun starts from the last periodic one.
+    at_end: bool = True
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad key (as `checkpoint.<key>`)."""

@@ -304,7 +304,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
             if why == DIVERGED:
                 raise_diverged(health, step, saved_step, f"Lower the learning rate (stages."
                                f"{stage_idx}.lr) or look at those samples, then resume.")
-            save = why or clock.finished or \
+            save = stopped or (cfg.checkpoint.at_end and (why or clock.finished)) or \
                 (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
             # A stop signal's grace period is short and a due evaluation may be long: the save
             # comes first then (the tasks draw from their own generators, so the checkpoint is
@@ -326,7 +326,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                                    window)
             if why:
                 if dist.is_main:
-                    log.info("%s: saved step %d%s", "stop signal" if stopped else "time limit",
+                    log.info("%s: %s step %d%s", "stop signal" if stopped else "time limit",
+                             "saved" if saved_step == step else "not saving (checkpoint.at_end)",
                              step, "" if stopped else " (finishing early: export follows)")
                 break
     finally:

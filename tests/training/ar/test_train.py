@@ -382,6 +382,19 @@ def test_time_limit_fit_ends_the_decay_in_time_and_survives_a_resume(data, tmp_p
     assert m[fit_at]["lr"] > 0.9 * 3e-3
 
 
+def test_checkpoint_at_end_off_ends_a_timed_out_run_without_saving(data, tmp_path):
+    """scripts/gpu_check.sh's 1.2B throughput run ends at its time limit: its final save (~17 GB
+    of ZeRO-2 state, tens of seconds) ran past the stage's limit after the metrics were logged.
+    With checkpoint.at_end=false the run logs, exports and exits with no checkpoint written."""
+    assert spawn_train(argv(data, tmp_path, "time_limit_min=1e-6", "checkpoint.every=100000",
+                            "checkpoint.at_end=false"), world=1) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["timed_out"] and summary["step"] == 1 and summary["saved_step"] == -1
+    assert not glob.glob(str(tmp_path / "checkpoints" / "step_*"))
+    assert 1 in read_metrics(str(tmp_path))
+    assert (tmp_path / "export" / "model_config.yaml").exists()
+
+
 def test_a_resumed_run_takes_its_stage_lengths_from_the_config(data, tmp_path):
     """A run stopped inside its last stage, past its warmup, and resumed with that stage
     lengthened and another LR trains to the new end, its cosine spread over the new length at
