@@ -22,13 +22,17 @@ forward, backward, optimizer; the diffusion head's forward and backward inside t
 module hooks), and torch.profiler's device time by kernel kind (matmul, attention, elementwise,
 optimizer, communication, copies).
 Attention alone: forward + backward at the budget on causal rows of 85-token documents (P = 1,
-where varlen and flash are exact): sdpa on one row per document (what the model does), flex,
-varlen, flash where present.
+where varlen and flash are exact): sdpa on one row per document (what the model does), varlen,
+flash where present, flex.
 Last, --compile's backends (default: the fastest) again, as `<backend>+compile`, with the
 decoder layers and the head compiled by Inductor (BitDanceModel.compile_blocks, the trainer's
 `compile.enabled`); their warm-up (2 steps longer) holds the build and any recompile.
-Writes bench/results/<name>.json after each part, so a part that hangs keeps the earlier ones,
-and before each backend's steps, so one that hangs is in it as not finished.
+Order: what runs no flex first (the backends but flex, varlen and flash, then the kernels alone
+but flex), then the backends that run flex, flex leading (a flex that hangs is named as flex's),
+the profile, flex's kernel alone, the compiled ones. flex hung on the first GPU run, and a hang
+ends the process at the stage's timeout: the parts before it are kept, as the results are
+written after each part, and before each backend's steps, so one that hangs is in it as not
+finished.
 """
 
 from __future__ import annotations
@@ -150,8 +154,10 @@ def attention_call(name: str, qkv: list[torch.Tensor], cu: list[int], L: int, de
     return (lambda: fn(*leaves, plan, None)), leaves
 
 
-def attention_alone(args, device: torch.device, clock: Clock, seconds_left) -> dict:
-    """Forward + backward of each kernel on causal rows of 85-token documents at the budget."""
+def attention_alone(args, device: torch.device, clock: Clock, seconds_left,
+                    names: tuple[str, ...]) -> dict:
+    """Forward + backward of each kernel of `names` on causal rows of 85-token documents at the
+    budget."""
     from bdt.model.attention import flash_available, varlen_available
 
     cu = list(range(0, args.budget - 84, 85))
@@ -163,7 +169,8 @@ def attention_alone(args, device: torch.device, clock: Clock, seconds_left) -> d
     available = {"sdpa": True, "flex": clock.cuda, "varlen": varlen_available(),
                  "flash": flash_available()}
     out = {}
-    for name, ok in available.items():
+    for name in names:
+        ok = available[name]
         if not ok or seconds_left() < 20:
             out[name] = "not available here" if not ok else "skipped: out of time"
             continue
@@ -183,6 +190,8 @@ def attention_alone(args, device: torch.device, clock: Clock, seconds_left) -> d
 
 
 COMPILED = "+compile"
+# Backends that run flex: varlen and flash for every block-causal row (all rows at P = 4).
+RUNS_FLEX = ("flex", "varlen", "flash")
 
 
 def fastest(results: dict, labels: list[str]) -> str | None:
@@ -293,9 +302,18 @@ def main() -> None:
             write()
 
         backends = args.backends.split(",")
-        for backend in backends:
+        alone = results["attention_alone"] = {}
+
+        def kernels_alone(names: tuple[str, ...]) -> None:
+            if seconds_left() > 20:
+                alone.update(attention_alone(args, dist.device, clock, seconds_left, names))
+                write()
+
+        for backend in [b for b in backends if b not in RUNS_FLEX]:
             measure(backend, backend, args.warmup)
-        write()
+        kernels_alone(("sdpa", "varlen", "flash"))
+        for backend in [b for b in RUNS_FLEX if b in backends]:
+            measure(backend, backend, args.warmup)
         peaks.append(measure_peak_flops(dtype, device=dist.device))
         write()
         best = fastest(results, backends)
@@ -304,10 +322,7 @@ def main() -> None:
             results["profile"] = dict(backend=best, **profile(
                 engine, model, rows, args.budget, args.profile_steps, clock))
             write()
-        if seconds_left() > 20:
-            results["attention_alone"] = attention_alone(args, dist.device, clock,
-                                                           seconds_left)
-            write()
+        kernels_alone(("flex",))
         # Last (the build is the slowest part): compiled decoder layers + head, the trainer's
         # compile.enabled, on the same engine; compiled after the backend is set (flex layers
         # compile for static shapes, the others for symbolic ones); a longer warm-up, as
@@ -337,8 +352,7 @@ def main() -> None:
         table(["phase", "s"], list(p["phases_s"].items()), f"profile of {p['backend']} per step")
         table(["kernel kind", "s"], list(p["kernel_kinds_s"].items()))
         table(["kernel", "s"], p["top_kernels_s"])
-    if "attention_alone" in results:
-        print("attention alone (fwd+bwd):", results["attention_alone"])
+    print("attention alone (fwd+bwd):", results["attention_alone"])
 
 
 if __name__ == "__main__":
