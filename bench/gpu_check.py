@@ -6,6 +6,9 @@
         broken fails the stage that imports it, in its log) and says which are missing (exit 1
         if a needed one is, or if there is no CUDA device outside a rehearsal); writes
         OUT/env.json
+    python bench/gpu_check.py backend --results FILE
+        the 1.2B trainer run's attention backend: flex, unless the throughput stage's FILE
+        (bench/results/gpu_throughput.json) has flex failed or hung, then its fastest one
     python bench/gpu_check.py report --out OUT --work WORK [--name gpu_check]
         reads the stage table (OUT/stages.tsv), the 1.2B trainer run's metrics, the extraction
         and evaluation outputs; writes bench/results/<name>.json (bench/summary.py's rows)
@@ -21,6 +24,8 @@ import json
 import os
 import statistics
 import sys
+
+import yaml
 
 from common import Run, goal, write_json
 
@@ -98,10 +103,33 @@ def _metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def train_backend(results_file: str) -> str:
+    """flex, unless the throughput stage saw flex fail or hang (a hang there would hang the
+    trainer's flex for the whole stage): then the fastest backend measured there, else sdpa."""
+    try:
+        with open(results_file) as f:
+            backends = json.load(f)["results"]["backends"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"gpu_check: {results_file}: no throughput results ({e}); training with flex",
+              file=sys.stderr)
+        return "flex"
+    flex = backends.get("flex", {})
+    if "failed" not in flex:
+        return "flex"
+    measured = [b for b, r in backends.items() if "mfu" in r and "+" not in b]
+    chosen = max(measured, key=lambda b: backends[b]["tokens_per_s"], default="sdpa")
+    print(f"gpu_check: flex {flex['failed']} in the throughput stage; the 1.2B trainer run "
+          f"takes {chosen}", file=sys.stderr)
+    return chosen
+
+
 def trainer_run(run_dir: str) -> dict:
     """The logged windows of a trainer run: the first (compile, warm-up) apart from the rest."""
     windows = [m for m in _metrics(os.path.join(run_dir, "metrics.jsonl")) if "mfu" in m]
     out = {"logged_steps": [m["step"] for m in windows]}
+    with contextlib.suppress(OSError):  # the resolved config the trainer wrote at its start
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            out["attn_backend"] = (yaml.safe_load(f).get("model") or {}).get("attn_backend")
     steady = windows[1:] or windows
     for key in ("mfu", "data_wait_frac", "tokens_per_s", "step_time_s", "loss"):
         values = [m[key] for m in steady if key in m]
@@ -130,13 +158,14 @@ def report(out: str, work: str, name: str) -> None:
     ok = {s["stage"]: s["rc"] == 0 for s in stages}
     stage_line = ", ".join(f"{s['stage']} {'ok' if s['rc'] == 0 else 'rc ' + str(s['rc'])} "
                            f"{s['seconds']} s" for s in stages)
-    logged = bool(t["logged_steps"])
     steps = t["logged_steps"]
+    flex_trained = bool(steps) and t.get("attn_backend") == "flex"
+    trained = (f"{len(steps)} log windows, steps {steps[0]}-{steps[-1]}" if steps
+               else "no step logged") + (f" with {t.get('attn_backend')}, not flex"
+                                         if steps and not flex_trained else "")
     goals = [goal("16.4 scripts/gpu_check.sh stages", stage_line, "all ok, <= 8 min in all",
                   all(ok.values()) and sum(s["seconds"] for s in stages) <= 480, ""),
-             goal("16.1 flex trains in the trainer (1.2B)",
-                  f"{len(steps)} log windows, steps {steps[0]}-{steps[-1]}" if logged
-                  else "no step logged", "steps", logged, ""),
+             goal("16.1 flex trains in the trainer (1.2B)", trained, "steps", flex_trained, ""),
              goal("16.2 data_wait_frac (trainer, 1.2B)", f"{t.get('data_wait_frac', float('nan')):.3f}",
                   "<= 0.01", t.get("data_wait_frac", 1.0) <= 0.01, ""),
              goal("16.3 training MFU (trainer, 1.2B)", f"{t.get('mfu', float('nan')):.1%} of the "
@@ -160,6 +189,8 @@ def main() -> None:
     e = sub.add_parser("env")
     e.add_argument("--out", required=True)
     e.add_argument("--rehearsal", action="store_true")
+    b = sub.add_parser("backend")
+    b.add_argument("--results", required=True)
     r = sub.add_parser("report")
     r.add_argument("--out", required=True)
     r.add_argument("--work", required=True)
@@ -167,6 +198,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "env":
         sys.exit(env(args.out, args.rehearsal))
+    if args.cmd == "backend":
+        print(train_backend(args.results))
+        return
     report(args.out, args.work, args.name)
 
 

@@ -7,7 +7,8 @@
 #                                   checkout), WORK (scratch: $<NAME>_WORK, else a temp dir;
 #                                   removed at exit unless $<NAME>_KEEP=1, as is what the script
 #                                   adds to the array SCRATCH),
-#                                   PY (.venv's python unless $PYTHON), START, LIMIT_SCALE
+#                                   PY (.venv's python, else python3, unless $PYTHON), START,
+#                                   LIMIT_SCALE
 #                                   ($<NAME>_LIMIT_SCALE, else REHEARSAL_SCALE when REHEARSAL=1:
 #                                   a CPU rehearsal is slower than the GPU the limits are for),
 #                                   and the environment (repo on PYTHONPATH, no hub, CPU
@@ -15,7 +16,8 @@
 #                                   packages, the wheels in $BDT_WHEELS (else ./wheels, if there:
 #                                   scripts/offline_wheels.py download) are installed into
 #                                   WORK/site, next on PYTHONPATH (log: OUT/wheels.log)
-#   stage NAME LIMIT_S COMMAND...   run COMMAND under `timeout -k $STAGE_KILL_S -s ABRT` (the
+#   stage [--always] NAME LIMIT_S COMMAND...
+#                                   run COMMAND under `timeout -k $STAGE_KILL_S -s ABRT` (the
 #                                   trainer checkpoints on SIGTERM at the next step boundary, so a
 #                                   stuck step outlives a plain TERM; ABRT makes `python -X
 #                                   faulthandler` print every thread's stack into the log; KILL
@@ -24,8 +26,9 @@
 #                                   rc, seconds) to OUT/stages.tsv; returns COMMAND's status.
 #                                   SIGINT/TERM/HUP to the script end the running stage as its
 #                                   timeout would (its process group is its own, which a signal
-#                                   to the script's group misses) and skip the stages after it;
-#                                   so does the script's death by SIGKILL (PARENT_DEATH: setpriv)
+#                                   to the script's group misses) and skip the stages after it
+#                                   but those marked --always (a report of what was measured);
+#                                   the script's death by SIGKILL ends the stage (PARENT_DEATH)
 #                                   A rerun into the same OUT first removes the last run's logs.
 #   failed_stages                   the names of the stages that failed, space-separated
 # and REHEARSAL_MODEL: the trainer overrides of a CPU rehearsal's tiny model (hidden 64, 2 layers,
@@ -61,7 +64,7 @@ begin_stages() {
   SCRATCH=()  # removed however the script ends: a failed environment check leaves nothing either
   [[ ${!keep_var:-0} == 1 ]] || SCRATCH+=("$WORK")
   trap 'rm -rf "${SCRATCH[@]}"' EXIT
-  PY=${PYTHON:-python}
+  PY=${PYTHON:-python3}  # a bare CUDA image (Ubuntu) may have no `python`
   if [[ -x .venv/bin/python && -z ${PYTHON:-} ]]; then PY=$PWD/.venv/bin/python; fi
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   local wheels=wheels
@@ -99,10 +102,15 @@ begin_stages() {
 }
 
 stage() {
+  local always=0
+  if [[ $1 == --always ]]; then always=1; shift; fi
   local name=$1 limit=$(($2 * LIMIT_SCALE)) log=$OUT/$1.log rc tail_pid
   shift 2
-  local t0=$SECONDS
-  if [[ -n $INTERRUPTED ]]; then echo "== $name skipped ($INTERRUPTED)"; return 1; fi
+  local t0=$SECONDS was=$INTERRUPTED
+  if [[ -n $INTERRUPTED ]] && ((!always)); then
+    echo "== $name skipped ($INTERRUPTED)"
+    return 1
+  fi
   printf '== [%3ds] %s (limit %ss) -> %s\n' $((SECONDS - START)) "$name" "$limit" "$log"
   # A file, not a pipe to tee: a process that left the stage's group cannot hold the stage open.
   # Made here: the background job's own redirection may come after tail looks (it then shows
@@ -114,7 +122,7 @@ stage() {
   tail_pid=$!
   wait "$STAGE_PID"
   rc=$?
-  if [[ -n $INTERRUPTED ]]; then  # the trap cut the wait short; a clean exit is no pass here
+  if [[ -n $INTERRUPTED && -z $was ]]; then  # the trap cut this wait short: a clean exit is no pass
     wait "$STAGE_PID"
     rc=$?
     ((rc)) || rc=134
@@ -128,7 +136,8 @@ stage() {
 
 # A signal to the script (stopped because a stage looked stuck, often): ABRT to the running
 # stage's timeout, which passes it to the stage's group (stacks into the log) and KILLs it
-# $STAGE_KILL_S s later; the script then goes on to its end (results, cleanup) without stages.
+# $STAGE_KILL_S s later; the script then goes on to its end (results, cleanup) with no stage
+# but the --always ones.
 interrupt() {
   INTERRUPTED="interrupted by SIG$1"
   trap - INT TERM HUP  # a second signal ends the script at once

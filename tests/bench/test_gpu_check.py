@@ -42,6 +42,8 @@ def test_trainer_1b_run_is_the_benchmarked_configuration():
                                    ["run_dir=/tmp/r"]))
     bench_head = HeadConfig(width=1024, depth=4, num_adaln_sets=2, head_dim=64, bits=32)
     assert cfg.model.head == bench_head and cfg.ema_decay == 0.0
+    # its end is the metrics: a final save of ~17 GB ran past the stage's limit
+    assert not cfg.checkpoint.at_end and not cfg.export
 
 
 def test_env_stage_names_missing_packages(tmp_path, monkeypatch, capsys):
@@ -77,3 +79,33 @@ def test_env_stage_takes_no_plain_folder_for_a_package(tmp_path, monkeypatch, ca
     monkeypatch.setattr(gpu_check, "NEEDED", gpu_check.NEEDED + ["no_such_package_bdt"])
     assert gpu_check.env(str(tmp_path), rehearsal=True) == 1
     assert "missing packages: no_such_package_bdt" in capsys.readouterr().out
+
+
+def test_the_1b_trainer_run_leaves_a_flex_that_failed_in_the_throughput_stage(tmp_path, capsys):
+    """flex hung on the first GPU run: the throughput stage ran into its limit under flex, then
+    the trainer's flex run hung for its whole stage too, two minutes of the session for nothing.
+    It now takes the fastest backend measured; flex when its result is unknown."""
+    results = tmp_path / "gpu_throughput.json"
+    assert gpu_check.train_backend(str(results)) == "flex"  # no file: the stage never wrote it
+    backends = {"sdpa": {"mfu": 0.2, "tokens_per_s": 2e4},
+                "varlen": {"mfu": 0.3, "tokens_per_s": 3e4},
+                "sdpa+compile": {"mfu": 0.4, "tokens_per_s": 4e4},
+                "flex": {"skipped": "out of time"}}
+    results.write_text(json.dumps({"results": {"backends": backends}}))
+    assert gpu_check.train_backend(str(results)) == "flex"
+    backends["flex"] = {"failed": "did not finish: hung or killed"}
+    results.write_text(json.dumps({"results": {"backends": backends}}))
+    assert gpu_check.train_backend(str(results)) == "varlen"
+    assert "flex did not finish" in capsys.readouterr().err
+    results.write_text(json.dumps({"results": {"backends": {"flex": backends["flex"]}}}))
+    assert gpu_check.train_backend(str(results)) == "sdpa"
+
+
+def test_report_says_which_backend_the_1b_trainer_run_used(tmp_path):
+    run = tmp_path / "run_1b"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  attn_backend: sdpa\n")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "mfu": 0.2}) + "\n"
+                                               for s in (5, 10)))
+    t = gpu_check.trainer_run(str(run))
+    assert t["attn_backend"] == "sdpa" and t["logged_steps"] == [5, 10]

@@ -90,6 +90,29 @@ def test_sigterm_mid_stage_still_cleans_up_and_says_it_failed(tmp_path):
     assert not (tmp_path / "work").exists()
     assert not os.path.exists(os.path.dirname(ckpt.split("=", 1)[1]))
     assert "shapes_train skipped" in out and "shapes_train" not in calls.read_text()
+    # the report summarises what ran (a `timeout` around the script sends this TERM)
+    stages = dict(line.split("\t")[:2] for line in
+                  (tmp_path / "out" / "stages.tsv").read_text().splitlines())
+    assert stages["report"] == "0" and "gpu_check.py report" in calls.read_text(), out
+
+
+@pytest.mark.slow
+def test_a_machine_with_python3_alone_runs_the_stages(tmp_path):
+    """Without a venv or PYTHON the stages ran `python`, which a bare Ubuntu image (the GPU
+    machines') lacks: every stage failed with rc 127."""
+    repo, stub = _checkout(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    os.symlink(stub, bin_dir / "python3")
+    env = dict(os.environ, CALLS=str(tmp_path / "calls"), GPU_CHECK_WORK=str(tmp_path / "work"),
+               PATH=f"{bin_dir}:/usr/bin:/bin")
+    for name in ("OUT", "BDT_BENCH_RESULTS", "GPU_CHECK_KEEP", "BDT_WHEELS", "PYTHON"):
+        env.pop(name, None)
+    done = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh"), "--cpu-rehearsal",
+                           str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "gpu_check.py report" in (tmp_path / "calls").read_text()
 
 
 @pytest.mark.slow
