@@ -105,7 +105,67 @@ def _with_overrides(config_class, raw: dict, overrides: dict) -> dict:
             derived = None
         if derived == raw["layer_types"]:
             raw = rest
-    return {**raw, **overrides}
+    return {**raw, **overrides, **_rope_with_theta(raw, overrides)}
+
+
+_ROPE_KEYS = ("rope_parameters", "rope_scaling")  # rope_scaling: transformers 4's name
+
+
+def _rope_with_theta(raw: dict, overrides: dict) -> dict:
+    """The RoPE overrides with the file's rope_theta where they give none: transformers 5 keeps
+    rope_theta inside rope_parameters, so an override of rope_scaling alone (yarn, say) fell
+    back to the class default (Qwen3's 1e6 became 10000). Per-layer-type parameters (Gemma 3)
+    take their own layer type's; a flat override of those needs rope_theta if theirs differ."""
+    file_rope = next((raw[k] for k in _ROPE_KEYS if isinstance(raw.get(k), dict)), {})
+    nested = _per_layer_type(file_rope)
+
+    def theta(key: str, layer: str | None):
+        if not nested:
+            return file_rope.get("rope_theta", raw.get("rope_theta"))
+        if layer is not None:
+            return file_rope.get(layer, {}).get("rope_theta")
+        thetas = {v.get("rope_theta") for v in file_rope.values()} - {None}
+        if len(thetas) > 1:
+            raise ValueError(f"model.backbone.config_overrides.{key} gives no rope_theta, and "
+                             f"the layer types' own differ ({sorted(thetas)}): give it")
+        return next(iter(thetas), None)
+
+    def filled(key: str, params: dict, layer: str | None) -> dict:
+        found = theta(key, layer) if "rope_theta" not in params else None
+        return params if found is None else {**params, "rope_theta": found}
+
+    out = {}
+    for key in _ROPE_KEYS:
+        given = overrides.get(key)
+        if isinstance(given, dict):
+            out[key] = ({k: filled(key, v, k) for k, v in given.items()}
+                        if _per_layer_type(given) else filled(key, given, None))
+    return out
+
+
+def _per_layer_type(rope: dict) -> bool:
+    """Whether RoPE parameters are given per layer type ({"full_attention": {...}, ...})."""
+    return bool(rope) and "rope_type" not in rope and all(isinstance(v, dict)
+                                                          for v in rope.values())
+
+
+def _refuse_length_dependent_rope(config, where: str, overridden: str) -> None:
+    """ValueError for a RoPE type whose frequencies follow the longest position of the batch
+    (transformers' dynamic_rope_update: dynamic NTK, longrope): every cached sampling step would
+    rotate by other frequencies than full recomputation and training past
+    original_max_position_embeddings, and a sample of a packed row by its neighbours' lengths."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(rope, dict):
+        return
+    by_key = ({f"rope_parameters.{k}": v for k, v in rope.items()} if _per_layer_type(rope)
+              else {"rope_parameters": rope})
+    for key, params in by_key.items():
+        kind = str(params.get("rope_type", params.get("type", "")))
+        if "dynamic" in kind or kind == "longrope":
+            raise ValueError(f"backbone config {where!r}{overridden}: {key}.rope_type={kind!r} "
+                             f"changes the RoPE frequencies with the sequence length, so cached "
+                             f"sampling would not compute what training did; use a static type "
+                             f"(default, linear, yarn, llama3)")
 
 
 def check_llm_config(config, where: str, overridden: str = "") -> None:
@@ -130,6 +190,7 @@ def check_llm_config(config, where: str, overridden: str = "") -> None:
         raise ValueError(f"backbone config {where!r}{overridden}: layer_types lists {len(types)} "
                          f"layer types but num_hidden_layers is {layers}: one per layer")
     _refuse_stateful_layers(config, where)
+    _refuse_length_dependent_rope(config, where, overridden)
     if getattr(config, "num_attention_heads", None) is None and \
             getattr(config, "text_config", None) is not None:
         raise ValueError(f"backbone config {where!r}: {type(config).__name__} is a multimodal "

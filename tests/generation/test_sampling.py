@@ -61,6 +61,25 @@ def test_kv_cache_equals_full_recomputation(llm_dir, parallel_num):
     assert torch.equal(generate(model, prompts, 4, 8, SamplingConfig(**kw)), cached)
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+    {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8}], ids=lambda r: r["rope_type"])
+def test_kv_cache_equals_full_recomputation_under_a_static_rope_scaling(llm_dir, rope):
+    """Static RoPE types (the ones bdt loads) past original_max_position_embeddings: a cached
+    step rotates its block as full recomputation does."""
+    model = tiny_model(llm_dir, 4, overrides={"rope_scaling": rope})
+    assert model.llm.config.rope_parameters["rope_type"] == rope["rope_type"]
+    with torch.no_grad():
+        for p in [*model.head.parameters(), *model.connector.parameters()]:
+            p.normal_(0.0, 0.3)
+    kw = dict(cfg_scale=3.0, num_steps=2, seed=5)
+    cached = generate(model, [CAPTIONS[1], CAPTIONS[0]], 4, 4, SamplingConfig(use_cache=True, **kw))
+    full = generate(model, [CAPTIONS[1], CAPTIONS[0]], 4, 4, SamplingConfig(use_cache=False, **kw))
+    assert torch.equal(cached, full)
+
+
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory):
     return make_tiny_llm(str(tmp_path_factory.mktemp("tiny_qwen2")), CAPTIONS, arch="qwen2",

@@ -104,3 +104,49 @@ def test_window_fields_and_their_overrides_are_honoured(llm_dir, tmp_path, file,
     assert "layer_types" in json.load(open(os.path.join(folder, "config.json")))
     config = llm_config(BackboneConfig(path=folder, config_overrides=overrides))
     assert config.layer_types == types and config.sliding_window == window
+
+
+MODERN = {"rope_parameters": {"rope_type": "default", "rope_theta": 12345.0}}
+LEGACY = {"rope_parameters": None, "rope_theta": 12345.0, "rope_scaling": None}  # transformers 4
+
+
+@pytest.mark.parametrize("file", [MODERN, LEGACY], ids=["rope_parameters", "legacy"])
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+def test_overriding_the_rope_type_alone_keeps_the_files_rope_theta(llm_dir, tmp_path, file, key):
+    """transformers 5 keeps rope_theta inside rope_parameters: an override of the type alone
+    gave the class default (10000), not the file's theta, and no error."""
+    folder = _with_config(llm_dir, tmp_path, **file)
+    config = llm_config(BackboneConfig(path=folder, config_overrides={
+        key: {"rope_type": "linear", "factor": 2.0}}))
+    assert config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 12345.0}
+    given = llm_config(BackboneConfig(path=folder, config_overrides={
+        key: {"rope_type": "linear", "factor": 2.0, "rope_theta": 50.0}}))
+    assert given.rope_parameters["rope_theta"] == 50.0
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+     "original_max_position_embeddings": 64}])
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_a_rope_type_following_the_sequence_length_is_refused(llm_dir, tmp_path, rope, where):
+    """dynamic NTK and longrope recompute their frequencies from the batch's longest position:
+    cached sampling would rotate its keys otherwise than training did. Refused at load, naming
+    the key and the type; static types load."""
+    file = {"rope_parameters": {**rope, "rope_theta": 1e4}} if where == "file" else {}
+    folder = _with_config(llm_dir, tmp_path, **file)
+    overrides = {"rope_scaling": rope} if where == "override" else {}
+    with pytest.raises(ValueError, match=rf"config\.json.*: rope_parameters\.rope_type="
+                                         rf"'{rope['rope_type']}' changes the RoPE frequencies"):
+        llm_config(BackboneConfig(path=folder, config_overrides=overrides))
+    for static in ({"rope_type": "linear", "factor": 2.0},
+                   {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}):
+        llm_config(BackboneConfig(path=folder, config_overrides={"rope_parameters": static}))
+
+
+def test_a_length_dependent_rope_of_one_layer_type_is_named_by_it():
+    config = SimpleNamespace(rope_parameters={"full_attention": {"rope_type": "default"},
+                                              "sliding_attention": {"rope_type": "dynamic"}})
+    with pytest.raises(ValueError, match=r"'c\.json': rope_parameters\.sliding_attention\."
+                                         r"rope_type='dynamic'"):
+        check_llm_config(config, "c.json")
