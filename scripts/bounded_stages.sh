@@ -31,11 +31,12 @@
 #                                   the script's death by SIGKILL ends the stage (PARENT_DEATH)
 #                                   A rerun into the same OUT first removes the last run's logs.
 #   failed_stages                   the names of the stages that failed, space-separated
-# and REHEARSAL_MODEL: the trainer overrides of a CPU rehearsal's tiny model (hidden 64, 2 layers,
-# a 64-wide head, sdpa, fp32) over configs/cluster/gpu_*.yaml.
+# and REHEARSAL_MODEL: the trainer overrides of a CPU rehearsal's tiny model (hidden 64, a 64-wide
+# head, sdpa, fp32) over configs/cluster/gpu_*.yaml; 3 layers over the demo LLM's 2, so that a
+# rehearsal overrides the layer count as the GPU configs do (that override once failed to build).
 
 REHEARSAL_MODEL=(threads=2 model.attn_backend=sdpa deepspeed.precision=fp32
-  model.backbone.config_overrides.hidden_size=64 model.backbone.config_overrides.num_hidden_layers=2
+  model.backbone.config_overrides.hidden_size=64 model.backbone.config_overrides.num_hidden_layers=3
   model.backbone.config_overrides.num_attention_heads=4
   model.backbone.config_overrides.num_key_value_heads=2 model.backbone.config_overrides.head_dim=16
   model.backbone.config_overrides.intermediate_size=128 model.head.width=64)
