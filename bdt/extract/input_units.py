@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import fsspec
 
@@ -27,27 +27,41 @@ _TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 class InputUnit:
     index: int
     kind: str  # "tar" | "folder"
-    source: str  # tar URL, or folder root URL
+    source: str  # tar URL, or folder root URL, as spelled in `inputs`: what is read
     files: list[str] = field(default_factory=list)  # folder: image paths relative to `source`
     report_strays: bool = False  # folder: this unit also rejects the folder's non-image files
     # Sizes and mtimes (ETags on S3) of what the unit reads, as listed: recorded in its markers,
     # so a rerun refuses an input replaced in place instead of keeping its old shards.
     version: str = ""
+    # `source` as it resolves (resolved_url), set on the driver: what the plan, markers and rejects
+    # name, so `im/`, `./im` and its absolute path are one input and `im` read elsewhere another.
+    resolved: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.resolved:
+            self.resolved = resolved_url(self.source)
 
     @property
     def name(self) -> str:
         """Source label recorded per sample and per reject."""
         if self.kind == "tar":
-            return self.source
-        return f"{self.source}#{self.index:06d}"
+            return self.resolved
+        return f"{self.resolved}#{self.index:06d}"
+
+    def named_by(self, recorded: str) -> bool:
+        """Whether a marker's source is this unit: its name, or the name as an earlier bdt wrote
+        it (the input as spelled then, resolved here: a relative one from this folder)."""
+        suffix = "" if self.kind == "tar" else f"#{self.index:06d}"
+        return recorded == self.name or (recorded.endswith(suffix) and
+                                         resolved_url(recorded[:len(recorded) - len(suffix)]) == self.resolved)
 
     def to_dict(self) -> dict:
-        return dict(self.plan_entry(), version=self.version)
+        return asdict(self)
 
     def plan_entry(self) -> dict:
         """What plan.json records: which inputs make the unit. Their version is per shard, in the
         markers, so a unit redone from a changed input takes the new one."""
-        return {"index": self.index, "kind": self.kind, "source": self.source, "files": list(self.files),
+        return {"index": self.index, "kind": self.kind, "source": self.resolved, "files": list(self.files),
                 "report_strays": self.report_strays}
 
 
@@ -57,7 +71,7 @@ def list_units(spec: str, input_format: str, folder_shard_size: int, image_exts:
     if not urls:  # a list of empty items (`,`)
         raise ValueError(f"inputs: '{spec}' names no input")
     seen: set[str] = set()  # one input named twice (a.tar,./a.tar, a link) is read once, as first spelled
-    urls = [u for u in urls if not (_same_file(u) in seen or seen.add(_same_file(u)))]
+    urls = [u for u in urls if not (resolved_url(u) in seen or seen.add(resolved_url(u)))]
     _refuse_undecodable_names(urls, "input")
     if input_format not in ("auto", "tar", "folder"):
         raise ValueError(f"input_format: expected auto, tar or folder, got '{input_format}'")
@@ -107,9 +121,9 @@ def _chunk_version(listing: dict[str, dict], chunk: list[str]) -> str:
     return hashlib.sha256(json.dumps(parts).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def _same_file(url: str) -> str:
-    """One spelling per input: local paths resolved (links, '..', './', '//', relative), remote
-    URLs with empty and '.' path segments dropped."""
+def resolved_url(url: str) -> str:
+    """One spelling per input: local paths resolved (links, '..', './', '//', relative, a trailing
+    '/'), remote URLs with empty and '.' path segments dropped (a trailing '/' too)."""
     if storage.is_remote(url):
         scheme, _, rest = url.partition("://")
         return scheme + "://" + "/".join(p for p in rest.split("/") if p not in ("", "."))
@@ -158,9 +172,12 @@ def split_ext(rel: str) -> tuple[str, str]:
 
 
 def folder_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
-    """{path relative to root: listing entry}, sorted by path."""
+    """{path relative to root: listing entry}, sorted by path, hidden names left out (a file or
+    folder below root whose name starts with '.'), as a wildcard matches none (url_listing):
+    macOS's `._x.png` resource forks, `.ipynb_checkpoints/` copies and `.git/` are no data."""
     found = fs.find(root, detail=True)
-    return {posixpath.relpath(p, root.rstrip("/")): found[p] for p in sorted(found)}
+    rels = ((posixpath.relpath(p, root.rstrip("/")), p) for p in sorted(found))
+    return {rel: found[p] for rel, p in rels if not any(part.startswith(".") for part in rel.split("/"))}
 
 
 def images_by_stem(rels: list[str], image_exts: list[str]) -> dict[str, str]:

@@ -31,9 +31,11 @@ import psutil
 from bdt import storage
 from bdt.config import RESOLVED_CONFIG_NAME
 from bdt.data.token_shards import SCHEMA_VERSION as TOKEN_SHARD_SCHEMA
+from bdt.extract.input_units import InputUnit, resolved_url
 from bdt.training.run_lock import holder_alive
 
 MARKER_SCHEMA = 1
+PLAN_SCHEMA = 2  # its sources resolved (input_units.resolved_url); a plan without one: as spelled
 INDEX_NAME = "index.json"
 PLAN_NAME = "plan.json"
 REJECTS_NAME = "rejects.jsonl"
@@ -72,20 +74,22 @@ def fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def valid_marker(root: str, stage: str, index: int, source: str, fp: str) -> dict | None:
-    """The marker if the shard it describes is complete and was made with fingerprint `fp`.
+def valid_marker(root: str, stage: str, unit: InputUnit, fp: str) -> dict | None:
+    """The marker if the shard it describes is complete and was made from `unit` with fingerprint `fp`.
 
     Raises ValueError when a valid-looking marker belongs to another configuration or source:
     mixing two tokenizers in one output family must never happen silently. A marker whose
     index or counts disagree (edited by hand) describes no shard: the unit is redone.
     """
+    index = unit.index
     marker = read_json(marker_url(root, stage, index))
     if not isinstance(marker, dict) or marker.get("schema") != MARKER_SCHEMA:
         return None
-    if marker.get("fingerprint") != fp or marker.get("source") != source:
+    source = marker.get("source")
+    if marker.get("fingerprint") != fp or not (isinstance(source, str) and unit.named_by(source)):
         raise ValueError(
-            f"{marker_url(root, stage, index)} was written from source {marker.get('source')} with "
-            f"fingerprint {marker.get('fingerprint')}, this run has {source} / {fp} (tokenizer, buckets "
+            f"{marker_url(root, stage, index)} was written from source {source} with "
+            f"fingerprint {marker.get('fingerprint')}, this run has {unit.name} / {fp} (tokenizer, buckets "
             f"or preprocessing changed): write to a new output directory")
     counts = [marker.get(k) for k in ("inputs", "samples", "rejected")]
     if marker.get("index") != index or not all(type(c) is int and c >= 0 for c in counts) \
@@ -118,9 +122,9 @@ def remove_stale_root_temps(root: str) -> None:
                 fs.rm_file(probe)
 
 
-def check_markers(root: str, fp: str, versions: dict[int, tuple[str, str]]) -> None:
+def check_markers(root: str, fp: str, units: list[InputUnit]) -> None:
     """Fail before any write when the output holds shards of another configuration, or made
-    from an input that changed since. `versions`: {unit index: (unit name, InputUnit.version)}.
+    from an input that changed since (InputUnit.version).
 
     Every readable marker of every family is read (one batched read): a damaged first one must
     not hide the others' fingerprint, and a run naming other stages must not add its families
@@ -130,6 +134,7 @@ def check_markers(root: str, fp: str, versions: dict[int, tuple[str, str]]) -> N
     found = sorted(fs.glob(path.rstrip("/") + "/*/*.done.json")) if fs.exists(path) else []
     if not found:
         return
+    by_index = {u.index: u for u in units}
     for name, data in sorted(fs.cat(found, on_error="omit").items()):
         try:
             marker = json.loads(data)
@@ -144,15 +149,21 @@ def check_markers(root: str, fp: str, versions: dict[int, tuple[str, str]]) -> N
                              f"run's is {fp} (tokenizer, stages, buckets or preprocessing changed): "
                              f"write to a new output directory")
         stem = base.split(".", 1)[0]
-        source, version = versions.get(int(stem) if stem.isdigit() else -1, (None, None))
-        if marker.get("input_version") not in (None, version) and marker.get("source") == source:
-            raise ValueError(f"input {source} changed since {url} was made from it (version "
-                             f"{marker['input_version']}, now {version}): write to a new output, or "
+        unit, source = by_index.get(int(stem) if stem.isdigit() else -1), marker.get("source")
+        if unit is not None and marker.get("input_version") not in (None, unit.version) \
+                and isinstance(source, str) and unit.named_by(source):
+            raise ValueError(f"input {unit.name} changed since {url} was made from it (version "
+                             f"{marker['input_version']}, now {unit.version}): write to a new output, or "
                              f"delete {storage.join(root, '*', stem + '.done.json')} to redo that unit")
 
 
 def check_plan(root: str, units: list[dict]) -> None:
-    """Write plan.json on the first run; later runs must keep unit i's source (appending is fine)."""
+    """Write plan.json on the first run; later runs must keep unit i's input (appending is fine).
+
+    Inputs are compared as they resolve (InputUnit.plan_entry), so another spelling of the same
+    files resumes and the same spelling naming other files is refused. A plan an earlier bdt
+    wrote names them as spelled: resolved here (a relative one from this folder, all it can
+    say), then rewritten in this form."""
     url = storage.join(root, PLAN_NAME)
     old = read_json(url)
     if old is None and storage.exists(url):
@@ -161,19 +172,24 @@ def check_plan(root: str, units: list[dict]) -> None:
         planned = _planned_units(url, old)
         for unit, prev in zip(units, planned):
             if unit != prev:
+                # An earlier bdt listed a folder's hidden files too: the same folder, other units.
+                hidden = any(p.startswith(".") for rel in prev["files"] for p in str(rel).split("/"))
                 raise ValueError(f"{url}: input unit {unit['index']} was {_unit_text(prev)} and is "
-                                 f"now {_unit_text(unit)}: the inputs changed; write to a new output")
+                                 f"now {_unit_text(unit)}: the inputs changed" + (
+                                     " (hidden files, names starting with '.', are read no more)"
+                                     if hidden else "") + "; write to a new output")
         if len(units) < len(planned):
             raise ValueError(f"{url}: the plan had {len(planned)} input units, the inputs now give "
                              f"{len(units)}: write to a new output")
-        if len(units) == len(planned):
+        if len(units) == len(planned) and old.get("schema") == PLAN_SCHEMA:
             return
-        # The manifest calls the shorter plan complete: drop it before the plan grows, so a run
-        # stopped before its end leaves no index.json that training would take as the whole output.
-        fs, index_path = storage.filesystem(storage.join(root, INDEX_NAME))
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(index_path)
-    storage.write_bytes_atomic(url, json_bytes({"units": units}))
+        if len(units) > len(planned):
+            # The manifest calls the shorter plan complete: drop it before the plan grows, so a run
+            # stopped before its end leaves no index.json that training would take as the whole output.
+            fs, index_path = storage.filesystem(storage.join(root, INDEX_NAME))
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(index_path)
+    storage.write_bytes_atomic(url, json_bytes({"schema": PLAN_SCHEMA, "units": units}))
 
 
 def _unit_text(unit: dict) -> str:
@@ -194,9 +210,12 @@ _UNIT_FIELDS = {"index": int, "kind": str, "source": str, "files": list}  # what
 
 
 def _planned_units(url: str, plan: Any) -> list[dict]:
-    """The units of a parsed plan.json; a plan of another shape is damaged, naming the key."""
+    """The units of a parsed plan.json, sources resolved; a plan of another shape is damaged,
+    naming the key."""
     if not isinstance(plan, dict):
         _damaged_plan(url, f"a JSON {type(plan).__name__}, not an object")
+    if plan.get("schema", PLAN_SCHEMA) != PLAN_SCHEMA:
+        _damaged_plan(url, f"schema {plan['schema']!r}, this bdt reads {PLAN_SCHEMA} and plans without one")
     units = plan.get("units")
     if not isinstance(units, list):
         _damaged_plan(url, "'units' is missing" if units is None else "'units' is not a list")
@@ -207,7 +226,9 @@ def _planned_units(url: str, plan: Any) -> list[dict]:
             if not isinstance(unit.get(key), kind):
                 what = "is missing" if key not in unit else f"is not a {kind.__name__}"
                 _damaged_plan(url, f"units[{i}].{key} {what}")
-    return units
+    if "schema" in plan:
+        return units
+    return [dict(unit, source=resolved_url(unit["source"])) for unit in units]
 
 
 def build_index(root: str, identity: dict, config: dict, stages: dict[str, dict],

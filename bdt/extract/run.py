@@ -83,7 +83,7 @@ def plan(cfg: ExtractConfig) -> tuple[list[InputUnit], dict[str, list[list[int]]
                          "dtype": encode_dtype(cfg), "batch_size": cfg.batch_size,
                          "filters": [cfg.min_side, cfg.max_pixels, cfg.max_image_bytes, cfg.max_caption_bytes,
                                      list(cfg.image_extensions)]})
-    mf.check_markers(cfg.output, fp, {u.index: (u.name, u.version) for u in units})
+    mf.check_markers(cfg.output, fp, units)
     mf.check_plan(cfg.output, [u.plan_entry() for u in units])
     save_resolved(cfg, cfg.output)
     return units, stages, identity, fp

@@ -110,7 +110,7 @@ class ShardEncoder:
         root = self.cfg.output
         markers: dict[str, dict] = {}
         for stage in self.stage_buckets:
-            marker = mf.valid_marker(root, stage, unit.index, unit.name, self.fingerprint)
+            marker = mf.valid_marker(root, stage, unit, self.fingerprint)
             if marker is not None:
                 markers[stage] = marker
         todo = [s for s in self.stage_buckets if s not in markers]

@@ -264,6 +264,8 @@ def test_folder_input(tmp_path, tiny_tokenizer, ray_local):
     (folder / "nocap.jpg").write_bytes(image_bytes(40, 40, fmt="JPEG"))
     (folder / "orphan.txt").write_text("no image")
     (folder / "notes.md").write_text("?")
+    (folder / "._img.0.png").write_bytes(b"AppleDouble")  # hidden: neither read nor rejected
+    (folder / ".DS_Store").write_bytes(b"Bud1")
     out = str(tmp_path / "out")
     summary = run(make_cfg(str(folder), out, tiny_tokenizer, "folder_shard_size=4"))
     assert summary["units"] == 2 and not summary["failed_units"]
@@ -273,6 +275,8 @@ def test_folder_input(tmp_path, tiny_tokenizer, ray_local):
     keys = {s.key: s for p in sorted(glob.glob(f"{out}/hi/*.tar")) for s in iter_token_shard(p)}
     assert sorted(keys) == sorted(["img_0", "sub_img_1", "img_2", "sub_img_3", "img_4"])
     assert keys["sub_img_3"].source_key == "sub/img.3" and keys["sub_img_3"].caption == "caption 3"
+    # The same folder spelled otherwise is the same input: its shards are kept.
+    assert run(make_cfg(f"{tmp_path}/./photos/", out, tiny_tokenizer, "folder_shard_size=4"))["skipped_units"] == 2
 
 
 def test_s3_inputs_and_outputs(first_run, raw, tiny_tokenizer, s3_bucket):

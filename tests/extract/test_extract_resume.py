@@ -120,3 +120,35 @@ def test_a_folder_caption_changed_in_place_is_refused(tmp_path, tiny_tokenizer):
         _extract(cfg)
     shutil.rmtree(tmp_path / "out")
     assert _extract(cfg)["stages"]["32"]["samples"] == 2
+
+
+def test_another_spelling_of_the_inputs_resumes_also_an_earlier_bdts_output(tmp_path, tiny_tokenizer, monkeypatch):
+    """`inputs=./photos/` after `inputs=photos` was refused as other inputs. An output an earlier
+    bdt made names them as spelled in its plan and markers: it resumes, and is checked, too."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"p{i}.png").write_bytes(image_bytes(40, 40, seed=i))
+        (folder / f"p{i}.txt").write_text("a caption")
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    _extract(_cfg("photos", out, tiny_tokenizer))
+    shards = {p: h for p, h in _state(out).items() if "/32/" in p}
+    assert _extract(_cfg("./photos/", out, tiny_tokenizer))["skipped_units"] == 1
+    # What an earlier bdt wrote: no plan schema, the input as spelled in plan and marker.
+    plan = json.load(open(f"{out}/plan.json"))
+    assert plan["units"][0]["source"] == str(folder)
+    plan["units"][0]["source"] = "photos"
+    del plan["schema"]
+    with open(f"{out}/plan.json", "wb") as f:
+        f.write(mf.json_bytes(plan))
+    marker = json.load(open(mf.marker_url(out, "32", 0)))
+    with open(mf.marker_url(out, "32", 0), "w") as f:
+        json.dump(dict(marker, source="photos#000000"), f)
+    assert _extract(_cfg(f"{folder}", out, tiny_tokenizer))["skipped_units"] == 1
+    assert {p: h for p, h in _state(out).items() if "/32/" in p and "done" not in p} == \
+        {p: h for p, h in shards.items() if "done" not in p}
+    assert json.load(open(f"{out}/plan.json"))["schema"] == mf.PLAN_SCHEMA
+    (folder / "p1.txt").write_text("another, longer caption")
+    with pytest.raises(ValueError, match=f"input {folder}#000000 changed since"):
+        _extract(_cfg("./photos", out, tiny_tokenizer))
