@@ -161,8 +161,8 @@ def _decode(model: BitDanceModel, rows: list[list[int]], B: int, h: int, w: int,
     next_pos_R1 = lengths_R1
     rc_N2 = grid_coords(h, w, model.cfg.patch_size).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    # The explicit masks apply the windows, as in training; a sliding layer's cache keeps only
-    # the keys its window can still show (its mask is sized to them: model.decode_mask).
+    # The explicit masks apply the windows and chunks, as in training; a local layer's cache
+    # keeps only the keys they can still show (its mask is sized to them: model.decode_mask).
     cache = model.kv_cache() if cfg.use_cache else None
 
     embeds_RLD = model.embed_text(ids_RL)  # the whole sequence so far (uncached mode)
@@ -182,6 +182,8 @@ def _decode(model: BitDanceModel, rows: list[list[int]], B: int, h: int, w: int,
                                    ).last_hidden_state
             key_valid_RK = torch.cat([key_valid_RK, torch.ones_like(key_valid_RK[:, :P])], 1)
             next_pos_R1 = next_pos_R1 + P
+        if cache is not None:
+            cache.drop_unseen(key_valid_RK)
         rc_P2 = rc_N2[k * P:(k + 1) * P]
         cond_RPD = model.head_condition(hidden[:, -P:], rc_P2)  # pos [P, D] over rows
         x_BPC = sample(model.head, cond_RPD[:B], cond_RPD[B:] if R > B else None,

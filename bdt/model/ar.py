@@ -239,8 +239,9 @@ class BitDanceModel(nn.Module):
                                 self.layer_rules)
 
     def kv_cache(self):
-        """An empty KV cache for sampling, its sliding layers bounded to their window
-        (`bdt.model.kv_cache`); `decode_mask` sizes each layer type's mask to it."""
+        """An empty KV cache for sampling whose sliding and chunked layers keep only the keys
+        later blocks can see (`bdt.model.kv_cache`: call its drop_unseen after each step);
+        `decode_mask` sizes each layer type's mask to them."""
         return kv_cache(layer_kinds(self.llm.config), self.layer_rules)
 
     def decode_mask(self, key_valid_BK: Tensor, num_new: int) -> Tensor | dict[str, Tensor]:
@@ -248,8 +249,12 @@ class BitDanceModel(nn.Module):
         the keys a `kv_cache` layer keeps of those key_valid_BK marks, per layer type as
         `mask_kwargs`' masks are."""
         K = key_valid_BK.shape[1]
-        return by_layer_type(self.layer_rules, lambda rule: decode_attention_mask(
-            key_valid_BK[:, K - keys_kept(rule, K):], num_new, self.float_mask_dtype(), rule))
+
+        def mask(rule):
+            start = K - keys_kept(rule, key_valid_BK)
+            return decode_attention_mask(key_valid_BK[:, start:], num_new, self.float_mask_dtype(),
+                                         rule, dropped_B=key_valid_BK[:, :start].sum(1))
+        return by_layer_type(self.layer_rules, mask)
 
     # --- training -----------------------------------------------------------------------------
 

@@ -260,20 +260,23 @@ def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 def decode_attention_mask(key_valid_BK: Tensor, num_new: int,
                           float_dtype: torch.dtype | None = None,
-                          rule: LayerRule = FULL) -> Tensor:
+                          rule: LayerRule = FULL, dropped_B: Tensor | None = None) -> Tensor:
     """[B, 1, num_new, K + num_new]: the new block sees every valid cached key and itself whole,
     as far as a layer's `rule` lets it (the rule of training's masks, on the same positions).
 
     key_valid_BK marks the cached keys that are real (False at left padding, before them);
     with attention_mask=None HF would make the new block causal inside itself, which is wrong.
+    dropped_B: each row's real keys before those (a bounded cache dropped them), which the
+    positions count on from: chunks are cut at absolute positions.
     """
     valid_BK = key_valid_BK.bool()
     (B, K), device = valid_BK.shape, valid_BK.device
     idx_L = torch.arange(K + num_new, device=device)
     real_BL = torch.cat([valid_BK, torch.ones(B, num_new, dtype=torch.bool, device=device)], 1)
+    pos_BL = real_BL.cumsum(1) - 1 + (0 if dropped_B is None else dropped_B.reshape(B, 1))
     layout = BlockCausalLayout(torch.where(real_BL, 0, -1 - idx_L),  # padding: its own docs
                                idx_L.clamp_max(K).expand(B, -1),  # the new tokens: one block
-                               (real_BL.cumsum(1) - 1).clamp_min(0))
+                               pos_BL.clamp_min(0))
     mask = layout.visible(slice(K, None), rule)[:, None]
     return mask if float_dtype is None else to_additive(mask, float_dtype)
 

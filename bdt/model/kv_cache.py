@@ -1,12 +1,14 @@
 """The KV cache of sampling (method §4: each AR step feeds one block of P tokens against it).
 
-A layer keeps the keys its queries can still see. A full or chunked layer keeps every key; a
-sliding layer of window W only the last W - 1: the next block's first query, at position n,
-sees keys at n - W + 1 .. n - 1 and the block itself (`LayerRule`), later queries fewer old
-ones, and the keys of a row are contiguous in the cache (left padding comes first). Without
-this, a sliding layer's cache grew with the image although its attention never looked back
-more than W tokens. transformers' own sliding layer (`DynamicCache(config=...)`) is not used:
-at W = 1 it keeps every key, and it needs masks of its own sizes.
+A layer keeps the keys its queries can still see. The next block of a row starts at position
+n, the row's count of real keys (left padding comes first, and a row's keys are contiguous in
+the cache). Its first query sees keys from n - W + 1 in a sliding layer of window W, from
+n - n mod C in a chunked layer of chunk C (`LayerRule`), its later queries no older ones. So a
+sliding layer keeps the last W - 1 keys, a chunked one the last n mod C of the row whose n mod C
+is largest (the others' older keys stay masked), a full layer every key. Without this, local
+layers' caches grew with the image although their attention never looked back further.
+transformers' own sliding layer (`DynamicCache(config=...)`, its chunked layers' too, keeping
+C - 1 keys) is not used: at W = 1 it keeps every key, and it needs masks of its own sizes.
 """
 
 from __future__ import annotations
@@ -15,34 +17,43 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
-from bdt.model.attention_masks import LayerRule
+from bdt.model.attention_masks import FULL, LayerRule
 
 
-def keys_kept(rule: LayerRule, cached: int) -> int:
-    """How many of the `cached` keys (the newest) a layer under `rule` keeps for the next block."""
-    return cached if rule.window is None else min(cached, rule.window - 1)
+def keys_kept(rule: LayerRule, key_valid_BK: Tensor) -> int:
+    """How many of the keys so far (the newest) a layer under `rule` keeps for the next block;
+    key_valid_BK marks the real ones (False at left padding)."""
+    kept = key_valid_BK.shape[1]
+    if rule.window is not None:
+        kept = min(kept, rule.window - 1)
+    if rule.chunk is not None:  # one sync per step: the cache's size is a host number
+        kept = min(kept, int((key_valid_BK.sum(1) % rule.chunk).max()))
+    return kept
 
 
 def kv_cache(layer_types: Sequence[str], rules: Mapping[str, LayerRule]):
-    """A cache for a decoder whose layer i has type layer_types[i] (the config's layer_types),
-    its sliding layers bounded as `keys_kept` says (`rules`: `backbone_config.layer_rules`)."""
+    """An empty cache for a decoder whose layer i has type layer_types[i] (the config's
+    layer_types); after each step, `drop_unseen` bounds its local layers as `keys_kept` says
+    (`rules`: `backbone_config.layer_rules`)."""
     from transformers.cache_utils import Cache, DynamicLayer
 
-    class WindowLayer(DynamicLayer):
-        """A DynamicLayer that, once this step's attention has all its keys, drops the keys
-        no later block can see."""
+    class BoundedCache(Cache):
+        """DynamicLayers, each under its type's rule."""
 
-        def __init__(self, rule: LayerRule):
-            super().__init__()
-            self.rule = rule
+        def __init__(self):
+            super().__init__(layers=[DynamicLayer() for _ in layer_types])
+            self.rules = [rules.get(kind, FULL) for kind in layer_types]
 
-        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
-            keys, values = super().update(key_states, value_states)
-            start = keys.shape[-2] - keys_kept(self.rule, keys.shape[-2])
-            if start:  # copies: a view would hold the dropped keys' memory
-                self.keys, self.values = keys[..., start:, :].clone(), values[..., start:, :].clone()
-            return keys, values
+        def drop_unseen(self, key_valid_BK: Tensor) -> None:
+            """Drop the keys no later block can see, once a step's attention is done;
+            key_valid_BK marks the real keys of all steps so far, this one's included."""
+            kept = {rule: keys_kept(rule, key_valid_BK) for rule in set(self.rules) - {FULL}}
+            for layer, rule in zip(self.layers, self.rules):
+                if rule == FULL or not layer.is_initialized:
+                    continue
+                start = layer.keys.shape[-2] - kept[rule]
+                if start > 0:  # copies: a view would hold the dropped keys' memory
+                    layer.keys = layer.keys[..., start:, :].clone()
+                    layer.values = layer.values[..., start:, :].clone()
 
-    return Cache(layers=[WindowLayer(rules[kind])
-                         if kind in rules and rules[kind].window is not None else DynamicLayer()
-                         for kind in layer_types])
+    return BoundedCache()

@@ -1,5 +1,8 @@
 """Generation loop: KV cache == full recomputation, memorization round trip, bad input."""
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -86,30 +89,56 @@ def qwen2_dir(tmp_path_factory):
                          hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
 
 
-@pytest.mark.parametrize("window", [1, 3])
-def test_kv_cache_of_a_sliding_layer_keeps_only_what_its_window_sees(qwen2_dir, window,
-                                                                     monkeypatch):
-    """The sliding layer's cache kept every key (memory growing with the image although its
-    window looks back `window` tokens); it keeps window - 1 and samples the same bits as a
-    cache keeping every key and as full recomputation (windows < P + 1: keys leave them every
-    step; prompts of two lengths: left padding; CFG: two streams)."""
+def local_model(qwen2_dir: str, tmp_path, kind: str, size: int) -> BitDanceModel:
+    """The tiny Qwen2 with layer 0 sliding (window `size`) or chunked (chunks of `size`)."""
+    if kind == "sliding":
+        return tiny_model(qwen2_dir, 4, overrides={
+            "use_sliding_window": True, "sliding_window": size,
+            "layer_types": ["sliding_attention", "full_attention"]})
+    # Qwen2Config has no attention_chunk_size field to override: a copy's config.json gets it.
+    llm_dir = shutil.copytree(qwen2_dir, tmp_path / "chunked")
+    config = json.loads((llm_dir / "config.json").read_text())
+    config.update(layer_types=["chunked_attention", "full_attention"], attention_chunk_size=size)
+    (llm_dir / "config.json").write_text(json.dumps(config))
+    return tiny_model(str(llm_dir), 4)
+
+
+@pytest.mark.parametrize("kind,size", [("sliding", 1), ("sliding", 3), ("chunked", 1),
+                                       ("chunked", 3), ("chunked", 4), ("chunked", 8)])
+def test_kv_cache_of_a_local_layer_keeps_only_what_it_sees(qwen2_dir, tmp_path, kind, size,
+                                                           monkeypatch):
+    """A sliding or chunked layer's cache kept every key (memory growing with the image
+    although its attention looks back `size` tokens at most). A sliding layer keeps size - 1;
+    a chunked one, for rows whose next blocks start at positions n, max(n mod size), less than
+    size, and masks the other rows' keys before their chunk by absolute position. Both sample
+    the same bits as a cache keeping every key and as full recomputation, from the same hidden
+    states up to float rounding (the bits alone miss a mask that is off by a few keys). Sizes
+    < P + 1: keys leave every step; chunks of 1 and 3 split every block of P = 4, 4 and 8 some
+    blocks not; prompts of two lengths: left padding, rows at different places in their chunks;
+    CFG: two streams."""
     import bdt.model.ar as ar
     import bdt.model.kv_cache as kv
 
-    overrides = {"use_sliding_window": True, "sliding_window": window,
-                 "layer_types": ["sliding_attention", "full_attention"]}
-    model = tiny_model(qwen2_dir, 4, overrides=overrides)
-    assert model.layer_rules["sliding_attention"].window == window
+    model = local_model(qwen2_dir, tmp_path, kind, size)
+    assert getattr(model.layer_rules[f"{kind}_attention"], "window" if kind == "sliding"
+                   else "chunk") == size
     with torch.no_grad():
         for p in [*model.head.parameters(), *model.connector.parameters()]:
             p.normal_(0.0, 0.3)
-    held = []  # keys each layer's cache holds after each decoder call
+    hidden = []  # each decoder call's last P hidden states
+    model.decoder.register_forward_hook(
+        lambda m, a, out: hidden.append(out.last_hidden_state[:, -4:]))
+    held = []  # before each cached step: keys each layer holds, rows' next positions
     make_cache = model.kv_cache
 
     def watched_cache():
         cache = make_cache()
-        hooks.append(model.decoder.register_forward_hook(
-            lambda *_: held.append([layer.keys.shape[-2] for layer in cache.layers])))
+
+        def before_step(module, args, kwargs):
+            if cache.layers[0].is_initialized:
+                held.append(([layer.keys.shape[-2] for layer in cache.layers],
+                             kwargs["position_ids"][:, 0].tolist()))
+        hooks.append(model.decoder.register_forward_pre_hook(before_step, with_kwargs=True))
         return cache
     hooks = []
     monkeypatch.setattr(model, "kv_cache", watched_cache)
@@ -118,14 +147,22 @@ def test_kv_cache_of_a_sliding_layer_keeps_only_what_its_window_sees(qwen2_dir, 
     bounded = generate(model, prompts, 4, 8, SamplingConfig(use_cache=True, **kw))
     hooks.pop().remove()
     steps = 4 * 8 // 4
-    assert len(held) == steps and all(sliding == window - 1 for sliding, _ in held)
-    assert held[-1][1] == held[0][1] + (steps - 1) * 4  # the full layer keeps every key
+    assert len(held) == steps - 1
+    for (local, _), next_pos in held:
+        kept = size - 1 if kind == "sliding" else max(n % size for n in next_pos)
+        assert local == kept < size, (local, next_pos)
+    assert held[-1][0][1] == held[0][0][1] + (steps - 2) * 4  # the full layer keeps every key
+    if kind == "chunked" and size > 1:  # rows needing different numbers of keys
+        assert any(len({n % size for n in next_pos}) > 1 for _, next_pos in held)
     full = generate(model, prompts, 4, 8, SamplingConfig(use_cache=False, **kw))
     monkeypatch.setattr(model, "kv_cache", make_cache)
     for module in (ar, kv):  # the cache as it was: every key kept, masks over all of them
-        monkeypatch.setattr(module, "keys_kept", lambda rule, cached: cached)
+        monkeypatch.setattr(module, "keys_kept", lambda rule, key_valid_BK: key_valid_BK.shape[1])
     unbounded = generate(model, prompts, 4, 8, SamplingConfig(use_cache=True, **kw))
     assert torch.equal(bounded, unbounded) and torch.equal(bounded, full)
+    assert len(hidden) == 3 * steps
+    for other in (hidden[steps:2 * steps], hidden[2 * steps:]):  # full, unbounded
+        torch.testing.assert_close(hidden[:steps], other, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("parallel_num", [1, 4])
