@@ -18,7 +18,17 @@ class EMA:
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
         self.updates = 0
-        self.shadow = {name: p.detach().float().clone() for name, p in module.named_parameters()}
+        # A tied parameter (an LLM's lm_head.weight is its embed_tokens.weight) is averaged once,
+        # under the name named_parameters() lists; its other names map to that one.
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.aliases: dict[str, str] = {}
+        first: dict[int, str] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                self.aliases[name] = first[id(p)]
+            else:
+                first[id(p)] = name
+                self.shadow[name] = p.detach().float().clone()
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
@@ -43,8 +53,13 @@ class EMA:
                 for name, p in module.named_parameters():
                     p.copy_(live[name])
 
+    def averaged(self) -> dict[str, torch.Tensor]:
+        """The averages under every name of every parameter (a tied one's names share a tensor):
+        a reader overlaying them on `module.state_dict()` replaces each copy, not one."""
+        return {**self.shadow, **{a: self.shadow[c] for a, c in self.aliases.items()}}
+
     def state_dict(self) -> dict:
-        return {"updates": self.updates, "shadow": self.shadow}
+        return {"updates": self.updates, "shadow": self.averaged()}
 
     def load_state_dict(self, state: dict) -> None:
         """ValueError naming what does not fit (nothing loaded): averaged parameters missing,
@@ -54,6 +69,9 @@ class EMA:
         if not isinstance(shadow, dict) or not all(
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in shadow.items()):
             raise ValueError("EMA state: expected {'shadow': {parameter name: tensor}, 'updates': n}")
+        # A tied parameter's other names (absent from checkpoints written before they were
+        # listed) hold the same tensor: the parameter's own name is the one loaded.
+        shadow = {k: v for k, v in shadow.items() if k not in self.aliases}
         problems = state_dict_problems(self.shadow, shadow)
         if problems:
             raise ValueError("EMA state does not fit the model (a checkpoint of another model, or "
@@ -65,5 +83,5 @@ class EMA:
     def module_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """`module.state_dict()` with the averaged parameters in place of the live ones."""
         out = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
-        out.update({k: v.clone() for k, v in self.shadow.items()})
+        out.update({k: v.clone() for k, v in self.averaged().items()})
         return out

@@ -46,3 +46,37 @@ def test_a_state_that_does_not_fit_is_refused_and_nothing_loaded(edit, named):
     assert all(torch.equal(ema.shadow[k], before[k]) for k in before) and ema.updates == 0
     ema.load_state_dict({"updates": 3, "shadow": good})
     assert torch.equal(ema.shadow["bias"], good["bias"]) and ema.updates == 3
+
+
+class _Tied(nn.Module):
+    """An LLM's shape in small: the output projection is the input embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_a_tied_parameter_is_averaged_once_and_given_under_each_name():
+    """The shadow held the tied weight under embed.weight only: a reader overlaying it on the
+    module's state dict (a checkpoint sampled, the tokenizer's export) got head.weight live."""
+    torch.manual_seed(0)
+    net = _Tied()
+    ema = EMA(net, decay=0.5)
+    with torch.no_grad():
+        net.embed.weight.add_(1.0)
+    ema.update(net)
+    assert list(ema.shadow) == ["embed.weight"] and not torch.equal(ema.shadow["embed.weight"],
+                                                                   net.embed.weight)
+    saved = ema.state_dict()["shadow"]
+    merged = ema.module_state_dict(net)
+    for name in ("embed.weight", "head.weight"):
+        assert torch.equal(saved[name], ema.shadow["embed.weight"]), name
+        assert torch.equal(merged[name], ema.shadow["embed.weight"]), name
+    # A checkpoint written before the other names were listed loads, and so does one with them.
+    other = EMA(_Tied(), decay=0.5)
+    other.load_state_dict({"updates": 1, "shadow": {"embed.weight": saved["embed.weight"]}})
+    assert torch.equal(other.shadow["embed.weight"], saved["embed.weight"])
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.state_dict()["shadow"]["head.weight"], saved["embed.weight"])

@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -333,6 +334,29 @@ def test_ema_leaves_training_alone_resumes_and_is_exported(data, ref, tmp_path):
     assert spawn_train(argv(data, chain, "ema_decay=0.9")) == 0
     resumed = export_tensors(str(chain))
     assert all(torch.equal(resumed[k], v) for k, v in averaged.items())
+
+
+def test_a_tied_embedding_is_averaged_under_both_names(data, tmp_path):
+    """Qwen3's small models tie lm_head to the input embedding: the EMA kept it under one name,
+    so a checkpoint sampled as the run's model (run_weights) had the averaged embedding beside a
+    live output projection."""
+    from bdt.generation.run_weights import checkpoint_weights
+
+    llm = tmp_path / "llm"
+    shutil.copytree(data["llm"], llm)
+    config = json.loads((llm / "config.json").read_text())
+    (llm / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    run_dir = tmp_path / "run"
+    assert spawn_train(["--config", TINY_CONFIG, *train_overrides(
+        str(run_dir), str(llm), data["shards"][0], steps=3, extra=["ema_decay=0.9"])], world=1) == 0
+    ck = run_dir / "checkpoints" / "step_000000003"
+    shadow = torch.load(ck / "shared.pt", weights_only=True)["ema"]["shadow"]
+    weights = checkpoint_weights(str(ck))
+    names = [k for k in weights if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    averaged = shadow[next(k for k in names if k.endswith("embed_tokens.weight"))]
+    assert len(names) == 2 and all(torch.equal(weights[k], averaged) for k in names), names
+    exported = export_tensors(str(run_dir))  # the tied output projection is saved once
+    assert torch.equal(exported["model.embed_tokens.weight"], averaged)
 
 
 def test_a_resume_that_turns_the_ema_off_says_so_and_on_is_refused(data, tmp_path, capfd):
