@@ -162,11 +162,14 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
             log.warning("checkpoint %s/%s holds EMA weights that ema_decay=0 drops: later "
                         "checkpoints and the export hold the live weights", ckpt.root, resume)
         stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
+        # Refused at a stage switch too: every stage's stream is seeded from it, so a new seed
+        # there made another run than the one resumed, and whether it was taken depended on
+        # where a preemption fell. (Named: the stream's check cannot tell.)
+        if meta.get("seed", cfg.seed) != cfg.seed:
+            raise ValueError(f"seed = {cfg.seed}, but the run's data streams are shuffled with "
+                             f"seed = {meta['seed']} (checkpoint {ckpt.root}/{resume}): resume "
+                             f"with seed={meta['seed']}, or start a new run directory")
         if clock.stage == meta["stage"]:  # the stream resumes (else its stage is over)
-            if meta.get("seed", cfg.seed) != cfg.seed:  # named: the stream's check cannot tell
-                raise ValueError(f"seed = {cfg.seed}, but the checkpoint's data stream was "
-                                 f"shuffled with seed = {meta['seed']}: resume with "
-                                 f"seed={meta['seed']}, or start a new run directory")
             setup.check_stream_state(cfg, clock.stage, sources[clock.stage], meta["stream"], dist)
         log_window = meta.get("log_window")  # absent before windows were kept, None after a resplit
         if meta.get("threads") != torch.get_num_threads():

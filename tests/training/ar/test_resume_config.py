@@ -57,7 +57,24 @@ def test_another_backbone_or_seed_is_refused_by_name(data, tmp_path, capfd):
         f"model.backbone.path's text tokenizer is 647 tokens, sha256 ")
     assert spawn_train(argv(data, tmp_path, "seed=7", steps=4), world=1) == 2
     assert_refused_before_any_step(
-        tmp_path, capfd, "seed = 7, but the checkpoint's data stream was shuffled with seed = 0: "
-        "resume with seed=0, or start a new run directory")
+        tmp_path, capfd, "seed = 7, but the run's data streams are shuffled with seed = 0 "
+        f"(checkpoint {tmp_path}/checkpoints/step_000000002): resume with seed=0, or start a "
+        "new run directory")
     recorded = OmegaConf.load(tmp_path / "config.yaml")
     assert recorded.model.backbone.path == data["llm"] and recorded.seed == 0
+
+
+def test_another_seed_at_a_stage_switch_is_refused(data, tmp_path, capfd):
+    """A checkpoint at a stage's end holds no stream to continue: another seed was taken there
+    without a word, and the next stage's stream was shuffled from it (the same edit mid-stage is
+    refused)."""
+    def stages(n, *extra):
+        return ["--config", TINY_CONFIG, *train_overrides(str(tmp_path), data["llm"],
+                                                          [data["shards"]] * n, steps=[2] * n,
+                                                          extra=extra)]
+    assert spawn_train(stages(1), world=1) == 0  # saved at its end: step 2, stage 0 done
+    capfd.readouterr()
+    assert spawn_train(stages(2, "seed=7"), world=1) == 2
+    assert_refused_before_any_step(
+        tmp_path, capfd, "seed = 7, but the run's data streams are shuffled with seed = 0 "
+        f"(checkpoint {tmp_path}/checkpoints/step_000000002)")
