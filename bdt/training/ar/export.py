@@ -11,6 +11,8 @@ for models beyond that, consolidate a checkpoint offline with
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 
@@ -39,16 +41,42 @@ def export_model(engine, model, cfg, out_dir: str, dist: DistInfo) -> str:
             save_resolved(_with_absolute_shards(cfg), tmp, name=EXPORT_TRAIN_CONFIG_NAME)
             # Not staged_dir's: safetensors writes the weights 0600, unreadable to the group.
             output_dirs.readable_as_open_makes(tmp)
-            # The old export leaves by one rename, then goes: deleted in place, a reader (or a
-            # kill) met it half gone, and `bdt sample --model <run_dir>` took that for the model.
-            old = out_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            if os.path.lexists(out_dir):
-                os.replace(out_dir, old)
-            os.replace(tmp, out_dir)  # a reader never sees half an export
-            shutil.rmtree(old, ignore_errors=True)
+            _replace_dir(tmp, out_dir)
     barrier()
     return out_dir
+
+
+def _replace_dir(new: str, path: str) -> None:
+    """`new` becomes `path`, whose old folder is then deleted. Where the OS swaps two names in
+    one step (Linux renameat2 on a local filesystem), `path` is a whole folder at every moment,
+    a kill included; elsewhere it is missing between two renames (a kill there leaves the old
+    one as `<path>.old`). Files a reader holds open stay readable after the delete. Deleted in
+    place instead, a reader (or a kill) met the old one half gone, and `bdt sample --model
+    <run_dir>` took that for the model."""
+    old = path + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.lexists(path) and _exchange(new, path):
+        shutil.rmtree(new, ignore_errors=True)  # the old folder, now under the new one's name
+        return
+    if os.path.lexists(path):
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the names of `a` and `b` in one step; False where the OS or filesystem cannot
+    (not Linux, NFS), OSError for what else stops it."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, f"cannot swap {a} with {b}: {os.strerror(err)}")
 
 
 def _with_absolute_shards(cfg):

@@ -51,6 +51,49 @@ def test_a_kill_while_the_old_export_is_deleted_leaves_a_whole_one(tmp_path, mon
     assert sorted(os.listdir(out)) == first  # the new export, whole
 
 
+@pytest.mark.parametrize("swaps", [True, False])
+def test_a_kill_at_any_rename_leaves_a_whole_export(tmp_path, monkeypatch, swaps):
+    """The old export left by one rename and the new one came by a second: a kill (or a reader)
+    between the two found no export. Where the OS swaps two names in one step the export is
+    whole at every moment; elsewhere (`swaps` False: not Linux, NFS) the two renames remain and
+    a kill between them leaves the old one beside it."""
+    llm = Qwen3ForCausalLM(Qwen3Config(**mllm_tiny.QWEN3))
+    model = BitDanceModel(mllm_tiny.model_config(), llm)
+    cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], [
+        f"run_dir={tmp_path}", "model.backbone.path=unused", f"data.root={tmp_path}"]))
+    solo, out = DistInfo(0, 1, 0, torch.device("cpu")), str(tmp_path / "export")
+    engine = SimpleNamespace(module=model)
+    export.export_model(engine, model, cfg, out, solo)
+    whole, held = sorted(os.listdir(out)), open(os.path.join(out, CONFIG_NAME), "rb")
+    before = held.read()
+    held.seek(0)
+    real_replace, real_exchange = os.replace, getattr(export, "_exchange", None)
+
+    def replace_then_killed(src, dst):
+        real_replace(src, dst)
+        if out in (os.fspath(src), os.fspath(dst)):
+            raise Killed
+
+    def exchange_then_killed(a, b):
+        if not swaps:
+            return False
+        assert real_exchange(a, b)
+        raise Killed
+
+    monkeypatch.setattr(os, "replace", replace_then_killed)
+    monkeypatch.setattr(export, "_exchange", exchange_then_killed, raising=False)
+    with pytest.raises(Killed):
+        export.export_model(engine, model, cfg, out, solo)
+    if swaps:
+        assert sorted(os.listdir(out)) == whole
+    else:
+        assert not os.path.exists(out) and sorted(os.listdir(out + ".old")) == whole
+    monkeypatch.undo()
+    export.export_model(engine, model, cfg, out, solo)  # the next export cleans up
+    assert sorted(os.listdir(out)) == whole and held.read() == before  # open: still readable
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
 def test_the_weights_get_the_mode_open_gives_not_safetensors_0600(tmp_path):
     """safetensors writes 0600 whatever the umask: the trainer's export (not staged_dir's) had
     weights unreadable to the cluster's group while the configs beside them were not."""
