@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bdt.config import save_resolved
 from bdt.data.shard_source import check_rank_split
-from bdt.training.ar import reshard, setup
+from bdt.training.ar import reshard, run_tokenizer, setup
 from bdt.training.ar.config import TrainConfig, validate
 from bdt.training.ar.export import export_model
 from bdt.training.ar.flops import FlopModel, measure_peak_flops
@@ -80,7 +80,7 @@ def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
     validate(cfg)
     setup.set_threads(cfg.threads)
     setup.check_copied_folders(cfg)  # before check_data hashes the tokenizer's files
-    sources = setup.check_data(cfg)  # bad shard paths / tokenizer mismatch: fail before anything
+    data = setup.check_data(cfg)  # bad shard paths / tokenizer mismatch: fail before anything
     setup.check_image_tokenizer(cfg)
     setup.skip_deepspeed_muon(cfg)
     dist = init_distributed()
@@ -88,7 +88,7 @@ def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
     try:
         # One job per run directory: a second one stops here, naming the holder (run_lock.py).
         lock = hold_run_lock(cfg.run_dir, dist)
-        summary = _train(cfg, dist, sources, in_loop)
+        summary = _train(cfg, dist, data, in_loop)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -107,7 +107,9 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks) -> dict:
+def _train(cfg: TrainConfig, dist: DistInfo, data: setup.CheckedData, in_loop: InLoopTasks
+           ) -> dict:
+    sources, tokenizer = data
     # Base LR 1: the stage clock's multiplier is the absolute LR (stages.py).
     ds_config = build_ds_config(replace(cfg.deepspeed, micro_batch_size=1),
                                 replace(cfg.optim, lr=1.0), dist.world_size)
@@ -169,6 +171,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
             raise ValueError(f"seed = {cfg.seed}, but the run's data streams are shuffled with "
                              f"seed = {meta['seed']} (checkpoint {ckpt.root}/{resume}): resume "
                              f"with seed={meta['seed']}, or start a new run directory")
+        run_tokenizer.check_resumed(tokenizer, meta, f"{ckpt.root}/{resume}")
         if clock.stage == meta["stage"]:  # the stream resumes (else its stage is over)
             setup.check_stream_state(cfg, clock.stage, sources[clock.stage], meta["stream"], dist)
         log_window = meta.get("log_window")  # absent before windows were kept, None after a resplit
@@ -314,7 +317,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
             # the same either way); a kill during the tasks costs their record, no steps.
             if save and stopped:
                 saved_step = _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg, ema,
-                                   window)
+                                   window, tokenizer)
             for task in tasks:
                 if task.due(step):
                     with _sampling_weights(ema, engine.module, cfg.compile.enabled) as module:
@@ -326,7 +329,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, sources: list, in_loop: InLoopTasks
                 patient_barrier()  # previews are rank 0's alone under ZeRO 0-2
             if save and not stopped:
                 saved_step = _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg, ema,
-                                   window)
+                                   window, tokenizer)
             if why:
                 if dist.is_main:
                     log.info("%s: %s step %d%s", "stop signal" if stopped else "time limit",
@@ -369,14 +372,16 @@ def _sampling_weights(ema: EMA | None, module: torch.nn.Module, compiled: bool =
 
 
 def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, clock: StageClock, stream,
-          seen: dict, cfg: TrainConfig, ema: EMA | None, window: LogWindow) -> int:
+          seen: dict, cfg: TrainConfig, ema: EMA | None, window: LogWindow,
+          tokenizer: run_tokenizer.RunTokenizer | None) -> int:
     """Collective: checkpoint `step`; returns it."""
     stream_meta, stream_tensors = stream.state_dict()
     # "stage" is the stage whose stream this is; after a stage's last step the clock is
     # already in the next one (whose stream starts fresh on resume).
     meta = {"step": step, "threads": torch.get_num_threads(), "seed": cfg.seed, "stage": stage_idx,
             "stage_name": cfg.stages[stage_idx].name, "clock": clock.state_dict(), "seen": seen,
-            "stream": stream_meta, "log_window": window.state_dict()}
+            "stream": stream_meta, "log_window": window.state_dict(),
+            run_tokenizer.META_KEY: tokenizer.record() if tokenizer else None}
     tensors = {f"stream.{k}": v for k, v in stream_tensors.items()}
     # fault.kill_during_checkpoint: every file is written, then the ranks die before the marker.
     die = (lambda: os.kill(os.getpid(), signal.SIGKILL)) \

@@ -10,11 +10,12 @@ import sys
 import tarfile
 import types
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 
 from bdt import output_dirs, storage
-from bdt.data.shard_source import ShardList, list_shards, tokenizer_sha
+from bdt.data.shard_source import ShardList, list_shards
 from bdt.data.stream_state import same_stream
 from bdt.data.token_shards import TokenSample, iter_token_shard
 from bdt.data.token_stream import TokenStream
@@ -24,6 +25,7 @@ from bdt.model.sequence import SequencePacker, patch_side
 from bdt.training.distributed import DistInfo
 from bdt.training.ar.stage_rows import CaptionMeasure, StageRows
 from bdt.training.ar.config import TrainConfig, stage_p
+from bdt.training.ar.run_tokenizer import RunTokenizer, agreeing_tokenizer, configured_tokenizer
 from bdt.training.run_dir import CONFIG_NAME, EXPORT_IMAGE_TOKENIZER_DIR, export_dir, read_config
 
 log = logging.getLogger(__name__)
@@ -123,13 +125,16 @@ def check_image_tokenizer(cfg: TrainConfig) -> None:
                          f"{cfg.model.head.bits}")
 
 
-def check_data(cfg: TrainConfig) -> list[ShardList]:
-    """Every stage's shard list; ValueError on a missing source, shards written by another image
-    tokenizer than `data.tokenizer` (or than another stage's), or bits per token != the model's."""
-    from bdt.tokenizer.io import tokenizer_identity
+class CheckedData(NamedTuple):
+    sources: list[ShardList]  # per stage
+    tokenizer: RunTokenizer | None  # None: neither data.tokenizer nor a manifest names one
 
-    want = tokenizer_identity(cfg.data.tokenizer)["sha256"] if cfg.data.tokenizer else None
-    want_from = cfg.data.tokenizer
+
+def check_data(cfg: TrainConfig) -> CheckedData:
+    """Every stage's shard list and the image tokenizer they were written by; ValueError on a
+    missing source, shards written by another image tokenizer than `data.tokenizer` (or than
+    another stage's), or bits per token != the model's."""
+    tokenizer = configured_tokenizer(cfg.data.tokenizer)
     out, factor = [], None
     for i, stage in enumerate(cfg.stages):
         where = f"stages[{i}] ({stage.name})"
@@ -137,15 +142,7 @@ def check_data(cfg: TrainConfig) -> list[ShardList]:
             shards = list_shards(stage.shards, stage.family, stage.allow_incomplete)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        sha = tokenizer_sha(shards.manifest)
-        if sha is not None:
-            if want is None:
-                want, want_from = sha, f"the manifest of {stage.shards}"
-            elif sha != want:
-                diff = sorted(k for k in set(sha) | set(want) if sha.get(k) != want.get(k))
-                raise ValueError(f"{where}: the shards in {stage.shards} were written by a different "
-                                 f"image tokenizer than {want_from} (files differing: {diff[:3]}); "
-                                 f"re-extract them or point data.tokenizer at the right tokenizer")
+        tokenizer = agreeing_tokenizer(tokenizer, shards.manifest, where, stage.shards)
         url, first = _first_sample(shards.urls)
         if first is not None and first.bits_per_token != cfg.model.head.bits:
             raise ValueError(f"{where}: {url} holds {first.bits_per_token}-bit tokens, "
@@ -182,7 +179,7 @@ def check_data(cfg: TrainConfig) -> list[ShardList]:
             shards = dataclasses.replace(shards, grids=grids)
         out.append(shards)
     _check_eval_size(cfg, factor)
-    return out
+    return CheckedData(out, tokenizer)
 
 
 def _stage_grids(shards: ShardList, family: str, first_grid: tuple[int, int], factor: int

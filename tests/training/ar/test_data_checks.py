@@ -45,7 +45,7 @@ def test_a_manifest_listing_another_familys_shard_is_refused(tmp_path):
         "a": {"shards": [{"shard": "b/000000.tar"}]}, "b": {"shards": [{"shard": "b/000000.tar"}]}}}))
     cfg = config(tmp_path, str(tmp_path))
     cfg.stages[0].family = "b"
-    assert check_data(cfg)[0].urls[0].endswith("b/000000.tar")
+    assert check_data(cfg).sources[0].urls[0].endswith("b/000000.tar")
     cfg.stages[0].family = "a"
     with pytest.raises(ValueError, match=r"b/000000.tar, listed for family 'a' .* family 'b'"):
         check_data(cfg)
@@ -63,7 +63,7 @@ def test_a_family_named_for_shards_without_a_manifest_is_refused(tmp_path, layou
               "tar": tmp_path / "flat" / "a.tar"}[layout]
     cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], train_overrides(
         str(tmp_path / "run"), "unused", [str(source), str(source)])))
-    assert [len(s.urls) for s in check_data(cfg)] == [1 if layout == "tar" else 2] * 2
+    assert [len(s.urls) for s in check_data(cfg).sources] == [1 if layout == "tar" else 2] * 2
     cfg.stages[0].family, cfg.stages[1].family = "a", "b"
     with pytest.raises(ValueError, match=r"^stages\[0\] \(s0\): family 'a' picks a family of an "
                                          r"extraction output, but .*flat.* has no index.json"):

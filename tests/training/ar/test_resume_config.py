@@ -78,3 +78,26 @@ def test_another_seed_at_a_stage_switch_is_refused(data, tmp_path, capfd):
     assert_refused_before_any_step(
         tmp_path, capfd, "seed = 7, but the run's data streams are shuffled with seed = 0 "
         f"(checkpoint {tmp_path}/checkpoints/step_000000002)")
+
+
+def test_another_image_tokenizer_is_refused_by_name(data, tmp_path, capfd):
+    """Over shards without a manifest only data.tokenizer names the tokenizer: another one (here
+    of the same config and bits) was taken without a word, the weights went on learning its bits
+    and the export shipped it. Refused naming both, as is a resume that drops it."""
+    from testkit import save_tiny_image_tokenizer
+
+    tok_a, tok_b = str(tmp_path / "tok_a"), str(tmp_path / "tok_b")
+    save_tiny_image_tokenizer(tok_a, seed=0)
+    save_tiny_image_tokenizer(tok_b, seed=1)
+    run = tmp_path / "run"
+    assert spawn_train(argv(data, run, f"data.tokenizer={tok_a}", "fault.sigterm_at_step=2",
+                            steps=4), world=1) == 0
+    capfd.readouterr()
+    assert spawn_train(argv(data, run, f"data.tokenizer={tok_b}", steps=4), world=1) == 2
+    assert_refused_before_any_step(
+        run, capfd, f"the image tokenizer is data.tokenizer = {tok_b} (model.safetensors sha256 ")
+    assert spawn_train(argv(data, run, steps=4), world=1) == 2
+    assert_refused_before_any_step(
+        run, capfd, f"data.tokenizer is empty, but checkpoint {run}/checkpoints/step_000000002 "
+        f"trained for the image tokenizer {tok_a}")
+    assert OmegaConf.load(run / "config.yaml").data.tokenizer == tok_a

@@ -112,7 +112,7 @@ def test_shards_of_another_image_tokenizer_are_refused(tmp_path):
     good = tokenizer_identity(tok)["sha256"]
     ok = _manifest(tmp_path / "a", good)
     other = _manifest(tmp_path / "b", {"config.json": "0" * 64})
-    assert check_data(config(tmp_path, ok, f"data.tokenizer={tok}"))[0].urls
+    assert check_data(config(tmp_path, ok, f"data.tokenizer={tok}")).sources[0].urls
     with pytest.raises(ValueError, match=r"stages\[0\] \(s0\).*different image tokenizer"):
         check_data(config(tmp_path, other, f"data.tokenizer={tok}"))
     # without data.tokenizer, two stages must still agree with each other
@@ -355,7 +355,7 @@ def test_ar_token_budget_below_one_sample_and_grids_beyond_the_table_fail_at_sta
     write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=1, per_shard=2)
 
     def data(*extra):
-        return check_data(config(tmp_path, str(tmp_path / "s"), *extra))
+        return check_data(config(tmp_path, str(tmp_path / "s"), *extra)).sources
 
     assert data("stages.0.token_budget=16")  # the 4x4 samples fit
     with pytest.raises(ValueError, match=r"stages\[0\] \(s0\).token_budget = 15 is smaller than "
