@@ -186,6 +186,36 @@ def load_trained(path: str, device: str | torch.device = "cpu") -> TrainedModel:
             run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
             if os.path.isfile(os.path.join(run_dir, layout.CONFIG_NAME)):
                 return _from_run_checkpoint(run_dir, device, os.path.abspath(path))
+    for _ in range(2):
+        before = _folder_identity(path)
+        try:
+            trained, error = _load_export(path, device), None
+        except Exception as e:  # noqa: BLE001 - raised as it was unless the folder was swapped
+            trained, error = None, e
+        if _folder_identity(path) == before:
+            if error is not None:
+                raise error
+            return trained
+        log.warning("%s was replaced while it loaded (its run exported again): loading it again",
+                    path)
+    raise OSError(f"{path!r} was replaced while it loaded, twice: a training run is exporting "
+                  f"to it; load it once that run has finished")
+
+
+def _folder_identity(path: str) -> tuple[int, int, int] | None:
+    """What changes when a run's end swaps its new export in under `path` (export.py renames a
+    whole folder there): None while the name is missing between two renames."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _load_export(path: str, device: str | torch.device) -> TrainedModel:
+    """The export at `path`. Its files are opened one by one, each through `path`: a swap
+    between two opens mixes two exports (a model with another's image tokenizer), which
+    load_trained detects and loads again."""
     missing = [f for f in EXPORT_FILES if not file_present(os.path.join(path, f))]
     # Any one of them: without, transformers' error of many lines named no file.
     if not any(file_present(os.path.join(path, LLM_DIR, f)) for f in VOCAB_FILES):
