@@ -106,7 +106,8 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
     assert not (tmp_path / "export").exists()  # preempted: no export
     # 3. resume at 5 with a time limit already spent after one step: both ranks finish early
     #    at step 6 (one collective decides), save and export
-    assert spawn_train(logged("time_limit_min=1e-6")) == 0
+    #    (data.tokenizer named again: a resume that drops the run's image tokenizer is refused)
+    assert spawn_train(logged("time_limit_min=1e-6", f"data.tokenizer={tok}")) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["timed_out"] and not summary["stopped"] and summary["saved_step"] == 6
     assert (ck / "step_000000006" / "COMPLETE").exists()
@@ -116,7 +117,8 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
     s0, s1 = data["shards"]
     os.symlink(s1, tmp_path / "s1_link")
     renamed = [os.path.join(s0, "..", os.path.basename(s0)), str(tmp_path / "s1_link")]
-    assert spawn_train(argv(data, tmp_path, "logging.sample_keys=true", shards=renamed)) == 0
+    assert spawn_train(argv(data, tmp_path, "logging.sample_keys=true", f"data.tokenizer={tok}",
+                            shards=renamed)) == 0
     resumed = [json.loads(line)["resumed_from_step"] for line in open(tmp_path / "metrics.jsonl")
                if "resumed_from_step" in line]
     assert resumed == [2, 5, 6]
@@ -135,7 +137,7 @@ def test_crash_chain_resumes_exactly(data, ref, tmp_path):
         assert (tmp_path / name).read_text() == (ref["dir"] / name).read_text(), name
     # 5. a rerun of the finished run resumes at its last step and runs none: its summary kept
     #    the stream's counts (once "stream": {}, as after a kill between COMPLETE and export)
-    assert spawn_train(logged()) == 0
+    assert spawn_train(logged(f"data.tokenizer={tok}")) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stream"] == ref["summary"]["stream"] and summary["stream"]["batches"] > 0
     assert summary["stream_all_ranks"] == ref["summary"]["stream_all_ranks"]
