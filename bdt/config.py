@@ -17,7 +17,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bdt.config_file import ConfigError, describe, nesting_checked, read_yaml
+from bdt.config_file import (ConfigError, describe, keep_as_written, nesting_checked, read_yaml,
+                             read_yaml_as_written, written_scalars)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ def _interpolations(node: Any) -> Iterator[tuple[str, str]]:
 def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """Apply `key=value` items one by one; dotted keys may index lists (`stages.0.steps=5`).
 
-    Values are parsed the way omegaconf parses YAML scalars and flow collections. A key given
+    Values are parsed the way omegaconf parses YAML scalars and flow collections (YAML 1.1's
+    surprises undone or refused as in a YAML file: keep_as_written). A key given
     twice takes its later value, as wrappers that append overrides to a command expect (the demo
     script's DEMO_TRAIN_ARGS); it is logged, since by hand it is usually a slip.
     """
@@ -134,6 +136,7 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(describe(_under(exc, key, value), "command line")) from None
         except (IndexError, KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"command line: key '{key}': {exc}") from None
+        keep_as_written(cfg, written_scalars(raw, tuple(key.split("."))), "command line")
     return cfg
 
 
@@ -246,11 +249,12 @@ def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[st
     cfg = OmegaConf.structured(schema)
     trees: list[tuple[str, dict]] = []  # each YAML as written, to name where an interpolation is
     for path in yaml_paths:
-        loaded = read_yaml(path)
+        loaded, written = read_yaml_as_written(path)
         _refuse_renamed(list(loaded.keys()), renamed, path)
         with nesting_checked(path):
             cfg = _merge(cfg, loaded, path)
             _keep_required(cfg, loaded)
+            keep_as_written(cfg, written, path)
             trees.append((path, OmegaConf.to_container(loaded, resolve=False)))
     _refuse_renamed([o.partition("=")[0].split(".")[0] for o in overrides], renamed, "command line")
     with nesting_checked("command line"):

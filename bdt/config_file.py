@@ -6,15 +6,26 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import stat
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from fsspec.exceptions import FSTimeoutError
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # Configs are a few KB; the YAML parsers hold a file many times over in memory.
 MAX_CONFIG_BYTES = 1 << 20
+# An object store's config read: botocore retried a dead endpoint for 10 s (refused) to minutes
+# (no answer) in silence; a live store answers a few KB in well under this, its retries included.
+STORE_READ_TIMEOUT_S = 60
+
+# (path from the top, text) of a plain (unquoted) YAML scalar: what the user wrote.
+Written = tuple[tuple[Any, ...], str]
+# YAML 1.1 numbers nobody writes on purpose in a config: a leading 0 (octal) and base 60.
+_OCTAL = re.compile(r"[-+]?0[0-7_]+")
+_BASE_60 = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?")
 
 
 class ConfigError(ValueError):
@@ -42,15 +53,84 @@ def nesting_checked(source: str) -> Iterator[None]:
 
 
 def read_yaml(path: str) -> DictConfig:
+    return read_yaml_as_written(path)[0]
+
+
+def read_yaml_as_written(path: str) -> tuple[DictConfig, list[Written]]:
+    """The file's tree, and its plain scalars as written (for keep_as_written)."""
     with nesting_checked(path):
-        return _read_yaml(path)
+        loaded, top = _read_yaml(path)
+        return loaded, list(_plain_scalars(top))  # walked once omegaconf bounded its aliases
 
 
-def _read_yaml(path: str) -> DictConfig:
+def written_scalars(text: str, prefix: tuple[str, ...]) -> list[Written]:
+    """The plain scalars of a command line's value `text` for key `prefix`, as written."""
+    return list(_plain_scalars(yaml.compose(text, Loader=yaml.SafeLoader), prefix))
+
+
+def _plain_scalars(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> Iterator[Written]:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                yield from _plain_scalars(value, path + (key.value,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            yield from _plain_scalars(value, path + (i,))
+    elif isinstance(node, yaml.ScalarNode) and node.style is None and "${" not in node.value:
+        yield path, node.value
+
+
+def keep_as_written(cfg: DictConfig, written: Iterable[Written], source: str) -> None:
+    """Undo YAML 1.1's reading of plain scalars where the schema shows it was not meant, after
+    they were merged into `cfg`: a string key keeps the text (`family: no` was 'False', `name:
+    1e-3` '0.001', `0755` '493'); any other key refuses an octal or base-60 number by name
+    (`seed: 0042` was 34, `1:30` 90)."""
+    for path, text in written:
+        parent, value = _at(cfg, path)
+        if isinstance(value, str) and value != text:  # the schema made text of a number or bool
+            parent[path[-1] if isinstance(parent, DictConfig) else int(path[-1])] = text
+        elif isinstance(value, (bool, int, float)) and (why := _unmeant_number(text, value)):
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+            raise ConfigError(f"{source}: key '{where.lstrip('.')}': {why}")
+
+
+def _at(cfg: DictConfig, path: tuple[Any, ...]) -> tuple[Any, Any]:
+    """(container, value) at `path` in `cfg`; (None, None) where it holds no such key."""
+    parent, node = None, cfg
+    try:
+        for part in path:
+            if isinstance(node, ListConfig) and str(part).isdigit() and int(part) < len(node):
+                parent, node = node, node[int(part)]
+            elif isinstance(node, DictConfig) and part in node:
+                parent, node = node, node[part]
+            else:
+                return None, None
+    except OmegaConfBaseException:  # a `???` or an interpolation on the way: not a scalar here
+        return None, None
+    return parent, node
+
+
+def _unmeant_number(text: str, value: Any) -> str | None:
+    if _OCTAL.fullmatch(text):
+        return (f"YAML reads {text} as an octal number ({int(text.replace('_', ''), 8)}); "
+                f"write it without the leading 0, or in quotes for text")
+    if _BASE_60.fullmatch(text):
+        number = f" ({value})" if not isinstance(value, bool) else ""
+        return (f"YAML reads {text} as a base-60 number{number}; write the number itself, or "
+                f"in quotes for text")
+    return None
+
+
+def _read_yaml(path: str) -> tuple[DictConfig, yaml.Node | None]:
     from bdt import storage  # local import, as in bdt.config.save_resolved
 
     if not path.strip():  # the OS would open the working directory
         raise ConfigError("config file: the path is empty")
+    if path == "-":
+        raise ConfigError("config file '-': a config is not read from stdin (every rank of a "
+                          "launch reads the config, a pipe only once): write it to a file (a "
+                          "launcher that fills in a template writes it beside the run), or give "
+                          "values as key=value")
     try:
         fs, local = storage.filesystem(path)
     except ValueError as exc:  # a URL bdt refuses
@@ -80,7 +160,7 @@ def _read_yaml(path: str) -> DictConfig:
                           f"{getattr(exc, 'strerror', None) or exc}") from None
     except OmegaConfBaseException as exc:  # valid YAML omegaconf cannot hold (a null key)
         raise ConfigError(describe(exc, path)) from None
-    return loaded
+    return loaded, top
 
 
 def _read_capped(fs, local: str, path: str) -> bytes:
@@ -93,12 +173,31 @@ def _read_capped(fs, local: str, path: str) -> bytes:
     if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a directory: open says so
         raise ConfigError(f"{path}: not a regular file (a pipe, socket or device); every rank "
                           f"reads the config, so give a file")
-    try:
+    if getattr(fs, "async_impl", False):  # an object store: one GET, bounded in time
+        data = _read_store(fs, local, path)
+    else:
         with fs.open(local, "rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
-    except ValueError as exc:  # s3fs: a URL with no key (s3://bucket/, s3:///x.yaml)
-        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, which no config "
                           f"is (a few KB of YAML): is it the right file?")
     return data
+
+
+def _read_store(fs, local: str, path: str) -> bytes:
+    """The first MAX_CONFIG_BYTES + 1 bytes of an object, or ConfigError naming the endpoint
+    when the store has not answered within STORE_READ_TIMEOUT_S."""
+    try:
+        split = getattr(fs, "split_path", None)  # s3fs, gcsfs: (bucket, key, version)
+        if split is not None and not split(local)[1]:  # botocore's refusal takes 2 lines
+            raise ValueError("the URL names a bucket, not an object in it")
+        return fs.cat_file(local, start=0, end=MAX_CONFIG_BYTES + 1,
+                           timeout=STORE_READ_TIMEOUT_S)  # fsspec's bound on one sync call
+    except ValueError as exc:  # the check above (s3://bucket/, s3:///x.yaml), or s3fs's own
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    except FSTimeoutError:
+        client = getattr(fs, "s3", None)  # s3fs's botocore client knows where it connects
+        endpoint = getattr(getattr(client, "meta", None), "endpoint_url", None)
+        at = f" at {endpoint}" if endpoint else ""
+        raise ConfigError(f"{path}: the store{at} did not answer within {STORE_READ_TIMEOUT_S} s "
+                          f"(cannot read config file): is its endpoint right and up?") from None

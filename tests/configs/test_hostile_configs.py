@@ -4,6 +4,7 @@ file (or the key and the file that set it) before anything is read at length or 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -85,10 +86,62 @@ def test_a_config_file_past_the_size_limit_is_refused_unparsed(tmp_path):
     ("", "config file: the path is empty"),  # read the working directory: "Is a directory"
     (" ", "config file: the path is empty"),
     # s3fs's bare ValueError, which named no file and was no ConfigError
-    ("s3:///job.yaml", "s3:///job.yaml: cannot read config file: Attempt to open non key-like path"),
+    ("s3:///job.yaml", "s3:///job.yaml: cannot read config file: the URL names a bucket, not an "
+                       "object in it"),
+    ("s3://bucket/", "s3://bucket/: cannot read config file: the URL names a bucket"),
 ])
 def test_a_config_path_that_names_no_file_says_so(path, says):
     assert _refused([path]).startswith(says)
+
+
+def test_a_config_from_stdin_is_refused_saying_what_to_do(tmp_path, monkeypatch):
+    """`--config -` said "config file not found: -"; a file named '-' is still read as ./-."""
+    assert _refused(["-"]).startswith("config file '-': a config is not read from stdin (every "
+                                      "rank of a launch reads the config, a pipe only once): "
+                                      "write it to a file")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-").write_text("steps: 4\n")
+    assert C.load(Job, ["./-"]).steps == 4
+
+
+def test_a_config_on_a_store_that_does_not_answer_fails_in_time_naming_it(monkeypatch):
+    """botocore retried a closed port for 10 s, and an endpoint that never answers for
+    minutes, in silence; the read is bounded and names the endpoint."""
+    import fsspec.config
+    import s3fs
+
+    from bdt import config_file
+
+    with socket.socket() as s:  # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for key, value in (("AWS_ACCESS_KEY_ID", "k"), ("AWS_SECRET_ACCESS_KEY", "s"),
+                       ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL_S3", endpoint)):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
+    monkeypatch.setattr(config_file, "STORE_READ_TIMEOUT_S", 1)
+    s3fs.S3FileSystem.clear_instance_cache()
+    t0 = time.monotonic()
+    try:
+        msg = _refused(["s3://bucket/job.yaml"])
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert msg == f"s3://bucket/job.yaml: the store at {endpoint} did not answer within 1 s " \
+                  f"(cannot read config file): is its endpoint right and up?"
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.slow
+def test_a_config_on_a_store_is_read_and_capped(s3_bucket):
+    """The bounded read is one ranged GET: what a file holds, and no more than the cap."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.pipe(f"{s3_bucket}/job.yaml", b"steps: 5\nname: no\n")
+    cfg = C.load(Job, [f"{s3_bucket}/job.yaml"])
+    assert (cfg.steps, cfg.name) == (5, "no")
+    fs.pipe(f"{s3_bucket}/big.yaml", b"steps: 3\n" + b"#" * MAX_CONFIG_BYTES)
+    assert _refused([f"{s3_bucket}/big.yaml"]).startswith(f"{s3_bucket}/big.yaml: larger than 1 MiB")
 
 
 

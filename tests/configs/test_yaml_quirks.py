@@ -1,0 +1,92 @@
+"""YAML 1.1 reads some unquoted values as another type than the key's: a string key keeps the
+text as written, any other key refuses the numbers nobody means (octal, base 60) by name; the
+same from a YAML file and from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from bdt import config as C
+
+
+@dataclass
+class Stage:
+    name: str = "s"
+    steps: int = 1
+
+
+@dataclass
+class Job:
+    family: str = ""
+    prompts: list[str] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
+    seed: int = 0
+    lr: float = 0.1
+    resume: bool = True
+    extra: dict = field(default_factory=dict)  # values of any type, as the YAML gave them
+
+
+def _load(tmp_path, via: str, key: str, value: str):
+    if via == "command line":
+        return C.load(Job, [], [f"{key}={value}"])
+    path = tmp_path / "job.yaml"
+    path.write_text(f"{key}: {value}\n")
+    return C.load(Job, [str(path)])
+
+
+# (as written, what YAML 1.1 made of it for a string key before)
+TEXTS = [("no", "False"), ("off", "False"), ("on", "True"), ("yes", "True"), ("NO", "False"),
+         ("true", "True"), ("1e-3", "0.001"), ("0755", "493"), ("1_000", "1000"), (".5", "0.5"),
+         ("1.10", "1.1"), ("1:30", "90"), ("0x1f", "31"), ("+1", "1"), (".nan", "nan")]
+
+
+@pytest.mark.parametrize("via", ["yaml", "command line"])
+@pytest.mark.parametrize("text, was", TEXTS)
+def test_a_string_key_keeps_the_text_as_written(tmp_path, via, text, was):
+    cfg = _load(tmp_path, via, "family", text)
+    assert cfg.family == text != was
+    # in a list of strings, and in a list of sections
+    assert _load(tmp_path, via, "prompts", f"[{text}, a]").prompts == [text, "a"]
+    assert _load(tmp_path, via, "stages", f"[{{name: {text}}}]").stages[0].name == text
+    # and it reads back the same from the resolved config bdt writes
+    saved = C.save_resolved(cfg, str(tmp_path / "run"))
+    assert C.load(Job, [saved]).family == text
+
+
+def test_a_string_key_in_a_section_of_a_yaml_list_keeps_its_text(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("stages:\n  - name: no\n    steps: 3\n  - {name: 2.50}\n")
+    cfg = C.load(Job, [str(path)], ["stages.1.name=off"])
+    assert [s.name for s in cfg.stages] == ["no", "off"] and cfg.stages[0].steps == 3
+
+
+@pytest.mark.parametrize("via", ["yaml", "command line"])
+@pytest.mark.parametrize("key, text, says", [
+    ("seed", "0042", "YAML reads 0042 as an octal number (34); write it without the leading 0"),
+    ("seed", "-0755", "YAML reads -0755 as an octal number (-493)"),
+    ("lr", "0755", "YAML reads 0755 as an octal number (493)"),
+    ("resume", "010", "YAML reads 010 as an octal number (8)"),
+    ("seed", "1:30", "YAML reads 1:30 as a base-60 number (90); write the number itself"),
+    ("lr", "1:30.5", "YAML reads 1:30.5 as a base-60 number (90.5)"),
+    ("extra", "{a: 0755}", "YAML reads 0755 as an octal number (493)"),
+])
+def test_an_octal_or_base_60_number_for_another_key_is_refused_by_name(tmp_path, via, key, text,
+                                                                       says):
+    """They were taken silently: `seed: 0042` ran with seed 34, `1:30` was 90."""
+    with pytest.raises(C.ConfigError) as err:
+        _load(tmp_path, via, key, text)
+    where = "command line" if via == "command line" else str(tmp_path / "job.yaml")
+    named = "extra.a" if key == "extra" else key
+    assert str(err.value).startswith(f"{where}: key '{named}': {says}"), str(err.value)
+
+
+@pytest.mark.parametrize("via", ["yaml", "command line"])
+@pytest.mark.parametrize("key, text, value", [
+    ("seed", "08", 8), ("seed", "1_000", 1000), ("seed", "0x1f", 31), ("seed", "'0755'", 755),
+    ("lr", "1e-3", 0.001), ("lr", ".5", 0.5), ("lr", "1_0.5", 10.5),
+    ("resume", "no", False), ("resume", "on", True), ("family", "'no'", "no"),
+])
+def test_numbers_and_booleans_as_meant_are_taken(tmp_path, via, key, text, value):
+    assert getattr(_load(tmp_path, via, key, text), key) == value
