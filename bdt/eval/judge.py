@@ -10,7 +10,7 @@ exact detector suffices. At a fixed working scale:
    hue merge in);
 4. an object's shape is the template, rendered by the dataset's own renderer, with the highest
    soft IoU against its coverage map cropped to its box, whose proportions must be the
-   template's.
+   template's; a circle must also be a disc by its outline and edge (`roundness`).
 A spec passes when the detected objects equal its objects exactly and its relation holds.
 Each attribute (count, colour, shape, position) is also judged on its own, so a learning curve
 shows progress before whole prompts pass."""
@@ -26,6 +26,7 @@ from PIL import Image
 
 from bdt.data.shapes import (COLORS, SHAPES, UNIT_EXTENT, check_spec, relation_holds,
                              shape_coverage)
+from bdt.eval.roundness import is_disc
 
 WORK_SHORT = 128       # analyse at 128 px on the short side: objects (>= 22% of it) get >= 28 px
 CHROMA_MIN = 0.06      # OKLab chroma distance from the background that counts as object pixel
@@ -215,6 +216,8 @@ def detect(image: Image.Image | np.ndarray) -> list[Detection]:
         cy, cx = np.nonzero(alpha >= 0.5)
         aspect = (cx.max() - cx.min() + 1) / (cy.max() - cy.min() + 1) / _ASPECT[best]
         known = ious[best] >= MIN_IOU and 1 / ASPECT_TOL <= aspect <= ASPECT_TOL
+        if known and best == "circle":  # IoU alone passes hexagons and smears
+            known = is_disc(alpha)
         box = [float(v) / scale for v in
                (ox + cx.min(), oy + cy.min(), ox + cx.max() + 1, oy + cy.max() + 1)]
         found.append(Detection(

@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from bdt.data import shapes
 from bdt.eval import judge as judge_mod
@@ -299,3 +299,40 @@ def test_integer_arrays_are_0_to_255():
     assert judge_image(wide, meta["spec"]).passed
     with pytest.raises(ValueError, match="outside 0..255"):
         judge_image(wide * 4, meta["spec"])
+
+
+def _drawn_outline(points: np.ndarray, color: str, size: int = 64) -> Image.Image:
+    """A filled polygon (points in px) on white, anti-aliased as the dataset's renderer does."""
+    ss = shapes.SUPERSAMPLE
+    canvas = Image.new("L", (size * ss, size * ss), 0)
+    ImageDraw.Draw(canvas).polygon([tuple(p) for p in points * ss], fill=255)
+    alpha = np.asarray(canvas.reduce(ss), np.float32)[..., None] / 255
+    image = 248 * (1 - alpha) + np.array(shapes.COLORS[color], np.float32) * alpha
+    return Image.fromarray(np.rint(image).astype(np.uint8))
+
+
+def test_polygons_ellipses_and_smears_are_no_circle():
+    """Regular pentagons and hexagons, an ellipse turned 45 degrees (its box is square) and a
+    Gaussian smear all passed as "a circle" at 64 px on soft IoU alone; the dataset's own
+    circles of the same size still pass, sharp or degraded."""
+    t = np.linspace(0, 2 * np.pi, 256, endpoint=False)
+    turn = np.array([[1, 1], [-1, 1]]) / np.sqrt(2)
+    corners = {n: 0.3 + np.arange(n) * 2 * np.pi / n for n in (5, 6)}
+    fakes = {f"{n}-gon": _drawn_outline(np.stack([np.cos(a), np.sin(a)], 1) * 11 + 32, "green")
+             for n, a in corners.items()}
+    fakes["ellipse 1.3:1 at 45 deg"] = _drawn_outline(
+        np.stack([np.cos(t) * 13, np.sin(t) * 10], 1) @ turn + 32, "blue")
+    yy, xx = np.mgrid[0:64, 0:64]
+    smear = np.exp(-((xx - 32) ** 2 + (yy - 30) ** 2) / (2 * 9.0 ** 2))[..., None]
+    fakes["smear"] = Image.fromarray(np.rint(248 * (1 - smear) + np.array(
+        shapes.COLORS["red"]) * smear).astype(np.uint8))
+    for name, image in fakes.items():
+        for condition in ("png", "jpg75"):
+            result = judge_image(_compress(image, condition), _one("circle"))
+            assert [d.shape for d in result.detected] == ["unknown"], (name, condition)
+    for diameter in (14, 22):
+        circle = _drawn([("circle", "green", 30.5, 33.2, diameter)])
+        for degraded in (_compress(circle, "jpg75"), circle.filter(ImageFilter.GaussianBlur(1)),
+                         Image.fromarray(np.clip(np.asarray(circle) + np.random.default_rng(
+                             0).normal(0, 8, (64, 64, 3)), 0, 255).astype(np.uint8))):
+            assert judge_image(degraded, _one("circle", "green")).passed, diameter
