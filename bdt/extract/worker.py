@@ -16,6 +16,8 @@ import contextlib
 import ctypes
 import hashlib
 import json
+import shutil
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +47,37 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class _RejectsSpool:
+    """A unit's rejects as JSON lines in an anonymous temp file (memory past 1 MiB), counted and
+    hashed as they come. Held as objects, a tar of 2 million empty captions (1 GB, under every
+    size limit) took an actor to 1.2 GB; spooled, its rejects cost disk and no memory."""
+
+    def __init__(self):
+        self.count, self._sha = 0, hashlib.sha256()
+        self._file = tempfile.SpooledTemporaryFile(max_size=1 << 20)
+
+    def __enter__(self) -> _RejectsSpool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def add(self, reject: Reject) -> None:
+        line = (json.dumps(reject.to_dict(), ensure_ascii=False) + "\n").encode("utf-8")
+        self._sha.update(line)
+        self._file.write(line)
+        self.count += 1
+
+    def publish(self, url: str) -> str:
+        """Write the rejects file at `url` (none without rejects); its sha256, "" without."""
+        if not self.count:
+            return ""
+        self._file.seek(0)
+        with storage.open_atomic(url) as f:
+            shutil.copyfileobj(self._file, f, 1 << 20)
+        return self._sha.hexdigest()
 
 
 class ShardEncoder:
@@ -124,62 +157,58 @@ class ShardEncoder:
 
     def _extract(self, unit: InputUnit, stages: list[str]) -> dict[str, dict]:
         cfg, root = self.cfg, self.cfg.output
-        rejects: list[Reject] = []
         inputs = 0
-        with contextlib.ExitStack() as stack:
-            storage.remove_stale_temps(mf.rejects_url(root, unit.index))
-            shards: dict[str, ShardWriter] = {}
-            for stage in stages:
-                storage.remove_stale_temps(mf.marker_url(root, stage, unit.index))
-                shards[stage] = stack.enter_context(ShardWriter(mf.shard_url(root, stage, unit.index)))
-            pending: dict[tuple[str, tuple[int, int]], list[tuple[str, str, np.ndarray, str]]] = {}
+        with _RejectsSpool() as rejects:
+            with contextlib.ExitStack() as stack:
+                storage.remove_stale_temps(mf.rejects_url(root, unit.index))
+                shards: dict[str, ShardWriter] = {}
+                for stage in stages:
+                    storage.remove_stale_temps(mf.marker_url(root, stage, unit.index))
+                    shards[stage] = stack.enter_context(ShardWriter(mf.shard_url(root, stage, unit.index)))
+                pending: dict[tuple[str, tuple[int, int]], list[tuple[str, str, np.ndarray, str]]] = {}
 
-            def flush(group: tuple[str, tuple[int, int]]) -> None:
-                batch = pending.pop(group)
-                packed = self.encode(np.stack([b[2] for b in batch]))
-                for (key, src_key, _, caption), bits in zip(batch, packed):
-                    shards[group[0]].write(encode_sample(TokenSample(
-                        key=key, bits_hwB=bits, bits_per_token=self.model.bits_per_token, bucket=group[1],
-                        caption=caption, source_key=src_key, source_shard=unit.name, stage=group[0])))
+                def flush(group: tuple[str, tuple[int, int]]) -> None:
+                    batch = pending.pop(group)
+                    packed = self.encode(np.stack([b[2] for b in batch]))
+                    for (key, src_key, _, caption), bits in zip(batch, packed):
+                        shards[group[0]].write(encode_sample(TokenSample(
+                            key=key, bits_hwB=bits, bits_per_token=self.model.bits_per_token, bucket=group[1],
+                            caption=caption, source_key=src_key, source_shard=unit.name, stage=group[0])))
 
-            keys: set[str] = set()
-            upscaled = dict.fromkeys(stages, 0)  # samples smaller than their bucket, per stage
-            items = iter_unit(unit, list(cfg.image_extensions), cfg.max_image_bytes,
-                              max_caption_bytes=cfg.max_caption_bytes)
-            for item, prepared in _ahead(lambda it: (it, self._prepare(it, unit, stages)), items,
-                                         cfg.decode_threads):
-                self._live = (unit.index, inputs, len(rejects))  # before this item: lags by one
-                inputs += 1
-                if isinstance(prepared, Reject):
-                    rejects.append(prepared)
-                    continue
-                caption, per_stage = prepared
-                key = sample_key(item.key, keys)  # here, in order: decode threads finish out of order
-                keys.add(key)
-                for stage, (bucket, pixels, up) in per_stage.items():
-                    upscaled[stage] += up
-                    group = (stage, bucket)
-                    pending.setdefault(group, []).append((key, item.key, pixels, caption))
-                    if len(pending[group]) >= cfg.batch_size:
-                        flush(group)
-            for group in sorted(pending):  # the partial batches, in a fixed order
-                flush(group)
-            for stage, shard in shards.items():
-                if inputs != shard.count + len(rejects):
-                    raise RuntimeError(f"unit {unit.name} stage {stage}: {inputs} inputs != "
-                                       f"{shard.count} written + {len(rejects)} rejected")
-        # All tars are complete and visible now; the rejects file next, markers last.
-        rejects_sha = ""
-        if rejects:
-            data = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rejects).encode("utf-8")
-            storage.write_bytes_atomic(mf.rejects_url(root, unit.index), data)
-            rejects_sha = hashlib.sha256(data).hexdigest()
+                keys: set[str] = set()
+                upscaled = dict.fromkeys(stages, 0)  # samples smaller than their bucket, per stage
+                items = iter_unit(unit, list(cfg.image_extensions), cfg.max_image_bytes,
+                                  max_caption_bytes=cfg.max_caption_bytes)
+                for item, prepared in _ahead(lambda it: (it, self._prepare(it, unit, stages)), items,
+                                             cfg.decode_threads):
+                    self._live = (unit.index, inputs, rejects.count)  # before this item: lags by one
+                    inputs += 1
+                    if isinstance(prepared, Reject):
+                        rejects.add(prepared)
+                        continue
+                    caption, per_stage = prepared
+                    key = sample_key(item.key, keys)  # here, in order: decode threads finish out of order
+                    keys.add(key)
+                    for stage, (bucket, pixels, up) in per_stage.items():
+                        upscaled[stage] += up
+                        group = (stage, bucket)
+                        pending.setdefault(group, []).append((key, item.key, pixels, caption))
+                        if len(pending[group]) >= cfg.batch_size:
+                            flush(group)
+                for group in sorted(pending):  # the partial batches, in a fixed order
+                    flush(group)
+                for stage, shard in shards.items():
+                    if inputs != shard.count + rejects.count:
+                        raise RuntimeError(f"unit {unit.name} stage {stage}: {inputs} inputs != "
+                                           f"{shard.count} written + {rejects.count} rejected")
+            # All tars are complete and visible now; the rejects file next, markers last.
+            rejects_sha = rejects.publish(mf.rejects_url(root, unit.index))
         markers = {}
         for stage in stages:
             markers[stage] = {"schema": mf.MARKER_SCHEMA, "index": unit.index, "source": unit.name,
                               "fingerprint": self.fingerprint, "samples": shards[stage].count,
                               "input_version": unit.version,
-                              "inputs": inputs, "rejected": len(rejects), "rejects_sha256": rejects_sha,
+                              "inputs": inputs, "rejected": rejects.count, "rejects_sha256": rejects_sha,
                               "upscaled": upscaled[stage],
                               "bytes": shards[stage].size, "sha256": shards[stage].sha256}
             storage.write_bytes_atomic(mf.marker_url(root, stage, unit.index), mf.json_bytes(markers[stage]))
