@@ -8,20 +8,25 @@ of PIL's plugins are no place for untrusted data (EPS runs Ghostscript). Pixel p
 orientation applied; grayscale, palette, CMYK and 16-bit images converted to 8-bit RGB;
 transparency composited on white (a transparent background is almost always meant as "paper",
 and black would invent dark borders the caption doesn't name); an animated image gives its first
-frame. Size limits come from the header: `max_pixels` (PIL itself refuses above twice its
+frame; an embedded ICC profile of an RGB or grey colour space other than sRGB (Display P3, Adobe
+RGB, a camera's) is converted to sRGB, the tokenizer's and every viewer's space (left as it
+was, a P3 photo came out dull); one that does not parse, or over MAX_ICC_BYTES, is rejected
+(BAD_ICC: the colours are unknown); one of another colour space than the pixels', or CMYK, is
+ignored, as browsers do. Size limits come from the header: `max_pixels` (PIL itself refuses above twice its
 Image.MAX_IMAGE_PIXELS, 179 M, whatever max_pixels says) and `min_side`; a JPEG's decoding time,
 from its count of scans (MAX_JPEG_SCANS).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import re
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from bdt.data.buckets import nearest_bucket
 
@@ -30,6 +35,7 @@ EMPTY = "empty_image"
 CORRUPT = "corrupt_image"
 TOO_SMALL = "too_small"
 TOO_LARGE = "too_large"
+BAD_ICC = "bad_icc_profile"
 
 # Every scan of a JPEG decodes the whole image again, whatever its size in bytes: 2,000 scans
 # of 31 bytes each made a 156 KB file take 36 s. Progressive encoders write 6-18 (PIL's,
@@ -42,6 +48,15 @@ _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # these swap width and height
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\x01\xd0-\xd7\xff]")
 # 16-bit grey level -> 8-bit, rounded: v * 255 / 65535.
 _SIXTEEN_TO_EIGHT = (np.arange(65536) * 255 / 65535 + 0.5).astype(np.uint8)
+# Real profiles: 0.5-3 KB for a display's (matrix and curves), up to ~2 MB with a printer's
+# lookup tables, whose size a transform's build time grows with. PIL caps a PNG's at 1 MiB.
+MAX_ICC_BYTES = 4 << 20
+_SRGB = ImageCms.createProfile("sRGB")
+# Transforms by (profile sha256, mode), cleared when full: a few profiles (a camera's, P3) make
+# most of a dataset's. NOCACHE: one transform is applied by several decode threads at once.
+_TRANSFORMS: dict[tuple[bytes, str], ImageCms.ImageCmsTransform | None] = {}
+_MAX_TRANSFORMS = 32
+_GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L")
 
 
 def formats_for(extensions: Sequence[str]) -> tuple[str, ...]:
@@ -143,13 +158,51 @@ def decode_rgb(img: Image.Image, oriented_size: tuple[int, int], needed: tuple[i
                 nw, nh = nh, nw
             img.draft("RGB", (nw, nh))
         img.load()
-        return _to_rgb(ImageOps.exif_transpose(img))
+        rgb = _to_rgb(ImageOps.exif_transpose(img))
     except Exception as exc:  # truncated data, bad huffman tables, ...
         raise _corrupt(exc) from None
+    icc = img.info.get("icc_profile")
+    return _to_srgb(rgb, icc, img.mode in _GREY_MODES) if icc else rgb
+
+
+def _to_srgb(rgb: Image.Image, icc: bytes, grey: bool) -> Image.Image:
+    """`rgb` (decoded from pixels in the colour space of the profile `icc`) in sRGB; the
+    module docstring says which profiles are used, ignored or rejected."""
+    if len(icc) > MAX_ICC_BYTES:
+        raise ImageRejected(BAD_ICC, f"embedded ICC profile of {len(icc)} bytes, over "
+                                     f"{MAX_ICC_BYTES}")
+    key = (hashlib.sha256(icc).digest(), "L" if grey else "RGB")
+    try:
+        if key not in _TRANSFORMS:
+            if len(_TRANSFORMS) >= _MAX_TRANSFORMS:
+                _TRANSFORMS.clear()
+            _TRANSFORMS[key] = _transform(icc, key[1])
+        transform = _TRANSFORMS[key]
+        if transform is None:
+            return rgb
+        return ImageCms.applyTransform(rgb.getchannel(0) if grey else rgb, transform)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
+        raise ImageRejected(BAD_ICC, f"embedded ICC profile unusable: "
+                                     f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
+
+
+def _transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from the profile `icc` of `mode` pixels to sRGB; None where they stay as
+    they are (sRGB already, or a profile of another colour space). Parsed first: a broken one
+    raises, whatever colour space its header claims."""
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    space = "GRAY" if mode == "L" else "RGB"
+    if profile.profile.xcolor_space.strip() != space or \
+            "sRGB" in ImageCms.getProfileDescription(profile):
+        return None
+    return ImageCms.buildTransform(profile, _SRGB, mode, "RGB", flags=ImageCms.Flags.NOCACHE)
 
 
 def _corrupt(exc: Exception) -> ImageRejected:
-    return ImageRejected(CORRUPT, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if "MAX_TEXT_" in text:  # PIL's limits on a PNG's zTXt, iTXt and iCCP chunks, named "text"
+        text = f"PNG metadata too large: {text}"
+    return ImageRejected(CORRUPT, text[:200])
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

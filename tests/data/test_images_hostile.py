@@ -115,3 +115,26 @@ def test_a_jpegs_scans_are_counted_quickly_past_fill_bytes():
     start = time.perf_counter()
     assert im._jpeg_scans(padded, 100) == im._jpeg_scans(data, 100) == data.count(b"\xff\xda")
     assert time.perf_counter() - start < 1.0
+
+
+def _png_with_chunk(kind: bytes, data: bytes) -> bytes:
+    png = _png(16, 16)
+    return png[:33] + _chunk(kind, data) + png[33:]  # right after IHDR
+
+
+@pytest.mark.parametrize("kind,head", [(b"zTXt", b"Comment\0\0"), (b"iTXt", b"Comment\0\1\0\0\0"),
+                                       (b"iCCP", b"icc\0\0")])
+def test_png_metadata_over_pils_limit_is_rejected_as_metadata(kind, head):
+    """A 2 KB chunk inflating to 2 MiB, over PIL's 1 MiB for one text or ICC chunk: rejected
+    saying what it is (PIL's own message names a "text chunk", an ICC profile's too)."""
+    with pytest.raises(im.ImageRejected, match="PNG metadata too large") as e:
+        im.load_for_buckets(_png_with_chunk(kind, head + zlib.compress(b"a" * (2 << 20))),
+                            [[(16, 16)]], max_pixels=10**6, min_side=1)
+    assert e.value.reason == im.CORRUPT
+
+
+def test_png_metadata_within_pils_limit_decodes():
+    comment = _png_with_chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"a" * (900 << 10)))
+    (_, pixels, _), = im.load_for_buckets(comment, [[(16, 16)]], max_pixels=10**6, min_side=1)
+    (_, plain, _), = im.load_for_buckets(_png(16, 16), [[(16, 16)]], max_pixels=10**6, min_side=1)
+    assert np.array_equal(pixels, plain)
