@@ -37,6 +37,11 @@ TOO_SMALL = "too_small"
 TOO_LARGE = "too_large"
 BAD_ICC = "bad_icc_profile"
 
+# Bump when a change here makes some image bytes decode to other pixels (1: before ICC profiles
+# were converted, 2: since): an extraction output made by another version is not resumed, its
+# shards and the new ones would disagree in colour (bdt/extract/manifest.py check_markers).
+DECODE_VERSION = 2
+
 # Every scan of a JPEG decodes the whole image again, whatever its size in bytes: 2,000 scans
 # of 31 bytes each made a 156 KB file take 36 s. Progressive encoders write 6-18 (PIL's,
 # libjpeg's default scripts: grey to CMYK); a count far beyond is a crafted file.

@@ -12,8 +12,9 @@
 
 A shard counts as done only when its marker parses, was made with the same fingerprint
 (tokenizer + preprocessing settings) and the shard's size and sha256 match the marker. A rerun
-refuses an output whose markers name another fingerprint, or an input version (size and mtime
-or ETag) other than the input's now.
+refuses an output whose markers name another fingerprint, another image decoding version
+(bdt/data/images.py DECODE_VERSION; a marker without one: 1), or an input version (size and
+mtime or ETag) other than the input's now.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import psutil
 
 from bdt import storage
 from bdt.config import RESOLVED_CONFIG_NAME
+from bdt.data.images import DECODE_VERSION
 from bdt.data.token_shards import SCHEMA_VERSION as TOKEN_SHARD_SCHEMA
 from bdt.extract.input_units import InputUnit, resolved_url
 from bdt.training.run_lock import holder_alive
@@ -144,6 +146,15 @@ def check_markers(root: str, fp: str, units: list[InputUnit]) -> None:
             continue
         stage, base = name.rsplit("/", 2)[-2:]
         url = storage.join(root, stage, base)
+        # A marker before the field was decoded without ICC conversion. Refused though its inputs
+        # may hold no such image: its shards hold tokens, nothing here can tell.
+        made_by = marker.get("decode_version", 1)
+        if marker.get("fingerprint") is not None and made_by != DECODE_VERSION:
+            raise ValueError(f"{url} was made with image decoding version {made_by}, this bdt's is "
+                             f"{DECODE_VERSION} (bdt/data/images.py DECODE_VERSION: some images now "
+                             f"decode to other pixels), and a rerun would mix the two in one output: "
+                             f"write to a new output directory, or delete "
+                             f"{storage.join(root, '*', '*.done.json')} to redo every unit")
         if marker.get("fingerprint") not in (None, fp):
             raise ValueError(f"{url} was made with fingerprint {marker.get('fingerprint')}, this "
                              f"run's is {fp} (tokenizer, stages, buckets or preprocessing changed): "
@@ -246,7 +257,8 @@ def build_index(root: str, identity: dict, config: dict, stages: dict[str, dict]
         ups = [s["upscaled"] for s in shards]
         totals["upscaled"] = None if None in ups else sum(ups)
         out_stages[name] = dict(info, shards=shards, totals=totals)
-    return {"schema": MARKER_SCHEMA, "token_shard_schema": TOKEN_SHARD_SCHEMA, "tokenizer": identity,
+    return {"schema": MARKER_SCHEMA, "token_shard_schema": TOKEN_SHARD_SCHEMA,
+            "decode_version": DECODE_VERSION, "tokenizer": identity,
             "config": config, "stages": out_stages}
 
 

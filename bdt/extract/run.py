@@ -16,6 +16,7 @@ from typing import Any
 from bdt import output_dirs, storage
 from bdt.config import save_resolved, to_dict
 from bdt.data.buckets import check_buckets, make_buckets
+from bdt.data.images import DECODE_VERSION
 from bdt.extract.input_units import InputUnit, list_units, refuse_output_inside
 from bdt.extract import manifest as mf
 from bdt.extract.config import ExtractConfig, encode_dtype, stage_name, validate
@@ -79,7 +80,8 @@ def plan(cfg: ExtractConfig) -> tuple[list[InputUnit], dict[str, list[list[int]]
     mf.remove_stale_root_temps(cfg.output)  # a killed run's half-written files
     identity = dict(tokenizer_identity(cfg.tokenizer), **geometry)
     # Everything that changes a shard's content; not the Ray sizing or the paths.
-    fp = mf.fingerprint({"tokenizer": identity["sha256"], "stages": stages, "patch_size": cfg.patch_size,
+    fp = mf.fingerprint({"tokenizer": identity["sha256"], "decode_version": DECODE_VERSION,
+                         "stages": stages, "patch_size": cfg.patch_size,
                          "dtype": encode_dtype(cfg), "batch_size": cfg.batch_size,
                          "filters": [cfg.min_side, cfg.max_pixels, cfg.max_image_bytes, cfg.max_caption_bytes,
                                      list(cfg.image_extensions)]})

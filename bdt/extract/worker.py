@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from bdt import storage
-from bdt.data.images import ImageRejected, formats_for, load_for_buckets
+from bdt.data.images import DECODE_VERSION, ImageRejected, formats_for, load_for_buckets
 from bdt.data.shard_writer import ShardWriter
 from bdt.data.token_shards import TokenSample, encode_sample, sample_key
 from bdt.extract.input_reading import RawSample, Reject, check_caption, iter_unit
@@ -206,7 +206,8 @@ class ShardEncoder:
         markers = {}
         for stage in stages:
             markers[stage] = {"schema": mf.MARKER_SCHEMA, "index": unit.index, "source": unit.name,
-                              "fingerprint": self.fingerprint, "samples": shards[stage].count,
+                              "fingerprint": self.fingerprint, "decode_version": DECODE_VERSION,
+                              "samples": shards[stage].count,
                               "input_version": unit.version,
                               "inputs": inputs, "rejected": rejects.count, "rejects_sha256": rejects_sha,
                               "upscaled": upscaled[stage],

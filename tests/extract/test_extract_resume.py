@@ -16,6 +16,7 @@ import pytest
 from extract_rawdata import good_samples, image_bytes, write_tar
 
 from bdt.config import load, to_dict
+from bdt.data.images import DECODE_VERSION
 from bdt.data.token_shards import iter_token_shard
 from bdt.extract import manifest as mf
 from bdt.extract import run as R
@@ -75,6 +76,23 @@ def test_a_run_with_other_stages_is_refused_not_added_beside_the_old_families(th
     with pytest.raises(ValueError, match=r"32/000000.done.json was made with fingerprint \w+, this run's"):
         _extract(other)
     assert _state(out) == before
+
+def test_an_output_of_an_older_image_decoding_is_refused_naming_it(three_units):
+    """Markers of a bdt before ICC conversion (no decode_version) were resumed: a rerun filling in
+    missing units put converted colours beside unconverted ones, silently."""
+    out = three_units.output
+    for i in (0, 2):
+        marker = json.load(open(mf.marker_url(out, "32", i)))
+        marker.pop("decode_version", None)
+        with open(mf.marker_url(out, "32", i), "w") as f:
+            json.dump(marker, f)
+    os.remove(mf.marker_url(out, "32", 1))  # the unit a rerun would fill in
+    before = _state(out)
+    with pytest.raises(ValueError, match=rf"32/000000.done.json was made with image decoding version 1, "
+                                         rf"this bdt's is {DECODE_VERSION} .*write to a new output"):
+        _extract(three_units)
+    assert _state(out) == before
+
 
 def test_a_marker_edited_by_hand_is_redone_not_trusted(three_units):
     """Marker 1 saying it is unit 2 with 999 samples went into index.json as a second shard 2."""
