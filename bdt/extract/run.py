@@ -266,15 +266,15 @@ def _finish(cfg: ExtractConfig, units: list[InputUnit], stages: dict[str, list[l
             new_samples: int) -> dict[str, Any]:
     root = cfg.output
     markers = {s: [r["stages"][s] for r in results.values()] for s in stages}
-    # Merge the per-unit rejects (also those of units skipped as done) into one file, one unit
-    # at a time: the driver never holds all rejects of a large job.
+    # Merge the per-unit rejects (also those of units skipped as done) into one file, line by
+    # line: a unit's file alone can be most of a GB (millions of rejects).
     reasons: Counter = Counter()
     with storage.open_atomic(storage.join(root, mf.REJECTS_NAME)) as merged:
         for index in sorted(results):
             if next(iter(results[index]["stages"].values()))["rejected"]:
-                data = storage.read_bytes(mf.rejects_url(root, index))
-                reasons.update(json.loads(line)["reason"] for line in data.decode("utf-8").splitlines())
-                merged.write(data)
+                for line in storage.read_lines(mf.rejects_url(root, index), "merging"):
+                    reasons[json.loads(line)["reason"]] += 1
+                    merged.write(line)
     stage_info = {stage_name(s): {"resolution": s.resolution, "patch_size": cfg.patch_size,
                                   "buckets": stages[stage_name(s)]} for s in cfg.stages}
     index = mf.build_index(root, identity, to_dict(cfg), stage_info, markers)

@@ -1,0 +1,65 @@
+"""The driver's final merge of the units' rejects files (run._finish), without Ray or a tokenizer:
+the units' markers and rejects files are written here as the actors write them."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import pytest
+
+from bdt import storage
+from bdt.config import load
+from bdt.extract import manifest as mf
+from bdt.extract import run as R
+from bdt.extract.config import ExtractConfig
+
+_DETAIL = "x" * 200  # a reject's detail is cut at 200 characters: the longest lines there are
+
+
+def _rejects(unit: int, n: int) -> bytes:
+    return b"".join(json.dumps({"key": f"u{unit}_{k:07d}", "source": f"in-{unit}.tar",
+                                "reason": ("too_small", "corrupt_image")[k % 3 == 0],
+                                "detail": _DETAIL}).encode() + b"\n" for k in range(n))
+
+
+def _finish(root: str, rejected: list[int], write: bool = True) -> dict:
+    """run._finish over units whose rejects files hold `rejected[i]` lines each (written first
+    unless `write` is False: there from an earlier call)."""
+    cfg = load(ExtractConfig, [], [f"inputs={root}/in-{{0..{len(rejected) - 1}}}.tar", f"output={root}",
+                                   "tokenizer=unused", "stages=[{resolution: 32}]"])
+    results = {}
+    for i, n in enumerate(rejected):
+        if n and write:
+            storage.write_bytes_atomic(mf.rejects_url(root, i), _rejects(i, n))
+        marker = {"index": i, "source": f"in-{i}.tar", "samples": 0, "inputs": n, "rejected": n,
+                  "bytes": 0, "sha256": "", "upscaled": 0}
+        results[i] = {"skipped": False, "stages": {"32": marker}}
+    return R._finish(cfg, list(range(len(rejected))), {"32": [[32, 32]]}, {}, results, {}, 1.0, 0)
+
+
+def test_a_large_rejects_file_is_merged_without_holding_it(tmp_path):
+    """Each unit's file was read whole, then decoded whole: a 2M-reject unit took ~800 MB twice."""
+    root = str(tmp_path / "out")
+    n = 60_000  # ~17 MB
+    _finish(root, [n])  # writes the unit's file; the merge measured below is the rerun's
+    tracemalloc.start()
+    try:
+        summary = _finish(root, [n], write=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert summary["rejects_by_reason"] == {"corrupt_image": n // 3, "too_small": n - n // 3}
+    assert open(f"{root}/{mf.REJECTS_NAME}", "rb").read() == _rejects(0, n)
+    assert peak < 8 << 20, f"merging held {peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_merged_rejects_keep_every_line_across_read_pieces(tmp_path, request, remote):
+    """Lines split between two 1 MiB reads (storage.read_lines) come out whole, on S3 too."""
+    root = (request.getfixturevalue("s3_bucket") + "/out") if remote else str(tmp_path / "out")
+    counts = [9_000, 0, 3]  # ~2.6 MB: pieces end mid-line
+    summary = _finish(root, counts)
+    fs, path = storage.filesystem(storage.join(root, mf.REJECTS_NAME))
+    assert fs.cat_file(path) == _rejects(0, counts[0]) + _rejects(2, counts[2])
+    assert sum(summary["rejects_by_reason"].values()) == sum(counts)
