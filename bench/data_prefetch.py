@@ -1,7 +1,8 @@
 """The token stream off the step's critical path (issue 16 item 2): data_wait_frac with and
 without the prefetch worker, against a fake consumer at ten times the H200 rate.
 
-    .venv/bin/python bench/data_prefetch.py [--rows 150] [--rate 200000]
+    .venv/bin/python bench/data_prefetch.py [--rows 150] [--rate 200000] [--samples N]
+                                            [--producer-rows 40]
 
 The trainer's own data path (bdt/training/ar/stage_rows.py: token shards -> TokenStream ->
 caption ids -> packer -> one packed row of tensors, through bdt/data/prefetch.py) feeds a fake
@@ -41,21 +42,23 @@ import torch
 from common import Run, goal, table, write_token_shard
 
 BUDGET = 16384
-SHAPES = {  # name: (downsample, P, buffer, samples in the shard)
+SHAPES = {  # name: (downsample, P, buffer, samples in the shard unless --samples)
     "64": (8, 4, 256, 6000),
     "1024": (16, 16, 512, 600),
 }
 WARMUP_ROWS = 5
 
 
-def make_rows(tmp: str, shape: str, captions: list[str]):
-    """The trainer's row recipe (StageRows) over a fresh token shard of the stage shape."""
+def make_rows(tmp: str, shape: str, captions: list[str], samples: int | None = None):
+    """The trainer's row recipe (StageRows) over a fresh token shard of the stage shape (of
+    `samples` images, else the shape's own number; the stream loops over it)."""
     from bdt.data.buckets import make_buckets
     from bdt.model.sequence import SequencePacker
     from bdt.model.text_tokenizer import add_special_tokens, make_text_tokenizer, prompt_ids
     from bdt.training.ar.stage_rows import CaptionMeasure, StageRows
 
     down, P, buffer, n = SHAPES[shape]
+    n = samples or n
     base = int(shape)
     buckets = [(64, 64)] if base == 64 else make_buckets(base, down * 4)
     rng = np.random.default_rng(base)
@@ -141,7 +144,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=150, help="measured rows per variant")
     ap.add_argument("--rate", type=float, default=200_000, help="consumer tokens/s per rank")
+    ap.add_argument("--samples", type=int, help="images per stage shard (default: the shape's)")
+    ap.add_argument("--producer-rows", type=int, default=40, help="rows timed for the producer")
     args = ap.parse_args()
+    if min(args.rows, args.producer_rows, 1 if args.samples is None else args.samples) < 1 \
+            or args.rate <= 0:
+        ap.error("--rows, --producer-rows, --samples and --rate must be > 0")
     from bdt.data.shapes import make_sample
     from bdt.training.ar.config import DataConfig
 
@@ -154,8 +162,8 @@ def main() -> None:
         ops_per_s = calibrate()
         producer, results, rows_out = {}, {}, []
         for shape in SHAPES:
-            rows = make_rows(tmp, shape, captions)
-            producer[shape] = producer_rate(rows, 40)
+            rows = make_rows(tmp, shape, captions, args.samples)
+            producer[shape] = producer_rate(rows, args.producer_rows)
             for consumer, frac in CONSUMERS.items():
                 for name, d, worker in variants:
                     r = consume(rows, d, worker, args.rows, args.rate, frac, ops_per_s)
@@ -184,7 +192,8 @@ def main() -> None:
                 f"{producer[shape]['tokens_per_s'] / 1000:.0f}k tokens/s", "<= 0.01", met,
                 "" if met else "the worker's core is shared (2 cores, other jobs' load)"))
         run.write({"rate": args.rate, "budget": BUDGET, "rows": args.rows, "shapes": {
-            k: {"downsample": v[0], "P": v[1], "buffer": v[2]} for k, v in SHAPES.items()},
+            k: {"downsample": v[0], "P": v[1], "buffer": v[2], "samples": args.samples or v[3]}
+            for k, v in SHAPES.items()},
             "producer": producer, "variants": results}, goals)
 
 

@@ -59,8 +59,10 @@ def launch(run_dir: str, llm: str, shards: str, steps: int, extra: list[str]) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=6, help="a checkpoint at the midpoint")
     args = ap.parse_args()
+    if args.steps < 2:  # the midpoint checkpoint needs a step before it
+        ap.error(f"--steps must be >= 2, got {args.steps}")
     from bdt.model.backbone import make_tiny_llm
 
     half = args.steps // 2

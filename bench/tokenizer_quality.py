@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from common import REPO, RESULTS, write_json
+from common import REPO, RESULTS, Run, write_json
 
 # Held-out images are scored one batch at a time; training settings come from the config below.
 _EVAL_BATCH = 16
@@ -163,8 +163,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> int:
-    args = arguments()
+def measure(args: argparse.Namespace) -> dict:
+    """Train, score and print the table; returns the result (bench/summary.py's stamp aside)."""
     from bdt.config import load
     from bdt.training.tokenizer.config import TokenizerTrainConfig
     recipe = load(TokenizerTrainConfig, args.config, [*args.overrides, "run_dir=unused", "data.shards=unused"])
@@ -220,8 +220,15 @@ def main() -> int:
     rows.append(("goal met (128 px PSNR >= 28, all bits 5-95%)", result["goal_met"]))
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    write_json(args.out, result)
-    print(f"wrote {args.out} and {base}_128px.png / _64px.png")
+    return result
+
+
+def main() -> int:
+    args = arguments()
+    with Run("tokenizer_quality") as run:
+        result = measure(args)
+        write_json(args.out, {**run.stamp(), **result})  # when and where, as every benchmark
+    print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}_128px.png / _64px.png")
     return 0
 
 
