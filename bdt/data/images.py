@@ -38,8 +38,8 @@ TOO_LARGE = "too_large"
 BAD_ICC = "bad_icc_profile"
 
 # Bump when a change here makes some image bytes decode to other pixels (1: before ICC profiles
-# were converted, 2: since): an extraction output made by another version is not resumed, its
-# shards and the new ones would disagree in colour (bdt/extract/manifest.py check_markers).
+# were converted, 2: since): an extraction output or tokenizer run made by another version is
+# not resumed, it would mix the two colourings (extract/manifest.py, training/tokenizer/loop.py).
 DECODE_VERSION = 2
 
 # Every scan of a JPEG decodes the whole image again, whatever its size in bytes: 2,000 scans

@@ -64,13 +64,18 @@ class CheckpointManager(CheckpointLoader):
     """Save / find / verify / load checkpoints under `root` (local path or fsspec URL)."""
 
     def __init__(self, root: str, dist: DistInfo, keep_last: int = 3, staging_dir: str | None = None,
-                 settings: dict[str, Any] | None = None):
+                 settings: dict[str, Any] | None = None,
+                 versions: dict[str, tuple[int, str]] | None = None):
         """`settings`: what the engines' files depend on (e.g. ZeRO stage, precision), recorded in
-        each marker; loading a checkpoint written with others is a ValueError naming them."""
+        each marker; loading a checkpoint written with others is a ValueError naming them.
+        `versions`: name -> (this bdt's version, what another one changes) of code the training
+        depends on (e.g. the image decoding), recorded with the settings; a checkpoint of another
+        version, or one recorded before the name was (version 1), is refused naming both."""
         self.root = root.rstrip("/")
         self.dist = dist
         self.keep_last = keep_last
-        self.settings = settings or {}
+        self.versions = versions or {}
+        self.settings = {**(settings or {}), **{k: v for k, (v, _) in self.versions.items()}}
         self.passed_over: set[str] = set()  # tags resume found unusable: kept, never counted
         self.remote = storage.is_remote(self.root)
         self.own_staging = self.remote and not staging_dir  # bdt's folder: removed once empty

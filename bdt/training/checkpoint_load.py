@@ -60,7 +60,7 @@ class Resumed:
 
 class CheckpointLoader:
     """The resume half of CheckpointManager (checkpoint.py): its constructor sets what these
-    methods read (root, dist, settings, staging, own_staging, remote, passed_over, _share),
+    methods read (root, dist, settings, versions, staging, own_staging, remote, passed_over, _share),
     and its `list_tags` lists the checkpoints."""
 
     def resume(self, engines: dict[str, Any], load_optimizer: bool = True,
@@ -164,8 +164,16 @@ class CheckpointLoader:
 
     def _check_settings(self, tag: str, marker: dict) -> None:
         """A ValueError (the run's config, not the checkpoint, is at fault: no fallback) when
-        `tag` was written with other settings; markers from before settings were recorded pass."""
+        `tag` was written with other settings; markers from before settings were recorded pass.
+        A version (CheckpointManager's `versions`) a marker lacks is 1: it was written before
+        the version was recorded, which was from its version 2 on."""
         saved = marker.get("settings") or {}
+        for key, (ours, what) in self.versions.items():
+            theirs = saved.get(key, 1)
+            if theirs != ours:
+                raise ValueError(f"checkpoint {storage.join(self.root, tag)} was written with "
+                                 f"{key} {theirs!r}, this bdt's is {ours!r} ({what}), and a "
+                                 f"resume would mix the two: start a new run directory (run_dir)")
         changed = [k for k, v in self.settings.items() if k in saved and saved[k] != v]
         if changed:
             raise ValueError(f"checkpoint {storage.join(self.root, tag)} was written with "

@@ -26,6 +26,7 @@ from PIL import Image
 from bdt import storage
 from bdt.config import ConfigError, save_resolved
 from bdt.entry import fail, setup_logging
+from bdt.data.images import DECODE_VERSION
 from bdt.data.raw import expand_shards, make_loader, shard_list_id
 from bdt.data.stream_state import shard_names
 from bdt.tokenizer.autoencoder import BinaryAutoencoder
@@ -61,6 +62,20 @@ def _data_order(cfg: TokenizerTrainConfig) -> dict[str, str | int]:
     return {"data.shards": f"{len(urls)} shards {names[0]} .. {names[-1]} (list sha256 "
                            f"{shard_list_id(urls)})",
             "data.seed": cfg.data.seed}
+
+
+def training_checkpoints(cfg: TokenizerTrainConfig, dist: DistInfo) -> CheckpointManager:
+    """The run's checkpoints, refusing by name a resume from ones of another ZeRO stage or
+    precision (DeepSpeed cannot load their engine), shard order (the stream's positions index
+    one) or image decoding (the images trained on so far decoded to other pixels)."""
+    return CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir), dist,
+                             cfg.checkpoint.keep_last, cfg.checkpoint.staging_dir or None,
+                             settings={"deepspeed.zero_stage": cfg.deepspeed.zero_stage,
+                                       "deepspeed.precision": cfg.deepspeed.precision,
+                                       **_data_order(cfg)},
+                             versions={"data.decode_version": (
+                                 DECODE_VERSION, "bdt/data/images.py DECODE_VERSION: some images "
+                                                 "now decode to other pixels")})
 
 
 def _pixel_loss(kind: str, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -135,13 +150,7 @@ def train(cfg: TokenizerTrainConfig, on_set_up: Callable[[bool], None] | None = 
 
 def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo,
            on_set_up: Callable[[bool], None]) -> dict:
-    # DeepSpeed cannot load an engine of another ZeRO stage or precision, and the stream's
-    # positions index one shard order: a checkpoint of other ones is refused by name.
-    ckpt = CheckpointManager(checkpoint_root(cfg.run_dir, cfg.checkpoint.dir), dist,
-                             cfg.checkpoint.keep_last, cfg.checkpoint.staging_dir or None,
-                             settings={"deepspeed.zero_stage": cfg.deepspeed.zero_stage,
-                                       "deepspeed.precision": cfg.deepspeed.precision,
-                                       **_data_order(cfg)})
+    ckpt = training_checkpoints(cfg, dist)
     ckpt.bind(cfg.run_dir, cfg.checkpoint.adopt)  # another run's checkpoint root: refused here
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = BinaryAutoencoder(model_cfg)
