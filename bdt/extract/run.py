@@ -272,8 +272,9 @@ def _finish(cfg: ExtractConfig, units: list[InputUnit], stages: dict[str, list[l
     with storage.open_atomic(storage.join(root, mf.REJECTS_NAME)) as merged:
         for index in sorted(results):
             if next(iter(results[index]["stages"].values()))["rejected"]:
-                for line in storage.read_lines(mf.rejects_url(root, index), "merging"):
-                    reasons[json.loads(line)["reason"]] += 1
+                lines = storage.read_lines(mf.rejects_url(root, index), "merging")
+                for number, line in enumerate(lines, 1):
+                    reasons[_reason(root, index, number, line)] += 1
                     merged.write(line)
     stage_info = {stage_name(s): {"resolution": s.resolution, "patch_size": cfg.patch_size,
                                   "buckets": stages[stage_name(s)]} for s in cfg.stages}
@@ -290,6 +291,23 @@ def _finish(cfg: ExtractConfig, units: list[InputUnit], stages: dict[str, list[l
     storage.write_bytes_atomic(storage.join(root, mf.INDEX_NAME), mf.json_bytes(index))
     _print_summary(summary)
     return summary
+
+
+def _reason(root: str, index: int, number: int, line: bytes) -> str:
+    """The reason of line `number` of unit `index`'s rejects file; a ValueError naming the file
+    and line when it is no reject record (the merged file is then not written)."""
+    try:
+        record = json.loads(line)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+        problem = f"{type(e).__name__}: {e}"
+    else:
+        reason = record.get("reason") if isinstance(record, dict) else None
+        if isinstance(reason, str):
+            return reason
+        problem = "no 'reason' string"
+    raise ValueError(f"{mf.rejects_url(root, index)} line {number} is not a reject record "
+                     f"({problem}): delete {storage.join(root, '*', f'{index:06d}.done.json')} "
+                     f"to redo that unit")
 
 
 def _print_summary(s: dict[str, Any]) -> None:

@@ -63,3 +63,19 @@ def test_merged_rejects_keep_every_line_across_read_pieces(tmp_path, request, re
     fs, path = storage.filesystem(storage.join(root, mf.REJECTS_NAME))
     assert fs.cat_file(path) == _rejects(0, counts[0]) + _rejects(2, counts[2])
     assert sum(summary["rejects_by_reason"].values()) == sum(counts)
+
+
+@pytest.mark.parametrize("bad", [b'{"key": "u1_0000001", "rea', b"[1, 2]", b"\xff\xfe"])
+def test_a_malformed_rejects_line_is_named_and_the_merged_file_kept(tmp_path, bad):
+    """A unit's rejects line that is no record was a bare JSON error (or KeyError) naming no
+    file: now its file and line, and the merged file of the last run stays as it was."""
+    root = str(tmp_path / "out")
+    _finish(root, [2, 3])
+    before = open(f"{root}/{mf.REJECTS_NAME}", "rb").read()
+    lines = _rejects(1, 3).splitlines(keepends=True)
+    storage.write_bytes_atomic(mf.rejects_url(root, 1), lines[0] + bad + b"\n" + lines[2])
+    with pytest.raises(ValueError, match=r"^\S+/rejects/000001\.jsonl line 2 is not a reject "
+                                         r"record \(.+\): delete \S+/\*/000001\.done\.json to "
+                                         r"redo that unit$"):
+        _finish(root, [2, 3], write=False)
+    assert open(f"{root}/{mf.REJECTS_NAME}", "rb").read() == before
