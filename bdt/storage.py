@@ -228,6 +228,13 @@ def local_path(url: str) -> str:
     return LocalFileSystem._strip_protocol(url)
 
 
+def real_local_path(url: str) -> str:
+    """The one name of a local file or folder however it is spelled (relative, `~`, `file://`,
+    `./`, `..`, links): local_path's, links resolved. ValueError for a URL short of a '/'."""
+    check_not_short_url(url)
+    return os.path.realpath(local_path(url))
+
+
 def remove_stale_temps(url: str) -> None:
     """Delete the temp files of `url` that killed writers left: those whose writer process on
     this host has ended. A live writer's temp, or another host's (whose processes this host

@@ -264,3 +264,15 @@ def test_a_lost_connection_left_in_a_background_task_prints_no_traceback(caplog)
         assert reported() == []
         leave_unretrieved(ValueError("a bug, not a lost connection"))
         assert reported() == ["Task exception was never retrieved"]
+
+
+def test_real_local_path_gives_one_name_for_every_spelling(tmp_path, monkeypatch):
+    """The one rule of extraction's resolved inputs and the streams' shard names."""
+    (tmp_path / "d").mkdir()
+    os.symlink(tmp_path / "d", tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    real = os.path.realpath(tmp_path / "d")
+    spellings = ["d", "./d/", "link", f"{tmp_path}/x/../d", f"file://{tmp_path}/link"]
+    assert {storage.real_local_path(s) for s in spellings} == {real}
+    with pytest.raises(ValueError, match="short of a '/'"):
+        storage.real_local_path("s3:/bucket/d")

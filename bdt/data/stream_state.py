@@ -100,7 +100,7 @@ def shard_names(urls: list[str]) -> list[str]:
     absolute real path (a relative name, `~/x`, `a/../b` or a link naming the same files is the
     same shard; a relative name from another working directory may be another), a remote URL
     as given. A run dir resumed on another node with the same mount finds the same names."""
-    return [u if storage.is_remote(u) else os.path.realpath(storage.local_path(u)) for u in urls]
+    return [u if storage.is_remote(u) else storage.real_local_path(u) for u in urls]
 
 
 def stream_fingerprint(all_shards: list[str], rank: int, world: int, seed: int) -> str:

@@ -127,7 +127,7 @@ def resolved_url(url: str) -> str:
     if storage.is_remote(url):
         scheme, _, rest = url.partition("://")
         return scheme + "://" + "/".join(p for p in rest.split("/") if p not in ("", "."))
-    return os.path.realpath(storage.filesystem(url)[1])
+    return storage.real_local_path(url)
 
 
 def refuse_output_inside(units: list[InputUnit], output: str) -> None:
@@ -135,10 +135,10 @@ def refuse_output_inside(units: list[InputUnit], output: str) -> None:
     own shards and manifest, rejected as inputs on every rerun."""
     if storage.is_remote(output):
         return
-    out = os.path.realpath(storage.filesystem(output)[1])
+    out = storage.real_local_path(output)
     for unit in units:
         if unit.kind == "folder" and not storage.is_remote(unit.source):
-            root = os.path.realpath(storage.filesystem(unit.source)[1])
+            root = storage.real_local_path(unit.source)
             if out == root or out.startswith(root.rstrip(os.sep) + os.sep):
                 raise ValueError(f"output: {output} is inside the folder input {unit.source}; put the "
                                  f"output outside it")
