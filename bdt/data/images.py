@@ -12,7 +12,8 @@ frame; an embedded ICC profile of an RGB or grey colour space other than sRGB (D
 RGB, a camera's) is converted to sRGB, the tokenizer's and every viewer's space (left as it
 was, a P3 photo came out dull); one that does not parse, or over MAX_ICC_BYTES, is rejected
 (BAD_ICC: the colours are unknown); one of another colour space than the pixels', or CMYK, is
-ignored, as browsers do. Size limits come from the header: `max_pixels` (PIL itself refuses above twice its
+ignored, as browsers do, and said so (Crops.icc_ignored): the pixels are usable, their colours
+read as sRGB may be off. Size limits come from the header: `max_pixels` (PIL itself refuses above twice its
 Image.MAX_IMAGE_PIXELS, 179 M, whatever max_pixels says) and `min_side`; a JPEG's decoding time,
 from its count of scans (MAX_JPEG_SCANS).
 """
@@ -59,7 +60,9 @@ MAX_ICC_BYTES = 4 << 20
 _SRGB = ImageCms.createProfile("sRGB")
 # Transforms by (profile sha256, mode), cleared when full: a few profiles (a camera's, P3) make
 # most of a dataset's. NOCACHE: one transform is applied by several decode threads at once.
-_TRANSFORMS: dict[tuple[bytes, str], ImageCms.ImageCmsTransform | None] = {}
+# None: the pixels stay as they are; IGNORED: so do they, but the profile did not describe them.
+_IGNORED = "ignored"
+_TRANSFORMS: dict[tuple[bytes, str], ImageCms.ImageCmsTransform | str | None] = {}
 _MAX_TRANSFORMS = 32
 _GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L")
 
@@ -74,6 +77,16 @@ def formats_for(extensions: Sequence[str]) -> tuple[str, ...]:
 
 
 DEFAULT_FORMATS = formats_for(("jpg", "jpeg", "png", "webp"))
+
+
+class Crops(list):
+    """load_for_buckets's (bucket, crop, upscaled) per bucket list, and whether the image's
+    embedded ICC profile was ignored (CMYK, or another colour space than its pixels'): counted by
+    the extraction, not rejected, as the pixels are usable though their colours may be off."""
+
+    def __init__(self, crops: list[tuple[tuple[int, int], np.ndarray, bool]], icc_ignored: bool):
+        super().__init__(crops)
+        self.icc_ignored = icc_ignored
 
 
 class ImageRejected(Exception):
@@ -156,6 +169,12 @@ def decode_rgb(img: Image.Image, oriented_size: tuple[int, int], needed: tuple[i
     at a reduced DCT scale (draft mode) that is still at least that large: much faster for
     big photos going to small buckets, and no loss since we downsample anyway.
     """
+    return _decode(img, oriented_size, needed)[0]
+
+
+def _decode(img: Image.Image, oriented_size: tuple[int, int], needed: tuple[int, int] | None
+            ) -> tuple[Image.Image, bool]:
+    """decode_rgb's image, and whether an embedded ICC profile was ignored."""
     try:
         if needed is not None and img.format == "JPEG":
             nw, nh = needed
@@ -167,12 +186,13 @@ def decode_rgb(img: Image.Image, oriented_size: tuple[int, int], needed: tuple[i
     except Exception as exc:  # truncated data, bad huffman tables, ...
         raise _corrupt(exc) from None
     icc = img.info.get("icc_profile")
-    return _to_srgb(rgb, icc, img.mode in _GREY_MODES) if icc else rgb
+    return _to_srgb(rgb, icc, img.mode in _GREY_MODES) if icc else (rgb, False)
 
 
-def _to_srgb(rgb: Image.Image, icc: bytes, grey: bool) -> Image.Image:
-    """`rgb` (decoded from pixels in the colour space of the profile `icc`) in sRGB; the
-    module docstring says which profiles are used, ignored or rejected."""
+def _to_srgb(rgb: Image.Image, icc: bytes, grey: bool) -> tuple[Image.Image, bool]:
+    """`rgb` (decoded from pixels in the colour space of the profile `icc`) in sRGB, and whether
+    the profile was ignored; the module docstring says which profiles are used, ignored or
+    rejected."""
     if len(icc) > MAX_ICC_BYTES:
         raise ImageRejected(BAD_ICC, f"embedded ICC profile of {len(icc)} bytes, over "
                                      f"{MAX_ICC_BYTES}")
@@ -183,22 +203,22 @@ def _to_srgb(rgb: Image.Image, icc: bytes, grey: bool) -> Image.Image:
                 _TRANSFORMS.clear()
             _TRANSFORMS[key] = _transform(icc, key[1])
         transform = _TRANSFORMS[key]
-        if transform is None:
-            return rgb
-        return ImageCms.applyTransform(rgb.getchannel(0) if grey else rgb, transform)
+        if transform is None or transform is _IGNORED:
+            return rgb, transform is _IGNORED
+        return ImageCms.applyTransform(rgb.getchannel(0) if grey else rgb, transform), False
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
         raise ImageRejected(BAD_ICC, f"embedded ICC profile unusable: "
                                      f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
 
 
-def _transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """The transform from the profile `icc` of `mode` pixels to sRGB; None where they stay as
-    they are (sRGB already, or a profile of another colour space). Parsed first: a broken one
-    raises, whatever colour space its header claims."""
+def _transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | str | None:
+    """The transform from the profile `icc` of `mode` pixels to sRGB; None where they are sRGB
+    already, _IGNORED for a profile of another colour space. Parsed first: a broken one raises,
+    whatever colour space its header claims."""
     profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-    space = "GRAY" if mode == "L" else "RGB"
-    if profile.profile.xcolor_space.strip() != space or \
-            "sRGB" in ImageCms.getProfileDescription(profile):
+    if profile.profile.xcolor_space.strip() != ("GRAY" if mode == "L" else "RGB"):
+        return _IGNORED
+    if "sRGB" in ImageCms.getProfileDescription(profile):
         return None
     return ImageCms.buildTransform(profile, _SRGB, mode, "RGB", flags=ImageCms.Flags.NOCACHE)
 
@@ -260,15 +280,15 @@ def to_unit_range(pixels_BHWC: np.ndarray) -> np.ndarray:
 
 
 def load_for_buckets(data: bytes, bucket_lists: Sequence[Sequence[tuple[int, int]]], *, max_pixels: int,
-                     min_side: int, formats: Sequence[str] = DEFAULT_FORMATS
-                     ) -> list[tuple[tuple[int, int], np.ndarray, bool]]:
+                     min_side: int, formats: Sequence[str] = DEFAULT_FORMATS) -> Crops:
     """Decode once; per bucket list, the nearest bucket, the uint8 [H, W, 3] crop to it and
-    whether the image was upscaled to cover it (bicubic, like every resize here).
+    whether the image was upscaled to cover it (bicubic, like every resize here); Crops says
+    whether an embedded ICC profile was ignored.
 
     The decode size depends on all lists together (JPEG draft), so a given list always gets
     the same pixels for the same bytes and lists. Raises ImageRejected.
     """
     img, size = open_image(data, max_pixels=max_pixels, min_side=min_side, formats=formats)
     chosen = [nearest_bucket(size[0], size[1], buckets) for buckets in bucket_lists]
-    rgb = decode_rgb(img, size, needed_size(size, chosen))
-    return [(b, resize_center_crop(rgb, b), cover_scale(size, b) > 1) for b in chosen]
+    rgb, icc_ignored = _decode(img, size, needed_size(size, chosen))
+    return Crops([(b, resize_center_crop(rgb, b), cover_scale(size, b) > 1) for b in chosen], icc_ignored)

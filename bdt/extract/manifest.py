@@ -244,18 +244,20 @@ def _planned_units(url: str, plan: Any) -> list[dict]:
 
 def build_index(root: str, identity: dict, config: dict, stages: dict[str, dict],
                 markers: dict[str, list[dict]]) -> dict:
-    """The manifest: per stage its buckets, shards (name, samples, bytes, sha256, upscaled) and
-    totals. `upscaled` (samples smaller than their bucket) is None for a shard whose marker an
+    """The manifest: per stage its buckets, shards (name, samples, bytes, sha256, upscaled,
+    icc_ignored) and totals. `upscaled` (samples smaller than their bucket) and `icc_ignored`
+    (samples whose ICC profile was ignored, images.Crops) are None for a shard whose marker an
     earlier bdt wrote, which did not count them, and then in the totals too."""
     out_stages = {}
     for name, info in stages.items():
         shards = [{"shard": f"{name}/{m['index']:06d}.tar", "source": m["source"], "samples": m["samples"],
                    "inputs": m["inputs"], "rejected": m["rejected"], "bytes": m["bytes"],
-                   "sha256": m["sha256"], "upscaled": m.get("upscaled")}
+                   "sha256": m["sha256"], "upscaled": m.get("upscaled"), "icc_ignored": m.get("icc_ignored")}
                   for m in sorted(markers[name], key=lambda m: m["index"])]
         totals = {k: sum(s[k] for s in shards) for k in ("samples", "inputs", "rejected", "bytes")}
-        ups = [s["upscaled"] for s in shards]
-        totals["upscaled"] = None if None in ups else sum(ups)
+        for key in ("upscaled", "icc_ignored"):
+            counts = [s[key] for s in shards]
+            totals[key] = None if None in counts else sum(counts)
         out_stages[name] = dict(info, shards=shards, totals=totals)
     return {"schema": MARKER_SCHEMA, "token_shard_schema": TOKEN_SHARD_SCHEMA,
             "decode_version": DECODE_VERSION, "tokenizer": identity,

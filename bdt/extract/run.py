@@ -315,9 +315,9 @@ def _print_summary(s: dict[str, Any]) -> None:
           f"{len(s['failed_units'])} failed) in {s['seconds']:.1f}s, {s['new_samples_per_s']} new samples/s")
     for name, t in s["stages"].items():
         ok = "ok" if t["inputs"] == t["samples"] + t["rejected"] else "MISMATCH"
-        up = "?" if t["upscaled"] is None else t["upscaled"]  # ?: shards an earlier bdt made
+        up, icc = ("?" if t[k] is None else t[k] for k in ("upscaled", "icc_ignored"))  # ?: an earlier bdt's
         print(f"  stage {name}: inputs {t['inputs']} = written {t['samples']} + rejected {t['rejected']} [{ok}], "
-              f"{up} upscaled")
+              f"{up} upscaled, {icc} with an ICC profile ignored (colours read as sRGB)")
     if s["rejects_by_reason"]:
         print("  rejects: " + ", ".join(f"{k} {v}" for k, v in s["rejects_by_reason"].items()))
     for index, why in s["failed_units"].items():

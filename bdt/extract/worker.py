@@ -177,6 +177,7 @@ class ShardEncoder:
 
                 keys: set[str] = set()
                 upscaled = dict.fromkeys(stages, 0)  # samples smaller than their bucket, per stage
+                icc_ignored = 0  # samples whose image's ICC profile was ignored (read as sRGB)
                 items = iter_unit(unit, list(cfg.image_extensions), cfg.max_image_bytes,
                                   max_caption_bytes=cfg.max_caption_bytes)
                 for item, prepared in _ahead(lambda it: (it, self._prepare(it, unit, stages)), items,
@@ -186,7 +187,8 @@ class ShardEncoder:
                     if isinstance(prepared, Reject):
                         rejects.add(prepared)
                         continue
-                    caption, per_stage = prepared
+                    caption, per_stage, ignored = prepared
+                    icc_ignored += ignored
                     key = sample_key(item.key, keys)  # here, in order: decode threads finish out of order
                     keys.add(key)
                     for stage, (bucket, pixels, up) in per_stage.items():
@@ -210,14 +212,14 @@ class ShardEncoder:
                               "samples": shards[stage].count,
                               "input_version": unit.version,
                               "inputs": inputs, "rejected": rejects.count, "rejects_sha256": rejects_sha,
-                              "upscaled": upscaled[stage],
+                              "upscaled": upscaled[stage], "icc_ignored": icc_ignored,
                               "bytes": shards[stage].size, "sha256": shards[stage].sha256}
             storage.write_bytes_atomic(mf.marker_url(root, stage, unit.index), mf.json_bytes(markers[stage]))
         return markers
 
     def _prepare(self, item: RawSample | Reject, unit: InputUnit, stages: list[str]):
-        """Validate + decode one sample: (caption, {stage: (bucket, uint8 HWC, upscaled)}) or a
-        Reject."""
+        """Validate + decode one sample: (caption, {stage: (bucket, uint8 HWC, upscaled)}, whether
+        its ICC profile was ignored) or a Reject."""
         if isinstance(item, Reject):
             return item
         cfg = self.cfg
@@ -231,7 +233,7 @@ class ShardEncoder:
                                      min_side=cfg.min_side, formats=self.formats)
         except ImageRejected as exc:
             return Reject(item.key, unit.name, exc.reason, exc.detail)
-        return caption, {s: c for s, c in zip(self.stage_buckets, crops) if s in stages}
+        return caption, {s: c for s, c in zip(self.stage_buckets, crops) if s in stages}, crops.icc_ignored
 
 
 def _ahead(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:

@@ -85,9 +85,26 @@ def test_a_grey_profile_is_converted_and_an_srgb_one_kept_as_it_is():
     assert _decoded(_image((200, 60, 30), icc=srgb)).tolist() == [200, 60, 30]
 
 
+def _ignored(data: bytes) -> bool:
+    return im.load_for_buckets(data, [[(16, 16)]], max_pixels=10**6, min_side=1).icc_ignored
+
+
 def test_a_profile_of_another_colour_space_than_the_pixels_is_ignored():
     assert _decoded(_image(128, "L", icc=ADOBE)).tolist() == [128] * 3
     assert _decoded(_image((200, 60, 30), icc=LINEAR_GREY)).tolist() == [200, 60, 30]
+
+
+def test_an_ignored_profile_is_said_so_and_a_used_one_is_not():
+    """Decoded as sRGB and said nowhere: the extraction could not count them."""
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    ignored = [_image(128, "L", icc=ADOBE), _image((200, 60, 30), icc=LINEAR_GREY),
+               _image((200, 60, 30), fmt="JPEG", icc=lab), _image(128, "L", icc=srgb)]
+    assert [_ignored(d) for d in ignored] == [True] * 4
+    used = [_image((200, 60, 30), icc=ADOBE), _image(128, "L", icc=LINEAR_GREY),
+            _image((200, 60, 30), icc=srgb), _image((200, 60, 30))]
+    assert [_ignored(d) for d in used] == [False] * 4
+    assert [_ignored(d) for d in ignored] == [True] * 4  # cached transforms say the same
 
 
 @pytest.mark.parametrize("icc,match", [(ADOBE[:100], "unusable"), (b"\0" * 600, "unusable"),

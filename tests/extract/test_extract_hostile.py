@@ -160,6 +160,32 @@ def test_damaged_tars_keep_what_was_read(encoder, tmp_path, damage, written, rej
     assert marker["samples"] == written
 
 
+def _with_profile(mode: str, fmt: str, space: bytes) -> bytes:
+    """An image embedding the sRGB profile relabelled to the colour space `space`."""
+    from PIL import Image, ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    buf = io.BytesIO()
+    Image.new(mode, (32, 32)).save(buf, fmt, icc_profile=srgb[:16] + space + srgb[20:])
+    return buf.getvalue()
+
+
+def test_images_whose_icc_profile_is_ignored_are_written_and_counted(encoder, tmp_path):
+    """A CMYK profile, or one of another colour space than the pixels', is ignored and its image
+    written as if sRGB: it was counted nowhere, now per unit in each stage's marker."""
+    cmyk = _with_profile("CMYK", "JPEG", b"CMYK")
+    members = {"cmyk": {"jpg": cmyk, "txt": CAP},
+               "grey_rgb_profile": {"png": _with_profile("L", "PNG", b"RGB "), "txt": CAP},
+               "srgb": {"png": _with_profile("RGB", "PNG", b"RGB "), "txt": CAP},  # used: not counted
+               "plain": {"png": GOOD, "txt": CAP},
+               "cmyk_no_caption": {"jpg": cmyk}}  # rejected: not written, not counted
+    path = str(tmp_path / "in.tar")
+    write_tar(path, [{"__key__": k, **m} for k, m in members.items()])
+    (marker, rejects, _), = _extract(encoder, path)
+    assert [r["key"] for r in rejects] == ["cmyk_no_caption"]
+    assert (marker["samples"], marker["icc_ignored"]) == (4, 2)
+
+
 def test_same_key_in_two_tars_is_kept_in_each(encoder, tmp_path):
     for i in range(2):
         write_tar(str(tmp_path / f"s-{i}.tar"), [{"__key__": "a", "png": GOOD, "txt": CAP}])

@@ -23,9 +23,10 @@ def _rejects(unit: int, n: int) -> bytes:
                                 "detail": _DETAIL}).encode() + b"\n" for k in range(n))
 
 
-def _finish(root: str, rejected: list[int], write: bool = True) -> dict:
+def _finish(root: str, rejected: list[int], write: bool = True, icc: list | None = None) -> dict:
     """run._finish over units whose rejects files hold `rejected[i]` lines each (written first
-    unless `write` is False: there from an earlier call)."""
+    unless `write` is False: there from an earlier call); `icc[i]`: unit i's icc_ignored, left
+    out of its marker where None."""
     cfg = load(ExtractConfig, [], [f"inputs={root}/in-{{0..{len(rejected) - 1}}}.tar", f"output={root}",
                                    "tokenizer=unused", "stages=[{resolution: 32}]"])
     results = {}
@@ -34,6 +35,8 @@ def _finish(root: str, rejected: list[int], write: bool = True) -> dict:
             storage.write_bytes_atomic(mf.rejects_url(root, i), _rejects(i, n))
         marker = {"index": i, "source": f"in-{i}.tar", "samples": 0, "inputs": n, "rejected": n,
                   "bytes": 0, "sha256": "", "upscaled": 0}
+        if icc is None or icc[i] is not None:
+            marker["icc_ignored"] = 0 if icc is None else icc[i]
         results[i] = {"skipped": False, "stages": {"32": marker}}
     return R._finish(cfg, list(range(len(rejected))), {"32": [[32, 32]]}, {}, results, {}, 1.0, 0)
 
@@ -79,3 +82,17 @@ def test_a_malformed_rejects_line_is_named_and_the_merged_file_kept(tmp_path, ba
                                          r"redo that unit$"):
         _finish(root, [2, 3], write=False)
     assert open(f"{root}/{mf.REJECTS_NAME}", "rb").read() == before
+
+
+def test_ignored_icc_profiles_are_summed_per_stage_and_printed(tmp_path, capsys):
+    """The units' icc_ignored counts reach the index's shards and totals and the summary line;
+    unknown (?) where a marker an earlier bdt wrote has none."""
+    root = str(tmp_path / "out")
+    summary = _finish(root, [1, 0, 2], icc=[3, 0, 4])
+    assert summary["stages"]["32"]["icc_ignored"] == 7
+    index = json.loads(open(f"{root}/{mf.INDEX_NAME}").read())
+    assert [s["icc_ignored"] for s in index["stages"]["32"]["shards"]] == [3, 0, 4]
+    assert "0 upscaled, 7 with an ICC profile ignored" in capsys.readouterr().out
+    summary = _finish(root, [1, 0, 2], icc=[3, None, 4])
+    assert summary["stages"]["32"]["icc_ignored"] is None
+    assert "0 upscaled, ? with an ICC profile ignored" in capsys.readouterr().out
