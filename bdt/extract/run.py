@@ -275,7 +275,9 @@ def _finish(cfg: ExtractConfig, units: list[InputUnit], stages: dict[str, list[l
                 lines = storage.read_lines(mf.rejects_url(root, index), "merging")
                 for number, line in enumerate(lines, 1):
                     reasons[_reason(root, index, number, line)] += 1
-                    merged.write(line)
+                    # A whole record that ends the file without its newline (another tool's file)
+                    # would run into the next unit's first one; a torn one _reason refuses.
+                    merged.write(line if line.endswith(b"\n") else line + b"\n")
     stage_info = {stage_name(s): {"resolution": s.resolution, "patch_size": cfg.patch_size,
                                   "buckets": stages[stage_name(s)]} for s in cfg.stages}
     index = mf.build_index(root, identity, to_dict(cfg), stage_info, markers)

@@ -84,6 +84,27 @@ def test_a_malformed_rejects_line_is_named_and_the_merged_file_kept(tmp_path, ba
     assert open(f"{root}/{mf.REJECTS_NAME}", "rb").read() == before
 
 
+def test_a_rejects_file_without_its_last_newline_is_merged_line_by_line(tmp_path):
+    """A unit's file whose last record lacks its newline (written by another tool) ran into the
+    next unit's first record: one line holding two records in the merged file."""
+    root = str(tmp_path / "out")
+    storage.write_bytes_atomic(mf.rejects_url(root, 0), _rejects(0, 2).rstrip(b"\n"))
+    storage.write_bytes_atomic(mf.rejects_url(root, 1), _rejects(1, 3))
+    summary = _finish(root, [2, 3], write=False)
+    merged = open(f"{root}/{mf.REJECTS_NAME}", "rb").read()
+    assert merged == _rejects(0, 2) + _rejects(1, 3)
+    assert sum(summary["rejects_by_reason"].values()) == 5
+
+
+def test_a_torn_last_record_is_named_by_file_and_line(tmp_path):
+    """The partial last line a killed writer leaves is no record: refused as any malformed line."""
+    root = str(tmp_path / "out")
+    storage.write_bytes_atomic(mf.rejects_url(root, 0), _rejects(0, 3)[:-40])
+    storage.write_bytes_atomic(mf.rejects_url(root, 1), _rejects(1, 1))
+    with pytest.raises(ValueError, match=r"/rejects/000000\.jsonl line 3 is not a reject record"):
+        _finish(root, [3, 1], write=False)
+
+
 def test_ignored_icc_profiles_are_summed_per_stage_and_printed(tmp_path, capsys):
     """The units' icc_ignored counts reach the index's shards and totals and the summary line;
     unknown (?) where a marker an earlier bdt wrote has none."""
