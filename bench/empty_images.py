@@ -76,7 +76,7 @@ def main() -> int:
     from bdt.eval.judge import judge_image
     from bdt.eval.run import select
     from bdt.eval.suite import load_suite
-    from bdt.generation.trained import load_trained
+    from bdt.generation.load import load_trained
     from bdt.model.sequence import to_sequence_order
     from bdt.generation.sampling import SamplingConfig, generate
     from bdt.generation.grid import to_pil

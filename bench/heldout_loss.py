@@ -73,7 +73,7 @@ def main() -> int:
         ap.error("--rows and --budget must be >= 1")
     torch.set_num_threads(args.threads)
     from bdt.data.shard_source import list_shards
-    from bdt.generation.trained import load_trained
+    from bdt.generation.load import load_trained
 
     model = load_trained(args.model).model
 

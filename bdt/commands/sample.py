@@ -114,7 +114,8 @@ def check_sampling_args(args: argparse.Namespace) -> None:
 def load_for_args(args: argparse.Namespace):
     """(TrainedModel, (W, H), SamplingConfig) from the shared options; user errors raise."""
     from bdt.generation.sampling import SamplingConfig
-    from bdt.generation.trained import load_trained, parse_bucket, pick_device
+    from bdt.generation.load import load_trained, pick_device
+    from bdt.generation.trained import parse_bucket
 
     check_sampling_args(args)
     size = parse_bucket(args.bucket or str(128 if args.size is None else args.size))

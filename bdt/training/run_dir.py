@@ -10,7 +10,7 @@ trainer.
                             its COMPLETE marker (checkpoint.py), owner.json naming its run
   <run_dir>/backbone/       the AR model's LLM config.json and text tokenizer, no weights (written
                             at each start): with a checkpoint's weights, the model without the
-                            pretrained LLM's folder (bdt.generation.trained)
+                            pretrained LLM's folder (bdt.generation.checkpoint_reader)
   <run_dir>/export/         the trained model, written when the run ends; the AR trainer's holds
                             the model (BitDanceModel.save_pretrained, with the record of its
                             llm/config.json that sampling compares: llm_config_record.py),

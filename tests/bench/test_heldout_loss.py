@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from bdt.generation.bitdance_release import import_release
-from bdt.generation.trained import load_trained
+from bdt.generation.load import load_trained
 from mllm_tiny import write_release
 from testkit import REPO
 from trainutil import write_shards

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from bdt.cli import main
 from bdt.generation.bitdance_release import import_release
-from bdt.generation.trained import load_trained
+from bdt.generation.load import load_trained
 from bdt.model.ar import BitDanceModel
 from bdt.model.keymap import HEAD_CONFIG, HEAD_WEIGHTS, PROJECTOR_WEIGHTS, split_bitdance_state_dict
 

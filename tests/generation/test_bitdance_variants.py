@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from bdt.generation.bitdance_release import import_release
 from bdt.generation.sampling import SamplingConfig
-from bdt.generation.trained import load_trained
+from bdt.generation.load import load_trained
 from bdt.model.keymap import AE_WEIGHTS, HEAD_CONFIG, HEAD_WEIGHTS, PROJECTOR_WEIGHTS
 
 from bitdance_variants import VARIANTS, WORDS, folder, write_variant

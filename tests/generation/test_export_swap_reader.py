@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bdt.generation import trained
+from bdt.generation import export_reader
 from bdt.generation.bitdance_release import import_release
-from bdt.generation.trained import load_trained
+from bdt.generation.load import load_trained
 from bdt.model.ar import WEIGHTS_NAME
 from bdt.training.ar.export import _replace_dir
 from bdt.training.run_dir import EXPORT_IMAGE_TOKENIZER_DIR
@@ -44,7 +44,7 @@ def _swap_before_the_image_tokenizer(monkeypatch, exports, export, swaps: int) -
     """The first `swaps` loads find a new export (b, a, b, ...) swapped in under `export` once the
     model's files are read and before the image tokenizer's are: what a run's end does to a
     reader at the wrong moment."""
-    load_decoder, done = trained._load_decoder, []
+    load_decoder, done = export_reader.load_decoder, []
 
     def swapping(*args, **kwargs):
         if len(done) < swaps:
@@ -54,7 +54,7 @@ def _swap_before_the_image_tokenizer(monkeypatch, exports, export, swaps: int) -
             done.append(src.name)
         return load_decoder(*args, **kwargs)
 
-    monkeypatch.setattr(trained, "_load_decoder", swapping)
+    monkeypatch.setattr(export_reader, "load_decoder", swapping)
     return done
 
 

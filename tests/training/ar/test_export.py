@@ -117,7 +117,7 @@ def test_the_export_records_the_stage_path_the_run_read(tmp_path, monkeypatch):
     as `<cwd>/run,<cwd>/v2/tok` and the sampler's trained-bucket check, finding nothing there,
     was silently off. `~` as the run read it; a remote URL as given."""
     from bdt.config import save_resolved
-    from bdt.generation.trained import _trained_buckets
+    from bdt.generation.trained import trained_buckets
 
     root = tmp_path / "run,v2" / "tok"
     (root / "f").mkdir(parents=True)
@@ -138,7 +138,7 @@ def test_the_export_records_the_stage_path_the_run_read(tmp_path, monkeypatch):
     assert record.stages[0].shards == str(root)
     save_resolved(record, str(tmp_path / "export"), name="train.yaml")
     monkeypatch.chdir(tmp_path / "export")  # another working directory
-    assert _trained_buckets(str(tmp_path / "export" / "train.yaml")) == [(64, 48)]
+    assert trained_buckets(str(tmp_path / "export" / "train.yaml")) == [(64, 48)]
 
 
 def _export(tmp_path, tokenizer: str) -> str:
