@@ -32,7 +32,7 @@ def loss_on(model, urls: list[str], rows: int, budget: int, seed: int = 0) -> di
     """Mean losses of the first `rows` packed rows of `urls` (stream order of `seed`); row k's
     flow times and noise come from a generator seeded k, whatever the shards."""
     from bdt.model.sequence import PackedSequence
-    from bdt.training.ar.setup import stage_packer
+    from bdt.training.ar.stage_stream import stage_packer
     from bdt.training.ar.stage_rows import CaptionMeasure, StageRows
 
     packer = stage_packer(model, model.cfg.parallel_num, budget, caption_dropout=0.0)

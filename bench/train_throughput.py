@@ -5,7 +5,7 @@
         [--head-width 384 --head-depth 3] [--peak-n 2048 --peak-seconds 3]
 
 One process, world of one, DeepSpeed ZeRO-0, fp32, 2 threads: the step is the trainer's
-(bdt/training/ar/loop.py: TokenStream -> SequencePacker -> engine(packed) -> engine.backward ->
+(bdt/training/ar/step.py: TokenStream -> SequencePacker -> engine(packed) -> engine.backward ->
 engine.step), timed phase by phase. fp32 because it is never slow on these machines: bf16
 matmuls are far slower than fp32 on avx2-only CPUs and faster only with avx512_bf16 or AMX (both
 peaks are measured and reported; with AMX, bf16 steps of this config ran 1.8x faster, README).
@@ -97,7 +97,7 @@ def make_data(out: str, tokenizer, n: int, size: int) -> dict[str, bytes]:
 
 def build_job(tmp: str, budget: int, llm_shape: dict, head: dict):
     from bdt.model.backbone import make_tiny_llm
-    from bdt.training.ar import setup
+    from bdt.training.ar import model_build
     from bdt.training.schedule import WarmupSchedule
     from bdt.training.deepspeed_config import (
         DeepSpeedConfig,
@@ -120,7 +120,7 @@ def build_job(tmp: str, budget: int, llm_shape: dict, head: dict):
     cfg.deepspeed = DeepSpeedConfig(zero_stage=0, precision="fp32", micro_batch_size=1)
     ds = build_ds_config(cfg.deepspeed, OptimConfig(lr=1e-4), 1)
     torch.manual_seed(0)
-    model, _ = setup.build_model(cfg, ds)  # ZeRO-0: no HfDeepSpeedConfig to keep alive
+    model, _ = model_build.build_model(cfg, ds)  # ZeRO-0: no HfDeepSpeedConfig to keep alive
     engine = initialize_engine(model, ds, WarmupSchedule(0, 100, "constant"))
     return cfg, model, engine
 
@@ -140,7 +140,7 @@ def main() -> None:
     from bdt.data.shard_source import list_shards
     from bdt.model.sequence import ImageSample
     from bdt.tokenizer.bits import to_pm1
-    from bdt.training.ar import setup
+    from bdt.training.ar import stage_stream
     from bdt.training.checkpoint import CheckpointManager
     from bdt.training.distributed import cleanup, init_distributed
     from bdt.training.ar.flops import FlopModel, measure_peak_flops
@@ -154,8 +154,8 @@ def main() -> None:
         cfg, model, engine = build_job(tmp, args.budget, llm_shape, head)
         n_params = sum(p.numel() for p in model.parameters())
         shards = list_shards(cfg.stages[0].shards)
-        stream, packer = setup.make_stream(cfg, 0, shards, model, dist)
-        probe, _ = setup.make_stream(cfg, 0, shards, model, dist)  # data-path bursts only
+        stream, packer = stage_stream.make_stream(cfg, 0, shards, model, dist)
+        probe, _ = stage_stream.make_stream(cfg, 0, shards, model, dist)  # data-path bursts only
         flop_model = FlopModel.from_model(model.llm,
                                           sum(p.numel() for p in model.head.parameters()), 1)
         peak_at = dict(n=args.peak_n, seconds=args.peak_seconds)

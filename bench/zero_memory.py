@@ -6,7 +6,7 @@
 
 The model is common.LLM_100M + common.HEAD_100M unless the flags above change its size.
 For each stage, two fresh rank processes (torch.multiprocessing, gloo, 1 thread each) build the
-model the way the trainer does (bdt.training.ar.setup.build_model + initialize_engine, fp32, AdamW),
+model the way the trainer does (bdt.training.ar.model_build.build_model + initialize_engine, fp32, AdamW),
 run one training step on the same packed micro-batch, and report:
   params      bytes of the parameter storage this rank holds (ZeRO-3: its partition)
   optimizer   bytes of the fp32 master copies and Adam moments this rank holds (storages shared
@@ -67,7 +67,7 @@ def worker(rank: int, world: int, port: int, stage: int, llm: str, head: dict, o
     torch.set_num_threads(1)
     from bdt.model.sequence import ImageSample, SequencePacker
     from bdt.model.text_tokenizer import encode
-    from bdt.training.ar import setup
+    from bdt.training.ar import model_build
     from bdt.training.deepspeed_config import (
         DeepSpeedConfig,
         OptimConfig,
@@ -84,11 +84,11 @@ def worker(rank: int, world: int, port: int, stage: int, llm: str, head: dict, o
     for k, v in head.items():
         setattr(cfg.model.head, k, v)
     cfg.deepspeed = DeepSpeedConfig(zero_stage=stage, precision="fp32", micro_batch_size=1)
-    setup.skip_deepspeed_muon(cfg)  # before DeepSpeed starts, as the trainer calls it
+    model_build.skip_deepspeed_muon(cfg)  # before DeepSpeed starts, as the trainer calls it
     init_distributed()
     ds = build_ds_config(cfg.deepspeed, OptimConfig(lr=1e-4), world)
     torch.manual_seed(0)
-    model, hf_ds = setup.build_model(cfg, ds)  # hf_ds: keep the ZeRO-3 HF config alive
+    model, hf_ds = model_build.build_model(cfg, ds)  # hf_ds: keep the ZeRO-3 HF config alive
     engine = initialize_engine(model, ds, WarmupSchedule(0, 10, "constant"))
     packer = SequencePacker(model.special, model.prompt, 4, max_len=1024,
                             encode_text=lambda s: encode(model.tokenizer, s))

@@ -210,7 +210,7 @@ def tiny_image_tokenizer(out_dir: str, bits: int = 16) -> str:
 
 @rank_entry
 def _build_rank_main(rank: int, world: int, port: int, argv: list[str], out_dir: str) -> None:
-    """One rank: `setup.build_model` under the config of `argv`; writes what this rank holds
+    """One rank: `model_build.build_model` under the config of `argv`; writes what this rank holds
     (local numel per parameter, full values gathered from the partitions) to out_dir."""
     _rank_env(rank, world, port)
     import deepspeed
@@ -219,7 +219,7 @@ def _build_rank_main(rank: int, world: int, port: int, argv: list[str], out_dir:
     from safetensors.torch import save_file
 
     from bdt.config import load
-    from bdt.training.ar import setup
+    from bdt.training.ar import model_build
     from bdt.training.deepspeed_config import build_ds_config
     from bdt.training.distributed import init_distributed
     from bdt.training.ar.config import TrainConfig
@@ -228,7 +228,7 @@ def _build_rank_main(rank: int, world: int, port: int, argv: list[str], out_dir:
     cfg = OmegaConf.to_object(load(TrainConfig, [argv[1]], argv[2:]))
     init_distributed()
     torch.manual_seed(cfg.seed)
-    model, hf_ds = setup.build_model(cfg, build_ds_config(cfg.deepspeed, cfg.optim, world))
+    model, hf_ds = model_build.build_model(cfg, build_ds_config(cfg.deepspeed, cfg.optim, world))
     local = {n: int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
              for n, p in model.named_parameters()}
     full = {}

@@ -17,7 +17,7 @@ import pytest
 from bdt.cluster.launch_checks import retry_may_fix
 from bdt.cluster.resume import CANNOT_START, DONE
 from bdt.data.shard_source import EmptyRemoteListing, list_shards
-from bdt.training.ar.setup import check_data
+from bdt.training.ar.start_checks import check_data
 from bdt.training.run_dir import LAUNCH_ERROR, record_launch_error
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,13 +1,10 @@
 """The AR training loop: DeepSpeed engine, progressive stages, exact resume, preemption, logging.
 
-One step = `grad_accum` packed micro-batches per rank (TokenStream; built ahead by a prefetch
-worker, stage_rows.py), each `engine(packed)` ->
-`engine.backward` -> `engine.step` (DeepSpeed applies the optimizer at the accumulation
-boundary). Stages run back to back in one process (StageClock); the data stream is rebuilt at a
-stage switch. A checkpoint holds the engine (DeepSpeed) + per-rank state: step, stage, tokens
-and images seen, the stream's exact position and buffer, RNG states (CheckpointManager). Resume
-picks the newest complete checkpoint, lands in its stage with its stream state, and repeats the
-uninterrupted run bitwise (same world size and thread count; environment.md).
+One step (step.py) = `grad_accum` packed micro-batches per rank. Stages run back to back in one
+process (StageClock); the data stream is rebuilt at a stage switch. A checkpoint holds the engine
+(DeepSpeed) + per-rank state (checkpoint_state.py). Resume picks the newest complete checkpoint,
+lands in its stage with its stream state, and repeats the uninterrupted run bitwise (same world
+size and thread count; environment.md).
 """
 
 from __future__ import annotations
@@ -28,19 +25,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from bdt.config import save_resolved
 from bdt.data.shard_source import check_rank_split
-from bdt.training.ar import reshard, run_tokenizer, setup
+from bdt.training.ar import model_build, reshard, start_checks
+from bdt.training.ar.checkpoint_state import restore, save_checkpoint
 from bdt.training.ar.config import TrainConfig, validate
 from bdt.training.ar.export import export_model
 from bdt.training.ar.flops import FlopModel, measure_peak_flops
+from bdt.training.ar.init_from import earlier_init_from, resolve_init_from
 from bdt.training.ar.stage_rows import StageData
+from bdt.training.ar.stage_stream import stage_rows, stream_seed
 from bdt.training.ar.stages import StageClock
+from bdt.training.ar.step import train_step
 from bdt.training.ar.step_log import LogWindow, log_window_means
 from bdt.training.ar.time_fit import TimeFit
 from bdt.training.checkpoint import CheckpointManager
 from bdt.training.deepspeed_config import build_ds_config, initialize_engine
-from bdt.training.distributed import (DistInfo, all_gather_int, all_gather_object, all_reduce_sum,
-                                      cleanup, init_distributed)
-from bdt.training.divergence import StepHealth, plain_grad_norm, raise_diverged
+from bdt.training.distributed import (DistInfo, all_gather_int, all_gather_object, cleanup,
+                                      init_distributed)
+from bdt.training.divergence import StepHealth, raise_diverged
 from bdt.training.ema import EMA
 from bdt.training.metrics import MetricsLogger, Throughput, Timer
 from bdt.training.model_shapes import (check_model_signature, model_signature,
@@ -76,13 +77,13 @@ def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
     `in_loop(cfg, dist)`: this rank's previews and evaluations (bdt/train.py builds them)."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
-    setup.resolve_init_from(cfg)
+    resolve_init_from(cfg)
     validate(cfg)
-    setup.set_threads(cfg.threads)
-    setup.check_copied_folders(cfg)  # before check_data hashes the tokenizer's files
-    data = setup.check_data(cfg)  # bad shard paths / tokenizer mismatch: fail before anything
-    setup.check_image_tokenizer(cfg)
-    setup.skip_deepspeed_muon(cfg)
+    start_checks.set_threads(cfg.threads)
+    start_checks.check_copied_folders(cfg)  # before check_data hashes the tokenizer's files
+    data = start_checks.check_data(cfg)  # bad shards / tokenizer mismatch: fail before anything
+    start_checks.check_image_tokenizer(cfg)
+    model_build.skip_deepspeed_muon(cfg)
     dist = init_distributed()
     lock = None
     try:
@@ -107,7 +108,7 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train(cfg: TrainConfig, dist: DistInfo, data: setup.CheckedData, in_loop: InLoopTasks
+def _train(cfg: TrainConfig, dist: DistInfo, data: start_checks.CheckedData, in_loop: InLoopTasks
            ) -> dict:
     sources, tokenizer = data
     # Base LR 1: the stage clock's multiplier is the absolute LR (stages.py).
@@ -121,10 +122,10 @@ def _train(cfg: TrainConfig, dist: DistInfo, data: setup.CheckedData, in_loop: I
                                        "deepspeed.precision": cfg.deepspeed.precision})
     ckpt.bind(cfg.run_dir, cfg.checkpoint.adopt)  # another run's checkpoint root: refused here
     _seed_all(cfg.seed)  # identical initialisation on every rank
-    model, hf_ds_config = setup.build_model(cfg, ds_config)  # noqa: F841 (kept alive: weak ref)
-    setup.check_budgets(cfg, model, sources)
+    model, hf_ds_config = model_build.build_model(cfg, ds_config)  # noqa: F841 (kept: weak ref)
+    start_checks.check_budgets(cfg, model, sources)
     # What each rank holds right after the build: under ZeRO-3 its partitions only.
-    params_local = all_gather_int(setup.local_numel(model))
+    params_local = all_gather_int(model_build.local_numel(model))
     signature = model_signature(model, text_vocab(model.tokenizer))
     check_model_signature(ckpt.root, signature, dist)
     flop_model = FlopModel.for_model(model)
@@ -133,61 +134,22 @@ def _train(cfg: TrainConfig, dist: DistInfo, data: setup.CheckedData, in_loop: I
     engine = initialize_engine(model, ds_config, clock)
     ema = EMA(engine.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
-    params = {"params": sum(setup.numel(p) for p in model.parameters()),
+    params = {"params": sum(model_build.numel(p) for p in model.parameters()),
               **{f"params_local/rank{r}": n for r, n in enumerate(params_local)}}
-    earlier_init = setup.earlier_init_from(cfg.run_dir) if dist.is_main else None
+    earlier_init = earlier_init_from(cfg.run_dir) if dist.is_main else None
     step, saved_step, stage_idx, stream = 0, -1, -1, None
     seen = {"tokens": 0, "images": 0, "flops": 0.0}  # this rank's
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
     resumed = ckpt.resume({"model": engine}, reshard=reshard.resplit_train_states(
-        lambda si: sources[si].urls, lambda si: setup.stream_seed(cfg, si)),
+        lambda si: sources[si].urls, lambda si: stream_seed(cfg, si)),
         fresh=not cfg.checkpoint.resume)
     record_model_signature(ckpt.root, signature, dist)  # the checkpoint loaded: the shapes fit
     stream_state, log_window = None, None
     if resumed is not None:
-        resume, meta, tensors, shared = resumed.tag, resumed.meta, resumed.tensors, resumed.shared
-        step = saved_step = int(meta["step"])
-        seen = {"flops": 0.0, **meta["seen"]}  # checkpoints before flops were counted lack it
-        if "clock" not in meta:
-            raise ValueError(f"checkpoint {ckpt.root}/{resume} has no stage clock (written before "
-                             f"stages could end on real tokens): start a new checkpoint.dir")
-        clock.load_state_dict(meta["clock"])
-        saved_stage = clock.stage
-        clock.resume_at(step)  # the config's stage lengths, which may have changed since
-        engine.lr_scheduler.write_lrs()  # the config's LR at the restored position (schedule.py)
-        if ema is not None:
-            if not shared or "ema" not in shared:
-                raise ValueError(f"checkpoint {ckpt.root}/{resume} holds no EMA weights but "
-                                 f"ema_decay={cfg.ema_decay}: resume with ema_decay=0")
-            ema.load_state_dict(shared["ema"])
-        elif shared and "ema" in shared and dist.is_main:
-            log.warning("checkpoint %s/%s holds EMA weights that ema_decay=0 drops: later "
-                        "checkpoints and the export hold the live weights", ckpt.root, resume)
-        stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
-        # Refused at a stage switch too: every stage's stream is seeded from it, so a new seed
-        # there made another run than the one resumed, and whether it was taken depended on
-        # where a preemption fell. (Named: the stream's check cannot tell.)
-        if meta.get("seed", cfg.seed) != cfg.seed:
-            raise ValueError(f"seed = {cfg.seed}, but the run's data streams are shuffled with "
-                             f"seed = {meta['seed']} (checkpoint {ckpt.root}/{resume}): resume "
-                             f"with seed={meta['seed']}, or start a new run directory")
-        run_tokenizer.check_resumed(tokenizer, meta, f"{ckpt.root}/{resume}")
-        if clock.stage == meta["stage"]:  # the stream resumes (else its stage is over)
-            setup.check_stream_state(cfg, clock.stage, sources[clock.stage], meta["stream"], dist)
-        log_window = meta.get("log_window")  # absent before windows were kept, None after a resplit
-        if meta.get("threads") != torch.get_num_threads():
-            # environment.md: a different intra-op thread count changes float reduction order.
-            log.warning("checkpoint written with %s torch threads, this run has %d: training "
-                        "continues, but not bitwise as the uninterrupted run would (set "
-                        "`threads`)", meta.get("threads"), torch.get_num_threads())
-        if dist.is_main:
-            log.info("resumed from %s/%s (stage %s)", ckpt.root, resume,
-                     clock.names[min(clock.stage, len(clock.names) - 1)])
-            if earlier_init is not None and earlier_init != cfg.init_from:
-                log.warning("init_from=%s (the last start had %r) is not loaded: the run resumed "
-                            "from its checkpoint %s, whose weights continue it. To start from "
-                            "init_from, give the run a new run_dir", cfg.init_from or "''",
-                            earlier_init, resume)
+        restored = restore(resumed, ckpt.root, cfg, dist, clock, engine, ema, tokenizer, sources,
+                           earlier_init)
+        step = saved_step = restored.step
+        seen, stream_state, log_window = restored.seen, restored.stream_state, restored.log_window
     else:
         _seed_all(cfg.seed * 1000 + 1 + dist.rank)  # per-rank noise, flips, caption dropout
     # Recorded once the resume's checks passed: a refused config (another ZeRO stage, seed,
@@ -203,10 +165,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, data: setup.CheckedData, in_loop: I
         logger.log(0, {"stage": clock.stage})
     else:  # the layout per rank again: the world size may have changed
         logger.log(step, {"resumed_from_step": step, "checkpoints_skipped": len(resumed.skipped),
-                          "resumed_from_world_size": meta.get("resplit_from_world_size",
-                                                              dist.world_size),
+                          "resumed_from_world_size": restored.world_size,
                           **{k: v for k, v in params.items() if k.startswith("params_local/")}})
-        if clock.stage != saved_stage and not clock.finished:  # the config moved the switch
+        if clock.stage != restored.saved_stage and not clock.finished:  # the config moved it
             logger.log(step, {"stage": clock.stage})
 
     peak = cfg.logging.peak_tflops * 1e12 or measure_peak_flops(
@@ -238,47 +199,13 @@ def _train(cfg: TrainConfig, dist: DistInfo, data: setup.CheckedData, in_loop: I
                 check_rank_split(sources[si], dist.world_size,
                                  f"stages[{si}] ({cfg.stages[si].name})")
                 state = stream_state[1:] if stream_state and stream_state[0] == si else None
-                stream = StageData(setup.stage_rows(cfg, si, sources[si], model, dist, state),
+                stream = StageData(stage_rows(cfg, si, sources[si], model, dist, state),
                                    cfg.data.prefetch, cfg.data.prefetch_worker, dist.device,
                                    cfg.data.stall_s)
                 stream_state = None
             with Timer() as t_step:
-                data_wait = 0.0
-                step_tokens = 0
-                health.reset()
-                for micro in range(cfg.deepspeed.grad_accum):
-                    with Timer() as t_data:
-                        row = stream.next()  # built ahead by the prefetch worker
-                        if keylog:
-                            keylog.add(step + 1, row.keys)
-                    packed = row.packed
-                    data_wait += t_data.seconds
-                    step_tokens += row.tokens
-                    # One row length per stage: flex compiles once (bdt.model.attention).
-                    losses = engine(packed, row_len=cfg.stages[stage_idx].token_budget)
-                    engine.backward(losses["total"])
-                    if engine.is_gradient_accumulation_boundary():
-                        if plain_grads:
-                            window.grad_norm = plain_grad_norm(engine.module)
-                        # Before engine.step, which has the clock compute the next step's LR:
-                        # a stage that ends with this step hands that LR to the next stage.
-                        clock.add_tokens(all_reduce_sum(step_tokens, dist.device))
-                        if clock.stage_done(step + 1):
-                            clock.advance(step + 1)
-                    window.lr = engine.get_lr()[0]  # this step's LR: engine.step moves it on
-                    engine.step()
-                    n_img = packed.num_samples
-                    flops = flop_model.packed_flops(packed)
-                    window.flops += flops
-                    seen["flops"] += flops
-                    terms = {"loss": losses["total"].item(), "text_ce": float(losses["text_ce"]),
-                             "vision": float(losses["vision"])}
-                    health.check_losses(terms, f"micro-batch {micro} of stage "
-                                        f"{cfg.stages[stage_idx].name}", row.keys)
-                    window.add({**terms, "bit_accuracy": float(losses["bit_accuracy"])})
-                    seen["tokens"] += row.tokens
-                    seen["images"] += n_img
-                    meter.add_step(n_img, row.tokens)
+                data_wait = train_step(cfg, engine, stream, stage_idx, step, clock, window, meter,
+                                       health, seen, flop_model, keylog, plain_grads, dist)
             meter.add_data_wait(data_wait)
             norm = engine.get_global_grad_norm()
             health.check_grad_norm(window.grad_norm if norm is None else float(norm))
@@ -316,8 +243,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, data: setup.CheckedData, in_loop: I
             # comes first then (the tasks draw from their own generators, so the checkpoint is
             # the same either way); a kill during the tasks costs their record, no steps.
             if save and stopped:
-                saved_step = _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg, ema,
-                                   window, tokenizer)
+                saved_step = save_checkpoint(ckpt, engine, step, stage_idx, clock, stream, seen,
+                                             cfg, ema, window, tokenizer)
             for task in tasks:
                 if task.due(step):
                     with _sampling_weights(ema, engine.module, cfg.compile.enabled) as module:
@@ -328,8 +255,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, data: setup.CheckedData, in_loop: I
                    for every in (cfg.logging.sample_every, cfg.eval.every)):
                 patient_barrier()  # previews are rank 0's alone under ZeRO 0-2
             if save and not stopped:
-                saved_step = _save(ckpt, engine, step, stage_idx, clock, stream, seen, cfg, ema,
-                                   window, tokenizer)
+                saved_step = save_checkpoint(ckpt, engine, step, stage_idx, clock, stream, seen,
+                                             cfg, ema, window, tokenizer)
             if why:
                 if dist.is_main:
                     log.info("%s: %s step %d%s", "stop signal" if stopped else "time limit",
@@ -351,7 +278,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, data: setup.CheckedData, in_loop: I
                "seen": seen, "stream": counters,
                "stream_all_ranks": {k: sum(c.get(k, 0) for c in every_rank) for k in counters}}
     if not stopped:
-        summary["param_digests"] = setup.param_digests(engine.module, zero3)
+        summary["param_digests"] = model_build.param_digests(engine.module, zero3)
         if cfg.export:
             with _sampling_weights(ema, engine.module, cfg.compile.enabled):
                 export_model(engine, model, cfg, export_dir(cfg.run_dir), dist)
@@ -370,24 +297,3 @@ def _sampling_weights(ema: EMA | None, module: torch.nn.Module, compiled: bool =
                   else contextlib.nullcontext(module)) as m:
         yield m
 
-
-def _save(ckpt: CheckpointManager, engine, step: int, stage_idx: int, clock: StageClock, stream,
-          seen: dict, cfg: TrainConfig, ema: EMA | None, window: LogWindow,
-          tokenizer: run_tokenizer.RunTokenizer | None) -> int:
-    """Collective: checkpoint `step`; returns it."""
-    stream_meta, stream_tensors = stream.state_dict()
-    # "stage" is the stage whose stream this is; after a stage's last step the clock is
-    # already in the next one (whose stream starts fresh on resume).
-    meta = {"step": step, "threads": torch.get_num_threads(), "seed": cfg.seed, "stage": stage_idx,
-            "stage_name": cfg.stages[stage_idx].name, "clock": clock.state_dict(), "seen": seen,
-            "stream": stream_meta, "log_window": window.state_dict(),
-            run_tokenizer.META_KEY: tokenizer.record() if tokenizer else None}
-    tensors = {f"stream.{k}": v for k, v in stream_tensors.items()}
-    # fault.kill_during_checkpoint: every file is written, then the ranks die before the marker.
-    die = (lambda: os.kill(os.getpid(), signal.SIGKILL)) \
-        if cfg.fault.kill_during_checkpoint == step else None
-    ckpt.save(step, {"model": engine}, meta, tensors,
-              shared={"ema": ema.state_dict()} if ema is not None else None, before_marker=die)
-    if cfg.fault.kill_after_checkpoint == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return step

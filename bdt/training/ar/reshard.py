@@ -33,7 +33,7 @@ STREAM_PREFIX = "stream."  # the loop saves the stream's tensors under this pref
 
 def resplit_train_states(shards_of_stage: Callable[[int], list[str]],
                          seed_of_stage: Callable[[int], int]):
-    """The `reshard` function of the AR loop's per-rank state (loop._save's layout)."""
+    """The `reshard` function of the AR loop's per-rank state (checkpoint_state.py's layout)."""
 
     def reshard(old: list[tuple[dict, dict[str, torch.Tensor]]], world: int):
         first = old[0][0]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from bdt import storage
 from bdt.data.shard_source import tokenizer_sha
 
-META_KEY = "image_tokenizer"  # of the per-rank checkpoint state (loop._save)
+META_KEY = "image_tokenizer"  # of the per-rank checkpoint state (checkpoint_state.py)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from bdt.config import load
 from bdt.training.ar.config import TrainConfig
-from bdt.training.ar.setup import check_data
+from bdt.training.ar.start_checks import check_data
 from testkit import TINY_CONFIG
 from trainutil import train_overrides, write_shards
 

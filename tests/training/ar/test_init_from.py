@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from bdt.config import load
 from bdt.generation.bitdance_release import import_release
-from bdt.training.ar import setup
+from bdt.training.ar.init_from import resolve_init_from
 from bdt.training.ar.config import TrainConfig, validate
 
 from mllm_tiny import write_release
@@ -37,13 +37,13 @@ def test_init_from_supplies_backbone_tokenizer_and_architecture(imported):
     export = str(imported / "export")
     cfg = _config(f"init_from={export}")
     assert cfg.model.head.width == 32  # tiny.yaml's head, before
-    setup.resolve_init_from(cfg)
+    resolve_init_from(cfg)
     assert cfg.model.backbone.path == os.path.join(export, "llm")
     assert cfg.data.tokenizer == os.path.join(export, "image_tokenizer")
     assert (cfg.model.head.width, cfg.model.head.bits, cfg.model.parallel_num) == (128, 16, 4)
     # A tokenizer given explicitly is kept.
     cfg = _config(f"init_from={export}", "data.tokenizer=/elsewhere/tokenizer")
-    setup.resolve_init_from(cfg)
+    resolve_init_from(cfg)
     assert cfg.data.tokenizer == "/elsewhere/tokenizer"
 
 
@@ -57,7 +57,7 @@ def test_init_from_refuses_what_is_not_an_export_or_contradicts_it(imported, whe
                                                                    error, says):
     cfg = _config(f"init_from={imported / where}", *overrides)
     with pytest.raises(error, match=says):
-        setup.resolve_init_from(cfg)
+        resolve_init_from(cfg)
 
 
 def test_init_from_refuses_the_runs_own_export(imported, tmp_path):
@@ -66,7 +66,7 @@ def test_init_from_refuses_the_runs_own_export(imported, tmp_path):
     shutil.copytree(imported / "export", run_dir / "export")
     cfg = _config(f"init_from={run_dir}/export/", f"run_dir={run_dir}")
     with pytest.raises(ValueError, match=r"init_from=.* is this run's own export"):
-        setup.resolve_init_from(cfg)
+        resolve_init_from(cfg)
 
 
 def test_init_from_an_export_without_image_tokenizer_asks_for_data_tokenizer(imported, tmp_path):
@@ -75,9 +75,9 @@ def test_init_from_an_export_without_image_tokenizer_asks_for_data_tokenizer(imp
     export = tmp_path / "export"
     shutil.copytree(imported / "export", export, ignore=shutil.ignore_patterns("image_tokenizer"))
     with pytest.raises(FileNotFoundError, match=r"has no image_tokenizer/ .*set data.tokenizer"):
-        setup.resolve_init_from(_config(f"init_from={export}"))
+        resolve_init_from(_config(f"init_from={export}"))
     cfg = _config(f"init_from={export}", "data.tokenizer=/elsewhere/tokenizer")
-    setup.resolve_init_from(cfg)
+    resolve_init_from(cfg)
     assert cfg.data.tokenizer == "/elsewhere/tokenizer"
 
 
@@ -86,7 +86,7 @@ def test_a_stage_beyond_the_exports_p_is_refused_without_a_futile_hint(imported)
     init_from replaces."""
     cfg = _config(f"init_from={imported / 'export'}", "model.parallel_num=16",
                   "stages=[{name: a, shards: x, steps: 2, parallel_num: 16}]")
-    setup.resolve_init_from(cfg)
+    resolve_init_from(cfg)
     with pytest.raises(ValueError, match=r"parallel_num = 16 exceeds model.parallel_num = 4: .*"
                                          r"init_from=.* is a P = 4 model: lower the stage's P$"):
         validate(cfg)
@@ -103,7 +103,7 @@ def test_the_readmes_fine_tuning_configs_take_an_export(imported):
         [f"init_from={export}", f"data.tokenizer={export}/image_tokenizer", "data.root=tokens",
          "run_dir=runs/ft"]))
     assert cfg.model.head.width == 5120
-    setup.resolve_init_from(cfg)
+    resolve_init_from(cfg)
     validate(cfg)
     assert (cfg.model.head.width, cfg.model.parallel_num) == (128, 4)
 

@@ -11,7 +11,7 @@ from bdt.config import load
 from bdt.tokenizer.io import tokenizer_identity
 from bdt.training.ar.config import TrainConfig
 from bdt.training.ar.run_tokenizer import META_KEY, check_resumed
-from bdt.training.ar.setup import check_data
+from bdt.training.ar.start_checks import check_data
 from testkit import TINY_CONFIG, save_tiny_image_tokenizer
 from trainutil import train_overrides, write_shards
 

@@ -12,7 +12,7 @@ from bdt.model.config import ModelConfig
 from bdt.model.head import HeadConfig
 from bdt.model.sequence import ImageSample, SequencePacker
 from bdt.model.text_tokenizer import encode
-from bdt.training.ar.setup import stage_packer
+from bdt.training.ar.stage_stream import stage_packer
 from trainutil import CAPTIONS, tiny_llm
 
 EMBEDDINGS = ("llm.model.embed_tokens.weight", "llm.lm_head.weight")

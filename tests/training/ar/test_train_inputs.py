@@ -14,7 +14,7 @@ from PIL import Image
 
 from bdt.config import load
 from bdt.training.distributed import DistInfo, free_port
-from bdt.training.ar.setup import check_data
+from bdt.training.ar.start_checks import check_data
 from bdt.training.model_shapes import (check_model_signature, model_signature,
                                        record_model_signature)
 from bdt.training.ar.config import TrainConfig
@@ -132,7 +132,7 @@ def _broken_tokenizer(path: str) -> str:
 def test_an_image_tokenizer_that_does_not_load_or_has_other_bits_is_refused(tmp_path):
     """The export copies data.tokenizer: unchecked (no manifest recording a tokenizer), a broken
     one replaced the export's image tokenizer with exit 0, and `bdt sample` failed on it."""
-    from bdt.training.ar.setup import check_image_tokenizer
+    from bdt.training.ar.start_checks import check_image_tokenizer
 
     tok = tiny_image_tokenizer(str(tmp_path / "tok"))
     check_image_tokenizer(config(tmp_path, "s", f"data.tokenizer={tok}"))
@@ -439,7 +439,7 @@ def test_a_budget_below_one_samples_prompt_and_prefix_is_refused_before_training
     skipped as oversize, and the stage failed after a whole epoch of reading."""
     from bdt.data.shard_source import ShardList
     from bdt.model.ar import BitDanceModel
-    from bdt.training.ar.setup import check_budgets
+    from bdt.training.ar.start_checks import check_budgets
 
     llm = tiny_llm(str(tmp_path / "llm"))
     cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], train_overrides(
@@ -459,7 +459,7 @@ def test_a_grid_the_stage_cannot_pack_is_refused_before_training(tmp_path):
     the start, and training then skipped every sample of it (as oversize or bad_grid)."""
     from bdt.data.shard_source import ShardList
     from bdt.model.ar import BitDanceModel
-    from bdt.training.ar.setup import check_budgets
+    from bdt.training.ar.start_checks import check_budgets
 
     llm = tiny_llm(str(tmp_path / "llm"))
     cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], train_overrides(
@@ -484,7 +484,7 @@ def test_more_threads_than_cpus_are_refused_naming_the_key():
     """threads=100000 passed validation and crashed the rank with a segfault in torch."""
     import os
 
-    from bdt.training.ar.setup import set_threads
+    from bdt.training.ar.start_checks import set_threads
 
     before = torch.get_num_threads()
     with pytest.raises(ValueError, match=f"^threads = 100000 exceeds this machine's "

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from bdt.config import load
-from bdt.training.ar import setup
+from bdt.training.ar import model_build
 from bdt.training.ar.config import TrainConfig
 from bdt.training.ar.flops import FlopModel
 from testkit import TINY_CONFIG
@@ -31,7 +31,7 @@ def test_zero3_build_partitions_every_parameter_with_the_plain_values(tmp_path):
 
     cfg = OmegaConf.to_object(load(TrainConfig, [TINY_CONFIG], overrides + ["deepspeed.zero_stage=0"]))
     torch.manual_seed(cfg.seed)
-    plain, _ = setup.build_model(cfg, {})
+    plain, _ = model_build.build_model(cfg, {})
     # FLOPs and the sdpa row costs count the decoder's weights: in full, partitioned or not
     assert all(r["flops"] == dataclasses.asdict(FlopModel.for_model(plain)) for r in ranks)
     assert all(r["layer_costs"] == list(plain._layer_costs) for r in ranks)
