@@ -24,6 +24,7 @@ checks its own copy.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -41,12 +42,15 @@ from bdt.training.checkpoint_store import download_dir
 from bdt.training.distributed import all_gather_object, barrier, broadcast_object
 from bdt.training.integrity import CheckpointUnusable
 from bdt.training.patient_barrier import patient_barrier
-from bdt.training.rank_state import read_rank_files, restore_rng, user_tensors
+from bdt.training.rank_state import rank_file, read_rank_files, restore_rng, user_tensors
 
 log = logging.getLogger(__name__)
 SHARED_FILE = "shared.pt"
 
 Reshard = Callable[[list[tuple[dict, dict]], int], list[tuple[dict, dict]]]
+# (checkpoint path, rank 0's saved trainer state, its marker) -> None, or a ValueError refusing
+# the resume: run before any file but that state is fetched, verified or loaded.
+BeforeLoad = Callable[[str, dict, dict], None]
 
 
 @dataclass
@@ -64,13 +68,17 @@ class CheckpointLoader:
     and its `list_tags` lists the checkpoints."""
 
     def resume(self, engines: dict[str, Any], load_optimizer: bool = True,
-               reshard: Reshard | None = None, fresh: bool = False) -> Resumed | None:
+               reshard: Reshard | None = None, fresh: bool = False,
+               before_load: BeforeLoad | None = None) -> Resumed | None:
         """Collective: load the newest complete checkpoint that passes verification and loads,
         reporting each newer one passed over (rank 0 logs path and reason). None when there
         is no complete checkpoint; ValueError naming each when none is usable.
         `fresh` (checkpoint.resume=false) loads nothing and refuses a root holding complete
         checkpoints: the run would start at step 0 beside them, and its next restart (resume
-        on) would continue from their newest, another run's weights."""
+        on) would continue from their newest, another run's weights.
+        `before_load` refuses a resume its records decide (another seed, image tokenizer):
+        its ValueError ends the resume before a checkpoint's tensors are read (minutes at
+        1B parameters), and no older checkpoint is tried."""
         tags = broadcast_object([t for _, t, done in self.list_tags() if done]
                                 if self.dist.is_main else None)
         if fresh:
@@ -83,7 +91,8 @@ class CheckpointLoader:
         skipped: list[str] = []
         for tag in reversed(tags):
             try:
-                meta, tensors, shared = self.load(tag, engines, load_optimizer, reshard)
+                meta, tensors, shared = self.load(tag, engines, load_optimizer, reshard,
+                                                  before_load)
             except CheckpointUnusable as e:
                 skipped.append(str(e))
                 self.passed_over.add(tag)
@@ -97,7 +106,7 @@ class CheckpointLoader:
                          f"failed; none was deleted): " + " | ".join(skipped))
 
     def load(self, tag: str, engines: dict[str, Any], load_optimizer: bool = True,
-             reshard: Reshard | None = None
+             reshard: Reshard | None = None, before_load: BeforeLoad | None = None
              ) -> tuple[dict, dict[str, torch.Tensor], dict[str, Any] | None]:
         """Collective: verify `tag`, restore engines and this rank's RNG; return (rank_meta,
         rank_tensors, shared). CheckpointUnusable (on every rank) when it fails verification or
@@ -105,6 +114,8 @@ class CheckpointLoader:
         tensors), new world size) -> new per-rank (state, tensors)`; it is converted first."""
         marker = self._shared_marker(tag)
         self._check_settings(tag, marker)
+        if before_load is not None:
+            before_load(storage.join(self.root, tag), self._first_state(tag, marker), marker)
         saved_world = marker.get("world_size", self.dist.world_size)
         conv = None
         if saved_world != self.dist.world_size:
@@ -182,6 +193,41 @@ class CheckpointLoader:
                              + ": resume with the checkpoint's settings, or start a new checkpoint "
                                "directory")
 
+    def _first_state(self, tag: str, marker: dict) -> dict:
+        """Collective: rank 0's saved trainer state in `tag` (its small JSON file alone, checked
+        against the marker), or the same CheckpointUnusable on every rank."""
+        state, error = None, None
+        if self.dist.is_main:
+            name = rank_file(0, "json")
+            try:
+                entry = self._listed(tag, marker).get(name)
+                data = storage.read_bytes(storage.join(self.root, tag, name), "reading checkpoint")
+                if not isinstance(entry, dict) or any(
+                        entry.get(k) != v for k, v in integrity.digest_bytes(data).items()):
+                    raise ValueError(f"{name}: not listed in the marker, or its size or "
+                                     f"{integrity.HASH} differs from the marker's")
+                record = json.loads(data)
+                state = record.get("state") if isinstance(record, dict) else None
+                if not isinstance(state, dict):
+                    raise ValueError(f"{name}: holds no 'state' object")
+            except CheckpointUnusable as e:
+                error = str(e)
+            except (OSError, ValueError) as e:
+                error = f"{storage.join(self.root, tag)}: {e}"
+        state, error = broadcast_object((state, error))
+        if error:
+            raise CheckpointUnusable(error)
+        return state
+
+    def _listed(self, tag: str, marker: dict) -> dict:
+        """The marker's {file: {bytes, sha256}}; CheckpointUnusable when it lists none."""
+        files = marker.get("files")
+        if not isinstance(files, dict) or not files:
+            raise CheckpointUnusable(f"{storage.join(self.root, tag)}: its marker lists no files "
+                                     f"(written before bdt recorded checksums?), so it cannot be "
+                                     f"verified")
+        return files
+
     def _shared_marker(self, tag: str) -> dict:
         """Collective: `tag`'s marker, or the same CheckpointUnusable on every rank."""
         marker, error = None, None
@@ -200,11 +246,7 @@ class CheckpointLoader:
     def _verify(self, tag: str, marker: dict, local_dir: str, skip: set[str] = frozenset()) -> None:
         """Collective: every file the marker lists (outside the engine directories in `skip`)
         is checked by one rank; CheckpointUnusable on every rank if any fails."""
-        files = marker.get("files")
-        if not isinstance(files, dict) or not files:
-            raise CheckpointUnusable(f"{storage.join(self.root, tag)}: its marker lists no files "
-                                     f"(written before bdt recorded checksums?), so it cannot be "
-                                     f"verified")
+        files = self._listed(tag, marker)
         index, count = self._check_share()
         names = sorted(r for r in files if r.split("/", 1)[0] not in skip)
         mine = [integrity.problem(local_dir, rel, files[rel]) for rel in names[index::count]]

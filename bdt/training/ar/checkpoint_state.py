@@ -12,10 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bdt.data.shard_source import ShardList
 from bdt.training.ar.config import TrainConfig
-from bdt.training.ar.run_tokenizer import META_KEY, RunTokenizer, check_resumed
-from bdt.training.ar.stage_stream import check_stream_state
+from bdt.training.ar.run_tokenizer import META_KEY, RunTokenizer
 from bdt.training.ar.stages import StageClock
 from bdt.training.ar.step_log import LogWindow
 from bdt.training.checkpoint import CheckpointManager
@@ -60,39 +58,23 @@ class Restored:
 
 
 def restore(resumed: Resumed, root: str, cfg: TrainConfig, dist: DistInfo, clock: StageClock,
-            engine, ema: EMA | None, tokenizer: RunTokenizer | None, sources: list[ShardList],
-            earlier_init: str | None) -> Restored:
-    """Load a checkpoint's per-rank state into the clock, LR and EMA, refusing what would not
-    continue the run it resumes (no stage clock, no EMA, another seed, shards or tokenizer)."""
+            engine, ema: EMA | None, earlier_init: str | None) -> Restored:
+    """Load a checkpoint's per-rank state into the clock, LR and EMA. What would not continue
+    the run it resumes (no stage clock, no EMA, another seed, shards or tokenizer) was refused
+    before the checkpoint loaded (resume_checks.py)."""
     resume, meta, tensors, shared = resumed.tag, resumed.meta, resumed.tensors, resumed.shared
     step = int(meta["step"])
     seen = {"flops": 0.0, **meta["seen"]}  # checkpoints before flops were counted lack it
-    if "clock" not in meta:
-        raise ValueError(f"checkpoint {root}/{resume} has no stage clock (written before "
-                         f"stages could end on real tokens): start a new checkpoint.dir")
     clock.load_state_dict(meta["clock"])
     saved_stage = clock.stage
     clock.resume_at(step)  # the config's stage lengths, which may have changed since
     engine.lr_scheduler.write_lrs()  # the config's LR at the restored position (schedule.py)
     if ema is not None:
-        if not shared or "ema" not in shared:
-            raise ValueError(f"checkpoint {root}/{resume} holds no EMA weights but "
-                             f"ema_decay={cfg.ema_decay}: resume with ema_decay=0")
         ema.load_state_dict(shared["ema"])
     elif shared and "ema" in shared and dist.is_main:
         log.warning("checkpoint %s/%s holds EMA weights that ema_decay=0 drops: later "
                     "checkpoints and the export hold the live weights", root, resume)
     stream_state = (meta["stage"], meta["stream"], {"buffer_bits": tensors["stream.buffer_bits"]})
-    # Refused at a stage switch too: every stage's stream is seeded from it, so a new seed
-    # there made another run than the one resumed, and whether it was taken depended on
-    # where a preemption fell. (Named: the stream's check cannot tell.)
-    if meta.get("seed", cfg.seed) != cfg.seed:
-        raise ValueError(f"seed = {cfg.seed}, but the run's data streams are shuffled with "
-                         f"seed = {meta['seed']} (checkpoint {root}/{resume}): resume "
-                         f"with seed={meta['seed']}, or start a new run directory")
-    check_resumed(tokenizer, meta, f"{root}/{resume}")
-    if clock.stage == meta["stage"]:  # the stream resumes (else its stage is over)
-        check_stream_state(cfg, clock.stage, sources[clock.stage], meta["stream"], dist)
     log_window = meta.get("log_window")  # absent before windows were kept, None after a resplit
     if meta.get("threads") != torch.get_num_threads():
         # environment.md: a different intra-op thread count changes float reduction order.

@@ -32,6 +32,7 @@ from bdt.training.ar.export import export_model
 from bdt.training.ar.flops import FlopModel, measure_peak_flops
 from bdt.training.ar.init_from import earlier_init_from, resolve_init_from
 from bdt.training.ar.stage_rows import StageData
+from bdt.training.ar.resume_checks import resume_checks
 from bdt.training.ar.stage_stream import stage_rows, stream_seed
 from bdt.training.ar.stages import StageClock
 from bdt.training.ar.step import train_step
@@ -142,12 +143,12 @@ def _train(cfg: TrainConfig, dist: DistInfo, data: start_checks.CheckedData, in_
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
     resumed = ckpt.resume({"model": engine}, reshard=reshard.resplit_train_states(
         lambda si: sources[si].urls, lambda si: stream_seed(cfg, si)),
-        fresh=not cfg.checkpoint.resume)
+        fresh=not cfg.checkpoint.resume,
+        before_load=resume_checks(cfg, sources, tokenizer, dist))
     record_model_signature(ckpt.root, signature, dist)  # the checkpoint loaded: the shapes fit
     stream_state, log_window = None, None
     if resumed is not None:
-        restored = restore(resumed, ckpt.root, cfg, dist, clock, engine, ema, tokenizer, sources,
-                           earlier_init)
+        restored = restore(resumed, ckpt.root, cfg, dist, clock, engine, ema, earlier_init)
         step = saved_step = restored.step
         seen, stream_state, log_window = restored.seen, restored.stream_state, restored.log_window
     else:

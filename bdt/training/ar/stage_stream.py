@@ -45,11 +45,12 @@ def make_stream(cfg: TrainConfig, stage_idx: int, shards: ShardList, model: BitD
 
 
 def check_stream_state(cfg: TrainConfig, stage_idx: int, shards: ShardList, stream_meta: dict,
-                       dist: DistInfo) -> None:
+                       rank: int, world_size: int) -> None:
     """A checkpoint's stream continues only over the shards and seed it read (the stream checks
-    it too, but later and without naming the stage): checked at the resume, before any step."""
+    it too, but later and without naming the stage): `stream_meta` is `rank`'s of `world_size`
+    as saved; checked at the resume, before the checkpoint loads (resume_checks.py)."""
     seed = stream_seed(cfg, stage_idx)
-    if not same_stream(stream_meta, shards.urls, dist.rank, dist.world_size, seed):
+    if not same_stream(stream_meta, shards.urls, rank, world_size, seed):
         stage = cfg.stages[stage_idx]
         raise ValueError(f"stages.{stage_idx} ({stage.name!r}): the checkpoint's data stream was "
                          f"read from other shards than the {len(shards.urls)} that its shards "

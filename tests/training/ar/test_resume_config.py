@@ -3,6 +3,7 @@ before any step or write, in one line naming the key and both values."""
 
 import json
 import os
+import shutil
 
 import pytest
 from omegaconf import OmegaConf
@@ -83,7 +84,10 @@ def test_another_seed_at_a_stage_switch_is_refused(data, tmp_path, capfd):
 def test_another_image_tokenizer_is_refused_by_name(data, tmp_path, capfd):
     """Over shards without a manifest only data.tokenizer names the tokenizer: another one (here
     of the same config and bits) was taken without a word, the weights went on learning its bits
-    and the export shipped it. Refused naming both, as is a resume that drops it."""
+    and the export shipped it. Refused naming both, as is a resume that drops it. Decided from
+    the checkpoint's records before its tensors are read (they were loaded first: minutes at
+    1B parameters): with the tensor files gone, the refusals are the same, and so is another
+    seed's."""
     from testkit import save_tiny_image_tokenizer
 
     tok_a, tok_b = str(tmp_path / "tok_a"), str(tmp_path / "tok_b")
@@ -93,6 +97,12 @@ def test_another_image_tokenizer_is_refused_by_name(data, tmp_path, capfd):
     assert spawn_train(argv(data, run, f"data.tokenizer={tok_a}", "fault.sigterm_at_step=2",
                             steps=4), world=1) == 0
     capfd.readouterr()
+    saved = run / "checkpoints" / "step_000000002"
+    shutil.rmtree(saved / "model")  # the engine's weights and optimizer state
+    os.remove(saved / "rank_00000.safetensors")
+    assert spawn_train(argv(data, run, f"data.tokenizer={tok_a}", "seed=7", steps=4), world=1) == 2
+    assert_refused_before_any_step(run, capfd, "seed = 7, but the run's data streams are "
+                                   f"shuffled with seed = 0 (checkpoint {saved}): ")
     assert spawn_train(argv(data, run, f"data.tokenizer={tok_b}", steps=4), world=1) == 2
     assert_refused_before_any_step(
         run, capfd, f"the image tokenizer is data.tokenizer = {tok_b} (model.safetensors sha256 ")
