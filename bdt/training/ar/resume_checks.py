@@ -33,7 +33,7 @@ def resume_checks(cfg: TrainConfig, sources: list[ShardList], tokenizer: RunToke
             raise ValueError(f"seed = {cfg.seed}, but the run's data streams are shuffled with "
                              f"seed = {state['seed']} (checkpoint {where}): resume with "
                              f"seed={state['seed']}, or start a new run directory")
-        check_resumed(tokenizer, state, where)
+        check_resumed(tokenizer, state, where, quiet=not dist.is_main)
         if cfg.ema_decay > 0 and SHARED_FILE not in marker.get("files", {}):
             raise ValueError(f"checkpoint {where} holds no EMA weights but "
                              f"ema_decay={cfg.ema_decay}: resume with ema_decay=0")

@@ -7,11 +7,13 @@ them. A resume for another tokenizer is refused naming both."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from bdt import storage
 from bdt.data.shard_source import tokenizer_sha
 
+log = logging.getLogger(__name__)
 META_KEY = "image_tokenizer"  # of the per-rank checkpoint state (checkpoint_state.py)
 
 
@@ -55,12 +57,23 @@ def agreeing_tokenizer(tokenizer: RunTokenizer | None, manifest: dict | None, wh
     return tokenizer
 
 
-def check_resumed(now: RunTokenizer | None, meta: dict, checkpoint: str) -> None:
+def check_resumed(now: RunTokenizer | None, meta: dict, checkpoint: str, quiet: bool = False
+                  ) -> None:
     """ValueError when checkpoint state `meta` was trained for another image tokenizer than
     `now` (None: neither data.tokenizer nor a manifest names one, nothing to compare), or named
-    `data.tokenizer` and this start names none. Checkpoints from before the record pass."""
+    `data.tokenizer` and this start names none. A checkpoint without a record (from before it,
+    or of a run that named none) passes, with a warning unless `quiet` (every rank but one):
+    what its weights learnt is unknown, and the checkpoints this start saves record `now`, so
+    a later start for another tokenizer is refused. Not recorded before such a save: until one
+    holds weights trained for `now`, a restart for another from the old checkpoint is as
+    sound as this one."""
     saved = meta.get(META_KEY)
     if not saved:
+        if now is not None and not quiet:
+            log.warning("checkpoint %s records no image tokenizer (written before the record, or "
+                        "its run named none): resuming for %s, which the run's next checkpoint "
+                        "records; a later resume for another is refused", checkpoint,
+                        now.named_by)
         return
     if saved.get("path") and not (now and now.path):
         # The shards may still say which tokenizer, but the export copies data.tokenizer only.

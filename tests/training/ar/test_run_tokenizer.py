@@ -89,12 +89,25 @@ def test_dropping_data_tokenizer_is_refused_and_the_same_files_anywhere_pass(mad
                   meta(start(tmp_path, made["shards_a"])), CKPT)
 
 
-def test_checkpoints_without_a_record_resume(made, tmp_path):
-    """Written before the record, or by a run whose data named no tokenizer: nothing to
-    compare with."""
+def test_checkpoints_without_a_record_resume_saying_which_tokenizer_they_take(made, tmp_path,
+                                                                            caplog):
+    """Written before the record, or by a run whose data named no tokenizer: nothing to compare
+    with, so they resume, but no longer in silence: the warning names the tokenizer the run's
+    checkpoints record from now on (one rank says it)."""
     now = start(tmp_path, made["shards_b"], made["b"])
-    check_resumed(now, {"step": 2}, CKPT)
-    check_resumed(now, meta(None), CKPT)
+    for record in ({"step": 2}, meta(None)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            check_resumed(now, record, CKPT)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"checkpoint {CKPT} records no image tokenizer (written before the record, or its "
+            f"run named none): resuming for data.tokenizer = {made['b']}, which the run's next "
+            f"checkpoint records; a later resume for another is refused"]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_resumed(now, {"step": 2}, CKPT, quiet=True)
+        check_resumed(None, {"step": 2}, CKPT)  # none then, none now: nothing to say
+    assert not caplog.records
 
 
 def test_the_record_keeps_a_relative_tokenizer_path_absolute(made, tmp_path, monkeypatch):
