@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bdt.config_file import (ConfigError, describe, keep_as_written, nesting_checked, read_yaml,
-                             read_yaml_as_written, written_scalars)
+                             read_yaml_as_written, refuse_non_bool, written_scalars)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         except (IndexError, KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"command line: key '{key}': {exc}") from None
         keep_as_written(cfg, written_scalars(raw, tuple(key.split("."))), "command line")
+        refuse_non_bool(cfg, value, "command line", tuple(key.split(".")))
     return cfg
 
 
@@ -256,6 +257,7 @@ def load(schema: type[T], yaml_paths: Sequence[str] = (), overrides: Sequence[st
             _keep_required(cfg, loaded)
             keep_as_written(cfg, written, path)
             trees.append((path, OmegaConf.to_container(loaded, resolve=False)))
+            refuse_non_bool(cfg, trees[-1][1], path)
     _refuse_renamed([o.partition("=")[0].split(".")[0] for o in overrides], renamed, "command line")
     with nesting_checked("command line"):
         cfg = _apply_overrides(cfg, overrides)

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 from fsspec.exceptions import FSTimeoutError
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import BooleanNode, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # Configs are a few KB; the YAML parsers hold a file many times over in memory.
@@ -90,8 +90,31 @@ def keep_as_written(cfg: DictConfig, written: Iterable[Written], source: str) ->
         if isinstance(value, str) and value != text:  # the schema made text of a number or bool
             parent[path[-1] if isinstance(parent, DictConfig) else int(path[-1])] = text
         elif isinstance(value, (bool, int, float)) and (why := _unmeant_number(text, value)):
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
-            raise ConfigError(f"{source}: key '{where.lstrip('.')}': {why}")
+            raise ConfigError(f"{source}: key '{_dotted(path)}': {why}")
+
+
+def refuse_non_bool(cfg: DictConfig, given: Any, source: str, path: tuple[Any, ...] = ()) -> None:
+    """ConfigError naming the key where the values `given` (a source's plain tree, at `path` of
+    `cfg`, once merged) set a bool-typed key to anything but a boolean: omegaconf took any
+    non-zero number and the texts 'yes', '1', ... as true (`checkpoint.at_end: 2` ran as true).
+    Unquoted, YAML's true/false/yes/no/on/off are booleans already."""
+    if isinstance(given, dict):
+        for key, value in given.items():
+            refuse_non_bool(cfg, value, source, path + (key,))
+    elif isinstance(given, list):
+        for i, value in enumerate(given):
+            refuse_non_bool(cfg, value, source, path + (i,))
+    elif not (given is None or isinstance(given, bool)
+              or isinstance(given, str) and "${" in given):  # an interpolation resolves later
+        parent, _ = _at(cfg, path)
+        key = int(path[-1]) if isinstance(parent, ListConfig) else path[-1] if path else None
+        if parent is not None and isinstance(parent._get_node(key), BooleanNode):
+            raise ConfigError(f"{source}: key '{_dotted(path)}': {given!r} is not a boolean; "
+                              f"write true or false")
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
 
 
 def _at(cfg: DictConfig, path: tuple[Any, ...]) -> tuple[Any, Any]:

@@ -28,6 +28,16 @@ class Job:
     extra: dict = field(default_factory=dict)  # values of any type, as the YAML gave them
 
 
+@dataclass
+class Flag:
+    keep: bool = False
+
+
+@dataclass
+class Flagged:
+    stages: list[Flag] = field(default_factory=list)
+
+
 def _load(tmp_path, via: str, key: str, value: str):
     if via == "command line":
         return C.load(Job, [], [f"{key}={value}"])
@@ -90,3 +100,27 @@ def test_an_octal_or_base_60_number_for_another_key_is_refused_by_name(tmp_path,
 ])
 def test_numbers_and_booleans_as_meant_are_taken(tmp_path, via, key, text, value):
     assert getattr(_load(tmp_path, via, key, text), key) == value
+
+
+@pytest.mark.parametrize("via", ["yaml", "command line"])
+@pytest.mark.parametrize("text, shown", [("2", "2"), ("0", "0"), ("'yes'", "'yes'"),
+                                         ("'true'", "'true'"), ("'1'", "'1'")])
+def test_a_bool_key_refuses_what_is_not_a_boolean_by_name(tmp_path, via, text, shown):
+    """omegaconf took any non-zero number and the texts 'yes', 'true', '1' as true:
+    `checkpoint.at_end: 2` ran as true, `0` as false, in silence."""
+    with pytest.raises(C.ConfigError) as err:
+        _load(tmp_path, via, "resume", text)
+    where = "command line" if via == "command line" else str(tmp_path / "job.yaml")
+    assert str(err.value) == f"{where}: key 'resume': {shown} is not a boolean; write true or false"
+    # inside a list of sections too (a YAML list replaces the whole list)
+    with pytest.raises(C.ConfigError, match=r"key 'stages\[1\].keep': 1 is not a boolean"):
+        C.load(Flagged, [], ["stages=[{keep: true}, {keep: 1}]"])
+
+
+@pytest.mark.parametrize("via", ["yaml", "command line"])
+def test_a_key_of_any_type_keeps_yaml_booleans_and_quoted_text(tmp_path, via):
+    """`extra` is typed "any" (as model.backbone.config_overrides and deepspeed.extra): its
+    values are YAML's own, for configs that want real booleans (DeepSpeed's JSON, a Hugging Face
+    config's `use_cache: no`); quoted, they are text. Its numbers are what they look like."""
+    cfg = _load(tmp_path, via, "extra", "{a: yes, b: off, c: 'on', d: [no, 1], e: 2}")
+    assert cfg.extra == {"a": True, "b": False, "c": "on", "d": [False, 1], "e": 2}
