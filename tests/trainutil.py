@@ -261,6 +261,8 @@ def unconsumed_keys(meta, urls, rank, world, seed=3):
     out = [e["key"] for e in meta["buffer"]]
     for r in unread_ranges(meta, urls, rank, world, seed):
         for index, (raw, _, _) in enumerate(iter_shard(r.shard, r.offset), start=r.index):
+            if r.stop is not None and index >= r.stop:
+                break
             if index % r.stride == r.phase:
                 out.append(raw["__key__"])
     return out

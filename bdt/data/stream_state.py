@@ -8,17 +8,19 @@ the change, never twice and never not at all. A rank's unconsumed work is
     shards after it in its epoch order, each with the old rank's sample filter (stride, phase:
     keep the samples whose index in the shard % stride == phase), plus ranges still pending from
     an earlier re-split. An epoch the rank has not started (cursor at its first byte) is no work.
-The union over old ranks is dealt deterministically: buffered samples round-robin over the new
-ranks (old rank 0's first), ranges round-robin (first the ranges each old rank was inside, so
-the partly read shards spread out); with fewer ranges than new ranks, each range is first cut
-into k sample-interleaved ones (stride * k, phases phase + j * stride), so every new rank gets
-work. A new rank reads its pending ranges before anything else, then starts its own epochs of
-the new split (epoch numbers above every old rank's). Counters are summed into new rank 0 so
-totals over ranks stay true; each new rank's shuffle RNG is seeded from (seed, rank, new world
-size, epoch). Only whole samples move: ranges are read by the same
-tar reader from the same offsets, so the re-split needs no index of the shards. Ranks finish
-their pending work at different times (ranges differ in length) and then start their new
-epochs independently, as ranks with shards of different sizes always do. A same-world resume
+The union over old ranks is dealt evenly by sample count: every new rank gets
+floor or ceil(owed / W') samples, so all finish the old epoch together. The buffered samples go
+round-robin (old rank 0's first), then the ranges, in turn (first the ones each old rank was
+inside), are cut into contiguous pieces that fill each new rank's remaining quota: a piece
+starts at a sample's byte offset and `stop`s before the sample index where the next piece
+begins. The unit is the sample, not the shard: shards of a few samples per rank would leave
+one new rank up to twice another's work. Counting needs the owed samples read once here (rank 0,
+while the others wait for the checkpoint's conversion anyway); a cut range is read again to find
+its cut points. A new rank reads its pending pieces before anything else, then starts its own
+epochs of the new split (epoch numbers above every old rank's). Counters are summed into new
+rank 0 so totals over ranks stay true; each new rank's shuffle RNG is seeded from (seed, rank,
+new world size, epoch). Only whole samples move, read by the same tar reader from the same
+offsets. A same-world resume
 does not come here: it loads its own state and continues bitwise.
 """
 
@@ -71,8 +73,8 @@ class Cursor:
 
 @dataclass
 class Range:
-    """Unread work handed over by a re-split: `shard` from byte `offset` (sample `index`),
-    keeping the samples whose index % stride == phase."""
+    """Unread work handed over by a re-split: `shard` from byte `offset` (sample `index`) up to
+    sample `stop`, keeping the samples whose index % stride == phase."""
 
     shard: str
     offset: int = 0
@@ -81,6 +83,7 @@ class Range:
     phase: int = 0
     last_key: str | None = None  # as Cursor's
     last_offset: int = 0
+    stop: int | None = None  # the range ends before this sample index (None: the shard's end)
 
 
 def rank_split(all_shards: list[str], rank: int, world: int) -> tuple[list[str], int]:
@@ -216,13 +219,8 @@ def resplit(states: list[tuple[dict, dict[str, torch.Tensor]]], all_shards: list
     per_rank = [unread_ranges(m, all_shards, r, old_world, seed) for r, (m, _) in enumerate(states)]
     ranges = [rs[i] for i in range(max(map(len, per_rank), default=0)) for rs in per_rank
               if i < len(rs)]
-    if ranges and len(ranges) < new_world:
-        # Too few ranges for every new rank: split each by sample (index % (stride * k)) so
-        # all ranks get some; each sub-range reads the range's bytes, which only happens here.
-        k = -(-new_world // len(ranges))
-        ranges = [replace(r, stride=r.stride * k, phase=r.phase + j * r.stride)
-                  for r in ranges for j in range(k)]
     buffered = [item for meta, tensors in states for item in buffer_items(meta, tensors)]
+    dealt = _deal(ranges, len(buffered), new_world)
     epoch = max(m["cursor"]["epoch"] for m, _ in states) + 1
     totals = StreamCounters()
     for meta, _ in states:
@@ -238,6 +236,56 @@ def resplit(states: list[tuple[dict, dict[str, torch.Tensor]]], all_shards: list
                 "rng": rng.bit_generator.state,
                 "counters": asdict(totals if rank == 0 else StreamCounters()),
                 "buffer": [e for e, _ in mine],
-                "pending": [asdict(r) for r in ranges[rank::new_world]]}
+                "pending": [asdict(r) for r in dealt[rank]]}
         out.append((meta, {"buffer_bits": cat_bits([b for _, b in mine])}))
     return out
+
+
+def _scan(r: Range, cuts: set[int] = frozenset()) -> tuple[int, dict[int, Range]]:
+    """(how many samples `r` keeps, a range starting at its kept sample n for each n in `cuts`),
+    read as the stream reads it: a sample index counts samples with something readable, and the
+    rest of a damaged shard is skipped."""
+    kept, at, index, mark = 0, {}, r.index, (r.last_key, r.last_offset)
+    try:
+        with contextlib.closing(read_token_samples(r.shard, r.offset)) as samples:
+            for s in samples:
+                if r.stop is not None and index >= r.stop:
+                    break
+                if s.members and index % r.stride == r.phase:
+                    if kept in cuts:
+                        at[kept] = replace(r, offset=s.offset, index=index, last_key=mark[0],
+                                           last_offset=mark[1])
+                    kept += 1
+                index += bool(s.members)
+                if s.next_offset != s.offset:  # not a member inside the sample being read
+                    mark = (s.key, s.offset)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if read_failure(e) is not None:
+            raise  # could not be read: the re-split fails naming it, nothing is written
+    return kept, at
+
+
+def _deal(ranges: list[Range], buffered: int, world: int) -> list[list[Range]]:
+    """Each new rank's pieces of `ranges` such that, with the buffered samples dealt
+    round-robin, every rank owes floor or ceil(all owed / world) samples (module doc)."""
+    counts = [_scan(r)[0] for r in ranges]
+    total = buffered + sum(counts)
+    quota = [total // world + (k < total % world) - buffered // world - (k < buffered % world)
+             for k in range(world)]  # never negative: total >= buffered
+    spans: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]  # (range, from, to)
+    i, used = 0, 0
+    for rank in range(world):
+        while quota[rank] > 0:
+            take = min(quota[rank], counts[i] - used)
+            if take:
+                spans[rank].append((i, used, used + take))
+            quota[rank], used = quota[rank] - take, used + take
+            if used == counts[i]:
+                i, used = i + 1, 0
+    cuts: dict[int, set[int]] = {}
+    for i, lo, hi in (s for rank in spans for s in rank):
+        cuts.setdefault(i, set()).update(n for n in (lo, hi) if 0 < n < counts[i])
+    at = {i: _scan(ranges[i], c)[1] for i, c in cuts.items() if c}
+    return [[replace(at[i][lo] if lo else ranges[i],
+                     stop=at[i][hi].index if hi < counts[i] else ranges[i].stop)
+             for i, lo, hi in rank] for rank in spans]

@@ -164,6 +164,10 @@ class TokenStream:
 
     def _read_one(self) -> _Buffered | None:
         """The next usable sample of this rank, or None when the current shard ended."""
+        if self.pending and self.pending[0].stop is not None and \
+                self.pending[0].index >= self.pending[0].stop:
+            self._next_shard()  # the re-split gave the rest of the shard to another rank
+            return None
         url, offset, index, stride, phase = self._position()
         regular = not self.pending
         if self._reader is None:
@@ -244,11 +248,15 @@ class TokenStream:
                  counted_in=f" in data/{kind}")
 
     def _fill(self) -> None:
+        # A buffer holding an epoch's samples (or a re-split's pieces) empties before the next
+        # epoch is read: an epoch is one (a share smaller than the buffer repeated inside it).
+        c = self.cursor
         while len(self.buffer) < self.buffer_size:
-            item = None
-            while item is None:
-                item = self._read_one()
-            self.buffer.append(item)
+            if self.buffer and not self.pending and (c.shard_pos, c.offset, c.index) == (0, 0, 0):
+                return
+            item = self._read_one()
+            if item is not None:
+                self.buffer.append(item)
 
     # ---- packing ---------------------------------------------------------------------------
     def next_batch(self) -> MicroBatch:
