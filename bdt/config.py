@@ -18,7 +18,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bdt.config_file import (ConfigError, describe, keep_as_written, nesting_checked, read_yaml,
-                             read_yaml_as_written, refuse_non_bool, written_scalars)
+                             read_yaml_as_written, refuse_bool_names, refuse_non_bool,
+                             written_scalars)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         except (yaml.YAMLError, OmegaConfBaseException) as exc:
             first = str(exc).strip().splitlines()[0]
             raise ConfigError(f"command line: key '{key}': cannot parse value '{raw}': {first}") from None
+        refuse_bool_names(yaml.compose(raw, Loader=yaml.SafeLoader), "command line",
+                          tuple(key.split(".")))
         _check_list_indices(cfg, key)
         try:
             OmegaConf.update(cfg, key, value, merge=True)

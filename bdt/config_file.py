@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator
 import yaml
 from fsspec.exceptions import FSTimeoutError
 from omegaconf import BooleanNode, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import KeyValidationError, OmegaConfBaseException
 
 # Configs are a few KB; the YAML parsers hold a file many times over in memory.
 MAX_CONFIG_BYTES = 1 << 20
@@ -26,6 +26,7 @@ Written = tuple[tuple[Any, ...], str]
 # YAML 1.1 numbers nobody writes on purpose in a config: a leading 0 (octal) and base 60.
 _OCTAL = re.compile(r"[-+]?0[0-7_]+")
 _BASE_60 = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?")
+_BOOL_TAG = "tag:yaml.org,2002:bool"
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,11 @@ class ConfigError(ValueError):
 
 def describe(exc: OmegaConfBaseException, source: str) -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    name = getattr(exc, "key", None)
+    if isinstance(exc, KeyValidationError) and isinstance(name, (int, float)) and key:
+        # omegaconf said "Key 1 (int) is incompatible with (str)" of `1: x` in a text-keyed section
+        return (f"{source}: key '{key}': YAML reads the unquoted name {name} as a number, and "
+                f"the names here are text: quote it ('{name}': ...)")
     # omegaconf messages carry a multi-line "full_key: ... object_type=..." trailer; keep line 1.
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if key:
@@ -66,6 +72,23 @@ def read_yaml_as_written(path: str) -> tuple[DictConfig, list[Written]]:
 def written_scalars(text: str, prefix: tuple[str, ...]) -> list[Written]:
     """The plain scalars of a command line's value `text` for key `prefix`, as written."""
     return list(_plain_scalars(yaml.compose(text, Loader=yaml.SafeLoader), prefix))
+
+
+def refuse_bool_names(node: yaml.Node | None, source: str, path: tuple[Any, ...] = ()) -> None:
+    """ConfigError naming a mapping key written as an unquoted YAML 1.1 boolean (`on: 1` is the
+    key True): no config means one; omegaconf refused it as "Key True (bool) is incompatible
+    with (str)" in a section typed any, and inside one of its mappings took it in silence."""
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+            if isinstance(key, yaml.ScalarNode) and key.style is None and key.tag == _BOOL_TAG:
+                raise ConfigError(f"{source}: key '{_dotted(path + (name,))}': YAML reads the "
+                                  f"unquoted name {name} as a boolean, not text: quote it "
+                                  f"('{name}': ...)")
+            refuse_bool_names(value, source, path + (name,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            refuse_bool_names(value, source, path + (i,))
 
 
 def _plain_scalars(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> Iterator[Written]:
@@ -165,6 +188,7 @@ def _read_yaml(path: str) -> tuple[DictConfig, yaml.Node | None]:
         if top is not None and not isinstance(top, yaml.MappingNode):
             got = "a list" if isinstance(top, yaml.SequenceNode) else "a single value"
             raise ConfigError(f"{path}: top level must be a mapping of keys, got {got}")
+        refuse_bool_names(top, path)
         loaded = OmegaConf.load(io.StringIO(text))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None

@@ -5,6 +5,7 @@ same from a YAML file and from the command line."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,8 @@ class Job:
     seed: int = 0
     lr: float = 0.1
     resume: bool = True
-    extra: dict = field(default_factory=dict)  # values of any type, as the YAML gave them
+    # values of any type, as the YAML gave them (as deepspeed.extra, config_overrides)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,3 +126,24 @@ def test_a_key_of_any_type_keeps_yaml_booleans_and_quoted_text(tmp_path, via):
     config's `use_cache: no`); quoted, they are text. Its numbers are what they look like."""
     cfg = _load(tmp_path, via, "extra", "{a: yes, b: off, c: 'on', d: [no, 1], e: 2}")
     assert cfg.extra == {"a": True, "b": False, "c": "on", "d": [False, 1], "e": 2}
+
+
+@pytest.mark.parametrize("via", ["yaml", "command line"])
+@pytest.mark.parametrize("value, named, says", [
+    ("{on: 1}", "extra.on", "on as a boolean, not text: quote it ('on': ...)"),
+    ("{a: {b: 1, Off: 2}}", "extra.a.Off", "Off as a boolean, not text: quote it ('Off': ...)"),
+    ("{a: [{yes: 1}]}", "extra.a[0].yes", "yes as a boolean"),
+    ("{1: 2}", "extra.1", "1 as a number, and the names here are text: quote it ('1': ...)"),
+])
+def test_a_name_yaml_reads_as_a_boolean_or_number_says_to_quote_it(tmp_path, via, value, named,
+                                                                      says):
+    """`on: 1` in a section typed any was the key True: omegaconf refused it as "Key True (bool)
+    is incompatible with (str)", and one level down took it in silence."""
+    with pytest.raises(C.ConfigError) as err:
+        _load(tmp_path, via, "extra", value)
+    where = "command line" if via == "command line" else str(tmp_path / "job.yaml")
+    assert str(err.value).startswith(f"{where}: key '{named}': YAML reads the unquoted name "
+                                     f"{says}"), str(err.value)
+    # quoted they are names; numbers one level down stay numbers (a config's id2label)
+    cfg = _load(tmp_path, via, "extra", "{'on': 1, a: {'Off': 2, 0: cat}}")
+    assert cfg.extra == {"on": 1, "a": {"Off": 2, 0: "cat"}}
