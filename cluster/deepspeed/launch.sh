@@ -6,6 +6,7 @@
 #       USR1 or TERM to it: SIGTERM to this node's ranks, which save and exit.
 #   BDT_LAUNCHER=pdsh: run this ONCE, on the first host; DeepSpeed reaches the other hosts over
 #       passwordless ssh (pdsh) and forwards the variables of $DS_ENV_FILE (.deepspeed_env).
+#       A TERM to it gives every rank DeepSpeed's fixed 30 s to save before a SIGKILL.
 #
 # Environment: HOSTFILE (lines "host slots=N"; python -m bdt.cluster.hosts writes one from a
 # SLURM allocation), MASTER_ADDR (default: the hostfile's first host), MASTER_PORT (29500),
