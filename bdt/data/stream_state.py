@@ -14,14 +14,21 @@ round-robin (old rank 0's first), then the ranges, in turn (first the ones each 
 inside), are cut into contiguous pieces that fill each new rank's remaining quota: a piece
 starts at a sample's byte offset and `stop`s before the sample index where the next piece
 begins. The unit is the sample, not the shard: shards of a few samples per rank would leave
-one new rank up to twice another's work. Counting needs the owed samples read once here (rank 0,
-while the others wait for the checkpoint's conversion anyway); a cut range is read again to find
-its cut points. A new rank reads its pending pieces before anything else, then starts its own
-epochs of the new split (epoch numbers above every old rank's). Counters are summed into new
-rank 0 so totals over ranks stay true; each new rank's shuffle RNG is seeded from (seed, rank,
-new world size, epoch). Only whole samples move, read by the same tar reader from the same
-offsets. A same-world resume
-does not come here: it loads its own state and continues bitwise.
+one new rank up to twice another's work. A range keeps the sample indices from its first
+kept one on, stride apart, up to its shard's count: given the manifest's count
+(ShardList.samples) its count and the indices of its cuts are arithmetic; only a shard without
+one (plain globbed shards; a manifest makes re-splits cheap) is read to count it. Then only the
+ranges holding a cut are read, each once up to its last cut, for the cut's byte offset: at most
+W' - 1 shards, where reading all owed data (an epoch just begun: nearly all of it) would take
+hours on rank 0 at a resume. A count off from its shard (a stale manifest entry, damage) makes
+the deal uneven, never inexact: a piece ends at a sample index and a range's last piece where
+the range did, so a cut past the real end leaves an empty piece (dropped, logged) and the piece
+before it reads to the end. A new rank reads its pending pieces before anything else, then
+starts its own epochs of the new split (epoch numbers above every old rank's). Counters are
+summed into new rank 0 so totals over ranks stay true; each new rank's shuffle RNG is seeded
+from (seed, rank, new world size, epoch). Only whole samples move, read by the same tar reader
+from the same offsets. A same-world resume does not come here: it loads its own state and
+continues bitwise.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tarfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -41,6 +50,7 @@ from bdt.data.tar_reads import read_failure
 from bdt.data.token_shards import read_token_samples
 
 STATE_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -205,8 +215,10 @@ def unread_ranges(meta: dict, all_shards: list[str], rank: int, world: int,
 
 
 def resplit(states: list[tuple[dict, dict[str, torch.Tensor]]], all_shards: list[str], seed: int,
-            new_world: int) -> list[tuple[dict, dict[str, torch.Tensor]]]:
-    """The saved stream states of ranks 0..W-1 -> states for `new_world` ranks (module doc)."""
+            new_world: int, samples: Mapping[str, int] | None = None
+            ) -> list[tuple[dict, dict[str, torch.Tensor]]]:
+    """The saved stream states of ranks 0..W-1 -> states for `new_world` ranks (module doc).
+    `samples`: shard URL -> its sample count (ShardList.samples, from a manifest)."""
     old_world = len(states)
     for rank, (meta, _) in enumerate(states):
         check_version(meta)
@@ -220,7 +232,9 @@ def resplit(states: list[tuple[dict, dict[str, torch.Tensor]]], all_shards: list
     ranges = [rs[i] for i in range(max(map(len, per_rank), default=0)) for rs in per_rank
               if i < len(rs)]
     buffered = [item for meta, tensors in states for item in buffer_items(meta, tensors)]
-    dealt = _deal(ranges, len(buffered), new_world)
+    samples = samples or {}
+    dealt = _deal(ranges, len(buffered), new_world, dict(zip(shard_names(list(samples)),
+                                                             samples.values())))
     epoch = max(m["cursor"]["epoch"] for m, _ in states) + 1
     totals = StreamCounters()
     for meta, _ in states:
@@ -241,51 +255,91 @@ def resplit(states: list[tuple[dict, dict[str, torch.Tensor]]], all_shards: list
     return out
 
 
-def _scan(r: Range, cuts: set[int] = frozenset()) -> tuple[int, dict[int, Range]]:
-    """(how many samples `r` keeps, a range starting at its kept sample n for each n in `cuts`),
-    read as the stream reads it: a sample index counts samples with something readable, and the
-    rest of a damaged shard is skipped."""
-    kept, at, index, mark = 0, {}, r.index, (r.last_key, r.last_offset)
-    try:
-        with contextlib.closing(read_token_samples(r.shard, r.offset)) as samples:
-            for s in samples:
-                if r.stop is not None and index >= r.stop:
+def _first(r: Range) -> int:
+    """The sample index of the first sample `r` keeps."""
+    return r.index + (r.phase - r.index) % r.stride
+
+
+def _kept(r: Range, counts: Mapping[str, int]) -> int:
+    """How many samples `r` keeps: from its shard's manifest count where there is one (no read),
+    else read as the stream reads it (a sample index counts samples with something readable;
+    the rest of a damaged shard is skipped)."""
+    end = counts.get(r.shard)
+    if end is None:
+        end = r.index
+        with _skipping_damage(), contextlib.closing(read_token_samples(r.shard, r.offset)) as got:
+            for s in got:
+                if r.stop is not None and end >= r.stop:
                     break
-                if s.members and index % r.stride == r.phase:
-                    if kept in cuts:
-                        at[kept] = replace(r, offset=s.offset, index=index, last_key=mark[0],
-                                           last_offset=mark[1])
-                    kept += 1
-                index += bool(s.members)
-                if s.next_offset != s.offset:  # not a member inside the sample being read
-                    mark = (s.key, s.offset)
+                end += bool(s.members)
+    if r.stop is not None:
+        end = min(end, r.stop)
+    return max(0, -(-(end - _first(r)) // r.stride))
+
+
+def _starts(r: Range, indices: set[int]) -> dict[int, Range]:
+    """A range like `r` starting at each of its sample `indices`, read from r's offset up to the
+    last of them; an index past the shard's real end (or its damage) has none."""
+    at, index, mark, last = {}, r.index, (r.last_key, r.last_offset), max(indices)
+    with _skipping_damage(), contextlib.closing(read_token_samples(r.shard, r.offset)) as got:
+        for s in got:
+            if s.members and index in indices:
+                at[index] = replace(r, offset=s.offset, index=index, last_key=mark[0],
+                                    last_offset=mark[1])
+                if index == last:
+                    break
+            index += bool(s.members)
+            if s.next_offset != s.offset:  # not a member inside the sample being read
+                mark = (s.key, s.offset)
+    return at
+
+
+@contextlib.contextmanager
+def _skipping_damage():
+    """Bad bytes end a shard, as the stream skips them; a failed read (I/O, network) fails the
+    re-split naming the shard, before anything is written."""
+    try:
+        yield
     except (tarfile.TarError, OSError, EOFError) as e:
         if read_failure(e) is not None:
-            raise  # could not be read: the re-split fails naming it, nothing is written
-    return kept, at
+            raise
 
 
-def _deal(ranges: list[Range], buffered: int, world: int) -> list[list[Range]]:
+def _deal(ranges: list[Range], buffered: int, world: int,
+          counts: Mapping[str, int]) -> list[list[Range]]:
     """Each new rank's pieces of `ranges` such that, with the buffered samples dealt
     round-robin, every rank owes floor or ceil(all owed / world) samples (module doc)."""
-    counts = [_scan(r)[0] for r in ranges]
-    total = buffered + sum(counts)
+    kept = [_kept(r, counts) for r in ranges]
+    total = buffered + sum(kept)
     quota = [total // world + (k < total % world) - buffered // world - (k < buffered % world)
-             for k in range(world)]  # never negative: total >= buffered
+             for k in range(world)]  # never negative: total >= buffered; they sum to sum(kept)
     spans: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]  # (range, from, to)
-    i, used = 0, 0
-    for rank in range(world):
-        while quota[rank] > 0:
-            take = min(quota[rank], counts[i] - used)
-            if take:
-                spans[rank].append((i, used, used + take))
-            quota[rank], used = quota[rank] - take, used + take
-            if used == counts[i]:
-                i, used = i + 1, 0
-    cuts: dict[int, set[int]] = {}
-    for i, lo, hi in (s for rank in spans for s in rank):
-        cuts.setdefault(i, set()).update(n for n in (lo, hi) if 0 < n < counts[i])
-    at = {i: _scan(ranges[i], c)[1] for i, c in cuts.items() if c}
-    return [[replace(at[i][lo] if lo else ranges[i],
-                     stop=at[i][hi].index if hi < counts[i] else ranges[i].stop)
-             for i, lo, hi in rank] for rank in spans]
+    rank = 0
+    for i, n in enumerate(kept):
+        lo = 0
+        while True:  # a range counted empty is still dealt: a manifest count may be low
+            while quota[rank] == 0 and rank < world - 1:
+                rank += 1
+            take = min(quota[rank], n - lo)
+            spans[rank].append((i, lo, lo + take))
+            quota[rank], lo = quota[rank] - take, lo + take
+            if lo == n:
+                break
+    starts: dict[int, set[int]] = {}
+    for i, lo, _ in (s for rank_spans in spans for s in rank_spans):
+        if lo:
+            starts.setdefault(i, set()).add(_first(ranges[i]) + lo * ranges[i].stride)
+    found = {i: _starts(ranges[i], wanted) for i, wanted in starts.items()}
+    out: list[list[Range]] = [[] for _ in range(world)]
+    for rank, rank_spans in enumerate(spans):
+        for i, lo, hi in rank_spans:
+            r = ranges[i]
+            begin = r if lo == 0 else found[i].get(_first(r) + lo * r.stride)
+            if begin is None:  # the pieces before read to the real end: nothing is lost
+                log.warning("re-split: token shard %s holds no sample %d, fewer than counted (a "
+                            "stale manifest count or a damaged shard): new rank %d owes fewer "
+                            "samples than the others", r.shard, _first(r) + lo * r.stride, rank)
+                continue
+            out[rank].append(replace(begin, stop=_first(r) + hi * r.stride if hi < kept[i]
+                                     else r.stop))
+    return out

@@ -12,13 +12,7 @@ per epoch from (seed, rank, epoch). The stream is endless (epochs roll over on t
 step always takes `grad_accum` micro-batches on every rank, so all ranks take the same number
 of steps whatever their shard sizes: training length is counted in steps, never in epochs.
 
-Packing (method §5: batches of whole images at native aspect, packed into a token budget): a
-random buffered sample seeds the micro-batch; samples of the same grid (bucket) are added in
-random order while they fit, then the largest remaining ones that still fit, then swaps of
-chosen samples for slightly longer buffered ones close what gap is left (`_close_gap`).
-Same-bucket first keeps a micro-batch's samples alike (and their attention cost predictable);
-largest-first and the swaps close the gap, which is what keeps real tokens / budget high when
-only a few large images fit in a budget.
+Packing: which buffered samples make a micro-batch is bdt/data/batch_pick.py's.
 
 State (`state_dict`): epoch, shard cursor, byte offset + sample index inside the shard, the
 numpy RNG state, counters, the buffered samples themselves (metadata in the JSON, packed bits
@@ -33,7 +27,6 @@ states for W' ranks, exactly.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import tarfile
 from collections.abc import Callable
@@ -43,6 +36,7 @@ import numpy as np
 import torch
 
 from bdt import url_listing
+from bdt.data.batch_pick import pick
 from bdt.data.stream_state import (STATE_VERSION, Cursor, Range, StreamCounters, buffer_items,
                                    cat_bits, check_shard_marks, check_shard_sizes, check_version,
                                    epoch_order, rank_split, same_stream, shard_names,
@@ -262,24 +256,8 @@ class TokenStream:
     def next_batch(self) -> MicroBatch:
         """The next micro-batch: whole samples whose packed lengths sum to <= token_budget."""
         self._fill()
-        seed = int(self.rng.integers(len(self.buffer)))
-        chosen, used = [seed], self.buffer[seed].length
-        grid = self.buffer[seed].sample.grid
-        same = [i for i, b in enumerate(self.buffer) if i != seed and b.sample.grid == grid]
-        for i in self.rng.permutation(len(same)):
-            j = same[int(i)]
-            if used + self.buffer[j].length <= self.token_budget:
-                chosen.append(j)
-                used += self.buffer[j].length
-        taken = set(chosen)
-        # Largest first; ties broken by buffer position (deterministic).
-        rest = sorted((i for i in range(len(self.buffer)) if i not in taken),
-                      key=lambda i: (-self.buffer[i].length, i))
-        for i in rest:
-            if used + self.buffer[i].length <= self.token_budget:
-                chosen.append(i)
-                used += self.buffer[i].length
-        used = self._close_gap(chosen, used)
+        chosen, used = pick([b.length for b in self.buffer],
+                            [b.sample.grid for b in self.buffer], self.token_budget, self.rng)
         taken = set(chosen)
         items = [self.buffer[i] for i in chosen]
         self.buffer = [b for i, b in enumerate(self.buffer) if i not in taken]
@@ -288,37 +266,6 @@ class TokenStream:
             c.budget_tokens + self.token_budget
         c.samples_out += len(items)
         return MicroBatch([b.sample for b in items], [b.length for b in items], self.token_budget)
-
-    def _close_gap(self, chosen: list[int], used: int) -> int:
-        """Swap chosen samples for slightly longer buffered ones while the budget allows.
-
-        After the greedy fill the gap is shorter than any buffered sample, so nothing more fits;
-        with only ~8-16 near-equal samples per budget (1024 px: 8 x ~4000 tokens in 32768) that
-        gap averages half a sample, ~3% of the budget. Each pass makes the single swap that
-        shrinks the gap most: the longest unchosen sample still fitting in place of a chosen one.
-        Lengths differ by bucket (e.g. 3840 / 4032 / 4096 tokens) and caption, so a few swaps
-        usually close the gap to a few tokens. Only the composition of this micro-batch changes:
-        every sample is still batched exactly once, swapped-out ones simply stay buffered.
-        Mutates `chosen` in place; returns the new token count."""
-        taken = set(chosen)
-        free = sorted((self.buffer[i].length, i) for i in range(len(self.buffer))
-                      if i not in taken)  # (length, buffer index), ascending
-        for _ in range(len(chosen)):
-            gap = self.token_budget - used
-            best = None  # (gain, position in chosen, position in free)
-            for pos, i in enumerate(chosen):
-                have = self.buffer[i].length
-                k = bisect.bisect_right(free, have + gap, key=lambda e: e[0]) - 1
-                if k >= 0 and free[k][0] > have and (best is None or free[k][0] - have > best[0]):
-                    best = (free[k][0] - have, pos, k)
-            if best is None:
-                break
-            gain, pos, k = best
-            out, (_, into) = chosen[pos], free.pop(k)
-            chosen[pos] = into
-            bisect.insort(free, (self.buffer[out].length, out))
-            used += gain
-        return used
 
     # ---- state -----------------------------------------------------------------------------
     def _fingerprint(self) -> str:

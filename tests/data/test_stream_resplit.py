@@ -88,3 +88,44 @@ def test_tiny_share_repeats_only_across_epochs(tmp_path, world):
         share = sorted(k for k in got)[::3]
         assert len(set(share)) == 5
         assert [sorted(got[i:i + 5]) for i in range(0, 15, 5)] == [share] * 3
+
+
+def counting_opens(monkeypatch):
+    import bdt.data.stream_state as stream_state
+
+    opened, read = [], stream_state.read_token_samples
+
+    def counted(url, offset=0):
+        opened.append(url)
+        return read(url, offset)
+
+    monkeypatch.setattr(stream_state, "read_token_samples", counted)
+    return opened
+
+
+def test_resplit_with_manifest_counts_opens_only_cut_shards(tmp_path, monkeypatch):
+    """Before, a re-split read every owed shard to count it: here 40 shards, at scale hours."""
+    urls = write_shards(str(tmp_path), GRIDS, num_shards=40, per_shard=3)
+    consumed, states = saved([make(urls, r, 2) for r in range(2)], 2)
+    counts = {u: 3 for u in urls}
+    opened = counting_opens(monkeypatch)
+    new_states = resplit(states, urls, 3, 3, counts)
+    assert len(opened) <= 2  # one shard per cut at most: W' - 1
+    read_all = resplit(states, urls, 3, 3)  # no manifest: every owed shard read, same deal
+    assert len(opened) > 30
+    assert [m for m, _ in new_states] == [m for m, _ in read_all]
+    owed = [unconsumed_keys(m, urls, r, 3) for r, (m, _) in enumerate(new_states)]
+    assert max(map(len, owed)) - min(map(len, owed)) <= 1
+    assert sorted(consumed + [k for o in owed for k in o]) == [f"s{n:06d}" for n in range(120)]
+
+
+@pytest.mark.parametrize("claimed", [25, 1, 0])
+def test_resplit_with_wrong_manifest_counts_stays_exact(tmp_path, caplog, claimed):
+    """A count off from its shard (12 samples each) deals unevenly but loses nothing: a cut past
+    the real end leaves an empty piece (logged), a range counted short still reads to its end."""
+    urls = write_shards(str(tmp_path), GRIDS, num_shards=2, per_shard=12)
+    consumed, states = saved([make(urls, 0, 1)], 1)
+    new_states = resplit(states, urls, 3, 3, {u: claimed for u in urls})
+    owed = [k for r, (m, _) in enumerate(new_states) for k in unconsumed_keys(m, urls, r, 3)]
+    assert sorted(consumed + owed) == [f"s{n:06d}" for n in range(24)]
+    assert ("fewer than counted" in caplog.text) == (claimed == 25)

@@ -142,7 +142,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, data: start_checks.CheckedData, in_
     seen = {"tokens": 0, "images": 0, "flops": 0.0}  # this rank's
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
     resumed = ckpt.resume({"model": engine}, reshard=reshard.resplit_train_states(
-        lambda si: sources[si].urls, lambda si: stream_seed(cfg, si)),
+        lambda si: sources[si], lambda si: stream_seed(cfg, si)),
         fresh=not cfg.checkpoint.resume,
         before_load=resume_checks(cfg, sources, tokenizer, dist))
     record_model_signature(ckpt.root, signature, dist)  # the checkpoint loaded: the shapes fit

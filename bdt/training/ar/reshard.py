@@ -25,15 +25,17 @@ from collections.abc import Callable
 
 import torch
 
+from bdt.data.shard_source import ShardList
 from bdt.data.stream_state import resplit
 from bdt.training.metrics import cut_records_after
 
 STREAM_PREFIX = "stream."  # the loop saves the stream's tensors under this prefix
 
 
-def resplit_train_states(shards_of_stage: Callable[[int], list[str]],
+def resplit_train_states(shards_of_stage: Callable[[int], ShardList],
                          seed_of_stage: Callable[[int], int]):
-    """The `reshard` function of the AR loop's per-rank state (checkpoint_state.py's layout)."""
+    """The `reshard` function of the AR loop's per-rank state (checkpoint_state.py's layout).
+    A stage's manifest counts (ShardList.samples) spare reading its owed shards to count them."""
 
     def reshard(old: list[tuple[dict, dict[str, torch.Tensor]]], world: int):
         first = old[0][0]
@@ -43,8 +45,9 @@ def resplit_train_states(shards_of_stage: Callable[[int], list[str]],
                                  f"{state['step']} stage {state['stage']}, rank 0 at "
                                  f"{first['step']} stage {first['stage']}")
         stage = int(first["stage"])
-        streams = resplit([(s["stream"], _unprefixed(t)) for s, t in old], shards_of_stage(stage),
-                          seed_of_stage(stage), world)
+        shards = shards_of_stage(stage)
+        streams = resplit([(s["stream"], _unprefixed(t)) for s, t in old], shards.urls,
+                          seed_of_stage(stage), world, shards.samples)
         seen_total = {k: sum(s["seen"][k] for s, _ in old) for k in first["seen"]}
         out = []
         for rank, (stream_meta, stream_tensors) in enumerate(streams):
