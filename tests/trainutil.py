@@ -266,3 +266,17 @@ def unconsumed_keys(meta, urls, rank, world, seed=3):
             if index % r.stride == r.phase:
                 out.append(raw["__key__"])
     return out
+
+
+def shard_opens(monkeypatch) -> list[str]:
+    """The shards a re-split opens from now on, in order (one entry per open)."""
+    import bdt.data.stream_state as stream_state
+
+    opened, read = [], stream_state.read_token_samples
+
+    def counted(url, offset=0):
+        opened.append(url)
+        return read(url, offset)
+
+    monkeypatch.setattr(stream_state, "read_token_samples", counted)
+    return opened

@@ -7,7 +7,7 @@ import pytest
 
 from bdt.data.stream_state import resplit
 from bdt.data.token_stream import TokenStream
-from trainutil import unconsumed_keys, write_shards
+from trainutil import shard_opens, unconsumed_keys, write_shards
 
 GRIDS = [(4, 4), (4, 8), (8, 4), (8, 8)]
 
@@ -90,25 +90,12 @@ def test_tiny_share_repeats_only_across_epochs(tmp_path, world):
         assert [sorted(got[i:i + 5]) for i in range(0, 15, 5)] == [share] * 3
 
 
-def counting_opens(monkeypatch):
-    import bdt.data.stream_state as stream_state
-
-    opened, read = [], stream_state.read_token_samples
-
-    def counted(url, offset=0):
-        opened.append(url)
-        return read(url, offset)
-
-    monkeypatch.setattr(stream_state, "read_token_samples", counted)
-    return opened
-
-
 def test_resplit_with_manifest_counts_opens_only_cut_shards(tmp_path, monkeypatch):
     """Before, a re-split read every owed shard to count it: here 40 shards, at scale hours."""
     urls = write_shards(str(tmp_path), GRIDS, num_shards=40, per_shard=3)
     consumed, states = saved([make(urls, r, 2) for r in range(2)], 2)
     counts = {u: 3 for u in urls}
-    opened = counting_opens(monkeypatch)
+    opened = shard_opens(monkeypatch)
     new_states = resplit(states, urls, 3, 3, counts)
     assert len(opened) <= 2  # one shard per cut at most: W' - 1
     read_all = resplit(states, urls, 3, 3)  # no manifest: every owed shard read, same deal

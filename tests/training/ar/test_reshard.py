@@ -2,11 +2,10 @@
 
 import json
 
-import bdt.data.stream_state as stream_state
 from bdt.data.shard_source import ShardList
 from bdt.data.token_stream import TokenStream
 from bdt.training.ar.reshard import STREAM_PREFIX, resplit_train_states
-from trainutil import unconsumed_keys, write_shards
+from trainutil import shard_opens, unconsumed_keys, write_shards
 
 
 def test_reshard_counts_by_the_manifest(tmp_path, monkeypatch):
@@ -20,9 +19,7 @@ def test_reshard_counts_by_the_manifest(tmp_path, monkeypatch):
         old.append(({"step": 5, "stage": 0, "seen": {"tokens": 7, "images": 2}, "stream":
                      json.loads(json.dumps(meta))},
                     {STREAM_PREFIX + k: v for k, v in tensors.items()}))
-    opened, read = [], stream_state.read_token_samples
-    monkeypatch.setattr(stream_state, "read_token_samples",
-                        lambda url, offset=0: opened.append(url) or read(url, offset))
+    opened = shard_opens(monkeypatch)
     shards = ShardList(urls, {}, str(tmp_path), samples={u: 3 for u in urls})
     new = resplit_train_states(lambda stage: shards, lambda stage: 3)(old, 3)
     assert len(opened) <= 2  # the cut shards only; before, every owed shard (~20) was read
