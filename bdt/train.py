@@ -11,6 +11,7 @@ This script wires the layers together: the loop (bdt.training.ar) runs the previ
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from bdt import storage
@@ -60,6 +61,7 @@ def train(cfg, in_loop=in_loop_tasks) -> dict:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from bdt.training.divergence import TrainingDiverged
+    from bdt.training.signals import StoppedBeforeStart
     launch = LaunchRecord()
 
     def tasks_once_set_up(cfg, dist):  # the loop asks for them with the model and resume done
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e))
     except TrainingDiverged as e:  # the message names the step, ranks, values and samples
         fail(str(e), code=1)
+    except StoppedBeforeStart as e:  # a stopped run's exit 0; a rerun resumes as usual
+        logging.getLogger("bdt.train").warning("%s", e)
     return 0
 
 

@@ -103,10 +103,10 @@ class LaunchRecord:
             record_launch_error(self.run_dir, exc)
 
 
-def write_summary(run_dir: str, step: int, stopped: bool, timed_out: bool, **more) -> None:
+def write_summary(run_dir: str, step: int | None, stopped: bool, timed_out: bool, **more) -> None:
     """<run_dir>/SUMMARY_NAME (rank 0, at the very end): `stopped` by a signal (the run goes on
     when launched again), `timed_out` at its time limit (saved and exported early), or neither:
-    finished at `step`."""
+    finished at `step` (None: stopped before its first step, at an unknown start step)."""
     summary = {"step": step, "stopped": stopped, "timed_out": timed_out, **more}
     storage.write_bytes_atomic(storage.join(run_dir, SUMMARY_NAME),
                                json.dumps(summary, indent=1).encode())

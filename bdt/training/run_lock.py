@@ -150,13 +150,18 @@ def hold_run_lock(run_dir: str, dist: DistInfo) -> RunLock | None:
     every rank raises the same RunDirInUse when another job holds it, and the same OSError when
     rank 0 cannot take it (other ranks would otherwise die in the broadcast, with gloo's error)."""
     lock, error = None, None
-    if dist.is_main:
-        lock = RunLock(run_dir)
-        try:
-            lock.acquire()
-        except OSError as e:
-            lock, error = None, (isinstance(e, RunDirInUse), str(e))
-    error = broadcast_object(error)
+    try:
+        if dist.is_main:
+            lock = RunLock(run_dir)
+            try:
+                lock.acquire()
+            except OSError as e:
+                lock, error = None, (isinstance(e, RunDirInUse), str(e))
+        error = broadcast_object(error)
+    except BaseException:  # a stop signal in start-up (signals.py): leave no lock behind
+        if lock is not None:
+            lock.release()
+        raise
     if error:
         in_use, message = error
         raise (RunDirInUse if in_use else OSError)(message)

@@ -1,4 +1,7 @@
 """Preemption: SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits 0.
+Before the first step (`StopFlag(started=False)` until `start`) there is nothing to save and
+start-up may take minutes (building the model, listing data, loading a checkpoint): the signal
+raises `StoppedBeforeStart` there instead, and the entry point exits 0 saying so.
 
 Under the `deepspeed` launcher signals reach ranks one at a time, ~30 s apart (environment.md), so
 a rank must not act on its own flag: `should_stop` all-reduces the flag (MAX) every step and every
@@ -10,6 +13,7 @@ answer STOP_SIGNAL): nothing else would end it, and a relaunch would meet it sti
 
 from __future__ import annotations
 
+import os
 import signal
 import types
 
@@ -22,17 +26,40 @@ from bdt.training.distributed import all_reduce_max, launcher_gone
 GO_ON, LOCAL_REASON, STOP_SIGNAL, DIVERGED = 0, 1, 2, 3
 
 
+class StoppedBeforeStart(BaseException):
+    """A stop signal before the first step, raised in the main thread where it landed. Not an
+    Exception (as KeyboardInterrupt), so no best-effort `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return (f"stop signal ({signal.Signals(self.signum).name}) before step 1: nothing to "
+                f"save, stopped")
+
+
 class StopFlag:
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1),
+                 started: bool = True):
         self.requested = False
         self.signum: int | None = None
+        self.started = started
+        self._owner = os.getpid()  # a forked child inherits the handler, not the start-up
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
+    def start(self) -> None:
+        """The first step begins: from now on a signal is saved at a step boundary."""
+        self.started = True
+
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         self.requested = True
         self.signum = signum
+        if not self.started and os.getpid() == self._owner:
+            self.started = True  # a second signal while unwinding only sets the flag
+            raise StoppedBeforeStart(signum)
 
     def should_stop(self, device: torch.device, local: bool = False, diverged: bool = False) -> int:
         """Collective (call on every rank each step): why the ranks stop, the same on every rank.

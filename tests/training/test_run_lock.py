@@ -4,6 +4,7 @@ is never stolen, a job that lost its lock stops; a rank whose launcher dies is s
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,10 +12,13 @@ import time
 
 import psutil
 import pytest
+import torch
 
-from bdt.training.distributed import free_port
+from bdt.training import run_lock
+from bdt.training.distributed import DistInfo, free_port
 from bdt.training.run_lock import (LOCK_NAME, LOST_LOCK_EXIT, RunDirInUse, RunLock, _process_space,
                                    hold_run_lock)
+from bdt.training.signals import StoppedBeforeStart
 from trainutil import rank_entry, spawn_ranks
 
 
@@ -140,6 +144,18 @@ def test_every_rank_raises_rank0s_error(tmp_path, lock):
     assert r0 == r1, (r0, r1)
     assert r0[0] == ("RunDirInUse" if lock == "held" else "OSError")
     assert ("in use by pid 1 on elsewhere" if lock == "held" else "is a directory") in r0[1]
+
+
+def test_a_stop_signal_while_taking_the_lock_leaves_none(tmp_path, monkeypatch):
+    """A SIGTERM before step 1 raises where it lands (signals.StoppedBeforeStart): landing
+    after the lock file was made and before it was handed back, it left the lock behind."""
+    def interrupted(obj):
+        raise StoppedBeforeStart(signal.SIGTERM)
+
+    monkeypatch.setattr(run_lock, "broadcast_object", interrupted)
+    with pytest.raises(StoppedBeforeStart):
+        hold_run_lock(str(tmp_path), DistInfo(0, 1, 0, torch.device("cpu")))
+    assert not (tmp_path / LOCK_NAME).exists()
 
 
 @pytest.mark.slow

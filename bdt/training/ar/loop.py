@@ -50,7 +50,8 @@ from bdt.training.model_shapes import (check_model_signature, model_signature,
 from bdt.training.patient_barrier import patient_barrier
 from bdt.training.run_dir import BACKBONE_DIR, checkpoint_root, export_dir, write_summary
 from bdt.training.run_lock import hold_run_lock
-from bdt.training.signals import DIVERGED, LOCAL_REASON, STOP_SIGNAL, StopFlag
+from bdt.training.signals import (DIVERGED, LOCAL_REASON, STOP_SIGNAL, StopFlag,
+                                  StoppedBeforeStart)
 
 
 class InLoopTask(Protocol):
@@ -75,28 +76,33 @@ InLoopTasks = Callable[[TrainConfig, DistInfo], list[InLoopTask]]
 
 def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
     """Train as configured (every rank calls it); returns a summary of the last step.
-    `in_loop(cfg, dist)`: this rank's previews and evaluations (bdt/train.py builds them)."""
+    `in_loop(cfg, dist)`: this rank's previews and evaluations (bdt/train.py builds them).
+    StoppedBeforeStart for a stop signal before the first step (signals.py)."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
-    resolve_init_from(cfg)
-    validate(cfg)
-    start_checks.set_threads(cfg.threads)
-    start_checks.check_copied_folders(cfg)  # before check_data hashes the tokenizer's files
-    data = start_checks.check_data(cfg)  # bad shards / tokenizer mismatch: fail before anything
-    start_checks.check_image_tokenizer(cfg)
-    model_build.skip_deepspeed_muon(cfg)
-    dist = init_distributed()
-    lock = None
+    stop, lock = StopFlag(started=False), None
     try:
+        resolve_init_from(cfg)
+        validate(cfg)
+        start_checks.set_threads(cfg.threads)
+        start_checks.check_copied_folders(cfg)  # before check_data hashes the tokenizer's files
+        data = start_checks.check_data(cfg)  # bad shards / tokenizer mismatch: fail before anything
+        start_checks.check_image_tokenizer(cfg)
+        model_build.skip_deepspeed_muon(cfg)
+        dist = init_distributed()
         # One job per run directory: a second one stops here, naming the holder (run_lock.py).
         lock = hold_run_lock(cfg.run_dir, dist)
-        summary = _train(cfg, dist, data, in_loop)
-    except BaseException:
+        summary = _train(cfg, dist, data, in_loop, stop)
+    except BaseException as e:
+        stop.restore()
+        if isinstance(e, StoppedBeforeStart) and lock is not None:  # a wrapper reads "stopped"
+            write_summary(cfg.run_dir, None, stopped=True, timed_out=False, saved_step=None)
         if lock is not None:
             lock.release()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         raise
+    stop.restore()
     cleanup()
     if lock is not None:
         lock.release()
@@ -109,8 +115,8 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train(cfg: TrainConfig, dist: DistInfo, data: start_checks.CheckedData, in_loop: InLoopTasks
-           ) -> dict:
+def _train(cfg: TrainConfig, dist: DistInfo, data: start_checks.CheckedData, in_loop: InLoopTasks,
+           stop: StopFlag) -> dict:
     sources, tokenizer = data
     # Base LR 1: the stage clock's multiplier is the absolute LR (stages.py).
     ds_config = build_ds_config(replace(cfg.deepspeed, micro_batch_size=1),
@@ -183,7 +189,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, data: start_checks.CheckedData, in_
     keylog = reshard.SampleKeyLog(cfg.run_dir, dist.rank, dist.world_size,
                                   keep_through_step=step if resumed is not None else -1) \
         if cfg.logging.sample_keys else None
-    stop = StopFlag()
+    stop.start()
     health = StepHealth()
     window, meter = LogWindow(**(log_window or {})), Throughput()
     stopped = timed_out = False
@@ -267,7 +273,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, data: start_checks.CheckedData, in_
     finally:
         if stream is not None:
             stream.close()
-        stop.restore()
+        stop.restore()  # a signal in the export and summary below ends the process, as before
         logger.close()
         if keylog:
             keylog.close()

@@ -46,7 +46,7 @@ from bdt.training.model_shapes import (check_model_signature, model_signature,
                                        record_model_signature)
 from bdt.training.run_dir import LaunchRecord, checkpoint_root, export_dir, write_summary
 from bdt.training.run_lock import hold_run_lock
-from bdt.training.signals import DIVERGED, LOCAL_REASON, StopFlag
+from bdt.training.signals import DIVERGED, LOCAL_REASON, StopFlag, StoppedBeforeStart
 from bdt.training.tokenizer.config import TokenizerTrainConfig, load_command, validate
 from bdt.training.tokenizer.gan import Discriminator, lr_schedule
 
@@ -137,19 +137,26 @@ def _step_metrics(seen: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> dict[s
 
 def train(cfg: TokenizerTrainConfig, on_set_up: Callable[[bool], None] | None = None) -> dict:
     """Run (or resume) training until cfg.steps; returns the last logged metrics. `on_set_up`
-    (is this rank 0) is called once the model, the resume and the data stream are ready."""
-    model_cfg = validate(cfg)
-    dist: DistInfo = init_distributed()
-    lock = hold_run_lock(cfg.run_dir, dist)  # one job per run_dir: a second one stops here
+    (is this rank 0) is called once the model, the resume and the data stream are ready.
+    StoppedBeforeStart for a stop signal before the first step (signals.py)."""
+    stop, lock = StopFlag(started=False), None
     try:
-        return _train(cfg, model_cfg, dist, on_set_up or (lambda is_main: None))
+        model_cfg = validate(cfg)
+        dist: DistInfo = init_distributed()
+        lock = hold_run_lock(cfg.run_dir, dist)  # one job per run_dir: a second one stops here
+        return _train(cfg, model_cfg, dist, on_set_up or (lambda is_main: None), stop)
+    except StoppedBeforeStart:
+        if lock is not None:  # rank 0 holding the run: a resume wrapper reads "stopped"
+            write_summary(cfg.run_dir, None, stopped=True, timed_out=False, saved_step=None)
+        raise
     finally:
+        stop.restore()
         if lock is not None:
             lock.release()
 
 
 def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo,
-           on_set_up: Callable[[bool], None]) -> dict:
+           on_set_up: Callable[[bool], None], stop: StopFlag) -> dict:
     ckpt = training_checkpoints(cfg, dist)
     ckpt.bind(cfg.run_dir, cfg.checkpoint.adopt)  # another run's checkpoint root: refused here
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -185,7 +192,7 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     # Records an earlier run logged past the start step are replaced by this run's.
     logger = MetricsLogger(cfg.run_dir, dist.is_main, cfg.logging.tensorboard,
                            keep_through_step=step if resumed is not None else -1)
-    stop = StopFlag()
+    stop.start()
     health = StepHealth()
     saved_step = step if resumed is not None else -1
     meter = Throughput()
@@ -297,7 +304,6 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
             write_summary(cfg.run_dir, step, stopped, timed_out, saved_step=saved_step)
     finally:
         logger.close()
-        stop.restore()
     cleanup()
     return last
 
@@ -365,4 +371,6 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(exc))
     except TrainingDiverged as exc:  # names the step, ranks, values and images
         fail(str(exc), code=1)
+    except StoppedBeforeStart as exc:  # a stopped run's exit 0; a rerun resumes as usual
+        log.warning("%s", exc)
     return 0

@@ -1,0 +1,94 @@
+"""A stop signal while a trainer is still starting (model, data, resume: before step 1) ends it
+at once, as a stopped run ends (exit 0, summary.json "stopped"), for both trainers alike; the
+rerun trains as if the stopped start had never happened."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from bdt.data.shapes import ShapesConfig
+from bdt.data.shards import generate
+from bdt.training.signals import StopFlag, StoppedBeforeStart
+from testkit import REPO, TINY_CONFIG
+from trainutil import tiny_llm, train_overrides, write_shards
+
+TOKENIZER = ["model.ch=32", "model.ch_mult=[1]", "model.num_res_blocks=1", "model.z_channels=8",
+             "data.size=16", "data.num_workers=0", "deepspeed.micro_batch_size=2",
+             "logging.image_every=0", "logging.tensorboard=false", "checkpoint.every=1"]
+
+
+def test_a_signal_before_start_raises_and_after_it_sets_the_flag():
+    before = signal.getsignal(signal.SIGTERM)
+    flag = StopFlag(started=False)
+    try:
+        with pytest.raises(StoppedBeforeStart, match=r"\(SIGTERM\) before step 1"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second one while unwinding: the flag only
+        assert flag.requested
+    finally:
+        flag.restore()
+    flag = StopFlag(started=False)
+    try:
+        flag.start()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert flag.requested and flag.signum == signal.SIGUSR1
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _tokenizer_command(tmp_path, run_dir, steps):
+    data = tmp_path / "images"
+    if not data.exists():
+        generate(ShapesConfig(out=str(data), num=4, sizes=["32"], per_shard=4, format="png"))
+    return ["tokenizers/train.py", f"run_dir={run_dir}", f"data.shards={data}/shapes-000000.tar",
+            f"steps={steps}", *TOKENIZER]
+
+
+def _ar_command(tmp_path, run_dir, steps):
+    if not (tmp_path / "llm").exists():
+        write_shards(str(tmp_path / "tokens"), [(2, 2), (2, 3)], 1, 8)
+        tiny_llm(str(tmp_path / "llm"))
+    return ["bdt/train.py", "--config", TINY_CONFIG,
+            *train_overrides(str(run_dir), str(tmp_path / "llm"), str(tmp_path / "tokens"),
+                             steps=steps, zero=0, every=1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [_tokenizer_command, _ar_command], ids=["tokenizer", "ar"])
+def test_sigterm_during_start_up_stops_cleanly_and_the_rerun_trains(tmp_path, command):
+    run_dir = tmp_path / "run"
+    # This checkout's bdt, not the one installed: the script's folder comes first on sys.path.
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")},
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, *command(tmp_path, run_dir, 2)], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        # Logged once the run lock is held, seconds before the first step (model, engine).
+        seen = ""
+        for line in proc.stderr:
+            seen += line
+            if "had no owner: it is now this run's" in line:
+                break
+        assert proc.poll() is None, seen[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        rc, err = proc.returncode, seen + err  # the old trainers died of the signal: rc -15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0, err[-3000:]
+    assert "stop signal (SIGTERM) before step 1: nothing to save" in err and "Traceback" not in err
+    assert json.loads((run_dir / "summary.json").read_text())["stopped"] is True
+    assert not (run_dir / "RUN_LOCK").exists()
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")]
+    done = subprocess.run([sys.executable, *command(tmp_path, run_dir, 1)], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped"] is False and summary["step"] == 1
