@@ -49,6 +49,7 @@ from bdt.training.run_lock import hold_run_lock
 from bdt.training.signals import DIVERGED, LOCAL_REASON, StopFlag, StoppedBeforeStart
 from bdt.training.tokenizer.config import TokenizerTrainConfig, load_command, validate
 from bdt.training.tokenizer.gan import Discriminator, lr_schedule
+from bdt.training.tokenizer.resume_checks import resume_checks
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,8 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
     check_model_signature(ckpt.root, signature, dist)
     step, stream_state, tag = 0, None, None
     # The newest checkpoint that verifies and loads; damaged newer ones are reported, skipped.
-    resumed = ckpt.resume({"autoencoder": engine}, fresh=not cfg.checkpoint.resume)
+    resumed = ckpt.resume({"autoencoder": engine}, fresh=not cfg.checkpoint.resume,
+                          before_load=resume_checks(cfg))
     record_model_signature(ckpt.root, signature, dist)  # the checkpoint loaded: the shapes fit
     if resumed is not None:
         tag, meta, shared = resumed.tag, resumed.meta, resumed.shared
@@ -180,8 +182,8 @@ def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo
         ema.load_state_dict(shared["ema"])
         if disc is not None and "disc" in shared:
             disc.load_state_dict(shared["disc"])
-    # Refuses a stream state of another data.num_workers: before the config is recorded, or a
-    # refused config would replace the record of the run's checkpoints.
+    # This rank's own saved stream (rank 0's passed resume_checks), checked again here: before
+    # the config is recorded, or a refused config would replace the record of the run's checkpoints.
     loader, stream = make_loader(cfg.data, cfg.deepspeed.micro_batch_size, dist.rank,
                                  dist.world_size, stream_state)
     if dist.is_main:

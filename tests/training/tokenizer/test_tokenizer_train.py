@@ -419,10 +419,16 @@ def test_a_changed_model_shape_is_a_config_error_not_damage(shards, tmp_path):
 def test_a_refused_worker_count_leaves_the_runs_config_record(shards, tmp_path):
     """A resume with another data.num_workers is refused by name; the run's config.yaml (what
     the run's checkpoints are rebuilt from) is still the one they were trained with (the
-    refusal once came after the refused config had replaced it)."""
+    refusal once came after the refused config had replaced it). It is refused by the
+    checkpoint's records, before any tensor is read: with its tensor files gone, the refusal is
+    the same (it was "no usable checkpoint", the files missing)."""
     run = [*TINY, f"run_dir={tmp_path}", f"data.shards={shards}", "steps=1", "loss.disc_weight=0"]
     spawn_ranks(_rank, (1, free_port(), run), 1)
     recorded = (tmp_path / "config.yaml").read_text()
+    ckpt = tmp_path / "checkpoints" / tag_for(1)
+    shutil.rmtree(ckpt / "autoencoder")
+    for name in ("rank_00000.safetensors", "shared.pt"):
+        (ckpt / name).unlink()
     with pytest.raises(mp.ProcessRaisedException, match="data.num_workers: the checkpoint's stream "
                                                          "state has 1 worker.s., this run has 2"):
         spawn_ranks(_rank, (1, free_port(), [*run, "steps=2", "data.num_workers=2"]), 1)
