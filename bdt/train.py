@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e))
     except TrainingDiverged as e:  # the message names the step, ranks, values and samples
         fail(str(e), code=1)
-    except StoppedBeforeStart as e:  # a stopped run's exit 0; a rerun resumes as usual
+    except StoppedBeforeStart as e:  # a rerun resumes as usual
         logging.getLogger("bdt.train").warning("%s", e)
+        return e.exit_code
     return 0
 
 

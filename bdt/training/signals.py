@@ -33,6 +33,14 @@ class StoppedBeforeStart(BaseException):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+        self.recorded = False  # set once rank 0's summary.json says the run stopped
+
+    @property
+    def exit_code(self) -> int:
+        """A stopped run's 0 once summary.json records the stop; else (not rank 0, or before
+        the run lock) the signal's own 128 + signum: a resume wrapper that did not send the
+        signal reads an exit 0 without a summary as a finished run."""
+        return 0 if self.recorded else 128 + self.signum
 
     def __str__(self) -> str:
         return (f"stop signal ({signal.Signals(self.signum).name}) before step 1: nothing to "

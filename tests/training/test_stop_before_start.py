@@ -41,6 +41,23 @@ def test_a_signal_before_start_raises_and_after_it_sets_the_flag():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_stop_before_the_run_lock_exits_with_the_signals_status(tmp_path, monkeypatch, caplog):
+    """Before rank 0 holds the run lock nothing may be written in the run directory (another job
+    may hold it): no summary.json, so no exit 0 either, which a resume wrapper that did not send
+    the signal reads as a finished run."""
+    from bdt.training.tokenizer import loop
+
+    def interrupted():  # the signal lands while the process group is set up
+        raise StoppedBeforeStart(signal.SIGTERM)
+
+    monkeypatch.setattr(loop, "init_distributed", interrupted)
+    (tmp_path / "x.tar").write_bytes(b"")  # named, never read
+    before = signal.getsignal(signal.SIGTERM)
+    assert loop.main([f"run_dir={tmp_path / 'run'}", f"data.shards={tmp_path}/x.tar"]) == 143
+    assert "stop signal (SIGTERM) before step 1" in caplog.text
+    assert not (tmp_path / "run").exists() and signal.getsignal(signal.SIGTERM) is before
+
+
 def _tokenizer_command(tmp_path, run_dir, steps):
     data = tmp_path / "images"
     if not data.exists():

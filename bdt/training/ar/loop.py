@@ -97,6 +97,7 @@ def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
         stop.restore()
         if isinstance(e, StoppedBeforeStart) and lock is not None:  # a wrapper reads "stopped"
             write_summary(cfg.run_dir, None, stopped=True, timed_out=False, saved_step=None)
+            e.recorded = True
         if lock is not None:
             lock.release()
         if torch.distributed.is_initialized():

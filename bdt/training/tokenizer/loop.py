@@ -146,9 +146,10 @@ def train(cfg: TokenizerTrainConfig, on_set_up: Callable[[bool], None] | None = 
         dist: DistInfo = init_distributed()
         lock = hold_run_lock(cfg.run_dir, dist)  # one job per run_dir: a second one stops here
         return _train(cfg, model_cfg, dist, on_set_up or (lambda is_main: None), stop)
-    except StoppedBeforeStart:
+    except StoppedBeforeStart as e:
         if lock is not None:  # rank 0 holding the run: a resume wrapper reads "stopped"
             write_summary(cfg.run_dir, None, stopped=True, timed_out=False, saved_step=None)
+            e.recorded = True
         raise
     finally:
         stop.restore()
@@ -373,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(exc))
     except TrainingDiverged as exc:  # names the step, ranks, values and images
         fail(str(exc), code=1)
-    except StoppedBeforeStart as exc:  # a stopped run's exit 0; a rerun resumes as usual
+    except StoppedBeforeStart as exc:  # a rerun resumes as usual
         log.warning("%s", exc)
+        return exc.exit_code
     return 0
