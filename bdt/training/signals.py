@@ -1,7 +1,11 @@
 """Preemption: SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits 0.
 Before the first step (`StopFlag(started=False)` until `start`) there is nothing to save and
 start-up may take minutes (building the model, listing data, loading a checkpoint): the signal
-raises `StoppedBeforeStart` there instead, and the entry point exits 0 saying so.
+raises `StoppedBeforeStart` there instead, and the entry point exits 0 saying so. Python runs
+that handler only once the main thread is back in Python: one blocked in native code (the
+rendezvous, or a collective, waiting for a rank that stopped) would ignore the signal until the
+process-group timeout, so a watcher thread ends the process (status 128 + signal) when the
+handler has not run STUCK_GRACE_S after the signal arrived.
 
 Under the `deepspeed` launcher signals reach ranks one at a time, ~30 s apart (environment.md), so
 a rank must not act on its own flag: `should_stop` all-reduces the flag (MAX) every step and every
@@ -13,8 +17,11 @@ answer STOP_SIGNAL): nothing else would end it, and a relaunch would meet it sti
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
+import threading
 import types
 
 import torch
@@ -24,6 +31,20 @@ from bdt.training.distributed import all_reduce_max, launcher_gone
 # Why the ranks stop (`StopFlag.should_stop`), ordered so that the all-reduced MAX wins: a
 # diverged step (bdt.training.divergence) must never be saved, whatever else asked to stop.
 GO_ON, LOCAL_REASON, STOP_SIGNAL, DIVERGED = 0, 1, 2, 3
+STUCK_GRACE_S = 5.0  # a main thread in Python runs the handler within milliseconds
+log = logging.getLogger(__name__)
+_watching: set[int] = set()  # wakeup fds of this process's StopFlags before start
+
+
+def _forget_wakeup_in_child() -> None:
+    """A forked child's signals are its own: written to the parent's pipe, they would end the
+    parent as stuck (its handler never runs for them)."""
+    if _watching:
+        with contextlib.suppress(ValueError):  # forked from another thread: none was set there
+            signal.set_wakeup_fd(-1)
+
+
+os.register_at_fork(after_in_child=_forget_wakeup_in_child)
 
 
 class StoppedBeforeStart(BaseException):
@@ -55,16 +76,56 @@ class StopFlag:
         self.started = started
         self._owner = os.getpid()  # a forked child inherits the handler, not the start-up
         self._previous = {}
+        self._handled = threading.Event()
+        self._wakeup: tuple[int, int, int] | None = None  # (read end, write end, previous fd)
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if not started:
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(write_fd, False)
+            # Written by the C-level handler as a signal arrives, whatever the main thread does.
+            previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+            self._wakeup = (read_fd, write_fd, previous)
+            _watching.add(write_fd)
+            threading.Thread(target=self._watch_stuck, args=(read_fd,), name="bdt-stop-watch",
+                             daemon=True).start()
 
     def start(self) -> None:
         """The first step begins: from now on a signal is saved at a step boundary."""
         self.started = True
+        self._end_watch()
+
+    def _watch_stuck(self, read_fd: int) -> None:
+        try:  # a 0 byte is _end_watch's
+            while (got := os.read(read_fd, 1)) and got[0] and got[0] not in self._previous:
+                pass
+        finally:
+            os.close(read_fd)
+        if not got or not got[0] or self._handled.wait(STUCK_GRACE_S) or self.started:
+            return
+        signum = got[0]
+        log.error("pid %d: stop signal (%s) before step 1, but the main thread is blocked in "
+                  "native code (a rendezvous or collective waiting for a rank that stopped?): "
+                  "exiting now with status %d", os.getpid(), signal.Signals(signum).name,
+                  128 + signum)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(128 + signum)  # no other thread may change a signal's handler
+
+    def _end_watch(self) -> None:
+        if self._wakeup is not None:
+            _, write_fd, previous = self._wakeup
+            self._wakeup = None
+            signal.set_wakeup_fd(previous)
+            with contextlib.suppress(OSError):  # the watcher has returned already
+                os.write(write_fd, b"\0")  # not a signal number: the watcher returns
+            os.close(write_fd)
+            _watching.discard(write_fd)
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         self.requested = True
         self.signum = signum
+        self._handled.set()
         if not self.started and os.getpid() == self._owner:
             self.started = True  # a second signal while unwinding only sets the flag
             raise StoppedBeforeStart(signum)
@@ -81,6 +142,7 @@ class StopFlag:
         return int(all_reduce_max(float(mine), device))
 
     def restore(self) -> None:
+        self._end_watch()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

@@ -109,3 +109,30 @@ def test_sigterm_during_start_up_stops_cleanly_and_the_rerun_trains(tmp_path, co
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped"] is False and summary["step"] == 1
+
+
+@pytest.mark.slow
+def test_a_signal_while_blocked_in_native_code_still_ends_the_process(tmp_path):
+    """The Python handler waits for the main thread to come back from native code: a rank stuck
+    in the rendezvous (or a collective) for a rank that stopped ignored its own SIGTERM until the
+    process-group timeout; the watcher ends it with the signal's status instead."""
+    script = ("import datetime, threading, torch.distributed as dist\n"
+              "from bdt.training import signals\n"
+              "signals.STUCK_GRACE_S = 0.5\n"
+              "flag = signals.StopFlag(started=False)\n"
+              "store = dist.TCPStore('127.0.0.1', 0, 1, True, wait_for_workers=False)\n"
+              # said once the main thread is surely inside the wait
+              "threading.Timer(1.0, lambda: print('waiting', flush=True)).start()\n"
+              "store.wait(['never set'], datetime.timedelta(seconds=120))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == "waiting\n", proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)  # the old code: stuck for the store's 120 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "stop signal (SIGTERM) before step 1, but the main thread is blocked" in err
