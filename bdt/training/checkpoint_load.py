@@ -115,7 +115,7 @@ class CheckpointLoader:
         marker = self._shared_marker(tag)
         self._check_settings(tag, marker)
         if before_load is not None:
-            before_load(storage.join(self.root, tag), self._first_state(tag, marker), marker)
+            self._before_load(before_load, tag, marker)
         saved_world = marker.get("world_size", self.dist.world_size)
         conv = None
         if saved_world != self.dist.world_size:
@@ -192,6 +192,23 @@ class CheckpointLoader:
                              + ", ".join(f"{k}={self.settings[k]!r}" for k in changed)
                              + ": resume with the checkpoint's settings, or start a new checkpoint "
                                "directory")
+
+    def _before_load(self, before_load: BeforeLoad, tag: str, marker: dict) -> None:
+        """Collective: `before_load` on every rank, and the same refusal on every rank when it
+        refuses on any: a rank raising alone (another listing of the shards, say) would leave
+        the others in the fetch's or verification's collective, hung on NCCL."""
+        error = None
+        try:
+            before_load(storage.join(self.root, tag), self._first_state(tag, marker), marker)
+        except CheckpointUnusable:
+            raise  # _first_state's: the same on every rank already
+        except Exception as e:  # noqa: BLE001 (gathered: every rank raises the same below)
+            error = (isinstance(e, ValueError), f"{e}" if isinstance(e, ValueError)
+                     else f"rank {self.dist.rank}: {type(e).__name__}: {e}")
+        errors = [e for e in all_gather_object(error) if e]
+        if errors:
+            refusal, message = errors[0]
+            raise (ValueError if refusal else RuntimeError)(message)
 
     def _first_state(self, tag: str, marker: dict) -> dict:
         """Collective: rank 0's saved trainer state in `tag` (its small JSON file alone, checked
