@@ -183,22 +183,28 @@ def test_a_failed_heartbeat_is_retried_and_a_lasting_failure_stops_the_job(tmp_p
             f"RunLock({str(tmp_path)!r}, heartbeat_s=0.05, stale_s=1.5).acquire(); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     lock, aside = tmp_path / LOCK_NAME, tmp_path / "aside"
+
+    def break_lock():
+        # Swapped in by one rename, so no heartbeat ever finds the path missing (which would
+        # read as a lost lock, not a failed read): a symlink to nothing fails every read.
+        dangling = tmp_path / "dangling"
+        dangling.symlink_to(tmp_path / "nothing")
+        os.rename(dangling, lock)
+
     try:
         while not lock.exists():
             assert holder.poll() is None, holder.stderr.read()
             time.sleep(0.05)
-        os.rename(lock, aside)
-        lock.mkdir()  # reads fail (IsADirectoryError) for a few beats
+        os.link(lock, aside)
+        break_lock()  # reads fail for a few beats
         time.sleep(0.4)
-        lock.rmdir()
         os.rename(aside, lock)
         time.sleep(0.4)
         assert holder.poll() is None  # retried: still running, still beating
         beat = lock.stat().st_mtime
         time.sleep(0.3)
         assert lock.stat().st_mtime > beat
-        os.rename(lock, aside)
-        lock.mkdir()  # for good: it must stop before it could look stale
+        break_lock()  # for good: it must stop before it could look stale
         assert holder.wait(timeout=30) == LOST_LOCK_EXIT
         assert "heartbeat failed" in holder.stderr.read()
     finally:
