@@ -17,8 +17,9 @@ from common import REPO, RESULTS, machine, write_atomic
 
 BENCH_MARKERS = ("<!-- bench:begin (bench/summary.py writes this part) -->", "<!-- bench:end -->")
 
-ORDER = ["decode_speed", "train_throughput", "data_path", "data_prefetch", "extract_throughput",
-         "zero_memory", "resume_cost", "checkpoint_hash", "gpu_throughput", "gpu_check"]
+ORDER = ["tokenizer_quality", "decode_speed", "train_throughput", "data_path", "data_prefetch",
+         "extract_throughput", "zero_memory", "resume_cost", "checkpoint_hash", "gpu_throughput",
+         "gpu_check"]
 
 
 def extraction_goals(d: dict) -> list[dict]:

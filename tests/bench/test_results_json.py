@@ -68,3 +68,29 @@ def test_tokenizer_quality_output_follows_the_results_folder(tmp_path):
     default, bare = done.stdout.split()
     assert default == str(tmp_path / "elsewhere" / "tokenizer_quality.json")
     assert bare == str(tmp_path / "q.json")  # its grids' folder: tmp_path, not ""
+
+
+def _tokenizer_result(psnr: float, bits_outside: int) -> dict:
+    ev = {"psnr_db": psnr, "bit_rate_min": 0.31, "bit_rate_max": 0.69,
+          "bits_outside_5_95": bits_outside}
+    return {"at_fixed_steps": {"steps": 400, "eval_128px": {**ev, "psnr_db": psnr - 3}},
+            "at_time_budget": {"steps": 2255, "wall_min": 8.07, "eval_128px": ev,
+                               "judge": {"size_px": 64, "originals": {"overall": 1.0},
+                                         "reconstructions": {"overall": 0.7}}}}
+
+
+def test_tokenizer_quality_goals_reach_the_summary_table(tmp_path, monkeypatch):
+    """The tokenizer's PSNR goal (issue 3) was in no table: its JSON had no `goals`."""
+    import tokenizer_quality
+    monkeypatch.setattr(summary, "RESULTS", str(tmp_path))
+    for psnr, bits_outside, verdicts in ((21.5, 0, ["**no**", "yes"]), (28.4, 2, ["yes", "**no**"])):
+        with common.Run("tokenizer_quality") as run:
+            result = _tokenizer_result(psnr, bits_outside)
+            common.write_json(str(tmp_path / "tokenizer_quality.json"),
+                              {**run.stamp(), **result,
+                               "goals": tokenizer_quality.quality_goals(result)})
+        summary.main()
+        rows = [r for r in (tmp_path / "README.md").read_text().splitlines() if "tokenizer" in r]
+        assert len(rows) == 3, rows
+        assert [r.split(" | ")[3] for r in rows[:2]] == verdicts, rows
+        assert f"{psnr:.1f} dB after 2255 steps" in rows[0] and "overall 0.70" in rows[2]
