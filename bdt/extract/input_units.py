@@ -1,6 +1,6 @@
 """Raw inputs listed as input units, before any is read.
 
-An input unit is what one output shard per stage is made from (the shard plan, plan.py):
+An input unit is what one output shard per stage is made from (the shard plan, run.plan):
 one tar shard (img2dataset layout: KEY.jpg|png|webp + KEY.txt + optional KEY.json), or a
 fixed-size chunk of a folder's sorted image files (captions in same-named .txt files). Each
 unit records the version (sizes and mtimes, ETags on S3) of what it reads. Problems found here

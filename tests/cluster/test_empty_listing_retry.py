@@ -34,7 +34,7 @@ def remote_folder():
 
 
 def _recorded(tmp_path, source: str) -> tuple[dict, BaseException]:
-    """What the AR trainer records when its stage names `source` (setup.check_data)."""
+    """What the AR trainer records when its stage names `source` (start_checks.check_data)."""
     cfg = SimpleNamespace(data=SimpleNamespace(tokenizer=""), stages=[SimpleNamespace(
         name="s0", shards=source, family="", allow_incomplete=False)])
     with pytest.raises(ValueError) as raised:

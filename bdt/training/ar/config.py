@@ -199,7 +199,7 @@ def _check_stage_p(cfg: TrainConfig, i: int) -> None:
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     if p > model_p:
-        # init_from's model fixes P (setup.resolve_init_from): model.parallel_num is replaced.
+        # init_from's model fixes P (init_from.resolve_init_from): model.parallel_num is replaced.
         fix = (f"init_from={cfg.init_from} is a P = {model_p} model: lower the stage's P"
                if cfg.init_from else "set model.parallel_num to the largest P of the run")
         raise ValueError(f"{where} = {p} exceeds model.parallel_num = {model_p}: the model has "
