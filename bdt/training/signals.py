@@ -78,6 +78,7 @@ class StopFlag:
         self._previous = {}
         self._handled = threading.Event()
         self._wakeup: tuple[int, int, int] | None = None  # (read end, write end, previous fd)
+        self._watcher: threading.Thread | None = None
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         if not started:
@@ -87,8 +88,9 @@ class StopFlag:
             previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
             self._wakeup = (read_fd, write_fd, previous)
             _watching.add(write_fd)
-            threading.Thread(target=self._watch_stuck, args=(read_fd,), name="bdt-stop-watch",
-                             daemon=True).start()
+            self._watcher = threading.Thread(target=self._watch_stuck, args=(read_fd,),
+                                             name="bdt-stop-watch", daemon=True)
+            self._watcher.start()
 
     def start(self) -> None:
         """The first step begins: from now on a signal is saved at a step boundary."""
@@ -96,11 +98,10 @@ class StopFlag:
         self._end_watch()
 
     def _watch_stuck(self, read_fd: int) -> None:
-        try:  # a 0 byte is _end_watch's
-            while (got := os.read(read_fd, 1)) and got[0] and got[0] not in self._previous:
-                pass
-        finally:
-            os.close(read_fd)
+        # A 0 byte is _end_watch's. The read end stays open until then: a second signal written
+        # to a closed pipe is reported as an error by the C-level handler.
+        while (got := os.read(read_fd, 1)) and got[0] and got[0] not in self._previous:
+            pass
         if not got or not got[0] or self._handled.wait(STUCK_GRACE_S) or self.started:
             return
         signum = got[0]
@@ -114,12 +115,14 @@ class StopFlag:
 
     def _end_watch(self) -> None:
         if self._wakeup is not None:
-            _, write_fd, previous = self._wakeup
+            read_fd, write_fd, previous = self._wakeup
             self._wakeup = None
             signal.set_wakeup_fd(previous)
-            with contextlib.suppress(OSError):  # the watcher has returned already
+            with contextlib.suppress(OSError):  # the watcher has returned already: a full pipe
                 os.write(write_fd, b"\0")  # not a signal number: the watcher returns
+            self._watcher.join(STUCK_GRACE_S)  # at once but after a signal not yet handled
             os.close(write_fd)
+            os.close(read_fd)
             _watching.discard(write_fd)
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:

@@ -94,7 +94,6 @@ def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
         lock = hold_run_lock(cfg.run_dir, dist)
         summary = _train(cfg, dist, data, in_loop, stop)
     except BaseException as e:
-        stop.restore()
         if isinstance(e, StoppedBeforeStart) and lock is not None:  # a wrapper reads "stopped"
             write_summary(cfg.run_dir, None, stopped=True, timed_out=False, saved_step=None)
             e.recorded = True
@@ -102,11 +101,12 @@ def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
             lock.release()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        raise
-    stop.restore()
+        stop.restore()  # last: a second stop signal until here only sets the flag (not a kill
+        raise  # that leaves the summary unwritten and the run lock held)
     cleanup()
     if lock is not None:
         lock.release()
+    stop.restore()
     return summary
 
 
@@ -274,7 +274,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, data: start_checks.CheckedData, in_
     finally:
         if stream is not None:
             stream.close()
-        stop.restore()  # a signal in the export and summary below ends the process, as before
+        if not stopped:  # a signal in the export and summary below ends the process, as before;
+            stop.restore()  # a stopped run's summary and lock release are not cut by a second one
         logger.close()
         if keylog:
             keylog.close()

@@ -152,9 +152,9 @@ def train(cfg: TokenizerTrainConfig, on_set_up: Callable[[bool], None] | None = 
             e.recorded = True
         raise
     finally:
-        stop.restore()
         if lock is not None:
             lock.release()
+        stop.restore()  # last: a second stop signal while stopping must not kill the release
 
 
 def _train(cfg: TokenizerTrainConfig, model_cfg: TokenizerConfig, dist: DistInfo,
