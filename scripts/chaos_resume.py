@@ -1,8 +1,9 @@
-r"""Chaos test of the AR trainer's exact resume: SIGKILL a real 2-rank launch at random moments,
-relaunch until it finishes, and check it ends exactly as an uninterrupted run.
+r"""Chaos test of the AR trainer's exact resume: SIGKILL (or SIGTERM) a real 2-rank launch at
+random moments, relaunch until it finishes, and check it ends exactly as an uninterrupted run.
 
     DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 .venv/bin/python scripts/chaos_resume.py \
         [--kills 8] [--seed 0] [--launcher deepspeed|torchrun] [--steps 12 12] [--every 2] \
+        [--signal kill|term] [--deliver group|launcher] [--term-bound 90] \
         [--zero 2] [--workdir DIR] [--keep] [key=value ...]
 
 What it does, in --workdir (a temporary directory by default, removed unless --keep or a
@@ -16,6 +17,8 @@ mismatch):
      and every process under it (torchrun's ranks have sessions of their own) --kills times
      (seeded) and relaunching after each kill. Each kill is aimed at one of:
        start   a random moment of the start-up (imports, engine build, resume)
+       locked  a random moment of the start-up once the run lock is taken (a stop there
+               writes a summary)
        step    a random moment once the launch is training
        save    while a checkpoint is being written (a step_* directory without COMPLETE)
        marker  as soon as a new COMPLETE marker appears (pruning and the save's last barrier)
@@ -25,8 +28,14 @@ mismatch):
      the ranks' final parameter digests; and checks that no launch crashed, that no kill left
      a checkpoint marked complete with files missing, and that every resume took the newest
      complete checkpoint on disk, passing over none (a SIGKILL damages none that is complete).
-Prints one row per kill (when, which target, what was on disk) and the verdict; exits 1 on any
-difference.
+With --signal term (preemption) each signal is a SIGTERM, to every process of the launch at once
+(--deliver group, as SLURM signals a step) or to the launcher alone (--deliver launcher, as
+Kubernetes signals a container's first process), and a target `twice` sends a second one
+0.2-3 s after the first. The launch must then end by itself within --term-bound seconds (else it
+is SIGKILLed and reported), without a traceback, its summary.json (if it wrote one) naming the
+newest complete checkpoint as the step it saved; the next launch resumes from there.
+Prints one row per signal (when, which target, what was on disk, and for SIGTERM how the launch
+ended) and the verdict; exits 1 on any difference.
 """
 
 from __future__ import annotations
@@ -38,7 +47,6 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +55,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))  # the test suite's tiny-run builders
 sys.path.insert(0, REPO)
 
-TARGETS = ("start", "step", "save", "marker")
+from chaos_launch import Launch, judge_term  # noqa: E402 (beside this script)
+
+TARGETS = ("start", "locked", "step", "save", "marker")
+LOCKED_S = 2.0  # `locked` lands within this of the run lock's creation (the rest of start-up)
+TWICE = "twice"  # --signal term: a second SIGTERM shortly after the first (an impatient scheduler)
 COMPARED = ("loss", "text_ce", "vision", "bit_accuracy", "grad_norm", "lr", "data/samples_read")
 POLL_S = 0.002
 
@@ -55,20 +67,31 @@ POLL_S = 0.002
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kills", type=int, default=8, help="SIGKILLs before the run may finish")
+    p.add_argument("--kills", "--signals", dest="kills", type=int, default=8,
+                   help="signals before the run may finish")
+    p.add_argument("--signal", choices=("kill", "term"), default="kill")
+    p.add_argument("--deliver", choices=("group", "launcher"), default="group",
+                   help="term: to every process of the launch at once (as SLURM signals a "
+                        "step), or to the launcher alone (as Kubernetes signals a container)")
+    p.add_argument("--term-bound", type=float, default=90.0,
+                   help="seconds a SIGTERMed launch may take to end by itself")
     p.add_argument("--seed", type=int, default=0, help="seeds the kill plan")
     p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
     p.add_argument("--steps", type=int, nargs="+", default=[12, 12], help="steps per stage")
     p.add_argument("--every", type=int, default=2, help="checkpoint.every")
     p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
-    p.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
-                   help="what kills aim at (drawn uniformly)")
+    p.add_argument("--targets", nargs="+", choices=(*TARGETS, TWICE),
+                   help="what signals aim at (drawn uniformly; default: all, twice with term)")
     p.add_argument("--workdir", default="", help="default: a new temporary directory")
     p.add_argument("--keep", action="store_true", help="keep --workdir even when all matches")
     p.add_argument("--launch-timeout", type=float, default=600.0, help="seconds per launch")
     p.add_argument("overrides", nargs="*", help="more key=value overrides for both runs "
                                                 "(e.g. ema_decay=0.99)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.targets = args.targets or [*TARGETS, *([TWICE] if args.signal == "term" else [])]
+    if TWICE in args.targets and args.signal != "term":
+        p.error("--targets twice needs --signal term")
+    return args
 
 
 def build(work: str, args) -> dict:
@@ -146,56 +169,6 @@ def describe(state: dict) -> str:
     return f"metrics@{state['last_step']} ckpts[{ckpts or '-'}] {' '.join(state['export'])}"
 
 
-class Launch:
-    """One launch in its own session (its own process group), output to a log file."""
-
-    def __init__(self, cmd: list[str], log_path: str):
-        self.log_path = log_path
-        self.out = open(log_path, "w")
-        self.t0, self.wall0 = time.monotonic(), time.time()
-        self.proc = subprocess.Popen(cmd, env=env(), cwd=os.path.dirname(log_path),
-                                     stdout=self.out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
-
-    def kill(self) -> None:
-        """SIGKILL the launch's process group and every descendant (torchrun starts its ranks in
-        sessions of their own), as a node going away would."""
-        import psutil
-
-        try:
-            family = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            family = []
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.proc.wait()
-        psutil.wait_procs(family, timeout=10)
-        self.out.close()
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return -999
-        finally:
-            self.out.close()
-
-    def log_tail(self, n: int = 3000) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-n:]
-
-
 def aim(launch: Launch, target: str, run_dir: str, rng: random.Random, start_s: float,
         step_s: float, total: int, every: int, since: float, newest: int | None, timeout: float
         ) -> str | None:
@@ -207,6 +180,11 @@ def aim(launch: Launch, target: str, run_dir: str, rng: random.Random, start_s: 
     while launch.proc.poll() is None and launch.elapsed() < timeout:
         if target == "start" and launch.elapsed() >= delay:
             return "start"
+        if target == "locked" and delay is None and _fresh(os.path.join(run_dir, "RUN_LOCK"),
+                                                          launch.wall0):
+            delay = launch.elapsed() + rng.uniform(0, LOCKED_S)
+        if target == "locked" and delay is not None and launch.elapsed() >= delay:
+            return "locked"
         if target == "step":
             if trained_at is None and steps_logged_since(run_dir, since):
                 # within the next two checkpoint intervals (at the reference's pace), so that
@@ -234,6 +212,13 @@ def aim(launch: Launch, target: str, run_dir: str, rng: random.Random, start_s: 
                     return "marker"
         time.sleep(POLL_S)
     return None
+
+
+def _fresh(path: str, since: float) -> bool:
+    try:
+        return os.stat(path).st_mtime >= since
+    except FileNotFoundError:
+        return False
 
 
 def records_since(run_dir: str, since: float) -> list[dict]:
@@ -314,37 +299,67 @@ def compare(ref_dir: str, run_dir: str, total: int) -> list[str]:
 
 def chaos_run(args, data: dict, work: str, run_dir: str, rng: random.Random, start_s: float,
               step_s: float) -> tuple[list, list[str], list[int]]:
-    """Launch, kill, relaunch until the run finishes (or a launch fails on its own); returns
-    the kill table's rows, the problems seen and the steps the launches resumed from."""
+    """Launch, signal, relaunch until the run finishes (or a launch fails on its own); returns
+    the signal table's rows, the problems seen and the steps the launches resumed from."""
     rows, problems, resumes, launches = [], [], [], 0
     while True:
         launches += 1
         newest = newest_complete(run_dir)
         launch = Launch(command(args, data, run_dir),
-                        os.path.join(work, f"chaos_{launches:03d}.log"))
-        hit = None
+                        os.path.join(work, f"chaos_{launches:03d}.log"), env())
+        hit = target = None
         if len(rows) < args.kills:
-            hit = aim(launch, rng.choice(args.targets), run_dir, rng, start_s, step_s,
-                      sum(args.steps), args.every, launch.wall0, newest, args.launch_timeout)
+            target = rng.choice(args.targets)
+            hit = aim(launch, rng.choice(TARGETS) if target == TWICE else target, run_dir, rng,
+                      start_s, step_s, sum(args.steps), args.every, launch.wall0, newest,
+                      args.launch_timeout)
         if hit is not None:
             at = launch.elapsed()
-            launch.kill()
+            outcome = terminate(launch, args, run_dir, rng, target == TWICE, problems) \
+                if args.signal == "term" else launch.kill()
             state = on_disk(run_dir)
-            rows.append((len(rows) + 1, f"{at:.2f}", hit, describe(state)))
+            rows.append((len(rows) + 1, f"{at:.2f}", hit + ("+again" if target == TWICE else ""),
+                         describe(state), outcome or ""))
             if state["damaged"]:
-                problems.append(f"kill {len(rows)} left checkpoint(s) {state['damaged']} marked "
-                                f"complete with files missing")
+                problems.append(f"signal {len(rows)} left checkpoint(s) {state['damaged']} "
+                                f"marked complete with files missing")
         else:
             rc = launch.wait(args.launch_timeout)
         check_resume(run_dir, launch.wall0, newest, launches, resumes, problems)
         if hit is not None:
             continue
         if rc != 0:  # a crash on resume: relaunching would most likely repeat it
-            problems.append(f"launch {launches} ended with exit {rc} without being killed "
+            problems.append(f"launch {launches} ended with exit {rc} without being signalled "
                             f"(log {launch.log_path}):\n{launch.log_tail()}")
-        elif not os.path.exists(os.path.join(run_dir, "summary.json")):
-            problems.append(f"launch {launches} exited 0 without writing summary.json")
+        elif summary_of(run_dir).get("stopped", True):
+            problems.append(f"launch {launches} exited 0 without a summary of a finished run")
         return rows, problems, resumes
+
+
+def terminate(launch: Launch, args, run_dir: str, rng: random.Random, twice: bool,
+              problems: list) -> str:
+    """SIGTERM the launch (again 0.2-3 s later when `twice`), wait up to --term-bound s for every
+    process of it to end by itself (else SIGKILL it: a finding), and judge what it left."""
+    signalled = time.monotonic()
+    launch.send(signal.SIGTERM, whole=args.deliver == "group")
+    if twice:
+        time.sleep(rng.uniform(0.2, 3.0))
+        launch.send(signal.SIGTERM, whole=args.deliver == "group")
+    ended = launch.wait_all(args.term_bound - (time.monotonic() - signalled))
+    took = time.monotonic() - signalled if ended else None
+    if not ended:
+        launch.kill()
+    outcome, found = judge_term(launch, run_dir, newest_complete(run_dir), took, args.term_bound)
+    problems += found
+    return outcome
+
+
+def summary_of(run_dir: str) -> dict:
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def main(argv=None) -> int:
@@ -356,7 +371,7 @@ def main(argv=None) -> int:
     data = build(work, args)
 
     ref_dir = os.path.join(work, "ref")
-    ref = Launch(command(args, data, ref_dir), os.path.join(work, "ref.log"))
+    ref = Launch(command(args, data, ref_dir), os.path.join(work, "ref.log"), env())
     rc = ref.wait(args.launch_timeout)
     ref_s = ref.elapsed()
     if rc != 0:
@@ -371,12 +386,13 @@ def main(argv=None) -> int:
 
     run_dir = os.path.join(work, "chaos")
     rows, problems, resumes = chaos_run(args, data, work, run_dir, rng, start_s, step_s)
-    print(f"\n{'kill':>4}  {'at s':>7}  {'target':<7} on disk after the kill "
-          f"(kill n ends launch n, at s seconds into it)")
+    print(f"\n{'sig':>4}  {'at s':>7}  {'target':<12} on disk after it ({args.signal}"
+          f"{'' if args.signal == 'kill' else ' to the ' + args.deliver}: signal n ends launch "
+          f"n, at s seconds into it)")
     for row in rows:
-        print(f"{row[0]:>4}  {row[1]:>7}  {row[2]:<7} {row[3]}")
+        print(f"{row[0]:>4}  {row[1]:>7}  {row[2]:<12} {row[3]}{'  | ' + row[4] if row[4] else ''}")
     print(f"launches: {len(rows) + 1}, resumed from steps: {resumes}")
-    if os.path.exists(os.path.join(run_dir, "summary.json")):
+    if summary_of(run_dir).get("stopped") is False:
         problems += compare(ref_dir, run_dir, total)
     elif not problems:
         problems.append("the chaos run never finished")
@@ -386,7 +402,7 @@ def main(argv=None) -> int:
             print(" -", p)
         return 1
     early = "" if len(rows) == args.kills else f" (of {args.kills}: the run finished first)"
-    print(f"\nOK: {len(rows)} kills{early}; losses, exported weights and final parameter "
+    print(f"\nOK: {len(rows)} signals{early}; losses, exported weights and final parameter "
           f"digests equal the reference")
     if not args.keep and not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
