@@ -5,7 +5,9 @@ raises `StoppedBeforeStart` there instead, and the entry point exits 0 saying so
 that handler only once the main thread is back in Python: one blocked in native code (the
 rendezvous, or a collective, waiting for a rank that stopped) would ignore the signal until the
 process-group timeout, so a watcher thread ends the process (status 128 + signal) when the
-handler has not run STUCK_GRACE_S after the signal arrived.
+handler has not run STUCK_GRACE_S after the signal arrived. A StoppedBeforeStart raised where it
+is swallowed (a finalizer the signal landed in) would leave the rank going on alone into the next
+collective: one that reaches no trainer (`settle`) within STUCK_GRACE_S is raised again.
 
 Under the `deepspeed` launcher signals reach ranks one at a time, ~30 s apart (environment.md), so
 a rank must not act on its own flag: `should_stop` all-reduces the flag (MAX) every step and every
@@ -77,6 +79,10 @@ class StopFlag:
         self._owner = os.getpid()  # a forked child inherits the handler, not the start-up
         self._previous = {}
         self._handled = threading.Event()
+        # The trainer met the StoppedBeforeStart raised (`settle`), or training began: a raise
+        # that met neither within STUCK_GRACE_S was swallowed (a finalizer's) and is raised again.
+        self._settled = threading.Event()
+        self._raised = self._again = False
         self._wakeup: tuple[int, int, int] | None = None  # (read end, write end, previous fd)
         self._watcher: threading.Thread | None = None
         for sig in signals:
@@ -97,14 +103,22 @@ class StopFlag:
         self.started = True
         self._end_watch()
 
+    def settle(self) -> None:
+        """The trainer is ending (a StoppedBeforeStart reached it, or another error): no stop is
+        raised again from here on."""
+        self._settled.set()
+
     def _watch_stuck(self, read_fd: int) -> None:
         # A 0 byte is _end_watch's. The read end stays open until then: a second signal written
         # to a closed pipe is reported as an error by the C-level handler.
         while (got := os.read(read_fd, 1)) and got[0] and got[0] not in self._previous:
             pass
-        if not got or not got[0] or self._handled.wait(STUCK_GRACE_S) or self.started:
+        if not got or not got[0]:
             return
         signum = got[0]
+        if self._handled.wait(STUCK_GRACE_S) and (
+                not self._raised or self._settled.wait(STUCK_GRACE_S) or self._raise_again(signum)):
+            return
         log.error("pid %d: stop signal (%s) before step 1, but the main thread is blocked in "
                   "native code (a rendezvous or collective waiting for a rank that stopped?): "
                   "exiting now with status %d", os.getpid(), signal.Signals(signum).name,
@@ -113,7 +127,19 @@ class StopFlag:
             handler.flush()
         os._exit(128 + signum)  # no other thread may change a signal's handler
 
+    def _raise_again(self, signum: int) -> bool:
+        """The StoppedBeforeStart raised reached no trainer (a finalizer or callback the signal
+        landed in swallowed it, leaving this rank to go on alone into a collective): raise it
+        again. Whether that one was met in time."""
+        log.warning("pid %d: the stop before step 1 was lost (raised inside a finalizer?): "
+                    "raising it again", os.getpid())
+        self._handled.clear()
+        self._again = True
+        os.kill(os.getpid(), signum)
+        return self._handled.wait(STUCK_GRACE_S) and self._settled.wait(STUCK_GRACE_S)
+
     def _end_watch(self) -> None:
+        self._settled.set()
         if self._wakeup is not None:
             read_fd, write_fd, previous = self._wakeup
             self._wakeup = None
@@ -128,10 +154,13 @@ class StopFlag:
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         self.requested = True
         self.signum = signum
-        self._handled.set()
-        if not self.started and os.getpid() == self._owner:
+        again, self._again = self._again and self._wakeup is not None, False  # (watch not ended)
+        if (not self.started or again) and os.getpid() == self._owner:
             self.started = True  # a second signal while unwinding only sets the flag
+            self._raised = True
+            self._handled.set()
             raise StoppedBeforeStart(signum)
+        self._handled.set()
 
     def should_stop(self, device: torch.device, local: bool = False, diverged: bool = False) -> int:
         """Collective (call on every rank each step): why the ranks stop, the same on every rank.

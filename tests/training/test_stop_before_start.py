@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -136,3 +137,27 @@ def test_a_signal_while_blocked_in_native_code_still_ends_the_process(tmp_path):
             proc.kill()
     assert proc.returncode == 143, err[-2000:]
     assert "stop signal (SIGTERM) before step 1, but the main thread is blocked" in err
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallow
+def test_a_stop_before_start_swallowed_by_a_finalizer_is_raised_again(monkeypatch):
+    """A signal that lands in a finalizer raises StoppedBeforeStart there, where Python only
+    reports it: the rank went on starting alone (chaos_resume.py --signal term --launcher torchrun
+    saw rank 0 crash in its next collective, rank 1 gone). It is raised again."""
+    from bdt.training import signals
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs (and raises) in here
+
+    monkeypatch.setattr(signals, "STUCK_GRACE_S", 0.3)
+    flag = StopFlag(started=False)
+    try:
+        with pytest.raises(StoppedBeforeStart):
+            Finalized()
+            for _ in range(300):  # start-up going on, in Python
+                time.sleep(0.01)
+        flag.settle()
+        assert flag.requested
+    finally:
+        flag.restore()

@@ -94,6 +94,7 @@ def run(cfg: TrainConfig | DictConfig, in_loop: InLoopTasks) -> dict:
         lock = hold_run_lock(cfg.run_dir, dist)
         summary = _train(cfg, dist, data, in_loop, stop)
     except BaseException as e:
+        stop.settle()  # ending: a stop before step 1 is not raised again in the clean-up
         if isinstance(e, StoppedBeforeStart) and lock is not None:  # a wrapper reads "stopped"
             write_summary(cfg.run_dir, None, stopped=True, timed_out=False, saved_step=None)
             e.recorded = True

@@ -146,8 +146,9 @@ def train(cfg: TokenizerTrainConfig, on_set_up: Callable[[bool], None] | None = 
         dist: DistInfo = init_distributed()
         lock = hold_run_lock(cfg.run_dir, dist)  # one job per run_dir: a second one stops here
         return _train(cfg, model_cfg, dist, on_set_up or (lambda is_main: None), stop)
-    except StoppedBeforeStart as e:
-        if lock is not None:  # rank 0 holding the run: a resume wrapper reads "stopped"
+    except BaseException as e:
+        stop.settle()  # ending: a stop before step 1 is not raised again in the clean-up
+        if isinstance(e, StoppedBeforeStart) and lock is not None:  # a wrapper reads "stopped"
             write_summary(cfg.run_dir, None, stopped=True, timed_out=False, saved_step=None)
             e.recorded = True
         raise
