@@ -65,8 +65,9 @@ class Launch:
             pass
         for p in family:
             try:
-                p.send_signal(sig)  # psutil checks the start time: a reused pid is not touched
-            except psutil.NoSuchProcess:
+                if os.getpgid(p.pid) != self.proc.pid:  # the group had it: once each, as SLURM
+                    p.send_signal(sig)  # psutil checks the start time: a reused pid is not touched
+            except (ProcessLookupError, psutil.NoSuchProcess):
                 pass
 
     def kill(self) -> None:
@@ -110,10 +111,11 @@ def _alive(p: psutil.Process) -> bool:
 def tracebacks(log: str) -> list[str]:
     """The tracebacks in `log`, each up to its last line (the exception)."""
     out = []
+    log = re.sub(r"^\[rank\d+\]: ?", "", log, flags=re.M)  # torchrun's prefix of a rank's error
     for block in log.split(TRACEBACK)[1:]:
         lines = block.splitlines()[1:]
-        end = next((i for i, ln in enumerate(lines) if not ln.startswith((" ", "\t"))),
-                   len(lines) - 1)
+        end = next((i for i, ln in enumerate(lines) if ln and not ln.startswith((" ", "\t"))),
+                   len(lines) - 1)  # a blank line: a signal landed in a signal handler
         out.append("\n".join([TRACEBACK, *lines[:end + 1]]))
     return out
 
@@ -122,8 +124,8 @@ def judge_term(launch: Launch, run_dir: str, newest: int | None, took: float | N
                bound: float) -> tuple[str, list[str]]:
     """What a SIGTERMed launch did (how long it took to end after the signal, None: it had not
     ended `bound` s after it; its exit status and summary) and what is wrong with that: not
-    ending, a traceback in its log, a summary naming another step than the newest complete
-    checkpoint on disk."""
+    ending, its run lock left behind, a traceback in its log, a summary naming another step than
+    the newest complete checkpoint on disk."""
     problems = []
     rc = launch.proc.returncode
     log = open(launch.log_path, errors="replace").read()
@@ -139,6 +141,8 @@ def judge_term(launch: Launch, run_dir: str, newest: int | None, took: float | N
     crashes = [tb for tb in tracebacks(log) if not LAUNCHER_STOPPED.search(tb)]
     if crashes:
         problems.append(f"traceback in {launch.log_path}:\n{crashes[0][:3000]}")
+    if took is not None and os.path.lexists(os.path.join(run_dir, "RUN_LOCK")):
+        problems.append(f"{launch.log_path}: the launch ended and left its run lock behind")
     if summary is None:
         what = "no summary (stopped before the run lock, or mid-export)"
     elif summary.get("stopped"):
