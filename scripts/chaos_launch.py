@@ -108,6 +108,33 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
+def terminate(launch: Launch, whole: bool, bound: float, again_after: float | None,
+              run_dir: str, newest, problems: list) -> str:
+    """SIGTERM the launch (`whole`: every process of it; again `again_after` s later unless
+    None), wait up to `bound` s for every process to end by itself (else SIGKILL it: a finding),
+    and judge what it left (`newest()`: the newest complete checkpoint on disk now)."""
+    signalled = time.monotonic()
+    launch.send(signal.SIGTERM, whole)
+    if again_after is not None:
+        time.sleep(again_after)
+        launch.send(signal.SIGTERM, whole)
+    ended = launch.wait_all(bound - (time.monotonic() - signalled))
+    if not ended:
+        launch.kill()
+    outcome, found = judge_term(launch, run_dir, newest(),
+                                time.monotonic() - signalled if ended else None, bound)
+    problems += found
+    return outcome
+
+
+def summary_of(run_dir: str) -> dict:
+    try:
+        with open(os.path.join(run_dir, SUMMARY)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def tracebacks(log: str) -> list[str]:
     """The tracebacks in `log`, each up to its last line (the exception)."""
     out = []
@@ -130,11 +157,10 @@ def judge_term(launch: Launch, run_dir: str, newest: int | None, took: float | N
     rc = launch.proc.returncode
     log = open(launch.log_path, errors="replace").read()
     try:
-        summary_path = os.path.join(run_dir, SUMMARY)
-        summary = (json.load(open(summary_path))
-                   if os.stat(summary_path).st_mtime >= launch.wall0 else None)
-    except (OSError, ValueError):
-        summary = None
+        fresh = os.stat(os.path.join(run_dir, SUMMARY)).st_mtime >= launch.wall0
+    except OSError:
+        fresh = False
+    summary = summary_of(run_dir) if fresh else None
     if took is None:
         problems.append(f"launch still running {bound:.0f} s after the SIGTERM: killed "
                         f"(log {launch.log_path})")

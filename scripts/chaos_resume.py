@@ -45,7 +45,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -55,7 +54,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))  # the test suite's tiny-run builders
 sys.path.insert(0, REPO)
 
-from chaos_launch import Launch, judge_term  # noqa: E402 (beside this script)
+from chaos_launch import Launch, summary_of, terminate  # noqa: E402 (beside this script)
 
 TARGETS = ("start", "locked", "step", "save", "marker")
 LOCKED_S = 2.0  # `locked` lands within this of the run lock's creation (the rest of start-up)
@@ -315,7 +314,9 @@ def chaos_run(args, data: dict, work: str, run_dir: str, rng: random.Random, sta
                       args.launch_timeout)
         if hit is not None:
             at = launch.elapsed()
-            outcome = terminate(launch, args, run_dir, rng, target == TWICE, problems) \
+            outcome = terminate(launch, args.deliver == "group", args.term_bound,
+                                rng.uniform(0.2, 3.0) if target == TWICE else None, run_dir,
+                                lambda: newest_complete(run_dir), problems) \
                 if args.signal == "term" else launch.kill()
             state = on_disk(run_dir)
             rows.append((len(rows) + 1, f"{at:.2f}", hit + ("+again" if target == TWICE else ""),
@@ -334,32 +335,6 @@ def chaos_run(args, data: dict, work: str, run_dir: str, rng: random.Random, sta
         elif summary_of(run_dir).get("stopped", True):
             problems.append(f"launch {launches} exited 0 without a summary of a finished run")
         return rows, problems, resumes
-
-
-def terminate(launch: Launch, args, run_dir: str, rng: random.Random, twice: bool,
-              problems: list) -> str:
-    """SIGTERM the launch (again 0.2-3 s later when `twice`), wait up to --term-bound s for every
-    process of it to end by itself (else SIGKILL it: a finding), and judge what it left."""
-    signalled = time.monotonic()
-    launch.send(signal.SIGTERM, whole=args.deliver == "group")
-    if twice:
-        time.sleep(rng.uniform(0.2, 3.0))
-        launch.send(signal.SIGTERM, whole=args.deliver == "group")
-    ended = launch.wait_all(args.term_bound - (time.monotonic() - signalled))
-    took = time.monotonic() - signalled if ended else None
-    if not ended:
-        launch.kill()
-    outcome, found = judge_term(launch, run_dir, newest_complete(run_dir), took, args.term_bound)
-    problems += found
-    return outcome
-
-
-def summary_of(run_dir: str) -> dict:
-    try:
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
 
 
 def main(argv=None) -> int:
