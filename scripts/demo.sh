@@ -20,8 +20,8 @@
 # before it left, less a 2-minute reserve for its start-up and export, the samples and the
 # evaluation (its time_limit_min; the tokenizer's is 7 minutes, configs/tokenizer/demo.yaml).
 #
-# Knobs (environment): DEMO_DIR, DEMO_NUM (images, 6000), DEMO_EVAL_PER_CATEGORY (0 = all 40),
-# DEMO_SAMPLE_STEPS (head sampler steps, 12), DEMO_CFG (guidance, 2.0), and extra key=value
+# Knobs (environment): DEMO_DIR, DEMO_NUM (images, 6000; 100000 on a GPU), DEMO_EVAL_PER_CATEGORY
+# (0 = all 40), DEMO_SAMPLE_STEPS (head sampler steps, 12), DEMO_CFG (guidance, 2.0), and extra key=value
 # overrides for the trainers: DEMO_TOKENIZER_ARGS (e.g. "steps=20"), DEMO_TRAIN_ARGS (e.g.
 # "stages.0.steps=50 stages.1.steps=50": the AR config has no top-level `steps`).
 #
@@ -58,7 +58,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # 2 ranks x 1 thread on 2 cores
 D=$(python -c 'import os, sys; print(os.path.abspath(sys.argv[1]))' "${DEMO_DIR:-demo}")
 if ((GPUS > 0)); then
   RANKS=$GPUS
-  NUM=${DEMO_NUM:-30000}  # the bigger model sees each image ~80 times in its budget even so
+  # 30,000 images the bigger model would see ~80 times in its budget (an estimate); the CPU
+  # model stopped improving past ~30 passes over 6,000 (docs/results.md): 100,000, ~24 each.
+  NUM=${DEMO_NUM:-100000}
+  DATA_WORKERS=$(($(nproc) < 16 ? $(nproc) : 16))
   LLM_ARGS=(--hidden 512 --layers 8 --heads 8 --kv-heads 4 --intermediate 1536)
   TRAIN_CONFIGS=(--config configs/train/demo.yaml --config configs/train/demo_gpu.yaml)
   EXTRACT_ARGS=(gpus_per_actor=1 "num_actors=$GPUS")
@@ -66,6 +69,7 @@ if ((GPUS > 0)); then
 else
   RANKS=2  # 2 CPU ranks x 1 thread on 2 cores
   NUM=${DEMO_NUM:-6000}
+  DATA_WORKERS=2
   LLM_ARGS=()
   TRAIN_CONFIGS=(--config configs/train/demo.yaml)
   EXTRACT_ARGS=()
@@ -121,7 +125,7 @@ if [[ -f $D/data/manifest.json ]]; then
   log "1/7 data: $D/data is complete, skipping"
 else
   log "1/7 data: $NUM shapes images (128 px) -> $D/data"
-  run_to_end bdt data shapes --out "$D/data" --num "$NUM" --per-shard 500 --size 128 --seed 0 --workers 2
+  run_to_end bdt data shapes --out "$D/data" --num "$NUM" --per-shard 500 --size 128 --seed 0 --workers "$DATA_WORKERS"
 fi
 
 # --- 2. image tokenizer -----------------------------------------------------------------------
