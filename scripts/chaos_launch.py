@@ -127,6 +127,14 @@ def terminate(launch: Launch, whole: bool, bound: float, again_after: float | No
     return outcome
 
 
+def written_since(path: str, since: float) -> bool:
+    """Whether `path` exists and was last written at wall-clock time `since` or later."""
+    try:
+        return os.stat(path).st_mtime >= since
+    except OSError:
+        return False
+
+
 def summary_of(run_dir: str) -> dict:
     try:
         with open(os.path.join(run_dir, SUMMARY)) as f:
@@ -156,11 +164,8 @@ def judge_term(launch: Launch, run_dir: str, newest: int | None, took: float | N
     problems = []
     rc = launch.proc.returncode
     log = open(launch.log_path, errors="replace").read()
-    try:
-        fresh = os.stat(os.path.join(run_dir, SUMMARY)).st_mtime >= launch.wall0
-    except OSError:
-        fresh = False
-    summary = summary_of(run_dir) if fresh else None
+    summary = summary_of(run_dir) if written_since(os.path.join(run_dir, SUMMARY),
+                                                   launch.wall0) else None
     if took is None:
         problems.append(f"launch still running {bound:.0f} s after the SIGTERM: killed "
                         f"(log {launch.log_path})")

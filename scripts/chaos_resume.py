@@ -54,7 +54,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))  # the test suite's tiny-run builders
 sys.path.insert(0, REPO)
 
-from chaos_launch import Launch, summary_of, terminate  # noqa: E402 (beside this script)
+from chaos_launch import Launch, summary_of, terminate, written_since  # noqa: E402 (beside this script)
 
 TARGETS = ("start", "locked", "step", "save", "marker")
 LOCKED_S = 2.0  # `locked` lands within this of the run lock's creation (the rest of start-up)
@@ -179,8 +179,8 @@ def aim(launch: Launch, target: str, run_dir: str, rng: random.Random, start_s: 
     while launch.proc.poll() is None and launch.elapsed() < timeout:
         if target == "start" and launch.elapsed() >= delay:
             return "start"
-        if target == "locked" and delay is None and _fresh(os.path.join(run_dir, "RUN_LOCK"),
-                                                          launch.wall0):
+        if target == "locked" and delay is None and written_since(
+                os.path.join(run_dir, "RUN_LOCK"), launch.wall0):
             delay = launch.elapsed() + rng.uniform(0, LOCKED_S)
         if target == "locked" and delay is not None and launch.elapsed() >= delay:
             return "locked"
@@ -197,12 +197,9 @@ def aim(launch: Launch, target: str, run_dir: str, rng: random.Random, start_s: 
             # without / with its marker (older ones change only when pruned)
             for name in os.listdir(ckpt_root):
                 path = os.path.join(ckpt_root, name)
-                try:
-                    fresh = (name.startswith("step_") and name[5:].isdigit()
-                             and int(name[5:]) > (newest or 0)
-                             and os.stat(path).st_mtime >= launch.wall0)
-                except FileNotFoundError:
-                    continue  # pruned meanwhile
+                fresh = (name.startswith("step_") and name[5:].isdigit()
+                         and int(name[5:]) > (newest or 0)
+                         and written_since(path, launch.wall0))  # False once pruned meanwhile
                 done = os.path.exists(os.path.join(path, "COMPLETE"))
                 if fresh and target == "save" and not done:
                     time.sleep(rng.uniform(0, POLL_S))  # a tiny run's save takes milliseconds
@@ -211,13 +208,6 @@ def aim(launch: Launch, target: str, run_dir: str, rng: random.Random, start_s: 
                     return "marker"
         time.sleep(POLL_S)
     return None
-
-
-def _fresh(path: str, since: float) -> bool:
-    try:
-        return os.stat(path).st_mtime >= since
-    except FileNotFoundError:
-        return False
 
 
 def records_since(run_dir: str, since: float) -> list[dict]:
@@ -314,13 +304,16 @@ def chaos_run(args, data: dict, work: str, run_dir: str, rng: random.Random, sta
                       args.launch_timeout)
         if hit is not None:
             at = launch.elapsed()
-            outcome = terminate(launch, args.deliver == "group", args.term_bound,
-                                rng.uniform(0.2, 3.0) if target == TWICE else None, run_dir,
-                                lambda: newest_complete(run_dir), problems) \
-                if args.signal == "term" else launch.kill()
+            outcome = ""
+            if args.signal == "term":
+                outcome = terminate(launch, args.deliver == "group", args.term_bound,
+                                    rng.uniform(0.2, 3.0) if target == TWICE else None, run_dir,
+                                    lambda: newest_complete(run_dir), problems)
+            else:
+                launch.kill()
             state = on_disk(run_dir)
             rows.append((len(rows) + 1, f"{at:.2f}", hit + ("+again" if target == TWICE else ""),
-                         describe(state), outcome or ""))
+                         describe(state), outcome))
             if state["damaged"]:
                 problems.append(f"signal {len(rows)} left checkpoint(s) {state['damaged']} "
                                 f"marked complete with files missing")
