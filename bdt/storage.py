@@ -325,15 +325,19 @@ def create_exclusive(url: str, data: bytes) -> bool:
     content. Local: a temporary file (open_atomic's naming) hard-linked to the name (the link fails
     when the name exists, on local filesystems and NFS alike); temps of `url` that killed writers
     left are deleted first (remove_stale_temps). Object store: a conditional put (If-None-Match,
-    fsspec's mode "xb")."""
+    fsspec's mode "xb"). `data` must be this writer's own (a token, its pid): an object holding
+    exactly `data` is taken for this call's. A store's error is an OSError naming `url`."""
     if is_remote(url):
         fs, path = filesystem(url)
-        try:
-            with fs.open(path, "xb") as f:
-                f.write(data)
-            return True
-        except FileExistsError:
-            return False
+        with naming_url(url, "creating"):
+            try:
+                with fs.open(path, "xb") as f:
+                    f.write(data)
+                return True
+            except FileExistsError:
+                # The store may have kept a put whose answer the connection lost; botocore's
+                # retry of it then meets this very object.
+                return fs.cat_file(path) == data
     path = local_path(url)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_stale_temps(path)  # a writer killed before it unlinked its temp

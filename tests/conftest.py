@@ -130,3 +130,24 @@ def s3_stoppable(monkeypatch):
     finally:
         s3.stop()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def flaky_s3(s3_endpoint, monkeypatch):
+    """A FlakyS3 (tests/flaky_s3.py: faults only where a test plans them or sets `rate`) in front
+    of the loopback S3 server, which the environment (this process's and the ranks') and fsspec's
+    s3 defaults point at."""
+    import fsspec.config
+    import s3fs
+
+    from flaky_s3 import FlakyS3
+
+    proxy = FlakyS3(s3_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": proxy.endpoint})
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+        s3fs.S3FileSystem.clear_instance_cache()

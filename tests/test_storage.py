@@ -276,3 +276,22 @@ def test_real_local_path_gives_one_name_for_every_spelling(tmp_path, monkeypatch
     assert {storage.real_local_path(s) for s in spellings} == {real}
     with pytest.raises(ValueError, match="short of a '/'"):
         storage.real_local_path("s3:/bucket/d")
+
+
+@pytest.mark.slow
+def test_an_exclusive_create_whose_answer_was_lost_is_still_this_writers(s3_bucket, flaky_s3):
+    """S3 stored the conditional put but the connection died before its answer; botocore sent it
+    again, met the object just written (412) and create_exclusive said another writer held the
+    name: an extraction refused its output naming itself as the other run, and left its lock."""
+    from bdt.extract.manifest import LOCK_NAME, output_lock
+
+    url = s3_bucket + "/lock.json"
+    flaky_s3.plan("PUT", "cut")
+    assert storage.create_exclusive(url, b"mine")
+    assert not storage.create_exclusive(url, b"another writer's")
+    assert storage.read_bytes(url) == b"mine"
+    flaky_s3.plan("PUT", "cut")
+    with output_lock(s3_bucket + "/out"):
+        assert storage.exists(s3_bucket + "/out/" + LOCK_NAME)
+    assert not storage.exists(s3_bucket + "/out/" + LOCK_NAME)
+    assert flaky_s3.injected == {("PUT", "cut"): 2}
