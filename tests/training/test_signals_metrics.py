@@ -2,6 +2,7 @@ import json
 import logging
 import os
 import signal
+from types import SimpleNamespace
 
 import torch
 
@@ -47,14 +48,27 @@ def test_a_record_cut_by_a_kill_is_dropped_on_reopen(tmp_path):
     assert [(r["step"], r["loss"]) for r in records] == [(1, 2.0), (2, 1.5)]
 
 
-def test_throughput_rates():
+def test_throughput_rates(monkeypatch):
+    """On a clock the test moves: with the real one only ratios could be checked, and a wrong
+    elapsed time (negative, or a clock read twice) gave rates that passed."""
+    import bdt.training.metrics as metrics
+
+    now = [100.0]
+    monkeypatch.setattr(metrics, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     t = Throughput()
+    now[0] = 102.0
     t.add_step(items=8, tokens=512)
+    t.add_data_wait(0.5)
+    now[0] = 104.0
     t.add_step(items=8, tokens=512)
-    r = t.report(world_size=2)
-    assert r["items_per_s"] == 2 * r["items_per_s_rank"] > 0
-    assert r["tokens_per_s_rank"] == 64 * r["items_per_s_rank"]
-    assert t.steps == 0  # reset after a report
+    assert t.report(world_size=2) == {
+        "step_time_s": 2.0, "data_wait_frac": 0.125, "items_per_s_rank": 4.0, "items_per_s": 8.0,
+        "tokens_per_s_rank": 256.0, "tokens_per_s": 512.0}
+    assert t.steps == 0  # reset after a report, its clock too
+    now[0] = 105.0
+    t.add_step(items=3)
+    assert t.report() == {"step_time_s": 1.0, "data_wait_frac": 0.0, "items_per_s_rank": 3.0,
+                          "items_per_s": 3.0}
 
 
 def test_ema_tracks_and_round_trips():
