@@ -17,6 +17,9 @@ def test_average_follows_the_warmed_up_decay_and_swaps_back_exactly():
     ema.update(net)  # decay min(0.5, 2/11): the warm-up ramp rules the first updates
     d = 2 / 11
     assert torch.allclose(ema.shadow["weight"], d * start["weight"] + (1 - d) * net.weight)
+    other = EMA(nn.Linear(3, 2), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.shadow["weight"], ema.shadow["weight"]) and other.updates == 1
     live = {k: v.clone() for k, v in net.state_dict().items()}
     with ema.swapped_in(net) as module:
         assert module is net and torch.equal(net.weight, ema.shadow["weight"])

@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import torch
 
-from bdt.training.ema import EMA
 from bdt.training.metrics import MetricsLogger, Throughput
 from bdt.training.signals import StopFlag
 
@@ -69,17 +68,3 @@ def test_throughput_rates(monkeypatch):
     t.add_step(items=3)
     assert t.report() == {"step_time_s": 1.0, "data_wait_frac": 0.0, "items_per_s_rank": 3.0,
                           "items_per_s": 3.0}
-
-
-def test_ema_tracks_and_round_trips():
-    m = torch.nn.Linear(2, 2)
-    ema = EMA(m, decay=0.5)
-    start = m.weight.detach().clone()
-    with torch.no_grad():
-        m.weight.add_(1.0)
-    ema.update(m)  # ramp: decay min(0.5, 2/11)
-    d = 2 / 11
-    assert torch.allclose(ema.shadow["weight"], start * d + (start + 1) * (1 - d))
-    other = EMA(torch.nn.Linear(2, 2), decay=0.5)
-    other.load_state_dict(ema.state_dict())
-    assert torch.equal(other.shadow["weight"], ema.shadow["weight"]) and other.updates == 1
