@@ -49,13 +49,6 @@ def _relist(ck):
     _write_marker(ck, marker)
 
 
-def _set_file(name, data):
-    def change(ck, outside):
-        (ck / name).write_bytes(data)
-        _relist(ck)
-    return change
-
-
 def _add_entry(rel):
     """List `rel` with the size and hash of a file outside the checkpoint (which exists)."""
     def change(ck, outside):
@@ -115,6 +108,10 @@ CASES = {
     "marker settings a list": (_edit_marker(settings=["zero_stage"]), "'settings' is list"),
     "marker files a list": (_edit_marker(files=[["shared.pt"]]), "'files' is list"),
     "marker universal a string": (_edit_marker(universal="model"), "'universal' is str"),
+    "marker engine name with ..": (_edit_marker(engines=["../model"]),
+                                   "engine names ['../model'] are not plain directory names"),
+    "marker universal name a path": (_edit_marker(universal=["model/sub"]),
+                                     "engine names ['model/sub'] are not plain directory names"),
     "rank file step a string": (_rank_meta(step="2"), "rank_00000.json: 'step' is str"),
     "rank file of another rank": (_rank_meta(rank=3), "do not fit rank 0"),
     "rank file without rng": (_rank_meta(rng={}), "lacks the numpy or python part"),
