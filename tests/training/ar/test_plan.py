@@ -200,9 +200,9 @@ def test_fit_of_a_token_stage_keeps_its_tokens_per_step():
 def test_time_fit_measures_once_and_leaves_the_limit_room():
     from bdt.training.ar.time_fit import CALIBRATION_STEPS, WARMUP_STEPS, TimeFit
 
-    t = [0.0]
+    t = [0.0]  # the budget began 10 s before the first step (the demo counts its install)
     clock = StageClock(cosine_stages(), grad_accum=1, world_size=1)
-    fit = TimeFit(0.5, limit_min=1.0, started=0.0, clock=clock, now=lambda: t[0])
+    fit = TimeFit(0.5, limit_min=1.0, started=-10.0, clock=clock, now=lambda: t[0])
     decided, step = [], 0
     while not clock.finished:  # 0.2 s per step
         run_clock(clock, [1] * (step + 1), first_step=step)
@@ -214,10 +214,10 @@ def test_time_fit_measures_once_and_leaves_the_limit_room():
     [(at, out)] = decided
     assert at == 4 + WARMUP_STEPS + CALIBRATION_STEPS  # counted in the last stage only
     assert out["time_fit/step_s"] == pytest.approx(0.2)
-    assert out["time_fit/left_s"] == pytest.approx(60 - 0.2 * at)
-    assert out["time_fit/steps_left"] == int(0.5 * (60 - 0.2 * at) / 0.2)
+    assert out["time_fit/left_s"] == pytest.approx(50 - 0.2 * at)
+    assert out["time_fit/steps_left"] == int(0.5 * (50 - 0.2 * at) / 0.2)
     assert step == at + out["time_fit/steps_left"]  # ended where the fit said
-    assert t[0] < 60 * 0.8
+    assert t[0] + 10.0 < 60 * 0.8
     # a run that fits as configured is measured and left alone; without a fit, nothing runs
     for fraction, limit, measured in ((1.0, 1000.0, 1), (0.0, 1.0, 0)):
         clock = StageClock(cosine_stages(), grad_accum=1, world_size=1)
