@@ -160,11 +160,14 @@ def test_launch_sh_node_rank_outside_the_hostfile_is_a_usage_error(tmp_path, mon
     assert master_endpoint(["bash", "cluster/deepspeed/launch.sh"], os.environ) == ("n1", 29500)
 
 
-def test_a_bad_master_port_is_a_usage_error(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("port", ["29x00", "0", "65536"])
+def test_a_bad_master_port_is_a_usage_error(tmp_path, monkeypatch, capsys, port):
+    """The whole message: int()'s own ValueError also quotes '29x00' and is a usage error."""
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29x00")
+    monkeypatch.setenv("MASTER_PORT", port)
     assert resume.main(["--run-dir", str(tmp_path), "--", "true"]) == resume.USAGE
-    assert "'29x00'" in capsys.readouterr().err
+    assert f"master port '{port}' (--master-port or MASTER_PORT) is not a TCP port" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, value", [("--backoff", "nan"), ("--grace", "nan"),
