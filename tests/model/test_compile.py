@@ -30,7 +30,8 @@ def test_compiled_blocks_train_like_eager_and_stop_recompiling():
     torch._dynamo.reset()
     model, packer = tiny_bitdance()
     # what model.activation_checkpointing switches on
-    model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.llm.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False})
     model.head.activation_checkpointing = True
     model.train()
     eager = copy.deepcopy(model)
