@@ -113,6 +113,7 @@ def test_rows_and_state_of_the_last_row_taken(worker):
     with Prefetcher(CountingRows(), 3, worker) as p:
         got = [p.next() for _ in range(2)]
         wait_ready(p, 3)  # the worker's source is at row 5 now
+        assert not no_workers_left()  # the check below sees a live worker by its name
         meta, tensors = p.state_dict()
         assert meta == {"n": 2} and tensors["n"].tolist() == [2]
         assert p.ready == 3  # rows that came in while the state was asked are kept, in order
