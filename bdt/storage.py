@@ -186,6 +186,8 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
             f.close()  # the upload (its last part, or all of a small file)
         except OSError as e:  # s3fs's errors do not say which object
             raise type(e)(f"cannot write {url}: {e}") from e
+        except BotoCoreError as e:  # a connection lost on every retry: botocore's, no OSError
+            raise OSError(f"cannot write {url}: {type(e).__name__}: {e}") from e
         return
     path = local_path(url)
     os.makedirs(os.path.dirname(path), exist_ok=True)

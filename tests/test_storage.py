@@ -295,3 +295,15 @@ def test_an_exclusive_create_whose_answer_was_lost_is_still_this_writers(s3_buck
         assert storage.exists(s3_bucket + "/out/" + LOCK_NAME)
     assert not storage.exists(s3_bucket + "/out/" + LOCK_NAME)
     assert flaky_s3.injected == {("PUT", "cut"): 2}
+
+
+@pytest.mark.slow
+def test_a_write_whose_answers_are_lost_on_every_retry_is_an_oserror_naming_it(s3_bucket, flaky_s3,
+                                                                              monkeypatch):
+    """botocore's ConnectionClosedError is no OSError: callers that turn an OSError into a
+    one-line error naming the file let it through as a traceback."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # s3fs's own retries remain: seconds, not 25
+    url = s3_bucket + "/eval.json"
+    flaky_s3.plan("PUT", *["cut"] * 50)  # more than every retry
+    with pytest.raises(OSError, match=f"cannot write {url}: ConnectionClosedError"):
+        storage.write_bytes_atomic(url, b"{}")
