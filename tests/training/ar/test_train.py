@@ -221,14 +221,17 @@ def untimed(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in TIMINGS}
 
 
-def test_s3_checkpoints_resume(data, ref, tmp_path, s3_bucket):
+def test_s3_checkpoints_resume(data, ref, tmp_path, s3_bucket, flaky_s3):
     """The reference run's complete step-6 checkpoint, uploaded to the S3 server with its owner
     record, is picked up by another run dir that adopts it (checkpoint.adopt) and whose
     checkpoint.dir is that bucket; it finishes exactly as the reference did and saves its own
-    checkpoints (marker last) there."""
+    checkpoints (marker last) there. The server answers a tenth of the requests as a loaded S3
+    does (503 SlowDown, 500, an answer cut off): retried, they change nothing."""
     import fsspec
 
     from bdt.training.checkpoint_owner import OWNER_NAME, run_id
+
+    flaky_s3.rate, flaky_s3.kinds = 0.1, ("slowdown", "internal", "cut")
 
     ck = f"{s3_bucket}/run/ck"
     fs = fsspec.filesystem("s3")
@@ -250,6 +253,7 @@ def test_s3_checkpoints_resume(data, ref, tmp_path, s3_bucket):
                if "resumed_from_step" in line]
     assert resumed == [6]
     assert_same_as_ref(ref, tmp_path, from_step=6)
+    assert sum(flaky_s3.injected.values()) >= 3, flaky_s3.injected
 
 
 def test_zero3_partitioned_at_load_matches_zero2(data, ref, tmp_path):
