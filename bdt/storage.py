@@ -156,6 +156,14 @@ def makedirs(url: str) -> None:
     # Object stores have no directories; the bucket must exist and is checked by the first write.
 
 
+def _write_failed(url: str, e: Exception) -> OSError:
+    """s3fs's errors do not say which object; botocore's (a connection lost on every retry) are
+    no OSError, and callers that name a failed write in one line catch OSError."""
+    if isinstance(e, OSError):
+        return type(e)(f"cannot write {url}: {e}")
+    return OSError(f"cannot write {url}: {type(e).__name__}: {e}")
+
+
 @contextlib.contextmanager
 def open_atomic(url: str) -> Iterator[IO[bytes]]:
     """Open `url` for binary writing so that it appears only once fully written.
@@ -171,7 +179,7 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
         f = fs.open(path, "wb")
         try:
             yield f
-        except BaseException:
+        except BaseException as e:
             # Closing would complete the upload of a partial object; discard aborts it instead.
             discard = getattr(f, "discard", None)
             if discard is None:
@@ -181,13 +189,13 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
             else:
                 discard()
                 f.closed = True  # discarded: nothing left to flush when the object is collected
+            if isinstance(e, BotoCoreError):  # a part uploaded by a write, lost on every retry
+                raise _write_failed(url, e) from e
             raise
         try:
             f.close()  # the upload (its last part, or all of a small file)
-        except OSError as e:  # s3fs's errors do not say which object
-            raise type(e)(f"cannot write {url}: {e}") from e
-        except BotoCoreError as e:  # a connection lost on every retry: botocore's, no OSError
-            raise OSError(f"cannot write {url}: {type(e).__name__}: {e}") from e
+        except STORE_ERRORS as e:
+            raise _write_failed(url, e) from e
         return
     path = local_path(url)
     os.makedirs(os.path.dirname(path), exist_ok=True)

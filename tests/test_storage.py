@@ -307,3 +307,26 @@ def test_a_write_whose_answers_are_lost_on_every_retry_is_an_oserror_naming_it(s
     flaky_s3.plan("PUT", *["cut"] * 50)  # more than every retry
     with pytest.raises(OSError, match=f"cannot write {url}: ConnectionClosedError"):
         storage.write_bytes_atomic(url, b"{}")
+
+
+@pytest.mark.slow
+def test_a_part_lost_on_every_retry_aborts_the_upload_and_names_the_object(s3_bucket, flaky_s3,
+                                                                            monkeypatch):
+    """A write larger than a block uploads a part from inside the block (s3fs's multipart):
+    botocore's error escaped there unnamed. The upload is aborted: no object, no parts kept."""
+    import fsspec.config
+    import s3fs
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # s3fs's own retries remain: seconds
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf["s3"],
+                                                   "default_block_size": 5 * 2**20})
+    s3fs.S3FileSystem.clear_instance_cache()
+    url = s3_bucket + "/ck/model.bin"
+    flaky_s3.plan("PUT", *["cut"] * 50)  # more than every retry
+    with pytest.raises(OSError, match=f"cannot write {url}: ConnectionClosedError"):
+        with storage.open_atomic(url) as f:
+            f.write(b"x" * (6 * 2**20))  # past the block: its part goes up now
+    fs, path = storage.filesystem(url)
+    assert flaky_s3.injected[("PUT", "cut")] >= 2 and not fs.exists(path)
+    bucket = s3_bucket.split("://", 1)[1]
+    assert not fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads")
