@@ -136,12 +136,18 @@ def naming_url(url: str, doing: str = "") -> Iterator[None]:
     except (FileNotFoundError, NotADirectoryError):
         raise
     except STORE_ERRORS as e:
-        where = f"{doing} {url}" if doing else url
-        try:
-            named = type(e)(f"{where}: {e}") if isinstance(e, OSError) else None
-        except (KeyError, TypeError):  # botocore's errors (a timeout) take keyword arguments only
-            named = None
-        raise named or OSError(f"{where}: {type(e).__name__}: {e}") from e
+        raise _named_error(f"{doing} {url}" if doing else url, e) from e
+
+
+def _named_error(where: str, e: BaseException) -> OSError:
+    """`e`, a store's error, as an OSError whose message starts with `where`: an OSError keeps
+    its type; botocore's (no OSError) become one, so that callers catching OSError see them."""
+    try:
+        if isinstance(e, OSError):
+            return type(e)(f"{where}: {e}")
+    except (KeyError, TypeError):  # botocore's errors (a timeout) take keyword arguments only
+        pass
+    return OSError(f"{where}: {type(e).__name__}: {e}")
 
 
 
@@ -154,14 +160,6 @@ def makedirs(url: str) -> None:
             raise NotADirectoryError(f"{path}: cannot make this directory, a file of that name "
                                      f"(or of a folder above it) is in the way") from None
     # Object stores have no directories; the bucket must exist and is checked by the first write.
-
-
-def _write_failed(url: str, e: Exception) -> OSError:
-    """s3fs's errors do not say which object; botocore's (a connection lost on every retry) are
-    no OSError, and callers that name a failed write in one line catch OSError."""
-    if isinstance(e, OSError):
-        return type(e)(f"cannot write {url}: {e}")
-    return OSError(f"cannot write {url}: {type(e).__name__}: {e}")
 
 
 @contextlib.contextmanager
@@ -190,12 +188,12 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
                 discard()
                 f.closed = True  # discarded: nothing left to flush when the object is collected
             if isinstance(e, BotoCoreError):  # a part uploaded by a write, lost on every retry
-                raise _write_failed(url, e) from e
+                raise _named_error(f"cannot write {url}", e) from e
             raise
         try:
             f.close()  # the upload (its last part, or all of a small file)
-        except STORE_ERRORS as e:
-            raise _write_failed(url, e) from e
+        except STORE_ERRORS as e:  # s3fs's errors do not say which object
+            raise _named_error(f"cannot write {url}", e) from e
         return
     path = local_path(url)
     os.makedirs(os.path.dirname(path), exist_ok=True)
