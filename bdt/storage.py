@@ -328,24 +328,33 @@ def check_writable(url: str) -> None:
         raise OSError(f"cannot write to {url}: {reason}") from None
 
 
+_CREATE_TRIES = 3  # an object store's name that keeps being taken and let go between two calls
+
+
 def create_exclusive(url: str, data: bytes) -> bool:
     """Create `url` holding `data`, or return False when it exists; it never appears without its
     content. Local: a temporary file (open_atomic's naming) hard-linked to the name (the link fails
     when the name exists, on local filesystems and NFS alike); temps of `url` that killed writers
     left are deleted first (remove_stale_temps). Object store: a conditional put (If-None-Match,
     fsspec's mode "xb"). `data` must be this writer's own (a token, its pid): an object holding
-    exactly `data` is taken for this call's. A store's error is an OSError naming `url`."""
+    exactly `data` is taken for this call's; one removed before it could be read back (its holder
+    let go) leaves the name free, and the create is tried again. A store's error is an OSError
+    naming `url`."""
     if is_remote(url):
         fs, path = filesystem(url)
         with naming_url(url, "creating"):
-            try:
-                with fs.open(path, "xb") as f:
-                    f.write(data)
-                return True
-            except FileExistsError:
-                # The store may have kept a put whose answer the connection lost; botocore's
-                # retry of it then meets this very object.
-                return fs.cat_file(path) == data
+            for _ in range(_CREATE_TRIES):
+                try:
+                    with fs.open(path, "xb") as f:
+                        f.write(data)
+                    return True
+                except FileExistsError:
+                    pass
+                # The store may have kept a put whose answer the connection lost: botocore's
+                # retry of it then met this very object. Gone again: its holder let it go.
+                with contextlib.suppress(FileNotFoundError):
+                    return fs.cat_file(path) == data
+            return False  # taken and let go each time: as good as taken
     path = local_path(url)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_stale_temps(path)  # a writer killed before it unlinked its temp

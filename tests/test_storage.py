@@ -298,6 +298,25 @@ def test_an_exclusive_create_whose_answer_was_lost_is_still_this_writers(s3_buck
 
 
 @pytest.mark.slow
+def test_an_exclusive_create_meeting_a_name_let_go_meanwhile_takes_it(s3_bucket, monkeypatch):
+    """Another writer held the name at the conditional put (412) and deleted it before the
+    read-back: that read raised FileNotFoundError out of a lock's acquire; the name is free."""
+    url = s3_bucket + "/let-go.lock"
+    assert storage.create_exclusive(url, b"theirs")
+    fs, path = storage.filesystem(url)
+    read_back = fs.cat_file
+
+    def holder_lets_go_first(p, *args, **kwargs):
+        fs.rm_file(path)
+        return read_back(p, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "cat_file", holder_lets_go_first)
+    assert storage.create_exclusive(url, b"mine")
+    monkeypatch.undo()
+    assert storage.read_bytes(url) == b"mine"
+
+
+@pytest.mark.slow
 def test_a_write_whose_answers_are_lost_on_every_retry_is_an_oserror_naming_it(s3_bucket, flaky_s3,
                                                                               monkeypatch):
     """botocore's ConnectionClosedError is no OSError: callers that turn an OSError into a
