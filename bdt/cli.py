@@ -13,7 +13,7 @@ import sys
 import threading
 
 from bdt.config import ConfigError
-from bdt.entry import setup_logging
+from bdt.entry import hangup_stops, leave_dead_terminal, setup_logging
 
 COMMAND_MODULES = [
     "bdt.commands.data",
@@ -34,18 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Stopped(BaseException):
-    """A SIGTERM, raised in the main thread: the default action ended the process at once and
-    left a staged output's folder behind (beside --out, or in the temp dir for an s3:// one).
-    Not an Exception, so no best-effort `except Exception` swallows it."""
+    """A SIGTERM or SIGHUP, raised in the main thread: the default action ended the process at
+    once and left a staged output's folder behind (beside --out, or in the temp dir for an s3://
+    one). Not an Exception, so no best-effort `except Exception` swallows it."""
 
 
 def _raise_stopped(owner: int):
-    """The SIGTERM handler of process `owner`."""
+    """The SIGTERM and SIGHUP handler of process `owner`."""
     def handler(signum: int, frame) -> None:
-        signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
         if os.getpid() != owner:  # a forked child inherited it: the default action, as before
             os.kill(os.getpid(), signum)
             return
+        if signum == signal.SIGHUP:
+            leave_dead_terminal()  # the "stopped by" line and tqdm's last one must not fail
         raise Stopped(signum)
     return handler
 
@@ -53,9 +55,11 @@ def _raise_stopped(owner: int):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    handles_signals = threading.current_thread() is threading.main_thread()  # signal's rule
-    if handles_signals:
-        previous = signal.signal(signal.SIGTERM, _raise_stopped(os.getpid()))
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signal's rule
+        handler = _raise_stopped(os.getpid())
+        for sig in (signal.SIGTERM, signal.SIGHUP) if hangup_stops() else (signal.SIGTERM,):
+            previous[sig] = signal.signal(sig, handler)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, OSError, ValueError, FloatingPointError) as exc:
@@ -68,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bdt {args.command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
     finally:
-        if handles_signals:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

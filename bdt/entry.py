@@ -1,10 +1,14 @@
 """What every entry point does around its work: drop the launcher's rank argument before the
-config sees it, set up logging (one format, the rank in every line), and fail with one line."""
+config sees it, set up logging (one format, the rank in every line), fail with one line, and
+outlive a closed terminal long enough to stop cleanly."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import stat
 import sys
 from typing import Sequence
 
@@ -89,3 +93,26 @@ def fail(message: str, code: int = 2) -> None:
     """Print one error line to stderr and exit (used by entry points for ConfigError & co)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def hangup_stops() -> bool:
+    """Whether a hang-up (SIGHUP: the terminal closed, the ssh session dropped) is to stop this
+    process as SIGTERM does. Not where it was ignored at the start: `nohup` asked the job to
+    outlive its terminal."""
+    return signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+
+
+def leave_dead_terminal() -> None:
+    """Called on a hang-up: from now on stdout and stderr, where they are the (gone) terminal,
+    write to /dev/null. A write to a hung-up terminal fails (EIO), and print() would turn the
+    stop's save into a crash; the run's own files say where it stopped, and nobody reads the
+    closed window. A terminal is told by its character device: a hung-up one answers no
+    isatty(); /dev/null, the only other one a job's output meets, stays what it was."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):  # closed: nothing writes there
+                if stat.S_ISCHR(os.fstat(fd).st_mode):
+                    os.dup2(null, fd)
+    finally:
+        os.close(null)

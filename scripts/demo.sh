@@ -12,8 +12,9 @@
 # Run it as `make demo` or `bash scripts/demo.sh`. Everything goes to $DEMO_DIR (default demo/).
 # Re-running resumes: a step whose output is complete is skipped, and the tokenizer and AR
 # trainers continue from their newest complete checkpoint. `rm -rf demo` starts over.
-# Ctrl-C or a SIGTERM (to this script alone or its process group) stops the running step at once,
-# the trainers at a checkpoint; the script exits 130 once the step has ended (stop_demo).
+# Ctrl-C, a SIGTERM (to this script alone or its process group) or a closed terminal (SIGHUP) stops
+# the running step at once, the trainers at a checkpoint; the script exits 130 once the step has
+# ended (stop_demo). Under `nohup` the demo goes on after the terminal closes.
 #
 # Time: the demo has 30 minutes from DEMO_STARTED (epoch seconds; `make demo` passes its own
 # start, so the install counts; default: this script's start). AR training gets what the steps
@@ -91,11 +92,15 @@ source scripts/local_ray.sh  # free_port, start_ray_head / stop_ray (the rehears
 trap stop_ray EXIT
 trap 'stop_demo INT' INT
 trap 'stop_demo TERM' TERM
+trap 'stop_demo HUP' HUP
 STEP_PID=""
 
 # [SIG]: pass it on to the running step (none: the step has ended), wait for the step to end
 # (the trainers save at their next step boundary, so the demo resumes from there), stop Ray, exit.
 stop_demo() {
+  # After a hang-up the terminal is gone: a write to it fails (EIO), and under `set -e` a failed
+  # printf would end the script before the step has saved. What is left to say goes nowhere.
+  if [[ ${1:-} == HUP ]]; then exec > /dev/null 2>&1; fi
   if [[ -n $STEP_PID ]]; then
     kill -"$1" "$STEP_PID" 2> /dev/null || true
     wait "$STEP_PID" || true
@@ -106,9 +111,9 @@ stop_demo() {
 
 # COMMAND...: run it through scripts/run_to_end.py (which returns once every process the command
 # started has ended, and passes this script's signals on to them), in the background so that a
-# signal to this script's PID alone reaches stop_demo at once. A step stopped by SIGINT or
-# SIGTERM returns 130 or 143 (run_to_end.py says so whatever the command's status): the demo
-# stops then too, as the trap would, whether or not bash ran the trap before `wait` returned
+# signal to this script's PID alone reaches stop_demo at once. A step stopped by SIGHUP, SIGINT
+# or SIGTERM returns 129, 130 or 143 (run_to_end.py says so whatever the command's status): the
+# demo stops then too, as the trap would, whether or not bash ran the trap before `wait` returned
 # (under load it once did not, and `set -e` ended the demo with the step's status, 1).
 run_to_end() {
   local status=0
@@ -116,7 +121,7 @@ run_to_end() {
   STEP_PID=$!
   wait "$STEP_PID" || status=$?
   STEP_PID=""
-  if ((status == 130 || status == 143)); then stop_demo; fi
+  case $status in 129) stop_demo HUP ;; 130 | 143) stop_demo ;; esac
   return "$status"
 }
 

@@ -1,15 +1,16 @@
 """Run COMMAND... and exit with its status only once every process it started has ended; with
-128 + N instead if a SIGINT or SIGTERM (N) reached this process meanwhile (the step was stopped).
+128 + N instead if a SIGINT, SIGTERM or SIGHUP (N) reached this process meanwhile (the step was
+stopped). SIGHUP (the terminal closed) counts unless it was ignored at the start (`nohup`).
 
     RUN_TO_END_PARENT=$$ python scripts/run_to_end.py COMMAND [ARG...]
 
 scripts/demo.sh runs each step through this, in the background, and `wait`s for it: bash runs a
 trap only once its foreground command has ended, while `wait` returns on a trapped signal, so a
 SIGTERM to the script's PID alone reaches its trap at once. Why each part:
-- Subreaper: the `deepspeed` runner dies at once on Ctrl-C or SIGTERM while its launcher and
+- Subreaper: the `deepspeed` runner dies at once on Ctrl-C, SIGTERM or SIGHUP while its launcher and
   ranks still save a checkpoint; orphans come here and are waited for, so the demo never exits
   (and a re-run never finds the run locked) while they run.
-- A SIGINT or SIGTERM from the parent script is passed on to every process below, once: unless
+- A stop signal from the parent script is passed on to every process below, once: unless
   the same signal reached this process from elsewhere first (a signal to the process group, such
   as Ctrl-C, which the step had too).
 - The parent's death sends this process a SIGTERM to pass on (PR_SET_PDEATHSIG): a SIGKILL to the
@@ -27,11 +28,13 @@ import sys
 import psutil
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
-STOPS = {signal.SIGINT, signal.SIGTERM}
+STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 def main(argv: list[str]) -> int:
     parent = int(os.environ.pop("RUN_TO_END_PARENT", os.getppid()))
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:  # nohup: the step outlives the terminal
+        STOPS.discard(signal.SIGHUP)  # (blocked, sigwaitinfo would take it all the same)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOPS | {signal.SIGCHLD})  # sigwaitinfo takes them
     for sig in (signal.SIGINT, signal.SIGQUIT):  # bash ignores them in a background job
         signal.signal(sig, signal.SIG_DFL)

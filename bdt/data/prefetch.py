@@ -23,8 +23,8 @@ from its checkpoint.
 The worker is stopped (and joined) by `close()`, at a stage switch, at the end of training and
 on every error path; an exception in the worker is raised in the trainer as it was (type and
 message), caused by a WorkerTraceback that holds the worker's traceback. A worker process
-ignores SIGINT/SIGTERM (the trainer handles those and stops it) and exits by itself when the
-trainer process is gone.
+ignores SIGINT/SIGTERM/SIGHUP (the trainer handles those and stops it) and exits by itself when
+the trainer process is gone.
 
 depth = 0 builds each row when asked, nothing ahead: the same rows and states, which is what the
 tests compare against. It builds in the caller's thread, or with a stall limit in a thread of

@@ -182,11 +182,12 @@ class PipeEnd:
 
 def serve_process(factory: Callable[[], RowSource], depth: int, inbox: PipeEnd,
                   outbox: PipeEnd, where) -> None:
-    """A worker process: the trainer handles SIGINT/SIGTERM and stops it; bdt's log format; one
-    torch thread (the producer is Python-bound, and its cores belong to training). A thread
-    copies what its source reads into `where` each second (a stuck read holds no GIL)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A worker process: the trainer handles SIGINT/SIGTERM/SIGHUP and stops it; bdt's log format
+    (which drops what a hung-up terminal refuses); one torch thread (the producer is
+    Python-bound, and its cores belong to training). A thread copies what its source reads into
+    `where` each second (a stuck read holds no GIL)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     setup_logging()  # the source's warnings (a skipped shard) with the rank, as in the trainer
     torch.set_num_threads(1)
 

@@ -108,11 +108,12 @@ def expand_shards(spec: str) -> list[str]:
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
-    """A SIGTERM to the process group (SLURM, Kubernetes) reaches the workers too: the trainer
-    stops at its next step boundary and saves, which a worker killed under it turned into a
-    crash mid-save. Torch ends the workers when the trainer is done (or gone)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A SIGTERM to the process group (SLURM, Kubernetes) or a closed terminal's SIGHUP reaches
+    the workers too: the trainer stops at its next step boundary and saves, which a worker killed
+    under it turned into a crash mid-save. Torch ends the workers when the trainer is done (or
+    gone). Their writes to a hung-up terminal go through logging, which drops what fails."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def decode_image(data: bytes, size: int, resize: int = 0, rng: np.random.Generator | None = None,

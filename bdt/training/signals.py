@@ -1,4 +1,6 @@
-"""Preemption: SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits 0.
+"""Preemption: SIGTERM, SIGUSR1 or SIGHUP sets a flag; the loop finishes its step, saves, exits 0.
+A hang-up (the terminal closed) is a stop like SIGTERM, its output sent to /dev/null first
+(bdt.entry.leave_dead_terminal), unless SIGHUP was ignored at the start (`nohup`).
 Before the first step (`StopFlag(started=False)` until `start`) there is nothing to save and
 start-up may take minutes (building the model, listing data, loading a checkpoint): the signal
 raises `StoppedBeforeStart` there instead, and the entry point exits 0 saying so. Python runs
@@ -28,6 +30,7 @@ import types
 
 import torch
 
+from bdt.entry import hangup_stops, leave_dead_terminal
 from bdt.training.distributed import all_reduce_max, launcher_gone
 
 # Why the ranks stop (`StopFlag.should_stop`), ordered so that the all-reduced MAX wins: a
@@ -71,7 +74,7 @@ class StoppedBeforeStart(BaseException):
 
 
 class StopFlag:
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1),
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP),
                  started: bool = True):
         self.requested = False
         self.signum: int | None = None
@@ -86,7 +89,8 @@ class StopFlag:
         self._wakeup: tuple[int, int, int] | None = None  # (read end, write end, previous fd)
         self._watcher: threading.Thread | None = None
         for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            if sig != signal.SIGHUP or hangup_stops():
+                self._previous[sig] = signal.signal(sig, self._handle)
         if not started:
             read_fd, write_fd = os.pipe()
             os.set_blocking(write_fd, False)
@@ -152,6 +156,8 @@ class StopFlag:
             _watching.discard(write_fd)
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            leave_dead_terminal()  # before anything prints: the save must not fail on it
         self.requested = True
         self.signum = signum
         again, self._again = self._again and self._wakeup is not None, False  # (watch not ended)

@@ -1,5 +1,6 @@
-"""A `bdt sample` stopped by SIGTERM (a scheduler, `kill`) or Ctrl-C while it samples leaves
-neither its output nor its staging folder, and ends with one line and the signal's code."""
+"""A `bdt sample` stopped by SIGTERM (a scheduler, `kill`), Ctrl-C or a closed terminal (SIGHUP)
+while it samples leaves neither its output nor its staging folder, and ends with one line and the
+signal's code."""
 
 import signal
 import subprocess
@@ -32,7 +33,7 @@ sys.exit(main(["sample", "--model", "m", "--prompt", "a red circle", "--out", sy
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_stopped_sample_leaves_nothing_and_says_why(tmp_path, sig):
     work = tmp_path / "work"
     work.mkdir()

@@ -1,5 +1,5 @@
-"""scripts/demo.sh stopped by Ctrl-C or SIGTERM (to its process group, or SIGTERM to its PID
-alone) while a step runs: it exits at once, but only once the step has ended. The `deepspeed`
+"""scripts/demo.sh stopped by Ctrl-C, SIGTERM or a closed terminal's SIGHUP (to its process group,
+or SIGTERM to its PID alone) while a step runs: it exits at once, but only once the step has ended. The `deepspeed`
 runner dies at once on either signal while its launcher and ranks still save; here a fake runner
 and launcher stand in for them, and a fake `bdt data` for the steps without a trainer (the script
 runs in a copy of scripts/ whose .venv/bin holds them). SIGKILLed during extraction, its Ray head
@@ -7,6 +7,8 @@ runs in a copy of scripts/ whose .venv/bin holds them). SIGKILLed during extract
 
 import contextlib
 import os
+import pty
+import select
 import shutil
 import signal
 import subprocess
@@ -35,6 +37,7 @@ def stop(signum=signal.SIGINT, _=None):
     sys.exit(1)
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGHUP, stop)
 open(os.environ["DEMO_DIR"] + "/launcher.pid", "w").write(str(os.getpid()))
 time.sleep(60)
 """
@@ -86,6 +89,7 @@ def fake_repo(root):
     (signal.SIGTERM, True, ["data/manifest.json"]),  # the tokenizer trainer
     (signal.SIGINT, True, list(BEFORE_TRAINING)),  # the AR trainer
     (signal.SIGINT, True, []),  # `bdt data`
+    (signal.SIGHUP, True, list(BEFORE_TRAINING)),
     (signal.SIGTERM, False, list(BEFORE_TRAINING)),
     (signal.SIGTERM, False, []),
     (signal.SIGKILL, False, list(BEFORE_TRAINING)),  # the trainer gets a SIGTERM from its death
@@ -124,6 +128,50 @@ def test_a_stopped_demo_exits_after_its_step(tmp_path, sig, to_group, done):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_closed_terminal_stops_the_demo_once_its_step_has_saved(tmp_path):
+    """The demo's terminal closed (a window, an ssh session) while the AR trainer ran: the demo
+    died at once, its step with it, unsaved. The kernel hangs the terminal up and sends SIGHUP to
+    the session's leader, here demo.sh itself (in life a shell, which passes it on to its job):
+    the step is stopped, saves, and the demo exits 130 once it has, though its writes fail."""
+    fake_repo(tmp_path / "repo")
+    demo = tmp_path / "demo"
+    for name, text in BEFORE_TRAINING.items():
+        os.makedirs(os.path.dirname(demo / name), exist_ok=True)
+        (demo / name).write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
+    env.update(DEMO_DIR=str(demo), DEMO_DEVICE="cpu")
+    bash = shutil.which("bash")
+    pid, master = pty.fork()
+    if pid == 0:  # the child: its terminal is the pty
+        os.execve(bash, [bash, str(tmp_path / "repo" / "scripts" / "demo.sh")], env)
+    status, started = None, []
+    try:
+        deadline = time.monotonic() + 60
+        while not (demo / "launcher.pid").exists():  # reading what the demo writes meanwhile
+            assert time.monotonic() < deadline, "the step never started"
+            if select.select([master], [], [], 0.1)[0]:
+                os.read(master, 4096)
+        time.sleep(0.5)  # the step's processes have set their handlers
+        started = psutil.Process(pid).children(recursive=True)
+        os.close(master)
+        master = None
+        while not (ended := os.waitpid(pid, os.WNOHANG))[0]:
+            assert time.monotonic() < deadline + 20, "the demo did not end"
+            time.sleep(0.1)
+        status = os.waitstatus_to_exitcode(ended[1])
+    finally:
+        if master is not None:
+            os.close(master)
+        if status is None:
+            os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert status == 130
+    assert (demo / "saved").exists(), "the demo exited before its step had saved"
+    assert (demo / "signals").read_text().split() == [str(int(signal.SIGHUP))]
+    gone, alive = psutil.wait_procs(started, timeout=1)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "left running"
 
 
 def test_a_demo_killed_during_extraction_leaves_no_ray_head(tmp_path):
@@ -244,3 +292,20 @@ def test_the_gpu_demo_gives_its_ray_head_a_cpu_per_extraction_actor(tmp_path):
     head, job = ((demo / f"ray_{what}").read_text().split() for what in ("start", "job"))
     assert head[head.index("--num-cpus") + 1] == "8"
     assert "num_actors=8" in job and "gpus_per_actor=1" in job
+
+
+def test_under_nohup_a_hangup_leaves_the_step_running(tmp_path):
+    """SIGHUP ignored at the start (`nohup make demo`): the step outlives the terminal. Blocked
+    for sigwaitinfo, the ignored signal would still have reached run_to_end.py as a stop."""
+    step = "import time; print('ready', flush=True); time.sleep(1.5)"
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "run_to_end.py"),
+                             sys.executable, "-c", step], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        os.killpg(proc.pid, signal.SIGHUP)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
