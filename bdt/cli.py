@@ -13,7 +13,7 @@ import sys
 import threading
 
 from bdt.config import ConfigError
-from bdt.entry import hangup_stops, leave_dead_terminal, setup_logging
+from bdt.entry import leave_dead_terminal, setup_logging, stops_on
 
 COMMAND_MODULES = [
     "bdt.commands.data",
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = {}
     if threading.current_thread() is threading.main_thread():  # signal's rule
         handler = _raise_stopped(os.getpid())
-        for sig in (signal.SIGTERM, signal.SIGHUP) if hangup_stops() else (signal.SIGTERM,):
+        for sig in filter(stops_on, (signal.SIGTERM, signal.SIGHUP)):
             previous[sig] = signal.signal(sig, handler)
     try:
         return int(args.func(args) or 0)

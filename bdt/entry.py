@@ -95,11 +95,25 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-def hangup_stops() -> bool:
-    """Whether a hang-up (SIGHUP: the terminal closed, the ssh session dropped) is to stop this
-    process as SIGTERM does. Not where it was ignored at the start: `nohup` asked the job to
-    outlive its terminal."""
-    return signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+# What bdt's trainers take as a stop (bdt.training.signals): preemption, SLURM's time-limit
+# warning, a closed terminal, Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
+
+
+def ignore_stop_signals() -> None:
+    """In a trainer's data worker process. A stop sent to the process group or to every process
+    of a job (SLURM's `scancel --signal`, a closed terminal, Ctrl-C) reaches the workers too:
+    killed under the trainer, they turned its save at the next step boundary into a crash. The
+    trainer stops them; torch's loader ends its own workers when the trainer is done (or gone)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stops_on(sig: int) -> bool:
+    """Whether stop signal `sig` is to stop this process (call before setting its handler): not
+    where it was ignored at the start. `nohup` ignores SIGHUP (the job outlives its terminal), a
+    script's background job runs with SIGINT ignored (Ctrl-C is the foreground's)."""
+    return signal.getsignal(sig) is not signal.SIG_IGN
 
 
 def leave_dead_terminal() -> None:

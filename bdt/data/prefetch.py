@@ -23,7 +23,7 @@ from its checkpoint.
 The worker is stopped (and joined) by `close()`, at a stage switch, at the end of training and
 on every error path; an exception in the worker is raised in the trainer as it was (type and
 message), caused by a WorkerTraceback that holds the worker's traceback. A worker process
-ignores SIGINT/SIGTERM/SIGHUP (the trainer handles those and stops it) and exits by itself when
+ignores the stop signals (the trainer handles those and stops it) and exits by itself when
 the trainer process is gone.
 
 depth = 0 builds each row when asked, nothing ahead: the same rows and states, which is what the

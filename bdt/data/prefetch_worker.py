@@ -10,7 +10,6 @@ import collections
 import multiprocessing
 import pickle
 import queue
-import signal
 import threading
 import time
 import traceback
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bdt.entry import setup_logging
+from bdt.entry import ignore_stop_signals, setup_logging
 
 if TYPE_CHECKING:  # prefetch.py imports this module
     from bdt.data.prefetch import RowSource, Tensors
@@ -182,12 +181,11 @@ class PipeEnd:
 
 def serve_process(factory: Callable[[], RowSource], depth: int, inbox: PipeEnd,
                   outbox: PipeEnd, where) -> None:
-    """A worker process: the trainer handles SIGINT/SIGTERM/SIGHUP and stops it; bdt's log format
+    """A worker process: the trainer handles the stop signals and stops it; bdt's log format
     (which drops what a hung-up terminal refuses); one torch thread (the producer is
     Python-bound, and its cores belong to training). A thread copies what its source reads into
     `where` each second (a stuck read holds no GIL)."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_stop_signals()
     setup_logging()  # the source's warnings (a skipped shard) with the rank, as in the trainer
     torch.set_num_threads(1)
 

@@ -32,7 +32,6 @@ import glob
 import hashlib
 import json
 import logging
-import signal
 import tarfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -45,6 +44,7 @@ from bdt.data.images import decode_rgb, needed_size, open_image, resize_center_c
 from bdt.data.stream_state import shard_names
 from bdt.data.tar_reads import ReadRetries, read_failure
 from bdt.data.tars import MAX_MEMBER_BYTES, log_skip, read_samples
+from bdt.entry import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +108,9 @@ def expand_shards(spec: str) -> list[str]:
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
-    """A SIGTERM to the process group (SLURM, Kubernetes) or a closed terminal's SIGHUP reaches
-    the workers too: the trainer stops at its next step boundary and saves, which a worker killed
-    under it turned into a crash mid-save. Torch ends the workers when the trainer is done (or
-    gone). Their writes to a hung-up terminal go through logging, which drops what fails."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+    """The loader's worker_init_fn (bdt.entry.ignore_stop_signals). Their writes to a hung-up
+    terminal go through logging, which drops what fails."""
+    ignore_stop_signals()
 
 
 def decode_image(data: bytes, size: int, resize: int = 0, rng: np.random.Generator | None = None,

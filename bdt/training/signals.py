@@ -1,6 +1,8 @@
-"""Preemption: SIGTERM, SIGUSR1 or SIGHUP sets a flag; the loop finishes its step, saves, exits 0.
-A hang-up (the terminal closed) is a stop like SIGTERM, its output sent to /dev/null first
-(bdt.entry.leave_dead_terminal), unless SIGHUP was ignored at the start (`nohup`).
+"""Preemption: SIGTERM, SIGUSR1, SIGHUP or SIGINT sets a flag; the loop finishes its step, saves,
+exits 0. A hang-up (the terminal closed) sends the output to /dev/null first
+(bdt.entry.leave_dead_terminal). A signal ignored at the start stays ignored (`nohup`'s SIGHUP, a
+background job's SIGINT). A second signal while stopping does not cut the save: under torchrun a
+Ctrl-C reaches a rank twice (from the terminal, and passed on by torchrun).
 Before the first step (`StopFlag(started=False)` until `start`) there is nothing to save and
 start-up may take minutes (building the model, listing data, loading a checkpoint): the signal
 raises `StoppedBeforeStart` there instead, and the entry point exits 0 saying so. Python runs
@@ -30,7 +32,7 @@ import types
 
 import torch
 
-from bdt.entry import hangup_stops, leave_dead_terminal
+from bdt.entry import STOP_SIGNALS, leave_dead_terminal, stops_on
 from bdt.training.distributed import all_reduce_max, launcher_gone
 
 # Why the ranks stop (`StopFlag.should_stop`), ordered so that the all-reduced MAX wins: a
@@ -74,8 +76,7 @@ class StoppedBeforeStart(BaseException):
 
 
 class StopFlag:
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP),
-                 started: bool = True):
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS, started: bool = True):
         self.requested = False
         self.signum: int | None = None
         self.started = started
@@ -88,9 +89,8 @@ class StopFlag:
         self._raised = self._again = False
         self._wakeup: tuple[int, int, int] | None = None  # (read end, write end, previous fd)
         self._watcher: threading.Thread | None = None
-        for sig in signals:
-            if sig != signal.SIGHUP or hangup_stops():
-                self._previous[sig] = signal.signal(sig, self._handle)
+        for sig in filter(stops_on, signals):
+            self._previous[sig] = signal.signal(sig, self._handle)
         if not started:
             read_fd, write_fd = os.pipe()
             os.set_blocking(write_fd, False)

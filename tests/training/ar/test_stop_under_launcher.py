@@ -1,9 +1,13 @@
-"""A 2-rank run under the real `deepspeed` launcher whose terminal closes (a window, a dropped
-ssh session) between two periodic checkpoints: every process used to die of the SIGHUP at once,
-unsaved, and the next run went back to the last periodic checkpoint. Now the ranks (and their
-prefetch worker processes) take the hang-up as a stop: they save at the next step boundary,
-though their terminal refuses every write by then, and end; a rerun resumes from that step."""
+"""A 2-rank run under the real `deepspeed` launcher, in a terminal, stopped between two periodic
+checkpoints: the terminal closed (a window, a dropped ssh session: SIGHUP), Ctrl-C (SIGINT to
+the foreground group), or SIGUSR1 to every process (SLURM's `scancel --signal=USR1`). Each used
+to end the run unsaved: the hang-up's default action, Python's KeyboardInterrupt mid-step, the
+prefetch worker process killed under its trainer; the next run went back to the last periodic
+checkpoint. Now the ranks take each as a stop and their worker processes ignore it: they save at
+the next step boundary (after a hang-up though their terminal refuses every write) and end; a
+rerun resumes from that step."""
 
+import contextlib
 import json
 import os
 import pty
@@ -33,7 +37,33 @@ def _logged_steps(run_dir) -> list[int]:
     return [rec["step"] for rec in map(json.loads, lines) if "loss" in rec]
 
 
-def test_a_closed_terminal_saves_the_step_it_reached_and_a_rerun_resumes_there(tmp_path):
+def _read_terminal(master: int, seen: bytes) -> bytes:
+    """What the terminal shows, read as a window does: a terminal nobody reads fills up and
+    blocks every write to it."""
+    if select.select([master], [], [], 0.2)[0]:
+        with contextlib.suppress(OSError):  # EIO: every process holding the terminal has ended
+            seen = (seen + os.read(master, 65536))[-20000:]
+    return seen
+
+
+def _close(master: int, shell: int) -> None:
+    os.close(master)
+
+
+def _ctrl_c(master: int, shell: int) -> None:
+    os.write(master, b"\x03")  # the line discipline signals the foreground process group
+
+
+def _usr1_to_all(master: int, shell: int) -> None:
+    """SLURM's `scancel --signal=USR1` (or --signal=USR1@T): every process of the job step."""
+    job = psutil.Process(shell)
+    for proc in [job, *job.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGUSR1)
+
+
+@pytest.mark.parametrize("stop", [_close, _ctrl_c, _usr1_to_all], ids=["closed", "ctrl-c", "usr1"])
+def test_a_stop_saves_the_step_reached_and_a_rerun_resumes_there(tmp_path, stop):
     llm = tiny_llm(str(tmp_path / "llm"))
     shards = os.path.dirname(write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=2,
                                           per_shard=6)[0])
@@ -58,16 +88,15 @@ def test_a_closed_terminal_saves_the_step_it_reached_and_a_rerun_resumes_there(t
         while max(_logged_steps(run), default=0) < LOGGED:
             assert time.monotonic() < deadline and not os.waitpid(pid, os.WNOHANG)[0], \
                 seen.decode(errors="replace")[-3000:]
-            if select.select([master], [], [], 0.2)[0]:  # a terminal that is read
-                with_output = os.read(master, 65536)
-                seen = (seen + with_output)[-20000:]
+            seen = _read_terminal(master, seen)
         started = psutil.Process(pid).children(recursive=True)
         assert sum("--local_rank" in " ".join(p.cmdline()) for p in started) == 2
-        os.close(master)
-        master = None
+        stop(master, pid)
+        if stop is _close:
+            master = None
         while not (ended := os.waitpid(pid, os.WNOHANG))[0]:
-            assert time.monotonic() < deadline, "the shell outlived its terminal"
-            time.sleep(0.1)
+            assert time.monotonic() < deadline, "the shell outlived the stop"
+            seen = _read_terminal(master, seen) if master is not None else time.sleep(0.2) or seen
         status = ended[1]
         _, alive = psutil.wait_procs(started, timeout=120)
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], \
