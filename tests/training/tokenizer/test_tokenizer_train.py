@@ -140,21 +140,27 @@ def test_single_process_trains_and_exports(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_stop_signal_saves_and_says_so_in_the_summary(shards, tmp_path):
-    """SIGTERM: the step is saved, nothing exported, and summary.json says stopped (the resume
-    wrapper tells a stop, which it requeues, from a finished run by it). The record logged at
-    the stop, off the log schedule, is dropped by the resume: the log reads as uninterrupted."""
+@pytest.mark.parametrize("sig, workers", [(signal.SIGTERM, 0), (signal.SIGINT, 2)],
+                         ids=["sigterm", "ctrl-c"])
+def test_a_stop_signal_saves_and_says_so_in_the_summary(shards, tmp_path, sig, workers):
+    """SIGTERM to the trainer, or Ctrl-C (SIGINT to its process group, loader workers included:
+    before, KeyboardInterrupt ended the trainer mid-step): the step is saved, nothing exported,
+    and summary.json says stopped (the resume wrapper tells a stop, which it requeues, from a
+    finished run by it). The record logged at the stop, off the log schedule, is dropped by the
+    resume: the log reads as uninterrupted."""
     out = tmp_path / "run"
     args = [sys.executable, "tokenizers/train.py", *TINY, f"run_dir={out}", f"data.shards={shards}",
-            "loss.disc_weight=0", "logging.every=1000", "checkpoint.every=2"]
-    proc = subprocess.Popen([*args, "steps=100000"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+            "loss.disc_weight=0", "logging.every=1000", "checkpoint.every=2",
+            f"data.num_workers={workers}"]
+    proc = subprocess.Popen([*args, "steps=100000"], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 120
         while not (out / "checkpoints" / tag_for(2) / MARKER).exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
             time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, sig) if workers else proc.send_signal(sig)
         assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
     finally:
         if proc.poll() is None:
