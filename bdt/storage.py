@@ -29,6 +29,8 @@ try:  # s3fs passes botocore's own errors on as they are: a dead endpoint's is n
     from botocore.exceptions import BotoCoreError
 except ImportError:  # installed without s3fs
     BotoCoreError = OSError
+from safetensors import SafetensorError
+
 try:
     from aiohttp import ClientConnectionError
 except ImportError:
@@ -130,13 +132,34 @@ def naming_url(url: str, doing: str = "") -> Iterator[None]:
     """A store's error inside (STORE_ERRORS) is an OSError naming `url` and what was being
     done (`doing`, e.g. "uploading"): s3fs's say only "Forbidden" or "Access Denied", and
     botocore's (a dead endpoint) are no OSError and name no bdt object. Not found keeps its
-    message (callers test for it)."""
+    message (callers test for it). torch's, safetensors' and tokenizers' errors over an OS
+    error (a full disk) are that OSError, named likewise."""
     try:
         yield
     except (FileNotFoundError, NotADirectoryError):
         raise
     except STORE_ERRORS as e:
         raise _named_error(f"{doing} {url}" if doing else url, e) from e
+    except Exception as e:  # a library's error over a failed write (a full disk): os_error_in
+        cause = os_error_in(e)
+        if cause is None:
+            raise
+        raise _named_error(f"{doing} {url}" if doing else url, cause) from e
+
+
+# Rust's std::io::Error, passed on by safetensors (SafetensorError) and tokenizers (a plain
+# Exception) in the message only: "No space left on device (os error 28)".
+RUST_ERRORS = (SafetensorError, Exception)
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)$")
+
+
+def os_error_in(e: BaseException) -> OSError | None:
+    """The OS error a library's error `e` stands for, or None: torch.save's RuntimeError over
+    the OSError of its file object's write, the Rust libraries' by its errno."""
+    if isinstance(e, RuntimeError):
+        return e.__context__ if isinstance(e.__context__, OSError) else None
+    found = _RUST_OS_ERROR.search(str(e)) if type(e) in RUST_ERRORS else None
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
 
 
 def _named_error(where: str, e: BaseException) -> OSError:

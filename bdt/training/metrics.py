@@ -3,6 +3,7 @@ plus timers for step time, data-wait time and throughput."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ class MetricsLogger:
         # A torn last line (a kill mid-write) goes in any case: the next record would join it.
         kept = cut_records_after(path, math.inf if keep_through_step is None else keep_through_step)
         self._jsonl = open(path, "a", buffering=1)
+        self._jsonl_path = path
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -52,8 +54,17 @@ class MetricsLogger:
         log.info("step %d %s", step, " ".join(f"{prefix}{k}={_fmt(v)}"
                                               for k, v in scalars.items() if "/" not in k))
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, "time": time.time(),
-                                          **{prefix + k: v for k, v in scalars.items()}}) + "\n")
+            record = {"step": step, "time": time.time(), **{prefix + k: v for k, v in scalars.items()}}
+            try:
+                with storage.naming_url(self._jsonl_path, "appending to"):  # a full disk: which file
+                    self._jsonl.write(json.dumps(record) + "\n")
+            except OSError:
+                # Its buffer keeps what failed: a close would fail again, and the caller's close
+                # in a `finally` replaced this error with a bare "No space left on device".
+                with contextlib.suppress(OSError):
+                    self._jsonl.close()
+                self._jsonl = None
+                raise
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(prefix + k, v, step)

@@ -77,7 +77,10 @@ class RecordingCheckpointEngine(TorchCheckpointEngine):
         self.saved: list[str] = []
 
     def save(self, state_dict, path: str):
-        super().save(state_dict, path)
+        # Through a Python file: torch's own writer reports a full disk as "basic_ios::clear:
+        # iostream error"; over a file object, its RuntimeError carries the write's OSError.
+        with open(path, "wb") as f:
+            torch.save(state_dict, f, _use_new_zipfile_serialization=self.zipfile_serialization)
         self.saved.append(path)
 
     def load(self, path: str, map_location=None):

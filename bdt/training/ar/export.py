@@ -34,16 +34,26 @@ def export_model(engine, model, cfg, out_dir: str, dist: DistInfo) -> str:
         if dist.is_main:
             tmp = out_dir + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            if cfg.data.tokenizer:  # first: a link it refuses leaves nothing written
-                _copy_tree(cfg.data.tokenizer, os.path.join(tmp, EXPORT_IMAGE_TOKENIZER_DIR),
-                           "data.tokenizer")
-            engine.module.save_pretrained(tmp)
-            save_resolved(_with_absolute_shards(cfg), tmp, name=EXPORT_TRAIN_CONFIG_NAME)
-            # Not staged_dir's: safetensors writes the weights 0600, unreadable to the group.
-            output_dirs.readable_as_open_makes(tmp)
+            # A full disk: an OSError naming the export, not the Rust tokenizer's bare Exception;
+            # the half-written copy goes, giving back its space (the old export stays).
+            try:
+                with storage.naming_url(out_dir, "exporting the model to"):
+                    _write_export(engine, cfg, tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             _replace_dir(tmp, out_dir)
     barrier()
     return out_dir
+
+
+def _write_export(engine, cfg, tmp: str) -> None:
+    if cfg.data.tokenizer:  # first: a link it refuses leaves nothing written
+        _copy_tree(cfg.data.tokenizer, os.path.join(tmp, EXPORT_IMAGE_TOKENIZER_DIR), "data.tokenizer")
+    engine.module.save_pretrained(tmp)
+    save_resolved(_with_absolute_shards(cfg), tmp, name=EXPORT_TRAIN_CONFIG_NAME)
+    # Not staged_dir's: safetensors writes the weights 0600, unreadable to the group.
+    output_dirs.readable_as_open_makes(tmp)
 
 
 def _replace_dir(new: str, path: str) -> None:

@@ -99,7 +99,8 @@ def export(model_cfg: TokenizerConfig, ema_state: dict, run_dir: str) -> str:
     ema.load_state_dict(ema_state)
     model.load_state_dict(ema.module_state_dict(model))
     path = export_dir(run_dir)
-    save_tokenizer(model, path)
+    with storage.naming_url(path, "exporting the tokenizer to"):  # a full disk: where
+        save_tokenizer(model, path)
     return path
 
 
