@@ -30,6 +30,7 @@ another is refused before it reads or writes anything there (checkpoint_owner.py
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -144,8 +145,6 @@ class CheckpointManager(CheckpointLoader):
     def _save(self, tag: str, step: int, engines: dict[str, Any], rank_meta: dict,
               rank_tensors: dict[str, torch.Tensor] | None, shared: dict[str, Any] | None,
               before_marker: Callable[[], None] | None) -> str:
-        from bdt.training.safe_load import recording_engine
-
         if self.bound:
             lost = broadcast_object(owner_change(self.root, self.run_id) if self.dist.is_main else None)
             if lost:
@@ -167,6 +166,30 @@ class CheckpointManager(CheckpointLoader):
             if fs.exists(f"{path}/{tag}"):
                 fs.rm(f"{path}/{tag}", recursive=True)
         barrier()
+        # A remote root's full disk is the node's temp dir, not the store: named so.
+        staging = (storage.naming_url(local_dir, "staging it in") if self.remote
+                   else contextlib.nullcontext())
+        try:
+            with staging:
+                files = self._write_files(local_dir, step, engines, rank_meta, rank_tensors, shared,
+                                          before_marker)
+            self._publish_saved(tag, step, engines, local_dir, files)
+        finally:
+            # Uploaded, or of no use: nothing retries a failed upload, and a failed write (a full
+            # disk) left the staged part of a checkpoint filling the node's temp dir. Once all
+            # were gathered no rank writes there; before that, this rank's error ends the save.
+            if self.remote and self.dist.is_local_main:
+                self.unstage(local_dir)
+        barrier()
+        return tag
+
+    def _write_files(self, local_dir: str, step: int, engines: dict[str, Any], rank_meta: dict,
+                     rank_tensors: dict[str, torch.Tensor] | None, shared: dict[str, Any] | None,
+                     before_marker: Callable[[], None] | None) -> dict[str, dict]:
+        """Collective: every rank's files of the checkpoint; returns all ranks' entries for
+        the marker."""
+        from bdt.training.safe_load import recording_engine
+
         written: dict[str, dict] = {}
         for name, engine in engines.items():
             recorder = recording_engine(engine)
@@ -186,13 +209,7 @@ class CheckpointManager(CheckpointLoader):
         files = {rel: entry for part in all_gather_object(written) for rel, entry in part.items()}
         if self.dist.is_main:  # files no engine recorded: DeepSpeed's recovery scripts (rank 0)
             files.update(integrity.digest_all(local_dir, skip=set(files)))
-        try:
-            self._publish_saved(tag, step, engines, local_dir, files)
-        finally:  # uploaded, or of no use (nothing retries a failed upload); no rank writes it now
-            if self.remote and self.dist.is_local_main:
-                self.unstage(local_dir)
-        barrier()
-        return tag
+        return files
 
     def _publish_saved(self, tag: str, step: int, engines: dict[str, Any], local_dir: str,
                        files: dict[str, dict]) -> None:
