@@ -134,7 +134,8 @@ def staged_dir(path: str, overwrite: bool = False, last: str = "") -> Iterator[s
     try:
         # Made first, checked after: of two writers starting at once, at least one sees the other's.
         _refuse_nonempty_local(path, "", overwrite, mine=tmp)
-        yield tmp
+        with storage.naming_url(path, "writing"):  # a full disk: which output
+            yield tmp
         readable_as_open_makes(tmp)
         if not os.path.lexists(final):
             os.replace(tmp, final)

@@ -132,8 +132,7 @@ def naming_url(url: str, doing: str = "") -> Iterator[None]:
     """A store's error inside (STORE_ERRORS) is an OSError naming `url` and what was being
     done (`doing`, e.g. "uploading"): s3fs's say only "Forbidden" or "Access Denied", and
     botocore's (a dead endpoint) are no OSError and name no bdt object. Not found keeps its
-    message (callers test for it). torch's, safetensors' and tokenizers' errors over an OS
-    error (a full disk) are that OSError, named likewise."""
+    message (callers test for it). A library's error over an OS error (os_error_in) is one."""
     try:
         yield
     except (FileNotFoundError, NotADirectoryError):
@@ -222,13 +221,17 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_stale_temps(path)
     tmp = _temp_path(path)
+    f = open(tmp, "wb")
     try:
-        with open(tmp, "wb") as f:
-            yield f
+        yield f
+        with naming_url(url, "writing"):  # a full disk: which file
             f.flush()
             os.fsync(f.fileno())
+        f.close()
         os.replace(tmp, path)
     except BaseException:
+        with contextlib.suppress(OSError):  # a failed write's buffer: it would hide the error
+            f.close()
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
@@ -292,7 +295,7 @@ def remove_stale_temps(url: str) -> None:
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
-    with open_atomic(url) as f:
+    with open_atomic(url) as f, naming_url(url, "writing"):
         f.write(data)
 
 

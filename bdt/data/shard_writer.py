@@ -21,15 +21,17 @@ from bdt.processes import WRITER_TAG_PATTERN, writer_gone, writer_tag
 
 
 class _HashingFile:
-    """Write-through wrapper counting and hashing the bytes (tar streams only write)."""
+    """Write-through wrapper counting and hashing the bytes (tar streams only write); a failed
+    write (a full disk) names `url`."""
 
-    def __init__(self, f: IO[bytes]):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+    def __init__(self, f: IO[bytes], url: str):
+        self.f, self.url, self.sha, self.size = f, url, hashlib.sha256(), 0
 
     def write(self, data: bytes) -> int:
         self.sha.update(data)
         self.size += len(data)
-        return self.f.write(data)
+        with storage.naming_url(self.url, "writing"):
+            return self.f.write(data)
 
     def flush(self) -> None:
         self.f.flush()
@@ -81,7 +83,10 @@ class ShardWriter:
         import webdataset as wds
 
         with self._stack as stack:
-            self._out = _HashingFile(stack.enter_context(_open_output(self.url)))
+            out = stack.enter_context(_open_output(self.url))
+            # a full temp dir is the machine's, not the store's
+            where = f"{self.url} (spooled in {out.name})" if storage.is_remote(self.url) else self.url
+            self._out = _HashingFile(out, where)
             # Fixed member metadata (mtime, owner): the same samples give byte-identical tars,
             # so a rerun (re-extracting an input, regenerating a dataset) reproduces its files.
             self._tar = stack.enter_context(wds.TarWriter(self._out, encoder=False, mtime=0.0,
