@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from bdt.training.signals import StopFlag
 
 # On its terminal (a pty whose session it leads): waits for the stop, then prints and logs as a
@@ -60,16 +62,18 @@ def test_a_closed_terminal_stops_the_flag_and_what_follows_writes_nowhere(tmp_pa
     assert note.read_text().split("\n") == [f"requested True {int(signal.SIGHUP)}", "saved", ""]
 
 
-def test_a_hangup_ignored_at_the_start_stays_ignored():
-    """`nohup`: the job is to outlive its terminal."""
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
+def test_a_stop_signal_ignored_at_the_start_stays_ignored(sig):
+    """`nohup`: the job is to outlive its terminal; a script's background job (SIGINT ignored):
+    Ctrl-C is for the foreground."""
+    previous = signal.signal(sig, signal.SIG_IGN)
     try:
         flag = StopFlag()
-        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(sig) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) == flag._handle
         flag.restore()
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        signal.signal(sig, previous)
 
 
 def test_output_that_is_not_a_terminal_is_left_alone(tmp_path):
