@@ -48,7 +48,7 @@ def in_loop_tasks(cfg, dist) -> list:
     # alone before it would keep them past the timeout (the loop's patient barrier follows both).
     return [InLoopEval(cfg.eval, decoder, cfg.run_dir, cfg.seed, zero3, dist.is_main),
             Preview(cfg.logging, decoder, cfg.run_dir, cfg.seed, dist.is_main or zero3,
-                    dist.is_main)]
+                    dist.is_main, together=zero3)]
 
 
 def train(cfg, in_loop=in_loop_tasks) -> dict:

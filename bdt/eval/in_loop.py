@@ -11,13 +11,19 @@ each batch goes to the other ranks (`shared_images`: the images one process woul
 evaluation takes 1/W of the time and no rank waits for another longer than a batch (rank 0
 evaluating alone kept the others waiting in their next collective, which a long evaluation at
 scale could hold past the process group's timeout, 10 minutes). Rank 0 writes the report.
+
+A stop signal during an evaluation ends it at its next round of batches, on every rank at the
+same one (the loop's stop point, one all-reduce a round): the run saves its step within a
+cluster's grace period instead of after the whole suite. A cut evaluation records nothing (its
+report was staged: no folder is left), as its first categories would not score as the suite.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +39,7 @@ from bdt.training.ar.config import EvalConfig
 
 
 class InLoopEval:
-    """An in-loop task of the AR loop (bdt.training.ar.loop.InLoopTask)."""
+    """An in-loop task of the AR loop (bdt.training.ar.tasks.InLoopTask)."""
 
     def __init__(self, cfg: EvalConfig, decoder, run_dir: str, seed: int, collective: bool,
                  writes: bool):
@@ -45,7 +51,7 @@ class InLoopEval:
             return
         self.items = select(load_suite(), list(cfg.categories), cfg.per_category)
         self.decoder = decoder
-        self.make_images = None if collective or not dist.is_initialized() else shared_images
+        self.share = not collective and dist.is_initialized()
 
     def due(self, step: int) -> bool:
         return self.active and step % self.cfg.every == 0
@@ -56,10 +62,14 @@ class InLoopEval:
             check_prompts(model, [item["prompt"] for item in self.items],
                           self.cfg.height // factor, self.cfg.width // factor)
 
-    def run(self, step: int, module: torch.nn.Module) -> dict[str, float]:
+    def run(self, step: int, module: torch.nn.Module,
+            stop_point: Callable[[bool], None]) -> dict[str, float]:
         """Scores of the suite subset at this step (metrics keys) and, on the writing rank, the
-        report files."""
+        report files. `stop_point(True)` before each round of batches, on every rank: what it
+        raises ends the evaluation, the report left unwritten."""
         c = self.cfg
+        make_images = functools.partial(shared_images, before_batch=lambda: stop_point(True),
+                                        share=self.share)
         # Staged: a step evaluated again (resumed from before it, maybe with other eval settings)
         # replaces its report whole, images/ included, rather than mixing the two.
         report = output_dirs.staged_dir(os.path.join(self.run_dir, "eval", f"step_{step:09d}"),
@@ -72,7 +82,7 @@ class InLoopEval:
                 result = evaluate(module, self.decoder, self.items, c.width, c.height,
                                   SamplingConfig(cfg_scale=c.cfg_scale, num_steps=c.steps,
                                                  seed=self.seed), batch=c.batch, out_dir=out_dir,
-                                  make_images=self.make_images)
+                                  make_images=make_images)
         finally:
             module.train(was_training)
         return {"eval_overall": result["overall"], "eval_images_per_s": result["images_per_s"],
@@ -81,19 +91,28 @@ class InLoopEval:
 
 
 def shared_images(trained: TrainedModel, prompts: Sequence[str], width: int, height: int,
-                  sampling: SamplingConfig, batch: int) -> list[Image.Image]:
+                  sampling: SamplingConfig, batch: int, before_batch: Callable[[], None],
+                  share: bool = True) -> list[Image.Image]:
     """TrainedModel.images(prompts, ...) made by every rank of the process group together: rank
     r makes batches r, r + W, ..., then each batch goes from its rank to the others as uint8
     pixels, one batch at a time (an all-gather of one batch per rank held W batches on the
     device, mostly padding where the suite has fewer batches than ranks), and every rank
     returns all images. No rank waits for another longer than a batch: their shares differ by
-    one at most."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    one at most. Every rank calls `before_batch()` before each round of W batches, the same
+    number of times (a rank without a batch in the last round too). `share=False`: this rank
+    makes every batch (ZeRO-3, where every forward pass is collective: all ranks do)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if share else (0, 1)
     h, w = trained.token_grid(width, height, any_bucket=True)
     f = trained.decoder.downsample_factor
     todo = batches(prompts, batch)
-    made = {k: trained.batch_images(k, todo[k], h, w, sampling)
-            for k in range(rank, len(todo), world)}
+    made = {}
+    rounds = -(-len(todo) // world)  # of one batch per rank
+    for k in range(rank, rounds * world, world):
+        before_batch()
+        if k < len(todo):
+            made[k] = trained.batch_images(k, todo[k], h, w, sampling)
+    if world == 1:
+        return [image for k in range(len(todo)) for image in made[k]]
     images: list[Image.Image] = []
     for k, chunk in enumerate(todo):
         pixels_BHWC = torch.stack([torch.from_numpy(np.asarray(image)) for image in made[k]]) \

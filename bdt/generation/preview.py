@@ -9,6 +9,7 @@ a preview never draws from the global RNG, so it cannot change the training run 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -40,14 +41,15 @@ def save_grid(image: Image.Image, run_dir: str, step: int) -> str:
 
 
 class Preview:
-    """An in-loop task of the AR loop (bdt.training.ar.loop.InLoopTask). Every rank that takes
-    part generates (under ZeRO-3 all of them: the forward passes gather parameters); the
-    writing rank saves the PNG."""
+    """An in-loop task of the AR loop (bdt.training.ar.tasks.InLoopTask). Every rank that takes
+    part generates (under ZeRO-3 all of them, `together`: the forward passes gather parameters);
+    the writing rank saves the PNG."""
 
     def __init__(self, logging_cfg: ARLoggingConfig, decoder, run_dir: str, seed: int,
-                 takes_part: bool, writes: bool):
+                 takes_part: bool, writes: bool, together: bool):
         self.cfg, self.decoder, self.run_dir, self.seed = logging_cfg, decoder, run_dir, seed
         self.active, self.writes = logging_cfg.sample_every > 0 and takes_part, writes
+        self.together = together
 
     def due(self, step: int) -> bool:
         return self.active and step % self.cfg.sample_every == 0
@@ -59,8 +61,10 @@ class Preview:
             except ValueError as e:
                 raise ValueError(f"logging.sample_prompts: {e}") from None
 
-    def run(self, step: int, module: torch.nn.Module) -> dict[str, float]:
+    def run(self, step: int, module: torch.nn.Module,
+            stop_point: Callable[[bool], None]) -> dict[str, float]:
         c = self.cfg
+        stop_point(self.together)  # the grid is one batch: a stop before it ends the task
         image = sample_grid(module, self.decoder, list(c.sample_prompts), tuple(c.sample_hw),
                             c.sample_steps, self.seed)
         if self.writes:

@@ -1,8 +1,9 @@
-"""Preemption: SIGTERM, SIGUSR1, SIGHUP or SIGINT sets a flag; the loop finishes its step, saves,
-exits 0. A hang-up (the terminal closed) sends the output to /dev/null first
-(bdt.entry.leave_dead_terminal). A signal ignored at the start stays ignored (`nohup`'s SIGHUP, a
-background job's SIGINT). A second signal while stopping does not cut the save: under torchrun a
-Ctrl-C reaches a rank twice (from the terminal, and passed on by torchrun).
+"""Preemption: SIGTERM, SIGUSR1, SIGHUP or SIGINT sets a flag; the loop finishes its step (an
+in-loop task under way, its image batch: training/ar/tasks.py), saves, exits 0. A hang-up (the
+terminal closed) sends the output to /dev/null first (bdt.entry.leave_dead_terminal). A signal
+ignored at the start stays ignored (`nohup`'s SIGHUP, a background job's SIGINT). A second
+signal while stopping does not cut the save: under torchrun a Ctrl-C reaches a rank twice (from
+the terminal, and passed on by torchrun).
 Before the first step (`StopFlag(started=False)` until `start`) there is nothing to save and
 start-up may take minutes (building the model, listing data, loading a checkpoint): the signal
 raises `StoppedBeforeStart` there instead, and the entry point exits 0 saying so. Python runs
@@ -168,15 +169,18 @@ class StopFlag:
             raise StoppedBeforeStart(signum)
         self._handled.set()
 
+    def signalled(self) -> bool:
+        """This rank's own stop, no collective: a signal, or its launcher gone."""
+        return self.requested or launcher_gone.is_set()
+
     def should_stop(self, device: torch.device, local: bool = False, diverged: bool = False) -> int:
         """Collective (call on every rank each step): why the ranks stop, the same on every rank.
         GO_ON; LOCAL_REASON = some rank passed `local=True` (another reason, e.g. a time limit)
         and no rank got a signal; STOP_SIGNAL = some rank got a stop signal (preemption: save,
         exit, resume later); DIVERGED = some rank passed `diverged=True` (a non-finite loss:
         stop without saving). One all-reduce (MAX) serves every reason."""
-        stop = self.requested or launcher_gone.is_set()
-        mine = (DIVERGED if diverged else STOP_SIGNAL if stop else LOCAL_REASON if local
-                else GO_ON)
+        mine = (DIVERGED if diverged else STOP_SIGNAL if self.signalled()
+                else LOCAL_REASON if local else GO_ON)
         return int(all_reduce_max(float(mine), device))
 
     def restore(self) -> None:

@@ -34,6 +34,10 @@ def _tiny_model(llm: str) -> BitDanceModel:
         head=HeadConfig(width=32, depth=2, num_adaln_sets=1, head_dim=16, bits=16)))
 
 
+def _go_on(together: bool) -> None:
+    """A stop point that never stops."""
+
+
 def _tiny_llm(out: str) -> str:
     return make_tiny_llm(out, [item["prompt"] for item in load_suite()], hidden=32, layers=1,
                          heads=2, kv_heads=1, intermediate=64)
@@ -53,12 +57,47 @@ def test_a_step_evaluated_again_replaces_its_report_whole(tmp_path):
         task = InLoopEval(cfg, decoder, str(tmp_path / "run"), seed=0, collective=False,
                           writes=True)
         task.check(model)
-        metrics = task.run(4, model)
+        metrics = task.run(4, model, _go_on)
         assert model.training and torch.equal(torch.get_rng_state(), rng)
     items = json.loads((report / "eval.json").read_text())["items"]
     assert len(items) == 6 and metrics["eval_overall"] >= 0
     assert sorted(os.listdir(report / "images")) == sorted(f"{i['id']}.png" for i in items)
     assert os.listdir(tmp_path / "run" / "eval") == ["step_000000004"]  # no staging folder left
+
+
+class _Cut(Exception):
+    pass
+
+
+def test_a_stop_ends_the_evaluation_at_its_next_batch_and_writes_nothing(tmp_path, monkeypatch):
+    """The stop point is called before each batch; what it raises ends the evaluation there: no
+    more batches made, the model back in train mode, and the step's report as it was before (a
+    step evaluated again after a resume keeps its whole earlier report, not half a new one)."""
+    llm = _tiny_llm(str(tmp_path / "llm"))
+    decoder = save_tiny_image_tokenizer(str(tmp_path / "tok"), bits=16)
+    model = _tiny_model(llm)
+    model.train()
+    cfg = EvalConfig(every=4, per_category=1, width=8, height=8, steps=1, batch=1)
+    task = InLoopEval(cfg, decoder, str(tmp_path / "run"), seed=0, collective=False, writes=True)
+    task.run(4, model, _go_on)
+    report = tmp_path / "run" / "eval" / "step_000000004"
+    before = {p: p.read_bytes() for p in report.rglob("*") if p.is_file()}
+    made, calls = [], []
+    batch_images = TrainedModel.batch_images
+    monkeypatch.setattr(TrainedModel, "batch_images",
+                        lambda self, k, *a: made.append(k) or batch_images(self, k, *a))
+
+    def stop_at_third(together: bool) -> None:
+        calls.append(together)
+        if len(calls) == 3:
+            raise _Cut
+
+    with pytest.raises(_Cut):
+        task.run(4, model, stop_at_third)
+    assert calls == [True] * 3 and made == [0, 1]  # together: every rank decides at batch 2
+    assert model.training
+    assert os.listdir(report.parent) == ["step_000000004"]  # no staging folder left
+    assert {p: p.read_bytes() for p in report.rglob("*") if p.is_file()} == before
 
 
 PROMPTS = [item["prompt"] for item in load_suite()[:5]]  # 3 batches of 2: rank 1 idle in round 2
@@ -82,7 +121,8 @@ def _sharing_rank(rank: int, world: int, port: int, tmp: str, sizes: list[int]) 
                 return _send(out, *a, **kw)
             setattr(tdist, name, counting)
         for n in sizes:
-            images = shared_images(trained, PROMPTS[:n], 8, 8, SAMPLING, batch=2)
+            images = shared_images(trained, PROMPTS[:n], 8, 8, SAMPLING, batch=2,
+                                   before_batch=lambda: None)
             np.save(os.path.join(tmp, f"rank{rank}_{n}.npy"),
                     np.stack([np.asarray(i) for i in images]))
         with open(os.path.join(tmp, f"made{rank}.json"), "w") as f:
@@ -158,7 +198,7 @@ def _tasks_rank(rank: int, world: int, port: int, tmp: str) -> None:
         metrics = {}
         for task in in_loop_tasks(cfg, DistInfo(rank, world, rank, torch.device("cpu"))):
             if task.due(1):
-                metrics.update(task.run(1, model))
+                metrics.update(task.run(1, model, _go_on))
         patient_barrier()
         with open(os.path.join(tmp, f"metrics{rank}.json"), "w") as f:
             json.dump(metrics, f)

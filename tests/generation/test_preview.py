@@ -1,6 +1,7 @@
 """The in-loop sample grid: real generation + decode, and no draw from the global RNG."""
 
 import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
@@ -28,3 +29,28 @@ def test_sample_grid_png_leaves_training_rng_alone(tmp_path):
     assert np.array_equal(np.asarray(again), np.asarray(image))
     path = save_grid(image, str(tmp_path / "run"), 12)
     assert path.endswith("samples/step_000000012.png") and Image.open(path).size == image.size
+
+
+def test_a_stop_before_the_preview_makes_and_writes_nothing(tmp_path, monkeypatch):
+    """The grid is one batch: the stop point, asked once before it (together only where every
+    rank generates it, ZeRO-3), ends the task there."""
+    import bdt.generation.preview as preview
+    from bdt.training.ar.config import ARLoggingConfig
+
+    class Cut(Exception):
+        pass
+
+    def stop(together: bool) -> None:
+        asked.append(together)
+        raise Cut
+
+    monkeypatch.setattr(preview, "sample_grid", lambda *a: pytest.fail("generated"))
+    cfg = ARLoggingConfig(sample_every=2)
+    for together in (False, True):
+        asked = []
+        task = preview.Preview(cfg, None, str(tmp_path / "run"), 0, takes_part=True, writes=True,
+                               together=together)
+        with pytest.raises(Cut):
+            task.run(2, None, stop)
+        assert asked == [together]
+    assert not (tmp_path / "run").exists()

@@ -218,9 +218,10 @@ def test_an_in_loop_preview_whose_prompt_cannot_fit_is_refused_before_training(l
     long = " ".join(["a red circle"] * model.llm.config.max_position_embeddings)
     cfg = ARLoggingConfig(sample_every=5, sample_prompts=["a red circle", long], sample_hw=[4, 4])
     off = ARLoggingConfig(sample_every=0, sample_prompts=cfg.sample_prompts, sample_hw=[4, 4])
-    Preview(off, None, "unused", 0, takes_part=True, writes=False).check(model)  # never runs
+    Preview(off, None, "unused", 0, takes_part=True, writes=False,
+            together=False).check(model)  # never runs
     with pytest.raises(ValueError, match=r"logging.sample_prompts: prompt 2: .* context"):
-        Preview(cfg, None, "unused", 0, takes_part=True, writes=False).check(model)
+        Preview(cfg, None, "unused", 0, takes_part=True, writes=False, together=False).check(model)
 
 
 def test_sampling_settings_and_prompts_no_sampling_can_use_are_refused(llm_dir):

@@ -17,7 +17,6 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from bdt.training.ar.stage_rows import StageData
 from bdt.training.ar.resume_checks import resume_checks
 from bdt.training.ar.stage_stream import stage_rows, stream_seed
 from bdt.training.ar.stages import StageClock
+from bdt.training.ar.tasks import InLoopTask, run_due, stop_point
 from bdt.training.ar.step import train_step
 from bdt.training.ar.step_log import LogWindow, log_window_means
 from bdt.training.ar.time_fit import TimeFit
@@ -52,21 +52,6 @@ from bdt.training.run_dir import BACKBONE_DIR, checkpoint_root, export_dir, writ
 from bdt.training.run_lock import hold_run_lock
 from bdt.training.signals import (DIVERGED, LOCAL_REASON, STOP_SIGNAL, StopFlag,
                                   StoppedBeforeStart)
-
-
-class InLoopTask(Protocol):
-    """Work on the weights being trained every few steps (sample grids, evaluation). The loop
-    does not know how: generation sits a layer above it, so the caller builds the tasks
-    (bdt/train.py) and the loop runs the due ones with the EMA weights swapped in."""
-
-    def due(self, step: int) -> bool: ...
-
-    def run(self, step: int, module: torch.nn.Module) -> dict[str, float]:
-        """Metrics to log at `step` ({} for none)."""
-
-    def check(self, model: torch.nn.Module) -> None:
-        """ValueError, before the first step, for what would fail when the task is first due
-        (a prompt beyond the model's context): steps since the last checkpoint would be lost."""
 
 
 log = logging.getLogger(__name__)
@@ -254,16 +239,23 @@ def _train(cfg: TrainConfig, dist: DistInfo, data: start_checks.CheckedData, in_
             if save and stopped:
                 saved_step = save_checkpoint(ckpt, engine, step, stage_idx, clock, stream, seen,
                                              cfg, ema, window, tokenizer)
-            for task in tasks:
-                if task.due(step):
-                    with _sampling_weights(ema, engine.module, cfg.compile.enabled) as module:
-                        metrics = task.run(step, module)
-                    if metrics:
-                        logger.log(step, metrics)
+            cut = run_due(tasks, step, lambda: _sampling_weights(ema, engine.module,
+                                                                 cfg.compile.enabled),
+                          logger, stop_point(stop, dist.device, armed=not stopped))
             if any(every > 0 and step % every == 0
                    for every in (cfg.logging.sample_every, cfg.eval.every)):
                 patient_barrier()  # previews are rank 0's alone under ZeRO 0-2
-            if save and not stopped:
+                # A stop signal during the tasks (on any rank; the task running then was cut at
+                # its next batch): this step is saved now, not after the tasks and another step.
+                if not stopped and stop.should_stop(dist.device) == STOP_SIGNAL:
+                    if not (why or step % cfg.logging.every == 0 or clock.finished):
+                        log_window_means(logger, step, engine, window, meter, stream, seen, peak,
+                                         dist, t_step.seconds, True)  # partial, as above
+                    why, stopped, timed_out, save = STOP_SIGNAL, True, False, True
+                    if dist.is_main:
+                        log.info("stop signal during the in-loop tasks of step %d%s", step,
+                                 f": {type(cut).__name__} cut, nothing recorded" if cut else "")
+            if save and saved_step != step:
                 saved_step = save_checkpoint(ckpt, engine, step, stage_idx, clock, stream, seen,
                                              cfg, ema, window, tokenizer)
             if why:
