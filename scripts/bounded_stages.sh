@@ -15,7 +15,9 @@
 #                                   DeepSpeed in a rehearsal); on a machine without bdt's
 #                                   packages, the wheels in $BDT_WHEELS (else ./wheels, if there:
 #                                   scripts/offline_wheels.py download) are installed into
-#                                   WORK/site, next on PYTHONPATH (log: OUT/wheels.log)
+#                                   WORK/site, next on PYTHONPATH (log: OUT/wheels.log);
+#                                   BDT_WHEELS=none installs none (a ./wheels made for another
+#                                   machine, on one that has the packages)
 #   stage [--always] NAME LIMIT_S COMMAND...
 #                                   run COMMAND under `timeout -k $STAGE_KILL_S -s ABRT` (the
 #                                   trainer checkpoints on SIGTERM at the next step boundary, so a
@@ -69,12 +71,14 @@ begin_stages() {
   if [[ -x .venv/bin/python && -z ${PYTHON:-} ]]; then PY=$PWD/.venv/bin/python; fi
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   local wheels=wheels
-  if [[ -n ${BDT_WHEELS:-} ]]; then  # named: it must hold them (else: the env stage's list)
+  if [[ ${BDT_WHEELS:-} == none ]]; then
+    wheels=
+  elif [[ -n ${BDT_WHEELS:-} ]]; then  # named: it must hold them (else: the env stage's list)
     wheels=$(cd "${CALLER:-$PWD}" && cd "$BDT_WHEELS" && pwd) \
       && compgen -G "$wheels/*.whl" > /dev/null \
       || { echo "$name: BDT_WHEELS=$BDT_WHEELS: no .whl files there"; return 1; }
   fi
-  if compgen -G "$wheels/*.whl" > /dev/null; then
+  if [[ -n $wheels ]] && compgen -G "$wheels/*.whl" > /dev/null; then
     "$PY" scripts/offline_wheels.py install "$wheels" "$WORK/site" > "$OUT/wheels.log" 2>&1 \
       || { cat "$OUT/wheels.log"; return 1; }
     PYTHONPATH=$PWD:$WORK/site${PYTHONPATH#"$PWD"}

@@ -41,8 +41,9 @@ time.sleep(60)
 def _start(tmp_path, limit: int, first: str = SLEEPER, **env) -> subprocess.Popen:
     script = tmp_path / "probe.sh"
     script.write_text(SCRIPT)
+    # BDT_WHEELS=none: a checkout's ./wheels made for a GPU machine's Python stays out
     env = dict(os.environ, REPO=str(REPO), PYTHON=sys.executable, LIMIT=str(limit), FIRST=first,
-               **env)
+               BDT_WHEELS="none", **env)
     env.pop("OUT", None)
     return subprocess.Popen(["bash", str(script), str(tmp_path / "out")], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -48,15 +48,20 @@ def _checkout(tmp_path):
     return repo, stub
 
 
+def _run_env(tmp_path, **env) -> dict:
+    """The stub as Python, none of the caller's OUT, results, keep or wheels settings."""
+    out = {k: v for k, v in os.environ.items()
+           if k not in ("OUT", "BDT_BENCH_RESULTS", "GPU_CHECK_KEEP", "BDT_WHEELS")}
+    return dict(out, PYTHON=str(tmp_path / "python"), CALLS=str(tmp_path / "calls"),
+                GPU_CHECK_WORK=str(tmp_path / "work"), **env)
+
+
 def _run(tmp_path, **env):
-    repo, stub = _checkout(tmp_path)
-    env = dict(os.environ, PYTHON=str(stub), CALLS=str(tmp_path / "calls"),
-               GPU_CHECK_WORK=str(tmp_path / "work"), **env)
-    for name in ("OUT", "BDT_BENCH_RESULTS", "GPU_CHECK_KEEP", "BDT_WHEELS"):
-        env.pop(name, None)
+    repo, _ = _checkout(tmp_path)
     return subprocess.Popen(["bash", str(repo / "scripts" / "gpu_check.sh"), "--cpu-rehearsal",
-                             str(tmp_path / "out")], env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                             str(tmp_path / "out")], env=_run_env(tmp_path, **env), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 @pytest.mark.slow
@@ -155,6 +160,26 @@ def test_out_is_the_callers_path_and_must_be_writable(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "BDT_WHEELS=wheels: no .whl files there" in done.stdout
     assert not (tmp_path / "calls").exists()  # no stage ran
+
+
+@pytest.mark.parametrize("named", ["", "none"])
+def test_bdt_wheels_none_leaves_the_checkouts_wheels_alone(tmp_path, named):
+    """A checkout's ./wheels, made for a GPU box's Python, was installed on every run: on the
+    machine that made it (another Python) its pip install failed, and so did `make test` there.
+    BDT_WHEELS=none installs none."""
+    repo, _ = _checkout(tmp_path)
+    (repo / "wheels").mkdir()
+    (repo / "wheels" / "bogus-1.0-cp312-cp312-manylinux_2_17_x86_64.whl").write_text("")
+    shutil.copy(REPO / "scripts" / "offline_wheels.py", repo / "scripts")
+    env = {"BDT_WHEELS": named} if named else {}
+    proc = subprocess.Popen(["bash", "-c", f'cd {repo} && exec bash scripts/gpu_check.sh '
+                             f'--cpu-rehearsal {tmp_path / "out"}'],
+                            env=_run_env(tmp_path, **env), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    out, _ = proc.communicate(timeout=60)
+    installs = [c for c in (tmp_path / "calls").read_text().splitlines() if "offline_wheels" in c]
+    assert (installs == []) == (named == "none"), out
+    assert proc.returncode == 0, out
 
 
 @pytest.mark.slow

@@ -12,10 +12,11 @@ from testkit import REPO
 
 
 def run_rehearsal(tmp_path, tokenizer, timeout: int, **env_extra) -> subprocess.CompletedProcess:
-    """gpu_quality.sh --cpu-rehearsal into tmp_path/out, none of the caller's OUT, wheels or
-    keep settings leaking in."""
-    env = dict(os.environ, GPU_QUALITY_WORK=str(tmp_path / "work"), **env_extra)
-    for name in ("OUT", "BDT_WHEELS", "GPU_QUALITY_KEEP"):
+    """gpu_quality.sh --cpu-rehearsal into tmp_path/out, none of the caller's OUT, wheels (a
+    checkout's ./wheels made for a GPU machine's Python, too) or keep settings leaking in."""
+    env = dict(os.environ, GPU_QUALITY_WORK=str(tmp_path / "work"), BDT_WHEELS="none",
+               **env_extra)
+    for name in ("OUT", "GPU_QUALITY_KEEP"):
         env.pop(name, None)
     return subprocess.run(["bash", "scripts/gpu_quality.sh", "--cpu-rehearsal", "--tokenizer",
                            str(tokenizer), str(tmp_path / "out")], cwd=REPO, env=env, text=True,
