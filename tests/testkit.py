@@ -1,5 +1,6 @@
 """Small builders shared by tests in several folders (tests/ is on sys.path via tests/conftest.py)."""
 
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -8,6 +9,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO / "configs" / "train" / "tiny.yaml")  # the tiny AR model of CPU tests
+
+
+def terminal_job_signals() -> None:
+    """In a child before exec (preexec_fn, a pty child): SIGINT and SIGHUP at their defaults, as
+    a job in a terminal has them. A suite started in the background (bash ignores SIGINT there,
+    as some CI runners do) or under nohup (SIGHUP) passes those ignores on, and bdt keeps a stop
+    signal that was ignored at the start ignored."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def save_tiny_image_tokenizer(out_dir: str, bits: int = 16, seed: int = 0):

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from testkit import terminal_job_signals
+
 pytestmark = pytest.mark.slow
 
 # `bdt sample` with the model replaced by one that signals itself while it samples, that is
@@ -22,9 +24,6 @@ def images(*args, **kwargs):
     os.kill(os.getpid(), int(sys.argv[1]))
     time.sleep(30)  # the signal ends this, or the test times out
 
-# Ctrl-C as a terminal delivers it: a suite started in the background (`cmd &`, some CI
-# runners) ignores SIGINT, and this child would inherit that.
-signal.signal(signal.SIGINT, signal.default_int_handler)
 model = SimpleNamespace(cfg=SimpleNamespace(parallel_num=4))
 sample.load_for_args = lambda args: (SimpleNamespace(source="m", model=model, images=images),
                                      (16, 16), SimpleNamespace(cfg_scale=1.0, num_steps=1,
@@ -38,7 +37,8 @@ def test_a_stopped_sample_leaves_nothing_and_says_why(tmp_path, sig):
     work = tmp_path / "work"
     work.mkdir()
     proc = subprocess.run([sys.executable, "-c", CHILD, str(int(sig)), str(work / "out")],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60,
+                          preexec_fn=terminal_job_signals)
     assert proc.returncode == 128 + sig, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [f"bdt sample: stopped by {sig.name}"]
     assert list(work.iterdir()) == []  # no out/, no .out.bdt-staging-* beside it

@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 
-from testkit import REPO
+from testkit import REPO, terminal_job_signals
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +107,8 @@ def test_a_stopped_demo_exits_after_its_step(tmp_path, sig, to_group, done):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
     env.update(DEMO_DIR=str(demo), DEMO_DEVICE="cpu")
     proc = subprocess.Popen(["bash", str(tmp_path / "repo" / "scripts" / "demo.sh")], env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL)
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            preexec_fn=terminal_job_signals)
     try:
         deadline = time.monotonic() + 60
         while not (demo / "launcher.pid").exists():
@@ -145,6 +146,7 @@ def test_a_closed_terminal_stops_the_demo_once_its_step_has_saved(tmp_path):
     bash = shutil.which("bash")
     pid, master = pty.fork()
     if pid == 0:  # the child: its terminal is the pty
+        terminal_job_signals()
         os.execve(bash, [bash, str(tmp_path / "repo" / "scripts" / "demo.sh")], env)
     status, started = None, []
     try:

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from bdt.training.signals import StopFlag
+from testkit import terminal_job_signals
 
 # On its terminal (a pty whose session it leads): waits for the stop, then prints and logs as a
 # stopping trainer does, and notes each step of that in argv[1].
@@ -52,6 +53,7 @@ def test_a_closed_terminal_stops_the_flag_and_what_follows_writes_nowhere(tmp_pa
     note = tmp_path / "note"
     pid, master = pty.fork()
     if pid == 0:  # the child: its terminal is the pty
+        terminal_job_signals()
         os.execv(sys.executable, [sys.executable, "-c", CHILD, str(note)])
     try:
         _read_until(master, b"ready")
@@ -85,5 +87,6 @@ def test_output_that_is_not_a_terminal_is_left_alone(tmp_path):
              "print('after', flush=True, file=sys.stderr)\n"
              "sys.exit(0 if flag.requested else 3)\n")
     with open(tmp_path / "log", "w") as log:
-        assert subprocess.run([sys.executable, "-c", child], stderr=log).returncode == 0
+        assert subprocess.run([sys.executable, "-c", child], stderr=log,
+                              preexec_fn=terminal_job_signals).returncode == 0
     assert (tmp_path / "log").read_text() == "after\n"

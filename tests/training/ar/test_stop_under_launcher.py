@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from bdt.training.distributed import free_port
-from testkit import REPO, TINY_CONFIG
+from testkit import REPO, TINY_CONFIG, terminal_job_signals
 from trainutil import spawn_train, tiny_llm, train_overrides, write_shards
 
 pytestmark = pytest.mark.slow
@@ -81,6 +81,7 @@ def test_a_stop_saves_the_step_reached_and_a_rerun_resumes_there(tmp_path, stop)
     pid, master = pty.fork()
     if pid == 0:
         os.chdir(tmp_path)
+        terminal_job_signals()
         os.execve(bash, [bash, "-c", '"$@"; exit $?', "bash", *launch], env)
     seen, started, status = b"", [], None
     try:

@@ -30,6 +30,7 @@ from bdt.training.schedule import WarmupSchedule
 from bdt.training.tokenizer.config import TokenizerTrainConfig
 from bdt.training.tokenizer.gan import Discriminator
 from bdt.training.tokenizer.loop import main, train
+from testkit import terminal_job_signals
 from trainutil import rank_entry, spawn_ranks
 
 REPO = Path(__file__).resolve().parents[3]
@@ -154,6 +155,7 @@ def test_a_stop_signal_saves_and_says_so_in_the_summary(shards, tmp_path, sig, w
             f"data.num_workers={workers}"]
     proc = subprocess.Popen([*args, "steps=100000"], cwd=REPO,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=terminal_job_signals,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 120
