@@ -115,7 +115,11 @@ def test_loaded_config_is_read_only():
     (["--config", "x.yaml", "steps=2"], None),
 ])
 def test_launcher_local_rank_is_stripped(argv, expected_rank, monkeypatch):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    # Set first, so that monkeypatch restores the variable: deleting an absent one records
+    # nothing, and the rank set here stayed in the worker (LOCAL_RANK=3 reached later tests'
+    # trainers, a world of one whose rank 0 was no longer its node's first).
+    monkeypatch.setenv("LOCAL_RANK", "unset")
+    monkeypatch.delenv("LOCAL_RANK")
     rest, rank = entry.split_launcher_args(argv)
     assert rest == ["--config", "x.yaml", "steps=2"]
     assert rank == expected_rank

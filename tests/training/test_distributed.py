@@ -61,7 +61,8 @@ def test_a_loopback_rendezvous_listens_on_loopback_only(tmp_path, init):
 ])
 def test_gloo_binds_loopback_only_for_a_loopback_master(monkeypatch, addr, preset, expected):
     monkeypatch.setenv("MASTER_ADDR", addr)
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "unset")  # set first: restored after, not left "lo"
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
     if preset:
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", preset)
     distributed._gloo_on_loopback()
