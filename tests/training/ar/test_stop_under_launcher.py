@@ -63,7 +63,7 @@ def _usr1_to_all(master: int, shell: int) -> None:
 
 
 @pytest.mark.parametrize("stop", [_close, _ctrl_c, _usr1_to_all], ids=["closed", "ctrl-c", "usr1"])
-def test_a_stop_saves_the_step_reached_and_a_rerun_resumes_there(tmp_path, stop):
+def test_a_stop_saves_the_step_it_reached(tmp_path, stop):
     llm = tiny_llm(str(tmp_path / "llm"))
     shards = os.path.dirname(write_shards(str(tmp_path / "s"), [(4, 4), (4, 8)], num_shards=2,
                                           per_shard=6)[0])
@@ -116,6 +116,8 @@ def test_a_stop_saves_the_step_reached_and_a_rerun_resumes_there(tmp_path, stop)
     assert summary["stopped"] and summary["saved_step"] == step >= LOGGED, summary
     assert (run / "checkpoints" / f"step_{step:09d}" / "COMPLETE").exists()
     assert not (run / "RUN_LOCK").exists()
+    if stop is not _close:  # a checkpoint like the closed case's, whose rerun resumes it below
+        return
 
     overrides = train_overrides(str(run), llm, shards, steps=step + 1, every=0,
                                 extra=["export=false"])
