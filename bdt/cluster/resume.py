@@ -12,10 +12,12 @@ s3://); this wrapper supplies the restarts around it and says what happened:
     a damaged newest checkpoint the trainer passed over; a listing that briefly misses
     checkpoints does not make them new when they reappear), so a long run survives many crashes
     while a job that cannot get past one point still gives up;
-  - the wrapper got SIGTERM / SIGUSR1 / SIGINT (preemption, SLURM's time-limit warning): the
-    signal goes to the training ranks, they finish the step, save and exit; the wrapper exits
-    STOPPED so the scheduler requeues the job (cluster/slurm/train.sbatch does). Further
-    signals change nothing (--grace bounds the save), except a second SIGINT: it kills the launch;
+  - the wrapper got SIGTERM / SIGUSR1 / SIGHUP / SIGINT (preemption, SLURM's time-limit
+    warning, a closed terminal, Ctrl-C; one ignored at the start, as `nohup` does, stays
+    ignored): SIGTERM goes to the training ranks, they finish the step, save and exit; the
+    wrapper exits STOPPED so the scheduler requeues the job (cluster/slurm/train.sbatch does).
+    Further signals change nothing (--grace bounds the save), except a second SIGINT: it kills
+    the launch. The launch runs in a session of its own, which a terminal's signals never reach;
   - the trainer failed before its first step on an error that describes its configuration or
     inputs (a missing model, shards of another tokenizer, ...: both trainers leave it in
     <run_dir>/launch_error.json, since a launcher's exit code cannot say): exit CANNOT_START at
@@ -51,11 +53,11 @@ from bdt.cluster.launch_processes import rank_processes, stop_ranks, term_when_p
 from bdt.cluster.run_state import (TOKENIZER_SCRIPT, TRAIN_SCRIPT, RunPaths,
                                    complete_checkpoints, finished_step, newest_step,
                                    paths_from_command, read_summary)
+from bdt.entry import STOP_SIGNALS, leave_dead_terminal, stops_on
 from bdt.training.metrics import open_line_log
 from bdt.training.run_dir import LAUNCH_ERROR, checkpoint_root
 
 DONE, USAGE, GAVE_UP, CANNOT_START, STOPPED = 0, 2, 3, 4, 75  # 75 = EX_TEMPFAIL: "try again later"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PORT_WAIT_S = 30.0  # a held master port may be an earlier launch's process still exiting
 MAX_LAUNCH_ERROR_BYTES = 1 << 20
 # The stop for a launcher whose ranks run elsewhere: srun answers a SIGTERM of its own with SIGKILL
@@ -150,6 +152,8 @@ class Resumer:
 
     # ---- signals -----------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame) -> None:
+        if signum == signal.SIGHUP:  # the terminal is gone: its writes fail (EIO), print() with them
+            leave_dead_terminal()
         if self.stop_signal is not None:
             # Only Ctrl-C twice means "now": a scheduler sends TERM to the wrapper and to the batch
             # shell (which forwards it) at once, and TERM after USR1 at the time limit.
@@ -244,7 +248,8 @@ class Resumer:
             self.log("warning", "running as PID 1 (a container's init): processes a launch "
                      "leaves behind are never reaped; run it under an init (`docker run "
                      "--init`, tini) or, on Kubernetes, with shareProcessNamespace: true")
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS
+                    if stops_on(sig)}
         try:
             return self._loop()
         finally:

@@ -3,6 +3,8 @@ training is relaunched and the run resumes and finishes; bounded restarts; stop 
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from bdt.cluster.resume import CANNOT_START, DONE, GAVE_UP, STOPPED, USAGE, Resu
 from bdt.cluster.run_state import RunPaths
 from bdt.training.run_dir import LAUNCH_ERROR, record_launch_error
 from loopback_torchrun import torchrun_on_path
-from testkit import training_ranks
+from testkit import terminal_job_signals, training_ranks
 from trainutil import read_metrics, tiny_llm, write_shards
 
 pytestmark = pytest.mark.slow
@@ -280,6 +282,36 @@ def test_stop_signal_ends_the_launch_and_exits_stopped(tmp_path):
     assert not psutil.pid_exists(child.pid) or child.status() == psutil.STATUS_ZOMBIE
     last = events(tmp_path)[-1]
     assert last["event"] == "stopped" and last["signal"] == "SIGUSR1"
+
+
+def test_a_closed_terminal_stops_the_launch_and_the_wrapper_exits_stopped(tmp_path):
+    """The wrapper in a terminal that closes (SIGHUP to the session's leader): it died of the
+    signal, its launch (in a session of its own, out of the terminal's reach) got only the
+    death signal's SIGTERM, and no event said the run stopped. Now it is a stop as SIGTERM is:
+    the launch saves, the wrapper says so where it can (the terminal refuses every write) and
+    exits STOPPED."""
+    saved = tmp_path / "saved"
+    saver = (f"import signal, sys, time, pathlib; signal.signal(signal.SIGTERM, lambda *_: ("
+             f"pathlib.Path({str(saved)!r}).touch(), sys.exit(0))); print('ready', flush=True); "
+             f"time.sleep(120)")
+    pid, master = pty.fork()
+    if pid == 0:  # the wrapper leads the terminal's session, as a shell's `exec` would
+        terminal_job_signals()
+        os.execv(sys.executable, [*WRAPPER, "--run-dir", str(tmp_path), "--backoff", "0",
+                                  "--", sys.executable, "-c", saver])
+    try:
+        seen, deadline = b"", time.monotonic() + 60
+        while b"ready" not in seen:
+            assert time.monotonic() < deadline, seen
+            if select.select([master], [], [], 0.2)[0]:
+                seen += os.read(master, 4096)
+    finally:
+        os.close(master)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == STOPPED
+    assert saved.exists()
+    last = events(tmp_path)[-1]
+    assert last["event"] == "stopped" and last["signal"] == "SIGHUP", last
 
 
 def test_bad_training_config_fails_before_launching(monkeypatch, capsys):
