@@ -15,6 +15,10 @@ Points come from two places:
 writes <out>.json (every point with its per-category and per-attribute accuracies) and
 <out>.png (overall and single-object accuracy, and each attribute judged alone, against FLOPs
 in units of the 1x demo run's). Prints the table.
+
+`--ceiling RESULT` (a `bench/token_noise.py` result: the judge on the demo tokenizer's own
+reconstructions of fresh images, no bits flipped) draws what that tokenizer's decoder allows at
+the evaluation's size, the most an AR model drawing through it can score; kept by --add-to.
 """
 
 from __future__ import annotations
@@ -141,7 +145,28 @@ def _whole_suite_report(eval_dir: str) -> dict:
     return report
 
 
-def plot(series: list[dict], unit: float, path: str) -> None:
+def read_ceiling(path: str) -> dict:
+    """The unflipped row of a bench/token_noise.py result: overall and per-category scores of
+    the tokenizer's reconstructions, with the size, tokenizer, date and machine it was judged on."""
+    with open(path) as f:
+        stamped = json.load(f)
+    try:
+        result = stamped["results"]
+        recon = result["reconstructions_by_flip_rate"]["0.0"]
+        overall = _finite(float(recon["overall"]), f"{path}: overall")
+        per_category = {c: _finite(float(v), f"{path}: {c}")
+                        for c, v in recon["per_category"].items()}
+        px = int(result["px"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a bench/token_noise.py result with an unflipped row "
+                         f"({type(e).__name__}: {e})") from None
+    return {"source": os.path.basename(path), "tokenizer": result.get("tokenizer"), "px": px,
+            "num": result.get("num"), "date": stamped.get("date"),
+            "machine": (stamped.get("machine") or {}).get("cpu"), "overall": overall,
+            "per_category": per_category}
+
+
+def plot(series: list[dict], unit: float, path: str, ceiling: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,6 +192,13 @@ def plot(series: list[dict], unit: float, path: str) -> None:
                        markersize=size, linestyle=style, color=color)
     for goal in (0.80, 0.50):
         left.axhline(goal, color="grey", linewidth=0.8, linestyle=":")
+    bounds = []
+    if ceiling:  # the tokenizer's reconstructions: as the curve's lines, overall solid
+        for value, style in ((ceiling["overall"], "-"),
+                             (ceiling["per_category"].get("single_object"), "--")):
+            if value is not None:
+                left.axhline(value, color="silver", linewidth=2.5, linestyle=style, zorder=0)
+        bounds = [Line2D([], [], color="silver", linewidth=2.5)]
     # Powers of two on a log axis: "x the demo's compute" reads directly off the ticks.
     xs = [p["flops"] / unit for s in series for p in s["points"]]
     lo, hi = math.floor(math.log2(min(xs))), math.ceil(math.log2(max(xs)))
@@ -181,8 +213,10 @@ def plot(series: list[dict], unit: float, path: str) -> None:
         ax.set_ylim(0, 1)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    left.legend([Line2D([], [], color="k"), Line2D([], [], color="k", linestyle="--")],
-                ["overall", "single objects"], fontsize=8, loc="upper left")
+    left.legend([Line2D([], [], color="k"), Line2D([], [], color="k", linestyle="--"), *bounds],
+                ["overall", "single objects",
+                 *([f"the tokenizer's reconstructions ({ceiling['px']} px)"] if bounds else [])],
+                fontsize=8, loc="upper left")
     right.legend([Line2D([], [], color="k", linestyle=st) for st in ("-", "--", ":", "-.")],
                  list(ATTRIBUTES), fontsize=8, loc="upper left", ncol=2)
     fig.legend([Line2D([], [], color=c, marker="o") for c in colors.values()], list(colors),
@@ -202,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="the run whose final FLOPs are 1x (the CPU demo)")
     p.add_argument("--add-to", metavar="JSON", help="a curve written before: keep its unit and "
                    "series (a series given again by name is replaced), add the ones given here")
+    p.add_argument("--ceiling", metavar="RESULT", help="a bench/token_noise.py result: the "
+                   "judge on the tokenizer's own reconstructions, drawn as the curve's bound")
     p.add_argument("--out", default="docs/learning_curve")
     args = p.parse_args(argv)
     if (args.unit_flops is None) == (args.add_to is None):
@@ -215,17 +251,20 @@ def main(argv: list[str] | None = None) -> None:
         finals.setdefault(name, {"name": name, "kind": "final", "run_dir": run, "points": []})
         finals[name]["points"].append(final_point(run, evals))
     series += list(finals.values())
+    ceiling = read_ceiling(args.ceiling) if args.ceiling else None
     if args.add_to:
         with open(args.add_to) as f:
             prior = json.load(f)
         unit = prior["unit_flops"]
+        ceiling = ceiling or prior.get("ceiling")
         series = [s for s in prior["series"] if s["name"] not in {n["name"] for n in series}] + series
     else:
         unit = final_flops(args.unit_flops)
     # Both files appear together, only once both are made (an --add-to run replaces its input).
-    plot(series, unit, args.out + ".tmp.png")
+    plot(series, unit, args.out + ".tmp.png", ceiling)
     with open(args.out + ".json.tmp", "w") as f:
-        json.dump({"unit_flops": unit, "series": series}, f, indent=1, allow_nan=False)
+        json.dump({"unit_flops": unit, "series": series,
+                   **({"ceiling": ceiling} if ceiling else {})}, f, indent=1, allow_nan=False)
     os.replace(args.out + ".tmp.png", args.out + ".png")
     os.replace(args.out + ".json.tmp", args.out + ".json")
     print(f"| series | step | FLOPs (x demo) | seeds | overall | single | "
@@ -237,6 +276,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {s['name']} | {pt['step']} | {pt['flops'] / unit:.2f} | {pt['seeds']} | "
                   f"{pt['overall']:.3f} | {pt['per_category'].get('single_object', float('nan')):.3f}"
                   f" | {attrs} |")
+    if ceiling:
+        print(f"| the tokenizer's reconstructions ({ceiling['px']} px; the bound) | - | - | - | "
+              f"{ceiling['overall']:.3f} | "
+              f"{ceiling['per_category'].get('single_object', float('nan')):.3f} |")
     print(f"wrote {args.out}.json and {args.out}.png")
 
 

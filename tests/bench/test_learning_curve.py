@@ -134,3 +134,50 @@ def test_points_that_are_not_what_the_curve_plots_are_refused_and_nothing_writte
         learning_curve.main(["--series", "curve", run, "--final", "end", run, *evals,
                              "--unit-flops", run, "--out", str(tmp_path / "lc")])
     assert not list(tmp_path.glob("lc*"))
+
+
+def write_token_noise(path, overall, single, px=64):
+    """A bench/token_noise.py result as it writes one: the stamp around its results."""
+    rows = {"0.0": {"overall": overall, "per_category": {"single_object": single}},
+            "0.08": {"overall": overall / 2, "per_category": {"single_object": single / 2}}}
+    path.write_text(json.dumps({"bench": "token_noise", "date": "2026-12-08 01:00 UTC",
+                                "machine": {"cpu": "a CPU"}, "goals": [], "results": {
+                                    "tokenizer": "demo/tokenizer/export", "num": 240, "px": px,
+                                    "reconstructions_by_flip_rate": rows}}))
+    return str(path)
+
+
+def test_the_tokenizers_bound_is_drawn_printed_and_kept_by_add_to(tmp_path, capsys):
+    run = write_run(tmp_path / "run", [{"step": 10, "flops_seen": 1e9},
+                                       {"step": 10, "eval_overall": 0.1}])
+    noise = write_token_noise(tmp_path / "tn.json", 0.73, 0.98)
+    out = str(tmp_path / "lc")
+    learning_curve.main(["--series", "curve", run, "--unit-flops", run, "--ceiling", noise,
+                         "--out", out])
+    ceiling = json.loads((tmp_path / "lc.json").read_text())["ceiling"]
+    assert (ceiling["overall"], ceiling["per_category"], ceiling["px"]) == (
+        0.73, {"single_object": 0.98}, 64)  # the unflipped row, not the 8% one
+    assert (ceiling["date"], ceiling["machine"]) == ("2026-12-08 01:00 UTC", "a CPU")
+    assert "| the tokenizer's reconstructions (64 px; the bound) | - | - | - | 0.730 | 0.980 |" \
+        in capsys.readouterr().out
+    learning_curve.main(["--add-to", out + ".json", "--series", "again", run, "--out", out + "2"])
+    assert json.loads((tmp_path / "lc2.json").read_text())["ceiling"] == ceiling
+    newer = write_token_noise(tmp_path / "tn2.json", 0.93, 0.98, px=128)
+    learning_curve.main(["--add-to", out + ".json", "--ceiling", newer, "--out", out + "3"])
+    assert json.loads((tmp_path / "lc3.json").read_text())["ceiling"]["px"] == 128
+
+
+@pytest.mark.parametrize("result", [
+    {"bench": "token_noise"},  # no results
+    {"results": {"px": 64, "reconstructions_by_flip_rate": {"0.08": {"overall": 0.5}}}},
+    {"results": {"px": 64, "reconstructions_by_flip_rate": {"0.0": {"overall": "NaN",
+                                                                     "per_category": {}}}}},
+])
+def test_a_bound_from_another_file_is_named_and_nothing_written(tmp_path, result):
+    run = write_run(tmp_path / "run", [{"step": 10, "flops_seen": 1e9},
+                                       {"step": 10, "eval_overall": 0.1}])
+    (tmp_path / "tn.json").write_text(json.dumps(result))
+    with pytest.raises(ValueError, match=r"tn.json: (not a bench/token_noise.py result|overall)"):
+        learning_curve.main(["--series", "curve", run, "--unit-flops", run, "--ceiling",
+                             str(tmp_path / "tn.json"), "--out", str(tmp_path / "lc")])
+    assert not list(tmp_path.glob("lc*"))
