@@ -2,13 +2,15 @@
 worker's encoder timed on the device (issue 16 part 4).
 
     python bench/gpu_data.py --raw RAW --out OUT [--tokenizer DIR] [--device cuda] [--batch 64]
+                             [--config configs/extract/demo_128.yaml]
 
 RAW: shapes images (`bdt data shapes --size 128`). Writes into OUT:
   tokenizer/  without --tokenizer, a randomly initialised image tokenizer of the demo's geometry
               (configs/tokenizer/shapes_d8.yaml: 8x down, 32 bits): its bits carry no picture, but every
               shape, dtype and code path is the trained one's (gpu_check.sh); --tokenizer DIR
               (a trained one, e.g. demo/tokenizer/export) is used in place (gpu_quality.sh)
-  tokens/     token shards of families "32" and "64" (4x4 and 8x8 tokens), written by
+  tokens/     token shards of families "32" and "64" (4x4 and 8x8 tokens; more with a --config
+              merged after configs/extract/demo.yaml), written by
               bdt.extract.worker.ShardEncoder called directly (the Ray actor's class, no Ray)
               on --device
   llm/        the demo's tiny Qwen3 + caption tokenizer (`bdt model init-tiny`'s function)
@@ -39,14 +41,16 @@ def random_tokenizer(out: str, seed: int = 0) -> str:
     return out
 
 
-def extract(raw: str, out: str, tokenizer: str, device: str, batch: int) -> dict:
-    """Every raw shard through ShardEncoder.process, as a Ray actor would run it."""
+def extract(raw: str, out: str, tokenizer: str, device: str, batch: int,
+            configs: tuple[str, ...] = ()) -> dict:
+    """Every raw shard through ShardEncoder.process, as a Ray actor would run it; `configs`
+    merged after the demo's extraction config."""
     from bdt.config import load, to_dict
     from bdt.extract.config import ExtractConfig
     from bdt.extract.run import plan
     from bdt.extract.worker import ShardEncoder
 
-    cfg = load(ExtractConfig, [os.path.join(REPO, "configs", "extract", "demo.yaml")],
+    cfg = load(ExtractConfig, [os.path.join(REPO, "configs", "extract", "demo.yaml"), *configs],
                [f"inputs={raw}/*.tar", f"output={out}", f"tokenizer={tokenizer}",
                 f"batch_size={batch}", f"gpus_per_actor={1 if device == 'cuda' else 0}",
                 "decode_threads=4"])
@@ -78,13 +82,15 @@ def main() -> None:
                     help="a trained image tokenizer (export dir); default: a random-weight one")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=64, help="images per encoder call")
+    ap.add_argument("--config", action="append", default=[],
+                    help="an extraction config merged after configs/extract/demo.yaml (repeatable)")
     args = ap.parse_args()
     from bdt.commands.model import read_captions
     from bdt.model.backbone import make_tiny_llm
 
     tokenizer = args.tokenizer or random_tokenizer(os.path.join(args.out, "tokenizer"))
     stats = extract(args.raw, os.path.join(args.out, "tokens"), tokenizer, args.device,
-                    args.batch)
+                    args.batch, tuple(args.config))
     make_tiny_llm(os.path.join(args.out, "llm"), read_captions(args.raw, 2000))
     stats["machine"] = machine()
     write_json(os.path.join(args.out, "data.json"), stats)

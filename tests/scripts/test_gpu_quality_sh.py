@@ -68,3 +68,38 @@ def test_sample_and_evals_run_on_any_export_each_whatever_the_other_did(tmp_path
     assert rows == [["env", "0"], ["tokenizer", "0"], ["images", "0"], ["tokens", "0"],
                     ["train", "3"], *after], out.stdout
     assert ("sample and eval skipped" in out.stdout) is not export
+
+
+def test_at_128_px_the_third_stage_is_made_trained_and_scored_at_its_size(tmp_path):
+    """GPU_QUALITY_PX=128: the 128 family is extracted, trained as stage 2 after the demo's two,
+    and the model sampled and scored at 128 px (the run itself: the CPU rehearsal)."""
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "config.json").write_text("{}")
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.replace("exit 0\n", 'printf "%s\\n" "$*" >> "$CALLS"\nexit 0\n'))
+    fake.chmod(0o755)
+    calls = tmp_path / "calls"
+    out = run_rehearsal(tmp_path, tokenizer, 60, PYTHON=str(fake), REAL_PYTHON=sys.executable,
+                        FAIL="", EXPORT="1", CALLS=str(calls), GPU_QUALITY_PX="128")
+    assert out.returncode == 0, out.stdout
+    lines = calls.read_text().splitlines()
+    tokens = next(line for line in lines if "bench/gpu_data.py" in line)
+    assert tokens.endswith("--config configs/extract/demo_128.yaml")
+    train = next(line for line in lines if "bdt/train.py" in line)
+    assert "--config configs/cluster/gpu_shapes_quality_128.yaml " in train
+    work = tmp_path / "work"
+    assert f"stages.2.shards={work}/data/tokens/128/*.tar" in train
+    assert "eval.width=128 eval.height=128" in train
+    scored = [line for line in lines if "bdt.cli sample" in line or "bdt.cli eval" in line]
+    assert len(scored) == 3 and all("--size 128 " in line for line in scored), scored
+
+
+def test_a_size_it_has_no_stages_for_is_refused_before_anything_runs(tmp_path):
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "config.json").write_text("{}")
+    out = run_rehearsal(tmp_path, tokenizer, 60, GPU_QUALITY_PX="256")
+    assert out.returncode == 2
+    assert "GPU_QUALITY_PX must be 64 or 128, got '256'" in out.stdout
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
