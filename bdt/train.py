@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e))
     except TrainingDiverged as e:  # the message names the step, ranks, values and samples
         fail(str(e), code=1)
+    except RuntimeError as e:  # a rank that lost another: one line, not a transport traceback
+        from bdt.training.distributed import lost_peer_line
+
+        if (line := lost_peer_line(e)) is None:
+            raise
+        fail(line, code=1)
     except StoppedBeforeStart as e:  # a rerun resumes as usual
         logging.getLogger("bdt.train").warning("%s", e)
         return e.exit_code

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 import bdt
-from bdt.training.patient_barrier import close_patient_barriers, open_patient_barriers
+from bdt.training.patient_barrier import RankGone, close_patient_barriers, open_patient_barriers
 
 DEEPSPEED_NODE_LAUNCHER = "deepspeed.launcher.launch"
 LAUNCHER_GRACE_S = 300.0
@@ -263,6 +263,31 @@ def _maps_torch(pid: int) -> bool:
             return "torch" in " ".join(process.cmdline())
     except psutil.Error:
         return False
+
+
+# What a collective raises on a rank when another rank of the job ended mid-run: gloo's transport
+# errors are plain RuntimeErrors (torch 2.13), NCCL's a DistBackendError.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_peer_line(exc: BaseException) -> str | None:
+    """One line for a rank whose collective failed because another rank ended; None for any
+    other error and in a world of one. Every surviving rank printed a transport traceback, and
+    the launcher's log ended on them, burying the one rank's error that said why."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return None
+    if world < 2 or not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc).strip()
+    if not (isinstance(exc, (RankGone, dist.DistBackendError))
+            or any(sign in text for sign in _PEER_GONE)):
+        return None
+    first = text.splitlines()[0][:300] if text else type(exc).__name__
+    return (f"rank {os.environ.get('RANK', '?')} of {world}: another rank ended while this one "
+            f"waited for it ({first}); that rank's own error, above or in its node's log, says "
+            f"why (one killed by a signal or the OOM killer leaves none)")
 
 
 def barrier() -> None:

@@ -19,6 +19,10 @@ PATIENT_BEAT_S, PATIENT_SILENT_BEATS = 30.0, 10
 _patient: dict = {}  # this process group's namespace on the store and count of patient barriers
 
 
+class RankGone(RuntimeError):
+    """Another rank stopped (raised, killed, its node lost) before it reached the barrier."""
+
+
 def open_patient_barriers() -> None:
     """Collective (init_distributed calls it): a namespace on the store of its own for this
     process group's patient barriers, and this rank's heartbeat in it. A launcher that restarts
@@ -108,8 +112,8 @@ def _check_heartbeats(store, prefix: str, call: int, world: int, heard: dict) ->
         if heard.get(r, (None,))[0] != beats[r]:
             heard[r] = (beats[r], now)
         elif now - heard[r][1] > PATIENT_SILENT_BEATS * PATIENT_BEAT_S:
-            raise RuntimeError(f"patient_barrier: rank {r} stopped before reaching it (no "
-                               f"heartbeat for {now - heard[r][1]:.0f} s): see that rank's log")
+            raise RankGone(f"patient_barrier: rank {r} stopped before reaching it (no "
+                           f"heartbeat for {now - heard[r][1]:.0f} s): see that rank's log")
 
 
 def close_patient_barriers() -> None:

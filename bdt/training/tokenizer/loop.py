@@ -376,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(exc))
     except TrainingDiverged as exc:  # names the step, ranks, values and images
         fail(str(exc), code=1)
+    except RuntimeError as exc:  # a rank that lost another: one line, not a transport traceback
+        from bdt.training.distributed import lost_peer_line
+
+        if (line := lost_peer_line(exc)) is None:
+            raise
+        fail(line, code=1)
     except StoppedBeforeStart as exc:  # a rerun resumes as usual
         log.warning("%s", exc)
         return exc.exit_code
