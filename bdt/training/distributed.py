@@ -49,7 +49,10 @@ class DistInfo:
 
     @property
     def is_local_main(self) -> bool:
-        return self.local_rank == 0
+        """Whether this rank does its node's once-per-node work (s3:// checkpoint staging).
+        A world of one is its node's only rank whatever LOCAL_RANK says (one left in the
+        shell, or set to pick a GPU): it skipped that work, and s3:// saves failed."""
+        return self.local_rank == 0 or self.world_size == 1
 
 
 def disable_deepspeed_shm_op() -> None:

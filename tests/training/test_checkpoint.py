@@ -155,10 +155,17 @@ def test_a_refused_re_split_converts_no_engine_and_leaves_nothing(tmp_path, monk
     assert converted == [] and sorted(os.listdir(root)) == [tag_for(4)]
 
 
+# A world of one is its node's only rank whatever LOCAL_RANK says (a stray one in the shell, or
+# picking a GPU): with LOCAL_RANK=3 it skipped every node's-first-rank duty, the upload and the
+# download of an s3:// checkpoint included, and the save failed.
+STRAY_LOCAL_RANK = DistInfo(rank=0, world_size=1, local_rank=3, device=torch.device("cpu"))
+
+
 @pytest.mark.slow
-def test_s3_checkpoint_marker_last_and_resume(s3_bucket, tmp_path):
+@pytest.mark.parametrize("solo", [SOLO, STRAY_LOCAL_RANK], ids=["solo", "stray-local-rank"])
+def test_s3_checkpoint_marker_last_and_resume(s3_bucket, tmp_path, solo):
     root = storage.join(s3_bucket, "run", "ck")
-    mgr = CheckpointManager(root, SOLO, keep_last=1, staging_dir=str(tmp_path / "stage"))
+    mgr = CheckpointManager(root, solo, keep_last=1, staging_dir=str(tmp_path / "stage"))
     _save(mgr, 5, value=2.0)
     _save(mgr, 6, value=3.0)
     fs, path = storage.filesystem(root)
@@ -171,7 +178,7 @@ def test_s3_checkpoint_marker_last_and_resume(s3_bucket, tmp_path):
     fs.rm(f"{path}/{tag_for(6)}/{MARKER}")
     assert mgr.latest_complete() is None
     storage.write_bytes_atomic(storage.join(root, tag_for(6), MARKER), marker)
-    fresh = CheckpointManager(root, SOLO, staging_dir=str(tmp_path / "stage2"))
+    fresh = CheckpointManager(root, solo, staging_dir=str(tmp_path / "stage2"))
     resumed = fresh.resume(engines={})
     assert resumed.meta["step"] == 6 and torch.equal(resumed.tensors["buf"], torch.full((3,), 3.0))
     assert not resumed.skipped
