@@ -292,7 +292,7 @@ def test_a_closed_terminal_stops_the_launch_and_the_wrapper_exits_stopped(tmp_pa
     exits STOPPED."""
     saved = tmp_path / "saved"
     saver = (f"import signal, sys, time, pathlib; signal.signal(signal.SIGTERM, lambda *_: ("
-             f"pathlib.Path({str(saved)!r}).touch(), sys.exit(0))); print('ready', flush=True); "
+             f"pathlib.Path({str(saved)!r}).touch(), sys.exit(0))); print('saver-started', flush=True); "
              f"time.sleep(120)")
     pid, master = pty.fork()
     if pid == 0:  # the wrapper leads the terminal's session, as a shell's `exec` would
@@ -301,7 +301,7 @@ def test_a_closed_terminal_stops_the_launch_and_the_wrapper_exits_stopped(tmp_pa
                                   "--", sys.executable, "-c", saver])
     try:
         seen, deadline = b"", time.monotonic() + 60
-        while b"ready" not in seen:
+        while b"saver-started" not in seen:  # not "ready": a warning's "already" has it
             assert time.monotonic() < deadline, seen
             if select.select([master], [], [], 0.2)[0]:
                 seen += os.read(master, 4096)
